@@ -1,0 +1,250 @@
+//! The `filesystem` connector: JSON lines or CSV files in, part files out.
+//!
+//! Source: `path` is a file or a directory; a directory's files are sorted and dealt out to
+//! workers round-robin, one split per file. Sink: `path` is a directory; each worker writes
+//! `.part-<worker>-<n>.<ext>.inprogress` and renames it to `part-<worker>-<n>.<ext>` when the
+//! file is published (on rolling, and when the job ends).
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use arrow::datatypes::SchemaRef;
+use sluice_common::{ChangeBatch, Error, Result};
+
+use crate::format::{encode_csv, encode_debezium, encode_json, JsonLines};
+use crate::options::Options;
+use crate::{ConnectorSpec, Poll, SinkWriter, SourceReader};
+
+#[derive(Clone, Copy, PartialEq)]
+enum Format {
+    Json,
+    Csv,
+    Debezium,
+}
+
+fn format(opts: &mut Options, sink: bool) -> Result<Format> {
+    match opts.required("format")?.as_str() {
+        "json" => Ok(Format::Json),
+        "csv" => Ok(Format::Csv),
+        "debezium-json" if sink => Ok(Format::Debezium),
+        other => Err(opts.error(format!(
+            "option 'format' = '{other}' is not supported (use {})",
+            if sink { "'json', 'csv' or 'debezium-json'" } else { "'json' or 'csv'" }
+        ))),
+    }
+}
+
+/// Reads this worker's files.
+pub struct FileSource {
+    files: Vec<PathBuf>,
+    current: usize,
+    reader: Option<Box<dyn BufRead + Send>>,
+    csv: Option<arrow::csv::reader::BufReader<Box<dyn BufRead + Send>>>,
+    line: u64,
+    format: Format,
+    schema: SchemaRef,
+    json: JsonLines,
+    csv_ignore_errors: bool,
+    skipped: u64,
+}
+
+impl FileSource {
+    pub fn open(spec: &ConnectorSpec, opts: &mut Options, worker: usize, workers: usize) -> Result<Self> {
+        let path = PathBuf::from(opts.required("path")?);
+        let format = format(opts, false)?;
+        let ignore = opts.flag("json.ignore-parse-errors", false)?;
+        let csv_ignore_errors = opts.flag("csv.ignore-parse-errors", false)?;
+        let all = list_files(&path).map_err(|e| opts.error(format!("option 'path' = '{}': {e}", path.display())))?;
+        let files = all.into_iter().enumerate().filter(|(i, _)| i % workers == worker).map(|(_, f)| f).collect();
+        Ok(FileSource {
+            files,
+            current: 0,
+            reader: None,
+            csv: None,
+            line: 0,
+            format,
+            schema: spec.schema.clone(),
+            json: JsonLines::new(spec.schema.clone(), ignore)?,
+            csv_ignore_errors,
+            skipped: 0,
+        })
+    }
+}
+
+fn list_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let meta = std::fs::metadata(path)?;
+    if meta.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files = vec![];
+    for entry in std::fs::read_dir(path)? {
+        let p = entry?.path();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        // Hidden files are in-progress output of a writer, not input.
+        if p.is_file() && !name.starts_with('.') && !name.starts_with('_') {
+            files.push(p);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+impl SourceReader for FileSource {
+    fn splits(&self) -> usize {
+        self.files.len().max(1)
+    }
+
+    fn poll(&mut self, max_rows: usize) -> Result<Poll> {
+        loop {
+            if self.current >= self.files.len() {
+                return Ok(Poll::Finished);
+            }
+            let path = &self.files[self.current];
+            let display = path.display().to_string();
+            if self.reader.is_none() && self.csv.is_none() {
+                let f = File::open(path).map_err(|e| Error::io(path, e))?;
+                let buffered: Box<dyn BufRead + Send> = Box::new(BufReader::with_capacity(1 << 20, f));
+                self.line = 0;
+                match self.format {
+                    Format::Csv => {
+                        let r = arrow::csv::ReaderBuilder::new(self.schema.clone())
+                            .with_header(false)
+                            .with_batch_size(max_rows)
+                            .build_buffered(buffered)?;
+                        self.csv = Some(r);
+                    }
+                    _ => self.reader = Some(buffered),
+                }
+            }
+            let split = self.current;
+            if let Some(csv) = &mut self.csv {
+                match csv.next() {
+                    Some(Ok(batch)) => return Ok(Poll::Batch { split, batch }),
+                    Some(Err(e)) if self.csv_ignore_errors => {
+                        self.skipped += 1;
+                        let _ = e;
+                        continue;
+                    }
+                    Some(Err(e)) => {
+                        return Err(Error::BadRecord { location: display, message: format!("malformed CSV record: {e}") })
+                    }
+                    None => {
+                        self.csv = None;
+                        self.current += 1;
+                        continue;
+                    }
+                }
+            }
+            let reader = self.reader.as_mut().expect("opened above");
+            let mut lines = Vec::with_capacity(max_rows.min(8192));
+            let first_line = self.line + 1;
+            while lines.len() < max_rows {
+                let mut l = String::new();
+                let n = reader.read_line(&mut l).map_err(|e| Error::io(path, e))?;
+                if n == 0 {
+                    break;
+                }
+                self.line += 1;
+                while l.ends_with('\n') || l.ends_with('\r') {
+                    l.pop();
+                }
+                lines.push(l);
+            }
+            if lines.is_empty() {
+                self.reader = None;
+                self.current += 1;
+                continue;
+            }
+            if let Some(batch) = self.json.decode(&lines, &display, first_line)? {
+                if batch.num_rows() > 0 {
+                    return Ok(Poll::Batch { split, batch });
+                }
+            }
+        }
+    }
+
+    fn skipped(&self) -> u64 {
+        self.json.skipped() + self.skipped
+    }
+}
+
+/// Writes this worker's part files.
+pub struct FileSink {
+    dir: PathBuf,
+    worker: usize,
+    format: Format,
+    sequence: u64,
+    buffer: Vec<u8>,
+    file: Option<(PathBuf, File)>,
+    written: u64,
+    roll_bytes: u64,
+}
+
+impl FileSink {
+    pub fn open(_spec: &ConnectorSpec, opts: &mut Options, worker: usize, _workers: usize) -> Result<Self> {
+        let dir = PathBuf::from(opts.required("path")?);
+        let format = format(opts, true)?;
+        let roll_bytes = opts.parse("sink.rolling-policy.file-size", 128u64 << 20)?;
+        std::fs::create_dir_all(&dir).map_err(|e| opts.error(format!("option 'path' = '{}': {e}", dir.display())))?;
+        Ok(FileSink { dir, worker, format, sequence: 0, buffer: vec![], file: None, written: 0, roll_bytes })
+    }
+
+    fn extension(&self) -> &'static str {
+        match self.format {
+            Format::Csv => "csv",
+            _ => "json",
+        }
+    }
+
+    fn publish(&mut self) -> Result<()> {
+        if let Some((path, mut file)) = self.file.take() {
+            file.flush().map_err(|e| Error::io(&path, e))?;
+            file.sync_all().map_err(|e| Error::io(&path, e))?;
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let visible = name.trim_start_matches('.').trim_end_matches(".inprogress").to_string();
+            let target = self.dir.join(visible);
+            std::fs::rename(&path, &target).map_err(|e| Error::io(&target, e))?;
+            self.written = 0;
+        }
+        Ok(())
+    }
+}
+
+impl SinkWriter for FileSink {
+    fn write(&mut self, batch: &ChangeBatch) -> Result<()> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        self.buffer.clear();
+        match self.format {
+            Format::Json => encode_json(batch, &mut self.buffer)?,
+            Format::Csv => encode_csv(batch, &mut self.buffer)?,
+            Format::Debezium => encode_debezium(batch, &mut self.buffer)?,
+        }
+        if self.file.is_none() {
+            // Never reuse a name a previous run published.
+            loop {
+                let name = format!("part-{}-{}.{}", self.worker, self.sequence, self.extension());
+                self.sequence += 1;
+                if !self.dir.join(&name).exists() {
+                    let path = self.dir.join(format!(".{name}.inprogress"));
+                    let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
+                    self.file = Some((path, f));
+                    break;
+                }
+            }
+        }
+        let (path, file) = self.file.as_mut().expect("opened above");
+        file.write_all(&self.buffer).map_err(|e| Error::io(&*path, e))?;
+        self.written += self.buffer.len() as u64;
+        if self.written >= self.roll_bytes {
+            self.publish()?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.publish()
+    }
+}

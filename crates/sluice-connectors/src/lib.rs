@@ -1,0 +1,119 @@
+//! Sources and sinks.
+//!
+//! A connector is chosen by the `'connector'` option of `CREATE TABLE` and configured by the
+//! other options, with Flink's names where Flink has the connector. Each worker opens its own
+//! [`SourceReader`] over its share of the splits (files, or slices of a generator's sequence)
+//! and its own [`SinkWriter`]. Formats (`json`, `csv`, `debezium-json`) are separate from the
+//! transports that carry them.
+//!
+//! Sources built in: `filesystem`, `datagen`, `ecommerce`. Sinks: `filesystem`, `print`,
+//! `blackhole`, `memory` (an in-process materialized table, used by the demo's live view).
+
+pub mod datagen;
+pub mod ecommerce;
+pub mod filesystem;
+pub mod format;
+pub mod memory;
+pub mod options;
+pub mod print;
+
+use std::collections::BTreeMap;
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use sluice_common::{ChangeBatch, Error, Result};
+
+pub use options::Options;
+
+/// What a connector is given: the table's name, physical columns and options.
+#[derive(Debug, Clone)]
+pub struct ConnectorSpec {
+    pub table: String,
+    pub schema: SchemaRef,
+    pub options: BTreeMap<String, String>,
+    pub partitioned_by: Vec<String>,
+}
+
+/// What a source produced on one poll.
+pub enum Poll {
+    /// Rows from split `split` (splits are numbered within this reader).
+    Batch { split: usize, batch: RecordBatch },
+    /// Nothing right now; poll again later.
+    Idle,
+    /// The reader's splits are exhausted (bounded sources only).
+    Finished,
+}
+
+/// A worker's reader over its splits.
+pub trait SourceReader: Send {
+    /// Number of splits this reader owns (each has its own watermark).
+    fn splits(&self) -> usize;
+    /// The next batch, up to `max_rows` rows.
+    fn poll(&mut self, max_rows: usize) -> Result<Poll>;
+    /// Records skipped as malformed so far (`json.ignore-parse-errors`).
+    fn skipped(&self) -> u64 {
+        0
+    }
+}
+
+/// A worker's writer into a sink.
+pub trait SinkWriter: Send {
+    /// Writes a changelog batch.
+    fn write(&mut self, batch: &ChangeBatch) -> Result<()>;
+    /// Makes everything written so far visible (publishes in-progress files).
+    fn finish(&mut self) -> Result<()>;
+}
+
+/// Opens worker `worker`'s (of `workers`) share of a source.
+pub fn open_source(spec: &ConnectorSpec, worker: usize, workers: usize) -> Result<Box<dyn SourceReader>> {
+    let mut opts = Options::new(spec);
+    let reader: Box<dyn SourceReader> = match opts.connector()?.as_str() {
+        "filesystem" => Box::new(filesystem::FileSource::open(spec, &mut opts, worker, workers)?),
+        "datagen" => Box::new(datagen::DatagenSource::open(spec, &mut opts, worker, workers)?),
+        "ecommerce" => Box::new(ecommerce::EcommerceSource::open(spec, &mut opts, worker, workers)?),
+        "print" | "blackhole" | "memory" => {
+            return Err(Error::connector(&spec.table, format!("connector '{}' can only be written to, not read", opts.connector()?)))
+        }
+        other => return Err(unknown_connector(&spec.table, other)),
+    };
+    opts.finish_source()?;
+    Ok(reader)
+}
+
+/// Opens worker `worker`'s (of `workers`) writer for a sink.
+pub fn open_sink(spec: &ConnectorSpec, worker: usize, workers: usize) -> Result<Box<dyn SinkWriter>> {
+    let mut opts = Options::new(spec);
+    let writer: Box<dyn SinkWriter> = match opts.connector()?.as_str() {
+        "filesystem" => Box::new(filesystem::FileSink::open(spec, &mut opts, worker, workers)?),
+        "print" => Box::new(print::PrintSink::open(spec, &mut opts, worker)?),
+        "blackhole" => Box::new(print::Blackhole),
+        "memory" => Box::new(memory::MemorySink::open(spec, &mut opts)?),
+        "datagen" | "ecommerce" => {
+            return Err(Error::connector(&spec.table, format!("connector '{}' can only be read, not written to", opts.connector()?)))
+        }
+        other => return Err(unknown_connector(&spec.table, other)),
+    };
+    opts.finish_sink()?;
+    Ok(writer)
+}
+
+/// Whether a sink accepts updating (retracting) input, or only inserts.
+pub fn sink_accepts_updates(spec: &ConnectorSpec) -> bool {
+    match spec.options.get("connector").map(String::as_str) {
+        Some("filesystem") => spec.options.get("format").map(String::as_str) == Some("debezium-json"),
+        Some("print" | "blackhole" | "memory") => true,
+        _ => false,
+    }
+}
+
+/// Checks a source's options without opening it for reading (for planning).
+pub fn validate_source(spec: &ConnectorSpec) -> Result<()> {
+    open_source(spec, 0, 1).map(|_| ())
+}
+
+fn unknown_connector(table: &str, name: &str) -> Error {
+    Error::connector(
+        table,
+        format!("unknown connector '{name}' (available: filesystem, datagen, ecommerce, print, blackhole, memory)"),
+    )
+}

@@ -1,0 +1,519 @@
+//! Grouped aggregation: updating (unwindowed), windowed, and session-windowed.
+//!
+//! Rows arrive partitioned by group key. Each batch is applied at once: keys are interned to
+//! group ids, every accumulator is updated column-wise, and the changed groups emit their new
+//! results. Windowed groups emit only when the watermark passes the window's end.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, StructArray, TimestampMillisecondArray};
+use arrow::datatypes::{DataType, Field, Fields, SchemaRef, TimestampMillisecondType};
+use arrow::record_batch::RecordBatch;
+use arrow_row::{RowConverter, SortField};
+use sluice_common::{ChangeBatch, Error, Op, Result};
+use sluice_sql::{AggCall, AggFunc, AggWindow, PhysExpr};
+use sluice_state::{AccKind, Accumulator, GroupTable};
+
+use crate::stateless::evaluate;
+
+/// The aggregation state of one worker.
+pub struct AggregateState {
+    group: Vec<PhysExpr>,
+    calls: Vec<AggCall>,
+    accs: Vec<Accumulator>,
+    table: GroupTable,
+    /// Net row count per group: a group exists while it is positive.
+    rows: Vec<i64>,
+    window: AggWindow,
+    schema: SchemaRef,
+    /// Assigned windows: groups by window end.
+    by_end: BTreeMap<i64, Vec<u32>>,
+    sessions: Option<Sessions>,
+    watermark: i64,
+    gids: Vec<u32>,
+    result_rows: Option<RowConverter>,
+}
+
+/// Session windows: per key, its open sessions; each session owns an accumulator slot.
+struct Sessions {
+    gap: i64,
+    time: PhysExpr,
+    key_position: usize,
+    open: HashMap<u32, Vec<Session>>,
+    ends: BTreeSet<(i64, u32)>,
+    slot_key: Vec<u32>,
+    free_slots: Vec<u32>,
+    slots: usize,
+}
+
+#[derive(Clone, Copy)]
+struct Session {
+    start: i64,
+    end: i64,
+    slot: u32,
+}
+
+/// What a batch did: rows dropped as late.
+pub struct ApplyOutcome {
+    pub late_rows: u64,
+    pub output: Option<ChangeBatch>,
+}
+
+fn acc_kind(f: AggFunc) -> AccKind {
+    match f {
+        AggFunc::Count => AccKind::Count,
+        AggFunc::Sum => AccKind::Sum,
+        AggFunc::Avg => AccKind::Avg,
+        AggFunc::Min => AccKind::Min,
+        AggFunc::Max => AccKind::Max,
+    }
+}
+
+impl AggregateState {
+    pub fn try_new(
+        group: Vec<PhysExpr>,
+        calls: Vec<AggCall>,
+        window: AggWindow,
+        schema: SchemaRef,
+        input_schema: &arrow::datatypes::Schema,
+    ) -> Result<Self> {
+        let key_fields = group
+            .iter()
+            .map(|g| g.data_type(input_schema).map(SortField::new))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::Runtime(e.to_string()))?;
+        let mut accs = vec![];
+        for c in &calls {
+            let input_type = match &c.arg {
+                Some(a) => a.data_type(input_schema).map_err(|e| Error::Runtime(e.to_string()))?,
+                None => DataType::Null,
+            };
+            accs.push(Accumulator::try_new(acc_kind(c.func), input_type, c.output_type.clone(), c.distinct)?);
+        }
+        let sessions = match &window {
+            AggWindow::Session { gap, time, key_position } => Some(Sessions {
+                gap: *gap,
+                time: time.clone(),
+                key_position: *key_position,
+                open: HashMap::new(),
+                ends: BTreeSet::new(),
+                slot_key: vec![],
+                free_slots: vec![],
+                slots: 0,
+            }),
+            _ => None,
+        };
+        let result_types: Vec<SortField> = calls.iter().map(|c| SortField::new(c.output_type.clone())).collect();
+        let result_rows = if result_types.is_empty() { None } else { Some(RowConverter::new(result_types)?) };
+        Ok(AggregateState {
+            group,
+            calls,
+            accs,
+            table: GroupTable::try_new(key_fields)?,
+            rows: vec![],
+            window,
+            schema,
+            by_end: BTreeMap::new(),
+            sessions,
+            watermark: i64::MIN,
+            gids: vec![],
+            result_rows,
+        })
+    }
+
+    /// Approximate bytes of state.
+    pub fn size_bytes(&self) -> usize {
+        self.table.size_bytes() + self.rows.capacity() * 8 + self.accs.iter().map(|a| a.size_bytes()).sum::<usize>()
+    }
+
+    /// Number of live groups.
+    pub fn groups(&self) -> usize {
+        self.table.len()
+    }
+
+    fn signs(batch: &ChangeBatch) -> Vec<i64> {
+        (0..batch.num_rows()).map(|i| batch.op(i).sign()).collect()
+    }
+
+    fn update_accumulators(&mut self, batch: &ChangeBatch, slots: &[u32], signs: &[i64], capacity: usize) -> Result<()> {
+        for (call, acc) in self.calls.iter().zip(self.accs.iter_mut()) {
+            acc.resize(capacity);
+            let values = match &call.arg {
+                Some(a) => Some(evaluate(a, batch)?),
+                None => None,
+            };
+            let filtered;
+            let s = match &call.filter {
+                Some(f) => {
+                    let mask = evaluate(f, batch)?;
+                    let mask = mask.as_boolean();
+                    filtered = signs
+                        .iter()
+                        .enumerate()
+                        .map(|(i, s)| if mask.is_valid(i) && mask.value(i) { *s } else { 0 })
+                        .collect::<Vec<_>>();
+                    &filtered[..]
+                }
+                None => signs,
+            };
+            acc.update(slots, s, values.as_ref())?;
+        }
+        Ok(())
+    }
+
+    /// Applies a batch of input rows.
+    pub fn apply(&mut self, batch: &ChangeBatch) -> Result<ApplyOutcome> {
+        if self.sessions.is_some() {
+            return self.apply_sessions(batch);
+        }
+        let keys = self.group.iter().map(|g| evaluate(g, batch)).collect::<Result<Vec<_>>>()?;
+        let mut signs = Self::signs(batch);
+        let mut late = 0;
+        let end_key = match self.window {
+            AggWindow::Assigned { end_key, .. } => Some(end_key),
+            _ => None,
+        };
+        if let Some(end_key) = end_key {
+            let ends = keys[end_key].as_primitive::<TimestampMillisecondType>();
+            for (i, s) in signs.iter_mut().enumerate() {
+                if ends.value(i) <= self.watermark {
+                    *s = 0;
+                    late += 1;
+                }
+            }
+        }
+        let rows = self.table.encode(&keys)?;
+        let mut gids = std::mem::take(&mut self.gids);
+        self.table.intern(&rows, &mut gids);
+        let capacity = self.table.capacity();
+        self.rows.resize(capacity, 0);
+        // Groups touched, in first-seen order, and whether each existed before.
+        let mut touched: Vec<u32> = vec![];
+        let mut seen = HashMap::new();
+        for (&g, &s) in gids.iter().zip(&signs) {
+            if s != 0 && !seen.contains_key(&g) {
+                seen.insert(g, self.rows[g as usize] > 0);
+                touched.push(g);
+            }
+        }
+        let updating = end_key.is_none();
+        let before: Vec<u32> = touched.iter().copied().filter(|g| seen[g]).collect();
+        let old = if updating && !before.is_empty() { Some(self.results(&before)?) } else { None };
+        self.update_accumulators(batch, &gids, &signs, capacity)?;
+        for (&g, &s) in gids.iter().zip(&signs) {
+            self.rows[g as usize] += s;
+        }
+        if let Some(end_key) = end_key {
+            let ends = keys[end_key].as_primitive::<TimestampMillisecondType>();
+            let mut first_row = HashMap::new();
+            for (i, &g) in gids.iter().enumerate() {
+                first_row.entry(g).or_insert(i);
+            }
+            for &g in &touched {
+                if !seen[&g] && self.rows[g as usize] > 0 {
+                    self.by_end.entry(ends.value(first_row[&g])).or_default().push(g);
+                }
+            }
+        }
+        let output = if updating { self.emit_changes(&touched, &seen, old)? } else { None };
+        if end_key.is_none() {
+            for &g in &touched {
+                if self.rows[g as usize] <= 0 {
+                    self.free_group(g);
+                }
+            }
+        }
+        self.gids = gids;
+        Ok(ApplyOutcome { late_rows: late, output })
+    }
+
+    fn free_group(&mut self, g: u32) {
+        self.table.remove(g);
+        self.rows[g as usize] = 0;
+        for acc in &mut self.accs {
+            acc.reset(g);
+        }
+    }
+
+    /// Aggregate results for groups (or session slots).
+    fn results(&self, slots: &[u32]) -> Result<Vec<ArrayRef>> {
+        self.accs.iter().map(|a| a.evaluate(slots).map_err(Error::from)).collect()
+    }
+
+    fn same_results(&self, a: &[ArrayRef], b: &[ArrayRef], i: usize, j: usize) -> bool {
+        match &self.result_rows {
+            None => true,
+            Some(conv) => {
+                let (ra, rb) = (conv.convert_columns(&slice_all(a, i)), conv.convert_columns(&slice_all(b, j)));
+                match (ra, rb) {
+                    (Ok(x), Ok(y)) => x.row(0) == y.row(0),
+                    _ => false,
+                }
+            }
+        }
+    }
+
+    /// Emits `+I`, `-U`/`+U` pairs and `-D` for changed groups.
+    fn emit_changes(&mut self, touched: &[u32], existed: &HashMap<u32, bool>, old: Option<Vec<ArrayRef>>) -> Result<Option<ChangeBatch>> {
+        let after: Vec<u32> = touched.iter().copied().filter(|g| self.rows[*g as usize] > 0).collect();
+        let new = self.results(&after)?;
+        let old = old.unwrap_or_default();
+        let keys_before: Vec<u32> = touched.iter().copied().filter(|g| existed[g]).collect();
+        let keys_old = if keys_before.is_empty() { vec![] } else { self.table.keys(&keys_before)? };
+        let keys_new = if after.is_empty() { vec![] } else { self.table.keys(&after)? };
+        // (source 0 = old rows, 1 = new rows, row index, op)
+        let mut picks: Vec<(usize, usize, Op)> = vec![];
+        let (mut oi, mut ni) = (0, 0);
+        for g in touched {
+            let was = existed[g];
+            let is = self.rows[*g as usize] > 0;
+            match (was, is) {
+                (true, true) => {
+                    if !self.same_results(&old, &new, oi, ni) {
+                        picks.push((0, oi, Op::UpdateBefore));
+                        picks.push((1, ni, Op::UpdateAfter));
+                    }
+                    oi += 1;
+                    ni += 1;
+                }
+                (false, true) => {
+                    picks.push((1, ni, Op::Insert));
+                    ni += 1;
+                }
+                (true, false) => {
+                    picks.push((0, oi, Op::Delete));
+                    oi += 1;
+                }
+                (false, false) => {}
+            }
+        }
+        if picks.is_empty() {
+            return Ok(None);
+        }
+        let old_cols: Vec<ArrayRef> = keys_old.into_iter().chain(old).collect();
+        let new_cols: Vec<ArrayRef> = keys_new.into_iter().chain(new).collect();
+        let indices: Vec<(usize, usize)> = picks.iter().map(|(s, r, _)| (*s, *r)).collect();
+        let mut columns = vec![];
+        for c in 0..self.schema.fields().len() {
+            let sources: Vec<&dyn Array> = vec![
+                old_cols.get(c).map(|a| a.as_ref()).unwrap_or_else(|| new_cols[c].as_ref()),
+                new_cols.get(c).map(|a| a.as_ref()).unwrap_or_else(|| old_cols[c].as_ref()),
+            ];
+            columns.push(arrow::compute::interleave(&sources, &indices)?);
+        }
+        let columns = self.cast_columns(columns)?;
+        let data = RecordBatch::try_new(self.schema.clone(), columns)?;
+        Ok(Some(ChangeBatch::with_ops(data, picks.into_iter().map(|p| p.2).collect())))
+    }
+
+    fn cast_columns(&self, columns: Vec<ArrayRef>) -> Result<Vec<ArrayRef>> {
+        columns
+            .into_iter()
+            .zip(self.schema.fields())
+            .map(|(c, f)| if c.data_type() == f.data_type() { Ok(c) } else { Ok(arrow::compute::cast(&c, f.data_type())?) })
+            .collect()
+    }
+
+    /// Advances the watermark; returns the results of windows it closed.
+    pub fn advance_watermark(&mut self, watermark: i64) -> Result<Option<ChangeBatch>> {
+        if watermark <= self.watermark {
+            return Ok(None);
+        }
+        self.watermark = watermark;
+        if self.sessions.is_some() {
+            return self.fire_sessions();
+        }
+        let AggWindow::Assigned { start_key, end_key, as_struct } = self.window else { return Ok(None) };
+        let mut fired = vec![];
+        while let Some((&end, _)) = self.by_end.first_key_value() {
+            if end > watermark {
+                break;
+            }
+            let gids = self.by_end.pop_first().expect("present").1;
+            fired.extend(gids.into_iter().filter(|g| self.rows[*g as usize] > 0));
+        }
+        if fired.is_empty() {
+            return Ok(None);
+        }
+        let keys = self.table.keys(&fired)?;
+        let results = self.results(&fired)?;
+        let mut columns: Vec<ArrayRef> = vec![];
+        for (i, k) in keys.into_iter().enumerate() {
+            if as_struct && i == end_key {
+                continue;
+            }
+            if as_struct && i == start_key {
+                columns.push(window_struct(&k, &self.table_key_end(&fired, end_key)?)?);
+                continue;
+            }
+            columns.push(k);
+        }
+        columns.extend(results);
+        let columns = self.cast_columns(columns)?;
+        let data = RecordBatch::try_new(self.schema.clone(), columns)?;
+        for g in fired {
+            self.free_group(g);
+        }
+        Ok(Some(ChangeBatch::inserts(data)))
+    }
+
+    fn table_key_end(&self, gids: &[u32], end_key: usize) -> Result<ArrayRef> {
+        Ok(self.table.keys(gids)?.swap_remove(end_key))
+    }
+
+    fn apply_sessions(&mut self, batch: &ChangeBatch) -> Result<ApplyOutcome> {
+        let keys = self.group.iter().map(|g| evaluate(g, batch)).collect::<Result<Vec<_>>>()?;
+        let signs = Self::signs(batch);
+        let s = self.sessions.as_mut().expect("session state");
+        let times = sluice_common::time::to_millis(&evaluate(&s.time, batch)?)?;
+        let times = times.as_primitive::<TimestampMillisecondType>().clone();
+        let rows = self.table.encode(&keys)?;
+        let mut gids = std::mem::take(&mut self.gids);
+        self.table.intern(&rows, &mut gids);
+        self.rows.resize(self.table.capacity(), 0);
+        let s = self.sessions.as_mut().expect("session state");
+        let mut slots = vec![0u32; gids.len()];
+        let mut row_signs = signs.clone();
+        let mut forward: HashMap<u32, u32> = HashMap::new();
+        let mut late = 0;
+        let mut merges: Vec<(u32, u32)> = vec![];
+        for i in 0..gids.len() {
+            if times.is_null(i) || signs[i] <= 0 {
+                // Sessions take append-only input (checked by the planner); NULL times are dropped.
+                row_signs[i] = 0;
+                continue;
+            }
+            let t = times.value(i);
+            if t + s.gap <= self.watermark {
+                row_signs[i] = 0;
+                late += 1;
+                continue;
+            }
+            let key = gids[i];
+            self.rows[key as usize] += 1;
+            let list = s.open.entry(key).or_default();
+            let (mut start, mut end) = (t, t + s.gap);
+            let mut keep: Option<u32> = None;
+            let mut rest = Vec::with_capacity(list.len());
+            for sess in list.drain(..) {
+                if sess.start < end && start < sess.end {
+                    start = start.min(sess.start);
+                    end = end.max(sess.end);
+                    s.ends.remove(&(sess.end, sess.slot));
+                    match keep {
+                        None => keep = Some(sess.slot),
+                        Some(k) => {
+                            merges.push((k, sess.slot));
+                            forward.insert(sess.slot, k);
+                            s.free_slots.push(sess.slot);
+                        }
+                    }
+                } else {
+                    rest.push(sess);
+                }
+            }
+            let slot = keep.unwrap_or_else(|| match s.free_slots.pop() {
+                Some(x) => x,
+                None => {
+                    s.slots += 1;
+                    s.slot_key.push(0);
+                    (s.slots - 1) as u32
+                }
+            });
+            s.slot_key[slot as usize] = key;
+            rest.push(Session { start, end, slot });
+            s.ends.insert((end, slot));
+            *list = rest;
+            slots[i] = slot;
+        }
+        let capacity = s.slots;
+        // Merges first (state of earlier batches), then this batch's rows into surviving slots.
+        for acc in &mut self.accs {
+            acc.resize(capacity);
+        }
+        for (dst, src) in merges {
+            for acc in &mut self.accs {
+                acc.merge(dst, src);
+            }
+        }
+        for slot in slots.iter_mut() {
+            while let Some(next) = forward.get(slot) {
+                *slot = *next;
+            }
+        }
+        self.update_accumulators(batch, &slots, &row_signs, capacity)?;
+        self.gids = gids;
+        Ok(ApplyOutcome { late_rows: late, output: None })
+    }
+
+    fn fire_sessions(&mut self) -> Result<Option<ChangeBatch>> {
+        let s = self.sessions.as_mut().expect("session state");
+        let mut fired: Vec<(u32, Session)> = vec![];
+        while let Some(&(end, slot)) = s.ends.first() {
+            if end > self.watermark {
+                break;
+            }
+            s.ends.pop_first();
+            let key = s.slot_key[slot as usize];
+            let list = s.open.get_mut(&key).expect("open sessions of key");
+            let pos = list.iter().position(|x| x.slot == slot).expect("session listed");
+            let sess = list.swap_remove(pos);
+            if list.is_empty() {
+                s.open.remove(&key);
+            }
+            fired.push((key, sess));
+        }
+        if fired.is_empty() {
+            return Ok(None);
+        }
+        let key_position = s.key_position;
+        let key_gids: Vec<u32> = fired.iter().map(|f| f.0).collect();
+        let slot_ids: Vec<u32> = fired.iter().map(|f| f.1.slot).collect();
+        let mut keys = self.table.keys(&key_gids)?;
+        let starts: ArrayRef = Arc::new(TimestampMillisecondArray::from(fired.iter().map(|f| f.1.start).collect::<Vec<_>>()));
+        let ends: ArrayRef = Arc::new(TimestampMillisecondArray::from(fired.iter().map(|f| f.1.end).collect::<Vec<_>>()));
+        keys.insert(key_position, window_struct(&starts, &ends)?);
+        keys.extend(self.results(&slot_ids)?);
+        let columns = self.cast_columns(keys)?;
+        let data = RecordBatch::try_new(self.schema.clone(), columns)?;
+        let s = self.sessions.as_mut().expect("session state");
+        for (key, sess) in &fired {
+            s.free_slots.push(sess.slot);
+            if !s.open.contains_key(key) {
+                self.rows[*key as usize] = 0;
+                self.table.remove(*key);
+            }
+        }
+        for slot in slot_ids {
+            for acc in &mut self.accs {
+                acc.reset(slot);
+            }
+        }
+        Ok(Some(ChangeBatch::inserts(data)))
+    }
+
+    /// Counts rows dropped as late into the job's metric.
+    pub fn count_late(metrics: &crate::metrics::JobMetrics, n: u64) {
+        if n > 0 {
+            metrics.late_rows_dropped.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+}
+
+fn slice_all(cols: &[ArrayRef], i: usize) -> Vec<ArrayRef> {
+    cols.iter().map(|c| c.slice(i, 1)).collect()
+}
+
+/// The struct a legacy group window outputs: `{window_start, window_end, window_time}`.
+fn window_struct(starts: &ArrayRef, ends: &ArrayRef) -> Result<ArrayRef> {
+    let ty = sluice_sql::functions::window_time_type();
+    let starts = arrow::compute::cast(starts, &ty)?;
+    let ends = arrow::compute::cast(ends, &ty)?;
+    let times: ArrayRef = Arc::new(TimestampMillisecondArray::from(
+        ends.as_primitive::<TimestampMillisecondType>().values().iter().map(|e| e - 1).collect::<Vec<_>>(),
+    ));
+    let fields = Fields::from(sluice_sql::functions::WINDOW_FIELDS.iter().map(|n| Field::new(*n, ty.clone(), false)).collect::<Vec<_>>());
+    Ok(Arc::new(StructArray::try_new(fields, vec![starts, ends, times], None)?))
+}

@@ -1,0 +1,472 @@
+//! Builds a [`JobPlan`] into one timely dataflow per worker and runs it to completion.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow::array::AsArray;
+use arrow::datatypes::{SchemaRef, TimestampMillisecondType};
+use sluice_common::time::{MAX_WATERMARK, MIN_WATERMARK};
+use sluice_common::{ChangeBatch, Error, Result};
+use sluice_connectors::{open_sink, open_source, sink_accepts_updates, ConnectorSpec, Poll};
+use sluice_sql::{JobPlan, SinkTarget, StreamNode, TableDef};
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::operator::source;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::{Concatenate, Probe};
+use timely::dataflow::ProbeHandle;
+
+use crate::aggregate::AggregateState;
+use crate::dataflow::{cluster_config, exchange_by_key, tag_watermarks, DataflowScope, Epoch, Event, EventBuilder, EventStream};
+use crate::metrics::JobMetrics;
+use crate::stateless::{assign_windows, evaluate, filter, map_batches, project};
+use crate::watermark::WatermarkTracker;
+
+/// Rows per source batch.
+const BATCH_ROWS: usize = 8192;
+/// Epochs a source may run ahead of the slowest sink before it waits (timely has no backpressure).
+const MAX_EPOCHS_IN_FLIGHT: u64 = 4;
+/// Processing time per epoch.
+const EPOCH_LENGTH: Duration = Duration::from_millis(50);
+
+/// Receives the changelog of each plain `SELECT` of a script.
+pub trait SelectOutput: Send + Sync {
+    /// Called once before any rows, with the query's index and schema.
+    fn begin(&self, index: usize, schema: SchemaRef);
+    /// Called with each batch of changes.
+    fn emit(&self, index: usize, batch: &ChangeBatch);
+}
+
+/// How to run a job.
+#[derive(Clone)]
+pub struct JobOptions {
+    /// Worker threads per process.
+    pub workers: usize,
+    /// This process's index, and the `host:port` of every process (cluster mode).
+    pub process: usize,
+    pub hosts: Option<Vec<String>>,
+    pub select_output: Option<Arc<dyn SelectOutput>>,
+    /// Counters; pass your own to watch a running job (the demo does).
+    pub metrics: Arc<JobMetrics>,
+}
+
+impl Default for JobOptions {
+    fn default() -> Self {
+        JobOptions { workers: 1, process: 0, hosts: None, select_output: None, metrics: JobMetrics::new() }
+    }
+}
+
+/// What a finished job reports.
+#[derive(Debug, Clone)]
+pub struct JobSummary {
+    pub rows_read: BTreeMap<String, u64>,
+    pub rows_written: BTreeMap<String, u64>,
+    pub late_rows_dropped: u64,
+    pub records_skipped: u64,
+    pub elapsed: Duration,
+}
+
+impl JobSummary {
+    /// Total rows read from all sources.
+    pub fn total_read(&self) -> u64 {
+        self.rows_read.values().sum()
+    }
+}
+
+fn spec(table: &TableDef) -> ConnectorSpec {
+    ConnectorSpec {
+        table: table.name.clone(),
+        schema: table.physical_schema.clone(),
+        options: table.options.clone(),
+        partitioned_by: table.partitioned_by.clone(),
+    }
+}
+
+/// Checks a plan against the connectors before anything runs: options, and that every sink
+/// accepts the kind of changes its query produces.
+pub fn validate(plan: &JobPlan) -> Result<()> {
+    for p in &plan.pipelines {
+        let mut tables = vec![];
+        collect_scans(&p.query, &mut tables);
+        for t in tables {
+            sluice_connectors::validate_source(&spec(&t))?;
+        }
+        if let SinkTarget::Table(t) = &p.sink {
+            let s = spec(t);
+            // Opening checks the options; sinks create nothing until written to, except the
+            // filesystem sink's directory.
+            open_sink(&s, 0, 1)?;
+            if !p.query.is_append_only() && !sink_accepts_updates(&s) {
+                return Err(Error::plan(format!(
+                    "statement at line {}: INSERT INTO {}: the query produces an updating result (it retracts rows, e.g. a GROUP BY \
+                     without a window), but connector '{}'{} only accepts inserts; use 'format' = 'debezium-json', \
+                     or aggregate over a window",
+                    p.line,
+                    t.name,
+                    t.connector(),
+                    t.options.get("format").map(|f| format!(" with format '{f}'")).unwrap_or_default()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn collect_scans(node: &StreamNode, out: &mut Vec<Arc<TableDef>>) {
+    match node {
+        StreamNode::Scan { table, .. } => out.push(table.clone()),
+        StreamNode::Project { input, .. }
+        | StreamNode::Filter { input, .. }
+        | StreamNode::WindowAssign { input, .. }
+        | StreamNode::Aggregate { input, .. } => collect_scans(input, out),
+        StreamNode::Union { inputs, .. } => inputs.iter().for_each(|i| collect_scans(i, out)),
+    }
+}
+
+/// Runs a job until its bounded inputs are exhausted (or forever, for unbounded ones).
+pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
+    validate(&plan)?;
+    let started = Instant::now();
+    let metrics = options.metrics.clone();
+    let plan = Arc::new(plan);
+    let config = cluster_config(options.workers.max(1), options.process, options.hosts.clone());
+    let select_output = options.select_output.clone();
+    if let Some(out) = &select_output {
+        for p in &plan.pipelines {
+            if let SinkTarget::Select { index } = p.sink {
+                out.begin(index, p.query.schema());
+            }
+        }
+    }
+    let worker_metrics = metrics.clone();
+    let guards = timely::execute(config, move |worker| {
+        let index = worker.index();
+        let peers = worker.peers();
+        let probe = ProbeHandle::<Epoch>::new();
+        let ctx = BuildContext { index, peers, metrics: worker_metrics.clone(), probe: probe.clone() };
+        worker.dataflow::<Epoch, _, _>(|scope| {
+            for p in plan.pipelines.iter() {
+                let stream = build(scope, &p.query, &ctx);
+                match &p.sink {
+                    SinkTarget::Table(t) => table_sink(stream, t, &ctx).probe_with(&probe),
+                    SinkTarget::Select { index: q } => {
+                        select_sink(stream, *q, select_output.clone(), &ctx).probe_with(&probe)
+                    }
+                };
+            }
+        });
+        while !probe.done() && !worker_metrics.failed() {
+            worker.step_or_park(Some(Duration::from_millis(20)));
+        }
+    })
+    .map_err(|e| Error::Runtime(format!("could not start the workers: {e}")))?;
+    for r in guards.join() {
+        r.map_err(|e| Error::Runtime(format!("a worker failed: {e}")))?;
+    }
+    if let Some(e) = metrics.error.lock().expect("metrics").take() {
+        return Err(e);
+    }
+    Ok(JobSummary {
+        rows_read: metrics.rows_read(),
+        rows_written: metrics.rows_written(),
+        late_rows_dropped: metrics.late_rows_dropped.load(Ordering::Relaxed),
+        records_skipped: metrics.records_skipped.load(Ordering::Relaxed),
+        elapsed: started.elapsed(),
+    })
+}
+
+/// What every operator of one worker needs to know.
+#[derive(Clone)]
+struct BuildContext {
+    index: usize,
+    peers: usize,
+    metrics: Arc<JobMetrics>,
+    probe: ProbeHandle<Epoch>,
+}
+
+fn build<'scope>(scope: DataflowScope<'scope>, node: &StreamNode, ctx: &BuildContext) -> EventStream<'scope> {
+    match node {
+        StreamNode::Scan { table, projection, schema } => scan(scope, table.clone(), projection.clone(), schema.clone(), ctx),
+        StreamNode::Project { input, exprs, schema } => {
+            let (exprs, schema) = (exprs.clone(), schema.clone());
+            map_batches(build(scope, input, ctx), "Project", ctx.metrics.clone(), move |b| project(b, &exprs, &schema).map(Some))
+        }
+        StreamNode::Filter { input, predicate } => {
+            let predicate = predicate.clone();
+            map_batches(build(scope, input, ctx), "Filter", ctx.metrics.clone(), move |b| filter(b, &predicate).map(Some))
+        }
+        StreamNode::WindowAssign { input, time, kind, schema } => {
+            let (time, kind, schema) = (time.clone(), *kind, schema.clone());
+            map_batches(build(scope, input, ctx), "WindowAssign", ctx.metrics.clone(), move |b| {
+                assign_windows(b, &time, kind, &schema).map(Some)
+            })
+        }
+        StreamNode::Union { inputs, .. } => {
+            let n = inputs.len();
+            let streams: Vec<EventStream<'scope>> = inputs
+                .iter()
+                .enumerate()
+                .map(|(i, input)| tag_watermarks(build(scope, input, ctx), i as u32, ctx.peers as u32))
+                .collect();
+            let merged = scope.concatenate(streams);
+            merge_watermarks(merged, n, ctx)
+        }
+        StreamNode::Aggregate { input, group, aggs, window, schema, .. } => {
+            let input_schema = input.schema();
+            let stream = exchange_by_key(build(scope, input, ctx), group.clone());
+            let state = AggregateState::try_new(group.clone(), aggs.clone(), window.clone(), schema.clone(), &input_schema);
+            aggregate(stream, state, ctx)
+        }
+    }
+}
+
+/// Emits the minimum watermark over a union's inputs.
+fn merge_watermarks<'scope>(stream: EventStream<'scope>, inputs: usize, ctx: &BuildContext) -> EventStream<'scope> {
+    let (index, peers) = (ctx.index, ctx.peers);
+    stream.unary::<EventBuilder, _, _, _>(Pipeline, "UnionWatermark", move |_cap, _info| {
+        let mut tracker = WatermarkTracker::new(inputs);
+        move |input, output| {
+            input.for_each(|cap, data| match data {
+                Event::Watermark { from, ts, .. } => {
+                    if let Some(wm) = tracker.observe(*from, *ts) {
+                        output.session(&cap).give_container(&mut Event::watermark(index, wm, peers));
+                    }
+                }
+                _ => output.session(&cap).give_container(data),
+            });
+        }
+    })
+}
+
+fn aggregate<'scope>(stream: EventStream<'scope>, state: Result<AggregateState>, ctx: &BuildContext) -> EventStream<'scope> {
+    let (index, peers, metrics) = (ctx.index, ctx.peers, ctx.metrics.clone());
+    let mut state = match state {
+        Ok(s) => Some(s),
+        Err(e) => {
+            metrics.fail(e);
+            None
+        }
+    };
+    stream.unary::<EventBuilder, _, _, _>(Pipeline, "Aggregate", move |_cap, _info| {
+        let mut tracker = WatermarkTracker::new(peers);
+        move |input, output| {
+            input.for_each(|cap, data| {
+                let Some(state) = state.as_mut() else { return };
+                if metrics.failed() {
+                    return;
+                }
+                match data {
+                    Event::Data(d) => match state.apply(&d.batch) {
+                        Ok(outcome) => {
+                            AggregateState::count_late(&metrics, outcome.late_rows);
+                            if let Some(out) = outcome.output {
+                                output.session(&cap).give_container(&mut Event::data(out));
+                            }
+                        }
+                        Err(e) => metrics.fail(e),
+                    },
+                    Event::Watermark { from, ts, .. } => {
+                        if let Some(wm) = tracker.observe(*from, *ts) {
+                            match state.advance_watermark(wm) {
+                                Ok(Some(out)) => output.session(&cap).give_container(&mut Event::data(out)),
+                                Ok(None) => {}
+                                Err(e) => metrics.fail(e),
+                            }
+                            output.session(&cap).give_container(&mut Event::watermark(index, wm, peers));
+                        }
+                    }
+                    Event::Empty => {}
+                }
+            });
+        }
+    })
+}
+
+fn scan<'scope>(
+    scope: DataflowScope<'scope>,
+    table: Arc<TableDef>,
+    projection: Option<Vec<usize>>,
+    schema: SchemaRef,
+    ctx: &BuildContext,
+) -> EventStream<'scope> {
+    let (index, peers, metrics, probe) = (ctx.index, ctx.peers, ctx.metrics.clone(), ctx.probe.clone());
+    let mut reader = match open_source(&spec(&table), index, peers) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            metrics.fail(e);
+            None
+        }
+    };
+    let read_counter = metrics.read_counter(&table.name);
+    source::<_, EventBuilder, _, _>(scope, &format!("Source({})", table.name), move |cap, info| {
+        let activator = scope.activator_for(info.address.clone());
+        let mut cap = Some(cap);
+        let mut epoch: Epoch = 0;
+        let mut epoch_started = Instant::now();
+        let mut watermark = MIN_WATERMARK;
+        let mut skipped_reported = 0;
+        move |output| {
+            let Some(c) = cap.as_mut() else { return };
+            let Some(r) = reader.as_mut() else {
+                cap = None;
+                return;
+            };
+            if metrics.failed() {
+                cap = None;
+                return;
+            }
+            if epoch >= MAX_EPOCHS_IN_FLIGHT && probe.less_than(&(epoch - MAX_EPOCHS_IN_FLIGHT)) {
+                activator.activate_after(Duration::from_millis(1));
+                return;
+            }
+            let mut idle = false;
+            for _ in 0..8 {
+                match r.poll(BATCH_ROWS) {
+                    Ok(Poll::Batch { batch, .. }) => {
+                        read_counter.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
+                        match prepare(&table, &projection, &schema, batch) {
+                            Ok((out, wm)) => {
+                                if out.num_rows() > 0 {
+                                    output.session(c).give_container(&mut Event::data(out));
+                                }
+                                if let Some(wm) = wm.filter(|w| *w > watermark) {
+                                    watermark = wm;
+                                    output.session(c).give_container(&mut Event::watermark(index, wm, peers));
+                                    metrics.source_watermark.store(wm, Ordering::Relaxed);
+                                }
+                            }
+                            Err(e) => {
+                                metrics.fail(e);
+                                cap = None;
+                                return;
+                            }
+                        }
+                    }
+                    Ok(Poll::Idle) => {
+                        idle = true;
+                        break;
+                    }
+                    Ok(Poll::Finished) => {
+                        metrics.records_skipped.fetch_add(r.skipped() - skipped_reported, Ordering::Relaxed);
+                        output.session(c).give_container(&mut Event::watermark(index, MAX_WATERMARK, peers));
+                        cap = None;
+                        return;
+                    }
+                    Err(e) => {
+                        metrics.fail(e);
+                        cap = None;
+                        return;
+                    }
+                }
+            }
+            let skipped = r.skipped();
+            if skipped > skipped_reported {
+                metrics.records_skipped.fetch_add(skipped - skipped_reported, Ordering::Relaxed);
+                skipped_reported = skipped;
+            }
+            if epoch_started.elapsed() >= EPOCH_LENGTH {
+                epoch += 1;
+                c.downgrade(&epoch);
+                epoch_started = Instant::now();
+            }
+            if idle {
+                activator.activate_after(Duration::from_millis(2));
+            } else {
+                activator.activate();
+            }
+        }
+    })
+}
+
+/// Computed columns, the watermark, then the scan's projection.
+fn prepare(
+    table: &TableDef,
+    projection: &Option<Vec<usize>>,
+    schema: &SchemaRef,
+    batch: arrow::record_batch::RecordBatch,
+) -> Result<(ChangeBatch, Option<i64>)> {
+    let mut full = ChangeBatch::inserts(batch);
+    if !table.computed.is_empty() {
+        let mut columns = full.data.columns().to_vec();
+        for e in &table.computed {
+            columns.push(evaluate(e, &full)?);
+        }
+        full = full.with_columns(table.schema.clone(), columns)?;
+    }
+    let wm = match &table.watermark {
+        None => None,
+        Some((_, expr)) => {
+            let w = sluice_common::time::to_millis(&evaluate(expr, &full)?)?;
+            arrow::compute::max(w.as_primitive::<TimestampMillisecondType>())
+        }
+    };
+    let out = match projection {
+        None => full,
+        Some(p) => {
+            let data = full.data.project(p)?;
+            ChangeBatch::inserts(arrow::record_batch::RecordBatch::try_new(schema.clone(), data.columns().to_vec())?)
+        }
+    };
+    Ok((out, wm))
+}
+
+fn table_sink<'scope>(stream: EventStream<'scope>, table: &TableDef, ctx: &BuildContext) -> EventStream<'scope> {
+    let (metrics, counter) = (ctx.metrics.clone(), ctx.metrics.write_counter(&table.name));
+    let mut writer = match open_sink(&spec(table), ctx.index, ctx.peers) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            metrics.fail(e);
+            None
+        }
+    };
+    let schema = table.physical_schema.clone();
+    stream.unary_frontier::<EventBuilder, _, _, _>(Pipeline, &format!("Sink({})", table.name), move |_cap, _info| {
+        move |(input, frontier), _output| {
+            input.for_each(|_cap, data| {
+                if let (Event::Data(d), Some(w)) = (data, writer.as_mut()) {
+                    counter.fetch_add(d.batch.num_rows() as u64, Ordering::Relaxed);
+                    // Columns keep the table's declared names and nullability.
+                    let batch = match d.batch.with_columns(schema.clone(), d.batch.data.columns().to_vec()) {
+                        Ok(b) => b,
+                        Err(e) => return metrics.fail(e.into()),
+                    };
+                    if let Err(e) = w.write(&batch) {
+                        metrics.fail(e);
+                    }
+                }
+            });
+            if frontier.is_empty() {
+                if let Some(mut w) = writer.take() {
+                    if let Err(e) = w.finish() {
+                        metrics.fail(e);
+                    }
+                }
+            }
+        }
+    })
+}
+
+fn select_sink<'scope>(
+    stream: EventStream<'scope>,
+    query: usize,
+    out: Option<Arc<dyn SelectOutput>>,
+    ctx: &BuildContext,
+) -> EventStream<'scope> {
+    // Everything goes to worker 0 so the printed changelog is one ordered stream.
+    let stream = exchange_by_key(stream, vec![]);
+    let counter = ctx.metrics.write_counter(&format!("select #{}", query + 1));
+    let out = Mutex::new(out);
+    stream.unary::<EventBuilder, _, _, _>(Pipeline, "SelectOutput", move |_cap, _info| {
+        move |input, _output| {
+            input.for_each(|_cap, data| {
+                if let Event::Data(d) = data {
+                    counter.fetch_add(d.batch.num_rows() as u64, Ordering::Relaxed);
+                    if let Some(o) = out.lock().expect("select output").as_ref() {
+                        o.emit(query, &d.batch);
+                    }
+                }
+            });
+        }
+    })
+}

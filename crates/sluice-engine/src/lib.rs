@@ -1,0 +1,21 @@
+//! The Sluice execution engine: runs a [`sluice_sql::JobPlan`] as a timely dataflow.
+//!
+//! - [`dataflow`] is the only module that knows timely: the [`dataflow::Event`] container
+//!   (Arrow changelog batches and in-band watermarks), the key-group exchange and cluster config.
+//! - [`stateless`] evaluates projections, filters and window assignment on whole batches.
+//! - [`aggregate`] keeps grouped state (via `sluice-state`) and emits updates or fired windows.
+//! - [`watermark`] combines watermarks from many senders (the minimum).
+//! - [`job`] wires sources, operators and sinks per worker, runs them and reports a summary.
+//!
+//! A batch flows: source reader → computed columns and watermark → projection/filter →
+//! exchange by key → aggregate → sink; watermarks travel behind the rows they cover.
+
+pub mod aggregate;
+pub mod dataflow;
+pub mod job;
+pub mod metrics;
+pub mod stateless;
+pub mod watermark;
+
+pub use job::{run, validate, JobOptions, JobSummary, SelectOutput};
+pub use metrics::JobMetrics;

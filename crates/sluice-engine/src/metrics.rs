@@ -1,0 +1,61 @@
+//! Job counters shared by the workers of a process, printed in the run summary.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use sluice_common::Error;
+
+/// Counters for one job.
+#[derive(Default)]
+pub struct JobMetrics {
+    rows_read: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
+    rows_written: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
+    pub late_rows_dropped: AtomicU64,
+    pub records_skipped: AtomicU64,
+    /// The smallest watermark any source holds (ms), for the live lag display.
+    pub source_watermark: AtomicI64,
+    /// The first error raised by any operator; every worker stops when it is set.
+    pub error: Mutex<Option<Error>>,
+}
+
+impl JobMetrics {
+    pub fn new() -> Arc<Self> {
+        let m = JobMetrics::default();
+        m.source_watermark.store(i64::MIN, Ordering::Relaxed);
+        Arc::new(m)
+    }
+
+    /// The counter of rows read from a table.
+    pub fn read_counter(&self, table: &str) -> Arc<AtomicU64> {
+        self.rows_read.lock().expect("metrics").entry(table.to_string()).or_default().clone()
+    }
+
+    /// The counter of rows written to a sink.
+    pub fn write_counter(&self, sink: &str) -> Arc<AtomicU64> {
+        self.rows_written.lock().expect("metrics").entry(sink.to_string()).or_default().clone()
+    }
+
+    /// Rows read per source.
+    pub fn rows_read(&self) -> BTreeMap<String, u64> {
+        self.rows_read.lock().expect("metrics").iter().map(|(k, v)| (k.clone(), v.load(Ordering::Relaxed))).collect()
+    }
+
+    /// Rows written per sink.
+    pub fn rows_written(&self) -> BTreeMap<String, u64> {
+        self.rows_written.lock().expect("metrics").iter().map(|(k, v)| (k.clone(), v.load(Ordering::Relaxed))).collect()
+    }
+
+    /// Records the first failure.
+    pub fn fail(&self, e: Error) {
+        let mut slot = self.error.lock().expect("metrics");
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+    }
+
+    /// True once any operator failed.
+    pub fn failed(&self) -> bool {
+        self.error.lock().expect("metrics").is_some()
+    }
+}

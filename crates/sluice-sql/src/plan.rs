@@ -1,0 +1,186 @@
+//! The streaming plan: what the engine runs. Each node says how its rows change (append-only or
+//! updating) so that sinks can be checked when the plan is built, not when the job runs.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, SchemaRef};
+use datafusion_physical_expr::PhysicalExpr;
+
+/// A physical expression evaluated on whole batches.
+pub type PhysExpr = Arc<dyn PhysicalExpr>;
+
+/// A table from `CREATE TABLE`: its columns and connector options.
+#[derive(Debug, Clone)]
+pub struct TableDef {
+    pub name: String,
+    /// Columns stored in the external system, in declaration order.
+    pub physical_schema: SchemaRef,
+    /// All columns: physical ones, then computed ones in declaration order.
+    pub schema: SchemaRef,
+    /// Computed columns, evaluated over the physical columns.
+    pub computed: Vec<PhysExpr>,
+    /// `WATERMARK FOR`: the time column's index in `schema`, and the watermark expression over `schema`.
+    pub watermark: Option<(usize, PhysExpr)>,
+    pub primary_key: Vec<String>,
+    pub partitioned_by: Vec<String>,
+    pub options: BTreeMap<String, String>,
+}
+
+impl TableDef {
+    /// The `connector` option.
+    pub fn connector(&self) -> &str {
+        self.options.get("connector").map(String::as_str).unwrap_or("")
+    }
+}
+
+/// How a window operator assigns rows to windows (all sizes in milliseconds).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WindowKind {
+    Tumble { size: i64, offset: i64 },
+    Hop { size: i64, slide: i64 },
+    Cumulate { step: i64, size: i64 },
+}
+
+/// An aggregate function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AggFunc {
+    Count,
+    Sum,
+    Avg,
+    Min,
+    Max,
+}
+
+/// One aggregate call, e.g. `COUNT(DISTINCT user_id) FILTER (WHERE amount > 10)`.
+#[derive(Debug, Clone)]
+pub struct AggCall {
+    pub func: AggFunc,
+    /// `None` for `COUNT(*)`.
+    pub arg: Option<PhysExpr>,
+    pub distinct: bool,
+    pub filter: Option<PhysExpr>,
+    pub output_type: DataType,
+}
+
+/// How an aggregation relates to event-time windows.
+#[derive(Debug, Clone)]
+pub enum AggWindow {
+    /// Unwindowed: an updating result.
+    None,
+    /// Rows already carry their window (window TVF or a window-assign step): the group keys at
+    /// `start_key` and `end_key` are the bounds. Windows fire when the watermark passes the end.
+    /// With `as_struct`, the two keys are output as one struct column (legacy `GROUP BY TUMBLE`).
+    Assigned { start_key: usize, end_key: usize, as_struct: bool },
+    /// `GROUP BY SESSION(time, gap)`: windows are merged per key; the window is output as a
+    /// struct in place of group key `key_position`.
+    Session { gap: i64, time: PhysExpr, key_position: usize },
+}
+
+/// When windowed results are emitted (Flink's `table.exec.emit.*` options).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EmitPolicy {
+    /// Emit partial results this often (processing time, milliseconds) before the window closes.
+    pub early_fire_ms: Option<u64>,
+    /// Keep fired windows this long (event time, milliseconds): later rows update them.
+    pub allowed_lateness_ms: i64,
+}
+
+impl EmitPolicy {
+    /// Whether a windowed aggregation under this policy emits updates rather than only inserts.
+    pub fn is_updating(&self) -> bool {
+        self.early_fire_ms.is_some() || self.allowed_lateness_ms > 0
+    }
+}
+
+/// A node of the streaming plan.
+#[derive(Debug, Clone)]
+pub enum StreamNode {
+    /// Reads a table; computes computed columns and the watermark; then keeps `projection`.
+    Scan { table: Arc<TableDef>, projection: Option<Vec<usize>>, schema: SchemaRef },
+    /// Evaluates expressions per row.
+    Project { input: Box<StreamNode>, exprs: Vec<PhysExpr>, schema: SchemaRef },
+    /// Keeps rows for which the predicate is true.
+    Filter { input: Box<StreamNode>, predicate: PhysExpr },
+    /// `UNION ALL`.
+    Union { inputs: Vec<StreamNode>, schema: SchemaRef },
+    /// Appends `window_start`, `window_end`, `window_time`; HOP and CUMULATE copy a row into each
+    /// of its windows.
+    WindowAssign { input: Box<StreamNode>, time: PhysExpr, kind: WindowKind, schema: SchemaRef },
+    /// Grouped aggregation, windowed or updating.
+    Aggregate {
+        input: Box<StreamNode>,
+        group: Vec<PhysExpr>,
+        aggs: Vec<AggCall>,
+        window: AggWindow,
+        emit: EmitPolicy,
+        schema: SchemaRef,
+    },
+}
+
+impl StreamNode {
+    /// The output schema.
+    pub fn schema(&self) -> SchemaRef {
+        match self {
+            StreamNode::Scan { schema, .. }
+            | StreamNode::Project { schema, .. }
+            | StreamNode::Union { schema, .. }
+            | StreamNode::WindowAssign { schema, .. }
+            | StreamNode::Aggregate { schema, .. } => schema.clone(),
+            StreamNode::Filter { input, .. } => input.schema(),
+        }
+    }
+
+    /// True when the node only ever emits inserts.
+    pub fn is_append_only(&self) -> bool {
+        match self {
+            StreamNode::Scan { .. } => true,
+            StreamNode::Project { input, .. } | StreamNode::Filter { input, .. } | StreamNode::WindowAssign { input, .. } => {
+                input.is_append_only()
+            }
+            StreamNode::Union { inputs, .. } => inputs.iter().all(|i| i.is_append_only()),
+            StreamNode::Aggregate { window, emit, .. } => match window {
+                AggWindow::None => false,
+                _ => !emit.is_updating(),
+            },
+        }
+    }
+
+    /// The tables this node reads.
+    pub fn scanned_tables(&self, out: &mut Vec<String>) {
+        match self {
+            StreamNode::Scan { table, .. } => out.push(table.name.clone()),
+            StreamNode::Project { input, .. }
+            | StreamNode::Filter { input, .. }
+            | StreamNode::WindowAssign { input, .. }
+            | StreamNode::Aggregate { input, .. } => input.scanned_tables(out),
+            StreamNode::Union { inputs, .. } => inputs.iter().for_each(|i| i.scanned_tables(out)),
+        }
+    }
+}
+
+/// Where a query's changelog goes.
+#[derive(Debug, Clone)]
+pub enum SinkTarget {
+    /// `INSERT INTO table`.
+    Table(Arc<TableDef>),
+    /// A plain `SELECT`: the changelog goes to the caller (printed by the CLI).
+    Select { index: usize },
+}
+
+/// One query of a job and its destination.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub query: StreamNode,
+    pub sink: SinkTarget,
+    /// The line of the statement, for messages.
+    pub line: u64,
+}
+
+/// Everything a script asks to run, as one job.
+#[derive(Debug, Clone, Default)]
+pub struct JobPlan {
+    pub pipelines: Vec<Pipeline>,
+    /// `SET` options.
+    pub settings: BTreeMap<String, String>,
+}

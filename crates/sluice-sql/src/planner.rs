@@ -1,0 +1,624 @@
+//! From SQL to a [`JobPlan`]: DataFusion plans and optimizes each query; this module then
+//! translates the logical plan into streaming operators, rejecting what cannot run incrementally.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion_common::config::ConfigOptions;
+use datafusion_common::{Column, DFSchema, DataFusionError, TableReference};
+use datafusion_expr::execution_props::ExecutionProps;
+use datafusion_expr::expr::{AggregateFunction, ScalarFunction};
+use datafusion_expr::logical_plan::builder::LogicalTableSource;
+use datafusion_expr::planner::{ContextProvider, ExprPlanner, RelationPlanner};
+use datafusion_expr::{
+    ExprSchemable, AggregateUDF, Expr, HigherOrderUDF, LogicalPlan, LogicalPlanBuilder, ScalarUDF, TableSource, WindowUDF,
+};
+use datafusion_optimizer::analyzer::Analyzer;
+use datafusion_optimizer::optimizer::{Optimizer, OptimizerContext, OptimizerRule};
+use datafusion_physical_expr::create_physical_expr;
+use datafusion_sql::planner::{ParserOptions, PlannerContext, SqlToRel};
+use sluice_common::{Error, Result};
+use sqlparser::ast;
+
+use crate::functions::{aggregate_functions, scalar_functions, window_time_type, WINDOW_FIELDS, WINDOW_MARKERS};
+use crate::parser::{parse_script, ColumnDdl, Statement, TableDdl};
+use crate::plan::*;
+use crate::tvf::{interval_millis, validate_window, WindowTvfNode, WindowTvfPlanner};
+
+/// Tables, views and settings of a script, and the pipelines planned so far.
+pub struct Catalog {
+    tables: HashMap<String, Arc<TableDef>>,
+    views: HashMap<String, LogicalPlan>,
+    settings: BTreeMap<String, String>,
+    pipelines: Vec<Pipeline>,
+    selects: usize,
+    scalar: HashMap<String, Arc<ScalarUDF>>,
+    aggregate: HashMap<String, Arc<AggregateUDF>>,
+    options: ConfigOptions,
+    expr_planners: Vec<Arc<dyn ExprPlanner>>,
+    relation_planners: Vec<Arc<dyn RelationPlanner>>,
+}
+
+impl Default for Catalog {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Plans a whole script into one job.
+pub fn plan_script(sql: &str) -> Result<JobPlan> {
+    let mut catalog = Catalog::new();
+    catalog.execute(sql)?;
+    Ok(catalog.into_job())
+}
+
+impl Catalog {
+    /// An empty catalog.
+    pub fn new() -> Self {
+        let mut options = ConfigOptions::default();
+        options.sql_parser.enable_ident_normalization = false;
+        options.sql_parser.map_string_types_to_utf8view = false;
+        let expr_planners: Vec<Arc<dyn ExprPlanner>> = vec![
+            Arc::new(datafusion_functions::core::planner::CoreFunctionPlanner::default()),
+            Arc::new(datafusion_functions::unicode::planner::UnicodeFunctionPlanner),
+            Arc::new(datafusion_functions::datetime::planner::DatetimeFunctionPlanner),
+            Arc::new(datafusion_functions_aggregate::planner::AggregateFunctionPlanner),
+        ];
+        Catalog {
+            tables: HashMap::new(),
+            views: HashMap::new(),
+            settings: BTreeMap::new(),
+            pipelines: vec![],
+            selects: 0,
+            scalar: scalar_functions(),
+            aggregate: aggregate_functions(),
+            options,
+            expr_planners,
+            relation_planners: vec![Arc::new(WindowTvfPlanner)],
+        }
+    }
+
+    /// Runs every statement of a script against the catalog.
+    pub fn execute(&mut self, sql: &str) -> Result<()> {
+        for located in parse_script(sql)? {
+            let line = located.line;
+            self.execute_statement(located.statement, line)
+                .map_err(|e| match e {
+                    Error::Plan(m) => Error::Plan(format!("statement at line {line}: {m}")),
+                    other => other,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// The job made of every INSERT and SELECT seen.
+    pub fn into_job(self) -> JobPlan {
+        JobPlan { pipelines: self.pipelines, settings: self.settings }
+    }
+
+    /// A table by name.
+    pub fn table(&self, name: &str) -> Option<Arc<TableDef>> {
+        self.tables.get(name).cloned()
+    }
+
+    fn execute_statement(&mut self, statement: Statement, line: u64) -> Result<()> {
+        match statement {
+            Statement::Set { key, value } => {
+                self.settings.insert(key, value);
+            }
+            Statement::CreateTable(ddl) => {
+                if self.tables.contains_key(&ddl.name) || self.views.contains_key(&ddl.name) {
+                    if ddl.if_not_exists {
+                        return Ok(());
+                    }
+                    return Err(Error::plan(format!("table '{}' already exists", ddl.name)));
+                }
+                let def = self.create_table(ddl)?;
+                self.tables.insert(def.name.clone(), Arc::new(def));
+            }
+            Statement::CreateView { name, mut query } => {
+                if self.tables.contains_key(&name) || self.views.contains_key(&name) {
+                    return Err(Error::plan(format!("a table or view named '{name}' already exists")));
+                }
+                crate::rewrite::rewrite(&mut query);
+                let plan = self.logical_plan(query)?;
+                self.views.insert(name, plan);
+            }
+            Statement::Insert { table, mut query } => {
+                let def = self.tables.get(&table).cloned().ok_or_else(|| {
+                    Error::plan(format!("INSERT INTO {table}: no such table (tables: {})", self.table_names()))
+                })?;
+                crate::rewrite::rewrite(&mut query);
+                let plan = self.logical_plan(query)?;
+                let plan = self.cast_to_sink(plan, &def)?;
+                let plan = self.optimize(plan)?;
+                let node = self.to_stream(&plan)?;
+                self.pipelines.push(Pipeline { query: node, sink: SinkTarget::Table(def), line });
+            }
+            Statement::Select(mut query) => {
+                crate::rewrite::rewrite(&mut query);
+                let plan = self.logical_plan(query)?;
+                let plan = self.optimize(plan)?;
+                let node = self.to_stream(&plan)?;
+                let index = self.selects;
+                self.selects += 1;
+                self.pipelines.push(Pipeline { query: node, sink: SinkTarget::Select { index }, line });
+            }
+        }
+        Ok(())
+    }
+
+    fn table_names(&self) -> String {
+        let mut names: Vec<&str> = self.tables.keys().chain(self.views.keys()).map(String::as_str).collect();
+        names.sort();
+        if names.is_empty() {
+            "none defined".into()
+        } else {
+            names.join(", ")
+        }
+    }
+
+    fn sql_to_rel(&self) -> SqlToRel<'_, Self> {
+        let options = ParserOptions::new()
+            .with_enable_ident_normalization(false)
+            .with_map_string_types_to_utf8view(false);
+        SqlToRel::new_with_options(self, options)
+    }
+
+    /// Plans a query and type-checks it.
+    fn logical_plan(&self, query: Box<ast::Query>) -> Result<LogicalPlan> {
+        let plan = self.sql_to_rel().sql_statement_to_plan(ast::Statement::Query(query)).map_err(df_error)?;
+        Analyzer::new().execute_and_check(plan, &self.options, |_, _| {}).map_err(df_error)
+    }
+
+    fn optimize(&self, plan: LogicalPlan) -> Result<LogicalPlan> {
+        // A subset of DataFusion's rules: those that keep a plan's streaming meaning. Rules that
+        // turn subqueries into joins or split DISTINCT aggregates are left out.
+        let rules: Vec<Arc<dyn OptimizerRule + Send + Sync>> = vec![
+            Arc::new(datafusion_optimizer::simplify_expressions::SimplifyExpressions::new()),
+            Arc::new(datafusion_optimizer::replace_distinct_aggregate::ReplaceDistinctWithAggregate::new()),
+            Arc::new(datafusion_optimizer::eliminate_filter::EliminateFilter::new()),
+            Arc::new(datafusion_optimizer::eliminate_duplicated_expr::EliminateDuplicatedExpr::new()),
+            Arc::new(datafusion_optimizer::push_down_filter::PushDownFilter::new()),
+            Arc::new(datafusion_optimizer::optimize_projections::OptimizeProjections::new()),
+        ];
+        Optimizer::with_rules(rules).optimize(plan, &OptimizerContext::new(), |_, _| {}).map_err(df_error)
+    }
+
+    /// Plans DDL expressions (computed columns, watermarks) over a schema, type-checked.
+    fn plan_exprs(&self, schema: SchemaRef, exprs: Vec<(String, ast::Expr)>) -> Result<(Vec<Expr>, DFSchema)> {
+        let df_schema = DFSchema::try_from_qualified_schema("t", &schema).map_err(df_error)?;
+        let rel = self.sql_to_rel();
+        let mut planned = vec![];
+        for (name, e) in exprs {
+            let mut e = e;
+            crate::rewrite::rewrite(&mut e);
+            planned.push(rel.sql_to_expr(e, &df_schema, &mut PlannerContext::new()).map_err(df_error)?.alias(name));
+        }
+        let scan = LogicalPlanBuilder::scan("t", Arc::new(LogicalTableSource::new(schema)), None).map_err(df_error)?;
+        let plan = scan.project(planned).map_err(df_error)?.build().map_err(df_error)?;
+        let plan = Analyzer::new().execute_and_check(plan, &self.options, |_, _| {}).map_err(df_error)?;
+        match plan {
+            LogicalPlan::Projection(p) => {
+                let exprs = p.expr.into_iter().map(|e| e.unalias()).collect();
+                Ok((exprs, p.input.schema().as_ref().clone()))
+            }
+            _ => Err(Error::plan("internal: expected a projection")),
+        }
+    }
+
+    fn create_table(&self, ddl: TableDdl) -> Result<TableDef> {
+        let TableDdl { name, columns, watermark, primary_key, partitioned_by, options, .. } = ddl;
+        let mut physical = vec![];
+        let mut computed_sql = vec![];
+        for c in &columns {
+            match c {
+                ColumnDdl::Physical { name, data_type, nullable } => physical.push(Field::new(name, data_type.clone(), *nullable)),
+                ColumnDdl::Computed { name, expr } => computed_sql.push((name.clone(), expr.clone())),
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for c in &columns {
+            if !seen.insert(c.name()) {
+                return Err(Error::plan(format!("CREATE TABLE {name}: column '{}' is declared twice", c.name())));
+            }
+        }
+        let physical_schema = Arc::new(Schema::new(physical.clone()));
+        let mut fields = physical;
+        let mut computed = vec![];
+        if !computed_sql.is_empty() {
+            let names: Vec<String> = computed_sql.iter().map(|(n, _)| n.clone()).collect();
+            let (exprs, df_schema) = self.plan_exprs(physical_schema.clone(), computed_sql)
+                .map_err(|e| Error::plan(format!("CREATE TABLE {name}: computed column: {e}")))?;
+            for (n, e) in names.iter().zip(exprs) {
+                let (_, field) = e.to_field(&df_schema).map_err(df_error)?;
+                fields.push(Field::new(n, field.data_type().clone(), field.is_nullable()));
+                computed.push(physical_expr(&e, &df_schema)?);
+            }
+        }
+        let schema = Arc::new(Schema::new(fields));
+        let watermark = match watermark {
+            None => None,
+            Some((column, expr)) => {
+                let index = schema.index_of(&column).map_err(|_| {
+                    Error::plan(format!("CREATE TABLE {name}: WATERMARK FOR {column}: no such column"))
+                })?;
+                if !matches!(schema.field(index).data_type(), DataType::Timestamp(_, _)) {
+                    return Err(Error::plan(format!(
+                        "CREATE TABLE {name}: WATERMARK FOR {column}: the column must be TIMESTAMP(3) or TIMESTAMP_LTZ(3), not {}",
+                        schema.field(index).data_type()
+                    )));
+                }
+                let (exprs, df_schema) = self.plan_exprs(schema.clone(), vec![("watermark".into(), expr)])
+                    .map_err(|e| Error::plan(format!("CREATE TABLE {name}: WATERMARK: {e}")))?;
+                let e = &exprs[0];
+                let t = e.get_type(&df_schema).map_err(df_error)?;
+                if !matches!(t, DataType::Timestamp(_, _)) {
+                    return Err(Error::plan(format!("CREATE TABLE {name}: the WATERMARK expression must be a TIMESTAMP, not {t}")));
+                }
+                Some((index, physical_expr(e, &df_schema)?))
+            }
+        };
+        for k in primary_key.iter().chain(partitioned_by.iter()) {
+            if schema.index_of(k).is_err() {
+                return Err(Error::plan(format!("CREATE TABLE {name}: key column '{k}' is not a column of the table")));
+            }
+        }
+        Ok(TableDef { name, physical_schema, schema, computed, watermark, primary_key, partitioned_by, options })
+    }
+
+    /// Adds implicit casts so that the query's columns match the sink table's, as Flink does.
+    fn cast_to_sink(&self, plan: LogicalPlan, sink: &TableDef) -> Result<LogicalPlan> {
+        let target = &sink.physical_schema;
+        let source = plan.schema().clone();
+        if source.fields().len() != target.fields().len() {
+            return Err(Error::plan(format!(
+                "INSERT INTO {}: the query has {} columns [{}] but the table has {} [{}]",
+                sink.name,
+                source.fields().len(),
+                source.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", "),
+                target.fields().len(),
+                target.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", "),
+            )));
+        }
+        let mut exprs = vec![];
+        for (i, ((q, from), to)) in source.iter().zip(target.fields().iter()).enumerate() {
+            let col = Expr::Column(Column::new(q.cloned(), from.name()));
+            if from.data_type() == to.data_type() {
+                exprs.push(col.alias(to.name()));
+            } else if arrow::compute::can_cast_types(from.data_type(), to.data_type()) {
+                exprs.push(datafusion_expr::cast(col, to.data_type().clone()).alias(to.name()));
+            } else {
+                return Err(Error::plan(format!(
+                    "INSERT INTO {}: column {} ('{}') is {} but the table's column '{}' is {}, and one cannot be cast to the other",
+                    sink.name, i + 1, from.name(), from.data_type(), to.name(), to.data_type()
+                )));
+            }
+        }
+        LogicalPlanBuilder::from(plan).project(exprs).and_then(|b| b.build()).map_err(df_error)
+    }
+
+    /// Translates an optimized logical plan into streaming operators.
+    pub fn to_stream(&self, plan: &LogicalPlan) -> Result<StreamNode> {
+        Ok(match plan {
+            LogicalPlan::TableScan(scan) => {
+                let name = scan.table_name.table();
+                let table = self.tables.get(name).cloned().ok_or_else(|| Error::plan(format!("unknown table {name}")))?;
+                if !scan.filters.is_empty() {
+                    return Err(Error::plan("internal: filters pushed into a scan"));
+                }
+                StreamNode::Scan { table, projection: scan.projection.clone(), schema: arrow_schema(plan.schema()) }
+            }
+            LogicalPlan::Projection(p) => {
+                let input = self.to_stream(&p.input)?;
+                let exprs = p.expr.iter().map(|e| physical_expr(e, p.input.schema())).collect::<Result<_>>()?;
+                StreamNode::Project { input: Box::new(input), exprs, schema: arrow_schema(&p.schema) }
+            }
+            LogicalPlan::Filter(f) => {
+                let input = self.to_stream(&f.input)?;
+                StreamNode::Filter { input: Box::new(input), predicate: physical_expr(&f.predicate, f.input.schema())? }
+            }
+            LogicalPlan::SubqueryAlias(a) => self.to_stream(&a.input)?,
+            LogicalPlan::Union(u) => {
+                let inputs = u.inputs.iter().map(|i| self.to_stream(i)).collect::<Result<Vec<_>>>()?;
+                StreamNode::Union { inputs, schema: arrow_schema(&u.schema) }
+            }
+            LogicalPlan::Aggregate(a) => self.plan_aggregate(a)?,
+            LogicalPlan::Extension(ext) => {
+                let Some(node) = ext.node.as_any().downcast_ref::<WindowTvfNode>() else {
+                    return Err(Error::plan(format!("unsupported plan node {}", ext.node.name())));
+                };
+                let input = self.to_stream(&node.input)?;
+                if !input.is_append_only() {
+                    return Err(Error::plan("window TVFs need an append-only input; this input is an updating result"));
+                }
+                let time = physical_expr(&Expr::Column(node.time_column.clone()), node.input.schema())?;
+                StreamNode::WindowAssign { input: Box::new(input), time, kind: node.kind.kind(), schema: arrow_schema(&node.schema) }
+            }
+            LogicalPlan::Sort(_) => {
+                return Err(Error::plan(
+                    "ORDER BY on an unbounded stream would never produce a first row; remove it, or order by a window's \
+                     results downstream (Top-N with ROW_NUMBER is planned in a later release)",
+                ))
+            }
+            LogicalPlan::Limit(_) => {
+                return Err(Error::plan("LIMIT is not supported on a stream yet; remove it, or filter with WHERE"))
+            }
+            LogicalPlan::Join(_) => return Err(Error::plan("joins are not supported yet (they arrive with the joins release)")),
+            LogicalPlan::Window(_) => return Err(Error::plan("OVER windows are not supported yet")),
+            other => return Err(Error::plan(format!("{} is not supported in a streaming query", other.display()))),
+        })
+    }
+
+    fn plan_aggregate(&self, a: &datafusion_expr::logical_plan::Aggregate) -> Result<StreamNode> {
+        let input_schema = a.input.schema();
+        let mut input = self.to_stream(&a.input)?;
+        let mut group = vec![];
+        let mut window = AggWindow::None;
+        for (pos, g) in a.group_expr.iter().enumerate() {
+            if let Expr::GroupingSet(_) = g {
+                return Err(Error::plan("GROUPING SETS, CUBE and ROLLUP are not supported in streaming queries"));
+            }
+            if let Some((name, args)) = window_marker(g) {
+                if !matches!(window, AggWindow::None) {
+                    return Err(Error::plan("a GROUP BY may use only one group window"));
+                }
+                if !input.is_append_only() {
+                    return Err(Error::plan(format!(
+                        "GROUP BY {}(...) needs an append-only input, but its input is an updating result; \
+                         aggregate without a window, or window the rows before they are aggregated",
+                        name.to_uppercase()
+                    )));
+                }
+                let millis = |i: usize| -> Result<i64> {
+                    args.get(i).ok_or_else(|| Error::plan(format!("{}: missing interval argument", name.to_uppercase())))
+                        .and_then(|e| interval_millis(e).map_err(|m| Error::plan(format!("{}: {m}", name.to_uppercase()))))
+                };
+                let time = physical_expr(&args[0], input_schema)?;
+                let kind = match name.as_str() {
+                    "tumble" => WindowKind::Tumble { size: millis(1)?, offset: 0 },
+                    "hop" => WindowKind::Hop { slide: millis(1)?, size: millis(2)? },
+                    _ => {
+                        window = AggWindow::Session { gap: millis(1)?, time, key_position: pos };
+                        continue;
+                    }
+                };
+                validate_window(&kind).map_err(Error::plan)?;
+                // Append the window's bounds to the rows and group by them.
+                let n = input.schema().fields().len();
+                let mut fields: Vec<Field> = input.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+                for f in WINDOW_FIELDS {
+                    fields.push(Field::new(format!("__{f}"), window_time_type(), false));
+                }
+                let schema = Arc::new(Schema::new(fields));
+                input = StreamNode::WindowAssign { input: Box::new(input), time, kind, schema };
+                let start_key = group.len();
+                group.push(column_expr("__window_start", n));
+                group.push(column_expr("__window_end", n + 1));
+                window = AggWindow::Assigned { start_key, end_key: start_key + 1, as_struct: true };
+                continue;
+            }
+            group.push(physical_expr(g, input_schema)?);
+        }
+        if matches!(window, AggWindow::None) {
+            window = tvf_window_keys(a)?;
+            if !matches!(window, AggWindow::None) && !input.is_append_only() {
+                return Err(Error::plan("window aggregation needs an append-only input"));
+            }
+        }
+        let mut aggs = vec![];
+        for (i, e) in a.aggr_expr.iter().enumerate() {
+            let output_type = a.schema.field(a.group_expr.len() + i).data_type().clone();
+            aggs.push(agg_call(e.clone().unalias(), input_schema, output_type)?);
+        }
+        let emit = match window {
+            AggWindow::None => EmitPolicy::default(),
+            _ => self.emit_policy()?,
+        };
+        Ok(StreamNode::Aggregate { input: Box::new(input), group, aggs, window, emit, schema: arrow_schema(&a.schema) })
+    }
+
+    fn emit_policy(&self) -> Result<EmitPolicy> {
+        // Early firing and allowed lateness need timers and retained window state in the window
+        // operator; until then, say so rather than silently emitting final results only.
+        for key in ["table.exec.emit.early-fire.enabled", "table.exec.emit.allow-lateness"] {
+            if let Some(v) = self.settings.get(key) {
+                if v != "false" && v != "0" && v != "0 s" {
+                    return Err(Error::plan(format!(
+                        "'{key}' = '{v}' is not supported yet: windows emit once, when the watermark passes their end"
+                    )));
+                }
+            }
+        }
+        Ok(EmitPolicy::default())
+    }
+}
+
+/// Parses durations as Flink writes them: `500 ms`, `1s`, `5 min`, `1 h`, or plain milliseconds.
+pub fn parse_duration_ms(key: &str, text: &str) -> Result<i64> {
+    let t = text.trim().to_lowercase();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: i64 = num.parse().map_err(|_| Error::plan(format!("'{key}' = '{text}': expected a duration such as '5 s'")))?;
+    let factor = match unit.trim() {
+        "" | "ms" | "milli" | "millis" | "millisecond" | "milliseconds" => 1,
+        "s" | "sec" | "secs" | "second" | "seconds" => 1000,
+        "min" | "m" | "minute" | "minutes" => 60_000,
+        "h" | "hour" | "hours" => 3_600_000,
+        "d" | "day" | "days" => 86_400_000,
+        other => return Err(Error::plan(format!("'{key}' = '{text}': unknown time unit '{other}'"))),
+    };
+    Ok(n * factor)
+}
+
+fn column_expr(name: &str, index: usize) -> PhysExpr {
+    Arc::new(datafusion_physical_expr::expressions::Column::new(name, index))
+}
+
+fn window_marker(e: &Expr) -> Option<(String, Vec<Expr>)> {
+    match e {
+        Expr::ScalarFunction(ScalarFunction { func, args }) if WINDOW_MARKERS.contains(&func.name()) => {
+            Some((func.name().to_string(), args.clone()))
+        }
+        Expr::Alias(a) => window_marker(&a.expr),
+        _ => None,
+    }
+}
+
+/// For `GROUP BY window_start, window_end` over a window TVF: the key positions of the bounds.
+fn tvf_window_keys(a: &datafusion_expr::logical_plan::Aggregate) -> Result<AggWindow> {
+    let pos = |name: &str| a.group_expr.iter().position(|g| matches!(g, Expr::Column(c) if c.name == name));
+    let (start, end) = (pos("window_start"), pos("window_end"));
+    if !has_window_tvf(&a.input) {
+        return Ok(AggWindow::None);
+    }
+    match (start, end) {
+        (Some(start_key), Some(end_key)) => Ok(AggWindow::Assigned { start_key, end_key, as_struct: false }),
+        _ => Err(Error::plan(
+            "an aggregation over a window TVF must GROUP BY both window_start and window_end",
+        )),
+    }
+}
+
+fn has_window_tvf(plan: &LogicalPlan) -> bool {
+    match plan {
+        LogicalPlan::Extension(e) => e.node.as_any().is::<WindowTvfNode>(),
+        LogicalPlan::Projection(_) | LogicalPlan::Filter(_) | LogicalPlan::SubqueryAlias(_) => {
+            plan.inputs().iter().any(|i| has_window_tvf(i))
+        }
+        _ => false,
+    }
+}
+
+fn agg_call(e: Expr, schema: &DFSchema, output_type: DataType) -> Result<AggCall> {
+    let Expr::AggregateFunction(AggregateFunction { func, params }) = &e else {
+        return Err(Error::plan(format!("unsupported aggregate expression {e}")));
+    };
+    let f = match func.name() {
+        "count" => AggFunc::Count,
+        "sum" => AggFunc::Sum,
+        "avg" | "mean" => AggFunc::Avg,
+        "min" => AggFunc::Min,
+        "max" => AggFunc::Max,
+        other => {
+            return Err(Error::plan(format!(
+                "aggregate function {} is not supported in streaming queries yet (supported: COUNT, SUM, AVG, MIN, MAX)",
+                other.to_uppercase()
+            )))
+        }
+    };
+    if !params.order_by.is_empty() {
+        return Err(Error::plan(format!("ORDER BY inside {} is not supported", func.name().to_uppercase())));
+    }
+    let arg = match params.args.as_slice() {
+        [] => None,
+        [Expr::Literal(v, _)] if f == AggFunc::Count && !v.is_null() => None,
+        [a] => Some(physical_expr(a, schema)?),
+        _ => return Err(Error::plan(format!("{} takes one argument", func.name().to_uppercase()))),
+    };
+    if arg.is_none() && f != AggFunc::Count {
+        return Err(Error::plan(format!("{} needs an argument", func.name().to_uppercase())));
+    }
+    let filter = match &params.filter {
+        Some(f) => Some(physical_expr(f, schema)?),
+        None => None,
+    };
+    Ok(AggCall { func: f, arg, distinct: params.distinct, filter, output_type })
+}
+
+/// A physical expression for `e` over `schema`.
+pub fn physical_expr(e: &Expr, schema: &DFSchema) -> Result<PhysExpr> {
+    create_physical_expr(e, schema, &ExecutionProps::new(), &Default::default()).map_err(df_error)
+}
+
+fn arrow_schema(s: &DFSchema) -> SchemaRef {
+    Arc::new(s.as_arrow().clone())
+}
+
+/// DataFusion's errors, minus the "Error during planning:" prefixes users don't need.
+pub fn df_error(e: DataFusionError) -> Error {
+    let e = e.find_root();
+    let message = match e {
+        DataFusionError::Plan(m) | DataFusionError::Execution(m) | DataFusionError::NotImplemented(m) => m.clone(),
+        DataFusionError::SchemaError(s, _) => s.to_string(),
+        DataFusionError::SQL(p, _) => p.to_string(),
+        other => other.to_string(),
+    };
+    Error::Plan(message)
+}
+
+impl ContextProvider for Catalog {
+    fn get_table_source(&self, name: TableReference) -> datafusion_common::Result<Arc<dyn TableSource>> {
+        let key = name.table();
+        if let Some(t) = self.tables.get(key) {
+            return Ok(Arc::new(LogicalTableSource::new(t.schema.clone())));
+        }
+        if let Some(v) = self.views.get(key) {
+            return Ok(Arc::new(ViewSource(v.clone())));
+        }
+        datafusion_common::plan_err!("table or view '{name}' not found (defined: {})", self.table_names())
+    }
+
+    fn get_expr_planners(&self) -> &[Arc<dyn ExprPlanner>] {
+        &self.expr_planners
+    }
+
+    fn get_relation_planners(&self) -> &[Arc<dyn RelationPlanner>] {
+        &self.relation_planners
+    }
+
+    fn get_function_meta(&self, name: &str) -> Option<Arc<ScalarUDF>> {
+        self.scalar.get(&name.to_lowercase()).cloned()
+    }
+
+    fn get_higher_order_meta(&self, _name: &str) -> Option<Arc<HigherOrderUDF>> {
+        None
+    }
+
+    fn get_aggregate_meta(&self, name: &str) -> Option<Arc<AggregateUDF>> {
+        self.aggregate.get(&name.to_lowercase()).cloned()
+    }
+
+    fn get_window_meta(&self, _name: &str) -> Option<Arc<WindowUDF>> {
+        None
+    }
+
+    fn get_variable_type(&self, _variable_names: &[String]) -> Option<DataType> {
+        None
+    }
+
+    fn options(&self) -> &ConfigOptions {
+        &self.options
+    }
+
+    fn udf_names(&self) -> Vec<String> {
+        self.scalar.keys().cloned().collect()
+    }
+
+    fn higher_order_function_names(&self) -> Vec<String> {
+        vec![]
+    }
+
+    fn udaf_names(&self) -> Vec<String> {
+        self.aggregate.keys().cloned().collect()
+    }
+
+    fn udwf_names(&self) -> Vec<String> {
+        vec![]
+    }
+}
+
+/// A view: its plan is inlined wherever the view is scanned.
+#[derive(Debug)]
+struct ViewSource(LogicalPlan);
+
+impl TableSource for ViewSource {
+    fn schema(&self) -> SchemaRef {
+        arrow_schema(self.0.schema())
+    }
+
+    fn get_logical_plan(&self) -> Option<std::borrow::Cow<'_, LogicalPlan>> {
+        Some(std::borrow::Cow::Borrowed(&self.0))
+    }
+}

@@ -1,0 +1,429 @@
+//! Retractable aggregate state over all groups of an operator.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, Decimal128Array, Float64Array, Int64Array};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Decimal128Type, Float64Type, Int64Type};
+use arrow::error::ArrowError;
+use arrow_row::{RowConverter, SortField};
+
+/// The aggregate function an accumulator computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccKind {
+    Count,
+    Sum,
+    Avg,
+    Min,
+    Max,
+}
+
+/// Numeric representation used while summing.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Num {
+    Int,
+    Float,
+    Decimal { scale: i8 },
+}
+
+enum State {
+    /// COUNT: non-null rows per group.
+    Count(Vec<i64>),
+    /// SUM/AVG over integers: sum and non-null count.
+    SumInt(Vec<i64>, Vec<i64>),
+    SumFloat(Vec<f64>, Vec<i64>),
+    SumDecimal(Vec<i128>, Vec<i64>),
+    /// MIN/MAX: a multiset of row-encoded values, so retractions are exact.
+    Extreme { converter: RowConverter, values: Vec<BTreeMap<Box<[u8]>, i64>> },
+}
+
+/// One aggregate's state over all groups, indexed by group id.
+pub struct Accumulator {
+    kind: AccKind,
+    num: Num,
+    input_type: DataType,
+    output_type: DataType,
+    state: State,
+    /// For DISTINCT: multiplicity of each value per group; the inner state sees a value once.
+    distinct: Option<(RowConverter, Vec<HashMap<Box<[u8]>, i64>>)>,
+}
+
+fn num_of(t: &DataType) -> Num {
+    match t {
+        DataType::Float16 | DataType::Float32 | DataType::Float64 => Num::Float,
+        DataType::Decimal32(_, s) | DataType::Decimal64(_, s) | DataType::Decimal128(_, s) | DataType::Decimal256(_, s) => {
+            Num::Decimal { scale: *s }
+        }
+        _ => Num::Int,
+    }
+}
+
+impl Accumulator {
+    /// State for `kind` over values of `input_type` (`Null` for `COUNT(*)`), producing `output_type`.
+    pub fn try_new(kind: AccKind, input_type: DataType, output_type: DataType, distinct: bool) -> Result<Self, ArrowError> {
+        let num = num_of(&input_type);
+        if matches!(kind, AccKind::Sum | AccKind::Avg) && !(input_type.is_numeric() || input_type == DataType::Null) {
+            return Err(ArrowError::InvalidArgumentError(format!("SUM/AVG need a numeric argument, not {input_type}")));
+        }
+        let state = match kind {
+            AccKind::Count => State::Count(vec![]),
+            AccKind::Sum | AccKind::Avg => match num {
+                Num::Int => State::SumInt(vec![], vec![]),
+                Num::Float => State::SumFloat(vec![], vec![]),
+                Num::Decimal { .. } => State::SumDecimal(vec![], vec![]),
+            },
+            AccKind::Min | AccKind::Max => {
+                State::Extreme { converter: RowConverter::new(vec![SortField::new(input_type.clone())])?, values: vec![] }
+            }
+        };
+        let distinct = if distinct {
+            Some((RowConverter::new(vec![SortField::new(input_type.clone())])?, vec![]))
+        } else {
+            None
+        };
+        Ok(Accumulator { kind, num, input_type, output_type, state, distinct })
+    }
+
+    /// Makes room for group ids below `n`.
+    pub fn resize(&mut self, n: usize) {
+        match &mut self.state {
+            State::Count(c) => c.resize(n, 0),
+            State::SumInt(s, c) => {
+                s.resize(n, 0);
+                c.resize(n, 0)
+            }
+            State::SumFloat(s, c) => {
+                s.resize(n, 0.0);
+                c.resize(n, 0)
+            }
+            State::SumDecimal(s, c) => {
+                s.resize(n, 0);
+                c.resize(n, 0)
+            }
+            State::Extreme { values, .. } => values.resize_with(n, BTreeMap::new),
+        }
+        if let Some((_, d)) = &mut self.distinct {
+            d.resize_with(n, HashMap::new);
+        }
+    }
+
+    /// Applies rows: row `i` belongs to group `gids[i]` and counts `signs[i]` times (+1 add,
+    /// -1 retract, 0 skip: filtered out). `values` is `None` for `COUNT(*)`.
+    pub fn update(&mut self, gids: &[u32], signs: &[i64], values: Option<&ArrayRef>) -> Result<(), ArrowError> {
+        let mut effective;
+        let signs = match (&mut self.distinct, values) {
+            (Some((converter, seen)), Some(values)) => {
+                // Only a value's first arrival and last departure reach the inner state.
+                let rows = converter.convert_columns(std::slice::from_ref(values))?;
+                effective = vec![0i64; signs.len()];
+                for i in 0..signs.len() {
+                    if signs[i] == 0 || values.is_null(i) {
+                        continue;
+                    }
+                    let m = seen[gids[i] as usize].entry(rows.row(i).as_ref().into()).or_insert(0);
+                    let before = *m;
+                    *m += signs[i];
+                    let after = *m;
+                    if after == 0 {
+                        seen[gids[i] as usize].remove(rows.row(i).as_ref());
+                    }
+                    effective[i] = match (before > 0, after > 0) {
+                        (false, true) => 1,
+                        (true, false) => -1,
+                        _ => 0,
+                    };
+                }
+                &effective[..]
+            }
+            _ => signs,
+        };
+        match &mut self.state {
+            State::Count(counts) => match values {
+                None => gids.iter().zip(signs).for_each(|(&g, &s)| counts[g as usize] += s),
+                Some(v) => {
+                    for i in 0..gids.len() {
+                        if v.is_valid(i) {
+                            counts[gids[i] as usize] += signs[i];
+                        }
+                    }
+                }
+            },
+            State::SumInt(sums, counts) => {
+                let v = cast(values.expect("SUM has an argument"), &DataType::Int64)?;
+                let v = v.as_primitive::<Int64Type>();
+                for i in 0..gids.len() {
+                    if signs[i] != 0 && v.is_valid(i) {
+                        let g = gids[i] as usize;
+                        sums[g] = sums[g].wrapping_add(v.value(i).wrapping_mul(signs[i]));
+                        counts[g] += signs[i];
+                    }
+                }
+            }
+            State::SumFloat(sums, counts) => {
+                let v = cast(values.expect("SUM has an argument"), &DataType::Float64)?;
+                let v = v.as_primitive::<Float64Type>();
+                for i in 0..gids.len() {
+                    if signs[i] != 0 && v.is_valid(i) {
+                        let g = gids[i] as usize;
+                        sums[g] += v.value(i) * signs[i] as f64;
+                        counts[g] += signs[i];
+                    }
+                }
+            }
+            State::SumDecimal(sums, counts) => {
+                let Num::Decimal { scale } = self.num else { unreachable!() };
+                let v = cast(values.expect("SUM has an argument"), &DataType::Decimal128(38, scale))?;
+                let v = v.as_primitive::<Decimal128Type>();
+                for i in 0..gids.len() {
+                    if signs[i] != 0 && v.is_valid(i) {
+                        let g = gids[i] as usize;
+                        sums[g] += v.value(i) * signs[i] as i128;
+                        counts[g] += signs[i];
+                    }
+                }
+            }
+            State::Extreme { converter, values: sets } => {
+                let values = values.expect("MIN/MAX have an argument");
+                let rows = converter.convert_columns(std::slice::from_ref(values))?;
+                for i in 0..gids.len() {
+                    if signs[i] == 0 || values.is_null(i) {
+                        continue;
+                    }
+                    let set = &mut sets[gids[i] as usize];
+                    let key = rows.row(i);
+                    match set.get_mut(key.as_ref()) {
+                        Some(m) => {
+                            *m += signs[i];
+                            if *m == 0 {
+                                set.remove(key.as_ref());
+                            }
+                        }
+                        None => {
+                            set.insert(key.as_ref().into(), signs[i]);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Folds group `src` into group `dst` (session windows merging), leaving `src` empty.
+    pub fn merge(&mut self, dst: u32, src: u32) {
+        let (d, s) = (dst as usize, src as usize);
+        if let Some((_, seen)) = &mut self.distinct {
+            let from = std::mem::take(&mut seen[s]);
+            // The inner state is rebuilt below from the merged multiset where it matters.
+            for (k, m) in from {
+                *seen[d].entry(k).or_insert(0) += m;
+            }
+        }
+        match &mut self.state {
+            State::Count(c) => {
+                c[d] += c[s];
+                c[s] = 0;
+            }
+            State::SumInt(sum, c) => {
+                sum[d] = sum[d].wrapping_add(sum[s]);
+                c[d] += c[s];
+                sum[s] = 0;
+                c[s] = 0;
+            }
+            State::SumFloat(sum, c) => {
+                sum[d] += sum[s];
+                c[d] += c[s];
+                sum[s] = 0.0;
+                c[s] = 0;
+            }
+            State::SumDecimal(sum, c) => {
+                sum[d] += sum[s];
+                c[d] += c[s];
+                sum[s] = 0;
+                c[s] = 0;
+            }
+            State::Extreme { values, .. } => {
+                let from = std::mem::take(&mut values[s]);
+                for (k, m) in from {
+                    *values[d].entry(k).or_insert(0) += m;
+                }
+            }
+        }
+        // DISTINCT COUNT after a merge: a value seen in both groups was counted twice.
+        if let (Some((_, seen)), State::Count(c)) = (&self.distinct, &mut self.state) {
+            c[d] = seen[d].len() as i64;
+        }
+    }
+
+    /// Clears a group's state so that its id can be reused.
+    pub fn reset(&mut self, gid: u32) {
+        let g = gid as usize;
+        match &mut self.state {
+            State::Count(c) => c[g] = 0,
+            State::SumInt(s, c) => {
+                s[g] = 0;
+                c[g] = 0
+            }
+            State::SumFloat(s, c) => {
+                s[g] = 0.0;
+                c[g] = 0
+            }
+            State::SumDecimal(s, c) => {
+                s[g] = 0;
+                c[g] = 0
+            }
+            State::Extreme { values, .. } => values[g].clear(),
+        }
+        if let Some((_, seen)) = &mut self.distinct {
+            seen[g].clear();
+        }
+    }
+
+    /// The current result of each listed group, as the output type.
+    pub fn evaluate(&self, gids: &[u32]) -> Result<ArrayRef, ArrowError> {
+        let array: ArrayRef = match (&self.state, self.kind) {
+            (State::Count(c), _) => Arc::new(Int64Array::from_iter_values(gids.iter().map(|&g| c[g as usize]))),
+            (State::SumInt(s, c), AccKind::Sum) => {
+                Arc::new(gids.iter().map(|&g| (c[g as usize] > 0).then(|| s[g as usize])).collect::<Int64Array>())
+            }
+            (State::SumInt(s, c), _) => Arc::new(
+                gids.iter().map(|&g| (c[g as usize] > 0).then(|| s[g as usize] as f64 / c[g as usize] as f64)).collect::<Float64Array>(),
+            ),
+            (State::SumFloat(s, c), AccKind::Sum) => {
+                Arc::new(gids.iter().map(|&g| (c[g as usize] > 0).then(|| s[g as usize])).collect::<Float64Array>())
+            }
+            (State::SumFloat(s, c), _) => Arc::new(
+                gids.iter().map(|&g| (c[g as usize] > 0).then(|| s[g as usize] / c[g as usize] as f64)).collect::<Float64Array>(),
+            ),
+            (State::SumDecimal(s, c), kind) => {
+                let Num::Decimal { scale } = self.num else { unreachable!() };
+                match (kind, &self.output_type) {
+                    (AccKind::Avg, DataType::Decimal128(p, out_scale)) => {
+                        let shift = 10i128.pow((*out_scale - scale).max(0) as u32);
+                        let a: Decimal128Array = gids
+                            .iter()
+                            .map(|&g| {
+                                let (s, c) = (s[g as usize], c[g as usize] as i128);
+                                (c > 0).then(|| {
+                                    let n = s * shift;
+                                    // Round half away from zero.
+                                    (n + n.signum() * c / 2) / c
+                                })
+                            })
+                            .collect();
+                        Arc::new(a.with_precision_and_scale(*p, *out_scale)?)
+                    }
+                    (AccKind::Avg, _) => {
+                        let div = 10f64.powi(scale as i32);
+                        Arc::new(
+                            gids.iter()
+                                .map(|&g| (c[g as usize] > 0).then(|| s[g as usize] as f64 / div / c[g as usize] as f64))
+                                .collect::<Float64Array>(),
+                        )
+                    }
+                    _ => {
+                        let a: Decimal128Array = gids.iter().map(|&g| (c[g as usize] > 0).then(|| s[g as usize])).collect();
+                        Arc::new(a.with_precision_and_scale(38, scale)?)
+                    }
+                }
+            }
+            (State::Extreme { converter, values }, kind) => {
+                let parser = converter.parser();
+                let picks: Vec<Option<&Box<[u8]>>> = gids
+                    .iter()
+                    .map(|&g| {
+                        let set = &values[g as usize];
+                        if kind == AccKind::Max { set.keys().next_back() } else { set.keys().next() }
+                    })
+                    .collect();
+                // Convert the non-empty picks, then scatter them with nulls for empty groups.
+                let present: Vec<_> = picks.iter().filter_map(|p| p.map(|b| parser.parse(b))).collect();
+                let converted = converter.convert_rows(present)?.pop().expect("one column");
+                if picks.iter().all(|p| p.is_some()) {
+                    converted
+                } else {
+                    let mut next = 0u32;
+                    let idx: arrow::array::UInt32Array = picks
+                        .iter()
+                        .map(|p| {
+                            p.map(|_| {
+                                next += 1;
+                                next - 1
+                            })
+                        })
+                        .collect();
+                    arrow::compute::take(&converted, &idx, None)?
+                }
+            }
+        };
+        if array.data_type() == &self.output_type {
+            Ok(array)
+        } else {
+            cast(&array, &self.output_type)
+        }
+    }
+
+    /// The input type this accumulator was built for.
+    pub fn input_type(&self) -> &DataType {
+        &self.input_type
+    }
+
+    /// Approximate bytes held per group, for state-size metrics.
+    pub fn size_bytes(&self) -> usize {
+        let state = match &self.state {
+            State::Count(c) => c.capacity() * 8,
+            State::SumInt(s, c) => s.capacity() * 8 + c.capacity() * 8,
+            State::SumFloat(s, c) => s.capacity() * 8 + c.capacity() * 8,
+            State::SumDecimal(s, c) => s.capacity() * 16 + c.capacity() * 8,
+            State::Extreme { values, .. } => values.iter().map(|m| 24 + m.iter().map(|(k, _)| k.len() + 40).sum::<usize>()).sum(),
+        };
+        let distinct = self.distinct.as_ref().map_or(0, |(_, d)| d.iter().map(|m| 48 + m.len() * 40).sum());
+        state + distinct
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ints(v: &[Option<i64>]) -> ArrayRef {
+        Arc::new(Int64Array::from(v.to_vec()))
+    }
+
+    #[test]
+    fn max_retracts_exactly() {
+        let mut acc = Accumulator::try_new(AccKind::Max, DataType::Int64, DataType::Int64, false).unwrap();
+        acc.resize(2);
+        acc.update(&[0, 0, 0, 1], &[1, 1, 1, 1], Some(&ints(&[Some(5), Some(9), Some(9), None]))).unwrap();
+        let out = acc.evaluate(&[0, 1]).unwrap();
+        assert_eq!(out.as_primitive::<Int64Type>().value(0), 9);
+        assert!(out.is_null(1), "a group with only NULLs has no MAX");
+        acc.update(&[0], &[-1], Some(&ints(&[Some(9)]))).unwrap();
+        assert_eq!(acc.evaluate(&[0]).unwrap().as_primitive::<Int64Type>().value(0), 9, "one 9 is left");
+        acc.update(&[0], &[-1], Some(&ints(&[Some(9)]))).unwrap();
+        assert_eq!(acc.evaluate(&[0]).unwrap().as_primitive::<Int64Type>().value(0), 5);
+    }
+
+    #[test]
+    fn count_distinct_counts_values_once() {
+        let mut acc = Accumulator::try_new(AccKind::Count, DataType::Int64, DataType::Int64, true).unwrap();
+        acc.resize(1);
+        acc.update(&[0, 0, 0, 0], &[1, 1, 1, 1], Some(&ints(&[Some(1), Some(1), Some(2), None]))).unwrap();
+        assert_eq!(acc.evaluate(&[0]).unwrap().as_primitive::<Int64Type>().value(0), 2);
+        acc.update(&[0], &[-1], Some(&ints(&[Some(1)]))).unwrap();
+        assert_eq!(acc.evaluate(&[0]).unwrap().as_primitive::<Int64Type>().value(0), 2, "1 is still there once");
+        acc.update(&[0], &[-1], Some(&ints(&[Some(1)]))).unwrap();
+        assert_eq!(acc.evaluate(&[0]).unwrap().as_primitive::<Int64Type>().value(0), 1);
+    }
+
+    #[test]
+    fn decimal_avg_rounds_to_output_scale() {
+        let v: ArrayRef = Arc::new(Decimal128Array::from(vec![100, 200, 201]).with_precision_and_scale(10, 2).unwrap());
+        let mut acc = Accumulator::try_new(AccKind::Avg, v.data_type().clone(), DataType::Decimal128(14, 6), false).unwrap();
+        acc.resize(1);
+        acc.update(&[0, 0, 0], &[1, 1, 1], Some(&v)).unwrap();
+        let out = acc.evaluate(&[0]).unwrap();
+        // (1.00 + 2.00 + 2.01) / 3 = 1.670000 (rounded at 6 places)
+        assert_eq!(out.as_primitive::<Decimal128Type>().value(0), 1_670_000);
+    }
+}

@@ -1,0 +1,13 @@
+//! Keyed operator state, kept in compact columnar structures.
+//!
+//! - [`GroupTable`] interns group keys (Arrow row-encoded) into dense group ids. Per-group state is
+//!   then plain vectors indexed by group id, so 1 M groups cost a few vectors, not 1 M objects.
+//! - [`Accumulator`] is one aggregate's state over all groups. Every accumulator retracts exactly:
+//!   MIN/MAX keep a multiset and DISTINCT keeps value multiplicities, so a `-U`/`-D` row undoes
+//!   what its `+I`/`+U` did.
+
+pub mod accumulator;
+pub mod group_table;
+
+pub use accumulator::{AccKind, Accumulator};
+pub use group_table::GroupTable;

@@ -1,0 +1,109 @@
+//! The `sluice` command: run streaming SQL scripts, and the Double-11 demo.
+
+mod demo;
+mod table_output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use sluice_engine::{JobOptions, JobSummary};
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "Streaming SQL: Flink-compatible SQL compiled to incremental dataflows")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a script of SQL statements (SET, CREATE TABLE/VIEW, INSERT INTO, SELECT) as one job.
+    Run {
+        /// The SQL script.
+        file: PathBuf,
+        /// Worker threads in this process.
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        /// Number of processes in the cluster (each runs the same command).
+        #[arg(long, default_value_t = 1)]
+        processes: usize,
+        /// This process's index, 0-based.
+        #[arg(long, default_value_t = 0)]
+        process_id: usize,
+        /// A file with one host:port per line, one line per process.
+        #[arg(long)]
+        hosts: Option<PathBuf>,
+    },
+    /// Run the Double-11 sales dashboard on built-in generated orders.
+    Demo {
+        /// Stop after this many seconds (default: run until Ctrl-C).
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// Worker threads.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { file, workers, processes, process_id, hosts } => run(file, workers, processes, process_id, hosts),
+        Command::Demo { seconds, workers } => demo::run(seconds, workers),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(file: PathBuf, workers: usize, processes: usize, process_id: usize, hosts: Option<PathBuf>) -> Result<(), String> {
+    let sql = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let plan = sluice_sql::plan_script(&sql).map_err(|e| format!("{}: {e}", file.display()))?;
+    if plan.pipelines.is_empty() {
+        return Err(format!("{}: the script has no INSERT INTO or SELECT statement to run", file.display()));
+    }
+    let hosts = match hosts {
+        None if processes > 1 => return Err("--processes > 1 needs --hosts FILE (one host:port per line)".into()),
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let list: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect();
+            if list.len() != processes {
+                return Err(format!("{}: lists {} hosts but --processes is {processes}", path.display(), list.len()));
+            }
+            if process_id >= processes {
+                return Err(format!("--process-id {process_id} must be below --processes {processes}"));
+            }
+            Some(list)
+        }
+    };
+    let printer = Arc::new(table_output::TablePrinter::default());
+    let options = JobOptions { workers, process: process_id, hosts, select_output: Some(printer.clone()), ..Default::default() };
+    let summary = sluice_engine::run(plan, options).map_err(|e| e.to_string())?;
+    printer.finish();
+    print_summary(&summary);
+    Ok(())
+}
+
+fn print_summary(s: &JobSummary) {
+    let secs = s.elapsed.as_secs_f64();
+    eprintln!("---- job finished in {secs:.2} s");
+    for (table, n) in &s.rows_read {
+        eprintln!("rows read     {table:<24} {n}");
+    }
+    for (sink, n) in &s.rows_written {
+        eprintln!("rows written  {sink:<24} {n}");
+    }
+    eprintln!("late rows dropped           {}", s.late_rows_dropped);
+    eprintln!("records skipped             {}", s.records_skipped);
+    let total = s.total_read();
+    if secs > 0.0 {
+        eprintln!("throughput                  {:.0} rows/s", total as f64 / secs);
+    }
+}
