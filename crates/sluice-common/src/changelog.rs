@@ -72,7 +72,10 @@ impl ChangeBatch {
             return ChangeBatch::inserts(data);
         }
         let ops = Int8Array::from_iter_values(ops.into_iter().map(|op| op as i8));
-        ChangeBatch { data, ops: Some(ops) }
+        ChangeBatch {
+            data,
+            ops: Some(ops),
+        }
     }
 
     /// Number of rows.
@@ -104,7 +107,13 @@ impl ChangeBatch {
         let data = filter_record_batch(&self.data, mask)?;
         let ops = match &self.ops {
             None => None,
-            Some(ops) => Some(arrow::compute::filter(ops, mask)?.as_any().downcast_ref::<Int8Array>().cloned().expect("int8")),
+            Some(ops) => Some(
+                arrow::compute::filter(ops, mask)?
+                    .as_any()
+                    .downcast_ref::<Int8Array>()
+                    .cloned()
+                    .expect("int8"),
+            ),
         };
         Ok(ChangeBatch { data, ops })
     }
@@ -114,16 +123,30 @@ impl ChangeBatch {
         let data = take_record_batch(&self.data, indices)?;
         let ops = match &self.ops {
             None => None,
-            Some(ops) => Some(arrow::compute::take(ops, indices, None)?.as_any().downcast_ref::<Int8Array>().cloned().expect("int8")),
+            Some(ops) => Some(
+                arrow::compute::take(ops, indices, None)?
+                    .as_any()
+                    .downcast_ref::<Int8Array>()
+                    .cloned()
+                    .expect("int8"),
+            ),
         };
         Ok(ChangeBatch { data, ops })
     }
 
     /// Replaces the data columns, keeping the change kinds (for projections).
-    pub fn with_columns(&self, schema: SchemaRef, columns: Vec<ArrayRef>) -> Result<ChangeBatch, ArrowError> {
-        let options = arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(self.num_rows()));
+    pub fn with_columns(
+        &self,
+        schema: SchemaRef,
+        columns: Vec<ArrayRef>,
+    ) -> Result<ChangeBatch, ArrowError> {
+        let options =
+            arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(self.num_rows()));
         let data = RecordBatch::try_new_with_options(schema, columns, &options)?;
-        Ok(ChangeBatch { data, ops: self.ops.clone() })
+        Ok(ChangeBatch {
+            data,
+            ops: self.ops.clone(),
+        })
     }
 
     /// Concatenates batches of one schema.
@@ -143,7 +166,9 @@ impl ChangeBatch {
 
     /// The rows with a leading `op` column holding `+I`/`-U`/`+U`/`-D`, for display.
     pub fn with_op_column(&self) -> Result<RecordBatch, ArrowError> {
-        let ops: StringArray = (0..self.num_rows()).map(|i| Some(self.op(i).short_name())).collect();
+        let ops: StringArray = (0..self.num_rows())
+            .map(|i| Some(self.op(i).short_name()))
+            .collect();
         let mut fields = vec![Arc::new(Field::new("op", DataType::Utf8, false))];
         fields.extend(self.data.schema().fields().iter().cloned());
         let mut columns: Vec<ArrayRef> = vec![Arc::new(ops)];

@@ -10,7 +10,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// The SQL text does not parse; `line` and `column` are 1-based.
     #[error("SQL syntax error at line {line}, column {column}: {message}")]
-    Syntax { line: u64, column: u64, message: String },
+    Syntax {
+        line: u64,
+        column: u64,
+        message: String,
+    },
     /// The SQL parses but cannot be planned (unknown name, type mismatch, unsupported shape).
     #[error("{0}")]
     Plan(String),
@@ -19,7 +23,10 @@ pub enum Error {
     Connector { table: String, message: String },
     /// Reading or writing a file failed.
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// A record in an input could not be decoded.
     #[error("{location}: {message}")]
     BadRecord { location: String, message: String },
@@ -39,11 +46,17 @@ impl Error {
 
     /// A connector configuration error for `table`.
     pub fn connector(table: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::Connector { table: table.into(), message: message.into() }
+        Error::Connector {
+            table: table.into(),
+            message: message.into(),
+        }
     }
 
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 }

@@ -25,7 +25,9 @@ pub fn to_millis(array: &ArrayRef) -> Result<ArrayRef, ArrowError> {
 /// The largest non-null value of a millisecond timestamp column.
 pub fn max_millis(array: &ArrayRef) -> Result<Option<i64>, ArrowError> {
     let millis = to_millis(array)?;
-    Ok(arrow::compute::max(millis.as_primitive::<TimestampMillisecondType>()))
+    Ok(arrow::compute::max(
+        millis.as_primitive::<TimestampMillisecondType>(),
+    ))
 }
 
 /// Formats milliseconds as Flink's SQL timestamp text, `2026-11-11 00:05:00.000`.

@@ -4,7 +4,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::array::{ArrayRef, BooleanArray, Float32Array, Float64Array, Int16Array, Int32Array, Int64Array, Int8Array, StringArray, TimestampMillisecondArray};
+use arrow::array::{
+    ArrayRef, BooleanArray, Float32Array, Float64Array, Int16Array, Int32Array, Int64Array,
+    Int8Array, StringArray, TimestampMillisecondArray,
+};
 use arrow::datatypes::DataType;
 use arrow::record_batch::RecordBatch;
 use rand::rngs::SmallRng;
@@ -22,7 +25,10 @@ pub struct Pacer {
 
 impl Pacer {
     pub fn new(rate: f64) -> Self {
-        Pacer { rate, start: Instant::now() }
+        Pacer {
+            rate,
+            start: Instant::now(),
+        }
     }
 
     /// How many rows may have been produced by now.
@@ -54,11 +60,20 @@ pub struct DatagenSource {
 }
 
 impl DatagenSource {
-    pub fn open(spec: &ConnectorSpec, opts: &mut Options, worker: usize, workers: usize) -> Result<Self> {
+    pub fn open(
+        spec: &ConnectorSpec,
+        opts: &mut Options,
+        worker: usize,
+        workers: usize,
+    ) -> Result<Self> {
         let rate: f64 = opts.parse("rows-per-second", 10000.0)?;
         let total: Option<u64> = match opts.get("number-of-rows") {
             None => None,
-            Some(v) => Some(v.parse().map_err(|_| opts.error(format!("option 'number-of-rows' = '{v}' is not a whole number")))?),
+            Some(v) => Some(v.parse().map_err(|_| {
+                opts.error(format!(
+                    "option 'number-of-rows' = '{v}' is not a whole number"
+                ))
+            })?),
         };
         let mut fields = vec![];
         for f in spec.schema.fields() {
@@ -69,7 +84,11 @@ impl DatagenSource {
                     let start = opts.parse(&key("start"), 0i64)?;
                     let end = opts.parse(&key("end"), i64::MAX)?;
                     if end < start {
-                        return Err(opts.error(format!("'{}' must not be below '{}'", key("end"), key("start"))));
+                        return Err(opts.error(format!(
+                            "'{}' must not be below '{}'",
+                            key("end"),
+                            key("start")
+                        )));
                     }
                     FieldGen::Sequence { start, end }
                 }
@@ -83,17 +102,42 @@ impl DatagenSource {
                     let min = opts.parse(&key("min"), dmin)?;
                     let max = opts.parse(&key("max"), dmax)?;
                     if max < min {
-                        return Err(opts.error(format!("'{}' must not be below '{}'", key("max"), key("min"))));
+                        return Err(opts.error(format!(
+                            "'{}' must not be below '{}'",
+                            key("max"),
+                            key("min")
+                        )));
                     }
-                    FieldGen::Random { min, max, length: opts.parse(&key("length"), 100usize)? }
+                    FieldGen::Random {
+                        min,
+                        max,
+                        length: opts.parse(&key("length"), 100usize)?,
+                    }
                 }
-                other => return Err(opts.error(format!("'{}' = '{other}': use 'random' or 'sequence'", key("kind")))),
+                other => {
+                    return Err(opts.error(format!(
+                        "'{}' = '{other}': use 'random' or 'sequence'",
+                        key("kind")
+                    )))
+                }
             };
             if !matches!(
                 f.data_type(),
-                DataType::Boolean | DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 | DataType::Float32 | DataType::Float64 | DataType::Utf8 | DataType::Timestamp(_, _)
+                DataType::Boolean
+                    | DataType::Int8
+                    | DataType::Int16
+                    | DataType::Int32
+                    | DataType::Int64
+                    | DataType::Float32
+                    | DataType::Float64
+                    | DataType::Utf8
+                    | DataType::Timestamp(_, _)
             ) {
-                return Err(opts.error(format!("datagen cannot generate column '{}' of type {}", f.name(), f.data_type())));
+                return Err(opts.error(format!(
+                    "datagen cannot generate column '{}' of type {}",
+                    f.name(),
+                    f.data_type()
+                )));
             }
             fields.push(gen);
         }
@@ -101,7 +145,9 @@ impl DatagenSource {
         let seq_len = fields
             .iter()
             .filter_map(|g| match g {
-                FieldGen::Sequence { start, end } if *end != i64::MAX => Some((end - start + 1) as u64),
+                FieldGen::Sequence { start, end } if *end != i64::MAX => {
+                    Some((end - start + 1) as u64)
+                }
                 _ => None,
             })
             .min();
@@ -143,40 +189,63 @@ impl SourceReader for DatagenSource {
         let mut columns: Vec<ArrayRef> = vec![];
         for (f, gen) in self.spec.schema.fields().iter().zip(&self.fields) {
             let ints: Vec<i64> = match gen {
-                FieldGen::Sequence { start, .. } => {
-                    (0..n as u64).map(|i| start + ((self.produced + i) * self.workers + self.worker) as i64).collect()
-                }
-                FieldGen::Random { min, max, .. } => {
-                    (0..n).map(|_| self.rng.random_range(*min as i64..=*max as i64)).collect()
-                }
+                FieldGen::Sequence { start, .. } => (0..n as u64)
+                    .map(|i| start + ((self.produced + i) * self.workers + self.worker) as i64)
+                    .collect(),
+                FieldGen::Random { min, max, .. } => (0..n)
+                    .map(|_| self.rng.random_range(*min as i64..=*max as i64))
+                    .collect(),
             };
             let col: ArrayRef = match (f.data_type(), gen) {
-                (DataType::Boolean, _) => Arc::new(BooleanArray::from_iter((0..n).map(|_| Some(self.rng.random_bool(0.5))))),
-                (DataType::Int8, _) => Arc::new(Int8Array::from_iter_values(ints.iter().map(|v| *v as i8))),
-                (DataType::Int16, _) => Arc::new(Int16Array::from_iter_values(ints.iter().map(|v| *v as i16))),
-                (DataType::Int32, _) => Arc::new(Int32Array::from_iter_values(ints.iter().map(|v| *v as i32))),
+                (DataType::Boolean, _) => Arc::new(BooleanArray::from_iter(
+                    (0..n).map(|_| Some(self.rng.random_bool(0.5))),
+                )),
+                (DataType::Int8, _) => {
+                    Arc::new(Int8Array::from_iter_values(ints.iter().map(|v| *v as i8)))
+                }
+                (DataType::Int16, _) => {
+                    Arc::new(Int16Array::from_iter_values(ints.iter().map(|v| *v as i16)))
+                }
+                (DataType::Int32, _) => {
+                    Arc::new(Int32Array::from_iter_values(ints.iter().map(|v| *v as i32)))
+                }
                 (DataType::Int64, _) => Arc::new(Int64Array::from(ints)),
                 (DataType::Float32 | DataType::Float64, FieldGen::Random { min, max, .. }) => {
-                    let v: Float64Array = (0..n).map(|_| Some(self.rng.random_range(*min..=*max))).collect();
+                    let v: Float64Array = (0..n)
+                        .map(|_| Some(self.rng.random_range(*min..=*max)))
+                        .collect();
                     if f.data_type() == &DataType::Float32 {
-                        Arc::new(v.iter().map(|x| x.map(|x| x as f32)).collect::<Float32Array>())
+                        Arc::new(
+                            v.iter()
+                                .map(|x| x.map(|x| x as f32))
+                                .collect::<Float32Array>(),
+                        )
                     } else {
                         Arc::new(v)
                     }
                 }
-                (DataType::Float32 | DataType::Float64, _) => {
-                    arrow::compute::cast(&(Arc::new(Int64Array::from(ints)) as ArrayRef), f.data_type())?
-                }
+                (DataType::Float32 | DataType::Float64, _) => arrow::compute::cast(
+                    &(Arc::new(Int64Array::from(ints)) as ArrayRef),
+                    f.data_type(),
+                )?,
                 (DataType::Utf8, FieldGen::Random { length, .. }) => {
                     let rng = &mut self.rng;
                     Arc::new(StringArray::from_iter_values((0..n).map(|_| {
-                        (0..*length).map(|_| char::from(b'a' + rng.random_range(0..26u8))).collect::<String>()
+                        (0..*length)
+                            .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
+                            .collect::<String>()
                     })))
                 }
-                (DataType::Utf8, _) => Arc::new(StringArray::from_iter_values(ints.iter().map(|v| v.to_string()))),
+                (DataType::Utf8, _) => Arc::new(StringArray::from_iter_values(
+                    ints.iter().map(|v| v.to_string()),
+                )),
                 (DataType::Timestamp(unit, tz), _) => {
-                    let ts = TimestampMillisecondArray::from(vec![now; n]).with_timezone_opt(tz.clone());
-                    arrow::compute::cast(&(Arc::new(ts) as ArrayRef), &DataType::Timestamp(*unit, tz.clone()))?
+                    let ts =
+                        TimestampMillisecondArray::from(vec![now; n]).with_timezone_opt(tz.clone());
+                    arrow::compute::cast(
+                        &(Arc::new(ts) as ArrayRef),
+                        &DataType::Timestamp(*unit, tz.clone()),
+                    )?
                 }
                 _ => unreachable!("checked in open"),
             };

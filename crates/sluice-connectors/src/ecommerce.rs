@@ -14,7 +14,9 @@
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Float64Array, Int32Array, Int64Array, StringArray, TimestampMillisecondArray};
+use arrow::array::{
+    ArrayRef, Float64Array, Int32Array, Int64Array, StringArray, TimestampMillisecondArray,
+};
 use arrow::record_batch::RecordBatch;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -53,7 +55,16 @@ pub const PROVINCES: [(&str, u32); 12] = [
     ("Shaanxi", 2),
 ];
 
-const COLUMNS: [&str; 8] = ["order_id", "user_id", "item_id", "category", "province", "amount", "quantity", "event_time"];
+const COLUMNS: [&str; 8] = [
+    "order_id",
+    "user_id",
+    "item_id",
+    "category",
+    "province",
+    "amount",
+    "quantity",
+    "event_time",
+];
 
 /// This worker's slice of the order stream.
 pub struct EcommerceSource {
@@ -84,7 +95,12 @@ fn pick(weights: &[(&'static str, u32)], r: u32) -> &'static str {
 }
 
 impl EcommerceSource {
-    pub fn open(spec: &ConnectorSpec, opts: &mut Options, worker: usize, workers: usize) -> Result<Self> {
+    pub fn open(
+        spec: &ConnectorSpec,
+        opts: &mut Options,
+        worker: usize,
+        workers: usize,
+    ) -> Result<Self> {
         for f in spec.schema.fields() {
             if !COLUMNS.contains(&f.name().as_str()) {
                 return Err(opts.error(format!(
@@ -99,21 +115,41 @@ impl EcommerceSource {
         let event_rate: f64 = opts.parse("event-rate", 1000.0)?;
         let total: Option<u64> = match opts.get("number-of-rows") {
             None => None,
-            Some(v) => Some(v.parse().map_err(|_| opts.error(format!("option 'number-of-rows' = '{v}' is not a whole number")))?),
+            Some(v) => Some(v.parse().map_err(|_| {
+                opts.error(format!(
+                    "option 'number-of-rows' = '{v}' is not a whole number"
+                ))
+            })?),
         };
         let seed = opts.parse("seed", 11u64)?;
-        let disorder = opts.get("max-out-of-orderness").unwrap_or_else(|| "3 s".into());
-        let disorder_ms = parse_duration(&disorder).ok_or_else(|| opts.error(format!("option 'max-out-of-orderness' = '{disorder}' is not a duration such as '3 s'")))?;
-        let start = opts.get("start-time").unwrap_or_else(|| "2026-11-11 00:00:00".into());
+        let disorder = opts
+            .get("max-out-of-orderness")
+            .unwrap_or_else(|| "3 s".into());
+        let disorder_ms = parse_duration(&disorder).ok_or_else(|| {
+            opts.error(format!(
+                "option 'max-out-of-orderness' = '{disorder}' is not a duration such as '3 s'"
+            ))
+        })?;
+        let start = opts
+            .get("start-time")
+            .unwrap_or_else(|| "2026-11-11 00:00:00".into());
         let start_ms = chrono::NaiveDateTime::parse_from_str(&start, "%Y-%m-%d %H:%M:%S")
-            .map_err(|_| opts.error(format!("option 'start-time' = '{start}' must look like 2026-11-11 00:00:00")))?
+            .map_err(|_| {
+                opts.error(format!(
+                    "option 'start-time' = '{start}' must look like 2026-11-11 00:00:00"
+                ))
+            })?
             .and_utc()
             .timestamp_millis();
         if speed_up <= 0.0 || event_rate <= 0.0 {
             return Err(opts.error("'speed-up' and 'event-rate' must be positive"));
         }
         // Paced: event time runs `speed-up` times faster than the wall clock.
-        let events_per_event_second = if rate > 0.0 { rate / speed_up } else { event_rate };
+        let events_per_event_second = if rate > 0.0 {
+            rate / speed_up
+        } else {
+            event_rate
+        };
         Ok(EcommerceSource {
             schema: spec.schema.clone(),
             seed,
@@ -160,12 +196,21 @@ impl SourceReader for EcommerceSource {
             return Ok(Poll::Idle);
         }
         let n = n as usize;
-        let (mut order, mut user, mut item, mut cat, mut prov, mut amount, mut qty, mut ts) =
-            (vec![], vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+        let (mut order, mut user, mut item, mut cat, mut prov, mut amount, mut qty, mut ts) = (
+            vec![],
+            vec![],
+            vec![],
+            vec![],
+            vec![],
+            vec![],
+            vec![],
+            vec![],
+        );
         for _ in 0..n {
             let i = self.next;
             self.next += self.step;
-            let mut rng = SmallRng::seed_from_u64(self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i);
+            let mut rng =
+                SmallRng::seed_from_u64(self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i);
             order.push(i as i64 + 1);
             let u: f64 = rng.random();
             user.push(1 + (u * u * u * 200_000.0) as i64);
@@ -193,9 +238,16 @@ impl SourceReader for EcommerceSource {
                 "quantity" => Arc::new(Int32Array::from(qty.clone())),
                 _ => Arc::new(TimestampMillisecondArray::from(ts.clone())),
             };
-            let col = if col.data_type() != f.data_type() { arrow::compute::cast(&col, f.data_type())? } else { col };
+            let col = if col.data_type() != f.data_type() {
+                arrow::compute::cast(&col, f.data_type())?
+            } else {
+                col
+            };
             columns.push(col);
         }
-        Ok(Poll::Batch { split: 0, batch: RecordBatch::try_new(self.schema.clone(), columns)? })
+        Ok(Poll::Batch {
+            split: 0,
+            batch: RecordBatch::try_new(self.schema.clone(), columns)?,
+        })
     }
 }

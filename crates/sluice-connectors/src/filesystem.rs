@@ -30,7 +30,11 @@ fn format(opts: &mut Options, sink: bool) -> Result<Format> {
         "debezium-json" if sink => Ok(Format::Debezium),
         other => Err(opts.error(format!(
             "option 'format' = '{other}' is not supported (use {})",
-            if sink { "'json', 'csv' or 'debezium-json'" } else { "'json' or 'csv'" }
+            if sink {
+                "'json', 'csv' or 'debezium-json'"
+            } else {
+                "'json' or 'csv'"
+            }
         ))),
     }
 }
@@ -50,13 +54,24 @@ pub struct FileSource {
 }
 
 impl FileSource {
-    pub fn open(spec: &ConnectorSpec, opts: &mut Options, worker: usize, workers: usize) -> Result<Self> {
+    pub fn open(
+        spec: &ConnectorSpec,
+        opts: &mut Options,
+        worker: usize,
+        workers: usize,
+    ) -> Result<Self> {
         let path = PathBuf::from(opts.required("path")?);
         let format = format(opts, false)?;
         let ignore = opts.flag("json.ignore-parse-errors", false)?;
         let csv_ignore_errors = opts.flag("csv.ignore-parse-errors", false)?;
-        let all = list_files(&path).map_err(|e| opts.error(format!("option 'path' = '{}': {e}", path.display())))?;
-        let files = all.into_iter().enumerate().filter(|(i, _)| i % workers == worker).map(|(_, f)| f).collect();
+        let all = list_files(&path)
+            .map_err(|e| opts.error(format!("option 'path' = '{}': {e}", path.display())))?;
+        let files = all
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| i % workers == worker)
+            .map(|(_, f)| f)
+            .collect();
         Ok(FileSource {
             files,
             current: 0,
@@ -104,7 +119,8 @@ impl SourceReader for FileSource {
             let display = path.display().to_string();
             if self.reader.is_none() && self.csv.is_none() {
                 let f = File::open(path).map_err(|e| Error::io(path, e))?;
-                let buffered: Box<dyn BufRead + Send> = Box::new(BufReader::with_capacity(1 << 20, f));
+                let buffered: Box<dyn BufRead + Send> =
+                    Box::new(BufReader::with_capacity(1 << 20, f));
                 self.line = 0;
                 match self.format {
                     Format::Csv => {
@@ -127,7 +143,10 @@ impl SourceReader for FileSource {
                         continue;
                     }
                     Some(Err(e)) => {
-                        return Err(Error::BadRecord { location: display, message: format!("malformed CSV record: {e}") })
+                        return Err(Error::BadRecord {
+                            location: display,
+                            message: format!("malformed CSV record: {e}"),
+                        })
                     }
                     None => {
                         self.csv = None;
@@ -182,12 +201,27 @@ pub struct FileSink {
 }
 
 impl FileSink {
-    pub fn open(_spec: &ConnectorSpec, opts: &mut Options, worker: usize, _workers: usize) -> Result<Self> {
+    pub fn open(
+        _spec: &ConnectorSpec,
+        opts: &mut Options,
+        worker: usize,
+        _workers: usize,
+    ) -> Result<Self> {
         let dir = PathBuf::from(opts.required("path")?);
         let format = format(opts, true)?;
         let roll_bytes = opts.parse("sink.rolling-policy.file-size", 128u64 << 20)?;
-        std::fs::create_dir_all(&dir).map_err(|e| opts.error(format!("option 'path' = '{}': {e}", dir.display())))?;
-        Ok(FileSink { dir, worker, format, sequence: 0, buffer: vec![], file: None, written: 0, roll_bytes })
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| opts.error(format!("option 'path' = '{}': {e}", dir.display())))?;
+        Ok(FileSink {
+            dir,
+            worker,
+            format,
+            sequence: 0,
+            buffer: vec![],
+            file: None,
+            written: 0,
+            roll_bytes,
+        })
     }
 
     fn extension(&self) -> &'static str {
@@ -201,8 +235,14 @@ impl FileSink {
         if let Some((path, mut file)) = self.file.take() {
             file.flush().map_err(|e| Error::io(&path, e))?;
             file.sync_all().map_err(|e| Error::io(&path, e))?;
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            let visible = name.trim_start_matches('.').trim_end_matches(".inprogress").to_string();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            let visible = name
+                .trim_start_matches('.')
+                .trim_end_matches(".inprogress")
+                .to_string();
             let target = self.dir.join(visible);
             std::fs::rename(&path, &target).map_err(|e| Error::io(&target, e))?;
             self.written = 0;
@@ -225,7 +265,12 @@ impl SinkWriter for FileSink {
         if self.file.is_none() {
             // Never reuse a name a previous run published.
             loop {
-                let name = format!("part-{}-{}.{}", self.worker, self.sequence, self.extension());
+                let name = format!(
+                    "part-{}-{}.{}",
+                    self.worker,
+                    self.sequence,
+                    self.extension()
+                );
                 self.sequence += 1;
                 if !self.dir.join(&name).exists() {
                     let path = self.dir.join(format!(".{name}.inprogress"));
@@ -236,7 +281,8 @@ impl SinkWriter for FileSink {
             }
         }
         let (path, file) = self.file.as_mut().expect("opened above");
-        file.write_all(&self.buffer).map_err(|e| Error::io(&*path, e))?;
+        file.write_all(&self.buffer)
+            .map_err(|e| Error::io(&*path, e))?;
         self.written += self.buffer.len() as u64;
         if self.written >= self.roll_bytes {
             self.publish()?;

@@ -22,8 +22,15 @@ pub struct JsonLines {
 
 impl JsonLines {
     pub fn new(schema: SchemaRef, ignore_errors: bool) -> Result<Self> {
-        let decoder = arrow::json::ReaderBuilder::new(schema.clone()).build_decoder()?;
-        Ok(JsonLines { schema, decoder, ignore_errors, skipped: 0 })
+        let decoder = arrow::json::ReaderBuilder::new(schema.clone())
+            .with_batch_size(8192)
+            .build_decoder()?;
+        Ok(JsonLines {
+            schema,
+            decoder,
+            ignore_errors,
+            skipped: 0,
+        })
     }
 
     /// Records skipped so far.
@@ -32,7 +39,12 @@ impl JsonLines {
     }
 
     /// Decodes `lines` (each without its newline), the first being line `first_line` of `file`.
-    pub fn decode(&mut self, lines: &[String], file: &str, first_line: u64) -> Result<Option<RecordBatch>> {
+    pub fn decode(
+        &mut self,
+        lines: &[String],
+        file: &str,
+        first_line: u64,
+    ) -> Result<Option<RecordBatch>> {
         let mut buf = Vec::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
         for l in lines {
             buf.extend_from_slice(l.as_bytes());
@@ -42,7 +54,9 @@ impl JsonLines {
             Ok(b) => Ok(b),
             Err(_) => {
                 // Find the bad lines one by one: rare, so the slow path is fine.
-                self.decoder = arrow::json::ReaderBuilder::new(self.schema.clone()).build_decoder()?;
+                self.decoder = arrow::json::ReaderBuilder::new(self.schema.clone())
+                    .with_batch_size(8192)
+                    .build_decoder()?;
                 let mut good = vec![];
                 for (i, l) in lines.iter().enumerate() {
                     if l.trim().is_empty() {
@@ -54,7 +68,9 @@ impl JsonLines {
                         Ok(Some(b)) => good.push(b),
                         Ok(None) => {}
                         Err(message) => {
-                            self.decoder = arrow::json::ReaderBuilder::new(self.schema.clone()).build_decoder()?;
+                            self.decoder = arrow::json::ReaderBuilder::new(self.schema.clone())
+                                .with_batch_size(8192)
+                                .build_decoder()?;
                             if self.ignore_errors {
                                 self.skipped += 1;
                             } else {
@@ -75,32 +91,53 @@ impl JsonLines {
     }
 
     fn decode_bytes(&mut self, mut buf: &[u8]) -> Result<Option<RecordBatch>, String> {
+        // The decoder stops taking bytes whenever its batch is full: flush and go on.
+        let mut batches = vec![];
         while !buf.is_empty() {
             let n = self.decoder.decode(buf).map_err(|e| e.to_string())?;
-            if n == 0 {
-                break;
-            }
             buf = &buf[n..];
+            if n == 0 || !buf.is_empty() {
+                match self.decoder.flush().map_err(|e| e.to_string())? {
+                    Some(b) => batches.push(b),
+                    None if n == 0 => break,
+                    None => {}
+                }
+            }
         }
-        let out = self.decoder.flush().map_err(|e| e.to_string())?;
-        // A line that is a JSON value but not an object decodes to nothing: treat it as malformed.
-        Ok(out)
+        if let Some(b) = self.decoder.flush().map_err(|e| e.to_string())? {
+            batches.push(b);
+        }
+        match batches.len() {
+            0 => Ok(None),
+            1 => Ok(batches.pop()),
+            _ => arrow::compute::concat_batches(&self.schema, &batches)
+                .map(Some)
+                .map_err(|e| e.to_string()),
+        }
     }
 }
 
 /// Replaces timestamp columns with Flink-formatted text so every writer prints them alike.
 pub fn timestamps_as_text(batch: &RecordBatch) -> Result<RecordBatch> {
-    if !batch.schema().fields().iter().any(|f| matches!(f.data_type(), DataType::Timestamp(_, _))) {
+    if !batch
+        .schema()
+        .fields()
+        .iter()
+        .any(|f| matches!(f.data_type(), DataType::Timestamp(_, _)))
+    {
         return Ok(batch.clone());
     }
-    let options = FormatOptions::default().with_timestamp_format(Some(TIMESTAMP_FORMAT)).with_timestamp_tz_format(Some(TIMESTAMP_FORMAT));
+    let options = FormatOptions::default()
+        .with_timestamp_format(Some(TIMESTAMP_FORMAT))
+        .with_timestamp_tz_format(Some(TIMESTAMP_FORMAT));
     let mut fields = vec![];
     let mut columns: Vec<ArrayRef> = vec![];
     for (f, c) in batch.schema().fields().iter().zip(batch.columns()) {
         if matches!(f.data_type(), DataType::Timestamp(_, _)) {
             let formatter = ArrayFormatter::try_new(c.as_ref(), &options)?;
-            let text: arrow::array::StringArray =
-                (0..c.len()).map(|i| c.is_valid(i).then(|| formatter.value(i).to_string())).collect();
+            let text: arrow::array::StringArray = (0..c.len())
+                .map(|i| c.is_valid(i).then(|| formatter.value(i).to_string()))
+                .collect();
             fields.push(Field::new(f.name(), DataType::Utf8, f.is_nullable()));
             columns.push(Arc::new(text));
         } else {
@@ -108,7 +145,10 @@ pub fn timestamps_as_text(batch: &RecordBatch) -> Result<RecordBatch> {
             columns.push(c.clone());
         }
     }
-    Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?)
+    Ok(RecordBatch::try_new(
+        Arc::new(Schema::new(fields)),
+        columns,
+    )?)
 }
 
 use arrow::array::Array;
@@ -118,7 +158,9 @@ pub fn json_rows(batch: &RecordBatch) -> Result<Vec<String>> {
     let batch = timestamps_as_text(batch)?;
     let mut buf = Vec::new();
     {
-        let mut w = arrow::json::writer::WriterBuilder::new().with_explicit_nulls(true).build::<_, arrow::json::writer::LineDelimited>(&mut buf);
+        let mut w = arrow::json::writer::WriterBuilder::new()
+            .with_explicit_nulls(true)
+            .build::<_, arrow::json::writer::LineDelimited>(&mut buf);
         w.write(&batch)?;
         w.finish()?;
     }
@@ -138,7 +180,9 @@ pub fn encode_json(batch: &ChangeBatch, out: &mut Vec<u8>) -> Result<()> {
 /// Encodes an append-only batch as CSV lines (no header, as Flink's csv format).
 pub fn encode_csv(batch: &ChangeBatch, out: &mut Vec<u8>) -> Result<()> {
     let data = timestamps_as_text(&batch.data)?;
-    let mut w = arrow::csv::WriterBuilder::new().with_header(false).build(&mut *out);
+    let mut w = arrow::csv::WriterBuilder::new()
+        .with_header(false)
+        .build(&mut *out);
     w.write(&data)?;
     Ok(())
 }
@@ -151,12 +195,20 @@ pub fn encode_debezium(batch: &ChangeBatch, out: &mut Vec<u8>) -> Result<()> {
     while i < rows.len() {
         let op = batch.op(i);
         let line = match op {
-            Op::Insert | Op::UpdateAfter => format!(r#"{{"before":null,"after":{},"op":"c"}}"#, rows[i]),
+            Op::Insert | Op::UpdateAfter => {
+                format!(r#"{{"before":null,"after":{},"op":"c"}}"#, rows[i])
+            }
             Op::UpdateBefore if i + 1 < rows.len() && batch.op(i + 1) == Op::UpdateAfter => {
                 i += 1;
-                format!(r#"{{"before":{},"after":{},"op":"u"}}"#, rows[i - 1], rows[i])
+                format!(
+                    r#"{{"before":{},"after":{},"op":"u"}}"#,
+                    rows[i - 1],
+                    rows[i]
+                )
             }
-            Op::UpdateBefore | Op::Delete => format!(r#"{{"before":{},"after":null,"op":"d"}}"#, rows[i]),
+            Op::UpdateBefore | Op::Delete => {
+                format!(r#"{{"before":{},"after":null,"op":"d"}}"#, rows[i])
+            }
         };
         out.extend_from_slice(line.as_bytes());
         out.push(b'\n');

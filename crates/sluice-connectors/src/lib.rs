@@ -65,14 +65,30 @@ pub trait SinkWriter: Send {
 }
 
 /// Opens worker `worker`'s (of `workers`) share of a source.
-pub fn open_source(spec: &ConnectorSpec, worker: usize, workers: usize) -> Result<Box<dyn SourceReader>> {
+pub fn open_source(
+    spec: &ConnectorSpec,
+    worker: usize,
+    workers: usize,
+) -> Result<Box<dyn SourceReader>> {
     let mut opts = Options::new(spec);
     let reader: Box<dyn SourceReader> = match opts.connector()?.as_str() {
-        "filesystem" => Box::new(filesystem::FileSource::open(spec, &mut opts, worker, workers)?),
-        "datagen" => Box::new(datagen::DatagenSource::open(spec, &mut opts, worker, workers)?),
-        "ecommerce" => Box::new(ecommerce::EcommerceSource::open(spec, &mut opts, worker, workers)?),
+        "filesystem" => Box::new(filesystem::FileSource::open(
+            spec, &mut opts, worker, workers,
+        )?),
+        "datagen" => Box::new(datagen::DatagenSource::open(
+            spec, &mut opts, worker, workers,
+        )?),
+        "ecommerce" => Box::new(ecommerce::EcommerceSource::open(
+            spec, &mut opts, worker, workers,
+        )?),
         "print" | "blackhole" | "memory" => {
-            return Err(Error::connector(&spec.table, format!("connector '{}' can only be written to, not read", opts.connector()?)))
+            return Err(Error::connector(
+                &spec.table,
+                format!(
+                    "connector '{}' can only be written to, not read",
+                    opts.connector()?
+                ),
+            ))
         }
         other => return Err(unknown_connector(&spec.table, other)),
     };
@@ -81,15 +97,27 @@ pub fn open_source(spec: &ConnectorSpec, worker: usize, workers: usize) -> Resul
 }
 
 /// Opens worker `worker`'s (of `workers`) writer for a sink.
-pub fn open_sink(spec: &ConnectorSpec, worker: usize, workers: usize) -> Result<Box<dyn SinkWriter>> {
+pub fn open_sink(
+    spec: &ConnectorSpec,
+    worker: usize,
+    workers: usize,
+) -> Result<Box<dyn SinkWriter>> {
     let mut opts = Options::new(spec);
     let writer: Box<dyn SinkWriter> = match opts.connector()?.as_str() {
-        "filesystem" => Box::new(filesystem::FileSink::open(spec, &mut opts, worker, workers)?),
+        "filesystem" => Box::new(filesystem::FileSink::open(
+            spec, &mut opts, worker, workers,
+        )?),
         "print" => Box::new(print::PrintSink::open(spec, &mut opts, worker)?),
         "blackhole" => Box::new(print::Blackhole),
         "memory" => Box::new(memory::MemorySink::open(spec, &mut opts)?),
         "datagen" | "ecommerce" => {
-            return Err(Error::connector(&spec.table, format!("connector '{}' can only be read, not written to", opts.connector()?)))
+            return Err(Error::connector(
+                &spec.table,
+                format!(
+                    "connector '{}' can only be read, not written to",
+                    opts.connector()?
+                ),
+            ))
         }
         other => return Err(unknown_connector(&spec.table, other)),
     };
@@ -100,7 +128,9 @@ pub fn open_sink(spec: &ConnectorSpec, worker: usize, workers: usize) -> Result<
 /// Whether a sink accepts updating (retracting) input, or only inserts.
 pub fn sink_accepts_updates(spec: &ConnectorSpec) -> bool {
     match spec.options.get("connector").map(String::as_str) {
-        Some("filesystem") => spec.options.get("format").map(String::as_str) == Some("debezium-json"),
+        Some("filesystem") => {
+            spec.options.get("format").map(String::as_str) == Some("debezium-json")
+        }
         Some("print" | "blackhole" | "memory") => true,
         _ => false,
     }

@@ -43,7 +43,12 @@ fn registry() -> &'static Registry {
 
 /// The table registered under `name` (created empty if absent).
 pub fn table(name: &str) -> Arc<Mutex<MemoryTable>> {
-    registry().lock().expect("registry").entry(name.to_string()).or_default().clone()
+    registry()
+        .lock()
+        .expect("registry")
+        .entry(name.to_string())
+        .or_default()
+        .clone()
 }
 
 /// Formats each row's values as strings (timestamps in Flink's format, NULL as `NULL`).
@@ -57,7 +62,9 @@ pub fn row_strings(batch: &RecordBatch) -> Result<Vec<Vec<String>>> {
         .iter()
         .map(|c| ArrayFormatter::try_new(c.as_ref(), &options))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok((0..batch.num_rows()).map(|i| formatters.iter().map(|f| f.value(i).to_string()).collect()).collect())
+    Ok((0..batch.num_rows())
+        .map(|i| formatters.iter().map(|f| f.value(i).to_string()).collect())
+        .collect())
 }
 
 /// Writes into a named [`MemoryTable`].
@@ -67,9 +74,16 @@ pub struct MemorySink {
 
 impl MemorySink {
     pub fn open(spec: &ConnectorSpec, opts: &mut Options) -> Result<Self> {
-        let name = opts.get("memory.name").unwrap_or_else(|| spec.table.clone());
+        let name = opts
+            .get("memory.name")
+            .unwrap_or_else(|| spec.table.clone());
         let table = table(&name);
-        table.lock().expect("memory table").columns = spec.schema.fields().iter().map(|f| f.name().clone()).collect();
+        table.lock().expect("memory table").columns = spec
+            .schema
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
         Ok(MemorySink { table })
     }
 }

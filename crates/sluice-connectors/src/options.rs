@@ -14,16 +14,22 @@ pub struct Options {
 }
 
 /// Options shared by all tables, read by the engine rather than by a connector.
-const ENGINE_OPTIONS: [&str; 3] = ["connector", "scan.watermark.idle-timeout", "late-data.sink"];
+const ENGINE_OPTIONS: [&str; 1] = ["connector"];
 
 impl Options {
     pub fn new(spec: &ConnectorSpec) -> Self {
-        Options { table: spec.table.clone(), values: spec.options.clone(), read: BTreeSet::new() }
+        Options {
+            table: spec.table.clone(),
+            values: spec.options.clone(),
+            read: BTreeSet::new(),
+        }
     }
 
     /// The `connector` option.
     pub fn connector(&mut self) -> Result<String> {
-        self.get("connector").ok_or_else(|| Error::connector(&self.table, "missing option 'connector' in WITH (...)"))
+        self.get("connector").ok_or_else(|| {
+            Error::connector(&self.table, "missing option 'connector' in WITH (...)")
+        })
     }
 
     /// An option's raw value.
@@ -34,7 +40,9 @@ impl Options {
 
     /// A required option.
     pub fn required(&mut self, key: &str) -> Result<String> {
-        self.get(key).ok_or_else(|| Error::connector(&self.table, format!("missing required option '{key}'")))
+        self.get(key).ok_or_else(|| {
+            Error::connector(&self.table, format!("missing required option '{key}'"))
+        })
     }
 
     /// A parsed option, with a default.
@@ -42,7 +50,13 @@ impl Options {
         match self.get(key) {
             None => Ok(default),
             Some(v) => v.trim().parse().map_err(|_| {
-                Error::connector(&self.table, format!("option '{key}' = '{v}' is not a valid {}", std::any::type_name::<T>()))
+                Error::connector(
+                    &self.table,
+                    format!(
+                        "option '{key}' = '{v}' is not a valid {}",
+                        std::any::type_name::<T>()
+                    ),
+                )
             }),
         }
     }
@@ -53,14 +67,21 @@ impl Options {
             None => Ok(default),
             Some(v) if v == "true" => Ok(true),
             Some(v) if v == "false" => Ok(false),
-            Some(v) => Err(Error::connector(&self.table, format!("option '{key}' = '{v}' must be 'true' or 'false'"))),
+            Some(v) => Err(Error::connector(
+                &self.table,
+                format!("option '{key}' = '{v}' must be 'true' or 'false'"),
+            )),
         }
     }
 
     /// All options starting with `prefix`, marked as read.
     pub fn with_prefix(&mut self, prefix: &str) -> Vec<(String, String)> {
-        let found: Vec<(String, String)> =
-            self.values.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let found: Vec<(String, String)> = self
+            .values
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         for (k, _) in &found {
             self.read.insert(k.clone());
         }
@@ -81,7 +102,11 @@ impl Options {
         let unknown: Vec<&String> = self
             .values
             .keys()
-            .filter(|k| !self.read.contains(*k) && !ENGINE_OPTIONS.contains(&k.as_str()) && !extra_ok.contains(&k.as_str()))
+            .filter(|k| {
+                !self.read.contains(*k)
+                    && !ENGINE_OPTIONS.contains(&k.as_str())
+                    && !extra_ok.contains(&k.as_str())
+            })
             .collect();
         if unknown.is_empty() {
             return Ok(());
@@ -92,9 +117,17 @@ impl Options {
             format!(
                 "unknown option{} {} for connector '{}' (it reads: {})",
                 if unknown.len() > 1 { "s" } else { "" },
-                unknown.iter().map(|k| format!("'{k}'")).collect::<Vec<_>>().join(", "),
+                unknown
+                    .iter()
+                    .map(|k| format!("'{k}'"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 self.values.get("connector").cloned().unwrap_or_default(),
-                known.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+                known
+                    .iter()
+                    .map(|k| k.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         ))
     }
@@ -102,13 +135,34 @@ impl Options {
     /// Fails on options a source did not read. Sink-side options are tolerated, since one table
     /// may be read by one statement and written by another.
     pub fn finish_source(&self) -> Result<()> {
-        self.finish(&["sink.rolling-policy.file-size", "sink.rolling-policy.rollover-interval", "print-identifier", "memory.name"])
+        self.finish(&[
+            "sink.rolling-policy.file-size",
+            "sink.rolling-policy.rollover-interval",
+            "print-identifier",
+            "memory.name",
+        ])
     }
 
     /// Fails on options a sink did not read (source-side options are tolerated).
     pub fn finish_sink(&self) -> Result<()> {
-        let mut source_side: Vec<&str> = vec!["json.ignore-parse-errors", "source.monitor-interval", "rows-per-second", "number-of-rows", "seed", "speed-up", "max-out-of-orderness", "start-time", "csv.ignore-parse-errors", "event-rate"];
-        let fields: Vec<&str> = self.values.keys().filter(|k| k.starts_with("fields.")).map(String::as_str).collect();
+        let mut source_side: Vec<&str> = vec![
+            "json.ignore-parse-errors",
+            "source.monitor-interval",
+            "rows-per-second",
+            "number-of-rows",
+            "seed",
+            "speed-up",
+            "max-out-of-orderness",
+            "start-time",
+            "csv.ignore-parse-errors",
+            "event-rate",
+        ];
+        let fields: Vec<&str> = self
+            .values
+            .keys()
+            .filter(|k| k.starts_with("fields."))
+            .map(String::as_str)
+            .collect();
         source_side.extend(fields);
         self.finish(&source_side)
     }

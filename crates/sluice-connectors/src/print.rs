@@ -29,7 +29,13 @@ impl SinkWriter for PrintSink {
         let stdout = std::io::stdout();
         let mut out = stdout.lock();
         for (i, row) in formatters.into_iter().enumerate() {
-            let _ = writeln!(out, "{}{}[{}]", self.prefix, batch.op(i).short_name(), row.join(", "));
+            let _ = writeln!(
+                out,
+                "{}{}[{}]",
+                self.prefix,
+                batch.op(i).short_name(),
+                row.join(", ")
+            );
         }
         Ok(())
     }

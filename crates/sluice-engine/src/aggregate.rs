@@ -34,6 +34,8 @@ pub struct AggregateState {
     watermark: i64,
     gids: Vec<u32>,
     result_rows: Option<RowConverter>,
+    /// No GROUP BY: one group under a constant key that is not part of the output.
+    global: bool,
 }
 
 /// Session windows: per key, its open sessions; each session owns an accumulator slot.
@@ -79,21 +81,39 @@ impl AggregateState {
         schema: SchemaRef,
         input_schema: &arrow::datatypes::Schema,
     ) -> Result<Self> {
+        let global = group.is_empty();
         let key_fields = group
             .iter()
             .map(|g| g.data_type(input_schema).map(SortField::new))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Error::Runtime(e.to_string()))?;
+        // Without GROUP BY there is one group: key it by a constant, never output.
+        let key_fields = if global {
+            vec![SortField::new(DataType::Boolean)]
+        } else {
+            key_fields
+        };
         let mut accs = vec![];
         for c in &calls {
             let input_type = match &c.arg {
-                Some(a) => a.data_type(input_schema).map_err(|e| Error::Runtime(e.to_string()))?,
+                Some(a) => a
+                    .data_type(input_schema)
+                    .map_err(|e| Error::Runtime(e.to_string()))?,
                 None => DataType::Null,
             };
-            accs.push(Accumulator::try_new(acc_kind(c.func), input_type, c.output_type.clone(), c.distinct)?);
+            accs.push(Accumulator::try_new(
+                acc_kind(c.func),
+                input_type,
+                c.output_type.clone(),
+                c.distinct,
+            )?);
         }
         let sessions = match &window {
-            AggWindow::Session { gap, time, key_position } => Some(Sessions {
+            AggWindow::Session {
+                gap,
+                time,
+                key_position,
+            } => Some(Sessions {
                 gap: *gap,
                 time: time.clone(),
                 key_position: *key_position,
@@ -105,8 +125,15 @@ impl AggregateState {
             }),
             _ => None,
         };
-        let result_types: Vec<SortField> = calls.iter().map(|c| SortField::new(c.output_type.clone())).collect();
-        let result_rows = if result_types.is_empty() { None } else { Some(RowConverter::new(result_types)?) };
+        let result_types: Vec<SortField> = calls
+            .iter()
+            .map(|c| SortField::new(c.output_type.clone()))
+            .collect();
+        let result_rows = if result_types.is_empty() {
+            None
+        } else {
+            Some(RowConverter::new(result_types)?)
+        };
         Ok(AggregateState {
             group,
             calls,
@@ -120,12 +147,15 @@ impl AggregateState {
             watermark: i64::MIN,
             gids: vec![],
             result_rows,
+            global,
         })
     }
 
     /// Approximate bytes of state.
     pub fn size_bytes(&self) -> usize {
-        self.table.size_bytes() + self.rows.capacity() * 8 + self.accs.iter().map(|a| a.size_bytes()).sum::<usize>()
+        self.table.size_bytes()
+            + self.rows.capacity() * 8
+            + self.accs.iter().map(|a| a.size_bytes()).sum::<usize>()
     }
 
     /// Number of live groups.
@@ -133,11 +163,37 @@ impl AggregateState {
         self.table.len()
     }
 
+    fn eval_keys(&self, batch: &ChangeBatch) -> Result<Vec<ArrayRef>> {
+        if self.global {
+            return Ok(vec![Arc::new(arrow::array::BooleanArray::from(vec![
+                true;
+                batch
+                    .num_rows(
+                    )
+            ]))]);
+        }
+        self.group.iter().map(|g| evaluate(g, batch)).collect()
+    }
+
+    /// Key columns for output (none for a global aggregation).
+    fn output_keys(&self, gids: &[u32]) -> Result<Vec<ArrayRef>> {
+        if self.global || gids.is_empty() {
+            return Ok(vec![]);
+        }
+        Ok(self.table.keys(gids)?)
+    }
+
     fn signs(batch: &ChangeBatch) -> Vec<i64> {
         (0..batch.num_rows()).map(|i| batch.op(i).sign()).collect()
     }
 
-    fn update_accumulators(&mut self, batch: &ChangeBatch, slots: &[u32], signs: &[i64], capacity: usize) -> Result<()> {
+    fn update_accumulators(
+        &mut self,
+        batch: &ChangeBatch,
+        slots: &[u32],
+        signs: &[i64],
+        capacity: usize,
+    ) -> Result<()> {
         for (call, acc) in self.calls.iter().zip(self.accs.iter_mut()) {
             acc.resize(capacity);
             let values = match &call.arg {
@@ -152,7 +208,13 @@ impl AggregateState {
                     filtered = signs
                         .iter()
                         .enumerate()
-                        .map(|(i, s)| if mask.is_valid(i) && mask.value(i) { *s } else { 0 })
+                        .map(|(i, s)| {
+                            if mask.is_valid(i) && mask.value(i) {
+                                *s
+                            } else {
+                                0
+                            }
+                        })
                         .collect::<Vec<_>>();
                     &filtered[..]
                 }
@@ -168,7 +230,7 @@ impl AggregateState {
         if self.sessions.is_some() {
             return self.apply_sessions(batch);
         }
-        let keys = self.group.iter().map(|g| evaluate(g, batch)).collect::<Result<Vec<_>>>()?;
+        let keys = self.eval_keys(batch)?;
         let mut signs = Self::signs(batch);
         let mut late = 0;
         let end_key = match self.window {
@@ -200,7 +262,11 @@ impl AggregateState {
         }
         let updating = end_key.is_none();
         let before: Vec<u32> = touched.iter().copied().filter(|g| seen[g]).collect();
-        let old = if updating && !before.is_empty() { Some(self.results(&before)?) } else { None };
+        let old = if updating && !before.is_empty() {
+            Some(self.results(&before)?)
+        } else {
+            None
+        };
         self.update_accumulators(batch, &gids, &signs, capacity)?;
         for (&g, &s) in gids.iter().zip(&signs) {
             self.rows[g as usize] += s;
@@ -213,11 +279,18 @@ impl AggregateState {
             }
             for &g in &touched {
                 if !seen[&g] && self.rows[g as usize] > 0 {
-                    self.by_end.entry(ends.value(first_row[&g])).or_default().push(g);
+                    self.by_end
+                        .entry(ends.value(first_row[&g]))
+                        .or_default()
+                        .push(g);
                 }
             }
         }
-        let output = if updating { self.emit_changes(&touched, &seen, old)? } else { None };
+        let output = if updating {
+            self.emit_changes(&touched, &seen, old)?
+        } else {
+            None
+        };
         if end_key.is_none() {
             for &g in &touched {
                 if self.rows[g as usize] <= 0 {
@@ -226,7 +299,10 @@ impl AggregateState {
             }
         }
         self.gids = gids;
-        Ok(ApplyOutcome { late_rows: late, output })
+        Ok(ApplyOutcome {
+            late_rows: late,
+            output,
+        })
     }
 
     fn free_group(&mut self, g: u32) {
@@ -239,14 +315,20 @@ impl AggregateState {
 
     /// Aggregate results for groups (or session slots).
     fn results(&self, slots: &[u32]) -> Result<Vec<ArrayRef>> {
-        self.accs.iter().map(|a| a.evaluate(slots).map_err(Error::from)).collect()
+        self.accs
+            .iter()
+            .map(|a| a.evaluate(slots).map_err(Error::from))
+            .collect()
     }
 
     fn same_results(&self, a: &[ArrayRef], b: &[ArrayRef], i: usize, j: usize) -> bool {
         match &self.result_rows {
             None => true,
             Some(conv) => {
-                let (ra, rb) = (conv.convert_columns(&slice_all(a, i)), conv.convert_columns(&slice_all(b, j)));
+                let (ra, rb) = (
+                    conv.convert_columns(&slice_all(a, i)),
+                    conv.convert_columns(&slice_all(b, j)),
+                );
                 match (ra, rb) {
                     (Ok(x), Ok(y)) => x.row(0) == y.row(0),
                     _ => false,
@@ -256,13 +338,22 @@ impl AggregateState {
     }
 
     /// Emits `+I`, `-U`/`+U` pairs and `-D` for changed groups.
-    fn emit_changes(&mut self, touched: &[u32], existed: &HashMap<u32, bool>, old: Option<Vec<ArrayRef>>) -> Result<Option<ChangeBatch>> {
-        let after: Vec<u32> = touched.iter().copied().filter(|g| self.rows[*g as usize] > 0).collect();
+    fn emit_changes(
+        &mut self,
+        touched: &[u32],
+        existed: &HashMap<u32, bool>,
+        old: Option<Vec<ArrayRef>>,
+    ) -> Result<Option<ChangeBatch>> {
+        let after: Vec<u32> = touched
+            .iter()
+            .copied()
+            .filter(|g| self.rows[*g as usize] > 0)
+            .collect();
         let new = self.results(&after)?;
         let old = old.unwrap_or_default();
         let keys_before: Vec<u32> = touched.iter().copied().filter(|g| existed[g]).collect();
-        let keys_old = if keys_before.is_empty() { vec![] } else { self.table.keys(&keys_before)? };
-        let keys_new = if after.is_empty() { vec![] } else { self.table.keys(&after)? };
+        let keys_old = self.output_keys(&keys_before)?;
+        let keys_new = self.output_keys(&after)?;
         // (source 0 = old rows, 1 = new rows, row index, op)
         let mut picks: Vec<(usize, usize, Op)> = vec![];
         let (mut oi, mut ni) = (0, 0);
@@ -298,21 +389,36 @@ impl AggregateState {
         let mut columns = vec![];
         for c in 0..self.schema.fields().len() {
             let sources: Vec<&dyn Array> = vec![
-                old_cols.get(c).map(|a| a.as_ref()).unwrap_or_else(|| new_cols[c].as_ref()),
-                new_cols.get(c).map(|a| a.as_ref()).unwrap_or_else(|| old_cols[c].as_ref()),
+                old_cols
+                    .get(c)
+                    .map(|a| a.as_ref())
+                    .unwrap_or_else(|| new_cols[c].as_ref()),
+                new_cols
+                    .get(c)
+                    .map(|a| a.as_ref())
+                    .unwrap_or_else(|| old_cols[c].as_ref()),
             ];
             columns.push(arrow::compute::interleave(&sources, &indices)?);
         }
         let columns = self.cast_columns(columns)?;
         let data = RecordBatch::try_new(self.schema.clone(), columns)?;
-        Ok(Some(ChangeBatch::with_ops(data, picks.into_iter().map(|p| p.2).collect())))
+        Ok(Some(ChangeBatch::with_ops(
+            data,
+            picks.into_iter().map(|p| p.2).collect(),
+        )))
     }
 
     fn cast_columns(&self, columns: Vec<ArrayRef>) -> Result<Vec<ArrayRef>> {
         columns
             .into_iter()
             .zip(self.schema.fields())
-            .map(|(c, f)| if c.data_type() == f.data_type() { Ok(c) } else { Ok(arrow::compute::cast(&c, f.data_type())?) })
+            .map(|(c, f)| {
+                if c.data_type() == f.data_type() {
+                    Ok(c)
+                } else {
+                    Ok(arrow::compute::cast(&c, f.data_type())?)
+                }
+            })
             .collect()
     }
 
@@ -325,7 +431,14 @@ impl AggregateState {
         if self.sessions.is_some() {
             return self.fire_sessions();
         }
-        let AggWindow::Assigned { start_key, end_key, as_struct } = self.window else { return Ok(None) };
+        let AggWindow::Assigned {
+            start_key,
+            end_key,
+            as_struct,
+        } = self.window
+        else {
+            return Ok(None);
+        };
         let mut fired = vec![];
         while let Some((&end, _)) = self.by_end.first_key_value() {
             if end > watermark {
@@ -364,7 +477,7 @@ impl AggregateState {
     }
 
     fn apply_sessions(&mut self, batch: &ChangeBatch) -> Result<ApplyOutcome> {
-        let keys = self.group.iter().map(|g| evaluate(g, batch)).collect::<Result<Vec<_>>>()?;
+        let keys = self.eval_keys(batch)?;
         let signs = Self::signs(batch);
         let s = self.sessions.as_mut().expect("session state");
         let times = sluice_common::time::to_millis(&evaluate(&s.time, batch)?)?;
@@ -445,7 +558,10 @@ impl AggregateState {
         }
         self.update_accumulators(batch, &slots, &row_signs, capacity)?;
         self.gids = gids;
-        Ok(ApplyOutcome { late_rows: late, output: None })
+        Ok(ApplyOutcome {
+            late_rows: late,
+            output: None,
+        })
     }
 
     fn fire_sessions(&mut self) -> Result<Option<ChangeBatch>> {
@@ -458,7 +574,10 @@ impl AggregateState {
             s.ends.pop_first();
             let key = s.slot_key[slot as usize];
             let list = s.open.get_mut(&key).expect("open sessions of key");
-            let pos = list.iter().position(|x| x.slot == slot).expect("session listed");
+            let pos = list
+                .iter()
+                .position(|x| x.slot == slot)
+                .expect("session listed");
             let sess = list.swap_remove(pos);
             if list.is_empty() {
                 s.open.remove(&key);
@@ -471,9 +590,13 @@ impl AggregateState {
         let key_position = s.key_position;
         let key_gids: Vec<u32> = fired.iter().map(|f| f.0).collect();
         let slot_ids: Vec<u32> = fired.iter().map(|f| f.1.slot).collect();
-        let mut keys = self.table.keys(&key_gids)?;
-        let starts: ArrayRef = Arc::new(TimestampMillisecondArray::from(fired.iter().map(|f| f.1.start).collect::<Vec<_>>()));
-        let ends: ArrayRef = Arc::new(TimestampMillisecondArray::from(fired.iter().map(|f| f.1.end).collect::<Vec<_>>()));
+        let mut keys = self.output_keys(&key_gids)?;
+        let starts: ArrayRef = Arc::new(TimestampMillisecondArray::from(
+            fired.iter().map(|f| f.1.start).collect::<Vec<_>>(),
+        ));
+        let ends: ArrayRef = Arc::new(TimestampMillisecondArray::from(
+            fired.iter().map(|f| f.1.end).collect::<Vec<_>>(),
+        ));
         keys.insert(key_position, window_struct(&starts, &ends)?);
         keys.extend(self.results(&slot_ids)?);
         let columns = self.cast_columns(keys)?;
@@ -512,8 +635,21 @@ fn window_struct(starts: &ArrayRef, ends: &ArrayRef) -> Result<ArrayRef> {
     let starts = arrow::compute::cast(starts, &ty)?;
     let ends = arrow::compute::cast(ends, &ty)?;
     let times: ArrayRef = Arc::new(TimestampMillisecondArray::from(
-        ends.as_primitive::<TimestampMillisecondType>().values().iter().map(|e| e - 1).collect::<Vec<_>>(),
+        ends.as_primitive::<TimestampMillisecondType>()
+            .values()
+            .iter()
+            .map(|e| e - 1)
+            .collect::<Vec<_>>(),
     ));
-    let fields = Fields::from(sluice_sql::functions::WINDOW_FIELDS.iter().map(|n| Field::new(*n, ty.clone(), false)).collect::<Vec<_>>());
-    Ok(Arc::new(StructArray::try_new(fields, vec![starts, ends, times], None)?))
+    let fields = Fields::from(
+        sluice_sql::functions::WINDOW_FIELDS
+            .iter()
+            .map(|n| Field::new(*n, ty.clone(), false))
+            .collect::<Vec<_>>(),
+    );
+    Ok(Arc::new(StructArray::try_new(
+        fields,
+        vec![starts, ends, times],
+        None,
+    )?))
 }

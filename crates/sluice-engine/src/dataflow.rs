@@ -56,19 +56,29 @@ pub struct DataEvent {
 
 impl Clone for DataEvent {
     fn clone(&self) -> Self {
-        DataEvent { batch: self.batch.clone(), encoded: OnceLock::new() }
+        DataEvent {
+            batch: self.batch.clone(),
+            encoded: OnceLock::new(),
+        }
     }
 }
 
 impl Event {
     /// Rows as an event.
     pub fn data(batch: ChangeBatch) -> Event {
-        Event::Data(DataEvent { batch, encoded: OnceLock::new() })
+        Event::Data(DataEvent {
+            batch,
+            encoded: OnceLock::new(),
+        })
     }
 
     /// A watermark from worker `from`, which will be counted once by each of `peers` receivers.
     pub fn watermark(from: usize, ts: i64, peers: usize) -> Event {
-        Event::Watermark { from: from as u32, ts, weight: peers as u32 }
+        Event::Watermark {
+            from: from as u32,
+            ts,
+            weight: peers as u32,
+        }
     }
 }
 
@@ -90,7 +100,13 @@ fn encode_batch(batch: &ChangeBatch) -> Vec<u8> {
     let data = match &batch.ops {
         None => batch.data.clone(),
         Some(ops) => {
-            let mut fields: Vec<Field> = batch.data.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+            let mut fields: Vec<Field> = batch
+                .data
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| f.as_ref().clone())
+                .collect();
             fields.push(Field::new(OP_COLUMN, DataType::Int8, false));
             let mut cols: Vec<ArrayRef> = batch.data.columns().to_vec();
             cols.push(Arc::new(ops.clone()));
@@ -111,10 +127,18 @@ fn decode_batch(bytes: &[u8]) -> ChangeBatch {
     let schema = batch.schema();
     match schema.index_of(OP_COLUMN) {
         Ok(i) => {
-            let ops = batch.column(i).as_any().downcast_ref::<Int8Array>().expect("int8 ops").clone();
+            let ops = batch
+                .column(i)
+                .as_any()
+                .downcast_ref::<Int8Array>()
+                .expect("int8 ops")
+                .clone();
             let mut data = batch;
             data.remove_column(i);
-            ChangeBatch { data, ops: Some(ops) }
+            ChangeBatch {
+                data,
+                ops: Some(ops),
+            }
         }
         Err(_) => ChangeBatch::inserts(batch),
     }
@@ -133,7 +157,11 @@ impl ContainerBytes for Event {
                 let len = word(1) as usize;
                 Event::data(decode_batch(&b[16..16 + len]))
             }
-            TAG_WATERMARK => Event::Watermark { from: word(1) as u32, ts: word(2) as i64, weight: word(3) as u32 },
+            TAG_WATERMARK => Event::Watermark {
+                from: word(1) as u32,
+                ts: word(2) as i64,
+                weight: word(3) as u32,
+            },
             _ => Event::Empty,
         }
     }
@@ -155,7 +183,9 @@ impl ContainerBytes for Event {
                 put(TAG_DATA);
                 put(enc.len() as u64);
                 writer.write_all(enc).expect("write");
-                writer.write_all(&[0u8; 8][..padded(enc.len()) - enc.len()]).expect("write");
+                writer
+                    .write_all(&[0u8; 8][..padded(enc.len()) - enc.len()])
+                    .expect("write");
             }
             Event::Watermark { from, ts, weight } => {
                 put(TAG_WATERMARK);
@@ -189,26 +219,51 @@ impl KeyDistributor {
     /// Workers for every row of a batch, or `None` if a key cannot be evaluated (the batch then
     /// goes whole to one worker, whose operator reports the error).
     fn route(&mut self, batch: &RecordBatch, peers: usize) -> Option<Vec<usize>> {
-        let arrays: Vec<ArrayRef> =
-            self.keys.iter().map(|k| k.evaluate(batch).and_then(|v| v.into_array(batch.num_rows()))).collect::<Result<_, _>>().ok()?;
+        let arrays: Vec<ArrayRef> = self
+            .keys
+            .iter()
+            .map(|k| {
+                k.evaluate(batch)
+                    .and_then(|v| v.into_array(batch.num_rows()))
+            })
+            .collect::<Result<_, _>>()
+            .ok()?;
         self.hashes.clear();
         self.hashes.resize(batch.num_rows(), 0);
         if arrays.is_empty() {
             return Some(vec![0; batch.num_rows()]);
         }
         create_hashes(&arrays, &key_hash_state(), &mut self.hashes).ok()?;
-        Some(self.hashes.iter().map(|h| worker_for_hash(*h, peers)).collect())
+        Some(
+            self.hashes
+                .iter()
+                .map(|h| worker_for_hash(*h, peers))
+                .collect(),
+        )
     }
 }
 
 impl Distributor<Event> for KeyDistributor {
-    fn partition<T: Clone, P: Push<Message<T, Event>>>(&mut self, container: &mut Event, stamp: &Stamp<T>, pushers: &mut [P]) {
+    fn partition<T: Clone, P: Push<Message<T, Event>>>(
+        &mut self,
+        container: &mut Event,
+        stamp: &Stamp<T>,
+        pushers: &mut [P],
+    ) {
         let peers = pushers.len();
         match std::mem::take(container) {
             Event::Empty => {}
             Event::Watermark { from, ts, .. } => {
                 for p in pushers.iter_mut() {
-                    Message::push_at(&mut Event::Watermark { from, ts, weight: 1 }, stamp.clone(), p);
+                    Message::push_at(
+                        &mut Event::Watermark {
+                            from,
+                            ts,
+                            weight: 1,
+                        },
+                        stamp.clone(),
+                        p,
+                    );
                 }
             }
             Event::Data(d) => {
@@ -227,7 +282,9 @@ impl Distributor<Event> for KeyDistributor {
                     let part = if rows.len() == d.batch.num_rows() {
                         d.batch.clone()
                     } else {
-                        d.batch.take(&UInt32Array::from(rows)).expect("take within bounds")
+                        d.batch
+                            .take(&UInt32Array::from(rows))
+                            .expect("take within bounds")
                     };
                     Message::push_at(&mut Event::data(part), stamp.clone(), &mut pushers[w]);
                 }
@@ -235,12 +292,23 @@ impl Distributor<Event> for KeyDistributor {
         }
     }
 
-    fn flush<T: Clone, P: Push<Message<T, Event>>>(&mut self, _stamp: &Stamp<T>, _pushers: &mut [P]) {}
+    fn flush<T: Clone, P: Push<Message<T, Event>>>(
+        &mut self,
+        _stamp: &Stamp<T>,
+        _pushers: &mut [P],
+    ) {
+    }
 }
 
 /// Routes rows to the worker owning their key's key group; every worker gets every watermark.
-pub fn exchange_by_key<'scope>(stream: EventStream<'scope>, keys: Vec<PhysExpr>) -> EventStream<'scope> {
-    let pact = DistributorPact(move |_peers: usize| KeyDistributor { keys, hashes: vec![] });
+pub fn exchange_by_key<'scope>(
+    stream: EventStream<'scope>,
+    keys: Vec<PhysExpr>,
+) -> EventStream<'scope> {
+    let pact = DistributorPact(move |_peers: usize| KeyDistributor {
+        keys,
+        hashes: vec![],
+    });
     stream.unary::<EventBuilder, _, _, _>(pact, "ExchangeByKey", |_cap, _info| {
         |input, output| {
             input.for_each(|cap, data| {
@@ -251,7 +319,11 @@ pub fn exchange_by_key<'scope>(stream: EventStream<'scope>, keys: Vec<PhysExpr>)
 }
 
 /// Re-labels the watermarks of one input of a union, so the union can tell its inputs apart.
-pub fn tag_watermarks<'scope>(stream: EventStream<'scope>, input: u32, workers: u32) -> EventStream<'scope> {
+pub fn tag_watermarks<'scope>(
+    stream: EventStream<'scope>,
+    input: u32,
+    workers: u32,
+) -> EventStream<'scope> {
     stream.unary::<EventBuilder, _, _, _>(Pipeline, "TagWatermarks", move |_cap, _info| {
         move |handle, output| {
             handle.for_each(|cap, data| {
@@ -268,14 +340,24 @@ pub fn tag_watermarks<'scope>(stream: EventStream<'scope>, input: u32, workers: 
 pub type DataflowScope<'scope> = Scope<'scope, Epoch>;
 
 /// A timely configuration for `workers` threads in each of `hosts.len()` processes (or one).
-pub fn cluster_config(workers: usize, process: usize, hosts: Option<Vec<String>>) -> timely::Config {
+pub fn cluster_config(
+    workers: usize,
+    process: usize,
+    hosts: Option<Vec<String>>,
+) -> timely::Config {
     let communication = match hosts {
-        Some(addresses) if addresses.len() > 1 => {
-            timely::CommunicationConfig::Cluster { threads: workers, process, addresses, report: false, zerocopy: false }
-        }
+        Some(addresses) if addresses.len() > 1 => timely::CommunicationConfig::Cluster {
+            threads: workers,
+            process,
+            addresses,
+            report: false,
+            zerocopy: false,
+        },
         _ if workers > 1 => timely::CommunicationConfig::Process(workers),
         _ => timely::CommunicationConfig::Thread,
     };
-    timely::Config { communication, worker: timely::WorkerConfig::default() }
+    timely::Config {
+        communication,
+        worker: timely::WorkerConfig::default(),
+    }
 }
-

@@ -18,7 +18,10 @@ use timely::dataflow::operators::{Concatenate, Probe};
 use timely::dataflow::ProbeHandle;
 
 use crate::aggregate::AggregateState;
-use crate::dataflow::{cluster_config, exchange_by_key, tag_watermarks, DataflowScope, Epoch, Event, EventBuilder, EventStream};
+use crate::dataflow::{
+    cluster_config, exchange_by_key, tag_watermarks, DataflowScope, Epoch, Event, EventBuilder,
+    EventStream,
+};
 use crate::metrics::JobMetrics;
 use crate::stateless::{assign_windows, evaluate, filter, map_batches, project};
 use crate::watermark::WatermarkTracker;
@@ -53,7 +56,13 @@ pub struct JobOptions {
 
 impl Default for JobOptions {
     fn default() -> Self {
-        JobOptions { workers: 1, process: 0, hosts: None, select_output: None, metrics: JobMetrics::new() }
+        JobOptions {
+            workers: 1,
+            process: 0,
+            hosts: None,
+            select_output: None,
+            metrics: JobMetrics::new(),
+        }
     }
 }
 
@@ -130,7 +139,11 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
     let started = Instant::now();
     let metrics = options.metrics.clone();
     let plan = Arc::new(plan);
-    let config = cluster_config(options.workers.max(1), options.process, options.hosts.clone());
+    let config = cluster_config(
+        options.workers.max(1),
+        options.process,
+        options.hosts.clone(),
+    );
     let select_output = options.select_output.clone();
     if let Some(out) = &select_output {
         for p in &plan.pipelines {
@@ -144,7 +157,12 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
         let index = worker.index();
         let peers = worker.peers();
         let probe = ProbeHandle::<Epoch>::new();
-        let ctx = BuildContext { index, peers, metrics: worker_metrics.clone(), probe: probe.clone() };
+        let ctx = BuildContext {
+            index,
+            peers,
+            metrics: worker_metrics.clone(),
+            probe: probe.clone(),
+        };
         worker.dataflow::<Epoch, _, _>(|scope| {
             for p in plan.pipelines.iter() {
                 let stream = build(scope, &p.query, &ctx);
@@ -185,44 +203,99 @@ struct BuildContext {
     probe: ProbeHandle<Epoch>,
 }
 
-fn build<'scope>(scope: DataflowScope<'scope>, node: &StreamNode, ctx: &BuildContext) -> EventStream<'scope> {
+fn build<'scope>(
+    scope: DataflowScope<'scope>,
+    node: &StreamNode,
+    ctx: &BuildContext,
+) -> EventStream<'scope> {
     match node {
-        StreamNode::Scan { table, projection, schema } => scan(scope, table.clone(), projection.clone(), schema.clone(), ctx),
-        StreamNode::Project { input, exprs, schema } => {
+        StreamNode::Scan {
+            table,
+            projection,
+            schema,
+        } => scan(
+            scope,
+            table.clone(),
+            projection.clone(),
+            schema.clone(),
+            ctx,
+        ),
+        StreamNode::Project {
+            input,
+            exprs,
+            schema,
+        } => {
             let (exprs, schema) = (exprs.clone(), schema.clone());
-            map_batches(build(scope, input, ctx), "Project", ctx.metrics.clone(), move |b| project(b, &exprs, &schema).map(Some))
+            map_batches(
+                build(scope, input, ctx),
+                "Project",
+                ctx.metrics.clone(),
+                move |b| project(b, &exprs, &schema).map(Some),
+            )
         }
         StreamNode::Filter { input, predicate } => {
             let predicate = predicate.clone();
-            map_batches(build(scope, input, ctx), "Filter", ctx.metrics.clone(), move |b| filter(b, &predicate).map(Some))
+            map_batches(
+                build(scope, input, ctx),
+                "Filter",
+                ctx.metrics.clone(),
+                move |b| filter(b, &predicate).map(Some),
+            )
         }
-        StreamNode::WindowAssign { input, time, kind, schema } => {
+        StreamNode::WindowAssign {
+            input,
+            time,
+            kind,
+            schema,
+        } => {
             let (time, kind, schema) = (time.clone(), *kind, schema.clone());
-            map_batches(build(scope, input, ctx), "WindowAssign", ctx.metrics.clone(), move |b| {
-                assign_windows(b, &time, kind, &schema).map(Some)
-            })
+            map_batches(
+                build(scope, input, ctx),
+                "WindowAssign",
+                ctx.metrics.clone(),
+                move |b| assign_windows(b, &time, kind, &schema).map(Some),
+            )
         }
         StreamNode::Union { inputs, .. } => {
             let n = inputs.len();
             let streams: Vec<EventStream<'scope>> = inputs
                 .iter()
                 .enumerate()
-                .map(|(i, input)| tag_watermarks(build(scope, input, ctx), i as u32, ctx.peers as u32))
+                .map(|(i, input)| {
+                    tag_watermarks(build(scope, input, ctx), i as u32, ctx.peers as u32)
+                })
                 .collect();
             let merged = scope.concatenate(streams);
             merge_watermarks(merged, n, ctx)
         }
-        StreamNode::Aggregate { input, group, aggs, window, schema, .. } => {
+        StreamNode::Aggregate {
+            input,
+            group,
+            aggs,
+            window,
+            schema,
+            ..
+        } => {
             let input_schema = input.schema();
             let stream = exchange_by_key(build(scope, input, ctx), group.clone());
-            let state = AggregateState::try_new(group.clone(), aggs.clone(), window.clone(), schema.clone(), &input_schema);
+            let state = AggregateState::try_new(
+                group.clone(),
+                aggs.clone(),
+                window.clone(),
+                schema.clone(),
+                &input_schema,
+            );
             aggregate(stream, state, ctx)
         }
     }
 }
 
 /// Emits the minimum watermark over a union's inputs.
-fn merge_watermarks<'scope>(stream: EventStream<'scope>, inputs: usize, ctx: &BuildContext) -> EventStream<'scope> {
+fn merge_watermarks<'scope>(
+    stream: EventStream<'scope>,
+    inputs: usize,
+    ctx: &BuildContext,
+) -> EventStream<'scope> {
     let (index, peers) = (ctx.index, ctx.peers);
     stream.unary::<EventBuilder, _, _, _>(Pipeline, "UnionWatermark", move |_cap, _info| {
         let mut tracker = WatermarkTracker::new(inputs);
@@ -230,7 +303,9 @@ fn merge_watermarks<'scope>(stream: EventStream<'scope>, inputs: usize, ctx: &Bu
             input.for_each(|cap, data| match data {
                 Event::Watermark { from, ts, .. } => {
                     if let Some(wm) = tracker.observe(*from, *ts) {
-                        output.session(&cap).give_container(&mut Event::watermark(index, wm, peers));
+                        output
+                            .session(&cap)
+                            .give_container(&mut Event::watermark(index, wm, peers));
                     }
                 }
                 _ => output.session(&cap).give_container(data),
@@ -239,7 +314,11 @@ fn merge_watermarks<'scope>(stream: EventStream<'scope>, inputs: usize, ctx: &Bu
     })
 }
 
-fn aggregate<'scope>(stream: EventStream<'scope>, state: Result<AggregateState>, ctx: &BuildContext) -> EventStream<'scope> {
+fn aggregate<'scope>(
+    stream: EventStream<'scope>,
+    state: Result<AggregateState>,
+    ctx: &BuildContext,
+) -> EventStream<'scope> {
     let (index, peers, metrics) = (ctx.index, ctx.peers, ctx.metrics.clone());
     let mut state = match state {
         Ok(s) => Some(s),
@@ -269,11 +348,15 @@ fn aggregate<'scope>(stream: EventStream<'scope>, state: Result<AggregateState>,
                     Event::Watermark { from, ts, .. } => {
                         if let Some(wm) = tracker.observe(*from, *ts) {
                             match state.advance_watermark(wm) {
-                                Ok(Some(out)) => output.session(&cap).give_container(&mut Event::data(out)),
+                                Ok(Some(out)) => {
+                                    output.session(&cap).give_container(&mut Event::data(out))
+                                }
                                 Ok(None) => {}
                                 Err(e) => metrics.fail(e),
                             }
-                            output.session(&cap).give_container(&mut Event::watermark(index, wm, peers));
+                            output
+                                .session(&cap)
+                                .give_container(&mut Event::watermark(index, wm, peers));
                         }
                     }
                     Event::Empty => {}
@@ -290,7 +373,8 @@ fn scan<'scope>(
     schema: SchemaRef,
     ctx: &BuildContext,
 ) -> EventStream<'scope> {
-    let (index, peers, metrics, probe) = (ctx.index, ctx.peers, ctx.metrics.clone(), ctx.probe.clone());
+    let (index, peers, metrics, probe) =
+        (ctx.index, ctx.peers, ctx.metrics.clone(), ctx.probe.clone());
     let mut reader = match open_source(&spec(&table), index, peers) {
         Ok(r) => Some(r),
         Err(e) => {
@@ -299,84 +383,99 @@ fn scan<'scope>(
         }
     };
     let read_counter = metrics.read_counter(&table.name);
-    source::<_, EventBuilder, _, _>(scope, &format!("Source({})", table.name), move |cap, info| {
-        let activator = scope.activator_for(info.address.clone());
-        let mut cap = Some(cap);
-        let mut epoch: Epoch = 0;
-        let mut epoch_started = Instant::now();
-        let mut watermark = MIN_WATERMARK;
-        let mut skipped_reported = 0;
-        move |output| {
-            let Some(c) = cap.as_mut() else { return };
-            let Some(r) = reader.as_mut() else {
-                cap = None;
-                return;
-            };
-            if metrics.failed() {
-                cap = None;
-                return;
-            }
-            if epoch >= MAX_EPOCHS_IN_FLIGHT && probe.less_than(&(epoch - MAX_EPOCHS_IN_FLIGHT)) {
-                activator.activate_after(Duration::from_millis(1));
-                return;
-            }
-            let mut idle = false;
-            for _ in 0..8 {
-                match r.poll(BATCH_ROWS) {
-                    Ok(Poll::Batch { batch, .. }) => {
-                        read_counter.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
-                        match prepare(&table, &projection, &schema, batch) {
-                            Ok((out, wm)) => {
-                                if out.num_rows() > 0 {
-                                    output.session(c).give_container(&mut Event::data(out));
+    source::<_, EventBuilder, _, _>(
+        scope,
+        &format!("Source({})", table.name),
+        move |cap, info| {
+            let activator = scope.activator_for(info.address.clone());
+            let mut cap = Some(cap);
+            let mut epoch: Epoch = 0;
+            let mut epoch_started = Instant::now();
+            let mut watermark = MIN_WATERMARK;
+            let mut skipped_reported = 0;
+            move |output| {
+                let Some(c) = cap.as_mut() else { return };
+                let Some(r) = reader.as_mut() else {
+                    cap = None;
+                    return;
+                };
+                if metrics.failed() {
+                    cap = None;
+                    return;
+                }
+                if epoch >= MAX_EPOCHS_IN_FLIGHT && probe.less_than(&(epoch - MAX_EPOCHS_IN_FLIGHT))
+                {
+                    activator.activate_after(Duration::from_millis(1));
+                    return;
+                }
+                let mut idle = false;
+                for _ in 0..8 {
+                    match r.poll(BATCH_ROWS) {
+                        Ok(Poll::Batch { batch, .. }) => {
+                            read_counter.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
+                            match prepare(&table, &projection, &schema, batch) {
+                                Ok((out, wm)) => {
+                                    if out.num_rows() > 0 {
+                                        output.session(c).give_container(&mut Event::data(out));
+                                    }
+                                    if let Some(wm) = wm.filter(|w| *w > watermark) {
+                                        watermark = wm;
+                                        output.session(c).give_container(&mut Event::watermark(
+                                            index, wm, peers,
+                                        ));
+                                        metrics.source_watermark.store(wm, Ordering::Relaxed);
+                                    }
                                 }
-                                if let Some(wm) = wm.filter(|w| *w > watermark) {
-                                    watermark = wm;
-                                    output.session(c).give_container(&mut Event::watermark(index, wm, peers));
-                                    metrics.source_watermark.store(wm, Ordering::Relaxed);
+                                Err(e) => {
+                                    metrics.fail(e);
+                                    cap = None;
+                                    return;
                                 }
-                            }
-                            Err(e) => {
-                                metrics.fail(e);
-                                cap = None;
-                                return;
                             }
                         }
-                    }
-                    Ok(Poll::Idle) => {
-                        idle = true;
-                        break;
-                    }
-                    Ok(Poll::Finished) => {
-                        metrics.records_skipped.fetch_add(r.skipped() - skipped_reported, Ordering::Relaxed);
-                        output.session(c).give_container(&mut Event::watermark(index, MAX_WATERMARK, peers));
-                        cap = None;
-                        return;
-                    }
-                    Err(e) => {
-                        metrics.fail(e);
-                        cap = None;
-                        return;
+                        Ok(Poll::Idle) => {
+                            idle = true;
+                            break;
+                        }
+                        Ok(Poll::Finished) => {
+                            metrics
+                                .records_skipped
+                                .fetch_add(r.skipped() - skipped_reported, Ordering::Relaxed);
+                            output.session(c).give_container(&mut Event::watermark(
+                                index,
+                                MAX_WATERMARK,
+                                peers,
+                            ));
+                            cap = None;
+                            return;
+                        }
+                        Err(e) => {
+                            metrics.fail(e);
+                            cap = None;
+                            return;
+                        }
                     }
                 }
+                let skipped = r.skipped();
+                if skipped > skipped_reported {
+                    metrics
+                        .records_skipped
+                        .fetch_add(skipped - skipped_reported, Ordering::Relaxed);
+                    skipped_reported = skipped;
+                }
+                if epoch_started.elapsed() >= EPOCH_LENGTH {
+                    epoch += 1;
+                    c.downgrade(&epoch);
+                    epoch_started = Instant::now();
+                }
+                if idle {
+                    activator.activate_after(Duration::from_millis(2));
+                } else {
+                    activator.activate();
+                }
             }
-            let skipped = r.skipped();
-            if skipped > skipped_reported {
-                metrics.records_skipped.fetch_add(skipped - skipped_reported, Ordering::Relaxed);
-                skipped_reported = skipped;
-            }
-            if epoch_started.elapsed() >= EPOCH_LENGTH {
-                epoch += 1;
-                c.downgrade(&epoch);
-                epoch_started = Instant::now();
-            }
-            if idle {
-                activator.activate_after(Duration::from_millis(2));
-            } else {
-                activator.activate();
-            }
-        }
-    })
+        },
+    )
 }
 
 /// Computed columns, the watermark, then the scan's projection.
@@ -405,13 +504,20 @@ fn prepare(
         None => full,
         Some(p) => {
             let data = full.data.project(p)?;
-            ChangeBatch::inserts(arrow::record_batch::RecordBatch::try_new(schema.clone(), data.columns().to_vec())?)
+            ChangeBatch::inserts(arrow::record_batch::RecordBatch::try_new(
+                schema.clone(),
+                data.columns().to_vec(),
+            )?)
         }
     };
     Ok((out, wm))
 }
 
-fn table_sink<'scope>(stream: EventStream<'scope>, table: &TableDef, ctx: &BuildContext) -> EventStream<'scope> {
+fn table_sink<'scope>(
+    stream: EventStream<'scope>,
+    table: &TableDef,
+    ctx: &BuildContext,
+) -> EventStream<'scope> {
     let (metrics, counter) = (ctx.metrics.clone(), ctx.metrics.write_counter(&table.name));
     let mut writer = match open_sink(&spec(table), ctx.index, ctx.peers) {
         Ok(w) => Some(w),
@@ -421,30 +527,37 @@ fn table_sink<'scope>(stream: EventStream<'scope>, table: &TableDef, ctx: &Build
         }
     };
     let schema = table.physical_schema.clone();
-    stream.unary_frontier::<EventBuilder, _, _, _>(Pipeline, &format!("Sink({})", table.name), move |_cap, _info| {
-        move |(input, frontier), _output| {
-            input.for_each(|_cap, data| {
-                if let (Event::Data(d), Some(w)) = (data, writer.as_mut()) {
-                    counter.fetch_add(d.batch.num_rows() as u64, Ordering::Relaxed);
-                    // Columns keep the table's declared names and nullability.
-                    let batch = match d.batch.with_columns(schema.clone(), d.batch.data.columns().to_vec()) {
-                        Ok(b) => b,
-                        Err(e) => return metrics.fail(e.into()),
-                    };
-                    if let Err(e) = w.write(&batch) {
-                        metrics.fail(e);
+    stream.unary_frontier::<EventBuilder, _, _, _>(
+        Pipeline,
+        &format!("Sink({})", table.name),
+        move |_cap, _info| {
+            move |(input, frontier), _output| {
+                input.for_each(|_cap, data| {
+                    if let (Event::Data(d), Some(w)) = (data, writer.as_mut()) {
+                        counter.fetch_add(d.batch.num_rows() as u64, Ordering::Relaxed);
+                        // Columns keep the table's declared names and nullability.
+                        let batch = match d
+                            .batch
+                            .with_columns(schema.clone(), d.batch.data.columns().to_vec())
+                        {
+                            Ok(b) => b,
+                            Err(e) => return metrics.fail(e.into()),
+                        };
+                        if let Err(e) = w.write(&batch) {
+                            metrics.fail(e);
+                        }
                     }
-                }
-            });
-            if frontier.is_empty() {
-                if let Some(mut w) = writer.take() {
-                    if let Err(e) = w.finish() {
-                        metrics.fail(e);
+                });
+                if frontier.is_empty() {
+                    if let Some(mut w) = writer.take() {
+                        if let Err(e) = w.finish() {
+                            metrics.fail(e);
+                        }
                     }
                 }
             }
-        }
-    })
+        },
+    )
 }
 
 fn select_sink<'scope>(

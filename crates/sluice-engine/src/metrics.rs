@@ -28,22 +28,42 @@ impl JobMetrics {
 
     /// The counter of rows read from a table.
     pub fn read_counter(&self, table: &str) -> Arc<AtomicU64> {
-        self.rows_read.lock().expect("metrics").entry(table.to_string()).or_default().clone()
+        self.rows_read
+            .lock()
+            .expect("metrics")
+            .entry(table.to_string())
+            .or_default()
+            .clone()
     }
 
     /// The counter of rows written to a sink.
     pub fn write_counter(&self, sink: &str) -> Arc<AtomicU64> {
-        self.rows_written.lock().expect("metrics").entry(sink.to_string()).or_default().clone()
+        self.rows_written
+            .lock()
+            .expect("metrics")
+            .entry(sink.to_string())
+            .or_default()
+            .clone()
     }
 
     /// Rows read per source.
     pub fn rows_read(&self) -> BTreeMap<String, u64> {
-        self.rows_read.lock().expect("metrics").iter().map(|(k, v)| (k.clone(), v.load(Ordering::Relaxed))).collect()
+        self.rows_read
+            .lock()
+            .expect("metrics")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.load(Ordering::Relaxed)))
+            .collect()
     }
 
     /// Rows written per sink.
     pub fn rows_written(&self) -> BTreeMap<String, u64> {
-        self.rows_written.lock().expect("metrics").iter().map(|(k, v)| (k.clone(), v.load(Ordering::Relaxed))).collect()
+        self.rows_written
+            .lock()
+            .expect("metrics")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.load(Ordering::Relaxed)))
+            .collect()
     }
 
     /// Records the first failure.

@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, TimestampMillisecondArray, UInt32Array};
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, TimestampMillisecondArray, UInt32Array,
+};
 use arrow::datatypes::{SchemaRef, TimestampMillisecondType};
 use sluice_common::{ChangeBatch, Error, Result};
 use sluice_sql::{PhysExpr, WindowKind};
@@ -13,7 +15,12 @@ use crate::dataflow::{Event, EventBuilder, EventStream};
 use crate::metrics::JobMetrics;
 
 /// Applies `f` to each batch; watermarks pass through, re-labelled as this worker's.
-pub fn map_batches<'scope, F>(stream: EventStream<'scope>, name: &str, metrics: Arc<JobMetrics>, mut f: F) -> EventStream<'scope>
+pub fn map_batches<'scope, F>(
+    stream: EventStream<'scope>,
+    name: &str,
+    metrics: Arc<JobMetrics>,
+    mut f: F,
+) -> EventStream<'scope>
 where
     F: FnMut(&ChangeBatch) -> Result<Option<ChangeBatch>> + 'static,
 {
@@ -26,7 +33,9 @@ where
                         return;
                     }
                     match f(&d.batch) {
-                        Ok(Some(out)) if out.num_rows() > 0 => output.session(&cap).give_container(&mut Event::data(out)),
+                        Ok(Some(out)) if out.num_rows() > 0 => {
+                            output.session(&cap).give_container(&mut Event::data(out))
+                        }
                         Ok(_) => {}
                         Err(e) => metrics.fail(e),
                     }
@@ -47,7 +56,10 @@ pub fn evaluate(expr: &PhysExpr, batch: &ChangeBatch) -> Result<ArrayRef> {
 
 /// Projection.
 pub fn project(batch: &ChangeBatch, exprs: &[PhysExpr], schema: &SchemaRef) -> Result<ChangeBatch> {
-    let columns = exprs.iter().map(|e| evaluate(e, batch)).collect::<Result<Vec<_>>>()?;
+    let columns = exprs
+        .iter()
+        .map(|e| evaluate(e, batch))
+        .collect::<Result<Vec<_>>>()?;
     Ok(batch.with_columns(schema.clone(), columns)?)
 }
 
@@ -58,16 +70,27 @@ pub fn filter(batch: &ChangeBatch, predicate: &PhysExpr) -> Result<ChangeBatch> 
         .as_any()
         .downcast_ref::<BooleanArray>()
         .ok_or_else(|| Error::Runtime(format!("WHERE condition {predicate} is not a BOOLEAN")))?;
-    let mask = arrow::compute::prep_null_mask_filter(mask);
+    let cleaned;
+    let mask = if mask.null_count() > 0 {
+        cleaned = arrow::compute::prep_null_mask_filter(mask);
+        &cleaned
+    } else {
+        mask
+    };
     if mask.true_count() == batch.num_rows() {
         return Ok(batch.clone());
     }
-    Ok(batch.filter(&mask)?)
+    Ok(batch.filter(mask)?)
 }
 
 /// Appends `window_start`, `window_end`, `window_time` (end - 1 ms); HOP and CUMULATE emit one
 /// copy of a row per window it falls in. Rows with a NULL time are dropped, as in Flink.
-pub fn assign_windows(batch: &ChangeBatch, time: &PhysExpr, kind: WindowKind, schema: &SchemaRef) -> Result<ChangeBatch> {
+pub fn assign_windows(
+    batch: &ChangeBatch,
+    time: &PhysExpr,
+    kind: WindowKind,
+    schema: &SchemaRef,
+) -> Result<ChangeBatch> {
     let t = sluice_common::time::to_millis(&evaluate(time, batch)?)?;
     let t = t.as_primitive::<TimestampMillisecondType>();
     let mut rows = Vec::with_capacity(t.len());

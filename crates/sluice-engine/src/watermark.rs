@@ -14,7 +14,11 @@ pub struct WatermarkTracker {
 
 impl WatermarkTracker {
     pub fn new(expected: usize) -> Self {
-        WatermarkTracker { expected, latest: HashMap::new(), current: MIN_WATERMARK }
+        WatermarkTracker {
+            expected,
+            latest: HashMap::new(),
+            current: MIN_WATERMARK,
+        }
     }
 
     /// The combined watermark.

@@ -67,7 +67,9 @@ impl Dialect for SluiceDialect {
                 parameters: FunctionArguments::None,
                 args: FunctionArguments::List(FunctionArgumentList {
                     duplicate_treatment: None,
-                    args: vec![sqlparser::ast::FunctionArg::Unnamed(sqlparser::ast::FunctionArgExpr::Expr(arg))],
+                    args: vec![sqlparser::ast::FunctionArg::Unnamed(
+                        sqlparser::ast::FunctionArgExpr::Expr(arg),
+                    )],
                     clauses: vec![],
                 }),
                 filter: None,

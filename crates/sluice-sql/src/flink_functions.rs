@@ -6,11 +6,16 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, AsArray, Int64Array, StringBuilder};
 use arrow::datatypes::DataType;
 use datafusion_common::{exec_err, Result as DFResult};
-use datafusion_expr::{ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility};
+use datafusion_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+};
 
 /// Every Flink-only scalar function.
 pub fn all() -> Vec<Arc<ScalarUDF>> {
-    vec![Arc::new(ScalarUDF::new_from_impl(RegexpExtract::new())), Arc::new(ScalarUDF::new_from_impl(SplitIndex::new()))]
+    vec![
+        Arc::new(ScalarUDF::new_from_impl(RegexpExtract::new())),
+        Arc::new(ScalarUDF::new_from_impl(SplitIndex::new())),
+    ]
 }
 
 fn to_arrays(args: &[ColumnarValue], rows: usize) -> DFResult<Vec<ArrayRef>> {
@@ -22,7 +27,9 @@ fn as_strings(a: &ArrayRef) -> DFResult<ArrayRef> {
 }
 
 fn as_ints(a: &ArrayRef) -> DFResult<Int64Array> {
-    Ok(arrow::compute::cast(a, &DataType::Int64)?.as_primitive().clone())
+    Ok(arrow::compute::cast(a, &DataType::Int64)?
+        .as_primitive()
+        .clone())
 }
 
 /// `REGEXP_EXTRACT(str, regex [, group])`: the given capture group (0 = whole match, the default
@@ -34,7 +41,9 @@ struct RegexpExtract {
 
 impl RegexpExtract {
     fn new() -> Self {
-        RegexpExtract { signature: Signature::variadic_any(Volatility::Immutable) }
+        RegexpExtract {
+            signature: Signature::variadic_any(Volatility::Immutable),
+        }
     }
 }
 
@@ -57,23 +66,36 @@ impl ScalarUDFImpl for RegexpExtract {
         let strings = strings.as_string::<i32>();
         let patterns = as_strings(&arrays[1])?;
         let patterns = patterns.as_string::<i32>();
-        let groups = if arrays.len() == 3 { Some(as_ints(&arrays[2])?) } else { None };
+        let groups = if arrays.len() == 3 {
+            Some(as_ints(&arrays[2])?)
+        } else {
+            None
+        };
         let mut cache: Option<(String, regex::Regex)> = None;
         let mut out = StringBuilder::new();
         for i in 0..args.number_rows {
-            if strings.is_null(i) || patterns.is_null(i) || groups.as_ref().is_some_and(|g| g.is_null(i)) {
+            if strings.is_null(i)
+                || patterns.is_null(i)
+                || groups.as_ref().is_some_and(|g| g.is_null(i))
+            {
                 out.append_null();
                 continue;
             }
             let pattern = patterns.value(i);
             if cache.as_ref().map(|(p, _)| p.as_str()) != Some(pattern) {
-                let re = regex::Regex::new(pattern)
-                    .map_err(|e| datafusion_common::DataFusionError::Execution(format!("REGEXP_EXTRACT: bad regex '{pattern}': {e}")))?;
+                let re = regex::Regex::new(pattern).map_err(|e| {
+                    datafusion_common::DataFusionError::Execution(format!(
+                        "REGEXP_EXTRACT: bad regex '{pattern}': {e}"
+                    ))
+                })?;
                 cache = Some((pattern.to_string(), re));
             }
             let re = &cache.as_ref().expect("set above").1;
             let group = groups.as_ref().map(|g| g.value(i)).unwrap_or(1);
-            match re.captures(strings.value(i)).and_then(|c| usize::try_from(group).ok().and_then(|g| c.get(g))) {
+            match re
+                .captures(strings.value(i))
+                .and_then(|c| usize::try_from(group).ok().and_then(|g| c.get(g)))
+            {
                 Some(m) => out.append_value(m.as_str()),
                 None => out.append_null(),
             }
@@ -90,7 +112,9 @@ struct SplitIndex {
 
 impl SplitIndex {
     fn new() -> Self {
-        SplitIndex { signature: Signature::any(3, Volatility::Immutable) }
+        SplitIndex {
+            signature: Signature::any(3, Volatility::Immutable),
+        }
     }
 }
 
@@ -117,7 +141,11 @@ impl ScalarUDFImpl for SplitIndex {
                 out.append_null();
                 continue;
             }
-            match strings.value(i).split(delims.value(i)).nth(index.value(i) as usize) {
+            match strings
+                .value(i)
+                .split(delims.value(i))
+                .nth(index.value(i) as usize)
+            {
                 Some(part) => out.append_value(part),
                 None => out.append_null(),
             }
@@ -125,4 +153,3 @@ impl ScalarUDFImpl for SplitIndex {
         Ok(ColumnarValue::Array(Arc::new(out.finish())))
     }
 }
-

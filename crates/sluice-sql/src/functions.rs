@@ -11,7 +11,8 @@ use std::sync::Arc;
 use arrow::datatypes::{DataType, Field, Fields, TimeUnit};
 use datafusion_common::{plan_err, Result as DFResult};
 use datafusion_expr::{
-    AggregateUDF, ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+    AggregateUDF, ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
+    Volatility,
 };
 
 /// Fields of the struct a window marker returns, in order.
@@ -25,7 +26,10 @@ pub fn window_time_type() -> DataType {
 /// The struct type returned by a window marker function.
 pub fn window_struct_type() -> DataType {
     DataType::Struct(Fields::from(
-        WINDOW_FIELDS.iter().map(|n| Field::new(*n, window_time_type(), false)).collect::<Vec<_>>(),
+        WINDOW_FIELDS
+            .iter()
+            .map(|n| Field::new(*n, window_time_type(), false))
+            .collect::<Vec<_>>(),
     ))
 }
 
@@ -38,7 +42,10 @@ pub struct WindowMarker {
 
 impl WindowMarker {
     fn new(name: &'static str, args: usize) -> Self {
-        WindowMarker { name, signature: Signature::any(args, Volatility::Immutable) }
+        WindowMarker {
+            name,
+            signature: Signature::any(args, Volatility::Immutable),
+        }
     }
 }
 
@@ -56,7 +63,12 @@ impl ScalarUDFImpl for WindowMarker {
     }
 
     fn invoke_with_args(&self, _args: ScalarFunctionArgs) -> DFResult<ColumnarValue> {
-        plan_err!("{}() is a group window: use it only in GROUP BY, with {}_START/{}_END in SELECT", self.name.to_uppercase(), self.name.to_uppercase(), self.name.to_uppercase())
+        plan_err!(
+            "{}() is a group window: use it only in GROUP BY, with {}_START/{}_END in SELECT",
+            self.name.to_uppercase(),
+            self.name.to_uppercase(),
+            self.name.to_uppercase()
+        )
     }
 }
 
@@ -75,9 +87,15 @@ pub fn scalar_functions() -> HashMap<String, Arc<ScalarUDF>> {
     for f in datafusion_functions::all_default_functions() {
         add(f);
     }
-    add(Arc::new(ScalarUDF::new_from_impl(WindowMarker::new("tumble", 2))));
-    add(Arc::new(ScalarUDF::new_from_impl(WindowMarker::new("hop", 3))));
-    add(Arc::new(ScalarUDF::new_from_impl(WindowMarker::new("session", 2))));
+    add(Arc::new(ScalarUDF::new_from_impl(WindowMarker::new(
+        "tumble", 2,
+    ))));
+    add(Arc::new(ScalarUDF::new_from_impl(WindowMarker::new(
+        "hop", 3,
+    ))));
+    add(Arc::new(ScalarUDF::new_from_impl(WindowMarker::new(
+        "session", 2,
+    ))));
     for f in crate::flink_functions::all() {
         add(f);
     }

@@ -40,8 +40,15 @@ pub enum Statement {
 /// A column declared in `CREATE TABLE`: physical, or computed from an expression.
 #[derive(Debug, Clone)]
 pub enum ColumnDdl {
-    Physical { name: String, data_type: DataType, nullable: bool },
-    Computed { name: String, expr: ast::Expr },
+    Physical {
+        name: String,
+        data_type: DataType,
+        nullable: bool,
+    },
+    Computed {
+        name: String,
+        expr: ast::Expr,
+    },
 }
 
 impl ColumnDdl {
@@ -69,7 +76,9 @@ pub struct TableDdl {
 /// Parses a whole script of `;`-separated statements.
 pub fn parse_script(sql: &str) -> Result<Vec<Located>> {
     let dialect = SluiceDialect::default();
-    let mut parser = Parser::new(&dialect).try_with_sql(sql).map_err(|e| syntax(e, None))?;
+    let mut parser = Parser::new(&dialect)
+        .try_with_sql(sql)
+        .map_err(|e| syntax(e, None))?;
     let mut out = Vec::new();
     loop {
         while parser.consume_token(&Token::SemiColon) {}
@@ -77,12 +86,19 @@ pub fn parse_script(sql: &str) -> Result<Vec<Located>> {
         if start.token == Token::EOF {
             break;
         }
-        let statement = parse_statement(&mut parser).map_err(|e| syntax(e, Some(parser.peek_token().span.start)))?;
-        out.push(Located { line: start.span.start.line, statement });
+        let statement = parse_statement(&mut parser)
+            .map_err(|e| syntax(e, Some(parser.peek_token().span.start)))?;
+        out.push(Located {
+            line: start.span.start.line,
+            statement,
+        });
         let next = parser.peek_token();
         if !matches!(next.token, Token::SemiColon | Token::EOF) {
             return Err(syntax(
-                ParserError::ParserError(format!("expected ';' or end of script, found {}", next.token)),
+                ParserError::ParserError(format!(
+                    "expected ';' or end of script, found {}",
+                    next.token
+                )),
                 Some(next.span.start),
             ));
         }
@@ -105,11 +121,19 @@ fn syntax(e: ParserError, at: Option<Location>) -> Error {
             .filter_map(|s| s.parse().ok())
             .collect();
         if nums.len() >= 2 {
-            return Error::Syntax { line: nums[0], column: nums[1], message: message.to_string() };
+            return Error::Syntax {
+                line: nums[0],
+                column: nums[1],
+                message: message.to_string(),
+            };
         }
     }
     let at = at.unwrap_or(Location { line: 1, column: 1 });
-    Error::Syntax { line: at.line, column: at.column, message: text }
+    Error::Syntax {
+        line: at.line,
+        column: at.column,
+        message: text,
+    }
 }
 
 fn parse_statement(p: &mut Parser) -> Result<Statement, ParserError> {
@@ -120,36 +144,49 @@ fn parse_statement(p: &mut Parser) -> Result<Statement, ParserError> {
         return Ok(Statement::Set { key, value });
     }
     if p.peek_keyword(Keyword::CREATE) {
-        let checkpoint = p.index();
         p.next_token();
-        let _ = p.parse_keyword(Keyword::TEMPORARY);
+        let temporary = p.parse_keyword(Keyword::TEMPORARY);
         if p.parse_keyword(Keyword::TABLE) {
             return parse_create_table(p).map(Statement::CreateTable);
         }
-        // Anything else (views) goes to sqlparser: rewind to CREATE.
-        while p.index() > checkpoint {
+        // Anything else (views) goes to sqlparser: step back over what was consumed.
+        // (TEMPORARY is dropped: a view lives as long as its script either way.)
+        if !temporary {
+            p.prev_token();
+        } else {
+            p.prev_token();
             p.prev_token();
         }
     }
     let start = p.peek_token();
     match p.parse_statement()? {
-        ast::Statement::CreateView(view) => {
-            Ok(Statement::CreateView { name: object_name(&view.name), query: view.query })
-        }
+        ast::Statement::CreateView(view) => Ok(Statement::CreateView {
+            name: object_name(&view.name),
+            query: view.query,
+        }),
         ast::Statement::Insert(insert) => {
             let table = match &insert.table {
                 ast::TableObject::TableName(name) => object_name(name),
-                other => return Err(ParserError::ParserError(format!("INSERT INTO {other} is not supported"))),
+                other => {
+                    return Err(ParserError::ParserError(format!(
+                        "INSERT INTO {other} is not supported"
+                    )))
+                }
             };
-            let query = insert
-                .source
-                .ok_or_else(|| ParserError::ParserError("INSERT needs a SELECT query".to_string()))?;
+            let query = insert.source.ok_or_else(|| {
+                ParserError::ParserError("INSERT needs a SELECT query".to_string())
+            })?;
             Ok(Statement::Insert { table, query })
         }
         ast::Statement::Query(q) => Ok(Statement::Select(q)),
         other => Err(ParserError::ParserError(format!(
             "unsupported statement '{}' at Line: {}, Column: {}",
-            other.to_string().split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+            other
+                .to_string()
+                .split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" "),
             start.span.start.line,
             start.span.start.column
         ))),
@@ -157,7 +194,15 @@ fn parse_statement(p: &mut Parser) -> Result<Statement, ParserError> {
 }
 
 fn object_name(name: &ObjectName) -> String {
-    name.0.iter().map(|p| p.as_ident().map(|i| i.value.clone()).unwrap_or_else(|| p.to_string())).collect::<Vec<_>>().join(".")
+    name.0
+        .iter()
+        .map(|p| {
+            p.as_ident()
+                .map(|i| i.value.clone())
+                .unwrap_or_else(|| p.to_string())
+        })
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 /// A `SET` key or value: a quoted string, or bare words joined by dots.
@@ -211,8 +256,11 @@ fn parse_create_table(p: &mut Parser) -> Result<TableDdl, ParserError> {
                 p.parse_identifier()?;
             }
             p.expect_keywords(&[Keyword::PRIMARY, Keyword::KEY])?;
-            ddl.primary_key =
-                p.parse_parenthesized_column_list(sqlparser::parser::IsOptional::Mandatory, false)?.into_iter().map(|i| i.value).collect();
+            ddl.primary_key = p
+                .parse_parenthesized_column_list(sqlparser::parser::IsOptional::Mandatory, false)?
+                .into_iter()
+                .map(|i| i.value)
+                .collect();
             p.expect_keywords(&[Keyword::NOT, Keyword::ENFORCED])?;
         } else {
             let name = p.parse_identifier()?.value;
@@ -223,7 +271,10 @@ fn parse_create_table(p: &mut Parser) -> Result<TableDdl, ParserError> {
                 let at = p.peek_token().span.start;
                 let sql_type = p.parse_data_type()?;
                 let data_type = flink_type(&sql_type).map_err(|m| {
-                    ParserError::ParserError(format!("{m} at Line: {}, Column: {}", at.line, at.column))
+                    ParserError::ParserError(format!(
+                        "{m} at Line: {}, Column: {}",
+                        at.line, at.column
+                    ))
                 })?;
                 let mut nullable = true;
                 if p.parse_keywords(&[Keyword::NOT, Keyword::NULL]) {
@@ -238,7 +289,11 @@ fn parse_create_table(p: &mut Parser) -> Result<TableDdl, ParserError> {
                 if p.parse_keyword(Keyword::COMMENT) {
                     p.parse_literal_string()?;
                 }
-                ddl.columns.push(ColumnDdl::Physical { name, data_type, nullable });
+                ddl.columns.push(ColumnDdl::Physical {
+                    name,
+                    data_type,
+                    nullable,
+                });
             }
         }
         if !p.consume_token(&Token::Comma) {
@@ -303,13 +358,19 @@ pub fn flink_type(t: &ast::DataType) -> Result<DataType, String> {
             }
             DataType::Decimal128(p as u8, s as i8)
         }
-        S::String(_) | S::Varchar(_) | S::Char(_) | S::Text | S::CharVarying(_) | S::Character(_) | S::CharacterVarying(_) => {
-            DataType::Utf8
-        }
+        S::String(_)
+        | S::Varchar(_)
+        | S::Char(_)
+        | S::Text
+        | S::CharVarying(_)
+        | S::Character(_)
+        | S::CharacterVarying(_) => DataType::Utf8,
         S::Bytes(_) | S::Varbinary(_) | S::Binary(_) | S::Bytea => DataType::Binary,
         S::Date => DataType::Date32,
         S::Time(_, _) => DataType::Time32(TimeUnit::Millisecond),
-        S::Timestamp(p, TimezoneInfo::None | TimezoneInfo::WithoutTimeZone) => DataType::Timestamp(ts_unit(*p), None),
+        S::Timestamp(p, TimezoneInfo::None | TimezoneInfo::WithoutTimeZone) => {
+            DataType::Timestamp(ts_unit(*p), None)
+        }
         S::Timestamp(p, _) => DataType::Timestamp(ts_unit(*p), Some("UTC".into())),
         S::Datetime(p) => DataType::Timestamp(ts_unit(*p), None),
         S::Custom(name, args) if name.to_string().eq_ignore_ascii_case("TIMESTAMP_LTZ") => {

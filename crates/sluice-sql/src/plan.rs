@@ -30,7 +30,10 @@ pub struct TableDef {
 impl TableDef {
     /// The `connector` option.
     pub fn connector(&self) -> &str {
-        self.options.get("connector").map(String::as_str).unwrap_or("")
+        self.options
+            .get("connector")
+            .map(String::as_str)
+            .unwrap_or("")
     }
 }
 
@@ -71,10 +74,18 @@ pub enum AggWindow {
     /// Rows already carry their window (window TVF or a window-assign step): the group keys at
     /// `start_key` and `end_key` are the bounds. Windows fire when the watermark passes the end.
     /// With `as_struct`, the two keys are output as one struct column (legacy `GROUP BY TUMBLE`).
-    Assigned { start_key: usize, end_key: usize, as_struct: bool },
+    Assigned {
+        start_key: usize,
+        end_key: usize,
+        as_struct: bool,
+    },
     /// `GROUP BY SESSION(time, gap)`: windows are merged per key; the window is output as a
     /// struct in place of group key `key_position`.
-    Session { gap: i64, time: PhysExpr, key_position: usize },
+    Session {
+        gap: i64,
+        time: PhysExpr,
+        key_position: usize,
+    },
 }
 
 /// When windowed results are emitted (Flink's `table.exec.emit.*` options).
@@ -97,16 +108,35 @@ impl EmitPolicy {
 #[derive(Debug, Clone)]
 pub enum StreamNode {
     /// Reads a table; computes computed columns and the watermark; then keeps `projection`.
-    Scan { table: Arc<TableDef>, projection: Option<Vec<usize>>, schema: SchemaRef },
+    Scan {
+        table: Arc<TableDef>,
+        projection: Option<Vec<usize>>,
+        schema: SchemaRef,
+    },
     /// Evaluates expressions per row.
-    Project { input: Box<StreamNode>, exprs: Vec<PhysExpr>, schema: SchemaRef },
+    Project {
+        input: Box<StreamNode>,
+        exprs: Vec<PhysExpr>,
+        schema: SchemaRef,
+    },
     /// Keeps rows for which the predicate is true.
-    Filter { input: Box<StreamNode>, predicate: PhysExpr },
+    Filter {
+        input: Box<StreamNode>,
+        predicate: PhysExpr,
+    },
     /// `UNION ALL`.
-    Union { inputs: Vec<StreamNode>, schema: SchemaRef },
+    Union {
+        inputs: Vec<StreamNode>,
+        schema: SchemaRef,
+    },
     /// Appends `window_start`, `window_end`, `window_time`; HOP and CUMULATE copy a row into each
     /// of its windows.
-    WindowAssign { input: Box<StreamNode>, time: PhysExpr, kind: WindowKind, schema: SchemaRef },
+    WindowAssign {
+        input: Box<StreamNode>,
+        time: PhysExpr,
+        kind: WindowKind,
+        schema: SchemaRef,
+    },
     /// Grouped aggregation, windowed or updating.
     Aggregate {
         input: Box<StreamNode>,
@@ -135,9 +165,9 @@ impl StreamNode {
     pub fn is_append_only(&self) -> bool {
         match self {
             StreamNode::Scan { .. } => true,
-            StreamNode::Project { input, .. } | StreamNode::Filter { input, .. } | StreamNode::WindowAssign { input, .. } => {
-                input.is_append_only()
-            }
+            StreamNode::Project { input, .. }
+            | StreamNode::Filter { input, .. }
+            | StreamNode::WindowAssign { input, .. } => input.is_append_only(),
             StreamNode::Union { inputs, .. } => inputs.iter().all(|i| i.is_append_only()),
             StreamNode::Aggregate { window, emit, .. } => match window {
                 AggWindow::None => false,

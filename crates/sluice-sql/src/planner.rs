@@ -12,7 +12,8 @@ use datafusion_expr::expr::{AggregateFunction, ScalarFunction};
 use datafusion_expr::logical_plan::builder::LogicalTableSource;
 use datafusion_expr::planner::{ContextProvider, ExprPlanner, RelationPlanner};
 use datafusion_expr::{
-    ExprSchemable, AggregateUDF, Expr, HigherOrderUDF, LogicalPlan, LogicalPlanBuilder, ScalarUDF, TableSource, WindowUDF,
+    AggregateUDF, Expr, ExprSchemable, HigherOrderUDF, LogicalPlan, LogicalPlanBuilder, ScalarUDF,
+    TableSource, WindowUDF,
 };
 use datafusion_optimizer::analyzer::Analyzer;
 use datafusion_optimizer::optimizer::{Optimizer, OptimizerContext, OptimizerRule};
@@ -21,7 +22,9 @@ use datafusion_sql::planner::{ParserOptions, PlannerContext, SqlToRel};
 use sluice_common::{Error, Result};
 use sqlparser::ast;
 
-use crate::functions::{aggregate_functions, scalar_functions, window_time_type, WINDOW_FIELDS, WINDOW_MARKERS};
+use crate::functions::{
+    aggregate_functions, scalar_functions, window_time_type, WINDOW_FIELDS, WINDOW_MARKERS,
+};
 use crate::parser::{parse_script, ColumnDdl, Statement, TableDdl};
 use crate::plan::*;
 use crate::tvf::{interval_millis, validate_window, WindowTvfNode, WindowTvfPlanner};
@@ -94,7 +97,10 @@ impl Catalog {
 
     /// The job made of every INSERT and SELECT seen.
     pub fn into_job(self) -> JobPlan {
-        JobPlan { pipelines: self.pipelines, settings: self.settings }
+        JobPlan {
+            pipelines: self.pipelines,
+            settings: self.settings,
+        }
     }
 
     /// A table by name.
@@ -119,7 +125,9 @@ impl Catalog {
             }
             Statement::CreateView { name, mut query } => {
                 if self.tables.contains_key(&name) || self.views.contains_key(&name) {
-                    return Err(Error::plan(format!("a table or view named '{name}' already exists")));
+                    return Err(Error::plan(format!(
+                        "a table or view named '{name}' already exists"
+                    )));
                 }
                 crate::rewrite::rewrite(&mut query);
                 let plan = self.logical_plan(query)?;
@@ -127,14 +135,21 @@ impl Catalog {
             }
             Statement::Insert { table, mut query } => {
                 let def = self.tables.get(&table).cloned().ok_or_else(|| {
-                    Error::plan(format!("INSERT INTO {table}: no such table (tables: {})", self.table_names()))
+                    Error::plan(format!(
+                        "INSERT INTO {table}: no such table (tables: {})",
+                        self.table_names()
+                    ))
                 })?;
                 crate::rewrite::rewrite(&mut query);
                 let plan = self.logical_plan(query)?;
                 let plan = self.cast_to_sink(plan, &def)?;
                 let plan = self.optimize(plan)?;
                 let node = self.to_stream(&plan)?;
-                self.pipelines.push(Pipeline { query: node, sink: SinkTarget::Table(def), line });
+                self.pipelines.push(Pipeline {
+                    query: node,
+                    sink: SinkTarget::Table(def),
+                    line,
+                });
             }
             Statement::Select(mut query) => {
                 crate::rewrite::rewrite(&mut query);
@@ -143,14 +158,23 @@ impl Catalog {
                 let node = self.to_stream(&plan)?;
                 let index = self.selects;
                 self.selects += 1;
-                self.pipelines.push(Pipeline { query: node, sink: SinkTarget::Select { index }, line });
+                self.pipelines.push(Pipeline {
+                    query: node,
+                    sink: SinkTarget::Select { index },
+                    line,
+                });
             }
         }
         Ok(())
     }
 
     fn table_names(&self) -> String {
-        let mut names: Vec<&str> = self.tables.keys().chain(self.views.keys()).map(String::as_str).collect();
+        let mut names: Vec<&str> = self
+            .tables
+            .keys()
+            .chain(self.views.keys())
+            .map(String::as_str)
+            .collect();
         names.sort();
         if names.is_empty() {
             "none defined".into()
@@ -168,37 +192,64 @@ impl Catalog {
 
     /// Plans a query and type-checks it.
     fn logical_plan(&self, query: Box<ast::Query>) -> Result<LogicalPlan> {
-        let plan = self.sql_to_rel().sql_statement_to_plan(ast::Statement::Query(query)).map_err(df_error)?;
-        Analyzer::new().execute_and_check(plan, &self.options, |_, _| {}).map_err(df_error)
+        let plan = self
+            .sql_to_rel()
+            .sql_statement_to_plan(ast::Statement::Query(query))
+            .map_err(df_error)?;
+        Analyzer::new()
+            .execute_and_check(plan, &self.options, |_, _| {})
+            .map_err(df_error)
     }
 
     fn optimize(&self, plan: LogicalPlan) -> Result<LogicalPlan> {
         // A subset of DataFusion's rules: those that keep a plan's streaming meaning. Rules that
-        // turn subqueries into joins or split DISTINCT aggregates are left out.
+        // turn subqueries into joins or split DISTINCT aggregates are left out, and so is filter
+        // pushdown, which would push predicates into table scans that sources cannot apply.
         let rules: Vec<Arc<dyn OptimizerRule + Send + Sync>> = vec![
             Arc::new(datafusion_optimizer::simplify_expressions::SimplifyExpressions::new()),
-            Arc::new(datafusion_optimizer::replace_distinct_aggregate::ReplaceDistinctWithAggregate::new()),
+            Arc::new(
+                datafusion_optimizer::replace_distinct_aggregate::ReplaceDistinctWithAggregate::new(
+                ),
+            ),
             Arc::new(datafusion_optimizer::eliminate_filter::EliminateFilter::new()),
-            Arc::new(datafusion_optimizer::eliminate_duplicated_expr::EliminateDuplicatedExpr::new()),
-            Arc::new(datafusion_optimizer::push_down_filter::PushDownFilter::new()),
+            Arc::new(
+                datafusion_optimizer::eliminate_duplicated_expr::EliminateDuplicatedExpr::new(),
+            ),
             Arc::new(datafusion_optimizer::optimize_projections::OptimizeProjections::new()),
         ];
-        Optimizer::with_rules(rules).optimize(plan, &OptimizerContext::new(), |_, _| {}).map_err(df_error)
+        Optimizer::with_rules(rules)
+            .optimize(plan, &OptimizerContext::new(), |_, _| {})
+            .map_err(df_error)
     }
 
     /// Plans DDL expressions (computed columns, watermarks) over a schema, type-checked.
-    fn plan_exprs(&self, schema: SchemaRef, exprs: Vec<(String, ast::Expr)>) -> Result<(Vec<Expr>, DFSchema)> {
+    fn plan_exprs(
+        &self,
+        schema: SchemaRef,
+        exprs: Vec<(String, ast::Expr)>,
+    ) -> Result<(Vec<Expr>, DFSchema)> {
         let df_schema = DFSchema::try_from_qualified_schema("t", &schema).map_err(df_error)?;
         let rel = self.sql_to_rel();
         let mut planned = vec![];
         for (name, e) in exprs {
             let mut e = e;
             crate::rewrite::rewrite(&mut e);
-            planned.push(rel.sql_to_expr(e, &df_schema, &mut PlannerContext::new()).map_err(df_error)?.alias(name));
+            planned.push(
+                rel.sql_to_expr(e, &df_schema, &mut PlannerContext::new())
+                    .map_err(df_error)?
+                    .alias(name),
+            );
         }
-        let scan = LogicalPlanBuilder::scan("t", Arc::new(LogicalTableSource::new(schema)), None).map_err(df_error)?;
-        let plan = scan.project(planned).map_err(df_error)?.build().map_err(df_error)?;
-        let plan = Analyzer::new().execute_and_check(plan, &self.options, |_, _| {}).map_err(df_error)?;
+        let scan = LogicalPlanBuilder::scan("t", Arc::new(LogicalTableSource::new(schema)), None)
+            .map_err(df_error)?;
+        let plan = scan
+            .project(planned)
+            .map_err(df_error)?
+            .build()
+            .map_err(df_error)?;
+        let plan = Analyzer::new()
+            .execute_and_check(plan, &self.options, |_, _| {})
+            .map_err(df_error)?;
         match plan {
             LogicalPlan::Projection(p) => {
                 let exprs = p.expr.into_iter().map(|e| e.unalias()).collect();
@@ -209,19 +260,36 @@ impl Catalog {
     }
 
     fn create_table(&self, ddl: TableDdl) -> Result<TableDef> {
-        let TableDdl { name, columns, watermark, primary_key, partitioned_by, options, .. } = ddl;
+        let TableDdl {
+            name,
+            columns,
+            watermark,
+            primary_key,
+            partitioned_by,
+            options,
+            ..
+        } = ddl;
         let mut physical = vec![];
         let mut computed_sql = vec![];
         for c in &columns {
             match c {
-                ColumnDdl::Physical { name, data_type, nullable } => physical.push(Field::new(name, data_type.clone(), *nullable)),
-                ColumnDdl::Computed { name, expr } => computed_sql.push((name.clone(), expr.clone())),
+                ColumnDdl::Physical {
+                    name,
+                    data_type,
+                    nullable,
+                } => physical.push(Field::new(name, data_type.clone(), *nullable)),
+                ColumnDdl::Computed { name, expr } => {
+                    computed_sql.push((name.clone(), expr.clone()))
+                }
             }
         }
         let mut seen = std::collections::HashSet::new();
         for c in &columns {
             if !seen.insert(c.name()) {
-                return Err(Error::plan(format!("CREATE TABLE {name}: column '{}' is declared twice", c.name())));
+                return Err(Error::plan(format!(
+                    "CREATE TABLE {name}: column '{}' is declared twice",
+                    c.name()
+                )));
             }
         }
         let physical_schema = Arc::new(Schema::new(physical.clone()));
@@ -229,11 +297,16 @@ impl Catalog {
         let mut computed = vec![];
         if !computed_sql.is_empty() {
             let names: Vec<String> = computed_sql.iter().map(|(n, _)| n.clone()).collect();
-            let (exprs, df_schema) = self.plan_exprs(physical_schema.clone(), computed_sql)
+            let (exprs, df_schema) = self
+                .plan_exprs(physical_schema.clone(), computed_sql)
                 .map_err(|e| Error::plan(format!("CREATE TABLE {name}: computed column: {e}")))?;
             for (n, e) in names.iter().zip(exprs) {
                 let (_, field) = e.to_field(&df_schema).map_err(df_error)?;
-                fields.push(Field::new(n, field.data_type().clone(), field.is_nullable()));
+                fields.push(Field::new(
+                    n,
+                    field.data_type().clone(),
+                    field.is_nullable(),
+                ));
                 computed.push(physical_expr(&e, &df_schema)?);
             }
         }
@@ -242,7 +315,9 @@ impl Catalog {
             None => None,
             Some((column, expr)) => {
                 let index = schema.index_of(&column).map_err(|_| {
-                    Error::plan(format!("CREATE TABLE {name}: WATERMARK FOR {column}: no such column"))
+                    Error::plan(format!(
+                        "CREATE TABLE {name}: WATERMARK FOR {column}: no such column"
+                    ))
                 })?;
                 if !matches!(schema.field(index).data_type(), DataType::Timestamp(_, _)) {
                     return Err(Error::plan(format!(
@@ -250,7 +325,8 @@ impl Catalog {
                         schema.field(index).data_type()
                     )));
                 }
-                let (exprs, df_schema) = self.plan_exprs(schema.clone(), vec![("watermark".into(), expr)])
+                let (exprs, df_schema) = self
+                    .plan_exprs(schema.clone(), vec![("watermark".into(), expr)])
                     .map_err(|e| Error::plan(format!("CREATE TABLE {name}: WATERMARK: {e}")))?;
                 let e = &exprs[0];
                 let t = e.get_type(&df_schema).map_err(df_error)?;
@@ -262,10 +338,21 @@ impl Catalog {
         };
         for k in primary_key.iter().chain(partitioned_by.iter()) {
             if schema.index_of(k).is_err() {
-                return Err(Error::plan(format!("CREATE TABLE {name}: key column '{k}' is not a column of the table")));
+                return Err(Error::plan(format!(
+                    "CREATE TABLE {name}: key column '{k}' is not a column of the table"
+                )));
             }
         }
-        Ok(TableDef { name, physical_schema, schema, computed, watermark, primary_key, partitioned_by, options })
+        Ok(TableDef {
+            name,
+            physical_schema,
+            schema,
+            computed,
+            watermark,
+            primary_key,
+            partitioned_by,
+            options,
+        })
     }
 
     /// Adds implicit casts so that the query's columns match the sink table's, as Flink does.
@@ -277,9 +364,19 @@ impl Catalog {
                 "INSERT INTO {}: the query has {} columns [{}] but the table has {} [{}]",
                 sink.name,
                 source.fields().len(),
-                source.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", "),
+                source
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 target.fields().len(),
-                target.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", "),
+                target
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             )));
         }
         let mut exprs = vec![];
@@ -296,7 +393,10 @@ impl Catalog {
                 )));
             }
         }
-        LogicalPlanBuilder::from(plan).project(exprs).and_then(|b| b.build()).map_err(df_error)
+        LogicalPlanBuilder::from(plan)
+            .project(exprs)
+            .and_then(|b| b.build())
+            .map_err(df_error)
     }
 
     /// Translates an optimized logical plan into streaming operators.
@@ -358,7 +458,9 @@ impl Catalog {
         let mut window = AggWindow::None;
         for (pos, g) in a.group_expr.iter().enumerate() {
             if let Expr::GroupingSet(_) = g {
-                return Err(Error::plan("GROUPING SETS, CUBE and ROLLUP are not supported in streaming queries"));
+                return Err(Error::plan(
+                    "GROUPING SETS, CUBE and ROLLUP are not supported in streaming queries",
+                ));
             }
             if let Some((name, args)) = window_marker(g) {
                 if !matches!(window, AggWindow::None) {
@@ -372,31 +474,64 @@ impl Catalog {
                     )));
                 }
                 let millis = |i: usize| -> Result<i64> {
-                    args.get(i).ok_or_else(|| Error::plan(format!("{}: missing interval argument", name.to_uppercase())))
-                        .and_then(|e| interval_millis(e).map_err(|m| Error::plan(format!("{}: {m}", name.to_uppercase()))))
+                    args.get(i)
+                        .ok_or_else(|| {
+                            Error::plan(format!(
+                                "{}: missing interval argument",
+                                name.to_uppercase()
+                            ))
+                        })
+                        .and_then(|e| {
+                            interval_millis(e)
+                                .map_err(|m| Error::plan(format!("{}: {m}", name.to_uppercase())))
+                        })
                 };
                 let time = physical_expr(&args[0], input_schema)?;
                 let kind = match name.as_str() {
-                    "tumble" => WindowKind::Tumble { size: millis(1)?, offset: 0 },
-                    "hop" => WindowKind::Hop { slide: millis(1)?, size: millis(2)? },
+                    "tumble" => WindowKind::Tumble {
+                        size: millis(1)?,
+                        offset: 0,
+                    },
+                    "hop" => WindowKind::Hop {
+                        slide: millis(1)?,
+                        size: millis(2)?,
+                    },
                     _ => {
-                        window = AggWindow::Session { gap: millis(1)?, time, key_position: pos };
+                        window = AggWindow::Session {
+                            gap: millis(1)?,
+                            time,
+                            key_position: pos,
+                        };
                         continue;
                     }
                 };
                 validate_window(&kind).map_err(Error::plan)?;
                 // Append the window's bounds to the rows and group by them.
                 let n = input.schema().fields().len();
-                let mut fields: Vec<Field> = input.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+                let mut fields: Vec<Field> = input
+                    .schema()
+                    .fields()
+                    .iter()
+                    .map(|f| f.as_ref().clone())
+                    .collect();
                 for f in WINDOW_FIELDS {
                     fields.push(Field::new(format!("__{f}"), window_time_type(), false));
                 }
                 let schema = Arc::new(Schema::new(fields));
-                input = StreamNode::WindowAssign { input: Box::new(input), time, kind, schema };
+                input = StreamNode::WindowAssign {
+                    input: Box::new(input),
+                    time,
+                    kind,
+                    schema,
+                };
                 let start_key = group.len();
                 group.push(column_expr("__window_start", n));
                 group.push(column_expr("__window_end", n + 1));
-                window = AggWindow::Assigned { start_key, end_key: start_key + 1, as_struct: true };
+                window = AggWindow::Assigned {
+                    start_key,
+                    end_key: start_key + 1,
+                    as_struct: true,
+                };
                 continue;
             }
             group.push(physical_expr(g, input_schema)?);
@@ -416,13 +551,23 @@ impl Catalog {
             AggWindow::None => EmitPolicy::default(),
             _ => self.emit_policy()?,
         };
-        Ok(StreamNode::Aggregate { input: Box::new(input), group, aggs, window, emit, schema: arrow_schema(&a.schema) })
+        Ok(StreamNode::Aggregate {
+            input: Box::new(input),
+            group,
+            aggs,
+            window,
+            emit,
+            schema: arrow_schema(&a.schema),
+        })
     }
 
     fn emit_policy(&self) -> Result<EmitPolicy> {
         // Early firing and allowed lateness need timers and retained window state in the window
         // operator; until then, say so rather than silently emitting final results only.
-        for key in ["table.exec.emit.early-fire.enabled", "table.exec.emit.allow-lateness"] {
+        for key in [
+            "table.exec.emit.early-fire.enabled",
+            "table.exec.emit.allow-lateness",
+        ] {
             if let Some(v) = self.settings.get(key) {
                 if v != "false" && v != "0" && v != "0 s" {
                     return Err(Error::plan(format!(
@@ -440,25 +585,37 @@ pub fn parse_duration_ms(key: &str, text: &str) -> Result<i64> {
     let t = text.trim().to_lowercase();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: i64 = num.parse().map_err(|_| Error::plan(format!("'{key}' = '{text}': expected a duration such as '5 s'")))?;
+    let n: i64 = num.parse().map_err(|_| {
+        Error::plan(format!(
+            "'{key}' = '{text}': expected a duration such as '5 s'"
+        ))
+    })?;
     let factor = match unit.trim() {
         "" | "ms" | "milli" | "millis" | "millisecond" | "milliseconds" => 1,
         "s" | "sec" | "secs" | "second" | "seconds" => 1000,
         "min" | "m" | "minute" | "minutes" => 60_000,
         "h" | "hour" | "hours" => 3_600_000,
         "d" | "day" | "days" => 86_400_000,
-        other => return Err(Error::plan(format!("'{key}' = '{text}': unknown time unit '{other}'"))),
+        other => {
+            return Err(Error::plan(format!(
+                "'{key}' = '{text}': unknown time unit '{other}'"
+            )))
+        }
     };
     Ok(n * factor)
 }
 
 fn column_expr(name: &str, index: usize) -> PhysExpr {
-    Arc::new(datafusion_physical_expr::expressions::Column::new(name, index))
+    Arc::new(datafusion_physical_expr::expressions::Column::new(
+        name, index,
+    ))
 }
 
 fn window_marker(e: &Expr) -> Option<(String, Vec<Expr>)> {
     match e {
-        Expr::ScalarFunction(ScalarFunction { func, args }) if WINDOW_MARKERS.contains(&func.name()) => {
+        Expr::ScalarFunction(ScalarFunction { func, args })
+            if WINDOW_MARKERS.contains(&func.name()) =>
+        {
             Some((func.name().to_string(), args.clone()))
         }
         Expr::Alias(a) => window_marker(&a.expr),
@@ -468,13 +625,21 @@ fn window_marker(e: &Expr) -> Option<(String, Vec<Expr>)> {
 
 /// For `GROUP BY window_start, window_end` over a window TVF: the key positions of the bounds.
 fn tvf_window_keys(a: &datafusion_expr::logical_plan::Aggregate) -> Result<AggWindow> {
-    let pos = |name: &str| a.group_expr.iter().position(|g| matches!(g, Expr::Column(c) if c.name == name));
+    let pos = |name: &str| {
+        a.group_expr
+            .iter()
+            .position(|g| matches!(g, Expr::Column(c) if c.name == name))
+    };
     let (start, end) = (pos("window_start"), pos("window_end"));
     if !has_window_tvf(&a.input) {
         return Ok(AggWindow::None);
     }
     match (start, end) {
-        (Some(start_key), Some(end_key)) => Ok(AggWindow::Assigned { start_key, end_key, as_struct: false }),
+        (Some(start_key), Some(end_key)) => Ok(AggWindow::Assigned {
+            start_key,
+            end_key,
+            as_struct: false,
+        }),
         _ => Err(Error::plan(
             "an aggregation over a window TVF must GROUP BY both window_start and window_end",
         )),
@@ -509,22 +674,39 @@ fn agg_call(e: Expr, schema: &DFSchema, output_type: DataType) -> Result<AggCall
         }
     };
     if !params.order_by.is_empty() {
-        return Err(Error::plan(format!("ORDER BY inside {} is not supported", func.name().to_uppercase())));
+        return Err(Error::plan(format!(
+            "ORDER BY inside {} is not supported",
+            func.name().to_uppercase()
+        )));
     }
     let arg = match params.args.as_slice() {
         [] => None,
         [Expr::Literal(v, _)] if f == AggFunc::Count && !v.is_null() => None,
         [a] => Some(physical_expr(a, schema)?),
-        _ => return Err(Error::plan(format!("{} takes one argument", func.name().to_uppercase()))),
+        _ => {
+            return Err(Error::plan(format!(
+                "{} takes one argument",
+                func.name().to_uppercase()
+            )))
+        }
     };
     if arg.is_none() && f != AggFunc::Count {
-        return Err(Error::plan(format!("{} needs an argument", func.name().to_uppercase())));
+        return Err(Error::plan(format!(
+            "{} needs an argument",
+            func.name().to_uppercase()
+        )));
     }
     let filter = match &params.filter {
         Some(f) => Some(physical_expr(f, schema)?),
         None => None,
     };
-    Ok(AggCall { func: f, arg, distinct: params.distinct, filter, output_type })
+    Ok(AggCall {
+        func: f,
+        arg,
+        distinct: params.distinct,
+        filter,
+        output_type,
+    })
 }
 
 /// A physical expression for `e` over `schema`.
@@ -540,7 +722,9 @@ fn arrow_schema(s: &DFSchema) -> SchemaRef {
 pub fn df_error(e: DataFusionError) -> Error {
     let e = e.find_root();
     let message = match e {
-        DataFusionError::Plan(m) | DataFusionError::Execution(m) | DataFusionError::NotImplemented(m) => m.clone(),
+        DataFusionError::Plan(m)
+        | DataFusionError::Execution(m)
+        | DataFusionError::NotImplemented(m) => m.clone(),
         DataFusionError::SchemaError(s, _) => s.to_string(),
         DataFusionError::SQL(p, _) => p.to_string(),
         other => other.to_string(),
@@ -549,7 +733,10 @@ pub fn df_error(e: DataFusionError) -> Error {
 }
 
 impl ContextProvider for Catalog {
-    fn get_table_source(&self, name: TableReference) -> datafusion_common::Result<Arc<dyn TableSource>> {
+    fn get_table_source(
+        &self,
+        name: TableReference,
+    ) -> datafusion_common::Result<Arc<dyn TableSource>> {
         let key = name.table();
         if let Some(t) = self.tables.get(key) {
             return Ok(Arc::new(LogicalTableSource::new(t.schema.clone())));
@@ -557,7 +744,10 @@ impl ContextProvider for Catalog {
         if let Some(v) = self.views.get(key) {
             return Ok(Arc::new(ViewSource(v.clone())));
         }
-        datafusion_common::plan_err!("table or view '{name}' not found (defined: {})", self.table_names())
+        datafusion_common::plan_err!(
+            "table or view '{name}' not found (defined: {})",
+            self.table_names()
+        )
     }
 
     fn get_expr_planners(&self) -> &[Arc<dyn ExprPlanner>] {

@@ -8,8 +8,8 @@
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
-    self, CastKind, Expr, Function, FunctionArg, FunctionArgExpr, FunctionArgumentList, FunctionArguments, Ident,
-    ObjectName, Value,
+    self, CastKind, Expr, Function, FunctionArg, FunctionArgExpr, FunctionArgumentList,
+    FunctionArguments, Ident, ObjectName, Value,
 };
 
 /// Applies every rewrite to a statement's tree.
@@ -26,7 +26,10 @@ fn function_name(f: &Function) -> Option<String> {
     if f.name.0.len() != 1 {
         return None;
     }
-    f.name.0[0].as_ident().filter(|i| i.quote_style.is_none()).map(|i| i.value.to_uppercase())
+    f.name.0[0]
+        .as_ident()
+        .filter(|i| i.quote_style.is_none())
+        .map(|i| i.value.to_uppercase())
 }
 
 fn plain_args(f: &Function) -> Option<Vec<Expr>> {
@@ -52,7 +55,10 @@ pub fn call(name: &str, args: Vec<Expr>) -> Expr {
         parameters: FunctionArguments::None,
         args: FunctionArguments::List(FunctionArgumentList {
             duplicate_treatment: None,
-            args: args.into_iter().map(|e| FunctionArg::Unnamed(FunctionArgExpr::Expr(e))).collect(),
+            args: args
+                .into_iter()
+                .map(|e| FunctionArg::Unnamed(FunctionArgExpr::Expr(e)))
+                .collect(),
             clauses: vec![],
         }),
         filter: None,
@@ -67,7 +73,13 @@ fn string(s: &str) -> Expr {
 }
 
 fn cast(expr: Expr, data_type: ast::DataType) -> Expr {
-    Expr::Cast { kind: CastKind::Cast, expr: Box::new(expr), data_type, array: false, format: None }
+    Expr::Cast {
+        kind: CastKind::Cast,
+        expr: Box::new(expr),
+        data_type,
+        array: false,
+        format: None,
+    }
 }
 
 fn rewrite_expr(expr: &Expr) -> Option<Expr> {
@@ -83,7 +95,10 @@ fn rewrite_expr(expr: &Expr) -> Option<Expr> {
                 "ROWTIME" => "window_time",
                 _ => return None,
             };
-            return Some(call("get_field", vec![call(&window.to_lowercase(), args), string(field)]));
+            return Some(call(
+                "get_field",
+                vec![call(&window.to_lowercase(), args), string(field)],
+            ));
         }
     }
     let date_part = |unit: &str, args: Vec<Expr>| {
@@ -105,7 +120,10 @@ fn rewrite_expr(expr: &Expr) -> Option<Expr> {
                 case_token: ast::helpers::attached_token::AttachedToken::empty(),
                 end_token: ast::helpers::attached_token::AttachedToken::empty(),
                 operand: None,
-                conditions: vec![ast::CaseWhen { condition: c, result: a }],
+                conditions: vec![ast::CaseWhen {
+                    condition: c,
+                    result: a,
+                }],
                 else_result: Some(Box::new(b)),
             }
         }
@@ -115,21 +133,40 @@ fn rewrite_expr(expr: &Expr) -> Option<Expr> {
         }
         ("TO_TIMESTAMP", 2) => {
             let format = java_format_literal(&args[1])?;
-            call("to_timestamp_millis", vec![args[0].clone(), string(&format)])
+            call(
+                "to_timestamp_millis",
+                vec![args[0].clone(), string(&format)],
+            )
         }
         ("TO_TIMESTAMP", 1) => call("to_timestamp_millis", args),
-        ("FROM_UNIXTIME", 1) => {
-            call("to_char", vec![call("to_timestamp_seconds", args), string("%Y-%m-%d %H:%M:%S")])
-        }
+        ("FROM_UNIXTIME", 1) => call(
+            "to_char",
+            vec![
+                call("to_timestamp_seconds", args),
+                string("%Y-%m-%d %H:%M:%S"),
+            ],
+        ),
         ("FROM_UNIXTIME", 2) => {
             let format = java_format_literal(&args[1])?;
-            call("to_char", vec![call("to_timestamp_seconds", vec![args[0].clone()]), string(&format)])
+            call(
+                "to_char",
+                vec![
+                    call("to_timestamp_seconds", vec![args[0].clone()]),
+                    string(&format),
+                ],
+            )
         }
-        ("UNIX_TIMESTAMP", 0) => cast(call("to_unixtime", vec![call("now", vec![])]), ast::DataType::BigInt(None)),
+        ("UNIX_TIMESTAMP", 0) => cast(
+            call("to_unixtime", vec![call("now", vec![])]),
+            ast::DataType::BigInt(None),
+        ),
         ("UNIX_TIMESTAMP", 1) => cast(call("to_unixtime", args), ast::DataType::BigInt(None)),
         ("UNIX_TIMESTAMP", 2) => {
             let format = java_format_literal(&args[1])?;
-            cast(call("to_unixtime", vec![args[0].clone(), string(&format)]), ast::DataType::BigInt(None))
+            cast(
+                call("to_unixtime", vec![args[0].clone(), string(&format)]),
+                ast::DataType::BigInt(None),
+            )
         }
         _ => return None,
     })
@@ -199,7 +236,10 @@ mod tests {
 
     #[test]
     fn java_patterns_map_to_chrono() {
-        assert_eq!(java_to_chrono("yyyy-MM-dd HH:mm:ss.SSS"), "%Y-%m-%d %H:%M:%S.%3f");
+        assert_eq!(
+            java_to_chrono("yyyy-MM-dd HH:mm:ss.SSS"),
+            "%Y-%m-%d %H:%M:%S.%3f"
+        );
         assert_eq!(java_to_chrono("yyyyMMdd'T'HH"), "%Y%m%dT%H");
     }
 }

@@ -7,9 +7,16 @@ use std::fmt;
 use std::sync::Arc;
 
 use arrow::datatypes::Field;
-use datafusion_common::{plan_datafusion_err, plan_err, Column, DFSchema, DFSchemaRef, Result as DFResult, ScalarValue, TableReference};
-use datafusion_expr::planner::{PlannedRelation, RelationPlanner, RelationPlannerContext, RelationPlanning};
-use datafusion_expr::{Expr, Extension, LogicalPlan, LogicalPlanBuilder, UserDefinedLogicalNodeCore};
+use datafusion_common::{
+    plan_datafusion_err, plan_err, Column, DFSchema, DFSchemaRef, Result as DFResult, ScalarValue,
+    TableReference,
+};
+use datafusion_expr::planner::{
+    PlannedRelation, RelationPlanner, RelationPlannerContext, RelationPlanning,
+};
+use datafusion_expr::{
+    Expr, Extension, LogicalPlan, LogicalPlanBuilder, UserDefinedLogicalNodeCore,
+};
 use sqlparser::ast::{self, FunctionArg, FunctionArgExpr, FunctionArguments, TableFactor};
 
 use crate::dialect::TABLE_ARG_MARKER;
@@ -40,9 +47,18 @@ impl WindowKindKey {
 
     pub fn kind(&self) -> WindowKind {
         match self.0 {
-            0 => WindowKind::Tumble { size: self.1, offset: self.2 },
-            1 => WindowKind::Hop { size: self.1, slide: self.2 },
-            _ => WindowKind::Cumulate { step: self.1, size: self.2 },
+            0 => WindowKind::Tumble {
+                size: self.1,
+                offset: self.2,
+            },
+            1 => WindowKind::Hop {
+                size: self.1,
+                slide: self.2,
+            },
+            _ => WindowKind::Cumulate {
+                step: self.1,
+                size: self.2,
+            },
         }
     }
 }
@@ -55,13 +71,21 @@ impl PartialOrd for WindowTvfNode {
 
 impl WindowTvfNode {
     pub fn try_new(input: LogicalPlan, time_column: Column, kind: WindowKind) -> DFResult<Self> {
-        let mut fields: Vec<(Option<TableReference>, Arc<Field>)> =
-            input.schema().iter().map(|(q, f)| (q.cloned(), f.clone())).collect();
+        let mut fields: Vec<(Option<TableReference>, Arc<Field>)> = input
+            .schema()
+            .iter()
+            .map(|(q, f)| (q.cloned(), f.clone()))
+            .collect();
         for name in WINDOW_FIELDS {
             fields.push((None, Arc::new(Field::new(name, window_time_type(), false))));
         }
         let schema = Arc::new(DFSchema::new_with_metadata(fields, Default::default())?);
-        Ok(WindowTvfNode { input, time_column, kind: WindowKindKey::from_kind(kind), schema })
+        Ok(WindowTvfNode {
+            input,
+            time_column,
+            kind: WindowKindKey::from_kind(kind),
+            schema,
+        })
     }
 }
 
@@ -79,9 +103,18 @@ impl UserDefinedLogicalNodeCore for WindowTvfNode {
         vec![Expr::Column(self.time_column.clone())]
     }
     fn fmt_for_explain(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "WindowTVF: {:?} on {}", self.kind.kind(), self.time_column)
+        write!(
+            f,
+            "WindowTVF: {:?} on {}",
+            self.kind.kind(),
+            self.time_column
+        )
     }
-    fn with_exprs_and_inputs(&self, exprs: Vec<Expr>, mut inputs: Vec<LogicalPlan>) -> DFResult<Self> {
+    fn with_exprs_and_inputs(
+        &self,
+        exprs: Vec<Expr>,
+        mut inputs: Vec<LogicalPlan>,
+    ) -> DFResult<Self> {
         let time_column = match exprs.into_iter().next() {
             Some(Expr::Column(c)) => c,
             _ => self.time_column.clone(),
@@ -95,8 +128,16 @@ impl UserDefinedLogicalNodeCore for WindowTvfNode {
 pub struct WindowTvfPlanner;
 
 impl RelationPlanner for WindowTvfPlanner {
-    fn plan_relation(&self, relation: TableFactor, ctx: &mut dyn RelationPlannerContext) -> DFResult<RelationPlanning> {
-        let TableFactor::TableFunction { expr: ast::Expr::Function(call), alias } = &relation else {
+    fn plan_relation(
+        &self,
+        relation: TableFactor,
+        ctx: &mut dyn RelationPlannerContext,
+    ) -> DFResult<RelationPlanning> {
+        let TableFactor::TableFunction {
+            expr: ast::Expr::Function(call),
+            alias,
+        } = &relation
+        else {
             return Ok(RelationPlanning::Original(Box::new(relation)));
         };
         let name = call.name.to_string().to_uppercase();
@@ -114,20 +155,35 @@ impl RelationPlanner for WindowTvfPlanner {
             .iter()
             .map(|a| match a {
                 FunctionArg::Unnamed(FunctionArgExpr::Expr(e)) => Ok(e.clone()),
-                FunctionArg::Named { arg: FunctionArgExpr::Expr(e), .. } => Ok(e.clone()),
-                FunctionArg::ExprNamed { arg: FunctionArgExpr::Expr(e), .. } => Ok(e.clone()),
+                FunctionArg::Named {
+                    arg: FunctionArgExpr::Expr(e),
+                    ..
+                } => Ok(e.clone()),
+                FunctionArg::ExprNamed {
+                    arg: FunctionArgExpr::Expr(e),
+                    ..
+                } => Ok(e.clone()),
                 other => plan_err!("unexpected argument {other} in {name}"),
             })
             .collect::<DFResult<_>>()?;
         let expected = if name == "TUMBLE" { 3..=4 } else { 4..=4 };
         if !expected.contains(&args.len()) {
-            return plan_err!("{name} takes (TABLE t, DESCRIPTOR(time_col), {}), got {} arguments",
-                match name.as_str() { "TUMBLE" => "size [, offset]", "HOP" => "slide, size", _ => "step, max_size" }, args.len());
+            return plan_err!(
+                "{name} takes (TABLE t, DESCRIPTOR(time_col), {}), got {} arguments",
+                match name.as_str() {
+                    "TUMBLE" => "size [, offset]",
+                    "HOP" => "slide, size",
+                    _ => "step, max_size",
+                },
+                args.len()
+            );
         }
-        let table = single_ident_arg(&args[0], TABLE_ARG_MARKER)
-            .ok_or_else(|| plan_datafusion_err!("the first argument of {name} must be TABLE <name>"))?;
-        let time_col = single_ident_arg(&args[1], "DESCRIPTOR")
-            .ok_or_else(|| plan_datafusion_err!("the second argument of {name} must be DESCRIPTOR(<time column>)"))?;
+        let table = single_ident_arg(&args[0], TABLE_ARG_MARKER).ok_or_else(|| {
+            plan_datafusion_err!("the first argument of {name} must be TABLE <name>")
+        })?;
+        let time_col = single_ident_arg(&args[1], "DESCRIPTOR").ok_or_else(|| {
+            plan_datafusion_err!("the second argument of {name} must be DESCRIPTOR(<time column>)")
+        })?;
         let empty = DFSchema::empty();
         let mut durations = vec![];
         for a in &args[2..] {
@@ -135,9 +191,18 @@ impl RelationPlanner for WindowTvfPlanner {
             durations.push(interval_millis(&e).map_err(datafusion_common::DataFusionError::Plan)?);
         }
         let kind = match name.as_str() {
-            "TUMBLE" => WindowKind::Tumble { size: durations[0], offset: durations.get(1).copied().unwrap_or(0) },
-            "HOP" => WindowKind::Hop { slide: durations[0], size: durations[1] },
-            _ => WindowKind::Cumulate { step: durations[0], size: durations[1] },
+            "TUMBLE" => WindowKind::Tumble {
+                size: durations[0],
+                offset: durations.get(1).copied().unwrap_or(0),
+            },
+            "HOP" => WindowKind::Hop {
+                slide: durations[0],
+                size: durations[1],
+            },
+            _ => WindowKind::Cumulate {
+                step: durations[0],
+                size: durations[1],
+            },
         };
         validate_window(&kind).map_err(datafusion_common::DataFusionError::Plan)?;
         let reference = TableReference::bare(table.clone());
@@ -147,21 +212,36 @@ impl RelationPlanner for WindowTvfPlanner {
             .schema()
             .qualified_field_with_unqualified_name(&time_col)
             .map(|(q, f)| Column::new(q.cloned(), f.name()))
-            .map_err(|_| plan_datafusion_err!("DESCRIPTOR({time_col}): table {table} has no column {time_col}"))?;
+            .map_err(|_| {
+                plan_datafusion_err!(
+                    "DESCRIPTOR({time_col}): table {table} has no column {time_col}"
+                )
+            })?;
         let node = WindowTvfNode::try_new(input, column, kind)?;
-        let plan = LogicalPlan::Extension(Extension { node: Arc::new(node) });
-        Ok(RelationPlanning::Planned(Box::new(PlannedRelation::new(plan, alias.clone()))))
+        let plan = LogicalPlan::Extension(Extension {
+            node: Arc::new(node),
+        });
+        Ok(RelationPlanning::Planned(Box::new(PlannedRelation::new(
+            plan,
+            alias.clone(),
+        ))))
     }
 }
 
 fn single_ident_arg(e: &ast::Expr, function: &str) -> Option<String> {
-    let ast::Expr::Function(f) = e else { return None };
+    let ast::Expr::Function(f) = e else {
+        return None;
+    };
     if !f.name.to_string().eq_ignore_ascii_case(function) {
         return None;
     }
-    let FunctionArguments::List(list) = &f.args else { return None };
+    let FunctionArguments::List(list) = &f.args else {
+        return None;
+    };
     match list.args.as_slice() {
-        [FunctionArg::Unnamed(FunctionArgExpr::Expr(ast::Expr::Identifier(i)))] => Some(i.value.clone()),
+        [FunctionArg::Unnamed(FunctionArgExpr::Expr(ast::Expr::Identifier(i)))] => {
+            Some(i.value.clone())
+        }
         [FunctionArg::Unnamed(FunctionArgExpr::Expr(ast::Expr::CompoundIdentifier(parts)))] => {
             parts.last().map(|i| i.value.clone())
         }
@@ -175,7 +255,11 @@ pub fn interval_millis(e: &Expr) -> Result<i64, String> {
         Expr::Literal(v, _) => v,
         Expr::Cast(c) => return interval_millis(&c.expr),
         Expr::Alias(a) => return interval_millis(&a.expr),
-        other => return Err(format!("expected an INTERVAL literal such as INTERVAL '5' MINUTE, found {other}")),
+        other => {
+            return Err(format!(
+                "expected an INTERVAL literal such as INTERVAL '5' MINUTE, found {other}"
+            ))
+        }
     };
     let ms = match value {
         ScalarValue::IntervalMonthDayNano(Some(v)) if v.months == 0 => v.days as i64 * 86_400_000 + v.nanoseconds / 1_000_000,
@@ -194,15 +278,15 @@ pub fn interval_millis(e: &Expr) -> Result<i64, String> {
 /// Checks the shape of a window: HOP's size must be a multiple of its slide, as in Flink.
 pub fn validate_window(kind: &WindowKind) -> Result<(), String> {
     match *kind {
-        WindowKind::Tumble { size, offset } if offset.abs() >= size => {
-            Err(format!("TUMBLE offset ({offset} ms) must be smaller than the size ({size} ms)"))
-        }
-        WindowKind::Hop { size, slide } if size % slide != 0 => {
-            Err(format!("HOP size ({size} ms) must be a whole multiple of the slide ({slide} ms)"))
-        }
-        WindowKind::Cumulate { step, size } if size % step != 0 => {
-            Err(format!("CUMULATE max size ({size} ms) must be a whole multiple of the step ({step} ms)"))
-        }
+        WindowKind::Tumble { size, offset } if offset.abs() >= size => Err(format!(
+            "TUMBLE offset ({offset} ms) must be smaller than the size ({size} ms)"
+        )),
+        WindowKind::Hop { size, slide } if size % slide != 0 => Err(format!(
+            "HOP size ({size} ms) must be a whole multiple of the slide ({slide} ms)"
+        )),
+        WindowKind::Cumulate { step, size } if size % step != 0 => Err(format!(
+            "CUMULATE max size ({size} ms) must be a whole multiple of the step ({step} ms)"
+        )),
         _ => Ok(()),
     }
 }

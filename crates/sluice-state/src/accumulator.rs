@@ -35,7 +35,10 @@ enum State {
     SumFloat(Vec<f64>, Vec<i64>),
     SumDecimal(Vec<i128>, Vec<i64>),
     /// MIN/MAX: a multiset of row-encoded values, so retractions are exact.
-    Extreme { converter: RowConverter, values: Vec<BTreeMap<Box<[u8]>, i64>> },
+    Extreme {
+        converter: RowConverter,
+        values: Vec<BTreeMap<Box<[u8]>, i64>>,
+    },
 }
 
 /// One aggregate's state over all groups, indexed by group id.
@@ -52,19 +55,29 @@ pub struct Accumulator {
 fn num_of(t: &DataType) -> Num {
     match t {
         DataType::Float16 | DataType::Float32 | DataType::Float64 => Num::Float,
-        DataType::Decimal32(_, s) | DataType::Decimal64(_, s) | DataType::Decimal128(_, s) | DataType::Decimal256(_, s) => {
-            Num::Decimal { scale: *s }
-        }
+        DataType::Decimal32(_, s)
+        | DataType::Decimal64(_, s)
+        | DataType::Decimal128(_, s)
+        | DataType::Decimal256(_, s) => Num::Decimal { scale: *s },
         _ => Num::Int,
     }
 }
 
 impl Accumulator {
     /// State for `kind` over values of `input_type` (`Null` for `COUNT(*)`), producing `output_type`.
-    pub fn try_new(kind: AccKind, input_type: DataType, output_type: DataType, distinct: bool) -> Result<Self, ArrowError> {
+    pub fn try_new(
+        kind: AccKind,
+        input_type: DataType,
+        output_type: DataType,
+        distinct: bool,
+    ) -> Result<Self, ArrowError> {
         let num = num_of(&input_type);
-        if matches!(kind, AccKind::Sum | AccKind::Avg) && !(input_type.is_numeric() || input_type == DataType::Null) {
-            return Err(ArrowError::InvalidArgumentError(format!("SUM/AVG need a numeric argument, not {input_type}")));
+        if matches!(kind, AccKind::Sum | AccKind::Avg)
+            && !(input_type.is_numeric() || input_type == DataType::Null)
+        {
+            return Err(ArrowError::InvalidArgumentError(format!(
+                "SUM/AVG need a numeric argument, not {input_type}"
+            )));
         }
         let state = match kind {
             AccKind::Count => State::Count(vec![]),
@@ -73,16 +86,27 @@ impl Accumulator {
                 Num::Float => State::SumFloat(vec![], vec![]),
                 Num::Decimal { .. } => State::SumDecimal(vec![], vec![]),
             },
-            AccKind::Min | AccKind::Max => {
-                State::Extreme { converter: RowConverter::new(vec![SortField::new(input_type.clone())])?, values: vec![] }
-            }
+            AccKind::Min | AccKind::Max => State::Extreme {
+                converter: RowConverter::new(vec![SortField::new(input_type.clone())])?,
+                values: vec![],
+            },
         };
         let distinct = if distinct {
-            Some((RowConverter::new(vec![SortField::new(input_type.clone())])?, vec![]))
+            Some((
+                RowConverter::new(vec![SortField::new(input_type.clone())])?,
+                vec![],
+            ))
         } else {
             None
         };
-        Ok(Accumulator { kind, num, input_type, output_type, state, distinct })
+        Ok(Accumulator {
+            kind,
+            num,
+            input_type,
+            output_type,
+            state,
+            distinct,
+        })
     }
 
     /// Makes room for group ids below `n`.
@@ -110,7 +134,12 @@ impl Accumulator {
 
     /// Applies rows: row `i` belongs to group `gids[i]` and counts `signs[i]` times (+1 add,
     /// -1 retract, 0 skip: filtered out). `values` is `None` for `COUNT(*)`.
-    pub fn update(&mut self, gids: &[u32], signs: &[i64], values: Option<&ArrayRef>) -> Result<(), ArrowError> {
+    pub fn update(
+        &mut self,
+        gids: &[u32],
+        signs: &[i64],
+        values: Option<&ArrayRef>,
+    ) -> Result<(), ArrowError> {
         let mut effective;
         let signs = match (&mut self.distinct, values) {
             (Some((converter, seen)), Some(values)) => {
@@ -121,7 +150,9 @@ impl Accumulator {
                     if signs[i] == 0 || values.is_null(i) {
                         continue;
                     }
-                    let m = seen[gids[i] as usize].entry(rows.row(i).as_ref().into()).or_insert(0);
+                    let m = seen[gids[i] as usize]
+                        .entry(rows.row(i).as_ref().into())
+                        .or_insert(0);
                     let before = *m;
                     *m += signs[i];
                     let after = *m;
@@ -140,7 +171,10 @@ impl Accumulator {
         };
         match &mut self.state {
             State::Count(counts) => match values {
-                None => gids.iter().zip(signs).for_each(|(&g, &s)| counts[g as usize] += s),
+                None => gids
+                    .iter()
+                    .zip(signs)
+                    .for_each(|(&g, &s)| counts[g as usize] += s),
                 Some(v) => {
                     for i in 0..gids.len() {
                         if v.is_valid(i) {
@@ -172,8 +206,13 @@ impl Accumulator {
                 }
             }
             State::SumDecimal(sums, counts) => {
-                let Num::Decimal { scale } = self.num else { unreachable!() };
-                let v = cast(values.expect("SUM has an argument"), &DataType::Decimal128(38, scale))?;
+                let Num::Decimal { scale } = self.num else {
+                    unreachable!()
+                };
+                let v = cast(
+                    values.expect("SUM has an argument"),
+                    &DataType::Decimal128(38, scale),
+                )?;
                 let v = v.as_primitive::<Decimal128Type>();
                 for i in 0..gids.len() {
                     if signs[i] != 0 && v.is_valid(i) {
@@ -183,7 +222,10 @@ impl Accumulator {
                     }
                 }
             }
-            State::Extreme { converter, values: sets } => {
+            State::Extreme {
+                converter,
+                values: sets,
+            } => {
                 let values = values.expect("MIN/MAX have an argument");
                 let rows = converter.convert_columns(std::slice::from_ref(values))?;
                 for i in 0..gids.len() {
@@ -282,21 +324,35 @@ impl Accumulator {
     /// The current result of each listed group, as the output type.
     pub fn evaluate(&self, gids: &[u32]) -> Result<ArrayRef, ArrowError> {
         let array: ArrayRef = match (&self.state, self.kind) {
-            (State::Count(c), _) => Arc::new(Int64Array::from_iter_values(gids.iter().map(|&g| c[g as usize]))),
-            (State::SumInt(s, c), AccKind::Sum) => {
-                Arc::new(gids.iter().map(|&g| (c[g as usize] > 0).then(|| s[g as usize])).collect::<Int64Array>())
-            }
-            (State::SumInt(s, c), _) => Arc::new(
-                gids.iter().map(|&g| (c[g as usize] > 0).then(|| s[g as usize] as f64 / c[g as usize] as f64)).collect::<Float64Array>(),
+            (State::Count(c), _) => Arc::new(Int64Array::from_iter_values(
+                gids.iter().map(|&g| c[g as usize]),
+            )),
+            (State::SumInt(s, c), AccKind::Sum) => Arc::new(
+                gids.iter()
+                    .map(|&g| (c[g as usize] > 0).then(|| s[g as usize]))
+                    .collect::<Int64Array>(),
             ),
-            (State::SumFloat(s, c), AccKind::Sum) => {
-                Arc::new(gids.iter().map(|&g| (c[g as usize] > 0).then(|| s[g as usize])).collect::<Float64Array>())
-            }
+            (State::SumInt(s, c), _) => Arc::new(
+                gids.iter()
+                    .map(|&g| {
+                        (c[g as usize] > 0).then(|| s[g as usize] as f64 / c[g as usize] as f64)
+                    })
+                    .collect::<Float64Array>(),
+            ),
+            (State::SumFloat(s, c), AccKind::Sum) => Arc::new(
+                gids.iter()
+                    .map(|&g| (c[g as usize] > 0).then(|| s[g as usize]))
+                    .collect::<Float64Array>(),
+            ),
             (State::SumFloat(s, c), _) => Arc::new(
-                gids.iter().map(|&g| (c[g as usize] > 0).then(|| s[g as usize] / c[g as usize] as f64)).collect::<Float64Array>(),
+                gids.iter()
+                    .map(|&g| (c[g as usize] > 0).then(|| s[g as usize] / c[g as usize] as f64))
+                    .collect::<Float64Array>(),
             ),
             (State::SumDecimal(s, c), kind) => {
-                let Num::Decimal { scale } = self.num else { unreachable!() };
+                let Num::Decimal { scale } = self.num else {
+                    unreachable!()
+                };
                 match (kind, &self.output_type) {
                     (AccKind::Avg, DataType::Decimal128(p, out_scale)) => {
                         let shift = 10i128.pow((*out_scale - scale).max(0) as u32);
@@ -317,12 +373,18 @@ impl Accumulator {
                         let div = 10f64.powi(scale as i32);
                         Arc::new(
                             gids.iter()
-                                .map(|&g| (c[g as usize] > 0).then(|| s[g as usize] as f64 / div / c[g as usize] as f64))
+                                .map(|&g| {
+                                    (c[g as usize] > 0)
+                                        .then(|| s[g as usize] as f64 / div / c[g as usize] as f64)
+                                })
                                 .collect::<Float64Array>(),
                         )
                     }
                     _ => {
-                        let a: Decimal128Array = gids.iter().map(|&g| (c[g as usize] > 0).then(|| s[g as usize])).collect();
+                        let a: Decimal128Array = gids
+                            .iter()
+                            .map(|&g| (c[g as usize] > 0).then(|| s[g as usize]))
+                            .collect();
                         Arc::new(a.with_precision_and_scale(38, scale)?)
                     }
                 }
@@ -333,11 +395,18 @@ impl Accumulator {
                     .iter()
                     .map(|&g| {
                         let set = &values[g as usize];
-                        if kind == AccKind::Max { set.keys().next_back() } else { set.keys().next() }
+                        if kind == AccKind::Max {
+                            set.keys().next_back()
+                        } else {
+                            set.keys().next()
+                        }
                     })
                     .collect();
                 // Convert the non-empty picks, then scatter them with nulls for empty groups.
-                let present: Vec<_> = picks.iter().filter_map(|p| p.map(|b| parser.parse(b))).collect();
+                let present: Vec<_> = picks
+                    .iter()
+                    .filter_map(|p| p.map(|b| parser.parse(b)))
+                    .collect();
                 let converted = converter.convert_rows(present)?.pop().expect("one column");
                 if picks.iter().all(|p| p.is_some()) {
                     converted
@@ -375,9 +444,15 @@ impl Accumulator {
             State::SumInt(s, c) => s.capacity() * 8 + c.capacity() * 8,
             State::SumFloat(s, c) => s.capacity() * 8 + c.capacity() * 8,
             State::SumDecimal(s, c) => s.capacity() * 16 + c.capacity() * 8,
-            State::Extreme { values, .. } => values.iter().map(|m| 24 + m.iter().map(|(k, _)| k.len() + 40).sum::<usize>()).sum(),
+            State::Extreme { values, .. } => values
+                .iter()
+                .map(|m| 24 + m.iter().map(|(k, _)| k.len() + 40).sum::<usize>())
+                .sum(),
         };
-        let distinct = self.distinct.as_ref().map_or(0, |(_, d)| d.iter().map(|m| 48 + m.len() * 40).sum());
+        let distinct = self
+            .distinct
+            .as_ref()
+            .map_or(0, |(_, d)| d.iter().map(|m| 48 + m.len() * 40).sum());
         state + distinct
     }
 }
@@ -392,34 +467,88 @@ mod tests {
 
     #[test]
     fn max_retracts_exactly() {
-        let mut acc = Accumulator::try_new(AccKind::Max, DataType::Int64, DataType::Int64, false).unwrap();
+        let mut acc =
+            Accumulator::try_new(AccKind::Max, DataType::Int64, DataType::Int64, false).unwrap();
         acc.resize(2);
-        acc.update(&[0, 0, 0, 1], &[1, 1, 1, 1], Some(&ints(&[Some(5), Some(9), Some(9), None]))).unwrap();
+        acc.update(
+            &[0, 0, 0, 1],
+            &[1, 1, 1, 1],
+            Some(&ints(&[Some(5), Some(9), Some(9), None])),
+        )
+        .unwrap();
         let out = acc.evaluate(&[0, 1]).unwrap();
         assert_eq!(out.as_primitive::<Int64Type>().value(0), 9);
         assert!(out.is_null(1), "a group with only NULLs has no MAX");
         acc.update(&[0], &[-1], Some(&ints(&[Some(9)]))).unwrap();
-        assert_eq!(acc.evaluate(&[0]).unwrap().as_primitive::<Int64Type>().value(0), 9, "one 9 is left");
+        assert_eq!(
+            acc.evaluate(&[0])
+                .unwrap()
+                .as_primitive::<Int64Type>()
+                .value(0),
+            9,
+            "one 9 is left"
+        );
         acc.update(&[0], &[-1], Some(&ints(&[Some(9)]))).unwrap();
-        assert_eq!(acc.evaluate(&[0]).unwrap().as_primitive::<Int64Type>().value(0), 5);
+        assert_eq!(
+            acc.evaluate(&[0])
+                .unwrap()
+                .as_primitive::<Int64Type>()
+                .value(0),
+            5
+        );
     }
 
     #[test]
     fn count_distinct_counts_values_once() {
-        let mut acc = Accumulator::try_new(AccKind::Count, DataType::Int64, DataType::Int64, true).unwrap();
+        let mut acc =
+            Accumulator::try_new(AccKind::Count, DataType::Int64, DataType::Int64, true).unwrap();
         acc.resize(1);
-        acc.update(&[0, 0, 0, 0], &[1, 1, 1, 1], Some(&ints(&[Some(1), Some(1), Some(2), None]))).unwrap();
-        assert_eq!(acc.evaluate(&[0]).unwrap().as_primitive::<Int64Type>().value(0), 2);
+        acc.update(
+            &[0, 0, 0, 0],
+            &[1, 1, 1, 1],
+            Some(&ints(&[Some(1), Some(1), Some(2), None])),
+        )
+        .unwrap();
+        assert_eq!(
+            acc.evaluate(&[0])
+                .unwrap()
+                .as_primitive::<Int64Type>()
+                .value(0),
+            2
+        );
         acc.update(&[0], &[-1], Some(&ints(&[Some(1)]))).unwrap();
-        assert_eq!(acc.evaluate(&[0]).unwrap().as_primitive::<Int64Type>().value(0), 2, "1 is still there once");
+        assert_eq!(
+            acc.evaluate(&[0])
+                .unwrap()
+                .as_primitive::<Int64Type>()
+                .value(0),
+            2,
+            "1 is still there once"
+        );
         acc.update(&[0], &[-1], Some(&ints(&[Some(1)]))).unwrap();
-        assert_eq!(acc.evaluate(&[0]).unwrap().as_primitive::<Int64Type>().value(0), 1);
+        assert_eq!(
+            acc.evaluate(&[0])
+                .unwrap()
+                .as_primitive::<Int64Type>()
+                .value(0),
+            1
+        );
     }
 
     #[test]
     fn decimal_avg_rounds_to_output_scale() {
-        let v: ArrayRef = Arc::new(Decimal128Array::from(vec![100, 200, 201]).with_precision_and_scale(10, 2).unwrap());
-        let mut acc = Accumulator::try_new(AccKind::Avg, v.data_type().clone(), DataType::Decimal128(14, 6), false).unwrap();
+        let v: ArrayRef = Arc::new(
+            Decimal128Array::from(vec![100, 200, 201])
+                .with_precision_and_scale(10, 2)
+                .unwrap(),
+        );
+        let mut acc = Accumulator::try_new(
+            AccKind::Avg,
+            v.data_type().clone(),
+            DataType::Decimal128(14, 6),
+            false,
+        )
+        .unwrap();
         acc.resize(1);
         acc.update(&[0, 0, 0], &[1, 1, 1], Some(&v)).unwrap();
         let out = acc.evaluate(&[0]).unwrap();

@@ -72,7 +72,8 @@ impl GroupTable {
                     };
                     let keys = &self.keys;
                     let hasher = &self.hasher;
-                    self.table.insert_unique(hash, g, |&x| hasher.hash_one(&*keys[x as usize]));
+                    self.table
+                        .insert_unique(hash, g, |&x| hasher.hash_one(&*keys[x as usize]));
                     g
                 }
             };
@@ -93,12 +94,15 @@ impl GroupTable {
     /// The key columns of the given groups.
     pub fn keys(&self, gids: &[u32]) -> Result<Vec<ArrayRef>, ArrowError> {
         let parser = self.converter.parser();
-        self.converter.convert_rows(gids.iter().map(|&g| parser.parse(&self.keys[g as usize])))
+        self.converter
+            .convert_rows(gids.iter().map(|&g| parser.parse(&self.keys[g as usize])))
     }
 
     /// Approximate bytes held, for state-size metrics.
     pub fn size_bytes(&self) -> usize {
-        self.keys.iter().map(|k| k.len() + 16).sum::<usize>() + self.table.capacity() * 8 + self.free.capacity() * 4
+        self.keys.iter().map(|k| k.len() + 16).sum::<usize>()
+            + self.table.capacity() * 8
+            + self.free.capacity() * 4
     }
 }
 
@@ -113,7 +117,11 @@ mod tests {
 
     #[test]
     fn interns_and_reuses_ids() {
-        let mut t = GroupTable::try_new(vec![SortField::new(DataType::Utf8), SortField::new(DataType::Int64)]).unwrap();
+        let mut t = GroupTable::try_new(vec![
+            SortField::new(DataType::Utf8),
+            SortField::new(DataType::Int64),
+        ])
+        .unwrap();
         let cols: Vec<ArrayRef> = vec![
             Arc::new(StringArray::from(vec!["a", "b", "a", "c"])),
             Arc::new(Int64Array::from(vec![1, 1, 1, 2])),
@@ -125,13 +133,19 @@ mod tests {
         assert_eq!(t.len(), 3);
         t.remove(1);
         assert_eq!(t.len(), 2);
-        let cols: Vec<ArrayRef> = vec![Arc::new(StringArray::from(vec!["d"])), Arc::new(Int64Array::from(vec![9]))];
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from(vec!["d"])),
+            Arc::new(Int64Array::from(vec![9])),
+        ];
         let rows = t.encode(&cols).unwrap();
         t.intern(&rows, &mut gids);
         assert_eq!(gids, vec![1], "the freed id is reused");
         let keys = t.keys(&[1, 2]).unwrap();
         assert_eq!(keys[0].as_string::<i32>().value(0), "d");
-        assert_eq!(keys[1].as_primitive::<Int64Type>().values().to_vec(), vec![9, 2]);
+        assert_eq!(
+            keys[1].as_primitive::<Int64Type>().values().to_vec(),
+            vec![9, 2]
+        );
         assert_eq!(keys[0].len(), 2);
     }
 }

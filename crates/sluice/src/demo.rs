@@ -16,13 +16,22 @@ fn num(s: &str) -> f64 {
 
 fn bar(share: f64, width: usize) -> String {
     let n = (share * width as f64).round() as usize;
-    format!("{}{}", "█".repeat(n.min(width)), "·".repeat(width - n.min(width)))
+    format!(
+        "{}{}",
+        "█".repeat(n.min(width)),
+        "·".repeat(width - n.min(width))
+    )
 }
 
 pub fn run(seconds: Option<u64>, workers: usize) -> Result<(), String> {
-    let plan = sluice_sql::plan_script(DEMO_SQL).map_err(|e| format!("examples/double11.sql: {e}"))?;
+    let plan =
+        sluice_sql::plan_script(DEMO_SQL).map_err(|e| format!("examples/double11.sql: {e}"))?;
     let metrics = JobMetrics::new();
-    let options = JobOptions { workers, metrics: metrics.clone(), ..Default::default() };
+    let options = JobOptions {
+        workers,
+        metrics: metrics.clone(),
+        ..Default::default()
+    };
     let job = std::thread::spawn(move || sluice_engine::run(plan, options));
     let started = Instant::now();
     let mut last_read = 0u64;
@@ -57,9 +66,17 @@ pub fn run(seconds: Option<u64>, workers: usize) -> Result<(), String> {
 fn draw(metrics: &JobMetrics, rate: f64, elapsed: Duration) {
     let mut s = String::from("\x1b[2J\x1b[H");
     s.push_str("  SLUICE · Double-11 live sales   (Ctrl-C to stop)\n\n");
-    let total = memory::table("gmv_total").lock().expect("table").current_rows();
-    let (gmv, orders, buyers) = total.first().map(|r| (num(&r[0]), num(&r[1]), num(&r[2]))).unwrap_or_default();
-    s.push_str(&format!("  GMV so far   ¥{gmv:>16.2}    orders {orders:>10.0}    buyers {buyers:>8.0}\n"));
+    let total = memory::table("gmv_total")
+        .lock()
+        .expect("table")
+        .current_rows();
+    let (gmv, orders, buyers) = total
+        .first()
+        .map(|r| (num(&r[0]), num(&r[1]), num(&r[2])))
+        .unwrap_or_default();
+    s.push_str(&format!(
+        "  GMV so far   ¥{gmv:>16.2}    orders {orders:>10.0}    buyers {buyers:>8.0}\n"
+    ));
     let wm = metrics.source_watermark.load(Ordering::Relaxed);
     s.push_str(&format!(
         "  orders/s     {rate:>17.0}    watermark {}    running {:.0} s\n\n",
@@ -68,27 +85,53 @@ fn draw(metrics: &JobMetrics, rate: f64, elapsed: Duration) {
     ));
 
     s.push_str("  GMV per 5-minute window (final when the watermark passes the window end)\n");
-    let mut windows = memory::table("gmv_per_window").lock().expect("table").current_rows();
+    let mut windows = memory::table("gmv_per_window")
+        .lock()
+        .expect("table")
+        .current_rows();
     windows.sort();
     let max = windows.iter().map(|r| num(&r[2])).fold(1.0, f64::max);
     for w in windows.iter().rev().take(8).rev() {
-        s.push_str(&format!("  {} – {}  ¥{:>12.2}  {}\n", &w[0][11..16], &w[1][11..16], num(&w[2]), bar(num(&w[2]) / max, 30)));
+        s.push_str(&format!(
+            "  {} – {}  ¥{:>12.2}  {}\n",
+            &w[0][11..16],
+            &w[1][11..16],
+            num(&w[2]),
+            bar(num(&w[2]) / max, 30)
+        ));
     }
 
     s.push_str("\n  Category share of GMV\n");
-    let mut cats = memory::table("gmv_by_category").lock().expect("table").current_rows();
+    let mut cats = memory::table("gmv_by_category")
+        .lock()
+        .expect("table")
+        .current_rows();
     let cat_total: f64 = cats.iter().map(|r| num(&r[1])).sum::<f64>().max(1.0);
     cats.sort_by(|a, b| num(&b[1]).total_cmp(&num(&a[1])));
     for c in &cats {
         let share = num(&c[1]) / cat_total;
-        s.push_str(&format!("  {:<12} {:>5.1}%  {}\n", c[0], share * 100.0, bar(share, 30)));
+        s.push_str(&format!(
+            "  {:<12} {:>5.1}%  {}\n",
+            c[0],
+            share * 100.0,
+            bar(share, 30)
+        ));
     }
 
     s.push_str("\n  Top provinces\n");
-    let mut provs = memory::table("gmv_by_province").lock().expect("table").current_rows();
+    let mut provs = memory::table("gmv_by_province")
+        .lock()
+        .expect("table")
+        .current_rows();
     provs.sort_by(|a, b| num(&b[1]).total_cmp(&num(&a[1])));
     for (i, p) in provs.iter().take(5).enumerate() {
-        s.push_str(&format!("  {}. {:<10} ¥{:>14.2}  {:>8} orders\n", i + 1, p[0], num(&p[1]), p[2]));
+        s.push_str(&format!(
+            "  {}. {:<10} ¥{:>14.2}  {:>8} orders\n",
+            i + 1,
+            p[0],
+            num(&p[1]),
+            p[2]
+        ));
     }
     print!("{s}");
     let _ = std::io::stdout().flush();

@@ -11,7 +11,11 @@ use clap::{Parser, Subcommand};
 use sluice_engine::{JobOptions, JobSummary};
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "Streaming SQL: Flink-compatible SQL compiled to incremental dataflows")]
+#[command(
+    name = "sluice",
+    version,
+    about = "Streaming SQL: Flink-compatible SQL compiled to incremental dataflows"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,7 +54,13 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { file, workers, processes, process_id, hosts } => run(file, workers, processes, process_id, hosts),
+        Command::Run {
+            file,
+            workers,
+            processes,
+            process_id,
+            hosts,
+        } => run(file, workers, processes, process_id, hosts),
         Command::Demo { seconds, workers } => demo::run(seconds, workers),
     };
     match result {
@@ -62,29 +72,58 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(file: PathBuf, workers: usize, processes: usize, process_id: usize, hosts: Option<PathBuf>) -> Result<(), String> {
+fn run(
+    file: PathBuf,
+    workers: usize,
+    processes: usize,
+    process_id: usize,
+    hosts: Option<PathBuf>,
+) -> Result<(), String> {
     let sql = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
     let plan = sluice_sql::plan_script(&sql).map_err(|e| format!("{}: {e}", file.display()))?;
     if plan.pipelines.is_empty() {
-        return Err(format!("{}: the script has no INSERT INTO or SELECT statement to run", file.display()));
+        return Err(format!(
+            "{}: the script has no INSERT INTO or SELECT statement to run",
+            file.display()
+        ));
     }
     let hosts = match hosts {
-        None if processes > 1 => return Err("--processes > 1 needs --hosts FILE (one host:port per line)".into()),
+        None if processes > 1 => {
+            return Err("--processes > 1 needs --hosts FILE (one host:port per line)".into())
+        }
         None => None,
         Some(path) => {
-            let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let list: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect();
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let list: Vec<String> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from)
+                .collect();
             if list.len() != processes {
-                return Err(format!("{}: lists {} hosts but --processes is {processes}", path.display(), list.len()));
+                return Err(format!(
+                    "{}: lists {} hosts but --processes is {processes}",
+                    path.display(),
+                    list.len()
+                ));
             }
             if process_id >= processes {
-                return Err(format!("--process-id {process_id} must be below --processes {processes}"));
+                return Err(format!(
+                    "--process-id {process_id} must be below --processes {processes}"
+                ));
             }
             Some(list)
         }
     };
     let printer = Arc::new(table_output::TablePrinter::default());
-    let options = JobOptions { workers, process: process_id, hosts, select_output: Some(printer.clone()), ..Default::default() };
+    let options = JobOptions {
+        workers,
+        process: process_id,
+        hosts,
+        select_output: Some(printer.clone()),
+        ..Default::default()
+    };
     let summary = sluice_engine::run(plan, options).map_err(|e| e.to_string())?;
     printer.finish();
     print_summary(&summary);
@@ -104,6 +143,9 @@ fn print_summary(s: &JobSummary) {
     eprintln!("records skipped             {}", s.records_skipped);
     let total = s.total_read();
     if secs > 0.0 {
-        eprintln!("throughput                  {:.0} rows/s", total as f64 / secs);
+        eprintln!(
+            "throughput                  {:.0} rows/s",
+            total as f64 / secs
+        );
     }
 }

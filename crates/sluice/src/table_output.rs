@@ -11,7 +11,14 @@ use sluice_engine::SelectOutput;
 /// Streams rows as they arrive, in columns sized from the column types.
 #[derive(Default)]
 pub struct TablePrinter {
-    widths: Mutex<Vec<Vec<usize>>>,
+    state: Mutex<PrinterState>,
+}
+
+#[derive(Default)]
+struct PrinterState {
+    schemas: Vec<Option<SchemaRef>>,
+    current: Option<usize>,
+    widths: Option<Vec<usize>>,
 }
 
 fn width(t: &DataType, name: &str) -> usize {
@@ -37,26 +44,14 @@ fn rule(widths: &[usize]) -> String {
 
 impl SelectOutput for TablePrinter {
     fn begin(&self, index: usize, schema: SchemaRef) {
-        let mut widths = vec![2];
-        let mut names = vec!["op".to_string()];
-        for f in schema.fields() {
-            widths.push(width(f.data_type(), f.name()));
-            names.push(f.name().clone());
+        let mut state = self.state.lock().expect("printer");
+        if state.schemas.len() <= index {
+            state.schemas.resize(index + 1, None);
         }
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{}", rule(&widths));
-        let cells: Vec<String> = names.iter().zip(&widths).map(|(n, w)| format!(" {n:>w$} ")).collect();
-        let _ = writeln!(out, "|{}|", cells.join("|"));
-        let _ = writeln!(out, "{}", rule(&widths));
-        let mut all = self.widths.lock().expect("widths");
-        if all.len() <= index {
-            all.resize(index + 1, vec![]);
-        }
-        all[index] = widths;
+        state.schemas[index] = Some(schema);
     }
 
     fn emit(&self, index: usize, batch: &ChangeBatch) {
-        let widths = self.widths.lock().expect("widths")[index].clone();
         let rows = match row_strings(&batch.data) {
             Ok(r) => r,
             Err(e) => {
@@ -64,7 +59,32 @@ impl SelectOutput for TablePrinter {
                 return;
             }
         };
+        let mut state = self.state.lock().expect("printer");
         let mut out = std::io::stdout().lock();
+        if state.current != Some(index) {
+            // A header whenever the output switches to another query.
+            if let Some(w) = &state.widths {
+                let _ = writeln!(out, "{}", rule(w));
+            }
+            let schema = state.schemas[index].clone().expect("begin() was called");
+            let mut widths = vec![2];
+            let mut names = vec!["op".to_string()];
+            for f in schema.fields() {
+                widths.push(width(f.data_type(), f.name()));
+                names.push(f.name().clone());
+            }
+            let _ = writeln!(out, "{}", rule(&widths));
+            let cells: Vec<String> = names
+                .iter()
+                .zip(&widths)
+                .map(|(n, w)| format!(" {n:>w$} "))
+                .collect();
+            let _ = writeln!(out, "|{}|", cells.join("|"));
+            let _ = writeln!(out, "{}", rule(&widths));
+            state.widths = Some(widths);
+            state.current = Some(index);
+        }
+        let widths = state.widths.clone().expect("set above");
         for (i, row) in rows.iter().enumerate() {
             let mut cells = vec![format!(" {:>2} ", batch.op(i).short_name())];
             for (v, w) in row.iter().zip(&widths[1..]) {
@@ -78,8 +98,9 @@ impl SelectOutput for TablePrinter {
 impl TablePrinter {
     /// Closes every printed table.
     pub fn finish(&self) {
+        let state = self.state.lock().expect("printer");
         let mut out = std::io::stdout().lock();
-        for w in self.widths.lock().expect("widths").iter() {
+        if let Some(w) = &state.widths {
             let _ = writeln!(out, "{}", rule(w));
         }
         let _ = out.flush();

@@ -1,0 +1,235 @@
+//! Bad input: each mistake gets a non-zero exit and a message that names it.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn sluice(script: &str, dir: &Path) -> Output {
+    let file = dir.join("job.sql");
+    std::fs::write(&file, script).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("run")
+        .arg(&file)
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn orders_ddl(path: &Path, extra: &str) -> String {
+    format!(
+        "CREATE TABLE orders (id BIGINT, category STRING, amount DOUBLE, ts TIMESTAMP(3),\n  WATERMARK FOR ts AS ts - INTERVAL '1' SECOND\n) \
+         WITH ('connector' = 'filesystem', 'path' = '{}', 'format' = 'json'{extra});\n",
+        path.display()
+    )
+}
+
+fn fails_with(o: &Output, needles: &[&str]) {
+    let err = stderr(o);
+    assert!(
+        !o.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    for n in needles {
+        assert!(err.contains(n), "message should mention {n:?}; got: {err}");
+    }
+}
+
+fn write_orders(dir: &Path, lines: &[&str]) -> std::path::PathBuf {
+    let p = dir.join("orders.json");
+    std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+    p
+}
+
+const GOOD: &str = r#"{"id": 1, "category": "a", "amount": 2.5, "ts": "2026-11-11 00:00:01.000"}"#;
+
+#[test]
+fn malformed_sql_names_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = sluice("SET 'a' = 'b';\nSELECT id\n  FROM t WHERE );", dir.path());
+    fails_with(&o, &["line 3, column 16"]);
+}
+
+#[test]
+fn unknown_column_and_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_orders(dir.path(), &[GOOD]);
+    let o = sluice(
+        &format!("{}SELECT nope FROM orders;", orders_ddl(&data, "")),
+        dir.path(),
+    );
+    fails_with(&o, &["nope", "line 4"]);
+    let o = sluice(
+        &format!("{}SELECT id FROM missing;", orders_ddl(&data, "")),
+        dir.path(),
+    );
+    fails_with(&o, &["missing", "not found"]);
+}
+
+#[test]
+fn type_mismatch_on_insert() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_orders(dir.path(), &[GOOD]);
+    let script = format!(
+        "{}CREATE TABLE out (t DATE) WITH ('connector' = 'print');\nINSERT INTO out SELECT amount > 1 FROM orders;",
+        orders_ddl(&data, "")
+    );
+    fails_with(
+        &sluice(&script, dir.path()),
+        &["INSERT INTO out", "Boolean", "Date32"],
+    );
+}
+
+#[test]
+fn unknown_connector_option() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_orders(dir.path(), &[GOOD]);
+    let o = sluice(
+        &format!(
+            "{}SELECT id FROM orders;",
+            orders_ddl(&data, ", 'json.ignore-parse-errrors' = 'true'")
+        ),
+        dir.path(),
+    );
+    fails_with(
+        &o,
+        &[
+            "table 'orders'",
+            "unknown option 'json.ignore-parse-errrors'",
+        ],
+    );
+}
+
+#[test]
+fn missing_input_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = sluice(
+        &format!(
+            "{}SELECT id FROM orders;",
+            orders_ddl(&dir.path().join("nothing.json"), "")
+        ),
+        dir.path(),
+    );
+    fails_with(&o, &["nothing.json", "No such file"]);
+}
+
+#[test]
+fn malformed_json_line_is_named_or_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_orders(
+        dir.path(),
+        &[GOOD, GOOD, r#"{"id": 3, "amount": "lots"#, GOOD],
+    );
+    let o = sluice(
+        &format!("{}SELECT id FROM orders;", orders_ddl(&data, "")),
+        dir.path(),
+    );
+    fails_with(
+        &o,
+        &[
+            "orders.json:3",
+            "malformed JSON",
+            "json.ignore-parse-errors",
+        ],
+    );
+
+    let o = sluice(
+        &format!(
+            "{}SELECT id FROM orders;",
+            orders_ddl(&data, ", 'json.ignore-parse-errors' = 'true'")
+        ),
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        out.matches("| +I |").count(),
+        3,
+        "the three good rows are printed: {out}"
+    );
+    assert!(
+        stderr(&o).contains("records skipped             1"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn updating_result_into_append_only_sink_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_orders(dir.path(), &[GOOD]);
+    let script = format!(
+        "{}CREATE TABLE out (category STRING, n BIGINT) WITH ('connector' = 'filesystem', 'path' = '{}', 'format' = 'json');\n\
+         INSERT INTO out SELECT category, COUNT(*) FROM orders GROUP BY category;",
+        orders_ddl(&data, ""),
+        dir.path().join("out").display()
+    );
+    fails_with(
+        &sluice(&script, dir.path()),
+        &["updating result", "debezium-json"],
+    );
+}
+
+#[test]
+fn order_by_without_limit_is_rejected_with_advice() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_orders(dir.path(), &[GOOD]);
+    let o = sluice(
+        &format!(
+            "{}SELECT id FROM orders ORDER BY amount;",
+            orders_ddl(&data, "")
+        ),
+        dir.path(),
+    );
+    fails_with(&o, &["ORDER BY", "remove it"]);
+}
+
+#[test]
+fn debezium_sink_folds_to_the_final_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = [
+        r#"{"id": 1, "category": "a", "amount": 1, "ts": "2026-11-11 00:00:01.000"}"#,
+        r#"{"id": 2, "category": "b", "amount": 1, "ts": "2026-11-11 00:00:02.000"}"#,
+        r#"{"id": 3, "category": "a", "amount": 1, "ts": "2026-11-11 00:00:03.000"}"#,
+    ];
+    let data = write_orders(dir.path(), &rows);
+    let out = dir.path().join("out");
+    let script = format!(
+        "{}CREATE TABLE out (category STRING, n BIGINT) WITH ('connector' = 'filesystem', 'path' = '{}', 'format' = 'debezium-json');\n\
+         INSERT INTO out SELECT category, COUNT(*) FROM orders GROUP BY category;",
+        orders_ddl(&data, ""),
+        out.display()
+    );
+    let o = sluice(&script, dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let files: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        files.iter().all(|f| !f.starts_with('.')),
+        "no in-progress file is left: {files:?}"
+    );
+    let mut state = std::collections::BTreeMap::new();
+    for f in files {
+        for line in std::fs::read_to_string(out.join(f)).unwrap().lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            if !v["before"].is_null() {
+                state.remove(v["before"]["category"].as_str().unwrap());
+            }
+            if !v["after"].is_null() {
+                state.insert(
+                    v["after"]["category"].as_str().unwrap().to_string(),
+                    v["after"]["n"].as_i64().unwrap(),
+                );
+            }
+        }
+    }
+    assert_eq!(
+        state,
+        [("a".to_string(), 2), ("b".to_string(), 1)]
+            .into_iter()
+            .collect()
+    );
+}
