@@ -46,3 +46,37 @@ pub fn millis_at(array: &ArrayRef, row: usize) -> Option<i64> {
     let a = array.as_primitive::<TimestampMillisecondType>();
     a.is_valid(row).then(|| a.value(row))
 }
+
+/// Parses a duration as Flink writes them (`500 ms`, `1s`, `5 min`, `1 h`, `2 d`, or plain
+/// milliseconds) into milliseconds; `None` when it is not one.
+pub fn parse_duration_ms(text: &str) -> Option<i64> {
+    let t = text.trim().to_lowercase();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: i64 = num.parse().ok()?;
+    let factor = match unit.trim() {
+        "" | "ms" | "milli" | "millis" | "millisecond" | "milliseconds" => 1,
+        "s" | "sec" | "secs" | "second" | "seconds" => 1000,
+        "min" | "m" | "minute" | "minutes" => 60_000,
+        "h" | "hour" | "hours" => 3_600_000,
+        "d" | "day" | "days" => 86_400_000,
+        _ => return None,
+    };
+    n.checked_mul(factor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration_ms;
+
+    #[test]
+    fn flink_durations() {
+        assert_eq!(parse_duration_ms("500 ms"), Some(500));
+        assert_eq!(parse_duration_ms("1s"), Some(1000));
+        assert_eq!(parse_duration_ms(" 5 min"), Some(300_000));
+        assert_eq!(parse_duration_ms("2 h"), Some(7_200_000));
+        assert_eq!(parse_duration_ms("250"), Some(250));
+        assert_eq!(parse_duration_ms("5 fortnights"), None);
+        assert_eq!(parse_duration_ms("s"), None);
+    }
+}

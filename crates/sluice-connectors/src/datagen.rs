@@ -67,14 +67,7 @@ impl DatagenSource {
         workers: usize,
     ) -> Result<Self> {
         let rate: f64 = opts.parse("rows-per-second", 10000.0)?;
-        let total: Option<u64> = match opts.get("number-of-rows") {
-            None => None,
-            Some(v) => Some(v.parse().map_err(|_| {
-                opts.error(format!(
-                    "option 'number-of-rows' = '{v}' is not a whole number"
-                ))
-            })?),
-        };
+        let total: Option<u64> = opts.optional("number-of-rows")?;
         let mut fields = vec![];
         for f in spec.schema.fields() {
             let key = |k: &str| format!("fields.{}.{}", f.name(), k);

@@ -113,23 +113,9 @@ impl EcommerceSource {
         let rate: f64 = opts.parse("rows-per-second", 10000.0)?;
         let speed_up: f64 = opts.parse("speed-up", 1.0)?;
         let event_rate: f64 = opts.parse("event-rate", 1000.0)?;
-        let total: Option<u64> = match opts.get("number-of-rows") {
-            None => None,
-            Some(v) => Some(v.parse().map_err(|_| {
-                opts.error(format!(
-                    "option 'number-of-rows' = '{v}' is not a whole number"
-                ))
-            })?),
-        };
+        let total: Option<u64> = opts.optional("number-of-rows")?;
         let seed = opts.parse("seed", 11u64)?;
-        let disorder = opts
-            .get("max-out-of-orderness")
-            .unwrap_or_else(|| "3 s".into());
-        let disorder_ms = parse_duration(&disorder).ok_or_else(|| {
-            opts.error(format!(
-                "option 'max-out-of-orderness' = '{disorder}' is not a duration such as '3 s'"
-            ))
-        })?;
+        let disorder_ms = opts.duration_ms("max-out-of-orderness", 3000)?;
         let start = opts
             .get("start-time")
             .unwrap_or_else(|| "2026-11-11 00:00:00".into());
@@ -164,18 +150,6 @@ impl EcommerceSource {
             amounts: LogNormal::new(4.2, 0.9).expect("valid lognormal"),
         })
     }
-}
-
-fn parse_duration(s: &str) -> Option<i64> {
-    let t = s.trim().to_lowercase();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let n: i64 = t[..split].parse().ok()?;
-    Some(match t[split..].trim() {
-        "" | "ms" => n,
-        "s" | "sec" | "second" | "seconds" => n * 1000,
-        "min" | "minute" | "minutes" => n * 60_000,
-        _ => return None,
-    })
 }
 
 impl SourceReader for EcommerceSource {

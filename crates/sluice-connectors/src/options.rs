@@ -61,6 +61,35 @@ impl Options {
         }
     }
 
+    /// A parsed option that may be absent.
+    pub fn optional<T: std::str::FromStr>(&mut self, key: &str) -> Result<Option<T>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v.trim().parse().map(Some).map_err(|_| {
+                Error::connector(
+                    &self.table,
+                    format!(
+                        "option '{key}' = '{v}' is not a valid {}",
+                        std::any::type_name::<T>()
+                    ),
+                )
+            }),
+        }
+    }
+
+    /// A duration option (`'3 s'`, `'500 ms'`, `'5 min'`) in milliseconds, with a default.
+    pub fn duration_ms(&mut self, key: &str, default: i64) -> Result<i64> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => sluice_common::time::parse_duration_ms(&v).ok_or_else(|| {
+                Error::connector(
+                    &self.table,
+                    format!("option '{key}' = '{v}' is not a duration such as '3 s'"),
+                )
+            }),
+        }
+    }
+
     /// A boolean option.
     pub fn flag(&mut self, key: &str, default: bool) -> Result<bool> {
         match self.get(key).map(|v| v.to_lowercase()) {

@@ -580,31 +580,6 @@ impl Catalog {
     }
 }
 
-/// Parses durations as Flink writes them: `500 ms`, `1s`, `5 min`, `1 h`, or plain milliseconds.
-pub fn parse_duration_ms(key: &str, text: &str) -> Result<i64> {
-    let t = text.trim().to_lowercase();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: i64 = num.parse().map_err(|_| {
-        Error::plan(format!(
-            "'{key}' = '{text}': expected a duration such as '5 s'"
-        ))
-    })?;
-    let factor = match unit.trim() {
-        "" | "ms" | "milli" | "millis" | "millisecond" | "milliseconds" => 1,
-        "s" | "sec" | "secs" | "second" | "seconds" => 1000,
-        "min" | "m" | "minute" | "minutes" => 60_000,
-        "h" | "hour" | "hours" => 3_600_000,
-        "d" | "day" | "days" => 86_400_000,
-        other => {
-            return Err(Error::plan(format!(
-                "'{key}' = '{text}': unknown time unit '{other}'"
-            )))
-        }
-    };
-    Ok(n * factor)
-}
-
 fn column_expr(name: &str, index: usize) -> PhysExpr {
     Arc::new(datafusion_physical_expr::expressions::Column::new(
         name, index,
