@@ -5,14 +5,11 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arrow::array::AsArray;
-use arrow::datatypes::{SchemaRef, TimestampMillisecondType};
-use sluice_common::time::{MAX_WATERMARK, MIN_WATERMARK};
+use arrow::datatypes::SchemaRef;
 use sluice_common::{ChangeBatch, Error, Result};
-use sluice_connectors::{open_sink, open_source, sink_accepts_updates, ConnectorSpec, Poll};
+use sluice_connectors::{open_sink, open_source, sink_accepts_updates, ConnectorSpec};
 use sluice_sql::{JobPlan, SinkTarget, StreamNode, TableDef};
 use timely::dataflow::channels::pact::Pipeline;
-use timely::dataflow::operators::generic::operator::source;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::{Concatenate, Probe};
 use timely::dataflow::ProbeHandle;
@@ -23,15 +20,12 @@ use crate::dataflow::{
     EventStream,
 };
 use crate::metrics::JobMetrics;
-use crate::stateless::{assign_windows, evaluate, filter, map_batches, project};
+use crate::source::{source_stream, table_prepare, ValuesReader};
+use crate::stateless::{assign_windows, filter, map_batches, project};
 use crate::watermark::WatermarkTracker;
 
-/// Rows per source batch.
-const BATCH_ROWS: usize = 8192;
-/// Epochs a source may run ahead of the slowest sink before it waits (timely has no backpressure).
-const MAX_EPOCHS_IN_FLIGHT: u64 = 4;
-/// Processing time per epoch.
-const EPOCH_LENGTH: Duration = Duration::from_millis(50);
+/// Rows per source batch unless `'table.exec.mini-batch.size'` says otherwise.
+const DEFAULT_BATCH_ROWS: usize = 8192;
 
 /// Receives the changelog of each plain `SELECT` of a script.
 pub trait SelectOutput: Send + Sync {
@@ -125,6 +119,7 @@ pub fn validate(plan: &JobPlan) -> Result<()> {
 fn collect_scans(node: &StreamNode, out: &mut Vec<Arc<TableDef>>) {
     match node {
         StreamNode::Scan { table, .. } => out.push(table.clone()),
+        StreamNode::Values { .. } => {}
         StreamNode::Project { input, .. }
         | StreamNode::Filter { input, .. }
         | StreamNode::WindowAssign { input, .. }
@@ -144,6 +139,19 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
         options.process,
         options.hosts.clone(),
     );
+    let batch_rows = match plan.settings.get("table.exec.mini-batch.size") {
+        None => DEFAULT_BATCH_ROWS,
+        Some(v) => v
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                Error::plan(format!(
+                    "'table.exec.mini-batch.size' = '{v}' must be a positive whole number of rows"
+                ))
+            })?,
+    };
     let select_output = options.select_output.clone();
     if let Some(out) = &select_output {
         for p in &plan.pipelines {
@@ -162,6 +170,7 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
             peers,
             metrics: worker_metrics.clone(),
             probe: probe.clone(),
+            batch_rows,
         };
         worker.dataflow::<Epoch, _, _>(|scope| {
             for p in plan.pipelines.iter() {
@@ -196,11 +205,13 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
 
 /// What every operator of one worker needs to know.
 #[derive(Clone)]
-struct BuildContext {
-    index: usize,
-    peers: usize,
-    metrics: Arc<JobMetrics>,
-    probe: ProbeHandle<Epoch>,
+pub(crate) struct BuildContext {
+    pub index: usize,
+    pub peers: usize,
+    pub metrics: Arc<JobMetrics>,
+    pub probe: ProbeHandle<Epoch>,
+    /// Rows per source batch.
+    pub batch_rows: usize,
 }
 
 fn build<'scope>(
@@ -213,11 +224,18 @@ fn build<'scope>(
             table,
             projection,
             schema,
-        } => scan(
+        } => source_stream(
             scope,
-            table.clone(),
-            projection.clone(),
-            schema.clone(),
+            &table.name,
+            open_source(&spec(table), ctx.index, ctx.peers),
+            table_prepare(table.clone(), projection.clone(), schema.clone()),
+            ctx,
+        ),
+        StreamNode::Values { rows } => source_stream(
+            scope,
+            "VALUES",
+            Ok(Box::new(ValuesReader::new(rows.clone(), ctx.index))),
+            Box::new(|b| Ok((ChangeBatch::inserts(b), None))),
             ctx,
         ),
         StreamNode::Project {
@@ -364,153 +382,6 @@ fn aggregate<'scope>(
             });
         }
     })
-}
-
-fn scan<'scope>(
-    scope: DataflowScope<'scope>,
-    table: Arc<TableDef>,
-    projection: Option<Vec<usize>>,
-    schema: SchemaRef,
-    ctx: &BuildContext,
-) -> EventStream<'scope> {
-    let (index, peers, metrics, probe) =
-        (ctx.index, ctx.peers, ctx.metrics.clone(), ctx.probe.clone());
-    let mut reader = match open_source(&spec(&table), index, peers) {
-        Ok(r) => Some(r),
-        Err(e) => {
-            metrics.fail(e);
-            None
-        }
-    };
-    let read_counter = metrics.read_counter(&table.name);
-    source::<_, EventBuilder, _, _>(
-        scope,
-        &format!("Source({})", table.name),
-        move |cap, info| {
-            let activator = scope.activator_for(info.address.clone());
-            let mut cap = Some(cap);
-            let mut epoch: Epoch = 0;
-            let mut epoch_started = Instant::now();
-            let mut watermark = MIN_WATERMARK;
-            let mut skipped_reported = 0;
-            move |output| {
-                let Some(c) = cap.as_mut() else { return };
-                let Some(r) = reader.as_mut() else {
-                    cap = None;
-                    return;
-                };
-                if metrics.failed() {
-                    cap = None;
-                    return;
-                }
-                if epoch >= MAX_EPOCHS_IN_FLIGHT && probe.less_than(&(epoch - MAX_EPOCHS_IN_FLIGHT))
-                {
-                    activator.activate_after(Duration::from_millis(1));
-                    return;
-                }
-                let mut idle = false;
-                for _ in 0..8 {
-                    match r.poll(BATCH_ROWS) {
-                        Ok(Poll::Batch { batch, .. }) => {
-                            read_counter.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
-                            match prepare(&table, &projection, &schema, batch) {
-                                Ok((out, wm)) => {
-                                    if out.num_rows() > 0 {
-                                        output.session(c).give_container(&mut Event::data(out));
-                                    }
-                                    if let Some(wm) = wm.filter(|w| *w > watermark) {
-                                        watermark = wm;
-                                        output.session(c).give_container(&mut Event::watermark(
-                                            index, wm, peers,
-                                        ));
-                                        metrics.source_watermark.store(wm, Ordering::Relaxed);
-                                    }
-                                }
-                                Err(e) => {
-                                    metrics.fail(e);
-                                    cap = None;
-                                    return;
-                                }
-                            }
-                        }
-                        Ok(Poll::Idle) => {
-                            idle = true;
-                            break;
-                        }
-                        Ok(Poll::Finished) => {
-                            metrics
-                                .records_skipped
-                                .fetch_add(r.skipped() - skipped_reported, Ordering::Relaxed);
-                            output.session(c).give_container(&mut Event::watermark(
-                                index,
-                                MAX_WATERMARK,
-                                peers,
-                            ));
-                            cap = None;
-                            return;
-                        }
-                        Err(e) => {
-                            metrics.fail(e);
-                            cap = None;
-                            return;
-                        }
-                    }
-                }
-                let skipped = r.skipped();
-                if skipped > skipped_reported {
-                    metrics
-                        .records_skipped
-                        .fetch_add(skipped - skipped_reported, Ordering::Relaxed);
-                    skipped_reported = skipped;
-                }
-                if epoch_started.elapsed() >= EPOCH_LENGTH {
-                    epoch += 1;
-                    c.downgrade(&epoch);
-                    epoch_started = Instant::now();
-                }
-                if idle {
-                    activator.activate_after(Duration::from_millis(2));
-                } else {
-                    activator.activate();
-                }
-            }
-        },
-    )
-}
-
-/// Computed columns, the watermark, then the scan's projection.
-fn prepare(
-    table: &TableDef,
-    projection: &Option<Vec<usize>>,
-    schema: &SchemaRef,
-    batch: arrow::record_batch::RecordBatch,
-) -> Result<(ChangeBatch, Option<i64>)> {
-    let mut full = ChangeBatch::inserts(batch);
-    if !table.computed.is_empty() {
-        let mut columns = full.data.columns().to_vec();
-        for e in &table.computed {
-            columns.push(evaluate(e, &full)?);
-        }
-        full = full.with_columns(table.schema.clone(), columns)?;
-    }
-    let wm = match &table.watermark {
-        None => None,
-        Some((_, expr)) => {
-            let w = sluice_common::time::to_millis(&evaluate(expr, &full)?)?;
-            arrow::compute::max(w.as_primitive::<TimestampMillisecondType>())
-        }
-    };
-    let out = match projection {
-        None => full,
-        Some(p) => {
-            let data = full.data.project(p)?;
-            ChangeBatch::inserts(arrow::record_batch::RecordBatch::try_new(
-                schema.clone(),
-                data.columns().to_vec(),
-            )?)
-        }
-    };
-    Ok((out, wm))
 }
 
 fn table_sink<'scope>(

@@ -5,6 +5,7 @@
 //! - [`stateless`] evaluates projections, filters and window assignment on whole batches.
 //! - [`aggregate`] keeps grouped state (via `sluice-state`) and emits updates or fired windows.
 //! - [`watermark`] combines watermarks from many senders (the minimum).
+//! - [`source`] polls connectors (and `VALUES`), computes watermarks and paces on the probe.
 //! - [`job`] wires sources, operators and sinks per worker, runs them and reports a summary.
 //!
 //! A batch flows: source reader → computed columns and watermark → projection/filter →
@@ -14,6 +15,7 @@ pub mod aggregate;
 pub mod dataflow;
 pub mod job;
 pub mod metrics;
+pub mod source;
 pub mod stateless;
 pub mod watermark;
 

@@ -113,6 +113,10 @@ pub enum StreamNode {
         projection: Option<Vec<usize>>,
         schema: SchemaRef,
     },
+    /// The rows of a `VALUES` clause: a bounded source.
+    Values {
+        rows: arrow::record_batch::RecordBatch,
+    },
     /// Evaluates expressions per row.
     Project {
         input: Box<StreamNode>,
@@ -158,13 +162,14 @@ impl StreamNode {
             | StreamNode::WindowAssign { schema, .. }
             | StreamNode::Aggregate { schema, .. } => schema.clone(),
             StreamNode::Filter { input, .. } => input.schema(),
+            StreamNode::Values { rows } => rows.schema(),
         }
     }
 
     /// True when the node only ever emits inserts.
     pub fn is_append_only(&self) -> bool {
         match self {
-            StreamNode::Scan { .. } => true,
+            StreamNode::Scan { .. } | StreamNode::Values { .. } => true,
             StreamNode::Project { input, .. }
             | StreamNode::Filter { input, .. }
             | StreamNode::WindowAssign { input, .. } => input.is_append_only(),
@@ -180,6 +185,7 @@ impl StreamNode {
     pub fn scanned_tables(&self, out: &mut Vec<String>) {
         match self {
             StreamNode::Scan { table, .. } => out.push(table.name.clone()),
+            StreamNode::Values { .. } => {}
             StreamNode::Project { input, .. }
             | StreamNode::Filter { input, .. }
             | StreamNode::WindowAssign { input, .. }

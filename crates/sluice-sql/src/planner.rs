@@ -425,6 +425,7 @@ impl Catalog {
                 StreamNode::Union { inputs, schema: arrow_schema(&u.schema) }
             }
             LogicalPlan::Aggregate(a) => self.plan_aggregate(a)?,
+            LogicalPlan::Values(v) => StreamNode::Values { rows: values_batch(v)? },
             LogicalPlan::Extension(ext) => {
                 let Some(node) = ext.node.as_any().downcast_ref::<WindowTvfNode>() else {
                     return Err(Error::plan(format!("unsupported plan node {}", ext.node.name())));
@@ -578,6 +579,38 @@ impl Catalog {
         }
         Ok(EmitPolicy::default())
     }
+}
+
+/// Evaluates the (constant) rows of a `VALUES` clause into one batch.
+fn values_batch(
+    v: &datafusion_expr::logical_plan::Values,
+) -> Result<arrow::record_batch::RecordBatch> {
+    let schema = arrow_schema(&v.schema);
+    let one_row = arrow::record_batch::RecordBatch::try_new_with_options(
+        Arc::new(Schema::empty()),
+        vec![],
+        &arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(1)),
+    )?;
+    let empty = DFSchema::empty();
+    let mut columns = vec![];
+    for (c, field) in schema.fields().iter().enumerate() {
+        let mut cells = vec![];
+        for row in &v.values {
+            let cell = physical_expr(&row[c], &empty)?
+                .evaluate(&one_row)
+                .and_then(|x| x.into_array(1))
+                .map_err(df_error)?;
+            let cell = if cell.data_type() == field.data_type() {
+                cell
+            } else {
+                arrow::compute::cast(&cell, field.data_type())?
+            };
+            cells.push(cell);
+        }
+        let refs: Vec<&dyn arrow::array::Array> = cells.iter().map(|a| a.as_ref()).collect();
+        columns.push(arrow::compute::concat(&refs)?);
+    }
+    Ok(arrow::record_batch::RecordBatch::try_new(schema, columns)?)
 }
 
 fn column_expr(name: &str, index: usize) -> PhysExpr {

@@ -1,0 +1,213 @@
+//! The source operator: polls a reader, computes a table's computed columns and watermark, and
+//! paces itself on the job's probe (timely has no backpressure).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::AsArray;
+use arrow::datatypes::{SchemaRef, TimestampMillisecondType};
+use arrow::record_batch::RecordBatch;
+use sluice_common::time::{MAX_WATERMARK, MIN_WATERMARK};
+use sluice_common::{ChangeBatch, Result};
+use sluice_connectors::{Poll, SourceReader};
+use sluice_sql::TableDef;
+use timely::dataflow::operators::generic::operator::source;
+
+use crate::dataflow::{DataflowScope, Epoch, Event, EventBuilder, EventStream};
+use crate::job::BuildContext;
+use crate::stateless::evaluate;
+
+/// Epochs a source may run ahead of the slowest sink before it waits.
+const MAX_EPOCHS_IN_FLIGHT: u64 = 4;
+/// Processing time per epoch.
+const EPOCH_LENGTH: Duration = Duration::from_millis(50);
+
+/// Turns a reader's raw batch into the rows to emit and the watermark they allow.
+pub type Prepare = Box<dyn FnMut(RecordBatch) -> Result<(ChangeBatch, Option<i64>)>>;
+
+/// A source stream over `reader`; a failed `reader` fails the job and emits nothing.
+pub(crate) fn source_stream<'scope>(
+    scope: DataflowScope<'scope>,
+    name: &str,
+    reader: Result<Box<dyn SourceReader>>,
+    mut prepare: Prepare,
+    ctx: &BuildContext,
+) -> EventStream<'scope> {
+    let (index, peers, metrics, probe, batch_rows) = (
+        ctx.index,
+        ctx.peers,
+        ctx.metrics.clone(),
+        ctx.probe.clone(),
+        ctx.batch_rows,
+    );
+    let mut reader = match reader {
+        Ok(r) => Some(r),
+        Err(e) => {
+            metrics.fail(e);
+            None
+        }
+    };
+    let read_counter = metrics.read_counter(name);
+    source::<_, EventBuilder, _, _>(scope, &format!("Source({name})"), move |cap, info| {
+        let activator = scope.activator_for(info.address.clone());
+        let mut cap = Some(cap);
+        let mut epoch: Epoch = 0;
+        let mut epoch_started = Instant::now();
+        let mut watermark = MIN_WATERMARK;
+        let mut skipped_reported = 0;
+        move |output| {
+            let Some(c) = cap.as_mut() else { return };
+            let Some(r) = reader.as_mut() else {
+                cap = None;
+                return;
+            };
+            if metrics.failed() {
+                cap = None;
+                return;
+            }
+            if epoch >= MAX_EPOCHS_IN_FLIGHT && probe.less_than(&(epoch - MAX_EPOCHS_IN_FLIGHT)) {
+                activator.activate_after(Duration::from_millis(1));
+                return;
+            }
+            let mut idle = false;
+            let mut finished = false;
+            for _ in 0..8 {
+                match r.poll(batch_rows) {
+                    Ok(Poll::Batch { batch, .. }) => {
+                        read_counter.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
+                        match prepare(batch) {
+                            Ok((out, wm)) => {
+                                if out.num_rows() > 0 {
+                                    output.session(c).give_container(&mut Event::data(out));
+                                }
+                                if let Some(wm) = wm.filter(|w| *w > watermark) {
+                                    watermark = wm;
+                                    output
+                                        .session(c)
+                                        .give_container(&mut Event::watermark(index, wm, peers));
+                                    metrics.source_watermark.store(wm, Ordering::Relaxed);
+                                }
+                            }
+                            Err(e) => {
+                                metrics.fail(e);
+                                cap = None;
+                                return;
+                            }
+                        }
+                    }
+                    Ok(Poll::Idle) => {
+                        idle = true;
+                        break;
+                    }
+                    Ok(Poll::Finished) => {
+                        finished = true;
+                        break;
+                    }
+                    Err(e) => {
+                        metrics.fail(e);
+                        cap = None;
+                        return;
+                    }
+                }
+            }
+            let skipped = r.skipped();
+            if skipped > skipped_reported {
+                metrics
+                    .records_skipped
+                    .fetch_add(skipped - skipped_reported, Ordering::Relaxed);
+                skipped_reported = skipped;
+            }
+            if finished {
+                // End of input: every window downstream may fire.
+                output.session(c).give_container(&mut Event::watermark(
+                    index,
+                    MAX_WATERMARK,
+                    peers,
+                ));
+                cap = None;
+                return;
+            }
+            if epoch_started.elapsed() >= EPOCH_LENGTH {
+                epoch += 1;
+                c.downgrade(&epoch);
+                epoch_started = Instant::now();
+            }
+            if idle {
+                activator.activate_after(Duration::from_millis(2));
+            } else {
+                activator.activate();
+            }
+        }
+    })
+}
+
+/// For a table scan: computed columns, the watermark, then the scan's projection.
+pub fn table_prepare(
+    table: Arc<TableDef>,
+    projection: Option<Vec<usize>>,
+    schema: SchemaRef,
+) -> Prepare {
+    Box::new(move |batch| {
+        let mut full = ChangeBatch::inserts(batch);
+        if !table.computed.is_empty() {
+            let mut columns = full.data.columns().to_vec();
+            for e in &table.computed {
+                columns.push(evaluate(e, &full)?);
+            }
+            full = full.with_columns(table.schema.clone(), columns)?;
+        }
+        let wm = match &table.watermark {
+            None => None,
+            Some((_, expr)) => {
+                let w = sluice_common::time::to_millis(&evaluate(expr, &full)?)?;
+                arrow::compute::max(w.as_primitive::<TimestampMillisecondType>())
+            }
+        };
+        let out = match &projection {
+            None => full,
+            Some(p) => {
+                let data = full.data.project(p)?;
+                ChangeBatch::inserts(RecordBatch::try_new(
+                    schema.clone(),
+                    data.columns().to_vec(),
+                )?)
+            }
+        };
+        Ok((out, wm))
+    })
+}
+
+/// Rows of a `VALUES` clause, read by worker 0 in batches of the job's batch size.
+pub struct ValuesReader {
+    rows: Option<RecordBatch>,
+    offset: usize,
+}
+
+impl ValuesReader {
+    pub fn new(rows: RecordBatch, worker: usize) -> Self {
+        ValuesReader {
+            rows: (worker == 0).then_some(rows),
+            offset: 0,
+        }
+    }
+}
+
+impl SourceReader for ValuesReader {
+    fn splits(&self) -> usize {
+        1
+    }
+
+    fn poll(&mut self, max_rows: usize) -> Result<Poll> {
+        let Some(rows) = &self.rows else {
+            return Ok(Poll::Finished);
+        };
+        if self.offset >= rows.num_rows() {
+            return Ok(Poll::Finished);
+        }
+        let n = max_rows.min(rows.num_rows() - self.offset);
+        let batch = rows.slice(self.offset, n);
+        self.offset += n;
+        Ok(Poll::Batch { split: 0, batch })
+    }
+}
