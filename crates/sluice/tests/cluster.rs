@@ -1,0 +1,185 @@
+//! One job as a timely cluster of two processes on 127.0.0.1 gives the same committed output as
+//! one process. Batches cross processes as Arrow IPC, so this also checks the wire encoding.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn script(data: &Path, out: &Path) -> String {
+    format!(
+        "CREATE TABLE orders (order_id BIGINT, user_id BIGINT, category STRING, province STRING, amount DOUBLE, \
+           event_time TIMESTAMP(3), WATERMARK FOR event_time AS event_time - INTERVAL '5' SECOND) \
+         WITH ('connector' = 'filesystem', 'path' = '{data}', 'format' = 'json');\n\
+         CREATE TABLE per_window (ws TIMESTAMP(3), category STRING, n BIGINT, total DOUBLE) \
+         WITH ('connector' = 'filesystem', 'path' = '{out}/per_window', 'format' = 'json');\n\
+         CREATE TABLE per_user (user_id BIGINT, n BIGINT) \
+         WITH ('connector' = 'filesystem', 'path' = '{out}/per_user', 'format' = 'debezium-json');\n\
+         INSERT INTO per_window SELECT TUMBLE_START(event_time, INTERVAL '1' SECOND), category, COUNT(*), SUM(amount) \
+           FROM orders GROUP BY TUMBLE(event_time, INTERVAL '1' SECOND), category;\n\
+         INSERT INTO per_user SELECT user_id, COUNT(*) FROM orders GROUP BY user_id;\n",
+        data = data.display(),
+        out = out.display()
+    )
+}
+
+/// Generated orders as four JSON files, each a later stretch of event time (files are read in
+/// name order, so no row is late for a single reader either).
+fn write_input(dir: &Path) {
+    for part in 0..4 {
+        let out = dir.parent().unwrap().join(format!("gen-{part}"));
+        let sql = format!(
+            "CREATE TABLE gen (order_id BIGINT, user_id BIGINT, category STRING, province STRING, amount DOUBLE, event_time TIMESTAMP(3)) \
+             WITH ('connector' = 'ecommerce', 'rows-per-second' = '0', 'number-of-rows' = '10000', 'seed' = '{part}', \
+                   'max-out-of-orderness' = '2 s', 'start-time' = '2026-11-11 00:0{part}:00');\n\
+             CREATE TABLE files (order_id BIGINT, user_id BIGINT, category STRING, province STRING, amount DOUBLE, event_time TIMESTAMP(3)) \
+             WITH ('connector' = 'filesystem', 'path' = '{}', 'format' = 'json');\n\
+             INSERT INTO files SELECT * FROM gen;",
+            out.display()
+        );
+        let file = dir.parent().unwrap().join(format!("gen-{part}.sql"));
+        std::fs::write(&file, sql).unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["run", file.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let produced = std::fs::read_dir(&out)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        std::fs::rename(produced, dir.join(format!("orders-{part}.json"))).unwrap();
+    }
+}
+
+/// The committed rows of a sink folder: JSON rows as text, and debezium changes folded.
+fn committed(dir: &Path) -> BTreeMap<String, i64> {
+    let mut rows = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        assert!(
+            !name.starts_with('.'),
+            "unpublished file left behind: {name}"
+        );
+        for line in std::fs::read_to_string(&path).unwrap().lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let mut apply = |row: &serde_json::Value, sign: i64| {
+                // Float sums depend on the order rows meet in: compare them rounded.
+                let mut row = row.clone();
+                if let Some(t) = row.get("total").and_then(|t| t.as_f64()) {
+                    row["total"] = serde_json::Value::String(format!("{t:.4}"));
+                }
+                let key = row.to_string();
+                *rows.entry(key.clone()).or_insert(0) += sign;
+                if rows[&key] == 0 {
+                    rows.remove(&key);
+                }
+            };
+            if v.get("op").is_some() {
+                if !v["before"].is_null() {
+                    apply(&v["before"], -1);
+                }
+                if !v["after"].is_null() {
+                    apply(&v["after"], 1);
+                }
+            } else {
+                apply(&v, 1);
+            }
+        }
+    }
+    rows
+}
+
+#[test]
+fn two_processes_equal_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("orders");
+    std::fs::create_dir(&data).unwrap();
+    write_input(&data);
+
+    let single = dir.path().join("single");
+    let single_sql = dir.path().join("single.sql");
+    std::fs::write(&single_sql, script(&data, &single)).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", single_sql.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        summary.contains("late rows dropped           0"),
+        "{summary}"
+    );
+
+    let cluster = dir.path().join("cluster");
+    let cluster_sql = dir.path().join("cluster.sql");
+    std::fs::write(&cluster_sql, script(&data, &cluster)).unwrap();
+    let hosts = dir.path().join("hosts.txt");
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port()),
+    )
+    .unwrap();
+    let children: Vec<_> = (0..2)
+        .map(|i| {
+            Command::new(env!("CARGO_BIN_EXE_sluice"))
+                .args([
+                    "run",
+                    cluster_sql.to_str().unwrap(),
+                    "--workers",
+                    "2",
+                    "--processes",
+                    "2",
+                ])
+                .args([
+                    "--process-id",
+                    &i.to_string(),
+                    "--hosts",
+                    hosts.to_str().unwrap(),
+                ])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+
+    for sink in ["per_window", "per_user"] {
+        let want = committed(&single.join(sink));
+        assert!(
+            want.len() > 100,
+            "{sink}: the single-process answer is too small to prove anything"
+        );
+        let got = committed(&cluster.join(sink));
+        let missing: Vec<_> = want
+            .iter()
+            .filter(|(k, v)| got.get(*k) != Some(v))
+            .take(3)
+            .collect();
+        let extra: Vec<_> = got
+            .iter()
+            .filter(|(k, v)| want.get(*k) != Some(v))
+            .take(3)
+            .collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "{sink}: {} rows vs {}; first missing {missing:?}; first extra {extra:?}",
+            got.len(),
+            want.len()
+        );
+    }
+}
