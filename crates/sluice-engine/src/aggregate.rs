@@ -13,7 +13,7 @@ use arrow::datatypes::{DataType, Field, Fields, SchemaRef, TimestampMillisecondT
 use arrow::record_batch::RecordBatch;
 use arrow_row::{RowConverter, SortField};
 use sluice_common::{ChangeBatch, Error, Op, Result};
-use sluice_sql::{AggCall, AggFunc, AggWindow, PhysExpr};
+use sluice_sql::{AggCall, AggFunc, AggWindow, EmitPolicy, PhysExpr};
 use sluice_state::{AccKind, Accumulator, GroupTable};
 
 use crate::stateless::evaluate;
@@ -30,6 +30,15 @@ pub struct AggregateState {
     schema: SchemaRef,
     /// Assigned windows: groups by window end.
     by_end: BTreeMap<i64, Vec<u32>>,
+    /// When windows emit updates (early firing, allowed lateness).
+    emit: EmitPolicy,
+    /// Fired windows kept for allowed lateness, by the watermark that ends their stay.
+    cleanup: BTreeMap<i64, Vec<u32>>,
+    /// The last result emitted per group (row-encoded aggregates), for `-U` rows.
+    last: HashMap<u32, Box<[u8]>>,
+    /// Groups changed since they were last emitted.
+    dirty: Vec<u32>,
+    is_dirty: Vec<bool>,
     sessions: Option<Sessions>,
     watermark: i64,
     gids: Vec<u32>,
@@ -78,6 +87,7 @@ impl AggregateState {
         group: Vec<PhysExpr>,
         calls: Vec<AggCall>,
         window: AggWindow,
+        emit: EmitPolicy,
         schema: SchemaRef,
         input_schema: &arrow::datatypes::Schema,
     ) -> Result<Self> {
@@ -143,6 +153,11 @@ impl AggregateState {
             window,
             schema,
             by_end: BTreeMap::new(),
+            emit,
+            cleanup: BTreeMap::new(),
+            last: HashMap::new(),
+            dirty: vec![],
+            is_dirty: vec![],
             sessions,
             watermark: i64::MIN,
             gids: vec![],
@@ -180,7 +195,25 @@ impl AggregateState {
         if self.global || gids.is_empty() {
             return Ok(vec![]);
         }
-        Ok(self.table.keys(gids)?)
+        let keys = self.table.keys(gids)?;
+        let AggWindow::Assigned {
+            start_key,
+            end_key,
+            as_struct: true,
+        } = self.window
+        else {
+            return Ok(keys);
+        };
+        // Legacy group windows output their bounds as one struct column.
+        let mut out = vec![];
+        for (i, k) in keys.iter().enumerate() {
+            if i == start_key {
+                out.push(window_struct(k, &keys[end_key])?);
+            } else if i != end_key {
+                out.push(k.clone());
+            }
+        }
+        Ok(out)
     }
 
     fn signs(batch: &ChangeBatch) -> Vec<i64> {
@@ -237,10 +270,11 @@ impl AggregateState {
             AggWindow::Assigned { end_key, .. } => Some(end_key),
             _ => None,
         };
+        let lateness = self.emit.allowed_lateness_ms;
         if let Some(end_key) = end_key {
             let ends = keys[end_key].as_primitive::<TimestampMillisecondType>();
             for (i, s) in signs.iter_mut().enumerate() {
-                if ends.value(i) <= self.watermark {
+                if ends.value(i).saturating_add(lateness) <= self.watermark {
                     *s = 0;
                     late += 1;
                 }
@@ -251,53 +285,71 @@ impl AggregateState {
         self.table.intern(&rows, &mut gids);
         let capacity = self.table.capacity();
         self.rows.resize(capacity, 0);
+        self.is_dirty.resize(capacity, false);
         // Groups touched, in first-seen order, and whether each existed before.
         let mut touched: Vec<u32> = vec![];
         let mut seen = HashMap::new();
-        for (&g, &s) in gids.iter().zip(&signs) {
+        let mut first_row = HashMap::new();
+        for (i, (&g, &s)) in gids.iter().zip(&signs).enumerate() {
             if s != 0 && !seen.contains_key(&g) {
                 seen.insert(g, self.rows[g as usize] > 0);
+                first_row.insert(g, i);
                 touched.push(g);
             }
         }
-        let updating = end_key.is_none();
-        let before: Vec<u32> = touched.iter().copied().filter(|g| seen[g]).collect();
-        let old = if updating && !before.is_empty() {
-            Some(self.results(&before)?)
-        } else {
-            None
-        };
-        self.update_accumulators(batch, &gids, &signs, capacity)?;
-        for (&g, &s) in gids.iter().zip(&signs) {
-            self.rows[g as usize] += s;
-        }
-        if let Some(end_key) = end_key {
-            let ends = keys[end_key].as_primitive::<TimestampMillisecondType>();
-            let mut first_row = HashMap::new();
-            for (i, &g) in gids.iter().enumerate() {
-                first_row.entry(g).or_insert(i);
+        let Some(end_key) = end_key else {
+            // Unwindowed: every change is emitted now.
+            let before: Vec<u32> = touched.iter().copied().filter(|g| seen[g]).collect();
+            let old = if before.is_empty() {
+                None
+            } else {
+                Some(self.results(&before)?)
+            };
+            self.update_accumulators(batch, &gids, &signs, capacity)?;
+            for (&g, &s) in gids.iter().zip(&signs) {
+                self.rows[g as usize] += s;
             }
-            for &g in &touched {
-                if !seen[&g] && self.rows[g as usize] > 0 {
-                    self.by_end
-                        .entry(ends.value(first_row[&g]))
-                        .or_default()
-                        .push(g);
-                }
-            }
-        }
-        let output = if updating {
-            self.emit_changes(&touched, &seen, old)?
-        } else {
-            None
-        };
-        if end_key.is_none() {
+            let output = self.emit_changes(&touched, &seen, old)?;
             for &g in &touched {
                 if self.rows[g as usize] <= 0 {
                     self.free_group(g);
                 }
             }
+            self.gids = gids;
+            return Ok(ApplyOutcome {
+                late_rows: late,
+                output,
+            });
+        };
+        self.update_accumulators(batch, &gids, &signs, capacity)?;
+        for (&g, &s) in gids.iter().zip(&signs) {
+            self.rows[g as usize] += s;
         }
+        let ends = keys[end_key].as_primitive::<TimestampMillisecondType>();
+        let mut refire = vec![];
+        for &g in &touched {
+            let end = ends.value(first_row[&g]);
+            let fired = end <= self.watermark;
+            if !seen[&g] {
+                if fired {
+                    self.cleanup.entry(end + lateness).or_default().push(g);
+                } else {
+                    self.by_end.entry(end).or_default().push(g);
+                }
+            }
+            if fired {
+                // A late row within the allowed lateness updates a fired window at once.
+                refire.push(g);
+            } else if self.emit.early_fire_ms.is_some() && !self.is_dirty[g as usize] {
+                self.is_dirty[g as usize] = true;
+                self.dirty.push(g);
+            }
+        }
+        let output = if refire.is_empty() {
+            None
+        } else {
+            self.emit_window_updates(&refire)?
+        };
         self.gids = gids;
         Ok(ApplyOutcome {
             late_rows: late,
@@ -305,9 +357,61 @@ impl AggregateState {
         })
     }
 
+    /// Emits each group's current result against the last one emitted for it: `+I` the first
+    /// time, then `-U`/`+U` when it changed.
+    fn emit_window_updates(&mut self, gids: &[u32]) -> Result<Option<ChangeBatch>> {
+        let before: Vec<u32> = gids
+            .iter()
+            .copied()
+            .filter(|g| self.last.contains_key(g))
+            .collect();
+        let existed: HashMap<u32, bool> = gids
+            .iter()
+            .map(|g| (*g, self.last.contains_key(g)))
+            .collect();
+        let old = match (&self.result_rows, before.is_empty()) {
+            (Some(conv), false) => {
+                let parser = conv.parser();
+                Some(conv.convert_rows(before.iter().map(|g| parser.parse(&self.last[g])))?)
+            }
+            _ => None,
+        };
+        let out = self.emit_changes(gids, &existed, old)?;
+        let current = self.results(gids)?;
+        let encoded = match &self.result_rows {
+            Some(conv) => Some(conv.convert_columns(&current)?),
+            None => None,
+        };
+        for (i, g) in gids.iter().enumerate() {
+            let row: Box<[u8]> = encoded
+                .as_ref()
+                .map(|r| r.row(i).as_ref().into())
+                .unwrap_or_default();
+            self.last.insert(*g, row);
+            self.is_dirty[*g as usize] = false;
+        }
+        Ok(out)
+    }
+
+    /// Early firing: the partial results of open windows that changed since they were last emitted.
+    pub fn early_fire(&mut self) -> Result<Option<ChangeBatch>> {
+        let dirty: Vec<u32> = std::mem::take(&mut self.dirty)
+            .into_iter()
+            .filter(|g| self.is_dirty[*g as usize])
+            .collect();
+        if dirty.is_empty() {
+            return Ok(None);
+        }
+        self.emit_window_updates(&dirty)
+    }
+
     fn free_group(&mut self, g: u32) {
         self.table.remove(g);
         self.rows[g as usize] = 0;
+        self.last.remove(&g);
+        if let Some(d) = self.is_dirty.get_mut(g as usize) {
+            *d = false;
+        }
         for acc in &mut self.accs {
             acc.reset(g);
         }
@@ -431,49 +535,63 @@ impl AggregateState {
         if self.sessions.is_some() {
             return self.fire_sessions();
         }
-        let AggWindow::Assigned {
-            start_key,
-            end_key,
-            as_struct,
-        } = self.window
-        else {
+        if !matches!(self.window, AggWindow::Assigned { .. }) {
             return Ok(None);
-        };
+        }
         let mut fired = vec![];
         while let Some((&end, _)) = self.by_end.first_key_value() {
             if end > watermark {
                 break;
             }
             let gids = self.by_end.pop_first().expect("present").1;
+            let lateness = self.emit.allowed_lateness_ms;
+            if lateness > 0 {
+                self.cleanup
+                    .entry(end + lateness)
+                    .or_default()
+                    .extend(gids.iter().copied());
+            }
             fired.extend(gids.into_iter().filter(|g| self.rows[*g as usize] > 0));
         }
-        if fired.is_empty() {
-            return Ok(None);
-        }
-        let keys = self.table.keys(&fired)?;
-        let results = self.results(&fired)?;
-        let mut columns: Vec<ArrayRef> = vec![];
-        for (i, k) in keys.into_iter().enumerate() {
-            if as_struct && i == end_key {
-                continue;
+        let output = if fired.is_empty() {
+            None
+        } else if self.emit.is_updating() {
+            // Only what changed since an early firing needs emitting.
+            let pending: Vec<u32> = fired
+                .iter()
+                .copied()
+                .filter(|g| self.is_dirty[*g as usize] || !self.last.contains_key(g))
+                .collect();
+            if pending.is_empty() {
+                None
+            } else {
+                self.emit_window_updates(&pending)?
             }
-            if as_struct && i == start_key {
-                columns.push(window_struct(&k, &self.table_key_end(&fired, end_key)?)?);
-                continue;
+        } else {
+            let mut columns = self.output_keys(&fired)?;
+            columns.extend(self.results(&fired)?);
+            let columns = self.cast_columns(columns)?;
+            Some(ChangeBatch::inserts(RecordBatch::try_new(
+                self.schema.clone(),
+                columns,
+            )?))
+        };
+        if self.emit.allowed_lateness_ms == 0 {
+            for g in fired {
+                self.free_group(g);
             }
-            columns.push(k);
         }
-        columns.extend(results);
-        let columns = self.cast_columns(columns)?;
-        let data = RecordBatch::try_new(self.schema.clone(), columns)?;
-        for g in fired {
-            self.free_group(g);
+        while let Some((&until, _)) = self.cleanup.first_key_value() {
+            if until > watermark {
+                break;
+            }
+            for g in self.cleanup.pop_first().expect("present").1 {
+                if self.rows[g as usize] > 0 {
+                    self.free_group(g);
+                }
+            }
         }
-        Ok(Some(ChangeBatch::inserts(data)))
-    }
-
-    fn table_key_end(&self, gids: &[u32], end_key: usize) -> Result<ArrayRef> {
-        Ok(self.table.keys(gids)?.swap_remove(end_key))
+        Ok(output)
     }
 
     fn apply_sessions(&mut self, batch: &ChangeBatch) -> Result<ApplyOutcome> {

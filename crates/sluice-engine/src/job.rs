@@ -291,8 +291,8 @@ fn build<'scope>(
             group,
             aggs,
             window,
+            emit,
             schema,
-            ..
         } => {
             let input_schema = input.schema();
             let stream = exchange_by_key(build(scope, input, ctx), group.clone());
@@ -300,10 +300,11 @@ fn build<'scope>(
                 group.clone(),
                 aggs.clone(),
                 window.clone(),
+                *emit,
                 schema.clone(),
                 &input_schema,
             );
-            aggregate(stream, state, ctx)
+            aggregate(stream, state, emit.early_fire_ms, ctx)
         }
     }
 }
@@ -335,6 +336,7 @@ fn merge_watermarks<'scope>(
 fn aggregate<'scope>(
     stream: EventStream<'scope>,
     state: Result<AggregateState>,
+    early_fire_ms: Option<u64>,
     ctx: &BuildContext,
 ) -> EventStream<'scope> {
     let (index, peers, metrics) = (ctx.index, ctx.peers, ctx.metrics.clone());
@@ -345,13 +347,23 @@ fn aggregate<'scope>(
             None
         }
     };
-    stream.unary::<EventBuilder, _, _, _>(Pipeline, "Aggregate", move |_cap, _info| {
+    let scope = stream.scope();
+    let early_fire = early_fire_ms.map(Duration::from_millis);
+    stream.unary_frontier::<EventBuilder, _, _, _>(Pipeline, "Aggregate", move |_cap, info| {
         let mut tracker = WatermarkTracker::new(peers);
-        move |input, output| {
+        let activator = scope.activator_for(info.address.clone());
+        // Early firing emits without an input message, so it holds a capability, kept at the
+        // input frontier so that it never holds the job back.
+        let mut held: Option<timely::dataflow::operators::Capability<Epoch>> = None;
+        let mut next_fire = Instant::now();
+        move |(input, frontier), output| {
             input.for_each(|cap, data| {
                 let Some(state) = state.as_mut() else { return };
                 if metrics.failed() {
                     return;
+                }
+                if early_fire.is_some() && held.is_none() {
+                    held = cap.retain_least(0);
                 }
                 match data {
                     Event::Data(d) => match state.apply(&d.batch) {
@@ -380,6 +392,28 @@ fn aggregate<'scope>(
                     Event::Empty => {}
                 }
             });
+            let Some(delay) = early_fire else { return };
+            match frontier.frontier().first() {
+                None => held = None,
+                Some(t) => {
+                    if let Some(h) = held.as_mut() {
+                        if h.time() < t {
+                            h.downgrade(t);
+                        }
+                    }
+                }
+            }
+            if let (Some(h), Some(state)) = (held.as_ref(), state.as_mut()) {
+                if Instant::now() >= next_fire {
+                    match state.early_fire() {
+                        Ok(Some(out)) => output.session(h).give_container(&mut Event::data(out)),
+                        Ok(None) => {}
+                        Err(e) => metrics.fail(e),
+                    }
+                    next_fire = Instant::now() + delay;
+                }
+                activator.activate_after(next_fire.saturating_duration_since(Instant::now()));
+            }
         }
     })
 }

@@ -552,6 +552,12 @@ impl Catalog {
             AggWindow::None => EmitPolicy::default(),
             _ => self.emit_policy()?,
         };
+        if matches!(window, AggWindow::Session { .. }) && emit.is_updating() {
+            return Err(Error::plan(
+                "early firing and allowed lateness are not supported for session windows yet; \
+                 unset 'table.exec.emit.*' for this query",
+            ));
+        }
         Ok(StreamNode::Aggregate {
             input: Box::new(input),
             group,
@@ -563,21 +569,46 @@ impl Catalog {
     }
 
     fn emit_policy(&self) -> Result<EmitPolicy> {
-        // Early firing and allowed lateness need timers and retained window state in the window
-        // operator; until then, say so rather than silently emitting final results only.
-        for key in [
-            "table.exec.emit.early-fire.enabled",
-            "table.exec.emit.allow-lateness",
-        ] {
-            if let Some(v) = self.settings.get(key) {
-                if v != "false" && v != "0" && v != "0 s" {
-                    return Err(Error::plan(format!(
-                        "'{key}' = '{v}' is not supported yet: windows emit once, when the watermark passes their end"
-                    )));
-                }
+        let duration = |key: &str| -> Result<Option<i64>> {
+            match self.settings.get(key) {
+                None => Ok(None),
+                Some(v) => sluice_common::time::parse_duration_ms(v)
+                    .map(Some)
+                    .ok_or_else(|| {
+                        Error::plan(format!(
+                            "'{key}' = '{v}' is not a duration such as '1 s' or '500 ms'"
+                        ))
+                    }),
             }
+        };
+        let mut policy = EmitPolicy::default();
+        let early = match self
+            .settings
+            .get("table.exec.emit.early-fire.enabled")
+            .map(|v| v.to_lowercase())
+        {
+            None => false,
+            Some(v) if v == "true" => true,
+            Some(v) if v == "false" => false,
+            Some(v) => {
+                return Err(Error::plan(format!(
+                    "'table.exec.emit.early-fire.enabled' = '{v}' must be 'true' or 'false'"
+                )))
+            }
+        };
+        if early {
+            let delay = duration("table.exec.emit.early-fire.delay")?.ok_or_else(|| {
+                Error::plan("'table.exec.emit.early-fire.enabled' is true but 'table.exec.emit.early-fire.delay' is not set (for example '1 s')")
+            })?;
+            if delay <= 0 {
+                return Err(Error::plan(
+                    "'table.exec.emit.early-fire.delay' must be positive",
+                ));
+            }
+            policy.early_fire_ms = Some(delay as u64);
         }
-        Ok(EmitPolicy::default())
+        policy.allowed_lateness_ms = duration("table.exec.emit.allow-lateness")?.unwrap_or(0);
+        Ok(policy)
     }
 }
 
