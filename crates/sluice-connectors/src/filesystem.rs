@@ -51,6 +51,47 @@ pub struct FileSource {
     json: JsonLines,
     csv_ignore_errors: bool,
     skipped: u64,
+    /// `source.monitor-interval`: keep watching the directory for new files (unbounded).
+    monitor: Option<Monitor>,
+}
+
+/// Continuous reading: new files in the directory are picked up as they appear.
+struct Monitor {
+    dir: PathBuf,
+    interval: std::time::Duration,
+    last_scan: std::time::Instant,
+    seen: std::collections::HashSet<PathBuf>,
+    worker: usize,
+    workers: usize,
+}
+
+impl Monitor {
+    /// Files that appeared since the last scan and belong to this worker. Ownership is a hash of
+    /// the file name, so every worker agrees on it without talking to the others.
+    fn new_files(&mut self) -> std::io::Result<Vec<PathBuf>> {
+        self.last_scan = std::time::Instant::now();
+        let mut found = vec![];
+        for f in list_files(&self.dir)? {
+            if !self.seen.contains(&f) && owner(&f, self.workers) == self.worker {
+                self.seen.insert(f.clone());
+                found.push(f);
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// The worker that reads a file in continuous mode (FNV-1a of its name).
+fn owner(path: &Path, workers: usize) -> usize {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % workers as u64) as usize
 }
 
 impl FileSource {
@@ -64,19 +105,53 @@ impl FileSource {
         let format = format(opts, false)?;
         let ignore = opts.flag("json.ignore-parse-errors", false)?;
         let csv_ignore_errors = opts.flag("csv.ignore-parse-errors", false)?;
+        let interval = match opts.get("source.monitor-interval") {
+            None => None,
+            Some(v) => Some(
+                sluice_common::time::parse_duration_ms(&v)
+                    .filter(|ms| *ms > 0)
+                    .map(|ms| std::time::Duration::from_millis(ms as u64))
+                    .ok_or_else(|| opts.error(format!("option 'source.monitor-interval' = '{v}' is not a positive duration such as '10 s'")))?,
+            ),
+        };
         let all = list_files(&path)
             .map_err(|e| opts.error(format!("option 'path' = '{}': {e}", path.display())))?;
-        let files = all
-            .into_iter()
-            .enumerate()
-            .filter(|(i, _)| i % workers == worker)
-            .map(|(_, f)| f)
-            .collect();
+        let (files, monitor) = match interval {
+            // Bounded: the files there now, dealt out round-robin.
+            None => (
+                all.into_iter()
+                    .enumerate()
+                    .filter(|(i, _)| i % workers == worker)
+                    .map(|(_, f)| f)
+                    .collect(),
+                None,
+            ),
+            Some(interval) => {
+                if !path.is_dir() {
+                    return Err(
+                        opts.error("'source.monitor-interval' needs 'path' to be a directory")
+                    );
+                }
+                let mut m = Monitor {
+                    dir: path.clone(),
+                    interval,
+                    last_scan: std::time::Instant::now(),
+                    seen: Default::default(),
+                    worker,
+                    workers,
+                };
+                let files = m.new_files().map_err(|e| {
+                    opts.error(format!("option 'path' = '{}': {e}", path.display()))
+                })?;
+                (files, Some(m))
+            }
+        };
         Ok(FileSource {
             files,
             current: 0,
             reader: None,
             csv: None,
+            monitor,
             line: 0,
             format,
             schema: spec.schema.clone(),
@@ -113,7 +188,18 @@ impl SourceReader for FileSource {
     fn poll(&mut self, max_rows: usize) -> Result<Poll> {
         loop {
             if self.current >= self.files.len() {
-                return Ok(Poll::Finished);
+                let Some(m) = self.monitor.as_mut() else {
+                    return Ok(Poll::Finished);
+                };
+                if m.last_scan.elapsed() < m.interval {
+                    return Ok(Poll::Idle);
+                }
+                let found = m.new_files().map_err(|e| Error::io(&m.dir, e))?;
+                if found.is_empty() {
+                    return Ok(Poll::Idle);
+                }
+                self.files.extend(found);
+                continue;
             }
             let path = &self.files[self.current];
             let display = path.display().to_string();

@@ -14,7 +14,7 @@ pub struct Options {
 }
 
 /// Options shared by all tables, read by the engine rather than by a connector.
-const ENGINE_OPTIONS: [&str; 1] = ["connector"];
+const ENGINE_OPTIONS: [&str; 2] = ["connector", "scan.watermark.idle-timeout"];
 
 impl Options {
     pub fn new(spec: &ConnectorSpec) -> Self {

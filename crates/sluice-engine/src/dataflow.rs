@@ -43,9 +43,15 @@ pub enum Event {
     Empty,
     /// Rows.
     Data(DataEvent),
-    /// "No more rows with event time below `ts` will come from worker `from`."
+    /// "No more rows with event time below `ts` will come from worker `from`." With `idle`, the
+    /// sender has no data for now: receivers leave it out of their minimum until it sends again.
     /// `weight` makes a broadcast count as one record per receiver in timely's progress tracking.
-    Watermark { from: u32, ts: i64, weight: u32 },
+    Watermark {
+        from: u32,
+        ts: i64,
+        weight: u32,
+        idle: bool,
+    },
 }
 
 /// A batch with its cached wire encoding.
@@ -78,6 +84,17 @@ impl Event {
             from: from as u32,
             ts,
             weight: peers as u32,
+            idle: false,
+        }
+    }
+
+    /// "Worker `from` is idle": its watermark stops holding receivers back until it sends again.
+    pub fn idle(from: usize, ts: i64, peers: usize) -> Event {
+        Event::Watermark {
+            from: from as u32,
+            ts,
+            weight: peers as u32,
+            idle: true,
         }
     }
 }
@@ -161,6 +178,7 @@ impl ContainerBytes for Event {
                 from: word(1) as u32,
                 ts: word(2) as i64,
                 weight: word(3) as u32,
+                idle: word(4) != 0,
             },
             _ => Event::Empty,
         }
@@ -170,7 +188,7 @@ impl ContainerBytes for Event {
         match self {
             Event::Empty => 8,
             Event::Data(d) => 16 + padded(d.encoded.get_or_init(|| encode_batch(&d.batch)).len()),
-            Event::Watermark { .. } => 32,
+            Event::Watermark { .. } => 40,
         }
     }
 
@@ -187,11 +205,17 @@ impl ContainerBytes for Event {
                     .write_all(&[0u8; 8][..padded(enc.len()) - enc.len()])
                     .expect("write");
             }
-            Event::Watermark { from, ts, weight } => {
+            Event::Watermark {
+                from,
+                ts,
+                weight,
+                idle,
+            } => {
                 put(TAG_WATERMARK);
                 put(*from as u64);
                 put(*ts as u64);
                 put(*weight as u64);
+                put(*idle as u64);
             }
         }
     }
@@ -253,13 +277,14 @@ impl Distributor<Event> for KeyDistributor {
         let peers = pushers.len();
         match std::mem::take(container) {
             Event::Empty => {}
-            Event::Watermark { from, ts, .. } => {
+            Event::Watermark { from, ts, idle, .. } => {
                 for p in pushers.iter_mut() {
                     Message::push_at(
                         &mut Event::Watermark {
                             from,
                             ts,
                             weight: 1,
+                            idle,
                         },
                         stamp.clone(),
                         p,

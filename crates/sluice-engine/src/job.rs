@@ -67,6 +67,9 @@ pub struct JobSummary {
     pub rows_written: BTreeMap<String, u64>,
     pub late_rows_dropped: u64,
     pub records_skipped: u64,
+    /// Aggregation state at the end of input (bounded jobs): bytes and groups.
+    pub state_bytes: u64,
+    pub state_groups: u64,
     pub elapsed: Duration,
 }
 
@@ -94,6 +97,7 @@ pub fn validate(plan: &JobPlan) -> Result<()> {
         collect_scans(&p.query, &mut tables);
         for t in tables {
             sluice_connectors::validate_source(&spec(&t))?;
+            idle_timeout(&t)?;
         }
         if let SinkTarget::Table(t) = &p.sink {
             let s = spec(t);
@@ -114,6 +118,21 @@ pub fn validate(plan: &JobPlan) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `'scan.watermark.idle-timeout'`: how long a source may go without data before it stops
+/// holding back the watermark.
+fn idle_timeout(table: &TableDef) -> Result<Option<Duration>> {
+    match table.options.get("scan.watermark.idle-timeout") {
+        None => Ok(None),
+        Some(v) => match sluice_common::time::parse_duration_ms(v) {
+            Some(ms) if ms > 0 => Ok(Some(Duration::from_millis(ms as u64))),
+            _ => Err(Error::connector(
+                &table.name,
+                format!("option 'scan.watermark.idle-timeout' = '{v}' is not a positive duration such as '5 s'"),
+            )),
+        },
+    }
 }
 
 fn collect_scans(node: &StreamNode, out: &mut Vec<Arc<TableDef>>) {
@@ -199,6 +218,8 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
         rows_written: metrics.rows_written(),
         late_rows_dropped: metrics.late_rows_dropped.load(Ordering::Relaxed),
         records_skipped: metrics.records_skipped.load(Ordering::Relaxed),
+        state_bytes: metrics.state_bytes.load(Ordering::Relaxed),
+        state_groups: metrics.state_groups.load(Ordering::Relaxed),
         elapsed: started.elapsed(),
     })
 }
@@ -229,6 +250,7 @@ fn build<'scope>(
             &table.name,
             open_source(&spec(table), ctx.index, ctx.peers),
             table_prepare(table.clone(), projection.clone(), schema.clone()),
+            idle_timeout(table).unwrap_or(None),
             ctx,
         ),
         StreamNode::Values { rows } => source_stream(
@@ -236,6 +258,7 @@ fn build<'scope>(
             "VALUES",
             Ok(Box::new(ValuesReader::new(rows.clone(), ctx.index))),
             Box::new(|b| Ok((ChangeBatch::inserts(b), None))),
+            None,
             ctx,
         ),
         StreamNode::Project {
@@ -320,11 +343,14 @@ fn merge_watermarks<'scope>(
         let mut tracker = WatermarkTracker::new(inputs);
         move |input, output| {
             input.for_each(|cap, data| match data {
-                Event::Watermark { from, ts, .. } => {
-                    if let Some(wm) = tracker.observe(*from, *ts) {
-                        output
-                            .session(&cap)
-                            .give_container(&mut Event::watermark(index, wm, peers));
+                Event::Watermark { from, ts, idle, .. } => {
+                    if let Some((wm, idle)) = tracker.receive(*from, *ts, *idle).forward {
+                        let mut event = if idle {
+                            Event::idle(index, wm, peers)
+                        } else {
+                            Event::watermark(index, wm, peers)
+                        };
+                        output.session(&cap).give_container(&mut event);
                     }
                 }
                 _ => output.session(&cap).give_container(data),
@@ -356,6 +382,7 @@ fn aggregate<'scope>(
         // input frontier so that it never holds the job back.
         let mut held: Option<timely::dataflow::operators::Capability<Epoch>> = None;
         let mut next_fire = Instant::now();
+        let mut reported = false;
         move |(input, frontier), output| {
             input.for_each(|cap, data| {
                 let Some(state) = state.as_mut() else { return };
@@ -375,8 +402,9 @@ fn aggregate<'scope>(
                         }
                         Err(e) => metrics.fail(e),
                     },
-                    Event::Watermark { from, ts, .. } => {
-                        if let Some(wm) = tracker.observe(*from, *ts) {
+                    Event::Watermark { from, ts, idle, .. } => {
+                        let progress = tracker.receive(*from, *ts, *idle);
+                        if let Some(wm) = progress.advanced {
                             match state.advance_watermark(wm) {
                                 Ok(Some(out)) => {
                                     output.session(&cap).give_container(&mut Event::data(out))
@@ -384,14 +412,30 @@ fn aggregate<'scope>(
                                 Ok(None) => {}
                                 Err(e) => metrics.fail(e),
                             }
-                            output
-                                .session(&cap)
-                                .give_container(&mut Event::watermark(index, wm, peers));
+                        }
+                        if let Some((wm, idle)) = progress.forward {
+                            let mut event = if idle {
+                                Event::idle(index, wm, peers)
+                            } else {
+                                Event::watermark(index, wm, peers)
+                            };
+                            output.session(&cap).give_container(&mut event);
                         }
                     }
                     Event::Empty => {}
                 }
             });
+            if frontier.frontier().is_empty() && !reported {
+                reported = true;
+                if let Some(state) = state.as_ref() {
+                    metrics
+                        .state_bytes
+                        .fetch_add(state.size_bytes() as u64, Ordering::Relaxed);
+                    metrics
+                        .state_groups
+                        .fetch_add(state.groups() as u64, Ordering::Relaxed);
+                }
+            }
             let Some(delay) = early_fire else { return };
             match frontier.frontier().first() {
                 None => held = None,

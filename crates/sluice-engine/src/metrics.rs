@@ -13,8 +13,13 @@ pub struct JobMetrics {
     rows_written: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
     pub late_rows_dropped: AtomicU64,
     pub records_skipped: AtomicU64,
+    /// Bytes and groups held by aggregation state when its input ended (bounded jobs).
+    pub state_bytes: AtomicU64,
+    pub state_groups: AtomicU64,
     /// The smallest watermark any source holds (ms), for the live lag display.
     pub source_watermark: AtomicI64,
+    /// Set to stop the job: sources stop reading (without ending event time) and the job winds down.
+    pub cancelled: std::sync::atomic::AtomicBool,
     /// The first error raised by any operator; every worker stops when it is set.
     pub error: Mutex<Option<Error>>,
 }
@@ -72,6 +77,16 @@ impl JobMetrics {
         if slot.is_none() {
             *slot = Some(e);
         }
+    }
+
+    /// Asks the job to stop gracefully: sources stop, sinks publish what they have.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+
+    /// True once [`JobMetrics::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
     }
 
     /// True once any operator failed.

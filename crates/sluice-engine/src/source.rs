@@ -32,6 +32,7 @@ pub(crate) fn source_stream<'scope>(
     name: &str,
     reader: Result<Box<dyn SourceReader>>,
     mut prepare: Prepare,
+    idle_timeout: Option<Duration>,
     ctx: &BuildContext,
 ) -> EventStream<'scope> {
     let (index, peers, metrics, probe, batch_rows) = (
@@ -56,13 +57,16 @@ pub(crate) fn source_stream<'scope>(
         let mut epoch_started = Instant::now();
         let mut watermark = MIN_WATERMARK;
         let mut skipped_reported = 0;
+        let mut last_data = Instant::now();
+        let mut declared_idle = false;
         move |output| {
             let Some(c) = cap.as_mut() else { return };
             let Some(r) = reader.as_mut() else {
                 cap = None;
                 return;
             };
-            if metrics.failed() {
+            if metrics.failed() || metrics.is_cancelled() {
+                // Stopping is not the end of event time: no final watermark.
                 cap = None;
                 return;
             }
@@ -76,17 +80,23 @@ pub(crate) fn source_stream<'scope>(
                 match r.poll(batch_rows) {
                     Ok(Poll::Batch { batch, .. }) => {
                         read_counter.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
+                        last_data = Instant::now();
                         match prepare(batch) {
                             Ok((out, wm)) => {
                                 if out.num_rows() > 0 {
                                     output.session(c).give_container(&mut Event::data(out));
                                 }
-                                if let Some(wm) = wm.filter(|w| *w > watermark) {
+                                let advanced = wm.filter(|w| *w > watermark);
+                                if let Some(wm) = advanced {
                                     watermark = wm;
-                                    output
-                                        .session(c)
-                                        .give_container(&mut Event::watermark(index, wm, peers));
                                     metrics.source_watermark.store(wm, Ordering::Relaxed);
+                                }
+                                // After an idle spell, a watermark tells receivers it is back.
+                                if advanced.is_some() || declared_idle {
+                                    declared_idle = false;
+                                    output.session(c).give_container(&mut Event::watermark(
+                                        index, watermark, peers,
+                                    ));
                                 }
                             }
                             Err(e) => {
@@ -127,6 +137,13 @@ pub(crate) fn source_stream<'scope>(
                 ));
                 cap = None;
                 return;
+            }
+            if idle && !declared_idle && idle_timeout.is_some_and(|t| last_data.elapsed() >= t) {
+                // 'scan.watermark.idle-timeout': stop holding back downstream watermarks.
+                declared_idle = true;
+                output
+                    .session(c)
+                    .give_container(&mut Event::idle(index, watermark, peers));
             }
             if epoch_started.elapsed() >= EPOCH_LENGTH {
                 epoch += 1;

@@ -1,5 +1,6 @@
 //! The `sluice` command: run streaming SQL scripts, and the Double-11 demo.
 
+mod bench;
 mod demo;
 mod table_output;
 
@@ -40,6 +41,24 @@ enum Command {
         #[arg(long)]
         hosts: Option<PathBuf>,
     },
+    /// Measure throughput on the built-in generators (use a release build).
+    Bench {
+        /// Events per run.
+        #[arg(long, default_value_t = 10_000_000)]
+        events: u64,
+        /// Worker counts to measure, comma-separated.
+        #[arg(long, default_value = "1,2", value_delimiter = ',')]
+        workers: Vec<usize>,
+        /// Runs per measurement; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Only these benchmarks, comma-separated.
+        #[arg(long)]
+        only: Option<String>,
+        /// Also write one JSON line per result to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Run the Double-11 sales dashboard on built-in generated orders.
     Demo {
         /// Stop after this many seconds (default: run until Ctrl-C).
@@ -62,6 +81,13 @@ fn main() -> ExitCode {
             hosts,
         } => run(file, workers, processes, process_id, hosts),
         Command::Demo { seconds, workers } => demo::run(seconds, workers),
+        Command::Bench {
+            events,
+            workers,
+            runs,
+            only,
+            json,
+        } => bench::run(events, &workers, runs, only, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -117,12 +143,22 @@ fn run(
         }
     };
     let printer = Arc::new(table_output::TablePrinter::default());
+    let metrics = sluice_engine::JobMetrics::new();
+    // Ctrl-C stops the job gracefully: sources stop, sinks publish, the summary is printed.
+    let on_interrupt = metrics.clone();
+    let _ = ctrlc::set_handler(move || {
+        eprintln!("\nstopping (Ctrl-C again to abort)...");
+        if on_interrupt.is_cancelled() {
+            std::process::exit(130);
+        }
+        on_interrupt.cancel();
+    });
     let options = JobOptions {
         workers,
         process: process_id,
         hosts,
         select_output: Some(printer.clone()),
-        ..Default::default()
+        metrics,
     };
     let summary = sluice_engine::run(plan, options).map_err(|e| e.to_string())?;
     printer.finish();
@@ -141,6 +177,12 @@ fn print_summary(s: &JobSummary) {
     }
     eprintln!("late rows dropped           {}", s.late_rows_dropped);
     eprintln!("records skipped             {}", s.records_skipped);
+    if s.state_groups > 0 {
+        eprintln!(
+            "state at end of input       {} groups, {} bytes",
+            s.state_groups, s.state_bytes
+        );
+    }
     let total = s.total_read();
     if secs > 0.0 {
         eprintln!(

@@ -1,0 +1,88 @@
+//! `'scan.watermark.idle-timeout'`: a source split with no data stops holding back the
+//! watermark, so windows fed by the other splits still fire. Without it they wait.
+//! The filesystem source watches its directory (`'source.monitor-interval'`), so it never ends;
+//! the test stops the job with `JobMetrics::cancel`.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow::datatypes::SchemaRef;
+use sluice_common::ChangeBatch;
+use sluice_engine::{JobMetrics, JobOptions, SelectOutput};
+
+#[derive(Default)]
+struct Rows(Mutex<Vec<Vec<String>>>);
+
+impl SelectOutput for Rows {
+    fn begin(&self, _index: usize, _schema: SchemaRef) {}
+    fn emit(&self, _index: usize, batch: &ChangeBatch) {
+        self.0
+            .lock()
+            .unwrap()
+            .extend(sluice_connectors::memory::row_strings(&batch.data).unwrap());
+    }
+}
+
+/// Runs the query on two workers until `windows` results arrived or `patience` passed.
+fn run(dir: &std::path::Path, idle: &str, windows: usize, patience: Duration) -> Vec<Vec<String>> {
+    let sql = format!(
+        "CREATE TABLE clicks (id BIGINT, ts TIMESTAMP(3), WATERMARK FOR ts AS ts - INTERVAL '1' SECOND)
+         WITH ('connector' = 'filesystem', 'path' = '{}', 'format' = 'json', 'source.monitor-interval' = '100 ms'{idle});
+         SELECT TUMBLE_START(ts, INTERVAL '5' SECOND) AS ws, COUNT(*) AS n FROM clicks GROUP BY TUMBLE(ts, INTERVAL '5' SECOND);",
+        dir.display()
+    );
+    let plan = sluice_sql::plan_script(&sql).unwrap();
+    let rows = Arc::new(Rows::default());
+    let metrics = JobMetrics::new();
+    let options = JobOptions {
+        workers: 2,
+        select_output: Some(rows.clone()),
+        metrics: metrics.clone(),
+        ..Default::default()
+    };
+    let job = std::thread::spawn(move || sluice_engine::run(plan, options));
+    let started = Instant::now();
+    while rows.0.lock().unwrap().len() < windows && started.elapsed() < patience {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    metrics.cancel();
+    job.join().unwrap().unwrap();
+    let mut out = rows.0.lock().unwrap().clone();
+    out.sort();
+    out
+}
+
+#[test]
+fn an_idle_split_stops_holding_back_windows() {
+    let dir = tempfile::tempdir().unwrap();
+    // One file: one of the two workers owns it, the other has nothing to read.
+    let lines: Vec<String> = (0..200)
+        .map(|i| {
+            format!(
+                "{{\"id\": {i}, \"ts\": \"2026-11-11 00:00:{:02}.{:03}\"}}",
+                i / 10,
+                (i % 10) * 100
+            )
+        })
+        .collect();
+    std::fs::write(dir.path().join("clicks-0.json"), lines.join("\n") + "\n").unwrap();
+
+    let without = run(dir.path(), "", 3, Duration::from_millis(1500));
+    assert!(
+        without.is_empty(),
+        "without an idle timeout the empty split holds every window back: {without:?}"
+    );
+
+    let with = run(
+        dir.path(),
+        ", 'scan.watermark.idle-timeout' = '300 ms'",
+        3,
+        Duration::from_secs(20),
+    );
+    // The watermark reaches 00:00:18.9: windows up to [10 s, 15 s) close, 50 rows each.
+    let expected: Vec<Vec<String>> = ["00", "05", "10"]
+        .iter()
+        .map(|s| vec![format!("2026-11-11 00:00:{s}.000"), "50".to_string()])
+        .collect();
+    assert_eq!(with, expected);
+}
