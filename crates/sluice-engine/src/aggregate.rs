@@ -39,6 +39,8 @@ pub struct AggregateState {
     /// Groups changed since they were last emitted.
     dirty: Vec<u32>,
     is_dirty: Vec<bool>,
+    /// Scratch: groups already seen in the batch being applied.
+    marks: Vec<bool>,
     sessions: Option<Sessions>,
     watermark: i64,
     gids: Vec<u32>,
@@ -158,6 +160,7 @@ impl AggregateState {
             last: HashMap::new(),
             dirty: vec![],
             is_dirty: vec![],
+            marks: vec![],
             sessions,
             watermark: i64::MIN,
             gids: vec![],
@@ -286,20 +289,30 @@ impl AggregateState {
         let capacity = self.table.capacity();
         self.rows.resize(capacity, 0);
         self.is_dirty.resize(capacity, false);
-        // Groups touched, in first-seen order, and whether each existed before.
+        // Groups touched, in first-seen order; whether each existed before; its first row.
+        self.marks.resize(capacity, false);
         let mut touched: Vec<u32> = vec![];
-        let mut seen = HashMap::new();
-        let mut first_row = HashMap::new();
+        let mut existed: Vec<bool> = vec![];
+        let mut first_row: Vec<usize> = vec![];
         for (i, (&g, &s)) in gids.iter().zip(&signs).enumerate() {
-            if s != 0 && !seen.contains_key(&g) {
-                seen.insert(g, self.rows[g as usize] > 0);
-                first_row.insert(g, i);
+            if s != 0 && !self.marks[g as usize] {
+                self.marks[g as usize] = true;
+                existed.push(self.rows[g as usize] > 0);
+                first_row.push(i);
                 touched.push(g);
             }
         }
+        for &g in &touched {
+            self.marks[g as usize] = false;
+        }
         let Some(end_key) = end_key else {
             // Unwindowed: every change is emitted now.
-            let before: Vec<u32> = touched.iter().copied().filter(|g| seen[g]).collect();
+            let before: Vec<u32> = touched
+                .iter()
+                .zip(&existed)
+                .filter(|(_, e)| **e)
+                .map(|(g, _)| *g)
+                .collect();
             let old = if before.is_empty() {
                 None
             } else {
@@ -309,7 +322,7 @@ impl AggregateState {
             for (&g, &s) in gids.iter().zip(&signs) {
                 self.rows[g as usize] += s;
             }
-            let output = self.emit_changes(&touched, &seen, old)?;
+            let output = self.emit_changes(&touched, &existed, old)?;
             for &g in &touched {
                 if self.rows[g as usize] <= 0 {
                     self.free_group(g);
@@ -327,10 +340,10 @@ impl AggregateState {
         }
         let ends = keys[end_key].as_primitive::<TimestampMillisecondType>();
         let mut refire = vec![];
-        for &g in &touched {
-            let end = ends.value(first_row[&g]);
+        for (t, &g) in touched.iter().enumerate() {
+            let end = ends.value(first_row[t]);
             let fired = end <= self.watermark;
-            if !seen[&g] {
+            if !existed[t] {
                 if fired {
                     self.cleanup.entry(end + lateness).or_default().push(g);
                 } else {
@@ -365,10 +378,7 @@ impl AggregateState {
             .copied()
             .filter(|g| self.last.contains_key(g))
             .collect();
-        let existed: HashMap<u32, bool> = gids
-            .iter()
-            .map(|g| (*g, self.last.contains_key(g)))
-            .collect();
+        let existed: Vec<bool> = gids.iter().map(|g| self.last.contains_key(g)).collect();
         let old = match (&self.result_rows, before.is_empty()) {
             (Some(conv), false) => {
                 let parser = conv.parser();
@@ -425,27 +435,11 @@ impl AggregateState {
             .collect()
     }
 
-    fn same_results(&self, a: &[ArrayRef], b: &[ArrayRef], i: usize, j: usize) -> bool {
-        match &self.result_rows {
-            None => true,
-            Some(conv) => {
-                let (ra, rb) = (
-                    conv.convert_columns(&slice_all(a, i)),
-                    conv.convert_columns(&slice_all(b, j)),
-                );
-                match (ra, rb) {
-                    (Ok(x), Ok(y)) => x.row(0) == y.row(0),
-                    _ => false,
-                }
-            }
-        }
-    }
-
     /// Emits `+I`, `-U`/`+U` pairs and `-D` for changed groups.
     fn emit_changes(
         &mut self,
         touched: &[u32],
-        existed: &HashMap<u32, bool>,
+        existed: &[bool],
         old: Option<Vec<ArrayRef>>,
     ) -> Result<Option<ChangeBatch>> {
         let after: Vec<u32> = touched
@@ -455,18 +449,34 @@ impl AggregateState {
             .collect();
         let new = self.results(&after)?;
         let old = old.unwrap_or_default();
-        let keys_before: Vec<u32> = touched.iter().copied().filter(|g| existed[g]).collect();
+        let keys_before: Vec<u32> = touched
+            .iter()
+            .zip(existed)
+            .filter(|(_, e)| **e)
+            .map(|(g, _)| *g)
+            .collect();
+        // Results compare as row-encoded bytes, converted once for the whole batch.
+        let (old_rows, new_rows) = match &self.result_rows {
+            Some(conv) if !old.is_empty() && !new.is_empty() => (
+                Some(conv.convert_columns(&old)?),
+                Some(conv.convert_columns(&new)?),
+            ),
+            _ => (None, None),
+        };
         let keys_old = self.output_keys(&keys_before)?;
         let keys_new = self.output_keys(&after)?;
         // (source 0 = old rows, 1 = new rows, row index, op)
         let mut picks: Vec<(usize, usize, Op)> = vec![];
         let (mut oi, mut ni) = (0, 0);
-        for g in touched {
-            let was = existed[g];
+        for (g, &was) in touched.iter().zip(existed) {
             let is = self.rows[*g as usize] > 0;
             match (was, is) {
                 (true, true) => {
-                    if !self.same_results(&old, &new, oi, ni) {
+                    let same = match (&old_rows, &new_rows) {
+                        (Some(o), Some(n)) => o.row(oi) == n.row(ni),
+                        _ => true,
+                    };
+                    if !same {
                         picks.push((0, oi, Op::UpdateBefore));
                         picks.push((1, ni, Op::UpdateAfter));
                     }
@@ -741,10 +751,6 @@ impl AggregateState {
             metrics.late_rows_dropped.fetch_add(n, Ordering::Relaxed);
         }
     }
-}
-
-fn slice_all(cols: &[ArrayRef], i: usize) -> Vec<ArrayRef> {
-    cols.iter().map(|c| c.slice(i, 1)).collect()
 }
 
 /// The struct a legacy group window outputs: `{window_start, window_end, window_time}`.
