@@ -8,13 +8,20 @@ use arrow_row::{RowConverter, Rows, SortField};
 use hashbrown::{DefaultHashBuilder, HashTable};
 
 /// Maps group keys to dense `u32` ids and back, reusing the ids of removed groups.
+///
+/// Keys live row-encoded in one arena (no allocation per key), with each group's hash kept so
+/// that probes compare hashes before bytes and growth never re-hashes keys.
 pub struct GroupTable {
     converter: RowConverter,
     hasher: DefaultHashBuilder,
     table: HashTable<u32>,
-    /// The row-encoded key of each group id (empty for free ids).
-    keys: Vec<Box<[u8]>>,
+    arena: Vec<u8>,
+    offsets: Vec<usize>,
+    lens: Vec<u32>,
+    hashes: Vec<u64>,
     free: Vec<u32>,
+    /// Arena bytes no live key uses (compacted when they dominate).
+    garbage: usize,
 }
 
 impl GroupTable {
@@ -24,8 +31,12 @@ impl GroupTable {
             converter: RowConverter::new(fields)?,
             hasher: DefaultHashBuilder::default(),
             table: HashTable::new(),
-            keys: vec![],
+            arena: vec![],
+            offsets: vec![],
+            lens: vec![],
+            hashes: vec![],
             free: vec![],
+            garbage: 0,
         })
     }
 
@@ -41,12 +52,40 @@ impl GroupTable {
 
     /// One past the largest group id ever handed out: the length per-group vectors need.
     pub fn capacity(&self) -> usize {
-        self.keys.len()
+        self.offsets.len()
     }
 
     /// Row-encodes key columns.
     pub fn encode(&self, columns: &[ArrayRef]) -> Result<Rows, ArrowError> {
         self.converter.convert_columns(columns)
+    }
+
+    #[inline]
+    fn key(&self, gid: u32) -> &[u8] {
+        let g = gid as usize;
+        &self.arena[self.offsets[g]..self.offsets[g] + self.lens[g] as usize]
+    }
+
+    /// Stores `bytes` as the key of `gid`, in place when the old slot is large enough.
+    fn store(&mut self, gid: u32, bytes: &[u8], hash: u64) {
+        let g = gid as usize;
+        if g == self.offsets.len() {
+            self.offsets.push(self.arena.len());
+            self.lens.push(bytes.len() as u32);
+            self.hashes.push(hash);
+            self.arena.extend_from_slice(bytes);
+            return;
+        }
+        let (off, len) = (self.offsets[g], self.lens[g] as usize);
+        if bytes.len() <= len {
+            self.arena[off..off + bytes.len()].copy_from_slice(bytes);
+            self.garbage -= bytes.len();
+        } else {
+            self.offsets[g] = self.arena.len();
+            self.arena.extend_from_slice(bytes);
+        }
+        self.lens[g] = bytes.len() as u32;
+        self.hashes[g] = hash;
     }
 
     /// The group id of every row, creating groups for new keys.
@@ -56,24 +95,24 @@ impl GroupTable {
         for row in rows.iter() {
             let bytes = row.as_ref();
             let hash = self.hasher.hash_one(bytes);
-            let keys = &self.keys;
-            let gid = match self.table.find(hash, |&g| &*keys[g as usize] == bytes) {
-                Some(&g) => g,
+            let found = {
+                let (hashes, arena, offsets, lens) =
+                    (&self.hashes, &self.arena, &self.offsets, &self.lens);
+                self.table
+                    .find(hash, |&g| {
+                        let g = g as usize;
+                        hashes[g] == hash
+                            && &arena[offsets[g]..offsets[g] + lens[g] as usize] == bytes
+                    })
+                    .copied()
+            };
+            let gid = match found {
+                Some(g) => g,
                 None => {
-                    let g = match self.free.pop() {
-                        Some(g) => {
-                            self.keys[g as usize] = bytes.into();
-                            g
-                        }
-                        None => {
-                            self.keys.push(bytes.into());
-                            (self.keys.len() - 1) as u32
-                        }
-                    };
-                    let keys = &self.keys;
-                    let hasher = &self.hasher;
-                    self.table
-                        .insert_unique(hash, g, |&x| hasher.hash_one(&*keys[x as usize]));
+                    let g = self.free.pop().unwrap_or(self.offsets.len() as u32);
+                    self.store(g, bytes, hash);
+                    let hashes = &self.hashes;
+                    self.table.insert_unique(hash, g, |&x| hashes[x as usize]);
                     g
                 }
             };
@@ -83,25 +122,51 @@ impl GroupTable {
 
     /// Forgets a group; its id may be handed out again.
     pub fn remove(&mut self, gid: u32) {
-        let bytes = std::mem::take(&mut self.keys[gid as usize]);
-        let hash = self.hasher.hash_one(&*bytes);
+        let hash = self.hashes[gid as usize];
         if let Ok(entry) = self.table.find_entry(hash, |&g| g == gid) {
             entry.remove();
         }
+        self.garbage += self.lens[gid as usize] as usize;
         self.free.push(gid);
+        if self.garbage > 1 << 20 && self.garbage * 2 > self.arena.len() {
+            self.compact();
+        }
+    }
+
+    /// Rewrites the arena with only live keys.
+    fn compact(&mut self) {
+        let mut live = vec![true; self.offsets.len()];
+        for &g in &self.free {
+            live[g as usize] = false;
+        }
+        let mut arena = Vec::with_capacity(self.arena.len() - self.garbage);
+        for g in 0..self.offsets.len() {
+            let (off, len) = (self.offsets[g], self.lens[g] as usize);
+            self.offsets[g] = arena.len();
+            if live[g] {
+                arena.extend_from_slice(&self.arena[off..off + len]);
+            } else {
+                self.lens[g] = 0;
+            }
+        }
+        self.arena = arena;
+        self.garbage = 0;
     }
 
     /// The key columns of the given groups.
     pub fn keys(&self, gids: &[u32]) -> Result<Vec<ArrayRef>, ArrowError> {
         let parser = self.converter.parser();
         self.converter
-            .convert_rows(gids.iter().map(|&g| parser.parse(&self.keys[g as usize])))
+            .convert_rows(gids.iter().map(|&g| parser.parse(self.key(g))))
     }
 
     /// Approximate bytes held, for state-size metrics.
     pub fn size_bytes(&self) -> usize {
-        self.keys.iter().map(|k| k.len() + 16).sum::<usize>()
-            + self.table.capacity() * 8
+        self.arena.capacity()
+            + self.offsets.capacity() * 8
+            + self.lens.capacity() * 4
+            + self.hashes.capacity() * 8
+            + self.table.capacity() * 5
             + self.free.capacity() * 4
     }
 }
@@ -147,5 +212,36 @@ mod tests {
             vec![9, 2]
         );
         assert_eq!(keys[0].len(), 2);
+    }
+
+    #[test]
+    fn longer_keys_move_and_compaction_keeps_live_keys() {
+        let mut t = GroupTable::try_new(vec![SortField::new(DataType::Utf8)]).unwrap();
+        let names: Vec<String> = (0..300_000).map(|i| format!("key-{i}")).collect();
+        let cols: Vec<ArrayRef> = vec![Arc::new(StringArray::from(names.clone()))];
+        let mut gids = vec![];
+        t.intern(&t.encode(&cols).unwrap(), &mut gids);
+        for g in 0..299_990u32 {
+            t.remove(g);
+        }
+        // A longer key reuses an id whose slot is too small.
+        let cols: Vec<ArrayRef> = vec![Arc::new(StringArray::from(vec![
+            "a much longer key than any before",
+        ]))];
+        t.intern(&t.encode(&cols).unwrap(), &mut gids);
+        let cols: Vec<ArrayRef> = vec![Arc::new(StringArray::from(names[299_990..].to_vec()))];
+        let mut again = vec![];
+        t.intern(&t.encode(&cols).unwrap(), &mut again);
+        assert_eq!(
+            again,
+            (299_990..300_000).collect::<Vec<u32>>(),
+            "live keys keep their ids"
+        );
+        let keys = t.keys(&[gids[0]]).unwrap();
+        assert_eq!(
+            keys[0].as_string::<i32>().value(0),
+            "a much longer key than any before"
+        );
+        assert_eq!(t.len(), 11);
     }
 }
