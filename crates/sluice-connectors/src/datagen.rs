@@ -164,10 +164,6 @@ impl DatagenSource {
 }
 
 impl SourceReader for DatagenSource {
-    fn splits(&self) -> usize {
-        1
-    }
-
     fn poll(&mut self, max_rows: usize) -> Result<Poll> {
         let remaining = self.limit.map(|l| l - self.produced).unwrap_or(u64::MAX);
         if remaining == 0 {

@@ -153,10 +153,6 @@ impl EcommerceSource {
 }
 
 impl SourceReader for EcommerceSource {
-    fn splits(&self) -> usize {
-        1
-    }
-
     fn poll(&mut self, max_rows: usize) -> Result<Poll> {
         let mut n = max_rows as u64;
         if let Some(limit) = self.limit {

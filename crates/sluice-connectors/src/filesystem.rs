@@ -39,13 +39,16 @@ fn format(opts: &mut Options, sink: bool) -> Result<Format> {
     }
 }
 
-/// Reads this worker's files.
+/// Files a reader keeps open at once; their splits are read round-robin, so each has its own
+/// watermark, as if read in parallel.
+const MAX_OPEN_SPLITS: usize = 16;
+
+/// Reads this worker's files, each file one split.
 pub struct FileSource {
-    files: Vec<PathBuf>,
-    current: usize,
-    reader: Option<Box<dyn BufRead + Send>>,
-    csv: Option<arrow::csv::reader::BufReader<Box<dyn BufRead + Send>>>,
-    line: u64,
+    pending: std::collections::VecDeque<PathBuf>,
+    open: Vec<OpenFile>,
+    next_split: usize,
+    cursor: usize,
     format: Format,
     schema: SchemaRef,
     json: JsonLines,
@@ -53,6 +56,23 @@ pub struct FileSource {
     skipped: u64,
     /// `source.monitor-interval`: keep watching the directory for new files (unbounded).
     monitor: Option<Monitor>,
+}
+
+/// A file being read.
+struct OpenFile {
+    split: usize,
+    path: PathBuf,
+    lines: Option<Box<dyn BufRead + Send>>,
+    csv: Option<arrow::csv::reader::BufReader<Box<dyn BufRead + Send>>>,
+    line: u64,
+}
+
+/// What reading a file once gave.
+enum Chunk {
+    Rows(arrow::record_batch::RecordBatch),
+    /// Lines were read but all were skipped as malformed.
+    Nothing,
+    Eof,
 }
 
 /// Continuous reading: new files in the directory are picked up as they appear.
@@ -116,7 +136,7 @@ impl FileSource {
         };
         let all = list_files(&path)
             .map_err(|e| opts.error(format!("option 'path' = '{}': {e}", path.display())))?;
-        let (files, monitor) = match interval {
+        let (files, monitor): (Vec<PathBuf>, _) = match interval {
             // Bounded: the files there now, dealt out round-robin.
             None => (
                 all.into_iter()
@@ -147,17 +167,16 @@ impl FileSource {
             }
         };
         Ok(FileSource {
-            files,
-            current: 0,
-            reader: None,
-            csv: None,
-            monitor,
-            line: 0,
+            pending: files.into(),
+            open: vec![],
+            next_split: 0,
+            cursor: 0,
             format,
             schema: spec.schema.clone(),
             json: JsonLines::new(spec.schema.clone(), ignore)?,
             csv_ignore_errors,
             skipped: 0,
+            monitor,
         })
     }
 }
@@ -180,14 +199,90 @@ fn list_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+impl FileSource {
+    fn open_file(&mut self, path: PathBuf, max_rows: usize) -> Result<OpenFile> {
+        let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let buffered: Box<dyn BufRead + Send> = Box::new(BufReader::with_capacity(1 << 20, f));
+        let split = self.next_split;
+        self.next_split += 1;
+        let (lines, csv) = match self.format {
+            Format::Csv => {
+                let r = arrow::csv::ReaderBuilder::new(self.schema.clone())
+                    .with_header(false)
+                    .with_batch_size(max_rows)
+                    .build_buffered(buffered)?;
+                (None, Some(r))
+            }
+            _ => (Some(buffered), None),
+        };
+        Ok(OpenFile {
+            split,
+            path,
+            lines,
+            csv,
+            line: 0,
+        })
+    }
+
+    fn read_chunk(&mut self, at: usize, max_rows: usize) -> Result<Chunk> {
+        let f = &mut self.open[at];
+        if let Some(csv) = f.csv.as_mut() {
+            return match csv.next() {
+                Some(Ok(batch)) => Ok(Chunk::Rows(batch)),
+                Some(Err(_)) if self.csv_ignore_errors => {
+                    self.skipped += 1;
+                    Ok(Chunk::Nothing)
+                }
+                Some(Err(e)) => Err(Error::BadRecord {
+                    location: f.path.display().to_string(),
+                    message: format!("malformed CSV record: {e}"),
+                }),
+                None => Ok(Chunk::Eof),
+            };
+        }
+        let reader = f.lines.as_mut().expect("a JSON file has a line reader");
+        let mut lines = Vec::with_capacity(max_rows.min(8192));
+        let first_line = f.line + 1;
+        while lines.len() < max_rows {
+            let mut l = String::new();
+            let n = reader
+                .read_line(&mut l)
+                .map_err(|e| Error::io(&f.path, e))?;
+            if n == 0 {
+                break;
+            }
+            f.line += 1;
+            while l.ends_with('\n') || l.ends_with('\r') {
+                l.pop();
+            }
+            lines.push(l);
+        }
+        if lines.is_empty() {
+            return Ok(Chunk::Eof);
+        }
+        let display = f.path.display().to_string();
+        match self.json.decode(&lines, &display, first_line)? {
+            Some(batch) if batch.num_rows() > 0 => Ok(Chunk::Rows(batch)),
+            _ => Ok(Chunk::Nothing),
+        }
+    }
+}
+
 impl SourceReader for FileSource {
-    fn splits(&self) -> usize {
-        self.files.len().max(1)
+    fn open_splits(&self) -> Vec<usize> {
+        self.open.iter().map(|f| f.split).collect()
     }
 
     fn poll(&mut self, max_rows: usize) -> Result<Poll> {
         loop {
-            if self.current >= self.files.len() {
+            while self.open.len() < MAX_OPEN_SPLITS {
+                let Some(path) = self.pending.pop_front() else {
+                    break;
+                };
+                let f = self.open_file(path, max_rows)?;
+                self.open.push(f);
+            }
+            if self.open.is_empty() {
                 let Some(m) = self.monitor.as_mut() else {
                     return Ok(Poll::Finished);
                 };
@@ -198,72 +293,22 @@ impl SourceReader for FileSource {
                 if found.is_empty() {
                     return Ok(Poll::Idle);
                 }
-                self.files.extend(found);
+                self.pending.extend(found);
                 continue;
             }
-            let path = &self.files[self.current];
-            let display = path.display().to_string();
-            if self.reader.is_none() && self.csv.is_none() {
-                let f = File::open(path).map_err(|e| Error::io(path, e))?;
-                let buffered: Box<dyn BufRead + Send> =
-                    Box::new(BufReader::with_capacity(1 << 20, f));
-                self.line = 0;
-                match self.format {
-                    Format::Csv => {
-                        let r = arrow::csv::ReaderBuilder::new(self.schema.clone())
-                            .with_header(false)
-                            .with_batch_size(max_rows)
-                            .build_buffered(buffered)?;
-                        self.csv = Some(r);
-                    }
-                    _ => self.reader = Some(buffered),
+            let at = self.cursor % self.open.len();
+            match self.read_chunk(at, max_rows)? {
+                Chunk::Rows(batch) => {
+                    self.cursor = at + 1;
+                    return Ok(Poll::Batch {
+                        split: self.open[at].split,
+                        batch,
+                    });
                 }
-            }
-            let split = self.current;
-            if let Some(csv) = &mut self.csv {
-                match csv.next() {
-                    Some(Ok(batch)) => return Ok(Poll::Batch { split, batch }),
-                    Some(Err(e)) if self.csv_ignore_errors => {
-                        self.skipped += 1;
-                        let _ = e;
-                        continue;
-                    }
-                    Some(Err(e)) => {
-                        return Err(Error::BadRecord {
-                            location: display,
-                            message: format!("malformed CSV record: {e}"),
-                        })
-                    }
-                    None => {
-                        self.csv = None;
-                        self.current += 1;
-                        continue;
-                    }
-                }
-            }
-            let reader = self.reader.as_mut().expect("opened above");
-            let mut lines = Vec::with_capacity(max_rows.min(8192));
-            let first_line = self.line + 1;
-            while lines.len() < max_rows {
-                let mut l = String::new();
-                let n = reader.read_line(&mut l).map_err(|e| Error::io(path, e))?;
-                if n == 0 {
-                    break;
-                }
-                self.line += 1;
-                while l.ends_with('\n') || l.ends_with('\r') {
-                    l.pop();
-                }
-                lines.push(l);
-            }
-            if lines.is_empty() {
-                self.reader = None;
-                self.current += 1;
-                continue;
-            }
-            if let Some(batch) = self.json.decode(&lines, &display, first_line)? {
-                if batch.num_rows() > 0 {
-                    return Ok(Poll::Batch { split, batch });
+                Chunk::Nothing => self.cursor = at + 1,
+                Chunk::Eof => {
+                    let done = self.open.remove(at);
+                    return Ok(Poll::SplitDone { split: done.split });
                 }
             }
         }

@@ -38,6 +38,8 @@ pub struct ConnectorSpec {
 pub enum Poll {
     /// Rows from split `split` (splits are numbered within this reader).
     Batch { split: usize, batch: RecordBatch },
+    /// Split `split` is exhausted: its watermark no longer holds the source back.
+    SplitDone { split: usize },
     /// Nothing right now; poll again later.
     Idle,
     /// The reader's splits are exhausted (bounded sources only).
@@ -46,8 +48,11 @@ pub enum Poll {
 
 /// A worker's reader over its splits.
 pub trait SourceReader: Send {
-    /// Number of splits this reader owns (each has its own watermark).
-    fn splits(&self) -> usize;
+    /// The splits being read now. Each has its own watermark, and a split that has produced no
+    /// rows yet holds the source's watermark back until it does.
+    fn open_splits(&self) -> Vec<usize> {
+        vec![0]
+    }
     /// The next batch, up to `max_rows` rows.
     fn poll(&mut self, max_rows: usize) -> Result<Poll>;
     /// Records skipped as malformed so far (`json.ignore-parse-errors`).

@@ -55,10 +55,9 @@ pub(crate) fn source_stream<'scope>(
         let mut cap = Some(cap);
         let mut epoch: Epoch = 0;
         let mut epoch_started = Instant::now();
-        let mut watermark = MIN_WATERMARK;
+        let mut splits = SplitWatermarks::default();
         let mut skipped_reported = 0;
         let mut last_data = Instant::now();
-        let mut declared_idle = false;
         move |output| {
             let Some(c) = cap.as_mut() else { return };
             let Some(r) = reader.as_mut() else {
@@ -78,7 +77,7 @@ pub(crate) fn source_stream<'scope>(
             let mut finished = false;
             for _ in 0..8 {
                 match r.poll(batch_rows) {
-                    Ok(Poll::Batch { batch, .. }) => {
+                    Ok(Poll::Batch { split, batch }) => {
                         read_counter.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
                         last_data = Instant::now();
                         match prepare(batch) {
@@ -86,17 +85,15 @@ pub(crate) fn source_stream<'scope>(
                                 if out.num_rows() > 0 {
                                     output.session(c).give_container(&mut Event::data(out));
                                 }
-                                let advanced = wm.filter(|w| *w > watermark);
-                                if let Some(wm) = advanced {
-                                    watermark = wm;
-                                    metrics.source_watermark.store(wm, Ordering::Relaxed);
+                                splits.open(&r.open_splits());
+                                if let Some(wm) = wm {
+                                    splits.observe(split, wm);
                                 }
-                                // After an idle spell, a watermark tells receivers it is back.
-                                if advanced.is_some() || declared_idle {
-                                    declared_idle = false;
-                                    output.session(c).give_container(&mut Event::watermark(
-                                        index, watermark, peers,
-                                    ));
+                                if let Some(wm) = splits.to_send() {
+                                    metrics.source_watermark.store(wm, Ordering::Relaxed);
+                                    output
+                                        .session(c)
+                                        .give_container(&mut Event::watermark(index, wm, peers));
                                 }
                             }
                             Err(e) => {
@@ -104,6 +101,15 @@ pub(crate) fn source_stream<'scope>(
                                 cap = None;
                                 return;
                             }
+                        }
+                    }
+                    Ok(Poll::SplitDone { split }) => {
+                        splits.done(split);
+                        if let Some(wm) = splits.to_send() {
+                            metrics.source_watermark.store(wm, Ordering::Relaxed);
+                            output
+                                .session(c)
+                                .give_container(&mut Event::watermark(index, wm, peers));
                         }
                     }
                     Ok(Poll::Idle) => {
@@ -138,12 +144,12 @@ pub(crate) fn source_stream<'scope>(
                 cap = None;
                 return;
             }
-            if idle && !declared_idle && idle_timeout.is_some_and(|t| last_data.elapsed() >= t) {
+            if idle && !splits.idle && idle_timeout.is_some_and(|t| last_data.elapsed() >= t) {
                 // 'scan.watermark.idle-timeout': stop holding back downstream watermarks.
-                declared_idle = true;
+                splits.idle = true;
                 output
                     .session(c)
-                    .give_container(&mut Event::idle(index, watermark, peers));
+                    .give_container(&mut Event::idle(index, splits.current, peers));
             }
             if epoch_started.elapsed() >= EPOCH_LENGTH {
                 epoch += 1;
@@ -157,6 +163,61 @@ pub(crate) fn source_stream<'scope>(
             }
         }
     })
+}
+
+/// The watermark of a source: the minimum over its live splits, each at the highest watermark
+/// its rows allowed. Finished splits stop counting.
+struct SplitWatermarks {
+    splits: std::collections::BTreeMap<usize, i64>,
+    current: i64,
+    /// Whether the source told receivers it is idle.
+    idle: bool,
+}
+
+impl Default for SplitWatermarks {
+    fn default() -> Self {
+        SplitWatermarks {
+            splits: Default::default(),
+            current: MIN_WATERMARK,
+            idle: false,
+        }
+    }
+}
+
+impl SplitWatermarks {
+    /// Splits that are open but have produced nothing hold the watermark at its minimum.
+    fn open(&mut self, open: &[usize]) {
+        for s in open {
+            self.splits.entry(*s).or_insert(MIN_WATERMARK);
+        }
+    }
+
+    fn observe(&mut self, split: usize, wm: i64) {
+        let slot = self.splits.entry(split).or_insert(wm);
+        *slot = (*slot).max(wm);
+    }
+
+    fn done(&mut self, split: usize) {
+        self.splits.remove(&split);
+    }
+
+    /// The watermark to send: when it advanced, or after an idle spell (to say "back").
+    fn to_send(&mut self) -> Option<i64> {
+        let advanced = self
+            .splits
+            .values()
+            .copied()
+            .min()
+            .filter(|w| *w > self.current);
+        if let Some(wm) = advanced {
+            self.current = wm;
+        }
+        if advanced.is_some() || self.idle {
+            self.idle = false;
+            return Some(self.current);
+        }
+        None
+    }
 }
 
 /// For a table scan: computed columns, the watermark, then the scan's projection.
@@ -211,10 +272,6 @@ impl ValuesReader {
 }
 
 impl SourceReader for ValuesReader {
-    fn splits(&self) -> usize {
-        1
-    }
-
     fn poll(&mut self, max_rows: usize) -> Result<Poll> {
         let Some(rows) = &self.rows else {
             return Ok(Poll::Finished);

@@ -108,7 +108,7 @@ fn run_scenario(s: &Scenario, events: u64, workers: usize) -> Result<Run, String
                         loop {
                             match reader.poll(8192).map_err(|e| e.to_string())? {
                                 Poll::Batch { batch, .. } => n += batch.num_rows() as u64,
-                                Poll::Idle => continue,
+                                Poll::Idle | Poll::SplitDone { .. } => continue,
                                 Poll::Finished => return Ok(n),
                             }
                         }

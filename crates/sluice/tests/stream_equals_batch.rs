@@ -44,7 +44,7 @@ fn orders(seed: u64) -> RecordBatch {
         "Beijing",
         "Hubei",
     ];
-    let start = 1_793_318_400_000i64; // 2026-11-11 00:00:00
+    let start = 1_794_355_200_000i64; // 2026-11-11 00:00:00
     let mut id = vec![];
     let mut user = vec![];
     let mut cat = vec![];
