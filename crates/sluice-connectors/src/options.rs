@@ -14,7 +14,7 @@ pub struct Options {
 }
 
 /// Options shared by all tables, read by the engine rather than by a connector.
-const ENGINE_OPTIONS: [&str; 2] = ["connector", "scan.watermark.idle-timeout"];
+const ENGINE_OPTIONS: [&str; 3] = ["connector", "scan.watermark.idle-timeout", "late-data.sink"];
 
 impl Options {
     pub fn new(spec: &ConnectorSpec) -> Self {

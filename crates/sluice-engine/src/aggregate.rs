@@ -41,6 +41,8 @@ pub struct AggregateState {
     is_dirty: Vec<bool>,
     /// Scratch: groups already seen in the batch being applied.
     marks: Vec<bool>,
+    /// The input column carrying source rows for `'late-data.sink'`.
+    late_column: Option<usize>,
     sessions: Option<Sessions>,
     watermark: i64,
     gids: Vec<u32>,
@@ -68,10 +70,12 @@ struct Session {
     slot: u32,
 }
 
-/// What a batch did: rows dropped as late.
+/// What a batch did: its changes, and the rows it dropped as late.
 pub struct ApplyOutcome {
     pub late_rows: u64,
     pub output: Option<ChangeBatch>,
+    /// With a `'late-data.sink'`: the late rows' source rows, to be written there.
+    pub late: Option<RecordBatch>,
 }
 
 fn acc_kind(f: AggFunc) -> AccKind {
@@ -90,6 +94,7 @@ impl AggregateState {
         calls: Vec<AggCall>,
         window: AggWindow,
         emit: EmitPolicy,
+        late_column: Option<usize>,
         schema: SchemaRef,
         input_schema: &arrow::datatypes::Schema,
     ) -> Result<Self> {
@@ -161,6 +166,7 @@ impl AggregateState {
             dirty: vec![],
             is_dirty: vec![],
             marks: vec![],
+            late_column,
             sessions,
             watermark: i64::MIN,
             gids: vec![],
@@ -268,7 +274,7 @@ impl AggregateState {
         }
         let keys = self.eval_keys(batch)?;
         let mut signs = Self::signs(batch);
-        let mut late = 0;
+        let mut late: Vec<u32> = vec![];
         let end_key = match self.window {
             AggWindow::Assigned { end_key, .. } => Some(end_key),
             _ => None,
@@ -279,7 +285,7 @@ impl AggregateState {
             for (i, s) in signs.iter_mut().enumerate() {
                 if ends.value(i).saturating_add(lateness) <= self.watermark {
                     *s = 0;
-                    late += 1;
+                    late.push(i as u32);
                 }
             }
         }
@@ -329,9 +335,11 @@ impl AggregateState {
                 }
             }
             self.gids = gids;
+            let late = self.late_rows(batch, late)?;
             return Ok(ApplyOutcome {
-                late_rows: late,
+                late_rows: late.0,
                 output,
+                late: late.1,
             });
         };
         self.update_accumulators(batch, &gids, &signs, capacity)?;
@@ -364,9 +372,11 @@ impl AggregateState {
             self.emit_window_updates(&refire)?
         };
         self.gids = gids;
+        let late = self.late_rows(batch, late)?;
         Ok(ApplyOutcome {
-            late_rows: late,
+            late_rows: late.0,
             output,
+            late: late.1,
         })
     }
 
@@ -413,6 +423,20 @@ impl AggregateState {
             return Ok(None);
         }
         self.emit_window_updates(&dirty)
+    }
+
+    /// The count of late rows and, with a late-data sink, their source rows.
+    fn late_rows(&self, batch: &ChangeBatch, late: Vec<u32>) -> Result<(u64, Option<RecordBatch>)> {
+        let n = late.len() as u64;
+        let Some(column) = self.late_column.filter(|_| n > 0) else {
+            return Ok((n, None));
+        };
+        let rows = arrow::compute::take(
+            batch.data.column(column),
+            &arrow::array::UInt32Array::from(late),
+            None,
+        )?;
+        Ok((n, Some(RecordBatch::from(rows.as_struct().clone()))))
     }
 
     fn free_group(&mut self, g: u32) {
@@ -618,7 +642,7 @@ impl AggregateState {
         let mut slots = vec![0u32; gids.len()];
         let mut row_signs = signs.clone();
         let mut forward: HashMap<u32, u32> = HashMap::new();
-        let mut late = 0;
+        let mut late: Vec<u32> = vec![];
         let mut merges: Vec<(u32, u32)> = vec![];
         for i in 0..gids.len() {
             if times.is_null(i) || signs[i] <= 0 {
@@ -629,7 +653,7 @@ impl AggregateState {
             let t = times.value(i);
             if t + s.gap <= self.watermark {
                 row_signs[i] = 0;
-                late += 1;
+                late.push(i as u32);
                 continue;
             }
             let key = gids[i];
@@ -686,9 +710,11 @@ impl AggregateState {
         }
         self.update_accumulators(batch, &slots, &row_signs, capacity)?;
         self.gids = gids;
+        let late = self.late_rows(batch, late)?;
         Ok(ApplyOutcome {
-            late_rows: late,
+            late_rows: late.0,
             output: None,
+            late: late.1,
         })
     }
 

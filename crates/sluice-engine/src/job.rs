@@ -99,6 +99,11 @@ pub fn validate(plan: &JobPlan) -> Result<()> {
             sluice_connectors::validate_source(&spec(&t))?;
             idle_timeout(&t)?;
         }
+        let mut late = vec![];
+        collect_late_sinks(&p.query, &mut late);
+        for t in late {
+            open_sink(&spec(&t), 0, 1)?;
+        }
         if let SinkTarget::Table(t) = &p.sink {
             let s = spec(t);
             // Opening checks the options; sinks create nothing until written to, except the
@@ -132,6 +137,23 @@ fn idle_timeout(table: &TableDef) -> Result<Option<Duration>> {
                 format!("option 'scan.watermark.idle-timeout' = '{v}' is not a positive duration such as '5 s'"),
             )),
         },
+    }
+}
+
+/// Tables written as `'late-data.sink'` of windows in a plan.
+fn collect_late_sinks(node: &StreamNode, out: &mut Vec<Arc<TableDef>>) {
+    match node {
+        StreamNode::Aggregate {
+            input, late_sink, ..
+        } => {
+            out.extend(late_sink.iter().map(|l| l.table.clone()));
+            collect_late_sinks(input, out)
+        }
+        StreamNode::Project { input, .. }
+        | StreamNode::Filter { input, .. }
+        | StreamNode::WindowAssign { input, .. } => collect_late_sinks(input, out),
+        StreamNode::Union { inputs, .. } => inputs.iter().for_each(|i| collect_late_sinks(i, out)),
+        StreamNode::Scan { .. } | StreamNode::Values { .. } => {}
     }
 }
 
@@ -245,11 +267,17 @@ fn build<'scope>(
             table,
             projection,
             schema,
+            carry_source_row,
         } => source_stream(
             scope,
             &table.name,
             open_source(&spec(table), ctx.index, ctx.peers),
-            table_prepare(table.clone(), projection.clone(), schema.clone()),
+            table_prepare(
+                table.clone(),
+                projection.clone(),
+                schema.clone(),
+                *carry_source_row,
+            ),
             idle_timeout(table).unwrap_or(None),
             ctx,
         ),
@@ -315,6 +343,7 @@ fn build<'scope>(
             aggs,
             window,
             emit,
+            late_sink,
             schema,
         } => {
             let input_schema = input.schema();
@@ -324,10 +353,12 @@ fn build<'scope>(
                 aggs.clone(),
                 window.clone(),
                 *emit,
+                late_sink.as_ref().map(|l| l.column),
                 schema.clone(),
                 &input_schema,
             );
-            aggregate(stream, state, emit.early_fire_ms, ctx)
+            let late = late_sink.as_ref().map(|l| l.table.clone());
+            aggregate(stream, state, emit.early_fire_ms, late, ctx)
         }
     }
 }
@@ -363,9 +394,21 @@ fn aggregate<'scope>(
     stream: EventStream<'scope>,
     state: Result<AggregateState>,
     early_fire_ms: Option<u64>,
+    late_table: Option<Arc<TableDef>>,
     ctx: &BuildContext,
 ) -> EventStream<'scope> {
     let (index, peers, metrics) = (ctx.index, ctx.peers, ctx.metrics.clone());
+    // 'late-data.sink': this operator writes the rows it drops as late itself.
+    let mut late_writer = match &late_table {
+        None => None,
+        Some(t) => match open_sink(&spec(t), index, peers) {
+            Ok(w) => Some((w, metrics.write_counter(&t.name), t.physical_schema.clone())),
+            Err(e) => {
+                metrics.fail(e);
+                None
+            }
+        },
+    };
     let mut state = match state {
         Ok(s) => Some(s),
         Err(e) => {
@@ -396,6 +439,22 @@ fn aggregate<'scope>(
                     Event::Data(d) => match state.apply(&d.batch) {
                         Ok(outcome) => {
                             AggregateState::count_late(&metrics, outcome.late_rows);
+                            if let (Some(rows), Some((w, counter, schema))) =
+                                (outcome.late, late_writer.as_mut())
+                            {
+                                counter.fetch_add(rows.num_rows() as u64, Ordering::Relaxed);
+                                let rows = arrow::record_batch::RecordBatch::try_new(
+                                    schema.clone(),
+                                    rows.columns().to_vec(),
+                                );
+                                match rows
+                                    .map_err(Error::from)
+                                    .and_then(|r| w.write(&ChangeBatch::inserts(r)))
+                                {
+                                    Ok(()) => {}
+                                    Err(e) => metrics.fail(e),
+                                }
+                            }
                             if let Some(out) = outcome.output {
                                 output.session(&cap).give_container(&mut Event::data(out));
                             }
@@ -427,6 +486,11 @@ fn aggregate<'scope>(
             });
             if frontier.frontier().is_empty() && !reported {
                 reported = true;
+                if let Some((mut w, _, _)) = late_writer.take() {
+                    if let Err(e) = w.finish() {
+                        metrics.fail(e);
+                    }
+                }
                 if let Some(state) = state.as_ref() {
                     metrics
                         .state_bytes

@@ -220,13 +220,18 @@ impl SplitWatermarks {
     }
 }
 
-/// For a table scan: computed columns, the watermark, then the scan's projection.
+/// For a table scan: computed columns, the watermark, then the scan's projection (and, for a
+/// `'late-data.sink'`, the whole physical row as a last struct column).
 pub fn table_prepare(
     table: Arc<TableDef>,
     projection: Option<Vec<usize>>,
     schema: SchemaRef,
+    carry_source_row: bool,
 ) -> Prepare {
     Box::new(move |batch| {
+        let source_row = carry_source_row.then(|| {
+            Arc::new(arrow::array::StructArray::from(batch.clone())) as arrow::array::ArrayRef
+        });
         let mut full = ChangeBatch::inserts(batch);
         if !table.computed.is_empty() {
             let mut columns = full.data.columns().to_vec();
@@ -242,16 +247,12 @@ pub fn table_prepare(
                 arrow::compute::max(w.as_primitive::<TimestampMillisecondType>())
             }
         };
-        let out = match &projection {
-            None => full,
-            Some(p) => {
-                let data = full.data.project(p)?;
-                ChangeBatch::inserts(RecordBatch::try_new(
-                    schema.clone(),
-                    data.columns().to_vec(),
-                )?)
-            }
+        let mut columns = match &projection {
+            None => full.data.columns().to_vec(),
+            Some(p) => full.data.project(p)?.columns().to_vec(),
         };
+        columns.extend(source_row);
+        let out = ChangeBatch::inserts(RecordBatch::try_new(schema.clone(), columns)?);
         Ok((out, wm))
     })
 }

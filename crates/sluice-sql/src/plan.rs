@@ -104,14 +104,27 @@ impl EmitPolicy {
     }
 }
 
+/// The column that carries source rows to a window for `'late-data.sink'`.
+pub const SOURCE_ROW: &str = "__source_row";
+
+/// Rows a window drops as late go to `table`; they are the struct column `column` of its input.
+#[derive(Debug, Clone)]
+pub struct LateSink {
+    pub column: usize,
+    pub table: Arc<TableDef>,
+}
+
 /// A node of the streaming plan.
 #[derive(Debug, Clone)]
 pub enum StreamNode {
     /// Reads a table; computes computed columns and the watermark; then keeps `projection`.
+    /// With `carry_source_row`, the whole physical row also travels along as a last struct column
+    /// ([`SOURCE_ROW`]), so that a window can send the rows it drops as late to a side table.
     Scan {
         table: Arc<TableDef>,
         projection: Option<Vec<usize>>,
         schema: SchemaRef,
+        carry_source_row: bool,
     },
     /// The rows of a `VALUES` clause: a bounded source.
     Values {
@@ -148,6 +161,8 @@ pub enum StreamNode {
         aggs: Vec<AggCall>,
         window: AggWindow,
         emit: EmitPolicy,
+        /// `'late-data.sink'`: where rows the window drops as late go instead.
+        late_sink: Option<LateSink>,
         schema: SchemaRef,
     },
 }

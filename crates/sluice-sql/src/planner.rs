@@ -408,7 +408,12 @@ impl Catalog {
                 if !scan.filters.is_empty() {
                     return Err(Error::plan("internal: filters pushed into a scan"));
                 }
-                StreamNode::Scan { table, projection: scan.projection.clone(), schema: arrow_schema(plan.schema()) }
+                StreamNode::Scan {
+                    table,
+                    projection: scan.projection.clone(),
+                    schema: arrow_schema(plan.schema()),
+                    carry_source_row: false,
+                }
             }
             LogicalPlan::Projection(p) => {
                 let input = self.to_stream(&p.input)?;
@@ -455,6 +460,13 @@ impl Catalog {
     fn plan_aggregate(&self, a: &datafusion_expr::logical_plan::Aggregate) -> Result<StreamNode> {
         let input_schema = a.input.schema();
         let mut input = self.to_stream(&a.input)?;
+        let windowed =
+            a.group_expr.iter().any(|g| window_marker(g).is_some()) || has_window_tvf(&a.input);
+        let late_sink = if windowed {
+            self.late_sink(&mut input)?
+        } else {
+            None
+        };
         let mut group = vec![];
         let mut window = AggWindow::None;
         for (pos, g) in a.group_expr.iter().enumerate() {
@@ -559,6 +571,7 @@ impl Catalog {
             ));
         }
         Ok(StreamNode::Aggregate {
+            late_sink,
             input: Box::new(input),
             group,
             aggs,
@@ -642,6 +655,155 @@ fn values_batch(
         columns.push(arrow::compute::concat(&refs)?);
     }
     Ok(arrow::record_batch::RecordBatch::try_new(schema, columns)?)
+}
+
+impl Catalog {
+    /// For a window over a table with `'late-data.sink'`: rewrites `input` so that each row
+    /// carries its whole source row as a last column, and says where late rows go.
+    fn late_sink(&self, input: &mut StreamNode) -> Result<Option<LateSink>> {
+        let mut tables = vec![];
+        input.scanned_tables(&mut tables);
+        let with_sink: Vec<&String> = tables
+            .iter()
+            .filter(|t| {
+                self.tables
+                    .get(*t)
+                    .is_some_and(|d| d.options.contains_key("late-data.sink"))
+            })
+            .collect();
+        let Some(source) = with_sink.first() else {
+            return Ok(None);
+        };
+        let source = self.tables[*source].clone();
+        let target = &source.options["late-data.sink"];
+        let sink = self.tables.get(target).cloned().ok_or_else(|| {
+            Error::plan(format!(
+                "table '{}': 'late-data.sink' = '{target}': no such table",
+                source.name
+            ))
+        })?;
+        let (from, to) = (&source.physical_schema, &sink.physical_schema);
+        let same = from.fields().len() == to.fields().len()
+            && from
+                .fields()
+                .iter()
+                .zip(to.fields())
+                .all(|(a, b)| a.data_type() == b.data_type());
+        if !same {
+            return Err(Error::plan(format!(
+                "table '{}': 'late-data.sink' table '{}' must have the same column types as '{}' ({})",
+                source.name,
+                sink.name,
+                source.name,
+                from.fields().iter().map(|f| format!("{} {}", f.name(), f.data_type())).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        let original = std::mem::replace(
+            input,
+            StreamNode::Values {
+                rows: arrow::record_batch::RecordBatch::new_empty(Arc::new(Schema::empty())),
+            },
+        );
+        let column = original.schema().fields().len();
+        *input = carry_source_row(original).map_err(|what| {
+            Error::plan(format!(
+                "table '{}' has 'late-data.sink', but the window reads it through {what}; \
+                 late rows can be routed only when the window reads the table through projections and filters",
+                source.name
+            ))
+        })?;
+        Ok(Some(LateSink {
+            column,
+            table: sink,
+        }))
+    }
+}
+
+/// Rewrites a plan so that its output gains the scanned table's whole row as a last column.
+fn carry_source_row(node: StreamNode) -> std::result::Result<StreamNode, &'static str> {
+    let with_row = |schema: &SchemaRef, row: &arrow::datatypes::FieldRef| {
+        let mut fields: Vec<arrow::datatypes::FieldRef> = schema.fields().iter().cloned().collect();
+        fields.push(row.clone());
+        Arc::new(Schema::new(fields))
+    };
+    Ok(match node {
+        StreamNode::Scan {
+            table,
+            projection,
+            schema,
+            ..
+        } => {
+            let row = Arc::new(Field::new(
+                SOURCE_ROW,
+                DataType::Struct(table.physical_schema.fields().clone()),
+                false,
+            ));
+            StreamNode::Scan {
+                schema: with_row(&schema, &row),
+                table,
+                projection,
+                carry_source_row: true,
+            }
+        }
+        StreamNode::Filter { input, predicate } => StreamNode::Filter {
+            input: Box::new(carry_source_row(*input)?),
+            predicate,
+        },
+        StreamNode::Project {
+            input,
+            mut exprs,
+            schema,
+        } => {
+            let input = carry_source_row(*input)?;
+            let in_schema = input.schema();
+            let at = in_schema.fields().len() - 1;
+            let row = in_schema.field(at).clone();
+            exprs.push(column_expr(SOURCE_ROW, at));
+            StreamNode::Project {
+                input: Box::new(input),
+                exprs,
+                schema: with_row(&schema, &Arc::new(row)),
+            }
+        }
+        StreamNode::WindowAssign {
+            input,
+            time,
+            kind,
+            schema,
+        } => {
+            // Window columns go after the carried row; a projection moves the row back to the end.
+            let input = carry_source_row(*input)?;
+            let in_schema = input.schema();
+            let n = in_schema.fields().len() - 1;
+            let mut fields: Vec<arrow::datatypes::FieldRef> =
+                in_schema.fields().iter().cloned().collect();
+            fields.extend(schema.fields().iter().skip(n).cloned());
+            let assigned = StreamNode::WindowAssign {
+                input: Box::new(input),
+                time,
+                kind,
+                schema: Arc::new(Schema::new(fields.clone())),
+            };
+            let mut order: Vec<usize> = (0..n).collect();
+            order.extend(n + 1..fields.len());
+            order.push(n);
+            let exprs = order
+                .iter()
+                .map(|i| column_expr(fields[*i].name(), *i))
+                .collect();
+            let schema = Arc::new(Schema::new(
+                order.iter().map(|i| fields[*i].clone()).collect::<Vec<_>>(),
+            ));
+            StreamNode::Project {
+                input: Box::new(assigned),
+                exprs,
+                schema,
+            }
+        }
+        StreamNode::Union { .. } => return Err("UNION ALL"),
+        StreamNode::Aggregate { .. } => return Err("another aggregation"),
+        StreamNode::Values { .. } => return Err("VALUES"),
+    })
 }
 
 fn column_expr(name: &str, index: usize) -> PhysExpr {
