@@ -13,7 +13,7 @@ use arrow::datatypes::{DataType, Field, Fields, SchemaRef, TimestampMillisecondT
 use arrow::record_batch::RecordBatch;
 use arrow_row::{RowConverter, SortField};
 use sluice_common::{ChangeBatch, Error, Op, Result};
-use sluice_sql::{AggCall, AggFunc, AggWindow, EmitPolicy, PhysExpr};
+use sluice_sql::{AggCall, AggFunc, AggWindow, EmitPolicy, PhysExpr, SessionOutput};
 use sluice_state::{AccKind, Accumulator, GroupTable};
 
 use crate::stateless::evaluate;
@@ -55,7 +55,7 @@ pub struct AggregateState {
 struct Sessions {
     gap: i64,
     time: PhysExpr,
-    key_position: usize,
+    output: SessionOutput,
     open: HashMap<u32, Vec<Session>>,
     ends: BTreeSet<(i64, u32)>,
     slot_key: Vec<u32>,
@@ -126,14 +126,10 @@ impl AggregateState {
             )?);
         }
         let sessions = match &window {
-            AggWindow::Session {
-                gap,
-                time,
-                key_position,
-            } => Some(Sessions {
+            AggWindow::Session { gap, time, output } => Some(Sessions {
                 gap: *gap,
                 time: time.clone(),
-                key_position: *key_position,
+                output: *output,
                 open: HashMap::new(),
                 ends: BTreeSet::new(),
                 slot_key: vec![],
@@ -741,7 +737,7 @@ impl AggregateState {
         if fired.is_empty() {
             return Ok(None);
         }
-        let key_position = s.key_position;
+        let output = s.output;
         let key_gids: Vec<u32> = fired.iter().map(|f| f.0).collect();
         let slot_ids: Vec<u32> = fired.iter().map(|f| f.1.slot).collect();
         let mut keys = self.output_keys(&key_gids)?;
@@ -751,7 +747,20 @@ impl AggregateState {
         let ends: ArrayRef = Arc::new(TimestampMillisecondArray::from(
             fired.iter().map(|f| f.1.end).collect::<Vec<_>>(),
         ));
-        keys.insert(key_position, window_struct(&starts, &ends)?);
+        match output {
+            SessionOutput::Struct(at) => keys.insert(at, window_struct(&starts, &ends)?),
+            SessionOutput::Columns { start, end } => {
+                let ty = sluice_sql::functions::window_time_type();
+                let mut bounds = [
+                    (start, arrow::compute::cast(&starts, &ty)?),
+                    (end, arrow::compute::cast(&ends, &ty)?),
+                ];
+                bounds.sort_by_key(|b| b.0);
+                for (at, column) in bounds {
+                    keys.insert(at, column);
+                }
+            }
+        }
         keys.extend(self.results(&slot_ids)?);
         let columns = self.cast_columns(keys)?;
         let data = RecordBatch::try_new(self.schema.clone(), columns)?;

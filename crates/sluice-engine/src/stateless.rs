@@ -118,6 +118,12 @@ pub fn assign_windows(
                     start += slide;
                 }
             }
+            WindowKind::Session { gap } => {
+                // A session of its own; the aggregation above merges overlapping ones.
+                rows.push(i as u32);
+                starts.push(ts);
+                ends.push(ts + gap);
+            }
             WindowKind::Cumulate { step, size } => {
                 let start = ts.div_euclid(size) * size;
                 let mut end = ts.div_euclid(step) * step + step;

@@ -12,6 +12,45 @@ use sqlparser::tokenizer::Token;
 /// Name of the marker function that stands for `TABLE t` inside a window TVF call.
 pub const TABLE_ARG_MARKER: &str = "__table_arg";
 
+/// `TABLE name [PARTITION BY (col, ...)]` as a marker call `__table_arg(name, col, ...)`.
+fn parse_table_arg(parser: &mut Parser) -> Result<Expr, ParserError> {
+    let name = parser.parse_object_name(false)?;
+    let mut args = vec![Expr::Identifier(Ident::new(name.to_string()))];
+    // Flink: `PARTITION BY col` or `PARTITION BY (col, ...)`.
+    if parser.parse_keywords(&[Keyword::PARTITION, Keyword::BY]) {
+        if parser.consume_token(&Token::LParen) {
+            loop {
+                args.push(Expr::Identifier(parser.parse_identifier()?));
+                if !parser.consume_token(&Token::Comma) {
+                    break;
+                }
+            }
+            parser.expect_token(&Token::RParen)?;
+        } else {
+            args.push(Expr::Identifier(parser.parse_identifier()?));
+        }
+    }
+    Ok(Expr::Function(Function {
+        name: ObjectName::from(vec![Ident::new(TABLE_ARG_MARKER)]),
+        uses_odbc_syntax: false,
+        parameters: FunctionArguments::None,
+        args: FunctionArguments::List(FunctionArgumentList {
+            duplicate_treatment: None,
+            args: args
+                .into_iter()
+                .map(|a| {
+                    sqlparser::ast::FunctionArg::Unnamed(sqlparser::ast::FunctionArgExpr::Expr(a))
+                })
+                .collect(),
+            clauses: vec![],
+        }),
+        filter: None,
+        null_treatment: None,
+        over: None,
+        within_group: vec![],
+    }))
+}
+
 /// Flink-flavoured SQL dialect.
 #[derive(Debug, Default)]
 pub struct SluiceDialect {
@@ -59,24 +98,6 @@ impl Dialect for SluiceDialect {
             return None;
         }
         parser.next_token();
-        Some(parser.parse_object_name(false).map(|name| {
-            let arg = Expr::Identifier(Ident::new(name.to_string()));
-            Expr::Function(Function {
-                name: ObjectName::from(vec![Ident::new(TABLE_ARG_MARKER)]),
-                uses_odbc_syntax: false,
-                parameters: FunctionArguments::None,
-                args: FunctionArguments::List(FunctionArgumentList {
-                    duplicate_treatment: None,
-                    args: vec![sqlparser::ast::FunctionArg::Unnamed(
-                        sqlparser::ast::FunctionArgExpr::Expr(arg),
-                    )],
-                    clauses: vec![],
-                }),
-                filter: None,
-                null_treatment: None,
-                over: None,
-                within_group: vec![],
-            })
-        }))
+        Some(parse_table_arg(parser))
     }
 }

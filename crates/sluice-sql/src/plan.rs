@@ -38,11 +38,25 @@ impl TableDef {
 }
 
 /// How a window operator assigns rows to windows (all sizes in milliseconds).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WindowKind {
-    Tumble { size: i64, offset: i64 },
-    Hop { size: i64, slide: i64 },
-    Cumulate { step: i64, size: i64 },
+    Tumble {
+        size: i64,
+        offset: i64,
+    },
+    Hop {
+        size: i64,
+        slide: i64,
+    },
+    Cumulate {
+        step: i64,
+        size: i64,
+    },
+    /// The SESSION window TVF: each row gets its own session `[ts, ts + gap)`; the aggregation
+    /// above merges overlapping ones per key.
+    Session {
+        gap: i64,
+    },
 }
 
 /// An aggregate function.
@@ -79,13 +93,21 @@ pub enum AggWindow {
         end_key: usize,
         as_struct: bool,
     },
-    /// `GROUP BY SESSION(time, gap)`: windows are merged per key; the window is output as a
-    /// struct in place of group key `key_position`.
+    /// Session windows, merged per key as rows arrive (in any order within the watermark).
     Session {
         gap: i64,
         time: PhysExpr,
-        key_position: usize,
+        output: SessionOutput,
     },
+}
+
+/// Where a session window's bounds go in the output row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionOutput {
+    /// `GROUP BY SESSION(ts, gap)`: one struct column at this position.
+    Struct(usize),
+    /// The SESSION TVF: `window_start` and `window_end` columns at these positions.
+    Columns { start: usize, end: usize },
 }
 
 /// When windowed results are emitted (Flink's `table.exec.emit.*` options).

@@ -145,6 +145,7 @@ impl Catalog {
                 let plan = self.cast_to_sink(plan, &def)?;
                 let plan = self.optimize(plan)?;
                 let node = self.to_stream(&plan)?;
+                check_session_tvfs(&node, false)?;
                 self.pipelines.push(Pipeline {
                     query: node,
                     sink: SinkTarget::Table(def),
@@ -156,6 +157,7 @@ impl Catalog {
                 let plan = self.logical_plan(query)?;
                 let plan = self.optimize(plan)?;
                 let node = self.to_stream(&plan)?;
+                check_session_tvfs(&node, false)?;
                 let index = self.selects;
                 self.selects += 1;
                 self.pipelines.push(Pipeline {
@@ -440,7 +442,7 @@ impl Catalog {
                     return Err(Error::plan("window TVFs need an append-only input; this input is an updating result"));
                 }
                 let time = physical_expr(&Expr::Column(node.time_column.clone()), node.input.schema())?;
-                StreamNode::WindowAssign { input: Box::new(input), time, kind: node.kind.kind(), schema: arrow_schema(&node.schema) }
+                StreamNode::WindowAssign { input: Box::new(input), time, kind: node.kind, schema: arrow_schema(&node.schema) }
             }
             LogicalPlan::Sort(_) => {
                 return Err(Error::plan(
@@ -513,7 +515,7 @@ impl Catalog {
                         window = AggWindow::Session {
                             gap: millis(1)?,
                             time,
-                            key_position: pos,
+                            output: SessionOutput::Struct(pos),
                         };
                         continue;
                     }
@@ -550,9 +552,11 @@ impl Catalog {
             group.push(physical_expr(g, input_schema)?);
         }
         if matches!(window, AggWindow::None) {
-            window = tvf_window_keys(a)?;
-            if !matches!(window, AggWindow::None) && !input.is_append_only() {
-                return Err(Error::plan("window aggregation needs an append-only input"));
+            if let Some(node) = find_window_tvf(&a.input) {
+                window = tvf_window(a, node, &mut group)?;
+                if !input.is_append_only() {
+                    return Err(Error::plan("window aggregation needs an append-only input"));
+                }
             }
         }
         let mut aggs = vec![];
@@ -824,36 +828,107 @@ fn window_marker(e: &Expr) -> Option<(String, Vec<Expr>)> {
     }
 }
 
-/// For `GROUP BY window_start, window_end` over a window TVF: the key positions of the bounds.
-fn tvf_window_keys(a: &datafusion_expr::logical_plan::Aggregate) -> Result<AggWindow> {
+/// For `GROUP BY window_start, window_end` over a window TVF: how the aggregation windows.
+/// TUMBLE, HOP and CUMULATE rows carry their window already; SESSION rows carry a one-row
+/// session that the aggregation merges, keyed by the TVF's `PARTITION BY` columns.
+fn tvf_window(
+    a: &datafusion_expr::logical_plan::Aggregate,
+    node: &WindowTvfNode,
+    group: &mut Vec<PhysExpr>,
+) -> Result<AggWindow> {
     let pos = |name: &str| {
         a.group_expr
             .iter()
             .position(|g| matches!(g, Expr::Column(c) if c.name == name))
     };
-    let (start, end) = (pos("window_start"), pos("window_end"));
-    if !has_window_tvf(&a.input) {
-        return Ok(AggWindow::None);
-    }
-    match (start, end) {
-        (Some(start_key), Some(end_key)) => Ok(AggWindow::Assigned {
-            start_key,
-            end_key,
-            as_struct: false,
-        }),
-        _ => Err(Error::plan(
+    let (Some(start), Some(end)) = (pos("window_start"), pos("window_end")) else {
+        return Err(Error::plan(
             "an aggregation over a window TVF must GROUP BY both window_start and window_end",
-        )),
+        ));
+    };
+    let WindowKind::Session { gap } = node.kind else {
+        return Ok(AggWindow::Assigned {
+            start_key: start,
+            end_key: end,
+            as_struct: false,
+        });
+    };
+    let mut keys: Vec<String> = a
+        .group_expr
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != start && *i != end)
+        .map(|(_, g)| match g {
+            Expr::Column(c) => Ok(c.name.clone()),
+            other => Err(Error::plan(format!(
+                "GROUP BY over a SESSION window TVF takes columns, not {other}"
+            ))),
+        })
+        .collect::<Result<_>>()?;
+    let mut partition = node.partition.clone();
+    keys.sort();
+    partition.sort();
+    if keys != partition {
+        return Err(Error::plan(format!(
+            "a SESSION window TVF must GROUP BY window_start, window_end and exactly its PARTITION BY columns ({}), \
+             but this GROUP BY has [{}]; write TABLE(SESSION(TABLE t PARTITION BY ({}), DESCRIPTOR(ts), gap))",
+            if partition.is_empty() { "none".to_string() } else { partition.join(", ") },
+            keys.join(", "),
+            keys.join(", ")
+        )));
+    }
+    let time = group[start].clone();
+    group.remove(start.max(end));
+    group.remove(start.min(end));
+    Ok(AggWindow::Session {
+        gap,
+        time,
+        output: SessionOutput::Columns { start, end },
+    })
+}
+
+fn find_window_tvf(plan: &LogicalPlan) -> Option<&WindowTvfNode> {
+    match plan {
+        LogicalPlan::Extension(e) => e.node.as_any().downcast_ref::<WindowTvfNode>(),
+        LogicalPlan::Projection(_) | LogicalPlan::Filter(_) | LogicalPlan::SubqueryAlias(_) => {
+            plan.inputs().into_iter().find_map(find_window_tvf)
+        }
+        _ => None,
     }
 }
 
 fn has_window_tvf(plan: &LogicalPlan) -> bool {
-    match plan {
-        LogicalPlan::Extension(e) => e.node.as_any().is::<WindowTvfNode>(),
-        LogicalPlan::Projection(_) | LogicalPlan::Filter(_) | LogicalPlan::SubqueryAlias(_) => {
-            plan.inputs().iter().any(|i| has_window_tvf(i))
+    find_window_tvf(plan).is_some()
+}
+
+/// The SESSION TVF only makes sense under the aggregation that merges its sessions.
+fn check_session_tvfs(node: &StreamNode, merged: bool) -> Result<()> {
+    match node {
+        StreamNode::Aggregate { input, window, .. } => {
+            let merging = matches!(
+                window,
+                AggWindow::Session {
+                    output: SessionOutput::Columns { .. },
+                    ..
+                }
+            );
+            check_session_tvfs(input, merging)
         }
-        _ => false,
+        StreamNode::WindowAssign { input, kind, .. } => {
+            if matches!(kind, WindowKind::Session { .. }) && !merged {
+                return Err(Error::plan(
+                    "the SESSION window TVF must be aggregated: GROUP BY window_start, window_end and its PARTITION BY columns",
+                ));
+            }
+            check_session_tvfs(input, false)
+        }
+        StreamNode::Project { input, .. } | StreamNode::Filter { input, .. } => {
+            check_session_tvfs(input, merged)
+        }
+        StreamNode::Union { inputs, .. } => {
+            inputs.iter().try_for_each(|i| check_session_tvfs(i, false))
+        }
+        StreamNode::Scan { .. } | StreamNode::Values { .. } => Ok(()),
     }
 }
 

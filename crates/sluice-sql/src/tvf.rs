@@ -28,39 +28,10 @@ use crate::plan::WindowKind;
 pub struct WindowTvfNode {
     pub input: LogicalPlan,
     pub time_column: Column,
-    pub kind: WindowKindKey,
+    pub kind: WindowKind,
+    /// SESSION's `PARTITION BY` columns: sessions are per value of these.
+    pub partition: Vec<String>,
     pub schema: DFSchemaRef,
-}
-
-/// [`WindowKind`] with the `Eq`/`Hash` a logical node needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct WindowKindKey(pub u8, pub i64, pub i64);
-
-impl WindowKindKey {
-    pub fn from_kind(k: WindowKind) -> Self {
-        match k {
-            WindowKind::Tumble { size, offset } => WindowKindKey(0, size, offset),
-            WindowKind::Hop { size, slide } => WindowKindKey(1, size, slide),
-            WindowKind::Cumulate { step, size } => WindowKindKey(2, step, size),
-        }
-    }
-
-    pub fn kind(&self) -> WindowKind {
-        match self.0 {
-            0 => WindowKind::Tumble {
-                size: self.1,
-                offset: self.2,
-            },
-            1 => WindowKind::Hop {
-                size: self.1,
-                slide: self.2,
-            },
-            _ => WindowKind::Cumulate {
-                step: self.1,
-                size: self.2,
-            },
-        }
-    }
 }
 
 impl PartialOrd for WindowTvfNode {
@@ -70,7 +41,12 @@ impl PartialOrd for WindowTvfNode {
 }
 
 impl WindowTvfNode {
-    pub fn try_new(input: LogicalPlan, time_column: Column, kind: WindowKind) -> DFResult<Self> {
+    pub fn try_new(
+        input: LogicalPlan,
+        time_column: Column,
+        kind: WindowKind,
+        partition: Vec<String>,
+    ) -> DFResult<Self> {
         let mut fields: Vec<(Option<TableReference>, Arc<Field>)> = input
             .schema()
             .iter()
@@ -83,7 +59,8 @@ impl WindowTvfNode {
         Ok(WindowTvfNode {
             input,
             time_column,
-            kind: WindowKindKey::from_kind(kind),
+            kind,
+            partition,
             schema,
         })
     }
@@ -103,12 +80,7 @@ impl UserDefinedLogicalNodeCore for WindowTvfNode {
         vec![Expr::Column(self.time_column.clone())]
     }
     fn fmt_for_explain(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(
-            f,
-            "WindowTVF: {:?} on {}",
-            self.kind.kind(),
-            self.time_column
-        )
+        write!(f, "WindowTVF: {:?} on {}", self.kind, self.time_column)
     }
     fn with_exprs_and_inputs(
         &self,
@@ -119,7 +91,12 @@ impl UserDefinedLogicalNodeCore for WindowTvfNode {
             Some(Expr::Column(c)) => c,
             _ => self.time_column.clone(),
         };
-        WindowTvfNode::try_new(inputs.swap_remove(0), time_column, self.kind.kind())
+        WindowTvfNode::try_new(
+            inputs.swap_remove(0),
+            time_column,
+            self.kind,
+            self.partition.clone(),
+        )
     }
 }
 
@@ -144,9 +121,6 @@ impl RelationPlanner for WindowTvfPlanner {
         if !["TUMBLE", "HOP", "CUMULATE", "SESSION"].contains(&name.as_str()) {
             return Ok(RelationPlanning::Original(Box::new(relation)));
         }
-        if name == "SESSION" {
-            return plan_err!("the SESSION window TVF is not supported yet: use GROUP BY SESSION(time_col, INTERVAL ...) with SESSION_START/SESSION_END");
-        }
         let FunctionArguments::List(list) = &call.args else {
             return plan_err!("{name} needs arguments: {name}(TABLE t, DESCRIPTOR(time_col), ...)");
         };
@@ -166,7 +140,11 @@ impl RelationPlanner for WindowTvfPlanner {
                 other => plan_err!("unexpected argument {other} in {name}"),
             })
             .collect::<DFResult<_>>()?;
-        let expected = if name == "TUMBLE" { 3..=4 } else { 4..=4 };
+        let expected = match name.as_str() {
+            "TUMBLE" => 3..=4,
+            "SESSION" => 3..=3,
+            _ => 4..=4,
+        };
         if !expected.contains(&args.len()) {
             return plan_err!(
                 "{name} takes (TABLE t, DESCRIPTOR(time_col), {}), got {} arguments",
@@ -178,9 +156,14 @@ impl RelationPlanner for WindowTvfPlanner {
                 args.len()
             );
         }
-        let table = single_ident_arg(&args[0], TABLE_ARG_MARKER).ok_or_else(|| {
+        let (table, partition) = table_arg(&args[0]).ok_or_else(|| {
             plan_datafusion_err!("the first argument of {name} must be TABLE <name>")
         })?;
+        if !partition.is_empty() && name != "SESSION" {
+            return plan_err!(
+                "PARTITION BY in the table argument is for SESSION windows only, not {name}"
+            );
+        }
         let time_col = single_ident_arg(&args[1], "DESCRIPTOR").ok_or_else(|| {
             plan_datafusion_err!("the second argument of {name} must be DESCRIPTOR(<time column>)")
         })?;
@@ -199,6 +182,7 @@ impl RelationPlanner for WindowTvfPlanner {
                 slide: durations[0],
                 size: durations[1],
             },
+            "SESSION" => WindowKind::Session { gap: durations[0] },
             _ => WindowKind::Cumulate {
                 step: durations[0],
                 size: durations[1],
@@ -217,7 +201,7 @@ impl RelationPlanner for WindowTvfPlanner {
                     "DESCRIPTOR({time_col}): table {table} has no column {time_col}"
                 )
             })?;
-        let node = WindowTvfNode::try_new(input, column, kind)?;
+        let node = WindowTvfNode::try_new(input, column, kind, partition)?;
         let plan = LogicalPlan::Extension(Extension {
             node: Arc::new(node),
         });
@@ -226,6 +210,27 @@ impl RelationPlanner for WindowTvfPlanner {
             alias.clone(),
         ))))
     }
+}
+
+/// The table name and PARTITION BY columns of a `TABLE t [PARTITION BY ...]` argument.
+fn table_arg(e: &ast::Expr) -> Option<(String, Vec<String>)> {
+    let ast::Expr::Function(f) = e else {
+        return None;
+    };
+    if f.name.to_string() != TABLE_ARG_MARKER {
+        return None;
+    }
+    let FunctionArguments::List(list) = &f.args else {
+        return None;
+    };
+    let mut names = list.args.iter().map(|a| match a {
+        FunctionArg::Unnamed(FunctionArgExpr::Expr(ast::Expr::Identifier(i))) => {
+            Some(i.value.clone())
+        }
+        _ => None,
+    });
+    let table = names.next()??;
+    Some((table, names.collect::<Option<Vec<_>>>()?))
 }
 
 fn single_ident_arg(e: &ast::Expr, function: &str) -> Option<String> {
