@@ -3,7 +3,7 @@
 //! Only sqlparser's extension hooks are used (no fork, no text rewriting), so every position in
 //! an error message still points into the user's text.
 
-use sqlparser::ast::{Expr, Function, FunctionArgumentList, FunctionArguments, Ident, ObjectName};
+use sqlparser::ast::{Expr, Ident};
 use sqlparser::dialect::{Dialect, GenericDialect};
 use sqlparser::keywords::Keyword;
 use sqlparser::parser::{Parser, ParserError};
@@ -30,25 +30,7 @@ fn parse_table_arg(parser: &mut Parser) -> Result<Expr, ParserError> {
             args.push(Expr::Identifier(parser.parse_identifier()?));
         }
     }
-    Ok(Expr::Function(Function {
-        name: ObjectName::from(vec![Ident::new(TABLE_ARG_MARKER)]),
-        uses_odbc_syntax: false,
-        parameters: FunctionArguments::None,
-        args: FunctionArguments::List(FunctionArgumentList {
-            duplicate_treatment: None,
-            args: args
-                .into_iter()
-                .map(|a| {
-                    sqlparser::ast::FunctionArg::Unnamed(sqlparser::ast::FunctionArgExpr::Expr(a))
-                })
-                .collect(),
-            clauses: vec![],
-        }),
-        filter: None,
-        null_treatment: None,
-        over: None,
-        within_group: vec![],
-    }))
+    Ok(crate::rewrite::call(TABLE_ARG_MARKER, args))
 }
 
 /// Flink-flavoured SQL dialect.
