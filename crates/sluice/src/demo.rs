@@ -27,6 +27,7 @@ pub fn run(seconds: Option<u64>, workers: usize) -> Result<(), String> {
     let plan =
         sluice_sql::plan_script(DEMO_SQL).map_err(|e| format!("examples/double11.sql: {e}"))?;
     let pipelines = plan.pipelines.len().max(1) as u64;
+    let clock = EventClock::from_sql(DEMO_SQL);
     let metrics = JobMetrics::new();
     let options = JobOptions {
         workers,
@@ -55,7 +56,7 @@ pub fn run(seconds: Option<u64>, workers: usize) -> Result<(), String> {
         }
         last_read = read;
         last_tick = Instant::now();
-        draw(&metrics, rate, started.elapsed());
+        draw(&metrics, clock.as_ref(), rate, started.elapsed());
         if seconds.is_some_and(|s| started.elapsed() >= Duration::from_secs(s)) {
             // The demo's source is unbounded: stop the whole process once the time is up.
             println!("\n(stopped after {} s)", seconds.unwrap_or_default());
@@ -65,7 +66,42 @@ pub fn run(seconds: Option<u64>, workers: usize) -> Result<(), String> {
     }
 }
 
-fn draw(metrics: &JobMetrics, rate: f64, elapsed: Duration) {
+/// Where event time should be now, from the orders table's `start-time` and `speed-up`: the
+/// watermark lag is how far the watermark trails it.
+struct EventClock {
+    start_ms: i64,
+    speed_up: f64,
+}
+
+impl EventClock {
+    fn from_sql(sql: &str) -> Option<Self> {
+        let mut catalog = sluice_sql::Catalog::new();
+        catalog.execute(sql).ok()?;
+        let options = &catalog.table("orders")?.options;
+        let start = options
+            .get("start-time")
+            .map(String::as_str)
+            .unwrap_or("2026-11-11 00:00:00");
+        let start_ms = chrono::NaiveDateTime::parse_from_str(start, "%Y-%m-%d %H:%M:%S")
+            .ok()?
+            .and_utc()
+            .timestamp_millis();
+        let speed_up = options
+            .get("speed-up")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1.0);
+        Some(EventClock { start_ms, speed_up })
+    }
+
+    /// Event-time lag of `watermark`, in event-time seconds and wall-clock seconds.
+    fn lag(&self, watermark: i64, elapsed: Duration) -> (f64, f64) {
+        let now = self.start_ms as f64 + elapsed.as_secs_f64() * 1000.0 * self.speed_up;
+        let lag = ((now - watermark as f64) / 1000.0).max(0.0);
+        (lag, lag / self.speed_up)
+    }
+}
+
+fn draw(metrics: &JobMetrics, clock: Option<&EventClock>, rate: f64, elapsed: Duration) {
     let mut s = String::from("\x1b[2J\x1b[H");
     s.push_str("  SLUICE · Double-11 live sales   (Ctrl-C to stop)\n\n");
     let total = memory::table("gmv_total")
@@ -80,13 +116,20 @@ fn draw(metrics: &JobMetrics, rate: f64, elapsed: Duration) {
         "  GMV so far   ¥{gmv:>16.2}    orders {orders:>10.0}    buyers {buyers:>8.0}\n"
     ));
     let wm = metrics.source_watermark.load(Ordering::Relaxed);
+    let lag = match (clock, wm > i64::MIN) {
+        (Some(c), true) => {
+            let (event_s, wall_s) = c.lag(wm, elapsed);
+            format!("lag {event_s:.0} s event time ({wall_s:.2} s wall)")
+        }
+        _ => "lag -".to_string(),
+    };
     s.push_str(&format!(
-        "  orders/s     {rate:>17.0}    watermark {}    running {:.0} s\n\n",
+        "  orders/s     {rate:>17.0}    watermark {}  {lag}    running {:.0} s\n\n",
         sluice_common::time::format_millis(wm),
         elapsed.as_secs_f64()
     ));
 
-    s.push_str("  GMV per 5-minute window (final when the watermark passes the window end)\n");
+    s.push_str("  GMV per 5-minute window (the open one updates every second; final when the watermark passes its end)\n");
     let mut windows = memory::table("gmv_per_window")
         .lock()
         .expect("table")
