@@ -20,54 +20,55 @@ use crate::stateless::evaluate;
 
 /// The aggregation state of one worker.
 pub struct AggregateState {
+    // Fields are crate-visible for `aggregate_snapshot`.
     group: Vec<PhysExpr>,
     calls: Vec<AggCall>,
-    accs: Vec<Accumulator>,
-    table: GroupTable,
+    pub(crate) accs: Vec<Accumulator>,
+    pub(crate) table: GroupTable,
     /// Net row count per group: a group exists while it is positive.
-    rows: Vec<i64>,
+    pub(crate) rows: Vec<i64>,
     window: AggWindow,
     schema: SchemaRef,
     /// Assigned windows: groups by window end.
-    by_end: BTreeMap<i64, Vec<u32>>,
+    pub(crate) by_end: BTreeMap<i64, Vec<u32>>,
     /// When windows emit updates (early firing, allowed lateness).
-    emit: EmitPolicy,
+    pub(crate) emit: EmitPolicy,
     /// Fired windows kept for allowed lateness, by the watermark that ends their stay.
-    cleanup: BTreeMap<i64, Vec<u32>>,
+    pub(crate) cleanup: BTreeMap<i64, Vec<u32>>,
     /// The last result emitted per group (row-encoded aggregates), for `-U` rows.
-    last: HashMap<u32, Box<[u8]>>,
+    pub(crate) last: HashMap<u32, Box<[u8]>>,
     /// Groups changed since they were last emitted.
     dirty: Vec<u32>,
-    is_dirty: Vec<bool>,
+    pub(crate) is_dirty: Vec<bool>,
     /// Scratch: groups already seen in the batch being applied.
     marks: Vec<bool>,
     /// The input column carrying source rows for `'late-data.sink'`.
     late_column: Option<usize>,
-    sessions: Option<Sessions>,
+    pub(crate) sessions: Option<Sessions>,
     watermark: i64,
     gids: Vec<u32>,
     result_rows: Option<RowConverter>,
     /// No GROUP BY: one group under a constant key that is not part of the output.
-    global: bool,
+    pub(crate) global: bool,
 }
 
 /// Session windows: per key, its open sessions; each session owns an accumulator slot.
-struct Sessions {
+pub(crate) struct Sessions {
     gap: i64,
     time: PhysExpr,
     output: SessionOutput,
-    open: HashMap<u32, Vec<Session>>,
-    ends: BTreeSet<(i64, u32)>,
-    slot_key: Vec<u32>,
-    free_slots: Vec<u32>,
-    slots: usize,
+    pub(crate) open: HashMap<u32, Vec<Session>>,
+    pub(crate) ends: BTreeSet<(i64, u32)>,
+    pub(crate) slot_key: Vec<u32>,
+    pub(crate) free_slots: Vec<u32>,
+    pub(crate) slots: usize,
 }
 
 #[derive(Clone, Copy)]
-struct Session {
-    start: i64,
-    end: i64,
-    slot: u32,
+pub(crate) struct Session {
+    pub(crate) start: i64,
+    pub(crate) end: i64,
+    pub(crate) slot: u32,
 }
 
 /// What a batch did: its changes, and the rows it dropped as late.
@@ -196,7 +197,7 @@ impl AggregateState {
     }
 
     /// Key columns for output (none for a global aggregation).
-    fn output_keys(&self, gids: &[u32]) -> Result<Vec<ArrayRef>> {
+    pub(crate) fn output_keys(&self, gids: &[u32]) -> Result<Vec<ArrayRef>> {
         if self.global || gids.is_empty() {
             return Ok(vec![]);
         }
@@ -448,7 +449,7 @@ impl AggregateState {
     }
 
     /// Aggregate results for groups (or session slots).
-    fn results(&self, slots: &[u32]) -> Result<Vec<ArrayRef>> {
+    pub(crate) fn results(&self, slots: &[u32]) -> Result<Vec<ArrayRef>> {
         self.accs
             .iter()
             .map(|a| a.evaluate(slots).map_err(Error::from))

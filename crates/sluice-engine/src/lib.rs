@@ -4,6 +4,8 @@
 //!   (Arrow changelog batches and in-band watermarks), the key-group exchange and cluster config.
 //! - [`stateless`] evaluates projections, filters and window assignment on whole batches.
 //! - [`aggregate`] keeps grouped state (via `sluice-state`) and emits updates or fired windows.
+//! - [`aggregate_snapshot`] turns aggregation state into an Arrow batch tagged by key group, and
+//!   back (for checkpoints and rescaling).
 //! - [`watermark`] combines watermarks from many senders (the minimum).
 //! - [`source`] polls connectors (and `VALUES`), computes watermarks and paces on the probe.
 //! - [`job`] wires sources, operators and sinks per worker, runs them and reports a summary.
@@ -12,6 +14,7 @@
 //! exchange by key → aggregate → sink; watermarks travel behind the rows they cover.
 
 pub mod aggregate;
+pub mod aggregate_snapshot;
 pub mod dataflow;
 pub mod job;
 pub mod metrics;

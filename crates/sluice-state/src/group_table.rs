@@ -93,30 +93,7 @@ impl GroupTable {
         out.clear();
         out.reserve(rows.num_rows());
         for row in rows.iter() {
-            let bytes = row.as_ref();
-            let hash = self.hasher.hash_one(bytes);
-            let found = {
-                let (hashes, arena, offsets, lens) =
-                    (&self.hashes, &self.arena, &self.offsets, &self.lens);
-                self.table
-                    .find(hash, |&g| {
-                        let g = g as usize;
-                        hashes[g] == hash
-                            && &arena[offsets[g]..offsets[g] + lens[g] as usize] == bytes
-                    })
-                    .copied()
-            };
-            let gid = match found {
-                Some(g) => g,
-                None => {
-                    let g = self.free.pop().unwrap_or(self.offsets.len() as u32);
-                    self.store(g, bytes, hash);
-                    let hashes = &self.hashes;
-                    self.table.insert_unique(hash, g, |&x| hashes[x as usize]);
-                    g
-                }
-            };
-            out.push(gid);
+            out.push(self.intern_bytes(row.as_ref()));
         }
     }
 
@@ -151,6 +128,33 @@ impl GroupTable {
         }
         self.arena = arena;
         self.garbage = 0;
+    }
+
+    /// The row-encoded key of a group (for snapshots).
+    pub fn key_bytes(&self, gid: u32) -> &[u8] {
+        self.key(gid)
+    }
+
+    /// The group id of a row-encoded key, creating the group if needed (for restores).
+    pub fn intern_bytes(&mut self, bytes: &[u8]) -> u32 {
+        let hash = self.hasher.hash_one(bytes);
+        let found = {
+            let (hashes, arena, offsets, lens) = (&self.hashes, &self.arena, &self.offsets, &self.lens);
+            self.table
+                .find(hash, |&g| {
+                    let g = g as usize;
+                    hashes[g] == hash && &arena[offsets[g]..offsets[g] + lens[g] as usize] == bytes
+                })
+                .copied()
+        };
+        if let Some(g) = found {
+            return g;
+        }
+        let g = self.free.pop().unwrap_or(self.offsets.len() as u32);
+        self.store(g, bytes, hash);
+        let hashes = &self.hashes;
+        self.table.insert_unique(hash, g, |&x| hashes[x as usize]);
+        g
     }
 
     /// The key columns of the given groups.

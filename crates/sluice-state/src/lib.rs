@@ -5,9 +5,12 @@
 //! - [`Accumulator`] is one aggregate's state over all groups. Every accumulator retracts exactly:
 //!   MIN/MAX keep a multiset and DISTINCT keeps value multiplicities, so a `-U`/`-D` row undoes
 //!   what its `+I`/`+U` did.
+//! - [`snapshot`] encodes one group's state as bytes, for checkpoints (and rescaling, since
+//!   groups are snapshotted one by one and can be restored on whichever worker owns their key).
 
 pub mod accumulator;
 pub mod group_table;
+pub mod snapshot;
 
 pub use accumulator::{AccKind, Accumulator};
 pub use group_table::GroupTable;
