@@ -58,8 +58,16 @@ impl AggregateState {
     /// The whole state as one batch (see [`snapshot_schema`]).
     pub fn snapshot(&self) -> Result<RecordBatch> {
         let mut key_group_of = vec![];
-        let (mut keys, mut rows, mut ends, mut fired, mut s_start, mut s_end, mut accs, mut last) =
-            (vec![], vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+        let (mut keys, mut rows, mut ends, mut fired, mut s_start, mut s_end, mut accs, mut last) = (
+            vec![],
+            vec![],
+            vec![],
+            vec![],
+            vec![],
+            vec![],
+            vec![],
+            vec![],
+        );
         if let Some(s) = &self.sessions {
             for (key, sessions) in &s.open {
                 for sess in sessions {
@@ -80,12 +88,22 @@ impl AggregateState {
                 windows.extend(gids.iter().map(|g| (*g, *end, false)));
             }
             for (until, gids) in &self.cleanup {
-                windows.extend(gids.iter().map(|g| (*g, until - self.emit.allowed_lateness_ms, true)));
+                windows.extend(
+                    gids.iter()
+                        .map(|g| (*g, until - self.emit.allowed_lateness_ms, true)),
+                );
             }
             let groups: Vec<(u32, Option<i64>, Option<bool>)> = if windows.is_empty() {
-                (0..self.rows.len() as u32).filter(|g| self.rows[*g as usize] > 0).map(|g| (g, None, None)).collect()
+                (0..self.rows.len() as u32)
+                    .filter(|g| self.rows[*g as usize] > 0)
+                    .map(|g| (g, None, None))
+                    .collect()
             } else {
-                windows.into_iter().filter(|(g, _, _)| self.rows[*g as usize] > 0).map(|(g, e, f)| (g, Some(e), Some(f))).collect()
+                windows
+                    .into_iter()
+                    .filter(|(g, _, _)| self.rows[*g as usize] > 0)
+                    .map(|(g, e, f)| (g, Some(e), Some(f)))
+                    .collect()
             };
             for (g, end, was_fired) in groups {
                 key_group_of.push(g);
@@ -117,7 +135,9 @@ impl AggregateState {
     /// Loads the rows of a snapshot whose key group `owns` accepts. The state must be empty.
     pub fn restore(&mut self, batch: &RecordBatch, owns: impl Fn(u16) -> bool) -> Result<()> {
         if batch.schema().fields() != snapshot_schema().fields() {
-            return Err(Error::Runtime("aggregation snapshot has an unexpected layout".into()));
+            return Err(Error::Runtime(
+                "aggregation snapshot has an unexpected layout".into(),
+            ));
         }
         let corrupt = |e: sluice_state::snapshot::CorruptSnapshot| Error::Runtime(e.to_string());
         let col = |i: usize| batch.column(i);
@@ -126,7 +146,10 @@ impl AggregateState {
         let rows = col(2).as_primitive::<Int64Type>();
         let ends = col(3).as_primitive::<Int64Type>();
         let fired = col(4).as_boolean();
-        let (s_start, s_end) = (col(5).as_primitive::<Int64Type>(), col(6).as_primitive::<Int64Type>());
+        let (s_start, s_end) = (
+            col(5).as_primitive::<Int64Type>(),
+            col(6).as_primitive::<Int64Type>(),
+        );
         let accs = col(7).as_binary::<i32>();
         let last = col(8).as_binary::<i32>();
         for i in 0..batch.num_rows() {
@@ -146,7 +169,11 @@ impl AggregateState {
                         (s.slots - 1) as u32
                     });
                     s.slot_key[slot as usize] = g;
-                    let sess = Session { start: s_start.value(i), end: s_end.value(i), slot };
+                    let sess = Session {
+                        start: s_start.value(i),
+                        end: s_end.value(i),
+                        slot,
+                    };
                     s.open.entry(g).or_default().push(sess);
                     s.ends.insert((sess.end, slot));
                     slot
@@ -155,7 +182,10 @@ impl AggregateState {
                     if ends.is_valid(i) {
                         let end = ends.value(i);
                         if fired.value(i) {
-                            self.cleanup.entry(end + self.emit.allowed_lateness_ms).or_default().push(g);
+                            self.cleanup
+                                .entry(end + self.emit.allowed_lateness_ms)
+                                .or_default()
+                                .push(g);
                         } else {
                             self.by_end.entry(end).or_default().push(g);
                         }
@@ -189,13 +219,22 @@ mod tests {
     use crate::dataflow::worker_for_hash;
 
     fn input_schema() -> SchemaRef {
-        Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, false), Field::new("v", DataType::Int64, false)]))
+        Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new("v", DataType::Int64, false),
+        ]))
     }
 
     fn state() -> AggregateState {
         let k: PhysExpr = Arc::new(Column::new("k", 0));
         let v: PhysExpr = Arc::new(Column::new("v", 1));
-        let call = |func, arg: Option<PhysExpr>, distinct| AggCall { func, arg, distinct, filter: None, output_type: DataType::Int64 };
+        let call = |func, arg: Option<PhysExpr>, distinct| AggCall {
+            func,
+            arg,
+            distinct,
+            filter: None,
+            output_type: DataType::Int64,
+        };
         let calls = vec![
             call(AggFunc::Count, None, false),
             call(AggFunc::Sum, Some(v.clone()), false),
@@ -203,26 +242,48 @@ mod tests {
             call(AggFunc::Count, Some(v), true),
         ];
         let out = Arc::new(Schema::new(
-            ["k", "n", "s", "m", "d"].iter().map(|n| Field::new(*n, DataType::Int64, true)).collect::<Vec<_>>(),
+            ["k", "n", "s", "m", "d"]
+                .iter()
+                .map(|n| Field::new(*n, DataType::Int64, true))
+                .collect::<Vec<_>>(),
         ));
-        AggregateState::try_new(vec![k], calls, AggWindow::None, EmitPolicy::default(), None, out, &input_schema()).unwrap()
+        AggregateState::try_new(
+            vec![k],
+            calls,
+            AggWindow::None,
+            EmitPolicy::default(),
+            None,
+            out,
+            &input_schema(),
+        )
+        .unwrap()
     }
 
     fn batch(rows: &[(i64, i64)]) -> ChangeBatch {
         let k = Int64Array::from_iter_values(rows.iter().map(|r| r.0));
         let v = Int64Array::from_iter_values(rows.iter().map(|r| r.1));
-        ChangeBatch::inserts(RecordBatch::try_new(input_schema(), vec![Arc::new(k), Arc::new(v)]).unwrap())
+        ChangeBatch::inserts(
+            RecordBatch::try_new(input_schema(), vec![Arc::new(k), Arc::new(v)]).unwrap(),
+        )
     }
 
     /// Every live group's key and results.
     fn current(s: &AggregateState) -> BTreeMap<i64, Vec<i64>> {
-        let gids: Vec<u32> = (0..s.rows.len() as u32).filter(|g| s.rows[*g as usize] > 0).collect();
+        let gids: Vec<u32> = (0..s.rows.len() as u32)
+            .filter(|g| s.rows[*g as usize] > 0)
+            .collect();
         let keys = s.output_keys(&gids).unwrap();
         let results = s.results(&gids).unwrap();
         (0..gids.len())
             .map(|i| {
                 let key = keys[0].as_primitive::<Int64Type>().value(i);
-                (key, results.iter().map(|r| r.as_primitive::<Int64Type>().value(i)).collect())
+                (
+                    key,
+                    results
+                        .iter()
+                        .map(|r| r.as_primitive::<Int64Type>().value(i))
+                        .collect(),
+                )
             })
             .collect()
     }
@@ -242,20 +303,123 @@ mod tests {
         let mut parts = vec![];
         for w in 0..2 {
             let mut s = state();
-            s.restore(&snap, |kg| worker_for_hash(kg as u64, 2) == w).unwrap();
+            s.restore(&snap, |kg| worker_for_hash(kg as u64, 2) == w)
+                .unwrap();
             let keys = Int64Array::from_iter_values(second.iter().map(|r| r.0));
             let mut hashes = vec![0u64; second.len()];
-            datafusion_common::hash_utils::create_hashes(&[Arc::new(keys) as ArrayRef], &key_hash_state(), &mut hashes).unwrap();
-            let mine: Vec<(i64, i64)> =
-                second.iter().zip(&hashes).filter(|(_, h)| worker_for_hash(**h, 2) == w).map(|(r, _)| *r).collect();
+            datafusion_common::hash_utils::create_hashes(
+                &[Arc::new(keys) as ArrayRef],
+                &key_hash_state(),
+                &mut hashes,
+            )
+            .unwrap();
+            let mine: Vec<(i64, i64)> = second
+                .iter()
+                .zip(&hashes)
+                .filter(|(_, h)| worker_for_hash(**h, 2) == w)
+                .map(|(r, _)| *r)
+                .collect();
             s.apply(&batch(&mine)).unwrap();
             parts.push(current(&s));
         }
         let mut merged = parts[0].clone();
         for (k, v) in &parts[1] {
-            assert!(merged.insert(*k, v.clone()).is_none(), "key {k} restored on both workers");
+            assert!(
+                merged.insert(*k, v.clone()).is_none(),
+                "key {k} restored on both workers"
+            );
         }
         assert_eq!(merged, current(&one));
+    }
+
+    /// Sessions (and their merging after a restore) and assigned windows survive a snapshot.
+    #[test]
+    fn windows_and_sessions_survive_a_snapshot() {
+        use arrow::array::TimestampMillisecondArray;
+        use sluice_sql::SessionOutput;
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new(
+                "ts",
+                DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, None),
+                false,
+            ),
+        ]));
+        let k: PhysExpr = Arc::new(Column::new("k", 0));
+        let ts: PhysExpr = Arc::new(Column::new("ts", 1));
+        let count = AggCall {
+            func: AggFunc::Count,
+            arg: None,
+            distinct: false,
+            filter: None,
+            output_type: DataType::Int64,
+        };
+        let out = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new(
+                "window_start",
+                sluice_sql::functions::window_time_type(),
+                false,
+            ),
+            Field::new(
+                "window_end",
+                sluice_sql::functions::window_time_type(),
+                false,
+            ),
+            Field::new("n", DataType::Int64, false),
+        ]));
+        let make = || {
+            AggregateState::try_new(
+                vec![k.clone()],
+                vec![count.clone()],
+                AggWindow::Session {
+                    gap: 10,
+                    time: ts.clone(),
+                    output: SessionOutput::Columns { start: 1, end: 2 },
+                },
+                EmitPolicy::default(),
+                None,
+                out.clone(),
+                &schema,
+            )
+            .unwrap()
+        };
+        let rows = |r: &[(i64, i64)]| {
+            let k = Int64Array::from_iter_values(r.iter().map(|x| x.0));
+            let t = TimestampMillisecondArray::from_iter_values(r.iter().map(|x| x.1));
+            ChangeBatch::inserts(
+                RecordBatch::try_new(schema.clone(), vec![Arc::new(k), Arc::new(t)]).unwrap(),
+            )
+        };
+        let render = |b: Option<ChangeBatch>| {
+            let mut v = sluice_connectors::memory::row_strings(&b.unwrap().data).unwrap();
+            v.sort();
+            v
+        };
+        // Sessions [0, 10) and [15, 25) for key 1; a row at 8 bridges them after the restore.
+        let mut a = make();
+        a.apply(&rows(&[(1, 0), (1, 15), (2, 5)])).unwrap();
+        let mut b = make();
+        b.restore(&a.snapshot().unwrap(), |_| true).unwrap();
+        for s in [&mut a, &mut b] {
+            s.apply(&rows(&[(1, 8)])).unwrap();
+        }
+        let (fa, fb) = (
+            a.advance_watermark(i64::MAX).unwrap(),
+            b.advance_watermark(i64::MAX).unwrap(),
+        );
+        let (ra, rb) = (render(fa), render(fb));
+        assert_eq!(ra, rb);
+        assert_eq!(ra.len(), 2, "key 1 merged into one session: {ra:?}");
+        assert_eq!(
+            ra[0],
+            vec![
+                "1",
+                "1970-01-01 00:00:00.000",
+                "1970-01-01 00:00:00.025",
+                "3"
+            ]
+        );
     }
 
     #[test]

@@ -452,7 +452,9 @@ impl Accumulator {
                 w.i128(s[g]);
                 w.i64(c[g]);
             }
-            State::Extreme { values, .. } => w.multiset(values[g].iter().map(|(k, m)| (&k[..], *m))),
+            State::Extreme { values, .. } => {
+                w.multiset(values[g].iter().map(|(k, m)| (&k[..], *m)))
+            }
         }
         if let Some((_, seen)) = &self.distinct {
             w.multiset(seen[g].iter().map(|(k, m)| (&k[..], *m)));
@@ -607,8 +609,18 @@ mod tests {
     fn snapshot_round_trips_every_state_kind() {
         let v = ints(&[Some(4), Some(9), Some(4), Some(1)]);
         let mut kinds = vec![];
-        for (kind, distinct) in [(AccKind::Count, false), (AccKind::Sum, false), (AccKind::Max, false), (AccKind::Count, true), (AccKind::Avg, false)] {
-            let out = if kind == AccKind::Avg { DataType::Float64 } else { DataType::Int64 };
+        for (kind, distinct) in [
+            (AccKind::Count, false),
+            (AccKind::Sum, false),
+            (AccKind::Max, false),
+            (AccKind::Count, true),
+            (AccKind::Avg, false),
+        ] {
+            let out = if kind == AccKind::Avg {
+                DataType::Float64
+            } else {
+                DataType::Int64
+            };
             let mut a = Accumulator::try_new(kind, DataType::Int64, out.clone(), distinct).unwrap();
             a.resize(2);
             a.update(&[0, 0, 0, 1], &[1, 1, 1, 1], Some(&v)).unwrap();
@@ -620,8 +632,15 @@ mod tests {
             a.update(&[0], &[-1], Some(&ints(&[Some(9)]))).unwrap();
             b.update(&[5], &[-1], Some(&ints(&[Some(9)]))).unwrap();
             kinds.push((kind, distinct));
-            assert_eq!(a.evaluate(&[0]).unwrap().as_ref(), b.evaluate(&[5]).unwrap().as_ref(), "{kind:?} distinct={distinct}");
-            assert!(b.restore_group(1, &bytes[..bytes.len() - 1]).is_err(), "a truncated state is detected");
+            assert_eq!(
+                a.evaluate(&[0]).unwrap().as_ref(),
+                b.evaluate(&[5]).unwrap().as_ref(),
+                "{kind:?} distinct={distinct}"
+            );
+            assert!(
+                b.restore_group(1, &bytes[..bytes.len() - 1]).is_err(),
+                "a truncated state is detected"
+            );
         }
         assert_eq!(kinds.len(), 5);
     }

@@ -139,7 +139,8 @@ impl GroupTable {
     pub fn intern_bytes(&mut self, bytes: &[u8]) -> u32 {
         let hash = self.hasher.hash_one(bytes);
         let found = {
-            let (hashes, arena, offsets, lens) = (&self.hashes, &self.arena, &self.offsets, &self.lens);
+            let (hashes, arena, offsets, lens) =
+                (&self.hashes, &self.arena, &self.offsets, &self.lens);
             self.table
                 .find(hash, |&g| {
                     let g = g as usize;

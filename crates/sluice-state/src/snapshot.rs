@@ -23,7 +23,8 @@ impl Writer<'_> {
     }
     /// A multiset of byte strings with multiplicities.
     pub fn multiset<'b>(&mut self, entries: impl ExactSizeIterator<Item = (&'b [u8], i64)>) {
-        self.0.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+        self.0
+            .extend_from_slice(&(entries.len() as u32).to_le_bytes());
         for (k, m) in entries {
             self.bytes(k);
             self.i64(m);
@@ -49,16 +50,24 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
     pub fn i64(&mut self) -> Result<i64, CorruptSnapshot> {
-        Ok(i64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(i64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
     pub fn f64(&mut self) -> Result<f64, CorruptSnapshot> {
-        Ok(f64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(f64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
     pub fn i128(&mut self) -> Result<i128, CorruptSnapshot> {
-        Ok(i128::from_le_bytes(self.take(16)?.try_into().expect("16 bytes")))
+        Ok(i128::from_le_bytes(
+            self.take(16)?.try_into().expect("16 bytes"),
+        ))
     }
     fn u32(&mut self) -> Result<u32, CorruptSnapshot> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     pub fn bytes(&mut self) -> Result<&'a [u8], CorruptSnapshot> {
         let n = self.u32()? as usize;
