@@ -164,6 +164,16 @@ impl DatagenSource {
 }
 
 impl SourceReader for DatagenSource {
+    fn offsets(&self) -> crate::SourceOffsets {
+        crate::generator_offsets(self.worker, self.workers, self.produced)
+    }
+
+    fn seek(&mut self, offsets: &crate::SourceOffsets) -> Result<()> {
+        self.produced =
+            crate::generator_seek(&self.spec.table, offsets, self.worker, self.workers)?;
+        Ok(())
+    }
+
     fn poll(&mut self, max_rows: usize) -> Result<Poll> {
         let remaining = self.limit.map(|l| l - self.produced).unwrap_or(u64::MAX);
         if remaining == 0 {

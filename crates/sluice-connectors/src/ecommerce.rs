@@ -68,6 +68,7 @@ const COLUMNS: [&str; 8] = [
 
 /// This worker's slice of the order stream.
 pub struct EcommerceSource {
+    table: String,
     schema: arrow::datatypes::SchemaRef,
     seed: u64,
     next: u64,
@@ -137,6 +138,7 @@ impl EcommerceSource {
             event_rate
         };
         Ok(EcommerceSource {
+            table: spec.table.clone(),
             schema: spec.schema.clone(),
             seed,
             next: worker as u64,
@@ -153,6 +155,18 @@ impl EcommerceSource {
 }
 
 impl SourceReader for EcommerceSource {
+    fn offsets(&self) -> crate::SourceOffsets {
+        let worker = self.next % self.step;
+        crate::generator_offsets(worker, self.step, self.next / self.step)
+    }
+
+    fn seek(&mut self, offsets: &crate::SourceOffsets) -> Result<()> {
+        let worker = self.next % self.step;
+        let done = crate::generator_seek(&self.table, offsets, worker, self.step)?;
+        self.next = worker + done * self.step;
+        Ok(())
+    }
+
     fn poll(&mut self, max_rows: usize) -> Result<Poll> {
         let mut n = max_rows as u64;
         if let Some(limit) = self.limit {

@@ -56,6 +56,10 @@ pub struct FileSource {
     skipped: u64,
     /// `source.monitor-interval`: keep watching the directory for new files (unbounded).
     monitor: Option<Monitor>,
+    /// Files read to their end.
+    done: std::collections::BTreeSet<PathBuf>,
+    /// Where to start files that a checkpoint had partly read: (position, line).
+    resume: std::collections::HashMap<PathBuf, (u64, u64)>,
 }
 
 /// A file being read.
@@ -65,6 +69,8 @@ struct OpenFile {
     lines: Option<Box<dyn BufRead + Send>>,
     csv: Option<arrow::csv::reader::BufReader<Box<dyn BufRead + Send>>>,
     line: u64,
+    /// Position after the rows returned so far: bytes (JSON lines) or records (CSV).
+    position: u64,
 }
 
 /// What reading a file once gave.
@@ -177,6 +183,8 @@ impl FileSource {
             csv_ignore_errors,
             skipped: 0,
             monitor,
+            done: Default::default(),
+            resume: Default::default(),
         })
     }
 }
@@ -201,7 +209,13 @@ fn list_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
 
 impl FileSource {
     fn open_file(&mut self, path: PathBuf, max_rows: usize) -> Result<OpenFile> {
-        let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        use std::io::{Seek, SeekFrom};
+        let (position, line) = self.resume.remove(&path).unwrap_or((0, 0));
+        let mut f = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        if position > 0 && self.format != Format::Csv {
+            f.seek(SeekFrom::Start(position))
+                .map_err(|e| Error::io(&path, e))?;
+        }
         let buffered: Box<dyn BufRead + Send> = Box::new(BufReader::with_capacity(1 << 20, f));
         let split = self.next_split;
         self.next_split += 1;
@@ -210,6 +224,7 @@ impl FileSource {
                 let r = arrow::csv::ReaderBuilder::new(self.schema.clone())
                     .with_header(false)
                     .with_batch_size(max_rows)
+                    .with_bounds(position as usize, usize::MAX)
                     .build_buffered(buffered)?;
                 (None, Some(r))
             }
@@ -220,7 +235,8 @@ impl FileSource {
             path,
             lines,
             csv,
-            line: 0,
+            line,
+            position,
         })
     }
 
@@ -228,7 +244,10 @@ impl FileSource {
         let f = &mut self.open[at];
         if let Some(csv) = f.csv.as_mut() {
             return match csv.next() {
-                Some(Ok(batch)) => Ok(Chunk::Rows(batch)),
+                Some(Ok(batch)) => {
+                    f.position += batch.num_rows() as u64;
+                    Ok(Chunk::Rows(batch))
+                }
                 Some(Err(_)) if self.csv_ignore_errors => {
                     self.skipped += 1;
                     Ok(Chunk::Nothing)
@@ -252,6 +271,7 @@ impl FileSource {
                 break;
             }
             f.line += 1;
+            f.position += n as u64;
             while l.ends_with('\n') || l.ends_with('\r') {
                 l.pop();
             }
@@ -308,6 +328,7 @@ impl SourceReader for FileSource {
                 Chunk::Nothing => self.cursor = at + 1,
                 Chunk::Eof => {
                     let done = self.open.remove(at);
+                    self.done.insert(done.path);
                     return Ok(Poll::SplitDone { split: done.split });
                 }
             }
@@ -316,6 +337,45 @@ impl SourceReader for FileSource {
 
     fn skipped(&self) -> u64 {
         self.json.skipped() + self.skipped
+    }
+
+    fn offsets(&self) -> crate::SourceOffsets {
+        let mut out = crate::SourceOffsets::new();
+        for path in &self.done {
+            out.insert(path.display().to_string(), crate::SPLIT_DONE);
+        }
+        for f in &self.open {
+            out.insert(f.path.display().to_string(), f.position);
+            out.insert(format!("{}#line", f.path.display()), f.line);
+        }
+        for (path, (position, line)) in &self.resume {
+            out.insert(path.display().to_string(), *position);
+            out.insert(format!("{}#line", path.display()), *line);
+        }
+        out
+    }
+
+    fn seek(&mut self, offsets: &crate::SourceOffsets) -> Result<()> {
+        let pending = std::mem::take(&mut self.pending);
+        for path in pending {
+            let key = path.display().to_string();
+            match offsets.get(&key) {
+                Some(&crate::SPLIT_DONE) => {
+                    self.done.insert(path);
+                }
+                Some(&position) => {
+                    let line = offsets.get(&format!("{key}#line")).copied().unwrap_or(0);
+                    self.resume.insert(path.clone(), (position, line));
+                    self.pending.push_back(path);
+                }
+                None => self.pending.push_back(path),
+            }
+        }
+        if let Some(m) = self.monitor.as_mut() {
+            // Files already finished must not come back through the directory watch.
+            m.seen.extend(self.done.iter().cloned());
+        }
+        Ok(())
     }
 }
 

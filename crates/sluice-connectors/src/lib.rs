@@ -59,6 +59,44 @@ pub trait SourceReader: Send {
     fn skipped(&self) -> u64 {
         0
     }
+    /// Where the reader is: a position per split name, covering every row returned so far.
+    /// Checkpoints record these; [`SourceReader::seek`] resumes from them.
+    fn offsets(&self) -> SourceOffsets;
+    /// Resumes from recorded offsets; called before the first poll.
+    fn seek(&mut self, offsets: &SourceOffsets) -> Result<()>;
+}
+
+/// Positions per split name (a file path, or a generator's stream), as recorded in checkpoints.
+pub type SourceOffsets = BTreeMap<String, u64>;
+
+/// The offset of a split read to its end.
+pub const SPLIT_DONE: u64 = u64::MAX;
+
+/// Offsets of a generator that deals rows to workers by index: rows produced by worker `worker`
+/// of `workers`. Such a stream resumes only on the same number of workers.
+pub(crate) fn generator_offsets(worker: u64, workers: u64, produced: u64) -> SourceOffsets {
+    [(format!("rows@{worker}/{workers}"), produced)]
+        .into_iter()
+        .collect()
+}
+
+/// The rows worker `worker` of `workers` had produced, from recorded generator offsets.
+pub(crate) fn generator_seek(
+    table: &str,
+    offsets: &SourceOffsets,
+    worker: u64,
+    workers: u64,
+) -> Result<u64> {
+    if let Some(n) = offsets.get(&format!("rows@{worker}/{workers}")) {
+        return Ok(*n);
+    }
+    match offsets.keys().next() {
+        None => Ok(0),
+        Some(other) => Err(Error::connector(
+            table,
+            format!("generated streams resume only on the worker count they were checkpointed with (found '{other}', running {workers} workers)"),
+        )),
+    }
 }
 
 /// A worker's writer into a sink.

@@ -273,6 +273,17 @@ impl ValuesReader {
 }
 
 impl SourceReader for ValuesReader {
+    fn offsets(&self) -> sluice_connectors::SourceOffsets {
+        [("values".to_string(), self.offset as u64)]
+            .into_iter()
+            .collect()
+    }
+
+    fn seek(&mut self, offsets: &sluice_connectors::SourceOffsets) -> Result<()> {
+        self.offset = offsets.get("values").copied().unwrap_or(0) as usize;
+        Ok(())
+    }
+
     fn poll(&mut self, max_rows: usize) -> Result<Poll> {
         let Some(rows) = &self.rows else {
             return Ok(Poll::Finished);
