@@ -132,7 +132,7 @@ fn check(input: Vec<(i64, i64, i64)>, workers: usize, batch: usize) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 12, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn shuffled_within_the_bound_equals_batch(
