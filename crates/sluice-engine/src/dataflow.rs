@@ -353,7 +353,7 @@ pub fn tag_watermarks<'scope>(
         move |handle, output| {
             handle.for_each(|cap, data| {
                 if let Event::Watermark { from, .. } = data {
-                    *from = input * workers + *from;
+                    *from += input * workers;
                 }
                 output.session(&cap).give_container(data);
             });

@@ -89,7 +89,7 @@ pub(crate) fn source_stream<'scope>(
                                 if let Some(wm) = wm {
                                     splits.observe(split, wm);
                                 }
-                                if let Some(wm) = splits.to_send() {
+                                if let Some(wm) = splits.take_pending() {
                                     metrics.source_watermark.store(wm, Ordering::Relaxed);
                                     output
                                         .session(c)
@@ -105,7 +105,7 @@ pub(crate) fn source_stream<'scope>(
                     }
                     Ok(Poll::SplitDone { split }) => {
                         splits.done(split);
-                        if let Some(wm) = splits.to_send() {
+                        if let Some(wm) = splits.take_pending() {
                             metrics.source_watermark.store(wm, Ordering::Relaxed);
                             output
                                 .session(c)
@@ -202,7 +202,7 @@ impl SplitWatermarks {
     }
 
     /// The watermark to send: when it advanced, or after an idle spell (to say "back").
-    fn to_send(&mut self) -> Option<i64> {
+    fn take_pending(&mut self) -> Option<i64> {
         let advanced = self
             .splits
             .values()

@@ -43,6 +43,9 @@ enum State {
     },
 }
 
+/// How often each (row-encoded) value occurs in a group.
+type Multiplicities = HashMap<Box<[u8]>, i64>;
+
 /// One aggregate's state over all groups, indexed by group id.
 pub struct Accumulator {
     kind: AccKind,
@@ -51,7 +54,7 @@ pub struct Accumulator {
     output_type: DataType,
     state: State,
     /// For DISTINCT: multiplicity of each value per group; the inner state sees a value once.
-    distinct: Option<(RowConverter, Vec<HashMap<Box<[u8]>, i64>>)>,
+    distinct: Option<(RowConverter, Vec<Multiplicities>)>,
 }
 
 fn num_of(t: &DataType) -> Num {
@@ -516,7 +519,7 @@ impl Accumulator {
             State::SumDecimal(s, c) => s.capacity() * 16 + c.capacity() * 8,
             State::Extreme { values, .. } => values
                 .iter()
-                .map(|m| 24 + m.iter().map(|(k, _)| k.len() + 40).sum::<usize>())
+                .map(|m| 24 + m.keys().map(|k| k.len() + 40).sum::<usize>())
                 .sum(),
         };
         let distinct = self

@@ -32,6 +32,9 @@ impl Writer<'_> {
     }
 }
 
+/// A multiset as read back: values (encoded) and their multiplicities.
+pub type Multiset = Vec<(Box<[u8]>, i64)>;
+
 /// Reads fields back; every read checks the length, so a truncated snapshot is an error.
 pub struct Reader<'a>(pub &'a [u8]);
 
@@ -73,7 +76,7 @@ impl<'a> Reader<'a> {
         let n = self.u32()? as usize;
         self.take(n)
     }
-    pub fn multiset(&mut self) -> Result<Vec<(Box<[u8]>, i64)>, CorruptSnapshot> {
+    pub fn multiset(&mut self) -> Result<Multiset, CorruptSnapshot> {
         let n = self.u32()? as usize;
         let mut out = Vec::with_capacity(n.min(1 << 16));
         for _ in 0..n {

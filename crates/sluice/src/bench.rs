@@ -175,8 +175,8 @@ pub fn run(
         None => None,
     };
     println!(
-        "{:<16} {:>7} {:>14} {:>16} {:>12}  {}",
-        "benchmark", "workers", "events/s", "events/s/worker", "state B/key", "what"
+        "{:<16} {:>7} {:>14} {:>16} {:>12}  what",
+        "benchmark", "workers", "events/s", "events/s/worker", "state B/key"
     );
     let mut by_name: BTreeMap<(&str, usize), f64> = BTreeMap::new();
     for s in chosen {
