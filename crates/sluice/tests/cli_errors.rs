@@ -233,3 +233,17 @@ fn debezium_sink_folds_to_the_final_counts() {
             .collect()
     );
 }
+
+#[test]
+fn checkpoint_settings_are_refused_until_checkpoints_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_orders(dir.path(), &[GOOD]);
+    let script = format!(
+        "SET 'execution.checkpointing.interval' = '1s';\n{}SELECT id FROM orders;",
+        orders_ddl(&data, "")
+    );
+    fails_with(
+        &sluice(&script, dir.path()),
+        &["'execution.checkpointing.interval'", "not available yet"],
+    );
+}
