@@ -389,6 +389,20 @@ pub struct FileSink {
     file: Option<(PathBuf, File)>,
     written: u64,
     roll_bytes: u64,
+    /// Two-phase commit (with checkpoints): no rolling; files are sealed per checkpoint epoch
+    /// (`.pending-<epoch>`) and published when that checkpoint commits.
+    transactional: bool,
+    pending: Vec<(u64, PathBuf)>,
+}
+
+/// The visible name of a hidden part file (`.part-0-3.json.inprogress` → `part-0-3.json`).
+fn visible_name(hidden: &str) -> String {
+    let name = hidden.trim_start_matches('.');
+    let end = name
+        .find(".inprogress")
+        .or_else(|| name.find(".pending-"))
+        .unwrap_or(name.len());
+    name[..end].to_string()
 }
 
 impl FileSink {
@@ -412,6 +426,8 @@ impl FileSink {
             file: None,
             written: 0,
             roll_bytes,
+            transactional: false,
+            pending: vec![],
         })
     }
 
@@ -430,11 +446,7 @@ impl FileSink {
                 .file_name()
                 .and_then(|n| n.to_str())
                 .unwrap_or_default();
-            let visible = name
-                .trim_start_matches('.')
-                .trim_end_matches(".inprogress")
-                .to_string();
-            let target = self.dir.join(visible);
+            let target = self.dir.join(visible_name(name));
             std::fs::rename(&path, &target).map_err(|e| Error::io(&target, e))?;
             self.written = 0;
         }
@@ -475,13 +487,101 @@ impl SinkWriter for FileSink {
         file.write_all(&self.buffer)
             .map_err(|e| Error::io(&*path, e))?;
         self.written += self.buffer.len() as u64;
-        if self.written >= self.roll_bytes {
+        if self.written >= self.roll_bytes && !self.transactional {
             self.publish()?;
         }
         Ok(())
     }
 
     fn finish(&mut self) -> Result<()> {
-        self.publish()
+        self.publish()?;
+        self.commit(u64::MAX)
+    }
+
+    fn begin_transactions(
+        &mut self,
+        committed: Option<u64>,
+        worker: usize,
+        workers: usize,
+    ) -> Result<()> {
+        self.transactional = true;
+        let entries = std::fs::read_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        for entry in entries {
+            let path = entry.map_err(|e| Error::io(&self.dir, e))?.path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_string();
+            let Some(rest) = name.strip_prefix(".part-") else {
+                continue;
+            };
+            // Each worker settles the files of the workers it replaces (rescaling).
+            let owner: usize = rest
+                .split('-')
+                .next()
+                .and_then(|w| w.parse().ok())
+                .unwrap_or(usize::MAX);
+            if owner % workers.max(1) != worker {
+                continue;
+            }
+            let sealed_for = name
+                .rsplit_once(".pending-")
+                .and_then(|(_, e)| e.parse::<u64>().ok());
+            match sealed_for {
+                Some(epoch) if committed.is_some_and(|c| epoch <= c) => {
+                    let target = self.dir.join(visible_name(&name));
+                    std::fs::rename(&path, &target).map_err(|e| Error::io(&target, e))?;
+                }
+                _ => std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?,
+            }
+        }
+        Ok(())
+    }
+
+    fn pre_commit(&mut self, epoch: u64) -> Result<()> {
+        if let Some((path, mut file)) = self.file.take() {
+            file.flush().map_err(|e| Error::io(&path, e))?;
+            file.sync_all().map_err(|e| Error::io(&path, e))?;
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            let sealed = self
+                .dir
+                .join(format!(".{}.pending-{epoch}", visible_name(name)));
+            std::fs::rename(&path, &sealed).map_err(|e| Error::io(&sealed, e))?;
+            self.pending.push((epoch, sealed));
+            self.written = 0;
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self, epoch: u64) -> Result<()> {
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|(e, _)| *e <= epoch);
+        self.pending = later;
+        for (_, path) in due {
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            let target = self.dir.join(visible_name(name));
+            std::fs::rename(&path, &target).map_err(|e| Error::io(&target, e))?;
+        }
+        Ok(())
+    }
+
+    fn abort(&mut self) -> Result<()> {
+        if !self.transactional {
+            // At-least-once without checkpoints: keep what was written.
+            return self.publish();
+        }
+        // Unsealed output belongs to no checkpoint: recovery would discard it anyway.
+        if let Some((path, _)) = self.file.take() {
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        }
+        Ok(())
     }
 }

@@ -105,6 +105,29 @@ pub trait SinkWriter: Send {
     fn write(&mut self, batch: &ChangeBatch) -> Result<()>;
     /// Makes everything written so far visible (publishes in-progress files).
     fn finish(&mut self) -> Result<()>;
+    /// Switches to two-phase commit tied to checkpoints, after settling what earlier runs left:
+    /// output pre-committed for checkpoints up to `committed` is published, the rest discarded.
+    /// Sinks that cannot take part keep their default (print, blackhole, memory).
+    fn begin_transactions(
+        &mut self,
+        _committed: Option<u64>,
+        _worker: usize,
+        _workers: usize,
+    ) -> Result<()> {
+        Ok(())
+    }
+    /// Seals what was written so far as belonging to checkpoint `epoch` (still invisible).
+    fn pre_commit(&mut self, _epoch: u64) -> Result<()> {
+        Ok(())
+    }
+    /// Checkpoint `epoch` is durable: publishes what was sealed for it and earlier ones.
+    fn commit(&mut self, _epoch: u64) -> Result<()> {
+        Ok(())
+    }
+    /// The job stopped without finishing: leaves sealed output for recovery, drops the rest.
+    fn abort(&mut self) -> Result<()> {
+        self.finish()
+    }
 }
 
 /// Opens worker `worker`'s (of `workers`) share of a source.

@@ -10,11 +10,13 @@ use sluice_common::{ChangeBatch, Error, Result};
 use sluice_connectors::{open_sink, open_source, sink_accepts_updates, ConnectorSpec};
 use sluice_sql::{JobPlan, SinkTarget, StreamNode, TableDef};
 use timely::dataflow::channels::pact::Pipeline;
-use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::generic::{Operator, OutputBuilderSession};
+use timely::dataflow::operators::CapabilityTrait;
 use timely::dataflow::operators::{Concatenate, Probe};
 use timely::dataflow::ProbeHandle;
 
 use crate::aggregate::AggregateState;
+use crate::checkpointing::{Alignment, CheckpointContext, Contribution};
 use crate::dataflow::{
     cluster_config, exchange_by_key, tag_watermarks, DataflowScope, Epoch, Event, EventBuilder,
     EventStream,
@@ -46,6 +48,8 @@ pub struct JobOptions {
     pub select_output: Option<Arc<dyn SelectOutput>>,
     /// Counters; pass your own to watch a running job (the demo does).
     pub metrics: Arc<JobMetrics>,
+    /// Ignore existing checkpoints and start from the beginning of the input.
+    pub fresh: bool,
 }
 
 impl Default for JobOptions {
@@ -56,6 +60,7 @@ impl Default for JobOptions {
             hosts: None,
             select_output: None,
             metrics: JobMetrics::new(),
+            fresh: false,
         }
     }
 }
@@ -92,15 +97,7 @@ fn spec(table: &TableDef) -> ConnectorSpec {
 /// Checks a plan against the connectors before anything runs: options, and that every sink
 /// accepts the kind of changes its query produces.
 pub fn validate(plan: &JobPlan) -> Result<()> {
-    // Checkpointing is not built yet: refuse its settings rather than run without it.
-    if let Some(key) = plan.settings.keys().find(|k| {
-        k.starts_with("execution.checkpointing.") || k.starts_with("execution.state-recovery.")
-    }) {
-        return Err(Error::plan(format!(
-            "'{key}': checkpoints and recovery are not available yet in this version; remove the setting \
-             (a failed job reruns from the start of its input)"
-        )));
-    }
+    crate::checkpointing::CheckpointConfig::from_settings(&plan.settings, crate::source::EPOCH_MS)?;
     for p in &plan.pipelines {
         let mut tables = vec![];
         collect_scans(&p.query, &mut tables);
@@ -178,6 +175,55 @@ fn collect_scans(node: &StreamNode, out: &mut Vec<Arc<TableDef>>) {
     }
 }
 
+/// Checkpointing for one run: the store, and what the run resumes from.
+#[derive(Clone)]
+struct RunCheckpoints {
+    config: crate::checkpointing::CheckpointConfig,
+    store: Arc<sluice_state::checkpoint::CheckpointStore>,
+    restore: Option<sluice_state::checkpoint::Manifest>,
+    base: Epoch,
+    fingerprint: String,
+}
+
+fn prepare_checkpoints(plan: &JobPlan, fresh: bool) -> Result<Option<RunCheckpoints>> {
+    let Some(config) = crate::checkpointing::CheckpointConfig::from_settings(
+        &plan.settings,
+        crate::source::EPOCH_MS,
+    )?
+    else {
+        return Ok(None);
+    };
+    let store = Arc::new(sluice_state::checkpoint::CheckpointStore::open(
+        &config.dir,
+    )?);
+    let fingerprint = crate::checkpointing::fingerprint(plan);
+    let latest =
+        store.latest(|epoch, why| eprintln!("checkpoint {epoch} is damaged and skipped: {why}"))?;
+    let restore = if fresh { None } else { latest.clone() };
+    if let Some(m) = &restore {
+        if m.plan_fingerprint != fingerprint {
+            return Err(Error::plan(format!(
+                "the checkpoint in '{}' (epoch {}) was taken by a different pipeline: its operators or state layout differ \
+                 from this script's; run the original script, or start over with --fresh",
+                config.dir, m.epoch
+            )));
+        }
+        eprintln!(
+            "resuming from checkpoint {} in {} (taken with {} workers)",
+            m.epoch, config.dir, m.workers
+        );
+    }
+    // New checkpoints sort after every existing one, restored or not.
+    let base = latest.map(|m| m.epoch + 1).unwrap_or(0);
+    Ok(Some(RunCheckpoints {
+        config,
+        store,
+        restore,
+        base,
+        fingerprint,
+    }))
+}
+
 /// Runs a job until its bounded inputs are exhausted (or forever, for unbounded ones).
 pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
     validate(&plan)?;
@@ -210,17 +256,29 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
             }
         }
     }
+    let checkpointing = prepare_checkpoints(&plan, options.fresh)?;
+    let finished_checkpointing = checkpointing.clone();
     let worker_metrics = metrics.clone();
     let guards = timely::execute(config, move |worker| {
         let index = worker.index();
         let peers = worker.peers();
         let probe = ProbeHandle::<Epoch>::new();
+        let checkpoint = checkpointing.as_ref().map(|c| {
+            std::rc::Rc::new(CheckpointContext {
+                store: c.store.clone(),
+                every: c.config.every,
+                base: c.base,
+                restore: c.restore.clone(),
+                contributors: Default::default(),
+            })
+        });
         let ctx = BuildContext {
             index,
             peers,
             metrics: worker_metrics.clone(),
             probe: probe.clone(),
             batch_rows,
+            checkpoint: checkpoint.clone(),
         };
         worker.dataflow::<Epoch, _, _>(|scope| {
             for p in plan.pipelines.iter() {
@@ -233,8 +291,29 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
                 };
             }
         });
+        // Worker 0 commits checkpoints: once the probe passes a checkpoint epoch, every file of
+        // it has been written.
+        let mut next_commit = checkpoint.as_ref().map(|c| c.next_checkpoint(c.base));
         while !probe.done() && !worker_metrics.failed() {
             worker.step_or_park(Some(Duration::from_millis(20)));
+            if let (0, Some(ck), Some(epoch), Some(c)) = (
+                index,
+                checkpoint.as_ref(),
+                next_commit.as_mut(),
+                checkpointing.as_ref(),
+            ) {
+                while !probe.done() && !probe.less_equal(epoch) {
+                    match ck.try_commit(*epoch, peers, &c.fingerprint, c.config.retained) {
+                        Ok(true) => {
+                            worker_metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
+                            eprintln!("checkpoint {} committed", epoch);
+                        }
+                        Ok(false) => {}
+                        Err(e) => eprintln!("checkpoint {epoch} failed: {e}"),
+                    }
+                    *epoch += ck.every;
+                }
+            }
         }
     })
     .map_err(|e| Error::Runtime(format!("could not start the workers: {e}")))?;
@@ -243,6 +322,12 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
     }
     if let Some(e) = metrics.error.lock().expect("metrics").take() {
         return Err(e);
+    }
+    // A job that ran to its end needs no checkpoint to resume from (Flink drops them too).
+    if let Some(c) = &finished_checkpointing {
+        if !metrics.is_cancelled() {
+            c.store.clear()?;
+        }
     }
     Ok(JobSummary {
         rows_read: metrics.rows_read(),
@@ -264,6 +349,8 @@ pub(crate) struct BuildContext {
     pub probe: ProbeHandle<Epoch>,
     /// Rows per source batch.
     pub batch_rows: usize,
+    /// Checkpointing, when enabled.
+    pub checkpoint: Option<std::rc::Rc<crate::checkpointing::CheckpointContext>>,
 }
 
 fn build<'scope>(
@@ -399,6 +486,113 @@ fn merge_watermarks<'scope>(
     })
 }
 
+/// One worker's aggregation: its state, its watermark tracking and its late-row writer.
+struct AggregateTask {
+    state: AggregateState,
+    tracker: WatermarkTracker,
+    late_writer: Option<(
+        Box<dyn sluice_connectors::SinkWriter>,
+        Arc<std::sync::atomic::AtomicU64>,
+        SchemaRef,
+    )>,
+    metrics: Arc<JobMetrics>,
+    index: usize,
+    peers: usize,
+}
+
+impl AggregateTask {
+    fn handle<C: CapabilityTrait<Epoch>>(
+        &mut self,
+        cap: &C,
+        data: &mut Event,
+        output: &mut OutputBuilderSession<'_, Epoch, EventBuilder>,
+    ) {
+        let metrics = self.metrics.clone();
+        match data {
+            Event::Data(d) => match self.state.apply(&d.batch) {
+                Ok(outcome) => {
+                    AggregateState::count_late(&metrics, outcome.late_rows);
+                    if let (Some(rows), Some((w, counter, schema))) =
+                        (outcome.late, self.late_writer.as_mut())
+                    {
+                        counter.fetch_add(rows.num_rows() as u64, Ordering::Relaxed);
+                        let rows = arrow::record_batch::RecordBatch::try_new(
+                            schema.clone(),
+                            rows.columns().to_vec(),
+                        );
+                        if let Err(e) = rows
+                            .map_err(Error::from)
+                            .and_then(|r| w.write(&ChangeBatch::inserts(r)))
+                        {
+                            metrics.fail(e);
+                        }
+                    }
+                    if let Some(out) = outcome.output {
+                        output.session(cap).give_container(&mut Event::data(out));
+                    }
+                }
+                Err(e) => metrics.fail(e),
+            },
+            Event::Watermark { from, ts, idle, .. } => {
+                let progress = self.tracker.receive(*from, *ts, *idle);
+                if let Some(wm) = progress.advanced {
+                    match self.state.advance_watermark(wm) {
+                        Ok(Some(out)) => output.session(cap).give_container(&mut Event::data(out)),
+                        Ok(None) => {}
+                        Err(e) => metrics.fail(e),
+                    }
+                }
+                if let Some((wm, idle)) = progress.forward {
+                    let mut event = if idle {
+                        Event::idle(self.index, wm, self.peers)
+                    } else {
+                        Event::watermark(self.index, wm, self.peers)
+                    };
+                    output.session(cap).give_container(&mut event);
+                }
+            }
+            Event::Empty => {}
+        }
+    }
+
+    /// Writes this worker's state into checkpoint `epoch`, as Arrow IPC.
+    fn snapshot(
+        &self,
+        store: &sluice_state::checkpoint::CheckpointStore,
+        epoch: Epoch,
+        id: &str,
+    ) -> Result<()> {
+        let batch = self.state.snapshot()?;
+        let mut bytes = vec![];
+        {
+            let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut bytes, &batch.schema())?;
+            w.write(&batch)?;
+            w.finish()?;
+        }
+        let name = CheckpointContext::file_name(Contribution::State, id, self.index);
+        store.put(epoch, &name, bytes).map(|_| ())
+    }
+}
+
+/// Restores an aggregation's state from every worker's snapshot, keeping the key groups this
+/// worker owns (so a checkpoint restores on any worker count).
+fn restore_state(
+    state: &mut AggregateState,
+    files: Vec<bytes::Bytes>,
+    index: usize,
+    peers: usize,
+) -> Result<()> {
+    for file in files {
+        let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(file), None)?;
+        for batch in reader {
+            state.restore(&batch?, |kg| {
+                crate::dataflow::worker_for_hash(kg as u64, peers) == index
+            })?;
+        }
+    }
+    Ok(())
+}
+
 fn aggregate<'scope>(
     stream: EventStream<'scope>,
     state: Result<AggregateState>,
@@ -407,8 +601,10 @@ fn aggregate<'scope>(
     ctx: &BuildContext,
 ) -> EventStream<'scope> {
     let (index, peers, metrics) = (ctx.index, ctx.peers, ctx.metrics.clone());
+    let checkpoint = ctx.checkpoint.clone();
+    let id = checkpoint.as_ref().map(|c| c.register(Contribution::State));
     // 'late-data.sink': this operator writes the rows it drops as late itself.
-    let mut late_writer = match &late_table {
+    let late_writer = match &late_table {
         None => None,
         Some(t) => match open_sink(&spec(t), index, peers) {
             Ok(w) => Some((w, metrics.write_counter(&t.name), t.physical_schema.clone())),
@@ -418,8 +614,21 @@ fn aggregate<'scope>(
             }
         },
     };
-    let mut state = match state {
-        Ok(s) => Some(s),
+    let state = state.and_then(|mut s| {
+        if let (Some(c), Some(id)) = (&checkpoint, &id) {
+            restore_state(&mut s, c.restored(Contribution::State, id)?, index, peers)?;
+        }
+        Ok(s)
+    });
+    let mut task = match state {
+        Ok(state) => Some(AggregateTask {
+            state,
+            tracker: WatermarkTracker::new(peers),
+            late_writer,
+            metrics: metrics.clone(),
+            index,
+            peers,
+        }),
         Err(e) => {
             metrics.fail(e);
             None
@@ -427,9 +636,9 @@ fn aggregate<'scope>(
     };
     let scope = stream.scope();
     let early_fire = early_fire_ms.map(Duration::from_millis);
-    stream.unary_frontier::<EventBuilder, _, _, _>(Pipeline, "Aggregate", move |_cap, info| {
-        let mut tracker = WatermarkTracker::new(peers);
+    stream.unary_frontier::<EventBuilder, _, _, _>(Pipeline, "Aggregate", move |initial, info| {
         let activator = scope.activator_for(info.address.clone());
+        let mut align = checkpoint.as_ref().map(|c| Alignment::new(c, initial));
         // Early firing emits without an input message, so it holds a capability, kept at the
         // input frontier so that it never holds the job back.
         let mut held: Option<timely::dataflow::operators::Capability<Epoch>> = None;
@@ -437,76 +646,56 @@ fn aggregate<'scope>(
         let mut reported = false;
         move |(input, frontier), output| {
             input.for_each(|cap, data| {
-                let Some(state) = state.as_mut() else { return };
+                let Some(task) = task.as_mut() else { return };
                 if metrics.failed() {
                     return;
                 }
                 if early_fire.is_some() && held.is_none() {
                     held = cap.retain_least(0);
                 }
-                match data {
-                    Event::Data(d) => match state.apply(&d.batch) {
-                        Ok(outcome) => {
-                            AggregateState::count_late(&metrics, outcome.late_rows);
-                            if let (Some(rows), Some((w, counter, schema))) =
-                                (outcome.late, late_writer.as_mut())
-                            {
-                                counter.fetch_add(rows.num_rows() as u64, Ordering::Relaxed);
-                                let rows = arrow::record_batch::RecordBatch::try_new(
-                                    schema.clone(),
-                                    rows.columns().to_vec(),
-                                );
-                                match rows
-                                    .map_err(Error::from)
-                                    .and_then(|r| w.write(&ChangeBatch::inserts(r)))
-                                {
-                                    Ok(()) => {}
-                                    Err(e) => metrics.fail(e),
-                                }
-                            }
-                            if let Some(out) = outcome.output {
-                                output.session(&cap).give_container(&mut Event::data(out));
-                            }
+                if let Some(al) = align.as_mut() {
+                    let time = cap.least().copied().unwrap_or_default();
+                    if al.must_wait(time) {
+                        if let Some(c) = cap.retain_least(0) {
+                            al.stash(c, std::mem::take(data));
                         }
-                        Err(e) => metrics.fail(e),
-                    },
-                    Event::Watermark { from, ts, idle, .. } => {
-                        let progress = tracker.receive(*from, *ts, *idle);
-                        if let Some(wm) = progress.advanced {
-                            match state.advance_watermark(wm) {
-                                Ok(Some(out)) => {
-                                    output.session(&cap).give_container(&mut Event::data(out))
-                                }
-                                Ok(None) => {}
-                                Err(e) => metrics.fail(e),
-                            }
-                        }
-                        if let Some((wm, idle)) = progress.forward {
-                            let mut event = if idle {
-                                Event::idle(index, wm, peers)
-                            } else {
-                                Event::watermark(index, wm, peers)
-                            };
-                            output.session(&cap).give_container(&mut event);
-                        }
+                        return;
                     }
-                    Event::Empty => {}
                 }
+                task.handle(&cap, data, output);
             });
-            if frontier.frontier().is_empty() && !reported {
-                reported = true;
-                if let Some((mut w, _, _)) = late_writer.take() {
-                    if let Err(e) = w.finish() {
+            if let (Some(al), Some(task), Some(ck), Some(id)) = (
+                align.as_mut(),
+                task.as_mut(),
+                checkpoint.as_ref(),
+                id.as_ref(),
+            ) {
+                while let Some(epoch) = al.due(frontier) {
+                    if let Err(e) = task.snapshot(&ck.store, epoch, id) {
                         metrics.fail(e);
                     }
+                    for (c, mut event) in al.advance() {
+                        task.handle(&c, &mut event, output);
+                    }
                 }
-                if let Some(state) = state.as_ref() {
+                for (c, mut event) in al.finish(frontier) {
+                    task.handle(&c, &mut event, output);
+                }
+            }
+            if frontier.frontier().is_empty() && !reported {
+                reported = true;
+                if let Some(task) = task.as_mut() {
+                    if let Some((mut w, _, _)) = task.late_writer.take() {
+                        if let Err(e) = w.finish() {
+                            metrics.fail(e);
+                        }
+                    }
                     metrics
                         .state_bytes
-                        .fetch_add(state.size_bytes() as u64, Ordering::Relaxed);
+                        .fetch_add(task.state.size_bytes() as u64, Ordering::Relaxed);
                     metrics
                         .state_groups
-                        .fetch_add(state.groups() as u64, Ordering::Relaxed);
+                        .fetch_add(task.state.groups() as u64, Ordering::Relaxed);
                 }
             }
             let Some(delay) = early_fire else { return };
@@ -520,9 +709,9 @@ fn aggregate<'scope>(
                     }
                 }
             }
-            if let (Some(h), Some(state)) = (held.as_ref(), state.as_mut()) {
+            if let (Some(h), Some(task)) = (held.as_ref(), task.as_mut()) {
                 if Instant::now() >= next_fire {
-                    match state.early_fire() {
+                    match task.state.early_fire() {
                         Ok(Some(out)) => output.session(h).give_container(&mut Event::data(out)),
                         Ok(None) => {}
                         Err(e) => metrics.fail(e),
@@ -541,7 +730,16 @@ fn table_sink<'scope>(
     ctx: &BuildContext,
 ) -> EventStream<'scope> {
     let (metrics, counter) = (ctx.metrics.clone(), ctx.metrics.write_counter(&table.name));
-    let mut writer = match open_sink(&spec(table), ctx.index, ctx.peers) {
+    let checkpoint = ctx.checkpoint.clone();
+    let (index, peers) = (ctx.index, ctx.peers);
+    let writer = open_sink(&spec(table), index, peers).and_then(|mut w| {
+        if let Some(c) = &checkpoint {
+            // Two-phase commit: settle what earlier runs left, against the restored checkpoint.
+            w.begin_transactions(c.restore.as_ref().map(|m| m.epoch), index, peers)?;
+        }
+        Ok(w)
+    });
+    let mut writer = match writer {
         Ok(w) => Some(w),
         Err(e) => {
             metrics.fail(e);
@@ -549,30 +747,90 @@ fn table_sink<'scope>(
         }
     };
     let schema = table.physical_schema.clone();
+    let scope = stream.scope();
+    let write = move |writer: &mut Option<Box<dyn sluice_connectors::SinkWriter>>,
+                      data: &mut Event| {
+        if let (Event::Data(d), Some(w)) = (data, writer.as_mut()) {
+            counter.fetch_add(d.batch.num_rows() as u64, Ordering::Relaxed);
+            // Columns keep the table's declared names and nullability.
+            let result = d
+                .batch
+                .with_columns(schema.clone(), d.batch.data.columns().to_vec())
+                .map_err(Error::from)
+                .and_then(|b| w.write(&b));
+            if let Err(e) = result {
+                metrics.fail(e);
+            }
+        }
+    };
+    let metrics = ctx.metrics.clone();
     stream.unary_frontier::<EventBuilder, _, _, _>(
         Pipeline,
         &format!("Sink({})", table.name),
-        move |_cap, _info| {
+        move |initial, info| {
+            let activator = scope.activator_for(info.address.clone());
+            let mut align = checkpoint.as_ref().map(|c| Alignment::new(c, initial));
+            let mut sealed: std::collections::VecDeque<Epoch> = Default::default();
             move |(input, frontier), _output| {
-                input.for_each(|_cap, data| {
-                    if let (Event::Data(d), Some(w)) = (data, writer.as_mut()) {
-                        counter.fetch_add(d.batch.num_rows() as u64, Ordering::Relaxed);
-                        // Columns keep the table's declared names and nullability.
-                        let batch = match d
-                            .batch
-                            .with_columns(schema.clone(), d.batch.data.columns().to_vec())
-                        {
-                            Ok(b) => b,
-                            Err(e) => return metrics.fail(e.into()),
-                        };
-                        if let Err(e) = w.write(&batch) {
-                            metrics.fail(e);
+                input.for_each(|cap, data| {
+                    if let Some(al) = align.as_mut() {
+                        let time = cap.least().copied().unwrap_or_default();
+                        if al.must_wait(time) {
+                            if let Some(c) = cap.retain_least(0) {
+                                al.stash(c, std::mem::take(data));
+                            }
+                            return;
                         }
                     }
+                    write(&mut writer, data);
                 });
+                if let Some(al) = align.as_mut() {
+                    while let Some(epoch) = al.due(frontier) {
+                        if let Some(w) = writer.as_mut() {
+                            match w.pre_commit(epoch) {
+                                Ok(()) => sealed.push_back(epoch),
+                                Err(e) => metrics.fail(e),
+                            }
+                        }
+                        for (_, mut event) in al.advance() {
+                            write(&mut writer, &mut event);
+                        }
+                    }
+                    for (_, mut event) in al.finish(frontier) {
+                        write(&mut writer, &mut event);
+                    }
+                }
+                // Publish what checkpoints worker 0 has committed since.
+                if let (Some(ck), Some(w)) = (checkpoint.as_ref(), writer.as_mut()) {
+                    while let Some(&epoch) = sealed.front() {
+                        match ck.store.is_committed(epoch) {
+                            Ok(true) => {
+                                sealed.pop_front();
+                                if let Err(e) = w.commit(epoch) {
+                                    metrics.fail(e);
+                                }
+                            }
+                            Ok(false) => break,
+                            Err(e) => {
+                                metrics.fail(e);
+                                break;
+                            }
+                        }
+                    }
+                    if !sealed.is_empty() {
+                        activator.activate_after(Duration::from_millis(20));
+                    }
+                }
                 if frontier.is_empty() {
                     if let Some(mut w) = writer.take() {
-                        if let Err(e) = w.finish() {
+                        // Only a job that read all its input publishes everything; a stopped one
+                        // leaves sealed output to the next run's recovery.
+                        let done = if metrics.is_cancelled() || metrics.failed() {
+                            w.abort()
+                        } else {
+                            w.finish()
+                        };
+                        if let Err(e) = done {
                             metrics.fail(e);
                         }
                     }

@@ -15,6 +15,7 @@
 
 pub mod aggregate;
 pub mod aggregate_snapshot;
+pub mod checkpointing;
 pub mod dataflow;
 pub mod job;
 pub mod metrics;

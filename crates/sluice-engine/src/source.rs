@@ -14,14 +14,16 @@ use sluice_connectors::{Poll, SourceReader};
 use sluice_sql::TableDef;
 use timely::dataflow::operators::generic::operator::source;
 
+use crate::checkpointing::{CheckpointContext, Contribution};
 use crate::dataflow::{DataflowScope, Epoch, Event, EventBuilder, EventStream};
 use crate::job::BuildContext;
 use crate::stateless::evaluate;
 
 /// Epochs a source may run ahead of the slowest sink before it waits.
 const MAX_EPOCHS_IN_FLIGHT: u64 = 4;
-/// Processing time per epoch.
-const EPOCH_LENGTH: Duration = Duration::from_millis(50);
+/// Processing time per epoch, in milliseconds.
+pub const EPOCH_MS: u64 = 50;
+const EPOCH_LENGTH: Duration = Duration::from_millis(EPOCH_MS);
 
 /// Turns a reader's raw batch into the rows to emit and the watermark they allow.
 pub type Prepare = Box<dyn FnMut(RecordBatch) -> Result<(ChangeBatch, Option<i64>)>>;
@@ -42,6 +44,29 @@ pub(crate) fn source_stream<'scope>(
         ctx.probe.clone(),
         ctx.batch_rows,
     );
+    let checkpoint = ctx.checkpoint.clone();
+    let id = checkpoint
+        .as_ref()
+        .map(|c| c.register(Contribution::SourceOffsets));
+    // Resume from the restored checkpoint: the offsets of every worker, merged.
+    let reader = reader.and_then(|mut r| {
+        if let (Some(c), Some(id)) = (&checkpoint, &id) {
+            let mut offsets = sluice_connectors::SourceOffsets::new();
+            for file in c.restored(Contribution::SourceOffsets, id)? {
+                let part: sluice_connectors::SourceOffsets = serde_json::from_slice(&file)
+                    .map_err(|e| {
+                        sluice_common::Error::Runtime(format!(
+                            "checkpoint: source offsets of {name}: {e}"
+                        ))
+                    })?;
+                offsets.extend(part);
+            }
+            if c.restore.is_some() {
+                r.seek(&offsets)?;
+            }
+        }
+        Ok(r)
+    });
     let mut reader = match reader {
         Ok(r) => Some(r),
         Err(e) => {
@@ -53,7 +78,10 @@ pub(crate) fn source_stream<'scope>(
     source::<_, EventBuilder, _, _>(scope, &format!("Source({name})"), move |cap, info| {
         let activator = scope.activator_for(info.address.clone());
         let mut cap = Some(cap);
-        let mut epoch: Epoch = 0;
+        let mut epoch: Epoch = checkpoint.as_ref().map_or(0, |c| c.base);
+        if let Some(c) = cap.as_mut() {
+            c.downgrade(&epoch);
+        }
         let mut epoch_started = Instant::now();
         let mut splits = SplitWatermarks::default();
         let mut skipped_reported = 0;
@@ -152,6 +180,17 @@ pub(crate) fn source_stream<'scope>(
                     .give_container(&mut Event::idle(index, splits.current, peers));
             }
             if epoch_started.elapsed() >= EPOCH_LENGTH {
+                // Leaving a checkpoint epoch: record where this worker's reading stands.
+                if let (Some(ck), Some(id)) = (&checkpoint, &id) {
+                    if ck.is_checkpoint(epoch) {
+                        let name =
+                            CheckpointContext::file_name(Contribution::SourceOffsets, id, index);
+                        let offsets = serde_json::to_vec(&r.offsets()).expect("offsets serialize");
+                        if let Err(e) = ck.store.put(epoch, &name, offsets) {
+                            metrics.fail(e);
+                        }
+                    }
+                }
                 epoch += 1;
                 c.downgrade(&epoch);
                 epoch_started = Instant::now();

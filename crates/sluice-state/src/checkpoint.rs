@@ -87,6 +87,46 @@ impl CheckpointStore {
             .map_err(|e| store_error(&self.location, e))
     }
 
+    /// The size of a file of checkpoint `epoch`, if it exists.
+    pub fn size(&self, epoch: u64, name: &str) -> Result<Option<u64>> {
+        let path = Path::from(format!("{}/{name}", checkpoint_dir(epoch)));
+        match self.runtime.block_on(self.store.head(&path)) {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(store_error(&self.location, e)),
+        }
+    }
+
+    /// Whether checkpoint `epoch` was committed (its manifest exists).
+    pub fn is_committed(&self, epoch: u64) -> Result<bool> {
+        Ok(self.size(epoch, "_manifest")?.is_some())
+    }
+
+    /// Deletes every checkpoint (after a job finished successfully, as Flink does).
+    pub fn clear(&self) -> Result<()> {
+        for epoch in self.epochs()? {
+            let prefix = Path::from(checkpoint_dir(epoch));
+            let listing = self
+                .runtime
+                .block_on(self.store.list_with_delimiter(Some(&prefix)))
+                .map_err(|e| store_error(&self.location, e))?;
+            for object in listing.objects {
+                self.runtime
+                    .block_on(self.store.delete(&object.location))
+                    .map_err(|e| store_error(&self.location, e))?;
+            }
+            let _ = std::fs::remove_dir(
+                std::path::Path::new(
+                    self.location
+                        .strip_prefix("file://")
+                        .unwrap_or(&self.location),
+                )
+                .join(checkpoint_dir(epoch)),
+            );
+        }
+        Ok(())
+    }
+
     /// Commits checkpoint `manifest.epoch`: the manifest is written last, atomically.
     pub fn commit(&self, manifest: &Manifest) -> Result<()> {
         let json =

@@ -40,6 +40,9 @@ enum Command {
         /// A file with one host:port per line, one line per process.
         #[arg(long)]
         hosts: Option<PathBuf>,
+        /// Ignore existing checkpoints and start from the beginning of the input.
+        #[arg(long)]
+        fresh: bool,
     },
     /// Measure throughput on the built-in generators (use a release build).
     Bench {
@@ -79,7 +82,8 @@ fn main() -> ExitCode {
             processes,
             process_id,
             hosts,
-        } => run(file, workers, processes, process_id, hosts),
+            fresh,
+        } => run(file, workers, processes, process_id, hosts, fresh),
         Command::Demo { seconds, workers } => demo::run(seconds, workers),
         Command::Bench {
             events,
@@ -104,6 +108,7 @@ fn run(
     processes: usize,
     process_id: usize,
     hosts: Option<PathBuf>,
+    fresh: bool,
 ) -> Result<(), String> {
     let sql = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
     let plan = sluice_sql::plan_script(&sql).map_err(|e| format!("{}: {e}", file.display()))?;
@@ -159,6 +164,7 @@ fn run(
         hosts,
         select_output: Some(printer.clone()),
         metrics,
+        fresh,
     };
     let summary = sluice_engine::run(plan, options).map_err(|e| e.to_string())?;
     printer.finish();

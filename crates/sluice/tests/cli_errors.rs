@@ -235,7 +235,7 @@ fn debezium_sink_folds_to_the_final_counts() {
 }
 
 #[test]
-fn checkpoint_settings_are_refused_until_checkpoints_exist() {
+fn checkpoint_settings_are_checked() {
     let dir = tempfile::tempdir().unwrap();
     let data = write_orders(dir.path(), &[GOOD]);
     let script = format!(
@@ -244,6 +244,14 @@ fn checkpoint_settings_are_refused_until_checkpoints_exist() {
     );
     fails_with(
         &sluice(&script, dir.path()),
-        &["'execution.checkpointing.interval'", "not available yet"],
+        &["'execution.checkpointing.dir' is not"],
+    );
+    let script = format!(
+        "SET 'execution.checkpointing.mode' = 'AT_LEAST_ONCE';\n{}SELECT id FROM orders;",
+        orders_ddl(&data, "")
+    );
+    fails_with(
+        &sluice(&script, dir.path()),
+        &["'execution.checkpointing.mode' is not supported yet"],
     );
 }

@@ -1,0 +1,319 @@
+//! Checkpoints at epoch boundaries.
+//!
+//! Every `every`-th epoch is a checkpoint epoch; operators know them without talking:
+//! - sources write their offsets before leaving a checkpoint epoch;
+//! - aggregations and sinks align: rows of later epochs wait (with their capabilities) until the
+//!   input frontier passes the checkpoint epoch, then the operator snapshots (or pre-commits)
+//!   and goes on. Each holds a capability at the pending checkpoint epoch until it is done, so
+//!   the job's probe passing an epoch means every file of that checkpoint is written;
+//! - worker 0 then writes the manifest (the commit point), and sinks publish what they
+//!   pre-committed for it.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use sluice_common::{Error, Result};
+use sluice_sql::{JobPlan, SinkTarget, StreamNode};
+use sluice_state::checkpoint::{CheckpointStore, Manifest, FORMAT_VERSION};
+use timely::dataflow::operators::Capability;
+use timely::progress::frontier::MutableAntichain;
+
+use crate::dataflow::{Epoch, Event};
+
+/// `SET 'execution.checkpointing.*'`.
+#[derive(Debug, Clone)]
+pub struct CheckpointConfig {
+    pub dir: String,
+    /// Epochs between checkpoints.
+    pub every: u64,
+    pub retained: usize,
+}
+
+impl CheckpointConfig {
+    /// Reads the settings; `None` when checkpointing is off.
+    pub fn from_settings(
+        settings: &BTreeMap<String, String>,
+        epoch_ms: u64,
+    ) -> Result<Option<Self>> {
+        for key in settings.keys() {
+            let known = [
+                "execution.checkpointing.interval",
+                "execution.checkpointing.dir",
+                "execution.checkpointing.num-retained",
+            ];
+            if (key.starts_with("execution.checkpointing.")
+                || key.starts_with("execution.state-recovery."))
+                && !known.contains(&key.as_str())
+            {
+                return Err(Error::plan(format!(
+                    "'{key}' is not supported yet (supported: {})",
+                    known.join(", ")
+                )));
+            }
+        }
+        let Some(interval) = settings.get("execution.checkpointing.interval") else {
+            if settings.contains_key("execution.checkpointing.dir") {
+                return Err(Error::plan("'execution.checkpointing.dir' is set but 'execution.checkpointing.interval' is not (for example '1 s')"));
+            }
+            return Ok(None);
+        };
+        let ms = sluice_common::time::parse_duration_ms(interval)
+            .filter(|ms| *ms > 0)
+            .ok_or_else(|| Error::plan(format!("'execution.checkpointing.interval' = '{interval}' is not a positive duration such as '1 s'")))?;
+        let dir = settings.get("execution.checkpointing.dir").cloned().ok_or_else(|| {
+            Error::plan("'execution.checkpointing.interval' is set but 'execution.checkpointing.dir' is not: say where checkpoints go")
+        })?;
+        let retained = match settings.get("execution.checkpointing.num-retained") {
+            None => 1,
+            Some(v) => v.trim().parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                Error::plan(format!("'execution.checkpointing.num-retained' = '{v}' must be a positive whole number"))
+            })?,
+        };
+        Ok(Some(CheckpointConfig {
+            dir,
+            every: (ms as u64 / epoch_ms).max(1),
+            retained,
+        }))
+    }
+}
+
+/// A structural fingerprint of a plan: operators, schemas and aggregate calls. A checkpoint
+/// restores only into a plan with the same fingerprint.
+pub fn fingerprint(plan: &JobPlan) -> String {
+    fn node(n: &StreamNode, out: &mut String) {
+        let fields = |s: &arrow::datatypes::SchemaRef| {
+            s.fields()
+                .iter()
+                .map(|f| format!("{}:{}", f.name(), f.data_type()))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        match n {
+            StreamNode::Scan { table, schema, .. } => {
+                out.push_str(&format!("scan({};{})", table.name, fields(schema)))
+            }
+            StreamNode::Values { rows } => out.push_str(&format!("values({})", rows.num_rows())),
+            StreamNode::Project { input, schema, .. } => {
+                node(input, out);
+                out.push_str(&format!("project({})", fields(schema)));
+            }
+            StreamNode::Filter { input, .. } => {
+                node(input, out);
+                out.push_str("filter");
+            }
+            StreamNode::Union { inputs, .. } => {
+                inputs.iter().for_each(|i| node(i, out));
+                out.push_str(&format!("union({})", inputs.len()));
+            }
+            StreamNode::WindowAssign { input, kind, .. } => {
+                node(input, out);
+                out.push_str(&format!("window({kind:?})"));
+            }
+            StreamNode::Aggregate {
+                input,
+                aggs,
+                window,
+                schema,
+                ..
+            } => {
+                node(input, out);
+                let calls: Vec<String> = aggs
+                    .iter()
+                    .map(|a| {
+                        format!(
+                            "{:?}{}:{}",
+                            a.func,
+                            if a.distinct { "d" } else { "" },
+                            a.output_type
+                        )
+                    })
+                    .collect();
+                let window = match window {
+                    sluice_sql::AggWindow::None => "none".to_string(),
+                    sluice_sql::AggWindow::Assigned { .. } => "assigned".to_string(),
+                    sluice_sql::AggWindow::Session { gap, .. } => format!("session{gap}"),
+                };
+                out.push_str(&format!(
+                    "aggregate({};{};{})",
+                    calls.join(","),
+                    window,
+                    fields(schema)
+                ));
+            }
+        }
+    }
+    let mut out = String::new();
+    for p in &plan.pipelines {
+        node(&p.query, &mut out);
+        match &p.sink {
+            SinkTarget::Table(t) => out.push_str(&format!("->{}|", t.name)),
+            SinkTarget::Select { index } => out.push_str(&format!("->select{index}|")),
+        }
+    }
+    // FNV-1a: stable across builds, unlike the standard library's hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in out.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// What kind of file an operator contributes to each checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Contribution {
+    SourceOffsets,
+    State,
+}
+
+/// Per worker: the checkpoint store, the cadence, what to restore, and the operators that
+/// contribute files (registered as the dataflow is built, in the same order on every worker).
+pub struct CheckpointContext {
+    pub store: Arc<CheckpointStore>,
+    pub every: u64,
+    /// The first epoch of this run: after the restored checkpoint, so new ones sort after it.
+    pub base: Epoch,
+    pub restore: Option<Manifest>,
+    pub contributors: RefCell<Vec<(Contribution, String)>>,
+}
+
+impl CheckpointContext {
+    /// Registers an operator and returns its id.
+    pub fn register(&self, kind: Contribution) -> String {
+        let mut c = self.contributors.borrow_mut();
+        let id = format!("op{}", c.len());
+        c.push((kind, id.clone()));
+        id
+    }
+
+    /// The first checkpoint epoch at or after `epoch`.
+    pub fn next_checkpoint(&self, epoch: Epoch) -> Epoch {
+        epoch.div_ceil(self.every) * self.every
+    }
+
+    /// Whether `epoch` is a checkpoint epoch.
+    pub fn is_checkpoint(&self, epoch: Epoch) -> bool {
+        epoch % self.every == 0
+    }
+
+    /// File name of an operator's contribution from one worker.
+    pub fn file_name(kind: Contribution, id: &str, worker: usize) -> String {
+        match kind {
+            Contribution::SourceOffsets => format!("source-{id}-w{worker}"),
+            Contribution::State => format!("state-{id}-w{worker}"),
+        }
+    }
+
+    /// The restored files of one operator, from every worker of the checkpoint.
+    pub fn restored(&self, kind: Contribution, id: &str) -> Result<Vec<bytes::Bytes>> {
+        let Some(m) = &self.restore else {
+            return Ok(vec![]);
+        };
+        let prefix = Self::file_name(kind, id, 0);
+        let prefix = &prefix[..prefix.len() - 1];
+        m.files
+            .keys()
+            .filter(|f| f.starts_with(prefix))
+            .map(|f| self.store.get(m.epoch, f))
+            .collect()
+    }
+
+    /// Commits checkpoint `epoch` if every contributor of every worker wrote its file.
+    pub fn try_commit(
+        &self,
+        epoch: Epoch,
+        workers: usize,
+        fingerprint: &str,
+        retained: usize,
+    ) -> Result<bool> {
+        let mut files = BTreeMap::new();
+        for (kind, id) in self.contributors.borrow().iter() {
+            for w in 0..workers {
+                let name = Self::file_name(*kind, id, w);
+                match self.store.size(epoch, &name)? {
+                    Some(size) => {
+                        files.insert(name, size);
+                    }
+                    // A finished source wrote nothing: this checkpoint cannot be complete.
+                    None => return Ok(false),
+                }
+            }
+        }
+        let manifest = Manifest {
+            version: FORMAT_VERSION,
+            epoch,
+            plan_fingerprint: fingerprint.to_string(),
+            workers,
+            files,
+        };
+        self.store.commit(&manifest)?;
+        self.store.retain(retained)?;
+        Ok(true)
+    }
+}
+
+/// Holds rows of later epochs back until the input frontier passes the pending checkpoint
+/// epoch, and a capability at that epoch until the operator has done its part.
+pub struct Alignment {
+    pub next: Epoch,
+    every: u64,
+    held: Option<Capability<Epoch>>,
+    stash: Vec<(Capability<Epoch>, Event)>,
+}
+
+impl Alignment {
+    pub fn new(ctx: &CheckpointContext, mut initial: Capability<Epoch>) -> Self {
+        let next = ctx.next_checkpoint(ctx.base);
+        initial.downgrade(&next);
+        Alignment {
+            next,
+            every: ctx.every,
+            held: Some(initial),
+            stash: vec![],
+        }
+    }
+
+    /// Whether a message at `time` must wait for the pending checkpoint. It waits even when the
+    /// frontier has already passed that epoch: the snapshot for it is taken only after this
+    /// activation's messages are read, and must not include later epochs.
+    pub fn must_wait(&self, time: Epoch) -> bool {
+        self.held.is_some() && time > self.next
+    }
+
+    pub fn stash(&mut self, cap: Capability<Epoch>, event: Event) {
+        self.stash.push((cap, event));
+    }
+
+    /// The pending checkpoint epoch, once the input frontier has passed it.
+    pub fn due(&self, frontier: &MutableAntichain<Epoch>) -> Option<Epoch> {
+        (self.held.is_some() && !frontier.less_equal(&self.next) && !frontier.frontier().is_empty())
+            .then_some(self.next)
+    }
+
+    /// After the operator did its part for the pending checkpoint: moves to the next one and
+    /// returns the waiting messages now due.
+    pub fn advance(&mut self) -> Vec<(Capability<Epoch>, Event)> {
+        self.next += self.every;
+        if let Some(h) = self.held.as_mut() {
+            h.downgrade(&self.next);
+        }
+        let next = self.next;
+        let (due, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.stash)
+            .into_iter()
+            .partition(|(c, _)| *c.time() <= next);
+        self.stash = wait;
+        due
+    }
+
+    /// At the end of input: no more checkpoints; everything waiting is due.
+    pub fn finish(
+        &mut self,
+        frontier: &MutableAntichain<Epoch>,
+    ) -> Vec<(Capability<Epoch>, Event)> {
+        if !frontier.frontier().is_empty() {
+            return vec![];
+        }
+        self.held = None;
+        std::mem::take(&mut self.stash)
+    }
+}

@@ -1,0 +1,181 @@
+//! Kill and restart: a job with checkpoints is killed with SIGKILL at random moments and rerun
+//! with the same command each time. The committed output must equal the answer computed
+//! directly from the input: no row missing, none duplicated.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+
+const ROWS: u64 = 60_000;
+
+fn sluice() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+}
+
+/// The generated orders, written once as files, to compute the expected answer from.
+fn expected(dir: &Path) -> (BTreeMap<String, (i64, i64)>, BTreeMap<String, i64>) {
+    let sql = format!(
+        "CREATE TABLE gen (order_id BIGINT, category STRING, quantity INT, event_time TIMESTAMP(3))
+           WITH ('connector' = 'ecommerce', 'rows-per-second' = '0', 'event-rate' = '20000', 'number-of-rows' = '{ROWS}');
+         CREATE TABLE files (order_id BIGINT, category STRING, quantity INT, event_time TIMESTAMP(3))
+           WITH ('connector' = 'filesystem', 'path' = '{}', 'format' = 'json');
+         INSERT INTO files SELECT * FROM gen;",
+        dir.join("input").display()
+    );
+    std::fs::write(dir.join("gen.sql"), sql).unwrap();
+    let o = sluice()
+        .arg("run")
+        .arg(dir.join("gen.sql"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut windows: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    let mut categories: BTreeMap<String, i64> = BTreeMap::new();
+    for f in std::fs::read_dir(dir.join("input")).unwrap() {
+        for line in std::fs::read_to_string(f.unwrap().path()).unwrap().lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let ts = v["event_time"].as_str().unwrap();
+            // 100 ms windows: "2026-11-11 00:00:01.234" → "2026-11-11 00:00:01.200".
+            let window = format!("{}00", &ts[..21]);
+            let w = windows.entry(window).or_default();
+            w.0 += 1;
+            w.1 += v["quantity"].as_i64().unwrap();
+            *categories
+                .entry(v["category"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        }
+    }
+    (windows, categories)
+}
+
+fn job(dir: &Path) -> String {
+    format!(
+        "SET 'execution.checkpointing.interval' = '200 ms';
+         SET 'execution.checkpointing.dir' = '{ckpt}';
+         CREATE TABLE orders (order_id BIGINT, category STRING, quantity INT, event_time TIMESTAMP(3),
+           WATERMARK FOR event_time AS event_time - INTERVAL '3' SECOND)
+           WITH ('connector' = 'ecommerce', 'rows-per-second' = '15000', 'speed-up' = '0.75', 'number-of-rows' = '{ROWS}');
+         CREATE TABLE per_window (ws TIMESTAMP(3), n BIGINT, items BIGINT)
+           WITH ('connector' = 'filesystem', 'path' = '{out}/per_window', 'format' = 'json');
+         CREATE TABLE per_category (category STRING, n BIGINT)
+           WITH ('connector' = 'filesystem', 'path' = '{out}/per_category', 'format' = 'debezium-json');
+         INSERT INTO per_window SELECT TUMBLE_START(event_time, INTERVAL '100' MILLISECOND), COUNT(*), SUM(quantity)
+           FROM orders GROUP BY TUMBLE(event_time, INTERVAL '100' MILLISECOND);
+         INSERT INTO per_category SELECT category, COUNT(*) FROM orders GROUP BY category;",
+        ckpt = dir.join("checkpoints").display(),
+        out = dir.join("out").display()
+    )
+}
+
+/// Published rows of a sink folder; debezium changes folded.
+fn committed(dir: &Path) -> BTreeMap<String, i64> {
+    let mut rows = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return rows;
+    };
+    for entry in entries {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap().to_str().unwrap().starts_with('.') {
+            continue;
+        }
+        for line in std::fs::read_to_string(&path).unwrap().lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let mut apply = |row: &serde_json::Value, sign: i64| {
+                *rows.entry(row.to_string()).or_insert(0) += sign;
+            };
+            if v.get("op").is_some() {
+                if !v["before"].is_null() {
+                    apply(&v["before"], -1);
+                }
+                if !v["after"].is_null() {
+                    apply(&v["after"], 1);
+                }
+            } else {
+                apply(&v, 1);
+            }
+        }
+    }
+    rows.retain(|_, n| *n != 0);
+    rows
+}
+
+#[test]
+fn killed_again_and_again_the_committed_output_is_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let (windows, categories) = expected(dir.path());
+    std::fs::write(dir.path().join("job.sql"), job(dir.path())).unwrap();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+    let mut kills = 0;
+    for _ in 0..3 {
+        let mut child = sluice()
+            .args([
+                "run",
+                dir.path().join("job.sql").to_str().unwrap(),
+                "--workers",
+                "2",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(rng.random_range(600..2500)));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            kills += 1;
+        }
+        child.wait().unwrap();
+    }
+    assert!(kills >= 2, "the job should have been killed mid-way");
+    let o = sluice()
+        .args([
+            "run",
+            dir.path().join("job.sql").to_str().unwrap(),
+            "--workers",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("resuming from checkpoint"),
+        "the final run resumed: {stderr}"
+    );
+
+    let want_windows: BTreeMap<String, i64> = windows
+        .iter()
+        .map(|(ws, (n, items))| {
+            (
+                serde_json::json!({"items": items, "n": n, "ws": format!("{ws}")}).to_string(),
+                1,
+            )
+        })
+        .collect();
+    let got_windows = committed(&dir.path().join("out/per_window"));
+    let missing: Vec<_> = want_windows
+        .keys()
+        .filter(|k| !got_windows.contains_key(*k))
+        .take(3)
+        .collect();
+    let extra: Vec<_> = got_windows
+        .iter()
+        .filter(|(k, n)| want_windows.get(*k) != Some(n))
+        .take(3)
+        .collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "windows: missing {missing:?}, wrong or duplicated {extra:?}"
+    );
+
+    let want_categories: BTreeMap<String, i64> = categories
+        .iter()
+        .map(|(c, n)| (serde_json::json!({"category": c, "n": n}).to_string(), 1))
+        .collect();
+    assert_eq!(
+        committed(&dir.path().join("out/per_category")),
+        want_categories
+    );
+}
