@@ -179,3 +179,97 @@ fn killed_again_and_again_the_committed_output_is_exact() {
         want_categories
     );
 }
+
+/// A checkpoint taken with 2 workers restores on 1: key groups move, file offsets merge.
+#[test]
+fn a_job_killed_on_two_workers_finishes_exactly_on_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input");
+    std::fs::create_dir_all(&input).unwrap();
+    let start = 1_794_355_200_000i64;
+    let mut windows: BTreeMap<i64, i64> = BTreeMap::new();
+    let mut keys: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
+    for f in 0..4 {
+        let mut text = String::new();
+        for i in 0..60_000i64 {
+            let (k, v, ts) = ((i * 7 + f) % 50, i % 13, start + i * 2);
+            text.push_str(&format!(
+                "{{\"k\": {k}, \"v\": {v}, \"ts\": \"{}\"}}\n",
+                sluice_common::time::format_millis(ts)
+            ));
+            *windows.entry((ts - start) / 1000).or_default() += 1;
+            let e = keys.entry(k).or_default();
+            e.0 += 1;
+            e.1 += v;
+        }
+        std::fs::write(input.join(format!("part-{f}.json")), text).unwrap();
+    }
+    let sql = format!(
+        "SET 'execution.checkpointing.interval' = '100 ms';
+         SET 'execution.checkpointing.dir' = '{ckpt}';
+         SET 'table.exec.mini-batch.size' = '16';
+         CREATE TABLE t (k BIGINT, v BIGINT, ts TIMESTAMP(3), WATERMARK FOR ts AS ts - INTERVAL '1' SECOND)
+           WITH ('connector' = 'filesystem', 'path' = '{input}', 'format' = 'json');
+         CREATE TABLE per_second (ws TIMESTAMP(3), n BIGINT)
+           WITH ('connector' = 'filesystem', 'path' = '{out}/per_second', 'format' = 'json');
+         CREATE TABLE per_key (k BIGINT, n BIGINT, total BIGINT)
+           WITH ('connector' = 'filesystem', 'path' = '{out}/per_key', 'format' = 'debezium-json');
+         INSERT INTO per_second SELECT TUMBLE_START(ts, INTERVAL '1' SECOND), COUNT(*) FROM t GROUP BY TUMBLE(ts, INTERVAL '1' SECOND);
+         INSERT INTO per_key SELECT k, COUNT(*), SUM(v) FROM t GROUP BY k;",
+        ckpt = dir.path().join("checkpoints").display(),
+        input = input.display(),
+        out = dir.path().join("out").display()
+    );
+    let script = dir.path().join("job.sql");
+    std::fs::write(&script, sql).unwrap();
+    let mut child = sluice()
+        .args(["run", script.to_str().unwrap(), "--workers", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait for a committed checkpoint, then kill.
+    let ckpt = dir.path().join("checkpoints");
+    let committed_one = || {
+        std::fs::read_dir(&ckpt)
+            .ok()
+            .is_some_and(|d| d.flatten().any(|e| e.path().join("_manifest").exists()))
+    };
+    for _ in 0..200 {
+        if committed_one() || child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(150));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the job finished before it could be killed; make the input larger"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let o = sluice()
+        .args(["run", script.to_str().unwrap(), "--workers", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("taken with 2 workers"), "{stderr}");
+
+    let want: BTreeMap<String, i64> = windows
+        .iter()
+        .map(|(s, n)| (serde_json::json!({"n": n, "ws": sluice_common::time::format_millis(start + s * 1000)}).to_string(), 1))
+        .collect();
+    assert_eq!(committed(&dir.path().join("out/per_second")), want);
+    let want: BTreeMap<String, i64> = keys
+        .iter()
+        .map(|(k, (n, s))| {
+            (
+                serde_json::json!({"k": k, "n": n, "total": s}).to_string(),
+                1,
+            )
+        })
+        .collect();
+    assert_eq!(committed(&dir.path().join("out/per_key")), want);
+}
