@@ -218,14 +218,15 @@ impl CheckpointContext {
             .collect()
     }
 
-    /// Commits checkpoint `epoch` if every contributor of every worker wrote its file.
+    /// Commits checkpoint `epoch` if every contributor of every worker wrote its file; returns
+    /// the number of files and their total size when it did.
     pub fn try_commit(
         &self,
         epoch: Epoch,
         workers: usize,
         fingerprint: &str,
         retained: usize,
-    ) -> Result<bool> {
+    ) -> Result<Option<(usize, u64)>> {
         let mut files = BTreeMap::new();
         for (kind, id) in self.contributors.borrow().iter() {
             for w in 0..workers {
@@ -235,10 +236,11 @@ impl CheckpointContext {
                         files.insert(name, size);
                     }
                     // A finished source wrote nothing: this checkpoint cannot be complete.
-                    None => return Ok(false),
+                    None => return Ok(None),
                 }
             }
         }
+        let summary = (files.len(), files.values().sum());
         let manifest = Manifest {
             version: FORMAT_VERSION,
             epoch,
@@ -248,7 +250,7 @@ impl CheckpointContext {
         };
         self.store.commit(&manifest)?;
         self.store.retain(retained)?;
-        Ok(true)
+        Ok(Some(summary))
     }
 }
 

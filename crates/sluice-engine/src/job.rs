@@ -75,6 +75,9 @@ pub struct JobSummary {
     /// Aggregation state at the end of input (bounded jobs): bytes and groups.
     pub state_bytes: u64,
     pub state_groups: u64,
+    /// Checkpoints committed, and the size of the last one.
+    pub checkpoints: u64,
+    pub checkpoint_bytes: u64,
     pub elapsed: Duration,
 }
 
@@ -303,12 +306,18 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
                 checkpointing.as_ref(),
             ) {
                 while !probe.done() && !probe.less_equal(epoch) {
+                    let started = Instant::now();
                     match ck.try_commit(*epoch, peers, &c.fingerprint, c.config.retained) {
-                        Ok(true) => {
+                        Ok(Some((files, bytes))) => {
                             worker_metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
-                            eprintln!("checkpoint {} committed", epoch);
+                            worker_metrics.checkpoint_bytes.store(bytes, Ordering::Relaxed);
+                            eprintln!(
+                                "checkpoint {epoch} committed: {files} files (source offsets and state of {peers} workers), \
+                                 {bytes} bytes, committed in {} ms",
+                                started.elapsed().as_millis()
+                            );
                         }
-                        Ok(false) => {}
+                        Ok(None) => {}
                         Err(e) => eprintln!("checkpoint {epoch} failed: {e}"),
                     }
                     *epoch += ck.every;
@@ -336,6 +345,8 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
         records_skipped: metrics.records_skipped.load(Ordering::Relaxed),
         state_bytes: metrics.state_bytes.load(Ordering::Relaxed),
         state_groups: metrics.state_groups.load(Ordering::Relaxed),
+        checkpoints: metrics.checkpoints.load(Ordering::Relaxed),
+        checkpoint_bytes: metrics.checkpoint_bytes.load(Ordering::Relaxed),
         elapsed: started.elapsed(),
     })
 }

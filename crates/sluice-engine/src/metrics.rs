@@ -16,8 +16,9 @@ pub struct JobMetrics {
     /// Bytes and groups held by aggregation state when its input ended (bounded jobs).
     pub state_bytes: AtomicU64,
     pub state_groups: AtomicU64,
-    /// Checkpoints committed.
+    /// Checkpoints committed, and the size of the last one in bytes.
     pub checkpoints: AtomicU64,
+    pub checkpoint_bytes: AtomicU64,
     /// The smallest watermark any source holds (ms), for the live lag display.
     pub source_watermark: AtomicI64,
     /// Set to stop the job: sources stop reading (without ending event time) and the job winds down.

@@ -183,6 +183,12 @@ fn print_summary(s: &JobSummary) {
     }
     eprintln!("late rows dropped           {}", s.late_rows_dropped);
     eprintln!("records skipped             {}", s.records_skipped);
+    if s.checkpoints > 0 {
+        eprintln!(
+            "checkpoints committed       {} (last {} bytes)",
+            s.checkpoints, s.checkpoint_bytes
+        );
+    }
     if s.state_groups > 0 {
         eprintln!(
             "state at end of input       {} groups, {} bytes",

@@ -273,3 +273,45 @@ fn a_job_killed_on_two_workers_finishes_exactly_on_one() {
         .collect();
     assert_eq!(committed(&dir.path().join("out/per_key")), want);
 }
+
+/// A checkpoint of another pipeline is refused with a message; `--fresh` starts over.
+#[test]
+fn a_checkpoint_of_another_pipeline_is_refused_unless_fresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("checkpoints");
+    let chk = ckpt.join("chk-0000000000000040");
+    std::fs::create_dir_all(&chk).unwrap();
+    let manifest = serde_json::json!({"version": 1, "epoch": 40, "plan_fingerprint": "0000000000000000", "workers": 1, "files": {}});
+    std::fs::write(chk.join("_manifest"), manifest.to_string()).unwrap();
+    std::fs::write(dir.path().join("in.json"), "{\"x\": 1}\n{\"x\": 2}\n").unwrap();
+    let sql = format!(
+        "SET 'execution.checkpointing.interval' = '1 s';
+         SET 'execution.checkpointing.dir' = '{}';
+         CREATE TABLE t (x BIGINT) WITH ('connector' = 'filesystem', 'path' = '{}', 'format' = 'json');
+         SELECT SUM(x) FROM t;",
+        ckpt.display(),
+        dir.path().join("in.json").display()
+    );
+    let script = dir.path().join("job.sql");
+    std::fs::write(&script, sql).unwrap();
+    let o = sluice()
+        .args(["run", script.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        stderr.contains("different pipeline") && stderr.contains("--fresh"),
+        "{stderr}"
+    );
+    let o = sluice()
+        .args(["run", script.to_str().unwrap(), "--fresh"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("| +I |                    3 |"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+}
