@@ -627,7 +627,15 @@ fn aggregate<'scope>(
     };
     let state = state.and_then(|mut s| {
         if let (Some(c), Some(id)) = (&checkpoint, &id) {
-            restore_state(&mut s, c.restored(Contribution::State, id)?, index, peers)?;
+            if c.restore.is_some() {
+                let started = Instant::now();
+                restore_state(&mut s, c.restored(Contribution::State, id)?, index, peers)?;
+                eprintln!(
+                    "worker {index}: restored {} groups of aggregation {id} in {} ms",
+                    s.groups(),
+                    started.elapsed().as_millis()
+                );
+            }
         }
         Ok(s)
     });

@@ -61,6 +61,15 @@ const SCENARIOS: &[Scenario] = &[
         source: Source::Orders,
     },
     Scenario {
+        name: "groupby-1m-ckpt",
+        what: "groupby-1m with a checkpoint every second",
+        sql: "SET 'execution.checkpointing.interval' = '1 s';
+              SET 'execution.checkpointing.dir' = '{checkpoints}';
+              CREATE TABLE sink (user_id BIGINT, n BIGINT, total DOUBLE) WITH ('connector' = 'blackhole');
+              INSERT INTO sink SELECT user_id, COUNT(*), SUM(amount) FROM clicks GROUP BY user_id;",
+        source: Source::Clicks,
+    },
+    Scenario {
         name: "groupby-1m",
         what: "unwindowed GROUP BY user_id over ~1 M distinct keys (updating)",
         sql: "CREATE TABLE sink (user_id BIGINT, n BIGINT, total DOUBLE) WITH ('connector' = 'blackhole');
@@ -129,12 +138,24 @@ fn run_scenario(s: &Scenario, events: u64, workers: usize) -> Result<Run, String
             state_groups: 0,
         });
     }
-    let plan = sluice_sql::plan_script(&format!("{ddl}\n{}", s.sql)).map_err(|e| e.to_string())?;
+    let checkpoints =
+        std::env::temp_dir().join(format!("sluice-bench-checkpoints-{}", std::process::id()));
+    let sql = s
+        .sql
+        .replace("{checkpoints}", &checkpoints.display().to_string());
+    let plan = sluice_sql::plan_script(&format!("{ddl}\n{sql}")).map_err(|e| e.to_string())?;
     let options = sluice_engine::JobOptions {
         workers,
         ..Default::default()
     };
     let summary = sluice_engine::run(plan, options).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(&checkpoints);
+    if summary.checkpoints > 0 {
+        eprintln!(
+            "  ({} checkpoints, last {} bytes)",
+            summary.checkpoints, summary.checkpoint_bytes
+        );
+    }
     Ok(Run {
         events: summary.total_read(),
         seconds: summary.elapsed.as_secs_f64(),
