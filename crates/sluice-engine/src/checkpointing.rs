@@ -28,6 +28,8 @@ pub struct CheckpointConfig {
     /// Epochs between checkpoints.
     pub every: u64,
     pub retained: usize,
+    /// Consecutive failed checkpoints tolerated before the job fails.
+    pub tolerable_failures: usize,
 }
 
 impl CheckpointConfig {
@@ -41,6 +43,7 @@ impl CheckpointConfig {
                 "execution.checkpointing.interval",
                 "execution.checkpointing.dir",
                 "execution.checkpointing.num-retained",
+                "execution.checkpointing.tolerable-failed-checkpoints",
             ];
             if (key.starts_with("execution.checkpointing.")
                 || key.starts_with("execution.state-recovery."))
@@ -70,10 +73,17 @@ impl CheckpointConfig {
                 Error::plan(format!("'execution.checkpointing.num-retained' = '{v}' must be a positive whole number"))
             })?,
         };
+        let tolerable_failures = match settings.get("execution.checkpointing.tolerable-failed-checkpoints") {
+            None => 3,
+            Some(v) => v.trim().parse().map_err(|_| {
+                Error::plan(format!("'execution.checkpointing.tolerable-failed-checkpoints' = '{v}' must be a whole number"))
+            })?,
+        };
         Ok(Some(CheckpointConfig {
             dir,
             every: (ms as u64 / epoch_ms).max(1),
             retained,
+            tolerable_failures,
         }))
     }
 }

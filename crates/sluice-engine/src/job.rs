@@ -297,6 +297,7 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
         // Worker 0 commits checkpoints: once the probe passes a checkpoint epoch, every file of
         // it has been written.
         let mut next_commit = checkpoint.as_ref().map(|c| c.next_checkpoint(c.base));
+        let mut failed_in_a_row = 0usize;
         while !probe.done() && !worker_metrics.failed() {
             worker.step_or_park(Some(Duration::from_millis(20)));
             if let (0, Some(ck), Some(epoch), Some(c)) = (
@@ -318,7 +319,20 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
                             );
                         }
                         Ok(None) => {}
-                        Err(e) => eprintln!("checkpoint {epoch} failed: {e}"),
+                        Err(e) => worker_metrics.checkpoint_failed(*epoch, e),
+                    }
+                    // Storage failures fail checkpoints; only too many in a row fail the job.
+                    if worker_metrics.take_checkpoint_failure(*epoch) {
+                        failed_in_a_row += 1;
+                        if failed_in_a_row > c.config.tolerable_failures {
+                            worker_metrics.fail(Error::Runtime(format!(
+                                "{failed_in_a_row} checkpoints in a row failed (more than \
+                                 'execution.checkpointing.tolerable-failed-checkpoints' = {}); check '{}'",
+                                c.config.tolerable_failures, c.config.dir
+                            )));
+                        }
+                    } else if worker_metrics.checkpoints.load(Ordering::Relaxed) > 0 {
+                        failed_in_a_row = 0;
                     }
                     *epoch += ck.every;
                 }
@@ -691,7 +705,7 @@ fn aggregate<'scope>(
             ) {
                 while let Some(epoch) = al.due(frontier) {
                     if let Err(e) = task.snapshot(&ck.store, epoch, id) {
-                        metrics.fail(e);
+                        metrics.checkpoint_failed(epoch, e);
                     }
                     for (c, mut event) in al.advance() {
                         task.handle(&c, &mut event, output);
@@ -819,21 +833,18 @@ fn table_sink<'scope>(
                         write(&mut writer, &mut event);
                     }
                 }
-                // Publish what checkpoints worker 0 has committed since.
+                // Publish what checkpoints worker 0 has committed since. A newer committed checkpoint
+                // covers older sealed ones (whose own checkpoint may have failed).
                 if let (Some(ck), Some(w)) = (checkpoint.as_ref(), writer.as_mut()) {
-                    while let Some(&epoch) = sealed.front() {
-                        match ck.store.is_committed(epoch) {
-                            Ok(true) => {
-                                sealed.pop_front();
-                                if let Err(e) = w.commit(epoch) {
-                                    metrics.fail(e);
-                                }
-                            }
-                            Ok(false) => break,
-                            Err(e) => {
-                                metrics.fail(e);
-                                break;
-                            }
+                    let newest = sealed
+                        .iter()
+                        .rev()
+                        .copied()
+                        .find(|e| ck.store.is_committed(*e).unwrap_or(false));
+                    if let Some(epoch) = newest {
+                        sealed.retain(|e| *e > epoch);
+                        if let Err(e) = w.commit(epoch) {
+                            metrics.fail(e);
                         }
                     }
                     if !sealed.is_empty() {

@@ -21,6 +21,8 @@ pub struct JobMetrics {
     pub checkpoint_bytes: AtomicU64,
     /// The smallest watermark any source holds (ms), for the live lag display.
     pub source_watermark: AtomicI64,
+    /// Checkpoint epochs whose files could not be written.
+    pub checkpoint_failures: Mutex<BTreeMap<u64, Error>>,
     /// Set to stop the job: sources stop reading (without ending event time) and the job winds down.
     pub cancelled: std::sync::atomic::AtomicBool,
     /// The first error raised by any operator; every worker stops when it is set.
@@ -80,6 +82,25 @@ impl JobMetrics {
         if slot.is_none() {
             *slot = Some(e);
         }
+    }
+
+    /// Records that an operator could not write its part of checkpoint `epoch`.
+    pub fn checkpoint_failed(&self, epoch: u64, e: Error) {
+        eprintln!("checkpoint {epoch} failed: {e}");
+        self.checkpoint_failures
+            .lock()
+            .expect("metrics")
+            .entry(epoch)
+            .or_insert(e);
+    }
+
+    /// Whether checkpoint `epoch` failed (forgetting it).
+    pub fn take_checkpoint_failure(&self, epoch: u64) -> bool {
+        self.checkpoint_failures
+            .lock()
+            .expect("metrics")
+            .remove(&epoch)
+            .is_some()
     }
 
     /// Asks the job to stop gracefully: sources stop, sinks publish what they have.

@@ -187,7 +187,8 @@ pub(crate) fn source_stream<'scope>(
                             CheckpointContext::file_name(Contribution::SourceOffsets, id, index);
                         let offsets = serde_json::to_vec(&r.offsets()).expect("offsets serialize");
                         if let Err(e) = ck.store.put(epoch, &name, offsets) {
-                            metrics.fail(e);
+                            // The checkpoint fails, not the job (see the coordinator).
+                            metrics.checkpoint_failed(epoch, e);
                         }
                     }
                 }
@@ -291,7 +292,12 @@ pub fn table_prepare(
             Some(p) => full.data.project(p)?.columns().to_vec(),
         };
         columns.extend(source_row);
-        let out = ChangeBatch::inserts(RecordBatch::try_new(schema.clone(), columns)?);
+        let out = ChangeBatch::inserts(RecordBatch::try_new_with_options(
+            schema.clone(),
+            columns,
+            // COUNT(*) reads no column at all: the batch is rows without columns.
+            &arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(full.num_rows())),
+        )?);
         Ok((out, wm))
     })
 }

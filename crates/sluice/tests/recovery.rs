@@ -315,3 +315,61 @@ fn a_checkpoint_of_another_pipeline_is_refused_unless_fresh() {
         String::from_utf8_lossy(&o.stdout)
     );
 }
+
+/// Unwritable checkpoint storage fails checkpoints, not the job, until too many fail in a row.
+#[test]
+fn storage_failures_fail_checkpoints_then_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |tolerable: &str, blocked: &[u64]| {
+        let ckpt = dir.path().join(format!("checkpoints-{tolerable}"));
+        std::fs::create_dir_all(&ckpt).unwrap();
+        // A file where a checkpoint's folder should go makes every write into it fail.
+        for epoch in blocked {
+            std::fs::write(ckpt.join(format!("chk-{epoch:016}")), b"in the way").unwrap();
+        }
+        let sql = format!(
+            "SET 'execution.checkpointing.interval' = '100 ms';
+             SET 'execution.checkpointing.dir' = '{}';
+             SET 'execution.checkpointing.tolerable-failed-checkpoints' = '{tolerable}';
+             CREATE TABLE orders (order_id BIGINT, event_time TIMESTAMP(3))
+               WITH ('connector' = 'ecommerce', 'rows-per-second' = '20000', 'number-of-rows' = '20000');
+             CREATE TABLE n (n BIGINT) WITH ('connector' = 'filesystem', 'path' = '{}', 'format' = 'debezium-json');
+             INSERT INTO n SELECT COUNT(*) FROM orders;",
+            ckpt.display(),
+            dir.path().join(format!("out-{tolerable}")).display()
+        );
+        let script = dir.path().join(format!("job-{tolerable}.sql"));
+        std::fs::write(&script, sql).unwrap();
+        sluice()
+            .args(["run", script.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let o = run("3", &[4]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success(),
+        "one failed checkpoint is tolerated: {stderr}"
+    );
+    assert!(stderr.contains("checkpoint 4 failed"), "{stderr}");
+    assert!(
+        stderr.contains("checkpoint 6 committed"),
+        "later checkpoints still commit: {stderr}"
+    );
+    assert_eq!(
+        committed(&dir.path().join("out-3"))
+            .keys()
+            .collect::<Vec<_>>(),
+        vec![r#"{"n":20000}"#]
+    );
+
+    let blocked: Vec<u64> = (0..100).map(|i| i * 2).collect();
+    let o = run("1", &blocked);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("2 checkpoints in a row failed")
+            && stderr.contains("tolerable-failed-checkpoints"),
+        "{stderr}"
+    );
+}
