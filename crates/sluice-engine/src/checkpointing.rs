@@ -30,6 +30,8 @@ pub struct CheckpointConfig {
     pub retained: usize,
     /// Consecutive failed checkpoints tolerated before the job fails.
     pub tolerable_failures: usize,
+    /// `'execution.state-recovery.path'` (or `--from-checkpoint`): restore this checkpoint.
+    pub recovery_path: Option<String>,
 }
 
 impl CheckpointConfig {
@@ -44,6 +46,7 @@ impl CheckpointConfig {
                 "execution.checkpointing.dir",
                 "execution.checkpointing.num-retained",
                 "execution.checkpointing.tolerable-failed-checkpoints",
+                "execution.state-recovery.path",
             ];
             if (key.starts_with("execution.checkpointing.")
                 || key.starts_with("execution.state-recovery."))
@@ -79,11 +82,13 @@ impl CheckpointConfig {
                 Error::plan(format!("'execution.checkpointing.tolerable-failed-checkpoints' = '{v}' must be a whole number"))
             })?,
         };
+        let recovery_path = settings.get("execution.state-recovery.path").cloned();
         Ok(Some(CheckpointConfig {
             dir,
             every: (ms as u64 / epoch_ms).max(1),
             retained,
             tolerable_failures,
+            recovery_path,
         }))
     }
 }

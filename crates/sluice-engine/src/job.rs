@@ -202,7 +202,30 @@ fn prepare_checkpoints(plan: &JobPlan, fresh: bool) -> Result<Option<RunCheckpoi
     let fingerprint = crate::checkpointing::fingerprint(plan);
     let latest =
         store.latest(|epoch, why| eprintln!("checkpoint {epoch} is damaged and skipped: {why}"))?;
-    let restore = if fresh { None } else { latest.clone() };
+    let restore = match (&config.recovery_path, fresh) {
+        (_, true) => None,
+        (None, false) => latest.clone(),
+        (Some(path), false) => {
+            // An explicit checkpoint must exist and be whole: no silent fallback.
+            let (root, epoch) = sluice_state::checkpoint::parse_checkpoint_path(path).ok_or_else(|| {
+                Error::plan(format!(
+                    "'execution.state-recovery.path' = '{path}' must name one checkpoint folder, like .../chk-0000000000000042"
+                ))
+            })?;
+            if std::path::Path::new(&root) != std::path::Path::new(config.dir.trim_end_matches('/'))
+            {
+                return Err(Error::plan(format!(
+                    "'execution.state-recovery.path' = '{path}' is outside 'execution.checkpointing.dir' = '{}'; \
+                     copy the checkpoint there or point the checkpoint directory at its folder",
+                    config.dir
+                )));
+            }
+            let manifest = store.complete(epoch).map_err(|e| {
+                Error::plan(format!("'execution.state-recovery.path' = '{path}': {e}"))
+            })?;
+            Some(manifest)
+        }
+    };
     if let Some(m) = &restore {
         if m.plan_fingerprint != fingerprint {
             return Err(Error::plan(format!(

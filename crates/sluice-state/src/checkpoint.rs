@@ -33,6 +33,18 @@ pub struct Manifest {
     pub files: BTreeMap<String, u64>,
 }
 
+/// Splits a path to one checkpoint (`.../chk-0000000000000042`) into its store and epoch.
+pub fn parse_checkpoint_path(path: &str) -> Option<(String, u64)> {
+    let p = std::path::Path::new(path.trim_end_matches('/'));
+    let epoch = p
+        .file_name()?
+        .to_str()?
+        .strip_prefix("chk-")?
+        .parse()
+        .ok()?;
+    Some((p.parent()?.to_str()?.to_string(), epoch))
+}
+
 /// A checkpoint directory (local path, or a `file://` URL).
 pub struct CheckpointStore {
     store: Arc<dyn ObjectStore>,
@@ -150,7 +162,7 @@ impl CheckpointStore {
     }
 
     /// Reads and checks a checkpoint's manifest: every file it lists is present, whole.
-    fn complete(&self, epoch: u64) -> Result<Manifest> {
+    pub fn complete(&self, epoch: u64) -> Result<Manifest> {
         let bytes = self.get(epoch, "_manifest")?;
         let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
             store_error(

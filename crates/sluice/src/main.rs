@@ -43,6 +43,10 @@ enum Command {
         /// Ignore existing checkpoints and start from the beginning of the input.
         #[arg(long)]
         fresh: bool,
+        /// Restore this checkpoint (a `chk-...` folder in the checkpoint directory) instead of
+        /// the newest one.
+        #[arg(long)]
+        from_checkpoint: Option<String>,
     },
     /// Measure throughput on the built-in generators (use a release build).
     Bench {
@@ -83,7 +87,16 @@ fn main() -> ExitCode {
             process_id,
             hosts,
             fresh,
-        } => run(file, workers, processes, process_id, hosts, fresh),
+            from_checkpoint,
+        } => run(
+            file,
+            workers,
+            processes,
+            process_id,
+            hosts,
+            fresh,
+            from_checkpoint,
+        ),
         Command::Demo { seconds, workers } => demo::run(seconds, workers),
         Command::Bench {
             events,
@@ -109,9 +122,14 @@ fn run(
     process_id: usize,
     hosts: Option<PathBuf>,
     fresh: bool,
+    from_checkpoint: Option<String>,
 ) -> Result<(), String> {
     let sql = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-    let plan = sluice_sql::plan_script(&sql).map_err(|e| format!("{}: {e}", file.display()))?;
+    let mut plan = sluice_sql::plan_script(&sql).map_err(|e| format!("{}: {e}", file.display()))?;
+    if let Some(path) = from_checkpoint {
+        plan.settings
+            .insert("execution.state-recovery.path".into(), path);
+    }
     if plan.pipelines.is_empty() {
         return Err(format!(
             "{}: the script has no INSERT INTO or SELECT statement to run",

@@ -304,6 +304,52 @@ fn a_checkpoint_of_another_pipeline_is_refused_unless_fresh() {
         stderr.contains("different pipeline") && stderr.contains("--fresh"),
         "{stderr}"
     );
+    // An explicit checkpoint must exist, whole, inside the checkpoint directory.
+    let missing = ckpt.join("chk-0000000000000099");
+    let o = sluice()
+        .args([
+            "run",
+            script.to_str().unwrap(),
+            "--from-checkpoint",
+            missing.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("chk-0000000000000099"),
+        "{stderr}"
+    );
+    let elsewhere = dir.path().join("other/chk-0000000000000040");
+    let o = sluice()
+        .args([
+            "run",
+            script.to_str().unwrap(),
+            "--from-checkpoint",
+            elsewhere.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("is outside 'execution.checkpointing.dir'"),
+        "{stderr}"
+    );
+    let o = sluice()
+        .args([
+            "run",
+            script.to_str().unwrap(),
+            "--from-checkpoint",
+            chk.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("different pipeline"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
     let o = sluice()
         .args(["run", script.to_str().unwrap(), "--fresh"])
         .output()
