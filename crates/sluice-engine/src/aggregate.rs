@@ -641,6 +641,7 @@ impl AggregateState {
         let mut forward: HashMap<u32, u32> = HashMap::new();
         let mut late: Vec<u32> = vec![];
         let mut merges: Vec<(u32, u32)> = vec![];
+        let mut released: Vec<u32> = vec![];
         for i in 0..gids.len() {
             if times.is_null(i) || signs[i] <= 0 {
                 // Sessions take append-only input (checked by the planner); NULL times are dropped.
@@ -669,7 +670,9 @@ impl AggregateState {
                         Some(k) => {
                             merges.push((k, sess.slot));
                             forward.insert(sess.slot, k);
-                            s.free_slots.push(sess.slot);
+                            // Freed only after this batch: reusing it now would make later
+                            // rows of a new session follow the forward to the merged one.
+                            released.push(sess.slot);
                         }
                     }
                 } else {
@@ -706,6 +709,9 @@ impl AggregateState {
             }
         }
         self.update_accumulators(batch, &slots, &row_signs, capacity)?;
+        if let Some(s) = self.sessions.as_mut() {
+            s.free_slots.extend(released);
+        }
         self.gids = gids;
         let late = self.late_rows(batch, late)?;
         Ok(ApplyOutcome {

@@ -396,6 +396,31 @@ mod tests {
             v.sort();
             v
         };
+        // A bridging row and a new session in one batch: the new session must not inherit the
+        // slot of the session merged away in the same batch.
+        {
+            let mut s = make();
+            s.apply(&rows(&[(1, 0), (1, 15)])).unwrap();
+            s.apply(&rows(&[(1, 8), (1, 100)])).unwrap();
+            let out = render(s.advance_watermark(i64::MAX).unwrap());
+            assert_eq!(
+                out,
+                vec![
+                    vec![
+                        "1",
+                        "1970-01-01 00:00:00.000",
+                        "1970-01-01 00:00:00.025",
+                        "3"
+                    ],
+                    vec![
+                        "1",
+                        "1970-01-01 00:00:00.100",
+                        "1970-01-01 00:00:00.110",
+                        "1"
+                    ],
+                ]
+            );
+        }
         // Sessions [0, 10) and [15, 25) for key 1; a row at 8 bridges them after the restore.
         let mut a = make();
         a.apply(&rows(&[(1, 0), (1, 15), (2, 5)])).unwrap();

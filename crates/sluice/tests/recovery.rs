@@ -16,7 +16,16 @@ fn sluice() -> Command {
 }
 
 /// The generated orders, written once as files, to compute the expected answer from.
-fn expected(dir: &Path) -> (BTreeMap<String, (i64, i64)>, BTreeMap<String, i64>) {
+/// Input rows: order id, category, quantity, event time text.
+type Order = (i64, String, i64, String);
+
+fn expected(
+    dir: &Path,
+) -> (
+    BTreeMap<String, (i64, i64)>,
+    BTreeMap<String, i64>,
+    Vec<Order>,
+) {
     let sql = format!(
         "CREATE TABLE gen (order_id BIGINT, category STRING, quantity INT, event_time TIMESTAMP(3))
            WITH ('connector' = 'ecommerce', 'rows-per-second' = '0', 'event-rate' = '20000', 'number-of-rows' = '{ROWS}');
@@ -34,6 +43,7 @@ fn expected(dir: &Path) -> (BTreeMap<String, (i64, i64)>, BTreeMap<String, i64>)
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let mut windows: BTreeMap<String, (i64, i64)> = BTreeMap::new();
     let mut categories: BTreeMap<String, i64> = BTreeMap::new();
+    let mut orders = vec![];
     for f in std::fs::read_dir(dir.join("input")).unwrap() {
         for line in std::fs::read_to_string(f.unwrap().path()).unwrap().lines() {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
@@ -46,9 +56,15 @@ fn expected(dir: &Path) -> (BTreeMap<String, (i64, i64)>, BTreeMap<String, i64>)
             *categories
                 .entry(v["category"].as_str().unwrap().to_string())
                 .or_default() += 1;
+            orders.push((
+                v["order_id"].as_i64().unwrap(),
+                v["category"].as_str().unwrap().to_string(),
+                v["quantity"].as_i64().unwrap(),
+                ts.to_string(),
+            ));
         }
     }
-    (windows, categories)
+    (windows, categories, orders)
 }
 
 fn job(dir: &Path) -> String {
@@ -64,7 +80,18 @@ fn job(dir: &Path) -> String {
            WITH ('connector' = 'filesystem', 'path' = '{out}/per_category', 'format' = 'debezium-json');
          INSERT INTO per_window SELECT TUMBLE_START(event_time, INTERVAL '100' MILLISECOND), COUNT(*), SUM(quantity)
            FROM orders GROUP BY TUMBLE(event_time, INTERVAL '100' MILLISECOND);
-         INSERT INTO per_category SELECT category, COUNT(*) FROM orders GROUP BY category;",
+         INSERT INTO per_category SELECT category, COUNT(*) FROM orders GROUP BY category;
+         CREATE TABLE filtered (order_id BIGINT, doubled INT)
+           WITH ('connector' = 'filesystem', 'path' = '{out}/filtered', 'format' = 'json');
+         INSERT INTO filtered SELECT order_id, quantity * 2 FROM orders WHERE quantity > 3;
+         CREATE TABLE chain (n BIGINT, categories BIGINT)
+           WITH ('connector' = 'filesystem', 'path' = '{out}/chain', 'format' = 'debezium-json');
+         INSERT INTO chain SELECT n, COUNT(*) FROM (SELECT category, COUNT(*) AS n FROM orders GROUP BY category) GROUP BY n;
+         CREATE TABLE sessions (category STRING, ss TIMESTAMP(3), se TIMESTAMP(3), n BIGINT)
+           WITH ('connector' = 'filesystem', 'path' = '{out}/sessions', 'format' = 'json');
+         INSERT INTO sessions SELECT category, SESSION_START(event_time, INTERVAL '2' MILLISECOND),
+           SESSION_END(event_time, INTERVAL '2' MILLISECOND), COUNT(*)
+           FROM orders GROUP BY SESSION(event_time, INTERVAL '2' MILLISECOND), category;",
         ckpt = dir.join("checkpoints").display(),
         out = dir.join("out").display()
     )
@@ -105,7 +132,7 @@ fn committed(dir: &Path) -> BTreeMap<String, i64> {
 #[test]
 fn killed_again_and_again_the_committed_output_is_exact() {
     let dir = tempfile::tempdir().unwrap();
-    let (windows, categories) = expected(dir.path());
+    let (windows, categories, orders) = expected(dir.path());
     std::fs::write(dir.path().join("job.sql"), job(dir.path())).unwrap();
     let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
     let mut kills = 0;
@@ -177,6 +204,80 @@ fn killed_again_and_again_the_committed_output_is_exact() {
     assert_eq!(
         committed(&dir.path().join("out/per_category")),
         want_categories
+    );
+
+    // Stateless: filter and projection.
+    let want: BTreeMap<String, i64> = orders
+        .iter()
+        .filter(|o| o.2 > 3)
+        .map(|o| {
+            (
+                serde_json::json!({"doubled": o.2 * 2, "order_id": o.0}).to_string(),
+                1,
+            )
+        })
+        .collect();
+    assert_eq!(
+        committed(&dir.path().join("out/filtered")),
+        want,
+        "filter/projection"
+    );
+
+    // A retraction chain: categories per count.
+    let mut histogram: BTreeMap<i64, i64> = BTreeMap::new();
+    for n in categories.values() {
+        *histogram.entry(*n).or_default() += 1;
+    }
+    let want: BTreeMap<String, i64> = histogram
+        .iter()
+        .map(|(n, c)| (serde_json::json!({"categories": c, "n": n}).to_string(), 1))
+        .collect();
+    assert_eq!(
+        committed(&dir.path().join("out/chain")),
+        want,
+        "retraction chain"
+    );
+
+    // Session windows with a 2 ms gap, per category.
+    let ms = |t: &str| {
+        chrono::NaiveDateTime::parse_from_str(t, "%Y-%m-%d %H:%M:%S%.3f")
+            .unwrap()
+            .and_utc()
+            .timestamp_millis()
+    };
+    let mut times: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
+    for o in &orders {
+        times.entry(&o.1).or_default().push(ms(&o.3));
+    }
+    let mut want: BTreeMap<String, i64> = BTreeMap::new();
+    for (cat, mut ts) in times {
+        ts.sort();
+        let (mut start, mut last, mut n) = (ts[0], ts[0], 0);
+        for t in ts.into_iter().chain([i64::MAX]) {
+            if t == i64::MAX || t - last >= 2 {
+                let row = serde_json::json!({
+                    "category": cat, "n": n,
+                    "se": sluice_common::time::format_millis(last + 2), "ss": sluice_common::time::format_millis(start)
+                });
+                *want.entry(row.to_string()).or_default() += 1;
+                start = t;
+                n = 0;
+            }
+            last = t;
+            n += 1;
+        }
+    }
+    let got = committed(&dir.path().join("out/sessions"));
+    let wrong: Vec<_> = got
+        .iter()
+        .filter(|(k, v)| want.get(*k) != Some(v))
+        .take(3)
+        .collect();
+    assert!(
+        got == want,
+        "sessions: {} vs {} rows; first wrong {wrong:?}",
+        got.len(),
+        want.len()
     );
 }
 
