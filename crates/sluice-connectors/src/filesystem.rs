@@ -395,6 +395,16 @@ pub struct FileSink {
     pending: Vec<(u64, PathBuf)>,
 }
 
+/// Publishes a hidden part file under its visible name.
+fn make_visible(dir: &Path, hidden: &Path) -> Result<()> {
+    let name = hidden
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let target = dir.join(visible_name(name));
+    std::fs::rename(hidden, &target).map_err(|e| Error::io(&target, e))
+}
+
 /// The visible name of a hidden part file (`.part-0-3.json.inprogress` → `part-0-3.json`).
 fn visible_name(hidden: &str) -> String {
     let name = hidden.trim_start_matches('.');
@@ -442,12 +452,7 @@ impl FileSink {
         if let Some((path, mut file)) = self.file.take() {
             file.flush().map_err(|e| Error::io(&path, e))?;
             file.sync_all().map_err(|e| Error::io(&path, e))?;
-            let name = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or_default();
-            let target = self.dir.join(visible_name(name));
-            std::fs::rename(&path, &target).map_err(|e| Error::io(&target, e))?;
+            make_visible(&self.dir, &path)?;
             self.written = 0;
         }
         Ok(())
@@ -530,8 +535,7 @@ impl SinkWriter for FileSink {
                 .and_then(|(_, e)| e.parse::<u64>().ok());
             match sealed_for {
                 Some(epoch) if committed.is_some_and(|c| epoch <= c) => {
-                    let target = self.dir.join(visible_name(&name));
-                    std::fs::rename(&path, &target).map_err(|e| Error::io(&target, e))?;
+                    make_visible(&self.dir, &path)?
                 }
                 _ => std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?,
             }
@@ -563,12 +567,7 @@ impl SinkWriter for FileSink {
             .partition(|(e, _)| *e <= epoch);
         self.pending = later;
         for (_, path) in due {
-            let name = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or_default();
-            let target = self.dir.join(visible_name(name));
-            std::fs::rename(&path, &target).map_err(|e| Error::io(&target, e))?;
+            make_visible(&self.dir, &path)?;
         }
         Ok(())
     }

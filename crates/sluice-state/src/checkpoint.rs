@@ -114,27 +114,31 @@ impl CheckpointStore {
         Ok(self.size(epoch, "_manifest")?.is_some())
     }
 
+    /// Deletes one checkpoint's files and folder.
+    fn delete(&self, epoch: u64) -> Result<()> {
+        let prefix = Path::from(checkpoint_dir(epoch));
+        let listing = self
+            .runtime
+            .block_on(self.store.list_with_delimiter(Some(&prefix)))
+            .map_err(|e| store_error(&self.location, e))?;
+        for object in listing.objects {
+            self.runtime
+                .block_on(self.store.delete(&object.location))
+                .map_err(|e| store_error(&self.location, e))?;
+        }
+        // The local store leaves the emptied folder behind.
+        let root = self
+            .location
+            .strip_prefix("file://")
+            .unwrap_or(&self.location);
+        let _ = std::fs::remove_dir(std::path::Path::new(root).join(checkpoint_dir(epoch)));
+        Ok(())
+    }
+
     /// Deletes every checkpoint (after a job finished successfully, as Flink does).
     pub fn clear(&self) -> Result<()> {
         for epoch in self.epochs()? {
-            let prefix = Path::from(checkpoint_dir(epoch));
-            let listing = self
-                .runtime
-                .block_on(self.store.list_with_delimiter(Some(&prefix)))
-                .map_err(|e| store_error(&self.location, e))?;
-            for object in listing.objects {
-                self.runtime
-                    .block_on(self.store.delete(&object.location))
-                    .map_err(|e| store_error(&self.location, e))?;
-            }
-            let _ = std::fs::remove_dir(
-                std::path::Path::new(
-                    self.location
-                        .strip_prefix("file://")
-                        .unwrap_or(&self.location),
-                )
-                .join(checkpoint_dir(epoch)),
-            );
+            self.delete(epoch)?;
         }
         Ok(())
     }
@@ -234,25 +238,7 @@ impl CheckpointStore {
             if kept.contains(&epoch) || epoch > newest {
                 continue;
             }
-            let prefix = Path::from(checkpoint_dir(epoch));
-            let listing = self
-                .runtime
-                .block_on(self.store.list_with_delimiter(Some(&prefix)))
-                .map_err(|e| store_error(&self.location, e))?;
-            for object in listing.objects {
-                self.runtime
-                    .block_on(self.store.delete(&object.location))
-                    .map_err(|e| store_error(&self.location, e))?;
-            }
-            // The local store leaves the emptied folder behind.
-            let _ = std::fs::remove_dir(
-                std::path::Path::new(
-                    self.location
-                        .strip_prefix("file://")
-                        .unwrap_or(&self.location),
-                )
-                .join(checkpoint_dir(epoch)),
-            );
+            self.delete(epoch)?;
         }
         Ok(())
     }

@@ -61,43 +61,15 @@ fn write_input(dir: &Path) {
     }
 }
 
-/// The committed rows of a sink folder: JSON rows as text, and debezium changes folded.
+mod common;
+
+/// The committed rows of a sink folder, float sums rounded (their order of addition differs).
 fn committed(dir: &Path) -> BTreeMap<String, i64> {
-    let mut rows = BTreeMap::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_str().unwrap().to_string();
-        assert!(
-            !name.starts_with('.'),
-            "unpublished file left behind: {name}"
-        );
-        for line in std::fs::read_to_string(&path).unwrap().lines() {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            let mut apply = |row: &serde_json::Value, sign: i64| {
-                // Float sums depend on the order rows meet in: compare them rounded.
-                let mut row = row.clone();
-                if let Some(t) = row.get("total").and_then(|t| t.as_f64()) {
-                    row["total"] = serde_json::Value::String(format!("{t:.4}"));
-                }
-                let key = row.to_string();
-                *rows.entry(key.clone()).or_insert(0) += sign;
-                if rows[&key] == 0 {
-                    rows.remove(&key);
-                }
-            };
-            if v.get("op").is_some() {
-                if !v["before"].is_null() {
-                    apply(&v["before"], -1);
-                }
-                if !v["after"].is_null() {
-                    apply(&v["after"], 1);
-                }
-            } else {
-                apply(&v, 1);
-            }
+    common::committed_rows(dir, |row| {
+        if let Some(t) = row.get("total").and_then(|t| t.as_f64()) {
+            row["total"] = serde_json::Value::String(format!("{t:.4}"));
         }
-    }
-    rows
+    })
 }
 
 #[test]

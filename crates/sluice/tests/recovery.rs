@@ -97,36 +97,11 @@ fn job(dir: &Path) -> String {
     )
 }
 
+mod common;
+
 /// Published rows of a sink folder; debezium changes folded.
 fn committed(dir: &Path) -> BTreeMap<String, i64> {
-    let mut rows = BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return rows;
-    };
-    for entry in entries {
-        let path = entry.unwrap().path();
-        if path.file_name().unwrap().to_str().unwrap().starts_with('.') {
-            continue;
-        }
-        for line in std::fs::read_to_string(&path).unwrap().lines() {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            let mut apply = |row: &serde_json::Value, sign: i64| {
-                *rows.entry(row.to_string()).or_insert(0) += sign;
-            };
-            if v.get("op").is_some() {
-                if !v["before"].is_null() {
-                    apply(&v["before"], -1);
-                }
-                if !v["after"].is_null() {
-                    apply(&v["after"], 1);
-                }
-            } else {
-                apply(&v, 1);
-            }
-        }
-    }
-    rows.retain(|_, n| *n != 0);
-    rows
+    common::committed_rows(dir, |_| {})
 }
 
 #[test]
