@@ -297,8 +297,20 @@ impl Alignment {
         self.held.is_some() && time > self.next
     }
 
-    pub fn stash(&mut self, cap: Capability<Epoch>, event: Event) {
-        self.stash.push((cap, event));
+    /// Keeps a message that must wait for the pending checkpoint; true when it was kept.
+    pub fn hold(
+        &mut self,
+        cap: &timely::dataflow::operators::InputCapability<Epoch>,
+        event: &mut Event,
+    ) -> bool {
+        let time = cap.least().copied().unwrap_or_default();
+        if !self.must_wait(time) {
+            return false;
+        }
+        if let Some(c) = cap.retain_least(0) {
+            self.stash.push((c, std::mem::take(event)));
+        }
+        true
     }
 
     /// The pending checkpoint epoch, once the input frontier has passed it.

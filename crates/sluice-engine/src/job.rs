@@ -709,14 +709,8 @@ fn aggregate<'scope>(
                 if early_fire.is_some() && held.is_none() {
                     held = cap.retain_least(0);
                 }
-                if let Some(al) = align.as_mut() {
-                    let time = cap.least().copied().unwrap_or_default();
-                    if al.must_wait(time) {
-                        if let Some(c) = cap.retain_least(0) {
-                            al.stash(c, std::mem::take(data));
-                        }
-                        return;
-                    }
+                if align.as_mut().is_some_and(|al| al.hold(&cap, data)) {
+                    return;
                 }
                 task.handle(&cap, data, output);
             });
@@ -829,14 +823,8 @@ fn table_sink<'scope>(
             let mut sealed: std::collections::VecDeque<Epoch> = Default::default();
             move |(input, frontier), _output| {
                 input.for_each(|cap, data| {
-                    if let Some(al) = align.as_mut() {
-                        let time = cap.least().copied().unwrap_or_default();
-                        if al.must_wait(time) {
-                            if let Some(c) = cap.retain_least(0) {
-                                al.stash(c, std::mem::take(data));
-                            }
-                            return;
-                        }
+                    if align.as_mut().is_some_and(|al| al.hold(&cap, data)) {
+                        return;
                     }
                     write(&mut writer, data);
                 });

@@ -318,18 +318,24 @@ fn kill_on_two_finish_on_one(damage: bool) {
         .unwrap();
     // Wait for a committed checkpoint, then kill.
     let ckpt = dir.path().join("checkpoints");
-    let committed_one = || {
+    // Wait for committed checkpoints (two when one is to be damaged), then kill.
+    let wanted = if damage { 2 } else { 1 };
+    let committed_count = || {
         std::fs::read_dir(&ckpt)
-            .ok()
-            .is_some_and(|d| d.flatten().any(|e| e.path().join("_manifest").exists()))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().join("_manifest").exists())
+                    .count()
+            })
+            .unwrap_or(0)
     };
-    for _ in 0..200 {
-        if committed_one() || child.try_wait().unwrap().is_some() {
+    for _ in 0..500 {
+        if committed_count() >= wanted || child.try_wait().unwrap().is_some() {
             break;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(10));
     }
-    std::thread::sleep(Duration::from_millis(150));
+    std::thread::sleep(Duration::from_millis(50));
     assert!(
         child.try_wait().unwrap().is_none(),
         "the job finished before it could be killed; make the input larger"
