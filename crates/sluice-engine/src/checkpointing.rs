@@ -174,6 +174,41 @@ pub fn fingerprint(plan: &JobPlan) -> String {
     format!("{h:016x}")
 }
 
+/// Writes checkpoint files on a background thread, so operators go on while their snapshots
+/// reach storage. A file appears (atomically) only once whole, and the coordinator commits a
+/// checkpoint only when all of its files are there.
+#[derive(Clone)]
+pub struct CheckpointWriter {
+    sender: std::sync::mpsc::Sender<(Epoch, String, Vec<u8>)>,
+}
+
+impl CheckpointWriter {
+    /// Starts the writer thread; it ends when every clone of the writer is dropped.
+    pub fn start(
+        store: Arc<CheckpointStore>,
+        metrics: Arc<crate::metrics::JobMetrics>,
+    ) -> (Self, std::thread::JoinHandle<()>) {
+        let (sender, receiver) = std::sync::mpsc::channel::<(Epoch, String, Vec<u8>)>();
+        let handle = std::thread::Builder::new()
+            .name("checkpoint-writer".into())
+            .spawn(move || {
+                for (epoch, name, bytes) in receiver {
+                    if let Err(e) = store.put(epoch, &name, bytes) {
+                        metrics.checkpoint_failed(epoch, e);
+                    }
+                }
+            })
+            .expect("spawn the checkpoint writer");
+        (CheckpointWriter { sender }, handle)
+    }
+
+    /// Queues a file of checkpoint `epoch`.
+    pub fn write(&self, epoch: Epoch, name: String, bytes: Vec<u8>) {
+        // The receiver lives until every writer is dropped, so sending cannot fail before then.
+        let _ = self.sender.send((epoch, name, bytes));
+    }
+}
+
 /// What kind of file an operator contributes to each checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Contribution {
@@ -185,6 +220,7 @@ pub enum Contribution {
 /// contribute files (registered as the dataflow is built, in the same order on every worker).
 pub struct CheckpointContext {
     pub store: Arc<CheckpointStore>,
+    pub writer: CheckpointWriter,
     pub every: u64,
     /// The first epoch of this run: after the restored checkpoint, so new ones sort after it.
     pub base: Epoch,

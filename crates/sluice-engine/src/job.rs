@@ -284,6 +284,13 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
     }
     let checkpointing = prepare_checkpoints(&plan, options.fresh)?;
     let finished_checkpointing = checkpointing.clone();
+    let writer = checkpointing
+        .as_ref()
+        .map(|c| crate::checkpointing::CheckpointWriter::start(c.store.clone(), metrics.clone()));
+    let (writer, writer_thread) = match writer {
+        Some((w, t)) => (Some(w), Some(t)),
+        None => (None, None),
+    };
     let worker_metrics = metrics.clone();
     let guards = timely::execute(config, move |worker| {
         let index = worker.index();
@@ -292,6 +299,7 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
         let checkpoint = checkpointing.as_ref().map(|c| {
             std::rc::Rc::new(CheckpointContext {
                 store: c.store.clone(),
+                writer: writer.clone().expect("a writer when checkpointing"),
                 every: c.config.every,
                 base: c.base,
                 restore: c.restore.clone(),
@@ -317,54 +325,65 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
                 };
             }
         });
-        // Worker 0 commits checkpoints: once the probe passes a checkpoint epoch, every file of
-        // it has been written.
-        let mut next_commit = checkpoint.as_ref().map(|c| c.next_checkpoint(c.base));
+        // Worker 0 commits checkpoints: once the probe passes a checkpoint epoch, every operator
+        // has handed over its files; they reach storage in the background, so the epoch stays
+        // pending until all are there. The newest complete one wins; older pending ones go.
+        let mut next_due = checkpoint.as_ref().map(|c| c.next_checkpoint(c.base));
+        let mut pending: std::collections::VecDeque<Epoch> = Default::default();
         let mut failed_in_a_row = 0usize;
         while !probe.done() && !worker_metrics.failed() {
             worker.step_or_park(Some(Duration::from_millis(20)));
-            if let (0, Some(ck), Some(epoch), Some(c)) = (
-                index,
-                checkpoint.as_ref(),
-                next_commit.as_mut(),
-                checkpointing.as_ref(),
-            ) {
-                while !probe.done() && !probe.less_equal(epoch) {
-                    let started = Instant::now();
-                    match ck.try_commit(*epoch, peers, &c.fingerprint, c.config.retained) {
-                        Ok(Some((files, bytes))) => {
-                            worker_metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
-                            worker_metrics.checkpoint_bytes.store(bytes, Ordering::Relaxed);
-                            eprintln!(
-                                "checkpoint {epoch} committed: {files} files (source offsets and state of {peers} workers), \
-                                 {bytes} bytes, committed in {} ms",
-                                started.elapsed().as_millis()
-                            );
-                        }
-                        Ok(None) => {}
-                        Err(e) => worker_metrics.checkpoint_failed(*epoch, e),
-                    }
-                    // Storage failures fail checkpoints; only too many in a row fail the job.
-                    if worker_metrics.take_checkpoint_failure(*epoch) {
-                        failed_in_a_row += 1;
-                        if failed_in_a_row > c.config.tolerable_failures {
-                            worker_metrics.fail(Error::Runtime(format!(
-                                "{failed_in_a_row} checkpoints in a row failed (more than \
-                                 'execution.checkpointing.tolerable-failed-checkpoints' = {}); check '{}'",
-                                c.config.tolerable_failures, c.config.dir
-                            )));
-                        }
-                    } else if worker_metrics.checkpoints.load(Ordering::Relaxed) > 0 {
-                        failed_in_a_row = 0;
-                    }
-                    *epoch += ck.every;
+            let (0, Some(ck), Some(due), Some(c)) = (index, checkpoint.as_ref(), next_due.as_mut(), checkpointing.as_ref()) else {
+                continue;
+            };
+            while !probe.done() && !probe.less_equal(due) {
+                pending.push_back(*due);
+                *due += ck.every;
+            }
+            // Storage failures fail checkpoints; only too many in a row fail the job.
+            pending.retain(|epoch| {
+                if !worker_metrics.take_checkpoint_failure(*epoch) {
+                    return true;
                 }
+                failed_in_a_row += 1;
+                if failed_in_a_row > c.config.tolerable_failures {
+                    worker_metrics.fail(Error::Runtime(format!(
+                        "{failed_in_a_row} checkpoints in a row failed (more than \
+                         'execution.checkpointing.tolerable-failed-checkpoints' = {}); check '{}'",
+                        c.config.tolerable_failures, c.config.dir
+                    )));
+                }
+                false
+            });
+            for epoch in pending.iter().rev().copied().collect::<Vec<_>>() {
+                match ck.try_commit(epoch, peers, &c.fingerprint, c.config.retained) {
+                    Ok(Some((files, bytes))) => {
+                        failed_in_a_row = 0;
+                        worker_metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
+                        worker_metrics.checkpoint_bytes.store(bytes, Ordering::Relaxed);
+                        eprintln!(
+                            "checkpoint {epoch} committed: {files} files (source offsets and state of {peers} workers), {bytes} bytes"
+                        );
+                        pending.retain(|e| *e > epoch);
+                        break;
+                    }
+                    Ok(None) => {}
+                    Err(e) => worker_metrics.checkpoint_failed(epoch, e),
+                }
+            }
+            // A finished source never completes later checkpoints: do not wait for them forever.
+            while pending.len() > 8 {
+                pending.pop_front();
             }
         }
     })
     .map_err(|e| Error::Runtime(format!("could not start the workers: {e}")))?;
     for r in guards.join() {
         r.map_err(|e| Error::Runtime(format!("a worker failed: {e}")))?;
+    }
+    // The workers dropped their writers: the thread finishes the queued files and ends.
+    if let Some(t) = writer_thread {
+        let _ = t.join();
     }
     if let Some(e) = metrics.error.lock().expect("metrics").take() {
         return Err(e);
@@ -603,10 +622,10 @@ impl AggregateTask {
         }
     }
 
-    /// Writes this worker's state into checkpoint `epoch`, as Arrow IPC.
+    /// Writes this worker's state into checkpoint `epoch`, as Arrow IPC (in the background).
     fn snapshot(
         &self,
-        store: &sluice_state::checkpoint::CheckpointStore,
+        writer: &crate::checkpointing::CheckpointWriter,
         epoch: Epoch,
         id: &str,
     ) -> Result<()> {
@@ -618,7 +637,8 @@ impl AggregateTask {
             w.finish()?;
         }
         let name = CheckpointContext::file_name(Contribution::State, id, self.index);
-        store.put(epoch, &name, bytes).map(|_| ())
+        writer.write(epoch, name, bytes);
+        Ok(())
     }
 }
 
@@ -721,7 +741,7 @@ fn aggregate<'scope>(
                 id.as_ref(),
             ) {
                 while let Some(epoch) = al.due(frontier) {
-                    if let Err(e) = task.snapshot(&ck.store, epoch, id) {
+                    if let Err(e) = task.snapshot(&ck.writer, epoch, id) {
                         metrics.checkpoint_failed(epoch, e);
                     }
                     for (c, mut event) in al.advance() {

@@ -186,10 +186,7 @@ pub(crate) fn source_stream<'scope>(
                         let name =
                             CheckpointContext::file_name(Contribution::SourceOffsets, id, index);
                         let offsets = serde_json::to_vec(&r.offsets()).expect("offsets serialize");
-                        if let Err(e) = ck.store.put(epoch, &name, offsets) {
-                            // The checkpoint fails, not the job (see the coordinator).
-                            metrics.checkpoint_failed(epoch, e);
-                        }
+                        ck.writer.write(epoch, name, offsets);
                     }
                 }
                 epoch += 1;
