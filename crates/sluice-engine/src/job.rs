@@ -376,6 +376,25 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
                 pending.pop_front();
             }
         }
+        // A graceful stop leaves a final checkpoint behind; its files may still be landing.
+        if let (0, true, Some(ck), Some(c)) = (index, worker_metrics.is_cancelled(), checkpoint.as_ref(), checkpointing.as_ref()) {
+            let stop = worker_metrics.stop_epoch.load(Ordering::SeqCst);
+            if stop != u64::MAX {
+                pending.push_back(stop);
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            'finals: while Instant::now() < deadline && !pending.is_empty() {
+                for epoch in pending.iter().rev().copied().collect::<Vec<_>>() {
+                    if let Ok(Some((files, bytes))) = ck.try_commit(epoch, peers, &c.fingerprint, c.config.retained) {
+                        worker_metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
+                        worker_metrics.checkpoint_bytes.store(bytes, Ordering::Relaxed);
+                        eprintln!("final checkpoint {epoch} committed: {files} files, {bytes} bytes");
+                        break 'finals;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
     })
     .map_err(|e| Error::Runtime(format!("could not start the workers: {e}")))?;
     for r in guards.join() {

@@ -23,6 +23,8 @@ pub struct JobMetrics {
     pub source_watermark: AtomicI64,
     /// Checkpoint epochs whose files could not be written.
     pub checkpoint_failures: Mutex<BTreeMap<u64, Error>>,
+    /// The checkpoint epoch after which the sources of this process stop (graceful stop).
+    pub stop_epoch: AtomicU64,
     /// Set to stop the job: sources stop reading (without ending event time) and the job winds down.
     pub cancelled: std::sync::atomic::AtomicBool,
     /// The first error raised by any operator; every worker stops when it is set.
@@ -33,6 +35,7 @@ impl JobMetrics {
     pub fn new() -> Arc<Self> {
         let m = JobMetrics::default();
         m.source_watermark.store(i64::MIN, Ordering::Relaxed);
+        m.stop_epoch.store(u64::MAX, Ordering::Relaxed);
         Arc::new(m)
     }
 

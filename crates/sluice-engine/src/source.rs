@@ -86,15 +86,50 @@ pub(crate) fn source_stream<'scope>(
         let mut splits = SplitWatermarks::default();
         let mut skipped_reported = 0;
         let mut last_data = Instant::now();
+        let mut stopped = false;
         move |output| {
             let Some(c) = cap.as_mut() else { return };
             let Some(r) = reader.as_mut() else {
                 cap = None;
                 return;
             };
-            if metrics.failed() || metrics.is_cancelled() {
-                // Stopping is not the end of event time: no final watermark.
+            if metrics.failed() {
                 cap = None;
+                return;
+            }
+            if metrics.is_cancelled() {
+                // A graceful stop. Without checkpoints, just stop (no final watermark: stopping is
+                // not the end of event time). With them, every source of the process stops after
+                // the same checkpoint epoch, writing its (final) offsets there, and holds the next
+                // epoch for one more step so that operators see the frontier pass it.
+                let Some(ck) = checkpoint.as_ref() else {
+                    cap = None;
+                    return;
+                };
+                if stopped {
+                    cap = None;
+                    return;
+                }
+                let proposal = ck.next_checkpoint(epoch + 2 * MAX_EPOCHS_IN_FLIGHT + 1);
+                let _ = metrics.stop_epoch.compare_exchange(
+                    u64::MAX,
+                    proposal,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                );
+                let stop = metrics.stop_epoch.load(Ordering::SeqCst).max(epoch);
+                if let Some(id) = &id {
+                    if ck.is_checkpoint(stop) {
+                        c.downgrade(&stop);
+                        let name =
+                            CheckpointContext::file_name(Contribution::SourceOffsets, id, index);
+                        let offsets = serde_json::to_vec(&r.offsets()).expect("offsets serialize");
+                        ck.writer.write(stop, name, offsets);
+                    }
+                }
+                c.downgrade(&(stop + 1));
+                stopped = true;
+                activator.activate_after(Duration::from_millis(5));
                 return;
             }
             if epoch >= MAX_EPOCHS_IN_FLIGHT && probe.less_than(&(epoch - MAX_EPOCHS_IN_FLIGHT)) {

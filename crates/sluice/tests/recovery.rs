@@ -565,3 +565,69 @@ fn storage_failures_fail_checkpoints_then_the_job() {
         "{stderr}"
     );
 }
+
+/// SIGTERM stops a job gracefully with a final checkpoint; the next run continues from it and
+/// the committed output is exact.
+#[test]
+fn sigterm_leaves_a_final_checkpoint_to_continue_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let (windows, _, _) = expected(dir.path());
+    // A long interval: apart from epoch 0, the only checkpoint is the final one.
+    let script = job(dir.path()).replace("'200 ms'", "'60 s'");
+    std::fs::write(dir.path().join("job.sql"), script).unwrap();
+    let child = sluice()
+        .args([
+            "run",
+            dir.path().join("job.sql").to_str().unwrap(),
+            "--workers",
+            "2",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let first = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert!(
+        first.status.success(),
+        "a graceful stop exits cleanly: {stderr}"
+    );
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("final checkpoint"))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    let epoch: u64 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!(epoch > 0, "{line}");
+
+    let o = sluice()
+        .args([
+            "run",
+            dir.path().join("job.sql").to_str().unwrap(),
+            "--workers",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("resuming from checkpoint {epoch} ")),
+        "{stderr}"
+    );
+    let want: BTreeMap<String, i64> = windows
+        .iter()
+        .map(|(ws, (n, items))| {
+            (
+                serde_json::json!({"items": items, "n": n, "ws": ws}).to_string(),
+                1,
+            )
+        })
+        .collect();
+    assert_eq!(committed(&dir.path().join("out/per_window")), want);
+}
