@@ -156,6 +156,23 @@ pub fn fingerprint(plan: &JobPlan) -> String {
                     fields(schema)
                 ));
             }
+            StreamNode::Join {
+                left,
+                right,
+                kind,
+                left_keys,
+                bound,
+                schema,
+                ..
+            } => {
+                node(left, out);
+                node(right, out);
+                out.push_str(&format!(
+                    "join({kind:?};{};{bound:?};{})",
+                    left_keys.len(),
+                    fields(schema)
+                ));
+            }
         }
     }
     let mut out = String::new();
@@ -306,15 +323,16 @@ impl CheckpointContext {
 }
 
 /// Holds rows of later epochs back until the input frontier passes the pending checkpoint
-/// epoch, and a capability at that epoch until the operator has done its part.
-pub struct Alignment {
+/// epoch, and a capability at that epoch until the operator has done its part. `T` is what is
+/// held: an [`Event`], or an event tagged with its input for operators with two inputs.
+pub struct Alignment<T = Event> {
     pub next: Epoch,
     every: u64,
     held: Option<Capability<Epoch>>,
-    stash: Vec<(Capability<Epoch>, Event)>,
+    stash: Vec<(Capability<Epoch>, T)>,
 }
 
-impl Alignment {
+impl<T> Alignment<T> {
     pub fn new(ctx: &CheckpointContext, mut initial: Capability<Epoch>) -> Self {
         let next = ctx.next_checkpoint(ctx.base);
         initial.downgrade(&next);
@@ -333,31 +351,34 @@ impl Alignment {
         self.held.is_some() && time > self.next
     }
 
-    /// Keeps a message that must wait for the pending checkpoint; true when it was kept.
+    /// Keeps a message that must wait for the pending checkpoint (taking it with `take`); true
+    /// when it was kept.
     pub fn hold(
         &mut self,
         cap: &timely::dataflow::operators::InputCapability<Epoch>,
-        event: &mut Event,
+        take: impl FnOnce() -> T,
     ) -> bool {
         let time = cap.least().copied().unwrap_or_default();
         if !self.must_wait(time) {
             return false;
         }
         if let Some(c) = cap.retain_least(0) {
-            self.stash.push((c, std::mem::take(event)));
+            self.stash.push((c, take()));
         }
         true
     }
 
-    /// The pending checkpoint epoch, once the input frontier has passed it.
-    pub fn due(&self, frontier: &MutableAntichain<Epoch>) -> Option<Epoch> {
-        (self.held.is_some() && !frontier.less_equal(&self.next) && !frontier.frontier().is_empty())
-            .then_some(self.next)
+    /// The pending checkpoint epoch, once every input frontier has passed it.
+    pub fn due(&self, frontiers: &[&MutableAntichain<Epoch>]) -> Option<Epoch> {
+        (self.held.is_some()
+            && frontiers.iter().all(|f| !f.less_equal(&self.next))
+            && frontiers.iter().any(|f| !f.frontier().is_empty()))
+        .then_some(self.next)
     }
 
     /// After the operator did its part for the pending checkpoint: moves to the next one and
     /// returns the waiting messages now due.
-    pub fn advance(&mut self) -> Vec<(Capability<Epoch>, Event)> {
+    pub fn advance(&mut self) -> Vec<(Capability<Epoch>, T)> {
         self.next += self.every;
         if let Some(h) = self.held.as_mut() {
             h.downgrade(&self.next);
@@ -373,9 +394,9 @@ impl Alignment {
     /// At the end of input: no more checkpoints; everything waiting is due.
     pub fn finish(
         &mut self,
-        frontier: &MutableAntichain<Epoch>,
-    ) -> Vec<(Capability<Epoch>, Event)> {
-        if !frontier.frontier().is_empty() {
+        frontiers: &[&MutableAntichain<Epoch>],
+    ) -> Vec<(Capability<Epoch>, T)> {
+        if frontiers.iter().any(|f| !f.frontier().is_empty()) {
             return vec![];
         }
         self.held = None;

@@ -50,6 +50,9 @@ pub struct JobOptions {
     pub metrics: Arc<JobMetrics>,
     /// Ignore existing checkpoints and start from the beginning of the input.
     pub fresh: bool,
+    /// Run the sources one after another, in plan order (for tests that show a changelog step
+    /// by step; with one worker the order of a join's inputs is then deterministic).
+    pub sequential_sources: bool,
 }
 
 impl Default for JobOptions {
@@ -61,6 +64,7 @@ impl Default for JobOptions {
             select_output: None,
             metrics: JobMetrics::new(),
             fresh: false,
+            sequential_sources: false,
         }
     }
 }
@@ -162,6 +166,10 @@ fn collect_late_sinks(node: &StreamNode, out: &mut Vec<Arc<TableDef>>) {
         | StreamNode::Filter { input, .. }
         | StreamNode::WindowAssign { input, .. } => collect_late_sinks(input, out),
         StreamNode::Union { inputs, .. } => inputs.iter().for_each(|i| collect_late_sinks(i, out)),
+        StreamNode::Join { left, right, .. } => {
+            collect_late_sinks(left, out);
+            collect_late_sinks(right, out);
+        }
         StreamNode::Scan { .. } | StreamNode::Values { .. } => {}
     }
 }
@@ -175,6 +183,10 @@ fn collect_scans(node: &StreamNode, out: &mut Vec<Arc<TableDef>>) {
         | StreamNode::WindowAssign { input, .. }
         | StreamNode::Aggregate { input, .. } => collect_scans(input, out),
         StreamNode::Union { inputs, .. } => inputs.iter().for_each(|i| collect_scans(i, out)),
+        StreamNode::Join { left, right, .. } => {
+            collect_scans(left, out);
+            collect_scans(right, out);
+        }
     }
 }
 
@@ -274,7 +286,19 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
                 ))
             })?,
     };
+    let state_ttl = match plan.settings.get("table.exec.state.ttl") {
+        None => None,
+        Some(v) => {
+            let ms = sluice_common::time::parse_duration_ms(v).ok_or_else(|| {
+                Error::plan(format!(
+                    "'table.exec.state.ttl' = '{v}' is not a duration such as '1 h' or '30 min'"
+                ))
+            })?;
+            (ms > 0).then(|| Duration::from_millis(ms as u64))
+        }
+    };
     let select_output = options.select_output.clone();
+    let sequential_sources = options.sequential_sources;
     if let Some(out) = &select_output {
         for p in &plan.pipelines {
             if let SinkTarget::Select { index } = p.sink {
@@ -313,6 +337,8 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
             probe: probe.clone(),
             batch_rows,
             checkpoint: checkpoint.clone(),
+            state_ttl,
+            sequence: sequential_sources.then(Default::default),
         };
         worker.dataflow::<Epoch, _, _>(|scope| {
             for p in plan.pipelines.iter() {
@@ -437,6 +463,10 @@ pub(crate) struct BuildContext {
     pub batch_rows: usize,
     /// Checkpointing, when enabled.
     pub checkpoint: Option<std::rc::Rc<crate::checkpointing::CheckpointContext>>,
+    /// `'table.exec.state.ttl'`: how long regular joins keep rows that are not written.
+    pub state_ttl: Option<Duration>,
+    /// Sources run one after another ([`JobOptions::sequential_sources`]).
+    pub sequence: Option<std::rc::Rc<crate::source::SourceSequence>>,
 }
 
 fn build<'scope>(
@@ -541,6 +571,31 @@ fn build<'scope>(
             );
             let late = late_sink.as_ref().map(|l| l.table.clone());
             aggregate(stream, state, emit.early_fire_ms, late, ctx)
+        }
+        StreamNode::Join {
+            left,
+            right,
+            kind,
+            left_keys,
+            right_keys,
+            filter,
+            bound,
+            schema,
+        } => {
+            let state = crate::join::JoinState::try_new(
+                *kind,
+                left_keys.clone(),
+                right_keys.clone(),
+                filter.clone(),
+                *bound,
+                [left.schema(), right.schema()],
+                schema.clone(),
+                ctx.state_ttl,
+            );
+            let l = exchange_by_key(build(scope, left, ctx), left_keys.clone());
+            let r = exchange_by_key(build(scope, right, ctx), right_keys.clone());
+            let delay = bound.map_or(0, |b| b.output_delay);
+            crate::join_operator::join(l, r, state, delay, ctx)
         }
     }
 }
@@ -748,7 +803,10 @@ fn aggregate<'scope>(
                 if early_fire.is_some() && held.is_none() {
                     held = cap.retain_least(0);
                 }
-                if align.as_mut().is_some_and(|al| al.hold(&cap, data)) {
+                if align
+                    .as_mut()
+                    .is_some_and(|al| al.hold(&cap, || std::mem::take(data)))
+                {
                     return;
                 }
                 task.handle(&cap, data, output);
@@ -759,7 +817,7 @@ fn aggregate<'scope>(
                 checkpoint.as_ref(),
                 id.as_ref(),
             ) {
-                while let Some(epoch) = al.due(frontier) {
+                while let Some(epoch) = al.due(&[frontier]) {
                     if let Err(e) = task.snapshot(&ck.writer, epoch, id) {
                         metrics.checkpoint_failed(epoch, e);
                     }
@@ -767,7 +825,7 @@ fn aggregate<'scope>(
                         task.handle(&c, &mut event, output);
                     }
                 }
-                for (c, mut event) in al.finish(frontier) {
+                for (c, mut event) in al.finish(&[frontier]) {
                     task.handle(&c, &mut event, output);
                 }
             }
@@ -862,13 +920,16 @@ fn table_sink<'scope>(
             let mut sealed: std::collections::VecDeque<Epoch> = Default::default();
             move |(input, frontier), _output| {
                 input.for_each(|cap, data| {
-                    if align.as_mut().is_some_and(|al| al.hold(&cap, data)) {
+                    if align
+                        .as_mut()
+                        .is_some_and(|al| al.hold(&cap, || std::mem::take(data)))
+                    {
                         return;
                     }
                     write(&mut writer, data);
                 });
                 if let Some(al) = align.as_mut() {
-                    while let Some(epoch) = al.due(frontier) {
+                    while let Some(epoch) = al.due(&[frontier]) {
                         if let Some(w) = writer.as_mut() {
                             match w.pre_commit(epoch) {
                                 Ok(()) => sealed.push_back(epoch),
@@ -879,7 +940,7 @@ fn table_sink<'scope>(
                             write(&mut writer, &mut event);
                         }
                     }
-                    for (_, mut event) in al.finish(frontier) {
+                    for (_, mut event) in al.finish(&[frontier]) {
                         write(&mut writer, &mut event);
                     }
                 }

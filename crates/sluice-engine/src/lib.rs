@@ -18,6 +18,8 @@ pub mod aggregate_snapshot;
 pub mod checkpointing;
 pub mod dataflow;
 pub mod job;
+pub mod join;
+mod join_operator;
 pub mod metrics;
 pub mod source;
 pub mod stateless;

@@ -1,6 +1,8 @@
 //! The source operator: polls a reader, computes a table's computed columns and watermark, and
 //! paces itself on the job's probe (timely has no backpressure).
 
+use std::cell::Cell;
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +29,38 @@ const EPOCH_LENGTH: Duration = Duration::from_millis(EPOCH_MS);
 
 /// Turns a reader's raw batch into the rows to emit and the watermark they allow.
 pub type Prepare = Box<dyn FnMut(RecordBatch) -> Result<(ChangeBatch, Option<i64>)>>;
+
+/// For tests that show a changelog step by step: the job's sources run one after another, in plan
+/// order, each starting only once everything the previous ones emitted has been processed. With
+/// one worker this makes the order in which a join sees its two inputs deterministic.
+#[derive(Default)]
+pub struct SourceSequence {
+    registered: Cell<usize>,
+    finished: Cell<usize>,
+    /// The running source's epoch: waiting sources keep their capability there, so that they
+    /// do not hold the job back.
+    epoch: Cell<Epoch>,
+    /// The last epoch of the source that finished last.
+    last: Cell<Option<Epoch>>,
+}
+
+impl SourceSequence {
+    fn register(&self) -> usize {
+        let turn = self.registered.get();
+        self.registered.set(turn + 1);
+        turn
+    }
+
+    fn may_run(&self, turn: usize, probe: &timely::dataflow::ProbeHandle<Epoch>) -> bool {
+        self.finished.get() == turn && self.last.get().is_none_or(|l| !probe.less_equal(&l))
+    }
+
+    fn finish(&self, epoch: Epoch) {
+        self.finished.set(self.finished.get() + 1);
+        self.last.set(Some(epoch));
+        self.epoch.set(epoch + 1);
+    }
+}
 
 /// A source stream over `reader`; a failed `reader` fails the job and emits nothing.
 pub(crate) fn source_stream<'scope>(
@@ -74,6 +108,8 @@ pub(crate) fn source_stream<'scope>(
             None
         }
     };
+    let sequence: Option<(Rc<SourceSequence>, usize)> =
+        ctx.sequence.as_ref().map(|s| (s.clone(), s.register()));
     let read_counter = metrics.read_counter(name);
     source::<_, EventBuilder, _, _>(scope, &format!("Source({name})"), move |cap, info| {
         let activator = scope.activator_for(info.address.clone());
@@ -131,6 +167,17 @@ pub(crate) fn source_stream<'scope>(
                 stopped = true;
                 activator.activate_after(Duration::from_millis(5));
                 return;
+            }
+            if let Some((seq, turn)) = &sequence {
+                if !seq.may_run(*turn, &probe) {
+                    if seq.epoch.get() > epoch {
+                        epoch = seq.epoch.get();
+                        c.downgrade(&epoch);
+                    }
+                    activator.activate_after(Duration::from_millis(1));
+                    return;
+                }
+                seq.epoch.set(seq.epoch.get().max(epoch));
             }
             if epoch >= MAX_EPOCHS_IN_FLIGHT && probe.less_than(&(epoch - MAX_EPOCHS_IN_FLIGHT)) {
                 activator.activate_after(Duration::from_millis(1));
@@ -204,6 +251,9 @@ pub(crate) fn source_stream<'scope>(
                     MAX_WATERMARK,
                     peers,
                 ));
+                if let Some((seq, _)) = &sequence {
+                    seq.finish(epoch);
+                }
                 cap = None;
                 return;
             }

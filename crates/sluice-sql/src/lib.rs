@@ -12,6 +12,7 @@
 pub mod dialect;
 pub mod flink_functions;
 pub mod functions;
+mod join_plan;
 pub mod parser;
 pub mod plan;
 pub mod planner;

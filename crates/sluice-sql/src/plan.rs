@@ -136,6 +136,47 @@ pub struct LateSink {
     pub table: Arc<TableDef>,
 }
 
+/// Which rows of a join survive without a match (padded with NULLs on the other side).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JoinKind {
+    Inner,
+    Left,
+    Right,
+    Full,
+}
+
+impl JoinKind {
+    /// Whether unmatched rows of input `side` (0 = left, 1 = right) are kept, padded.
+    pub fn keeps_unmatched(self, side: usize) -> bool {
+        matches!(
+            (self, side),
+            (JoinKind::Left | JoinKind::Full, 0) | (JoinKind::Right | JoinKind::Full, 1)
+        )
+    }
+}
+
+/// How long a row of one join input can still find partners, for joins whose state is bounded by
+/// event time (interval and window joins): the row expires once the *other* input's watermark is
+/// past `column + offset` (milliseconds). Both inputs are append-only, and so is the output: rows
+/// of a kept side that never matched are emitted padded when they expire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ExpireBy {
+    /// A timestamp column of this input.
+    pub column: usize,
+    pub offset: i64,
+}
+
+/// The event-time bound of an interval or window join.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct JoinBound {
+    /// `[left, right]`.
+    pub expire: [ExpireBy; 2],
+    /// How far output rows may lag the inputs' watermark; the output watermark is held back by it.
+    pub output_delay: i64,
+    /// A window join (else an interval join), for messages and fingerprints.
+    pub window: bool,
+}
+
 /// A node of the streaming plan.
 #[derive(Debug, Clone)]
 pub enum StreamNode {
@@ -187,6 +228,21 @@ pub enum StreamNode {
         late_sink: Option<LateSink>,
         schema: SchemaRef,
     },
+    /// An equi-join (plus an optional non-equi condition) of two streams, partitioned by the
+    /// key. Without a `bound` it is a regular join: both inputs are kept in state (retractions
+    /// retract joined rows; padded rows of outer joins are retracted when a match arrives).
+    Join {
+        left: Box<StreamNode>,
+        right: Box<StreamNode>,
+        kind: JoinKind,
+        /// Key expressions over each input; pairwise of the same type.
+        left_keys: Vec<PhysExpr>,
+        right_keys: Vec<PhysExpr>,
+        /// Over the left columns followed by the right columns.
+        filter: Option<PhysExpr>,
+        bound: Option<JoinBound>,
+        schema: SchemaRef,
+    },
 }
 
 impl StreamNode {
@@ -197,7 +253,8 @@ impl StreamNode {
             | StreamNode::Project { schema, .. }
             | StreamNode::Union { schema, .. }
             | StreamNode::WindowAssign { schema, .. }
-            | StreamNode::Aggregate { schema, .. } => schema.clone(),
+            | StreamNode::Aggregate { schema, .. }
+            | StreamNode::Join { schema, .. } => schema.clone(),
             StreamNode::Filter { input, .. } => input.schema(),
             StreamNode::Values { rows } => rows.schema(),
         }
@@ -215,6 +272,17 @@ impl StreamNode {
                 AggWindow::None => false,
                 _ => !emit.is_updating(),
             },
+            StreamNode::Join {
+                left,
+                right,
+                kind,
+                bound,
+                ..
+            } => {
+                left.is_append_only()
+                    && right.is_append_only()
+                    && (bound.is_some() || *kind == JoinKind::Inner)
+            }
         }
     }
 
@@ -228,6 +296,10 @@ impl StreamNode {
             | StreamNode::WindowAssign { input, .. }
             | StreamNode::Aggregate { input, .. } => input.scanned_tables(out),
             StreamNode::Union { inputs, .. } => inputs.iter().for_each(|i| i.scanned_tables(out)),
+            StreamNode::Join { left, right, .. } => {
+                left.scanned_tables(out);
+                right.scanned_tables(out);
+            }
         }
     }
 }

@@ -214,6 +214,12 @@ impl Catalog {
                 ),
             ),
             Arc::new(datafusion_optimizer::eliminate_filter::EliminateFilter::new()),
+            // `FROM a, b WHERE a.k = b.k` becomes an inner join; join conditions split into
+            // equi-keys (which partition the join) and the rest.
+            Arc::new(crate::join_plan::JoinConditions),
+            Arc::new(
+                datafusion_optimizer::extract_equijoin_predicate::ExtractEquijoinPredicate::new(),
+            ),
             Arc::new(
                 datafusion_optimizer::eliminate_duplicated_expr::EliminateDuplicatedExpr::new(),
             ),
@@ -438,6 +444,7 @@ impl Catalog {
                     return Err(Error::plan(format!("unsupported plan node {}", ext.node.name())));
                 };
                 let input = self.to_stream(&node.input)?;
+                check_windowable(&input)?;
                 if !input.is_append_only() {
                     return Err(Error::plan("window TVFs need an append-only input; this input is an updating result"));
                 }
@@ -453,7 +460,11 @@ impl Catalog {
             LogicalPlan::Limit(_) => {
                 return Err(Error::plan("LIMIT is not supported on a stream yet; remove it, or filter with WHERE"))
             }
-            LogicalPlan::Join(_) => return Err(Error::plan("joins are not supported yet (they arrive with the joins release)")),
+            LogicalPlan::Join(j) => {
+                let left = self.to_stream(&j.left)?;
+                let right = self.to_stream(&j.right)?;
+                crate::join_plan::plan_join(j, left, right)?
+            }
             LogicalPlan::Window(_) => return Err(Error::plan("OVER windows are not supported yet")),
             other => return Err(Error::plan(format!("{} is not supported in a streaming query", other.display()))),
         })
@@ -464,6 +475,9 @@ impl Catalog {
         let mut input = self.to_stream(&a.input)?;
         let windowed =
             a.group_expr.iter().any(|g| window_marker(g).is_some()) || has_window_tvf(&a.input);
+        if windowed {
+            check_windowable(&input)?;
+        }
         let late_sink = if windowed {
             self.late_sink(&mut input)?
         } else {
@@ -807,6 +821,7 @@ fn carry_source_row(node: StreamNode) -> std::result::Result<StreamNode, &'stati
         StreamNode::Union { .. } => return Err("UNION ALL"),
         StreamNode::Aggregate { .. } => return Err("another aggregation"),
         StreamNode::Values { .. } => return Err("VALUES"),
+        StreamNode::Join { .. } => return Err("a join"),
     })
 }
 
@@ -928,8 +943,25 @@ fn check_session_tvfs(node: &StreamNode, merged: bool) -> Result<()> {
         StreamNode::Union { inputs, .. } => {
             inputs.iter().try_for_each(|i| check_session_tvfs(i, false))
         }
+        StreamNode::Join { left, right, .. } => {
+            check_session_tvfs(left, false)?;
+            check_session_tvfs(right, false)
+        }
         StreamNode::Scan { .. } | StreamNode::Values { .. } => Ok(()),
     }
+}
+
+/// Event-time windows need rows that arrive in event-time order up to the watermark; a regular
+/// join emits a match whenever its second row arrives, however old the first one is.
+fn check_windowable(input: &StreamNode) -> Result<()> {
+    if crate::join_plan::has_regular_join(input) {
+        return Err(Error::plan(
+            "a regular join's output has no time attribute and cannot be windowed; window the inputs \
+             and join them on window_start and window_end (a window join), or bound the join with a time \
+             interval (an interval join)",
+        ));
+    }
+    Ok(())
 }
 
 fn agg_call(e: Expr, schema: &DFSchema, output_type: DataType) -> Result<AggCall> {
@@ -987,10 +1019,25 @@ fn agg_call(e: Expr, schema: &DFSchema, output_type: DataType) -> Result<AggCall
 
 /// A physical expression for `e` over `schema`.
 pub fn physical_expr(e: &Expr, schema: &DFSchema) -> Result<PhysExpr> {
+    use datafusion_common::tree_node::TreeNode;
+    let subquery = e
+        .exists(|x| {
+            Ok(matches!(
+                x,
+                Expr::InSubquery(_) | Expr::Exists(_) | Expr::ScalarSubquery(_)
+            ))
+        })
+        .unwrap_or(false);
+    if subquery {
+        return Err(Error::plan(
+            "subqueries in expressions (IN, EXISTS, scalar subqueries) are not supported in streaming \
+             queries yet; write them as a JOIN",
+        ));
+    }
     create_physical_expr(e, schema, &ExecutionProps::new(), &Default::default()).map_err(df_error)
 }
 
-fn arrow_schema(s: &DFSchema) -> SchemaRef {
+pub(crate) fn arrow_schema(s: &DFSchema) -> SchemaRef {
     Arc::new(s.as_arrow().clone())
 }
 

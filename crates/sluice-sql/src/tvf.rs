@@ -256,10 +256,19 @@ fn single_ident_arg(e: &ast::Expr, function: &str) -> Option<String> {
 
 /// Milliseconds of an `INTERVAL` literal.
 pub fn interval_millis(e: &Expr) -> Result<i64, String> {
+    let ms = interval_literal_millis(e)?;
+    if ms <= 0 {
+        return Err(format!("window intervals must be positive, found {ms} ms"));
+    }
+    Ok(ms)
+}
+
+/// An INTERVAL literal in milliseconds (zero and negative allowed).
+pub fn interval_literal_millis(e: &Expr) -> Result<i64, String> {
     let value = match e {
         Expr::Literal(v, _) => v,
-        Expr::Cast(c) => return interval_millis(&c.expr),
-        Expr::Alias(a) => return interval_millis(&a.expr),
+        Expr::Cast(c) => return interval_literal_millis(&c.expr),
+        Expr::Alias(a) => return interval_literal_millis(&a.expr),
         other => {
             return Err(format!(
                 "expected an INTERVAL literal such as INTERVAL '5' MINUTE, found {other}"
@@ -274,9 +283,6 @@ pub fn interval_millis(e: &Expr) -> Result<i64, String> {
         }
         other => return Err(format!("expected an INTERVAL literal such as INTERVAL '5' MINUTE, found {other}")),
     };
-    if ms <= 0 {
-        return Err(format!("window intervals must be positive, found {ms} ms"));
-    }
     Ok(ms)
 }
 

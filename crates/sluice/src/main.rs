@@ -183,6 +183,7 @@ fn run(
         select_output: Some(printer.clone()),
         metrics,
         fresh,
+        sequential_sources: false,
     };
     let summary = sluice_engine::run(plan, options).map_err(|e| e.to_string())?;
     printer.finish();

@@ -4,6 +4,8 @@
 //! `INSERT INTO ... VALUES` runs a job that writes test data; a `query` runs the script plus the
 //! query as a bounded job with one worker and returns its changelog in emission order, the first
 //! column being the change kind (`+I`, `-U`, `+U`, `-D`). `${DIR}` is a fresh temporary folder.
+//! The sources of a query run one after another in the order the plan reads them (the left
+//! input of a join first), so that a join's changelog is deterministic.
 
 use std::sync::{Arc, Mutex};
 
@@ -52,6 +54,8 @@ impl SluiceDb {
         let options = JobOptions {
             workers: 1,
             select_output: Some(changelog.clone()),
+            // Sources run one after another, so a join sees its inputs in a known order.
+            sequential_sources: true,
             ..Default::default()
         };
         let summary = sluice_engine::run(plan, options).map_err(|e| SltError(e.to_string()))?;

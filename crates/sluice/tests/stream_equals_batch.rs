@@ -79,6 +79,28 @@ fn orders(seed: u64) -> RecordBatch {
     RecordBatch::try_new(orders_schema(), columns).unwrap()
 }
 
+fn users_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("user_id", DataType::Int64, false),
+        Field::new("name", DataType::Utf8, false),
+        Field::new("credit", DataType::Float64, false),
+    ]))
+}
+
+/// Users 1..500, every fourth one missing: orders (users 1..400) of missing users and users
+/// without orders (400..500) both exist, so outer joins pad on both sides.
+fn users() -> RecordBatch {
+    let ids: Vec<i64> = (1..500).filter(|i| i % 4 != 3).collect();
+    let names: Vec<String> = ids.iter().map(|i| format!("user{i}")).collect();
+    let credit: Vec<f64> = ids.iter().map(|i| (i * 37 % 1000) as f64).collect();
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(Int64Array::from(ids)),
+        Arc::new(StringArray::from(names)),
+        Arc::new(Float64Array::from(credit)),
+    ];
+    RecordBatch::try_new(users_schema(), columns).unwrap()
+}
+
 /// Folds changelogs into multisets of rendered rows.
 #[derive(Default)]
 struct Collector {
@@ -134,9 +156,19 @@ fn ddl(path: &std::path::Path) -> String {
     format!(
         "CREATE TABLE orders (order_id BIGINT, user_id BIGINT, category STRING, province STRING, amount DOUBLE, \
          event_time TIMESTAMP(3), WATERMARK FOR event_time AS event_time - INTERVAL '5' SECOND) \
+         WITH ('connector' = 'filesystem', 'path' = '{}', 'format' = 'json'); \
+         CREATE TABLE users (user_id BIGINT, name STRING, credit DOUBLE) \
          WITH ('connector' = 'filesystem', 'path' = '{}', 'format' = 'json');",
-        path.display()
+        path.join("orders").display(),
+        path.join("users").display()
     )
+}
+
+fn write_json(path: &std::path::Path, batch: &RecordBatch) {
+    let mut buf = vec![];
+    sluice_connectors::format::encode_json(&ChangeBatch::inserts(batch.clone()), &mut buf).unwrap();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, buf).unwrap();
 }
 
 /// Runs `stream_sql` in Sluice and `batch_sql` in DataFusion over the same rows and compares.
@@ -151,11 +183,9 @@ fn check(stream_sql: &str, batch_sql: &str) {
     .iter()
     .enumerate()
     {
-        let mut buf = vec![];
-        sluice_connectors::format::encode_json(&ChangeBatch::inserts(part.clone()), &mut buf)
-            .unwrap();
-        std::fs::write(dir.path().join(format!("orders-{i}.json")), buf).unwrap();
+        write_json(&dir.path().join(format!("orders/orders-{i}.json")), part);
     }
+    write_json(&dir.path().join("users/users.json"), &users());
     let expected = {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
@@ -164,6 +194,8 @@ fn check(stream_sql: &str, batch_sql: &str) {
             let ctx = SessionContext::new();
             let table = MemTable::try_new(orders_schema(), vec![vec![data.clone()]]).unwrap();
             ctx.register_table("orders", Arc::new(table)).unwrap();
+            let table = MemTable::try_new(users_schema(), vec![vec![users()]]).unwrap();
+            ctx.register_table("users", Arc::new(table)).unwrap();
             let batches = ctx.sql(batch_sql).await.unwrap().collect().await.unwrap();
             let mut rows = vec![];
             for b in &batches {
@@ -279,4 +311,74 @@ fn min_max_over_a_retracting_input() {
         "SELECT MIN(total) AS lo, MAX(total) AS hi, COUNT(*) AS groups, SUM(n) AS rows_seen FROM \
              (SELECT user_id, SUM(amount) AS total, COUNT(*) AS n FROM orders GROUP BY user_id)";
     check(q, q);
+}
+
+#[test]
+fn inner_join_with_a_non_equi_condition() {
+    let q = "SELECT o.order_id, o.amount, u.name FROM orders o JOIN users u \
+             ON o.user_id = u.user_id AND o.amount < u.credit";
+    check(q, q);
+}
+
+#[test]
+fn left_and_right_outer_joins() {
+    let q = "SELECT o.order_id, u.user_id, u.name FROM orders o LEFT JOIN users u ON o.user_id = u.user_id \
+             WHERE o.category = 'books'";
+    check(q, q);
+    let q = "SELECT o.order_id, u.user_id, u.name FROM orders o RIGHT JOIN users u \
+             ON o.user_id = u.user_id AND o.province = 'Gansu'";
+    check(q, q);
+}
+
+#[test]
+fn full_outer_join_of_an_updating_aggregate() {
+    // Every order changes its user's total: the join retracts and re-emits joined rows, and pads
+    // the users without orders and the totals of users who are missing.
+    let q = "SELECT t.user_id, t.total, t.n, u.user_id AS uid, u.name FROM \
+             (SELECT user_id, SUM(amount) AS total, COUNT(*) AS n FROM orders GROUP BY user_id) t \
+             FULL JOIN users u ON t.user_id = u.user_id";
+    check(q, q);
+}
+
+#[test]
+fn aggregate_over_a_join() {
+    let q = "SELECT u.name, COUNT(*) AS n, SUM(o.amount) AS total FROM orders o JOIN users u \
+             ON o.user_id = u.user_id GROUP BY u.name";
+    check(q, q);
+}
+
+#[test]
+fn interval_joins() {
+    // Orders of the same user within 10 s after each other (a self-join), inner and outer.
+    let q = "SELECT a.order_id, b.order_id AS next_id FROM orders a JOIN orders b \
+             ON a.user_id = b.user_id AND a.order_id <> b.order_id \
+             AND b.event_time BETWEEN a.event_time AND a.event_time + INTERVAL '10' SECOND";
+    check(q, q);
+    let q = "SELECT a.order_id, b.order_id AS next_id FROM orders a LEFT JOIN orders b \
+             ON a.user_id = b.user_id AND a.order_id <> b.order_id \
+             AND b.event_time >= a.event_time - INTERVAL '2' SECOND AND b.event_time < a.event_time + INTERVAL '3' SECOND";
+    check(q, q);
+}
+
+#[test]
+fn window_join_of_two_window_aggregations() {
+    // Nexmark q8's shape: per window, users who bought books and who bought food.
+    check(
+        "SELECT b.user_id, b.window_start, b.books, f.food FROM \
+           (SELECT user_id, window_start, window_end, COUNT(*) AS books \
+            FROM TABLE(TUMBLE(TABLE orders, DESCRIPTOR(event_time), INTERVAL '1' MINUTE)) \
+            WHERE category = 'books' GROUP BY user_id, window_start, window_end) b \
+         FULL JOIN \
+           (SELECT user_id, window_start, window_end, COUNT(*) AS food \
+            FROM TABLE(TUMBLE(TABLE orders, DESCRIPTOR(event_time), INTERVAL '1' MINUTE)) \
+            WHERE category = 'food' GROUP BY user_id, window_start, window_end) f \
+         ON b.user_id = f.user_id AND b.window_start = f.window_start AND b.window_end = f.window_end",
+        "SELECT b.user_id, b.ws, b.books, f.food FROM \
+           (SELECT user_id, date_bin(INTERVAL '1 minute', event_time, TIMESTAMP '1970-01-01') AS ws, COUNT(*) AS books \
+            FROM orders WHERE category = 'books' GROUP BY 1, 2) b \
+         FULL JOIN \
+           (SELECT user_id, date_bin(INTERVAL '1 minute', event_time, TIMESTAMP '1970-01-01') AS ws, COUNT(*) AS food \
+            FROM orders WHERE category = 'food' GROUP BY 1, 2) f \
+         ON b.user_id = f.user_id AND b.ws = f.ws",
+    );
 }

@@ -1,0 +1,663 @@
+//! The streaming join: one worker's state for an equi-join of two inputs partitioned by the key.
+//!
+//! Each input keeps its rows (Arrow row format, with multiplicities) in a map from the join key.
+//! A row that arrives probes the other input's rows of its key, the non-equi condition is
+//! evaluated on the candidate pairs as one batch, and the matches are emitted.
+//!
+//! - **Regular joins** take updating inputs: a retraction retracts the rows it joined. For outer
+//!   joins every kept row counts its matches (its *degree*): a row without matches is emitted
+//!   padded with NULLs, and that padded row is retracted when the first match arrives (and
+//!   emitted again when the last match goes). Output rows are `+I` and `-D`, as in Flink.
+//! - **Interval and window joins** ([`JoinBound`]) take append-only inputs. A row expires once the
+//!   other input's watermark passes its bound; a kept row that never matched is emitted padded
+//!   when it expires, so the output is append-only too.
+//!
+//! `'table.exec.state.ttl'` drops rows of a regular join that were not written for that long
+//! (processing time), silently, as Flink does: results that depend on them are no longer exact.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, BinaryArray, BooleanArray, Int64Array, UInt16Array, UInt32Array,
+    UInt8Array,
+};
+use arrow::compute::{cast, take};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType};
+use arrow::record_batch::RecordBatch;
+use arrow::row::{RowConverter, SortField};
+use datafusion_common::hash_utils::create_hashes;
+use sluice_common::{ChangeBatch, Error, Op, Result};
+use sluice_sql::{JoinBound, JoinKind, PhysExpr};
+
+use crate::dataflow::{key_hash_state, KEY_GROUPS};
+use crate::stateless::evaluate;
+
+/// One stored row and how often it is there.
+struct Entry {
+    row: Box<[u8]>,
+    count: u32,
+    /// Matching rows (with multiplicity) of the other input; kept only where it matters.
+    degree: u32,
+    /// Bounded joins: the row expires once the other input's watermark is past this.
+    until: i64,
+    /// Regular joins with a TTL: when the row was last written (seconds since the job began).
+    touched: u32,
+}
+
+struct Bucket {
+    key_group: u16,
+    entries: Vec<Entry>,
+}
+
+/// The rows of one input.
+struct Side {
+    rows: RowConverter,
+    keys: RowConverter,
+    map: HashMap<Box<[u8]>, Bucket>,
+    /// Bounded joins: key buckets by the `until` of rows in them.
+    expiry: BTreeMap<i64, Vec<Box<[u8]>>>,
+    held: u64,
+    bytes: usize,
+    width: usize,
+}
+
+impl Side {
+    fn new(schema: &Schema, key_types: Vec<DataType>) -> Result<Side> {
+        let sort = |types: Vec<DataType>| {
+            RowConverter::new(types.into_iter().map(SortField::new).collect()).map_err(Error::from)
+        };
+        Ok(Side {
+            rows: sort(
+                schema
+                    .fields()
+                    .iter()
+                    .map(|f| f.data_type().clone())
+                    .collect(),
+            )?,
+            keys: sort(key_types)?,
+            map: HashMap::new(),
+            expiry: BTreeMap::new(),
+            held: 0,
+            bytes: 0,
+            width: schema.fields().len(),
+        })
+    }
+
+    /// Adds one copy of `row`; returns false if it was there already (its degree is known then).
+    fn insert(
+        &mut self,
+        key: &[u8],
+        key_group: u16,
+        row: &[u8],
+        degree: u32,
+        until: i64,
+        now: u32,
+    ) {
+        self.held += 1;
+        let bucket = self.map.entry(key.into()).or_insert_with(|| {
+            self.bytes += key.len() + 48;
+            Bucket {
+                key_group,
+                entries: vec![],
+            }
+        });
+        if let Some(e) = bucket.entries.iter_mut().find(|e| *e.row == *row) {
+            e.count += 1;
+            e.touched = now;
+            return;
+        }
+        self.bytes += row.len() + std::mem::size_of::<Entry>();
+        bucket.entries.push(Entry {
+            row: row.into(),
+            count: 1,
+            degree,
+            until,
+            touched: now,
+        });
+    }
+
+    /// Removes one copy of `row`; false if it is not there.
+    fn remove(&mut self, key: &[u8], row: &[u8]) -> bool {
+        let Some(bucket) = self.map.get_mut(key) else {
+            return false;
+        };
+        let Some(pos) = bucket.entries.iter().position(|e| *e.row == *row) else {
+            return false;
+        };
+        self.held -= 1;
+        let e = &mut bucket.entries[pos];
+        e.count -= 1;
+        if e.count == 0 {
+            self.bytes -= e.row.len() + std::mem::size_of::<Entry>();
+            bucket.entries.swap_remove(pos);
+            if bucket.entries.is_empty() {
+                self.bytes -= key.len() + 48;
+                self.map.remove(key);
+            }
+        }
+        true
+    }
+}
+
+/// What a batch or a watermark produced.
+pub struct JoinOutput {
+    pub changes: Option<ChangeBatch>,
+    /// Retractions of rows that were not in state (dropped by the TTL, or never inserted).
+    pub unmatched_retractions: u64,
+}
+
+/// One worker's join state.
+pub struct JoinState {
+    kind: JoinKind,
+    keys: [Vec<PhysExpr>; 2],
+    filter: Option<PhysExpr>,
+    bound: Option<JoinBound>,
+    sides: [Side; 2],
+    schema: SchemaRef,
+    /// The inputs' columns side by side, as the condition sees them.
+    combined: SchemaRef,
+    watermarks: [i64; 2],
+    ttl: Option<Duration>,
+    started: Instant,
+    last_sweep: u32,
+}
+
+impl JoinState {
+    #[allow(clippy::too_many_arguments)]
+    pub fn try_new(
+        kind: JoinKind,
+        left_keys: Vec<PhysExpr>,
+        right_keys: Vec<PhysExpr>,
+        filter: Option<PhysExpr>,
+        bound: Option<JoinBound>,
+        inputs: [SchemaRef; 2],
+        schema: SchemaRef,
+        ttl: Option<Duration>,
+    ) -> Result<JoinState> {
+        let key_types = |keys: &[PhysExpr], s: &Schema| -> Result<Vec<DataType>> {
+            keys.iter()
+                .map(|k| k.data_type(s).map_err(|e| Error::plan(e.strip_backtrace())))
+                .collect()
+        };
+        let sides = [
+            Side::new(&inputs[0], key_types(&left_keys, &inputs[0])?)?,
+            Side::new(&inputs[1], key_types(&right_keys, &inputs[1])?)?,
+        ];
+        let combined = Schema::new(
+            inputs[0]
+                .fields()
+                .iter()
+                .chain(inputs[1].fields().iter())
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        Ok(JoinState {
+            kind,
+            keys: [left_keys, right_keys],
+            filter,
+            bound,
+            sides,
+            schema,
+            combined: combined.into(),
+            watermarks: [i64::MIN; 2],
+            ttl,
+            started: Instant::now(),
+            last_sweep: 0,
+        })
+    }
+
+    /// Row copies held, over both inputs.
+    pub fn rows_held(&self) -> u64 {
+        self.sides[0].held + self.sides[1].held
+    }
+
+    /// Approximate bytes of state.
+    pub fn size_bytes(&self) -> usize {
+        self.sides[0].bytes + self.sides[1].bytes
+    }
+
+    fn now(&self) -> u32 {
+        self.started.elapsed().as_secs() as u32
+    }
+
+    /// `until` of each row of a batch of input `side` (bounded joins).
+    fn until(&self, side: usize, batch: &RecordBatch) -> Result<Option<Vec<i64>>> {
+        let Some(bound) = &self.bound else {
+            return Ok(None);
+        };
+        let by = bound.expire[side];
+        let times = cast(
+            batch.column(by.column),
+            &DataType::Timestamp(TimeUnit::Millisecond, None),
+        )?;
+        let times = times.as_primitive::<TimestampMillisecondType>();
+        Ok(Some(
+            (0..batch.num_rows())
+                .map(|i| {
+                    if times.is_null(i) {
+                        i64::MIN
+                    } else {
+                        times.value(i).saturating_add(by.offset)
+                    }
+                })
+                .collect(),
+        ))
+    }
+
+    /// Joins a batch of input `side` (0 = left, 1 = right) against the other input's rows.
+    pub fn apply(&mut self, side: usize, batch: &ChangeBatch) -> Result<JoinOutput> {
+        let other = 1 - side;
+        let n = batch.num_rows();
+        let mut unmatched_retractions = 0;
+        if n == 0 {
+            return Ok(JoinOutput {
+                changes: None,
+                unmatched_retractions,
+            });
+        }
+        if self.bound.is_some() && !batch.is_append_only() {
+            return Err(Error::Runtime(
+                "an interval or window join received a retraction; its inputs must be append-only"
+                    .into(),
+            ));
+        }
+        let now = self.now();
+        self.sweep(now);
+        let key_arrays: Vec<ArrayRef> = self.keys[side]
+            .iter()
+            .map(|k| evaluate(k, batch))
+            .collect::<Result<_>>()?;
+        let mut hashes = vec![0u64; n];
+        if !key_arrays.is_empty() {
+            create_hashes(&key_arrays, &key_hash_state(), &mut hashes)
+                .map_err(|e| Error::Runtime(e.strip_backtrace()))?;
+        }
+        let null_key: Vec<bool> = (0..n)
+            .map(|i| key_arrays.iter().any(|a| a.is_null(i)))
+            .collect();
+        let keys = self.sides[side].keys.convert_columns(&key_arrays)?;
+        let rows = self.sides[side]
+            .rows
+            .convert_columns(batch.data.columns())?;
+        let until = self.until(side, &batch.data)?;
+
+        // Candidate pairs: (row of the batch, entry of the other input), in batch order.
+        let mut pair_row: Vec<u32> = vec![];
+        let mut pair_entry: Vec<u32> = vec![];
+        let other_cols = {
+            let o = &self.sides[other];
+            let parser = o.rows.parser();
+            let mut candidates = vec![];
+            for (i, null) in null_key.iter().enumerate() {
+                if *null {
+                    continue;
+                }
+                if let Some(b) = o.map.get(keys.row(i).as_ref()) {
+                    for (e, entry) in b.entries.iter().enumerate() {
+                        pair_row.push(i as u32);
+                        pair_entry.push(e as u32);
+                        candidates.push(parser.parse(&entry.row));
+                    }
+                }
+            }
+            o.rows.convert_rows(candidates)?
+        };
+        let passes = self.condition(side, batch, &pair_row, &other_cols)?;
+
+        // Walk the rows in order, emitting (this row | NULL, candidate | NULL, op).
+        let mut out_this: Vec<Option<u32>> = vec![];
+        let mut out_other: Vec<Option<u32>> = vec![];
+        let mut out_ops: Vec<Op> = vec![];
+        let keep_this = self.kind.keeps_unmatched(side);
+        let keep_other = self.kind.keeps_unmatched(other);
+        let bounded = self.bound.is_some();
+        let mut p = 0;
+        for i in 0..n {
+            let start = p;
+            while p < pair_row.len() && pair_row[p] as usize == i {
+                p += 1;
+            }
+            let accumulate = batch.op(i).sign() > 0;
+            let key = keys.row(i);
+            let row = rows.row(i);
+            if !accumulate && !null_key[i] && !self.sides[side].remove(key.as_ref(), row.as_ref()) {
+                // Nothing to retract: the row is not in state.
+                unmatched_retractions += 1;
+                continue;
+            }
+            let op = if accumulate { Op::Insert } else { Op::Delete };
+            let mut matched: u32 = 0;
+            for q in start..p {
+                if !passes.value(q) {
+                    continue;
+                }
+                let entry = {
+                    let bucket = self.sides[other]
+                        .map
+                        .get_mut(key.as_ref())
+                        .expect("candidate bucket");
+                    &mut bucket.entries[pair_entry[q] as usize]
+                };
+                let copies = entry.count;
+                matched += copies;
+                // With an outer join, the other row's padded version goes away with its first
+                // match and comes back when its last match is retracted (bounded joins pad only
+                // on expiry).
+                let (mut unpad, mut repad) = (false, false);
+                if keep_other {
+                    let before = entry.degree;
+                    if accumulate {
+                        entry.degree += 1;
+                        unpad = !bounded && before == 0;
+                    } else {
+                        entry.degree = before.saturating_sub(1);
+                        repad = !bounded && before == 1;
+                    }
+                }
+                let mut emit = |this: Option<u32>, op: Op| {
+                    for _ in 0..copies {
+                        out_this.push(this);
+                        out_other.push(Some(q as u32));
+                        out_ops.push(op);
+                    }
+                };
+                if unpad {
+                    emit(None, Op::Delete);
+                }
+                emit(Some(i as u32), op);
+                if repad {
+                    emit(None, Op::Insert);
+                }
+            }
+            let expired = until
+                .as_ref()
+                .is_some_and(|u| u[i] < self.watermarks[other]);
+            if matched == 0 && keep_this && (!bounded || expired || null_key[i]) {
+                out_this.push(Some(i as u32));
+                out_other.push(None);
+                out_ops.push(op);
+            }
+            if accumulate && !null_key[i] && !expired {
+                let u = until.as_ref().map_or(0, |u| u[i]);
+                let key_group = (hashes[i] % KEY_GROUPS) as u16;
+                let s = &mut self.sides[side];
+                s.insert(key.as_ref(), key_group, row.as_ref(), matched, u, now);
+                if bounded {
+                    s.expiry.entry(u).or_default().push(key.as_ref().into());
+                }
+            }
+        }
+        let changes = if out_ops.is_empty() {
+            None
+        } else {
+            let this_idx = UInt32Array::from(out_this);
+            let other_idx = UInt32Array::from(out_other);
+            let this_cols = batch
+                .data
+                .columns()
+                .iter()
+                .map(|c| take(c, &this_idx, None))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let other_cols = other_cols
+                .iter()
+                .map(|c| take(c, &other_idx, None))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            Some(self.output(side, this_cols, other_cols, out_ops)?)
+        };
+        Ok(JoinOutput {
+            changes,
+            unmatched_retractions,
+        })
+    }
+
+    /// The non-equi condition on each candidate pair (true without a condition).
+    fn condition(
+        &self,
+        side: usize,
+        batch: &ChangeBatch,
+        pair_row: &[u32],
+        other_cols: &[ArrayRef],
+    ) -> Result<BooleanArray> {
+        let Some(filter) = &self.filter else {
+            return Ok(BooleanArray::from(vec![true; pair_row.len()]));
+        };
+        if pair_row.is_empty() {
+            return Ok(BooleanArray::from(Vec::<bool>::new()));
+        }
+        let idx = UInt32Array::from(pair_row.to_vec());
+        let this_cols = batch
+            .data
+            .columns()
+            .iter()
+            .map(|c| take(c, &idx, None))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let cols = if side == 0 {
+            [this_cols, other_cols.to_vec()].concat()
+        } else {
+            [other_cols.to_vec(), this_cols].concat()
+        };
+        let pairs = RecordBatch::try_new(self.combined.clone(), cols)?;
+        let result = evaluate(filter, &ChangeBatch::inserts(pairs))?;
+        let result = result
+            .as_boolean_opt()
+            .ok_or_else(|| Error::Runtime("a join condition must be a boolean".into()))?;
+        // NULL is not a match.
+        Ok(result.iter().map(|v| Some(v == Some(true))).collect())
+    }
+
+    fn output(
+        &self,
+        side: usize,
+        this_cols: Vec<ArrayRef>,
+        other_cols: Vec<ArrayRef>,
+        ops: Vec<Op>,
+    ) -> Result<ChangeBatch> {
+        let cols = if side == 0 {
+            [this_cols, other_cols].concat()
+        } else {
+            [other_cols, this_cols].concat()
+        };
+        let data = RecordBatch::try_new(self.schema.clone(), cols)?;
+        Ok(ChangeBatch::with_ops(data, ops))
+    }
+
+    /// Input `side`'s watermark advanced: rows of the other input that can no longer match
+    /// expire (bounded joins); those of a kept input that never matched are emitted padded.
+    pub fn advance_watermark(
+        &mut self,
+        side: usize,
+        watermark: i64,
+    ) -> Result<Option<ChangeBatch>> {
+        if watermark <= self.watermarks[side] {
+            return Ok(None);
+        }
+        self.watermarks[side] = watermark;
+        if self.bound.is_none() {
+            return Ok(None);
+        }
+        let expiring = 1 - side;
+        let keep = self.kind.keeps_unmatched(expiring);
+        let s = &mut self.sides[expiring];
+        let mut padded: Vec<Box<[u8]>> = vec![];
+        while let Some(entry) = s.expiry.first_entry() {
+            if *entry.key() >= watermark {
+                break;
+            }
+            for key in entry.remove() {
+                let Some(bucket) = s.map.get_mut(&key) else {
+                    continue;
+                };
+                let mut freed = 0;
+                bucket.entries.retain(|e| {
+                    if e.until >= watermark {
+                        return true;
+                    }
+                    if keep && e.degree == 0 {
+                        for _ in 0..e.count {
+                            padded.push(e.row.clone());
+                        }
+                    }
+                    s.held -= e.count as u64;
+                    freed += e.row.len() + std::mem::size_of::<Entry>();
+                    false
+                });
+                s.bytes -= freed;
+                if bucket.entries.is_empty() {
+                    s.bytes -= key.len() + 48;
+                    s.map.remove(&key);
+                }
+            }
+        }
+        if padded.is_empty() {
+            return Ok(None);
+        }
+        let parser = s.rows.parser();
+        let these = s
+            .rows
+            .convert_rows(padded.iter().map(|r| parser.parse(r)))?;
+        let n = padded.len();
+        let other_schema = if expiring == 0 {
+            &self.schema.fields()[self.sides[0].width..]
+        } else {
+            &self.schema.fields()[..self.sides[0].width]
+        };
+        let nulls = other_schema
+            .iter()
+            .map(|f| arrow::array::new_null_array(f.data_type(), n))
+            .collect();
+        Ok(Some(self.output(
+            expiring,
+            these,
+            nulls,
+            vec![Op::Insert; n],
+        )?))
+    }
+
+    /// Drops rows of a regular join not written within the TTL (checked every few seconds).
+    fn sweep(&mut self, now: u32) {
+        let Some(ttl) = self.ttl else { return };
+        let ttl = ttl.as_secs().max(1) as u32;
+        if now < self.last_sweep + (ttl / 4).max(1) {
+            return;
+        }
+        self.last_sweep = now;
+        for s in &mut self.sides {
+            let (mut held, mut bytes) = (0u64, 0usize);
+            s.map.retain(|key, bucket| {
+                bucket.entries.retain(|e| {
+                    if now.saturating_sub(e.touched) > ttl {
+                        held += e.count as u64;
+                        bytes += e.row.len() + std::mem::size_of::<Entry>();
+                        false
+                    } else {
+                        true
+                    }
+                });
+                if bucket.entries.is_empty() {
+                    bytes += key.len() + 48;
+                }
+                !bucket.entries.is_empty()
+            });
+            s.held -= held;
+            s.bytes -= bytes;
+        }
+    }
+
+    /// This worker's rows as one Arrow batch: input, key group, key, row, count, degree, until.
+    pub fn snapshot(&self) -> Result<RecordBatch> {
+        let mut side = vec![];
+        let mut group = vec![];
+        let mut key: Vec<&[u8]> = vec![];
+        let mut row: Vec<&[u8]> = vec![];
+        let mut count = vec![];
+        let mut degree = vec![];
+        let mut until = vec![];
+        for (i, s) in self.sides.iter().enumerate() {
+            for (k, b) in &s.map {
+                for e in &b.entries {
+                    side.push(i as u8);
+                    group.push(b.key_group);
+                    key.push(k);
+                    row.push(&e.row);
+                    count.push(e.count);
+                    degree.push(e.degree);
+                    until.push(e.until);
+                }
+            }
+        }
+        let columns: Vec<ArrayRef> = vec![
+            std::sync::Arc::new(UInt8Array::from(side)),
+            std::sync::Arc::new(UInt16Array::from(group)),
+            std::sync::Arc::new(BinaryArray::from(key)),
+            std::sync::Arc::new(BinaryArray::from(row)),
+            std::sync::Arc::new(UInt32Array::from(count)),
+            std::sync::Arc::new(UInt32Array::from(degree)),
+            std::sync::Arc::new(Int64Array::from(until)),
+        ];
+        Ok(RecordBatch::try_new(snapshot_schema(), columns)?)
+    }
+
+    /// Adds the rows of a snapshot whose key group `owns` accepts.
+    pub fn restore(&mut self, batch: &RecordBatch, owns: impl Fn(u16) -> bool) -> Result<()> {
+        if batch.schema().fields() != snapshot_schema().fields() {
+            return Err(Error::Runtime(
+                "checkpoint: a join snapshot has an unexpected layout".into(),
+            ));
+        }
+        let side = batch
+            .column(0)
+            .as_primitive::<arrow::datatypes::UInt8Type>();
+        let group = batch
+            .column(1)
+            .as_primitive::<arrow::datatypes::UInt16Type>();
+        let key = batch.column(2).as_binary::<i32>();
+        let row = batch.column(3).as_binary::<i32>();
+        let count = batch
+            .column(4)
+            .as_primitive::<arrow::datatypes::UInt32Type>();
+        let degree = batch
+            .column(5)
+            .as_primitive::<arrow::datatypes::UInt32Type>();
+        let until = batch
+            .column(6)
+            .as_primitive::<arrow::datatypes::Int64Type>();
+        let now = self.now();
+        let bounded = self.bound.is_some();
+        for i in 0..batch.num_rows() {
+            if !owns(group.value(i)) {
+                continue;
+            }
+            let s = &mut self.sides[(side.value(i) as usize).min(1)];
+            for _ in 0..count.value(i) {
+                s.insert(
+                    key.value(i),
+                    group.value(i),
+                    row.value(i),
+                    degree.value(i),
+                    until.value(i),
+                    now,
+                );
+            }
+            if bounded {
+                s.expiry
+                    .entry(until.value(i))
+                    .or_default()
+                    .push(key.value(i).into());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn snapshot_schema() -> SchemaRef {
+    std::sync::Arc::new(Schema::new(vec![
+        Field::new("side", DataType::UInt8, false),
+        Field::new("key_group", DataType::UInt16, false),
+        Field::new("key", DataType::Binary, false),
+        Field::new("row", DataType::Binary, false),
+        Field::new("count", DataType::UInt32, false),
+        Field::new("degree", DataType::UInt32, false),
+        Field::new("until", DataType::Int64, false),
+    ]))
+}

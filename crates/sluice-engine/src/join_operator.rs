@@ -1,0 +1,212 @@
+//! The join as a timely operator with two inputs: both partitioned by the join key, watermarks
+//! tracked per input (bounded joins expire rows by the other input's watermark) and combined
+//! (the output watermark is the minimum, held back by the join's output delay).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use sluice_common::time::{MAX_WATERMARK, MIN_WATERMARK};
+use sluice_common::Result;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::{Operator, OutputBuilderSession};
+use timely::dataflow::operators::CapabilityTrait;
+
+use crate::checkpointing::{Alignment, CheckpointContext, CheckpointWriter, Contribution};
+use crate::dataflow::{worker_for_hash, Epoch, Event, EventBuilder, EventStream};
+use crate::job::BuildContext;
+use crate::join::JoinState;
+use crate::metrics::JobMetrics;
+use crate::watermark::WatermarkTracker;
+
+struct JoinTask {
+    state: JoinState,
+    /// Each input's watermark, and both together.
+    inputs: [WatermarkTracker; 2],
+    both: WatermarkTracker,
+    output_delay: i64,
+    metrics: Arc<JobMetrics>,
+    index: usize,
+    peers: usize,
+}
+
+impl JoinTask {
+    fn handle<C: CapabilityTrait<Epoch>>(
+        &mut self,
+        side: usize,
+        cap: &C,
+        data: &mut Event,
+        output: &mut OutputBuilderSession<'_, Epoch, EventBuilder>,
+    ) {
+        match data {
+            Event::Data(d) => match self.state.apply(side, &d.batch) {
+                Ok(out) => {
+                    if out.unmatched_retractions > 0 {
+                        self.metrics
+                            .records_skipped
+                            .fetch_add(out.unmatched_retractions, Ordering::Relaxed);
+                    }
+                    if let Some(changes) = out.changes {
+                        output
+                            .session(cap)
+                            .give_container(&mut Event::data(changes));
+                    }
+                }
+                Err(e) => self.metrics.fail(e),
+            },
+            Event::Watermark { from, ts, idle, .. } => {
+                if let Some(wm) = self.inputs[side].observe(*from, *ts, *idle) {
+                    match self.state.advance_watermark(side, wm) {
+                        Ok(Some(out)) => output.session(cap).give_container(&mut Event::data(out)),
+                        Ok(None) => {}
+                        Err(e) => self.metrics.fail(e),
+                    }
+                }
+                let from = *from + (side * self.peers) as u32;
+                if let Some((wm, idle)) = self.both.receive(from, *ts, *idle).forward {
+                    let wm = if wm == MAX_WATERMARK || wm == MIN_WATERMARK {
+                        wm
+                    } else {
+                        wm.saturating_sub(self.output_delay)
+                    };
+                    let mut event = if idle {
+                        Event::idle(self.index, wm, self.peers)
+                    } else {
+                        Event::watermark(self.index, wm, self.peers)
+                    };
+                    output.session(cap).give_container(&mut event);
+                }
+            }
+            Event::Empty => {}
+        }
+    }
+
+    fn snapshot(&self, writer: &CheckpointWriter, epoch: Epoch, id: &str) -> Result<()> {
+        let batch = self.state.snapshot()?;
+        let mut bytes = vec![];
+        {
+            let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut bytes, &batch.schema())?;
+            w.write(&batch)?;
+            w.finish()?;
+        }
+        writer.write(
+            epoch,
+            CheckpointContext::file_name(Contribution::State, id, self.index),
+            bytes,
+        );
+        Ok(())
+    }
+}
+
+/// Restores join state from every worker's snapshot, keeping this worker's key groups.
+fn restore(
+    state: &mut JoinState,
+    ctx: &CheckpointContext,
+    id: &str,
+    index: usize,
+    peers: usize,
+) -> Result<()> {
+    let started = Instant::now();
+    for file in ctx.restored(Contribution::State, id)? {
+        let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(file), None)?;
+        for batch in reader {
+            state.restore(&batch?, |kg| worker_for_hash(kg as u64, peers) == index)?;
+        }
+    }
+    eprintln!(
+        "worker {index}: restored {} rows of join {id} in {} ms",
+        state.rows_held(),
+        started.elapsed().as_millis()
+    );
+    Ok(())
+}
+
+/// Joins two streams already partitioned by their join keys.
+pub(crate) fn join<'scope>(
+    left: EventStream<'scope>,
+    right: EventStream<'scope>,
+    state: Result<JoinState>,
+    output_delay: i64,
+    ctx: &BuildContext,
+) -> EventStream<'scope> {
+    let (index, peers, metrics) = (ctx.index, ctx.peers, ctx.metrics.clone());
+    let checkpoint = ctx.checkpoint.clone();
+    let id = checkpoint.as_ref().map(|c| c.register(Contribution::State));
+    let state = state.and_then(|mut s| {
+        if let (Some(c), Some(id)) = (&checkpoint, &id) {
+            if c.restore.is_some() {
+                restore(&mut s, c, id, index, peers)?;
+            }
+        }
+        Ok(s)
+    });
+    let mut task = match state {
+        Ok(state) => Some(JoinTask {
+            state,
+            inputs: [WatermarkTracker::new(peers), WatermarkTracker::new(peers)],
+            both: WatermarkTracker::new(2 * peers),
+            output_delay,
+            metrics: metrics.clone(),
+            index,
+            peers,
+        }),
+        Err(e) => {
+            metrics.fail(e);
+            None
+        }
+    };
+    left.binary_frontier::<Event, EventBuilder, _, _, _, _>(
+        right,
+        Pipeline,
+        Pipeline,
+        "Join",
+        move |initial, _info| {
+            let mut align: Option<Alignment<(usize, Event)>> =
+                checkpoint.as_ref().map(|c| Alignment::new(c, initial));
+            let mut reported = false;
+            move |(in1, f1), (in2, f2), output| {
+                for (side, input) in [(0, in1), (1, in2)] {
+                    input.for_each(|cap, data| {
+                        let Some(task) = task.as_mut() else { return };
+                        if metrics.failed() {
+                            return;
+                        }
+                        if align
+                            .as_mut()
+                            .is_some_and(|al| al.hold(&cap, || (side, std::mem::take(data))))
+                        {
+                            return;
+                        }
+                        task.handle(side, &cap, data, output);
+                    });
+                }
+                if let (Some(al), Some(task)) = (align.as_mut(), task.as_mut()) {
+                    while let Some(epoch) = al.due(&[f1, f2]) {
+                        if let (Some(ck), Some(id)) = (checkpoint.as_ref(), id.as_ref()) {
+                            if let Err(e) = task.snapshot(&ck.writer, epoch, id) {
+                                metrics.checkpoint_failed(epoch, e);
+                            }
+                        }
+                        for (c, (side, mut event)) in al.advance() {
+                            task.handle(side, &c, &mut event, output);
+                        }
+                    }
+                    for (c, (side, mut event)) in al.finish(&[f1, f2]) {
+                        task.handle(side, &c, &mut event, output);
+                    }
+                }
+                if f1.frontier().is_empty() && f2.frontier().is_empty() && !reported {
+                    reported = true;
+                    if let Some(task) = task.as_ref() {
+                        metrics
+                            .state_bytes
+                            .fetch_add(task.state.size_bytes() as u64, Ordering::Relaxed);
+                        metrics
+                            .state_groups
+                            .fetch_add(task.state.rows_held(), Ordering::Relaxed);
+                    }
+                }
+            }
+        },
+    )
+}

@@ -1,0 +1,377 @@
+//! Joins: from DataFusion's logical join to a streaming [`StreamNode::Join`], and which joins can
+//! bound their state by event time.
+//!
+//! - A **window join** joins two windowed inputs on `window_start` and `window_end` (plus keys):
+//!   a row can only meet rows of the same window, so it is dropped once the other input's
+//!   watermark passes the window's end.
+//! - An **interval join** bounds the distance between two time columns on both sides
+//!   (`b.ts BETWEEN a.ts - INTERVAL '1' MINUTE AND a.ts + INTERVAL '15' MINUTE`): a row is dropped
+//!   once the other input's watermark is past the last time a partner could have.
+//!
+//! Both need append-only inputs and give append-only output. Any other join is a regular join.
+
+use arrow::datatypes::DataType;
+use datafusion_common::{DFSchema, NullEquality};
+use std::sync::Arc;
+
+use datafusion_common::tree_node::Transformed;
+use datafusion_expr::logical_plan::{Filter, Join};
+use datafusion_expr::utils::{conjunction, split_conjunction};
+use datafusion_expr::{Between, BinaryExpr, Expr, ExprSchemable, JoinType, LogicalPlan, Operator};
+use datafusion_optimizer::optimizer::ApplyOrder;
+use datafusion_optimizer::{OptimizerConfig, OptimizerRule};
+use sluice_common::{Error, Result};
+
+use crate::plan::*;
+use crate::planner::{arrow_schema, df_error, physical_expr};
+use crate::tvf::interval_literal_millis;
+
+/// Plans a join of two already planned inputs.
+pub(crate) fn plan_join(j: &Join, left: StreamNode, right: StreamNode) -> Result<StreamNode> {
+    let kind = match j.join_type {
+        JoinType::Inner => JoinKind::Inner,
+        JoinType::Left => JoinKind::Left,
+        JoinType::Right => JoinKind::Right,
+        JoinType::Full => JoinKind::Full,
+        other => {
+            return Err(Error::plan(format!(
+                "{other} joins (from EXISTS / IN subqueries) are not supported in streaming queries yet; \
+                 write the condition as an INNER or OUTER JOIN"
+            )))
+        }
+    };
+    if j.null_equality == NullEquality::NullEqualsNull || j.null_aware {
+        return Err(Error::plan(
+            "joins where NULL keys match (IS NOT DISTINCT FROM, NOT IN) are not supported in streaming queries yet",
+        ));
+    }
+    let (ls, rs) = (j.left.schema(), j.right.schema());
+    let mut left_keys = vec![];
+    let mut right_keys = vec![];
+    for (l, r) in &j.on {
+        // Both sides hash alike only if they have the same type.
+        let lt = l.get_type(ls.as_ref()).map_err(df_error)?;
+        let rt = r.get_type(rs.as_ref()).map_err(df_error)?;
+        let r = if lt == rt {
+            r.clone()
+        } else {
+            r.clone().cast_to(&lt, rs.as_ref()).map_err(df_error)?
+        };
+        left_keys.push(physical_expr(l, ls)?);
+        right_keys.push(physical_expr(&r, rs)?);
+    }
+    let combined = ls.join(rs).map_err(df_error)?;
+    let filter = j
+        .filter
+        .as_ref()
+        .map(|f| physical_expr(f, &combined))
+        .transpose()?;
+    let bound = if left.is_append_only() && right.is_append_only() {
+        match window_bound(j, &left, &right) {
+            Some(b) => Some(b),
+            None => interval_bound(j, ls, rs),
+        }
+    } else {
+        None
+    };
+    Ok(StreamNode::Join {
+        left: Box::new(left),
+        right: Box::new(right),
+        kind,
+        left_keys,
+        right_keys,
+        filter,
+        bound,
+        schema: arrow_schema(&j.schema),
+    })
+}
+
+/// True when a regular join (whose output rows come at any time, not in event-time order) is
+/// below this node: its output has no time attribute, so it cannot be windowed.
+pub(crate) fn has_regular_join(node: &StreamNode) -> bool {
+    match node {
+        StreamNode::Join { bound: None, .. } => true,
+        StreamNode::Join { left, right, .. } => has_regular_join(left) || has_regular_join(right),
+        StreamNode::Project { input, .. }
+        | StreamNode::Filter { input, .. }
+        | StreamNode::WindowAssign { input, .. } => has_regular_join(input),
+        StreamNode::Union { inputs, .. } => inputs.iter().any(has_regular_join),
+        StreamNode::Scan { .. } | StreamNode::Values { .. } | StreamNode::Aggregate { .. } => false,
+    }
+}
+
+/// The columns holding a row's final window bounds `(window_start, window_end)`, if it has them:
+/// rows of a TUMBLE/HOP/CUMULATE window TVF, or results of a window aggregation.
+fn window_columns(node: &StreamNode) -> Option<(usize, usize)> {
+    match node {
+        StreamNode::WindowAssign { input, kind, .. } => {
+            if matches!(kind, WindowKind::Session { .. }) {
+                return None;
+            }
+            let n = input.schema().fields().len();
+            Some((n, n + 1))
+        }
+        StreamNode::Aggregate { window, .. } => match window {
+            AggWindow::Assigned {
+                start_key,
+                end_key,
+                as_struct: false,
+            } => Some((*start_key, *end_key)),
+            AggWindow::Session {
+                output: SessionOutput::Columns { start, end },
+                ..
+            } => Some((*start, *end)),
+            _ => None,
+        },
+        StreamNode::Filter { input, .. } => window_columns(input),
+        StreamNode::Project { input, exprs, .. } => {
+            let (s, e) = window_columns(input)?;
+            let find = |index: usize| {
+                exprs.iter().position(|x| {
+                    x.downcast_ref::<datafusion_physical_expr::expressions::Column>()
+                        .is_some_and(|c| c.index() == index)
+                })
+            };
+            Some((find(s)?, find(e)?))
+        }
+        _ => None,
+    }
+}
+
+fn strip(e: &Expr) -> &Expr {
+    match e {
+        Expr::Cast(c) => strip(&c.expr),
+        Expr::TryCast(c) => strip(&c.expr),
+        Expr::Alias(a) => strip(&a.expr),
+        other => other,
+    }
+}
+
+/// A window join: the keys pair both inputs' `window_start` and `window_end` columns.
+fn window_bound(j: &Join, left: &StreamNode, right: &StreamNode) -> Option<JoinBound> {
+    let (l, r) = (window_columns(left)?, window_columns(right)?);
+    let (ls, rs) = (j.left.schema(), j.right.schema());
+    let paired = |li: usize, ri: usize| {
+        j.on.iter().any(|(a, b)| match (strip(a), strip(b)) {
+            (Expr::Column(a), Expr::Column(b)) => {
+                ls.index_of_column(a).ok() == Some(li) && rs.index_of_column(b).ok() == Some(ri)
+            }
+            _ => false,
+        })
+    };
+    if !(paired(l.0, r.0) && paired(l.1, r.1)) {
+        return None;
+    }
+    // Rows of window [s, e) have times below e: once the other side's watermark reaches e,
+    // nothing more can join this window.
+    Some(JoinBound {
+        expire: [
+            ExpireBy {
+                column: l.1,
+                offset: -1,
+            },
+            ExpireBy {
+                column: r.1,
+                offset: -1,
+            },
+        ],
+        output_delay: 0,
+        window: true,
+    })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Left,
+    Right,
+}
+
+/// `column + offset` on one side of a comparison.
+fn time_term(e: &Expr, ls: &DFSchema, rs: &DFSchema) -> Option<(Side, usize, i64)> {
+    let column = |e: &Expr| -> Option<(Side, usize)> {
+        let Expr::Column(c) = strip(e) else {
+            return None;
+        };
+        let (side, index, schema) = match ls.index_of_column(c) {
+            Ok(i) => (Side::Left, i, ls),
+            Err(_) => (Side::Right, rs.index_of_column(c).ok()?, rs),
+        };
+        matches!(schema.field(index).data_type(), DataType::Timestamp(_, _))
+            .then_some((side, index))
+    };
+    match strip(e) {
+        Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+            let ms = interval_literal_millis(right).ok()?;
+            let (side, index) = column(left)?;
+            match op {
+                Operator::Plus => Some((side, index, ms)),
+                Operator::Minus => Some((side, index, -ms)),
+                _ => None,
+            }
+        }
+        other => column(other).map(|(side, index)| (side, index, 0)),
+    }
+}
+
+/// What one conjunct says about `right_time - left_time`: `(left col, right col, lower, upper)`.
+type Constraint = (usize, usize, Option<i64>, Option<i64>);
+
+fn comparison(
+    a: &Expr,
+    op: Operator,
+    b: &Expr,
+    ls: &DFSchema,
+    rs: &DFSchema,
+) -> Option<Constraint> {
+    let (sa, ca, oa) = time_term(a, ls, rs)?;
+    let (sb, cb, ob) = time_term(b, ls, rs)?;
+    if sa == sb {
+        return None;
+    }
+    let at_most = matches!(op, Operator::Lt | Operator::LtEq);
+    let at_least = matches!(op, Operator::Gt | Operator::GtEq);
+    if !(at_most || at_least) {
+        return None;
+    }
+    // Strict comparisons are kept as non-strict bounds: the bound only decides when state is
+    // dropped (the condition itself is evaluated exactly), so it may be a little wide.
+    if sa == Side::Left {
+        // l + oa <= r + ob  <=>  r - l >= oa - ob
+        let d = oa - ob;
+        Some((ca, cb, at_most.then_some(d), at_least.then_some(d)))
+    } else {
+        // r + oa <= l + ob  <=>  r - l <= ob - oa
+        let d = ob - oa;
+        Some((cb, ca, at_least.then_some(d), at_most.then_some(d)))
+    }
+}
+
+/// An interval join: conjuncts bound `right_time - left_time` from below and above.
+fn interval_bound(j: &Join, ls: &DFSchema, rs: &DFSchema) -> Option<JoinBound> {
+    let filter = j.filter.as_ref()?;
+    let mut found: Vec<Constraint> = vec![];
+    for c in split_conjunction(filter) {
+        match c {
+            Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+                found.extend(comparison(left, *op, right, ls, rs));
+            }
+            Expr::Between(Between {
+                expr,
+                negated: false,
+                low,
+                high,
+            }) => {
+                found.extend(comparison(expr, Operator::GtEq, low, ls, rs));
+                found.extend(comparison(expr, Operator::LtEq, high, ls, rs));
+            }
+            _ => {}
+        }
+    }
+    for (l, r, _, _) in &found {
+        let of_pair = found.iter().filter(|c| c.0 == *l && c.1 == *r);
+        let lower = of_pair.clone().filter_map(|c| c.2).max();
+        let upper = of_pair.filter_map(|c| c.3).min();
+        if let (Some(lower), Some(upper)) = (lower, upper) {
+            // A left row meets right rows up to l + upper; a right row meets left rows from
+            // r - upper to r - lower.
+            return Some(JoinBound {
+                expire: [
+                    ExpireBy {
+                        column: *l,
+                        offset: upper,
+                    },
+                    ExpireBy {
+                        column: *r,
+                        offset: -lower,
+                    },
+                ],
+                output_delay: upper.max(-lower).max(0),
+                window: false,
+            });
+        }
+    }
+    None
+}
+
+/// Puts join conditions where a streaming join needs them: a `WHERE` directly above an inner
+/// join (`FROM a, b WHERE ...`) becomes part of the join's condition, so that equi-keys partition
+/// the join and time bounds make it an interval join; conjuncts that read only one input move
+/// below the join (into that input, when it is not one an outer join preserves), so that rows
+/// they reject never enter join state.
+#[derive(Debug, Default)]
+pub(crate) struct JoinConditions;
+
+impl OptimizerRule for JoinConditions {
+    fn name(&self) -> &str {
+        "sluice_join_conditions"
+    }
+
+    fn apply_order(&self) -> Option<ApplyOrder> {
+        Some(ApplyOrder::TopDown)
+    }
+
+    fn supports_rewrite(&self) -> bool {
+        true
+    }
+
+    fn rewrite(
+        &self,
+        plan: LogicalPlan,
+        _config: &dyn OptimizerConfig,
+    ) -> datafusion_common::Result<Transformed<LogicalPlan>> {
+        let (join, extra) = match plan {
+            LogicalPlan::Filter(f) => match f.input.as_ref() {
+                LogicalPlan::Join(j) if j.join_type == JoinType::Inner => {
+                    (j.clone(), Some(f.predicate.clone()))
+                }
+                _ => return Ok(Transformed::no(LogicalPlan::Filter(f))),
+            },
+            LogicalPlan::Join(j) => (j, None),
+            other => return Ok(Transformed::no(other)),
+        };
+        let conjuncts: Vec<Expr> = join
+            .filter
+            .iter()
+            .chain(extra.iter())
+            .flat_map(|e| split_conjunction(e).into_iter().cloned())
+            .collect();
+        let (into_left, into_right) = match join.join_type {
+            JoinType::Inner => (true, true),
+            JoinType::Left => (false, true),
+            JoinType::Right => (true, false),
+            _ => (false, false),
+        };
+        let only = |e: &Expr, schema: &DFSchema| {
+            let cols = e.column_refs();
+            !cols.is_empty() && cols.iter().all(|c| schema.has_column(c))
+        };
+        let (mut left, mut right, mut rest) = (vec![], vec![], vec![]);
+        for c in conjuncts {
+            if into_left && only(&c, join.left.schema()) {
+                left.push(c);
+            } else if into_right && only(&c, join.right.schema()) {
+                right.push(c);
+            } else {
+                rest.push(c);
+            }
+        }
+        if extra.is_none() && left.is_empty() && right.is_empty() {
+            return Ok(Transformed::no(LogicalPlan::Join(join)));
+        }
+        let below = |input: Arc<LogicalPlan>, preds: Vec<Expr>| match conjunction(preds) {
+            None => Ok(input),
+            Some(p) => Filter::try_new(p, input).map(|f| Arc::new(LogicalPlan::Filter(f))),
+        };
+        let join = Join::try_new(
+            below(join.left, left)?,
+            below(join.right, right)?,
+            join.on,
+            conjunction(rest),
+            join.join_type,
+            join.join_constraint,
+            join.null_equality,
+            join.null_aware,
+        )?;
+        Ok(Transformed::yes(LogicalPlan::Join(join)))
+    }
+}

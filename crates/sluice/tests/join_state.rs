@@ -1,0 +1,167 @@
+//! State cleanup of interval and window joins: over a long bounded input fed in event-time order
+//! with advancing watermarks, the rows a join holds stay bounded by the interval (or window),
+//! whatever the input length, and the output is still exactly the expected set of pairs.
+
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Int64Array, TimestampMillisecondArray};
+use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use sluice_common::time::MAX_WATERMARK;
+use sluice_common::ChangeBatch;
+use sluice_engine::join::JoinState;
+use sluice_engine::stateless::{assign_windows, filter, project};
+use sluice_sql::{JoinBound, StreamNode};
+
+const ROWS: i64 = 100_000;
+const BATCH: i64 = 1_000;
+/// Ten milliseconds between rows; key `i % 100`.
+const STEP_MS: i64 = 10;
+
+const DDL: &str = "CREATE TABLE t (k BIGINT, ts TIMESTAMP(3), WATERMARK FOR ts AS ts) \
+                   WITH ('connector' = 'filesystem', 'path' = '/nonexistent', 'format' = 'json');";
+
+fn rows(from: i64, to: i64) -> ChangeBatch {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("k", DataType::Int64, true),
+        Field::new("ts", DataType::Timestamp(TimeUnit::Millisecond, None), true),
+    ]));
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(Int64Array::from_iter_values((from..to).map(|i| i % 100))),
+        Arc::new(TimestampMillisecondArray::from_iter_values(
+            (from..to).map(|i| i * STEP_MS),
+        )),
+    ];
+    ChangeBatch::inserts(RecordBatch::try_new(schema, cols).unwrap())
+}
+
+/// Runs the stateless part of a plan (scan projection, projections, filters, window assignment)
+/// over a batch of the scanned table.
+fn stateless(node: &StreamNode, batch: &ChangeBatch) -> ChangeBatch {
+    match node {
+        StreamNode::Scan {
+            projection, schema, ..
+        } => {
+            let cols = match projection {
+                Some(p) => p.iter().map(|i| batch.data.column(*i).clone()).collect(),
+                None => batch.data.columns().to_vec(),
+            };
+            batch.with_columns(schema.clone(), cols).unwrap()
+        }
+        StreamNode::Project {
+            input,
+            exprs,
+            schema,
+        } => project(&stateless(input, batch), exprs, schema).unwrap(),
+        StreamNode::Filter { input, predicate } => {
+            filter(&stateless(input, batch), predicate).unwrap()
+        }
+        StreamNode::WindowAssign {
+            input,
+            time,
+            kind,
+            schema,
+        } => assign_windows(&stateless(input, batch), time, *kind, schema).unwrap(),
+        other => panic!("not stateless: {other:?}"),
+    }
+}
+
+fn find_join(node: &StreamNode) -> &StreamNode {
+    match node {
+        StreamNode::Join { .. } => node,
+        StreamNode::Project { input, .. } | StreamNode::Filter { input, .. } => find_join(input),
+        other => panic!("no join in {other:?}"),
+    }
+}
+
+/// Feeds the input to both sides in event-time order, advancing both watermarks after each
+/// batch. Returns the bound the planner chose, the output rows and the most rows ever held.
+fn run(query: &str) -> (Option<JoinBound>, u64, u64) {
+    let plan = sluice_sql::plan_script(&format!("{DDL}\n{query};")).unwrap();
+    let StreamNode::Join {
+        left,
+        right,
+        kind,
+        left_keys,
+        right_keys,
+        filter,
+        bound,
+        schema,
+    } = find_join(&plan.pipelines[0].query).clone()
+    else {
+        unreachable!()
+    };
+    let mut state = JoinState::try_new(
+        kind,
+        left_keys,
+        right_keys,
+        filter,
+        bound,
+        [left.schema(), right.schema()],
+        schema,
+        None,
+    )
+    .unwrap();
+    let mut output = 0u64;
+    let mut max_held = 0;
+    let mut count = |c: Option<ChangeBatch>| {
+        if let Some(c) = c {
+            assert!(c.is_append_only(), "a bounded join's output is append-only");
+            output += c.num_rows() as u64;
+        }
+    };
+    for from in (0..ROWS).step_by(BATCH as usize) {
+        let batch = rows(from, from + BATCH);
+        for (side, node) in [(0, &left), (1, &right)] {
+            count(state.apply(side, &stateless(node, &batch)).unwrap().changes);
+        }
+        let watermark = (from + BATCH - 1) * STEP_MS;
+        for side in 0..2 {
+            count(state.advance_watermark(side, watermark).unwrap());
+        }
+        max_held = max_held.max(state.rows_held());
+    }
+    for side in 0..2 {
+        count(state.advance_watermark(side, MAX_WATERMARK).unwrap());
+    }
+    if bound.is_some() {
+        assert_eq!(state.rows_held(), 0, "the end of input empties the state");
+    }
+    (bound, output, max_held)
+}
+
+#[test]
+fn interval_join_state_stays_bounded() {
+    let (bound, output, max_held) = run("SELECT a.k, a.ts, b.ts FROM t a JOIN t b \
+         ON a.k = b.k AND b.ts BETWEEN a.ts AND a.ts + INTERVAL '1' SECOND");
+    let bound = bound.expect("planned as an interval join");
+    assert!(!bound.window);
+    assert_eq!(bound.output_delay, 1000);
+    // Row i meets rows j of its key (j = i mod 100) with 0 <= (j - i) * 10 ms <= 1 s: itself and
+    // the row 100 later.
+    assert_eq!(output as i64, ROWS + (ROWS - 100));
+    // Left rows live 1 s (100 rows) past the watermark; right rows none. 200 000 rows went in.
+    assert!(max_held <= 250, "held {max_held} rows");
+}
+
+#[test]
+fn window_join_state_stays_bounded() {
+    let (bound, output, max_held) = run("SELECT a.k, a.window_start, b.ts FROM \
+         (SELECT * FROM TABLE(TUMBLE(TABLE t, DESCRIPTOR(ts), INTERVAL '1' SECOND))) a JOIN \
+         (SELECT * FROM TABLE(TUMBLE(TABLE t, DESCRIPTOR(ts), INTERVAL '1' SECOND))) b \
+         ON a.k = b.k AND a.window_start = b.window_start AND a.window_end = b.window_end");
+    assert!(bound.expect("planned as a window join").window);
+    // A 1 s window holds 100 rows with 100 different keys: each row meets only itself.
+    assert_eq!(output as i64, ROWS);
+    // Only the open window's rows (at most 100 per side) are held.
+    assert!(max_held <= 200, "held {max_held} rows");
+}
+
+#[test]
+fn a_join_without_a_time_bound_is_a_regular_join() {
+    let (bound, output, max_held) =
+        run("SELECT a.k, a.ts, b.ts FROM t a JOIN t b ON a.k = b.k AND a.ts = b.ts");
+    assert!(bound.is_none());
+    assert_eq!(output as i64, ROWS);
+    assert_eq!(max_held as i64, 2 * ROWS, "a regular join keeps every row");
+}
