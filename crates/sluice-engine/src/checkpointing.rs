@@ -173,6 +173,21 @@ pub fn fingerprint(plan: &JobPlan) -> String {
                     fields(schema)
                 ));
             }
+            StreamNode::Rank {
+                input,
+                partition,
+                limit,
+                mode,
+                schema,
+                ..
+            } => {
+                node(input, out);
+                out.push_str(&format!(
+                    "rank({};{limit};{mode:?};{})",
+                    partition.len(),
+                    fields(schema)
+                ));
+            }
         }
     }
     let mut out = String::new();
@@ -402,4 +417,14 @@ impl<T> Alignment<T> {
         self.held = None;
         std::mem::take(&mut self.stash)
     }
+}
+
+/// A batch as an Arrow IPC stream: the format of operator snapshots.
+pub fn ipc_bytes(batch: &arrow::record_batch::RecordBatch) -> Result<Vec<u8>> {
+    let mut bytes = vec![];
+    let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut bytes, &batch.schema())?;
+    w.write(batch)?;
+    w.finish()?;
+    drop(w);
+    Ok(bytes)
 }

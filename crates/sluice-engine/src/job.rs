@@ -164,7 +164,8 @@ fn collect_late_sinks(node: &StreamNode, out: &mut Vec<Arc<TableDef>>) {
         }
         StreamNode::Project { input, .. }
         | StreamNode::Filter { input, .. }
-        | StreamNode::WindowAssign { input, .. } => collect_late_sinks(input, out),
+        | StreamNode::WindowAssign { input, .. }
+        | StreamNode::Rank { input, .. } => collect_late_sinks(input, out),
         StreamNode::Union { inputs, .. } => inputs.iter().for_each(|i| collect_late_sinks(i, out)),
         StreamNode::Join { left, right, .. } => {
             collect_late_sinks(left, out);
@@ -181,7 +182,8 @@ fn collect_scans(node: &StreamNode, out: &mut Vec<Arc<TableDef>>) {
         StreamNode::Project { input, .. }
         | StreamNode::Filter { input, .. }
         | StreamNode::WindowAssign { input, .. }
-        | StreamNode::Aggregate { input, .. } => collect_scans(input, out),
+        | StreamNode::Aggregate { input, .. }
+        | StreamNode::Rank { input, .. } => collect_scans(input, out),
         StreamNode::Union { inputs, .. } => inputs.iter().for_each(|i| collect_scans(i, out)),
         StreamNode::Join { left, right, .. } => {
             collect_scans(left, out);
@@ -597,6 +599,26 @@ fn build<'scope>(
             let delay = bound.map_or(0, |b| b.output_delay);
             crate::join_operator::join(l, r, state, delay, ctx)
         }
+        StreamNode::Rank {
+            input,
+            partition,
+            order,
+            limit,
+            mode,
+            schema,
+        } => {
+            let state = crate::rank::RankState::try_new(
+                partition.clone(),
+                order.clone(),
+                *limit,
+                *mode,
+                &input.schema(),
+                schema.clone(),
+                input.is_append_only(),
+            );
+            let stream = exchange_by_key(build(scope, input, ctx), partition.clone());
+            crate::rank::operator::rank(stream, state, ctx)
+        }
     }
 }
 
@@ -703,13 +725,7 @@ impl AggregateTask {
         epoch: Epoch,
         id: &str,
     ) -> Result<()> {
-        let batch = self.state.snapshot()?;
-        let mut bytes = vec![];
-        {
-            let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut bytes, &batch.schema())?;
-            w.write(&batch)?;
-            w.finish()?;
-        }
+        let bytes = crate::checkpointing::ipc_bytes(&self.state.snapshot()?)?;
         let name = CheckpointContext::file_name(Contribution::State, id, self.index);
         writer.write(epoch, name, bytes);
         Ok(())

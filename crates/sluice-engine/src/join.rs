@@ -277,6 +277,7 @@ impl JoinState {
             .map(|i| key_arrays.iter().any(|a| a.is_null(i)))
             .collect();
         let keys = self.sides[side].keys.convert_columns(&key_arrays)?;
+        let keys = key_bytes(&keys, key_arrays.is_empty(), n);
         let rows = self.sides[side]
             .rows
             .convert_columns(batch.data.columns())?;
@@ -293,7 +294,7 @@ impl JoinState {
                 if *null {
                     continue;
                 }
-                if let Some(b) = o.map.get(keys.row(i).as_ref()) {
+                if let Some(b) = o.map.get(keys[i]) {
                     for (e, entry) in b.entries.iter().enumerate() {
                         pair_row.push(i as u32);
                         pair_entry.push(e as u32);
@@ -319,9 +320,9 @@ impl JoinState {
                 p += 1;
             }
             let accumulate = batch.op(i).sign() > 0;
-            let key = keys.row(i);
+            let key = keys[i];
             let row = rows.row(i);
-            if !accumulate && !null_key[i] && !self.sides[side].remove(key.as_ref(), row.as_ref()) {
+            if !accumulate && !null_key[i] && !self.sides[side].remove(key, row.as_ref()) {
                 // Nothing to retract: the row is not in state.
                 unmatched_retractions += 1;
                 continue;
@@ -335,7 +336,7 @@ impl JoinState {
                 let entry = {
                     let bucket = self.sides[other]
                         .map
-                        .get_mut(key.as_ref())
+                        .get_mut(key)
                         .expect("candidate bucket");
                     &mut bucket.entries[pair_entry[q] as usize]
                 };
@@ -382,9 +383,9 @@ impl JoinState {
                 let u = until.as_ref().map_or(0, |u| u[i]);
                 let key_group = (hashes[i] % KEY_GROUPS) as u16;
                 let s = &mut self.sides[side];
-                s.insert(key.as_ref(), key_group, row.as_ref(), matched, u, now);
+                s.insert(key, key_group, row.as_ref(), matched, u, now);
                 if bounded {
-                    s.expiry.entry(u).or_default().push(key.as_ref().into());
+                    s.expiry.entry(u).or_default().push(key.into());
                 }
             }
         }
@@ -660,4 +661,12 @@ fn snapshot_schema() -> SchemaRef {
         Field::new("degree", DataType::UInt32, false),
         Field::new("until", DataType::Int64, false),
     ]))
+}
+
+/// Each row's key bytes; without key columns (a global partition) every key is empty.
+pub(crate) fn key_bytes(rows: &arrow::row::Rows, no_columns: bool, n: usize) -> Vec<&[u8]> {
+    if no_columns {
+        return vec![&[]; n];
+    }
+    (0..n).map(|i| rows.row(i).data()).collect()
 }

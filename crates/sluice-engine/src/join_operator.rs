@@ -82,13 +82,7 @@ impl JoinTask {
     }
 
     fn snapshot(&self, writer: &CheckpointWriter, epoch: Epoch, id: &str) -> Result<()> {
-        let batch = self.state.snapshot()?;
-        let mut bytes = vec![];
-        {
-            let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut bytes, &batch.schema())?;
-            w.write(&batch)?;
-            w.finish()?;
-        }
+        let bytes = crate::checkpointing::ipc_bytes(&self.state.snapshot()?)?;
         writer.write(
             epoch,
             CheckpointContext::file_name(Contribution::State, id, self.index),

@@ -21,6 +21,7 @@ pub mod job;
 pub mod join;
 mod join_operator;
 pub mod metrics;
+pub mod rank;
 pub mod source;
 pub mod stateless;
 pub mod watermark;

@@ -94,7 +94,8 @@ pub(crate) fn has_regular_join(node: &StreamNode) -> bool {
         StreamNode::Join { left, right, .. } => has_regular_join(left) || has_regular_join(right),
         StreamNode::Project { input, .. }
         | StreamNode::Filter { input, .. }
-        | StreamNode::WindowAssign { input, .. } => has_regular_join(input),
+        | StreamNode::WindowAssign { input, .. }
+        | StreamNode::Rank { input, .. } => has_regular_join(input),
         StreamNode::Union { inputs, .. } => inputs.iter().any(has_regular_join),
         StreamNode::Scan { .. } | StreamNode::Values { .. } | StreamNode::Aggregate { .. } => false,
     }
@@ -102,7 +103,7 @@ pub(crate) fn has_regular_join(node: &StreamNode) -> bool {
 
 /// The columns holding a row's final window bounds `(window_start, window_end)`, if it has them:
 /// rows of a TUMBLE/HOP/CUMULATE window TVF, or results of a window aggregation.
-fn window_columns(node: &StreamNode) -> Option<(usize, usize)> {
+pub(crate) fn window_columns(node: &StreamNode) -> Option<(usize, usize)> {
     match node {
         StreamNode::WindowAssign { input, kind, .. } => {
             if matches!(kind, WindowKind::Session { .. }) {

@@ -16,6 +16,7 @@ mod join_plan;
 pub mod parser;
 pub mod plan;
 pub mod planner;
+mod rank_plan;
 pub mod rewrite;
 pub mod tvf;
 

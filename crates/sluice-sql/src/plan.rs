@@ -177,6 +177,27 @@ pub struct JoinBound {
     pub window: bool,
 }
 
+/// One `ORDER BY` key of a ranking.
+#[derive(Debug, Clone)]
+pub struct SortKey {
+    pub expr: PhysExpr,
+    pub asc: bool,
+    pub nulls_first: bool,
+}
+
+/// How a Top-N emits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RankMode {
+    /// Ranks change as rows arrive (and retract): changed positions emit `-U`/`+U` (or `-D`, `+I`).
+    Updating,
+    /// The partition includes a window: each window's Top-N is emitted once, when the watermark
+    /// passes the window end (this input column). Append-only.
+    Window { end: usize },
+    /// `ROW_NUMBER() OVER (PARTITION BY k ORDER BY rowtime) = 1`: the first row by event time of each
+    /// key, emitted once the watermark passes its time (this input column). Append-only.
+    FirstByTime { time: usize },
+}
+
 /// A node of the streaming plan.
 #[derive(Debug, Clone)]
 pub enum StreamNode {
@@ -243,6 +264,16 @@ pub enum StreamNode {
         bound: Option<JoinBound>,
         schema: SchemaRef,
     },
+    /// Top-N per partition (`ROW_NUMBER() OVER (...)` filtered to `<= N`): the input's columns
+    /// followed by the row number.
+    Rank {
+        input: Box<StreamNode>,
+        partition: Vec<PhysExpr>,
+        order: Vec<SortKey>,
+        limit: usize,
+        mode: RankMode,
+        schema: SchemaRef,
+    },
 }
 
 impl StreamNode {
@@ -254,7 +285,8 @@ impl StreamNode {
             | StreamNode::Union { schema, .. }
             | StreamNode::WindowAssign { schema, .. }
             | StreamNode::Aggregate { schema, .. }
-            | StreamNode::Join { schema, .. } => schema.clone(),
+            | StreamNode::Join { schema, .. }
+            | StreamNode::Rank { schema, .. } => schema.clone(),
             StreamNode::Filter { input, .. } => input.schema(),
             StreamNode::Values { rows } => rows.schema(),
         }
@@ -283,6 +315,7 @@ impl StreamNode {
                     && right.is_append_only()
                     && (bound.is_some() || *kind == JoinKind::Inner)
             }
+            StreamNode::Rank { mode, .. } => *mode != RankMode::Updating,
         }
     }
 
@@ -294,7 +327,8 @@ impl StreamNode {
             StreamNode::Project { input, .. }
             | StreamNode::Filter { input, .. }
             | StreamNode::WindowAssign { input, .. }
-            | StreamNode::Aggregate { input, .. } => input.scanned_tables(out),
+            | StreamNode::Aggregate { input, .. }
+            | StreamNode::Rank { input, .. } => input.scanned_tables(out),
             StreamNode::Union { inputs, .. } => inputs.iter().for_each(|i| i.scanned_tables(out)),
             StreamNode::Join { left, right, .. } => {
                 left.scanned_tables(out);

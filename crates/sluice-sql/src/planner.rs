@@ -429,6 +429,9 @@ impl Catalog {
                 StreamNode::Project { input: Box::new(input), exprs, schema: arrow_schema(&p.schema) }
             }
             LogicalPlan::Filter(f) => {
+                if let Some(node) = crate::rank_plan::plan_rank(self, f)? {
+                    return Ok(node);
+                }
                 let input = self.to_stream(&f.input)?;
                 StreamNode::Filter { input: Box::new(input), predicate: physical_expr(&f.predicate, f.input.schema())? }
             }
@@ -822,6 +825,7 @@ fn carry_source_row(node: StreamNode) -> std::result::Result<StreamNode, &'stati
         StreamNode::Aggregate { .. } => return Err("another aggregation"),
         StreamNode::Values { .. } => return Err("VALUES"),
         StreamNode::Join { .. } => return Err("a join"),
+        StreamNode::Rank { .. } => return Err("a Top-N"),
     })
 }
 
@@ -947,6 +951,7 @@ fn check_session_tvfs(node: &StreamNode, merged: bool) -> Result<()> {
             check_session_tvfs(left, false)?;
             check_session_tvfs(right, false)
         }
+        StreamNode::Rank { input, .. } => check_session_tvfs(input, false),
         StreamNode::Scan { .. } | StreamNode::Values { .. } => Ok(()),
     }
 }
@@ -1093,8 +1098,12 @@ impl ContextProvider for Catalog {
         self.aggregate.get(&name.to_lowercase()).cloned()
     }
 
-    fn get_window_meta(&self, _name: &str) -> Option<Arc<WindowUDF>> {
-        None
+    fn get_window_meta(&self, name: &str) -> Option<Arc<WindowUDF>> {
+        // Ranking functions, for Top-N and deduplication.
+        match name.to_lowercase().as_str() {
+            "row_number" => Some(datafusion_functions_window::row_number::row_number_udwf()),
+            _ => None,
+        }
     }
 
     fn get_variable_type(&self, _variable_names: &[String]) -> Option<DataType> {

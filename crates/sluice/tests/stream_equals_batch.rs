@@ -382,3 +382,45 @@ fn window_join_of_two_window_aggregations() {
          ON b.user_id = f.user_id AND b.ws = f.ws",
     );
 }
+
+#[test]
+fn top_n_per_partition() {
+    // Append-only input: the best three orders per category.
+    let q = "SELECT category, order_id, amount, rn FROM (SELECT category, order_id, amount, \
+             ROW_NUMBER() OVER (PARTITION BY category ORDER BY amount DESC, order_id) AS rn \
+             FROM orders WHERE amount IS NOT NULL) WHERE rn <= 3";
+    check(q, q);
+    // Updating input: the two busiest users per province, as their counts change.
+    let q = "SELECT province, user_id, cnt, rn FROM (SELECT province, user_id, cnt, \
+             ROW_NUMBER() OVER (PARTITION BY province ORDER BY cnt DESC, user_id) AS rn \
+             FROM (SELECT province, user_id, COUNT(*) AS cnt FROM orders GROUP BY province, user_id)) \
+             WHERE rn <= 2";
+    check(q, q);
+}
+
+#[test]
+fn window_top_n() {
+    check(
+        "SELECT window_start, category, n, rn FROM (SELECT window_start, category, n, \
+           ROW_NUMBER() OVER (PARTITION BY window_start, window_end ORDER BY n DESC, category) AS rn FROM \
+           (SELECT window_start, window_end, category, COUNT(*) AS n \
+            FROM TABLE(TUMBLE(TABLE orders, DESCRIPTOR(event_time), INTERVAL '1' MINUTE)) \
+            GROUP BY window_start, window_end, category)) WHERE rn <= 2",
+        "SELECT ws, category, n, rn FROM (SELECT ws, category, n, \
+           ROW_NUMBER() OVER (PARTITION BY ws ORDER BY n DESC, category) AS rn FROM \
+           (SELECT date_bin(INTERVAL '1 minute', event_time, TIMESTAMP '1970-01-01') AS ws, category, COUNT(*) AS n \
+            FROM orders GROUP BY 1, category)) WHERE rn <= 2",
+    );
+}
+
+#[test]
+fn deduplication_keeps_the_first_and_the_last_row() {
+    // Keep-first on event time: append-only, emitted as the watermark passes each key's first row.
+    let q = "SELECT user_id, event_time FROM (SELECT user_id, event_time, \
+             ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY event_time) AS rn FROM orders) WHERE rn = 1";
+    check(q, q);
+    // Keep-last: updating.
+    let q = "SELECT user_id, event_time FROM (SELECT user_id, event_time, \
+             ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY event_time DESC) AS rn FROM orders) WHERE rn = 1";
+    check(q, q);
+}
