@@ -30,11 +30,14 @@ use sluice_sql::{PhysExpr, RankMode, SortKey};
 use crate::dataflow::{key_hash_state, KEY_GROUPS};
 use crate::stateless::evaluate;
 
+/// Bytes in Arrow row format.
+type Bytes = Box<[u8]>;
+
 #[derive(Default)]
 struct Partition {
     key_group: u16,
     /// (sort key, row) -> copies.
-    rows: BTreeMap<(Box<[u8]>, Box<[u8]>), u32>,
+    rows: BTreeMap<(Bytes, Bytes), u32>,
     /// Window end, or the candidate's event time (first-by-time).
     until: i64,
     /// First-by-time: the key's first row was emitted; later rows are dropped.
@@ -205,7 +208,7 @@ impl RankState {
             RankMode::FirstByTime { time } => Some(self.times(&batch.data, time)?),
         };
         // Updating mode: each touched partition's first N rows before the batch.
-        let mut before: Vec<(Box<[u8]>, Vec<Box<[u8]>>)> = vec![];
+        let mut before: Vec<(Bytes, Vec<Bytes>)> = vec![];
         let mut touched: HashMap<Box<[u8]>, usize> = HashMap::new();
         for i in 0..n {
             let key: Box<[u8]> = keys[i].into();
