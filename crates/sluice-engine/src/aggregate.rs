@@ -79,7 +79,7 @@ pub struct ApplyOutcome {
     pub late: Option<RecordBatch>,
 }
 
-fn acc_kind(f: AggFunc) -> AccKind {
+pub(crate) fn acc_kind(f: AggFunc) -> AccKind {
     match f {
         AggFunc::Count => AccKind::Count,
         AggFunc::Sum => AccKind::Sum,

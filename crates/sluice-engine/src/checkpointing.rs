@@ -188,6 +188,23 @@ pub fn fingerprint(plan: &JobPlan) -> String {
                     fields(schema)
                 ));
             }
+            StreamNode::Over {
+                input,
+                partition,
+                aggs,
+                frame,
+                schema,
+                ..
+            } => {
+                node(input, out);
+                let calls: Vec<String> = aggs.iter().map(|a| format!("{:?}", a.func)).collect();
+                out.push_str(&format!(
+                    "over({};{};{frame:?};{})",
+                    partition.len(),
+                    calls.join(","),
+                    fields(schema)
+                ));
+            }
         }
     }
     let mut out = String::new();

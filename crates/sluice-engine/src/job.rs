@@ -165,7 +165,8 @@ fn collect_late_sinks(node: &StreamNode, out: &mut Vec<Arc<TableDef>>) {
         StreamNode::Project { input, .. }
         | StreamNode::Filter { input, .. }
         | StreamNode::WindowAssign { input, .. }
-        | StreamNode::Rank { input, .. } => collect_late_sinks(input, out),
+        | StreamNode::Rank { input, .. }
+        | StreamNode::Over { input, .. } => collect_late_sinks(input, out),
         StreamNode::Union { inputs, .. } => inputs.iter().for_each(|i| collect_late_sinks(i, out)),
         StreamNode::Join { left, right, .. } => {
             collect_late_sinks(left, out);
@@ -183,7 +184,8 @@ fn collect_scans(node: &StreamNode, out: &mut Vec<Arc<TableDef>>) {
         | StreamNode::Filter { input, .. }
         | StreamNode::WindowAssign { input, .. }
         | StreamNode::Aggregate { input, .. }
-        | StreamNode::Rank { input, .. } => collect_scans(input, out),
+        | StreamNode::Rank { input, .. }
+        | StreamNode::Over { input, .. } => collect_scans(input, out),
         StreamNode::Union { inputs, .. } => inputs.iter().for_each(|i| collect_scans(i, out)),
         StreamNode::Join { left, right, .. } => {
             collect_scans(left, out);
@@ -617,7 +619,26 @@ fn build<'scope>(
                 input.is_append_only(),
             );
             let stream = exchange_by_key(build(scope, input, ctx), partition.clone());
-            crate::rank::operator::rank(stream, state, ctx)
+            crate::keyed::keyed(stream, state, ctx)
+        }
+        StreamNode::Over {
+            input,
+            partition,
+            time,
+            aggs,
+            frame,
+            schema,
+        } => {
+            let state = crate::over::OverState::try_new(
+                partition.clone(),
+                *time,
+                aggs.clone(),
+                *frame,
+                input.schema(),
+                schema.clone(),
+            );
+            let stream = exchange_by_key(build(scope, input, ctx), partition.clone());
+            crate::keyed::keyed(stream, state, ctx)
         }
     }
 }

@@ -431,7 +431,7 @@ impl RankState {
     }
 
     /// Adds the partitions of a snapshot whose key group `owns` accepts.
-    pub fn restore(&mut self, batch: &RecordBatch, owns: impl Fn(u16) -> bool) -> Result<()> {
+    pub fn restore(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()> {
         if batch.schema().fields() != snapshot_schema().fields() {
             return Err(Error::Runtime(
                 "checkpoint: a Top-N snapshot has an unexpected layout".into(),
@@ -483,172 +483,27 @@ fn snapshot_schema() -> SchemaRef {
     ]))
 }
 
-/// The Top-N as a timely operator over a stream partitioned by the partition key.
-pub(crate) mod operator {
-    use std::sync::atomic::Ordering;
-    use std::sync::Arc;
+impl crate::keyed::KeyedState for RankState {
+    const NAME: &'static str = "TopN";
 
-    use sluice_common::Result;
-    use timely::dataflow::channels::pact::Pipeline;
-    use timely::dataflow::operators::generic::{Operator, OutputBuilderSession};
-    use timely::dataflow::operators::CapabilityTrait;
-
-    use super::RankState;
-    use crate::checkpointing::{Alignment, CheckpointContext, Contribution};
-    use crate::dataflow::{worker_for_hash, Epoch, Event, EventBuilder, EventStream};
-    use crate::job::BuildContext;
-    use crate::metrics::JobMetrics;
-    use crate::watermark::WatermarkTracker;
-
-    struct Task {
-        state: RankState,
-        tracker: WatermarkTracker,
-        metrics: Arc<JobMetrics>,
-        index: usize,
-        peers: usize,
+    fn apply(&mut self, batch: &ChangeBatch) -> Result<(Option<ChangeBatch>, u64)> {
+        let out = RankState::apply(self, batch)?;
+        Ok((out.changes, out.dropped))
     }
 
-    impl Task {
-        fn handle<C: CapabilityTrait<Epoch>>(
-            &mut self,
-            cap: &C,
-            data: &mut Event,
-            output: &mut OutputBuilderSession<'_, Epoch, EventBuilder>,
-        ) {
-            match data {
-                Event::Data(d) => match self.state.apply(&d.batch) {
-                    Ok(out) => {
-                        if out.dropped > 0 {
-                            self.metrics
-                                .late_rows_dropped
-                                .fetch_add(out.dropped, Ordering::Relaxed);
-                        }
-                        if let Some(c) = out.changes {
-                            output.session(cap).give_container(&mut Event::data(c));
-                        }
-                    }
-                    Err(e) => self.metrics.fail(e),
-                },
-                Event::Watermark { from, ts, idle, .. } => {
-                    let progress = self.tracker.receive(*from, *ts, *idle);
-                    if let Some(wm) = progress.advanced {
-                        match self.state.advance_watermark(wm) {
-                            Ok(Some(c)) => output.session(cap).give_container(&mut Event::data(c)),
-                            Ok(None) => {}
-                            Err(e) => self.metrics.fail(e),
-                        }
-                    }
-                    if let Some((wm, idle)) = progress.forward {
-                        let mut event = if idle {
-                            Event::idle(self.index, wm, self.peers)
-                        } else {
-                            Event::watermark(self.index, wm, self.peers)
-                        };
-                        output.session(cap).give_container(&mut event);
-                    }
-                }
-                Event::Empty => {}
-            }
-        }
+    fn advance_watermark(&mut self, watermark: i64) -> Result<Option<ChangeBatch>> {
+        RankState::advance_watermark(self, watermark)
     }
 
-    fn restore(
-        state: &mut RankState,
-        ctx: &CheckpointContext,
-        id: &str,
-        index: usize,
-        peers: usize,
-    ) -> Result<()> {
-        for file in ctx.restored(Contribution::State, id)? {
-            let reader =
-                arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(file), None)?;
-            for batch in reader {
-                state.restore(&batch?, |kg| worker_for_hash(kg as u64, peers) == index)?;
-            }
-        }
-        Ok(())
+    fn snapshot(&self) -> Result<RecordBatch> {
+        RankState::snapshot(self)
     }
 
-    pub(crate) fn rank<'scope>(
-        stream: EventStream<'scope>,
-        state: Result<RankState>,
-        ctx: &BuildContext,
-    ) -> EventStream<'scope> {
-        let (index, peers, metrics) = (ctx.index, ctx.peers, ctx.metrics.clone());
-        let checkpoint = ctx.checkpoint.clone();
-        let id = checkpoint.as_ref().map(|c| c.register(Contribution::State));
-        let state = state.and_then(|mut s| {
-            if let (Some(c), Some(id)) = (&checkpoint, &id) {
-                if c.restore.is_some() {
-                    restore(&mut s, c, id, index, peers)?;
-                }
-            }
-            Ok(s)
-        });
-        let mut task = match state {
-            Ok(state) => Some(Task {
-                state,
-                tracker: WatermarkTracker::new(peers),
-                metrics: metrics.clone(),
-                index,
-                peers,
-            }),
-            Err(e) => {
-                metrics.fail(e);
-                None
-            }
-        };
-        stream.unary_frontier::<EventBuilder, _, _, _>(Pipeline, "TopN", move |initial, _info| {
-            let mut align: Option<Alignment> =
-                checkpoint.as_ref().map(|c| Alignment::new(c, initial));
-            let mut reported = false;
-            move |(input, frontier), output| {
-                input.for_each(|cap, data| {
-                    let Some(task) = task.as_mut() else { return };
-                    if metrics.failed() {
-                        return;
-                    }
-                    if align
-                        .as_mut()
-                        .is_some_and(|al| al.hold(&cap, || std::mem::take(data)))
-                    {
-                        return;
-                    }
-                    task.handle(&cap, data, output);
-                });
-                if let (Some(al), Some(task)) = (align.as_mut(), task.as_mut()) {
-                    while let Some(epoch) = al.due(&[frontier]) {
-                        if let (Some(ck), Some(id)) = (checkpoint.as_ref(), id.as_ref()) {
-                            let bytes = task
-                                .state
-                                .snapshot()
-                                .and_then(|b| crate::checkpointing::ipc_bytes(&b));
-                            match bytes {
-                                Ok(bytes) => ck.writer.write(
-                                    epoch,
-                                    CheckpointContext::file_name(Contribution::State, id, index),
-                                    bytes,
-                                ),
-                                Err(e) => metrics.checkpoint_failed(epoch, e),
-                            }
-                        }
-                        for (c, mut event) in al.advance() {
-                            task.handle(&c, &mut event, output);
-                        }
-                    }
-                    for (c, mut event) in al.finish(&[frontier]) {
-                        task.handle(&c, &mut event, output);
-                    }
-                }
-                if frontier.frontier().is_empty() && !reported {
-                    reported = true;
-                    if let Some(task) = task.as_ref() {
-                        metrics
-                            .state_groups
-                            .fetch_add(task.state.partitions() as u64, Ordering::Relaxed);
-                    }
-                }
-            }
-        })
+    fn restore(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()> {
+        RankState::restore(self, batch, owns)
+    }
+
+    fn groups(&self) -> u64 {
+        self.partitions() as u64
     }
 }

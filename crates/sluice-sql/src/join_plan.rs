@@ -95,7 +95,8 @@ pub(crate) fn has_regular_join(node: &StreamNode) -> bool {
         StreamNode::Project { input, .. }
         | StreamNode::Filter { input, .. }
         | StreamNode::WindowAssign { input, .. }
-        | StreamNode::Rank { input, .. } => has_regular_join(input),
+        | StreamNode::Rank { input, .. }
+        | StreamNode::Over { input, .. } => has_regular_join(input),
         StreamNode::Union { inputs, .. } => inputs.iter().any(has_regular_join),
         StreamNode::Scan { .. } | StreamNode::Values { .. } | StreamNode::Aggregate { .. } => false,
     }

@@ -198,6 +198,15 @@ pub enum RankMode {
     FirstByTime { time: usize },
 }
 
+/// The frame of an OVER aggregate, ending at the current row. `None`: unbounded preceding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OverFrame {
+    /// `ROWS BETWEEN n PRECEDING AND CURRENT ROW`.
+    Rows(Option<u64>),
+    /// `RANGE BETWEEN INTERVAL ... PRECEDING AND CURRENT ROW` (milliseconds; peers included).
+    Range(Option<i64>),
+}
+
 /// A node of the streaming plan.
 #[derive(Debug, Clone)]
 pub enum StreamNode {
@@ -264,6 +273,17 @@ pub enum StreamNode {
         bound: Option<JoinBound>,
         schema: SchemaRef,
     },
+    /// OVER aggregates ordered by event time: each row, once the watermark passes it, with the
+    /// aggregates over its frame appended. Append-only.
+    Over {
+        input: Box<StreamNode>,
+        partition: Vec<PhysExpr>,
+        /// The event-time column of the input.
+        time: usize,
+        aggs: Vec<AggCall>,
+        frame: OverFrame,
+        schema: SchemaRef,
+    },
     /// Top-N per partition (`ROW_NUMBER() OVER (...)` filtered to `<= N`): the input's columns
     /// followed by the row number.
     Rank {
@@ -286,7 +306,8 @@ impl StreamNode {
             | StreamNode::WindowAssign { schema, .. }
             | StreamNode::Aggregate { schema, .. }
             | StreamNode::Join { schema, .. }
-            | StreamNode::Rank { schema, .. } => schema.clone(),
+            | StreamNode::Rank { schema, .. }
+            | StreamNode::Over { schema, .. } => schema.clone(),
             StreamNode::Filter { input, .. } => input.schema(),
             StreamNode::Values { rows } => rows.schema(),
         }
@@ -316,6 +337,7 @@ impl StreamNode {
                     && (bound.is_some() || *kind == JoinKind::Inner)
             }
             StreamNode::Rank { mode, .. } => *mode != RankMode::Updating,
+            StreamNode::Over { .. } => true,
         }
     }
 
@@ -328,7 +350,8 @@ impl StreamNode {
             | StreamNode::Filter { input, .. }
             | StreamNode::WindowAssign { input, .. }
             | StreamNode::Aggregate { input, .. }
-            | StreamNode::Rank { input, .. } => input.scanned_tables(out),
+            | StreamNode::Rank { input, .. }
+            | StreamNode::Over { input, .. } => input.scanned_tables(out),
             StreamNode::Union { inputs, .. } => inputs.iter().for_each(|i| i.scanned_tables(out)),
             StreamNode::Join { left, right, .. } => {
                 left.scanned_tables(out);

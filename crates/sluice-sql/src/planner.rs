@@ -468,7 +468,7 @@ impl Catalog {
                 let right = self.to_stream(&j.right)?;
                 crate::join_plan::plan_join(j, left, right)?
             }
-            LogicalPlan::Window(_) => return Err(Error::plan("OVER windows are not supported yet")),
+            LogicalPlan::Window(w) => crate::rank_plan::plan_over(self, w)?,
             other => return Err(Error::plan(format!("{} is not supported in a streaming query", other.display()))),
         })
     }
@@ -826,6 +826,7 @@ fn carry_source_row(node: StreamNode) -> std::result::Result<StreamNode, &'stati
         StreamNode::Values { .. } => return Err("VALUES"),
         StreamNode::Join { .. } => return Err("a join"),
         StreamNode::Rank { .. } => return Err("a Top-N"),
+        StreamNode::Over { .. } => return Err("an OVER aggregate"),
     })
 }
 
@@ -951,7 +952,9 @@ fn check_session_tvfs(node: &StreamNode, merged: bool) -> Result<()> {
             check_session_tvfs(left, false)?;
             check_session_tvfs(right, false)
         }
-        StreamNode::Rank { input, .. } => check_session_tvfs(input, false),
+        StreamNode::Rank { input, .. } | StreamNode::Over { input, .. } => {
+            check_session_tvfs(input, false)
+        }
         StreamNode::Scan { .. } | StreamNode::Values { .. } => Ok(()),
     }
 }
@@ -969,7 +972,7 @@ fn check_windowable(input: &StreamNode) -> Result<()> {
     Ok(())
 }
 
-fn agg_call(e: Expr, schema: &DFSchema, output_type: DataType) -> Result<AggCall> {
+pub(crate) fn agg_call(e: Expr, schema: &DFSchema, output_type: DataType) -> Result<AggCall> {
     let Expr::AggregateFunction(AggregateFunction { func, params }) = &e else {
         return Err(Error::plan(format!("unsupported aggregate expression {e}")));
     };
@@ -995,6 +998,8 @@ fn agg_call(e: Expr, schema: &DFSchema, output_type: DataType) -> Result<AggCall
     let arg = match params.args.as_slice() {
         [] => None,
         [Expr::Literal(v, _)] if f == AggFunc::Count && !v.is_null() => None,
+        #[allow(deprecated)]
+        [Expr::Wildcard { .. }] if f == AggFunc::Count => None,
         [a] => Some(physical_expr(a, schema)?),
         _ => {
             return Err(Error::plan(format!(

@@ -1,0 +1,181 @@
+//! A timely operator around any keyed state with one input (Top-N, OVER aggregates): it applies
+//! batches, advances the watermark, takes part in checkpoints (aligned snapshots of its key
+//! groups) and restores on any worker count.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use arrow::record_batch::RecordBatch;
+use sluice_common::{ChangeBatch, Result};
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::{Operator, OutputBuilderSession};
+use timely::dataflow::operators::CapabilityTrait;
+
+use crate::checkpointing::{ipc_bytes, Alignment, CheckpointContext, Contribution};
+use crate::dataflow::{worker_for_hash, Epoch, Event, EventBuilder, EventStream};
+use crate::job::BuildContext;
+use crate::metrics::JobMetrics;
+use crate::watermark::WatermarkTracker;
+
+/// One worker's state of a keyed operator.
+pub trait KeyedState: 'static {
+    /// The operator's name in the dataflow.
+    const NAME: &'static str;
+    /// Applies a batch: its changes, and how many rows were dropped as late.
+    fn apply(&mut self, batch: &ChangeBatch) -> Result<(Option<ChangeBatch>, u64)>;
+    /// The input watermark advanced: what it completes.
+    fn advance_watermark(&mut self, watermark: i64) -> Result<Option<ChangeBatch>>;
+    /// This worker's state as one batch, each row tagged with its key group.
+    fn snapshot(&self) -> Result<RecordBatch>;
+    /// Adds the rows of a snapshot whose key group `owns` accepts.
+    fn restore(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()>;
+    /// Keys held, for the job summary.
+    fn groups(&self) -> u64;
+}
+
+struct Task<S> {
+    state: S,
+    tracker: WatermarkTracker,
+    metrics: Arc<JobMetrics>,
+    index: usize,
+    peers: usize,
+}
+
+impl<S: KeyedState> Task<S> {
+    fn handle<C: CapabilityTrait<Epoch>>(
+        &mut self,
+        cap: &C,
+        data: &mut Event,
+        output: &mut OutputBuilderSession<'_, Epoch, EventBuilder>,
+    ) {
+        match data {
+            Event::Data(d) => match self.state.apply(&d.batch) {
+                Ok((changes, dropped)) => {
+                    if dropped > 0 {
+                        self.metrics
+                            .late_rows_dropped
+                            .fetch_add(dropped, Ordering::Relaxed);
+                    }
+                    if let Some(c) = changes {
+                        output.session(cap).give_container(&mut Event::data(c));
+                    }
+                }
+                Err(e) => self.metrics.fail(e),
+            },
+            Event::Watermark { from, ts, idle, .. } => {
+                let progress = self.tracker.receive(*from, *ts, *idle);
+                if let Some(wm) = progress.advanced {
+                    match self.state.advance_watermark(wm) {
+                        Ok(Some(c)) => output.session(cap).give_container(&mut Event::data(c)),
+                        Ok(None) => {}
+                        Err(e) => self.metrics.fail(e),
+                    }
+                }
+                if let Some((wm, idle)) = progress.forward {
+                    let mut event = if idle {
+                        Event::idle(self.index, wm, self.peers)
+                    } else {
+                        Event::watermark(self.index, wm, self.peers)
+                    };
+                    output.session(cap).give_container(&mut event);
+                }
+            }
+            Event::Empty => {}
+        }
+    }
+}
+
+fn restore<S: KeyedState>(
+    state: &mut S,
+    ctx: &CheckpointContext,
+    id: &str,
+    index: usize,
+    peers: usize,
+) -> Result<()> {
+    for file in ctx.restored(Contribution::State, id)? {
+        let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(file), None)?;
+        for batch in reader {
+            state.restore(&batch?, &|kg| worker_for_hash(kg as u64, peers) == index)?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs `state` over a stream already partitioned by its key.
+pub(crate) fn keyed<'scope, S: KeyedState>(
+    stream: EventStream<'scope>,
+    state: Result<S>,
+    ctx: &BuildContext,
+) -> EventStream<'scope> {
+    let (index, peers, metrics) = (ctx.index, ctx.peers, ctx.metrics.clone());
+    let checkpoint = ctx.checkpoint.clone();
+    let id = checkpoint.as_ref().map(|c| c.register(Contribution::State));
+    let state = state.and_then(|mut s| {
+        if let (Some(c), Some(id)) = (&checkpoint, &id) {
+            if c.restore.is_some() {
+                restore(&mut s, c, id, index, peers)?;
+            }
+        }
+        Ok(s)
+    });
+    let mut task = match state {
+        Ok(state) => Some(Task {
+            state,
+            tracker: WatermarkTracker::new(peers),
+            metrics: metrics.clone(),
+            index,
+            peers,
+        }),
+        Err(e) => {
+            metrics.fail(e);
+            None
+        }
+    };
+    stream.unary_frontier::<EventBuilder, _, _, _>(Pipeline, S::NAME, move |initial, _info| {
+        let mut align: Option<Alignment> = checkpoint.as_ref().map(|c| Alignment::new(c, initial));
+        let mut reported = false;
+        move |(input, frontier), output| {
+            input.for_each(|cap, data| {
+                let Some(task) = task.as_mut() else { return };
+                if metrics.failed() {
+                    return;
+                }
+                if align
+                    .as_mut()
+                    .is_some_and(|al| al.hold(&cap, || std::mem::take(data)))
+                {
+                    return;
+                }
+                task.handle(&cap, data, output);
+            });
+            if let (Some(al), Some(task)) = (align.as_mut(), task.as_mut()) {
+                while let Some(epoch) = al.due(&[frontier]) {
+                    if let (Some(ck), Some(id)) = (checkpoint.as_ref(), id.as_ref()) {
+                        match task.state.snapshot().and_then(|b| ipc_bytes(&b)) {
+                            Ok(bytes) => ck.writer.write(
+                                epoch,
+                                CheckpointContext::file_name(Contribution::State, id, index),
+                                bytes,
+                            ),
+                            Err(e) => metrics.checkpoint_failed(epoch, e),
+                        }
+                    }
+                    for (c, mut event) in al.advance() {
+                        task.handle(&c, &mut event, output);
+                    }
+                }
+                for (c, mut event) in al.finish(&[frontier]) {
+                    task.handle(&c, &mut event, output);
+                }
+            }
+            if frontier.frontier().is_empty() && !reported {
+                reported = true;
+                if let Some(task) = task.as_ref() {
+                    metrics
+                        .state_groups
+                        .fetch_add(task.state.groups(), Ordering::Relaxed);
+                }
+            }
+        }
+    })
+}

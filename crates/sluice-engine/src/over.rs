@@ -1,0 +1,455 @@
+//! OVER aggregates ordered by event time, one worker's state.
+//!
+//! Rows wait until the watermark passes their time; then each partition's ready rows are taken
+//! in time order and every row gets the aggregates over its frame: the `n` rows before it
+//! (`ROWS`), or the rows at most an interval older, its peers (same time) included (`RANGE`), or
+//! everything before it (`UNBOUNDED PRECEDING`). Aggregates are updated incrementally (a row
+//! entering the frame adds, a row leaving retracts; MIN/MAX keep multisets), so a row costs the
+//! same whatever the frame size. Each partition keeps the rows still in its frame. Output is
+//! append-only: the input row followed by its aggregates.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, BinaryArray, UInt16Array, UInt32Array};
+use arrow::compute::{cast, concat, concat_batches, take};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType};
+use arrow::record_batch::RecordBatch;
+use arrow::row::{RowConverter, SortField};
+use datafusion_common::hash_utils::create_hashes;
+use sluice_common::{ChangeBatch, Error, Result};
+use sluice_sql::{AggCall, OverFrame, PhysExpr};
+use sluice_state::accumulator::Accumulator;
+
+use crate::aggregate::acc_kind;
+use crate::dataflow::{key_hash_state, KEY_GROUPS};
+use crate::stateless::evaluate;
+
+struct Part {
+    gid: u32,
+    key_group: u16,
+    /// Input rows still in the frame (all of them are in the accumulators).
+    frame: Option<RecordBatch>,
+}
+
+pub struct OverState {
+    partition: Vec<PhysExpr>,
+    time: usize,
+    calls: Vec<AggCall>,
+    frame: OverFrame,
+    input: SchemaRef,
+    schema: SchemaRef,
+    accs: Vec<Accumulator>,
+    keys: RowConverter,
+    parts: HashMap<Box<[u8]>, Part>,
+    /// Rows waiting for the watermark.
+    pending: Vec<RecordBatch>,
+    watermark: i64,
+    next_gid: u32,
+}
+
+fn millis(batch: &RecordBatch, column: usize) -> Result<Vec<Option<i64>>> {
+    let t = cast(
+        batch.column(column),
+        &DataType::Timestamp(TimeUnit::Millisecond, None),
+    )?;
+    Ok(t.as_primitive::<TimestampMillisecondType>()
+        .iter()
+        .collect())
+}
+
+impl OverState {
+    pub fn try_new(
+        partition: Vec<PhysExpr>,
+        time: usize,
+        calls: Vec<AggCall>,
+        frame: OverFrame,
+        input: SchemaRef,
+        schema: SchemaRef,
+    ) -> Result<OverState> {
+        let ty = |e: &PhysExpr| {
+            e.data_type(&input)
+                .map_err(|e| Error::plan(e.strip_backtrace()))
+        };
+        let keys = RowConverter::new(
+            partition
+                .iter()
+                .map(|e| Ok(SortField::new(ty(e)?)))
+                .collect::<Result<_>>()?,
+        )?;
+        let mut accs = vec![];
+        for c in &calls {
+            let input_type = match &c.arg {
+                Some(a) => ty(a)?,
+                None => DataType::Null,
+            };
+            accs.push(Accumulator::try_new(
+                acc_kind(c.func),
+                input_type,
+                c.output_type.clone(),
+                c.distinct,
+            )?);
+        }
+        Ok(OverState {
+            partition,
+            time,
+            calls,
+            frame,
+            input,
+            schema,
+            accs,
+            keys,
+            parts: HashMap::new(),
+            pending: vec![],
+            watermark: i64::MIN,
+            next_gid: 0,
+        })
+    }
+
+    /// Rows held: waiting for the watermark, or in a frame.
+    pub fn rows_held(&self) -> usize {
+        self.pending.iter().map(|b| b.num_rows()).sum::<usize>()
+            + self
+                .parts
+                .values()
+                .map(|p| p.frame.as_ref().map_or(0, |f| f.num_rows()))
+                .sum::<usize>()
+    }
+
+    /// Keeps the rows for later; drops (and counts) those already behind the watermark.
+    pub fn apply(&mut self, batch: &ChangeBatch) -> Result<u64> {
+        if !batch.is_append_only() {
+            return Err(Error::Runtime(
+                "an OVER aggregate received a retraction; its input must be append-only".into(),
+            ));
+        }
+        let times = millis(&batch.data, self.time)?;
+        let keep: Vec<bool> = times
+            .iter()
+            .map(|t| t.is_some_and(|t| t >= self.watermark))
+            .collect();
+        let dropped = keep.iter().filter(|k| !**k).count() as u64;
+        if dropped == 0 {
+            self.pending.push(batch.data.clone());
+        } else if dropped < keep.len() as u64 {
+            let mask = arrow::array::BooleanArray::from(keep);
+            self.pending
+                .push(arrow::compute::filter_record_batch(&batch.data, &mask)?);
+        }
+        Ok(dropped)
+    }
+
+    /// Emits the rows the watermark passed, each with its aggregates.
+    pub fn advance_watermark(&mut self, watermark: i64) -> Result<Option<ChangeBatch>> {
+        if watermark <= self.watermark {
+            return Ok(None);
+        }
+        self.watermark = watermark;
+        if self.pending.is_empty() {
+            return Ok(None);
+        }
+        let all = concat_batches(&self.input, &self.pending)?;
+        self.pending.clear();
+        let times = millis(&all, self.time)?;
+        let (ready, wait): (Vec<u32>, Vec<u32>) = (0..all.num_rows() as u32)
+            .partition(|i| times[*i as usize].is_some_and(|t| t < watermark));
+        if !wait.is_empty() {
+            self.pending.push(arrow::compute::take_record_batch(
+                &all,
+                &UInt32Array::from(wait),
+            )?);
+        }
+        if ready.is_empty() {
+            return Ok(None);
+        }
+        let ready = arrow::compute::take_record_batch(&all, &UInt32Array::from(ready))?;
+        let key_arrays: Vec<ArrayRef> = self
+            .partition
+            .iter()
+            .map(|e| evaluate(e, &ChangeBatch::inserts(ready.clone())))
+            .collect::<Result<_>>()?;
+        let n = ready.num_rows();
+        let mut hashes = vec![0u64; n];
+        if !key_arrays.is_empty() {
+            create_hashes(&key_arrays, &key_hash_state(), &mut hashes)
+                .map_err(|e| Error::Runtime(e.strip_backtrace()))?;
+        }
+        let rows = self.keys.convert_columns(&key_arrays)?;
+        let keys = crate::join::key_bytes(&rows, key_arrays.is_empty(), n);
+        // Rows per partition, in time order (stable: ties keep arrival order).
+        let times = millis(&ready, self.time)?;
+        let mut groups: Vec<(&[u8], Vec<u32>)> = vec![];
+        let mut slot: HashMap<&[u8], usize> = HashMap::new();
+        for (i, k) in keys.iter().enumerate() {
+            let g = *slot.entry(k).or_insert_with(|| {
+                groups.push((k, vec![]));
+                groups.len() - 1
+            });
+            groups[g].1.push(i as u32);
+        }
+        let mut out_batches = vec![];
+        for (key, mut idx) in groups {
+            idx.sort_by_key(|i| times[*i as usize]);
+            let key_group = (hashes[idx[0] as usize] % KEY_GROUPS) as u16;
+            let rows = arrow::compute::take_record_batch(&ready, &UInt32Array::from(idx))?;
+            out_batches.push(self.partition_rows(key, key_group, rows)?);
+        }
+        let data = concat_batches(&self.schema, &out_batches)?;
+        Ok(Some(ChangeBatch::inserts(data)))
+    }
+
+    /// One partition's ready rows (in time order): each with the aggregates over its frame.
+    fn partition_rows(
+        &mut self,
+        key: &[u8],
+        key_group: u16,
+        rows: RecordBatch,
+    ) -> Result<RecordBatch> {
+        let next_gid = &mut self.next_gid;
+        let part = self.parts.entry(key.into()).or_insert_with(|| {
+            *next_gid += 1;
+            Part {
+                gid: *next_gid - 1,
+                key_group,
+                frame: None,
+            }
+        });
+        let gid = part.gid;
+        let old = part.frame.take();
+        let held = old.as_ref().map_or(0, |f| f.num_rows());
+        let seq = match old {
+            Some(f) => concat_batches(&self.input, &[f, rows.clone()])?,
+            None => rows.clone(),
+        };
+        let times = millis(&seq, self.time)?;
+        let times: Vec<i64> = times.into_iter().map(|t| t.unwrap_or(i64::MIN)).collect();
+        let as_changes = ChangeBatch::inserts(seq.clone());
+        let mut values = vec![];
+        let mut counted = vec![];
+        for (call, acc) in self.calls.iter().zip(self.accs.iter_mut()) {
+            acc.resize(self.next_gid as usize);
+            values.push(match &call.arg {
+                Some(a) => Some(evaluate(a, &as_changes)?),
+                None => None,
+            });
+            counted.push(match &call.filter {
+                Some(f) => {
+                    let m = evaluate(f, &as_changes)?;
+                    let m = m.as_boolean();
+                    (0..seq.num_rows())
+                        .map(|i| m.is_valid(i) && m.value(i))
+                        .collect()
+                }
+                None => vec![true; seq.num_rows()],
+            });
+        }
+        let change = |accs: &mut [Accumulator], row: usize, sign: i64| -> Result<()> {
+            for (c, acc) in accs.iter_mut().enumerate() {
+                let s = if counted[c][row] { sign } else { 0 };
+                let v = values[c].as_ref().map(|v| v.slice(row, 1));
+                acc.update(&[gid], &[s], v.as_ref())?;
+            }
+            Ok(())
+        };
+        let mut results: Vec<Vec<ArrayRef>> = vec![vec![]; self.calls.len()];
+        let mut lo = 0; // first row of `seq` still in the frame
+        let mut j = held;
+        while j < seq.num_rows() {
+            // RANGE frames treat rows of the same time (peers) together.
+            let mut end = j + 1;
+            if matches!(self.frame, OverFrame::Range(_)) {
+                while end < seq.num_rows() && times[end] == times[j] {
+                    end += 1;
+                }
+            }
+            for row in j..end {
+                change(&mut self.accs, row, 1)?;
+                if let OverFrame::Rows(Some(n)) = self.frame {
+                    while row - lo > n as usize {
+                        change(&mut self.accs, lo, -1)?;
+                        lo += 1;
+                    }
+                }
+            }
+            if let OverFrame::Range(Some(ms)) = self.frame {
+                while times[lo] < times[j].saturating_sub(ms) {
+                    change(&mut self.accs, lo, -1)?;
+                    lo += 1;
+                }
+            }
+            for (c, acc) in self.accs.iter().enumerate() {
+                let v = acc.evaluate(&[gid])?;
+                for _ in j..end {
+                    results[c].push(v.clone());
+                }
+            }
+            j = end;
+        }
+        // Unbounded frames need no rows: the accumulators hold everything.
+        let part = self.parts.get_mut(key).expect("partition");
+        part.frame = match self.frame {
+            OverFrame::Rows(None) | OverFrame::Range(None) => None,
+            _ if lo == seq.num_rows() => None,
+            _ => {
+                let keep = UInt32Array::from_iter_values(lo as u32..seq.num_rows() as u32);
+                Some(arrow::compute::take_record_batch(&seq, &keep)?)
+            }
+        };
+        let mut cols = rows.columns().to_vec();
+        for r in results {
+            let refs: Vec<&dyn Array> = r.iter().map(|a| a.as_ref()).collect();
+            cols.push(concat(&refs)?);
+        }
+        Ok(RecordBatch::try_new(self.schema.clone(), cols)?)
+    }
+}
+
+/// Snapshot layout: one row per partition (its aggregate states and frame rows as Arrow IPC),
+/// plus one row per waiting batch (key group 0, no key).
+fn snapshot_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("key_group", DataType::UInt16, false),
+        Field::new("key", DataType::Binary, true),
+        Field::new("accumulators", DataType::Binary, true),
+        Field::new("rows", DataType::Binary, true),
+    ]))
+}
+
+fn batch_bytes(b: &RecordBatch) -> Result<Vec<u8>> {
+    crate::checkpointing::ipc_bytes(b)
+}
+
+fn batch_from(bytes: &[u8]) -> Result<RecordBatch> {
+    let mut r = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)?;
+    r.next()
+        .ok_or_else(|| Error::Runtime("checkpoint: an empty OVER snapshot batch".into()))?
+        .map_err(Error::from)
+}
+
+impl crate::keyed::KeyedState for OverState {
+    const NAME: &'static str = "Over";
+
+    fn apply(&mut self, batch: &ChangeBatch) -> Result<(Option<ChangeBatch>, u64)> {
+        Ok((None, OverState::apply(self, batch)?))
+    }
+
+    fn advance_watermark(&mut self, watermark: i64) -> Result<Option<ChangeBatch>> {
+        OverState::advance_watermark(self, watermark)
+    }
+
+    fn snapshot(&self) -> Result<RecordBatch> {
+        let mut group = vec![];
+        let mut key: Vec<Option<Vec<u8>>> = vec![];
+        let mut accs: Vec<Option<Vec<u8>>> = vec![];
+        let mut rows: Vec<Option<Vec<u8>>> = vec![];
+        for (k, p) in &self.parts {
+            let mut state = vec![];
+            for acc in &self.accs {
+                let mut one = vec![];
+                acc.snapshot_group(p.gid, &mut one);
+                state.extend_from_slice(&(one.len() as u64).to_le_bytes());
+                state.extend_from_slice(&one);
+            }
+            group.push(p.key_group);
+            key.push(Some(k.to_vec()));
+            accs.push(Some(state));
+            rows.push(p.frame.as_ref().map(batch_bytes).transpose()?);
+        }
+        // Waiting rows are restored by every worker that owns their key: they are split by key
+        // group on restore, so they go in whole here.
+        for b in &self.pending {
+            group.push(0);
+            key.push(None);
+            accs.push(None);
+            rows.push(Some(batch_bytes(b)?));
+        }
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(UInt16Array::from(group)),
+            Arc::new(BinaryArray::from_iter(key)),
+            Arc::new(BinaryArray::from_iter(accs)),
+            Arc::new(BinaryArray::from_iter(rows)),
+        ];
+        Ok(RecordBatch::try_new(snapshot_schema(), cols)?)
+    }
+
+    fn restore(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()> {
+        if batch.schema().fields() != snapshot_schema().fields() {
+            return Err(Error::Runtime(
+                "checkpoint: an OVER snapshot has an unexpected layout".into(),
+            ));
+        }
+        let group = batch
+            .column(0)
+            .as_primitive::<arrow::datatypes::UInt16Type>();
+        let key = batch.column(1).as_binary::<i32>();
+        let accs = batch.column(2).as_binary::<i32>();
+        let rows = batch.column(3).as_binary::<i32>();
+        for i in 0..batch.num_rows() {
+            if key.is_null(i) {
+                // Waiting rows: keep those of this worker's key groups.
+                let b = batch_from(rows.value(i))?;
+                let keys: Vec<ArrayRef> = self
+                    .partition
+                    .iter()
+                    .map(|e| evaluate(e, &ChangeBatch::inserts(b.clone())))
+                    .collect::<Result<_>>()?;
+                let mut hashes = vec![0u64; b.num_rows()];
+                if !keys.is_empty() {
+                    create_hashes(&keys, &key_hash_state(), &mut hashes)
+                        .map_err(|e| Error::Runtime(e.strip_backtrace()))?;
+                }
+                let mine: Vec<u32> = (0..b.num_rows() as u32)
+                    .filter(|r| owns((hashes[*r as usize] % KEY_GROUPS) as u16))
+                    .collect();
+                if !mine.is_empty() {
+                    let idx = UInt32Array::from(mine);
+                    let cols = b
+                        .columns()
+                        .iter()
+                        .map(|c| take(c, &idx, None))
+                        .collect::<std::result::Result<Vec<_>, _>>()?;
+                    self.pending
+                        .push(RecordBatch::try_new(self.input.clone(), cols)?);
+                }
+                continue;
+            }
+            if !owns(group.value(i)) {
+                continue;
+            }
+            let gid = self.next_gid;
+            self.next_gid += 1;
+            let mut state = accs.value(i);
+            for acc in self.accs.iter_mut() {
+                acc.resize(self.next_gid as usize);
+                let len = state
+                    .get(..8)
+                    .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+                    .filter(|l| state.len() >= 8 + l)
+                    .ok_or_else(|| {
+                        Error::Runtime("checkpoint: a truncated OVER snapshot".into())
+                    })?;
+                acc.restore_group(gid, &state[8..8 + len])
+                    .map_err(|_| Error::Runtime("checkpoint: a corrupt OVER snapshot".into()))?;
+                state = &state[8 + len..];
+            }
+            let frame = if rows.is_null(i) {
+                None
+            } else {
+                Some(batch_from(rows.value(i))?)
+            };
+            self.parts.insert(
+                key.value(i).into(),
+                Part {
+                    gid,
+                    key_group: group.value(i),
+                    frame,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn groups(&self) -> u64 {
+        self.parts.len() as u64
+    }
+}
