@@ -99,7 +99,14 @@ fn job(dir: &Path) -> String {
          CREATE TABLE sampled (order_id BIGINT, n BIGINT)
            WITH ('connector' = 'filesystem', 'path' = '{out}/sampled', 'format' = 'debezium-json');
          INSERT INTO sampled SELECT o.order_id, c.n FROM (SELECT * FROM orders WHERE order_id % 500 = 0) o
-           LEFT JOIN (SELECT category, COUNT(*) AS n FROM orders GROUP BY category) c ON o.category = c.category;",
+           LEFT JOIN (SELECT category, COUNT(*) AS n FROM orders GROUP BY category) c ON o.category = c.category;
+         CREATE TABLE top3 (category STRING, n BIGINT, rn BIGINT)
+           WITH ('connector' = 'filesystem', 'path' = '{out}/top3', 'format' = 'debezium-json');
+         INSERT INTO top3 SELECT category, n, rn FROM (SELECT category, n, ROW_NUMBER() OVER (ORDER BY n DESC, category) AS rn
+           FROM (SELECT category, COUNT(*) AS n FROM orders GROUP BY category)) WHERE rn <= 3;
+         CREATE TABLE running (order_id BIGINT, seen BIGINT)
+           WITH ('connector' = 'filesystem', 'path' = '{out}/running', 'format' = 'json');
+         INSERT INTO running SELECT order_id, COUNT(*) OVER (PARTITION BY category ORDER BY event_time) FROM orders;",
         ckpt = dir.join("checkpoints").display(),
         out = dir.join("out").display()
     )
@@ -294,6 +301,47 @@ fn killed_again_and_again_the_committed_output_is_exact() {
         committed(&dir.path().join("out/sampled")),
         want,
         "outer join over updates"
+    );
+
+    // Top-3 categories by count, over the updating counts.
+    let mut ranked: Vec<(&String, &i64)> = categories.iter().collect();
+    ranked.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    let want: BTreeMap<String, i64> = ranked
+        .iter()
+        .take(3)
+        .enumerate()
+        .map(|(i, (c, n))| {
+            (
+                serde_json::json!({"category": c, "n": n, "rn": i + 1}).to_string(),
+                1,
+            )
+        })
+        .collect();
+    assert_eq!(committed(&dir.path().join("out/top3")), want, "Top-N");
+
+    // A running count per category in event time (rows of the same time count together).
+    let mut by_category: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
+    for o in &orders {
+        by_category.entry(&o.1).or_default().push(ms(&o.3));
+    }
+    for v in by_category.values_mut() {
+        v.sort();
+    }
+    let want: BTreeMap<String, i64> = orders
+        .iter()
+        .map(|o| {
+            let times = &by_category[o.1.as_str()];
+            let seen = times.partition_point(|t| *t <= ms(&o.3));
+            (
+                serde_json::json!({"order_id": o.0, "seen": seen}).to_string(),
+                1,
+            )
+        })
+        .collect();
+    assert_eq!(
+        committed(&dir.path().join("out/running")),
+        want,
+        "OVER aggregate"
     );
 }
 
