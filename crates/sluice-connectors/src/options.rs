@@ -14,7 +14,12 @@ pub struct Options {
 }
 
 /// Options shared by all tables, read by the engine rather than by a connector.
-const ENGINE_OPTIONS: [&str; 3] = ["connector", "scan.watermark.idle-timeout", "late-data.sink"];
+const ENGINE_OPTIONS: [&str; 4] = [
+    "connector",
+    "scan.watermark.idle-timeout",
+    "late-data.sink",
+    "lookup.join.cache.ttl",
+];
 
 impl Options {
     pub fn new(spec: &ConnectorSpec) -> Self {

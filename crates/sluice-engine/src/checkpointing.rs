@@ -188,6 +188,17 @@ pub fn fingerprint(plan: &JobPlan) -> String {
                     fields(schema)
                 ));
             }
+            StreamNode::LookupJoin {
+                input,
+                dim,
+                kind,
+                schema,
+                ..
+            } => {
+                node(input, out);
+                node(dim, out);
+                out.push_str(&format!("lookup({kind:?};{})", fields(schema)));
+            }
             StreamNode::Over {
                 input,
                 partition,

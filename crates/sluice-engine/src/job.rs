@@ -166,7 +166,8 @@ fn collect_late_sinks(node: &StreamNode, out: &mut Vec<Arc<TableDef>>) {
         | StreamNode::Filter { input, .. }
         | StreamNode::WindowAssign { input, .. }
         | StreamNode::Rank { input, .. }
-        | StreamNode::Over { input, .. } => collect_late_sinks(input, out),
+        | StreamNode::Over { input, .. }
+        | StreamNode::LookupJoin { input, .. } => collect_late_sinks(input, out),
         StreamNode::Union { inputs, .. } => inputs.iter().for_each(|i| collect_late_sinks(i, out)),
         StreamNode::Join { left, right, .. } => {
             collect_late_sinks(left, out);
@@ -187,7 +188,12 @@ fn collect_scans(node: &StreamNode, out: &mut Vec<Arc<TableDef>>) {
         | StreamNode::Rank { input, .. }
         | StreamNode::Over { input, .. } => collect_scans(input, out),
         StreamNode::Union { inputs, .. } => inputs.iter().for_each(|i| collect_scans(i, out)),
-        StreamNode::Join { left, right, .. } => {
+        StreamNode::Join { left, right, .. }
+        | StreamNode::LookupJoin {
+            input: left,
+            dim: right,
+            ..
+        } => {
             collect_scans(left, out);
             collect_scans(right, out);
         }
@@ -621,6 +627,56 @@ fn build<'scope>(
             let stream = exchange_by_key(build(scope, input, ctx), partition.clone());
             crate::keyed::keyed(stream, state, ctx)
         }
+        StreamNode::LookupJoin {
+            input,
+            dim,
+            kind,
+            left_keys,
+            right_keys,
+            filter,
+            reload_ms,
+            schema,
+        } => {
+            let (kind, dim, input_schema) = (*kind, (**dim).clone(), input.schema());
+            let (lk, rk, filter, schema) = (
+                left_keys.clone(),
+                right_keys.clone(),
+                filter.clone(),
+                schema.clone(),
+            );
+            let load = move || -> Result<crate::join::JoinState> {
+                let mut state = crate::join::JoinState::try_new(
+                    kind,
+                    lk.clone(),
+                    rk.clone(),
+                    filter.clone(),
+                    None,
+                    [input_schema.clone(), dim.schema()],
+                    schema.clone(),
+                    None,
+                )?
+                .for_lookup();
+                for b in load_table(&dim)? {
+                    state.apply(1, &b)?;
+                }
+                Ok(state)
+            };
+            let reload = reload_ms.map(|ms| Duration::from_millis(ms as u64));
+            let mut state = None;
+            let mut loaded = Instant::now();
+            map_batches(
+                build(scope, input, ctx),
+                "LookupJoin",
+                ctx.metrics.clone(),
+                move |b| {
+                    if state.is_none() || reload.is_some_and(|r| loaded.elapsed() >= r) {
+                        state = Some(load()?);
+                        loaded = Instant::now();
+                    }
+                    Ok(state.as_mut().expect("loaded").apply(0, b)?.changes)
+                },
+            )
+        }
         StreamNode::Over {
             input,
             partition,
@@ -639,6 +695,31 @@ fn build<'scope>(
             );
             let stream = exchange_by_key(build(scope, input, ctx), partition.clone());
             crate::keyed::keyed(stream, state, ctx)
+        }
+    }
+}
+
+/// Reads a lookup join's table whole, as it is now.
+fn load_table(node: &StreamNode) -> Result<Vec<ChangeBatch>> {
+    let StreamNode::Scan {
+        table,
+        projection,
+        schema,
+        ..
+    } = node
+    else {
+        return Err(Error::Runtime(
+            "internal: a lookup join reads a table scan".into(),
+        ));
+    };
+    let mut reader = open_source(&spec(table), 0, 1)?;
+    let mut prepare = table_prepare(table.clone(), projection.clone(), schema.clone(), false);
+    let mut out = vec![];
+    loop {
+        match reader.poll(DEFAULT_BATCH_ROWS)? {
+            sluice_connectors::Poll::Batch { batch, .. } => out.push(prepare(batch)?.0),
+            sluice_connectors::Poll::SplitDone { .. } => {}
+            sluice_connectors::Poll::Idle | sluice_connectors::Poll::Finished => return Ok(out),
         }
     }
 }

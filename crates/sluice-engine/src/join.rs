@@ -161,6 +161,8 @@ pub struct JoinState {
     ttl: Option<Duration>,
     started: Instant,
     last_sweep: u32,
+    /// A lookup join: the left input is only probed, never kept.
+    lookup: bool,
 }
 
 impl JoinState {
@@ -204,7 +206,15 @@ impl JoinState {
             ttl,
             started: Instant::now(),
             last_sweep: 0,
+            lookup: false,
         })
+    }
+
+    /// Makes this a lookup join's state: left rows probe the right input's rows and are not kept,
+    /// so the right input's later changes do not revise earlier results.
+    pub fn for_lookup(mut self) -> Self {
+        self.lookup = true;
+        self
     }
 
     /// Row copies held, over both inputs.
@@ -322,7 +332,12 @@ impl JoinState {
             let accumulate = batch.op(i).sign() > 0;
             let key = keys[i];
             let row = rows.row(i);
-            if !accumulate && !null_key[i] && !self.sides[side].remove(key, row.as_ref()) {
+            let probe_only = self.lookup && side == 0;
+            if !accumulate
+                && !null_key[i]
+                && !probe_only
+                && !self.sides[side].remove(key, row.as_ref())
+            {
                 // Nothing to retract: the row is not in state.
                 unmatched_retractions += 1;
                 continue;
@@ -379,7 +394,7 @@ impl JoinState {
                 out_other.push(None);
                 out_ops.push(op);
             }
-            if accumulate && !null_key[i] && !expired {
+            if accumulate && !null_key[i] && !expired && !probe_only {
                 let u = until.as_ref().map_or(0, |u| u[i]);
                 let key_group = (hashes[i] % KEY_GROUPS) as u16;
                 let s = &mut self.sides[side];

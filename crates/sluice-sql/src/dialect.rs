@@ -53,6 +53,11 @@ impl Dialect for SluiceDialect {
         ch == '`' || ch == '"'
     }
 
+    /// `JOIN dim FOR SYSTEM_TIME AS OF o.proc_time` (lookup joins).
+    fn supports_table_versioning(&self) -> bool {
+        true
+    }
+
     fn supports_filter_during_aggregation(&self) -> bool {
         true
     }

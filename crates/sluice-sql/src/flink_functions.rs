@@ -15,7 +15,47 @@ pub fn all() -> Vec<Arc<ScalarUDF>> {
     vec![
         Arc::new(ScalarUDF::new_from_impl(RegexpExtract::new())),
         Arc::new(ScalarUDF::new_from_impl(SplitIndex::new())),
+        Arc::new(ScalarUDF::new_from_impl(ProcTime::new())),
     ]
+}
+
+/// `PROCTIME()`: the processing time (wall clock) at which a row is computed, as TIMESTAMP(3).
+/// Volatile, so it is evaluated per batch and never folded into a constant at planning.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct ProcTime {
+    signature: Signature,
+}
+
+impl ProcTime {
+    fn new() -> Self {
+        ProcTime {
+            signature: Signature::nullary(Volatility::Volatile),
+        }
+    }
+}
+
+impl ScalarUDFImpl for ProcTime {
+    fn name(&self) -> &str {
+        "proctime"
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn return_type(&self, _arg_types: &[DataType]) -> DFResult<DataType> {
+        Ok(DataType::Timestamp(
+            arrow::datatypes::TimeUnit::Millisecond,
+            None,
+        ))
+    }
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DFResult<ColumnarValue> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        Ok(ColumnarValue::Array(Arc::new(
+            arrow::array::TimestampMillisecondArray::from(vec![now; args.number_rows]),
+        )))
+    }
 }
 
 fn to_arrays(args: &[ColumnarValue], rows: usize) -> DFResult<Vec<ArrayRef>> {

@@ -27,7 +27,12 @@ use crate::planner::{arrow_schema, df_error, physical_expr};
 use crate::tvf::interval_literal_millis;
 
 /// Plans a join of two already planned inputs.
-pub(crate) fn plan_join(j: &Join, left: StreamNode, right: StreamNode) -> Result<StreamNode> {
+pub(crate) fn plan_join(
+    j: &Join,
+    left: StreamNode,
+    right: StreamNode,
+    lookups: &[(String, sqlparser::ast::Expr)],
+) -> Result<StreamNode> {
     let kind = match j.join_type {
         JoinType::Inner => JoinKind::Inner,
         JoinType::Left => JoinKind::Left,
@@ -66,6 +71,22 @@ pub(crate) fn plan_join(j: &Join, left: StreamNode, right: StreamNode) -> Result
         .as_ref()
         .map(|f| physical_expr(f, &combined))
         .transpose()?;
+    let lookup_of = |plan: &LogicalPlan| -> Option<&sqlparser::ast::Expr> {
+        let name = match plan {
+            LogicalPlan::SubqueryAlias(a) => a.alias.table().to_string(),
+            LogicalPlan::TableScan(t) => t.table_name.table().to_string(),
+            _ => return None,
+        };
+        lookups.iter().find(|(n, _)| *n == name).map(|(_, e)| e)
+    };
+    if lookup_of(&j.left).is_some() {
+        return Err(Error::plan(
+            "FOR SYSTEM_TIME AS OF goes on the right side of a join: the table looked up",
+        ));
+    }
+    if let Some(as_of) = lookup_of(&j.right) {
+        return lookup_join(j, kind, left, right, left_keys, right_keys, filter, as_of);
+    }
     let bound = if left.is_append_only() && right.is_append_only() {
         match window_bound(j, &left, &right) {
             Some(b) => Some(b),
@@ -96,7 +117,8 @@ pub(crate) fn has_regular_join(node: &StreamNode) -> bool {
         | StreamNode::Filter { input, .. }
         | StreamNode::WindowAssign { input, .. }
         | StreamNode::Rank { input, .. }
-        | StreamNode::Over { input, .. } => has_regular_join(input),
+        | StreamNode::Over { input, .. }
+        | StreamNode::LookupJoin { input, .. } => has_regular_join(input),
         StreamNode::Union { inputs, .. } => inputs.iter().any(has_regular_join),
         StreamNode::Scan { .. } | StreamNode::Values { .. } | StreamNode::Aggregate { .. } => false,
     }
@@ -376,4 +398,81 @@ impl OptimizerRule for JoinConditions {
         )?;
         Ok(Transformed::yes(LogicalPlan::Join(join)))
     }
+}
+
+/// `JOIN dim FOR SYSTEM_TIME AS OF o.proc_time`: a lookup join (processing time).
+#[allow(clippy::too_many_arguments)]
+fn lookup_join(
+    j: &Join,
+    kind: JoinKind,
+    left: StreamNode,
+    right: StreamNode,
+    left_keys: Vec<PhysExpr>,
+    right_keys: Vec<PhysExpr>,
+    filter: Option<PhysExpr>,
+    as_of: &sqlparser::ast::Expr,
+) -> Result<StreamNode> {
+    if !matches!(kind, JoinKind::Inner | JoinKind::Left) {
+        return Err(Error::plan(
+            "a lookup join (FOR SYSTEM_TIME AS OF) is an INNER or LEFT join",
+        ));
+    }
+    let StreamNode::Scan { table, .. } = &right else {
+        return Err(Error::plan(
+            "FOR SYSTEM_TIME AS OF needs a table, not a subquery",
+        ));
+    };
+    if left_keys.is_empty() {
+        return Err(Error::plan(
+            "a lookup join needs an equality condition on the looked-up table's columns",
+        ));
+    }
+    // An AS OF the input's event time asks for the version valid then: a different join.
+    let as_of_name = match as_of {
+        sqlparser::ast::Expr::Identifier(i) => Some(i.value.clone()),
+        sqlparser::ast::Expr::CompoundIdentifier(parts) => parts.last().map(|i| i.value.clone()),
+        _ => None,
+    };
+    fn watermarked(node: &StreamNode, name: &str) -> bool {
+        match node {
+            StreamNode::Scan { table, .. } => table
+                .watermark
+                .as_ref()
+                .is_some_and(|(i, _)| table.schema.field(*i).name() == name),
+            StreamNode::Project { input, .. }
+            | StreamNode::Filter { input, .. }
+            | StreamNode::WindowAssign { input, .. } => watermarked(input, name),
+            _ => false,
+        }
+    }
+    if as_of_name.is_some_and(|n| watermarked(&left, &n)) {
+        return Err(Error::plan(format!(
+            "FOR SYSTEM_TIME AS OF {as_of}: joining the version of a table valid at an event time \
+             (an event-time temporal join) is not supported yet; use a processing-time attribute \
+             (a column computed as PROCTIME()) for a lookup join"
+        )));
+    }
+    let reload_ms = match table.options.get("lookup.join.cache.ttl") {
+        None => None,
+        Some(v) => Some(
+            sluice_common::time::parse_duration_ms(v)
+                .filter(|ms| *ms > 0)
+                .ok_or_else(|| {
+                    Error::plan(format!(
+                        "table '{}': option 'lookup.join.cache.ttl' = '{v}' is not a positive duration such as '10 min'",
+                        table.name
+                    ))
+                })?,
+        ),
+    };
+    Ok(StreamNode::LookupJoin {
+        input: Box::new(left),
+        dim: Box::new(right),
+        kind,
+        left_keys,
+        right_keys,
+        filter,
+        reload_ms,
+        schema: arrow_schema(&j.schema),
+    })
 }

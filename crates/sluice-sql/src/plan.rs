@@ -273,6 +273,20 @@ pub enum StreamNode {
         bound: Option<JoinBound>,
         schema: SchemaRef,
     },
+    /// A lookup join (`JOIN dim FOR SYSTEM_TIME AS OF o.proc_time`): every worker loads the
+    /// dimension table (`dim`, a scan) and joins each input row with its rows at that moment;
+    /// later changes of the table do not revise earlier results. INNER or LEFT.
+    LookupJoin {
+        input: Box<StreamNode>,
+        dim: Box<StreamNode>,
+        kind: JoinKind,
+        left_keys: Vec<PhysExpr>,
+        right_keys: Vec<PhysExpr>,
+        filter: Option<PhysExpr>,
+        /// `'lookup.join.cache.ttl'`: reload the table this often (milliseconds).
+        reload_ms: Option<i64>,
+        schema: SchemaRef,
+    },
     /// OVER aggregates ordered by event time: each row, once the watermark passes it, with the
     /// aggregates over its frame appended. Append-only.
     Over {
@@ -307,7 +321,8 @@ impl StreamNode {
             | StreamNode::Aggregate { schema, .. }
             | StreamNode::Join { schema, .. }
             | StreamNode::Rank { schema, .. }
-            | StreamNode::Over { schema, .. } => schema.clone(),
+            | StreamNode::Over { schema, .. }
+            | StreamNode::LookupJoin { schema, .. } => schema.clone(),
             StreamNode::Filter { input, .. } => input.schema(),
             StreamNode::Values { rows } => rows.schema(),
         }
@@ -338,6 +353,7 @@ impl StreamNode {
             }
             StreamNode::Rank { mode, .. } => *mode != RankMode::Updating,
             StreamNode::Over { .. } => true,
+            StreamNode::LookupJoin { input, .. } => input.is_append_only(),
         }
     }
 
@@ -353,7 +369,12 @@ impl StreamNode {
             | StreamNode::Rank { input, .. }
             | StreamNode::Over { input, .. } => input.scanned_tables(out),
             StreamNode::Union { inputs, .. } => inputs.iter().for_each(|i| i.scanned_tables(out)),
-            StreamNode::Join { left, right, .. } => {
+            StreamNode::Join { left, right, .. }
+            | StreamNode::LookupJoin {
+                input: left,
+                dim: right,
+                ..
+            } => {
                 left.scanned_tables(out);
                 right.scanned_tables(out);
             }

@@ -41,6 +41,8 @@ pub struct Catalog {
     options: ConfigOptions,
     expr_planners: Vec<Arc<dyn ExprPlanner>>,
     relation_planners: Vec<Arc<dyn RelationPlanner>>,
+    /// The statement being planned: tables joined `FOR SYSTEM_TIME AS OF` (alias, expression).
+    pub(crate) lookups: std::cell::RefCell<Vec<(String, ast::Expr)>>,
 }
 
 impl Default for Catalog {
@@ -79,6 +81,7 @@ impl Catalog {
             options,
             expr_planners,
             relation_planners: vec![Arc::new(WindowTvfPlanner)],
+            lookups: Default::default(),
         }
     }
 
@@ -130,6 +133,11 @@ impl Catalog {
                     )));
                 }
                 crate::rewrite::rewrite(&mut query);
+                if !crate::rewrite::take_lookups(&mut query).is_empty() {
+                    return Err(Error::plan(
+                        "FOR SYSTEM_TIME AS OF is not supported inside a view yet; write the lookup join in the query",
+                    ));
+                }
                 let plan = self.logical_plan(query)?;
                 self.views.insert(name, plan);
             }
@@ -141,6 +149,7 @@ impl Catalog {
                     ))
                 })?;
                 crate::rewrite::rewrite(&mut query);
+                *self.lookups.borrow_mut() = crate::rewrite::take_lookups(&mut query);
                 let plan = self.logical_plan(query)?;
                 let plan = self.cast_to_sink(plan, &def)?;
                 let plan = self.optimize(plan)?;
@@ -154,6 +163,7 @@ impl Catalog {
             }
             Statement::Select(mut query) => {
                 crate::rewrite::rewrite(&mut query);
+                *self.lookups.borrow_mut() = crate::rewrite::take_lookups(&mut query);
                 let plan = self.logical_plan(query)?;
                 let plan = self.optimize(plan)?;
                 let node = self.to_stream(&plan)?;
@@ -466,7 +476,7 @@ impl Catalog {
             LogicalPlan::Join(j) => {
                 let left = self.to_stream(&j.left)?;
                 let right = self.to_stream(&j.right)?;
-                crate::join_plan::plan_join(j, left, right)?
+                crate::join_plan::plan_join(j, left, right, &self.lookups.borrow())?
             }
             LogicalPlan::Window(w) => crate::rank_plan::plan_over(self, w)?,
             other => return Err(Error::plan(format!("{} is not supported in a streaming query", other.display()))),
@@ -827,6 +837,7 @@ fn carry_source_row(node: StreamNode) -> std::result::Result<StreamNode, &'stati
         StreamNode::Join { .. } => return Err("a join"),
         StreamNode::Rank { .. } => return Err("a Top-N"),
         StreamNode::Over { .. } => return Err("an OVER aggregate"),
+        StreamNode::LookupJoin { .. } => return Err("a lookup join"),
     })
 }
 
@@ -952,9 +963,9 @@ fn check_session_tvfs(node: &StreamNode, merged: bool) -> Result<()> {
             check_session_tvfs(left, false)?;
             check_session_tvfs(right, false)
         }
-        StreamNode::Rank { input, .. } | StreamNode::Over { input, .. } => {
-            check_session_tvfs(input, false)
-        }
+        StreamNode::Rank { input, .. }
+        | StreamNode::Over { input, .. }
+        | StreamNode::LookupJoin { input, .. } => check_session_tvfs(input, false),
         StreamNode::Scan { .. } | StreamNode::Values { .. } => Ok(()),
     }
 }

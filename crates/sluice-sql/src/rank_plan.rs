@@ -69,7 +69,7 @@ fn rank_limit(c: &Expr, schema: &DFSchema, rank: usize) -> Option<i64> {
 
 /// The input column holding the rows' event time (the scanned table's watermarked column), if it
 /// is still there.
-fn rowtime_column(node: &StreamNode) -> Option<usize> {
+pub(crate) fn rowtime_column(node: &StreamNode) -> Option<usize> {
     let find = |exprs: &[PhysExpr], index: usize| {
         exprs.iter().position(|x| {
             x.downcast_ref::<datafusion_physical_expr::expressions::Column>()
@@ -87,9 +87,9 @@ fn rowtime_column(node: &StreamNode) -> Option<usize> {
             }
         }
         StreamNode::Project { input, exprs, .. } => find(exprs, rowtime_column(input)?),
-        StreamNode::Filter { input, .. } | StreamNode::WindowAssign { input, .. } => {
-            rowtime_column(input)
-        }
+        StreamNode::Filter { input, .. }
+        | StreamNode::WindowAssign { input, .. }
+        | StreamNode::LookupJoin { input, .. } => rowtime_column(input),
         _ => None,
     }
 }

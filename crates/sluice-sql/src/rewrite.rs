@@ -243,3 +243,35 @@ mod tests {
         assert_eq!(java_to_chrono("yyyyMMdd'T'HH"), "%Y%m%dT%H");
     }
 }
+
+/// `JOIN t FOR SYSTEM_TIME AS OF x [AS alias]`: removes the version clause (DataFusion has none)
+/// and returns each such table's alias (or name) with its `AS OF` expression, for the planner to
+/// make those joins lookup joins.
+pub fn take_lookups<V: ast::VisitMut>(node: &mut V) -> Vec<(String, Expr)> {
+    struct Lookups(Vec<(String, Expr)>);
+    impl ast::VisitorMut for Lookups {
+        type Break = ();
+        fn pre_visit_table_factor(&mut self, tf: &mut ast::TableFactor) -> ControlFlow<()> {
+            if let ast::TableFactor::Table {
+                name,
+                alias,
+                version,
+                ..
+            } = tf
+            {
+                if let Some(ast::TableVersion::ForSystemTimeAsOf(e)) = version {
+                    let n = alias
+                        .as_ref()
+                        .map(|a| a.name.value.clone())
+                        .unwrap_or_else(|| name.to_string());
+                    self.0.push((n, e.clone()));
+                    *version = None;
+                }
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let mut v = Lookups(vec![]);
+    let _ = node.visit(&mut v);
+    v.0
+}

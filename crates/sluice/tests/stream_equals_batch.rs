@@ -474,3 +474,13 @@ fn over_aggregates() {
     let q = "SELECT order_id, COUNT(*) OVER (PARTITION BY province ORDER BY event_time) AS running FROM orders";
     check(q, q);
 }
+
+#[test]
+fn lookup_join_against_a_file_table() {
+    check(
+        "SELECT o.order_id, o.amount, u.name, u.credit FROM (SELECT *, PROCTIME() AS pt FROM orders) o \
+         LEFT JOIN users FOR SYSTEM_TIME AS OF o.pt AS u ON o.user_id = u.user_id WHERE o.province <> 'Gansu'",
+        "SELECT o.order_id, o.amount, u.name, u.credit FROM orders o \
+         LEFT JOIN users u ON o.user_id = u.user_id WHERE o.province <> 'Gansu'",
+    );
+}
