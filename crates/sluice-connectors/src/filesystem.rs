@@ -60,6 +60,8 @@ pub struct FileSource {
     done: std::collections::BTreeSet<PathBuf>,
     /// Where to start files that a checkpoint had partly read: (position, line).
     resume: std::collections::HashMap<PathBuf, (u64, u64)>,
+    /// `PARTITIONED BY`: partition columns come from the folder names.
+    layout: Option<crate::partitions::Layout>,
 }
 
 /// A file being read.
@@ -140,8 +142,16 @@ impl FileSource {
                     .ok_or_else(|| opts.error(format!("option 'source.monitor-interval' = '{v}' is not a positive duration such as '10 s'")))?,
             ),
         };
-        let all = list_files(&path)
-            .map_err(|e| opts.error(format!("option 'path' = '{}': {e}", path.display())))?;
+        let layout =
+            crate::partitions::Layout::new(&spec.schema, &spec.partitioned_by, &spec.table)?;
+        let all = match &layout {
+            None => list_files(&path),
+            Some(_) => crate::partitions::list_files_recursive(&path),
+        }
+        .map_err(|e| opts.error(format!("option 'path' = '{}': {e}", path.display())))?;
+        let data_schema = layout
+            .as_ref()
+            .map_or(spec.schema.clone(), |l| l.data.clone());
         let (files, monitor): (Vec<PathBuf>, _) = match interval {
             // Bounded: the files there now, dealt out round-robin.
             None => (
@@ -178,8 +188,9 @@ impl FileSource {
             next_split: 0,
             cursor: 0,
             format,
-            schema: spec.schema.clone(),
-            json: JsonLines::new(spec.schema.clone(), ignore)?,
+            schema: data_schema.clone(),
+            json: JsonLines::new(data_schema, ignore)?,
+            layout,
             csv_ignore_errors,
             skipped: 0,
             monitor,
@@ -320,6 +331,10 @@ impl SourceReader for FileSource {
             match self.read_chunk(at, max_rows)? {
                 Chunk::Rows(batch) => {
                     self.cursor = at + 1;
+                    let batch = match &self.layout {
+                        None => batch,
+                        Some(l) => l.with_partition_columns(&self.open[at].path, batch)?,
+                    };
                     return Ok(Poll::Batch {
                         split: self.open[at].split,
                         batch,
@@ -416,18 +431,38 @@ fn visible_name(hidden: &str) -> String {
 }
 
 impl FileSink {
+    /// The sink of a filesystem table: one writer, or one per partition folder with
+    /// `PARTITIONED BY`.
     pub fn open(
-        _spec: &ConnectorSpec,
+        spec: &ConnectorSpec,
         opts: &mut Options,
         worker: usize,
         _workers: usize,
-    ) -> Result<Self> {
+    ) -> Result<Box<dyn SinkWriter>> {
         let dir = PathBuf::from(opts.required("path")?);
         let format = format(opts, true)?;
         let roll_bytes = opts.parse("sink.rolling-policy.file-size", 128u64 << 20)?;
         std::fs::create_dir_all(&dir)
             .map_err(|e| opts.error(format!("option 'path' = '{}': {e}", dir.display())))?;
-        Ok(FileSink {
+        match crate::partitions::Layout::new(&spec.schema, &spec.partitioned_by, &spec.table)? {
+            None => Ok(Box::new(FileSink::in_dir(dir, worker, format, roll_bytes))),
+            Some(layout) => Ok(Box::new(crate::partitions::PartitionedSink::new(
+                layout,
+                dir,
+                move |folder: &Path| -> Result<Box<dyn SinkWriter>> {
+                    Ok(Box::new(FileSink::in_dir(
+                        folder.to_path_buf(),
+                        worker,
+                        format,
+                        roll_bytes,
+                    )))
+                },
+            ))),
+        }
+    }
+
+    fn in_dir(dir: PathBuf, worker: usize, format: Format, roll_bytes: u64) -> Self {
+        FileSink {
             dir,
             worker,
             format,
@@ -438,7 +473,7 @@ impl FileSink {
             roll_bytes,
             transactional: false,
             pending: vec![],
-        })
+        }
     }
 
     fn extension(&self) -> &'static str {

@@ -15,6 +15,7 @@ pub mod filesystem;
 pub mod format;
 pub mod memory;
 pub mod options;
+pub mod partitions;
 pub mod print;
 
 use std::collections::BTreeMap;
@@ -170,9 +171,7 @@ pub fn open_sink(
 ) -> Result<Box<dyn SinkWriter>> {
     let mut opts = Options::new(spec);
     let writer: Box<dyn SinkWriter> = match opts.connector()?.as_str() {
-        "filesystem" => Box::new(filesystem::FileSink::open(
-            spec, &mut opts, worker, workers,
-        )?),
+        "filesystem" => filesystem::FileSink::open(spec, &mut opts, worker, workers)?,
         "print" => Box::new(print::PrintSink::open(spec, &mut opts, worker)?),
         "blackhole" => Box::new(print::Blackhole),
         "memory" => Box::new(memory::MemorySink::open(spec, &mut opts)?),

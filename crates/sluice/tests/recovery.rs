@@ -106,7 +106,10 @@ fn job(dir: &Path) -> String {
            FROM (SELECT category, COUNT(*) AS n FROM orders GROUP BY category)) WHERE rn <= 3;
          CREATE TABLE running (order_id BIGINT, seen BIGINT)
            WITH ('connector' = 'filesystem', 'path' = '{out}/running', 'format' = 'json');
-         INSERT INTO running SELECT order_id, COUNT(*) OVER (PARTITION BY category ORDER BY event_time) FROM orders;",
+         INSERT INTO running SELECT order_id, COUNT(*) OVER (PARTITION BY category ORDER BY event_time) FROM orders;
+         CREATE TABLE by_category (order_id BIGINT, quantity INT, category STRING) PARTITIONED BY (category)
+           WITH ('connector' = 'filesystem', 'path' = '{out}/by_category', 'format' = 'json');
+         INSERT INTO by_category SELECT order_id, quantity, category FROM orders;",
         ckpt = dir.join("checkpoints").display(),
         out = dir.join("out").display()
     )
@@ -302,6 +305,27 @@ fn killed_again_and_again_the_committed_output_is_exact() {
         want,
         "outer join over updates"
     );
+
+    // A partitioned sink: each category's folder holds exactly its orders (two-phase commit
+    // per partition folder).
+    for (category, n) in &categories {
+        let folder = dir
+            .path()
+            .join(format!("out/by_category/category={category}"));
+        let got = committed(&folder);
+        let want: BTreeMap<String, i64> = orders
+            .iter()
+            .filter(|o| &o.1 == category)
+            .map(|o| {
+                (
+                    serde_json::json!({"order_id": o.0, "quantity": o.2}).to_string(),
+                    1,
+                )
+            })
+            .collect();
+        assert_eq!(want.len() as i64, *n);
+        assert_eq!(got, want, "partition {category}");
+    }
 
     // Top-3 categories by count, over the updating counts.
     let mut ranked: Vec<(&String, &i64)> = categories.iter().collect();
