@@ -183,7 +183,7 @@ impl<F: FnMut(&Path) -> Result<Box<dyn SinkWriter>>> PartitionedSink<F> {
     }
 
     fn each(&mut self, mut f: impl FnMut(&mut Box<dyn SinkWriter>) -> Result<()>) -> Result<()> {
-        self.writers.values_mut().try_for_each(|w| f(w))
+        self.writers.values_mut().try_for_each(f)
     }
 }
 

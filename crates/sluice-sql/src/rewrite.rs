@@ -230,20 +230,6 @@ pub fn java_to_chrono(pattern: &str) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::java_to_chrono;
-
-    #[test]
-    fn java_patterns_map_to_chrono() {
-        assert_eq!(
-            java_to_chrono("yyyy-MM-dd HH:mm:ss.SSS"),
-            "%Y-%m-%d %H:%M:%S.%3f"
-        );
-        assert_eq!(java_to_chrono("yyyyMMdd'T'HH"), "%Y%m%dT%H");
-    }
-}
-
 /// `JOIN t FOR SYSTEM_TIME AS OF x [AS alias]`: removes the version clause (DataFusion has none)
 /// and returns each such table's alias (or name) with its `AS OF` expression, for the planner to
 /// make those joins lookup joins.
@@ -274,4 +260,18 @@ pub fn take_lookups<V: ast::VisitMut>(node: &mut V) -> Vec<(String, Expr)> {
     let mut v = Lookups(vec![]);
     let _ = node.visit(&mut v);
     v.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::java_to_chrono;
+
+    #[test]
+    fn java_patterns_map_to_chrono() {
+        assert_eq!(
+            java_to_chrono("yyyy-MM-dd HH:mm:ss.SSS"),
+            "%Y-%m-%d %H:%M:%S.%3f"
+        );
+        assert_eq!(java_to_chrono("yyyyMMdd'T'HH"), "%Y%m%dT%H");
+    }
 }
