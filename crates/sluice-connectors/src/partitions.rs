@@ -182,7 +182,7 @@ impl<F: FnMut(&Path) -> Result<Box<dyn SinkWriter>>> PartitionedSink<F> {
         Ok(self.writers.get_mut(&folder).expect("inserted"))
     }
 
-    fn each(&mut self, mut f: impl FnMut(&mut Box<dyn SinkWriter>) -> Result<()>) -> Result<()> {
+    fn each(&mut self, f: impl FnMut(&mut Box<dyn SinkWriter>) -> Result<()>) -> Result<()> {
         self.writers.values_mut().try_for_each(f)
     }
 }
