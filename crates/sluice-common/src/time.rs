@@ -80,3 +80,11 @@ mod tests {
         assert_eq!(parse_duration_ms("s"), None);
     }
 }
+
+/// The wall clock, in milliseconds since the Unix epoch (processing time).
+pub fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arrow::datatypes::SchemaRef;
+use sluice_common::time::MAX_WATERMARK;
 use sluice_common::{ChangeBatch, Error, Result};
 use sluice_connectors::{open_sink, open_source, sink_accepts_updates, ConnectorSpec};
 use sluice_sql::{JobPlan, SinkTarget, StreamNode, TableDef};
@@ -580,7 +581,7 @@ fn build<'scope>(
                 &input_schema,
             );
             let late = late_sink.as_ref().map(|l| l.table.clone());
-            aggregate(stream, state, emit.early_fire_ms, late, ctx)
+            aggregate(stream, state, *emit, late, ctx)
         }
         StreamNode::Join {
             left,
@@ -751,6 +752,12 @@ fn merge_watermarks<'scope>(
     })
 }
 
+/// How often processing-time windows check the clock.
+const PROCTIME_TICK: Duration = Duration::from_millis(50);
+/// How long after its end a processing-time window still takes rows (their way from where
+/// `PROCTIME()` stamped them to the window).
+const PROCTIME_GRACE: Duration = Duration::from_millis(200);
+
 /// One worker's aggregation: its state, its watermark tracking and its late-row writer.
 struct AggregateTask {
     state: AggregateState,
@@ -763,6 +770,8 @@ struct AggregateTask {
     metrics: Arc<JobMetrics>,
     index: usize,
     peers: usize,
+    /// Processing-time windows: only the end of input's watermark closes windows here.
+    processing_time: bool,
 }
 
 impl AggregateTask {
@@ -800,7 +809,8 @@ impl AggregateTask {
             },
             Event::Watermark { from, ts, idle, .. } => {
                 let progress = self.tracker.receive(*from, *ts, *idle);
-                if let Some(wm) = progress.advanced {
+                let closes = |wm: i64| !self.processing_time || wm == MAX_WATERMARK;
+                if let Some(wm) = progress.advanced.filter(|wm| closes(*wm)) {
                     match self.state.advance_watermark(wm) {
                         Ok(Some(out)) => output.session(cap).give_container(&mut Event::data(out)),
                         Ok(None) => {}
@@ -856,7 +866,7 @@ fn restore_state(
 fn aggregate<'scope>(
     stream: EventStream<'scope>,
     state: Result<AggregateState>,
-    early_fire_ms: Option<u64>,
+    emit: sluice_sql::EmitPolicy,
     late_table: Option<Arc<TableDef>>,
     ctx: &BuildContext,
 ) -> EventStream<'scope> {
@@ -896,6 +906,7 @@ fn aggregate<'scope>(
             metrics: metrics.clone(),
             index,
             peers,
+            processing_time: emit.processing_time,
         }),
         Err(e) => {
             metrics.fail(e);
@@ -903,7 +914,14 @@ fn aggregate<'scope>(
         }
     };
     let scope = stream.scope();
-    let early_fire = early_fire_ms.map(Duration::from_millis);
+    let early_fire = emit.early_fire_ms.map(Duration::from_millis);
+    // Processing-time windows close by the wall clock, checked this often; a row may take up to
+    // PROCTIME_GRACE from being stamped to reaching this operator.
+    let proctime_tick = emit.processing_time.then_some(PROCTIME_TICK);
+    let timer = match (early_fire, proctime_tick) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
     stream.unary_frontier::<EventBuilder, _, _, _>(Pipeline, "Aggregate", move |initial, info| {
         let activator = scope.activator_for(info.address.clone());
         let mut align = checkpoint.as_ref().map(|c| Alignment::new(c, initial));
@@ -918,7 +936,7 @@ fn aggregate<'scope>(
                 if metrics.failed() {
                     return;
                 }
-                if early_fire.is_some() && held.is_none() {
+                if timer.is_some() && held.is_none() {
                     held = cap.retain_least(0);
                 }
                 if align
@@ -963,7 +981,7 @@ fn aggregate<'scope>(
                         .fetch_add(task.state.groups() as u64, Ordering::Relaxed);
                 }
             }
-            let Some(delay) = early_fire else { return };
+            let Some(delay) = timer else { return };
             match frontier.frontier().first() {
                 None => held = None,
                 Some(t) => {
@@ -976,10 +994,25 @@ fn aggregate<'scope>(
             }
             if let (Some(h), Some(task)) = (held.as_ref(), task.as_mut()) {
                 if Instant::now() >= next_fire {
-                    match task.state.early_fire() {
-                        Ok(Some(out)) => output.session(h).give_container(&mut Event::data(out)),
-                        Ok(None) => {}
-                        Err(e) => metrics.fail(e),
+                    if emit.processing_time {
+                        let now = sluice_common::time::now_millis();
+                        let wm = now - PROCTIME_GRACE.as_millis() as i64;
+                        match task.state.advance_watermark(wm) {
+                            Ok(Some(out)) => {
+                                output.session(h).give_container(&mut Event::data(out))
+                            }
+                            Ok(None) => {}
+                            Err(e) => metrics.fail(e),
+                        }
+                    }
+                    if early_fire.is_some() {
+                        match task.state.early_fire() {
+                            Ok(Some(out)) => {
+                                output.session(h).give_container(&mut Event::data(out))
+                            }
+                            Ok(None) => {}
+                            Err(e) => metrics.fail(e),
+                        }
                     }
                     next_fire = Instant::now() + delay;
                 }

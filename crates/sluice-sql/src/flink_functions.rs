@@ -48,10 +48,7 @@ impl ScalarUDFImpl for ProcTime {
         ))
     }
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DFResult<ColumnarValue> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
+        let now = sluice_common::time::now_millis();
         Ok(ColumnarValue::Array(Arc::new(
             arrow::array::TimestampMillisecondArray::from(vec![now; args.number_rows]),
         )))

@@ -117,6 +117,9 @@ pub struct EmitPolicy {
     pub early_fire_ms: Option<u64>,
     /// Keep fired windows this long (event time, milliseconds): later rows update them.
     pub allowed_lateness_ms: i64,
+    /// Windows over a processing-time attribute (`PROCTIME()`): they close by the wall clock,
+    /// not by the watermark.
+    pub processing_time: bool,
 }
 
 impl EmitPolicy {

@@ -591,10 +591,26 @@ impl Catalog {
             let output_type = a.schema.field(a.group_expr.len() + i).data_type().clone();
             aggs.push(agg_call(e.clone().unalias(), input_schema, output_type)?);
         }
-        let emit = match window {
+        let mut emit = match window {
             AggWindow::None => EmitPolicy::default(),
             _ => self.emit_policy()?,
         };
+        match &window {
+            AggWindow::Assigned { .. } => {
+                emit.processing_time = crate::rank_plan::windows_on_proctime(&input);
+            }
+            AggWindow::Session { time, .. } => {
+                let on_proctime = time
+                    .downcast_ref::<datafusion_physical_expr::expressions::Column>()
+                    .is_some_and(|c| crate::rank_plan::is_proctime(&input, c.index()));
+                if on_proctime {
+                    return Err(Error::plan(
+                        "session windows on processing time (PROCTIME()) are not supported yet",
+                    ));
+                }
+            }
+            AggWindow::None => {}
+        }
         if matches!(window, AggWindow::Session { .. }) && emit.is_updating() {
             return Err(Error::plan(
                 "early firing and allowed lateness are not supported for session windows yet; \

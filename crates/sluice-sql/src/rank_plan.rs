@@ -339,3 +339,51 @@ pub(crate) fn plan_over(cat: &Catalog, w: &Window) -> Result<StreamNode> {
         schema: arrow_schema(&w.schema),
     })
 }
+
+/// Whether column `index` of `node` is a processing-time attribute: computed by `PROCTIME()`
+/// (in a table's DDL or a projection) and passed on unchanged.
+pub(crate) fn is_proctime(node: &StreamNode, index: usize) -> bool {
+    let proctime = |e: &PhysExpr| {
+        e.downcast_ref::<datafusion_physical_expr::ScalarFunctionExpr>()
+            .is_some_and(|f| f.name() == "proctime")
+    };
+    let column = |e: &PhysExpr| {
+        e.downcast_ref::<datafusion_physical_expr::expressions::Column>()
+            .map(|c| c.index())
+    };
+    match node {
+        StreamNode::Project { input, exprs, .. } => exprs
+            .get(index)
+            .is_some_and(|e| proctime(e) || column(e).is_some_and(|c| is_proctime(input, c))),
+        StreamNode::Filter { input, .. } => is_proctime(input, index),
+        StreamNode::WindowAssign { input, .. } | StreamNode::LookupJoin { input, .. } => {
+            index < input.schema().fields().len() && is_proctime(input, index)
+        }
+        StreamNode::Scan {
+            table, projection, ..
+        } => {
+            let at = projection
+                .as_ref()
+                .map_or(Some(index), |p| p.get(index).copied());
+            let physical = table.physical_schema.fields().len();
+            at.and_then(|i| i.checked_sub(physical))
+                .and_then(|c| table.computed.get(c))
+                .is_some_and(proctime)
+        }
+        _ => false,
+    }
+}
+
+/// Whether the window assignment below an aggregation (through projections and filters) is over
+/// a processing-time attribute.
+pub(crate) fn windows_on_proctime(node: &StreamNode) -> bool {
+    match node {
+        StreamNode::WindowAssign { input, time, .. } => time
+            .downcast_ref::<datafusion_physical_expr::expressions::Column>()
+            .is_some_and(|c| is_proctime(input, c.index())),
+        StreamNode::Project { input, .. } | StreamNode::Filter { input, .. } => {
+            windows_on_proctime(input)
+        }
+        _ => false,
+    }
+}

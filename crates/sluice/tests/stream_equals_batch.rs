@@ -484,3 +484,20 @@ fn lookup_join_against_a_file_table() {
          LEFT JOIN users u ON o.user_id = u.user_id WHERE o.province <> 'Gansu'",
     );
 }
+
+#[test]
+fn count_distinct_with_filters_per_minute() {
+    // Nexmark q15's shape: totals and distinct counts, overall and per price rank.
+    check(
+        "SELECT DATE_FORMAT(event_time, 'yyyy-MM-dd HH:mm') AS day, COUNT(*) AS total, \
+         COUNT(*) FILTER (WHERE amount < 100) AS cheap, COUNT(*) FILTER (WHERE amount >= 100 AND amount < 800) AS mid, \
+         COUNT(DISTINCT user_id) AS users, COUNT(DISTINCT user_id) FILTER (WHERE amount < 100) AS cheap_users, \
+         COUNT(DISTINCT category) FILTER (WHERE amount >= 800) AS rich_categories \
+         FROM orders GROUP BY DATE_FORMAT(event_time, 'yyyy-MM-dd HH:mm')",
+        "SELECT to_char(event_time, '%Y-%m-%d %H:%M') AS day, COUNT(*), \
+         COUNT(*) FILTER (WHERE amount < 100), COUNT(*) FILTER (WHERE amount >= 100 AND amount < 800), \
+         COUNT(DISTINCT user_id), COUNT(DISTINCT user_id) FILTER (WHERE amount < 100), \
+         COUNT(DISTINCT category) FILTER (WHERE amount >= 800) \
+         FROM orders GROUP BY to_char(event_time, '%Y-%m-%d %H:%M')",
+    );
+}
