@@ -188,6 +188,17 @@ pub fn fingerprint(plan: &JobPlan) -> String {
                     fields(schema)
                 ));
             }
+            StreamNode::TemporalJoin {
+                left,
+                right,
+                kind,
+                schema,
+                ..
+            } => {
+                node(left, out);
+                node(right, out);
+                out.push_str(&format!("temporal({kind:?};{})", fields(schema)));
+            }
             StreamNode::LookupJoin {
                 input,
                 dim,

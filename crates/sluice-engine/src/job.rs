@@ -169,6 +169,10 @@ fn collect_late_sinks(node: &StreamNode, out: &mut Vec<Arc<TableDef>>) {
         | StreamNode::Rank { input, .. }
         | StreamNode::Over { input, .. }
         | StreamNode::LookupJoin { input, .. } => collect_late_sinks(input, out),
+        StreamNode::TemporalJoin { left, right, .. } => {
+            collect_late_sinks(left, out);
+            collect_late_sinks(right, out);
+        }
         StreamNode::Union { inputs, .. } => inputs.iter().for_each(|i| collect_late_sinks(i, out)),
         StreamNode::Join { left, right, .. } => {
             collect_late_sinks(left, out);
@@ -190,6 +194,7 @@ fn collect_scans(node: &StreamNode, out: &mut Vec<Arc<TableDef>>) {
         | StreamNode::Over { input, .. } => collect_scans(input, out),
         StreamNode::Union { inputs, .. } => inputs.iter().for_each(|i| collect_scans(i, out)),
         StreamNode::Join { left, right, .. }
+        | StreamNode::TemporalJoin { left, right, .. }
         | StreamNode::LookupJoin {
             input: left,
             dim: right,
@@ -627,6 +632,30 @@ fn build<'scope>(
             );
             let stream = exchange_by_key(build(scope, input, ctx), partition.clone());
             crate::keyed::keyed(stream, state, ctx)
+        }
+        StreamNode::TemporalJoin {
+            left,
+            right,
+            kind,
+            left_keys,
+            right_keys,
+            left_time,
+            right_time,
+            filter,
+            schema,
+        } => {
+            let state = crate::temporal::TemporalState::try_new(
+                *kind,
+                left_keys.clone(),
+                right_keys.clone(),
+                [*left_time, *right_time],
+                filter.clone(),
+                [left.schema(), right.schema()],
+                schema.clone(),
+            );
+            let l = exchange_by_key(build(scope, left, ctx), left_keys.clone());
+            let r = exchange_by_key(build(scope, right, ctx), right_keys.clone());
+            crate::join_operator::join(l, r, state, 0, ctx)
         }
         StreamNode::LookupJoin {
             input,

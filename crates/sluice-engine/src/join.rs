@@ -615,7 +615,7 @@ impl JoinState {
     }
 
     /// Adds the rows of a snapshot whose key group `owns` accepts.
-    pub fn restore(&mut self, batch: &RecordBatch, owns: impl Fn(u16) -> bool) -> Result<()> {
+    pub fn restore(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()> {
         if batch.schema().fields() != snapshot_schema().fields() {
             return Err(Error::Runtime(
                 "checkpoint: a join snapshot has an unexpected layout".into(),

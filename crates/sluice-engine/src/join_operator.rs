@@ -6,8 +6,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use arrow::record_batch::RecordBatch;
 use sluice_common::time::{MAX_WATERMARK, MIN_WATERMARK};
-use sluice_common::Result;
+use sluice_common::{ChangeBatch, Result};
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::{Operator, OutputBuilderSession};
 use timely::dataflow::operators::CapabilityTrait;
@@ -19,8 +20,42 @@ use crate::join::JoinState;
 use crate::metrics::JobMetrics;
 use crate::watermark::WatermarkTracker;
 
-struct JoinTask {
-    state: JoinState,
+/// The state of an operator with two keyed inputs (a join).
+pub(crate) trait TwoInputState: 'static {
+    /// Applies a batch of input `side`: the changes, and how many rows were skipped.
+    fn apply(&mut self, side: usize, batch: &ChangeBatch) -> Result<(Option<ChangeBatch>, u64)>;
+    /// Input `side`'s watermark advanced.
+    fn advance_watermark(&mut self, side: usize, watermark: i64) -> Result<Option<ChangeBatch>>;
+    fn snapshot(&self) -> Result<RecordBatch>;
+    fn restore(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()>;
+    fn rows_held(&self) -> u64;
+    fn size_bytes(&self) -> usize;
+}
+
+impl TwoInputState for JoinState {
+    fn apply(&mut self, side: usize, batch: &ChangeBatch) -> Result<(Option<ChangeBatch>, u64)> {
+        let out = JoinState::apply(self, side, batch)?;
+        Ok((out.changes, out.unmatched_retractions))
+    }
+    fn advance_watermark(&mut self, side: usize, watermark: i64) -> Result<Option<ChangeBatch>> {
+        JoinState::advance_watermark(self, side, watermark)
+    }
+    fn snapshot(&self) -> Result<RecordBatch> {
+        JoinState::snapshot(self)
+    }
+    fn restore(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()> {
+        JoinState::restore(self, batch, owns)
+    }
+    fn rows_held(&self) -> u64 {
+        JoinState::rows_held(self)
+    }
+    fn size_bytes(&self) -> usize {
+        JoinState::size_bytes(self)
+    }
+}
+
+struct JoinTask<S> {
+    state: S,
     /// Each input's watermark, and both together.
     inputs: [WatermarkTracker; 2],
     both: WatermarkTracker,
@@ -30,7 +65,7 @@ struct JoinTask {
     peers: usize,
 }
 
-impl JoinTask {
+impl<S: TwoInputState> JoinTask<S> {
     fn handle<C: CapabilityTrait<Epoch>>(
         &mut self,
         side: usize,
@@ -40,13 +75,13 @@ impl JoinTask {
     ) {
         match data {
             Event::Data(d) => match self.state.apply(side, &d.batch) {
-                Ok(out) => {
-                    if out.unmatched_retractions > 0 {
+                Ok((changes, skipped)) => {
+                    if skipped > 0 {
                         self.metrics
                             .records_skipped
-                            .fetch_add(out.unmatched_retractions, Ordering::Relaxed);
+                            .fetch_add(skipped, Ordering::Relaxed);
                     }
-                    if let Some(changes) = out.changes {
+                    if let Some(changes) = changes {
                         output
                             .session(cap)
                             .give_container(&mut Event::data(changes));
@@ -93,8 +128,8 @@ impl JoinTask {
 }
 
 /// Restores join state from every worker's snapshot, keeping this worker's key groups.
-fn restore(
-    state: &mut JoinState,
+fn restore<S: TwoInputState>(
+    state: &mut S,
     ctx: &CheckpointContext,
     id: &str,
     index: usize,
@@ -104,7 +139,7 @@ fn restore(
     for file in ctx.restored(Contribution::State, id)? {
         let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(file), None)?;
         for batch in reader {
-            state.restore(&batch?, |kg| worker_for_hash(kg as u64, peers) == index)?;
+            state.restore(&batch?, &|kg| worker_for_hash(kg as u64, peers) == index)?;
         }
     }
     eprintln!(
@@ -116,10 +151,10 @@ fn restore(
 }
 
 /// Joins two streams already partitioned by their join keys.
-pub(crate) fn join<'scope>(
+pub(crate) fn join<'scope, S: TwoInputState>(
     left: EventStream<'scope>,
     right: EventStream<'scope>,
-    state: Result<JoinState>,
+    state: Result<S>,
     output_delay: i64,
     ctx: &BuildContext,
 ) -> EventStream<'scope> {

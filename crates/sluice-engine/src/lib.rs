@@ -26,6 +26,7 @@ pub mod over;
 pub mod rank;
 pub mod source;
 pub mod stateless;
+pub mod temporal;
 pub mod watermark;
 
 pub use job::{run, validate, JobOptions, JobSummary, SelectOutput};

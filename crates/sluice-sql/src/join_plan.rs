@@ -119,6 +119,9 @@ pub(crate) fn has_regular_join(node: &StreamNode) -> bool {
         | StreamNode::Rank { input, .. }
         | StreamNode::Over { input, .. }
         | StreamNode::LookupJoin { input, .. } => has_regular_join(input),
+        StreamNode::TemporalJoin { left, right, .. } => {
+            has_regular_join(left) || has_regular_join(right)
+        }
         StreamNode::Union { inputs, .. } => inputs.iter().any(has_regular_join),
         StreamNode::Scan { .. } | StreamNode::Values { .. } | StreamNode::Aggregate { .. } => false,
     }
@@ -445,12 +448,8 @@ fn lookup_join(
             _ => false,
         }
     }
-    if as_of_name.is_some_and(|n| watermarked(&left, &n)) {
-        return Err(Error::plan(format!(
-            "FOR SYSTEM_TIME AS OF {as_of}: joining the version of a table valid at an event time \
-             (an event-time temporal join) is not supported yet; use a processing-time attribute \
-             (a column computed as PROCTIME()) for a lookup join"
-        )));
+    if let Some(name) = as_of_name.filter(|n| watermarked(&left, n)) {
+        return temporal_join(j, kind, left, right, left_keys, right_keys, filter, &name);
     }
     let reload_ms = match table.options.get("lookup.join.cache.ttl") {
         None => None,
@@ -473,6 +472,82 @@ fn lookup_join(
         right_keys,
         filter,
         reload_ms,
+        schema: arrow_schema(&j.schema),
+    })
+}
+
+/// `JOIN versioned FOR SYSTEM_TIME AS OF o.rowtime`: an event-time temporal join.
+#[allow(clippy::too_many_arguments)]
+fn temporal_join(
+    j: &Join,
+    kind: JoinKind,
+    left: StreamNode,
+    right: StreamNode,
+    left_keys: Vec<PhysExpr>,
+    right_keys: Vec<PhysExpr>,
+    filter: Option<PhysExpr>,
+    as_of: &str,
+) -> Result<StreamNode> {
+    let StreamNode::Scan { table, schema, .. } = &right else {
+        return Err(Error::plan("FOR SYSTEM_TIME AS OF needs a table"));
+    };
+    let Some((time, _)) = table
+        .watermark
+        .as_ref()
+        .filter(|_| !table.primary_key.is_empty())
+    else {
+        return Err(Error::plan(format!(
+            "FOR SYSTEM_TIME AS OF {as_of}: an event-time temporal join needs a versioned table, one \
+             with a PRIMARY KEY and a WATERMARK, but '{}' has {}",
+            table.name,
+            if table.primary_key.is_empty() { "no PRIMARY KEY" } else { "no WATERMARK" }
+        )));
+    };
+    let time_name = table.schema.field(*time).name();
+    let right_time = schema.index_of(time_name).map_err(|_| {
+        Error::plan(format!(
+            "internal: the versioned table's time column {time_name} is not read"
+        ))
+    })?;
+    let ls = j.left.schema();
+    let left_time = ls
+        .fields()
+        .iter()
+        .position(|f| f.name() == as_of)
+        .ok_or_else(|| Error::plan(format!("internal: the AS OF column {as_of} is not read")))?;
+    // The join must pair the whole primary key, so that a key has one version at a time.
+    let rs = j.right.schema();
+    let keyed: Vec<String> =
+        j.on.iter()
+            .filter_map(|(_, r)| match strip(r) {
+                Expr::Column(c) => rs
+                    .index_of_column(c)
+                    .ok()
+                    .map(|i| rs.field(i).name().clone()),
+                _ => None,
+            })
+            .collect();
+    if let Some(missing) = table.primary_key.iter().find(|k| !keyed.contains(k)) {
+        return Err(Error::plan(format!(
+            "an event-time temporal join must join on the versioned table's whole PRIMARY KEY ({}); \
+             '{missing}' is not in the ON condition",
+            table.primary_key.join(", ")
+        )));
+    }
+    if !left.is_append_only() {
+        return Err(Error::plan(
+            "an event-time temporal join needs an append-only input on the left",
+        ));
+    }
+    Ok(StreamNode::TemporalJoin {
+        left: Box::new(left),
+        right: Box::new(right),
+        kind,
+        left_keys,
+        right_keys,
+        left_time,
+        right_time,
+        filter,
         schema: arrow_schema(&j.schema),
     })
 }

@@ -290,6 +290,22 @@ pub enum StreamNode {
         reload_ms: Option<i64>,
         schema: SchemaRef,
     },
+    /// An event-time temporal join (`JOIN versioned FOR SYSTEM_TIME AS OF o.rowtime`): each left
+    /// row joins the version of the right row with its key that was valid at the left row's
+    /// time (the newest one not newer), emitted once both watermarks pass that time. INNER or
+    /// LEFT; append-only.
+    TemporalJoin {
+        left: Box<StreamNode>,
+        right: Box<StreamNode>,
+        kind: JoinKind,
+        left_keys: Vec<PhysExpr>,
+        right_keys: Vec<PhysExpr>,
+        /// The event-time columns of each input.
+        left_time: usize,
+        right_time: usize,
+        filter: Option<PhysExpr>,
+        schema: SchemaRef,
+    },
     /// OVER aggregates ordered by event time: each row, once the watermark passes it, with the
     /// aggregates over its frame appended. Append-only.
     Over {
@@ -325,7 +341,8 @@ impl StreamNode {
             | StreamNode::Join { schema, .. }
             | StreamNode::Rank { schema, .. }
             | StreamNode::Over { schema, .. }
-            | StreamNode::LookupJoin { schema, .. } => schema.clone(),
+            | StreamNode::LookupJoin { schema, .. }
+            | StreamNode::TemporalJoin { schema, .. } => schema.clone(),
             StreamNode::Filter { input, .. } => input.schema(),
             StreamNode::Values { rows } => rows.schema(),
         }
@@ -357,6 +374,7 @@ impl StreamNode {
             StreamNode::Rank { mode, .. } => *mode != RankMode::Updating,
             StreamNode::Over { .. } => true,
             StreamNode::LookupJoin { input, .. } => input.is_append_only(),
+            StreamNode::TemporalJoin { .. } => true,
         }
     }
 
@@ -373,6 +391,7 @@ impl StreamNode {
             | StreamNode::Over { input, .. } => input.scanned_tables(out),
             StreamNode::Union { inputs, .. } => inputs.iter().for_each(|i| i.scanned_tables(out)),
             StreamNode::Join { left, right, .. }
+            | StreamNode::TemporalJoin { left, right, .. }
             | StreamNode::LookupJoin {
                 input: left,
                 dim: right,

@@ -133,7 +133,7 @@ impl Catalog {
                     )));
                 }
                 crate::rewrite::rewrite(&mut query);
-                if !crate::rewrite::take_lookups(&mut query).is_empty() {
+                if !crate::rewrite::take_lookups(&mut query, &|_| None).is_empty() {
                     return Err(Error::plan(
                         "FOR SYSTEM_TIME AS OF is not supported inside a view yet; write the lookup join in the query",
                     ));
@@ -149,7 +149,8 @@ impl Catalog {
                     ))
                 })?;
                 crate::rewrite::rewrite(&mut query);
-                *self.lookups.borrow_mut() = crate::rewrite::take_lookups(&mut query);
+                *self.lookups.borrow_mut() =
+                    crate::rewrite::take_lookups(&mut query, &|t| self.versioned_time(t));
                 let plan = self.logical_plan(query)?;
                 let plan = self.cast_to_sink(plan, &def)?;
                 let plan = self.optimize(plan)?;
@@ -163,7 +164,8 @@ impl Catalog {
             }
             Statement::Select(mut query) => {
                 crate::rewrite::rewrite(&mut query);
-                *self.lookups.borrow_mut() = crate::rewrite::take_lookups(&mut query);
+                *self.lookups.borrow_mut() =
+                    crate::rewrite::take_lookups(&mut query, &|t| self.versioned_time(t));
                 let plan = self.logical_plan(query)?;
                 let plan = self.optimize(plan)?;
                 let node = self.to_stream(&plan)?;
@@ -178,6 +180,13 @@ impl Catalog {
             }
         }
         Ok(())
+    }
+
+    /// A versioned table (PRIMARY KEY and WATERMARK): the name of its event-time column.
+    fn versioned_time(&self, table: &str) -> Option<String> {
+        let t = self.tables.get(table)?;
+        let (time, _) = t.watermark.as_ref()?;
+        (!t.primary_key.is_empty()).then(|| t.schema.field(*time).name().clone())
     }
 
     fn table_names(&self) -> String {
@@ -854,6 +863,7 @@ fn carry_source_row(node: StreamNode) -> std::result::Result<StreamNode, &'stati
         StreamNode::Rank { .. } => return Err("a Top-N"),
         StreamNode::Over { .. } => return Err("an OVER aggregate"),
         StreamNode::LookupJoin { .. } => return Err("a lookup join"),
+        StreamNode::TemporalJoin { .. } => return Err("a temporal join"),
     })
 }
 
@@ -975,7 +985,7 @@ fn check_session_tvfs(node: &StreamNode, merged: bool) -> Result<()> {
         StreamNode::Union { inputs, .. } => {
             inputs.iter().try_for_each(|i| check_session_tvfs(i, false))
         }
-        StreamNode::Join { left, right, .. } => {
+        StreamNode::Join { left, right, .. } | StreamNode::TemporalJoin { left, right, .. } => {
             check_session_tvfs(left, false)?;
             check_session_tvfs(right, false)
         }

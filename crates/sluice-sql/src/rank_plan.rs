@@ -89,7 +89,8 @@ pub(crate) fn rowtime_column(node: &StreamNode) -> Option<usize> {
         StreamNode::Project { input, exprs, .. } => find(exprs, rowtime_column(input)?),
         StreamNode::Filter { input, .. }
         | StreamNode::WindowAssign { input, .. }
-        | StreamNode::LookupJoin { input, .. } => rowtime_column(input),
+        | StreamNode::LookupJoin { input, .. }
+        | StreamNode::TemporalJoin { left: input, .. } => rowtime_column(input),
         _ => None,
     }
 }

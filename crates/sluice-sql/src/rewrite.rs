@@ -232,34 +232,84 @@ pub fn java_to_chrono(pattern: &str) -> String {
 
 /// `JOIN t FOR SYSTEM_TIME AS OF x [AS alias]`: removes the version clause (DataFusion has none)
 /// and returns each such table's alias (or name) with its `AS OF` expression, for the planner to
-/// make those joins lookup joins.
-pub fn take_lookups<V: ast::VisitMut>(node: &mut V) -> Vec<(String, Expr)> {
-    struct Lookups(Vec<(String, Expr)>);
-    impl ast::VisitorMut for Lookups {
-        type Break = ();
-        fn pre_visit_table_factor(&mut self, tf: &mut ast::TableFactor) -> ControlFlow<()> {
-            if let ast::TableFactor::Table {
+/// make those joins lookup or temporal joins. For a versioned table (`versioned` gives its
+/// event-time column), the join condition gains `alias.time <= x`: a version must not be newer
+/// than the row that looks it up, and the row's time column stays in the plan.
+pub fn take_lookups<V: ast::VisitMut>(
+    node: &mut V,
+    versioned: &dyn Fn(&str) -> Option<String>,
+) -> Vec<(String, Expr)> {
+    struct Lookups<'a> {
+        found: Vec<(String, Expr)>,
+        versioned: &'a dyn Fn(&str) -> Option<String>,
+    }
+    impl Lookups<'_> {
+        fn table(&mut self, tf: &mut ast::TableFactor) -> Option<Expr> {
+            let ast::TableFactor::Table {
                 name,
                 alias,
                 version,
                 ..
             } = tf
-            {
-                if let Some(ast::TableVersion::ForSystemTimeAsOf(e)) = version {
-                    let n = alias
-                        .as_ref()
-                        .map(|a| a.name.value.clone())
-                        .unwrap_or_else(|| name.to_string());
-                    self.0.push((n, e.clone()));
-                    *version = None;
+            else {
+                return None;
+            };
+            let Some(ast::TableVersion::ForSystemTimeAsOf(e)) = version.take() else {
+                return None;
+            };
+            let table = name.to_string();
+            let n = alias
+                .as_ref()
+                .map(|a| a.name.value.clone())
+                .unwrap_or_else(|| table.clone());
+            self.found.push((n.clone(), e.clone()));
+            let time = (self.versioned)(&table)?;
+            Some(Expr::BinaryOp {
+                left: Box::new(Expr::CompoundIdentifier(vec![
+                    Ident::new(n),
+                    Ident::new(time),
+                ])),
+                op: ast::BinaryOperator::LtEq,
+                right: Box::new(e),
+            })
+        }
+    }
+    impl ast::VisitorMut for Lookups<'_> {
+        type Break = ();
+        fn pre_visit_query(&mut self, q: &mut ast::Query) -> ControlFlow<()> {
+            let ast::SetExpr::Select(select) = q.body.as_mut() else {
+                return ControlFlow::Continue(());
+            };
+            for twj in &mut select.from {
+                self.table(&mut twj.relation);
+                for join in &mut twj.joins {
+                    let Some(extra) = self.table(&mut join.relation) else {
+                        continue;
+                    };
+                    use ast::JoinOperator as J;
+                    if let J::Join(ast::JoinConstraint::On(on))
+                    | J::Inner(ast::JoinConstraint::On(on))
+                    | J::Left(ast::JoinConstraint::On(on))
+                    | J::LeftOuter(ast::JoinConstraint::On(on)) = &mut join.join_operator
+                    {
+                        let old = std::mem::replace(on, Expr::Value(Value::Boolean(true).into()));
+                        *on = Expr::BinaryOp {
+                            left: Box::new(old),
+                            op: ast::BinaryOperator::And,
+                            right: Box::new(extra),
+                        };
+                    }
                 }
             }
             ControlFlow::Continue(())
         }
     }
-    let mut v = Lookups(vec![]);
+    let mut v = Lookups {
+        found: vec![],
+        versioned,
+    };
     let _ = node.visit(&mut v);
-    v.0
+    v.found
 }
 
 #[cfg(test)]

@@ -160,9 +160,14 @@ fn ddl(path: &std::path::Path) -> String {
          event_time TIMESTAMP(3), WATERMARK FOR event_time AS event_time - INTERVAL '5' SECOND) \
          WITH ('connector' = 'filesystem', 'path' = '{}', 'format' = 'json'); \
          CREATE TABLE users (user_id BIGINT, name STRING, credit DOUBLE) \
+         WITH ('connector' = 'filesystem', 'path' = '{}', 'format' = 'json'); \
+         CREATE TABLE order_versions (order_id BIGINT, user_id BIGINT, category STRING, province STRING, \
+         amount DOUBLE, event_time TIMESTAMP(3), PRIMARY KEY (user_id) NOT ENFORCED, \
+         WATERMARK FOR event_time AS event_time - INTERVAL '5' SECOND) \
          WITH ('connector' = 'filesystem', 'path' = '{}', 'format' = 'json');",
         path.join("orders").display(),
-        path.join("users").display()
+        path.join("users").display(),
+        path.join("orders").display()
     )
 }
 
@@ -499,5 +504,18 @@ fn count_distinct_with_filters_per_minute() {
          COUNT(DISTINCT user_id), COUNT(DISTINCT user_id) FILTER (WHERE amount < 100), \
          COUNT(DISTINCT category) FILTER (WHERE amount >= 800) \
          FROM orders GROUP BY to_char(event_time, '%Y-%m-%d %H:%M')",
+    );
+}
+
+#[test]
+fn event_time_temporal_join() {
+    // Each order with its user's latest order at that time (itself included): the orders as a
+    // versioned table keyed by user.
+    check(
+        "SELECT o.order_id, v.order_id AS latest, v.amount FROM orders o \
+         JOIN order_versions FOR SYSTEM_TIME AS OF o.event_time AS v ON o.user_id = v.user_id",
+        "SELECT order_id, latest, amount FROM (SELECT o.order_id, v.order_id AS latest, v.amount, \
+           ROW_NUMBER() OVER (PARTITION BY o.order_id ORDER BY v.event_time DESC) AS rn \
+           FROM orders o JOIN orders v ON o.user_id = v.user_id AND v.event_time <= o.event_time) WHERE rn = 1",
     );
 }

@@ -1,0 +1,426 @@
+//! The event-time temporal join, one worker's state: the right input is a versioned table (each
+//! row a new version of its key, valid from its time on); each left row joins the version of its
+//! key valid at the left row's time. Left rows wait until both watermarks pass their time, so
+//! that every version up to then is known; then they are emitted (append-only). Versions that no
+//! waiting or future row can see (older than the newest one at or below the watermark) are
+//! dropped, so state holds about one version per key.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, BinaryArray, Int64Array, UInt16Array, UInt32Array};
+use arrow::compute::{cast, concat_batches, take};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType};
+use arrow::record_batch::RecordBatch;
+use arrow::row::{RowConverter, SortField};
+use datafusion_common::hash_utils::create_hashes;
+use sluice_common::{ChangeBatch, Error, Op, Result};
+use sluice_sql::{JoinKind, PhysExpr};
+
+use crate::dataflow::{key_hash_state, KEY_GROUPS};
+use crate::stateless::evaluate;
+
+type Bytes = Box<[u8]>;
+
+struct Versions {
+    key_group: u16,
+    /// Version time -> row.
+    rows: BTreeMap<i64, Bytes>,
+}
+
+pub struct TemporalState {
+    kind: JoinKind,
+    keys: [Vec<PhysExpr>; 2],
+    time: [usize; 2],
+    filter: Option<PhysExpr>,
+    schema: SchemaRef,
+    inputs: [SchemaRef; 2],
+    combined: SchemaRef,
+    key_rows: RowConverter,
+    right_rows: RowConverter,
+    versions: HashMap<Bytes, Versions>,
+    /// Left rows waiting for the watermark.
+    pending: Vec<RecordBatch>,
+    watermarks: [i64; 2],
+    /// Versions dropped up to this watermark.
+    cleaned: i64,
+}
+
+fn millis(batch: &RecordBatch, column: usize) -> Result<Vec<Option<i64>>> {
+    let t = cast(
+        batch.column(column),
+        &DataType::Timestamp(TimeUnit::Millisecond, None),
+    )?;
+    Ok(t.as_primitive::<TimestampMillisecondType>()
+        .iter()
+        .collect())
+}
+
+impl TemporalState {
+    #[allow(clippy::too_many_arguments)]
+    pub fn try_new(
+        kind: JoinKind,
+        left_keys: Vec<PhysExpr>,
+        right_keys: Vec<PhysExpr>,
+        time: [usize; 2],
+        filter: Option<PhysExpr>,
+        inputs: [SchemaRef; 2],
+        schema: SchemaRef,
+    ) -> Result<TemporalState> {
+        let key_types = left_keys
+            .iter()
+            .map(|k| {
+                k.data_type(&inputs[0])
+                    .map(SortField::new)
+                    .map_err(|e| Error::plan(e.strip_backtrace()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let right_rows = RowConverter::new(
+            inputs[1]
+                .fields()
+                .iter()
+                .map(|f| SortField::new(f.data_type().clone()))
+                .collect(),
+        )?;
+        let combined = Schema::new(
+            inputs[0]
+                .fields()
+                .iter()
+                .chain(inputs[1].fields().iter())
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        Ok(TemporalState {
+            kind,
+            keys: [left_keys, right_keys],
+            time,
+            filter,
+            schema,
+            inputs,
+            combined: Arc::new(combined),
+            key_rows: RowConverter::new(key_types)?,
+            right_rows,
+            versions: HashMap::new(),
+            pending: vec![],
+            watermarks: [i64::MIN; 2],
+            cleaned: i64::MIN,
+        })
+    }
+
+    fn watermark(&self) -> i64 {
+        self.watermarks[0].min(self.watermarks[1])
+    }
+
+    /// Key bytes, key groups and null flags of a batch of input `side`.
+    fn keys(&self, side: usize, batch: &RecordBatch) -> Result<(Vec<Bytes>, Vec<u16>, Vec<bool>)> {
+        let changes = ChangeBatch::inserts(batch.clone());
+        let arrays: Vec<ArrayRef> = self.keys[side]
+            .iter()
+            .map(|k| evaluate(k, &changes))
+            .collect::<Result<_>>()?;
+        let n = batch.num_rows();
+        let mut hashes = vec![0u64; n];
+        create_hashes(&arrays, &key_hash_state(), &mut hashes)
+            .map_err(|e| Error::Runtime(e.strip_backtrace()))?;
+        let rows = self.key_rows.convert_columns(&arrays)?;
+        let nulls = (0..n)
+            .map(|i| arrays.iter().any(|a| a.is_null(i)))
+            .collect();
+        Ok((
+            (0..n).map(|i| rows.row(i).data().into()).collect(),
+            hashes.iter().map(|h| (h % KEY_GROUPS) as u16).collect(),
+            nulls,
+        ))
+    }
+
+    /// Rows (versions) held.
+    pub fn rows_held(&self) -> u64 {
+        self.versions
+            .values()
+            .map(|v| v.rows.len() as u64)
+            .sum::<u64>()
+            + self
+                .pending
+                .iter()
+                .map(|b| b.num_rows() as u64)
+                .sum::<u64>()
+    }
+
+    fn add_versions(&mut self, batch: &RecordBatch) -> Result<()> {
+        let (keys, groups, nulls) = self.keys(1, batch)?;
+        let times = millis(batch, self.time[1])?;
+        let rows = self.right_rows.convert_columns(batch.columns())?;
+        for i in 0..batch.num_rows() {
+            let Some(t) = times[i].filter(|_| !nulls[i]) else {
+                continue;
+            };
+            let v = self
+                .versions
+                .entry(keys[i].clone())
+                .or_insert_with(|| Versions {
+                    key_group: groups[i],
+                    rows: BTreeMap::new(),
+                });
+            v.rows.insert(t, rows.row(i).data().into());
+        }
+        Ok(())
+    }
+
+    /// Joins left rows with the versions valid at their times.
+    fn probe(&self, batch: &RecordBatch) -> Result<Option<ChangeBatch>> {
+        let n = batch.num_rows();
+        if n == 0 {
+            return Ok(None);
+        }
+        let (keys, _, nulls) = self.keys(0, batch)?;
+        let times = millis(batch, self.time[0])?;
+        let parser = self.right_rows.parser();
+        let mut found: Vec<Option<usize>> = vec![None; n];
+        let mut rows = vec![];
+        for i in 0..n {
+            if nulls[i] {
+                continue;
+            }
+            let (Some(t), Some(v)) = (times[i], self.versions.get(&keys[i])) else {
+                continue;
+            };
+            if let Some((_, row)) = v.rows.range(..=t).next_back() {
+                found[i] = Some(rows.len());
+                rows.push(parser.parse(row));
+            }
+        }
+        let right = self.right_rows.convert_rows(rows)?;
+        let right_idx = UInt32Array::from(
+            found
+                .iter()
+                .map(|f| f.map(|x| x as u32))
+                .collect::<Vec<_>>(),
+        );
+        let right_cols = right
+            .iter()
+            .map(|c| take(c, &right_idx, None))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let mut cols = batch.columns().to_vec();
+        cols.extend(right_cols);
+        let mut matched: Vec<bool> = found.iter().map(|f| f.is_some()).collect();
+        if let Some(filter) = &self.filter {
+            let pairs = RecordBatch::try_new(self.combined.clone(), cols.clone());
+            // Padded rows may break non-null fields of the combined schema: evaluate on a
+            // nullable copy.
+            let pairs = match pairs {
+                Ok(p) => p,
+                Err(_) => RecordBatch::try_new(nullable(&self.combined), cols.clone())?,
+            };
+            let ok = evaluate(filter, &ChangeBatch::inserts(pairs))?;
+            let ok = ok.as_boolean();
+            for (i, m) in matched.iter_mut().enumerate() {
+                *m = *m && ok.is_valid(i) && ok.value(i);
+            }
+        }
+        let keep_unmatched = self.kind == JoinKind::Left;
+        let out: Vec<u32> = (0..n as u32)
+            .filter(|i| matched[*i as usize] || keep_unmatched)
+            .collect();
+        if out.is_empty() {
+            return Ok(None);
+        }
+        let left_idx = UInt32Array::from(out.clone());
+        let right_idx: UInt32Array = out
+            .iter()
+            .map(|i| {
+                let i = *i as usize;
+                if matched[i] {
+                    found[i].map(|x| x as u32)
+                } else {
+                    None
+                }
+            })
+            .collect();
+        let mut columns = vec![];
+        for c in batch.columns() {
+            columns.push(take(c, &left_idx, None)?);
+        }
+        for c in right.iter() {
+            columns.push(take(c, &right_idx, None)?);
+        }
+        let n = columns.first().map_or(0, |c| c.len());
+        let data = RecordBatch::try_new(self.schema.clone(), columns)?;
+        Ok(Some(ChangeBatch::with_ops(data, vec![Op::Insert; n])))
+    }
+
+    /// Emits the waiting left rows the watermark has passed, and drops versions nobody can see.
+    fn release(&mut self) -> Result<Option<ChangeBatch>> {
+        let wm = self.watermark();
+        let mut out = None;
+        if !self.pending.is_empty() {
+            let all = concat_batches(&self.inputs[0], &self.pending)?;
+            self.pending.clear();
+            let times = millis(&all, self.time[0])?;
+            let (ready, wait): (Vec<u32>, Vec<u32>) =
+                (0..all.num_rows() as u32).partition(|i| times[*i as usize].is_none_or(|t| t < wm));
+            if !wait.is_empty() {
+                self.pending.push(arrow::compute::take_record_batch(
+                    &all,
+                    &UInt32Array::from(wait),
+                )?);
+            }
+            if !ready.is_empty() {
+                let ready = arrow::compute::take_record_batch(&all, &UInt32Array::from(ready))?;
+                out = self.probe(&ready)?;
+            }
+        }
+        // Rows still to come have times >= the left watermark: versions older than the newest
+        // one at or below it are never seen again.
+        let horizon = self
+            .pending
+            .iter()
+            .filter_map(|b| millis(b, self.time[0]).ok())
+            .flatten()
+            .flatten()
+            .min()
+            .map_or(self.watermarks[0], |p| p.min(self.watermarks[0]));
+        if horizon > self.cleaned {
+            self.cleaned = horizon;
+            for v in self.versions.values_mut() {
+                if let Some((&keep, _)) = v.rows.range(..=horizon).next_back() {
+                    v.rows = v.rows.split_off(&keep);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn nullable(schema: &SchemaRef) -> SchemaRef {
+    Arc::new(Schema::new(
+        schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone().with_nullable(true))
+            .collect::<Vec<_>>(),
+    ))
+}
+
+fn snapshot_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("key_group", DataType::UInt16, false),
+        Field::new("key", DataType::Binary, true),
+        Field::new("time", DataType::Int64, true),
+        Field::new("row", DataType::Binary, false),
+    ]))
+}
+
+impl crate::join_operator::TwoInputState for TemporalState {
+    fn apply(&mut self, side: usize, batch: &ChangeBatch) -> Result<(Option<ChangeBatch>, u64)> {
+        if !batch.is_append_only() {
+            return Err(Error::Runtime(
+                "an event-time temporal join received a retraction; both inputs must be append-only"
+                    .into(),
+            ));
+        }
+        if side == 1 {
+            self.add_versions(&batch.data)?;
+            return Ok((None, 0));
+        }
+        self.pending.push(batch.data.clone());
+        Ok((None, 0))
+    }
+
+    fn advance_watermark(&mut self, side: usize, watermark: i64) -> Result<Option<ChangeBatch>> {
+        if watermark <= self.watermarks[side] {
+            return Ok(None);
+        }
+        self.watermarks[side] = watermark;
+        self.release()
+    }
+
+    fn snapshot(&self) -> Result<RecordBatch> {
+        let mut group = vec![];
+        let mut key: Vec<Option<&[u8]>> = vec![];
+        let mut time = vec![];
+        let mut row: Vec<Vec<u8>> = vec![];
+        for (k, v) in &self.versions {
+            for (t, r) in &v.rows {
+                group.push(v.key_group);
+                key.push(Some(k));
+                time.push(Some(*t));
+                row.push(r.to_vec());
+            }
+        }
+        // Waiting left rows go whole; a restoring worker keeps those of its key groups.
+        for b in &self.pending {
+            group.push(0);
+            key.push(None);
+            time.push(None);
+            row.push(crate::checkpointing::ipc_bytes(b)?);
+        }
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(UInt16Array::from(group)),
+            Arc::new(BinaryArray::from(key)),
+            Arc::new(Int64Array::from(time)),
+            Arc::new(BinaryArray::from_iter_values(row)),
+        ];
+        Ok(RecordBatch::try_new(snapshot_schema(), cols)?)
+    }
+
+    fn restore(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()> {
+        if batch.schema().fields() != snapshot_schema().fields() {
+            return Err(Error::Runtime(
+                "checkpoint: a temporal join snapshot has an unexpected layout".into(),
+            ));
+        }
+        let group = batch
+            .column(0)
+            .as_primitive::<arrow::datatypes::UInt16Type>();
+        let key = batch.column(1).as_binary::<i32>();
+        let time = batch
+            .column(2)
+            .as_primitive::<arrow::datatypes::Int64Type>();
+        let row = batch.column(3).as_binary::<i32>();
+        for i in 0..batch.num_rows() {
+            if key.is_null(i) {
+                let mut r = arrow::ipc::reader::StreamReader::try_new(
+                    std::io::Cursor::new(row.value(i)),
+                    None,
+                )?;
+                let Some(b) = r.next().transpose()? else {
+                    continue;
+                };
+                let (_, groups, _) = self.keys(0, &b)?;
+                let mine: Vec<u32> = (0..b.num_rows() as u32)
+                    .filter(|r| owns(groups[*r as usize]))
+                    .collect();
+                if !mine.is_empty() {
+                    self.pending.push(arrow::compute::take_record_batch(
+                        &b,
+                        &UInt32Array::from(mine),
+                    )?);
+                }
+                continue;
+            }
+            if !owns(group.value(i)) {
+                continue;
+            }
+            self.versions
+                .entry(key.value(i).into())
+                .or_insert_with(|| Versions {
+                    key_group: group.value(i),
+                    rows: BTreeMap::new(),
+                })
+                .rows
+                .insert(time.value(i), row.value(i).into());
+        }
+        Ok(())
+    }
+
+    fn rows_held(&self) -> u64 {
+        TemporalState::rows_held(self)
+    }
+
+    fn size_bytes(&self) -> usize {
+        self.versions
+            .iter()
+            .map(|(k, v)| k.len() + v.rows.values().map(|r| r.len() + 16).sum::<usize>())
+            .sum()
+    }
+}
