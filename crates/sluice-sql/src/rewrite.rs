@@ -3,7 +3,8 @@
 //! - `TUMBLE_START(ts, size)` becomes `get_field(TUMBLE(ts, size), 'window_start')`, so that it
 //!   matches the `GROUP BY TUMBLE(ts, size)` expression; likewise `_END` and `_ROWTIME`, for HOP
 //!   and SESSION too.
-//! - Flink-only names of DataFusion functions: `HOUR(x)`, `DATE_FORMAT(ts, 'yyyy-MM-dd')`, `IF`.
+//! - Flink-only names of DataFusion functions: `HOUR(x)`, `DATE_FORMAT(ts, 'yyyy-MM-dd')`, `IF`,
+//!   `MOD(a, b)`.
 
 use std::ops::ControlFlow;
 
@@ -113,6 +114,14 @@ fn rewrite_expr(expr: &Expr) -> Option<Expr> {
         ("HOUR", 1) => date_part("hour", args),
         ("MINUTE", 1) => date_part("minute", args),
         ("SECOND", 1) => date_part("second", args),
+        ("MOD", 2) => {
+            let mut it = args.into_iter();
+            Expr::Nested(Box::new(Expr::BinaryOp {
+                left: Box::new(it.next()?),
+                op: ast::BinaryOperator::Modulo,
+                right: Box::new(it.next()?),
+            }))
+        }
         ("IF", 3) => {
             let mut it = args.into_iter();
             let (c, a, b) = (it.next()?, it.next()?, it.next()?);
