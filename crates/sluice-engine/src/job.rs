@@ -611,7 +611,8 @@ fn build<'scope>(
             let l = exchange_by_key(build(scope, left, ctx), left_keys.clone());
             let r = exchange_by_key(build(scope, right, ctx), right_keys.clone());
             let delay = bound.map_or(0, |b| b.output_delay);
-            crate::join_operator::join(l, r, state, delay, ctx)
+            let proctime = bound.is_some_and(|b| b.processing_time);
+            crate::join_operator::join(l, r, state, delay, proctime, ctx)
         }
         StreamNode::Rank {
             input,
@@ -655,7 +656,7 @@ fn build<'scope>(
             );
             let l = exchange_by_key(build(scope, left, ctx), left_keys.clone());
             let r = exchange_by_key(build(scope, right, ctx), right_keys.clone());
-            crate::join_operator::join(l, r, state, 0, ctx)
+            crate::join_operator::join(l, r, state, 0, false, ctx)
         }
         StreamNode::LookupJoin {
             input,

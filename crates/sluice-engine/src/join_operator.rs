@@ -54,8 +54,14 @@ impl TwoInputState for JoinState {
     }
 }
 
+/// How long a processing-time interval join keeps a row past its bound, for rows on their way
+/// from where `PROCTIME()` stamped them.
+const PROCTIME_GRACE_MS: i64 = 200;
+
 struct JoinTask<S> {
     state: S,
+    /// A processing-time interval join: rows expire by the wall clock, not by watermarks.
+    processing_time: bool,
     /// Each input's watermark, and both together.
     inputs: [WatermarkTracker; 2],
     both: WatermarkTracker,
@@ -66,6 +72,30 @@ struct JoinTask<S> {
 }
 
 impl<S: TwoInputState> JoinTask<S> {
+    fn apply<C: CapabilityTrait<Epoch>>(
+        &mut self,
+        side: usize,
+        cap: &C,
+        d: &crate::dataflow::DataEvent,
+        output: &mut OutputBuilderSession<'_, Epoch, EventBuilder>,
+    ) {
+        match self.state.apply(side, &d.batch) {
+            Ok((changes, skipped)) => {
+                if skipped > 0 {
+                    self.metrics
+                        .records_skipped
+                        .fetch_add(skipped, Ordering::Relaxed);
+                }
+                if let Some(changes) = changes {
+                    output
+                        .session(cap)
+                        .give_container(&mut Event::data(changes));
+                }
+            }
+            Err(e) => self.metrics.fail(e),
+        }
+    }
+
     fn handle<C: CapabilityTrait<Epoch>>(
         &mut self,
         side: usize,
@@ -74,23 +104,24 @@ impl<S: TwoInputState> JoinTask<S> {
         output: &mut OutputBuilderSession<'_, Epoch, EventBuilder>,
     ) {
         match data {
-            Event::Data(d) => match self.state.apply(side, &d.batch) {
-                Ok((changes, skipped)) => {
-                    if skipped > 0 {
-                        self.metrics
-                            .records_skipped
-                            .fetch_add(skipped, Ordering::Relaxed);
-                    }
-                    if let Some(changes) = changes {
-                        output
-                            .session(cap)
-                            .give_container(&mut Event::data(changes));
+            Event::Data(d) if self.processing_time => {
+                let now = sluice_common::time::now_millis() - PROCTIME_GRACE_MS;
+                for s in 0..2 {
+                    match self.state.advance_watermark(s, now) {
+                        Ok(Some(out)) => output.session(cap).give_container(&mut Event::data(out)),
+                        Ok(None) => {}
+                        Err(e) => self.metrics.fail(e),
                     }
                 }
-                Err(e) => self.metrics.fail(e),
-            },
+                self.apply(side, cap, d, output);
+            }
+            Event::Data(d) => self.apply(side, cap, d, output),
             Event::Watermark { from, ts, idle, .. } => {
-                if let Some(wm) = self.inputs[side].observe(*from, *ts, *idle) {
+                let expires = |wm: i64| !self.processing_time || wm == MAX_WATERMARK;
+                if let Some(wm) = self.inputs[side]
+                    .observe(*from, *ts, *idle)
+                    .filter(|w| expires(*w))
+                {
                     match self.state.advance_watermark(side, wm) {
                         Ok(Some(out)) => output.session(cap).give_container(&mut Event::data(out)),
                         Ok(None) => {}
@@ -156,6 +187,7 @@ pub(crate) fn join<'scope, S: TwoInputState>(
     right: EventStream<'scope>,
     state: Result<S>,
     output_delay: i64,
+    processing_time: bool,
     ctx: &BuildContext,
 ) -> EventStream<'scope> {
     let (index, peers, metrics) = (ctx.index, ctx.peers, ctx.metrics.clone());
@@ -172,6 +204,7 @@ pub(crate) fn join<'scope, S: TwoInputState>(
     let mut task = match state {
         Ok(state) => Some(JoinTask {
             state,
+            processing_time,
             inputs: [WatermarkTracker::new(peers), WatermarkTracker::new(peers)],
             both: WatermarkTracker::new(2 * peers),
             output_delay,

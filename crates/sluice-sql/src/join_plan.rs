@@ -90,7 +90,12 @@ pub(crate) fn plan_join(
     let bound = if left.is_append_only() && right.is_append_only() {
         match window_bound(j, &left, &right) {
             Some(b) => Some(b),
-            None => interval_bound(j, ls, rs),
+            None => interval_bound(j, ls, rs).map(|mut b| {
+                let (l, r) = (b.expire[0].column, b.expire[1].column);
+                b.processing_time = crate::rank_plan::is_proctime(&left, l)
+                    && crate::rank_plan::is_proctime(&right, r);
+                b
+            }),
         }
     } else {
         None
@@ -204,6 +209,7 @@ fn window_bound(j: &Join, left: &StreamNode, right: &StreamNode) -> Option<JoinB
         ],
         output_delay: 0,
         window: true,
+        processing_time: false,
     })
 }
 
@@ -314,6 +320,7 @@ fn interval_bound(j: &Join, ls: &DFSchema, rs: &DFSchema) -> Option<JoinBound> {
                 ],
                 output_delay: upper.max(-lower).max(0),
                 window: false,
+                processing_time: false,
             });
         }
     }

@@ -178,6 +178,8 @@ pub struct JoinBound {
     pub output_delay: i64,
     /// A window join (else an interval join), for messages and fingerprints.
     pub window: bool,
+    /// An interval join on processing-time attributes: rows expire by the wall clock.
+    pub processing_time: bool,
 }
 
 /// One `ORDER BY` key of a ranking.

@@ -165,3 +165,21 @@ fn a_join_without_a_time_bound_is_a_regular_join() {
     assert_eq!(output as i64, ROWS);
     assert_eq!(max_held as i64, 2 * ROWS, "a regular join keeps every row");
 }
+
+#[test]
+fn an_interval_join_on_processing_time_is_planned_as_one() {
+    let plan = sluice_sql::plan_script(&format!(
+        "{DDL}\nSELECT a.k FROM (SELECT *, PROCTIME() AS pt FROM t) a JOIN (SELECT *, PROCTIME() AS pt FROM t) b \
+         ON a.k = b.k AND b.pt BETWEEN a.pt AND a.pt + INTERVAL '1' SECOND;"
+    ))
+    .unwrap();
+    let StreamNode::Join { bound, .. } = find_join(&plan.pipelines[0].query) else {
+        unreachable!()
+    };
+    let bound = bound.expect("an interval join");
+    assert!(bound.processing_time);
+    // The same join on event time is not.
+    let (bound, _, _) = run("SELECT a.k, a.ts, b.ts FROM t a JOIN t b \
+         ON a.k = b.k AND b.ts BETWEEN a.ts AND a.ts + INTERVAL '1' SECOND");
+    assert!(!bound.unwrap().processing_time);
+}
