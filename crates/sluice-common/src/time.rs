@@ -65,6 +65,14 @@ pub fn parse_duration_ms(text: &str) -> Option<i64> {
     n.checked_mul(factor)
 }
 
+/// The wall clock, in milliseconds since the Unix epoch (processing time).
+pub fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_duration_ms;
@@ -79,12 +87,4 @@ mod tests {
         assert_eq!(parse_duration_ms("5 fortnights"), None);
         assert_eq!(parse_duration_ms("s"), None);
     }
-}
-
-/// The wall clock, in milliseconds since the Unix epoch (processing time).
-pub fn now_millis() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
