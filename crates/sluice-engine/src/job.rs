@@ -711,21 +711,36 @@ fn build<'scope>(
         StreamNode::Over {
             input,
             partition,
-            time,
+            order,
             aggs,
             frame,
             schema,
         } => {
-            let state = crate::over::OverState::try_new(
-                partition.clone(),
-                *time,
-                aggs.clone(),
-                *frame,
-                input.schema(),
-                schema.clone(),
-            );
             let stream = exchange_by_key(build(scope, input, ctx), partition.clone());
-            crate::keyed::keyed(stream, state, ctx)
+            match order {
+                sluice_sql::OverOrder::EventTime(time) => {
+                    let state = crate::over::OverState::try_new(
+                        partition.clone(),
+                        *time,
+                        aggs.clone(),
+                        *frame,
+                        input.schema(),
+                        schema.clone(),
+                    );
+                    crate::keyed::keyed(stream, state, ctx)
+                }
+                sluice_sql::OverOrder::Updating(keys) => {
+                    let state = crate::over::UpdatingOverState::try_new(
+                        partition.clone(),
+                        keys.clone(),
+                        aggs.clone(),
+                        *frame,
+                        input.schema(),
+                        schema.clone(),
+                    );
+                    crate::keyed::keyed(stream, state, ctx)
+                }
+            }
         }
     }
 }

@@ -17,7 +17,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMi
 use arrow::record_batch::RecordBatch;
 use arrow::row::{RowConverter, SortField};
 use datafusion_common::hash_utils::create_hashes;
-use sluice_common::{ChangeBatch, Error, Result};
+use sluice_common::{ChangeBatch, Error, Op, Result};
 use sluice_sql::{AggCall, OverFrame, PhysExpr};
 use sluice_state::accumulator::Accumulator;
 
@@ -445,6 +445,374 @@ impl crate::keyed::KeyedState for OverState {
                     frame,
                 },
             );
+        }
+        Ok(())
+    }
+
+    fn groups(&self) -> u64 {
+        self.parts.len() as u64
+    }
+}
+
+/// OVER aggregates over an updating input (which Flink does not run): each partition keeps its
+/// rows in ORDER BY order; a change re-computes the rows from the first changed position on
+/// (frames only look back), and emits the difference: `-D` for output rows that no longer hold,
+/// `+I` for new ones.
+pub struct UpdatingOverState {
+    partition: Vec<PhysExpr>,
+    order: Vec<PhysExpr>,
+    calls: Vec<AggCall>,
+    frame: OverFrame,
+    input: SchemaRef,
+    schema: SchemaRef,
+    keys: RowConverter,
+    sorts: RowConverter,
+    rows: RowConverter,
+    outputs: RowConverter,
+    parts: HashMap<Box<[u8]>, UpdatingPart>,
+}
+
+#[derive(Default)]
+struct UpdatingPart {
+    key_group: u16,
+    /// (sort key, row) -> copies.
+    rows: std::collections::BTreeMap<(Box<[u8]>, Box<[u8]>), u32>,
+}
+
+type Entry = (Box<[u8]>, Box<[u8]>);
+
+impl UpdatingOverState {
+    pub fn try_new(
+        partition: Vec<PhysExpr>,
+        order: Vec<sluice_sql::SortKey>,
+        calls: Vec<AggCall>,
+        frame: OverFrame,
+        input: SchemaRef,
+        schema: SchemaRef,
+    ) -> Result<UpdatingOverState> {
+        let ty = |e: &PhysExpr| {
+            e.data_type(&input)
+                .map_err(|e| Error::plan(e.strip_backtrace()))
+        };
+        let keys = RowConverter::new(
+            partition
+                .iter()
+                .map(|e| Ok(SortField::new(ty(e)?)))
+                .collect::<Result<_>>()?,
+        )?;
+        let sorts = RowConverter::new(
+            order
+                .iter()
+                .map(|k| {
+                    Ok(SortField::new_with_options(
+                        ty(&k.expr)?,
+                        arrow::compute::SortOptions {
+                            descending: !k.asc,
+                            nulls_first: k.nulls_first,
+                        },
+                    ))
+                })
+                .collect::<Result<_>>()?,
+        )?;
+        let fields = |s: &Schema| -> Vec<SortField> {
+            s.fields()
+                .iter()
+                .map(|f| SortField::new(f.data_type().clone()))
+                .collect()
+        };
+        Ok(UpdatingOverState {
+            partition,
+            order: order.into_iter().map(|k| k.expr).collect(),
+            calls,
+            frame,
+            rows: RowConverter::new(fields(&input))?,
+            outputs: RowConverter::new(fields(&schema))?,
+            input,
+            schema,
+            keys,
+            sorts,
+            parts: HashMap::new(),
+        })
+    }
+
+    /// Output rows (row format) of `part` from entry `from` on.
+    fn region(&self, part: &UpdatingPart, from: &Entry) -> Result<Vec<Box<[u8]>>> {
+        fn expand<'a>(e: (&'a Entry, &'a u32)) -> std::iter::RepeatN<&'a Entry> {
+            std::iter::repeat_n(e.0, *e.1 as usize)
+        }
+        let before: Vec<&Entry> = match self.frame {
+            OverFrame::Rows(Some(n)) => {
+                let mut v: Vec<&Entry> = part
+                    .rows
+                    .range(..from.clone())
+                    .rev()
+                    .flat_map(expand)
+                    .take(n as usize)
+                    .collect();
+                v.reverse();
+                v
+            }
+            _ => part.rows.range(..from.clone()).flat_map(expand).collect(),
+        };
+        let region: Vec<&Entry> = part.rows.range(from.clone()..).flat_map(expand).collect();
+        if region.is_empty() {
+            return Ok(vec![]);
+        }
+        let seq_entries: Vec<&Entry> = before.iter().chain(region.iter()).copied().collect();
+        let parser = self.rows.parser();
+        let cols = self
+            .rows
+            .convert_rows(seq_entries.iter().map(|e| parser.parse(&e.1)))?;
+        let seq = RecordBatch::try_new(self.input.clone(), cols)?;
+        let changes = ChangeBatch::inserts(seq.clone());
+        let mut accs = vec![];
+        let mut values = vec![];
+        let mut counted = vec![];
+        for c in &self.calls {
+            let input_type = match &c.arg {
+                Some(a) => a
+                    .data_type(&self.input)
+                    .map_err(|e| Error::plan(e.strip_backtrace()))?,
+                None => DataType::Null,
+            };
+            let mut acc = Accumulator::try_new(
+                acc_kind(c.func),
+                input_type,
+                c.output_type.clone(),
+                c.distinct,
+            )?;
+            acc.resize(1);
+            accs.push(acc);
+            values.push(match &c.arg {
+                Some(a) => Some(evaluate(a, &changes)?),
+                None => None,
+            });
+            counted.push(match &c.filter {
+                Some(f) => {
+                    let m = evaluate(f, &changes)?;
+                    let m = m.as_boolean();
+                    (0..seq.num_rows())
+                        .map(|i| m.is_valid(i) && m.value(i))
+                        .collect::<Vec<_>>()
+                }
+                None => vec![true; seq.num_rows()],
+            });
+        }
+        let change = |accs: &mut [Accumulator], row: usize, sign: i64| -> Result<()> {
+            for (c, acc) in accs.iter_mut().enumerate() {
+                let s = if counted[c][row] { sign } else { 0 };
+                let v = values[c].as_ref().map(|v| v.slice(row, 1));
+                acc.update(&[0], &[s], v.as_ref())?;
+            }
+            Ok(())
+        };
+        let n = seq_entries.len();
+        let mut results: Vec<Vec<ArrayRef>> = vec![vec![]; self.calls.len()];
+        let (mut lo, mut j) = (0, 0);
+        while j < n {
+            // RANGE frames take rows with the same sort key (peers) together.
+            let mut end = j + 1;
+            if matches!(self.frame, OverFrame::Range(_)) {
+                while end < n && seq_entries[end].0 == seq_entries[j].0 {
+                    end += 1;
+                }
+            }
+            for row in j..end {
+                change(&mut accs, row, 1)?;
+                if let OverFrame::Rows(Some(f)) = self.frame {
+                    while row - lo > f as usize {
+                        change(&mut accs, lo, -1)?;
+                        lo += 1;
+                    }
+                }
+            }
+            for (c, acc) in accs.iter().enumerate() {
+                let v = acc.evaluate(&[0])?;
+                for row in j..end {
+                    if row >= before.len() {
+                        results[c].push(v.clone());
+                    }
+                }
+            }
+            j = end;
+        }
+        let keep = UInt32Array::from_iter_values(before.len() as u32..n as u32);
+        let mut cols: Vec<ArrayRef> = arrow::compute::take_record_batch(&seq, &keep)?
+            .columns()
+            .to_vec();
+        for r in results {
+            let refs: Vec<&dyn Array> = r.iter().map(|a| a.as_ref()).collect();
+            cols.push(concat(&refs)?);
+        }
+        let out = self.outputs.convert_columns(&cols)?;
+        Ok((0..out.num_rows())
+            .map(|i| out.row(i).data().into())
+            .collect())
+    }
+
+    fn apply(&mut self, batch: &ChangeBatch) -> Result<(Option<ChangeBatch>, u64)> {
+        let n = batch.num_rows();
+        if n == 0 {
+            return Ok((None, 0));
+        }
+        let key_arrays: Vec<ArrayRef> = self
+            .partition
+            .iter()
+            .map(|e| evaluate(e, batch))
+            .collect::<Result<_>>()?;
+        let mut hashes = vec![0u64; n];
+        if !key_arrays.is_empty() {
+            create_hashes(&key_arrays, &key_hash_state(), &mut hashes)
+                .map_err(|e| Error::Runtime(e.strip_backtrace()))?;
+        }
+        let key_rows = self.keys.convert_columns(&key_arrays)?;
+        let keys = crate::join::key_bytes(&key_rows, key_arrays.is_empty(), n);
+        let sort_arrays: Vec<ArrayRef> = self
+            .order
+            .iter()
+            .map(|e| evaluate(e, batch))
+            .collect::<Result<_>>()?;
+        let sorts = self.sorts.convert_columns(&sort_arrays)?;
+        let rows = self.rows.convert_columns(batch.data.columns())?;
+        // Changes per partition, in order; and the first position each one touches.
+        let mut touched: Vec<(&[u8], u16, Vec<(Entry, i64)>)> = vec![];
+        let mut slot: HashMap<&[u8], usize> = HashMap::new();
+        for i in 0..n {
+            let s = *slot.entry(keys[i]).or_insert_with(|| {
+                touched.push((keys[i], (hashes[i] % KEY_GROUPS) as u16, vec![]));
+                touched.len() - 1
+            });
+            let entry: Entry = (sorts.row(i).data().into(), rows.row(i).data().into());
+            touched[s].2.push((entry, batch.op(i).sign()));
+        }
+        let mut dropped = 0;
+        let mut deleted: Vec<Box<[u8]>> = vec![];
+        let mut inserted: Vec<Box<[u8]>> = vec![];
+        for (key, key_group, changes) in touched {
+            let from: Entry = (
+                changes
+                    .iter()
+                    .map(|(e, _)| e.0.clone())
+                    .min()
+                    .expect("a change"),
+                Box::new([]),
+            );
+            let empty = UpdatingPart::default();
+            let old = self.region(self.parts.get(key).unwrap_or(&empty), &from)?;
+            let part = self.parts.entry(key.into()).or_default();
+            part.key_group = key_group;
+            for (entry, sign) in changes {
+                if sign > 0 {
+                    *part.rows.entry(entry).or_insert(0) += 1;
+                } else {
+                    match part.rows.get_mut(&entry) {
+                        Some(c) if *c > 1 => *c -= 1,
+                        Some(_) => {
+                            part.rows.remove(&entry);
+                        }
+                        None => dropped += 1,
+                    }
+                }
+            }
+            let new = self.region(&self.parts[key], &from)?;
+            if self.parts[key].rows.is_empty() {
+                self.parts.remove(key);
+            }
+            // The difference, as multisets.
+            let mut diff: HashMap<Box<[u8]>, i64> = HashMap::new();
+            for r in old {
+                *diff.entry(r).or_default() -= 1;
+            }
+            for r in new {
+                *diff.entry(r).or_default() += 1;
+            }
+            for (r, d) in diff {
+                for _ in 0..d.unsigned_abs() {
+                    if d < 0 {
+                        deleted.push(r.clone());
+                    } else {
+                        inserted.push(r.clone());
+                    }
+                }
+            }
+        }
+        if deleted.is_empty() && inserted.is_empty() {
+            return Ok((None, dropped));
+        }
+        let mut ops = vec![Op::Delete; deleted.len()];
+        ops.extend(vec![Op::Insert; inserted.len()]);
+        let parser = self.outputs.parser();
+        let cols = self.outputs.convert_rows(
+            deleted
+                .iter()
+                .chain(inserted.iter())
+                .map(|r| parser.parse(r)),
+        )?;
+        let data = RecordBatch::try_new(self.schema.clone(), cols)?;
+        Ok((Some(ChangeBatch::with_ops(data, ops)), dropped))
+    }
+}
+
+impl crate::keyed::KeyedState for UpdatingOverState {
+    const NAME: &'static str = "Over";
+
+    fn apply(&mut self, batch: &ChangeBatch) -> Result<(Option<ChangeBatch>, u64)> {
+        UpdatingOverState::apply(self, batch)
+    }
+
+    fn advance_watermark(&mut self, _watermark: i64) -> Result<Option<ChangeBatch>> {
+        Ok(None)
+    }
+
+    fn snapshot(&self) -> Result<RecordBatch> {
+        let mut group = vec![];
+        let mut key: Vec<Option<&[u8]>> = vec![];
+        let mut accs: Vec<Option<&[u8]>> = vec![];
+        let mut rows: Vec<Option<Vec<u8>>> = vec![];
+        for (k, p) in &self.parts {
+            for ((s, r), c) in &p.rows {
+                group.push(p.key_group);
+                key.push(Some(k));
+                accs.push(Some(s));
+                let mut row = (*c as u64).to_le_bytes().to_vec();
+                row.extend_from_slice(r);
+                rows.push(Some(row));
+            }
+        }
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(UInt16Array::from(group)),
+            Arc::new(BinaryArray::from(key)),
+            Arc::new(BinaryArray::from(accs)),
+            Arc::new(BinaryArray::from_iter(rows)),
+        ];
+        Ok(RecordBatch::try_new(snapshot_schema(), cols)?)
+    }
+
+    fn restore(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()> {
+        if batch.schema().fields() != snapshot_schema().fields() {
+            return Err(Error::Runtime(
+                "checkpoint: an OVER snapshot has an unexpected layout".into(),
+            ));
+        }
+        let group = batch
+            .column(0)
+            .as_primitive::<arrow::datatypes::UInt16Type>();
+        let key = batch.column(1).as_binary::<i32>();
+        let sort = batch.column(2).as_binary::<i32>();
+        let rows = batch.column(3).as_binary::<i32>();
+        for i in 0..batch.num_rows() {
+            if !owns(group.value(i)) || key.is_null(i) {
+                continue;
+            }
+            let row = rows.value(i);
+            let count = row
+                .get(..8)
+                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as u32)
+                .ok_or_else(|| Error::Runtime("checkpoint: a truncated OVER snapshot".into()))?;
+            let part = self.parts.entry(key.value(i).into()).or_default();
+            part.key_group = group.value(i);
+            part.rows
+                .insert((sort.value(i).into(), row[8..].into()), count);
         }
         Ok(())
     }

@@ -212,6 +212,17 @@ pub enum OverFrame {
     Range(Option<i64>),
 }
 
+/// How an OVER aggregate orders its rows.
+#[derive(Debug, Clone)]
+pub enum OverOrder {
+    /// By this event-time column of an append-only input: rows are emitted once the watermark
+    /// passes them (append-only output).
+    EventTime(usize),
+    /// By these keys, over an updating input: every change re-emits the rows whose frame it
+    /// touches (updating output).
+    Updating(Vec<SortKey>),
+}
+
 /// A node of the streaming plan.
 #[derive(Debug, Clone)]
 pub enum StreamNode {
@@ -313,8 +324,7 @@ pub enum StreamNode {
     Over {
         input: Box<StreamNode>,
         partition: Vec<PhysExpr>,
-        /// The event-time column of the input.
-        time: usize,
+        order: OverOrder,
         aggs: Vec<AggCall>,
         frame: OverFrame,
         schema: SchemaRef,
@@ -374,7 +384,7 @@ impl StreamNode {
                     && (bound.is_some() || *kind == JoinKind::Inner)
             }
             StreamNode::Rank { mode, .. } => *mode != RankMode::Updating,
-            StreamNode::Over { .. } => true,
+            StreamNode::Over { order, .. } => matches!(order, OverOrder::EventTime(_)),
             StreamNode::LookupJoin { input, .. } => input.is_append_only(),
             StreamNode::TemporalJoin { .. } => true,
         }

@@ -296,16 +296,29 @@ pub(crate) fn plan_over(cat: &Catalog, w: &Window) -> Result<StreamNode> {
     let Some((partition_by, order_by, frame)) = shared else {
         return Err(Error::plan("a window without functions"));
     };
-    if !input.is_append_only() {
-        return Err(Error::plan(
-            "OVER aggregates need an append-only input; this input is an updating result",
-        ));
-    }
-    let time = match order_by.as_slice() {
-        [s] if s.asc => column_index(&s.expr, input_schema)
-            .filter(|c| rowtime_column(&input) == Some(*c))
-            .ok_or_else(|| Error::plan(OVER_SHAPE))?,
-        _ => return Err(Error::plan(OVER_SHAPE)),
+    let updating = !input.is_append_only();
+    let order = if updating {
+        OverOrder::Updating(
+            order_by
+                .iter()
+                .map(|s| {
+                    Ok(SortKey {
+                        expr: physical_expr(&s.expr, input_schema)?,
+                        asc: s.asc,
+                        nulls_first: s.nulls_first,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
+        )
+    } else {
+        match order_by.as_slice() {
+            [s] if s.asc => OverOrder::EventTime(
+                column_index(&s.expr, input_schema)
+                    .filter(|c| rowtime_column(&input) == Some(*c))
+                    .ok_or_else(|| Error::plan(OVER_SHAPE))?,
+            ),
+            _ => return Err(Error::plan(OVER_SHAPE)),
+        }
     };
     if frame.end_bound != WindowFrameBound::CurrentRow {
         return Err(Error::plan(OVER_SHAPE));
@@ -331,10 +344,16 @@ pub(crate) fn plan_over(cat: &Catalog, w: &Window) -> Result<StreamNode> {
         .iter()
         .map(|e| physical_expr(e, input_schema))
         .collect::<Result<Vec<_>>>()?;
+    if updating && matches!(frame, OverFrame::Range(Some(_))) {
+        return Err(Error::plan(
+            "an OVER aggregate over an updating input takes a ROWS frame (or RANGE UNBOUNDED \
+             PRECEDING); RANGE with an interval is not supported there yet",
+        ));
+    }
     Ok(StreamNode::Over {
         input: Box::new(input),
         partition,
-        time,
+        order,
         aggs,
         frame,
         schema: arrow_schema(&w.schema),

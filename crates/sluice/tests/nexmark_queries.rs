@@ -129,6 +129,17 @@ const QUERIES: &[(&str, &str)] = &[
            AND AuctionBids.num >= MaxBids.maxn",
     ),
     (
+        // Flink's q6 selects B.dateTime without grouping by it, which is not valid SQL, and
+        // Flink cannot run OVER on an updating input anyway. Here: each auction's final price
+        // (updating until it closes), averaged over the seller's last 10 auctions by expiry.
+        "q6",
+        "SELECT Q.seller, AVG(Q.final) OVER (PARTITION BY Q.seller ORDER BY Q.expires
+           ROWS BETWEEN 10 PRECEDING AND CURRENT ROW) AS avg_price
+         FROM (SELECT MAX(B.price) AS final, A.seller, A.expires FROM auction AS A, bid AS B
+           WHERE A.id = B.auction AND B.dateTime BETWEEN A.dateTime AND A.expires
+           GROUP BY A.id, A.seller, A.expires) Q",
+    ),
+    (
         "q7",
         "SELECT B.auction, B.price, B.bidder, B.dateTime, B.extra FROM bid B
          JOIN (SELECT MAX(price) AS maxprice, window_end as dateTime
@@ -298,6 +309,34 @@ fn hand_checked_results() {
     // i % 8 + 1, so 40 pairs, two bids each.
     let (rows, _) = run(dir.path(), q("q18"), 2);
     assert_eq!(rows.len(), 40);
+    // q6: each auction's final price (the highest bid within its lifetime), averaged with the
+    // seller's earlier auctions (by expiry, up to 10 before).
+    let mut finals: BTreeMap<i64, Vec<(i64, f64)>> = BTreeMap::new();
+    for a in 1..=8i64 {
+        let final_price = (0..80i64)
+            .filter(|i| i % 8 + 1 == a && (a..=a + 20).contains(&(2 + i / 2)))
+            .map(|i| (i * 7919) % 20_000 + 100)
+            .max();
+        if let Some(p) = final_price {
+            finals
+                .entry(a % 5 + 1)
+                .or_default()
+                .push((a + 20, p as f64));
+        }
+    }
+    let mut want: BTreeMap<Vec<String>, i64> = BTreeMap::new();
+    for (seller, mut list) in finals {
+        list.sort_by_key(|(expires, _)| *expires);
+        for j in 0..list.len() {
+            let frame = &list[j.saturating_sub(10)..=j];
+            let avg = frame.iter().map(|(_, p)| p).sum::<f64>() / frame.len() as f64;
+            *want
+                .entry(vec![seller.to_string(), format!("{avg:?}")])
+                .or_default() += 1;
+        }
+    }
+    let (rows, _) = run(dir.path(), q("q6"), 2);
+    assert_eq!(rows, want, "q6");
     // q10: the bids land in dt=.../hm=... folders.
     run(dir.path(), q("q10"), 1);
     let day = dir.path().join("q10").join("dt=2026-11-11");

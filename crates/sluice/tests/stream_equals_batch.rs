@@ -519,3 +519,16 @@ fn event_time_temporal_join() {
            FROM orders o JOIN orders v ON o.user_id = v.user_id AND v.event_time <= o.event_time) WHERE rn = 1",
     );
 }
+
+#[test]
+fn over_aggregates_on_an_updating_input() {
+    // Every order changes its user's total; the frames (the three users before, by id) follow.
+    let q = "SELECT province, user_id, total, \
+             AVG(total) OVER (PARTITION BY province ORDER BY user_id ROWS BETWEEN 3 PRECEDING AND CURRENT ROW) AS avg4, \
+             MAX(n) OVER (PARTITION BY province ORDER BY user_id ROWS BETWEEN 3 PRECEDING AND CURRENT ROW) AS most \
+             FROM (SELECT province, user_id, SUM(amount) AS total, COUNT(*) AS n FROM orders GROUP BY province, user_id)";
+    check(q, q);
+    let q = "SELECT category, user_id, n, SUM(n) OVER (PARTITION BY category ORDER BY n DESC, user_id) AS running \
+             FROM (SELECT category, user_id, COUNT(*) AS n FROM orders GROUP BY category, user_id)";
+    check(q, q);
+}
