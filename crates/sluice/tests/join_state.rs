@@ -183,3 +183,56 @@ fn an_interval_join_on_processing_time_is_planned_as_one() {
          ON a.k = b.k AND b.ts BETWEEN a.ts AND a.ts + INTERVAL '1' SECOND");
     assert!(!bound.unwrap().processing_time);
 }
+
+#[test]
+fn state_ttl_drops_rows_not_written_for_that_long() {
+    let plan = sluice_sql::plan_script(&format!(
+        "{DDL}\nSELECT a.k, a.ts, b.ts FROM t a JOIN t b ON a.k = b.k;"
+    ))
+    .unwrap();
+    let StreamNode::Join {
+        left,
+        right,
+        kind,
+        left_keys,
+        right_keys,
+        filter,
+        bound,
+        schema,
+    } = find_join(&plan.pipelines[0].query).clone()
+    else {
+        unreachable!()
+    };
+    let state = |ttl| {
+        JoinState::try_new(
+            kind,
+            left_keys.clone(),
+            right_keys.clone(),
+            filter.clone(),
+            bound,
+            [left.schema(), right.schema()],
+            schema.clone(),
+            ttl,
+        )
+        .unwrap()
+    };
+    let (mut kept, mut expiring) = (state(None), state(Some(std::time::Duration::from_secs(1))));
+    for s in [&mut kept, &mut expiring] {
+        assert!(s.apply(0, &rows(0, 10)).unwrap().changes.is_none());
+    }
+    // Rows not written for more than the TTL are gone: the right rows find no partner.
+    std::thread::sleep(std::time::Duration::from_millis(2600));
+    let matched = |s: &mut JoinState| {
+        s.apply(1, &rows(0, 10))
+            .unwrap()
+            .changes
+            .map_or(0, |c| c.num_rows())
+    };
+    assert_eq!(matched(&mut kept), 10, "without a TTL every row is kept");
+    assert_eq!(
+        matched(&mut expiring),
+        0,
+        "with a 1 s TTL the left rows expired"
+    );
+    assert_eq!(expiring.rows_held(), 10, "only the new right rows are held");
+}
