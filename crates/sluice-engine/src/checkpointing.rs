@@ -467,3 +467,52 @@ pub fn ipc_bytes(batch: &arrow::record_batch::RecordBatch) -> Result<Vec<u8>> {
     drop(w);
     Ok(bytes)
 }
+
+/// A transactional sink writer's side of two-phase commit: output of each checkpoint epoch is
+/// sealed when the operator reaches it, and published once worker 0 has committed that
+/// checkpoint (a newer committed checkpoint covers older sealed ones whose own checkpoint failed).
+#[derive(Default)]
+pub struct SinkTransactions {
+    sealed: std::collections::VecDeque<Epoch>,
+}
+
+impl SinkTransactions {
+    /// Seals what was written up to `epoch`.
+    pub fn seal(&mut self, w: &mut dyn sluice_connectors::SinkWriter, epoch: Epoch) -> Result<()> {
+        w.pre_commit(epoch)?;
+        self.sealed.push_back(epoch);
+        Ok(())
+    }
+
+    /// Publishes the sealed output of committed checkpoints; true while some output waits.
+    pub fn publish(
+        &mut self,
+        w: &mut dyn sluice_connectors::SinkWriter,
+        store: &CheckpointStore,
+    ) -> Result<bool> {
+        let newest = self
+            .sealed
+            .iter()
+            .rev()
+            .copied()
+            .find(|e| store.is_committed(*e).unwrap_or(false));
+        if let Some(epoch) = newest {
+            self.sealed.retain(|e| *e > epoch);
+            w.commit(epoch)?;
+        }
+        Ok(!self.sealed.is_empty())
+    }
+
+    /// At the end: a job that read all its input publishes everything; a stopped or failed one
+    /// leaves sealed output to the next run's recovery.
+    pub fn close(
+        w: &mut dyn sluice_connectors::SinkWriter,
+        metrics: &crate::metrics::JobMetrics,
+    ) -> Result<()> {
+        if metrics.is_cancelled() || metrics.failed() {
+            w.abort()
+        } else {
+            w.finish()
+        }
+    }
+}

@@ -918,10 +918,16 @@ fn aggregate<'scope>(
     let (index, peers, metrics) = (ctx.index, ctx.peers, ctx.metrics.clone());
     let checkpoint = ctx.checkpoint.clone();
     let id = checkpoint.as_ref().map(|c| c.register(Contribution::State));
-    // 'late-data.sink': this operator writes the rows it drops as late itself.
+    // 'late-data.sink': this operator writes the rows it drops as late itself, in the same
+    // two-phase commit as the job's sinks.
     let late_writer = match &late_table {
         None => None,
-        Some(t) => match open_sink(&spec(t), index, peers) {
+        Some(t) => match open_sink(&spec(t), index, peers).and_then(|mut w| {
+            if let Some(c) = &checkpoint {
+                w.begin_transactions(c.restore.as_ref().map(|m| m.epoch), index, peers)?;
+            }
+            Ok(w)
+        }) {
             Ok(w) => Some((w, metrics.write_counter(&t.name), t.physical_schema.clone())),
             Err(e) => {
                 metrics.fail(e);
@@ -975,6 +981,7 @@ fn aggregate<'scope>(
         let mut held: Option<timely::dataflow::operators::Capability<Epoch>> = None;
         let mut next_fire = Instant::now();
         let mut reported = false;
+        let mut late_transactions = crate::checkpointing::SinkTransactions::default();
         move |(input, frontier), output| {
             input.for_each(|cap, data| {
                 let Some(task) = task.as_mut() else { return };
@@ -1002,6 +1009,11 @@ fn aggregate<'scope>(
                     if let Err(e) = task.snapshot(&ck.writer, epoch, id) {
                         metrics.checkpoint_failed(epoch, e);
                     }
+                    if let Some((w, _, _)) = task.late_writer.as_mut() {
+                        if let Err(e) = late_transactions.seal(w.as_mut(), epoch) {
+                            metrics.fail(e);
+                        }
+                    }
                     for (c, mut event) in al.advance() {
                         task.handle(&c, &mut event, output);
                     }
@@ -1010,11 +1022,22 @@ fn aggregate<'scope>(
                     task.handle(&c, &mut event, output);
                 }
             }
+            if let (Some(ck), Some(task)) = (checkpoint.as_ref(), task.as_mut()) {
+                if let Some((w, _, _)) = task.late_writer.as_mut() {
+                    match late_transactions.publish(w.as_mut(), &ck.store) {
+                        Ok(true) => activator.activate_after(Duration::from_millis(20)),
+                        Ok(false) => {}
+                        Err(e) => metrics.fail(e),
+                    }
+                }
+            }
             if frontier.frontier().is_empty() && !reported {
                 reported = true;
                 if let Some(task) = task.as_mut() {
                     if let Some((mut w, _, _)) = task.late_writer.take() {
-                        if let Err(e) = w.finish() {
+                        let done =
+                            crate::checkpointing::SinkTransactions::close(w.as_mut(), &metrics);
+                        if let Err(e) = done {
                             metrics.fail(e);
                         }
                     }
@@ -1113,7 +1136,7 @@ fn table_sink<'scope>(
         move |initial, info| {
             let activator = scope.activator_for(info.address.clone());
             let mut align = checkpoint.as_ref().map(|c| Alignment::new(c, initial));
-            let mut sealed: std::collections::VecDeque<Epoch> = Default::default();
+            let mut transactions = crate::checkpointing::SinkTransactions::default();
             move |(input, frontier), _output| {
                 input.for_each(|cap, data| {
                     if align
@@ -1127,9 +1150,8 @@ fn table_sink<'scope>(
                 if let Some(al) = align.as_mut() {
                     while let Some(epoch) = al.due(&[frontier]) {
                         if let Some(w) = writer.as_mut() {
-                            match w.pre_commit(epoch) {
-                                Ok(()) => sealed.push_back(epoch),
-                                Err(e) => metrics.fail(e),
+                            if let Err(e) = transactions.seal(w.as_mut(), epoch) {
+                                metrics.fail(e);
                             }
                         }
                         for (_, mut event) in al.advance() {
@@ -1140,33 +1162,18 @@ fn table_sink<'scope>(
                         write(&mut writer, &mut event);
                     }
                 }
-                // Publish what checkpoints worker 0 has committed since. A newer committed checkpoint
-                // covers older sealed ones (whose own checkpoint may have failed).
+                // Publish what checkpoints worker 0 has committed since.
                 if let (Some(ck), Some(w)) = (checkpoint.as_ref(), writer.as_mut()) {
-                    let newest = sealed
-                        .iter()
-                        .rev()
-                        .copied()
-                        .find(|e| ck.store.is_committed(*e).unwrap_or(false));
-                    if let Some(epoch) = newest {
-                        sealed.retain(|e| *e > epoch);
-                        if let Err(e) = w.commit(epoch) {
-                            metrics.fail(e);
-                        }
-                    }
-                    if !sealed.is_empty() {
-                        activator.activate_after(Duration::from_millis(20));
+                    match transactions.publish(w.as_mut(), &ck.store) {
+                        Ok(true) => activator.activate_after(Duration::from_millis(20)),
+                        Ok(false) => {}
+                        Err(e) => metrics.fail(e),
                     }
                 }
                 if frontier.is_empty() {
                     if let Some(mut w) = writer.take() {
-                        // Only a job that read all its input publishes everything; a stopped one
-                        // leaves sealed output to the next run's recovery.
-                        let done = if metrics.is_cancelled() || metrics.failed() {
-                            w.abort()
-                        } else {
-                            w.finish()
-                        };
+                        let done =
+                            crate::checkpointing::SinkTransactions::close(w.as_mut(), &metrics);
                         if let Err(e) = done {
                             metrics.fail(e);
                         }
