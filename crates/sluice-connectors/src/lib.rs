@@ -14,6 +14,7 @@ pub mod ecommerce;
 pub mod filesystem;
 pub mod format;
 pub mod memory;
+pub mod nexmark;
 pub mod options;
 pub mod partitions;
 pub mod print;
@@ -148,6 +149,9 @@ pub fn open_source(
         "ecommerce" => Box::new(ecommerce::EcommerceSource::open(
             spec, &mut opts, worker, workers,
         )?),
+        "nexmark" => Box::new(nexmark::NexmarkSource::open(
+            spec, &mut opts, worker, workers,
+        )?),
         "print" | "blackhole" | "memory" => {
             return Err(Error::connector(
                 &spec.table,
@@ -175,7 +179,7 @@ pub fn open_sink(
         "print" => Box::new(print::PrintSink::open(spec, &mut opts, worker)?),
         "blackhole" => Box::new(print::Blackhole),
         "memory" => Box::new(memory::MemorySink::open(spec, &mut opts)?),
-        "datagen" | "ecommerce" => {
+        "datagen" | "ecommerce" | "nexmark" => {
             return Err(Error::connector(
                 &spec.table,
                 format!(
@@ -209,6 +213,6 @@ pub fn validate_source(spec: &ConnectorSpec) -> Result<()> {
 fn unknown_connector(table: &str, name: &str) -> Error {
     Error::connector(
         table,
-        format!("unknown connector '{name}' (available: filesystem, datagen, ecommerce, print, blackhole, memory)"),
+        format!("unknown connector '{name}' (available: filesystem, datagen, ecommerce, nexmark, print, blackhole, memory)"),
     )
 }

@@ -1,0 +1,483 @@
+//! The `nexmark` connector: the Person, Auction and Bid streams of the Nexmark benchmark.
+//!
+//! The three streams are one sequence of events: of every 50, one is a person, three are
+//! auctions and 46 are bids. Event `i` is a pure function of the seed and `i` (a counter-seeded
+//! generator), and refers only to people and auctions created before it, so the streams are
+//! consistent with one another and identical for any number of workers. A table reads one stream
+//! (`'nexmark.table'`); worker `w` of `n` produces that stream's rows `w, w+n, ...`.
+//!
+//! - Event time advances by `1 / nexmark.event-rate` per event (of all three streams); about 10%
+//!   of events are delayed by up to `nexmark.max-out-of-orderness` (default 3 s).
+//! - 1,000 people and 100 auctions are "in flight": sellers and bidders are recent people,
+//!   bids go to recent auctions. Hot items: half of the bids go to the newest auction (ratio 2),
+//!   three quarters of the sellers and of the bidders are the newest person (ratio 4).
+//! - An auction lasts up to twice the time in which the next 100 auctions are created.
+//! - Prices are `round(10^(6u) * 100)`; half of the bids come from the channels Apple, Google,
+//!   Facebook and Baidu, half from `channel-K` (K < 10,000) with a URL that names it.
+//! - `extra` pads rows to about 200 (person), 500 (auction) and 100 (bid) bytes on average.
+//!
+//! Options: `nexmark.table` (`person`, `auction` or `bid`), `nexmark.events` (events of all
+//! three streams; bounded when set), `rows-per-second` (pacing of this table's rows, `0` =
+//! unpaced, the default), `nexmark.event-rate` (events per second of event time, default
+//! 10,000), `nexmark.max-out-of-orderness`, `seed`, `start-time`.
+
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Int64Array, StringArray, TimestampMillisecondArray};
+use arrow::record_batch::RecordBatch;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use sluice_common::{Error, Result};
+
+use crate::datagen::Pacer;
+use crate::options::Options;
+use crate::{ConnectorSpec, Poll, SourceReader};
+
+const PROPORTION: u64 = 50;
+const PERSONS: u64 = 1;
+const AUCTIONS: u64 = 3;
+/// The first person and auction ids.
+const FIRST_ID: i64 = 1000;
+const ACTIVE_PEOPLE: u64 = 1000;
+const IN_FLIGHT_AUCTIONS: u64 = 100;
+const HOT_AUCTION_RATIO: u64 = 2;
+const HOT_SELLER_RATIO: u64 = 4;
+const HOT_BIDDER_RATIO: u64 = 4;
+const FIRST_CATEGORY: i64 = 10;
+const CATEGORIES: i64 = 5;
+const CHANNELS: u64 = 10_000;
+const HOT_CHANNELS: [&str; 4] = ["Apple", "Google", "Facebook", "Baidu"];
+const FIRST_NAMES: [&str; 11] = [
+    "Peter", "Paul", "Luke", "John", "Saul", "Vicky", "Kate", "Julie", "Sarah", "Deiter", "Walter",
+];
+const LAST_NAMES: [&str; 9] = [
+    "Shultz", "Abrams", "Spencer", "White", "Bartels", "Walton", "Smith", "Jones", "Noris",
+];
+const CITIES: [&str; 10] = [
+    "Phoenix",
+    "Los Angeles",
+    "San Francisco",
+    "Boise",
+    "Portland",
+    "Bend",
+    "Redmond",
+    "Seattle",
+    "Kent",
+    "Cheyenne",
+];
+const STATES: [&str; 6] = ["AZ", "CA", "ID", "OR", "WA", "WY"];
+
+/// Which of the three streams a table reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stream {
+    Person,
+    Auction,
+    Bid,
+}
+
+impl Stream {
+    fn columns(self) -> &'static [&'static str] {
+        match self {
+            Stream::Person => &[
+                "id",
+                "name",
+                "emailAddress",
+                "creditCard",
+                "city",
+                "state",
+                "dateTime",
+                "extra",
+            ],
+            Stream::Auction => &[
+                "id",
+                "itemName",
+                "description",
+                "initialBid",
+                "reserve",
+                "dateTime",
+                "expires",
+                "seller",
+                "category",
+                "extra",
+            ],
+            Stream::Bid => &[
+                "auction", "bidder", "price", "channel", "url", "dateTime", "extra",
+            ],
+        }
+    }
+
+    /// The global event index of this stream's `k`-th row.
+    fn event(self, k: u64) -> u64 {
+        match self {
+            Stream::Person => k * PROPORTION,
+            Stream::Auction => (k / AUCTIONS) * PROPORTION + PERSONS + k % AUCTIONS,
+            Stream::Bid => {
+                let per = PROPORTION - PERSONS - AUCTIONS;
+                (k / per) * PROPORTION + PERSONS + AUCTIONS + k % per
+            }
+        }
+    }
+
+    /// This stream's rows among the first `events` events.
+    fn rows_in(self, events: u64) -> u64 {
+        match self {
+            Stream::Person => persons_before(events),
+            Stream::Auction => auctions_before(events),
+            Stream::Bid => events - persons_before(events) - auctions_before(events),
+        }
+    }
+}
+
+/// People created by events before `i`.
+fn persons_before(i: u64) -> u64 {
+    (i / PROPORTION) * PERSONS + (i % PROPORTION).min(PERSONS)
+}
+
+/// Auctions created by events before `i`.
+fn auctions_before(i: u64) -> u64 {
+    (i / PROPORTION) * AUCTIONS + (i % PROPORTION).saturating_sub(PERSONS).min(AUCTIONS)
+}
+
+/// A recent id among `created` (the newest `active` ones), or the hot one (the newest, rounded
+/// down to a multiple of `ratio`) with probability `(ratio - 1) / ratio`.
+fn pick_id(rng: &mut SmallRng, created: u64, active: u64, ratio: u64) -> i64 {
+    let last = created.saturating_sub(1);
+    let base0 = if rng.random_range(0..ratio) > 0 {
+        (last / ratio) * ratio
+    } else {
+        let active = active.min(created).max(1);
+        created.saturating_sub(active) + rng.random_range(0..active)
+    };
+    FIRST_ID + base0.min(last) as i64
+}
+
+fn letters(rng: &mut SmallRng, n: usize) -> String {
+    (0..n)
+        .map(|_| (b'a' + rng.random_range(0..26u8)) as char)
+        .collect()
+}
+
+/// Padding that brings a row of `size` bytes to `average` on average.
+fn extra(rng: &mut SmallRng, size: usize, average: usize) -> String {
+    let room = average.saturating_sub(size);
+    let n = rng.random_range(0..=2 * room);
+    letters(rng, n)
+}
+
+fn price(rng: &mut SmallRng) -> i64 {
+    (10f64.powf(rng.random::<f64>() * 6.0) * 100.0).round() as i64
+}
+
+/// This worker's slice of one Nexmark stream.
+pub struct NexmarkSource {
+    table: String,
+    schema: arrow::datatypes::SchemaRef,
+    stream: Stream,
+    seed: u64,
+    next: u64,
+    step: u64,
+    limit: Option<u64>,
+    start_ms: i64,
+    /// Event-time milliseconds per event (of all streams).
+    gap_ms: f64,
+    disorder_ms: i64,
+    pacer: Option<Pacer>,
+    produced: u64,
+}
+
+impl NexmarkSource {
+    pub fn open(
+        spec: &ConnectorSpec,
+        opts: &mut Options,
+        worker: usize,
+        workers: usize,
+    ) -> Result<Self> {
+        let stream = match opts.required("nexmark.table")?.as_str() {
+            "person" => Stream::Person,
+            "auction" => Stream::Auction,
+            "bid" => Stream::Bid,
+            other => {
+                return Err(opts.error(format!(
+                    "option 'nexmark.table' = '{other}': use 'person', 'auction' or 'bid'"
+                )))
+            }
+        };
+        for f in spec.schema.fields() {
+            if !stream.columns().contains(&f.name().as_str()) {
+                return Err(Error::connector(
+                    &spec.table,
+                    format!(
+                        "the nexmark {stream:?} stream has no column '{}' (it has: {})",
+                        f.name(),
+                        stream.columns().join(", ")
+                    ),
+                ));
+            }
+        }
+        let events: Option<u64> = opts.optional("nexmark.events")?;
+        let rate: f64 = opts.parse("rows-per-second", 0.0)?;
+        let event_rate: f64 = opts.parse("nexmark.event-rate", 10_000.0)?;
+        if event_rate <= 0.0 {
+            return Err(opts.error("'nexmark.event-rate' must be positive"));
+        }
+        let disorder_ms = opts.duration_ms("nexmark.max-out-of-orderness", 3000)?;
+        let seed = opts.parse("seed", 7u64)?;
+        let start = opts
+            .get("start-time")
+            .unwrap_or_else(|| "2026-11-11 00:00:00".into());
+        let start_ms = chrono::NaiveDateTime::parse_from_str(&start, "%Y-%m-%d %H:%M:%S")
+            .map_err(|_| {
+                opts.error(format!(
+                    "option 'start-time' = '{start}' must look like 2026-11-11 00:00:00"
+                ))
+            })?
+            .and_utc()
+            .timestamp_millis();
+        Ok(NexmarkSource {
+            table: spec.table.clone(),
+            schema: spec.schema.clone(),
+            stream,
+            seed,
+            next: worker as u64,
+            step: workers as u64,
+            limit: events.map(|e| stream.rows_in(e)),
+            start_ms,
+            gap_ms: 1000.0 / event_rate,
+            disorder_ms,
+            pacer: (rate > 0.0).then(|| Pacer::new(rate / workers as f64)),
+            produced: 0,
+        })
+    }
+
+    fn rng(&self, event: u64) -> SmallRng {
+        SmallRng::seed_from_u64(
+            self.seed
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                .wrapping_add(event.wrapping_mul(0xBF58_476D_1CE4_E5B9)),
+        )
+    }
+
+    /// Event time of event `i`, delayed for about 10% of events.
+    fn time(&self, i: u64, rng: &mut SmallRng) -> i64 {
+        let t = self.start_ms + (i as f64 * self.gap_ms) as i64;
+        if self.disorder_ms > 0 && rng.random_range(0..10) == 0 {
+            t - rng.random_range(0..=self.disorder_ms)
+        } else {
+            t
+        }
+    }
+}
+
+/// Columns of a generated batch, by name.
+#[derive(Default)]
+struct Columns {
+    ints: std::collections::HashMap<&'static str, Vec<i64>>,
+    strings: std::collections::HashMap<&'static str, Vec<String>>,
+    times: std::collections::HashMap<&'static str, Vec<i64>>,
+}
+
+impl Columns {
+    fn int(&mut self, name: &'static str, v: i64) {
+        self.ints.entry(name).or_default().push(v);
+    }
+    fn string(&mut self, name: &'static str, v: String) {
+        self.strings.entry(name).or_default().push(v);
+    }
+    fn time(&mut self, name: &'static str, v: i64) {
+        self.times.entry(name).or_default().push(v);
+    }
+}
+
+impl SourceReader for NexmarkSource {
+    fn offsets(&self) -> crate::SourceOffsets {
+        let worker = self.next % self.step;
+        crate::generator_offsets(worker, self.step, self.next / self.step)
+    }
+
+    fn seek(&mut self, offsets: &crate::SourceOffsets) -> Result<()> {
+        let worker = self.next % self.step;
+        let done = crate::generator_seek(&self.table, offsets, worker, self.step)?;
+        self.next = worker + done * self.step;
+        Ok(())
+    }
+
+    fn poll(&mut self, max_rows: usize) -> Result<Poll> {
+        let mut n = max_rows as u64;
+        if let Some(limit) = self.limit {
+            if self.next >= limit {
+                return Ok(Poll::Finished);
+            }
+            n = n.min((limit - self.next).div_ceil(self.step));
+        }
+        if let Some(p) = &self.pacer {
+            n = n.min(p.allowed().saturating_sub(self.produced));
+        }
+        if n == 0 {
+            return Ok(Poll::Idle);
+        }
+        let mut cols = Columns::default();
+        for _ in 0..n {
+            let k = self.next;
+            self.next += self.step;
+            let i = self.stream.event(k);
+            let mut rng = self.rng(i);
+            let t = self.time(i, &mut rng);
+            match self.stream {
+                Stream::Person => {
+                    let name = format!(
+                        "{} {}",
+                        FIRST_NAMES[rng.random_range(0..FIRST_NAMES.len())],
+                        LAST_NAMES[rng.random_range(0..LAST_NAMES.len())]
+                    );
+                    let email = format!("{}@{}.com", letters(&mut rng, 7), letters(&mut rng, 5));
+                    let card = (0..4)
+                        .map(|_| format!("{:04}", rng.random_range(0..10_000)))
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                    let city = CITIES[rng.random_range(0..CITIES.len())].to_string();
+                    let state = STATES[rng.random_range(0..STATES.len())].to_string();
+                    let size = 8 + name.len() + email.len() + card.len() + city.len() + 2 + 8;
+                    cols.int("id", FIRST_ID + k as i64);
+                    cols.string("extra", extra(&mut rng, size, 200));
+                    cols.string("name", name);
+                    cols.string("emailAddress", email);
+                    cols.string("creditCard", card);
+                    cols.string("city", city);
+                    cols.string("state", state);
+                    cols.time("dateTime", t);
+                }
+                Stream::Auction => {
+                    let seller = pick_id(
+                        &mut rng,
+                        persons_before(i).max(1),
+                        ACTIVE_PEOPLE,
+                        HOT_SELLER_RATIO,
+                    );
+                    let initial = price(&mut rng);
+                    let reserve = initial + price(&mut rng);
+                    // Up to twice the time in which the next 100 auctions are created.
+                    let horizon = (IN_FLIGHT_AUCTIONS * PROPORTION / AUCTIONS) as f64 * self.gap_ms;
+                    let length = 1 + rng.random_range(0..=((2.0 * horizon) as i64).max(1));
+                    let (item_len, description_len) =
+                        (rng.random_range(5..20), rng.random_range(20..100));
+                    let item = letters(&mut rng, item_len);
+                    let description = letters(&mut rng, description_len);
+                    let size = 8 + item.len() + description.len() + 8 + 8 + 8 + 8 + 8 + 8;
+                    cols.int("id", FIRST_ID + k as i64);
+                    cols.string("extra", extra(&mut rng, size, 500));
+                    cols.string("itemName", item);
+                    cols.string("description", description);
+                    cols.int("initialBid", initial);
+                    cols.int("reserve", reserve);
+                    cols.time("dateTime", t);
+                    cols.time("expires", t + length);
+                    cols.int("seller", seller);
+                    cols.int("category", FIRST_CATEGORY + rng.random_range(0..CATEGORIES));
+                }
+                Stream::Bid => {
+                    let auction = pick_id(
+                        &mut rng,
+                        auctions_before(i).max(1),
+                        IN_FLIGHT_AUCTIONS,
+                        HOT_AUCTION_RATIO,
+                    );
+                    let bidder = pick_id(
+                        &mut rng,
+                        persons_before(i).max(1),
+                        ACTIVE_PEOPLE,
+                        HOT_BIDDER_RATIO,
+                    );
+                    let price = price(&mut rng);
+                    let (channel, url) = if rng.random_bool(0.5) {
+                        let c = HOT_CHANNELS[rng.random_range(0..HOT_CHANNELS.len())];
+                        (
+                            c.to_string(),
+                            format!(
+                                "https://www.nexmark.com/{}/item.htm?query=1",
+                                c.to_lowercase()
+                            ),
+                        )
+                    } else {
+                        let c = rng.random_range(0..CHANNELS);
+                        (
+                            format!("channel-{c}"),
+                            format!(
+                                "https://www.nexmark.com/{}/{}/{}/item.htm?query=1&channel_id={c}",
+                                letters(&mut rng, 5),
+                                letters(&mut rng, 5),
+                                letters(&mut rng, 5)
+                            ),
+                        )
+                    };
+                    let size = 8 + 8 + 8 + channel.len() + url.len() + 8;
+                    cols.int("auction", auction);
+                    cols.int("bidder", bidder);
+                    cols.int("price", price);
+                    cols.string("extra", extra(&mut rng, size, 100));
+                    cols.string("channel", channel);
+                    cols.string("url", url);
+                    cols.time("dateTime", t);
+                }
+            }
+        }
+        self.produced += n;
+        let mut columns: Vec<ArrayRef> = vec![];
+        for f in self.schema.fields() {
+            let name = f.name().as_str();
+            let col: ArrayRef = if let Some(v) = cols.ints.remove(name) {
+                Arc::new(Int64Array::from(v))
+            } else if let Some(v) = cols.strings.remove(name) {
+                Arc::new(StringArray::from(v))
+            } else if let Some(v) = cols.times.remove(name) {
+                Arc::new(TimestampMillisecondArray::from(v))
+            } else {
+                return Err(Error::connector(
+                    &self.table,
+                    format!("internal: the nexmark generator made no column '{name}'"),
+                ));
+            };
+            let col = if col.data_type() != f.data_type() {
+                arrow::compute::cast(&col, f.data_type())?
+            } else {
+                col
+            };
+            columns.push(col);
+        }
+        Ok(Poll::Batch {
+            split: 0,
+            batch: RecordBatch::try_new(self.schema.clone(), columns)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streams_partition_the_event_sequence() {
+        // Every event index belongs to exactly one stream, and counts agree with the mapping.
+        let n = 5 * PROPORTION + 17;
+        let mut seen = vec![0u8; n as usize];
+        for s in [Stream::Person, Stream::Auction, Stream::Bid] {
+            for k in 0..s.rows_in(n) {
+                seen[s.event(k) as usize] += 1;
+            }
+        }
+        assert!(seen.iter().all(|c| *c == 1));
+        assert_eq!(Stream::Person.rows_in(PROPORTION), 1);
+        assert_eq!(Stream::Auction.rows_in(PROPORTION), 3);
+        assert_eq!(Stream::Bid.rows_in(PROPORTION), 46);
+    }
+
+    #[test]
+    fn references_point_backwards() {
+        let mut rng = SmallRng::seed_from_u64(1);
+        for created in [1u64, 2, 5, 1000, 5000] {
+            for _ in 0..200 {
+                let id = pick_id(&mut rng, created, ACTIVE_PEOPLE, HOT_BIDDER_RATIO);
+                assert!(id >= FIRST_ID && id < FIRST_ID + created as i64);
+            }
+        }
+    }
+}
