@@ -1,4 +1,5 @@
-//! `sluice bench`: throughput of the engine core on the built-in generators.
+//! `sluice bench`: throughput of the engine core on the built-in generators, and of the Nexmark
+//! queries (`sluice bench nexmark`, the SQL files in `benchmarks/nexmark/`).
 //!
 //! Each scenario is a SQL job over a bounded generated stream, run several times; the median
 //! events/s is reported, per run and per worker. `gen-only` polls the generator directly, with
@@ -24,7 +25,28 @@ struct Scenario {
 enum Source {
     Orders,
     Clicks,
+    /// The Nexmark streams (`benchmarks/nexmark/ddl.sql`).
+    Nexmark,
 }
+
+macro_rules! nexmark {
+    ($($name:literal),*) => {
+        &[$(Scenario {
+            name: $name,
+            what: "",
+            sql: include_str!(concat!("../../../benchmarks/nexmark/", $name, ".sql")),
+            source: Source::Nexmark,
+        }),*]
+    };
+}
+
+/// The Nexmark queries; q10 writes files and q13 reads a side table, both in a scratch folder.
+const NEXMARK: &[Scenario] = nexmark!(
+    "q0", "q1", "q2", "q3", "q4", "q5", "q6", "q7", "q8", "q9", "q10", "q11", "q12", "q13", "q14",
+    "q15", "q16", "q17", "q18", "q19", "q20", "q21", "q22"
+);
+
+const NEXMARK_DDL: &str = include_str!("../../../benchmarks/nexmark/ddl.sql");
 
 const ORDERS: &str = "CREATE TABLE orders (order_id BIGINT, user_id BIGINT, item_id BIGINT, category STRING, province STRING, \
      amount DOUBLE, quantity INT, event_time TIMESTAMP(3), WATERMARK FOR event_time AS event_time - INTERVAL '5' SECOND) \
@@ -84,12 +106,14 @@ struct Run {
     seconds: f64,
     state_bytes: u64,
     state_groups: u64,
+    peak_rss: u64,
 }
 
 fn run_scenario(s: &Scenario, events: u64, workers: usize) -> Result<Run, String> {
     let ddl = match s.source {
         Source::Orders => ORDERS,
         Source::Clicks => CLICKS,
+        Source::Nexmark => NEXMARK_DDL,
     }
     .replace("{events}", &events.to_string());
     if s.name == "gen-only" {
@@ -136,20 +160,32 @@ fn run_scenario(s: &Scenario, events: u64, workers: usize) -> Result<Run, String
             seconds: started.elapsed().as_secs_f64(),
             state_bytes: 0,
             state_groups: 0,
+            peak_rss: rss_bytes(),
         });
     }
-    let checkpoints =
-        std::env::temp_dir().join(format!("sluice-bench-checkpoints-{}", std::process::id()));
+    let scratch = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
+    let checkpoints = scratch.join("checkpoints");
+    let _ = std::fs::remove_dir_all(&scratch);
+    // q13's side table: 10 000 keys.
+    let side = scratch.join("side_input");
+    std::fs::create_dir_all(&side).map_err(|e| e.to_string())?;
+    let rows: String = (0..10_000)
+        .map(|k| format!("{{\"key\": {k}, \"value\": \"side-{k}\"}}\n"))
+        .collect();
+    std::fs::write(side.join("side.json"), rows).map_err(|e| e.to_string())?;
     let sql = s
         .sql
-        .replace("{checkpoints}", &checkpoints.display().to_string());
+        .replace("{checkpoints}", &checkpoints.display().to_string())
+        .replace("{out}", &scratch.display().to_string());
     let plan = sluice_sql::plan_script(&format!("{ddl}\n{sql}")).map_err(|e| e.to_string())?;
     let options = sluice_engine::JobOptions {
         workers,
         ..Default::default()
     };
+    let rss = PeakRss::start();
     let summary = sluice_engine::run(plan, options).map_err(|e| e.to_string())?;
-    let _ = std::fs::remove_dir_all(&checkpoints);
+    let peak_rss = rss.stop();
+    let _ = std::fs::remove_dir_all(&scratch);
     if summary.checkpoints > 0 {
         eprintln!(
             "  ({} checkpoints, last {} bytes)",
@@ -157,11 +193,56 @@ fn run_scenario(s: &Scenario, events: u64, workers: usize) -> Result<Run, String
         );
     }
     Ok(Run {
-        events: summary.total_read(),
+        // Nexmark counts events of the whole stream (all three kinds), as its generator makes
+        // them all; this one generates only the kinds a query reads.
+        events: match s.source {
+            Source::Nexmark => events,
+            _ => summary.total_read(),
+        },
         seconds: summary.elapsed.as_secs_f64(),
         state_bytes: summary.state_bytes,
         state_groups: summary.state_groups,
+        peak_rss,
     })
+}
+
+/// Samples this process's resident memory while a job runs; its maximum is the job's peak.
+struct PeakRss {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+impl PeakRss {
+    fn start() -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = rss_bytes();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss_bytes());
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            peak.max(rss_bytes())
+        });
+        PeakRss { stop, thread }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or(0)
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -170,14 +251,31 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Runs the chosen scenarios and prints a table; each result is also a JSON line in `json`.
+/// With a `baseline` (JSON lines of an earlier run), results more than 10% slower are flagged.
 pub fn run(
+    suite: &str,
     events: u64,
     workers: &[usize],
     runs: usize,
     only: Option<String>,
     json: Option<std::path::PathBuf>,
+    baseline: Option<std::path::PathBuf>,
 ) -> Result<(), String> {
-    let chosen: Vec<&Scenario> = SCENARIOS
+    let scenarios = match suite {
+        "core" => SCENARIOS,
+        "nexmark" => NEXMARK,
+        other => {
+            return Err(format!(
+                "no benchmark suite '{other}': use 'core' or 'nexmark'"
+            ))
+        }
+    };
+    let baseline = match &baseline {
+        None => BTreeMap::new(),
+        Some(p) => read_baseline(p)?,
+    };
+    let mut slower = vec![];
+    let chosen: Vec<&Scenario> = scenarios
         .iter()
         .filter(|s| {
             only.as_deref()
@@ -185,7 +283,7 @@ pub fn run(
         })
         .collect();
     if chosen.is_empty() {
-        let names: Vec<&str> = SCENARIOS.iter().map(|s| s.name).collect();
+        let names: Vec<&str> = scenarios.iter().map(|s| s.name).collect();
         return Err(format!(
             "no such benchmark; choose from {}",
             names.join(", ")
@@ -196,8 +294,8 @@ pub fn run(
         None => None,
     };
     println!(
-        "{:<16} {:>7} {:>14} {:>16} {:>12}  what",
-        "benchmark", "workers", "events/s", "events/s/worker", "state B/key"
+        "{:<16} {:>7} {:>14} {:>16} {:>12} {:>10}  what",
+        "benchmark", "workers", "events/s", "events/s/worker", "state B/key", "peak RSS"
     );
     let mut by_name: BTreeMap<(&str, usize), f64> = BTreeMap::new();
     for s in chosen {
@@ -217,19 +315,37 @@ pub fn run(
             } else {
                 "-".into()
             };
+            let versus = match baseline.get(&(s.name.to_string(), w)) {
+                Some(base) if rate < base * 0.9 => {
+                    slower.push(format!(
+                        "{} ({w} workers): {rate:.0} vs {base:.0} events/s",
+                        s.name
+                    ));
+                    format!(
+                        "  SLOWER than baseline {base:.0} ({:+.0}%)",
+                        (rate / base - 1.0) * 100.0
+                    )
+                }
+                Some(base) => format!(
+                    "  baseline {base:.0} ({:+.0}%)",
+                    (rate / base - 1.0) * 100.0
+                ),
+                None => String::new(),
+            };
             println!(
-                "{:<16} {:>7} {:>14.0} {:>16.0} {:>12}  {}",
+                "{:<16} {:>7} {:>14.0} {:>16.0} {:>12} {:>8} MB  {}{versus}",
                 s.name,
                 w,
                 rate,
                 rate / w as f64,
                 per_key,
-                s.what
+                r.peak_rss >> 20,
+                describe(s)
             );
             if let Some(f) = out.as_mut() {
                 let line = format!(
-                    "{{\"benchmark\":\"{}\",\"workers\":{w},\"events\":{},\"events_per_s\":{rate:.0},\"runs\":{:?},\"state_bytes\":{},\"state_groups\":{}}}\n",
-                    s.name, r.events, rates.iter().map(|x| x.round()).collect::<Vec<_>>(), r.state_bytes, r.state_groups
+                    "{{\"suite\":\"{suite}\",\"benchmark\":\"{}\",\"workers\":{w},\"events\":{},\"events_per_s\":{rate:.0},\"runs\":{:?},\"state_bytes\":{},\"state_groups\":{},\"peak_rss_bytes\":{}}}\n",
+                    s.name, r.events, rates.iter().map(|x| x.round()).collect::<Vec<_>>(), r.state_bytes, r.state_groups, r.peak_rss
                 );
                 f.write_all(line.as_bytes()).map_err(|e| e.to_string())?;
             }
@@ -240,5 +356,52 @@ pub fn run(
             println!("scaling {name}: 2 workers / 1 worker = {:.2}x", two / one);
         }
     }
+    if !slower.is_empty() {
+        return Err(format!(
+            "more than 10% slower than the baseline: {}",
+            slower.join("; ")
+        ));
+    }
     Ok(())
+}
+
+/// What a scenario measures: its description, or a Nexmark file's first comment line.
+fn describe(s: &Scenario) -> String {
+    if !s.what.is_empty() {
+        return s.what.to_string();
+    }
+    let first = s.sql.lines().next().unwrap_or_default();
+    let text = first.split_once(": ").map_or(first, |(_, t)| t);
+    let mut out: String = text.chars().take(60).collect();
+    if text.chars().count() > 60 {
+        out.push_str("...");
+    }
+    out
+}
+
+/// `(benchmark, workers) -> events/s` from the JSON lines of an earlier run.
+fn read_baseline(path: &std::path::Path) -> Result<BTreeMap<(String, usize), f64>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut out = BTreeMap::new();
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| format!("{}:{}: {e}", path.display(), n + 1))?;
+        let (Some(name), Some(w), Some(rate)) = (
+            v["benchmark"].as_str(),
+            v["workers"].as_u64(),
+            v["events_per_s"].as_f64(),
+        ) else {
+            return Err(format!(
+                "{}:{}: a baseline line needs benchmark, workers and events_per_s",
+                path.display(),
+                n + 1
+            ));
+        };
+        out.insert((name.to_string(), w as usize), rate);
+    }
+    Ok(out)
 }

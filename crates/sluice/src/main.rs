@@ -48,8 +48,12 @@ enum Command {
         #[arg(long)]
         from_checkpoint: Option<String>,
     },
-    /// Measure throughput on the built-in generators (use a release build).
+    /// Measure throughput on the built-in generators (use a release build): the engine-core
+    /// scenarios, or `sluice bench nexmark` for the Nexmark queries.
     Bench {
+        /// `core` (default) or `nexmark`.
+        #[arg(default_value = "core")]
+        suite: String,
         /// Events per run.
         #[arg(long, default_value_t = 10_000_000)]
         events: u64,
@@ -65,6 +69,9 @@ enum Command {
         /// Also write one JSON line per result to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Compare with the JSON lines of an earlier run: flag results more than 10% slower.
+        #[arg(long)]
+        baseline: Option<PathBuf>,
     },
     /// Run the Double-11 sales dashboard on built-in generated orders.
     Demo {
@@ -99,12 +106,14 @@ fn main() -> ExitCode {
         ),
         Command::Demo { seconds, workers } => demo::run(seconds, workers),
         Command::Bench {
+            suite,
             events,
             workers,
             runs,
             only,
             json,
-        } => bench::run(events, &workers, runs, only, json),
+            baseline,
+        } => bench::run(&suite, events, &workers, runs, only, json, baseline),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
