@@ -607,7 +607,8 @@ fn build<'scope>(
                 [left.schema(), right.schema()],
                 schema.clone(),
                 ctx.state_ttl,
-            );
+            )
+            .map(|s| s.with_append_only([left.is_append_only(), right.is_append_only()]));
             let l = exchange_by_key(build(scope, left, ctx), left_keys.clone());
             let r = exchange_by_key(build(scope, right, ctx), right_keys.clone());
             let delay = bound.map_or(0, |b| b.output_delay);

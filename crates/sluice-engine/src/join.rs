@@ -60,6 +60,8 @@ struct Side {
     held: u64,
     bytes: usize,
     width: usize,
+    /// The input never retracts.
+    append_only: bool,
 }
 
 impl Side {
@@ -81,6 +83,7 @@ impl Side {
             held: 0,
             bytes: 0,
             width: schema.fields().len(),
+            append_only: false,
         })
     }
 
@@ -102,10 +105,15 @@ impl Side {
                 entries: vec![],
             }
         });
-        if let Some(e) = bucket.entries.iter_mut().find(|e| *e.row == *row) {
-            e.count += 1;
-            e.touched = now;
-            return;
+        // An updating input may retract a row later, so copies of a row share one entry that
+        // retraction finds; an append-only input never does, and saves the search (hot keys have
+        // many rows).
+        if !self.append_only {
+            if let Some(e) = bucket.entries.iter_mut().find(|e| *e.row == *row) {
+                e.count += 1;
+                e.touched = now;
+                return;
+            }
         }
         self.bytes += row.len() + std::mem::size_of::<Entry>();
         bucket.entries.push(Entry {
@@ -208,6 +216,15 @@ impl JoinState {
             last_sweep: 0,
             lookup: false,
         })
+    }
+
+    /// Declares which inputs are append-only (they never retract), which spares a search per
+    /// stored row.
+    pub fn with_append_only(mut self, inputs: [bool; 2]) -> Self {
+        for (side, append_only) in self.sides.iter_mut().zip(inputs) {
+            side.append_only = append_only;
+        }
+        self
     }
 
     /// Makes this a lookup join's state: left rows probe the right input's rows and are not kept,
