@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod latency;
 mod table_output;
 
 use std::path::PathBuf;
@@ -49,9 +50,10 @@ enum Command {
         from_checkpoint: Option<String>,
     },
     /// Measure throughput on the built-in generators (use a release build): the engine-core
-    /// scenarios, or `sluice bench nexmark` for the Nexmark queries.
+    /// scenarios, `sluice bench nexmark` for the Nexmark queries, `sluice bench latency`.
     Bench {
-        /// `core` (default) or `nexmark`.
+        /// `core` (default), `nexmark`, or `latency` (end-to-end latency of Nexmark q1 and q3
+        /// at half of their measured capacity, 10 s per setting, batches of 1024 and 8192 rows).
         #[arg(default_value = "core")]
         suite: String,
         /// Events per run.
@@ -105,6 +107,9 @@ fn main() -> ExitCode {
             from_checkpoint,
         ),
         Command::Demo { seconds, workers } => demo::run(seconds, workers),
+        Command::Bench { suite, workers, .. } if suite == "latency" => {
+            latency::run(&workers, 0.5, 10.0, &[1024, 8192])
+        }
         Command::Bench {
             suite,
             events,

@@ -1,0 +1,149 @@
+//! `sluice bench latency`: end-to-end latency at a fixed input rate.
+//!
+//! The Nexmark tables get an ingestion column (`ingest AS PROCTIME()`, stamped by the source
+//! when it reads a row). The query's output goes to a sink in this process that takes, for
+//! every row, the wall clock minus the newest ingestion stamp in the row (a join row exists once
+//! its later input arrived). First the query runs unpaced to measure its capacity; then it runs
+//! paced at a share of that capacity, and the percentiles of the paced run are reported.
+
+use std::sync::{Arc, Mutex};
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{DataType, SchemaRef, TimeUnit, TimestampMillisecondType};
+use sluice_common::ChangeBatch;
+use sluice_engine::{JobOptions, SelectOutput};
+
+const DDL: &str = "
+CREATE TABLE person (id BIGINT, name STRING, emailAddress STRING, creditCard STRING, city STRING,
+  state STRING, dateTime TIMESTAMP(3), extra STRING, ingest AS PROCTIME(),
+  WATERMARK FOR dateTime AS dateTime - INTERVAL '4' SECOND)
+WITH ('connector' = 'nexmark', 'nexmark.table' = 'person', 'nexmark.events' = '{events}', 'rows-per-second' = '{person_rate}');
+CREATE TABLE auction (id BIGINT, itemName STRING, description STRING, initialBid BIGINT,
+  reserve BIGINT, dateTime TIMESTAMP(3), expires TIMESTAMP(3), seller BIGINT, category BIGINT,
+  extra STRING, ingest AS PROCTIME(), WATERMARK FOR dateTime AS dateTime - INTERVAL '4' SECOND)
+WITH ('connector' = 'nexmark', 'nexmark.table' = 'auction', 'nexmark.events' = '{events}', 'rows-per-second' = '{auction_rate}');
+CREATE TABLE bid (auction BIGINT, bidder BIGINT, price BIGINT, channel STRING, url STRING,
+  dateTime TIMESTAMP(3), extra STRING, ingest AS PROCTIME(),
+  WATERMARK FOR dateTime AS dateTime - INTERVAL '4' SECOND)
+WITH ('connector' = 'nexmark', 'nexmark.table' = 'bid', 'nexmark.events' = '{events}', 'rows-per-second' = '{bid_rate}');
+";
+
+/// The measured queries: their output keeps the ingestion stamps.
+const QUERIES: &[(&str, &str)] = &[
+    (
+        "q1",
+        "SELECT auction, bidder, 0.908 * price AS price, dateTime, extra, ingest FROM bid",
+    ),
+    (
+        "q3",
+        "SELECT P.name, P.city, P.state, A.id, A.ingest, P.ingest FROM auction AS A \
+         INNER JOIN person AS P ON A.seller = P.id \
+         WHERE A.category = 10 AND (P.state = 'OR' OR P.state = 'ID' OR P.state = 'CA')",
+    ),
+];
+
+#[derive(Default)]
+struct Latencies(Mutex<Vec<u32>>);
+
+impl SelectOutput for Latencies {
+    fn begin(&self, _index: usize, _schema: SchemaRef) {}
+    fn emit(&self, _index: usize, batch: &ChangeBatch) {
+        let now = sluice_common::time::now_millis();
+        let stamps: Vec<_> = batch
+            .data
+            .columns()
+            .iter()
+            .zip(batch.schema().fields())
+            .filter(|(_, f)| {
+                f.name() == "ingest"
+                    && matches!(f.data_type(), DataType::Timestamp(TimeUnit::Millisecond, _))
+            })
+            .map(|(c, _)| c.as_primitive::<TimestampMillisecondType>().clone())
+            .collect();
+        let mut out = self.0.lock().expect("latencies");
+        for i in 0..batch.num_rows() {
+            let newest = stamps
+                .iter()
+                .filter(|s| s.is_valid(i))
+                .map(|s| s.value(i))
+                .max();
+            if let Some(t) = newest {
+                out.push((now - t).max(0) as u32);
+            }
+        }
+    }
+}
+
+fn run_once(
+    query: &str,
+    events: u64,
+    rate: f64,
+    workers: usize,
+    batch: usize,
+) -> Result<(f64, Vec<u32>), String> {
+    // The rate is for all events; each stream gets its share (1 : 3 : 46).
+    let ddl = DDL
+        .replace("{events}", &events.to_string())
+        .replace("{person_rate}", &format!("{}", rate / 50.0))
+        .replace("{auction_rate}", &format!("{}", rate * 3.0 / 50.0))
+        .replace("{bid_rate}", &format!("{}", rate * 46.0 / 50.0));
+    let script = format!("SET 'table.exec.mini-batch.size' = '{batch}';\n{ddl}{query};");
+    let plan = sluice_sql::plan_script(&script).map_err(|e| e.to_string())?;
+    let out = Arc::new(Latencies::default());
+    let options = JobOptions {
+        workers,
+        select_output: Some(out.clone()),
+        ..Default::default()
+    };
+    let summary = sluice_engine::run(plan, options).map_err(|e| e.to_string())?;
+    let latencies = std::mem::take(&mut *out.0.lock().expect("latencies"));
+    Ok((events as f64 / summary.elapsed.as_secs_f64(), latencies))
+}
+
+fn percentile(sorted: &[u32], p: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+/// Measures capacity, then latency at `load` (a share of capacity) for `seconds`.
+pub fn run(workers: &[usize], load: f64, seconds: f64, batches: &[usize]) -> Result<(), String> {
+    println!(
+        "{:<6} {:>7} {:>10} {:>14} {:>14} {:>8} {:>8} {:>8} {:>8}",
+        "query",
+        "workers",
+        "batch",
+        "capacity ev/s",
+        "paced ev/s",
+        "p50 ms",
+        "p99 ms",
+        "p999 ms",
+        "max ms"
+    );
+    for (name, query) in QUERIES {
+        for &w in workers {
+            for &batch in batches {
+                let (capacity, _) = run_once(query, 2_000_000, 0.0, w, batch)?;
+                let rate = capacity * load;
+                let events = (rate * seconds) as u64;
+                let (_, mut lat) = run_once(query, events, rate, w, batch)?;
+                lat.sort_unstable();
+                println!(
+                    "{:<6} {:>7} {:>10} {:>14.0} {:>14.0} {:>8} {:>8} {:>8} {:>8}",
+                    name,
+                    w,
+                    batch,
+                    capacity,
+                    rate,
+                    percentile(&lat, 0.5),
+                    percentile(&lat, 0.99),
+                    percentile(&lat, 0.999),
+                    lat.last().copied().unwrap_or(0)
+                );
+            }
+        }
+    }
+    Ok(())
+}
