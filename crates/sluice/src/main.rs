@@ -207,7 +207,7 @@ fn run(
 
 fn print_summary(s: &JobSummary) {
     let secs = s.elapsed.as_secs_f64();
-    eprintln!("---- job finished in {secs:.2} s");
+    eprintln!("---- job finished in {secs:.3} s");
     for (table, n) in &s.rows_read {
         eprintln!("rows read     {table:<24} {n}");
     }
