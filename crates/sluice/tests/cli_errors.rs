@@ -255,3 +255,55 @@ fn checkpoint_settings_are_checked() {
         &["'execution.checkpointing.mode' is not supported yet"],
     );
 }
+
+/// `sluice bench --baseline`: a result more than 10% slower than the baseline fails the run and
+/// names the query; one that is not passes.
+#[test]
+fn bench_baseline_flags_regressions() {
+    let dir = tempfile::tempdir().unwrap();
+    let bench = |rate: f64| {
+        let baseline = dir.path().join(format!("baseline-{rate}.jsonl"));
+        std::fs::write(
+            &baseline,
+            format!("{{\"benchmark\":\"q2\",\"workers\":1,\"events_per_s\":{rate}}}\n"),
+        )
+        .unwrap();
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args([
+                "bench",
+                "nexmark",
+                "--events",
+                "20000",
+                "--runs",
+                "1",
+                "--workers",
+                "1",
+            ])
+            .args(["--only", "q2", "--baseline"])
+            .arg(&baseline)
+            .output()
+            .unwrap()
+    };
+    // No machine runs q2 at a trillion events per second.
+    fails_with(&bench(1e12), &["more than 10% slower", "q2 (1 workers)"]);
+    let o = bench(1.0);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("baseline 1"));
+    // A baseline that is not JSON lines of results is an error that names the line.
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"benchmark\": \"q2\"}\n").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "bench",
+            "nexmark",
+            "--events",
+            "1000",
+            "--only",
+            "q2",
+            "--baseline",
+        ])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    fails_with(&o, &["bad.jsonl:1", "events_per_s"]);
+}
