@@ -15,7 +15,9 @@
 //! `'table.exec.state.ttl'` drops rows of a regular join that were not written for that long
 //! (processing time), silently, as Flink does: results that depend on them are no longer exact.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use hashbrown::HashMap;
 use std::time::{Duration, Instant};
 
 use arrow::array::{

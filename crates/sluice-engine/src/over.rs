@@ -8,7 +8,7 @@
 //! same whatever the frame size. Each partition keeps the rows still in its frame. Output is
 //! append-only: the input row followed by its aggregates.
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, BinaryArray, UInt16Array, UInt32Array};

@@ -13,7 +13,9 @@
 //!   watermark has passed that time; later rows of the key are dropped (exact keep-first
 //!   deduplication with append-only output).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use hashbrown::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{

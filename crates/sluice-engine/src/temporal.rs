@@ -5,7 +5,9 @@
 //! waiting or future row can see (older than the newest one at or below the watermark) are
 //! dropped, so state holds about one version per key.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use hashbrown::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, BinaryArray, Int64Array, UInt16Array, UInt32Array};
