@@ -476,9 +476,10 @@ pub struct UpdatingOverState {
 struct UpdatingPart {
     key_group: u16,
     /// (sort key, row) -> copies.
-    rows: std::collections::BTreeMap<(Box<[u8]>, Box<[u8]>), u32>,
+    rows: std::collections::BTreeMap<Entry, u32>,
 }
 
+/// (sort key, row), in Arrow row format.
 type Entry = (Box<[u8]>, Box<[u8]>);
 
 impl UpdatingOverState {
@@ -675,7 +676,9 @@ impl UpdatingOverState {
         let sorts = self.sorts.convert_columns(&sort_arrays)?;
         let rows = self.rows.convert_columns(batch.data.columns())?;
         // Changes per partition, in order; and the first position each one touches.
-        let mut touched: Vec<(&[u8], u16, Vec<(Entry, i64)>)> = vec![];
+        // (partition key, key group, its changes with their signs)
+        type Touched<'a> = (&'a [u8], u16, Vec<(Entry, i64)>);
+        let mut touched: Vec<Touched> = vec![];
         let mut slot: HashMap<&[u8], usize> = HashMap::new();
         for i in 0..n {
             let s = *slot.entry(keys[i]).or_insert_with(|| {
