@@ -458,6 +458,28 @@ impl<T> Alignment<T> {
     }
 }
 
+impl CheckpointContext {
+    /// Feeds every worker's restored snapshot batches of operator `id` to `restore`, with the
+    /// test for the key groups this worker owns (so a checkpoint restores on any worker count).
+    pub fn restore_key_groups(
+        &self,
+        id: &str,
+        index: usize,
+        peers: usize,
+        mut restore: impl FnMut(&arrow::record_batch::RecordBatch, &dyn Fn(u16) -> bool) -> Result<()>,
+    ) -> Result<()> {
+        let owns = |kg: u16| crate::dataflow::worker_for_hash(kg as u64, peers) == index;
+        for file in self.restored(Contribution::State, id)? {
+            let reader =
+                arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(file), None)?;
+            for batch in reader {
+                restore(&batch?, &owns)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A batch as an Arrow IPC stream: the format of operator snapshots.
 pub fn ipc_bytes(batch: &arrow::record_batch::RecordBatch) -> Result<Vec<u8>> {
     let mut bytes = vec![];

@@ -890,25 +890,6 @@ impl AggregateTask {
     }
 }
 
-/// Restores an aggregation's state from every worker's snapshot, keeping the key groups this
-/// worker owns (so a checkpoint restores on any worker count).
-fn restore_state(
-    state: &mut AggregateState,
-    files: Vec<bytes::Bytes>,
-    index: usize,
-    peers: usize,
-) -> Result<()> {
-    for file in files {
-        let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(file), None)?;
-        for batch in reader {
-            state.restore(&batch?, |kg| {
-                crate::dataflow::worker_for_hash(kg as u64, peers) == index
-            })?;
-        }
-    }
-    Ok(())
-}
-
 fn aggregate<'scope>(
     stream: EventStream<'scope>,
     state: Result<AggregateState>,
@@ -940,7 +921,7 @@ fn aggregate<'scope>(
         if let (Some(c), Some(id)) = (&checkpoint, &id) {
             if c.restore.is_some() {
                 let started = Instant::now();
-                restore_state(&mut s, c.restored(Contribution::State, id)?, index, peers)?;
+                c.restore_key_groups(id, index, peers, |b, owns| s.restore(b, owns))?;
                 eprintln!(
                     "worker {index}: restored {} groups of aggregation {id} in {} ms",
                     s.groups(),

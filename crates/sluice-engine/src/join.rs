@@ -27,12 +27,10 @@ use arrow::array::{
 use arrow::compute::{cast, take};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType};
 use arrow::record_batch::RecordBatch;
-use arrow::row::{RowConverter, SortField};
-use datafusion_common::hash_utils::create_hashes;
+use arrow::row::RowConverter;
 use sluice_common::{ChangeBatch, Error, Op, Result};
 use sluice_sql::{JoinBound, JoinKind, PhysExpr};
 
-use crate::dataflow::{key_hash_state, KEY_GROUPS};
 use crate::stateless::evaluate;
 
 /// One stored row and how often it is there.
@@ -67,19 +65,10 @@ struct Side {
 }
 
 impl Side {
-    fn new(schema: &Schema, key_types: Vec<DataType>) -> Result<Side> {
-        let sort = |types: Vec<DataType>| {
-            RowConverter::new(types.into_iter().map(SortField::new).collect()).map_err(Error::from)
-        };
+    fn new(schema: &Schema, keys: &[PhysExpr]) -> Result<Side> {
         Ok(Side {
-            rows: sort(
-                schema
-                    .fields()
-                    .iter()
-                    .map(|f| f.data_type().clone())
-                    .collect(),
-            )?,
-            keys: sort(key_types)?,
+            rows: crate::rows::row_converter(schema)?,
+            keys: crate::rows::key_converter(keys, schema)?,
             map: HashMap::new(),
             expiry: BTreeMap::new(),
             held: 0,
@@ -187,14 +176,9 @@ impl JoinState {
         schema: SchemaRef,
         ttl: Option<Duration>,
     ) -> Result<JoinState> {
-        let key_types = |keys: &[PhysExpr], s: &Schema| -> Result<Vec<DataType>> {
-            keys.iter()
-                .map(|k| k.data_type(s).map_err(|e| Error::plan(e.strip_backtrace())))
-                .collect()
-        };
         let sides = [
-            Side::new(&inputs[0], key_types(&left_keys, &inputs[0])?)?,
-            Side::new(&inputs[1], key_types(&right_keys, &inputs[1])?)?,
+            Side::new(&inputs[0], &left_keys)?,
+            Side::new(&inputs[1], &right_keys)?,
         ];
         let combined = Schema::new(
             inputs[0]
@@ -293,20 +277,13 @@ impl JoinState {
         }
         let now = self.now();
         self.sweep(now);
-        let key_arrays: Vec<ArrayRef> = self.keys[side]
-            .iter()
-            .map(|k| evaluate(k, batch))
-            .collect::<Result<_>>()?;
-        let mut hashes = vec![0u64; n];
-        if !key_arrays.is_empty() {
-            create_hashes(&key_arrays, &key_hash_state(), &mut hashes)
-                .map_err(|e| Error::Runtime(e.strip_backtrace()))?;
-        }
+        let key_arrays = crate::rows::key_arrays(&self.keys[side], batch)?;
+        let key_groups = crate::rows::key_groups(&key_arrays, n)?;
         let null_key: Vec<bool> = (0..n)
             .map(|i| key_arrays.iter().any(|a| a.is_null(i)))
             .collect();
         let keys = self.sides[side].keys.convert_columns(&key_arrays)?;
-        let keys = key_bytes(&keys, key_arrays.is_empty(), n);
+        let keys = crate::rows::key_bytes(&keys, key_arrays.is_empty(), n);
         let rows = self.sides[side]
             .rows
             .convert_columns(batch.data.columns())?;
@@ -415,7 +392,7 @@ impl JoinState {
             }
             if accumulate && !null_key[i] && !expired && !probe_only {
                 let u = until.as_ref().map_or(0, |u| u[i]);
-                let key_group = (hashes[i] % KEY_GROUPS) as u16;
+                let key_group = key_groups[i];
                 let s = &mut self.sides[side];
                 s.insert(key, key_group, row.as_ref(), matched, u, now);
                 if bounded {
@@ -635,11 +612,7 @@ impl JoinState {
 
     /// Adds the rows of a snapshot whose key group `owns` accepts.
     pub fn restore(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()> {
-        if batch.schema().fields() != snapshot_schema().fields() {
-            return Err(Error::Runtime(
-                "checkpoint: a join snapshot has an unexpected layout".into(),
-            ));
-        }
+        crate::rows::check_layout(batch, &snapshot_schema(), "join")?;
         let side = batch
             .column(0)
             .as_primitive::<arrow::datatypes::UInt8Type>();
@@ -695,12 +668,4 @@ fn snapshot_schema() -> SchemaRef {
         Field::new("degree", DataType::UInt32, false),
         Field::new("until", DataType::Int64, false),
     ]))
-}
-
-/// Each row's key bytes; without key columns (a global partition) every key is empty.
-pub(crate) fn key_bytes(rows: &arrow::row::Rows, no_columns: bool, n: usize) -> Vec<&[u8]> {
-    if no_columns {
-        return vec![&[]; n];
-    }
-    (0..n).map(|i| rows.row(i).data()).collect()
 }

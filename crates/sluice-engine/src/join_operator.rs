@@ -14,7 +14,7 @@ use timely::dataflow::operators::generic::{Operator, OutputBuilderSession};
 use timely::dataflow::operators::CapabilityTrait;
 
 use crate::checkpointing::{Alignment, CheckpointContext, CheckpointWriter, Contribution};
-use crate::dataflow::{worker_for_hash, Epoch, Event, EventBuilder, EventStream};
+use crate::dataflow::{Epoch, Event, EventBuilder, EventStream};
 use crate::job::BuildContext;
 use crate::join::JoinState;
 use crate::metrics::JobMetrics;
@@ -167,12 +167,7 @@ fn restore<S: TwoInputState>(
     peers: usize,
 ) -> Result<()> {
     let started = Instant::now();
-    for file in ctx.restored(Contribution::State, id)? {
-        let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(file), None)?;
-        for batch in reader {
-            state.restore(&batch?, &|kg| worker_for_hash(kg as u64, peers) == index)?;
-        }
-    }
+    ctx.restore_key_groups(id, index, peers, |b, owns| state.restore(b, owns))?;
     eprintln!(
         "worker {index}: restored {} rows of join {id} in {} ms",
         state.rows_held(),

@@ -12,7 +12,7 @@ use timely::dataflow::operators::generic::{Operator, OutputBuilderSession};
 use timely::dataflow::operators::CapabilityTrait;
 
 use crate::checkpointing::{ipc_bytes, Alignment, CheckpointContext, Contribution};
-use crate::dataflow::{worker_for_hash, Epoch, Event, EventBuilder, EventStream};
+use crate::dataflow::{Epoch, Event, EventBuilder, EventStream};
 use crate::job::BuildContext;
 use crate::metrics::JobMetrics;
 use crate::watermark::WatermarkTracker;
@@ -85,22 +85,6 @@ impl<S: KeyedState> Task<S> {
     }
 }
 
-fn restore<S: KeyedState>(
-    state: &mut S,
-    ctx: &CheckpointContext,
-    id: &str,
-    index: usize,
-    peers: usize,
-) -> Result<()> {
-    for file in ctx.restored(Contribution::State, id)? {
-        let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(file), None)?;
-        for batch in reader {
-            state.restore(&batch?, &|kg| worker_for_hash(kg as u64, peers) == index)?;
-        }
-    }
-    Ok(())
-}
-
 /// Runs `state` over a stream already partitioned by its key.
 pub(crate) fn keyed<'scope, S: KeyedState>(
     stream: EventStream<'scope>,
@@ -113,7 +97,7 @@ pub(crate) fn keyed<'scope, S: KeyedState>(
     let state = state.and_then(|mut s| {
         if let (Some(c), Some(id)) = (&checkpoint, &id) {
             if c.restore.is_some() {
-                restore(&mut s, c, id, index, peers)?;
+                c.restore_key_groups(id, index, peers, |b, owns| s.restore(b, owns))?;
             }
         }
         Ok(s)

@@ -24,6 +24,7 @@ mod keyed;
 pub mod metrics;
 pub mod over;
 pub mod rank;
+pub mod rows;
 pub mod source;
 pub mod stateless;
 pub mod temporal;

@@ -12,17 +12,15 @@ use hashbrown::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, BinaryArray, UInt16Array, UInt32Array};
-use arrow::compute::{cast, concat, concat_batches, take};
+use arrow::compute::{cast, concat, concat_batches};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType};
 use arrow::record_batch::RecordBatch;
-use arrow::row::{RowConverter, SortField};
-use datafusion_common::hash_utils::create_hashes;
+use arrow::row::RowConverter;
 use sluice_common::{ChangeBatch, Error, Op, Result};
 use sluice_sql::{AggCall, OverFrame, PhysExpr};
 use sluice_state::accumulator::Accumulator;
 
 use crate::aggregate::acc_kind;
-use crate::dataflow::{key_hash_state, KEY_GROUPS};
 use crate::stateless::evaluate;
 
 struct Part {
@@ -71,12 +69,7 @@ impl OverState {
             e.data_type(&input)
                 .map_err(|e| Error::plan(e.strip_backtrace()))
         };
-        let keys = RowConverter::new(
-            partition
-                .iter()
-                .map(|e| Ok(SortField::new(ty(e)?)))
-                .collect::<Result<_>>()?,
-        )?;
+        let keys = crate::rows::key_converter(&partition, &input)?;
         let mut accs = vec![];
         for c in &calls {
             let input_type = match &c.arg {
@@ -163,19 +156,12 @@ impl OverState {
             return Ok(None);
         }
         let ready = arrow::compute::take_record_batch(&all, &UInt32Array::from(ready))?;
-        let key_arrays: Vec<ArrayRef> = self
-            .partition
-            .iter()
-            .map(|e| evaluate(e, &ChangeBatch::inserts(ready.clone())))
-            .collect::<Result<_>>()?;
+        let key_arrays =
+            crate::rows::key_arrays(&self.partition, &ChangeBatch::inserts(ready.clone()))?;
         let n = ready.num_rows();
-        let mut hashes = vec![0u64; n];
-        if !key_arrays.is_empty() {
-            create_hashes(&key_arrays, &key_hash_state(), &mut hashes)
-                .map_err(|e| Error::Runtime(e.strip_backtrace()))?;
-        }
+        let key_groups = crate::rows::key_groups(&key_arrays, n)?;
         let rows = self.keys.convert_columns(&key_arrays)?;
-        let keys = crate::join::key_bytes(&rows, key_arrays.is_empty(), n);
+        let keys = crate::rows::key_bytes(&rows, key_arrays.is_empty(), n);
         // Rows per partition, in time order (stable: ties keep arrival order).
         let times = millis(&ready, self.time)?;
         let mut groups: Vec<(&[u8], Vec<u32>)> = vec![];
@@ -190,7 +176,7 @@ impl OverState {
         let mut out_batches = vec![];
         for (key, mut idx) in groups {
             idx.sort_by_key(|i| times[*i as usize]);
-            let key_group = (hashes[idx[0] as usize] % KEY_GROUPS) as u16;
+            let key_group = key_groups[idx[0] as usize];
             let rows = arrow::compute::take_record_batch(&ready, &UInt32Array::from(idx))?;
             out_batches.push(self.partition_rows(key, key_group, rows)?);
         }
@@ -315,17 +301,6 @@ fn snapshot_schema() -> SchemaRef {
     ]))
 }
 
-fn batch_bytes(b: &RecordBatch) -> Result<Vec<u8>> {
-    crate::checkpointing::ipc_bytes(b)
-}
-
-fn batch_from(bytes: &[u8]) -> Result<RecordBatch> {
-    let mut r = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)?;
-    r.next()
-        .ok_or_else(|| Error::Runtime("checkpoint: an empty OVER snapshot batch".into()))?
-        .map_err(Error::from)
-}
-
 impl crate::keyed::KeyedState for OverState {
     const NAME: &'static str = "Over";
 
@@ -353,7 +328,12 @@ impl crate::keyed::KeyedState for OverState {
             group.push(p.key_group);
             key.push(Some(k.to_vec()));
             accs.push(Some(state));
-            rows.push(p.frame.as_ref().map(batch_bytes).transpose()?);
+            rows.push(
+                p.frame
+                    .as_ref()
+                    .map(crate::checkpointing::ipc_bytes)
+                    .transpose()?,
+            );
         }
         // Waiting rows are restored by every worker that owns their key: they are split by key
         // group on restore, so they go in whole here.
@@ -361,7 +341,7 @@ impl crate::keyed::KeyedState for OverState {
             group.push(0);
             key.push(None);
             accs.push(None);
-            rows.push(Some(batch_bytes(b)?));
+            rows.push(Some(crate::checkpointing::ipc_bytes(b)?));
         }
         let cols: Vec<ArrayRef> = vec![
             Arc::new(UInt16Array::from(group)),
@@ -373,11 +353,7 @@ impl crate::keyed::KeyedState for OverState {
     }
 
     fn restore(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()> {
-        if batch.schema().fields() != snapshot_schema().fields() {
-            return Err(Error::Runtime(
-                "checkpoint: an OVER snapshot has an unexpected layout".into(),
-            ));
-        }
+        crate::rows::check_layout(batch, &snapshot_schema(), "OVER")?;
         let group = batch
             .column(0)
             .as_primitive::<arrow::datatypes::UInt16Type>();
@@ -387,29 +363,13 @@ impl crate::keyed::KeyedState for OverState {
         for i in 0..batch.num_rows() {
             if key.is_null(i) {
                 // Waiting rows: keep those of this worker's key groups.
-                let b = batch_from(rows.value(i))?;
-                let keys: Vec<ArrayRef> = self
-                    .partition
-                    .iter()
-                    .map(|e| evaluate(e, &ChangeBatch::inserts(b.clone())))
-                    .collect::<Result<_>>()?;
-                let mut hashes = vec![0u64; b.num_rows()];
-                if !keys.is_empty() {
-                    create_hashes(&keys, &key_hash_state(), &mut hashes)
-                        .map_err(|e| Error::Runtime(e.strip_backtrace()))?;
-                }
-                let mine: Vec<u32> = (0..b.num_rows() as u32)
-                    .filter(|r| owns((hashes[*r as usize] % KEY_GROUPS) as u16))
-                    .collect();
-                if !mine.is_empty() {
-                    let idx = UInt32Array::from(mine);
-                    let cols = b
-                        .columns()
-                        .iter()
-                        .map(|c| take(c, &idx, None))
-                        .collect::<std::result::Result<Vec<_>, _>>()?;
-                    self.pending
-                        .push(RecordBatch::try_new(self.input.clone(), cols)?);
+                let b = crate::rows::ipc_batch(rows.value(i))?;
+                if let Some(mine) = b
+                    .map(|b| crate::rows::owned_rows(&b, &self.partition, owns))
+                    .transpose()?
+                    .flatten()
+                {
+                    self.pending.push(mine);
                 }
                 continue;
             }
@@ -435,7 +395,7 @@ impl crate::keyed::KeyedState for OverState {
             let frame = if rows.is_null(i) {
                 None
             } else {
-                Some(batch_from(rows.value(i))?)
+                crate::rows::ipc_batch(rows.value(i))?
             };
             self.parts.insert(
                 key.value(i).into(),
@@ -491,43 +451,15 @@ impl UpdatingOverState {
         input: SchemaRef,
         schema: SchemaRef,
     ) -> Result<UpdatingOverState> {
-        let ty = |e: &PhysExpr| {
-            e.data_type(&input)
-                .map_err(|e| Error::plan(e.strip_backtrace()))
-        };
-        let keys = RowConverter::new(
-            partition
-                .iter()
-                .map(|e| Ok(SortField::new(ty(e)?)))
-                .collect::<Result<_>>()?,
-        )?;
-        let sorts = RowConverter::new(
-            order
-                .iter()
-                .map(|k| {
-                    Ok(SortField::new_with_options(
-                        ty(&k.expr)?,
-                        arrow::compute::SortOptions {
-                            descending: !k.asc,
-                            nulls_first: k.nulls_first,
-                        },
-                    ))
-                })
-                .collect::<Result<_>>()?,
-        )?;
-        let fields = |s: &Schema| -> Vec<SortField> {
-            s.fields()
-                .iter()
-                .map(|f| SortField::new(f.data_type().clone()))
-                .collect()
-        };
+        let keys = crate::rows::key_converter(&partition, &input)?;
+        let sorts = crate::rows::sort_converter(&order, &input)?;
         Ok(UpdatingOverState {
             partition,
             order: order.into_iter().map(|k| k.expr).collect(),
             calls,
             frame,
-            rows: RowConverter::new(fields(&input))?,
-            outputs: RowConverter::new(fields(&schema))?,
+            rows: crate::rows::row_converter(&input)?,
+            outputs: crate::rows::row_converter(&schema)?,
             input,
             schema,
             keys,
@@ -656,23 +588,11 @@ impl UpdatingOverState {
         if n == 0 {
             return Ok((None, 0));
         }
-        let key_arrays: Vec<ArrayRef> = self
-            .partition
-            .iter()
-            .map(|e| evaluate(e, batch))
-            .collect::<Result<_>>()?;
-        let mut hashes = vec![0u64; n];
-        if !key_arrays.is_empty() {
-            create_hashes(&key_arrays, &key_hash_state(), &mut hashes)
-                .map_err(|e| Error::Runtime(e.strip_backtrace()))?;
-        }
+        let key_arrays = crate::rows::key_arrays(&self.partition, batch)?;
+        let key_groups = crate::rows::key_groups(&key_arrays, n)?;
         let key_rows = self.keys.convert_columns(&key_arrays)?;
-        let keys = crate::join::key_bytes(&key_rows, key_arrays.is_empty(), n);
-        let sort_arrays: Vec<ArrayRef> = self
-            .order
-            .iter()
-            .map(|e| evaluate(e, batch))
-            .collect::<Result<_>>()?;
+        let keys = crate::rows::key_bytes(&key_rows, key_arrays.is_empty(), n);
+        let sort_arrays = crate::rows::key_arrays(&self.order, batch)?;
         let sorts = self.sorts.convert_columns(&sort_arrays)?;
         let rows = self.rows.convert_columns(batch.data.columns())?;
         // Changes per partition, in order; and the first position each one touches.
@@ -682,7 +602,7 @@ impl UpdatingOverState {
         let mut slot: HashMap<&[u8], usize> = HashMap::new();
         for i in 0..n {
             let s = *slot.entry(keys[i]).or_insert_with(|| {
-                touched.push((keys[i], (hashes[i] % KEY_GROUPS) as u16, vec![]));
+                touched.push((keys[i], key_groups[i], vec![]));
                 touched.len() - 1
             });
             let entry: Entry = (sorts.row(i).data().into(), rows.row(i).data().into());
@@ -792,11 +712,7 @@ impl crate::keyed::KeyedState for UpdatingOverState {
     }
 
     fn restore(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()> {
-        if batch.schema().fields() != snapshot_schema().fields() {
-            return Err(Error::Runtime(
-                "checkpoint: an OVER snapshot has an unexpected layout".into(),
-            ));
-        }
+        crate::rows::check_layout(batch, &snapshot_schema(), "OVER")?;
         let group = batch
             .column(0)
             .as_primitive::<arrow::datatypes::UInt16Type>();

@@ -21,16 +21,12 @@ use std::sync::Arc;
 use arrow::array::{
     Array, ArrayRef, AsArray, BinaryArray, Int64Array, UInt16Array, UInt32Array, UInt64Array,
 };
-use arrow::compute::{cast, SortOptions};
+use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType};
 use arrow::record_batch::RecordBatch;
-use arrow::row::{RowConverter, SortField};
-use datafusion_common::hash_utils::create_hashes;
+use arrow::row::RowConverter;
 use sluice_common::{ChangeBatch, Error, Op, Result};
 use sluice_sql::{PhysExpr, RankMode, SortKey};
-
-use crate::dataflow::{key_hash_state, KEY_GROUPS};
-use crate::stateless::evaluate;
 
 /// Bytes in Arrow row format.
 type Bytes = Box<[u8]>;
@@ -110,37 +106,9 @@ impl RankState {
         schema: SchemaRef,
         append_only_input: bool,
     ) -> Result<RankState> {
-        let ty = |e: &PhysExpr| {
-            e.data_type(input)
-                .map_err(|e| Error::plan(e.strip_backtrace()))
-        };
-        let keys = RowConverter::new(
-            partition
-                .iter()
-                .map(|e| Ok(SortField::new(ty(e)?)))
-                .collect::<Result<_>>()?,
-        )?;
-        let sorts = RowConverter::new(
-            order
-                .iter()
-                .map(|k| {
-                    Ok(SortField::new_with_options(
-                        ty(&k.expr)?,
-                        SortOptions {
-                            descending: !k.asc,
-                            nulls_first: k.nulls_first,
-                        },
-                    ))
-                })
-                .collect::<Result<_>>()?,
-        )?;
-        let rows = RowConverter::new(
-            input
-                .fields()
-                .iter()
-                .map(|f| SortField::new(f.data_type().clone()))
-                .collect(),
-        )?;
+        let keys = crate::rows::key_converter(&partition, input)?;
+        let sorts = crate::rows::sort_converter(&order, input)?;
+        let rows = crate::rows::row_converter(input)?;
         Ok(RankState {
             partition,
             order: order.into_iter().map(|k| k.expr).collect(),
@@ -185,23 +153,11 @@ impl RankState {
                 dropped,
             });
         }
-        let key_arrays: Vec<ArrayRef> = self
-            .partition
-            .iter()
-            .map(|e| evaluate(e, batch))
-            .collect::<Result<_>>()?;
-        let mut hashes = vec![0u64; n];
-        if !key_arrays.is_empty() {
-            create_hashes(&key_arrays, &key_hash_state(), &mut hashes)
-                .map_err(|e| Error::Runtime(e.strip_backtrace()))?;
-        }
-        let sort_arrays: Vec<ArrayRef> = self
-            .order
-            .iter()
-            .map(|e| evaluate(e, batch))
-            .collect::<Result<_>>()?;
+        let key_arrays = crate::rows::key_arrays(&self.partition, batch)?;
+        let key_groups = crate::rows::key_groups(&key_arrays, n)?;
+        let sort_arrays = crate::rows::key_arrays(&self.order, batch)?;
         let keys = self.keys.convert_columns(&key_arrays)?;
-        let keys = crate::join::key_bytes(&keys, key_arrays.is_empty(), n);
+        let keys = crate::rows::key_bytes(&keys, key_arrays.is_empty(), n);
         let sorts = self.sorts.convert_columns(&sort_arrays)?;
         let rows = self.rows.convert_columns(batch.data.columns())?;
         let times = match self.mode {
@@ -216,7 +172,7 @@ impl RankState {
             let key: Box<[u8]> = keys[i].into();
             let entry = (sorts.row(i).as_ref().into(), rows.row(i).as_ref().into());
             let accumulate = batch.op(i).sign() > 0;
-            let key_group = (hashes[i] % KEY_GROUPS) as u16;
+            let key_group = key_groups[i];
             match self.mode {
                 RankMode::Updating => {
                     if !touched.contains_key(&key) {
@@ -434,11 +390,7 @@ impl RankState {
 
     /// Adds the partitions of a snapshot whose key group `owns` accepts.
     pub fn restore(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()> {
-        if batch.schema().fields() != snapshot_schema().fields() {
-            return Err(Error::Runtime(
-                "checkpoint: a Top-N snapshot has an unexpected layout".into(),
-            ));
-        }
+        crate::rows::check_layout(batch, &snapshot_schema(), "Top-N")?;
         let group = batch
             .column(0)
             .as_primitive::<arrow::datatypes::UInt16Type>();

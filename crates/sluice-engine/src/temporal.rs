@@ -14,12 +14,10 @@ use arrow::array::{Array, ArrayRef, AsArray, BinaryArray, Int64Array, UInt16Arra
 use arrow::compute::{cast, concat_batches, take};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType};
 use arrow::record_batch::RecordBatch;
-use arrow::row::{RowConverter, SortField};
-use datafusion_common::hash_utils::create_hashes;
+use arrow::row::RowConverter;
 use sluice_common::{ChangeBatch, Error, Op, Result};
 use sluice_sql::{JoinKind, PhysExpr};
 
-use crate::dataflow::{key_hash_state, KEY_GROUPS};
 use crate::stateless::evaluate;
 
 type Bytes = Box<[u8]>;
@@ -69,21 +67,8 @@ impl TemporalState {
         inputs: [SchemaRef; 2],
         schema: SchemaRef,
     ) -> Result<TemporalState> {
-        let key_types = left_keys
-            .iter()
-            .map(|k| {
-                k.data_type(&inputs[0])
-                    .map(SortField::new)
-                    .map_err(|e| Error::plan(e.strip_backtrace()))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let right_rows = RowConverter::new(
-            inputs[1]
-                .fields()
-                .iter()
-                .map(|f| SortField::new(f.data_type().clone()))
-                .collect(),
-        )?;
+        let key_rows = crate::rows::key_converter(&left_keys, &inputs[0])?;
+        let right_rows = crate::rows::row_converter(&inputs[1])?;
         let combined = Schema::new(
             inputs[0]
                 .fields()
@@ -100,7 +85,7 @@ impl TemporalState {
             schema,
             inputs,
             combined: Arc::new(combined),
-            key_rows: RowConverter::new(key_types)?,
+            key_rows,
             right_rows,
             versions: HashMap::new(),
             pending: vec![],
@@ -115,22 +100,17 @@ impl TemporalState {
 
     /// Key bytes, key groups and null flags of a batch of input `side`.
     fn keys(&self, side: usize, batch: &RecordBatch) -> Result<(Vec<Bytes>, Vec<u16>, Vec<bool>)> {
-        let changes = ChangeBatch::inserts(batch.clone());
-        let arrays: Vec<ArrayRef> = self.keys[side]
-            .iter()
-            .map(|k| evaluate(k, &changes))
-            .collect::<Result<_>>()?;
+        let arrays =
+            crate::rows::key_arrays(&self.keys[side], &ChangeBatch::inserts(batch.clone()))?;
         let n = batch.num_rows();
-        let mut hashes = vec![0u64; n];
-        create_hashes(&arrays, &key_hash_state(), &mut hashes)
-            .map_err(|e| Error::Runtime(e.strip_backtrace()))?;
+        let groups = crate::rows::key_groups(&arrays, n)?;
         let rows = self.key_rows.convert_columns(&arrays)?;
         let nulls = (0..n)
             .map(|i| arrays.iter().any(|a| a.is_null(i)))
             .collect();
         Ok((
             (0..n).map(|i| rows.row(i).data().into()).collect(),
-            hashes.iter().map(|h| (h % KEY_GROUPS) as u16).collect(),
+            groups,
             nulls,
         ))
     }
@@ -366,11 +346,7 @@ impl crate::join_operator::TwoInputState for TemporalState {
     }
 
     fn restore(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()> {
-        if batch.schema().fields() != snapshot_schema().fields() {
-            return Err(Error::Runtime(
-                "checkpoint: a temporal join snapshot has an unexpected layout".into(),
-            ));
-        }
+        crate::rows::check_layout(batch, &snapshot_schema(), "temporal join")?;
         let group = batch
             .column(0)
             .as_primitive::<arrow::datatypes::UInt16Type>();
@@ -381,22 +357,14 @@ impl crate::join_operator::TwoInputState for TemporalState {
         let row = batch.column(3).as_binary::<i32>();
         for i in 0..batch.num_rows() {
             if key.is_null(i) {
-                let mut r = arrow::ipc::reader::StreamReader::try_new(
-                    std::io::Cursor::new(row.value(i)),
-                    None,
-                )?;
-                let Some(b) = r.next().transpose()? else {
-                    continue;
-                };
-                let (_, groups, _) = self.keys(0, &b)?;
-                let mine: Vec<u32> = (0..b.num_rows() as u32)
-                    .filter(|r| owns(groups[*r as usize]))
-                    .collect();
-                if !mine.is_empty() {
-                    self.pending.push(arrow::compute::take_record_batch(
-                        &b,
-                        &UInt32Array::from(mine),
-                    )?);
+                // Waiting left rows: keep those of this worker's key groups.
+                let b = crate::rows::ipc_batch(row.value(i))?;
+                if let Some(mine) = b
+                    .map(|b| crate::rows::owned_rows(&b, &self.keys[0], owns))
+                    .transpose()?
+                    .flatten()
+                {
+                    self.pending.push(mine);
                 }
                 continue;
             }

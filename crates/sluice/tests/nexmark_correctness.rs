@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use arrow::datatypes::{DataType, SchemaRef};
+use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
@@ -78,19 +78,8 @@ fn find_scan(node: &sluice_sql::StreamNode) -> sluice_sql::StreamNode {
     }
 }
 
-fn render(batch: &RecordBatch) -> Vec<Vec<String>> {
-    let mut out = sluice_connectors::memory::row_strings(batch).unwrap();
-    for (c, f) in batch.schema().fields().iter().enumerate() {
-        if matches!(f.data_type(), DataType::Float64 | DataType::Float32) {
-            for row in out.iter_mut() {
-                if let Ok(v) = row[c].parse::<f64>() {
-                    row[c] = format!("{v:.11e}");
-                }
-            }
-        }
-    }
-    out
-}
+mod common;
+use common::render;
 
 #[derive(Default)]
 struct Folded(Mutex<HashMap<Vec<String>, i64>>);

@@ -107,22 +107,8 @@ struct Collector {
     rows: Mutex<HashMap<usize, HashMap<Vec<String>, i64>>>,
 }
 
-fn render(batch: &RecordBatch) -> Vec<Vec<String>> {
-    let mut out = sluice_connectors::memory::row_strings(batch).unwrap();
-    // Float sums depend on addition order (and on retractions in sliding frames): compare them
-    // at 12 significant digits. The exact values (cents, averaged over at most a few dozen rows)
-    // need no more, so rounding never meets a tie that float error could tip either way.
-    for (c, f) in batch.schema().fields().iter().enumerate() {
-        if matches!(f.data_type(), DataType::Float64 | DataType::Float32) {
-            for row in out.iter_mut() {
-                if let Ok(v) = row[c].parse::<f64>() {
-                    row[c] = format!("{v:.11e}");
-                }
-            }
-        }
-    }
-    out
-}
+mod common;
+use common::render;
 
 impl SelectOutput for Collector {
     fn begin(&self, _index: usize, _schema: SchemaRef) {}

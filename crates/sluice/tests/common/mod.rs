@@ -7,6 +7,7 @@ use std::path::Path;
 /// count once each; Debezium changes are folded (`before` retracts, `after` adds). `normalize`
 /// may adjust a row first (for example, round float sums). A hidden, unpublished file left
 /// behind after a successful run is an error.
+#[allow(dead_code)]
 pub fn committed_rows(
     dir: &Path,
     normalize: impl Fn(&mut serde_json::Value),
@@ -43,4 +44,26 @@ pub fn committed_rows(
     }
     rows.retain(|_, n| *n != 0);
     rows
+}
+
+/// A batch's rows as text, floats at 12 significant digits: float sums depend on addition order
+/// (and on retractions in sliding frames), while the exact values in these tests (cents,
+/// averaged over at most a few dozen rows) need no more, so rounding never meets a tie that
+/// float error could tip either way.
+#[allow(dead_code)]
+pub fn render(batch: &arrow::record_batch::RecordBatch) -> Vec<Vec<String>> {
+    let mut out = sluice_connectors::memory::row_strings(batch).unwrap();
+    for (c, f) in batch.schema().fields().iter().enumerate() {
+        if matches!(
+            f.data_type(),
+            arrow::datatypes::DataType::Float64 | arrow::datatypes::DataType::Float32
+        ) {
+            for row in out.iter_mut() {
+                if let Ok(v) = row[c].parse::<f64>() {
+                    row[c] = format!("{v:.11e}");
+                }
+            }
+        }
+    }
+    out
 }
