@@ -23,7 +23,6 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, LogNormal};
 use sluice_common::Result;
 
-use crate::datagen::Pacer;
 use crate::options::Options;
 use crate::{ConnectorSpec, Poll, SourceReader};
 
@@ -68,18 +67,13 @@ const COLUMNS: [&str; 8] = [
 
 /// This worker's slice of the order stream.
 pub struct EcommerceSource {
-    table: String,
     schema: arrow::datatypes::SchemaRef,
     seed: u64,
-    next: u64,
-    step: u64,
-    limit: Option<u64>,
+    cursor: crate::GeneratorCursor,
     start_ms: i64,
     /// Event-time milliseconds between consecutive orders.
     gap_ms: f64,
     disorder_ms: i64,
-    pacer: Pacer,
-    produced: u64,
     amounts: LogNormal<f64>,
 }
 
@@ -138,17 +132,12 @@ impl EcommerceSource {
             event_rate
         };
         Ok(EcommerceSource {
-            table: spec.table.clone(),
             schema: spec.schema.clone(),
             seed,
-            next: worker as u64,
-            step: workers as u64,
-            limit: total,
+            cursor: crate::GeneratorCursor::new(&spec.table, worker, workers, total, rate),
             start_ms,
             gap_ms: 1000.0 / events_per_event_second,
             disorder_ms,
-            pacer: Pacer::new(rate / workers as f64),
-            produced: 0,
             amounts: LogNormal::new(4.2, 0.9).expect("valid lognormal"),
         })
     }
@@ -156,26 +145,17 @@ impl EcommerceSource {
 
 impl SourceReader for EcommerceSource {
     fn offsets(&self) -> crate::SourceOffsets {
-        let worker = self.next % self.step;
-        crate::generator_offsets(worker, self.step, self.next / self.step)
+        self.cursor.offsets()
     }
 
     fn seek(&mut self, offsets: &crate::SourceOffsets) -> Result<()> {
-        let worker = self.next % self.step;
-        let done = crate::generator_seek(&self.table, offsets, worker, self.step)?;
-        self.next = worker + done * self.step;
-        Ok(())
+        self.cursor.seek(offsets)
     }
 
     fn poll(&mut self, max_rows: usize) -> Result<Poll> {
-        let mut n = max_rows as u64;
-        if let Some(limit) = self.limit {
-            if self.next >= limit {
-                return Ok(Poll::Finished);
-            }
-            n = n.min((limit - self.next).div_ceil(self.step));
-        }
-        n = n.min(self.pacer.allowed().saturating_sub(self.produced));
+        let Some(n) = self.cursor.budget(max_rows) else {
+            return Ok(Poll::Finished);
+        };
         if n == 0 {
             return Ok(Poll::Idle);
         }
@@ -191,8 +171,7 @@ impl SourceReader for EcommerceSource {
             vec![],
         );
         for _ in 0..n {
-            let i = self.next;
-            self.next += self.step;
+            let i = self.cursor.take();
             let mut rng =
                 SmallRng::seed_from_u64(self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i);
             order.push(i as i64 + 1);
@@ -209,7 +188,6 @@ impl SourceReader for EcommerceSource {
             }
             ts.push(t);
         }
-        self.produced += n as u64;
         let mut columns: Vec<ArrayRef> = vec![];
         for f in self.schema.fields() {
             let col: ArrayRef = match f.name().as_str() {

@@ -82,6 +82,72 @@ pub(crate) fn generator_offsets(worker: u64, workers: u64, produced: u64) -> Sou
         .collect()
 }
 
+/// Where a generator worker stands in its stream: worker `w` of `n` makes rows `w, w+n, ...`
+/// below `limit`, at most `pacer`'s rate.
+pub(crate) struct GeneratorCursor {
+    table: String,
+    next: u64,
+    step: u64,
+    limit: Option<u64>,
+    pacer: Option<datagen::Pacer>,
+    produced: u64,
+}
+
+impl GeneratorCursor {
+    /// `rate` rows per second for the whole job (`0`: unpaced).
+    pub(crate) fn new(
+        table: &str,
+        worker: usize,
+        workers: usize,
+        limit: Option<u64>,
+        rate: f64,
+    ) -> Self {
+        GeneratorCursor {
+            table: table.to_string(),
+            next: worker as u64,
+            step: workers as u64,
+            limit,
+            pacer: (rate > 0.0).then(|| datagen::Pacer::new(rate / workers as f64)),
+            produced: 0,
+        }
+    }
+
+    /// How many rows to make now (at most `max_rows`): `None` at the end of a bounded stream.
+    pub(crate) fn budget(&self, max_rows: usize) -> Option<u64> {
+        let mut n = max_rows as u64;
+        if let Some(limit) = self.limit {
+            if self.next >= limit {
+                return None;
+            }
+            n = n.min((limit - self.next).div_ceil(self.step));
+        }
+        if let Some(p) = &self.pacer {
+            n = n.min(p.allowed().saturating_sub(self.produced));
+        }
+        Some(n)
+    }
+
+    /// The next row's index, moving past it.
+    pub(crate) fn take(&mut self) -> u64 {
+        let i = self.next;
+        self.next += self.step;
+        self.produced += 1;
+        i
+    }
+
+    pub(crate) fn offsets(&self) -> SourceOffsets {
+        let worker = self.next % self.step;
+        generator_offsets(worker, self.step, self.next / self.step)
+    }
+
+    pub(crate) fn seek(&mut self, offsets: &SourceOffsets) -> Result<()> {
+        let worker = self.next % self.step;
+        let done = generator_seek(&self.table, offsets, worker, self.step)?;
+        self.next = worker + done * self.step;
+        Ok(())
+    }
+}
+
 /// The rows worker `worker` of `workers` had produced, from recorded generator offsets.
 pub(crate) fn generator_seek(
     table: &str,

@@ -29,7 +29,6 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use sluice_common::{Error, Result};
 
-use crate::datagen::Pacer;
 use crate::options::Options;
 use crate::{ConnectorSpec, Poll, SourceReader};
 
@@ -174,15 +173,11 @@ pub struct NexmarkSource {
     schema: arrow::datatypes::SchemaRef,
     stream: Stream,
     seed: u64,
-    next: u64,
-    step: u64,
-    limit: Option<u64>,
+    cursor: crate::GeneratorCursor,
     start_ms: i64,
     /// Event-time milliseconds per event (of all streams).
     gap_ms: f64,
     disorder_ms: i64,
-    pacer: Option<Pacer>,
-    produced: u64,
 }
 
 impl NexmarkSource {
@@ -238,14 +233,16 @@ impl NexmarkSource {
             schema: spec.schema.clone(),
             stream,
             seed,
-            next: worker as u64,
-            step: workers as u64,
-            limit: events.map(|e| stream.rows_in(e)),
+            cursor: crate::GeneratorCursor::new(
+                &spec.table,
+                worker,
+                workers,
+                events.map(|e| stream.rows_in(e)),
+                rate,
+            ),
             start_ms,
             gap_ms: 1000.0 / event_rate,
             disorder_ms,
-            pacer: (rate > 0.0).then(|| Pacer::new(rate / workers as f64)),
-            produced: 0,
         })
     }
 
@@ -290,35 +287,23 @@ impl Columns {
 
 impl SourceReader for NexmarkSource {
     fn offsets(&self) -> crate::SourceOffsets {
-        let worker = self.next % self.step;
-        crate::generator_offsets(worker, self.step, self.next / self.step)
+        self.cursor.offsets()
     }
 
     fn seek(&mut self, offsets: &crate::SourceOffsets) -> Result<()> {
-        let worker = self.next % self.step;
-        let done = crate::generator_seek(&self.table, offsets, worker, self.step)?;
-        self.next = worker + done * self.step;
-        Ok(())
+        self.cursor.seek(offsets)
     }
 
     fn poll(&mut self, max_rows: usize) -> Result<Poll> {
-        let mut n = max_rows as u64;
-        if let Some(limit) = self.limit {
-            if self.next >= limit {
-                return Ok(Poll::Finished);
-            }
-            n = n.min((limit - self.next).div_ceil(self.step));
-        }
-        if let Some(p) = &self.pacer {
-            n = n.min(p.allowed().saturating_sub(self.produced));
-        }
+        let Some(n) = self.cursor.budget(max_rows) else {
+            return Ok(Poll::Finished);
+        };
         if n == 0 {
             return Ok(Poll::Idle);
         }
         let mut cols = Columns::default();
         for _ in 0..n {
-            let k = self.next;
-            self.next += self.step;
+            let k = self.cursor.take();
             let i = self.stream.event(k);
             let mut rng = self.rng(i);
             let t = self.time(i, &mut rng);
@@ -420,7 +405,6 @@ impl SourceReader for NexmarkSource {
                 }
             }
         }
-        self.produced += n;
         let mut columns: Vec<ArrayRef> = vec![];
         for f in self.schema.fields() {
             let name = f.name().as_str();

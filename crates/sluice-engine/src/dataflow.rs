@@ -88,6 +88,16 @@ impl Event {
         }
     }
 
+    /// What an operator forwards after its watermark tracker decided: its watermark, or (with
+    /// `idle`) that it is idle at that watermark.
+    pub fn progress(from: usize, ts: i64, idle: bool, peers: usize) -> Event {
+        if idle {
+            Event::idle(from, ts, peers)
+        } else {
+            Event::watermark(from, ts, peers)
+        }
+    }
+
     /// "Worker `from` is idle": its watermark stops holding receivers back until it sends again.
     pub fn idle(from: usize, ts: i64, peers: usize) -> Event {
         Event::Watermark {

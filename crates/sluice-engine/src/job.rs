@@ -784,11 +784,7 @@ fn merge_watermarks<'scope>(
             input.for_each(|cap, data| match data {
                 Event::Watermark { from, ts, idle, .. } => {
                     if let Some((wm, idle)) = tracker.receive(*from, *ts, *idle).forward {
-                        let mut event = if idle {
-                            Event::idle(index, wm, peers)
-                        } else {
-                            Event::watermark(index, wm, peers)
-                        };
+                        let mut event = Event::progress(index, wm, idle, peers);
                         output.session(&cap).give_container(&mut event);
                     }
                 }
@@ -864,11 +860,7 @@ impl AggregateTask {
                     }
                 }
                 if let Some((wm, idle)) = progress.forward {
-                    let mut event = if idle {
-                        Event::idle(self.index, wm, self.peers)
-                    } else {
-                        Event::watermark(self.index, wm, self.peers)
-                    };
+                    let mut event = Event::progress(self.index, wm, idle, self.peers);
                     output.session(cap).give_container(&mut event);
                 }
             }

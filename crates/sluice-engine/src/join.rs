@@ -180,14 +180,7 @@ impl JoinState {
             Side::new(&inputs[0], &left_keys)?,
             Side::new(&inputs[1], &right_keys)?,
         ];
-        let combined = Schema::new(
-            inputs[0]
-                .fields()
-                .iter()
-                .chain(inputs[1].fields().iter())
-                .cloned()
-                .collect::<Vec<_>>(),
-        );
+        let combined = crate::rows::side_by_side(&inputs[0], &inputs[1]);
         Ok(JoinState {
             kind,
             keys: [left_keys, right_keys],
@@ -195,7 +188,7 @@ impl JoinState {
             bound,
             sides,
             schema,
-            combined: combined.into(),
+            combined,
             watermarks: [i64::MIN; 2],
             ttl,
             started: Instant::now(),

@@ -135,11 +135,7 @@ impl<S: TwoInputState> JoinTask<S> {
                     } else {
                         wm.saturating_sub(self.output_delay)
                     };
-                    let mut event = if idle {
-                        Event::idle(self.index, wm, self.peers)
-                    } else {
-                        Event::watermark(self.index, wm, self.peers)
-                    };
+                    let mut event = Event::progress(self.index, wm, idle, self.peers);
                     output.session(cap).give_container(&mut event);
                 }
             }

@@ -72,11 +72,7 @@ impl<S: KeyedState> Task<S> {
                     }
                 }
                 if let Some((wm, idle)) = progress.forward {
-                    let mut event = if idle {
-                        Event::idle(self.index, wm, self.peers)
-                    } else {
-                        Event::watermark(self.index, wm, self.peers)
-                    };
+                    let mut event = Event::progress(self.index, wm, idle, self.peers);
                     output.session(cap).give_container(&mut event);
                 }
             }

@@ -114,3 +114,14 @@ pub fn owned_rows(
         &arrow::array::UInt32Array::from(mine),
     )?))
 }
+
+/// The columns of two inputs side by side, as a join's condition sees them.
+pub fn side_by_side(left: &Schema, right: &Schema) -> SchemaRef {
+    std::sync::Arc::new(Schema::new(
+        left.fields()
+            .iter()
+            .chain(right.fields().iter())
+            .cloned()
+            .collect::<Vec<_>>(),
+    ))
+}

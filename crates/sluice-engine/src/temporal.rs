@@ -69,14 +69,7 @@ impl TemporalState {
     ) -> Result<TemporalState> {
         let key_rows = crate::rows::key_converter(&left_keys, &inputs[0])?;
         let right_rows = crate::rows::row_converter(&inputs[1])?;
-        let combined = Schema::new(
-            inputs[0]
-                .fields()
-                .iter()
-                .chain(inputs[1].fields().iter())
-                .cloned()
-                .collect::<Vec<_>>(),
-        );
+        let combined = crate::rows::side_by_side(&inputs[0], &inputs[1]);
         Ok(TemporalState {
             kind,
             keys: [left_keys, right_keys],
@@ -84,7 +77,7 @@ impl TemporalState {
             filter,
             schema,
             inputs,
-            combined: Arc::new(combined),
+            combined,
             key_rows,
             right_rows,
             versions: HashMap::new(),
