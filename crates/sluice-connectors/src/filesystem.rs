@@ -200,6 +200,41 @@ impl FileSource {
     }
 }
 
+/// An empty CSV field of a string column is the empty string, as in Flink's CSV format (the
+/// CSV reader makes it NULL); empty fields of other types stay NULL.
+fn empty_strings(
+    batch: arrow::record_batch::RecordBatch,
+) -> Result<arrow::record_batch::RecordBatch> {
+    use arrow::array::{Array, AsArray};
+    if !batch
+        .columns()
+        .iter()
+        .any(|c| c.data_type() == &arrow::datatypes::DataType::Utf8 && c.null_count() > 0)
+    {
+        return Ok(batch);
+    }
+    let columns = batch
+        .columns()
+        .iter()
+        .map(|c| {
+            if c.data_type() == &arrow::datatypes::DataType::Utf8 && c.null_count() > 0 {
+                let filled: arrow::array::StringArray = c
+                    .as_string::<i32>()
+                    .iter()
+                    .map(|v| Some(v.unwrap_or("")))
+                    .collect();
+                std::sync::Arc::new(filled) as arrow::array::ArrayRef
+            } else {
+                c.clone()
+            }
+        })
+        .collect();
+    Ok(arrow::record_batch::RecordBatch::try_new(
+        batch.schema(),
+        columns,
+    )?)
+}
+
 fn list_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     let meta = std::fs::metadata(path)?;
     if meta.is_file() {
@@ -257,7 +292,7 @@ impl FileSource {
             return match csv.next() {
                 Some(Ok(batch)) => {
                     f.position += batch.num_rows() as u64;
-                    Ok(Chunk::Rows(batch))
+                    Ok(Chunk::Rows(empty_strings(batch)?))
                 }
                 Some(Err(_)) if self.csv_ignore_errors => {
                     self.skipped += 1;

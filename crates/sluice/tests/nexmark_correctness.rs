@@ -414,3 +414,35 @@ fn nexmark_queries_equal_their_batch_answer() {
            SPLIT_INDEX(url, '/', 4) as dir2, SPLIT_INDEX(url, '/', 5) as dir3 FROM bid",
     );
 }
+
+#[test]
+fn q10_partitioned_files_read_back_as_the_batch_answer() {
+    let mut s = setup();
+    // q10: every bid into a file table partitioned by day and minute; reading the table back (the
+    // partition columns come from the folder names) gives the batch answer.
+    let q10 = format!(
+        "{}CREATE TABLE fs_sink (auction BIGINT, bidder BIGINT, price BIGINT, dateTime TIMESTAMP(3), \
+           extra STRING, dt STRING, hm STRING) PARTITIONED BY (dt, hm) \
+         WITH ('connector' = 'filesystem', 'path' = '{}', 'format' = 'csv');\n",
+        s.script,
+        s._dir.path().join("q10").display()
+    );
+    let plan = sluice_sql::plan_script(&format!(
+        "{q10}INSERT INTO fs_sink SELECT auction, bidder, price, dateTime, extra, \
+         DATE_FORMAT(dateTime, 'yyyy-MM-dd'), DATE_FORMAT(dateTime, 'HH:mm') FROM bid;"
+    ))
+    .unwrap();
+    let options = JobOptions {
+        workers: 2,
+        ..Default::default()
+    };
+    sluice_engine::run(plan, options).unwrap();
+    let with_sink = Setup { script: q10, ..s };
+    check(
+        &with_sink,
+        "q10",
+        "SELECT * FROM fs_sink",
+        "SELECT auction, bidder, price, dateTime, extra, to_char(dateTime, '%Y-%m-%d'), \
+         to_char(dateTime, '%H:%M') FROM bid",
+    );
+}
