@@ -51,6 +51,9 @@ pub enum Event {
         ts: i64,
         weight: u32,
         idle: bool,
+        /// When the sending operator made it (wall clock, ms): how long windows take to fire
+        /// after the watermark that closes them is measured from here.
+        at: i64,
     },
 }
 
@@ -85,6 +88,7 @@ impl Event {
             ts,
             weight: peers as u32,
             idle: false,
+            at: sluice_common::time::now_millis(),
         }
     }
 
@@ -105,6 +109,7 @@ impl Event {
             ts,
             weight: peers as u32,
             idle: true,
+            at: sluice_common::time::now_millis(),
         }
     }
 }
@@ -189,6 +194,7 @@ impl ContainerBytes for Event {
                 ts: word(2) as i64,
                 weight: word(3) as u32,
                 idle: word(4) != 0,
+                at: word(5) as i64,
             },
             _ => Event::Empty,
         }
@@ -198,7 +204,7 @@ impl ContainerBytes for Event {
         match self {
             Event::Empty => 8,
             Event::Data(d) => 16 + padded(d.encoded.get_or_init(|| encode_batch(&d.batch)).len()),
-            Event::Watermark { .. } => 40,
+            Event::Watermark { .. } => 48,
         }
     }
 
@@ -220,12 +226,14 @@ impl ContainerBytes for Event {
                 ts,
                 weight,
                 idle,
+                at,
             } => {
                 put(TAG_WATERMARK);
                 put(*from as u64);
                 put(*ts as u64);
                 put(*weight as u64);
                 put(*idle as u64);
+                put(*at as u64);
             }
         }
     }
@@ -287,7 +295,9 @@ impl Distributor<Event> for KeyDistributor {
         let peers = pushers.len();
         match std::mem::take(container) {
             Event::Empty => {}
-            Event::Watermark { from, ts, idle, .. } => {
+            Event::Watermark {
+                from, ts, idle, at, ..
+            } => {
                 for p in pushers.iter_mut() {
                     Message::push_at(
                         &mut Event::Watermark {
@@ -295,6 +305,7 @@ impl Distributor<Event> for KeyDistributor {
                             ts,
                             weight: 1,
                             idle,
+                            at,
                         },
                         stamp.clone(),
                         p,

@@ -849,12 +849,24 @@ impl AggregateTask {
                 }
                 Err(e) => metrics.fail(e),
             },
-            Event::Watermark { from, ts, idle, .. } => {
+            Event::Watermark {
+                from, ts, idle, at, ..
+            } => {
                 let progress = self.tracker.receive(*from, *ts, *idle);
                 let closes = |wm: i64| !self.processing_time || wm == MAX_WATERMARK;
                 if let Some(wm) = progress.advanced.filter(|wm| closes(*wm)) {
                     match self.state.advance_watermark(wm) {
-                        Ok(Some(out)) => output.session(cap).give_container(&mut Event::data(out)),
+                        Ok(Some(out)) => {
+                            if wm != MAX_WATERMARK && !self.processing_time {
+                                let took = (sluice_common::time::now_millis() - *at).max(0);
+                                metrics
+                                    .window_fire_ms
+                                    .lock()
+                                    .expect("metrics")
+                                    .push(took as u32);
+                            }
+                            output.session(cap).give_container(&mut Event::data(out))
+                        }
                         Ok(None) => {}
                         Err(e) => metrics.fail(e),
                     }

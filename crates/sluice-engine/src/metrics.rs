@@ -27,6 +27,10 @@ pub struct JobMetrics {
     pub stop_epoch: AtomicU64,
     /// Set to stop the job: sources stop reading (without ending event time) and the job winds down.
     pub cancelled: std::sync::atomic::AtomicBool,
+    /// For each window firing: milliseconds from the source making the watermark that closed
+    /// the windows to the aggregation emitting them (event-time windows; the latency benchmark
+    /// reads it).
+    pub window_fire_ms: Mutex<Vec<u32>>,
     /// The first error raised by any operator; every worker stops when it is set.
     pub error: Mutex<Option<Error>>,
 }

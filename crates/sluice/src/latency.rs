@@ -74,13 +74,14 @@ impl SelectOutput for Latencies {
     }
 }
 
+/// One run: its events/s, the ingestion-to-sink latencies, and the window firing delays.
 fn run_once(
     query: &str,
     events: u64,
     rate: f64,
     workers: usize,
     batch: usize,
-) -> Result<(f64, Vec<u32>), String> {
+) -> Result<(f64, Vec<u32>, Vec<u32>), String> {
     // The rate is for all events; each stream gets its share (1 : 3 : 46).
     let ddl = DDL
         .replace("{events}", &events.to_string())
@@ -90,14 +91,21 @@ fn run_once(
     let script = format!("SET 'table.exec.mini-batch.size' = '{batch}';\n{ddl}{query};");
     let plan = sluice_sql::plan_script(&script).map_err(|e| e.to_string())?;
     let out = Arc::new(Latencies::default());
+    let metrics = sluice_engine::JobMetrics::new();
     let options = JobOptions {
         workers,
         select_output: Some(out.clone()),
+        metrics: metrics.clone(),
         ..Default::default()
     };
     let summary = sluice_engine::run(plan, options).map_err(|e| e.to_string())?;
     let latencies = std::mem::take(&mut *out.0.lock().expect("latencies"));
-    Ok((events as f64 / summary.elapsed.as_secs_f64(), latencies))
+    let fired = std::mem::take(&mut *metrics.window_fire_ms.lock().expect("metrics"));
+    Ok((
+        events as f64 / summary.elapsed.as_secs_f64(),
+        latencies,
+        fired,
+    ))
 }
 
 fn percentile(sorted: &[u32], p: f64) -> u32 {
@@ -107,6 +115,10 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i]
 }
+
+/// A 1 s tumbling count: how long after the watermark that closes a window it is emitted.
+const WINDOW: &str = "SELECT TUMBLE_START(dateTime, INTERVAL '1' SECOND), COUNT(*), MAX(ingest) \
+    FROM bid GROUP BY TUMBLE(dateTime, INTERVAL '1' SECOND)";
 
 /// Measures capacity, then latency at `load` (a share of capacity) for `seconds`.
 pub fn run(workers: &[usize], load: f64, seconds: f64, batches: &[usize]) -> Result<(), String> {
@@ -125,10 +137,10 @@ pub fn run(workers: &[usize], load: f64, seconds: f64, batches: &[usize]) -> Res
     for (name, query) in QUERIES {
         for &w in workers {
             for &batch in batches {
-                let (capacity, _) = run_once(query, 2_000_000, 0.0, w, batch)?;
+                let (capacity, _, _) = run_once(query, 2_000_000, 0.0, w, batch)?;
                 let rate = capacity * load;
                 let events = (rate * seconds) as u64;
-                let (_, mut lat) = run_once(query, events, rate, w, batch)?;
+                let (_, mut lat, _) = run_once(query, events, rate, w, batch)?;
                 lat.sort_unstable();
                 println!(
                     "{:<6} {:>7} {:>10} {:>14.0} {:>14.0} {:>8} {:>8} {:>8} {:>8}",
@@ -144,6 +156,28 @@ pub fn run(workers: &[usize], load: f64, seconds: f64, batches: &[usize]) -> Res
                 );
             }
         }
+    }
+    // Windows: from the source making the watermark that closes a window to its emission.
+    println!();
+    println!(
+        "{:<12} {:>7} {:>14} {:>10} {:>8} {:>8} {:>8}",
+        "window", "workers", "paced ev/s", "windows", "p50 ms", "p99 ms", "max ms"
+    );
+    for &w in workers {
+        let (capacity, _, _) = run_once(WINDOW, 2_000_000, 0.0, w, 1024)?;
+        let rate = capacity * load;
+        let (_, _, mut fired) = run_once(WINDOW, (rate * seconds) as u64, rate, w, 1024)?;
+        fired.sort_unstable();
+        println!(
+            "{:<12} {:>7} {:>14.0} {:>10} {:>8} {:>8} {:>8}",
+            "tumble 1 s",
+            w,
+            rate,
+            fired.len(),
+            percentile(&fired, 0.5),
+            percentile(&fired, 0.99),
+            fired.last().copied().unwrap_or(0)
+        );
     }
     Ok(())
 }

@@ -437,9 +437,9 @@ fn q10_partitioned_files_read_back_as_the_batch_answer() {
         ..Default::default()
     };
     sluice_engine::run(plan, options).unwrap();
-    let with_sink = Setup { script: q10, ..s };
+    s.script = q10;
     check(
-        &with_sink,
+        &s,
         "q10",
         "SELECT * FROM fs_sink",
         "SELECT auction, bidder, price, dateTime, extra, to_char(dateTime, '%Y-%m-%d'), \
