@@ -105,7 +105,8 @@ fn spec(table: &TableDef) -> ConnectorSpec {
 /// Checks a plan against the connectors before anything runs: options, and that every sink
 /// accepts the kind of changes its query produces.
 pub fn validate(plan: &JobPlan) -> Result<()> {
-    crate::checkpointing::CheckpointConfig::from_settings(&plan.settings, crate::source::EPOCH_MS)?;
+    let epoch_ms = crate::source::epoch_ms(&plan.settings)?;
+    crate::checkpointing::CheckpointConfig::from_settings(&plan.settings, epoch_ms)?;
     for p in &plan.pipelines {
         let mut tables = vec![];
         collect_scans(&p.query, &mut tables);
@@ -219,7 +220,7 @@ struct RunCheckpoints {
 fn prepare_checkpoints(plan: &JobPlan, fresh: bool) -> Result<Option<RunCheckpoints>> {
     let Some(config) = crate::checkpointing::CheckpointConfig::from_settings(
         &plan.settings,
-        crate::source::EPOCH_MS,
+        crate::source::epoch_ms(&plan.settings)?,
     )?
     else {
         return Ok(None);
@@ -315,6 +316,7 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
     };
     let select_output = options.select_output.clone();
     let sequential_sources = options.sequential_sources;
+    let epoch_length = Duration::from_millis(crate::source::epoch_ms(&plan.settings)?);
     if let Some(out) = &select_output {
         for p in &plan.pipelines {
             if let SinkTarget::Select { index } = p.sink {
@@ -355,6 +357,7 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
             checkpoint: checkpoint.clone(),
             state_ttl,
             sequence: sequential_sources.then(Default::default),
+            epoch_length,
         };
         worker.dataflow::<Epoch, _, _>(|scope| {
             for p in plan.pipelines.iter() {
@@ -481,6 +484,8 @@ pub(crate) struct BuildContext {
     pub checkpoint: Option<std::rc::Rc<crate::checkpointing::CheckpointContext>>,
     /// `'table.exec.state.ttl'`: how long regular joins keep rows that are not written.
     pub state_ttl: Option<Duration>,
+    /// Processing time per epoch (`'sluice.epoch-length'`).
+    pub epoch_length: Duration,
     /// Sources run one after another ([`JobOptions::sequential_sources`]).
     pub sequence: Option<std::rc::Rc<crate::source::SourceSequence>>,
 }

@@ -23,9 +23,24 @@ use crate::stateless::evaluate;
 
 /// Epochs a source may run ahead of the slowest sink before it waits.
 const MAX_EPOCHS_IN_FLIGHT: u64 = 4;
-/// Processing time per epoch, in milliseconds.
+/// Processing time per epoch, in milliseconds, unless `'sluice.epoch-length'` sets it.
 pub const EPOCH_MS: u64 = 50;
-const EPOCH_LENGTH: Duration = Duration::from_millis(EPOCH_MS);
+
+/// `SET 'sluice.epoch-length' = '20 ms'`: the processing time per epoch (progress and
+/// checkpoint granularity; rows do not wait for epochs). Between 1 ms and 10 s.
+pub fn epoch_ms(settings: &std::collections::BTreeMap<String, String>) -> Result<u64> {
+    let Some(v) = settings.get("sluice.epoch-length") else {
+        return Ok(EPOCH_MS);
+    };
+    sluice_common::time::parse_duration_ms(v)
+        .filter(|ms| (1..=10_000).contains(ms))
+        .map(|ms| ms as u64)
+        .ok_or_else(|| {
+            sluice_common::Error::plan(format!(
+                "'sluice.epoch-length' = '{v}' must be a duration between 1 ms and 10 s"
+            ))
+        })
+}
 
 /// Turns a reader's raw batch into the rows to emit and the watermark they allow.
 pub type Prepare = Box<dyn FnMut(RecordBatch) -> Result<(ChangeBatch, Option<i64>)>>;
@@ -110,6 +125,7 @@ pub(crate) fn source_stream<'scope>(
     };
     let sequence: Option<(Rc<SourceSequence>, usize)> =
         ctx.sequence.as_ref().map(|s| (s.clone(), s.register()));
+    let epoch_length = ctx.epoch_length;
     let read_counter = metrics.read_counter(name);
     source::<_, EventBuilder, _, _>(scope, &format!("Source({name})"), move |cap, info| {
         let activator = scope.activator_for(info.address.clone());
@@ -264,7 +280,7 @@ pub(crate) fn source_stream<'scope>(
                     .session(c)
                     .give_container(&mut Event::idle(index, splits.current, peers));
             }
-            if epoch_started.elapsed() >= EPOCH_LENGTH {
+            if epoch_started.elapsed() >= epoch_length {
                 // Leaving a checkpoint epoch: record where this worker's reading stands.
                 if let (Some(ck), Some(id)) = (&checkpoint, &id) {
                     if ck.is_checkpoint(epoch) {
