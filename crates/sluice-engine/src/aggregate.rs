@@ -172,6 +172,13 @@ impl AggregateState {
         })
     }
 
+    /// Declares that the input never retracts (MIN/MAX then keep only their extreme).
+    pub fn assume_append_only_input(&mut self) {
+        for a in &mut self.accs {
+            a.set_append_only();
+        }
+    }
+
     /// Approximate bytes of state.
     pub fn size_bytes(&self) -> usize {
         self.table.size_bytes()

@@ -589,7 +589,13 @@ fn build<'scope>(
                 late_sink.as_ref().map(|l| l.column),
                 schema.clone(),
                 &input_schema,
-            );
+            )
+            .map(|mut s| {
+                if input.is_append_only() {
+                    s.assume_append_only_input();
+                }
+                s
+            });
             let late = late_sink.as_ref().map(|l| l.table.clone());
             aggregate(stream, state, *emit, late, ctx)
         }

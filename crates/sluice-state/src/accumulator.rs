@@ -55,6 +55,9 @@ pub struct Accumulator {
     state: State,
     /// For DISTINCT: multiplicity of each value per group; the inner state sees a value once.
     distinct: Option<(RowConverter, Vec<Multiplicities>)>,
+    /// The input never retracts: MIN/MAX keep only the current extreme (a value beaten once
+    /// can never come back).
+    append_only: bool,
 }
 
 fn num_of(t: &DataType) -> Num {
@@ -111,7 +114,13 @@ impl Accumulator {
             output_type,
             state,
             distinct,
+            append_only: false,
         })
+    }
+
+    /// Declares that the input never retracts, so MIN/MAX need not keep every value.
+    pub fn set_append_only(&mut self) {
+        self.append_only = true;
     }
 
     /// Makes room for group ids below `n`.
@@ -239,6 +248,24 @@ impl Accumulator {
                     }
                     let set = &mut sets[gids[i] as usize];
                     let key = rows.row(i);
+                    if self.append_only && signs[i] > 0 {
+                        // Only the extreme matters: a beaten value is dropped, and a new extreme
+                        // replaces the old one (row bytes order as the values do).
+                        let best = match self.kind {
+                            AccKind::Max => set.last_key_value(),
+                            _ => set.first_key_value(),
+                        };
+                        let beaten = best.is_some_and(|(b, _)| match self.kind {
+                            AccKind::Max => key.as_ref() < b.as_ref(),
+                            _ => key.as_ref() > b.as_ref(),
+                        });
+                        if beaten {
+                            continue;
+                        }
+                        if best.is_some_and(|(b, _)| key.as_ref() != b.as_ref()) {
+                            set.clear();
+                        }
+                    }
                     match set.get_mut(key.as_ref()) {
                         Some(m) => {
                             *m += signs[i];
@@ -536,6 +563,29 @@ mod tests {
 
     fn ints(v: &[Option<i64>]) -> ArrayRef {
         Arc::new(Int64Array::from(v.to_vec()))
+    }
+
+    #[test]
+    fn append_only_min_max_keep_only_the_extreme() {
+        for (kind, want) in [(AccKind::Max, 9), (AccKind::Min, -3)] {
+            let mut acc =
+                Accumulator::try_new(kind, DataType::Int64, DataType::Int64, false).unwrap();
+            acc.set_append_only();
+            acc.resize(1);
+            let values = [Some(5), Some(9), None, Some(-3), Some(9), Some(2), Some(-3)];
+            acc.update(&[0; 7], &[1; 7], Some(&ints(&values))).unwrap();
+            let out = acc.evaluate(&[0]).unwrap();
+            assert_eq!(out.as_primitive::<Int64Type>().value(0), want, "{kind:?}");
+            let State::Extreme { values: sets, .. } = &acc.state else {
+                unreachable!()
+            };
+            assert_eq!(sets[0].len(), 1, "{kind:?}: only the extreme is kept");
+            assert_eq!(
+                sets[0].values().next(),
+                Some(&2),
+                "{kind:?}: with its copies"
+            );
+        }
     }
 
     #[test]
