@@ -48,6 +48,9 @@ struct Entry {
 struct Bucket {
     key_group: u16,
     entries: Vec<Entry>,
+    /// Bounded joins: the time the bucket is due in the expiry index (at most its entries'
+    /// earliest `until`); it is re-registered at its next earliest when visited.
+    due: i64,
 }
 
 /// The rows of one input.
@@ -94,6 +97,7 @@ impl Side {
             Bucket {
                 key_group,
                 entries: vec![],
+                due: i64::MAX,
             }
         });
         // An updating input may retract a row later, so copies of a row share one entry that
@@ -114,6 +118,17 @@ impl Side {
             until,
             touched: now,
         });
+    }
+
+    /// Bounded joins: makes sure the bucket of `key` is visited by time `until` (one index entry
+    /// per bucket and due time, not one per row).
+    fn expire_by(&mut self, key: &[u8], until: i64) {
+        if let Some(bucket) = self.map.get_mut(key) {
+            if until < bucket.due {
+                bucket.due = until;
+                self.expiry.entry(until).or_default().push(key.into());
+            }
+        }
     }
 
     /// Removes one copy of `row`; false if it is not there.
@@ -389,7 +404,7 @@ impl JoinState {
                 let s = &mut self.sides[side];
                 s.insert(key, key_group, row.as_ref(), matched, u, now);
                 if bounded {
-                    s.expiry.entry(u).or_default().push(key.into());
+                    s.expire_by(key, u);
                 }
             }
         }
@@ -489,10 +504,14 @@ impl JoinState {
             if *entry.key() >= watermark {
                 break;
             }
+            let due = *entry.key();
             for key in entry.remove() {
                 let Some(bucket) = s.map.get_mut(&key) else {
                     continue;
                 };
+                if bucket.due != due {
+                    continue; // registered again, earlier; visited then
+                }
                 let mut freed = 0;
                 bucket.entries.retain(|e| {
                     if e.until >= watermark {
@@ -511,6 +530,16 @@ impl JoinState {
                 if bucket.entries.is_empty() {
                     s.bytes -= key.len() + 48;
                     s.map.remove(&key);
+                } else {
+                    // Due again when its earliest remaining row expires.
+                    let next = bucket
+                        .entries
+                        .iter()
+                        .map(|e| e.until)
+                        .min()
+                        .expect("entries");
+                    bucket.due = next;
+                    s.expiry.entry(next).or_default().push(key);
                 }
             }
         }
@@ -641,10 +670,7 @@ impl JoinState {
                 );
             }
             if bounded {
-                s.expiry
-                    .entry(until.value(i))
-                    .or_default()
-                    .push(key.value(i).into());
+                s.expire_by(key.value(i), until.value(i));
             }
         }
         Ok(())
