@@ -74,10 +74,10 @@ fn find_join(node: &StreamNode) -> &StreamNode {
     }
 }
 
-/// Feeds the input to both sides in event-time order, advancing both watermarks after each
-/// batch. Returns the bound the planner chose, the output rows and the most rows ever held.
-fn run(query: &str) -> (Option<JoinBound>, u64, u64) {
+/// The join a query plans to, and a fresh state for it (with a TTL, if given).
+fn join_state(query: &str, ttl: Option<std::time::Duration>) -> (StreamNode, JoinState) {
     let plan = sluice_sql::plan_script(&format!("{DDL}\n{query};")).unwrap();
+    let join = find_join(&plan.pipelines[0].query).clone();
     let StreamNode::Join {
         left,
         right,
@@ -87,21 +87,34 @@ fn run(query: &str) -> (Option<JoinBound>, u64, u64) {
         filter,
         bound,
         schema,
-    } = find_join(&plan.pipelines[0].query).clone()
+    } = &join
     else {
         unreachable!()
     };
-    let mut state = JoinState::try_new(
-        kind,
-        left_keys,
-        right_keys,
-        filter,
-        bound,
+    let state = JoinState::try_new(
+        *kind,
+        left_keys.clone(),
+        right_keys.clone(),
+        filter.clone(),
+        *bound,
         [left.schema(), right.schema()],
-        schema,
-        None,
+        schema.clone(),
+        ttl,
     )
     .unwrap();
+    (join, state)
+}
+
+/// Feeds the input to both sides in event-time order, advancing both watermarks after each
+/// batch. Returns the bound the planner chose, the output rows and the most rows ever held.
+fn run(query: &str) -> (Option<JoinBound>, u64, u64) {
+    let (join, mut state) = join_state(query, None);
+    let StreamNode::Join {
+        left, right, bound, ..
+    } = join
+    else {
+        unreachable!()
+    };
     let mut output = 0u64;
     let mut max_held = 0;
     let mut count = |c: Option<ChangeBatch>| {
@@ -186,37 +199,9 @@ fn an_interval_join_on_processing_time_is_planned_as_one() {
 
 #[test]
 fn state_ttl_drops_rows_not_written_for_that_long() {
-    let plan = sluice_sql::plan_script(&format!(
-        "{DDL}\nSELECT a.k, a.ts, b.ts FROM t a JOIN t b ON a.k = b.k;"
-    ))
-    .unwrap();
-    let StreamNode::Join {
-        left,
-        right,
-        kind,
-        left_keys,
-        right_keys,
-        filter,
-        bound,
-        schema,
-    } = find_join(&plan.pipelines[0].query).clone()
-    else {
-        unreachable!()
-    };
-    let state = |ttl| {
-        JoinState::try_new(
-            kind,
-            left_keys.clone(),
-            right_keys.clone(),
-            filter.clone(),
-            bound,
-            [left.schema(), right.schema()],
-            schema.clone(),
-            ttl,
-        )
-        .unwrap()
-    };
-    let (mut kept, mut expiring) = (state(None), state(Some(std::time::Duration::from_secs(1))));
+    let query = "SELECT a.k, a.ts, b.ts FROM t a JOIN t b ON a.k = b.k";
+    let (_, mut kept) = join_state(query, None);
+    let (_, mut expiring) = join_state(query, Some(std::time::Duration::from_secs(1)));
     for s in [&mut kept, &mut expiring] {
         assert!(s.apply(0, &rows(0, 10)).unwrap().changes.is_none());
     }
