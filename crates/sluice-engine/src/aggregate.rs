@@ -14,7 +14,7 @@ use arrow::record_batch::RecordBatch;
 use arrow_row::{RowConverter, SortField};
 use sluice_common::{ChangeBatch, Error, Op, Result};
 use sluice_sql::{AggCall, AggFunc, AggWindow, EmitPolicy, PhysExpr, SessionOutput};
-use sluice_state::{AccKind, Accumulator, GroupTable};
+use sluice_state::{AccKind, Accumulator, ByteSlots, GroupTable};
 
 use crate::stateless::evaluate;
 
@@ -27,7 +27,7 @@ pub struct AggregateState {
     pub(crate) table: GroupTable,
     /// Net row count per group: a group exists while it is positive.
     pub(crate) rows: Vec<i64>,
-    window: AggWindow,
+    pub(crate) window: AggWindow,
     schema: SchemaRef,
     /// Assigned windows: groups by window end.
     pub(crate) by_end: BTreeMap<i64, Vec<u32>>,
@@ -36,7 +36,7 @@ pub struct AggregateState {
     /// Fired windows kept for allowed lateness, by the watermark that ends their stay.
     pub(crate) cleanup: BTreeMap<i64, Vec<u32>>,
     /// The last result emitted per group (row-encoded aggregates), for `-U` rows.
-    pub(crate) last: HashMap<u32, Box<[u8]>>,
+    pub(crate) last: ByteSlots,
     /// Groups changed since they were last emitted.
     dirty: Vec<u32>,
     pub(crate) is_dirty: Vec<bool>,
@@ -45,11 +45,13 @@ pub struct AggregateState {
     /// The input column carrying source rows for `'late-data.sink'`.
     late_column: Option<usize>,
     pub(crate) sessions: Option<Sessions>,
-    watermark: i64,
+    pub(crate) watermark: i64,
     gids: Vec<u32>,
     result_rows: Option<RowConverter>,
     /// No GROUP BY: one group under a constant key that is not part of the output.
     pub(crate) global: bool,
+    /// What changed since the last snapshot (incremental checkpoints).
+    pub(crate) changes: crate::aggregate_snapshot::Changes,
 }
 
 /// Session windows: per key, its open sessions; each session owns an accumulator slot.
@@ -159,7 +161,7 @@ impl AggregateState {
             by_end: BTreeMap::new(),
             emit,
             cleanup: BTreeMap::new(),
-            last: HashMap::new(),
+            last: ByteSlots::default(),
             dirty: vec![],
             is_dirty: vec![],
             marks: vec![],
@@ -169,6 +171,7 @@ impl AggregateState {
             gids: vec![],
             result_rows,
             global,
+            changes: Default::default(),
         })
     }
 
@@ -183,6 +186,7 @@ impl AggregateState {
     pub fn size_bytes(&self) -> usize {
         self.table.size_bytes()
             + self.rows.capacity() * 8
+            + self.last.size_bytes()
             + self.accs.iter().map(|a| a.size_bytes()).sum::<usize>()
     }
 
@@ -314,6 +318,7 @@ impl AggregateState {
         }
         for &g in &touched {
             self.marks[g as usize] = false;
+            self.changes.mark(g);
         }
         let Some(end_key) = end_key else {
             // Unwindowed: every change is emitted now.
@@ -390,13 +395,19 @@ impl AggregateState {
         let before: Vec<u32> = gids
             .iter()
             .copied()
-            .filter(|g| self.last.contains_key(g))
+            .filter(|g| self.last.contains(*g))
             .collect();
-        let existed: Vec<bool> = gids.iter().map(|g| self.last.contains_key(g)).collect();
+        let existed: Vec<bool> = gids.iter().map(|g| self.last.contains(*g)).collect();
         let old = match (&self.result_rows, before.is_empty()) {
             (Some(conv), false) => {
                 let parser = conv.parser();
-                Some(conv.convert_rows(before.iter().map(|g| parser.parse(&self.last[g])))?)
+                Some(
+                    conv.convert_rows(
+                        before
+                            .iter()
+                            .map(|g| parser.parse(self.last.get(*g).unwrap_or_default())),
+                    )?,
+                )
             }
             _ => None,
         };
@@ -407,11 +418,10 @@ impl AggregateState {
             None => None,
         };
         for (i, g) in gids.iter().enumerate() {
-            let row: Box<[u8]> = encoded
-                .as_ref()
-                .map(|r| r.row(i).as_ref().into())
-                .unwrap_or_default();
-            self.last.insert(*g, row);
+            let row = encoded.as_ref().map(|r| r.row(i));
+            self.last
+                .set(*g, row.as_ref().map_or(&[][..], |r| r.as_ref()));
+            self.changes.mark(*g);
             self.is_dirty[*g as usize] = false;
         }
         Ok(out)
@@ -444,9 +454,10 @@ impl AggregateState {
     }
 
     fn free_group(&mut self, g: u32) {
+        self.changes.removed(&self.table, g);
         self.table.remove(g);
         self.rows[g as usize] = 0;
-        self.last.remove(&g);
+        self.last.remove(g);
         if let Some(d) = self.is_dirty.get_mut(g as usize) {
             *d = false;
         }
@@ -582,6 +593,9 @@ impl AggregateState {
                 break;
             }
             let gids = self.by_end.pop_first().expect("present").1;
+            for g in &gids {
+                self.changes.mark(*g);
+            }
             let lateness = self.emit.allowed_lateness_ms;
             if lateness > 0 {
                 self.cleanup
@@ -598,7 +612,7 @@ impl AggregateState {
             let pending: Vec<u32> = fired
                 .iter()
                 .copied()
-                .filter(|g| self.is_dirty[*g as usize] || !self.last.contains_key(g))
+                .filter(|g| self.is_dirty[*g as usize] || !self.last.contains(*g))
                 .collect();
             if pending.is_empty() {
                 None
@@ -662,6 +676,7 @@ impl AggregateState {
                 continue;
             }
             let key = gids[i];
+            self.changes.mark(key);
             self.rows[key as usize] += 1;
             let list = s.open.entry(key).or_default();
             let (mut start, mut end) = (t, t + s.gap);
@@ -743,6 +758,7 @@ impl AggregateState {
                 .position(|x| x.slot == slot)
                 .expect("session listed");
             let sess = list.swap_remove(pos);
+            self.changes.mark(key);
             if list.is_empty() {
                 s.open.remove(&key);
             }
@@ -783,6 +799,7 @@ impl AggregateState {
             s.free_slots.push(sess.slot);
             if !s.open.contains_key(key) {
                 self.rows[*key as usize] = 0;
+                self.changes.removed(&self.table, *key);
                 self.table.remove(*key);
             }
         }

@@ -48,6 +48,14 @@ impl CheckpointConfig {
                 "execution.checkpointing.tolerable-failed-checkpoints",
                 "execution.state-recovery.path",
             ];
+            if key.starts_with("s3.")
+                && !sluice_state::checkpoint::S3_OPTIONS.contains(&key.as_str())
+            {
+                return Err(Error::plan(format!(
+                    "'{key}' is not an S3 option (supported: {})",
+                    sluice_state::checkpoint::S3_OPTIONS.join(", ")
+                )));
+            }
             if (key.starts_with("execution.checkpointing.")
                 || key.starts_with("execution.state-recovery."))
                 && !known.contains(&key.as_str())
@@ -246,11 +254,17 @@ pub fn fingerprint(plan: &JobPlan) -> String {
 }
 
 /// Writes checkpoint files on a background thread, so operators go on while their snapshots
-/// reach storage. A file appears (atomically) only once whole, and the coordinator commits a
-/// checkpoint only when all of its files are there.
+/// are encoded and reach storage. A file appears (atomically) only once whole, and the
+/// coordinator commits a checkpoint only when all of its files are there.
 #[derive(Clone)]
 pub struct CheckpointWriter {
-    sender: std::sync::mpsc::Sender<(Epoch, String, Vec<u8>)>,
+    sender: std::sync::mpsc::Sender<(Epoch, String, Payload)>,
+}
+
+/// A file to write: bytes, or a snapshot batch still to be encoded as Arrow IPC.
+enum Payload {
+    Bytes(Vec<u8>),
+    Batch(arrow::record_batch::RecordBatch),
 }
 
 impl CheckpointWriter {
@@ -259,12 +273,16 @@ impl CheckpointWriter {
         store: Arc<CheckpointStore>,
         metrics: Arc<crate::metrics::JobMetrics>,
     ) -> (Self, std::thread::JoinHandle<()>) {
-        let (sender, receiver) = std::sync::mpsc::channel::<(Epoch, String, Vec<u8>)>();
+        let (sender, receiver) = std::sync::mpsc::channel::<(Epoch, String, Payload)>();
         let handle = std::thread::Builder::new()
             .name("checkpoint-writer".into())
             .spawn(move || {
-                for (epoch, name, bytes) in receiver {
-                    if let Err(e) = store.put(epoch, &name, bytes) {
+                for (epoch, name, payload) in receiver {
+                    let bytes = match payload {
+                        Payload::Bytes(b) => Ok(b),
+                        Payload::Batch(batch) => ipc_bytes(&batch),
+                    };
+                    if let Err(e) = bytes.and_then(|b| store.put(epoch, &name, b)) {
                         metrics.checkpoint_failed(epoch, e);
                     }
                 }
@@ -276,9 +294,18 @@ impl CheckpointWriter {
     /// Queues a file of checkpoint `epoch`.
     pub fn write(&self, epoch: Epoch, name: String, bytes: Vec<u8>) {
         // The receiver lives until every writer is dropped, so sending cannot fail before then.
-        let _ = self.sender.send((epoch, name, bytes));
+        let _ = self.sender.send((epoch, name, Payload::Bytes(bytes)));
+    }
+
+    /// Queues a snapshot batch of checkpoint `epoch`, written as an Arrow IPC stream.
+    pub fn write_batch(&self, epoch: Epoch, name: String, batch: arrow::record_batch::RecordBatch) {
+        let _ = self.sender.send((epoch, name, Payload::Batch(batch)));
     }
 }
+
+/// The name suffix of a finished source's final offsets (`source-op0-w1+final`): later
+/// checkpoints inherit the file.
+pub const FINAL_SUFFIX: &str = "+final";
 
 /// What kind of file an operator contributes to each checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -297,6 +324,8 @@ pub struct CheckpointContext {
     pub base: Epoch,
     pub restore: Option<Manifest>,
     pub contributors: RefCell<Vec<(Contribution, String)>>,
+    /// The coordinator's memory of finished sources' final offsets files, by stem.
+    pub finished: RefCell<BTreeMap<String, sluice_state::checkpoint::ChainFile>>,
 }
 
 impl CheckpointContext {
@@ -328,15 +357,36 @@ impl CheckpointContext {
 
     /// The restored files of one operator, from every worker of the checkpoint.
     pub fn restored(&self, kind: Contribution, id: &str) -> Result<Vec<bytes::Bytes>> {
+        Ok(self
+            .restored_chains(kind, id)?
+            .into_iter()
+            .flatten()
+            .collect())
+    }
+
+    /// The restored files of one operator per worker of the checkpoint, each worker's oldest
+    /// first: a full snapshot, then the deltas written after it (see [`sluice_state::checkpoint`]).
+    pub fn restored_chains(&self, kind: Contribution, id: &str) -> Result<Vec<Vec<bytes::Bytes>>> {
         let Some(m) = &self.restore else {
             return Ok(vec![]);
         };
         let prefix = Self::file_name(kind, id, 0);
         let prefix = &prefix[..prefix.len() - 1];
-        m.files
-            .keys()
+        let all = m.all_files();
+        let stems: std::collections::BTreeSet<&str> = all
+            .iter()
+            .map(|(_, f, _)| f.as_str())
             .filter(|f| f.starts_with(prefix))
-            .map(|f| self.store.get(m.epoch, f))
+            .map(|f| f.split_once('+').map_or(f, |(stem, _)| stem))
+            .collect();
+        stems
+            .into_iter()
+            .map(|stem| {
+                m.chain(stem)
+                    .iter()
+                    .map(|(epoch, name, _)| self.store.get(*epoch, name))
+                    .collect()
+            })
             .collect()
     }
 
@@ -350,16 +400,60 @@ impl CheckpointContext {
         retained: usize,
     ) -> Result<Option<(usize, u64)>> {
         let mut files = BTreeMap::new();
+        let mut inherited = BTreeMap::new();
+        let present = self.store.list(epoch)?;
+        for (name, size) in &present {
+            if let Some(stem) = name.strip_suffix(FINAL_SUFFIX) {
+                self.finished
+                    .borrow_mut()
+                    .insert(stem.to_string(), (epoch, name.clone(), *size));
+            }
+        }
+        let mut bases: BTreeMap<u64, Manifest> = BTreeMap::new();
         for (kind, id) in self.contributors.borrow().iter() {
             for w in 0..workers {
                 let name = Self::file_name(*kind, id, w);
-                match self.store.size(epoch, &name)? {
-                    Some(size) => {
-                        files.insert(name, size);
-                    }
-                    // A finished source wrote nothing: this checkpoint cannot be complete.
-                    None => return Ok(None),
+                if let Some(size) = present.get(&name) {
+                    files.insert(name, *size);
+                    continue;
                 }
+                // A delta, `name+<base>`: it inherits the chain of committed checkpoint base.
+                let delta_prefix = format!("{name}+");
+                let delta = present
+                    .range(delta_prefix.clone()..)
+                    .next()
+                    .filter(|(f, _)| f.starts_with(&delta_prefix));
+                let Some((delta, size)) = delta else {
+                    // A source that finished before this epoch: its final offsets still count.
+                    let finished = self.finished.borrow().get(&name).cloned();
+                    match finished {
+                        Some((at, file, size)) if at < epoch => {
+                            inherited
+                                .insert(sluice_state::checkpoint::inherited_key(at, &file), size);
+                            continue;
+                        }
+                        _ => return Ok(None),
+                    }
+                };
+                if delta.ends_with(FINAL_SUFFIX) {
+                    files.insert(delta.clone(), *size);
+                    continue;
+                }
+                let Some(base) = sluice_state::checkpoint::delta_base(delta) else {
+                    return Ok(None);
+                };
+                if !bases.contains_key(&base) {
+                    match self.store.manifest(base) {
+                        Ok(m) => bases.insert(base, m),
+                        // The base is gone or damaged: this checkpoint cannot be complete (the
+                        // operator writes a full snapshot next time).
+                        Err(_) => return Ok(None),
+                    };
+                }
+                for (at, file, size) in bases[&base].chain(&name) {
+                    inherited.insert(sluice_state::checkpoint::inherited_key(at, &file), size);
+                }
+                files.insert(delta.clone(), *size);
             }
         }
         let summary = (files.len(), files.values().sum());
@@ -369,6 +463,7 @@ impl CheckpointContext {
             plan_fingerprint: fingerprint.to_string(),
             workers,
             files,
+            inherited,
         };
         self.store.commit(&manifest)?;
         self.store.retain(retained)?;
@@ -459,6 +554,36 @@ impl<T> Alignment<T> {
 }
 
 impl CheckpointContext {
+    /// Whether worker `index` of `peers` owns a key group.
+    pub fn owner(index: usize, peers: usize) -> impl Fn(u16) -> bool {
+        move |kg: u16| crate::dataflow::worker_for_hash(kg as u64, peers) == index
+    }
+
+    /// The restored state files of operator `id` as chains (per worker of the checkpoint: a full
+    /// snapshot, then deltas), each file as one batch.
+    pub fn restored_chain_batches(
+        &self,
+        id: &str,
+    ) -> Result<Vec<Vec<arrow::record_batch::RecordBatch>>> {
+        self.restored_chains(Contribution::State, id)?
+            .into_iter()
+            .map(|chain| {
+                chain
+                    .into_iter()
+                    .map(|file| {
+                        let reader = arrow::ipc::reader::StreamReader::try_new(
+                            std::io::Cursor::new(file),
+                            None,
+                        )?;
+                        let schema = reader.schema();
+                        let batches = reader.collect::<std::result::Result<Vec<_>, _>>()?;
+                        Ok(arrow::compute::concat_batches(&schema, &batches)?)
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
     /// Feeds every worker's restored snapshot batches of operator `id` to `restore`, with the
     /// test for the key groups this worker owns (so a checkpoint restores on any worker count).
     pub fn restore_key_groups(
@@ -468,7 +593,7 @@ impl CheckpointContext {
         peers: usize,
         mut restore: impl FnMut(&arrow::record_batch::RecordBatch, &dyn Fn(u16) -> bool) -> Result<()>,
     ) -> Result<()> {
-        let owns = |kg: u16| crate::dataflow::worker_for_hash(kg as u64, peers) == index;
+        let owns = Self::owner(index, peers);
         for file in self.restored(Contribution::State, id)? {
             let reader =
                 arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(file), None)?;
@@ -512,12 +637,18 @@ impl SinkTransactions {
         w: &mut dyn sluice_connectors::SinkWriter,
         store: &CheckpointStore,
     ) -> Result<bool> {
+        // What this process already knows costs nothing; then one question to storage, about
+        // the newest sealed epoch (a newer commit covers older sealed output).
         let newest = self
             .sealed
             .iter()
             .rev()
             .copied()
-            .find(|e| store.is_committed(*e).unwrap_or(false));
+            .find(|e| store.known_committed(*e))
+            .or_else(|| {
+                let e = *self.sealed.back()?;
+                store.is_committed(e).unwrap_or(false).then_some(e)
+            });
         if let Some(epoch) = newest {
             self.sealed.retain(|e| *e > epoch);
             w.commit(epoch)?;

@@ -227,6 +227,7 @@ fn prepare_checkpoints(plan: &JobPlan, fresh: bool) -> Result<Option<RunCheckpoi
     };
     let store = Arc::new(sluice_state::checkpoint::CheckpointStore::open(
         &config.dir,
+        &plan.settings,
     )?);
     let fingerprint = crate::checkpointing::fingerprint(plan);
     let latest =
@@ -346,6 +347,7 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
                 base: c.base,
                 restore: c.restore.clone(),
                 contributors: Default::default(),
+                finished: Default::default(),
             })
         });
         let ctx = BuildContext {
@@ -376,6 +378,11 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
         let mut next_due = checkpoint.as_ref().map(|c| c.next_checkpoint(c.base));
         let mut pending: std::collections::VecDeque<Epoch> = Default::default();
         let mut failed_in_a_row = 0usize;
+        // Looking for a checkpoint's files costs a storage request per pending epoch: not on
+        // every step, and less often while none completes (a finished source never completes
+        // later checkpoints).
+        let first_poll = sluice_state::checkpoint::COMMIT_POLL / 2;
+        let (mut last_try, mut poll) = (Instant::now(), first_poll);
         while !probe.done() && !worker_metrics.failed() {
             worker.step_or_park(Some(Duration::from_millis(20)));
             let (0, Some(ck), Some(due), Some(c)) = (index, checkpoint.as_ref(), next_due.as_mut(), checkpointing.as_ref()) else {
@@ -384,7 +391,13 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
             while !probe.done() && !probe.less_equal(due) {
                 pending.push_back(*due);
                 *due += ck.every;
+                poll = first_poll;
             }
+            if last_try.elapsed() < poll {
+                continue;
+            }
+            last_try = Instant::now();
+            poll = (poll * 2).min(first_poll * 32);
             // Storage failures fail checkpoints; only too many in a row fail the job.
             pending.retain(|epoch| {
                 if !worker_metrics.take_checkpoint_failure(*epoch) {
@@ -825,6 +838,8 @@ struct AggregateTask {
     peers: usize,
     /// Processing-time windows: only the end of input's watermark closes windows here.
     processing_time: bool,
+    /// The checkpoint epoch of this operator's last snapshot in this run (a delta builds on it).
+    last_snapshot: Option<Epoch>,
 }
 
 impl AggregateTask {
@@ -891,16 +906,21 @@ impl AggregateTask {
         }
     }
 
-    /// Writes this worker's state into checkpoint `epoch`, as Arrow IPC (in the background).
-    fn snapshot(
-        &self,
-        writer: &crate::checkpointing::CheckpointWriter,
-        epoch: Epoch,
-        id: &str,
-    ) -> Result<()> {
-        let bytes = crate::checkpointing::ipc_bytes(&self.state.snapshot()?)?;
-        let name = CheckpointContext::file_name(Contribution::State, id, self.index);
-        writer.write(epoch, name, bytes);
+    /// Writes this worker's state into checkpoint `epoch`, as Arrow IPC (in the background):
+    /// only what changed when the previous snapshot is in a committed checkpoint and the
+    /// changes are fewer than the state, else all of it.
+    fn snapshot(&mut self, ck: &CheckpointContext, epoch: Epoch, id: &str) -> Result<()> {
+        let stem = CheckpointContext::file_name(Contribution::State, id, self.index);
+        let base = self.last_snapshot.take().filter(|b| {
+            self.state.delta_is_smaller() && ck.store.is_committed(*b).unwrap_or(false)
+        });
+        // On an error, `last_snapshot` stays empty: the next snapshot is a full one.
+        let (name, batch) = match base {
+            Some(b) => (format!("{stem}+{b}"), self.state.snapshot_delta()?),
+            None => (stem, self.state.snapshot()?),
+        };
+        ck.writer.write_batch(epoch, name, batch);
+        self.last_snapshot = Some(epoch);
         Ok(())
     }
 }
@@ -934,9 +954,11 @@ fn aggregate<'scope>(
     };
     let state = state.and_then(|mut s| {
         if let (Some(c), Some(id)) = (&checkpoint, &id) {
+            s.track_changes();
             if c.restore.is_some() {
                 let started = Instant::now();
-                c.restore_key_groups(id, index, peers, |b, owns| s.restore(b, owns))?;
+                let chains = c.restored_chain_batches(id)?;
+                s.restore_chains(&chains, CheckpointContext::owner(index, peers))?;
                 eprintln!(
                     "worker {index}: restored {} groups of aggregation {id} in {} ms",
                     s.groups(),
@@ -955,6 +977,7 @@ fn aggregate<'scope>(
             index,
             peers,
             processing_time: emit.processing_time,
+            last_snapshot: None,
         }),
         Err(e) => {
             metrics.fail(e);
@@ -1003,7 +1026,7 @@ fn aggregate<'scope>(
                 id.as_ref(),
             ) {
                 while let Some(epoch) = al.due(&[frontier]) {
-                    if let Err(e) = task.snapshot(&ck.writer, epoch, id) {
+                    if let Err(e) = task.snapshot(ck, epoch, id) {
                         metrics.checkpoint_failed(epoch, e);
                     }
                     if let Some((w, _, _)) = task.late_writer.as_mut() {

@@ -144,11 +144,10 @@ impl<S: TwoInputState> JoinTask<S> {
     }
 
     fn snapshot(&self, writer: &CheckpointWriter, epoch: Epoch, id: &str) -> Result<()> {
-        let bytes = crate::checkpointing::ipc_bytes(&self.state.snapshot()?)?;
-        writer.write(
+        writer.write_batch(
             epoch,
             CheckpointContext::file_name(Contribution::State, id, self.index),
-            bytes,
+            self.state.snapshot()?,
         );
         Ok(())
     }

@@ -11,7 +11,7 @@ use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::{Operator, OutputBuilderSession};
 use timely::dataflow::operators::CapabilityTrait;
 
-use crate::checkpointing::{ipc_bytes, Alignment, CheckpointContext, Contribution};
+use crate::checkpointing::{Alignment, CheckpointContext, Contribution};
 use crate::dataflow::{Epoch, Event, EventBuilder, EventStream};
 use crate::job::BuildContext;
 use crate::metrics::JobMetrics;
@@ -131,11 +131,11 @@ pub(crate) fn keyed<'scope, S: KeyedState>(
             if let (Some(al), Some(task)) = (align.as_mut(), task.as_mut()) {
                 while let Some(epoch) = al.due(&[frontier]) {
                     if let (Some(ck), Some(id)) = (checkpoint.as_ref(), id.as_ref()) {
-                        match task.state.snapshot().and_then(|b| ipc_bytes(&b)) {
-                            Ok(bytes) => ck.writer.write(
+                        match task.state.snapshot() {
+                            Ok(batch) => ck.writer.write_batch(
                                 epoch,
                                 CheckpointContext::file_name(Contribution::State, id, index),
-                                bytes,
+                                batch,
                             ),
                             Err(e) => metrics.checkpoint_failed(epoch, e),
                         }

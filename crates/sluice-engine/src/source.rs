@@ -16,6 +16,7 @@ use sluice_connectors::{Poll, SourceReader};
 use sluice_sql::TableDef;
 use timely::dataflow::operators::generic::operator::source;
 
+use crate::checkpointing::FINAL_SUFFIX;
 use crate::checkpointing::{CheckpointContext, Contribution};
 use crate::dataflow::{DataflowScope, Epoch, Event, EventBuilder, EventStream};
 use crate::job::BuildContext;
@@ -261,6 +262,16 @@ pub(crate) fn source_stream<'scope>(
                 skipped_reported = skipped;
             }
             if finished {
+                // This worker's final offsets count for every later checkpoint: written once,
+                // into the first checkpoint it will not reach, and inherited after that.
+                if let (Some(ck), Some(id)) = (&checkpoint, &id) {
+                    let name = format!(
+                        "{}{FINAL_SUFFIX}",
+                        CheckpointContext::file_name(Contribution::SourceOffsets, id, index)
+                    );
+                    let offsets = serde_json::to_vec(&r.offsets()).expect("offsets serialize");
+                    ck.writer.write(ck.next_checkpoint(epoch), name, offsets);
+                }
                 // End of input: every window downstream may fire.
                 output.session(c).give_container(&mut Event::watermark(
                     index,

@@ -7,8 +7,14 @@
 //! ```
 //! The manifest records every file's size, so a truncated or missing file is detected when the
 //! checkpoint is opened, and the previous complete checkpoint is used instead.
+//!
+//! Incremental checkpoints: an operator's file `state-op3-w0` is a full snapshot, while
+//! `state-op3-w0+41` holds only what changed since its snapshot in committed checkpoint 41. The
+//! manifest then *inherits* the files of checkpoint 41 that the delta builds on (the *chain*:
+//! one full snapshot and the deltas after it), and retention keeps inherited files alive after
+//! the checkpoint that wrote them is gone.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use object_store::local::LocalFileSystem;
@@ -29,8 +35,64 @@ pub struct Manifest {
     pub plan_fingerprint: String,
     /// Worker count when taken (state can be restored on another count; offsets may not).
     pub workers: usize,
-    /// Every snapshot file and its size in bytes.
+    /// Every snapshot file of this checkpoint and its size in bytes.
     pub files: BTreeMap<String, u64>,
+    /// Files of earlier checkpoints that deltas here build on (`chk-.../name`), with sizes.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub inherited: BTreeMap<String, u64>,
+}
+
+/// One file of a chain: the checkpoint epoch that wrote it, its name and size.
+pub type ChainFile = (u64, String, u64);
+
+/// Splits an inherited file's key (`chk-.../name`) into its epoch and name.
+fn split_inherited(path: &str) -> Option<(u64, &str)> {
+    let (dir, name) = path.split_once('/')?;
+    Some((dir.strip_prefix("chk-")?.parse().ok()?, name))
+}
+
+impl Manifest {
+    /// The files holding the state of one operator on one worker (`stem`, like `state-op3-w0`),
+    /// oldest first: a full snapshot, then the deltas after it.
+    pub fn chain(&self, stem: &str) -> Vec<ChainFile> {
+        let of_stem = |name: &str| {
+            name == stem
+                || name
+                    .strip_prefix(stem)
+                    .is_some_and(|rest| rest.starts_with('+'))
+        };
+        let mut chain: Vec<ChainFile> = self
+            .all_files()
+            .into_iter()
+            .filter(|(_, name, _)| of_stem(name))
+            .collect();
+        chain.sort();
+        chain
+    }
+
+    /// Every file this checkpoint needs: its own and the inherited ones.
+    pub fn all_files(&self) -> Vec<ChainFile> {
+        let mut all: Vec<ChainFile> = self
+            .files
+            .iter()
+            .map(|(n, s)| (self.epoch, n.clone(), *s))
+            .collect();
+        all.extend(self.inherited.iter().filter_map(|(path, size)| {
+            let (epoch, name) = split_inherited(path)?;
+            Some((epoch, name.to_string(), *size))
+        }));
+        all
+    }
+}
+
+/// The manifest key of an inherited file.
+pub fn inherited_key(epoch: u64, name: &str) -> String {
+    format!("{}/{name}", checkpoint_dir(epoch))
+}
+
+/// The base checkpoint epoch of a delta file's name (`state-op3-w0+41` → 41).
+pub fn delta_base(name: &str) -> Option<u64> {
+    name.rsplit_once('+')?.1.parse().ok()
 }
 
 /// Splits a path to one checkpoint (`.../chk-0000000000000042`) into its store and epoch.
@@ -45,11 +107,73 @@ pub fn parse_checkpoint_path(path: &str) -> Option<(String, u64)> {
     Some((p.parent()?.to_str()?.to_string(), epoch))
 }
 
-/// A checkpoint directory (local path, or a `file://` URL).
+/// S3-compatible storage under `s3://bucket/prefix`.
+fn s3_store(location: &str, options: &BTreeMap<String, String>) -> Result<Arc<dyn ObjectStore>> {
+    use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+    let rest = location.trim_start_matches("s3://");
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return Err(Error::Plan(format!(
+            "'execution.checkpointing.dir' = '{location}' names no bucket (s3://bucket/prefix)"
+        )));
+    }
+    let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+    let flag = |key: &str, v: &str| match v.trim().to_ascii_lowercase().as_str() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(Error::Plan(format!(
+            "'{key}' = '{v}' must be true or false"
+        ))),
+    };
+    for (key, value) in options.iter().filter(|(k, _)| k.starts_with("s3.")) {
+        builder = match key.as_str() {
+            "s3.endpoint" => builder
+                .with_endpoint(value)
+                .with_allow_http(value.starts_with("http://")),
+            "s3.access-key" => builder.with_access_key_id(value),
+            "s3.secret-key" => builder.with_secret_access_key(value),
+            "s3.region" => builder.with_region(value),
+            "s3.path.style.access" => builder.with_virtual_hosted_style_request(!flag(key, value)?),
+            "s3.allow-http" => builder.with_config(
+                AmazonS3ConfigKey::Client(object_store::ClientConfigKey::AllowHttp),
+                flag(key, value)?.to_string(),
+            ),
+            _ => {
+                return Err(Error::Plan(format!(
+                    "'{key}' is not an S3 option (supported: {})",
+                    S3_OPTIONS.join(", ")
+                )))
+            }
+        };
+    }
+    let store = builder.build().map_err(|e| store_error(location, e))?;
+    let prefix = prefix.trim_matches('/');
+    Ok(if prefix.is_empty() {
+        Arc::new(store)
+    } else {
+        Arc::new(object_store::prefix::PrefixStore::new(store, prefix))
+    })
+}
+
+/// A checkpoint directory (local path, `file://` URL, or `s3://bucket/prefix`).
 pub struct CheckpointStore {
     store: Arc<dyn ObjectStore>,
     runtime: tokio::runtime::Runtime,
     location: String,
+    /// Commit checks (sinks waiting to publish, operators choosing a delta) are frequent; they
+    /// are answered from what this process knows when possible, so that object storage sees a
+    /// request per epoch and [`COMMIT_POLL`] at most.
+    known: std::sync::Mutex<CommitKnowledge>,
+}
+
+/// How often one epoch's commit status is asked of storage while it is not committed.
+pub const COMMIT_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+#[derive(Default)]
+struct CommitKnowledge {
+    committed: BTreeSet<u64>,
+    /// Epochs found not committed, and when.
+    not_yet: BTreeMap<u64, std::time::Instant>,
 }
 
 fn store_error(location: &str, e: impl std::fmt::Display) -> Error {
@@ -60,24 +184,42 @@ fn checkpoint_dir(epoch: u64) -> String {
     format!("chk-{epoch:016}")
 }
 
+/// Options of S3-compatible checkpoint storage, named as in Flink (`SET 's3.endpoint' = ...`).
+/// Unset ones come from the usual `AWS_*` environment variables.
+pub const S3_OPTIONS: [&str; 6] = [
+    "s3.endpoint",
+    "s3.access-key",
+    "s3.secret-key",
+    "s3.region",
+    "s3.path.style.access",
+    "s3.allow-http",
+];
+
 impl CheckpointStore {
-    /// Opens (creating if needed) a checkpoint directory.
-    pub fn open(location: &str) -> Result<Self> {
-        let path = location.strip_prefix("file://").unwrap_or(location);
-        if path.contains("://") {
-            return Err(Error::Plan(format!(
-                "'execution.checkpointing.dir' = '{location}': only local directories are supported by this build"
-            )));
-        }
-        std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
-        let store = LocalFileSystem::new_with_prefix(path).map_err(|e| store_error(location, e))?;
+    /// Opens a checkpoint directory: a local path (created if needed), a `file://` URL, or
+    /// `s3://bucket/prefix` on S3-compatible storage configured by `options` ([`S3_OPTIONS`]).
+    pub fn open(location: &str, options: &BTreeMap<String, String>) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
             .build()
             .map_err(|e| store_error(location, e))?;
+        let store: Arc<dyn ObjectStore> = if location.starts_with("s3://") {
+            s3_store(location, options)?
+        } else {
+            let path = location.strip_prefix("file://").unwrap_or(location);
+            if path.contains("://") {
+                return Err(Error::Plan(format!(
+                    "'execution.checkpointing.dir' = '{location}': unsupported storage (use a local directory, file:// or s3://)"
+                )));
+            }
+            std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
+            Arc::new(LocalFileSystem::new_with_prefix(path).map_err(|e| store_error(location, e))?)
+        };
         Ok(CheckpointStore {
-            store: Arc::new(store),
+            store,
             runtime,
             location: location.to_string(),
+            known: Default::default(),
         })
     }
 
@@ -109,24 +251,86 @@ impl CheckpointStore {
         }
     }
 
-    /// Whether checkpoint `epoch` was committed (its manifest exists).
-    pub fn is_committed(&self, epoch: u64) -> Result<bool> {
-        Ok(self.size(epoch, "_manifest")?.is_some())
-    }
-
-    /// Deletes one checkpoint's files and folder.
-    fn delete(&self, epoch: u64) -> Result<()> {
+    /// The files of checkpoint `epoch` present now, with their sizes.
+    pub fn list(&self, epoch: u64) -> Result<BTreeMap<String, u64>> {
         let prefix = Path::from(checkpoint_dir(epoch));
         let listing = self
             .runtime
             .block_on(self.store.list_with_delimiter(Some(&prefix)))
             .map_err(|e| store_error(&self.location, e))?;
+        Ok(listing
+            .objects
+            .into_iter()
+            .filter_map(|o| Some((o.location.filename()?.to_string(), o.size)))
+            .collect())
+    }
+
+    /// Whether this process knows that checkpoint `epoch` was committed (no storage request).
+    pub fn known_committed(&self, epoch: u64) -> bool {
+        self.known
+            .lock()
+            .expect("commit knowledge")
+            .committed
+            .contains(&epoch)
+    }
+
+    /// Whether checkpoint `epoch` was committed (its manifest exists, or existed: once
+    /// committed, retention may delete it). A negative answer may be up to [`COMMIT_POLL`] old.
+    pub fn is_committed(&self, epoch: u64) -> Result<bool> {
+        {
+            let known = self.known.lock().expect("commit knowledge");
+            if known.committed.contains(&epoch) {
+                return Ok(true);
+            }
+            if known
+                .not_yet
+                .get(&epoch)
+                .is_some_and(|at| at.elapsed() < COMMIT_POLL)
+            {
+                return Ok(false);
+            }
+        }
+        let committed = self.size(epoch, "_manifest")?.is_some();
+        let mut known = self.known.lock().expect("commit knowledge");
+        if committed {
+            known.committed.insert(epoch);
+            known.not_yet.remove(&epoch);
+        } else {
+            known.not_yet.insert(epoch, std::time::Instant::now());
+            // Forget old questions.
+            while known.not_yet.len() > 64 {
+                known.not_yet.pop_first();
+            }
+        }
+        Ok(committed)
+    }
+
+    /// Deletes one checkpoint's files (but those named in `keep`, which later checkpoints
+    /// inherit) and its folder once empty.
+    fn delete(&self, epoch: u64, keep: &BTreeSet<String>) -> Result<()> {
+        let prefix = Path::from(checkpoint_dir(epoch));
+        let listing = self
+            .runtime
+            .block_on(self.store.list_with_delimiter(Some(&prefix)))
+            .map_err(|e| store_error(&self.location, e))?;
+        let mut kept = false;
         for object in listing.objects {
+            let name = object.location.filename().unwrap_or_default();
+            if keep.contains(&inherited_key(epoch, name)) {
+                kept = true;
+                continue;
+            }
             self.runtime
                 .block_on(self.store.delete(&object.location))
                 .map_err(|e| store_error(&self.location, e))?;
         }
+        if kept {
+            return Ok(());
+        }
         // The local store leaves the emptied folder behind.
+        if self.location.starts_with("s3://") {
+            return Ok(());
+        }
         let root = self
             .location
             .strip_prefix("file://")
@@ -138,7 +342,7 @@ impl CheckpointStore {
     /// Deletes every checkpoint (after a job finished successfully, as Flink does).
     pub fn clear(&self) -> Result<()> {
         for epoch in self.epochs()? {
-            self.delete(epoch)?;
+            self.delete(epoch, &BTreeSet::new())?;
         }
         Ok(())
     }
@@ -147,7 +351,22 @@ impl CheckpointStore {
     pub fn commit(&self, manifest: &Manifest) -> Result<()> {
         let json =
             serde_json::to_vec_pretty(manifest).map_err(|e| store_error(&self.location, e))?;
-        self.put(manifest.epoch, "_manifest", json).map(|_| ())
+        self.put(manifest.epoch, "_manifest", json)?;
+        let mut known = self.known.lock().expect("commit knowledge");
+        known.committed.insert(manifest.epoch);
+        known.not_yet.remove(&manifest.epoch);
+        Ok(())
+    }
+
+    /// Reads checkpoint `epoch`'s manifest without checking its files.
+    pub fn manifest(&self, epoch: u64) -> Result<Manifest> {
+        let bytes = self.get(epoch, "_manifest")?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            store_error(
+                &self.location,
+                format!("manifest of {}: {e}", checkpoint_dir(epoch)),
+            )
+        })
     }
 
     /// Epochs of the checkpoints present (complete or not), oldest first.
@@ -167,13 +386,7 @@ impl CheckpointStore {
 
     /// Reads and checks a checkpoint's manifest: every file it lists is present, whole.
     pub fn complete(&self, epoch: u64) -> Result<Manifest> {
-        let bytes = self.get(epoch, "_manifest")?;
-        let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
-            store_error(
-                &self.location,
-                format!("manifest of {}: {e}", checkpoint_dir(epoch)),
-            )
-        })?;
+        let manifest = self.manifest(epoch)?;
         if manifest.version != FORMAT_VERSION {
             return Err(store_error(
                 &self.location,
@@ -184,18 +397,20 @@ impl CheckpointStore {
                 ),
             ));
         }
-        for (name, size) in &manifest.files {
-            let path = Path::from(format!("{}/{name}", checkpoint_dir(epoch)));
-            let meta = self
-                .runtime
-                .block_on(self.store.head(&path))
-                .map_err(|e| store_error(&self.location, format!("{name}: {e}")))?;
-            if meta.size != *size {
+        for (at, name, size) in manifest.all_files() {
+            let path = Path::from(format!("{}/{name}", checkpoint_dir(at)));
+            let meta = self.runtime.block_on(self.store.head(&path)).map_err(|e| {
+                store_error(
+                    &self.location,
+                    format!("{}/{name}: {e}", checkpoint_dir(at)),
+                )
+            })?;
+            if meta.size != size {
                 return Err(store_error(
                     &self.location,
                     format!(
                         "{}/{name} has {} bytes, the manifest says {size}",
-                        checkpoint_dir(epoch),
+                        checkpoint_dir(at),
                         meta.size
                     ),
                 ));
@@ -226,19 +441,24 @@ impl CheckpointStore {
     /// the newest complete one.
     pub fn retain(&self, keep: usize) -> Result<()> {
         let epochs = self.epochs()?;
-        let complete: Vec<u64> = epochs
+        // Committed ones (one request each; the files were checked when the newest committed).
+        let complete: Vec<Manifest> = epochs
             .iter()
-            .copied()
-            .filter(|e| self.complete(*e).is_ok())
+            .filter_map(|e| self.manifest(*e).ok())
             .collect();
         let keep_from = complete.len().saturating_sub(keep.max(1));
-        let kept: Vec<u64> = complete[keep_from..].to_vec();
+        let kept: Vec<u64> = complete[keep_from..].iter().map(|m| m.epoch).collect();
+        // Files the kept checkpoints inherit stay, whichever checkpoint wrote them.
+        let inherited: BTreeSet<String> = complete[keep_from..]
+            .iter()
+            .flat_map(|m| m.inherited.keys().cloned())
+            .collect();
         let newest = kept.last().copied().unwrap_or(0);
         for epoch in epochs {
             if kept.contains(&epoch) || epoch > newest {
                 continue;
             }
-            self.delete(epoch)?;
+            self.delete(epoch, &inherited)?;
         }
         Ok(())
     }
@@ -255,6 +475,7 @@ mod tests {
             plan_fingerprint: "p".into(),
             workers: 2,
             files: BTreeMap::new(),
+            inherited: BTreeMap::new(),
         };
         for (name, bytes) in files {
             let size = store.put(epoch, name, bytes.to_vec()).unwrap();
@@ -266,7 +487,7 @@ mod tests {
     #[test]
     fn the_newest_complete_checkpoint_wins_and_damage_falls_back() {
         let dir = tempfile::tempdir().unwrap();
-        let store = CheckpointStore::open(dir.path().to_str().unwrap()).unwrap();
+        let store = CheckpointStore::open(dir.path().to_str().unwrap(), &BTreeMap::new()).unwrap();
         assert_eq!(store.latest(|_, _| {}).unwrap(), None);
         let m10 = manifest(&store, 10, &[("state-0", b"ten")]);
         store.commit(&m10).unwrap();
@@ -301,9 +522,71 @@ mod tests {
     }
 
     #[test]
+    fn deltas_inherit_their_chain_and_retention_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(dir.path().to_str().unwrap(), &BTreeMap::new()).unwrap();
+        let m10 = manifest(
+            &store,
+            10,
+            &[("state-op0-w1", b"full"), ("state-op0-w10", b"other")],
+        );
+        store.commit(&m10).unwrap();
+        // Checkpoint 20: worker 1 wrote a delta on top of 10, worker 10 a full snapshot.
+        let mut m20 = manifest(
+            &store,
+            20,
+            &[("state-op0-w1+10", b"delta"), ("state-op0-w10", b"again")],
+        );
+        assert_eq!(delta_base("state-op0-w1+10"), Some(10));
+        assert_eq!(delta_base("state-op0-w10"), None);
+        m20.inherited.insert(inherited_key(10, "state-op0-w1"), 4);
+        store.commit(&m20).unwrap();
+        assert_eq!(
+            m20.chain("state-op0-w1"),
+            vec![
+                (10, "state-op0-w1".to_string(), 4),
+                (20, "state-op0-w1+10".to_string(), 5)
+            ]
+        );
+        assert_eq!(
+            m20.chain("state-op0-w10"),
+            vec![(20, "state-op0-w10".to_string(), 5)]
+        );
+
+        // Retention drops checkpoint 10 but keeps the file 20 inherits from it.
+        store.retain(1).unwrap();
+        assert_eq!(store.size(10, "_manifest").unwrap(), None);
+        assert_eq!(store.size(10, "state-op0-w1").unwrap(), Some(4));
+        assert_eq!(store.size(10, "state-op0-w10").unwrap(), None);
+        assert_eq!(store.latest(|_, _| {}).unwrap(), Some(m20.clone()));
+
+        // A missing inherited file makes the checkpoint incomplete, naming the file.
+        let kept = dir.path().join("chk-0000000000000010").join("state-op0-w1");
+        let bytes = std::fs::read(&kept).unwrap();
+        std::fs::remove_file(&kept).unwrap();
+        let err = store.complete(20).unwrap_err().to_string();
+        assert!(err.contains("chk-0000000000000010/state-op0-w1"), "{err}");
+        std::fs::write(&kept, bytes).unwrap();
+
+        // Once a full snapshot follows, nothing of 10 or 20 is needed.
+        let m30 = manifest(
+            &store,
+            30,
+            &[("state-op0-w1", b"full"), ("state-op0-w10", b"full")],
+        );
+        store.commit(&m30).unwrap();
+        store.retain(1).unwrap();
+        let left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(left, vec!["chk-0000000000000030"]);
+    }
+
+    #[test]
     fn retention_keeps_the_newest_complete_checkpoints() {
         let dir = tempfile::tempdir().unwrap();
-        let store = CheckpointStore::open(dir.path().to_str().unwrap()).unwrap();
+        let store = CheckpointStore::open(dir.path().to_str().unwrap(), &BTreeMap::new()).unwrap();
         for epoch in [1, 2, 3, 4] {
             let m = manifest(&store, epoch, &[("s", b"x")]);
             store.commit(&m).unwrap();

@@ -7,21 +7,25 @@ use arrow::error::ArrowError;
 use arrow_row::{RowConverter, Rows, SortField};
 use hashbrown::{DefaultHashBuilder, HashTable};
 
+use crate::ByteSlots;
+
+/// The tag of a key that was never tagged.
+pub const NO_TAG: u16 = u16::MAX;
+
 /// Maps group keys to dense `u32` ids and back, reusing the ids of removed groups.
 ///
-/// Keys live row-encoded in one arena (no allocation per key), with each group's hash kept so
-/// that probes compare hashes before bytes and growth never re-hashes keys.
+/// Keys live row-encoded in one arena ([`ByteSlots`]: no allocation per key), with each group's
+/// hash kept so that probes compare hashes before bytes and growth never re-hashes keys.
 pub struct GroupTable {
     converter: RowConverter,
     hasher: DefaultHashBuilder,
     table: HashTable<u32>,
-    arena: Vec<u8>,
-    offsets: Vec<usize>,
-    lens: Vec<u32>,
+    keys: ByteSlots,
     hashes: Vec<u64>,
+    /// A caller's value per key (the aggregation caches each key's key group here), reset to
+    /// [`NO_TAG`] whenever an id gets a new key.
+    tags: Vec<u16>,
     free: Vec<u32>,
-    /// Arena bytes no live key uses (compacted when they dominate).
-    garbage: usize,
 }
 
 impl GroupTable {
@@ -31,12 +35,10 @@ impl GroupTable {
             converter: RowConverter::new(fields)?,
             hasher: DefaultHashBuilder::default(),
             table: HashTable::new(),
-            arena: vec![],
-            offsets: vec![],
-            lens: vec![],
+            keys: ByteSlots::default(),
             hashes: vec![],
+            tags: vec![],
             free: vec![],
-            garbage: 0,
         })
     }
 
@@ -52,7 +54,7 @@ impl GroupTable {
 
     /// One past the largest group id ever handed out: the length per-group vectors need.
     pub fn capacity(&self) -> usize {
-        self.offsets.len()
+        self.hashes.len()
     }
 
     /// Row-encodes key columns.
@@ -62,30 +64,20 @@ impl GroupTable {
 
     #[inline]
     fn key(&self, gid: u32) -> &[u8] {
-        let g = gid as usize;
-        &self.arena[self.offsets[g]..self.offsets[g] + self.lens[g] as usize]
+        self.keys.get(gid).unwrap_or_default()
     }
 
-    /// Stores `bytes` as the key of `gid`, in place when the old slot is large enough.
+    /// Stores `bytes` as the key of `gid`.
     fn store(&mut self, gid: u32, bytes: &[u8], hash: u64) {
         let g = gid as usize;
-        if g == self.offsets.len() {
-            self.offsets.push(self.arena.len());
-            self.lens.push(bytes.len() as u32);
+        self.keys.set(gid, bytes);
+        if g == self.hashes.len() {
             self.hashes.push(hash);
-            self.arena.extend_from_slice(bytes);
-            return;
-        }
-        let (off, len) = (self.offsets[g], self.lens[g] as usize);
-        if bytes.len() <= len {
-            self.arena[off..off + bytes.len()].copy_from_slice(bytes);
-            self.garbage -= bytes.len();
+            self.tags.push(NO_TAG);
         } else {
-            self.offsets[g] = self.arena.len();
-            self.arena.extend_from_slice(bytes);
+            self.hashes[g] = hash;
+            self.tags[g] = NO_TAG;
         }
-        self.lens[g] = bytes.len() as u32;
-        self.hashes[g] = hash;
     }
 
     /// The group id of every row, creating groups for new keys.
@@ -103,31 +95,24 @@ impl GroupTable {
         if let Ok(entry) = self.table.find_entry(hash, |&g| g == gid) {
             entry.remove();
         }
-        self.garbage += self.lens[gid as usize] as usize;
+        self.keys.remove(gid);
         self.free.push(gid);
-        if self.garbage > 1 << 20 && self.garbage * 2 > self.arena.len() {
-            self.compact();
-        }
     }
 
-    /// Rewrites the arena with only live keys.
-    fn compact(&mut self) {
-        let mut live = vec![true; self.offsets.len()];
-        for &g in &self.free {
-            live[g as usize] = false;
-        }
-        let mut arena = Vec::with_capacity(self.arena.len() - self.garbage);
-        for g in 0..self.offsets.len() {
-            let (off, len) = (self.offsets[g], self.lens[g] as usize);
-            self.offsets[g] = arena.len();
-            if live[g] {
-                arena.extend_from_slice(&self.arena[off..off + len]);
-            } else {
-                self.lens[g] = 0;
-            }
-        }
-        self.arena = arena;
-        self.garbage = 0;
+    /// Whether `gid` is a live group.
+    pub fn contains(&self, gid: u32) -> bool {
+        self.keys.contains(gid)
+    }
+
+    /// The tag of a group's key ([`NO_TAG`] until set).
+    #[inline]
+    pub fn tag(&self, gid: u32) -> u16 {
+        self.tags[gid as usize]
+    }
+
+    /// Tags a group's key; the tag stays until the id is given to another key.
+    pub fn set_tag(&mut self, gid: u32, tag: u16) {
+        self.tags[gid as usize] = tag;
     }
 
     /// The row-encoded key of a group (for snapshots).
@@ -139,19 +124,17 @@ impl GroupTable {
     pub fn intern_bytes(&mut self, bytes: &[u8]) -> u32 {
         let hash = self.hasher.hash_one(bytes);
         let found = {
-            let (hashes, arena, offsets, lens) =
-                (&self.hashes, &self.arena, &self.offsets, &self.lens);
+            let (hashes, keys) = (&self.hashes, &self.keys);
             self.table
                 .find(hash, |&g| {
-                    let g = g as usize;
-                    hashes[g] == hash && &arena[offsets[g]..offsets[g] + lens[g] as usize] == bytes
+                    hashes[g as usize] == hash && keys.get(g) == Some(bytes)
                 })
                 .copied()
         };
         if let Some(g) = found {
             return g;
         }
-        let g = self.free.pop().unwrap_or(self.offsets.len() as u32);
+        let g = self.free.pop().unwrap_or(self.hashes.len() as u32);
         self.store(g, bytes, hash);
         let hashes = &self.hashes;
         self.table.insert_unique(hash, g, |&x| hashes[x as usize]);
@@ -167,10 +150,9 @@ impl GroupTable {
 
     /// Approximate bytes held, for state-size metrics.
     pub fn size_bytes(&self) -> usize {
-        self.arena.capacity()
-            + self.offsets.capacity() * 8
-            + self.lens.capacity() * 4
+        self.keys.size_bytes()
             + self.hashes.capacity() * 8
+            + self.tags.capacity() * 2
             + self.table.capacity() * 5
             + self.free.capacity() * 4
     }
@@ -201,6 +183,9 @@ mod tests {
         t.intern(&rows, &mut gids);
         assert_eq!(gids, vec![0, 1, 0, 2]);
         assert_eq!(t.len(), 3);
+        assert_eq!(t.tag(1), NO_TAG);
+        t.set_tag(1, 7);
+        t.set_tag(2, 9);
         t.remove(1);
         assert_eq!(t.len(), 2);
         let cols: Vec<ArrayRef> = vec![
@@ -210,6 +195,8 @@ mod tests {
         let rows = t.encode(&cols).unwrap();
         t.intern(&rows, &mut gids);
         assert_eq!(gids, vec![1], "the freed id is reused");
+        assert_eq!(t.tag(1), NO_TAG, "a reused id loses the old key's tag");
+        assert_eq!(t.tag(2), 9);
         let keys = t.keys(&[1, 2]).unwrap();
         assert_eq!(keys[0].as_string::<i32>().value(0), "d");
         assert_eq!(

@@ -11,9 +11,11 @@
 //!   groups are snapshotted one by one and can be restored on whichever worker owns their key).
 
 pub mod accumulator;
+pub mod byte_slots;
 pub mod checkpoint;
 pub mod group_table;
 pub mod snapshot;
 
 pub use accumulator::{AccKind, Accumulator};
+pub use byte_slots::ByteSlots;
 pub use group_table::GroupTable;

@@ -25,6 +25,8 @@ struct Scenario {
 enum Source {
     Orders,
     Clicks,
+    /// Clicks over 10 M users.
+    Clicks10M,
     /// The Nexmark streams (`benchmarks/nexmark/ddl.sql`).
     Nexmark,
 }
@@ -55,6 +57,14 @@ const ORDERS: &str = "CREATE TABLE orders (order_id BIGINT, user_id BIGINT, item
 const CLICKS: &str = "CREATE TABLE clicks (user_id BIGINT, amount DOUBLE) \
      WITH ('connector' = 'datagen', 'rows-per-second' = '0', 'number-of-rows' = '{events}', \
      'fields.user_id.min' = '1', 'fields.user_id.max' = '1000000', 'fields.amount.min' = '1', 'fields.amount.max' = '1000');";
+
+/// CLICKS over 10 M users (`groupby-10m`).
+static CLICKS_10M: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    CLICKS.replace(
+        "'fields.user_id.max' = '1000000'",
+        "'fields.user_id.max' = '10000000'",
+    )
+});
 
 const SCENARIOS: &[Scenario] = &[
     Scenario { name: "gen-only", what: "the ecommerce generator alone, no dataflow", sql: "", source: Source::Orders },
@@ -92,6 +102,22 @@ const SCENARIOS: &[Scenario] = &[
         source: Source::Clicks,
     },
     Scenario {
+        name: "groupby-10m-ckpt",
+        what: "groupby-10m with a checkpoint every second",
+        sql: "SET 'execution.checkpointing.interval' = '1 s';
+              SET 'execution.checkpointing.dir' = '{checkpoints}';
+              CREATE TABLE sink (user_id BIGINT, n BIGINT, total DOUBLE) WITH ('connector' = 'blackhole');
+              INSERT INTO sink SELECT user_id, COUNT(*), SUM(amount) FROM clicks GROUP BY user_id;",
+        source: Source::Clicks10M,
+    },
+    Scenario {
+        name: "groupby-10m",
+        what: "unwindowed GROUP BY user_id over ~10 M distinct keys (updating)",
+        sql: "CREATE TABLE sink (user_id BIGINT, n BIGINT, total DOUBLE) WITH ('connector' = 'blackhole');
+              INSERT INTO sink SELECT user_id, COUNT(*), SUM(amount) FROM clicks GROUP BY user_id;",
+        source: Source::Clicks10M,
+    },
+    Scenario {
         name: "groupby-1m",
         what: "unwindowed GROUP BY user_id over ~1 M distinct keys (updating)",
         sql: "CREATE TABLE sink (user_id BIGINT, n BIGINT, total DOUBLE) WITH ('connector' = 'blackhole');
@@ -113,6 +139,7 @@ fn run_scenario(s: &Scenario, events: u64, workers: usize) -> Result<Run, String
     let ddl = match s.source {
         Source::Orders => ORDERS,
         Source::Clicks => CLICKS,
+        Source::Clicks10M => CLICKS_10M.as_str(),
         Source::Nexmark => NEXMARK_DDL,
     }
     .replace("{events}", &events.to_string());

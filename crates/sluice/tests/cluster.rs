@@ -5,14 +5,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn script(data: &Path, out: &Path) -> String {
     format!(
         "CREATE TABLE orders (order_id BIGINT, user_id BIGINT, category STRING, province STRING, amount DOUBLE, \
@@ -99,7 +91,11 @@ fn two_processes_equal_one() {
     let hosts = dir.path().join("hosts.txt");
     std::fs::write(
         &hosts,
-        format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port()),
+        format!(
+            "127.0.0.1:{}\n127.0.0.1:{}\n",
+            common::free_port(),
+            common::free_port()
+        ),
     )
     .unwrap();
     let children: Vec<_> = (0..2)

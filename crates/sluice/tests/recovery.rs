@@ -391,71 +391,189 @@ fn a_damaged_checkpoint_falls_back_to_the_previous_one() {
     kill_on_two_finish_on_one(true);
 }
 
+/// A keyed job over four JSON files with checkpoints every 100 ms: per-second window counts
+/// (append-only) and per-key count and sum (updating, debezium-json), with the answers computed
+/// directly from the input.
+struct KeyedJob {
+    script: std::path::PathBuf,
+    /// The checkpoint directory: a local folder, or `s3://...`.
+    checkpoints: String,
+    /// Checkpoint storage options (S3).
+    storage: BTreeMap<String, String>,
+    out: std::path::PathBuf,
+    start: i64,
+    windows: BTreeMap<i64, i64>,
+    keys: BTreeMap<i64, (i64, i64)>,
+}
+
+impl KeyedJob {
+    fn new(dir: &Path) -> KeyedJob {
+        let local = dir.join("checkpoints").display().to_string();
+        KeyedJob::with_storage(dir, &local, "", BTreeMap::new())
+    }
+
+    /// The job with checkpoints at `checkpoints`, after `settings` (`SET` statements).
+    fn with_storage(
+        dir: &Path,
+        checkpoints: &str,
+        settings: &str,
+        storage: BTreeMap<String, String>,
+    ) -> KeyedJob {
+        KeyedJob::build(dir, &[60_000; 4], checkpoints, settings, storage)
+    }
+
+    /// The job over four files of the given sizes (rows); workers read them round-robin.
+    fn build(
+        dir: &Path,
+        files: &[i64; 4],
+        checkpoints: &str,
+        settings: &str,
+        storage: BTreeMap<String, String>,
+    ) -> KeyedJob {
+        let input = dir.join("input");
+        std::fs::create_dir_all(&input).unwrap();
+        let start = 1_794_355_200_000i64;
+        let mut windows: BTreeMap<i64, i64> = BTreeMap::new();
+        let mut keys: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
+        for (f, rows) in (0i64..).zip(files) {
+            let mut text = String::new();
+            for i in 0..*rows {
+                let (k, v, ts) = ((i * 7 + f) % 50, i % 13, start + i * 2);
+                text.push_str(&format!(
+                    "{{\"k\": {k}, \"v\": {v}, \"ts\": \"{}\"}}\n",
+                    sluice_common::time::format_millis(ts)
+                ));
+                *windows.entry((ts - start) / 1000).or_default() += 1;
+                let e = keys.entry(k).or_default();
+                e.0 += 1;
+                e.1 += v;
+            }
+            std::fs::write(input.join(format!("part-{f}.json")), text).unwrap();
+        }
+        let out = dir.join("out");
+        let sql = format!(
+            "{settings}
+             SET 'execution.checkpointing.interval' = '100 ms';
+             SET 'execution.checkpointing.dir' = '{ckpt}';
+             SET 'execution.checkpointing.num-retained' = '3';
+             SET 'table.exec.mini-batch.size' = '16';
+             CREATE TABLE t (k BIGINT, v BIGINT, ts TIMESTAMP(3), WATERMARK FOR ts AS ts - INTERVAL '1' SECOND)
+               WITH ('connector' = 'filesystem', 'path' = '{input}', 'format' = 'json');
+             CREATE TABLE per_second (ws TIMESTAMP(3), n BIGINT)
+               WITH ('connector' = 'filesystem', 'path' = '{out}/per_second', 'format' = 'json');
+             CREATE TABLE per_key (k BIGINT, n BIGINT, total BIGINT)
+               WITH ('connector' = 'filesystem', 'path' = '{out}/per_key', 'format' = 'debezium-json');
+             INSERT INTO per_second SELECT TUMBLE_START(ts, INTERVAL '1' SECOND), COUNT(*) FROM t GROUP BY TUMBLE(ts, INTERVAL '1' SECOND);
+             INSERT INTO per_key SELECT k, COUNT(*), SUM(v) FROM t GROUP BY k;",
+            ckpt = checkpoints,
+            input = input.display(),
+            out = out.display()
+        );
+        let script = dir.join("job.sql");
+        std::fs::write(&script, sql).unwrap();
+        KeyedJob {
+            script,
+            checkpoints: checkpoints.to_string(),
+            storage,
+            out,
+            start,
+            windows,
+            keys,
+        }
+    }
+
+    /// The committed checkpoint folders, oldest first.
+    fn committed_checkpoints(&self) -> Vec<std::path::PathBuf> {
+        let mut complete: Vec<_> = std::fs::read_dir(&self.checkpoints)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.join("_manifest").exists())
+                    .collect()
+            })
+            .unwrap_or_default();
+        complete.sort();
+        complete
+    }
+
+    /// The epoch of the newest committed checkpoint, read through the checkpoint store.
+    fn newest_committed(&self) -> Option<u64> {
+        let store =
+            sluice_state::checkpoint::CheckpointStore::open(&self.checkpoints, &self.storage)
+                .unwrap();
+        store.latest(|_, _| {}).unwrap().map(|m| m.epoch)
+    }
+
+    /// Waits (up to 5 s) until a checkpoint newer than `after` is committed, or `finished` says
+    /// the job ended. Returns the newest committed epoch.
+    fn wait_for_checkpoint(
+        &self,
+        after: Option<u64>,
+        mut finished: impl FnMut() -> bool,
+    ) -> Option<u64> {
+        for _ in 0..500 {
+            let newest = self.newest_committed();
+            if newest > after || finished() {
+                return newest;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.newest_committed()
+    }
+
+    /// Checks the committed output against the answer. After a fallback from a damaged
+    /// checkpoint, output published for it is produced again: every row is there, some twice.
+    fn check(&self, at_least_once: bool) {
+        let want: BTreeMap<String, i64> = self
+            .windows
+            .iter()
+            .map(|(s, n)| (serde_json::json!({"n": n, "ws": sluice_common::time::format_millis(self.start + s * 1000)}).to_string(), 1))
+            .collect();
+        let got = committed(&self.out.join("per_second"));
+        if at_least_once {
+            assert_eq!(
+                got.keys().collect::<Vec<_>>(),
+                want.keys().collect::<Vec<_>>()
+            );
+        } else {
+            assert_eq!(got, want);
+        }
+        let want: BTreeMap<String, i64> = self
+            .keys
+            .iter()
+            .map(|(k, (n, s))| {
+                (
+                    serde_json::json!({"k": k, "n": n, "total": s}).to_string(),
+                    1,
+                )
+            })
+            .collect();
+        let got = committed(&self.out.join("per_key"));
+        if at_least_once {
+            // The final value of every key is there; replayed updates may linger around it.
+            assert!(
+                want.keys().all(|k| got.get(k).is_some_and(|n| *n >= 1)),
+                "{got:?}"
+            );
+        } else {
+            assert_eq!(got, want);
+        }
+    }
+}
+
 fn kill_on_two_finish_on_one(damage: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("input");
-    std::fs::create_dir_all(&input).unwrap();
-    let start = 1_794_355_200_000i64;
-    let mut windows: BTreeMap<i64, i64> = BTreeMap::new();
-    let mut keys: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
-    for f in 0..4 {
-        let mut text = String::new();
-        for i in 0..60_000i64 {
-            let (k, v, ts) = ((i * 7 + f) % 50, i % 13, start + i * 2);
-            text.push_str(&format!(
-                "{{\"k\": {k}, \"v\": {v}, \"ts\": \"{}\"}}\n",
-                sluice_common::time::format_millis(ts)
-            ));
-            *windows.entry((ts - start) / 1000).or_default() += 1;
-            let e = keys.entry(k).or_default();
-            e.0 += 1;
-            e.1 += v;
-        }
-        std::fs::write(input.join(format!("part-{f}.json")), text).unwrap();
-    }
-    let sql = format!(
-        "SET 'execution.checkpointing.interval' = '100 ms';
-         SET 'execution.checkpointing.dir' = '{ckpt}';
-         SET 'execution.checkpointing.num-retained' = '3';
-         SET 'table.exec.mini-batch.size' = '16';
-         CREATE TABLE t (k BIGINT, v BIGINT, ts TIMESTAMP(3), WATERMARK FOR ts AS ts - INTERVAL '1' SECOND)
-           WITH ('connector' = 'filesystem', 'path' = '{input}', 'format' = 'json');
-         CREATE TABLE per_second (ws TIMESTAMP(3), n BIGINT)
-           WITH ('connector' = 'filesystem', 'path' = '{out}/per_second', 'format' = 'json');
-         CREATE TABLE per_key (k BIGINT, n BIGINT, total BIGINT)
-           WITH ('connector' = 'filesystem', 'path' = '{out}/per_key', 'format' = 'debezium-json');
-         INSERT INTO per_second SELECT TUMBLE_START(ts, INTERVAL '1' SECOND), COUNT(*) FROM t GROUP BY TUMBLE(ts, INTERVAL '1' SECOND);
-         INSERT INTO per_key SELECT k, COUNT(*), SUM(v) FROM t GROUP BY k;",
-        ckpt = dir.path().join("checkpoints").display(),
-        input = input.display(),
-        out = dir.path().join("out").display()
-    );
-    let script = dir.path().join("job.sql");
-    std::fs::write(&script, sql).unwrap();
+    let job = KeyedJob::new(dir.path());
     let mut child = sluice()
-        .args(["run", script.to_str().unwrap(), "--workers", "2"])
+        .args(["run", job.script.to_str().unwrap(), "--workers", "2"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // Wait for a committed checkpoint, then kill.
-    let ckpt = dir.path().join("checkpoints");
     // Wait for committed checkpoints (two when one is to be damaged), then kill.
-    let wanted = if damage { 2 } else { 1 };
-    let committed_count = || {
-        std::fs::read_dir(&ckpt)
-            .map(|d| {
-                d.flatten()
-                    .filter(|e| e.path().join("_manifest").exists())
-                    .count()
-            })
-            .unwrap_or(0)
-    };
-    for _ in 0..500 {
-        if committed_count() >= wanted || child.try_wait().unwrap().is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    let first = job.wait_for_checkpoint(None, || child.try_wait().unwrap().is_some());
+    if damage {
+        job.wait_for_checkpoint(first, || child.try_wait().unwrap().is_some());
     }
     std::thread::sleep(Duration::from_millis(50));
     assert!(
@@ -466,13 +584,7 @@ fn kill_on_two_finish_on_one(damage: bool) {
     child.wait().unwrap();
 
     // Damage the newest checkpoint: a state file cut short. The run must notice and fall back.
-    let mut complete: Vec<_> = std::fs::read_dir(&ckpt)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.join("_manifest").exists())
-        .collect();
-    complete.sort();
+    let complete = job.committed_checkpoints();
     let damaged = damage && complete.len() > 1;
     assert!(
         !damage || damaged,
@@ -497,7 +609,7 @@ fn kill_on_two_finish_on_one(damage: bool) {
     }
 
     let o = sluice()
-        .args(["run", script.to_str().unwrap(), "--workers", "1"])
+        .args(["run", job.script.to_str().unwrap(), "--workers", "1"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
@@ -506,40 +618,72 @@ fn kill_on_two_finish_on_one(damage: bool) {
     if damaged {
         assert!(stderr.contains("is damaged and skipped"), "{stderr}");
     }
+    job.check(damaged);
+}
 
-    let want: BTreeMap<String, i64> = windows
-        .iter()
-        .map(|(s, n)| (serde_json::json!({"n": n, "ws": sluice_common::time::format_millis(start + s * 1000)}).to_string(), 1))
-        .collect();
-    let got = committed(&dir.path().join("out/per_second"));
-    if damaged {
-        // Every window is there with the right count; some may be there twice.
-        assert_eq!(
-            got.keys().collect::<Vec<_>>(),
-            want.keys().collect::<Vec<_>>()
-        );
-    } else {
-        assert_eq!(got, want);
-    }
-    let want: BTreeMap<String, i64> = keys
-        .iter()
-        .map(|(k, (n, s))| {
-            (
-                serde_json::json!({"k": k, "n": n, "total": s}).to_string(),
-                1,
-            )
-        })
-        .collect();
-    let got = committed(&dir.path().join("out/per_key"));
-    if damaged {
-        // The final value of every key is there; replayed updates may linger around it.
+/// A two-process cluster (2 workers each, on 127.0.0.1) is killed with SIGKILL twice, each time
+/// after it committed a new checkpoint: first restarted as the same cluster, then finished by
+/// one process with one worker. Key groups move across processes and file offsets of four
+/// workers merge into one; the committed output is exact.
+#[test]
+fn a_cluster_killed_twice_finishes_exactly_on_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = KeyedJob::new(dir.path());
+    let hosts = dir.path().join("hosts.txt");
+    for round in 0..2 {
+        let ports: Vec<u16> = (0..2)
+            .map(|_| {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port()
+            })
+            .collect();
+        std::fs::write(
+            &hosts,
+            format!("127.0.0.1:{}\n127.0.0.1:{}\n", ports[0], ports[1]),
+        )
+        .unwrap();
+        let before = job.newest_committed();
+        let mut children: Vec<_> = (0..2)
+            .map(|i| {
+                sluice()
+                    .args(["run", job.script.to_str().unwrap(), "--workers", "2"])
+                    .args(["--processes", "2", "--process-id", &i.to_string()])
+                    .args(["--hosts", hosts.to_str().unwrap()])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let newest = job.wait_for_checkpoint(before, || {
+            children.iter_mut().any(|c| c.try_wait().unwrap().is_some())
+        });
         assert!(
-            want.keys().all(|k| got.get(k).is_some_and(|n| *n >= 1)),
-            "{got:?}"
+            children.iter_mut().all(|c| c.try_wait().unwrap().is_none()),
+            "round {round}: the cluster ended before it could be killed; make the input larger"
         );
-    } else {
-        assert_eq!(got, want);
+        assert!(
+            newest > before,
+            "round {round}: no checkpoint was committed"
+        );
+        for c in &mut children {
+            c.kill().unwrap();
+        }
+        for c in &mut children {
+            c.wait().unwrap();
+        }
     }
+    let o = sluice()
+        .args(["run", job.script.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("taken with 4 workers"), "{stderr}");
+    job.check(false);
 }
 
 /// A checkpoint of another pipeline is refused with a message; `--fresh` starts over.
@@ -828,4 +972,173 @@ fn late_rows_are_committed_exactly_once_across_kills() {
         N as i64,
         "every row exactly once"
     );
+}
+
+/// Checkpoint storage on S3 (an S3-compatible server on loopback): files and manifests land
+/// under the URL's prefix; the newest complete checkpoint wins; a truncated file makes the
+/// store fall back and say why; retention deletes old checkpoints.
+#[test]
+fn the_checkpoint_store_works_on_s3() {
+    use sluice_state::checkpoint::{CheckpointStore, Manifest, FORMAT_VERSION};
+    let s3 = common::S3Server::start("store-test");
+    let store = CheckpointStore::open("s3://store-test/jobs/one", &s3.options()).unwrap();
+    assert_eq!(store.latest(|_, _| {}).unwrap(), None);
+    let checkpoint = |epoch: u64, body: &[u8]| {
+        let size = store.put(epoch, "state-op0-w0", body.to_vec()).unwrap();
+        Manifest {
+            version: FORMAT_VERSION,
+            epoch,
+            plan_fingerprint: "p".into(),
+            workers: 1,
+            files: [("state-op0-w0".to_string(), size)].into_iter().collect(),
+            inherited: Default::default(),
+        }
+    };
+    let m10 = checkpoint(10, b"ten");
+    store.commit(&m10).unwrap();
+    let m20 = checkpoint(20, b"twenty");
+    store.commit(&m20).unwrap();
+    checkpoint(30, b"never committed");
+    assert_eq!(store.latest(|_, _| {}).unwrap(), Some(m20.clone()));
+    assert_eq!(&store.get(20, "state-op0-w0").unwrap()[..], b"twenty");
+
+    // Another prefix of the same bucket is another checkpoint directory.
+    let other = CheckpointStore::open("s3://store-test/jobs/two", &s3.options()).unwrap();
+    assert_eq!(other.latest(|_, _| {}).unwrap(), None);
+
+    // A file of 20 cut short: fall back to 10, saying why.
+    store.put(20, "state-op0-w0", b"twen".to_vec()).unwrap();
+    let mut skipped = vec![];
+    assert_eq!(
+        store
+            .latest(|e, why| skipped.push((e, why.to_string())))
+            .unwrap(),
+        Some(m10.clone())
+    );
+    assert!(
+        skipped[0].1.contains("has 4 bytes, the manifest says 6"),
+        "{skipped:?}"
+    );
+
+    let m40 = checkpoint(40, b"forty");
+    store.commit(&m40).unwrap();
+    store.retain(1).unwrap();
+    assert!(store.is_committed(40).unwrap());
+    for gone in [10, 20, 30] {
+        assert_eq!(store.size(gone, "state-op0-w0").unwrap(), None, "{gone}");
+    }
+
+    // Bad settings name the problem.
+    let err = CheckpointStore::open("s3:///no-bucket", &s3.options())
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("names no bucket"), "{err}");
+    let mut bad = s3.options();
+    bad.insert("s3.path.style.access".into(), "maybe".into());
+    let err = CheckpointStore::open("s3://store-test/x", &bad)
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("'s3.path.style.access' = 'maybe'"),
+        "{err}"
+    );
+}
+
+/// The kill-and-rerun test with checkpoints on S3: killed with SIGKILL after a committed
+/// checkpoint, rerun with the same command, the committed output is exact; a finished job
+/// deletes its checkpoints there too.
+#[test]
+fn a_job_checkpointing_to_s3_killed_and_rerun_is_exact() {
+    let s3 = common::S3Server::start("job-test");
+    let dir = tempfile::tempdir().unwrap();
+    let job = KeyedJob::with_storage(
+        dir.path(),
+        "s3://job-test/checkpoints/keyed",
+        &s3.settings(),
+        s3.options(),
+    );
+    let mut child = sluice()
+        .args(["run", job.script.to_str().unwrap(), "--workers", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let newest = job.wait_for_checkpoint(None, || child.try_wait().unwrap().is_some());
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the job finished before it could be killed; make the input larger"
+    );
+    assert!(newest.is_some(), "no checkpoint reached S3");
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let o = sluice()
+        .args(["run", job.script.to_str().unwrap(), "--workers", "2"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("resuming from checkpoint"), "{stderr}");
+    job.check(false);
+    assert_eq!(
+        job.newest_committed(),
+        None,
+        "checkpoints left after success"
+    );
+}
+
+/// Checkpoints go on after a source worker finished its files: its final offsets are written
+/// once and inherited by later checkpoints. Killed after such a checkpoint, the rerun restores it
+/// (the finished worker reads nothing again) and the committed output is exact.
+#[test]
+fn checkpoints_after_a_source_worker_finished_restore_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("checkpoints").display().to_string();
+    // Worker 1 reads the two small files and finishes long before worker 0.
+    let job = KeyedJob::build(
+        dir.path(),
+        &[120_000, 500, 120_000, 500],
+        &local,
+        "",
+        BTreeMap::new(),
+    );
+    let mut child = sluice()
+        .args(["run", job.script.to_str().unwrap(), "--workers", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let store =
+        sluice_state::checkpoint::CheckpointStore::open(&job.checkpoints, &job.storage).unwrap();
+    let mut inheriting = None;
+    for _ in 0..1000 {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if let Some(m) = store.latest(|_, _| {}).unwrap() {
+            if m.inherited.keys().any(|k| k.ends_with("+final")) {
+                inheriting = Some(m.epoch);
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the job finished before it could be killed; make the input larger"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        inheriting.is_some(),
+        "no checkpoint after worker 1 finished"
+    );
+    let o = sluice()
+        .args(["run", job.script.to_str().unwrap(), "--workers", "2"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("resuming from checkpoint"), "{stderr}");
+    job.check(false);
 }

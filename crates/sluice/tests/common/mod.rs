@@ -67,3 +67,104 @@ pub fn render(batch: &arrow::record_batch::RecordBatch) -> Vec<Vec<String>> {
     }
     out
 }
+
+/// A free TCP port on 127.0.0.1.
+#[allow(dead_code)]
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An S3-compatible server on a free loopback port with one empty bucket, stopped on drop. It
+/// is moto's server, which `bash .ci/run` installs (`SLUICE_MOTO_SERVER`, or the default
+/// venv under `~/.cache/sluice-tools`).
+#[allow(dead_code)]
+pub struct S3Server {
+    child: std::process::Child,
+    pub endpoint: String,
+}
+
+#[allow(dead_code)]
+impl S3Server {
+    pub fn start(bucket: &str) -> S3Server {
+        use std::io::{Read, Write};
+        let server = std::env::var("SLUICE_MOTO_SERVER").unwrap_or_else(|_| {
+            format!(
+                "{}/.cache/sluice-tools/venv/bin/moto_server",
+                std::env::var("HOME").unwrap_or_default()
+            )
+        });
+        assert!(
+            Path::new(&server).exists(),
+            "no S3 test server at {server}: `bash .ci/run` installs it (moto[server])"
+        );
+        let port = free_port();
+        let child = std::process::Command::new(&server)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let s3 = S3Server {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        // Create the bucket (moto takes unsigned requests), retrying while the server starts.
+        let started = std::time::Instant::now();
+        loop {
+            let status = std::net::TcpStream::connect(("127.0.0.1", port)).and_then(|mut c| {
+                write!(
+                    c,
+                    "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                )?;
+                let mut reply = String::new();
+                c.read_to_string(&mut reply)?;
+                Ok(reply.lines().next().unwrap_or_default().to_string())
+            });
+            match status {
+                Ok(line) if line.contains(" 200") => return s3,
+                Ok(line) => panic!("creating bucket {bucket}: {line}"),
+                Err(e) if started.elapsed().as_secs() > 30 => {
+                    panic!("the S3 test server did not start: {e}")
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+            }
+        }
+    }
+
+    /// `SET` statements pointing checkpoint storage at this server.
+    pub fn settings(&self) -> String {
+        format!(
+            "SET 's3.endpoint' = '{}';
+             SET 's3.access-key' = 'test';
+             SET 's3.secret-key' = 'test';
+             SET 's3.region' = 'us-east-1';
+             SET 's3.path.style.access' = 'true';\n",
+            self.endpoint
+        )
+    }
+
+    /// The same settings as options of a checkpoint store.
+    pub fn options(&self) -> BTreeMap<String, String> {
+        [
+            ("s3.endpoint", self.endpoint.as_str()),
+            ("s3.access-key", "test"),
+            ("s3.secret-key", "test"),
+            ("s3.region", "us-east-1"),
+            ("s3.path.style.access", "true"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
