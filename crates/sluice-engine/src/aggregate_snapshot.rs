@@ -135,20 +135,57 @@ struct WindowCols {
     session: Option<(i64, i64)>,
 }
 
+/// Groups changed and keys removed over some stretch of time.
+#[derive(Default)]
+struct ChangeSet {
+    /// Groups (keys, for sessions) changed.
+    changed: Vec<u32>,
+    /// Keys removed that a snapshot holds: key group and key bytes.
+    removed_groups: Vec<u16>,
+    removed_keys: Vec<u8>,
+    removed_ends: Vec<usize>,
+}
+
+impl ChangeSet {
+    fn len(&self) -> usize {
+        self.changed.len() + self.removed_groups.len()
+    }
+
+    fn push_removed(&mut self, key_group: u16, key: &[u8]) {
+        self.removed_groups.push(key_group);
+        self.removed_keys.extend_from_slice(key);
+        self.removed_ends.push(self.removed_keys.len());
+    }
+
+    fn extend(&mut self, other: &ChangeSet) {
+        self.changed.extend_from_slice(&other.changed);
+        let mut start = 0;
+        for (kg, end) in other.removed_groups.iter().zip(&other.removed_ends) {
+            self.push_removed(*kg, &other.removed_keys[start..*end]);
+            start = *end;
+        }
+    }
+}
+
+/// A snapshot written since the last full one (included): a later delta may build on it once
+/// its checkpoint is committed.
+struct Written {
+    epoch: u64,
+    /// What changed between the snapshot before it and this one.
+    changes: ChangeSet,
+    /// Rows of the chain (full snapshot and deltas) up to this snapshot, and its deltas.
+    chain_rows: usize,
+    chain_len: usize,
+}
+
 /// What changed since the last snapshot, for incremental checkpoints.
 #[derive(Default)]
 pub(crate) struct Changes {
     enabled: bool,
-    /// Groups (keys, for sessions) changed since the last snapshot.
-    changed: Vec<u32>,
+    current: ChangeSet,
     is_changed: Vec<bool>,
-    /// Keys removed since the last snapshot that a snapshot holds: key group and key bytes.
-    removed_groups: Vec<u16>,
-    removed_keys: Vec<u8>,
-    removed_ends: Vec<usize>,
-    /// Rows and deltas written since the last full snapshot.
-    chain_rows: usize,
-    chain_len: usize,
+    /// Snapshots since (and with) the last full one, oldest first.
+    written: Vec<Written>,
 }
 
 impl Changes {
@@ -164,7 +201,7 @@ impl Changes {
         }
         if !self.is_changed[i] {
             self.is_changed[i] = true;
-            self.changed.push(g);
+            self.current.changed.push(g);
         }
     }
 
@@ -173,24 +210,15 @@ impl Changes {
         if !self.enabled || table.tag(g) == NO_TAG {
             return;
         }
-        self.removed_groups.push(table.tag(g));
-        self.removed_keys.extend_from_slice(table.key_bytes(g));
-        self.removed_ends.push(self.removed_keys.len());
+        self.current.push_removed(table.tag(g), table.key_bytes(g));
     }
 
-    /// Forgets the changes (after a snapshot).
-    fn clear(&mut self) {
-        for g in self.changed.drain(..) {
-            self.is_changed[g as usize] = false;
+    /// Starts a new stretch of changes (after a snapshot), returning the last one.
+    fn take(&mut self) -> ChangeSet {
+        for g in &self.current.changed {
+            self.is_changed[*g as usize] = false;
         }
-        self.removed_groups.clear();
-        self.removed_keys.clear();
-        self.removed_ends.clear();
-    }
-
-    /// Rows a delta would hold now.
-    fn pending(&self) -> usize {
-        self.changed.len() + self.removed_groups.len()
+        std::mem::take(&mut self.current)
     }
 }
 
@@ -203,36 +231,65 @@ impl AggregateState {
         self.changes.enabled = true;
     }
 
-    /// Whether the next snapshot should be a delta: changes are tracked and the deltas since the
-    /// last full snapshot, with this one, hold fewer rows than a full snapshot would (restoring
-    /// then reads at most about twice the state).
-    pub fn delta_is_smaller(&self) -> bool {
+    /// What the next snapshot can build on: the newest snapshot since the last full one whose
+    /// checkpoint is `committed`, if a delta on top of it is worth writing. It is when at most
+    /// half of the groups changed since then (a delta of nearly every group saves nothing and
+    /// costs more to write) and the chain, with the delta, holds fewer rows than a full
+    /// snapshot would (a restore then reads at most about twice the state).
+    pub fn delta_base(&self, committed: impl Fn(u64) -> bool) -> Option<u64> {
         let c = &self.changes;
-        c.enabled
-            && c.chain_len < MAX_DELTAS
-            && c.chain_rows + c.pending() < self.table.len().max(1)
+        if !c.enabled {
+            return None;
+        }
+        let at = c.written.iter().rposition(|w| committed(w.epoch))?;
+        let base = &c.written[at];
+        let pending = c.current.len()
+            + c.written[at + 1..]
+                .iter()
+                .map(|w| w.changes.len())
+                .sum::<usize>();
+        let groups = self.table.len().max(1);
+        (base.chain_len < MAX_DELTAS && pending * 2 <= groups && base.chain_rows + pending < groups)
+            .then_some(base.epoch)
     }
 
-    /// The groups changed since the last snapshot, and tombstones for the keys removed since
-    /// then (see the module documentation); the state must be tracking changes.
-    pub fn snapshot_delta(&mut self) -> Result<RecordBatch> {
-        let changed = std::mem::take(&mut self.changes.changed);
+    /// The groups changed since snapshot `base` (see [`AggregateState::delta_base`]), and
+    /// tombstones for the keys removed since then, as the snapshot of checkpoint `epoch`.
+    pub fn snapshot_delta(&mut self, base: u64, epoch: u64) -> Result<RecordBatch> {
+        let delta = self.delta_since(base, epoch);
+        if delta.is_err() {
+            // Changes may be lost: only a full snapshot is safe next.
+            self.changes.written.clear();
+        }
+        delta
+    }
+
+    fn delta_since(&mut self, base: u64, epoch: u64) -> Result<RecordBatch> {
+        let at = self
+            .changes
+            .written
+            .iter()
+            .position(|w| w.epoch == base)
+            .ok_or_else(|| {
+                Error::Runtime(format!("no snapshot of checkpoint {base} to build on"))
+            })?;
+        let now = self.changes.take();
+        // Changes since the base: those of the snapshots written after it (whose checkpoints
+        // did not commit, or not yet), and the current ones.
+        let mut since = ChangeSet::default();
+        for w in &self.changes.written[at + 1..] {
+            since.extend(&w.changes);
+        }
+        since.extend(&now);
+        // In group order: state is laid out by group id, so this reads it front to back.
+        let mut changed = std::mem::take(&mut since.changed);
+        changed.sort_unstable();
+        changed.dedup();
         let windowed = !matches!(self.window, sluice_sql::AggWindow::None);
         let mut c = SnapshotColumns::with_capacity(changed.len(), windowed);
         if let Some(s) = &self.sessions {
             for key in &changed {
-                for sess in s.open.get(key).into_iter().flatten() {
-                    let session = Some((sess.start, sess.end));
-                    c.push(
-                        self,
-                        *key,
-                        sess.slot,
-                        WindowCols {
-                            session,
-                            ..Default::default()
-                        },
-                    );
-                }
+                c.push_sessions(self, *key, s.open.get(key).map_or(&[][..], |v| &v[..]));
             }
         } else {
             let live: Vec<u32> = changed
@@ -269,28 +326,42 @@ impl AggregateState {
                     && self.table.contains(g)
                     && self.table.tag(g) != NO_TAG
                 {
-                    let (tag, key) = (self.table.tag(g), self.table.key_bytes(g));
-                    self.changes.removed_groups.push(tag);
-                    self.changes.removed_keys.extend_from_slice(key);
-                    self.changes
-                        .removed_ends
-                        .push(self.changes.removed_keys.len());
+                    since.push_removed(self.table.tag(g), self.table.key_bytes(g));
                 }
             }
         }
-        self.changes.changed = changed;
         let mut key_group = key_groups(self, &c.gids)?;
-        key_group.extend_from_slice(&self.changes.removed_groups);
+        key_group.extend_from_slice(&since.removed_groups);
         let mut start = 0;
-        for end in &self.changes.removed_ends {
-            c.push_tombstone(&self.changes.removed_keys[start..*end]);
+        for end in &since.removed_ends {
+            c.push_tombstone(&since.removed_keys[start..*end]);
             start = *end;
         }
-        let rows = c.rows.len();
-        self.changes.chain_rows += rows;
-        self.changes.chain_len += 1;
-        self.changes.clear();
+        let (chain_rows, chain_len) = {
+            let b = &self.changes.written[at];
+            (b.chain_rows + c.rows.len(), b.chain_len + 1)
+        };
+        self.changes.written.push(Written {
+            epoch,
+            changes: now,
+            chain_rows,
+            chain_len,
+        });
         c.finish(key_group)
+    }
+
+    /// The whole state as the snapshot of checkpoint `epoch`: later deltas build on it.
+    pub fn snapshot_full(&mut self, epoch: u64) -> Result<RecordBatch> {
+        let batch = self.snapshot()?;
+        if self.changes.enabled {
+            self.changes.written = vec![Written {
+                epoch,
+                changes: ChangeSet::default(),
+                chain_rows: 0,
+                chain_len: 0,
+            }];
+        }
+        Ok(batch)
     }
 
     /// The whole state as one batch (see [`snapshot_schema`]).
@@ -300,18 +371,7 @@ impl AggregateState {
         let mut c = SnapshotColumns::with_capacity(self.table.len(), windowed);
         if let Some(s) = &self.sessions {
             for (key, sessions) in &s.open {
-                for sess in sessions {
-                    let session = Some((sess.start, sess.end));
-                    c.push(
-                        self,
-                        *key,
-                        sess.slot,
-                        WindowCols {
-                            session,
-                            ..Default::default()
-                        },
-                    );
-                }
+                c.push_sessions(self, *key, sessions);
             }
         } else {
             let live = |g: &u32| self.rows[*g as usize] > 0;
@@ -343,9 +403,9 @@ impl AggregateState {
             }
         }
         let key_group = key_groups(self, &c.gids)?;
-        self.changes.clear();
-        self.changes.chain_rows = 0;
-        self.changes.chain_len = 0;
+        // Deltas cannot build on anything older than a full snapshot.
+        self.changes.take();
+        self.changes.written.clear();
         c.finish(key_group)
     }
 
@@ -388,6 +448,17 @@ impl AggregateState {
 }
 
 impl SnapshotColumns {
+    /// Appends the open sessions of `key`.
+    fn push_sessions(&mut self, state: &AggregateState, key: u32, sessions: &[Session]) {
+        for sess in sessions {
+            let window = WindowCols {
+                session: Some((sess.start, sess.end)),
+                ..Default::default()
+            };
+            self.push(state, key, sess.slot, window);
+        }
+    }
+
     /// A tombstone: `key` is gone.
     fn push_tombstone(&mut self, key: &[u8]) {
         self.keys.append_value(key);
@@ -634,28 +705,20 @@ mod tests {
         assert_eq!(merged, current(&one));
     }
 
-    /// Sessions (and their merging after a restore) and assigned windows survive a snapshot.
-    #[test]
-    fn windows_and_sessions_survive_a_snapshot() {
-        use arrow::array::TimestampMillisecondArray;
-        use sluice_sql::SessionOutput;
-        let schema = Arc::new(Schema::new(vec![
+    /// Input of the session tests: a key and an event time.
+    fn session_input() -> SchemaRef {
+        Arc::new(Schema::new(vec![
             Field::new("k", DataType::Int64, false),
             Field::new(
                 "ts",
                 DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, None),
                 false,
             ),
-        ]));
-        let k: PhysExpr = Arc::new(Column::new("k", 0));
-        let ts: PhysExpr = Arc::new(Column::new("ts", 1));
-        let count = AggCall {
-            func: AggFunc::Count,
-            arg: None,
-            distinct: false,
-            filter: None,
-            output_type: DataType::Int64,
-        };
+        ]))
+    }
+
+    /// COUNT(*) per key and session with the given gap.
+    fn session_count(gap: i64) -> AggregateState {
         let out = Arc::new(Schema::new(vec![
             Field::new("k", DataType::Int64, false),
             Field::new(
@@ -670,22 +733,34 @@ mod tests {
             ),
             Field::new("n", DataType::Int64, false),
         ]));
-        let make = || {
-            AggregateState::try_new(
-                vec![k.clone()],
-                vec![count.clone()],
-                AggWindow::Session {
-                    gap: 10,
-                    time: ts.clone(),
-                    output: SessionOutput::Columns { start: 1, end: 2 },
-                },
-                EmitPolicy::default(),
-                None,
-                out.clone(),
-                &schema,
-            )
-            .unwrap()
-        };
+        AggregateState::try_new(
+            vec![Arc::new(Column::new("k", 0))],
+            vec![AggCall {
+                func: AggFunc::Count,
+                arg: None,
+                distinct: false,
+                filter: None,
+                output_type: DataType::Int64,
+            }],
+            AggWindow::Session {
+                gap,
+                time: Arc::new(Column::new("ts", 1)),
+                output: sluice_sql::SessionOutput::Columns { start: 1, end: 2 },
+            },
+            EmitPolicy::default(),
+            None,
+            out,
+            &session_input(),
+        )
+        .unwrap()
+    }
+
+    /// Sessions (and their merging after a restore) and assigned windows survive a snapshot.
+    #[test]
+    fn windows_and_sessions_survive_a_snapshot() {
+        use arrow::array::TimestampMillisecondArray;
+        let schema = session_input();
+        let make = || session_count(10);
         let rows = |r: &[(i64, i64)]| {
             let k = Int64Array::from_iter_values(r.iter().map(|x| x.0));
             let t = TimestampMillisecondArray::from_iter_values(r.iter().map(|x| x.1));
@@ -789,7 +864,8 @@ mod tests {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
         let (mut live, mut twin) = (make(), make());
         live.track_changes();
-        let mut chain: Vec<RecordBatch> = vec![];
+        let mut chain: Vec<(u64, RecordBatch)> = vec![];
+        let mut epoch = 0;
         let (mut deltas, mut tombstones) = (0, 0);
         for _ in 0..80 {
             for _ in 0..rng.random_range(1..4) {
@@ -798,19 +874,25 @@ mod tests {
                 run(&mut twin, &step);
             }
             // Any mix of full snapshots and deltas must restore the same state (when to write
-            // which is the operator's policy, `delta_is_smaller`).
+            // which is the operator's policy, `delta_base`). A delta may build on an older
+            // snapshot than the last, when the checkpoints after it did not commit: then the
+            // chain drops their files.
+            epoch += 1;
             if chain.is_empty() || rng.random_bool(0.15) {
-                chain = vec![live.snapshot().unwrap()];
+                chain = vec![(epoch, live.snapshot_full(epoch).unwrap())];
             } else {
-                let delta = live.snapshot_delta().unwrap();
+                let base = chain[rng.random_range(0..chain.len())].0;
+                chain.retain(|(e, _)| *e <= base);
+                let delta = live.snapshot_delta(base, epoch).unwrap();
                 let rows = delta.column(2).as_primitive::<Int64Type>();
                 tombstones += rows.values().iter().filter(|r| **r == 0).count();
-                chain.push(delta);
+                chain.push((epoch, delta));
                 deltas += 1;
             }
+            let files: Vec<RecordBatch> = chain.iter().map(|(_, b)| b.clone()).collect();
             let mut restored = make();
-            restored.restore_chains(&[chain.clone()], |_| true).unwrap();
-            same(&mut restored, &mut twin, &chain);
+            restored.restore_chains(&[files.clone()], |_| true).unwrap();
+            same(&mut restored, &mut twin, &files);
         }
         assert!(deltas > 30, "only {deltas} deltas written");
         assert!(tombstones > 0, "no delta removed a key");
@@ -952,48 +1034,8 @@ mod tests {
     fn incremental_chains_restore_sessions() {
         use arrow::array::TimestampMillisecondArray;
         use rand::Rng;
-        use sluice_sql::SessionOutput;
-        let ts = DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, None);
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("k", DataType::Int64, false),
-            Field::new("ts", ts.clone(), false),
-        ]));
-        let out = Arc::new(Schema::new(vec![
-            Field::new("k", DataType::Int64, false),
-            Field::new(
-                "window_start",
-                sluice_sql::functions::window_time_type(),
-                false,
-            ),
-            Field::new(
-                "window_end",
-                sluice_sql::functions::window_time_type(),
-                false,
-            ),
-            Field::new("n", DataType::Int64, false),
-        ]));
-        let make = || {
-            AggregateState::try_new(
-                vec![Arc::new(Column::new("k", 0))],
-                vec![AggCall {
-                    func: AggFunc::Count,
-                    arg: None,
-                    distinct: false,
-                    filter: None,
-                    output_type: DataType::Int64,
-                }],
-                AggWindow::Session {
-                    gap: 50,
-                    time: Arc::new(Column::new("ts", 1)),
-                    output: SessionOutput::Columns { start: 1, end: 2 },
-                },
-                EmitPolicy::default(),
-                None,
-                out.clone(),
-                &schema,
-            )
-            .unwrap()
-        };
+        let schema = session_input();
+        let make = || session_count(50);
         let mut now = 0i64;
         chains_restore_the_state(
             make,

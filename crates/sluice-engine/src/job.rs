@@ -83,6 +83,8 @@ pub struct JobSummary {
     /// Checkpoints committed, and the size of the last one.
     pub checkpoints: u64,
     pub checkpoint_bytes: u64,
+    /// Worker time all snapshots took (the part of checkpointing that holds processing up).
+    pub snapshot_ms: u64,
     pub elapsed: Duration,
 }
 
@@ -327,9 +329,13 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
     }
     let checkpointing = prepare_checkpoints(&plan, options.fresh)?;
     let finished_checkpointing = checkpointing.clone();
-    let writer = checkpointing
-        .as_ref()
-        .map(|c| crate::checkpointing::CheckpointWriter::start(c.store.clone(), metrics.clone()));
+    let writer = checkpointing.as_ref().map(|c| {
+        crate::checkpointing::CheckpointWriter::start(
+            c.store.clone(),
+            metrics.clone(),
+            c.config.compression,
+        )
+    });
     let (writer, writer_thread) = match writer {
         Some((w, t)) => (Some(w), Some(t)),
         None => (None, None),
@@ -383,12 +389,15 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
         // later checkpoints).
         let first_poll = sluice_state::checkpoint::COMMIT_POLL / 2;
         let (mut last_try, mut poll) = (Instant::now(), first_poll);
+        // When each pending checkpoint epoch ended (every operator had taken its snapshot).
+        let mut since: BTreeMap<Epoch, Instant> = BTreeMap::new();
         while !probe.done() && !worker_metrics.failed() {
             worker.step_or_park(Some(Duration::from_millis(20)));
             let (0, Some(ck), Some(due), Some(c)) = (index, checkpoint.as_ref(), next_due.as_mut(), checkpointing.as_ref()) else {
                 continue;
             };
             while !probe.done() && !probe.less_equal(due) {
+                since.insert(*due, Instant::now());
                 pending.push_back(*due);
                 *due += ck.every;
                 poll = first_poll;
@@ -419,9 +428,14 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
                         failed_in_a_row = 0;
                         worker_metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
                         worker_metrics.checkpoint_bytes.store(bytes, Ordering::Relaxed);
+                        let took = worker_metrics.take_snapshot_time(epoch);
                         eprintln!(
-                            "checkpoint {epoch} committed: {files} files (source offsets and state of {peers} workers), {bytes} bytes"
+                            "checkpoint {epoch} committed: {files} files (source offsets and state of {peers} workers), {bytes} bytes; \
+                             snapshots took {:.1} ms of worker time, commit {} ms after the epoch",
+                            took.as_secs_f64() * 1000.0,
+                            since.get(&epoch).map_or(0, |t| t.elapsed().as_millis())
                         );
+                        since.retain(|e, _| *e > epoch);
                         pending.retain(|e| *e > epoch);
                         break;
                     }
@@ -480,6 +494,7 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
         state_groups: metrics.state_groups.load(Ordering::Relaxed),
         checkpoints: metrics.checkpoints.load(Ordering::Relaxed),
         checkpoint_bytes: metrics.checkpoint_bytes.load(Ordering::Relaxed),
+        snapshot_ms: metrics.snapshot_micros.load(Ordering::Relaxed) / 1000,
         elapsed: started.elapsed(),
     })
 }
@@ -838,8 +853,6 @@ struct AggregateTask {
     peers: usize,
     /// Processing-time windows: only the end of input's watermark closes windows here.
     processing_time: bool,
-    /// The checkpoint epoch of this operator's last snapshot in this run (a delta builds on it).
-    last_snapshot: Option<Epoch>,
 }
 
 impl AggregateTask {
@@ -907,20 +920,20 @@ impl AggregateTask {
     }
 
     /// Writes this worker's state into checkpoint `epoch`, as Arrow IPC (in the background):
-    /// only what changed when the previous snapshot is in a committed checkpoint and the
-    /// changes are fewer than the state, else all of it.
+    /// only what changed since an earlier snapshot in a committed checkpoint when that is worth
+    /// it (`delta_base`), else all of it.
     fn snapshot(&mut self, ck: &CheckpointContext, epoch: Epoch, id: &str) -> Result<()> {
+        let started = Instant::now();
         let stem = CheckpointContext::file_name(Contribution::State, id, self.index);
-        let base = self.last_snapshot.take().filter(|b| {
-            self.state.delta_is_smaller() && ck.store.is_committed(*b).unwrap_or(false)
-        });
-        // On an error, `last_snapshot` stays empty: the next snapshot is a full one.
+        let base = self
+            .state
+            .delta_base(|e| ck.store.is_committed(e).unwrap_or(false));
         let (name, batch) = match base {
-            Some(b) => (format!("{stem}+{b}"), self.state.snapshot_delta()?),
-            None => (stem, self.state.snapshot()?),
+            Some(b) => (format!("{stem}+{b}"), self.state.snapshot_delta(b, epoch)?),
+            None => (stem, self.state.snapshot_full(epoch)?),
         };
         ck.writer.write_batch(epoch, name, batch);
-        self.last_snapshot = Some(epoch);
+        self.metrics.record_snapshot(epoch, started.elapsed());
         Ok(())
     }
 }
@@ -977,7 +990,6 @@ fn aggregate<'scope>(
             index,
             peers,
             processing_time: emit.processing_time,
-            last_snapshot: None,
         }),
         Err(e) => {
             metrics.fail(e);

@@ -144,11 +144,13 @@ impl<S: TwoInputState> JoinTask<S> {
     }
 
     fn snapshot(&self, writer: &CheckpointWriter, epoch: Epoch, id: &str) -> Result<()> {
+        let started = std::time::Instant::now();
         writer.write_batch(
             epoch,
             CheckpointContext::file_name(Contribution::State, id, self.index),
             self.state.snapshot()?,
         );
+        self.metrics.record_snapshot(epoch, started.elapsed());
         Ok(())
     }
 }

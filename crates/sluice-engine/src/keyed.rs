@@ -131,12 +131,16 @@ pub(crate) fn keyed<'scope, S: KeyedState>(
             if let (Some(al), Some(task)) = (align.as_mut(), task.as_mut()) {
                 while let Some(epoch) = al.due(&[frontier]) {
                     if let (Some(ck), Some(id)) = (checkpoint.as_ref(), id.as_ref()) {
+                        let started = std::time::Instant::now();
                         match task.state.snapshot() {
-                            Ok(batch) => ck.writer.write_batch(
-                                epoch,
-                                CheckpointContext::file_name(Contribution::State, id, index),
-                                batch,
-                            ),
+                            Ok(batch) => {
+                                ck.writer.write_batch(
+                                    epoch,
+                                    CheckpointContext::file_name(Contribution::State, id, index),
+                                    batch,
+                                );
+                                metrics.record_snapshot(epoch, started.elapsed());
+                            }
                             Err(e) => metrics.checkpoint_failed(epoch, e),
                         }
                     }

@@ -19,6 +19,10 @@ pub struct JobMetrics {
     /// Checkpoints committed, and the size of the last one in bytes.
     pub checkpoints: AtomicU64,
     pub checkpoint_bytes: AtomicU64,
+    /// Worker time spent taking snapshots (the part of a checkpoint that holds processing up),
+    /// per checkpoint epoch not yet committed, and in all (microseconds).
+    snapshot_time: Mutex<BTreeMap<u64, std::time::Duration>>,
+    pub snapshot_micros: AtomicU64,
     /// The smallest watermark any source holds (ms), for the live lag display.
     pub source_watermark: AtomicI64,
     /// Checkpoint epochs whose files could not be written.
@@ -89,6 +93,26 @@ impl JobMetrics {
         if slot.is_none() {
             *slot = Some(e);
         }
+    }
+
+    /// Adds an operator's snapshot time for checkpoint `epoch`.
+    pub fn record_snapshot(&self, epoch: u64, took: std::time::Duration) {
+        *self
+            .snapshot_time
+            .lock()
+            .expect("metrics")
+            .entry(epoch)
+            .or_default() += took;
+        self.snapshot_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// The snapshot time of checkpoint `epoch` in this process (forgetting it and older ones).
+    pub fn take_snapshot_time(&self, epoch: u64) -> std::time::Duration {
+        let mut times = self.snapshot_time.lock().expect("metrics");
+        let took = times.get(&epoch).copied().unwrap_or_default();
+        times.retain(|e, _| *e > epoch);
+        took
     }
 
     /// Records that an operator could not write its part of checkpoint `epoch`.

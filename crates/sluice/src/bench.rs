@@ -66,6 +66,22 @@ static CLICKS_10M: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     )
 });
 
+/// The `groupby-*` query.
+macro_rules! groupby_user {
+    () => {
+        "CREATE TABLE sink (user_id BIGINT, n BIGINT, total DOUBLE) WITH ('connector' = 'blackhole');
+         INSERT INTO sink SELECT user_id, COUNT(*), SUM(amount) FROM clicks GROUP BY user_id;"
+    };
+}
+
+/// Checkpoints every second, for the `*-ckpt` scenarios.
+macro_rules! checkpoint_every_second {
+    () => {
+        "SET 'execution.checkpointing.interval' = '1 s';
+         SET 'execution.checkpointing.dir' = '{checkpoints}';\n"
+    };
+}
+
 const SCENARIOS: &[Scenario] = &[
     Scenario { name: "gen-only", what: "the ecommerce generator alone, no dataflow", sql: "", source: Source::Orders },
     Scenario {
@@ -95,33 +111,35 @@ const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "groupby-1m-ckpt",
         what: "groupby-1m with a checkpoint every second",
-        sql: "SET 'execution.checkpointing.interval' = '1 s';
-              SET 'execution.checkpointing.dir' = '{checkpoints}';
-              CREATE TABLE sink (user_id BIGINT, n BIGINT, total DOUBLE) WITH ('connector' = 'blackhole');
-              INSERT INTO sink SELECT user_id, COUNT(*), SUM(amount) FROM clicks GROUP BY user_id;",
+        sql: concat!(checkpoint_every_second!(), groupby_user!()),
         source: Source::Clicks,
     },
     Scenario {
         name: "groupby-10m-ckpt",
         what: "groupby-10m with a checkpoint every second",
-        sql: "SET 'execution.checkpointing.interval' = '1 s';
-              SET 'execution.checkpointing.dir' = '{checkpoints}';
-              CREATE TABLE sink (user_id BIGINT, n BIGINT, total DOUBLE) WITH ('connector' = 'blackhole');
-              INSERT INTO sink SELECT user_id, COUNT(*), SUM(amount) FROM clicks GROUP BY user_id;",
+        sql: concat!(checkpoint_every_second!(), groupby_user!()),
+        source: Source::Clicks10M,
+    },
+    Scenario {
+        name: "groupby-10m-ckpt-lz4",
+        what: "groupby-10m-ckpt with LZ4-compressed snapshots",
+        sql: concat!(
+            checkpoint_every_second!(),
+            "SET 'execution.checkpointing.snapshot-compression' = 'true';\n",
+            groupby_user!()
+        ),
         source: Source::Clicks10M,
     },
     Scenario {
         name: "groupby-10m",
         what: "unwindowed GROUP BY user_id over ~10 M distinct keys (updating)",
-        sql: "CREATE TABLE sink (user_id BIGINT, n BIGINT, total DOUBLE) WITH ('connector' = 'blackhole');
-              INSERT INTO sink SELECT user_id, COUNT(*), SUM(amount) FROM clicks GROUP BY user_id;",
+        sql: groupby_user!(),
         source: Source::Clicks10M,
     },
     Scenario {
         name: "groupby-1m",
         what: "unwindowed GROUP BY user_id over ~1 M distinct keys (updating)",
-        sql: "CREATE TABLE sink (user_id BIGINT, n BIGINT, total DOUBLE) WITH ('connector' = 'blackhole');
-              INSERT INTO sink SELECT user_id, COUNT(*), SUM(amount) FROM clicks GROUP BY user_id;",
+        sql: groupby_user!(),
         source: Source::Clicks,
     },
 ];

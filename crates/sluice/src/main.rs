@@ -218,8 +218,8 @@ fn print_summary(s: &JobSummary) {
     eprintln!("records skipped             {}", s.records_skipped);
     if s.checkpoints > 0 {
         eprintln!(
-            "checkpoints committed       {} (last {} bytes)",
-            s.checkpoints, s.checkpoint_bytes
+            "checkpoints committed       {} (last {} bytes; snapshots took {} ms of worker time in all)",
+            s.checkpoints, s.checkpoint_bytes, s.snapshot_ms
         );
     }
     if s.state_groups > 0 {

@@ -496,6 +496,29 @@ impl KeyedJob {
         complete
     }
 
+    /// Starts the job on `workers` workers, output discarded (it is to be killed).
+    fn start(&self, workers: usize) -> std::process::Child {
+        sluice()
+            .args(["run", self.script.to_str().unwrap()])
+            .args(["--workers", &workers.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Runs the job to its end on `workers` workers; it must succeed. Returns its log.
+    fn rerun(&self, workers: usize) -> String {
+        let o = sluice()
+            .args(["run", self.script.to_str().unwrap()])
+            .args(["--workers", &workers.to_string()])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{stderr}");
+        stderr
+    }
+
     /// The epoch of the newest committed checkpoint, read through the checkpoint store.
     fn newest_committed(&self) -> Option<u64> {
         let store =
@@ -564,12 +587,7 @@ impl KeyedJob {
 fn kill_on_two_finish_on_one(damage: bool) {
     let dir = tempfile::tempdir().unwrap();
     let job = KeyedJob::new(dir.path());
-    let mut child = sluice()
-        .args(["run", job.script.to_str().unwrap(), "--workers", "2"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = job.start(2);
     // Wait for committed checkpoints (two when one is to be damaged), then kill.
     let first = job.wait_for_checkpoint(None, || child.try_wait().unwrap().is_some());
     if damage {
@@ -608,12 +626,7 @@ fn kill_on_two_finish_on_one(damage: bool) {
         std::fs::write(&state, &bytes[..bytes.len() / 2]).unwrap();
     }
 
-    let o = sluice()
-        .args(["run", job.script.to_str().unwrap(), "--workers", "1"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{stderr}");
+    let stderr = job.rerun(1);
     assert!(stderr.contains("taken with 2 workers"), "{stderr}");
     if damaged {
         assert!(stderr.contains("is damaged and skipped"), "{stderr}");
@@ -676,12 +689,7 @@ fn a_cluster_killed_twice_finishes_exactly_on_one_process() {
             c.wait().unwrap();
         }
     }
-    let o = sluice()
-        .args(["run", job.script.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{stderr}");
+    let stderr = job.rerun(1);
     assert!(stderr.contains("taken with 4 workers"), "{stderr}");
     job.check(false);
 }
@@ -1057,12 +1065,7 @@ fn a_job_checkpointing_to_s3_killed_and_rerun_is_exact() {
         &s3.settings(),
         s3.options(),
     );
-    let mut child = sluice()
-        .args(["run", job.script.to_str().unwrap(), "--workers", "2"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = job.start(2);
     let newest = job.wait_for_checkpoint(None, || child.try_wait().unwrap().is_some());
     assert!(
         child.try_wait().unwrap().is_none(),
@@ -1072,12 +1075,7 @@ fn a_job_checkpointing_to_s3_killed_and_rerun_is_exact() {
     child.kill().unwrap();
     child.wait().unwrap();
 
-    let o = sluice()
-        .args(["run", job.script.to_str().unwrap(), "--workers", "2"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{stderr}");
+    let stderr = job.rerun(2);
     assert!(stderr.contains("resuming from checkpoint"), "{stderr}");
     job.check(false);
     assert_eq!(
@@ -1102,12 +1100,7 @@ fn checkpoints_after_a_source_worker_finished_restore_exactly() {
         "",
         BTreeMap::new(),
     );
-    let mut child = sluice()
-        .args(["run", job.script.to_str().unwrap(), "--workers", "2"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = job.start(2);
     let store =
         sluice_state::checkpoint::CheckpointStore::open(&job.checkpoints, &job.storage).unwrap();
     let mut inheriting = None;
@@ -1133,12 +1126,7 @@ fn checkpoints_after_a_source_worker_finished_restore_exactly() {
         inheriting.is_some(),
         "no checkpoint after worker 1 finished"
     );
-    let o = sluice()
-        .args(["run", job.script.to_str().unwrap(), "--workers", "2"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{stderr}");
+    let stderr = job.rerun(2);
     assert!(stderr.contains("resuming from checkpoint"), "{stderr}");
     job.check(false);
 }
