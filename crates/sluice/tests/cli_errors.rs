@@ -254,6 +254,32 @@ fn checkpoint_settings_are_checked() {
         &sluice(&script, dir.path()),
         &["'execution.checkpointing.mode' is not supported yet"],
     );
+    let ckpt = dir.path().join("ckpt");
+    let with = |setting: &str| {
+        format!(
+            "SET 'execution.checkpointing.interval' = '1s';\nSET 'execution.checkpointing.dir' = '{}';\n{setting}\n{}SELECT id FROM orders;",
+            ckpt.display(),
+            orders_ddl(&data, "")
+        )
+    };
+    let cases = [
+        (
+            "SET 'execution.checkpointing.snapshot-compression' = 'lz4';",
+            "'execution.checkpointing.snapshot-compression' = 'lz4' must be true or false",
+        ),
+        (
+            "SET 's3.endpont' = 'http://127.0.0.1:9000';",
+            "'s3.endpont' is not an S3 option",
+        ),
+    ];
+    for (setting, error) in cases {
+        fails_with(&sluice(&with(setting), dir.path()), &[error]);
+    }
+    let bucketless = format!(
+        "SET 'execution.checkpointing.interval' = '1s';\nSET 'execution.checkpointing.dir' = 's3://';\n{}SELECT id FROM orders;",
+        orders_ddl(&data, "")
+    );
+    fails_with(&sluice(&bucketless, dir.path()), &["names no bucket"]);
 }
 
 /// `sluice bench --baseline`: a result more than 10% slower than the baseline fails the run and

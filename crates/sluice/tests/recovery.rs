@@ -1052,9 +1052,9 @@ fn the_checkpoint_store_works_on_s3() {
     );
 }
 
-/// The kill-and-rerun test with checkpoints on S3: killed with SIGKILL after a committed
-/// checkpoint, rerun with the same command, the committed output is exact; a finished job
-/// deletes its checkpoints there too.
+/// The kill-and-rerun test with checkpoints on S3 (LZ4-compressed snapshots): killed with
+/// SIGKILL after a committed checkpoint, rerun with the same command, the committed output is
+/// exact; a finished job deletes its checkpoints there too.
 #[test]
 fn a_job_checkpointing_to_s3_killed_and_rerun_is_exact() {
     let s3 = common::S3Server::start("job-test");
@@ -1062,7 +1062,10 @@ fn a_job_checkpointing_to_s3_killed_and_rerun_is_exact() {
     let job = KeyedJob::with_storage(
         dir.path(),
         "s3://job-test/checkpoints/keyed",
-        &s3.settings(),
+        &format!(
+            "{}SET 'execution.checkpointing.snapshot-compression' = 'true';",
+            s3.settings()
+        ),
         s3.options(),
     );
     let mut child = job.start(2);
