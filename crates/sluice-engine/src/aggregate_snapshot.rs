@@ -41,6 +41,53 @@ pub fn snapshot_schema() -> SchemaRef {
     ]))
 }
 
+/// The layout of a snapshot of state without windows: the window columns are left out (they
+/// would be null, and a third of each row).
+fn unwindowed_schema() -> SchemaRef {
+    let full = snapshot_schema();
+    let keep = [0, 1, 2, 7, 8];
+    Arc::new(full.project(&keep).expect("columns of the snapshot layout"))
+}
+
+/// Whether a batch is in the full layout; an error when it is in neither.
+fn is_full_layout(batch: &RecordBatch) -> Result<bool> {
+    let schema = batch.schema();
+    if schema.fields() == snapshot_schema().fields() {
+        Ok(true)
+    } else if schema.fields() == unwindowed_schema().fields() {
+        Ok(false)
+    } else {
+        Err(Error::Runtime(
+            "aggregation snapshot has an unexpected layout".into(),
+        ))
+    }
+}
+
+/// A snapshot in the full layout (see [`snapshot_schema`]), whichever it was written in.
+fn full_layout(batch: &RecordBatch) -> Result<std::borrow::Cow<'_, RecordBatch>> {
+    if is_full_layout(batch)? {
+        return Ok(std::borrow::Cow::Borrowed(batch));
+    }
+    let n = batch.num_rows();
+    let c = |i: usize| batch.column(i).clone();
+    let nulls: ArrayRef = Arc::new(Int64Array::new_null(n));
+    let columns: Vec<ArrayRef> = vec![
+        c(0),
+        c(1),
+        c(2),
+        nulls.clone(),
+        Arc::new(BooleanArray::new_null(n)),
+        nulls.clone(),
+        nulls,
+        c(3),
+        c(4),
+    ];
+    Ok(std::borrow::Cow::Owned(RecordBatch::try_new(
+        snapshot_schema(),
+        columns,
+    )?))
+}
+
 /// Key group of each group's key. It is computed once per key and kept in the group table, so
 /// a checkpoint hashes only the keys that are new since the last one.
 fn key_groups(state: &mut AggregateState, gids: &[u32]) -> Result<Vec<u16>> {
@@ -425,11 +472,8 @@ impl AggregateState {
             // Newest first: a key belongs to the first file that has it.
             let mut owner: hashbrown::HashMap<&[u8], usize> = hashbrown::HashMap::new();
             for (at, batch) in chain.iter().enumerate().rev() {
-                if batch.schema().fields() != snapshot_schema().fields() {
-                    return Err(Error::Runtime(
-                        "aggregation snapshot has an unexpected layout".into(),
-                    ));
-                }
+                // Both layouts start with key group, key and rows.
+                is_full_layout(batch)?;
                 let key_group = batch.column(0).as_primitive::<UInt16Type>();
                 let keys = batch.column(1).as_binary::<i32>();
                 let rows = batch.column(2).as_primitive::<Int64Type>();
@@ -473,21 +517,22 @@ impl SnapshotColumns {
     /// The batch, given each row's key group.
     fn finish(mut self, key_group: Vec<u16>) -> Result<RecordBatch> {
         let key_group: UInt16Array = key_group.into_iter().collect();
-        let n = self.rows.len();
+        if !self.windowed {
+            let columns: Vec<ArrayRef> = vec![
+                Arc::new(key_group),
+                Arc::new(self.keys.finish()),
+                Arc::new(Int64Array::from(std::mem::take(&mut self.rows))),
+                Arc::new(self.accs.finish()),
+                Arc::new(self.last.finish()),
+            ];
+            return Ok(RecordBatch::try_new(unwindowed_schema(), columns)?);
+        }
         let c = &mut self;
         let w = &c.windows;
         let window_column = |f: fn(&WindowCols) -> Option<i64>| -> ArrayRef {
-            if c.windowed {
-                Arc::new(w.iter().map(f).collect::<Int64Array>())
-            } else {
-                Arc::new(Int64Array::new_null(n))
-            }
+            Arc::new(w.iter().map(f).collect::<Int64Array>())
         };
-        let fired: ArrayRef = if c.windowed {
-            Arc::new(w.iter().map(|w| w.fired).collect::<BooleanArray>())
-        } else {
-            Arc::new(BooleanArray::new_null(n))
-        };
+        let fired: ArrayRef = Arc::new(w.iter().map(|w| w.fired).collect::<BooleanArray>());
         let columns: Vec<ArrayRef> = vec![
             Arc::new(key_group),
             Arc::new(c.keys.finish()),
@@ -506,11 +551,8 @@ impl SnapshotColumns {
 impl AggregateState {
     /// Loads the rows of a snapshot whose key group `owns` accepts. The state must be empty.
     pub fn restore(&mut self, batch: &RecordBatch, owns: impl Fn(u16) -> bool) -> Result<()> {
-        if batch.schema().fields() != snapshot_schema().fields() {
-            return Err(Error::Runtime(
-                "aggregation snapshot has an unexpected layout".into(),
-            ));
-        }
+        let batch = full_layout(batch)?;
+        let batch = batch.as_ref();
         let corrupt = |e: sluice_state::snapshot::CorruptSnapshot| Error::Runtime(e.to_string());
         let col = |i: usize| batch.column(i);
         let key_group = col(0).as_primitive::<UInt16Type>();
@@ -1063,10 +1105,11 @@ mod tests {
         let mut s = state();
         s.apply(&batch(&[(1, 5), (1, 6)])).unwrap();
         let snap = s.snapshot().unwrap();
-        let accs = snap.column(7).as_binary::<i32>();
+        let at = snap.schema().index_of("accumulators").unwrap();
+        let accs = snap.column(at).as_binary::<i32>();
         let cut = BinaryArray::from_iter_values([&accs.value(0)[..accs.value(0).len() - 3]]);
         let mut columns = snap.columns().to_vec();
-        columns[7] = Arc::new(cut);
+        columns[at] = Arc::new(cut);
         let damaged = RecordBatch::try_new(snap.schema(), columns).unwrap();
         let err = state().restore(&damaged, |_| true).unwrap_err();
         assert!(err.to_string().contains("corrupt state snapshot"), "{err}");
