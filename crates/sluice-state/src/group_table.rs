@@ -9,6 +9,38 @@ use hashbrown::{DefaultHashBuilder, HashTable};
 
 use crate::ByteSlots;
 
+/// Keys up to this long are kept in the hash table's slot as well, so that a probe compares
+/// them without touching the arena (row-encoded BIGINT keys are 9 bytes).
+const INLINE: usize = 15;
+
+/// A hash table slot: the group id and, for short keys, the key itself.
+#[derive(Clone, Copy)]
+struct Slot {
+    gid: u32,
+    /// The key's length when it is inline, else `u8::MAX`.
+    len: u8,
+    inline: [u8; INLINE],
+}
+
+impl Slot {
+    fn new(gid: u32, key: &[u8]) -> Slot {
+        let mut inline = [0; INLINE];
+        let len = if key.len() <= INLINE {
+            inline[..key.len()].copy_from_slice(key);
+            key.len() as u8
+        } else {
+            u8::MAX
+        };
+        Slot { gid, len, inline }
+    }
+
+    /// The key, when it is inline.
+    #[inline]
+    fn key(&self) -> Option<&[u8]> {
+        (self.len != u8::MAX).then(|| &self.inline[..self.len as usize])
+    }
+}
+
 /// The tag of a key that was never tagged.
 pub const NO_TAG: u16 = u16::MAX;
 
@@ -19,7 +51,7 @@ pub const NO_TAG: u16 = u16::MAX;
 pub struct GroupTable {
     converter: RowConverter,
     hasher: DefaultHashBuilder,
-    table: HashTable<u32>,
+    table: HashTable<Slot>,
     keys: ByteSlots,
     hashes: Vec<u64>,
     /// A caller's value per key (the aggregation caches each key's key group here), reset to
@@ -92,7 +124,7 @@ impl GroupTable {
     /// Forgets a group; its id may be handed out again.
     pub fn remove(&mut self, gid: u32) {
         let hash = self.hashes[gid as usize];
-        if let Ok(entry) = self.table.find_entry(hash, |&g| g == gid) {
+        if let Ok(entry) = self.table.find_entry(hash, |s| s.gid == gid) {
             entry.remove();
         }
         self.keys.remove(gid);
@@ -123,13 +155,20 @@ impl GroupTable {
     /// The group id of a row-encoded key, creating the group if needed (for restores).
     pub fn intern_bytes(&mut self, bytes: &[u8]) -> u32 {
         let hash = self.hasher.hash_one(bytes);
+        // Short keys compare as fixed-size arrays (no call, no arena access).
+        let probe = Slot::new(0, bytes);
         let found = {
             let (hashes, keys) = (&self.hashes, &self.keys);
             self.table
-                .find(hash, |&g| {
-                    hashes[g as usize] == hash && keys.get(g) == Some(bytes)
+                .find(hash, |s| match probe.key() {
+                    Some(_) => s.len == probe.len && s.inline == probe.inline,
+                    None => {
+                        s.key().is_none()
+                            && hashes[s.gid as usize] == hash
+                            && keys.get(s.gid) == Some(bytes)
+                    }
                 })
-                .copied()
+                .map(|s| s.gid)
         };
         if let Some(g) = found {
             return g;
@@ -137,7 +176,8 @@ impl GroupTable {
         let g = self.free.pop().unwrap_or(self.hashes.len() as u32);
         self.store(g, bytes, hash);
         let hashes = &self.hashes;
-        self.table.insert_unique(hash, g, |&x| hashes[x as usize]);
+        self.table
+            .insert_unique(hash, Slot::new(g, bytes), |s| hashes[s.gid as usize]);
         g
     }
 
@@ -153,7 +193,7 @@ impl GroupTable {
         self.keys.size_bytes()
             + self.hashes.capacity() * 8
             + self.tags.capacity() * 2
-            + self.table.capacity() * 5
+            + self.table.capacity() * (std::mem::size_of::<Slot>() + 1)
             + self.free.capacity() * 4
     }
 }
