@@ -276,6 +276,8 @@ pub fn fingerprint(plan: &JobPlan) -> String {
 #[derive(Clone)]
 pub struct CheckpointWriter {
     sender: std::sync::mpsc::Sender<(Epoch, String, Payload)>,
+    /// Files queued or being written.
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// A file to write: bytes, or a snapshot batch still to be encoded as Arrow IPC.
@@ -292,6 +294,8 @@ impl CheckpointWriter {
         compression: bool,
     ) -> (Self, std::thread::JoinHandle<()>) {
         let (sender, receiver) = std::sync::mpsc::channel::<(Epoch, String, Payload)>();
+        let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let landed = in_flight.clone();
         let handle = std::thread::Builder::new()
             .name("checkpoint-writer".into())
             .spawn(move || {
@@ -304,21 +308,33 @@ impl CheckpointWriter {
                     if let Err(e) = bytes.and_then(|b| store.put(epoch, &name, b)) {
                         metrics.checkpoint_failed(epoch, e);
                     }
+                    landed.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                 }
             })
             .expect("spawn the checkpoint writer");
-        (CheckpointWriter { sender }, handle)
+        (CheckpointWriter { sender, in_flight }, handle)
     }
 
     /// Queues a file of checkpoint `epoch`.
     pub fn write(&self, epoch: Epoch, name: String, bytes: Vec<u8>) {
-        // The receiver lives until every writer is dropped, so sending cannot fail before then.
-        let _ = self.sender.send((epoch, name, Payload::Bytes(bytes)));
+        self.send(epoch, name, Payload::Bytes(bytes));
     }
 
     /// Queues a snapshot batch of checkpoint `epoch`, written as an Arrow IPC stream.
     pub fn write_batch(&self, epoch: Epoch, name: String, batch: arrow::record_batch::RecordBatch) {
-        let _ = self.sender.send((epoch, name, Payload::Batch(batch)));
+        self.send(epoch, name, Payload::Batch(batch));
+    }
+
+    fn send(&self, epoch: Epoch, name: String, payload: Payload) {
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // The receiver lives until every writer is dropped, so sending cannot fail before then.
+        let _ = self.sender.send((epoch, name, payload));
+    }
+
+    /// How many files this process has queued that have not reached storage (or failed) yet.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 

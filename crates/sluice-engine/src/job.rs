@@ -454,8 +454,15 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
             if stop != u64::MAX {
                 pending.push_back(stop);
             }
-            let deadline = Instant::now() + Duration::from_secs(10);
-            'finals: while Instant::now() < deadline && !pending.is_empty() {
+            // Wait while this process's files are still being written (large state takes a
+            // while), then up to 10 s more for the other processes' files.
+            let mut deadline = Instant::now() + Duration::from_secs(10);
+            'finals: while !pending.is_empty() {
+                if ck.writer.in_flight() > 0 {
+                    deadline = Instant::now() + Duration::from_secs(10);
+                } else if Instant::now() >= deadline {
+                    break;
+                }
                 for epoch in pending.iter().rev().copied().collect::<Vec<_>>() {
                     if let Ok(Some((files, bytes))) = ck.try_commit(epoch, peers, &c.fingerprint, c.config.retained) {
                         worker_metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
