@@ -933,7 +933,9 @@ mod tests {
             }
             let files: Vec<RecordBatch> = chain.iter().map(|(_, b)| b.clone()).collect();
             let mut restored = make();
-            restored.restore_chains(&[files.clone()], |_| true).unwrap();
+            restored
+                .restore_chains(std::slice::from_ref(&files), |_| true)
+                .unwrap();
             same(&mut restored, &mut twin, &files);
         }
         assert!(deltas > 30, "only {deltas} deltas written");

@@ -477,15 +477,18 @@ impl CheckpointContext {
                 let Some(base) = sluice_state::checkpoint::delta_base(delta) else {
                     return Ok(None);
                 };
-                if !bases.contains_key(&base) {
-                    match self.store.manifest(base) {
-                        Ok(m) => bases.insert(base, m),
-                        // The base is gone or damaged: this checkpoint cannot be complete (the
-                        // operator writes a full snapshot next time).
-                        Err(_) => return Ok(None),
-                    };
-                }
-                for (at, file, size) in bases[&base].chain(&name) {
+                let base = match bases.entry(base) {
+                    std::collections::btree_map::Entry::Occupied(m) => m.into_mut(),
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        match self.store.manifest(base) {
+                            Ok(m) => v.insert(m),
+                            // The base is gone or damaged: this checkpoint cannot be complete (the
+                            // operator writes a full snapshot next time).
+                            Err(_) => return Ok(None),
+                        }
+                    }
+                };
+                for (at, file, size) in base.chain(&name) {
                     inherited.insert(sluice_state::checkpoint::inherited_key(at, &file), size);
                 }
                 files.insert(delta.clone(), *size);
