@@ -464,13 +464,22 @@ impl AggregateState {
         chains: &[Vec<RecordBatch>],
         owns: impl Fn(u16) -> bool,
     ) -> Result<()> {
+        let rows: usize = chains.iter().flatten().map(|b| b.num_rows()).sum();
+        self.table.reserve(rows);
         for chain in chains {
             if let [only] = &chain[..] {
                 self.restore(only, &owns)?;
                 continue;
             }
-            // Newest first: a key belongs to the first file that has it.
-            let mut owner: hashbrown::HashMap<&[u8], usize> = hashbrown::HashMap::new();
+            if self.sessions.is_none() {
+                self.restore_chain_by_key(chain, &owns)?;
+                continue;
+            }
+            // Sessions (several rows per key): newest first, a key's rows are those of the
+            // first file that has it.
+            let rows: usize = chain.iter().map(|b| b.num_rows()).sum();
+            let mut owner: hashbrown::HashMap<&[u8], usize> =
+                hashbrown::HashMap::with_capacity(rows);
             for (at, batch) in chain.iter().enumerate().rev() {
                 // Both layouts start with key group, key and rows.
                 is_full_layout(batch)?;
@@ -549,6 +558,45 @@ impl SnapshotColumns {
 }
 
 impl AggregateState {
+    /// One chain of a state with one row per key, newest file first, with the group table as
+    /// the record of keys seen: a key already there came from a newer file (or is a newer
+    /// tombstone's marker); a tombstone leaves a marker group, removed once the chain is read.
+    fn restore_chain_by_key(
+        &mut self,
+        chain: &[RecordBatch],
+        owns: &impl Fn(u16) -> bool,
+    ) -> Result<()> {
+        let mut markers = vec![];
+        for batch in chain.iter().rev() {
+            // Both layouts start with key group, key and rows.
+            is_full_layout(batch)?;
+            let key_group = batch.column(0).as_primitive::<UInt16Type>();
+            let keys = batch.column(1).as_binary::<i32>();
+            let rows = batch.column(2).as_primitive::<Int64Type>();
+            let new: Vec<usize> = (0..batch.num_rows())
+                .filter(|i| owns(key_group.value(*i)) && self.table.get(keys.value(*i)).is_none())
+                .collect();
+            let mut live = vec![false; batch.num_rows()];
+            for i in new.iter().copied().filter(|i| rows.value(*i) > 0) {
+                live[i] = true;
+            }
+            let kept = arrow::compute::filter_record_batch(batch, &BooleanArray::from(live))?;
+            self.restore(&kept, |_| true)?;
+            // A delta can hold a key's tombstone and its new row (removed, then added again
+            // since its base): the row wins.
+            for i in new.into_iter().filter(|i| rows.value(*i) <= 0) {
+                if self.table.get(keys.value(i)).is_none() {
+                    markers.push(self.table.intern_bytes(keys.value(i)));
+                }
+            }
+            self.rows.resize(self.table.capacity(), 0);
+        }
+        for g in markers {
+            self.table.remove(g);
+        }
+        Ok(())
+    }
+
     /// Loads the rows of a snapshot whose key group `owns` accepts. The state must be empty.
     pub fn restore(&mut self, batch: &RecordBatch, owns: impl Fn(u16) -> bool) -> Result<()> {
         let batch = full_layout(batch)?;

@@ -131,6 +131,35 @@ impl GroupTable {
         self.free.push(gid);
     }
 
+    /// The group id of a row-encoded key, if it is a group.
+    pub fn get(&self, bytes: &[u8]) -> Option<u32> {
+        self.find(bytes, self.hasher.hash_one(bytes))
+    }
+
+    fn find(&self, bytes: &[u8], hash: u64) -> Option<u32> {
+        // Short keys compare as fixed-size arrays (no call, no arena access).
+        let probe = Slot::new(0, bytes);
+        let (hashes, keys) = (&self.hashes, &self.keys);
+        self.table
+            .find(hash, |s| match probe.key() {
+                Some(_) => s.len == probe.len && s.inline == probe.inline,
+                None => {
+                    s.key().is_none()
+                        && hashes[s.gid as usize] == hash
+                        && keys.get(s.gid) == Some(bytes)
+                }
+            })
+            .map(|s| s.gid)
+    }
+
+    /// Makes room for `additional` more groups (a restore knows how many come).
+    pub fn reserve(&mut self, additional: usize) {
+        let hashes = &self.hashes;
+        self.table.reserve(additional, |s| hashes[s.gid as usize]);
+        self.hashes.reserve(additional);
+        self.tags.reserve(additional);
+    }
+
     /// Whether `gid` is a live group.
     pub fn contains(&self, gid: u32) -> bool {
         self.keys.contains(gid)
@@ -155,22 +184,7 @@ impl GroupTable {
     /// The group id of a row-encoded key, creating the group if needed (for restores).
     pub fn intern_bytes(&mut self, bytes: &[u8]) -> u32 {
         let hash = self.hasher.hash_one(bytes);
-        // Short keys compare as fixed-size arrays (no call, no arena access).
-        let probe = Slot::new(0, bytes);
-        let found = {
-            let (hashes, keys) = (&self.hashes, &self.keys);
-            self.table
-                .find(hash, |s| match probe.key() {
-                    Some(_) => s.len == probe.len && s.inline == probe.inline,
-                    None => {
-                        s.key().is_none()
-                            && hashes[s.gid as usize] == hash
-                            && keys.get(s.gid) == Some(bytes)
-                    }
-                })
-                .map(|s| s.gid)
-        };
-        if let Some(g) = found {
+        if let Some(g) = self.find(bytes, hash) {
             return g;
         }
         let g = self.free.pop().unwrap_or(self.hashes.len() as u32);
