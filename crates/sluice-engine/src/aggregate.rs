@@ -318,7 +318,7 @@ impl AggregateState {
         }
         for &g in &touched {
             self.marks[g as usize] = false;
-            self.changes.mark(g);
+            self.changes.mark(g, self.table.len());
         }
         let Some(end_key) = end_key else {
             // Unwindowed: every change is emitted now.
@@ -421,7 +421,7 @@ impl AggregateState {
             let row = encoded.as_ref().map(|r| r.row(i));
             self.last
                 .set(*g, row.as_ref().map_or(&[][..], |r| r.as_ref()));
-            self.changes.mark(*g);
+            self.changes.mark(*g, self.table.len());
             self.is_dirty[*g as usize] = false;
         }
         Ok(out)
@@ -594,7 +594,7 @@ impl AggregateState {
             }
             let gids = self.by_end.pop_first().expect("present").1;
             for g in &gids {
-                self.changes.mark(*g);
+                self.changes.mark(*g, self.table.len());
             }
             let lateness = self.emit.allowed_lateness_ms;
             if lateness > 0 {
@@ -676,7 +676,7 @@ impl AggregateState {
                 continue;
             }
             let key = gids[i];
-            self.changes.mark(key);
+            self.changes.mark(key, self.table.len());
             self.rows[key as usize] += 1;
             let list = s.open.entry(key).or_default();
             let (mut start, mut end) = (t, t + s.gap);
@@ -758,7 +758,7 @@ impl AggregateState {
                 .position(|x| x.slot == slot)
                 .expect("session listed");
             let sess = list.swap_remove(pos);
-            self.changes.mark(key);
+            self.changes.mark(key, self.table.len());
             if list.is_empty() {
                 s.open.remove(&key);
             }

@@ -7,6 +7,7 @@
 //! for each key removed since then that an earlier snapshot holds. A restore reads a chain (a
 //! full snapshot, then deltas): the newest file holding a key decides its rows.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -17,8 +18,10 @@ use arrow::datatypes::{
 };
 use arrow::record_batch::RecordBatch;
 use sluice_common::{Error, Result};
+use sluice_state::accumulator::FrozenAccumulator;
 use sluice_state::group_table::NO_TAG;
 use sluice_state::snapshot::Reader;
+use sluice_state::ByteSlots;
 
 use crate::aggregate::{AggregateState, Session};
 use crate::dataflow::{key_hash_state, KEY_GROUPS};
@@ -145,32 +148,144 @@ impl SnapshotColumns {
     }
 
     /// Appends one group; `slot` holds its accumulators (the group itself, or its session's).
-    fn push(&mut self, state: &AggregateState, g: u32, slot: u32, window: WindowCols) {
+    fn push(&mut self, state: &impl Groups, g: u32, slot: u32, window: WindowCols) {
         self.gids.push(g);
-        self.keys.append_value(state.table.key_bytes(g));
-        self.rows.push(state.rows[g as usize]);
+        self.keys.append_value(state.key(g));
+        self.rows.push(state.rows(g));
         if self.windowed {
             self.windows.push(window);
         }
         self.scratch.clear();
-        for acc in &state.accs {
+        for i in 0..state.accumulators() {
             // Each accumulator's state, prefixed with its length (see `snapshot::Reader::bytes`).
             let at = self.scratch.len();
             self.scratch.extend_from_slice(&[0; 4]);
-            acc.snapshot_group(slot, &mut self.scratch);
+            state.snapshot_accumulator(i, slot, &mut self.scratch);
             let len = (self.scratch.len() - at - 4) as u32;
             self.scratch[at..at + 4].copy_from_slice(&len.to_le_bytes());
         }
         self.accs.append_value(&self.scratch);
-        match window
-            .session
-            .is_none()
-            .then(|| state.last.get(g))
-            .flatten()
-        {
+        match window.session.is_none().then(|| state.last(g)).flatten() {
             Some(b) => self.last.append_value(b),
             None => self.last.append_null(),
         }
+    }
+
+    /// Appends every live group (not sessions): unwindowed, then by window end, then fired
+    /// windows kept for allowed lateness.
+    fn push_groups(&mut self, state: &impl Groups, windows: &Windows) {
+        let live = |g: &u32| state.rows(*g) > 0;
+        if windows.by_end.is_empty() && windows.cleanup.is_empty() {
+            for g in (0..state.ids() as u32).filter(live) {
+                self.push(state, g, g, WindowCols::default());
+            }
+        }
+        for (end, gids) in &windows.by_end {
+            for g in gids.iter().copied().filter(live) {
+                let window = WindowCols {
+                    end: Some(*end),
+                    fired: Some(false),
+                    session: None,
+                };
+                self.push(state, g, g, window);
+            }
+        }
+        for (until, gids) in &windows.cleanup {
+            let end = until - windows.allowed_lateness_ms;
+            for g in gids.iter().copied().filter(live) {
+                let window = WindowCols {
+                    end: Some(end),
+                    fired: Some(true),
+                    session: None,
+                };
+                self.push(state, g, g, window);
+            }
+        }
+    }
+}
+
+/// What a snapshot reads of each group: from the live state, or from a frozen copy of it.
+trait Groups {
+    /// One past the largest group id.
+    fn ids(&self) -> usize;
+    fn key(&self, g: u32) -> &[u8];
+    fn rows(&self, g: u32) -> i64;
+    fn accumulators(&self) -> usize;
+    fn snapshot_accumulator(&self, i: usize, slot: u32, out: &mut Vec<u8>);
+    fn last(&self, g: u32) -> Option<&[u8]>;
+}
+
+impl Groups for AggregateState {
+    fn ids(&self) -> usize {
+        self.rows.len()
+    }
+    fn key(&self, g: u32) -> &[u8] {
+        self.table.key_bytes(g)
+    }
+    fn rows(&self, g: u32) -> i64 {
+        self.rows[g as usize]
+    }
+    fn accumulators(&self) -> usize {
+        self.accs.len()
+    }
+    fn snapshot_accumulator(&self, i: usize, slot: u32, out: &mut Vec<u8>) {
+        self.accs[i].snapshot_group(slot, out)
+    }
+    fn last(&self, g: u32) -> Option<&[u8]> {
+        self.last.get(g)
+    }
+}
+
+/// Groups by window: open windows by end, fired ones by the watermark that ends their stay.
+#[derive(Default)]
+struct Windows {
+    by_end: BTreeMap<i64, Vec<u32>>,
+    cleanup: BTreeMap<i64, Vec<u32>>,
+    allowed_lateness_ms: i64,
+}
+
+/// A copy of an aggregation's state for a full snapshot, taken on the worker in a few bulk
+/// copies ([`AggregateState::freeze`]) and encoded on the checkpoint writer's thread
+/// ([`FrozenState::encode`]), so that the worker pauses for the copy only. Encoding it gives the
+/// same batch as [`AggregateState::snapshot`] at the time of the copy.
+pub struct FrozenState {
+    keys: ByteSlots,
+    tags: Vec<u16>,
+    rows: Vec<i64>,
+    accs: Vec<FrozenAccumulator>,
+    last: ByteSlots,
+    windows: Windows,
+    windowed: bool,
+}
+
+impl Groups for FrozenState {
+    fn ids(&self) -> usize {
+        self.rows.len()
+    }
+    fn key(&self, g: u32) -> &[u8] {
+        self.keys.get(g).unwrap_or_default()
+    }
+    fn rows(&self, g: u32) -> i64 {
+        self.rows[g as usize]
+    }
+    fn accumulators(&self) -> usize {
+        self.accs.len()
+    }
+    fn snapshot_accumulator(&self, i: usize, slot: u32, out: &mut Vec<u8>) {
+        self.accs[i].snapshot_group(slot, out)
+    }
+    fn last(&self, g: u32) -> Option<&[u8]> {
+        self.last.get(g)
+    }
+}
+
+impl FrozenState {
+    /// The snapshot batch (see [`snapshot_schema`]).
+    pub fn encode(&self) -> Result<RecordBatch> {
+        let mut c = SnapshotColumns::with_capacity(self.keys.len(), self.windowed);
+        c.push_groups(self, &self.windows);
+        let key_group: Vec<u16> = c.gids.iter().map(|g| self.tags[*g as usize]).collect();
+        c.finish(key_group)
     }
 }
 
@@ -233,13 +348,16 @@ pub(crate) struct Changes {
     is_changed: Vec<bool>,
     /// Snapshots since (and with) the last full one, oldest first.
     written: Vec<Written>,
+    /// More than half of the groups changed since the last snapshot: the next one is full, and
+    /// tracking stops until then (it would cost time on every group and save nothing).
+    overflow: bool,
 }
 
 impl Changes {
-    /// Notes that group `g` changed.
+    /// Notes that group `g` of `groups` changed.
     #[inline]
-    pub(crate) fn mark(&mut self, g: u32) {
-        if !self.enabled {
+    pub(crate) fn mark(&mut self, g: u32, groups: usize) {
+        if !self.enabled || self.overflow {
             return;
         }
         let i = g as usize;
@@ -249,12 +367,15 @@ impl Changes {
         if !self.is_changed[i] {
             self.is_changed[i] = true;
             self.current.changed.push(g);
+            if self.current.changed.len() * 2 > groups {
+                self.overflow = true;
+            }
         }
     }
 
     /// Notes that group `g` is about to be removed: a tombstone if a snapshot holds its key.
     pub(crate) fn removed(&mut self, table: &sluice_state::GroupTable, g: u32) {
-        if !self.enabled || table.tag(g) == NO_TAG {
+        if !self.enabled || self.overflow || table.tag(g) == NO_TAG {
             return;
         }
         self.current.push_removed(table.tag(g), table.key_bytes(g));
@@ -265,6 +386,7 @@ impl Changes {
         for g in &self.current.changed {
             self.is_changed[*g as usize] = false;
         }
+        self.overflow = false;
         std::mem::take(&mut self.current)
     }
 }
@@ -285,7 +407,7 @@ impl AggregateState {
     /// snapshot would (a restore then reads at most about twice the state).
     pub fn delta_base(&self, committed: impl Fn(u64) -> bool) -> Option<u64> {
         let c = &self.changes;
-        if !c.enabled {
+        if !c.enabled || c.overflow {
             return None;
         }
         let at = c.written.iter().rposition(|w| committed(w.epoch))?;
@@ -400,6 +522,66 @@ impl AggregateState {
     /// The whole state as the snapshot of checkpoint `epoch`: later deltas build on it.
     pub fn snapshot_full(&mut self, epoch: u64) -> Result<RecordBatch> {
         let batch = self.snapshot()?;
+        self.full_snapshot_taken(epoch);
+        Ok(batch)
+    }
+
+    /// The whole state as the snapshot of checkpoint `epoch`, copied for encoding elsewhere
+    /// ([`FrozenState::encode`]), reusing the buffers of `spare` (an earlier copy); `None` when
+    /// the state has sessions or accumulators that are not flat arrays (see
+    /// [`sluice_state::Accumulator::freeze`]): [`AggregateState::snapshot_full`] then encodes it
+    /// in place.
+    pub fn freeze(
+        &mut self,
+        epoch: u64,
+        spare: Option<FrozenState>,
+    ) -> Result<Option<FrozenState>> {
+        if self.sessions.is_some() {
+            return Ok(None);
+        }
+        let (spare_accs, mut frozen) = match spare {
+            Some(mut f) => (std::mem::take(&mut f.accs), Some(f)),
+            None => (vec![], None),
+        };
+        let mut spare_accs = spare_accs.into_iter();
+        let mut accs = Vec::with_capacity(self.accs.len());
+        for acc in &self.accs {
+            match acc.freeze(spare_accs.next()) {
+                Some(a) => accs.push(a),
+                None => return Ok(None),
+            }
+        }
+        // Key groups of the keys new since the last snapshot, so that the copy has them all.
+        let untagged: Vec<u32> = (0..self.rows.len() as u32)
+            .filter(|g| self.rows[*g as usize] > 0 && self.table.tag(*g) == NO_TAG)
+            .collect();
+        key_groups(self, &untagged)?;
+        let f = frozen.get_or_insert_with(|| FrozenState {
+            keys: ByteSlots::default(),
+            tags: vec![],
+            rows: vec![],
+            accs: vec![],
+            last: ByteSlots::default(),
+            windows: Windows::default(),
+            windowed: false,
+        });
+        f.keys.clone_from(self.table.key_slots());
+        f.tags.clear();
+        f.tags.extend_from_slice(self.table.tags());
+        f.rows.clone_from(&self.rows);
+        f.accs = accs;
+        f.last.clone_from(&self.last);
+        f.windows.by_end.clone_from(&self.by_end);
+        f.windows.cleanup.clone_from(&self.cleanup);
+        f.windows.allowed_lateness_ms = self.emit.allowed_lateness_ms;
+        f.windowed = !self.by_end.is_empty() || !self.cleanup.is_empty();
+        self.full_snapshot_taken(epoch);
+        Ok(frozen)
+    }
+
+    /// Change tracking after a full snapshot of checkpoint `epoch`: later deltas build on it.
+    fn full_snapshot_taken(&mut self, epoch: u64) {
+        self.changes.take();
         if self.changes.enabled {
             self.changes.written = vec![Written {
                 epoch,
@@ -407,8 +589,9 @@ impl AggregateState {
                 chain_rows: 0,
                 chain_len: 0,
             }];
+        } else {
+            self.changes.written.clear();
         }
-        Ok(batch)
     }
 
     /// The whole state as one batch (see [`snapshot_schema`]).
@@ -421,33 +604,14 @@ impl AggregateState {
                 c.push_sessions(self, *key, sessions);
             }
         } else {
-            let live = |g: &u32| self.rows[*g as usize] > 0;
-            if self.by_end.is_empty() && self.cleanup.is_empty() {
-                for g in (0..self.rows.len() as u32).filter(live) {
-                    c.push(self, g, g, WindowCols::default());
-                }
-            }
-            for (end, gids) in &self.by_end {
-                for g in gids.iter().copied().filter(live) {
-                    let window = WindowCols {
-                        end: Some(*end),
-                        fired: Some(false),
-                        session: None,
-                    };
-                    c.push(self, g, g, window);
-                }
-            }
-            for (until, gids) in &self.cleanup {
-                let end = until - self.emit.allowed_lateness_ms;
-                for g in gids.iter().copied().filter(live) {
-                    let window = WindowCols {
-                        end: Some(end),
-                        fired: Some(true),
-                        session: None,
-                    };
-                    c.push(self, g, g, window);
-                }
-            }
+            let windows = Windows {
+                by_end: std::mem::take(&mut self.by_end),
+                cleanup: std::mem::take(&mut self.cleanup),
+                allowed_lateness_ms: self.emit.allowed_lateness_ms,
+            };
+            c.push_groups(self, &windows);
+            self.by_end = windows.by_end;
+            self.cleanup = windows.cleanup;
         }
         let key_group = key_groups(self, &c.gids)?;
         // Deltas cannot build on anything older than a full snapshot.
@@ -751,6 +915,76 @@ mod tests {
             .collect()
     }
 
+    /// COUNT and SUM (flat arrays): a frozen copy encodes to exactly the snapshot of the state
+    /// when it was copied (key groups included), however the state changed since, and a copy
+    /// that reuses an earlier one's buffers does too. MIN/MAX state is not copied.
+    #[test]
+    fn a_frozen_copy_encodes_as_the_state_was() {
+        use rand::{Rng, SeedableRng};
+        let make = || {
+            let k: PhysExpr = Arc::new(Column::new("k", 0));
+            let v: PhysExpr = Arc::new(Column::new("v", 1));
+            let call = |func, arg| AggCall {
+                func,
+                arg,
+                distinct: false,
+                filter: None,
+                output_type: DataType::Int64,
+            };
+            let out = Arc::new(Schema::new(
+                ["k", "n", "s"]
+                    .iter()
+                    .map(|n| Field::new(*n, DataType::Int64, true))
+                    .collect::<Vec<_>>(),
+            ));
+            AggregateState::try_new(
+                vec![k],
+                vec![call(AggFunc::Count, None), call(AggFunc::Sum, Some(v))],
+                AggWindow::None,
+                EmitPolicy::default(),
+                None,
+                out,
+                &input_schema(),
+            )
+            .unwrap()
+        };
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
+        let (mut live, mut twin) = (make(), make());
+        live.track_changes();
+        let mut spare = None;
+        for round in 0..6u64 {
+            let rows: Vec<(i64, i64)> = (0..2000)
+                .map(|_| {
+                    (
+                        rng.random_range(0..(round as i64 + 1) * 300),
+                        rng.random_range(-5..50),
+                    )
+                })
+                .collect();
+            for s in [&mut live, &mut twin] {
+                s.apply(&batch(&rows)).unwrap();
+            }
+            let frozen = live
+                .freeze(round, spare.take())
+                .unwrap()
+                .expect("flat state");
+            let want = twin.snapshot().unwrap();
+            // The state moves on (new keys, updated ones) before the copy is encoded.
+            live.apply(&batch(&[(-1, 7), (0, 1), (1_000_000, 2)]))
+                .unwrap();
+            let got = frozen.encode().unwrap();
+            assert_eq!(got, want, "round {round}");
+            assert!(got.num_rows() > 250);
+            let key_group = got.column(0).as_primitive::<UInt16Type>();
+            assert!(key_group.values().iter().all(|kg| *kg != NO_TAG));
+            spare = Some(frozen);
+            twin.apply(&batch(&[(-1, 7), (0, 1), (1_000_000, 2)]))
+                .unwrap();
+        }
+        // MAX keeps a map per group: no copy, the caller encodes in place.
+        assert!(state().freeze(9, None).unwrap().is_none());
+    }
+
     #[test]
     fn a_snapshot_restores_on_another_worker_count() {
         let first: Vec<(i64, i64)> = (0..500).map(|i| (i % 37, (i * 7919) % 101)).collect();
@@ -949,6 +1183,7 @@ mod tests {
         make: impl Fn() -> AggregateState,
         mut next: impl FnMut(&mut rand::rngs::SmallRng) -> Step,
         same: impl Fn(&mut AggregateState, &mut AggregateState, &[RecordBatch]),
+        flat: bool,
     ) {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
@@ -956,8 +1191,14 @@ mod tests {
         live.track_changes();
         let mut chain: Vec<(u64, RecordBatch)> = vec![];
         let mut epoch = 0;
-        let (mut deltas, mut tombstones) = (0, 0);
-        for _ in 0..80 {
+        let (mut deltas, mut tombstones, mut frozen) = (0, 0, 0);
+        // Steps the live state ran past a snapshot, which the twin has yet to run.
+        let mut ahead: Vec<Step> = vec![];
+        let mut spare = None;
+        for _ in 0..150 {
+            for step in ahead.drain(..) {
+                run(&mut twin, &step);
+            }
             for _ in 0..rng.random_range(1..4) {
                 let step = next(&mut rng);
                 run(&mut live, &step);
@@ -966,10 +1207,25 @@ mod tests {
             // Any mix of full snapshots and deltas must restore the same state (when to write
             // which is the operator's policy, `delta_base`). A delta may build on an older
             // snapshot than the last, when the checkpoints after it did not commit: then the
-            // chain drops their files.
+            // chain drops their files. After more than half of the groups changed, only a full
+            // snapshot is possible.
             epoch += 1;
-            if chain.is_empty() || rng.random_bool(0.15) {
-                chain = vec![(epoch, live.snapshot_full(epoch).unwrap())];
+            if chain.is_empty() || rng.random_bool(0.15) || live.changes.overflow {
+                match live.freeze(epoch, spare.take()).unwrap() {
+                    // A frozen copy is the state when copied: the state moves on before the
+                    // copy is encoded (as it does while the writer thread encodes it).
+                    Some(f) if rng.random_bool(0.5) => {
+                        for _ in 0..rng.random_range(1..3) {
+                            let step = next(&mut rng);
+                            run(&mut live, &step);
+                            ahead.push(step);
+                        }
+                        chain = vec![(epoch, f.encode().unwrap())];
+                        spare = Some(f);
+                        frozen += 1;
+                    }
+                    _ => chain = vec![(epoch, live.snapshot_full(epoch).unwrap())],
+                }
             } else {
                 let base = chain[rng.random_range(0..chain.len())].0;
                 chain.retain(|(e, _)| *e <= base);
@@ -988,6 +1244,9 @@ mod tests {
         }
         assert!(deltas > 30, "only {deltas} deltas written");
         assert!(tombstones > 0, "no delta removed a key");
+        if flat {
+            assert!(frozen > 3, "only {frozen} frozen copies encoded");
+        }
     }
 
     /// Unwindowed COUNT, SUM, MAX, COUNT DISTINCT with retractions that remove groups; the chain
@@ -1027,6 +1286,7 @@ mod tests {
                 }
                 assert_eq!(merged, want);
             },
+            false,
         );
     }
 
@@ -1118,6 +1378,7 @@ mod tests {
                 ))
             },
             |restored, twin, _| assert_eq!(canonical(restored), canonical(twin)),
+            true,
         );
     }
 
@@ -1147,6 +1408,7 @@ mod tests {
                 ))
             },
             |restored, twin, _| assert_eq!(canonical(restored), canonical(twin)),
+            false,
         );
     }
 

@@ -280,11 +280,16 @@ pub struct CheckpointWriter {
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
 }
 
-/// A file to write: bytes, or a snapshot batch still to be encoded as Arrow IPC.
+/// A file to write: bytes, or a snapshot batch still to be encoded as Arrow IPC, or still to
+/// be built (from a copy of an operator's state) and then encoded.
 enum Payload {
     Bytes(Vec<u8>),
     Batch(arrow::record_batch::RecordBatch),
+    Deferred(DeferredBatch),
 }
+
+/// Builds a snapshot batch on the writer thread.
+pub type DeferredBatch = Box<dyn FnOnce() -> Result<arrow::record_batch::RecordBatch> + Send>;
 
 impl CheckpointWriter {
     /// Starts the writer thread; it ends when every clone of the writer is dropped.
@@ -300,11 +305,16 @@ impl CheckpointWriter {
             .name("checkpoint-writer".into())
             .spawn(move || {
                 for (epoch, name, payload) in receiver {
-                    let bytes = match payload {
-                        Payload::Bytes(b) => Ok(b),
-                        Payload::Batch(batch) if compression => snapshot_bytes(&batch),
-                        Payload::Batch(batch) => ipc_bytes(&batch),
+                    let batch = match payload {
+                        Payload::Bytes(b) => Ok(Err(b)),
+                        Payload::Batch(batch) => Ok(Ok(batch)),
+                        Payload::Deferred(build) => build().map(Ok),
                     };
+                    let bytes = batch.and_then(|b| match b {
+                        Err(bytes) => Ok(bytes),
+                        Ok(batch) if compression => snapshot_bytes(&batch),
+                        Ok(batch) => ipc_bytes(&batch),
+                    });
                     if let Err(e) = bytes.and_then(|b| store.put(epoch, &name, b)) {
                         metrics.checkpoint_failed(epoch, e);
                     }
@@ -323,6 +333,11 @@ impl CheckpointWriter {
     /// Queues a snapshot batch of checkpoint `epoch`, written as an Arrow IPC stream.
     pub fn write_batch(&self, epoch: Epoch, name: String, batch: arrow::record_batch::RecordBatch) {
         self.send(epoch, name, Payload::Batch(batch));
+    }
+
+    /// Queues a snapshot batch of checkpoint `epoch` that `build` makes on the writer thread.
+    pub fn write_deferred(&self, epoch: Epoch, name: String, build: DeferredBatch) {
+        self.send(epoch, name, Payload::Deferred(build));
     }
 
     fn send(&self, epoch: Epoch, name: String, payload: Payload) {
@@ -645,7 +660,8 @@ impl CheckpointContext {
 
 /// A batch as an Arrow IPC stream: the format of operator snapshots.
 pub fn ipc_bytes(batch: &arrow::record_batch::RecordBatch) -> Result<Vec<u8>> {
-    let mut bytes = vec![];
+    // Sized up front: growing a buffer of tens of megabytes would copy it several times.
+    let mut bytes = Vec::with_capacity(batch.get_array_memory_size() + 4096);
     let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut bytes, &batch.schema())?;
     w.write(batch)?;
     w.finish()?;

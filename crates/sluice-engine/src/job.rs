@@ -860,6 +860,12 @@ struct AggregateTask {
     peers: usize,
     /// Processing-time windows: only the end of input's watermark closes windows here.
     processing_time: bool,
+    /// Copies of the state for full snapshots come back here from the writer thread once
+    /// written, and the next copy reuses their buffers.
+    frozen: (
+        std::sync::mpsc::Sender<crate::aggregate_snapshot::FrozenState>,
+        std::sync::mpsc::Receiver<crate::aggregate_snapshot::FrozenState>,
+    ),
 }
 
 impl AggregateTask {
@@ -935,11 +941,31 @@ impl AggregateTask {
         let base = self
             .state
             .delta_base(|e| ck.store.is_committed(e).unwrap_or(false));
-        let (name, batch) = match base {
-            Some(b) => (format!("{stem}+{b}"), self.state.snapshot_delta(b, epoch)?),
-            None => (stem, self.state.snapshot_full(epoch)?),
-        };
-        ck.writer.write_batch(epoch, name, batch);
+        match base {
+            Some(b) => {
+                let batch = self.state.snapshot_delta(b, epoch)?;
+                ck.writer.write_batch(epoch, format!("{stem}+{b}"), batch);
+            }
+            None => {
+                // A full snapshot: copied here, encoded on the writer thread, and the copy's
+                // buffers come back for the next one.
+                let spare = self.frozen.1.try_iter().last();
+                match self.state.freeze(epoch, spare)? {
+                    Some(frozen) => {
+                        let back = self.frozen.0.clone();
+                        let build = Box::new(move || {
+                            let batch = frozen.encode();
+                            let _ = back.send(frozen);
+                            batch
+                        });
+                        ck.writer.write_deferred(epoch, stem, build);
+                    }
+                    None => ck
+                        .writer
+                        .write_batch(epoch, stem, self.state.snapshot_full(epoch)?),
+                }
+            }
+        }
         self.metrics.record_snapshot(epoch, started.elapsed());
         Ok(())
     }
@@ -997,6 +1023,7 @@ fn aggregate<'scope>(
             index,
             peers,
             processing_time: emit.processing_time,
+            frozen: std::sync::mpsc::channel(),
         }),
         Err(e) => {
             metrics.fail(e);

@@ -43,6 +43,43 @@ enum State {
     },
 }
 
+impl State {
+    /// Writes group `g`'s state (see [`Accumulator::snapshot_group`]).
+    #[inline]
+    fn snapshot_group(&self, g: usize, w: &mut Writer) {
+        match self {
+            State::Count(c) => w.i64(c[g]),
+            State::SumInt(s, c) => {
+                w.i64(s[g]);
+                w.i64(c[g]);
+            }
+            State::SumFloat(s, c) => {
+                w.f64(s[g]);
+                w.i64(c[g]);
+            }
+            State::SumDecimal(s, c) => {
+                w.i128(s[g]);
+                w.i64(c[g]);
+            }
+            State::Extreme { values, .. } => {
+                w.multiset(values[g].iter().map(|(k, m)| (&k[..], *m)))
+            }
+        }
+    }
+}
+
+/// A copy of an accumulator's per-group state ([`Accumulator::freeze`]), which can be encoded
+/// on another thread while the accumulator goes on.
+pub struct FrozenAccumulator(State);
+
+impl FrozenAccumulator {
+    /// Appends group `gid`'s state to `out`, as [`Accumulator::snapshot_group`] did when frozen.
+    #[inline]
+    pub fn snapshot_group(&self, gid: u32, out: &mut Vec<u8>) {
+        self.0.snapshot_group(gid as usize, &mut Writer(out));
+    }
+}
+
 /// How often each (row-encoded) value occurs in a group.
 type Multiplicities = HashMap<Box<[u8]>, i64>;
 
@@ -468,27 +505,43 @@ impl Accumulator {
     pub fn snapshot_group(&self, gid: u32, out: &mut Vec<u8>) {
         let g = gid as usize;
         let mut w = Writer(out);
-        match &self.state {
-            State::Count(c) => w.i64(c[g]),
-            State::SumInt(s, c) => {
-                w.i64(s[g]);
-                w.i64(c[g]);
-            }
-            State::SumFloat(s, c) => {
-                w.f64(s[g]);
-                w.i64(c[g]);
-            }
-            State::SumDecimal(s, c) => {
-                w.i128(s[g]);
-                w.i64(c[g]);
-            }
-            State::Extreme { values, .. } => {
-                w.multiset(values[g].iter().map(|(k, m)| (&k[..], *m)))
-            }
-        }
+        self.state.snapshot_group(g, &mut w);
         if let Some((_, seen)) = &self.distinct {
             w.multiset(seen[g].iter().map(|(k, m)| (&k[..], *m)));
         }
+    }
+
+    /// Copies the state of every group into `frozen`, reusing its buffers, when it is a few flat
+    /// arrays (COUNT, SUM and AVG without DISTINCT); `None` otherwise (MIN/MAX and DISTINCT keep
+    /// a map per group, which is no cheaper to copy than to encode).
+    pub fn freeze(&self, frozen: Option<FrozenAccumulator>) -> Option<FrozenAccumulator> {
+        fn copy<T: Copy>(mut into: Vec<T>, from: &[T]) -> Vec<T> {
+            into.clear();
+            into.extend_from_slice(from);
+            into
+        }
+        if self.distinct.is_some() {
+            return None;
+        }
+        let old = frozen.map(|f| f.0);
+        let state = match (&self.state, old) {
+            (State::Count(c), Some(State::Count(f))) => State::Count(copy(f, c)),
+            (State::Count(c), _) => State::Count(c.clone()),
+            (State::SumInt(s, c), Some(State::SumInt(fs, fc))) => {
+                State::SumInt(copy(fs, s), copy(fc, c))
+            }
+            (State::SumInt(s, c), _) => State::SumInt(s.clone(), c.clone()),
+            (State::SumFloat(s, c), Some(State::SumFloat(fs, fc))) => {
+                State::SumFloat(copy(fs, s), copy(fc, c))
+            }
+            (State::SumFloat(s, c), _) => State::SumFloat(s.clone(), c.clone()),
+            (State::SumDecimal(s, c), Some(State::SumDecimal(fs, fc))) => {
+                State::SumDecimal(copy(fs, s), copy(fc, c))
+            }
+            (State::SumDecimal(s, c), _) => State::SumDecimal(s.clone(), c.clone()),
+            (State::Extreme { .. }, _) => return None,
+        };
+        Some(FrozenAccumulator(state))
     }
 
     /// Restores group `gid` from bytes written by [`Accumulator::snapshot_group`].

@@ -15,6 +15,24 @@ pub struct ByteSlots {
     live: usize,
 }
 
+/// A copy in three bulk copies; `clone_from` reuses the target's buffers (snapshots copy the
+/// keys of every group each checkpoint).
+impl Clone for ByteSlots {
+    fn clone(&self) -> Self {
+        let mut copy = ByteSlots::default();
+        copy.clone_from(self);
+        copy
+    }
+
+    fn clone_from(&mut self, source: &Self) {
+        self.arena.clone_from(&source.arena);
+        self.offsets.clone_from(&source.offsets);
+        self.lens.clone_from(&source.lens);
+        self.garbage = source.garbage;
+        self.live = source.live;
+    }
+}
+
 impl ByteSlots {
     /// The bytes of `id`, if set.
     #[inline]

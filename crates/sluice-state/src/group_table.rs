@@ -181,6 +181,16 @@ impl GroupTable {
         self.key(gid)
     }
 
+    /// Every group's row-encoded key, by group id (for snapshots taken by copying).
+    pub fn key_slots(&self) -> &ByteSlots {
+        &self.keys
+    }
+
+    /// Every group's tag, by group id.
+    pub fn tags(&self) -> &[u16] {
+        &self.tags
+    }
+
     /// The group id of a row-encoded key, creating the group if needed (for restores).
     pub fn intern_bytes(&mut self, bytes: &[u8]) -> u32 {
         let hash = self.hasher.hash_one(bytes);

@@ -8,15 +8,19 @@
 pub struct Writer<'a>(pub &'a mut Vec<u8>);
 
 impl Writer<'_> {
+    #[inline]
     pub fn i64(&mut self, v: i64) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
+    #[inline]
     pub fn f64(&mut self, v: f64) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
+    #[inline]
     pub fn i128(&mut self, v: i128) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
+    #[inline]
     pub fn bytes(&mut self, b: &[u8]) {
         self.0.extend_from_slice(&(b.len() as u32).to_le_bytes());
         self.0.extend_from_slice(b);
@@ -52,16 +56,19 @@ impl<'a> Reader<'a> {
         self.0 = rest;
         Ok(head)
     }
+    #[inline]
     pub fn i64(&mut self) -> Result<i64, CorruptSnapshot> {
         Ok(i64::from_le_bytes(
             self.take(8)?.try_into().expect("8 bytes"),
         ))
     }
+    #[inline]
     pub fn f64(&mut self) -> Result<f64, CorruptSnapshot> {
         Ok(f64::from_le_bytes(
             self.take(8)?.try_into().expect("8 bytes"),
         ))
     }
+    #[inline]
     pub fn i128(&mut self) -> Result<i128, CorruptSnapshot> {
         Ok(i128::from_le_bytes(
             self.take(16)?.try_into().expect("16 bytes"),
@@ -72,10 +79,12 @@ impl<'a> Reader<'a> {
             self.take(4)?.try_into().expect("4 bytes"),
         ))
     }
+    #[inline]
     pub fn bytes(&mut self) -> Result<&'a [u8], CorruptSnapshot> {
         let n = self.u32()? as usize;
         self.take(n)
     }
+    #[inline]
     pub fn multiset(&mut self) -> Result<Multiset, CorruptSnapshot> {
         let n = self.u32()? as usize;
         let mut out = Vec::with_capacity(n.min(1 << 16));
