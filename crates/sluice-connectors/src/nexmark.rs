@@ -23,7 +23,9 @@
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Int64Array, StringArray, TimestampMillisecondArray};
+use std::fmt::Write;
+
+use arrow::array::{ArrayRef, Int64Array, StringBuilder, TimestampMillisecondArray};
 use arrow::record_batch::RecordBatch;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -46,6 +48,8 @@ const FIRST_CATEGORY: i64 = 10;
 const CATEGORIES: i64 = 5;
 const CHANNELS: u64 = 10_000;
 const HOT_CHANNELS: [&str; 4] = ["Apple", "Google", "Facebook", "Baidu"];
+/// The hot channels as their URLs spell them.
+const HOT_CHANNELS_LOWER: [&str; 4] = ["apple", "google", "facebook", "baidu"];
 const FIRST_NAMES: [&str; 11] = [
     "Peter", "Paul", "Luke", "John", "Saul", "Vicky", "Kate", "Julie", "Sarah", "Deiter", "Walter",
 ];
@@ -150,17 +154,25 @@ fn pick_id(rng: &mut SmallRng, created: u64, active: u64, ratio: u64) -> i64 {
     FIRST_ID + base0.min(last) as i64
 }
 
-fn letters(rng: &mut SmallRng, n: usize) -> String {
-    (0..n)
-        .map(|_| (b'a' + rng.random_range(0..26u8)) as char)
-        .collect()
+/// Writes `n` random lowercase letters.
+fn letters(rng: &mut SmallRng, n: usize, out: &mut StringBuilder) {
+    let mut buf = [0u8; 64];
+    let mut left = n;
+    while left > 0 {
+        let chunk = left.min(buf.len());
+        for b in &mut buf[..chunk] {
+            *b = b'a' + rng.random_range(0..26u8);
+        }
+        out.append_slice(&buf[..chunk]);
+        left -= chunk;
+    }
 }
 
 /// Padding that brings a row of `size` bytes to `average` on average.
-fn extra(rng: &mut SmallRng, size: usize, average: usize) -> String {
+fn extra(rng: &mut SmallRng, size: usize, average: usize, out: &mut StringBuilder) {
     let room = average.saturating_sub(size);
     let n = rng.random_range(0..=2 * room);
-    letters(rng, n)
+    letters(rng, n, out);
 }
 
 fn price(rng: &mut SmallRng) -> i64 {
@@ -265,23 +277,96 @@ impl NexmarkSource {
     }
 }
 
-/// Columns of a generated batch, by name.
-#[derive(Default)]
+/// Strings are appended to a builder in pieces (no allocation per value): `append_slice`
+/// adds to the value being written and `end` finishes it.
+trait Pieces {
+    fn append_slice(&mut self, bytes: &[u8]);
+    /// Finishes the value; returns its length in bytes.
+    fn end(&mut self) -> usize;
+}
+
+impl Pieces for StringBuilder {
+    fn append_slice(&mut self, bytes: &[u8]) {
+        // Only ASCII (letters, digits, constants) is written.
+        debug_assert!(bytes.is_ascii());
+        let _ = self.write_str(std::str::from_utf8(bytes).unwrap_or_default());
+    }
+    fn end(&mut self) -> usize {
+        let start = *self.offsets_slice().last().unwrap_or(&0) as usize;
+        let len = self.values_slice().len() - start;
+        self.append_value("");
+        len
+    }
+}
+
+/// One column of a generated batch.
+enum Column {
+    Int(Vec<i64>),
+    Time(Vec<i64>),
+    Str(StringBuilder),
+}
+
+/// Columns of a generated batch, by name (a handful: found by a short scan).
 struct Columns {
-    ints: std::collections::HashMap<&'static str, Vec<i64>>,
-    strings: std::collections::HashMap<&'static str, Vec<String>>,
-    times: std::collections::HashMap<&'static str, Vec<i64>>,
+    rows: usize,
+    columns: Vec<(&'static str, Column)>,
 }
 
 impl Columns {
+    fn new(rows: usize) -> Self {
+        Columns {
+            rows,
+            columns: Vec::with_capacity(10),
+        }
+    }
+
+    fn column(&mut self, name: &'static str, make: impl FnOnce(usize) -> Column) -> &mut Column {
+        let at = match self.columns.iter().position(|(n, _)| *n == name) {
+            Some(at) => at,
+            None => {
+                self.columns.push((name, make(self.rows)));
+                self.columns.len() - 1
+            }
+        };
+        &mut self.columns[at].1
+    }
+
     fn int(&mut self, name: &'static str, v: i64) {
-        self.ints.entry(name).or_default().push(v);
+        if let Column::Int(c) = self.column(name, |n| Column::Int(Vec::with_capacity(n))) {
+            c.push(v);
+        }
     }
-    fn string(&mut self, name: &'static str, v: String) {
-        self.strings.entry(name).or_default().push(v);
-    }
+
     fn time(&mut self, name: &'static str, v: i64) {
-        self.times.entry(name).or_default().push(v);
+        if let Column::Time(c) = self.column(name, |n| Column::Time(Vec::with_capacity(n))) {
+            c.push(v);
+        }
+    }
+
+    /// The builder of string column `name`, to write one value into (then `end` it).
+    fn text(&mut self, name: &'static str) -> &mut StringBuilder {
+        let c = self.column(name, |n| {
+            Column::Str(StringBuilder::with_capacity(n, n * 16))
+        });
+        match c {
+            Column::Str(b) => b,
+            _ => unreachable!("column '{name}' is generated as a string"),
+        }
+    }
+
+    /// Appends a whole string value to column `name`; returns its length.
+    fn string(&mut self, name: &'static str, v: &str) -> usize {
+        self.text(name).append_value(v);
+        v.len()
+    }
+
+    fn take(&mut self, name: &str) -> Option<ArrayRef> {
+        let at = self.columns.iter().position(|(n, _)| *n == name)?;
+        Some(match self.columns.swap_remove(at).1 {
+            Column::Int(v) => Arc::new(Int64Array::from(v)),
+            Column::Time(v) => Arc::new(TimestampMillisecondArray::from(v)),
+            Column::Str(mut b) => Arc::new(b.finish()),
+        })
     }
 }
 
@@ -301,7 +386,7 @@ impl SourceReader for NexmarkSource {
         if n == 0 {
             return Ok(Poll::Idle);
         }
-        let mut cols = Columns::default();
+        let mut cols = Columns::new(n as usize);
         for _ in 0..n {
             let k = self.cursor.take();
             let i = self.stream.event(k);
@@ -309,26 +394,30 @@ impl SourceReader for NexmarkSource {
             let t = self.time(i, &mut rng);
             match self.stream {
                 Stream::Person => {
-                    let name = format!(
-                        "{} {}",
-                        FIRST_NAMES[rng.random_range(0..FIRST_NAMES.len())],
-                        LAST_NAMES[rng.random_range(0..LAST_NAMES.len())]
-                    );
-                    let email = format!("{}@{}.com", letters(&mut rng, 7), letters(&mut rng, 5));
-                    let card = (0..4)
-                        .map(|_| format!("{:04}", rng.random_range(0..10_000)))
-                        .collect::<Vec<_>>()
-                        .join(" ");
-                    let city = CITIES[rng.random_range(0..CITIES.len())].to_string();
-                    let state = STATES[rng.random_range(0..STATES.len())].to_string();
-                    let size = 8 + name.len() + email.len() + card.len() + city.len() + 2 + 8;
+                    let first = FIRST_NAMES[rng.random_range(0..FIRST_NAMES.len())];
+                    let last = LAST_NAMES[rng.random_range(0..LAST_NAMES.len())];
+                    let name = cols.text("name");
+                    let _ = write!(name, "{first} {last}");
+                    let mut size = name.end();
+                    let email = cols.text("emailAddress");
+                    letters(&mut rng, 7, email);
+                    email.append_slice(b"@");
+                    letters(&mut rng, 5, email);
+                    email.append_slice(b".com");
+                    size += email.end();
+                    let card = cols.text("creditCard");
+                    for part in 0..4 {
+                        let sep = if part == 0 { "" } else { " " };
+                        let _ = write!(card, "{sep}{:04}", rng.random_range(0..10_000));
+                    }
+                    size += card.end();
+                    size += cols.string("city", CITIES[rng.random_range(0..CITIES.len())]);
+                    size += cols.string("state", STATES[rng.random_range(0..STATES.len())]);
+                    let size = 8 + size + 8;
                     cols.int("id", FIRST_ID + k as i64);
-                    cols.string("extra", extra(&mut rng, size, 200));
-                    cols.string("name", name);
-                    cols.string("emailAddress", email);
-                    cols.string("creditCard", card);
-                    cols.string("city", city);
-                    cols.string("state", state);
+                    let pad = cols.text("extra");
+                    extra(&mut rng, size, 200, pad);
+                    pad.end();
                     cols.time("dateTime", t);
                 }
                 Stream::Auction => {
@@ -345,13 +434,17 @@ impl SourceReader for NexmarkSource {
                     let length = 1 + rng.random_range(0..=((2.0 * horizon) as i64).max(1));
                     let (item_len, description_len) =
                         (rng.random_range(5..20), rng.random_range(20..100));
-                    let item = letters(&mut rng, item_len);
-                    let description = letters(&mut rng, description_len);
-                    let size = 8 + item.len() + description.len() + 8 + 8 + 8 + 8 + 8 + 8;
+                    let item = cols.text("itemName");
+                    letters(&mut rng, item_len, item);
+                    item.end();
+                    let description = cols.text("description");
+                    letters(&mut rng, description_len, description);
+                    description.end();
+                    let size = 8 + item_len + description_len + 8 + 8 + 8 + 8 + 8 + 8;
                     cols.int("id", FIRST_ID + k as i64);
-                    cols.string("extra", extra(&mut rng, size, 500));
-                    cols.string("itemName", item);
-                    cols.string("description", description);
+                    let pad = cols.text("extra");
+                    extra(&mut rng, size, 500, pad);
+                    pad.end();
                     cols.int("initialBid", initial);
                     cols.int("reserve", reserve);
                     cols.time("dateTime", t);
@@ -373,34 +466,37 @@ impl SourceReader for NexmarkSource {
                         HOT_BIDDER_RATIO,
                     );
                     let price = price(&mut rng);
-                    let (channel, url) = if rng.random_bool(0.5) {
-                        let c = HOT_CHANNELS[rng.random_range(0..HOT_CHANNELS.len())];
-                        (
-                            c.to_string(),
-                            format!(
-                                "https://www.nexmark.com/{}/item.htm?query=1",
-                                c.to_lowercase()
-                            ),
-                        )
+                    let size = if rng.random_bool(0.5) {
+                        let at = rng.random_range(0..HOT_CHANNELS.len());
+                        let channel = cols.string("channel", HOT_CHANNELS[at]);
+                        let url = cols.text("url");
+                        let _ = write!(
+                            url,
+                            "https://www.nexmark.com/{}/item.htm?query=1",
+                            HOT_CHANNELS_LOWER[at]
+                        );
+                        channel + url.end()
                     } else {
                         let c = rng.random_range(0..CHANNELS);
-                        (
-                            format!("channel-{c}"),
-                            format!(
-                                "https://www.nexmark.com/{}/{}/{}/item.htm?query=1&channel_id={c}",
-                                letters(&mut rng, 5),
-                                letters(&mut rng, 5),
-                                letters(&mut rng, 5)
-                            ),
-                        )
+                        let channel = cols.text("channel");
+                        let _ = write!(channel, "channel-{c}");
+                        let channel = channel.end();
+                        let url = cols.text("url");
+                        url.append_slice(b"https://www.nexmark.com/");
+                        for _ in 0..3 {
+                            letters(&mut rng, 5, url);
+                            url.append_slice(b"/");
+                        }
+                        let _ = write!(url, "item.htm?query=1&channel_id={c}");
+                        channel + url.end()
                     };
-                    let size = 8 + 8 + 8 + channel.len() + url.len() + 8;
+                    let size = 8 + 8 + 8 + size + 8;
                     cols.int("auction", auction);
                     cols.int("bidder", bidder);
                     cols.int("price", price);
-                    cols.string("extra", extra(&mut rng, size, 100));
-                    cols.string("channel", channel);
-                    cols.string("url", url);
+                    let pad = cols.text("extra");
+                    extra(&mut rng, size, 100, pad);
+                    pad.end();
                     cols.time("dateTime", t);
                 }
             }
@@ -408,13 +504,7 @@ impl SourceReader for NexmarkSource {
         let mut columns: Vec<ArrayRef> = vec![];
         for f in self.schema.fields() {
             let name = f.name().as_str();
-            let col: ArrayRef = if let Some(v) = cols.ints.remove(name) {
-                Arc::new(Int64Array::from(v))
-            } else if let Some(v) = cols.strings.remove(name) {
-                Arc::new(StringArray::from(v))
-            } else if let Some(v) = cols.times.remove(name) {
-                Arc::new(TimestampMillisecondArray::from(v))
-            } else {
+            let Some(col) = cols.take(name) else {
                 return Err(Error::connector(
                     &self.table,
                     format!("internal: the nexmark generator made no column '{name}'"),
