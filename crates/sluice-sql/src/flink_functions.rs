@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, Int64Array, StringBuilder};
+use arrow::array::{Array, AsArray, Int64Array, StringArray, StringBuilder};
 use arrow::datatypes::DataType;
 use datafusion_common::{exec_err, Result as DFResult};
 use datafusion_expr::{
@@ -55,18 +55,66 @@ impl ScalarUDFImpl for ProcTime {
     }
 }
 
-fn to_arrays(args: &[ColumnarValue], rows: usize) -> DFResult<Vec<ArrayRef>> {
-    args.iter().map(|a| a.clone().into_array(rows)).collect()
+/// A string argument: a constant (not expanded to one value per row), or a column.
+enum Strings {
+    Constant(Option<String>),
+    Column(StringArray),
 }
 
-fn as_strings(a: &ArrayRef) -> DFResult<ArrayRef> {
-    Ok(arrow::compute::cast(a, &DataType::Utf8)?)
+impl Strings {
+    fn new(arg: &ColumnarValue) -> DFResult<Self> {
+        Ok(match arg {
+            ColumnarValue::Scalar(v) => {
+                let a = arrow::compute::cast(&v.to_array_of_size(1)?, &DataType::Utf8)?;
+                let a = a.as_string::<i32>();
+                Strings::Constant((!a.is_null(0)).then(|| a.value(0).to_string()))
+            }
+            ColumnarValue::Array(a) => Strings::Column(
+                arrow::compute::cast(a, &DataType::Utf8)?
+                    .as_string()
+                    .clone(),
+            ),
+        })
+    }
+
+    #[inline]
+    fn get(&self, i: usize) -> Option<&str> {
+        match self {
+            Strings::Constant(v) => v.as_deref(),
+            Strings::Column(a) => (!a.is_null(i)).then(|| a.value(i)),
+        }
+    }
 }
 
-fn as_ints(a: &ArrayRef) -> DFResult<Int64Array> {
-    Ok(arrow::compute::cast(a, &DataType::Int64)?
-        .as_primitive()
-        .clone())
+/// An integer argument: a constant, or a column.
+enum Ints {
+    Constant(Option<i64>),
+    Column(Int64Array),
+}
+
+impl Ints {
+    fn new(arg: &ColumnarValue) -> DFResult<Self> {
+        Ok(match arg {
+            ColumnarValue::Scalar(v) => {
+                let a = arrow::compute::cast(&v.to_array_of_size(1)?, &DataType::Int64)?;
+                let a = a.as_primitive::<arrow::datatypes::Int64Type>();
+                Ints::Constant((!a.is_null(0)).then(|| a.value(0)))
+            }
+            ColumnarValue::Array(a) => Ints::Column(
+                arrow::compute::cast(a, &DataType::Int64)?
+                    .as_primitive()
+                    .clone(),
+            ),
+        })
+    }
+
+    #[inline]
+    fn get(&self, i: usize) -> Option<i64> {
+        match self {
+            Ints::Constant(v) => *v,
+            Ints::Column(a) => (!a.is_null(i)).then(|| a.value(i)),
+        }
+    }
 }
 
 /// `REGEXP_EXTRACT(str, regex [, group])`: the given capture group (0 = whole match, the default
@@ -98,42 +146,38 @@ impl ScalarUDFImpl for RegexpExtract {
         if !(2..=3).contains(&args.args.len()) {
             return exec_err!("REGEXP_EXTRACT takes (string, regex [, group])");
         }
-        let arrays = to_arrays(&args.args, args.number_rows)?;
-        let strings = as_strings(&arrays[0])?;
-        let strings = strings.as_string::<i32>();
-        let patterns = as_strings(&arrays[1])?;
-        let patterns = patterns.as_string::<i32>();
-        let groups = if arrays.len() == 3 {
-            Some(as_ints(&arrays[2])?)
-        } else {
-            None
+        let strings = Strings::new(&args.args[0])?;
+        let patterns = Strings::new(&args.args[1])?;
+        let groups = match args.args.get(2) {
+            Some(g) => Ints::new(g)?,
+            None => Ints::Constant(Some(1)),
         };
-        let mut cache: Option<(String, regex::Regex)> = None;
-        let mut out = StringBuilder::new();
+        // The regex compiled last, and its capture positions (reused: no allocation per row).
+        let mut cache: Option<(String, regex::Regex, regex::CaptureLocations)> = None;
+        let mut out = StringBuilder::with_capacity(args.number_rows, args.number_rows * 8);
         for i in 0..args.number_rows {
-            if strings.is_null(i)
-                || patterns.is_null(i)
-                || groups.as_ref().is_some_and(|g| g.is_null(i))
-            {
+            let (Some(s), Some(pattern), Some(group)) =
+                (strings.get(i), patterns.get(i), groups.get(i))
+            else {
                 out.append_null();
                 continue;
-            }
-            let pattern = patterns.value(i);
-            if cache.as_ref().map(|(p, _)| p.as_str()) != Some(pattern) {
+            };
+            if cache.as_ref().map(|(p, _, _)| p.as_str()) != Some(pattern) {
                 let re = regex::Regex::new(pattern).map_err(|e| {
                     datafusion_common::DataFusionError::Execution(format!(
                         "REGEXP_EXTRACT: bad regex '{pattern}': {e}"
                     ))
                 })?;
-                cache = Some((pattern.to_string(), re));
+                let locations = re.capture_locations();
+                cache = Some((pattern.to_string(), re, locations));
             }
-            let re = &cache.as_ref().expect("set above").1;
-            let group = groups.as_ref().map(|g| g.value(i)).unwrap_or(1);
-            match re
-                .captures(strings.value(i))
-                .and_then(|c| usize::try_from(group).ok().and_then(|g| c.get(g)))
-            {
-                Some(m) => out.append_value(m.as_str()),
+            let (_, re, locations) = cache.as_mut().expect("set above");
+            let found = re
+                .captures_read(locations, s)
+                .and_then(|_| usize::try_from(group).ok())
+                .and_then(|g| locations.get(g));
+            match found {
+                Some((start, end)) => out.append_value(&s[start..end]),
                 None => out.append_null(),
             }
         }
@@ -166,23 +210,30 @@ impl ScalarUDFImpl for SplitIndex {
         Ok(DataType::Utf8)
     }
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DFResult<ColumnarValue> {
-        let arrays = to_arrays(&args.args, args.number_rows)?;
-        let strings = as_strings(&arrays[0])?;
-        let strings = strings.as_string::<i32>();
-        let delims = as_strings(&arrays[1])?;
-        let delims = delims.as_string::<i32>();
-        let index = as_ints(&arrays[2])?;
-        let mut out = StringBuilder::new();
+        if args.args.len() != 3 {
+            return exec_err!("SPLIT_INDEX takes (string, delimiter, index)");
+        }
+        let strings = Strings::new(&args.args[0])?;
+        let delims = Strings::new(&args.args[1])?;
+        let index = Ints::new(&args.args[2])?;
+        let mut out = StringBuilder::with_capacity(args.number_rows, args.number_rows * 8);
         for i in 0..args.number_rows {
-            if strings.is_null(i) || delims.is_null(i) || index.is_null(i) || index.value(i) < 0 {
+            let (Some(s), Some(delim), Some(index)) = (strings.get(i), delims.get(i), index.get(i))
+            else {
                 out.append_null();
                 continue;
-            }
-            match strings
-                .value(i)
-                .split(delims.value(i))
-                .nth(index.value(i) as usize)
-            {
+            };
+            let Ok(index) = usize::try_from(index) else {
+                out.append_null();
+                continue;
+            };
+            // One-character delimiters (the usual case) split faster as a char.
+            let mut chars = delim.chars();
+            let part = match (chars.next(), chars.next()) {
+                (Some(c), None) => s.split(c).nth(index),
+                _ => s.split(delim).nth(index),
+            };
+            match part {
                 Some(part) => out.append_value(part),
                 None => out.append_null(),
             }

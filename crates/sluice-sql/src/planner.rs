@@ -360,7 +360,7 @@ impl Catalog {
                 if !matches!(t, DataType::Timestamp(_, _)) {
                     return Err(Error::plan(format!("CREATE TABLE {name}: the WATERMARK expression must be a TIMESTAMP, not {t}")));
                 }
-                Some((index, physical_expr(e, &df_schema)?))
+                Some((index, fixed_delay(physical_expr(e, &df_schema)?, &schema)))
             }
         };
         for k in primary_key.iter().chain(partitioned_by.iter()) {
@@ -1065,6 +1065,51 @@ pub(crate) fn agg_call(e: Expr, schema: &DFSchema, output_type: DataType) -> Res
 }
 
 /// A physical expression for `e` over `schema`.
+/// `ts - INTERVAL '4' SECOND` (the usual watermark) computed per row as a duration: the
+/// interval form goes through calendar arithmetic row by row, which costs as much as a cheap
+/// query. Other expressions are kept as they are.
+fn fixed_delay(expr: PhysExpr, schema: &Schema) -> PhysExpr {
+    use arrow::datatypes::TimeUnit;
+    use datafusion_common::ScalarValue;
+    use datafusion_physical_expr::expressions::{BinaryExpr, Literal};
+    let Some(b) = expr.downcast_ref::<BinaryExpr>() else {
+        return expr;
+    };
+    let Some(lit) = b.right().downcast_ref::<Literal>() else {
+        return expr;
+    };
+    let delay_ms = match lit.value() {
+        ScalarValue::IntervalMonthDayNano(Some(i))
+            if i.months == 0 && i.nanoseconds % 1_000_000 == 0 =>
+        {
+            Some(i.days as i64 * 86_400_000 + i.nanoseconds / 1_000_000)
+        }
+        ScalarValue::IntervalDayTime(Some(i)) => {
+            Some(i.days as i64 * 86_400_000 + i.milliseconds as i64)
+        }
+        _ => None,
+    };
+    // A TIMESTAMP(3) column: minus milliseconds, it stays one.
+    let millis = |e: &PhysExpr| {
+        e.downcast_ref::<datafusion_physical_expr::expressions::Column>()
+            .is_some()
+            && matches!(
+                e.data_type(schema),
+                Ok(DataType::Timestamp(TimeUnit::Millisecond, _))
+            )
+    };
+    match delay_ms {
+        Some(ms) if *b.op() == datafusion_expr::Operator::Minus && millis(b.left()) => {
+            Arc::new(BinaryExpr::new(
+                b.left().clone(),
+                datafusion_expr::Operator::Minus,
+                Arc::new(Literal::new(ScalarValue::DurationMillisecond(Some(ms)))),
+            ))
+        }
+        _ => expr,
+    }
+}
+
 pub fn physical_expr(e: &Expr, schema: &DFSchema) -> Result<PhysExpr> {
     use datafusion_common::tree_node::TreeNode;
     let subquery = e
@@ -1184,5 +1229,55 @@ impl TableSource for ViewSource {
 
     fn get_logical_plan(&self) -> Option<std::borrow::Cow<'_, LogicalPlan>> {
         Some(std::borrow::Cow::Borrowed(&self.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The watermark `ts - INTERVAL ...` computed as a duration gives the same timestamps as the
+    /// interval form (nulls included); other forms are left alone.
+    #[test]
+    fn a_fixed_watermark_delay_is_a_duration() {
+        use arrow::array::{Array, TimestampMillisecondArray};
+        use arrow::record_batch::RecordBatch;
+        let ts = DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, None);
+        let schema = Arc::new(Schema::new(vec![Field::new("ts", ts, true)]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(TimestampMillisecondArray::from(vec![
+                Some(1_700_000_000_123),
+                None,
+                Some(5),
+                Some(-86_400_000),
+            ]))],
+        )
+        .unwrap();
+        let catalog = Catalog::new();
+        for (sql, rewritten) in [
+            ("ts - INTERVAL '4' SECOND", true),
+            ("ts - INTERVAL '1' DAY", true),
+            ("ts - INTERVAL '0.25' SECOND", true),
+            ("ts - INTERVAL '1' MONTH", false),
+            ("ts + INTERVAL '4' SECOND", false),
+        ] {
+            let expr = sqlparser::parser::Parser::new(&sqlparser::dialect::GenericDialect {})
+                .try_with_sql(sql)
+                .unwrap()
+                .parse_expr()
+                .unwrap();
+            let (exprs, df_schema) = catalog
+                .plan_exprs(schema.clone(), vec![("w".into(), expr)])
+                .unwrap();
+            let original = physical_expr(&exprs[0], &df_schema).unwrap();
+            let fixed = fixed_delay(original.clone(), &schema);
+            assert_eq!(!Arc::ptr_eq(&fixed, &original), rewritten, "{sql}");
+            let want = original.evaluate(&batch).unwrap().into_array(4).unwrap();
+            let got = fixed.evaluate(&batch).unwrap().into_array(4).unwrap();
+            assert_eq!(got.data_type(), want.data_type(), "{sql}");
+            assert_eq!(&got, &want, "{sql}");
+            assert_eq!(got.null_count(), 1);
+        }
     }
 }
