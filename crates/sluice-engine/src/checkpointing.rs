@@ -304,17 +304,16 @@ impl CheckpointWriter {
         let handle = std::thread::Builder::new()
             .name("checkpoint-writer".into())
             .spawn(move || {
+                let encode = |batch: &arrow::record_batch::RecordBatch| match compression {
+                    true => snapshot_bytes(batch),
+                    false => ipc_bytes(batch),
+                };
                 for (epoch, name, payload) in receiver {
-                    let batch = match payload {
-                        Payload::Bytes(b) => Ok(Err(b)),
-                        Payload::Batch(batch) => Ok(Ok(batch)),
-                        Payload::Deferred(build) => build().map(Ok),
+                    let bytes = match payload {
+                        Payload::Bytes(b) => Ok(b),
+                        Payload::Batch(batch) => encode(&batch),
+                        Payload::Deferred(build) => build().and_then(|b| encode(&b)),
                     };
-                    let bytes = batch.and_then(|b| match b {
-                        Err(bytes) => Ok(bytes),
-                        Ok(batch) if compression => snapshot_bytes(&batch),
-                        Ok(batch) => ipc_bytes(&batch),
-                    });
                     if let Err(e) = bytes.and_then(|b| store.put(epoch, &name, b)) {
                         metrics.checkpoint_failed(epoch, e);
                     }
@@ -394,7 +393,7 @@ impl CheckpointContext {
 
     /// Whether `epoch` is a checkpoint epoch.
     pub fn is_checkpoint(&self, epoch: Epoch) -> bool {
-        epoch % self.every == 0
+        epoch.is_multiple_of(self.every)
     }
 
     /// File name of an operator's contribution from one worker.
