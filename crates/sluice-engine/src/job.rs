@@ -562,6 +562,30 @@ fn build<'scope>(
             exprs,
             schema,
         } => {
+            // A projection over a filter: the calls both make are computed once.
+            if let StreamNode::Filter {
+                input: below,
+                predicate,
+            } = input.as_ref()
+            {
+                match crate::stateless::FilterProject::new(
+                    &below.schema(),
+                    predicate,
+                    exprs,
+                    schema,
+                ) {
+                    Ok(Some(fused)) => {
+                        return map_batches(
+                            build(scope, below, ctx),
+                            "FilterProject",
+                            ctx.metrics.clone(),
+                            move |b| fused.apply(b).map(Some),
+                        )
+                    }
+                    Ok(None) => {}
+                    Err(e) => ctx.metrics.fail(e),
+                }
+            }
             let (exprs, schema) = (exprs.clone(), schema.clone());
             map_batches(
                 build(scope, input, ctx),
