@@ -1,9 +1,12 @@
 //! The `filesystem` connector: JSON lines or CSV files in, part files out.
 //!
-//! Source: `path` is a file or a directory; a directory's files are sorted and dealt out to
-//! workers round-robin, one split per file. Sink: `path` is a directory; each worker writes
-//! `.part-<worker>-<n>.<ext>.inprogress` and renames it to `part-<worker>-<n>.<ext>` when the
-//! file is published (on rolling, and when the job ends).
+//! Source: `path` is a file or a directory; a directory's files are sorted, cut into pieces of
+//! `source.split-size` bytes (8 MB unless set) on record boundaries, and the pieces dealt out to
+//! workers round-robin, so one large file is parsed by every worker.
+//!
+//! Sink: `path` is a directory; each worker writes `.part-<worker>-<n>.<ext>.inprogress` and
+//! renames it to `part-<worker>-<n>.<ext>` when the file is published (on rolling, and when the
+//! job ends).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -40,12 +43,51 @@ fn format(opts: &mut Options, sink: bool) -> Result<Format> {
 }
 
 /// Files a reader keeps open at once; their splits are read round-robin, so each has its own
-/// watermark, as if read in parallel.
+/// watermark, as if read in parallel. Pieces of one file are read one after another.
 const MAX_OPEN_SPLITS: usize = 16;
 
-/// Reads this worker's files, each file one split.
+/// `source.split-size` unless set: files larger than this are read in pieces of this size,
+/// dealt out to the workers in turn, so that one large file is parsed by all of them.
+const DEFAULT_SPLIT_SIZE: u64 = 8 << 20;
+
+/// A split: a whole file, or a byte range of one.
+#[derive(Clone, Debug)]
+struct Split {
+    path: PathBuf,
+    /// The nominal byte range. A piece starts after the first record boundary at or after its
+    /// start (unless it starts the file) and ends at the first one at or after its end, so the
+    /// pieces of a file cover each record once.
+    range: Option<(u64, u64)>,
+}
+
+impl Split {
+    /// The split's name in checkpointed offsets.
+    fn key(&self) -> String {
+        match self.range {
+            None => self.path.display().to_string(),
+            Some((start, end)) => format!("{}#bytes={start}-{end}", self.path.display()),
+        }
+    }
+}
+
+/// A file's splits: pieces of `size` bytes, or the whole file when it is no larger.
+fn file_splits(path: PathBuf, len: u64, size: u64) -> Vec<Split> {
+    if len <= size {
+        return vec![Split { path, range: None }];
+    }
+    (0..len.div_ceil(size))
+        .map(|i| Split {
+            path: path.clone(),
+            range: Some((i * size, ((i + 1) * size).min(len))),
+        })
+        .collect()
+}
+
+/// Reads this worker's splits.
 pub struct FileSource {
-    pending: std::collections::VecDeque<PathBuf>,
+    pending: std::collections::VecDeque<Split>,
+    /// Whether a pending split may be openable (one finished, or none was opened yet).
+    refill: bool,
     open: Vec<OpenFile>,
     next_split: usize,
     cursor: usize,
@@ -56,22 +98,34 @@ pub struct FileSource {
     skipped: u64,
     /// `source.monitor-interval`: keep watching the directory for new files (unbounded).
     monitor: Option<Monitor>,
-    /// Files read to their end.
-    done: std::collections::BTreeSet<PathBuf>,
-    /// Where to start files that a checkpoint had partly read: (position, line).
-    resume: std::collections::HashMap<PathBuf, (u64, u64)>,
+    /// Splits read to their end, by key.
+    done: std::collections::BTreeSet<String>,
+    /// Where to start splits that a checkpoint had partly read, by key: (position, line).
+    resume: std::collections::HashMap<String, (u64, u64)>,
+    /// The keys of every worker's splits, to tell a checkpoint taken with other pieces.
+    all_keys: std::collections::HashSet<String>,
+    /// Per CSV file read in pieces: how far quotes were counted, and whether that point is
+    /// inside a quoted field.
+    quotes: std::collections::HashMap<PathBuf, (u64, bool)>,
     /// `PARTITIONED BY`: partition columns come from the folder names.
     layout: Option<crate::partitions::Layout>,
 }
 
-/// A file being read.
+/// A split being read.
 struct OpenFile {
     split: usize,
+    key: String,
     path: PathBuf,
     lines: Option<Box<dyn BufRead + Send>>,
     csv: Option<arrow::csv::reader::BufReader<Box<dyn BufRead + Send>>>,
+    /// Lines read in this split.
     line: u64,
-    /// Position after the rows returned so far: bytes (JSON lines) or records (CSV).
+    /// Where the split's first record starts, and the lines of the file before it (counted
+    /// only when an error message needs them).
+    start: u64,
+    lines_before: Option<u64>,
+    /// Position after the rows returned so far: bytes in the file (JSON lines) or records in
+    /// the split (CSV).
     position: u64,
 }
 
@@ -133,6 +187,10 @@ impl FileSource {
         let format = format(opts, false)?;
         let ignore = opts.flag("json.ignore-parse-errors", false)?;
         let csv_ignore_errors = opts.flag("csv.ignore-parse-errors", false)?;
+        let split_size = opts.memory_size("source.split-size", DEFAULT_SPLIT_SIZE)?;
+        if split_size == 0 {
+            return Err(opts.error("option 'source.split-size' must be larger than 0"));
+        }
         let interval = match opts.get("source.monitor-interval") {
             None => None,
             Some(v) => Some(
@@ -144,24 +202,38 @@ impl FileSource {
         };
         let layout =
             crate::partitions::Layout::new(&spec.schema, &spec.partitioned_by, &spec.table)?;
+        let path_error = |opts: &Options, e: std::io::Error| {
+            opts.error(format!("option 'path' = '{}': {e}", path.display()))
+        };
         let all = match &layout {
             None => list_files(&path),
             Some(_) => crate::partitions::list_files_recursive(&path),
         }
-        .map_err(|e| opts.error(format!("option 'path' = '{}': {e}", path.display())))?;
+        .map_err(|e| path_error(opts, e))?;
         let data_schema = layout
             .as_ref()
             .map_or(spec.schema.clone(), |l| l.data.clone());
-        let (files, monitor): (Vec<PathBuf>, _) = match interval {
-            // Bounded: the files there now, dealt out round-robin.
-            None => (
-                all.into_iter()
+        let mut all_keys = std::collections::HashSet::new();
+        let (splits, monitor): (Vec<Split>, _) = match interval {
+            // Bounded: the files there now, in pieces, dealt out round-robin.
+            None => {
+                let mut splits = vec![];
+                for f in all {
+                    let len = std::fs::metadata(&f)
+                        .map_err(|e| path_error(opts, e))?
+                        .len();
+                    splits.extend(file_splits(f, len, split_size));
+                }
+                all_keys.extend(splits.iter().map(Split::key));
+                let mine = splits
+                    .into_iter()
                     .enumerate()
                     .filter(|(i, _)| i % workers == worker)
-                    .map(|(_, f)| f)
-                    .collect(),
-                None,
-            ),
+                    .map(|(_, s)| s)
+                    .collect();
+                (mine, None)
+            }
+            // Continuous: whole files, each owned by one worker.
             Some(interval) => {
                 if !path.is_dir() {
                     return Err(
@@ -176,14 +248,17 @@ impl FileSource {
                     worker,
                     workers,
                 };
-                let files = m.new_files().map_err(|e| {
-                    opts.error(format!("option 'path' = '{}': {e}", path.display()))
-                })?;
-                (files, Some(m))
+                let files = m.new_files().map_err(|e| path_error(opts, e))?;
+                let splits = files
+                    .into_iter()
+                    .map(|path| Split { path, range: None })
+                    .collect();
+                (splits, Some(m))
             }
         };
         Ok(FileSource {
-            pending: files.into(),
+            pending: splits.into(),
+            refill: true,
             open: vec![],
             next_split: 0,
             cursor: 0,
@@ -196,6 +271,8 @@ impl FileSource {
             monitor,
             done: Default::default(),
             resume: Default::default(),
+            all_keys,
+            quotes: Default::default(),
         })
     }
 }
@@ -253,16 +330,105 @@ fn list_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// Counts `byte` in `path` from `from` to `to`.
+fn count_in(path: &Path, from: u64, to: u64, byte: u8) -> Result<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+    f.seek(SeekFrom::Start(from))
+        .map_err(|e| Error::io(path, e))?;
+    let mut f = f.take(to - from);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let got = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if got == 0 {
+            return Ok(n);
+        }
+        n += memchr::memchr_iter(byte, &buf[..got]).count() as u64;
+    }
+}
+
 impl FileSource {
-    fn open_file(&mut self, path: PathBuf, max_rows: usize) -> Result<OpenFile> {
+    /// Where the record that follows byte `at` of a file starts: just after the first line end
+    /// at or after `at - 1` (so a piece that starts on a line start starts there). In CSV, a line
+    /// end inside a quoted field ends no record: whether a point is inside quotes is the parity
+    /// of the quote characters before it (a doubled quote inside a field counts twice).
+    fn record_start(&mut self, path: &Path, at: u64, len: u64) -> Result<u64> {
         use std::io::{Seek, SeekFrom};
-        let (position, line) = self.resume.remove(&path).unwrap_or((0, 0));
+        if at == 0 || at >= len {
+            return Ok(at.min(len));
+        }
+        let from = at - 1;
+        let mut inside = false;
+        if self.format == Format::Csv {
+            let (mut counted, mut odd) = self
+                .quotes
+                .get(path)
+                .copied()
+                .filter(|(pos, _)| *pos <= from)
+                .unwrap_or((0, false));
+            if counted < from {
+                odd ^= count_in(path, counted, from, b'"')? % 2 == 1;
+                counted = from;
+            }
+            self.quotes.insert(path.to_path_buf(), (counted, odd));
+            inside = odd;
+        }
+        let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+        f.seek(SeekFrom::Start(from))
+            .map_err(|e| Error::io(path, e))?;
+        let mut f = std::io::BufReader::with_capacity(1 << 16, f);
+        let mut pos = from;
+        loop {
+            let buf = f.fill_buf().map_err(|e| Error::io(path, e))?;
+            if buf.is_empty() {
+                return Ok(len);
+            }
+            for &b in buf {
+                pos += 1;
+                match b {
+                    b'"' if self.format == Format::Csv => inside = !inside,
+                    b'\n' if !inside => return Ok(pos),
+                    _ => {}
+                }
+            }
+            let n = buf.len();
+            f.consume(n);
+        }
+    }
+
+    fn open_file(&mut self, split: Split, max_rows: usize) -> Result<OpenFile> {
+        use std::io::{Read, Seek, SeekFrom};
+        let key = split.key();
+        let path = split.path;
+        let (resume_at, line) = self.resume.remove(&key).unwrap_or((0, 0));
         let mut f = File::open(&path).map_err(|e| Error::io(&path, e))?;
-        if position > 0 && self.format != Format::Csv {
-            f.seek(SeekFrom::Start(position))
+        let (start, end) = match split.range {
+            None => (0, u64::MAX),
+            Some((from, to)) => {
+                let len = f.metadata().map_err(|e| Error::io(&path, e))?.len();
+                (
+                    self.record_start(&path, from, len)?,
+                    self.record_start(&path, to, len)?,
+                )
+            }
+        };
+        // JSON lines resume at a byte position; CSV at a record count within the split.
+        let (seek_to, position) = match self.format {
+            Format::Csv => (start, resume_at),
+            _ => {
+                let at = resume_at.max(start);
+                (at, at)
+            }
+        };
+        if seek_to > 0 {
+            f.seek(SeekFrom::Start(seek_to))
                 .map_err(|e| Error::io(&path, e))?;
         }
-        let buffered: Box<dyn BufRead + Send> = Box::new(BufReader::with_capacity(1 << 20, f));
+        let buffered: Box<dyn BufRead + Send> = Box::new(BufReader::with_capacity(
+            1 << 20,
+            f.take(end.saturating_sub(seek_to)),
+        ));
         let split = self.next_split;
         self.next_split += 1;
         let (lines, csv) = match self.format {
@@ -278,10 +444,13 @@ impl FileSource {
         };
         Ok(OpenFile {
             split,
+            key,
             path,
             lines,
             csv,
             line,
+            start,
+            lines_before: (start == 0).then_some(0),
             position,
         })
     }
@@ -327,7 +496,20 @@ impl FileSource {
             return Ok(Chunk::Eof);
         }
         let display = f.path.display().to_string();
-        match self.json.decode(&lines, &display, first_line)? {
+        let decoded = match f.lines_before {
+            Some(before) => self.json.decode(&lines, &display, before + first_line),
+            // A piece that starts inside the file: its line numbers are known only once the
+            // lines before it are counted, which only an error message needs.
+            None => match self.json.decode(&lines, &display, first_line) {
+                Err(Error::BadRecord { .. }) => {
+                    let before = count_in(&f.path, 0, f.start, b'\n')?;
+                    f.lines_before = Some(before);
+                    self.json.decode(&lines, &display, before + first_line)
+                }
+                other => other,
+            },
+        };
+        match decoded? {
             Some(batch) if batch.num_rows() > 0 => Ok(Chunk::Rows(batch)),
             _ => Ok(Chunk::Nothing),
         }
@@ -341,11 +523,17 @@ impl SourceReader for FileSource {
 
     fn poll(&mut self, max_rows: usize) -> Result<Poll> {
         loop {
-            while self.open.len() < MAX_OPEN_SPLITS {
-                let Some(path) = self.pending.pop_front() else {
+            while self.refill && self.open.len() < MAX_OPEN_SPLITS {
+                // The next split of a file none of whose pieces is being read.
+                let next = self
+                    .pending
+                    .iter()
+                    .position(|s| !self.open.iter().any(|f| f.path == s.path));
+                let Some(split) = next.and_then(|i| self.pending.remove(i)) else {
+                    self.refill = false;
                     break;
                 };
-                let f = self.open_file(path, max_rows)?;
+                let f = self.open_file(split, max_rows)?;
                 self.open.push(f);
             }
             if self.open.is_empty() {
@@ -359,7 +547,9 @@ impl SourceReader for FileSource {
                 if found.is_empty() {
                     return Ok(Poll::Idle);
                 }
-                self.pending.extend(found);
+                self.pending
+                    .extend(found.into_iter().map(|path| Split { path, range: None }));
+                self.refill = true;
                 continue;
             }
             let at = self.cursor % self.open.len();
@@ -378,7 +568,8 @@ impl SourceReader for FileSource {
                 Chunk::Nothing => self.cursor = at + 1,
                 Chunk::Eof => {
                     let done = self.open.remove(at);
-                    self.done.insert(done.path);
+                    self.done.insert(done.key);
+                    self.refill = true;
                     return Ok(Poll::SplitDone { split: done.split });
                 }
             }
@@ -391,39 +582,55 @@ impl SourceReader for FileSource {
 
     fn offsets(&self) -> crate::SourceOffsets {
         let mut out = crate::SourceOffsets::new();
-        for path in &self.done {
-            out.insert(path.display().to_string(), crate::SPLIT_DONE);
+        for key in &self.done {
+            out.insert(key.clone(), crate::SPLIT_DONE);
         }
         for f in &self.open {
-            out.insert(f.path.display().to_string(), f.position);
-            out.insert(format!("{}#line", f.path.display()), f.line);
+            out.insert(f.key.clone(), f.position);
+            out.insert(format!("{}#line", f.key), f.line);
         }
-        for (path, (position, line)) in &self.resume {
-            out.insert(path.display().to_string(), *position);
-            out.insert(format!("{}#line", path.display()), *line);
+        for (key, (position, line)) in &self.resume {
+            out.insert(key.clone(), *position);
+            out.insert(format!("{key}#line"), *line);
         }
         out
     }
 
     fn seek(&mut self, offsets: &crate::SourceOffsets) -> Result<()> {
+        // A checkpoint that read a file in other pieces (another 'source.split-size', or the
+        // file changed size) cannot say which rows were read.
+        for key in offsets.keys().filter(|k| !k.ends_with("#line")) {
+            let file = key.split("#bytes=").next().unwrap_or(key);
+            let ours = self
+                .all_keys
+                .iter()
+                .any(|k| k.split("#bytes=").next() == Some(file));
+            if ours && !self.all_keys.contains(key) {
+                return Err(Error::Runtime(format!(
+                    "the checkpoint read '{file}' in other pieces than this job would ({key}): \
+                     'source.split-size' or the file's size changed since; restore the old \
+                     setting and file, or start over with --fresh"
+                )));
+            }
+        }
         let pending = std::mem::take(&mut self.pending);
-        for path in pending {
-            let key = path.display().to_string();
+        for split in pending {
+            let key = split.key();
             match offsets.get(&key) {
                 Some(&crate::SPLIT_DONE) => {
-                    self.done.insert(path);
+                    self.done.insert(key);
                 }
                 Some(&position) => {
                     let line = offsets.get(&format!("{key}#line")).copied().unwrap_or(0);
-                    self.resume.insert(path.clone(), (position, line));
-                    self.pending.push_back(path);
+                    self.resume.insert(key, (position, line));
+                    self.pending.push_back(split);
                 }
-                None => self.pending.push_back(path),
+                None => self.pending.push_back(split),
             }
         }
         if let Some(m) = self.monitor.as_mut() {
             // Files already finished must not come back through the directory watch.
-            m.seen.extend(self.done.iter().cloned());
+            m.seen.extend(self.done.iter().map(PathBuf::from));
         }
         Ok(())
     }
@@ -476,7 +683,7 @@ impl FileSink {
     ) -> Result<Box<dyn SinkWriter>> {
         let dir = PathBuf::from(opts.required("path")?);
         let format = format(opts, true)?;
-        let roll_bytes = opts.parse("sink.rolling-policy.file-size", 128u64 << 20)?;
+        let roll_bytes = opts.memory_size("sink.rolling-policy.file-size", 128u64 << 20)?;
         std::fs::create_dir_all(&dir)
             .map_err(|e| opts.error(format!("option 'path' = '{}': {e}", dir.display())))?;
         match crate::partitions::Layout::new(&spec.schema, &spec.partitioned_by, &spec.table)? {

@@ -66,6 +66,36 @@ impl Options {
         }
     }
 
+    /// A size in bytes, written as Flink writes memory sizes: `134217728`, `128mb`, `8 MB`,
+    /// `64kb`, `1g` (units of 1024).
+    pub fn memory_size(&mut self, key: &str, default: u64) -> Result<u64> {
+        let Some(v) = self.get(key) else {
+            return Ok(default);
+        };
+        let text = v.trim().to_ascii_lowercase();
+        let digits = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let shift = match text[digits..].trim() {
+            "" | "b" | "bytes" => Some(0),
+            "k" | "kb" | "kib" => Some(10),
+            "m" | "mb" | "mib" => Some(20),
+            "g" | "gb" | "gib" => Some(30),
+            "t" | "tb" | "tib" => Some(40),
+            _ => None,
+        };
+        text[..digits]
+            .parse::<u64>()
+            .ok()
+            .zip(shift)
+            .and_then(|(n, shift)| n.checked_mul(1u64 << shift))
+            .ok_or_else(|| {
+                self.error(format!(
+                    "option '{key}' = '{v}' is not a size such as '128mb', '8 MB' or a number of bytes"
+                ))
+            })
+    }
+
     /// A parsed option that may be absent.
     pub fn optional<T: std::str::FromStr>(&mut self, key: &str) -> Result<Option<T>> {
         match self.get(key) {
@@ -189,6 +219,7 @@ impl Options {
             "max-out-of-orderness",
             "start-time",
             "csv.ignore-parse-errors",
+            "source.split-size",
             "event-rate",
         ];
         let fields: Vec<&str> = self

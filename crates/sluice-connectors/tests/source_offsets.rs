@@ -146,3 +146,141 @@ fn generators_resume_and_refuse_another_worker_count() {
     let err = open_source(&s, 0, 3).unwrap().seek(&offsets).unwrap_err();
     assert!(err.to_string().contains("worker count"), "{err}");
 }
+
+/// Ids and names of every row, read by `workers` readers (each to its end).
+fn read_all(spec: &ConnectorSpec, workers: usize) -> Vec<(i64, String)> {
+    let mut out = vec![];
+    for w in 0..workers {
+        let mut r = open_source(spec, w, workers).unwrap();
+        loop {
+            match r.poll(7).unwrap() {
+                Poll::Batch { batch, .. } => {
+                    let names = batch.column(1).as_string::<i32>();
+                    for (i, id) in ids(&batch).into_iter().enumerate() {
+                        out.push((id, names.value(i).to_string()));
+                    }
+                }
+                Poll::SplitDone { .. } | Poll::Idle => {}
+                Poll::Finished => break,
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn files_read_in_pieces_give_every_record_once() {
+    // Names with commas, doubled quotes and line ends inside quotes (CSV), escapes (JSON).
+    let rows: Vec<(i64, String)> = (0..240)
+        .map(|i| {
+            let name = match i % 6 {
+                0 => format!("plain {i}"),
+                1 => format!("two\nlines {i}"),
+                2 => format!("say \"hi\", {i}"),
+                3 => format!("\n\"\n{i}\n"),
+                4 => "x".repeat(i as usize % 37),
+                _ => format!("{i}"),
+            };
+            (i, name)
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let csv: String = rows
+        .iter()
+        .map(|(i, n)| format!("{i},\"{}\"\n", n.replace('"', "\"\"")))
+        .collect();
+    let json: String = rows
+        .iter()
+        .map(|(i, n)| format!("{}\n", serde_json::json!({"id": i, "name": n})))
+        .collect();
+    let csv_path = dir.path().join("rows.csv");
+    let json_path = dir.path().join("rows.json");
+    std::fs::write(&csv_path, &csv).unwrap();
+    std::fs::write(&json_path, &json).unwrap();
+    let fields = || {
+        vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("name", DataType::Utf8, true),
+        ]
+    };
+    for (path, format) in [(&csv_path, "csv"), (&json_path, "json")] {
+        let path = path.display().to_string();
+        for size in ["1", "2", "5", "13", "64", "333", "1kb", "1mb"] {
+            let s = spec(
+                &[
+                    ("connector", "filesystem"),
+                    ("path", &path),
+                    ("format", format),
+                    ("source.split-size", size),
+                ],
+                fields(),
+            );
+            for workers in [1, 2, 3] {
+                let got = read_all(&s, workers);
+                assert!(
+                    got == rows,
+                    "{format} in pieces of {size} bytes on {workers} workers: {} rows, first difference {:?}",
+                    got.len(),
+                    got.iter().zip(&rows).find(|(a, b)| a != b)
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn pieces_resume_on_another_worker_count_and_refuse_another_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv: String = (0..3000).map(|i| format!("{i},\"n,{i}\"\n")).collect();
+    std::fs::write(dir.path().join("big.csv"), csv).unwrap();
+    let path = dir.path().display().to_string();
+    let fields = vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("name", DataType::Utf8, true),
+    ];
+    let sized = |size: &str| {
+        spec(
+            &[
+                ("connector", "filesystem"),
+                ("path", &path),
+                ("format", "csv"),
+                ("source.split-size", size),
+            ],
+            fields.clone(),
+        )
+    };
+    let s = sized("2kb");
+    resumes(s.clone(), 50);
+    // Two workers read part of their pieces; three workers go on from their offsets.
+    let mut got = vec![];
+    let mut offsets = BTreeMap::new();
+    for w in 0..2 {
+        let mut r = open_source(&s, w, 2).unwrap();
+        got.extend(read(&mut r, Some(5 + 9 * w), 50));
+        offsets.extend(r.offsets());
+    }
+    assert!(
+        offsets.keys().any(|k| k.contains("#bytes=")),
+        "the file was read in pieces: {offsets:?}"
+    );
+    for w in 0..3 {
+        let mut r = open_source(&s, w, 3).unwrap();
+        r.seek(&offsets).unwrap();
+        got.extend(read(&mut r, None, 50));
+    }
+    got.sort();
+    assert_eq!(got, (0..3000).collect::<Vec<i64>>());
+    // Other pieces cannot say which rows were read.
+    let err = open_source(&sized("3kb"), 0, 1)
+        .unwrap()
+        .seek(&offsets)
+        .unwrap_err();
+    assert!(err.to_string().contains("source.split-size"), "{err}");
+    let err = open_source(&sized("2 parsecs"), 0, 1).err().unwrap();
+    assert!(
+        err.to_string()
+            .contains("'source.split-size' = '2 parsecs'"),
+        "{err}"
+    );
+}

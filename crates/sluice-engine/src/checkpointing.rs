@@ -254,7 +254,9 @@ pub fn fingerprint(plan: &JobPlan) -> String {
             }
         }
     }
-    let mut out = String::new();
+    // The version of how plans become operators: sub-plans and scans built once and shared
+    // (2026-12) changed which operators hold state, so older checkpoints do not fit.
+    let mut out = String::from("operators v2;");
     for p in &plan.pipelines {
         node(&p.query, &mut out);
         match &p.sink {

@@ -368,8 +368,9 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
             epoch_length,
         };
         worker.dataflow::<Epoch, _, _>(|scope| {
+            let reuse = Reuse::new(&plan);
             for p in plan.pipelines.iter() {
-                let stream = build(scope, &p.query, &ctx);
+                let stream = build(scope, &p.query, &ctx, &reuse);
                 match &p.sink {
                     SinkTarget::Table(t) => table_sink(stream, t, &ctx).probe_with(&probe),
                     SinkTarget::Select { index: q } => {
@@ -525,12 +526,141 @@ pub(crate) struct BuildContext {
     pub sequence: Option<std::rc::Rc<crate::source::SourceSequence>>,
 }
 
+/// Sub-plans computed once per worker, whatever number of places read them (as Flink's
+/// `table.optimizer.reuse-sub-plan-enabled`, on by default): a self-join of a windowed
+/// aggregation (Nexmark q5) aggregates once, and scans of one table share one reader.
+pub(crate) struct Reuse<'scope> {
+    /// Built streams by the plan they compute (its `Debug` text: operators, expressions,
+    /// schemas and tables).
+    built: std::cell::RefCell<std::collections::HashMap<String, EventStream<'scope>>>,
+    /// Tables read more than once with different columns: the columns one shared reader keeps
+    /// (sorted positions in the table's schema; `None`, all of them).
+    scans: std::collections::HashMap<String, Option<Vec<usize>>>,
+}
+
+impl Reuse<'_> {
+    pub fn new(plan: &JobPlan) -> Self {
+        fn collect<'a>(n: &'a StreamNode, out: &mut BTreeMap<String, Vec<&'a StreamNode>>) {
+            if let StreamNode::Scan {
+                table,
+                carry_source_row: false,
+                ..
+            } = n
+            {
+                out.entry(table.name.clone()).or_default().push(n);
+            }
+            n.inputs().into_iter().for_each(|i| collect(i, out));
+        }
+        let mut by_table = BTreeMap::new();
+        for p in &plan.pipelines {
+            collect(&p.query, &mut by_table);
+        }
+        let mut scans = std::collections::HashMap::new();
+        for (name, nodes) in by_table {
+            let mut union: Option<Vec<usize>> = Some(vec![]);
+            let mut distinct = std::collections::HashSet::new();
+            for n in &nodes {
+                let StreamNode::Scan { projection, .. } = n else {
+                    continue;
+                };
+                distinct.insert(projection.clone());
+                union = match (union, projection) {
+                    (Some(mut u), Some(p)) => {
+                        u.extend(p);
+                        u.sort_unstable();
+                        u.dedup();
+                        Some(u)
+                    }
+                    _ => None,
+                };
+            }
+            if distinct.len() > 1 {
+                scans.insert(name, union);
+            }
+        }
+        Reuse {
+            built: Default::default(),
+            scans,
+        }
+    }
+}
+
+/// Builds `node`, or returns the stream already built for an identical plan. Plans that call a
+/// volatile function are built each time.
 fn build<'scope>(
     scope: DataflowScope<'scope>,
     node: &StreamNode,
     ctx: &BuildContext,
+    reuse: &Reuse<'scope>,
+) -> EventStream<'scope> {
+    let key = (!node.calls_volatile()).then(|| format!("{node:?}"));
+    if let Some(s) = key
+        .as_ref()
+        .and_then(|k| reuse.built.borrow().get(k).cloned())
+    {
+        return s;
+    }
+    let stream = build_node(scope, node, ctx, reuse);
+    if let Some(k) = key {
+        reuse.built.borrow_mut().insert(k, stream.clone());
+    }
+    stream
+}
+
+fn build_node<'scope>(
+    scope: DataflowScope<'scope>,
+    node: &StreamNode,
+    ctx: &BuildContext,
+    reuse: &Reuse<'scope>,
 ) -> EventStream<'scope> {
     match node {
+        // A table that other scans read with other columns: one reader keeps all of them.
+        StreamNode::Scan {
+            table,
+            projection,
+            schema,
+            carry_source_row: false,
+        } if reuse
+            .scans
+            .get(&table.name)
+            .is_some_and(|shared| shared != projection) =>
+        {
+            let shared = reuse.scans[&table.name].clone();
+            let wide = StreamNode::Scan {
+                table: table.clone(),
+                schema: match &shared {
+                    None => table.schema.clone(),
+                    Some(p) => Arc::new(table.schema.project(p).expect("columns of the table")),
+                },
+                projection: shared.clone(),
+                carry_source_row: false,
+            };
+            let all: Vec<usize> = (0..table.schema.fields().len()).collect();
+            let shared = shared.unwrap_or(all.clone());
+            let positions: Vec<usize> = projection
+                .as_ref()
+                .unwrap_or(&all)
+                .iter()
+                .map(|c| {
+                    shared
+                        .binary_search(c)
+                        .expect("the shared scan keeps every column")
+                })
+                .collect();
+            let schema = schema.clone();
+            map_batches(
+                build(scope, &wide, ctx, reuse),
+                "ScanColumns",
+                ctx.metrics.clone(),
+                move |b| {
+                    let columns = positions
+                        .iter()
+                        .map(|&i| b.data.column(i).clone())
+                        .collect();
+                    Ok(Some(b.with_columns(schema.clone(), columns)?))
+                },
+            )
+        }
         StreamNode::Scan {
             table,
             projection,
@@ -576,7 +706,7 @@ fn build<'scope>(
                 ) {
                     Ok(Some(fused)) => {
                         return map_batches(
-                            build(scope, below, ctx),
+                            build(scope, below, ctx, reuse),
                             "FilterProject",
                             ctx.metrics.clone(),
                             move |b| fused.apply(b).map(Some),
@@ -588,7 +718,7 @@ fn build<'scope>(
             }
             let (exprs, schema) = (exprs.clone(), schema.clone());
             map_batches(
-                build(scope, input, ctx),
+                build(scope, input, ctx, reuse),
                 "Project",
                 ctx.metrics.clone(),
                 move |b| project(b, &exprs, &schema).map(Some),
@@ -597,7 +727,7 @@ fn build<'scope>(
         StreamNode::Filter { input, predicate } => {
             let predicate = predicate.clone();
             map_batches(
-                build(scope, input, ctx),
+                build(scope, input, ctx, reuse),
                 "Filter",
                 ctx.metrics.clone(),
                 move |b| filter(b, &predicate).map(Some),
@@ -611,7 +741,7 @@ fn build<'scope>(
         } => {
             let (time, kind, schema) = (time.clone(), *kind, schema.clone());
             map_batches(
-                build(scope, input, ctx),
+                build(scope, input, ctx, reuse),
                 "WindowAssign",
                 ctx.metrics.clone(),
                 move |b| assign_windows(b, &time, kind, &schema).map(Some),
@@ -623,7 +753,7 @@ fn build<'scope>(
                 .iter()
                 .enumerate()
                 .map(|(i, input)| {
-                    tag_watermarks(build(scope, input, ctx), i as u32, ctx.peers as u32)
+                    tag_watermarks(build(scope, input, ctx, reuse), i as u32, ctx.peers as u32)
                 })
                 .collect();
             let merged = scope.concatenate(streams);
@@ -639,7 +769,7 @@ fn build<'scope>(
             schema,
         } => {
             let input_schema = input.schema();
-            let stream = exchange_by_key(build(scope, input, ctx), group.clone());
+            let stream = exchange_by_key(build(scope, input, ctx, reuse), group.clone());
             let state = AggregateState::try_new(
                 group.clone(),
                 aggs.clone(),
@@ -679,8 +809,8 @@ fn build<'scope>(
                 ctx.state_ttl,
             )
             .map(|s| s.with_append_only([left.is_append_only(), right.is_append_only()]));
-            let l = exchange_by_key(build(scope, left, ctx), left_keys.clone());
-            let r = exchange_by_key(build(scope, right, ctx), right_keys.clone());
+            let l = exchange_by_key(build(scope, left, ctx, reuse), left_keys.clone());
+            let r = exchange_by_key(build(scope, right, ctx, reuse), right_keys.clone());
             let delay = bound.map_or(0, |b| b.output_delay);
             let proctime = bound.is_some_and(|b| b.processing_time);
             crate::join_operator::join(l, r, state, delay, proctime, ctx)
@@ -702,7 +832,7 @@ fn build<'scope>(
                 schema.clone(),
                 input.is_append_only(),
             );
-            let stream = exchange_by_key(build(scope, input, ctx), partition.clone());
+            let stream = exchange_by_key(build(scope, input, ctx, reuse), partition.clone());
             crate::keyed::keyed(stream, state, ctx)
         }
         StreamNode::TemporalJoin {
@@ -725,8 +855,8 @@ fn build<'scope>(
                 [left.schema(), right.schema()],
                 schema.clone(),
             );
-            let l = exchange_by_key(build(scope, left, ctx), left_keys.clone());
-            let r = exchange_by_key(build(scope, right, ctx), right_keys.clone());
+            let l = exchange_by_key(build(scope, left, ctx, reuse), left_keys.clone());
+            let r = exchange_by_key(build(scope, right, ctx, reuse), right_keys.clone());
             crate::join_operator::join(l, r, state, 0, false, ctx)
         }
         StreamNode::LookupJoin {
@@ -767,7 +897,7 @@ fn build<'scope>(
             let mut state = None;
             let mut loaded = Instant::now();
             map_batches(
-                build(scope, input, ctx),
+                build(scope, input, ctx, reuse),
                 "LookupJoin",
                 ctx.metrics.clone(),
                 move |b| {
@@ -787,7 +917,7 @@ fn build<'scope>(
             frame,
             schema,
         } => {
-            let stream = exchange_by_key(build(scope, input, ctx), partition.clone());
+            let stream = exchange_by_key(build(scope, input, ctx, reuse), partition.clone());
             match order {
                 sluice_sql::OverOrder::EventTime(time) => {
                     let state = crate::over::OverState::try_new(

@@ -390,6 +390,114 @@ impl StreamNode {
         }
     }
 
+    /// The nodes this node reads.
+    pub fn inputs(&self) -> Vec<&StreamNode> {
+        match self {
+            StreamNode::Scan { .. } | StreamNode::Values { .. } => vec![],
+            StreamNode::Project { input, .. }
+            | StreamNode::Filter { input, .. }
+            | StreamNode::WindowAssign { input, .. }
+            | StreamNode::Aggregate { input, .. }
+            | StreamNode::Rank { input, .. }
+            | StreamNode::Over { input, .. } => vec![input],
+            StreamNode::Union { inputs, .. } => inputs.iter().collect(),
+            StreamNode::Join { left, right, .. }
+            | StreamNode::TemporalJoin { left, right, .. }
+            | StreamNode::LookupJoin {
+                input: left,
+                dim: right,
+                ..
+            } => vec![left, right],
+        }
+    }
+
+    /// The expressions this node itself evaluates (not its inputs'); a scan's are its table's
+    /// computed columns and watermark.
+    pub fn expressions(&self) -> Vec<&PhysExpr> {
+        fn calls(aggs: &[AggCall]) -> impl Iterator<Item = &PhysExpr> {
+            aggs.iter()
+                .flat_map(|a| a.arg.iter().chain(a.filter.iter()))
+        }
+        match self {
+            StreamNode::Scan { table, .. } => table
+                .computed
+                .iter()
+                .chain(table.watermark.iter().map(|(_, e)| e))
+                .collect(),
+            StreamNode::Values { .. } | StreamNode::Union { .. } => vec![],
+            StreamNode::Project { exprs, .. } => exprs.iter().collect(),
+            StreamNode::Filter { predicate, .. } => vec![predicate],
+            StreamNode::WindowAssign { time, .. } => vec![time],
+            StreamNode::Aggregate {
+                group,
+                aggs,
+                window,
+                ..
+            } => {
+                let mut out: Vec<&PhysExpr> = group.iter().chain(calls(aggs)).collect();
+                if let AggWindow::Session { time, .. } = window {
+                    out.push(time);
+                }
+                out
+            }
+            StreamNode::Join {
+                left_keys,
+                right_keys,
+                filter,
+                ..
+            }
+            | StreamNode::TemporalJoin {
+                left_keys,
+                right_keys,
+                filter,
+                ..
+            }
+            | StreamNode::LookupJoin {
+                left_keys,
+                right_keys,
+                filter,
+                ..
+            } => left_keys
+                .iter()
+                .chain(right_keys)
+                .chain(filter.iter())
+                .collect(),
+            StreamNode::Rank {
+                partition, order, ..
+            } => partition
+                .iter()
+                .chain(order.iter().map(|k| &k.expr))
+                .collect(),
+            StreamNode::Over {
+                partition,
+                order,
+                aggs,
+                ..
+            } => {
+                let mut out: Vec<&PhysExpr> = partition.iter().chain(calls(aggs)).collect();
+                if let OverOrder::Updating(keys) = order {
+                    out.extend(keys.iter().map(|k| &k.expr));
+                }
+                out
+            }
+        }
+    }
+
+    /// True when the node or one below it calls a volatile function (`RAND()`, `UUID()`): two
+    /// copies of such a plan give different rows, so they must not be computed once and shared.
+    pub fn calls_volatile(&self) -> bool {
+        fn volatile(e: &PhysExpr) -> bool {
+            let here = e
+                .downcast_ref::<datafusion_physical_expr::ScalarFunctionExpr>()
+                .is_some_and(|f| {
+                    f.fun().signature().volatility == datafusion_expr::Volatility::Volatile
+                });
+            here || e.children().into_iter().any(volatile)
+        }
+        self.expressions().into_iter().any(volatile)
+            || self.inputs().into_iter().any(StreamNode::calls_volatile)
+    }
+
     /// The tables this node reads.
     pub fn scanned_tables(&self, out: &mut Vec<String>) {
         match self {

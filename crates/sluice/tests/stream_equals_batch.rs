@@ -216,6 +216,14 @@ fn check(stream_sql: &str, batch_sql: &str) {
             summary.late_rows_dropped, 0,
             "disorder is within the watermark bound"
         );
+        // However many times a query reads a table, its rows are read once (shared scans).
+        for (table, n) in &summary.rows_read {
+            let rows = match table.as_str() {
+                "users" => users().num_rows(),
+                _ => ROWS,
+            };
+            assert_eq!(*n, rows as u64, "rows read from {table} for: {stream_sql}");
+        }
         let got = sorted(
             collector
                 .rows
@@ -385,6 +393,52 @@ fn window_join_of_two_window_aggregations() {
            (SELECT user_id, date_bin(INTERVAL '1 minute', event_time, TIMESTAMP '1970-01-01') AS ws, COUNT(*) AS food \
             FROM orders WHERE category = 'food' GROUP BY 1, 2) f \
          ON b.user_id = f.user_id AND b.ws = f.ws",
+    );
+}
+
+#[test]
+fn self_join_of_a_hop_window_aggregation() {
+    // Nexmark q5's shape: the categories with the most orders per hopping window. Both sides
+    // are the same aggregation, computed once and read twice.
+    let counts = "SELECT window_start, window_end, category, COUNT(*) AS n \
+         FROM TABLE(HOP(TABLE orders, DESCRIPTOR(event_time), INTERVAL '1' MINUTE, INTERVAL '3' MINUTE)) \
+         GROUP BY window_start, window_end, category";
+    let batch_counts = "SELECT ws, category, COUNT(*) AS n FROM ( \
+           SELECT date_bin(INTERVAL '1 minute', event_time, TIMESTAMP '1970-01-01') AS ws, category FROM orders \
+           UNION ALL SELECT date_bin(INTERVAL '1 minute', event_time, TIMESTAMP '1970-01-01') - INTERVAL '1 minute', category FROM orders \
+           UNION ALL SELECT date_bin(INTERVAL '1 minute', event_time, TIMESTAMP '1970-01-01') - INTERVAL '2 minutes', category FROM orders) \
+         GROUP BY ws, category";
+    check(
+        &format!(
+            "SELECT a.window_start, a.category, a.n FROM ({counts}) a \
+             JOIN (SELECT window_start, window_end, MAX(n) AS maxn FROM ({counts}) \
+                   GROUP BY window_start, window_end) m \
+             ON a.window_start = m.window_start AND a.window_end = m.window_end AND a.n = m.maxn"
+        ),
+        &format!(
+            "SELECT a.ws, a.category, a.n FROM ({batch_counts}) a \
+             JOIN (SELECT ws, MAX(n) AS maxn FROM ({batch_counts}) GROUP BY ws) m \
+             ON a.ws = m.ws AND a.n = m.maxn"
+        ),
+    );
+}
+
+#[test]
+fn rows_joined_with_their_window_maximum() {
+    // Nexmark q7's shape: the largest orders per tumbling window. The two sides read different
+    // columns of the table through one reader.
+    check(
+        "SELECT b.window_start, b.order_id, b.user_id, b.amount \
+         FROM TABLE(TUMBLE(TABLE orders, DESCRIPTOR(event_time), INTERVAL '1' MINUTE)) b \
+         JOIN (SELECT window_start, window_end, MAX(amount) AS top \
+               FROM TABLE(TUMBLE(TABLE orders, DESCRIPTOR(event_time), INTERVAL '1' MINUTE)) \
+               GROUP BY window_start, window_end) m \
+         ON b.window_start = m.window_start AND b.window_end = m.window_end AND b.amount = m.top",
+        "SELECT b.ws, b.order_id, b.user_id, b.amount FROM \
+           (SELECT date_bin(INTERVAL '1 minute', event_time, TIMESTAMP '1970-01-01') AS ws, order_id, user_id, amount FROM orders) b \
+         JOIN (SELECT date_bin(INTERVAL '1 minute', event_time, TIMESTAMP '1970-01-01') AS ws, MAX(amount) AS top \
+               FROM orders GROUP BY 1) m \
+         ON b.ws = m.ws AND b.amount = m.top",
     );
 }
 
