@@ -109,6 +109,11 @@ pub struct FileSource {
     quotes: std::collections::HashMap<PathBuf, (u64, bool)>,
     /// `PARTITIONED BY`: partition columns come from the folder names.
     layout: Option<crate::partitions::Layout>,
+    /// The columns decoded, when not all: the others are NULL in the rows returned (the job
+    /// does not read them). Decoding text into values is most of a file source's work.
+    read: Option<Vec<usize>>,
+    /// The rows' schema when `read` is set.
+    full_schema: SchemaRef,
 }
 
 /// A split being read.
@@ -213,6 +218,21 @@ impl FileSource {
         let data_schema = layout
             .as_ref()
             .map_or(spec.schema.clone(), |l| l.data.clone());
+        // Columns left out must be nullable; with partition folders, everything is read.
+        let read = spec
+            .read_columns
+            .as_ref()
+            .filter(|_| layout.is_none())
+            .map(|cols| {
+                (0..data_schema.fields().len())
+                    .filter(|c| cols.contains(c) || !data_schema.field(*c).is_nullable())
+                    .collect::<Vec<usize>>()
+            })
+            .filter(|cols| cols.len() < data_schema.fields().len());
+        let decoded_schema = match &read {
+            None => data_schema.clone(),
+            Some(cols) => std::sync::Arc::new(data_schema.project(cols)?),
+        };
         let mut all_keys = std::collections::HashSet::new();
         let (splits, monitor): (Vec<Split>, _) = match interval {
             // Bounded: the files there now, in pieces, dealt out round-robin.
@@ -264,7 +284,9 @@ impl FileSource {
             cursor: 0,
             format,
             schema: data_schema.clone(),
-            json: JsonLines::new(data_schema, ignore)?,
+            json: JsonLines::new(decoded_schema, ignore)?,
+            read,
+            full_schema: data_schema,
             layout,
             csv_ignore_errors,
             skipped: 0,
@@ -328,6 +350,29 @@ fn list_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     }
     files.sort();
     Ok(files)
+}
+
+/// The rows of `batch` (columns `read` of `schema`) with NULL in the other columns.
+fn with_nulls(
+    batch: arrow::record_batch::RecordBatch,
+    read: &[usize],
+    schema: &SchemaRef,
+) -> Result<arrow::record_batch::RecordBatch> {
+    let mut decoded = batch.columns().iter();
+    let columns = schema
+        .fields()
+        .iter()
+        .enumerate()
+        .map(|(i, f)| match read.contains(&i) {
+            true => decoded.next().cloned().expect("a decoded column"),
+            false => arrow::array::new_null_array(f.data_type(), batch.num_rows()),
+        })
+        .collect();
+    Ok(arrow::record_batch::RecordBatch::try_new_with_options(
+        schema.clone(),
+        columns,
+        &arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
+    )?)
 }
 
 /// Counts `byte` in `path` from `from` to `to`.
@@ -433,11 +478,14 @@ impl FileSource {
         self.next_split += 1;
         let (lines, csv) = match self.format {
             Format::Csv => {
-                let r = arrow::csv::ReaderBuilder::new(self.schema.clone())
+                let mut builder = arrow::csv::ReaderBuilder::new(self.schema.clone())
                     .with_header(false)
                     .with_batch_size(max_rows)
-                    .with_bounds(position as usize, usize::MAX)
-                    .build_buffered(buffered)?;
+                    .with_bounds(position as usize, usize::MAX);
+                if let Some(cols) = &self.read {
+                    builder = builder.with_projection(cols.clone());
+                }
+                let r = builder.build_buffered(buffered)?;
                 (None, Some(r))
             }
             _ => (Some(buffered), None),
@@ -556,9 +604,10 @@ impl SourceReader for FileSource {
             match self.read_chunk(at, max_rows)? {
                 Chunk::Rows(batch) => {
                     self.cursor = at + 1;
-                    let batch = match &self.layout {
-                        None => batch,
-                        Some(l) => l.with_partition_columns(&self.open[at].path, batch)?,
+                    let batch = match (&self.layout, &self.read) {
+                        (Some(l), _) => l.with_partition_columns(&self.open[at].path, batch)?,
+                        (None, Some(read)) => with_nulls(batch, read, &self.full_schema)?,
+                        (None, None) => batch,
                     };
                     return Ok(Poll::Batch {
                         split: self.open[at].split,

@@ -34,6 +34,9 @@ pub struct ConnectorSpec {
     pub schema: SchemaRef,
     pub options: BTreeMap<String, String>,
     pub partitioned_by: Vec<String>,
+    /// The physical columns the job reads (positions in `schema`), when not all: a source may
+    /// skip decoding the others and leave them NULL (nullable ones only).
+    pub read_columns: Option<Vec<usize>>,
 }
 
 /// What a source produced on one poll.

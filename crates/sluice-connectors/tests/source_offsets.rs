@@ -17,6 +17,7 @@ fn spec(options: &[(&str, &str)], fields: Vec<Field>) -> ConnectorSpec {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect::<BTreeMap<_, _>>(),
         partitioned_by: vec![],
+        read_columns: None,
     }
 }
 
@@ -283,4 +284,69 @@ fn pieces_resume_on_another_worker_count_and_refuse_another_size() {
             .contains("'source.split-size' = '2 parsecs'"),
         "{err}"
     );
+}
+
+#[test]
+fn columns_the_job_does_not_read_are_not_decoded() {
+    let dir = tempfile::tempdir().unwrap();
+    // `score` of row 2 is not a number: only decoding it would fail.
+    std::fs::write(dir.path().join("t.csv"), "1,a,10,x\n2,b,oops,y\n3,c,30,z\n").unwrap();
+    std::fs::write(
+        dir.path().join("t.json"),
+        "{\"id\":1,\"name\":\"a\",\"score\":10,\"tag\":\"x\"}\n{\"id\":2,\"name\":\"b\",\"score\":\"oops\",\"tag\":\"y\"}\n",
+    )
+    .unwrap();
+    for (file, format, rows) in [("t.csv", "csv", 3), ("t.json", "json", 2)] {
+        let path = dir.path().join(file).display().to_string();
+        let mut s = spec(
+            &[
+                ("connector", "filesystem"),
+                ("path", &path),
+                ("format", format),
+            ],
+            vec![
+                Field::new("id", DataType::Int64, false),
+                Field::new("name", DataType::Utf8, true),
+                Field::new("score", DataType::Int64, true),
+                // Not nullable: decoded even when not asked for.
+                Field::new("tag", DataType::Utf8, false),
+            ],
+        );
+        s.read_columns = Some(vec![0, 1]);
+        let mut r = open_source(&s, 0, 1).unwrap();
+        let mut batches = vec![];
+        loop {
+            match r.poll(100).unwrap() {
+                Poll::Batch { batch, .. } => batches.push(batch),
+                Poll::SplitDone { .. } | Poll::Idle => {}
+                Poll::Finished => break,
+            }
+        }
+        let b = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
+        assert_eq!(b.num_rows(), rows, "{format}");
+        assert_eq!(
+            b.schema().fields().len(),
+            4,
+            "{format}: the table's columns"
+        );
+        assert_eq!(ids(&b), (1..=rows as i64).collect::<Vec<_>>(), "{format}");
+        assert_eq!(b.column(1).as_string::<i32>().value(1), "b", "{format}");
+        assert_eq!(
+            b.column(2).null_count(),
+            rows,
+            "{format}: score is not read"
+        );
+        assert_eq!(b.column(3).as_string::<i32>().value(1), "y", "{format}");
+        // Asked for, the bad value is an error naming the file.
+        s.read_columns = None;
+        let mut r = open_source(&s, 0, 1).unwrap();
+        let err = loop {
+            match r.poll(100) {
+                Err(e) => break e,
+                Ok(Poll::Finished) => panic!("{format}: the bad score was not reported"),
+                Ok(_) => {}
+            }
+        };
+        assert!(err.to_string().contains(file), "{format}: {err}");
+    }
 }

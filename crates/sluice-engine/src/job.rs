@@ -101,7 +101,34 @@ fn spec(table: &TableDef) -> ConnectorSpec {
         schema: table.physical_schema.clone(),
         options: table.options.clone(),
         partitioned_by: table.partitioned_by.clone(),
+        read_columns: None,
     }
+}
+
+/// The physical columns a scan needs: those it keeps, and those the table's computed columns
+/// and watermark are computed from. `None` when that is all of them.
+fn read_columns(
+    table: &TableDef,
+    projection: &Option<Vec<usize>>,
+    carry_source_row: bool,
+) -> Option<Vec<usize>> {
+    let physical = table.physical_schema.fields().len();
+    let keep = projection.as_ref().filter(|_| !carry_source_row)?;
+    let mut read: std::collections::BTreeSet<usize> =
+        keep.iter().copied().filter(|c| *c < physical).collect();
+    for e in table
+        .computed
+        .iter()
+        .chain(table.watermark.iter().map(|(_, e)| e))
+    {
+        read.extend(
+            datafusion_physical_expr::utils::collect_columns(e)
+                .iter()
+                .map(|c| c.index())
+                .filter(|c| *c < physical),
+        );
+    }
+    (read.len() < physical).then(|| read.into_iter().collect())
 }
 
 /// Checks a plan against the connectors before anything runs: options, and that every sink
@@ -669,7 +696,14 @@ fn build_node<'scope>(
         } => source_stream(
             scope,
             &table.name,
-            open_source(&spec(table), ctx.index, ctx.peers),
+            open_source(
+                &ConnectorSpec {
+                    read_columns: read_columns(table, projection, *carry_source_row),
+                    ..spec(table)
+                },
+                ctx.index,
+                ctx.peers,
+            ),
             table_prepare(
                 table.clone(),
                 projection.clone(),

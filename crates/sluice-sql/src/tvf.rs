@@ -82,6 +82,24 @@ impl UserDefinedLogicalNodeCore for WindowTvfNode {
     fn fmt_for_explain(&self, f: &mut fmt::Formatter) -> fmt::Result {
         write!(f, "WindowTVF: {:?} on {}", self.kind, self.time_column)
     }
+    /// The input columns the output needs: the ones passed through that are read above, the
+    /// time column and SESSION's partition columns. Without this, DataFusion keeps every column
+    /// of the table under a window TVF, and a HOP window copies them all into each window.
+    fn necessary_children_exprs(&self, output_columns: &[usize]) -> Option<Vec<Vec<usize>>> {
+        let schema = self.input.schema();
+        let mut need: Vec<usize> = output_columns
+            .iter()
+            .copied()
+            .filter(|i| *i < schema.fields().len())
+            .collect();
+        need.push(schema.index_of_column(&self.time_column).ok()?);
+        for name in &self.partition {
+            need.push(schema.index_of_column_by_name(None, name)?);
+        }
+        need.sort_unstable();
+        need.dedup();
+        Some(vec![need])
+    }
     fn with_exprs_and_inputs(
         &self,
         exprs: Vec<Expr>,

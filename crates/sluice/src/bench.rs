@@ -171,6 +171,7 @@ fn run_scenario(s: &Scenario, events: u64, workers: usize) -> Result<Run, String
             schema: table.physical_schema.clone(),
             options: table.options.clone(),
             partitioned_by: vec![],
+            read_columns: None,
         };
         let started = Instant::now();
         let mut total = 0u64;

@@ -56,6 +56,7 @@ fn generated(script: &str, table: &str) -> (SchemaRef, Vec<RecordBatch>) {
         schema: def.physical_schema.clone(),
         options: def.options.clone(),
         partitioned_by: vec![],
+        read_columns: None,
     };
     let mut reader = sluice_connectors::open_source(&spec, 0, 1).unwrap();
     let mut out = vec![];
