@@ -1,6 +1,6 @@
 //! Retractable aggregate state over all groups of an operator.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, Decimal128Array, Float64Array, Int64Array};
@@ -80,8 +80,63 @@ impl FrozenAccumulator {
     }
 }
 
-/// How often each (row-encoded) value occurs in a group.
-type Multiplicities = HashMap<Box<[u8]>, i64>;
+/// How often each (row-encoded) value occurs in a group (hashbrown with foldhash: a value is
+/// looked up by reference).
+type Multiplicities = hashbrown::HashMap<ValueKey, i64>;
+
+/// A row-encoded value: in place when short (a number, a short string), else on the heap. A
+/// COUNT(DISTINCT) over a million values would otherwise allocate (and at the end free) a
+/// million small boxes.
+#[derive(Clone)]
+enum ValueKey {
+    Inline(u8, [u8; INLINE_KEY]),
+    Heap(Box<[u8]>),
+}
+
+const INLINE_KEY: usize = 22;
+
+impl std::ops::Deref for ValueKey {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ValueKey::Inline(len, bytes) => &bytes[..*len as usize],
+            ValueKey::Heap(b) => b,
+        }
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for ValueKey {
+    fn borrow(&self) -> &[u8] {
+        self
+    }
+}
+
+impl From<&[u8]> for ValueKey {
+    fn from(v: &[u8]) -> Self {
+        if v.len() <= INLINE_KEY {
+            let mut bytes = [0u8; INLINE_KEY];
+            bytes[..v.len()].copy_from_slice(v);
+            ValueKey::Inline(v.len() as u8, bytes)
+        } else {
+            ValueKey::Heap(v.into())
+        }
+    }
+}
+
+// Hashed and compared as the bytes, so that lookups by `&[u8]` find it.
+impl std::hash::Hash for ValueKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (**self).hash(state)
+    }
+}
+
+impl PartialEq for ValueKey {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for ValueKey {}
 
 /// One aggregate's state over all groups, indexed by group id.
 pub struct Accumulator {
@@ -179,7 +234,7 @@ impl Accumulator {
             State::Extreme { values, .. } => values.resize_with(n, BTreeMap::new),
         }
         if let Some((_, d)) = &mut self.distinct {
-            d.resize_with(n, HashMap::new);
+            d.resize_with(n, Multiplicities::default);
         }
     }
 
@@ -202,7 +257,7 @@ impl Accumulator {
                         continue;
                     }
                     let m = seen[gids[i] as usize]
-                        .entry(rows.row(i).as_ref().into())
+                        .entry_ref(rows.row(i).as_ref())
                         .or_insert(0);
                     let before = *m;
                     *m += signs[i];
@@ -568,7 +623,11 @@ impl Accumulator {
             State::Extreme { values, .. } => values[g] = r.multiset()?.into_iter().collect(),
         }
         if let Some((_, seen)) = &mut self.distinct {
-            seen[g] = r.multiset()?.into_iter().collect();
+            seen[g] = r
+                .multiset()?
+                .into_iter()
+                .map(|(k, m)| (ValueKey::from(&k[..]), m))
+                .collect();
         }
         if !r.is_done() {
             return Err(CorruptSnapshot("group state longer than its accumulator's"));
@@ -709,6 +768,41 @@ mod tests {
                 .value(0),
             1
         );
+    }
+
+    #[test]
+    fn count_distinct_strings_short_and_long() {
+        // Values whose row encoding fits in 22 bytes are kept in place, longer ones on the
+        // heap (the lengths here fall on both sides): both count once, retract, and survive a
+        // snapshot.
+        let values: Vec<String> = [3, 20, 21, 22, 23, 40, 3, 40]
+            .iter()
+            .map(|n| "v".repeat(*n))
+            .collect();
+        let values: ArrayRef = Arc::new(arrow::array::StringArray::from(values));
+        let mut acc =
+            Accumulator::try_new(AccKind::Count, DataType::Utf8, DataType::Int64, true).unwrap();
+        acc.resize(1);
+        let count = |acc: &Accumulator| {
+            acc.evaluate(&[0])
+                .unwrap()
+                .as_primitive::<Int64Type>()
+                .value(0)
+        };
+        acc.update(&[0; 8], &[1; 8], Some(&values)).unwrap();
+        assert_eq!(count(&acc), 6);
+        let mut bytes = vec![];
+        acc.snapshot_group(0, &mut bytes);
+        let mut copy =
+            Accumulator::try_new(AccKind::Count, DataType::Utf8, DataType::Int64, true).unwrap();
+        copy.resize(1);
+        copy.restore_group(0, &bytes).unwrap();
+        for a in [&mut acc, &mut copy] {
+            // Each of the 40-byte value's two copies, and one of the 3-byte value's.
+            a.update(&[0, 0, 0], &[-1, -1, -1], Some(&values.slice(5, 3)))
+                .unwrap();
+            assert_eq!(count(a), 5);
+        }
     }
 
     #[test]
