@@ -52,6 +52,9 @@ pub struct AggregateState {
     pub(crate) global: bool,
     /// What changed since the last snapshot (incremental checkpoints).
     pub(crate) changes: crate::aggregate_snapshot::Changes,
+    /// The group keys rows are partitioned by (positions), when not all of them: a windowed
+    /// aggregation partitioned before its windows are assigned. Key groups hash these.
+    pub(crate) partition_keys: Option<Vec<usize>>,
 }
 
 /// Session windows: per key, its open sessions; each session owns an accumulator slot.
@@ -171,11 +174,18 @@ impl AggregateState {
             gids: vec![],
             result_rows,
             global,
+            partition_keys: None,
             changes: Default::default(),
         })
     }
 
     /// Declares that the input never retracts (MIN/MAX then keep only their extreme).
+    /// Rows arrive partitioned by these group keys only (positions among the group keys), so
+    /// each group's key group is computed from them.
+    pub fn partition_by(&mut self, keys: Vec<usize>) {
+        self.partition_keys = Some(keys);
+    }
+
     pub fn assume_append_only_input(&mut self) {
         for a in &mut self.accs {
             a.set_append_only();

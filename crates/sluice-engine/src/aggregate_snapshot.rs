@@ -107,7 +107,10 @@ fn key_groups(state: &mut AggregateState, gids: &[u32]) -> Result<Vec<u16>> {
         .filter(|g| state.table.tag(*g) == NO_TAG)
         .collect();
     if !new.is_empty() {
-        let keys = state.table.keys(&new)?;
+        let mut keys = state.table.keys(&new)?;
+        if let Some(p) = &state.partition_keys {
+            keys = p.iter().map(|&i| keys[i].clone()).collect();
+        }
         let mut hashes = vec![0u64; new.len()];
         datafusion_common::hash_utils::create_hashes(&keys, &key_hash_state(), &mut hashes)
             .map_err(|e| Error::Runtime(e.to_string()))?;

@@ -803,7 +803,13 @@ fn build_node<'scope>(
             schema,
         } => {
             let input_schema = input.schema();
-            let stream = exchange_by_key(build(scope, input, ctx, reuse), group.clone());
+            let below_window = keys_below_window(input, group, window);
+            let stream = match &below_window {
+                Some((chain, keys, _)) => {
+                    build_window_chain(scope, chain, keys.clone(), ctx, reuse)
+                }
+                None => exchange_by_key(build(scope, input, ctx, reuse), group.clone()),
+            };
             let state = AggregateState::try_new(
                 group.clone(),
                 aggs.clone(),
@@ -816,6 +822,9 @@ fn build_node<'scope>(
             .map(|mut s| {
                 if input.is_append_only() {
                     s.assume_append_only_input();
+                }
+                if let Some((_, _, positions)) = below_window {
+                    s.partition_by(positions);
                 }
                 s
             });
@@ -978,6 +987,117 @@ fn build_node<'scope>(
             }
         }
     }
+}
+
+/// For a window aggregation over assigned windows (a window TVF), when its group keys other
+/// than the window bounds are columns that pass unchanged through the projections and filters
+/// down to the window assignment: the nodes from the aggregation's input down to the window
+/// assignment, those keys as columns of the assignment's input, and their positions among the
+/// group keys. Rows can then be partitioned before the windows are assigned, as Flink does: a
+/// HOP window copies each row into size/slide windows, and those copies need not cross workers.
+#[allow(clippy::type_complexity)]
+fn keys_below_window<'a>(
+    input: &'a StreamNode,
+    group: &[sluice_sql::PhysExpr],
+    window: &sluice_sql::AggWindow,
+) -> Option<(Vec<&'a StreamNode>, Vec<sluice_sql::PhysExpr>, Vec<usize>)> {
+    use datafusion_physical_expr::expressions::Column;
+    let sluice_sql::AggWindow::Assigned {
+        start_key, end_key, ..
+    } = window
+    else {
+        return None;
+    };
+    let positions: Vec<usize> = (0..group.len())
+        .filter(|i| i != start_key && i != end_key)
+        .collect();
+    let column = |e: &sluice_sql::PhysExpr| e.downcast_ref::<Column>().map(|c| c.index());
+    let mut columns: Vec<usize> = positions
+        .iter()
+        .map(|&i| column(&group[i]))
+        .collect::<Option<_>>()?;
+    if columns.is_empty() {
+        return None;
+    }
+    let mut chain = vec![];
+    let mut node = input;
+    loop {
+        chain.push(node);
+        match node {
+            StreamNode::Project { input, exprs, .. } => {
+                columns = columns
+                    .iter()
+                    .map(|&c| exprs.get(c).and_then(column))
+                    .collect::<Option<_>>()?;
+                node = input;
+            }
+            StreamNode::Filter { input, .. } => node = input,
+            StreamNode::WindowAssign { input: below, .. } => {
+                // The assignment appends the window columns after its input's.
+                let schema = below.schema();
+                if columns.iter().any(|c| *c >= schema.fields().len()) {
+                    return None;
+                }
+                let keys = columns
+                    .iter()
+                    .map(|&c| {
+                        Arc::new(Column::new(schema.field(c).name(), c)) as sluice_sql::PhysExpr
+                    })
+                    .collect();
+                return Some((chain, keys, positions));
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// Builds the chain [`keys_below_window`] found (projections and filters over a window
+/// assignment, top first), with the rows partitioned by `keys` before the assignment. Not
+/// shared with other plans: elsewhere the same nodes are built without the exchange.
+fn build_window_chain<'scope>(
+    scope: DataflowScope<'scope>,
+    chain: &[&StreamNode],
+    keys: Vec<sluice_sql::PhysExpr>,
+    ctx: &BuildContext,
+    reuse: &Reuse<'scope>,
+) -> EventStream<'scope> {
+    let Some((
+        StreamNode::WindowAssign {
+            input,
+            time,
+            kind,
+            schema,
+        },
+        above,
+    )) = chain.split_last()
+    else {
+        unreachable!("a window chain ends at the window assignment")
+    };
+    let (time, kind, schema) = (time.clone(), *kind, schema.clone());
+    let mut stream = map_batches(
+        exchange_by_key(build(scope, input, ctx, reuse), keys),
+        "WindowAssign",
+        ctx.metrics.clone(),
+        move |b| assign_windows(b, &time, kind, &schema).map(Some),
+    );
+    for node in above.iter().rev() {
+        stream = match node {
+            StreamNode::Project { exprs, schema, .. } => {
+                let (exprs, schema) = (exprs.clone(), schema.clone());
+                map_batches(stream, "Project", ctx.metrics.clone(), move |b| {
+                    project(b, &exprs, &schema).map(Some)
+                })
+            }
+            StreamNode::Filter { predicate, .. } => {
+                let predicate = predicate.clone();
+                map_batches(stream, "Filter", ctx.metrics.clone(), move |b| {
+                    filter(b, &predicate).map(Some)
+                })
+            }
+            _ => unreachable!("a window chain holds projections and filters"),
+        };
+    }
+    stream
 }
 
 /// Reads a lookup join's table whole, as it is now.

@@ -595,6 +595,27 @@ impl Catalog {
                 }
             }
         }
+        // A cascaded window aggregation: GROUP BY the window bounds of a window aggregation's
+        // results (Nexmark q5's maximum per window of per-auction counts) is windowed too, as
+        // in Flink: one final row per window when the watermark passes its end, instead of an
+        // updating result that changes with every batch of counts.
+        if matches!(window, AggWindow::None) && input.is_append_only() {
+            if let Some((s, e)) = crate::join_plan::window_columns(&input) {
+                let pos = |c: usize| {
+                    group.iter().position(|g| {
+                        g.downcast_ref::<datafusion_physical_expr::expressions::Column>()
+                            .is_some_and(|x| x.index() == c)
+                    })
+                };
+                if let (Some(start_key), Some(end_key)) = (pos(s), pos(e)) {
+                    window = AggWindow::Assigned {
+                        start_key,
+                        end_key,
+                        as_struct: false,
+                    };
+                }
+            }
+        }
         let mut aggs = vec![];
         for (i, e) in a.aggr_expr.iter().enumerate() {
             let output_type = a.schema.field(a.group_expr.len() + i).data_type().clone();
@@ -1235,6 +1256,49 @@ impl TableSource for ViewSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Grouping a window aggregation's results by their window is a window aggregation too:
+    /// append-only, one row per window (also when a projection renames the bounds).
+    #[test]
+    fn a_cascaded_window_aggregation_is_windowed() {
+        let ddl = "CREATE TABLE bids (auction BIGINT, price BIGINT, ts TIMESTAMP(3), \
+                   WATERMARK FOR ts AS ts - INTERVAL '1' SECOND) \
+                   WITH ('connector' = 'filesystem', 'path' = '/tmp/none', 'format' = 'csv'); \
+                   CREATE TABLE out (s TIMESTAMP(3), e TIMESTAMP(3), m BIGINT) \
+                   WITH ('connector' = 'blackhole');";
+        let counts = "SELECT window_start AS ws, window_end AS we, auction, COUNT(*) AS num \
+                      FROM TABLE(HOP(TABLE bids, DESCRIPTOR(ts), INTERVAL '2' SECOND, INTERVAL '10' SECOND)) \
+                      GROUP BY window_start, window_end, auction";
+        for (outer, windowed) in [
+            (
+                format!("SELECT ws, we, MAX(num) FROM ({counts}) GROUP BY ws, we"),
+                true,
+            ),
+            // Not grouped by both bounds: an updating aggregation, as before.
+            (
+                format!("SELECT ws, ws AS e, MAX(num) FROM ({counts}) GROUP BY ws"),
+                false,
+            ),
+        ] {
+            let plan = plan_script(&format!("{ddl} INSERT INTO out {outer};")).unwrap();
+            fn outer_aggregate(n: &StreamNode) -> &StreamNode {
+                match n {
+                    StreamNode::Aggregate { .. } => n,
+                    other => outer_aggregate(other.inputs()[0]),
+                }
+            }
+            let agg = outer_aggregate(&plan.pipelines[0].query);
+            let StreamNode::Aggregate { window, .. } = agg else {
+                unreachable!()
+            };
+            assert_eq!(
+                matches!(window, AggWindow::Assigned { .. }),
+                windowed,
+                "{outer}: {window:?}"
+            );
+            assert_eq!(agg.is_append_only(), windowed, "{outer}");
+        }
+    }
 
     /// The watermark `ts - INTERVAL ...` computed as a duration gives the same timestamps as the
     /// interval form (nulls included); other forms are left alone.
