@@ -92,7 +92,8 @@ impl Side {
         now: u32,
     ) {
         self.held += 1;
-        let bucket = self.map.entry(key.into()).or_insert_with(|| {
+        // Looked up by reference: the key is copied only for a new bucket.
+        let bucket = self.map.entry_ref(key).or_insert_with(|| {
             self.bytes += key.len() + 48;
             Bucket {
                 key_group,

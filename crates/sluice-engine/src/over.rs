@@ -192,7 +192,7 @@ impl OverState {
         rows: RecordBatch,
     ) -> Result<RecordBatch> {
         let next_gid = &mut self.next_gid;
-        let part = self.parts.entry(key.into()).or_insert_with(|| {
+        let part = self.parts.entry_ref(key).or_insert_with(|| {
             *next_gid += 1;
             Part {
                 gid: *next_gid - 1,
@@ -622,7 +622,7 @@ impl UpdatingOverState {
             );
             let empty = UpdatingPart::default();
             let old = self.region(self.parts.get(key).unwrap_or(&empty), &from)?;
-            let part = self.parts.entry(key.into()).or_default();
+            let part = self.parts.entry_ref(key).or_default();
             part.key_group = key_group;
             for (entry, sign) in changes {
                 if sign > 0 {
@@ -728,7 +728,7 @@ impl crate::keyed::KeyedState for UpdatingOverState {
                 .get(..8)
                 .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as u32)
                 .ok_or_else(|| Error::Runtime("checkpoint: a truncated OVER snapshot".into()))?;
-            let part = self.parts.entry(key.value(i).into()).or_default();
+            let part = self.parts.entry_ref(key.value(i)).or_default();
             part.key_group = group.value(i);
             part.rows
                 .insert((sort.value(i).into(), row[8..].into()), count);

@@ -365,7 +365,7 @@ impl crate::join_operator::TwoInputState for TemporalState {
                 continue;
             }
             self.versions
-                .entry(key.value(i).into())
+                .entry_ref(key.value(i))
                 .or_insert_with(|| Versions {
                     key_group: group.value(i),
                     rows: BTreeMap::new(),
