@@ -114,6 +114,10 @@ pub struct FileSource {
     read: Option<Vec<usize>>,
     /// The rows' schema when `read` is set.
     full_schema: SchemaRef,
+    /// The watermark split of each file being read: one for all of this worker's pieces of
+    /// the file, so that between two pieces the file still holds the watermark back (the next
+    /// piece's rows are later in the file, and may be earlier than the other files' rows).
+    file_splits: std::collections::HashMap<PathBuf, usize>,
 }
 
 /// A split being read.
@@ -295,6 +299,7 @@ impl FileSource {
             resume: Default::default(),
             all_keys,
             quotes: Default::default(),
+            file_splits: Default::default(),
         })
     }
 }
@@ -474,8 +479,14 @@ impl FileSource {
             1 << 20,
             f.take(end.saturating_sub(seek_to)),
         ));
-        let split = self.next_split;
-        self.next_split += 1;
+        let split = match self.file_splits.get(&path) {
+            Some(id) => *id,
+            None => {
+                self.next_split += 1;
+                self.file_splits.insert(path.clone(), self.next_split - 1);
+                self.next_split - 1
+            }
+        };
         let (lines, csv) = match self.format {
             Format::Csv => {
                 let mut builder = arrow::csv::ReaderBuilder::new(self.schema.clone())
@@ -619,6 +630,11 @@ impl SourceReader for FileSource {
                     let done = self.open.remove(at);
                     self.done.insert(done.key);
                     self.refill = true;
+                    // The file's split ends with this worker's last piece of it.
+                    if self.pending.iter().any(|s| s.path == done.path) {
+                        continue;
+                    }
+                    self.file_splits.remove(&done.path);
                     return Ok(Poll::SplitDone { split: done.split });
                 }
             }

@@ -350,3 +350,51 @@ fn columns_the_job_does_not_read_are_not_decoded() {
         assert!(err.to_string().contains(file), "{format}: {err}");
     }
 }
+
+#[test]
+fn the_pieces_of_a_file_are_one_watermark_split() {
+    // A worker's pieces of one file are read one after another as one split: the split does
+    // not end (releasing the watermark to the other files') between two of them.
+    let dir = tempfile::tempdir().unwrap();
+    for f in 0..3 {
+        let rows: String = (0..2000)
+            .map(|i| format!("{},x{i}\n", f * 10_000 + i))
+            .collect();
+        std::fs::write(dir.path().join(format!("f{f}.csv")), rows).unwrap();
+    }
+    let path = dir.path().display().to_string();
+    let s = spec(
+        &[
+            ("connector", "filesystem"),
+            ("path", &path),
+            ("format", "csv"),
+            ("source.split-size", "1kb"),
+        ],
+        vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("name", DataType::Utf8, true),
+        ],
+    );
+    for (worker, workers) in [(0, 1), (1, 2)] {
+        let mut r = open_source(&s, worker, workers).unwrap();
+        // The file each split's rows came from, and the splits that ended.
+        let mut files: BTreeMap<usize, std::collections::BTreeSet<i64>> = BTreeMap::new();
+        let mut ended = vec![];
+        loop {
+            match r.poll(64).unwrap() {
+                Poll::Batch { split, batch } => {
+                    assert!(!ended.contains(&split), "rows after split {split} ended");
+                    let e = files.entry(split).or_default();
+                    e.extend(ids(&batch).iter().map(|id| id / 10_000));
+                }
+                Poll::SplitDone { split } => ended.push(split),
+                Poll::Idle => {}
+                Poll::Finished => break,
+            }
+        }
+        assert_eq!(files.len(), 3, "one split per file: {files:?}");
+        assert!(files.values().all(|f| f.len() == 1), "{files:?}");
+        ended.sort();
+        assert_eq!(ended, files.keys().copied().collect::<Vec<_>>());
+    }
+}

@@ -419,13 +419,17 @@ impl KeyedJob {
         settings: &str,
         storage: BTreeMap<String, String>,
     ) -> KeyedJob {
-        KeyedJob::build(dir, &[60_000; 4], checkpoints, settings, storage)
+        // Files of about 3.6 MB in pieces of 1 MB: the workers share every file, and a kill
+        // leaves pieces half read.
+        KeyedJob::build(dir, &[60_000; 4], "1mb", checkpoints, settings, storage)
     }
 
-    /// The job over four files of the given sizes (rows); workers read them round-robin.
+    /// The job over four files of the given sizes (rows), read in pieces of `split` bytes;
+    /// workers read the pieces round-robin.
     fn build(
         dir: &Path,
         files: &[i64; 4],
+        split: &str,
         checkpoints: &str,
         settings: &str,
         storage: BTreeMap<String, String>,
@@ -458,7 +462,8 @@ impl KeyedJob {
              SET 'execution.checkpointing.num-retained' = '3';
              SET 'table.exec.mini-batch.size' = '16';
              CREATE TABLE t (k BIGINT, v BIGINT, ts TIMESTAMP(3), WATERMARK FOR ts AS ts - INTERVAL '1' SECOND)
-               WITH ('connector' = 'filesystem', 'path' = '{input}', 'format' = 'json');
+               WITH ('connector' = 'filesystem', 'path' = '{input}', 'format' = 'json',
+                 'source.split-size' = '{split}');
              CREATE TABLE per_second (ws TIMESTAMP(3), n BIGINT)
                WITH ('connector' = 'filesystem', 'path' = '{out}/per_second', 'format' = 'json');
              CREATE TABLE per_key (k BIGINT, n BIGINT, total BIGINT)
@@ -1095,10 +1100,11 @@ fn a_job_checkpointing_to_s3_killed_and_rerun_is_exact() {
 fn checkpoints_after_a_source_worker_finished_restore_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let local = dir.path().join("checkpoints").display().to_string();
-    // Worker 1 reads the two small files and finishes long before worker 0.
+    // Worker 1 reads the two small files and finishes long before worker 0 (whole files).
     let job = KeyedJob::build(
         dir.path(),
         &[120_000, 500, 120_000, 500],
+        "64mb",
         &local,
         "",
         BTreeMap::new(),
