@@ -567,43 +567,41 @@ pub(crate) struct Reuse<'scope> {
 
 impl Reuse<'_> {
     pub fn new(plan: &JobPlan) -> Self {
-        fn collect<'a>(n: &'a StreamNode, out: &mut BTreeMap<String, Vec<&'a StreamNode>>) {
+        type Projections<'a> = BTreeMap<String, Vec<&'a Option<Vec<usize>>>>;
+        fn collect<'a>(n: &'a StreamNode, out: &mut Projections<'a>) {
             if let StreamNode::Scan {
                 table,
+                projection,
                 carry_source_row: false,
                 ..
             } = n
             {
-                out.entry(table.name.clone()).or_default().push(n);
+                out.entry(table.name.clone()).or_default().push(projection);
             }
             n.inputs().into_iter().for_each(|i| collect(i, out));
         }
-        let mut by_table = BTreeMap::new();
+        let mut by_table = Projections::new();
         for p in &plan.pipelines {
             collect(&p.query, &mut by_table);
         }
         let mut scans = std::collections::HashMap::new();
-        for (name, nodes) in by_table {
-            let mut union: Option<Vec<usize>> = Some(vec![]);
-            let mut distinct = std::collections::HashSet::new();
-            for n in &nodes {
-                let StreamNode::Scan { projection, .. } = n else {
-                    continue;
-                };
-                distinct.insert(projection.clone());
-                union = match (union, projection) {
-                    (Some(mut u), Some(p)) => {
-                        u.extend(p);
-                        u.sort_unstable();
-                        u.dedup();
-                        Some(u)
-                    }
-                    _ => None,
-                };
+        for (name, projections) in by_table {
+            if projections.iter().all(|p| *p == projections[0]) {
+                continue;
             }
-            if distinct.len() > 1 {
-                scans.insert(name, union);
-            }
+            // The union of their columns (`None`: one of them reads all).
+            let union = projections.iter().try_fold(vec![], |mut u, p| {
+                u.extend(p.as_ref()?);
+                Some(u)
+            });
+            scans.insert(
+                name,
+                union.map(|mut u| {
+                    u.sort_unstable();
+                    u.dedup();
+                    u
+                }),
+            );
         }
         Reuse {
             built: Default::default(),
