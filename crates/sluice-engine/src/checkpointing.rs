@@ -118,6 +118,11 @@ impl CheckpointConfig {
     }
 }
 
+/// The checkpoint epoch that records that a bounded job ran to its end: its sinks' last output
+/// is sealed for it. A run that finds it only publishes that output (a kill between the end of
+/// the input and the publishing must not run the job again from an older checkpoint).
+pub const FINISHED: Epoch = u64::MAX - 1;
+
 /// A structural fingerprint of a plan: operators, schemas and aggregate calls. A checkpoint
 /// restores only into a plan with the same fingerprint.
 pub fn fingerprint(plan: &JobPlan) -> String {
@@ -369,6 +374,9 @@ pub enum Contribution {
 /// contribute files (registered as the dataflow is built, in the same order on every worker).
 pub struct CheckpointContext {
     pub store: Arc<CheckpointStore>,
+    /// At the end of a bounded job, sinks seal their last output for [`FINISHED`] instead of
+    /// publishing it; the job publishes once it has recorded that it finished (one process).
+    pub seal_at_end: bool,
     pub writer: CheckpointWriter,
     pub every: u64,
     /// The first epoch of this run: after the restored checkpoint, so new ones sort after it.
@@ -729,14 +737,18 @@ impl SinkTransactions {
         Ok(!self.sealed.is_empty())
     }
 
-    /// At the end: a job that read all its input publishes everything; a stopped or failed one
-    /// leaves sealed output to the next run's recovery.
+    /// At the end: a job that read all its input publishes everything, or with `seal` seals it
+    /// for [`FINISHED`] (published once the job recorded that it finished); a stopped or failed
+    /// one leaves sealed output to the next run's recovery.
     pub fn close(
         w: &mut dyn sluice_connectors::SinkWriter,
         metrics: &crate::metrics::JobMetrics,
+        seal: bool,
     ) -> Result<()> {
         if metrics.is_cancelled() || metrics.failed() {
             w.abort()
+        } else if seal {
+            w.pre_commit(FINISHED)
         } else {
             w.finish()
         }

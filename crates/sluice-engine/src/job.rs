@@ -261,6 +261,14 @@ fn prepare_checkpoints(plan: &JobPlan, fresh: bool) -> Result<Option<RunCheckpoi
     let fingerprint = crate::checkpointing::fingerprint(plan);
     let latest =
         store.latest(|epoch, why| eprintln!("checkpoint {epoch} is damaged and skipped: {why}"))?;
+    // A finished job's record is nothing to go on from: with --fresh, start over.
+    let latest = match latest {
+        Some(m) if fresh && m.epoch == crate::checkpointing::FINISHED => {
+            store.clear()?;
+            None
+        }
+        other => other,
+    };
     let restore = match (&config.recovery_path, fresh) {
         (_, true) => None,
         (None, false) => latest.clone(),
@@ -309,12 +317,52 @@ fn prepare_checkpoints(plan: &JobPlan, fresh: bool) -> Result<Option<RunCheckpoi
     }))
 }
 
+/// For the recovery tests: `SLUICE_CRASH_AT=<point>` ends the process at that point of the end
+/// of a job, as a kill there would.
+fn crash_point(point: &str) {
+    if std::env::var("SLUICE_CRASH_AT").is_ok_and(|p| p == point) {
+        eprintln!("stopping at {point} (SLUICE_CRASH_AT)");
+        std::process::exit(137);
+    }
+}
+
+/// Records that the job ran to its end ([`crate::checkpointing::FINISHED`]), then publishes
+/// what its sinks sealed for that: every worker's files, as a restore would.
+fn publish_final(plan: &JobPlan, c: &RunCheckpoints, workers: usize) -> Result<()> {
+    let finished = crate::checkpointing::FINISHED;
+    c.store.commit(&sluice_state::checkpoint::Manifest {
+        version: sluice_state::checkpoint::FORMAT_VERSION,
+        epoch: finished,
+        plan_fingerprint: c.fingerprint.clone(),
+        workers,
+        files: Default::default(),
+        inherited: Default::default(),
+    })?;
+    crash_point("final-marker");
+    let mut tables: BTreeMap<String, Arc<TableDef>> = BTreeMap::new();
+    for p in &plan.pipelines {
+        if let SinkTarget::Table(t) = &p.sink {
+            tables.insert(t.name.clone(), t.clone());
+        }
+        let mut late = vec![];
+        collect_late_sinks(&p.query, &mut late);
+        tables.extend(late.into_iter().map(|t| (t.name.clone(), t)));
+    }
+    for t in tables.values() {
+        for w in 0..workers {
+            open_sink(&spec(t), w, workers)?.begin_transactions(Some(finished), w, workers)?;
+        }
+    }
+    Ok(())
+}
+
 /// Runs a job until its bounded inputs are exhausted (or forever, for unbounded ones).
 pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
     validate(&plan)?;
     let started = Instant::now();
     let metrics = options.metrics.clone();
     let plan = Arc::new(plan);
+    let final_plan = plan.clone();
     let config = cluster_config(
         options.workers.max(1),
         options.process,
@@ -355,6 +403,37 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
         }
     }
     let checkpointing = prepare_checkpoints(&plan, options.fresh)?;
+    // One process: its workers' end is the job's end, so sinks seal their last output and the
+    // job publishes it after recording that it finished. (A cluster's processes end apart;
+    // they publish as their sinks end, as before.)
+    let single_process = options.hosts.as_ref().is_none_or(|h| h.len() <= 1);
+    let total_workers =
+        options.workers.max(1) * options.hosts.as_ref().map_or(1, |h| h.len().max(1));
+    if let Some(c) = checkpointing.as_ref().filter(|c| {
+        c.restore
+            .as_ref()
+            .is_some_and(|m| m.epoch == crate::checkpointing::FINISHED)
+    }) {
+        // Killed after it finished, before it had published: publish, and that is all.
+        publish_final(&plan, c, total_workers)?;
+        c.store.clear()?;
+        eprintln!(
+            "the job checkpointing to {} had already run to its end; published its final output",
+            c.config.dir
+        );
+        return Ok(JobSummary {
+            rows_read: Default::default(),
+            rows_written: Default::default(),
+            late_rows_dropped: 0,
+            records_skipped: 0,
+            state_bytes: 0,
+            state_groups: 0,
+            checkpoints: 0,
+            checkpoint_bytes: 0,
+            snapshot_ms: 0,
+            elapsed: started.elapsed(),
+        });
+    }
     let finished_checkpointing = checkpointing.clone();
     let writer = checkpointing.as_ref().map(|c| {
         crate::checkpointing::CheckpointWriter::start(
@@ -375,6 +454,7 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
         let checkpoint = checkpointing.as_ref().map(|c| {
             std::rc::Rc::new(CheckpointContext {
                 store: c.store.clone(),
+                seal_at_end: single_process,
                 writer: writer.clone().expect("a writer when checkpointing"),
                 every: c.config.every,
                 base: c.base,
@@ -514,9 +594,14 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
     if let Some(e) = metrics.error.lock().expect("metrics").take() {
         return Err(e);
     }
-    // A job that ran to its end needs no checkpoint to resume from (Flink drops them too).
+    // A job that ran to its end needs no checkpoint to resume from (Flink drops them too): it
+    // records that it finished, publishes its sinks' sealed output, then drops them.
     if let Some(c) = &finished_checkpointing {
         if !metrics.is_cancelled() {
+            if single_process {
+                crash_point("final-seal");
+                publish_final(&final_plan, c, total_workers)?;
+            }
             c.store.clear()?;
         }
     }
@@ -1286,6 +1371,7 @@ fn aggregate<'scope>(
 ) -> EventStream<'scope> {
     let (index, peers, metrics) = (ctx.index, ctx.peers, ctx.metrics.clone());
     let checkpoint = ctx.checkpoint.clone();
+    let seal_at_end = checkpoint.as_ref().is_some_and(|c| c.seal_at_end);
     let id = checkpoint.as_ref().map(|c| c.register(Contribution::State));
     // 'late-data.sink': this operator writes the rows it drops as late itself, in the same
     // two-phase commit as the job's sinks.
@@ -1407,8 +1493,11 @@ fn aggregate<'scope>(
                 reported = true;
                 if let Some(task) = task.as_mut() {
                     if let Some((mut w, _, _)) = task.late_writer.take() {
-                        let done =
-                            crate::checkpointing::SinkTransactions::close(w.as_mut(), &metrics);
+                        let done = crate::checkpointing::SinkTransactions::close(
+                            w.as_mut(),
+                            &metrics,
+                            seal_at_end,
+                        );
                         if let Err(e) = done {
                             metrics.fail(e);
                         }
@@ -1469,6 +1558,7 @@ fn table_sink<'scope>(
 ) -> EventStream<'scope> {
     let (metrics, counter) = (ctx.metrics.clone(), ctx.metrics.write_counter(&table.name));
     let checkpoint = ctx.checkpoint.clone();
+    let seal_at_end = checkpoint.as_ref().is_some_and(|c| c.seal_at_end);
     let (index, peers) = (ctx.index, ctx.peers);
     let writer = open_sink(&spec(table), index, peers).and_then(|mut w| {
         if let Some(c) = &checkpoint {
@@ -1544,8 +1634,11 @@ fn table_sink<'scope>(
                 }
                 if frontier.is_empty() {
                     if let Some(mut w) = writer.take() {
-                        let done =
-                            crate::checkpointing::SinkTransactions::close(w.as_mut(), &metrics);
+                        let done = crate::checkpointing::SinkTransactions::close(
+                            w.as_mut(),
+                            &metrics,
+                            seal_at_end,
+                        );
                         if let Err(e) = done {
                             metrics.fail(e);
                         }

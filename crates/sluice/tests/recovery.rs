@@ -391,6 +391,38 @@ fn a_damaged_checkpoint_falls_back_to_the_previous_one() {
     kill_on_two_finish_on_one(true);
 }
 
+/// Stopped at its very end — after its sinks sealed their last output, or after it recorded that
+/// it finished but before it published — and run again, a job's committed output is exact: the
+/// first reruns from its last checkpoint (the sealed output is discarded), the second only
+/// publishes. (Sinks used to publish their last output as their input ended, before the job
+/// dropped its checkpoints: a kill in between made the rerun repeat everything after the last
+/// checkpoint.)
+#[test]
+fn a_job_stopped_at_its_end_finishes_exactly() {
+    for point in ["final-seal", "final-marker"] {
+        let dir = tempfile::tempdir().unwrap();
+        let job = KeyedJob::new(dir.path());
+        let o = sluice()
+            .env("SLUICE_CRASH_AT", point)
+            .args(["run", job.script.to_str().unwrap(), "--workers", "2"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(stderr.contains(&format!("stopping at {point}")), "{stderr}");
+        let stderr = job.rerun(2);
+        match point {
+            "final-seal" => assert!(stderr.contains("resuming from checkpoint"), "{stderr}"),
+            _ => assert!(stderr.contains("had already run to its end"), "{stderr}"),
+        }
+        job.check(false);
+        assert_eq!(
+            job.newest_committed(),
+            None,
+            "a finished job leaves no checkpoint"
+        );
+    }
+}
+
 /// A keyed job over four JSON files with checkpoints every 100 ms: per-second window counts
 /// (append-only) and per-key count and sum (updating, debezium-json), with the answers computed
 /// directly from the input.
