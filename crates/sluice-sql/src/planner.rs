@@ -599,7 +599,8 @@ impl Catalog {
         // results (Nexmark q5's maximum per window of per-auction counts) is windowed too, as
         // in Flink: one final row per window when the watermark passes its end, instead of an
         // updating result that changes with every batch of counts.
-        if matches!(window, AggWindow::None) && input.is_append_only() {
+        if matches!(window, AggWindow::None) && input.is_append_only() && !fires_on_proctime(&input)
+        {
             if let Some((s, e)) = crate::join_plan::window_columns(&input) {
                 let pos = |c: usize| {
                     group.iter().position(|g| {
@@ -886,6 +887,18 @@ fn carry_source_row(node: StreamNode) -> std::result::Result<StreamNode, &'stati
         StreamNode::LookupJoin { .. } => return Err("a lookup join"),
         StreamNode::TemporalJoin { .. } => return Err("a temporal join"),
     })
+}
+
+/// Whether the windows whose results reach `node` close on processing time (their results
+/// come whenever the clock says, so grouping them again by window is not windowed).
+fn fires_on_proctime(node: &StreamNode) -> bool {
+    match node {
+        StreamNode::Aggregate { emit, .. } => emit.processing_time,
+        StreamNode::Project { input, .. } | StreamNode::Filter { input, .. } => {
+            fires_on_proctime(input)
+        }
+        other => crate::rank_plan::windows_on_proctime(other),
+    }
 }
 
 fn column_expr(name: &str, index: usize) -> PhysExpr {
@@ -1262,14 +1275,20 @@ mod tests {
     #[test]
     fn a_cascaded_window_aggregation_is_windowed() {
         let ddl = "CREATE TABLE bids (auction BIGINT, price BIGINT, ts TIMESTAMP(3), \
-                   WATERMARK FOR ts AS ts - INTERVAL '1' SECOND) \
+                   pt AS PROCTIME(), WATERMARK FOR ts AS ts - INTERVAL '1' SECOND) \
                    WITH ('connector' = 'filesystem', 'path' = '/tmp/none', 'format' = 'csv'); \
                    CREATE TABLE out (s TIMESTAMP(3), e TIMESTAMP(3), m BIGINT) \
                    WITH ('connector' = 'blackhole');";
         let counts = "SELECT window_start AS ws, window_end AS we, auction, COUNT(*) AS num \
                       FROM TABLE(HOP(TABLE bids, DESCRIPTOR(ts), INTERVAL '2' SECOND, INTERVAL '10' SECOND)) \
                       GROUP BY window_start, window_end, auction";
+        let on_proctime = counts.replace("DESCRIPTOR(ts)", "DESCRIPTOR(pt)");
         for (outer, windowed) in [
+            // Windows that close on the clock: their results come at any time.
+            (
+                format!("SELECT ws, we, MAX(num) FROM ({on_proctime}) GROUP BY ws, we"),
+                false,
+            ),
             (
                 format!("SELECT ws, we, MAX(num) FROM ({counts}) GROUP BY ws, we"),
                 true,
