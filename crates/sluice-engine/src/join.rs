@@ -35,7 +35,8 @@ use crate::stateless::evaluate;
 
 /// One stored row and how often it is there.
 struct Entry {
-    row: Box<[u8]>,
+    /// The row, in its side's [`Rows`].
+    row: u32,
     count: u32,
     /// Matching rows (with multiplicity) of the other input; kept only where it matters.
     degree: u32,
@@ -54,8 +55,34 @@ struct Bucket {
 }
 
 /// The rows of one input.
+/// The rows a side holds, in one arena (no allocation per row); removed rows' ids are reused.
+#[derive(Default)]
+struct Rows {
+    bytes: sluice_state::ByteSlots,
+    free: Vec<u32>,
+}
+
+impl Rows {
+    fn add(&mut self, row: &[u8]) -> u32 {
+        let id = self.free.pop().unwrap_or(self.bytes.capacity() as u32);
+        self.bytes.set(id, row);
+        id
+    }
+
+    #[inline]
+    fn get(&self, id: u32) -> &[u8] {
+        self.bytes.get(id).unwrap_or_default()
+    }
+
+    fn remove(&mut self, id: u32) {
+        self.bytes.remove(id);
+        self.free.push(id);
+    }
+}
+
 struct Side {
     rows: RowConverter,
+    held_rows: Rows,
     keys: RowConverter,
     map: HashMap<Box<[u8]>, Bucket>,
     /// Bounded joins: key buckets by the `until` of rows in them.
@@ -71,6 +98,7 @@ impl Side {
     fn new(schema: &Schema, keys: &[PhysExpr]) -> Result<Side> {
         Ok(Side {
             rows: crate::rows::row_converter(schema)?,
+            held_rows: Rows::default(),
             keys: crate::rows::key_converter(keys, schema)?,
             map: HashMap::new(),
             expiry: BTreeMap::new(),
@@ -105,7 +133,8 @@ impl Side {
         // retraction finds; an append-only input never does, and saves the search (hot keys have
         // many rows).
         if !self.append_only {
-            if let Some(e) = bucket.entries.iter_mut().find(|e| *e.row == *row) {
+            let held = &self.held_rows;
+            if let Some(e) = bucket.entries.iter_mut().find(|e| held.get(e.row) == row) {
                 e.count += 1;
                 e.touched = now;
                 return;
@@ -113,7 +142,7 @@ impl Side {
         }
         self.bytes += row.len() + std::mem::size_of::<Entry>();
         bucket.entries.push(Entry {
-            row: row.into(),
+            row: self.held_rows.add(row),
             count: 1,
             degree,
             until,
@@ -137,14 +166,16 @@ impl Side {
         let Some(bucket) = self.map.get_mut(key) else {
             return false;
         };
-        let Some(pos) = bucket.entries.iter().position(|e| *e.row == *row) else {
+        let held = &mut self.held_rows;
+        let Some(pos) = bucket.entries.iter().position(|e| held.get(e.row) == row) else {
             return false;
         };
         self.held -= 1;
         let e = &mut bucket.entries[pos];
         e.count -= 1;
         if e.count == 0 {
-            self.bytes -= e.row.len() + std::mem::size_of::<Entry>();
+            self.bytes -= row.len() + std::mem::size_of::<Entry>();
+            held.remove(e.row);
             bucket.entries.swap_remove(pos);
             if bucket.entries.is_empty() {
                 self.bytes -= key.len() + 48;
@@ -313,7 +344,7 @@ impl JoinState {
                     for (e, entry) in b.entries.iter().enumerate() {
                         pair_row.push(i as u32);
                         pair_entry.push(e as u32);
-                        candidates.push(parser.parse(&entry.row));
+                        candidates.push(parser.parse(o.held_rows.get(entry.row)));
                     }
                 }
             }
@@ -514,17 +545,20 @@ impl JoinState {
                     continue; // registered again, earlier; visited then
                 }
                 let mut freed = 0;
+                let held_rows = &mut s.held_rows;
                 bucket.entries.retain(|e| {
                     if e.until >= watermark {
                         return true;
                     }
+                    let row = held_rows.get(e.row);
                     if keep && e.degree == 0 {
                         for _ in 0..e.count {
-                            padded.push(e.row.clone());
+                            padded.push(Box::<[u8]>::from(row));
                         }
                     }
                     s.held -= e.count as u64;
-                    freed += e.row.len() + std::mem::size_of::<Entry>();
+                    freed += row.len() + std::mem::size_of::<Entry>();
+                    held_rows.remove(e.row);
                     false
                 });
                 s.bytes -= freed;
@@ -579,11 +613,13 @@ impl JoinState {
         self.last_sweep = now;
         for s in &mut self.sides {
             let (mut held, mut bytes) = (0u64, 0usize);
+            let held_rows = &mut s.held_rows;
             s.map.retain(|key, bucket| {
                 bucket.entries.retain(|e| {
                     if now.saturating_sub(e.touched) > ttl {
                         held += e.count as u64;
-                        bytes += e.row.len() + std::mem::size_of::<Entry>();
+                        bytes += held_rows.get(e.row).len() + std::mem::size_of::<Entry>();
+                        held_rows.remove(e.row);
                         false
                     } else {
                         true
@@ -614,7 +650,7 @@ impl JoinState {
                     side.push(i as u8);
                     group.push(b.key_group);
                     key.push(k);
-                    row.push(&e.row);
+                    row.push(s.held_rows.get(e.row));
                     count.push(e.count);
                     degree.push(e.degree);
                     until.push(e.until);
