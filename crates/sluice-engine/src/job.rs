@@ -71,7 +71,7 @@ impl Default for JobOptions {
 }
 
 /// What a finished job reports.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct JobSummary {
     pub rows_read: BTreeMap<String, u64>,
     pub rows_written: BTreeMap<String, u64>,
@@ -422,16 +422,8 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
             c.config.dir
         );
         return Ok(JobSummary {
-            rows_read: Default::default(),
-            rows_written: Default::default(),
-            late_rows_dropped: 0,
-            records_skipped: 0,
-            state_bytes: 0,
-            state_groups: 0,
-            checkpoints: 0,
-            checkpoint_bytes: 0,
-            snapshot_ms: 0,
             elapsed: started.elapsed(),
+            ..Default::default()
         });
     }
     let finished_checkpointing = checkpointing.clone();
