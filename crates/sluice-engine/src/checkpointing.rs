@@ -374,9 +374,6 @@ pub enum Contribution {
 /// contribute files (registered as the dataflow is built, in the same order on every worker).
 pub struct CheckpointContext {
     pub store: Arc<CheckpointStore>,
-    /// At the end of a bounded job, sinks seal their last output for [`FINISHED`] instead of
-    /// publishing it; the job publishes once it has recorded that it finished (one process).
-    pub seal_at_end: bool,
     pub writer: CheckpointWriter,
     pub every: u64,
     /// The first epoch of this run: after the restored checkpoint, so new ones sort after it.

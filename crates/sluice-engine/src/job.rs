@@ -326,34 +326,140 @@ fn crash_point(point: &str) {
     }
 }
 
-/// Records that the job ran to its end ([`crate::checkpointing::FINISHED`]), then publishes
-/// what its sinks sealed for that: every worker's files, as a restore would.
-fn publish_final(plan: &JobPlan, c: &RunCheckpoints, workers: usize) -> Result<()> {
-    let finished = crate::checkpointing::FINISHED;
-    c.store.commit(&sluice_state::checkpoint::Manifest {
-        version: sluice_state::checkpoint::FORMAT_VERSION,
-        epoch: finished,
-        plan_fingerprint: c.fingerprint.clone(),
-        workers,
-        files: Default::default(),
-        inherited: Default::default(),
-    })?;
-    crash_point("final-marker");
-    let mut tables: BTreeMap<String, Arc<TableDef>> = BTreeMap::new();
-    for p in &plan.pipelines {
-        if let SinkTarget::Table(t) = &p.sink {
-            tables.insert(t.name.clone(), t.clone());
-        }
-        let mut late = vec![];
-        collect_late_sinks(&p.query, &mut late);
-        tables.extend(late.into_iter().map(|t| (t.name.clone(), t)));
+/// How long one process of a cluster waits for the others at the end of a job.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The end of a job that checkpoints, run as `processes` processes (one or more) that share its
+/// checkpoint store. Sinks sealed their last output for [`crate::checkpointing::FINISHED`];
+/// publishing it must wait until the job has recorded that it finished, and that record may go
+/// only once every process has sealed. The store is the meeting point: each process leaves
+/// marker files in the `FINISHED` checkpoint folder (no manifest, so never a checkpoint).
+struct Finish<'a> {
+    plan: &'a JobPlan,
+    c: &'a RunCheckpoints,
+    process: usize,
+    processes: usize,
+    /// Workers in every process of this run.
+    workers_per_process: usize,
+}
+
+impl Finish<'_> {
+    /// A marker's name says which workers' output it speaks for.
+    fn marker(&self, step: &str, process: usize) -> String {
+        format!(
+            "{step}-{process}-of-{}x{}",
+            self.processes, self.workers_per_process
+        )
     }
-    for t in tables.values() {
-        for w in 0..workers {
-            open_sink(&spec(t), w, workers)?.begin_transactions(Some(finished), w, workers)?;
+
+    /// At the start of a run that resumes or starts over: markers this process left in an
+    /// earlier run that was killed before the job's end was recorded mean nothing now. (Process 0
+    /// cannot reach the end of this run before every process has joined the cluster, that is,
+    /// after this.)
+    fn forget_earlier_markers(&self) -> Result<()> {
+        for step in ["sealed", "published"] {
+            self.c.store.remove(
+                crate::checkpointing::FINISHED,
+                &self.marker(step, self.process),
+            )?;
         }
+        Ok(())
     }
-    Ok(())
+
+    /// Waits until `ready` holds, up to [`FINISH_TIMEOUT`].
+    fn wait(&self, what: &str, mut ready: impl FnMut() -> Result<bool>) -> Result<()> {
+        let deadline = Instant::now() + FINISH_TIMEOUT;
+        while !ready()? {
+            if Instant::now() >= deadline {
+                return Err(Error::Runtime(format!(
+                    "process {} of {}: {what} within {} s; run the same command again on every process to finish the job",
+                    self.process,
+                    self.processes,
+                    FINISH_TIMEOUT.as_secs()
+                )));
+            }
+            std::thread::sleep(sluice_state::checkpoint::COMMIT_POLL);
+        }
+        Ok(())
+    }
+
+    /// Waits for every process's `step` marker.
+    fn wait_for_all(&self, step: &str, what: &str) -> Result<()> {
+        let store = &self.c.store;
+        let mut missing: Vec<usize> = (0..self.processes).collect();
+        self.wait(what, || {
+            let mut still = vec![];
+            for p in missing.drain(..) {
+                if store
+                    .size(crate::checkpointing::FINISHED, &self.marker(step, p))?
+                    .is_none()
+                {
+                    still.push(p);
+                }
+            }
+            missing = still;
+            Ok(missing.is_empty())
+        })
+    }
+
+    /// After this run's workers ended: every process seals, process 0 records the job's end,
+    /// every process publishes its workers' sealed output, and once all have, process 0 drops
+    /// the checkpoints.
+    fn run_to_end(&self) -> Result<()> {
+        let finished = crate::checkpointing::FINISHED;
+        let store = &self.c.store;
+        crash_point("final-seal");
+        store.put(finished, &self.marker("sealed", self.process), vec![])?;
+        if self.process == 0 {
+            self.wait_for_all("sealed", "not every process sealed its last output")?;
+            store.commit(&sluice_state::checkpoint::Manifest {
+                version: sluice_state::checkpoint::FORMAT_VERSION,
+                epoch: finished,
+                plan_fingerprint: self.c.fingerprint.clone(),
+                workers: self.processes * self.workers_per_process,
+                files: Default::default(),
+                inherited: Default::default(),
+            })?;
+        } else {
+            self.wait("process 0 did not record the end of the job", || {
+                store.is_committed(finished)
+            })?;
+        }
+        crash_point("final-marker");
+        self.publish()
+    }
+
+    /// Publishes what this process's workers sealed for the job's end (with another worker
+    /// count than the run that sealed it, what the workers they replace sealed, as a restore
+    /// would), then, on process 0, drops the checkpoints once every process has published.
+    fn publish(&self) -> Result<()> {
+        let finished = crate::checkpointing::FINISHED;
+        let mut tables: BTreeMap<String, Arc<TableDef>> = BTreeMap::new();
+        for p in &self.plan.pipelines {
+            if let SinkTarget::Table(t) = &p.sink {
+                tables.insert(t.name.clone(), t.clone());
+            }
+            let mut late = vec![];
+            collect_late_sinks(&p.query, &mut late);
+            tables.extend(late.into_iter().map(|t| (t.name.clone(), t)));
+        }
+        let workers = self.processes * self.workers_per_process;
+        let mine = self.process * self.workers_per_process..(self.process + 1) * self.workers_per_process;
+        for t in tables.values() {
+            for w in mine.clone() {
+                open_sink(&spec(t), w, workers)?.begin_transactions(Some(finished), w, workers)?;
+            }
+        }
+        self.c
+            .store
+            .put(finished, &self.marker("published", self.process), vec![])?;
+        crash_point("final-published");
+        if self.process == 0 {
+            self.wait_for_all("published", "not every process published its last output")?;
+            self.c.store.clear()?;
+        }
+        Ok(())
+    }
 }
 
 /// Runs a job until its bounded inputs are exhausted (or forever, for unbounded ones).
@@ -403,30 +509,38 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
         }
     }
     let checkpointing = prepare_checkpoints(&plan, options.fresh)?;
-    // One process: its workers' end is the job's end, so sinks seal their last output and the
-    // job publishes it after recording that it finished. (A cluster's processes end apart;
-    // they publish as their sinks end, as before.)
-    let single_process = options.hosts.as_ref().is_none_or(|h| h.len() <= 1);
-    let total_workers =
-        options.workers.max(1) * options.hosts.as_ref().map_or(1, |h| h.len().max(1));
-    if let Some(c) = checkpointing.as_ref().filter(|c| {
-        c.restore
-            .as_ref()
-            .is_some_and(|m| m.epoch == crate::checkpointing::FINISHED)
-    }) {
-        // Killed after it finished, before it had published: publish, and that is all.
-        publish_final(&plan, c, total_workers)?;
-        c.store.clear()?;
-        eprintln!(
-            "the job checkpointing to {} had already run to its end; published its final output",
-            c.config.dir
-        );
-        return Ok(JobSummary {
-            elapsed: started.elapsed(),
-            ..Default::default()
-        });
-    }
+    let processes = options.hosts.as_ref().map_or(1, |h| h.len().max(1));
     let finished_checkpointing = checkpointing.clone();
+    let finish = finished_checkpointing.as_ref().map(|c| Finish {
+        plan: &final_plan,
+        c,
+        process: options.process,
+        processes,
+        workers_per_process: options.workers.max(1),
+    });
+    if let Some(f) = &finish {
+        if f.c.restore.as_ref().is_some_and(|m| m.epoch == crate::checkpointing::FINISHED) {
+            // Killed after it finished, before it had published everything: publish, and that
+            // is all. Every process decides this before any can drop the checkpoints: the
+            // processes meet as a cluster first (a late one would otherwise find nothing and
+            // run the whole job again).
+            if processes > 1 {
+                timely::execute(config, |_| {})
+                    .map_err(|e| Error::Runtime(format!("could not start the workers: {e}")))?
+                    .join();
+            }
+            f.publish()?;
+            eprintln!(
+                "the job checkpointing to {} had already run to its end; published its final output",
+                f.c.config.dir
+            );
+            return Ok(JobSummary {
+                elapsed: started.elapsed(),
+                ..Default::default()
+            });
+        }
+        f.forget_earlier_markers()?;
+    }
     let writer = checkpointing.as_ref().map(|c| {
         crate::checkpointing::CheckpointWriter::start(
             c.store.clone(),
@@ -446,7 +560,6 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
         let checkpoint = checkpointing.as_ref().map(|c| {
             std::rc::Rc::new(CheckpointContext {
                 store: c.store.clone(),
-                seal_at_end: single_process,
                 writer: writer.clone().expect("a writer when checkpointing"),
                 every: c.config.every,
                 base: c.base,
@@ -588,13 +701,9 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
     }
     // A job that ran to its end needs no checkpoint to resume from (Flink drops them too): it
     // records that it finished, publishes its sinks' sealed output, then drops them.
-    if let Some(c) = &finished_checkpointing {
+    if let Some(f) = &finish {
         if !metrics.is_cancelled() {
-            if single_process {
-                crash_point("final-seal");
-                publish_final(&final_plan, c, total_workers)?;
-            }
-            c.store.clear()?;
+            f.run_to_end()?;
         }
     }
     Ok(JobSummary {
@@ -1363,7 +1472,7 @@ fn aggregate<'scope>(
 ) -> EventStream<'scope> {
     let (index, peers, metrics) = (ctx.index, ctx.peers, ctx.metrics.clone());
     let checkpoint = ctx.checkpoint.clone();
-    let seal_at_end = checkpoint.as_ref().is_some_and(|c| c.seal_at_end);
+    let seal_at_end = checkpoint.is_some();
     let id = checkpoint.as_ref().map(|c| c.register(Contribution::State));
     // 'late-data.sink': this operator writes the rows it drops as late itself, in the same
     // two-phase commit as the job's sinks.
@@ -1550,7 +1659,7 @@ fn table_sink<'scope>(
 ) -> EventStream<'scope> {
     let (metrics, counter) = (ctx.metrics.clone(), ctx.metrics.write_counter(&table.name));
     let checkpoint = ctx.checkpoint.clone();
-    let seal_at_end = checkpoint.as_ref().is_some_and(|c| c.seal_at_end);
+    let seal_at_end = checkpoint.is_some();
     let (index, peers) = (ctx.index, ctx.peers);
     let writer = open_sink(&spec(table), index, peers).and_then(|mut w| {
         if let Some(c) = &checkpoint {

@@ -251,6 +251,15 @@ impl CheckpointStore {
         }
     }
 
+    /// Deletes one file of checkpoint `epoch`, if it exists.
+    pub fn remove(&self, epoch: u64, name: &str) -> Result<()> {
+        let path = Path::from(format!("{}/{name}", checkpoint_dir(epoch)));
+        match self.runtime.block_on(self.store.delete(&path)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(store_error(&self.location, e)),
+        }
+    }
+
     /// The files of checkpoint `epoch` present now, with their sizes.
     pub fn list(&self, epoch: u64) -> Result<BTreeMap<String, u64>> {
         let prefix = Path::from(checkpoint_dir(epoch));

@@ -671,6 +671,50 @@ fn kill_on_two_finish_on_one(damage: bool) {
     job.check(damaged);
 }
 
+/// Starts `job` as a cluster of two processes with 2 workers each on 127.0.0.1 (fresh ports),
+/// process `i` with `SLUICE_CRASH_AT` = `crash[i]` when given; output discarded.
+fn start_cluster(job: &KeyedJob, crash: [Option<&str>; 2]) -> Vec<std::process::Child> {
+    let ports: Vec<u16> = (0..2)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        })
+        .collect();
+    let hosts = job.script.with_file_name("hosts.txt");
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1:{}\n127.0.0.1:{}\n", ports[0], ports[1]),
+    )
+    .unwrap();
+    (0..2)
+        .map(|i| {
+            let mut c = sluice();
+            if let Some(point) = crash[i] {
+                c.env("SLUICE_CRASH_AT", point);
+            }
+            c.args(["run", job.script.to_str().unwrap(), "--workers", "2"])
+                .args(["--processes", "2", "--process-id", &i.to_string()])
+                .args(["--hosts", hosts.to_str().unwrap()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Waits for a cluster process to end; returns whether it succeeded and its log.
+fn finished(child: std::process::Child) -> (bool, String) {
+    let o = child.wait_with_output().unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
 /// A two-process cluster (2 workers each, on 127.0.0.1) is killed with SIGKILL twice, each time
 /// after it committed a new checkpoint: first restarted as the same cluster, then finished by
 /// one process with one worker. Key groups move across processes and file offsets of four
@@ -679,35 +723,9 @@ fn kill_on_two_finish_on_one(damage: bool) {
 fn a_cluster_killed_twice_finishes_exactly_on_one_process() {
     let dir = tempfile::tempdir().unwrap();
     let job = KeyedJob::new(dir.path());
-    let hosts = dir.path().join("hosts.txt");
     for round in 0..2 {
-        let ports: Vec<u16> = (0..2)
-            .map(|_| {
-                std::net::TcpListener::bind("127.0.0.1:0")
-                    .unwrap()
-                    .local_addr()
-                    .unwrap()
-                    .port()
-            })
-            .collect();
-        std::fs::write(
-            &hosts,
-            format!("127.0.0.1:{}\n127.0.0.1:{}\n", ports[0], ports[1]),
-        )
-        .unwrap();
         let before = job.newest_committed();
-        let mut children: Vec<_> = (0..2)
-            .map(|i| {
-                sluice()
-                    .args(["run", job.script.to_str().unwrap(), "--workers", "2"])
-                    .args(["--processes", "2", "--process-id", &i.to_string()])
-                    .args(["--hosts", hosts.to_str().unwrap()])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap()
-            })
-            .collect();
+        let mut children = start_cluster(&job, [None, None]);
         let newest = job.wait_for_checkpoint(before, || {
             children.iter_mut().any(|c| c.try_wait().unwrap().is_some())
         });
@@ -729,6 +747,69 @@ fn a_cluster_killed_twice_finishes_exactly_on_one_process() {
     let stderr = job.rerun(1);
     assert!(stderr.contains("taken with 4 workers"), "{stderr}");
     job.check(false);
+}
+
+/// A two-process cluster stopped at the end of its job, at each step of finishing: the
+/// processes seal their last output, process 0 records the end once all have, each publishes
+/// its own workers' output, and process 0 drops the checkpoints once all have published. Run
+/// again (as the cluster, or as one process), the committed output is exact and no checkpoint
+/// is left. (Each process used to publish as its sinks' input ended: a process stopped before
+/// the checkpoints were dropped made the rerun repeat the output after the last checkpoint.)
+#[test]
+fn a_cluster_stopped_at_its_end_finishes_exactly() {
+    // Process 1 stops after its workers ended, before it recorded that it sealed: process 0
+    // waits for it until the test kills it (a cluster manager restarts all processes).
+    let dir = tempfile::tempdir().unwrap();
+    let job = KeyedJob::new(dir.path());
+    let mut children = start_cluster(&job, [None, Some("final-seal")]);
+    let (ok, log) = finished(children.pop().unwrap());
+    assert!(!ok && log.contains("stopping at final-seal"), "{log}");
+    let mut first = children.pop().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "process 0 must wait for process 1's seal"
+    );
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let logs: Vec<_> = start_cluster(&job, [None, None])
+        .into_iter()
+        .map(finished)
+        .collect();
+    for (ok, log) in &logs {
+        assert!(*ok && log.contains("resuming from checkpoint"), "{log}");
+    }
+    job.check(false);
+    assert_eq!(job.newest_committed(), None, "a finished job leaves no checkpoint");
+
+    // Process 0 stops after recording the end, before publishing; process 1 publishes its part
+    // and ends. The cluster run again only publishes the rest.
+    let dir = tempfile::tempdir().unwrap();
+    let job = KeyedJob::new(dir.path());
+    let logs: Vec<_> = start_cluster(&job, [Some("final-marker"), None])
+        .into_iter()
+        .map(finished)
+        .collect();
+    assert!(!logs[0].0 && logs[0].1.contains("stopping at final-marker"), "{}", logs[0].1);
+    assert!(logs[1].0, "{}", logs[1].1);
+    for (ok, log) in start_cluster(&job, [None, None]).into_iter().map(finished) {
+        assert!(ok && log.contains("had already run to its end"), "{log}");
+    }
+    job.check(false);
+    assert_eq!(job.newest_committed(), None, "a finished job leaves no checkpoint");
+
+    // Process 0 stops after publishing, before every process had; finished by one process.
+    let dir = tempfile::tempdir().unwrap();
+    let job = KeyedJob::new(dir.path());
+    let logs: Vec<_> = start_cluster(&job, [Some("final-published"), None])
+        .into_iter()
+        .map(finished)
+        .collect();
+    assert!(!logs[0].0 && logs[0].1.contains("stopping at final-published"), "{}", logs[0].1);
+    let stderr = job.rerun(1);
+    assert!(stderr.contains("had already run to its end"), "{stderr}");
+    job.check(false);
+    assert_eq!(job.newest_committed(), None, "a finished job leaves no checkpoint");
 }
 
 /// A checkpoint of another pipeline is refused with a message; `--fresh` starts over.
