@@ -55,7 +55,34 @@ pub struct AggregateState {
     /// The group keys rows are partitioned by (positions), when not all of them: a windowed
     /// aggregation partitioned before its windows are assigned. Key groups hash these.
     pub(crate) partition_keys: Option<Vec<usize>>,
+    /// HOP windows aggregated in panes (see [`Slicing`]).
+    pub(crate) slicing: Option<Slicing>,
 }
+
+/// A HOP window aggregated in slices, as Flink does: each row updates one group, its key's
+/// *pane* (the slide-long stretch of time it falls in; the window assignment gives panes), and
+/// a window's result merges the panes it spans when it fires. One state update per row instead
+/// of one per window (size / slide of them). Groups are panes, listed in `by_end` by pane end;
+/// a pane is dropped when the last window it is part of fired.
+pub(crate) struct Slicing {
+    size: i64,
+    slide: i64,
+    /// The end of the last window fired: every window ending at or before it has.
+    pub(crate) fired_until: i64,
+    /// Per pane restored from a checkpoint: the end of the last window the worker that held it
+    /// had fired (after rescaling, panes come from workers whose watermarks differed).
+    pub(crate) restored_fired: Vec<i64>,
+    /// Pane keys without the window bounds, interned: the panes of one key share an id.
+    keys: GroupTable,
+    /// Per pane, its key's id (`NO_KEY` until its first window fires), and per key id, its
+    /// panes.
+    pane_key: Vec<u32>,
+    key_panes: Vec<u32>,
+    /// Scratch while a window fires: the merged group of each key id.
+    merged_of_key: Vec<u32>,
+}
+
+const NO_KEY: u32 = u32::MAX;
 
 /// Session windows: per key, its open sessions; each session owns an accumulator slot.
 pub(crate) struct Sessions {
@@ -176,6 +203,7 @@ impl AggregateState {
             global,
             partition_keys: None,
             changes: Default::default(),
+            slicing: None,
         })
     }
 
@@ -184,6 +212,36 @@ impl AggregateState {
     /// each group's key group is computed from them.
     pub fn partition_by(&mut self, keys: Vec<usize>) {
         self.partition_keys = Some(keys);
+    }
+
+    /// Aggregates HOP windows of `size` and `slide` (`size` a multiple of `slide`) in panes:
+    /// the rows arrive with their pane as window bounds (a tumbling window of `slide`).
+    pub fn slice(&mut self, size: i64, slide: i64, input_schema: &arrow::datatypes::Schema) -> Result<()> {
+        let AggWindow::Assigned {
+            start_key, end_key, ..
+        } = self.window
+        else {
+            return Err(Error::Runtime("internal: only assigned windows are sliced".into()));
+        };
+        let fields = self
+            .group
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != start_key && *i != end_key)
+            .map(|(_, g)| g.data_type(input_schema).map(SortField::new))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::Runtime(e.to_string()))?;
+        self.slicing = Some(Slicing {
+            size,
+            slide,
+            fired_until: i64::MIN,
+            restored_fired: vec![],
+            keys: GroupTable::try_new(fields)?,
+            pane_key: vec![],
+            key_panes: vec![],
+            merged_of_key: vec![],
+        });
+        Ok(())
     }
 
     pub fn assume_append_only_input(&mut self) {
@@ -198,6 +256,9 @@ impl AggregateState {
             + self.rows.capacity() * 8
             + self.last.size_bytes()
             + self.accs.iter().map(|a| a.size_bytes()).sum::<usize>()
+            + self.slicing.as_ref().map_or(0, |s| {
+                s.keys.size_bytes() + (s.pane_key.capacity() + s.key_panes.capacity()) * 4
+            })
     }
 
     /// Number of live groups.
@@ -222,7 +283,11 @@ impl AggregateState {
         if self.global || gids.is_empty() {
             return Ok(vec![]);
         }
-        let keys = self.table.keys(gids)?;
+        self.format_keys(self.table.keys(gids)?)
+    }
+
+    /// Group key columns as output: legacy group windows' bounds as one struct column.
+    fn format_keys(&self, keys: Vec<ArrayRef>) -> Result<Vec<ArrayRef>> {
         let AggWindow::Assigned {
             start_key,
             end_key,
@@ -298,10 +363,12 @@ impl AggregateState {
             _ => None,
         };
         let lateness = self.emit.allowed_lateness_ms;
+        // A sliced pane's row is late once the last window the pane is part of has fired.
+        let last_window = self.slicing.as_ref().map_or(0, |s| s.size - s.slide);
         if let Some(end_key) = end_key {
             let ends = keys[end_key].as_primitive::<TimestampMillisecondType>();
             for (i, s) in signs.iter_mut().enumerate() {
-                if ends.value(i).saturating_add(lateness) <= self.watermark {
+                if ends.value(i).saturating_add(last_window + lateness) <= self.watermark {
                     *s = 0;
                     late.push(i as u32);
                 }
@@ -369,7 +436,8 @@ impl AggregateState {
         let mut refire = vec![];
         for (t, &g) in touched.iter().enumerate() {
             let end = ends.value(first_row[t]);
-            let fired = end <= self.watermark;
+            // A pane stays listed by its end until its last window fired.
+            let fired = end <= self.watermark && self.slicing.is_none();
             if !existed[t] {
                 if fired {
                     self.cleanup.entry(end + lateness).or_default().push(g);
@@ -473,6 +541,20 @@ impl AggregateState {
         }
         for acc in &mut self.accs {
             acc.reset(g);
+        }
+        if let Some(s) = &mut self.slicing {
+            if let Some(k) = s.pane_key.get_mut(g as usize) {
+                let key = std::mem::replace(k, NO_KEY);
+                if key != NO_KEY {
+                    s.key_panes[key as usize] -= 1;
+                    if s.key_panes[key as usize] == 0 {
+                        s.keys.remove(key);
+                    }
+                }
+            }
+            if let Some(f) = s.restored_fired.get_mut(g as usize) {
+                *f = i64::MIN;
+            }
         }
     }
 
@@ -597,6 +679,9 @@ impl AggregateState {
         if !matches!(self.window, AggWindow::Assigned { .. }) {
             return Ok(None);
         }
+        if self.slicing.is_some() {
+            return self.fire_slices(watermark);
+        }
         let mut fired = vec![];
         while let Some((&end, _)) = self.by_end.first_key_value() {
             if end > watermark {
@@ -654,6 +739,147 @@ impl AggregateState {
             }
         }
         Ok(output)
+    }
+
+    /// Sliced HOP windows: fires every window that ends at or before `watermark` and holds a
+    /// pane, oldest first, and drops the panes whose last window fired.
+    fn fire_slices(&mut self, watermark: i64) -> Result<Option<ChangeBatch>> {
+        let mut out = vec![];
+        loop {
+            let Some(s) = &self.slicing else { break };
+            let (size, slide) = (s.size, s.slide);
+            let Some(&first_end) = self.by_end.keys().next() else {
+                break;
+            };
+            // Windows between the last fired and the oldest pane's first hold no pane.
+            let end = match s.fired_until {
+                i64::MIN => first_end,
+                f => (f + slide).max(first_end),
+            };
+            if end > watermark {
+                break;
+            }
+            let panes: Vec<u32> = self
+                .by_end
+                .range(end - size + 1..=end)
+                .flat_map(|(_, gids)| gids.iter().copied())
+                .filter(|g| self.rows[*g as usize] > 0)
+                .collect();
+            if let Some(batch) = self.fire_window(end, size, &panes)? {
+                out.push(batch);
+            }
+            if let Some(s) = &mut self.slicing {
+                s.fired_until = end;
+            }
+            while let Some((&pane_end, _)) = self.by_end.first_key_value() {
+                if pane_end + size - slide > end {
+                    break;
+                }
+                for g in self.by_end.pop_first().expect("present").1 {
+                    self.changes.mark(g, self.table.len());
+                    if self.rows[g as usize] > 0 {
+                        self.free_group(g);
+                    }
+                }
+            }
+        }
+        match out.len() {
+            0 => Ok(None),
+            1 => Ok(out.pop().map(ChangeBatch::inserts)),
+            _ => Ok(Some(ChangeBatch::inserts(arrow::compute::concat_batches(
+                &self.schema,
+                &out,
+            )?))),
+        }
+    }
+
+    /// The results of the window ending at `end`, per key: its panes merged into scratch
+    /// accumulator slots past the group table's, which are cleared again.
+    fn fire_window(&mut self, end: i64, size: i64, panes: &[u32]) -> Result<Option<RecordBatch>> {
+        let AggWindow::Assigned {
+            start_key, end_key, ..
+        } = self.window
+        else {
+            return Ok(None);
+        };
+        let capacity = self.table.capacity();
+        let s = self.slicing.as_mut().expect("sliced");
+        s.pane_key.resize(capacity, NO_KEY);
+        // Key ids of the panes in their first window.
+        let new: Vec<u32> = panes
+            .iter()
+            .copied()
+            .filter(|g| s.pane_key[*g as usize] == NO_KEY)
+            .collect();
+        if !new.is_empty() {
+            let keys: Vec<ArrayRef> = self
+                .table
+                .keys(&new)?
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| *i != start_key && *i != end_key)
+                .map(|(_, k)| k)
+                .collect();
+            let rows = s.keys.encode(&keys)?;
+            let mut ids = vec![];
+            s.keys.intern(&rows, &mut ids);
+            s.key_panes.resize(s.keys.capacity(), 0);
+            for (g, k) in new.iter().zip(ids) {
+                s.pane_key[*g as usize] = k;
+                s.key_panes[k as usize] += 1;
+            }
+        }
+        // One scratch slot per key; a key whose window was fired before a restore is skipped.
+        s.merged_of_key.resize(s.keys.capacity(), NO_KEY);
+        let mut first_pane: Vec<u32> = vec![];
+        let mut fired_before: Vec<bool> = vec![];
+        for acc in &mut self.accs {
+            acc.resize(capacity + panes.len());
+        }
+        for &g in panes {
+            let k = s.pane_key[g as usize] as usize;
+            if s.merged_of_key[k] == NO_KEY {
+                s.merged_of_key[k] = first_pane.len() as u32;
+                first_pane.push(g);
+                fired_before.push(false);
+            }
+            let t = s.merged_of_key[k];
+            if s.restored_fired.get(g as usize).is_some_and(|f| *f >= end) {
+                fired_before[t as usize] = true;
+            }
+            for acc in &mut self.accs {
+                acc.combine(capacity as u32 + t, g);
+            }
+        }
+        for &g in panes {
+            s.merged_of_key[s.pane_key[g as usize] as usize] = NO_KEY;
+        }
+        let (firsts, merged): (Vec<u32>, Vec<u32>) = first_pane
+            .iter()
+            .zip(&fired_before)
+            .enumerate()
+            .filter(|(_, (_, before))| !**before)
+            .map(|(t, (g, _))| (*g, (capacity + t) as u32))
+            .unzip();
+        let batch = if firsts.is_empty() {
+            None
+        } else {
+            let mut keys = self.table.keys(&firsts)?;
+            for (i, at) in [(start_key, end - size), (end_key, end)] {
+                let bound = TimestampMillisecondArray::from(vec![at; firsts.len()]);
+                keys[i] = arrow::compute::cast(&bound, keys[i].data_type())?;
+            }
+            let mut columns = self.format_keys(keys)?;
+            columns.extend(self.results(&merged)?);
+            let columns = self.cast_columns(columns)?;
+            Some(RecordBatch::try_new(self.schema.clone(), columns)?)
+        };
+        for t in 0..first_pane.len() {
+            for acc in &mut self.accs {
+                acc.reset((capacity + t) as u32);
+            }
+        }
+        Ok(batch)
     }
 
     fn apply_sessions(&mut self, batch: &ChangeBatch) -> Result<ApplyOutcome> {

@@ -260,8 +260,9 @@ pub fn fingerprint(plan: &JobPlan) -> String {
         }
     }
     // The version of how plans become operators: sub-plans and scans built once and shared
-    // (2026-12) changed which operators hold state, so older checkpoints do not fit.
-    let mut out = String::from("operators v2;");
+    // (2026-12) changed which operators hold state, so older checkpoints do not fit; v3: HOP
+    // window aggregations keep panes, not windows.
+    let mut out = String::from("operators v3;");
     for p in &plan.pipelines {
         node(&p.query, &mut out);
         match &p.sink {

@@ -988,10 +988,18 @@ fn build_node<'scope>(
         } => {
             let input_schema = input.schema();
             let below_window = keys_below_window(input, group, window);
+            let slices = below_window.as_ref().and_then(|(chain, _, _)| {
+                hop_slices(chain, group, window, aggs, emit, late_sink.is_some())
+            });
             let stream = match &below_window {
-                Some((chain, keys, _)) => {
-                    build_window_chain(scope, chain, keys.clone(), ctx, reuse)
-                }
+                Some((chain, keys, _)) => build_window_chain(
+                    scope,
+                    chain,
+                    keys.clone(),
+                    slices.map(|(_, slide)| slide),
+                    ctx,
+                    reuse,
+                ),
                 None => exchange_by_key(build(scope, input, ctx, reuse), group.clone()),
             };
             let state = AggregateState::try_new(
@@ -1011,6 +1019,12 @@ fn build_node<'scope>(
                     s.partition_by(positions);
                 }
                 s
+            })
+            .and_then(|mut s| {
+                if let Some((size, slide)) = slices {
+                    s.slice(size, slide, &input_schema)?;
+                }
+                Ok(s)
             });
             let late = late_sink.as_ref().map(|l| l.table.clone());
             aggregate(stream, state, *emit, late, ctx)
@@ -1235,13 +1249,100 @@ fn keys_below_window<'a>(
     }
 }
 
+/// The size and slide of a HOP window aggregation that can be aggregated in panes (see
+/// `aggregate::Slicing`): the window assignment at the bottom of `chain` (from
+/// [`keys_below_window`]) is a HOP whose size is a multiple of its slide; its bounds reach the
+/// aggregation unchanged as the window keys and nothing else reads them (a pane's bounds are
+/// not its windows'); results are final when the window closes (no early firing, lateness or
+/// late-data sink); and every aggregate merges (no DISTINCT but COUNT's).
+fn hop_slices(
+    chain: &[&StreamNode],
+    group: &[sluice_sql::PhysExpr],
+    window: &sluice_sql::AggWindow,
+    aggs: &[sluice_sql::AggCall],
+    emit: &sluice_sql::EmitPolicy,
+    late_sink: bool,
+) -> Option<(i64, i64)> {
+    use datafusion_physical_expr::expressions::Column;
+    let sluice_sql::AggWindow::Assigned {
+        start_key, end_key, ..
+    } = window
+    else {
+        return None;
+    };
+    if late_sink || emit.is_updating() || emit.processing_time {
+        return None;
+    }
+    if aggs
+        .iter()
+        .any(|a| a.distinct && a.func != sluice_sql::AggFunc::Count)
+    {
+        return None;
+    }
+    let (
+        StreamNode::WindowAssign {
+            input: below,
+            kind: sluice_sql::WindowKind::Hop { size, slide },
+            ..
+        },
+        above,
+    ) = chain.split_last()?
+    else {
+        return None;
+    };
+    if *slide <= 0 || *size <= *slide || size % slide != 0 {
+        return None;
+    }
+    // Which column holds which window column (0 start, 1 end, 2 time), going up the chain.
+    let n = below.schema().fields().len();
+    let mut bound: Vec<Option<usize>> = (0..n + 3).map(|c| c.checked_sub(n)).collect();
+    let reads_bounds = |e: &sluice_sql::PhysExpr, bound: &[Option<usize>]| {
+        datafusion_physical_expr::utils::collect_columns(e)
+            .iter()
+            .any(|c| bound.get(c.index()).copied().flatten().is_some())
+    };
+    let column = |e: &sluice_sql::PhysExpr| e.downcast_ref::<Column>().map(|c| c.index());
+    for node in above.iter().rev() {
+        match node {
+            StreamNode::Filter { predicate, .. } if reads_bounds(predicate, &bound) => return None,
+            StreamNode::Filter { .. } => {}
+            StreamNode::Project { exprs, .. } => {
+                let mut next = Vec::with_capacity(exprs.len());
+                for e in exprs {
+                    match column(e) {
+                        Some(c) => next.push(bound.get(c).copied().flatten()),
+                        None if reads_bounds(e, &bound) => return None,
+                        None => next.push(None),
+                    }
+                }
+                bound = next;
+            }
+            _ => return None,
+        }
+    }
+    let key_is = |i: usize, which: usize| {
+        column(&group[i]).is_some_and(|c| bound.get(c).copied().flatten() == Some(which))
+    };
+    let others_read_bounds = group
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i != start_key && i != end_key)
+        .map(|(_, g)| g)
+        .chain(aggs.iter().flat_map(|a| a.arg.iter().chain(a.filter.iter())))
+        .any(|e| reads_bounds(e, &bound));
+    (key_is(*start_key, 0) && key_is(*end_key, 1) && !others_read_bounds).then_some((*size, *slide))
+}
+
 /// Builds the chain [`keys_below_window`] found (projections and filters over a window
 /// assignment, top first), with the rows partitioned by `keys` before the assignment. Not
-/// shared with other plans: elsewhere the same nodes are built without the exchange.
+/// shared with other plans: elsewhere the same nodes are built without the exchange. With
+/// `pane`, the HOP assignment gives each row its pane, a tumbling window of that length
+/// (see [`hop_slices`]).
 fn build_window_chain<'scope>(
     scope: DataflowScope<'scope>,
     chain: &[&StreamNode],
     keys: Vec<sluice_sql::PhysExpr>,
+    pane: Option<i64>,
     ctx: &BuildContext,
     reuse: &Reuse<'scope>,
 ) -> EventStream<'scope> {
@@ -1257,7 +1358,11 @@ fn build_window_chain<'scope>(
     else {
         unreachable!("a window chain ends at the window assignment")
     };
-    let (time, kind, schema) = (time.clone(), *kind, schema.clone());
+    let (time, schema) = (time.clone(), schema.clone());
+    let kind = match pane {
+        Some(size) => sluice_sql::WindowKind::Tumble { size, offset: 0 },
+        None => *kind,
+    };
     let mut stream = map_batches(
         exchange_by_key(build(scope, input, ctx, reuse), keys),
         "WindowAssign",

@@ -377,39 +377,38 @@ impl Accumulator {
 
     /// Folds group `src` into group `dst` (session windows merging), leaving `src` empty.
     pub fn merge(&mut self, dst: u32, src: u32) {
+        self.combine(dst, src);
+        self.reset(src);
+    }
+
+    /// Adds group `src`'s state into group `dst`'s; `src` keeps its own (a sliced window's
+    /// pane is part of several windows).
+    pub fn combine(&mut self, dst: u32, src: u32) {
         let (d, s) = (dst as usize, src as usize);
         if let Some((_, seen)) = &mut self.distinct {
-            let from = std::mem::take(&mut seen[s]);
-            // The inner state is rebuilt below from the merged multiset where it matters.
+            let from: Vec<(ValueKey, i64)> =
+                seen[s].iter().map(|(k, m)| (k.clone(), *m)).collect();
             for (k, m) in from {
                 *seen[d].entry(k).or_insert(0) += m;
             }
         }
         match &mut self.state {
-            State::Count(c) => {
-                c[d] += c[s];
-                c[s] = 0;
-            }
+            State::Count(c) => c[d] += c[s],
             State::SumInt(sum, c) => {
                 sum[d] = sum[d].wrapping_add(sum[s]);
                 c[d] += c[s];
-                sum[s] = 0;
-                c[s] = 0;
             }
             State::SumFloat(sum, c) => {
                 sum[d] += sum[s];
                 c[d] += c[s];
-                sum[s] = 0.0;
-                c[s] = 0;
             }
             State::SumDecimal(sum, c) => {
                 sum[d] += sum[s];
                 c[d] += c[s];
-                sum[s] = 0;
-                c[s] = 0;
             }
             State::Extreme { values, .. } => {
-                let from = std::mem::take(&mut values[s]);
+                let from: Vec<(Box<[u8]>, i64)> =
+                    values[s].iter().map(|(k, m)| (k.clone(), *m)).collect();
                 for (k, m) in from {
                     *values[d].entry(k).or_insert(0) += m;
                 }

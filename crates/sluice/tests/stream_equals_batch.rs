@@ -291,6 +291,34 @@ fn hopping_window_tvf() {
     );
 }
 
+/// A hopping window per key is aggregated in panes (one state update per row; a window merges
+/// its panes when it fires): every kind of aggregate merges exactly, COUNT(DISTINCT) included.
+#[test]
+fn hopping_window_tvf_per_key() {
+    let hop = |col: &str| {
+        format!(
+            "SELECT date_bin(INTERVAL '1 minute', event_time, TIMESTAMP '1970-01-01') - INTERVAL '{col} minutes' AS ws, \
+             category, amount, user_id FROM orders"
+        )
+    };
+    check(
+        "SELECT window_start, window_end, category, COUNT(*) AS n, SUM(amount) AS total, \
+         MIN(amount) AS lo, MAX(amount) AS hi, AVG(amount) AS mean, COUNT(DISTINCT user_id) AS users, \
+         COUNT(*) FILTER (WHERE amount > 500) AS big \
+         FROM TABLE(HOP(TABLE orders, DESCRIPTOR(event_time), INTERVAL '1' MINUTE, INTERVAL '3' MINUTE)) \
+         GROUP BY window_start, window_end, category",
+        &format!(
+            "SELECT ws, ws + INTERVAL '3 minutes', category, COUNT(*), SUM(amount), MIN(amount), MAX(amount), \
+             AVG(amount), COUNT(DISTINCT user_id), COUNT(*) FILTER (WHERE amount > 500) FROM ( \
+               {} UNION ALL {} UNION ALL {}) \
+             GROUP BY ws, category",
+            hop("0"),
+            hop("1"),
+            hop("2")
+        ),
+    );
+}
+
 #[test]
 fn tumbling_window_tvf_with_union_and_view() {
     check(
