@@ -17,6 +17,7 @@ pub mod memory;
 pub mod nexmark;
 pub mod options;
 pub mod partitions;
+pub mod prefetch;
 pub mod print;
 
 use std::collections::BTreeMap;

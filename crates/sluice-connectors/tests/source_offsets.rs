@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Field, Int64Type, Schema};
+use sluice_connectors::prefetch::Prefetched;
 use sluice_connectors::{open_source, ConnectorSpec, Poll, SourceReader};
 
 fn spec(options: &[(&str, &str)], fields: Vec<Field>) -> ConnectorSpec {
@@ -48,17 +49,36 @@ fn read(r: &mut Box<dyn SourceReader>, polls: Option<usize>, rows: usize) -> Vec
     }
 }
 
+/// Opens worker 0's reader of one, directly or on a fetcher thread.
+fn open(spec: &ConnectorSpec, fetcher: bool) -> Box<dyn SourceReader> {
+    let r = open_source(spec, 0, 1).unwrap();
+    if fetcher {
+        Box::new(Prefetched::new(r, &spec.table))
+    } else {
+        r
+    }
+}
+
+/// Stopping after some batches and resuming from the offsets recorded then reads every row
+/// once, whether the readers run on the worker or on a fetcher thread (which reads ahead: its
+/// offsets must be those of the batches handed over, not of what it has read).
 fn resumes(spec: ConnectorSpec, rows: usize) {
-    let all = read(&mut open_source(&spec, 0, 1).unwrap(), None, rows);
+    for fetcher in [false, true] {
+        resumes_with(&spec, rows, fetcher);
+    }
+}
+
+fn resumes_with(spec: &ConnectorSpec, rows: usize, fetcher: bool) {
+    let all = read(&mut open(spec, fetcher), None, rows);
     assert!(
         all.len() > 1000,
         "the input is large enough to stop in the middle"
     );
     for polls in [1, 3, 7] {
-        let mut first = open_source(&spec, 0, 1).unwrap();
+        let mut first = open(spec, fetcher);
         let mut got = read(&mut first, Some(polls), rows);
         let offsets = first.offsets();
-        let mut second = open_source(&spec, 0, 1).unwrap();
+        let mut second = open(spec, fetcher);
         second.seek(&offsets).unwrap();
         got.extend(read(&mut second, None, rows));
         let (mut a, mut b) = (got.clone(), all.clone());
@@ -73,7 +93,7 @@ fn resumes(spec: ConnectorSpec, rows: usize) {
             .collect();
         assert!(
             a == b,
-            "stopping after {polls} polls and resuming from {offsets:?}: {} rows instead of {}; missing {missing:?}, repeated {doubled:?}",
+            "stopping after {polls} polls (fetcher thread: {fetcher}) and resuming from {offsets:?}: {} rows instead of {}; missing {missing:?}, repeated {doubled:?}",
             a.len(),
             b.len()
         );
@@ -397,4 +417,36 @@ fn the_pieces_of_a_file_are_one_watermark_split() {
         ended.sort();
         assert_eq!(ended, files.keys().copied().collect::<Vec<_>>());
     }
+}
+
+/// A fetcher thread hands a reading error to the worker as it would have met it: the file and
+/// line of the bad record, after the good batches before it.
+#[test]
+fn a_fetcher_thread_reports_the_bad_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut json: String = (0..300).map(|i| format!("{{\"id\": {i}}}\n")).collect();
+    json.push_str("{\"id\": oops}\n");
+    std::fs::write(dir.path().join("in.json"), json).unwrap();
+    let path = dir.path().display().to_string();
+    let spec = spec(
+        &[
+            ("connector", "filesystem"),
+            ("path", &path),
+            ("format", "json"),
+        ],
+        vec![Field::new("id", DataType::Int64, false)],
+    );
+    let mut r = open(&spec, true);
+    let mut rows = 0;
+    let error = loop {
+        match r.poll(100) {
+            Ok(Poll::Batch { batch, .. }) => rows += batch.num_rows(),
+            Ok(Poll::Finished) => panic!("the bad record was not reported"),
+            Ok(_) => {}
+            Err(e) => break e.to_string(),
+        }
+    };
+    assert!(error.contains("in.json") && error.contains("301"), "{error}");
+    assert_eq!(rows, 300);
+    assert!(matches!(r.poll(100), Ok(Poll::Finished)));
 }

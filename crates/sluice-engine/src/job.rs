@@ -501,6 +501,8 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
     let select_output = options.select_output.clone();
     let sequential_sources = options.sequential_sources;
     let epoch_length = Duration::from_millis(crate::source::epoch_ms(&plan.settings)?);
+    let fetch_threads = options.workers.max(1)
+        < std::thread::available_parallelism().map_or(1, |n| n.get());
     if let Some(out) = &select_output {
         for p in &plan.pipelines {
             if let SinkTarget::Select { index } = p.sink {
@@ -578,6 +580,7 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
             state_ttl,
             sequence: sequential_sources.then(Default::default),
             epoch_length,
+            fetch_threads,
         };
         worker.dataflow::<Epoch, _, _>(|scope| {
             let reuse = Reuse::new(&plan);
@@ -737,6 +740,9 @@ pub(crate) struct BuildContext {
     pub epoch_length: Duration,
     /// Sources run one after another ([`JobOptions::sequential_sources`]).
     pub sequence: Option<std::rc::Rc<crate::source::SourceSequence>>,
+    /// File sources read and parse on a thread of their own (the process's workers leave a
+    /// core spare), as Flink's split fetchers do.
+    pub fetch_threads: bool,
 }
 
 /// Sub-plans computed once per worker, whatever number of places read them (as Flink's
@@ -887,7 +893,15 @@ fn build_node<'scope>(
                 },
                 ctx.index,
                 ctx.peers,
-            ),
+            )
+            .map(|r| {
+                // Files are read and parsed on a fetcher thread when a core is spare.
+                if ctx.fetch_threads && table.connector() == "filesystem" {
+                    Box::new(sluice_connectors::prefetch::Prefetched::new(r, &table.name))
+                } else {
+                    r
+                }
+            }),
             table_prepare(
                 table.clone(),
                 projection.clone(),
