@@ -436,6 +436,8 @@ struct KeyedJob {
     start: i64,
     windows: BTreeMap<i64, i64>,
     keys: BTreeMap<i64, (i64, i64)>,
+    /// Per HOP window (start second) and key: count and sum.
+    hops: BTreeMap<(i64, i64), (i64, i64)>,
 }
 
 impl KeyedJob {
@@ -471,6 +473,7 @@ impl KeyedJob {
         let start = 1_794_355_200_000i64;
         let mut windows: BTreeMap<i64, i64> = BTreeMap::new();
         let mut keys: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
+        let mut hops: BTreeMap<(i64, i64), (i64, i64)> = BTreeMap::new();
         for (f, rows) in (0i64..).zip(files) {
             let mut text = String::new();
             for i in 0..*rows {
@@ -483,6 +486,13 @@ impl KeyedJob {
                 let e = keys.entry(k).or_default();
                 e.0 += 1;
                 e.1 += v;
+                // HOP(1 s slide, 3 s size): the windows starting 2, 1 and 0 s before its second.
+                let second = (ts - start).div_euclid(1000);
+                for ws in second - 2..=second {
+                    let e = hops.entry((ws, k)).or_default();
+                    e.0 += 1;
+                    e.1 += v;
+                }
             }
             std::fs::write(input.join(format!("part-{f}.json")), text).unwrap();
         }
@@ -501,7 +511,12 @@ impl KeyedJob {
              CREATE TABLE per_key (k BIGINT, n BIGINT, total BIGINT)
                WITH ('connector' = 'filesystem', 'path' = '{out}/per_key', 'format' = 'debezium-json');
              INSERT INTO per_second SELECT TUMBLE_START(ts, INTERVAL '1' SECOND), COUNT(*) FROM t GROUP BY TUMBLE(ts, INTERVAL '1' SECOND);
-             INSERT INTO per_key SELECT k, COUNT(*), SUM(v) FROM t GROUP BY k;",
+             CREATE TABLE per_key_hop (ws TIMESTAMP(3), k BIGINT, n BIGINT, total BIGINT)
+               WITH ('connector' = 'filesystem', 'path' = '{out}/per_key_hop', 'format' = 'json');
+             INSERT INTO per_key SELECT k, COUNT(*), SUM(v) FROM t GROUP BY k;
+             INSERT INTO per_key_hop SELECT window_start, k, COUNT(*), SUM(v)
+               FROM TABLE(HOP(TABLE t, DESCRIPTOR(ts), INTERVAL '1' SECOND, INTERVAL '3' SECOND))
+               GROUP BY window_start, window_end, k;",
             ckpt = checkpoints,
             input = input.display(),
             out = out.display()
@@ -516,6 +531,7 @@ impl KeyedJob {
             start,
             windows,
             keys,
+            hops,
         }
     }
 
@@ -597,6 +613,24 @@ impl KeyedJob {
             );
         } else {
             assert_eq!(got, want);
+        }
+        // Sliced HOP windows: each fired once, whatever the workers had fired before a kill.
+        let want: BTreeMap<String, i64> = self
+            .hops
+            .iter()
+            .map(|((ws, k), (n, total))| {
+                let ws = sluice_common::time::format_millis(self.start + ws * 1000);
+                (serde_json::json!({"k": k, "n": n, "total": total, "ws": ws}).to_string(), 1)
+            })
+            .collect();
+        let got = committed(&self.out.join("per_key_hop"));
+        if at_least_once {
+            assert_eq!(
+                got.keys().collect::<Vec<_>>(),
+                want.keys().collect::<Vec<_>>()
+            );
+        } else {
+            assert_eq!(got, want, "HOP windows per key");
         }
         let want: BTreeMap<String, i64> = self
             .keys
