@@ -118,6 +118,30 @@ pub struct FileSource {
     /// the file, so that between two pieces the file still holds the watermark back (the next
     /// piece's rows are later in the file, and may be earlier than the other files' rows).
     file_splits: std::collections::HashMap<PathBuf, usize>,
+    /// Parse the next piece of a file on a thread of its own while the current one is read
+    /// (`ConnectorSpec::decode_ahead`): pieces decoded ahead, by key, until their turn.
+    decode_ahead: bool,
+    ahead: std::collections::HashMap<String, OpenFile>,
+    /// Whether a piece may need decoding ahead (the open files changed).
+    ahead_due: bool,
+    /// What decoding ahead needs to decode JSON on its own.
+    decoded_schema: SchemaRef,
+    json_ignore_errors: bool,
+}
+
+/// Batches of a piece decoded ahead of its turn, at most (a piece is about
+/// `source.split-size` of text, 8 MB by default: a few batches).
+const AHEAD_BATCHES: usize = 8;
+
+/// Pieces decoded ahead at a time.
+const MAX_AHEAD: usize = 1;
+
+/// One read of a piece decoded ahead, and where the piece stood after it.
+struct Ahead {
+    chunk: Result<Chunk>,
+    position: u64,
+    line: u64,
+    skipped: u64,
 }
 
 /// A split being read.
@@ -136,6 +160,8 @@ struct OpenFile {
     /// Position after the rows returned so far: bytes in the file (JSON lines) or records in
     /// the split (CSV).
     position: u64,
+    /// Decoded ahead on another thread: its reads arrive here (`lines` and `csv` are there).
+    ahead: Option<std::sync::mpsc::Receiver<Ahead>>,
 }
 
 /// What reading a file once gave.
@@ -288,7 +314,7 @@ impl FileSource {
             cursor: 0,
             format,
             schema: data_schema.clone(),
-            json: JsonLines::new(decoded_schema, ignore)?,
+            json: JsonLines::new(decoded_schema.clone(), ignore)?,
             read,
             full_schema: data_schema,
             layout,
@@ -300,6 +326,11 @@ impl FileSource {
             all_keys,
             quotes: Default::default(),
             file_splits: Default::default(),
+            decode_ahead: spec.decode_ahead,
+            ahead: Default::default(),
+            ahead_due: false,
+            decoded_schema,
+            json_ignore_errors: ignore,
         })
     }
 }
@@ -511,67 +542,160 @@ impl FileSource {
             start,
             lines_before: (start == 0).then_some(0),
             position,
+            ahead: None,
         })
+    }
+
+    /// Starts decoding, on a thread of its own, the next piece of a file being read whose turn
+    /// has not come (and that a checkpoint did not leave half read). Its batches wait in a
+    /// short queue; they are handed over in file order, when the piece's turn comes.
+    fn decode_next_pieces(&mut self, max_rows: usize) -> Result<()> {
+        self.ahead_due = false;
+        let paths: Vec<PathBuf> = self.open.iter().map(|f| f.path.clone()).collect();
+        for path in paths {
+            // One piece ahead keeps one more core busy; the reader decodes the others.
+            if self.ahead.len() >= MAX_AHEAD {
+                break;
+            }
+            let Some(split) = self.pending.iter().find(|s| s.path == path) else {
+                continue;
+            };
+            let key = split.key();
+            if self.ahead.contains_key(&key) || self.resume.contains_key(&key) {
+                continue;
+            }
+            let split = Split {
+                path: split.path.clone(),
+                range: split.range,
+            };
+            let mut f = self.open_file(split, max_rows)?;
+            let (tx, rx) = std::sync::mpsc::sync_channel(AHEAD_BATCHES);
+            let mut json = JsonLines::new(self.decoded_schema.clone(), self.json_ignore_errors)?;
+            let csv_ignore_errors = self.csv_ignore_errors;
+            let placeholder = OpenFile {
+                split: f.split,
+                key: f.key.clone(),
+                path: f.path.clone(),
+                lines: None,
+                csv: None,
+                line: f.line,
+                start: f.start,
+                lines_before: f.lines_before,
+                position: f.position,
+                ahead: Some(rx),
+            };
+            std::thread::Builder::new()
+                .name("decode-ahead".into())
+                .spawn(move || loop {
+                    let mut skipped = 0;
+                    let before = json.skipped();
+                    let chunk =
+                        read_chunk(&mut f, &mut json, csv_ignore_errors, &mut skipped, max_rows);
+                    let last = matches!(chunk, Ok(Chunk::Eof) | Err(_));
+                    let read = Ahead {
+                        chunk,
+                        position: f.position,
+                        line: f.line,
+                        skipped: skipped + json.skipped() - before,
+                    };
+                    // The reader went away (the job stopped), or the piece is done.
+                    if tx.send(read).is_err() || last {
+                        return;
+                    }
+                })
+                .map_err(|e| Error::io(&path, e))?;
+            self.ahead.insert(key, placeholder);
+        }
+        Ok(())
     }
 
     fn read_chunk(&mut self, at: usize, max_rows: usize) -> Result<Chunk> {
         let f = &mut self.open[at];
-        if let Some(csv) = f.csv.as_mut() {
-            return match csv.next() {
-                Some(Ok(batch)) => {
-                    f.position += batch.num_rows() as u64;
-                    Ok(Chunk::Rows(empty_strings(batch)?))
-                }
-                Some(Err(_)) if self.csv_ignore_errors => {
-                    self.skipped += 1;
-                    Ok(Chunk::Nothing)
-                }
-                Some(Err(e)) => Err(Error::BadRecord {
-                    location: f.path.display().to_string(),
-                    message: format!("malformed CSV record: {e}"),
-                }),
-                None => Ok(Chunk::Eof),
-            };
-        }
-        let reader = f.lines.as_mut().expect("a JSON file has a line reader");
-        let mut lines = Vec::with_capacity(max_rows.min(8192));
-        let first_line = f.line + 1;
-        while lines.len() < max_rows {
-            let mut l = String::new();
-            let n = reader
-                .read_line(&mut l)
-                .map_err(|e| Error::io(&f.path, e))?;
-            if n == 0 {
-                break;
-            }
-            f.line += 1;
-            f.position += n as u64;
-            while l.ends_with('\n') || l.ends_with('\r') {
-                l.pop();
-            }
-            lines.push(l);
-        }
-        if lines.is_empty() {
-            return Ok(Chunk::Eof);
-        }
-        let display = f.path.display().to_string();
-        let decoded = match f.lines_before {
-            Some(before) => self.json.decode(&lines, &display, before + first_line),
-            // A piece that starts inside the file: its line numbers are known only once the
-            // lines before it are counted, which only an error message needs.
-            None => match self.json.decode(&lines, &display, first_line) {
-                Err(Error::BadRecord { .. }) => {
-                    let before = count_in(&f.path, 0, f.start, b'\n')?;
-                    f.lines_before = Some(before);
-                    self.json.decode(&lines, &display, before + first_line)
-                }
-                other => other,
-            },
+        let Some(rx) = &f.ahead else {
+            return read_chunk(
+                f,
+                &mut self.json,
+                self.csv_ignore_errors,
+                &mut self.skipped,
+                max_rows,
+            );
         };
-        match decoded? {
-            Some(batch) if batch.num_rows() > 0 => Ok(Chunk::Rows(batch)),
-            _ => Ok(Chunk::Nothing),
+        let Ok(read) = rx.recv() else {
+            return Err(Error::Runtime(format!(
+                "{}: the thread decoding a piece of it stopped unexpectedly",
+                f.path.display()
+            )));
+        };
+        f.position = read.position;
+        f.line = read.line;
+        self.skipped += read.skipped;
+        read.chunk
+    }
+}
+
+/// Reads the next chunk of an open split: a CSV batch, or up to `max_rows` JSON lines decoded.
+fn read_chunk(
+    f: &mut OpenFile,
+    json: &mut JsonLines,
+    csv_ignore_errors: bool,
+    skipped: &mut u64,
+    max_rows: usize,
+) -> Result<Chunk> {
+    if let Some(csv) = f.csv.as_mut() {
+        return match csv.next() {
+            Some(Ok(batch)) => {
+                f.position += batch.num_rows() as u64;
+                Ok(Chunk::Rows(empty_strings(batch)?))
+            }
+            Some(Err(_)) if csv_ignore_errors => {
+                *skipped += 1;
+                Ok(Chunk::Nothing)
+            }
+            Some(Err(e)) => Err(Error::BadRecord {
+                location: f.path.display().to_string(),
+                message: format!("malformed CSV record: {e}"),
+            }),
+            None => Ok(Chunk::Eof),
+        };
+    }
+    let reader = f.lines.as_mut().expect("a JSON file has a line reader");
+    let mut lines = Vec::with_capacity(max_rows.min(8192));
+    let first_line = f.line + 1;
+    while lines.len() < max_rows {
+        let mut l = String::new();
+        let n = reader
+            .read_line(&mut l)
+            .map_err(|e| Error::io(&f.path, e))?;
+        if n == 0 {
+            break;
         }
+        f.line += 1;
+        f.position += n as u64;
+        while l.ends_with('\n') || l.ends_with('\r') {
+            l.pop();
+        }
+        lines.push(l);
+    }
+    if lines.is_empty() {
+        return Ok(Chunk::Eof);
+    }
+    let display = f.path.display().to_string();
+    let decoded = match f.lines_before {
+        Some(before) => json.decode(&lines, &display, before + first_line),
+        // A piece that starts inside the file: its line numbers are known only once the
+        // lines before it are counted, which only an error message needs.
+        None => match json.decode(&lines, &display, first_line) {
+            Err(Error::BadRecord { .. }) => {
+                let before = count_in(&f.path, 0, f.start, b'\n')?;
+                f.lines_before = Some(before);
+                json.decode(&lines, &display, before + first_line)
+            }
+            other => other,
+        },
+    };
+    match decoded? {
+        Some(batch) if batch.num_rows() > 0 => Ok(Chunk::Rows(batch)),
+        _ => Ok(Chunk::Nothing),
     }
 }
 
@@ -592,8 +716,15 @@ impl SourceReader for FileSource {
                     self.refill = false;
                     break;
                 };
-                let f = self.open_file(split, max_rows)?;
+                let f = match self.ahead.remove(&split.key()) {
+                    Some(f) => f,
+                    None => self.open_file(split, max_rows)?,
+                };
                 self.open.push(f);
+                self.ahead_due = self.decode_ahead;
+            }
+            if self.ahead_due {
+                self.decode_next_pieces(max_rows)?;
             }
             if self.open.is_empty() {
                 let Some(m) = self.monitor.as_mut() else {

@@ -38,6 +38,9 @@ pub struct ConnectorSpec {
     /// The physical columns the job reads (positions in `schema`), when not all: a source may
     /// skip decoding the others and leave them NULL (nullable ones only).
     pub read_columns: Option<Vec<usize>>,
+    /// File sources: parse the next piece of a file on another thread while the current one is
+    /// read (set when the machine has a core to spare for it).
+    pub decode_ahead: bool,
 }
 
 /// What a source produced on one poll.

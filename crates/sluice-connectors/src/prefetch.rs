@@ -54,8 +54,13 @@ impl Prefetched {
         }
     }
 
-    fn start(mut reader: Box<dyn SourceReader>, max_rows: usize, name: &str) -> Result<Receiver<Fetched>> {
-        let (tx, rx): (SyncSender<Fetched>, Receiver<Fetched>) = std::sync::mpsc::sync_channel(QUEUE);
+    fn start(
+        mut reader: Box<dyn SourceReader>,
+        max_rows: usize,
+        name: &str,
+    ) -> Result<Receiver<Fetched>> {
+        let (tx, rx): (SyncSender<Fetched>, Receiver<Fetched>) =
+            std::sync::mpsc::sync_channel(QUEUE);
         std::thread::Builder::new()
             .name(format!("fetch:{name}"))
             .spawn(move || loop {
@@ -77,7 +82,11 @@ impl Prefetched {
                     std::thread::sleep(Duration::from_millis(2));
                 }
             })
-            .map_err(|e| Error::Runtime(format!("source {name}: could not start its fetcher thread: {e}")))?;
+            .map_err(|e| {
+                Error::Runtime(format!(
+                    "source {name}: could not start its fetcher thread: {e}"
+                ))
+            })?;
         Ok(rx)
     }
 }

@@ -19,6 +19,7 @@ fn spec(options: &[(&str, &str)], fields: Vec<Field>) -> ConnectorSpec {
             .collect::<BTreeMap<_, _>>(),
         partitioned_by: vec![],
         read_columns: None,
+        decode_ahead: false,
     }
 }
 
@@ -63,7 +64,11 @@ fn open(spec: &ConnectorSpec, fetcher: bool) -> Box<dyn SourceReader> {
 /// once, whether the readers run on the worker or on a fetcher thread (which reads ahead: its
 /// offsets must be those of the batches handed over, not of what it has read).
 fn resumes(spec: ConnectorSpec, rows: usize) {
-    for fetcher in [false, true] {
+    for (fetcher, ahead) in [(false, false), (true, false), (true, true)] {
+        let spec = ConnectorSpec {
+            decode_ahead: ahead,
+            ..spec.clone()
+        };
         resumes_with(&spec, rows, fetcher);
     }
 }
@@ -93,7 +98,8 @@ fn resumes_with(spec: &ConnectorSpec, rows: usize, fetcher: bool) {
             .collect();
         assert!(
             a == b,
-            "stopping after {polls} polls (fetcher thread: {fetcher}) and resuming from {offsets:?}: {} rows instead of {}; missing {missing:?}, repeated {doubled:?}",
+            "stopping after {polls} polls (fetcher thread: {fetcher}, pieces decoded ahead: {}) and resuming from {offsets:?}: {} rows instead of {}; missing {missing:?}, repeated {doubled:?}",
+            spec.decode_ahead,
             a.len(),
             b.len()
         );
@@ -228,22 +234,31 @@ fn files_read_in_pieces_give_every_record_once() {
     for (path, format) in [(&csv_path, "csv"), (&json_path, "json")] {
         let path = path.display().to_string();
         for size in ["1", "2", "5", "13", "64", "333", "1kb", "1mb"] {
-            let s = spec(
-                &[
-                    ("connector", "filesystem"),
-                    ("path", &path),
-                    ("format", format),
-                    ("source.split-size", size),
-                ],
-                fields(),
-            );
-            for workers in [1, 2, 3] {
-                let got = read_all(&s, workers);
+            for ahead in [false, true] {
+                let mut s = spec(
+                    &[
+                        ("connector", "filesystem"),
+                        ("path", &path),
+                        ("format", format),
+                        ("source.split-size", size),
+                    ],
+                    fields(),
+                );
+                s.decode_ahead = ahead;
+                for workers in [1, 2, 3] {
+                    let got = read_all(&s, workers);
+                    assert!(
+                        got == rows,
+                        "{format} in pieces of {size} bytes on {workers} workers (decoded ahead: {ahead}): {} rows, first difference {:?}",
+                        got.len(),
+                        got.iter().zip(&rows).find(|(a, b)| a != b)
+                    );
+                }
+                // One reader hands the rows over in file order (one watermark split).
+                let in_order = read(&mut open_source(&s, 0, 1).unwrap(), None, 7);
                 assert!(
-                    got == rows,
-                    "{format} in pieces of {size} bytes on {workers} workers: {} rows, first difference {:?}",
-                    got.len(),
-                    got.iter().zip(&rows).find(|(a, b)| a != b)
+                    in_order.windows(2).all(|w| w[0] < w[1]),
+                    "{format} in pieces of {size} bytes (decoded ahead: {ahead}) out of order"
                 );
             }
         }
@@ -446,7 +461,47 @@ fn a_fetcher_thread_reports_the_bad_record() {
             Err(e) => break e.to_string(),
         }
     };
-    assert!(error.contains("in.json") && error.contains("301"), "{error}");
+    assert!(
+        error.contains("in.json") && error.contains("301"),
+        "{error}"
+    );
     assert_eq!(rows, 300);
     assert!(matches!(r.poll(100), Ok(Poll::Finished)));
+}
+
+/// A bad record in a piece decoded ahead on another thread is reported when its turn comes,
+/// after every good row before it, with its file and line.
+#[test]
+fn a_bad_record_in_a_piece_decoded_ahead_names_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut json: String = (0..2000).map(|i| format!("{{\"id\": {i}}}\n")).collect();
+    json.push_str("{\"id\": oops}\n");
+    json.extend((0..500).map(|i| format!("{{\"id\": {i}}}\n")));
+    std::fs::write(dir.path().join("in.json"), json).unwrap();
+    let path = dir.path().display().to_string();
+    let mut spec = spec(
+        &[
+            ("connector", "filesystem"),
+            ("path", &path),
+            ("format", "json"),
+            ("source.split-size", "4kb"),
+        ],
+        vec![Field::new("id", DataType::Int64, false)],
+    );
+    spec.decode_ahead = true;
+    for fetcher in [false, true] {
+        let mut r = open(&spec, fetcher);
+        let mut ids = vec![];
+        let error = loop {
+            match r.poll(100) {
+                Ok(Poll::Batch { batch, .. }) => ids.extend(self::ids(&batch)),
+                Ok(Poll::Finished) => panic!("the bad record was not reported"),
+                Ok(_) => {}
+                Err(e) => break e.to_string(),
+            }
+        };
+        assert!(error.contains("in.json") && error.contains("2001"), "{error}");
+        // Rows before the bad one's batch were all handed over, in order.
+        assert!(ids.windows(2).all(|w| w[0] < w[1]) && ids.len() >= 1900, "{}", ids.len());
+    }
 }

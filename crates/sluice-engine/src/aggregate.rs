@@ -216,12 +216,19 @@ impl AggregateState {
 
     /// Aggregates HOP windows of `size` and `slide` (`size` a multiple of `slide`) in panes:
     /// the rows arrive with their pane as window bounds (a tumbling window of `slide`).
-    pub fn slice(&mut self, size: i64, slide: i64, input_schema: &arrow::datatypes::Schema) -> Result<()> {
+    pub fn slice(
+        &mut self,
+        size: i64,
+        slide: i64,
+        input_schema: &arrow::datatypes::Schema,
+    ) -> Result<()> {
         let AggWindow::Assigned {
             start_key, end_key, ..
         } = self.window
         else {
-            return Err(Error::Runtime("internal: only assigned windows are sliced".into()));
+            return Err(Error::Runtime(
+                "internal: only assigned windows are sliced".into(),
+            ));
         };
         let fields = self
             .group

@@ -1200,7 +1200,11 @@ mod tests {
                 out.extend(one.advance_watermark(*wm).unwrap());
                 if i == 19 {
                     snap = Some(if flat {
-                        one.freeze(1, None).unwrap().expect("flat").encode().unwrap()
+                        one.freeze(1, None)
+                            .unwrap()
+                            .expect("flat")
+                            .encode()
+                            .unwrap()
                     } else {
                         one.snapshot().unwrap()
                     });

@@ -102,6 +102,7 @@ fn spec(table: &TableDef) -> ConnectorSpec {
         options: table.options.clone(),
         partitioned_by: table.partitioned_by.clone(),
         read_columns: None,
+        decode_ahead: false,
     }
 }
 
@@ -444,7 +445,8 @@ impl Finish<'_> {
             tables.extend(late.into_iter().map(|t| (t.name.clone(), t)));
         }
         let workers = self.processes * self.workers_per_process;
-        let mine = self.process * self.workers_per_process..(self.process + 1) * self.workers_per_process;
+        let mine =
+            self.process * self.workers_per_process..(self.process + 1) * self.workers_per_process;
         for t in tables.values() {
             for w in mine.clone() {
                 open_sink(&spec(t), w, workers)?.begin_transactions(Some(finished), w, workers)?;
@@ -501,8 +503,8 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
     let select_output = options.select_output.clone();
     let sequential_sources = options.sequential_sources;
     let epoch_length = Duration::from_millis(crate::source::epoch_ms(&plan.settings)?);
-    let fetch_threads = options.workers.max(1)
-        < std::thread::available_parallelism().map_or(1, |n| n.get());
+    let fetch_threads =
+        options.workers.max(1) < std::thread::available_parallelism().map_or(1, |n| n.get());
     if let Some(out) = &select_output {
         for p in &plan.pipelines {
             if let SinkTarget::Select { index } = p.sink {
@@ -521,7 +523,11 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
         workers_per_process: options.workers.max(1),
     });
     if let Some(f) = &finish {
-        if f.c.restore.as_ref().is_some_and(|m| m.epoch == crate::checkpointing::FINISHED) {
+        if f.c
+            .restore
+            .as_ref()
+            .is_some_and(|m| m.epoch == crate::checkpointing::FINISHED)
+        {
             // Killed after it finished, before it had published everything: publish, and that
             // is all. Every process decides this before any can drop the checkpoints: the
             // processes meet as a cluster first (a late one would otherwise find nothing and
@@ -889,13 +895,15 @@ fn build_node<'scope>(
             open_source(
                 &ConnectorSpec {
                     read_columns: read_columns(table, projection, *carry_source_row),
+                    decode_ahead: ctx.fetch_threads,
                     ..spec(table)
                 },
                 ctx.index,
                 ctx.peers,
             )
             .map(|r| {
-                // Files are read and parsed on a fetcher thread when a core is spare.
+                // Files are read and parsed on a fetcher thread when a core is spare (and the
+                // next piece of a file on another, see `decode_ahead`).
                 if ctx.fetch_threads && table.connector() == "filesystem" {
                     Box::new(sluice_connectors::prefetch::Prefetched::new(r, &table.name))
                 } else {
@@ -1342,7 +1350,10 @@ fn hop_slices(
         .enumerate()
         .filter(|(i, _)| i != start_key && i != end_key)
         .map(|(_, g)| g)
-        .chain(aggs.iter().flat_map(|a| a.arg.iter().chain(a.filter.iter())))
+        .chain(
+            aggs.iter()
+                .flat_map(|a| a.arg.iter().chain(a.filter.iter())),
+        )
         .any(|e| reads_bounds(e, &bound));
     (key_is(*start_key, 0) && key_is(*end_key, 1) && !others_read_bounds).then_some((*size, *slide))
 }

@@ -386,8 +386,7 @@ impl Accumulator {
     pub fn combine(&mut self, dst: u32, src: u32) {
         let (d, s) = (dst as usize, src as usize);
         if let Some((_, seen)) = &mut self.distinct {
-            let from: Vec<(ValueKey, i64)> =
-                seen[s].iter().map(|(k, m)| (k.clone(), *m)).collect();
+            let from: Vec<(ValueKey, i64)> = seen[s].iter().map(|(k, m)| (k.clone(), *m)).collect();
             for (k, m) in from {
                 *seen[d].entry(k).or_insert(0) += m;
             }

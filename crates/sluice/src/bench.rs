@@ -172,6 +172,7 @@ fn run_scenario(s: &Scenario, events: u64, workers: usize) -> Result<Run, String
             options: table.options.clone(),
             partitioned_by: vec![],
             read_columns: None,
+            decode_ahead: false,
         };
         let started = Instant::now();
         let mut total = 0u64;

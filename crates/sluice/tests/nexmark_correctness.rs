@@ -57,6 +57,7 @@ fn generated(script: &str, table: &str) -> (SchemaRef, Vec<RecordBatch>) {
         options: def.options.clone(),
         partitioned_by: vec![],
         read_columns: None,
+        decode_ahead: false,
     };
     let mut reader = sluice_connectors::open_source(&spec, 0, 1).unwrap();
     let mut out = vec![];

@@ -620,7 +620,10 @@ impl KeyedJob {
             .iter()
             .map(|((ws, k), (n, total))| {
                 let ws = sluice_common::time::format_millis(self.start + ws * 1000);
-                (serde_json::json!({"k": k, "n": n, "total": total, "ws": ws}).to_string(), 1)
+                (
+                    serde_json::json!({"k": k, "n": n, "total": total, "ws": ws}).to_string(),
+                    1,
+                )
             })
             .collect();
         let got = committed(&self.out.join("per_key_hop"));
@@ -814,7 +817,11 @@ fn a_cluster_stopped_at_its_end_finishes_exactly() {
         assert!(*ok && log.contains("resuming from checkpoint"), "{log}");
     }
     job.check(false);
-    assert_eq!(job.newest_committed(), None, "a finished job leaves no checkpoint");
+    assert_eq!(
+        job.newest_committed(),
+        None,
+        "a finished job leaves no checkpoint"
+    );
 
     // Process 0 stops after recording the end, before publishing; process 1 publishes its part
     // and ends. The cluster run again only publishes the rest.
@@ -824,13 +831,21 @@ fn a_cluster_stopped_at_its_end_finishes_exactly() {
         .into_iter()
         .map(finished)
         .collect();
-    assert!(!logs[0].0 && logs[0].1.contains("stopping at final-marker"), "{}", logs[0].1);
+    assert!(
+        !logs[0].0 && logs[0].1.contains("stopping at final-marker"),
+        "{}",
+        logs[0].1
+    );
     assert!(logs[1].0, "{}", logs[1].1);
     for (ok, log) in start_cluster(&job, [None, None]).into_iter().map(finished) {
         assert!(ok && log.contains("had already run to its end"), "{log}");
     }
     job.check(false);
-    assert_eq!(job.newest_committed(), None, "a finished job leaves no checkpoint");
+    assert_eq!(
+        job.newest_committed(),
+        None,
+        "a finished job leaves no checkpoint"
+    );
 
     // Process 0 stops after publishing, before every process had; finished by one process.
     let dir = tempfile::tempdir().unwrap();
@@ -839,11 +854,19 @@ fn a_cluster_stopped_at_its_end_finishes_exactly() {
         .into_iter()
         .map(finished)
         .collect();
-    assert!(!logs[0].0 && logs[0].1.contains("stopping at final-published"), "{}", logs[0].1);
+    assert!(
+        !logs[0].0 && logs[0].1.contains("stopping at final-published"),
+        "{}",
+        logs[0].1
+    );
     let stderr = job.rerun(1);
     assert!(stderr.contains("had already run to its end"), "{stderr}");
     job.check(false);
-    assert_eq!(job.newest_committed(), None, "a finished job leaves no checkpoint");
+    assert_eq!(
+        job.newest_committed(),
+        None,
+        "a finished job leaves no checkpoint"
+    );
 }
 
 /// A checkpoint of another pipeline is refused with a message; `--fresh` starts over.
