@@ -500,8 +500,15 @@ fn a_bad_record_in_a_piece_decoded_ahead_names_its_line() {
                 Err(e) => break e.to_string(),
             }
         };
-        assert!(error.contains("in.json") && error.contains("2001"), "{error}");
+        assert!(
+            error.contains("in.json") && error.contains("2001"),
+            "{error}"
+        );
         // Rows before the bad one's batch were all handed over, in order.
-        assert!(ids.windows(2).all(|w| w[0] < w[1]) && ids.len() >= 1900, "{}", ids.len());
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]) && ids.len() >= 1900,
+            "{}",
+            ids.len()
+        );
     }
 }

@@ -1012,6 +1012,23 @@ mod tests {
         assert!(state().freeze(9, None).unwrap().is_none());
     }
 
+    /// The rows worker `w` of `n` gets when the exchange routes them by the key `key` gives.
+    fn owned_by<T: Copy>(rows: &[T], key: impl Fn(&T) -> i64, w: usize, n: usize) -> Vec<T> {
+        let keys = Int64Array::from_iter_values(rows.iter().map(key));
+        let mut hashes = vec![0u64; rows.len()];
+        datafusion_common::hash_utils::create_hashes(
+            &[Arc::new(keys) as ArrayRef],
+            &key_hash_state(),
+            &mut hashes,
+        )
+        .unwrap();
+        rows.iter()
+            .zip(&hashes)
+            .filter(|(_, h)| worker_for_hash(**h, n) == w)
+            .map(|(r, _)| *r)
+            .collect()
+    }
+
     #[test]
     fn a_snapshot_restores_on_another_worker_count() {
         let first: Vec<(i64, i64)> = (0..500).map(|i| (i % 37, (i * 7919) % 101)).collect();
@@ -1029,20 +1046,7 @@ mod tests {
             let mut s = state();
             s.restore(&snap, |kg| worker_for_hash(kg as u64, 2) == w)
                 .unwrap();
-            let keys = Int64Array::from_iter_values(second.iter().map(|r| r.0));
-            let mut hashes = vec![0u64; second.len()];
-            datafusion_common::hash_utils::create_hashes(
-                &[Arc::new(keys) as ArrayRef],
-                &key_hash_state(),
-                &mut hashes,
-            )
-            .unwrap();
-            let mine: Vec<(i64, i64)> = second
-                .iter()
-                .zip(&hashes)
-                .filter(|(_, h)| worker_for_hash(**h, 2) == w)
-                .map(|(r, _)| *r)
-                .collect();
+            let mine = owned_by(&second, |r| r.0, w, 2);
             s.apply(&batch(&mine)).unwrap();
             parts.push(current(&s));
         }
@@ -1225,20 +1229,7 @@ mod tests {
                     .unwrap();
                 let mut out = vec![];
                 for (rows, wm) in &batches[20..] {
-                    let keys = Int64Array::from_iter_values(rows.iter().map(|r| r.0));
-                    let mut hashes = vec![0u64; rows.len()];
-                    datafusion_common::hash_utils::create_hashes(
-                        &[Arc::new(keys) as ArrayRef],
-                        &key_hash_state(),
-                        &mut hashes,
-                    )
-                    .unwrap();
-                    let mine: Vec<(i64, i64, i64)> = rows
-                        .iter()
-                        .zip(&hashes)
-                        .filter(|(_, h)| worker_for_hash(**h, 2) == w)
-                        .map(|(r, _)| *r)
-                        .collect();
+                    let mine = owned_by(rows, |r| r.0, w, 2);
                     out.extend(s.apply(&panes(&mine)).unwrap().output);
                     out.extend(s.advance_watermark(*wm).unwrap());
                 }

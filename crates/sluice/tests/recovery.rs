@@ -786,6 +786,25 @@ fn a_cluster_killed_twice_finishes_exactly_on_one_process() {
     job.check(false);
 }
 
+/// The committed output is exact and the finished job left no checkpoint.
+fn finished_exactly(job: &KeyedJob) {
+    job.check(false);
+    assert_eq!(
+        job.newest_committed(),
+        None,
+        "a finished job leaves no checkpoint"
+    );
+}
+
+/// A cluster process's end (success, log) shows that it stopped at `point` (`SLUICE_CRASH_AT`).
+fn stopped_at(end: &(bool, String), point: &str) {
+    assert!(
+        !end.0 && end.1.contains(&format!("stopping at {point}")),
+        "{}",
+        end.1
+    );
+}
+
 /// A two-process cluster stopped at the end of its job, at each step of finishing: the
 /// processes seal their last output, process 0 records the end once all have, each publishes
 /// its own workers' output, and process 0 drops the checkpoints once all have published. Run
@@ -799,8 +818,7 @@ fn a_cluster_stopped_at_its_end_finishes_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let job = KeyedJob::new(dir.path());
     let mut children = start_cluster(&job, [None, Some("final-seal")]);
-    let (ok, log) = finished(children.pop().unwrap());
-    assert!(!ok && log.contains("stopping at final-seal"), "{log}");
+    stopped_at(&finished(children.pop().unwrap()), "final-seal");
     let mut first = children.pop().unwrap();
     std::thread::sleep(Duration::from_millis(300));
     assert!(
@@ -816,12 +834,7 @@ fn a_cluster_stopped_at_its_end_finishes_exactly() {
     for (ok, log) in &logs {
         assert!(*ok && log.contains("resuming from checkpoint"), "{log}");
     }
-    job.check(false);
-    assert_eq!(
-        job.newest_committed(),
-        None,
-        "a finished job leaves no checkpoint"
-    );
+    finished_exactly(&job);
 
     // Process 0 stops after recording the end, before publishing; process 1 publishes its part
     // and ends. The cluster run again only publishes the rest.
@@ -831,21 +844,12 @@ fn a_cluster_stopped_at_its_end_finishes_exactly() {
         .into_iter()
         .map(finished)
         .collect();
-    assert!(
-        !logs[0].0 && logs[0].1.contains("stopping at final-marker"),
-        "{}",
-        logs[0].1
-    );
+    stopped_at(&logs[0], "final-marker");
     assert!(logs[1].0, "{}", logs[1].1);
     for (ok, log) in start_cluster(&job, [None, None]).into_iter().map(finished) {
         assert!(ok && log.contains("had already run to its end"), "{log}");
     }
-    job.check(false);
-    assert_eq!(
-        job.newest_committed(),
-        None,
-        "a finished job leaves no checkpoint"
-    );
+    finished_exactly(&job);
 
     // Process 0 stops after publishing, before every process had; finished by one process.
     let dir = tempfile::tempdir().unwrap();
@@ -854,19 +858,10 @@ fn a_cluster_stopped_at_its_end_finishes_exactly() {
         .into_iter()
         .map(finished)
         .collect();
-    assert!(
-        !logs[0].0 && logs[0].1.contains("stopping at final-published"),
-        "{}",
-        logs[0].1
-    );
+    stopped_at(&logs[0], "final-published");
     let stderr = job.rerun(1);
     assert!(stderr.contains("had already run to its end"), "{stderr}");
-    job.check(false);
-    assert_eq!(
-        job.newest_committed(),
-        None,
-        "a finished job leaves no checkpoint"
-    );
+    finished_exactly(&job);
 }
 
 /// A checkpoint of another pipeline is refused with a message; `--fresh` starts over.
