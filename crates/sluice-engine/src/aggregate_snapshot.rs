@@ -879,16 +879,20 @@ mod tests {
         ]))
     }
 
-    fn state() -> AggregateState {
-        let k: PhysExpr = Arc::new(Column::new("k", 0));
-        let v: PhysExpr = Arc::new(Column::new("v", 1));
-        let call = |func, arg: Option<PhysExpr>, distinct| AggCall {
+    /// An aggregate call with a BIGINT result.
+    fn call(func: AggFunc, arg: Option<PhysExpr>, distinct: bool) -> AggCall {
+        AggCall {
             func,
             arg,
             distinct,
             filter: None,
             output_type: DataType::Int64,
-        };
+        }
+    }
+
+    fn state() -> AggregateState {
+        let k: PhysExpr = Arc::new(Column::new("k", 0));
+        let v: PhysExpr = Arc::new(Column::new("v", 1));
         let calls = vec![
             call(AggFunc::Count, None, false),
             call(AggFunc::Sum, Some(v.clone()), false),
@@ -951,13 +955,6 @@ mod tests {
         let make = || {
             let k: PhysExpr = Arc::new(Column::new("k", 0));
             let v: PhysExpr = Arc::new(Column::new("v", 1));
-            let call = |func, arg| AggCall {
-                func,
-                arg,
-                distinct: false,
-                filter: None,
-                output_type: DataType::Int64,
-            };
             let out = Arc::new(Schema::new(
                 ["k", "n", "s"]
                     .iter()
@@ -966,7 +963,10 @@ mod tests {
             ));
             AggregateState::try_new(
                 vec![k],
-                vec![call(AggFunc::Count, None), call(AggFunc::Sum, Some(v))],
+                vec![
+                    call(AggFunc::Count, None, false),
+                    call(AggFunc::Sum, Some(v), false),
+                ],
                 AggWindow::None,
                 EmitPolicy::default(),
                 None,
@@ -1060,28 +1060,26 @@ mod tests {
         assert_eq!(merged, current(&one));
     }
 
+    /// The input of [`sliced_hop`]: key, pane start and end, value.
+    fn pane_input() -> Schema {
+        let ts = DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, None);
+        Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new("ws", ts.clone(), false),
+            Field::new("we", ts, false),
+            Field::new("v", DataType::Int64, false),
+        ])
+    }
+
     /// A HOP window (3 s, sliding by 1 s) per key, aggregated in panes: COUNT(*), SUM and,
     /// unless `flat`, MAX. Input: key, pane start and end (a tumbling window of the slide), value.
     fn sliced_hop(flat: bool) -> AggregateState {
-        use arrow::datatypes::TimeUnit;
-        let ts = DataType::Timestamp(TimeUnit::Millisecond, None);
-        let input = Schema::new(vec![
-            Field::new("k", DataType::Int64, false),
-            Field::new("ws", ts.clone(), false),
-            Field::new("we", ts.clone(), false),
-            Field::new("v", DataType::Int64, false),
-        ]);
+        let input = pane_input();
+        let ts = input.field(1).data_type().clone();
         let col = |n: &str, i: usize| Arc::new(Column::new(n, i)) as PhysExpr;
-        let call = |func, arg| AggCall {
-            func,
-            arg,
-            distinct: false,
-            filter: None,
-            output_type: DataType::Int64,
-        };
         let mut calls = vec![
-            call(AggFunc::Count, None),
-            call(AggFunc::Sum, Some(col("v", 3))),
+            call(AggFunc::Count, None, false),
+            call(AggFunc::Sum, Some(col("v", 3)), false),
         ];
         let mut out = vec![
             Field::new("k", DataType::Int64, false),
@@ -1091,7 +1089,7 @@ mod tests {
             Field::new("s", DataType::Int64, true),
         ];
         if !flat {
-            calls.push(call(AggFunc::Max, Some(col("v", 3))));
+            calls.push(call(AggFunc::Max, Some(col("v", 3)), false));
             out.push(Field::new("m", DataType::Int64, true));
         }
         let mut s = AggregateState::try_new(
@@ -1115,14 +1113,7 @@ mod tests {
 
     /// Rows (key, time, value) as the input of [`sliced_hop`]: each in its pane.
     fn panes(rows: &[(i64, i64, i64)]) -> ChangeBatch {
-        use arrow::datatypes::TimeUnit;
-        let ts = DataType::Timestamp(TimeUnit::Millisecond, None);
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("k", DataType::Int64, false),
-            Field::new("ws", ts.clone(), false),
-            Field::new("we", ts, false),
-            Field::new("v", DataType::Int64, false),
-        ]));
+        let schema = Arc::new(pane_input());
         let start = |t: i64| t.div_euclid(1000) * 1000;
         let columns: Vec<ArrayRef> = vec![
             Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
@@ -1524,18 +1515,11 @@ mod tests {
         ]));
         let col = |i: usize, name: &str| -> PhysExpr { Arc::new(Column::new(name, i)) };
         let make = || {
-            let call = |func, arg| AggCall {
-                func,
-                arg,
-                distinct: false,
-                filter: None,
-                output_type: DataType::Int64,
-            };
             AggregateState::try_new(
                 vec![col(0, "k"), col(1, "ws"), col(2, "we")],
                 vec![
-                    call(AggFunc::Count, None),
-                    call(AggFunc::Sum, Some(col(3, "v"))),
+                    call(AggFunc::Count, None, false),
+                    call(AggFunc::Sum, Some(col(3, "v")), false),
                 ],
                 AggWindow::Assigned {
                     start_key: 1,
