@@ -41,6 +41,49 @@ pub fn format_millis(ms: i64) -> String {
     }
 }
 
+/// Formats a timestamp column without a time zone with a chrono format (`%Y-%m-%d`), parsed
+/// once for the whole column (arrow's formatter and DataFusion's `to_char` parse it again for
+/// every value). `None` for other columns (zoned timestamps: the caller formats those).
+pub fn format_timestamps(
+    array: &ArrayRef,
+    format: &str,
+) -> Result<Option<arrow::array::StringArray>, ArrowError> {
+    use std::fmt::Write;
+    if !matches!(array.data_type(), DataType::Timestamp(_, None)) {
+        return Ok(None);
+    }
+    let items: Vec<chrono::format::Item> = chrono::format::StrftimeItems::new(format).collect();
+    if items
+        .iter()
+        .any(|i| matches!(i, chrono::format::Item::Error))
+    {
+        return Err(ArrowError::InvalidArgumentError(format!(
+            "'{format}' is not a valid date/time format"
+        )));
+    }
+    let millis = to_millis(array)?;
+    let millis = millis.as_primitive::<TimestampMillisecondType>();
+    let mut out =
+        arrow::array::StringBuilder::with_capacity(millis.len(), millis.len() * format.len());
+    let mut text = String::new();
+    for i in 0..millis.len() {
+        let t = millis
+            .is_valid(i)
+            .then(|| chrono::DateTime::from_timestamp_millis(millis.value(i)))
+            .flatten();
+        match t {
+            Some(t) => {
+                text.clear();
+                write!(text, "{}", t.naive_utc().format_with_items(items.iter()))
+                    .map_err(|e| ArrowError::ComputeError(e.to_string()))?;
+                out.append_value(&text);
+            }
+            None => out.append_null(),
+        }
+    }
+    Ok(Some(out.finish()))
+}
+
 /// Null-aware row access to a millisecond column (row-at-a-time code paths only).
 pub fn millis_at(array: &ArrayRef, row: usize) -> Option<i64> {
     let a = array.as_primitive::<TimestampMillisecondType>();
@@ -75,7 +118,8 @@ pub fn now_millis() -> i64 {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_duration_ms;
+    use super::{format_timestamps, parse_duration_ms};
+    use arrow::array::{Array, ArrayRef};
 
     #[test]
     fn flink_durations() {
@@ -86,5 +130,32 @@ mod tests {
         assert_eq!(parse_duration_ms("250"), Some(250));
         assert_eq!(parse_duration_ms("5 fortnights"), None);
         assert_eq!(parse_duration_ms("s"), None);
+    }
+
+    /// Timestamps format as Flink's DATE_FORMAT and the sinks print them, before 1970 too;
+    /// nulls stay null; zoned timestamps are left to the caller; a bad format is an error.
+    #[test]
+    fn timestamps_format_with_the_format_parsed_once() {
+        use arrow::array::{TimestampMicrosecondArray, TimestampMillisecondArray};
+        use std::sync::Arc;
+        let millis: ArrayRef = Arc::new(TimestampMillisecondArray::from(vec![
+            Some(1_794_355_200_123),
+            None,
+            Some(-1),
+        ]));
+        let text = format_timestamps(&millis, "%Y-%m-%d %H:%M:%S%.3f")
+            .unwrap()
+            .unwrap();
+        assert_eq!(text.value(0), "2026-11-11 00:00:00.123");
+        assert!(text.is_null(1));
+        assert_eq!(text.value(2), "1969-12-31 23:59:59.999");
+        let micros: ArrayRef =
+            Arc::new(TimestampMicrosecondArray::from(vec![1_794_355_260_000_000]));
+        let text = format_timestamps(&micros, "%H:%M").unwrap().unwrap();
+        assert_eq!(text.value(0), "00:01");
+        let zoned: ArrayRef =
+            Arc::new(TimestampMillisecondArray::from(vec![0]).with_timezone("UTC"));
+        assert!(format_timestamps(&zoned, "%Y").unwrap().is_none());
+        assert!(format_timestamps(&millis, "%Y-%Q").is_err());
     }
 }

@@ -134,10 +134,15 @@ pub fn timestamps_as_text(batch: &RecordBatch) -> Result<RecordBatch> {
     let mut columns: Vec<ArrayRef> = vec![];
     for (f, c) in batch.schema().fields().iter().zip(batch.columns()) {
         if matches!(f.data_type(), DataType::Timestamp(_, _)) {
-            let formatter = ArrayFormatter::try_new(c.as_ref(), &options)?;
-            let text: arrow::array::StringArray = (0..c.len())
-                .map(|i| c.is_valid(i).then(|| formatter.value(i).to_string()))
-                .collect();
+            let text = match sluice_common::time::format_timestamps(c, TIMESTAMP_FORMAT)? {
+                Some(text) => text,
+                None => {
+                    let formatter = ArrayFormatter::try_new(c.as_ref(), &options)?;
+                    (0..c.len())
+                        .map(|i| c.is_valid(i).then(|| formatter.value(i).to_string()))
+                        .collect()
+                }
+            };
             fields.push(Field::new(f.name(), DataType::Utf8, f.is_nullable()));
             columns.push(Arc::new(text));
         } else {

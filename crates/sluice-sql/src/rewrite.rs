@@ -138,7 +138,7 @@ fn rewrite_expr(expr: &Expr) -> Option<Expr> {
         }
         ("DATE_FORMAT", 2) => {
             let format = java_format_literal(&args[1])?;
-            call("to_char", vec![args[0].clone(), string(&format)])
+            call("sluice_date_format", vec![args[0].clone(), string(&format)])
         }
         ("TO_TIMESTAMP", 2) => {
             let format = java_format_literal(&args[1])?;
