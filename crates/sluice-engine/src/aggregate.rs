@@ -752,8 +752,7 @@ impl AggregateState {
     /// pane, oldest first, and drops the panes whose last window fired.
     fn fire_slices(&mut self, watermark: i64) -> Result<Option<ChangeBatch>> {
         let mut out = vec![];
-        loop {
-            let Some(s) = &self.slicing else { break };
+        while let Some(s) = &self.slicing {
             let (size, slide) = (s.size, s.slide);
             let Some(&first_end) = self.by_end.keys().next() else {
                 break;
