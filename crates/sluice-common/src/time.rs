@@ -41,15 +41,19 @@ pub fn format_millis(ms: i64) -> String {
     }
 }
 
-/// Formats a timestamp column without a time zone with a chrono format (`%Y-%m-%d`), parsed
-/// once for the whole column (arrow's formatter and DataFusion's `to_char` parse it again for
-/// every value). `None` for other columns (zoned timestamps: the caller formats those).
+/// Formats a second or millisecond timestamp column without a time zone with a chrono format
+/// (`%Y-%m-%d`), parsed once for the whole column (arrow's formatter and DataFusion's `to_char`
+/// parse it again for every value). `None` for other columns (zoned or finer timestamps: the
+/// caller formats those).
 pub fn format_timestamps(
     array: &ArrayRef,
     format: &str,
 ) -> Result<Option<arrow::array::StringArray>, ArrowError> {
     use std::fmt::Write;
-    if !matches!(array.data_type(), DataType::Timestamp(_, None)) {
+    if !matches!(
+        array.data_type(),
+        DataType::Timestamp(TimeUnit::Millisecond | TimeUnit::Second, None)
+    ) {
         return Ok(None);
     }
     let items: Vec<chrono::format::Item> = chrono::format::StrftimeItems::new(format).collect();
@@ -133,10 +137,13 @@ mod tests {
     }
 
     /// Timestamps format as Flink's DATE_FORMAT and the sinks print them, before 1970 too;
-    /// nulls stay null; zoned timestamps are left to the caller; a bad format is an error.
+    /// nulls stay null; zoned and finer timestamps are left to the caller; a bad format is an
+    /// error.
     #[test]
     fn timestamps_format_with_the_format_parsed_once() {
-        use arrow::array::{TimestampMicrosecondArray, TimestampMillisecondArray};
+        use arrow::array::{
+            TimestampMicrosecondArray, TimestampMillisecondArray, TimestampSecondArray,
+        };
         use std::sync::Arc;
         let millis: ArrayRef = Arc::new(TimestampMillisecondArray::from(vec![
             Some(1_794_355_200_123),
@@ -149,10 +156,11 @@ mod tests {
         assert_eq!(text.value(0), "2026-11-11 00:00:00.123");
         assert!(text.is_null(1));
         assert_eq!(text.value(2), "1969-12-31 23:59:59.999");
-        let micros: ArrayRef =
-            Arc::new(TimestampMicrosecondArray::from(vec![1_794_355_260_000_000]));
-        let text = format_timestamps(&micros, "%H:%M").unwrap().unwrap();
+        let seconds: ArrayRef = Arc::new(TimestampSecondArray::from(vec![1_794_355_260]));
+        let text = format_timestamps(&seconds, "%H:%M").unwrap().unwrap();
         assert_eq!(text.value(0), "00:01");
+        let micros: ArrayRef = Arc::new(TimestampMicrosecondArray::from(vec![0]));
+        assert!(format_timestamps(&micros, "%Y").unwrap().is_none());
         let zoned: ArrayRef =
             Arc::new(TimestampMillisecondArray::from(vec![0]).with_timezone("UTC"));
         assert!(format_timestamps(&zoned, "%Y").unwrap().is_none());
