@@ -166,25 +166,26 @@ impl RankState {
             RankMode::FirstByTime { time } => Some(self.times(&batch.data, time)?),
         };
         // Updating mode: each touched partition's first N rows before the batch.
-        let mut before: Vec<(Bytes, Vec<Bytes>)> = vec![];
-        let mut touched: HashMap<Box<[u8]>, usize> = HashMap::new();
+        // Keys are looked up by reference: a partition's key is copied only when it is new.
+        let mut before: Vec<(&[u8], Vec<Bytes>)> = vec![];
+        let mut touched: HashMap<&[u8], usize> = HashMap::new();
         for i in 0..n {
-            let key: Box<[u8]> = keys[i].into();
+            let key: &[u8] = keys[i];
             let entry = (sorts.row(i).as_ref().into(), rows.row(i).as_ref().into());
             let accumulate = batch.op(i).sign() > 0;
             let key_group = key_groups[i];
             match self.mode {
                 RankMode::Updating => {
-                    if !touched.contains_key(&key) {
+                    if !touched.contains_key(key) {
                         let top = self
                             .partitions
-                            .get(&key)
+                            .get(key)
                             .map(|p| p.top(self.limit))
                             .unwrap_or_default();
-                        touched.insert(key.clone(), before.len());
-                        before.push((key.clone(), top));
+                        touched.insert(key, before.len());
+                        before.push((key, top));
                     }
-                    let p = self.partitions.entry(key.clone()).or_default();
+                    let p = self.partitions.entry_ref(key).or_default();
                     p.key_group = key_group;
                     if accumulate {
                         *p.rows.entry(entry).or_insert(0) += 1;
@@ -200,11 +201,12 @@ impl RankState {
                             None => dropped += 1,
                         }
                         if p.rows.is_empty() {
-                            self.partitions.remove(&key);
+                            self.partitions.remove(key);
                         }
                     }
                 }
                 RankMode::Window { .. } | RankMode::FirstByTime { .. } => {
+                    let key: Box<[u8]> = key.into();
                     if !accumulate {
                         return Err(Error::Runtime(
                             "a window Top-N or deduplication received a retraction; its input must be append-only"
@@ -268,7 +270,7 @@ impl RankState {
         for (key, old) in before {
             let new = self
                 .partitions
-                .get(&key)
+                .get(key)
                 .map(|p| p.top(self.limit))
                 .unwrap_or_default();
             for r in 0..old.len().max(new.len()) {
