@@ -20,8 +20,8 @@ pub fn all() -> Vec<Arc<ScalarUDF>> {
     ]
 }
 
-/// `DATE_FORMAT(ts, format)` (the format already in chrono's spelling, see
-/// [`crate::rewrite`]) of a timestamp without a time zone: chrono formats each value with the
+/// `DATE_FORMAT(ts, format)` and `FROM_UNIXTIME` (the format already in chrono's spelling, see
+/// [`crate::rewrite`]) of a second or millisecond timestamp without a time zone: chrono formats each value with the
 /// format parsed once per batch. DataFusion's `to_char` parses it again for every value, which
 /// was most of the function's time; other inputs (dates, zoned timestamps, strings, a format
 /// per row) go to `to_char`.

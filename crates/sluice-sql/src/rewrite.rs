@@ -149,7 +149,7 @@ fn rewrite_expr(expr: &Expr) -> Option<Expr> {
         }
         ("TO_TIMESTAMP", 1) => call("to_timestamp_millis", args),
         ("FROM_UNIXTIME", 1) => call(
-            "to_char",
+            "sluice_date_format",
             vec![
                 call("to_timestamp_seconds", args),
                 string("%Y-%m-%d %H:%M:%S"),
@@ -158,7 +158,7 @@ fn rewrite_expr(expr: &Expr) -> Option<Expr> {
         ("FROM_UNIXTIME", 2) => {
             let format = java_format_literal(&args[1])?;
             call(
-                "to_char",
+                "sluice_date_format",
                 vec![
                     call("to_timestamp_seconds", vec![args[0].clone()]),
                     string(&format),
