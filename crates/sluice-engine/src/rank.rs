@@ -6,7 +6,9 @@
 //! - [`RankMode::Updating`]: after each batch, every partition the batch touched compares its old
 //!   and new first N rows position by position: a changed position emits `-U` old / `+U` new
 //!   (`-D` or `+I` where a side is empty). An append-only input keeps only N rows per partition
-//!   (a row pushed out never comes back); an updating one keeps all.
+//!   (a row pushed out never comes back); an updating one keeps all. The append-only case with
+//!   a small N (keep-last deduplication, per-key Top-10s) keeps its rows in one arena
+//!   ([`AppendOnlyTop`]): no allocation per row or per key.
 //! - [`RankMode::Window`]: a window's partitions are emitted once, when the watermark passes the
 //!   window's end.
 //! - [`RankMode::FirstByTime`]: per key, the row with the smallest event time is emitted once the
@@ -27,6 +29,8 @@ use arrow::record_batch::RecordBatch;
 use arrow::row::RowConverter;
 use sluice_common::{ChangeBatch, Error, Op, Result};
 use sluice_sql::{PhysExpr, RankMode, SortKey};
+use sluice_state::group_table::NO_TAG;
+use sluice_state::{ByteSlots, GroupTable};
 
 /// Bytes in Arrow row format.
 type Bytes = Box<[u8]>;
@@ -94,7 +98,13 @@ pub struct RankState {
     timers: BTreeMap<i64, Vec<Box<[u8]>>>,
     watermark: i64,
     append_only_input: bool,
+    /// Updating mode over an append-only input with a small N: the arena state instead of
+    /// `partitions`.
+    top: Option<AppendOnlyTop>,
 }
+
+/// The largest N kept in [`AppendOnlyTop`]; beyond it, the ordered map per partition.
+const ARENA_TOP_MAX: usize = 16;
 
 impl RankState {
     pub fn try_new(
@@ -109,6 +119,11 @@ impl RankState {
         let keys = crate::rows::key_converter(&partition, input)?;
         let sorts = crate::rows::sort_converter(&order, input)?;
         let rows = crate::rows::row_converter(input)?;
+        let top = (mode == RankMode::Updating
+            && append_only_input
+            && (1..=ARENA_TOP_MAX).contains(&limit))
+        .then(|| AppendOnlyTop::try_new(&partition, input, limit))
+        .transpose()?;
         Ok(RankState {
             partition,
             order: order.into_iter().map(|k| k.expr).collect(),
@@ -122,15 +137,22 @@ impl RankState {
             timers: BTreeMap::new(),
             watermark: i64::MIN,
             append_only_input,
+            top,
         })
     }
 
     /// Rows held over all partitions.
     pub fn rows_held(&self) -> u64 {
+        if let Some(top) = &self.top {
+            return top.rows_held();
+        }
         self.partitions.values().map(|p| p.len() as u64).sum()
     }
 
     pub fn partitions(&self) -> usize {
+        if let Some(top) = &self.top {
+            return top.partitions.len();
+        }
         self.partitions.len()
     }
 
@@ -160,6 +182,13 @@ impl RankState {
         let keys = crate::rows::key_bytes(&keys, key_arrays.is_empty(), n);
         let sorts = self.sorts.convert_columns(&sort_arrays)?;
         let rows = self.rows.convert_columns(batch.data.columns())?;
+        if let Some(top) = &mut self.top {
+            let (rows, ranks, ops, dropped) =
+                top.apply(batch, &keys, &key_groups, &sorts, &rows)?;
+            let changes = output(&self.rows, &self.schema, rows, ranks, ops)?;
+            top.end_batch();
+            return Ok(RankOutput { changes, dropped });
+        }
         let times = match self.mode {
             RankMode::Updating => None,
             RankMode::Window { end } => Some(self.times(&batch.data, end)?),
@@ -303,19 +332,7 @@ impl RankState {
         ranks: Vec<u64>,
         ops: Vec<Op>,
     ) -> Result<Option<ChangeBatch>> {
-        if rows.is_empty() {
-            return Ok(None);
-        }
-        let parser = self.rows.parser();
-        let mut cols = self
-            .rows
-            .convert_rows(rows.iter().map(|r| parser.parse(r)))?;
-        cols.push(cast(
-            &(Arc::new(UInt64Array::from(ranks)) as ArrayRef),
-            self.schema.field(cols.len()).data_type(),
-        )?);
-        let data = RecordBatch::try_new(self.schema.clone(), cols)?;
-        Ok(Some(ChangeBatch::with_ops(data, ops)))
+        output(&self.rows, &self.schema, rows, ranks, ops)
     }
 
     /// Emits the windows (or first rows) the watermark finished.
@@ -358,6 +375,9 @@ impl RankState {
 
     /// This worker's state: key group, partition key, sort key, row, copies, until, done.
     pub fn snapshot(&self) -> Result<RecordBatch> {
+        if let Some(top) = &self.top {
+            return top.snapshot();
+        }
         let mut group = vec![];
         let mut key: Vec<&[u8]> = vec![];
         let mut sort: Vec<Option<&[u8]>> = vec![];
@@ -405,6 +425,18 @@ impl RankState {
         let until = batch
             .column(5)
             .as_primitive::<arrow::datatypes::Int64Type>();
+        if let Some(top) = &mut self.top {
+            for i in 0..batch.num_rows() {
+                if !owns(group.value(i)) || row.is_null(i) {
+                    continue;
+                }
+                let gid = top.partition(key.value(i), group.value(i));
+                for _ in 0..count.value(i) {
+                    top.insert(gid, sort.value(i), row.value(i), false);
+                }
+            }
+            return Ok(());
+        }
         for i in 0..batch.num_rows() {
             if !owns(group.value(i)) {
                 continue;
@@ -418,13 +450,272 @@ impl RankState {
                 p.done = true;
                 continue;
             }
-            p.rows
-                .insert((sort.value(i).into(), row.value(i).into()), count.value(i));
+            *p.rows
+                .entry((sort.value(i).into(), row.value(i).into()))
+                .or_insert(0) += count.value(i);
             if fresh && self.mode != RankMode::Updating {
                 self.timers.entry(p.until).or_default().push(k);
             }
         }
         Ok(())
+    }
+}
+
+/// Rows in Arrow row format, with their ranks and ops, as a change batch of `schema`.
+fn output<R: AsRef<[u8]>>(
+    converter: &RowConverter,
+    schema: &SchemaRef,
+    rows: Vec<R>,
+    ranks: Vec<u64>,
+    ops: Vec<Op>,
+) -> Result<Option<ChangeBatch>> {
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let parser = converter.parser();
+    let mut cols = converter.convert_rows(rows.iter().map(|r| parser.parse(r.as_ref())))?;
+    cols.push(cast(
+        &(Arc::new(UInt64Array::from(ranks)) as ArrayRef),
+        schema.field(cols.len()).data_type(),
+    )?);
+    let data = RecordBatch::try_new(schema.clone(), cols)?;
+    Ok(Some(ChangeBatch::with_ops(data, ops)))
+}
+
+/// Updating Top-N over an append-only input, for a small N.
+///
+/// A partition only ever loses a row by its being pushed out of the first N, so each keeps at
+/// most N rows. Partition keys are interned into dense ids ([`GroupTable`], its tag the key
+/// group), and entry `j` of partition `g` is slot `g * N + j` of one arena: the sort key's
+/// bytes followed by the row's (Arrow row format is prefix-free and order-preserving, so the
+/// concatenation compares as the pair), in ascending order. A row that does not make a full
+/// partition's first N costs a hash probe and a comparison; one that does costs a copy into the
+/// arena (in place when it fits).
+struct AppendOnlyTop {
+    limit: usize,
+    partitions: GroupTable,
+    /// Rows held, per partition.
+    filled: Vec<u8>,
+    entries: ByteSlots,
+    /// Length of the sort key at the start of each entry.
+    sort_lens: Vec<u32>,
+    /// The batch that last touched each partition (`u32::MAX`: none).
+    stamp: Vec<u32>,
+    batch: u32,
+    /// This batch's touched partitions, each with its rows before the batch (in `before`).
+    touched: Vec<(u32, std::ops::Range<usize>)>,
+    before: Vec<u8>,
+    before_ends: Vec<usize>,
+    scratch: Vec<u8>,
+}
+
+impl AppendOnlyTop {
+    fn try_new(partition: &[PhysExpr], input: &Schema, limit: usize) -> Result<AppendOnlyTop> {
+        let fields = partition
+            .iter()
+            .map(|e| {
+                e.data_type(input)
+                    .map(arrow::row::SortField::new)
+                    .map_err(|e| Error::plan(e.strip_backtrace()))
+            })
+            .collect::<Result<_>>()?;
+        Ok(AppendOnlyTop {
+            limit,
+            partitions: GroupTable::try_new(fields)?,
+            filled: vec![],
+            entries: ByteSlots::default(),
+            sort_lens: vec![],
+            stamp: vec![],
+            batch: 0,
+            touched: vec![],
+            before: vec![],
+            before_ends: vec![],
+            scratch: vec![],
+        })
+    }
+
+    fn rows_held(&self) -> u64 {
+        self.filled.iter().map(|&f| f as u64).sum()
+    }
+
+    /// The id of a partition, created if new.
+    fn partition(&mut self, key: &[u8], key_group: u16) -> u32 {
+        let gid = self.partitions.intern_bytes(key);
+        if self.partitions.tag(gid) == NO_TAG {
+            self.partitions.set_tag(gid, key_group);
+        }
+        let g = gid as usize;
+        if g >= self.filled.len() {
+            self.filled.resize(g + 1, 0);
+            self.stamp.resize(g + 1, u32::MAX);
+            self.sort_lens.resize((g + 1) * self.limit, 0);
+        }
+        gid
+    }
+
+    fn slot(&self, gid: u32, j: usize) -> u32 {
+        (gid as usize * self.limit + j) as u32
+    }
+
+    /// Entry `j` of a partition: sort key and row bytes together.
+    fn entry(&self, gid: u32, j: usize) -> &[u8] {
+        self.entries.get(self.slot(gid, j)).unwrap_or_default()
+    }
+
+    /// The row of entry `j`.
+    fn row(&self, gid: u32, j: usize) -> &[u8] {
+        let slot = self.slot(gid, j);
+        &self.entry(gid, j)[self.sort_lens[slot as usize] as usize..]
+    }
+
+    /// Puts a row in a partition's first N, if it belongs there. With `track`, a partition's
+    /// first change in the batch saves its rows before, for the batch's output.
+    fn insert(&mut self, gid: u32, sort: &[u8], row: &[u8], track: bool) -> bool {
+        let filled = self.filled[gid as usize] as usize;
+        // Equal rows rank after those already held (a copy).
+        let mut pos = filled;
+        while pos > 0 {
+            let slot = self.slot(gid, pos - 1) as usize;
+            let e = self.entry(gid, pos - 1);
+            let (es, er) = e.split_at(self.sort_lens[slot] as usize);
+            let later = match es.cmp(sort) {
+                std::cmp::Ordering::Equal => er > row,
+                o => o == std::cmp::Ordering::Greater,
+            };
+            if !later {
+                break;
+            }
+            pos -= 1;
+        }
+        if pos == self.limit {
+            return false;
+        }
+        if track && self.stamp[gid as usize] != self.batch {
+            self.stamp[gid as usize] = self.batch;
+            let start = self.before_ends.len();
+            for j in 0..filled {
+                let slot = self.slot(gid, j);
+                let e = self.entries.get(slot).unwrap_or_default();
+                self.before
+                    .extend_from_slice(&e[self.sort_lens[slot as usize] as usize..]);
+                self.before_ends.push(self.before.len());
+            }
+            self.touched.push((gid, start..self.before_ends.len()));
+        }
+        // Shift the entries after `pos` down by one; the last falls out when full.
+        let last = filled.min(self.limit - 1);
+        for j in (pos + 1..=last).rev() {
+            let (from, to) = (self.slot(gid, j - 1), self.slot(gid, j));
+            self.scratch.clear();
+            self.scratch
+                .extend_from_slice(self.entries.get(from).unwrap_or_default());
+            self.entries.set(to, &self.scratch);
+            self.sort_lens[to as usize] = self.sort_lens[from as usize];
+        }
+        let at = self.slot(gid, pos);
+        self.scratch.clear();
+        self.scratch.extend_from_slice(sort);
+        self.scratch.extend_from_slice(row);
+        self.entries.set(at, &self.scratch);
+        self.sort_lens[at as usize] = sort.len() as u32;
+        self.filled[gid as usize] = (filled + 1).min(self.limit) as u8;
+        true
+    }
+
+    /// Applies a batch; returns the changed positions of the partitions it touched (row, rank,
+    /// op), and how many retractions it dropped (none: the input is append-only).
+    #[allow(clippy::type_complexity)]
+    fn apply<'a>(
+        &'a mut self,
+        batch: &ChangeBatch,
+        keys: &[&[u8]],
+        key_groups: &[u16],
+        sorts: &arrow::row::Rows,
+        rows: &arrow::row::Rows,
+    ) -> Result<(Vec<&'a [u8]>, Vec<u64>, Vec<Op>, u64)> {
+        for i in 0..batch.num_rows() {
+            if batch.op(i).sign() < 0 {
+                return Err(Error::Runtime(
+                    "a Top-N over an append-only input received a retraction".into(),
+                ));
+            }
+            let gid = self.partition(keys[i], key_groups[i]);
+            self.insert(gid, sorts.row(i).data(), rows.row(i).data(), true);
+        }
+        let (mut out, mut ranks, mut ops) = (vec![], vec![], vec![]);
+        let this = &*self;
+        for (gid, before) in &this.touched {
+            let old = &this.before_ends[before.clone()];
+            let new = this.filled[*gid as usize] as usize;
+            for r in 0..old.len().max(new) {
+                let o = (r < old.len()).then(|| {
+                    let start = if before.start + r == 0 {
+                        0
+                    } else {
+                        this.before_ends[before.start + r - 1]
+                    };
+                    &this.before[start..old[r]]
+                });
+                let w = (r < new).then(|| this.row(*gid, r));
+                if o == w {
+                    continue;
+                }
+                let both = o.is_some() && w.is_some();
+                if let Some(o) = o {
+                    out.push(o);
+                    ranks.push(r as u64 + 1);
+                    ops.push(if both { Op::UpdateBefore } else { Op::Delete });
+                }
+                if let Some(w) = w {
+                    out.push(w);
+                    ranks.push(r as u64 + 1);
+                    ops.push(if both { Op::UpdateAfter } else { Op::Insert });
+                }
+            }
+        }
+        Ok((out, ranks, ops, 0))
+    }
+
+    /// Forgets the batch's touched partitions and their rows before.
+    fn end_batch(&mut self) {
+        self.touched.clear();
+        self.before.clear();
+        self.before_ends.clear();
+        self.batch = self.batch.wrapping_add(1);
+        if self.batch == u32::MAX {
+            self.batch = 0;
+            self.stamp.fill(u32::MAX);
+        }
+    }
+
+    fn snapshot(&self) -> Result<RecordBatch> {
+        let mut group = vec![];
+        let mut key: Vec<&[u8]> = vec![];
+        let mut sort: Vec<Option<&[u8]>> = vec![];
+        let mut row: Vec<Option<&[u8]>> = vec![];
+        for gid in 0..self.filled.len() as u32 {
+            if !self.partitions.contains(gid) {
+                continue;
+            }
+            for j in 0..self.filled[gid as usize] as usize {
+                let e = self.entry(gid, j);
+                let (s, r) = e.split_at(self.sort_lens[self.slot(gid, j) as usize] as usize);
+                group.push(self.partitions.tag(gid));
+                key.push(self.partitions.key_bytes(gid));
+                sort.push(Some(s));
+                row.push(Some(r));
+            }
+        }
+        let n = group.len();
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(UInt16Array::from(group)),
+            Arc::new(BinaryArray::from(key)),
+            Arc::new(BinaryArray::from(sort)),
+            Arc::new(BinaryArray::from(row)),
+            Arc::new(UInt32Array::from(vec![1; n])),
+            Arc::new(Int64Array::from(vec![0; n])),
+        ];
+        Ok(RecordBatch::try_new(snapshot_schema(), cols)?)
     }
 }
 
@@ -461,5 +752,185 @@ impl crate::keyed::KeyedState for RankState {
 
     fn groups(&self) -> u64 {
         self.partitions() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use arrow::array::Int64Array;
+    use arrow::datatypes::Int64Type;
+    use datafusion_physical_expr::expressions::Column;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    fn input() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new("ts", DataType::Int64, false),
+            Field::new("v", DataType::Int64, false),
+        ]))
+    }
+
+    /// `ROW_NUMBER() OVER (PARTITION BY k ORDER BY ts DESC) <= limit`, updating.
+    fn state(limit: usize, append_only: bool) -> RankState {
+        let col = |n: &str, i: usize| Arc::new(Column::new(n, i)) as PhysExpr;
+        let mut fields = input().fields().to_vec();
+        fields.push(Arc::new(Field::new("rn", DataType::UInt64, false)));
+        RankState::try_new(
+            vec![col("k", 0)],
+            vec![SortKey {
+                expr: col("ts", 1),
+                asc: false,
+                nulls_first: false,
+            }],
+            limit,
+            RankMode::Updating,
+            &input(),
+            Arc::new(Schema::new(fields)),
+            append_only,
+        )
+        .unwrap()
+    }
+
+    fn batch(rows: &[(i64, i64, i64)]) -> ChangeBatch {
+        let col = |f: fn(&(i64, i64, i64)) -> i64| {
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(f))) as ArrayRef
+        };
+        ChangeBatch::inserts(
+            RecordBatch::try_new(input(), vec![col(|r| r.0), col(|r| r.1), col(|r| r.2)]).unwrap(),
+        )
+    }
+
+    /// Folds a changelog into (row, rank) -> count; a retraction must find what it retracts.
+    fn fold(into: &mut BTreeMap<(i64, i64, i64, u64), i64>, changes: &ChangeBatch) {
+        let c = |i: usize| changes.data.column(i).as_primitive::<Int64Type>();
+        let rank = cast(changes.data.column(3), &DataType::Int64).unwrap();
+        let rank = rank.as_primitive::<Int64Type>();
+        for i in 0..changes.num_rows() {
+            let key = (
+                c(0).value(i),
+                c(1).value(i),
+                c(2).value(i),
+                rank.value(i) as u64,
+            );
+            let n = into.entry(key).or_default();
+            *n += changes.op(i).sign() as i64;
+            assert!(*n >= 0, "retracted a row never emitted: {key:?}");
+            if *n == 0 {
+                into.remove(&key);
+            }
+        }
+    }
+
+    /// The batch answer: per key, rows by `ts` descending (ties by the whole row), first `limit`.
+    fn batch_top(rows: &[(i64, i64, i64)], limit: usize) -> BTreeMap<(i64, i64, i64, u64), i64> {
+        let mut by_key: BTreeMap<i64, Vec<(i64, i64, i64)>> = BTreeMap::new();
+        for r in rows {
+            by_key.entry(r.0).or_default().push(*r);
+        }
+        let mut out = BTreeMap::new();
+        for (_, mut rs) in by_key {
+            rs.sort_by(|a, b| b.1.cmp(&a.1).then(a.cmp(b)));
+            for (i, r) in rs.into_iter().take(limit).enumerate() {
+                *out.entry((r.0, r.1, r.2, i as u64 + 1)).or_default() += 1;
+            }
+        }
+        out
+    }
+
+    /// Random append-only batches (with duplicate rows and tied times), through the arena state
+    /// and the ordered-map state, with a snapshot and restore half way: both fold to the batch
+    /// answer.
+    #[test]
+    fn append_only_top_n_folds_to_the_batch_answer() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for limit in [1, 3, 20] {
+            for append_only in [true, false] {
+                let mut s = state(limit, append_only);
+                assert_eq!(s.top.is_some(), append_only && limit <= ARENA_TOP_MAX);
+                let mut seen = vec![];
+                let mut folded = BTreeMap::new();
+                for b in 0..40 {
+                    let rows: Vec<_> = (0..rng.random_range(0..60))
+                        .map(|_| {
+                            (
+                                rng.random_range(0..12),
+                                rng.random_range(0..30),
+                                rng.random_range(0..3),
+                            )
+                        })
+                        .collect();
+                    seen.extend_from_slice(&rows);
+                    if let Some(c) = s.apply(&batch(&rows)).unwrap().changes {
+                        fold(&mut folded, &c);
+                    }
+                    assert_eq!(folded, batch_top(&seen, limit), "limit {limit}, batch {b}");
+                    if b == 20 {
+                        // Restore on two workers that split the key groups, then merge back.
+                        let snap = s.snapshot().unwrap();
+                        let (mut even, mut odd) =
+                            (state(limit, append_only), state(limit, append_only));
+                        even.restore(&snap, &|g| g % 2 == 0).unwrap();
+                        odd.restore(&snap, &|g| g % 2 == 1).unwrap();
+                        assert_eq!(even.rows_held() + odd.rows_held(), s.rows_held());
+                        assert!(even.partitions() > 0 && odd.partitions() > 0);
+                        s = state(limit, append_only);
+                        s.restore(&even.snapshot().unwrap(), &|_| true).unwrap();
+                        s.restore(&odd.snapshot().unwrap(), &|_| true).unwrap();
+                    }
+                }
+                if append_only {
+                    assert_eq!(
+                        s.rows_held() as usize,
+                        folded.values().sum::<i64>() as usize
+                    );
+                }
+            }
+        }
+    }
+
+    /// Hand-checked keep-last: a newer row replaces the key's row (-U old, +U new), an older one
+    /// changes nothing, and several rows of a key in one batch emit only the net change.
+    #[test]
+    fn keep_last_emits_the_net_change_per_batch() {
+        let mut s = state(1, true);
+        let rows = |c: &ChangeBatch| {
+            let col = |i: usize| {
+                c.data
+                    .column(i)
+                    .as_primitive::<Int64Type>()
+                    .values()
+                    .to_vec()
+            };
+            let ops: Vec<Op> = (0..c.num_rows()).map(|i| c.op(i)).collect();
+            (col(0), col(1), col(2), ops)
+        };
+        let out = s
+            .apply(&batch(&[(1, 10, 0), (2, 5, 0), (1, 12, 1)]))
+            .unwrap();
+        assert_eq!(
+            rows(&out.changes.unwrap()),
+            (
+                vec![1, 2],
+                vec![12, 5],
+                vec![1, 0],
+                vec![Op::Insert, Op::Insert]
+            )
+        );
+        assert!(s.apply(&batch(&[(1, 11, 9)])).unwrap().changes.is_none());
+        let out = s.apply(&batch(&[(2, 6, 3), (2, 7, 4)])).unwrap();
+        assert_eq!(
+            rows(&out.changes.unwrap()),
+            (
+                vec![2, 2],
+                vec![5, 7],
+                vec![0, 4],
+                vec![Op::UpdateBefore, Op::UpdateAfter]
+            )
+        );
+        assert_eq!((s.partitions(), s.rows_held()), (2, 2));
     }
 }
