@@ -10,7 +10,10 @@
 //!   emitted again when the last match goes). Output rows are `+I` and `-D`, as in Flink.
 //! - **Interval and window joins** ([`JoinBound`]) take append-only inputs. A row expires once the
 //!   other input's watermark passes its bound; a kept row that never matched is emitted padded
-//!   when it expires, so the output is append-only too.
+//!   when it expires, so the output is append-only too. A side whose unmatched rows are not
+//!   kept expires lazily: probes skip its expired rows, and it is swept in one sequential pass
+//!   once about half of its rows have expired (visiting each expiring key at its own time is a
+//!   cache miss per row).
 //!
 //! `'table.exec.state.ttl'` drops rows of a regular join that were not written for that long
 //! (processing time), silently, as Flink does: results that depend on them are no longer exact.
@@ -87,6 +90,12 @@ struct Side {
     map: HashMap<Box<[u8]>, Bucket>,
     /// Bounded joins: key buckets by the `until` of rows in them.
     expiry: BTreeMap<i64, Vec<Box<[u8]>>>,
+    /// Bounded joins whose unmatched rows of this side are not kept: expired rows stay until a
+    /// sweep, `expiry` is not used, and `due` counts rows by `until >> DUE_SHIFT`.
+    lazy: bool,
+    due: BTreeMap<i64, u64>,
+    /// Rows known to have expired and not swept yet.
+    expired: u64,
     held: u64,
     bytes: usize,
     width: usize,
@@ -102,6 +111,9 @@ impl Side {
             keys: crate::rows::key_converter(keys, schema)?,
             map: HashMap::new(),
             expiry: BTreeMap::new(),
+            lazy: false,
+            due: BTreeMap::new(),
+            expired: 0,
             held: 0,
             bytes: 0,
             width: schema.fields().len(),
@@ -161,6 +173,53 @@ impl Side {
         }
     }
 
+    /// Lazy sides: counts a row that expires after `until`.
+    fn count_due(&mut self, until: i64) {
+        *self.due.entry(until >> DUE_SHIFT).or_default() += 1;
+    }
+
+    /// Lazy sides: the other input's watermark moved to `watermark`. Counts the rows that
+    /// expired, and sweeps once they are about half of what is held.
+    fn expire_lazily(&mut self, watermark: i64) {
+        while let Some(entry) = self.due.first_entry() {
+            // Every `until` of the slot is below its end.
+            let end = (*entry.key() + 1).saturating_mul(1 << DUE_SHIFT);
+            if end > watermark {
+                break;
+            }
+            self.expired += entry.remove();
+        }
+        if self.expired > 0 && self.expired * 2 >= self.held {
+            self.retain(|e| e.until >= watermark);
+            // Rows of a partly expired slot were swept too and are still counted there: a sweep
+            // may come a little early, never late.
+            self.expired = 0;
+        }
+    }
+
+    /// Keeps the entries `live` accepts, in one pass over the buckets.
+    fn retain(&mut self, mut live: impl FnMut(&Entry) -> bool) {
+        let (mut held, mut bytes) = (0u64, 0usize);
+        let held_rows = &mut self.held_rows;
+        self.map.retain(|key, bucket| {
+            bucket.entries.retain(|e| {
+                if live(e) {
+                    return true;
+                }
+                held += e.count as u64;
+                bytes += held_rows.get(e.row).len() + std::mem::size_of::<Entry>();
+                held_rows.remove(e.row);
+                false
+            });
+            if bucket.entries.is_empty() {
+                bytes += key.len() + 48;
+            }
+            !bucket.entries.is_empty()
+        });
+        self.held -= held;
+        self.bytes -= bytes;
+    }
+
     /// Removes one copy of `row`; false if it is not there.
     fn remove(&mut self, key: &[u8], row: &[u8]) -> bool {
         let Some(bucket) = self.map.get_mut(key) else {
@@ -185,6 +244,9 @@ impl Side {
         true
     }
 }
+
+/// Lazy expiry counts rows per 1024 ms of `until`.
+const DUE_SHIFT: u32 = 10;
 
 /// What a batch or a watermark produced.
 pub struct JoinOutput {
@@ -223,10 +285,13 @@ impl JoinState {
         schema: SchemaRef,
         ttl: Option<Duration>,
     ) -> Result<JoinState> {
-        let sides = [
+        let mut sides = [
             Side::new(&inputs[0], &left_keys)?,
             Side::new(&inputs[1], &right_keys)?,
         ];
+        for (i, s) in sides.iter_mut().enumerate() {
+            s.lazy = bound.is_some() && !kind.keeps_unmatched(i);
+        }
         let combined = crate::rows::side_by_side(&inputs[0], &inputs[1]);
         Ok(JoinState {
             kind,
@@ -342,6 +407,9 @@ impl JoinState {
                 }
                 if let Some(b) = o.map.get(keys[i]) {
                     for (e, entry) in b.entries.iter().enumerate() {
+                        if o.lazy && entry.until < self.watermarks[side] {
+                            continue; // expired, not swept yet
+                        }
                         pair_row.push(i as u32);
                         pair_entry.push(e as u32);
                         candidates.push(parser.parse(o.held_rows.get(entry.row)));
@@ -435,7 +503,9 @@ impl JoinState {
                 let key_group = key_groups[i];
                 let s = &mut self.sides[side];
                 s.insert(key, key_group, row.as_ref(), matched, u, now);
-                if bounded {
+                if s.lazy {
+                    s.count_due(u);
+                } else if bounded {
                     s.expire_by(key, u);
                 }
             }
@@ -531,6 +601,10 @@ impl JoinState {
         let expiring = 1 - side;
         let keep = self.kind.keeps_unmatched(expiring);
         let s = &mut self.sides[expiring];
+        if s.lazy {
+            s.expire_lazily(watermark);
+            return Ok(None);
+        }
         let mut padded: Vec<Box<[u8]>> = vec![];
         while let Some(entry) = s.expiry.first_entry() {
             if *entry.key() >= watermark {
@@ -612,26 +686,7 @@ impl JoinState {
         }
         self.last_sweep = now;
         for s in &mut self.sides {
-            let (mut held, mut bytes) = (0u64, 0usize);
-            let held_rows = &mut s.held_rows;
-            s.map.retain(|key, bucket| {
-                bucket.entries.retain(|e| {
-                    if now.saturating_sub(e.touched) > ttl {
-                        held += e.count as u64;
-                        bytes += held_rows.get(e.row).len() + std::mem::size_of::<Entry>();
-                        held_rows.remove(e.row);
-                        false
-                    } else {
-                        true
-                    }
-                });
-                if bucket.entries.is_empty() {
-                    bytes += key.len() + 48;
-                }
-                !bucket.entries.is_empty()
-            });
-            s.held -= held;
-            s.bytes -= bytes;
+            s.retain(|e| now.saturating_sub(e.touched) <= ttl);
         }
     }
 
@@ -645,8 +700,10 @@ impl JoinState {
         let mut degree = vec![];
         let mut until = vec![];
         for (i, s) in self.sides.iter().enumerate() {
+            // Expired rows not swept yet are not state.
+            let expired = |e: &Entry| s.lazy && e.until < self.watermarks[1 - i];
             for (k, b) in &s.map {
-                for e in &b.entries {
+                for e in b.entries.iter().filter(|e| !expired(e)) {
                     side.push(i as u8);
                     group.push(b.key_group);
                     key.push(k);
@@ -706,7 +763,11 @@ impl JoinState {
                     now,
                 );
             }
-            if bounded {
+            if s.lazy {
+                for _ in 0..count.value(i) {
+                    s.count_due(until.value(i));
+                }
+            } else if bounded {
                 s.expire_by(key.value(i), until.value(i));
             }
         }

@@ -817,7 +817,7 @@ mod tests {
                 rank.value(i) as u64,
             );
             let n = into.entry(key).or_default();
-            *n += changes.op(i).sign() as i64;
+            *n += changes.op(i).sign();
             assert!(*n >= 0, "retracted a row never emitted: {key:?}");
             if *n == 0 {
                 into.remove(&key);

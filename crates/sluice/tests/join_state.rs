@@ -221,3 +221,59 @@ fn state_ttl_drops_rows_not_written_for_that_long() {
     );
     assert_eq!(expiring.rows_held(), 10, "only the new right rows are held");
 }
+
+/// Rows `(k, ts)` as a batch of `t`.
+fn rows_of(rows: &[(i64, i64)]) -> ChangeBatch {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("k", DataType::Int64, true),
+        Field::new("ts", DataType::Timestamp(TimeUnit::Millisecond, None), true),
+    ]));
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
+        Arc::new(TimestampMillisecondArray::from_iter_values(
+            rows.iter().map(|r| r.1),
+        )),
+    ];
+    ChangeBatch::inserts(RecordBatch::try_new(schema, cols).unwrap())
+}
+
+/// An inner interval join expires rows lazily (a sweep once about half have expired): a row that
+/// expired but is still in memory must neither match a late row of the other input nor be in a
+/// snapshot, and the sweep frees it.
+#[test]
+fn an_expired_row_not_yet_swept_is_gone_for_matches_and_snapshots() {
+    let (join, mut state) = join_state(
+        "SELECT a.k, a.ts, b.ts FROM t a JOIN t b \
+         ON a.k = b.k AND b.ts BETWEEN a.ts AND a.ts + INTERVAL '1' SECOND",
+        None,
+    );
+    let StreamNode::Join { left, right, .. } = join else {
+        unreachable!()
+    };
+    // Left: key 1 at 0 s (expires once the right watermark passes 1 s), keys 2..=11 at 100 s.
+    let mut l = vec![(1, 0)];
+    l.extend((2..=11).map(|k| (k, 100_000)));
+    assert!(state
+        .apply(0, &stateless(&left, &rows_of(&l)))
+        .unwrap()
+        .changes
+        .is_none());
+    // The right watermark passes the first row's bound: 1 of 11 rows expired, not swept.
+    state.advance_watermark(1, 5_000).unwrap();
+    assert_eq!(state.rows_held(), 11, "swept before half had expired");
+    // A late right row of key 1 at 0.5 s would have matched it; one of key 2 at 100.5 s matches.
+    let out = state
+        .apply(1, &stateless(&right, &rows_of(&[(1, 500), (2, 100_500)])))
+        .unwrap()
+        .changes
+        .expect("the key 2 match");
+    assert_eq!(out.num_rows(), 1);
+    let k = out.data.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+    assert_eq!(k.value(0), 2);
+    // The snapshot holds the 10 live left rows and the 2 right rows, not the expired one.
+    let snap = state.snapshot().unwrap();
+    assert_eq!(snap.num_rows(), 12);
+    // Past 101 s every left row has expired: the sweep frees them all.
+    state.advance_watermark(1, 102_000).unwrap();
+    assert_eq!(state.rows_held(), 2);
+}
