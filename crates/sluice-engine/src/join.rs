@@ -20,7 +20,7 @@
 
 use std::collections::BTreeMap;
 
-use hashbrown::HashMap;
+use smallvec::SmallVec;
 use std::time::{Duration, Instant};
 
 use arrow::array::{
@@ -33,6 +33,8 @@ use arrow::record_batch::RecordBatch;
 use arrow::row::RowConverter;
 use sluice_common::{ChangeBatch, Error, Op, Result};
 use sluice_sql::{JoinBound, JoinKind, PhysExpr};
+use sluice_state::group_table::NO_TAG;
+use sluice_state::GroupTable;
 
 use crate::stateless::evaluate;
 
@@ -49,9 +51,9 @@ struct Entry {
     touched: u32,
 }
 
+/// The rows of one key. Most keys of a join on a fine key hold one row: it is kept inline.
 struct Bucket {
-    key_group: u16,
-    entries: Vec<Entry>,
+    entries: SmallVec<[Entry; 1]>,
     /// Bounded joins: the time the bucket is due in the expiry index (at most its entries'
     /// earliest `until`); it is re-registered at its next earliest when visited.
     due: i64,
@@ -87,9 +89,12 @@ struct Side {
     rows: RowConverter,
     held_rows: Rows,
     keys: RowConverter,
-    map: HashMap<Box<[u8]>, Bucket>,
-    /// Bounded joins: key buckets by the `until` of rows in them.
-    expiry: BTreeMap<i64, Vec<Box<[u8]>>>,
+    /// Keys interned into dense ids (the tag is the key group); `buckets` is indexed by id.
+    index: GroupTable,
+    buckets: Vec<Bucket>,
+    /// Bounded joins: key ids by the `until` of rows in them (an id removed, or reused by
+    /// another key, since it was registered is skipped or visited harmlessly).
+    expiry: BTreeMap<i64, Vec<u32>>,
     /// Bounded joins whose unmatched rows of this side are not kept: expired rows stay until a
     /// sweep, `expiry` is not used, and `due` counts rows by `until >> DUE_SHIFT`.
     lazy: bool,
@@ -109,7 +114,8 @@ impl Side {
             rows: crate::rows::row_converter(schema)?,
             held_rows: Rows::default(),
             keys: crate::rows::key_converter(keys, schema)?,
-            map: HashMap::new(),
+            index: GroupTable::try_new(crate::rows::key_fields(keys, schema)?)?,
+            buckets: vec![],
             expiry: BTreeMap::new(),
             lazy: false,
             due: BTreeMap::new(),
@@ -132,15 +138,15 @@ impl Side {
         now: u32,
     ) {
         self.held += 1;
-        // Looked up by reference: the key is copied only for a new bucket.
-        let bucket = self.map.entry_ref(key).or_insert_with(|| {
+        let gid = self.index.intern_bytes(key);
+        if gid as usize == self.buckets.len() {
+            self.buckets.push(Bucket::default());
+        }
+        if self.index.tag(gid) == NO_TAG {
+            self.index.set_tag(gid, key_group);
             self.bytes += key.len() + 48;
-            Bucket {
-                key_group,
-                entries: vec![],
-                due: i64::MAX,
-            }
-        });
+        }
+        let bucket = &mut self.buckets[gid as usize];
         // An updating input may retract a row later, so copies of a row share one entry that
         // retraction finds; an append-only input never does, and saves the search (hot keys have
         // many rows).
@@ -165,12 +171,28 @@ impl Side {
     /// Bounded joins: makes sure the bucket of `key` is visited by time `until` (one index entry
     /// per bucket and due time, not one per row).
     fn expire_by(&mut self, key: &[u8], until: i64) {
-        if let Some(bucket) = self.map.get_mut(key) {
+        if let Some(gid) = self.index.get(key) {
+            let bucket = &mut self.buckets[gid as usize];
             if until < bucket.due {
                 bucket.due = until;
-                self.expiry.entry(until).or_default().push(key.into());
+                self.expiry.entry(until).or_default().push(gid);
             }
         }
+    }
+
+    /// The bucket of a key id, if the id is a key.
+    #[inline]
+    fn bucket(&self, gid: u32) -> Option<&Bucket> {
+        self.index
+            .contains(gid)
+            .then(|| &self.buckets[gid as usize])
+    }
+
+    /// Forgets an empty bucket; its id may be reused.
+    fn remove_bucket(&mut self, gid: u32) {
+        self.bytes -= self.index.key_bytes(gid).len() + 48;
+        self.index.remove(gid);
+        self.buckets[gid as usize] = Bucket::default();
     }
 
     /// Lazy sides: counts a row that expires after `until`.
@@ -200,8 +222,12 @@ impl Side {
     /// Keeps the entries `live` accepts, in one pass over the buckets.
     fn retain(&mut self, mut live: impl FnMut(&Entry) -> bool) {
         let (mut held, mut bytes) = (0u64, 0usize);
-        let held_rows = &mut self.held_rows;
-        self.map.retain(|key, bucket| {
+        for gid in 0..self.buckets.len() as u32 {
+            if !self.index.contains(gid) {
+                continue;
+            }
+            let held_rows = &mut self.held_rows;
+            let bucket = &mut self.buckets[gid as usize];
             bucket.entries.retain(|e| {
                 if live(e) {
                     return true;
@@ -212,19 +238,19 @@ impl Side {
                 false
             });
             if bucket.entries.is_empty() {
-                bytes += key.len() + 48;
+                self.remove_bucket(gid);
             }
-            !bucket.entries.is_empty()
-        });
+        }
         self.held -= held;
         self.bytes -= bytes;
     }
 
     /// Removes one copy of `row`; false if it is not there.
     fn remove(&mut self, key: &[u8], row: &[u8]) -> bool {
-        let Some(bucket) = self.map.get_mut(key) else {
+        let Some(gid) = self.index.get(key) else {
             return false;
         };
+        let bucket = &mut self.buckets[gid as usize];
         let held = &mut self.held_rows;
         let Some(pos) = bucket.entries.iter().position(|e| held.get(e.row) == row) else {
             return false;
@@ -237,11 +263,19 @@ impl Side {
             held.remove(e.row);
             bucket.entries.swap_remove(pos);
             if bucket.entries.is_empty() {
-                self.bytes -= key.len() + 48;
-                self.map.remove(key);
+                self.remove_bucket(gid);
             }
         }
         true
+    }
+}
+
+impl Default for Bucket {
+    fn default() -> Self {
+        Bucket {
+            entries: SmallVec::new(),
+            due: i64::MAX,
+        }
     }
 }
 
@@ -397,6 +431,8 @@ impl JoinState {
         // Candidate pairs: (row of the batch, entry of the other input), in batch order.
         let mut pair_row: Vec<u32> = vec![];
         let mut pair_entry: Vec<u32> = vec![];
+        // Each row's bucket of the other input (`u32::MAX`: none).
+        let mut probed = vec![u32::MAX; n];
         let other_cols = {
             let o = &self.sides[other];
             let parser = o.rows.parser();
@@ -405,7 +441,9 @@ impl JoinState {
                 if *null {
                     continue;
                 }
-                if let Some(b) = o.map.get(keys[i]) {
+                if let Some(gid) = o.index.get(keys[i]) {
+                    probed[i] = gid;
+                    let b = &o.buckets[gid as usize];
                     for (e, entry) in b.entries.iter().enumerate() {
                         if o.lazy && entry.until < self.watermarks[side] {
                             continue; // expired, not swept yet
@@ -452,13 +490,8 @@ impl JoinState {
                 if !passes.value(q) {
                     continue;
                 }
-                let entry = {
-                    let bucket = self.sides[other]
-                        .map
-                        .get_mut(key)
-                        .expect("candidate bucket");
-                    &mut bucket.entries[pair_entry[q] as usize]
-                };
+                let entry = &mut self.sides[other].buckets[probed[i] as usize].entries
+                    [pair_entry[q] as usize];
                 let copies = entry.count;
                 matched += copies;
                 // With an outer join, the other row's padded version goes away with its first
@@ -611,10 +644,11 @@ impl JoinState {
                 break;
             }
             let due = *entry.key();
-            for key in entry.remove() {
-                let Some(bucket) = s.map.get_mut(&key) else {
+            for gid in entry.remove() {
+                if !s.index.contains(gid) {
                     continue;
-                };
+                }
+                let bucket = &mut s.buckets[gid as usize];
                 if bucket.due != due {
                     continue; // registered again, earlier; visited then
                 }
@@ -637,8 +671,7 @@ impl JoinState {
                 });
                 s.bytes -= freed;
                 if bucket.entries.is_empty() {
-                    s.bytes -= key.len() + 48;
-                    s.map.remove(&key);
+                    s.remove_bucket(gid);
                 } else {
                     // Due again when its earliest remaining row expires.
                     let next = bucket
@@ -648,7 +681,7 @@ impl JoinState {
                         .min()
                         .expect("entries");
                     bucket.due = next;
-                    s.expiry.entry(next).or_default().push(key);
+                    s.expiry.entry(next).or_default().push(gid);
                 }
             }
         }
@@ -702,11 +735,12 @@ impl JoinState {
         for (i, s) in self.sides.iter().enumerate() {
             // Expired rows not swept yet are not state.
             let expired = |e: &Entry| s.lazy && e.until < self.watermarks[1 - i];
-            for (k, b) in &s.map {
+            for gid in 0..s.buckets.len() as u32 {
+                let Some(b) = s.bucket(gid) else { continue };
                 for e in b.entries.iter().filter(|e| !expired(e)) {
                     side.push(i as u8);
-                    group.push(b.key_group);
-                    key.push(k);
+                    group.push(s.index.tag(gid));
+                    key.push(s.index.key_bytes(gid));
                     row.push(s.held_rows.get(e.row));
                     count.push(e.count);
                     degree.push(e.degree);

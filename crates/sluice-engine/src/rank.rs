@@ -511,14 +511,7 @@ struct AppendOnlyTop {
 
 impl AppendOnlyTop {
     fn try_new(partition: &[PhysExpr], input: &Schema, limit: usize) -> Result<AppendOnlyTop> {
-        let fields = partition
-            .iter()
-            .map(|e| {
-                e.data_type(input)
-                    .map(arrow::row::SortField::new)
-                    .map_err(|e| Error::plan(e.strip_backtrace()))
-            })
-            .collect::<Result<_>>()?;
+        let fields = crate::rows::key_fields(partition, input)?;
         Ok(AppendOnlyTop {
             limit,
             partitions: GroupTable::try_new(fields)?,

@@ -21,11 +21,15 @@ fn data_type(e: &PhysExpr, schema: &Schema) -> Result<arrow::datatypes::DataType
 
 /// Row format of the values of `exprs` (keys), compared for equality.
 pub fn key_converter(exprs: &[PhysExpr], schema: &Schema) -> Result<RowConverter> {
-    let fields = exprs
+    Ok(RowConverter::new(key_fields(exprs, schema)?)?)
+}
+
+/// The row-format fields of key expressions (for a [`sluice_state::GroupTable`]).
+pub fn key_fields(exprs: &[PhysExpr], schema: &Schema) -> Result<Vec<SortField>> {
+    exprs
         .iter()
         .map(|e| Ok(SortField::new(data_type(e, schema)?)))
-        .collect::<Result<_>>()?;
-    Ok(RowConverter::new(fields)?)
+        .collect()
 }
 
 /// Row format whose byte order is the SQL order of `order`.

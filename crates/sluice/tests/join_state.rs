@@ -268,7 +268,12 @@ fn an_expired_row_not_yet_swept_is_gone_for_matches_and_snapshots() {
         .changes
         .expect("the key 2 match");
     assert_eq!(out.num_rows(), 1);
-    let k = out.data.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+    let k = out
+        .data
+        .column(0)
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .unwrap();
     assert_eq!(k.value(0), 2);
     // The snapshot holds the 10 live left rows and the 2 right rows, not the expired one.
     let snap = state.snapshot().unwrap();
