@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arrow::array::{Array, ArrayRef, AsArray, StructArray, TimestampMillisecondArray};
 use arrow::datatypes::{DataType, Field, Fields, SchemaRef, TimestampMillisecondType};
@@ -14,7 +14,7 @@ use arrow::record_batch::RecordBatch;
 use arrow_row::{RowConverter, SortField};
 use sluice_common::{ChangeBatch, Error, Op, Result};
 use sluice_sql::{AggCall, AggFunc, AggWindow, EmitPolicy, PhysExpr, SessionOutput};
-use sluice_state::{AccKind, Accumulator, ByteSlots, GroupTable};
+use sluice_state::{AccKind, Accumulator, ByteSlots, DistinctFamily, GroupTable};
 
 use crate::stateless::evaluate;
 
@@ -57,6 +57,11 @@ pub struct AggregateState {
     pub(crate) partition_keys: Option<Vec<usize>>,
     /// HOP windows aggregated in panes (see [`Slicing`]).
     pub(crate) slicing: Option<Slicing>,
+    /// DISTINCT aggregates over the same column, differing in their FILTER, that share one
+    /// value table: the family and the positions of its calls.
+    families: Vec<(Arc<Mutex<DistinctFamily>>, Vec<usize>)>,
+    /// Whether each call is updated through a family.
+    in_family: Vec<bool>,
 }
 
 /// A HOP window aggregated in slices, as Flink does: each row updates one group, its key's
@@ -158,6 +163,13 @@ impl AggregateState {
                 c.distinct,
             )?);
         }
+        let families = distinct_families(&calls, &mut accs, input_schema)?;
+        let mut in_family = vec![false; calls.len()];
+        for (_, members) in &families {
+            for &m in members {
+                in_family[m] = true;
+            }
+        }
         let sessions = match &window {
             AggWindow::Session { gap, time, output } => Some(Sessions {
                 gap: *gap,
@@ -204,6 +216,8 @@ impl AggregateState {
             partition_keys: None,
             changes: Default::default(),
             slicing: None,
+            families,
+            in_family,
         })
     }
 
@@ -316,6 +330,7 @@ impl AggregateState {
     }
 
     fn signs(batch: &ChangeBatch) -> Vec<i64> {
+        // (see also `call_signs`, a call's signs after its FILTER)
         (0..batch.num_rows()).map(|i| batch.op(i).sign()).collect()
     }
 
@@ -326,33 +341,37 @@ impl AggregateState {
         signs: &[i64],
         capacity: usize,
     ) -> Result<()> {
-        for (call, acc) in self.calls.iter().zip(self.accs.iter_mut()) {
+        for (i, (call, acc)) in self.calls.iter().zip(self.accs.iter_mut()).enumerate() {
             acc.resize(capacity);
+            if self.in_family[i] {
+                continue;
+            }
             let values = match &call.arg {
                 Some(a) => Some(evaluate(a, batch)?),
                 None => None,
             };
-            let filtered;
-            let s = match &call.filter {
-                Some(f) => {
-                    let mask = evaluate(f, batch)?;
-                    let mask = mask.as_boolean();
-                    filtered = signs
-                        .iter()
-                        .enumerate()
-                        .map(|(i, s)| {
-                            if mask.is_valid(i) && mask.value(i) {
-                                *s
-                            } else {
-                                0
-                            }
-                        })
-                        .collect::<Vec<_>>();
-                    &filtered[..]
-                }
-                None => signs,
-            };
-            acc.update(slots, s, values.as_ref())?;
+            let s = call_signs(call, batch, signs)?;
+            acc.update(slots, &s, values.as_ref())?;
+        }
+        for (family, members) in &self.families {
+            let arg = self.calls[members[0]]
+                .arg
+                .as_ref()
+                .expect("DISTINCT has an argument");
+            let values = evaluate(arg, batch)?;
+            let member_signs = members
+                .iter()
+                .map(|&m| call_signs(&self.calls[m], batch, signs))
+                .collect::<Result<Vec<_>>>()?;
+            let member_signs: Vec<&[i64]> = member_signs.iter().map(|s| &s[..]).collect();
+            let effective = family.lock().unwrap_or_else(|p| p.into_inner()).update(
+                slots,
+                &member_signs,
+                &values,
+            )?;
+            for (&m, effective) in members.iter().zip(&effective) {
+                self.accs[m].update_distinct(slots, effective, &values)?;
+            }
         }
         Ok(())
     }
@@ -1084,4 +1103,62 @@ fn window_struct(starts: &ArrayRef, ends: &ArrayRef) -> Result<ArrayRef> {
         vec![starts, ends, times],
         None,
     )?))
+}
+
+/// A call's row signs after its FILTER (0 where the filter is false or NULL).
+fn call_signs<'a>(
+    call: &AggCall,
+    batch: &ChangeBatch,
+    signs: &'a [i64],
+) -> Result<std::borrow::Cow<'a, [i64]>> {
+    let Some(f) = &call.filter else {
+        return Ok(std::borrow::Cow::Borrowed(signs));
+    };
+    let mask = evaluate(f, batch)?;
+    let mask = mask.as_boolean();
+    Ok(signs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            if mask.is_valid(i) && mask.value(i) {
+                *s
+            } else {
+                0
+            }
+        })
+        .collect())
+}
+
+/// Groups DISTINCT calls over the same input column (COUNT(DISTINCT bidder) with different
+/// FILTERs) into families of up to [`sluice_state::accumulator::FAMILY_MAX`] that share one value
+/// table, so that a row is looked up once for all of them.
+fn distinct_families(
+    calls: &[AggCall],
+    accs: &mut [Accumulator],
+    input: &arrow::datatypes::Schema,
+) -> Result<Vec<(Arc<Mutex<DistinctFamily>>, Vec<usize>)>> {
+    let mut by_column: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, c) in calls.iter().enumerate() {
+        let column = c
+            .arg
+            .as_ref()
+            .and_then(|a| a.downcast_ref::<datafusion_physical_expr::expressions::Column>());
+        if let (true, Some(column)) = (c.distinct, column) {
+            by_column.entry(column.index()).or_default().push(i);
+        }
+    }
+    let mut families = vec![];
+    for (column, calls) in by_column {
+        for members in calls.chunks(sluice_state::accumulator::FAMILY_MAX) {
+            if members.len() < 2 {
+                continue;
+            }
+            let family = DistinctFamily::try_new(input.field(column).data_type())?;
+            for (m, &call) in members.iter().enumerate() {
+                accs[call].share_distinct(family.clone(), m);
+            }
+            families.push((family, members.to_vec()));
+        }
+    }
+    Ok(families)
 }

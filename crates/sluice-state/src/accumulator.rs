@@ -1,7 +1,7 @@
 //! Retractable aggregate state over all groups of an operator.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use arrow::array::{Array, ArrayRef, AsArray, Decimal128Array, Float64Array, Int64Array};
 use arrow::compute::cast;
@@ -138,6 +138,136 @@ impl PartialEq for ValueKey {
 
 impl Eq for ValueKey {}
 
+/// The value multiplicities of a DISTINCT aggregate.
+enum Distinct {
+    Own(RowConverter, Vec<Multiplicities>),
+    /// Member `.1` of a family sharing one table (see [`DistinctFamily`]).
+    Shared(Arc<Mutex<DistinctFamily>>, usize),
+}
+
+/// The most DISTINCT aggregates one [`DistinctFamily`] serves.
+pub const FAMILY_MAX: usize = 4;
+
+/// Value multiplicities per group for up to [`FAMILY_MAX`] DISTINCT aggregates over the same
+/// argument that differ only in their FILTER (`COUNT(DISTINCT bidder) FILTER (WHERE ...)`, as in
+/// Nexmark q15–q16): each value is kept and looked up once per row for all of them, with one
+/// multiplicity per member. Each member snapshots and restores its own multiplicities, in the
+/// layout of an unshared DISTINCT.
+pub struct DistinctFamily {
+    converter: RowConverter,
+    seen: Vec<hashbrown::HashMap<ValueKey, [i64; FAMILY_MAX]>>,
+}
+
+impl DistinctFamily {
+    /// A family for values of `input_type`, shared by the accumulators it is passed to.
+    pub fn try_new(input_type: &DataType) -> Result<Arc<Mutex<Self>>, ArrowError> {
+        Ok(Arc::new(Mutex::new(DistinctFamily {
+            converter: RowConverter::new(vec![SortField::new(input_type.clone())])?,
+            seen: vec![],
+        })))
+    }
+
+    fn resize(&mut self, n: usize) {
+        if n > self.seen.len() {
+            self.seen.resize_with(n, Default::default);
+        }
+    }
+
+    /// Applies rows for every member at once: `signs[m][i]` is row `i`'s sign for member `m`
+    /// (0: filtered out). Returns each member's effective signs: +1 where a value arrived in
+    /// its group, -1 where it left, else 0.
+    pub fn update(
+        &mut self,
+        gids: &[u32],
+        signs: &[&[i64]],
+        values: &ArrayRef,
+    ) -> Result<Vec<Vec<i64>>, ArrowError> {
+        let rows = self
+            .converter
+            .convert_columns(std::slice::from_ref(values))?;
+        let mut effective = vec![vec![0i64; gids.len()]; signs.len()];
+        for i in 0..gids.len() {
+            if values.is_null(i) || signs.iter().all(|s| s[i] == 0) {
+                continue;
+            }
+            let seen = &mut self.seen[gids[i] as usize];
+            let counts = seen
+                .entry_ref(rows.row(i).as_ref())
+                .or_insert([0; FAMILY_MAX]);
+            for (m, s) in signs.iter().enumerate() {
+                if s[i] != 0 {
+                    let before = counts[m];
+                    counts[m] += s[i];
+                    effective[m][i] = transition(before, counts[m]);
+                }
+            }
+            if counts.iter().all(|c| *c == 0) {
+                seen.remove(rows.row(i).as_ref());
+            }
+        }
+        Ok(effective)
+    }
+
+    /// One member's rows (an accumulator updated on its own).
+    fn update_member(
+        &mut self,
+        member: usize,
+        gids: &[u32],
+        signs: &[i64],
+        values: &ArrayRef,
+    ) -> Result<Vec<i64>, ArrowError> {
+        let zeros = vec![0; gids.len()];
+        let mut all: Vec<&[i64]> = vec![&zeros[..]; member + 1];
+        all[member] = signs;
+        Ok(self.update(gids, &all, values)?.swap_remove(member))
+    }
+
+    /// Values of a member in a group, with their multiplicities.
+    fn member(&self, member: usize, g: usize) -> impl Iterator<Item = (&ValueKey, i64)> {
+        self.seen[g]
+            .iter()
+            .filter(move |(_, c)| c[member] != 0)
+            .map(move |(k, c)| (k, c[member]))
+    }
+
+    /// Clears a member's multiplicities in a group.
+    fn reset(&mut self, member: usize, g: usize) {
+        self.seen[g].retain(|_, c| {
+            c[member] = 0;
+            c.iter().any(|c| *c != 0)
+        });
+    }
+
+    /// Adds a member's multiplicities of group `s` into group `d`; returns the member's number
+    /// of values in `d`.
+    fn combine(&mut self, member: usize, d: usize, s: usize) -> i64 {
+        let from: Vec<(ValueKey, i64)> = self
+            .member(member, s)
+            .map(|(k, m)| (k.clone(), m))
+            .collect();
+        for (k, m) in from {
+            self.seen[d].entry(k).or_insert([0; FAMILY_MAX])[member] += m;
+        }
+        self.member(member, d).filter(|(_, m)| *m > 0).count() as i64
+    }
+}
+
+/// A value's effect on the inner state of a DISTINCT: its first arrival and last departure.
+#[inline]
+fn transition(before: i64, after: i64) -> i64 {
+    match (before > 0, after > 0) {
+        (false, true) => 1,
+        (true, false) => -1,
+        _ => 0,
+    }
+}
+
+fn lock(family: &Mutex<DistinctFamily>) -> MutexGuard<'_, DistinctFamily> {
+    family
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// One aggregate's state over all groups, indexed by group id.
 pub struct Accumulator {
     kind: AccKind,
@@ -146,7 +276,7 @@ pub struct Accumulator {
     output_type: DataType,
     state: State,
     /// For DISTINCT: multiplicity of each value per group; the inner state sees a value once.
-    distinct: Option<(RowConverter, Vec<Multiplicities>)>,
+    distinct: Option<Distinct>,
     /// The input never retracts: MIN/MAX keep only the current extreme (a value beaten once
     /// can never come back).
     append_only: bool,
@@ -192,7 +322,7 @@ impl Accumulator {
             },
         };
         let distinct = if distinct {
-            Some((
+            Some(Distinct::Own(
                 RowConverter::new(vec![SortField::new(input_type.clone())])?,
                 vec![],
             ))
@@ -208,6 +338,14 @@ impl Accumulator {
             distinct,
             append_only: false,
         })
+    }
+
+    /// Makes this DISTINCT accumulator member `member` of `family` (see [`DistinctFamily`]):
+    /// the engine then updates the family once for all members and each member with
+    /// [`Accumulator::update_distinct`].
+    pub fn share_distinct(&mut self, family: Arc<Mutex<DistinctFamily>>, member: usize) {
+        assert!(self.distinct.is_some() && member < FAMILY_MAX);
+        self.distinct = Some(Distinct::Shared(family, member));
     }
 
     /// Declares that the input never retracts, so MIN/MAX need not keep every value.
@@ -233,8 +371,10 @@ impl Accumulator {
             }
             State::Extreme { values, .. } => values.resize_with(n, BTreeMap::new),
         }
-        if let Some((_, d)) = &mut self.distinct {
-            d.resize_with(n, Multiplicities::default);
+        match &mut self.distinct {
+            Some(Distinct::Own(_, d)) => d.resize_with(n, Multiplicities::default),
+            Some(Distinct::Shared(f, _)) => lock(f).resize(n),
+            None => {}
         }
     }
 
@@ -248,7 +388,11 @@ impl Accumulator {
     ) -> Result<(), ArrowError> {
         let mut effective;
         let signs = match (&mut self.distinct, values) {
-            (Some((converter, seen)), Some(values)) => {
+            (Some(Distinct::Shared(family, member)), Some(values)) => {
+                effective = lock(family).update_member(*member, gids, signs, values)?;
+                &effective[..]
+            }
+            (Some(Distinct::Own(converter, seen)), Some(values)) => {
                 // Only a value's first arrival and last departure reach the inner state.
                 let rows = converter.convert_columns(std::slice::from_ref(values))?;
                 effective = vec![0i64; signs.len()];
@@ -265,16 +409,31 @@ impl Accumulator {
                     if after == 0 {
                         seen[gids[i] as usize].remove(rows.row(i).as_ref());
                     }
-                    effective[i] = match (before > 0, after > 0) {
-                        (false, true) => 1,
-                        (true, false) => -1,
-                        _ => 0,
-                    };
+                    effective[i] = transition(before, after);
                 }
                 &effective[..]
             }
             _ => signs,
         };
+        self.update_inner(gids, signs, values)
+    }
+
+    /// Applies the effective signs a [`DistinctFamily`] computed for this member.
+    pub fn update_distinct(
+        &mut self,
+        gids: &[u32],
+        effective: &[i64],
+        values: &ArrayRef,
+    ) -> Result<(), ArrowError> {
+        self.update_inner(gids, effective, Some(values))
+    }
+
+    fn update_inner(
+        &mut self,
+        gids: &[u32],
+        signs: &[i64],
+        values: Option<&ArrayRef>,
+    ) -> Result<(), ArrowError> {
         match &mut self.state {
             State::Count(counts) => match values {
                 None => gids
@@ -385,11 +544,20 @@ impl Accumulator {
     /// pane is part of several windows).
     pub fn combine(&mut self, dst: u32, src: u32) {
         let (d, s) = (dst as usize, src as usize);
-        if let Some((_, seen)) = &mut self.distinct {
-            let from: Vec<(ValueKey, i64)> = seen[s].iter().map(|(k, m)| (k.clone(), *m)).collect();
-            for (k, m) in from {
-                *seen[d].entry(k).or_insert(0) += m;
+        let mut distinct_values = None;
+        match &mut self.distinct {
+            Some(Distinct::Own(_, seen)) => {
+                let from: Vec<(ValueKey, i64)> =
+                    seen[s].iter().map(|(k, m)| (k.clone(), *m)).collect();
+                for (k, m) in from {
+                    *seen[d].entry(k).or_insert(0) += m;
+                }
+                distinct_values = Some(seen[d].len() as i64);
             }
+            Some(Distinct::Shared(f, member)) => {
+                distinct_values = Some(lock(f).combine(*member, d, s));
+            }
+            None => {}
         }
         match &mut self.state {
             State::Count(c) => c[d] += c[s],
@@ -414,8 +582,8 @@ impl Accumulator {
             }
         }
         // DISTINCT COUNT after a merge: a value seen in both groups was counted twice.
-        if let (Some((_, seen)), State::Count(c)) = (&self.distinct, &mut self.state) {
-            c[d] = seen[d].len() as i64;
+        if let (Some(n), State::Count(c)) = (distinct_values, &mut self.state) {
+            c[d] = n;
         }
     }
 
@@ -438,8 +606,10 @@ impl Accumulator {
             }
             State::Extreme { values, .. } => values[g].clear(),
         }
-        if let Some((_, seen)) = &mut self.distinct {
-            seen[g].clear();
+        match &mut self.distinct {
+            Some(Distinct::Own(_, seen)) => seen[g].clear(),
+            Some(Distinct::Shared(f, member)) => lock(f).reset(*member, g),
+            None => {}
         }
     }
 
@@ -559,8 +729,15 @@ impl Accumulator {
         let g = gid as usize;
         let mut w = Writer(out);
         self.state.snapshot_group(g, &mut w);
-        if let Some((_, seen)) = &self.distinct {
-            w.multiset(seen[g].iter().map(|(k, m)| (&k[..], *m)));
+        match &self.distinct {
+            Some(Distinct::Own(_, seen)) => w.multiset(seen[g].iter().map(|(k, m)| (&k[..], *m))),
+            Some(Distinct::Shared(f, member)) => {
+                let f = lock(f);
+                let values: Vec<(&[u8], i64)> =
+                    f.member(*member, g).map(|(k, m)| (&k[..], m)).collect();
+                w.multiset(values.into_iter());
+            }
+            None => {}
         }
     }
 
@@ -620,12 +797,25 @@ impl Accumulator {
             }
             State::Extreme { values, .. } => values[g] = r.multiset()?.into_iter().collect(),
         }
-        if let Some((_, seen)) = &mut self.distinct {
-            seen[g] = r
-                .multiset()?
-                .into_iter()
-                .map(|(k, m)| (ValueKey::from(&k[..]), m))
-                .collect();
+        match &mut self.distinct {
+            Some(Distinct::Own(_, seen)) => {
+                seen[g] = r
+                    .multiset()?
+                    .into_iter()
+                    .map(|(k, m)| (ValueKey::from(&k[..]), m))
+                    .collect();
+            }
+            Some(Distinct::Shared(f, member)) => {
+                let mut f = lock(f);
+                f.resize(g + 1);
+                f.reset(*member, g);
+                for (k, m) in r.multiset()? {
+                    f.seen[g]
+                        .entry(ValueKey::from(&k[..]))
+                        .or_insert([0; FAMILY_MAX])[*member] = m;
+                }
+            }
+            None => {}
         }
         if !r.is_done() {
             return Err(CorruptSnapshot("group state longer than its accumulator's"));
@@ -659,10 +849,16 @@ impl Accumulator {
                 .map(|m| 24 + m.keys().map(|k| k.len() + 40).sum::<usize>())
                 .sum(),
         };
-        let distinct = self
-            .distinct
-            .as_ref()
-            .map_or(0, |(_, d)| d.iter().map(|m| 48 + m.len() * 40).sum());
+        let distinct = match &self.distinct {
+            Some(Distinct::Own(_, d)) => d.iter().map(|m| 48 + m.len() * 40).sum(),
+            // The first member counts the family's table.
+            Some(Distinct::Shared(f, 0)) => lock(f)
+                .seen
+                .iter()
+                .map(|m| 48 + m.len() * (24 + 8 * FAMILY_MAX))
+                .sum(),
+            _ => 0,
+        };
         state + distinct
     }
 }
@@ -729,6 +925,144 @@ mod tests {
                 .value(0),
             5
         );
+    }
+
+    /// A family of DISTINCT aggregates (COUNT and SUM, three FILTERs) agrees with unshared
+    /// accumulators fed the same filtered rows: results after random inserts and retractions,
+    /// the multisets they snapshot, a restore into a new family, combining and resetting groups.
+    #[test]
+    fn a_distinct_family_agrees_with_unshared_accumulators() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let kinds = [AccKind::Count, AccKind::Count, AccKind::Sum];
+        let new =
+            |k: AccKind| Accumulator::try_new(k, DataType::Int64, DataType::Int64, true).unwrap();
+        let shared = |family: &Arc<Mutex<DistinctFamily>>| {
+            kinds
+                .iter()
+                .enumerate()
+                .map(|(m, k)| {
+                    let mut a = new(*k);
+                    a.share_distinct(family.clone(), m);
+                    a
+                })
+                .collect::<Vec<_>>()
+        };
+        let family = DistinctFamily::try_new(&DataType::Int64).unwrap();
+        let mut members = shared(&family);
+        let mut alone: Vec<_> = kinds.iter().map(|k| new(*k)).collect();
+        let groups = 4u32;
+        for a in members.iter_mut().chain(alone.iter_mut()) {
+            a.resize(groups as usize);
+        }
+        // Rows currently in (group, value), so that retractions retract something.
+        let mut live: Vec<(u32, Option<i64>)> = vec![];
+        let results = |accs: &[Accumulator]| -> Vec<Vec<Option<i64>>> {
+            let gids: Vec<u32> = (0..groups).collect();
+            accs.iter()
+                .map(|a| {
+                    let r = a.evaluate(&gids).unwrap();
+                    r.as_primitive::<Int64Type>().iter().collect()
+                })
+                .collect()
+        };
+        let multisets = |accs: &[Accumulator], g: u32| -> Vec<Vec<u8>> {
+            accs.iter()
+                .map(|a| {
+                    let mut out = vec![];
+                    a.snapshot_group(g, &mut out);
+                    // The multiset's order is the map's: compare it sorted.
+                    let mut r = Reader(&out);
+                    match a.kind {
+                        AccKind::Count => r.i64().unwrap(),
+                        _ => {
+                            r.i64().unwrap();
+                            r.i64().unwrap()
+                        }
+                    };
+                    let mut m = r.multiset().unwrap();
+                    m.sort();
+                    format!("{:?} {:?}", &out[..8], m).into_bytes()
+                })
+                .collect()
+        };
+        for round in 0..30 {
+            let n = rng.random_range(1..50);
+            let mut gids = vec![];
+            let mut signs = vec![];
+            let mut values = vec![];
+            for _ in 0..n {
+                if !live.is_empty() && rng.random_bool(0.3) {
+                    let (g, v) = live.swap_remove(rng.random_range(0..live.len()));
+                    gids.push(g);
+                    signs.push(-1);
+                    values.push(v);
+                } else {
+                    let g = rng.random_range(0..groups);
+                    let v = rng.random_bool(0.9).then(|| rng.random_range(0..12));
+                    live.push((g, v));
+                    gids.push(g);
+                    signs.push(1);
+                    values.push(v);
+                }
+            }
+            // Member m sees a row when its value is below 4 * (m + 1) (member 2: all but 8..).
+            let member_signs: Vec<Vec<i64>> = (0..kinds.len())
+                .map(|m| {
+                    (0..n)
+                        .map(|i| match values[i] {
+                            Some(v) if v >= 4 * (m as i64 + 1) => 0,
+                            _ => signs[i],
+                        })
+                        .collect()
+                })
+                .collect();
+            let values = ints(&values);
+            let refs: Vec<&[i64]> = member_signs.iter().map(|s| &s[..]).collect();
+            let effective = family
+                .lock()
+                .unwrap()
+                .update(&gids, &refs, &values)
+                .unwrap();
+            for m in 0..kinds.len() {
+                members[m]
+                    .update_distinct(&gids, &effective[m], &values)
+                    .unwrap();
+                alone[m]
+                    .update(&gids, &member_signs[m], Some(&values))
+                    .unwrap();
+            }
+            assert_eq!(results(&members), results(&alone), "round {round}");
+            for g in 0..groups {
+                assert_eq!(
+                    multisets(&members, g),
+                    multisets(&alone, g),
+                    "round {round}"
+                );
+            }
+        }
+        // A restore into a new family, group by group, reproduces every member.
+        let family2 = DistinctFamily::try_new(&DataType::Int64).unwrap();
+        let mut restored = shared(&family2);
+        for g in 0..groups {
+            for (a, b) in members.iter().zip(restored.iter_mut()) {
+                let mut bytes = vec![];
+                a.snapshot_group(g, &mut bytes);
+                b.restore_group(g, &bytes).unwrap();
+            }
+        }
+        assert_eq!(results(&restored), results(&alone));
+        // Combining group 1 into 0 and resetting 1, then 2 into 3.
+        for accs in [&mut members, &mut alone] {
+            for a in accs.iter_mut() {
+                a.merge(0, 1);
+                a.combine(3, 2);
+            }
+        }
+        assert_eq!(results(&members), results(&alone));
+        for g in 0..groups {
+            assert_eq!(multisets(&members, g), multisets(&alone, g));
+        }
     }
 
     #[test]

@@ -16,6 +16,6 @@ pub mod checkpoint;
 pub mod group_table;
 pub mod snapshot;
 
-pub use accumulator::{AccKind, Accumulator};
+pub use accumulator::{AccKind, Accumulator, DistinctFamily};
 pub use byte_slots::ByteSlots;
 pub use group_table::GroupTable;
