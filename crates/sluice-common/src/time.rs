@@ -65,11 +65,19 @@ pub fn format_timestamps(
             "'{format}' is not a valid date/time format"
         )));
     }
+    // Rows of one minute (of one millisecond, for a format with seconds) format alike: a row
+    // in the same one as the row before reuses its text.
+    let step = if items.iter().all(minute_or_coarser) {
+        60_000
+    } else {
+        1
+    };
     let millis = to_millis(array)?;
     let millis = millis.as_primitive::<TimestampMillisecondType>();
     let mut out =
         arrow::array::StringBuilder::with_capacity(millis.len(), millis.len() * format.len());
     let mut text = String::new();
+    let mut last = None;
     for i in 0..millis.len() {
         let t = millis
             .is_valid(i)
@@ -77,15 +85,57 @@ pub fn format_timestamps(
             .flatten();
         match t {
             Some(t) => {
-                text.clear();
-                write!(text, "{}", t.naive_utc().format_with_items(items.iter()))
-                    .map_err(|e| ArrowError::ComputeError(e.to_string()))?;
+                let unit = millis.value(i).div_euclid(step);
+                if last != Some(unit) {
+                    text.clear();
+                    write!(text, "{}", t.naive_utc().format_with_items(items.iter()))
+                        .map_err(|e| ArrowError::ComputeError(e.to_string()))?;
+                    last = Some(unit);
+                }
                 out.append_value(&text);
             }
             None => out.append_null(),
         }
     }
     Ok(Some(out.finish()))
+}
+
+/// Whether a format item's text is the same for every instant of a minute.
+fn minute_or_coarser(item: &chrono::format::Item) -> bool {
+    use chrono::format::{Fixed, Item, Numeric};
+    match item {
+        Item::Literal(_) | Item::OwnedLiteral(_) | Item::Space(_) | Item::OwnedSpace(_) => true,
+        Item::Numeric(n, _) => matches!(
+            n,
+            Numeric::Year
+                | Numeric::YearDiv100
+                | Numeric::YearMod100
+                | Numeric::IsoYear
+                | Numeric::IsoYearDiv100
+                | Numeric::IsoYearMod100
+                | Numeric::Month
+                | Numeric::Day
+                | Numeric::WeekFromSun
+                | Numeric::WeekFromMon
+                | Numeric::IsoWeek
+                | Numeric::NumDaysFromSun
+                | Numeric::WeekdayFromMon
+                | Numeric::Ordinal
+                | Numeric::Hour
+                | Numeric::Hour12
+                | Numeric::Minute
+        ),
+        Item::Fixed(f) => matches!(
+            f,
+            Fixed::ShortMonthName
+                | Fixed::LongMonthName
+                | Fixed::ShortWeekdayName
+                | Fixed::LongWeekdayName
+                | Fixed::LowerAmPm
+                | Fixed::UpperAmPm
+        ),
+        _ => false,
+    }
 }
 
 /// Null-aware row access to a millisecond column (row-at-a-time code paths only).
@@ -165,5 +215,48 @@ mod tests {
             Arc::new(TimestampMillisecondArray::from(vec![0]).with_timezone("UTC"));
         assert!(format_timestamps(&zoned, "%Y").unwrap().is_none());
         assert!(format_timestamps(&millis, "%Y-%Q").is_err());
+    }
+
+    /// Text reused from the row before (same minute, or same millisecond for formats with
+    /// seconds) equals each value formatted on its own, across minute, day and year boundaries,
+    /// negative times and nulls.
+    #[test]
+    fn reused_text_equals_formatting_each_value() {
+        use arrow::array::TimestampMillisecondArray;
+        use std::sync::Arc;
+        let mut values = vec![];
+        let mut t: i64 = 1_798_761_599_000 - 200_000; // shortly before 2027-01-01
+        for i in 0..2_000i64 {
+            t += [0, 1, 999, 7_001, 59_999][(i % 5) as usize];
+            values.push(if i % 97 == 0 { None } else { Some(t) });
+        }
+        values.extend([
+            Some(-60_001),
+            Some(-60_000),
+            Some(-59_999),
+            Some(-1),
+            Some(0),
+        ]);
+        let array: ArrayRef = Arc::new(TimestampMillisecondArray::from(values.clone()));
+        for format in [
+            "%Y-%m-%d",
+            "%H:%M",
+            "%Y-%m-%d %H:%M:%S",
+            "%S%.3f",
+            "%a %b %p %j",
+        ] {
+            let text = format_timestamps(&array, format).unwrap().unwrap();
+            for (i, v) in values.iter().enumerate() {
+                let want = v.map(|v| {
+                    chrono::DateTime::from_timestamp_millis(v)
+                        .unwrap()
+                        .naive_utc()
+                        .format(format)
+                        .to_string()
+                });
+                let got = (!text.is_null(i)).then(|| text.value(i).to_string());
+                assert_eq!(got, want, "{format}, row {i}");
+            }
+        }
     }
 }

@@ -199,29 +199,37 @@ impl<F: FnMut(&Path) -> Result<Box<dyn SinkWriter>> + Send> SinkWriter for Parti
             .iter()
             .map(|k| cast(batch.data.column(*k), &DataType::Utf8).map_err(Error::from))
             .collect::<Result<Vec<_>>>()?;
-        let mut groups: Vec<(PathBuf, Vec<u32>)> = vec![];
-        let mut slot: HashMap<PathBuf, usize> = HashMap::new();
+        let strings: Vec<&arrow::array::StringArray> =
+            strings.iter().map(|s| s.as_string::<i32>()).collect();
+        let value = |i: usize, k: usize| (!strings[k].is_null(i)).then(|| strings[k].value(i));
+        let same = |i: usize, j: usize| (0..strings.len()).all(|k| value(i, k) == value(j, k));
+        // Rows by partition, in order of first appearance. Rows arrive mostly grouped (a time
+        // partition), so a row is first compared with the one before it.
+        let mut groups: Vec<(usize, Vec<u32>)> = vec![];
+        let mut slot: HashMap<Vec<Option<&str>>, usize> = HashMap::new();
+        let mut current = usize::MAX;
         for i in 0..n {
-            let mut folder = self.dir.clone();
-            for (k, s) in self.layout.keys.iter().zip(&strings) {
-                let s = s.as_string::<i32>();
-                let v = if s.is_null(i) {
-                    DEFAULT_PARTITION.to_string()
-                } else {
-                    escape(s.value(i))
-                };
-                folder.push(format!("{}={v}", self.layout.table.field(*k).name()));
+            if i == 0 || !same(i, i - 1) {
+                let key: Vec<Option<&str>> = (0..strings.len()).map(|k| value(i, k)).collect();
+                current = *slot.entry(key).or_insert_with(|| {
+                    groups.push((i, vec![]));
+                    groups.len() - 1
+                });
             }
-            let g = *slot.entry(folder.clone()).or_insert_with(|| {
-                groups.push((folder, vec![]));
-                groups.len() - 1
-            });
-            groups[g].1.push(i as u32);
+            groups[current].1.push(i as u32);
         }
         let data_columns: Vec<usize> = (0..self.layout.table.fields().len())
             .filter(|i| !self.layout.keys.contains(i))
             .collect();
-        for (folder, rows) in groups {
+        for (first, rows) in groups {
+            let mut folder = self.dir.clone();
+            for (k, key) in self.layout.keys.iter().enumerate() {
+                let v = match value(first, k) {
+                    None => DEFAULT_PARTITION.to_string(),
+                    Some(v) => escape(v),
+                };
+                folder.push(format!("{}={v}", self.layout.table.field(*key).name()));
+            }
             let idx = UInt32Array::from(rows);
             let part = batch.take(&idx)?;
             let cols = data_columns
