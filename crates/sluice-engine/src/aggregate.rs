@@ -59,7 +59,7 @@ pub struct AggregateState {
     pub(crate) slicing: Option<Slicing>,
     /// DISTINCT aggregates over the same column, differing in their FILTER, that share one
     /// value table: the family and the positions of its calls.
-    families: Vec<(Arc<Mutex<DistinctFamily>>, Vec<usize>)>,
+    families: Vec<Family>,
     /// Whether each call is updated through a family.
     in_family: Vec<bool>,
 }
@@ -1105,6 +1105,9 @@ fn window_struct(starts: &ArrayRef, ends: &ArrayRef) -> Result<ArrayRef> {
     )?))
 }
 
+/// A shared DISTINCT table and the positions of the calls it serves.
+type Family = (Arc<Mutex<DistinctFamily>>, Vec<usize>);
+
 /// A call's row signs after its FILTER (0 where the filter is false or NULL).
 fn call_signs<'a>(
     call: &AggCall,
@@ -1136,7 +1139,7 @@ fn distinct_families(
     calls: &[AggCall],
     accs: &mut [Accumulator],
     input: &arrow::datatypes::Schema,
-) -> Result<Vec<(Arc<Mutex<DistinctFamily>>, Vec<usize>)>> {
+) -> Result<Vec<Family>> {
     let mut by_column: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
     for (i, c) in calls.iter().enumerate() {
         let column = c

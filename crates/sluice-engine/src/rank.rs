@@ -185,7 +185,7 @@ impl RankState {
         if let Some(top) = &mut self.top {
             let (rows, ranks, ops, dropped) =
                 top.apply(batch, &keys, &key_groups, &sorts, &rows)?;
-            let changes = output(&self.rows, &self.schema, rows, ranks, ops)?;
+            let changes = output_mixed(&self.rows, &self.schema, batch, rows, ranks, ops)?;
             top.end_batch();
             return Ok(RankOutput { changes, dropped });
         }
@@ -432,7 +432,7 @@ impl RankState {
                 }
                 let gid = top.partition(key.value(i), group.value(i));
                 for _ in 0..count.value(i) {
-                    top.insert(gid, sort.value(i), row.value(i), false);
+                    top.insert(gid, sort.value(i), row.value(i), 0);
                 }
             }
             return Ok(());
@@ -482,6 +482,65 @@ fn output<R: AsRef<[u8]>>(
     Ok(Some(ChangeBatch::with_ops(data, ops)))
 }
 
+/// Where an output row comes from: the batch being applied, or state (Arrow row format).
+enum Source<'a> {
+    Batch(u32),
+    State(&'a [u8]),
+}
+
+/// [`output`] for rows of both sources: those of the batch are taken from its columns.
+fn output_mixed(
+    converter: &RowConverter,
+    schema: &SchemaRef,
+    batch: &ChangeBatch,
+    rows: Vec<Source>,
+    ranks: Vec<u64>,
+    ops: Vec<Op>,
+) -> Result<Option<ChangeBatch>> {
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let stored: Vec<&[u8]> = rows
+        .iter()
+        .filter_map(|r| match r {
+            Source::State(b) => Some(*b),
+            Source::Batch(_) => None,
+        })
+        .collect();
+    let mut cols = if stored.is_empty() {
+        let idx = arrow::array::UInt32Array::from_iter_values(rows.iter().map(|r| match r {
+            Source::Batch(i) => *i,
+            Source::State(_) => unreachable!("no rows from state"),
+        }));
+        arrow::compute::take_arrays(batch.data.columns(), &idx, None)?
+    } else {
+        let parser = converter.parser();
+        let decoded = converter.convert_rows(stored.iter().map(|r| parser.parse(r)))?;
+        let mut k = 0;
+        let idx: Vec<(usize, usize)> = rows
+            .iter()
+            .map(|r| match r {
+                Source::Batch(i) => (1, *i as usize),
+                Source::State(_) => {
+                    k += 1;
+                    (0, k - 1)
+                }
+            })
+            .collect();
+        decoded
+            .iter()
+            .zip(batch.data.columns())
+            .map(|(d, b)| arrow::compute::interleave(&[d.as_ref(), b.as_ref()], &idx))
+            .collect::<std::result::Result<Vec<_>, _>>()?
+    };
+    cols.push(cast(
+        &(Arc::new(UInt64Array::from(ranks)) as ArrayRef),
+        schema.field(cols.len()).data_type(),
+    )?);
+    let data = RecordBatch::try_new(schema.clone(), cols)?;
+    Ok(Some(ChangeBatch::with_ops(data, ops)))
+}
+
 /// Updating Top-N over an append-only input, for a small N.
 ///
 /// A partition only ever loses a row by its being pushed out of the first N, so each keeps at
@@ -499,6 +558,9 @@ struct AppendOnlyTop {
     entries: ByteSlots,
     /// Length of the sort key at the start of each entry.
     sort_lens: Vec<u32>,
+    /// Per entry: 1 + its row in the batch being applied, or 0 (it was there before). Output
+    /// rows of the batch are taken from its columns rather than decoded from the row format.
+    origin: Vec<u32>,
     /// The batch that last touched each partition (`u32::MAX`: none).
     stamp: Vec<u32>,
     batch: u32,
@@ -518,6 +580,7 @@ impl AppendOnlyTop {
             filled: vec![],
             entries: ByteSlots::default(),
             sort_lens: vec![],
+            origin: vec![],
             stamp: vec![],
             batch: 0,
             touched: vec![],
@@ -542,6 +605,7 @@ impl AppendOnlyTop {
             self.filled.resize(g + 1, 0);
             self.stamp.resize(g + 1, u32::MAX);
             self.sort_lens.resize((g + 1) * self.limit, 0);
+            self.origin.resize((g + 1) * self.limit, 0);
         }
         gid
     }
@@ -561,9 +625,11 @@ impl AppendOnlyTop {
         &self.entry(gid, j)[self.sort_lens[slot as usize] as usize..]
     }
 
-    /// Puts a row in a partition's first N, if it belongs there. With `track`, a partition's
-    /// first change in the batch saves its rows before, for the batch's output.
-    fn insert(&mut self, gid: u32, sort: &[u8], row: &[u8], track: bool) -> bool {
+    /// Puts a row in a partition's first N, if it belongs there. For row `origin - 1` of the
+    /// batch being applied (0: a restore), a partition's first change in the batch saves its
+    /// rows before, for the batch's output.
+    fn insert(&mut self, gid: u32, sort: &[u8], row: &[u8], origin: u32) -> bool {
+        let track = origin > 0;
         let filled = self.filled[gid as usize] as usize;
         // Equal rows rank after those already held (a copy).
         let mut pos = filled;
@@ -604,13 +670,12 @@ impl AppendOnlyTop {
                 .extend_from_slice(self.entries.get(from).unwrap_or_default());
             self.entries.set(to, &self.scratch);
             self.sort_lens[to as usize] = self.sort_lens[from as usize];
+            self.origin[to as usize] = self.origin[from as usize];
         }
         let at = self.slot(gid, pos);
-        self.scratch.clear();
-        self.scratch.extend_from_slice(sort);
-        self.scratch.extend_from_slice(row);
-        self.entries.set(at, &self.scratch);
+        self.entries.set_parts(at, &[sort, row]);
         self.sort_lens[at as usize] = sort.len() as u32;
+        self.origin[at as usize] = origin;
         self.filled[gid as usize] = (filled + 1).min(self.limit) as u8;
         true
     }
@@ -625,7 +690,7 @@ impl AppendOnlyTop {
         key_groups: &[u16],
         sorts: &arrow::row::Rows,
         rows: &arrow::row::Rows,
-    ) -> Result<(Vec<&'a [u8]>, Vec<u64>, Vec<Op>, u64)> {
+    ) -> Result<(Vec<Source<'a>>, Vec<u64>, Vec<Op>, u64)> {
         for i in 0..batch.num_rows() {
             if batch.op(i).sign() < 0 {
                 return Err(Error::Runtime(
@@ -633,7 +698,7 @@ impl AppendOnlyTop {
                 ));
             }
             let gid = self.partition(keys[i], key_groups[i]);
-            self.insert(gid, sorts.row(i).data(), rows.row(i).data(), true);
+            self.insert(gid, sorts.row(i).data(), rows.row(i).data(), i as u32 + 1);
         }
         let (mut out, mut ranks, mut ops) = (vec![], vec![], vec![]);
         let this = &*self;
@@ -655,12 +720,15 @@ impl AppendOnlyTop {
                 }
                 let both = o.is_some() && w.is_some();
                 if let Some(o) = o {
-                    out.push(o);
+                    out.push(Source::State(o));
                     ranks.push(r as u64 + 1);
                     ops.push(if both { Op::UpdateBefore } else { Op::Delete });
                 }
                 if let Some(w) = w {
-                    out.push(w);
+                    out.push(match this.origin[this.slot(*gid, r) as usize] {
+                        0 => Source::State(w),
+                        i => Source::Batch(i - 1),
+                    });
                     ranks.push(r as u64 + 1);
                     ops.push(if both { Op::UpdateAfter } else { Op::Insert });
                 }
@@ -671,6 +739,10 @@ impl AppendOnlyTop {
 
     /// Forgets the batch's touched partitions and their rows before.
     fn end_batch(&mut self) {
+        for (gid, _) in &self.touched {
+            let first = *gid as usize * self.limit;
+            self.origin[first..first + self.limit].fill(0);
+        }
         self.touched.clear();
         self.before.clear();
         self.before_ends.clear();

@@ -69,26 +69,37 @@ impl ByteSlots {
 
     /// Sets `id` to `bytes`, in place when its old value was at least as long.
     pub fn set(&mut self, id: u32, bytes: &[u8]) {
+        self.set_parts(id, &[bytes]);
+    }
+
+    /// Sets `id` to the concatenation of `parts` (no intermediate copy).
+    pub fn set_parts(&mut self, id: u32, parts: &[&[u8]]) {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
         let i = id as usize;
         if i >= self.lens.len() {
             self.offsets.resize(i + 1, 0);
             self.lens.resize(i + 1, ABSENT);
         }
-        let len = self.lens[i];
-        if len == ABSENT {
+        let old = self.lens[i];
+        if old == ABSENT {
             self.live += 1;
-        } else if bytes.len() <= len as usize {
-            let off = self.offsets[i];
-            self.arena[off..off + bytes.len()].copy_from_slice(bytes);
-            self.garbage += len as usize - bytes.len();
-            self.lens[i] = bytes.len() as u32;
+        } else if len <= old as usize {
+            let mut off = self.offsets[i];
+            for p in parts {
+                self.arena[off..off + p.len()].copy_from_slice(p);
+                off += p.len();
+            }
+            self.garbage += old as usize - len;
+            self.lens[i] = len as u32;
             return;
         } else {
-            self.garbage += len as usize;
+            self.garbage += old as usize;
         }
         self.offsets[i] = self.arena.len();
-        self.arena.extend_from_slice(bytes);
-        self.lens[i] = bytes.len() as u32;
+        for p in parts {
+            self.arena.extend_from_slice(p);
+        }
+        self.lens[i] = len as u32;
         self.maybe_compact();
     }
 
