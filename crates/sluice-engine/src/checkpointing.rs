@@ -312,17 +312,17 @@ impl CheckpointWriter {
         let handle = std::thread::Builder::new()
             .name("checkpoint-writer".into())
             .spawn(move || {
-                let encode = |batch: &arrow::record_batch::RecordBatch| match compression {
-                    true => snapshot_bytes(batch),
-                    false => ipc_bytes(batch),
+                // Encoded straight into the file (no buffer the size of the snapshot).
+                let put = |epoch: Epoch, name: &str, batch: &arrow::record_batch::RecordBatch| {
+                    store.put_with(epoch, name, |out| write_ipc(out, batch, compression))
                 };
                 for (epoch, name, payload) in receiver {
-                    let bytes = match payload {
-                        Payload::Bytes(b) => Ok(b),
-                        Payload::Batch(batch) => encode(&batch),
-                        Payload::Deferred(build) => build().and_then(|b| encode(&b)),
+                    let written = match payload {
+                        Payload::Bytes(b) => store.put(epoch, &name, b),
+                        Payload::Batch(batch) => put(epoch, &name, &batch),
+                        Payload::Deferred(build) => build().and_then(|b| put(epoch, &name, &b)),
                     };
-                    if let Err(e) = bytes.and_then(|b| store.put(epoch, &name, b)) {
+                    if let Err(e) = written {
                         metrics.checkpoint_failed(epoch, e);
                     }
                     landed.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
@@ -676,22 +676,23 @@ pub fn ipc_bytes(batch: &arrow::record_batch::RecordBatch) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// A snapshot batch as a compressed Arrow IPC stream (LZ4 frames, decompressed by any reader):
-/// snapshots are mostly small integers and repeated bytes, so storage receives about a third,
-/// at a CPU cost the writer thread pays.
-pub fn snapshot_bytes(batch: &arrow::record_batch::RecordBatch) -> Result<Vec<u8>> {
-    let options = arrow::ipc::writer::IpcWriteOptions::default()
-        .try_with_compression(Some(arrow::ipc::CompressionType::LZ4_FRAME))?;
-    let mut bytes = vec![];
-    let mut w = arrow::ipc::writer::StreamWriter::try_new_with_options(
-        &mut bytes,
-        &batch.schema(),
-        options,
-    )?;
+/// Writes a snapshot batch as an Arrow IPC stream, with `compression` as LZ4 frames
+/// (decompressed by any reader): snapshots are mostly small integers and repeated bytes, so
+/// storage receives about a third, at a CPU cost the writer thread pays.
+pub fn write_ipc(
+    out: &mut dyn std::io::Write,
+    batch: &arrow::record_batch::RecordBatch,
+    compression: bool,
+) -> Result<()> {
+    let mut options = arrow::ipc::writer::IpcWriteOptions::default();
+    if compression {
+        options = options.try_with_compression(Some(arrow::ipc::CompressionType::LZ4_FRAME))?;
+    }
+    let mut w =
+        arrow::ipc::writer::StreamWriter::try_new_with_options(out, &batch.schema(), options)?;
     w.write(batch)?;
     w.finish()?;
-    drop(w);
-    Ok(bytes)
+    Ok(())
 }
 
 /// A transactional sink writer's side of two-phase commit: output of each checkpoint epoch is

@@ -160,6 +160,9 @@ pub struct CheckpointStore {
     store: Arc<dyn ObjectStore>,
     runtime: tokio::runtime::Runtime,
     location: String,
+    /// A local directory's path: large files are written straight into it (see
+    /// [`CheckpointStore::put_with`]).
+    local_root: Option<std::path::PathBuf>,
     /// Commit checks (sinks waiting to publish, operators choosing a delta) are frequent; they
     /// are answered from what this process knows when possible, so that object storage sees a
     /// request per epoch and [`COMMIT_POLL`] at most.
@@ -178,6 +181,21 @@ struct CommitKnowledge {
 
 fn store_error(location: &str, e: impl std::fmt::Display) -> Error {
     Error::Runtime(format!("checkpoint storage '{location}': {e}"))
+}
+
+/// A writer that counts what goes through it.
+struct Counted<W>(W, u64);
+
+impl<W: std::io::Write> std::io::Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.0.write(buf)?;
+        self.1 += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
 }
 
 fn checkpoint_dir(epoch: u64) -> String {
@@ -203,6 +221,7 @@ impl CheckpointStore {
             .enable_all()
             .build()
             .map_err(|e| store_error(location, e))?;
+        let mut local_root = None;
         let store: Arc<dyn ObjectStore> = if location.starts_with("s3://") {
             s3_store(location, options)?
         } else {
@@ -213,14 +232,54 @@ impl CheckpointStore {
                 )));
             }
             std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
+            local_root = Some(std::path::PathBuf::from(path));
             Arc::new(LocalFileSystem::new_with_prefix(path).map_err(|e| store_error(location, e))?)
         };
         Ok(CheckpointStore {
             store,
             runtime,
             location: location.to_string(),
+            local_root,
             known: Default::default(),
         })
+    }
+
+    /// Writes one file of checkpoint `epoch` with `write`; returns its size. In a local
+    /// directory the bytes go straight to a staging file that is renamed into place when whole
+    /// (as `object_store`'s own local uploads do, with a `#<digits>` suffix its listings skip),
+    /// instead of through one buffer the size of the file; elsewhere they are buffered and put.
+    pub fn put_with(
+        &self,
+        epoch: u64,
+        name: &str,
+        write: impl FnOnce(&mut dyn std::io::Write) -> Result<()>,
+    ) -> Result<u64> {
+        let Some(root) = &self.local_root else {
+            let mut bytes = vec![];
+            write(&mut bytes)?;
+            return self.put(epoch, name, bytes);
+        };
+        let dest = root.join(checkpoint_dir(epoch)).join(name);
+        if let Some(dir) = dest.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        let mut staging = dest.clone().into_os_string();
+        staging.push(format!("#{}", std::process::id()));
+        let staging = std::path::PathBuf::from(staging);
+        let written = (|| {
+            let file = std::fs::File::create(&staging).map_err(|e| Error::io(&staging, e))?;
+            let mut out = Counted(std::io::BufWriter::with_capacity(1 << 20, file), 0);
+            write(&mut out).map_err(|e| {
+                Error::Runtime(format!("checkpoint file {}: {e}", staging.display()))
+            })?;
+            std::io::Write::flush(&mut out).map_err(|e| Error::io(&staging, e))?;
+            std::fs::rename(&staging, &dest).map_err(|e| Error::io(&dest, e))?;
+            Ok(out.1)
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&staging);
+        }
+        written
     }
 
     /// Writes one snapshot file of checkpoint `epoch`; returns its size.
