@@ -155,21 +155,96 @@ pub const FAMILY_MAX: usize = 4;
 /// layout of an unshared DISTINCT.
 pub struct DistinctFamily {
     converter: RowConverter,
-    seen: Vec<hashbrown::HashMap<ValueKey, [i64; FAMILY_MAX]>>,
+    tables: Tables,
+}
+
+/// Per group: each value and its multiplicity per member.
+type Table<K> = hashbrown::HashMap<K, [i64; FAMILY_MAX]>;
+
+/// A family's tables, by how values are kept: BIGINTs as themselves (no row encoding, an
+/// integer hash, smaller entries), others row-encoded.
+enum Tables {
+    Ints(Vec<Table<i64>>),
+    Bytes(Vec<Table<ValueKey>>),
+}
+
+/// Applies rows to tables whose entry for row `i` `counts` finds (creating it) and `remove`
+/// drops; `signs[m][i]` per member, results in `effective`.
+fn apply_rows<K, C, R>(
+    tables: &mut [Table<K>],
+    gids: &[u32],
+    signs: &[&[i64]],
+    valid: impl Fn(usize) -> bool,
+    mut counts: C,
+    mut remove: R,
+    effective: &mut [Vec<i64>],
+) where
+    C: FnMut(&mut Table<K>, usize) -> &mut [i64; FAMILY_MAX],
+    R: FnMut(&mut Table<K>, usize),
+{
+    for i in 0..gids.len() {
+        if !valid(i) || signs.iter().all(|s| s[i] == 0) {
+            continue;
+        }
+        let table = &mut tables[gids[i] as usize];
+        let c = counts(table, i);
+        for (m, s) in signs.iter().enumerate() {
+            if s[i] != 0 {
+                let before = c[m];
+                c[m] += s[i];
+                effective[m][i] = transition(before, c[m]);
+            }
+        }
+        if c.iter().all(|c| *c == 0) {
+            remove(table, i);
+        }
+    }
+}
+
+/// Clears a member's multiplicities in one table.
+fn reset_member<K>(table: &mut Table<K>, member: usize) {
+    table.retain(|_, c| {
+        c[member] = 0;
+        c.iter().any(|c| *c != 0)
+    });
+}
+
+/// Adds a member's multiplicities of table `s` into table `d`; returns its values in `d`.
+fn combine_member<K: std::hash::Hash + Eq + Clone>(
+    tables: &mut [Table<K>],
+    member: usize,
+    d: usize,
+    s: usize,
+) -> i64 {
+    let from: Vec<(K, i64)> = tables[s]
+        .iter()
+        .filter(|(_, c)| c[member] != 0)
+        .map(|(k, c)| (k.clone(), c[member]))
+        .collect();
+    for (k, m) in from {
+        tables[d].entry(k).or_insert([0; FAMILY_MAX])[member] += m;
+    }
+    tables[d].values().filter(|c| c[member] > 0).count() as i64
 }
 
 impl DistinctFamily {
     /// A family for values of `input_type`, shared by the accumulators it is passed to.
     pub fn try_new(input_type: &DataType) -> Result<Arc<Mutex<Self>>, ArrowError> {
+        let tables = match input_type {
+            DataType::Int64 => Tables::Ints(vec![]),
+            _ => Tables::Bytes(vec![]),
+        };
         Ok(Arc::new(Mutex::new(DistinctFamily {
             converter: RowConverter::new(vec![SortField::new(input_type.clone())])?,
-            seen: vec![],
+            tables,
         })))
     }
 
     fn resize(&mut self, n: usize) {
-        if n > self.seen.len() {
-            self.seen.resize_with(n, Default::default);
+        match &mut self.tables {
+            Tables::Ints(t) if n > t.len() => t.resize_with(n, Default::default),
+            Tables::Bytes(t) if n > t.len() => t.resize_with(n, Default::default),
+            _ => {}
         }
     }
 
@@ -182,27 +257,38 @@ impl DistinctFamily {
         signs: &[&[i64]],
         values: &ArrayRef,
     ) -> Result<Vec<Vec<i64>>, ArrowError> {
-        let rows = self
-            .converter
-            .convert_columns(std::slice::from_ref(values))?;
         let mut effective = vec![vec![0i64; gids.len()]; signs.len()];
-        for i in 0..gids.len() {
-            if values.is_null(i) || signs.iter().all(|s| s[i] == 0) {
-                continue;
+        let valid = |i| values.is_valid(i);
+        match &mut self.tables {
+            Tables::Ints(tables) => {
+                let v = values.as_primitive::<Int64Type>().values();
+                apply_rows(
+                    tables,
+                    gids,
+                    signs,
+                    valid,
+                    |t, i| t.entry(v[i]).or_insert([0; FAMILY_MAX]),
+                    |t, i| {
+                        t.remove(&v[i]);
+                    },
+                    &mut effective,
+                );
             }
-            let seen = &mut self.seen[gids[i] as usize];
-            let counts = seen
-                .entry_ref(rows.row(i).as_ref())
-                .or_insert([0; FAMILY_MAX]);
-            for (m, s) in signs.iter().enumerate() {
-                if s[i] != 0 {
-                    let before = counts[m];
-                    counts[m] += s[i];
-                    effective[m][i] = transition(before, counts[m]);
-                }
-            }
-            if counts.iter().all(|c| *c == 0) {
-                seen.remove(rows.row(i).as_ref());
+            Tables::Bytes(tables) => {
+                let rows = self
+                    .converter
+                    .convert_columns(std::slice::from_ref(values))?;
+                apply_rows(
+                    tables,
+                    gids,
+                    signs,
+                    valid,
+                    |t, i| t.entry_ref(rows.row(i).as_ref()).or_insert([0; FAMILY_MAX]),
+                    |t, i| {
+                        t.remove(rows.row(i).as_ref());
+                    },
+                    &mut effective,
+                );
             }
         }
         Ok(effective)
@@ -222,33 +308,86 @@ impl DistinctFamily {
         Ok(self.update(gids, &all, values)?.swap_remove(member))
     }
 
-    /// Values of a member in a group, with their multiplicities.
-    fn member(&self, member: usize, g: usize) -> impl Iterator<Item = (&ValueKey, i64)> {
-        self.seen[g]
-            .iter()
-            .filter(move |(_, c)| c[member] != 0)
-            .map(move |(k, c)| (k, c[member]))
+    /// Values of a member in a group (row-encoded), with their multiplicities.
+    fn member(&self, member: usize, g: usize) -> Vec<(Box<[u8]>, i64)> {
+        match &self.tables {
+            Tables::Ints(t) => {
+                let (values, counts): (Vec<i64>, Vec<i64>) = t[g]
+                    .iter()
+                    .filter(|(_, c)| c[member] != 0)
+                    .map(|(v, c)| (*v, c[member]))
+                    .unzip();
+                let array: ArrayRef = Arc::new(Int64Array::from(values));
+                let rows = self
+                    .converter
+                    .convert_columns(&[array])
+                    .expect("BIGINT values encode");
+                rows.iter().map(|r| r.as_ref().into()).zip(counts).collect()
+            }
+            Tables::Bytes(t) => t[g]
+                .iter()
+                .filter(|(_, c)| c[member] != 0)
+                .map(|(k, c)| (Box::<[u8]>::from(&k[..]), c[member]))
+                .collect(),
+        }
+    }
+
+    /// Sets a member's multiplicities in a group (a restore), replacing what it had there.
+    fn restore(
+        &mut self,
+        member: usize,
+        g: usize,
+        values: crate::snapshot::Multiset,
+    ) -> Result<(), CorruptSnapshot> {
+        self.resize(g + 1);
+        match &mut self.tables {
+            Tables::Ints(t) => {
+                reset_member(&mut t[g], member);
+                let parser = self.converter.parser();
+                let decoded = self
+                    .converter
+                    .convert_rows(values.iter().map(|(k, _)| parser.parse(k)))
+                    .map_err(|_| CorruptSnapshot("a DISTINCT value that is not a BIGINT"))?;
+                let ints = decoded[0].as_primitive::<Int64Type>();
+                for (i, (_, m)) in values.iter().enumerate() {
+                    t[g].entry(ints.value(i)).or_insert([0; FAMILY_MAX])[member] = *m;
+                }
+            }
+            Tables::Bytes(t) => {
+                reset_member(&mut t[g], member);
+                for (k, m) in values {
+                    t[g].entry(ValueKey::from(&k[..]))
+                        .or_insert([0; FAMILY_MAX])[member] = m;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Clears a member's multiplicities in a group.
     fn reset(&mut self, member: usize, g: usize) {
-        self.seen[g].retain(|_, c| {
-            c[member] = 0;
-            c.iter().any(|c| *c != 0)
-        });
+        match &mut self.tables {
+            Tables::Ints(t) => reset_member(&mut t[g], member),
+            Tables::Bytes(t) => reset_member(&mut t[g], member),
+        }
     }
 
     /// Adds a member's multiplicities of group `s` into group `d`; returns the member's number
     /// of values in `d`.
     fn combine(&mut self, member: usize, d: usize, s: usize) -> i64 {
-        let from: Vec<(ValueKey, i64)> = self
-            .member(member, s)
-            .map(|(k, m)| (k.clone(), m))
-            .collect();
-        for (k, m) in from {
-            self.seen[d].entry(k).or_insert([0; FAMILY_MAX])[member] += m;
+        match &mut self.tables {
+            Tables::Ints(t) => combine_member(t, member, d, s),
+            Tables::Bytes(t) => combine_member(t, member, d, s),
         }
-        self.member(member, d).filter(|(_, m)| *m > 0).count() as i64
+    }
+
+    /// Approximate bytes held.
+    fn size_bytes(&self) -> usize {
+        let entry = 8 * FAMILY_MAX;
+        match &self.tables {
+            Tables::Ints(t) => t.iter().map(|m| 48 + m.len() * (8 + entry)).sum(),
+            Tables::Bytes(t) => t.iter().map(|m| 48 + m.len() * (24 + entry)).sum(),
+        }
     }
 }
 
@@ -732,10 +871,8 @@ impl Accumulator {
         match &self.distinct {
             Some(Distinct::Own(_, seen)) => w.multiset(seen[g].iter().map(|(k, m)| (&k[..], *m))),
             Some(Distinct::Shared(f, member)) => {
-                let f = lock(f);
-                let values: Vec<(&[u8], i64)> =
-                    f.member(*member, g).map(|(k, m)| (&k[..], m)).collect();
-                w.multiset(values.into_iter());
+                let values = lock(f).member(*member, g);
+                w.multiset(values.iter().map(|(k, m)| (&k[..], *m)));
             }
             None => {}
         }
@@ -806,14 +943,7 @@ impl Accumulator {
                     .collect();
             }
             Some(Distinct::Shared(f, member)) => {
-                let mut f = lock(f);
-                f.resize(g + 1);
-                f.reset(*member, g);
-                for (k, m) in r.multiset()? {
-                    f.seen[g]
-                        .entry(ValueKey::from(&k[..]))
-                        .or_insert([0; FAMILY_MAX])[*member] = m;
-                }
+                lock(f).restore(*member, g, r.multiset()?)?;
             }
             None => {}
         }
@@ -852,11 +982,7 @@ impl Accumulator {
         let distinct = match &self.distinct {
             Some(Distinct::Own(_, d)) => d.iter().map(|m| 48 + m.len() * 40).sum(),
             // The first member counts the family's table.
-            Some(Distinct::Shared(f, 0)) => lock(f)
-                .seen
-                .iter()
-                .map(|m| 48 + m.len() * (24 + 8 * FAMILY_MAX))
-                .sum(),
+            Some(Distinct::Shared(f, 0)) => lock(f).size_bytes(),
             _ => 0,
         };
         state + distinct
@@ -932,11 +1058,18 @@ mod tests {
     /// the multisets they snapshot, a restore into a new family, combining and resetting groups.
     #[test]
     fn a_distinct_family_agrees_with_unshared_accumulators() {
+        // BIGINT values are kept as themselves, others row-encoded: both ways.
+        for input in [DataType::Int64, DataType::Int32] {
+            distinct_family_agrees(input);
+        }
+    }
+
+    fn distinct_family_agrees(input: DataType) {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
         let kinds = [AccKind::Count, AccKind::Count, AccKind::Sum];
         let new =
-            |k: AccKind| Accumulator::try_new(k, DataType::Int64, DataType::Int64, true).unwrap();
+            |k: AccKind| Accumulator::try_new(k, input.clone(), DataType::Int64, true).unwrap();
         let shared = |family: &Arc<Mutex<DistinctFamily>>| {
             kinds
                 .iter()
@@ -948,7 +1081,7 @@ mod tests {
                 })
                 .collect::<Vec<_>>()
         };
-        let family = DistinctFamily::try_new(&DataType::Int64).unwrap();
+        let family = DistinctFamily::try_new(&input).unwrap();
         let mut members = shared(&family);
         let mut alone: Vec<_> = kinds.iter().map(|k| new(*k)).collect();
         let groups = 4u32;
@@ -1017,7 +1150,7 @@ mod tests {
                         .collect()
                 })
                 .collect();
-            let values = ints(&values);
+            let values = cast(&ints(&values), &input).unwrap();
             let refs: Vec<&[i64]> = member_signs.iter().map(|s| &s[..]).collect();
             let effective = family
                 .lock()
@@ -1042,7 +1175,7 @@ mod tests {
             }
         }
         // A restore into a new family, group by group, reproduces every member.
-        let family2 = DistinctFamily::try_new(&DataType::Int64).unwrap();
+        let family2 = DistinctFamily::try_new(&input).unwrap();
         let mut restored = shared(&family2);
         for g in 0..groups {
             for (a, b) in members.iter().zip(restored.iter_mut()) {
