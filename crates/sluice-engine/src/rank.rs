@@ -473,7 +473,17 @@ fn output<R: AsRef<[u8]>>(
         return Ok(None);
     }
     let parser = converter.parser();
-    let mut cols = converter.convert_rows(rows.iter().map(|r| parser.parse(r.as_ref())))?;
+    let cols = converter.convert_rows(rows.iter().map(|r| parser.parse(r.as_ref())))?;
+    with_ranks(cols, schema, ranks, ops)
+}
+
+/// Output columns with the row number column added, as a change batch of `schema`.
+fn with_ranks(
+    mut cols: Vec<ArrayRef>,
+    schema: &SchemaRef,
+    ranks: Vec<u64>,
+    ops: Vec<Op>,
+) -> Result<Option<ChangeBatch>> {
     cols.push(cast(
         &(Arc::new(UInt64Array::from(ranks)) as ArrayRef),
         schema.field(cols.len()).data_type(),
@@ -507,7 +517,7 @@ fn output_mixed(
             Source::Batch(_) => None,
         })
         .collect();
-    let mut cols = if stored.is_empty() {
+    let cols = if stored.is_empty() {
         let idx = arrow::array::UInt32Array::from_iter_values(rows.iter().map(|r| match r {
             Source::Batch(i) => *i,
             Source::State(_) => unreachable!("no rows from state"),
@@ -533,12 +543,7 @@ fn output_mixed(
             .map(|(d, b)| arrow::compute::interleave(&[d.as_ref(), b.as_ref()], &idx))
             .collect::<std::result::Result<Vec<_>, _>>()?
     };
-    cols.push(cast(
-        &(Arc::new(UInt64Array::from(ranks)) as ArrayRef),
-        schema.field(cols.len()).data_type(),
-    )?);
-    let data = RecordBatch::try_new(schema.clone(), cols)?;
-    Ok(Some(ChangeBatch::with_ops(data, ops)))
+    with_ranks(cols, schema, ranks, ops)
 }
 
 /// Updating Top-N over an append-only input, for a small N.
