@@ -89,6 +89,7 @@ struct Side {
     rows: RowConverter,
     held_rows: Rows,
     keys: RowConverter,
+    key_fields: Vec<arrow::row::SortField>,
     /// Keys interned into dense ids (the tag is the key group); `buckets` is indexed by id.
     index: GroupTable,
     buckets: Vec<Bucket>,
@@ -96,9 +97,11 @@ struct Side {
     /// another key, since it was registered is skipped or visited harmlessly).
     expiry: BTreeMap<i64, Vec<u32>>,
     /// Bounded joins whose unmatched rows of this side are not kept: expired rows stay until a
-    /// sweep, `expiry` is not used, and `due` counts rows by `until >> DUE_SHIFT`.
+    /// sweep, `expiry` is not used, and `due` counts rows by `until >> DUE_SHIFT` (rows come
+    /// roughly in time order: counts gather in `due_last` while the slot stays the same).
     lazy: bool,
     due: BTreeMap<i64, u64>,
+    due_last: (i64, u64),
     /// Rows known to have expired and not swept yet.
     expired: u64,
     held: u64,
@@ -114,11 +117,13 @@ impl Side {
             rows: crate::rows::row_converter(schema)?,
             held_rows: Rows::default(),
             keys: crate::rows::key_converter(keys, schema)?,
+            key_fields: crate::rows::key_fields(keys, schema)?,
             index: GroupTable::try_new(crate::rows::key_fields(keys, schema)?)?,
             buckets: vec![],
             expiry: BTreeMap::new(),
             lazy: false,
             due: BTreeMap::new(),
+            due_last: (i64::MIN, 0),
             expired: 0,
             held: 0,
             bytes: 0,
@@ -197,12 +202,26 @@ impl Side {
 
     /// Lazy sides: counts a row that expires after `until`.
     fn count_due(&mut self, until: i64) {
-        *self.due.entry(until >> DUE_SHIFT).or_default() += 1;
+        let slot = until >> DUE_SHIFT;
+        if slot != self.due_last.0 {
+            self.flush_due();
+            self.due_last.0 = slot;
+        }
+        self.due_last.1 += 1;
+    }
+
+    fn flush_due(&mut self) {
+        let (slot, n) = std::mem::replace(&mut self.due_last, (i64::MIN, 0));
+        if n > 0 {
+            *self.due.entry(slot).or_default() += n;
+        }
     }
 
     /// Lazy sides: the other input's watermark moved to `watermark`. Counts the rows that
-    /// expired, and sweeps once they are about half of what is held.
-    fn expire_lazily(&mut self, watermark: i64) {
+    /// expired (those of slots wholly past it), and frees them once they are about half of
+    /// what is held.
+    fn expire_lazily(&mut self, watermark: i64) -> Result<()> {
+        self.flush_due();
         while let Some(entry) = self.due.first_entry() {
             // Every `until` of the slot is below its end.
             let end = (*entry.key() + 1).saturating_mul(1 << DUE_SHIFT);
@@ -211,12 +230,42 @@ impl Side {
             }
             self.expired += entry.remove();
         }
-        if self.expired > 0 && self.expired * 2 >= self.held {
-            self.retain(|e| e.until >= watermark);
-            // Rows of a partly expired slot were swept too and are still counted there: a sweep
-            // may come a little early, never late.
+        if self.expired == 0 {
+            return Ok(());
+        }
+        if self.expired >= self.held {
+            // Everything held has expired (the end of the input, or a pause): start afresh
+            // rather than visit every key id ever used.
+            self.index = GroupTable::try_new(self.key_fields.clone())?;
+            self.buckets = vec![];
+            self.held_rows = Rows::default();
+            (self.held, self.bytes, self.expired) = (0, 0, 0);
+            return Ok(());
+        }
+        // A sweep visits every key id ever used: it waits until what it frees is worth that.
+        let ids = self.buckets.len() as u64;
+        if self.expired * 2 >= self.held && self.expired * 8 >= ids {
+            // Rows of a partly passed slot expire in the sweep too: they leave that slot's
+            // count, so that `expired` stays exact.
+            let mut swept = Vec::new();
+            self.retain(|e| {
+                let live = e.until >= watermark;
+                if !live {
+                    swept.push((e.until >> DUE_SHIFT, e.count as u64));
+                }
+                live
+            });
+            for (slot, n) in swept {
+                if let Some(c) = self.due.get_mut(&slot) {
+                    *c -= n.min(*c);
+                    if *c == 0 {
+                        self.due.remove(&slot);
+                    }
+                }
+            }
             self.expired = 0;
         }
+        Ok(())
     }
 
     /// Keeps the entries `live` accepts, in one pass over the buckets.
@@ -279,8 +328,9 @@ impl Default for Bucket {
     }
 }
 
-/// Lazy expiry counts rows per 1024 ms of `until`.
-const DUE_SHIFT: u32 = 10;
+/// Lazy expiry counts rows per 16 ms of `until`: an expired row is skipped by probes (and held)
+/// until its slot has passed, at most 16 ms longer than it could match.
+const DUE_SHIFT: u32 = 4;
 
 /// What a batch or a watermark produced.
 pub struct JoinOutput {
@@ -635,7 +685,7 @@ impl JoinState {
         let keep = self.kind.keeps_unmatched(expiring);
         let s = &mut self.sides[expiring];
         if s.lazy {
-            s.expire_lazily(watermark);
+            s.expire_lazily(watermark)?;
             return Ok(None);
         }
         let mut padded: Vec<Box<[u8]>> = vec![];

@@ -430,8 +430,9 @@ impl RankState {
                 if !owns(group.value(i)) || row.is_null(i) {
                     continue;
                 }
-                let gid = top.partition(key.value(i), group.value(i));
-                for _ in 0..count.value(i) {
+                let gid = top.partition(key.value(i), group.value(i))?;
+                // Copies past the first N would fall out again.
+                for _ in 0..(count.value(i) as usize).min(top.limit) {
                     top.insert(gid, sort.value(i), row.value(i), 0);
                 }
             }
@@ -600,8 +601,15 @@ impl AppendOnlyTop {
     }
 
     /// The id of a partition, created if new.
-    fn partition(&mut self, key: &[u8], key_group: u16) -> u32 {
+    fn partition(&mut self, key: &[u8], key_group: u16) -> Result<u32> {
         let gid = self.partitions.intern_bytes(key);
+        if (gid as u64 + 1) * self.limit as u64 > u32::MAX as u64 {
+            return Err(Error::Runtime(format!(
+                "a Top-{} holds more than {} partitions on one worker: use more workers",
+                self.limit,
+                u32::MAX as usize / self.limit
+            )));
+        }
         if self.partitions.tag(gid) == NO_TAG {
             self.partitions.set_tag(gid, key_group);
         }
@@ -612,7 +620,7 @@ impl AppendOnlyTop {
             self.sort_lens.resize((g + 1) * self.limit, 0);
             self.origin.resize((g + 1) * self.limit, 0);
         }
-        gid
+        Ok(gid)
     }
 
     fn slot(&self, gid: u32, j: usize) -> u32 {
@@ -696,13 +704,14 @@ impl AppendOnlyTop {
         sorts: &arrow::row::Rows,
         rows: &arrow::row::Rows,
     ) -> Result<(Vec<Source<'a>>, Vec<u64>, Vec<Op>, u64)> {
+        // Checked before any state changes.
+        if (0..batch.num_rows()).any(|i| batch.op(i).sign() < 0) {
+            return Err(Error::Runtime(
+                "a Top-N over an append-only input received a retraction".into(),
+            ));
+        }
         for i in 0..batch.num_rows() {
-            if batch.op(i).sign() < 0 {
-                return Err(Error::Runtime(
-                    "a Top-N over an append-only input received a retraction".into(),
-                ));
-            }
-            let gid = self.partition(keys[i], key_groups[i]);
+            let gid = self.partition(keys[i], key_groups[i])?;
             self.insert(gid, sorts.row(i).data(), rows.row(i).data(), i as u32 + 1);
         }
         let (mut out, mut ranks, mut ops) = (vec![], vec![], vec![]);

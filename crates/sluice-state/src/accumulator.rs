@@ -209,7 +209,8 @@ fn reset_member<K>(table: &mut Table<K>, member: usize) {
     });
 }
 
-/// Adds a member's multiplicities of table `s` into table `d`; returns its values in `d`.
+/// Adds a member's multiplicities of table `s` into table `d`; returns how many more of its
+/// values `d` holds (values that arrived less values that left), visiting only `s`.
 fn combine_member<K: std::hash::Hash + Eq + Clone>(
     tables: &mut [Table<K>],
     member: usize,
@@ -221,10 +222,14 @@ fn combine_member<K: std::hash::Hash + Eq + Clone>(
         .filter(|(_, c)| c[member] != 0)
         .map(|(k, c)| (k.clone(), c[member]))
         .collect();
+    let mut delta = 0;
     for (k, m) in from {
-        tables[d].entry(k).or_insert([0; FAMILY_MAX])[member] += m;
+        let c = &mut tables[d].entry(k).or_insert([0; FAMILY_MAX])[member];
+        let before = *c;
+        *c += m;
+        delta += transition(before, *c);
     }
-    tables[d].values().filter(|c| c[member] > 0).count() as i64
+    delta
 }
 
 impl DistinctFamily {
@@ -372,8 +377,8 @@ impl DistinctFamily {
         }
     }
 
-    /// Adds a member's multiplicities of group `s` into group `d`; returns the member's number
-    /// of values in `d`.
+    /// Adds a member's multiplicities of group `s` into group `d`; returns the change in the
+    /// member's number of values in `d`.
     fn combine(&mut self, member: usize, d: usize, s: usize) -> i64 {
         match &mut self.tables {
             Tables::Ints(t) => combine_member(t, member, d, s),
@@ -694,7 +699,12 @@ impl Accumulator {
                 distinct_values = Some(seen[d].len() as i64);
             }
             Some(Distinct::Shared(f, member)) => {
-                distinct_values = Some(lock(f).combine(*member, d, s));
+                // A COUNT(DISTINCT)'s count is its number of values (present: multiplicity > 0).
+                let before = match &self.state {
+                    State::Count(c) => c[d],
+                    _ => 0,
+                };
+                distinct_values = Some(before + lock(f).combine(*member, d, s));
             }
             None => {}
         }
