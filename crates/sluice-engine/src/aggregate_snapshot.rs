@@ -6,6 +6,11 @@
 //! only the groups changed since the last snapshot, and a *tombstone* (a row with `rows` = 0)
 //! for each key removed since then that an earlier snapshot holds. A restore reads a chain (a
 //! full snapshot, then deltas): the newest file holding a key decides its rows.
+//!
+//! Layouts: the full one ([`snapshot_schema`]); without the window columns when no group has a
+//! window; and *flat*, for full snapshots of state whose accumulators are flat arrays (COUNT,
+//! SUM, AVG), with each accumulator field a column of its own instead of per-group bytes (a
+//! quarter smaller, and encoded without a pass per group). Restoring reads all three.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -53,9 +58,13 @@ fn unwindowed_schema() -> SchemaRef {
     Arc::new(full.project(&keep).expect("columns of the snapshot layout"))
 }
 
-/// Whether a batch is in the full layout; an error when it is in neither.
+/// Whether a batch is in the full layout; an error when it is in none of the layouts (the
+/// flat one counts as not full).
 fn is_full_layout(batch: &RecordBatch) -> Result<bool> {
     let schema = batch.schema();
+    if flat_accumulators(batch).is_some() {
+        return Ok(false);
+    }
     if schema.fields() == snapshot_schema().fields() {
         Ok(true)
     } else if schema.fields() == unwindowed_schema().fields() {
@@ -69,6 +78,12 @@ fn is_full_layout(batch: &RecordBatch) -> Result<bool> {
 
 /// A snapshot in the full layout (see [`snapshot_schema`]), whichever it was written in.
 fn full_layout(batch: &RecordBatch) -> Result<std::borrow::Cow<'_, RecordBatch>> {
+    if let Some(accs) = flat_accumulators(batch) {
+        let unwindowed = from_flat(batch, &accs)?;
+        return Ok(std::borrow::Cow::Owned(
+            full_layout(&unwindowed)?.into_owned(),
+        ));
+    }
     if is_full_layout(batch)? {
         return Ok(std::borrow::Cow::Borrowed(batch));
     }
@@ -288,13 +303,112 @@ impl Groups for FrozenState {
 }
 
 impl FrozenState {
-    /// The snapshot batch (see [`snapshot_schema`]).
+    /// The snapshot batch: in the flat layout (see [`FrozenState::encode_flat`]) when no group has a window
+    /// or a last result, else as [`AggregateState::snapshot`] would write it.
     pub fn encode(&self) -> Result<RecordBatch> {
+        if !self.windowed && self.last.is_empty() {
+            return self.encode_flat();
+        }
         let mut c = SnapshotColumns::with_capacity(self.keys.len(), self.windowed);
         c.push_groups(self, &self.windows);
         let key_group: Vec<u16> = c.gids.iter().map(|g| self.tags[*g as usize]).collect();
         c.finish(key_group)
     }
+}
+
+impl FrozenState {
+    /// Every live group in the flat layout: key group, key and rows, then each accumulator's
+    /// state fields as columns of their own.
+    fn encode_flat(&self) -> Result<RecordBatch> {
+        let gids: Vec<u32> = (0..self.rows.len() as u32)
+            .filter(|g| self.rows[*g as usize] > 0)
+            .collect();
+        let key_bytes: usize = gids.iter().map(|g| self.key(*g).len()).sum();
+        let mut keys = BinaryBuilder::with_capacity(gids.len(), key_bytes);
+        for g in &gids {
+            keys.append_value(self.key(*g));
+        }
+        let mut columns: Vec<ArrayRef> = vec![
+            Arc::new(UInt16Array::from_iter_values(
+                gids.iter().map(|g| self.tags[*g as usize]),
+            )),
+            Arc::new(keys.finish()),
+            Arc::new(Int64Array::from_iter_values(
+                gids.iter().map(|g| self.rows[*g as usize]),
+            )),
+        ];
+        let mut fields = unwindowed_schema().fields()[..3].to_vec();
+        for (i, acc) in self.accs.iter().enumerate() {
+            for (j, column) in acc.columns(&gids).into_iter().enumerate() {
+                let name = format!("{FLAT_PREFIX}{i}.{j}");
+                fields.push(Arc::new(Field::new(
+                    name,
+                    column.data_type().clone(),
+                    false,
+                )));
+                columns.push(column);
+            }
+        }
+        Ok(RecordBatch::try_new(
+            Arc::new(Schema::new(fields)),
+            columns,
+        )?)
+    }
+}
+
+/// Column names of accumulator fields in the flat layout: `acc<accumulator>.<field>`.
+const FLAT_PREFIX: &str = "acc";
+
+/// Accumulator `i`'s columns of a flat-layout batch (see [`FrozenState::encode_flat`]), by the
+/// accumulator index in their names; `None` when `batch` is not in that layout.
+fn flat_accumulators(batch: &RecordBatch) -> Option<Vec<Vec<ArrayRef>>> {
+    let schema = batch.schema();
+    let fields = schema.fields();
+    if fields.len() < 3 || fields[..3] != unwindowed_schema().fields()[..3] {
+        return None;
+    }
+    let mut accs: Vec<Vec<ArrayRef>> = vec![];
+    for (f, column) in fields[3..].iter().zip(&batch.columns()[3..]) {
+        let (acc, field) = f.name().strip_prefix(FLAT_PREFIX)?.split_once('.')?;
+        let (acc, field): (usize, usize) = (acc.parse().ok()?, field.parse().ok()?);
+        if acc == accs.len() {
+            accs.push(vec![]);
+        }
+        // Accumulators in order, each with its fields in order.
+        if acc + 1 != accs.len() || field != accs[acc].len() {
+            return None;
+        }
+        accs[acc].push(column.clone());
+    }
+    Some(accs)
+}
+
+/// A flat-layout batch in the unwindowed layout: each row's accumulator fields as the bytes
+/// [`AggregateState::snapshot`] writes.
+fn from_flat(batch: &RecordBatch, accs: &[Vec<ArrayRef>]) -> Result<RecordBatch> {
+    let n = batch.num_rows();
+    let mut bytes = BinaryBuilder::with_capacity(n, n * 4 * (accs.len() + 2));
+    let mut scratch = vec![];
+    for i in 0..n {
+        scratch.clear();
+        for columns in accs {
+            let at = scratch.len();
+            scratch.extend_from_slice(&[0; 4]);
+            sluice_state::accumulator::group_bytes_from_columns(columns, i, &mut scratch)
+                .map_err(|e| Error::Runtime(e.to_string()))?;
+            let len = (scratch.len() - at - 4) as u32;
+            scratch[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        }
+        bytes.append_value(&scratch);
+    }
+    let columns: Vec<ArrayRef> = vec![
+        batch.column(0).clone(),
+        batch.column(1).clone(),
+        batch.column(2).clone(),
+        Arc::new(bytes.finish()),
+        Arc::new(arrow::array::BinaryArray::new_null(n)),
+    ];
+    Ok(RecordBatch::try_new(unwindowed_schema(), columns)?)
 }
 
 /// A snapshot row's window columns.
@@ -667,7 +781,7 @@ impl AggregateState {
             let mut owner: hashbrown::HashMap<&[u8], usize> =
                 hashbrown::HashMap::with_capacity(rows);
             for (at, batch) in chain.iter().enumerate().rev() {
-                // Both layouts start with key group, key and rows.
+                // Every layout starts with key group, key and rows.
                 is_full_layout(batch)?;
                 let key_group = batch.column(0).as_primitive::<UInt16Type>();
                 let keys = batch.column(1).as_binary::<i32>();
@@ -754,7 +868,7 @@ impl AggregateState {
     ) -> Result<()> {
         let mut markers = vec![];
         for batch in chain.iter().rev() {
-            // Both layouts start with key group, key and rows.
+            // Every layout starts with key group, key and rows.
             is_full_layout(batch)?;
             let key_group = batch.column(0).as_primitive::<UInt16Type>();
             let keys = batch.column(1).as_binary::<i32>();
@@ -1000,8 +1114,19 @@ mod tests {
             live.apply(&batch(&[(-1, 7), (0, 1), (1_000_000, 2)]))
                 .unwrap();
             let got = frozen.encode().unwrap();
-            assert_eq!(got, want, "round {round}");
+            // Flat: accumulator fields as columns; the same rows as the per-group encoding.
+            assert!(flat_accumulators(&got).is_some(), "round {round}");
+            assert_eq!(
+                full_layout(&got).unwrap().as_ref(),
+                full_layout(&want).unwrap().as_ref(),
+                "round {round}"
+            );
+            assert!(got.get_array_memory_size() < want.get_array_memory_size());
             assert!(got.num_rows() > 250);
+            // Restored, the flat snapshot is the state the per-group one restores.
+            let mut restored = make();
+            restored.restore(&got, |_| true).unwrap();
+            assert_eq!(restored.snapshot().unwrap(), want, "round {round}");
             let key_group = got.column(0).as_primitive::<UInt16Type>();
             assert!(key_group.values().iter().all(|kg| *kg != NO_TAG));
             spare = Some(frozen);

@@ -78,6 +78,52 @@ impl FrozenAccumulator {
     pub fn snapshot_group(&self, gid: u32, out: &mut Vec<u8>) {
         self.0.snapshot_group(gid as usize, &mut Writer(out));
     }
+
+    /// The states of groups `gids` as columns, one per field [`Accumulator::snapshot_group`]
+    /// writes and in its order (BIGINT, DOUBLE or DECIMAL(38, 0) for 128-bit integers): a
+    /// group's fields in little-endian bytes, concatenated, are its snapshot bytes (see
+    /// [`group_bytes_from_columns`]).
+    pub fn columns(&self, gids: &[u32]) -> Vec<ArrayRef> {
+        fn gather<T: Copy>(v: &[T], gids: &[u32]) -> Vec<T> {
+            gids.iter().map(|g| v[*g as usize]).collect()
+        }
+        let ints = |v: &[i64]| -> ArrayRef { Arc::new(Int64Array::from(gather(v, gids))) };
+        match &self.0 {
+            State::Count(c) => vec![ints(c)],
+            State::SumInt(s, c) => vec![ints(s), ints(c)],
+            State::SumFloat(s, c) => {
+                vec![Arc::new(Float64Array::from(gather(s, gids))), ints(c)]
+            }
+            State::SumDecimal(s, c) => vec![
+                Arc::new(
+                    Decimal128Array::from(gather(s, gids))
+                        .with_precision_and_scale(38, 0)
+                        .expect("DECIMAL(38, 0) is valid"),
+                ),
+                ints(c),
+            ],
+            State::Extreme { .. } => unreachable!("MIN/MAX state is not frozen"),
+        }
+    }
+}
+
+/// Appends row `i`'s snapshot bytes of one accumulator, given the columns
+/// [`FrozenAccumulator::columns`] wrote for it; an error names a column of another type.
+pub fn group_bytes_from_columns(
+    columns: &[ArrayRef],
+    i: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), CorruptSnapshot> {
+    let mut w = Writer(out);
+    for c in columns {
+        match c.data_type() {
+            DataType::Int64 => w.i64(c.as_primitive::<Int64Type>().value(i)),
+            DataType::Float64 => w.f64(c.as_primitive::<Float64Type>().value(i)),
+            DataType::Decimal128(_, _) => w.i128(c.as_primitive::<Decimal128Type>().value(i)),
+            _ => return Err(CorruptSnapshot("accumulator column of an unexpected type")),
+        }
+    }
+    Ok(())
 }
 
 /// How often each (row-encoded) value occurs in a group (hashbrown with foldhash: a value is
@@ -1318,6 +1364,80 @@ mod tests {
             );
         }
         assert_eq!(kinds.len(), 5);
+    }
+
+    /// A frozen copy's columns give each group the bytes `snapshot_group` writes, for every
+    /// state kind that freezes (COUNT, and SUM/AVG over integers, doubles and decimals).
+    #[test]
+    fn frozen_columns_carry_each_groups_snapshot_bytes() {
+        let dec = DataType::Decimal128(10, 2);
+        let decimals: ArrayRef = Arc::new(
+            Decimal128Array::from(vec![
+                Some(-5),
+                Some(i128::from(i64::MAX) * 9),
+                None,
+                Some(7),
+            ])
+            .with_precision_and_scale(10, 2)
+            .unwrap(),
+        );
+        let doubles: ArrayRef = Arc::new(Float64Array::from(vec![
+            Some(1.5),
+            Some(-0.25),
+            None,
+            Some(f64::MAX),
+        ]));
+        let cases = [
+            (
+                AccKind::Count,
+                DataType::Int64,
+                DataType::Int64,
+                ints(&[Some(1), None, Some(3), Some(4)]),
+            ),
+            (
+                AccKind::Sum,
+                DataType::Int64,
+                DataType::Int64,
+                ints(&[Some(-2), Some(9), None, Some(i64::MIN)]),
+            ),
+            (
+                AccKind::Sum,
+                DataType::Float64,
+                DataType::Float64,
+                doubles.clone(),
+            ),
+            (AccKind::Avg, DataType::Float64, DataType::Float64, doubles),
+            (
+                AccKind::Sum,
+                dec.clone(),
+                DataType::Decimal128(38, 2),
+                decimals.clone(),
+            ),
+            (AccKind::Avg, dec, DataType::Decimal128(38, 6), decimals),
+        ];
+        for (kind, input, output, values) in cases {
+            let mut a = Accumulator::try_new(kind, input, output, false).unwrap();
+            a.resize(3);
+            a.update(&[2, 0, 2, 1], &[1, 1, 1, 1], Some(&values))
+                .unwrap();
+            let frozen = a.freeze(None).expect("a flat state freezes");
+            let gids = [1, 2, 0, 2];
+            let columns = frozen.columns(&gids);
+            for (i, g) in gids.iter().enumerate() {
+                let (mut expected, mut got) = (vec![], vec![]);
+                a.snapshot_group(*g, &mut expected);
+                group_bytes_from_columns(&columns, i, &mut got).unwrap();
+                assert_eq!(
+                    got,
+                    expected,
+                    "{kind:?} over {}, group {g}",
+                    values.data_type()
+                );
+            }
+        }
+        let strings: ArrayRef = Arc::new(arrow::array::StringArray::from(vec!["x"]));
+        let mut out = vec![];
+        assert!(group_bytes_from_columns(&[strings], 0, &mut out).is_err());
     }
 
     #[test]

@@ -183,21 +183,6 @@ fn store_error(location: &str, e: impl std::fmt::Display) -> Error {
     Error::Runtime(format!("checkpoint storage '{location}': {e}"))
 }
 
-/// A writer that counts what goes through it.
-struct Counted<W>(W, u64);
-
-impl<W: std::io::Write> std::io::Write for Counted<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.0.write(buf)?;
-        self.1 += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
-    }
-}
-
 fn checkpoint_dir(epoch: u64) -> String {
     format!("chk-{epoch:016}")
 }
@@ -247,7 +232,8 @@ impl CheckpointStore {
     /// Writes one file of checkpoint `epoch` with `write`; returns its size. In a local
     /// directory the bytes go straight to a staging file that is renamed into place when whole
     /// (as `object_store`'s own local uploads do, with a `#<digits>` suffix its listings skip),
-    /// instead of through one buffer the size of the file; elsewhere they are buffered and put.
+    /// instead of through one buffer the size of the file, and past the page cache where the
+    /// file system allows it ([`crate::direct_file`]); elsewhere they are buffered and put.
     pub fn put_with(
         &self,
         epoch: u64,
@@ -267,14 +253,14 @@ impl CheckpointStore {
         staging.push(format!("#{}", std::process::id()));
         let staging = std::path::PathBuf::from(staging);
         let written = (|| {
-            let file = std::fs::File::create(&staging).map_err(|e| Error::io(&staging, e))?;
-            let mut out = Counted(std::io::BufWriter::with_capacity(1 << 20, file), 0);
+            let mut out = crate::direct_file::DirectFile::create(&staging)
+                .map_err(|e| Error::io(&staging, e))?;
             write(&mut out).map_err(|e| {
                 Error::Runtime(format!("checkpoint file {}: {e}", staging.display()))
             })?;
-            std::io::Write::flush(&mut out).map_err(|e| Error::io(&staging, e))?;
+            let size = out.finish().map_err(|e| Error::io(&staging, e))?;
             std::fs::rename(&staging, &dest).map_err(|e| Error::io(&dest, e))?;
-            Ok(out.1)
+            Ok(size)
         })();
         if written.is_err() {
             let _ = std::fs::remove_file(&staging);

@@ -13,6 +13,7 @@
 pub mod accumulator;
 pub mod byte_slots;
 pub mod checkpoint;
+pub mod direct_file;
 pub mod group_table;
 pub mod snapshot;
 
