@@ -269,6 +269,12 @@ impl AggregateState {
         for a in &mut self.accs {
             a.set_append_only();
         }
+        for (family, _) in &self.families {
+            family
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .set_append_only();
+        }
     }
 
     /// Approximate bytes of state.

@@ -204,78 +204,235 @@ pub struct DistinctFamily {
     tables: Tables,
 }
 
-/// Per group: each value and its multiplicity per member.
-type Table<K> = hashbrown::HashMap<K, [i64; FAMILY_MAX]>;
+/// Per group: each value and its multiplicities (one per member).
+type Table<K, C> = hashbrown::HashMap<K, C>;
 
-/// A family's tables, by how values are kept: BIGINTs as themselves (no row encoding, an
-/// integer hash, smaller entries), others row-encoded.
-enum Tables {
-    Ints(Vec<Table<i64>>),
-    Bytes(Vec<Table<ValueKey>>),
+/// A value's multiplicity per member of a family.
+trait MemberCounts: Copy + Default {
+    fn get(&self, member: usize) -> i64;
+    fn set(&mut self, member: usize, count: i64);
+    /// Adds `sign` to a member's multiplicity; returns its [`transition`], or `None` for a
+    /// change this kind cannot record.
+    fn add(&mut self, member: usize, sign: i64) -> Option<i64>;
+    /// No member holds the value.
+    fn is_empty(&self) -> bool;
 }
 
-/// Applies rows to tables whose entry for row `i` `counts` finds (creating it) and `remove`
+/// Exact multiplicities: values arrive and leave.
+type Counts = [i64; FAMILY_MAX];
+
+impl MemberCounts for Counts {
+    #[inline]
+    fn get(&self, member: usize) -> i64 {
+        self[member]
+    }
+    #[inline]
+    fn set(&mut self, member: usize, count: i64) {
+        self[member] = count;
+    }
+    #[inline]
+    fn add(&mut self, member: usize, sign: i64) -> Option<i64> {
+        let before = self[member];
+        self[member] += sign;
+        Some(transition(before, self[member]))
+    }
+    #[inline]
+    fn is_empty(&self) -> bool {
+        self.iter().all(|c| *c == 0)
+    }
+}
+
+/// For append-only input, where a value never leaves: whether each member has seen it, one bit
+/// per member (a table entry of 16 bytes for a BIGINT instead of 40). Its multiplicity reads
+/// as 1.
+#[derive(Clone, Copy, Default)]
+struct Seen(u8);
+
+impl MemberCounts for Seen {
+    #[inline]
+    fn get(&self, member: usize) -> i64 {
+        i64::from((self.0 >> member) & 1)
+    }
+    #[inline]
+    fn set(&mut self, member: usize, count: i64) {
+        self.0 = (self.0 & !(1 << member)) | (u8::from(count > 0) << member);
+    }
+    #[inline]
+    fn add(&mut self, member: usize, sign: i64) -> Option<i64> {
+        if sign < 0 {
+            return None;
+        }
+        let before = self.get(member);
+        self.0 |= 1 << member;
+        Some(1 - before)
+    }
+    #[inline]
+    fn is_empty(&self) -> bool {
+        self.0 == 0
+    }
+}
+
+/// A family's tables, by how values are kept (BIGINTs as themselves: no row encoding, an
+/// integer hash, smaller entries; others row-encoded) and whether they can leave.
+enum Tables {
+    Ints(Vec<Table<i64, Counts>>),
+    Bytes(Vec<Table<ValueKey, Counts>>),
+    IntsSeen(Vec<Table<i64, Seen>>),
+    BytesSeen(Vec<Table<ValueKey, Seen>>),
+}
+
+fn retraction_error() -> ArrowError {
+    ArrowError::InvalidArgumentError(
+        "a retraction reached DISTINCT state kept for append-only input".into(),
+    )
+}
+
+/// Applies rows to tables whose entry for row `i` `entry` finds (creating it) and `remove`
 /// drops; `signs[m][i]` per member, results in `effective`.
-fn apply_rows<K, C, R>(
-    tables: &mut [Table<K>],
+fn apply_rows<K, C, E, R>(
+    tables: &mut [Table<K, C>],
     gids: &[u32],
     signs: &[&[i64]],
     valid: impl Fn(usize) -> bool,
-    mut counts: C,
+    mut entry: E,
     mut remove: R,
     effective: &mut [Vec<i64>],
-) where
-    C: FnMut(&mut Table<K>, usize) -> &mut [i64; FAMILY_MAX],
-    R: FnMut(&mut Table<K>, usize),
+) -> Result<(), ArrowError>
+where
+    C: MemberCounts,
+    E: FnMut(&mut Table<K, C>, usize) -> &mut C,
+    R: FnMut(&mut Table<K, C>, usize),
 {
     for i in 0..gids.len() {
         if !valid(i) || signs.iter().all(|s| s[i] == 0) {
             continue;
         }
         let table = &mut tables[gids[i] as usize];
-        let c = counts(table, i);
+        let c = entry(table, i);
         for (m, s) in signs.iter().enumerate() {
             if s[i] != 0 {
-                let before = c[m];
-                c[m] += s[i];
-                effective[m][i] = transition(before, c[m]);
+                effective[m][i] = c.add(m, s[i]).ok_or_else(retraction_error)?;
             }
         }
-        if c.iter().all(|c| *c == 0) {
+        if c.is_empty() {
             remove(table, i);
         }
     }
+    Ok(())
+}
+
+/// [`apply_rows`] for BIGINT values.
+fn apply_ints<C: MemberCounts>(
+    tables: &mut [Table<i64, C>],
+    gids: &[u32],
+    signs: &[&[i64]],
+    values: &ArrayRef,
+    effective: &mut [Vec<i64>],
+) -> Result<(), ArrowError> {
+    let v = values.as_primitive::<Int64Type>().values();
+    apply_rows(
+        tables,
+        gids,
+        signs,
+        |i| values.is_valid(i),
+        |t, i| t.entry(v[i]).or_default(),
+        |t, i| {
+            t.remove(&v[i]);
+        },
+        effective,
+    )
+}
+
+/// [`apply_rows`] for row-encoded values.
+fn apply_bytes<C: MemberCounts>(
+    tables: &mut [Table<ValueKey, C>],
+    gids: &[u32],
+    signs: &[&[i64]],
+    values: &ArrayRef,
+    rows: &arrow_row::Rows,
+    effective: &mut [Vec<i64>],
+) -> Result<(), ArrowError> {
+    apply_rows(
+        tables,
+        gids,
+        signs,
+        |i| values.is_valid(i),
+        |t, i| t.entry_ref(rows.row(i).as_ref()).or_default(),
+        |t, i| {
+            t.remove(rows.row(i).as_ref());
+        },
+        effective,
+    )
 }
 
 /// Clears a member's multiplicities in one table.
-fn reset_member<K>(table: &mut Table<K>, member: usize) {
+fn reset_member<K, C: MemberCounts>(table: &mut Table<K, C>, member: usize) {
     table.retain(|_, c| {
-        c[member] = 0;
-        c.iter().any(|c| *c != 0)
+        c.set(member, 0);
+        !c.is_empty()
     });
 }
 
 /// Adds a member's multiplicities of table `s` into table `d`; returns how many more of its
 /// values `d` holds (values that arrived less values that left), visiting only `s`.
-fn combine_member<K: std::hash::Hash + Eq + Clone>(
-    tables: &mut [Table<K>],
+fn combine_member<K: std::hash::Hash + Eq + Clone, C: MemberCounts>(
+    tables: &mut [Table<K, C>],
     member: usize,
     d: usize,
     s: usize,
 ) -> i64 {
     let from: Vec<(K, i64)> = tables[s]
         .iter()
-        .filter(|(_, c)| c[member] != 0)
-        .map(|(k, c)| (k.clone(), c[member]))
+        .filter(|(_, c)| c.get(member) != 0)
+        .map(|(k, c)| (k.clone(), c.get(member)))
         .collect();
     let mut delta = 0;
     for (k, m) in from {
-        let c = &mut tables[d].entry(k).or_insert([0; FAMILY_MAX])[member];
-        let before = *c;
-        *c += m;
-        delta += transition(before, *c);
+        let c = tables[d].entry(k).or_default();
+        let before = c.get(member);
+        c.set(member, before + m);
+        delta += transition(before, c.get(member));
     }
     delta
+}
+
+/// A member's values (BIGINTs) in one table and their multiplicities.
+fn member_ints<C: MemberCounts>(table: &Table<i64, C>, member: usize) -> (Vec<i64>, Vec<i64>) {
+    table
+        .iter()
+        .filter(|(_, c)| c.get(member) != 0)
+        .map(|(v, c)| (*v, c.get(member)))
+        .unzip()
+}
+
+/// A member's values (row-encoded) in one table and their multiplicities.
+fn member_bytes<C: MemberCounts>(
+    table: &Table<ValueKey, C>,
+    member: usize,
+) -> Vec<(Box<[u8]>, i64)> {
+    table
+        .iter()
+        .filter(|(_, c)| c.get(member) != 0)
+        .map(|(k, c)| (Box::<[u8]>::from(&k[..]), c.get(member)))
+        .collect()
+}
+
+/// Sets a member's multiplicities in one table (a restore), replacing what it had there.
+fn restore_member<K: std::hash::Hash + Eq, C: MemberCounts>(
+    table: &mut Table<K, C>,
+    member: usize,
+    values: impl Iterator<Item = (K, i64)>,
+) {
+    reset_member(table, member);
+    for (k, m) in values {
+        table.entry(k).or_default().set(member, m);
+    }
+}
+
+/// Approximate bytes held by tables of `K` keys and `C` multiplicities.
+fn tables_size<K, C>(tables: &[Table<K, C>]) -> usize {
+    let entry = std::mem::size_of::<(K, C)>() + 1;
+    tables.iter().map(|m| 48 + m.capacity() * entry).sum()
 }
 
 impl DistinctFamily {
@@ -291,10 +448,30 @@ impl DistinctFamily {
         })))
     }
 
+    /// The input never retracts: values are kept as seen or not per member instead of counted.
+    /// Only before any update (a retraction afterwards is an error, not a wrong count).
+    pub fn set_append_only(&mut self) {
+        let (held, ints): (usize, bool) = match &self.tables {
+            Tables::Ints(t) => (t.iter().map(|m| m.len()).sum(), true),
+            Tables::IntsSeen(t) => (t.iter().map(|m| m.len()).sum(), true),
+            Tables::Bytes(t) => (t.iter().map(|m| m.len()).sum(), false),
+            Tables::BytesSeen(t) => (t.iter().map(|m| m.len()).sum(), false),
+        };
+        if held == 0 {
+            self.tables = if ints {
+                Tables::IntsSeen(vec![])
+            } else {
+                Tables::BytesSeen(vec![])
+            };
+        }
+    }
+
     fn resize(&mut self, n: usize) {
         match &mut self.tables {
             Tables::Ints(t) if n > t.len() => t.resize_with(n, Default::default),
             Tables::Bytes(t) if n > t.len() => t.resize_with(n, Default::default),
+            Tables::IntsSeen(t) if n > t.len() => t.resize_with(n, Default::default),
+            Tables::BytesSeen(t) if n > t.len() => t.resize_with(n, Default::default),
             _ => {}
         }
     }
@@ -309,37 +486,21 @@ impl DistinctFamily {
         values: &ArrayRef,
     ) -> Result<Vec<Vec<i64>>, ArrowError> {
         let mut effective = vec![vec![0i64; gids.len()]; signs.len()];
-        let valid = |i| values.is_valid(i);
+        let e = &mut effective;
         match &mut self.tables {
-            Tables::Ints(tables) => {
-                let v = values.as_primitive::<Int64Type>().values();
-                apply_rows(
-                    tables,
-                    gids,
-                    signs,
-                    valid,
-                    |t, i| t.entry(v[i]).or_insert([0; FAMILY_MAX]),
-                    |t, i| {
-                        t.remove(&v[i]);
-                    },
-                    &mut effective,
-                );
-            }
-            Tables::Bytes(tables) => {
+            Tables::Ints(t) => apply_ints(t, gids, signs, values, e)?,
+            Tables::IntsSeen(t) => apply_ints(t, gids, signs, values, e)?,
+            Tables::Bytes(t) => {
                 let rows = self
                     .converter
                     .convert_columns(std::slice::from_ref(values))?;
-                apply_rows(
-                    tables,
-                    gids,
-                    signs,
-                    valid,
-                    |t, i| t.entry_ref(rows.row(i).as_ref()).or_insert([0; FAMILY_MAX]),
-                    |t, i| {
-                        t.remove(rows.row(i).as_ref());
-                    },
-                    &mut effective,
-                );
+                apply_bytes(t, gids, signs, values, &rows, e)?
+            }
+            Tables::BytesSeen(t) => {
+                let rows = self
+                    .converter
+                    .convert_columns(std::slice::from_ref(values))?;
+                apply_bytes(t, gids, signs, values, &rows, e)?
             }
         }
         Ok(effective)
@@ -361,26 +522,18 @@ impl DistinctFamily {
 
     /// Values of a member in a group (row-encoded), with their multiplicities.
     fn member(&self, member: usize, g: usize) -> Vec<(Box<[u8]>, i64)> {
-        match &self.tables {
-            Tables::Ints(t) => {
-                let (values, counts): (Vec<i64>, Vec<i64>) = t[g]
-                    .iter()
-                    .filter(|(_, c)| c[member] != 0)
-                    .map(|(v, c)| (*v, c[member]))
-                    .unzip();
-                let array: ArrayRef = Arc::new(Int64Array::from(values));
-                let rows = self
-                    .converter
-                    .convert_columns(&[array])
-                    .expect("BIGINT values encode");
-                rows.iter().map(|r| r.as_ref().into()).zip(counts).collect()
-            }
-            Tables::Bytes(t) => t[g]
-                .iter()
-                .filter(|(_, c)| c[member] != 0)
-                .map(|(k, c)| (Box::<[u8]>::from(&k[..]), c[member]))
-                .collect(),
-        }
+        let (values, counts) = match &self.tables {
+            Tables::Ints(t) => member_ints(&t[g], member),
+            Tables::IntsSeen(t) => member_ints(&t[g], member),
+            Tables::Bytes(t) => return member_bytes(&t[g], member),
+            Tables::BytesSeen(t) => return member_bytes(&t[g], member),
+        };
+        let array: ArrayRef = Arc::new(Int64Array::from(values));
+        let rows = self
+            .converter
+            .convert_columns(&[array])
+            .expect("BIGINT values encode");
+        rows.iter().map(|r| r.as_ref().into()).zip(counts).collect()
     }
 
     /// Sets a member's multiplicities in a group (a restore), replacing what it had there.
@@ -391,25 +544,28 @@ impl DistinctFamily {
         values: crate::snapshot::Multiset,
     ) -> Result<(), CorruptSnapshot> {
         self.resize(g + 1);
-        match &mut self.tables {
-            Tables::Ints(t) => {
-                reset_member(&mut t[g], member);
+        let ints = match &self.tables {
+            Tables::Ints(_) | Tables::IntsSeen(_) => {
                 let parser = self.converter.parser();
                 let decoded = self
                     .converter
                     .convert_rows(values.iter().map(|(k, _)| parser.parse(k)))
                     .map_err(|_| CorruptSnapshot("a DISTINCT value that is not a BIGINT"))?;
-                let ints = decoded[0].as_primitive::<Int64Type>();
-                for (i, (_, m)) in values.iter().enumerate() {
-                    t[g].entry(ints.value(i)).or_insert([0; FAMILY_MAX])[member] = *m;
-                }
+                decoded[0].as_primitive::<Int64Type>().values().to_vec()
             }
+            _ => vec![],
+        };
+        let counts = values.iter().map(|(_, m)| *m);
+        match &mut self.tables {
+            Tables::Ints(t) => restore_member(&mut t[g], member, ints.into_iter().zip(counts)),
+            Tables::IntsSeen(t) => restore_member(&mut t[g], member, ints.into_iter().zip(counts)),
             Tables::Bytes(t) => {
-                reset_member(&mut t[g], member);
-                for (k, m) in values {
-                    t[g].entry(ValueKey::from(&k[..]))
-                        .or_insert([0; FAMILY_MAX])[member] = m;
-                }
+                let keys = values.iter().map(|(k, m)| (ValueKey::from(&k[..]), *m));
+                restore_member(&mut t[g], member, keys)
+            }
+            Tables::BytesSeen(t) => {
+                let keys = values.iter().map(|(k, m)| (ValueKey::from(&k[..]), *m));
+                restore_member(&mut t[g], member, keys)
             }
         }
         Ok(())
@@ -420,6 +576,8 @@ impl DistinctFamily {
         match &mut self.tables {
             Tables::Ints(t) => reset_member(&mut t[g], member),
             Tables::Bytes(t) => reset_member(&mut t[g], member),
+            Tables::IntsSeen(t) => reset_member(&mut t[g], member),
+            Tables::BytesSeen(t) => reset_member(&mut t[g], member),
         }
     }
 
@@ -429,15 +587,18 @@ impl DistinctFamily {
         match &mut self.tables {
             Tables::Ints(t) => combine_member(t, member, d, s),
             Tables::Bytes(t) => combine_member(t, member, d, s),
+            Tables::IntsSeen(t) => combine_member(t, member, d, s),
+            Tables::BytesSeen(t) => combine_member(t, member, d, s),
         }
     }
 
     /// Approximate bytes held.
     fn size_bytes(&self) -> usize {
-        let entry = 8 * FAMILY_MAX;
         match &self.tables {
-            Tables::Ints(t) => t.iter().map(|m| 48 + m.len() * (8 + entry)).sum(),
-            Tables::Bytes(t) => t.iter().map(|m| 48 + m.len() * (24 + entry)).sum(),
+            Tables::Ints(t) => tables_size(t),
+            Tables::IntsSeen(t) => tables_size(t),
+            Tables::Bytes(t) => tables_size(t),
+            Tables::BytesSeen(t) => tables_size(t),
         }
     }
 }
@@ -1114,13 +1275,16 @@ mod tests {
     /// the multisets they snapshot, a restore into a new family, combining and resetting groups.
     #[test]
     fn a_distinct_family_agrees_with_unshared_accumulators() {
-        // BIGINT values are kept as themselves, others row-encoded: both ways.
+        // BIGINT values are kept as themselves, others row-encoded: both ways, counted or (for
+        // append-only input) only marked as seen.
         for input in [DataType::Int64, DataType::Int32] {
-            distinct_family_agrees(input);
+            for append_only in [false, true] {
+                distinct_family_agrees(input.clone(), append_only);
+            }
         }
     }
 
-    fn distinct_family_agrees(input: DataType) {
+    fn distinct_family_agrees(input: DataType, append_only: bool) {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
         let kinds = [AccKind::Count, AccKind::Count, AccKind::Sum];
@@ -1138,6 +1302,9 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         let family = DistinctFamily::try_new(&input).unwrap();
+        if append_only {
+            family.lock().unwrap().set_append_only();
+        }
         let mut members = shared(&family);
         let mut alone: Vec<_> = kinds.iter().map(|k| new(*k)).collect();
         let groups = 4u32;
@@ -1171,6 +1338,10 @@ mod tests {
                     };
                     let mut m = r.multiset().unwrap();
                     m.sort();
+                    if append_only {
+                        // Seen or not: multiplicities read as 1.
+                        m.iter_mut().for_each(|(_, c)| *c = (*c).min(1));
+                    }
                     format!("{:?} {:?}", &out[..8], m).into_bytes()
                 })
                 .collect()
@@ -1181,7 +1352,7 @@ mod tests {
             let mut signs = vec![];
             let mut values = vec![];
             for _ in 0..n {
-                if !live.is_empty() && rng.random_bool(0.3) {
+                if !append_only && !live.is_empty() && rng.random_bool(0.3) {
                     let (g, v) = live.swap_remove(rng.random_range(0..live.len()));
                     gids.push(g);
                     signs.push(-1);
@@ -1232,6 +1403,9 @@ mod tests {
         }
         // A restore into a new family, group by group, reproduces every member.
         let family2 = DistinctFamily::try_new(&input).unwrap();
+        if append_only {
+            family2.lock().unwrap().set_append_only();
+        }
         let mut restored = shared(&family2);
         for g in 0..groups {
             for (a, b) in members.iter().zip(restored.iter_mut()) {
@@ -1252,6 +1426,10 @@ mod tests {
         for g in 0..groups {
             assert_eq!(multisets(&members, g), multisets(&alone, g));
         }
+        // Input said to be append-only that retracts is an error, not a wrong count.
+        let one = cast(&ints(&[Some(1)]), &input).unwrap();
+        let retracted = family.lock().unwrap().update(&[0], &[&[-1]], &one);
+        assert_eq!(retracted.is_err(), append_only);
     }
 
     #[test]
