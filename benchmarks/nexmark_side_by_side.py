@@ -12,8 +12,10 @@ each benchmarks/nexmark/qN.sql unchanged (blackhole sinks; q10 writes its partit
 q13's side table is the same 10 000-row file for both). Flink runs in the peer harness's
 pyflink venv (../shared/peers/flink/setup.sh), one JVM for all of its runs, after a warm-up
 query per parallelism; its "job only" time is Flink's net job runtime, Sluice's the
-`job finished in` figure. Rates count every event of the three streams. q6 is left out:
-Flink cannot run it (a ROWS window over an updating input).
+`job finished in` figure. The engines alternate: each Flink run of a query is followed by a
+Sluice run of it at the same parallelism, so that both see the same state of a shared machine
+(whose speed drifts by tens of percent within an hour). Rates count every event of the three
+streams. q6 is left out: Flink cannot run it (a ROWS window over an updating input).
 
 Prints a Markdown table (median of --repeat runs) and writes every run as JSON lines.
 """
@@ -163,6 +165,12 @@ def flink_runner(args):
                 if k > 0:
                     print(json.dumps(rec), flush=True)
                 log(f"flink p={p} {name}: {rec.get('job_seconds', rec.get('error', '')[:200])}")
+                if k > 0 and args.sluice_binary:
+                    rec = run_sluice(args.sluice_binary, name, data, p, args.out)
+                    rec.update({"engine": "sluice", "query": name, "parallelism": p,
+                                "run": k - 1})
+                    print(json.dumps(rec), flush=True)
+                    log(f"sluice p={p} {name}: {rec.get('job_seconds', rec.get('error'))}")
 
 
 def main():
@@ -175,6 +183,8 @@ def main():
     ap.add_argument("--skip-flink", action="store_true")
     ap.add_argument("--flink-runner", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--sluice-binary", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.flink_runner:
         return flink_runner(args)
@@ -191,14 +201,16 @@ def main():
         if not os.path.exists(python):
             sys.exit(f"no peer venv at {python}: run ../shared/peers/flink/setup.sh first")
         log(f"flink: {','.join(names)} at p={args.parallelism}")
+        # The runner alternates the engines (see the module's doc).
         r = subprocess.run([python, os.path.abspath(__file__), "--flink-runner", "--data", data,
                             "-p", args.parallelism, "-q", ",".join(names),
-                            "--repeat", str(args.repeat), "--timeout", str(args.timeout)],
+                            "--repeat", str(args.repeat), "--timeout", str(args.timeout),
+                            "--sluice-binary", binary, "--out", out],
                            capture_output=True, text=True)
         with open(os.path.join(out, "flink.log"), "w") as f:
             f.write(r.stderr)
         results += [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
-    for p in pars:
+    for p in pars if args.skip_flink else []:
         for name in names:
             for k in range(args.repeat):
                 rec = run_sluice(binary, name, data, p, out)

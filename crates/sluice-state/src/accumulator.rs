@@ -776,7 +776,9 @@ impl Accumulator {
         effective: &[i64],
         values: &ArrayRef,
     ) -> Result<(), ArrowError> {
-        self.update_inner(gids, effective, Some(values))
+        // A COUNT needs the values only to skip NULLs, whose effective sign is already 0.
+        let values = (!matches!(self.state, State::Count(_))).then_some(values);
+        self.update_inner(gids, effective, values)
     }
 
     fn update_inner(
@@ -852,21 +854,27 @@ impl Accumulator {
                     let key = rows.row(i);
                     if self.append_only && signs[i] > 0 {
                         // Only the extreme matters: a beaten value is dropped, and a new extreme
-                        // replaces the old one (row bytes order as the values do).
-                        let best = match self.kind {
-                            AccKind::Max => set.last_key_value(),
-                            _ => set.first_key_value(),
+                        // replaces the old one (row bytes order as the values do). One look at
+                        // the current extreme decides.
+                        let max = self.kind == AccKind::Max;
+                        let best = if max {
+                            set.last_entry()
+                        } else {
+                            set.first_entry()
                         };
-                        let beaten = best.is_some_and(|(b, _)| match self.kind {
-                            AccKind::Max => key.as_ref() < b.as_ref(),
-                            _ => key.as_ref() > b.as_ref(),
-                        });
-                        if beaten {
-                            continue;
-                        }
-                        if best.is_some_and(|(b, _)| key.as_ref() != b.as_ref()) {
+                        if let Some(mut best) = best {
+                            let order = key.as_ref().cmp(best.key());
+                            if order.is_eq() {
+                                *best.get_mut() += signs[i];
+                                continue;
+                            }
+                            if order.is_lt() == max {
+                                continue;
+                            }
                             set.clear();
                         }
+                        set.insert(key.as_ref().into(), signs[i]);
+                        continue;
                     }
                     match set.get_mut(key.as_ref()) {
                         Some(m) => {
@@ -1043,11 +1051,12 @@ impl Accumulator {
                     .iter()
                     .map(|&g| {
                         let set = &values[g as usize];
-                        if kind == AccKind::Max {
-                            set.keys().next_back()
+                        let pick = if kind == AccKind::Max {
+                            set.last_key_value()
                         } else {
-                            set.keys().next()
-                        }
+                            set.first_key_value()
+                        };
+                        pick.map(|(k, _)| k)
                     })
                     .collect();
                 // Convert the non-empty picks, then scatter them with nulls for empty groups.
