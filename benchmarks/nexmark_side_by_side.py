@@ -12,10 +12,11 @@ each benchmarks/nexmark/qN.sql unchanged (blackhole sinks; q10 writes its partit
 q13's side table is the same 10 000-row file for both). Flink runs in the peer harness's
 pyflink venv (../shared/peers/flink/setup.sh), one JVM for all of its runs, after a warm-up
 query per parallelism; its "job only" time is Flink's net job runtime, Sluice's the
-`job finished in` figure. The engines alternate: each Flink run of a query is followed by a
-Sluice run of it at the same parallelism, so that both see the same state of a shared machine
-(whose speed drifts by tens of percent within an hour). Rates count every event of the three
-streams. q6 is left out: Flink cannot run it (a ROWS window over an updating input).
+`job finished in` figure. The engines take turns query by query (Flink's runs of a query in a
+JVM of their own, then Sluice's), so that both see about the same state of a shared machine,
+whose speed drifts by tens of percent within an hour; Sluice never runs beside a live Flink JVM
+(its background threads). Rates count every event of the three streams. q6 is left out: Flink
+cannot run it (a ROWS window over an updating input).
 
 Prints a Markdown table (median of --repeat runs) and writes every run as JSON lines.
 """
@@ -165,12 +166,6 @@ def flink_runner(args):
                 if k > 0:
                     print(json.dumps(rec), flush=True)
                 log(f"flink p={p} {name}: {rec.get('job_seconds', rec.get('error', '')[:200])}")
-                if k > 0 and args.sluice_binary:
-                    rec = run_sluice(args.sluice_binary, name, data, p, args.out)
-                    rec.update({"engine": "sluice", "query": name, "parallelism": p,
-                                "run": k - 1})
-                    print(json.dumps(rec), flush=True)
-                    log(f"sluice p={p} {name}: {rec.get('job_seconds', rec.get('error'))}")
 
 
 def main():
@@ -183,8 +178,6 @@ def main():
     ap.add_argument("--skip-flink", action="store_true")
     ap.add_argument("--flink-runner", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
-    ap.add_argument("--sluice-binary", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.flink_runner:
         return flink_runner(args)
@@ -196,27 +189,26 @@ def main():
     out = os.path.join(DATA_HOME, "runs", time.strftime("%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
     results = []
-    if not args.skip_flink:
-        python = os.path.join(PEER_HOME, "venv", "bin", "python")
-        if not os.path.exists(python):
-            sys.exit(f"no peer venv at {python}: run ../shared/peers/flink/setup.sh first")
-        log(f"flink: {','.join(names)} at p={args.parallelism}")
-        # The runner alternates the engines (see the module's doc).
-        r = subprocess.run([python, os.path.abspath(__file__), "--flink-runner", "--data", data,
-                            "-p", args.parallelism, "-q", ",".join(names),
-                            "--repeat", str(args.repeat), "--timeout", str(args.timeout),
-                            "--sluice-binary", binary, "--out", out],
-                           capture_output=True, text=True)
-        with open(os.path.join(out, "flink.log"), "w") as f:
-            f.write(r.stderr)
-        results += [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
-    for p in pars if args.skip_flink else []:
-        for name in names:
+    python = os.path.join(PEER_HOME, "venv", "bin", "python")
+    if not args.skip_flink and not os.path.exists(python):
+        sys.exit(f"no peer venv at {python}: run ../shared/peers/flink/setup.sh first")
+    flink_log = open(os.path.join(out, "flink.log"), "w")
+    for name in names:
+        if not args.skip_flink:
+            log(f"flink: {name} at p={args.parallelism}")
+            r = subprocess.run([python, os.path.abspath(__file__), "--flink-runner", "--data",
+                                data, "-p", args.parallelism, "-q", name,
+                                "--repeat", str(args.repeat), "--timeout", str(args.timeout)],
+                               capture_output=True, text=True)
+            flink_log.write(r.stderr)
+            results += [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
+        for p in pars:
             for k in range(args.repeat):
                 rec = run_sluice(binary, name, data, p, out)
                 rec.update({"engine": "sluice", "query": name, "parallelism": p, "run": k})
                 log(f"sluice p={p} {name} run {k}: {rec.get('job_seconds', rec.get('error'))}")
                 results.append(rec)
+    flink_log.close()
     for rec in results:
         if rec.get("status") == "ok":
             rec["events_per_s"] = round(args.events / rec["job_seconds"])

@@ -303,8 +303,8 @@ impl Groups for FrozenState {
 }
 
 impl FrozenState {
-    /// The snapshot batch: in the flat layout (see [`FrozenState::encode_flat`]) when no group has a window
-    /// or a last result, else as [`AggregateState::snapshot`] would write it.
+    /// The snapshot batch: in the flat layout (see [`FrozenState::encode_flat`]) when no group
+    /// has a window or a last result, else as [`AggregateState::snapshot`] would write it.
     pub fn encode(&self) -> Result<RecordBatch> {
         if !self.windowed && self.last.is_empty() {
             return self.encode_flat();
