@@ -54,11 +54,6 @@ impl DirectFile {
         })
     }
 
-    /// Whether writes bypass the page cache.
-    pub fn is_direct(&self) -> bool {
-        self.direct
-    }
-
     /// Writes the gathered bytes, padded with zeros to the alignment when `last` (the file is
     /// cut back to its length afterwards).
     fn write_out(&mut self, last: bool) -> std::io::Result<()> {
