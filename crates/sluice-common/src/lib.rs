@@ -8,6 +8,7 @@
 
 pub mod changelog;
 pub mod error;
+pub mod java_format;
 pub mod time;
 
 pub use changelog::{ChangeBatch, Op};

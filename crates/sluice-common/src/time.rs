@@ -73,9 +73,73 @@ pub fn format_timestamps(
         1
     };
     let millis = to_millis(array)?;
-    let millis = millis.as_primitive::<TimestampMillisecondType>();
-    let mut out =
-        arrow::array::StringBuilder::with_capacity(millis.len(), millis.len() * format.len());
+    let out = format_each(
+        millis.as_primitive::<TimestampMillisecondType>(),
+        step,
+        format.len(),
+        |t, text| {
+            write!(text, "{}", t.format_with_items(items.iter()))
+                .map_err(|e| ArrowError::ComputeError(e.to_string()))
+        },
+    )?;
+    Ok(Some(out))
+}
+
+/// Formats a timestamp, date or timestamp-text column with a Flink `DATE_FORMAT` pattern,
+/// parsed once. Second and millisecond timestamps reuse the text of the row before within a
+/// minute (or millisecond); other columns are cast to nanosecond timestamps first (zoned ones
+/// to their local time).
+pub fn format_timestamps_java(
+    array: &ArrayRef,
+    format: &crate::java_format::JavaDateFormat,
+) -> Result<arrow::array::StringArray, ArrowError> {
+    use arrow::datatypes::TimestampNanosecondType;
+    let write = |t: &chrono::NaiveDateTime, text: &mut String| -> Result<(), ArrowError> {
+        format.write(t, text);
+        Ok(())
+    };
+    if let DataType::Timestamp(TimeUnit::Millisecond | TimeUnit::Second, None) = array.data_type() {
+        let step = if format.minute_or_coarser() {
+            60_000
+        } else {
+            1
+        };
+        let millis = to_millis(array)?;
+        return format_each(
+            millis.as_primitive::<TimestampMillisecondType>(),
+            step,
+            24,
+            write,
+        );
+    }
+    let nanos = arrow::compute::cast(array, &DataType::Timestamp(TimeUnit::Nanosecond, None))?;
+    let nanos = nanos.as_primitive::<TimestampNanosecondType>();
+    let mut out = arrow::array::StringBuilder::with_capacity(nanos.len(), nanos.len() * 24);
+    let mut text = String::new();
+    for v in nanos.iter() {
+        match v {
+            Some(v) => {
+                text.clear();
+                write(
+                    &chrono::DateTime::from_timestamp_nanos(v).naive_utc(),
+                    &mut text,
+                )?;
+                out.append_value(&text);
+            }
+            None => out.append_null(),
+        }
+    }
+    Ok(out.finish())
+}
+
+/// Formats each millisecond value, reusing the text of the row before within one `step`.
+fn format_each(
+    millis: &arrow::array::TimestampMillisecondArray,
+    step: i64,
+    width: usize,
+    write: impl Fn(&chrono::NaiveDateTime, &mut String) -> Result<(), ArrowError>,
+) -> Result<arrow::array::StringArray, ArrowError> {
+    let mut out = arrow::array::StringBuilder::with_capacity(millis.len(), millis.len() * width);
     let mut text = String::new();
     let mut last = None;
     for i in 0..millis.len() {
@@ -88,8 +152,7 @@ pub fn format_timestamps(
                 let unit = millis.value(i).div_euclid(step);
                 if last != Some(unit) {
                     text.clear();
-                    write!(text, "{}", t.naive_utc().format_with_items(items.iter()))
-                        .map_err(|e| ArrowError::ComputeError(e.to_string()))?;
+                    write(&t.naive_utc(), &mut text)?;
                     last = Some(unit);
                 }
                 out.append_value(&text);
@@ -97,7 +160,7 @@ pub fn format_timestamps(
             None => out.append_null(),
         }
     }
-    Ok(Some(out.finish()))
+    Ok(out.finish())
 }
 
 /// Whether a format item's text is the same for every instant of a minute.

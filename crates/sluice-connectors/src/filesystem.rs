@@ -150,7 +150,7 @@ struct OpenFile {
     key: String,
     path: PathBuf,
     lines: Option<Box<dyn BufRead + Send>>,
-    csv: Option<arrow::csv::reader::BufReader<Box<dyn BufRead + Send>>>,
+    csv: Option<crate::csv_records::CsvRecords>,
     /// Lines read in this split.
     line: u64,
     /// Where the split's first record starts, and the lines of the file before it (counted
@@ -218,7 +218,7 @@ impl FileSource {
         worker: usize,
         workers: usize,
     ) -> Result<Self> {
-        let path = PathBuf::from(opts.required("path")?);
+        let path = local_path(opts)?;
         let format = format(opts, false)?;
         let ignore = opts.flag("json.ignore-parse-errors", false)?;
         let csv_ignore_errors = opts.flag("csv.ignore-parse-errors", false)?;
@@ -520,14 +520,15 @@ impl FileSource {
         };
         let (lines, csv) = match self.format {
             Format::Csv => {
-                let mut builder = arrow::csv::ReaderBuilder::new(self.schema.clone())
-                    .with_header(false)
-                    .with_batch_size(max_rows)
-                    .with_bounds(position as usize, usize::MAX);
-                if let Some(cols) = &self.read {
-                    builder = builder.with_projection(cols.clone());
-                }
-                let r = builder.build_buffered(buffered)?;
+                let r = crate::csv_records::CsvRecords::new(
+                    buffered,
+                    self.schema.clone(),
+                    self.read.clone(),
+                    max_rows,
+                    self.csv_ignore_errors,
+                    position,
+                )
+                .map_err(|e| Error::io(&path, e))?;
                 (None, Some(r))
             }
             _ => (Some(buffered), None),
@@ -571,7 +572,6 @@ impl FileSource {
             let mut f = self.open_file(split, max_rows)?;
             let (tx, rx) = std::sync::mpsc::sync_channel(AHEAD_BATCHES);
             let mut json = JsonLines::new(self.decoded_schema.clone(), self.json_ignore_errors)?;
-            let csv_ignore_errors = self.csv_ignore_errors;
             let placeholder = OpenFile {
                 split: f.split,
                 key: f.key.clone(),
@@ -589,8 +589,7 @@ impl FileSource {
                 .spawn(move || loop {
                     let mut skipped = 0;
                     let before = json.skipped();
-                    let chunk =
-                        read_chunk(&mut f, &mut json, csv_ignore_errors, &mut skipped, max_rows);
+                    let chunk = read_chunk(&mut f, &mut json, &mut skipped, max_rows);
                     let last = matches!(chunk, Ok(Chunk::Eof) | Err(_));
                     let read = Ahead {
                         chunk,
@@ -612,13 +611,7 @@ impl FileSource {
     fn read_chunk(&mut self, at: usize, max_rows: usize) -> Result<Chunk> {
         let f = &mut self.open[at];
         let Some(rx) = &f.ahead else {
-            return read_chunk(
-                f,
-                &mut self.json,
-                self.csv_ignore_errors,
-                &mut self.skipped,
-                max_rows,
-            );
+            return read_chunk(f, &mut self.json, &mut self.skipped, max_rows);
         };
         let Ok(read) = rx.recv() else {
             return Err(Error::Runtime(format!(
@@ -633,29 +626,73 @@ impl FileSource {
     }
 }
 
+/// The `'path'` option as a local path: a plain path or a `file://` URI, as Flink users write
+/// them. An empty path, or a URI of another scheme, is an error.
+fn local_path(opts: &mut Options) -> Result<PathBuf> {
+    let raw = opts.required("path")?;
+    let text = raw.trim();
+    if text.is_empty() {
+        return Err(opts.error("option 'path' is empty: name a file or directory".to_string()));
+    }
+    if let Some(rest) = text.strip_prefix("file://") {
+        // file:///data/x, or file://localhost/data/x.
+        let rest = rest.strip_prefix("localhost").unwrap_or(rest);
+        if !rest.starts_with('/') {
+            return Err(opts.error(format!(
+                "option 'path' = '{raw}': a file:// URI names a host; write file:///absolute/path"
+            )));
+        }
+        return Ok(PathBuf::from(rest));
+    }
+    if let Some(rest) = text.strip_prefix("file:") {
+        return Ok(PathBuf::from(rest));
+    }
+    if let Some((scheme, _)) = text.split_once("://") {
+        if !scheme.is_empty()
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        {
+            return Err(opts.error(format!(
+                "option 'path' = '{raw}': the filesystem connector reads local paths and file:// URIs; \
+                 '{scheme}://' is not supported"
+            )));
+        }
+    }
+    Ok(PathBuf::from(text))
+}
+
 /// Reads the next chunk of an open split: a CSV batch, or up to `max_rows` JSON lines decoded.
 fn read_chunk(
     f: &mut OpenFile,
     json: &mut JsonLines,
-    csv_ignore_errors: bool,
     skipped: &mut u64,
     max_rows: usize,
 ) -> Result<Chunk> {
     if let Some(csv) = f.csv.as_mut() {
-        return match csv.next() {
-            Some(Ok(batch)) => {
-                f.position += batch.num_rows() as u64;
-                Ok(Chunk::Rows(empty_strings(batch)?))
+        use crate::csv_records::{CsvRead, ReadError};
+        let before = csv.skipped;
+        let read = csv.read();
+        *skipped += csv.skipped - before;
+        f.position = csv.records;
+        return match read {
+            Ok(CsvRead::Rows(batch)) => Ok(Chunk::Rows(empty_strings(batch)?)),
+            Ok(CsvRead::Nothing) => Ok(Chunk::Nothing),
+            Ok(CsvRead::Eof) => Ok(Chunk::Eof),
+            Err(ReadError::Io(e)) => Err(Error::io(&f.path, e)),
+            Err(ReadError::Bad(bad)) => {
+                let before = match f.lines_before {
+                    Some(n) => n,
+                    None => count_in(&f.path, 0, f.start, b'\n')?,
+                };
+                Err(Error::BadRecord {
+                    location: format!("{}:{}", f.path.display(), before + bad.line),
+                    message: format!(
+                        "malformed CSV record ({}); set 'csv.ignore-parse-errors' = 'true' to skip such records",
+                        bad.message
+                    ),
+                })
             }
-            Some(Err(_)) if csv_ignore_errors => {
-                *skipped += 1;
-                Ok(Chunk::Nothing)
-            }
-            Some(Err(e)) => Err(Error::BadRecord {
-                location: f.path.display().to_string(),
-                message: format!("malformed CSV record: {e}"),
-            }),
-            None => Ok(Chunk::Eof),
         };
     }
     let reader = f.lines.as_mut().expect("a JSON file has a line reader");
@@ -877,7 +914,7 @@ impl FileSink {
         worker: usize,
         _workers: usize,
     ) -> Result<Box<dyn SinkWriter>> {
-        let dir = PathBuf::from(opts.required("path")?);
+        let dir = local_path(opts)?;
         let format = format(opts, true)?;
         let roll_bytes = opts.memory_size("sink.rolling-policy.file-size", 128u64 << 20)?;
         std::fs::create_dir_all(&dir)

@@ -9,6 +9,7 @@
 //! Sources built in: `filesystem`, `datagen`, `ecommerce`. Sinks: `filesystem`, `print`,
 //! `blackhole`, `memory` (an in-process materialized table, used by the demo's live view).
 
+mod csv_records;
 pub mod datagen;
 pub mod ecommerce;
 pub mod filesystem;

@@ -111,6 +111,8 @@ pub(crate) struct Session {
 /// What a batch did: its changes, and the rows it dropped as late.
 pub struct ApplyOutcome {
     pub late_rows: u64,
+    /// Rows a session window dropped because their event time was NULL.
+    pub null_time_rows: u64,
     pub output: Option<ChangeBatch>,
     /// With a `'late-data.sink'`: the late rows' source rows, to be written there.
     pub late: Option<RecordBatch>,
@@ -456,6 +458,7 @@ impl AggregateState {
             let late = self.late_rows(batch, late)?;
             return Ok(ApplyOutcome {
                 late_rows: late.0,
+                null_time_rows: 0,
                 output,
                 late: late.1,
             });
@@ -494,6 +497,7 @@ impl AggregateState {
         let late = self.late_rows(batch, late)?;
         Ok(ApplyOutcome {
             late_rows: late.0,
+            null_time_rows: 0,
             output,
             late: late.1,
         })
@@ -930,7 +934,9 @@ impl AggregateState {
         let mut late: Vec<u32> = vec![];
         let mut merges: Vec<(u32, u32)> = vec![];
         let mut released: Vec<u32> = vec![];
+        let mut null_time_rows = 0;
         for i in 0..gids.len() {
+            null_time_rows += u64::from(times.is_null(i) && signs[i] > 0);
             if times.is_null(i) || signs[i] <= 0 {
                 // Sessions take append-only input (checked by the planner); NULL times are dropped.
                 row_signs[i] = 0;
@@ -1000,11 +1006,18 @@ impl AggregateState {
         self.update_accumulators(batch, &slots, &row_signs, capacity)?;
         if let Some(s) = self.sessions.as_mut() {
             s.free_slots.extend(released);
+            // Keys interned only by rows that opened no session (late, NULL time) hold nothing.
+            for (i, &g) in gids.iter().enumerate() {
+                if row_signs[i] == 0 && !s.open.contains_key(&g) && self.table.contains(g) {
+                    self.table.remove(g);
+                }
+            }
         }
         self.gids = gids;
         let late = self.late_rows(batch, late)?;
         Ok(ApplyOutcome {
             late_rows: late.0,
+            null_time_rows,
             output: None,
             late: late.1,
         })
@@ -1064,7 +1077,8 @@ impl AggregateState {
         let s = self.sessions.as_mut().expect("session state");
         for (key, sess) in &fired {
             s.free_slots.push(sess.slot);
-            if !s.open.contains_key(key) {
+            // A key whose last sessions fired together is listed once per session: free it once.
+            if !s.open.contains_key(key) && self.table.contains(*key) {
                 self.rows[*key as usize] = 0;
                 self.changes.removed(&self.table, *key);
                 self.table.remove(*key);

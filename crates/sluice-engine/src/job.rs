@@ -76,6 +76,8 @@ pub struct JobSummary {
     pub rows_read: BTreeMap<String, u64>,
     pub rows_written: BTreeMap<String, u64>,
     pub late_rows_dropped: u64,
+    /// Rows a window or an event-time operator dropped because their event time was NULL.
+    pub null_time_rows_dropped: u64,
     pub records_skipped: u64,
     /// Aggregation state at the end of input (bounded jobs): bytes and groups.
     pub state_bytes: u64,
@@ -719,6 +721,7 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
         rows_read: metrics.rows_read(),
         rows_written: metrics.rows_written(),
         late_rows_dropped: metrics.late_rows_dropped.load(Ordering::Relaxed),
+        null_time_rows_dropped: metrics.null_time_rows_dropped.load(Ordering::Relaxed),
         records_skipped: metrics.records_skipped.load(Ordering::Relaxed),
         state_bytes: metrics.state_bytes.load(Ordering::Relaxed),
         state_groups: metrics.state_groups.load(Ordering::Relaxed),
@@ -980,11 +983,15 @@ fn build_node<'scope>(
             schema,
         } => {
             let (time, kind, schema) = (time.clone(), *kind, schema.clone());
+            let metrics = ctx.metrics.clone();
             map_batches(
                 build(scope, input, ctx, reuse),
                 "WindowAssign",
                 ctx.metrics.clone(),
-                move |b| assign_windows(b, &time, kind, &schema).map(Some),
+                move |b| {
+                    assign_windows(b, &time, kind, &schema, &metrics.null_time_rows_dropped)
+                        .map(Some)
+                },
             )
         }
         StreamNode::Union { inputs, .. } => {
@@ -1384,6 +1391,7 @@ fn build_window_chain<'scope>(
         unreachable!("a window chain ends at the window assignment")
     };
     let (time, schema) = (time.clone(), schema.clone());
+    let metrics = ctx.metrics.clone();
     let kind = match pane {
         Some(size) => sluice_sql::WindowKind::Tumble { size, offset: 0 },
         None => *kind,
@@ -1392,7 +1400,7 @@ fn build_window_chain<'scope>(
         exchange_by_key(build(scope, input, ctx, reuse), keys),
         "WindowAssign",
         ctx.metrics.clone(),
-        move |b| assign_windows(b, &time, kind, &schema).map(Some),
+        move |b| assign_windows(b, &time, kind, &schema, &metrics.null_time_rows_dropped).map(Some),
     );
     for node in above.iter().rev() {
         stream = match node {
@@ -1502,6 +1510,11 @@ impl AggregateTask {
             Event::Data(d) => match self.state.apply(&d.batch) {
                 Ok(outcome) => {
                     AggregateState::count_late(&metrics, outcome.late_rows);
+                    if outcome.null_time_rows > 0 {
+                        metrics
+                            .null_time_rows_dropped
+                            .fetch_add(outcome.null_time_rows, Ordering::Relaxed);
+                    }
                     if let (Some(rows), Some((w, counter, schema))) =
                         (outcome.late, self.late_writer.as_mut())
                     {

@@ -12,6 +12,8 @@ pub struct JobMetrics {
     rows_read: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
     rows_written: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
     pub late_rows_dropped: AtomicU64,
+    /// Rows dropped by windows because their event time was NULL (as Flink drops them).
+    pub null_time_rows_dropped: AtomicU64,
     pub records_skipped: AtomicU64,
     /// Bytes and groups held by aggregation state when its input ended (bounded jobs).
     pub state_bytes: AtomicU64,

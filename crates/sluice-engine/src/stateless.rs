@@ -84,15 +84,20 @@ pub fn filter(batch: &ChangeBatch, predicate: &PhysExpr) -> Result<ChangeBatch> 
 }
 
 /// Appends `window_start`, `window_end`, `window_time` (end - 1 ms); HOP and CUMULATE emit one
-/// copy of a row per window it falls in. Rows with a NULL time are dropped, as in Flink.
+/// copy of a row per window it falls in. Rows with a NULL time are dropped, as in Flink, and
+/// counted in `null_times`.
 pub fn assign_windows(
     batch: &ChangeBatch,
     time: &PhysExpr,
     kind: WindowKind,
     schema: &SchemaRef,
+    null_times: &std::sync::atomic::AtomicU64,
 ) -> Result<ChangeBatch> {
     let t = sluice_common::time::to_millis(&evaluate(time, batch)?)?;
     let t = t.as_primitive::<TimestampMillisecondType>();
+    if t.null_count() > 0 {
+        null_times.fetch_add(t.null_count() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
     let mut rows = Vec::with_capacity(t.len());
     let mut starts = Vec::with_capacity(t.len());
     let mut ends = Vec::with_capacity(t.len());

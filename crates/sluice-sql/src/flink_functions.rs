@@ -15,16 +15,15 @@ pub fn all() -> Vec<Arc<ScalarUDF>> {
     vec![
         Arc::new(ScalarUDF::new_from_impl(RegexpExtract::new())),
         Arc::new(ScalarUDF::new_from_impl(SplitIndex::new())),
-        Arc::new(ScalarUDF::new_from_impl(ProcTime::new())),
+        Arc::new(ScalarUDF::new_from_impl(ProcTime::new("proctime"))),
+        Arc::new(ScalarUDF::new_from_impl(ProcTime::new(WALL_CLOCK))),
         Arc::new(ScalarUDF::new_from_impl(DateFormat::new())),
     ]
 }
 
-/// `DATE_FORMAT(ts, format)` and `FROM_UNIXTIME` (the format already in chrono's spelling, see
-/// [`crate::rewrite`]) of a second or millisecond timestamp without a time zone: chrono formats each value with the
-/// format parsed once per batch. DataFusion's `to_char` parses it again for every value, which
-/// was most of the function's time; other inputs (dates, zoned timestamps, strings, a format
-/// per row) go to `to_char`.
+/// `DATE_FORMAT(ts, format)` and `FROM_UNIXTIME`: Flink's patterns (`java.time`'s
+/// `DateTimeFormatter`, see [`sluice_common::java_format`]), parsed once per batch (once per
+/// distinct pattern for a pattern per row). Timestamps, dates and timestamp text are formatted.
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct DateFormat {
     signature: Signature,
@@ -49,40 +48,75 @@ impl ScalarUDFImpl for DateFormat {
         Ok(DataType::Utf8)
     }
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DFResult<ColumnarValue> {
-        let constant = match &args.args[1] {
-            f @ ColumnarValue::Scalar(_) => Strings::new(f)?,
-            _ => Strings::Constant(None),
+        use sluice_common::java_format::JavaDateFormat;
+        let parse = |p: &str| {
+            JavaDateFormat::parse(p).map_err(|e| {
+                datafusion_common::DataFusionError::Execution(format!("DATE_FORMAT: {e}"))
+            })
         };
-        if let Strings::Constant(Some(format)) = constant {
-            let times = args.args[0].to_array(args.number_rows)?;
-            match sluice_common::time::format_timestamps(&times, &format) {
-                Ok(Some(text)) => return Ok(ColumnarValue::Array(Arc::new(text))),
-                Ok(None) => {}
-                Err(e) => return exec_err!("DATE_FORMAT: {e}"),
+        let times = args.args[0].to_array(args.number_rows)?;
+        let formatted = match Strings::new(&args.args[1])? {
+            Strings::Constant(None) => {
+                return Ok(ColumnarValue::Array(arrow::array::new_null_array(
+                    &DataType::Utf8,
+                    args.number_rows,
+                )))
             }
+            Strings::Constant(Some(pattern)) => {
+                sluice_common::time::format_timestamps_java(&times, &parse(&pattern)?)
+            }
+            Strings::Column(patterns) => {
+                // A pattern per row: each row formatted alone, the pattern parsed when it changes.
+                let mut out = StringBuilder::with_capacity(args.number_rows, 0);
+                let mut last: Option<(String, JavaDateFormat)> = None;
+                for i in 0..args.number_rows {
+                    if patterns.is_null(i) || times.is_null(i) {
+                        out.append_null();
+                        continue;
+                    }
+                    let p = patterns.value(i);
+                    if last.as_ref().map(|(q, _)| q.as_str()) != Some(p) {
+                        last = Some((p.to_string(), parse(p)?));
+                    }
+                    let f = &last.as_ref().expect("set above").1;
+                    let one = sluice_common::time::format_timestamps_java(&times.slice(i, 1), f)?;
+                    out.append_option((!one.is_null(0)).then(|| one.value(0)));
+                }
+                Ok(out.finish())
+            }
+        };
+        match formatted {
+            Ok(text) => Ok(ColumnarValue::Array(Arc::new(text))),
+            Err(e) => exec_err!("DATE_FORMAT: {e}"),
         }
-        datafusion_functions::datetime::to_char().invoke_with_args(args)
     }
 }
 
+/// The function `CURRENT_TIMESTAMP`, `NOW()` and `LOCALTIMESTAMP` become: the wall clock per
+/// row, as in Flink's streaming mode, but not a processing-time attribute as `PROCTIME()` is.
+pub const WALL_CLOCK: &str = "sluice_wall_clock";
+
 /// `PROCTIME()`: the processing time (wall clock) at which a row is computed, as TIMESTAMP(3).
-/// Volatile, so it is evaluated per batch and never folded into a constant at planning.
+/// Volatile, so it is evaluated per batch and never folded into a constant at planning. Also
+/// [`WALL_CLOCK`] under its own name.
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct ProcTime {
     signature: Signature,
+    name: &'static str,
 }
 
 impl ProcTime {
-    fn new() -> Self {
+    fn new(name: &'static str) -> Self {
         ProcTime {
             signature: Signature::nullary(Volatility::Volatile),
+            name,
         }
     }
 }
 
 impl ScalarUDFImpl for ProcTime {
     fn name(&self) -> &str {
-        "proctime"
+        self.name
     }
     fn signature(&self) -> &Signature {
         &self.signature
@@ -163,8 +197,8 @@ impl Ints {
     }
 }
 
-/// `REGEXP_EXTRACT(str, regex [, group])`: the given capture group (0 = whole match, the default
-/// is 1 as in Flink) of the first match, or NULL.
+/// `REGEXP_EXTRACT(str, regex [, group])`: the given capture group of the first match, or NULL.
+/// Without a group it is the whole match (group 0), as Flink's `SqlFunctionUtils.regexpExtract`.
 #[derive(Debug)]
 struct RegexpExtract {
     signature: Signature,
@@ -231,7 +265,7 @@ impl ScalarUDFImpl for RegexpExtract {
         let patterns = Strings::new(&args.args[1])?;
         let groups = match args.args.get(2) {
             Some(g) => Ints::new(g)?,
-            None => Ints::Constant(Some(1)),
+            None => Ints::Constant(Some(0)),
         };
         // The regex compiled last, and its capture positions (reused: no allocation per row).
         let mut cache: Option<(String, regex::Regex, regex::CaptureLocations)> = None;

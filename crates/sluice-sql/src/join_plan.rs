@@ -437,7 +437,23 @@ fn lookup_join(
             "a lookup join needs an equality condition on the looked-up table's columns",
         ));
     }
-    // An AS OF the input's event time asks for the version valid then: a different join.
+    // An AS OF the input's event time asks for the version valid then: a different join. The
+    // column is resolved with its qualifier (after a chained join, `p.ts` and `d1.ts` are both
+    // `ts`) and must be the left input's time attribute, which a temporal join keeps.
+    let ls = j.left.schema();
+    let as_of_column = match as_of {
+        sqlparser::ast::Expr::Identifier(i) => ls.index_of_column_by_name(None, &i.value),
+        sqlparser::ast::Expr::CompoundIdentifier(parts) => match parts.as_slice() {
+            [q, n] => ls.index_of_column_by_name(Some(&q.value.as_str().into()), &n.value),
+            [.., n] => ls.index_of_column_by_name(None, &n.value),
+            [] => None,
+        },
+        _ => None,
+    };
+    let left_time = as_of_column.filter(|c| crate::rank_plan::rowtime_column(&left) == Some(*c));
+    // Without the versioned table's condition the AS OF column may have been pruned from the
+    // left input: its name still says it meant event time (and the join then says what is
+    // missing for an event-time temporal join).
     let as_of_name = match as_of {
         sqlparser::ast::Expr::Identifier(i) => Some(i.value.clone()),
         sqlparser::ast::Expr::CompoundIdentifier(parts) => parts.last().map(|i| i.value.clone()),
@@ -451,12 +467,17 @@ fn lookup_join(
                 .is_some_and(|(i, _)| table.schema.field(*i).name() == name),
             StreamNode::Project { input, .. }
             | StreamNode::Filter { input, .. }
-            | StreamNode::WindowAssign { input, .. } => watermarked(input, name),
+            | StreamNode::WindowAssign { input, .. }
+            | StreamNode::LookupJoin { input, .. }
+            | StreamNode::TemporalJoin { left: input, .. } => watermarked(input, name),
             _ => false,
         }
     }
-    if let Some(name) = as_of_name.filter(|n| watermarked(&left, n)) {
-        return temporal_join(j, kind, left, right, left_keys, right_keys, filter, &name);
+    if left_time.is_some() || as_of_name.as_deref().is_some_and(|n| watermarked(&left, n)) {
+        let name = as_of_name.unwrap_or_default();
+        return temporal_join(
+            j, kind, left, right, left_keys, right_keys, filter, left_time, &name,
+        );
     }
     let reload_ms = match table.options.get("lookup.join.cache.ttl") {
         None => None,
@@ -493,6 +514,7 @@ fn temporal_join(
     left_keys: Vec<PhysExpr>,
     right_keys: Vec<PhysExpr>,
     filter: Option<PhysExpr>,
+    left_time: Option<usize>,
     as_of: &str,
 ) -> Result<StreamNode> {
     let StreamNode::Scan { table, schema, .. } = &right else {
@@ -516,11 +538,7 @@ fn temporal_join(
             "internal: the versioned table's time column {time_name} is not read"
         ))
     })?;
-    let ls = j.left.schema();
-    let left_time = ls
-        .fields()
-        .iter()
-        .position(|f| f.name() == as_of)
+    let left_time = left_time
         .ok_or_else(|| Error::plan(format!("internal: the AS OF column {as_of} is not read")))?;
     // The join must pair the whole primary key, so that a key has one version at a time.
     let rs = j.right.schema();

@@ -18,6 +18,7 @@ pub mod plan;
 pub mod planner;
 mod rank_plan;
 pub mod rewrite;
+pub mod settings;
 pub mod tvf;
 
 pub use plan::*;

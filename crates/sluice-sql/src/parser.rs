@@ -76,6 +76,7 @@ pub struct TableDdl {
 /// Parses a whole script of `;`-separated statements.
 pub fn parse_script(sql: &str) -> Result<Vec<Located>> {
     let dialect = SluiceDialect::default();
+    reject_hints(&dialect, sql)?;
     let mut parser = Parser::new(&dialect)
         .try_with_sql(sql)
         .map_err(|e| syntax(e, None))?;
@@ -104,6 +105,30 @@ pub fn parse_script(sql: &str) -> Result<Vec<Located>> {
         }
     }
     Ok(out)
+}
+
+/// Flink's hints (`/*+ OPTIONS('k'='v') */`) are comments to sqlparser: rather than ignore one
+/// silently, a script with a hint is an error at the hint.
+fn reject_hints(dialect: &SluiceDialect, sql: &str) -> Result<()> {
+    use sqlparser::tokenizer::{Tokenizer, Whitespace};
+    let Ok(tokens) = Tokenizer::new(dialect, sql).tokenize_with_location() else {
+        // The parser reports the same tokenizer error with its position.
+        return Ok(());
+    };
+    for t in tokens {
+        if let Token::Whitespace(Whitespace::MultiLineComment(text)) = &t.token {
+            if text.starts_with('+') {
+                return Err(syntax(
+                    ParserError::ParserError(format!(
+                        "hints (/*{}*/) are not supported yet: put the options in the table's WITH clause",
+                        text.trim_end()
+                    )),
+                    Some(t.span.start),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Turns a parser error into a positioned syntax error. sqlparser already appends

@@ -548,4 +548,6 @@ pub struct JobPlan {
     pub pipelines: Vec<Pipeline>,
     /// `SET` options.
     pub settings: BTreeMap<String, String>,
+    /// Warnings for the user (Flink options Sluice accepts but does not act on).
+    pub warnings: Vec<String>,
 }

@@ -34,6 +34,8 @@ pub struct Catalog {
     tables: HashMap<String, Arc<TableDef>>,
     views: HashMap<String, LogicalPlan>,
     settings: BTreeMap<String, String>,
+    /// What the user should know but that does not stop the job (Flink-only options).
+    warnings: Vec<String>,
     pipelines: Vec<Pipeline>,
     selects: usize,
     scalar: HashMap<String, Arc<ScalarUDF>>,
@@ -74,6 +76,7 @@ impl Catalog {
             tables: HashMap::new(),
             views: HashMap::new(),
             settings: BTreeMap::new(),
+            warnings: vec![],
             pipelines: vec![],
             selects: 0,
             scalar: scalar_functions(),
@@ -103,6 +106,7 @@ impl Catalog {
         JobPlan {
             pipelines: self.pipelines,
             settings: self.settings,
+            warnings: self.warnings,
         }
     }
 
@@ -114,6 +118,9 @@ impl Catalog {
     fn execute_statement(&mut self, statement: Statement, line: u64) -> Result<()> {
         match statement {
             Statement::Set { key, value } => {
+                if let Some(warning) = crate::settings::check(&key, &value)? {
+                    self.warnings.push(format!("line {line}: {warning}"));
+                }
                 self.settings.insert(key, value);
             }
             Statement::CreateTable(ddl) => {

@@ -8,6 +8,8 @@
 
 use std::ops::ControlFlow;
 
+use crate::flink_functions::WALL_CLOCK;
+
 use sqlparser::ast::{
     self, CastKind, Expr, Function, FunctionArg, FunctionArgExpr, FunctionArgumentList,
     FunctionArguments, Ident, ObjectName, Value,
@@ -136,10 +138,7 @@ fn rewrite_expr(expr: &Expr) -> Option<Expr> {
                 else_result: Some(Box::new(b)),
             }
         }
-        ("DATE_FORMAT", 2) => {
-            let format = java_format_literal(&args[1])?;
-            call("sluice_date_format", vec![args[0].clone(), string(&format)])
-        }
+        ("DATE_FORMAT", 2) => call("sluice_date_format", args),
         ("TO_TIMESTAMP", 2) => {
             let format = java_format_literal(&args[1])?;
             call(
@@ -152,21 +151,26 @@ fn rewrite_expr(expr: &Expr) -> Option<Expr> {
             "sluice_date_format",
             vec![
                 call("to_timestamp_seconds", args),
-                string("%Y-%m-%d %H:%M:%S"),
+                string("yyyy-MM-dd HH:mm:ss"),
             ],
         ),
-        ("FROM_UNIXTIME", 2) => {
-            let format = java_format_literal(&args[1])?;
-            call(
-                "sluice_date_format",
-                vec![
-                    call("to_timestamp_seconds", vec![args[0].clone()]),
-                    string(&format),
-                ],
-            )
-        }
+        ("FROM_UNIXTIME", 2) => call(
+            "sluice_date_format",
+            vec![
+                call("to_timestamp_seconds", vec![args[0].clone()]),
+                args[1].clone(),
+            ],
+        ),
+        // Flink's streaming mode reads the clock per row (DataFusion's now() is one value per
+        // query, fixed at planning).
+        ("CURRENT_TIMESTAMP" | "NOW" | "LOCALTIMESTAMP", 0) => call(WALL_CLOCK, vec![]),
+        ("CURRENT_DATE", 0) => cast(call(WALL_CLOCK, vec![]), ast::DataType::Date),
+        ("CURRENT_TIME" | "LOCALTIME", 0) => cast(
+            call(WALL_CLOCK, vec![]),
+            ast::DataType::Time(None, ast::TimezoneInfo::None),
+        ),
         ("UNIX_TIMESTAMP", 0) => cast(
-            call("to_unixtime", vec![call("now", vec![])]),
+            call("to_unixtime", vec![call(WALL_CLOCK, vec![])]),
             ast::DataType::BigInt(None),
         ),
         ("UNIX_TIMESTAMP", 1) => cast(call("to_unixtime", args), ast::DataType::BigInt(None)),

@@ -121,8 +121,13 @@ impl GroupTable {
         }
     }
 
-    /// Forgets a group; its id may be handed out again.
+    /// Forgets a group; its id may be handed out again. Removing an id that is not a live group
+    /// is a caller's bug (its id would be handed out twice): it changes nothing.
     pub fn remove(&mut self, gid: u32) {
+        if !self.keys.contains(gid) {
+            debug_assert!(false, "group {gid} removed twice");
+            return;
+        }
         let hash = self.hashes[gid as usize];
         if let Ok(entry) = self.table.find_entry(hash, |s| s.gid == gid) {
             entry.remove();

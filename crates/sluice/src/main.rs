@@ -140,6 +140,9 @@ fn run(
 ) -> Result<(), String> {
     let sql = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
     let mut plan = sluice_sql::plan_script(&sql).map_err(|e| format!("{}: {e}", file.display()))?;
+    for warning in &plan.warnings {
+        eprintln!("warning: {}: {warning}", file.display());
+    }
     if let Some(path) = from_checkpoint {
         plan.settings
             .insert("execution.state-recovery.path".into(), path);
@@ -215,6 +218,12 @@ fn print_summary(s: &JobSummary) {
         eprintln!("rows written  {sink:<24} {n}");
     }
     eprintln!("late rows dropped           {}", s.late_rows_dropped);
+    if s.null_time_rows_dropped > 0 {
+        eprintln!(
+            "rows without event time     {} (dropped by windows, as in Flink)",
+            s.null_time_rows_dropped
+        );
+    }
     eprintln!("records skipped             {}", s.records_skipped);
     if s.checkpoints > 0 {
         eprintln!(

@@ -61,7 +61,14 @@ fn stateless(node: &StreamNode, batch: &ChangeBatch) -> ChangeBatch {
             time,
             kind,
             schema,
-        } => assign_windows(&stateless(input, batch), time, *kind, schema).unwrap(),
+        } => assign_windows(
+            &stateless(input, batch),
+            time,
+            *kind,
+            schema,
+            &Default::default(),
+        )
+        .unwrap(),
         other => panic!("not stateless: {other:?}"),
     }
 }
