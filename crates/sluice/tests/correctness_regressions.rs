@@ -3,50 +3,16 @@
 //! computed here independently.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use arrow::datatypes::SchemaRef;
-use sluice_common::ChangeBatch;
-use sluice_engine::{JobOptions, JobSummary, SelectOutput};
+use sluice_engine::{JobOptions, JobSummary};
 
 mod common;
-
-/// Folds a SELECT's changelog into a multiset of rendered rows.
-#[derive(Default)]
-struct Folded(Mutex<BTreeMap<Vec<String>, i64>>);
-
-impl SelectOutput for Folded {
-    fn begin(&self, _index: usize, _schema: SchemaRef) {}
-    fn emit(&self, _index: usize, batch: &ChangeBatch) {
-        let mut rows = self.0.lock().unwrap();
-        for (i, row) in common::render(&batch.data).into_iter().enumerate() {
-            *rows.entry(row).or_insert(0) += batch.op(i).sign();
-        }
-    }
-}
 
 /// Runs `script` with `workers` workers, failing the test if it takes over `limit`.
 fn run(script: &str, workers: usize, limit: Duration) -> (JobSummary, BTreeMap<Vec<String>, i64>) {
     let plan = sluice_sql::plan_script(script).unwrap_or_else(|e| panic!("{e}"));
-    let folded = Arc::new(Folded::default());
-    let options = JobOptions {
-        workers,
-        select_output: Some(folded.clone()),
-        ..Default::default()
-    };
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(sluice_engine::run(plan, options).map_err(|e| e.to_string()));
-    });
-    let summary = match rx.recv_timeout(limit) {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => panic!("the job failed: {e}"),
-        Err(_) => panic!("the job did not finish within {limit:?}"),
-    };
-    let mut rows = std::mem::take(&mut *folded.0.lock().unwrap());
-    rows.retain(|_, n| *n != 0);
-    (summary, rows)
+    common::run_folded(plan, workers, limit).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The generator: 40 000 orders of 5 000 users, 180 ms apart plus up to 3 s of jitter.

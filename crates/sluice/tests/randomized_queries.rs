@@ -9,7 +9,7 @@
 //! `REGRESSION_SEEDS`.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arrow::array::{ArrayRef, Decimal128Array, Int64Array, StringArray, TimestampMillisecondArray};
@@ -20,7 +20,6 @@ use datafusion::prelude::SessionContext;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use sluice_common::ChangeBatch;
-use sluice_engine::{JobOptions, SelectOutput};
 
 mod common;
 
@@ -348,19 +347,6 @@ fn group_by(keys: &[&str]) -> String {
     }
 }
 
-#[derive(Default)]
-struct Folded(Mutex<BTreeMap<Vec<String>, i64>>);
-
-impl SelectOutput for Folded {
-    fn begin(&self, _index: usize, _schema: SchemaRef) {}
-    fn emit(&self, _index: usize, batch: &ChangeBatch) {
-        let mut rows = self.0.lock().unwrap();
-        for (i, row) in common::render(&batch.data).into_iter().enumerate() {
-            *rows.entry(row).or_insert(0) += batch.op(i).sign();
-        }
-    }
-}
-
 fn write_json(path: &std::path::Path, batch: &RecordBatch) {
     let mut buf = vec![];
     sluice_connectors::format::encode_json(&ChangeBatch::inserts(batch.clone()), &mut buf).unwrap();
@@ -432,24 +418,9 @@ fn run_case(seed: u64, long: bool) {
     );
     for workers in [1, 2, 4] {
         let plan = sluice_sql::plan_script(&script).unwrap_or_else(|e| panic!("{context}\n{e}"));
-        let folded = Arc::new(Folded::default());
-        let options = JobOptions {
-            workers,
-            select_output: Some(folded.clone()),
-            ..Default::default()
-        };
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(sluice_engine::run(plan, options).map_err(|e| e.to_string()));
-        });
-        let summary = match rx.recv_timeout(Duration::from_secs(300)) {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => panic!("{context}\n{workers} workers: the job failed: {e}"),
-            Err(_) => panic!("{context}\n{workers} workers: no result within 300 s"),
-        };
+        let (summary, got) = common::run_folded(plan, workers, Duration::from_secs(300))
+            .unwrap_or_else(|e| panic!("{context}\n{workers} workers: {e}"));
         assert_eq!(summary.late_rows_dropped, 0, "{context}");
-        let mut got = std::mem::take(&mut *folded.0.lock().unwrap());
-        got.retain(|_, c| *c != 0);
         if got != expected {
             let missing: Vec<_> = expected
                 .iter()

@@ -168,3 +168,46 @@ impl Drop for S3Server {
         let _ = self.child.wait();
     }
 }
+
+/// Folds a SELECT's changelog into a multiset of rendered rows.
+#[allow(dead_code)]
+#[derive(Default)]
+pub struct Folded(std::sync::Mutex<BTreeMap<Vec<String>, i64>>);
+
+impl sluice_engine::SelectOutput for Folded {
+    fn begin(&self, _index: usize, _schema: arrow::datatypes::SchemaRef) {}
+    fn emit(&self, _index: usize, batch: &sluice_common::ChangeBatch) {
+        let mut rows = self.0.lock().unwrap();
+        for (i, row) in render(&batch.data).into_iter().enumerate() {
+            *rows.entry(row).or_insert(0) += batch.op(i).sign();
+        }
+    }
+}
+
+/// Runs a job with `workers` workers and its SELECT's changelog folded; an error if the job
+/// fails or takes over `limit` (a hang fails the test instead of the CI run).
+#[allow(dead_code)]
+pub fn run_folded(
+    plan: sluice_sql::JobPlan,
+    workers: usize,
+    limit: std::time::Duration,
+) -> Result<(sluice_engine::JobSummary, BTreeMap<Vec<String>, i64>), String> {
+    let folded = std::sync::Arc::new(Folded::default());
+    let options = sluice_engine::JobOptions {
+        workers,
+        select_output: Some(folded.clone()),
+        ..Default::default()
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(sluice_engine::run(plan, options).map_err(|e| e.to_string()));
+    });
+    let summary = match rx.recv_timeout(limit) {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(format!("the job failed: {e}")),
+        Err(_) => return Err(format!("the job did not finish within {limit:?}")),
+    };
+    let mut rows = std::mem::take(&mut *folded.0.lock().unwrap());
+    rows.retain(|_, n| *n != 0);
+    Ok((summary, rows))
+}
