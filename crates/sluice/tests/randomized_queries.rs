@@ -203,6 +203,14 @@ fn query(rng: &mut SmallRng) -> Query {
         |size: i64| format!("date_bin(INTERVAL '{size} milliseconds', ts, TIMESTAMP '1970-01-01')");
     let iv = |ms: i64| format!("INTERVAL '{ms} milliseconds'");
     let size = secs * 1000;
+    // The keys after the window bounds in a GROUP BY.
+    let more_keys: String = keys.iter().map(|c| format!(", {c}")).collect();
+    // A window TVF aggregation, given the TVF call's table argument onwards.
+    let tvf = |call: String| {
+        format!(
+            "SELECT window_start, window_end, {k}{aggs} FROM TABLE({call}) GROUP BY window_start, window_end{more_keys}{having}"
+        )
+    };
     match rng.random_range(0..9) {
         0 => Query {
             stream: format!("SELECT {k}{aggs} FROM t{}{having}", group_by(&keys)),
@@ -229,16 +237,13 @@ fn query(rng: &mut SmallRng) -> Query {
                 .collect::<Vec<_>>()
                 .join(" UNION ALL ");
             Query {
-                stream: format!(
-                    "SELECT window_start, window_end, {k}{aggs} FROM TABLE(HOP(TABLE t, DESCRIPTOR(ts), INTERVAL '{secs}' SECOND, \
-                     INTERVAL '{}' SECOND)) GROUP BY window_start, window_end{}{having}",
-                    secs * m,
-                    keys.iter().map(|c| format!(", {c}")).collect::<String>()
-                ),
+                stream: tvf(format!(
+                    "HOP(TABLE t, DESCRIPTOR(ts), INTERVAL '{secs}' SECOND, INTERVAL '{}' SECOND)",
+                    secs * m
+                )),
                 batch: format!(
-                    "SELECT ws AS window_start, ws + {} AS window_end, {k}{aggs} FROM ({copies}) GROUP BY ws{}{having}",
-                    iv(hop),
-                    keys.iter().map(|c| format!(", {c}")).collect::<String>()
+                    "SELECT ws AS window_start, ws + {} AS window_end, {k}{aggs} FROM ({copies}) GROUP BY ws{more_keys}{having}",
+                    iv(hop)
                 ),
             }
         }
@@ -256,15 +261,12 @@ fn query(rng: &mut SmallRng) -> Query {
                 .collect::<Vec<_>>()
                 .join(" UNION ALL ");
             Query {
-                stream: format!(
-                    "SELECT window_start, window_end, {k}{aggs} FROM TABLE(CUMULATE(TABLE t, DESCRIPTOR(ts), INTERVAL '{secs}' SECOND, \
-                     INTERVAL '{}' SECOND)) GROUP BY window_start, window_end{}{having}",
-                    secs * m,
-                    keys.iter().map(|c| format!(", {c}")).collect::<String>()
-                ),
+                stream: tvf(format!(
+                    "CUMULATE(TABLE t, DESCRIPTOR(ts), INTERVAL '{secs}' SECOND, INTERVAL '{}' SECOND)",
+                    secs * m
+                )),
                 batch: format!(
-                    "SELECT ws AS window_start, we AS window_end, {k}{aggs} FROM ({copies}) GROUP BY ws, we{}{having}",
-                    keys.iter().map(|c| format!(", {c}")).collect::<String>()
+                    "SELECT ws AS window_start, we AS window_end, {k}{aggs} FROM ({copies}) GROUP BY ws, we{more_keys}{having}"
                 ),
             }
         }
