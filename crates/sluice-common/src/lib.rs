@@ -9,6 +9,7 @@
 pub mod changelog;
 pub mod error;
 pub mod java_format;
+pub mod text;
 pub mod time;
 
 pub use changelog::{ChangeBatch, Op};

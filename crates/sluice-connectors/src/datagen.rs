@@ -66,7 +66,7 @@ impl DatagenSource {
         worker: usize,
         workers: usize,
     ) -> Result<Self> {
-        let rate: f64 = opts.parse("rows-per-second", 10000.0)?;
+        let rate: f64 = opts.rate("rows-per-second", 10000.0)?;
         let total: Option<u64> = opts.optional("number-of-rows")?;
         let mut fields = vec![];
         for f in spec.schema.fields() {

@@ -105,7 +105,7 @@ impl EcommerceSource {
                 )));
             }
         }
-        let rate: f64 = opts.parse("rows-per-second", 10000.0)?;
+        let rate: f64 = opts.rate("rows-per-second", 10000.0)?;
         let speed_up: f64 = opts.parse("speed-up", 1.0)?;
         let event_rate: f64 = opts.parse("event-rate", 1000.0)?;
         let total: Option<u64> = opts.optional("number-of-rows")?;

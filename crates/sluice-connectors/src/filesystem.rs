@@ -50,6 +50,9 @@ const MAX_OPEN_SPLITS: usize = 16;
 /// dealt out to the workers in turn, so that one large file is parsed by all of them.
 const DEFAULT_SPLIT_SIZE: u64 = 8 << 20;
 
+/// The smallest `source.split-size`: smaller pieces cost more to find than to read.
+const MIN_SPLIT_SIZE: u64 = 64 << 10;
+
 /// A split: a whole file, or a byte range of one.
 #[derive(Clone, Debug)]
 struct Split {
@@ -58,27 +61,50 @@ struct Split {
     /// start (unless it starts the file) and ends at the first one at or after its end, so the
     /// pieces of a file cover each record once.
     range: Option<(u64, u64)>,
+    /// The file's name under the table's path (offsets name files so, so that a checkpoint
+    /// still fits when the folder moves and the override says it is the same data).
+    name: String,
 }
 
 impl Split {
+    fn whole(root: &Path, path: PathBuf) -> Split {
+        Split {
+            name: name_under(root, &path),
+            path,
+            range: None,
+        }
+    }
+
     /// The split's name in checkpointed offsets.
     fn key(&self) -> String {
         match self.range {
-            None => self.path.display().to_string(),
-            Some((start, end)) => format!("{}#bytes={start}-{end}", self.path.display()),
+            None => self.name.clone(),
+            Some((start, end)) => format!("{}#bytes={start}-{end}", self.name),
         }
     }
 }
 
+/// A file's name under the table's path `root` (its file name when `root` is the file).
+fn name_under(root: &Path, path: &Path) -> String {
+    match path.strip_prefix(root) {
+        Ok(rel) if !rel.as_os_str().is_empty() => rel.display().to_string(),
+        _ => path.file_name().map_or_else(
+            || path.display().to_string(),
+            |n| n.to_string_lossy().to_string(),
+        ),
+    }
+}
+
 /// A file's splits: pieces of `size` bytes, or the whole file when it is no larger.
-fn file_splits(path: PathBuf, len: u64, size: u64) -> Vec<Split> {
+fn file_splits(root: &Path, path: PathBuf, len: u64, size: u64) -> Vec<Split> {
+    let whole = Split::whole(root, path);
     if len <= size {
-        return vec![Split { path, range: None }];
+        return vec![whole];
     }
     (0..len.div_ceil(size))
         .map(|i| Split {
-            path: path.clone(),
             range: Some((i * size, ((i + 1) * size).min(len))),
+            ..whole.clone()
         })
         .collect()
 }
@@ -104,6 +130,10 @@ pub struct FileSource {
     resume: std::collections::HashMap<String, (u64, u64)>,
     /// The keys of every worker's splits, to tell a checkpoint taken with other pieces.
     all_keys: std::collections::HashSet<String>,
+    /// Workers the deal gave nothing (bounded reading).
+    silent: Vec<usize>,
+    /// The table's `path`: split names are relative to it.
+    root: PathBuf,
     /// Per CSV file read in pieces: how far quotes were counted, and whether that point is
     /// inside a quoted field.
     quotes: std::collections::HashMap<PathBuf, (u64, bool)>,
@@ -220,11 +250,17 @@ impl FileSource {
     ) -> Result<Self> {
         let path = local_path(opts)?;
         let format = format(opts, false)?;
-        let ignore = opts.flag("json.ignore-parse-errors", false)?;
-        let csv_ignore_errors = opts.flag("csv.ignore-parse-errors", false)?;
+        // Each format reads its own options: `csv.*` on a JSON table is unknown (an error).
+        let (ignore, csv_ignore_errors) = match format {
+            Format::Csv => (false, opts.flag("csv.ignore-parse-errors", false)?),
+            _ => (opts.flag("json.ignore-parse-errors", false)?, false),
+        };
         let split_size = opts.memory_size("source.split-size", DEFAULT_SPLIT_SIZE)?;
-        if split_size == 0 {
-            return Err(opts.error("option 'source.split-size' must be larger than 0"));
+        if split_size < MIN_SPLIT_SIZE {
+            return Err(opts.error(format!(
+                "option 'source.split-size' = {split_size} bytes is below the minimum of 64kb \
+                 (each piece costs a file open and a search for its first record)"
+            )));
         }
         let interval = match opts.get("source.monitor-interval") {
             None => None,
@@ -264,23 +300,35 @@ impl FileSource {
             Some(cols) => std::sync::Arc::new(data_schema.project(cols)?),
         };
         let mut all_keys = std::collections::HashSet::new();
+        let mut silent = vec![];
         let (splits, monitor): (Vec<Split>, _) = match interval {
-            // Bounded: the files there now, in pieces, dealt out round-robin.
+            // Bounded: the files there now, in pieces, dealt out round-robin: the pieces, or
+            // (`whole_files`) the files with all their pieces.
             None => {
                 let mut splits = vec![];
-                for f in all {
+                for (n, f) in all.into_iter().enumerate() {
                     let len = std::fs::metadata(&f)
                         .map_err(|e| path_error(opts, e))?
                         .len();
-                    splits.extend(file_splits(f, len, split_size));
+                    splits.extend(
+                        file_splits(&path, f, len, split_size)
+                            .into_iter()
+                            .map(|s| (n, s)),
+                    );
                 }
-                all_keys.extend(splits.iter().map(Split::key));
-                let mine = splits
-                    .into_iter()
-                    .enumerate()
-                    .filter(|(i, _)| i % workers == worker)
-                    .map(|(_, s)| s)
-                    .collect();
+                all_keys.extend(splits.iter().map(|(_, s)| s.key()));
+                let owner =
+                    |i: usize, file: usize| (if spec.whole_files { file } else { i }) % workers;
+                let mut dealt = vec![false; workers];
+                let mut mine = vec![];
+                for (i, (file, s)) in splits.into_iter().enumerate() {
+                    let w = owner(i, file);
+                    dealt[w] = true;
+                    if w == worker {
+                        mine.push(s);
+                    }
+                }
+                silent = (0..workers).filter(|w| !dealt[*w]).collect();
                 (mine, None)
             }
             // Continuous: whole files, each owned by one worker.
@@ -299,10 +347,7 @@ impl FileSource {
                     workers,
                 };
                 let files = m.new_files().map_err(|e| path_error(opts, e))?;
-                let splits = files
-                    .into_iter()
-                    .map(|path| Split { path, range: None })
-                    .collect();
+                let splits = files.into_iter().map(|f| Split::whole(&path, f)).collect();
                 (splits, Some(m))
             }
         };
@@ -324,6 +369,8 @@ impl FileSource {
             done: Default::default(),
             resume: Default::default(),
             all_keys,
+            silent,
+            root: path.clone(),
             quotes: Default::default(),
             file_splits: Default::default(),
             decode_ahead: spec.decode_ahead,
@@ -374,6 +421,12 @@ fn list_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     let meta = std::fs::metadata(path)?;
     if meta.is_file() {
         return Ok(vec![path.to_path_buf()]);
+    }
+    if !meta.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "neither a file nor a directory (a device, FIFO or socket); name a file or a folder of files",
+        ));
     }
     let mut files = vec![];
     for entry in std::fs::read_dir(path)? {
@@ -565,10 +618,7 @@ impl FileSource {
             if self.ahead.contains_key(&key) || self.resume.contains_key(&key) {
                 continue;
             }
-            let split = Split {
-                path: split.path.clone(),
-                range: split.range,
-            };
+            let split = split.clone();
             let mut f = self.open_file(split, max_rows)?;
             let (tx, rx) = std::sync::mpsc::sync_channel(AHEAD_BATCHES);
             let mut json = JsonLines::new(self.decoded_schema.clone(), self.json_ignore_errors)?;
@@ -775,7 +825,7 @@ impl SourceReader for FileSource {
                     return Ok(Poll::Idle);
                 }
                 self.pending
-                    .extend(found.into_iter().map(|path| Split { path, range: None }));
+                    .extend(found.into_iter().map(|f| Split::whole(&self.root, f)));
                 self.refill = true;
                 continue;
             }
@@ -811,6 +861,10 @@ impl SourceReader for FileSource {
 
     fn skipped(&self) -> u64 {
         self.json.skipped() + self.skipped
+    }
+
+    fn silent_workers(&self) -> Vec<usize> {
+        self.silent.clone()
     }
 
     fn offsets(&self) -> crate::SourceOffsets {
@@ -863,7 +917,7 @@ impl SourceReader for FileSource {
         }
         if let Some(m) = self.monitor.as_mut() {
             // Files already finished must not come back through the directory watch.
-            m.seen.extend(self.done.iter().map(PathBuf::from));
+            m.seen.extend(self.done.iter().map(|k| self.root.join(k)));
         }
         Ok(())
     }
@@ -883,6 +937,16 @@ pub struct FileSink {
     /// (`.pending-<epoch>`) and published when that checkpoint commits.
     transactional: bool,
     pending: Vec<(u64, PathBuf)>,
+    /// Without checkpoints: files rolled but not yet published (hidden until the job ends).
+    rolled: Vec<PathBuf>,
+    /// `'sink.publish-on-stop'`: a job stopped by a signal without checkpoints publishes what
+    /// it wrote (by default it does not, as in Flink: uncommitted output stays invisible).
+    publish_on_stop: bool,
+    /// Names part files apart when several INSERTs write into one table: `part-<worker>-<seq>`
+    /// for the first, `part-<worker>-i<n>-<seq>` for the n-th after it.
+    instance: usize,
+    /// Finished, stopped or aborted: nothing is left to clean up when dropped.
+    closed: bool,
 }
 
 /// Publishes a hidden part file under its visible name.
@@ -917,10 +981,18 @@ impl FileSink {
         let dir = local_path(opts)?;
         let format = format(opts, true)?;
         let roll_bytes = opts.memory_size("sink.rolling-policy.file-size", 128u64 << 20)?;
+        let publish_on_stop = opts.flag("sink.publish-on-stop", false)?;
+        let instance = spec.sink_instance;
         std::fs::create_dir_all(&dir)
             .map_err(|e| opts.error(format!("option 'path' = '{}': {e}", dir.display())))?;
         match crate::partitions::Layout::new(&spec.schema, &spec.partitioned_by, &spec.table)? {
-            None => Ok(Box::new(FileSink::in_dir(dir, worker, format, roll_bytes))),
+            None => Ok(Box::new(FileSink::in_dir(
+                dir,
+                worker,
+                format,
+                roll_bytes,
+                (publish_on_stop, instance),
+            ))),
             Some(layout) => Ok(Box::new(crate::partitions::PartitionedSink::new(
                 layout,
                 dir,
@@ -930,13 +1002,20 @@ impl FileSink {
                         worker,
                         format,
                         roll_bytes,
+                        (publish_on_stop, instance),
                     )))
                 },
             ))),
         }
     }
 
-    fn in_dir(dir: PathBuf, worker: usize, format: Format, roll_bytes: u64) -> Self {
+    fn in_dir(
+        dir: PathBuf,
+        worker: usize,
+        format: Format,
+        roll_bytes: u64,
+        (publish_on_stop, instance): (bool, usize),
+    ) -> Self {
         FileSink {
             dir,
             worker,
@@ -948,7 +1027,38 @@ impl FileSink {
             roll_bytes,
             transactional: false,
             pending: vec![],
+            rolled: vec![],
+            publish_on_stop,
+            instance,
+            closed: false,
         }
+    }
+
+    /// Closes the file being written; it stays hidden until the job ends.
+    fn roll(&mut self) -> Result<()> {
+        if let Some((path, mut file)) = self.file.take() {
+            file.flush().map_err(|e| Error::io(&path, e))?;
+            file.sync_all().map_err(|e| Error::io(&path, e))?;
+            self.rolled.push(path);
+            self.written = 0;
+        }
+        Ok(())
+    }
+
+    /// Deletes this run's unpublished files (a failed job leaves no visible output, and no
+    /// hidden files that no checkpoint refers to).
+    fn discard(&mut self) -> Result<()> {
+        self.closed = true;
+        let current = self.file.take().map(|(path, _)| path);
+        for path in current.into_iter().chain(std::mem::take(&mut self.rolled)) {
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::io(&path, e))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     fn extension(&self) -> &'static str {
@@ -958,12 +1068,11 @@ impl FileSink {
         }
     }
 
+    /// Publishes everything written: the rolled files and the current one.
     fn publish(&mut self) -> Result<()> {
-        if let Some((path, mut file)) = self.file.take() {
-            file.flush().map_err(|e| Error::io(&path, e))?;
-            file.sync_all().map_err(|e| Error::io(&path, e))?;
+        self.roll()?;
+        for path in std::mem::take(&mut self.rolled) {
             make_visible(&self.dir, &path)?;
-            self.written = 0;
         }
         Ok(())
     }
@@ -983,8 +1092,12 @@ impl SinkWriter for FileSink {
         if self.file.is_none() {
             // Never reuse a name a previous run published.
             loop {
+                let instance = match self.instance {
+                    0 => String::new(),
+                    n => format!("i{n}-"),
+                };
                 let name = format!(
-                    "part-{}-{}.{}",
+                    "part-{}-{instance}{}.{}",
                     self.worker,
                     self.sequence,
                     self.extension()
@@ -1003,12 +1116,13 @@ impl SinkWriter for FileSink {
             .map_err(|e| Error::io(&*path, e))?;
         self.written += self.buffer.len() as u64;
         if self.written >= self.roll_bytes && !self.transactional {
-            self.publish()?;
+            self.roll()?;
         }
         Ok(())
     }
 
     fn finish(&mut self) -> Result<()> {
+        self.closed = true;
         self.publish()?;
         self.commit(u64::MAX)
     }
@@ -1031,13 +1145,19 @@ impl SinkWriter for FileSink {
             let Some(rest) = name.strip_prefix(".part-") else {
                 continue;
             };
-            // Each worker settles the files of the workers it replaces (rescaling).
-            let owner: usize = rest
-                .split('-')
+            // Each worker settles the files of the workers it replaces (rescaling), and each
+            // INSERT into the table its own.
+            let mut parts = rest.split('-');
+            let owner: usize = parts
                 .next()
                 .and_then(|w| w.parse().ok())
                 .unwrap_or(usize::MAX);
-            if owner % workers.max(1) != worker {
+            let instance: usize = parts
+                .next()
+                .and_then(|p| p.strip_prefix('i'))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            if owner % workers.max(1) != worker || instance != self.instance {
                 continue;
             }
             let sealed_for = name
@@ -1083,14 +1203,24 @@ impl SinkWriter for FileSink {
     }
 
     fn abort(&mut self) -> Result<()> {
-        if !self.transactional {
-            // At-least-once without checkpoints: keep what was written.
-            return self.publish();
+        // Without checkpoints nothing was published, and nothing is; with them, unsealed output
+        // belongs to no checkpoint (recovery would discard it anyway).
+        self.discard()
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        if self.publish_on_stop && !self.transactional {
+            return self.finish();
         }
-        // Unsealed output belongs to no checkpoint: recovery would discard it anyway.
-        if let Some((path, _)) = self.file.take() {
-            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        self.abort()
+    }
+}
+
+impl Drop for FileSink {
+    /// A sink dropped before it was closed belongs to a job that failed: its files go.
+    fn drop(&mut self) {
+        if !self.closed {
+            let _ = self.discard();
         }
-        Ok(())
     }
 }

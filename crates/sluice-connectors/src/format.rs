@@ -50,7 +50,17 @@ impl JsonLines {
             buf.extend_from_slice(l.as_bytes());
             buf.push(b'\n');
         }
-        match self.decode_bytes(&buf) {
+        // A record nested absurdly deep is malformed (it could only exhaust a stack); only a
+        // line longer than the limit can be that deep.
+        let deep = lines
+            .iter()
+            .any(|l| l.len() > MAX_JSON_DEPTH && nesting(l.as_bytes()) > MAX_JSON_DEPTH);
+        let whole = if deep {
+            Err(String::new())
+        } else {
+            self.decode_bytes(&buf)
+        };
+        match whole {
             Ok(b) => Ok(b),
             Err(_) => {
                 // Find the bad lines one by one: rare, so the slow path is fine.
@@ -64,7 +74,13 @@ impl JsonLines {
                     }
                     let mut one = l.as_bytes().to_vec();
                     one.push(b'\n');
-                    match self.decode_bytes(&one) {
+                    let decoded =
+                        if l.len() > MAX_JSON_DEPTH && nesting(l.as_bytes()) > MAX_JSON_DEPTH {
+                            Err(format!("nested deeper than {MAX_JSON_DEPTH} levels"))
+                        } else {
+                            self.decode_bytes(&one)
+                        };
+                    match decoded {
                         Ok(Some(b)) => good.push(b),
                         Ok(None) => {}
                         Err(message) => {
@@ -91,6 +107,9 @@ impl JsonLines {
     }
 
     fn decode_bytes(&mut self, mut buf: &[u8]) -> Result<Option<RecordBatch>, String> {
+        if buf.is_empty() {
+            return Ok(None);
+        }
         // The decoder stops taking bytes whenever its batch is full: flush and go on.
         let mut batches = vec![];
         while !buf.is_empty() {
@@ -115,6 +134,36 @@ impl JsonLines {
                 .map_err(|e| e.to_string()),
         }
     }
+}
+
+/// The deepest a JSON record may nest (objects and arrays): Flink's (Jackson's) default limit
+/// is 1000; a record of a table's columns needs far less.
+pub const MAX_JSON_DEPTH: usize = 1000;
+
+/// How deep a JSON text nests, at most (brackets outside strings).
+pub fn nesting(text: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in text {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
 }
 
 /// Replaces timestamp columns with Flink-formatted text so every writer prints them alike.

@@ -42,6 +42,13 @@ pub struct ConnectorSpec {
     /// File sources: parse the next piece of a file on another thread while the current one is
     /// read (set when the machine has a core to spare for it).
     pub decode_ahead: bool,
+    /// File sources: deal each file whole to one worker, which reads its pieces in file order.
+    /// Set for tables with a watermark, so that which rows are late does not depend on the
+    /// number of workers (pieces on different workers would hold each other's watermark back).
+    pub whole_files: bool,
+    /// Sinks: which of the job's INSERTs into this table this is (0 for the first), so that
+    /// writers of several INSERTs into one table name their files apart.
+    pub sink_instance: usize,
 }
 
 /// What a source produced on one poll.
@@ -74,6 +81,13 @@ pub trait SourceReader: Send {
     fn offsets(&self) -> SourceOffsets;
     /// Resumes from recorded offsets; called before the first poll.
     fn seek(&mut self, offsets: &SourceOffsets) -> Result<()>;
+    /// Workers to which this source's deal gives nothing to read (a bounded source whose splits
+    /// are fewer than the workers). Every worker knows the deal, so a worker that reads can
+    /// announce their end of input before its first rows, instead of its receivers waiting to
+    /// hear it from them: otherwise its first rows' lateness would depend on thread timing.
+    fn silent_workers(&self) -> Vec<usize> {
+        vec![]
+    }
 }
 
 /// Positions per split name (a file path, or a generator's stream), as recorded in checkpoints.
@@ -200,9 +214,16 @@ pub trait SinkWriter: Send {
     fn commit(&mut self, _epoch: u64) -> Result<()> {
         Ok(())
     }
-    /// The job stopped without finishing: leaves sealed output for recovery, drops the rest.
+    /// The job failed: leaves sealed output for recovery (with checkpoints), drops the rest.
     fn abort(&mut self) -> Result<()> {
         self.finish()
+    }
+    /// The job was stopped (a signal) before its input ended: by default as [`abort`]; a sink
+    /// may publish what it has when its table says so (`'sink.publish-on-stop'`).
+    ///
+    /// [`abort`]: SinkWriter::abort
+    fn stop(&mut self) -> Result<()> {
+        self.abort()
     }
 }
 

@@ -222,7 +222,7 @@ impl NexmarkSource {
             }
         }
         let events: Option<u64> = opts.optional("nexmark.events")?;
-        let rate: f64 = opts.parse("rows-per-second", 0.0)?;
+        let rate: f64 = opts.rate("rows-per-second", 0.0)?;
         let event_rate: f64 = opts.parse("nexmark.event-rate", 10_000.0)?;
         if event_rate <= 0.0 {
             return Err(opts.error("'nexmark.event-rate' must be positive"));

@@ -43,11 +43,29 @@ impl Options {
         self.values.get(key).cloned()
     }
 
-    /// A required option.
+    /// A required option. When it is missing and an option no one reads is spelled close to
+    /// it, the message names that one.
     pub fn required(&mut self, key: &str) -> Result<String> {
-        self.get(key).ok_or_else(|| {
-            Error::connector(&self.table, format!("missing required option '{key}'"))
-        })
+        if let Some(v) = self.get(key) {
+            return Ok(v);
+        }
+        let unread = self
+            .values
+            .keys()
+            .filter(|k| !self.read.contains(*k) && !ENGINE_OPTIONS.contains(&k.as_str()));
+        let typo = unread
+            .map(|k| (k, sluice_common::text::edit_distance(k, key)))
+            .filter(|(k, d)| *d <= 2.max(k.len() / 6))
+            .min_by_key(|(_, d)| *d);
+        Err(Error::connector(
+            &self.table,
+            match typo {
+                Some((k, _)) => {
+                    format!("unknown option '{k}' (did you mean '{key}'?); missing required option '{key}'")
+                }
+                None => format!("missing required option '{key}'"),
+            },
+        ))
     }
 
     /// A parsed option, with a default.
@@ -64,6 +82,17 @@ impl Options {
                 )
             }),
         }
+    }
+
+    /// A rate such as `rows-per-second`: a finite number of at least 0 (0: unpaced).
+    pub fn rate(&mut self, key: &str, default: f64) -> Result<f64> {
+        let v: f64 = self.parse(key, default)?;
+        if !v.is_finite() || v < 0.0 {
+            return Err(self.error(format!(
+                "option '{key}' = '{v}' must be a number of at least 0 (0: as fast as possible)"
+            )));
+        }
+        Ok(v)
     }
 
     /// A size in bytes, written as Flink writes memory sizes: `134217728`, `128mb`, `8 MB`,
@@ -176,6 +205,12 @@ impl Options {
             return Ok(());
         }
         let known: Vec<&String> = self.read.iter().collect();
+        let options = self
+            .read
+            .iter()
+            .map(String::as_str)
+            .chain(extra_ok.iter().copied());
+        let options: Vec<&str> = options.collect();
         Err(Error::connector(
             &self.table,
             format!(
@@ -183,7 +218,12 @@ impl Options {
                 if unknown.len() > 1 { "s" } else { "" },
                 unknown
                     .iter()
-                    .map(|k| format!("'{k}'"))
+                    .map(
+                        |k| match sluice_common::text::closest(k, options.iter().copied()) {
+                            Some(close) => format!("'{k}' (did you mean '{close}'?)"),
+                            None => format!("'{k}'"),
+                        }
+                    )
                     .collect::<Vec<_>>()
                     .join(", "),
                 self.values.get("connector").cloned().unwrap_or_default(),

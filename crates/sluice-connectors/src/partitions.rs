@@ -285,6 +285,10 @@ impl<F: FnMut(&Path) -> Result<Box<dyn SinkWriter>> + Send> SinkWriter for Parti
     fn abort(&mut self) -> Result<()> {
         self.each(|w| w.abort())
     }
+
+    fn stop(&mut self) -> Result<()> {
+        self.each(|w| w.stop())
+    }
 }
 
 #[cfg(test)]

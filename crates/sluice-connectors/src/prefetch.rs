@@ -39,6 +39,7 @@ pub struct Prefetched {
     offsets: SourceOffsets,
     open_splits: Vec<usize>,
     skipped: u64,
+    silent: Vec<usize>,
     name: String,
 }
 
@@ -49,6 +50,7 @@ impl Prefetched {
             offsets: reader.offsets(),
             open_splits: reader.open_splits(),
             skipped: reader.skipped(),
+            silent: reader.silent_workers(),
             state: State::Idle(reader),
             name: name.to_string(),
         }
@@ -126,6 +128,10 @@ impl SourceReader for Prefetched {
 
     fn skipped(&self) -> u64 {
         self.skipped
+    }
+
+    fn silent_workers(&self) -> Vec<usize> {
+        self.silent.clone()
     }
 
     fn offsets(&self) -> SourceOffsets {

@@ -20,6 +20,8 @@ fn spec(options: &[(&str, &str)], fields: Vec<Field>) -> ConnectorSpec {
         partitioned_by: vec![],
         read_columns: None,
         decode_ahead: false,
+        whole_files: false,
+        sink_instance: 0,
     }
 }
 
@@ -89,7 +91,8 @@ fn resumes_with(spec: &ConnectorSpec, rows: usize, fetcher: bool) {
         let (mut a, mut b) = (got.clone(), all.clone());
         a.sort();
         b.sort();
-        let missing: Vec<_> = b.iter().filter(|x| !a.contains(x)).take(5).collect();
+        let present: std::collections::HashSet<_> = a.iter().collect();
+        let missing: Vec<_> = b.iter().filter(|x| !present.contains(x)).take(5).collect();
         let doubled: Vec<_> = a
             .windows(2)
             .filter(|w| w[0] == w[1])
@@ -199,7 +202,8 @@ fn read_all(spec: &ConnectorSpec, workers: usize) -> Vec<(i64, String)> {
 #[test]
 fn files_read_in_pieces_give_every_record_once() {
     // Names with commas, doubled quotes and line ends inside quotes (CSV), escapes (JSON).
-    let rows: Vec<(i64, String)> = (0..240)
+    // Enough rows for several pieces of the smallest split size (64 KB).
+    let rows: Vec<(i64, String)> = (0..12_000)
         .map(|i| {
             let name = match i % 6 {
                 0 => format!("plain {i}"),
@@ -233,7 +237,8 @@ fn files_read_in_pieces_give_every_record_once() {
     };
     for (path, format) in [(&csv_path, "csv"), (&json_path, "json")] {
         let path = path.display().to_string();
-        for size in ["1", "2", "5", "13", "64", "333", "1kb", "1mb"] {
+        // Odd sizes put the piece boundaries anywhere in a record.
+        for size in ["64kb", "65537", "65543", "70001", "99999", "1mb"] {
             for ahead in [false, true] {
                 let mut s = spec(
                     &[
@@ -268,7 +273,7 @@ fn files_read_in_pieces_give_every_record_once() {
 #[test]
 fn pieces_resume_on_another_worker_count_and_refuse_another_size() {
     let dir = tempfile::tempdir().unwrap();
-    let csv: String = (0..3000).map(|i| format!("{i},\"n,{i}\"\n")).collect();
+    let csv: String = (0..30_000).map(|i| format!("{i},\"n,{i}\"\n")).collect();
     std::fs::write(dir.path().join("big.csv"), csv).unwrap();
     let path = dir.path().display().to_string();
     let fields = vec![
@@ -286,7 +291,7 @@ fn pieces_resume_on_another_worker_count_and_refuse_another_size() {
             fields.clone(),
         )
     };
-    let s = sized("2kb");
+    let s = sized("64kb");
     resumes(s.clone(), 50);
     // Two workers read part of their pieces; three workers go on from their offsets.
     let mut got = vec![];
@@ -306,9 +311,9 @@ fn pieces_resume_on_another_worker_count_and_refuse_another_size() {
         got.extend(read(&mut r, None, 50));
     }
     got.sort();
-    assert_eq!(got, (0..3000).collect::<Vec<i64>>());
+    assert_eq!(got, (0..30_000).collect::<Vec<i64>>());
     // Other pieces cannot say which rows were read.
-    let err = open_source(&sized("3kb"), 0, 1)
+    let err = open_source(&sized("96kb"), 0, 1)
         .unwrap()
         .seek(&offsets)
         .unwrap_err();
@@ -317,6 +322,12 @@ fn pieces_resume_on_another_worker_count_and_refuse_another_size() {
     assert!(
         err.to_string()
             .contains("'source.split-size' = '2 parsecs'"),
+        "{err}"
+    );
+    // Tiny pieces crawled (each costs an open and a search): refused, naming the minimum.
+    let err = open_source(&sized("1b"), 0, 1).err().unwrap();
+    assert!(
+        err.to_string().contains("'source.split-size'") && err.to_string().contains("64kb"),
         "{err}"
     );
 }
@@ -392,8 +403,8 @@ fn the_pieces_of_a_file_are_one_watermark_split() {
     // not end (releasing the watermark to the other files') between two of them.
     let dir = tempfile::tempdir().unwrap();
     for f in 0..3 {
-        let rows: String = (0..2000)
-            .map(|i| format!("{},x{i}\n", f * 10_000 + i))
+        let rows: String = (0..20_000)
+            .map(|i| format!("{},x{i}\n", f * 100_000 + i))
             .collect();
         std::fs::write(dir.path().join(format!("f{f}.csv")), rows).unwrap();
     }
@@ -403,7 +414,7 @@ fn the_pieces_of_a_file_are_one_watermark_split() {
             ("connector", "filesystem"),
             ("path", &path),
             ("format", "csv"),
-            ("source.split-size", "1kb"),
+            ("source.split-size", "64kb"),
         ],
         vec![
             Field::new("id", DataType::Int64, false),
@@ -420,7 +431,7 @@ fn the_pieces_of_a_file_are_one_watermark_split() {
                 Poll::Batch { split, batch } => {
                     assert!(!ended.contains(&split), "rows after split {split} ended");
                     let e = files.entry(split).or_default();
-                    e.extend(ids(&batch).iter().map(|id| id / 10_000));
+                    e.extend(ids(&batch).iter().map(|id| id / 100_000));
                 }
                 Poll::SplitDone { split } => ended.push(split),
                 Poll::Idle => {}
@@ -474,7 +485,7 @@ fn a_fetcher_thread_reports_the_bad_record() {
 #[test]
 fn a_bad_record_in_a_piece_decoded_ahead_names_its_line() {
     let dir = tempfile::tempdir().unwrap();
-    let mut json: String = (0..2000).map(|i| format!("{{\"id\": {i}}}\n")).collect();
+    let mut json: String = (0..20_000).map(|i| format!("{{\"id\": {i}}}\n")).collect();
     json.push_str("{\"id\": oops}\n");
     json.extend((0..500).map(|i| format!("{{\"id\": {i}}}\n")));
     std::fs::write(dir.path().join("in.json"), json).unwrap();
@@ -484,7 +495,7 @@ fn a_bad_record_in_a_piece_decoded_ahead_names_its_line() {
             ("connector", "filesystem"),
             ("path", &path),
             ("format", "json"),
-            ("source.split-size", "4kb"),
+            ("source.split-size", "64kb"),
         ],
         vec![Field::new("id", DataType::Int64, false)],
     );
@@ -501,12 +512,12 @@ fn a_bad_record_in_a_piece_decoded_ahead_names_its_line() {
             }
         };
         assert!(
-            error.contains("in.json") && error.contains("2001"),
+            error.contains("in.json") && error.contains("20001"),
             "{error}"
         );
         // Rows before the bad one's batch were all handed over, in order.
         assert!(
-            ids.windows(2).all(|w| w[0] < w[1]) && ids.len() >= 1900,
+            ids.windows(2).all(|w| w[0] < w[1]) && ids.len() >= 19_900,
             "{}",
             ids.len()
         );

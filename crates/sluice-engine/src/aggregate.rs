@@ -13,7 +13,7 @@ use arrow::datatypes::{DataType, Field, Fields, SchemaRef, TimestampMillisecondT
 use arrow::record_batch::RecordBatch;
 use arrow_row::{RowConverter, SortField};
 use sluice_common::{ChangeBatch, Error, Op, Result};
-use sluice_sql::{AggCall, AggFunc, AggWindow, EmitPolicy, PhysExpr, SessionOutput};
+use sluice_sql::{AggCall, AggFunc, AggWindow, EmitPolicy, PhysExpr, SessionOutput, WindowKind};
 use sluice_state::{AccKind, Accumulator, ByteSlots, DistinctFamily, GroupTable};
 
 use crate::stateless::evaluate;
@@ -57,6 +57,11 @@ pub struct AggregateState {
     pub(crate) partition_keys: Option<Vec<usize>>,
     /// HOP windows aggregated in panes (see [`Slicing`]).
     pub(crate) slicing: Option<Slicing>,
+    /// HOP or CUMULATE windows aggregated as copies of each row (one per window): the input
+    /// column of the row's time, and the windows, to tell a row's last window apart. A row is
+    /// late when its last window has fired (as in Flink); it is counted, and written to a
+    /// late-data sink, once.
+    copies: Option<(Option<usize>, sluice_sql::WindowKind)>,
     /// DISTINCT aggregates over the same column, differing in their FILTER, that share one
     /// value table: the family and the positions of its calls.
     families: Vec<Family>,
@@ -218,6 +223,7 @@ impl AggregateState {
             partition_keys: None,
             changes: Default::default(),
             slicing: None,
+            copies: None,
             families,
             in_family,
         })
@@ -265,6 +271,13 @@ impl AggregateState {
             merged_of_key: vec![],
         });
         Ok(())
+    }
+
+    /// Rows arrive as one copy per HOP or CUMULATE window, with their time in input column
+    /// `time` when the input keeps it (a HOP row's copies are told apart by it; without it,
+    /// each late copy counts).
+    pub fn windows_as_copies(&mut self, time: Option<usize>, kind: sluice_sql::WindowKind) {
+        self.copies = Some((time, kind));
     }
 
     pub fn assume_append_only_input(&mut self) {
@@ -406,6 +419,30 @@ impl AggregateState {
                     *s = 0;
                     late.push(i as u32);
                 }
+            }
+            // Copies of one row: only its last window's copy counts (the others are late then
+            // too, being earlier).
+            if let (Some((time, kind)), false, AggWindow::Assigned { start_key, .. }) =
+                (self.copies, late.is_empty(), &self.window)
+            {
+                let times = match time {
+                    Some(t) => Some(sluice_common::time::to_millis(batch.data.column(t))?),
+                    None => None,
+                };
+                let times = times
+                    .as_ref()
+                    .map(|t| t.as_primitive::<TimestampMillisecondType>());
+                let starts = keys[*start_key].as_primitive::<TimestampMillisecondType>();
+                late.retain(|&i| {
+                    let (i, start) = (i as usize, starts.value(i as usize));
+                    match (kind, times) {
+                        (WindowKind::Hop { slide, .. }, Some(times)) => {
+                            start == times.value(i).div_euclid(slide) * slide
+                        }
+                        (WindowKind::Cumulate { size, .. }, _) => ends.value(i) - start == size,
+                        _ => true,
+                    }
+                });
             }
         }
         let rows = self.table.encode(&keys)?;

@@ -278,6 +278,60 @@ pub fn fingerprint(plan: &JobPlan) -> String {
     format!("{h:016x}")
 }
 
+/// What identifies the input of each source table of a plan: its connector and the options
+/// that say which data it reads (a path, made absolute; a topic; a generator's seed and
+/// fields). Tuning options (split size, parse-error handling, rates) are left out.
+pub fn source_identities(plan: &JobPlan) -> BTreeMap<String, String> {
+    fn walk(n: &StreamNode, out: &mut BTreeMap<String, String>) {
+        if let StreamNode::Scan { table, .. } = n {
+            out.insert(table.name.clone(), identity(&table.options));
+        }
+        for i in n.inputs() {
+            walk(i, out);
+        }
+    }
+    fn identity(options: &BTreeMap<String, String>) -> String {
+        const KEYS: &[&str] = &[
+            "connector",
+            "path",
+            "format",
+            "topic",
+            "topic-pattern",
+            "properties.bootstrap.servers",
+            "url",
+            "table-name",
+            "hostname",
+            "database-name",
+            "schema-name",
+            "subject",
+            "queue",
+            "seed",
+            "number-of-rows",
+        ];
+        let mut parts = vec![];
+        for (k, v) in options {
+            if !KEYS.contains(&k.as_str()) && !k.starts_with("fields.") {
+                continue;
+            }
+            let v = if k == "path" {
+                let plain = v.trim().strip_prefix("file://").unwrap_or(v.trim());
+                std::fs::canonicalize(plain)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|_| plain.to_string())
+            } else {
+                v.clone()
+            };
+            parts.push(format!("{k} = '{v}'"));
+        }
+        parts.join(", ")
+    }
+    let mut out = BTreeMap::new();
+    for p in &plan.pipelines {
+        walk(&p.query, &mut out);
+    }
+    out
+}
+
 /// Writes checkpoint files on a background thread, so operators go on while their snapshots
 /// are encoded and reach storage. A file appears (atomically) only once whole, and the
 /// coordinator commits a checkpoint only when all of its files are there.
@@ -453,11 +507,12 @@ impl CheckpointContext {
         &self,
         epoch: Epoch,
         workers: usize,
-        fingerprint: &str,
+        (fingerprint, sources): (&str, &BTreeMap<String, String>),
         retained: usize,
     ) -> Result<Option<(usize, u64)>> {
         let mut files = BTreeMap::new();
         let mut inherited = BTreeMap::new();
+        let mut checksums = BTreeMap::new();
         let present = self.store.list(epoch)?;
         for (name, size) in &present {
             if let Some(stem) = name.strip_suffix(FINAL_SUFFIX) {
@@ -511,19 +566,31 @@ impl CheckpointContext {
                     }
                 };
                 for (at, file, size) in base.chain(&name) {
-                    inherited.insert(sluice_state::checkpoint::inherited_key(at, &file), size);
+                    let key = sluice_state::checkpoint::inherited_key(at, &file);
+                    if let Some(sum) = base.checksum_of(at, &file) {
+                        checksums.insert(key.clone(), sum);
+                    }
+                    inherited.insert(key, size);
                 }
                 files.insert(delta.clone(), *size);
             }
+        }
+        for (name, size) in &files {
+            checksums.insert(
+                name.clone(),
+                self.store.stored_checksum(epoch, name, *size)?,
+            );
         }
         let summary = (files.len(), files.values().sum());
         let manifest = Manifest {
             version: FORMAT_VERSION,
             epoch,
             plan_fingerprint: fingerprint.to_string(),
+            sources: sources.clone(),
             workers,
             files,
             inherited,
+            checksums,
         };
         self.store.commit(&manifest)?;
         self.store.retain(retained)?;
@@ -744,8 +811,10 @@ impl SinkTransactions {
         metrics: &crate::metrics::JobMetrics,
         seal: bool,
     ) -> Result<()> {
-        if metrics.is_cancelled() || metrics.failed() {
+        if metrics.failed() {
             w.abort()
+        } else if metrics.is_cancelled() {
+            w.stop()
         } else if seal {
             w.pre_commit(FINISHED)
         } else {

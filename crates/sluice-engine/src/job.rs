@@ -105,6 +105,8 @@ fn spec(table: &TableDef) -> ConnectorSpec {
         partitioned_by: table.partitioned_by.clone(),
         read_columns: None,
         decode_ahead: false,
+        whole_files: false,
+        sink_instance: 0,
     }
 }
 
@@ -247,6 +249,7 @@ struct RunCheckpoints {
     restore: Option<sluice_state::checkpoint::Manifest>,
     base: Epoch,
     fingerprint: String,
+    sources: BTreeMap<String, String>,
 }
 
 fn prepare_checkpoints(plan: &JobPlan, fresh: bool) -> Result<Option<RunCheckpoints>> {
@@ -262,6 +265,7 @@ fn prepare_checkpoints(plan: &JobPlan, fresh: bool) -> Result<Option<RunCheckpoi
         &plan.settings,
     )?);
     let fingerprint = crate::checkpointing::fingerprint(plan);
+    let sources = crate::checkpointing::source_identities(plan);
     let latest =
         store.latest(|epoch, why| eprintln!("checkpoint {epoch} is damaged and skipped: {why}"))?;
     // A finished job's record is nothing to go on from: with --fresh, start over.
@@ -304,6 +308,29 @@ fn prepare_checkpoints(plan: &JobPlan, fresh: bool) -> Result<Option<RunCheckpoi
                 config.dir, m.epoch
             )));
         }
+        let allow = plan
+            .settings
+            .get("sluice.state-recovery.allow-changed-sources")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+        for (table, was) in &m.sources {
+            match sources.get(table) {
+                Some(now) if now != was && !allow => {
+                    return Err(Error::plan(format!(
+                        "the checkpoint in '{}' (epoch {}) read another input for source table '{table}': \
+                         then {was}, now {now}. Its offsets would skip or repeat rows of this input: start over \
+                         with --fresh, or, if the input is the same data moved, \
+                         SET 'sluice.state-recovery.allow-changed-sources' = 'true'",
+                        config.dir, m.epoch
+                    )));
+                }
+                Some(now) if now != was => eprintln!(
+                    "warning: source table '{table}' changed since checkpoint {} (then {was}, now {now}); \
+                     restoring anyway ('sluice.state-recovery.allow-changed-sources')",
+                    m.epoch
+                ),
+                _ => {}
+            }
+        }
         eprintln!(
             "resuming from checkpoint {} in {} (taken with {} workers)",
             m.epoch, config.dir, m.workers
@@ -317,6 +344,7 @@ fn prepare_checkpoints(plan: &JobPlan, fresh: bool) -> Result<Option<RunCheckpoi
         restore,
         base,
         fingerprint,
+        sources,
     }))
 }
 
@@ -419,6 +447,8 @@ impl Finish<'_> {
                 version: sluice_state::checkpoint::FORMAT_VERSION,
                 epoch: finished,
                 plan_fingerprint: self.c.fingerprint.clone(),
+                sources: self.c.sources.clone(),
+                checksums: Default::default(),
                 workers: self.processes * self.workers_per_process,
                 files: Default::default(),
                 inherited: Default::default(),
@@ -437,21 +467,30 @@ impl Finish<'_> {
     /// would), then, on process 0, drops the checkpoints once every process has published.
     fn publish(&self) -> Result<()> {
         let finished = crate::checkpointing::FINISHED;
-        let mut tables: BTreeMap<String, Arc<TableDef>> = BTreeMap::new();
+        // Each table, and how many INSERTs write into it (each its own part files).
+        let mut tables: BTreeMap<String, (Arc<TableDef>, usize)> = BTreeMap::new();
         for p in &self.plan.pipelines {
             if let SinkTarget::Table(t) = &p.sink {
-                tables.insert(t.name.clone(), t.clone());
+                tables.entry(t.name.clone()).or_insert((t.clone(), 0)).1 += 1;
             }
             let mut late = vec![];
             collect_late_sinks(&p.query, &mut late);
-            tables.extend(late.into_iter().map(|t| (t.name.clone(), t)));
+            for t in late {
+                tables.entry(t.name.clone()).or_insert((t, 1));
+            }
         }
         let workers = self.processes * self.workers_per_process;
         let mine =
             self.process * self.workers_per_process..(self.process + 1) * self.workers_per_process;
-        for t in tables.values() {
-            for w in mine.clone() {
-                open_sink(&spec(t), w, workers)?.begin_transactions(Some(finished), w, workers)?;
+        for (t, inserts) in tables.values() {
+            for sink_instance in 0..*inserts {
+                let spec = ConnectorSpec {
+                    sink_instance,
+                    ..spec(t)
+                };
+                for w in mine.clone() {
+                    open_sink(&spec, w, workers)?.begin_transactions(Some(finished), w, workers)?;
+                }
             }
         }
         self.c
@@ -563,8 +602,13 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
         None => (None, None),
     };
     let worker_metrics = metrics.clone();
+    crate::panics::install_hook();
     let guards = timely::execute(config, move |worker| {
+        // A panic fails the job with its message: the other workers stop at their next step
+        // instead of waiting for this one forever.
         let index = worker.index();
+        crate::panics::set_worker(index);
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let peers = worker.peers();
         let probe = ProbeHandle::<Epoch>::new();
         let checkpoint = checkpointing.as_ref().map(|c| {
@@ -592,10 +636,16 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
         };
         worker.dataflow::<Epoch, _, _>(|scope| {
             let reuse = Reuse::new(&plan);
+            // INSERTs into one table so far: each writes its own part files.
+            let mut inserts: std::collections::HashMap<&str, usize> = Default::default();
             for p in plan.pipelines.iter() {
                 let stream = build(scope, &p.query, &ctx, &reuse);
                 match &p.sink {
-                    SinkTarget::Table(t) => table_sink(stream, t, &ctx).probe_with(&probe),
+                    SinkTarget::Table(t) => {
+                        let instance = inserts.entry(t.name.as_str()).or_default();
+                        *instance += 1;
+                        table_sink(stream, t, *instance - 1, &ctx).probe_with(&probe)
+                    }
                     SinkTarget::Select { index: q } => {
                         select_sink(stream, *q, select_output.clone(), &ctx).probe_with(&probe)
                     }
@@ -647,7 +697,7 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
                 false
             });
             for epoch in pending.iter().rev().copied().collect::<Vec<_>>() {
-                match ck.try_commit(epoch, peers, &c.fingerprint, c.config.retained) {
+                match ck.try_commit(epoch, peers, (&c.fingerprint, &c.sources), c.config.retained) {
                     Ok(Some((files, bytes))) => {
                         failed_in_a_row = 0;
                         worker_metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
@@ -688,7 +738,7 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
                     break;
                 }
                 for epoch in pending.iter().rev().copied().collect::<Vec<_>>() {
-                    if let Ok(Some((files, bytes))) = ck.try_commit(epoch, peers, &c.fingerprint, c.config.retained) {
+                    if let Ok(Some((files, bytes))) = ck.try_commit(epoch, peers, (&c.fingerprint, &c.sources), c.config.retained) {
                         worker_metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
                         worker_metrics.checkpoint_bytes.store(bytes, Ordering::Relaxed);
                         eprintln!("final checkpoint {epoch} committed: {files} files, {bytes} bytes");
@@ -697,6 +747,13 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
+        }
+        }));
+        if let Err(panic) = ran {
+            worker_metrics.fail(Error::Runtime(format!(
+                "worker {index} panicked: {}",
+                crate::panics::take(&*panic)
+            )));
         }
     })
     .map_err(|e| Error::Runtime(format!("could not start the workers: {e}")))?;
@@ -898,7 +955,11 @@ fn build_node<'scope>(
             open_source(
                 &ConnectorSpec {
                     read_columns: read_columns(table, projection, *carry_source_row),
-                    decode_ahead: ctx.fetch_threads,
+                    // With a watermark, a file is read in order by one worker (as in Flink, where
+                    // a file is one split), so that the worker count cannot change which rows are
+                    // late; its next piece is parsed on another thread meanwhile.
+                    decode_ahead: ctx.fetch_threads || table.watermark.is_some(),
+                    whole_files: table.watermark.is_some(),
                     ..spec(table)
                 },
                 ctx.index,
@@ -1052,6 +1113,8 @@ fn build_node<'scope>(
             .and_then(|mut s| {
                 if let Some((size, slide)) = slices {
                     s.slice(size, slide, &input_schema)?;
+                } else if let Some((time, kind)) = window_copies(input) {
+                    s.windows_as_copies(time, kind);
                 }
                 Ok(s)
             });
@@ -1223,6 +1286,30 @@ fn build_node<'scope>(
 /// group keys. Rows can then be partitioned before the windows are assigned, as Flink does: a
 /// HOP window copies each row into size/slide windows, and those copies need not cross workers.
 #[allow(clippy::type_complexity)]
+/// Below a window aggregation, HOP or CUMULATE windows assigned as copies of each row: the
+/// windows, and the column of the rows' time in the aggregation's input when it passes through
+/// the projections unchanged (HOP needs it to tell a row's last window). `None` for other
+/// windows.
+fn window_copies(node: &StreamNode) -> Option<(Option<usize>, sluice_sql::WindowKind)> {
+    use datafusion_physical_expr::expressions::Column;
+    let column = |e: &sluice_sql::PhysExpr| e.downcast_ref::<Column>().map(|c| c.index());
+    match node {
+        StreamNode::WindowAssign { time, kind, .. } => match kind {
+            sluice_sql::WindowKind::Hop { .. } | sluice_sql::WindowKind::Cumulate { .. } => {
+                Some((column(time), *kind))
+            }
+            _ => None,
+        },
+        StreamNode::Filter { input, .. } => window_copies(input),
+        StreamNode::Project { input, exprs, .. } => {
+            let (time, kind) = window_copies(input)?;
+            let at = time.and_then(|t| exprs.iter().position(|e| column(e) == Some(t)));
+            Some((at, kind))
+        }
+        _ => None,
+    }
+}
+
 fn keys_below_window<'a>(
     input: &'a StreamNode,
     group: &[sluice_sql::PhysExpr],
@@ -1458,6 +1545,9 @@ fn merge_watermarks<'scope>(
         let mut tracker = WatermarkTracker::new(inputs);
         move |input, output| {
             input.for_each(|cap, data| match data {
+                // A source's word for another worker (`SourceReader::silent_workers`): that
+                // worker's own union reports it; here only this worker's inputs count.
+                Event::Watermark { from, .. } if *from as usize % peers != index => {}
                 Event::Watermark { from, ts, idle, .. } => {
                     if let Some((wm, idle)) = tracker.receive(*from, *ts, *idle).forward {
                         let mut event = Event::progress(index, wm, idle, peers);
@@ -1684,7 +1774,9 @@ fn aggregate<'scope>(
         let mut next_fire = Instant::now();
         let mut reported = false;
         let mut late_transactions = crate::checkpointing::SinkTransactions::default();
+        let operator: std::rc::Rc<str> = "Aggregate".into();
         move |(input, frontier), output| {
+            let _running = crate::panics::in_operator(&operator);
             input.for_each(|cap, data| {
                 let Some(task) = task.as_mut() else { return };
                 if metrics.failed() {
@@ -1798,13 +1890,18 @@ fn aggregate<'scope>(
 fn table_sink<'scope>(
     stream: EventStream<'scope>,
     table: &TableDef,
+    instance: usize,
     ctx: &BuildContext,
 ) -> EventStream<'scope> {
     let (metrics, counter) = (ctx.metrics.clone(), ctx.metrics.write_counter(&table.name));
     let checkpoint = ctx.checkpoint.clone();
     let seal_at_end = checkpoint.is_some();
     let (index, peers) = (ctx.index, ctx.peers);
-    let writer = open_sink(&spec(table), index, peers).and_then(|mut w| {
+    let spec = ConnectorSpec {
+        sink_instance: instance,
+        ..spec(table)
+    };
+    let writer = open_sink(&spec, index, peers).and_then(|mut w| {
         if let Some(c) = &checkpoint {
             // Two-phase commit: settle what earlier runs left, against the restored checkpoint.
             w.begin_transactions(c.restore.as_ref().map(|m| m.epoch), index, peers)?;
@@ -1819,6 +1916,7 @@ fn table_sink<'scope>(
         }
     };
     let schema = table.physical_schema.clone();
+    let table_name = table.name.clone();
     let scope = stream.scope();
     let write = move |writer: &mut Option<Box<dyn sluice_connectors::SinkWriter>>,
                       data: &mut Event| {
@@ -1843,7 +1941,9 @@ fn table_sink<'scope>(
             let activator = scope.activator_for(info.address.clone());
             let mut align = checkpoint.as_ref().map(|c| Alignment::new(c, initial));
             let mut transactions = crate::checkpointing::SinkTransactions::default();
+            let operator: std::rc::Rc<str> = format!("Sink({table_name})").into();
             move |(input, frontier), _output| {
+                let _running = crate::panics::in_operator(&operator);
                 input.for_each(|cap, data| {
                     if align
                         .as_mut()

@@ -218,7 +218,9 @@ pub(crate) fn join<'scope, S: TwoInputState>(
             let mut align: Option<Alignment<(usize, Event)>> =
                 checkpoint.as_ref().map(|c| Alignment::new(c, initial));
             let mut reported = false;
+            let operator: std::rc::Rc<str> = "Join".into();
             move |(in1, f1), (in2, f2), output| {
+                let _running = crate::panics::in_operator(&operator);
                 for (side, input) in [(0, in1), (1, in2)] {
                     input.for_each(|cap, data| {
                         let Some(task) = task.as_mut() else { return };

@@ -17,12 +17,26 @@ use crate::job::BuildContext;
 use crate::metrics::JobMetrics;
 use crate::watermark::WatermarkTracker;
 
+/// Rows an operator dropped from a batch: behind the watermark, or without an event time (as
+/// Flink does; counted apart, so that no row vanishes unexplained).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Dropped {
+    pub late: u64,
+    pub null_time: u64,
+}
+
+impl Dropped {
+    pub fn late(late: u64) -> Self {
+        Dropped { late, null_time: 0 }
+    }
+}
+
 /// One worker's state of a keyed operator.
 pub trait KeyedState: 'static {
     /// The operator's name in the dataflow.
     const NAME: &'static str;
-    /// Applies a batch: its changes, and how many rows were dropped as late.
-    fn apply(&mut self, batch: &ChangeBatch) -> Result<(Option<ChangeBatch>, u64)>;
+    /// Applies a batch: its changes, and the rows it dropped.
+    fn apply(&mut self, batch: &ChangeBatch) -> Result<(Option<ChangeBatch>, Dropped)>;
     /// The input watermark advanced: what it completes.
     fn advance_watermark(&mut self, watermark: i64) -> Result<Option<ChangeBatch>>;
     /// This worker's state as one batch, each row tagged with its key group.
@@ -51,10 +65,15 @@ impl<S: KeyedState> Task<S> {
         match data {
             Event::Data(d) => match self.state.apply(&d.batch) {
                 Ok((changes, dropped)) => {
-                    if dropped > 0 {
+                    if dropped.late > 0 {
                         self.metrics
                             .late_rows_dropped
-                            .fetch_add(dropped, Ordering::Relaxed);
+                            .fetch_add(dropped.late, Ordering::Relaxed);
+                    }
+                    if dropped.null_time > 0 {
+                        self.metrics
+                            .null_time_rows_dropped
+                            .fetch_add(dropped.null_time, Ordering::Relaxed);
                     }
                     if let Some(c) = changes {
                         output.session(cap).give_container(&mut Event::data(c));
@@ -111,10 +130,12 @@ pub(crate) fn keyed<'scope, S: KeyedState>(
             None
         }
     };
+    let operator: std::rc::Rc<str> = S::NAME.into();
     stream.unary_frontier::<EventBuilder, _, _, _>(Pipeline, S::NAME, move |initial, _info| {
         let mut align: Option<Alignment> = checkpoint.as_ref().map(|c| Alignment::new(c, initial));
         let mut reported = false;
         move |(input, frontier), output| {
+            let _running = crate::panics::in_operator(&operator);
             input.for_each(|cap, data| {
                 let Some(task) = task.as_mut() else { return };
                 if metrics.failed() {

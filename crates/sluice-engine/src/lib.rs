@@ -23,6 +23,7 @@ mod join_operator;
 mod keyed;
 pub mod metrics;
 pub mod over;
+mod panics;
 pub mod rank;
 pub mod rows;
 pub mod source;

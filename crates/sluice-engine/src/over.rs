@@ -21,6 +21,7 @@ use sluice_sql::{AggCall, OverFrame, PhysExpr};
 use sluice_state::accumulator::Accumulator;
 
 use crate::aggregate::acc_kind;
+use crate::keyed::Dropped;
 use crate::stateless::evaluate;
 
 struct Part {
@@ -109,8 +110,9 @@ impl OverState {
                 .sum::<usize>()
     }
 
-    /// Keeps the rows for later; drops (and counts) those already behind the watermark.
-    pub fn apply(&mut self, batch: &ChangeBatch) -> Result<u64> {
+    /// Keeps the rows for later; drops (and counts) those already behind the watermark, and
+    /// those without an event time.
+    pub fn apply(&mut self, batch: &ChangeBatch) -> Result<Dropped> {
         if !batch.is_append_only() {
             return Err(Error::Runtime(
                 "an OVER aggregate received a retraction; its input must be append-only".into(),
@@ -129,7 +131,11 @@ impl OverState {
             self.pending
                 .push(arrow::compute::filter_record_batch(&batch.data, &mask)?);
         }
-        Ok(dropped)
+        let null_time = times.iter().filter(|t| t.is_none()).count() as u64;
+        Ok(Dropped {
+            late: dropped - null_time,
+            null_time,
+        })
     }
 
     /// Emits the rows the watermark passed, each with its aggregates.
@@ -304,7 +310,7 @@ fn snapshot_schema() -> SchemaRef {
 impl crate::keyed::KeyedState for OverState {
     const NAME: &'static str = "Over";
 
-    fn apply(&mut self, batch: &ChangeBatch) -> Result<(Option<ChangeBatch>, u64)> {
+    fn apply(&mut self, batch: &ChangeBatch) -> Result<(Option<ChangeBatch>, Dropped)> {
         Ok((None, OverState::apply(self, batch)?))
     }
 
@@ -679,8 +685,9 @@ impl UpdatingOverState {
 impl crate::keyed::KeyedState for UpdatingOverState {
     const NAME: &'static str = "Over";
 
-    fn apply(&mut self, batch: &ChangeBatch) -> Result<(Option<ChangeBatch>, u64)> {
-        UpdatingOverState::apply(self, batch)
+    fn apply(&mut self, batch: &ChangeBatch) -> Result<(Option<ChangeBatch>, Dropped)> {
+        let (changes, dropped) = UpdatingOverState::apply(self, batch)?;
+        Ok((changes, Dropped::late(dropped)))
     }
 
     fn advance_watermark(&mut self, _watermark: i64) -> Result<Option<ChangeBatch>> {

@@ -812,9 +812,12 @@ fn snapshot_schema() -> SchemaRef {
 impl crate::keyed::KeyedState for RankState {
     const NAME: &'static str = "TopN";
 
-    fn apply(&mut self, batch: &ChangeBatch) -> Result<(Option<ChangeBatch>, u64)> {
+    fn apply(
+        &mut self,
+        batch: &ChangeBatch,
+    ) -> Result<(Option<ChangeBatch>, crate::keyed::Dropped)> {
         let out = RankState::apply(self, batch)?;
-        Ok((out.changes, out.dropped))
+        Ok((out.changes, crate::keyed::Dropped::late(out.dropped)))
     }
 
     fn advance_watermark(&mut self, watermark: i64) -> Result<Option<ChangeBatch>> {

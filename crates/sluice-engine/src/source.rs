@@ -117,6 +117,11 @@ pub(crate) fn source_stream<'scope>(
         }
         Ok(r)
     });
+    let mut silent = reader
+        .as_ref()
+        .map(|r| r.silent_workers())
+        .unwrap_or_default();
+    silent.retain(|w| *w != ctx.index);
     let mut reader = match reader {
         Ok(r) => Some(r),
         Err(e) => {
@@ -128,6 +133,7 @@ pub(crate) fn source_stream<'scope>(
         ctx.sequence.as_ref().map(|s| (s.clone(), s.register()));
     let epoch_length = ctx.epoch_length;
     let read_counter = metrics.read_counter(name);
+    let operator: Rc<str> = format!("Source({name})").into();
     source::<_, EventBuilder, _, _>(scope, &format!("Source({name})"), move |cap, info| {
         let activator = scope.activator_for(info.address.clone());
         let mut cap = Some(cap);
@@ -141,6 +147,7 @@ pub(crate) fn source_stream<'scope>(
         let mut last_data = Instant::now();
         let mut stopped = false;
         move |output| {
+            let _running = crate::panics::in_operator(&operator);
             let Some(c) = cap.as_mut() else { return };
             let Some(r) = reader.as_mut() else {
                 cap = None;
@@ -149,6 +156,13 @@ pub(crate) fn source_stream<'scope>(
             if metrics.failed() {
                 cap = None;
                 return;
+            }
+            // Before any rows: the end of input of the workers that read nothing of this source,
+            // so that receivers need not wait to hear it from them (see `silent_workers`).
+            for w in silent.drain(..) {
+                output
+                    .session(c)
+                    .give_container(&mut Event::watermark(w, MAX_WATERMARK, peers));
             }
             if metrics.is_cancelled() {
                 // A graceful stop. Without checkpoints, just stop (no final watermark: stopping is

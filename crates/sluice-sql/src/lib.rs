@@ -9,6 +9,7 @@
 //!    the relation planner in [`tvf`]), then translates the logical plan into the streaming
 //!    operators of [`plan`], rejecting what cannot run incrementally.
 
+pub mod depth;
 pub mod dialect;
 pub mod flink_functions;
 pub mod functions;

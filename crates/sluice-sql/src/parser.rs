@@ -342,10 +342,16 @@ fn parse_create_table(p: &mut Parser) -> Result<TableDdl, ParserError> {
             if p.peek_token().token == Token::RParen {
                 break;
             }
+            let at = p.peek_token().span.start;
             let key = p.parse_literal_string()?;
             p.expect_token(&Token::Eq)?;
             let value = p.parse_literal_string()?;
-            ddl.options.insert(key, value);
+            if let Some(first) = ddl.options.insert(key.clone(), value) {
+                return Err(ParserError::ParserError(format!(
+                    "option '{key}' is given twice in WITH (...) (first as '{first}') at Line: {}, Column: {}",
+                    at.line, at.column
+                )));
+            }
             if !p.consume_token(&Token::Comma) {
                 break;
             }
@@ -358,6 +364,18 @@ fn parse_create_table(p: &mut Parser) -> Result<TableDdl, ParserError> {
 /// Maps a Flink SQL type to its Arrow type.
 pub fn flink_type(t: &ast::DataType) -> Result<DataType, String> {
     use ast::DataType as S;
+    let precision = match t {
+        S::Timestamp(p, _) | S::Datetime(p) => *p,
+        S::Custom(name, args) if name.to_string().eq_ignore_ascii_case("TIMESTAMP_LTZ") => {
+            args.first().and_then(|a| a.parse().ok())
+        }
+        _ => None,
+    };
+    if let Some(p) = precision.filter(|p| *p > 9) {
+        return Err(format!(
+            "{t}: the precision of a timestamp must be between 0 and 9 (fractional digits of a second), not {p}"
+        ));
+    }
     let ts_unit = |p: Option<u64>| match p.unwrap_or(6) {
         0 => TimeUnit::Second,
         1..=3 => TimeUnit::Millisecond,

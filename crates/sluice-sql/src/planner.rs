@@ -33,6 +33,8 @@ use crate::tvf::{interval_millis, validate_window, WindowTvfNode, WindowTvfPlann
 pub struct Catalog {
     tables: HashMap<String, Arc<TableDef>>,
     views: HashMap<String, LogicalPlan>,
+    /// How many views deep each view is built (1: on tables only).
+    view_depth: HashMap<String, usize>,
     settings: BTreeMap<String, String>,
     /// What the user should know but that does not stop the job (Flink-only options).
     warnings: Vec<String>,
@@ -75,6 +77,7 @@ impl Catalog {
         Catalog {
             tables: HashMap::new(),
             views: HashMap::new(),
+            view_depth: HashMap::new(),
             settings: BTreeMap::new(),
             warnings: vec![],
             pipelines: vec![],
@@ -88,8 +91,21 @@ impl Catalog {
         }
     }
 
-    /// Runs every statement of a script against the catalog.
+    /// Runs every statement of a script against the catalog, on a thread with a stack deep
+    /// enough for what [`crate::depth`] allows, whatever thread calls this.
     pub fn execute(&mut self, sql: &str) -> Result<()> {
+        std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("sluice-planner".into())
+                .stack_size(crate::depth::STACK_BYTES)
+                .spawn_scoped(scope, || self.execute_here(sql))
+                .map_err(|e| Error::plan(format!("could not start the planner thread: {e}")))?
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    fn execute_here(&mut self, sql: &str) -> Result<()> {
         for located in parse_script(sql)? {
             let line = located.line;
             self.execute_statement(located.statement, line)
@@ -139,6 +155,21 @@ impl Catalog {
                         "a table or view named '{name}' already exists"
                     )));
                 }
+                crate::depth::limit(&mut query)?;
+                let mut depth = 1;
+                let _ = sqlparser::ast::visit_relations(&query, |r| {
+                    let used = r.to_string();
+                    depth = depth.max(1 + self.view_depth.get(&used).copied().unwrap_or(0));
+                    std::ops::ControlFlow::<()>::Continue(())
+                });
+                if depth > crate::depth::MAX_VIEW_DEPTH {
+                    return Err(Error::plan(format!(
+                        "view '{name}' is built on {} levels of views, more than the limit of {}",
+                        depth - 1,
+                        crate::depth::MAX_VIEW_DEPTH
+                    )));
+                }
+                self.view_depth.insert(name.clone(), depth);
                 crate::rewrite::rewrite(&mut query);
                 if !crate::rewrite::take_lookups(&mut query, &|_| None).is_empty() {
                     return Err(Error::plan(
@@ -155,6 +186,7 @@ impl Catalog {
                         self.table_names()
                     ))
                 })?;
+                crate::depth::limit(&mut query)?;
                 crate::rewrite::rewrite(&mut query);
                 *self.lookups.borrow_mut() =
                     crate::rewrite::take_lookups(&mut query, &|t| self.versioned_time(t));
@@ -170,6 +202,7 @@ impl Catalog {
                 });
             }
             Statement::Select(mut query) => {
+                crate::depth::limit(&mut query)?;
                 crate::rewrite::rewrite(&mut query);
                 *self.lookups.borrow_mut() =
                     crate::rewrite::take_lookups(&mut query, &|t| self.versioned_time(t));
@@ -657,7 +690,7 @@ impl Catalog {
         }
         Ok(StreamNode::Aggregate {
             late_sink,
-            input: Box::new(input),
+            input: Box::new(keep_row_time(input)),
             group,
             aggs,
             window,
@@ -1039,6 +1072,57 @@ fn check_session_tvfs(node: &StreamNode, merged: bool) -> Result<()> {
 
 /// Event-time windows need rows that arrive in event-time order up to the watermark; a regular
 /// join emits a match whenever its second row arrives, however old the first one is.
+/// HOP windows assigned as copies of each row: the projection above the assignment keeps the
+/// rows' time (as a last column, read by no aggregate), so that the aggregation can tell a
+/// row's last window and count a late row once.
+fn keep_row_time(input: StreamNode) -> StreamNode {
+    use datafusion_physical_expr::expressions::Column;
+    let StreamNode::Project {
+        input: below,
+        mut exprs,
+        schema,
+    } = input
+    else {
+        return input;
+    };
+    let mut node = &*below;
+    while let StreamNode::Filter { input, .. } = node {
+        node = input;
+    }
+    let time = match node {
+        StreamNode::WindowAssign {
+            time,
+            kind: WindowKind::Hop { .. },
+            schema: assigned,
+            ..
+        } => time
+            .downcast_ref::<Column>()
+            .map(|c| (c.index(), assigned.field(c.index()).clone())),
+        _ => None,
+    };
+    let Some((at, field)) = time.filter(|(at, _)| {
+        !exprs
+            .iter()
+            .any(|e| e.downcast_ref::<Column>().is_some_and(|c| c.index() == *at))
+    }) else {
+        return StreamNode::Project {
+            input: below,
+            exprs,
+            schema,
+        };
+    };
+    exprs.push(Arc::new(Column::new("__sluice_row_time", at)));
+    let mut fields: Vec<_> = schema.fields().iter().cloned().collect();
+    fields.push(Arc::new(
+        field.as_ref().clone().with_name("__sluice_row_time"),
+    ));
+    StreamNode::Project {
+        input: below,
+        exprs,
+        schema: Arc::new(arrow::datatypes::Schema::new(fields)),
+    }
+}
+
 fn check_windowable(input: &StreamNode) -> Result<()> {
     if crate::join_plan::has_regular_join(input) {
         return Err(Error::plan(

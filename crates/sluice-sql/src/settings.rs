@@ -101,6 +101,12 @@ pub const SETTINGS: &[Setting] = &[
         doc: "restore this checkpoint at start",
     },
     Setting {
+        key: "sluice.state-recovery.allow-changed-sources",
+        kind: Kind::Bool,
+        default: Some("false"),
+        doc: "restore a checkpoint although a source's identity (path, topic, seed) changed since: its offsets then apply to the new input (as Flink's allowNonRestoredState, a deliberate override)",
+    },
+    Setting {
         key: "s3.endpoint",
         kind: Kind::Text,
         default: None,
@@ -263,39 +269,12 @@ pub fn check(key: &str, value: &str) -> Result<Option<String>> {
         .iter()
         .map(|s| s.key)
         .chain(FLINK_ONLY.iter().map(|(k, _)| *k));
-    let hint = closest(key, known)
+    let hint = sluice_common::text::closest(key, known)
         .map(|k| format!("; did you mean '{k}'?"))
         .unwrap_or_default();
     Err(Error::plan(format!(
         "SET '{key}': unknown option{hint} (the options are listed in the README under 'SET options')"
     )))
-}
-
-/// The known key closest to `key` by edit distance, if it is close.
-fn closest<'a>(key: &str, known: impl Iterator<Item = &'a str>) -> Option<&'a str> {
-    known
-        .map(|k| (edit_distance(key, k), k))
-        .filter(|(d, k)| *d <= 3.max(k.len() / 6))
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, k)| k)
-}
-
-/// Levenshtein distance over bytes.
-pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for i in 1..=a.len() {
-        let mut diagonal = row[0];
-        row[0] = i;
-        for j in 1..=b.len() {
-            let next = (diagonal + usize::from(a[i - 1] != b[j - 1]))
-                .min(row[j] + 1)
-                .min(row[j - 1] + 1);
-            diagonal = row[j];
-            row[j] = next;
-        }
-    }
-    row[b.len()]
 }
 
 #[cfg(test)]

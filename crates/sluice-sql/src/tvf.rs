@@ -304,9 +304,25 @@ pub fn interval_literal_millis(e: &Expr) -> Result<i64, String> {
     Ok(ms)
 }
 
-/// Checks the shape of a window: HOP's size must be a multiple of its slide, as in Flink.
+/// The most windows one row may belong to (HOP size / slide, CUMULATE size / step): each
+/// window a row is in costs work per key as windows fire, so a 1 ms slide over a day (86.4 M
+/// windows per row) would never finish.
+pub const MAX_WINDOWS_PER_ROW: i64 = 10_000;
+
+/// Checks the shape of a window: HOP's size must be a multiple of its slide, as in Flink, and
+/// a row may be in at most [`MAX_WINDOWS_PER_ROW`] windows.
 pub fn validate_window(kind: &WindowKind) -> Result<(), String> {
     match *kind {
+        WindowKind::Hop { size, slide } if slide > 0 && size / slide > MAX_WINDOWS_PER_ROW => Err(format!(
+            "HOP size ({size} ms) / slide ({slide} ms) puts every row in {} windows, more than the limit of \
+             {MAX_WINDOWS_PER_ROW}: use a longer slide (or a CUMULATE or TUMBLE window)",
+            size / slide
+        )),
+        WindowKind::Cumulate { step, size } if step > 0 && size / step > MAX_WINDOWS_PER_ROW => Err(format!(
+            "CUMULATE max size ({size} ms) / step ({step} ms) puts every row in up to {} windows, more than \
+             the limit of {MAX_WINDOWS_PER_ROW}: use a longer step",
+            size / step
+        )),
         WindowKind::Tumble { size, offset } if offset.abs() >= size => Err(format!(
             "TUMBLE offset ({offset} ms) must be smaller than the size ({size} ms)"
         )),

@@ -5,8 +5,11 @@
 //! chk-0000000000000042/<file>        snapshot files written by operators and sources
 //! chk-0000000000000042/_manifest     written last; a checkpoint without it does not exist
 //! ```
-//! The manifest records every file's size, so a truncated or missing file is detected when the
-//! checkpoint is opened, and the previous complete checkpoint is used instead.
+//! The manifest records every file's size, and every file (the manifest too) ends with a
+//! CRC-32C of its bytes ([`TRAILER`]), so a truncated, missing or altered file is detected when
+//! the checkpoint is opened, and the previous complete checkpoint is used instead. (The checksum
+//! lives in the file rather than in the manifest so that every process of a cluster can write
+//! its files without telling the committer their sums.)
 //!
 //! Incremental checkpoints: an operator's file `state-op3-w0` is a full snapshot, while
 //! `state-op3-w0+41` holds only what changed since its snapshot in committed checkpoint 41. The
@@ -23,8 +26,56 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 use sluice_common::{Error, Result};
 
-/// The layout version of checkpoints written by this build.
-pub const FORMAT_VERSION: u32 = 1;
+/// The layout version of checkpoints written by this build (2: files end with a checksum).
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The last bytes of every checkpoint file: a marker, then the CRC-32C of the bytes before it
+/// (little-endian).
+pub const TRAILER: usize = 8;
+const TRAILER_MARK: &[u8; 4] = b"SLC\x01";
+
+fn trailer(crc: u32) -> [u8; TRAILER] {
+    let mut t = [0u8; TRAILER];
+    t[..4].copy_from_slice(TRAILER_MARK);
+    t[4..].copy_from_slice(&crc.to_le_bytes());
+    t
+}
+
+/// The content of a checkpoint file, once its checksum matches.
+pub fn verified(bytes: bytes::Bytes, what: &str) -> Result<bytes::Bytes> {
+    let n = bytes.len();
+    if n < TRAILER || &bytes[n - TRAILER..n - 4] != TRAILER_MARK {
+        return Err(Error::Runtime(format!(
+            "{what}: no checksum at its end (damaged, or written by an older Sluice)"
+        )));
+    }
+    let want = u32::from_le_bytes(bytes[n - 4..].try_into().expect("4 bytes"));
+    let got = crc32c::crc32c(&bytes[..n - TRAILER]);
+    if got != want {
+        return Err(Error::Runtime(format!(
+            "{what}: checksum mismatch (the file was altered or damaged)"
+        )));
+    }
+    Ok(bytes.slice(..n - TRAILER))
+}
+
+/// A writer that sums what passes through it.
+struct Summing<'a> {
+    inner: &'a mut dyn std::io::Write,
+    crc: u32,
+}
+
+impl std::io::Write for Summing<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
 
 /// What a complete checkpoint contains.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,6 +91,15 @@ pub struct Manifest {
     /// Files of earlier checkpoints that deltas here build on (`chk-.../name`), with sizes.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub inherited: BTreeMap<String, u64>,
+    /// What identifies each source table's input (connector, path, topic, seed): offsets
+    /// restored into another input would skip or repeat rows.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sources: BTreeMap<String, String>,
+    /// The CRC-32C of every file (keyed as `files` and `inherited` are), from the file's own
+    /// trailer when committed: a restore checks each file's bytes against both, so that neither
+    /// damage nor another well-formed file in its place goes unnoticed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub checksums: BTreeMap<String, u32>,
 }
 
 /// One file of a chain: the checkpoint epoch that wrote it, its name and size.
@@ -52,6 +112,15 @@ fn split_inherited(path: &str) -> Option<(u64, &str)> {
 }
 
 impl Manifest {
+    /// The recorded checksum of file `name` written by checkpoint `at`.
+    pub fn checksum_of(&self, at: u64, name: &str) -> Option<u32> {
+        if at == self.epoch {
+            self.checksums.get(name).copied()
+        } else {
+            self.checksums.get(&inherited_key(at, name)).copied()
+        }
+    }
+
     /// The files holding the state of one operator on one worker (`stem`, like `state-op3-w0`),
     /// oldest first: a full snapshot, then the deltas after it.
     pub fn chain(&self, stem: &str) -> Vec<ChainFile> {
@@ -255,9 +324,16 @@ impl CheckpointStore {
         let written = (|| {
             let mut out = crate::direct_file::DirectFile::create(&staging)
                 .map_err(|e| Error::io(&staging, e))?;
-            write(&mut out).map_err(|e| {
+            let mut summing = Summing {
+                inner: &mut out,
+                crc: 0,
+            };
+            write(&mut summing).map_err(|e| {
                 Error::Runtime(format!("checkpoint file {}: {e}", staging.display()))
             })?;
+            let crc = summing.crc;
+            std::io::Write::write_all(&mut out, &trailer(crc))
+                .map_err(|e| Error::io(&staging, e))?;
             let size = out.finish().map_err(|e| Error::io(&staging, e))?;
             std::fs::rename(&staging, &dest).map_err(|e| Error::io(&dest, e))?;
             Ok(size)
@@ -269,7 +345,9 @@ impl CheckpointStore {
     }
 
     /// Writes one snapshot file of checkpoint `epoch`; returns its size.
-    pub fn put(&self, epoch: u64, name: &str, bytes: Vec<u8>) -> Result<u64> {
+    pub fn put(&self, epoch: u64, name: &str, mut bytes: Vec<u8>) -> Result<u64> {
+        let crc = crc32c::crc32c(&bytes);
+        bytes.extend_from_slice(&trailer(crc));
         let size = bytes.len() as u64;
         let path = Path::from(format!("{}/{name}", checkpoint_dir(epoch)));
         self.runtime
@@ -278,12 +356,37 @@ impl CheckpointStore {
         Ok(size)
     }
 
-    /// Reads one snapshot file.
+    /// Reads one snapshot file, checking its checksum.
     pub fn get(&self, epoch: u64, name: &str) -> Result<bytes::Bytes> {
         let path = Path::from(format!("{}/{name}", checkpoint_dir(epoch)));
-        self.runtime
+        let bytes = self
+            .runtime
             .block_on(async { self.store.get(&path).await?.bytes().await })
-            .map_err(|e| store_error(&self.location, e))
+            .map_err(|e| store_error(&self.location, e))?;
+        verified(
+            bytes,
+            &format!("{}/{}/{name}", self.location, checkpoint_dir(epoch)),
+        )
+    }
+
+    /// The checksum a file of checkpoint `epoch` carries in its trailer (its last bytes, read
+    /// alone), for the manifest.
+    pub fn stored_checksum(&self, epoch: u64, name: &str, size: u64) -> Result<u32> {
+        let what = format!("{}/{}/{name}", self.location, checkpoint_dir(epoch));
+        if size < TRAILER as u64 {
+            return Err(Error::Runtime(format!(
+                "{what}: too short to carry a checksum"
+            )));
+        }
+        let path = Path::from(format!("{}/{name}", checkpoint_dir(epoch)));
+        let tail = self
+            .runtime
+            .block_on(self.store.get_range(&path, size - TRAILER as u64..size))
+            .map_err(|e| store_error(&self.location, e))?;
+        if tail.len() != TRAILER || &tail[..4] != TRAILER_MARK {
+            return Err(Error::Runtime(format!("{what}: no checksum at its end")));
+        }
+        Ok(u32::from_le_bytes(tail[4..].try_into().expect("4 bytes")))
     }
 
     /// The size of a file of checkpoint `epoch`, if it exists.
@@ -438,7 +541,8 @@ impl CheckpointStore {
         Ok(epochs)
     }
 
-    /// Reads and checks a checkpoint's manifest: every file it lists is present, whole.
+    /// Reads and checks a checkpoint's manifest: every file it lists is present, whole, and
+    /// matches its checksum (each is read once here: a restore trusts only checked bytes).
     pub fn complete(&self, epoch: u64) -> Result<Manifest> {
         let manifest = self.manifest(epoch)?;
         if manifest.version != FORMAT_VERSION {
@@ -468,6 +572,18 @@ impl CheckpointStore {
                         meta.size
                     ),
                 ));
+            }
+            let content = self.get(at, &name)?;
+            if let Some(want) = manifest.checksum_of(at, &name) {
+                if crc32c::crc32c(&content) != want {
+                    return Err(store_error(
+                        &self.location,
+                        format!(
+                            "{}/{name} does not match the manifest's checksum (another file in its place?)",
+                            checkpoint_dir(at)
+                        ),
+                    ));
+                }
             }
         }
         Ok(manifest)
@@ -527,6 +643,8 @@ mod tests {
             version: FORMAT_VERSION,
             epoch,
             plan_fingerprint: "p".into(),
+            sources: Default::default(),
+            checksums: Default::default(),
             workers: 2,
             files: BTreeMap::new(),
             inherited: BTreeMap::new(),
@@ -566,9 +684,44 @@ mod tests {
         assert!(
             skipped
                 .iter()
-                .any(|(_, why)| why.contains("has 4 bytes, the manifest says 6")),
+                .any(|(_, why)| why.contains("has 4 bytes, the manifest says 14")),
             "{skipped:?}"
         );
+
+        // Any bit flipped, of the content or the checksum: caught by the checksum. (Sizes
+        // count the 8-byte trailer.)
+        let whole = std::fs::read(dir.path().join("chk-0000000000000010").join("state-0")).unwrap();
+        store.put(20, "state-0", b"twenty".to_vec()).unwrap();
+        let good = std::fs::read(&file).unwrap();
+        assert_eq!((good.len(), whole.len()), (14, 11));
+        for bit in 0..good.len() * 8 {
+            let mut bad = good.clone();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            std::fs::write(&file, &bad).unwrap();
+            let mut skipped = vec![];
+            assert_eq!(
+                store
+                    .latest(|e, err| skipped.push((e, err.to_string())))
+                    .unwrap(),
+                Some(m10.clone()),
+                "bit {bit}"
+            );
+            assert!(
+                skipped[0].1.contains("checksum") && skipped[0].1.contains("state-0"),
+                "{skipped:?}"
+            );
+            assert!(store.get(20, "state-0").is_err());
+        }
+        std::fs::write(&file, &good).unwrap();
+        assert_eq!(store.latest(|_, _| {}).unwrap(), Some(m20.clone()));
+        // A flipped manifest is damage too.
+        let manifest_file = dir.path().join("chk-0000000000000020").join("_manifest");
+        let mut bytes = std::fs::read(&manifest_file).unwrap();
+        bytes[10] ^= 4;
+        std::fs::write(&manifest_file, &bytes).unwrap();
+        assert_eq!(store.latest(|_, _| {}).unwrap(), Some(m10.clone()));
+        bytes[10] ^= 4;
+        std::fs::write(&manifest_file, &bytes).unwrap();
 
         // A missing file too.
         std::fs::remove_file(&file).unwrap();
@@ -593,24 +746,24 @@ mod tests {
         );
         assert_eq!(delta_base("state-op0-w1+10"), Some(10));
         assert_eq!(delta_base("state-op0-w10"), None);
-        m20.inherited.insert(inherited_key(10, "state-op0-w1"), 4);
+        m20.inherited.insert(inherited_key(10, "state-op0-w1"), 12);
         store.commit(&m20).unwrap();
         assert_eq!(
             m20.chain("state-op0-w1"),
             vec![
-                (10, "state-op0-w1".to_string(), 4),
-                (20, "state-op0-w1+10".to_string(), 5)
+                (10, "state-op0-w1".to_string(), 12),
+                (20, "state-op0-w1+10".to_string(), 13)
             ]
         );
         assert_eq!(
             m20.chain("state-op0-w10"),
-            vec![(20, "state-op0-w10".to_string(), 5)]
+            vec![(20, "state-op0-w10".to_string(), 13)]
         );
 
         // Retention drops checkpoint 10 but keeps the file 20 inherits from it.
         store.retain(1).unwrap();
         assert_eq!(store.size(10, "_manifest").unwrap(), None);
-        assert_eq!(store.size(10, "state-op0-w1").unwrap(), Some(4));
+        assert_eq!(store.size(10, "state-op0-w1").unwrap(), Some(12));
         assert_eq!(store.size(10, "state-op0-w10").unwrap(), None);
         assert_eq!(store.latest(|_, _| {}).unwrap(), Some(m20.clone()));
 

@@ -173,6 +173,8 @@ fn run_scenario(s: &Scenario, events: u64, workers: usize) -> Result<Run, String
             partitioned_by: vec![],
             read_columns: None,
             decode_ahead: false,
+            whole_files: false,
+            sink_instance: 0,
         };
         let started = Instant::now();
         let mut total = 0u64;

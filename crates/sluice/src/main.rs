@@ -97,7 +97,7 @@ fn main() -> ExitCode {
             hosts,
             fresh,
             from_checkpoint,
-        } => run(
+        } => match run(
             file,
             workers,
             processes,
@@ -105,7 +105,12 @@ fn main() -> ExitCode {
             hosts,
             fresh,
             from_checkpoint,
-        ),
+        ) {
+            // Stopped by a signal before the input ended: 128 + the signal, as shells report.
+            Ok(Some(signal)) => return ExitCode::from(128 + signal as u8),
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        },
         Command::Demo { seconds, workers } => demo::run(seconds, workers),
         Command::Bench { suite, workers, .. } if suite == "latency" => {
             latency::run(&workers, 0.5, 10.0, &[1024, 8192])
@@ -137,7 +142,14 @@ fn run(
     hosts: Option<PathBuf>,
     fresh: bool,
     from_checkpoint: Option<String>,
-) -> Result<(), String> {
+) -> Result<Option<i32>, String> {
+    check_cluster_size(workers, processes, process_id)?;
+    if fresh && from_checkpoint.is_some() {
+        return Err(
+            "--fresh starts over and --from-checkpoint restores a checkpoint: give one of them"
+                .into(),
+        );
+    }
     let sql = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
     let mut plan = sluice_sql::plan_script(&sql).map_err(|e| format!("{}: {e}", file.display()))?;
     for warning in &plan.warnings {
@@ -174,25 +186,15 @@ fn run(
                     list.len()
                 ));
             }
-            if process_id >= processes {
-                return Err(format!(
-                    "--process-id {process_id} must be below --processes {processes}"
-                ));
-            }
             Some(list)
         }
     };
     let printer = Arc::new(table_output::TablePrinter::default());
     let metrics = sluice_engine::JobMetrics::new();
-    // Ctrl-C stops the job gracefully: sources stop, sinks publish, the summary is printed.
-    let on_interrupt = metrics.clone();
-    let _ = ctrlc::set_handler(move || {
-        eprintln!("\nstopping (Ctrl-C again to abort)...");
-        if on_interrupt.is_cancelled() {
-            std::process::exit(130);
-        }
-        on_interrupt.cancel();
-    });
+    let checkpointing = plan
+        .settings
+        .contains_key("execution.checkpointing.interval");
+    let stopped_by = stop_on_signals(metrics.clone(), checkpointing)?;
     let options = JobOptions {
         workers,
         process: process_id,
@@ -205,7 +207,107 @@ fn run(
     let summary = sluice_engine::run(plan, options).map_err(|e| e.to_string())?;
     printer.finish();
     print_summary(&summary);
+    let signal = stopped_by.load(std::sync::atomic::Ordering::SeqCst);
+    if signal == 0 {
+        return Ok(None);
+    }
+    eprintln!(
+        "stopped by {} before the input ended: {}",
+        signal_name(signal),
+        if checkpointing {
+            "the final checkpoint holds where it stopped; run the same command to continue"
+        } else {
+            "output not published (without checkpoints, 'sink.publish-on-stop' = 'true' publishes it)"
+        }
+    );
+    Ok(Some(signal))
+}
+
+/// Most worker threads a process may run, and most processes in a cluster.
+const MAX_WORKERS: usize = 512;
+const MAX_PROCESSES: usize = 256;
+
+fn check_cluster_size(workers: usize, processes: usize, process_id: usize) -> Result<(), String> {
+    if workers == 0 || workers > MAX_WORKERS {
+        return Err(format!(
+            "--workers {workers}: give between 1 and {MAX_WORKERS} worker threads per process (this machine has {} cores)",
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        ));
+    }
+    if processes == 0 || processes > MAX_PROCESSES {
+        return Err(format!(
+            "--processes {processes}: give between 1 and {MAX_PROCESSES} processes"
+        ));
+    }
+    if process_id >= processes {
+        return Err(format!(
+            "--process-id {process_id} must be below --processes {processes}"
+        ));
+    }
     Ok(())
+}
+
+/// How long a stopping job may take before it is ended: with checkpoints, time for the final
+/// one; without, time for the sinks to close.
+const STOP_GRACE_WITH_CHECKPOINTS: std::time::Duration = std::time::Duration::from_secs(60);
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// SIGINT (Ctrl-C) and SIGTERM stop the job gracefully: sources stop, a final checkpoint is
+/// taken where checkpoints are on, the summary is printed. A job that has not stopped within
+/// the grace period, or a second signal, ends the process at once. Returns where the signal
+/// that stopped the job is recorded (0: none).
+fn stop_on_signals(
+    metrics: Arc<sluice_engine::JobMetrics>,
+    checkpointing: bool,
+) -> Result<Arc<std::sync::atomic::AtomicI32>, String> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    use std::sync::atomic::Ordering;
+    let stopped_by = Arc::new(std::sync::atomic::AtomicI32::new(0));
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .map_err(|e| format!("could not install the signal handlers: {e}"))?;
+    let record = stopped_by.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if record.swap(signal, Ordering::SeqCst) != 0 {
+                    eprintln!("\n{}: aborting", signal_name(signal));
+                    std::process::exit(128 + signal);
+                }
+                let grace = if checkpointing {
+                    STOP_GRACE_WITH_CHECKPOINTS
+                } else {
+                    STOP_GRACE
+                };
+                eprintln!(
+                    "\n{}: stopping (again to abort; ended anyway in {} s)...",
+                    signal_name(signal),
+                    grace.as_secs()
+                );
+                metrics.cancel();
+                let _ = std::thread::Builder::new()
+                    .name("stop-deadline".into())
+                    .spawn(move || {
+                        std::thread::sleep(grace);
+                        eprintln!(
+                            "error: the job did not stop within {} s of {}: ended",
+                            grace.as_secs(),
+                            signal_name(signal)
+                        );
+                        std::process::exit(128 + signal);
+                    });
+            }
+        })
+        .map_err(|e| format!("could not start the signal thread: {e}"))?;
+    Ok(stopped_by)
+}
+
+fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        signal_hook::consts::SIGINT => "SIGINT",
+        signal_hook::consts::SIGTERM => "SIGTERM",
+        _ => "a signal",
+    }
 }
 
 fn print_summary(s: &JobSummary) {

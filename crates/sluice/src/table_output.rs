@@ -30,7 +30,20 @@ fn width(t: &DataType, name: &str) -> usize {
         DataType::Date32 => 10,
         _ => 20,
     };
-    w.max(name.len())
+    w.max(name.chars().count()).min(MAX_WIDTH)
+}
+
+/// The widest a column is printed; longer names are cut short (`…`), longer values overflow.
+const MAX_WIDTH: usize = 64;
+
+/// A column name that fits its width.
+fn fit(name: &str, width: usize) -> String {
+    if name.chars().count() <= width {
+        return name.to_string();
+    }
+    let mut cut: String = name.chars().take(width.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
 }
 
 fn rule(widths: &[usize]) -> String {
@@ -77,7 +90,7 @@ impl SelectOutput for TablePrinter {
             let cells: Vec<String> = names
                 .iter()
                 .zip(&widths)
-                .map(|(n, w)| format!(" {n:>w$} "))
+                .map(|(n, w)| format!(" {:>w$} ", fit(n, *w)))
                 .collect();
             let _ = writeln!(out, "|{}|", cells.join("|"));
             let _ = writeln!(out, "{}", rule(&widths));

@@ -58,6 +58,8 @@ fn generated(script: &str, table: &str) -> (SchemaRef, Vec<RecordBatch>) {
         partitioned_by: vec![],
         read_columns: None,
         decode_ahead: false,
+        whole_files: false,
+        sink_instance: 0,
     };
     let mut reader = sluice_connectors::open_source(&spec, 0, 1).unwrap();
     let mut out = vec![];

@@ -391,6 +391,105 @@ fn a_damaged_checkpoint_falls_back_to_the_previous_one() {
     kill_on_two_finish_on_one(true);
 }
 
+/// Bit flips anywhere in the newest committed checkpoint (a state file, a source offsets file,
+/// the manifest) are caught by the files' checksums: the run says so, falls back to the
+/// previous checkpoint, and the committed output is at-least-once, never wrong. (A flipped
+/// accumulator once restored a count of 1,431,655,763, and a random state file hung the
+/// restore.) `SLUICE_FLIP_CASES=N` runs N seeds instead of CI's three.
+#[test]
+fn bit_flips_in_a_checkpoint_are_detected_and_never_give_a_wrong_answer() {
+    let cases: u64 = std::env::var("SLUICE_FLIP_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    for seed in 0..cases {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+        let dir = tempfile::tempdir().unwrap();
+        let job = KeyedJob::new(dir.path());
+        let mut child = job.start(2);
+        let first = job.wait_for_checkpoint(None, || child.try_wait().unwrap().is_some());
+        job.wait_for_checkpoint(first, || child.try_wait().unwrap().is_some());
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the job finished before it could be killed; make the input larger"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let complete = job.committed_checkpoints();
+        assert!(complete.len() > 1, "needs two checkpoints: {complete:?}");
+        let newest = complete.last().unwrap();
+        let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(newest)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        files.sort();
+        let kind = ["state-", "source-", "_manifest"][seed as usize % 3];
+        let candidates: Vec<&std::path::PathBuf> = files
+            .iter()
+            .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with(kind))
+            .collect();
+        let file = if candidates.is_empty() {
+            &files[rng.random_range(0..files.len())]
+        } else {
+            candidates[rng.random_range(0..candidates.len())]
+        };
+        let mut bytes = std::fs::read(file).unwrap();
+        let at = rng.random_range(0..bytes.len());
+        bytes[at] ^= 1 << rng.random_range(0..8);
+        std::fs::write(file, &bytes).unwrap();
+        let stderr = job.rerun(1);
+        assert!(
+            stderr.contains("is damaged and skipped"),
+            "seed {seed}: flipped a bit of {} at {at}, not noticed: {stderr}",
+            file.display()
+        );
+        job.check(true);
+    }
+}
+
+/// A checkpoint taken over one input is refused for another (the offsets would skip or repeat
+/// rows), naming the table and both inputs, unless the override says the data only moved.
+#[test]
+fn a_checkpoint_of_another_input_is_refused_unless_overridden() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = KeyedJob::new(dir.path());
+    let mut child = job.start(2);
+    job.wait_for_checkpoint(None, || child.try_wait().unwrap().is_some());
+    assert!(child.try_wait().unwrap().is_none(), "finished too soon");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The same files under another folder: the script reads there now.
+    let script = std::fs::read_to_string(&job.script).unwrap();
+    let input = dir.path().join("input");
+    let moved = dir.path().join("moved");
+    std::fs::rename(&input, &moved).unwrap();
+    let changed = script.replace(input.to_str().unwrap(), moved.to_str().unwrap());
+    assert_ne!(changed, script, "the script names {}", input.display());
+    std::fs::write(&job.script, &changed).unwrap();
+    let o = sluice()
+        .args(["run", job.script.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("read another input for source table")
+            && stderr.contains("--fresh")
+            && stderr.contains("allow-changed-sources"),
+        "{stderr}"
+    );
+    // The data only moved: the override restores, and the output is exact.
+    std::fs::write(
+        &job.script,
+        format!("SET 'sluice.state-recovery.allow-changed-sources' = 'true';\n{changed}"),
+    )
+    .unwrap();
+    let stderr = job.rerun(1);
+    assert!(stderr.contains("restoring anyway"), "{stderr}");
+    job.check(false);
+}
+
 /// Stopped at its very end — after its sinks sealed their last output, or after it recorded that
 /// it finished but before it published — and run again, a job's committed output is exact: the
 /// first reruns from its last checkpoint (the sealed output is discarded), the second only
@@ -870,9 +969,21 @@ fn a_checkpoint_of_another_pipeline_is_refused_unless_fresh() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("checkpoints");
     let chk = ckpt.join("chk-0000000000000040");
-    std::fs::create_dir_all(&chk).unwrap();
-    let manifest = serde_json::json!({"version": 1, "epoch": 40, "plan_fingerprint": "0000000000000000", "workers": 1, "files": {}});
-    std::fs::write(chk.join("_manifest"), manifest.to_string()).unwrap();
+    let store =
+        sluice_state::checkpoint::CheckpointStore::open(ckpt.to_str().unwrap(), &BTreeMap::new())
+            .unwrap();
+    store
+        .commit(&sluice_state::checkpoint::Manifest {
+            version: sluice_state::checkpoint::FORMAT_VERSION,
+            epoch: 40,
+            plan_fingerprint: "0000000000000000".into(),
+            workers: 1,
+            files: Default::default(),
+            inherited: Default::default(),
+            sources: Default::default(),
+            checksums: Default::default(),
+        })
+        .unwrap();
     std::fs::write(dir.path().join("in.json"), "{\"x\": 1}\n{\"x\": 2}\n").unwrap();
     let sql = format!(
         "SET 'execution.checkpointing.interval' = '1 s';
@@ -1038,9 +1149,14 @@ fn sigterm_leaves_a_final_checkpoint_to_continue_from() {
     assert!(term.success());
     let first = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&first.stderr);
+    assert_eq!(
+        first.status.code(),
+        Some(143),
+        "stopped before its input ended: 128 + SIGTERM: {stderr}"
+    );
     assert!(
-        first.status.success(),
-        "a graceful stop exits cleanly: {stderr}"
+        stderr.contains("stopped by SIGTERM before the input ended"),
+        "{stderr}"
     );
     let line = stderr
         .lines()
@@ -1170,6 +1286,10 @@ fn the_checkpoint_store_works_on_s3() {
             workers: 1,
             files: [("state-op0-w0".to_string(), size)].into_iter().collect(),
             inherited: Default::default(),
+            sources: Default::default(),
+            checksums: [("state-op0-w0".to_string(), crc32c_of(body))]
+                .into_iter()
+                .collect(),
         }
     };
     let m10 = checkpoint(10, b"ten");
@@ -1184,7 +1304,7 @@ fn the_checkpoint_store_works_on_s3() {
     let other = CheckpointStore::open("s3://store-test/jobs/two", &s3.options()).unwrap();
     assert_eq!(other.latest(|_, _| {}).unwrap(), None);
 
-    // A file of 20 cut short: fall back to 10, saying why.
+    // A file of 20 cut short: fall back to 10, saying why (sizes count the 8-byte checksum).
     store.put(20, "state-op0-w0", b"twen".to_vec()).unwrap();
     let mut skipped = vec![];
     assert_eq!(
@@ -1194,7 +1314,22 @@ fn the_checkpoint_store_works_on_s3() {
         Some(m10.clone())
     );
     assert!(
-        skipped[0].1.contains("has 4 bytes, the manifest says 6"),
+        skipped[0].1.contains("has 12 bytes, the manifest says 14"),
+        "{skipped:?}"
+    );
+    // The same size, another well-formed file in its place: the manifest's checksum.
+    store.put(20, "state-op0-w0", b"twentY".to_vec()).unwrap();
+    let mut skipped = vec![];
+    assert_eq!(
+        store
+            .latest(|e, why| skipped.push((e, why.to_string())))
+            .unwrap(),
+        Some(m10.clone())
+    );
+    assert!(
+        skipped[0]
+            .1
+            .contains("does not match the manifest's checksum"),
         "{skipped:?}"
     );
 
@@ -1220,6 +1355,22 @@ fn the_checkpoint_store_works_on_s3() {
         err.to_string().contains("'s3.path.style.access' = 'maybe'"),
         "{err}"
     );
+}
+
+/// CRC-32C, computed here bit by bit (independently of the store's crate).
+fn crc32c_of(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
 }
 
 /// The kill-and-rerun test with checkpoints on S3 (LZ4-compressed snapshots): killed with

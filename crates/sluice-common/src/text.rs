@@ -1,0 +1,28 @@
+//! Help for messages about names: the known name closest to a misspelled one.
+
+/// The known key closest to `key` by edit distance, if it is close.
+pub fn closest<'a>(key: &str, known: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    known
+        .map(|k| (edit_distance(key, k), k))
+        .filter(|(d, k)| *d <= 3.max(k.len() / 6))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// Levenshtein distance over bytes.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for i in 1..=a.len() {
+        let mut diagonal = row[0];
+        row[0] = i;
+        for j in 1..=b.len() {
+            let next = (diagonal + usize::from(a[i - 1] != b[j - 1]))
+                .min(row[j] + 1)
+                .min(row[j - 1] + 1);
+            diagonal = row[j];
+            row[j] = next;
+        }
+    }
+    row[b.len()]
+}
