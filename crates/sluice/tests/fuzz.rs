@@ -32,7 +32,11 @@ fn seed() -> u64 {
 }
 
 /// Runs `f` on its own thread; fails the test with `what` if it panics or takes over `limit`.
-fn guarded<T: Send + 'static>(what: &str, limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+fn guarded<T: Send + 'static>(
+    what: &str,
+    limit: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .stack_size(8 << 20)
@@ -78,9 +82,14 @@ fn corpus() -> Vec<String> {
         if let Some(s) = current.take() {
             statements.push(s.join("\n"));
         }
-        scripts.push(statements.join(";\n").replace("${DIR}", "/nonexistent/fuzz"));
+        scripts.push(
+            statements
+                .join(";\n")
+                .replace("${DIR}", "/nonexistent/fuzz"),
+        );
     }
-    let repro = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/repro/bad-input");
+    let repro =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/repro/bad-input");
     if let Ok(entries) = std::fs::read_dir(repro) {
         let mut sql: Vec<_> = entries
             .flatten()
@@ -102,16 +111,89 @@ fn corpus() -> Vec<String> {
 
 /// Words to splice in: SQL's awkward corners.
 const SPLICE: &[&str] = &[
-    "(", ")", ",", ";", "'", "\"", "`", "*", "NULL", "-", "+", "/", "%", "||", "=", "<>", "AND", "OR",
-    "NOT", "SELECT", "FROM", "WHERE", "GROUP BY", "HAVING", "OVER (", "PARTITION BY", "ORDER BY",
-    "JOIN", "ON", "TABLE(", "TUMBLE(", "HOP(", "SESSION(", "CUMULATE(", "DESCRIPTOR(", "INTERVAL '1' SECOND",
-    "INTERVAL '-1' DAY", "INTERVAL '0' SECOND", "CAST(", "AS", "BIGINT", "DECIMAL(38, 38)", "DECIMAL(99, 2)",
-    "TIMESTAMP(9)", "TIMESTAMP(3)", "ARRAY[", "MAP[", "ROW(", "9223372036854775807", "-9223372036854775808",
-    "99999999999999999999999999", "1e308", "'\u{0}'", "'😀'", "/*+ OPTIONS('a'='b') */", "--", "/*", "*/",
-    "FOR SYSTEM_TIME AS OF", "PROCTIME()", "WATERMARK FOR", "PRIMARY KEY", "NOT ENFORCED", "WITH (",
-    "'connector' = 'datagen'", "'connector' = 'filesystem'", "'format' = 'csv'", "SET", "VALUES (1)",
-    "ROW_NUMBER()", "COUNT(DISTINCT", "FILTER (WHERE", "CASE WHEN", "END", "IN (", "LIKE", "ESCAPE",
-    "REGEXP_EXTRACT(", "DATE_FORMAT(", "SUBSTRING(", "UNION ALL", "LIMIT", "MATCH_RECOGNIZE (",
+    "(",
+    ")",
+    ",",
+    ";",
+    "'",
+    "\"",
+    "`",
+    "*",
+    "NULL",
+    "-",
+    "+",
+    "/",
+    "%",
+    "||",
+    "=",
+    "<>",
+    "AND",
+    "OR",
+    "NOT",
+    "SELECT",
+    "FROM",
+    "WHERE",
+    "GROUP BY",
+    "HAVING",
+    "OVER (",
+    "PARTITION BY",
+    "ORDER BY",
+    "JOIN",
+    "ON",
+    "TABLE(",
+    "TUMBLE(",
+    "HOP(",
+    "SESSION(",
+    "CUMULATE(",
+    "DESCRIPTOR(",
+    "INTERVAL '1' SECOND",
+    "INTERVAL '-1' DAY",
+    "INTERVAL '0' SECOND",
+    "CAST(",
+    "AS",
+    "BIGINT",
+    "DECIMAL(38, 38)",
+    "DECIMAL(99, 2)",
+    "TIMESTAMP(9)",
+    "TIMESTAMP(3)",
+    "ARRAY[",
+    "MAP[",
+    "ROW(",
+    "9223372036854775807",
+    "-9223372036854775808",
+    "99999999999999999999999999",
+    "1e308",
+    "'\u{0}'",
+    "'😀'",
+    "/*+ OPTIONS('a'='b') */",
+    "--",
+    "/*",
+    "*/",
+    "FOR SYSTEM_TIME AS OF",
+    "PROCTIME()",
+    "WATERMARK FOR",
+    "PRIMARY KEY",
+    "NOT ENFORCED",
+    "WITH (",
+    "'connector' = 'datagen'",
+    "'connector' = 'filesystem'",
+    "'format' = 'csv'",
+    "SET",
+    "VALUES (1)",
+    "ROW_NUMBER()",
+    "COUNT(DISTINCT",
+    "FILTER (WHERE",
+    "CASE WHEN",
+    "END",
+    "IN (",
+    "LIKE",
+    "ESCAPE",
+    "REGEXP_EXTRACT(",
+    "DATE_FORMAT(",
+    "SUBSTRING(",
+    "UNION ALL",
+    "LIMIT",
+    "MATCH_RECOGNIZE (",
 ];
 
 fn mutate(rng: &mut SmallRng, script: &str) -> String {
@@ -148,7 +230,10 @@ fn mutate(rng: &mut SmallRng, script: &str) -> String {
                 tokens.insert(at, t);
             }
             2 => tokens[at] = SPLICE[rng.random_range(0..SPLICE.len())].to_string(),
-            3 => tokens.insert(at, format!(" {} ", SPLICE[rng.random_range(0..SPLICE.len())])),
+            3 => tokens.insert(
+                at,
+                format!(" {} ", SPLICE[rng.random_range(0..SPLICE.len())]),
+            ),
             4 => {
                 let other = tokens[rng.random_range(0..tokens.len())].clone();
                 tokens[at] = other;
@@ -185,7 +270,11 @@ fn the_planner_survives_mutated_scripts() {
             mutate(&mut rng, base)
         };
         let shown = if script.len() > 4_000 {
-            format!("{}... ({} bytes)", &script[..script.floor_char_boundary(4_000)], script.len())
+            format!(
+                "{}... ({} bytes)",
+                &script[..script.floor_char_boundary(4_000)],
+                script.len()
+            )
         } else {
             script.clone()
         };
@@ -264,7 +353,9 @@ fn the_file_decoders_survive_mutated_records() {
     let mut files = 0;
     while started.elapsed() < budget() || files < 20 {
         let csv = rng.random_bool(0.5);
-        let n = *[1usize, 10, 300, 5_000].get(rng.random_range(0..4)).unwrap();
+        let n = *[1usize, 10, 300, 5_000]
+            .get(rng.random_range(0..4))
+            .unwrap();
         let mut text = String::new();
         for _ in 0..n {
             let record = if csv {
@@ -282,7 +373,9 @@ fn the_file_decoders_survive_mutated_records() {
         if rng.random_bool(0.3) {
             text = damage(&mut rng, &text);
         }
-        let path = dir.path().join(format!("f{files}.{}", if csv { "csv" } else { "json" }));
+        let path = dir
+            .path()
+            .join(format!("f{files}.{}", if csv { "csv" } else { "json" }));
         std::fs::write(&path, &text).unwrap();
         files += 1;
         let format = if csv { "csv" } else { "json" };
