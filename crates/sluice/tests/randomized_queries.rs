@@ -23,8 +23,9 @@ use sluice_common::ChangeBatch;
 
 mod common;
 
-/// Seeds kept because they once found a bug (none yet: the shapes here pass on the fixed code).
-const REGRESSION_SEEDS: &[u64] = &[];
+/// Seeds kept because they once found a bug: 5 and 6 counted a late row once per CUMULATE and
+/// HOP window it was copied into (the windows dropped it rightly; the count was 2x).
+const REGRESSION_SEEDS: &[u64] = &[5, 6];
 
 /// Cases CI runs.
 const CI_CASES: u64 = 10;
@@ -715,7 +716,11 @@ fn random_query_shapes_equal_the_batch_answer() {
     for seed in REGRESSION_SEEDS
         .iter()
         .copied()
-        .chain((0..cases).map(|i| base * 1_000_000 + i))
+        .chain(
+            (0..cases)
+                .map(|i| base * 1_000_000 + i)
+                .filter(|s| !REGRESSION_SEEDS.contains(s)),
+        )
     {
         run_case(seed, cases > CI_CASES, None, &[1, 2, 4]);
     }
