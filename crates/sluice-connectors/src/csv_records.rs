@@ -209,25 +209,17 @@ impl CsvRecords {
     /// Reads on from the split until `record` ends with a line end outside quotes (or the
     /// split ends).
     fn continue_record(&mut self, record: &mut Vec<u8>) -> std::io::Result<()> {
-        let mut inside = record.iter().filter(|b| **b == b'"').count() % 2 == 1;
+        let mut scan = CsvScan::default();
+        scan.feed(record);
         loop {
             let buf = self.reader.fill_buf()?;
             if buf.is_empty() {
                 return Ok(());
             }
-            let mut taken = buf.len();
-            let mut done = false;
-            for (i, &b) in buf.iter().enumerate() {
-                match b {
-                    b'"' => inside = !inside,
-                    b'\n' if !inside => {
-                        taken = i + 1;
-                        done = true;
-                        break;
-                    }
-                    _ => {}
-                }
-            }
+            let (taken, done) = match buf.iter().position(|&b| scan.step(b)) {
+                Some(i) => (i + 1, true),
+                None => (buf.len(), false),
+            };
             record.extend_from_slice(&buf[..taken]);
             self.reader.consume(taken);
             if done {
@@ -237,23 +229,63 @@ impl CsvRecords {
     }
 }
 
-/// Where the first record of `bytes` ends (just past its line end outside quotes).
-fn record_end(bytes: &[u8]) -> Option<usize> {
-    let mut inside = false;
-    for (i, &b) in bytes.iter().enumerate() {
-        match b {
-            b'"' => inside = !inside,
-            b'\n' if !inside => return Some(i + 1),
-            _ => {}
-        }
-    }
-    None
+/// Where a field stands, as the CSV reader (csv-core) reads it.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+enum Field {
+    #[default]
+    Start,
+    Unquoted,
+    Quoted,
+    /// A quote inside a quoted field: it closes the field, or a second one makes it a quote.
+    QuoteInQuoted,
 }
 
-/// Whether `bytes` (whole records but maybe the last) end inside quotes: a doubled quote
-/// inside a field counts twice, so only an unclosed one leaves the count odd.
+/// Where a CSV reader stands after the bytes fed so far: a quote opens a quoted field only at
+/// the start of a field (elsewhere it is a character like any other); in a quoted field a
+/// doubled quote is a quote and a single one closes the field; a line end outside quotes ends
+/// the record.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct CsvScan(Field);
+
+impl CsvScan {
+    /// Feeds one byte; true when it ends a record.
+    pub(crate) fn step(&mut self, b: u8) -> bool {
+        use Field::*;
+        let (next, ends) = match (self.0, b) {
+            (Quoted, b'"') => (QuoteInQuoted, false),
+            (Quoted, _) => (Quoted, false),
+            (QuoteInQuoted, b'"') | (Start, b'"') => (Quoted, false),
+            (_, b',') => (Start, false),
+            (_, b'\n') => (Start, true),
+            _ => (Unquoted, false),
+        };
+        self.0 = next;
+        ends
+    }
+
+    pub(crate) fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.step(b);
+        }
+    }
+
+    /// Inside a quoted field that has not been closed.
+    pub(crate) fn in_quotes(&self) -> bool {
+        self.0 == Field::Quoted
+    }
+}
+
+/// Where the first record of `bytes` ends (just past its line end outside quotes).
+fn record_end(bytes: &[u8]) -> Option<usize> {
+    let mut scan = CsvScan::default();
+    bytes.iter().position(|&b| scan.step(b)).map(|i| i + 1)
+}
+
+/// Whether `bytes` (whole records but maybe the last) end inside a quoted field.
 fn unclosed(bytes: &[u8]) -> bool {
-    memchr::memchr_iter(b'"', bytes).count() % 2 == 1
+    let mut scan = CsvScan::default();
+    scan.feed(bytes);
+    scan.in_quotes()
 }
 
 fn line_ends(bytes: &[u8]) -> u64 {

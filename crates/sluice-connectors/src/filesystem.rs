@@ -136,7 +136,7 @@ pub struct FileSource {
     root: PathBuf,
     /// Per CSV file read in pieces: how far quotes were counted, and whether that point is
     /// inside a quoted field.
-    quotes: std::collections::HashMap<PathBuf, (u64, bool)>,
+    quotes: std::collections::HashMap<PathBuf, (u64, crate::csv_records::CsvScan)>,
     /// `PARTITIONED BY`: partition columns come from the folder names.
     layout: Option<crate::partitions::Layout>,
     /// The columns decoded, when not all: the others are NULL in the rows returned (the job
@@ -482,31 +482,49 @@ fn count_in(path: &Path, from: u64, to: u64, byte: u8) -> Result<u64> {
     }
 }
 
+/// Feeds bytes `from..to` of a file to a CSV scan.
+fn scan_in(path: &Path, from: u64, to: u64, scan: &mut crate::csv_records::CsvScan) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+    f.seek(SeekFrom::Start(from))
+        .map_err(|e| Error::io(path, e))?;
+    let mut f = f.take(to - from);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let got = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if got == 0 {
+            return Ok(());
+        }
+        scan.feed(&buf[..got]);
+    }
+}
+
 impl FileSource {
     /// Where the record that follows byte `at` of a file starts: just after the first line end
     /// at or after `at - 1` (so a piece that starts on a line start starts there). In CSV, a line
-    /// end inside a quoted field ends no record: whether a point is inside quotes is the parity
-    /// of the quote characters before it (a doubled quote inside a field counts twice).
+    /// end inside a quoted field ends no record: where the reader stands at a point is found by
+    /// reading the file up to it as the CSV reader does (kept per file, so each piece reads on
+    /// from the previous one).
     fn record_start(&mut self, path: &Path, at: u64, len: u64) -> Result<u64> {
         use std::io::{Seek, SeekFrom};
         if at == 0 || at >= len {
             return Ok(at.min(len));
         }
         let from = at - 1;
-        let mut inside = false;
+        let mut scan = crate::csv_records::CsvScan::default();
         if self.format == Format::Csv {
-            let (mut counted, mut odd) = self
+            let (mut scanned, mut state) = self
                 .quotes
                 .get(path)
                 .copied()
                 .filter(|(pos, _)| *pos <= from)
-                .unwrap_or((0, false));
-            if counted < from {
-                odd ^= count_in(path, counted, from, b'"')? % 2 == 1;
-                counted = from;
+                .unwrap_or_default();
+            if scanned < from {
+                scan_in(path, scanned, from, &mut state)?;
+                scanned = from;
             }
-            self.quotes.insert(path.to_path_buf(), (counted, odd));
-            inside = odd;
+            self.quotes.insert(path.to_path_buf(), (scanned, state));
+            scan = state;
         }
         let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
         f.seek(SeekFrom::Start(from))
@@ -520,10 +538,12 @@ impl FileSource {
             }
             for &b in buf {
                 pos += 1;
-                match b {
-                    b'"' if self.format == Format::Csv => inside = !inside,
-                    b'\n' if !inside => return Ok(pos),
-                    _ => {}
+                let ends = match self.format {
+                    Format::Csv => scan.step(b),
+                    _ => b == b'\n',
+                };
+                if ends {
+                    return Ok(pos);
                 }
             }
             let n = buf.len();

@@ -205,12 +205,14 @@ fn files_read_in_pieces_give_every_record_once() {
     // Enough rows for several pieces of the smallest split size (64 KB).
     let rows: Vec<(i64, String)> = (0..12_000)
         .map(|i| {
-            let name = match i % 6 {
+            let name = match i % 7 {
                 0 => format!("plain {i}"),
                 1 => format!("two\nlines {i}"),
                 2 => format!("say \"hi\", {i}"),
                 3 => format!("\n\"\n{i}\n"),
                 4 => "x".repeat(i as usize % 37),
+                // A quote inside an unquoted field is a character like any other.
+                5 => format!("{i}\" screen"),
                 _ => format!("{i}"),
             };
             (i, name)
@@ -219,7 +221,13 @@ fn files_read_in_pieces_give_every_record_once() {
     let dir = tempfile::tempdir().unwrap();
     let csv: String = rows
         .iter()
-        .map(|(i, n)| format!("{i},\"{}\"\n", n.replace('"', "\"\"")))
+        .map(|(i, n)| {
+            if n.contains([',', '\n']) || n.starts_with('"') || n.is_empty() {
+                format!("{i},\"{}\"\n", n.replace('"', "\"\""))
+            } else {
+                format!("{i},{n}\n")
+            }
+        })
         .collect();
     let json: String = rows
         .iter()

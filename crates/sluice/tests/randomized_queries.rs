@@ -713,15 +713,11 @@ fn random_query_shapes_equal_the_batch_answer() {
     } else {
         0
     };
-    for seed in REGRESSION_SEEDS
-        .iter()
-        .copied()
-        .chain(
-            (0..cases)
-                .map(|i| base * 1_000_000 + i)
-                .filter(|s| !REGRESSION_SEEDS.contains(s)),
-        )
-    {
+    for seed in REGRESSION_SEEDS.iter().copied().chain(
+        (0..cases)
+            .map(|i| base * 1_000_000 + i)
+            .filter(|s| !REGRESSION_SEEDS.contains(s)),
+    ) {
         run_case(seed, cases > CI_CASES, None, &[1, 2, 4]);
     }
 }
