@@ -603,6 +603,10 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
     };
     let worker_metrics = metrics.clone();
     crate::panics::install_hook();
+    let connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(hosts) = &options.hosts {
+        check_hosts(hosts, connected.clone())?;
+    }
     let guards = timely::execute(config, move |worker| {
         // A panic fails the job with its message: the other workers stop at their next step
         // instead of waiting for this one forever.
@@ -750,13 +754,31 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
         }
         }));
         if let Err(panic) = ran {
-            worker_metrics.fail(Error::Runtime(format!(
-                "worker {index} panicked: {}",
-                crate::panics::take(&*panic)
-            )));
+            let text = crate::panics::take(&*panic);
+            worker_metrics.fail(Error::Runtime(if crate::panics::lost_peer(&text) {
+                format!(
+                    "worker {index} lost its connection to another process of the cluster \
+                     (that process failed or was killed: its log says why): {text}"
+                )
+            } else {
+                format!("worker {index} panicked: {text}")
+            }));
+        }
+        // A failed job's dataflows never complete (a panicked operator keeps what it held):
+        // drop them, or timely would wait for them after this returns. In a cluster the
+        // process ends at once instead: a clean shutdown would tell the peers that all is well,
+        // and they would wait for this process's data forever; a lost connection fails them.
+        if worker_metrics.failed() {
+            if processes > 1 {
+                end_failed_cluster_process(&worker_metrics);
+            }
+            for id in worker.installed_dataflows() {
+                worker.drop_dataflow(id);
+            }
         }
     })
     .map_err(|e| Error::Runtime(format!("could not start the workers: {e}")))?;
+    connected.store(true, Ordering::SeqCst);
     for r in guards.join() {
         r.map_err(|e| Error::Runtime(format!("a worker failed: {e}")))?;
     }
@@ -787,6 +809,60 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
         snapshot_ms: metrics.snapshot_micros.load(Ordering::Relaxed) / 1000,
         elapsed: started.elapsed(),
     })
+}
+
+/// How long the processes of a cluster may take to find each other.
+const CLUSTER_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Every host of `--hosts` must resolve (an error at once, naming it), and the processes must
+/// reach each other within [`CLUSTER_CONNECT_TIMEOUT`] (timely would retry forever): after that
+/// the process ends with a message. `connected` is set once they have.
+fn check_hosts(hosts: &[String], connected: Arc<std::sync::atomic::AtomicBool>) -> Result<()> {
+    use std::net::ToSocketAddrs;
+    for (i, host) in hosts.iter().enumerate() {
+        let resolved = host.to_socket_addrs().map(|mut a| a.next().is_some());
+        if !matches!(resolved, Ok(true)) {
+            return Err(Error::Runtime(format!(
+                "--hosts: process {i}'s address '{host}' does not resolve ({}); give host:port",
+                resolved
+                    .err()
+                    .map_or("no address".to_string(), |e| e.to_string())
+            )));
+        }
+    }
+    let listed = hosts.join(", ");
+    std::thread::Builder::new()
+        .name("cluster-connect".into())
+        .spawn(move || {
+            let started = Instant::now();
+            while started.elapsed() < CLUSTER_CONNECT_TIMEOUT {
+                if connected.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            eprintln!(
+                "error: the processes of the cluster did not all connect within {} s ({listed}): \
+                 start every process, each with its --process-id and the same --hosts",
+                CLUSTER_CONNECT_TIMEOUT.as_secs()
+            );
+            std::process::exit(1);
+        })
+        .map_err(|e| Error::Runtime(format!("could not start a thread: {e}")))?;
+    Ok(())
+}
+
+/// Ends a process of a cluster whose job failed, with the error: its peers lose the connection
+/// and fail too. (Its sinks' in-progress files stay hidden; a rerun's recovery settles them.)
+fn end_failed_cluster_process(metrics: &JobMetrics) -> ! {
+    let message = metrics
+        .error
+        .lock()
+        .map(|e| e.as_ref().map(|e| e.to_string()))
+        .unwrap_or_default()
+        .unwrap_or_default();
+    eprintln!("error: {message}");
+    std::process::exit(1);
 }
 
 /// What every operator of one worker needs to know.

@@ -68,6 +68,11 @@ pub(crate) fn take(payload: &(dyn Any + Send)) -> String {
         .unwrap_or_else(|| payload_text(payload))
 }
 
+/// Whether a panic is timely's reaction to a peer process that went away.
+pub(crate) fn lost_peer(text: &str) -> bool {
+    text.contains("MergeQueue poisoned") || text.contains("timely communication error")
+}
+
 fn payload_text(payload: &(dyn Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         s.to_string()
@@ -79,8 +84,8 @@ fn payload_text(payload: &(dyn Any + Send)) -> String {
 }
 
 /// Test-only faults (the `fault-injection` feature): `SLUICE_FAULT=panic:W:N` makes worker W
-/// panic, and `SLUICE_FAULT=hang:W:N` makes it stop responding, once its first stateless
-/// operator has seen N rows. Release builds have no such code.
+/// panic, and `SLUICE_FAULT=hang:W:N` makes it stop responding, once a source of it has read
+/// N rows. Release builds have no such code.
 #[cfg(feature = "fault-injection")]
 pub(crate) fn inject(rows_seen: u64) {
     let worker = WORKER.with(|w| w.get());

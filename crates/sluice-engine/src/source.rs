@@ -146,6 +146,8 @@ pub(crate) fn source_stream<'scope>(
         let mut skipped_reported = 0;
         let mut last_data = Instant::now();
         let mut stopped = false;
+        #[cfg(feature = "fault-injection")]
+        let mut rows_seen = 0u64;
         move |output| {
             let _running = crate::panics::in_operator(&operator);
             let Some(c) = cap.as_mut() else { return };
@@ -220,6 +222,11 @@ pub(crate) fn source_stream<'scope>(
                 match r.poll(batch_rows) {
                     Ok(Poll::Batch { split, batch }) => {
                         read_counter.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
+                        #[cfg(feature = "fault-injection")]
+                        {
+                            rows_seen += batch.num_rows() as u64;
+                            crate::panics::inject(rows_seen);
+                        }
                         last_data = Instant::now();
                         match prepare(batch) {
                             Ok((out, wm)) => {

@@ -25,8 +25,6 @@ where
     F: FnMut(&ChangeBatch) -> Result<Option<ChangeBatch>> + 'static,
 {
     let operator: std::rc::Rc<str> = name.into();
-    #[cfg(feature = "fault-injection")]
-    let mut rows_seen = 0u64;
     stream.unary::<EventBuilder, _, _, _>(Pipeline, name, move |_cap, info| {
         let _ = info;
         move |input, output| {
@@ -35,11 +33,6 @@ where
                 Event::Data(d) => {
                     if metrics.failed() {
                         return;
-                    }
-                    #[cfg(feature = "fault-injection")]
-                    {
-                        rows_seen += d.batch.num_rows() as u64;
-                        crate::panics::inject(rows_seen);
                     }
                     match f(&d.batch) {
                         Ok(Some(out)) if out.num_rows() > 0 => {

@@ -151,3 +151,123 @@ fn two_processes_equal_one() {
         );
     }
 }
+
+/// Waits for a child with a deadline (killing it and failing the test after it); its status
+/// and stderr.
+fn wait_within(
+    mut child: std::process::Child,
+    limit: std::time::Duration,
+) -> (std::process::ExitStatus, String) {
+    let started = std::time::Instant::now();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
+        text
+    });
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return (status, reader.join().unwrap());
+        }
+        if started.elapsed() > limit {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("still running after {limit:?}: {}", reader.join().unwrap());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A panic in one process of a cluster used to leave the others waiting for it forever. Now
+/// every process ends promptly and non-zero: the failed one with the panic's message, the other
+/// saying that it lost a peer. (`SLUICE_FAULT` is the test-only hook of `fault-injection`.)
+#[test]
+fn a_failure_in_one_process_ends_the_whole_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.csv");
+    let rows: String = (0..300_000).map(|i| format!("{i},{}\n", i % 100)).collect();
+    std::fs::write(&input, rows).unwrap();
+    let sql = dir.path().join("job.sql");
+    std::fs::write(
+        &sql,
+        format!(
+            "SET 'table.exec.mini-batch.size' = '256';
+             CREATE TABLE src (id BIGINT, v BIGINT) WITH ('connector' = 'filesystem', 'path' = '{}', 'format' = 'csv',
+               'source.split-size' = '64kb');
+             CREATE TABLE out (v BIGINT, n BIGINT) WITH ('connector' = 'blackhole');
+             INSERT INTO out SELECT v, COUNT(*) FROM src WHERE id >= 0 GROUP BY v;",
+            input.display()
+        ),
+    )
+    .unwrap();
+    let hosts = dir.path().join("hosts.txt");
+    std::fs::write(
+        &hosts,
+        format!(
+            "127.0.0.1:{}\n127.0.0.1:{}\n",
+            common::free_port(),
+            common::free_port()
+        ),
+    )
+    .unwrap();
+    let children: Vec<_> = (0..2)
+        .map(|i| {
+            Command::new(env!("CARGO_BIN_EXE_sluice"))
+                .args(["run", sql.to_str().unwrap(), "--processes", "2"])
+                .args(["--process-id", &i.to_string()])
+                .args(["--hosts", hosts.to_str().unwrap()])
+                .env("SLUICE_FAULT", "panic:1:2000")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let ends: Vec<_> = children
+        .into_iter()
+        .map(|c| wait_within(c, std::time::Duration::from_secs(60)))
+        .collect();
+    let (status, stderr) = &ends[1];
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("error: worker 1 panicked: injected fault"),
+        "{stderr}"
+    );
+    let (status, stderr) = &ends[0];
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("lost its connection to another process of the cluster"),
+        "{stderr}"
+    );
+}
+
+/// An address in `--hosts` that does not resolve is an error at once (timely would retry
+/// connecting forever).
+#[test]
+fn an_unresolvable_host_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let sql = dir.path().join("job.sql");
+    std::fs::write(&sql, "SELECT * FROM (VALUES (1)) AS t(a);").unwrap();
+    let hosts = dir.path().join("hosts.txt");
+    std::fs::write(
+        &hosts,
+        format!(
+            "127.0.0.1:{}\nno-such-host.invalid:7000\n",
+            common::free_port()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", sql.to_str().unwrap(), "--processes", "2"])
+        .args(["--process-id", "0", "--hosts", hosts.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (status, stderr) = wait_within(child, std::time::Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("'no-such-host.invalid:7000' does not resolve"),
+        "{stderr}"
+    );
+}
