@@ -119,6 +119,14 @@ impl ChangeBatch {
     }
 
     /// Gathers the rows at `indices`.
+    /// Rows `offset..offset + len` (zero-copy).
+    pub fn slice(&self, offset: usize, len: usize) -> ChangeBatch {
+        ChangeBatch {
+            data: self.data.slice(offset, len),
+            ops: self.ops.as_ref().map(|o| o.slice(offset, len)),
+        }
+    }
+
     pub fn take(&self, indices: &UInt32Array) -> Result<ChangeBatch, ArrowError> {
         let data = take_record_batch(&self.data, indices)?;
         let ops = match &self.ops {

@@ -337,6 +337,8 @@ pub struct JoinOutput {
     pub changes: Option<ChangeBatch>,
     /// Retractions of rows that were not in state (dropped by the TTL, or never inserted).
     pub unmatched_retractions: u64,
+    /// The input rows joined (all of them, unless the pairs reached the call's limit).
+    pub consumed: usize,
 }
 
 /// One worker's join state.
@@ -449,6 +451,17 @@ impl JoinState {
 
     /// Joins a batch of input `side` (0 = left, 1 = right) against the other input's rows.
     pub fn apply(&mut self, side: usize, batch: &ChangeBatch) -> Result<JoinOutput> {
+        self.apply_some(side, batch, usize::MAX)
+    }
+
+    /// Joins the rows of a batch from its first on, stopping after the row with which the
+    /// candidate pairs reach `max_pairs` (at least one row): `JoinOutput::consumed` says how many.
+    pub fn apply_some(
+        &mut self,
+        side: usize,
+        batch: &ChangeBatch,
+        max_pairs: usize,
+    ) -> Result<JoinOutput> {
         let other = 1 - side;
         let n = batch.num_rows();
         let mut unmatched_retractions = 0;
@@ -456,6 +469,7 @@ impl JoinState {
             return Ok(JoinOutput {
                 changes: None,
                 unmatched_retractions,
+                consumed: 0,
             });
         }
         if self.bound.is_some() && !batch.is_append_only() {
@@ -483,6 +497,8 @@ impl JoinState {
         let mut pair_entry: Vec<u32> = vec![];
         // Each row's bucket of the other input (`u32::MAX`: none).
         let mut probed = vec![u32::MAX; n];
+        // The rows joined in this call: up to the one with which the pairs reach `max_pairs`.
+        let mut upto = n;
         let other_cols = {
             let o = &self.sides[other];
             let parser = o.rows.parser();
@@ -503,6 +519,10 @@ impl JoinState {
                         candidates.push(parser.parse(o.held_rows.get(entry.row)));
                     }
                 }
+                if candidates.len() >= max_pairs {
+                    upto = i + 1;
+                    break;
+                }
             }
             o.rows.convert_rows(candidates)?
         };
@@ -516,7 +536,7 @@ impl JoinState {
         let keep_other = self.kind.keeps_unmatched(other);
         let bounded = self.bound.is_some();
         let mut p = 0;
-        for i in 0..n {
+        for i in 0..upto {
             let start = p;
             while p < pair_row.len() && pair_row[p] as usize == i {
                 p += 1;
@@ -613,6 +633,7 @@ impl JoinState {
         Ok(JoinOutput {
             changes,
             unmatched_retractions,
+            consumed: upto,
         })
     }
 

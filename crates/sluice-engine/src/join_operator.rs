@@ -11,7 +11,7 @@ use sluice_common::time::{MAX_WATERMARK, MIN_WATERMARK};
 use sluice_common::{ChangeBatch, Result};
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::{Operator, OutputBuilderSession};
-use timely::dataflow::operators::CapabilityTrait;
+use timely::dataflow::operators::{Capability, CapabilityTrait};
 
 use crate::checkpointing::{Alignment, CheckpointContext, CheckpointWriter, Contribution};
 use crate::dataflow::{Epoch, Event, EventBuilder, EventStream};
@@ -22,8 +22,15 @@ use crate::watermark::WatermarkTracker;
 
 /// The state of an operator with two keyed inputs (a join).
 pub(crate) trait TwoInputState: 'static {
-    /// Applies a batch of input `side`: the changes, and how many rows were skipped.
-    fn apply(&mut self, side: usize, batch: &ChangeBatch) -> Result<(Option<ChangeBatch>, u64)>;
+    /// Applies rows of a batch of input `side` from its first on, stopping once about
+    /// `max_pairs` output candidates were made: the changes, how many rows were skipped, and
+    /// how many were applied.
+    fn apply(
+        &mut self,
+        side: usize,
+        batch: &ChangeBatch,
+        max_pairs: usize,
+    ) -> Result<(Option<ChangeBatch>, u64, usize)>;
     /// Input `side`'s watermark advanced.
     fn advance_watermark(&mut self, side: usize, watermark: i64) -> Result<Option<ChangeBatch>>;
     fn snapshot(&self) -> Result<RecordBatch>;
@@ -33,9 +40,14 @@ pub(crate) trait TwoInputState: 'static {
 }
 
 impl TwoInputState for JoinState {
-    fn apply(&mut self, side: usize, batch: &ChangeBatch) -> Result<(Option<ChangeBatch>, u64)> {
-        let out = JoinState::apply(self, side, batch)?;
-        Ok((out.changes, out.unmatched_retractions))
+    fn apply(
+        &mut self,
+        side: usize,
+        batch: &ChangeBatch,
+        max_pairs: usize,
+    ) -> Result<(Option<ChangeBatch>, u64, usize)> {
+        let out = JoinState::apply_some(self, side, batch, max_pairs)?;
+        Ok((out.changes, out.unmatched_retractions, out.consumed))
     }
     fn advance_watermark(&mut self, side: usize, watermark: i64) -> Result<Option<ChangeBatch>> {
         JoinState::advance_watermark(self, side, watermark)
@@ -58,8 +70,18 @@ impl TwoInputState for JoinState {
 /// from where `PROCTIME()` stamped them.
 const PROCTIME_GRACE_MS: i64 = 200;
 
+/// Output rows a join emits in one activation before it yields: the rest of its input waits
+/// (and holds its capability), so that downstream operators take the output in bounded batches
+/// instead of all of it piling up (a constant-key join of 200 K by 200 K rows is 40 G rows).
+const OUTPUT_BUDGET: usize = 64 * 1024;
+
 struct JoinTask<S> {
     state: S,
+    /// Output rows this activation may still emit.
+    budget: usize,
+    /// Input rows per call of the state: adapted to the output each row makes, so that one call
+    /// stays near the budget.
+    rows_per_call: usize,
     /// A processing-time interval join: rows expire by the wall clock, not by watermarks.
     processing_time: bool,
     /// Each input's watermark, and both together.
@@ -72,37 +94,70 @@ struct JoinTask<S> {
 }
 
 impl<S: TwoInputState> JoinTask<S> {
+    /// Joins a batch, in slices, while the activation's output budget lasts; returns the rows
+    /// not joined yet.
     fn apply<C: CapabilityTrait<Epoch>>(
         &mut self,
         side: usize,
         cap: &C,
         d: &crate::dataflow::DataEvent,
         output: &mut OutputBuilderSession<'_, Epoch, EventBuilder>,
-    ) {
-        match self.state.apply(side, &d.batch) {
-            Ok((changes, skipped)) => {
-                if skipped > 0 {
-                    self.metrics
-                        .records_skipped
-                        .fetch_add(skipped, Ordering::Relaxed);
+    ) -> Option<Event> {
+        let n = d.batch.num_rows();
+        let mut at = 0;
+        while at < n {
+            if self.budget == 0 {
+                return Some(Event::data(d.batch.slice(at, n - at)));
+            }
+            let rows = self.rows_per_call.clamp(1, n - at);
+            let slice = if rows == n {
+                d.batch.clone()
+            } else {
+                d.batch.slice(at, rows)
+            };
+            match self
+                .state
+                .apply(side, &slice, self.budget.min(OUTPUT_BUDGET / 4).max(1))
+            {
+                Ok((changes, skipped, consumed)) => {
+                    let rows = consumed.max(1);
+                    at += rows;
+                    if skipped > 0 {
+                        self.metrics
+                            .records_skipped
+                            .fetch_add(skipped, Ordering::Relaxed);
+                    }
+                    let out = changes.as_ref().map_or(0, |c| c.num_rows());
+                    self.budget = self.budget.saturating_sub(out);
+                    // Aim the next call at a quarter of the budget.
+                    self.rows_per_call = if out == 0 {
+                        self.rows_per_call.saturating_mul(2).min(1 << 20)
+                    } else {
+                        (rows * OUTPUT_BUDGET / 4 / out).clamp(1, 1 << 20)
+                    };
+                    if let Some(changes) = changes {
+                        output
+                            .session(cap)
+                            .give_container(&mut Event::data(changes));
+                    }
                 }
-                if let Some(changes) = changes {
-                    output
-                        .session(cap)
-                        .give_container(&mut Event::data(changes));
+                Err(e) => {
+                    self.metrics.fail(e);
+                    return None;
                 }
             }
-            Err(e) => self.metrics.fail(e),
         }
+        None
     }
 
+    /// Handles an event; returns the part of a data event left for a later activation.
     fn handle<C: CapabilityTrait<Epoch>>(
         &mut self,
         side: usize,
         cap: &C,
         data: &mut Event,
         output: &mut OutputBuilderSession<'_, Epoch, EventBuilder>,
-    ) {
+    ) -> Option<Event> {
         match data {
             Event::Data(d) if self.processing_time => {
                 let now = sluice_common::time::now_millis() - PROCTIME_GRACE_MS;
@@ -113,7 +168,7 @@ impl<S: TwoInputState> JoinTask<S> {
                         Err(e) => self.metrics.fail(e),
                     }
                 }
-                self.apply(side, cap, d, output);
+                self.apply(side, cap, d, output)
             }
             Event::Data(d) => self.apply(side, cap, d, output),
             Event::Watermark { from, ts, idle, .. } => {
@@ -138,8 +193,9 @@ impl<S: TwoInputState> JoinTask<S> {
                     let mut event = Event::progress(self.index, wm, idle, self.peers);
                     output.session(cap).give_container(&mut event);
                 }
+                None
             }
-            Event::Empty => {}
+            Event::Empty => None,
         }
     }
 
@@ -196,6 +252,8 @@ pub(crate) fn join<'scope, S: TwoInputState>(
     let mut task = match state {
         Ok(state) => Some(JoinTask {
             state,
+            budget: OUTPUT_BUDGET,
+            rows_per_call: usize::MAX,
             processing_time,
             inputs: [WatermarkTracker::new(peers), WatermarkTracker::new(peers)],
             both: WatermarkTracker::new(2 * peers),
@@ -209,21 +267,58 @@ pub(crate) fn join<'scope, S: TwoInputState>(
             None
         }
     };
+    let scope = left.scope();
     left.binary_frontier::<Event, EventBuilder, _, _, _, _>(
         right,
         Pipeline,
         Pipeline,
         "Join",
-        move |initial, _info| {
+        move |initial, info| {
             let mut align: Option<Alignment<(usize, Event)>> =
                 checkpoint.as_ref().map(|c| Alignment::new(c, initial));
             let mut reported = false;
             let operator: std::rc::Rc<str> = "Join".into();
+            let activator = scope.activator_for(info.address.clone());
+            // Input left for later activations (the output budget ran out), in arrival order.
+            let mut pending: std::collections::VecDeque<(Capability<Epoch>, usize, Event)> =
+                Default::default();
             move |(in1, f1), (in2, f2), output| {
                 let _running = crate::panics::in_operator(&operator);
+                let Some(task) = task.as_mut() else {
+                    in1.for_each(|_, _| {});
+                    in2.for_each(|_, _| {});
+                    return;
+                };
+                task.budget = OUTPUT_BUDGET;
+                while let Some((cap, side, mut event)) = pending.pop_front() {
+                    if metrics.failed() {
+                        pending.clear();
+                        break;
+                    }
+                    if let Some(rest) = task.handle(side, &cap, &mut event, output) {
+                        pending.push_front((cap, side, rest));
+                        break;
+                    }
+                }
+                if !pending.is_empty() {
+                    // Newer input waits in timely's queues until this is done.
+                    activator.activate();
+                    return;
+                }
+                // Handles an event, or queues it behind input already waiting.
+                let mut handle = |pending: &mut std::collections::VecDeque<_>,
+                                  task: &mut JoinTask<S>,
+                                  cap: Capability<Epoch>,
+                                  side: usize,
+                                  mut event: Event| {
+                    if !pending.is_empty() {
+                        pending.push_back((cap, side, event));
+                    } else if let Some(rest) = task.handle(side, &cap, &mut event, output) {
+                        pending.push_back((cap, side, rest));
+                    }
+                };
                 for (side, input) in [(0, in1), (1, in2)] {
                     input.for_each(|cap, data| {
-                        let Some(task) = task.as_mut() else { return };
                         if metrics.failed() {
                             return;
                         }
@@ -233,27 +328,42 @@ pub(crate) fn join<'scope, S: TwoInputState>(
                         {
                             return;
                         }
-                        task.handle(side, &cap, data, output);
+                        if let Some(cap) = cap.retain_least(0) {
+                            handle(&mut pending, task, cap, side, std::mem::take(data));
+                        }
                     });
                 }
-                if let (Some(al), Some(task)) = (align.as_mut(), task.as_mut()) {
+                // A checkpoint's snapshot waits until the input before it is all joined.
+                if let (Some(al), true) = (align.as_mut(), pending.is_empty()) {
                     while let Some(epoch) = al.due(&[f1, f2]) {
                         if let (Some(ck), Some(id)) = (checkpoint.as_ref(), id.as_ref()) {
                             if let Err(e) = task.snapshot(&ck.writer, epoch, id) {
                                 metrics.checkpoint_failed(epoch, e);
                             }
                         }
-                        for (c, (side, mut event)) in al.advance() {
-                            task.handle(side, &c, &mut event, output);
+                        for (c, (side, event)) in al.advance() {
+                            handle(&mut pending, task, c, side, event);
+                        }
+                        if !pending.is_empty() {
+                            break;
                         }
                     }
-                    for (c, (side, mut event)) in al.finish(&[f1, f2]) {
-                        task.handle(side, &c, &mut event, output);
+                    if pending.is_empty() {
+                        for (c, (side, event)) in al.finish(&[f1, f2]) {
+                            handle(&mut pending, task, c, side, event);
+                        }
                     }
                 }
-                if f1.frontier().is_empty() && f2.frontier().is_empty() && !reported {
+                if !pending.is_empty() {
+                    activator.activate();
+                }
+                if f1.frontier().is_empty()
+                    && f2.frontier().is_empty()
+                    && pending.is_empty()
+                    && !reported
+                {
                     reported = true;
-                    if let Some(task) = task.as_ref() {
+                    {
                         metrics
                             .state_bytes
                             .fetch_add(task.state.size_bytes() as u64, Ordering::Relaxed);

@@ -286,7 +286,13 @@ fn snapshot_schema() -> SchemaRef {
 }
 
 impl crate::join_operator::TwoInputState for TemporalState {
-    fn apply(&mut self, side: usize, batch: &ChangeBatch) -> Result<(Option<ChangeBatch>, u64)> {
+    fn apply(
+        &mut self,
+        side: usize,
+        batch: &ChangeBatch,
+        _max_pairs: usize,
+    ) -> Result<(Option<ChangeBatch>, u64, usize)> {
+        let n = batch.num_rows();
         if !batch.is_append_only() {
             return Err(Error::Runtime(
                 "an event-time temporal join received a retraction; both inputs must be append-only"
@@ -295,10 +301,10 @@ impl crate::join_operator::TwoInputState for TemporalState {
         }
         if side == 1 {
             self.add_versions(&batch.data)?;
-            return Ok((None, 0));
+            return Ok((None, 0, n));
         }
         self.pending.push(batch.data.clone());
-        Ok((None, 0))
+        Ok((None, 0, n))
     }
 
     fn advance_watermark(&mut self, side: usize, watermark: i64) -> Result<Option<ChangeBatch>> {
