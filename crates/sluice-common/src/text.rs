@@ -26,3 +26,24 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
     }
     row[b.len()]
 }
+
+/// A memory size as Flink writes them: `134217728`, `128mb`, `8 MB`, `64kb`, `1g` (units of
+/// 1024). `None` when it is not one.
+pub fn memory_size(text: &str) -> Option<u64> {
+    let text = text.trim().to_ascii_lowercase();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let shift = match text[digits..].trim() {
+        "" | "b" | "bytes" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return None,
+    };
+    text[..digits]
+        .parse::<u64>()
+        .ok()?
+        .checked_mul(1u64 << shift)
+}

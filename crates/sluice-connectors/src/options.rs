@@ -101,28 +101,11 @@ impl Options {
         let Some(v) = self.get(key) else {
             return Ok(default);
         };
-        let text = v.trim().to_ascii_lowercase();
-        let digits = text
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len());
-        let shift = match text[digits..].trim() {
-            "" | "b" | "bytes" => Some(0),
-            "k" | "kb" | "kib" => Some(10),
-            "m" | "mb" | "mib" => Some(20),
-            "g" | "gb" | "gib" => Some(30),
-            "t" | "tb" | "tib" => Some(40),
-            _ => None,
-        };
-        text[..digits]
-            .parse::<u64>()
-            .ok()
-            .zip(shift)
-            .and_then(|(n, shift)| n.checked_mul(1u64 << shift))
-            .ok_or_else(|| {
-                self.error(format!(
-                    "option '{key}' = '{v}' is not a size such as '128mb', '8 MB' or a number of bytes"
-                ))
-            })
+        sluice_common::text::memory_size(&v).ok_or_else(|| {
+            self.error(format!(
+                "option '{key}' = '{v}' is not a size such as '128mb', '8 MB' or a number of bytes"
+            ))
+        })
     }
 
     /// A parsed option that may be absent.

@@ -603,6 +603,7 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
     };
     let worker_metrics = metrics.clone();
     crate::panics::install_hook();
+    let watching = MemoryWatch::start(memory_limit(&plan.settings)?, metrics.clone());
     let connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(hosts) = &options.hosts {
         check_hosts(hosts, connected.clone())?;
@@ -782,6 +783,7 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
     for r in guards.join() {
         r.map_err(|e| Error::Runtime(format!("a worker failed: {e}")))?;
     }
+    drop(watching);
     // The workers dropped their writers: the thread finishes the queued files and ends.
     if let Some(t) = writer_thread {
         let _ = t.join();
@@ -809,6 +811,87 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
         snapshot_ms: metrics.snapshot_micros.load(Ordering::Relaxed) / 1000,
         elapsed: started.elapsed(),
     })
+}
+
+/// `'sluice.memory.limit'`: a size, or by default 80% of the machine's memory.
+fn memory_limit(settings: &BTreeMap<String, String>) -> Result<u64> {
+    match settings.get("sluice.memory.limit") {
+        Some(v) => sluice_common::text::memory_size(v)
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                Error::plan(format!(
+                    "'sluice.memory.limit' = '{v}' is not a size such as '4gb' or '512mb'"
+                ))
+            }),
+        None => Ok(machine_memory().map_or(u64::MAX, |m| m / 10 * 8)),
+    }
+}
+
+/// The machine's memory (`MemTotal`), where the system says.
+fn machine_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    kilobytes(&info, "MemTotal:")
+}
+
+/// This process's resident memory (`VmRSS`).
+pub fn resident_memory() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    kilobytes(&status, "VmRSS:")
+}
+
+fn kilobytes(text: &str, field: &str) -> Option<u64> {
+    let line = text.lines().find_map(|l| l.strip_prefix(field))?;
+    let kb: u64 = line.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn megabytes(bytes: u64) -> String {
+    format!("{:.0} MB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+/// Watches the process's memory while the job runs: past the limit, the job fails with a
+/// message naming the operator with the largest state, rather than the system killing it.
+struct MemoryWatch {
+    done: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl MemoryWatch {
+    fn start(limit: u64, metrics: Arc<JobMetrics>) -> MemoryWatch {
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = done.clone();
+        let _ = std::thread::Builder::new()
+            .name("memory-limit".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) && !metrics.failed() {
+                    let used = resident_memory().unwrap_or(0);
+                    if used > limit {
+                        let largest = match metrics.largest_state() {
+                            Some((name, bytes, keys)) if bytes > 0 => {
+                                format!("the largest state is {name}'s, {} in {keys} keys", megabytes(bytes))
+                            }
+                            Some((name, _, keys)) => format!("the largest state is {name}'s, {keys} keys"),
+                            None => "no operator reported its state yet".to_string(),
+                        };
+                        metrics.fail(Error::Runtime(format!(
+                            "the job uses {} of memory, more than 'sluice.memory.limit' = {}; {largest}. \
+                             Raise the limit, run more processes, or bound the state (windows, \
+                             'table.exec.state.ttl')",
+                            megabytes(used),
+                            megabytes(limit)
+                        )));
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+        MemoryWatch { done }
+    }
+}
+
+impl Drop for MemoryWatch {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Relaxed);
+    }
 }
 
 /// How long the processes of a cluster may take to find each other.
@@ -1851,8 +1934,14 @@ fn aggregate<'scope>(
         let mut reported = false;
         let mut late_transactions = crate::checkpointing::SinkTransactions::default();
         let operator: std::rc::Rc<str> = "Aggregate".into();
+        let mut gauge = crate::metrics::StateGauge::new("Aggregate", index);
         move |(input, frontier), output| {
             let _running = crate::panics::in_operator(&operator);
+            if let Some(task) = task.as_ref() {
+                gauge.report(&metrics, || {
+                    (task.state.size_bytes() as u64, task.state.groups() as u64)
+                });
+            }
             input.for_each(|cap, data| {
                 let Some(task) = task.as_mut() else { return };
                 if metrics.failed() {

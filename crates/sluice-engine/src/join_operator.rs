@@ -279,6 +279,7 @@ pub(crate) fn join<'scope, S: TwoInputState>(
             let mut reported = false;
             let operator: std::rc::Rc<str> = "Join".into();
             let activator = scope.activator_for(info.address.clone());
+            let mut gauge = crate::metrics::StateGauge::new("Join", index);
             // Input left for later activations (the output budget ran out), in arrival order.
             let mut pending: std::collections::VecDeque<(Capability<Epoch>, usize, Event)> =
                 Default::default();
@@ -290,6 +291,9 @@ pub(crate) fn join<'scope, S: TwoInputState>(
                     return;
                 };
                 task.budget = OUTPUT_BUDGET;
+                gauge.report(&metrics, || {
+                    (task.state.size_bytes() as u64, task.state.rows_held())
+                });
                 while let Some((cap, side, mut event)) = pending.pop_front() {
                     if metrics.failed() {
                         pending.clear();

@@ -134,8 +134,12 @@ pub(crate) fn keyed<'scope, S: KeyedState>(
     stream.unary_frontier::<EventBuilder, _, _, _>(Pipeline, S::NAME, move |initial, _info| {
         let mut align: Option<Alignment> = checkpoint.as_ref().map(|c| Alignment::new(c, initial));
         let mut reported = false;
+        let mut gauge = crate::metrics::StateGauge::new(S::NAME, index);
         move |(input, frontier), output| {
             let _running = crate::panics::in_operator(&operator);
+            if let Some(task) = task.as_ref() {
+                gauge.report(&metrics, || (0, task.state.groups()));
+            }
             input.for_each(|cap, data| {
                 let Some(task) = task.as_mut() else { return };
                 if metrics.failed() {

@@ -39,6 +39,41 @@ pub struct JobMetrics {
     pub window_fire_ms: Mutex<Vec<u32>>,
     /// The first error raised by any operator; every worker stops when it is set.
     pub error: Mutex<Option<Error>>,
+    /// Each stateful operator's state as last reported (by "operator on worker"): bytes and
+    /// keys, for the memory limit's message and the platform's quotas.
+    states: Mutex<BTreeMap<String, (u64, u64)>>,
+}
+
+/// How often a stateful operator reports its state size.
+pub const STATE_REPORT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// A stateful operator's reporting of its state size, at most every [`STATE_REPORT_EVERY`].
+pub struct StateGauge {
+    name: String,
+    last: Option<std::time::Instant>,
+}
+
+impl StateGauge {
+    pub fn new(operator: &str, worker: usize) -> Self {
+        StateGauge {
+            name: format!("{operator} on worker {worker}"),
+            last: None,
+        }
+    }
+
+    /// Reports the state's size when it is due; `size` (bytes, keys) is computed only then.
+    pub fn report(&mut self, metrics: &JobMetrics, size: impl FnOnce() -> (u64, u64)) {
+        if self.last.is_some_and(|t| t.elapsed() < STATE_REPORT_EVERY) {
+            return;
+        }
+        self.last = Some(std::time::Instant::now());
+        let (bytes, keys) = size();
+        metrics
+            .states
+            .lock()
+            .expect("metrics")
+            .insert(self.name.clone(), (bytes, keys));
+    }
 }
 
 impl JobMetrics {
@@ -147,6 +182,16 @@ impl JobMetrics {
     }
 
     /// True once any operator failed.
+    /// The operator holding the most state (as last reported): name, bytes, keys.
+    pub fn largest_state(&self) -> Option<(String, u64, u64)> {
+        self.states
+            .lock()
+            .expect("metrics")
+            .iter()
+            .max_by_key(|(_, (bytes, keys))| (*bytes, *keys))
+            .map(|(name, (bytes, keys))| (name.clone(), *bytes, *keys))
+    }
+
     pub fn failed(&self) -> bool {
         self.error.lock().expect("metrics").is_some()
     }

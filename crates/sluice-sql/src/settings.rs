@@ -35,6 +35,12 @@ pub const SETTINGS: &[Setting] = &[
         doc: "processing time per epoch: the granularity of progress tracking and checkpoints",
     },
     Setting {
+        key: "sluice.memory.limit",
+        kind: Kind::Text,
+        default: Some("80% of the machine's memory"),
+        doc: "the most memory the job may use (resident, as '4gb'): past it the job fails, naming the operator with the largest state, instead of the system killing it",
+    },
+    Setting {
         key: "table.exec.mini-batch.size",
         kind: Kind::Count,
         default: Some("8192"),

@@ -612,3 +612,34 @@ fn a_join_streams_its_output_in_bounded_memory() {
     assert!(still_running, "2.5 G pairs take longer than 4 s");
     assert!(peak < 400 << 20, "peak resident memory {} MB", peak >> 20);
 }
+
+/// Past `'sluice.memory.limit'` a job fails, naming the operator with the largest state,
+/// instead of growing until the system kills it.
+#[test]
+fn the_memory_limit_fails_a_job_naming_its_largest_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let sql = "SET 'sluice.memory.limit' = '200mb';
+         CREATE TABLE g (id BIGINT, v BIGINT) WITH ('connector' = 'datagen', 'rows-per-second' = '0',
+           'fields.id.kind' = 'sequence', 'fields.id.start' = '1', 'fields.id.end' = '50000000');
+         CREATE TABLE o (id BIGINT, n BIGINT) WITH ('connector' = 'blackhole');
+         INSERT INTO o SELECT id, COUNT(*) FROM g GROUP BY id;";
+    let mut cmd = script(dir.path(), "mem.sql", sql);
+    cmd.args(["--workers", "2"]);
+    let end = run(cmd, Duration::from_secs(120), None);
+    assert_eq!(end.status.code(), Some(1), "{}", end.stderr);
+    assert!(
+        end.stderr.contains(
+            "more than 'sluice.memory.limit' = 200 MB; the largest state is Aggregate on worker"
+        ),
+        "{}",
+        end.stderr
+    );
+    let bad = script(dir.path(), "bad.sql", &sql.replace("'200mb'", "'lots'"));
+    let end = run(bad, Duration::from_secs(30), None);
+    assert!(
+        end.stderr
+            .contains("'sluice.memory.limit' = 'lots' is not a size"),
+        "{}",
+        end.stderr
+    );
+}
