@@ -22,7 +22,7 @@ pub enum Error {
     #[error("table '{table}': {message}")]
     Connector { table: String, message: String },
     /// Reading or writing a file failed.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {}", path.display(), plain_io(source))]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -59,4 +59,20 @@ impl Error {
             source,
         }
     }
+}
+
+/// What an I/O error means, in words (the system's own text in parentheses).
+fn plain_io(e: &std::io::Error) -> String {
+    use std::io::ErrorKind as K;
+    let meaning = match e.kind() {
+        K::NotFound => "no such file or directory",
+        K::PermissionDenied => "permission denied",
+        K::NotADirectory => "a part of this path is a file where a directory was expected",
+        K::IsADirectory => "this is a directory where a file was expected",
+        K::StorageFull => "the disk is full",
+        K::AlreadyExists => "it already exists",
+        K::ReadOnlyFilesystem => "the file system is read-only",
+        _ => return e.to_string(),
+    };
+    format!("{meaning} ({e})")
 }

@@ -285,7 +285,12 @@ impl CheckpointStore {
                     "'execution.checkpointing.dir' = '{location}': unsupported storage (use a local directory, file:// or s3://)"
                 )));
             }
-            std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
+            std::fs::create_dir_all(path).map_err(|e| {
+                Error::Runtime(format!(
+                    "'execution.checkpointing.dir' = '{location}': {}",
+                    Error::io(path, e)
+                ))
+            })?;
             local_root = Some(std::path::PathBuf::from(path));
             Arc::new(LocalFileSystem::new_with_prefix(path).map_err(|e| store_error(location, e))?)
         };

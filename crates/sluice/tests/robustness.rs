@@ -506,7 +506,8 @@ fn out_of_bounds_command_lines_are_refused() {
 }
 
 /// Messages that were weak: a misspelled option, a duplicate key, a CSV option on a JSON table,
-/// a negative rate, an impossible precision, a device as input.
+/// a negative rate, an impossible precision, a device as input, an empty path (which wrote into
+/// the current directory, `13_*`), a raw system error.
 #[test]
 fn weak_messages_name_what_is_wrong() {
     let cases = [
@@ -537,6 +538,16 @@ fn weak_messages_name_what_is_wrong() {
         (
             "CREATE TABLE t (a BIGINT) WITH ('connector' = 'filesystem', 'path' = '/tmp', 'format' = 'json', 'source.split-size' = '1b'); SELECT * FROM t;",
             "below the minimum of 64kb",
+        ),
+        (
+            "CREATE TABLE o (a BIGINT) WITH ('connector' = 'filesystem', 'path' = '  ', 'format' = 'json'); \
+             INSERT INTO o SELECT * FROM (VALUES (CAST(1 AS BIGINT))) AS v(a);",
+            "option 'path' is empty: name a file or directory",
+        ),
+        (
+            "SET 'execution.checkpointing.interval' = '1 s'; SET 'execution.checkpointing.dir' = '/dev/null/ck'; \
+             SELECT * FROM (VALUES (1)) AS v(a);",
+            "'execution.checkpointing.dir' = '/dev/null/ck': /dev/null/ck: a part of this path is a file where a directory was expected",
         ),
     ];
     let dir = tempfile::tempdir().unwrap();
