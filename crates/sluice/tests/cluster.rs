@@ -271,3 +271,56 @@ fn an_unresolvable_host_is_an_error() {
         "{stderr}"
     );
 }
+
+/// A peer process killed with SIGKILL ends the others promptly too, saying they lost it.
+#[test]
+fn a_killed_peer_ends_the_whole_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let sql = dir.path().join("job.sql");
+    // Unbounded: the cluster runs until something ends it.
+    std::fs::write(
+        &sql,
+        "CREATE TABLE g (id BIGINT, v BIGINT) WITH ('connector' = 'datagen', 'rows-per-second' = '20000');
+         CREATE TABLE out (v BIGINT, n BIGINT) WITH ('connector' = 'blackhole');
+         INSERT INTO out SELECT v % 100, COUNT(*) FROM g GROUP BY v % 100;",
+    )
+    .unwrap();
+    let hosts = dir.path().join("hosts.txt");
+    std::fs::write(
+        &hosts,
+        format!(
+            "127.0.0.1:{}\n127.0.0.1:{}\n",
+            common::free_port(),
+            common::free_port()
+        ),
+    )
+    .unwrap();
+    let mut children: Vec<_> = (0..2)
+        .map(|i| {
+            Command::new(env!("CARGO_BIN_EXE_sluice"))
+                .args(["run", sql.to_str().unwrap(), "--processes", "2"])
+                .args(["--process-id", &i.to_string()])
+                .args(["--hosts", hosts.to_str().unwrap()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let mut victim = children.pop().unwrap();
+    assert!(
+        victim.try_wait().unwrap().is_none(),
+        "process 1 ended early"
+    );
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    let started = std::time::Instant::now();
+    let (status, stderr) = wait_within(children.pop().unwrap(), std::time::Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("lost its connection to another process of the cluster"),
+        "{stderr}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}
