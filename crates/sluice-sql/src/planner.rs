@@ -164,8 +164,7 @@ impl Catalog {
                 });
                 if depth > crate::depth::MAX_VIEW_DEPTH {
                     return Err(Error::plan(format!(
-                        "view '{name}' is built on {} levels of views, more than the limit of {}",
-                        depth - 1,
+                        "view '{name}' would nest {depth} levels of views over views, more than the limit of {}",
                         crate::depth::MAX_VIEW_DEPTH
                     )));
                 }
