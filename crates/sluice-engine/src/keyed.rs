@@ -31,6 +31,25 @@ impl Dropped {
     }
 }
 
+/// The bytes of a map of `n` entries, estimated from its first entries (a walk over all of them
+/// would cost as much as the state is large).
+pub(crate) fn sampled_bytes<T>(
+    n: usize,
+    entries: impl Iterator<Item = T>,
+    bytes: impl Fn(T) -> usize,
+) -> u64 {
+    const SAMPLE: usize = 64;
+    let (mut seen, mut total) = (0usize, 0usize);
+    for e in entries.take(SAMPLE) {
+        seen += 1;
+        total += bytes(e);
+    }
+    if seen == 0 {
+        return 0;
+    }
+    (total as f64 / seen as f64 * n as f64) as u64
+}
+
 /// One worker's state of a keyed operator.
 pub trait KeyedState: 'static {
     /// The operator's name in the dataflow.
@@ -45,6 +64,10 @@ pub trait KeyedState: 'static {
     fn restore(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()>;
     /// Keys held, for the job summary.
     fn groups(&self) -> u64;
+    /// Bytes held, estimated (for the memory limit's message and quotas).
+    fn size_bytes(&self) -> u64 {
+        0
+    }
 }
 
 struct Task<S> {
@@ -138,7 +161,7 @@ pub(crate) fn keyed<'scope, S: KeyedState>(
         move |(input, frontier), output| {
             let _running = crate::panics::in_operator(&operator);
             if let Some(task) = task.as_ref() {
-                gauge.report(&metrics, || (0, task.state.groups()));
+                gauge.report(&metrics, || (task.state.size_bytes(), task.state.groups()));
             }
             input.for_each(|cap, data| {
                 let Some(task) = task.as_mut() else { return };

@@ -418,6 +418,15 @@ impl crate::keyed::KeyedState for OverState {
     fn groups(&self) -> u64 {
         self.parts.len() as u64
     }
+
+    fn size_bytes(&self) -> u64 {
+        let parts = crate::keyed::sampled_bytes(self.parts.len(), self.parts.iter(), |(k, p)| {
+            k.len() + 48 + p.frame.as_ref().map_or(0, |f| f.get_array_memory_size())
+        });
+        let pending: usize = self.pending.iter().map(|b| b.get_array_memory_size()).sum();
+        let accs: usize = self.accs.iter().map(|a| a.size_bytes()).sum();
+        parts + (pending + accs) as u64
+    }
 }
 
 /// OVER aggregates over an updating input (which Flink does not run): each partition keeps its
@@ -745,5 +754,11 @@ impl crate::keyed::KeyedState for UpdatingOverState {
 
     fn groups(&self) -> u64 {
         self.parts.len() as u64
+    }
+
+    fn size_bytes(&self) -> u64 {
+        crate::keyed::sampled_bytes(self.parts.len(), self.parts.iter(), |(k, p)| {
+            k.len() + 48 + p.rows.keys().map(|(a, b)| a.len() + b.len() + 48).sum::<usize>()
+        })
     }
 }

@@ -600,6 +600,13 @@ impl AppendOnlyTop {
         self.filled.iter().map(|&f| f as u64).sum()
     }
 
+    fn size_bytes(&self) -> usize {
+        self.partitions.size_bytes()
+            + self.entries.size_bytes()
+            + self.filled.capacity()
+            + (self.sort_lens.capacity() + self.origin.capacity()) * 4
+    }
+
     /// The id of a partition, created if new.
     fn partition(&mut self, key: &[u8], key_group: u16) -> Result<u32> {
         let gid = self.partitions.intern_bytes(key);
@@ -834,6 +841,15 @@ impl crate::keyed::KeyedState for RankState {
 
     fn groups(&self) -> u64 {
         self.partitions() as u64
+    }
+
+    fn size_bytes(&self) -> u64 {
+        if let Some(top) = &self.top {
+            return top.size_bytes() as u64;
+        }
+        crate::keyed::sampled_bytes(self.partitions.len(), self.partitions.iter(), |(k, p)| {
+            k.len() + 64 + p.rows.keys().map(|(a, b)| a.len() + b.len() + 48).sum::<usize>()
+        })
     }
 }
 

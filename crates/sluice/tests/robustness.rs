@@ -645,6 +645,22 @@ fn the_memory_limit_fails_a_job_naming_its_largest_state() {
         "{}",
         end.stderr
     );
+    // Top-N state is measured too (bytes, not only keys).
+    let top = sql.replace(
+        "INSERT INTO o SELECT id, COUNT(*) FROM g GROUP BY id;",
+        "INSERT INTO o SELECT id, v FROM (SELECT id, v, ROW_NUMBER() OVER (PARTITION BY id ORDER BY v DESC) AS rn FROM g) \
+         WHERE rn <= 1;",
+    );
+    assert_ne!(top, sql);
+    let mut cmd = script(dir.path(), "top.sql", &top);
+    cmd.args(["--workers", "2"]);
+    let end = run(cmd, Duration::from_secs(120), None);
+    assert_eq!(end.status.code(), Some(1), "{}", end.stderr);
+    assert!(
+        end.stderr.contains("the largest state is TopN on worker") && end.stderr.contains(" MB in "),
+        "{}",
+        end.stderr
+    );
     let bad = script(dir.path(), "bad.sql", &sql.replace("'200mb'", "'lots'"));
     let end = run(bad, Duration::from_secs(30), None);
     assert!(
