@@ -332,7 +332,7 @@ fn runaway_plans_are_refused_or_flattened() {
         views.push_str(&format!("CREATE VIEW v{i} AS SELECT * FROM v{};\n", i - 1));
     }
     views.push_str("SELECT * FROM v149;");
-    refused(views, "levels of views, more than the limit of 64");
+    refused(views, "levels of views over views, more than the limit of 64");
     refused(
         format!(
             "{ddl}SELECT COUNT(*), HOP_START(ts, INTERVAL '1' MILLISECOND, INTERVAL '1' DAY) FROM t \
