@@ -758,7 +758,12 @@ impl crate::keyed::KeyedState for UpdatingOverState {
 
     fn size_bytes(&self) -> u64 {
         crate::keyed::sampled_bytes(self.parts.len(), self.parts.iter(), |(k, p)| {
-            k.len() + 48 + p.rows.keys().map(|(a, b)| a.len() + b.len() + 48).sum::<usize>()
+            k.len()
+                + 48
+                + p.rows
+                    .keys()
+                    .map(|(a, b)| a.len() + b.len() + 48)
+                    .sum::<usize>()
         })
     }
 }

@@ -848,7 +848,12 @@ impl crate::keyed::KeyedState for RankState {
             return top.size_bytes() as u64;
         }
         crate::keyed::sampled_bytes(self.partitions.len(), self.partitions.iter(), |(k, p)| {
-            k.len() + 64 + p.rows.keys().map(|(a, b)| a.len() + b.len() + 48).sum::<usize>()
+            k.len()
+                + 64
+                + p.rows
+                    .keys()
+                    .map(|(a, b)| a.len() + b.len() + 48)
+                    .sum::<usize>()
         })
     }
 }

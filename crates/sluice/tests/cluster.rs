@@ -55,6 +55,40 @@ fn write_input(dir: &Path) {
 
 mod common;
 
+/// Starts `sql` as a cluster of two processes on free loopback ports, each with `workers`
+/// workers and the extra environment `env`; stdout discarded, stderr piped.
+fn start_two(
+    dir: &Path,
+    sql: &Path,
+    workers: usize,
+    env: &[(&str, &str)],
+) -> Vec<std::process::Child> {
+    let hosts = dir.join("hosts.txt");
+    std::fs::write(
+        &hosts,
+        format!(
+            "127.0.0.1:{}\n127.0.0.1:{}\n",
+            common::free_port(),
+            common::free_port()
+        ),
+    )
+    .unwrap();
+    (0..2)
+        .map(|i| {
+            Command::new(env!("CARGO_BIN_EXE_sluice"))
+                .args(["run", sql.to_str().unwrap(), "--processes", "2"])
+                .args(["--workers", &workers.to_string()])
+                .args(["--process-id", &i.to_string()])
+                .args(["--hosts", hosts.to_str().unwrap()])
+                .envs(env.iter().copied())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
 /// The committed rows of a sink folder, float sums rounded (their order of addition differs).
 fn committed(dir: &Path) -> BTreeMap<String, i64> {
     common::committed_rows(dir, |row| {
@@ -88,39 +122,7 @@ fn two_processes_equal_one() {
     let cluster = dir.path().join("cluster");
     let cluster_sql = dir.path().join("cluster.sql");
     std::fs::write(&cluster_sql, script(&data, &cluster)).unwrap();
-    let hosts = dir.path().join("hosts.txt");
-    std::fs::write(
-        &hosts,
-        format!(
-            "127.0.0.1:{}\n127.0.0.1:{}\n",
-            common::free_port(),
-            common::free_port()
-        ),
-    )
-    .unwrap();
-    let children: Vec<_> = (0..2)
-        .map(|i| {
-            Command::new(env!("CARGO_BIN_EXE_sluice"))
-                .args([
-                    "run",
-                    cluster_sql.to_str().unwrap(),
-                    "--workers",
-                    "2",
-                    "--processes",
-                    "2",
-                ])
-                .args([
-                    "--process-id",
-                    &i.to_string(),
-                    "--hosts",
-                    hosts.to_str().unwrap(),
-                ])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let children = start_two(dir.path(), &cluster_sql, 2, &[]);
     for child in children {
         let o = child.wait_with_output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -200,29 +202,7 @@ fn a_failure_in_one_process_ends_the_whole_cluster() {
         ),
     )
     .unwrap();
-    let hosts = dir.path().join("hosts.txt");
-    std::fs::write(
-        &hosts,
-        format!(
-            "127.0.0.1:{}\n127.0.0.1:{}\n",
-            common::free_port(),
-            common::free_port()
-        ),
-    )
-    .unwrap();
-    let children: Vec<_> = (0..2)
-        .map(|i| {
-            Command::new(env!("CARGO_BIN_EXE_sluice"))
-                .args(["run", sql.to_str().unwrap(), "--processes", "2"])
-                .args(["--process-id", &i.to_string()])
-                .args(["--hosts", hosts.to_str().unwrap()])
-                .env("SLUICE_FAULT", "panic:1:2000")
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let children = start_two(dir.path(), &sql, 1, &[("SLUICE_FAULT", "panic:1:2000")]);
     let ends: Vec<_> = children
         .into_iter()
         .map(|c| wait_within(c, std::time::Duration::from_secs(60)))
@@ -285,28 +265,7 @@ fn a_killed_peer_ends_the_whole_cluster() {
          INSERT INTO out SELECT v % 100, COUNT(*) FROM g GROUP BY v % 100;",
     )
     .unwrap();
-    let hosts = dir.path().join("hosts.txt");
-    std::fs::write(
-        &hosts,
-        format!(
-            "127.0.0.1:{}\n127.0.0.1:{}\n",
-            common::free_port(),
-            common::free_port()
-        ),
-    )
-    .unwrap();
-    let mut children: Vec<_> = (0..2)
-        .map(|i| {
-            Command::new(env!("CARGO_BIN_EXE_sluice"))
-                .args(["run", sql.to_str().unwrap(), "--processes", "2"])
-                .args(["--process-id", &i.to_string()])
-                .args(["--hosts", hosts.to_str().unwrap()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let mut children = start_two(dir.path(), &sql, 1, &[]);
     std::thread::sleep(std::time::Duration::from_secs(3));
     let mut victim = children.pop().unwrap();
     assert!(

@@ -332,7 +332,10 @@ fn runaway_plans_are_refused_or_flattened() {
         views.push_str(&format!("CREATE VIEW v{i} AS SELECT * FROM v{};\n", i - 1));
     }
     views.push_str("SELECT * FROM v149;");
-    refused(views, "levels of views over views, more than the limit of 64");
+    refused(
+        views,
+        "levels of views over views, more than the limit of 64",
+    );
     refused(
         format!(
             "{ddl}SELECT COUNT(*), HOP_START(ts, INTERVAL '1' MILLISECOND, INTERVAL '1' DAY) FROM t \
@@ -657,7 +660,8 @@ fn the_memory_limit_fails_a_job_naming_its_largest_state() {
     let end = run(cmd, Duration::from_secs(120), None);
     assert_eq!(end.status.code(), Some(1), "{}", end.stderr);
     assert!(
-        end.stderr.contains("the largest state is TopN on worker") && end.stderr.contains(" MB in "),
+        end.stderr.contains("the largest state is TopN on worker")
+            && end.stderr.contains(" MB in "),
         "{}",
         end.stderr
     );
