@@ -1185,6 +1185,24 @@ mod tests {
         assert_eq!(merged, current(&one));
     }
 
+    /// A snapshot altered inside its bytes (as a crafted file whose checksums were made to
+    /// match would be) restores or fails with an error: never a panic, a hang, or a huge
+    /// allocation (which would abort the test). Checksums catch damage before this; this is the
+    /// decoders' own defence.
+    #[test]
+    fn altered_snapshot_bytes_restore_or_fail_cleanly() {
+        let rows: Vec<(i64, i64)> = (0..20_000)
+            .map(|i| (i % 5_000, (i * 7919) % 1_003))
+            .collect();
+        let mut one = state();
+        one.apply(&batch(&rows)).unwrap();
+        crate::snapshot_fuzz::altered_snapshots_restore_or_fail(
+            &one.snapshot().unwrap(),
+            200,
+            |b| state().restore(b, |_| true).is_ok(),
+        );
+    }
+
     /// The input of [`sliced_hop`]: key, pane start and end, value.
     fn pane_input() -> Schema {
         let ts = DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, None);

@@ -26,6 +26,8 @@ pub mod over;
 mod panics;
 pub mod rank;
 pub mod rows;
+#[cfg(test)]
+mod snapshot_fuzz;
 pub mod source;
 pub mod stateless;
 pub mod temporal;

@@ -907,6 +907,22 @@ mod tests {
         )
     }
 
+    /// Top-N snapshots (updating, and append-only Top-1) altered inside their bytes restore or
+    /// fail with an error, never a panic.
+    #[test]
+    fn altered_snapshot_bytes_restore_or_fail_cleanly() {
+        let rows: Vec<(i64, i64, i64)> = (0..20_000).map(|i| (i % 4_000, i, i * 7)).collect();
+        for (limit, append_only) in [(3, false), (1, true)] {
+            let mut s = state(limit, append_only);
+            s.apply(&batch(&rows)).unwrap();
+            crate::snapshot_fuzz::altered_snapshots_restore_or_fail(
+                &s.snapshot().unwrap(),
+                150,
+                |b| state(limit, append_only).restore(b, &|_| true).is_ok(),
+            );
+        }
+    }
+
     /// Folds a changelog into (row, rank) -> count; a retraction must find what it retracts.
     fn fold(into: &mut BTreeMap<(i64, i64, i64, u64), i64>, changes: &ChangeBatch) {
         let c = |i: usize| changes.data.column(i).as_primitive::<Int64Type>();
