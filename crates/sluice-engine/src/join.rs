@@ -891,3 +891,66 @@ fn snapshot_schema() -> SchemaRef {
         Field::new("until", DataType::Int64, false),
     ]))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::Int64Array;
+    use datafusion_physical_expr::expressions::Column;
+
+    use super::*;
+
+    fn input() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, true),
+            Field::new("v", DataType::Int64, true),
+        ]))
+    }
+
+    /// A full outer join on `k`.
+    fn state() -> JoinState {
+        let k: PhysExpr = Arc::new(Column::new("k", 0));
+        let out = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, true),
+            Field::new("v", DataType::Int64, true),
+            Field::new("k2", DataType::Int64, true),
+            Field::new("v2", DataType::Int64, true),
+        ]));
+        JoinState::try_new(
+            sluice_sql::JoinKind::Full,
+            vec![k.clone()],
+            vec![k],
+            None,
+            None,
+            [input(), input()],
+            out,
+            None,
+        )
+        .unwrap()
+    }
+
+    fn batch(rows: impl Iterator<Item = (i64, i64)>) -> ChangeBatch {
+        let (k, v): (Vec<i64>, Vec<i64>) = rows.unzip();
+        ChangeBatch::inserts(
+            RecordBatch::try_new(
+                input(),
+                vec![Arc::new(Int64Array::from(k)), Arc::new(Int64Array::from(v))],
+            )
+            .unwrap(),
+        )
+    }
+
+    /// Join snapshots altered inside their bytes restore or fail with an error, never a panic.
+    #[test]
+    fn altered_snapshot_bytes_restore_or_fail_cleanly() {
+        let mut s = state();
+        s.apply(0, &batch((0..10_000).map(|i| (i % 3_000, i))))
+            .unwrap();
+        s.apply(1, &batch((0..10_000).map(|i| (i % 5_000, -i))))
+            .unwrap();
+        crate::snapshot_fuzz::altered_snapshots_restore_or_fail(&s.snapshot().unwrap(), 150, |b| {
+            state().restore(b, &|_| true).is_ok()
+        });
+    }
+}
