@@ -8,7 +8,9 @@
 //!   back (for checkpoints and rescaling).
 //! - [`watermark`] combines watermarks from many senders (the minimum).
 //! - [`source`] polls connectors (and `VALUES`), computes watermarks and paces on the probe.
-//! - [`job`] wires sources, operators and sinks per worker, runs them and reports a summary.
+//! - [`job`] wires sources, operators and sinks per worker, runs them and reports a summary; a
+//!   panic in a worker fails the job with its message and operator (`panics`), and a memory
+//!   watch fails it past `'sluice.memory.limit'`.
 //!
 //! A batch flows: source reader → computed columns and watermark → projection/filter →
 //! exchange by key → aggregate → sink; watermarks travel behind the rows they cover.
