@@ -20,6 +20,7 @@ use timely::dataflow::operators::Capability;
 use timely::progress::frontier::MutableAntichain;
 
 use crate::dataflow::{Epoch, Event};
+use crate::metrics::InFlight;
 
 /// `SET 'execution.checkpointing.*'`.
 #[derive(Debug, Clone)]
@@ -598,17 +599,36 @@ impl CheckpointContext {
     }
 }
 
+/// Something an operator holds, whose rows count in flight.
+pub trait Held {
+    fn bytes(&self) -> usize;
+}
+
+impl Held for Event {
+    fn bytes(&self) -> usize {
+        Event::bytes(self)
+    }
+}
+
+impl Held for (usize, Event) {
+    fn bytes(&self) -> usize {
+        self.1.bytes()
+    }
+}
+
 /// Holds rows of later epochs back until the input frontier passes the pending checkpoint
 /// epoch, and a capability at that epoch until the operator has done its part. `T` is what is
-/// held: an [`Event`], or an event tagged with its input for operators with two inputs.
+/// held: an [`Event`], or an event tagged with its input for operators with two inputs. The
+/// bytes held count in flight on the meter given by [`Alignment::metered`].
 pub struct Alignment<T = Event> {
     pub next: Epoch,
     every: u64,
     held: Option<Capability<Epoch>>,
-    stash: Vec<(Capability<Epoch>, T)>,
+    stash: Vec<(Capability<Epoch>, T, usize)>,
+    meter: Option<Arc<InFlight>>,
 }
 
-impl<T> Alignment<T> {
+impl<T: Held> Alignment<T> {
     pub fn new(ctx: &CheckpointContext, mut initial: Capability<Epoch>) -> Self {
         let next = ctx.next_checkpoint(ctx.base);
         initial.downgrade(&next);
@@ -617,7 +637,14 @@ impl<T> Alignment<T> {
             every: ctx.every,
             held: Some(initial),
             stash: vec![],
+            meter: None,
         }
+    }
+
+    /// Counts the bytes held on `meter`.
+    pub fn metered(mut self, meter: Arc<InFlight>) -> Self {
+        self.meter = Some(meter);
+        self
     }
 
     /// Whether a message at `time` must wait for the pending checkpoint. It waits even when the
@@ -639,7 +666,16 @@ impl<T> Alignment<T> {
             return false;
         }
         if let Some(c) = cap.retain_least(0) {
-            self.stash.push((c, take()));
+            let held = take();
+            let bytes = match &self.meter {
+                Some(m) => {
+                    let bytes = held.bytes();
+                    m.add(bytes);
+                    bytes
+                }
+                None => 0,
+            };
+            self.stash.push((c, held, bytes));
         }
         true
     }
@@ -662,9 +698,9 @@ impl<T> Alignment<T> {
         let next = self.next;
         let (due, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.stash)
             .into_iter()
-            .partition(|(c, _)| *c.time() <= next);
+            .partition(|(c, _, _)| *c.time() <= next);
         self.stash = wait;
-        due
+        self.release(due)
     }
 
     /// At the end of input: no more checkpoints; everything waiting is due.
@@ -676,7 +712,16 @@ impl<T> Alignment<T> {
             return vec![];
         }
         self.held = None;
-        std::mem::take(&mut self.stash)
+        let all = std::mem::take(&mut self.stash);
+        self.release(all)
+    }
+
+    fn release(&self, due: Vec<(Capability<Epoch>, T, usize)>) -> Vec<(Capability<Epoch>, T)> {
+        let bytes: usize = due.iter().map(|(_, _, b)| b).sum();
+        if let Some(m) = &self.meter {
+            m.sub(bytes);
+        }
+        due.into_iter().map(|(c, t, _)| (c, t)).collect()
     }
 }
 

@@ -26,6 +26,8 @@ use timely::dataflow::{Scope, Stream};
 use timely::progress::Stamp;
 use timely::Accountable;
 
+use crate::metrics::{InFlight, JobMetrics};
+
 /// A processing-time epoch: the unit of progress (and, later, of checkpoints).
 pub type Epoch = u64;
 /// A stream of [`Event`]s.
@@ -61,6 +63,9 @@ pub enum Event {
 pub struct DataEvent {
     pub batch: ChangeBatch,
     encoded: OnceLock<Vec<u8>>,
+    /// The bytes an exchange counted in flight when it sent this batch to a worker of the same
+    /// process (0 otherwise: batches from other processes arrive decoded, unmetered).
+    metered: usize,
 }
 
 impl Clone for DataEvent {
@@ -68,6 +73,7 @@ impl Clone for DataEvent {
         DataEvent {
             batch: self.batch.clone(),
             encoded: OnceLock::new(),
+            metered: 0,
         }
     }
 }
@@ -78,7 +84,16 @@ impl Event {
         Event::Data(DataEvent {
             batch,
             encoded: OnceLock::new(),
+            metered: 0,
         })
+    }
+
+    /// The memory the event's rows hold (0 for a watermark).
+    pub fn bytes(&self) -> usize {
+        match self {
+            Event::Data(d) => event_bytes(&d.batch),
+            _ => 0,
+        }
     }
 
     /// A watermark from worker `from`, which will be counted once by each of `peers` receivers.
@@ -255,6 +270,9 @@ pub fn worker_for_hash(hash: u64, peers: usize) -> usize {
 pub struct KeyDistributor {
     keys: Vec<PhysExpr>,
     hashes: Vec<u64>,
+    /// Counts the bytes sent to this process's workers (`local`) until they are received.
+    meter: Arc<InFlight>,
+    local: std::ops::Range<usize>,
 }
 
 impl KeyDistributor {
@@ -283,6 +301,23 @@ impl KeyDistributor {
                 .collect(),
         )
     }
+}
+
+impl KeyDistributor {
+    /// Counts an event sent to worker `to` in flight, when that worker is in this process.
+    fn metered(&self, mut event: Event, to: usize) -> Event {
+        if let Event::Data(d) = &mut event {
+            if self.local.contains(&to) {
+                d.metered = event_bytes(&d.batch).max(1);
+                self.meter.add(d.metered);
+            }
+        }
+        event
+    }
+}
+
+fn event_bytes(batch: &ChangeBatch) -> usize {
+    batch.data.get_array_memory_size() + batch.ops.as_ref().map_or(0, |o| o.get_array_memory_size())
 }
 
 impl Distributor<Event> for KeyDistributor {
@@ -314,7 +349,8 @@ impl Distributor<Event> for KeyDistributor {
             }
             Event::Data(d) => {
                 let Some(targets) = self.route(&d.batch.data, peers) else {
-                    Message::push_at(&mut Event::Data(d), stamp.clone(), &mut pushers[0]);
+                    let mut event = self.metered(Event::Data(d), 0);
+                    Message::push_at(&mut event, stamp.clone(), &mut pushers[0]);
                     return;
                 };
                 let mut per_worker: Vec<Vec<u32>> = vec![vec![]; peers];
@@ -332,7 +368,8 @@ impl Distributor<Event> for KeyDistributor {
                             .take(&UInt32Array::from(rows))
                             .expect("take within bounds")
                     };
-                    Message::push_at(&mut Event::data(part), stamp.clone(), &mut pushers[w]);
+                    let mut event = self.metered(Event::data(part), w);
+                    Message::push_at(&mut event, stamp.clone(), &mut pushers[w]);
                 }
             }
         }
@@ -347,17 +384,28 @@ impl Distributor<Event> for KeyDistributor {
 }
 
 /// Routes rows to the worker owning their key's key group; every worker gets every watermark.
+/// The bytes between this process's workers are counted in flight as "exchange into `into`".
 pub fn exchange_by_key<'scope>(
     stream: EventStream<'scope>,
     keys: Vec<PhysExpr>,
+    into: &str,
+    metrics: &JobMetrics,
+    local: std::ops::Range<usize>,
 ) -> EventStream<'scope> {
+    let meter = metrics.in_flight_meter(&format!("exchange into {into}"));
+    let sent = meter.clone();
     let pact = DistributorPact(move |_peers: usize| KeyDistributor {
         keys,
         hashes: vec![],
+        meter: sent.clone(),
+        local: local.clone(),
     });
-    stream.unary::<EventBuilder, _, _, _>(pact, "ExchangeByKey", |_cap, _info| {
-        |input, output| {
+    stream.unary::<EventBuilder, _, _, _>(pact, "ExchangeByKey", move |_cap, _info| {
+        move |input, output| {
             input.for_each(|cap, data| {
+                if let Event::Data(d) = data {
+                    meter.sub(std::mem::take(&mut d.metered));
+                }
                 output.session(&cap).give_container(data);
             });
         }

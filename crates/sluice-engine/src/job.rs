@@ -602,6 +602,7 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
         None => (None, None),
     };
     let worker_metrics = metrics.clone();
+    let workers_per_process = options.workers.max(1);
     crate::panics::install_hook();
     let watching = MemoryWatch::start(memory_limit(&plan.settings)?, metrics.clone());
     let connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -638,6 +639,10 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
             sequence: sequential_sources.then(Default::default),
             epoch_length,
             fetch_threads,
+            local_workers: {
+                let first = index / workers_per_process * workers_per_process;
+                first..first + workers_per_process
+            },
         };
         worker.dataflow::<Epoch, _, _>(|scope| {
             let reuse = Reuse::new(&plan);
@@ -872,8 +877,15 @@ impl MemoryWatch {
                             Some((name, _, keys)) => format!("the largest state is {name}'s, {keys} keys"),
                             None => "no operator reported its state yet".to_string(),
                         };
+                        let in_flight = match metrics.largest_in_flight() {
+                            Some((place, bytes)) if bytes > 0 => format!(
+                                "; the most rows in flight wait in {place}, {}",
+                                megabytes(bytes as u64)
+                            ),
+                            _ => String::new(),
+                        };
                         metrics.fail(Error::Runtime(format!(
-                            "the job uses {} of memory, more than 'sluice.memory.limit' = {}; {largest}. \
+                            "the job uses {} of memory, more than 'sluice.memory.limit' = {}; {largest}{in_flight}. \
                              Raise the limit, run more processes, or bound the state (windows, \
                              'table.exec.state.ttl')",
                             megabytes(used),
@@ -968,6 +980,27 @@ pub(crate) struct BuildContext {
     /// File sources read and parse on a thread of their own (the process's workers leave a
     /// core spare), as Flink's split fetchers do.
     pub fetch_threads: bool,
+    /// The workers of this process (global indexes).
+    pub local_workers: std::ops::Range<usize>,
+}
+
+impl BuildContext {
+    /// Routes rows by key to the workers owning them ([`crate::dataflow::exchange_by_key`]),
+    /// counting the bytes between this process's workers in flight into operator `into`.
+    pub fn exchange<'scope>(
+        &self,
+        stream: EventStream<'scope>,
+        keys: Vec<sluice_sql::PhysExpr>,
+        into: &str,
+    ) -> EventStream<'scope> {
+        exchange_by_key(
+            stream,
+            keys,
+            into,
+            &self.metrics,
+            self.local_workers.clone(),
+        )
+    }
 }
 
 /// Sub-plans computed once per worker, whatever number of places read them (as Flink's
@@ -1249,7 +1282,7 @@ fn build_node<'scope>(
                     ctx,
                     reuse,
                 ),
-                None => exchange_by_key(build(scope, input, ctx, reuse), group.clone()),
+                None => ctx.exchange(build(scope, input, ctx, reuse), group.clone(), "Aggregate"),
             };
             let state = AggregateState::try_new(
                 group.clone(),
@@ -1301,8 +1334,8 @@ fn build_node<'scope>(
                 ctx.state_ttl,
             )
             .map(|s| s.with_append_only([left.is_append_only(), right.is_append_only()]));
-            let l = exchange_by_key(build(scope, left, ctx, reuse), left_keys.clone());
-            let r = exchange_by_key(build(scope, right, ctx, reuse), right_keys.clone());
+            let l = ctx.exchange(build(scope, left, ctx, reuse), left_keys.clone(), "Join");
+            let r = ctx.exchange(build(scope, right, ctx, reuse), right_keys.clone(), "Join");
             let delay = bound.map_or(0, |b| b.output_delay);
             let proctime = bound.is_some_and(|b| b.processing_time);
             crate::join_operator::join(l, r, state, delay, proctime, ctx)
@@ -1324,7 +1357,7 @@ fn build_node<'scope>(
                 schema.clone(),
                 input.is_append_only(),
             );
-            let stream = exchange_by_key(build(scope, input, ctx, reuse), partition.clone());
+            let stream = ctx.exchange(build(scope, input, ctx, reuse), partition.clone(), "Rank");
             crate::keyed::keyed(stream, state, ctx)
         }
         StreamNode::TemporalJoin {
@@ -1347,8 +1380,16 @@ fn build_node<'scope>(
                 [left.schema(), right.schema()],
                 schema.clone(),
             );
-            let l = exchange_by_key(build(scope, left, ctx, reuse), left_keys.clone());
-            let r = exchange_by_key(build(scope, right, ctx, reuse), right_keys.clone());
+            let l = ctx.exchange(
+                build(scope, left, ctx, reuse),
+                left_keys.clone(),
+                "TemporalJoin",
+            );
+            let r = ctx.exchange(
+                build(scope, right, ctx, reuse),
+                right_keys.clone(),
+                "TemporalJoin",
+            );
             crate::join_operator::join(l, r, state, 0, false, ctx)
         }
         StreamNode::LookupJoin {
@@ -1409,7 +1450,7 @@ fn build_node<'scope>(
             frame,
             schema,
         } => {
-            let stream = exchange_by_key(build(scope, input, ctx, reuse), partition.clone());
+            let stream = ctx.exchange(build(scope, input, ctx, reuse), partition.clone(), "Over");
             match order {
                 sluice_sql::OverOrder::EventTime(time) => {
                     let state = crate::over::OverState::try_new(
@@ -1643,7 +1684,7 @@ fn build_window_chain<'scope>(
         None => *kind,
     };
     let mut stream = map_batches(
-        exchange_by_key(build(scope, input, ctx, reuse), keys),
+        ctx.exchange(build(scope, input, ctx, reuse), keys, "WindowAssign"),
         "WindowAssign",
         ctx.metrics.clone(),
         move |b| assign_windows(b, &time, kind, &schema, &metrics.null_time_rows_dropped).map(Some),
@@ -1926,7 +1967,10 @@ fn aggregate<'scope>(
     };
     stream.unary_frontier::<EventBuilder, _, _, _>(Pipeline, "Aggregate", move |initial, info| {
         let activator = scope.activator_for(info.address.clone());
-        let mut align = checkpoint.as_ref().map(|c| Alignment::new(c, initial));
+        let held = metrics.in_flight_meter(&format!("Aggregate on worker {index}"));
+        let mut align = checkpoint
+            .as_ref()
+            .map(|c| Alignment::new(c, initial).metered(held));
         // Early firing emits without an input message, so it holds a capability, kept at the
         // input frontier so that it never holds the job back.
         let mut held: Option<timely::dataflow::operators::Capability<Epoch>> = None;
@@ -2104,9 +2148,12 @@ fn table_sink<'scope>(
         &format!("Sink({})", table.name),
         move |initial, info| {
             let activator = scope.activator_for(info.address.clone());
-            let mut align = checkpoint.as_ref().map(|c| Alignment::new(c, initial));
-            let mut transactions = crate::checkpointing::SinkTransactions::default();
             let operator: std::rc::Rc<str> = format!("Sink({table_name})").into();
+            let held = metrics.in_flight_meter(&format!("{operator} on worker {index}"));
+            let mut align = checkpoint
+                .as_ref()
+                .map(|c| Alignment::new(c, initial).metered(held));
+            let mut transactions = crate::checkpointing::SinkTransactions::default();
             move |(input, frontier), _output| {
                 let _running = crate::panics::in_operator(&operator);
                 input.for_each(|cap, data| {
@@ -2165,7 +2212,7 @@ fn select_sink<'scope>(
     ctx: &BuildContext,
 ) -> EventStream<'scope> {
     // Everything goes to worker 0 so the printed changelog is one ordered stream.
-    let stream = exchange_by_key(stream, vec![]);
+    let stream = ctx.exchange(stream, vec![], "SelectSink");
     let counter = ctx.metrics.write_counter(&format!("select #{}", query + 1));
     let out = Mutex::new(out);
     stream.unary::<EventBuilder, _, _, _>(Pipeline, "SelectOutput", move |_cap, _info| {

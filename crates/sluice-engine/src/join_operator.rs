@@ -274,8 +274,21 @@ pub(crate) fn join<'scope, S: TwoInputState>(
         Pipeline,
         "Join",
         move |initial, info| {
-            let mut align: Option<Alignment<(usize, Event)>> =
-                checkpoint.as_ref().map(|c| Alignment::new(c, initial));
+            // Input held back for a checkpoint or left for later counts in flight.
+            let held = metrics.in_flight_meter(&format!("Join on worker {index}"));
+            let mut align: Option<Alignment<(usize, Event)>> = checkpoint
+                .as_ref()
+                .map(|c| Alignment::new(c, initial).metered(held.clone()));
+            let mut pending_bytes = 0;
+            let count_pending = move |pending: &std::collections::VecDeque<(_, _, Event)>,
+                                      counted: &mut usize| {
+                let now = pending.iter().map(|(_, _, e)| e.bytes()).sum();
+                if now != *counted {
+                    held.add(now);
+                    held.sub(*counted);
+                    *counted = now;
+                }
+            };
             let mut reported = false;
             let operator: std::rc::Rc<str> = "Join".into();
             let activator = scope.activator_for(info.address.clone());
@@ -307,6 +320,7 @@ pub(crate) fn join<'scope, S: TwoInputState>(
                 if !pending.is_empty() {
                     // Newer input waits in timely's queues until this is done.
                     activator.activate();
+                    count_pending(&pending, &mut pending_bytes);
                     return;
                 }
                 // Handles an event, or queues it behind input already waiting.
@@ -361,6 +375,7 @@ pub(crate) fn join<'scope, S: TwoInputState>(
                 if !pending.is_empty() {
                     activator.activate();
                 }
+                count_pending(&pending, &mut pending_bytes);
                 if f1.frontier().is_empty()
                     && f2.frontier().is_empty()
                     && pending.is_empty()

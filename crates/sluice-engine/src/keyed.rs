@@ -155,7 +155,10 @@ pub(crate) fn keyed<'scope, S: KeyedState>(
     };
     let operator: std::rc::Rc<str> = S::NAME.into();
     stream.unary_frontier::<EventBuilder, _, _, _>(Pipeline, S::NAME, move |initial, _info| {
-        let mut align: Option<Alignment> = checkpoint.as_ref().map(|c| Alignment::new(c, initial));
+        let held = metrics.in_flight_meter(&format!("{} on worker {index}", S::NAME));
+        let mut align: Option<Alignment> = checkpoint
+            .as_ref()
+            .map(|c| Alignment::new(c, initial).metered(held));
         let mut reported = false;
         let mut gauge = crate::metrics::StateGauge::new(S::NAME, index);
         move |(input, frontier), output| {

@@ -42,6 +42,40 @@ pub struct JobMetrics {
     /// Each stateful operator's state as last reported (by "operator on worker"): bytes and
     /// keys, for the memory limit's message and the platform's quotas.
     states: Mutex<BTreeMap<String, (u64, u64)>>,
+    /// Bytes of rows in flight, by where they wait: in the queues of an exchange between this
+    /// process's workers ("exchange into Join"), or held by an operator ("Join on worker 0":
+    /// input held back for a checkpoint, or left for later when the output budget ran out).
+    in_flight: Mutex<BTreeMap<String, Arc<InFlight>>>,
+}
+
+/// Bytes of rows in flight at one place: now, and the most there were at once.
+#[derive(Default, Debug)]
+pub struct InFlight {
+    now: AtomicI64,
+    peak: AtomicI64,
+}
+
+impl InFlight {
+    /// Rows of `bytes` arrive.
+    pub fn add(&self, bytes: usize) {
+        let now = self.now.fetch_add(bytes as i64, Ordering::Relaxed) + bytes as i64;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// Rows of `bytes` leave.
+    pub fn sub(&self, bytes: usize) {
+        self.now.fetch_sub(bytes as i64, Ordering::Relaxed);
+    }
+
+    /// Bytes in flight now.
+    pub fn now(&self) -> i64 {
+        self.now.load(Ordering::Relaxed)
+    }
+
+    /// The most bytes that were in flight at once.
+    pub fn peak(&self) -> i64 {
+        self.peak.load(Ordering::Relaxed)
+    }
 }
 
 /// How often a stateful operator reports its state size.
@@ -184,7 +218,35 @@ impl JobMetrics {
         self.cancelled.load(Ordering::Relaxed)
     }
 
-    /// True once any operator failed.
+    /// The meter of rows in flight at `place` (shared by every worker of the process that
+    /// names the same place).
+    pub fn in_flight_meter(&self, place: &str) -> Arc<InFlight> {
+        self.in_flight
+            .lock()
+            .expect("metrics")
+            .entry(place.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Bytes in flight by place: now, and the most at once.
+    pub fn in_flight(&self) -> BTreeMap<String, (i64, i64)> {
+        self.in_flight
+            .lock()
+            .expect("metrics")
+            .iter()
+            .map(|(k, v)| (k.clone(), (v.now(), v.peak())))
+            .collect()
+    }
+
+    /// The place with the most bytes in flight now, and those bytes.
+    pub fn largest_in_flight(&self) -> Option<(String, i64)> {
+        self.in_flight()
+            .into_iter()
+            .map(|(place, (now, _))| (place, now))
+            .max_by_key(|(_, now)| *now)
+    }
+
     /// The operator holding the most state (as last reported): name, bytes, keys.
     pub fn largest_state(&self) -> Option<(String, u64, u64)> {
         self.states
@@ -195,6 +257,7 @@ impl JobMetrics {
             .map(|(name, (bytes, keys))| (name.clone(), *bytes, *keys))
     }
 
+    /// True once any operator failed.
     pub fn failed(&self) -> bool {
         self.error.lock().expect("metrics").is_some()
     }

@@ -307,6 +307,18 @@ fn snapshot_schema() -> SchemaRef {
     ]))
 }
 
+/// The snapshot of an updating OVER aggregate: one row per distinct (sort key, row) of a
+/// partition, with its number of copies.
+fn updating_snapshot_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("key_group", DataType::UInt16, false),
+        Field::new("key", DataType::Binary, false),
+        Field::new("sort", DataType::Binary, false),
+        Field::new("row", DataType::Binary, false),
+        Field::new("count", DataType::UInt32, false),
+    ]))
+}
+
 impl crate::keyed::KeyedState for OverState {
     const NAME: &'static str = "Over";
 
@@ -705,49 +717,53 @@ impl crate::keyed::KeyedState for UpdatingOverState {
 
     fn snapshot(&self) -> Result<RecordBatch> {
         let mut group = vec![];
-        let mut key: Vec<Option<&[u8]>> = vec![];
-        let mut accs: Vec<Option<&[u8]>> = vec![];
-        let mut rows: Vec<Option<Vec<u8>>> = vec![];
+        let mut key: Vec<&[u8]> = vec![];
+        let mut sort: Vec<&[u8]> = vec![];
+        let mut row: Vec<&[u8]> = vec![];
+        let mut count: Vec<u32> = vec![];
         for (k, p) in &self.parts {
             for ((s, r), c) in &p.rows {
                 group.push(p.key_group);
-                key.push(Some(k));
-                accs.push(Some(s));
-                let mut row = (*c as u64).to_le_bytes().to_vec();
-                row.extend_from_slice(r);
-                rows.push(Some(row));
+                key.push(k);
+                sort.push(s);
+                row.push(r);
+                count.push(*c);
             }
         }
         let cols: Vec<ArrayRef> = vec![
             Arc::new(UInt16Array::from(group)),
             Arc::new(BinaryArray::from(key)),
-            Arc::new(BinaryArray::from(accs)),
-            Arc::new(BinaryArray::from_iter(rows)),
+            Arc::new(BinaryArray::from(sort)),
+            Arc::new(BinaryArray::from(row)),
+            Arc::new(UInt32Array::from(count)),
         ];
-        Ok(RecordBatch::try_new(snapshot_schema(), cols)?)
+        Ok(RecordBatch::try_new(updating_snapshot_schema(), cols)?)
     }
 
     fn restore(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()> {
-        crate::rows::check_layout(batch, &snapshot_schema(), "OVER")?;
+        crate::rows::check_layout(batch, &updating_snapshot_schema(), "OVER")?;
         let group = batch
             .column(0)
             .as_primitive::<arrow::datatypes::UInt16Type>();
         let key = batch.column(1).as_binary::<i32>();
         let sort = batch.column(2).as_binary::<i32>();
-        let rows = batch.column(3).as_binary::<i32>();
-        for i in 0..batch.num_rows() {
-            if !owns(group.value(i)) || key.is_null(i) {
-                continue;
+        let row = batch.column(3).as_binary::<i32>();
+        let count = batch
+            .column(4)
+            .as_primitive::<arrow::datatypes::UInt32Type>();
+        let mine: Vec<usize> = (0..batch.num_rows())
+            .filter(|i| owns(group.value(*i)))
+            .collect();
+        crate::rows::check_rows(&self.sorts, mine.iter().map(|i| sort.value(*i)), "OVER")?;
+        crate::rows::check_rows(&self.rows, mine.iter().map(|i| row.value(*i)), "OVER")?;
+        for i in mine {
+            if count.value(i) == 0 {
+                return Err(Error::Runtime("checkpoint: a corrupt OVER snapshot".into()));
             }
-            let row = rows.value(i);
-            let count = row
-                .get(..8)
-                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as u32)
-                .ok_or_else(|| Error::Runtime("checkpoint: a truncated OVER snapshot".into()))?;
             let part = self.parts.entry_ref(key.value(i)).or_default();
             part.key_group = group.value(i);
             part.rows
-                .insert((sort.value(i).into(), row[8..].into()), count);
+                .insert((sort.value(i).into(), row.value(i).into()), count.value(i));
         }
         Ok(())
     }
@@ -765,5 +781,135 @@ impl crate::keyed::KeyedState for UpdatingOverState {
                     .map(|(a, b)| a.len() + b.len() + 48)
                     .sum::<usize>()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{Int64Array, TimestampMillisecondArray};
+    use datafusion_physical_expr::expressions::Column;
+    use sluice_sql::AggFunc;
+
+    use super::*;
+    use crate::keyed::KeyedState;
+
+    fn input() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Millisecond, None),
+                false,
+            ),
+            Field::new("v", DataType::Int64, false),
+        ]))
+    }
+
+    fn calls() -> Vec<AggCall> {
+        let v = Arc::new(Column::new("v", 2)) as PhysExpr;
+        vec![
+            AggCall {
+                func: AggFunc::Sum,
+                arg: Some(v.clone()),
+                distinct: false,
+                filter: None,
+                output_type: DataType::Int64,
+            },
+            AggCall {
+                func: AggFunc::Max,
+                arg: Some(v),
+                distinct: false,
+                filter: None,
+                output_type: DataType::Int64,
+            },
+        ]
+    }
+
+    fn output() -> SchemaRef {
+        let mut fields = input().fields().to_vec();
+        fields.push(Arc::new(Field::new("s", DataType::Int64, true)));
+        fields.push(Arc::new(Field::new("m", DataType::Int64, true)));
+        Arc::new(Schema::new(fields))
+    }
+
+    fn batch(rows: impl Iterator<Item = (i64, i64, i64)>) -> ChangeBatch {
+        let rows: Vec<_> = rows.collect();
+        ChangeBatch::inserts(
+            RecordBatch::try_new(
+                input(),
+                vec![
+                    Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
+                    Arc::new(TimestampMillisecondArray::from_iter_values(
+                        rows.iter().map(|r| r.1),
+                    )),
+                    Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2))),
+                ],
+            )
+            .unwrap(),
+        )
+    }
+
+    /// Snapshots altered inside their bytes (keys, accumulators, frame and waiting rows)
+    /// restore or fail with an error, never a panic; a restored state still runs.
+    #[test]
+    fn altered_snapshots_restore_or_fail() {
+        let key = || vec![Arc::new(Column::new("k", 0)) as PhysExpr];
+        let event_time = || {
+            OverState::try_new(
+                key(),
+                1,
+                calls(),
+                OverFrame::Range(Some(5_000)),
+                input(),
+                output(),
+            )
+            .unwrap()
+        };
+        let mut s = event_time();
+        s.apply(&batch((0..20_000).map(|i| (i % 2_000, i, i * 7 % 101))))
+            .unwrap();
+        s.advance_watermark(12_000).unwrap();
+        let snap = KeyedState::snapshot(&s).unwrap();
+        assert!(snap.num_rows() > 2_000, "frames and waiting rows");
+        crate::snapshot_fuzz::altered_snapshots_restore_or_fail(&snap, 150, |b| {
+            let mut s = event_time();
+            let restored = KeyedState::restore(&mut s, b, &|_| true).is_ok();
+            if restored {
+                let _ = s.apply(&batch((0..100).map(|i| (i, 20_000 + i, i))));
+                let _ = s.advance_watermark(i64::MAX);
+            }
+            restored
+        });
+
+        let updating = || {
+            UpdatingOverState::try_new(
+                key(),
+                vec![sluice_sql::SortKey {
+                    expr: Arc::new(Column::new("v", 2)),
+                    asc: true,
+                    nulls_first: false,
+                }],
+                calls(),
+                OverFrame::Rows(Some(3)),
+                input(),
+                output(),
+            )
+            .unwrap()
+        };
+        let mut s = updating();
+        KeyedState::apply(
+            &mut s,
+            &batch((0..5_000).map(|i| (i % 300, i, i * 7 % 101))),
+        )
+        .unwrap();
+        let snap = KeyedState::snapshot(&s).unwrap();
+        crate::snapshot_fuzz::altered_snapshots_restore_or_fail(&snap, 150, |b| {
+            let mut s = updating();
+            let restored = KeyedState::restore(&mut s, b, &|_| true).is_ok();
+            if restored {
+                let _ = KeyedState::apply(&mut s, &batch((0..100).map(|i| (i, i, i))));
+            }
+            restored
+        });
     }
 }

@@ -12,6 +12,21 @@ thread_local! {
     static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
     /// This thread's worker index.
     static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// Set while [`quietly`] runs: a panic is caught there, so it is not printed.
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, turning a panic in it into an error with the panic's message (not printed). Only
+/// for libraries that panic on malformed input instead of returning an error.
+pub(crate) fn quietly<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    let was = QUIET.with(|q| q.replace(true));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.with(|q| q.set(was));
+    outcome.map_err(|payload| {
+        LAST_PANIC
+            .with(|p| p.borrow_mut().take())
+            .unwrap_or_else(|| payload_text(payload.as_ref()))
+    })
 }
 
 /// Records that this thread runs worker `index`.
@@ -56,7 +71,9 @@ pub(crate) fn install_hook() {
                     *p = Some(text);
                 }
             });
-            previous(info);
+            if !QUIET.try_with(|q| q.get()).unwrap_or(false) {
+                previous(info);
+            }
         }));
     });
 }

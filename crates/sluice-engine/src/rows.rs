@@ -93,10 +93,75 @@ pub fn check_layout(batch: &RecordBatch, expected: &SchemaRef, what: &str) -> Re
     Ok(())
 }
 
+/// Decodes snapshot bytes with `decode`, turning a panic of the decoding library into an error.
+/// The bytes passed their checksum, so this is a second line: arrow-ipc panics on some malformed
+/// schemas and arrow-row on cut rows, where a checkpoint must fail with an error instead.
+pub fn guarded<T>(what: &str, decode: impl FnOnce() -> Result<T>) -> Result<T> {
+    crate::panics::quietly(decode).unwrap_or_else(|panic| {
+        Err(Error::Runtime(format!(
+            "checkpoint: a corrupt {what} snapshot ({panic})"
+        )))
+    })
+}
+
+/// Checks an Arrow IPC stream's framing: every message's metadata parses and its body lies
+/// within the bytes. (arrow-ipc allocates the body length a message declares before reading
+/// it, so a damaged length would ask for gigabytes.)
+fn check_ipc_framing(bytes: &[u8]) -> Result<()> {
+    let corrupt = || Error::Runtime("checkpoint: a corrupt Arrow IPC snapshot".into());
+    let word = |at: usize| {
+        bytes
+            .get(at..at + 4)
+            .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")))
+    };
+    let mut at = 0usize;
+    while let Some(mut len) = word(at) {
+        at += 4;
+        if len == -1 {
+            // The continuation marker, then the metadata length.
+            len = word(at).ok_or_else(corrupt)?;
+            at += 4;
+        }
+        let len = usize::try_from(len).map_err(|_| corrupt())?;
+        if len == 0 {
+            break;
+        }
+        let meta = bytes.get(at..at + len).ok_or_else(corrupt)?;
+        let message = arrow::ipc::root_as_message(meta).map_err(|_| corrupt())?;
+        at += len;
+        let body = usize::try_from(message.bodyLength()).map_err(|_| corrupt())?;
+        if body > bytes.len() - at {
+            return Err(corrupt());
+        }
+        at += body;
+    }
+    Ok(())
+}
+
 /// The first batch of an Arrow IPC stream (rows a snapshot keeps whole).
 pub fn ipc_batch(bytes: &[u8]) -> Result<Option<RecordBatch>> {
-    let mut r = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)?;
-    Ok(r.next().transpose()?)
+    check_ipc_framing(bytes)?;
+    guarded("Arrow IPC", || {
+        let mut r = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)?;
+        Ok(r.next().transpose()?)
+    })
+}
+
+/// Checks that restored rows decode with `converter`, so that no later use of them panics.
+pub fn check_rows<'a>(
+    converter: &RowConverter,
+    rows: impl Iterator<Item = &'a [u8]>,
+    what: &str,
+) -> Result<()> {
+    let parser = converter.parser();
+    let rows: Vec<&[u8]> = rows.collect();
+    for chunk in rows.chunks(4096) {
+        guarded(what, || {
+            converter.convert_rows(chunk.iter().map(|r| parser.parse(r)))?;
+            Ok(())
+        })?;
+    }
+    Ok(())
 }
 
 /// The rows of `batch` whose key (by `keys`) falls in a key group `owns` accepts.

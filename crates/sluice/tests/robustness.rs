@@ -674,3 +674,62 @@ fn the_memory_limit_fails_a_job_naming_its_largest_state() {
         end.stderr
     );
 }
+
+/// Rows in flight are counted where they wait: between workers ("exchange into Join") and
+/// inside an operator (a join's input that waits while its output budget runs out, rows
+/// held for a checkpoint). Everything counted in is counted out by the end of the job, and no
+/// peak exceeds the bytes the job moved.
+#[test]
+fn rows_in_flight_are_counted_where_they_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("rows.csv");
+    let rows = 3_000;
+    let text: String = (0..rows).map(|i| format!("{i},1\n")).collect();
+    std::fs::write(&input, text).unwrap();
+    let sql = format!(
+        "SET 'execution.checkpointing.interval' = '20 ms';
+         SET 'execution.checkpointing.dir' = '{ckpt}';
+         CREATE TABLE l (id BIGINT, k BIGINT) WITH ('connector' = 'filesystem', 'path' = '{p}', 'format' = 'csv');
+         CREATE TABLE r (id BIGINT, k BIGINT) WITH ('connector' = 'filesystem', 'path' = '{p}', 'format' = 'csv');
+         CREATE TABLE bh (a BIGINT, b BIGINT) WITH ('connector' = 'blackhole');
+         INSERT INTO bh SELECT l.id, r.id FROM l JOIN r ON l.k = r.k;",
+        ckpt = dir.path().join("ckpt").display(),
+        p = input.display()
+    );
+    let plan = sluice_sql::plan_script(&sql).unwrap();
+    let metrics = sluice_engine::JobMetrics::new();
+    let options = sluice_engine::JobOptions {
+        workers: 2,
+        metrics: metrics.clone(),
+        ..Default::default()
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(sluice_engine::run(plan, options).map_err(|e| e.to_string()));
+    });
+    let summary = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the job ends within 2 minutes")
+        .unwrap();
+    assert_eq!(
+        summary.rows_written.get("bh"),
+        Some(&((rows * rows) as u64))
+    );
+    let in_flight = metrics.in_flight();
+    // Two BIGINT columns: at least 16 bytes a row, and Arrow's buffers are padded to 64.
+    let moved = 2 * rows as i64 * 64 + (1 << 20);
+    let exchange = in_flight["exchange into Join"];
+    assert!(exchange.1 > 0 && exchange.1 <= moved, "{in_flight:?}");
+    let join_peak: i64 = (0..2)
+        .filter_map(|w| in_flight.get(&format!("Join on worker {w}")))
+        .map(|(_, peak)| *peak)
+        .max()
+        .unwrap_or(0);
+    assert!(join_peak > 0 && join_peak <= moved, "{in_flight:?}");
+    for (place, (now, _)) in &in_flight {
+        assert_eq!(
+            *now, 0,
+            "{place} still counts rows in flight: {in_flight:?}"
+        );
+    }
+}
