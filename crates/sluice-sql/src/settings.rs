@@ -198,7 +198,7 @@ pub const FLINK_ONLY: &[(&str, &str)] = &[
     ("table.local-time-zone", "timestamps are UTC"),
     (
         "table.dynamic-table-options.enabled",
-        "table hints are always enabled",
+        "table hints (`/*+ OPTIONS(...) */`) are not supported yet: a script with one is an error at the hint",
     ),
     ("table.exec.state.ttl.enabled", "set 'table.exec.state.ttl'"),
     (
@@ -279,8 +279,40 @@ pub fn check(key: &str, value: &str) -> Result<Option<String>> {
         .map(|k| format!("; did you mean '{k}'?"))
         .unwrap_or_default();
     Err(Error::plan(format!(
-        "SET '{key}': unknown option{hint} (the options are listed in the README under 'SET options')"
+        "SET '{key}': unknown option{hint} (the options are listed in docs/configuration.md)"
     )))
+}
+
+/// The table of `docs/configuration.md` that lists the options, generated from [`SETTINGS`]
+/// (a test keeps the file equal to it).
+pub fn options_markdown() -> String {
+    let kind = |k: Kind| match k {
+        Kind::Duration => "duration",
+        Kind::Bool => "bool",
+        Kind::Count => "count",
+        Kind::Number => "number",
+        Kind::Text => "text",
+    };
+    let mut md = String::from("| option | type | default | what it does |\n|---|---|---|---|\n");
+    for s in SETTINGS {
+        let default = s.default.map_or("—".to_string(), |d| format!("`{d}`"));
+        md.push_str(&format!(
+            "| `{}` | {} | {default} | {} |\n",
+            s.key,
+            kind(s.kind),
+            s.doc
+        ));
+    }
+    md
+}
+
+/// The table of `docs/configuration.md` that lists [`FLINK_ONLY`].
+pub fn flink_only_markdown() -> String {
+    let mut md = String::from("| Flink option | what Sluice does instead |\n|---|---|\n");
+    for (key, instead) in FLINK_ONLY {
+        md.push_str(&format!("| `{key}` | {instead} |\n"));
+    }
+    md
 }
 
 #[cfg(test)]
@@ -305,19 +337,32 @@ mod tests {
         assert!(w.contains("--workers"), "{w}");
     }
 
-    /// The README's table of options names every option (and every Flink-only one).
+    /// The options tables of docs/configuration.md are generated from the registry: the file
+    /// must hold exactly what [`super::options_markdown`] and [`super::flink_only_markdown`]
+    /// give (`SLUICE_BLESS=1` rewrites it).
     #[test]
-    fn the_readme_lists_every_option() {
-        let readme = include_str!("../../../README.md");
-        for s in super::SETTINGS {
-            assert!(
-                readme.contains(&format!("| `{}` |", s.key)),
-                "README lacks {}",
-                s.key
-            );
+    fn the_docs_list_every_option_as_declared() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/configuration.md");
+        let mut doc = std::fs::read_to_string(path).unwrap();
+        let mut stale = vec![];
+        for (name, fresh) in [
+            ("options", super::options_markdown()),
+            ("Flink-only options", super::flink_only_markdown()),
+        ] {
+            let begin = format!("<!-- generated from settings.rs: {name} -->\n");
+            let start = doc.find(&begin).expect("the begin marker") + begin.len();
+            let end = start + doc[start..].find("<!-- end -->").expect("the end marker");
+            if doc[start..end] != fresh {
+                stale.push(name);
+                doc.replace_range(start..end, &fresh);
+            }
         }
-        for (k, _) in super::FLINK_ONLY {
-            assert!(readme.contains(&format!("`{k}`")), "README lacks {k}");
+        if !stale.is_empty() {
+            if std::env::var_os("SLUICE_BLESS").is_some() {
+                std::fs::write(path, doc).unwrap();
+            } else {
+                panic!("docs/configuration.md lists other {stale:?} than settings.rs declares; run this test with SLUICE_BLESS=1 to regenerate it");
+            }
         }
     }
 }
