@@ -5,8 +5,8 @@
 //! workers round-robin, so one large file is parsed by every worker.
 //!
 //! Sink: `path` is a directory; each worker writes `.part-<worker>-<n>.<ext>.inprogress` and
-//! renames it to `part-<worker>-<n>.<ext>` when the file is published (on rolling, and when the
-//! job ends).
+//! renames it to `part-<worker>-<n>.<ext>` when the file is published: when the job ends, or,
+//! with checkpoints, when the checkpoint that sealed it commits. A failed job publishes nothing.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};

@@ -6,7 +6,7 @@
 //! and its own [`SinkWriter`]. Formats (`json`, `csv`, `debezium-json`) are separate from the
 //! transports that carry them.
 //!
-//! Sources built in: `filesystem`, `datagen`, `ecommerce`. Sinks: `filesystem`, `print`,
+//! Sources built in: `filesystem`, `datagen`, `ecommerce`, `nexmark`. Sinks: `filesystem`, `print`,
 //! `blackhole`, `memory` (an in-process materialized table, used by the demo's live view).
 
 mod csv_records;

@@ -7,9 +7,9 @@
 //! ```
 //! The manifest records every file's size, and every file (the manifest too) ends with a
 //! CRC-32C of its bytes ([`TRAILER`]), so a truncated, missing or altered file is detected when
-//! the checkpoint is opened, and the previous complete checkpoint is used instead. (The checksum
-//! lives in the file rather than in the manifest so that every process of a cluster can write
-//! its files without telling the committer their sums.)
+//! the checkpoint is opened, and the previous complete checkpoint is used instead. The committer
+//! also copies each file's checksum into the manifest (`checksums`), read from the file's own
+//! trailer, so that a well-formed file put in another's place is detected too.
 //!
 //! Incremental checkpoints: an operator's file `state-op3-w0` is a full snapshot, while
 //! `state-op3-w0+41` holds only what changed since its snapshot in committed checkpoint 41. The

@@ -9,8 +9,8 @@ use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use sluice_common::time::MAX_WATERMARK;
 use sluice_common::ChangeBatch;
-use sluice_engine::join::JoinState;
-use sluice_engine::stateless::{assign_windows, filter, project};
+use sluice_engine::operator::join::JoinState;
+use sluice_engine::operator::stateless::{assign_windows, filter, project};
 use sluice_sql::{JoinBound, StreamNode};
 
 const ROWS: i64 = 100_000;

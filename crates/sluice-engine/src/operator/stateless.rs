@@ -11,8 +11,8 @@ use sluice_sql::{PhysExpr, WindowKind};
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 
-use crate::dataflow::{Event, EventBuilder, EventStream};
-use crate::metrics::JobMetrics;
+use crate::runtime::metrics::JobMetrics;
+use crate::runtime::{Event, EventBuilder, EventStream};
 
 /// Applies `f` to each batch; watermarks pass through, re-labelled as this worker's.
 pub fn map_batches<'scope, F>(
@@ -28,7 +28,7 @@ where
     stream.unary::<EventBuilder, _, _, _>(Pipeline, name, move |_cap, info| {
         let _ = info;
         move |input, output| {
-            let _running = crate::panics::in_operator(&operator);
+            let _running = crate::runtime::panics::in_operator(&operator);
             input.for_each(|cap, data| match data {
                 Event::Data(d) => {
                     if metrics.failed() {

@@ -11,8 +11,8 @@ use datafusion_common::hash_utils::create_hashes;
 use sluice_common::{ChangeBatch, Error, Result};
 use sluice_sql::{PhysExpr, SortKey};
 
-use crate::dataflow::{key_hash_state, KEY_GROUPS};
-use crate::stateless::evaluate;
+use crate::operator::stateless::evaluate;
+use crate::runtime::{key_hash_state, KEY_GROUPS};
 
 fn data_type(e: &PhysExpr, schema: &Schema) -> Result<arrow::datatypes::DataType> {
     e.data_type(schema)
@@ -97,7 +97,7 @@ pub fn check_layout(batch: &RecordBatch, expected: &SchemaRef, what: &str) -> Re
 /// The bytes passed their checksum, so this is a second line: arrow-ipc panics on some malformed
 /// schemas and arrow-row on cut rows, where a checkpoint must fail with an error instead.
 pub fn guarded<T>(what: &str, decode: impl FnOnce() -> Result<T>) -> Result<T> {
-    crate::panics::quietly(decode).unwrap_or_else(|panic| {
+    crate::runtime::panics::quietly(decode).unwrap_or_else(|panic| {
         Err(Error::Runtime(format!(
             "checkpoint: a corrupt {what} snapshot ({panic})"
         )))

@@ -18,7 +18,7 @@ use arrow::row::RowConverter;
 use sluice_common::{ChangeBatch, Error, Op, Result};
 use sluice_sql::{JoinKind, PhysExpr};
 
-use crate::stateless::evaluate;
+use crate::operator::stateless::evaluate;
 
 type Bytes = Box<[u8]>;
 
@@ -67,9 +67,9 @@ impl TemporalState {
         inputs: [SchemaRef; 2],
         schema: SchemaRef,
     ) -> Result<TemporalState> {
-        let key_rows = crate::rows::key_converter(&left_keys, &inputs[0])?;
-        let right_rows = crate::rows::row_converter(&inputs[1])?;
-        let combined = crate::rows::side_by_side(&inputs[0], &inputs[1]);
+        let key_rows = crate::operator::rows::key_converter(&left_keys, &inputs[0])?;
+        let right_rows = crate::operator::rows::row_converter(&inputs[1])?;
+        let combined = crate::operator::rows::side_by_side(&inputs[0], &inputs[1]);
         Ok(TemporalState {
             kind,
             keys: [left_keys, right_keys],
@@ -93,10 +93,12 @@ impl TemporalState {
 
     /// Key bytes, key groups and null flags of a batch of input `side`.
     fn keys(&self, side: usize, batch: &RecordBatch) -> Result<(Vec<Bytes>, Vec<u16>, Vec<bool>)> {
-        let arrays =
-            crate::rows::key_arrays(&self.keys[side], &ChangeBatch::inserts(batch.clone()))?;
+        let arrays = crate::operator::rows::key_arrays(
+            &self.keys[side],
+            &ChangeBatch::inserts(batch.clone()),
+        )?;
         let n = batch.num_rows();
-        let groups = crate::rows::key_groups(&arrays, n)?;
+        let groups = crate::operator::rows::key_groups(&arrays, n)?;
         let rows = self.key_rows.convert_columns(&arrays)?;
         let nulls = (0..n)
             .map(|i| arrays.iter().any(|a| a.is_null(i)))
@@ -285,7 +287,7 @@ fn snapshot_schema() -> SchemaRef {
     ]))
 }
 
-impl crate::join_operator::TwoInputState for TemporalState {
+impl crate::operator::two_input::TwoInputState for TemporalState {
     fn apply(
         &mut self,
         side: usize,
@@ -333,7 +335,7 @@ impl crate::join_operator::TwoInputState for TemporalState {
             group.push(0);
             key.push(None);
             time.push(None);
-            row.push(crate::checkpointing::ipc_bytes(b)?);
+            row.push(crate::checkpoint::ipc_bytes(b)?);
         }
         let cols: Vec<ArrayRef> = vec![
             Arc::new(UInt16Array::from(group)),
@@ -345,7 +347,7 @@ impl crate::join_operator::TwoInputState for TemporalState {
     }
 
     fn restore(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()> {
-        crate::rows::check_layout(batch, &snapshot_schema(), "temporal join")?;
+        crate::operator::rows::check_layout(batch, &snapshot_schema(), "temporal join")?;
         let group = batch
             .column(0)
             .as_primitive::<arrow::datatypes::UInt16Type>();
@@ -358,7 +360,7 @@ impl crate::join_operator::TwoInputState for TemporalState {
             .filter(|i| !key.is_null(*i) && owns(group.value(*i)))
             .collect();
         let what = "temporal join";
-        crate::rows::check_rows(
+        crate::operator::rows::check_rows(
             &self.right_rows,
             versions.iter().map(|i| row.value(*i)),
             what,
@@ -366,9 +368,9 @@ impl crate::join_operator::TwoInputState for TemporalState {
         for i in 0..batch.num_rows() {
             if key.is_null(i) {
                 // Waiting left rows: keep those of this worker's key groups.
-                let b = crate::rows::ipc_batch(row.value(i))?;
+                let b = crate::operator::rows::ipc_batch(row.value(i))?;
                 if let Some(mine) = b
-                    .map(|b| crate::rows::owned_rows(&b, &self.keys[0], owns))
+                    .map(|b| crate::operator::rows::owned_rows(&b, &self.keys[0], owns))
                     .transpose()?
                     .flatten()
                 {
@@ -409,7 +411,7 @@ mod tests {
     use datafusion_physical_expr::expressions::Column;
 
     use super::*;
-    use crate::join_operator::TwoInputState;
+    use crate::operator::two_input::TwoInputState;
 
     fn input() -> SchemaRef {
         Arc::new(Schema::new(vec![
@@ -442,7 +444,7 @@ mod tests {
 
     fn state() -> TemporalState {
         let key = || vec![Arc::new(Column::new("k", 0)) as PhysExpr];
-        let schema = crate::rows::side_by_side(&input(), &input());
+        let schema = crate::operator::rows::side_by_side(&input(), &input());
         TemporalState::try_new(
             JoinKind::Left,
             key(),
@@ -475,7 +477,7 @@ mod tests {
         s.advance_watermark(1, 4_000).unwrap();
         let snap = s.snapshot().unwrap();
         assert!(snap.num_rows() > 1_000, "versions and waiting rows");
-        crate::snapshot_fuzz::altered_snapshots_restore_or_fail(&snap, 150, |b| {
+        crate::checkpoint::fuzz::altered_snapshots_restore_or_fail(&snap, 150, |b| {
             let mut s = state();
             let restored = s.restore(b, &|_| true).is_ok();
             if restored {

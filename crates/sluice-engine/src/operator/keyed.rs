@@ -11,11 +11,11 @@ use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::{Operator, OutputBuilderSession};
 use timely::dataflow::operators::CapabilityTrait;
 
-use crate::checkpointing::{Alignment, CheckpointContext, Contribution};
-use crate::dataflow::{Epoch, Event, EventBuilder, EventStream};
-use crate::job::BuildContext;
-use crate::metrics::JobMetrics;
-use crate::watermark::WatermarkTracker;
+use crate::build::BuildContext;
+use crate::checkpoint::{Alignment, CheckpointContext, Contribution};
+use crate::runtime::metrics::JobMetrics;
+use crate::runtime::watermark::WatermarkTracker;
+use crate::runtime::{Epoch, Event, EventBuilder, EventStream};
 
 /// Rows an operator dropped from a batch: behind the watermark, or without an event time (as
 /// Flink does; counted apart, so that no row vanishes unexplained).
@@ -160,9 +160,9 @@ pub(crate) fn keyed<'scope, S: KeyedState>(
             .as_ref()
             .map(|c| Alignment::new(c, initial).metered(held));
         let mut reported = false;
-        let mut gauge = crate::metrics::StateGauge::new(S::NAME, index);
+        let mut gauge = crate::runtime::metrics::StateGauge::new(S::NAME, index);
         move |(input, frontier), output| {
-            let _running = crate::panics::in_operator(&operator);
+            let _running = crate::runtime::panics::in_operator(&operator);
             if let Some(task) = task.as_ref() {
                 gauge.report(&metrics, || (task.state.size_bytes(), task.state.groups()));
             }

@@ -16,11 +16,11 @@ use sluice_connectors::{Poll, SourceReader};
 use sluice_sql::TableDef;
 use timely::dataflow::operators::generic::operator::source;
 
-use crate::checkpointing::FINAL_SUFFIX;
-use crate::checkpointing::{CheckpointContext, Contribution};
-use crate::dataflow::{DataflowScope, Epoch, Event, EventBuilder, EventStream};
-use crate::job::BuildContext;
-use crate::stateless::evaluate;
+use crate::build::BuildContext;
+use crate::checkpoint::FINAL_SUFFIX;
+use crate::checkpoint::{CheckpointContext, Contribution};
+use crate::operator::stateless::evaluate;
+use crate::runtime::{DataflowScope, Epoch, Event, EventBuilder, EventStream};
 
 /// Epochs a source may run ahead of the slowest sink before it waits.
 const MAX_EPOCHS_IN_FLIGHT: u64 = 4;
@@ -149,7 +149,7 @@ pub(crate) fn source_stream<'scope>(
         #[cfg(feature = "fault-injection")]
         let mut rows_seen = 0u64;
         move |output| {
-            let _running = crate::panics::in_operator(&operator);
+            let _running = crate::runtime::panics::in_operator(&operator);
             let Some(c) = cap.as_mut() else { return };
             let Some(r) = reader.as_mut() else {
                 cap = None;
@@ -225,7 +225,7 @@ pub(crate) fn source_stream<'scope>(
                         #[cfg(feature = "fault-injection")]
                         {
                             rows_seen += batch.num_rows() as u64;
-                            crate::panics::inject(rows_seen);
+                            crate::runtime::panics::inject(rows_seen);
                         }
                         last_data = Instant::now();
                         match prepare(batch) {

@@ -116,9 +116,9 @@ impl RankState {
         schema: SchemaRef,
         append_only_input: bool,
     ) -> Result<RankState> {
-        let keys = crate::rows::key_converter(&partition, input)?;
-        let sorts = crate::rows::sort_converter(&order, input)?;
-        let rows = crate::rows::row_converter(input)?;
+        let keys = crate::operator::rows::key_converter(&partition, input)?;
+        let sorts = crate::operator::rows::sort_converter(&order, input)?;
+        let rows = crate::operator::rows::row_converter(input)?;
         let top = (mode == RankMode::Updating
             && append_only_input
             && (1..=ARENA_TOP_MAX).contains(&limit))
@@ -175,11 +175,11 @@ impl RankState {
                 dropped,
             });
         }
-        let key_arrays = crate::rows::key_arrays(&self.partition, batch)?;
-        let key_groups = crate::rows::key_groups(&key_arrays, n)?;
-        let sort_arrays = crate::rows::key_arrays(&self.order, batch)?;
+        let key_arrays = crate::operator::rows::key_arrays(&self.partition, batch)?;
+        let key_groups = crate::operator::rows::key_groups(&key_arrays, n)?;
+        let sort_arrays = crate::operator::rows::key_arrays(&self.order, batch)?;
         let keys = self.keys.convert_columns(&key_arrays)?;
-        let keys = crate::rows::key_bytes(&keys, key_arrays.is_empty(), n);
+        let keys = crate::operator::rows::key_bytes(&keys, key_arrays.is_empty(), n);
         let sorts = self.sorts.convert_columns(&sort_arrays)?;
         let rows = self.rows.convert_columns(batch.data.columns())?;
         if let Some(top) = &mut self.top {
@@ -412,7 +412,7 @@ impl RankState {
 
     /// Adds the partitions of a snapshot whose key group `owns` accepts.
     pub fn restore(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()> {
-        crate::rows::check_layout(batch, &snapshot_schema(), "Top-N")?;
+        crate::operator::rows::check_layout(batch, &snapshot_schema(), "Top-N")?;
         let group = batch
             .column(0)
             .as_primitive::<arrow::datatypes::UInt16Type>();
@@ -579,7 +579,7 @@ struct AppendOnlyTop {
 
 impl AppendOnlyTop {
     fn try_new(partition: &[PhysExpr], input: &Schema, limit: usize) -> Result<AppendOnlyTop> {
-        let fields = crate::rows::key_fields(partition, input)?;
+        let fields = crate::operator::rows::key_fields(partition, input)?;
         Ok(AppendOnlyTop {
             limit,
             partitions: GroupTable::try_new(fields)?,
@@ -816,15 +816,18 @@ fn snapshot_schema() -> SchemaRef {
     ]))
 }
 
-impl crate::keyed::KeyedState for RankState {
+impl crate::operator::keyed::KeyedState for RankState {
     const NAME: &'static str = "TopN";
 
     fn apply(
         &mut self,
         batch: &ChangeBatch,
-    ) -> Result<(Option<ChangeBatch>, crate::keyed::Dropped)> {
+    ) -> Result<(Option<ChangeBatch>, crate::operator::keyed::Dropped)> {
         let out = RankState::apply(self, batch)?;
-        Ok((out.changes, crate::keyed::Dropped::late(out.dropped)))
+        Ok((
+            out.changes,
+            crate::operator::keyed::Dropped::late(out.dropped),
+        ))
     }
 
     fn advance_watermark(&mut self, watermark: i64) -> Result<Option<ChangeBatch>> {
@@ -847,14 +850,18 @@ impl crate::keyed::KeyedState for RankState {
         if let Some(top) = &self.top {
             return top.size_bytes() as u64;
         }
-        crate::keyed::sampled_bytes(self.partitions.len(), self.partitions.iter(), |(k, p)| {
-            k.len()
-                + 64
-                + p.rows
-                    .keys()
-                    .map(|(a, b)| a.len() + b.len() + 48)
-                    .sum::<usize>()
-        })
+        crate::operator::keyed::sampled_bytes(
+            self.partitions.len(),
+            self.partitions.iter(),
+            |(k, p)| {
+                k.len()
+                    + 64
+                    + p.rows
+                        .keys()
+                        .map(|(a, b)| a.len() + b.len() + 48)
+                        .sum::<usize>()
+            },
+        )
     }
 }
 
@@ -915,7 +922,7 @@ mod tests {
         for (limit, append_only) in [(3, false), (1, true)] {
             let mut s = state(limit, append_only);
             s.apply(&batch(&rows)).unwrap();
-            crate::snapshot_fuzz::altered_snapshots_restore_or_fail(
+            crate::checkpoint::fuzz::altered_snapshots_restore_or_fail(
                 &s.snapshot().unwrap(),
                 150,
                 |b| {

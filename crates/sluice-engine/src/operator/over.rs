@@ -20,9 +20,9 @@ use sluice_common::{ChangeBatch, Error, Op, Result};
 use sluice_sql::{AggCall, OverFrame, PhysExpr};
 use sluice_state::accumulator::Accumulator;
 
-use crate::aggregate::acc_kind;
-use crate::keyed::Dropped;
-use crate::stateless::evaluate;
+use crate::operator::aggregate::acc_kind;
+use crate::operator::keyed::Dropped;
+use crate::operator::stateless::evaluate;
 
 struct Part {
     gid: u32,
@@ -70,7 +70,7 @@ impl OverState {
             e.data_type(&input)
                 .map_err(|e| Error::plan(e.strip_backtrace()))
         };
-        let keys = crate::rows::key_converter(&partition, &input)?;
+        let keys = crate::operator::rows::key_converter(&partition, &input)?;
         let mut accs = vec![];
         for c in &calls {
             let input_type = match &c.arg {
@@ -162,12 +162,14 @@ impl OverState {
             return Ok(None);
         }
         let ready = arrow::compute::take_record_batch(&all, &UInt32Array::from(ready))?;
-        let key_arrays =
-            crate::rows::key_arrays(&self.partition, &ChangeBatch::inserts(ready.clone()))?;
+        let key_arrays = crate::operator::rows::key_arrays(
+            &self.partition,
+            &ChangeBatch::inserts(ready.clone()),
+        )?;
         let n = ready.num_rows();
-        let key_groups = crate::rows::key_groups(&key_arrays, n)?;
+        let key_groups = crate::operator::rows::key_groups(&key_arrays, n)?;
         let rows = self.keys.convert_columns(&key_arrays)?;
-        let keys = crate::rows::key_bytes(&rows, key_arrays.is_empty(), n);
+        let keys = crate::operator::rows::key_bytes(&rows, key_arrays.is_empty(), n);
         // Rows per partition, in time order (stable: ties keep arrival order).
         let times = millis(&ready, self.time)?;
         let mut groups: Vec<(&[u8], Vec<u32>)> = vec![];
@@ -319,7 +321,7 @@ fn updating_snapshot_schema() -> SchemaRef {
     ]))
 }
 
-impl crate::keyed::KeyedState for OverState {
+impl crate::operator::keyed::KeyedState for OverState {
     const NAME: &'static str = "Over";
 
     fn apply(&mut self, batch: &ChangeBatch) -> Result<(Option<ChangeBatch>, Dropped)> {
@@ -349,7 +351,7 @@ impl crate::keyed::KeyedState for OverState {
             rows.push(
                 p.frame
                     .as_ref()
-                    .map(crate::checkpointing::ipc_bytes)
+                    .map(crate::checkpoint::ipc_bytes)
                     .transpose()?,
             );
         }
@@ -359,7 +361,7 @@ impl crate::keyed::KeyedState for OverState {
             group.push(0);
             key.push(None);
             accs.push(None);
-            rows.push(Some(crate::checkpointing::ipc_bytes(b)?));
+            rows.push(Some(crate::checkpoint::ipc_bytes(b)?));
         }
         let cols: Vec<ArrayRef> = vec![
             Arc::new(UInt16Array::from(group)),
@@ -371,7 +373,7 @@ impl crate::keyed::KeyedState for OverState {
     }
 
     fn restore(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()> {
-        crate::rows::check_layout(batch, &snapshot_schema(), "OVER")?;
+        crate::operator::rows::check_layout(batch, &snapshot_schema(), "OVER")?;
         let group = batch
             .column(0)
             .as_primitive::<arrow::datatypes::UInt16Type>();
@@ -381,9 +383,9 @@ impl crate::keyed::KeyedState for OverState {
         for i in 0..batch.num_rows() {
             if key.is_null(i) {
                 // Waiting rows: keep those of this worker's key groups.
-                let b = crate::rows::ipc_batch(rows.value(i))?;
+                let b = crate::operator::rows::ipc_batch(rows.value(i))?;
                 if let Some(mine) = b
-                    .map(|b| crate::rows::owned_rows(&b, &self.partition, owns))
+                    .map(|b| crate::operator::rows::owned_rows(&b, &self.partition, owns))
                     .transpose()?
                     .flatten()
                 {
@@ -413,7 +415,7 @@ impl crate::keyed::KeyedState for OverState {
             let frame = if rows.is_null(i) {
                 None
             } else {
-                crate::rows::ipc_batch(rows.value(i))?
+                crate::operator::rows::ipc_batch(rows.value(i))?
             };
             self.parts.insert(
                 key.value(i).into(),
@@ -432,9 +434,10 @@ impl crate::keyed::KeyedState for OverState {
     }
 
     fn size_bytes(&self) -> u64 {
-        let parts = crate::keyed::sampled_bytes(self.parts.len(), self.parts.iter(), |(k, p)| {
-            k.len() + 48 + p.frame.as_ref().map_or(0, |f| f.get_array_memory_size())
-        });
+        let parts =
+            crate::operator::keyed::sampled_bytes(self.parts.len(), self.parts.iter(), |(k, p)| {
+                k.len() + 48 + p.frame.as_ref().map_or(0, |f| f.get_array_memory_size())
+            });
         let pending: usize = self.pending.iter().map(|b| b.get_array_memory_size()).sum();
         let accs: usize = self.accs.iter().map(|a| a.size_bytes()).sum();
         parts + (pending + accs) as u64
@@ -478,15 +481,15 @@ impl UpdatingOverState {
         input: SchemaRef,
         schema: SchemaRef,
     ) -> Result<UpdatingOverState> {
-        let keys = crate::rows::key_converter(&partition, &input)?;
-        let sorts = crate::rows::sort_converter(&order, &input)?;
+        let keys = crate::operator::rows::key_converter(&partition, &input)?;
+        let sorts = crate::operator::rows::sort_converter(&order, &input)?;
         Ok(UpdatingOverState {
             partition,
             order: order.into_iter().map(|k| k.expr).collect(),
             calls,
             frame,
-            rows: crate::rows::row_converter(&input)?,
-            outputs: crate::rows::row_converter(&schema)?,
+            rows: crate::operator::rows::row_converter(&input)?,
+            outputs: crate::operator::rows::row_converter(&schema)?,
             input,
             schema,
             keys,
@@ -615,11 +618,11 @@ impl UpdatingOverState {
         if n == 0 {
             return Ok((None, 0));
         }
-        let key_arrays = crate::rows::key_arrays(&self.partition, batch)?;
-        let key_groups = crate::rows::key_groups(&key_arrays, n)?;
+        let key_arrays = crate::operator::rows::key_arrays(&self.partition, batch)?;
+        let key_groups = crate::operator::rows::key_groups(&key_arrays, n)?;
         let key_rows = self.keys.convert_columns(&key_arrays)?;
-        let keys = crate::rows::key_bytes(&key_rows, key_arrays.is_empty(), n);
-        let sort_arrays = crate::rows::key_arrays(&self.order, batch)?;
+        let keys = crate::operator::rows::key_bytes(&key_rows, key_arrays.is_empty(), n);
+        let sort_arrays = crate::operator::rows::key_arrays(&self.order, batch)?;
         let sorts = self.sorts.convert_columns(&sort_arrays)?;
         let rows = self.rows.convert_columns(batch.data.columns())?;
         // Changes per partition, in order; and the first position each one touches.
@@ -703,7 +706,7 @@ impl UpdatingOverState {
     }
 }
 
-impl crate::keyed::KeyedState for UpdatingOverState {
+impl crate::operator::keyed::KeyedState for UpdatingOverState {
     const NAME: &'static str = "Over";
 
     fn apply(&mut self, batch: &ChangeBatch) -> Result<(Option<ChangeBatch>, Dropped)> {
@@ -741,7 +744,7 @@ impl crate::keyed::KeyedState for UpdatingOverState {
     }
 
     fn restore(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()> {
-        crate::rows::check_layout(batch, &updating_snapshot_schema(), "OVER")?;
+        crate::operator::rows::check_layout(batch, &updating_snapshot_schema(), "OVER")?;
         let group = batch
             .column(0)
             .as_primitive::<arrow::datatypes::UInt16Type>();
@@ -754,8 +757,12 @@ impl crate::keyed::KeyedState for UpdatingOverState {
         let mine: Vec<usize> = (0..batch.num_rows())
             .filter(|i| owns(group.value(*i)))
             .collect();
-        crate::rows::check_rows(&self.sorts, mine.iter().map(|i| sort.value(*i)), "OVER")?;
-        crate::rows::check_rows(&self.rows, mine.iter().map(|i| row.value(*i)), "OVER")?;
+        crate::operator::rows::check_rows(
+            &self.sorts,
+            mine.iter().map(|i| sort.value(*i)),
+            "OVER",
+        )?;
+        crate::operator::rows::check_rows(&self.rows, mine.iter().map(|i| row.value(*i)), "OVER")?;
         for i in mine {
             if count.value(i) == 0 {
                 return Err(Error::Runtime("checkpoint: a corrupt OVER snapshot".into()));
@@ -773,7 +780,7 @@ impl crate::keyed::KeyedState for UpdatingOverState {
     }
 
     fn size_bytes(&self) -> u64 {
-        crate::keyed::sampled_bytes(self.parts.len(), self.parts.iter(), |(k, p)| {
+        crate::operator::keyed::sampled_bytes(self.parts.len(), self.parts.iter(), |(k, p)| {
             k.len()
                 + 48
                 + p.rows
@@ -791,7 +798,7 @@ mod tests {
     use sluice_sql::AggFunc;
 
     use super::*;
-    use crate::keyed::KeyedState;
+    use crate::operator::keyed::KeyedState;
 
     fn input() -> SchemaRef {
         Arc::new(Schema::new(vec![
@@ -871,7 +878,7 @@ mod tests {
         s.advance_watermark(12_000).unwrap();
         let snap = KeyedState::snapshot(&s).unwrap();
         assert!(snap.num_rows() > 2_000, "frames and waiting rows");
-        crate::snapshot_fuzz::altered_snapshots_restore_or_fail(&snap, 150, |b| {
+        crate::checkpoint::fuzz::altered_snapshots_restore_or_fail(&snap, 150, |b| {
             let mut s = event_time();
             let restored = KeyedState::restore(&mut s, b, &|_| true).is_ok();
             if restored {
@@ -903,7 +910,7 @@ mod tests {
         )
         .unwrap();
         let snap = KeyedState::snapshot(&s).unwrap();
-        crate::snapshot_fuzz::altered_snapshots_restore_or_fail(&snap, 150, |b| {
+        crate::checkpoint::fuzz::altered_snapshots_restore_or_fail(&snap, 150, |b| {
             let mut s = updating();
             let restored = KeyedState::restore(&mut s, b, &|_| true).is_ok();
             if restored {

@@ -13,12 +13,12 @@ use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::{Operator, OutputBuilderSession};
 use timely::dataflow::operators::{Capability, CapabilityTrait};
 
-use crate::checkpointing::{Alignment, CheckpointContext, CheckpointWriter, Contribution};
-use crate::dataflow::{Epoch, Event, EventBuilder, EventStream};
-use crate::job::BuildContext;
-use crate::join::JoinState;
-use crate::metrics::JobMetrics;
-use crate::watermark::WatermarkTracker;
+use crate::build::BuildContext;
+use crate::checkpoint::{Alignment, CheckpointContext, CheckpointWriter, Contribution};
+use crate::operator::join::JoinState;
+use crate::runtime::metrics::JobMetrics;
+use crate::runtime::watermark::WatermarkTracker;
+use crate::runtime::{Epoch, Event, EventBuilder, EventStream};
 
 /// The state of an operator with two keyed inputs (a join).
 pub(crate) trait TwoInputState: 'static {
@@ -100,7 +100,7 @@ impl<S: TwoInputState> JoinTask<S> {
         &mut self,
         side: usize,
         cap: &C,
-        d: &crate::dataflow::DataEvent,
+        d: &crate::runtime::DataEvent,
         output: &mut OutputBuilderSession<'_, Epoch, EventBuilder>,
     ) -> Option<Event> {
         let n = d.batch.num_rows();
@@ -292,12 +292,12 @@ pub(crate) fn join<'scope, S: TwoInputState>(
             let mut reported = false;
             let operator: std::rc::Rc<str> = "Join".into();
             let activator = scope.activator_for(info.address.clone());
-            let mut gauge = crate::metrics::StateGauge::new("Join", index);
+            let mut gauge = crate::runtime::metrics::StateGauge::new("Join", index);
             // Input left for later activations (the output budget ran out), in arrival order.
             let mut pending: std::collections::VecDeque<(Capability<Epoch>, usize, Event)> =
                 Default::default();
             move |(in1, f1), (in2, f2), output| {
-                let _running = crate::panics::in_operator(&operator);
+                let _running = crate::runtime::panics::in_operator(&operator);
                 let Some(task) = task.as_mut() else {
                     in1.for_each(|_, _| {});
                     in2.for_each(|_, _| {});

@@ -24,7 +24,7 @@ pub(crate) fn altered_snapshots_restore_or_fail(
         "a snapshot with bytes to alter"
     );
     // Panics caught by the decoders' guard are not printed (as in a job).
-    crate::panics::install_hook();
+    crate::runtime::panics::install_hook();
     let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
     for _ in 0..cases {
         let c = binary[rng.random_range(0..binary.len())];

@@ -28,8 +28,8 @@ use sluice_state::group_table::NO_TAG;
 use sluice_state::snapshot::Reader;
 use sluice_state::ByteSlots;
 
-use crate::aggregate::{AggregateState, Session};
-use crate::dataflow::{key_hash_state, KEY_GROUPS};
+use crate::operator::aggregate::{AggregateState, Session};
+use crate::runtime::{key_hash_state, KEY_GROUPS};
 
 /// The layout of an aggregation snapshot.
 pub fn snapshot_schema() -> SchemaRef {
@@ -984,7 +984,7 @@ mod tests {
     use sluice_sql::{AggCall, AggFunc, AggWindow, EmitPolicy, PhysExpr};
 
     use super::*;
-    use crate::dataflow::worker_for_hash;
+    use crate::runtime::worker_for_hash;
 
     fn input_schema() -> SchemaRef {
         Arc::new(Schema::new(vec![
@@ -1196,7 +1196,7 @@ mod tests {
             .collect();
         let mut one = state();
         one.apply(&batch(&rows)).unwrap();
-        crate::snapshot_fuzz::altered_snapshots_restore_or_fail(
+        crate::checkpoint::fuzz::altered_snapshots_restore_or_fail(
             &one.snapshot().unwrap(),
             200,
             |b| {

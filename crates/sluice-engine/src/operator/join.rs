@@ -36,7 +36,7 @@ use sluice_sql::{JoinBound, JoinKind, PhysExpr};
 use sluice_state::group_table::NO_TAG;
 use sluice_state::GroupTable;
 
-use crate::stateless::evaluate;
+use crate::operator::stateless::evaluate;
 
 /// One stored row and how often it is there.
 struct Entry {
@@ -114,11 +114,11 @@ struct Side {
 impl Side {
     fn new(schema: &Schema, keys: &[PhysExpr]) -> Result<Side> {
         Ok(Side {
-            rows: crate::rows::row_converter(schema)?,
+            rows: crate::operator::rows::row_converter(schema)?,
             held_rows: Rows::default(),
-            keys: crate::rows::key_converter(keys, schema)?,
-            key_fields: crate::rows::key_fields(keys, schema)?,
-            index: GroupTable::try_new(crate::rows::key_fields(keys, schema)?)?,
+            keys: crate::operator::rows::key_converter(keys, schema)?,
+            key_fields: crate::operator::rows::key_fields(keys, schema)?,
+            index: GroupTable::try_new(crate::operator::rows::key_fields(keys, schema)?)?,
             buckets: vec![],
             expiry: BTreeMap::new(),
             lazy: false,
@@ -378,7 +378,7 @@ impl JoinState {
         for (i, s) in sides.iter_mut().enumerate() {
             s.lazy = bound.is_some() && !kind.keeps_unmatched(i);
         }
-        let combined = crate::rows::side_by_side(&inputs[0], &inputs[1]);
+        let combined = crate::operator::rows::side_by_side(&inputs[0], &inputs[1]);
         Ok(JoinState {
             kind,
             keys: [left_keys, right_keys],
@@ -480,13 +480,13 @@ impl JoinState {
         }
         let now = self.now();
         self.sweep(now);
-        let key_arrays = crate::rows::key_arrays(&self.keys[side], batch)?;
-        let key_groups = crate::rows::key_groups(&key_arrays, n)?;
+        let key_arrays = crate::operator::rows::key_arrays(&self.keys[side], batch)?;
+        let key_groups = crate::operator::rows::key_groups(&key_arrays, n)?;
         let null_key: Vec<bool> = (0..n)
             .map(|i| key_arrays.iter().any(|a| a.is_null(i)))
             .collect();
         let keys = self.sides[side].keys.convert_columns(&key_arrays)?;
-        let keys = crate::rows::key_bytes(&keys, key_arrays.is_empty(), n);
+        let keys = crate::operator::rows::key_bytes(&keys, key_arrays.is_empty(), n);
         let rows = self.sides[side]
             .rows
             .convert_columns(batch.data.columns())?;
@@ -833,7 +833,7 @@ impl JoinState {
 
     /// Adds the rows of a snapshot whose key group `owns` accepts.
     pub fn restore(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()> {
-        crate::rows::check_layout(batch, &snapshot_schema(), "join")?;
+        crate::operator::rows::check_layout(batch, &snapshot_schema(), "join")?;
         let side = batch
             .column(0)
             .as_primitive::<arrow::datatypes::UInt8Type>();
@@ -854,7 +854,7 @@ impl JoinState {
         for (n, s) in self.sides.iter().enumerate() {
             let mine = (0..batch.num_rows())
                 .filter(|i| owns(group.value(*i)) && (side.value(*i) as usize).min(1) == n);
-            crate::rows::check_rows(&s.rows, mine.map(|i| row.value(i)), "join")?;
+            crate::operator::rows::check_rows(&s.rows, mine.map(|i| row.value(i)), "join")?;
         }
         let now = self.now();
         let bounded = self.bound.is_some();
@@ -954,15 +954,19 @@ mod tests {
             .unwrap();
         s.apply(1, &batch((0..10_000).map(|i| (i % 5_000, -i))))
             .unwrap();
-        crate::snapshot_fuzz::altered_snapshots_restore_or_fail(&s.snapshot().unwrap(), 150, |b| {
-            let mut s = state();
-            let restored = s.restore(b, &|_| true).is_ok();
-            if restored {
-                // A restored state still runs: new rows join (and retract) the restored ones.
-                let _ = s.apply(0, &batch((0..2_000).map(|i| (i % 3_000, i))));
-                let _ = s.apply(1, &batch((0..2_000).map(|i| (i % 5_000, -i))));
-            }
-            restored
-        });
+        crate::checkpoint::fuzz::altered_snapshots_restore_or_fail(
+            &s.snapshot().unwrap(),
+            150,
+            |b| {
+                let mut s = state();
+                let restored = s.restore(b, &|_| true).is_ok();
+                if restored {
+                    // A restored state still runs: new rows join (and retract) the restored ones.
+                    let _ = s.apply(0, &batch((0..2_000).map(|i| (i % 3_000, i))));
+                    let _ = s.apply(1, &batch((0..2_000).map(|i| (i % 5_000, -i))));
+                }
+                restored
+            },
+        );
     }
 }

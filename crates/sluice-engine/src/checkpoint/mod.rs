@@ -9,6 +9,9 @@
 //! - worker 0 then writes the manifest (the commit point), and sinks publish what they
 //!   pre-committed for it.
 
+#[cfg(test)]
+pub(crate) mod fuzz;
+
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,8 +22,8 @@ use sluice_state::checkpoint::{CheckpointStore, Manifest, FORMAT_VERSION};
 use timely::dataflow::operators::Capability;
 use timely::progress::frontier::MutableAntichain;
 
-use crate::dataflow::{Epoch, Event};
-use crate::metrics::InFlight;
+use crate::runtime::metrics::InFlight;
+use crate::runtime::{Epoch, Event};
 
 /// `SET 'execution.checkpointing.*'`.
 #[derive(Debug, Clone)]
@@ -358,7 +361,7 @@ impl CheckpointWriter {
     /// Starts the writer thread; it ends when every clone of the writer is dropped.
     pub fn start(
         store: Arc<CheckpointStore>,
-        metrics: Arc<crate::metrics::JobMetrics>,
+        metrics: Arc<crate::runtime::metrics::JobMetrics>,
         compression: bool,
     ) -> (Self, std::thread::JoinHandle<()>) {
         let (sender, receiver) = std::sync::mpsc::channel::<(Epoch, String, Payload)>();
@@ -728,7 +731,7 @@ impl<T: Held> Alignment<T> {
 impl CheckpointContext {
     /// Whether worker `index` of `peers` owns a key group.
     pub fn owner(index: usize, peers: usize) -> impl Fn(u16) -> bool {
-        move |kg: u16| crate::dataflow::worker_for_hash(kg as u64, peers) == index
+        move |kg: u16| crate::runtime::worker_for_hash(kg as u64, peers) == index
     }
 
     /// The restored state files of operator `id` as chains (per worker of the checkpoint: a full
@@ -853,7 +856,7 @@ impl SinkTransactions {
     /// one leaves sealed output to the next run's recovery.
     pub fn close(
         w: &mut dyn sluice_connectors::SinkWriter,
-        metrics: &crate::metrics::JobMetrics,
+        metrics: &crate::runtime::metrics::JobMetrics,
         seal: bool,
     ) -> Result<()> {
         if metrics.failed() {

@@ -4,6 +4,9 @@
 //! group ids, every accumulator is updated column-wise, and the changed groups emit their new
 //! results. Windowed groups emit only when the watermark passes the window's end.
 
+pub(crate) mod operator;
+pub mod snapshot;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -16,7 +19,7 @@ use sluice_common::{ChangeBatch, Error, Op, Result};
 use sluice_sql::{AggCall, AggFunc, AggWindow, EmitPolicy, PhysExpr, SessionOutput, WindowKind};
 use sluice_state::{AccKind, Accumulator, ByteSlots, DistinctFamily, GroupTable};
 
-use crate::stateless::evaluate;
+use crate::operator::stateless::evaluate;
 
 /// The aggregation state of one worker.
 pub struct AggregateState {
@@ -51,7 +54,7 @@ pub struct AggregateState {
     /// No GROUP BY: one group under a constant key that is not part of the output.
     pub(crate) global: bool,
     /// What changed since the last snapshot (incremental checkpoints).
-    pub(crate) changes: crate::aggregate_snapshot::Changes,
+    pub(crate) changes: crate::operator::aggregate::snapshot::Changes,
     /// The group keys rows are partitioned by (positions), when not all of them: a windowed
     /// aggregation partitioned before its windows are assigned. Key groups hash these.
     pub(crate) partition_keys: Option<Vec<usize>>,
@@ -1130,7 +1133,7 @@ impl AggregateState {
     }
 
     /// Counts rows dropped as late into the job's metric.
-    pub fn count_late(metrics: &crate::metrics::JobMetrics, n: u64) {
+    pub fn count_late(metrics: &crate::runtime::metrics::JobMetrics, n: u64) {
         if n > 0 {
             metrics.late_rows_dropped.fetch_add(n, Ordering::Relaxed);
         }

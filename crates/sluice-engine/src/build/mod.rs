@@ -1,0 +1,613 @@
+//! Builds one worker's dataflow from a [`JobPlan`]: one arm per plan node, each made into
+//! its operator.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice_common::{ChangeBatch, Error, Result};
+use sluice_connectors::{open_source, ConnectorSpec};
+use sluice_sql::{JobPlan, StreamNode, TableDef};
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::Concatenate;
+use timely::dataflow::ProbeHandle;
+
+use crate::operator::aggregate::AggregateState;
+use crate::operator::source::{source_stream, table_prepare, ValuesReader};
+use crate::operator::stateless::{assign_windows, filter, map_batches, project};
+use crate::runtime::metrics::JobMetrics;
+use crate::runtime::watermark::WatermarkTracker;
+use crate::runtime::{
+    exchange_by_key, tag_watermarks, DataflowScope, Epoch, Event, EventBuilder, EventStream,
+};
+
+mod window;
+
+use crate::job::{idle_timeout, read_columns, DEFAULT_BATCH_ROWS};
+
+use crate::operator::aggregate::operator::aggregate;
+use window::*;
+
+pub(crate) fn spec(table: &TableDef) -> ConnectorSpec {
+    ConnectorSpec {
+        table: table.name.clone(),
+        schema: table.physical_schema.clone(),
+        options: table.options.clone(),
+        partitioned_by: table.partitioned_by.clone(),
+        read_columns: None,
+        decode_ahead: false,
+        whole_files: false,
+        sink_instance: 0,
+    }
+}
+
+/// What every operator of one worker needs to know.
+#[derive(Clone)]
+pub(crate) struct BuildContext {
+    pub index: usize,
+    pub peers: usize,
+    pub metrics: Arc<JobMetrics>,
+    pub probe: ProbeHandle<Epoch>,
+    /// Rows per source batch.
+    pub batch_rows: usize,
+    /// Checkpointing, when enabled.
+    pub checkpoint: Option<std::rc::Rc<crate::checkpoint::CheckpointContext>>,
+    /// `'table.exec.state.ttl'`: how long regular joins keep rows that are not written.
+    pub state_ttl: Option<Duration>,
+    /// Processing time per epoch (`'sluice.epoch-length'`).
+    pub epoch_length: Duration,
+    /// Sources run one after another ([`JobOptions::sequential_sources`]).
+    pub sequence: Option<std::rc::Rc<crate::operator::source::SourceSequence>>,
+    /// File sources read and parse on a thread of their own (the process's workers leave a
+    /// core spare), as Flink's split fetchers do.
+    pub fetch_threads: bool,
+    /// The workers of this process (global indexes).
+    pub local_workers: std::ops::Range<usize>,
+}
+
+impl BuildContext {
+    /// Routes rows by key to the workers owning them ([`crate::runtime::exchange_by_key`]),
+    /// counting the bytes between this process's workers in flight into operator `into`.
+    pub fn exchange<'scope>(
+        &self,
+        stream: EventStream<'scope>,
+        keys: Vec<sluice_sql::PhysExpr>,
+        into: &str,
+    ) -> EventStream<'scope> {
+        exchange_by_key(
+            stream,
+            keys,
+            into,
+            &self.metrics,
+            self.local_workers.clone(),
+        )
+    }
+}
+
+/// Sub-plans computed once per worker, whatever number of places read them (as Flink's
+/// `table.optimizer.reuse-sub-plan-enabled`, on by default): a self-join of a windowed
+/// aggregation (Nexmark q5) aggregates once, and scans of one table share one reader.
+pub(crate) struct Reuse<'scope> {
+    /// Built streams by the plan they compute (its `Debug` text: operators, expressions,
+    /// schemas and tables).
+    built: std::cell::RefCell<std::collections::HashMap<String, EventStream<'scope>>>,
+    /// Tables read more than once with different columns: the columns one shared reader keeps
+    /// (sorted positions in the table's schema; `None`, all of them).
+    scans: std::collections::HashMap<String, Option<Vec<usize>>>,
+}
+
+impl Reuse<'_> {
+    pub fn new(plan: &JobPlan) -> Self {
+        type Projections<'a> = BTreeMap<String, Vec<&'a Option<Vec<usize>>>>;
+        fn collect<'a>(n: &'a StreamNode, out: &mut Projections<'a>) {
+            if let StreamNode::Scan {
+                table,
+                projection,
+                carry_source_row: false,
+                ..
+            } = n
+            {
+                out.entry(table.name.clone()).or_default().push(projection);
+            }
+            n.inputs().into_iter().for_each(|i| collect(i, out));
+        }
+        let mut by_table = Projections::new();
+        for p in &plan.pipelines {
+            collect(&p.query, &mut by_table);
+        }
+        let mut scans = std::collections::HashMap::new();
+        for (name, projections) in by_table {
+            if projections.iter().all(|p| *p == projections[0]) {
+                continue;
+            }
+            // The union of their columns (`None`: one of them reads all).
+            let union = projections.iter().try_fold(vec![], |mut u, p| {
+                u.extend(p.as_ref()?);
+                Some(u)
+            });
+            scans.insert(
+                name,
+                union.map(|mut u| {
+                    u.sort_unstable();
+                    u.dedup();
+                    u
+                }),
+            );
+        }
+        Reuse {
+            built: Default::default(),
+            scans,
+        }
+    }
+}
+
+/// Builds `node`, or returns the stream already built for an identical plan. Plans that call a
+/// volatile function are built each time.
+pub(crate) fn build<'scope>(
+    scope: DataflowScope<'scope>,
+    node: &StreamNode,
+    ctx: &BuildContext,
+    reuse: &Reuse<'scope>,
+) -> EventStream<'scope> {
+    let key = (!node.calls_volatile()).then(|| format!("{node:?}"));
+    if let Some(s) = key
+        .as_ref()
+        .and_then(|k| reuse.built.borrow().get(k).cloned())
+    {
+        return s;
+    }
+    let stream = build_node(scope, node, ctx, reuse);
+    if let Some(k) = key {
+        reuse.built.borrow_mut().insert(k, stream.clone());
+    }
+    stream
+}
+
+pub(crate) fn build_node<'scope>(
+    scope: DataflowScope<'scope>,
+    node: &StreamNode,
+    ctx: &BuildContext,
+    reuse: &Reuse<'scope>,
+) -> EventStream<'scope> {
+    match node {
+        // A table that other scans read with other columns: one reader keeps all of them.
+        StreamNode::Scan {
+            table,
+            projection,
+            schema,
+            carry_source_row: false,
+        } if reuse
+            .scans
+            .get(&table.name)
+            .is_some_and(|shared| shared != projection) =>
+        {
+            let shared = reuse.scans[&table.name].clone();
+            let wide = StreamNode::Scan {
+                table: table.clone(),
+                schema: match &shared {
+                    None => table.schema.clone(),
+                    Some(p) => Arc::new(table.schema.project(p).expect("columns of the table")),
+                },
+                projection: shared.clone(),
+                carry_source_row: false,
+            };
+            let all: Vec<usize> = (0..table.schema.fields().len()).collect();
+            let shared = shared.unwrap_or(all.clone());
+            let positions: Vec<usize> = projection
+                .as_ref()
+                .unwrap_or(&all)
+                .iter()
+                .map(|c| {
+                    shared
+                        .binary_search(c)
+                        .expect("the shared scan keeps every column")
+                })
+                .collect();
+            let schema = schema.clone();
+            map_batches(
+                build(scope, &wide, ctx, reuse),
+                "ScanColumns",
+                ctx.metrics.clone(),
+                move |b| {
+                    let columns = positions
+                        .iter()
+                        .map(|&i| b.data.column(i).clone())
+                        .collect();
+                    Ok(Some(b.with_columns(schema.clone(), columns)?))
+                },
+            )
+        }
+        StreamNode::Scan {
+            table,
+            projection,
+            schema,
+            carry_source_row,
+        } => source_stream(
+            scope,
+            &table.name,
+            open_source(
+                &ConnectorSpec {
+                    read_columns: read_columns(table, projection, *carry_source_row),
+                    // With a watermark, a file is read in order by one worker (as in Flink, where
+                    // a file is one split), so that the worker count cannot change which rows are
+                    // late; its next piece is parsed on another thread meanwhile.
+                    decode_ahead: ctx.fetch_threads || table.watermark.is_some(),
+                    whole_files: table.watermark.is_some(),
+                    ..spec(table)
+                },
+                ctx.index,
+                ctx.peers,
+            )
+            .map(|r| {
+                // Files are read and parsed on a fetcher thread when a core is spare (and the
+                // next piece of a file on another, see `decode_ahead`).
+                if ctx.fetch_threads && table.connector() == "filesystem" {
+                    Box::new(sluice_connectors::prefetch::Prefetched::new(r, &table.name))
+                } else {
+                    r
+                }
+            }),
+            table_prepare(
+                table.clone(),
+                projection.clone(),
+                schema.clone(),
+                *carry_source_row,
+            ),
+            idle_timeout(table).unwrap_or(None),
+            ctx,
+        ),
+        StreamNode::Values { rows } => source_stream(
+            scope,
+            "VALUES",
+            Ok(Box::new(ValuesReader::new(rows.clone(), ctx.index))),
+            Box::new(|b| Ok((ChangeBatch::inserts(b), None))),
+            None,
+            ctx,
+        ),
+        StreamNode::Project {
+            input,
+            exprs,
+            schema,
+        } => {
+            // A projection over a filter: the calls both make are computed once.
+            if let StreamNode::Filter {
+                input: below,
+                predicate,
+            } = input.as_ref()
+            {
+                match crate::operator::stateless::FilterProject::new(
+                    &below.schema(),
+                    predicate,
+                    exprs,
+                    schema,
+                ) {
+                    Ok(Some(fused)) => {
+                        return map_batches(
+                            build(scope, below, ctx, reuse),
+                            "FilterProject",
+                            ctx.metrics.clone(),
+                            move |b| fused.apply(b).map(Some),
+                        )
+                    }
+                    Ok(None) => {}
+                    Err(e) => ctx.metrics.fail(e),
+                }
+            }
+            let (exprs, schema) = (exprs.clone(), schema.clone());
+            map_batches(
+                build(scope, input, ctx, reuse),
+                "Project",
+                ctx.metrics.clone(),
+                move |b| project(b, &exprs, &schema).map(Some),
+            )
+        }
+        StreamNode::Filter { input, predicate } => {
+            let predicate = predicate.clone();
+            map_batches(
+                build(scope, input, ctx, reuse),
+                "Filter",
+                ctx.metrics.clone(),
+                move |b| filter(b, &predicate).map(Some),
+            )
+        }
+        StreamNode::WindowAssign {
+            input,
+            time,
+            kind,
+            schema,
+        } => {
+            let (time, kind, schema) = (time.clone(), *kind, schema.clone());
+            let metrics = ctx.metrics.clone();
+            map_batches(
+                build(scope, input, ctx, reuse),
+                "WindowAssign",
+                ctx.metrics.clone(),
+                move |b| {
+                    assign_windows(b, &time, kind, &schema, &metrics.null_time_rows_dropped)
+                        .map(Some)
+                },
+            )
+        }
+        StreamNode::Union { inputs, .. } => {
+            let n = inputs.len();
+            let streams: Vec<EventStream<'scope>> = inputs
+                .iter()
+                .enumerate()
+                .map(|(i, input)| {
+                    tag_watermarks(build(scope, input, ctx, reuse), i as u32, ctx.peers as u32)
+                })
+                .collect();
+            let merged = scope.concatenate(streams);
+            merge_watermarks(merged, n, ctx)
+        }
+        StreamNode::Aggregate {
+            input,
+            group,
+            aggs,
+            window,
+            emit,
+            late_sink,
+            schema,
+        } => {
+            let input_schema = input.schema();
+            let below_window = keys_below_window(input, group, window);
+            let slices = below_window.as_ref().and_then(|(chain, _, _)| {
+                hop_slices(chain, group, window, aggs, emit, late_sink.is_some())
+            });
+            let stream = match &below_window {
+                Some((chain, keys, _)) => build_window_chain(
+                    scope,
+                    chain,
+                    keys.clone(),
+                    slices.map(|(_, slide)| slide),
+                    ctx,
+                    reuse,
+                ),
+                None => ctx.exchange(build(scope, input, ctx, reuse), group.clone(), "Aggregate"),
+            };
+            let state = AggregateState::try_new(
+                group.clone(),
+                aggs.clone(),
+                window.clone(),
+                *emit,
+                late_sink.as_ref().map(|l| l.column),
+                schema.clone(),
+                &input_schema,
+            )
+            .map(|mut s| {
+                if input.is_append_only() {
+                    s.assume_append_only_input();
+                }
+                if let Some((_, _, positions)) = below_window {
+                    s.partition_by(positions);
+                }
+                s
+            })
+            .and_then(|mut s| {
+                if let Some((size, slide)) = slices {
+                    s.slice(size, slide, &input_schema)?;
+                } else if let Some((time, kind)) = window_copies(input) {
+                    s.windows_as_copies(time, kind);
+                }
+                Ok(s)
+            });
+            let late = late_sink.as_ref().map(|l| l.table.clone());
+            aggregate(stream, state, *emit, late, ctx)
+        }
+        StreamNode::Join {
+            left,
+            right,
+            kind,
+            left_keys,
+            right_keys,
+            filter,
+            bound,
+            schema,
+        } => {
+            let state = crate::operator::join::JoinState::try_new(
+                *kind,
+                left_keys.clone(),
+                right_keys.clone(),
+                filter.clone(),
+                *bound,
+                [left.schema(), right.schema()],
+                schema.clone(),
+                ctx.state_ttl,
+            )
+            .map(|s| s.with_append_only([left.is_append_only(), right.is_append_only()]));
+            let l = ctx.exchange(build(scope, left, ctx, reuse), left_keys.clone(), "Join");
+            let r = ctx.exchange(build(scope, right, ctx, reuse), right_keys.clone(), "Join");
+            let delay = bound.map_or(0, |b| b.output_delay);
+            let proctime = bound.is_some_and(|b| b.processing_time);
+            crate::operator::two_input::join(l, r, state, delay, proctime, ctx)
+        }
+        StreamNode::Rank {
+            input,
+            partition,
+            order,
+            limit,
+            mode,
+            schema,
+        } => {
+            let state = crate::operator::rank::RankState::try_new(
+                partition.clone(),
+                order.clone(),
+                *limit,
+                *mode,
+                &input.schema(),
+                schema.clone(),
+                input.is_append_only(),
+            );
+            let stream = ctx.exchange(build(scope, input, ctx, reuse), partition.clone(), "Rank");
+            crate::operator::keyed::keyed(stream, state, ctx)
+        }
+        StreamNode::TemporalJoin {
+            left,
+            right,
+            kind,
+            left_keys,
+            right_keys,
+            left_time,
+            right_time,
+            filter,
+            schema,
+        } => {
+            let state = crate::operator::temporal::TemporalState::try_new(
+                *kind,
+                left_keys.clone(),
+                right_keys.clone(),
+                [*left_time, *right_time],
+                filter.clone(),
+                [left.schema(), right.schema()],
+                schema.clone(),
+            );
+            let l = ctx.exchange(
+                build(scope, left, ctx, reuse),
+                left_keys.clone(),
+                "TemporalJoin",
+            );
+            let r = ctx.exchange(
+                build(scope, right, ctx, reuse),
+                right_keys.clone(),
+                "TemporalJoin",
+            );
+            crate::operator::two_input::join(l, r, state, 0, false, ctx)
+        }
+        StreamNode::LookupJoin {
+            input,
+            dim,
+            kind,
+            left_keys,
+            right_keys,
+            filter,
+            reload_ms,
+            schema,
+        } => {
+            let (kind, dim, input_schema) = (*kind, (**dim).clone(), input.schema());
+            let (lk, rk, filter, schema) = (
+                left_keys.clone(),
+                right_keys.clone(),
+                filter.clone(),
+                schema.clone(),
+            );
+            let load = move || -> Result<crate::operator::join::JoinState> {
+                let mut state = crate::operator::join::JoinState::try_new(
+                    kind,
+                    lk.clone(),
+                    rk.clone(),
+                    filter.clone(),
+                    None,
+                    [input_schema.clone(), dim.schema()],
+                    schema.clone(),
+                    None,
+                )?
+                .for_lookup();
+                for b in load_table(&dim)? {
+                    state.apply(1, &b)?;
+                }
+                Ok(state)
+            };
+            let reload = reload_ms.map(|ms| Duration::from_millis(ms as u64));
+            let mut state = None;
+            let mut loaded = Instant::now();
+            map_batches(
+                build(scope, input, ctx, reuse),
+                "LookupJoin",
+                ctx.metrics.clone(),
+                move |b| {
+                    if state.is_none() || reload.is_some_and(|r| loaded.elapsed() >= r) {
+                        state = Some(load()?);
+                        loaded = Instant::now();
+                    }
+                    Ok(state.as_mut().expect("loaded").apply(0, b)?.changes)
+                },
+            )
+        }
+        StreamNode::Over {
+            input,
+            partition,
+            order,
+            aggs,
+            frame,
+            schema,
+        } => {
+            let stream = ctx.exchange(build(scope, input, ctx, reuse), partition.clone(), "Over");
+            match order {
+                sluice_sql::OverOrder::EventTime(time) => {
+                    let state = crate::operator::over::OverState::try_new(
+                        partition.clone(),
+                        *time,
+                        aggs.clone(),
+                        *frame,
+                        input.schema(),
+                        schema.clone(),
+                    );
+                    crate::operator::keyed::keyed(stream, state, ctx)
+                }
+                sluice_sql::OverOrder::Updating(keys) => {
+                    let state = crate::operator::over::UpdatingOverState::try_new(
+                        partition.clone(),
+                        keys.clone(),
+                        aggs.clone(),
+                        *frame,
+                        input.schema(),
+                        schema.clone(),
+                    );
+                    crate::operator::keyed::keyed(stream, state, ctx)
+                }
+            }
+        }
+    }
+}
+
+/// Reads a lookup join's table whole, as it is now.
+pub(crate) fn load_table(node: &StreamNode) -> Result<Vec<ChangeBatch>> {
+    let StreamNode::Scan {
+        table,
+        projection,
+        schema,
+        ..
+    } = node
+    else {
+        return Err(Error::Runtime(
+            "internal: a lookup join reads a table scan".into(),
+        ));
+    };
+    let mut reader = open_source(&spec(table), 0, 1)?;
+    let mut prepare = table_prepare(table.clone(), projection.clone(), schema.clone(), false);
+    let mut out = vec![];
+    loop {
+        match reader.poll(DEFAULT_BATCH_ROWS)? {
+            sluice_connectors::Poll::Batch { batch, .. } => out.push(prepare(batch)?.0),
+            sluice_connectors::Poll::SplitDone { .. } => {}
+            sluice_connectors::Poll::Idle | sluice_connectors::Poll::Finished => return Ok(out),
+        }
+    }
+}
+
+/// Emits the minimum watermark over a union's inputs.
+pub(crate) fn merge_watermarks<'scope>(
+    stream: EventStream<'scope>,
+    inputs: usize,
+    ctx: &BuildContext,
+) -> EventStream<'scope> {
+    let (index, peers) = (ctx.index, ctx.peers);
+    stream.unary::<EventBuilder, _, _, _>(Pipeline, "UnionWatermark", move |_cap, _info| {
+        let mut tracker = WatermarkTracker::new(inputs);
+        move |input, output| {
+            input.for_each(|cap, data| match data {
+                // A source's word for another worker (`SourceReader::silent_workers`): that
+                // worker's own union reports it; here only this worker's inputs count.
+                Event::Watermark { from, .. } if *from as usize % peers != index => {}
+                Event::Watermark { from, ts, idle, .. } => {
+                    if let Some((wm, idle)) = tracker.receive(*from, *ts, *idle).forward {
+                        let mut event = Event::progress(index, wm, idle, peers);
+                        output.session(&cap).give_container(&mut event);
+                    }
+                }
+                _ => output.session(&cap).give_container(data),
+            });
+        }
+    })
+}
