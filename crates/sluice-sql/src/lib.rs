@@ -1,25 +1,22 @@
 //! Sluice's SQL front end.
 //!
 //! A script flows through these modules in order:
-//! 1. [`parser`] splits it into statements with the Flink-flavoured [`dialect`], parsing
+//! 1. [`parser`] splits it into statements with the Flink-flavoured [`parser::dialect`], parsing
 //!    `CREATE TABLE` (watermarks, computed columns, keys, connector options) itself.
 //! 2. [`rewrite`] maps Flink spellings (`TUMBLE_START`, `DATE_FORMAT`, `IF`, ...) onto the
-//!    function library in [`functions`] and [`flink_functions`].
+//!    function library in [`functions`] (Flink's own in [`functions::flink`]).
 //! 3. [`planner`] lets DataFusion plan, type-check and optimize each query (window TVFs enter via
 //!    the relation planner in [`tvf`]), then translates the logical plan into the streaming
 //!    operators of [`plan`], rejecting what cannot run incrementally.
 
+pub mod config;
 pub mod depth;
-pub mod dialect;
-pub mod flink_functions;
 pub mod functions;
-mod join_plan;
+pub mod optimize;
 pub mod parser;
 pub mod plan;
 pub mod planner;
-mod rank_plan;
 pub mod rewrite;
-pub mod settings;
 pub mod tvf;
 
 pub use plan::*;

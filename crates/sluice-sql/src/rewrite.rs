@@ -8,7 +8,7 @@
 
 use std::ops::ControlFlow;
 
-use crate::flink_functions::WALL_CLOCK;
+use crate::functions::flink::WALL_CLOCK;
 
 use sqlparser::ast::{
     self, CastKind, Expr, Function, FunctionArg, FunctionArgExpr, FunctionArgumentList,

@@ -19,8 +19,8 @@ use datafusion_expr::{
 };
 use sqlparser::ast::{self, FunctionArg, FunctionArgExpr, FunctionArguments, TableFactor};
 
-use crate::dialect::TABLE_ARG_MARKER;
 use crate::functions::{window_time_type, WINDOW_FIELDS};
+use crate::parser::dialect::TABLE_ARG_MARKER;
 use crate::plan::WindowKind;
 
 /// The logical node for a window TVF.

@@ -49,6 +49,12 @@ enum Command {
         #[arg(long)]
         from_checkpoint: Option<String>,
     },
+    /// Print the streaming plan of a script without running it: every node with its changelog,
+    /// partitioning, state and the physical decisions that apply (as `EXPLAIN` in a script).
+    Explain {
+        /// The SQL script.
+        file: PathBuf,
+    },
     /// Measure throughput on the built-in generators (use a release build): the engine-core
     /// scenarios, `sluice bench nexmark` for the Nexmark queries, `sluice bench latency`.
     Bench {
@@ -112,6 +118,7 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Demo { seconds, workers } => demo::run(seconds, workers),
+        Command::Explain { file } => explain(file),
         Command::Bench { suite, workers, .. } if suite == "latency" => {
             latency::run(&workers, 0.5, 10.0, &[1024, 8192])
         }
@@ -132,6 +139,25 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `sluice explain FILE`: the plan of every INSERT and SELECT of the script.
+fn explain(file: PathBuf) -> Result<(), String> {
+    let sql = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let plan = sluice_sql::plan_script(&sql).map_err(|e| format!("{}: {e}", file.display()))?;
+    for warning in &plan.warnings {
+        eprintln!("warning: {}: {warning}", file.display());
+    }
+    let mut all = plan.explained.clone();
+    all.extend(plan.pipelines.iter().cloned());
+    if all.is_empty() {
+        return Err(format!(
+            "{}: the script has no INSERT INTO or SELECT statement to explain",
+            file.display()
+        ));
+    }
+    print!("{}", sluice_sql::plan::explain::explain_pipelines(&all));
+    Ok(())
 }
 
 fn run(
@@ -158,6 +184,15 @@ fn run(
     if let Some(path) = from_checkpoint {
         plan.settings
             .insert("execution.state-recovery.path".into(), path);
+    }
+    if !plan.explained.is_empty() {
+        print!(
+            "{}",
+            sluice_sql::plan::explain::explain_pipelines(&plan.explained)
+        );
+        if plan.pipelines.is_empty() {
+            return Ok(None);
+        }
     }
     if plan.pipelines.is_empty() {
         return Err(format!(

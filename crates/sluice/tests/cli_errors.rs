@@ -333,3 +333,40 @@ fn bench_baseline_flags_regressions() {
         .unwrap();
     fails_with(&o, &["bad.jsonl:1", "events_per_s"]);
 }
+
+/// `sluice explain FILE` prints the plan without running anything, and a script's `EXPLAIN`
+/// statement prints its statement's plan instead of running it; `EXPLAIN ANALYZE` is an error
+/// naming its position.
+#[test]
+fn explain_prints_the_plan_without_running() {
+    let dir = tempfile::tempdir().unwrap();
+    // The input does not exist: nothing may try to read it.
+    let missing = dir.path().join("no-such-dir");
+    let ddl = orders_ddl(&missing, "");
+    let query = "SELECT window_start, COUNT(*) FROM TABLE(HOP(TABLE orders, DESCRIPTOR(ts), INTERVAL '1' SECOND, INTERVAL '5' SECOND)) GROUP BY window_start, window_end, category;";
+    let path = dir.path().join("q.sql");
+    std::fs::write(&path, format!("{ddl}\n{query}")).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("explain")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.contains("WindowAggregate"), "{out}");
+    assert!(
+        out.contains("rule hop-slicing: panes of 1 s merged into windows of 5 s"),
+        "{out}"
+    );
+    let o = sluice(&format!("{ddl}\nEXPLAIN {query}"), dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("WindowAggregate"));
+    let o = sluice(&format!("{ddl}\nEXPLAIN ANALYZE {query}"), dir.path());
+    fails_with(
+        &o,
+        &[
+            "EXPLAIN ANALYZE is not supported yet (run the script",
+            "line 5, column 1",
+        ],
+    );
+}

@@ -142,7 +142,7 @@ fn setup() -> Setup {
         Arc::new(MemTable::try_new(side_batch.schema(), vec![vec![side_batch]]).unwrap()),
     )
     .unwrap();
-    for f in sluice_sql::flink_functions::all() {
+    for f in sluice_sql::functions::flink::all() {
         ctx.register_udf(f.as_ref().clone());
     }
     let rt = tokio::runtime::Builder::new_current_thread()

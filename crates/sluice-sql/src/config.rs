@@ -349,7 +349,7 @@ mod tests {
             ("options", super::options_markdown()),
             ("Flink-only options", super::flink_only_markdown()),
         ] {
-            let begin = format!("<!-- generated from settings.rs: {name} -->\n");
+            let begin = format!("<!-- generated from config.rs: {name} -->\n");
             let start = doc.find(&begin).expect("the begin marker") + begin.len();
             let end = start + doc[start..].find("<!-- end -->").expect("the end marker");
             if doc[start..end] != fresh {
@@ -361,7 +361,7 @@ mod tests {
             if std::env::var_os("SLUICE_BLESS").is_some() {
                 std::fs::write(path, doc).unwrap();
             } else {
-                panic!("docs/configuration.md lists other {stale:?} than settings.rs declares; run this test with SLUICE_BLESS=1 to regenerate it");
+                panic!("docs/configuration.md lists other {stale:?} than config.rs declares; run this test with SLUICE_BLESS=1 to regenerate it");
             }
         }
     }

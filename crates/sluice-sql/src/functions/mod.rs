@@ -5,6 +5,8 @@
 //! replaces them with a window operator. Each returns a struct of the window's bounds, and the
 //! `TUMBLE_START`-style helpers are rewritten to field accesses on it (see [`crate::rewrite`]).
 
+pub mod flink;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -96,7 +98,7 @@ pub fn scalar_functions() -> HashMap<String, Arc<ScalarUDF>> {
     add(Arc::new(ScalarUDF::new_from_impl(WindowMarker::new(
         "session", 2,
     ))));
-    for f in crate::flink_functions::all() {
+    for f in crate::functions::flink::all() {
         add(f);
     }
     map

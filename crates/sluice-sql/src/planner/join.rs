@@ -22,7 +22,9 @@ use datafusion_optimizer::optimizer::ApplyOrder;
 use datafusion_optimizer::{OptimizerConfig, OptimizerRule};
 use sluice_common::{Error, Result};
 
+use crate::plan::properties::window_columns;
 use crate::plan::*;
+use crate::planner::expr::strip;
 use crate::planner::{arrow_schema, df_error, physical_expr};
 use crate::tvf::interval_literal_millis;
 
@@ -92,8 +94,8 @@ pub(crate) fn plan_join(
             Some(b) => Some(b),
             None => interval_bound(j, ls, rs).map(|mut b| {
                 let (l, r) = (b.expire[0].column, b.expire[1].column);
-                b.processing_time = crate::rank_plan::is_proctime(&left, l)
-                    && crate::rank_plan::is_proctime(&right, r);
+                b.processing_time = crate::plan::properties::is_proctime(&left, l)
+                    && crate::plan::properties::is_proctime(&right, r);
                 b
             }),
         }
@@ -110,73 +112,6 @@ pub(crate) fn plan_join(
         bound,
         schema: arrow_schema(&j.schema),
     })
-}
-
-/// True when a regular join (whose output rows come at any time, not in event-time order) is
-/// below this node: its output has no time attribute, so it cannot be windowed.
-pub(crate) fn has_regular_join(node: &StreamNode) -> bool {
-    match node {
-        StreamNode::Join { bound: None, .. } => true,
-        StreamNode::Join { left, right, .. } => has_regular_join(left) || has_regular_join(right),
-        StreamNode::Project { input, .. }
-        | StreamNode::Filter { input, .. }
-        | StreamNode::WindowAssign { input, .. }
-        | StreamNode::Rank { input, .. }
-        | StreamNode::Over { input, .. }
-        | StreamNode::LookupJoin { input, .. } => has_regular_join(input),
-        StreamNode::TemporalJoin { left, right, .. } => {
-            has_regular_join(left) || has_regular_join(right)
-        }
-        StreamNode::Union { inputs, .. } => inputs.iter().any(has_regular_join),
-        StreamNode::Scan { .. } | StreamNode::Values { .. } | StreamNode::Aggregate { .. } => false,
-    }
-}
-
-/// The columns holding a row's final window bounds `(window_start, window_end)`, if it has them:
-/// rows of a TUMBLE/HOP/CUMULATE window TVF, or results of a window aggregation.
-pub(crate) fn window_columns(node: &StreamNode) -> Option<(usize, usize)> {
-    match node {
-        StreamNode::WindowAssign { input, kind, .. } => {
-            if matches!(kind, WindowKind::Session { .. }) {
-                return None;
-            }
-            let n = input.schema().fields().len();
-            Some((n, n + 1))
-        }
-        StreamNode::Aggregate { window, .. } => match window {
-            AggWindow::Assigned {
-                start_key,
-                end_key,
-                as_struct: false,
-            } => Some((*start_key, *end_key)),
-            AggWindow::Session {
-                output: SessionOutput::Columns { start, end },
-                ..
-            } => Some((*start, *end)),
-            _ => None,
-        },
-        StreamNode::Filter { input, .. } => window_columns(input),
-        StreamNode::Project { input, exprs, .. } => {
-            let (s, e) = window_columns(input)?;
-            let find = |index: usize| {
-                exprs.iter().position(|x| {
-                    x.downcast_ref::<datafusion_physical_expr::expressions::Column>()
-                        .is_some_and(|c| c.index() == index)
-                })
-            };
-            Some((find(s)?, find(e)?))
-        }
-        _ => None,
-    }
-}
-
-fn strip(e: &Expr) -> &Expr {
-    match e {
-        Expr::Cast(c) => strip(&c.expr),
-        Expr::TryCast(c) => strip(&c.expr),
-        Expr::Alias(a) => strip(&a.expr),
-        other => other,
-    }
 }
 
 /// A window join: the keys pair both inputs' `window_start` and `window_end` columns.
@@ -450,7 +385,8 @@ fn lookup_join(
         },
         _ => None,
     };
-    let left_time = as_of_column.filter(|c| crate::rank_plan::rowtime_column(&left) == Some(*c));
+    let left_time =
+        as_of_column.filter(|c| crate::plan::properties::rowtime_column(&left) == Some(*c));
     // Without the versioned table's condition the AS OF column may have been pruned from the
     // left input: its name still says it meant event time (and the join then says what is
     // missing for an event-time temporal join).

@@ -1,6 +1,11 @@
 //! From SQL to a [`JobPlan`]: DataFusion plans and optimizes each query; this module then
 //! translates the logical plan into streaming operators, rejecting what cannot run incrementally.
 
+pub(crate) mod expr;
+pub(crate) mod join;
+pub(crate) mod over;
+pub(crate) mod rank;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -39,6 +44,8 @@ pub struct Catalog {
     /// What the user should know but that does not stop the job (Flink-only options).
     warnings: Vec<String>,
     pipelines: Vec<Pipeline>,
+    /// Statements under `EXPLAIN`: planned, printed, not run.
+    explained: Vec<Pipeline>,
     selects: usize,
     scalar: HashMap<String, Arc<ScalarUDF>>,
     aggregate: HashMap<String, Arc<AggregateUDF>>,
@@ -81,6 +88,7 @@ impl Catalog {
             settings: BTreeMap::new(),
             warnings: vec![],
             pipelines: vec![],
+            explained: vec![],
             selects: 0,
             scalar: scalar_functions(),
             aggregate: aggregate_functions(),
@@ -121,6 +129,7 @@ impl Catalog {
     pub fn into_job(self) -> JobPlan {
         JobPlan {
             pipelines: self.pipelines,
+            explained: self.explained,
             settings: self.settings,
             warnings: self.warnings,
         }
@@ -133,8 +142,15 @@ impl Catalog {
 
     fn execute_statement(&mut self, statement: Statement, line: u64) -> Result<()> {
         match statement {
+            Statement::Explain(inner) => {
+                let selects = self.selects;
+                self.execute_statement(*inner, line)?;
+                self.selects = selects;
+                let pipeline = self.pipelines.pop().expect("EXPLAIN plans one pipeline");
+                self.explained.push(pipeline);
+            }
             Statement::Set { key, value } => {
-                if let Some(warning) = crate::settings::check(&key, &value)? {
+                if let Some(warning) = crate::config::check(&key, &value)? {
                     self.warnings.push(format!("line {line}: {warning}"));
                 }
                 self.settings.insert(key, value);
@@ -274,7 +290,7 @@ impl Catalog {
             Arc::new(datafusion_optimizer::eliminate_filter::EliminateFilter::new()),
             // `FROM a, b WHERE a.k = b.k` becomes an inner join; join conditions split into
             // equi-keys (which partition the join) and the rest.
-            Arc::new(crate::join_plan::JoinConditions),
+            Arc::new(crate::planner::join::JoinConditions),
             Arc::new(
                 datafusion_optimizer::extract_equijoin_predicate::ExtractEquijoinPredicate::new(),
             ),
@@ -487,7 +503,7 @@ impl Catalog {
                 StreamNode::Project { input: Box::new(input), exprs, schema: arrow_schema(&p.schema) }
             }
             LogicalPlan::Filter(f) => {
-                if let Some(node) = crate::rank_plan::plan_rank(self, f)? {
+                if let Some(node) = crate::planner::rank::plan_rank(self, f)? {
                     return Ok(node);
                 }
                 let input = self.to_stream(&f.input)?;
@@ -524,9 +540,9 @@ impl Catalog {
             LogicalPlan::Join(j) => {
                 let left = self.to_stream(&j.left)?;
                 let right = self.to_stream(&j.right)?;
-                crate::join_plan::plan_join(j, left, right, &self.lookups.borrow())?
+                crate::planner::join::plan_join(j, left, right, &self.lookups.borrow())?
             }
-            LogicalPlan::Window(w) => crate::rank_plan::plan_over(self, w)?,
+            LogicalPlan::Window(w) => crate::planner::over::plan_over(self, w)?,
             other => return Err(Error::plan(format!("{} is not supported in a streaming query", other.display()))),
         })
     }
@@ -640,7 +656,7 @@ impl Catalog {
         // updating result that changes with every batch of counts.
         if matches!(window, AggWindow::None) && input.is_append_only() && !fires_on_proctime(&input)
         {
-            if let Some((s, e)) = crate::join_plan::window_columns(&input) {
+            if let Some((s, e)) = crate::plan::properties::window_columns(&input) {
                 let pos = |c: usize| {
                     group.iter().position(|g| {
                         g.downcast_ref::<datafusion_physical_expr::expressions::Column>()
@@ -667,12 +683,12 @@ impl Catalog {
         };
         match &window {
             AggWindow::Assigned { .. } => {
-                emit.processing_time = crate::rank_plan::windows_on_proctime(&input);
+                emit.processing_time = crate::plan::properties::windows_on_proctime(&input);
             }
             AggWindow::Session { time, .. } => {
                 let on_proctime = time
                     .downcast_ref::<datafusion_physical_expr::expressions::Column>()
-                    .is_some_and(|c| crate::rank_plan::is_proctime(&input, c.index()));
+                    .is_some_and(|c| crate::plan::properties::is_proctime(&input, c.index()));
                 if on_proctime {
                     return Err(Error::plan(
                         "session windows on processing time (PROCTIME()) are not supported yet",
@@ -936,7 +952,7 @@ fn fires_on_proctime(node: &StreamNode) -> bool {
         StreamNode::Project { input, .. } | StreamNode::Filter { input, .. } => {
             fires_on_proctime(input)
         }
-        other => crate::rank_plan::windows_on_proctime(other),
+        other => crate::plan::properties::windows_on_proctime(other),
     }
 }
 
@@ -1123,7 +1139,7 @@ fn keep_row_time(input: StreamNode) -> StreamNode {
 }
 
 fn check_windowable(input: &StreamNode) -> Result<()> {
-    if crate::join_plan::has_regular_join(input) {
+    if crate::plan::properties::has_regular_join(input) {
         return Err(Error::plan(
             "a regular join's output has no time attribute and cannot be windowed; window the inputs \
              and join them on window_start and window_end (a window join), or bound the join with a time \

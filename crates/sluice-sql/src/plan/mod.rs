@@ -1,6 +1,9 @@
 //! The streaming plan: what the engine runs. Each node says how its rows change (append-only or
 //! updating) so that sinks can be checked when the plan is built, not when the job runs.
 
+pub mod explain;
+pub mod properties;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -546,6 +549,8 @@ pub struct Pipeline {
 #[derive(Debug, Clone, Default)]
 pub struct JobPlan {
     pub pipelines: Vec<Pipeline>,
+    /// The pipelines of `EXPLAIN` statements: their plans are printed, and they do not run.
+    pub explained: Vec<Pipeline>,
     /// `SET` options.
     pub settings: BTreeMap<String, String>,
     /// Warnings for the user (Flink options Sluice accepts but does not act on).

@@ -4,6 +4,8 @@
 //! CREATE TABLE grammar has no `WATERMARK FOR`, computed columns or `NOT ENFORCED` keys. Every
 //! other statement goes through `Parser::parse_statement` with [`SluiceDialect`].
 
+pub mod dialect;
+
 use std::collections::BTreeMap;
 
 use arrow::datatypes::{DataType, TimeUnit};
@@ -13,7 +15,7 @@ use sqlparser::keywords::Keyword;
 use sqlparser::parser::{Parser, ParserError};
 use sqlparser::tokenizer::{Location, Token};
 
-use crate::dialect::SluiceDialect;
+use crate::parser::dialect::SluiceDialect;
 
 /// One statement of a script, with the line it starts on.
 #[derive(Debug, Clone)]
@@ -35,6 +37,9 @@ pub enum Statement {
     Insert { table: String, query: Box<Query> },
     /// A query whose changelog is printed.
     Select(Box<Query>),
+    /// `EXPLAIN INSERT ...` or `EXPLAIN SELECT ...`: the statement's plan is printed, and the
+    /// statement does not run.
+    Explain(Box<Statement>),
 }
 
 /// A column declared in `CREATE TABLE`: physical, or computed from an expression.
@@ -184,7 +189,39 @@ fn parse_statement(p: &mut Parser) -> Result<Statement, ParserError> {
         }
     }
     let start = p.peek_token();
-    match p.parse_statement()? {
+    let statement = p.parse_statement()?;
+    convert(statement, &start)
+}
+
+/// A statement sqlparser parsed, as Sluice runs it.
+fn convert(
+    statement: ast::Statement,
+    start: &sqlparser::tokenizer::TokenWithSpan,
+) -> Result<Statement, ParserError> {
+    match statement {
+        ast::Statement::Explain {
+            analyze, statement, ..
+        } => {
+            if analyze {
+                return Err(ParserError::ParserError(format!(
+                    "EXPLAIN ANALYZE is not supported yet (run the script: its summary reports the rows per source and sink, and the state) at Line: {}, Column: {}",
+                    start.span.start.line, start.span.start.column
+                )));
+            }
+            match *statement {
+                inner @ (ast::Statement::Insert(_) | ast::Statement::Query(_)) => {
+                    Ok(Statement::Explain(Box::new(convert(inner, start)?)))
+                }
+                other => {
+                    Err(ParserError::ParserError(format!(
+                    "EXPLAIN takes an INSERT INTO or a SELECT, not '{}' at Line: {}, Column: {}",
+                    other.to_string().split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+                    start.span.start.line,
+                    start.span.start.column
+                )))
+                }
+            }
+        }
         ast::Statement::CreateView(view) => Ok(Statement::CreateView {
             name: object_name(&view.name),
             query: view.query,

@@ -1,0 +1,476 @@
+//! `EXPLAIN`: a job's streaming plan as text, before it runs. Each node shows what it computes,
+//! the changelog it emits (`[I]` append-only, `[I,UB,UA,D]` updating), how its input is
+//! partitioned between workers, the state it keeps, and the physical decisions that apply to it
+//! (the rules of [`crate::optimize`], which the builder follows). The planner's golden tests are
+//! this text.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use super::*;
+use crate::optimize::windows::{hop_slices, keys_below_window};
+
+/// The text of `EXPLAIN` for every pipeline of `plan`.
+pub fn explain(plan: &JobPlan) -> String {
+    explain_pipelines(&plan.pipelines)
+}
+
+/// The text of `EXPLAIN` for `pipelines` (sub-plans shared between them are marked).
+pub fn explain_pipelines(pipelines: &[Pipeline]) -> String {
+    let mut uses: HashMap<String, usize> = HashMap::new();
+    for p in pipelines {
+        count_uses(&p.query, &mut uses);
+    }
+    let mut e = Explainer {
+        out: String::new(),
+        uses,
+        written: Default::default(),
+        fired: Default::default(),
+    };
+    for (i, p) in pipelines.iter().enumerate() {
+        let sink = match &p.sink {
+            SinkTarget::Table(t) => {
+                format!("INSERT INTO {} ('connector' = '{}')", t.name, t.connector())
+            }
+            SinkTarget::Select { index } => {
+                format!("SELECT #{} (its changelog is printed)", index + 1)
+            }
+        };
+        let _ = writeln!(e.out, "== Pipeline {} (line {}): {sink} ==", i + 1, p.line);
+        let _ = writeln!(e.out, "Sink  changelog={}", changelog(&p.query));
+        e.node(&p.query, "", true);
+        e.out.push('\n');
+    }
+    let fired: Vec<String> = e
+        .fired
+        .iter()
+        .map(|(rule, n)| format!("{rule} ×{n}"))
+        .collect();
+    let _ = writeln!(
+        e.out,
+        "Rules applied: {}",
+        if fired.is_empty() {
+            "none".to_string()
+        } else {
+            fired.join(", ")
+        }
+    );
+    e.out
+}
+
+/// Counts how often each sub-plan occurs (by its `Debug` text, as the builder shares them).
+fn count_uses(node: &StreamNode, uses: &mut HashMap<String, usize>) {
+    if !node.calls_volatile() {
+        *uses.entry(format!("{node:?}")).or_default() += 1;
+    }
+    for i in node.inputs() {
+        count_uses(i, uses);
+    }
+}
+
+fn changelog(node: &StreamNode) -> &'static str {
+    if node.is_append_only() {
+        "[I]"
+    } else {
+        "[I,UB,UA,D]"
+    }
+}
+
+fn list(exprs: &[PhysExpr]) -> String {
+    exprs
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn hash(keys: &[PhysExpr]) -> String {
+    if keys.is_empty() {
+        "single worker (no key)".to_string()
+    } else {
+        format!("hash[{}]", list(keys))
+    }
+}
+
+fn duration(ms: i64) -> String {
+    match ms {
+        ms if ms % 3_600_000 == 0 && ms != 0 => format!("{} h", ms / 3_600_000),
+        ms if ms % 60_000 == 0 && ms != 0 => format!("{} min", ms / 60_000),
+        ms if ms % 1_000 == 0 && ms != 0 => format!("{} s", ms / 1_000),
+        ms => format!("{ms} ms"),
+    }
+}
+
+fn window(kind: &WindowKind) -> String {
+    match kind {
+        WindowKind::Tumble { size, offset: 0 } => format!("TUMBLE({})", duration(*size)),
+        WindowKind::Tumble { size, offset } => {
+            format!("TUMBLE({}, offset {})", duration(*size), duration(*offset))
+        }
+        WindowKind::Hop { size, slide } => {
+            format!("HOP(size {}, slide {})", duration(*size), duration(*slide))
+        }
+        WindowKind::Cumulate { step, size } => {
+            format!(
+                "CUMULATE(step {}, size {})",
+                duration(*step),
+                duration(*size)
+            )
+        }
+        WindowKind::Session { gap } => format!("SESSION(gap {})", duration(*gap)),
+    }
+}
+
+fn aggs(calls: &[AggCall]) -> String {
+    calls
+        .iter()
+        .map(|a| {
+            let arg = a.arg.as_ref().map_or("*".to_string(), |e| e.to_string());
+            let distinct = if a.distinct { "DISTINCT " } else { "" };
+            let filter = a
+                .filter
+                .as_ref()
+                .map(|f| format!(" FILTER (WHERE {f})"))
+                .unwrap_or_default();
+            let func = format!("{:?}", a.func).to_uppercase();
+            format!("{func}({distinct}{arg}){filter}")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn join_kind(kind: &JoinKind) -> &'static str {
+    match kind {
+        JoinKind::Inner => "inner",
+        JoinKind::Left => "left",
+        JoinKind::Right => "right",
+        JoinKind::Full => "full",
+    }
+}
+
+fn pairs(left: &[PhysExpr], right: &[PhysExpr]) -> String {
+    left.iter()
+        .zip(right)
+        .map(|(l, r)| format!("{l} = {r}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+struct Explainer {
+    out: String,
+    uses: HashMap<String, usize>,
+    /// Shared sub-plans already written out.
+    written: std::collections::HashSet<String>,
+    fired: std::collections::BTreeMap<&'static str, usize>,
+}
+
+impl Explainer {
+    fn fire(&mut self, rule: &'static str) {
+        *self.fired.entry(rule).or_default() += 1;
+    }
+
+    /// Writes `node` and its inputs; `prefix` is the indentation of its details.
+    fn node(&mut self, node: &StreamNode, prefix: &str, last: bool) {
+        let branch = if last { "└─ " } else { "├─ " };
+        let key = format!("{node:?}");
+        if self.written.contains(&key) {
+            let _ = writeln!(
+                self.out,
+                "{prefix}{branch}(the shared sub-plan above)  changelog={}",
+                changelog(node)
+            );
+            return;
+        }
+        let (head, details) = self.describe(node);
+        let _ = writeln!(
+            self.out,
+            "{prefix}{branch}{head}  changelog={}",
+            changelog(node)
+        );
+        let child = format!("{prefix}{}", if last { "   " } else { "│  " });
+        let inputs = node.inputs();
+        let bar = if inputs.is_empty() { "   " } else { "│  " };
+        let shared =
+            !node.calls_volatile() && self.uses.get(&format!("{node:?}")).is_some_and(|n| *n > 1);
+        for d in details {
+            let _ = writeln!(self.out, "{child}{bar}{d}");
+        }
+        if shared {
+            let n = self.uses[&format!("{node:?}")];
+            let _ = writeln!(
+                self.out,
+                "{child}{bar}rule shared-sub-plan: computed once per worker, read {n} times"
+            );
+            self.fire("shared-sub-plan");
+            self.written.insert(key);
+            // Its inputs belong to the shared part: count them once.
+            for i in &inputs {
+                forget(i, &mut self.uses);
+            }
+        }
+        for (k, i) in inputs.iter().enumerate() {
+            self.node(i, &child, k + 1 == inputs.len());
+        }
+    }
+
+    /// A node's head line and its detail lines.
+    fn describe(&mut self, node: &StreamNode) -> (String, Vec<String>) {
+        let mut d = vec![];
+        let head = match node {
+            StreamNode::Scan {
+                table, projection, ..
+            } => {
+                if let Some((time, wm)) = &table.watermark {
+                    d.push(format!(
+                        "watermark: {} by {wm}",
+                        table.schema.field(*time).name()
+                    ));
+                }
+                d.push("state: source offsets (in checkpoints)".to_string());
+                let columns = match projection {
+                    Some(p) => p
+                        .iter()
+                        .map(|i| table.schema.field(*i).name().clone())
+                        .collect::<Vec<_>>(),
+                    None => table
+                        .schema
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().clone())
+                        .collect(),
+                };
+                format!(
+                    "Scan {} ('connector' = '{}')  columns=[{}]",
+                    table.name,
+                    table.connector(),
+                    columns.join(", ")
+                )
+            }
+            StreamNode::Values { rows, .. } => format!("Values  rows={}", rows.num_rows()),
+            StreamNode::Project { input, exprs, .. } => {
+                if matches!(input.as_ref(), StreamNode::Filter { .. }) {
+                    d.push(
+                        "rule filter-project-fusion: the filter and this projection run as one step, sharing the calls both make"
+                            .to_string(),
+                    );
+                    self.fire("filter-project-fusion");
+                }
+                format!("Project  [{}]", list(exprs))
+            }
+            StreamNode::Filter { predicate, .. } => format!("Filter  {predicate}"),
+            StreamNode::Union { inputs, .. } => format!("Union  inputs={}", inputs.len()),
+            StreamNode::WindowAssign { time, kind, .. } => {
+                format!("WindowAssign  {} on {time}", window(kind))
+            }
+            StreamNode::Aggregate {
+                input,
+                group,
+                aggs: calls,
+                window: w,
+                emit,
+                late_sink,
+                ..
+            } => {
+                let below = keys_below_window(input, group, w);
+                match &below {
+                    Some((_, keys, _)) => {
+                        d.push(format!(
+                            "partitioning: {} below the window assignment",
+                            hash(keys)
+                        ));
+                        d.push("rule pre-partition: rows are partitioned before their windows are assigned, so window copies stay on one worker".to_string());
+                        self.fire("pre-partition");
+                    }
+                    None => d.push(format!("partitioning: {}", hash(group))),
+                }
+                if let Some((size, slide)) = below.as_ref().and_then(|(chain, _, _)| {
+                    hop_slices(chain, group, w, calls, emit, late_sink.is_some())
+                }) {
+                    d.push(format!(
+                        "rule hop-slicing: panes of {} merged into windows of {}",
+                        duration(slide),
+                        duration(size)
+                    ));
+                    self.fire("hop-slicing");
+                }
+                d.push(match w {
+                    AggWindow::None => "state: one accumulator row per group (updating; unbounded unless the keys are)".to_string(),
+                    AggWindow::Assigned { .. } => "state: accumulators per group and open window; a window's state goes when it fires".to_string(),
+                    AggWindow::Session { gap, .. } => format!("state: open sessions per group (gap {}); a session's state goes when it closes", duration(*gap)),
+                });
+                if let Some(ms) = emit.early_fire_ms {
+                    d.push(format!("emit: early fire every {}", duration(ms as i64)));
+                }
+                if emit.allowed_lateness_ms > 0 {
+                    d.push(format!(
+                        "emit: fired windows kept {} for late rows",
+                        duration(emit.allowed_lateness_ms)
+                    ));
+                }
+                if emit.processing_time {
+                    d.push("emit: windows close by the wall clock (processing time)".to_string());
+                }
+                if let Some(l) = late_sink {
+                    d.push(format!("late rows: written to {}", l.table.name));
+                }
+                let kind = match w {
+                    AggWindow::None => "GroupAggregate",
+                    AggWindow::Assigned { .. } => "WindowAggregate",
+                    AggWindow::Session { .. } => "SessionWindowAggregate",
+                };
+                format!("{kind}  group=[{}]  aggs=[{}]", list(group), aggs(calls))
+            }
+            StreamNode::Join {
+                kind,
+                left_keys,
+                right_keys,
+                filter,
+                bound,
+                ..
+            } => {
+                d.push(format!(
+                    "partitioning: left {}, right {}",
+                    hash(left_keys),
+                    hash(right_keys)
+                ));
+                if let Some(f) = filter {
+                    d.push(format!("condition: {f}"));
+                }
+                let what = match bound {
+                    None => {
+                        d.push("state: both inputs' rows by key (unbounded unless 'table.exec.state.ttl' is set)".to_string());
+                        "Join"
+                    }
+                    Some(b) if b.window => {
+                        d.push(
+                            "state: rows of open windows; a window's rows go when it closes"
+                                .to_string(),
+                        );
+                        "WindowJoin"
+                    }
+                    Some(b) => {
+                        d.push(format!(
+                            "state: rows within the time bound; output held back {}",
+                            duration(b.output_delay)
+                        ));
+                        "IntervalJoin"
+                    }
+                };
+                format!(
+                    "{what} {}  on [{}]",
+                    join_kind(kind),
+                    pairs(left_keys, right_keys)
+                )
+            }
+            StreamNode::LookupJoin {
+                kind,
+                left_keys,
+                right_keys,
+                reload_ms,
+                ..
+            } => {
+                d.push(match reload_ms {
+                    Some(ms) => format!(
+                        "state: the dimension table on every worker, reloaded every {}",
+                        duration(*ms)
+                    ),
+                    None => "state: the dimension table on every worker".to_string(),
+                });
+                format!(
+                    "LookupJoin {}  on [{}]",
+                    join_kind(kind),
+                    pairs(left_keys, right_keys)
+                )
+            }
+            StreamNode::TemporalJoin {
+                kind,
+                left_keys,
+                right_keys,
+                ..
+            } => {
+                d.push(format!(
+                    "partitioning: left {}, right {}",
+                    hash(left_keys),
+                    hash(right_keys)
+                ));
+                d.push("state: versions per key of the right input, and left rows until the watermark passes them".to_string());
+                format!(
+                    "TemporalJoin {}  on [{}]",
+                    join_kind(kind),
+                    pairs(left_keys, right_keys)
+                )
+            }
+            StreamNode::Over {
+                partition,
+                order,
+                aggs: calls,
+                frame,
+                ..
+            } => {
+                d.push(format!("partitioning: {}", hash(partition)));
+                let frame = match frame {
+                    OverFrame::Rows(Some(n)) => format!("ROWS {n} PRECEDING"),
+                    OverFrame::Range(Some(ms)) => format!("RANGE {} PRECEDING", duration(*ms)),
+                    OverFrame::Rows(None) | OverFrame::Range(None) => {
+                        "UNBOUNDED PRECEDING".to_string()
+                    }
+                };
+                let order = match order {
+                    OverOrder::EventTime(c) => format!("event time (column {c})"),
+                    OverOrder::Updating(keys) => {
+                        list(&keys.iter().map(|k| k.expr.clone()).collect::<Vec<_>>())
+                    }
+                };
+                d.push(
+                    "state: the rows in each partition's frame, and rows waiting for the watermark"
+                        .to_string(),
+                );
+                format!("Over  aggs=[{}]  order by {order}  {frame}", aggs(calls))
+            }
+            StreamNode::Rank {
+                partition,
+                order,
+                limit,
+                mode,
+                ..
+            } => {
+                d.push(format!("partitioning: {}", hash(partition)));
+                let order = order
+                    .iter()
+                    .map(|k| format!("{} {}", k.expr, if k.asc { "ASC" } else { "DESC" }))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let what = match mode {
+                    RankMode::Updating => {
+                        d.push(
+                            "state: every row of each partition (ranks change as rows come and go)"
+                                .to_string(),
+                        );
+                        "TopN"
+                    }
+                    RankMode::Window { .. } => {
+                        d.push(
+                            "state: the top rows of each open window; emitted when it closes"
+                                .to_string(),
+                        );
+                        "WindowTopN"
+                    }
+                    RankMode::FirstByTime { .. } => {
+                        d.push("state: the first row by event time of each key".to_string());
+                        "Deduplicate"
+                    }
+                };
+                format!("{what}  limit={limit}  order by [{order}]")
+            }
+        };
+        (head, d)
+    }
+}
+
+/// Marks a shared sub-plan's inputs as read once (they are part of it).
+fn forget(node: &StreamNode, uses: &mut HashMap<String, usize>) {
+    uses.remove(&format!("{node:?}"));
+    for i in node.inputs() {
+        forget(i, uses);
+    }
+}
