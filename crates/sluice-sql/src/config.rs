@@ -38,7 +38,7 @@ pub const SETTINGS: &[Setting] = &[
         key: "sluice.memory.limit",
         kind: Kind::Text,
         default: Some("80% of the machine's memory"),
-        doc: "the most memory the job may use (resident, as '4gb'): past it the job fails, naming the operator with the largest state, instead of the system killing it",
+        doc: "the most memory the job may use (resident, as '4gb'): past it the job fails, naming the operator with the largest state and where the most rows wait in flight, instead of the system killing it",
     },
     Setting {
         key: "table.exec.mini-batch.size",

@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod latency;
+mod progress;
 mod table_output;
 
 use std::path::PathBuf;
@@ -23,32 +24,40 @@ struct Cli {
     command: Command,
 }
 
+/// `sluice run`.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The SQL script.
+    file: PathBuf,
+    /// Worker threads in this process.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Number of processes in the cluster (each runs the same command).
+    #[arg(long, default_value_t = 1)]
+    processes: usize,
+    /// This process's index, 0-based.
+    #[arg(long, default_value_t = 0)]
+    process_id: usize,
+    /// A file with one host:port per line, one line per process.
+    #[arg(long)]
+    hosts: Option<PathBuf>,
+    /// Ignore existing checkpoints and start from the beginning of the input.
+    #[arg(long)]
+    fresh: bool,
+    /// Restore this checkpoint (a `chk-...` folder in the checkpoint directory) instead of
+    /// the newest one.
+    #[arg(long)]
+    from_checkpoint: Option<String>,
+    /// The status line while the job runs: `auto` redraws it on a terminal and logs it every
+    /// 10 s elsewhere, `always` shows it every second, `never` prints nothing until the end.
+    #[arg(long, value_enum, default_value = "auto")]
+    progress: progress::Mode,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run a script of SQL statements (SET, CREATE TABLE/VIEW, INSERT INTO, SELECT) as one job.
-    Run {
-        /// The SQL script.
-        file: PathBuf,
-        /// Worker threads in this process.
-        #[arg(long, default_value_t = 1)]
-        workers: usize,
-        /// Number of processes in the cluster (each runs the same command).
-        #[arg(long, default_value_t = 1)]
-        processes: usize,
-        /// This process's index, 0-based.
-        #[arg(long, default_value_t = 0)]
-        process_id: usize,
-        /// A file with one host:port per line, one line per process.
-        #[arg(long)]
-        hosts: Option<PathBuf>,
-        /// Ignore existing checkpoints and start from the beginning of the input.
-        #[arg(long)]
-        fresh: bool,
-        /// Restore this checkpoint (a `chk-...` folder in the checkpoint directory) instead of
-        /// the newest one.
-        #[arg(long)]
-        from_checkpoint: Option<String>,
-    },
+    Run(RunArgs),
     /// Print the streaming plan of a script without running it: every node with its changelog,
     /// partitioning, state and the physical decisions that apply (as `EXPLAIN` in a script).
     Explain {
@@ -95,23 +104,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run {
-            file,
-            workers,
-            processes,
-            process_id,
-            hosts,
-            fresh,
-            from_checkpoint,
-        } => match run(
-            file,
-            workers,
-            processes,
-            process_id,
-            hosts,
-            fresh,
-            from_checkpoint,
-        ) {
+        Command::Run(args) => match run(args) {
             // Stopped by a signal before the input ended: 128 + the signal, as shells report.
             Ok(Some(signal)) => return ExitCode::from(128 + signal as u8),
             Ok(None) => Ok(()),
@@ -161,13 +154,16 @@ fn explain(file: PathBuf) -> Result<(), String> {
 }
 
 fn run(
-    file: PathBuf,
-    workers: usize,
-    processes: usize,
-    process_id: usize,
-    hosts: Option<PathBuf>,
-    fresh: bool,
-    from_checkpoint: Option<String>,
+    RunArgs {
+        file,
+        workers,
+        processes,
+        process_id,
+        hosts,
+        fresh,
+        from_checkpoint,
+        progress,
+    }: RunArgs,
 ) -> Result<Option<i32>, String> {
     check_cluster_size(workers, processes, process_id)?;
     if fresh && from_checkpoint.is_some() {
@@ -239,7 +235,10 @@ fn run(
         fresh,
         sequential_sources: false,
     };
-    let summary = sluice_engine::run(plan, options).map_err(|e| e.to_string())?;
+    let status = progress::Progress::start(progress, options.metrics.clone());
+    let summary = sluice_engine::run(plan, options);
+    drop(status);
+    let summary = summary.map_err(|e| e.to_string())?;
     printer.finish();
     print_summary(&summary);
     let signal = stopped_by.load(std::sync::atomic::Ordering::SeqCst);

@@ -370,3 +370,51 @@ fn explain_prints_the_plan_without_running() {
         ],
     );
 }
+
+/// `--progress always` logs the status every second when stderr is not a terminal: rows read
+/// per source and their rate (here about the generator's 2,000 rows/s); `never` logs nothing,
+/// and `auto` off a terminal only every 10 s (so nothing in a 3 s run).
+#[test]
+fn progress_lines_report_rows_read_and_their_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("gen.sql");
+    std::fs::write(
+        &script,
+        "CREATE TABLE g (id BIGINT) WITH ('connector' = 'datagen', 'rows-per-second' = '2000', 'number-of-rows' = '6000');
+         CREATE TABLE bh (id BIGINT) WITH ('connector' = 'blackhole');
+         INSERT INTO bh SELECT id FROM g;",
+    )
+    .unwrap();
+    let lines = |mode: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .arg("run")
+            .arg(&script)
+            .args(["--progress", mode])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        stderr(&o)
+            .lines()
+            .filter(|l| l.starts_with("progress: "))
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let always = lines("always");
+    assert!(always.len() >= 2, "{always:?}");
+    let rates: Vec<f64> = always
+        .iter()
+        .filter_map(|l| {
+            let rate = l.split(" (").nth(1)?.split("/s)").next()?;
+            let (n, unit) = rate.split_once(' ').unwrap_or((rate, ""));
+            let n: f64 = n.parse().ok()?;
+            Some(if unit == "K" { n * 1e3 } else { n })
+        })
+        .collect();
+    assert!(
+        rates.iter().any(|r| (1_000.0..=3_000.0).contains(r)),
+        "a rate near 2,000 rows/s: {always:?}"
+    );
+    assert!(always[0].contains("read g "), "{always:?}");
+    assert!(lines("never").is_empty());
+    assert!(lines("auto").is_empty());
+}

@@ -247,6 +247,25 @@ impl JobMetrics {
             .max_by_key(|(_, now)| *now)
     }
 
+    /// The state all operators hold, as last reported: bytes and keys.
+    pub fn state_now(&self) -> (u64, u64) {
+        self.states
+            .lock()
+            .expect("metrics")
+            .values()
+            .fold((0, 0), |(b, k), (bytes, keys)| (b + bytes, k + keys))
+    }
+
+    /// Bytes of rows in flight now, everywhere.
+    pub fn in_flight_now(&self) -> i64 {
+        self.in_flight
+            .lock()
+            .expect("metrics")
+            .values()
+            .map(|m| m.now())
+            .sum()
+    }
+
     /// The operator holding the most state (as last reported): name, bytes, keys.
     pub fn largest_state(&self) -> Option<(String, u64, u64)> {
         self.states
