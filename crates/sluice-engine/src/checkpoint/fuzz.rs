@@ -60,3 +60,38 @@ pub(crate) fn altered_snapshots_restore_or_fail(
         );
     }
 }
+
+/// The input of the keyed operators' decoder tests: key, event time (ms) and value.
+pub(crate) fn timed_input() -> arrow::datatypes::SchemaRef {
+    use arrow::datatypes::{Field, Schema, TimeUnit};
+    Arc::new(Schema::new(vec![
+        Field::new("k", DataType::Int64, false),
+        Field::new(
+            "ts",
+            DataType::Timestamp(TimeUnit::Millisecond, None),
+            false,
+        ),
+        Field::new("v", DataType::Int64, false),
+    ]))
+}
+
+/// Rows `(key, time, value)` of [`timed_input`] as inserts.
+pub(crate) fn timed_batch(
+    rows: impl Iterator<Item = (i64, i64, i64)>,
+) -> sluice_common::ChangeBatch {
+    use arrow::array::{Int64Array, TimestampMillisecondArray};
+    let rows: Vec<_> = rows.collect();
+    sluice_common::ChangeBatch::inserts(
+        RecordBatch::try_new(
+            timed_input(),
+            vec![
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(TimestampMillisecondArray::from_iter_values(
+                    rows.iter().map(|r| r.1),
+                )),
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2))),
+            ],
+        )
+        .unwrap(),
+    )
+}

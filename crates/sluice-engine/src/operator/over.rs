@@ -798,19 +798,8 @@ mod tests {
     use sluice_sql::AggFunc;
 
     use super::*;
+    use crate::checkpoint::fuzz::{timed_batch as batch, timed_input as input};
     use crate::operator::keyed::KeyedState;
-
-    fn input() -> SchemaRef {
-        Arc::new(Schema::new(vec![
-            Field::new("k", DataType::Int64, false),
-            Field::new(
-                "ts",
-                DataType::Timestamp(TimeUnit::Millisecond, None),
-                false,
-            ),
-            Field::new("v", DataType::Int64, false),
-        ]))
-    }
 
     fn calls() -> Vec<AggCall> {
         let v = Arc::new(Column::new("v", 2)) as PhysExpr;
@@ -837,23 +826,6 @@ mod tests {
         fields.push(Arc::new(Field::new("s", DataType::Int64, true)));
         fields.push(Arc::new(Field::new("m", DataType::Int64, true)));
         Arc::new(Schema::new(fields))
-    }
-
-    fn batch(rows: impl Iterator<Item = (i64, i64, i64)>) -> ChangeBatch {
-        let rows: Vec<_> = rows.collect();
-        ChangeBatch::inserts(
-            RecordBatch::try_new(
-                input(),
-                vec![
-                    Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
-                    Arc::new(TimestampMillisecondArray::from_iter_values(
-                        rows.iter().map(|r| r.1),
-                    )),
-                    Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2))),
-                ],
-            )
-            .unwrap(),
-        )
     }
 
     /// Snapshots altered inside their bytes (keys, accumulators, frame and waiting rows)

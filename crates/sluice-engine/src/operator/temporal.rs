@@ -411,36 +411,8 @@ mod tests {
     use datafusion_physical_expr::expressions::Column;
 
     use super::*;
+    use crate::checkpoint::fuzz::{timed_batch as batch, timed_input as input};
     use crate::operator::two_input::TwoInputState;
-
-    fn input() -> SchemaRef {
-        Arc::new(Schema::new(vec![
-            Field::new("k", DataType::Int64, false),
-            Field::new(
-                "ts",
-                DataType::Timestamp(TimeUnit::Millisecond, None),
-                false,
-            ),
-            Field::new("v", DataType::Int64, false),
-        ]))
-    }
-
-    fn batch(rows: impl Iterator<Item = (i64, i64, i64)>) -> ChangeBatch {
-        let rows: Vec<_> = rows.collect();
-        ChangeBatch::inserts(
-            RecordBatch::try_new(
-                input(),
-                vec![
-                    Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
-                    Arc::new(TimestampMillisecondArray::from_iter_values(
-                        rows.iter().map(|r| r.1),
-                    )),
-                    Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2))),
-                ],
-            )
-            .unwrap(),
-        )
-    }
 
     fn state() -> TemporalState {
         let key = || vec![Arc::new(Column::new("k", 0)) as PhysExpr];
