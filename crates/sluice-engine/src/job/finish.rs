@@ -10,13 +10,17 @@ use sluice_common::{Error, Result};
 use sluice_connectors::{open_sink, ConnectorSpec};
 use sluice_sql::{JobPlan, SinkTarget, TableDef};
 
-/// For the recovery tests: `SLUICE_CRASH_AT=<point>` ends the process at that point of the end
-/// of a job, as a kill there would.
+/// For the recovery tests (the `fault-injection` feature): `SLUICE_CRASH_AT=<point>` ends the
+/// process at that point of the end of a job, as a kill there would. Release builds have no such
+/// code.
 pub(crate) fn crash_point(point: &str) {
+    #[cfg(feature = "fault-injection")]
     if std::env::var("SLUICE_CRASH_AT").is_ok_and(|p| p == point) {
         eprintln!("stopping at {point} (SLUICE_CRASH_AT)");
         std::process::exit(137);
     }
+    #[cfg(not(feature = "fault-injection"))]
+    let _ = point;
 }
 
 /// How long one process of a cluster waits for the others at the end of a job.
