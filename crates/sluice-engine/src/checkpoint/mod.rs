@@ -311,6 +311,11 @@ pub fn source_identities(plan: &JobPlan) -> BTreeMap<String, String> {
             "queue",
             "seed",
             "number-of-rows",
+            // The generators: which stream, how the streams interleave, and their clocks.
+            "nexmark.table",
+            "nexmark.events",
+            "event-rate",
+            "start-time",
         ];
         let mut parts = vec![];
         for (k, v) in options {
@@ -868,5 +873,35 @@ impl SinkTransactions {
         } else {
             w.finish()
         }
+    }
+}
+
+#[cfg(test)]
+mod identity_tests {
+    /// A generator's identity covers what changes its rows: the Nexmark stream it reads and the
+    /// event count that interleaves the streams, as well as the seed.
+    #[test]
+    fn a_generated_source_is_identified_by_what_makes_its_rows() {
+        let plan = |options: &str| {
+            let sql = format!(
+                "CREATE TABLE s (id BIGINT) WITH ('connector' = 'datagen'{options});
+                 SELECT * FROM s;"
+            );
+            super::source_identities(&sluice_sql::plan_script(&sql).unwrap())
+        };
+        let base = plan(", 'seed' = '1'");
+        assert_eq!(base, plan(", 'seed' = '1'"));
+        assert_ne!(base, plan(", 'seed' = '2'"));
+        assert_ne!(base, plan(", 'seed' = '1', 'number-of-rows' = '10'"));
+        let nexmark = |table: &str, events: u64| {
+            let sql = format!(
+                "CREATE TABLE t (auction BIGINT) WITH ('connector' = 'nexmark', 'nexmark.table' = '{table}', 'nexmark.events' = '{events}');
+                 SELECT * FROM t;"
+            );
+            super::source_identities(&sluice_sql::plan_script(&sql).unwrap())
+        };
+        assert_eq!(nexmark("bid", 1000), nexmark("bid", 1000));
+        assert_ne!(nexmark("bid", 1000), nexmark("auction", 1000));
+        assert_ne!(nexmark("bid", 1000), nexmark("bid", 2000));
     }
 }
