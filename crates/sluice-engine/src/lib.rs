@@ -20,4 +20,5 @@ pub mod operator;
 pub mod runtime;
 
 pub use job::{run, validate, JobOptions, JobSummary, SelectOutput};
+pub use runtime::control::JobControl;
 pub use runtime::metrics::JobMetrics;

@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod latency;
+mod logging;
 mod progress;
 mod table_output;
 
@@ -22,6 +23,10 @@ use sluice_engine::{JobOptions, JobSummary};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How log lines on stderr look: `text`, or `json` (one object per line, for collectors).
+    /// `SLUICE_LOG` sets the levels (`info` by default).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: logging::LogFormat,
 }
 
 /// `sluice run`.
@@ -103,6 +108,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = logging::init(cli.log_format) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Run(args) => match run(args) {
             // Stopped by a signal before the input ended: 128 + the signal, as shells report.
@@ -128,7 +137,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
-            eprintln!("error: {message}");
+            tracing::error!("{message}");
             ExitCode::FAILURE
         }
     }
@@ -139,7 +148,7 @@ fn explain(file: PathBuf) -> Result<(), String> {
     let sql = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
     let plan = sluice_sql::plan_script(&sql).map_err(|e| format!("{}: {e}", file.display()))?;
     for warning in &plan.warnings {
-        eprintln!("warning: {}: {warning}", file.display());
+        tracing::warn!("{}: {warning}", file.display());
     }
     let mut all = plan.explained.clone();
     all.extend(plan.pipelines.iter().cloned());
@@ -175,7 +184,7 @@ fn run(
     let sql = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
     let mut plan = sluice_sql::plan_script(&sql).map_err(|e| format!("{}: {e}", file.display()))?;
     for warning in &plan.warnings {
-        eprintln!("warning: {}: {warning}", file.display());
+        tracing::warn!("{}: {warning}", file.display());
     }
     if let Some(path) = from_checkpoint {
         plan.settings
@@ -225,13 +234,15 @@ fn run(
     let checkpointing = plan
         .settings
         .contains_key("execution.checkpointing.interval");
-    let stopped_by = stop_on_signals(metrics.clone(), checkpointing)?;
+    let control = sluice_engine::JobControl::new();
+    let stopped_by = stop_on_signals(control.clone(), checkpointing)?;
     let options = JobOptions {
         workers,
         process: process_id,
         hosts,
         select_output: Some(printer.clone()),
         metrics,
+        control,
         fresh,
         sequential_sources: false,
     };
@@ -291,7 +302,7 @@ const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 /// the grace period, or a second signal, ends the process at once. Returns where the signal
 /// that stopped the job is recorded (0: none).
 fn stop_on_signals(
-    metrics: Arc<sluice_engine::JobMetrics>,
+    control: Arc<sluice_engine::JobControl>,
     checkpointing: bool,
 ) -> Result<Arc<std::sync::atomic::AtomicI32>, String> {
     use signal_hook::consts::{SIGINT, SIGTERM};
@@ -318,7 +329,7 @@ fn stop_on_signals(
                     signal_name(signal),
                     grace.as_secs()
                 );
-                metrics.cancel();
+                control.cancel();
                 let _ = std::thread::Builder::new()
                     .name("stop-deadline".into())
                     .spawn(move || {
@@ -344,40 +355,53 @@ fn signal_name(signal: i32) -> &'static str {
     }
 }
 
+/// The run summary on stderr; with `--log-format json`, one log object per line, so that
+/// everything on stderr parses.
 fn print_summary(s: &JobSummary) {
+    let mut lines: Vec<String> = vec![];
     let secs = s.elapsed.as_secs_f64();
-    eprintln!("---- job finished in {secs:.3} s");
+    lines.push(format!("---- job finished in {secs:.3} s"));
     for (table, n) in &s.rows_read {
-        eprintln!("rows read     {table:<24} {n}");
+        lines.push(format!("rows read     {table:<24} {n}"));
     }
     for (sink, n) in &s.rows_written {
-        eprintln!("rows written  {sink:<24} {n}");
+        lines.push(format!("rows written  {sink:<24} {n}"));
     }
-    eprintln!("late rows dropped           {}", s.late_rows_dropped);
+    lines.push(format!(
+        "late rows dropped           {}",
+        s.late_rows_dropped
+    ));
     if s.null_time_rows_dropped > 0 {
-        eprintln!(
+        lines.push(format!(
             "rows without event time     {} (dropped by windows, as in Flink)",
             s.null_time_rows_dropped
-        );
+        ));
     }
-    eprintln!("records skipped             {}", s.records_skipped);
+    lines.push(format!("records skipped             {}", s.records_skipped));
     if s.checkpoints > 0 {
-        eprintln!(
+        lines.push(format!(
             "checkpoints committed       {} (last {} bytes; snapshots took {} ms of worker time in all)",
             s.checkpoints, s.checkpoint_bytes, s.snapshot_ms
-        );
+        ));
     }
     if s.state_groups > 0 {
-        eprintln!(
+        lines.push(format!(
             "state at end of input       {} groups, {} bytes",
             s.state_groups, s.state_bytes
-        );
+        ));
     }
     let total = s.total_read();
     if secs > 0.0 {
-        eprintln!(
+        lines.push(format!(
             "throughput                  {:.0} rows/s",
             total as f64 / secs
-        );
+        ));
+    }
+    for line in lines {
+        if logging::json() {
+            tracing::info!(target: "sluice::summary", "{line}");
+        } else {
+            eprintln!("{line}");
+        }
     }
 }

@@ -78,7 +78,7 @@ fn show(every: Duration, terminal: bool, metrics: &JobMetrics, done: &AtomicBool
         before = (Instant::now(), read);
         match &bar {
             Some(b) => b.set_message(line),
-            None => eprintln!("progress: {line}"),
+            None => tracing::info!("progress: {line}"),
         }
     }
     if let Some(b) = bar {

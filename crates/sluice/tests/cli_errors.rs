@@ -418,3 +418,70 @@ fn progress_lines_report_rows_read_and_their_rate() {
     assert!(lines("never").is_empty());
     assert!(lines("auto").is_empty());
 }
+
+/// `--log-format json`: everything on stderr is one JSON object per line (warnings, the
+/// engine's checkpoint lines, the summary, and the error of a failing job), so that a collector
+/// can parse it; the text format marks warnings and errors.
+#[test]
+fn log_lines_are_json_objects_with_log_format_json() {
+    let dir = tempfile::tempdir().unwrap();
+    // 2,000 rows at 10,000 a second: a few checkpoints happen.
+    let script = format!(
+        "SET 'parallelism.default' = '4';\nSET 'execution.checkpointing.interval' = '50 ms';\n\
+         SET 'execution.checkpointing.dir' = '{}';\n\
+         CREATE TABLE orders (id BIGINT) WITH ('connector' = 'datagen', 'number-of-rows' = '2000', 'rows-per-second' = '10000');\n\
+         SELECT COUNT(*) AS n FROM orders;",
+        dir.path().join("ck").display(),
+    );
+    let file = dir.path().join("job.sql");
+    std::fs::write(&file, &script).unwrap();
+    let run = |format: &str, file: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["--log-format", format, "run", "--fresh"])
+            .arg(file)
+            .output()
+            .unwrap()
+    };
+    let o = run("json", &file);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<serde_json::Value> = stderr(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let with = |level: &str, text: &str| {
+        lines
+            .iter()
+            .any(|v| v["level"] == level && v["message"].as_str().is_some_and(|m| m.contains(text)))
+    };
+    assert!(
+        with("WARN", "'parallelism.default' is a Flink option"),
+        "{lines:?}"
+    );
+    assert!(with("INFO", "committed"), "a checkpoint line: {lines:?}");
+    assert!(
+        with("INFO", "rows read     orders"),
+        "the summary: {lines:?}"
+    );
+
+    let o = run("text", &file);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o)
+            .lines()
+            .any(|l| l.starts_with("warning: ")
+                && l.contains("'parallelism.default' is a Flink option")),
+        "{}",
+        stderr(&o)
+    );
+
+    let bad = dir.path().join("bad.sql");
+    std::fs::write(&bad, "SELECT nope FROM nowhere;").unwrap();
+    let o = run("json", &bad);
+    assert!(!o.status.success());
+    let last: serde_json::Value = serde_json::from_str(stderr(&o).lines().last().unwrap()).unwrap();
+    assert_eq!(last["level"], "ERROR", "{last}");
+    assert!(
+        last["message"].as_str().unwrap().contains("nowhere"),
+        "{last}"
+    );
+}

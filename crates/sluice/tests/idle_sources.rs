@@ -1,14 +1,14 @@
 //! `'scan.watermark.idle-timeout'`: a source split with no data stops holding back the
 //! watermark, so windows fed by the other splits still fire. Without it they wait.
 //! The filesystem source watches its directory (`'source.monitor-interval'`), so it never ends;
-//! the test stops the job with `JobMetrics::cancel`.
+//! the test stops the job with `JobControl::cancel`.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arrow::datatypes::SchemaRef;
 use sluice_common::ChangeBatch;
-use sluice_engine::{JobMetrics, JobOptions, SelectOutput};
+use sluice_engine::{JobControl, JobOptions, SelectOutput};
 
 #[derive(Default)]
 struct Rows(Mutex<Vec<Vec<String>>>);
@@ -33,11 +33,11 @@ fn run(dir: &std::path::Path, idle: &str, windows: usize, patience: Duration) ->
     );
     let plan = sluice_sql::plan_script(&sql).unwrap();
     let rows = Arc::new(Rows::default());
-    let metrics = JobMetrics::new();
+    let control = JobControl::new();
     let options = JobOptions {
         workers: 2,
         select_output: Some(rows.clone()),
-        metrics: metrics.clone(),
+        control: control.clone(),
         ..Default::default()
     };
     let job = std::thread::spawn(move || sluice_engine::run(plan, options));
@@ -45,7 +45,7 @@ fn run(dir: &std::path::Path, idle: &str, windows: usize, patience: Duration) ->
     while rows.0.lock().unwrap().len() < windows && started.elapsed() < patience {
         std::thread::sleep(Duration::from_millis(50));
     }
-    metrics.cancel();
+    control.cancel();
     job.join().unwrap().unwrap();
     let mut out = rows.0.lock().unwrap().clone();
     out.sort();

@@ -26,7 +26,9 @@ mod window;
 
 use crate::job::{idle_timeout, read_columns, DEFAULT_BATCH_ROWS};
 
-use crate::operator::aggregate::operator::aggregate;
+use crate::operator::aggregate::operator::AggregateOperator;
+use crate::operator::driver::stateful;
+use crate::operator::join::JoinOperator;
 use window::*;
 
 pub(crate) fn spec(table: &TableDef) -> ConnectorSpec {
@@ -53,6 +55,8 @@ pub(crate) struct BuildContext {
     pub batch_rows: usize,
     /// Checkpointing, when enabled.
     pub checkpoint: Option<std::rc::Rc<crate::checkpoint::CheckpointContext>>,
+    /// Errors end the job here; a cancel stops the sources.
+    pub control: Arc<crate::runtime::control::JobControl>,
     /// `'table.exec.state.ttl'`: how long regular joins keep rows that are not written.
     pub state_ttl: Option<Duration>,
     /// Processing time per epoch (`'sluice.epoch-length'`).
@@ -208,7 +212,7 @@ pub(crate) fn build_node<'scope>(
             map_batches(
                 build(scope, &wide, ctx, reuse),
                 "ScanColumns",
-                ctx.metrics.clone(),
+                ctx.control.clone(),
                 move |b| {
                     let columns = positions
                         .iter()
@@ -286,19 +290,19 @@ pub(crate) fn build_node<'scope>(
                         return map_batches(
                             build(scope, below, ctx, reuse),
                             "FilterProject",
-                            ctx.metrics.clone(),
+                            ctx.control.clone(),
                             move |b| fused.apply(b).map(Some),
                         )
                     }
                     Ok(None) => {}
-                    Err(e) => ctx.metrics.fail(e),
+                    Err(e) => ctx.control.fail(e),
                 }
             }
             let (exprs, schema) = (exprs.clone(), schema.clone());
             map_batches(
                 build(scope, input, ctx, reuse),
                 "Project",
-                ctx.metrics.clone(),
+                ctx.control.clone(),
                 move |b| project(b, &exprs, &schema).map(Some),
             )
         }
@@ -307,7 +311,7 @@ pub(crate) fn build_node<'scope>(
             map_batches(
                 build(scope, input, ctx, reuse),
                 "Filter",
-                ctx.metrics.clone(),
+                ctx.control.clone(),
                 move |b| filter(b, &predicate).map(Some),
             )
         }
@@ -322,7 +326,7 @@ pub(crate) fn build_node<'scope>(
             map_batches(
                 build(scope, input, ctx, reuse),
                 "WindowAssign",
-                ctx.metrics.clone(),
+                ctx.control.clone(),
                 move |b| {
                     assign_windows(b, &time, kind, &schema, &metrics.null_time_rows_dropped)
                         .map(Some)
@@ -393,7 +397,11 @@ pub(crate) fn build_node<'scope>(
                 Ok(s)
             });
             let late = late_sink.as_ref().map(|l| l.table.clone());
-            aggregate(stream, state, *emit, late, ctx)
+            stateful(
+                vec![stream],
+                AggregateOperator::new(state, *emit, late, ctx),
+                ctx,
+            )
         }
         StreamNode::Join {
             left,
@@ -420,7 +428,8 @@ pub(crate) fn build_node<'scope>(
             let r = ctx.exchange(build(scope, right, ctx, reuse), right_keys.clone(), "Join");
             let delay = bound.map_or(0, |b| b.output_delay);
             let proctime = bound.is_some_and(|b| b.processing_time);
-            crate::operator::two_input::join(l, r, state, delay, proctime, ctx)
+            let op = state.map(|s| JoinOperator::new(s, delay, proctime));
+            stateful(vec![l, r], op, ctx)
         }
         StreamNode::Rank {
             input,
@@ -440,7 +449,7 @@ pub(crate) fn build_node<'scope>(
                 input.is_append_only(),
             );
             let stream = ctx.exchange(build(scope, input, ctx, reuse), partition.clone(), "Rank");
-            crate::operator::keyed::keyed(stream, state, ctx)
+            stateful(vec![stream], state, ctx)
         }
         StreamNode::TemporalJoin {
             left,
@@ -472,7 +481,7 @@ pub(crate) fn build_node<'scope>(
                 right_keys.clone(),
                 "TemporalJoin",
             );
-            crate::operator::two_input::join(l, r, state, 0, false, ctx)
+            stateful(vec![l, r], state, ctx)
         }
         StreamNode::LookupJoin {
             input,
@@ -514,7 +523,7 @@ pub(crate) fn build_node<'scope>(
             map_batches(
                 build(scope, input, ctx, reuse),
                 "LookupJoin",
-                ctx.metrics.clone(),
+                ctx.control.clone(),
                 move |b| {
                     if state.is_none() || reload.is_some_and(|r| loaded.elapsed() >= r) {
                         state = Some(load()?);
@@ -543,7 +552,7 @@ pub(crate) fn build_node<'scope>(
                         input.schema(),
                         schema.clone(),
                     );
-                    crate::operator::keyed::keyed(stream, state, ctx)
+                    stateful(vec![stream], state, ctx)
                 }
                 sluice_sql::OverOrder::Updating(keys) => {
                     let state = crate::operator::over::UpdatingOverState::try_new(
@@ -554,7 +563,7 @@ pub(crate) fn build_node<'scope>(
                         input.schema(),
                         schema.clone(),
                     );
-                    crate::operator::keyed::keyed(stream, state, ctx)
+                    stateful(vec![stream], state, ctx)
                 }
             }
         }

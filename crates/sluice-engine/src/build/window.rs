@@ -43,20 +43,20 @@ pub(crate) fn build_window_chain<'scope>(
     let mut stream = map_batches(
         ctx.exchange(build(scope, input, ctx, reuse), keys, "WindowAssign"),
         "WindowAssign",
-        ctx.metrics.clone(),
+        ctx.control.clone(),
         move |b| assign_windows(b, &time, kind, &schema, &metrics.null_time_rows_dropped).map(Some),
     );
     for node in above.iter().rev() {
         stream = match node {
             StreamNode::Project { exprs, schema, .. } => {
                 let (exprs, schema) = (exprs.clone(), schema.clone());
-                map_batches(stream, "Project", ctx.metrics.clone(), move |b| {
+                map_batches(stream, "Project", ctx.control.clone(), move |b| {
                     project(b, &exprs, &schema).map(Some)
                 })
             }
             StreamNode::Filter { predicate, .. } => {
                 let predicate = predicate.clone();
-                map_batches(stream, "Filter", ctx.metrics.clone(), move |b| {
+                map_batches(stream, "Filter", ctx.control.clone(), move |b| {
                     filter(b, &predicate).map(Some)
                 })
             }

@@ -11,6 +11,7 @@
 
 #[cfg(test)]
 pub(crate) mod fuzz;
+pub mod keyed;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -366,7 +367,7 @@ impl CheckpointWriter {
     /// Starts the writer thread; it ends when every clone of the writer is dropped.
     pub fn start(
         store: Arc<CheckpointStore>,
-        metrics: Arc<crate::runtime::metrics::JobMetrics>,
+        control: Arc<crate::runtime::control::JobControl>,
         compression: bool,
     ) -> (Self, std::thread::JoinHandle<()>) {
         let (sender, receiver) = std::sync::mpsc::channel::<(Epoch, String, Payload)>();
@@ -386,7 +387,7 @@ impl CheckpointWriter {
                         Payload::Deferred(build) => build().and_then(|b| put(epoch, &name, &b)),
                     };
                     if let Err(e) = written {
-                        metrics.checkpoint_failed(epoch, e);
+                        control.checkpoint_failed(epoch, e);
                     }
                     landed.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                 }
@@ -861,12 +862,12 @@ impl SinkTransactions {
     /// one leaves sealed output to the next run's recovery.
     pub fn close(
         w: &mut dyn sluice_connectors::SinkWriter,
-        metrics: &crate::runtime::metrics::JobMetrics,
+        control: &crate::runtime::control::JobControl,
         seal: bool,
     ) -> Result<()> {
-        if metrics.failed() {
+        if control.failed() {
             w.abort()
-        } else if metrics.is_cancelled() {
+        } else if control.is_cancelled() {
             w.stop()
         } else if seal {
             w.pre_commit(FINISHED)

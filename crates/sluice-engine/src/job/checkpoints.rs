@@ -33,8 +33,8 @@ pub(crate) fn prepare_checkpoints(plan: &JobPlan, fresh: bool) -> Result<Option<
     )?);
     let fingerprint = crate::checkpoint::fingerprint(plan);
     let sources = crate::checkpoint::source_identities(plan);
-    let latest =
-        store.latest(|epoch, why| eprintln!("checkpoint {epoch} is damaged and skipped: {why}"))?;
+    let latest = store
+        .latest(|epoch, why| tracing::warn!("checkpoint {epoch} is damaged and skipped: {why}"))?;
     // A finished job's record is nothing to go on from: with --fresh, start over.
     let latest = match latest {
         Some(m) if fresh && m.epoch == crate::checkpoint::FINISHED => {
@@ -90,17 +90,19 @@ pub(crate) fn prepare_checkpoints(plan: &JobPlan, fresh: bool) -> Result<Option<
                         config.dir, m.epoch
                     )));
                 }
-                Some(now) if now != was => eprintln!(
-                    "warning: source table '{table}' changed since checkpoint {} (then {was}, now {now}); \
+                Some(now) if now != was => tracing::warn!(
+                    "source table '{table}' changed since checkpoint {} (then {was}, now {now}); \
                      restoring anyway ('sluice.state-recovery.allow-changed-sources')",
                     m.epoch
                 ),
                 _ => {}
             }
         }
-        eprintln!(
+        tracing::info!(
             "resuming from checkpoint {} in {} (taken with {} workers)",
-            m.epoch, config.dir, m.workers
+            m.epoch,
+            config.dir,
+            m.workers
         );
     }
     // New checkpoints sort after every existing one, restored or not.

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use sluice_common::{Error, Result};
 
-use crate::runtime::metrics::JobMetrics;
+use crate::runtime::control::JobControl;
 
 /// How long the processes of a cluster may take to find each other.
 pub(crate) const CLUSTER_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -41,8 +41,8 @@ pub(crate) fn check_hosts(
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
-            eprintln!(
-                "error: the processes of the cluster did not all connect within {} s ({listed}): \
+            tracing::error!(
+                "the processes of the cluster did not all connect within {} s ({listed}): \
                  start every process, each with its --process-id and the same --hosts",
                 CLUSTER_CONNECT_TIMEOUT.as_secs()
             );
@@ -54,14 +54,8 @@ pub(crate) fn check_hosts(
 
 /// Ends a process of a cluster whose job failed, with the error: its peers lose the connection
 /// and fail too. (Its sinks' in-progress files stay hidden; a rerun's recovery settles them.)
-pub(crate) fn end_failed_cluster_process(metrics: &JobMetrics) -> ! {
-    let message = metrics
-        .error
-        .lock()
-        .map(|e| e.as_ref().map(|e| e.to_string()))
-        .unwrap_or_default()
-        .unwrap_or_default();
-    eprintln!("error: {message}");
+pub(crate) fn end_failed_cluster_process(control: &JobControl) -> ! {
+    tracing::error!("{}", control.error_message().unwrap_or_default());
     std::process::exit(1);
 }
 

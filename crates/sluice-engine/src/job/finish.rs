@@ -16,7 +16,7 @@ use sluice_sql::{JobPlan, SinkTarget, TableDef};
 pub(crate) fn crash_point(point: &str) {
     #[cfg(feature = "fault-injection")]
     if std::env::var("SLUICE_CRASH_AT").is_ok_and(|p| p == point) {
-        eprintln!("stopping at {point} (SLUICE_CRASH_AT)");
+        tracing::info!("stopping at {point} (SLUICE_CRASH_AT)");
         std::process::exit(137);
     }
     #[cfg(not(feature = "fault-injection"))]

@@ -52,13 +52,17 @@ pub(crate) struct MemoryWatch {
 }
 
 impl MemoryWatch {
-    pub(crate) fn start(limit: u64, metrics: Arc<JobMetrics>) -> MemoryWatch {
+    pub(crate) fn start(
+        limit: u64,
+        metrics: Arc<JobMetrics>,
+        control: Arc<crate::runtime::control::JobControl>,
+    ) -> MemoryWatch {
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop = done.clone();
         let _ = std::thread::Builder::new()
             .name("memory-limit".into())
             .spawn(move || {
-                while !stop.load(Ordering::Relaxed) && !metrics.failed() {
+                while !stop.load(Ordering::Relaxed) && !control.failed() {
                     let used = resident_memory().unwrap_or(0);
                     if used > limit {
                         let largest = match metrics.largest_state() {
@@ -75,7 +79,7 @@ impl MemoryWatch {
                             ),
                             _ => String::new(),
                         };
-                        metrics.fail(Error::Runtime(format!(
+                        control.fail(Error::Runtime(format!(
                             "the job uses {} of memory, more than 'sluice.memory.limit' = {}; {largest}{in_flight}. \
                              Raise the limit, run more processes, or bound the state (windows, \
                              'table.exec.state.ttl')",

@@ -14,6 +14,7 @@ use timely::dataflow::operators::Probe;
 use timely::dataflow::ProbeHandle;
 
 use crate::checkpoint::CheckpointContext;
+use crate::runtime::control::JobControl;
 use crate::runtime::metrics::JobMetrics;
 use crate::runtime::Epoch;
 
@@ -52,6 +53,9 @@ pub struct JobOptions {
     pub select_output: Option<Arc<dyn SelectOutput>>,
     /// Counters; pass your own to watch a running job (the demo does).
     pub metrics: Arc<JobMetrics>,
+    /// Stops the job: `cancel()` for a graceful stop (a final checkpoint when checkpointing);
+    /// it also carries the first error.
+    pub control: Arc<JobControl>,
     /// Ignore existing checkpoints and start from the beginning of the input.
     pub fresh: bool,
     /// Run the sources one after another, in plan order (for tests that show a changelog step
@@ -67,6 +71,7 @@ impl Default for JobOptions {
             hosts: None,
             select_output: None,
             metrics: JobMetrics::new(),
+            control: JobControl::new(),
             fresh: false,
             sequential_sources: false,
         }
@@ -236,6 +241,7 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
     validate(&plan)?;
     let started = Instant::now();
     let metrics = options.metrics.clone();
+    let control = options.control.clone();
     let plan = Arc::new(plan);
     let final_plan = plan.clone();
     let config = cluster_config(
@@ -305,7 +311,7 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
                     .join();
             }
             f.publish()?;
-            eprintln!(
+            tracing::info!(
                 "the job checkpointing to {} had already run to its end; published its final output",
                 f.c.config.dir
             );
@@ -319,7 +325,7 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
     let writer = checkpointing.as_ref().map(|c| {
         crate::checkpoint::CheckpointWriter::start(
             c.store.clone(),
-            metrics.clone(),
+            control.clone(),
             c.config.compression,
         )
     });
@@ -328,9 +334,14 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
         None => (None, None),
     };
     let worker_metrics = metrics.clone();
+    let worker_control = control.clone();
     let workers_per_process = options.workers.max(1);
     crate::runtime::panics::install_hook();
-    let watching = MemoryWatch::start(memory_limit(&plan.settings)?, metrics.clone());
+    let watching = MemoryWatch::start(
+        memory_limit(&plan.settings)?,
+        metrics.clone(),
+        control.clone(),
+    );
     let connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(hosts) = &options.hosts {
         check_hosts(hosts, connected.clone())?;
@@ -358,6 +369,7 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
             index,
             peers,
             metrics: worker_metrics.clone(),
+            control: worker_control.clone(),
             probe: probe.clone(),
             batch_rows,
             checkpoint: checkpoint.clone(),
@@ -401,7 +413,7 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
         let (mut last_try, mut poll) = (Instant::now(), first_poll);
         // When each pending checkpoint epoch ended (every operator had taken its snapshot).
         let mut since: BTreeMap<Epoch, Instant> = BTreeMap::new();
-        while !probe.done() && !worker_metrics.failed() {
+        while !probe.done() && !worker_control.failed() {
             worker.step_or_park(Some(Duration::from_millis(20)));
             let (0, Some(ck), Some(due), Some(c)) = (index, checkpoint.as_ref(), next_due.as_mut(), checkpointing.as_ref()) else {
                 continue;
@@ -419,12 +431,12 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
             poll = (poll * 2).min(first_poll * 32);
             // Storage failures fail checkpoints; only too many in a row fail the job.
             pending.retain(|epoch| {
-                if !worker_metrics.take_checkpoint_failure(*epoch) {
+                if !worker_control.take_checkpoint_failure(*epoch) {
                     return true;
                 }
                 failed_in_a_row += 1;
                 if failed_in_a_row > c.config.tolerable_failures {
-                    worker_metrics.fail(Error::Runtime(format!(
+                    worker_control.fail(Error::Runtime(format!(
                         "{failed_in_a_row} checkpoints in a row failed (more than \
                          'execution.checkpointing.tolerable-failed-checkpoints' = {}); check '{}'",
                         c.config.tolerable_failures, c.config.dir
@@ -439,7 +451,7 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
                         worker_metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
                         worker_metrics.checkpoint_bytes.store(bytes, Ordering::Relaxed);
                         let took = worker_metrics.take_snapshot_time(epoch);
-                        eprintln!(
+                        tracing::info!(
                             "checkpoint {epoch} committed: {files} files (source offsets and state of {peers} workers), {bytes} bytes; \
                              snapshots took {:.1} ms of worker time, commit {} ms after the epoch",
                             took.as_secs_f64() * 1000.0,
@@ -450,7 +462,7 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
                         break;
                     }
                     Ok(None) => {}
-                    Err(e) => worker_metrics.checkpoint_failed(epoch, e),
+                    Err(e) => worker_control.checkpoint_failed(epoch, e),
                 }
             }
             // A finished source never completes later checkpoints: do not wait for them forever.
@@ -459,9 +471,8 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
             }
         }
         // A graceful stop leaves a final checkpoint behind; its files may still be landing.
-        if let (0, true, Some(ck), Some(c)) = (index, worker_metrics.is_cancelled(), checkpoint.as_ref(), checkpointing.as_ref()) {
-            let stop = worker_metrics.stop_epoch.load(Ordering::SeqCst);
-            if stop != u64::MAX {
+        if let (0, true, Some(ck), Some(c)) = (index, worker_control.is_cancelled(), checkpoint.as_ref(), checkpointing.as_ref()) {
+            if let Some(stop) = worker_control.stop_epoch() {
                 pending.push_back(stop);
             }
             // Wait while this process's files are still being written (large state takes a
@@ -477,7 +488,7 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
                     if let Ok(Some((files, bytes))) = ck.try_commit(epoch, peers, (&c.fingerprint, &c.sources), c.config.retained) {
                         worker_metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
                         worker_metrics.checkpoint_bytes.store(bytes, Ordering::Relaxed);
-                        eprintln!("final checkpoint {epoch} committed: {files} files, {bytes} bytes");
+                        tracing::info!("final checkpoint {epoch} committed: {files} files, {bytes} bytes");
                         break 'finals;
                     }
                 }
@@ -487,7 +498,7 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
         }));
         if let Err(panic) = ran {
             let text = crate::runtime::panics::take(&*panic);
-            worker_metrics.fail(Error::Runtime(if crate::runtime::panics::lost_peer(&text) {
+            worker_control.fail(Error::Runtime(if crate::runtime::panics::lost_peer(&text) {
                 format!(
                     "worker {index} lost its connection to another process of the cluster \
                      (that process failed or was killed: its log says why): {text}"
@@ -500,9 +511,9 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
         // drop them, or timely would wait for them after this returns. In a cluster the
         // process ends at once instead: a clean shutdown would tell the peers that all is well,
         // and they would wait for this process's data forever; a lost connection fails them.
-        if worker_metrics.failed() {
+        if worker_control.failed() {
             if processes > 1 {
-                end_failed_cluster_process(&worker_metrics);
+                end_failed_cluster_process(&worker_control);
             }
             for id in worker.installed_dataflows() {
                 worker.drop_dataflow(id);
@@ -519,13 +530,13 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
     if let Some(t) = writer_thread {
         let _ = t.join();
     }
-    if let Some(e) = metrics.error.lock().expect("metrics").take() {
+    if let Some(e) = control.take_error() {
         return Err(e);
     }
     // A job that ran to its end needs no checkpoint to resume from (Flink drops them too): it
     // records that it finished, publishes its sinks' sealed output, then drops them.
     if let Some(f) = &finish {
-        if !metrics.is_cancelled() {
+        if !control.is_cancelled() {
             f.run_to_end()?;
         }
     }

@@ -24,8 +24,7 @@ use smallvec::SmallVec;
 use std::time::{Duration, Instant};
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, BinaryArray, BooleanArray, Int64Array, UInt16Array, UInt32Array,
-    UInt8Array,
+    Array, ArrayRef, AsArray, BinaryArray, BooleanArray, Int64Array, UInt32Array, UInt8Array,
 };
 use arrow::compute::{cast, take};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType};
@@ -36,6 +35,8 @@ use sluice_sql::{JoinBound, JoinKind, PhysExpr};
 use sluice_state::group_table::NO_TAG;
 use sluice_state::GroupTable;
 
+use crate::checkpoint::keyed::KeyedLayout;
+use crate::operator::driver::{Applied, Output, RestoreFrom, SnapshotTo, StatefulOperator};
 use crate::operator::stateless::evaluate;
 
 /// One stored row and how often it is there.
@@ -794,7 +795,7 @@ impl JoinState {
         }
     }
 
-    /// This worker's rows as one Arrow batch: input, key group, key, row, count, degree, until.
+    /// This worker's rows as one Arrow batch: key group, key, input, row, count, degree, until.
     pub fn snapshot(&self) -> Result<RecordBatch> {
         let mut side = vec![];
         let mut group = vec![];
@@ -819,54 +820,45 @@ impl JoinState {
                 }
             }
         }
-        let columns: Vec<ArrayRef> = vec![
-            std::sync::Arc::new(UInt8Array::from(side)),
-            std::sync::Arc::new(UInt16Array::from(group)),
-            std::sync::Arc::new(BinaryArray::from(key)),
-            std::sync::Arc::new(BinaryArray::from(row)),
-            std::sync::Arc::new(UInt32Array::from(count)),
-            std::sync::Arc::new(UInt32Array::from(degree)),
-            std::sync::Arc::new(Int64Array::from(until)),
-        ];
-        Ok(RecordBatch::try_new(snapshot_schema(), columns)?)
+        layout().batch(
+            group,
+            BinaryArray::from(key),
+            vec![
+                std::sync::Arc::new(UInt8Array::from(side)),
+                std::sync::Arc::new(BinaryArray::from(row)),
+                std::sync::Arc::new(UInt32Array::from(count)),
+                std::sync::Arc::new(UInt32Array::from(degree)),
+                std::sync::Arc::new(Int64Array::from(until)),
+            ],
+        )
     }
 
     /// Adds the rows of a snapshot whose key group `owns` accepts.
     pub fn restore(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()> {
-        crate::operator::rows::check_layout(batch, &snapshot_schema(), "join")?;
-        let side = batch
-            .column(0)
-            .as_primitive::<arrow::datatypes::UInt8Type>();
-        let group = batch
-            .column(1)
-            .as_primitive::<arrow::datatypes::UInt16Type>();
-        let key = batch.column(2).as_binary::<i32>();
-        let row = batch.column(3).as_binary::<i32>();
-        let count = batch
-            .column(4)
-            .as_primitive::<arrow::datatypes::UInt32Type>();
-        let degree = batch
-            .column(5)
-            .as_primitive::<arrow::datatypes::UInt32Type>();
-        let until = batch
-            .column(6)
-            .as_primitive::<arrow::datatypes::Int64Type>();
+        let snapshot = layout().read(batch)?;
+        let (side, row, count, degree, until) = (
+            snapshot.u8(0),
+            snapshot.binary(1),
+            snapshot.u32(2),
+            snapshot.u32(3),
+            snapshot.i64(4),
+        );
+        let mine = snapshot.owned(owns);
         for (n, s) in self.sides.iter().enumerate() {
-            let mine = (0..batch.num_rows())
-                .filter(|i| owns(group.value(*i)) && (side.value(*i) as usize).min(1) == n);
-            crate::operator::rows::check_rows(&s.rows, mine.map(|i| row.value(i)), "join")?;
+            let of_side = mine
+                .iter()
+                .filter(|i| (side.value(**i) as usize).min(1) == n);
+            crate::operator::rows::check_rows(&s.rows, of_side.map(|i| row.value(*i)), "join")?;
         }
         let now = self.now();
         let bounded = self.bound.is_some();
-        for i in 0..batch.num_rows() {
-            if !owns(group.value(i)) {
-                continue;
-            }
+        for i in mine {
+            let key = snapshot.key(i).expect("an owned row has a key");
             let s = &mut self.sides[(side.value(i) as usize).min(1)];
             for _ in 0..count.value(i) {
                 s.insert(
-                    key.value(i),
-                    group.value(i),
+                    key,
+                    snapshot.group(i),
                     row.value(i),
                     degree.value(i),
                     until.value(i),
@@ -878,23 +870,140 @@ impl JoinState {
                     s.count_due(until.value(i));
                 }
             } else if bounded {
-                s.expire_by(key.value(i), until.value(i));
+                s.expire_by(key, until.value(i));
             }
         }
         Ok(())
     }
 }
 
-fn snapshot_schema() -> SchemaRef {
-    std::sync::Arc::new(Schema::new(vec![
-        Field::new("side", DataType::UInt8, false),
-        Field::new("key_group", DataType::UInt16, false),
-        Field::new("key", DataType::Binary, false),
-        Field::new("row", DataType::Binary, false),
-        Field::new("count", DataType::UInt32, false),
-        Field::new("degree", DataType::UInt32, false),
-        Field::new("until", DataType::Int64, false),
-    ]))
+/// The snapshot: each distinct row of each input by key, with its copies, its number of
+/// matches (outer joins) and the time it expires (interval joins).
+fn layout() -> KeyedLayout {
+    KeyedLayout::new(
+        "join",
+        false,
+        vec![
+            Field::new("side", DataType::UInt8, false),
+            Field::new("row", DataType::Binary, false),
+            Field::new("count", DataType::UInt32, false),
+            Field::new("degree", DataType::UInt32, false),
+            Field::new("until", DataType::Int64, false),
+        ],
+    )
+}
+
+/// How long a processing-time interval join keeps a row past its bound, for rows on their way
+/// from where `PROCTIME()` stamped them.
+const PROCTIME_GRACE_MS: i64 = 200;
+
+/// Output rows a join emits in one activation before it yields: the rest of its input waits
+/// (and holds its capability), so that downstream operators take the output in bounded batches
+/// instead of all of it piling up (a constant-key join of 200 K by 200 K rows is 40 G rows).
+const OUTPUT_BUDGET: usize = 64 * 1024;
+
+/// The join as a stateful operator: its state, and the pace of its output.
+pub struct JoinOperator {
+    state: JoinState,
+    /// Input rows per call of the state: adapted to the output each row makes, so that one call
+    /// stays near a quarter of the budget.
+    rows_per_call: usize,
+    /// A processing-time interval join: rows expire by the wall clock, not by watermarks.
+    processing_time: bool,
+    /// How far an interval join's output trails its inputs' watermark.
+    output_delay: i64,
+}
+
+impl JoinOperator {
+    pub fn new(state: JoinState, output_delay: i64, processing_time: bool) -> Self {
+        JoinOperator {
+            state,
+            rows_per_call: usize::MAX,
+            processing_time,
+            output_delay,
+        }
+    }
+}
+
+impl StatefulOperator for JoinOperator {
+    const NAME: &'static str = "Join";
+
+    /// Joins the batch in slices while the budget lasts.
+    fn on_batch(
+        &mut self,
+        side: usize,
+        batch: &ChangeBatch,
+        mut budget: usize,
+        out: &mut Output,
+    ) -> Result<Applied> {
+        if self.processing_time {
+            let now = sluice_common::time::now_millis() - PROCTIME_GRACE_MS;
+            for s in 0..2 {
+                out.extend(self.state.advance_watermark(s, now)?);
+            }
+        }
+        let n = batch.num_rows();
+        let mut applied = Applied::default();
+        while applied.consumed < n && budget > 0 {
+            let at = applied.consumed;
+            let rows = self.rows_per_call.clamp(1, n - at);
+            let slice = if rows == n {
+                batch.clone()
+            } else {
+                batch.slice(at, rows)
+            };
+            let joined =
+                self.state
+                    .apply_some(side, &slice, budget.clamp(1, OUTPUT_BUDGET / 4))?;
+            let rows = joined.consumed.max(1);
+            applied.consumed += rows;
+            applied.skipped += joined.unmatched_retractions;
+            let made = joined.changes.as_ref().map_or(0, |c| c.num_rows());
+            budget = budget.saturating_sub(made);
+            // Aim the next call at a quarter of the budget.
+            self.rows_per_call = match (rows * OUTPUT_BUDGET / 4).checked_div(made) {
+                None => self.rows_per_call.saturating_mul(2).min(1 << 20),
+                Some(aim) => aim.clamp(1, 1 << 20),
+            };
+            out.extend(joined.changes);
+        }
+        Ok(applied)
+    }
+
+    fn on_watermark(
+        &mut self,
+        side: usize,
+        watermark: i64,
+        _made_at: i64,
+        out: &mut Output,
+    ) -> Result<()> {
+        // A processing-time join expires rows by the clock; only the end of input counts here.
+        if !self.processing_time || watermark == sluice_common::time::MAX_WATERMARK {
+            out.extend(self.state.advance_watermark(side, watermark)?);
+        }
+        Ok(())
+    }
+
+    fn snapshot(&mut self, to: &SnapshotTo<'_>) -> Result<()> {
+        to.write(self.state.snapshot()?);
+        Ok(())
+    }
+
+    fn restore(&mut self, from: &RestoreFrom<'_>) -> Result<()> {
+        from.key_groups(|b, owns| self.state.restore(b, owns))
+    }
+
+    fn size(&self) -> (u64, u64) {
+        (self.state.size_bytes() as u64, self.state.rows_held())
+    }
+
+    fn output_budget(&self) -> Option<usize> {
+        Some(OUTPUT_BUDGET)
+    }
+
+    fn output_delay(&self) -> i64 {
+        self.output_delay
+    }
 }
 
 #[cfg(test)]

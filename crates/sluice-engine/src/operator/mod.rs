@@ -1,9 +1,9 @@
-//! The operators: sources, stateless steps, the keyed state of each stateful operator with the
-//! shells that run it, and sinks.
+//! The operators: sources, stateless steps, the stateful operators (each implements
+//! [`driver::StatefulOperator`] and runs in the one shell of [`driver::stateful`]), and sinks.
 
 pub mod aggregate;
+pub mod driver;
 pub mod join;
-pub(crate) mod keyed;
 pub mod over;
 pub mod rank;
 pub mod rows;
@@ -11,4 +11,3 @@ pub(crate) mod sink;
 pub mod source;
 pub mod stateless;
 pub mod temporal;
-pub(crate) mod two_input;

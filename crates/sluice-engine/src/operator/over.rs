@@ -11,17 +11,20 @@
 use hashbrown::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, BinaryArray, UInt16Array, UInt32Array};
+use arrow::array::{Array, ArrayRef, AsArray, BinaryArray, UInt32Array};
 use arrow::compute::{cast, concat, concat_batches};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType};
+use arrow::datatypes::{DataType, Field, SchemaRef, TimeUnit, TimestampMillisecondType};
 use arrow::record_batch::RecordBatch;
 use arrow::row::RowConverter;
 use sluice_common::{ChangeBatch, Error, Op, Result};
 use sluice_sql::{AggCall, OverFrame, PhysExpr};
 use sluice_state::accumulator::Accumulator;
 
+use crate::checkpoint::keyed::KeyedLayout;
 use crate::operator::aggregate::acc_kind;
-use crate::operator::keyed::Dropped;
+use crate::operator::driver::{
+    sampled_bytes, Applied, Dropped, Output, RestoreFrom, SnapshotTo, StatefulOperator,
+};
 use crate::operator::stateless::evaluate;
 
 struct Part {
@@ -300,39 +303,34 @@ impl OverState {
 
 /// Snapshot layout: one row per partition (its aggregate states and frame rows as Arrow IPC),
 /// plus one row per waiting batch (key group 0, no key).
-fn snapshot_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("key_group", DataType::UInt16, false),
-        Field::new("key", DataType::Binary, true),
-        Field::new("accumulators", DataType::Binary, true),
-        Field::new("rows", DataType::Binary, true),
-    ]))
+fn layout() -> KeyedLayout {
+    KeyedLayout::new(
+        "OVER",
+        true,
+        vec![
+            Field::new("accumulators", DataType::Binary, true),
+            Field::new("rows", DataType::Binary, true),
+        ],
+    )
 }
 
 /// The snapshot of an updating OVER aggregate: one row per distinct (sort key, row) of a
 /// partition, with its number of copies.
-fn updating_snapshot_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("key_group", DataType::UInt16, false),
-        Field::new("key", DataType::Binary, false),
-        Field::new("sort", DataType::Binary, false),
-        Field::new("row", DataType::Binary, false),
-        Field::new("count", DataType::UInt32, false),
-    ]))
+fn updating_layout() -> KeyedLayout {
+    KeyedLayout::new(
+        "OVER",
+        false,
+        vec![
+            Field::new("sort", DataType::Binary, false),
+            Field::new("row", DataType::Binary, false),
+            Field::new("count", DataType::UInt32, false),
+        ],
+    )
 }
 
-impl crate::operator::keyed::KeyedState for OverState {
-    const NAME: &'static str = "Over";
-
-    fn apply(&mut self, batch: &ChangeBatch) -> Result<(Option<ChangeBatch>, Dropped)> {
-        Ok((None, OverState::apply(self, batch)?))
-    }
-
-    fn advance_watermark(&mut self, watermark: i64) -> Result<Option<ChangeBatch>> {
-        OverState::advance_watermark(self, watermark)
-    }
-
-    fn snapshot(&self) -> Result<RecordBatch> {
+impl OverState {
+    /// This worker's state in the snapshot layout.
+    pub fn snapshot_rows(&self) -> Result<RecordBatch> {
         let mut group = vec![];
         let mut key: Vec<Option<Vec<u8>>> = vec![];
         let mut accs: Vec<Option<Vec<u8>>> = vec![];
@@ -363,25 +361,22 @@ impl crate::operator::keyed::KeyedState for OverState {
             accs.push(None);
             rows.push(Some(crate::checkpoint::ipc_bytes(b)?));
         }
-        let cols: Vec<ArrayRef> = vec![
-            Arc::new(UInt16Array::from(group)),
-            Arc::new(BinaryArray::from_iter(key)),
-            Arc::new(BinaryArray::from_iter(accs)),
-            Arc::new(BinaryArray::from_iter(rows)),
-        ];
-        Ok(RecordBatch::try_new(snapshot_schema(), cols)?)
+        layout().batch(
+            group,
+            BinaryArray::from_iter(key),
+            vec![
+                Arc::new(BinaryArray::from_iter(accs)),
+                Arc::new(BinaryArray::from_iter(rows)),
+            ],
+        )
     }
 
-    fn restore(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()> {
-        crate::operator::rows::check_layout(batch, &snapshot_schema(), "OVER")?;
-        let group = batch
-            .column(0)
-            .as_primitive::<arrow::datatypes::UInt16Type>();
-        let key = batch.column(1).as_binary::<i32>();
-        let accs = batch.column(2).as_binary::<i32>();
-        let rows = batch.column(3).as_binary::<i32>();
-        for i in 0..batch.num_rows() {
-            if key.is_null(i) {
+    /// Adds the rows of a snapshot whose key group `owns` accepts.
+    pub fn restore_rows(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()> {
+        let snapshot = layout().read(batch)?;
+        let (accs, rows) = (snapshot.binary(0), snapshot.binary(1));
+        for i in 0..snapshot.len() {
+            let Some(key) = snapshot.key(i) else {
                 // Waiting rows: keep those of this worker's key groups.
                 let b = crate::operator::rows::ipc_batch(rows.value(i))?;
                 if let Some(mine) = b
@@ -392,8 +387,8 @@ impl crate::operator::keyed::KeyedState for OverState {
                     self.pending.push(mine);
                 }
                 continue;
-            }
-            if !owns(group.value(i)) {
+            };
+            if !owns(snapshot.group(i)) {
                 continue;
             }
             let gid = self.next_gid;
@@ -405,11 +400,9 @@ impl crate::operator::keyed::KeyedState for OverState {
                     .get(..8)
                     .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
                     .filter(|l| state.len() >= 8 + l)
-                    .ok_or_else(|| {
-                        Error::Runtime("checkpoint: a truncated OVER snapshot".into())
-                    })?;
+                    .ok_or_else(|| snapshot.corrupt())?;
                 acc.restore_group(gid, &state[8..8 + len])
-                    .map_err(|_| Error::Runtime("checkpoint: a corrupt OVER snapshot".into()))?;
+                    .map_err(|_| snapshot.corrupt())?;
                 state = &state[8 + len..];
             }
             let frame = if rows.is_null(i) {
@@ -418,10 +411,10 @@ impl crate::operator::keyed::KeyedState for OverState {
                 crate::operator::rows::ipc_batch(rows.value(i))?
             };
             self.parts.insert(
-                key.value(i).into(),
+                key.into(),
                 Part {
                     gid,
-                    key_group: group.value(i),
+                    key_group: snapshot.group(i),
                     frame,
                 },
             );
@@ -429,18 +422,61 @@ impl crate::operator::keyed::KeyedState for OverState {
         Ok(())
     }
 
-    fn groups(&self) -> u64 {
+    pub fn groups(&self) -> u64 {
         self.parts.len() as u64
     }
 
-    fn size_bytes(&self) -> u64 {
-        let parts =
-            crate::operator::keyed::sampled_bytes(self.parts.len(), self.parts.iter(), |(k, p)| {
-                k.len() + 48 + p.frame.as_ref().map_or(0, |f| f.get_array_memory_size())
-            });
+    pub fn size_bytes(&self) -> u64 {
+        let parts = sampled_bytes(self.parts.len(), self.parts.iter(), |(k, p)| {
+            k.len() + 48 + p.frame.as_ref().map_or(0, |f| f.get_array_memory_size())
+        });
         let pending: usize = self.pending.iter().map(|b| b.get_array_memory_size()).sum();
         let accs: usize = self.accs.iter().map(|a| a.size_bytes()).sum();
         parts + (pending + accs) as u64
+    }
+}
+
+impl StatefulOperator for OverState {
+    const NAME: &'static str = "Over";
+
+    fn on_batch(
+        &mut self,
+        _side: usize,
+        batch: &ChangeBatch,
+        _budget: usize,
+        _out: &mut Output,
+    ) -> Result<Applied> {
+        let dropped = OverState::apply(self, batch)?;
+        Ok(Applied {
+            consumed: batch.num_rows(),
+            late: dropped.late,
+            null_time: dropped.null_time,
+            skipped: 0,
+        })
+    }
+
+    fn on_watermark(
+        &mut self,
+        _side: usize,
+        watermark: i64,
+        _made_at: i64,
+        out: &mut Output,
+    ) -> Result<()> {
+        out.extend(OverState::advance_watermark(self, watermark)?);
+        Ok(())
+    }
+
+    fn snapshot(&mut self, to: &SnapshotTo<'_>) -> Result<()> {
+        to.write(self.snapshot_rows()?);
+        Ok(())
+    }
+
+    fn restore(&mut self, from: &RestoreFrom<'_>) -> Result<()> {
+        from.key_groups(|b, owns| self.restore_rows(b, owns))
+    }
+
+    fn size(&self) -> (u64, u64) {
+        (self.size_bytes(), self.groups())
     }
 }
 
@@ -706,19 +742,9 @@ impl UpdatingOverState {
     }
 }
 
-impl crate::operator::keyed::KeyedState for UpdatingOverState {
-    const NAME: &'static str = "Over";
-
-    fn apply(&mut self, batch: &ChangeBatch) -> Result<(Option<ChangeBatch>, Dropped)> {
-        let (changes, dropped) = UpdatingOverState::apply(self, batch)?;
-        Ok((changes, Dropped::late(dropped)))
-    }
-
-    fn advance_watermark(&mut self, _watermark: i64) -> Result<Option<ChangeBatch>> {
-        Ok(None)
-    }
-
-    fn snapshot(&self) -> Result<RecordBatch> {
+impl UpdatingOverState {
+    /// This worker's state in the snapshot layout.
+    pub fn snapshot_rows(&self) -> Result<RecordBatch> {
         let mut group = vec![];
         let mut key: Vec<&[u8]> = vec![];
         let mut sort: Vec<&[u8]> = vec![];
@@ -733,30 +759,22 @@ impl crate::operator::keyed::KeyedState for UpdatingOverState {
                 count.push(*c);
             }
         }
-        let cols: Vec<ArrayRef> = vec![
-            Arc::new(UInt16Array::from(group)),
-            Arc::new(BinaryArray::from(key)),
-            Arc::new(BinaryArray::from(sort)),
-            Arc::new(BinaryArray::from(row)),
-            Arc::new(UInt32Array::from(count)),
-        ];
-        Ok(RecordBatch::try_new(updating_snapshot_schema(), cols)?)
+        updating_layout().batch(
+            group,
+            BinaryArray::from(key),
+            vec![
+                Arc::new(BinaryArray::from(sort)),
+                Arc::new(BinaryArray::from(row)),
+                Arc::new(UInt32Array::from(count)),
+            ],
+        )
     }
 
-    fn restore(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()> {
-        crate::operator::rows::check_layout(batch, &updating_snapshot_schema(), "OVER")?;
-        let group = batch
-            .column(0)
-            .as_primitive::<arrow::datatypes::UInt16Type>();
-        let key = batch.column(1).as_binary::<i32>();
-        let sort = batch.column(2).as_binary::<i32>();
-        let row = batch.column(3).as_binary::<i32>();
-        let count = batch
-            .column(4)
-            .as_primitive::<arrow::datatypes::UInt32Type>();
-        let mine: Vec<usize> = (0..batch.num_rows())
-            .filter(|i| owns(group.value(*i)))
-            .collect();
+    /// Adds the rows of a snapshot whose key group `owns` accepts.
+    pub fn restore_rows(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()> {
+        let snapshot = updating_layout().read(batch)?;
+        let (sort, row, count) = (snapshot.binary(0), snapshot.binary(1), snapshot.u32(2));
+        let mine = snapshot.owned(owns);
         crate::operator::rows::check_rows(
             &self.sorts,
             mine.iter().map(|i| sort.value(*i)),
@@ -765,22 +783,23 @@ impl crate::operator::keyed::KeyedState for UpdatingOverState {
         crate::operator::rows::check_rows(&self.rows, mine.iter().map(|i| row.value(*i)), "OVER")?;
         for i in mine {
             if count.value(i) == 0 {
-                return Err(Error::Runtime("checkpoint: a corrupt OVER snapshot".into()));
+                return Err(snapshot.corrupt());
             }
-            let part = self.parts.entry_ref(key.value(i)).or_default();
-            part.key_group = group.value(i);
+            let key = snapshot.key(i).expect("an owned row has a key");
+            let part = self.parts.entry_ref(key).or_default();
+            part.key_group = snapshot.group(i);
             part.rows
                 .insert((sort.value(i).into(), row.value(i).into()), count.value(i));
         }
         Ok(())
     }
 
-    fn groups(&self) -> u64 {
+    pub fn groups(&self) -> u64 {
         self.parts.len() as u64
     }
 
-    fn size_bytes(&self) -> u64 {
-        crate::operator::keyed::sampled_bytes(self.parts.len(), self.parts.iter(), |(k, p)| {
+    pub fn size_bytes(&self) -> u64 {
+        sampled_bytes(self.parts.len(), self.parts.iter(), |(k, p)| {
             k.len()
                 + 48
                 + p.rows
@@ -791,15 +810,54 @@ impl crate::operator::keyed::KeyedState for UpdatingOverState {
     }
 }
 
+impl StatefulOperator for UpdatingOverState {
+    const NAME: &'static str = "Over";
+
+    fn on_batch(
+        &mut self,
+        _side: usize,
+        batch: &ChangeBatch,
+        _budget: usize,
+        out: &mut Output,
+    ) -> Result<Applied> {
+        let (changes, late) = UpdatingOverState::apply(self, batch)?;
+        out.extend(changes);
+        Ok(Applied::with_late(batch.num_rows(), late))
+    }
+
+    fn on_watermark(
+        &mut self,
+        _side: usize,
+        watermark: i64,
+        _made_at: i64,
+        out: &mut Output,
+    ) -> Result<()> {
+        let _ = (watermark, out);
+        Ok(())
+    }
+
+    fn snapshot(&mut self, to: &SnapshotTo<'_>) -> Result<()> {
+        to.write(self.snapshot_rows()?);
+        Ok(())
+    }
+
+    fn restore(&mut self, from: &RestoreFrom<'_>) -> Result<()> {
+        from.key_groups(|b, owns| self.restore_rows(b, owns))
+    }
+
+    fn size(&self) -> (u64, u64) {
+        (self.size_bytes(), self.groups())
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use arrow::array::{Int64Array, TimestampMillisecondArray};
+    use arrow::datatypes::Schema;
     use datafusion_physical_expr::expressions::Column;
     use sluice_sql::AggFunc;
 
     use super::*;
     use crate::checkpoint::fuzz::{timed_batch as batch, timed_input as input};
-    use crate::operator::keyed::KeyedState;
 
     fn calls() -> Vec<AggCall> {
         let v = Arc::new(Column::new("v", 2)) as PhysExpr;
@@ -848,11 +906,11 @@ mod tests {
         s.apply(&batch((0..20_000).map(|i| (i % 2_000, i, i * 7 % 101))))
             .unwrap();
         s.advance_watermark(12_000).unwrap();
-        let snap = KeyedState::snapshot(&s).unwrap();
+        let snap = s.snapshot_rows().unwrap();
         assert!(snap.num_rows() > 2_000, "frames and waiting rows");
         crate::checkpoint::fuzz::altered_snapshots_restore_or_fail(&snap, 150, |b| {
             let mut s = event_time();
-            let restored = KeyedState::restore(&mut s, b, &|_| true).is_ok();
+            let restored = s.restore_rows(b, &|_| true).is_ok();
             if restored {
                 let _ = s.apply(&batch((0..100).map(|i| (i, 20_000 + i, i))));
                 let _ = s.advance_watermark(i64::MAX);
@@ -876,17 +934,14 @@ mod tests {
             .unwrap()
         };
         let mut s = updating();
-        KeyedState::apply(
-            &mut s,
-            &batch((0..5_000).map(|i| (i % 300, i, i * 7 % 101))),
-        )
-        .unwrap();
-        let snap = KeyedState::snapshot(&s).unwrap();
+        s.apply(&batch((0..5_000).map(|i| (i % 300, i, i * 7 % 101))))
+            .unwrap();
+        let snap = s.snapshot_rows().unwrap();
         crate::checkpoint::fuzz::altered_snapshots_restore_or_fail(&snap, 150, |b| {
             let mut s = updating();
-            let restored = KeyedState::restore(&mut s, b, &|_| true).is_ok();
+            let restored = s.restore_rows(b, &|_| true).is_ok();
             if restored {
-                let _ = KeyedState::apply(&mut s, &batch((0..100).map(|i| (i, i, i))));
+                let _ = s.apply(&batch((0..100).map(|i| (i, i, i))));
             }
             restored
         });

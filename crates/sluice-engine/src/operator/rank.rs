@@ -20,9 +20,7 @@ use std::collections::BTreeMap;
 use hashbrown::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{
-    Array, ArrayRef, AsArray, BinaryArray, Int64Array, UInt16Array, UInt32Array, UInt64Array,
-};
+use arrow::array::{Array, ArrayRef, AsArray, BinaryArray, Int64Array, UInt32Array, UInt64Array};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType};
 use arrow::record_batch::RecordBatch;
@@ -31,6 +29,11 @@ use sluice_common::{ChangeBatch, Error, Op, Result};
 use sluice_sql::{PhysExpr, RankMode, SortKey};
 use sluice_state::group_table::NO_TAG;
 use sluice_state::{ByteSlots, GroupTable};
+
+use crate::checkpoint::keyed::KeyedLayout;
+use crate::operator::driver::{
+    sampled_bytes, Applied, Output, RestoreFrom, SnapshotTo, StatefulOperator,
+};
 
 /// Bytes in Arrow row format.
 type Bytes = Box<[u8]>;
@@ -399,38 +402,28 @@ impl RankState {
                 until.push(p.until);
             }
         }
-        let cols: Vec<ArrayRef> = vec![
-            Arc::new(UInt16Array::from(group)),
-            Arc::new(BinaryArray::from(key)),
-            Arc::new(BinaryArray::from(sort)),
-            Arc::new(BinaryArray::from(row)),
-            Arc::new(UInt32Array::from(count)),
-            Arc::new(Int64Array::from(until)),
-        ];
-        Ok(RecordBatch::try_new(snapshot_schema(), cols)?)
+        layout().batch(
+            group,
+            BinaryArray::from(key),
+            vec![
+                Arc::new(BinaryArray::from(sort)),
+                Arc::new(BinaryArray::from(row)),
+                Arc::new(UInt32Array::from(count)),
+                Arc::new(Int64Array::from(until)),
+            ],
+        )
     }
 
     /// Adds the partitions of a snapshot whose key group `owns` accepts.
     pub fn restore(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()> {
-        crate::operator::rows::check_layout(batch, &snapshot_schema(), "Top-N")?;
-        let group = batch
-            .column(0)
-            .as_primitive::<arrow::datatypes::UInt16Type>();
-        let key = batch.column(1).as_binary::<i32>();
-        let sort = batch.column(2).as_binary::<i32>();
-        let row = batch.column(3).as_binary::<i32>();
-        let count = batch
-            .column(4)
-            .as_primitive::<arrow::datatypes::UInt32Type>();
-        let until = batch
-            .column(5)
-            .as_primitive::<arrow::datatypes::Int64Type>();
+        let rows = layout().read(batch)?;
+        let (sort, row, count, until) = (rows.binary(0), rows.binary(1), rows.u32(2), rows.i64(3));
         if let Some(top) = &mut self.top {
             for i in 0..batch.num_rows() {
-                if !owns(group.value(i)) || row.is_null(i) {
+                if !owns(rows.group(i)) || row.is_null(i) {
                     continue;
                 }
-                let gid = top.partition(key.value(i), group.value(i))?;
+                let gid = top.partition(rows.key(i).unwrap_or_default(), rows.group(i))?;
                 // Copies past the first N would fall out again.
                 for _ in 0..(count.value(i) as usize).min(top.limit) {
                     top.insert(gid, sort.value(i), row.value(i), 0);
@@ -439,13 +432,13 @@ impl RankState {
             return Ok(());
         }
         for i in 0..batch.num_rows() {
-            if !owns(group.value(i)) {
+            if !owns(rows.group(i)) {
                 continue;
             }
-            let k: Box<[u8]> = key.value(i).into();
+            let k: Box<[u8]> = rows.key(i).unwrap_or_default().into();
             let p = self.partitions.entry(k.clone()).or_default();
             let fresh = p.rows.is_empty() && !p.done;
-            p.key_group = group.value(i);
+            p.key_group = rows.group(i);
             p.until = until.value(i);
             if row.is_null(i) {
                 p.done = true;
@@ -793,75 +786,82 @@ impl AppendOnlyTop {
             }
         }
         let n = group.len();
-        let cols: Vec<ArrayRef> = vec![
-            Arc::new(UInt16Array::from(group)),
-            Arc::new(BinaryArray::from(key)),
-            Arc::new(BinaryArray::from(sort)),
-            Arc::new(BinaryArray::from(row)),
-            Arc::new(UInt32Array::from(vec![1; n])),
-            Arc::new(Int64Array::from(vec![0; n])),
-        ];
-        Ok(RecordBatch::try_new(snapshot_schema(), cols)?)
+        layout().batch(
+            group,
+            BinaryArray::from(key),
+            vec![
+                Arc::new(BinaryArray::from(sort)),
+                Arc::new(BinaryArray::from(row)),
+                Arc::new(UInt32Array::from(vec![1; n])),
+                Arc::new(Int64Array::from(vec![0; n])),
+            ],
+        )
     }
 }
 
-fn snapshot_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("key_group", DataType::UInt16, false),
-        Field::new("key", DataType::Binary, false),
-        Field::new("sort", DataType::Binary, true),
-        Field::new("row", DataType::Binary, true),
-        Field::new("count", DataType::UInt32, false),
-        Field::new("until", DataType::Int64, false),
-    ]))
+/// The snapshot: per partition, each distinct (sort key, row) with its copies and the time its
+/// state expires; a partition whose first row was emitted (keep-first) has a row without them.
+fn layout() -> KeyedLayout {
+    KeyedLayout::new(
+        "Top-N",
+        false,
+        vec![
+            Field::new("sort", DataType::Binary, true),
+            Field::new("row", DataType::Binary, true),
+            Field::new("count", DataType::UInt32, false),
+            Field::new("until", DataType::Int64, false),
+        ],
+    )
 }
 
-impl crate::operator::keyed::KeyedState for RankState {
+impl StatefulOperator for RankState {
     const NAME: &'static str = "TopN";
 
-    fn apply(
+    fn on_batch(
         &mut self,
+        _side: usize,
         batch: &ChangeBatch,
-    ) -> Result<(Option<ChangeBatch>, crate::operator::keyed::Dropped)> {
-        let out = RankState::apply(self, batch)?;
-        Ok((
-            out.changes,
-            crate::operator::keyed::Dropped::late(out.dropped),
-        ))
+        _budget: usize,
+        out: &mut Output,
+    ) -> Result<Applied> {
+        let applied = RankState::apply(self, batch)?;
+        out.extend(applied.changes);
+        Ok(Applied::with_late(batch.num_rows(), applied.dropped))
     }
 
-    fn advance_watermark(&mut self, watermark: i64) -> Result<Option<ChangeBatch>> {
-        RankState::advance_watermark(self, watermark)
+    fn on_watermark(
+        &mut self,
+        _side: usize,
+        watermark: i64,
+        _made_at: i64,
+        out: &mut Output,
+    ) -> Result<()> {
+        out.extend(RankState::advance_watermark(self, watermark)?);
+        Ok(())
     }
 
-    fn snapshot(&self) -> Result<RecordBatch> {
-        RankState::snapshot(self)
+    fn snapshot(&mut self, to: &SnapshotTo<'_>) -> Result<()> {
+        to.write(RankState::snapshot(self)?);
+        Ok(())
     }
 
-    fn restore(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()> {
-        RankState::restore(self, batch, owns)
+    fn restore(&mut self, from: &RestoreFrom<'_>) -> Result<()> {
+        from.key_groups(|b, owns| RankState::restore(self, b, owns))
     }
 
-    fn groups(&self) -> u64 {
-        self.partitions() as u64
-    }
-
-    fn size_bytes(&self) -> u64 {
-        if let Some(top) = &self.top {
-            return top.size_bytes() as u64;
-        }
-        crate::operator::keyed::sampled_bytes(
-            self.partitions.len(),
-            self.partitions.iter(),
-            |(k, p)| {
+    fn size(&self) -> (u64, u64) {
+        let bytes = match &self.top {
+            Some(top) => top.size_bytes() as u64,
+            None => sampled_bytes(self.partitions.len(), self.partitions.iter(), |(k, p)| {
                 k.len()
                     + 64
                     + p.rows
                         .keys()
                         .map(|(a, b)| a.len() + b.len() + 48)
                         .sum::<usize>()
-            },
-        )
+            }),
+        };
+        (bytes, self.partitions() as u64)
     }
 }
 

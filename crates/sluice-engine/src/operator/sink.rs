@@ -22,7 +22,7 @@ pub(crate) fn table_sink<'scope>(
     instance: usize,
     ctx: &BuildContext,
 ) -> EventStream<'scope> {
-    let (metrics, counter) = (ctx.metrics.clone(), ctx.metrics.write_counter(&table.name));
+    let (control, counter) = (ctx.control.clone(), ctx.metrics.write_counter(&table.name));
     let checkpoint = ctx.checkpoint.clone();
     let seal_at_end = checkpoint.is_some();
     let (index, peers) = (ctx.index, ctx.peers);
@@ -40,7 +40,7 @@ pub(crate) fn table_sink<'scope>(
     let mut writer = match writer {
         Ok(w) => Some(w),
         Err(e) => {
-            metrics.fail(e);
+            control.fail(e);
             None
         }
     };
@@ -58,11 +58,11 @@ pub(crate) fn table_sink<'scope>(
                 .map_err(Error::from)
                 .and_then(|b| w.write(&b));
             if let Err(e) = result {
-                metrics.fail(e);
+                control.fail(e);
             }
         }
     };
-    let metrics = ctx.metrics.clone();
+    let (metrics, control) = (ctx.metrics.clone(), ctx.control.clone());
     stream.unary_frontier::<EventBuilder, _, _, _>(
         Pipeline,
         &format!("Sink({})", table.name),
@@ -89,7 +89,7 @@ pub(crate) fn table_sink<'scope>(
                     while let Some(epoch) = al.due(&[frontier]) {
                         if let Some(w) = writer.as_mut() {
                             if let Err(e) = transactions.seal(w.as_mut(), epoch) {
-                                metrics.fail(e);
+                                control.fail(e);
                             }
                         }
                         for (_, mut event) in al.advance() {
@@ -105,18 +105,18 @@ pub(crate) fn table_sink<'scope>(
                     match transactions.publish(w.as_mut(), &ck.store) {
                         Ok(true) => activator.activate_after(Duration::from_millis(20)),
                         Ok(false) => {}
-                        Err(e) => metrics.fail(e),
+                        Err(e) => control.fail(e),
                     }
                 }
                 if frontier.is_empty() {
                     if let Some(mut w) = writer.take() {
                         let done = crate::checkpoint::SinkTransactions::close(
                             w.as_mut(),
-                            &metrics,
+                            &control,
                             seal_at_end,
                         );
                         if let Err(e) = done {
-                            metrics.fail(e);
+                            control.fail(e);
                         }
                     }
                 }

@@ -94,6 +94,7 @@ pub(crate) fn source_stream<'scope>(
         ctx.probe.clone(),
         ctx.batch_rows,
     );
+    let control = ctx.control.clone();
     let checkpoint = ctx.checkpoint.clone();
     let id = checkpoint
         .as_ref()
@@ -125,7 +126,7 @@ pub(crate) fn source_stream<'scope>(
     let mut reader = match reader {
         Ok(r) => Some(r),
         Err(e) => {
-            metrics.fail(e);
+            control.fail(e);
             None
         }
     };
@@ -155,7 +156,7 @@ pub(crate) fn source_stream<'scope>(
                 cap = None;
                 return;
             };
-            if metrics.failed() {
+            if control.failed() {
                 cap = None;
                 return;
             }
@@ -166,7 +167,7 @@ pub(crate) fn source_stream<'scope>(
                     .session(c)
                     .give_container(&mut Event::watermark(w, MAX_WATERMARK, peers));
             }
-            if metrics.is_cancelled() {
+            if control.is_cancelled() {
                 // A graceful stop. Without checkpoints, just stop (no final watermark: stopping is
                 // not the end of event time). With them, every source of the process stops after
                 // the same checkpoint epoch, writing its (final) offsets there, and holds the next
@@ -180,13 +181,7 @@ pub(crate) fn source_stream<'scope>(
                     return;
                 }
                 let proposal = ck.next_checkpoint(epoch + 2 * MAX_EPOCHS_IN_FLIGHT + 1);
-                let _ = metrics.stop_epoch.compare_exchange(
-                    u64::MAX,
-                    proposal,
-                    Ordering::SeqCst,
-                    Ordering::SeqCst,
-                );
-                let stop = metrics.stop_epoch.load(Ordering::SeqCst).max(epoch);
+                let stop = control.propose_stop(proposal).max(epoch);
                 if let Some(id) = &id {
                     if ck.is_checkpoint(stop) {
                         c.downgrade(&stop);
@@ -245,7 +240,7 @@ pub(crate) fn source_stream<'scope>(
                                 }
                             }
                             Err(e) => {
-                                metrics.fail(e);
+                                control.fail(e);
                                 cap = None;
                                 return;
                             }
@@ -269,7 +264,7 @@ pub(crate) fn source_stream<'scope>(
                         break;
                     }
                     Err(e) => {
-                        metrics.fail(e);
+                        control.fail(e);
                         cap = None;
                         return;
                     }

@@ -11,14 +11,14 @@ use sluice_sql::{PhysExpr, WindowKind};
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 
-use crate::runtime::metrics::JobMetrics;
+use crate::runtime::control::JobControl;
 use crate::runtime::{Event, EventBuilder, EventStream};
 
 /// Applies `f` to each batch; watermarks pass through, re-labelled as this worker's.
 pub fn map_batches<'scope, F>(
     stream: EventStream<'scope>,
     name: &str,
-    metrics: Arc<JobMetrics>,
+    control: Arc<JobControl>,
     mut f: F,
 ) -> EventStream<'scope>
 where
@@ -31,7 +31,7 @@ where
             let _running = crate::runtime::panics::in_operator(&operator);
             input.for_each(|cap, data| match data {
                 Event::Data(d) => {
-                    if metrics.failed() {
+                    if control.failed() {
                         return;
                     }
                     match f(&d.batch) {
@@ -39,7 +39,7 @@ where
                             output.session(&cap).give_container(&mut Event::data(out))
                         }
                         Ok(_) => {}
-                        Err(e) => metrics.fail(e),
+                        Err(e) => control.fail(e),
                     }
                 }
                 Event::Watermark { .. } => output.session(&cap).give_container(data),

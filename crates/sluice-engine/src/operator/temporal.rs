@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use hashbrown::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, BinaryArray, Int64Array, UInt16Array, UInt32Array};
+use arrow::array::{Array, AsArray, BinaryArray, Int64Array, UInt32Array};
 use arrow::compute::{cast, concat_batches, take};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType};
 use arrow::record_batch::RecordBatch;
@@ -18,6 +18,8 @@ use arrow::row::RowConverter;
 use sluice_common::{ChangeBatch, Error, Op, Result};
 use sluice_sql::{JoinKind, PhysExpr};
 
+use crate::checkpoint::keyed::KeyedLayout;
+use crate::operator::driver::{Applied, Output, RestoreFrom, SnapshotTo, StatefulOperator};
 use crate::operator::stateless::evaluate;
 
 type Bytes = Box<[u8]>;
@@ -278,23 +280,23 @@ fn nullable(schema: &SchemaRef) -> SchemaRef {
     ))
 }
 
-fn snapshot_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("key_group", DataType::UInt16, false),
-        Field::new("key", DataType::Binary, true),
-        Field::new("time", DataType::Int64, true),
-        Field::new("row", DataType::Binary, false),
-    ]))
+/// The snapshot: each version of the right side by key and time; waiting left rows go whole,
+/// without a key (a restoring worker keeps those of its key groups).
+fn layout() -> KeyedLayout {
+    KeyedLayout::new(
+        "temporal join",
+        true,
+        vec![
+            Field::new("time", DataType::Int64, true),
+            Field::new("row", DataType::Binary, false),
+        ],
+    )
 }
 
-impl crate::operator::two_input::TwoInputState for TemporalState {
-    fn apply(
-        &mut self,
-        side: usize,
-        batch: &ChangeBatch,
-        _max_pairs: usize,
-    ) -> Result<(Option<ChangeBatch>, u64, usize)> {
-        let n = batch.num_rows();
+impl TemporalState {
+    /// Takes a batch of input `side`: versions of the right side, or left rows that wait for
+    /// the watermark.
+    pub fn apply(&mut self, side: usize, batch: &ChangeBatch) -> Result<()> {
         if !batch.is_append_only() {
             return Err(Error::Runtime(
                 "an event-time temporal join received a retraction; both inputs must be append-only"
@@ -302,14 +304,18 @@ impl crate::operator::two_input::TwoInputState for TemporalState {
             ));
         }
         if side == 1 {
-            self.add_versions(&batch.data)?;
-            return Ok((None, 0, n));
+            return self.add_versions(&batch.data);
         }
         self.pending.push(batch.data.clone());
-        Ok((None, 0, n))
+        Ok(())
     }
 
-    fn advance_watermark(&mut self, side: usize, watermark: i64) -> Result<Option<ChangeBatch>> {
+    /// Input `side`'s watermark advanced: the left rows it completes, joined.
+    pub fn advance_watermark(
+        &mut self,
+        side: usize,
+        watermark: i64,
+    ) -> Result<Option<ChangeBatch>> {
         if watermark <= self.watermarks[side] {
             return Ok(None);
         }
@@ -317,7 +323,8 @@ impl crate::operator::two_input::TwoInputState for TemporalState {
         self.release()
     }
 
-    fn snapshot(&self) -> Result<RecordBatch> {
+    /// This worker's state in the snapshot layout.
+    pub fn snapshot_rows(&self) -> Result<RecordBatch> {
         let mut group = vec![];
         let mut key: Vec<Option<&[u8]>> = vec![];
         let mut time = vec![];
@@ -330,43 +337,34 @@ impl crate::operator::two_input::TwoInputState for TemporalState {
                 row.push(r.to_vec());
             }
         }
-        // Waiting left rows go whole; a restoring worker keeps those of its key groups.
         for b in &self.pending {
             group.push(0);
             key.push(None);
             time.push(None);
             row.push(crate::checkpoint::ipc_bytes(b)?);
         }
-        let cols: Vec<ArrayRef> = vec![
-            Arc::new(UInt16Array::from(group)),
-            Arc::new(BinaryArray::from(key)),
-            Arc::new(Int64Array::from(time)),
-            Arc::new(BinaryArray::from_iter_values(row)),
-        ];
-        Ok(RecordBatch::try_new(snapshot_schema(), cols)?)
+        layout().batch(
+            group,
+            BinaryArray::from(key),
+            vec![
+                Arc::new(Int64Array::from(time)),
+                Arc::new(BinaryArray::from_iter_values(row)),
+            ],
+        )
     }
 
-    fn restore(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()> {
-        crate::operator::rows::check_layout(batch, &snapshot_schema(), "temporal join")?;
-        let group = batch
-            .column(0)
-            .as_primitive::<arrow::datatypes::UInt16Type>();
-        let key = batch.column(1).as_binary::<i32>();
-        let time = batch
-            .column(2)
-            .as_primitive::<arrow::datatypes::Int64Type>();
-        let row = batch.column(3).as_binary::<i32>();
-        let versions: Vec<usize> = (0..batch.num_rows())
-            .filter(|i| !key.is_null(*i) && owns(group.value(*i)))
-            .collect();
-        let what = "temporal join";
+    /// Adds the rows of a snapshot whose key group `owns` accepts.
+    pub fn restore_rows(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()> {
+        let snapshot = layout().read(batch)?;
+        let (time, row) = (snapshot.i64(0), snapshot.binary(1));
+        let versions = snapshot.owned(owns);
         crate::operator::rows::check_rows(
             &self.right_rows,
             versions.iter().map(|i| row.value(*i)),
-            what,
+            "temporal join",
         )?;
-        for i in 0..batch.num_rows() {
-            if key.is_null(i) {
+        for i in 0..snapshot.len() {
+            if snapshot.key(i).is_none() {
                 // Waiting left rows: keep those of this worker's key groups.
                 let b = crate::operator::rows::ipc_batch(row.value(i))?;
                 if let Some(mine) = b
@@ -376,15 +374,14 @@ impl crate::operator::two_input::TwoInputState for TemporalState {
                 {
                     self.pending.push(mine);
                 }
-                continue;
             }
-            if !owns(group.value(i)) {
-                continue;
-            }
+        }
+        for i in versions {
+            let key = snapshot.key(i).expect("an owned row has a key");
             self.versions
-                .entry_ref(key.value(i))
+                .entry_ref(key)
                 .or_insert_with(|| Versions {
-                    key_group: group.value(i),
+                    key_group: snapshot.group(i),
                     rows: BTreeMap::new(),
                 })
                 .rows
@@ -393,26 +390,59 @@ impl crate::operator::two_input::TwoInputState for TemporalState {
         Ok(())
     }
 
-    fn rows_held(&self) -> u64 {
-        TemporalState::rows_held(self)
-    }
-
-    fn size_bytes(&self) -> usize {
+    pub fn size_bytes(&self) -> u64 {
         self.versions
             .iter()
             .map(|(k, v)| k.len() + v.rows.values().map(|r| r.len() + 16).sum::<usize>())
-            .sum()
+            .sum::<usize>() as u64
+    }
+}
+
+impl StatefulOperator for TemporalState {
+    const NAME: &'static str = "TemporalJoin";
+
+    fn on_batch(
+        &mut self,
+        side: usize,
+        batch: &ChangeBatch,
+        _budget: usize,
+        _out: &mut Output,
+    ) -> Result<Applied> {
+        TemporalState::apply(self, side, batch)?;
+        Ok(Applied::all(batch.num_rows()))
+    }
+
+    fn on_watermark(
+        &mut self,
+        side: usize,
+        watermark: i64,
+        _made_at: i64,
+        out: &mut Output,
+    ) -> Result<()> {
+        out.extend(TemporalState::advance_watermark(self, side, watermark)?);
+        Ok(())
+    }
+
+    fn snapshot(&mut self, to: &SnapshotTo<'_>) -> Result<()> {
+        to.write(self.snapshot_rows()?);
+        Ok(())
+    }
+
+    fn restore(&mut self, from: &RestoreFrom<'_>) -> Result<()> {
+        from.key_groups(|b, owns| self.restore_rows(b, owns))
+    }
+
+    fn size(&self) -> (u64, u64) {
+        (self.size_bytes(), self.rows_held())
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use arrow::array::TimestampMillisecondArray;
     use datafusion_physical_expr::expressions::Column;
 
     use super::*;
     use crate::checkpoint::fuzz::{timed_batch as batch, timed_input as input};
-    use crate::operator::two_input::TwoInputState;
 
     fn state() -> TemporalState {
         let key = || vec![Arc::new(Column::new("k", 0)) as PhysExpr];
@@ -434,26 +464,18 @@ mod tests {
     #[test]
     fn altered_snapshots_restore_or_fail() {
         let mut s = state();
-        s.apply(
-            1,
-            &batch((0..10_000).map(|i| (i % 1_000, i, -i))),
-            usize::MAX,
-        )
-        .unwrap();
-        s.apply(
-            0,
-            &batch((0..10_000).map(|i| (i % 3_000, i, i))),
-            usize::MAX,
-        )
-        .unwrap();
+        s.apply(1, &batch((0..10_000).map(|i| (i % 1_000, i, -i))))
+            .unwrap();
+        s.apply(0, &batch((0..10_000).map(|i| (i % 3_000, i, i))))
+            .unwrap();
         s.advance_watermark(1, 4_000).unwrap();
-        let snap = s.snapshot().unwrap();
+        let snap = s.snapshot_rows().unwrap();
         assert!(snap.num_rows() > 1_000, "versions and waiting rows");
         crate::checkpoint::fuzz::altered_snapshots_restore_or_fail(&snap, 150, |b| {
             let mut s = state();
-            let restored = s.restore(b, &|_| true).is_ok();
+            let restored = s.restore_rows(b, &|_| true).is_ok();
             if restored {
-                let _ = s.apply(0, &batch((0..100).map(|i| (i, 20_000 + i, i))), usize::MAX);
+                let _ = s.apply(0, &batch((0..100).map(|i| (i, 20_000 + i, i))));
                 let _ = s.advance_watermark(1, i64::MAX);
                 let _ = s.advance_watermark(0, i64::MAX);
             }

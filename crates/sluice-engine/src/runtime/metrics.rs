@@ -4,8 +4,6 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use sluice_common::Error;
-
 /// Counters for one job.
 #[derive(Default)]
 pub struct JobMetrics {
@@ -27,18 +25,10 @@ pub struct JobMetrics {
     pub snapshot_micros: AtomicU64,
     /// The smallest watermark any source holds (ms), for the live lag display.
     pub source_watermark: AtomicI64,
-    /// Checkpoint epochs whose files could not be written.
-    pub checkpoint_failures: Mutex<BTreeMap<u64, Error>>,
-    /// The checkpoint epoch after which the sources of this process stop (graceful stop).
-    pub stop_epoch: AtomicU64,
-    /// Set to stop the job: sources stop reading (without ending event time) and the job winds down.
-    pub cancelled: std::sync::atomic::AtomicBool,
     /// For each window firing: milliseconds from the source making the watermark that closed
     /// the windows to the aggregation emitting them (event-time windows; the latency benchmark
     /// reads it).
     pub window_fire_ms: Mutex<Vec<u32>>,
-    /// The first error raised by any operator; every worker stops when it is set.
-    pub error: Mutex<Option<Error>>,
     /// Each stateful operator's state as last reported (by "operator on worker"): bytes and
     /// keys, for the memory limit's message and the platform's quotas.
     states: Mutex<BTreeMap<String, (u64, u64)>>,
@@ -117,7 +107,6 @@ impl JobMetrics {
     pub fn new() -> Arc<Self> {
         let m = JobMetrics::default();
         m.source_watermark.store(i64::MIN, Ordering::Relaxed);
-        m.stop_epoch.store(u64::MAX, Ordering::Relaxed);
         Arc::new(m)
     }
 
@@ -161,14 +150,6 @@ impl JobMetrics {
             .collect()
     }
 
-    /// Records the first failure.
-    pub fn fail(&self, e: Error) {
-        let mut slot = self.error.lock().expect("metrics");
-        if slot.is_none() {
-            *slot = Some(e);
-        }
-    }
-
     /// Adds an operator's snapshot time for checkpoint `epoch`.
     pub fn record_snapshot(&self, epoch: u64, took: std::time::Duration) {
         *self
@@ -187,35 +168,6 @@ impl JobMetrics {
         let took = times.get(&epoch).copied().unwrap_or_default();
         times.retain(|e, _| *e > epoch);
         took
-    }
-
-    /// Records that an operator could not write its part of checkpoint `epoch`.
-    pub fn checkpoint_failed(&self, epoch: u64, e: Error) {
-        eprintln!("checkpoint {epoch} failed: {e}");
-        self.checkpoint_failures
-            .lock()
-            .expect("metrics")
-            .entry(epoch)
-            .or_insert(e);
-    }
-
-    /// Whether checkpoint `epoch` failed (forgetting it).
-    pub fn take_checkpoint_failure(&self, epoch: u64) -> bool {
-        self.checkpoint_failures
-            .lock()
-            .expect("metrics")
-            .remove(&epoch)
-            .is_some()
-    }
-
-    /// Asks the job to stop gracefully: sources stop, sinks publish what they have.
-    pub fn cancel(&self) {
-        self.cancelled.store(true, Ordering::Relaxed);
-    }
-
-    /// True once [`JobMetrics::cancel`] was called.
-    pub fn is_cancelled(&self) -> bool {
-        self.cancelled.load(Ordering::Relaxed)
     }
 
     /// The meter of rows in flight at `place` (shared by every worker of the process that
@@ -274,10 +226,5 @@ impl JobMetrics {
             .iter()
             .max_by_key(|(_, (bytes, keys))| (*bytes, *keys))
             .map(|(name, (bytes, keys))| (name.clone(), *bytes, *keys))
-    }
-
-    /// True once any operator failed.
-    pub fn failed(&self) -> bool {
-        self.error.lock().expect("metrics").is_some()
     }
 }

@@ -33,9 +33,10 @@ use crate::runtime::{key_hash_state, KEY_GROUPS};
 
 /// The layout of an aggregation snapshot.
 pub fn snapshot_schema() -> SchemaRef {
+    let [key_group, key] = crate::checkpoint::keyed::key_columns(false);
     Arc::new(Schema::new(vec![
-        Field::new("key_group", DataType::UInt16, false),
-        Field::new("key", DataType::Binary, false),
+        key_group,
+        key,
         Field::new("rows", DataType::Int64, false),
         // Assigned windows: the window's end, and whether it already fired (allowed lateness).
         Field::new("window_end", DataType::Int64, true),
