@@ -2,6 +2,9 @@
 //! doc. An unknown key is an error naming it (with the closest known key); Flink's well-known
 //! keys that Sluice does not implement are accepted with a warning, so Flink scripts still run.
 
+use std::collections::BTreeMap;
+use std::time::Duration;
+
 use sluice_common::{Error, Result};
 
 /// The type of an option's value.
@@ -283,6 +286,147 @@ pub fn check(key: &str, value: &str) -> Result<Option<String>> {
     )))
 }
 
+/// A job's options, typed: parsed once from its `SET`s, where the engine and the command read
+/// them. Each value was checked against [`SETTINGS`] when it was set; parsing checks the
+/// combinations (an interval without a directory) and keys set past the planner.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobConfig {
+    /// `sluice.epoch-length`.
+    pub epoch_length: Duration,
+    /// `sluice.memory.limit` in bytes; `None`: 80% of the machine's memory.
+    pub memory_limit: Option<u64>,
+    /// `table.exec.mini-batch.size`: rows per source batch.
+    pub batch_rows: usize,
+    /// `table.exec.state.ttl` (`None` when unset or 0).
+    pub state_ttl: Option<Duration>,
+    /// `execution.checkpointing.*`: `None` when checkpointing is off.
+    pub checkpoint: Option<CheckpointOptions>,
+    /// `sluice.state-recovery.allow-changed-sources`.
+    pub allow_changed_sources: bool,
+}
+
+/// `execution.checkpointing.*` and `execution.state-recovery.path`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckpointOptions {
+    pub interval: Duration,
+    /// A directory or an `s3://` URL.
+    pub dir: String,
+    pub retained: usize,
+    /// Consecutive failed checkpoints tolerated before the job fails.
+    pub tolerable_failures: usize,
+    /// LZ4-compress state snapshots.
+    pub compression: bool,
+    /// Restore this checkpoint at start.
+    pub recovery_path: Option<String>,
+}
+
+/// Rows per source batch unless `table.exec.mini-batch.size` says otherwise.
+pub const DEFAULT_BATCH_ROWS: usize = 8192;
+/// Processing time per epoch unless `sluice.epoch-length` says otherwise.
+pub const DEFAULT_EPOCH: Duration = Duration::from_millis(50);
+
+impl JobConfig {
+    /// Parses `settings` (the script's `SET`s, as text). An unknown key, or a value of the
+    /// wrong type, is an error naming the key.
+    pub fn parse(settings: &BTreeMap<String, String>) -> Result<JobConfig> {
+        for (key, value) in settings {
+            check(key, value)?;
+        }
+        let get = |key: &str| settings.get(key).map(|v| v.trim());
+        let wrong = |key: &str, v: &str, wanted: &str| {
+            Error::plan(format!("'{key}' = '{v}' must be {wanted}"))
+        };
+        let duration = |key: &str| -> Result<Option<Duration>> {
+            get(key)
+                .map(|v| {
+                    sluice_common::time::parse_duration_ms(v)
+                        .filter(|ms| *ms >= 0)
+                        .map(|ms| Duration::from_millis(ms as u64))
+                        .ok_or_else(|| wrong(key, v, "a duration such as '1 s' or '500 ms'"))
+                })
+                .transpose()
+        };
+        let number = |key: &str, least: u64| -> Result<Option<u64>> {
+            get(key)
+                .map(|v| {
+                    v.parse::<u64>()
+                        .ok()
+                        .filter(|n| *n >= least)
+                        .ok_or_else(|| {
+                            wrong(key, v, &format!("a whole number of at least {least}"))
+                        })
+                })
+                .transpose()
+        };
+        let flag = |key: &str| -> Result<bool> {
+            match get(key).map(|v| v.to_ascii_lowercase()) {
+                None => Ok(false),
+                Some(v) if v == "true" => Ok(true),
+                Some(v) if v == "false" => Ok(false),
+                Some(v) => Err(wrong(key, &v, "'true' or 'false'")),
+            }
+        };
+        let epoch_length = duration("sluice.epoch-length")?.unwrap_or(DEFAULT_EPOCH);
+        if !(Duration::from_millis(1)..=Duration::from_secs(10)).contains(&epoch_length) {
+            return Err(Error::plan(format!(
+                "'sluice.epoch-length' = '{}' must be a duration between 1 ms and 10 s",
+                get("sluice.epoch-length").unwrap_or_default()
+            )));
+        }
+        let memory_limit = get("sluice.memory.limit")
+            .map(|v| {
+                sluice_common::text::memory_size(v)
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| {
+                        Error::plan(format!(
+                            "'sluice.memory.limit' = '{v}' is not a size such as '4gb' or '512mb'"
+                        ))
+                    })
+            })
+            .transpose()?;
+        let checkpoint = match duration("execution.checkpointing.interval")? {
+            None if get("execution.checkpointing.dir").is_some() => {
+                return Err(Error::plan("'execution.checkpointing.dir' is set but 'execution.checkpointing.interval' is not (for example '1 s')"));
+            }
+            None => None,
+            Some(interval) => {
+                if interval.is_zero() {
+                    return Err(wrong(
+                        "execution.checkpointing.interval",
+                        get("execution.checkpointing.interval").unwrap_or_default(),
+                        "a positive duration such as '1 s'",
+                    ));
+                }
+                let dir = get("execution.checkpointing.dir").ok_or_else(|| {
+                    Error::plan("'execution.checkpointing.interval' is set but 'execution.checkpointing.dir' is not: say where checkpoints go")
+                })?;
+                Some(CheckpointOptions {
+                    interval,
+                    dir: dir.to_string(),
+                    retained: number("execution.checkpointing.num-retained", 1)?.unwrap_or(1)
+                        as usize,
+                    tolerable_failures: number(
+                        "execution.checkpointing.tolerable-failed-checkpoints",
+                        0,
+                    )?
+                    .unwrap_or(3) as usize,
+                    compression: flag("execution.checkpointing.snapshot-compression")?,
+                    recovery_path: get("execution.state-recovery.path").map(str::to_string),
+                })
+            }
+        };
+        Ok(JobConfig {
+            epoch_length,
+            memory_limit,
+            batch_rows: number("table.exec.mini-batch.size", 1)?
+                .map_or(DEFAULT_BATCH_ROWS, |n| n as usize),
+            state_ttl: duration("table.exec.state.ttl")?.filter(|d| !d.is_zero()),
+            checkpoint,
+            allow_changed_sources: flag("sluice.state-recovery.allow-changed-sources")?,
+        })
+    }
+}
+
 /// The table of `docs/configuration.md` that lists the options, generated from [`SETTINGS`]
 /// (a test keeps the file equal to it).
 pub fn options_markdown() -> String {
@@ -317,7 +461,68 @@ pub fn flink_only_markdown() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::check;
+    use super::{check, JobConfig};
+
+    fn parse(pairs: &[(&str, &str)]) -> sluice_common::Result<JobConfig> {
+        JobConfig::parse(
+            &pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn the_job_config_is_typed_with_defaults_and_names_bad_keys() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.epoch_length, super::DEFAULT_EPOCH);
+        assert_eq!(c.batch_rows, super::DEFAULT_BATCH_ROWS);
+        assert_eq!(
+            (c.memory_limit, c.state_ttl, &c.checkpoint),
+            (None, None, &None)
+        );
+        let c = parse(&[
+            ("sluice.epoch-length", "20 ms"),
+            ("sluice.memory.limit", "2gb"),
+            ("table.exec.state.ttl", "1 h"),
+            ("execution.checkpointing.interval", "1 s"),
+            ("execution.checkpointing.dir", "/tmp/ck"),
+            ("execution.checkpointing.snapshot-compression", "TRUE"),
+        ])
+        .unwrap();
+        assert_eq!(c.epoch_length.as_millis(), 20);
+        assert_eq!(c.memory_limit, Some(2 << 30));
+        assert_eq!(c.state_ttl.unwrap().as_secs(), 3600);
+        let ck = c.checkpoint.unwrap();
+        assert_eq!((ck.interval.as_secs(), ck.dir.as_str()), (1, "/tmp/ck"));
+        assert!(ck.compression);
+        assert_eq!((ck.retained, ck.tolerable_failures), (1, 3));
+        for (pairs, needle) in [
+            (
+                &[("sluice.epoch-lenght", "20 ms")][..],
+                "did you mean 'sluice.epoch-length'",
+            ),
+            (
+                &[("sluice.epoch-length", "1 min")][..],
+                "between 1 ms and 10 s",
+            ),
+            (
+                &[("sluice.memory.limit", "lots")][..],
+                "'sluice.memory.limit' = 'lots'",
+            ),
+            (
+                &[("execution.checkpointing.dir", "/tmp/ck")][..],
+                "'execution.checkpointing.interval' is not",
+            ),
+            (
+                &[("execution.checkpointing.interval", "1 s")][..],
+                "'execution.checkpointing.dir' is not",
+            ),
+        ] {
+            let e = parse(pairs).unwrap_err().to_string();
+            assert!(e.contains(needle), "{pairs:?}: {e}");
+        }
+    }
 
     #[test]
     fn unknown_keys_are_errors_and_flink_only_keys_warn() {

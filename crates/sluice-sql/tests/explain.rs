@@ -1,5 +1,5 @@
 //! Planner golden tests: the `EXPLAIN` text of each script in `tests/explain/` (after the tables
-//! of `_tables.sql`) and of each Nexmark query in `benchmarks/nexmark/` must equal its `.plan`
+//! of `_tables.sql`) and of each Nexmark query in `benchmarks/queries/nexmark/` must equal its `.plan`
 //! file. After a planner change, `SLUICE_BLESS=1` rewrites the files: review their diff as the
 //! change's effect on plans.
 
@@ -52,7 +52,7 @@ fn plans_equal_their_golden_files() {
         assert!(!text.starts_with("error"), "{name}: {text}");
         compare(&name, &text, &mut stale);
     }
-    let nexmark = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../benchmarks/nexmark");
+    let nexmark = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../benchmarks/queries/nexmark");
     let ddl = std::fs::read_to_string(nexmark.join("ddl.sql"))
         .unwrap()
         .replace("{events}", "1000");

@@ -36,7 +36,7 @@ macro_rules! nexmark {
         &[$(Scenario {
             name: $name,
             what: "",
-            sql: include_str!(concat!("../../../benchmarks/nexmark/", $name, ".sql")),
+            sql: include_str!(concat!("../../../benchmarks/queries/nexmark/", $name, ".sql")),
             source: Source::Nexmark,
         }),*]
     };
@@ -48,7 +48,7 @@ const NEXMARK: &[Scenario] = nexmark!(
     "q15", "q16", "q17", "q18", "q19", "q20", "q21", "q22"
 );
 
-const NEXMARK_DDL: &str = include_str!("../../../benchmarks/nexmark/ddl.sql");
+const NEXMARK_DDL: &str = include_str!("../../../benchmarks/queries/nexmark/ddl.sql");
 
 const ORDERS: &str = "CREATE TABLE orders (order_id BIGINT, user_id BIGINT, item_id BIGINT, category STRING, province STRING, \
      amount DOUBLE, quantity INT, event_time TIMESTAMP(3), WATERMARK FOR event_time AS event_time - INTERVAL '5' SECOND) \

@@ -17,7 +17,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use sluice_common::{Error, Result};
+use sluice_common::Result;
 use sluice_sql::{JobPlan, SinkTarget, StreamNode};
 use sluice_state::checkpoint::{CheckpointStore, Manifest, FORMAT_VERSION};
 use timely::dataflow::operators::Capability;
@@ -42,84 +42,18 @@ pub struct CheckpointConfig {
 }
 
 impl CheckpointConfig {
-    /// Reads the settings; `None` when checkpointing is off.
-    pub fn from_settings(
-        settings: &BTreeMap<String, String>,
-        epoch_ms: u64,
-    ) -> Result<Option<Self>> {
-        for key in settings.keys() {
-            let known = [
-                "execution.checkpointing.interval",
-                "execution.checkpointing.dir",
-                "execution.checkpointing.num-retained",
-                "execution.checkpointing.tolerable-failed-checkpoints",
-                "execution.checkpointing.snapshot-compression",
-                "execution.state-recovery.path",
-            ];
-            if key.starts_with("s3.")
-                && !sluice_state::checkpoint::S3_OPTIONS.contains(&key.as_str())
-            {
-                return Err(Error::plan(format!(
-                    "'{key}' is not an S3 option (supported: {})",
-                    sluice_state::checkpoint::S3_OPTIONS.join(", ")
-                )));
-            }
-            if (key.starts_with("execution.checkpointing.")
-                || key.starts_with("execution.state-recovery."))
-                && !known.contains(&key.as_str())
-            {
-                return Err(Error::plan(format!(
-                    "'{key}' is not supported yet (supported: {})",
-                    known.join(", ")
-                )));
-            }
-        }
-        let Some(interval) = settings.get("execution.checkpointing.interval") else {
-            if settings.contains_key("execution.checkpointing.dir") {
-                return Err(Error::plan("'execution.checkpointing.dir' is set but 'execution.checkpointing.interval' is not (for example '1 s')"));
-            }
-            return Ok(None);
-        };
-        let ms = sluice_common::time::parse_duration_ms(interval)
-            .filter(|ms| *ms > 0)
-            .ok_or_else(|| Error::plan(format!("'execution.checkpointing.interval' = '{interval}' is not a positive duration such as '1 s'")))?;
-        let dir = settings.get("execution.checkpointing.dir").cloned().ok_or_else(|| {
-            Error::plan("'execution.checkpointing.interval' is set but 'execution.checkpointing.dir' is not: say where checkpoints go")
-        })?;
-        let retained = match settings.get("execution.checkpointing.num-retained") {
-            None => 1,
-            Some(v) => v.trim().parse().ok().filter(|n| *n > 0).ok_or_else(|| {
-                Error::plan(format!("'execution.checkpointing.num-retained' = '{v}' must be a positive whole number"))
-            })?,
-        };
-        let tolerable_failures = match settings.get("execution.checkpointing.tolerable-failed-checkpoints") {
-            None => 3,
-            Some(v) => v.trim().parse().map_err(|_| {
-                Error::plan(format!("'execution.checkpointing.tolerable-failed-checkpoints' = '{v}' must be a whole number"))
-            })?,
-        };
-        let recovery_path = settings.get("execution.state-recovery.path").cloned();
-        let compression = match settings
-            .get("execution.checkpointing.snapshot-compression")
-            .map(|v| v.trim().to_ascii_lowercase())
-            .as_deref()
-        {
-            None | Some("false") => false,
-            Some("true") => true,
-            Some(v) => {
-                return Err(Error::plan(format!(
-                    "'execution.checkpointing.snapshot-compression' = '{v}' must be true or false"
-                )))
-            }
-        };
-        Ok(Some(CheckpointConfig {
-            dir,
-            every: (ms as u64 / epoch_ms).max(1),
-            retained,
-            tolerable_failures,
-            recovery_path,
-            compression,
-        }))
+    /// The job's checkpoint options in epochs; `None` when checkpointing is off.
+    pub fn from_config(config: &sluice_sql::config::JobConfig) -> Option<Self> {
+        let c = config.checkpoint.as_ref()?;
+        let epoch_ms = config.epoch_length.as_millis().max(1) as u64;
+        Some(CheckpointConfig {
+            dir: c.dir.clone(),
+            every: (c.interval.as_millis() as u64 / epoch_ms).max(1),
+            retained: c.retained,
+            tolerable_failures: c.tolerable_failures,
+            recovery_path: c.recovery_path.clone(),
+            compression: c.compression,
+        })
     }
 }
 

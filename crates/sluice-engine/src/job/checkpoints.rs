@@ -20,11 +20,8 @@ pub(crate) struct RunCheckpoints {
 }
 
 pub(crate) fn prepare_checkpoints(plan: &JobPlan, fresh: bool) -> Result<Option<RunCheckpoints>> {
-    let Some(config) = crate::checkpoint::CheckpointConfig::from_settings(
-        &plan.settings,
-        crate::operator::source::epoch_ms(&plan.settings)?,
-    )?
-    else {
+    let job_config = sluice_sql::config::JobConfig::parse(&plan.settings)?;
+    let Some(config) = crate::checkpoint::CheckpointConfig::from_config(&job_config) else {
         return Ok(None);
     };
     let store = Arc::new(sluice_state::checkpoint::CheckpointStore::open(
@@ -75,10 +72,7 @@ pub(crate) fn prepare_checkpoints(plan: &JobPlan, fresh: bool) -> Result<Option<
                 config.dir, m.epoch
             )));
         }
-        let allow = plan
-            .settings
-            .get("sluice.state-recovery.allow-changed-sources")
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+        let allow = job_config.allow_changed_sources;
         for (table, was) in &m.sources {
             match sources.get(table) {
                 Some(now) if now != was && !allow => {

@@ -1,26 +1,16 @@
 //! `'sluice.memory.limit'`: the watch that fails a job past it, naming its largest state.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_common::{Error, Result};
+use sluice_common::Error;
 
 use crate::runtime::metrics::JobMetrics;
 
-/// `'sluice.memory.limit'`: a size, or by default 80% of the machine's memory.
-pub(crate) fn memory_limit(settings: &BTreeMap<String, String>) -> Result<u64> {
-    match settings.get("sluice.memory.limit") {
-        Some(v) => sluice_common::text::memory_size(v)
-            .filter(|n| *n > 0)
-            .ok_or_else(|| {
-                Error::plan(format!(
-                    "'sluice.memory.limit' = '{v}' is not a size such as '4gb' or '512mb'"
-                ))
-            }),
-        None => Ok(machine_memory().map_or(u64::MAX, |m| m / 10 * 8)),
-    }
+/// The memory limit in bytes: `'sluice.memory.limit'`, or 80% of the machine's memory.
+pub(crate) fn memory_limit(set: Option<u64>) -> u64 {
+    set.unwrap_or_else(|| machine_memory().map_or(u64::MAX, |m| m / 10 * 8))
 }
 
 /// The machine's memory (`MemTotal`), where the system says.

@@ -17,6 +17,7 @@ use crate::checkpoint::CheckpointContext;
 use crate::runtime::control::JobControl;
 use crate::runtime::metrics::JobMetrics;
 use crate::runtime::Epoch;
+use sluice_sql::config::JobConfig;
 
 mod checkpoints;
 mod cluster;
@@ -32,7 +33,7 @@ pub use memory::resident_memory;
 use memory::*;
 
 /// Rows per source batch unless `'table.exec.mini-batch.size'` says otherwise.
-pub(crate) const DEFAULT_BATCH_ROWS: usize = 8192;
+pub(crate) use sluice_sql::config::DEFAULT_BATCH_ROWS;
 
 /// Receives the changelog of each plain `SELECT` of a script.
 pub trait SelectOutput: Send + Sync {
@@ -134,8 +135,7 @@ pub(crate) fn read_columns(
 /// Checks a plan against the connectors before anything runs: options, and that every sink
 /// accepts the kind of changes its query produces.
 pub fn validate(plan: &JobPlan) -> Result<()> {
-    let epoch_ms = crate::operator::source::epoch_ms(&plan.settings)?;
-    crate::checkpoint::CheckpointConfig::from_settings(&plan.settings, epoch_ms)?;
+    JobConfig::parse(&plan.settings)?;
     for p in &plan.pipelines {
         let mut tables = vec![];
         collect_scans(&p.query, &mut tables);
@@ -249,33 +249,11 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
         options.process,
         options.hosts.clone(),
     );
-    let batch_rows = match plan.settings.get("table.exec.mini-batch.size") {
-        None => DEFAULT_BATCH_ROWS,
-        Some(v) => v
-            .trim()
-            .parse::<usize>()
-            .ok()
-            .filter(|n| *n > 0)
-            .ok_or_else(|| {
-                Error::plan(format!(
-                    "'table.exec.mini-batch.size' = '{v}' must be a positive whole number of rows"
-                ))
-            })?,
-    };
-    let state_ttl = match plan.settings.get("table.exec.state.ttl") {
-        None => None,
-        Some(v) => {
-            let ms = sluice_common::time::parse_duration_ms(v).ok_or_else(|| {
-                Error::plan(format!(
-                    "'table.exec.state.ttl' = '{v}' is not a duration such as '1 h' or '30 min'"
-                ))
-            })?;
-            (ms > 0).then(|| Duration::from_millis(ms as u64))
-        }
-    };
+    let job_config = JobConfig::parse(&plan.settings)?;
+    let (batch_rows, state_ttl) = (job_config.batch_rows, job_config.state_ttl);
     let select_output = options.select_output.clone();
     let sequential_sources = options.sequential_sources;
-    let epoch_length = Duration::from_millis(crate::operator::source::epoch_ms(&plan.settings)?);
+    let epoch_length = job_config.epoch_length;
     let fetch_threads =
         options.workers.max(1) < std::thread::available_parallelism().map_or(1, |n| n.get());
     if let Some(out) = &select_output {
@@ -338,7 +316,7 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
     let workers_per_process = options.workers.max(1);
     crate::runtime::panics::install_hook();
     let watching = MemoryWatch::start(
-        memory_limit(&plan.settings)?,
+        memory_limit(job_config.memory_limit),
         metrics.clone(),
         control.clone(),
     );

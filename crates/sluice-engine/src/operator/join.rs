@@ -952,9 +952,9 @@ impl StatefulOperator for JoinOperator {
             } else {
                 batch.slice(at, rows)
             };
-            let joined =
-                self.state
-                    .apply_some(side, &slice, budget.clamp(1, OUTPUT_BUDGET / 4))?;
+            let joined = self
+                .state
+                .apply_some(side, &slice, budget.clamp(1, OUTPUT_BUDGET / 4))?;
             let rows = joined.consumed.max(1);
             applied.consumed += rows;
             applied.skipped += joined.unmatched_retractions;

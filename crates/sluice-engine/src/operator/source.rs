@@ -24,25 +24,6 @@ use crate::runtime::{DataflowScope, Epoch, Event, EventBuilder, EventStream};
 
 /// Epochs a source may run ahead of the slowest sink before it waits.
 const MAX_EPOCHS_IN_FLIGHT: u64 = 4;
-/// Processing time per epoch, in milliseconds, unless `'sluice.epoch-length'` sets it.
-pub const EPOCH_MS: u64 = 50;
-
-/// `SET 'sluice.epoch-length' = '20 ms'`: the processing time per epoch (progress and
-/// checkpoint granularity; rows do not wait for epochs). Between 1 ms and 10 s.
-pub fn epoch_ms(settings: &std::collections::BTreeMap<String, String>) -> Result<u64> {
-    let Some(v) = settings.get("sluice.epoch-length") else {
-        return Ok(EPOCH_MS);
-    };
-    sluice_common::time::parse_duration_ms(v)
-        .filter(|ms| (1..=10_000).contains(ms))
-        .map(|ms| ms as u64)
-        .ok_or_else(|| {
-            sluice_common::Error::plan(format!(
-                "'sluice.epoch-length' = '{v}' must be a duration between 1 ms and 10 s"
-            ))
-        })
-}
-
 /// Turns a reader's raw batch into the rows to emit and the watermark they allow.
 pub type Prepare = Box<dyn FnMut(RecordBatch) -> Result<(ChangeBatch, Option<i64>)>>;
 

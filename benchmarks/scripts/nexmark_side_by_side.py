@@ -7,8 +7,8 @@
 Sluice's `nexmark` connector writes the Person, Auction and Bid streams of --events events
 (1 : 3 : 46) once, as one CSV file per stream, under ~/.cache/sluice-peers/nexmark/<events>.
 Both engines then read those files with their filesystem connector (the DDL of
-benchmarks/nexmark/ddl.sql with `'connector' = 'filesystem'`, the same 4 s watermark) and run
-each benchmarks/nexmark/qN.sql unchanged (blackhole sinks; q10 writes its partitioned files,
+benchmarks/queries/nexmark/ddl.sql with `'connector' = 'filesystem'`, the same 4 s watermark) and run
+each benchmarks/queries/nexmark/qN.sql unchanged (blackhole sinks; q10 writes its partitioned files,
 q13's side table is the same 10 000-row file for both). Flink runs in the peer harness's
 pyflink venv (../shared/peers/flink/setup.sh), one JVM for all of its runs, after a warm-up
 query per parallelism; its "job only" time is Flink's net job runtime, Sluice's the
@@ -30,7 +30,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+REPO = os.path.dirname(os.path.dirname(HERE))
+QUERIES = os.path.join(REPO, "benchmarks", "queries", "nexmark")
 PEER_HOME = os.environ.get("PEER_HOME", os.path.expanduser("~/.cache/sluice-peers/flink"))
 DATA_HOME = os.path.expanduser("~/.cache/sluice-peers/nexmark")
 QUERIES = ["q%d" % i for i in range(23) if i != 6]
@@ -51,14 +52,14 @@ def sluice_binary():
 
 def file_ddl(data):
     """ddl.sql with the streams read from the CSV files instead of the generator."""
-    ddl = open(os.path.join(HERE, "nexmark", "ddl.sql")).read()
+    ddl = open(os.path.join(QUERIES, "ddl.sql")).read()
     for s in STREAMS:
         ddl = ddl.replace(
             "WITH ('connector' = 'nexmark', 'nexmark.table' = '%s', 'nexmark.events' = '{events}')" % s,
             "WITH ('connector' = 'filesystem', 'path' = '%s', 'format' = 'csv')"
             % os.path.join(data, s))
     if "'nexmark'" in ddl:
-        sys.exit("benchmarks/nexmark/ddl.sql changed: cannot point its tables at files")
+        sys.exit("benchmarks/queries/nexmark/ddl.sql changed: cannot point its tables at files")
     return strip_comments(ddl)
 
 
@@ -76,7 +77,7 @@ def write_data(binary, events):
     if os.path.exists(done):
         return data
     log(f"writing {events} Nexmark events as CSV into {data}")
-    ddl = strip_comments(open(os.path.join(HERE, "nexmark", "ddl.sql")).read())
+    ddl = strip_comments(open(os.path.join(QUERIES, "ddl.sql")).read())
     ddl = ddl.replace("{events}", str(events))
     sinks = []
     for s in STREAMS:
@@ -102,7 +103,7 @@ def write_data(binary, events):
 
 
 def query_sql(name, data):
-    sql = strip_comments(open(os.path.join(HERE, "nexmark", name + ".sql")).read())
+    sql = strip_comments(open(os.path.join(QUERIES, name + ".sql")).read())
     return sql.replace("{out}", os.path.join(data, "out"))
 
 

@@ -25,7 +25,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+REPO = os.path.dirname(os.path.dirname(HERE))
 PEER = os.environ.get("PEER_DIR", os.path.join(REPO, "..", "shared", "peers", "flink"))
 PEER_HOME = os.environ.get("PEER_HOME", os.path.expanduser("~/.cache/sluice-peers/flink"))
 

@@ -2,7 +2,7 @@
 # Checkpoint overhead, measured in alternating pairs (drift on a shared machine cancels out):
 # the groupby-1m job with and without a checkpoint every second, back to back, PAIRS times per
 # worker count. Prints the job seconds of each pair and the median throughput loss.
-# Usage: benchmarks/checkpoint_ab.sh [EVENTS] [PAIRS]   (needs a release build)
+# Usage: benchmarks/scripts/checkpoint_ab.sh [EVENTS] [PAIRS]   (needs a release build)
 set -euo pipefail
 events="${1:-20000000}"
 pairs="${2:-6}"
