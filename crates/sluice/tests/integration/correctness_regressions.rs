@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use sluice_engine::{JobOptions, JobSummary};
 
-mod common;
+use crate::common;
 
 /// Runs `script` with `workers` workers, failing the test if it takes over `limit`.
 fn run(script: &str, workers: usize, limit: Duration) -> (JobSummary, BTreeMap<Vec<String>, i64>) {

@@ -21,7 +21,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use sluice_common::ChangeBatch;
 
-mod common;
+use crate::common;
 
 /// Seeds kept because they once found a bug: 5 and 6 counted a late row once per CUMULATE and
 /// HOP window it was copied into (the windows dropped it rightly; the count was 2x).

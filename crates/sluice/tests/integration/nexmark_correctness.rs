@@ -82,7 +82,7 @@ fn find_scan(node: &sluice_sql::StreamNode) -> sluice_sql::StreamNode {
     }
 }
 
-mod common;
+use crate::common;
 use common::render;
 
 #[derive(Default)]

@@ -107,7 +107,7 @@ struct Collector {
     rows: Mutex<HashMap<usize, HashMap<Vec<String>, i64>>>,
 }
 
-mod common;
+use crate::common;
 use common::render;
 
 impl SelectOutput for Collector {

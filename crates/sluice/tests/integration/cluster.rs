@@ -53,7 +53,7 @@ fn write_input(dir: &Path) {
     }
 }
 
-mod common;
+use crate::common;
 
 /// Starts `sql` as a cluster of two processes on free loopback ports, each with `workers`
 /// workers and the extra environment `env`; stdout discarded, stderr piped.

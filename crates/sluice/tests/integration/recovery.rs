@@ -124,7 +124,7 @@ fn job_with_joins(dir: &Path) -> String {
     )
 }
 
-mod common;
+use crate::common;
 
 /// Published rows of a sink folder; debezium changes folded.
 fn committed(dir: &Path) -> BTreeMap<String, i64> {

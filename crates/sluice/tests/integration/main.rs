@@ -1,0 +1,21 @@
+//! The end-to-end tests of the `sluice` command and engine, one module per feature area, in one
+//! test binary (one link instead of one per file). `common` has the shared helpers: the
+//! changelog collector, the run-a-job helper with its timeout, and the batch reference answer.
+
+mod common;
+
+mod cli_errors;
+mod cluster;
+mod correctness_regressions;
+mod emit_policies;
+mod fuzz;
+mod idle_sources;
+mod join_state;
+mod nexmark_correctness;
+mod nexmark_queries;
+mod randomized_queries;
+mod recovery;
+mod robustness;
+mod shuffled_input;
+mod slt;
+mod stream_equals_batch;
