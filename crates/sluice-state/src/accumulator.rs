@@ -1295,7 +1295,7 @@ mod tests {
 
     fn distinct_family_agrees(input: DataType, append_only: bool) {
         use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
         let kinds = [AccKind::Count, AccKind::Count, AccKind::Sum];
         let new =
             |k: AccKind| Accumulator::try_new(k, input.clone(), DataType::Int64, true).unwrap();

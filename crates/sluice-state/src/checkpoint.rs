@@ -177,8 +177,20 @@ pub fn parse_checkpoint_path(path: &str) -> Option<(String, u64)> {
 }
 
 /// S3-compatible storage under `s3://bucket/prefix`.
+#[cfg(not(feature = "s3"))]
+fn s3_store(location: &str, _: &BTreeMap<String, String>) -> Result<Arc<dyn ObjectStore>> {
+    Err(Error::Plan(format!(
+        "'execution.checkpointing.dir' = '{location}': this build of Sluice has no S3 support (build it with the default `s3` feature)"
+    )))
+}
+
+/// S3-compatible storage under `s3://bucket/prefix`.
+#[cfg(feature = "s3")]
 fn s3_store(location: &str, options: &BTreeMap<String, String>) -> Result<Arc<dyn ObjectStore>> {
     use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+    // HTTPS goes through rustls with ring (installed once per process; an earlier install,
+    // by this or by the embedding program, stands).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let rest = location.trim_start_matches("s3://");
     let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
     if bucket.is_empty() {
@@ -642,6 +654,24 @@ impl CheckpointStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An S3 store over HTTPS builds its TLS client with the ring provider this build installs
+    /// (reqwest has no provider of its own here: without one it would panic). Nothing listens
+    /// at the endpoint; only the client is built.
+    #[cfg(feature = "s3")]
+    #[test]
+    fn an_https_s3_store_builds_its_tls_client() {
+        let options: BTreeMap<String, String> = [
+            ("s3.endpoint", "https://127.0.0.1:9"),
+            ("s3.access-key", "a"),
+            ("s3.secret-key", "b"),
+            ("s3.region", "us-east-1"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert!(CheckpointStore::open("s3://bucket/prefix", &options).is_ok());
+    }
 
     fn manifest(store: &CheckpointStore, epoch: u64, files: &[(&str, &[u8])]) -> Manifest {
         let mut m = Manifest {

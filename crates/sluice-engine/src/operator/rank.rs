@@ -980,7 +980,7 @@ mod tests {
     /// answer.
     #[test]
     fn append_only_top_n_folds_to_the_batch_answer() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
         for limit in [1, 3, 20] {
             for append_only in [true, false] {
                 let mut s = state(limit, append_only);
