@@ -197,9 +197,13 @@ fn csv_ignore_parse_errors_skips_exactly_the_bad_records() {
     // Without the option, the first bad record fails the job, naming its file and line.
     let strict = script.replace(", 'csv.ignore-parse-errors' = 'true'", "");
     let plan = sluice_sql::plan_script(&strict).unwrap();
-    let e = sluice_engine::run(plan, JobOptions::default())
-        .unwrap_err()
-        .to_string();
+    let e = common::run_job(
+        plan,
+        JobOptions::default(),
+        std::sync::Arc::new(common::Folded::default()),
+        Duration::from_secs(60),
+    )
+    .unwrap_err();
     assert!(e.contains("rows.csv:18:"), "{e}");
 }
 

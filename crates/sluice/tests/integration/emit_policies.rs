@@ -1,25 +1,13 @@
 //! Early firing: a window emits partial results every delay (processing time) before its final
 //! result, as updates, so a dashboard sees it grow.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::Duration;
 
-use arrow::datatypes::SchemaRef;
-use sluice_common::{ChangeBatch, Op};
-use sluice_engine::{JobOptions, SelectOutput};
+use sluice_common::Op;
+use sluice_engine::JobOptions;
 
-#[derive(Default)]
-struct Changes(Mutex<Vec<(Op, Vec<String>)>>);
-
-impl SelectOutput for Changes {
-    fn begin(&self, _index: usize, _schema: SchemaRef) {}
-    fn emit(&self, _index: usize, batch: &ChangeBatch) {
-        let rows = sluice_connectors::memory::row_strings(&batch.data).unwrap();
-        let mut all = self.0.lock().unwrap();
-        for (i, r) in rows.into_iter().enumerate() {
-            all.push((batch.op(i), r));
-        }
-    }
-}
+use crate::common::{run_job, Changelog};
 
 #[test]
 fn early_fire_emits_growing_partial_results() {
@@ -33,14 +21,14 @@ fn early_fire_emits_growing_partial_results() {
                FROM orders GROUP BY TUMBLE(event_time, INTERVAL '1' HOUR);";
     let plan = sluice_sql::plan_script(sql).unwrap();
     for workers in [1, 2] {
-        let changes = Arc::new(Changes::default());
+        let log = Arc::new(Changelog::default());
         let options = JobOptions {
             workers,
-            select_output: Some(changes.clone()),
             ..Default::default()
         };
-        sluice_engine::run(plan.clone(), options).unwrap();
-        let changes = changes.0.lock().unwrap();
+        run_job(plan.clone(), options, log.clone(), Duration::from_secs(60)).unwrap();
+        let changes: Vec<(Op, Vec<String>)> =
+            log.changes(0).into_iter().map(|c| (c.op, c.row)).collect();
         // Fold per window: the final result is exact.
         let mut current: std::collections::HashMap<(String, String), i64> = Default::default();
         for (op, row) in changes.iter() {
@@ -69,21 +57,6 @@ fn early_fire_emits_growing_partial_results() {
     }
 }
 
-#[derive(Default)]
-struct Timed(Mutex<Vec<(std::time::Instant, Op, Vec<String>)>>);
-
-impl SelectOutput for Timed {
-    fn begin(&self, _index: usize, _schema: SchemaRef) {}
-    fn emit(&self, _index: usize, batch: &ChangeBatch) {
-        let rows = sluice_connectors::memory::row_strings(&batch.data).unwrap();
-        let now = std::time::Instant::now();
-        let mut all = self.0.lock().unwrap();
-        for (i, r) in rows.into_iter().enumerate() {
-            all.push((now, batch.op(i), r));
-        }
-    }
-}
-
 #[test]
 fn processing_time_windows_close_by_the_clock() {
     // 900 rows paced at 200/s: about 4.5 s of wall time, in 1 s windows of processing time.
@@ -95,16 +68,19 @@ fn processing_time_windows_close_by_the_clock() {
                FROM (SELECT *, PROCTIME() AS pt FROM gen) GROUP BY TUMBLE(pt, INTERVAL '1' SECOND);";
     let plan = sluice_sql::plan_script(sql).unwrap();
     for workers in [1, 2] {
-        let out = Arc::new(Timed::default());
+        let log = Arc::new(Changelog::default());
         let options = JobOptions {
             workers,
-            select_output: Some(out.clone()),
             ..Default::default()
         };
-        let summary = sluice_engine::run(plan.clone(), options).unwrap();
+        let summary = run_job(plan.clone(), options, log.clone(), Duration::from_secs(60)).unwrap();
         let ended = std::time::Instant::now();
         assert_eq!(summary.late_rows_dropped, 0, "no row missed its window");
-        let out = out.0.lock().unwrap();
+        let out: Vec<(std::time::Instant, Op, Vec<String>)> = log
+            .changes(0)
+            .into_iter()
+            .map(|c| (c.at, c.op, c.row))
+            .collect();
         assert!(
             out.iter().all(|(_, op, _)| *op == Op::Insert),
             "append-only"

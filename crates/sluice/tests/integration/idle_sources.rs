@@ -3,25 +3,12 @@
 //! The filesystem source watches its directory (`'source.monitor-interval'`), so it never ends;
 //! the test stops the job with `JobControl::cancel`.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arrow::datatypes::SchemaRef;
-use sluice_common::ChangeBatch;
-use sluice_engine::{JobControl, JobOptions, SelectOutput};
+use sluice_engine::{JobControl, JobOptions};
 
-#[derive(Default)]
-struct Rows(Mutex<Vec<Vec<String>>>);
-
-impl SelectOutput for Rows {
-    fn begin(&self, _index: usize, _schema: SchemaRef) {}
-    fn emit(&self, _index: usize, batch: &ChangeBatch) {
-        self.0
-            .lock()
-            .unwrap()
-            .extend(sluice_connectors::memory::row_strings(&batch.data).unwrap());
-    }
-}
+use crate::common::{run_job, Changelog};
 
 /// Runs the query on two workers until `windows` results arrived or `patience` passed.
 fn run(dir: &std::path::Path, idle: &str, windows: usize, patience: Duration) -> Vec<Vec<String>> {
@@ -32,22 +19,24 @@ fn run(dir: &std::path::Path, idle: &str, windows: usize, patience: Duration) ->
         dir.display()
     );
     let plan = sluice_sql::plan_script(&sql).unwrap();
-    let rows = Arc::new(Rows::default());
+    let log = Arc::new(Changelog::default());
     let control = JobControl::new();
     let options = JobOptions {
         workers: 2,
-        select_output: Some(rows.clone()),
         control: control.clone(),
         ..Default::default()
     };
-    let job = std::thread::spawn(move || sluice_engine::run(plan, options));
+    let job = {
+        let log = log.clone();
+        std::thread::spawn(move || run_job(plan, options, log, patience + Duration::from_secs(30)))
+    };
     let started = Instant::now();
-    while rows.0.lock().unwrap().len() < windows && started.elapsed() < patience {
+    while log.rows(0).len() < windows && started.elapsed() < patience {
         std::thread::sleep(Duration::from_millis(50));
     }
     control.cancel();
     job.join().unwrap().unwrap();
-    let mut out = rows.0.lock().unwrap().clone();
+    let mut out = log.rows(0);
     out.sort();
     out
 }

@@ -4,15 +4,13 @@
 //! broken by more columns on both sides, so that the answer is unique. `NEXMARK_EVENTS` sets the
 //! number of events (default 200 000; the benchmark's correctness runs use 1 M and more).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
-use sluice_common::ChangeBatch;
-use sluice_engine::{JobOptions, SelectOutput};
+use sluice_engine::JobOptions;
 
 fn events() -> u64 {
     std::env::var("NEXMARK_EVENTS")
@@ -83,21 +81,11 @@ fn find_scan(node: &sluice_sql::StreamNode) -> sluice_sql::StreamNode {
 }
 
 use crate::common;
-use common::render;
+use common::{render, run_job, Folded};
 
-#[derive(Default)]
-struct Folded(Mutex<HashMap<Vec<String>, i64>>);
-
-impl SelectOutput for Folded {
-    fn begin(&self, _index: usize, _schema: SchemaRef) {}
-    fn emit(&self, _index: usize, batch: &ChangeBatch) {
-        let mut all = self.0.lock().unwrap();
-        for (i, row) in render(&batch.data).into_iter().enumerate() {
-            *all.entry(row).or_default() += batch.op(i).sign();
-        }
-        all.retain(|_, n| *n != 0);
-    }
-}
+/// How long one job of these tests may take (200 K events by default; `NEXMARK_EVENTS` sets
+/// more, and then the limit may need raising too).
+const JOB_LIMIT: std::time::Duration = std::time::Duration::from_secs(240);
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -166,16 +154,16 @@ fn check(s: &Setup, name: &str, stream_sql: &str, batch_sql: &str) {
     for workers in [1, 2] {
         let plan = sluice_sql::plan_script(&format!("{}{stream_sql};", s.script))
             .unwrap_or_else(|e| panic!("{name}: {e}"));
-        let out = Arc::new(Folded::default());
+        let out = Arc::new(Folded::rounded());
         let options = JobOptions {
             workers,
-            select_output: Some(out.clone()),
             ..Default::default()
         };
-        let summary = sluice_engine::run(plan, options).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let summary = run_job(plan, options, out.clone(), JOB_LIMIT)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(summary.late_rows_dropped, 0, "{name}: no row is late");
         let mut got = vec![];
-        for (row, n) in std::mem::take(&mut *out.0.lock().unwrap()) {
+        for (row, n) in out.take(0) {
             assert!(n > 0, "{name}: {row:?} retracted more often than emitted");
             got.extend(std::iter::repeat_n(row, n as usize));
         }
@@ -440,7 +428,7 @@ fn q10_partitioned_files_read_back_as_the_batch_answer() {
         workers: 2,
         ..Default::default()
     };
-    sluice_engine::run(plan, options).unwrap();
+    run_job(plan, options, Arc::new(Folded::default()), JOB_LIMIT).unwrap();
     s.script = q10;
     check(
         &s,

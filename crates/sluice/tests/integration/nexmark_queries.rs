@@ -4,26 +4,12 @@
 //! of them against a batch answer at scale.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::Duration;
 
-use arrow::datatypes::SchemaRef;
-use sluice_common::ChangeBatch;
-use sluice_engine::{JobOptions, SelectOutput};
+use sluice_engine::JobOptions;
 
-#[derive(Default)]
-struct Folded(Mutex<BTreeMap<Vec<String>, i64>>);
-
-impl SelectOutput for Folded {
-    fn begin(&self, _index: usize, _schema: SchemaRef) {}
-    fn emit(&self, _index: usize, batch: &ChangeBatch) {
-        let rows = sluice_connectors::memory::row_strings(&batch.data).unwrap();
-        let mut all = self.0.lock().unwrap();
-        for (i, r) in rows.into_iter().enumerate() {
-            *all.entry(r).or_default() += batch.op(i).sign();
-        }
-        all.retain(|_, n| *n != 0);
-    }
-}
+use crate::common::{run_job, Folded};
 
 fn ts(second: i64) -> String {
     sluice_common::time::format_millis(1_794_355_200_000 + second * 1000)
@@ -265,11 +251,11 @@ fn run(dir: &std::path::Path, query: &str, workers: usize) -> (BTreeMap<Vec<Stri
     let out = Arc::new(Folded::default());
     let options = JobOptions {
         workers,
-        select_output: Some(out.clone()),
         ..Default::default()
     };
-    let summary = sluice_engine::run(plan, options).unwrap_or_else(|e| panic!("{e}\n{query}"));
-    let rows = std::mem::take(&mut *out.0.lock().unwrap());
+    let summary = run_job(plan, options, out.clone(), Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\n{query}"));
+    let rows = out.take(0);
     (rows, summary.rows_written.values().sum())
 }
 

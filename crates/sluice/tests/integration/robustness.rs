@@ -703,14 +703,13 @@ fn rows_in_flight_are_counted_where_they_wait() {
         metrics: metrics.clone(),
         ..Default::default()
     };
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(sluice_engine::run(plan, options).map_err(|e| e.to_string()));
-    });
-    let summary = rx
-        .recv_timeout(Duration::from_secs(120))
-        .expect("the job ends within 2 minutes")
-        .unwrap();
+    let summary = crate::common::run_job(
+        plan,
+        options,
+        std::sync::Arc::new(crate::common::Folded::default()),
+        Duration::from_secs(120),
+    )
+    .unwrap();
     assert_eq!(
         summary.rows_written.get("bh"),
         Some(&((rows * rows) as u64))

@@ -3,34 +3,16 @@
 //! is dropped as late.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::Duration;
 
-use arrow::datatypes::SchemaRef;
 use proptest::prelude::*;
-use sluice_common::ChangeBatch;
-use sluice_engine::{JobOptions, SelectOutput};
+use sluice_engine::JobOptions;
+
+use crate::common::{run_job, Folded};
 
 const START: i64 = 1_794_355_200_000; // 2026-11-11 00:00:00
 const BOUND_MS: i64 = 500;
-
-#[derive(Default)]
-struct Folded(Mutex<BTreeMap<usize, BTreeMap<Vec<String>, i64>>>);
-
-impl SelectOutput for Folded {
-    fn begin(&self, _index: usize, _schema: SchemaRef) {}
-    fn emit(&self, index: usize, batch: &ChangeBatch) {
-        let rows = sluice_connectors::memory::row_strings(&batch.data).unwrap();
-        let mut all = self.0.lock().unwrap();
-        let folded = all.entry(index).or_default();
-        for (i, row) in rows.into_iter().enumerate() {
-            let n = folded.entry(row.clone()).or_insert(0);
-            *n += batch.op(i).sign();
-            if *n == 0 {
-                folded.remove(&row);
-            }
-        }
-    }
-}
 
 fn ts_text(ms: i64) -> String {
     sluice_common::time::format_millis(ms)
@@ -71,10 +53,9 @@ fn check(input: Vec<(i64, i64, i64)>, workers: usize, batch: usize) {
     let folded = Arc::new(Folded::default());
     let options = JobOptions {
         workers,
-        select_output: Some(folded.clone()),
         ..Default::default()
     };
-    let summary = sluice_engine::run(plan, options).unwrap();
+    let summary = run_job(plan, options, folded.clone(), Duration::from_secs(60)).unwrap();
     assert_eq!(summary.late_rows_dropped, 0);
 
     // The batch answers, computed directly.
@@ -112,21 +93,14 @@ fn check(input: Vec<(i64, i64, i64)>, workers: usize, batch: usize) {
             )
         })
         .collect();
-    let got = folded.0.lock().unwrap();
-    let empty = BTreeMap::new();
     assert_eq!(
-        got.get(&1).unwrap_or(&empty),
-        &want_groups,
+        folded.take(1),
+        want_groups,
         "updating GROUP BY, {workers} workers, batch {batch}"
     );
-    let got_windows: BTreeMap<Vec<String>, i64> = got
-        .get(&0)
-        .unwrap_or(&empty)
-        .iter()
-        .map(|(r, n)| (r.clone(), *n))
-        .collect();
     assert_eq!(
-        got_windows, want_windows,
+        folded.take(0),
+        want_windows,
         "tumbling window, {workers} workers, batch {batch}"
     );
 }

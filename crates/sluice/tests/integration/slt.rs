@@ -7,12 +7,13 @@
 //! The sources of a query run one after another in the order the plan reads them (the left
 //! input of a join first), so that a join's changelog is deterministic.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::Duration;
 
-use arrow::datatypes::SchemaRef;
-use sluice_common::ChangeBatch;
-use sluice_engine::{JobOptions, SelectOutput};
+use sluice_engine::JobOptions;
 use sqllogictest::{DBOutput, DefaultColumnType};
+
+use crate::common::{run_job, Changelog};
 
 #[derive(Debug)]
 struct SltError(String);
@@ -30,37 +31,29 @@ struct SluiceDb {
     script: String,
 }
 
-#[derive(Default)]
-struct Changelog(Mutex<Vec<Vec<String>>>);
-
-impl SelectOutput for Changelog {
-    fn begin(&self, _index: usize, _schema: SchemaRef) {}
-    fn emit(&self, _index: usize, batch: &ChangeBatch) {
-        let rows = sluice_connectors::memory::row_strings(&batch.data).unwrap();
-        let mut out = self.0.lock().unwrap();
-        for (i, row) in rows.into_iter().enumerate() {
-            let mut line = vec![batch.op(i).short_name().to_string()];
-            line.extend(row);
-            out.push(line);
-        }
-    }
-}
-
 impl SluiceDb {
     fn run_job(&self, sql: &str) -> Result<(Vec<Vec<String>>, u64), SltError> {
         let script = format!("{}{sql};\n", self.script);
         let plan = sluice_sql::plan_script(&script).map_err(|e| SltError(e.to_string()))?;
-        let changelog = Arc::new(Changelog::default());
+        let log = Arc::new(Changelog::default());
         let options = JobOptions {
             workers: 1,
-            select_output: Some(changelog.clone()),
             // Sources run one after another, so a join sees its inputs in a known order.
             sequential_sources: true,
             ..Default::default()
         };
-        let summary = sluice_engine::run(plan, options).map_err(|e| SltError(e.to_string()))?;
+        let summary =
+            run_job(plan, options, log.clone(), Duration::from_secs(60)).map_err(SltError)?;
         let written = summary.rows_written.values().sum();
-        let rows = std::mem::take(&mut *changelog.0.lock().unwrap());
+        let rows = log
+            .changes(0)
+            .into_iter()
+            .map(|c| {
+                let mut line = vec![c.op.short_name().to_string()];
+                line.extend(c.row);
+                line
+            })
+            .collect();
         Ok((rows, written))
     }
 }

@@ -2,8 +2,8 @@
 //! folded changelog must equal DataFusion's batch answer over the same rows, with 1, 2 and 4
 //! workers.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Float64Array, Int64Array, StringArray, TimestampMillisecondArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
@@ -13,7 +13,7 @@ use datafusion::prelude::SessionContext;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use sluice_common::ChangeBatch;
-use sluice_engine::{JobOptions, SelectOutput};
+use sluice_engine::JobOptions;
 
 const ROWS: usize = 20_000;
 
@@ -101,31 +101,10 @@ fn users() -> RecordBatch {
     RecordBatch::try_new(users_schema(), columns).unwrap()
 }
 
-/// Folds changelogs into multisets of rendered rows.
-#[derive(Default)]
-struct Collector {
-    rows: Mutex<HashMap<usize, HashMap<Vec<String>, i64>>>,
-}
-
 use crate::common;
-use common::render;
+use common::{render, run_job, Folded};
 
-impl SelectOutput for Collector {
-    fn begin(&self, _index: usize, _schema: SchemaRef) {}
-    fn emit(&self, index: usize, batch: &ChangeBatch) {
-        let mut all = self.rows.lock().unwrap();
-        let folded = all.entry(index).or_default();
-        for (i, row) in render(&batch.data).into_iter().enumerate() {
-            let n = folded.entry(row.clone()).or_insert(0);
-            *n += batch.op(i).sign();
-            if *n == 0 {
-                folded.remove(&row);
-            }
-        }
-    }
-}
-
-fn sorted(rows: HashMap<Vec<String>, i64>) -> Vec<Vec<String>> {
+fn sorted(rows: BTreeMap<Vec<String>, i64>) -> Vec<Vec<String>> {
     let mut out = vec![];
     for (row, n) in rows {
         assert!(
@@ -205,13 +184,18 @@ fn check(stream_sql: &str, batch_sql: &str) {
     for workers in [1, 2, 4] {
         let script = format!("{}\n{stream_sql};", ddl(dir.path()));
         let plan = sluice_sql::plan_script(&script).unwrap_or_else(|e| panic!("{e}"));
-        let collector = Arc::new(Collector::default());
+        let folded = Arc::new(Folded::rounded());
         let options = JobOptions {
             workers,
-            select_output: Some(collector.clone()),
             ..Default::default()
         };
-        let summary = sluice_engine::run(plan, options).unwrap_or_else(|e| panic!("{e}"));
+        let summary = run_job(
+            plan,
+            options,
+            folded.clone(),
+            std::time::Duration::from_secs(120),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             summary.late_rows_dropped, 0,
             "disorder is within the watermark bound"
@@ -224,14 +208,7 @@ fn check(stream_sql: &str, batch_sql: &str) {
             };
             assert_eq!(*n, rows as u64, "rows read from {table} for: {stream_sql}");
         }
-        let got = sorted(
-            collector
-                .rows
-                .lock()
-                .unwrap()
-                .remove(&0)
-                .unwrap_or_default(),
-        );
+        let got = sorted(folded.take(0));
         assert_eq!(
             got.len(),
             expected.len(),

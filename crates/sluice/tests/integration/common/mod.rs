@@ -169,45 +169,150 @@ impl Drop for S3Server {
     }
 }
 
-/// Folds a SELECT's changelog into a multiset of rendered rows.
+/// Renders rows as the tests compare them: as `row_strings` does, with floats rounded (see
+/// [`render`]) when `round` is set.
+fn rows_of(batch: &arrow::record_batch::RecordBatch, round: bool) -> Vec<Vec<String>> {
+    if round {
+        render(batch)
+    } else {
+        sluice_connectors::memory::row_strings(batch).unwrap()
+    }
+}
+
+/// One change a job's SELECT emitted: when it arrived, its kind and its row as text.
+#[allow(dead_code)]
+#[derive(Clone, Debug)]
+pub struct Change {
+    pub at: std::time::Instant,
+    pub op: sluice_common::Op,
+    pub row: Vec<String>,
+}
+
+/// The shared changelog collector: every change of each SELECT of a job (by its index), in
+/// arrival order.
 #[allow(dead_code)]
 #[derive(Default)]
-pub struct Folded(std::sync::Mutex<BTreeMap<Vec<String>, i64>>);
+pub struct Changelog(std::sync::Mutex<BTreeMap<usize, Vec<Change>>>);
 
-impl sluice_engine::SelectOutput for Folded {
+#[allow(dead_code)]
+impl Changelog {
+    /// The changes of SELECT `query` so far.
+    pub fn changes(&self, query: usize) -> Vec<Change> {
+        self.0
+            .lock()
+            .unwrap()
+            .get(&query)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The rows of SELECT `query` so far, without their change kinds.
+    pub fn rows(&self, query: usize) -> Vec<Vec<String>> {
+        self.changes(query).into_iter().map(|c| c.row).collect()
+    }
+}
+
+impl sluice_engine::SelectOutput for Changelog {
     fn begin(&self, _index: usize, _schema: arrow::datatypes::SchemaRef) {}
-    fn emit(&self, _index: usize, batch: &sluice_common::ChangeBatch) {
-        let mut rows = self.0.lock().unwrap();
-        for (i, row) in render(&batch.data).into_iter().enumerate() {
-            *rows.entry(row).or_insert(0) += batch.op(i).sign();
+    fn emit(&self, index: usize, batch: &sluice_common::ChangeBatch) {
+        let at = std::time::Instant::now();
+        let rows = rows_of(&batch.data, false);
+        let mut all = self.0.lock().unwrap();
+        let log = all.entry(index).or_default();
+        for (i, row) in rows.into_iter().enumerate() {
+            log.push(Change {
+                at,
+                op: batch.op(i),
+                row,
+            });
         }
     }
 }
 
-/// Runs a job with `workers` workers and its SELECT's changelog folded; an error if the job
-/// fails or takes over `limit` (a hang fails the test instead of the CI run).
+/// Folds each SELECT's changelog into a multiset of rendered rows as it arrives (nothing else
+/// is kept, so a large output costs only its final size). `Folded::rounded()` rounds floats
+/// (see [`render`]) for comparing with a batch answer.
+#[allow(dead_code)]
+#[derive(Default)]
+pub struct Folded {
+    round: bool,
+    rows: std::sync::Mutex<BTreeMap<usize, BTreeMap<Vec<String>, i64>>>,
+}
+
+#[allow(dead_code)]
+impl Folded {
+    pub fn rounded() -> Self {
+        Folded {
+            round: true,
+            ..Default::default()
+        }
+    }
+
+    /// SELECT `query`'s rows with their net count (rows whose changes cancel out are gone).
+    pub fn take(&self, query: usize) -> BTreeMap<Vec<String>, i64> {
+        self.rows.lock().unwrap().remove(&query).unwrap_or_default()
+    }
+}
+
+impl sluice_engine::SelectOutput for Folded {
+    fn begin(&self, _index: usize, _schema: arrow::datatypes::SchemaRef) {}
+    fn emit(&self, index: usize, batch: &sluice_common::ChangeBatch) {
+        let rows = rows_of(&batch.data, self.round);
+        let mut all = self.rows.lock().unwrap();
+        let folded = all.entry(index).or_default();
+        for (i, row) in rows.into_iter().enumerate() {
+            // Rows whose changes cancel out leave no trace.
+            match folded.entry(row) {
+                std::collections::btree_map::Entry::Occupied(mut e) => {
+                    *e.get_mut() += batch.op(i).sign();
+                    if *e.get() == 0 {
+                        e.remove();
+                    }
+                }
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(batch.op(i).sign());
+                }
+            }
+        }
+    }
+}
+
+/// The shared run-a-job helper: runs `plan` in this process with `options`, its SELECTs into
+/// `output`, and fails after `limit` (a hang fails the test instead of the CI run).
+#[allow(dead_code)]
+pub fn run_job(
+    plan: sluice_sql::JobPlan,
+    options: sluice_engine::JobOptions,
+    output: std::sync::Arc<dyn sluice_engine::SelectOutput>,
+    limit: std::time::Duration,
+) -> Result<sluice_engine::JobSummary, String> {
+    let options = sluice_engine::JobOptions {
+        select_output: Some(output),
+        ..options
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(sluice_engine::run(plan, options).map_err(|e| e.to_string()));
+    });
+    match rx.recv_timeout(limit) {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(format!("the job failed: {e}")),
+        Err(_) => Err(format!("the job did not finish within {limit:?}")),
+    }
+}
+
+/// Runs a job with `workers` workers and its first SELECT's changelog folded (floats rounded).
 #[allow(dead_code)]
 pub fn run_folded(
     plan: sluice_sql::JobPlan,
     workers: usize,
     limit: std::time::Duration,
 ) -> Result<(sluice_engine::JobSummary, BTreeMap<Vec<String>, i64>), String> {
-    let folded = std::sync::Arc::new(Folded::default());
+    let folded = std::sync::Arc::new(Folded::rounded());
     let options = sluice_engine::JobOptions {
         workers,
-        select_output: Some(folded.clone()),
         ..Default::default()
     };
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(sluice_engine::run(plan, options).map_err(|e| e.to_string()));
-    });
-    let summary = match rx.recv_timeout(limit) {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(format!("the job failed: {e}")),
-        Err(_) => return Err(format!("the job did not finish within {limit:?}")),
-    };
-    let mut rows = std::mem::take(&mut *folded.0.lock().unwrap());
-    rows.retain(|_, n| *n != 0);
-    Ok((summary, rows))
+    let summary = run_job(plan, options, folded.clone(), limit)?;
+    Ok((summary, folded.take(0)))
 }
