@@ -93,9 +93,9 @@ impl BuildContext {
 /// `table.optimizer.reuse-sub-plan-enabled`, on by default): a self-join of a windowed
 /// aggregation (Nexmark q5) aggregates once, and scans of one table share one reader.
 pub(crate) struct Reuse<'scope> {
-    /// Built streams by the plan they compute (its `Debug` text: operators, expressions,
-    /// schemas and tables).
-    built: std::cell::RefCell<std::collections::HashMap<String, EventStream<'scope>>>,
+    /// Built streams by the sub-plan they compute (equal sub-plans: see
+    /// [`sluice_sql::optimize::shared`]).
+    built: std::cell::RefCell<std::collections::HashMap<StreamNode, EventStream<'scope>>>,
     /// Tables read more than once with different columns: the columns one shared reader keeps
     /// (sorted positions in the table's schema; `None`, all of them).
     scans: std::collections::HashMap<String, Option<Vec<usize>>>,
@@ -146,24 +146,26 @@ impl Reuse<'_> {
     }
 }
 
-/// Builds `node`, or returns the stream already built for an identical plan. Plans that call a
-/// volatile function are built each time.
+/// Builds `node`, or returns the stream already built for an equal sub-plan. Sub-plans that call
+/// a volatile function are built each time.
 pub(crate) fn build<'scope>(
     scope: DataflowScope<'scope>,
     node: &StreamNode,
     ctx: &BuildContext,
     reuse: &Reuse<'scope>,
 ) -> EventStream<'scope> {
-    let key = (!node.calls_volatile()).then(|| format!("{node:?}"));
-    if let Some(s) = key
-        .as_ref()
-        .and_then(|k| reuse.built.borrow().get(k).cloned())
-    {
-        return s;
+    let shareable = sluice_sql::optimize::shared::shareable(node);
+    if shareable {
+        if let Some(s) = reuse.built.borrow().get(node).cloned() {
+            return s;
+        }
     }
     let stream = build_node(scope, node, ctx, reuse);
-    if let Some(k) = key {
-        reuse.built.borrow_mut().insert(k, stream.clone());
+    if shareable {
+        reuse
+            .built
+            .borrow_mut()
+            .insert(node.clone(), stream.clone());
     }
     stream
 }
@@ -264,7 +266,7 @@ pub(crate) fn build_node<'scope>(
         StreamNode::Values { rows } => source_stream(
             scope,
             "VALUES",
-            Ok(Box::new(ValuesReader::new(rows.clone(), ctx.index))),
+            Ok(Box::new(ValuesReader::new(rows.0.clone(), ctx.index))),
             Box::new(|b| Ok((ChangeBatch::inserts(b), None))),
             None,
             ctx,

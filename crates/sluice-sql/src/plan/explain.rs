@@ -17,10 +17,7 @@ pub fn explain(plan: &JobPlan) -> String {
 
 /// The text of `EXPLAIN` for `pipelines` (sub-plans shared between them are marked).
 pub fn explain_pipelines(pipelines: &[Pipeline]) -> String {
-    let mut uses: HashMap<String, usize> = HashMap::new();
-    for p in pipelines {
-        count_uses(&p.query, &mut uses);
-    }
+    let uses = crate::optimize::shared::reads(pipelines.iter().map(|p| &p.query));
     let mut e = Explainer {
         out: String::new(),
         uses,
@@ -59,15 +56,6 @@ pub fn explain_pipelines(pipelines: &[Pipeline]) -> String {
 }
 
 /// Counts how often each sub-plan occurs (by its `Debug` text, as the builder shares them).
-fn count_uses(node: &StreamNode, uses: &mut HashMap<String, usize>) {
-    if !node.calls_volatile() {
-        *uses.entry(format!("{node:?}")).or_default() += 1;
-    }
-    for i in node.inputs() {
-        count_uses(i, uses);
-    }
-}
-
 fn changelog(node: &StreamNode) -> &'static str {
     if node.is_append_only() {
         "[I]"
@@ -156,24 +144,24 @@ fn pairs(left: &[PhysExpr], right: &[PhysExpr]) -> String {
         .join(", ")
 }
 
-struct Explainer {
+struct Explainer<'a> {
     out: String,
-    uses: HashMap<String, usize>,
+    /// How many places read each shareable sub-plan.
+    uses: HashMap<&'a StreamNode, usize>,
     /// Shared sub-plans already written out.
-    written: std::collections::HashSet<String>,
+    written: std::collections::HashSet<&'a StreamNode>,
     fired: std::collections::BTreeMap<&'static str, usize>,
 }
 
-impl Explainer {
+impl<'a> Explainer<'a> {
     fn fire(&mut self, rule: &'static str) {
         *self.fired.entry(rule).or_default() += 1;
     }
 
     /// Writes `node` and its inputs; `prefix` is the indentation of its details.
-    fn node(&mut self, node: &StreamNode, prefix: &str, last: bool) {
+    fn node(&mut self, node: &'a StreamNode, prefix: &str, last: bool) {
         let branch = if last { "└─ " } else { "├─ " };
-        let key = format!("{node:?}");
-        if self.written.contains(&key) {
+        if self.written.contains(node) {
             let _ = writeln!(
                 self.out,
                 "{prefix}{branch}(the shared sub-plan above)  changelog={}",
@@ -190,19 +178,18 @@ impl Explainer {
         let child = format!("{prefix}{}", if last { "   " } else { "│  " });
         let inputs = node.inputs();
         let bar = if inputs.is_empty() { "   " } else { "│  " };
-        let shared =
-            !node.calls_volatile() && self.uses.get(&format!("{node:?}")).is_some_and(|n| *n > 1);
+        let shared = self.uses.get(node).is_some_and(|n| *n > 1);
         for d in details {
             let _ = writeln!(self.out, "{child}{bar}{d}");
         }
         if shared {
-            let n = self.uses[&format!("{node:?}")];
+            let n = self.uses[node];
             let _ = writeln!(
                 self.out,
                 "{child}{bar}rule shared-sub-plan: computed once per worker, read {n} times"
             );
             self.fire("shared-sub-plan");
-            self.written.insert(key);
+            self.written.insert(node);
             // Its inputs belong to the shared part: count them once.
             for i in &inputs {
                 forget(i, &mut self.uses);
@@ -468,8 +455,8 @@ impl Explainer {
 }
 
 /// Marks a shared sub-plan's inputs as read once (they are part of it).
-fn forget(node: &StreamNode, uses: &mut HashMap<String, usize>) {
-    uses.remove(&format!("{node:?}"));
+fn forget(node: &StreamNode, uses: &mut HashMap<&StreamNode, usize>) {
+    uses.remove(node);
     for i in node.inputs() {
         forget(i, uses);
     }

@@ -14,7 +14,7 @@ use datafusion_physical_expr::PhysicalExpr;
 pub type PhysExpr = Arc<dyn PhysicalExpr>;
 
 /// A table from `CREATE TABLE`: its columns and connector options.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TableDef {
     pub name: String,
     /// Columns stored in the external system, in declaration order.
@@ -63,7 +63,7 @@ pub enum WindowKind {
 }
 
 /// An aggregate function.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AggFunc {
     Count,
     Sum,
@@ -73,7 +73,7 @@ pub enum AggFunc {
 }
 
 /// One aggregate call, e.g. `COUNT(DISTINCT user_id) FILTER (WHERE amount > 10)`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct AggCall {
     pub func: AggFunc,
     /// `None` for `COUNT(*)`.
@@ -84,7 +84,7 @@ pub struct AggCall {
 }
 
 /// How an aggregation relates to event-time windows.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum AggWindow {
     /// Unwindowed: an updating result.
     None,
@@ -105,7 +105,7 @@ pub enum AggWindow {
 }
 
 /// Where a session window's bounds go in the output row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SessionOutput {
     /// `GROUP BY SESSION(ts, gap)`: one struct column at this position.
     Struct(usize),
@@ -114,7 +114,7 @@ pub enum SessionOutput {
 }
 
 /// When windowed results are emitted (Flink's `table.exec.emit.*` options).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct EmitPolicy {
     /// Emit partial results this often (processing time, milliseconds) before the window closes.
     pub early_fire_ms: Option<u64>,
@@ -136,7 +136,7 @@ impl EmitPolicy {
 pub const SOURCE_ROW: &str = "__source_row";
 
 /// Rows a window drops as late go to `table`; they are the struct column `column` of its input.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct LateSink {
     pub column: usize,
     pub table: Arc<TableDef>,
@@ -186,11 +186,18 @@ pub struct JoinBound {
 }
 
 /// One `ORDER BY` key of a ranking.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Eq, Hash)]
 pub struct SortKey {
     pub expr: PhysExpr,
     pub asc: bool,
     pub nulls_first: bool,
+}
+
+impl PartialEq for SortKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.expr.as_ref() == other.expr.as_ref()
+            && (self.asc, self.nulls_first) == (other.asc, other.nulls_first)
+    }
 }
 
 /// How a Top-N emits.
@@ -216,7 +223,7 @@ pub enum OverFrame {
 }
 
 /// How an OVER aggregate orders its rows.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum OverOrder {
     /// By this event-time column of an append-only input: rows are emitted once the watermark
     /// passes them (append-only output).
@@ -226,8 +233,31 @@ pub enum OverOrder {
     Updating(Vec<SortKey>),
 }
 
-/// A node of the streaming plan.
-#[derive(Debug, Clone)]
+/// The rows of a `VALUES` clause. Equal when their rows are; the hash covers the schema and the
+/// row count.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValuesRows(pub arrow::record_batch::RecordBatch);
+
+impl Eq for ValuesRows {}
+
+impl std::hash::Hash for ValuesRows {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.schema().hash(state);
+        self.0.num_rows().hash(state);
+    }
+}
+
+impl std::ops::Deref for ValuesRows {
+    type Target = arrow::record_batch::RecordBatch;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+/// A node of the streaming plan. Equal nodes compute the same rows: equality and hashing cover
+/// the whole sub-plan (operators, expressions, schemas, tables), which is how shared sub-plans
+/// are found ([`crate::optimize::shared`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum StreamNode {
     /// Reads a table; computes computed columns and the watermark; then keeps `projection`.
     /// With `carry_source_row`, the whole physical row also travels along as a last struct column
@@ -239,9 +269,7 @@ pub enum StreamNode {
         carry_source_row: bool,
     },
     /// The rows of a `VALUES` clause: a bounded source.
-    Values {
-        rows: arrow::record_batch::RecordBatch,
-    },
+    Values { rows: ValuesRows },
     /// Evaluates expressions per row.
     Project {
         input: Box<StreamNode>,

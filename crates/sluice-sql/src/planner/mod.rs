@@ -515,7 +515,9 @@ impl Catalog {
                 StreamNode::Union { inputs, schema: arrow_schema(&u.schema) }
             }
             LogicalPlan::Aggregate(a) => self.plan_aggregate(a)?,
-            LogicalPlan::Values(v) => StreamNode::Values { rows: values_batch(v)? },
+            LogicalPlan::Values(v) => StreamNode::Values {
+                rows: ValuesRows(values_batch(v)?),
+            },
             LogicalPlan::Extension(ext) => {
                 let Some(node) = ext.node.as_any().downcast_ref::<WindowTvfNode>() else {
                     return Err(Error::plan(format!("unsupported plan node {}", ext.node.name())));
@@ -834,7 +836,9 @@ impl Catalog {
         let original = std::mem::replace(
             input,
             StreamNode::Values {
-                rows: arrow::record_batch::RecordBatch::new_empty(Arc::new(Schema::empty())),
+                rows: ValuesRows(arrow::record_batch::RecordBatch::new_empty(Arc::new(
+                    Schema::empty(),
+                ))),
             },
         );
         let column = original.schema().fields().len();
