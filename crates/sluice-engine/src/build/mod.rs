@@ -1,7 +1,6 @@
 //! Builds one worker's dataflow from a [`JobPlan`]: one arm per plan node, each made into
 //! its operator.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -97,48 +96,14 @@ pub(crate) struct Reuse<'scope> {
     /// [`sluice_sql::optimize::shared`]).
     built: std::cell::RefCell<std::collections::HashMap<StreamNode, EventStream<'scope>>>,
     /// Tables read more than once with different columns: the columns one shared reader keeps
-    /// (sorted positions in the table's schema; `None`, all of them).
+    /// ([`sluice_sql::optimize::shared::scan_columns`]).
     scans: std::collections::HashMap<String, Option<Vec<usize>>>,
 }
 
 impl Reuse<'_> {
     pub fn new(plan: &JobPlan) -> Self {
-        type Projections<'a> = BTreeMap<String, Vec<&'a Option<Vec<usize>>>>;
-        fn collect<'a>(n: &'a StreamNode, out: &mut Projections<'a>) {
-            if let StreamNode::Scan {
-                table,
-                projection,
-                carry_source_row: false,
-                ..
-            } = n
-            {
-                out.entry(table.name.clone()).or_default().push(projection);
-            }
-            n.inputs().into_iter().for_each(|i| collect(i, out));
-        }
-        let mut by_table = Projections::new();
-        for p in &plan.pipelines {
-            collect(&p.query, &mut by_table);
-        }
-        let mut scans = std::collections::HashMap::new();
-        for (name, projections) in by_table {
-            if projections.iter().all(|p| *p == projections[0]) {
-                continue;
-            }
-            // The union of their columns (`None`: one of them reads all).
-            let union = projections.iter().try_fold(vec![], |mut u, p| {
-                u.extend(p.as_ref()?);
-                Some(u)
-            });
-            scans.insert(
-                name,
-                union.map(|mut u| {
-                    u.sort_unstable();
-                    u.dedup();
-                    u
-                }),
-            );
-        }
+        let scans =
+            sluice_sql::optimize::shared::scan_columns(plan.pipelines.iter().map(|p| &p.query));
         Reuse {
             built: Default::default(),
             scans,

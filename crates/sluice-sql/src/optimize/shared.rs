@@ -4,7 +4,7 @@
 //! windowed aggregation (Nexmark q5) aggregates once. A sub-plan that calls a volatile function
 //! (`RAND()`, `UUID()`) is never shared: two copies of it give different rows.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::plan::StreamNode;
 
@@ -31,6 +31,52 @@ pub fn reads<'a>(
         count(r, &mut reads);
     }
     reads
+}
+
+/// Shared scans: tables that several scans read with different columns, and the columns one
+/// shared reader keeps for all of them (sorted positions in the table's schema; `None`, all).
+/// Each scan then keeps its own columns from the shared reader's rows. (A scan that carries its
+/// source rows for a late-data sink reads on its own.)
+pub fn scan_columns<'a>(
+    roots: impl IntoIterator<Item = &'a StreamNode>,
+) -> HashMap<String, Option<Vec<usize>>> {
+    type Projections<'a> = BTreeMap<String, Vec<&'a Option<Vec<usize>>>>;
+    fn collect<'a>(n: &'a StreamNode, out: &mut Projections<'a>) {
+        if let StreamNode::Scan {
+            table,
+            projection,
+            carry_source_row: false,
+            ..
+        } = n
+        {
+            out.entry(table.name.clone()).or_default().push(projection);
+        }
+        n.inputs().into_iter().for_each(|i| collect(i, out));
+    }
+    let mut by_table = Projections::new();
+    for r in roots {
+        collect(r, &mut by_table);
+    }
+    let mut scans = HashMap::new();
+    for (name, projections) in by_table {
+        if projections.iter().all(|p| *p == projections[0]) {
+            continue;
+        }
+        // The union of their columns (`None`: one of them reads all).
+        let union = projections.iter().try_fold(vec![], |mut u, p| {
+            u.extend(p.as_ref()?);
+            Some(u)
+        });
+        scans.insert(
+            name,
+            union.map(|mut u| {
+                u.sort_unstable();
+                u.dedup();
+                u
+            }),
+        );
+    }
+    scans
 }
 
 #[cfg(test)]
@@ -73,6 +119,22 @@ mod tests {
                 .count(),
             2,
             "SUM and MAX differ"
+        );
+    }
+
+    #[test]
+    fn scans_of_one_table_with_other_columns_share_a_reader_of_their_union() {
+        let plan = crate::plan_script(&format!(
+            "{TABLE} CREATE TABLE u (k BIGINT, a BIGINT, b BIGINT, c BIGINT) WITH ('connector' = 'datagen');\n\
+             SELECT k, a FROM u; SELECT k, c FROM u; SELECT k, v FROM t; SELECT v, k FROM t;"
+        ))
+        .unwrap();
+        let scans = scan_columns(plan.pipelines.iter().map(|p| &p.query));
+        assert_eq!(scans.get("u"), Some(&Some(vec![0, 1, 3])), "{scans:?}");
+        assert_eq!(
+            scans.get("t"),
+            None,
+            "both read k and v: nothing to share: {scans:?}"
         );
     }
 

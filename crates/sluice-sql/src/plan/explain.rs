@@ -18,9 +18,11 @@ pub fn explain(plan: &JobPlan) -> String {
 /// The text of `EXPLAIN` for `pipelines` (sub-plans shared between them are marked).
 pub fn explain_pipelines(pipelines: &[Pipeline]) -> String {
     let uses = crate::optimize::shared::reads(pipelines.iter().map(|p| &p.query));
+    let scans = crate::optimize::shared::scan_columns(pipelines.iter().map(|p| &p.query));
     let mut e = Explainer {
         out: String::new(),
         uses,
+        scans,
         written: Default::default(),
         fired: Default::default(),
     };
@@ -148,6 +150,8 @@ struct Explainer<'a> {
     out: String,
     /// How many places read each shareable sub-plan.
     uses: HashMap<&'a StreamNode, usize>,
+    /// Tables whose scans share one reader, and the columns it keeps.
+    scans: HashMap<String, Option<Vec<usize>>>,
     /// Shared sub-plans already written out.
     written: std::collections::HashSet<&'a StreamNode>,
     fired: std::collections::BTreeMap<&'static str, usize>,
@@ -205,8 +209,26 @@ impl<'a> Explainer<'a> {
         let mut d = vec![];
         let head = match node {
             StreamNode::Scan {
-                table, projection, ..
+                table,
+                projection,
+                carry_source_row,
+                ..
             } => {
+                if let Some(shared) = self.scans.get(&table.name).filter(|_| !carry_source_row) {
+                    let kept = match shared {
+                        Some(p) => p
+                            .iter()
+                            .map(|i| table.schema.field(*i).name().clone())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        None => "all".to_string(),
+                    };
+                    d.push(format!(
+                        "rule shared-scan: one reader of {} per worker keeps columns [{kept}] for every scan of it; this scan keeps its own",
+                        table.name
+                    ));
+                    self.fire("shared-scan");
+                }
                 if let Some((time, wm)) = &table.watermark {
                     d.push(format!(
                         "watermark: {} by {wm}",
