@@ -559,16 +559,17 @@ impl<O: StatefulOperator> Shell<O> {
         frontiers: &[&MutableAntichain<Epoch>],
         output: &mut OutputBuilderSession<'_, Epoch, EventBuilder>,
     ) {
-        let (Some(ck), Some(id)) = (self.checkpoint.clone(), self.id.clone()) else {
-            return;
-        };
         while let Some(epoch) = self.align.as_ref().and_then(|al| al.due(frontiers)) {
-            let Some(op) = self.op.as_mut() else { return };
+            let (Some(ck), Some(id), Some(op)) =
+                (self.checkpoint.as_ref(), self.id.as_ref(), self.op.as_mut())
+            else {
+                return;
+            };
             let started = Instant::now();
             let to = SnapshotTo {
-                ck: &ck,
+                ck,
                 epoch,
-                stem: CheckpointContext::file_name(Contribution::State, &id, self.index),
+                stem: CheckpointContext::file_name(Contribution::State, id, self.index),
             };
             match op.snapshot(&to) {
                 Ok(()) => self.metrics.record_snapshot(epoch, started.elapsed()),
