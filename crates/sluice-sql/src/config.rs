@@ -325,6 +325,87 @@ pub const DEFAULT_BATCH_ROWS: usize = 8192;
 /// Processing time per epoch unless `sluice.epoch-length` says otherwise.
 pub const DEFAULT_EPOCH: Duration = Duration::from_millis(50);
 
+/// Typed reads of `SET` values, with errors that name the key and the value.
+struct Reader<'a>(&'a BTreeMap<String, String>);
+
+impl Reader<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(|v| v.trim())
+    }
+
+    fn wrong(key: &str, v: &str, wanted: &str) -> Error {
+        Error::plan(format!("'{key}' = '{v}' must be {wanted}"))
+    }
+
+    fn duration(&self, key: &str) -> Result<Option<Duration>> {
+        self.get(key)
+            .map(|v| {
+                sluice_common::time::parse_duration_ms(v)
+                    .filter(|ms| *ms >= 0)
+                    .map(|ms| Duration::from_millis(ms as u64))
+                    .ok_or_else(|| Self::wrong(key, v, "a duration such as '1 s' or '500 ms'"))
+            })
+            .transpose()
+    }
+
+    fn number(&self, key: &str, least: u64) -> Result<Option<u64>> {
+        self.get(key)
+            .map(|v| {
+                v.parse::<u64>()
+                    .ok()
+                    .filter(|n| *n >= least)
+                    .ok_or_else(|| {
+                        Self::wrong(key, v, &format!("a whole number of at least {least}"))
+                    })
+            })
+            .transpose()
+    }
+
+    fn flag(&self, key: &str) -> Result<bool> {
+        match self.get(key).map(|v| v.to_ascii_lowercase()) {
+            None => Ok(false),
+            Some(v) if v == "true" => Ok(true),
+            Some(v) if v == "false" => Ok(false),
+            Some(v) => Err(Self::wrong(key, &v, "'true' or 'false'")),
+        }
+    }
+}
+
+/// `table.exec.emit.*`: how the windows of a statement emit, from the settings in force where
+/// the statement is planned.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct EmitOptions {
+    /// `table.exec.emit.early-fire.delay`, when early firing is enabled.
+    pub early_fire: Option<Duration>,
+    /// `table.exec.emit.allow-lateness`.
+    pub allow_lateness: Duration,
+}
+
+impl EmitOptions {
+    pub fn parse(settings: &BTreeMap<String, String>) -> Result<EmitOptions> {
+        let r = Reader(settings);
+        let early_fire = if r.flag("table.exec.emit.early-fire.enabled")? {
+            let delay = r.duration("table.exec.emit.early-fire.delay")?.ok_or_else(|| {
+                Error::plan("'table.exec.emit.early-fire.enabled' is true but 'table.exec.emit.early-fire.delay' is not set (for example '1 s')")
+            })?;
+            if delay.is_zero() {
+                return Err(Error::plan(
+                    "'table.exec.emit.early-fire.delay' must be positive",
+                ));
+            }
+            Some(delay)
+        } else {
+            None
+        };
+        Ok(EmitOptions {
+            early_fire,
+            allow_lateness: r
+                .duration("table.exec.emit.allow-lateness")?
+                .unwrap_or_default(),
+        })
+    }
+}
+
 impl JobConfig {
     /// Parses `settings` (the script's `SET`s, as text). An unknown key, or a value of the
     /// wrong type, is an error naming the key.
@@ -332,48 +413,16 @@ impl JobConfig {
         for (key, value) in settings {
             check(key, value)?;
         }
-        let get = |key: &str| settings.get(key).map(|v| v.trim());
-        let wrong = |key: &str, v: &str, wanted: &str| {
-            Error::plan(format!("'{key}' = '{v}' must be {wanted}"))
-        };
-        let duration = |key: &str| -> Result<Option<Duration>> {
-            get(key)
-                .map(|v| {
-                    sluice_common::time::parse_duration_ms(v)
-                        .filter(|ms| *ms >= 0)
-                        .map(|ms| Duration::from_millis(ms as u64))
-                        .ok_or_else(|| wrong(key, v, "a duration such as '1 s' or '500 ms'"))
-                })
-                .transpose()
-        };
-        let number = |key: &str, least: u64| -> Result<Option<u64>> {
-            get(key)
-                .map(|v| {
-                    v.parse::<u64>()
-                        .ok()
-                        .filter(|n| *n >= least)
-                        .ok_or_else(|| {
-                            wrong(key, v, &format!("a whole number of at least {least}"))
-                        })
-                })
-                .transpose()
-        };
-        let flag = |key: &str| -> Result<bool> {
-            match get(key).map(|v| v.to_ascii_lowercase()) {
-                None => Ok(false),
-                Some(v) if v == "true" => Ok(true),
-                Some(v) if v == "false" => Ok(false),
-                Some(v) => Err(wrong(key, &v, "'true' or 'false'")),
-            }
-        };
-        let epoch_length = duration("sluice.epoch-length")?.unwrap_or(DEFAULT_EPOCH);
+        let r = Reader(settings);
+        let epoch_length = r.duration("sluice.epoch-length")?.unwrap_or(DEFAULT_EPOCH);
         if !(Duration::from_millis(1)..=Duration::from_secs(10)).contains(&epoch_length) {
             return Err(Error::plan(format!(
                 "'sluice.epoch-length' = '{}' must be a duration between 1 ms and 10 s",
-                get("sluice.epoch-length").unwrap_or_default()
+                r.get("sluice.epoch-length").unwrap_or_default()
             )));
         }
-        let memory_limit = get("sluice.memory.limit")
+        let memory_limit = r
+            .get("sluice.memory.limit")
             .map(|v| {
                 sluice_common::text::memory_size(v)
                     .filter(|n| *n > 0)
@@ -384,45 +433,46 @@ impl JobConfig {
                     })
             })
             .transpose()?;
-        let checkpoint = match duration("execution.checkpointing.interval")? {
-            None if get("execution.checkpointing.dir").is_some() => {
+        let checkpoint = match r.duration("execution.checkpointing.interval")? {
+            None if r.get("execution.checkpointing.dir").is_some() => {
                 return Err(Error::plan("'execution.checkpointing.dir' is set but 'execution.checkpointing.interval' is not (for example '1 s')"));
             }
             None => None,
             Some(interval) => {
                 if interval.is_zero() {
-                    return Err(wrong(
+                    return Err(Reader::wrong(
                         "execution.checkpointing.interval",
-                        get("execution.checkpointing.interval").unwrap_or_default(),
+                        r.get("execution.checkpointing.interval")
+                            .unwrap_or_default(),
                         "a positive duration such as '1 s'",
                     ));
                 }
-                let dir = get("execution.checkpointing.dir").ok_or_else(|| {
+                let dir = r.get("execution.checkpointing.dir").ok_or_else(|| {
                     Error::plan("'execution.checkpointing.interval' is set but 'execution.checkpointing.dir' is not: say where checkpoints go")
                 })?;
                 Some(CheckpointOptions {
                     interval,
                     dir: dir.to_string(),
-                    retained: number("execution.checkpointing.num-retained", 1)?.unwrap_or(1)
-                        as usize,
-                    tolerable_failures: number(
-                        "execution.checkpointing.tolerable-failed-checkpoints",
-                        0,
-                    )?
-                    .unwrap_or(3) as usize,
-                    compression: flag("execution.checkpointing.snapshot-compression")?,
-                    recovery_path: get("execution.state-recovery.path").map(str::to_string),
+                    retained: r
+                        .number("execution.checkpointing.num-retained", 1)?
+                        .unwrap_or(1) as usize,
+                    tolerable_failures: r
+                        .number("execution.checkpointing.tolerable-failed-checkpoints", 0)?
+                        .unwrap_or(3) as usize,
+                    compression: r.flag("execution.checkpointing.snapshot-compression")?,
+                    recovery_path: r.get("execution.state-recovery.path").map(str::to_string),
                 })
             }
         };
         Ok(JobConfig {
             epoch_length,
             memory_limit,
-            batch_rows: number("table.exec.mini-batch.size", 1)?
+            batch_rows: r
+                .number("table.exec.mini-batch.size", 1)?
                 .map_or(DEFAULT_BATCH_ROWS, |n| n as usize),
-            state_ttl: duration("table.exec.state.ttl")?.filter(|d| !d.is_zero()),
+            state_ttl: r.duration("table.exec.state.ttl")?.filter(|d| !d.is_zero()),
             checkpoint,
-            allow_changed_sources: flag("sluice.state-recovery.allow-changed-sources")?,
+            allow_changed_sources: r.flag("sluice.state-recovery.allow-changed-sources")?,
         })
     }
 }
@@ -461,7 +511,7 @@ pub fn flink_only_markdown() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{check, JobConfig};
+    use super::{check, EmitOptions, JobConfig};
 
     fn parse(pairs: &[(&str, &str)]) -> sluice_common::Result<JobConfig> {
         JobConfig::parse(
@@ -470,6 +520,36 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         )
+    }
+
+    #[test]
+    fn emit_options_need_a_delay_when_early_firing_is_on() {
+        let emit = |pairs: &[(&str, &str)]| {
+            EmitOptions::parse(
+                &pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+        };
+        assert_eq!(emit(&[]).unwrap(), EmitOptions::default());
+        let on = emit(&[
+            ("table.exec.emit.early-fire.enabled", "TRUE"),
+            ("table.exec.emit.early-fire.delay", "2 s"),
+            ("table.exec.emit.allow-lateness", "1 min"),
+        ])
+        .unwrap();
+        assert_eq!(on.early_fire.unwrap().as_millis(), 2_000);
+        assert_eq!(on.allow_lateness.as_secs(), 60);
+        let off = emit(&[("table.exec.emit.early-fire.delay", "2 s")]).unwrap();
+        assert_eq!(off.early_fire, None, "a delay alone does not turn it on");
+        let e = emit(&[("table.exec.emit.early-fire.enabled", "true")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("'table.exec.emit.early-fire.delay' is not set"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -717,46 +717,12 @@ impl Catalog {
     }
 
     fn emit_policy(&self) -> Result<EmitPolicy> {
-        let duration = |key: &str| -> Result<Option<i64>> {
-            match self.settings.get(key) {
-                None => Ok(None),
-                Some(v) => sluice_common::time::parse_duration_ms(v)
-                    .map(Some)
-                    .ok_or_else(|| {
-                        Error::plan(format!(
-                            "'{key}' = '{v}' is not a duration such as '1 s' or '500 ms'"
-                        ))
-                    }),
-            }
-        };
-        let mut policy = EmitPolicy::default();
-        let early = match self
-            .settings
-            .get("table.exec.emit.early-fire.enabled")
-            .map(|v| v.to_lowercase())
-        {
-            None => false,
-            Some(v) if v == "true" => true,
-            Some(v) if v == "false" => false,
-            Some(v) => {
-                return Err(Error::plan(format!(
-                    "'table.exec.emit.early-fire.enabled' = '{v}' must be 'true' or 'false'"
-                )))
-            }
-        };
-        if early {
-            let delay = duration("table.exec.emit.early-fire.delay")?.ok_or_else(|| {
-                Error::plan("'table.exec.emit.early-fire.enabled' is true but 'table.exec.emit.early-fire.delay' is not set (for example '1 s')")
-            })?;
-            if delay <= 0 {
-                return Err(Error::plan(
-                    "'table.exec.emit.early-fire.delay' must be positive",
-                ));
-            }
-            policy.early_fire_ms = Some(delay as u64);
-        }
-        policy.allowed_lateness_ms = duration("table.exec.emit.allow-lateness")?.unwrap_or(0);
-        Ok(policy)
+        let options = crate::config::EmitOptions::parse(&self.settings)?;
+        Ok(EmitPolicy {
+            early_fire_ms: options.early_fire.map(|d| d.as_millis() as u64),
+            allowed_lateness_ms: options.allow_lateness.as_millis() as i64,
+            ..Default::default()
+        })
     }
 }
 
