@@ -84,7 +84,7 @@ impl DirectFile {
     /// Writes what is left; returns the file's length.
     pub fn finish(mut self) -> std::io::Result<u64> {
         if self.len > 0 {
-            let padded = self.direct && self.len % ALIGN != 0;
+            let padded = self.direct && !self.len.is_multiple_of(ALIGN);
             self.write_out(true)?;
             if padded {
                 self.file.set_len(self.written)?;

@@ -186,17 +186,25 @@ pub struct JoinBound {
 }
 
 /// One `ORDER BY` key of a ranking.
-#[derive(Debug, Clone, Eq, Hash)]
+#[derive(Debug, Clone, Eq)]
 pub struct SortKey {
     pub expr: PhysExpr,
     pub asc: bool,
     pub nulls_first: bool,
 }
 
+// By hand: a derived `PartialEq` does not compile for the `Arc<dyn PhysicalExpr>` field here.
 impl PartialEq for SortKey {
     fn eq(&self, other: &Self) -> bool {
         self.expr.as_ref() == other.expr.as_ref()
             && (self.asc, self.nulls_first) == (other.asc, other.nulls_first)
+    }
+}
+
+impl std::hash::Hash for SortKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.expr.as_ref().hash(state);
+        (self.asc, self.nulls_first).hash(state);
     }
 }
 
