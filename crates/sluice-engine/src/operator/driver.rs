@@ -174,6 +174,24 @@ pub trait StatefulOperator: 'static {
     }
 }
 
+/// The `snapshot` and `restore` of a [`StatefulOperator`] whose state is one batch in the keyed
+/// layout ([`crate::checkpoint::keyed`]): it has `snapshot_rows(&self)` and
+/// `restore_rows(&mut self, batch, owns)`, and every worker's snapshot is offered to each
+/// restoring worker, which keeps its key groups.
+macro_rules! keyed_snapshots {
+    () => {
+        fn snapshot(&mut self, to: &$crate::operator::driver::SnapshotTo<'_>) -> Result<()> {
+            to.write(self.snapshot_rows()?);
+            Ok(())
+        }
+
+        fn restore(&mut self, from: &$crate::operator::driver::RestoreFrom<'_>) -> Result<()> {
+            from.key_groups(|b, owns| self.restore_rows(b, owns))
+        }
+    };
+}
+pub(crate) use keyed_snapshots;
+
 /// Where a snapshot goes: checkpoint `epoch`, under this worker's file name.
 pub struct SnapshotTo<'a> {
     pub ck: &'a CheckpointContext,

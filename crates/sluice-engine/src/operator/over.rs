@@ -23,7 +23,7 @@ use sluice_state::accumulator::Accumulator;
 use crate::checkpoint::keyed::KeyedLayout;
 use crate::operator::aggregate::acc_kind;
 use crate::operator::driver::{
-    sampled_bytes, Applied, Dropped, Output, RestoreFrom, SnapshotTo, StatefulOperator,
+    keyed_snapshots, sampled_bytes, Applied, Dropped, Output, StatefulOperator,
 };
 use crate::operator::stateless::evaluate;
 
@@ -466,14 +466,7 @@ impl StatefulOperator for OverState {
         Ok(())
     }
 
-    fn snapshot(&mut self, to: &SnapshotTo<'_>) -> Result<()> {
-        to.write(self.snapshot_rows()?);
-        Ok(())
-    }
-
-    fn restore(&mut self, from: &RestoreFrom<'_>) -> Result<()> {
-        from.key_groups(|b, owns| self.restore_rows(b, owns))
-    }
+    keyed_snapshots!();
 
     fn size(&self) -> (u64, u64) {
         (self.size_bytes(), self.groups())
@@ -836,14 +829,7 @@ impl StatefulOperator for UpdatingOverState {
         Ok(())
     }
 
-    fn snapshot(&mut self, to: &SnapshotTo<'_>) -> Result<()> {
-        to.write(self.snapshot_rows()?);
-        Ok(())
-    }
-
-    fn restore(&mut self, from: &RestoreFrom<'_>) -> Result<()> {
-        from.key_groups(|b, owns| self.restore_rows(b, owns))
-    }
+    keyed_snapshots!();
 
     fn size(&self) -> (u64, u64) {
         (self.size_bytes(), self.groups())

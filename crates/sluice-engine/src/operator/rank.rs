@@ -31,9 +31,7 @@ use sluice_state::group_table::NO_TAG;
 use sluice_state::{ByteSlots, GroupTable};
 
 use crate::checkpoint::keyed::KeyedLayout;
-use crate::operator::driver::{
-    sampled_bytes, Applied, Output, RestoreFrom, SnapshotTo, StatefulOperator,
-};
+use crate::operator::driver::{keyed_snapshots, sampled_bytes, Applied, Output, StatefulOperator};
 
 /// Bytes in Arrow row format.
 type Bytes = Box<[u8]>;
@@ -377,9 +375,9 @@ impl RankState {
     }
 
     /// This worker's state: key group, partition key, sort key, row, copies, until, done.
-    pub fn snapshot(&self) -> Result<RecordBatch> {
+    pub fn snapshot_rows(&self) -> Result<RecordBatch> {
         if let Some(top) = &self.top {
-            return top.snapshot();
+            return top.snapshot_rows();
         }
         let mut group = vec![];
         let mut key: Vec<&[u8]> = vec![];
@@ -415,7 +413,7 @@ impl RankState {
     }
 
     /// Adds the partitions of a snapshot whose key group `owns` accepts.
-    pub fn restore(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()> {
+    pub fn restore_rows(&mut self, batch: &RecordBatch, owns: &dyn Fn(u16) -> bool) -> Result<()> {
         let rows = layout().read(batch)?;
         let (sort, row, count, until) = (rows.binary(0), rows.binary(1), rows.u32(2), rows.i64(3));
         if let Some(top) = &mut self.top {
@@ -767,7 +765,7 @@ impl AppendOnlyTop {
         }
     }
 
-    fn snapshot(&self) -> Result<RecordBatch> {
+    fn snapshot_rows(&self) -> Result<RecordBatch> {
         let mut group = vec![];
         let mut key: Vec<&[u8]> = vec![];
         let mut sort: Vec<Option<&[u8]>> = vec![];
@@ -840,14 +838,7 @@ impl StatefulOperator for RankState {
         Ok(())
     }
 
-    fn snapshot(&mut self, to: &SnapshotTo<'_>) -> Result<()> {
-        to.write(RankState::snapshot(self)?);
-        Ok(())
-    }
-
-    fn restore(&mut self, from: &RestoreFrom<'_>) -> Result<()> {
-        from.key_groups(|b, owns| RankState::restore(self, b, owns))
-    }
+    keyed_snapshots!();
 
     fn size(&self) -> (u64, u64) {
         let bytes = match &self.top {
@@ -923,11 +914,11 @@ mod tests {
             let mut s = state(limit, append_only);
             s.apply(&batch(&rows)).unwrap();
             crate::checkpoint::fuzz::altered_snapshots_restore_or_fail(
-                &s.snapshot().unwrap(),
+                &s.snapshot_rows().unwrap(),
                 150,
                 |b| {
                     let mut s = state(limit, append_only);
-                    let restored = s.restore(b, &|_| true).is_ok();
+                    let restored = s.restore_rows(b, &|_| true).is_ok();
                     if restored {
                         // A restored state still runs: new rows displace the restored ones.
                         let _ = s.apply(&batch(&rows[..2_000]));
@@ -1004,16 +995,18 @@ mod tests {
                     assert_eq!(folded, batch_top(&seen, limit), "limit {limit}, batch {b}");
                     if b == 20 {
                         // Restore on two workers that split the key groups, then merge back.
-                        let snap = s.snapshot().unwrap();
+                        let snap = s.snapshot_rows().unwrap();
                         let (mut even, mut odd) =
                             (state(limit, append_only), state(limit, append_only));
-                        even.restore(&snap, &|g| g % 2 == 0).unwrap();
-                        odd.restore(&snap, &|g| g % 2 == 1).unwrap();
+                        even.restore_rows(&snap, &|g| g % 2 == 0).unwrap();
+                        odd.restore_rows(&snap, &|g| g % 2 == 1).unwrap();
                         assert_eq!(even.rows_held() + odd.rows_held(), s.rows_held());
                         assert!(even.partitions() > 0 && odd.partitions() > 0);
                         s = state(limit, append_only);
-                        s.restore(&even.snapshot().unwrap(), &|_| true).unwrap();
-                        s.restore(&odd.snapshot().unwrap(), &|_| true).unwrap();
+                        s.restore_rows(&even.snapshot_rows().unwrap(), &|_| true)
+                            .unwrap();
+                        s.restore_rows(&odd.snapshot_rows().unwrap(), &|_| true)
+                            .unwrap();
                     }
                 }
                 if append_only {

@@ -19,7 +19,7 @@ use sluice_common::{ChangeBatch, Error, Op, Result};
 use sluice_sql::{JoinKind, PhysExpr};
 
 use crate::checkpoint::keyed::KeyedLayout;
-use crate::operator::driver::{Applied, Output, RestoreFrom, SnapshotTo, StatefulOperator};
+use crate::operator::driver::{keyed_snapshots, Applied, Output, StatefulOperator};
 use crate::operator::stateless::evaluate;
 
 type Bytes = Box<[u8]>;
@@ -423,14 +423,7 @@ impl StatefulOperator for TemporalState {
         Ok(())
     }
 
-    fn snapshot(&mut self, to: &SnapshotTo<'_>) -> Result<()> {
-        to.write(self.snapshot_rows()?);
-        Ok(())
-    }
-
-    fn restore(&mut self, from: &RestoreFrom<'_>) -> Result<()> {
-        from.key_groups(|b, owns| self.restore_rows(b, owns))
-    }
+    keyed_snapshots!();
 
     fn size(&self) -> (u64, u64) {
         (self.size_bytes(), self.rows_held())
