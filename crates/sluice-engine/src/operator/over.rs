@@ -12,8 +12,8 @@ use hashbrown::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, BinaryArray, UInt32Array};
-use arrow::compute::{cast, concat, concat_batches};
-use arrow::datatypes::{DataType, Field, SchemaRef, TimeUnit, TimestampMillisecondType};
+use arrow::compute::{concat, concat_batches};
+use arrow::datatypes::{DataType, Field, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use arrow::row::RowConverter;
 use sluice_common::{ChangeBatch, Error, Op, Result};
@@ -48,16 +48,6 @@ pub struct OverState {
     pending: Vec<RecordBatch>,
     watermark: i64,
     next_gid: u32,
-}
-
-fn millis(batch: &RecordBatch, column: usize) -> Result<Vec<Option<i64>>> {
-    let t = cast(
-        batch.column(column),
-        &DataType::Timestamp(TimeUnit::Millisecond, None),
-    )?;
-    Ok(t.as_primitive::<TimestampMillisecondType>()
-        .iter()
-        .collect())
 }
 
 impl OverState {
@@ -121,7 +111,7 @@ impl OverState {
                 "an OVER aggregate received a retraction; its input must be append-only".into(),
             ));
         }
-        let times = millis(&batch.data, self.time)?;
+        let times = crate::operator::rows::event_times(&batch.data, self.time)?;
         let keep: Vec<bool> = times
             .iter()
             .map(|t| t.is_some_and(|t| t >= self.watermark))
@@ -152,7 +142,7 @@ impl OverState {
         }
         let all = concat_batches(&self.input, &self.pending)?;
         self.pending.clear();
-        let times = millis(&all, self.time)?;
+        let times = crate::operator::rows::event_times(&all, self.time)?;
         let (ready, wait): (Vec<u32>, Vec<u32>) = (0..all.num_rows() as u32)
             .partition(|i| times[*i as usize].is_some_and(|t| t < watermark));
         if !wait.is_empty() {
@@ -174,7 +164,7 @@ impl OverState {
         let rows = self.keys.convert_columns(&key_arrays)?;
         let keys = crate::operator::rows::key_bytes(&rows, key_arrays.is_empty(), n);
         // Rows per partition, in time order (stable: ties keep arrival order).
-        let times = millis(&ready, self.time)?;
+        let times = crate::operator::rows::event_times(&ready, self.time)?;
         let mut groups: Vec<(&[u8], Vec<u32>)> = vec![];
         let mut slot: HashMap<&[u8], usize> = HashMap::new();
         for (i, k) in keys.iter().enumerate() {
@@ -218,7 +208,7 @@ impl OverState {
             Some(f) => concat_batches(&self.input, &[f, rows.clone()])?,
             None => rows.clone(),
         };
-        let times = millis(&seq, self.time)?;
+        let times = crate::operator::rows::event_times(&seq, self.time)?;
         let times: Vec<i64> = times.into_iter().map(|t| t.unwrap_or(i64::MIN)).collect();
         let as_changes = ChangeBatch::inserts(seq.clone());
         let mut values = vec![];

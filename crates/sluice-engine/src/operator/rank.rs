@@ -20,9 +20,9 @@ use std::collections::BTreeMap;
 use hashbrown::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, BinaryArray, Int64Array, UInt32Array, UInt64Array};
+use arrow::array::{Array, ArrayRef, BinaryArray, Int64Array, UInt32Array, UInt64Array};
 use arrow::compute::cast;
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use arrow::row::RowConverter;
 use sluice_common::{ChangeBatch, Error, Op, Result};
@@ -157,16 +157,6 @@ impl RankState {
         self.partitions.len()
     }
 
-    fn times(&self, batch: &RecordBatch, column: usize) -> Result<Vec<Option<i64>>> {
-        let t = cast(
-            batch.column(column),
-            &DataType::Timestamp(TimeUnit::Millisecond, None),
-        )?;
-        Ok(t.as_primitive::<TimestampMillisecondType>()
-            .iter()
-            .collect())
-    }
-
     pub fn apply(&mut self, batch: &ChangeBatch) -> Result<RankOutput> {
         let n = batch.num_rows();
         let mut dropped = 0;
@@ -192,8 +182,10 @@ impl RankState {
         }
         let times = match self.mode {
             RankMode::Updating => None,
-            RankMode::Window { end } => Some(self.times(&batch.data, end)?),
-            RankMode::FirstByTime { time } => Some(self.times(&batch.data, time)?),
+            RankMode::Window { end } => Some(crate::operator::rows::event_times(&batch.data, end)?),
+            RankMode::FirstByTime { time } => {
+                Some(crate::operator::rows::event_times(&batch.data, time)?)
+            }
         };
         // Updating mode: each touched partition's first N rows before the batch.
         // Keys are looked up by reference: a partition's key is copied only when it is new.
@@ -858,6 +850,7 @@ impl StatefulOperator for RankState {
 
 #[cfg(test)]
 mod tests {
+    use arrow::array::AsArray;
     use std::collections::BTreeMap;
 
     use arrow::array::Int64Array;

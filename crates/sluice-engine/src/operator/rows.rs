@@ -2,7 +2,7 @@
 //! converters for keys, sort keys and whole rows; key bytes and key groups of a batch; and the
 //! pieces of their snapshots.
 
-use arrow::array::ArrayRef;
+use arrow::array::{ArrayRef, AsArray};
 use arrow::compute::SortOptions;
 use arrow::datatypes::{Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
@@ -83,14 +83,13 @@ pub fn key_bytes(rows: &Rows, no_columns: bool, n: usize) -> Vec<&[u8]> {
     (0..n).map(|i| rows.row(i).data()).collect()
 }
 
-/// Checks that a snapshot batch has the layout this operator writes.
-pub fn check_layout(batch: &RecordBatch, expected: &SchemaRef, what: &str) -> Result<()> {
-    if batch.schema().fields() != expected.fields() {
-        return Err(Error::Runtime(format!(
-            "checkpoint: a {what} snapshot has an unexpected layout"
-        )));
-    }
-    Ok(())
+/// A timestamp column of `batch` as milliseconds since the epoch, nulls as `None`.
+pub fn event_times(batch: &RecordBatch, column: usize) -> Result<Vec<Option<i64>>> {
+    let millis = sluice_common::time::to_millis(batch.column(column))?;
+    Ok(millis
+        .as_primitive::<arrow::datatypes::TimestampMillisecondType>()
+        .iter()
+        .collect())
 }
 
 /// Decodes snapshot bytes with `decode`, turning a panic of the decoding library into an error.

@@ -11,8 +11,8 @@ use hashbrown::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, BinaryArray, Int64Array, UInt32Array};
-use arrow::compute::{cast, concat_batches, take};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType};
+use arrow::compute::{concat_batches, take};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use arrow::row::RowConverter;
 use sluice_common::{ChangeBatch, Error, Op, Result};
@@ -46,16 +46,6 @@ pub struct TemporalState {
     watermarks: [i64; 2],
     /// Versions dropped up to this watermark.
     cleaned: i64,
-}
-
-fn millis(batch: &RecordBatch, column: usize) -> Result<Vec<Option<i64>>> {
-    let t = cast(
-        batch.column(column),
-        &DataType::Timestamp(TimeUnit::Millisecond, None),
-    )?;
-    Ok(t.as_primitive::<TimestampMillisecondType>()
-        .iter()
-        .collect())
 }
 
 impl TemporalState {
@@ -127,7 +117,7 @@ impl TemporalState {
 
     fn add_versions(&mut self, batch: &RecordBatch) -> Result<()> {
         let (keys, groups, nulls) = self.keys(1, batch)?;
-        let times = millis(batch, self.time[1])?;
+        let times = crate::operator::rows::event_times(batch, self.time[1])?;
         let rows = self.right_rows.convert_columns(batch.columns())?;
         for i in 0..batch.num_rows() {
             let Some(t) = times[i].filter(|_| !nulls[i]) else {
@@ -152,7 +142,7 @@ impl TemporalState {
             return Ok(None);
         }
         let (keys, _, nulls) = self.keys(0, batch)?;
-        let times = millis(batch, self.time[0])?;
+        let times = crate::operator::rows::event_times(batch, self.time[0])?;
         let parser = self.right_rows.parser();
         let mut found: Vec<Option<usize>> = vec![None; n];
         let mut rows = vec![];
@@ -234,7 +224,7 @@ impl TemporalState {
         if !self.pending.is_empty() {
             let all = concat_batches(&self.inputs[0], &self.pending)?;
             self.pending.clear();
-            let times = millis(&all, self.time[0])?;
+            let times = crate::operator::rows::event_times(&all, self.time[0])?;
             let (ready, wait): (Vec<u32>, Vec<u32>) =
                 (0..all.num_rows() as u32).partition(|i| times[*i as usize].is_none_or(|t| t < wm));
             if !wait.is_empty() {
@@ -253,7 +243,7 @@ impl TemporalState {
         let horizon = self
             .pending
             .iter()
-            .filter_map(|b| millis(b, self.time[0]).ok())
+            .filter_map(|b| crate::operator::rows::event_times(b, self.time[0]).ok())
             .flatten()
             .flatten()
             .min()
