@@ -14,8 +14,73 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use sluice_common::Result;
 
-use crate::options::Options;
+use crate::options::{ConnectorDef, Kind, OptionDef, Options, Side};
 use crate::{ConnectorSpec, Poll, SourceReader};
+
+/// The `datagen` connector's options (Flink's names).
+pub const CONNECTOR: ConnectorDef = ConnectorDef {
+    name: "datagen",
+    reads: true,
+    writes: false,
+    options: &[
+        OptionDef {
+            key: "rows-per-second",
+            kind: Kind::Rate,
+            default: Some("10000"),
+            side: Side::Source,
+            doc: "rows per second for the whole table (`0`: as fast as possible)",
+        },
+        OptionDef {
+            key: "number-of-rows",
+            kind: Kind::Count,
+            default: None,
+            side: Side::Source,
+            doc: "rows in all; the source is bounded when set",
+        },
+        OptionDef {
+            key: "fields.<name>.kind",
+            kind: Kind::Choice(&["random", "sequence"]),
+            default: Some("random"),
+            side: Side::Source,
+            doc: "how column `<name>` is generated",
+        },
+        OptionDef {
+            key: "fields.<name>.min",
+            kind: Kind::Number,
+            default: None,
+            side: Side::Source,
+            doc: "random: the smallest value (default: the type's smallest for TINYINT, SMALLINT and INT, else 0)",
+        },
+        OptionDef {
+            key: "fields.<name>.max",
+            kind: Kind::Number,
+            default: None,
+            side: Side::Source,
+            doc: "random: the largest value (default: the type's largest for TINYINT, SMALLINT and INT, else 1000000)",
+        },
+        OptionDef {
+            key: "fields.<name>.length",
+            kind: Kind::Count,
+            default: Some("100"),
+            side: Side::Source,
+            doc: "random: the length of a string",
+        },
+        OptionDef {
+            key: "fields.<name>.start",
+            kind: Kind::Number,
+            default: Some("0"),
+            side: Side::Source,
+            doc: "sequence: the first value",
+        },
+        OptionDef {
+            key: "fields.<name>.end",
+            kind: Kind::Number,
+            default: None,
+            side: Side::Source,
+            doc: "sequence: the last value (default: unbounded)",
+        },
+    ],
+};
 
 /// Paces a generator to a rate (rows per second; 0 means as fast as possible).
 pub struct Pacer {
@@ -66,16 +131,16 @@ impl DatagenSource {
         worker: usize,
         workers: usize,
     ) -> Result<Self> {
-        let rate: f64 = opts.rate("rows-per-second", 10000.0)?;
+        let rate: f64 = opts.value("rows-per-second")?;
         let total: Option<u64> = opts.optional("number-of-rows")?;
         let mut fields = vec![];
         for f in spec.schema.fields() {
             let key = |k: &str| format!("fields.{}.{}", f.name(), k);
-            let kind = opts.get(&key("kind")).unwrap_or_else(|| "random".into());
+            let kind: String = opts.value(&key("kind"))?;
             let gen = match kind.as_str() {
                 "sequence" => {
-                    let start = opts.parse(&key("start"), 0i64)?;
-                    let end = opts.parse(&key("end"), i64::MAX)?;
+                    let start = opts.value(&key("start"))?;
+                    let end = opts.value_or(&key("end"), i64::MAX)?;
                     if end < start {
                         return Err(opts.error(format!(
                             "'{}' must not be below '{}'",
@@ -92,8 +157,8 @@ impl DatagenSource {
                         DataType::Int32 => (i32::MIN as f64, i32::MAX as f64),
                         _ => (0.0, 1_000_000.0),
                     };
-                    let min = opts.parse(&key("min"), dmin)?;
-                    let max = opts.parse(&key("max"), dmax)?;
+                    let min = opts.value_or(&key("min"), dmin)?;
+                    let max = opts.value_or(&key("max"), dmax)?;
                     if max < min {
                         return Err(opts.error(format!(
                             "'{}' must not be below '{}'",
@@ -104,7 +169,7 @@ impl DatagenSource {
                     FieldGen::Random {
                         min,
                         max,
-                        length: opts.parse(&key("length"), 100usize)?,
+                        length: opts.value(&key("length"))?,
                     }
                 }
                 other => {

@@ -7,10 +7,7 @@
 //! Row `i` of the stream is a pure function of `seed` and `i`, so the same options give the same
 //! rows with any number of workers (worker `w` of `n` produces rows `w, w+n, w+2n, ...`).
 //!
-//! Options: `rows-per-second` (wall-clock pacing, default 10000, `0` = unpaced),
-//! `number-of-rows` (bounded when set), `speed-up` (event time runs this many times faster than
-//! wall time, default 1), `event-rate` (events per event-time second when unpaced, default 1000),
-//! `max-out-of-orderness` (default `3 s`), `seed`, `start-time` (`2026-11-11 00:00:00`).
+//! Its options are declared in [`CONNECTOR`].
 
 use std::sync::Arc;
 
@@ -23,8 +20,66 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, LogNormal};
 use sluice_common::Result;
 
-use crate::options::Options;
+use crate::options::{ConnectorDef, Kind, OptionDef, Options, Side};
 use crate::{ConnectorSpec, Poll, SourceReader};
+
+/// The `ecommerce` connector's options.
+pub const CONNECTOR: ConnectorDef = ConnectorDef {
+    name: "ecommerce",
+    reads: true,
+    writes: false,
+    options: &[
+        OptionDef {
+            key: "rows-per-second",
+            kind: Kind::Rate,
+            default: Some("10000"),
+            side: Side::Source,
+            doc: "wall-clock pacing for the whole table (`0`: as fast as possible)",
+        },
+        OptionDef {
+            key: "number-of-rows",
+            kind: Kind::Count,
+            default: None,
+            side: Side::Source,
+            doc: "orders in all; the source is bounded when set",
+        },
+        OptionDef {
+            key: "speed-up",
+            kind: Kind::Number,
+            default: Some("1"),
+            side: Side::Source,
+            doc: "paced: event time runs this many times faster than wall time",
+        },
+        OptionDef {
+            key: "event-rate",
+            kind: Kind::Number,
+            default: Some("1000"),
+            side: Side::Source,
+            doc: "unpaced: orders per second of event time",
+        },
+        OptionDef {
+            key: "max-out-of-orderness",
+            kind: Kind::Duration,
+            default: Some("3 s"),
+            side: Side::Source,
+            doc: "how late a delayed order (about 10%) may arrive",
+        },
+        OptionDef {
+            key: "seed",
+            kind: Kind::Count,
+            default: Some("11"),
+            side: Side::Source,
+            doc: "the stream is a pure function of the seed",
+        },
+        OptionDef {
+            key: "start-time",
+            kind: Kind::Timestamp,
+            default: Some("2026-11-11 00:00:00"),
+            side: Side::Source,
+            doc: "the event time of the first order (UTC)",
+        },
+    ],
+};
 
 /// Product categories and their share of orders.
 pub const CATEGORIES: [(&str, u32); 8] = [
@@ -105,23 +160,15 @@ impl EcommerceSource {
                 )));
             }
         }
-        let rate: f64 = opts.rate("rows-per-second", 10000.0)?;
-        let speed_up: f64 = opts.parse("speed-up", 1.0)?;
-        let event_rate: f64 = opts.parse("event-rate", 1000.0)?;
+        let rate: f64 = opts.value("rows-per-second")?;
+        let speed_up: f64 = opts.value("speed-up")?;
+        let event_rate: f64 = opts.value("event-rate")?;
         let total: Option<u64> = opts.optional("number-of-rows")?;
-        let seed = opts.parse("seed", 11u64)?;
-        let disorder_ms = opts.duration_ms("max-out-of-orderness", 3000)?;
-        let start = opts
-            .get("start-time")
-            .unwrap_or_else(|| "2026-11-11 00:00:00".into());
-        let start_ms = chrono::NaiveDateTime::parse_from_str(&start, "%Y-%m-%d %H:%M:%S")
-            .map_err(|_| {
-                opts.error(format!(
-                    "option 'start-time' = '{start}' must look like 2026-11-11 00:00:00"
-                ))
-            })?
-            .and_utc()
-            .timestamp_millis();
+        let seed: u64 = opts.value("seed")?;
+        let disorder_ms = opts
+            .duration_ms("max-out-of-orderness")?
+            .expect("declared default");
+        let start_ms = opts.timestamp_ms("start-time")?;
         if speed_up <= 0.0 || event_rate <= 0.0 {
             return Err(opts.error("'speed-up' and 'event-rate' must be positive"));
         }

@@ -16,7 +16,7 @@ use arrow::datatypes::SchemaRef;
 use sluice_common::{ChangeBatch, Error, Result};
 
 use crate::format::{encode_csv, encode_debezium, encode_json, JsonLines};
-use crate::options::Options;
+use crate::options::{ConnectorDef, Kind, OptionDef, Options, Side};
 use crate::{ConnectorSpec, Poll, SinkWriter, SourceReader};
 
 #[derive(Clone, Copy, PartialEq)]
@@ -26,18 +26,85 @@ enum Format {
     Debezium,
 }
 
+/// The `filesystem` connector's options.
+pub const CONNECTOR: ConnectorDef = ConnectorDef {
+    name: "filesystem",
+    reads: true,
+    writes: true,
+    options: &[
+        OptionDef {
+            key: "path",
+            kind: Kind::Text,
+            default: None,
+            side: Side::Both,
+            doc: "a file or directory to read, or the directory to write part files into: a plain path or a `file://` URI",
+        },
+        OptionDef {
+            key: "format",
+            kind: Kind::Choice(&["json", "csv", "debezium-json"]),
+            default: None,
+            side: Side::Both,
+            doc: "JSON lines or CSV (no header); `debezium-json` writes an updating result",
+        },
+        OptionDef {
+            key: "json.ignore-parse-errors",
+            kind: Kind::Bool,
+            default: Some("false"),
+            side: Side::Source,
+            doc: "skip and count a malformed JSON record instead of failing the job",
+        },
+        OptionDef {
+            key: "csv.ignore-parse-errors",
+            kind: Kind::Bool,
+            default: Some("false"),
+            side: Side::Source,
+            doc: "skip and count a malformed CSV record instead of failing the job",
+        },
+        OptionDef {
+            key: "source.split-size",
+            kind: Kind::MemorySize,
+            default: Some("8mb"),
+            side: Side::Source,
+            doc: "files larger than this are read in pieces of this size, dealt to the workers (at least `64kb`)",
+        },
+        OptionDef {
+            key: "source.monitor-interval",
+            kind: Kind::Duration,
+            default: None,
+            side: Side::Source,
+            doc: "keep watching the directory for new files this often (the source is then unbounded)",
+        },
+        OptionDef {
+            key: "sink.rolling-policy.file-size",
+            kind: Kind::MemorySize,
+            default: Some("128mb"),
+            side: Side::Sink,
+            doc: "without checkpoints, a worker starts a new part file past this size",
+        },
+        OptionDef {
+            key: "sink.rolling-policy.rollover-interval",
+            kind: Kind::Duration,
+            default: Some("30 min"),
+            side: Side::Sink,
+            doc: "without checkpoints, a worker starts a new part file when its file has been open this long",
+        },
+        OptionDef {
+            key: "sink.publish-on-stop",
+            kind: Kind::Bool,
+            default: Some("false"),
+            side: Side::Sink,
+            doc: "a job stopped by a signal without checkpoints publishes what it wrote",
+        },
+    ],
+};
+
 fn format(opts: &mut Options, sink: bool) -> Result<Format> {
     match opts.required("format")?.as_str() {
         "json" => Ok(Format::Json),
         "csv" => Ok(Format::Csv),
         "debezium-json" if sink => Ok(Format::Debezium),
         other => Err(opts.error(format!(
-            "option 'format' = '{other}' is not supported (use {})",
-            if sink {
-                "'json', 'csv' or 'debezium-json'"
-            } else {
-                "'json' or 'csv'"
-            }
+            "option 'format' = '{other}' is not supported for reading (use 'json' or 'csv')"
         ))),
     }
 }
@@ -45,10 +112,6 @@ fn format(opts: &mut Options, sink: bool) -> Result<Format> {
 /// Files a reader keeps open at once; their splits are read round-robin, so each has its own
 /// watermark, as if read in parallel. Pieces of one file are read one after another.
 const MAX_OPEN_SPLITS: usize = 16;
-
-/// `source.split-size` unless set: files larger than this are read in pieces of this size,
-/// dealt out to the workers in turn, so that one large file is parsed by all of them.
-const DEFAULT_SPLIT_SIZE: u64 = 8 << 20;
 
 /// The smallest `source.split-size`: smaller pieces cost more to find than to read.
 const MIN_SPLIT_SIZE: u64 = 64 << 10;
@@ -252,25 +315,24 @@ impl FileSource {
         let format = format(opts, false)?;
         // Each format reads its own options: `csv.*` on a JSON table is unknown (an error).
         let (ignore, csv_ignore_errors) = match format {
-            Format::Csv => (false, opts.flag("csv.ignore-parse-errors", false)?),
-            _ => (opts.flag("json.ignore-parse-errors", false)?, false),
+            Format::Csv => (false, opts.flag("csv.ignore-parse-errors")?),
+            _ => (opts.flag("json.ignore-parse-errors")?, false),
         };
-        let split_size = opts.memory_size("source.split-size", DEFAULT_SPLIT_SIZE)?;
+        let split_size = opts.memory_size("source.split-size")?;
         if split_size < MIN_SPLIT_SIZE {
             return Err(opts.error(format!(
                 "option 'source.split-size' = {split_size} bytes is below the minimum of 64kb \
                  (each piece costs a file open and a search for its first record)"
             )));
         }
-        let interval = match opts.get("source.monitor-interval") {
-            None => None,
-            Some(v) => Some(
-                sluice_common::time::parse_duration_ms(&v)
-                    .filter(|ms| *ms > 0)
-                    .map(|ms| std::time::Duration::from_millis(ms as u64))
-                    .ok_or_else(|| opts.error(format!("option 'source.monitor-interval' = '{v}' is not a positive duration such as '10 s'")))?,
-            ),
-        };
+        let interval =
+            match opts.duration_ms("source.monitor-interval")? {
+                None => None,
+                Some(ms) if ms > 0 => Some(std::time::Duration::from_millis(ms as u64)),
+                Some(_) => return Err(opts.error(
+                    "option 'source.monitor-interval' must be a positive duration such as '10 s'",
+                )),
+            };
         let layout =
             crate::partitions::Layout::new(&spec.schema, &spec.partitioned_by, &spec.table)?;
         let path_error = |opts: &Options, e: std::io::Error| {
@@ -943,6 +1005,13 @@ impl SourceReader for FileSource {
     }
 }
 
+/// When a sink without checkpoints starts a new part file.
+#[derive(Clone, Copy)]
+struct Rolling {
+    bytes: u64,
+    age: std::time::Duration,
+}
+
 /// Writes this worker's part files.
 pub struct FileSink {
     dir: PathBuf,
@@ -951,8 +1020,10 @@ pub struct FileSink {
     sequence: u64,
     buffer: Vec<u8>,
     file: Option<(PathBuf, File)>,
+    /// Bytes written into the current file, and when it was opened.
     written: u64,
-    roll_bytes: u64,
+    opened: std::time::Instant,
+    roll: Rolling,
     /// Two-phase commit (with checkpoints): no rolling; files are sealed per checkpoint epoch
     /// (`.pending-<epoch>`) and published when that checkpoint commits.
     transactional: bool,
@@ -1000,8 +1071,15 @@ impl FileSink {
     ) -> Result<Box<dyn SinkWriter>> {
         let dir = local_path(opts)?;
         let format = format(opts, true)?;
-        let roll_bytes = opts.memory_size("sink.rolling-policy.file-size", 128u64 << 20)?;
-        let publish_on_stop = opts.flag("sink.publish-on-stop", false)?;
+        let roll = Rolling {
+            bytes: opts.memory_size("sink.rolling-policy.file-size")?,
+            age: std::time::Duration::from_millis(
+                opts.duration_ms("sink.rolling-policy.rollover-interval")?
+                    .expect("declared default")
+                    .max(1) as u64,
+            ),
+        };
+        let publish_on_stop = opts.flag("sink.publish-on-stop")?;
         let instance = spec.sink_instance;
         std::fs::create_dir_all(&dir)
             .map_err(|e| opts.error(format!("option 'path' = '{}': {e}", dir.display())))?;
@@ -1010,7 +1088,7 @@ impl FileSink {
                 dir,
                 worker,
                 format,
-                roll_bytes,
+                roll,
                 (publish_on_stop, instance),
             ))),
             Some(layout) => Ok(Box::new(crate::partitions::PartitionedSink::new(
@@ -1021,7 +1099,7 @@ impl FileSink {
                         folder.to_path_buf(),
                         worker,
                         format,
-                        roll_bytes,
+                        roll,
                         (publish_on_stop, instance),
                     )))
                 },
@@ -1033,7 +1111,7 @@ impl FileSink {
         dir: PathBuf,
         worker: usize,
         format: Format,
-        roll_bytes: u64,
+        roll: Rolling,
         (publish_on_stop, instance): (bool, usize),
     ) -> Self {
         FileSink {
@@ -1044,7 +1122,8 @@ impl FileSink {
             buffer: vec![],
             file: None,
             written: 0,
-            roll_bytes,
+            opened: std::time::Instant::now(),
+            roll,
             transactional: false,
             pending: vec![],
             rolled: vec![],
@@ -1127,6 +1206,7 @@ impl SinkWriter for FileSink {
                     let path = self.dir.join(format!(".{name}.inprogress"));
                     let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
                     self.file = Some((path, f));
+                    self.opened = std::time::Instant::now();
                     break;
                 }
             }
@@ -1135,7 +1215,8 @@ impl SinkWriter for FileSink {
         file.write_all(&self.buffer)
             .map_err(|e| Error::io(&*path, e))?;
         self.written += self.buffer.len() as u64;
-        if self.written >= self.roll_bytes && !self.transactional {
+        let full = self.written >= self.roll.bytes || self.opened.elapsed() >= self.roll.age;
+        if full && !self.transactional {
             self.roll()?;
         }
         Ok(())

@@ -227,14 +227,25 @@ pub trait SinkWriter: Send {
     }
 }
 
+/// Every connector, with the options it declares.
+pub const CONNECTORS: &[options::ConnectorDef] = &[
+    filesystem::CONNECTOR,
+    datagen::CONNECTOR,
+    ecommerce::CONNECTOR,
+    nexmark::CONNECTOR,
+    print::PRINT,
+    print::BLACKHOLE,
+    memory::CONNECTOR,
+];
+
 /// Opens worker `worker`'s (of `workers`) share of a source.
 pub fn open_source(
     spec: &ConnectorSpec,
     worker: usize,
     workers: usize,
 ) -> Result<Box<dyn SourceReader>> {
-    let mut opts = Options::new(spec);
-    let reader: Box<dyn SourceReader> = match opts.connector()?.as_str() {
+    let mut opts = Options::new(spec, false)?;
+    let reader: Box<dyn SourceReader> = match opts.connector() {
         "filesystem" => Box::new(filesystem::FileSource::open(
             spec, &mut opts, worker, workers,
         )?),
@@ -247,18 +258,9 @@ pub fn open_source(
         "nexmark" => Box::new(nexmark::NexmarkSource::open(
             spec, &mut opts, worker, workers,
         )?),
-        "print" | "blackhole" | "memory" => {
-            return Err(Error::connector(
-                &spec.table,
-                format!(
-                    "connector '{}' can only be written to, not read",
-                    opts.connector()?
-                ),
-            ))
-        }
-        other => return Err(unknown_connector(&spec.table, other)),
+        other => unreachable!("connector '{other}' is declared as a source but not opened"),
     };
-    opts.finish_source()?;
+    opts.finish()?;
     Ok(reader)
 }
 
@@ -268,24 +270,15 @@ pub fn open_sink(
     worker: usize,
     workers: usize,
 ) -> Result<Box<dyn SinkWriter>> {
-    let mut opts = Options::new(spec);
-    let writer: Box<dyn SinkWriter> = match opts.connector()?.as_str() {
+    let mut opts = Options::new(spec, true)?;
+    let writer: Box<dyn SinkWriter> = match opts.connector() {
         "filesystem" => filesystem::FileSink::open(spec, &mut opts, worker, workers)?,
         "print" => Box::new(print::PrintSink::open(spec, &mut opts, worker)?),
         "blackhole" => Box::new(print::Blackhole),
         "memory" => Box::new(memory::MemorySink::open(spec, &mut opts)?),
-        "datagen" | "ecommerce" | "nexmark" => {
-            return Err(Error::connector(
-                &spec.table,
-                format!(
-                    "connector '{}' can only be read, not written to",
-                    opts.connector()?
-                ),
-            ))
-        }
-        other => return Err(unknown_connector(&spec.table, other)),
+        other => unreachable!("connector '{other}' is declared as a sink but not opened"),
     };
-    opts.finish_sink()?;
+    opts.finish()?;
     Ok(writer)
 }
 
@@ -303,11 +296,4 @@ pub fn sink_accepts_updates(spec: &ConnectorSpec) -> bool {
 /// Checks a source's options without opening it for reading (for planning).
 pub fn validate_source(spec: &ConnectorSpec) -> Result<()> {
     open_source(spec, 0, 1).map(|_| ())
-}
-
-fn unknown_connector(table: &str, name: &str) -> Error {
-    Error::connector(
-        table,
-        format!("unknown connector '{name}' (available: filesystem, datagen, ecommerce, nexmark, print, blackhole, memory)"),
-    )
 }

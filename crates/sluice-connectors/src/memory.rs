@@ -9,7 +9,7 @@ use arrow::util::display::{ArrayFormatter, FormatOptions};
 use sluice_common::{ChangeBatch, Result};
 
 use crate::format::TIMESTAMP_FORMAT;
-use crate::options::Options;
+use crate::options::{ConnectorDef, Kind, OptionDef, Options, Side};
 use crate::{ConnectorSpec, SinkWriter};
 
 /// The current rows of a folded changelog, as display strings, with multiplicities.
@@ -67,6 +67,20 @@ pub fn row_strings(batch: &RecordBatch) -> Result<Vec<Vec<String>>> {
         .collect())
 }
 
+/// The `memory` connector's options.
+pub const CONNECTOR: ConnectorDef = ConnectorDef {
+    name: "memory",
+    reads: false,
+    writes: true,
+    options: &[OptionDef {
+        key: "memory.name",
+        kind: Kind::Text,
+        default: None,
+        side: Side::Sink,
+        doc: "the in-process table written (default: the table's name)",
+    }],
+};
+
 /// Writes into a named [`MemoryTable`].
 pub struct MemorySink {
     table: Arc<Mutex<MemoryTable>>,
@@ -75,7 +89,7 @@ pub struct MemorySink {
 impl MemorySink {
     pub fn open(spec: &ConnectorSpec, opts: &mut Options) -> Result<Self> {
         let name = opts
-            .get("memory.name")
+            .get("memory.name")?
             .unwrap_or_else(|| spec.table.clone());
         let table = table(&name);
         table.lock().expect("memory table").columns = spec

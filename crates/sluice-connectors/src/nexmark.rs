@@ -16,10 +16,7 @@
 //!   Facebook and Baidu, half from `channel-K` (K < 10,000) with a URL that names it.
 //! - `extra` pads rows to about 200 (person), 500 (auction) and 100 (bid) bytes on average.
 //!
-//! Options: `nexmark.table` (`person`, `auction` or `bid`), `nexmark.events` (events of all
-//! three streams; bounded when set), `rows-per-second` (pacing of this table's rows, `0` =
-//! unpaced, the default), `nexmark.event-rate` (events per second of event time, default
-//! 10,000), `nexmark.max-out-of-orderness`, `seed`, `start-time`.
+//! Its options are declared in [`CONNECTOR`].
 
 use std::sync::Arc;
 
@@ -31,8 +28,66 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use sluice_common::{Error, Result};
 
-use crate::options::Options;
+use crate::options::{ConnectorDef, Kind, OptionDef, Options, Side};
 use crate::{ConnectorSpec, Poll, SourceReader};
+
+/// The `nexmark` connector's options.
+pub const CONNECTOR: ConnectorDef = ConnectorDef {
+    name: "nexmark",
+    reads: true,
+    writes: false,
+    options: &[
+        OptionDef {
+            key: "nexmark.table",
+            kind: Kind::Choice(&["person", "auction", "bid"]),
+            default: None,
+            side: Side::Source,
+            doc: "which stream the table reads",
+        },
+        OptionDef {
+            key: "nexmark.events",
+            kind: Kind::Count,
+            default: None,
+            side: Side::Source,
+            doc: "events of all three streams together; the source is bounded when set",
+        },
+        OptionDef {
+            key: "rows-per-second",
+            kind: Kind::Rate,
+            default: Some("0"),
+            side: Side::Source,
+            doc: "pacing of this table's rows (`0`: as fast as possible)",
+        },
+        OptionDef {
+            key: "nexmark.event-rate",
+            kind: Kind::Number,
+            default: Some("10000"),
+            side: Side::Source,
+            doc: "events per second of event time",
+        },
+        OptionDef {
+            key: "nexmark.max-out-of-orderness",
+            kind: Kind::Duration,
+            default: Some("3 s"),
+            side: Side::Source,
+            doc: "how late a delayed event (about 10%) may be",
+        },
+        OptionDef {
+            key: "seed",
+            kind: Kind::Count,
+            default: Some("7"),
+            side: Side::Source,
+            doc: "the streams are a pure function of the seed",
+        },
+        OptionDef {
+            key: "start-time",
+            kind: Kind::Timestamp,
+            default: Some("2026-11-11 00:00:00"),
+            side: Side::Source,
+            doc: "the event time of the first event (UTC)",
+        },
+    ],
+};
 
 const PROPORTION: u64 = 50;
 const PERSONS: u64 = 1;
@@ -222,24 +277,16 @@ impl NexmarkSource {
             }
         }
         let events: Option<u64> = opts.optional("nexmark.events")?;
-        let rate: f64 = opts.rate("rows-per-second", 0.0)?;
-        let event_rate: f64 = opts.parse("nexmark.event-rate", 10_000.0)?;
+        let rate: f64 = opts.value("rows-per-second")?;
+        let event_rate: f64 = opts.value("nexmark.event-rate")?;
         if event_rate <= 0.0 {
             return Err(opts.error("'nexmark.event-rate' must be positive"));
         }
-        let disorder_ms = opts.duration_ms("nexmark.max-out-of-orderness", 3000)?;
-        let seed = opts.parse("seed", 7u64)?;
-        let start = opts
-            .get("start-time")
-            .unwrap_or_else(|| "2026-11-11 00:00:00".into());
-        let start_ms = chrono::NaiveDateTime::parse_from_str(&start, "%Y-%m-%d %H:%M:%S")
-            .map_err(|_| {
-                opts.error(format!(
-                    "option 'start-time' = '{start}' must look like 2026-11-11 00:00:00"
-                ))
-            })?
-            .and_utc()
-            .timestamp_millis();
+        let disorder_ms = opts
+            .duration_ms("nexmark.max-out-of-orderness")?
+            .expect("declared default");
+        let seed: u64 = opts.value("seed")?;
+        let start_ms = opts.timestamp_ms("start-time")?;
         Ok(NexmarkSource {
             table: spec.table.clone(),
             schema: spec.schema.clone(),

@@ -1,4 +1,7 @@
-//! Connector options: typed access, and an error for every option no connector read.
+//! Connector options: each connector declares the options it takes (type, default, side, doc),
+//! reads them through [`Options`], which takes defaults and checks from the declaration, and
+//! gets an error for every option it does not declare. docs/connectors.md's option tables are
+//! generated from the declarations.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -6,151 +9,362 @@ use sluice_common::{Error, Result};
 
 use crate::ConnectorSpec;
 
-/// Options a connector reads; whatever it leaves unread is reported as unknown.
-pub struct Options {
-    table: String,
-    values: BTreeMap<String, String>,
-    read: BTreeSet<String>,
+/// The type of an option's value, as written in `WITH (...)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Text,
+    /// One of these words.
+    Choice(&'static [&'static str]),
+    /// `'true'` or `'false'`.
+    Bool,
+    /// A whole number of at least 0.
+    Count,
+    /// A finite number.
+    Number,
+    /// Rows per second: a number of at least 0 (0: as fast as possible).
+    Rate,
+    /// `'3 s'`, `'500 ms'`, `'5 min'`.
+    Duration,
+    /// `'128mb'`, `'8 MB'`, `'64kb'`, or a number of bytes (units of 1024).
+    MemorySize,
+    /// `'2026-11-11 00:00:00'`.
+    Timestamp,
+    /// The name of another table.
+    Table,
 }
 
-/// Options shared by all tables, read by the engine rather than by a connector.
-const ENGINE_OPTIONS: [&str; 4] = [
-    "connector",
-    "scan.watermark.idle-timeout",
-    "late-data.sink",
-    "lookup.join.cache.ttl",
-];
-
-impl Options {
-    pub fn new(spec: &ConnectorSpec) -> Self {
-        Options {
-            table: spec.table.clone(),
-            values: spec.options.clone(),
-            read: BTreeSet::new(),
+impl Kind {
+    /// How the docs write the type.
+    pub fn describe(&self) -> String {
+        match self {
+            Kind::Text => "text".into(),
+            Kind::Choice(words) => words
+                .iter()
+                .map(|w| format!("`{w}`"))
+                .collect::<Vec<_>>()
+                .join(" \\| "),
+            Kind::Bool => "boolean".into(),
+            Kind::Count => "whole number".into(),
+            Kind::Number => "number".into(),
+            Kind::Rate => "rows/s".into(),
+            Kind::Duration => "duration".into(),
+            Kind::MemorySize => "size".into(),
+            Kind::Timestamp => "timestamp".into(),
+            Kind::Table => "table name".into(),
         }
     }
 
-    /// The `connector` option.
-    pub fn connector(&mut self) -> Result<String> {
-        self.get("connector").ok_or_else(|| {
-            Error::connector(&self.table, "missing option 'connector' in WITH (...)")
+    /// Checks a value of this kind; the error completes "option 'k' = 'v' ...".
+    fn check(&self, value: &str) -> std::result::Result<(), String> {
+        let v = value.trim();
+        let ok = match self {
+            Kind::Text | Kind::Table => true,
+            Kind::Choice(words) => {
+                if words.contains(&v) {
+                    true
+                } else {
+                    return Err(format!(
+                        "is not supported (use {})",
+                        words
+                            .iter()
+                            .map(|w| format!("'{w}'"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+            }
+            Kind::Bool => matches!(v.to_lowercase().as_str(), "true" | "false"),
+            Kind::Count => v.parse::<u64>().is_ok(),
+            Kind::Number => v.parse::<f64>().is_ok_and(f64::is_finite),
+            Kind::Rate => v.parse::<f64>().is_ok_and(|r| r.is_finite() && r >= 0.0),
+            Kind::Duration => sluice_common::time::parse_duration_ms(v).is_some(),
+            Kind::MemorySize => sluice_common::text::memory_size(v).is_some(),
+            Kind::Timestamp => timestamp_ms(v).is_some(),
+        };
+        if ok {
+            return Ok(());
+        }
+        Err(match self {
+            Kind::Bool => "must be 'true' or 'false'".into(),
+            Kind::Count => "is not a whole number of at least 0".into(),
+            Kind::Number => "is not a number".into(),
+            Kind::Rate => "must be a number of at least 0 (0: as fast as possible)".into(),
+            Kind::Duration => "is not a duration such as '3 s'".into(),
+            Kind::MemorySize => "is not a size such as '128mb', '8 MB' or a number of bytes".into(),
+            Kind::Timestamp => "must look like 2026-11-11 00:00:00".into(),
+            Kind::Text | Kind::Table | Kind::Choice(_) => unreachable!(),
+        })
+    }
+}
+
+/// `'2026-11-11 00:00:00'` as epoch milliseconds (UTC).
+fn timestamp_ms(v: &str) -> Option<i64> {
+    chrono::NaiveDateTime::parse_from_str(v.trim(), "%Y-%m-%d %H:%M:%S")
+        .ok()
+        .map(|t| t.and_utc().timestamp_millis())
+}
+
+/// Which side of a table reads an option.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Source,
+    Sink,
+    Both,
+}
+
+impl Side {
+    fn covers(self, sink: bool) -> bool {
+        matches!(
+            (self, sink),
+            (Side::Both, _) | (Side::Sink, true) | (Side::Source, false)
+        )
+    }
+}
+
+/// One option a connector takes.
+pub struct OptionDef {
+    /// The key. A part in angle brackets matches any non-empty text: `fields.<name>.kind`.
+    pub key: &'static str,
+    pub kind: Kind,
+    /// The value used when the option is not set, as written in SQL (`None`: required, or
+    /// off, as the doc says).
+    pub default: Option<&'static str>,
+    pub side: Side,
+    pub doc: &'static str,
+}
+
+impl OptionDef {
+    /// Whether `key` is this option (or an instance of its pattern).
+    fn matches(&self, key: &str) -> bool {
+        match (self.key.find('<'), self.key.find('>')) {
+            (Some(open), Some(close)) => {
+                let (prefix, suffix) = (&self.key[..open], &self.key[close + 1..]);
+                key.len() > prefix.len() + suffix.len()
+                    && key.starts_with(prefix)
+                    && key.ends_with(suffix)
+            }
+            _ => self.key == key,
+        }
+    }
+}
+
+impl OptionDef {
+    /// The key, with a pattern's part filled in from `key` where `key` has the pattern's
+    /// prefix (`fields.id.mn` makes `fields.<name>.min` into `fields.id.min`), for hints.
+    fn instance_like(&self, key: &str) -> String {
+        if let (Some(open), Some(close)) = (self.key.find('<'), self.key.find('>')) {
+            let (prefix, suffix) = (&self.key[..open], &self.key[close + 1..]);
+            if let Some(rest) = key.strip_prefix(prefix) {
+                let part = match suffix.is_empty() {
+                    true => rest,
+                    false => rest.rsplit_once('.').map_or(rest, |(p, _)| p),
+                };
+                if !part.is_empty() {
+                    return format!("{prefix}{part}{suffix}");
+                }
+            }
+        }
+        self.key.to_string()
+    }
+}
+
+/// A connector: its name, what it does, and the options it declares.
+pub struct ConnectorDef {
+    pub name: &'static str,
+    pub reads: bool,
+    pub writes: bool,
+    pub options: &'static [OptionDef],
+}
+
+/// Options of every source table whatever its connector, read by the planner and the engine.
+pub const TABLE_OPTIONS: &[OptionDef] = &[
+    OptionDef {
+        key: "connector",
+        kind: Kind::Text,
+        default: None,
+        side: Side::Both,
+        doc: "which connector reads and writes the table",
+    },
+    OptionDef {
+        key: "scan.watermark.idle-timeout",
+        kind: Kind::Duration,
+        default: None,
+        side: Side::Source,
+        doc: "a split without data for this long stops holding the watermark back",
+    },
+    OptionDef {
+        key: "late-data.sink",
+        kind: Kind::Table,
+        default: None,
+        side: Side::Source,
+        doc: "rows a window drops as late go, whole, to this table (same column types)",
+    },
+    OptionDef {
+        key: "lookup.join.cache.ttl",
+        kind: Kind::Duration,
+        default: None,
+        side: Side::Source,
+        doc: "a table read by a lookup join is reloaded this often",
+    },
+];
+
+/// The declaration of connector `name`.
+pub fn connector_def(name: &str) -> Option<&'static ConnectorDef> {
+    crate::CONNECTORS.iter().find(|c| c.name == name)
+}
+
+/// Options a connector reads; whatever its table sets but no declaration covers is an error.
+pub struct Options {
+    table: String,
+    values: BTreeMap<String, String>,
+    def: &'static ConnectorDef,
+    /// Whether a sink reads the options (else a source).
+    sink: bool,
+    read: BTreeSet<String>,
+}
+
+impl Options {
+    /// The options of `spec` for its connector's source side (`sink` false) or sink side.
+    pub fn new(spec: &ConnectorSpec, sink: bool) -> Result<Self> {
+        let table = spec.table.clone();
+        let name = spec
+            .options
+            .get("connector")
+            .ok_or_else(|| Error::connector(&table, "missing option 'connector' in WITH (...)"))?;
+        let def = connector_def(name).ok_or_else(|| unknown_connector(&table, name))?;
+        if sink && !def.writes {
+            return Err(Error::connector(
+                &table,
+                format!("connector '{name}' can only be read, not written to"),
+            ));
+        }
+        if !sink && !def.reads {
+            return Err(Error::connector(
+                &table,
+                format!("connector '{name}' can only be written to, not read"),
+            ));
+        }
+        Ok(Options {
+            table,
+            values: spec.options.clone(),
+            def,
+            sink,
+            read: BTreeSet::new(),
         })
     }
 
-    /// An option's raw value.
-    pub fn get(&mut self, key: &str) -> Option<String> {
+    /// The connector's name.
+    pub fn connector(&self) -> &'static str {
+        self.def.name
+    }
+
+    fn declared(&self, key: &str) -> &'static OptionDef {
+        self.def
+            .options
+            .iter()
+            .chain(TABLE_OPTIONS)
+            .find(|d| d.matches(key))
+            .unwrap_or_else(|| {
+                panic!(
+                    "connector '{}' reads option '{key}', which it does not declare",
+                    self.def.name
+                )
+            })
+    }
+
+    /// An option's value, checked against its kind; the declared default when it is not set.
+    pub fn get(&mut self, key: &str) -> Result<Option<String>> {
+        let def = self.declared(key);
         self.read.insert(key.to_string());
-        self.values.get(key).cloned()
+        match self.values.get(key) {
+            None => Ok(def.default.map(str::to_string)),
+            Some(v) => match def.kind.check(v) {
+                Ok(()) => Ok(Some(v.trim().to_string())),
+                Err(why) => Err(self.error(format!("option '{key}' = '{v}' {why}"))),
+            },
+        }
+    }
+
+    /// Whether the table sets the option.
+    pub fn is_set(&self, key: &str) -> bool {
+        self.declared(key);
+        self.values.contains_key(key)
     }
 
     /// A required option. When it is missing and an option no one reads is spelled close to
     /// it, the message names that one.
     pub fn required(&mut self, key: &str) -> Result<String> {
-        if let Some(v) = self.get(key) {
+        if let Some(v) = self.get(key)? {
             return Ok(v);
         }
         let unread = self
             .values
             .keys()
-            .filter(|k| !self.read.contains(*k) && !ENGINE_OPTIONS.contains(&k.as_str()));
+            .filter(|k| !self.read.contains(*k) && !self.accepts(k));
         let typo = unread
             .map(|k| (k, sluice_common::text::edit_distance(k, key)))
             .filter(|(k, d)| *d <= 2.max(k.len() / 6))
             .min_by_key(|(_, d)| *d);
-        Err(Error::connector(
-            &self.table,
-            match typo {
-                Some((k, _)) => {
-                    format!("unknown option '{k}' (did you mean '{key}'?); missing required option '{key}'")
-                }
-                None => format!("missing required option '{key}'"),
-            },
-        ))
-    }
-
-    /// A parsed option, with a default.
-    pub fn parse<T: std::str::FromStr>(&mut self, key: &str, default: T) -> Result<T> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(v) => v.trim().parse().map_err(|_| {
-                Error::connector(
-                    &self.table,
-                    format!(
-                        "option '{key}' = '{v}' is not a valid {}",
-                        std::any::type_name::<T>()
-                    ),
+        Err(self.error(match typo {
+            Some((k, _)) => {
+                format!(
+                    "unknown option '{k}' (did you mean '{key}'?); missing required option '{key}'"
                 )
-            }),
-        }
+            }
+            None => format!("missing required option '{key}'"),
+        }))
     }
 
-    /// A rate such as `rows-per-second`: a finite number of at least 0 (0: unpaced).
-    pub fn rate(&mut self, key: &str, default: f64) -> Result<f64> {
-        let v: f64 = self.parse(key, default)?;
-        if !v.is_finite() || v < 0.0 {
-            return Err(self.error(format!(
-                "option '{key}' = '{v}' must be a number of at least 0 (0: as fast as possible)"
-            )));
-        }
-        Ok(v)
-    }
-
-    /// A size in bytes, written as Flink writes memory sizes: `134217728`, `128mb`, `8 MB`,
-    /// `64kb`, `1g` (units of 1024).
-    pub fn memory_size(&mut self, key: &str, default: u64) -> Result<u64> {
-        let Some(v) = self.get(key) else {
-            return Ok(default);
-        };
-        sluice_common::text::memory_size(&v).ok_or_else(|| {
-            self.error(format!(
-                "option '{key}' = '{v}' is not a size such as '128mb', '8 MB' or a number of bytes"
-            ))
-        })
-    }
-
-    /// A parsed option that may be absent.
+    /// A parsed option that may be absent (no default declared).
     pub fn optional<T: std::str::FromStr>(&mut self, key: &str) -> Result<Option<T>> {
-        match self.get(key) {
+        match self.get(key)? {
             None => Ok(None),
-            Some(v) => v.trim().parse().map(Some).map_err(|_| {
-                Error::connector(
-                    &self.table,
-                    format!(
-                        "option '{key}' = '{v}' is not a valid {}",
-                        std::any::type_name::<T>()
-                    ),
-                )
+            Some(v) => v.parse().map(Some).map_err(|_| {
+                self.error(format!(
+                    "option '{key}' = '{v}' is not a valid {}",
+                    std::any::type_name::<T>()
+                ))
             }),
         }
     }
 
-    /// A duration option (`'3 s'`, `'500 ms'`, `'5 min'`) in milliseconds, with a default.
-    pub fn duration_ms(&mut self, key: &str, default: i64) -> Result<i64> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(v) => sluice_common::time::parse_duration_ms(&v).ok_or_else(|| {
-                Error::connector(
-                    &self.table,
-                    format!("option '{key}' = '{v}' is not a duration such as '3 s'"),
-                )
-            }),
-        }
+    /// A parsed option with a declared default.
+    pub fn value<T: std::str::FromStr>(&mut self, key: &str) -> Result<T> {
+        self.optional(key)?
+            .ok_or_else(|| self.error(format!("missing required option '{key}'")))
     }
 
-    /// A boolean option.
-    pub fn flag(&mut self, key: &str, default: bool) -> Result<bool> {
-        match self.get(key).map(|v| v.to_lowercase()) {
-            None => Ok(default),
-            Some(v) if v == "true" => Ok(true),
-            Some(v) if v == "false" => Ok(false),
-            Some(v) => Err(Error::connector(
-                &self.table,
-                format!("option '{key}' = '{v}' must be 'true' or 'false'"),
-            )),
-        }
+    /// A parsed option, with a default that depends on the table (a column's type, say).
+    pub fn value_or<T: std::str::FromStr>(&mut self, key: &str, default: T) -> Result<T> {
+        Ok(self.optional(key)?.unwrap_or(default))
     }
 
-    /// All options starting with `prefix`, marked as read.
+    /// A boolean option with a declared default.
+    pub fn flag(&mut self, key: &str) -> Result<bool> {
+        Ok(self.value::<String>(key)?.eq_ignore_ascii_case("true"))
+    }
+
+    /// A duration option in milliseconds (`None`: unset, no default).
+    pub fn duration_ms(&mut self, key: &str) -> Result<Option<i64>> {
+        Ok(self
+            .get(key)?
+            .and_then(|v| sluice_common::time::parse_duration_ms(&v)))
+    }
+
+    /// A size in bytes, as Flink writes memory sizes: `134217728`, `128mb`, `8 MB`, `64kb`,
+    /// `1g` (units of 1024).
+    pub fn memory_size(&mut self, key: &str) -> Result<u64> {
+        let v = self.required(key)?;
+        Ok(sluice_common::text::memory_size(&v).expect("checked by its kind"))
+    }
+
+    /// A timestamp option (`'2026-11-11 00:00:00'`) as epoch milliseconds.
+    pub fn timestamp_ms(&mut self, key: &str) -> Result<i64> {
+        let v = self.required(key)?;
+        Ok(timestamp_ms(&v).expect("checked by its kind"))
+    }
+
+    /// All options set whose key starts with `prefix`, marked as read.
     pub fn with_prefix(&mut self, prefix: &str) -> Vec<(String, String)> {
         let found: Vec<(String, String)> = self
             .values
@@ -159,6 +373,7 @@ impl Options {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         for (k, _) in &found {
+            self.declared(k);
             self.read.insert(k.clone());
         }
         found
@@ -174,84 +389,186 @@ impl Options {
         Error::connector(&self.table, message)
     }
 
-    fn finish(&self, extra_ok: &[&str]) -> Result<()> {
-        let unknown: Vec<&String> = self
-            .values
-            .keys()
-            .filter(|k| {
-                !self.read.contains(*k)
-                    && !ENGINE_OPTIONS.contains(&k.as_str())
-                    && !extra_ok.contains(&k.as_str())
-            })
-            .collect();
+    /// Whether an option read by someone else is fine on this side: the table options, and
+    /// the connector's options of the other side (one table may be read by one statement and
+    /// written by another).
+    fn accepts(&self, key: &str) -> bool {
+        TABLE_OPTIONS.iter().any(|d| d.matches(key))
+            || self
+                .def
+                .options
+                .iter()
+                .any(|d| d.matches(key) && !d.side.covers(self.sink))
+    }
+
+    /// Fails on options the table sets that the connector neither read nor declares for the
+    /// other side; checks the values of those it did not read against their kinds.
+    pub fn finish(&self) -> Result<()> {
+        let mut unknown = vec![];
+        for (k, v) in &self.values {
+            if self.read.contains(k) {
+                continue;
+            }
+            let def = self
+                .def
+                .options
+                .iter()
+                .chain(TABLE_OPTIONS)
+                .find(|d| d.matches(k));
+            match def {
+                Some(d) if self.accepts(k) => {
+                    if let Err(why) = d.kind.check(v) {
+                        return Err(self.error(format!("option '{k}' = '{v}' {why}")));
+                    }
+                }
+                _ => unknown.push(k),
+            }
+        }
         if unknown.is_empty() {
             return Ok(());
         }
-        let known: Vec<&String> = self.read.iter().collect();
-        let options = self
-            .read
+        let known: Vec<&str> = self
+            .def
+            .options
             .iter()
-            .map(String::as_str)
-            .chain(extra_ok.iter().copied());
-        let options: Vec<&str> = options.collect();
-        Err(Error::connector(
-            &self.table,
-            format!(
-                "unknown option{} {} for connector '{}' (it reads: {})",
-                if unknown.len() > 1 { "s" } else { "" },
-                unknown
-                    .iter()
-                    .map(
-                        |k| match sluice_common::text::closest(k, options.iter().copied()) {
-                            Some(close) => format!("'{k}' (did you mean '{close}'?)"),
-                            None => format!("'{k}'"),
-                        }
-                    )
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                self.values.get("connector").cloned().unwrap_or_default(),
-                known
-                    .iter()
-                    .map(|k| k.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        ))
-    }
-
-    /// Fails on options a source did not read. Sink-side options are tolerated, since one table
-    /// may be read by one statement and written by another.
-    pub fn finish_source(&self) -> Result<()> {
-        self.finish(&[
-            "sink.rolling-policy.file-size",
-            "sink.rolling-policy.rollover-interval",
-            "print-identifier",
-            "memory.name",
-        ])
-    }
-
-    /// Fails on options a sink did not read (source-side options are tolerated).
-    pub fn finish_sink(&self) -> Result<()> {
-        let mut source_side: Vec<&str> = vec![
-            "json.ignore-parse-errors",
-            "source.monitor-interval",
-            "rows-per-second",
-            "number-of-rows",
-            "seed",
-            "speed-up",
-            "max-out-of-orderness",
-            "start-time",
-            "csv.ignore-parse-errors",
-            "source.split-size",
-            "event-rate",
-        ];
-        let fields: Vec<&str> = self
-            .values
-            .keys()
-            .filter(|k| k.starts_with("fields."))
-            .map(String::as_str)
+            .filter(|d| d.side.covers(self.sink))
+            .map(|d| d.key)
             .collect();
-        source_side.extend(fields);
-        self.finish(&source_side)
+        Err(self.error(format!(
+            "unknown option{} {} for connector '{}' {} (it takes: {})",
+            if unknown.len() > 1 { "s" } else { "" },
+            unknown
+                .iter()
+                .map(|k| {
+                    // An option declared for this side but left unread does not apply to this
+                    // table (a CSV option on a JSON table): the hint names another one.
+                    let others: Vec<String> = self
+                        .def
+                        .options
+                        .iter()
+                        .filter(|d| d.side.covers(self.sink))
+                        .map(|d| d.instance_like(k))
+                        .filter(|o| o != *k)
+                        .collect();
+                    match sluice_common::text::closest(k, others.iter().map(String::as_str)) {
+                        Some(close) => format!("'{k}' (did you mean '{close}'?)"),
+                        None => format!("'{k}'"),
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.def.name,
+            if self.sink { "sinks" } else { "sources" },
+            known.join(", ")
+        )))
+    }
+}
+
+fn unknown_connector(table: &str, name: &str) -> Error {
+    let names: Vec<&str> = crate::CONNECTORS.iter().map(|c| c.name).collect();
+    Error::connector(
+        table,
+        format!(
+            "unknown connector '{name}' (available: {})",
+            names.join(", ")
+        ),
+    )
+}
+
+/// The options table of a connector for docs/connectors.md.
+pub fn options_markdown(options: &[OptionDef]) -> String {
+    if options.is_empty() {
+        return "It takes no options.\n".into();
+    }
+    let mut out =
+        String::from("| option | side | type | default | meaning |\n|---|---|---|---|---|\n");
+    for d in options {
+        let side = match d.side {
+            Side::Source => "read",
+            Side::Sink => "write",
+            Side::Both => "both",
+        };
+        let default = match d.default {
+            Some(v) => format!("`{v}`"),
+            None => String::new(),
+        };
+        out.push_str(&format!(
+            "| `{}` | {side} | {} | {default} | {} |\n",
+            d.key,
+            d.kind.describe(),
+            d.doc
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_one_non_empty_part() {
+        let d = OptionDef {
+            key: "fields.<name>.kind",
+            kind: Kind::Text,
+            default: None,
+            side: Side::Source,
+            doc: "",
+        };
+        assert!(d.matches("fields.id.kind"));
+        assert!(d.matches("fields.a.b.kind"));
+        assert!(!d.matches("fields..kind"));
+        assert!(!d.matches("fields.id.min"));
+        assert!(!d.matches("fields.kind"));
+    }
+
+    #[test]
+    fn declared_defaults_are_values_of_their_kind() {
+        for c in crate::CONNECTORS {
+            for d in c.options.iter().chain(TABLE_OPTIONS) {
+                if let Some(v) = d.default {
+                    assert_eq!(d.kind.check(v), Ok(()), "{}: {}", c.name, d.key);
+                }
+                assert!(!d.doc.is_empty(), "{}: {} has no doc", c.name, d.key);
+            }
+            let keys: BTreeSet<&str> = c.options.iter().map(|d| d.key).collect();
+            assert_eq!(
+                keys.len(),
+                c.options.len(),
+                "{} declares a key twice",
+                c.name
+            );
+        }
+    }
+
+    /// The options tables of docs/connectors.md are generated from the declarations: the file
+    /// must hold exactly what [`options_markdown`] gives (`SLUICE_BLESS=1` rewrites it).
+    #[test]
+    fn the_docs_list_every_option_as_declared() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/connectors.md");
+        let mut doc = std::fs::read_to_string(path).unwrap();
+        let mut stale = vec![];
+        let tables = std::iter::once(("any source table", TABLE_OPTIONS))
+            .chain(crate::CONNECTORS.iter().map(|c| (c.name, c.options)));
+        for (name, options) in tables {
+            let fresh = options_markdown(options);
+            let begin = format!("<!-- generated from the declarations: {name} -->\n");
+            let start = doc
+                .find(&begin)
+                .unwrap_or_else(|| panic!("docs/connectors.md has no marker {begin:?}"))
+                + begin.len();
+            let end = start + doc[start..].find("<!-- end -->").expect("the end marker");
+            if doc[start..end] != fresh {
+                stale.push(name);
+                doc.replace_range(start..end, &fresh);
+            }
+        }
+        if !stale.is_empty() {
+            if std::env::var_os("SLUICE_BLESS").is_some() {
+                std::fs::write(path, doc).unwrap();
+            } else {
+                panic!("docs/connectors.md lists other options for {stale:?} than the connectors declare; run this test with SLUICE_BLESS=1 to regenerate it");
+            }
+        }
     }
 }

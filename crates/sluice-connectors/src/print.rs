@@ -4,8 +4,30 @@ use std::io::Write;
 
 use sluice_common::{ChangeBatch, Result};
 
-use crate::options::Options;
+use crate::options::{ConnectorDef, Kind, OptionDef, Options, Side};
 use crate::{ConnectorSpec, SinkWriter};
+
+/// The `print` connector's options.
+pub const PRINT: ConnectorDef = ConnectorDef {
+    name: "print",
+    reads: false,
+    writes: true,
+    options: &[OptionDef {
+        key: "print-identifier",
+        kind: Kind::Text,
+        default: None,
+        side: Side::Sink,
+        doc: "a name printed before the worker on every line",
+    }],
+};
+
+/// The `blackhole` connector takes no options.
+pub const BLACKHOLE: ConnectorDef = ConnectorDef {
+    name: "blackhole",
+    reads: false,
+    writes: true,
+    options: &[],
+};
 
 /// Prints each row as Flink does: `+I[1, shoes, 12.5]`, prefixed by the worker when parallel.
 pub struct PrintSink {
@@ -14,7 +36,7 @@ pub struct PrintSink {
 
 impl PrintSink {
     pub fn open(_spec: &ConnectorSpec, opts: &mut Options, worker: usize) -> Result<Self> {
-        let id = opts.get("print-identifier");
+        let id = opts.get("print-identifier")?;
         let prefix = match id {
             Some(id) => format!("{id}:{worker}> "),
             None => format!("{worker}> "),

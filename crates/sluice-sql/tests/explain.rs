@@ -92,7 +92,13 @@ fn rules_fire_where_they_apply() {
     assert!(group.contains("changelog=[I,UB,UA,D]"), "{group}");
     assert!(group.contains("Rules applied: none"), "{group}");
     let join = plan("regular_join_fusion");
-    assert!(join.contains("rule filter-project-fusion"), "{join}");
+    // The filter and projection below the join share no call: nothing to fuse.
+    assert!(!join.contains("filter-project-fusion"), "{join}");
+    let fusion = plan("filter_project_fusion");
+    assert!(
+        fusion.contains("rule filter-project-fusion: the filter and this projection run as one step; once per row: [upper(item@1)]"),
+        "{fusion}"
+    );
     assert!(
         join.contains("unbounded unless 'table.exec.state.ttl'"),
         "{join}"

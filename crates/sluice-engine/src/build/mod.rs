@@ -241,29 +241,23 @@ pub(crate) fn build_node<'scope>(
             exprs,
             schema,
         } => {
-            // A projection over a filter: the calls both make are computed once.
-            if let StreamNode::Filter {
-                input: below,
-                predicate,
-            } = input.as_ref()
-            {
-                match crate::operator::stateless::FilterProject::new(
-                    &below.schema(),
-                    predicate,
-                    exprs,
-                    schema,
-                ) {
-                    Ok(Some(fused)) => {
-                        return map_batches(
-                            build(scope, below, ctx, reuse),
-                            "FilterProject",
-                            ctx.control.clone(),
-                            move |b| fused.apply(b).map(Some),
-                        )
-                    }
-                    Ok(None) => {}
-                    Err(e) => ctx.control.fail(e),
+            // The filter-project-fusion rule: the calls both make are computed once.
+            match sluice_sql::optimize::fusion::fuse(node) {
+                Ok(Some(fusion)) => {
+                    let StreamNode::Filter { input: below, .. } = input.as_ref() else {
+                        unreachable!("a fusion is of a projection over a filter")
+                    };
+                    let fused =
+                        crate::operator::stateless::FilterProject::new(fusion, schema.clone());
+                    return map_batches(
+                        build(scope, below, ctx, reuse),
+                        "FilterProject",
+                        ctx.control.clone(),
+                        move |b| fused.apply(b).map(Some),
+                    );
                 }
+                Ok(None) => {}
+                Err(e) => ctx.control.fail(e),
             }
             let (exprs, schema) = (exprs.clone(), schema.clone());
             map_batches(

@@ -156,119 +156,28 @@ pub fn assign_windows(
     Ok(base.with_columns(schema.clone(), columns)?)
 }
 
-/// A filter and the projection above it that share function calls (Nexmark q21 extracts the
-/// same regex in its WHERE and in its SELECT): each shared call is evaluated once per batch,
-/// before the filter, and both read it as a column. Only calls the predicate evaluates on every
-/// row are shared (none inside a CASE or a short-circuiting function), so no row is evaluated
-/// that the filter would not have evaluated anyway.
+/// A filter and the projection above it, fused by the plan's filter-project-fusion rule
+/// ([`sluice_sql::optimize::fusion`]): the calls both make are evaluated once per batch,
+/// before the filter, and both read them as columns.
 pub struct FilterProject {
-    shared: Vec<PhysExpr>,
-    predicate: PhysExpr,
-    exprs: Vec<PhysExpr>,
-    /// The input's columns, then one per shared call.
-    extended: SchemaRef,
+    fusion: sluice_sql::optimize::fusion::Fusion,
     schema: SchemaRef,
 }
 
 impl FilterProject {
-    /// `None` when the two share no call.
-    pub fn new(
-        input: &SchemaRef,
-        predicate: &PhysExpr,
-        exprs: &[PhysExpr],
-        schema: &SchemaRef,
-    ) -> Result<Option<Self>> {
-        use datafusion_common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
-        use datafusion_expr::Operator;
-        use datafusion_physical_expr::expressions::{BinaryExpr, CaseExpr, Column};
-        use datafusion_physical_expr::ScalarFunctionExpr;
-        let df = |e: datafusion_common::DataFusionError| Error::Runtime(e.to_string());
-        let appears_in_exprs = |e: &PhysExpr| {
-            exprs
-                .iter()
-                .any(|x| x.exists(|n| Ok(n.as_ref() == e.as_ref())).unwrap_or(false))
-        };
-        // Calls the predicate evaluates on every row: not inside a CASE, nor the right side of
-        // AND/OR (evaluated only for the rows the left side leaves open), nor an argument of a
-        // short-circuiting function.
-        fn collect(e: &PhysExpr, found: &mut Vec<PhysExpr>, wanted: &dyn Fn(&PhysExpr) -> bool) {
-            if e.downcast_ref::<CaseExpr>().is_some() {
-                return;
-            }
-            if let Some(b) = e.downcast_ref::<BinaryExpr>() {
-                if matches!(b.op(), Operator::And | Operator::Or) {
-                    return collect(b.left(), found, wanted);
-                }
-            }
-            if let Some(f) = e.downcast_ref::<ScalarFunctionExpr>() {
-                if f.fun().signature().volatility == datafusion_expr::Volatility::Volatile
-                    || f.fun().short_circuits()
-                {
-                    return;
-                }
-                if wanted(e) {
-                    if !found.iter().any(|s| s.as_ref() == e.as_ref()) {
-                        found.push(e.clone());
-                    }
-                    return;
-                }
-            }
-            for child in e.children() {
-                collect(child, found, wanted);
-            }
-        }
-        let mut shared: Vec<PhysExpr> = vec![];
-        collect(predicate, &mut shared, &appears_in_exprs);
-        if shared.is_empty() {
-            return Ok(None);
-        }
-        let mut fields = input.fields().to_vec();
-        for (i, e) in shared.iter().enumerate() {
-            let field = e.return_field(input).map_err(df)?;
-            fields.push(Arc::new(
-                field.as_ref().clone().with_name(format!("__shared_{i}")),
-            ));
-        }
-        let extended = Arc::new(arrow::datatypes::Schema::new(fields));
-        let n = input.fields().len();
-        let rewrite = |e: &PhysExpr| -> Result<PhysExpr> {
-            e.clone()
-                .transform_down(|node| {
-                    Ok(
-                        match shared.iter().position(|s| s.as_ref() == node.as_ref()) {
-                            Some(i) => Transformed::new(
-                                Arc::new(Column::new(&format!("__shared_{i}"), n + i)) as PhysExpr,
-                                true,
-                                TreeNodeRecursion::Jump,
-                            ),
-                            None => Transformed::no(node),
-                        },
-                    )
-                })
-                .map(|t| t.data)
-                .map_err(df)
-        };
-        Ok(Some(FilterProject {
-            predicate: rewrite(predicate)?,
-            exprs: exprs.iter().map(rewrite).collect::<Result<_>>()?,
-            shared,
-            extended,
-            schema: schema.clone(),
-        }))
+    pub fn new(fusion: sluice_sql::optimize::fusion::Fusion, schema: SchemaRef) -> Self {
+        FilterProject { fusion, schema }
     }
 
     /// Filters and projects one batch.
     pub fn apply(&self, batch: &ChangeBatch) -> Result<ChangeBatch> {
+        let f = &self.fusion;
         let mut columns = batch.data.columns().to_vec();
-        for e in &self.shared {
+        for e in &f.shared {
             columns.push(evaluate(e, batch)?);
         }
-        let extended = batch.with_columns(self.extended.clone(), columns)?;
-        project(
-            &filter(&extended, &self.predicate)?,
-            &self.exprs,
-            &self.schema,
-        )
+        let extended = batch.with_columns(f.extended.clone(), columns)?;
+        project(&filter(&extended, &f.predicate)?, &f.exprs, &self.schema)
     }
 }
 
@@ -287,38 +196,35 @@ mod tests {
     fn a_filter_and_its_projection_share_calls() {
         let ddl = "CREATE TABLE bid (channel STRING, url STRING) WITH ('connector' = 'datagen');
             CREATE TABLE out1 (channel STRING, id STRING) WITH ('connector' = 'blackhole');";
-        let plan = |sql: &str| {
-            let job = sluice_sql::plan_script(&format!("{ddl}\n{sql}")).unwrap();
-            let StreamNode::Project {
-                input,
-                exprs,
-                schema,
-            } = job.pipelines[0].query.clone()
-            else {
-                panic!("not a projection");
-            };
-            let StreamNode::Filter {
-                input: below,
-                predicate,
-            } = input.as_ref().clone()
-            else {
-                panic!("not a filter below the projection");
-            };
-            (below.schema(), predicate, exprs, schema)
-        };
-        let (input, predicate, exprs, schema) = plan(
-            "INSERT INTO out1 SELECT channel,
+        let job = sluice_sql::plan_script(&format!(
+            "{ddl}\nINSERT INTO out1 SELECT channel,
                CASE WHEN lower(channel) = 'apple' THEN '0'
                     ELSE REGEXP_EXTRACT(url, '(&|^)channel_id=([^&]*)', 2) END
              FROM bid
              WHERE REGEXP_EXTRACT(url, '(&|^)channel_id=([^&]*)', 2) IS NOT NULL
-                OR lower(channel) = 'apple';",
-        );
-        let fused = FilterProject::new(&input, &predicate, &exprs, &schema)
+                OR lower(channel) = 'apple';"
+        ))
+        .unwrap();
+        let node = &job.pipelines[0].query;
+        let StreamNode::Project {
+            input,
+            exprs,
+            schema,
+        } = node
+        else {
+            panic!("not a projection");
+        };
+        let StreamNode::Filter {
+            input: below,
+            predicate,
+        } = input.as_ref()
+        else {
+            panic!("not a filter below the projection");
+        };
+        let fusion = sluice_sql::optimize::fusion::fuse(node)
             .unwrap()
             .expect("a shared call");
-        // The regex; `lower(channel)` is on the right of the OR.
-        assert_eq!(fused.shared.len(), 1);
+        let fused = FilterProject::new(fusion, schema.clone());
         let channel = StringArray::from(vec![
             Some("Apple"),
             Some("channel-7"),
@@ -334,31 +240,13 @@ mod tests {
             None,
         ]);
         let batch = ChangeBatch::inserts(
-            RecordBatch::try_new(input.clone(), vec![Arc::new(channel), Arc::new(url)]).unwrap(),
+            RecordBatch::try_new(below.schema(), vec![Arc::new(channel), Arc::new(url)]).unwrap(),
         );
-        let want = project(&filter(&batch, &predicate).unwrap(), &exprs, &schema).unwrap();
+        let want = project(&filter(&batch, predicate).unwrap(), exprs, schema).unwrap();
         let got = fused.apply(&batch).unwrap();
         assert_eq!(got.data, want.data);
         assert_eq!(got.ops, want.ops);
         // Apple, channel_id=7, apple (`?channel_id=` does not follow `&` or the start).
         assert_eq!(got.num_rows(), 3);
-
-        // Only under a CASE, or on the right of an AND, in the WHERE: not evaluated for every
-        // row there, so not shared.
-        for condition in [
-            "CASE WHEN channel IS NULL THEN 0 ELSE length(REGEXP_EXTRACT(url, 'id=(.*)', 1)) END > 0",
-            "channel IS NOT NULL AND REGEXP_EXTRACT(url, 'id=(.*)', 1) IS NOT NULL",
-        ] {
-            let (input, predicate, exprs, schema) = plan(&format!(
-                "INSERT INTO out1 SELECT channel, REGEXP_EXTRACT(url, 'id=(.*)', 1) FROM bid
-                 WHERE {condition};"
-            ));
-            assert!(
-                FilterProject::new(&input, &predicate, &exprs, &schema)
-                    .unwrap()
-                    .is_none(),
-                "{condition}"
-            );
-        }
     }
 }

@@ -256,12 +256,12 @@ impl<'a> Explainer<'a> {
                 )
             }
             StreamNode::Values { rows, .. } => format!("Values  rows={}", rows.num_rows()),
-            StreamNode::Project { input, exprs, .. } => {
-                if matches!(input.as_ref(), StreamNode::Filter { .. }) {
-                    d.push(
-                        "rule filter-project-fusion: the filter and this projection run as one step, sharing the calls both make"
-                            .to_string(),
-                    );
+            StreamNode::Project { exprs, .. } => {
+                if let Ok(Some(fusion)) = crate::optimize::fusion::fuse(node) {
+                    d.push(format!(
+                        "rule filter-project-fusion: the filter and this projection run as one step; once per row: [{}]",
+                        list(&fusion.shared)
+                    ));
                     self.fire("filter-project-fusion");
                 }
                 format!("Project  [{}]", list(exprs))
