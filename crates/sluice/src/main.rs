@@ -247,10 +247,24 @@ fn run(
         sequential_sources: false,
     };
     let status = progress::Progress::start(progress, options.metrics.clone());
+    let analyzed: Vec<sluice_sql::Pipeline> = plan
+        .pipelines
+        .iter()
+        .filter(|p| p.analyze)
+        .cloned()
+        .collect();
+    let job_metrics = options.metrics.clone();
     let summary = sluice_engine::run(plan, options);
     drop(status);
     let summary = summary.map_err(|e| e.to_string())?;
     printer.finish();
+    if !analyzed.is_empty() {
+        print!(
+            "{}",
+            sluice_sql::plan::explain::explain_analyzed(&analyzed, &job_metrics.node_rows())
+        );
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+    }
     print_summary(&summary);
     let signal = stopped_by.load(std::sync::atomic::Ordering::SeqCst);
     if signal == 0 {

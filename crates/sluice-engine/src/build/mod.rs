@@ -1,6 +1,7 @@
 //! Builds one worker's dataflow from a [`JobPlan`]: one arm per plan node, each made into
 //! its operator.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,7 +10,7 @@ use sluice_connectors::{open_source, ConnectorSpec};
 use sluice_sql::{JobPlan, StreamNode, TableDef};
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
-use timely::dataflow::operators::Concatenate;
+use timely::dataflow::operators::{Concatenate, Inspect};
 use timely::dataflow::ProbeHandle;
 
 use crate::operator::aggregate::AggregateState;
@@ -67,6 +68,8 @@ pub(crate) struct BuildContext {
     pub fetch_threads: bool,
     /// The workers of this process (global indexes).
     pub local_workers: std::ops::Range<usize>,
+    /// `EXPLAIN ANALYZE`: count the rows every node produces.
+    pub count_rows: bool,
 }
 
 impl BuildContext {
@@ -125,7 +128,15 @@ pub(crate) fn build<'scope>(
             return s;
         }
     }
-    let stream = build_node(scope, node, ctx, reuse);
+    let mut stream = build_node(scope, node, ctx, reuse);
+    if ctx.count_rows {
+        let counter = ctx.metrics.node_counter(sluice_sql::plan::node_id(node));
+        stream = stream.inspect_core(move |event| {
+            if let Ok((_, Event::Data(d))) = event {
+                counter.fetch_add(d.batch.num_rows() as u64, Ordering::Relaxed);
+            }
+        });
+    }
     if shareable {
         reuse
             .built

@@ -258,8 +258,8 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
         options.workers.max(1) < std::thread::available_parallelism().map_or(1, |n| n.get());
     if let Some(out) = &select_output {
         for p in &plan.pipelines {
-            if let SinkTarget::Select { index } = p.sink {
-                out.begin(index, p.query.schema());
+            if let (SinkTarget::Select { index }, false) = (&p.sink, p.analyze) {
+                out.begin(*index, p.query.schema());
             }
         }
     }
@@ -359,6 +359,7 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
                 let first = index / workers_per_process * workers_per_process;
                 first..first + workers_per_process
             },
+            count_rows: plan.pipelines.iter().any(|p| p.analyze),
         };
         worker.dataflow::<Epoch, _, _>(|scope| {
             let reuse = Reuse::new(&plan);
@@ -373,7 +374,9 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
                         table_sink(stream, t, *instance - 1, &ctx).probe_with(&probe)
                     }
                     SinkTarget::Select { index: q } => {
-                        select_sink(stream, *q, select_output.clone(), &ctx).probe_with(&probe)
+                        // EXPLAIN ANALYZE SELECT: the rows are counted, not printed.
+                        let out = select_output.clone().filter(|_| !p.analyze);
+                        select_sink(stream, *q, out, &ctx).probe_with(&probe)
                     }
                 };
             }

@@ -36,6 +36,9 @@ pub struct JobMetrics {
     /// process's workers ("exchange into Join"), or held by an operator ("Join on worker 0":
     /// input held back for a checkpoint, or left for later when the output budget ran out).
     in_flight: Mutex<BTreeMap<String, Arc<InFlight>>>,
+    /// `EXPLAIN ANALYZE`: rows each plan node produced (by `sluice_sql::plan::node_id`), on all
+    /// of this process's workers.
+    node_rows: Mutex<std::collections::HashMap<u64, Arc<AtomicU64>>>,
 }
 
 /// Bytes of rows in flight at one place: now, and the most there were at once.
@@ -118,6 +121,26 @@ impl JobMetrics {
             .entry(table.to_string())
             .or_default()
             .clone()
+    }
+
+    /// The counter of rows plan node `node` (a `sluice_sql::plan::node_id`) produces.
+    pub fn node_counter(&self, node: u64) -> Arc<AtomicU64> {
+        self.node_rows
+            .lock()
+            .expect("metrics")
+            .entry(node)
+            .or_default()
+            .clone()
+    }
+
+    /// Rows per plan node, for `EXPLAIN ANALYZE`.
+    pub fn node_rows(&self) -> std::collections::HashMap<u64, u64> {
+        self.node_rows
+            .lock()
+            .expect("metrics")
+            .iter()
+            .map(|(k, v)| (*k, v.load(Ordering::Relaxed)))
+            .collect()
     }
 
     /// The counter of rows written to a sink.

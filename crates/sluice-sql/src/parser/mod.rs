@@ -39,7 +39,13 @@ pub enum Statement {
     Select(Box<Query>),
     /// `EXPLAIN INSERT ...` or `EXPLAIN SELECT ...`: the statement's plan is printed, and the
     /// statement does not run.
-    Explain(Box<Statement>),
+    /// `EXPLAIN [ANALYZE] INSERT ...` or `EXPLAIN [ANALYZE] SELECT ...`: prints the plan instead
+    /// of running the statement, or with ANALYZE runs it and prints the plan with the rows
+    /// each node produced.
+    Explain {
+        analyze: bool,
+        inner: Box<Statement>,
+    },
 }
 
 /// A column declared in `CREATE TABLE`: physical, or computed from an expression.
@@ -202,15 +208,12 @@ fn convert(
         ast::Statement::Explain {
             analyze, statement, ..
         } => {
-            if analyze {
-                return Err(ParserError::ParserError(format!(
-                    "EXPLAIN ANALYZE is not supported yet (run the script: its summary reports the rows per source and sink, and the state) at Line: {}, Column: {}",
-                    start.span.start.line, start.span.start.column
-                )));
-            }
             match *statement {
                 inner @ (ast::Statement::Insert(_) | ast::Statement::Query(_)) => {
-                    Ok(Statement::Explain(Box::new(convert(inner, start)?)))
+                    Ok(Statement::Explain {
+                        analyze,
+                        inner: Box::new(convert(inner, start)?),
+                    })
                 }
                 other => {
                     Err(ParserError::ParserError(format!(

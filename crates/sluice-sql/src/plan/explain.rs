@@ -1,4 +1,5 @@
-//! `EXPLAIN`: a job's streaming plan as text, before it runs. Each node shows what it computes,
+//! `EXPLAIN`: a job's streaming plan as text, before it runs (or, for `EXPLAIN ANALYZE`, after
+//! it ran, with the rows each node produced). Each node shows what it computes,
 //! the changelog it emits (`[I]` append-only, `[I,UB,UA,D]` updating), how its input is
 //! partitioned between workers, the state it keeps, and the physical decisions that apply to it
 //! (the rules of [`crate::optimize`], which the builder follows). The planner's golden tests are
@@ -17,6 +18,16 @@ pub fn explain(plan: &JobPlan) -> String {
 
 /// The text of `EXPLAIN` for `pipelines` (sub-plans shared between them are marked).
 pub fn explain_pipelines(pipelines: &[Pipeline]) -> String {
+    explain_with_rows(pipelines, None)
+}
+
+/// The text of `EXPLAIN ANALYZE` for `pipelines` after a run: each node also shows the rows it
+/// produced on all workers (`rows` by [`node_id`]).
+pub fn explain_analyzed(pipelines: &[Pipeline], rows: &HashMap<u64, u64>) -> String {
+    explain_with_rows(pipelines, Some(rows))
+}
+
+fn explain_with_rows(pipelines: &[Pipeline], rows: Option<&HashMap<u64, u64>>) -> String {
     let uses = crate::optimize::shared::reads(pipelines.iter().map(|p| &p.query));
     let scans = crate::optimize::shared::scan_columns(pipelines.iter().map(|p| &p.query));
     let mut e = Explainer {
@@ -25,11 +36,18 @@ pub fn explain_pipelines(pipelines: &[Pipeline]) -> String {
         scans,
         written: Default::default(),
         fired: Default::default(),
+        rows,
     };
     for (i, p) in pipelines.iter().enumerate() {
         let sink = match &p.sink {
             SinkTarget::Table(t) => {
                 format!("INSERT INTO {} ('connector' = '{}')", t.name, t.connector())
+            }
+            SinkTarget::Select { index } if p.analyze => {
+                format!(
+                    "SELECT #{} (its changelog is counted, not printed)",
+                    index + 1
+                )
             }
             SinkTarget::Select { index } => {
                 format!("SELECT #{} (its changelog is printed)", index + 1)
@@ -155,6 +173,8 @@ struct Explainer<'a> {
     /// Shared sub-plans already written out.
     written: std::collections::HashSet<&'a StreamNode>,
     fired: std::collections::BTreeMap<&'static str, usize>,
+    /// After a run (`EXPLAIN ANALYZE`): rows produced per node.
+    rows: Option<&'a HashMap<u64, u64>>,
 }
 
 impl<'a> Explainer<'a> {
@@ -174,9 +194,17 @@ impl<'a> Explainer<'a> {
             return;
         }
         let (head, details) = self.describe(node);
+        let rows = match self.rows {
+            None => String::new(),
+            Some(rows) => match rows.get(&node_id(node)) {
+                Some(n) => format!("  rows={n}"),
+                // Not an operator of its own (a filter fused into the projection above).
+                None => "  rows=(in the node above)".to_string(),
+            },
+        };
         let _ = writeln!(
             self.out,
-            "{prefix}{branch}{head}  changelog={}",
+            "{prefix}{branch}{head}  changelog={}{rows}",
             changelog(node)
         );
         let child = format!("{prefix}{}", if last { "   " } else { "│  " });

@@ -579,6 +579,18 @@ pub struct Pipeline {
     pub sink: SinkTarget,
     /// The line of the statement, for messages.
     pub line: u64,
+    /// `EXPLAIN ANALYZE`: after the run, the plan is printed with the rows each node produced;
+    /// a SELECT's own rows are not printed.
+    pub analyze: bool,
+}
+
+/// A node's identity for run-time counters: equal sub-plans (which run as one operator) have
+/// the same one.
+pub fn node_id(node: &StreamNode) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    node.hash(&mut h);
+    h.finish()
 }
 
 /// Everything a script asks to run, as one job.

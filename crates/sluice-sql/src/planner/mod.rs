@@ -142,12 +142,21 @@ impl Catalog {
 
     fn execute_statement(&mut self, statement: Statement, line: u64) -> Result<()> {
         match statement {
-            Statement::Explain(inner) => {
+            Statement::Explain { analyze, inner } => {
                 let selects = self.selects;
                 self.execute_statement(*inner, line)?;
-                self.selects = selects;
-                let pipeline = self.pipelines.pop().expect("EXPLAIN plans one pipeline");
-                self.explained.push(pipeline);
+                if analyze {
+                    // It runs; its rows per node are reported when the job ends.
+                    let pipeline = self
+                        .pipelines
+                        .last_mut()
+                        .expect("EXPLAIN plans one pipeline");
+                    pipeline.analyze = true;
+                } else {
+                    self.selects = selects;
+                    let pipeline = self.pipelines.pop().expect("EXPLAIN plans one pipeline");
+                    self.explained.push(pipeline);
+                }
             }
             Statement::Set { key, value } => {
                 if let Some(warning) = crate::config::check(&key, &value)? {
@@ -214,6 +223,7 @@ impl Catalog {
                     query: node,
                     sink: SinkTarget::Table(def),
                     line,
+                    analyze: false,
                 });
             }
             Statement::Select(mut query) => {
@@ -231,6 +241,7 @@ impl Catalog {
                     query: node,
                     sink: SinkTarget::Select { index },
                     line,
+                    analyze: false,
                 });
             }
         }
