@@ -28,6 +28,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             kind: Kind::Rate,
             default: Some("10000"),
             side: Side::Source,
+            identity: false,
             doc: "rows per second for the whole table (`0`: as fast as possible)",
         },
         OptionDef {
@@ -35,6 +36,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             kind: Kind::Count,
             default: None,
             side: Side::Source,
+            identity: true,
             doc: "rows in all; the source is bounded when set",
         },
         OptionDef {
@@ -42,6 +44,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             kind: Kind::Choice(&["random", "sequence"]),
             default: Some("random"),
             side: Side::Source,
+            identity: true,
             doc: "how column `<name>` is generated",
         },
         OptionDef {
@@ -49,6 +52,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             kind: Kind::Number,
             default: None,
             side: Side::Source,
+            identity: true,
             doc: "random: the smallest value (default: the type's smallest for TINYINT, SMALLINT and INT, else 0)",
         },
         OptionDef {
@@ -56,6 +60,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             kind: Kind::Number,
             default: None,
             side: Side::Source,
+            identity: true,
             doc: "random: the largest value (default: the type's largest for TINYINT, SMALLINT and INT, else 1000000)",
         },
         OptionDef {
@@ -63,6 +68,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             kind: Kind::Count,
             default: Some("100"),
             side: Side::Source,
+            identity: true,
             doc: "random: the length of a string",
         },
         OptionDef {
@@ -70,6 +76,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             kind: Kind::Number,
             default: Some("0"),
             side: Side::Source,
+            identity: true,
             doc: "sequence: the first value",
         },
         OptionDef {
@@ -77,6 +84,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             kind: Kind::Number,
             default: None,
             side: Side::Source,
+            identity: true,
             doc: "sequence: the last value (default: unbounded)",
         },
     ],

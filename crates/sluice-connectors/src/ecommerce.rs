@@ -34,6 +34,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             kind: Kind::Rate,
             default: Some("10000"),
             side: Side::Source,
+            identity: false,
             doc: "wall-clock pacing for the whole table (`0`: as fast as possible)",
         },
         OptionDef {
@@ -41,6 +42,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             kind: Kind::Count,
             default: None,
             side: Side::Source,
+            identity: true,
             doc: "orders in all; the source is bounded when set",
         },
         OptionDef {
@@ -48,6 +50,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             kind: Kind::Number,
             default: Some("1"),
             side: Side::Source,
+            identity: true,
             doc: "paced: event time runs this many times faster than wall time",
         },
         OptionDef {
@@ -55,6 +58,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             kind: Kind::Number,
             default: Some("1000"),
             side: Side::Source,
+            identity: true,
             doc: "unpaced: orders per second of event time",
         },
         OptionDef {
@@ -62,6 +66,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             kind: Kind::Duration,
             default: Some("3 s"),
             side: Side::Source,
+            identity: true,
             doc: "how late a delayed order (about 10%) may arrive",
         },
         OptionDef {
@@ -69,6 +74,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             kind: Kind::Count,
             default: Some("11"),
             side: Side::Source,
+            identity: true,
             doc: "the stream is a pure function of the seed",
         },
         OptionDef {
@@ -76,6 +82,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             kind: Kind::Timestamp,
             default: Some("2026-11-11 00:00:00"),
             side: Side::Source,
+            identity: true,
             doc: "the event time of the first order (UTC)",
         },
     ],

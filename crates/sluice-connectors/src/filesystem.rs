@@ -37,6 +37,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             kind: Kind::Text,
             default: None,
             side: Side::Both,
+            identity: true,
             doc: "a file or directory to read, or the directory to write part files into: a plain path or a `file://` URI",
         },
         OptionDef {
@@ -44,6 +45,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             kind: Kind::Choice(&["json", "csv", "debezium-json"]),
             default: None,
             side: Side::Both,
+            identity: true,
             doc: "JSON lines or CSV (no header); `debezium-json` writes an updating result",
         },
         OptionDef {
@@ -51,6 +53,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             kind: Kind::Bool,
             default: Some("false"),
             side: Side::Source,
+            identity: false,
             doc: "skip and count a malformed JSON record instead of failing the job",
         },
         OptionDef {
@@ -58,6 +61,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             kind: Kind::Bool,
             default: Some("false"),
             side: Side::Source,
+            identity: false,
             doc: "skip and count a malformed CSV record instead of failing the job",
         },
         OptionDef {
@@ -65,6 +69,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             kind: Kind::MemorySize,
             default: Some("8mb"),
             side: Side::Source,
+            identity: false,
             doc: "files larger than this are read in pieces of this size, dealt to the workers (at least `64kb`)",
         },
         OptionDef {
@@ -72,6 +77,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             kind: Kind::Duration,
             default: None,
             side: Side::Source,
+            identity: false,
             doc: "keep watching the directory for new files this often (the source is then unbounded)",
         },
         OptionDef {
@@ -79,6 +85,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             kind: Kind::MemorySize,
             default: Some("128mb"),
             side: Side::Sink,
+            identity: false,
             doc: "without checkpoints, a worker starts a new part file past this size",
         },
         OptionDef {
@@ -86,6 +93,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             kind: Kind::Duration,
             default: Some("30 min"),
             side: Side::Sink,
+            identity: false,
             doc: "without checkpoints, a worker starts a new part file when its file has been open this long",
         },
         OptionDef {
@@ -93,6 +101,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             kind: Kind::Bool,
             default: Some("false"),
             side: Side::Sink,
+            identity: false,
             doc: "a job stopped by a signal without checkpoints publishes what it wrote",
         },
     ],

@@ -77,6 +77,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
         kind: Kind::Text,
         default: None,
         side: Side::Sink,
+        identity: false,
         doc: "the in-process table written (default: the table's name)",
     }],
 };

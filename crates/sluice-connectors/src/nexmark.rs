@@ -42,6 +42,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             kind: Kind::Choice(&["person", "auction", "bid"]),
             default: None,
             side: Side::Source,
+            identity: true,
             doc: "which stream the table reads",
         },
         OptionDef {
@@ -49,6 +50,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             kind: Kind::Count,
             default: None,
             side: Side::Source,
+            identity: true,
             doc: "events of all three streams together; the source is bounded when set",
         },
         OptionDef {
@@ -56,6 +58,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             kind: Kind::Rate,
             default: Some("0"),
             side: Side::Source,
+            identity: false,
             doc: "pacing of this table's rows (`0`: as fast as possible)",
         },
         OptionDef {
@@ -63,6 +66,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             kind: Kind::Number,
             default: Some("10000"),
             side: Side::Source,
+            identity: true,
             doc: "events per second of event time",
         },
         OptionDef {
@@ -70,6 +74,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             kind: Kind::Duration,
             default: Some("3 s"),
             side: Side::Source,
+            identity: true,
             doc: "how late a delayed event (about 10%) may be",
         },
         OptionDef {
@@ -77,6 +82,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             kind: Kind::Count,
             default: Some("7"),
             side: Side::Source,
+            identity: true,
             doc: "the streams are a pure function of the seed",
         },
         OptionDef {
@@ -84,6 +90,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             kind: Kind::Timestamp,
             default: Some("2026-11-11 00:00:00"),
             side: Side::Source,
+            identity: true,
             doc: "the event time of the first event (UTC)",
         },
     ],

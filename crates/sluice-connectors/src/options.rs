@@ -130,6 +130,10 @@ pub struct OptionDef {
     /// off, as the doc says).
     pub default: Option<&'static str>,
     pub side: Side,
+    /// Whether the option says which data a source reads (a path, a topic, a generator's seed):
+    /// a checkpoint restores only into a source whose identity options are the same. Tuning
+    /// options (split size, parse-error handling, rates) are not.
+    pub identity: bool,
     pub doc: &'static str,
 }
 
@@ -183,6 +187,7 @@ pub const TABLE_OPTIONS: &[OptionDef] = &[
         kind: Kind::Text,
         default: None,
         side: Side::Both,
+        identity: true,
         doc: "which connector reads and writes the table",
     },
     OptionDef {
@@ -190,6 +195,7 @@ pub const TABLE_OPTIONS: &[OptionDef] = &[
         kind: Kind::Duration,
         default: None,
         side: Side::Source,
+        identity: false,
         doc: "a split without data for this long stops holding the watermark back",
     },
     OptionDef {
@@ -197,6 +203,7 @@ pub const TABLE_OPTIONS: &[OptionDef] = &[
         kind: Kind::Table,
         default: None,
         side: Side::Source,
+        identity: false,
         doc: "rows a window drops as late go, whole, to this table (same column types)",
     },
     OptionDef {
@@ -204,6 +211,7 @@ pub const TABLE_OPTIONS: &[OptionDef] = &[
         kind: Kind::Duration,
         default: None,
         side: Side::Source,
+        identity: false,
         doc: "a table read by a lookup join is reloaded this often",
     },
 ];
@@ -475,6 +483,35 @@ fn unknown_connector(table: &str, name: &str) -> Error {
     )
 }
 
+/// What identifies the input a source table reads: its connector and the options its
+/// connector declares as identity, with a path made absolute.
+pub fn source_identity(options: &BTreeMap<String, String>) -> String {
+    let declared: Vec<&OptionDef> = options
+        .get("connector")
+        .and_then(|c| connector_def(c))
+        .map_or(&[][..], |c| c.options)
+        .iter()
+        .chain(TABLE_OPTIONS)
+        .filter(|d| d.identity)
+        .collect();
+    let mut parts = vec![];
+    for (k, v) in options {
+        if !declared.iter().any(|d| d.matches(k)) {
+            continue;
+        }
+        let v = if k == "path" {
+            let plain = v.trim().strip_prefix("file://").unwrap_or(v.trim());
+            std::fs::canonicalize(plain)
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| plain.to_string())
+        } else {
+            v.clone()
+        };
+        parts.push(format!("{k} = '{v}'"));
+    }
+    parts.join(", ")
+}
+
 /// The options table of a connector for docs/connectors.md.
 pub fn options_markdown(options: &[OptionDef]) -> String {
     if options.is_empty() {
@@ -492,8 +529,9 @@ pub fn options_markdown(options: &[OptionDef]) -> String {
             Some(v) => format!("`{v}`"),
             None => String::new(),
         };
+        let identity = if d.identity { " (identity)" } else { "" };
         out.push_str(&format!(
-            "| `{}` | {side} | {} | {default} | {} |\n",
+            "| `{}`{identity} | {side} | {} | {default} | {} |\n",
             d.key,
             d.kind.describe(),
             d.doc
@@ -513,6 +551,7 @@ mod tests {
             kind: Kind::Text,
             default: None,
             side: Side::Source,
+            identity: false,
             doc: "",
         };
         assert!(d.matches("fields.id.kind"));

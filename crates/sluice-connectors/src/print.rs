@@ -17,6 +17,7 @@ pub const PRINT: ConnectorDef = ConnectorDef {
         kind: Kind::Text,
         default: None,
         side: Side::Sink,
+        identity: false,
         doc: "a name printed before the worker on every line",
     }],
 };
