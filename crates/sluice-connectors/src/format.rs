@@ -45,6 +45,15 @@ impl JsonLines {
         file: &str,
         first_line: u64,
     ) -> Result<Option<RecordBatch>> {
+        self.decode_at(lines, &|i| format!("{file}:{}", first_line + i as u64))
+    }
+
+    /// Decodes `lines` (each one record), where `location(i)` names record `i` in messages.
+    pub fn decode_at(
+        &mut self,
+        lines: &[String],
+        location: &dyn Fn(usize) -> String,
+    ) -> Result<Option<RecordBatch>> {
         let mut buf = Vec::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
         for l in lines {
             buf.extend_from_slice(l.as_bytes());
@@ -91,7 +100,7 @@ impl JsonLines {
                                 self.skipped += 1;
                             } else {
                                 return Err(Error::BadRecord {
-                                    location: format!("{file}:{}", first_line + i as u64),
+                                    location: location(i),
                                     message: format!("malformed JSON record ({message}); set 'json.ignore-parse-errors' = 'true' to skip such lines"),
                                 });
                             }

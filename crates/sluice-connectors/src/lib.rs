@@ -6,14 +6,17 @@
 //! and its own [`SinkWriter`]. Formats (`json`, `csv`, `debezium-json`) are separate from the
 //! transports that carry them.
 //!
-//! Sources built in: `filesystem`, `datagen`, `ecommerce`, `nexmark`. Sinks: `filesystem`, `print`,
-//! `blackhole`, `memory` (an in-process materialized table, used by the demo's live view).
+//! Sources built in: `filesystem`, `kafka`, `datagen`, `ecommerce`, `nexmark`. Sinks:
+//! `filesystem`, `kafka`, `print`, `blackhole`, `memory` (an in-process materialized table, used
+//! by the demo's live view).
 
 mod csv_records;
 pub mod datagen;
 pub mod ecommerce;
 pub mod filesystem;
 pub mod format;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod memory;
 pub mod nexmark;
 pub mod options;
@@ -230,6 +233,8 @@ pub trait SinkWriter: Send {
 /// Every connector, with the options it declares.
 pub const CONNECTORS: &[options::ConnectorDef] = &[
     filesystem::CONNECTOR,
+    #[cfg(feature = "kafka")]
+    kafka::CONNECTOR,
     datagen::CONNECTOR,
     ecommerce::CONNECTOR,
     nexmark::CONNECTOR,
@@ -249,6 +254,8 @@ pub fn open_source(
         "filesystem" => Box::new(filesystem::FileSource::open(
             spec, &mut opts, worker, workers,
         )?),
+        #[cfg(feature = "kafka")]
+        "kafka" => Box::new(kafka::KafkaSource::open(spec, &mut opts, worker, workers)?),
         "datagen" => Box::new(datagen::DatagenSource::open(
             spec, &mut opts, worker, workers,
         )?),
@@ -273,6 +280,8 @@ pub fn open_sink(
     let mut opts = Options::new(spec, true)?;
     let writer: Box<dyn SinkWriter> = match opts.connector() {
         "filesystem" => filesystem::FileSink::open(spec, &mut opts, worker, workers)?,
+        #[cfg(feature = "kafka")]
+        "kafka" => Box::new(kafka::KafkaSink::open(spec, &mut opts)?),
         "print" => Box::new(print::PrintSink::open(spec, &mut opts, worker)?),
         "blackhole" => Box::new(print::Blackhole),
         "memory" => Box::new(memory::MemorySink::open(spec, &mut opts)?),

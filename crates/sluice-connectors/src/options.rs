@@ -252,13 +252,28 @@ impl Options {
                 format!("connector '{name}' can only be written to, not read"),
             ));
         }
-        Ok(Options {
+        let opts = Options {
             table,
             values: spec.options.clone(),
             def,
             sink,
             read: BTreeSet::new(),
-        })
+        };
+        // Options no declaration covers are errors before anything is opened or connected.
+        let undeclared: Vec<&String> = opts
+            .values
+            .keys()
+            .filter(|k| {
+                !def.options
+                    .iter()
+                    .chain(TABLE_OPTIONS)
+                    .any(|d| d.matches(k))
+            })
+            .collect();
+        if !undeclared.is_empty() {
+            return Err(opts.unknown(&undeclared));
+        }
+        Ok(opts)
     }
 
     /// The connector's name.
@@ -435,6 +450,12 @@ impl Options {
         if unknown.is_empty() {
             return Ok(());
         }
+        Err(self.unknown(&unknown))
+    }
+
+    /// The error for options this side of the connector does not take, each with the closest
+    /// one it does.
+    fn unknown(&self, unknown: &[&String]) -> Error {
         let known: Vec<&str> = self
             .def
             .options
@@ -442,7 +463,7 @@ impl Options {
             .filter(|d| d.side.covers(self.sink))
             .map(|d| d.key)
             .collect();
-        Err(self.error(format!(
+        self.error(format!(
             "unknown option{} {} for connector '{}' {} (it takes: {})",
             if unknown.len() > 1 { "s" } else { "" },
             unknown
@@ -468,7 +489,7 @@ impl Options {
             self.def.name,
             if self.sink { "sinks" } else { "sources" },
             known.join(", ")
-        )))
+        ))
     }
 }
 

@@ -122,9 +122,9 @@ fn options_of_the_other_side_are_accepted_and_unknown_ones_named() {
         e.contains("unknown option 'fields.id.mn' (did you mean 'fields.id.min'?)"),
         "{e}"
     );
-    let e = source_error(&[("connector", "kafka")]);
+    let e = source_error(&[("connector", "pulsar")]);
     assert!(
-        e.contains("unknown connector 'kafka' (available: filesystem, datagen"),
+        e.contains("unknown connector 'pulsar' (available: filesystem,"),
         "{e}"
     );
     assert!(source_error(&[("connector", "print")]).contains("can only be written to"));

@@ -11,6 +11,8 @@ mod emit_policies;
 mod fuzz;
 mod idle_sources;
 mod join_state;
+#[cfg(feature = "kafka")]
+mod kafka;
 mod nexmark_correctness;
 mod nexmark_queries;
 mod randomized_queries;

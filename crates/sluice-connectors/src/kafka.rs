@@ -1,0 +1,1096 @@
+//! The `kafka` connector, with the options of Flink's: a source over a topic's partitions and
+//! a sink into a topic, through librdkafka (the `rdkafka` crate, synchronous API).
+//!
+//! **Source.** A topic's partitions are its splits, dealt to the workers in turn as file splits
+//! are, and each has its own watermark. Partitions are assigned by hand, never through a
+//! consumer group: where each partition is (the next offset to read) lives in Sluice's
+//! checkpoints, as `<topic>/<partition>`, and a restore seeks every partition there (on any
+//! number of workers). A job can end: `scan.bounded.mode` gives each partition an end offset.
+//!
+//! **Sink.** Each worker has its own producer. `sink.delivery-guarantee` = `at-least-once`
+//! flushes at every checkpoint (and at the end) and fails the job on an undelivered record;
+//! `none` does not wait.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow::datatypes::SchemaRef;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use sluice_common::{ChangeBatch, Error, Op, Result};
+
+use crate::format::JsonLines;
+use crate::options::{ConnectorDef, Kind, OptionDef, Options, Side};
+use crate::{ConnectorSpec, Poll, SinkWriter, SourceOffsets, SourceReader, SPLIT_DONE};
+
+/// The `kafka` connector's options (Flink's names).
+pub const CONNECTOR: ConnectorDef = ConnectorDef {
+    name: "kafka",
+    reads: true,
+    writes: true,
+    options: &[
+        OptionDef {
+            key: "topic",
+            kind: Kind::Text,
+            default: None,
+            side: Side::Both,
+            identity: true,
+            doc: "the topic; a source may read several, separated by `;`",
+        },
+        OptionDef {
+            key: "properties.bootstrap.servers",
+            kind: Kind::Text,
+            default: None,
+            side: Side::Both,
+            identity: true,
+            doc: "the brokers, `host:port[,host:port...]`",
+        },
+        OptionDef {
+            key: "properties.group.id",
+            kind: Kind::Text,
+            default: None,
+            side: Side::Source,
+            identity: false,
+            doc: "the consumer group whose committed offsets `group-offsets` starts from (offsets live in checkpoints; the group is never joined)",
+        },
+        OptionDef {
+            key: "properties.<name>",
+            kind: Kind::Text,
+            default: None,
+            side: Side::Both,
+            identity: false,
+            doc: "passed to librdkafka as `<name>`",
+        },
+        OptionDef {
+            key: "format",
+            kind: Kind::Choice(&["json", "raw"]),
+            default: None,
+            side: Side::Both,
+            identity: true,
+            doc: "how a record's value holds a row: a JSON object, or `raw` bytes as the one STRING or BYTES column",
+        },
+        OptionDef {
+            key: "value.format",
+            kind: Kind::Choice(&["json", "raw"]),
+            default: None,
+            side: Side::Both,
+            identity: true,
+            doc: "the same as `format`",
+        },
+        OptionDef {
+            key: "json.ignore-parse-errors",
+            kind: Kind::Bool,
+            default: Some("false"),
+            side: Side::Source,
+            identity: false,
+            doc: "skip and count a record that is not a JSON object of the columns, instead of failing the job",
+        },
+        OptionDef {
+            key: "scan.startup.mode",
+            kind: Kind::Choice(&[
+                "earliest-offset",
+                "latest-offset",
+                "group-offsets",
+                "timestamp",
+                "specific-offsets",
+            ]),
+            default: Some("group-offsets"),
+            side: Side::Source,
+            identity: false,
+            doc: "where a job without a checkpoint starts reading each partition",
+        },
+        OptionDef {
+            key: "scan.startup.timestamp-millis",
+            kind: Kind::Count,
+            default: None,
+            side: Side::Source,
+            identity: false,
+            doc: "`timestamp` mode: the first record at or after this time (epoch milliseconds)",
+        },
+        OptionDef {
+            key: "scan.startup.specific-offsets",
+            kind: Kind::Text,
+            default: None,
+            side: Side::Source,
+            identity: false,
+            doc: "`specific-offsets` mode: `partition:0,offset:42;partition:1,offset:300` (others start at the earliest offset)",
+        },
+        OptionDef {
+            key: "scan.bounded.mode",
+            kind: Kind::Choice(&["unbounded", "latest-offset", "timestamp", "specific-offsets"]),
+            default: Some("unbounded"),
+            side: Side::Source,
+            identity: false,
+            doc: "where the source ends: the partitions' ends when the job starts, a time, or given offsets",
+        },
+        OptionDef {
+            key: "scan.bounded.timestamp-millis",
+            kind: Kind::Count,
+            default: None,
+            side: Side::Source,
+            identity: false,
+            doc: "`timestamp` bound: records from this time on (epoch milliseconds) are not read",
+        },
+        OptionDef {
+            key: "scan.bounded.specific-offsets",
+            kind: Kind::Text,
+            default: None,
+            side: Side::Source,
+            identity: false,
+            doc: "`specific-offsets` bound: `partition:0,offset:42;...`, the first offset not read (partitions not named are read to their end when the job starts)",
+        },
+        OptionDef {
+            key: "sluice.connect-timeout",
+            kind: Kind::Duration,
+            default: Some("10 s"),
+            side: Side::Both,
+            identity: false,
+            doc: "how long the brokers may stay unreachable (at start, or while running) before the job fails",
+        },
+        OptionDef {
+            key: "sink.delivery-guarantee",
+            kind: Kind::Choice(&["none", "at-least-once"]),
+            default: Some("at-least-once"),
+            side: Side::Sink,
+            identity: false,
+            doc: "`at-least-once` waits for every record to be acknowledged at each checkpoint and at the end",
+        },
+        OptionDef {
+            key: "key.format",
+            kind: Kind::Choice(&["json", "raw"]),
+            default: None,
+            side: Side::Sink,
+            identity: false,
+            doc: "how `key.fields` become a record's key",
+        },
+        OptionDef {
+            key: "key.fields",
+            kind: Kind::Text,
+            default: None,
+            side: Side::Sink,
+            identity: false,
+            doc: "columns that make the record key, separated by `;` (records with equal keys go to one partition)",
+        },
+    ],
+};
+
+/// How long a broker request at start (metadata, offsets) may take.
+fn connect_timeout(opts: &mut Options) -> Result<Duration> {
+    let ms = opts
+        .duration_ms("sluice.connect-timeout")?
+        .expect("declared default");
+    Ok(Duration::from_millis(ms.max(1) as u64))
+}
+
+/// librdkafka's configuration from `properties.*`, with Sluice's own settings.
+fn client_config(opts: &mut Options) -> Result<ClientConfig> {
+    let servers = opts.required("properties.bootstrap.servers")?;
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &servers);
+    for (k, v) in opts.with_prefix("properties.") {
+        config.set(&k["properties.".len()..], &v);
+    }
+    Ok(config)
+}
+
+/// A client's errors, as librdkafka reports them: kept so that a broker that stays unreachable
+/// fails the job after the connect timeout, naming the servers and librdkafka's reason.
+#[derive(Default)]
+pub struct Errors {
+    /// Since when the brokers have been failing, and the last reason.
+    failing: Mutex<Option<(Instant, String)>>,
+    /// An undelivered record (sinks).
+    undelivered: Mutex<Option<String>>,
+}
+
+impl Errors {
+    fn failing_for(&self) -> Option<(Duration, String)> {
+        self.failing
+            .lock()
+            .expect("kafka errors")
+            .as_ref()
+            .map(|(since, why)| (since.elapsed(), why.clone()))
+    }
+
+    fn note(&self, why: String) {
+        let mut failing = self.failing.lock().expect("kafka errors");
+        match failing.as_mut() {
+            Some((_, last)) => *last = why,
+            None => *failing = Some((Instant::now(), why)),
+        }
+    }
+
+    fn clear(&self) {
+        *self.failing.lock().expect("kafka errors") = None;
+    }
+}
+
+/// The context of Sluice's Kafka clients.
+#[derive(Clone, Default)]
+pub struct Context {
+    errors: Arc<Errors>,
+}
+
+impl ClientContext for Context {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.errors.note(format!("{error}: {reason}"));
+    }
+}
+
+impl ConsumerContext for Context {}
+
+impl ProducerContext for Context {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, m)) = result {
+            let mut undelivered = self.errors.undelivered.lock().expect("kafka errors");
+            if undelivered.is_none() {
+                *undelivered = Some(format!(
+                    "a record to topic '{}' partition {} was not delivered: {e}",
+                    m.topic(),
+                    m.partition()
+                ));
+            }
+        }
+    }
+}
+
+/// The value format of a table: `format`, or `value.format`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Format {
+    Json,
+    Raw,
+}
+
+fn value_format(opts: &mut Options) -> Result<Format> {
+    let format = match (opts.get("format")?, opts.get("value.format")?) {
+        (Some(f), None) | (None, Some(f)) => f,
+        (Some(a), Some(b)) if a == b => a,
+        (Some(_), Some(_)) => {
+            return Err(opts.error("give 'format' or 'value.format', not both"));
+        }
+        (None, None) => opts.required("format")?,
+    };
+    Ok(match format.as_str() {
+        "raw" => Format::Raw,
+        _ => Format::Json,
+    })
+}
+
+/// `partition:0,offset:42;partition:1,offset:300`, as Flink writes specific offsets.
+fn specific_offsets(opts: &Options, key: &str, text: &str) -> Result<BTreeMap<i32, i64>> {
+    let mut out = BTreeMap::new();
+    for part in text.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+        let mut partition = None;
+        let mut offset = None;
+        for field in part.split(',') {
+            match field.trim().split_once(':') {
+                Some(("partition", v)) => partition = v.trim().parse::<i32>().ok(),
+                Some(("offset", v)) => offset = v.trim().parse::<i64>().ok(),
+                _ => {}
+            }
+        }
+        match (partition, offset) {
+            (Some(p), Some(o)) if p >= 0 && o >= 0 => {
+                out.insert(p, o);
+            }
+            _ => return Err(opts.error(format!(
+                "option '{key}' = '{text}': write 'partition:0,offset:42;partition:1,offset:300'"
+            ))),
+        }
+    }
+    Ok(out)
+}
+
+/// Where a partition starts when no checkpoint says.
+#[derive(Clone, Debug)]
+enum Startup {
+    Earliest,
+    Latest,
+    Group,
+    Timestamp(i64),
+    Specific(BTreeMap<i32, i64>),
+}
+
+/// Where a partition ends.
+#[derive(Clone, Debug)]
+enum Bound {
+    Unbounded,
+    Latest,
+    Timestamp(i64),
+    /// Given offsets; partitions not named end where they end when the job starts.
+    Specific(BTreeMap<i32, i64>),
+}
+
+/// One partition this worker reads.
+struct Split {
+    topic: String,
+    partition: i32,
+    /// The next offset to read, once known (a checkpoint, or resolved at the first poll).
+    next: Option<i64>,
+    /// The next offset after the rows returned so far (what a checkpoint records).
+    returned: Option<i64>,
+    /// The first offset not to read, for a bounded source.
+    end: Option<i64>,
+    /// Read to its end (its last rows may still wait in `ready`).
+    done: bool,
+    /// Its `SplitDone` was returned: it no longer holds the watermark back.
+    closed: bool,
+}
+
+impl Split {
+    fn key(&self) -> String {
+        format!("{}/{}", self.topic, self.partition)
+    }
+}
+
+/// A worker's reader over its share of a topic's partitions.
+pub struct KafkaSource {
+    table: String,
+    servers: String,
+    consumer: BaseConsumer<Context>,
+    errors: Arc<Errors>,
+    splits: Vec<Split>,
+    by_partition: HashMap<(String, i32), usize>,
+    startup: Startup,
+    bound: Bound,
+    group: Option<String>,
+    reset: Option<String>,
+    timeout: Duration,
+    format: Format,
+    json: JsonLines,
+    schema: SchemaRef,
+    /// Batches decoded but not yet returned, with the position after each.
+    ready: VecDeque<(Poll, Option<(usize, i64)>)>,
+    assigned: bool,
+    silent: Vec<usize>,
+}
+
+impl KafkaSource {
+    pub fn open(
+        spec: &ConnectorSpec,
+        opts: &mut Options,
+        worker: usize,
+        workers: usize,
+    ) -> Result<Self> {
+        let topics: Vec<String> = opts
+            .required("topic")?
+            .split(';')
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect();
+        let format = value_format(opts)?;
+        let ignore_errors = opts.flag("json.ignore-parse-errors")?;
+        let timeout = connect_timeout(opts)?;
+        let startup = match opts.value::<String>("scan.startup.mode")?.as_str() {
+            "earliest-offset" => Startup::Earliest,
+            "latest-offset" => Startup::Latest,
+            "group-offsets" => Startup::Group,
+            "timestamp" => Startup::Timestamp(
+                opts.optional::<i64>("scan.startup.timestamp-millis")?
+                    .ok_or_else(|| {
+                        opts.error("'scan.startup.mode' = 'timestamp' needs 'scan.startup.timestamp-millis'")
+                    })?,
+            ),
+            _ => {
+                let text = opts.get("scan.startup.specific-offsets")?.ok_or_else(|| {
+                    opts.error("'scan.startup.mode' = 'specific-offsets' needs 'scan.startup.specific-offsets'")
+                })?;
+                Startup::Specific(specific_offsets(opts, "scan.startup.specific-offsets", &text)?)
+            }
+        };
+        let bound = match opts.value::<String>("scan.bounded.mode")?.as_str() {
+            "unbounded" => Bound::Unbounded,
+            "latest-offset" => Bound::Latest,
+            "timestamp" => Bound::Timestamp(
+                opts.optional::<i64>("scan.bounded.timestamp-millis")?
+                    .ok_or_else(|| {
+                        opts.error("'scan.bounded.mode' = 'timestamp' needs 'scan.bounded.timestamp-millis'")
+                    })?,
+            ),
+            _ => {
+                let text = opts.get("scan.bounded.specific-offsets")?.ok_or_else(|| {
+                    opts.error("'scan.bounded.mode' = 'specific-offsets' needs 'scan.bounded.specific-offsets'")
+                })?;
+                Bound::Specific(specific_offsets(opts, "scan.bounded.specific-offsets", &text)?)
+            }
+        };
+        let group = opts.get("properties.group.id")?;
+        if matches!(startup, Startup::Group) && group.is_none() {
+            return Err(opts.error(
+                "'scan.startup.mode' = 'group-offsets' (the default) needs 'properties.group.id'; \
+                 or set 'scan.startup.mode' = 'earliest-offset'",
+            ));
+        }
+        let mut config = client_config(opts)?;
+        let servers = config
+            .get("bootstrap.servers")
+            .unwrap_or_default()
+            .to_string();
+        let reset = config.get("auto.offset.reset").map(str::to_string);
+        // Partitions are assigned by hand and offsets live in checkpoints: the group (when
+        // set) is only for `group-offsets`, and nothing is committed to it.
+        config
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false");
+        if config.get("group.id").is_none() {
+            config.set("group.id", format!("sluice-{}", spec.table));
+        }
+        let context = Context::default();
+        let errors = context.errors.clone();
+        let consumer: BaseConsumer<Context> = config
+            .create_with_context(context)
+            .map_err(|e| opts.error(format!("kafka consumer for '{servers}': {e}")))?;
+        // Every worker lists the same partitions in the same order, and deals them alike.
+        let mut partitions: Vec<(String, i32)> = vec![];
+        for topic in &topics {
+            let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(|e| {
+                opts.error(format!(
+                    "cannot reach the Kafka brokers at '{servers}' within {timeout:?} \
+                         (option 'properties.bootstrap.servers'): {e}"
+                ))
+            })?;
+            let t = metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic)
+                .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+                .ok_or_else(|| {
+                    opts.error(format!(
+                        "topic '{topic}' does not exist on '{servers}' (option 'topic')"
+                    ))
+                })?;
+            let mut ids: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
+            ids.sort_unstable();
+            partitions.extend(ids.into_iter().map(|p| (topic.clone(), p)));
+        }
+        let total = partitions.len();
+        let splits: Vec<Split> = partitions
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| i % workers == worker)
+            .map(|(_, (topic, partition))| Split {
+                topic,
+                partition,
+                next: None,
+                returned: None,
+                end: None,
+                done: false,
+                closed: false,
+            })
+            .collect();
+        let by_partition = splits
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ((s.topic.clone(), s.partition), i))
+            .collect();
+        let silent = if matches!(bound, Bound::Unbounded) {
+            vec![]
+        } else {
+            (total..workers).collect()
+        };
+        Ok(KafkaSource {
+            table: spec.table.clone(),
+            servers,
+            consumer,
+            errors,
+            splits,
+            by_partition,
+            startup,
+            bound,
+            group,
+            reset,
+            timeout,
+            format,
+            json: JsonLines::new(spec.schema.clone(), ignore_errors)?,
+            schema: spec.schema.clone(),
+            ready: VecDeque::new(),
+            assigned: false,
+            silent,
+        })
+    }
+
+    fn error(&self, message: impl Into<String>) -> Error {
+        Error::connector(&self.table, message)
+    }
+
+    /// The partition's first and next offsets (librdkafka's low and high watermarks).
+    fn watermarks(&self, s: &Split) -> Result<(i64, i64)> {
+        self.consumer
+            .fetch_watermarks(&s.topic, s.partition, self.timeout)
+            .map_err(|e| {
+                self.error(format!(
+                    "topic '{}' partition {}: cannot read its offsets from '{}': {e}",
+                    s.topic, s.partition, self.servers
+                ))
+            })
+    }
+
+    /// The offset of the first record at or after `ms` in each of `splits` (the end when none).
+    fn offsets_for_time(&self, splits: &[usize], ms: i64) -> Result<HashMap<usize, i64>> {
+        let mut tpl = TopicPartitionList::new();
+        for &i in splits {
+            let s = &self.splits[i];
+            tpl.add_partition_offset(&s.topic, s.partition, Offset::Offset(ms))
+                .map_err(|e| self.error(e.to_string()))?;
+        }
+        let found = self
+            .consumer
+            .offsets_for_times(tpl, self.timeout)
+            .map_err(|e| self.error(format!("offsets for time {ms}: {e}")))?;
+        let mut out = HashMap::new();
+        for &i in splits {
+            let s = &self.splits[i];
+            let offset = match found
+                .find_partition(&s.topic, s.partition)
+                .map(|e| e.offset())
+            {
+                Some(Offset::Offset(o)) => o,
+                _ => self.watermarks(s)?.1,
+            };
+            out.insert(i, offset);
+        }
+        Ok(out)
+    }
+
+    /// Resolves where each partition starts and ends, and assigns them to the consumer.
+    fn assign(&mut self) -> Result<()> {
+        let unknown: Vec<usize> = (0..self.splits.len())
+            .filter(|i| self.splits[*i].next.is_none() && !self.splits[*i].done)
+            .collect();
+        let starts: HashMap<usize, i64> = match &self.startup {
+            Startup::Earliest => unknown
+                .iter()
+                .map(|&i| Ok((i, self.watermarks(&self.splits[i])?.0)))
+                .collect::<Result<_>>()?,
+            Startup::Latest => unknown
+                .iter()
+                .map(|&i| Ok((i, self.watermarks(&self.splits[i])?.1)))
+                .collect::<Result<_>>()?,
+            Startup::Timestamp(ms) => self.offsets_for_time(&unknown, *ms)?,
+            Startup::Specific(given) => unknown
+                .iter()
+                .map(|&i| {
+                    let s = &self.splits[i];
+                    Ok((
+                        i,
+                        match given.get(&s.partition) {
+                            Some(o) => *o,
+                            None => self.watermarks(s)?.0,
+                        },
+                    ))
+                })
+                .collect::<Result<_>>()?,
+            Startup::Group => {
+                let mut tpl = TopicPartitionList::new();
+                for &i in &unknown {
+                    let s = &self.splits[i];
+                    tpl.add_partition(&s.topic, s.partition);
+                }
+                let committed = if unknown.is_empty() {
+                    TopicPartitionList::new()
+                } else {
+                    self.consumer
+                        .committed_offsets(tpl, self.timeout)
+                        .map_err(|e| {
+                            self.error(format!(
+                                "committed offsets of group '{}': {e}",
+                                self.group.as_deref().unwrap_or_default()
+                            ))
+                        })?
+                };
+                let mut out = HashMap::new();
+                for &i in &unknown {
+                    let s = &self.splits[i];
+                    let offset = match committed
+                        .find_partition(&s.topic, s.partition)
+                        .map(|e| e.offset())
+                    {
+                        Some(Offset::Offset(o)) => o,
+                        _ => match self.reset.as_deref() {
+                            Some("earliest" | "smallest" | "beginning") => self.watermarks(s)?.0,
+                            Some("latest" | "largest" | "end") => self.watermarks(s)?.1,
+                            _ => return Err(self.error(format!(
+                                "group '{}' has no committed offset for topic '{}' partition {}: \
+                                     set 'properties.auto.offset.reset' = 'earliest' or 'latest', \
+                                     or another 'scan.startup.mode'",
+                                self.group.as_deref().unwrap_or_default(),
+                                s.topic,
+                                s.partition
+                            ))),
+                        },
+                    };
+                    out.insert(i, offset);
+                }
+                out
+            }
+        };
+        for (i, offset) in starts {
+            self.splits[i].next = Some(offset);
+            self.splits[i].returned = Some(offset);
+        }
+        let all: Vec<usize> = (0..self.splits.len()).collect();
+        let ends: HashMap<usize, i64> = match &self.bound {
+            Bound::Unbounded => HashMap::new(),
+            Bound::Latest => all
+                .iter()
+                .map(|&i| Ok((i, self.watermarks(&self.splits[i])?.1)))
+                .collect::<Result<_>>()?,
+            Bound::Timestamp(ms) => self.offsets_for_time(&all, *ms)?,
+            Bound::Specific(given) => all
+                .iter()
+                .map(|&i| {
+                    let s = &self.splits[i];
+                    Ok((
+                        i,
+                        match given.get(&s.partition) {
+                            Some(o) => *o,
+                            None => self.watermarks(s)?.1,
+                        },
+                    ))
+                })
+                .collect::<Result<_>>()?,
+        };
+        for (i, end) in ends {
+            self.splits[i].end = Some(end);
+        }
+        let mut tpl = TopicPartitionList::new();
+        for s in &mut self.splits {
+            if s.end.is_some_and(|e| s.next.is_some_and(|n| n >= e)) {
+                s.done = true;
+            }
+            if s.done {
+                continue;
+            }
+            let next = s.next.expect("resolved above");
+            tpl.add_partition_offset(&s.topic, s.partition, Offset::Offset(next))
+                .map_err(|e| Error::connector(&self.table, e.to_string()))?;
+        }
+        self.consumer
+            .assign(&tpl)
+            .map_err(|e| self.error(format!("assigning partitions: {e}")))?;
+        for (i, s) in self.splits.iter().enumerate() {
+            if s.done {
+                self.ready.push_back((Poll::SplitDone { split: i }, None));
+            }
+        }
+        self.assigned = true;
+        Ok(())
+    }
+
+    /// Decodes one partition's record values into a batch.
+    fn decode(&mut self, split: usize, values: Vec<String>, offsets: Vec<i64>) -> Result<()> {
+        let next = offsets.last().expect("at least one record") + 1;
+        let s = &self.splits[split];
+        let (topic, partition) = (s.topic.clone(), s.partition);
+        let batch = match self.format {
+            Format::Json => self.json.decode_at(&values, &|i| {
+                format!(
+                    "topic '{topic}' partition {partition} offset {}",
+                    offsets[i]
+                )
+            })?,
+            Format::Raw => {
+                let column: arrow::array::ArrayRef =
+                    Arc::new(arrow::array::StringArray::from(values));
+                let column = arrow::compute::cast(&column, self.schema.field(0).data_type())?;
+                Some(arrow::record_batch::RecordBatch::try_new(
+                    self.schema.clone(),
+                    vec![column],
+                )?)
+            }
+        };
+        match batch {
+            Some(batch) => self
+                .ready
+                .push_back((Poll::Batch { split, batch }, Some((split, next)))),
+            // Every record skipped: the position still moves past them.
+            None => self.splits[split].returned = Some(next),
+        }
+        Ok(())
+    }
+}
+
+impl KafkaSource {
+    /// The next decoded batch or finished split, moving the returned position past it.
+    fn take_ready(&mut self) -> Option<Poll> {
+        let (poll, position) = self.ready.pop_front()?;
+        if let Some((split, next)) = position {
+            self.splits[split].returned = Some(next);
+        }
+        if let Poll::SplitDone { split } = poll {
+            self.splits[split].closed = true;
+        }
+        Some(poll)
+    }
+}
+
+impl SourceReader for KafkaSource {
+    fn open_splits(&self) -> Vec<usize> {
+        (0..self.splits.len())
+            .filter(|i| !self.splits[*i].closed)
+            .collect()
+    }
+
+    fn poll(&mut self, max_rows: usize) -> Result<Poll> {
+        if !self.assigned {
+            self.assign()?;
+        }
+        if let Some(poll) = self.take_ready() {
+            return Ok(poll);
+        }
+        if self.splits.iter().all(|s| s.done) {
+            return Ok(Poll::Finished);
+        }
+        // Gather up to `max_rows` records, by partition, in offset order.
+        let mut gathered: BTreeMap<usize, (Vec<String>, Vec<i64>)> = BTreeMap::new();
+        let mut finished: Vec<usize> = vec![];
+        let mut n = 0;
+        while n < max_rows {
+            let message = match self.consumer.poll(Duration::ZERO) {
+                None => break,
+                Some(Err(e)) => {
+                    // librdkafka retries by itself; a lasting failure ends the job below.
+                    self.errors.note(e.to_string());
+                    break;
+                }
+                Some(Ok(m)) => m,
+            };
+            self.errors.clear();
+            let Some(&split) = self
+                .by_partition
+                .get(&(message.topic().to_string(), message.partition()))
+            else {
+                continue;
+            };
+            let s = &mut self.splits[split];
+            let offset = message.offset();
+            if s.done || s.next.is_some_and(|next| offset < next) {
+                continue;
+            }
+            if s.end.is_some_and(|end| offset >= end) {
+                s.done = true;
+                finished.push(split);
+                continue;
+            }
+            s.next = Some(offset + 1);
+            let ended = s.end.is_some_and(|end| offset + 1 >= end);
+            // A record without a value (a tombstone) holds no row.
+            if let Some(payload) = message.payload() {
+                let value = match std::str::from_utf8(payload) {
+                    Ok(v) => v.to_string(),
+                    Err(_) if self.format == Format::Json => {
+                        // Left to the JSON decoder, which skips or reports it.
+                        String::from_utf8_lossy(payload).into_owned()
+                    }
+                    Err(_) => String::from_utf8_lossy(payload).into_owned(),
+                };
+                let entry = gathered.entry(split).or_default();
+                entry.0.push(value);
+                entry.1.push(offset);
+                n += 1;
+            } else if ended {
+                self.splits[split].returned = Some(offset + 1);
+            }
+            if ended {
+                self.splits[split].done = true;
+                finished.push(split);
+            }
+        }
+        for (split, (values, offsets)) in gathered {
+            self.decode(split, values, offsets)?;
+        }
+        for split in finished {
+            let mut tpl = TopicPartitionList::new();
+            let s = &self.splits[split];
+            tpl.add_partition(&s.topic, s.partition);
+            let _ = self.consumer.pause(&tpl);
+            self.ready.push_back((Poll::SplitDone { split }, None));
+        }
+        if let Some(poll) = self.take_ready() {
+            return Ok(poll);
+        }
+        if let Some((since, why)) = self.errors.failing_for() {
+            if since >= self.timeout {
+                return Err(self.error(format!(
+                    "lost the Kafka brokers at '{}' for {:?} (option 'sluice.connect-timeout'): {why}",
+                    self.servers, since
+                )));
+            }
+        }
+        Ok(Poll::Idle)
+    }
+
+    fn skipped(&self) -> u64 {
+        self.json.skipped()
+    }
+
+    fn offsets(&self) -> SourceOffsets {
+        self.splits
+            .iter()
+            .filter_map(|s| {
+                let at = if s.done && s.returned == s.next {
+                    SPLIT_DONE
+                } else {
+                    s.returned? as u64
+                };
+                Some((s.key(), at))
+            })
+            .collect()
+    }
+
+    fn seek(&mut self, offsets: &SourceOffsets) -> Result<()> {
+        for s in &mut self.splits {
+            match offsets.get(&s.key()) {
+                Some(&SPLIT_DONE) => s.done = true,
+                Some(&at) => {
+                    s.next = Some(at as i64);
+                    s.returned = Some(at as i64);
+                }
+                // A partition the checkpoint did not know (added since): from its start.
+                None if !offsets.is_empty() => {
+                    s.next = None;
+                    s.returned = None;
+                }
+                None => {}
+            }
+        }
+        if !offsets.is_empty() {
+            // New partitions of a restored job start at their beginning, as Flink's do.
+            self.startup = match &self.startup {
+                Startup::Specific(_) | Startup::Group | Startup::Latest | Startup::Timestamp(_) => {
+                    Startup::Earliest
+                }
+                s => s.clone(),
+            };
+        }
+        Ok(())
+    }
+
+    fn silent_workers(&self) -> Vec<usize> {
+        self.silent.clone()
+    }
+}
+
+/// A worker's producer into a topic.
+pub struct KafkaSink {
+    table: String,
+    topic: String,
+    producer: BaseProducer<Context>,
+    errors: Arc<Errors>,
+    format: Format,
+    key: Option<(Format, Vec<usize>)>,
+    guarantee_wait: bool,
+    timeout: Duration,
+}
+
+impl KafkaSink {
+    pub fn open(spec: &ConnectorSpec, opts: &mut Options) -> Result<Self> {
+        let topic = opts.required("topic")?;
+        if topic.contains(';') {
+            return Err(opts.error(format!(
+                "option 'topic' = '{topic}': a sink writes one topic"
+            )));
+        }
+        let format = value_format(opts)?;
+        let guarantee_wait = opts.value::<String>("sink.delivery-guarantee")? != "none";
+        let timeout = connect_timeout(opts)?;
+        let key = match opts.get("key.fields")? {
+            None => {
+                if opts.is_set("key.format") {
+                    return Err(opts.error("'key.format' needs 'key.fields'"));
+                }
+                None
+            }
+            Some(fields) => {
+                let format = match opts.get("key.format")?.as_deref() {
+                    Some("raw") => Format::Raw,
+                    _ => Format::Json,
+                };
+                let columns = fields
+                    .split(';')
+                    .map(|f| {
+                        spec.schema.index_of(f.trim()).map_err(|_| {
+                            opts.error(format!(
+                                "option 'key.fields': the table has no column '{}'",
+                                f.trim()
+                            ))
+                        })
+                    })
+                    .collect::<Result<Vec<usize>>>()?;
+                if format == Format::Raw && columns.len() != 1 {
+                    return Err(opts.error("'key.format' = 'raw' takes one key field"));
+                }
+                Some((format, columns))
+            }
+        };
+        if format == Format::Raw && spec.schema.fields().len() != 1 {
+            return Err(opts.error("format 'raw' writes a table of one column"));
+        }
+        let mut config = client_config(opts)?;
+        let servers = config
+            .get("bootstrap.servers")
+            .unwrap_or_default()
+            .to_string();
+        if config.get("message.timeout.ms").is_none() {
+            config.set("message.timeout.ms", timeout.as_millis().max(1).to_string());
+        }
+        let context = Context::default();
+        let errors = context.errors.clone();
+        let producer: BaseProducer<Context> = config
+            .create_with_context(context)
+            .map_err(|e| opts.error(format!("kafka producer for '{servers}': {e}")))?;
+        // Fail at start on brokers that cannot be reached or a topic that is not there.
+        let metadata = producer
+            .client()
+            .fetch_metadata(Some(&topic), timeout)
+            .map_err(|e| {
+                opts.error(format!(
+                    "cannot reach the Kafka brokers at '{servers}' within {timeout:?} \
+                     (option 'properties.bootstrap.servers'): {e}"
+                ))
+            })?;
+        if !metadata
+            .topics()
+            .iter()
+            .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+        {
+            return Err(opts.error(format!(
+                "topic '{topic}' does not exist on '{servers}' (option 'topic')"
+            )));
+        }
+        Ok(KafkaSink {
+            table: spec.table.clone(),
+            topic,
+            producer,
+            errors,
+            format,
+            key,
+            guarantee_wait,
+            timeout,
+        })
+    }
+
+    fn error(&self, message: impl Into<String>) -> Error {
+        Error::connector(&self.table, message)
+    }
+
+    fn check(&self) -> Result<()> {
+        if let Some(e) = self
+            .errors
+            .undelivered
+            .lock()
+            .expect("kafka errors")
+            .clone()
+        {
+            return Err(self.error(e));
+        }
+        Ok(())
+    }
+
+    /// Waits until every record sent is acknowledged.
+    fn flush(&self) -> Result<()> {
+        self.producer
+            .flush(self.timeout)
+            .map_err(|e| self.error(format!("flushing to topic '{}': {e}", self.topic)))?;
+        self.check()
+    }
+}
+
+/// Each row's text in `format`: a JSON object, or the one column as text.
+fn encode(data: &arrow::record_batch::RecordBatch, format: Format) -> Result<Vec<Option<String>>> {
+    match format {
+        Format::Json => Ok(crate::format::json_rows(data)?
+            .into_iter()
+            .map(Some)
+            .collect()),
+        Format::Raw => {
+            let column = arrow::compute::cast(data.column(0), &arrow::datatypes::DataType::Utf8)?;
+            let text = column
+                .as_any()
+                .downcast_ref::<arrow::array::StringArray>()
+                .expect("cast to Utf8");
+            Ok(text.iter().map(|v| v.map(str::to_string)).collect())
+        }
+    }
+}
+
+impl SinkWriter for KafkaSink {
+    fn write(&mut self, batch: &ChangeBatch) -> Result<()> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        self.check()?;
+        if (0..batch.num_rows()).any(|i| batch.op(i) != Op::Insert) {
+            return Err(self.error(
+                "the kafka connector writes inserts only; an updating result goes to an \
+                 'upsert-kafka' table",
+            ));
+        }
+        let values = encode(&batch.data, self.format)?;
+        let keys = match &self.key {
+            None => None,
+            Some((format, columns)) => Some(encode(&batch.data.project(columns)?, *format)?),
+        };
+        for (i, value) in values.iter().enumerate() {
+            let mut record: BaseRecord<'_, str, str> = BaseRecord::to(&self.topic);
+            if let Some(v) = value {
+                record = record.payload(v.as_str());
+            }
+            if let Some(k) = keys.as_ref().and_then(|k| k[i].as_deref()) {
+                record = record.key(k);
+            }
+            let mut record = record;
+            loop {
+                match self.producer.send(record) {
+                    Ok(()) => break,
+                    Err((
+                        KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                        r,
+                    )) => {
+                        // The local queue is full: let deliveries drain it.
+                        self.producer.poll(Duration::from_millis(10));
+                        self.check()?;
+                        if let Some((since, why)) = self.errors.failing_for() {
+                            if since >= self.timeout {
+                                return Err(self.error(format!(
+                                    "lost the Kafka brokers for {since:?} (option 'sluice.connect-timeout'): {why}"
+                                )));
+                            }
+                        }
+                        record = r;
+                    }
+                    Err((e, _)) => {
+                        return Err(self.error(format!("writing to topic '{}': {e}", self.topic)))
+                    }
+                }
+            }
+        }
+        self.producer.poll(Duration::ZERO);
+        self.check()
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.flush()
+    }
+
+    fn pre_commit(&mut self, _epoch: u64) -> Result<()> {
+        if self.guarantee_wait {
+            self.flush()
+        } else {
+            Ok(())
+        }
+    }
+
+    fn abort(&mut self) -> Result<()> {
+        // What was sent may or may not arrive; nothing is waited for.
+        Ok(())
+    }
+}

