@@ -154,11 +154,19 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
         },
         OptionDef {
             key: "sink.delivery-guarantee",
-            kind: Kind::Choice(&["none", "at-least-once"]),
+            kind: Kind::Choice(&["none", "at-least-once", "exactly-once"]),
             default: Some("at-least-once"),
             side: Side::Sink,
             identity: false,
-            doc: "`at-least-once` waits for every record to be acknowledged at each checkpoint and at the end",
+            doc: "`at-least-once` waits for every record to be acknowledged at each checkpoint and at the end; `exactly-once` writes each checkpoint's records in one Kafka transaction once the checkpoint is committed (with checkpoints on)",
+        },
+        OptionDef {
+            key: "sink.transactional-id-prefix",
+            kind: Kind::Text,
+            default: None,
+            side: Side::Sink,
+            identity: false,
+            doc: "`exactly-once`: the prefix of the producers' `transactional.id`s (`<prefix>-<insert>-<worker>`), unique per job and sink",
         },
         OptionDef {
             key: "key.format",
@@ -300,9 +308,11 @@ fn specific_offsets(opts: &Options, key: &str, text: &str) -> Result<BTreeMap<i3
             (Some(p), Some(o)) if p >= 0 && o >= 0 => {
                 out.insert(p, o);
             }
-            _ => return Err(opts.error(format!(
+            _ => {
+                return Err(opts.error(format!(
                 "option '{key}' = '{text}': write 'partition:0,offset:42;partition:1,offset:300'"
-            ))),
+            )))
+            }
         }
     }
     Ok(out)
@@ -617,14 +627,16 @@ impl KafkaSource {
                         _ => match self.reset.as_deref() {
                             Some("earliest" | "smallest" | "beginning") => self.watermarks(s)?.0,
                             Some("latest" | "largest" | "end") => self.watermarks(s)?.1,
-                            _ => return Err(self.error(format!(
+                            _ => {
+                                return Err(self.error(format!(
                                 "group '{}' has no committed offset for topic '{}' partition {}: \
                                      set 'properties.auto.offset.reset' = 'earliest' or 'latest', \
                                      or another 'scan.startup.mode'",
                                 self.group.as_deref().unwrap_or_default(),
                                 s.topic,
                                 s.partition
-                            ))),
+                            )))
+                            }
                         },
                     };
                     out.insert(i, offset);
@@ -879,20 +891,44 @@ impl SourceReader for KafkaSource {
     }
 }
 
+/// A record as the sink writes it: key and value.
+type Record = (Option<String>, Option<String>);
+
 /// A worker's producer into a topic.
+///
+/// With `exactly-once` and checkpoints, the records of each checkpoint are kept (in memory, and
+/// staged durably beside the checkpoints when it is sealed) and written in one Kafka transaction
+/// once the checkpoint is committed. The same transaction commits an offset of the producer's
+/// own consumer group (named after its `transactional.id`) that records the checkpoint epoch:
+/// after a crash, a staged checkpoint whose epoch the group does not show yet is written again,
+/// and one it shows is not. A transaction left open by a crash is aborted when the next run's
+/// producer with the same id starts (`init_transactions`).
 pub struct KafkaSink {
     table: String,
     topic: String,
     producer: BaseProducer<Context>,
+    config: ClientConfig,
     errors: Arc<Errors>,
     format: Format,
     key: Option<(Format, Vec<usize>)>,
     guarantee_wait: bool,
     timeout: Duration,
+    /// `exactly-once`: the transactional-id prefix; and this writer's INSERT among the job's.
+    exactly_once: Option<String>,
+    instance: usize,
+    worker: usize,
+    /// Set once checkpoints drive the sink ([`SinkWriter::begin_transactions`]).
+    transactional: bool,
+    staging: Option<Arc<dyn crate::Staging>>,
+    /// Records since the last sealed checkpoint, and those sealed but not yet committed.
+    pending: Vec<Record>,
+    sealed: BTreeMap<u64, Vec<Record>>,
+    /// Staged records whose transaction committed, removed at the next commit.
+    committed_staged: Vec<u64>,
 }
 
 impl KafkaSink {
-    pub fn open(spec: &ConnectorSpec, opts: &mut Options) -> Result<Self> {
+    pub fn open(spec: &ConnectorSpec, opts: &mut Options, worker: usize) -> Result<Self> {
         let topic = opts.required("topic")?;
         if topic.contains(';') {
             return Err(opts.error(format!(
@@ -900,7 +936,18 @@ impl KafkaSink {
             )));
         }
         let format = value_format(opts)?;
-        let guarantee_wait = opts.value::<String>("sink.delivery-guarantee")? != "none";
+        let guarantee = opts.value::<String>("sink.delivery-guarantee")?;
+        let guarantee_wait = guarantee != "none";
+        let exactly_once = match (
+            guarantee.as_str(),
+            opts.get("sink.transactional-id-prefix")?,
+        ) {
+            ("exactly-once", Some(prefix)) => Some(prefix),
+            ("exactly-once", None) => return Err(opts.error(
+                "'sink.delivery-guarantee' = 'exactly-once' needs 'sink.transactional-id-prefix'",
+            )),
+            _ => None,
+        };
         let timeout = connect_timeout(opts)?;
         let key = match opts.get("key.fields")? {
             None => {
@@ -970,12 +1017,123 @@ impl KafkaSink {
             table: spec.table.clone(),
             topic,
             producer,
+            config,
             errors,
             format,
             key,
             guarantee_wait,
             timeout,
+            exactly_once,
+            instance: spec.sink_instance,
+            worker,
+            transactional: false,
+            staging: None,
+            pending: vec![],
+            sealed: BTreeMap::new(),
+            committed_staged: vec![],
         })
+    }
+
+    /// The `transactional.id` of worker `worker`'s producer.
+    fn transactional_id(&self, worker: usize) -> String {
+        let prefix = self.exactly_once.as_deref().unwrap_or_default();
+        format!("{prefix}-{}-{worker}", self.instance)
+    }
+
+    /// The staged records of worker `worker` for checkpoint `epoch`.
+    fn staged_name(&self, worker: usize, epoch: u64) -> String {
+        format!(
+            "kafka-{}-{}-w{worker}-e{epoch:020}",
+            self.table, self.instance
+        )
+    }
+
+    /// A transactional producer for `transactional.id` `id`, started: any transaction an
+    /// earlier producer with that id left open is aborted.
+    fn transactional_producer(&self, id: &str) -> Result<BaseProducer<Context>> {
+        let mut config = self.config.clone();
+        config.set("transactional.id", id);
+        let context = Context {
+            errors: self.errors.clone(),
+        };
+        let producer: BaseProducer<Context> = config
+            .create_with_context(context)
+            .map_err(|e| self.error(format!("kafka producer '{id}': {e}")))?;
+        producer
+            .init_transactions(self.timeout)
+            .map_err(|e| self.error(format!("starting transactions of '{id}': {e}")))?;
+        Ok(producer)
+    }
+
+    /// A consumer in group `id` (never joined), for its committed offsets.
+    fn group_consumer(&self, id: &str) -> Result<BaseConsumer<Context>> {
+        let mut config = self.config.clone();
+        config
+            .set("group.id", id)
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed");
+        config
+            .create_with_context(Context::default())
+            .map_err(|e| self.error(format!("kafka consumer for group '{id}': {e}")))
+    }
+
+    /// The last checkpoint epoch whose records producer `id` committed (recorded as an offset
+    /// of its own consumer group on partition 0 of the topic), or `None`.
+    fn committed_epoch(&self, id: &str) -> Result<Option<u64>> {
+        let consumer = self.group_consumer(id)?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.topic, 0);
+        let committed = consumer
+            .committed_offsets(tpl, self.timeout)
+            .map_err(|e| self.error(format!("committed offsets of group '{id}': {e}")))?;
+        Ok(
+            match committed.find_partition(&self.topic, 0).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) if o >= 0 => Some(marker_epoch(o)),
+                _ => None,
+            },
+        )
+    }
+
+    /// Writes `records` in one transaction of `producer` (id `id`) that also records `epoch`.
+    fn commit_records(
+        &self,
+        producer: &BaseProducer<Context>,
+        id: &str,
+        epoch: u64,
+        records: &[Record],
+    ) -> Result<()> {
+        let fail = |what: &str, e: KafkaError| {
+            self.error(format!(
+                "transaction of '{id}' for checkpoint {epoch}: {what}: {e}"
+            ))
+        };
+        producer.begin_transaction().map_err(|e| fail("begin", e))?;
+        for (key, value) in records {
+            send(
+                producer,
+                &self.topic,
+                key.as_deref(),
+                value.as_deref(),
+                &self.errors,
+                self.timeout,
+            )
+            .map_err(|e| self.error(e))?;
+        }
+        let metadata = self
+            .group_consumer(id)?
+            .group_metadata()
+            .ok_or_else(|| self.error(format!("no group metadata for '{id}'")))?;
+        let mut marker = TopicPartitionList::new();
+        marker
+            .add_partition_offset(&self.topic, 0, Offset::Offset(marker_offset(epoch)))
+            .map_err(|e| fail("marker", e))?;
+        producer
+            .send_offsets_to_transaction(&marker, &metadata, self.timeout)
+            .map_err(|e| fail("recording the checkpoint", e))?;
+        producer
+            .commit_transaction(self.timeout)
+            .map_err(|e| fail("commit", e))?;
+        self.check()
     }
 
     fn error(&self, message: impl Into<String>) -> Error {
@@ -1001,6 +1159,62 @@ impl KafkaSink {
             .flush(self.timeout)
             .map_err(|e| self.error(format!("flushing to topic '{}': {e}", self.topic)))?;
         self.check()
+    }
+}
+
+/// The group offset that records checkpoint `epoch` (the job's end, `u64::MAX - 1`, included).
+fn marker_offset(epoch: u64) -> i64 {
+    epoch.min(i64::MAX as u64) as i64
+}
+
+fn marker_epoch(offset: i64) -> u64 {
+    if offset == i64::MAX {
+        u64::MAX - 1
+    } else {
+        offset as u64
+    }
+}
+
+/// Sends one record, waiting while the producer's queue is full; fails when the brokers stay
+/// away longer than `timeout`.
+fn send(
+    producer: &BaseProducer<Context>,
+    topic: &str,
+    key: Option<&str>,
+    value: Option<&str>,
+    errors: &Errors,
+    timeout: Duration,
+) -> std::result::Result<(), String> {
+    let mut record: BaseRecord<'_, str, str> = BaseRecord::to(topic);
+    if let Some(v) = value {
+        record = record.payload(v);
+    }
+    if let Some(k) = key {
+        record = record.key(k);
+    }
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((
+                KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                r,
+            )) => {
+                // The local queue is full: let deliveries drain it.
+                producer.poll(Duration::from_millis(10));
+                if let Some(e) = errors.undelivered.lock().expect("kafka errors").clone() {
+                    return Err(e);
+                }
+                if let Some((since, why)) = errors.failing_for() {
+                    if since >= timeout {
+                        return Err(format!(
+                            "lost the Kafka brokers for {since:?} (option 'sluice.connect-timeout'): {why}"
+                        ));
+                    }
+                }
+                record = r;
+            }
+            Err((e, _)) => return Err(format!("writing to topic '{topic}': {e}")),
+        }
     }
 }
 
@@ -1039,54 +1253,132 @@ impl SinkWriter for KafkaSink {
             None => None,
             Some((format, columns)) => Some(encode(&batch.data.project(columns)?, *format)?),
         };
+        if self.transactional && self.exactly_once.is_some() {
+            for (i, value) in values.into_iter().enumerate() {
+                let key = keys.as_ref().and_then(|k| k[i].clone());
+                self.pending.push((key, value));
+            }
+            return Ok(());
+        }
         for (i, value) in values.iter().enumerate() {
-            let mut record: BaseRecord<'_, str, str> = BaseRecord::to(&self.topic);
-            if let Some(v) = value {
-                record = record.payload(v.as_str());
-            }
-            if let Some(k) = keys.as_ref().and_then(|k| k[i].as_deref()) {
-                record = record.key(k);
-            }
-            let mut record = record;
-            loop {
-                match self.producer.send(record) {
-                    Ok(()) => break,
-                    Err((
-                        KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                        r,
-                    )) => {
-                        // The local queue is full: let deliveries drain it.
-                        self.producer.poll(Duration::from_millis(10));
-                        self.check()?;
-                        if let Some((since, why)) = self.errors.failing_for() {
-                            if since >= self.timeout {
-                                return Err(self.error(format!(
-                                    "lost the Kafka brokers for {since:?} (option 'sluice.connect-timeout'): {why}"
-                                )));
-                            }
-                        }
-                        record = r;
-                    }
-                    Err((e, _)) => {
-                        return Err(self.error(format!("writing to topic '{}': {e}", self.topic)))
-                    }
-                }
-            }
+            let key = keys.as_ref().and_then(|k| k[i].as_deref());
+            send(
+                &self.producer,
+                &self.topic,
+                key,
+                value.as_deref(),
+                &self.errors,
+                self.timeout,
+            )
+            .map_err(|e| self.error(e))?;
         }
         self.producer.poll(Duration::ZERO);
         self.check()
     }
 
-    fn finish(&mut self) -> Result<()> {
-        self.flush()
+    fn set_staging(&mut self, staging: Arc<dyn crate::Staging>) {
+        self.staging = Some(staging);
     }
 
-    fn pre_commit(&mut self, _epoch: u64) -> Result<()> {
-        if self.guarantee_wait {
-            self.flush()
-        } else {
-            Ok(())
+    fn begin_transactions(
+        &mut self,
+        committed: Option<u64>,
+        worker: usize,
+        workers: usize,
+    ) -> Result<()> {
+        self.transactional = true;
+        if self.exactly_once.is_none() {
+            return Ok(());
         }
+        let staging = self
+            .staging
+            .clone()
+            .ok_or_else(|| self.error("exactly-once needs checkpoint staging"))?;
+        // Staged checkpoints of the workers this one replaces (rescaling) and of its own: each
+        // is written again unless its transaction committed; those of checkpoints that were
+        // never committed are dropped (their rows come again from the sources).
+        let prefix = format!("kafka-{}-{}-w", self.table, self.instance);
+        let mut staged: BTreeMap<usize, Vec<(u64, String)>> = BTreeMap::new();
+        for name in staging.list(&prefix)? {
+            let Some((w, e)) = name[prefix.len()..].split_once("-e") else {
+                continue;
+            };
+            let (Ok(w), Ok(e)) = (w.parse::<usize>(), e.parse::<u64>()) else {
+                continue;
+            };
+            if w % workers.max(1) == worker {
+                staged.entry(w).or_default().push((e, name));
+            }
+        }
+        for (old, mut files) in staged {
+            files.sort();
+            let id = self.transactional_id(old);
+            let producer = self.transactional_producer(&id)?;
+            let done = self.committed_epoch(&id)?;
+            for (epoch, name) in files {
+                let replay =
+                    committed.is_some_and(|c| epoch <= c) && done.is_none_or(|d| d < epoch);
+                if replay {
+                    let bytes = staging.get(&name)?;
+                    let records: Vec<Record> = serde_json::from_slice(&bytes)
+                        .map_err(|e| self.error(format!("staged records {name}: {e}")))?;
+                    self.commit_records(&producer, &id, epoch, &records)?;
+                }
+                staging.remove(&name)?;
+            }
+        }
+        self.worker = worker;
+        let id = self.transactional_id(worker);
+        self.producer = self.transactional_producer(&id)?;
+        Ok(())
+    }
+
+    fn pre_commit(&mut self, epoch: u64) -> Result<()> {
+        if !(self.transactional && self.exactly_once.is_some()) {
+            return if self.guarantee_wait {
+                self.flush()
+            } else {
+                Ok(())
+            };
+        }
+        let records = std::mem::take(&mut self.pending);
+        let staging = self
+            .staging
+            .clone()
+            .ok_or_else(|| self.error("exactly-once needs checkpoint staging"))?;
+        let bytes = serde_json::to_vec(&records).map_err(|e| self.error(e.to_string()))?;
+        staging.put(&self.staged_name(self.worker, epoch), bytes)?;
+        self.sealed.insert(epoch, records);
+        Ok(())
+    }
+
+    fn commit(&mut self, epoch: u64) -> Result<()> {
+        if !(self.transactional && self.exactly_once.is_some()) {
+            return Ok(());
+        }
+        let due: Vec<u64> = self.sealed.range(..=epoch).map(|(e, _)| *e).collect();
+        if due.is_empty() {
+            return Ok(());
+        }
+        let id = self.transactional_id(self.worker);
+        for e in &due {
+            let records = self.sealed.remove(e).expect("listed above");
+            self.commit_records(&self.producer, &id, *e, &records)?;
+        }
+        // Staged records of transactions committed before these go now; the last ones stay until
+        // the next commit, so that a crash right after it finds them, and the group's record of
+        // the epoch says not to write them again.
+        if let Some(staging) = &self.staging {
+            for e in std::mem::take(&mut self.committed_staged) {
+                staging.remove(&self.staged_name(self.worker, e))?;
+            }
+        }
+        self.committed_staged = due;
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.flush()
     }
 
     fn abort(&mut self) -> Result<()> {

@@ -192,8 +192,22 @@ pub(crate) fn generator_seek(
     }
 }
 
+/// Durable storage beside the checkpoints for what a transactional sink must keep until its
+/// output is committed (the Kafka sink's records of a sealed checkpoint): it survives a crash,
+/// and is cleared when the job ends.
+pub trait Staging: Send + Sync {
+    fn put(&self, name: &str, bytes: Vec<u8>) -> Result<()>;
+    fn get(&self, name: &str) -> Result<Vec<u8>>;
+    /// Names starting with `prefix`.
+    fn list(&self, prefix: &str) -> Result<Vec<String>>;
+    fn remove(&self, name: &str) -> Result<()>;
+}
+
 /// A worker's writer into a sink.
 pub trait SinkWriter: Send {
+    /// Gives the sink durable staging, before [`SinkWriter::begin_transactions`] (sinks that
+    /// keep their sealed output elsewhere ignore it).
+    fn set_staging(&mut self, _staging: std::sync::Arc<dyn Staging>) {}
     /// Writes a changelog batch.
     fn write(&mut self, batch: &ChangeBatch) -> Result<()>;
     /// Makes everything written so far visible (publishes in-progress files).
@@ -281,7 +295,7 @@ pub fn open_sink(
     let writer: Box<dyn SinkWriter> = match opts.connector() {
         "filesystem" => filesystem::FileSink::open(spec, &mut opts, worker, workers)?,
         #[cfg(feature = "kafka")]
-        "kafka" => Box::new(kafka::KafkaSink::open(spec, &mut opts)?),
+        "kafka" => Box::new(kafka::KafkaSink::open(spec, &mut opts, worker)?),
         "print" => Box::new(print::PrintSink::open(spec, &mut opts, worker)?),
         "blackhole" => Box::new(print::Blackhole),
         "memory" => Box::new(memory::MemorySink::open(spec, &mut opts)?),

@@ -14,12 +14,12 @@ mod fingerprint;
 #[cfg(test)]
 pub(crate) mod fuzz;
 pub mod keyed;
-mod transactions;
+pub(crate) mod transactions;
 mod writer;
 
 pub use alignment::{Alignment, Held};
 pub use fingerprint::{fingerprint, source_identities};
-pub use transactions::SinkTransactions;
+pub use transactions::{SinkTransactions, STAGING};
 pub use writer::{ipc_bytes, write_ipc, CheckpointWriter, DeferredBatch};
 
 use std::cell::RefCell;

@@ -42,7 +42,9 @@ impl SinkTransactions {
             });
         if let Some(epoch) = newest {
             self.sealed.retain(|e| *e > epoch);
+            crate::job::finish::crash_point("sink-commit");
             w.commit(epoch)?;
+            crate::job::finish::crash_point("sink-committed");
         }
         Ok(!self.sealed.is_empty())
     }
@@ -65,4 +67,45 @@ impl SinkTransactions {
             w.finish()
         }
     }
+}
+
+/// The checkpoint folder that holds sinks' staged output (never a checkpoint: no manifest).
+pub const STAGING: Epoch = u64::MAX - 2;
+
+/// Staging for transactional sinks in the checkpoint store's [`STAGING`] folder.
+pub struct StoreStaging(pub std::sync::Arc<CheckpointStore>);
+
+impl sluice_connectors::Staging for StoreStaging {
+    fn put(&self, name: &str, bytes: Vec<u8>) -> Result<()> {
+        self.0.put(STAGING, name, bytes).map(|_| ())
+    }
+
+    fn get(&self, name: &str) -> Result<Vec<u8>> {
+        Ok(self.0.get(STAGING, name)?.to_vec())
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        Ok(self
+            .0
+            .list(STAGING)?
+            .into_keys()
+            .filter(|n| n.starts_with(prefix))
+            .collect())
+    }
+
+    fn remove(&self, name: &str) -> Result<()> {
+        self.0.remove(STAGING, name)
+    }
+}
+
+/// Opens a transactional sink's staging over `store` and settles what earlier runs left.
+pub fn begin(
+    w: &mut dyn sluice_connectors::SinkWriter,
+    store: &std::sync::Arc<CheckpointStore>,
+    committed: Option<Epoch>,
+    worker: usize,
+    workers: usize,
+) -> Result<()> {
+    w.set_staging(std::sync::Arc::new(StoreStaging(store.clone())));
+    w.begin_transactions(committed, worker, workers)
 }

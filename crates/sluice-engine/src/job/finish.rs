@@ -155,7 +155,14 @@ impl Finish<'_> {
                     ..spec(t)
                 };
                 for w in mine.clone() {
-                    open_sink(&spec, w, workers)?.begin_transactions(Some(finished), w, workers)?;
+                    let mut sink = open_sink(&spec, w, workers)?;
+                    crate::checkpoint::transactions::begin(
+                        sink.as_mut(),
+                        &self.c.store,
+                        Some(finished),
+                        w,
+                        workers,
+                    )?;
                 }
             }
         }

@@ -21,7 +21,7 @@ use sluice_sql::config::JobConfig;
 
 mod checkpoints;
 mod cluster;
-mod finish;
+pub(crate) mod finish;
 mod memory;
 
 use crate::build::*;

@@ -33,7 +33,8 @@ pub(crate) fn table_sink<'scope>(
     let writer = open_sink(&spec, index, peers).and_then(|mut w| {
         if let Some(c) = &checkpoint {
             // Two-phase commit: settle what earlier runs left, against the restored checkpoint.
-            w.begin_transactions(c.restore.as_ref().map(|m| m.epoch), index, peers)?;
+            let committed = c.restore.as_ref().map(|m| m.epoch);
+            crate::checkpoint::transactions::begin(w.as_mut(), &c.store, committed, index, peers)?;
         }
         Ok(w)
     });

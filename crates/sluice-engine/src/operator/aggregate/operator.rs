@@ -72,7 +72,9 @@ impl AggregateOperator {
             Some(t) => {
                 let mut writer = open_sink(&spec(t), ctx.index, ctx.peers)?;
                 if let Some(c) = &ctx.checkpoint {
-                    writer.begin_transactions(
+                    crate::checkpoint::transactions::begin(
+                        writer.as_mut(),
+                        &c.store,
                         c.restore.as_ref().map(|m| m.epoch),
                         ctx.index,
                         ctx.peers,
