@@ -22,6 +22,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     name: "datagen",
     reads: true,
     writes: false,
+    metadata: &[],
     options: &[
         OptionDef {
             key: "rows-per-second",

@@ -28,6 +28,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     name: "ecommerce",
     reads: true,
     writes: false,
+    metadata: &[],
     options: &[
         OptionDef {
             key: "rows-per-second",

@@ -31,6 +31,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     name: "filesystem",
     reads: true,
     writes: true,
+    metadata: &[],
     options: &[
         OptionDef {
             key: "path",

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
@@ -33,6 +34,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     name: "kafka",
     reads: true,
     writes: true,
+    metadata: &["topic", "partition", "offset", "timestamp", "timestamp-type"],
     options: &[
         OptionDef {
             key: "topic",
@@ -375,7 +377,11 @@ pub struct KafkaSource {
     timeout: Duration,
     format: Format,
     json: JsonLines,
+    /// The table's physical columns; those decoded from values (all but the metadata ones);
+    /// and the metadata columns with their keys.
     schema: SchemaRef,
+    value_schema: SchemaRef,
+    metadata: Vec<(usize, String)>,
     /// Batches decoded but not yet returned, with the position after each.
     ready: VecDeque<(Poll, Option<(usize, i64)>)>,
     assigned: bool,
@@ -482,6 +488,20 @@ impl KafkaSource {
             partitions.extend(ids.into_iter().map(|p| (topic.clone(), p)));
         }
         let total = partitions.len();
+        let value_schema = Arc::new(arrow::datatypes::Schema::new(
+            spec.schema
+                .fields()
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !spec.metadata.iter().any(|(c, _)| c == i))
+                .map(|(_, f)| f.clone())
+                .collect::<Vec<_>>(),
+        ));
+        if format == Format::Raw && value_schema.fields().len() != 1 {
+            return Err(
+                opts.error("format 'raw' reads a table of one column (besides metadata columns)")
+            );
+        }
         let splits: Vec<Split> = partitions
             .into_iter()
             .enumerate()
@@ -519,8 +539,10 @@ impl KafkaSource {
             reset,
             timeout,
             format,
-            json: JsonLines::new(spec.schema.clone(), ignore_errors)?,
+            json: JsonLines::new(value_schema.clone(), ignore_errors)?,
             schema: spec.schema.clone(),
+            value_schema,
+            metadata: spec.metadata.clone(),
             ready: VecDeque::new(),
             assigned: false,
             silent,
@@ -698,26 +720,55 @@ impl KafkaSource {
     }
 
     /// Decodes one partition's record values into a batch.
-    fn decode(&mut self, split: usize, values: Vec<String>, offsets: Vec<i64>) -> Result<()> {
-        let next = offsets.last().expect("at least one record") + 1;
+    /// Decodes one partition's records into a batch: the values, then the metadata columns.
+    fn decode(&mut self, split: usize, records: Gathered) -> Result<()> {
+        let next = records.offsets.last().expect("at least one record") + 1;
         let s = &self.splits[split];
         let (topic, partition) = (s.topic.clone(), s.partition);
-        let batch = match self.format {
-            Format::Json => self.json.decode_at(&values, &|i| {
-                format!(
-                    "topic '{topic}' partition {partition} offset {}",
-                    offsets[i]
-                )
-            })?,
+        let offsets = &records.offsets;
+        let location = |i: usize| {
+            format!(
+                "topic '{topic}' partition {partition} offset {}",
+                offsets[i]
+            )
+        };
+        // The records whose values decoded (all but those skipped as malformed).
+        let (batch, kept): (Option<RecordBatch>, Vec<usize>) = match self.format {
             Format::Raw => {
                 let column: arrow::array::ArrayRef =
-                    Arc::new(arrow::array::StringArray::from(values));
-                let column = arrow::compute::cast(&column, self.schema.field(0).data_type())?;
-                Some(arrow::record_batch::RecordBatch::try_new(
-                    self.schema.clone(),
-                    vec![column],
-                )?)
+                    Arc::new(arrow::array::StringArray::from(records.values.clone()));
+                let column = arrow::compute::cast(&column, self.value_schema.field(0).data_type())?;
+                let batch = RecordBatch::try_new(self.value_schema.clone(), vec![column])?;
+                (Some(batch), (0..records.values.len()).collect())
             }
+            Format::Json => {
+                let batch = self.json.decode_at(&records.values, &location)?;
+                let rows = batch.as_ref().map_or(0, |b| b.num_rows());
+                if rows == records.values.len() || self.metadata.is_empty() {
+                    (batch, (0..rows).collect())
+                } else {
+                    // Some were skipped: find which, one by one (rare), to keep their metadata.
+                    let mut good = vec![];
+                    let mut kept = vec![];
+                    for (i, v) in records.values.iter().enumerate() {
+                        if let Some(b) = self
+                            .json
+                            .decode_at(std::slice::from_ref(v), &|_| location(i))?
+                        {
+                            good.push(b);
+                            kept.push(i);
+                        }
+                    }
+                    let batch = (!good.is_empty())
+                        .then(|| arrow::compute::concat_batches(&self.value_schema, &good))
+                        .transpose()?;
+                    (batch, kept)
+                }
+            }
+        };
+        let batch = match batch {
+            Some(b) if !self.metadata.is_empty() => Some(self.with_metadata(b, &records, &kept)?),
+            other => other,
         };
         match batch {
             Some(batch) => self
@@ -728,6 +779,62 @@ impl KafkaSource {
         }
         Ok(())
     }
+
+    /// The table's row: the decoded value columns with the metadata columns put in their places.
+    fn with_metadata(
+        &self,
+        values: RecordBatch,
+        records: &Gathered,
+        kept: &[usize],
+    ) -> Result<RecordBatch> {
+        use arrow::array::{
+            ArrayRef, Int32Array, Int64Array, StringArray, TimestampMillisecondArray,
+        };
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
+        let mut value_columns = values.columns().iter();
+        for (i, field) in self.schema.fields().iter().enumerate() {
+            let Some((_, key)) = self.metadata.iter().find(|(c, _)| *c == i) else {
+                columns.push(value_columns.next().expect("a value column").clone());
+                continue;
+            };
+            let column: ArrayRef = match key.as_str() {
+                "topic" => Arc::new(StringArray::from(vec![
+                    self.splits[records.split]
+                        .topic
+                        .as_str();
+                    kept.len()
+                ])),
+                "partition" => Arc::new(Int32Array::from(vec![
+                    self.splits[records.split].partition;
+                    kept.len()
+                ])),
+                "offset" => Arc::new(Int64Array::from_iter_values(
+                    kept.iter().map(|k| records.offsets[*k]),
+                )),
+                "timestamp" => Arc::new(TimestampMillisecondArray::from(
+                    kept.iter()
+                        .map(|k| records.timestamps[*k].0)
+                        .collect::<Vec<_>>(),
+                )),
+                _ => Arc::new(StringArray::from(
+                    kept.iter()
+                        .map(|k| records.timestamps[*k].1)
+                        .collect::<Vec<_>>(),
+                )),
+            };
+            columns.push(arrow::compute::cast(&column, field.data_type())?);
+        }
+        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
+    }
+}
+
+/// One partition's records gathered by a poll: values, offsets, and timestamps with their type.
+#[derive(Default)]
+struct Gathered {
+    split: usize,
+    values: Vec<String>,
+    offsets: Vec<i64>,
+    timestamps: Vec<(Option<i64>, &'static str)>,
 }
 
 impl KafkaSource {
@@ -762,7 +869,7 @@ impl SourceReader for KafkaSource {
             return Ok(Poll::Finished);
         }
         // Gather up to `max_rows` records, by partition, in offset order.
-        let mut gathered: BTreeMap<usize, (Vec<String>, Vec<i64>)> = BTreeMap::new();
+        let mut gathered: BTreeMap<usize, Gathered> = BTreeMap::new();
         let mut finished: Vec<usize> = vec![];
         let mut n = 0;
         while n < max_rows {
@@ -804,9 +911,17 @@ impl SourceReader for KafkaSource {
                     }
                     Err(_) => String::from_utf8_lossy(payload).into_owned(),
                 };
-                let entry = gathered.entry(split).or_default();
-                entry.0.push(value);
-                entry.1.push(offset);
+                let entry = gathered.entry(split).or_insert_with(|| Gathered {
+                    split,
+                    ..Default::default()
+                });
+                entry.values.push(value);
+                entry.offsets.push(offset);
+                entry.timestamps.push(match message.timestamp() {
+                    rdkafka::Timestamp::NotAvailable => (None, "NoTimestampType"),
+                    rdkafka::Timestamp::CreateTime(t) => (Some(t), "CreateTime"),
+                    rdkafka::Timestamp::LogAppendTime(t) => (Some(t), "LogAppendTime"),
+                });
                 n += 1;
             } else if ended {
                 self.splits[split].returned = Some(offset + 1);
@@ -816,8 +931,8 @@ impl SourceReader for KafkaSource {
                 finished.push(split);
             }
         }
-        for (split, (values, offsets)) in gathered {
-            self.decode(split, values, offsets)?;
+        for (split, records) in gathered {
+            self.decode(split, records)?;
         }
         for split in finished {
             let mut tpl = TopicPartitionList::new();

@@ -52,6 +52,9 @@ pub struct ConnectorSpec {
     /// Sinks: which of the job's INSERTs into this table this is (0 for the first), so that
     /// writers of several INSERTs into one table name their files apart.
     pub sink_instance: usize,
+    /// Metadata columns (`METADATA FROM 'key'`): positions in `schema` and keys. A source fills
+    /// them from its records' metadata, not from their values.
+    pub metadata: Vec<(usize, String)>,
 }
 
 /// What a source produced on one poll.

@@ -72,6 +72,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     name: "memory",
     reads: false,
     writes: true,
+    metadata: &[],
     options: &[OptionDef {
         key: "memory.name",
         kind: Kind::Text,

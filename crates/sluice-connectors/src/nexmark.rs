@@ -36,6 +36,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     name: "nexmark",
     reads: true,
     writes: false,
+    metadata: &[],
     options: &[
         OptionDef {
             key: "nexmark.table",

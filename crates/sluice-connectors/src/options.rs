@@ -177,6 +177,8 @@ pub struct ConnectorDef {
     pub name: &'static str,
     pub reads: bool,
     pub writes: bool,
+    /// The metadata a source can put in `METADATA FROM 'key'` columns.
+    pub metadata: &'static [&'static str],
     pub options: &'static [OptionDef],
 }
 
@@ -259,6 +261,27 @@ impl Options {
             sink,
             read: BTreeSet::new(),
         };
+        for (column, key) in &spec.metadata {
+            let column = spec.schema.field(*column).name();
+            if sink {
+                return Err(Error::connector(
+                    &spec.table,
+                    format!("column '{column}' is a METADATA column: writing metadata is not supported yet"),
+                ));
+            }
+            if !def.metadata.contains(&key.as_str()) {
+                return Err(Error::connector(
+                    &spec.table,
+                    format!(
+                        "column '{column}': connector '{name}' has no metadata '{key}'{}",
+                        match def.metadata {
+                            [] => " (it has no metadata columns)".to_string(),
+                            keys => format!(" (it has: {})", keys.join(", ")),
+                        }
+                    ),
+                ));
+            }
+        }
         // Options no declaration covers are errors before anything is opened or connected.
         let undeclared: Vec<&String> = opts
             .values

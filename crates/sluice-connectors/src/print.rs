@@ -12,6 +12,7 @@ pub const PRINT: ConnectorDef = ConnectorDef {
     name: "print",
     reads: false,
     writes: true,
+    metadata: &[],
     options: &[OptionDef {
         key: "print-identifier",
         kind: Kind::Text,
@@ -27,6 +28,7 @@ pub const BLACKHOLE: ConnectorDef = ConnectorDef {
     name: "blackhole",
     reads: false,
     writes: true,
+    metadata: &[],
     options: &[],
 };
 

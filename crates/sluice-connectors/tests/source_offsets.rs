@@ -22,6 +22,7 @@ fn spec(options: &[(&str, &str)], fields: Vec<Field>) -> ConnectorSpec {
         decode_ahead: false,
         whole_files: false,
         sink_instance: 0,
+        metadata: vec![],
     }
 }
 

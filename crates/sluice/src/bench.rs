@@ -175,6 +175,7 @@ fn run_scenario(s: &Scenario, events: u64, workers: usize) -> Result<Run, String
             decode_ahead: false,
             whole_files: false,
             sink_instance: 0,
+            metadata: vec![],
         };
         let started = Instant::now();
         let mut total = 0u64;

@@ -41,6 +41,7 @@ pub(crate) fn spec(table: &TableDef) -> ConnectorSpec {
         decode_ahead: false,
         whole_files: false,
         sink_instance: 0,
+        metadata: table.metadata.clone(),
     }
 }
 

@@ -55,6 +55,9 @@ pub enum ColumnDdl {
         name: String,
         data_type: DataType,
         nullable: bool,
+        /// `METADATA [FROM 'key'] [VIRTUAL]`: read from the connector's record metadata (the
+        /// key defaults to the column's name).
+        metadata: Option<String>,
     },
     Computed {
         name: String,
@@ -347,6 +350,19 @@ fn parse_create_table(p: &mut Parser) -> Result<TableDdl, ParserError> {
                 } else {
                     let _ = p.parse_keyword(Keyword::NULL);
                 }
+                let mut metadata = None;
+                if peek_word(p, "METADATA") {
+                    p.next_token();
+                    let key = if p.parse_keyword(Keyword::FROM) {
+                        p.parse_literal_string()?
+                    } else {
+                        name.clone()
+                    };
+                    if peek_word(p, "VIRTUAL") {
+                        p.next_token();
+                    }
+                    metadata = Some(key);
+                }
                 if p.parse_keywords(&[Keyword::PRIMARY, Keyword::KEY]) {
                     p.expect_keywords(&[Keyword::NOT, Keyword::ENFORCED])?;
                     ddl.primary_key = vec![name.clone()];
@@ -358,6 +374,7 @@ fn parse_create_table(p: &mut Parser) -> Result<TableDdl, ParserError> {
                     name,
                     data_type,
                     nullable,
+                    metadata,
                 });
             }
         }

@@ -28,6 +28,8 @@ pub struct TableDef {
     pub primary_key: Vec<String>,
     pub partitioned_by: Vec<String>,
     pub options: BTreeMap<String, String>,
+    /// Metadata columns (`METADATA FROM 'key'`): their positions in `physical_schema` and keys.
+    pub metadata: Vec<(usize, String)>,
 }
 
 impl TableDef {

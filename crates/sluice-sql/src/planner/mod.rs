@@ -363,6 +363,7 @@ impl Catalog {
             ..
         } = ddl;
         let mut physical = vec![];
+        let mut metadata = vec![];
         let mut computed_sql = vec![];
         for c in &columns {
             match c {
@@ -370,7 +371,13 @@ impl Catalog {
                     name,
                     data_type,
                     nullable,
-                } => physical.push(Field::new(name, data_type.clone(), *nullable)),
+                    metadata: key,
+                } => {
+                    if let Some(key) = key {
+                        metadata.push((physical.len(), key.clone()));
+                    }
+                    physical.push(Field::new(name, data_type.clone(), *nullable))
+                }
                 ColumnDdl::Computed { name, expr } => {
                     computed_sql.push((name.clone(), expr.clone()))
                 }
@@ -445,6 +452,7 @@ impl Catalog {
             primary_key,
             partitioned_by,
             options,
+            metadata,
         })
     }
 

@@ -406,6 +406,7 @@ fn the_file_decoders_survive_mutated_records() {
                 decode_ahead: rng.random_bool(0.5),
                 whole_files: false,
                 sink_instance: 0,
+                metadata: vec![],
             };
             let workers = rng.random_range(1..=2);
             let shown = format!(

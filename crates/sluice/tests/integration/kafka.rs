@@ -674,3 +674,87 @@ fn an_exactly_once_sink_commits_every_row_once_across_crashes() {
         assert_eq!(ids, (0..ROWS).collect::<Vec<_>>(), "{crash:?}: {stderr}");
     }
 }
+
+/// Flink's metadata columns: the record's topic, partition, offset and timestamp, declared with
+/// `METADATA [FROM 'key'] [VIRTUAL]`, next to the value's columns. A key the connector does not
+/// have, or a metadata column on a connector without any, is an error naming the column.
+#[test]
+fn metadata_columns_hold_each_records_topic_partition_offset_and_time() {
+    let broker = Broker::start();
+    broker.create_topic("meta_t", 2);
+    let records: Vec<(i32, Option<String>, Option<String>)> = (0..6)
+        .map(|i| (i % 2, None, Some(format!(r#"{{"id":{i}}}"#))))
+        .collect();
+    let before = chrono::Utc::now().timestamp_millis();
+    broker.produce("meta_t", &records);
+    let after = chrono::Utc::now().timestamp_millis();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let script = format!(
+        "CREATE TABLE src (
+           id BIGINT,
+           `partition` INT METADATA VIRTUAL,
+           `offset` BIGINT METADATA VIRTUAL,
+           t STRING METADATA FROM 'topic' VIRTUAL,
+           ts TIMESTAMP_LTZ(3) METADATA FROM 'timestamp')
+         WITH ('connector' = 'kafka', 'topic' = 'meta_t', 'properties.bootstrap.servers' = '{}',
+           'format' = 'json', 'scan.startup.mode' = 'earliest-offset',
+           'scan.bounded.mode' = 'specific-offsets',
+           'scan.bounded.specific-offsets' = 'partition:0,offset:3;partition:1,offset:3');
+         CREATE TABLE out (id BIGINT, p INT, o BIGINT, t STRING, ms BIGINT)
+           WITH ('connector' = 'filesystem', 'path' = '{}', 'format' = 'json');
+         INSERT INTO out SELECT id, `partition`, `offset`, t, UNIX_TIMESTAMP(CAST(ts AS STRING)) FROM src;",
+        broker.servers,
+        out.display()
+    );
+    let (ok, stderr) = run(dir.path(), &script, 2, Duration::from_secs(60));
+    assert!(ok, "{stderr}");
+    let mut rows: Vec<(i64, i64, i64, String, i64)> = crate::common::committed_rows(&out, |_| {})
+        .keys()
+        .map(|row| {
+            let v: serde_json::Value = serde_json::from_str(row).unwrap();
+            (
+                v["id"].as_i64().unwrap(),
+                v["p"].as_i64().unwrap(),
+                v["o"].as_i64().unwrap(),
+                v["t"].as_str().unwrap().to_string(),
+                v["ms"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    rows.sort();
+    let want: Vec<(i64, i64, i64, String)> = (0..6)
+        .map(|i| (i, i % 2, i / 2, "meta_t".to_string()))
+        .collect();
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.0, r.1, r.2, r.3.clone()))
+            .collect::<Vec<_>>(),
+        want
+    );
+    // The producer's create time, to the second.
+    for r in &rows {
+        assert!(
+            (before / 1000 - 1..=after / 1000 + 1).contains(&r.4),
+            "{r:?}"
+        );
+    }
+    for (ddl, want) in [
+        (
+            format!("x STRING METADATA FROM 'leader' VIRTUAL) WITH ('connector' = 'kafka', 'topic' = 'meta_t', 'properties.bootstrap.servers' = '{}', 'format' = 'json')", broker.servers),
+            "column 'x': connector 'kafka' has no metadata 'leader' (it has: topic, partition, offset, timestamp, timestamp-type)",
+        ),
+        (
+            "x STRING METADATA FROM 'file.path') WITH ('connector' = 'datagen')".to_string(),
+            "column 'x': connector 'datagen' has no metadata 'file.path' (it has no metadata columns)",
+        ),
+    ] {
+        let script = format!(
+            "CREATE TABLE s (id BIGINT, {ddl};
+             CREATE TABLE o (id BIGINT) WITH ('connector' = 'blackhole');
+             INSERT INTO o SELECT id FROM s;"
+        );
+        let (ok, stderr) = run(dir.path(), &script, 1, Duration::from_secs(30));
+        assert!(!ok && stderr.contains(want), "{want}: {stderr}");
+    }
+}

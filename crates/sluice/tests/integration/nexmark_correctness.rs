@@ -58,6 +58,7 @@ fn generated(script: &str, table: &str) -> (SchemaRef, Vec<RecordBatch>) {
         decode_ahead: false,
         whole_files: false,
         sink_instance: 0,
+        metadata: vec![],
     };
     let mut reader = sluice_connectors::open_source(&spec, 0, 1).unwrap();
     let mut out = vec![];
