@@ -47,3 +47,32 @@ pub fn memory_size(text: &str) -> Option<u64> {
         .ok()?
         .checked_mul(1u64 << shift)
 }
+
+/// For tests that keep generated sections of a document in step with the code: each
+/// `(name, text)` section must stand between `<!-- generated from <source>: <name> -->` and the
+/// next `<!-- end -->` in the file at `path`. With `SLUICE_BLESS` set, stale sections are
+/// rewritten; otherwise a stale section fails the test, naming it.
+pub fn check_generated_sections(path: &str, source: &str, sections: &[(&str, String)]) {
+    let mut doc = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let mut stale = vec![];
+    for (name, fresh) in sections {
+        let begin = format!("<!-- generated from {source}: {name} -->\n");
+        let start = doc
+            .find(&begin)
+            .unwrap_or_else(|| panic!("{path} has no marker {begin:?}"))
+            + begin.len();
+        let end = start + doc[start..].find("<!-- end -->").expect("the end marker");
+        if doc[start..end] != *fresh {
+            stale.push(*name);
+            doc.replace_range(start..end, fresh);
+        }
+    }
+    if stale.is_empty() {
+        return;
+    }
+    if std::env::var_os("SLUICE_BLESS").is_some() {
+        std::fs::write(path, doc).unwrap_or_else(|e| panic!("{path}: {e}"));
+    } else {
+        panic!("{path} holds other {stale:?} than {source} declares; run this test with SLUICE_BLESS=1 to regenerate it");
+    }
+}

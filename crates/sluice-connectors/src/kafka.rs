@@ -189,6 +189,31 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     ],
 };
 
+/// The edge of `<prefix>.mode` = `mode` (`earliest-offset`, `latest-offset`, `timestamp` with
+/// `<prefix>.timestamp-millis`, or `specific-offsets` with `<prefix>.specific-offsets`, where
+/// partitions not named are at `otherwise`).
+fn edge(opts: &mut Options, prefix: &str, mode: &str, otherwise: Edge) -> Result<Edge> {
+    Ok(match mode {
+        "earliest-offset" => Edge::Earliest,
+        "latest-offset" => Edge::Latest,
+        "timestamp" => {
+            let key = format!("{prefix}.timestamp-millis");
+            Edge::Time(opts.optional::<i64>(&key)?.ok_or_else(|| {
+                opts.error(format!("'{prefix}.mode' = 'timestamp' needs '{key}'"))
+            })?)
+        }
+        _ => {
+            let key = format!("{prefix}.specific-offsets");
+            let text = opts.get(&key)?.ok_or_else(|| {
+                opts.error(format!(
+                    "'{prefix}.mode' = 'specific-offsets' needs '{key}'"
+                ))
+            })?;
+            Edge::Given(specific_offsets(opts, &key, &text)?, Box::new(otherwise))
+        }
+    })
+}
+
 /// How long a broker request at start (metadata, offsets) may take.
 fn connect_timeout(opts: &mut Options) -> Result<Duration> {
     let ms = opts
@@ -321,23 +346,21 @@ fn specific_offsets(opts: &Options, key: &str, text: &str) -> Result<BTreeMap<i3
 }
 
 /// Where a partition starts when no checkpoint says.
-#[derive(Clone, Debug)]
 enum Startup {
-    Earliest,
-    Latest,
+    /// The consumer group's committed offsets.
     Group,
-    Timestamp(i64),
-    Specific(BTreeMap<i32, i64>),
+    At(Edge),
 }
 
-/// Where a partition ends.
+/// A position in each partition, for where a read starts or ends.
 #[derive(Clone, Debug)]
-enum Bound {
-    Unbounded,
+enum Edge {
+    Earliest,
     Latest,
-    Timestamp(i64),
-    /// Given offsets; partitions not named end where they end when the job starts.
-    Specific(BTreeMap<i32, i64>),
+    /// The first record at or after a time (epoch milliseconds).
+    Time(i64),
+    /// Given offsets by partition; the others at another edge.
+    Given(BTreeMap<i32, i64>, Box<Edge>),
 }
 
 /// One partition this worker reads.
@@ -371,7 +394,8 @@ pub struct KafkaSource {
     splits: Vec<Split>,
     by_partition: HashMap<(String, i32), usize>,
     startup: Startup,
-    bound: Bound,
+    /// Where each partition ends (`None`: unbounded).
+    bound: Option<Edge>,
     group: Option<String>,
     reset: Option<String>,
     timeout: Duration,
@@ -405,37 +429,13 @@ impl KafkaSource {
         let ignore_errors = opts.flag("json.ignore-parse-errors")?;
         let timeout = connect_timeout(opts)?;
         let startup = match opts.value::<String>("scan.startup.mode")?.as_str() {
-            "earliest-offset" => Startup::Earliest,
-            "latest-offset" => Startup::Latest,
             "group-offsets" => Startup::Group,
-            "timestamp" => Startup::Timestamp(
-                opts.optional::<i64>("scan.startup.timestamp-millis")?
-                    .ok_or_else(|| {
-                        opts.error("'scan.startup.mode' = 'timestamp' needs 'scan.startup.timestamp-millis'")
-                    })?,
-            ),
-            _ => {
-                let text = opts.get("scan.startup.specific-offsets")?.ok_or_else(|| {
-                    opts.error("'scan.startup.mode' = 'specific-offsets' needs 'scan.startup.specific-offsets'")
-                })?;
-                Startup::Specific(specific_offsets(opts, "scan.startup.specific-offsets", &text)?)
-            }
+            mode => Startup::At(edge(opts, "scan.startup", mode, Edge::Earliest)?),
         };
+        // Partitions that specific offsets do not name end where they end when the job starts.
         let bound = match opts.value::<String>("scan.bounded.mode")?.as_str() {
-            "unbounded" => Bound::Unbounded,
-            "latest-offset" => Bound::Latest,
-            "timestamp" => Bound::Timestamp(
-                opts.optional::<i64>("scan.bounded.timestamp-millis")?
-                    .ok_or_else(|| {
-                        opts.error("'scan.bounded.mode' = 'timestamp' needs 'scan.bounded.timestamp-millis'")
-                    })?,
-            ),
-            _ => {
-                let text = opts.get("scan.bounded.specific-offsets")?.ok_or_else(|| {
-                    opts.error("'scan.bounded.mode' = 'specific-offsets' needs 'scan.bounded.specific-offsets'")
-                })?;
-                Bound::Specific(specific_offsets(opts, "scan.bounded.specific-offsets", &text)?)
-            }
+            "unbounded" => None,
+            mode => Some(edge(opts, "scan.bounded", mode, Edge::Latest)?),
         };
         let group = opts.get("properties.group.id")?;
         if matches!(startup, Startup::Group) && group.is_none() {
@@ -521,7 +521,7 @@ impl KafkaSource {
             .enumerate()
             .map(|(i, s)| ((s.topic.clone(), s.partition), i))
             .collect();
-        let silent = if matches!(bound, Bound::Unbounded) {
+        let silent = if bound.is_none() {
             vec![]
         } else {
             (total..workers).collect()
@@ -592,34 +592,46 @@ impl KafkaSource {
         Ok(out)
     }
 
+    /// The offset at `edge` of each of `splits`.
+    fn positions(&self, splits: &[usize], edge: &Edge) -> Result<HashMap<usize, i64>> {
+        match edge {
+            Edge::Time(ms) => self.offsets_for_time(splits, *ms),
+            Edge::Given(given, otherwise) => {
+                let (named, rest): (Vec<usize>, Vec<usize>) = splits
+                    .iter()
+                    .partition(|i| given.contains_key(&self.splits[**i].partition));
+                let mut out = self.positions(&rest, otherwise)?;
+                out.extend(
+                    named
+                        .iter()
+                        .map(|i| (*i, given[&self.splits[*i].partition])),
+                );
+                Ok(out)
+            }
+            Edge::Earliest | Edge::Latest => splits
+                .iter()
+                .map(|&i| {
+                    let (low, high) = self.watermarks(&self.splits[i])?;
+                    Ok((
+                        i,
+                        if matches!(edge, Edge::Earliest) {
+                            low
+                        } else {
+                            high
+                        },
+                    ))
+                })
+                .collect(),
+        }
+    }
+
     /// Resolves where each partition starts and ends, and assigns them to the consumer.
     fn assign(&mut self) -> Result<()> {
         let unknown: Vec<usize> = (0..self.splits.len())
             .filter(|i| self.splits[*i].next.is_none() && !self.splits[*i].done)
             .collect();
         let starts: HashMap<usize, i64> = match &self.startup {
-            Startup::Earliest => unknown
-                .iter()
-                .map(|&i| Ok((i, self.watermarks(&self.splits[i])?.0)))
-                .collect::<Result<_>>()?,
-            Startup::Latest => unknown
-                .iter()
-                .map(|&i| Ok((i, self.watermarks(&self.splits[i])?.1)))
-                .collect::<Result<_>>()?,
-            Startup::Timestamp(ms) => self.offsets_for_time(&unknown, *ms)?,
-            Startup::Specific(given) => unknown
-                .iter()
-                .map(|&i| {
-                    let s = &self.splits[i];
-                    Ok((
-                        i,
-                        match given.get(&s.partition) {
-                            Some(o) => *o,
-                            None => self.watermarks(s)?.0,
-                        },
-                    ))
-                })
-                .collect::<Result<_>>()?,
+            Startup::At(edge) => self.positions(&unknown, edge)?,
             Startup::Group => {
                 let mut tpl = TopicPartitionList::new();
                 for &i in &unknown {
@@ -672,25 +684,8 @@ impl KafkaSource {
         }
         let all: Vec<usize> = (0..self.splits.len()).collect();
         let ends: HashMap<usize, i64> = match &self.bound {
-            Bound::Unbounded => HashMap::new(),
-            Bound::Latest => all
-                .iter()
-                .map(|&i| Ok((i, self.watermarks(&self.splits[i])?.1)))
-                .collect::<Result<_>>()?,
-            Bound::Timestamp(ms) => self.offsets_for_time(&all, *ms)?,
-            Bound::Specific(given) => all
-                .iter()
-                .map(|&i| {
-                    let s = &self.splits[i];
-                    Ok((
-                        i,
-                        match given.get(&s.partition) {
-                            Some(o) => *o,
-                            None => self.watermarks(s)?.1,
-                        },
-                    ))
-                })
-                .collect::<Result<_>>()?,
+            None => HashMap::new(),
+            Some(edge) => self.positions(&all, edge)?,
         };
         for (i, end) in ends {
             self.splits[i].end = Some(end);
@@ -991,12 +986,7 @@ impl SourceReader for KafkaSource {
         }
         if !offsets.is_empty() {
             // New partitions of a restored job start at their beginning, as Flink's do.
-            self.startup = match &self.startup {
-                Startup::Specific(_) | Startup::Group | Startup::Latest | Startup::Timestamp(_) => {
-                    Startup::Earliest
-                }
-                s => s.clone(),
-            };
+            self.startup = Startup::At(Edge::Earliest);
         }
         Ok(())
     }

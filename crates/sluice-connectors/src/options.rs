@@ -628,30 +628,14 @@ mod tests {
     /// must hold exactly what [`options_markdown`] gives (`SLUICE_BLESS=1` rewrites it).
     #[test]
     fn the_docs_list_every_option_as_declared() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/connectors.md");
-        let mut doc = std::fs::read_to_string(path).unwrap();
-        let mut stale = vec![];
-        let tables = std::iter::once(("any source table", TABLE_OPTIONS))
-            .chain(crate::CONNECTORS.iter().map(|c| (c.name, c.options)));
-        for (name, options) in tables {
-            let fresh = options_markdown(options);
-            let begin = format!("<!-- generated from the declarations: {name} -->\n");
-            let start = doc
-                .find(&begin)
-                .unwrap_or_else(|| panic!("docs/connectors.md has no marker {begin:?}"))
-                + begin.len();
-            let end = start + doc[start..].find("<!-- end -->").expect("the end marker");
-            if doc[start..end] != fresh {
-                stale.push(name);
-                doc.replace_range(start..end, &fresh);
-            }
-        }
-        if !stale.is_empty() {
-            if std::env::var_os("SLUICE_BLESS").is_some() {
-                std::fs::write(path, doc).unwrap();
-            } else {
-                panic!("docs/connectors.md lists other options for {stale:?} than the connectors declare; run this test with SLUICE_BLESS=1 to regenerate it");
-            }
-        }
+        let sections: Vec<(&str, String)> = std::iter::once(("any source table", TABLE_OPTIONS))
+            .chain(crate::CONNECTORS.iter().map(|c| (c.name, c.options)))
+            .map(|(name, options)| (name, options_markdown(options)))
+            .collect();
+        sluice_common::text::check_generated_sections(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/connectors.md"),
+            "the declarations",
+            &sections,
+        );
     }
 }

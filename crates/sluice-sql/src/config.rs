@@ -627,27 +627,13 @@ mod tests {
     /// give (`SLUICE_BLESS=1` rewrites it).
     #[test]
     fn the_docs_list_every_option_as_declared() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/configuration.md");
-        let mut doc = std::fs::read_to_string(path).unwrap();
-        let mut stale = vec![];
-        for (name, fresh) in [
-            ("options", super::options_markdown()),
-            ("Flink-only options", super::flink_only_markdown()),
-        ] {
-            let begin = format!("<!-- generated from config.rs: {name} -->\n");
-            let start = doc.find(&begin).expect("the begin marker") + begin.len();
-            let end = start + doc[start..].find("<!-- end -->").expect("the end marker");
-            if doc[start..end] != fresh {
-                stale.push(name);
-                doc.replace_range(start..end, &fresh);
-            }
-        }
-        if !stale.is_empty() {
-            if std::env::var_os("SLUICE_BLESS").is_some() {
-                std::fs::write(path, doc).unwrap();
-            } else {
-                panic!("docs/configuration.md lists other {stale:?} than config.rs declares; run this test with SLUICE_BLESS=1 to regenerate it");
-            }
-        }
+        sluice_common::text::check_generated_sections(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/configuration.md"),
+            "config.rs",
+            &[
+                ("options", super::options_markdown()),
+                ("Flink-only options", super::flink_only_markdown()),
+            ],
+        );
     }
 }

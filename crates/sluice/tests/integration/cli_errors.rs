@@ -9,48 +9,7 @@ fn sluice(script: &str, dir: &Path) -> Output {
     std::fs::write(&file, script).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
     cmd.arg("run").arg(&file);
-    output_within(cmd, std::time::Duration::from_secs(60))
-}
-
-/// The output of `cmd`, which must end within `limit` (else it is killed and the test fails).
-fn output_within(mut cmd: Command, limit: std::time::Duration) -> Output {
-    use std::io::Read;
-    let mut child = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut pipes = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let out = std::thread::spawn(move || {
-        let mut v = vec![];
-        pipes.0.read_to_end(&mut v).unwrap();
-        v
-    });
-    let err = std::thread::spawn(move || {
-        let mut v = vec![];
-        pipes.1.read_to_end(&mut v).unwrap();
-        v
-    });
-    let started = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > limit {
-            child.kill().unwrap();
-            let _ = child.wait();
-            panic!(
-                "{cmd:?} did not end within {limit:?}: {}",
-                String::from_utf8_lossy(&err.join().unwrap())
-            );
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    Output {
-        status,
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
-    }
+    crate::common::output_within(cmd, std::time::Duration::from_secs(60))
 }
 
 fn stderr(o: &Output) -> String {
@@ -418,7 +377,7 @@ fn explain_analyze_reports_rows_per_node() {
     .unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
     cmd.args(["run", "--workers", "2"]).arg(&script);
-    let o = output_within(cmd, std::time::Duration::from_secs(60));
+    let o = crate::common::output_within(cmd, std::time::Duration::from_secs(60));
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     let rows = |node: &str| -> u64 {
