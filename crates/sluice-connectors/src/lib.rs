@@ -7,8 +7,8 @@
 //! transports that carry them.
 //!
 //! Sources built in: `filesystem`, `kafka`, `datagen`, `ecommerce`, `nexmark`. Sinks:
-//! `filesystem`, `kafka`, `print`, `blackhole`, `memory` (an in-process materialized table, used
-//! by the demo's live view).
+//! `filesystem`, `kafka`, `redis`, `print`, `blackhole`, `memory` (an in-process materialized
+//! table, used by the demo's live view).
 
 mod csv_records;
 pub mod datagen;
@@ -23,6 +23,8 @@ pub mod options;
 pub mod partitions;
 pub mod prefetch;
 pub mod print;
+#[cfg(feature = "redis")]
+pub mod redis_sink;
 
 use std::collections::BTreeMap;
 
@@ -258,6 +260,8 @@ pub const CONNECTORS: &[options::ConnectorDef] = &[
     print::PRINT,
     print::BLACKHOLE,
     memory::CONNECTOR,
+    #[cfg(feature = "redis")]
+    redis_sink::CONNECTOR,
 ];
 
 /// Opens worker `worker`'s (of `workers`) share of a source.
@@ -300,6 +304,8 @@ pub fn open_sink(
         #[cfg(feature = "kafka")]
         "kafka" => Box::new(kafka::KafkaSink::open(spec, &mut opts, worker)?),
         "print" => Box::new(print::PrintSink::open(spec, &mut opts, worker)?),
+        #[cfg(feature = "redis")]
+        "redis" => Box::new(redis_sink::RedisSink::open(spec, &mut opts)?),
         "blackhole" => Box::new(print::Blackhole),
         "memory" => Box::new(memory::MemorySink::open(spec, &mut opts)?),
         other => unreachable!("connector '{other}' is declared as a sink but not opened"),
@@ -315,6 +321,10 @@ pub fn sink_accepts_updates(spec: &ConnectorSpec) -> bool {
             spec.options.get("format").map(String::as_str) == Some("debezium-json")
         }
         Some("print" | "blackhole" | "memory") => true,
+        Some("redis") => !matches!(
+            spec.options.get("command").map(String::as_str),
+            Some("xadd" | "publish")
+        ),
         _ => false,
     }
 }

@@ -17,6 +17,8 @@ mod nexmark_correctness;
 mod nexmark_queries;
 mod randomized_queries;
 mod recovery;
+#[cfg(feature = "redis")]
+mod redis;
 mod robustness;
 mod shuffled_input;
 mod slt;
