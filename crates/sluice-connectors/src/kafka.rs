@@ -941,10 +941,20 @@ impl SourceReader for KafkaSource {
         }
         if let Some((since, why)) = self.errors.failing_for() {
             if since >= self.timeout {
-                return Err(self.error(format!(
-                    "lost the Kafka brokers at '{}' for {:?} (option 'sluice.connect-timeout'): {why}",
-                    self.servers, since
-                )));
+                // librdkafka reports failures, not recoveries: ask the brokers before giving up
+                // (an idle topic brings no record that would show they are back).
+                match self
+                    .consumer
+                    .fetch_metadata(None, Duration::from_secs(1))
+                {
+                    Ok(_) => self.errors.clear(),
+                    Err(e) => {
+                        return Err(self.error(format!(
+                            "lost the Kafka brokers at '{}' for {:?} (option 'sluice.connect-timeout'): {why}; now: {e}",
+                            self.servers, since
+                        )))
+                    }
+                }
             }
         }
         Ok(Poll::Idle)

@@ -156,8 +156,9 @@ pub fn validate(plan: &JobPlan) -> Result<()> {
             if !p.query.is_append_only() && !sink_accepts_updates(&s) {
                 return Err(Error::plan(format!(
                     "statement at line {}: INSERT INTO {}: the query produces an updating result (it retracts rows, e.g. a GROUP BY \
-                     without a window), but connector '{}'{} only accepts inserts; use 'format' = 'debezium-json', \
-                     or aggregate over a window",
+                     without a window), but connector '{}'{} only accepts inserts; aggregate over a window, or write \
+                     to a sink that takes updates (filesystem with 'format' = 'debezium-json', redis with 'set', \
+                     'hset' or 'zadd')",
                     p.line,
                     t.name,
                     t.connector(),

@@ -737,3 +737,64 @@ fn metadata_columns_hold_each_records_topic_partition_offset_and_time() {
         assert!(!ok && stderr.contains(want), "{want}: {stderr}");
     }
 }
+
+/// A broker lost while a job reads: the job fails within the connect timeout, naming the
+/// servers. A broker that is only slow to send (an idle topic) does not fail the job.
+#[test]
+fn a_broker_lost_while_running_fails_the_job_promptly() {
+    let mut broker = Broker::start();
+    broker.create_topic("lost_t", 1);
+    broker.produce("lost_t", &[(0, None, Some(r#"{"id":1}"#.into()))]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("job.sql");
+    std::fs::write(
+        &file,
+        format!(
+            "CREATE TABLE src (id BIGINT) WITH ('connector' = 'kafka', 'topic' = 'lost_t',
+               'properties.bootstrap.servers' = '{}', 'format' = 'json',
+               'scan.startup.mode' = 'earliest-offset', 'sluice.connect-timeout' = '3 s');
+             CREATE TABLE out (id BIGINT) WITH ('connector' = 'blackhole');
+             INSERT INTO out SELECT id FROM src;",
+            broker.servers
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run"])
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Idle for longer than the timeout, with the broker up: still running.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "an idle topic ended the job"
+    );
+    let _ = broker.child.kill();
+    let _ = broker.child.wait();
+    let lost = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if lost.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("the job did not fail within 30 s of losing its broker");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("lost the Kafka brokers at '{}'", broker.servers)),
+        "{stderr}"
+    );
+    assert!(
+        lost.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        lost.elapsed()
+    );
+}
