@@ -171,6 +171,14 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             doc: "`exactly-once`: the prefix of the producers' `transactional.id`s (`<prefix>-<insert>-<worker>`), unique per job and sink",
         },
         OptionDef {
+            key: "sink.partitioner",
+            kind: Kind::Choice(&["default", "fixed", "round-robin"]),
+            default: Some("default"),
+            side: Side::Sink,
+            identity: false,
+            doc: "which partition a record goes to: librdkafka's (by key hash; unkeyed records spread), the worker's own (`fixed`: worker `w` writes partition `w` modulo the partitions), or each partition in turn",
+        },
+        OptionDef {
             key: "key.format",
             kind: Kind::Choice(&["json", "raw"]),
             default: None,
@@ -1040,6 +1048,17 @@ pub struct KafkaSink {
     sealed: BTreeMap<u64, Vec<Record>>,
     /// Staged records whose transaction committed, removed at the next commit.
     committed_staged: Vec<u64>,
+    /// `sink.partitioner`, the topic's partitions, and the next partition in turn.
+    partitioner: Partitioner,
+    partitions: i32,
+    turn: std::cell::Cell<i32>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Partitioner {
+    Default,
+    Fixed,
+    RoundRobin,
 }
 
 impl KafkaSink {
@@ -1119,15 +1138,21 @@ impl KafkaSink {
                      (option 'properties.bootstrap.servers'): {e}"
                 ))
             })?;
-        if !metadata
+        let partitions = metadata
             .topics()
             .iter()
-            .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
-        {
-            return Err(opts.error(format!(
-                "topic '{topic}' does not exist on '{servers}' (option 'topic')"
-            )));
-        }
+            .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+            .map(|t| t.partitions().len() as i32)
+            .ok_or_else(|| {
+                opts.error(format!(
+                    "topic '{topic}' does not exist on '{servers}' (option 'topic')"
+                ))
+            })?;
+        let partitioner = match opts.value::<String>("sink.partitioner")?.as_str() {
+            "fixed" => Partitioner::Fixed,
+            "round-robin" => Partitioner::RoundRobin,
+            _ => Partitioner::Default,
+        };
         Ok(KafkaSink {
             table: spec.table.clone(),
             topic,
@@ -1146,7 +1171,23 @@ impl KafkaSink {
             pending: vec![],
             sealed: BTreeMap::new(),
             committed_staged: vec![],
+            partitioner,
+            partitions,
+            turn: std::cell::Cell::new(worker as i32),
         })
+    }
+
+    /// The partition of the next record (`None`: librdkafka's partitioner decides).
+    fn partition(&self) -> Option<i32> {
+        match self.partitioner {
+            Partitioner::Default => None,
+            Partitioner::Fixed => Some(self.worker as i32 % self.partitions),
+            Partitioner::RoundRobin => {
+                let p = self.turn.get() % self.partitions;
+                self.turn.set(p + 1);
+                Some(p)
+            }
+        }
     }
 
     /// The `transactional.id` of worker `worker`'s producer.
@@ -1227,6 +1268,7 @@ impl KafkaSink {
             send(
                 producer,
                 &self.topic,
+                self.partition(),
                 key.as_deref(),
                 value.as_deref(),
                 &self.errors,
@@ -1295,12 +1337,16 @@ fn marker_epoch(offset: i64) -> u64 {
 fn send(
     producer: &BaseProducer<Context>,
     topic: &str,
+    partition: Option<i32>,
     key: Option<&str>,
     value: Option<&str>,
     errors: &Errors,
     timeout: Duration,
 ) -> std::result::Result<(), String> {
     let mut record: BaseRecord<'_, str, str> = BaseRecord::to(topic);
+    if let Some(p) = partition {
+        record = record.partition(p);
+    }
     if let Some(v) = value {
         record = record.payload(v);
     }
@@ -1380,6 +1426,7 @@ impl SinkWriter for KafkaSink {
             send(
                 &self.producer,
                 &self.topic,
+                self.partition(),
                 key,
                 value.as_deref(),
                 &self.errors,

@@ -798,3 +798,43 @@ fn a_broker_lost_while_running_fails_the_job_promptly() {
         lost.elapsed()
     );
 }
+
+/// `sink.partitioner`: `fixed` writes each worker's rows to its own partition (2 workers of a
+/// 3-partition topic leave the third empty), `round-robin` spreads each worker's rows evenly.
+#[test]
+fn the_sink_partitioner_places_records() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.json");
+    // About 130 KB in 64 KB pieces: both workers read, and write.
+    let lines: Vec<String> = (0..10_000).map(|i| format!(r#"{{"id":{i}}}"#)).collect();
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    for partitioner in ["fixed", "round-robin"] {
+        let topic = format!("part_{}", partitioner.replace('-', "_"));
+        broker.create_topic(&topic, 3);
+        let script = format!(
+            "CREATE TABLE src (id BIGINT)
+               WITH ('connector' = 'filesystem', 'path' = '{}', 'format' = 'json',
+                 'source.split-size' = '64kb');
+             CREATE TABLE sink (id BIGINT)
+               WITH ('connector' = 'kafka', 'topic' = '{topic}',
+                 'properties.bootstrap.servers' = '{}', 'format' = 'json',
+                 'sink.partitioner' = '{partitioner}');
+             INSERT INTO sink SELECT id FROM src;",
+            input.display(),
+            broker.servers
+        );
+        let (ok, stderr) = run(dir.path(), &script, 2, Duration::from_secs(60));
+        assert!(ok, "{stderr}");
+        let got = broker.consume(&topic, 3, 10_000, false);
+        assert_eq!(got.len(), 10_000, "{partitioner}");
+        let mut per = [0usize; 3];
+        for (p, _, _) in &got {
+            per[*p as usize] += 1;
+        }
+        match partitioner {
+            "fixed" => assert!(per[0] > 0 && per[1] > 0 && per[2] == 0, "{per:?}"),
+            _ => assert!(per.iter().all(|n| (3200..=3450).contains(n)), "{per:?}"),
+        }
+    }
+}
