@@ -230,6 +230,35 @@ fn connect_timeout(opts: &mut Options) -> Result<Duration> {
     Ok(Duration::from_millis(ms.max(1) as u64))
 }
 
+/// The partitions of `topic`, in order; an error naming the servers when they cannot be
+/// reached within `timeout`, or the topic when it does not exist.
+fn topic_partitions<C: ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    opts: &Options,
+    topic: &str,
+    servers: &str,
+    timeout: Duration,
+) -> Result<Vec<i32>> {
+    let metadata = client.fetch_metadata(Some(topic), timeout).map_err(|e| {
+        opts.error(format!(
+            "cannot reach the Kafka brokers at '{servers}' within {timeout:?} \
+             (option 'properties.bootstrap.servers'): {e}"
+        ))
+    })?;
+    let t = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+        .ok_or_else(|| {
+            opts.error(format!(
+                "topic '{topic}' does not exist on '{servers}' (option 'topic')"
+            ))
+        })?;
+    let mut ids: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
+    ids.sort_unstable();
+    Ok(ids)
+}
+
 /// librdkafka's configuration from `properties.*`, with Sluice's own settings.
 fn client_config(opts: &mut Options) -> Result<ClientConfig> {
     let servers = opts.required("properties.bootstrap.servers")?;
@@ -475,24 +504,7 @@ impl KafkaSource {
         // Every worker lists the same partitions in the same order, and deals them alike.
         let mut partitions: Vec<(String, i32)> = vec![];
         for topic in &topics {
-            let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(|e| {
-                opts.error(format!(
-                    "cannot reach the Kafka brokers at '{servers}' within {timeout:?} \
-                         (option 'properties.bootstrap.servers'): {e}"
-                ))
-            })?;
-            let t = metadata
-                .topics()
-                .iter()
-                .find(|t| t.name() == topic)
-                .filter(|t| t.error().is_none() && !t.partitions().is_empty())
-                .ok_or_else(|| {
-                    opts.error(format!(
-                        "topic '{topic}' does not exist on '{servers}' (option 'topic')"
-                    ))
-                })?;
-            let mut ids: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
-            ids.sort_unstable();
+            let ids = topic_partitions(consumer.client(), opts, topic, &servers, timeout)?;
             partitions.extend(ids.into_iter().map(|p| (topic.clone(), p)));
         }
         let total = partitions.len();
@@ -1129,25 +1141,8 @@ impl KafkaSink {
             .create_with_context(context)
             .map_err(|e| opts.error(format!("kafka producer for '{servers}': {e}")))?;
         // Fail at start on brokers that cannot be reached or a topic that is not there.
-        let metadata = producer
-            .client()
-            .fetch_metadata(Some(&topic), timeout)
-            .map_err(|e| {
-                opts.error(format!(
-                    "cannot reach the Kafka brokers at '{servers}' within {timeout:?} \
-                     (option 'properties.bootstrap.servers'): {e}"
-                ))
-            })?;
-        let partitions = metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
-            .map(|t| t.partitions().len() as i32)
-            .ok_or_else(|| {
-                opts.error(format!(
-                    "topic '{topic}' does not exist on '{servers}' (option 'topic')"
-                ))
-            })?;
+        let partitions =
+            topic_partitions(producer.client(), opts, &topic, &servers, timeout)?.len() as i32;
         let partitioner = match opts.value::<String>("sink.partitioner")?.as_str() {
             "fixed" => Partitioner::Fixed,
             "round-robin" => Partitioner::RoundRobin,
