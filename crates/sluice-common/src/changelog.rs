@@ -8,6 +8,26 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 
+/// The last column of a batch read from a changelog format: each row's [`Op`] as Int8.
+pub const OP_COLUMN: &str = "__op";
+
+/// The field of [`OP_COLUMN`].
+pub fn op_field() -> Field {
+    Field::new(OP_COLUMN, DataType::Int8, false)
+}
+
+/// `schema` with every column nullable: the rows of an upsert table as they arrive, where a
+/// delete holds only its key's columns.
+pub fn all_nullable(schema: &Schema) -> SchemaRef {
+    Arc::new(Schema::new(
+        schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone().with_nullable(true))
+            .collect::<Vec<_>>(),
+    ))
+}
+
 /// The kind of change a row carries, with Flink's short names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(i8)]
@@ -154,6 +174,35 @@ impl ChangeBatch {
         Ok(ChangeBatch {
             data,
             ops: self.ops.clone(),
+        })
+    }
+
+    /// A source's batch whose last column, [`OP_COLUMN`], holds each row's change kind (as
+    /// changelog formats decode), as a change batch of the other columns.
+    pub fn from_op_column(batch: RecordBatch) -> Result<ChangeBatch, ArrowError> {
+        let last = batch.num_columns().checked_sub(1).filter(|i| {
+            batch.schema().field(*i).name() == OP_COLUMN
+                && batch.column(*i).data_type() == &DataType::Int8
+        });
+        let Some(last) = last else {
+            return Err(ArrowError::SchemaError(format!(
+                "internal: a changelog source's batch has no trailing '{OP_COLUMN}' column"
+            )));
+        };
+        let ops = batch
+            .column(last)
+            .as_any()
+            .downcast_ref::<Int8Array>()
+            .expect("checked to be Int8")
+            .clone();
+        let mut data = batch;
+        data.remove_column(last);
+        if ops.values().iter().all(|op| *op == Op::Insert as i8) {
+            return Ok(ChangeBatch::inserts(data));
+        }
+        Ok(ChangeBatch {
+            data,
+            ops: Some(ops),
         })
     }
 

@@ -29,6 +29,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     reads: true,
     writes: false,
     metadata: &[],
+    formats: false,
     options: &[
         OptionDef {
             key: "rows-per-second",

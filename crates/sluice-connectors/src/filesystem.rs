@@ -15,15 +15,16 @@ use std::path::{Path, PathBuf};
 use arrow::datatypes::SchemaRef;
 use sluice_common::{ChangeBatch, Error, Result};
 
-use crate::format::{encode_csv, encode_debezium, encode_json, JsonLines};
+use crate::format::{encode_changelog, encode_csv, encode_json, JsonLines};
 use crate::options::{ConnectorDef, Kind, OptionDef, Options, Side};
 use crate::{ConnectorSpec, Poll, SinkWriter, SourceReader};
 
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone)]
 enum Format {
     Json,
     Csv,
-    Debezium,
+    /// `debezium-json` or `canal-json`: an updating table, read and written as changes.
+    Changelog(crate::format::Changelog),
 }
 
 /// The `filesystem` connector's options.
@@ -32,6 +33,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     reads: true,
     writes: true,
     metadata: &[],
+    formats: true,
     options: &[
         OptionDef {
             key: "path",
@@ -43,11 +45,11 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
         },
         OptionDef {
             key: "format",
-            kind: Kind::Choice(&["json", "csv", "debezium-json"]),
+            kind: Kind::Choice(&["json", "csv", "debezium-json", "canal-json"]),
             default: None,
             side: Side::Both,
             identity: true,
-            doc: "JSON lines or CSV (no header); `debezium-json` writes an updating result",
+            doc: "JSON lines or CSV (no header); `debezium-json` and `canal-json` are changes, read as an updating table and written from an updating result",
         },
         OptionDef {
             key: "json.ignore-parse-errors",
@@ -108,14 +110,15 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     ],
 };
 
-fn format(opts: &mut Options, sink: bool) -> Result<Format> {
-    match opts.required("format")?.as_str() {
+fn format(opts: &mut Options) -> Result<Format> {
+    let name = opts.required("format")?;
+    if let Some(changelog) = crate::format::Changelog::from_options(&name, opts)? {
+        return Ok(Format::Changelog(changelog));
+    }
+    match name.as_str() {
         "json" => Ok(Format::Json),
         "csv" => Ok(Format::Csv),
-        "debezium-json" if sink => Ok(Format::Debezium),
-        other => Err(opts.error(format!(
-            "option 'format' = '{other}' is not supported for reading (use 'json' or 'csv')"
-        ))),
+        other => unreachable!("format '{other}' is declared but not read"),
     }
 }
 
@@ -230,6 +233,20 @@ pub struct FileSource {
     /// What decoding ahead needs to decode JSON on its own.
     decoded_schema: SchemaRef,
     json_ignore_errors: bool,
+    /// The records are changes in this format.
+    changelog: Option<crate::format::Changelog>,
+}
+
+/// The decoder of a file's JSON lines: rows, or changes of rows.
+fn json_decoder(
+    schema: &SchemaRef,
+    ignore_errors: bool,
+    changelog: &Option<crate::format::Changelog>,
+) -> Result<JsonLines> {
+    match changelog {
+        None => JsonLines::new(schema.clone(), ignore_errors),
+        Some(c) => JsonLines::changelog(schema.clone(), ignore_errors, c.clone()),
+    }
 }
 
 /// Batches of a piece decoded ahead of its turn, at most (a piece is about
@@ -322,12 +339,22 @@ impl FileSource {
         workers: usize,
     ) -> Result<Self> {
         let path = local_path(opts)?;
-        let format = format(opts, false)?;
+        let format = format(opts)?;
         // Each format reads its own options: `csv.*` on a JSON table is unknown (an error).
-        let (ignore, csv_ignore_errors) = match format {
+        let (ignore, csv_ignore_errors) = match &format {
             Format::Csv => (false, opts.flag("csv.ignore-parse-errors")?),
-            _ => (opts.flag("json.ignore-parse-errors")?, false),
+            Format::Json => (opts.flag("json.ignore-parse-errors")?, false),
+            Format::Changelog(c) => (opts.flag(&format!("{}.ignore-parse-errors", c.name()))?, false),
         };
+        let changelog = match &format {
+            Format::Changelog(c) => Some(c.clone()),
+            _ => None,
+        };
+        if changelog.is_some() && !spec.partitioned_by.is_empty() {
+            return Err(opts.error(
+                "a 'debezium-json' or 'canal-json' table cannot be PARTITIONED BY (its rows come from change records, not folders)",
+            ));
+        }
         let split_size = opts.memory_size("source.split-size")?;
         if split_size < MIN_SPLIT_SIZE {
             return Err(opts.error(format!(
@@ -356,11 +383,12 @@ impl FileSource {
         let data_schema = layout
             .as_ref()
             .map_or(spec.schema.clone(), |l| l.data.clone());
-        // Columns left out must be nullable; with partition folders, everything is read.
+        // Columns left out must be nullable; with partition folders or changes, everything is
+        // read.
         let read = spec
             .read_columns
             .as_ref()
-            .filter(|_| layout.is_none())
+            .filter(|_| layout.is_none() && changelog.is_none())
             .map(|cols| {
                 (0..data_schema.fields().len())
                     .filter(|c| cols.contains(c) || !data_schema.field(*c).is_nullable())
@@ -431,7 +459,8 @@ impl FileSource {
             cursor: 0,
             format,
             schema: data_schema.clone(),
-            json: JsonLines::new(decoded_schema.clone(), ignore)?,
+            json: json_decoder(&decoded_schema, ignore, &changelog)?,
+            changelog,
             read,
             full_schema: data_schema,
             layout,
@@ -584,7 +613,7 @@ impl FileSource {
         }
         let from = at - 1;
         let mut scan = crate::csv_records::CsvScan::default();
-        if self.format == Format::Csv {
+        if matches!(self.format, Format::Csv) {
             let (mut scanned, mut state) = self
                 .quotes
                 .get(path)
@@ -610,7 +639,7 @@ impl FileSource {
             }
             for &b in buf {
                 pos += 1;
-                let ends = match self.format {
+                let ends = match &self.format {
                     Format::Csv => scan.step(b),
                     _ => b == b'\n',
                 };
@@ -640,7 +669,7 @@ impl FileSource {
             }
         };
         // JSON lines resume at a byte position; CSV at a record count within the split.
-        let (seek_to, position) = match self.format {
+        let (seek_to, position) = match &self.format {
             Format::Csv => (start, resume_at),
             _ => {
                 let at = resume_at.max(start);
@@ -663,7 +692,7 @@ impl FileSource {
                 self.next_split - 1
             }
         };
-        let (lines, csv) = match self.format {
+        let (lines, csv) = match &self.format {
             Format::Csv => {
                 let r = crate::csv_records::CsvRecords::new(
                     buffered,
@@ -713,7 +742,8 @@ impl FileSource {
             let split = split.clone();
             let mut f = self.open_file(split, max_rows)?;
             let (tx, rx) = std::sync::mpsc::sync_channel(AHEAD_BATCHES);
-            let mut json = JsonLines::new(self.decoded_schema.clone(), self.json_ignore_errors)?;
+            let mut json =
+                json_decoder(&self.decoded_schema, self.json_ignore_errors, &self.changelog)?;
             let placeholder = OpenFile {
                 split: f.split,
                 key: f.key.clone(),
@@ -1080,7 +1110,7 @@ impl FileSink {
         _workers: usize,
     ) -> Result<Box<dyn SinkWriter>> {
         let dir = local_path(opts)?;
-        let format = format(opts, true)?;
+        let format = format(opts)?;
         let roll = Rolling {
             bytes: opts.memory_size("sink.rolling-policy.file-size")?,
             age: std::time::Duration::from_millis(
@@ -1108,7 +1138,7 @@ impl FileSink {
                     Ok(Box::new(FileSink::in_dir(
                         folder.to_path_buf(),
                         worker,
-                        format,
+                        format.clone(),
                         roll,
                         (publish_on_stop, instance),
                     )))
@@ -1171,7 +1201,7 @@ impl FileSink {
     }
 
     fn extension(&self) -> &'static str {
-        match self.format {
+        match &self.format {
             Format::Csv => "csv",
             _ => "json",
         }
@@ -1193,10 +1223,10 @@ impl SinkWriter for FileSink {
             return Ok(());
         }
         self.buffer.clear();
-        match self.format {
+        match &self.format {
             Format::Json => encode_json(batch, &mut self.buffer)?,
             Format::Csv => encode_csv(batch, &mut self.buffer)?,
-            Format::Debezium => encode_debezium(batch, &mut self.buffer)?,
+            Format::Changelog(c) => encode_changelog(batch, c, &mut self.buffer)?,
         }
         if self.file.is_none() {
             // Never reuse a name a previous run published.

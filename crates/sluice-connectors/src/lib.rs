@@ -6,8 +6,8 @@
 //! and its own [`SinkWriter`]. Formats (`json`, `csv`, `debezium-json`) are separate from the
 //! transports that carry them.
 //!
-//! Sources built in: `filesystem`, `kafka`, `datagen`, `ecommerce`, `nexmark`. Sinks:
-//! `filesystem`, `kafka`, `redis`, `print`, `blackhole`, `memory` (an in-process materialized
+//! Sources built in: `filesystem`, `kafka`, `upsert-kafka`, `datagen`, `ecommerce`, `nexmark`.
+//! Sinks: `filesystem`, `kafka`, `upsert-kafka`, `redis`, `print`, `blackhole`, `memory` (an in-process materialized
 //! table, used by the demo's live view).
 
 mod csv_records;
@@ -57,6 +57,8 @@ pub struct ConnectorSpec {
     /// Metadata columns (`METADATA FROM 'key'`): positions in `schema` and keys. A source fills
     /// them from its records' metadata, not from their values.
     pub metadata: Vec<(usize, String)>,
+    /// The PRIMARY KEY's columns (positions in `schema`): the record key of `upsert-kafka`.
+    pub primary_key: Vec<usize>,
 }
 
 /// What a source produced on one poll.
@@ -254,6 +256,8 @@ pub const CONNECTORS: &[options::ConnectorDef] = &[
     filesystem::CONNECTOR,
     #[cfg(feature = "kafka")]
     kafka::CONNECTOR,
+    #[cfg(feature = "kafka")]
+    kafka::UPSERT,
     datagen::CONNECTOR,
     ecommerce::CONNECTOR,
     nexmark::CONNECTOR,
@@ -276,7 +280,9 @@ pub fn open_source(
             spec, &mut opts, worker, workers,
         )?),
         #[cfg(feature = "kafka")]
-        "kafka" => Box::new(kafka::KafkaSource::open(spec, &mut opts, worker, workers)?),
+        "kafka" | "upsert-kafka" => {
+            Box::new(kafka::KafkaSource::open(spec, &mut opts, worker, workers)?)
+        }
         "datagen" => Box::new(datagen::DatagenSource::open(
             spec, &mut opts, worker, workers,
         )?),
@@ -302,7 +308,7 @@ pub fn open_sink(
     let writer: Box<dyn SinkWriter> = match opts.connector() {
         "filesystem" => filesystem::FileSink::open(spec, &mut opts, worker, workers)?,
         #[cfg(feature = "kafka")]
-        "kafka" => Box::new(kafka::KafkaSink::open(spec, &mut opts, worker)?),
+        "kafka" | "upsert-kafka" => Box::new(kafka::KafkaSink::open(spec, &mut opts, worker)?),
         "print" => Box::new(print::PrintSink::open(spec, &mut opts, worker)?),
         #[cfg(feature = "redis")]
         "redis" => Box::new(redis_sink::RedisSink::open(spec, &mut opts)?),
@@ -317,10 +323,14 @@ pub fn open_sink(
 /// Whether a sink accepts updating (retracting) input, or only inserts.
 pub fn sink_accepts_updates(spec: &ConnectorSpec) -> bool {
     match spec.options.get("connector").map(String::as_str) {
-        Some("filesystem") => {
-            spec.options.get("format").map(String::as_str) == Some("debezium-json")
+        Some("filesystem" | "kafka") => {
+            let format = spec
+                .options
+                .get("format")
+                .or_else(|| spec.options.get("value.format"));
+            format.is_some_and(|f| ["debezium-json", "canal-json"].contains(&f.as_str()))
         }
-        Some("print" | "blackhole" | "memory") => true,
+        Some("print" | "blackhole" | "memory" | "upsert-kafka") => true,
         Some("redis") => !matches!(
             spec.options.get("command").map(String::as_str),
             Some("xadd" | "publish")

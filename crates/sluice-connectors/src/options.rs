@@ -179,7 +179,22 @@ pub struct ConnectorDef {
     pub writes: bool,
     /// The metadata a source can put in `METADATA FROM 'key'` columns.
     pub metadata: &'static [&'static str],
+    /// Whether it reads and writes the changelog formats, and so their options
+    /// ([`crate::format::CHANGELOG_OPTIONS`]).
+    pub formats: bool,
     pub options: &'static [OptionDef],
+}
+
+impl ConnectorDef {
+    /// Every option it takes: its own, the format options, then those of every source table.
+    pub fn all_options(&self) -> impl Iterator<Item = &'static OptionDef> {
+        let formats: &'static [OptionDef] = if self.formats {
+            crate::format::CHANGELOG_OPTIONS
+        } else {
+            &[]
+        };
+        self.options.iter().chain(formats).chain(TABLE_OPTIONS)
+    }
 }
 
 /// Options of every source table whatever its connector, read by the planner and the engine.
@@ -286,12 +301,7 @@ impl Options {
         let undeclared: Vec<&String> = opts
             .values
             .keys()
-            .filter(|k| {
-                !def.options
-                    .iter()
-                    .chain(TABLE_OPTIONS)
-                    .any(|d| d.matches(k))
-            })
+            .filter(|k| !def.all_options().any(|d| d.matches(k)))
             .collect();
         if !undeclared.is_empty() {
             return Err(opts.unknown(&undeclared));
@@ -306,9 +316,7 @@ impl Options {
 
     fn declared(&self, key: &str) -> &'static OptionDef {
         self.def
-            .options
-            .iter()
-            .chain(TABLE_OPTIONS)
+            .all_options()
             .find(|d| d.matches(key))
             .unwrap_or_else(|| {
                 panic!(
@@ -442,8 +450,7 @@ impl Options {
         TABLE_OPTIONS.iter().any(|d| d.matches(key))
             || self
                 .def
-                .options
-                .iter()
+                .all_options()
                 .any(|d| d.matches(key) && !d.side.covers(self.sink))
     }
 
@@ -455,12 +462,7 @@ impl Options {
             if self.read.contains(k) {
                 continue;
             }
-            let def = self
-                .def
-                .options
-                .iter()
-                .chain(TABLE_OPTIONS)
-                .find(|d| d.matches(k));
+            let def = self.def.all_options().find(|d| d.matches(k));
             match def {
                 Some(d) if self.accepts(k) => {
                     if let Err(why) = d.kind.check(v) {
@@ -481,9 +483,8 @@ impl Options {
     fn unknown(&self, unknown: &[&String]) -> Error {
         let known: Vec<&str> = self
             .def
-            .options
-            .iter()
-            .filter(|d| d.side.covers(self.sink))
+            .all_options()
+            .filter(|d| d.side.covers(self.sink) && !TABLE_OPTIONS.iter().any(|t| t.key == d.key))
             .map(|d| d.key)
             .collect();
         self.error(format!(
@@ -496,9 +497,8 @@ impl Options {
                     // table (a CSV option on a JSON table): the hint names another one.
                     let others: Vec<String> = self
                         .def
-                        .options
-                        .iter()
-                        .filter(|d| d.side.covers(self.sink))
+                        .all_options()
+                        .filter(|d| d.side.covers(self.sink) && !TABLE_OPTIONS.iter().any(|t| t.key == d.key))
                         .map(|d| d.instance_like(k))
                         .filter(|o| o != *k)
                         .collect();
@@ -530,14 +530,10 @@ fn unknown_connector(table: &str, name: &str) -> Error {
 /// What identifies the input a source table reads: its connector and the options its
 /// connector declares as identity, with a path made absolute.
 pub fn source_identity(options: &BTreeMap<String, String>) -> String {
-    let declared: Vec<&OptionDef> = options
-        .get("connector")
-        .and_then(|c| connector_def(c))
-        .map_or(&[][..], |c| c.options)
-        .iter()
-        .chain(TABLE_OPTIONS)
-        .filter(|d| d.identity)
-        .collect();
+    let declared: Vec<&OptionDef> = match options.get("connector").and_then(|c| connector_def(c)) {
+        Some(c) => c.all_options().filter(|d| d.identity).collect(),
+        None => TABLE_OPTIONS.iter().filter(|d| d.identity).collect(),
+    };
     let mut parts = vec![];
     for (k, v) in options {
         if !declared.iter().any(|d| d.matches(k)) {
@@ -608,7 +604,7 @@ mod tests {
     #[test]
     fn declared_defaults_are_values_of_their_kind() {
         for c in crate::CONNECTORS {
-            for d in c.options.iter().chain(TABLE_OPTIONS) {
+            for d in c.all_options() {
                 if let Some(v) = d.default {
                     assert_eq!(d.kind.check(v), Ok(()), "{}: {}", c.name, d.key);
                 }
@@ -629,6 +625,10 @@ mod tests {
     #[test]
     fn the_docs_list_every_option_as_declared() {
         let sections: Vec<(&str, String)> = std::iter::once(("any source table", TABLE_OPTIONS))
+            .chain(std::iter::once((
+                "changelog formats",
+                crate::format::CHANGELOG_OPTIONS,
+            )))
             .chain(crate::CONNECTORS.iter().map(|c| (c.name, c.options)))
             .map(|(name, options)| (name, options_markdown(options)))
             .collect();

@@ -13,6 +13,7 @@ pub const PRINT: ConnectorDef = ConnectorDef {
     reads: false,
     writes: true,
     metadata: &[],
+    formats: false,
     options: &[OptionDef {
         key: "print-identifier",
         kind: Kind::Text,
@@ -29,6 +30,7 @@ pub const BLACKHOLE: ConnectorDef = ConnectorDef {
     reads: false,
     writes: true,
     metadata: &[],
+    formats: false,
     options: &[],
 };
 

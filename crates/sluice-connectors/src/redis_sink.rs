@@ -22,6 +22,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     reads: false,
     writes: true,
     metadata: &[],
+    formats: false,
     options: &[
         OptionDef {
             key: "url",

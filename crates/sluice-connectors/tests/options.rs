@@ -23,6 +23,7 @@ fn spec(options: &[(&str, &str)]) -> ConnectorSpec {
         whole_files: false,
         sink_instance: 0,
         metadata: vec![],
+        primary_key: vec![],
     }
 }
 

@@ -176,6 +176,7 @@ fn run_scenario(s: &Scenario, events: u64, workers: usize) -> Result<Run, String
             whole_files: false,
             sink_instance: 0,
             metadata: vec![],
+            primary_key: vec![],
         };
         let started = Instant::now();
         let mut total = 0u64;

@@ -42,6 +42,7 @@ pub(crate) fn spec(table: &TableDef) -> ConnectorSpec {
         whole_files: false,
         sink_instance: 0,
         metadata: table.metadata.clone(),
+        primary_key: table.primary_key_columns(),
     }
 }
 
@@ -206,40 +207,73 @@ pub(crate) fn build_node<'scope>(
             projection,
             schema,
             carry_source_row,
-        } => source_stream(
-            scope,
-            &table.name,
-            open_source(
-                &ConnectorSpec {
-                    read_columns: read_columns(table, projection, *carry_source_row),
-                    // With a watermark, a file is read in order by one worker (as in Flink, where
-                    // a file is one split), so that the worker count cannot change which rows are
-                    // late; its next piece is parsed on another thread meanwhile.
-                    decode_ahead: ctx.fetch_threads || table.watermark.is_some(),
-                    whole_files: table.watermark.is_some(),
-                    ..spec(table)
-                },
-                ctx.index,
-                ctx.peers,
-            )
-            .map(|r| {
-                // Files are read and parsed on a fetcher thread when a core is spare (and the
-                // next piece of a file on another, see `decode_ahead`).
-                if ctx.fetch_threads && table.connector() == "filesystem" {
-                    Box::new(sluice_connectors::prefetch::Prefetched::new(r, &table.name))
-                } else {
-                    r
-                }
-            }),
-            table_prepare(
-                table.clone(),
+        } => {
+            // An upsert table's rows are whole only after ChangelogNormalize: the source emits
+            // every column (nullable: a delete holds only its key), and the normalizer projects.
+            let upsert = table.changelog_mode() == sluice_sql::ChangelogMode::Upsert;
+            let (read, read_schema) = if upsert {
+                (None, sluice_common::changelog::all_nullable(&table.schema))
+            } else {
+                (projection.clone(), schema.clone())
+            };
+            let stream = source_stream(
+                scope,
+                &table.name,
+                open_source(
+                    &ConnectorSpec {
+                        read_columns: read_columns(table, &read, *carry_source_row),
+                        // With a watermark, a file is read in order by one worker (as in Flink,
+                        // where a file is one split), so that the worker count cannot change
+                        // which rows are late; its next piece is parsed on another thread
+                        // meanwhile.
+                        decode_ahead: ctx.fetch_threads || table.watermark.is_some(),
+                        whole_files: table.watermark.is_some(),
+                        ..spec(table)
+                    },
+                    ctx.index,
+                    ctx.peers,
+                )
+                .map(|r| {
+                    // Files are read and parsed on a fetcher thread when a core is spare (and
+                    // the next piece of a file on another, see `decode_ahead`).
+                    if ctx.fetch_threads && table.connector() == "filesystem" {
+                        Box::new(sluice_connectors::prefetch::Prefetched::new(r, &table.name))
+                    } else {
+                        r
+                    }
+                }),
+                table_prepare(
+                    table.clone(),
+                    read.clone(),
+                    read_schema.clone(),
+                    *carry_source_row,
+                ),
+                idle_timeout(table).unwrap_or(None),
+                ctx,
+            );
+            if !upsert {
+                return stream;
+            }
+            let key: Vec<sluice_sql::PhysExpr> = table
+                .primary_key_columns()
+                .into_iter()
+                .map(|i| {
+                    Arc::new(datafusion_physical_expr::expressions::Column::new(
+                        table.schema.field(i).name(),
+                        i,
+                    )) as sluice_sql::PhysExpr
+                })
+                .collect();
+            let state = crate::operator::normalize::NormalizeState::try_new(
+                &table.name,
+                key.clone(),
+                read_schema,
                 projection.clone(),
                 schema.clone(),
-                *carry_source_row,
-            ),
-            idle_timeout(table).unwrap_or(None),
-            ctx,
-        ),
+            );
+            let stream = ctx.exchange(stream, key, "ChangelogNormalize");
+            stateful(vec![stream], state, ctx)
+        }
         StreamNode::Values { rows } => source_stream(
             scope,
             "VALUES",

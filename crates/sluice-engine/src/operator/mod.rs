@@ -4,6 +4,7 @@
 pub mod aggregate;
 pub mod driver;
 pub mod join;
+pub mod normalize;
 pub mod over;
 pub mod rank;
 pub mod rows;

@@ -13,7 +13,7 @@ use arrow::record_batch::RecordBatch;
 use sluice_common::time::{MAX_WATERMARK, MIN_WATERMARK};
 use sluice_common::{ChangeBatch, Result};
 use sluice_connectors::{Poll, SourceReader};
-use sluice_sql::TableDef;
+use sluice_sql::{ChangelogMode, TableDef};
 use timely::dataflow::operators::generic::operator::source;
 
 use crate::build::BuildContext;
@@ -75,6 +75,8 @@ pub(crate) fn source_stream<'scope>(
         ctx.probe.clone(),
         ctx.batch_rows,
     );
+    #[cfg(feature = "fault-injection")]
+    crate::runtime::panics::inject_at_build();
     let control = ctx.control.clone();
     let checkpoint = ctx.checkpoint.clone();
     let id = checkpoint
@@ -374,17 +376,27 @@ pub fn table_prepare(
     schema: SchemaRef,
     carry_source_row: bool,
 ) -> Prepare {
+    let mode = table.changelog_mode();
+    // Upsert rows are whole only after ChangelogNormalize (a delete holds only its key).
+    let full_schema = match mode {
+        ChangelogMode::Upsert => sluice_common::changelog::all_nullable(&table.schema),
+        _ => table.schema.clone(),
+    };
     Box::new(move |batch| {
+        // A changelog format's rows carry their change kinds in a last column.
+        let mut full = match mode {
+            ChangelogMode::InsertOnly => ChangeBatch::inserts(batch),
+            _ => ChangeBatch::from_op_column(batch)?,
+        };
         let source_row = carry_source_row.then(|| {
-            Arc::new(arrow::array::StructArray::from(batch.clone())) as arrow::array::ArrayRef
+            Arc::new(arrow::array::StructArray::from(full.data.clone())) as arrow::array::ArrayRef
         });
-        let mut full = ChangeBatch::inserts(batch);
         if !table.computed.is_empty() {
             let mut columns = full.data.columns().to_vec();
             for e in &table.computed {
                 columns.push(evaluate(e, &full)?);
             }
-            full = full.with_columns(table.schema.clone(), columns)?;
+            full = full.with_columns(full_schema.clone(), columns)?;
         }
         let wm = match &table.watermark {
             None => None,
@@ -398,12 +410,7 @@ pub fn table_prepare(
             Some(p) => full.data.project(p)?.columns().to_vec(),
         };
         columns.extend(source_row);
-        let out = ChangeBatch::inserts(RecordBatch::try_new_with_options(
-            schema.clone(),
-            columns,
-            // COUNT(*) reads no column at all: the batch is rows without columns.
-            &arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(full.num_rows())),
-        )?);
+        let out = full.with_columns(schema.clone(), columns)?;
         Ok((out, wm))
     })
 }

@@ -102,7 +102,8 @@ fn payload_text(payload: &(dyn Any + Send)) -> String {
 
 /// Test-only faults (the `fault-injection` feature): `SLUICE_FAULT=panic:W:N` makes worker W
 /// panic, and `SLUICE_FAULT=hang:W:N` makes it stop responding, once a source of it has read
-/// N rows. Release builds have no such code.
+/// N rows; `SLUICE_FAULT=build:W:0` makes it panic while it builds the dataflow (see
+/// [`inject_at_build`]). Release builds have no such code.
 #[cfg(feature = "fault-injection")]
 pub(crate) fn inject(rows_seen: u64) {
     let worker = WORKER.with(|w| w.get());
@@ -120,5 +121,18 @@ pub(crate) fn inject(rows_seen: u64) {
             std::thread::sleep(std::time::Duration::from_secs(3600));
         },
         _ => {}
+    }
+}
+
+/// `SLUICE_FAULT=build:W:0`: worker W panics while building its dataflow (at its first
+/// source), as a connector that panics when it opens would.
+#[cfg(feature = "fault-injection")]
+pub(crate) fn inject_at_build() {
+    let worker = WORKER.with(|w| w.get());
+    let Ok(spec) = std::env::var("SLUICE_FAULT") else {
+        return;
+    };
+    if spec == format!("build:{worker}:0") {
+        panic!("injected fault: worker {worker} panics while building its dataflow");
     }
 }

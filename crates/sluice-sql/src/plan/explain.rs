@@ -264,6 +264,20 @@ impl<'a> Explainer<'a> {
                     ));
                 }
                 d.push("state: source offsets (in checkpoints)".to_string());
+                match table.changelog_mode() {
+                    ChangelogMode::InsertOnly => {}
+                    ChangelogMode::Retract => d.push(
+                        "changelog: the records are changes with whole rows (+I, -U/+U, -D)"
+                            .to_string(),
+                    ),
+                    ChangelogMode::Upsert => {
+                        d.push(format!(
+                            "changelog: upserts and deletes by primary key [{}]; ChangelogNormalize, hashed by the key, keeps each key's last row to emit +I, -U/+U, -D",
+                            table.primary_key.join(", ")
+                        ));
+                        d.push("state: the last row of each key (in checkpoints)".to_string());
+                    }
+                }
                 let columns = match projection {
                     Some(p) => p
                         .iter()

@@ -32,7 +32,45 @@ pub struct TableDef {
     pub metadata: Vec<(usize, String)>,
 }
 
+/// Formats whose records are changes with full before and after images.
+pub const CHANGELOG_FORMATS: [&str; 2] = ["debezium-json", "canal-json"];
+
+/// How the rows a table's source reads change, as Flink's changelog modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangelogMode {
+    /// Every record is a new row (`+I`).
+    InsertOnly,
+    /// Records are changes with full rows (`debezium-json`, `canal-json`): `+I`, `-U`/`+U`, `-D`.
+    Retract,
+    /// Records are upserts and deletes by primary key (`upsert-kafka`): the scan keeps the last
+    /// row of each key to turn them into a changelog (Flink's ChangelogNormalize).
+    Upsert,
+}
+
 impl TableDef {
+    /// How this table's source rows change.
+    pub fn changelog_mode(&self) -> ChangelogMode {
+        if self.connector() == "upsert-kafka" {
+            return ChangelogMode::Upsert;
+        }
+        let format = self
+            .options
+            .get("format")
+            .or_else(|| self.options.get("value.format"));
+        match format {
+            Some(f) if CHANGELOG_FORMATS.contains(&f.as_str()) => ChangelogMode::Retract,
+            _ => ChangelogMode::InsertOnly,
+        }
+    }
+
+    /// The primary key's positions among the physical columns.
+    pub fn primary_key_columns(&self) -> Vec<usize> {
+        self.primary_key
+            .iter()
+            .filter_map(|k| self.physical_schema.index_of(k).ok())
+            .collect()
+    }
+
     /// The `connector` option.
     pub fn connector(&self) -> &str {
         self.options
@@ -404,7 +442,8 @@ impl StreamNode {
     /// True when the node only ever emits inserts.
     pub fn is_append_only(&self) -> bool {
         match self {
-            StreamNode::Scan { .. } | StreamNode::Values { .. } => true,
+            StreamNode::Scan { table, .. } => table.changelog_mode() == ChangelogMode::InsertOnly,
+            StreamNode::Values { .. } => true,
             StreamNode::Project { input, .. }
             | StreamNode::Filter { input, .. }
             | StreamNode::WindowAssign { input, .. } => input.is_append_only(),

@@ -443,6 +443,22 @@ impl Catalog {
                 )));
             }
         }
+        if options.get("connector").map(String::as_str) == Some("upsert-kafka") {
+            if primary_key.is_empty() {
+                return Err(Error::plan(format!(
+                    "CREATE TABLE {name}: 'upsert-kafka' tables require to define a PRIMARY KEY constraint \
+                     (PRIMARY KEY (...) NOT ENFORCED): the key of each record is the primary key"
+                )));
+            }
+            if let Some(k) = primary_key
+                .iter()
+                .find(|k| physical_schema.index_of(k).is_err())
+            {
+                return Err(Error::plan(format!(
+                    "CREATE TABLE {name}: primary key column '{k}' of an 'upsert-kafka' table must be a physical column"
+                )));
+            }
+        }
         Ok(TableDef {
             name,
             physical_schema,

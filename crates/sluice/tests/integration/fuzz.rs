@@ -407,6 +407,7 @@ fn the_file_decoders_survive_mutated_records() {
                 whole_files: false,
                 sink_instance: 0,
                 metadata: vec![],
+                primary_key: vec![],
             };
             let workers = rng.random_range(1..=2);
             let shown = format!(

@@ -190,7 +190,7 @@ impl Drop for Broker {
 }
 
 /// Runs `sluice run` on `script` with `workers` workers; fails the test after `limit`.
-fn run(dir: &Path, script: &str, workers: usize, limit: Duration) -> (bool, String) {
+pub(crate) fn run(dir: &Path, script: &str, workers: usize, limit: Duration) -> (bool, String) {
     let file = dir.join("job.sql");
     std::fs::write(&file, script).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));

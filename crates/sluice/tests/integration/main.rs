@@ -4,6 +4,7 @@
 
 mod common;
 
+mod changelog_formats;
 mod cli_errors;
 mod cluster;
 mod correctness_regressions;
@@ -13,6 +14,8 @@ mod idle_sources;
 mod join_state;
 #[cfg(feature = "kafka")]
 mod kafka;
+#[cfg(feature = "kafka")]
+mod kafka_changelog;
 mod nexmark_correctness;
 mod nexmark_queries;
 mod randomized_queries;

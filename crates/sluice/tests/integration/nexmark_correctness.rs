@@ -59,6 +59,7 @@ fn generated(script: &str, table: &str) -> (SchemaRef, Vec<RecordBatch>) {
         whole_files: false,
         sink_instance: 0,
         metadata: vec![],
+        primary_key: vec![],
     };
     let mut reader = sluice_connectors::open_source(&spec, 0, 1).unwrap();
     let mut out = vec![];

@@ -123,6 +123,9 @@ fn a_worker_panic_ends_the_job_with_its_message() {
         (2, "panic:1:2000"),
         (1, "panic:0:2000"),
         (2, "panic:0:50000"),
+        // While building the dataflow (a connector that panics when it opens).
+        (1, "build:0:0"),
+        (2, "build:1:0"),
     ] {
         let mut cmd = script(dir.path(), "panic.sql", &sql);
         cmd.args(["--workers", &workers.to_string()])
@@ -133,7 +136,7 @@ fn a_worker_panic_ends_the_job_with_its_message() {
         assert!(
             end.stderr.contains(&format!(
                 "error: worker {worker} panicked: injected fault: worker {worker} panics"
-            )) && end.stderr.contains("in operator"),
+            )) && (fault.starts_with("build") || end.stderr.contains("in operator")),
             "{fault}: {}",
             end.stderr
         );

@@ -23,11 +23,205 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use sluice_common::{ChangeBatch, Error, Op, Result};
+use sluice_common::{ChangeBatch, Error, Result};
 
 use crate::format::JsonLines;
+use codec::{Codec, Format};
+
+mod codec;
 use crate::options::{ConnectorDef, Kind, OptionDef, Options, Side};
 use crate::{ConnectorSpec, Poll, SinkWriter, SourceOffsets, SourceReader, SPLIT_DONE};
+
+const TOPIC: OptionDef = OptionDef {
+        key: "topic",
+        kind: Kind::Text,
+        default: None,
+        side: Side::Both,
+        identity: true,
+        doc: "the topic; a source may read several, separated by `;`",
+};
+const PROPERTIES_BOOTSTRAP_SERVERS: OptionDef = OptionDef {
+        key: "properties.bootstrap.servers",
+        kind: Kind::Text,
+        default: None,
+        side: Side::Both,
+        identity: true,
+        doc: "the brokers, `host:port[,host:port...]`",
+};
+const PROPERTIES_GROUP_ID: OptionDef = OptionDef {
+        key: "properties.group.id",
+        kind: Kind::Text,
+        default: None,
+        side: Side::Source,
+        identity: false,
+        doc: "the consumer group whose committed offsets `group-offsets` starts from (offsets live in checkpoints; the group is never joined)",
+};
+const PROPERTIES_NAME: OptionDef = OptionDef {
+        key: "properties.<name>",
+        kind: Kind::Text,
+        default: None,
+        side: Side::Both,
+        identity: false,
+        doc: "passed to librdkafka as `<name>`",
+};
+const FORMAT: OptionDef = OptionDef {
+        key: "format",
+        kind: Kind::Choice(&["json", "raw", "debezium-json", "canal-json"]),
+        default: None,
+        side: Side::Both,
+        identity: true,
+        doc: "how a record's value holds a row: a JSON object, `raw` bytes as the one STRING or BYTES column, or a change of rows (`debezium-json`, `canal-json`: the table is an updating one)",
+};
+const VALUE_FORMAT: OptionDef = OptionDef {
+        key: "value.format",
+        kind: Kind::Choice(&["json", "raw", "debezium-json", "canal-json"]),
+        default: None,
+        side: Side::Both,
+        identity: true,
+        doc: "the same as `format`",
+};
+const JSON_IGNORE_PARSE_ERRORS: OptionDef = OptionDef {
+        key: "json.ignore-parse-errors",
+        kind: Kind::Bool,
+        default: Some("false"),
+        side: Side::Source,
+        identity: false,
+        doc: "skip and count a record that is not a JSON object of the columns, instead of failing the job",
+};
+const SCAN_STARTUP_MODE: OptionDef = OptionDef {
+        key: "scan.startup.mode",
+        kind: Kind::Choice(&[
+            "earliest-offset",
+            "latest-offset",
+            "group-offsets",
+            "timestamp",
+            "specific-offsets",
+        ]),
+        default: Some("group-offsets"),
+        side: Side::Source,
+        identity: false,
+        doc: "where a job without a checkpoint starts reading each partition",
+};
+const SCAN_STARTUP_TIMESTAMP_MILLIS: OptionDef = OptionDef {
+        key: "scan.startup.timestamp-millis",
+        kind: Kind::Count,
+        default: None,
+        side: Side::Source,
+        identity: false,
+        doc: "`timestamp` mode: the first record at or after this time (epoch milliseconds)",
+};
+const SCAN_STARTUP_SPECIFIC_OFFSETS: OptionDef = OptionDef {
+        key: "scan.startup.specific-offsets",
+        kind: Kind::Text,
+        default: None,
+        side: Side::Source,
+        identity: false,
+        doc: "`specific-offsets` mode: `partition:0,offset:42;partition:1,offset:300` (others start at the earliest offset)",
+};
+const SCAN_BOUNDED_MODE: OptionDef = OptionDef {
+        key: "scan.bounded.mode",
+        kind: Kind::Choice(&["unbounded", "latest-offset", "timestamp", "specific-offsets"]),
+        default: Some("unbounded"),
+        side: Side::Source,
+        identity: false,
+        doc: "where the source ends: the partitions' ends when the job starts, a time, or given offsets",
+};
+const SCAN_BOUNDED_TIMESTAMP_MILLIS: OptionDef = OptionDef {
+        key: "scan.bounded.timestamp-millis",
+        kind: Kind::Count,
+        default: None,
+        side: Side::Source,
+        identity: false,
+        doc: "`timestamp` bound: records from this time on (epoch milliseconds) are not read",
+};
+const SCAN_BOUNDED_SPECIFIC_OFFSETS: OptionDef = OptionDef {
+        key: "scan.bounded.specific-offsets",
+        kind: Kind::Text,
+        default: None,
+        side: Side::Source,
+        identity: false,
+        doc: "`specific-offsets` bound: `partition:0,offset:42;...`, the first offset not read (partitions not named are read to their end when the job starts)",
+};
+const SLUICE_CONNECT_TIMEOUT: OptionDef = OptionDef {
+        key: "sluice.connect-timeout",
+        kind: Kind::Duration,
+        default: Some("10 s"),
+        side: Side::Both,
+        identity: false,
+        doc: "how long the brokers may stay unreachable (at start, or while running) before the job fails",
+};
+const SINK_DELIVERY_GUARANTEE: OptionDef = OptionDef {
+        key: "sink.delivery-guarantee",
+        kind: Kind::Choice(&["none", "at-least-once", "exactly-once"]),
+        default: Some("at-least-once"),
+        side: Side::Sink,
+        identity: false,
+        doc: "`at-least-once` waits for every record to be acknowledged at each checkpoint and at the end; `exactly-once` writes each checkpoint's records in one Kafka transaction once the checkpoint is committed (with checkpoints on)",
+};
+const SINK_TRANSACTIONAL_ID_PREFIX: OptionDef = OptionDef {
+        key: "sink.transactional-id-prefix",
+        kind: Kind::Text,
+        default: None,
+        side: Side::Sink,
+        identity: false,
+        doc: "`exactly-once`: the prefix of the producers' `transactional.id`s (`<prefix>-<insert>-<worker>`), unique per job and sink",
+};
+const SINK_PARTITIONER: OptionDef = OptionDef {
+        key: "sink.partitioner",
+        kind: Kind::Choice(&["default", "fixed", "round-robin"]),
+        default: Some("default"),
+        side: Side::Sink,
+        identity: false,
+        doc: "which partition a record goes to: librdkafka's (by key hash; unkeyed records spread), the worker's own (`fixed`: worker `w` writes partition `w` modulo the partitions), or each partition in turn",
+};
+const KEY_FORMAT: OptionDef = OptionDef {
+        key: "key.format",
+        kind: Kind::Choice(&["json", "raw"]),
+        default: None,
+        side: Side::Both,
+        identity: true,
+        doc: "how the key columns are a record's key: a JSON object of them, or the one column as text",
+};
+const KEY_FIELDS: OptionDef = OptionDef {
+        key: "key.fields",
+        kind: Kind::Text,
+        default: None,
+        side: Side::Both,
+        identity: true,
+        doc: "columns that make the record key, separated by `;` (records with equal keys go to one partition); read from the key with `EXCEPT_KEY`",
+};
+const VALUE_FIELDS_INCLUDE: OptionDef = OptionDef {
+        key: "value.fields-include",
+        kind: Kind::Choice(&["ALL", "EXCEPT_KEY"]),
+        default: Some("ALL"),
+        side: Side::Both,
+        identity: true,
+        doc: "whether a record's value holds every column (`ALL`) or all but the key's (`EXCEPT_KEY`, read from the key)",
+};
+const UPSERT_VALUE_FORMAT: OptionDef = OptionDef {
+        key: "value.format",
+        kind: Kind::Choice(&["json", "raw"]),
+        default: None,
+        side: Side::Both,
+        identity: true,
+        doc: "how a record's value holds the row: a JSON object, or the one non-key column as text (with `EXCEPT_KEY`); a record without a value deletes its key's row",
+};
+const UPSERT_KEY_FORMAT: OptionDef = OptionDef {
+        key: "key.format",
+        kind: Kind::Choice(&["json", "raw"]),
+        default: None,
+        side: Side::Both,
+        identity: true,
+        doc: "how the PRIMARY KEY's columns are a record's key (required)",
+};
+const UPSERT_GUARANTEE: OptionDef = OptionDef {
+        key: "sink.delivery-guarantee",
+        kind: Kind::Choice(&["none", "at-least-once", "exactly-once"]),
+        default: Some("at-least-once"),
+        side: Side::Sink,
+        identity: false,
+        doc: "as for `kafka`; upserts are idempotent, so `at-least-once` gives the right table to a reader that keeps the last value per key",
+};
 
 /// The `kafka` connector's options (Flink's names).
 pub const CONNECTOR: ConnectorDef = ConnectorDef {
@@ -35,165 +229,55 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     reads: true,
     writes: true,
     metadata: &["topic", "partition", "offset", "timestamp", "timestamp-type"],
+    formats: true,
     options: &[
-        OptionDef {
-            key: "topic",
-            kind: Kind::Text,
-            default: None,
-            side: Side::Both,
-            identity: true,
-            doc: "the topic; a source may read several, separated by `;`",
-        },
-        OptionDef {
-            key: "properties.bootstrap.servers",
-            kind: Kind::Text,
-            default: None,
-            side: Side::Both,
-            identity: true,
-            doc: "the brokers, `host:port[,host:port...]`",
-        },
-        OptionDef {
-            key: "properties.group.id",
-            kind: Kind::Text,
-            default: None,
-            side: Side::Source,
-            identity: false,
-            doc: "the consumer group whose committed offsets `group-offsets` starts from (offsets live in checkpoints; the group is never joined)",
-        },
-        OptionDef {
-            key: "properties.<name>",
-            kind: Kind::Text,
-            default: None,
-            side: Side::Both,
-            identity: false,
-            doc: "passed to librdkafka as `<name>`",
-        },
-        OptionDef {
-            key: "format",
-            kind: Kind::Choice(&["json", "raw"]),
-            default: None,
-            side: Side::Both,
-            identity: true,
-            doc: "how a record's value holds a row: a JSON object, or `raw` bytes as the one STRING or BYTES column",
-        },
-        OptionDef {
-            key: "value.format",
-            kind: Kind::Choice(&["json", "raw"]),
-            default: None,
-            side: Side::Both,
-            identity: true,
-            doc: "the same as `format`",
-        },
-        OptionDef {
-            key: "json.ignore-parse-errors",
-            kind: Kind::Bool,
-            default: Some("false"),
-            side: Side::Source,
-            identity: false,
-            doc: "skip and count a record that is not a JSON object of the columns, instead of failing the job",
-        },
-        OptionDef {
-            key: "scan.startup.mode",
-            kind: Kind::Choice(&[
-                "earliest-offset",
-                "latest-offset",
-                "group-offsets",
-                "timestamp",
-                "specific-offsets",
-            ]),
-            default: Some("group-offsets"),
-            side: Side::Source,
-            identity: false,
-            doc: "where a job without a checkpoint starts reading each partition",
-        },
-        OptionDef {
-            key: "scan.startup.timestamp-millis",
-            kind: Kind::Count,
-            default: None,
-            side: Side::Source,
-            identity: false,
-            doc: "`timestamp` mode: the first record at or after this time (epoch milliseconds)",
-        },
-        OptionDef {
-            key: "scan.startup.specific-offsets",
-            kind: Kind::Text,
-            default: None,
-            side: Side::Source,
-            identity: false,
-            doc: "`specific-offsets` mode: `partition:0,offset:42;partition:1,offset:300` (others start at the earliest offset)",
-        },
-        OptionDef {
-            key: "scan.bounded.mode",
-            kind: Kind::Choice(&["unbounded", "latest-offset", "timestamp", "specific-offsets"]),
-            default: Some("unbounded"),
-            side: Side::Source,
-            identity: false,
-            doc: "where the source ends: the partitions' ends when the job starts, a time, or given offsets",
-        },
-        OptionDef {
-            key: "scan.bounded.timestamp-millis",
-            kind: Kind::Count,
-            default: None,
-            side: Side::Source,
-            identity: false,
-            doc: "`timestamp` bound: records from this time on (epoch milliseconds) are not read",
-        },
-        OptionDef {
-            key: "scan.bounded.specific-offsets",
-            kind: Kind::Text,
-            default: None,
-            side: Side::Source,
-            identity: false,
-            doc: "`specific-offsets` bound: `partition:0,offset:42;...`, the first offset not read (partitions not named are read to their end when the job starts)",
-        },
-        OptionDef {
-            key: "sluice.connect-timeout",
-            kind: Kind::Duration,
-            default: Some("10 s"),
-            side: Side::Both,
-            identity: false,
-            doc: "how long the brokers may stay unreachable (at start, or while running) before the job fails",
-        },
-        OptionDef {
-            key: "sink.delivery-guarantee",
-            kind: Kind::Choice(&["none", "at-least-once", "exactly-once"]),
-            default: Some("at-least-once"),
-            side: Side::Sink,
-            identity: false,
-            doc: "`at-least-once` waits for every record to be acknowledged at each checkpoint and at the end; `exactly-once` writes each checkpoint's records in one Kafka transaction once the checkpoint is committed (with checkpoints on)",
-        },
-        OptionDef {
-            key: "sink.transactional-id-prefix",
-            kind: Kind::Text,
-            default: None,
-            side: Side::Sink,
-            identity: false,
-            doc: "`exactly-once`: the prefix of the producers' `transactional.id`s (`<prefix>-<insert>-<worker>`), unique per job and sink",
-        },
-        OptionDef {
-            key: "sink.partitioner",
-            kind: Kind::Choice(&["default", "fixed", "round-robin"]),
-            default: Some("default"),
-            side: Side::Sink,
-            identity: false,
-            doc: "which partition a record goes to: librdkafka's (by key hash; unkeyed records spread), the worker's own (`fixed`: worker `w` writes partition `w` modulo the partitions), or each partition in turn",
-        },
-        OptionDef {
-            key: "key.format",
-            kind: Kind::Choice(&["json", "raw"]),
-            default: None,
-            side: Side::Sink,
-            identity: false,
-            doc: "how `key.fields` become a record's key",
-        },
-        OptionDef {
-            key: "key.fields",
-            kind: Kind::Text,
-            default: None,
-            side: Side::Sink,
-            identity: false,
-            doc: "columns that make the record key, separated by `;` (records with equal keys go to one partition)",
-        },
+        TOPIC,
+        PROPERTIES_BOOTSTRAP_SERVERS,
+        PROPERTIES_GROUP_ID,
+        PROPERTIES_NAME,
+        FORMAT,
+        VALUE_FORMAT,
+        JSON_IGNORE_PARSE_ERRORS,
+        SCAN_STARTUP_MODE,
+        SCAN_STARTUP_TIMESTAMP_MILLIS,
+        SCAN_STARTUP_SPECIFIC_OFFSETS,
+        SCAN_BOUNDED_MODE,
+        SCAN_BOUNDED_TIMESTAMP_MILLIS,
+        SCAN_BOUNDED_SPECIFIC_OFFSETS,
+        SLUICE_CONNECT_TIMEOUT,
+        SINK_DELIVERY_GUARANTEE,
+        SINK_TRANSACTIONAL_ID_PREFIX,
+        SINK_PARTITIONER,
+        KEY_FORMAT,
+        KEY_FIELDS,
+        VALUE_FIELDS_INCLUDE,
+    ],
+};
+
+/// The `upsert-kafka` connector's options (Flink's names): a topic of upserts and tombstones
+/// keyed by the table's PRIMARY KEY. It reads from the topic's start; `scan.bounded.mode` lets
+/// a job end.
+pub const UPSERT: ConnectorDef = ConnectorDef {
+    name: "upsert-kafka",
+    reads: true,
+    writes: true,
+    metadata: &["topic", "partition", "offset", "timestamp", "timestamp-type"],
+    formats: false,
+    options: &[
+        TOPIC,
+        PROPERTIES_BOOTSTRAP_SERVERS,
+        PROPERTIES_NAME,
+        UPSERT_KEY_FORMAT,
+        UPSERT_VALUE_FORMAT,
+        VALUE_FIELDS_INCLUDE,
+        JSON_IGNORE_PARSE_ERRORS,
+        SCAN_BOUNDED_MODE,
+        SCAN_BOUNDED_TIMESTAMP_MILLIS,
+        SCAN_BOUNDED_SPECIFIC_OFFSETS,
+        SLUICE_CONNECT_TIMEOUT,
+        UPSERT_GUARANTEE,
+        SINK_TRANSACTIONAL_ID_PREFIX,
+        SINK_PARTITIONER,
     ],
 };
 
@@ -333,28 +417,6 @@ impl ProducerContext for Context {
     }
 }
 
-/// The value format of a table: `format`, or `value.format`.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Format {
-    Json,
-    Raw,
-}
-
-fn value_format(opts: &mut Options) -> Result<Format> {
-    let format = match (opts.get("format")?, opts.get("value.format")?) {
-        (Some(f), None) | (None, Some(f)) => f,
-        (Some(a), Some(b)) if a == b => a,
-        (Some(_), Some(_)) => {
-            return Err(opts.error("give 'format' or 'value.format', not both"));
-        }
-        (None, None) => opts.required("format")?,
-    };
-    Ok(match format.as_str() {
-        "raw" => Format::Raw,
-        _ => Format::Json,
-    })
-}
-
 /// `partition:0,offset:42;partition:1,offset:300`, as Flink writes specific offsets.
 fn specific_offsets(opts: &Options, key: &str, text: &str) -> Result<BTreeMap<i32, i64>> {
     let mut out = BTreeMap::new();
@@ -436,9 +498,10 @@ pub struct KafkaSource {
     group: Option<String>,
     reset: Option<String>,
     timeout: Duration,
-    format: Format,
+    codec: Codec,
     json: JsonLines,
-    /// The table's physical columns; those decoded from values (all but the metadata ones);
+    ignore_errors: bool,
+    /// The table's physical columns; those decoded from records (all but the metadata ones);
     /// and the metadata columns with their keys.
     schema: SchemaRef,
     value_schema: SchemaRef,
@@ -462,12 +525,39 @@ impl KafkaSource {
             .map(|t| t.trim().to_string())
             .filter(|t| !t.is_empty())
             .collect();
-        let format = value_format(opts)?;
-        let ignore_errors = opts.flag("json.ignore-parse-errors")?;
+        let upsert = opts.connector() == "upsert-kafka";
+        let value_schema = Arc::new(arrow::datatypes::Schema::new(
+            spec.schema
+                .fields()
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !spec.metadata.iter().any(|(c, _)| c == i))
+                .map(|(_, f)| f.clone())
+                .collect::<Vec<_>>(),
+        ));
+        let primary_key: Vec<usize> = spec
+            .primary_key
+            .iter()
+            .map(|c| {
+                value_schema
+                    .index_of(spec.schema.field(*c).name())
+                    .map_err(|_| opts.error("a PRIMARY KEY column cannot be a METADATA column"))
+            })
+            .collect::<Result<_>>()?;
+        let codec = Codec::from_options(opts, &value_schema, &primary_key, upsert)?;
+        let ignore_errors = match &codec.changes {
+            Some(c) => opts.flag(&format!("{}.ignore-parse-errors", c.name()))?,
+            None => opts.flag("json.ignore-parse-errors")?,
+        };
         let timeout = connect_timeout(opts)?;
-        let startup = match opts.value::<String>("scan.startup.mode")?.as_str() {
-            "group-offsets" => Startup::Group,
-            mode => Startup::At(edge(opts, "scan.startup", mode, Edge::Earliest)?),
+        // An upsert topic is read from its start: its table is every key's last record.
+        let startup = if upsert {
+            Startup::At(Edge::Earliest)
+        } else {
+            match opts.value::<String>("scan.startup.mode")?.as_str() {
+                "group-offsets" => Startup::Group,
+                mode => Startup::At(edge(opts, "scan.startup", mode, Edge::Earliest)?),
+            }
         };
         // Partitions that specific offsets do not name end where they end when the job starts.
         let bound = match opts.value::<String>("scan.bounded.mode")?.as_str() {
@@ -508,20 +598,6 @@ impl KafkaSource {
             partitions.extend(ids.into_iter().map(|p| (topic.clone(), p)));
         }
         let total = partitions.len();
-        let value_schema = Arc::new(arrow::datatypes::Schema::new(
-            spec.schema
-                .fields()
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| !spec.metadata.iter().any(|(c, _)| c == i))
-                .map(|(_, f)| f.clone())
-                .collect::<Vec<_>>(),
-        ));
-        if format == Format::Raw && value_schema.fields().len() != 1 {
-            return Err(
-                opts.error("format 'raw' reads a table of one column (besides metadata columns)")
-            );
-        }
         let splits: Vec<Split> = partitions
             .into_iter()
             .enumerate()
@@ -558,9 +634,15 @@ impl KafkaSource {
             group,
             reset,
             timeout,
-            format,
-            json: JsonLines::new(value_schema.clone(), ignore_errors)?,
-            schema: spec.schema.clone(),
+            json: codec.decoder(ignore_errors)?,
+            ignore_errors,
+            // Upsert rows of deletes hold only their key until ChangelogNormalize.
+            schema: if codec.upsert {
+                sluice_common::changelog::all_nullable(&spec.schema)
+            } else {
+                spec.schema.clone()
+            },
+            codec,
             value_schema,
             metadata: spec.metadata.clone(),
             ready: VecDeque::new(),
@@ -748,24 +830,47 @@ impl KafkaSource {
             )
         };
         // The records whose values decoded (all but those skipped as malformed).
-        let (batch, kept): (Option<RecordBatch>, Vec<usize>) = match self.format {
+        let (batch, kept): (Option<RecordBatch>, Vec<usize>) = if self.codec.keyed_decode() {
+            let (batch, kept) = self.codec.decode_keyed(
+                &mut self.json,
+                &records.keys,
+                &records.values,
+                &location,
+                self.ignore_errors,
+            )?;
+            // A plain table's rows are all inserts: no op column.
+            let batch = match batch {
+                Some(mut b) if !self.codec.upsert => {
+                    b.remove_column(b.num_columns() - 1);
+                    Some(b)
+                }
+                other => other,
+            };
+            (batch, kept)
+        } else if self.codec.changes.is_some() {
+            let values: Vec<String> = records.values.iter().map(|v| v.clone().unwrap_or_default()).collect();
+            let batch = self.json.decode_at(&values, &location)?;
+            (batch, self.json.origins().to_vec())
+        } else {
+            let values: Vec<String> = records.values.iter().map(|v| v.clone().unwrap_or_default()).collect();
+            match self.codec.value {
             Format::Raw => {
                 let column: arrow::array::ArrayRef =
-                    Arc::new(arrow::array::StringArray::from(records.values.clone()));
+                    Arc::new(arrow::array::StringArray::from(values.clone()));
                 let column = arrow::compute::cast(&column, self.value_schema.field(0).data_type())?;
                 let batch = RecordBatch::try_new(self.value_schema.clone(), vec![column])?;
-                (Some(batch), (0..records.values.len()).collect())
+                (Some(batch), (0..values.len()).collect())
             }
             Format::Json => {
-                let batch = self.json.decode_at(&records.values, &location)?;
+                let batch = self.json.decode_at(&values, &location)?;
                 let rows = batch.as_ref().map_or(0, |b| b.num_rows());
-                if rows == records.values.len() || self.metadata.is_empty() {
+                if rows == values.len() || self.metadata.is_empty() {
                     (batch, (0..rows).collect())
                 } else {
                     // Some were skipped: find which, one by one (rare), to keep their metadata.
                     let mut good = vec![];
                     let mut kept = vec![];
-                    for (i, v) in records.values.iter().enumerate() {
+                    for (i, v) in values.iter().enumerate() {
                         if let Some(b) = self
                             .json
                             .decode_at(std::slice::from_ref(v), &|_| location(i))?
@@ -779,6 +884,7 @@ impl KafkaSource {
                         .transpose()?;
                     (batch, kept)
                 }
+            }
             }
         };
         let batch = match batch {
@@ -805,7 +911,11 @@ impl KafkaSource {
         use arrow::array::{
             ArrayRef, Int32Array, Int64Array, StringArray, TimestampMillisecondArray,
         };
-        let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
+        let mut values = values;
+        let ops = (values.schema().fields().last().map(|f| f.name().as_str())
+            == Some(sluice_common::changelog::OP_COLUMN))
+        .then(|| values.remove_column(values.num_columns() - 1));
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len() + 1);
         let mut value_columns = values.columns().iter();
         for (i, field) in self.schema.fields().iter().enumerate() {
             let Some((_, key)) = self.metadata.iter().find(|(c, _)| *c == i) else {
@@ -839,7 +949,16 @@ impl KafkaSource {
             };
             columns.push(arrow::compute::cast(&column, field.data_type())?);
         }
-        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
+        match ops {
+            None => Ok(RecordBatch::try_new(self.schema.clone(), columns)?),
+            Some(ops) => {
+                columns.push(ops);
+                Ok(RecordBatch::try_new(
+                    crate::format::with_op_field(&self.schema),
+                    columns,
+                )?)
+            }
+        }
     }
 }
 
@@ -847,7 +966,10 @@ impl KafkaSource {
 #[derive(Default)]
 struct Gathered {
     split: usize,
-    values: Vec<String>,
+    /// Values (`None`: a tombstone, gathered only for upsert tables), and keys when the key
+    /// holds columns.
+    values: Vec<Option<String>>,
+    keys: Vec<Option<Vec<u8>>>,
     offsets: Vec<i64>,
     timestamps: Vec<(Option<i64>, &'static str)>,
 }
@@ -916,21 +1038,24 @@ impl SourceReader for KafkaSource {
             }
             s.next = Some(offset + 1);
             let ended = s.end.is_some_and(|end| offset + 1 >= end);
-            // A record without a value (a tombstone) holds no row.
-            if let Some(payload) = message.payload() {
-                let value = match std::str::from_utf8(payload) {
-                    Ok(v) => v.to_string(),
-                    Err(_) if self.format == Format::Json => {
-                        // Left to the JSON decoder, which skips or reports it.
-                        String::from_utf8_lossy(payload).into_owned()
-                    }
-                    Err(_) => String::from_utf8_lossy(payload).into_owned(),
-                };
+            // A record without a value (a tombstone) holds no row, but deletes one in an
+            // upsert table.
+            if message.payload().is_some() || self.codec.upsert {
+                // Text that is not UTF-8 is left to the decoder, which skips or reports it.
+                let value = message
+                    .payload()
+                    .map(|p| String::from_utf8_lossy(p).into_owned());
+                let key = self
+                    .codec
+                    .keyed_decode()
+                    .then(|| message.key().map(<[u8]>::to_vec))
+                    .flatten();
                 let entry = gathered.entry(split).or_insert_with(|| Gathered {
                     split,
                     ..Default::default()
                 });
                 entry.values.push(value);
+                entry.keys.push(key);
                 entry.offsets.push(offset);
                 entry.timestamps.push(match message.timestamp() {
                     rdkafka::Timestamp::NotAvailable => (None, "NoTimestampType"),
@@ -1044,8 +1169,7 @@ pub struct KafkaSink {
     producer: BaseProducer<Context>,
     config: ClientConfig,
     errors: Arc<Errors>,
-    format: Format,
-    key: Option<(Format, Vec<usize>)>,
+    codec: Codec,
     guarantee_wait: bool,
     timeout: Duration,
     /// `exactly-once`: the transactional-id prefix; and this writer's INSERT among the job's.
@@ -1081,7 +1205,8 @@ impl KafkaSink {
                 "option 'topic' = '{topic}': a sink writes one topic"
             )));
         }
-        let format = value_format(opts)?;
+        let upsert = opts.connector() == "upsert-kafka";
+        let codec = Codec::from_options(opts, &spec.schema, &spec.primary_key, upsert)?;
         let guarantee = opts.value::<String>("sink.delivery-guarantee")?;
         let guarantee_wait = guarantee != "none";
         let exactly_once = match (
@@ -1095,38 +1220,6 @@ impl KafkaSink {
             _ => None,
         };
         let timeout = connect_timeout(opts)?;
-        let key = match opts.get("key.fields")? {
-            None => {
-                if opts.is_set("key.format") {
-                    return Err(opts.error("'key.format' needs 'key.fields'"));
-                }
-                None
-            }
-            Some(fields) => {
-                let format = match opts.get("key.format")?.as_deref() {
-                    Some("raw") => Format::Raw,
-                    _ => Format::Json,
-                };
-                let columns = fields
-                    .split(';')
-                    .map(|f| {
-                        spec.schema.index_of(f.trim()).map_err(|_| {
-                            opts.error(format!(
-                                "option 'key.fields': the table has no column '{}'",
-                                f.trim()
-                            ))
-                        })
-                    })
-                    .collect::<Result<Vec<usize>>>()?;
-                if format == Format::Raw && columns.len() != 1 {
-                    return Err(opts.error("'key.format' = 'raw' takes one key field"));
-                }
-                Some((format, columns))
-            }
-        };
-        if format == Format::Raw && spec.schema.fields().len() != 1 {
-            return Err(opts.error("format 'raw' writes a table of one column"));
-        }
         let mut config = client_config(opts)?;
         let servers = config
             .get("bootstrap.servers")
@@ -1154,8 +1247,7 @@ impl KafkaSink {
             producer,
             config,
             errors,
-            format,
-            key,
+            codec,
             guarantee_wait,
             timeout,
             exactly_once,
@@ -1374,55 +1466,23 @@ fn send(
     }
 }
 
-/// Each row's text in `format`: a JSON object, or the one column as text.
-fn encode(data: &arrow::record_batch::RecordBatch, format: Format) -> Result<Vec<Option<String>>> {
-    match format {
-        Format::Json => Ok(crate::format::json_rows(data)?
-            .into_iter()
-            .map(Some)
-            .collect()),
-        Format::Raw => {
-            let column = arrow::compute::cast(data.column(0), &arrow::datatypes::DataType::Utf8)?;
-            let text = column
-                .as_any()
-                .downcast_ref::<arrow::array::StringArray>()
-                .expect("cast to Utf8");
-            Ok(text.iter().map(|v| v.map(str::to_string)).collect())
-        }
-    }
-}
-
 impl SinkWriter for KafkaSink {
     fn write(&mut self, batch: &ChangeBatch) -> Result<()> {
         if batch.num_rows() == 0 {
             return Ok(());
         }
         self.check()?;
-        if (0..batch.num_rows()).any(|i| batch.op(i) != Op::Insert) {
-            return Err(self.error(
-                "the kafka connector writes inserts only; an updating result goes to an \
-                 'upsert-kafka' table",
-            ));
-        }
-        let values = encode(&batch.data, self.format)?;
-        let keys = match &self.key {
-            None => None,
-            Some((format, columns)) => Some(encode(&batch.data.project(columns)?, *format)?),
-        };
+        let records = self.codec.encode(batch)?;
         if self.transactional && self.exactly_once.is_some() {
-            for (i, value) in values.into_iter().enumerate() {
-                let key = keys.as_ref().and_then(|k| k[i].clone());
-                self.pending.push((key, value));
-            }
+            self.pending.extend(records);
             return Ok(());
         }
-        for (i, value) in values.iter().enumerate() {
-            let key = keys.as_ref().and_then(|k| k[i].as_deref());
+        for (key, value) in &records {
             send(
                 &self.producer,
                 &self.topic,
                 self.partition(),
-                key,
+                key.as_deref(),
                 value.as_deref(),
                 &self.errors,
                 self.timeout,

@@ -1,0 +1,255 @@
+//! Updating tables on Kafka: `upsert-kafka` (upserts and tombstones keyed by the primary key),
+//! the `debezium-json` value format, and keys that hold columns (`EXCEPT_KEY`), each written by
+//! one job and read back by another, against the batch answer.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+
+use crate::common;
+use crate::kafka::{run, Broker};
+
+/// `rows` orders of 200 users, `(user, amount)`, as JSON lines with an `id`.
+fn orders(path: &Path, rows: usize) -> Vec<(i64, i64)> {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
+    let orders: Vec<(i64, i64)> = (0..rows)
+        .map(|_| (rng.random_range(1..=200i64), rng.random_range(1..=10_000i64)))
+        .collect();
+    let text: String = orders
+        .iter()
+        .enumerate()
+        .map(|(i, (u, a))| format!("{{\"id\":{i},\"user_id\":{u},\"amount\":{a}}}\n"))
+        .collect();
+    std::fs::write(path, text).unwrap();
+    orders
+}
+
+/// Per user: order count and total.
+fn per_user(orders: &[(i64, i64)]) -> BTreeMap<i64, (i64, i64)> {
+    let mut out: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
+    for (u, a) in orders {
+        let e = out.entry(*u).or_default();
+        e.0 += 1;
+        e.1 += a;
+    }
+    out
+}
+
+/// Users and their total per bucket of order counts (`n / 5`), over `users`.
+fn buckets<'a>(users: impl Iterator<Item = &'a (i64, i64)>) -> BTreeMap<Vec<String>, i64> {
+    let mut per_bucket: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
+    for (n, total) in users {
+        let e = per_bucket.entry(n / 5).or_default();
+        e.0 += 1;
+        e.1 += total;
+    }
+    per_bucket
+        .into_iter()
+        .map(|(b, (k, t))| (vec![b.to_string(), k.to_string(), t.to_string()], 1))
+        .collect()
+}
+
+/// `partition:p,offset:n;...`: each partition read up to the records it holds.
+fn bounds(records: &[(i32, Option<String>, Option<String>)], partitions: i32) -> String {
+    (0..partitions)
+        .map(|p| {
+            let n = records.iter().filter(|r| r.0 == p).count();
+            format!("partition:{p},offset:{n}")
+        })
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+fn run_folded(script: &str, workers: usize) -> BTreeMap<Vec<String>, i64> {
+    let plan = sluice_sql::plan_script(script).unwrap_or_else(|e| panic!("{e}"));
+    common::run_folded(plan, workers, Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .1
+}
+
+/// An updating aggregation with a HAVING that drops users once they pass 99 orders goes to an
+/// `upsert-kafka` topic: each key's last record is its row in the batch answer, and a dropped
+/// user's is a tombstone. Read back as an `upsert-kafka` table by 1 and 3 workers (the keys'
+/// last rows kept by ChangelogNormalize), an aggregation over it equals the batch answer.
+#[test]
+fn an_upsert_topic_holds_the_updating_result_and_reads_back_as_a_table() {
+    let broker = Broker::start();
+    broker.create_topic("totals_u", 4);
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("orders.json");
+    // More rows than one batch holds: users pass the HAVING bound between batches.
+    let orders = orders(&input, 20_000);
+    let users = per_user(&orders);
+    let kept: BTreeMap<i64, (i64, i64)> = users
+        .iter()
+        .filter(|(_, (n, _))| *n < 100)
+        .map(|(u, v)| (*u, *v))
+        .collect();
+    assert!(kept.len() > 20 && kept.len() < 180, "the HAVING must drop some users");
+    let table = |extra: &str| {
+        format!(
+            "CREATE TABLE totals (user_id BIGINT, n BIGINT, total BIGINT,
+               PRIMARY KEY (user_id) NOT ENFORCED)
+             WITH ('connector' = 'upsert-kafka', 'topic' = 'totals_u',
+               'properties.bootstrap.servers' = '{}',
+               'key.format' = 'json', 'value.format' = 'json'{extra});",
+            broker.servers
+        )
+    };
+    let script = format!(
+        "CREATE TABLE orders (id BIGINT, user_id BIGINT, amount BIGINT)
+           WITH ('connector' = 'filesystem', 'path' = '{}', 'format' = 'json');
+         {}
+         INSERT INTO totals SELECT user_id, COUNT(*), SUM(amount) FROM orders
+         GROUP BY user_id HAVING COUNT(*) < 100;",
+        input.display(),
+        table("")
+    );
+    let (ok, stderr) = run(dir.path(), &script, 2, Duration::from_secs(120));
+    assert!(ok, "{stderr}");
+    let records = broker.consume("totals_u", 4, usize::MAX, false);
+    // Each key's last record, in partition order; one key stays in one partition.
+    let mut last: BTreeMap<i64, Option<(i64, i64)>> = BTreeMap::new();
+    let mut partition_of: BTreeMap<i64, i32> = BTreeMap::new();
+    let mut tombstones = 0;
+    for (partition, key, value) in &records {
+        let k: serde_json::Value = serde_json::from_str(key.as_deref().unwrap()).unwrap();
+        let user = k["user_id"].as_i64().unwrap();
+        assert_eq!(*partition_of.entry(user).or_insert(*partition), *partition);
+        let row = value.as_ref().map(|v| {
+            let v: serde_json::Value = serde_json::from_str(v).unwrap();
+            assert_eq!(v["user_id"].as_i64(), Some(user));
+            (v["n"].as_i64().unwrap(), v["total"].as_i64().unwrap())
+        });
+        tombstones += row.is_none() as usize;
+        last.insert(user, row);
+    }
+    assert!(tombstones > 0, "a dropped user's record is a tombstone");
+    let table_now: BTreeMap<i64, (i64, i64)> = last
+        .into_iter()
+        .filter_map(|(u, row)| row.map(|r| (u, r)))
+        .collect();
+    assert_eq!(table_now, kept);
+    let bounded = format!(
+        ", 'scan.bounded.mode' = 'specific-offsets', 'scan.bounded.specific-offsets' = '{}'",
+        bounds(&records, 4)
+    );
+    for workers in [1, 3] {
+        let got = run_folded(
+            &(table(&bounded) + "SELECT n / 5, COUNT(*), SUM(total) FROM totals GROUP BY n / 5;"),
+            workers,
+        );
+        assert_eq!(got, buckets(kept.values()), "{workers} workers");
+    }
+}
+
+/// Per-user totals written with `value.format = 'debezium-json'` and read back from the topic
+/// as a changelog table; and orders written with their `id` in the key only (`EXCEPT_KEY`) and
+/// read back whole.
+#[test]
+fn debezium_values_and_key_columns_round_trip_through_topics() {
+    let broker = Broker::start();
+    broker.create_topic("totals_d", 3);
+    broker.create_topic("orders_k", 2);
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("orders.json");
+    // More rows than one batch holds, so that totals change: updates are written.
+    let orders = orders(&input, 20_000);
+    let script = format!(
+        "CREATE TABLE orders (id BIGINT, user_id BIGINT, amount BIGINT)
+           WITH ('connector' = 'filesystem', 'path' = '{input}', 'format' = 'json');
+         CREATE TABLE totals (user_id BIGINT, n BIGINT, total BIGINT)
+           WITH ('connector' = 'kafka', 'topic' = 'totals_d',
+             'properties.bootstrap.servers' = '{servers}', 'value.format' = 'debezium-json',
+             'key.format' = 'json', 'key.fields' = 'user_id');
+         CREATE TABLE keyed (id BIGINT, user_id BIGINT, amount BIGINT)
+           WITH ('connector' = 'kafka', 'topic' = 'orders_k',
+             'properties.bootstrap.servers' = '{servers}', 'value.format' = 'json',
+             'key.format' = 'json', 'key.fields' = 'id', 'value.fields-include' = 'EXCEPT_KEY');
+         INSERT INTO totals SELECT user_id, COUNT(*), SUM(amount) FROM orders GROUP BY user_id;
+         INSERT INTO keyed SELECT id, user_id, amount FROM orders;",
+        input = input.display(),
+        servers = broker.servers
+    );
+    let (ok, stderr) = run(dir.path(), &script, 2, Duration::from_secs(120));
+    assert!(ok, "{stderr}");
+
+    let changes = broker.consume("totals_d", 3, usize::MAX, false);
+    assert!(changes
+        .iter()
+        .any(|(_, _, v)| v.as_deref().is_some_and(|v| v.contains("\"op\":\"u\""))));
+    let got = run_folded(
+        &format!(
+            "CREATE TABLE totals (user_id BIGINT, n BIGINT, total BIGINT)
+               WITH ('connector' = 'kafka', 'topic' = 'totals_d',
+                 'properties.bootstrap.servers' = '{}', 'value.format' = 'debezium-json',
+                 'scan.startup.mode' = 'earliest-offset',
+                 'scan.bounded.mode' = 'specific-offsets',
+                 'scan.bounded.specific-offsets' = '{}');
+             SELECT n / 5, COUNT(*), SUM(total) FROM totals GROUP BY n / 5;",
+            broker.servers,
+            bounds(&changes, 3)
+        ),
+        2,
+    );
+    assert_eq!(got, buckets(per_user(&orders).values()));
+
+    let keyed = broker.consume("orders_k", 2, orders.len(), false);
+    assert_eq!(keyed.len(), orders.len());
+    for (_, key, value) in &keyed {
+        let k: serde_json::Value = serde_json::from_str(key.as_deref().unwrap()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(value.as_deref().unwrap()).unwrap();
+        assert!(k["id"].is_i64(), "{k}");
+        assert!(v.get("id").is_none(), "EXCEPT_KEY: {v}");
+    }
+    let got = run_folded(
+        &format!(
+            "CREATE TABLE keyed (id BIGINT, user_id BIGINT, amount BIGINT)
+               WITH ('connector' = 'kafka', 'topic' = 'orders_k',
+                 'properties.bootstrap.servers' = '{}', 'value.format' = 'json',
+                 'key.format' = 'json', 'key.fields' = 'id', 'value.fields-include' = 'EXCEPT_KEY',
+                 'scan.startup.mode' = 'earliest-offset',
+                 'scan.bounded.mode' = 'specific-offsets',
+                 'scan.bounded.specific-offsets' = '{}');
+             SELECT id, user_id, amount FROM keyed;",
+            broker.servers,
+            bounds(&keyed, 2)
+        ),
+        2,
+    );
+    let want: BTreeMap<Vec<String>, i64> = orders
+        .iter()
+        .enumerate()
+        .map(|(i, (u, a))| (vec![i.to_string(), u.to_string(), a.to_string()], 1))
+        .collect();
+    assert_eq!(got, want);
+}
+
+/// `upsert-kafka` without a PRIMARY KEY, or without `key.format`, is refused before anything
+/// connects, naming what is missing.
+#[test]
+fn an_upsert_table_needs_its_key() {
+    let err = sluice_sql::plan_script(
+        "CREATE TABLE t (k BIGINT, v BIGINT)
+           WITH ('connector' = 'upsert-kafka', 'topic' = 't',
+             'properties.bootstrap.servers' = '127.0.0.1:1',
+             'key.format' = 'json', 'value.format' = 'json');
+         SELECT * FROM t;",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("PRIMARY KEY"), "{err}");
+    let plan = sluice_sql::plan_script(
+        "CREATE TABLE t (k BIGINT, v BIGINT, PRIMARY KEY (k) NOT ENFORCED)
+           WITH ('connector' = 'upsert-kafka', 'topic' = 't',
+             'properties.bootstrap.servers' = '127.0.0.1:1', 'value.format' = 'json');
+         SELECT * FROM t;",
+    );
+    let err = match plan {
+        Err(e) => e.to_string(),
+        Ok(plan) => common::run_folded(plan, 1, Duration::from_secs(60)).unwrap_err(),
+    };
+    assert!(err.contains("key.format"), "{err}");
+}
