@@ -434,12 +434,45 @@ fn manifests(dir: &Path) -> std::collections::BTreeSet<std::path::PathBuf> {
     found
 }
 
+/// Runs `sluice run` on `file` with `workers` workers three times, killing each run with SIGKILL
+/// soon after it commits a checkpoint of its own (at a random moment within a tenth of `took`,
+/// the milliseconds an uninterrupted run takes), so that it leaves progress behind but the last
+/// run still has work to do. Returns how many runs were killed.
+pub(crate) fn kill_runs(dir: &Path, file: &Path, workers: usize, took: u64) -> usize {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
+    let mut kills = 0;
+    for _ in 0..3 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["run", "--workers", &workers.to_string()])
+            .arg(file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let before = manifests(&dir.join("checkpoints"));
+        let started = Instant::now();
+        while manifests(&dir.join("checkpoints")) == before
+            && started.elapsed().as_millis() < took as u128
+            && child.try_wait().unwrap().is_none()
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..took / 10 + 1)));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            kills += 1;
+        }
+        child.wait().unwrap();
+    }
+    kills
+}
+
 /// Checkpointed offsets: a job reading 4 partitions (event times out of order) into a windowed
 /// and an updating aggregation, killed with SIGKILL at random moments and rerun (on another
 /// worker count at the end), commits exactly the batch answer: no record lost or counted twice.
 #[test]
 fn killed_and_rerun_the_committed_output_is_exact() {
-    use rand::{Rng, SeedableRng};
     let broker = Broker::start();
     broker.create_topic("orders_k", 4);
     const ROWS: i64 = 200_000;
@@ -516,33 +549,7 @@ fn killed_and_rerun_the_committed_output_is_exact() {
     let out = dir.path().join("out");
     let file = dir.path().join("job.sql");
     std::fs::write(&file, script(dir.path())).unwrap();
-    let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
-    let mut kills = 0;
-    for _ in 0..3 {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["run", "--workers", "3"])
-            .arg(&file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        // Each run is killed soon after it commits a checkpoint of its own, so that it leaves
-        // progress behind but the last run still has work to do.
-        let before = manifests(&dir.path().join("checkpoints"));
-        let started = Instant::now();
-        while manifests(&dir.path().join("checkpoints")) == before
-            && started.elapsed().as_millis() < took as u128
-            && child.try_wait().unwrap().is_none()
-        {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        std::thread::sleep(Duration::from_millis(rng.random_range(0..took / 10)));
-        if child.try_wait().unwrap().is_none() {
-            child.kill().unwrap();
-            kills += 1;
-        }
-        child.wait().unwrap();
-    }
+    let kills = kill_runs(dir.path(), &file, 3, took);
     assert!(kills >= 2, "the job should have been killed mid-way");
     let (ok, stderr) = run(dir.path(), &script(dir.path()), 2, Duration::from_secs(180));
     assert!(ok, "{stderr}");

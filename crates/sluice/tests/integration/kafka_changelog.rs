@@ -253,3 +253,84 @@ fn an_upsert_table_needs_its_key() {
     };
     assert!(err.contains("key.format"), "{err}");
 }
+
+/// Checkpointed upserts: a job reading an `upsert-kafka` topic of 4 partitions (updates and
+/// tombstones of 2 000 keys) into an updating aggregation, killed with SIGKILL at random
+/// moments and rerun on another worker count, commits exactly the batch answer over each key's
+/// last record. ChangelogNormalize's state (each key's last row) is restored, and rescaled.
+#[test]
+fn killed_and_rerun_an_upsert_source_commits_the_batch_answer() {
+    use std::time::Instant;
+    let broker = Broker::start();
+    broker.create_topic("upserts_k", 4);
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(3);
+    let mut records = vec![];
+    let mut last: BTreeMap<i64, Option<(i64, i64)>> = BTreeMap::new();
+    for _ in 0..300_000 {
+        let k = rng.random_range(0..2000i64);
+        let key = format!(r#"{{"id":{k}}}"#);
+        let row = (!rng.random_bool(0.1)).then(|| (k % 17, rng.random_range(0..1000i64)));
+        let value = row.map(|(g, v)| format!(r#"{{"id":{k},"grp":{g},"v":{v}}}"#));
+        records.push(((k % 4) as i32, Some(key), value));
+        last.insert(k, row);
+    }
+    broker.produce("upserts_k", &records);
+    let mut expected: BTreeMap<String, i64> = BTreeMap::new();
+    let mut per_grp: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
+    for (g, v) in last.values().flatten() {
+        let e = per_grp.entry(*g).or_default();
+        e.0 += 1;
+        e.1 += v;
+    }
+    for (g, (n, total)) in per_grp {
+        expected.insert(
+            serde_json::json!({"grp": g, "n": n, "total": total}).to_string(),
+            1,
+        );
+    }
+    let script = |dir: &Path| {
+        format!(
+            "SET 'execution.checkpointing.interval' = '100 ms';
+             SET 'execution.checkpointing.dir' = '{ckpt}';
+             SET 'table.exec.mini-batch.size' = '64';
+             CREATE TABLE t (id BIGINT, grp BIGINT, v BIGINT, PRIMARY KEY (id) NOT ENFORCED)
+             WITH ('connector' = 'upsert-kafka', 'topic' = 'upserts_k',
+               'properties.bootstrap.servers' = '{servers}',
+               'properties.fetch.max.bytes' = '4096',
+               'properties.message.max.bytes' = '4096',
+               'properties.max.partition.fetch.bytes' = '512',
+               'key.format' = 'json', 'value.format' = 'json',
+               'scan.bounded.mode' = 'specific-offsets',
+               'scan.bounded.specific-offsets' = '{bounds}');
+             CREATE TABLE per_grp (grp BIGINT, n BIGINT, total BIGINT)
+               WITH ('connector' = 'filesystem', 'path' = '{out}', 'format' = 'debezium-json');
+             INSERT INTO per_grp SELECT grp, COUNT(*), SUM(v) FROM t GROUP BY grp;",
+            ckpt = dir.join("checkpoints").display(),
+            servers = broker.servers,
+            bounds = bounds(&records, 4),
+            out = dir.join("out").display()
+        )
+    };
+    let whole = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let (ok, stderr) = run(whole.path(), &script(whole.path()), 3, Duration::from_secs(180));
+    assert!(ok, "{stderr}");
+    let took = started.elapsed().as_millis() as u64;
+    // Kills must land before the job's end: a finished job drops its checkpoints, and a rerun
+    // of it starts over.
+    assert!(took > 1500, "the job must run long enough to be killed: {took} ms");
+    assert_eq!(
+        common::committed_rows(&whole.path().join("out"), |_| {}),
+        expected,
+        "uninterrupted"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("job.sql");
+    std::fs::write(&file, script(dir.path())).unwrap();
+    let kills = crate::kafka::kill_runs(dir.path(), &file, 3, took);
+    assert!(kills >= 2, "the job should have been killed mid-way");
+    let (ok, stderr) = run(dir.path(), &script(dir.path()), 2, Duration::from_secs(180));
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("resuming from checkpoint"), "{stderr}");
+    assert_eq!(common::committed_rows(&dir.path().join("out"), |_| {}), expected);
+}
