@@ -344,7 +344,10 @@ impl FileSource {
         let (ignore, csv_ignore_errors) = match &format {
             Format::Csv => (false, opts.flag("csv.ignore-parse-errors")?),
             Format::Json => (opts.flag("json.ignore-parse-errors")?, false),
-            Format::Changelog(c) => (opts.flag(&format!("{}.ignore-parse-errors", c.name()))?, false),
+            Format::Changelog(c) => (
+                opts.flag(&format!("{}.ignore-parse-errors", c.name()))?,
+                false,
+            ),
         };
         let changelog = match &format {
             Format::Changelog(c) => Some(c.clone()),
@@ -742,8 +745,11 @@ impl FileSource {
             let split = split.clone();
             let mut f = self.open_file(split, max_rows)?;
             let (tx, rx) = std::sync::mpsc::sync_channel(AHEAD_BATCHES);
-            let mut json =
-                json_decoder(&self.decoded_schema, self.json_ignore_errors, &self.changelog)?;
+            let mut json = json_decoder(
+                &self.decoded_schema,
+                self.json_ignore_errors,
+                &self.changelog,
+            )?;
             let placeholder = OpenFile {
                 split: f.split,
                 key: f.key.clone(),

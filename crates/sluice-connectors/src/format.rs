@@ -130,10 +130,7 @@ impl Changelog {
                     }
                     &v
                 };
-                let op = v
-                    .get("op")
-                    .and_then(Value::as_str)
-                    .ok_or("no 'op' field")?;
+                let op = v.get("op").and_then(Value::as_str).ok_or("no 'op' field")?;
                 Ok(match op {
                     "c" | "r" => vec![(Op::Insert, row(v.get("after"), "after")?)],
                     "u" => {
@@ -178,7 +175,11 @@ impl Changelog {
                 let mut out = vec![];
                 match kind {
                     "INSERT" | "DELETE" => {
-                        let op = if kind == "INSERT" { Op::Insert } else { Op::Delete };
+                        let op = if kind == "INSERT" {
+                            Op::Insert
+                        } else {
+                            Op::Delete
+                        };
                         for r in rows("data")? {
                             out.push((op, row(Some(r), "data")?));
                         }
@@ -375,7 +376,7 @@ impl JsonLines {
                             changelog.name(),
                             self.ignore_option()
                         ),
-                    })
+                    });
                 }
             }
         }
@@ -425,7 +426,8 @@ impl JsonLines {
         if batch.num_rows() == 0 {
             return Ok(None);
         }
-        let op_column = arrow::array::Int8Array::from_iter_values(kept.iter().map(|j| ops[*j] as i8));
+        let op_column =
+            arrow::array::Int8Array::from_iter_values(kept.iter().map(|j| ops[*j] as i8));
         self.origins = kept.iter().map(|j| origins[*j]).collect();
         let mut columns = batch.columns().to_vec();
         columns.push(Arc::new(op_column));
@@ -700,7 +702,14 @@ mod tests {
         use Op::*;
         ChangeBatch::with_ops(
             data,
-            vec![Insert, Insert, UpdateBefore, UpdateAfter, Delete, UpdateAfter],
+            vec![
+                Insert,
+                Insert,
+                UpdateBefore,
+                UpdateAfter,
+                Delete,
+                UpdateAfter,
+            ],
         )
     }
 

@@ -6,8 +6,8 @@
 //! and its own [`SinkWriter`]. Formats (`json`, `csv`, `debezium-json`) are separate from the
 //! transports that carry them.
 //!
-//! Sources built in: `filesystem`, `kafka`, `upsert-kafka`, `datagen`, `ecommerce`, `nexmark`.
-//! Sinks: `filesystem`, `kafka`, `upsert-kafka`, `redis`, `print`, `blackhole`, `memory` (an in-process materialized
+//! Sources built in: `filesystem`, `kafka`, `upsert-kafka`, `nats`, `datagen`, `ecommerce`,
+//! `nexmark`. Sinks: `filesystem`, `kafka`, `upsert-kafka`, `nats`, `redis`, `print`, `blackhole`, `memory` (an in-process materialized
 //! table, used by the demo's live view).
 
 mod csv_records;
@@ -18,6 +18,8 @@ pub mod format;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod memory;
+#[cfg(feature = "nats")]
+pub mod nats;
 pub mod nexmark;
 pub mod options;
 pub mod partitions;
@@ -210,6 +212,33 @@ pub trait Staging: Send + Sync {
     fn remove(&self, name: &str) -> Result<()>;
 }
 
+/// Staged checkpoints of a sink (names `<prefix><worker>-e<epoch>`) that worker `worker` of
+/// `workers` settles at the start of a run: its own and those of the earlier workers it replaces
+/// (`w % workers == worker`), by earlier worker, oldest epoch first.
+pub fn staged_checkpoints(
+    staging: &dyn Staging,
+    prefix: &str,
+    worker: usize,
+    workers: usize,
+) -> Result<BTreeMap<usize, Vec<(u64, String)>>> {
+    let mut staged: BTreeMap<usize, Vec<(u64, String)>> = BTreeMap::new();
+    for name in staging.list(prefix)? {
+        let Some((w, e)) = name[prefix.len()..].split_once("-e") else {
+            continue;
+        };
+        let (Ok(w), Ok(e)) = (w.parse::<usize>(), e.parse::<u64>()) else {
+            continue;
+        };
+        if w % workers.max(1) == worker {
+            staged.entry(w).or_default().push((e, name));
+        }
+    }
+    for files in staged.values_mut() {
+        files.sort();
+    }
+    Ok(staged)
+}
+
 /// A worker's writer into a sink.
 pub trait SinkWriter: Send {
     /// Gives the sink durable staging, before [`SinkWriter::begin_transactions`] (sinks that
@@ -264,6 +293,8 @@ pub const CONNECTORS: &[options::ConnectorDef] = &[
     print::PRINT,
     print::BLACKHOLE,
     memory::CONNECTOR,
+    #[cfg(feature = "nats")]
+    nats::CONNECTOR,
     #[cfg(feature = "redis")]
     redis_sink::CONNECTOR,
 ];
@@ -283,6 +314,8 @@ pub fn open_source(
         "kafka" | "upsert-kafka" => {
             Box::new(kafka::KafkaSource::open(spec, &mut opts, worker, workers)?)
         }
+        #[cfg(feature = "nats")]
+        "nats" => Box::new(nats::NatsSource::open(spec, &mut opts, worker, workers)?),
         "datagen" => Box::new(datagen::DatagenSource::open(
             spec, &mut opts, worker, workers,
         )?),
@@ -310,6 +343,8 @@ pub fn open_sink(
         #[cfg(feature = "kafka")]
         "kafka" | "upsert-kafka" => Box::new(kafka::KafkaSink::open(spec, &mut opts, worker)?),
         "print" => Box::new(print::PrintSink::open(spec, &mut opts, worker)?),
+        #[cfg(feature = "nats")]
+        "nats" => Box::new(nats::NatsSink::open(spec, &mut opts, worker)?),
         #[cfg(feature = "redis")]
         "redis" => Box::new(redis_sink::RedisSink::open(spec, &mut opts)?),
         "blackhole" => Box::new(print::Blackhole),
@@ -323,7 +358,7 @@ pub fn open_sink(
 /// Whether a sink accepts updating (retracting) input, or only inserts.
 pub fn sink_accepts_updates(spec: &ConnectorSpec) -> bool {
     match spec.options.get("connector").map(String::as_str) {
-        Some("filesystem" | "kafka") => {
+        Some("filesystem" | "kafka" | "nats") => {
             let format = spec
                 .options
                 .get("format")

@@ -498,7 +498,10 @@ impl Options {
                     let others: Vec<String> = self
                         .def
                         .all_options()
-                        .filter(|d| d.side.covers(self.sink) && !TABLE_OPTIONS.iter().any(|t| t.key == d.key))
+                        .filter(|d| {
+                            d.side.covers(self.sink)
+                                && !TABLE_OPTIONS.iter().any(|t| t.key == d.key)
+                        })
                         .map(|d| d.instance_like(k))
                         .filter(|o| o != *k)
                         .collect();

@@ -60,12 +60,12 @@ impl Codec {
             opts.required("value.format")?
         } else {
             match (opts.get("format")?, opts.get("value.format")?) {
-            (Some(f), None) | (None, Some(f)) => f,
-            (Some(a), Some(b)) if a == b => a,
-            (Some(_), Some(_)) => {
-                return Err(opts.error("give 'format' or 'value.format', not both"));
-            }
-            (None, None) => opts.required("format")?,
+                (Some(f), None) | (None, Some(f)) => f,
+                (Some(a), Some(b)) if a == b => a,
+                (Some(_), Some(_)) => {
+                    return Err(opts.error("give 'format' or 'value.format', not both"));
+                }
+                (None, None) => opts.required("format")?,
             }
         };
         let changes = Changelog::from_options(&name, opts)?;
@@ -77,9 +77,9 @@ impl Codec {
         let value = Format::parse(&name);
         let key_columns = if upsert {
             if primary_key.is_empty() {
-                return Err(opts.error(
-                    "'upsert-kafka' tables require to define a PRIMARY KEY constraint",
-                ));
+                return Err(
+                    opts.error("'upsert-kafka' tables require to define a PRIMARY KEY constraint")
+                );
             }
             Some(primary_key.to_vec())
         } else {
@@ -110,7 +110,9 @@ impl Codec {
             Some(columns) => {
                 let format = match opts.get("key.format")? {
                     Some(f) => Format::parse(&f),
-                    None if upsert => return Err(opts.error("missing required option 'key.format'")),
+                    None if upsert => {
+                        return Err(opts.error("missing required option 'key.format'"))
+                    }
                     None => Format::Json,
                 };
                 if format == Format::Raw && columns.len() != 1 {
@@ -196,14 +198,12 @@ impl Codec {
                 }
                 Ok(None) => {}
                 Err(_) if ignore_errors => skipped += 1,
-                Err(message) => {
-                    return Err(Error::BadRecord {
-                        location: location(i),
-                        message: format!(
-                            "{message}; set 'json.ignore-parse-errors' = 'true' to skip such records"
-                        ),
-                    })
-                }
+                Err(message) => return Err(Error::BadRecord {
+                    location: location(i),
+                    message: format!(
+                        "{message}; set 'json.ignore-parse-errors' = 'true' to skip such records"
+                    ),
+                }),
             }
         }
         json.add_skipped(skipped);

@@ -33,20 +33,20 @@ use crate::options::{ConnectorDef, Kind, OptionDef, Options, Side};
 use crate::{ConnectorSpec, Poll, SinkWriter, SourceOffsets, SourceReader, SPLIT_DONE};
 
 const TOPIC: OptionDef = OptionDef {
-        key: "topic",
-        kind: Kind::Text,
-        default: None,
-        side: Side::Both,
-        identity: true,
-        doc: "the topic; a source may read several, separated by `;`",
+    key: "topic",
+    kind: Kind::Text,
+    default: None,
+    side: Side::Both,
+    identity: true,
+    doc: "the topic; a source may read several, separated by `;`",
 };
 const PROPERTIES_BOOTSTRAP_SERVERS: OptionDef = OptionDef {
-        key: "properties.bootstrap.servers",
-        kind: Kind::Text,
-        default: None,
-        side: Side::Both,
-        identity: true,
-        doc: "the brokers, `host:port[,host:port...]`",
+    key: "properties.bootstrap.servers",
+    kind: Kind::Text,
+    default: None,
+    side: Side::Both,
+    identity: true,
+    doc: "the brokers, `host:port[,host:port...]`",
 };
 const PROPERTIES_GROUP_ID: OptionDef = OptionDef {
         key: "properties.group.id",
@@ -57,12 +57,12 @@ const PROPERTIES_GROUP_ID: OptionDef = OptionDef {
         doc: "the consumer group whose committed offsets `group-offsets` starts from (offsets live in checkpoints; the group is never joined)",
 };
 const PROPERTIES_NAME: OptionDef = OptionDef {
-        key: "properties.<name>",
-        kind: Kind::Text,
-        default: None,
-        side: Side::Both,
-        identity: false,
-        doc: "passed to librdkafka as `<name>`",
+    key: "properties.<name>",
+    kind: Kind::Text,
+    default: None,
+    side: Side::Both,
+    identity: false,
+    doc: "passed to librdkafka as `<name>`",
 };
 const FORMAT: OptionDef = OptionDef {
         key: "format",
@@ -73,12 +73,12 @@ const FORMAT: OptionDef = OptionDef {
         doc: "how a record's value holds a row: a JSON object, `raw` bytes as the one STRING or BYTES column, or a change of rows (`debezium-json`, `canal-json`: the table is an updating one)",
 };
 const VALUE_FORMAT: OptionDef = OptionDef {
-        key: "value.format",
-        kind: Kind::Choice(&["json", "raw", "debezium-json", "canal-json"]),
-        default: None,
-        side: Side::Both,
-        identity: true,
-        doc: "the same as `format`",
+    key: "value.format",
+    kind: Kind::Choice(&["json", "raw", "debezium-json", "canal-json"]),
+    default: None,
+    side: Side::Both,
+    identity: true,
+    doc: "the same as `format`",
 };
 const JSON_IGNORE_PARSE_ERRORS: OptionDef = OptionDef {
         key: "json.ignore-parse-errors",
@@ -89,26 +89,26 @@ const JSON_IGNORE_PARSE_ERRORS: OptionDef = OptionDef {
         doc: "skip and count a record that is not a JSON object of the columns, instead of failing the job",
 };
 const SCAN_STARTUP_MODE: OptionDef = OptionDef {
-        key: "scan.startup.mode",
-        kind: Kind::Choice(&[
-            "earliest-offset",
-            "latest-offset",
-            "group-offsets",
-            "timestamp",
-            "specific-offsets",
-        ]),
-        default: Some("group-offsets"),
-        side: Side::Source,
-        identity: false,
-        doc: "where a job without a checkpoint starts reading each partition",
+    key: "scan.startup.mode",
+    kind: Kind::Choice(&[
+        "earliest-offset",
+        "latest-offset",
+        "group-offsets",
+        "timestamp",
+        "specific-offsets",
+    ]),
+    default: Some("group-offsets"),
+    side: Side::Source,
+    identity: false,
+    doc: "where a job without a checkpoint starts reading each partition",
 };
 const SCAN_STARTUP_TIMESTAMP_MILLIS: OptionDef = OptionDef {
-        key: "scan.startup.timestamp-millis",
-        kind: Kind::Count,
-        default: None,
-        side: Side::Source,
-        identity: false,
-        doc: "`timestamp` mode: the first record at or after this time (epoch milliseconds)",
+    key: "scan.startup.timestamp-millis",
+    kind: Kind::Count,
+    default: None,
+    side: Side::Source,
+    identity: false,
+    doc: "`timestamp` mode: the first record at or after this time (epoch milliseconds)",
 };
 const SCAN_STARTUP_SPECIFIC_OFFSETS: OptionDef = OptionDef {
         key: "scan.startup.specific-offsets",
@@ -119,20 +119,26 @@ const SCAN_STARTUP_SPECIFIC_OFFSETS: OptionDef = OptionDef {
         doc: "`specific-offsets` mode: `partition:0,offset:42;partition:1,offset:300` (others start at the earliest offset)",
 };
 const SCAN_BOUNDED_MODE: OptionDef = OptionDef {
-        key: "scan.bounded.mode",
-        kind: Kind::Choice(&["unbounded", "latest-offset", "timestamp", "specific-offsets"]),
-        default: Some("unbounded"),
-        side: Side::Source,
-        identity: false,
-        doc: "where the source ends: the partitions' ends when the job starts, a time, or given offsets",
+    key: "scan.bounded.mode",
+    kind: Kind::Choice(&[
+        "unbounded",
+        "latest-offset",
+        "timestamp",
+        "specific-offsets",
+    ]),
+    default: Some("unbounded"),
+    side: Side::Source,
+    identity: false,
+    doc:
+        "where the source ends: the partitions' ends when the job starts, a time, or given offsets",
 };
 const SCAN_BOUNDED_TIMESTAMP_MILLIS: OptionDef = OptionDef {
-        key: "scan.bounded.timestamp-millis",
-        kind: Kind::Count,
-        default: None,
-        side: Side::Source,
-        identity: false,
-        doc: "`timestamp` bound: records from this time on (epoch milliseconds) are not read",
+    key: "scan.bounded.timestamp-millis",
+    kind: Kind::Count,
+    default: None,
+    side: Side::Source,
+    identity: false,
+    doc: "`timestamp` bound: records from this time on (epoch milliseconds) are not read",
 };
 const SCAN_BOUNDED_SPECIFIC_OFFSETS: OptionDef = OptionDef {
         key: "scan.bounded.specific-offsets",
@@ -175,12 +181,12 @@ const SINK_PARTITIONER: OptionDef = OptionDef {
         doc: "which partition a record goes to: librdkafka's (by key hash; unkeyed records spread), the worker's own (`fixed`: worker `w` writes partition `w` modulo the partitions), or each partition in turn",
 };
 const KEY_FORMAT: OptionDef = OptionDef {
-        key: "key.format",
-        kind: Kind::Choice(&["json", "raw"]),
-        default: None,
-        side: Side::Both,
-        identity: true,
-        doc: "how the key columns are a record's key: a JSON object of them, or the one column as text",
+    key: "key.format",
+    kind: Kind::Choice(&["json", "raw"]),
+    default: None,
+    side: Side::Both,
+    identity: true,
+    doc: "how the key columns are a record's key: a JSON object of them, or the one column as text",
 };
 const KEY_FIELDS: OptionDef = OptionDef {
         key: "key.fields",
@@ -207,12 +213,12 @@ const UPSERT_VALUE_FORMAT: OptionDef = OptionDef {
         doc: "how a record's value holds the row: a JSON object, or the one non-key column as text (with `EXCEPT_KEY`); a record without a value deletes its key's row",
 };
 const UPSERT_KEY_FORMAT: OptionDef = OptionDef {
-        key: "key.format",
-        kind: Kind::Choice(&["json", "raw"]),
-        default: None,
-        side: Side::Both,
-        identity: true,
-        doc: "how the PRIMARY KEY's columns are a record's key (required)",
+    key: "key.format",
+    kind: Kind::Choice(&["json", "raw"]),
+    default: None,
+    side: Side::Both,
+    identity: true,
+    doc: "how the PRIMARY KEY's columns are a record's key (required)",
 };
 const UPSERT_GUARANTEE: OptionDef = OptionDef {
         key: "sink.delivery-guarantee",
@@ -228,7 +234,13 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     name: "kafka",
     reads: true,
     writes: true,
-    metadata: &["topic", "partition", "offset", "timestamp", "timestamp-type"],
+    metadata: &[
+        "topic",
+        "partition",
+        "offset",
+        "timestamp",
+        "timestamp-type",
+    ],
     formats: true,
     options: &[
         TOPIC,
@@ -261,7 +273,13 @@ pub const UPSERT: ConnectorDef = ConnectorDef {
     name: "upsert-kafka",
     reads: true,
     writes: true,
-    metadata: &["topic", "partition", "offset", "timestamp", "timestamp-type"],
+    metadata: &[
+        "topic",
+        "partition",
+        "offset",
+        "timestamp",
+        "timestamp-type",
+    ],
     formats: false,
     options: &[
         TOPIC,
@@ -848,43 +866,52 @@ impl KafkaSource {
             };
             (batch, kept)
         } else if self.codec.changes.is_some() {
-            let values: Vec<String> = records.values.iter().map(|v| v.clone().unwrap_or_default()).collect();
+            let values: Vec<String> = records
+                .values
+                .iter()
+                .map(|v| v.clone().unwrap_or_default())
+                .collect();
             let batch = self.json.decode_at(&values, &location)?;
             (batch, self.json.origins().to_vec())
         } else {
-            let values: Vec<String> = records.values.iter().map(|v| v.clone().unwrap_or_default()).collect();
+            let values: Vec<String> = records
+                .values
+                .iter()
+                .map(|v| v.clone().unwrap_or_default())
+                .collect();
             match self.codec.value {
-            Format::Raw => {
-                let column: arrow::array::ArrayRef =
-                    Arc::new(arrow::array::StringArray::from(values.clone()));
-                let column = arrow::compute::cast(&column, self.value_schema.field(0).data_type())?;
-                let batch = RecordBatch::try_new(self.value_schema.clone(), vec![column])?;
-                (Some(batch), (0..values.len()).collect())
-            }
-            Format::Json => {
-                let batch = self.json.decode_at(&values, &location)?;
-                let rows = batch.as_ref().map_or(0, |b| b.num_rows());
-                if rows == values.len() || self.metadata.is_empty() {
-                    (batch, (0..rows).collect())
-                } else {
-                    // Some were skipped: find which, one by one (rare), to keep their metadata.
-                    let mut good = vec![];
-                    let mut kept = vec![];
-                    for (i, v) in values.iter().enumerate() {
-                        if let Some(b) = self
-                            .json
-                            .decode_at(std::slice::from_ref(v), &|_| location(i))?
-                        {
-                            good.push(b);
-                            kept.push(i);
-                        }
-                    }
-                    let batch = (!good.is_empty())
-                        .then(|| arrow::compute::concat_batches(&self.value_schema, &good))
-                        .transpose()?;
-                    (batch, kept)
+                Format::Raw => {
+                    let column: arrow::array::ArrayRef =
+                        Arc::new(arrow::array::StringArray::from(values.clone()));
+                    let column =
+                        arrow::compute::cast(&column, self.value_schema.field(0).data_type())?;
+                    let batch = RecordBatch::try_new(self.value_schema.clone(), vec![column])?;
+                    (Some(batch), (0..values.len()).collect())
                 }
-            }
+                Format::Json => {
+                    let batch = self.json.decode_at(&values, &location)?;
+                    let rows = batch.as_ref().map_or(0, |b| b.num_rows());
+                    if rows == values.len() || self.metadata.is_empty() {
+                        (batch, (0..rows).collect())
+                    } else {
+                        // Some were skipped: find which, one by one (rare), to keep their metadata.
+                        let mut good = vec![];
+                        let mut kept = vec![];
+                        for (i, v) in values.iter().enumerate() {
+                            if let Some(b) = self
+                                .json
+                                .decode_at(std::slice::from_ref(v), &|_| location(i))?
+                            {
+                                good.push(b);
+                                kept.push(i);
+                            }
+                        }
+                        let batch = (!good.is_empty())
+                            .then(|| arrow::compute::concat_batches(&self.value_schema, &good))
+                            .transpose()?;
+                        (batch, kept)
+                    }
+                }
             }
         };
         let batch = match batch {
@@ -1515,20 +1542,8 @@ impl SinkWriter for KafkaSink {
         // is written again unless its transaction committed; those of checkpoints that were
         // never committed are dropped (their rows come again from the sources).
         let prefix = format!("kafka-{}-{}-w", self.table, self.instance);
-        let mut staged: BTreeMap<usize, Vec<(u64, String)>> = BTreeMap::new();
-        for name in staging.list(&prefix)? {
-            let Some((w, e)) = name[prefix.len()..].split_once("-e") else {
-                continue;
-            };
-            let (Ok(w), Ok(e)) = (w.parse::<usize>(), e.parse::<u64>()) else {
-                continue;
-            };
-            if w % workers.max(1) == worker {
-                staged.entry(w).or_default().push((e, name));
-            }
-        }
-        for (old, mut files) in staged {
-            files.sort();
+        let staged = crate::staged_checkpoints(&*staging, &prefix, worker, workers)?;
+        for (old, files) in staged {
             let id = self.transactional_id(old);
             let producer = self.transactional_producer(&id)?;
             let done = self.committed_epoch(&id)?;

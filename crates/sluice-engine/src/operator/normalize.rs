@@ -119,7 +119,8 @@ impl NormalizeState {
             None => columns,
             Some(p) => p.iter().map(|i| columns[*i].clone()).collect(),
         };
-        let options = arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(rows.len()));
+        let options =
+            arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(rows.len()));
         let data = RecordBatch::try_new_with_options(self.output.clone(), columns, &options)
             .map_err(|e| {
                 Error::Runtime(format!(
@@ -252,7 +253,13 @@ mod tests {
         .unwrap();
         let ops = rows
             .iter()
-            .map(|r| if r.1.is_some() { Op::UpdateAfter } else { Op::Delete })
+            .map(|r| {
+                if r.1.is_some() {
+                    Op::UpdateAfter
+                } else {
+                    Op::Delete
+                }
+            })
             .collect();
         ChangeBatch::with_ops(data, ops)
     }
@@ -311,7 +318,8 @@ mod tests {
             let (changes, s) = one.apply(&batch(&rows)).unwrap();
             skipped += s;
             fold(&mut folded, &changes);
-            let want: BTreeMap<(i64, i64), i64> = model.iter().map(|(k, v)| ((*k, *v), 1)).collect();
+            let want: BTreeMap<(i64, i64), i64> =
+                model.iter().map(|(k, v)| ((*k, *v), 1)).collect();
             assert_eq!(folded, want);
         }
         assert_eq!(skipped, skipped_expected);
@@ -338,7 +346,8 @@ mod tests {
                 let (changes, _) = h.apply(&batch(&mine)).unwrap();
                 fold(&mut folded, &changes);
             }
-            let want: BTreeMap<(i64, i64), i64> = model.iter().map(|(k, v)| ((*k, *v), 1)).collect();
+            let want: BTreeMap<(i64, i64), i64> =
+                model.iter().map(|(k, v)| ((*k, *v), 1)).collect();
             assert_eq!(folded, want);
         }
     }

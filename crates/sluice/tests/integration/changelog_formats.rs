@@ -5,26 +5,11 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 
 use crate::common;
-
-/// Runs `sluice run` on `script`; fails the test after `limit`.
-fn run_cli(dir: &Path, script: &str, workers: usize, limit: Duration) -> (bool, String) {
-    let file = dir.join("job.sql");
-    std::fs::write(&file, script).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
-    cmd.args(["run", "--workers", &workers.to_string()])
-        .arg(&file);
-    let o = common::output_within(cmd, limit);
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
 
 /// Runs `script` in this process; its SELECT's changelog folded.
 fn run_folded(script: &str, workers: usize) -> Result<BTreeMap<Vec<String>, i64>, String> {
@@ -36,7 +21,12 @@ fn run_folded(script: &str, workers: usize) -> Result<BTreeMap<Vec<String>, i64>
 fn orders(path: &Path) -> Vec<(i64, i64)> {
     let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
     let rows: Vec<(i64, i64)> = (0..20_000)
-        .map(|_| (rng.random_range(1..=300i64), rng.random_range(1..=50_000i64)))
+        .map(|_| {
+            (
+                rng.random_range(1..=300i64),
+                rng.random_range(1..=50_000i64),
+            )
+        })
         .collect();
     let text: String = rows
         .iter()
@@ -88,7 +78,7 @@ fn an_updating_result_written_and_read_back_folds_to_the_batch_answer() {
             input.display(),
             totals.display()
         );
-        let (ok, stderr) = run_cli(dir.path(), &script, 2, Duration::from_secs(120));
+        let (ok, stderr) = common::run_cli(dir.path(), &script, 2, Duration::from_secs(120));
         assert!(ok, "{format}: {stderr}");
         let written: String = std::fs::read_dir(&totals)
             .unwrap()
@@ -99,7 +89,10 @@ fn an_updating_result_written_and_read_back_folds_to_the_batch_answer() {
         } else {
             "\"type\":\"UPDATE\""
         };
-        assert!(written.contains(update), "{format}: no update record written");
+        assert!(
+            written.contains(update),
+            "{format}: no update record written"
+        );
         for workers in [1, 3] {
             let got = run_folded(
                 &format!(
@@ -140,7 +133,8 @@ fn canal_records_of_every_kind_fold_to_the_hand_checked_table() {
         )
     };
     let got = run_folded(
-        &(table(", 'canal-json.table.include' = 'prod.*'") + "SELECT id, name, weight FROM products;"),
+        &(table(", 'canal-json.table.include' = 'prod.*'")
+            + "SELECT id, name, weight FROM products;"),
         1,
     )
     .unwrap();
@@ -151,8 +145,9 @@ fn canal_records_of_every_kind_fold_to_the_hand_checked_table() {
     assert_eq!(got, want);
     // The same records through an aggregation: the update retracts the old weight.
     let got = run_folded(
-        &(table(", 'canal-json.database.include' = 'shop', 'canal-json.table.include' = 'products'")
-            + "SELECT COUNT(*), SUM(weight) FROM products;"),
+        &(table(
+            ", 'canal-json.database.include' = 'shop', 'canal-json.table.include' = 'products'",
+        ) + "SELECT COUNT(*), SUM(weight) FROM products;"),
         2,
     )
     .unwrap();
@@ -187,7 +182,10 @@ fn debezium_envelopes_snapshot_reads_and_deletes() {
     assert_eq!(got, [(vec!["1".into(), "a2".into()], 1)].into());
     let err = run_folded(&script(""), 1).unwrap_err();
     assert!(err.contains("cdc.json:1"), "{err}");
-    assert!(err.contains("'debezium-json.schema-include' = 'true'"), "{err}");
+    assert!(
+        err.contains("'debezium-json.schema-include' = 'true'"),
+        "{err}"
+    );
 }
 
 /// A record with an unknown operation, or an update without its old row, fails the job naming
@@ -218,13 +216,12 @@ fn bad_change_records_name_their_file_and_line_or_are_skipped() {
     assert!(err.contains("'debezium-json.ignore-parse-errors'"), "{err}");
     // Without the bad operation, the update without `before` is next.
     let fixed = dir.path().join("fixed.json");
-    std::fs::write(
-        &fixed,
-        [records[0], records[2]].join("\n") + "\n",
+    std::fs::write(&fixed, [records[0], records[2]].join("\n") + "\n").unwrap();
+    let err = run_folded(
+        &script("").replace(&path.display().to_string(), &fixed.display().to_string()),
+        1,
     )
-    .unwrap();
-    let err = run_folded(&script("").replace(&path.display().to_string(), &fixed.display().to_string()), 1)
-        .unwrap_err();
+    .unwrap_err();
     assert!(err.contains("fixed.json:2"), "{err}");
     assert!(err.contains("REPLICA IDENTITY"), "{err}");
     // Skipped: the three bad records (an unknown op, an update without its old row, a value

@@ -16,7 +16,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::common::free_port;
+use crate::common::{free_port, kill_runs, run_cli as run};
 
 /// The tansu binary: `SLUICE_TANSU`, or where `.ci/run` installs it (the venv
 /// `~/.cache/sluice-tools/kafka`, under its Python's `site-packages`).
@@ -187,20 +187,6 @@ impl Drop for Broker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Runs `sluice run` on `script` with `workers` workers; fails the test after `limit`.
-pub(crate) fn run(dir: &Path, script: &str, workers: usize, limit: Duration) -> (bool, String) {
-    let file = dir.join("job.sql");
-    std::fs::write(&file, script).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
-    cmd.args(["run", "--workers", &workers.to_string()])
-        .arg(&file);
-    let o = crate::common::output_within(cmd, limit);
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
 }
 
 /// Orders spread over 4 partitions with event times out of order within each partition; a
@@ -412,60 +398,6 @@ fn unreachable_brokers_and_missing_topics_fail_fast() {
             started.elapsed()
         );
     }
-}
-
-/// The committed checkpoints under `dir` (their manifests).
-fn manifests(dir: &Path) -> std::collections::BTreeSet<std::path::PathBuf> {
-    let mut found = std::collections::BTreeSet::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let path = e.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path.file_name().is_some_and(|n| n == "_manifest") {
-                found.insert(path);
-            }
-        }
-    }
-    found
-}
-
-/// Runs `sluice run` on `file` with `workers` workers three times, killing each run with SIGKILL
-/// soon after it commits a checkpoint of its own (at a random moment within a tenth of `took`,
-/// the milliseconds an uninterrupted run takes), so that it leaves progress behind but the last
-/// run still has work to do. Returns how many runs were killed.
-pub(crate) fn kill_runs(dir: &Path, file: &Path, workers: usize, took: u64) -> usize {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
-    let mut kills = 0;
-    for _ in 0..3 {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["run", "--workers", &workers.to_string()])
-            .arg(file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let before = manifests(&dir.join("checkpoints"));
-        let started = Instant::now();
-        while manifests(&dir.join("checkpoints")) == before
-            && started.elapsed().as_millis() < took as u128
-            && child.try_wait().unwrap().is_none()
-        {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        std::thread::sleep(Duration::from_millis(rng.random_range(0..took / 10 + 1)));
-        if child.try_wait().unwrap().is_none() {
-            child.kill().unwrap();
-            kills += 1;
-        }
-        child.wait().unwrap();
-    }
-    kills
 }
 
 /// Checkpointed offsets: a job reading 4 partitions (event times out of order) into a windowed

@@ -9,13 +9,19 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng};
 
 use crate::common;
-use crate::kafka::{run, Broker};
+use crate::common::run_cli as run;
+use crate::kafka::Broker;
 
 /// `rows` orders of 200 users, `(user, amount)`, as JSON lines with an `id`.
 fn orders(path: &Path, rows: usize) -> Vec<(i64, i64)> {
     let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
     let orders: Vec<(i64, i64)> = (0..rows)
-        .map(|_| (rng.random_range(1..=200i64), rng.random_range(1..=10_000i64)))
+        .map(|_| {
+            (
+                rng.random_range(1..=200i64),
+                rng.random_range(1..=10_000i64),
+            )
+        })
         .collect();
     let text: String = orders
         .iter()
@@ -87,7 +93,10 @@ fn an_upsert_topic_holds_the_updating_result_and_reads_back_as_a_table() {
         .filter(|(_, (n, _))| *n < 100)
         .map(|(u, v)| (*u, *v))
         .collect();
-    assert!(kept.len() > 20 && kept.len() < 180, "the HAVING must drop some users");
+    assert!(
+        kept.len() > 20 && kept.len() < 180,
+        "the HAVING must drop some users"
+    );
     let table = |extra: &str| {
         format!(
             "CREATE TABLE totals (user_id BIGINT, n BIGINT, total BIGINT,
@@ -313,12 +322,20 @@ fn killed_and_rerun_an_upsert_source_commits_the_batch_answer() {
     };
     let whole = tempfile::tempdir().unwrap();
     let started = Instant::now();
-    let (ok, stderr) = run(whole.path(), &script(whole.path()), 3, Duration::from_secs(180));
+    let (ok, stderr) = run(
+        whole.path(),
+        &script(whole.path()),
+        3,
+        Duration::from_secs(180),
+    );
     assert!(ok, "{stderr}");
     let took = started.elapsed().as_millis() as u64;
     // Kills must land before the job's end: a finished job drops its checkpoints, and a rerun
     // of it starts over.
-    assert!(took > 1500, "the job must run long enough to be killed: {took} ms");
+    assert!(
+        took > 1500,
+        "the job must run long enough to be killed: {took} ms"
+    );
     assert_eq!(
         common::committed_rows(&whole.path().join("out"), |_| {}),
         expected,
@@ -327,10 +344,13 @@ fn killed_and_rerun_an_upsert_source_commits_the_batch_answer() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("job.sql");
     std::fs::write(&file, script(dir.path())).unwrap();
-    let kills = crate::kafka::kill_runs(dir.path(), &file, 3, took);
+    let kills = common::kill_runs(dir.path(), &file, 3, took);
     assert!(kills >= 2, "the job should have been killed mid-way");
     let (ok, stderr) = run(dir.path(), &script(dir.path()), 2, Duration::from_secs(180));
     assert!(ok, "{stderr}");
     assert!(stderr.contains("resuming from checkpoint"), "{stderr}");
-    assert_eq!(common::committed_rows(&dir.path().join("out"), |_| {}), expected);
+    assert_eq!(
+        common::committed_rows(&dir.path().join("out"), |_| {}),
+        expected
+    );
 }

@@ -16,6 +16,8 @@ mod join_state;
 mod kafka;
 #[cfg(feature = "kafka")]
 mod kafka_changelog;
+#[cfg(feature = "nats")]
+mod nats;
 mod nexmark_correctness;
 mod nexmark_queries;
 mod randomized_queries;

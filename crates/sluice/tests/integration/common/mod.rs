@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// The published rows of a filesystem sink folder, as JSON text with multiplicities: JSON lines
 /// count once each; Debezium changes are folded (`before` retracts, `after` adds). `normalize`
@@ -297,6 +299,9 @@ pub fn run_job(
     match rx.recv_timeout(limit) {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) => Err(format!("the job failed: {e}")),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            Err("the job panicked (its message is above)".into())
+        }
         Err(_) => Err(format!("the job did not finish within {limit:?}")),
     }
 }
@@ -360,4 +365,75 @@ pub fn output_within(
         stdout: out.join().unwrap(),
         stderr: err.join().unwrap(),
     }
+}
+
+#[allow(dead_code)]
+/// Runs `sluice run` on `script` with `workers` workers; fails the test after `limit`.
+pub fn run_cli(dir: &Path, script: &str, workers: usize, limit: Duration) -> (bool, String) {
+    let file = dir.join("job.sql");
+    std::fs::write(&file, script).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.args(["run", "--workers", &workers.to_string()])
+        .arg(&file);
+    let o = output_within(cmd, limit);
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[allow(dead_code)]
+/// The committed checkpoints under `dir` (their manifests).
+pub fn manifests(dir: &Path) -> std::collections::BTreeSet<std::path::PathBuf> {
+    let mut found = std::collections::BTreeSet::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.file_name().is_some_and(|n| n == "_manifest") {
+                found.insert(path);
+            }
+        }
+    }
+    found
+}
+
+#[allow(dead_code)]
+/// Runs `sluice run` on `file` with `workers` workers three times, killing each run with SIGKILL
+/// soon after it commits a checkpoint of its own (at a random moment within a tenth of `took`,
+/// the milliseconds an uninterrupted run takes), so that it leaves progress behind but the last
+/// run still has work to do. Returns how many runs were killed.
+pub fn kill_runs(dir: &Path, file: &Path, workers: usize, took: u64) -> usize {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
+    let mut kills = 0;
+    for _ in 0..3 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["run", "--workers", &workers.to_string()])
+            .arg(file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let before = manifests(&dir.join("checkpoints"));
+        let started = Instant::now();
+        while manifests(&dir.join("checkpoints")) == before
+            && started.elapsed().as_millis() < took as u128
+            && child.try_wait().unwrap().is_none()
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..took / 10 + 1)));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            kills += 1;
+        }
+        child.wait().unwrap();
+    }
+    kills
 }
