@@ -6,8 +6,8 @@
 //! and its own [`SinkWriter`]. Formats (`json`, `csv`, `debezium-json`) are separate from the
 //! transports that carry them.
 //!
-//! Sources built in: `filesystem`, `kafka`, `upsert-kafka`, `nats`, `datagen`, `ecommerce`,
-//! `nexmark`. Sinks: `filesystem`, `kafka`, `upsert-kafka`, `nats`, `redis`, `print`, `blackhole`, `memory` (an in-process materialized
+//! Sources built in: `filesystem`, `kafka`, `upsert-kafka`, `nats`, `redis` (streams),
+//! `datagen`, `ecommerce`, `nexmark`. Sinks: `filesystem`, `kafka`, `upsert-kafka`, `nats`, `redis`, `print`, `blackhole`, `memory` (an in-process materialized
 //! table, used by the demo's live view).
 
 mod csv_records;
@@ -27,6 +27,8 @@ pub mod prefetch;
 pub mod print;
 #[cfg(feature = "redis")]
 pub mod redis_sink;
+#[cfg(feature = "redis")]
+pub mod redis_stream;
 
 use std::collections::BTreeMap;
 
@@ -316,6 +318,10 @@ pub fn open_source(
         }
         #[cfg(feature = "nats")]
         "nats" => Box::new(nats::NatsSource::open(spec, &mut opts, worker, workers)?),
+        #[cfg(feature = "redis")]
+        "redis" => Box::new(redis_stream::RedisStreamSource::open(
+            spec, &mut opts, worker, workers,
+        )?),
         "datagen" => Box::new(datagen::DatagenSource::open(
             spec, &mut opts, worker, workers,
         )?),

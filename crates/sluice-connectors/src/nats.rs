@@ -9,7 +9,7 @@
 //! **Sink.** `at-least-once` waits for every message's acknowledgement at each checkpoint and at
 //! the end. `exactly-once` (with checkpoints) stages each checkpoint's messages beside the
 //! checkpoints when it is sealed and publishes them once it commits, each with a `Nats-Msg-Id`
-//! made of the prefix, worker, epoch and position. After a crash, staged messages of committed
+//! made of the prefix, table, worker, epoch and position. After a crash, staged messages of committed
 //! checkpoints are published again with the same ids, which the stream drops as duplicates
 //! within its duplicate window.
 
@@ -139,7 +139,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             default: None,
             side: Side::Sink,
             identity: false,
-            doc: "`exactly-once`: the prefix of the `Nats-Msg-Id`s (`<prefix>-<insert>-<worker>-<epoch>-<n>`), unique per job and sink",
+            doc: "`exactly-once`: the prefix of the `Nats-Msg-Id`s (`<prefix>-<table>-<insert>-<worker>-<epoch>-<n>`), unique per job",
         },
     ],
 };
@@ -787,7 +787,11 @@ impl NatsSink {
                     let mut headers = async_nats::HeaderMap::new();
                     headers.insert(
                         async_nats::header::NATS_MESSAGE_ID,
-                        format!("{prefix}-{}-{worker}-{epoch}-{i}", self.instance).as_str(),
+                        format!(
+                            "{prefix}-{}-{}-{worker}-{epoch}-{i}",
+                            self.table, self.instance
+                        )
+                        .as_str(),
                     );
                     self.rt
                         .block_on(self.js.publish_with_headers(subject, headers, payload))

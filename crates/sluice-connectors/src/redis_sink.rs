@@ -1,11 +1,17 @@
 //! The `redis` sink: live results for dashboards and services, written with the official
-//! client (`redis` crate, synchronous API).
+//! client (`redis` crate, synchronous API). The connector's source side, a Redis stream, is in
+//! [`crate::redis_stream`].
 //!
 //! Each row becomes one command, whose key (and field or member) come from templates over the
 //! row's columns: `'key' = 'gmv:{category}'`. An updating result becomes idempotent writes: an
 //! insert or `+U` writes, a `-U` or `-D` deletes the key (or field, or member). Each batch's
 //! commands run in one `MULTI`/`EXEC`, in changelog order, so that a reader never sees a key
 //! between its retraction and its new value.
+//!
+//! With `exactly-once` and checkpoints, each checkpoint's commands are staged beside the
+//! checkpoints when it is sealed, and run once it commits in one `MULTI`/`EXEC` that also sets a
+//! marker key to the checkpoint's epoch. After a crash, staged checkpoints the marker does not
+//! cover run again: every write is applied once, appends (`xadd`, `publish`) included.
 
 use std::time::Duration;
 
@@ -19,17 +25,17 @@ use crate::{ConnectorSpec, SinkWriter};
 /// The `redis` connector's options.
 pub const CONNECTOR: ConnectorDef = ConnectorDef {
     name: "redis",
-    reads: false,
+    reads: true,
     writes: true,
-    metadata: &[],
-    formats: false,
+    metadata: &["id", "timestamp"],
+    formats: true,
     options: &[
         OptionDef {
             key: "url",
             kind: Kind::Text,
             default: None,
-            side: Side::Sink,
-            identity: false,
+            side: Side::Both,
+            identity: true,
             doc: "the server, `redis://host:port/db`",
         },
         OptionDef {
@@ -44,9 +50,9 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             key: "key",
             kind: Kind::Text,
             default: None,
-            side: Side::Sink,
-            identity: false,
-            doc: "the key (or stream, or channel) as a template over the row: `gmv:{category}`",
+            side: Side::Both,
+            identity: true,
+            doc: "reading: the stream; writing: the key (or stream, or channel) as a template over the row: `gmv:{category}`",
         },
         OptionDef {
             key: "field",
@@ -84,9 +90,73 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             key: "sluice.connect-timeout",
             kind: Kind::Duration,
             default: Some("10 s"),
+            side: Side::Both,
+            identity: false,
+            doc: "how long connecting, and the server being unreachable while running, may take before the job fails",
+        },
+        OptionDef {
+            key: "sink.delivery-guarantee",
+            kind: Kind::Choice(&["at-least-once", "exactly-once"]),
+            default: Some("at-least-once"),
             side: Side::Sink,
             identity: false,
-            doc: "how long connecting and each write may take before the job fails",
+            doc: "`at-least-once` writes each batch as it comes; `exactly-once` (with checkpoints) runs each checkpoint's writes once it commits, in one `MULTI`/`EXEC` with a marker of the epoch",
+        },
+        OptionDef {
+            key: "sink.transactional-id-prefix",
+            kind: Kind::Text,
+            default: None,
+            side: Side::Sink,
+            identity: false,
+            doc: "`exactly-once`: the prefix of the marker keys (`<prefix>:<table>:<insert>:<worker>` holds the last epoch written), unique per job",
+        },
+        OptionDef {
+            key: "format",
+            kind: Kind::Choice(&["json", "raw", "debezium-json", "canal-json"]),
+            default: Some("json"),
+            side: Side::Source,
+            identity: true,
+            doc: "reading: how an entry's field holds a row: a JSON object (as `xadd` writes it), the one STRING column, or a change of rows",
+        },
+        OptionDef {
+            key: "stream.field",
+            kind: Kind::Text,
+            default: Some("row"),
+            side: Side::Source,
+            identity: true,
+            doc: "reading: the entry field that holds the row (`xadd` writes `row`)",
+        },
+        OptionDef {
+            key: "json.ignore-parse-errors",
+            kind: Kind::Bool,
+            default: Some("false"),
+            side: Side::Source,
+            identity: false,
+            doc: "skip and count an entry whose row is not a JSON object of the columns, instead of failing the job",
+        },
+        OptionDef {
+            key: "scan.startup.mode",
+            kind: Kind::Choice(&["earliest", "latest", "id"]),
+            default: Some("earliest"),
+            side: Side::Source,
+            identity: false,
+            doc: "where a job without a checkpoint starts: the stream's first entry, only new ones, or an entry id",
+        },
+        OptionDef {
+            key: "scan.startup.id",
+            kind: Kind::Text,
+            default: None,
+            side: Side::Source,
+            identity: false,
+            doc: "`id` mode: the first entry id to read (`1700000000000-0`)",
+        },
+        OptionDef {
+            key: "scan.bounded.mode",
+            kind: Kind::Choice(&["unbounded", "latest"]),
+            default: Some("unbounded"),
+            side: Side::Source,
+            identity: false,
+            doc: "where the source ends: never, or at the stream's last entry when the job starts",
         },
     ],
 };
@@ -163,6 +233,16 @@ pub struct RedisSink {
     member: Option<Template>,
     score: Option<usize>,
     value: Option<usize>,
+    /// `exactly-once`: the marker-key prefix; this writer's INSERT among the job's.
+    exactly_once: Option<String>,
+    instance: usize,
+    worker: usize,
+    transactional: bool,
+    staging: Option<std::sync::Arc<dyn crate::Staging>>,
+    /// Commands since the last sealed checkpoint, and those sealed but not yet run.
+    pending: Vec<Vec<String>>,
+    sealed: std::collections::BTreeMap<u64, Vec<Vec<String>>>,
+    committed_staged: Vec<u64>,
 }
 
 impl RedisSink {
@@ -206,6 +286,16 @@ impl RedisSink {
             return Err(opts.error("'score' names the score column of 'command' = 'zadd' (only)"));
         }
         let value = column(opts, "value")?;
+        let exactly_once = match (
+            opts.value::<String>("sink.delivery-guarantee")?.as_str(),
+            opts.get("sink.transactional-id-prefix")?,
+        ) {
+            ("exactly-once", Some(prefix)) => Some(prefix),
+            ("exactly-once", None) => return Err(opts.error(
+                "'sink.delivery-guarantee' = 'exactly-once' needs 'sink.transactional-id-prefix'",
+            )),
+            _ => None,
+        };
         let timeout_ms = opts
             .duration_ms("sluice.connect-timeout")?
             .expect("declared default");
@@ -235,11 +325,103 @@ impl RedisSink {
             member,
             score,
             value,
+            exactly_once,
+            instance: spec.sink_instance,
+            worker: 0,
+            transactional: false,
+            staging: None,
+            pending: vec![],
+            sealed: Default::default(),
+            committed_staged: vec![],
         })
     }
 
     fn error(&self, message: impl Into<String>) -> Error {
         Error::connector(&self.table, message)
+    }
+
+    /// The commands that write a batch, in changelog order, each as its arguments.
+    fn commands(&self, batch: &ChangeBatch) -> Result<Vec<Vec<String>>> {
+        let appends = matches!(self.command, Command::XAdd | Command::Publish);
+        if appends && (0..batch.num_rows()).any(|i| batch.op(i) != Op::Insert) {
+            return Err(self.error(format!(
+                "'command' = '{}' takes inserts only; an updating result needs 'set', 'hset' or 'zadd'",
+                format!("{:?}", self.command).to_lowercase()
+            )));
+        }
+        let cells = cells(&batch.data)?;
+        let rows = match self.value {
+            Some(_) => vec![],
+            None => crate::format::json_rows(&batch.data)?,
+        };
+        let value = |i: usize| match self.value {
+            Some(c) => cells[c][i].clone(),
+            None => rows[i].clone(),
+        };
+        let mut out = Vec::with_capacity(batch.num_rows());
+        for i in 0..batch.num_rows() {
+            let key = self.key.render(&cells, i);
+            let write = matches!(batch.op(i), Op::Insert | Op::UpdateAfter);
+            let command: Vec<String> = match (self.command, write) {
+                (Command::Set, true) => vec!["SET".into(), key, value(i)],
+                (Command::Set, false) => vec!["DEL".into(), key],
+                (Command::HSet, w) => {
+                    let field = self.field.as_ref().expect("checked").render(&cells, i);
+                    if w {
+                        vec!["HSET".into(), key, field, value(i)]
+                    } else {
+                        vec!["HDEL".into(), key, field]
+                    }
+                }
+                (Command::ZAdd, w) => {
+                    let member = self.member.as_ref().expect("checked").render(&cells, i);
+                    if w {
+                        let score = cells[self.score.expect("checked")][i].clone();
+                        vec!["ZADD".into(), key, score, member]
+                    } else {
+                        vec!["ZREM".into(), key, member]
+                    }
+                }
+                (Command::XAdd, _) => vec!["XADD".into(), key, "*".into(), "row".into(), value(i)],
+                (Command::Publish, _) => vec!["PUBLISH".into(), key, value(i)],
+            };
+            out.push(command);
+        }
+        Ok(out)
+    }
+
+    /// Runs commands in one `MULTI`/`EXEC`; with a marker, also sets it to the epoch.
+    fn run(&mut self, commands: &[Vec<String>], marker: Option<(&str, u64)>) -> Result<()> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for c in commands {
+            let mut cmd = redis::cmd(&c[0]);
+            for a in &c[1..] {
+                cmd.arg(a);
+            }
+            pipe.add_command(cmd).ignore();
+        }
+        if let Some((key, epoch)) = marker {
+            pipe.cmd("SET").arg(key).arg(epoch).ignore();
+        }
+        pipe.query::<()>(&mut self.connection)
+            .map_err(|e| self.error(format!("writing to Redis at '{}': {e}", self.url)))
+    }
+
+    /// The key that holds the last epoch worker `worker`'s writes were applied for.
+    fn marker(&self, worker: usize) -> String {
+        let prefix = self.exactly_once.as_deref().unwrap_or_default();
+        format!("{prefix}:{}:{}:{worker}", self.table, self.instance)
+    }
+
+    fn staged_prefix(&self) -> String {
+        format!("redis-{}-{}-w", self.table, self.instance)
+    }
+
+    fn staging(&self) -> Result<std::sync::Arc<dyn crate::Staging>> {
+        self.staging
+            .clone()
+            .ok_or_else(|| self.error("exactly-once needs checkpoint staging"))
     }
 }
 
@@ -263,61 +445,104 @@ fn cells(data: &RecordBatch) -> Result<Vec<Vec<String>>> {
 }
 
 impl SinkWriter for RedisSink {
+    fn set_staging(&mut self, staging: std::sync::Arc<dyn crate::Staging>) {
+        self.staging = Some(staging);
+    }
+
     fn write(&mut self, batch: &ChangeBatch) -> Result<()> {
         if batch.num_rows() == 0 {
             return Ok(());
         }
-        let appends = matches!(self.command, Command::XAdd | Command::Publish);
-        if appends && (0..batch.num_rows()).any(|i| batch.op(i) != Op::Insert) {
-            return Err(self.error(format!(
-                "'command' = '{}' takes inserts only; an updating result needs 'set', 'hset' or 'zadd'",
-                format!("{:?}", self.command).to_lowercase()
-            )));
+        let commands = self.commands(batch)?;
+        if self.transactional && self.exactly_once.is_some() {
+            self.pending.extend(commands);
+            return Ok(());
         }
-        let cells = cells(&batch.data)?;
-        let rows = match self.value {
-            Some(_) => vec![],
-            None => crate::format::json_rows(&batch.data)?,
-        };
-        let value = |i: usize| match self.value {
-            Some(c) => cells[c][i].clone(),
-            None => rows[i].clone(),
-        };
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for i in 0..batch.num_rows() {
-            let key = self.key.render(&cells, i);
-            let write = matches!(batch.op(i), Op::Insert | Op::UpdateAfter);
-            match (self.command, write) {
-                (Command::Set, true) => pipe.cmd("SET").arg(key).arg(value(i)),
-                (Command::Set, false) => pipe.cmd("DEL").arg(key),
-                (Command::HSet, w) => {
-                    let field = self.field.as_ref().expect("checked").render(&cells, i);
-                    if w {
-                        pipe.cmd("HSET").arg(key).arg(field).arg(value(i))
-                    } else {
-                        pipe.cmd("HDEL").arg(key).arg(field)
-                    }
+        self.run(&commands, None)
+    }
+
+    fn begin_transactions(
+        &mut self,
+        committed: Option<u64>,
+        worker: usize,
+        workers: usize,
+    ) -> Result<()> {
+        self.transactional = true;
+        self.worker = worker;
+        if self.exactly_once.is_none() {
+            return Ok(());
+        }
+        let staging = self.staging()?;
+        // Staged checkpoints (this worker's, and those of the workers it replaces) that
+        // committed but whose marker does not show them run again; the rest are dropped.
+        for (old, files) in
+            crate::staged_checkpoints(&*staging, &self.staged_prefix(), worker, workers)?
+        {
+            let marker = self.marker(old);
+            let done: Option<u64> = redis::cmd("GET")
+                .arg(&marker)
+                .query(&mut self.connection)
+                .map_err(|e| self.error(format!("reading marker '{marker}': {e}")))?;
+            for (epoch, name) in files {
+                if committed.is_some_and(|c| epoch <= c) && done.is_none_or(|d| d < epoch) {
+                    let bytes = staging.get(&name)?;
+                    let commands: Vec<Vec<String>> = serde_json::from_slice(&bytes)
+                        .map_err(|e| self.error(format!("staged writes {name}: {e}")))?;
+                    self.run(&commands, Some((&marker, epoch)))?;
                 }
-                (Command::ZAdd, w) => {
-                    let member = self.member.as_ref().expect("checked").render(&cells, i);
-                    if w {
-                        let score = &cells[self.score.expect("checked")][i];
-                        pipe.cmd("ZADD").arg(key).arg(score).arg(member)
-                    } else {
-                        pipe.cmd("ZREM").arg(key).arg(member)
-                    }
-                }
-                (Command::XAdd, _) => pipe.cmd("XADD").arg(key).arg("*").arg("row").arg(value(i)),
-                (Command::Publish, _) => pipe.cmd("PUBLISH").arg(key).arg(value(i)),
+                staging.remove(&name)?;
             }
-            .ignore();
         }
-        pipe.query::<()>(&mut self.connection)
-            .map_err(|e| self.error(format!("writing to Redis at '{}': {e}", self.url)))
+        Ok(())
+    }
+
+    fn pre_commit(&mut self, epoch: u64) -> Result<()> {
+        if !(self.transactional && self.exactly_once.is_some()) {
+            return Ok(());
+        }
+        let commands = std::mem::take(&mut self.pending);
+        let bytes = serde_json::to_vec(&commands).map_err(|e| self.error(e.to_string()))?;
+        self.staging()?.put(
+            &format!("{}{}-e{epoch}", self.staged_prefix(), self.worker),
+            bytes,
+        )?;
+        self.sealed.insert(epoch, commands);
+        Ok(())
+    }
+
+    fn commit(&mut self, epoch: u64) -> Result<()> {
+        if !(self.transactional && self.exactly_once.is_some()) {
+            return Ok(());
+        }
+        let due: Vec<u64> = self.sealed.range(..=epoch).map(|(e, _)| *e).collect();
+        if due.is_empty() {
+            return Ok(());
+        }
+        let marker = self.marker(self.worker);
+        for e in &due {
+            let commands = self.sealed.remove(e).expect("listed above");
+            self.run(&commands, Some((&marker, *e)))?;
+        }
+        // The last run checkpoints' staged writes stay until the next commit: a crash right
+        // after finds them, and the marker says not to run them again.
+        let staging = self.staging()?;
+        for e in std::mem::take(&mut self.committed_staged) {
+            staging.remove(&format!("{}{}-e{e}", self.staged_prefix(), self.worker))?;
+        }
+        self.committed_staged = due;
+        Ok(())
     }
 
     fn finish(&mut self) -> Result<()> {
+        if !self.pending.is_empty() {
+            // Exactly-once without checkpoints: as at-least-once.
+            let commands = std::mem::take(&mut self.pending);
+            self.run(&commands, None)?;
+        }
+        Ok(())
+    }
+
+    fn abort(&mut self) -> Result<()> {
         Ok(())
     }
 }

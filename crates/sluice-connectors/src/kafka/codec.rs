@@ -198,12 +198,14 @@ impl Codec {
                 }
                 Ok(None) => {}
                 Err(_) if ignore_errors => skipped += 1,
-                Err(message) => return Err(Error::BadRecord {
-                    location: location(i),
-                    message: format!(
+                Err(message) => {
+                    return Err(Error::BadRecord {
+                        location: location(i),
+                        message: format!(
                         "{message}; set 'json.ignore-parse-errors' = 'true' to skip such records"
                     ),
-                }),
+                    })
+                }
             }
         }
         json.add_skipped(skipped);

@@ -173,3 +173,207 @@ fn bad_targets_fail_with_a_clear_error() {
         assert!(!ok && stderr.contains(&want), "{want}: {stderr}");
     }
 }
+
+/// Appends entries (field `row`) to a stream, in pipelines of 5000.
+fn xadd(c: &mut redis::Connection, key: &str, rows: &[(Option<String>, String)]) {
+    for chunk in rows.chunks(5000) {
+        let mut pipe = redis::pipe();
+        for (id, row) in chunk {
+            pipe.cmd("XADD")
+                .arg(key)
+                .arg(id.as_deref().unwrap_or("*"))
+                .arg("row")
+                .arg(row)
+                .ignore();
+        }
+        pipe.query::<()>(c).unwrap();
+    }
+}
+
+/// A Redis stream read into an updating aggregation (to files), copied to another stream and
+/// counted into a hash by exactly-once sinks, with checkpoints: killed with SIGKILL at random
+/// moments and rerun on another worker count, the files hold the batch answer, the copy holds
+/// every row once (appends are not idempotent, so a replayed write would show), and the hash
+/// the counts.
+#[test]
+fn killed_and_rerun_a_stream_source_and_exactly_once_writes_are_exact() {
+    let p = prefix("stream_kill");
+    let mut c = connection();
+    const ROWS: i64 = 300_000;
+    let mut per_category: BTreeMap<String, i64> = BTreeMap::new();
+    let rows: Vec<(Option<String>, String)> = (0..ROWS)
+        .map(|i| {
+            let category = format!("c{}", i * 31 % 23);
+            *per_category.entry(category.clone()).or_default() += 1;
+            (None, format!(r#"{{"id":{i},"category":"{category}"}}"#))
+        })
+        .collect();
+    xadd(&mut c, &format!("{p}:orders"), &rows);
+    let expected: BTreeMap<String, i64> = per_category
+        .iter()
+        .map(|(k, n)| (serde_json::json!({"category": k, "n": n}).to_string(), 1))
+        .collect();
+    let script = |dir: &Path, p: &str| {
+        format!(
+            "SET 'execution.checkpointing.interval' = '100 ms';
+             SET 'execution.checkpointing.dir' = '{ckpt}';
+             SET 'table.exec.mini-batch.size' = '64';
+             CREATE TABLE orders (id BIGINT, category STRING)
+             WITH ('connector' = 'redis', 'url' = '{URL}', 'key' = '{p}:orders',
+               'scan.bounded.mode' = 'latest');
+             CREATE TABLE per_category (category STRING, n BIGINT)
+               WITH ('connector' = 'filesystem', 'path' = '{out}', 'format' = 'debezium-json');
+             CREATE TABLE copy (id BIGINT, category STRING)
+               WITH ('connector' = 'redis', 'url' = '{URL}', 'command' = 'xadd',
+                 'key' = '{p}:copy', 'sink.delivery-guarantee' = 'exactly-once',
+                 'sink.transactional-id-prefix' = '{p}:marker');
+             CREATE TABLE counts (category STRING, n BIGINT)
+               WITH ('connector' = 'redis', 'url' = '{URL}', 'command' = 'hset',
+                 'key' = '{p}:counts', 'field' = '{{category}}', 'value' = 'n',
+                 'sink.delivery-guarantee' = 'exactly-once',
+                 'sink.transactional-id-prefix' = '{p}:marker');
+             INSERT INTO per_category SELECT category, COUNT(*) FROM orders GROUP BY category;
+             INSERT INTO copy SELECT id, category FROM orders;
+             INSERT INTO counts SELECT category, COUNT(*) FROM orders GROUP BY category;",
+            ckpt = dir.join("checkpoints").display(),
+            out = dir.join("out").display()
+        )
+    };
+    // Each id's copies, summarized: how many rows, and the first few ids not written exactly once.
+    let once = |ids: Vec<i64>| -> (usize, Vec<(i64, usize)>) {
+        let mut copies: BTreeMap<i64, usize> = (0..ROWS).map(|i| (i, 0)).collect();
+        for i in &ids {
+            *copies.entry(*i).or_default() += 1;
+        }
+        let wrong: Vec<(i64, usize)> = copies
+            .into_iter()
+            .filter(|(_, n)| *n != 1)
+            .take(5)
+            .collect();
+        (ids.len(), wrong)
+    };
+    let copied = |c: &mut redis::Connection, key: &str| -> Vec<i64> {
+        let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg(key)
+            .arg("-")
+            .arg("+")
+            .query(c)
+            .unwrap();
+        let mut ids: Vec<i64> = entries
+            .iter()
+            .map(|(_, f)| {
+                let v: serde_json::Value = serde_json::from_str(&f[0].1).unwrap();
+                v["id"].as_i64().unwrap()
+            })
+            .collect();
+        ids.sort_unstable();
+        ids
+    };
+    // One uninterrupted run (into keys of its own) says how long the job takes here.
+    let whole = tempfile::tempdir().unwrap();
+    let pw = format!("{p}:whole");
+    xadd(&mut c, &format!("{pw}:orders"), &rows);
+    let started = std::time::Instant::now();
+    let (ok, stderr) = run(whole.path(), &script(whole.path(), &pw), 3);
+    assert!(ok, "{stderr}");
+    let took = started.elapsed().as_millis() as u64;
+    assert!(
+        took > 1500,
+        "the job must run long enough to be killed: {took} ms"
+    );
+    assert_eq!(
+        crate::common::committed_rows(&whole.path().join("out"), |_| {}),
+        expected
+    );
+    assert_eq!(
+        once(copied(&mut c, &format!("{pw}:copy"))),
+        (ROWS as usize, vec![])
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("job.sql");
+    std::fs::write(&file, script(dir.path(), &p)).unwrap();
+    let kills = crate::common::kill_runs(dir.path(), &file, 3, took);
+    assert!(kills >= 2, "the job should have been killed mid-way");
+    let (ok, stderr) = run(dir.path(), &script(dir.path(), &p), 2);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("resuming from checkpoint"), "{stderr}");
+    assert_eq!(
+        crate::common::committed_rows(&dir.path().join("out"), |_| {}),
+        expected
+    );
+    assert_eq!(
+        once(copied(&mut c, &format!("{p}:copy"))),
+        (ROWS as usize, vec![]),
+        "every row once in the copy"
+    );
+    let counts: BTreeMap<String, i64> = redis::cmd("HGETALL")
+        .arg(format!("{p}:counts"))
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(counts, per_category);
+}
+
+/// Entries with given ids: the `id` and `timestamp` metadata columns hold them, `scan.startup.id`
+/// starts at one, and a stream that does not exist or an entry without the field is an error
+/// naming it.
+#[test]
+fn stream_entries_ids_and_errors() {
+    let p = prefix("stream_meta");
+    let mut c = connection();
+    let key = format!("{p}:s");
+    let rows: Vec<(Option<String>, String)> = (1..=5i64)
+        .map(|i| {
+            (
+                Some(format!("{}-{i}", 1_700_000_000_000i64 + i)),
+                format!(r#"{{"v":{i}}}"#),
+            )
+        })
+        .collect();
+    xadd(&mut c, &key, &rows);
+    let run_folded = |sql: &str| {
+        let plan = sluice_sql::plan_script(sql).map_err(|e| e.to_string())?;
+        crate::common::run_folded(plan, 2, Duration::from_secs(60)).map(|r| r.1)
+    };
+    let got = run_folded(&format!(
+        "CREATE TABLE s (v BIGINT, eid STRING METADATA FROM 'id',
+           ts TIMESTAMP_LTZ(3) METADATA FROM 'timestamp')
+         WITH ('connector' = 'redis', 'url' = '{URL}', 'key' = '{key}',
+           'scan.startup.mode' = 'id', 'scan.startup.id' = '1700000000003-3',
+           'scan.bounded.mode' = 'latest');
+         SELECT v, eid, DATE_FORMAT(ts, 'yyyy-MM-dd HH:mm:ss.SSS') FROM s;"
+    ))
+    .unwrap();
+    let want: BTreeMap<Vec<String>, i64> = (3..=5i64)
+        .map(|i| {
+            let ms = 1_700_000_000_000i64 + i;
+            let text = sluice_common::time::format_millis(ms);
+            (vec![i.to_string(), format!("{ms}-{i}"), text], 1)
+        })
+        .collect();
+    assert_eq!(got, want);
+    let err = run_folded(&format!(
+        "CREATE TABLE s (v BIGINT) WITH ('connector' = 'redis', 'url' = '{URL}',
+           'key' = '{p}:missing', 'scan.bounded.mode' = 'latest');
+         SELECT v FROM s;"
+    ))
+    .unwrap_err();
+    assert!(err.contains(&format!("{p}:missing")), "{err}");
+    redis::cmd("XADD")
+        .arg(&key)
+        .arg("1700000000009-0")
+        .arg("other")
+        .arg("x")
+        .query::<String>(&mut c)
+        .unwrap();
+    let err = run_folded(&format!(
+        "CREATE TABLE s (v BIGINT) WITH ('connector' = 'redis', 'url' = '{URL}',
+           'key' = '{key}', 'scan.bounded.mode' = 'latest');
+         SELECT v FROM s;"
+    ))
+    .unwrap_err();
+    assert!(
+        err.contains("entry 1700000000009-0") && err.contains("'row'"),
+        "{err}"
+    );
+}
