@@ -16,6 +16,9 @@ use crate::format::{Changelog, JsonLines};
 use crate::options::Options;
 use crate::{ConnectorSpec, Poll, SourceOffsets, SourceReader, SPLIT_DONE};
 
+/// A stream entry: its id and its fields.
+type Entry = (String, Vec<(String, String)>);
+
 /// An entry id, `<milliseconds>-<sequence>`.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 struct EntryId(u64, u64);
@@ -122,7 +125,7 @@ impl RedisStreamSource {
                 "Redis at '{url}' has no stream '{key}' (option 'key')"
             )));
         }
-        let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+        let entries: Vec<Entry> = redis::cmd("XREVRANGE")
             .arg(&key)
             .arg("+")
             .arg("-")
@@ -182,7 +185,7 @@ impl RedisStreamSource {
     }
 
     /// The next entries, up to `n`: `XRANGE` after the last one returned (or from the start).
-    fn fetch(&mut self, n: usize) -> Result<Option<Vec<(String, Vec<(String, String)>)>>> {
+    fn fetch(&mut self, n: usize) -> Result<Option<Vec<Entry>>> {
         let start = match (self.last, self.first) {
             (Some(last), _) => format!("({}", last.text()),
             (None, Some(first)) => first.text(),
@@ -192,7 +195,7 @@ impl RedisStreamSource {
             Some(Some(end)) => end.text(),
             _ => "+".to_string(),
         };
-        let read: redis::RedisResult<Vec<(String, Vec<(String, String)>)>> = redis::cmd("XRANGE")
+        let read: redis::RedisResult<Vec<Entry>> = redis::cmd("XRANGE")
             .arg(&self.key)
             .arg(&start)
             .arg(&end)
