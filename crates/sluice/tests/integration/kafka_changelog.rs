@@ -1,6 +1,6 @@
 //! Updating tables on Kafka: `upsert-kafka` (upserts and tombstones keyed by the primary key),
 //! the `debezium-json` value format, and keys that hold columns (`EXCEPT_KEY`), each written by
-//! one job and read back by another, against the batch answer.
+//! one job and read back by another, against the batch answer; and `examples/kafka_double11.sql`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -353,4 +353,117 @@ fn killed_and_rerun_an_upsert_source_commits_the_batch_answer() {
         common::committed_rows(&dir.path().join("out"), |_| {}),
         expected
     );
+}
+
+/// `examples/kafka_double11.sql`, pointed at this test's broker, Redis keys and checkpoint
+/// folder (and bounded, so that it ends), serves the batch answer over the orders it reads: the
+/// GMV of each 5-minute window and of each category in Redis, and each category's totals as the
+/// last record of its key in the upsert topic.
+#[cfg(feature = "redis")]
+#[test]
+fn the_kafka_double11_example_serves_the_batch_answer() {
+    let broker = Broker::start();
+    broker.create_topic("orders", 4);
+    broker.create_topic("gmv_by_category", 2);
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(9);
+    let start = 1_794_355_200_000i64; // 2026-11-11 00:00:00
+    let categories = ["apparel", "books", "electronics", "food", "home"];
+    let mut records = vec![];
+    let mut per_partition = [0usize; 4];
+    let mut windows: BTreeMap<String, i64> = BTreeMap::new();
+    let mut per_category: BTreeMap<String, (i64, i64, std::collections::BTreeSet<i64>)> =
+        BTreeMap::new();
+    for i in 0..20_000i64 {
+        // 50 ms apart, up to 3 s late; the watermark allows 5 s.
+        let ts = start + i * 50 - rng.random_range(0..3000i64);
+        let user = rng.random_range(1..2000i64);
+        let category = categories[rng.random_range(0..categories.len())];
+        let cents = rng.random_range(100..50_000i64);
+        let partition = (i % 4) as i32;
+        per_partition[partition as usize] += 1;
+        records.push((
+            partition,
+            None,
+            Some(format!(
+                r#"{{"order_id":{i},"user_id":{user},"item_id":{},"category":"{category}","province":"Zhejiang","amount":{},"quantity":1,"event_time":"{}"}}"#,
+                i % 97,
+                cents as f64 / 100.0,
+                sluice_common::time::format_millis(ts)
+            )),
+        ));
+        let window = ts - ts.rem_euclid(300_000);
+        *windows
+            .entry(sluice_common::time::format_millis(window)[..16].to_string())
+            .or_default() += cents;
+        let e = per_category.entry(category.to_string()).or_default();
+        e.0 += cents;
+        e.1 += 1;
+        e.2.insert(user);
+    }
+    broker.produce("orders", &records);
+    let bounds = (0..4)
+        .map(|p| format!("partition:{p},offset:{}", per_partition[p]))
+        .collect::<Vec<_>>()
+        .join(";");
+    let dir = tempfile::tempdir().unwrap();
+    let keys = format!(
+        "sluice-test:double11:{}:{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/kafka_double11.sql"
+    ))
+    .unwrap();
+    let script = example
+        .replace("127.0.0.1:9092", &broker.servers)
+        .replace("'double11:", &format!("'{keys}:"))
+        .replace("'sink.transactional-id-prefix' = 'double11", &format!("'sink.transactional-id-prefix' = '{keys}"))
+        .replace("file:///tmp/sluice-kafka-double11", &format!("file://{}", dir.path().join("ck").display()))
+        .replace(
+            "'scan.startup.mode' = 'earliest-offset',",
+            &format!("'scan.startup.mode' = 'earliest-offset', 'scan.bounded.mode' = 'specific-offsets', 'scan.bounded.specific-offsets' = '{bounds}',"),
+        )
+        .replace("'execution.checkpointing.interval' = '10 s'", "'execution.checkpointing.interval' = '200 ms'");
+    assert!(script.contains(&keys) && script.contains(&bounds));
+    let (ok, stderr) = run(dir.path(), &script, 2, Duration::from_secs(120));
+    assert!(ok, "{stderr}");
+    let cents = |text: &str| (text.parse::<f64>().unwrap() * 100.0).round() as i64;
+    let mut redis = redis::Client::open("redis://127.0.0.1:6379/0")
+        .unwrap()
+        .get_connection_with_timeout(Duration::from_secs(5))
+        .unwrap();
+    let hash = |c: &mut redis::Connection, key: &str| -> BTreeMap<String, i64> {
+        let h: BTreeMap<String, String> = redis::cmd("HGETALL").arg(key).query(c).unwrap();
+        h.into_iter().map(|(k, v)| (k, cents(&v))).collect()
+    };
+    assert_eq!(hash(&mut redis, &format!("{keys}:gmv_per_window")), windows);
+    let by_category: BTreeMap<String, i64> =
+        per_category.iter().map(|(k, v)| (k.clone(), v.0)).collect();
+    assert_eq!(
+        hash(&mut redis, &format!("{keys}:gmv_by_category")),
+        by_category
+    );
+    let mut last: BTreeMap<String, (i64, i64, i64)> = BTreeMap::new();
+    for (_, key, value) in broker.consume("gmv_by_category", 2, usize::MAX, true) {
+        let k: serde_json::Value = serde_json::from_str(&key.unwrap()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&value.unwrap()).unwrap();
+        last.insert(
+            k["category"].as_str().unwrap().to_string(),
+            (
+                (v["gmv"].as_f64().unwrap() * 100.0).round() as i64,
+                v["orders"].as_i64().unwrap(),
+                v["buyers"].as_i64().unwrap(),
+            ),
+        );
+    }
+    let want: BTreeMap<String, (i64, i64, i64)> = per_category
+        .into_iter()
+        .map(|(k, (c, n, users))| (k, (c, n, users.len() as i64)))
+        .collect();
+    assert_eq!(last, want);
 }
