@@ -95,6 +95,14 @@ pub trait SourceReader: Send {
     fn offsets(&self) -> SourceOffsets;
     /// Resumes from recorded offsets; called before the first poll.
     fn seek(&mut self, offsets: &SourceOffsets) -> Result<()>;
+    /// Checkpoint `epoch` records [`SourceReader::offsets`] as they are now.
+    fn checkpoint(&mut self, _epoch: u64) {}
+    /// Checkpoint `epoch` committed: what it covers will never be read again, so a source may
+    /// acknowledge it or report the progress (Kafka's group offsets). Called for the newest
+    /// committed one (it covers the older ones).
+    fn committed(&mut self, _epoch: u64) -> Result<()> {
+        Ok(())
+    }
     /// Workers to which this source's deal gives nothing to read (a bounded source whose splits
     /// are fewer than the workers). Every worker knows the deal, so a worker that reads can
     /// announce their end of input before its first rows, instead of its receivers waiting to

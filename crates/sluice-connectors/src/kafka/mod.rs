@@ -54,7 +54,7 @@ const PROPERTIES_GROUP_ID: OptionDef = OptionDef {
         default: None,
         side: Side::Source,
         identity: false,
-        doc: "the consumer group whose committed offsets `group-offsets` starts from (offsets live in checkpoints; the group is never joined)",
+        doc: "the consumer group whose committed offsets `group-offsets` starts from; each committed checkpoint's positions are committed to it, for monitoring (reading uses the checkpoints, and the group is never joined)",
 };
 const PROPERTIES_NAME: OptionDef = OptionDef {
     key: "properties.<name>",
@@ -528,6 +528,9 @@ pub struct KafkaSource {
     ready: VecDeque<(Poll, Option<(usize, i64)>)>,
     assigned: bool,
     silent: Vec<usize>,
+    /// With `properties.group.id`: the positions each recorded checkpoint holds, committed to
+    /// the group once it commits (for monitoring, as Flink does; reading never uses them).
+    recorded: BTreeMap<u64, Vec<(String, i32, i64)>>,
 }
 
 impl KafkaSource {
@@ -666,6 +669,7 @@ impl KafkaSource {
             ready: VecDeque::new(),
             assigned: false,
             silent,
+            recorded: BTreeMap::new(),
         })
     }
 
@@ -1175,6 +1179,46 @@ impl SourceReader for KafkaSource {
 
     fn silent_workers(&self) -> Vec<usize> {
         self.silent.clone()
+    }
+
+    fn checkpoint(&mut self, epoch: u64) {
+        if self.group.is_none() {
+            return;
+        }
+        let positions = self
+            .splits
+            .iter()
+            .filter_map(|s| Some((s.topic.clone(), s.partition, s.returned?)))
+            .collect();
+        self.recorded.insert(epoch, positions);
+    }
+
+    fn committed(&mut self, epoch: u64) -> Result<()> {
+        let Some(positions) = self
+            .recorded
+            .range(..=epoch)
+            .next_back()
+            .map(|(_, p)| p.clone())
+        else {
+            return Ok(());
+        };
+        self.recorded.retain(|e, _| *e > epoch);
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition, offset) in positions {
+            tpl.add_partition_offset(&topic, partition, Offset::Offset(offset))
+                .map_err(|e| self.error(format!("group offsets: {e}")))?;
+        }
+        if tpl.count() > 0 {
+            // Only a report: a failure is noted, and the next checkpoint tries again.
+            if let Err(e) = self
+                .consumer
+                .commit(&tpl, rdkafka::consumer::CommitMode::Async)
+            {
+                self.errors
+                    .note(format!("committing offsets to the group: {e}"));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -130,6 +130,8 @@ pub(crate) fn source_stream<'scope>(
         let mut skipped_reported = 0;
         let mut last_data = Instant::now();
         let mut stopped = false;
+        // Checkpoints that recorded this reader's offsets and are not known to be committed.
+        let mut recorded: std::collections::VecDeque<Epoch> = Default::default();
         #[cfg(feature = "fault-injection")]
         let mut rows_seen = 0u64;
         move |output| {
@@ -172,6 +174,7 @@ pub(crate) fn source_stream<'scope>(
                             CheckpointContext::file_name(Contribution::SourceOffsets, id, index);
                         let offsets = serde_json::to_vec(&r.offsets()).expect("offsets serialize");
                         ck.writer.write(stop, name, offsets);
+                        r.checkpoint(stop);
                     }
                 }
                 c.downgrade(&(stop + 1));
@@ -189,6 +192,29 @@ pub(crate) fn source_stream<'scope>(
                     return;
                 }
                 seq.epoch.set(seq.epoch.get().max(epoch));
+            }
+            // Tell the reader about committed checkpoints: the newest one known, or (a storage
+            // question, rate-limited by the store) the newest recorded.
+            if let (Some(ck), Some(&newest)) = (checkpoint.as_ref(), recorded.back()) {
+                let done = recorded
+                    .iter()
+                    .rev()
+                    .copied()
+                    .find(|e| ck.store.known_committed(*e))
+                    .or_else(|| {
+                        ck.store
+                            .is_committed(newest)
+                            .unwrap_or(false)
+                            .then_some(newest)
+                    });
+                if let Some(e) = done {
+                    recorded.retain(|r| *r > e);
+                    if let Err(err) = r.committed(e) {
+                        control.fail(err);
+                        cap = None;
+                        return;
+                    }
+                }
             }
             if epoch >= MAX_EPOCHS_IN_FLIGHT && probe.less_than(&(epoch - MAX_EPOCHS_IN_FLIGHT)) {
                 activator.activate_after(Duration::from_millis(1));
@@ -298,6 +324,8 @@ pub(crate) fn source_stream<'scope>(
                             CheckpointContext::file_name(Contribution::SourceOffsets, id, index);
                         let offsets = serde_json::to_vec(&r.offsets()).expect("offsets serialize");
                         ck.writer.write(epoch, name, offsets);
+                        r.checkpoint(epoch);
+                        recorded.push_back(epoch);
                     }
                 }
                 epoch += 1;
