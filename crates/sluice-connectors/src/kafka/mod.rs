@@ -40,6 +40,22 @@ const TOPIC: OptionDef = OptionDef {
     identity: true,
     doc: "the topic; a source may read several, separated by `;`",
 };
+const TOPIC_PATTERN: OptionDef = OptionDef {
+    key: "topic-pattern",
+    kind: Kind::Text,
+    default: None,
+    side: Side::Source,
+    identity: true,
+    doc: "instead of `topic`: read every topic whose whole name matches this regular expression",
+};
+const DISCOVERY_INTERVAL: OptionDef = OptionDef {
+        key: "scan.topic-partition-discovery.interval",
+        kind: Kind::Duration,
+        default: None,
+        side: Side::Source,
+        identity: false,
+        doc: "an unbounded source looks this often for partitions added to its topics (and, with `topic-pattern`, for new topics), and reads them from their start",
+};
 const PROPERTIES_BOOTSTRAP_SERVERS: OptionDef = OptionDef {
     key: "properties.bootstrap.servers",
     kind: Kind::Text,
@@ -244,6 +260,8 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     formats: true,
     options: &[
         TOPIC,
+        TOPIC_PATTERN,
+        DISCOVERY_INTERVAL,
         PROPERTIES_BOOTSTRAP_SERVERS,
         PROPERTIES_GROUP_ID,
         PROPERTIES_NAME,
@@ -480,6 +498,60 @@ enum Edge {
     Given(BTreeMap<i32, i64>, Box<Edge>),
 }
 
+/// Where a source looks for partitions added while it runs.
+struct Discovery {
+    interval: Duration,
+    topics: Topics,
+    last: Instant,
+    known: std::collections::HashSet<(String, i32)>,
+    worker: usize,
+    workers: usize,
+}
+
+/// The topics a source reads: named, or matching a pattern.
+#[derive(Clone)]
+enum Topics {
+    Named(Vec<String>),
+    Pattern(regex::Regex),
+}
+
+/// The worker that reads a partition found while running: the same on every worker.
+fn discovered_owner(topic: &str, partition: i32, workers: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in topic.bytes().chain(partition.to_le_bytes()) {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % workers.max(1) as u64) as usize
+}
+
+/// Every (topic, partition) of `topics` now, sorted; topics that do not exist (yet) are left
+/// out, unless `required` (the topics of a start).
+fn list_partitions<C: ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topics: &Topics,
+    timeout: Duration,
+) -> std::result::Result<Vec<(String, i32)>, String> {
+    let metadata = client
+        .fetch_metadata(None, timeout)
+        .map_err(|e| e.to_string())?;
+    let mut out = vec![];
+    for t in metadata.topics() {
+        let wanted = match topics {
+            Topics::Named(names) => names.iter().any(|n| n == t.name()),
+            Topics::Pattern(p) => p.is_match(t.name()),
+        };
+        if wanted && t.error().is_none() {
+            out.extend(
+                t.partitions()
+                    .iter()
+                    .map(|p| (t.name().to_string(), p.id())),
+            );
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// One partition this worker reads.
 struct Split {
     topic: String,
@@ -528,6 +600,9 @@ pub struct KafkaSource {
     ready: VecDeque<(Poll, Option<(usize, i64)>)>,
     assigned: bool,
     silent: Vec<usize>,
+    /// `scan.topic-partition-discovery.interval`: the topics (by name, or the pattern), when the
+    /// last look was, every partition seen (any worker's), and this worker's index and count.
+    discovery: Option<Discovery>,
     /// With `properties.group.id`: the positions each recorded checkpoint holds, committed to
     /// the group once it commits (for monitoring, as Flink does; reading never uses them).
     recorded: BTreeMap<u64, Vec<(String, i32, i64)>>,
@@ -540,12 +615,25 @@ impl KafkaSource {
         worker: usize,
         workers: usize,
     ) -> Result<Self> {
-        let topics: Vec<String> = opts
-            .required("topic")?
-            .split(';')
-            .map(|t| t.trim().to_string())
-            .filter(|t| !t.is_empty())
-            .collect();
+        let pattern = match (opts.get("topic")?, opts.get("topic-pattern")?) {
+            (Some(_), Some(_)) => {
+                return Err(opts.error("give 'topic' or 'topic-pattern', not both"));
+            }
+            (None, Some(p)) => Some(
+                regex::Regex::new(&format!("^(?:{p})$"))
+                    .map_err(|e| opts.error(format!("option 'topic-pattern' = '{p}': {e}")))?,
+            ),
+            _ => None,
+        };
+        let topics: Vec<String> = match &pattern {
+            Some(_) => vec![],
+            None => opts
+                .required("topic")?
+                .split(';')
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+                .collect(),
+        };
         let upsert = opts.connector() == "upsert-kafka";
         let value_schema = Arc::new(arrow::datatypes::Schema::new(
             spec.schema
@@ -625,6 +713,29 @@ impl KafkaSource {
             let ids = topic_partitions(consumer.client(), opts, topic, &servers, timeout)?;
             partitions.extend(ids.into_iter().map(|p| (topic.clone(), p)));
         }
+        let selection = match &pattern {
+            Some(p) => Topics::Pattern(p.clone()),
+            None => Topics::Named(topics.clone()),
+        };
+        if pattern.is_some() {
+            partitions = list_partitions(consumer.client(), &selection, timeout).map_err(|e| {
+                opts.error(format!(
+                    "cannot reach the Kafka brokers at '{servers}' within {timeout:?} \
+                     (option 'properties.bootstrap.servers'): {e}"
+                ))
+            })?;
+        }
+        let discovery = match opts.duration_ms("scan.topic-partition-discovery.interval")? {
+            Some(ms) if ms > 0 && bound.is_none() => Some(Discovery {
+                interval: Duration::from_millis(ms as u64),
+                topics: selection,
+                last: Instant::now(),
+                known: partitions.iter().cloned().collect(),
+                worker,
+                workers,
+            }),
+            _ => None,
+        };
         let total = partitions.len();
         let splits: Vec<Split> = partitions
             .into_iter()
@@ -676,6 +787,7 @@ impl KafkaSource {
             ready: VecDeque::new(),
             assigned: false,
             silent,
+            discovery,
             recorded: BTreeMap::new(),
         })
     }
@@ -1013,6 +1125,52 @@ struct Gathered {
 }
 
 impl KafkaSource {
+    /// `scan.topic-partition-discovery.interval`: takes on the partitions added since the last
+    /// look that fall to this worker, from their start. A failed look is tried again later.
+    fn discover(&mut self) {
+        let Some(d) = self.discovery.as_mut() else {
+            return;
+        };
+        if d.last.elapsed() < d.interval {
+            return;
+        }
+        d.last = Instant::now();
+        let Ok(now) = list_partitions(self.consumer.client(), &d.topics, self.timeout) else {
+            return;
+        };
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition) in now {
+            if !d.known.insert((topic.clone(), partition))
+                || discovered_owner(&topic, partition, d.workers) != d.worker
+            {
+                continue;
+            }
+            if tpl
+                .add_partition_offset(&topic, partition, Offset::Beginning)
+                .is_err()
+            {
+                continue;
+            }
+            self.by_partition
+                .insert((topic.clone(), partition), self.splits.len());
+            self.splits.push(Split {
+                topic,
+                partition,
+                next: None,
+                returned: None,
+                end: None,
+                done: false,
+                closed: false,
+            });
+        }
+        if tpl.count() > 0 {
+            if let Err(e) = self.consumer.incremental_assign(&tpl) {
+                self.errors
+                    .note(format!("assigning discovered partitions: {e}"));
+            }
+        }
+    }
+
     /// The next decoded batch or finished split, moving the returned position past it.
     fn take_ready(&mut self) -> Option<Poll> {
         let (poll, position) = self.ready.pop_front()?;
@@ -1040,8 +1198,13 @@ impl SourceReader for KafkaSource {
         if let Some(poll) = self.take_ready() {
             return Ok(poll);
         }
+        self.discover();
         if self.splits.iter().all(|s| s.done) {
-            return Ok(Poll::Finished);
+            return Ok(if self.discovery.is_some() {
+                Poll::Idle
+            } else {
+                Poll::Finished
+            });
         }
         // Gather up to `max_rows` records, by partition, in offset order.
         let mut gathered: BTreeMap<usize, Gathered> = BTreeMap::new();

@@ -905,3 +905,89 @@ fn committed_checkpoints_report_their_positions_to_the_group() {
     let _ = child.wait();
     assert_eq!(seen, [Offset::Offset(500), Offset::Offset(500)]);
 }
+
+/// `topic-pattern` with partition discovery: an unbounded job reads the topics that match when
+/// it starts, and, once created, a matching topic's records too (from its start); a topic that
+/// does not match stays unread.
+#[test]
+fn a_topic_pattern_picks_up_topics_created_while_running() {
+    use std::io::{BufRead, BufReader};
+    let broker = Broker::start();
+    broker.create_topic("disc_a", 2);
+    broker.create_topic("other_x", 1);
+    let records =
+        |from: i64, to: i64, partitions: i32| -> Vec<(i32, Option<String>, Option<String>)> {
+            (from..to)
+                .map(|i| {
+                    (
+                        (i % partitions as i64) as i32,
+                        None,
+                        Some(format!(r#"{{"id":{i}}}"#)),
+                    )
+                })
+                .collect()
+        };
+    broker.produce("disc_a", &records(0, 100, 2));
+    broker.produce("other_x", &records(1000, 1010, 1));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("job.sql");
+    std::fs::write(
+        &file,
+        format!(
+            "CREATE TABLE t (id BIGINT, topic STRING METADATA VIRTUAL)
+               WITH ('connector' = 'kafka', 'topic-pattern' = 'disc_.*',
+               'properties.bootstrap.servers' = '{}', 'scan.startup.mode' = 'earliest-offset',
+               'scan.topic-partition-discovery.interval' = '200 ms', 'format' = 'json');
+             CREATE TABLE out (id BIGINT, topic STRING) WITH ('connector' = 'print');
+             INSERT INTO out SELECT id, topic FROM t;",
+            broker.servers
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--workers", "2"])
+        .arg(&file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen: BTreeMap<i64, String> = BTreeMap::new();
+    let mut created = false;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(60) {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
+            // `1> +I[7, disc_a]` (the worker, then the row)
+            let row = line.trim().split_once("> ").map_or(line.trim(), |(_, r)| r);
+            let inner = row.trim_start_matches("+I[").trim_end_matches(']');
+            if let Some((id, topic)) = inner.split_once(", ") {
+                if let Ok(id) = id.parse::<i64>() {
+                    seen.insert(id, topic.to_string());
+                }
+            }
+        }
+        if !created && seen.len() == 100 {
+            // The first topic is read; a new matching topic comes now.
+            broker.create_topic("disc_b", 3);
+            broker.produce("disc_b", &records(100, 160, 3));
+            created = true;
+        }
+        if seen.len() >= 160 {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let want: BTreeMap<i64, String> = (0..160)
+        .map(|i| (i, if i < 100 { "disc_a" } else { "disc_b" }.to_string()))
+        .collect();
+    assert_eq!(seen, want);
+}
