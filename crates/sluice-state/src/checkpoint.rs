@@ -494,9 +494,11 @@ impl CheckpointStore {
                 kept = true;
                 continue;
             }
-            self.runtime
-                .block_on(self.store.delete(&object.location))
-                .map_err(|e| store_error(&self.location, e))?;
+            // A file already gone is fine: processes of a cluster may delete at once.
+            match self.runtime.block_on(self.store.delete(&object.location)) {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(store_error(&self.location, e)),
+            }
         }
         if kept {
             return Ok(());
@@ -626,6 +628,24 @@ impl CheckpointStore {
 
     /// Deletes all but the newest `keep` complete checkpoints, and incomplete ones older than
     /// the newest complete one.
+    /// Deletes the folders of checkpoints `from` to `until` (exclusive): what runs killed before
+    /// they committed those checkpoints left behind. A new run writes its checkpoints from
+    /// `from` on, and committing one takes the files present in its folder: a file another run
+    /// left there (a source's offsets from further back, say) must not count as this run's.
+    /// Processes of one cluster may all do it at once: a file already gone is fine.
+    pub fn discard_from(&self, from: u64, until: u64) -> Result<()> {
+        for epoch in self.epochs()? {
+            if epoch < from || epoch >= until {
+                continue;
+            }
+            self.delete(epoch, &BTreeSet::new())?;
+            let mut known = self.known.lock().expect("commit knowledge");
+            known.committed.remove(&epoch);
+            known.not_yet.remove(&epoch);
+        }
+        Ok(())
+    }
+
     pub fn retain(&self, keep: usize) -> Result<()> {
         let epochs = self.epochs()?;
         // Committed ones (one request each; the files were checked when the newest committed).
@@ -689,6 +709,23 @@ mod tests {
             m.files.insert(name.to_string(), size);
         }
         m
+    }
+
+    /// Folders of checkpoints a killed run never committed, from a new run's first epoch on,
+    /// are deleted; committed ones before it and the special folders above stay.
+    #[test]
+    fn leftovers_of_killed_runs_are_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(dir.path().to_str().unwrap(), &BTreeMap::new()).unwrap();
+        let m10 = manifest(&store, 10, &[("source-0", b"ten")]);
+        store.commit(&m10).unwrap();
+        manifest(&store, 12, &[("source-0", b"a killed run's")]);
+        manifest(&store, 14, &[("source-0+final", b"another")]);
+        manifest(&store, u64::MAX - 2, &[("staged", b"kept")]);
+        store.discard_from(11, u64::MAX - 2).unwrap();
+        assert_eq!(store.epochs().unwrap(), vec![10, u64::MAX - 2]);
+        assert_eq!(&store.get(10, "source-0").unwrap()[..], b"ten");
+        assert_eq!(store.latest(|_, _| {}).unwrap(), Some(m10));
     }
 
     #[test]

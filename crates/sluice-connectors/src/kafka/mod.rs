@@ -615,7 +615,13 @@ impl KafkaSource {
         worker: usize,
         workers: usize,
     ) -> Result<Self> {
-        let pattern = match (opts.get("topic")?, opts.get("topic-pattern")?) {
+        let upsert = opts.connector() == "upsert-kafka";
+        let pattern_option = if upsert {
+            None
+        } else {
+            opts.get("topic-pattern")?
+        };
+        let pattern = match (opts.get("topic")?, pattern_option) {
             (Some(_), Some(_)) => {
                 return Err(opts.error("give 'topic' or 'topic-pattern', not both"));
             }
@@ -634,7 +640,6 @@ impl KafkaSource {
                 .filter(|t| !t.is_empty())
                 .collect(),
         };
-        let upsert = opts.connector() == "upsert-kafka";
         let value_schema = Arc::new(arrow::datatypes::Schema::new(
             spec.schema
                 .fields()
@@ -725,7 +730,12 @@ impl KafkaSource {
                 ))
             })?;
         }
-        let discovery = match opts.duration_ms("scan.topic-partition-discovery.interval")? {
+        let interval = if upsert {
+            None
+        } else {
+            opts.duration_ms("scan.topic-partition-discovery.interval")?
+        };
+        let discovery = match interval {
             Some(ms) if ms > 0 && bound.is_none() => Some(Discovery {
                 interval: Duration::from_millis(ms as u64),
                 topics: selection,

@@ -99,8 +99,10 @@ pub(crate) fn prepare_checkpoints(plan: &JobPlan, fresh: bool) -> Result<Option<
             m.workers
         );
     }
-    // New checkpoints sort after every existing one, restored or not.
+    // New checkpoints sort after every existing one, restored or not; what killed runs left
+    // where they will go is deleted first (committing one takes the files in its folder).
     let base = latest.map(|m| m.epoch + 1).unwrap_or(0);
+    store.discard_from(base, crate::checkpoint::STAGING)?;
     Ok(Some(RunCheckpoints {
         config,
         store,
