@@ -849,8 +849,8 @@ fn the_sink_partitioner_places_records() {
 fn committed_checkpoints_report_their_positions_to_the_group() {
     let broker = Broker::start();
     broker.create_topic("monitored", 2);
-    let records: Vec<(i32, Option<String>, Option<String>)> = (0..1000)
-        .map(|i| ((i % 2) as i32, None, Some(format!(r#"{{"id":{i}}}"#))))
+    let records: Vec<(i32, Option<String>, Option<String>)> = (0..1000i32)
+        .map(|i| (i % 2, None, Some(format!(r#"{{"id":{i}}}"#))))
         .collect();
     broker.produce("monitored", &records);
     let dir = tempfile::tempdir().unwrap();
