@@ -29,6 +29,7 @@ pub mod print;
 pub mod redis_sink;
 #[cfg(feature = "redis")]
 pub mod redis_stream;
+pub mod staged;
 
 use std::collections::BTreeMap;
 

@@ -13,7 +13,6 @@
 //! checkpoints are published again with the same ids, which the stream drops as duplicates
 //! within its duplicate window.
 
-use std::collections::BTreeMap;
 use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -677,11 +676,8 @@ pub struct NatsSink {
     instance: usize,
     worker: usize,
     transactional: bool,
-    staging: Option<Arc<dyn crate::Staging>>,
-    /// Messages since the last sealed checkpoint, and those sealed but not yet published.
-    pending: Vec<String>,
-    sealed: BTreeMap<u64, Vec<String>>,
-    committed_staged: Vec<u64>,
+    /// `exactly-once`: each checkpoint's messages, staged until it commits.
+    staged: crate::staged::Staged<String>,
     /// Acknowledgements not yet received (at-least-once).
     acks: Vec<jetstream::context::PublishAckFuture>,
 }
@@ -736,10 +732,7 @@ impl NatsSink {
             instance: spec.sink_instance,
             worker,
             transactional: false,
-            staging: None,
-            pending: vec![],
-            sealed: BTreeMap::new(),
-            committed_staged: vec![],
+            staged: crate::staged::Staged::new("nats", &spec.table, spec.sink_instance),
             acks: vec![],
         })
     }
@@ -748,8 +741,10 @@ impl NatsSink {
         Error::connector(&self.table, message)
     }
 
-    fn staged_prefix(&self) -> String {
-        format!("nats-{}-{}-w", self.table, self.instance)
+    /// The staged messages, out of `self` while `self` writes them.
+    fn take_staged(&mut self) -> crate::staged::Staged<String> {
+        let empty = crate::staged::Staged::new("nats", &self.table, self.instance);
+        std::mem::replace(&mut self.staged, empty)
     }
 
     /// Messages of a batch.
@@ -827,7 +822,7 @@ impl NatsSink {
 
 impl SinkWriter for NatsSink {
     fn set_staging(&mut self, staging: Arc<dyn crate::Staging>) {
-        self.staging = Some(staging);
+        self.staged.set_staging(staging);
     }
 
     fn write(&mut self, batch: &ChangeBatch) -> Result<()> {
@@ -836,7 +831,7 @@ impl SinkWriter for NatsSink {
         }
         let messages = self.encode(batch)?;
         if self.transactional && self.exactly_once.is_some() {
-            self.pending.extend(messages);
+            self.staged.push(messages);
             return Ok(());
         }
         for m in messages {
@@ -864,75 +859,41 @@ impl SinkWriter for NatsSink {
         if self.exactly_once.is_none() {
             return Ok(());
         }
-        let staging = self
-            .staging
-            .clone()
-            .ok_or_else(|| self.error("exactly-once needs checkpoint staging"))?;
         // Staged messages of committed checkpoints (of this worker and those it replaces) are
         // published again under their ids: the stream drops those it already has.
-        for (old, files) in
-            crate::staged_checkpoints(&*staging, &self.staged_prefix(), worker, workers)?
-        {
-            for (epoch, name) in files {
-                if committed.is_some_and(|c| epoch <= c) {
-                    let bytes = staging.get(&name)?;
-                    let messages: Vec<String> = serde_json::from_slice(&bytes)
-                        .map_err(|e| self.error(format!("staged messages {name}: {e}")))?;
-                    self.publish_all(&messages, Some((old, epoch)))?;
-                }
-                staging.remove(&name)?;
-            }
-        }
-        Ok(())
+        let mut staged = self.take_staged();
+        let settled = staged.settle(committed, worker, workers, |old, epoch, messages| {
+            self.publish_all(&messages, Some((old, epoch)))
+        });
+        self.staged = staged;
+        settled
     }
 
     fn pre_commit(&mut self, epoch: u64) -> Result<()> {
         if !(self.transactional && self.exactly_once.is_some()) {
             return self.wait_acks();
         }
-        let messages = std::mem::take(&mut self.pending);
-        let staging = self
-            .staging
-            .clone()
-            .ok_or_else(|| self.error("exactly-once needs checkpoint staging"))?;
-        let bytes = serde_json::to_vec(&messages).map_err(|e| self.error(e.to_string()))?;
-        staging.put(
-            &format!("{}{}-e{epoch}", self.staged_prefix(), self.worker),
-            bytes,
-        )?;
-        self.sealed.insert(epoch, messages);
-        Ok(())
+        self.staged.seal(epoch)
     }
 
     fn commit(&mut self, epoch: u64) -> Result<()> {
         if !(self.transactional && self.exactly_once.is_some()) {
             return Ok(());
         }
-        let due: Vec<u64> = self.sealed.range(..=epoch).map(|(e, _)| *e).collect();
-        if due.is_empty() {
-            return Ok(());
-        }
-        for e in &due {
-            let messages = self.sealed.remove(e).expect("listed above");
-            self.publish_all(&messages, Some((self.worker, *e)))?;
-        }
         // The last published checkpoints' staged messages stay until the next commit: a crash
         // right after publishing finds them, and their ids make the replay harmless.
-        if let Some(staging) = &self.staging {
-            for e in std::mem::take(&mut self.committed_staged) {
-                staging.remove(&format!("{}{}-e{e}", self.staged_prefix(), self.worker))?;
-            }
-        }
-        self.committed_staged = due;
-        Ok(())
+        let mut staged = self.take_staged();
+        let done = staged.commit(epoch, |worker, e, messages| {
+            self.publish_all(messages, Some((worker, e)))
+        });
+        self.staged = staged;
+        done
     }
 
     fn finish(&mut self) -> Result<()> {
-        if !self.pending.is_empty() {
-            // Exactly-once without checkpoints: at-least-once.
-            let messages = std::mem::take(&mut self.pending);
-            self.publish_all(&messages, None)?;
-        }
+        // Exactly-once without checkpoints: at-least-once.
+        let messages = self.staged.take_pending();
+        self.publish_all(&messages, None)?;
         self.wait_acks()
     }
 

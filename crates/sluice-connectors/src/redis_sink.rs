@@ -238,11 +238,8 @@ pub struct RedisSink {
     instance: usize,
     worker: usize,
     transactional: bool,
-    staging: Option<std::sync::Arc<dyn crate::Staging>>,
-    /// Commands since the last sealed checkpoint, and those sealed but not yet run.
-    pending: Vec<Vec<String>>,
-    sealed: std::collections::BTreeMap<u64, Vec<Vec<String>>>,
-    committed_staged: Vec<u64>,
+    /// `exactly-once`: each checkpoint's commands, staged until it commits.
+    staged: crate::staged::Staged<Vec<String>>,
 }
 
 impl RedisSink {
@@ -329,10 +326,7 @@ impl RedisSink {
             instance: spec.sink_instance,
             worker: 0,
             transactional: false,
-            staging: None,
-            pending: vec![],
-            sealed: Default::default(),
-            committed_staged: vec![],
+            staged: crate::staged::Staged::new("redis", &spec.table, spec.sink_instance),
         })
     }
 
@@ -414,14 +408,10 @@ impl RedisSink {
         format!("{prefix}:{}:{}:{worker}", self.table, self.instance)
     }
 
-    fn staged_prefix(&self) -> String {
-        format!("redis-{}-{}-w", self.table, self.instance)
-    }
-
-    fn staging(&self) -> Result<std::sync::Arc<dyn crate::Staging>> {
-        self.staging
-            .clone()
-            .ok_or_else(|| self.error("exactly-once needs checkpoint staging"))
+    /// The staged commands, out of `self` while `self` runs them.
+    fn take_staged(&mut self) -> crate::staged::Staged<Vec<String>> {
+        let empty = crate::staged::Staged::new("redis", &self.table, self.instance);
+        std::mem::replace(&mut self.staged, empty)
     }
 }
 
@@ -446,7 +436,7 @@ fn cells(data: &RecordBatch) -> Result<Vec<Vec<String>>> {
 
 impl SinkWriter for RedisSink {
     fn set_staging(&mut self, staging: std::sync::Arc<dyn crate::Staging>) {
-        self.staging = Some(staging);
+        self.staged.set_staging(staging);
     }
 
     fn write(&mut self, batch: &ChangeBatch) -> Result<()> {
@@ -455,7 +445,7 @@ impl SinkWriter for RedisSink {
         }
         let commands = self.commands(batch)?;
         if self.transactional && self.exactly_once.is_some() {
-            self.pending.extend(commands);
+            self.staged.push(commands);
             return Ok(());
         }
         self.run(&commands, None)
@@ -472,74 +462,53 @@ impl SinkWriter for RedisSink {
         if self.exactly_once.is_none() {
             return Ok(());
         }
-        let staging = self.staging()?;
         // Staged checkpoints (this worker's, and those of the workers it replaces) that
-        // committed but whose marker does not show them run again; the rest are dropped.
-        for (old, files) in
-            crate::staged_checkpoints(&*staging, &self.staged_prefix(), worker, workers)?
-        {
+        // committed but whose marker does not show them run again.
+        let mut staged = self.take_staged();
+        let settled = staged.settle(committed, worker, workers, |old, epoch, commands| {
             let marker = self.marker(old);
             let done: Option<u64> = redis::cmd("GET")
                 .arg(&marker)
                 .query(&mut self.connection)
                 .map_err(|e| self.error(format!("reading marker '{marker}': {e}")))?;
-            for (epoch, name) in files {
-                if committed.is_some_and(|c| epoch <= c) && done.is_none_or(|d| d < epoch) {
-                    let bytes = staging.get(&name)?;
-                    let commands: Vec<Vec<String>> = serde_json::from_slice(&bytes)
-                        .map_err(|e| self.error(format!("staged writes {name}: {e}")))?;
-                    self.run(&commands, Some((&marker, epoch)))?;
-                }
-                staging.remove(&name)?;
+            if done.is_none_or(|d| d < epoch) {
+                self.run(&commands, Some((&marker, epoch)))?;
             }
-        }
-        Ok(())
+            Ok(())
+        });
+        self.staged = staged;
+        settled
     }
 
     fn pre_commit(&mut self, epoch: u64) -> Result<()> {
         if !(self.transactional && self.exactly_once.is_some()) {
             return Ok(());
         }
-        let commands = std::mem::take(&mut self.pending);
-        let bytes = serde_json::to_vec(&commands).map_err(|e| self.error(e.to_string()))?;
-        self.staging()?.put(
-            &format!("{}{}-e{epoch}", self.staged_prefix(), self.worker),
-            bytes,
-        )?;
-        self.sealed.insert(epoch, commands);
-        Ok(())
+        self.staged.seal(epoch)
     }
 
     fn commit(&mut self, epoch: u64) -> Result<()> {
         if !(self.transactional && self.exactly_once.is_some()) {
             return Ok(());
         }
-        let due: Vec<u64> = self.sealed.range(..=epoch).map(|(e, _)| *e).collect();
-        if due.is_empty() {
-            return Ok(());
-        }
-        let marker = self.marker(self.worker);
-        for e in &due {
-            let commands = self.sealed.remove(e).expect("listed above");
-            self.run(&commands, Some((&marker, *e)))?;
-        }
         // The last run checkpoints' staged writes stay until the next commit: a crash right
         // after finds them, and the marker says not to run them again.
-        let staging = self.staging()?;
-        for e in std::mem::take(&mut self.committed_staged) {
-            staging.remove(&format!("{}{}-e{e}", self.staged_prefix(), self.worker))?;
-        }
-        self.committed_staged = due;
-        Ok(())
+        let mut staged = self.take_staged();
+        let done = staged.commit(epoch, |worker, e, commands| {
+            let marker = self.marker(worker);
+            self.run(commands, Some((&marker, e)))
+        });
+        self.staged = staged;
+        done
     }
 
     fn finish(&mut self) -> Result<()> {
-        if !self.pending.is_empty() {
-            // Exactly-once without checkpoints: as at-least-once.
-            let commands = std::mem::take(&mut self.pending);
-            self.run(&commands, None)?;
+        // Exactly-once without checkpoints: as at-least-once.
+        let commands = self.staged.take_pending();
+        if commands.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        self.run(&commands, None)
     }
 
     fn abort(&mut self) -> Result<()> {

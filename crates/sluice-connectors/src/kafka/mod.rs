@@ -1429,12 +1429,8 @@ pub struct KafkaSink {
     worker: usize,
     /// Set once checkpoints drive the sink ([`SinkWriter::begin_transactions`]).
     transactional: bool,
-    staging: Option<Arc<dyn crate::Staging>>,
-    /// Records since the last sealed checkpoint, and those sealed but not yet committed.
-    pending: Vec<Record>,
-    sealed: BTreeMap<u64, Vec<Record>>,
-    /// Staged records whose transaction committed, removed at the next commit.
-    committed_staged: Vec<u64>,
+    /// `exactly-once`: each checkpoint's records, staged until it commits.
+    staged: crate::staged::Staged<Record>,
     /// `sink.partitioner`, the topic's partitions, and the next partition in turn.
     partitioner: Partitioner,
     partitions: i32,
@@ -1505,10 +1501,7 @@ impl KafkaSink {
             instance: spec.sink_instance,
             worker,
             transactional: false,
-            staging: None,
-            pending: vec![],
-            sealed: BTreeMap::new(),
-            committed_staged: vec![],
+            staged: crate::staged::Staged::new("kafka", &spec.table, spec.sink_instance),
             partitioner,
             partitions,
             turn: std::cell::Cell::new(worker as i32),
@@ -1532,14 +1525,6 @@ impl KafkaSink {
     fn transactional_id(&self, worker: usize) -> String {
         let prefix = self.exactly_once.as_deref().unwrap_or_default();
         format!("{prefix}-{}-{worker}", self.instance)
-    }
-
-    /// The staged records of worker `worker` for checkpoint `epoch`.
-    fn staged_name(&self, worker: usize, epoch: u64) -> String {
-        format!(
-            "kafka-{}-{}-w{worker}-e{epoch:020}",
-            self.table, self.instance
-        )
     }
 
     /// A transactional producer for `transactional.id` `id`, started: any transaction an
@@ -1725,7 +1710,7 @@ impl SinkWriter for KafkaSink {
         self.check()?;
         let records = self.codec.encode(batch)?;
         if self.transactional && self.exactly_once.is_some() {
-            self.pending.extend(records);
+            self.staged.push(records);
             return Ok(());
         }
         for (key, value) in &records {
@@ -1745,7 +1730,7 @@ impl SinkWriter for KafkaSink {
     }
 
     fn set_staging(&mut self, staging: Arc<dyn crate::Staging>) {
-        self.staging = Some(staging);
+        self.staged.set_staging(staging);
     }
 
     fn begin_transactions(
@@ -1758,31 +1743,30 @@ impl SinkWriter for KafkaSink {
         if self.exactly_once.is_none() {
             return Ok(());
         }
-        let staging = self
-            .staging
-            .clone()
-            .ok_or_else(|| self.error("exactly-once needs checkpoint staging"))?;
         // Staged checkpoints of the workers this one replaces (rescaling) and of its own: each
-        // is written again unless its transaction committed; those of checkpoints that were
-        // never committed are dropped (their rows come again from the sources).
-        let prefix = format!("kafka-{}-{}-w", self.table, self.instance);
-        let staged = crate::staged_checkpoints(&*staging, &prefix, worker, workers)?;
-        for (old, files) in staged {
-            let id = self.transactional_id(old);
-            let producer = self.transactional_producer(&id)?;
-            let done = self.committed_epoch(&id)?;
-            for (epoch, name) in files {
-                let replay =
-                    committed.is_some_and(|c| epoch <= c) && done.is_none_or(|d| d < epoch);
-                if replay {
-                    let bytes = staging.get(&name)?;
-                    let records: Vec<Record> = serde_json::from_slice(&bytes)
-                        .map_err(|e| self.error(format!("staged records {name}: {e}")))?;
-                    self.commit_records(&producer, &id, epoch, &records)?;
-                }
-                staging.remove(&name)?;
+        // committed one is written again unless its transaction committed, as the group of its
+        // producer's `transactional.id` records.
+        let mut producers: BTreeMap<usize, (String, BaseProducer<Context>, Option<u64>)> =
+            BTreeMap::new();
+        let mut staged = std::mem::replace(
+            &mut self.staged,
+            crate::staged::Staged::new("kafka", &self.table, self.instance),
+        );
+        let settled = staged.settle(committed, worker, workers, |old, epoch, records| {
+            if !producers.contains_key(&old) {
+                let id = self.transactional_id(old);
+                let producer = self.transactional_producer(&id)?;
+                let done = self.committed_epoch(&id)?;
+                producers.insert(old, (id, producer, done));
             }
-        }
+            let (id, producer, done) = &producers[&old];
+            if done.is_none_or(|d| d < epoch) {
+                self.commit_records(producer, id, epoch, &records)?;
+            }
+            Ok(())
+        });
+        self.staged = staged;
+        settled?;
         self.worker = worker;
         let id = self.transactional_id(worker);
         self.producer = self.transactional_producer(&id)?;
@@ -1797,40 +1781,25 @@ impl SinkWriter for KafkaSink {
                 Ok(())
             };
         }
-        let records = std::mem::take(&mut self.pending);
-        let staging = self
-            .staging
-            .clone()
-            .ok_or_else(|| self.error("exactly-once needs checkpoint staging"))?;
-        let bytes = serde_json::to_vec(&records).map_err(|e| self.error(e.to_string()))?;
-        staging.put(&self.staged_name(self.worker, epoch), bytes)?;
-        self.sealed.insert(epoch, records);
-        Ok(())
+        self.staged.seal(epoch)
     }
 
     fn commit(&mut self, epoch: u64) -> Result<()> {
         if !(self.transactional && self.exactly_once.is_some()) {
             return Ok(());
         }
-        let due: Vec<u64> = self.sealed.range(..=epoch).map(|(e, _)| *e).collect();
-        if due.is_empty() {
-            return Ok(());
-        }
+        // The staged records of the last commit stay until the next one: a crash right after
+        // it finds them, and the group's record of the epoch says not to write them again.
         let id = self.transactional_id(self.worker);
-        for e in &due {
-            let records = self.sealed.remove(e).expect("listed above");
-            self.commit_records(&self.producer, &id, *e, &records)?;
-        }
-        // Staged records of transactions committed before these go now; the last ones stay until
-        // the next commit, so that a crash right after it finds them, and the group's record of
-        // the epoch says not to write them again.
-        if let Some(staging) = &self.staging {
-            for e in std::mem::take(&mut self.committed_staged) {
-                staging.remove(&self.staged_name(self.worker, e))?;
-            }
-        }
-        self.committed_staged = due;
-        Ok(())
+        let mut staged = std::mem::replace(
+            &mut self.staged,
+            crate::staged::Staged::new("kafka", &self.table, self.instance),
+        );
+        let done = staged.commit(epoch, |_, e, records| {
+            self.commit_records(&self.producer, &id, e, records)
+        });
+        self.staged = staged;
+        done
     }
 
     fn finish(&mut self) -> Result<()> {

@@ -1,0 +1,132 @@
+//! Exactly-once output for systems whose writes cannot wait for a checkpoint inside a
+//! transaction of their own (Kafka's can, but only once the checkpoint commits; NATS and Redis
+//! have none that spans it): each checkpoint's output is staged durably beside the checkpoints
+//! when it is sealed, and written once the checkpoint commits. A crash between the two leaves
+//! the staged output for the next run, which writes it again in a way the system makes
+//! idempotent (a transaction marker, message ids, an epoch marker).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sluice_common::{Error, Result};
+
+use crate::Staging;
+
+/// One writer's staged output, items of `T` per checkpoint.
+pub struct Staged<T> {
+    table: String,
+    /// Names are `<prefix><worker>-e<epoch>`.
+    prefix: String,
+    worker: usize,
+    staging: Option<Arc<dyn Staging>>,
+    /// Items since the last sealed checkpoint, and those sealed but not yet written.
+    pending: Vec<T>,
+    sealed: BTreeMap<u64, Vec<T>>,
+    /// Checkpoints written at the last commit: their staged files stay until the next one, so
+    /// that a crash right after finds them (and the system's marker says they are done).
+    written: Vec<u64>,
+}
+
+impl<T: Serialize + DeserializeOwned> Staged<T> {
+    /// The staged output of `table`'s writer; `connector` and `instance` (which of the job's
+    /// INSERTs into the table) make the names unique.
+    pub fn new(connector: &str, table: &str, instance: usize) -> Self {
+        Staged {
+            table: table.to_string(),
+            prefix: format!("{connector}-{table}-{instance}-w"),
+            worker: 0,
+            staging: None,
+            pending: vec![],
+            sealed: BTreeMap::new(),
+            written: vec![],
+        }
+    }
+
+    pub fn set_staging(&mut self, staging: Arc<dyn Staging>) {
+        self.staging = Some(staging);
+    }
+
+    fn staging(&self) -> Result<Arc<dyn Staging>> {
+        self.staging
+            .clone()
+            .ok_or_else(|| Error::connector(&self.table, "exactly-once needs checkpoint staging"))
+    }
+
+    fn name(&self, worker: usize, epoch: u64) -> String {
+        format!("{}{worker}-e{epoch:020}", self.prefix)
+    }
+
+    /// Items to write with the next sealed checkpoint.
+    pub fn push(&mut self, items: impl IntoIterator<Item = T>) {
+        self.pending.extend(items);
+    }
+
+    /// The items not sealed yet (a job without checkpoints writes them at its end).
+    pub fn take_pending(&mut self) -> Vec<T> {
+        std::mem::take(&mut self.pending)
+    }
+
+    /// At the start of a run as worker `worker` of `workers`: the staged checkpoints of this
+    /// worker and of the earlier workers it replaces, oldest first. Those of committed
+    /// checkpoints (up to `committed`) go to `replay(earlier worker, epoch, items)`, which
+    /// writes them unless the system shows they were; those of checkpoints never committed are
+    /// dropped (their rows come again from the sources). Either way the staged file goes.
+    pub fn settle(
+        &mut self,
+        committed: Option<u64>,
+        worker: usize,
+        workers: usize,
+        mut replay: impl FnMut(usize, u64, Vec<T>) -> Result<()>,
+    ) -> Result<()> {
+        self.worker = worker;
+        let staging = self.staging()?;
+        for (old, files) in crate::staged_checkpoints(&*staging, &self.prefix, worker, workers)? {
+            for (epoch, name) in files {
+                if committed.is_some_and(|c| epoch <= c) {
+                    let bytes = staging.get(&name)?;
+                    let items: Vec<T> = serde_json::from_slice(&bytes).map_err(|e| {
+                        Error::connector(&self.table, format!("staged output {name}: {e}"))
+                    })?;
+                    replay(old, epoch, items)?;
+                }
+                staging.remove(&name)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Seals the pending items as checkpoint `epoch`'s, staged durably.
+    pub fn seal(&mut self, epoch: u64) -> Result<()> {
+        let items = std::mem::take(&mut self.pending);
+        let bytes =
+            serde_json::to_vec(&items).map_err(|e| Error::connector(&self.table, e.to_string()))?;
+        self.staging()?.put(&self.name(self.worker, epoch), bytes)?;
+        self.sealed.insert(epoch, items);
+        Ok(())
+    }
+
+    /// Checkpoint `epoch` committed: the sealed checkpoints it covers, oldest first, each to
+    /// `write(worker, epoch, items)`; then the staged files of the previous commit go.
+    pub fn commit(
+        &mut self,
+        epoch: u64,
+        mut write: impl FnMut(usize, u64, &[T]) -> Result<()>,
+    ) -> Result<()> {
+        let due: Vec<u64> = self.sealed.range(..=epoch).map(|(e, _)| *e).collect();
+        if due.is_empty() {
+            return Ok(());
+        }
+        for e in &due {
+            let items = self.sealed.remove(e).expect("listed above");
+            write(self.worker, *e, &items)?;
+        }
+        let staging = self.staging()?;
+        for e in std::mem::take(&mut self.written) {
+            staging.remove(&self.name(self.worker, e))?;
+        }
+        self.written = due;
+        Ok(())
+    }
+}
