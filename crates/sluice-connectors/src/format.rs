@@ -662,6 +662,36 @@ pub fn encode_changelog(
     Ok(())
 }
 
+/// A table's rows from the decoded `values` (its non-metadata columns, maybe with a last
+/// [`OP_COLUMN`](sluice_common::changelog::OP_COLUMN), which stays last): the metadata columns
+/// of `schema` go in their places, each from `column(key)`, cast to the column's type.
+pub fn place_metadata(
+    values: RecordBatch,
+    schema: &SchemaRef,
+    metadata: &[(usize, String)],
+    column: impl Fn(&str) -> ArrayRef,
+) -> Result<RecordBatch> {
+    let mut values = values;
+    let ops = (values.schema().fields().last().map(|f| f.name().as_str())
+        == Some(sluice_common::changelog::OP_COLUMN))
+    .then(|| values.remove_column(values.num_columns() - 1));
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len() + 1);
+    let mut value_columns = values.columns().iter();
+    for (i, field) in schema.fields().iter().enumerate() {
+        match metadata.iter().find(|(c, _)| *c == i) {
+            None => columns.push(value_columns.next().expect("a value column").clone()),
+            Some((_, key)) => columns.push(arrow::compute::cast(&column(key), field.data_type())?),
+        }
+    }
+    match ops {
+        None => Ok(RecordBatch::try_new(schema.clone(), columns)?),
+        Some(ops) => {
+            columns.push(ops);
+            Ok(RecordBatch::try_new(with_op_field(schema), columns)?)
+        }
+    }
+}
+
 /// `schema` with a last [`OP_COLUMN`](sluice_common::changelog::OP_COLUMN).
 pub fn with_op_field(schema: &SchemaRef) -> SchemaRef {
     let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();

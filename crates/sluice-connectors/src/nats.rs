@@ -521,17 +521,8 @@ impl NatsSource {
         if self.metadata.is_empty() {
             return Ok(Some(values));
         }
-        let mut values = values;
-        let ops = matches!(self.format, Format::Changes(_))
-            .then(|| values.remove_column(values.num_columns() - 1));
-        let mut columns: Vec<ArrayRef> = vec![];
-        let mut value_columns = values.columns().iter();
-        for (i, field) in self.schema.fields().iter().enumerate() {
-            let Some((_, key)) = self.metadata.iter().find(|(c, _)| *c == i) else {
-                columns.push(value_columns.next().expect("a value column").clone());
-                continue;
-            };
-            let column: ArrayRef = match key.as_str() {
+        crate::format::place_metadata(values, &self.schema, &self.metadata, |key| -> ArrayRef {
+            match key {
                 "subject" => Arc::new(StringArray::from_iter_values(
                     kept.iter().map(|k| messages[*k].1.as_str()),
                 )),
@@ -541,19 +532,9 @@ impl NatsSource {
                 _ => Arc::new(TimestampMillisecondArray::from_iter_values(
                     kept.iter().map(|k| messages[*k].2),
                 )),
-            };
-            columns.push(arrow::compute::cast(&column, field.data_type())?);
-        }
-        match ops {
-            None => Ok(Some(RecordBatch::try_new(self.schema.clone(), columns)?)),
-            Some(ops) => {
-                columns.push(ops);
-                Ok(Some(RecordBatch::try_new(
-                    crate::format::with_op_field(&self.schema),
-                    columns,
-                )?))
             }
-        }
+        })
+        .map(Some)
     }
 }
 

@@ -272,22 +272,14 @@ impl RedisStreamSource {
                 (batch, kept)
             }
         };
-        let Some(mut values) = batch else {
+        let Some(values) = batch else {
             return Ok(None);
         };
         if self.metadata.is_empty() {
             return Ok(Some(values));
         }
-        let ops = matches!(self.format, Format::Changes)
-            .then(|| values.remove_column(values.num_columns() - 1));
-        let mut columns: Vec<ArrayRef> = vec![];
-        let mut value_columns = values.columns().iter();
-        for (i, field) in self.schema.fields().iter().enumerate() {
-            let Some((_, meta)) = self.metadata.iter().find(|(c, _)| *c == i) else {
-                columns.push(value_columns.next().expect("a value column").clone());
-                continue;
-            };
-            let column: ArrayRef = match meta.as_str() {
+        crate::format::place_metadata(values, &self.schema, &self.metadata, |key| -> ArrayRef {
+            match key {
                 "id" => Arc::new(StringArray::from_iter_values(
                     kept.iter().map(|k| entries[*k].0.as_str()),
                 )),
@@ -295,19 +287,9 @@ impl RedisStreamSource {
                     kept.iter()
                         .map(|k| EntryId::parse(&entries[*k].0).map_or(0, |id| id.0 as i64)),
                 )),
-            };
-            columns.push(arrow::compute::cast(&column, field.data_type())?);
-        }
-        match ops {
-            None => Ok(Some(RecordBatch::try_new(self.schema.clone(), columns)?)),
-            Some(ops) => {
-                columns.push(ops);
-                Ok(Some(RecordBatch::try_new(
-                    crate::format::with_op_field(&self.schema),
-                    columns,
-                )?))
             }
-        }
+        })
+        .map(Some)
     }
 }
 

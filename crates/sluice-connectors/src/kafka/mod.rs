@@ -1071,28 +1071,11 @@ impl KafkaSource {
         use arrow::array::{
             ArrayRef, Int32Array, Int64Array, StringArray, TimestampMillisecondArray,
         };
-        let mut values = values;
-        let ops = (values.schema().fields().last().map(|f| f.name().as_str())
-            == Some(sluice_common::changelog::OP_COLUMN))
-        .then(|| values.remove_column(values.num_columns() - 1));
-        let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len() + 1);
-        let mut value_columns = values.columns().iter();
-        for (i, field) in self.schema.fields().iter().enumerate() {
-            let Some((_, key)) = self.metadata.iter().find(|(c, _)| *c == i) else {
-                columns.push(value_columns.next().expect("a value column").clone());
-                continue;
-            };
-            let column: ArrayRef = match key.as_str() {
-                "topic" => Arc::new(StringArray::from(vec![
-                    self.splits[records.split]
-                        .topic
-                        .as_str();
-                    kept.len()
-                ])),
-                "partition" => Arc::new(Int32Array::from(vec![
-                    self.splits[records.split].partition;
-                    kept.len()
-                ])),
+        let split = &self.splits[records.split];
+        crate::format::place_metadata(values, &self.schema, &self.metadata, |key| -> ArrayRef {
+            match key {
+                "topic" => Arc::new(StringArray::from(vec![split.topic.as_str(); kept.len()])),
+                "partition" => Arc::new(Int32Array::from(vec![split.partition; kept.len()])),
                 "offset" => Arc::new(Int64Array::from_iter_values(
                     kept.iter().map(|k| records.offsets[*k]),
                 )),
@@ -1106,19 +1089,8 @@ impl KafkaSource {
                         .map(|k| records.timestamps[*k].1)
                         .collect::<Vec<_>>(),
                 )),
-            };
-            columns.push(arrow::compute::cast(&column, field.data_type())?);
-        }
-        match ops {
-            None => Ok(RecordBatch::try_new(self.schema.clone(), columns)?),
-            Some(ops) => {
-                columns.push(ops);
-                Ok(RecordBatch::try_new(
-                    crate::format::with_op_field(&self.schema),
-                    columns,
-                )?)
             }
-        }
+        })
     }
 }
 
@@ -1753,13 +1725,15 @@ impl SinkWriter for KafkaSink {
             crate::staged::Staged::new("kafka", &self.table, self.instance),
         );
         let settled = staged.settle(committed, worker, workers, |old, epoch, records| {
-            if !producers.contains_key(&old) {
-                let id = self.transactional_id(old);
-                let producer = self.transactional_producer(&id)?;
-                let done = self.committed_epoch(&id)?;
-                producers.insert(old, (id, producer, done));
-            }
-            let (id, producer, done) = &producers[&old];
+            let (id, producer, done) = match producers.entry(old) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    let id = self.transactional_id(old);
+                    let producer = self.transactional_producer(&id)?;
+                    let done = self.committed_epoch(&id)?;
+                    v.insert((id, producer, done))
+                }
+            };
             if done.is_none_or(|d| d < epoch) {
                 self.commit_records(producer, id, epoch, &records)?;
             }
