@@ -437,6 +437,22 @@ impl JsonLines {
         )?))
     }
 
+    /// Decodes `lines`, one row each, and says which lines' rows the batch holds (malformed
+    /// ones skipped are not there), so that per-record metadata stays with its row.
+    pub fn decode_kept(
+        &mut self,
+        lines: Vec<String>,
+        location: &dyn Fn(usize) -> String,
+    ) -> Result<(Option<RecordBatch>, Vec<usize>)> {
+        let n = lines.len();
+        let batch = self.decode_changes(lines, vec![Op::Insert; n], (0..n).collect(), location)?;
+        let batch = batch.map(|mut b| {
+            b.remove_column(b.num_columns() - 1);
+            b
+        });
+        Ok((batch, self.origins().to_vec()))
+    }
+
     /// Decodes `lines`, each a JSON object of a row.
     fn decode_rows(
         &mut self,

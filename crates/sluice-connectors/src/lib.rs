@@ -66,6 +66,21 @@ pub struct ConnectorSpec {
     pub primary_key: Vec<usize>,
 }
 
+impl ConnectorSpec {
+    /// The columns a record's value holds: the physical ones that are not metadata columns.
+    pub fn value_schema(&self) -> SchemaRef {
+        std::sync::Arc::new(arrow::datatypes::Schema::new(
+            self.schema
+                .fields()
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !self.metadata.iter().any(|(c, _)| c == i))
+                .map(|(_, f)| f.clone())
+                .collect::<Vec<_>>(),
+        ))
+    }
+}
+
 /// What a source produced on one poll.
 pub enum Poll {
     /// Rows from split `split` (splits are numbered within this reader).

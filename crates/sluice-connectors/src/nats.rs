@@ -326,15 +326,7 @@ impl NatsSource {
         };
         let bounded = opts.value::<String>("scan.bounded.mode")?;
         let before = opts.optional::<u64>("scan.bounded.sequence")?;
-        let value_schema = Arc::new(arrow::datatypes::Schema::new(
-            spec.schema
-                .fields()
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| !spec.metadata.iter().any(|(c, _)| c == i))
-                .map(|(_, f)| f.clone())
-                .collect::<Vec<_>>(),
-        ));
+        let value_schema = spec.value_schema();
         if matches!(format, Format::Raw) && value_schema.fields().len() != 1 {
             return Err(
                 opts.error("format 'raw' reads a table of one column (besides metadata columns)")
@@ -502,16 +494,7 @@ impl NatsSource {
                     (batch, (0..n).collect())
                 } else {
                     // Each message's row, so that skipped ones do not shift the metadata.
-                    let rows: Vec<String> = values;
-                    let ops = vec![Op::Insert; rows.len()];
-                    let origins: Vec<usize> = (0..rows.len()).collect();
-                    let batch = self.json.decode_changes(rows, ops, origins, &location)?;
-                    let kept = self.json.origins().to_vec();
-                    let batch = batch.map(|mut b| {
-                        b.remove_column(b.num_columns() - 1);
-                        b
-                    });
-                    (batch, kept)
+                    self.json.decode_kept(values, &location)?
                 }
             }
         };

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use arrow::array::{ArrayRef, StringArray, TimestampMillisecondArray};
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
-use sluice_common::{Error, Op, Result};
+use sluice_common::{Error, Result};
 
 use crate::format::{Changelog, JsonLines};
 use crate::options::Options;
@@ -88,15 +88,7 @@ impl RedisStreamSource {
             .duration_ms("sluice.connect-timeout")?
             .expect("declared default");
         let timeout = Duration::from_millis(timeout_ms.max(1) as u64);
-        let value_schema = Arc::new(arrow::datatypes::Schema::new(
-            spec.schema
-                .fields()
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| !spec.metadata.iter().any(|(c, _)| c == i))
-                .map(|(_, f)| f.clone())
-                .collect::<Vec<_>>(),
-        ));
+        let value_schema = spec.value_schema();
         let format = match (&changelog, name.as_str()) {
             (Some(_), _) => Format::Changes,
             (None, "raw") => {
@@ -260,17 +252,7 @@ impl RedisStreamSource {
                 let batch = self.json.decode_at(&values, &location)?;
                 (batch, self.json.origins().to_vec())
             }
-            Format::Json => {
-                let ops = vec![Op::Insert; values.len()];
-                let origins: Vec<usize> = (0..values.len()).collect();
-                let batch = self.json.decode_changes(values, ops, origins, &location)?;
-                let kept = self.json.origins().to_vec();
-                let batch = batch.map(|mut b| {
-                    b.remove_column(b.num_columns() - 1);
-                    b
-                });
-                (batch, kept)
-            }
+            Format::Json => self.json.decode_kept(values, &location)?,
         };
         let Some(values) = batch else {
             return Ok(None);

@@ -640,15 +640,7 @@ impl KafkaSource {
                 .filter(|t| !t.is_empty())
                 .collect(),
         };
-        let value_schema = Arc::new(arrow::datatypes::Schema::new(
-            spec.schema
-                .fields()
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| !spec.metadata.iter().any(|(c, _)| c == i))
-                .map(|(_, f)| f.clone())
-                .collect::<Vec<_>>(),
-        ));
+        let value_schema = spec.value_schema();
         let primary_key: Vec<usize> = spec
             .primary_key
             .iter()
@@ -1021,30 +1013,13 @@ impl KafkaSource {
                     let batch = RecordBatch::try_new(self.value_schema.clone(), vec![column])?;
                     (Some(batch), (0..values.len()).collect())
                 }
-                Format::Json => {
+                Format::Json if self.metadata.is_empty() => {
                     let batch = self.json.decode_at(&values, &location)?;
                     let rows = batch.as_ref().map_or(0, |b| b.num_rows());
-                    if rows == values.len() || self.metadata.is_empty() {
-                        (batch, (0..rows).collect())
-                    } else {
-                        // Some were skipped: find which, one by one (rare), to keep their metadata.
-                        let mut good = vec![];
-                        let mut kept = vec![];
-                        for (i, v) in values.iter().enumerate() {
-                            if let Some(b) = self
-                                .json
-                                .decode_at(std::slice::from_ref(v), &|_| location(i))?
-                            {
-                                good.push(b);
-                                kept.push(i);
-                            }
-                        }
-                        let batch = (!good.is_empty())
-                            .then(|| arrow::compute::concat_batches(&self.value_schema, &good))
-                            .transpose()?;
-                        (batch, kept)
-                    }
+                    (batch, (0..rows).collect())
                 }
+                // Each record's row, so that skipped ones do not shift the metadata.
+                Format::Json => self.json.decode_kept(values, &location)?,
             }
         };
         let batch = match batch {
