@@ -208,3 +208,68 @@ pub fn run(workers: &[usize], load: f64, seconds: f64, batches: &[usize]) -> Res
     }
     Ok(())
 }
+
+/// Produce-to-sink latency through Kafka: a paced Nexmark bid stream is produced into `topic`
+/// (a fresh one) by the same job that reads it back; each row's latency is the wall clock at
+/// the sink minus the record's Kafka timestamp (set when the producer took it). Runs `seconds`
+/// at `rate` events/s with `workers` workers, then stops the job.
+pub fn run_kafka(
+    servers: &str,
+    topic: &str,
+    rate: f64,
+    seconds: f64,
+    workers: usize,
+) -> Result<(), String> {
+    let columns = "auction BIGINT, bidder BIGINT, price BIGINT, channel STRING, url STRING, \
+                   dateTime TIMESTAMP(3), extra STRING";
+    // Extra consumer properties (`SLUICE_KAFKA_LATENCY_CONSUMER`, `k=v,k=v`), to see what a
+    // setting does to the latency.
+    let consumer: String = std::env::var("SLUICE_KAFKA_LATENCY_CONSUMER")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| format!(", 'properties.{}' = '{}'", k.trim(), v.trim()))
+        .collect();
+    let script = format!(
+        "CREATE TABLE gen ({columns}) WITH ('connector' = 'nexmark', 'nexmark.table' = 'bid',
+           'rows-per-second' = '{rate}');
+         CREATE TABLE produced ({columns}) WITH ('connector' = 'kafka', 'topic' = '{topic}',
+           'properties.bootstrap.servers' = '{servers}', 'format' = 'json',
+           'sink.delivery-guarantee' = 'none');
+         CREATE TABLE consumed (auction BIGINT, price BIGINT,
+           ingest TIMESTAMP_LTZ(3) METADATA FROM 'timestamp')
+         WITH ('connector' = 'kafka', 'topic' = '{topic}', 'properties.bootstrap.servers' = '{servers}',
+           'scan.startup.mode' = 'earliest-offset', 'format' = 'json'{consumer});
+         INSERT INTO produced SELECT * FROM gen;
+         SELECT auction, price, ingest FROM consumed;"
+    );
+    let plan = sluice_sql::plan_script(&script).map_err(|e| e.to_string())?;
+    let out = Arc::new(Latencies::default());
+    let control = sluice_engine::JobControl::new();
+    let options = JobOptions {
+        workers,
+        select_output: Some(out.clone()),
+        control: control.clone(),
+        ..Default::default()
+    };
+    let stopper = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs_f64(seconds));
+        control.cancel();
+    });
+    sluice_engine::run(plan, options).map_err(|e| e.to_string())?;
+    let _ = stopper.join();
+    let mut lat = std::mem::take(&mut *out.0.lock().expect("latencies"));
+    // The first second is the producer and consumer starting up.
+    let skip = (rate as usize).min(lat.len() / 2);
+    let mut lat = lat.split_off(skip);
+    lat.sort_unstable();
+    println!(
+        "kafka produce-to-sink, {workers} workers, {rate:.0} events/s for {seconds} s: {} rows, p50 {} ms, p99 {} ms, p999 {} ms, max {} ms",
+        lat.len(),
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        percentile(&lat, 0.999),
+        lat.last().copied().unwrap_or(0)
+    );
+    Ok(())
+}

@@ -72,8 +72,9 @@ enum Command {
     /// Measure throughput on the built-in generators (use a release build): the engine-core
     /// scenarios, `sluice bench nexmark` for the Nexmark queries, `sluice bench latency`.
     Bench {
-        /// `core` (default), `nexmark`, or `latency` (end-to-end latency of Nexmark q1 and q3
-        /// at half of their measured capacity, 10 s per setting, batches of 1024 and 8192 rows).
+        /// `core` (default), `nexmark`, `latency` (end-to-end latency of Nexmark q1 and q3
+        /// at half of their measured capacity, 10 s per setting, batches of 1024 and 8192 rows),
+        /// or `kafka-latency` (produce-to-sink latency through a Kafka topic, `--kafka`).
         #[arg(default_value = "core")]
         suite: String,
         /// Events per run.
@@ -94,6 +95,16 @@ enum Command {
         /// Compare with the JSON lines of an earlier run: flag results more than 10% slower.
         #[arg(long)]
         baseline: Option<PathBuf>,
+        /// `kafka-latency`: the brokers, and a fresh topic to produce into and read back.
+        #[arg(long)]
+        kafka: Option<String>,
+        #[arg(long, default_value = "sluice-latency")]
+        topic: String,
+        /// `kafka-latency`: events per second, and for how long.
+        #[arg(long, default_value_t = 100_000.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
     },
     /// Run the Double-11 sales dashboard on built-in generated orders.
     Demo {
@@ -126,12 +137,27 @@ fn main() -> ExitCode {
         }
         Command::Bench {
             suite,
+            workers,
+            kafka,
+            topic,
+            rate,
+            seconds,
+            ..
+        } if suite == "kafka-latency" => match kafka {
+            None => Err("'sluice bench kafka-latency' needs --kafka <brokers>".to_string()),
+            Some(servers) => workers.iter().try_for_each(|w| {
+                latency::run_kafka(&servers, &format!("{topic}-{w}"), rate, seconds, *w)
+            }),
+        },
+        Command::Bench {
+            suite,
             events,
             workers,
             runs,
             only,
             json,
             baseline,
+            ..
         } => bench::run(&suite, events, &workers, runs, only, json, baseline),
     };
     match result {
