@@ -376,6 +376,46 @@ mod tests {
         );
     }
 
+    /// 200 K keys: the table grows through many resizes, and deleted keys come back (their
+    /// entries reused); the folded output is each key's last row, and the keys held are the
+    /// live ones.
+    #[test]
+    fn a_large_table_resizes_and_reuses_deleted_keys() {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(17);
+        let mut s = state();
+        let mut model: BTreeMap<i64, i64> = BTreeMap::new();
+        let mut folded = BTreeMap::new();
+        for round in 0..12 {
+            let rows: Vec<(i64, Option<i64>)> = (0..50_000)
+                .map(|_| {
+                    let k = rng.random_range(0..200_000i64);
+                    // Early rounds mostly insert; later ones delete a third.
+                    let v = (round < 4 || rng.random_range(0..3) > 0)
+                        .then(|| rng.random_range(0..9i64));
+                    match v {
+                        Some(v) => model.insert(k, v),
+                        None => model.remove(&k),
+                    };
+                    (k, v)
+                })
+                .collect();
+            let (changes, _) = s.apply(&batch(&rows)).unwrap();
+            fold(&mut folded, &changes);
+        }
+        let want: BTreeMap<(i64, i64), i64> = model.iter().map(|(k, v)| ((*k, *v), 1)).collect();
+        assert_eq!(folded.len(), want.len());
+        assert!(
+            folded == want,
+            "the folded output differs from each key's last row"
+        );
+        assert_eq!(s.keys_held(), model.len());
+        assert!(
+            model.len() > 50_000,
+            "the table held many keys: {}",
+            model.len()
+        );
+    }
+
     /// An upsert of a key's unchanged row emits nothing; a changed one `-U`/`+U`.
     #[test]
     fn an_unchanged_upsert_emits_nothing() {
