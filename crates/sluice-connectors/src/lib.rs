@@ -6,9 +6,10 @@
 //! and its own [`SinkWriter`]. Formats (`json`, `csv`, `debezium-json`) are separate from the
 //! transports that carry them.
 //!
-//! Sources built in: `filesystem`, `kafka`, `upsert-kafka`, `nats`, `redis` (streams),
-//! `datagen`, `ecommerce`, `nexmark`. Sinks: `filesystem`, `kafka`, `upsert-kafka`, `nats`, `redis`, `print`, `blackhole`, `memory` (an in-process materialized
-//! table, used by the demo's live view).
+//! Sources built in: `filesystem`, `kafka`, `upsert-kafka`, `nats`, `rabbitmq`, `mqtt`, `redis`
+//! (streams), `datagen`, `ecommerce`, `nexmark`. Sinks: `filesystem`, `kafka`, `upsert-kafka`,
+//! `nats`, `rabbitmq`, `mqtt`, `redis`, `print`, `blackhole`, `memory` (an in-process
+//! materialized table, used by the demo's live view).
 
 mod csv_records;
 pub mod datagen;
@@ -18,6 +19,9 @@ pub mod format;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod memory;
+pub mod message;
+#[cfg(feature = "mqtt")]
+pub mod mqtt;
 #[cfg(feature = "nats")]
 pub mod nats;
 pub mod nexmark;
@@ -25,6 +29,8 @@ pub mod options;
 pub mod partitions;
 pub mod prefetch;
 pub mod print;
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;
 #[cfg(feature = "redis")]
 pub mod redis_sink;
 #[cfg(feature = "redis")]
@@ -117,6 +123,16 @@ pub trait SourceReader: Send {
     /// acknowledge it or report the progress (Kafka's group offsets). Called for the newest
     /// committed one (it covers the older ones).
     fn committed(&mut self, _epoch: u64) -> Result<()> {
+        Ok(())
+    }
+    /// Whether the job takes checkpoints, told before the first poll. A queue that acknowledges
+    /// messages only once a checkpoint covering them commits acknowledges them on receipt
+    /// without checkpoints.
+    fn set_checkpointing(&mut self, _on: bool) {}
+    /// The job ran to its end and recorded that it did: everything this reader returned is
+    /// covered, and will never be read again (a queue acknowledges its last messages here).
+    /// Called once, for a reader that returned [`Poll::Finished`], with checkpoints only.
+    fn job_finished(&mut self) -> Result<()> {
         Ok(())
     }
     /// Workers to which this source's deal gives nothing to read (a bounded source whose splits
@@ -323,6 +339,10 @@ pub const CONNECTORS: &[options::ConnectorDef] = &[
     nats::CONNECTOR,
     #[cfg(feature = "redis")]
     redis_sink::CONNECTOR,
+    #[cfg(feature = "rabbitmq")]
+    rabbitmq::CONNECTOR,
+    #[cfg(feature = "mqtt")]
+    mqtt::CONNECTOR,
 ];
 
 /// Opens worker `worker`'s (of `workers`) share of a source.
@@ -346,6 +366,12 @@ pub fn open_source(
         "redis" => Box::new(redis_stream::RedisStreamSource::open(
             spec, &mut opts, worker, workers,
         )?),
+        #[cfg(feature = "rabbitmq")]
+        "rabbitmq" => Box::new(rabbitmq::RabbitSource::open(
+            spec, &mut opts, worker, workers,
+        )?),
+        #[cfg(feature = "mqtt")]
+        "mqtt" => Box::new(mqtt::MqttSource::open(spec, &mut opts, worker, workers)?),
         "datagen" => Box::new(datagen::DatagenSource::open(
             spec, &mut opts, worker, workers,
         )?),
@@ -377,6 +403,10 @@ pub fn open_sink(
         "nats" => Box::new(nats::NatsSink::open(spec, &mut opts, worker)?),
         #[cfg(feature = "redis")]
         "redis" => Box::new(redis_sink::RedisSink::open(spec, &mut opts)?),
+        #[cfg(feature = "rabbitmq")]
+        "rabbitmq" => Box::new(rabbitmq::RabbitSink::open(spec, &mut opts)?),
+        #[cfg(feature = "mqtt")]
+        "mqtt" => Box::new(mqtt::MqttSink::open(spec, &mut opts, worker)?),
         "blackhole" => Box::new(print::Blackhole),
         "memory" => Box::new(memory::MemorySink::open(spec, &mut opts)?),
         other => unreachable!("connector '{other}' is declared as a sink but not opened"),
@@ -388,7 +418,7 @@ pub fn open_sink(
 /// Whether a sink accepts updating (retracting) input, or only inserts.
 pub fn sink_accepts_updates(spec: &ConnectorSpec) -> bool {
     match spec.options.get("connector").map(String::as_str) {
-        Some("filesystem" | "kafka" | "nats") => {
+        Some("filesystem" | "kafka" | "nats" | "rabbitmq" | "mqtt") => {
             let format = spec
                 .options
                 .get("format")

@@ -22,9 +22,9 @@ use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use async_nats::jetstream;
 use futures_util::StreamExt;
-use sluice_common::{ChangeBatch, Error, Op, Result};
+use sluice_common::{ChangeBatch, Error, Result};
 
-use crate::format::{Changelog, JsonLines};
+use crate::message::{MessageDecoder, MessageFormat};
 use crate::options::{ConnectorDef, Kind, OptionDef, Options, Side};
 use crate::{ConnectorSpec, Poll, SinkWriter, SourceOffsets, SourceReader, SPLIT_DONE};
 
@@ -60,22 +60,9 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             identity: true,
             doc: "reading: the subjects of the stream to read (wildcards allowed; all of them when unset); writing: the subject to publish to (a stream must capture it)",
         },
-        OptionDef {
-            key: "format",
-            kind: Kind::Choice(&["json", "raw", "debezium-json", "canal-json"]),
-            default: None,
-            side: Side::Both,
-            identity: true,
-            doc: "how a message holds a row: a JSON object, `raw` bytes as the one STRING column, or a change of rows (an updating table)",
-        },
-        OptionDef {
-            key: "json.ignore-parse-errors",
-            kind: Kind::Bool,
-            default: Some("false"),
-            side: Side::Source,
-            identity: false,
-            doc: "skip and count a message that is not a JSON object of the columns, instead of failing the job",
-        },
+        crate::message::FORMAT_OPTION,
+        crate::message::JSON_IGNORE_OPTION,
+        crate::message::CSV_IGNORE_OPTION,
         OptionDef {
             key: "scan.startup.mode",
             kind: Kind::Choice(&["earliest", "latest", "timestamp", "sequence"]),
@@ -189,26 +176,6 @@ fn connect(
     }
 }
 
-/// How a message holds a row.
-#[derive(Clone)]
-enum Format {
-    Json,
-    Raw,
-    Changes(Changelog),
-}
-
-fn format(opts: &mut Options) -> Result<Format> {
-    let name = opts.required("format")?;
-    if let Some(c) = Changelog::from_options(&name, opts)? {
-        return Ok(Format::Changes(c));
-    }
-    Ok(if name == "raw" {
-        Format::Raw
-    } else {
-        Format::Json
-    })
-}
-
 /// Tracks how long the connection has been down.
 struct Liveness {
     servers: String,
@@ -280,10 +247,8 @@ pub struct NatsSource {
     /// Read to its end; its `SplitDone` was returned.
     done: bool,
     closed: bool,
-    format: Format,
-    json: JsonLines,
+    decoder: MessageDecoder,
     schema: SchemaRef,
-    value_schema: SchemaRef,
     metadata: Vec<(usize, String)>,
     workers: usize,
 }
@@ -298,11 +263,8 @@ impl NatsSource {
         let servers = opts.required("servers")?;
         let stream = opts.required("stream")?;
         let filter = opts.get("subject")?.unwrap_or_default();
-        let format = format(opts)?;
-        let ignore_errors = match &format {
-            Format::Changes(c) => opts.flag(&format!("{}.ignore-parse-errors", c.name()))?,
-            _ => opts.flag("json.ignore-parse-errors")?,
-        };
+        let format = MessageFormat::from_options(opts)?;
+        let decoder = MessageDecoder::open(spec, opts, &format)?;
         let timeout = connect_timeout(opts)?;
         use jetstream::consumer::DeliverPolicy;
         let start = match opts.value::<String>("scan.startup.mode")?.as_str() {
@@ -326,12 +288,6 @@ impl NatsSource {
         };
         let bounded = opts.value::<String>("scan.bounded.mode")?;
         let before = opts.optional::<u64>("scan.bounded.sequence")?;
-        let value_schema = spec.value_schema();
-        if matches!(format, Format::Raw) && value_schema.fields().len() != 1 {
-            return Err(
-                opts.error("format 'raw' reads a table of one column (besides metadata columns)")
-            );
-        }
         let rt = runtime(&spec.table)?;
         let client = connect(&rt, opts, &servers, timeout)?;
         let js = {
@@ -355,12 +311,6 @@ impl NatsSource {
             })?)),
             _ => None,
         };
-        let json = match &format {
-            Format::Changes(c) => {
-                JsonLines::changelog(value_schema.clone(), ignore_errors, c.clone())?
-            }
-            _ => JsonLines::new(value_schema.clone(), ignore_errors)?,
-        };
         Ok(NatsSource {
             table: spec.table.clone(),
             stream,
@@ -380,10 +330,8 @@ impl NatsSource {
             returned: None,
             done: false,
             closed: false,
-            format,
-            json,
+            decoder,
             schema: spec.schema.clone(),
-            value_schema,
             metadata: spec.metadata.clone(),
             workers,
         })
@@ -476,28 +424,9 @@ impl NatsSource {
             .iter()
             .map(|m| String::from_utf8_lossy(&m.3).into_owned())
             .collect();
-        let (batch, kept): (Option<RecordBatch>, Vec<usize>) = match &self.format {
-            Format::Raw => {
-                let column: ArrayRef = Arc::new(StringArray::from(values));
-                let column = arrow::compute::cast(&column, self.value_schema.field(0).data_type())?;
-                let batch = RecordBatch::try_new(self.value_schema.clone(), vec![column])?;
-                (Some(batch), (0..messages.len()).collect())
-            }
-            Format::Changes(_) => {
-                let batch = self.json.decode_at(&values, &location)?;
-                (batch, self.json.origins().to_vec())
-            }
-            Format::Json => {
-                if self.metadata.is_empty() {
-                    let batch = self.json.decode_at(&values, &location)?;
-                    let n = batch.as_ref().map_or(0, |b| b.num_rows());
-                    (batch, (0..n).collect())
-                } else {
-                    // Each message's row, so that skipped ones do not shift the metadata.
-                    self.json.decode_kept(values, &location)?
-                }
-            }
-        };
+        let (batch, kept) = self
+            .decoder
+            .decode(values, &location, !self.metadata.is_empty())?;
         let Some(values) = batch else {
             return Ok(None);
         };
@@ -589,7 +518,7 @@ impl SourceReader for NatsSource {
     }
 
     fn skipped(&self) -> u64 {
-        self.json.skipped()
+        self.decoder.skipped()
     }
 
     fn offsets(&self) -> SourceOffsets {
@@ -634,7 +563,7 @@ pub struct NatsSink {
     client: async_nats::Client,
     js: jetstream::Context,
     liveness: Liveness,
-    format: Format,
+    format: MessageFormat,
     /// `exactly-once`: the message-id prefix; this writer's INSERT among the job's.
     exactly_once: Option<String>,
     instance: usize,
@@ -650,8 +579,8 @@ impl NatsSink {
     pub fn open(spec: &ConnectorSpec, opts: &mut Options, worker: usize) -> Result<Self> {
         let servers = opts.required("servers")?;
         let subject = opts.required("subject")?;
-        let format = format(opts)?;
-        if matches!(format, Format::Raw) && spec.schema.fields().len() != 1 {
+        let format = MessageFormat::from_options(opts)?;
+        if matches!(format, MessageFormat::Raw) && spec.schema.fields().len() != 1 {
             return Err(opts.error("format 'raw' writes a table of one column"));
         }
         let exactly_once = match (
@@ -711,31 +640,6 @@ impl NatsSink {
         std::mem::replace(&mut self.staged, empty)
     }
 
-    /// Messages of a batch.
-    fn encode(&self, batch: &ChangeBatch) -> Result<Vec<String>> {
-        if let Format::Changes(c) = &self.format {
-            return Ok(c.encode(batch)?.into_iter().map(|(_, m)| m).collect());
-        }
-        if (0..batch.num_rows()).any(|i| batch.op(i) != Op::Insert) {
-            return Err(self.error(
-                "the nats connector writes inserts only with a plain format; write an updating \
-                 result with 'format' = 'debezium-json' or 'canal-json'",
-            ));
-        }
-        match self.format {
-            Format::Raw => {
-                let column =
-                    arrow::compute::cast(batch.data.column(0), &arrow::datatypes::DataType::Utf8)?;
-                let text = column
-                    .as_any()
-                    .downcast_ref::<StringArray>()
-                    .expect("cast to Utf8");
-                Ok(text.iter().map(|v| v.unwrap_or("").to_string()).collect())
-            }
-            _ => crate::format::json_rows(&batch.data),
-        }
-    }
-
     /// Publishes messages (with ids, for exactly-once) and waits for their acknowledgements.
     fn publish_all(&mut self, messages: &[String], ids: Option<(usize, u64)>) -> Result<()> {
         for (i, m) in messages.iter().enumerate() {
@@ -793,7 +697,7 @@ impl SinkWriter for NatsSink {
         if batch.num_rows() == 0 {
             return Ok(());
         }
-        let messages = self.encode(batch)?;
+        let messages = self.format.encode(&self.table, "nats", batch)?;
         if self.transactional && self.exactly_once.is_some() {
             self.staged.push(messages);
             return Ok(());

@@ -112,7 +112,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
         },
         OptionDef {
             key: "format",
-            kind: Kind::Choice(&["json", "raw", "debezium-json", "canal-json"]),
+            kind: Kind::Choice(crate::message::FORMATS),
             default: Some("json"),
             side: Side::Source,
             identity: true,

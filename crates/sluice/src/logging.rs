@@ -35,7 +35,10 @@ pub fn init(format: LogFormat) -> Result<(), String> {
         format == LogFormat::Json,
         std::sync::atomic::Ordering::Relaxed,
     );
-    let levels = std::env::var("SLUICE_LOG").unwrap_or_else(|_| "info".into());
+    // The AMQP client logs every refused request as an error, including the probe that tells
+    // a RabbitMQ stream from a queue; the connector reports real failures itself, with their
+    // table and option (`SLUICE_LOG=info,lapin=debug` shows the client's own lines).
+    let levels = std::env::var("SLUICE_LOG").unwrap_or_else(|_| "info,lapin=off".into());
     let filter: Targets = levels
         .parse()
         .map_err(|e| format!("SLUICE_LOG='{levels}': {e}"))?;

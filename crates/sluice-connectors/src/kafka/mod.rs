@@ -82,15 +82,15 @@ const PROPERTIES_NAME: OptionDef = OptionDef {
 };
 const FORMAT: OptionDef = OptionDef {
         key: "format",
-        kind: Kind::Choice(&["json", "raw", "debezium-json", "canal-json"]),
+        kind: Kind::Choice(&["json", "csv", "raw", "debezium-json", "canal-json"]),
         default: None,
         side: Side::Both,
         identity: true,
-        doc: "how a record's value holds a row: a JSON object, `raw` bytes as the one STRING or BYTES column, or a change of rows (`debezium-json`, `canal-json`: the table is an updating one)",
+        doc: "how a record's value holds a row: a JSON object, a CSV record (no header), `raw` bytes as the one STRING or BYTES column, or a change of rows (`debezium-json`, `canal-json`: the table is an updating one)",
 };
 const VALUE_FORMAT: OptionDef = OptionDef {
     key: "value.format",
-    kind: Kind::Choice(&["json", "raw", "debezium-json", "canal-json"]),
+    kind: Kind::Choice(&["json", "csv", "raw", "debezium-json", "canal-json"]),
     default: None,
     side: Side::Both,
     identity: true,
@@ -268,6 +268,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
         FORMAT,
         VALUE_FORMAT,
         JSON_IGNORE_PARSE_ERRORS,
+        crate::message::CSV_IGNORE_OPTION,
         SCAN_STARTUP_MODE,
         SCAN_STARTUP_TIMESTAMP_MILLIS,
         SCAN_STARTUP_SPECIFIC_OFFSETS,
@@ -591,6 +592,8 @@ pub struct KafkaSource {
     codec: Codec,
     json: JsonLines,
     ignore_errors: bool,
+    /// `csv` values.
+    csv: Option<crate::message::CsvMessages>,
     /// The table's physical columns; those decoded from records (all but the metadata ones);
     /// and the metadata columns with their keys.
     schema: SchemaRef,
@@ -651,10 +654,14 @@ impl KafkaSource {
             })
             .collect::<Result<_>>()?;
         let codec = Codec::from_options(opts, &value_schema, &primary_key, upsert)?;
-        let ignore_errors = match &codec.changes {
-            Some(c) => opts.flag(&format!("{}.ignore-parse-errors", c.name()))?,
-            None => opts.flag("json.ignore-parse-errors")?,
+        let ignore_errors = match (&codec.changes, codec.value) {
+            (Some(c), _) => opts.flag(&format!("{}.ignore-parse-errors", c.name()))?,
+            (None, Format::Csv) => opts.flag("csv.ignore-parse-errors")?,
+            (None, _) => opts.flag("json.ignore-parse-errors")?,
         };
+        let csv = (codec.value == Format::Csv).then(|| {
+            crate::message::CsvMessages::new(&spec.table, value_schema.clone(), ignore_errors)
+        });
         let timeout = connect_timeout(opts)?;
         // An upsert topic is read from its start: its table is every key's last record.
         let startup = if upsert {
@@ -777,6 +784,7 @@ impl KafkaSource {
             timeout,
             json: codec.decoder(ignore_errors)?,
             ignore_errors,
+            csv,
             // Upsert rows of deletes hold only their key until ChangelogNormalize.
             schema: if codec.upsert {
                 sluice_common::changelog::all_nullable(&spec.schema)
@@ -1012,6 +1020,10 @@ impl KafkaSource {
                         arrow::compute::cast(&column, self.value_schema.field(0).data_type())?;
                     let batch = RecordBatch::try_new(self.value_schema.clone(), vec![column])?;
                     (Some(batch), (0..values.len()).collect())
+                }
+                Format::Csv => {
+                    let csv = self.csv.as_mut().expect("a CSV decoder for csv values");
+                    csv.decode(&values, &location)?
                 }
                 Format::Json if self.metadata.is_empty() => {
                     let batch = self.json.decode_at(&values, &location)?;
@@ -1264,7 +1276,7 @@ impl SourceReader for KafkaSource {
     }
 
     fn skipped(&self) -> u64 {
-        self.json.skipped()
+        self.json.skipped() + self.csv.as_ref().map_or(0, |c| c.skipped)
     }
 
     fn offsets(&self) -> SourceOffsets {

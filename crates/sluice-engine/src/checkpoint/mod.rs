@@ -90,7 +90,17 @@ pub struct CheckpointContext {
     pub contributors: RefCell<Vec<(Contribution, String)>>,
     /// The coordinator's memory of finished sources' final offsets files, by stem.
     pub finished: RefCell<BTreeMap<String, sluice_state::checkpoint::ChainFile>>,
+    /// The process's readers that ended, kept until what they read is committed.
+    pub ended: EndedReaders,
 }
+
+/// Source readers of a process that ended, with the checkpoint covering what they returned:
+/// `None` when the reader finished its input (the job's recorded end covers it), or the stop
+/// checkpoint of a graceful stop. The job tells them once that commits (a queue acknowledges
+/// its last messages then), and drops them.
+pub type EndedReaders = std::sync::Arc<
+    std::sync::Mutex<Vec<(Box<dyn sluice_connectors::SourceReader>, Option<Epoch>)>>,
+>;
 
 impl CheckpointContext {
     /// Registers an operator and returns its id.

@@ -17,6 +17,8 @@ pub(crate) struct RunCheckpoints {
     pub(crate) base: Epoch,
     pub(crate) fingerprint: String,
     pub(crate) sources: BTreeMap<String, String>,
+    /// Readers that ended (see [`crate::checkpoint::EndedReaders`]).
+    pub(crate) ended: crate::checkpoint::EndedReaders,
 }
 
 pub(crate) fn prepare_checkpoints(plan: &JobPlan, fresh: bool) -> Result<Option<RunCheckpoints>> {
@@ -110,5 +112,6 @@ pub(crate) fn prepare_checkpoints(plan: &JobPlan, fresh: bool) -> Result<Option<
         base,
         fingerprint,
         sources,
+        ended: Default::default(),
     }))
 }

@@ -128,6 +128,21 @@ impl Finish<'_> {
         self.publish()
     }
 
+    /// Tells the readers that ended what is committed now: after the job's recorded end, every
+    /// finished one; after a graceful stop, those whose stop checkpoint committed. The others
+    /// are dropped untold (a queue redelivers what they did not acknowledge).
+    pub(crate) fn tell_ended_readers(&self, stopped: bool) -> Result<()> {
+        let ended = std::mem::take(&mut *self.c.ended.lock().expect("not poisoned"));
+        for (mut reader, stop) in ended {
+            match stop {
+                None if !stopped => reader.job_finished()?,
+                Some(epoch) if self.c.store.is_committed(epoch)? => reader.committed(epoch)?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Publishes what this process's workers sealed for the job's end (with another worker
     /// count than the run that sealed it, what the workers they replace sealed, as a restore
     /// would), then, on process 0, drops the checkpoints once every process has published.

@@ -342,6 +342,7 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
                 restore: c.restore.clone(),
                 contributors: Default::default(),
                 finished: Default::default(),
+                ended: c.ended.clone(),
             })
         });
         let ctx = BuildContext {
@@ -521,6 +522,7 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
         if !control.is_cancelled() {
             f.run_to_end()?;
         }
+        f.tell_ended_readers(control.is_cancelled())?;
     }
     Ok(JobSummary {
         rows_read: metrics.rows_read(),

@@ -99,6 +99,7 @@ pub(crate) fn source_stream<'scope>(
                 r.seek(&offsets)?;
             }
         }
+        r.set_checkpointing(checkpoint.is_some());
         Ok(r)
     });
     let mut silent = reader
@@ -175,6 +176,9 @@ pub(crate) fn source_stream<'scope>(
                         let offsets = serde_json::to_vec(&r.offsets()).expect("offsets serialize");
                         ck.writer.write(stop, name, offsets);
                         r.checkpoint(stop);
+                        if let Some(r) = reader.take() {
+                            ck.ended.lock().expect("not poisoned").push((r, Some(stop)));
+                        }
                     }
                 }
                 c.downgrade(&(stop + 1));
@@ -305,6 +309,10 @@ pub(crate) fn source_stream<'scope>(
                 ));
                 if let Some((seq, _)) = &sequence {
                     seq.finish(epoch);
+                }
+                // Kept until the job's end is recorded, then told so.
+                if let (Some(ck), Some(r)) = (&checkpoint, reader.take()) {
+                    ck.ended.lock().expect("not poisoned").push((r, None));
                 }
                 cap = None;
                 return;

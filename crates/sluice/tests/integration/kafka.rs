@@ -320,6 +320,123 @@ fn a_sink_writes_every_row_under_its_key() {
     assert_eq!(ids, (0..1500).collect::<Vec<_>>());
 }
 
+/// CSV values: rows with commas, quotes and timestamps written to a topic (keyed by id) and
+/// read back over its partitions equal the input; a record that is not one CSV record of the
+/// columns names its topic, partition and offset, or is skipped and counted.
+#[test]
+fn csv_values_round_trip_and_bad_records_are_named() {
+    let broker = Broker::start();
+    broker.create_topic("csv_t", 3);
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.json");
+    let lines: Vec<String> = (0..2000)
+        .map(|i| {
+            format!(
+                r#"{{"id":{i},"name":"n, \"{}\"","ts":"2026-11-11 00:00:{:02}.{:03}"}}"#,
+                i % 17,
+                i % 60,
+                i % 1000
+            )
+        })
+        .collect();
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let script = format!(
+        "CREATE TABLE src (id BIGINT, name STRING, ts TIMESTAMP(3))
+           WITH ('connector' = 'filesystem', 'path' = '{}', 'format' = 'json');
+         CREATE TABLE sink (id BIGINT, name STRING, ts TIMESTAMP(3))
+           WITH ('connector' = 'kafka', 'topic' = 'csv_t',
+             'properties.bootstrap.servers' = '{}', 'format' = 'csv',
+             'key.format' = 'json', 'key.fields' = 'id');
+         INSERT INTO sink SELECT id, name, ts FROM src;",
+        input.display(),
+        broker.servers
+    );
+    let (ok, stderr) = run(dir.path(), &script, 2, Duration::from_secs(60));
+    assert!(ok, "{stderr}");
+    let got = broker.consume("csv_t", 3, 2000, false);
+    assert_eq!(got.len(), 2000);
+    assert!(
+        got.iter()
+            .any(|(_, _, v)| v.as_deref() == Some(r#"18,"n, ""1""",2026-11-11 00:00:18.018"#)),
+        "{:?}",
+        &got[..3]
+    );
+    // The broker's end offsets are unreliable: bound the read by the records counted.
+    let mut per_partition = [0usize; 3];
+    for (p, _, _) in &got {
+        per_partition[*p as usize] += 1;
+    }
+    let bounds = (0..3)
+        .map(|p| format!("partition:{p},offset:{}", per_partition[p]))
+        .collect::<Vec<_>>()
+        .join(";");
+    let out = dir.path().join("back");
+    let script = format!(
+        "CREATE TABLE src (id BIGINT, name STRING, ts TIMESTAMP(3))
+           WITH ('connector' = 'kafka', 'topic' = 'csv_t',
+             'properties.bootstrap.servers' = '{}', 'format' = 'csv',
+             'scan.startup.mode' = 'earliest-offset', 'scan.bounded.mode' = 'specific-offsets',
+             'scan.bounded.specific-offsets' = '{bounds}');
+         CREATE TABLE out (id BIGINT, name STRING, ts TIMESTAMP(3))
+           WITH ('connector' = 'filesystem', 'path' = '{}', 'format' = 'json');
+         INSERT INTO out SELECT id, name, ts FROM src;",
+        broker.servers,
+        out.display()
+    );
+    let (ok, stderr) = run(dir.path(), &script, 2, Duration::from_secs(60));
+    assert!(ok, "{stderr}");
+    let want: BTreeMap<String, i64> = lines
+        .iter()
+        .map(|l| {
+            (
+                serde_json::from_str::<serde_json::Value>(l)
+                    .unwrap()
+                    .to_string(),
+                1,
+            )
+        })
+        .collect();
+    let back = crate::common::committed_rows(&out, |_| {});
+    assert_eq!(back.len(), want.len());
+    assert!(back == want, "the rows read back differ from those written");
+
+    broker.create_topic("csv_bad", 1);
+    broker.produce(
+        "csv_bad",
+        &[
+            (0, None, Some("1,a".into())),
+            (0, None, Some("two,b".into())),
+            (0, None, Some("3,c".into())),
+        ],
+    );
+    for (extra, want_ok) in [("", false), (", 'csv.ignore-parse-errors' = 'true'", true)] {
+        let out = dir.path().join(format!("bad{}", extra.len()));
+        let script = format!(
+            "CREATE TABLE src (id BIGINT, name STRING) WITH ('connector' = 'kafka',
+               'topic' = 'csv_bad', 'properties.bootstrap.servers' = '{}', 'format' = 'csv',
+               'scan.startup.mode' = 'earliest-offset', 'scan.bounded.mode' = 'specific-offsets',
+               'scan.bounded.specific-offsets' = 'partition:0,offset:3'{extra});
+             CREATE TABLE out (id BIGINT, name STRING)
+               WITH ('connector' = 'filesystem', 'path' = '{}', 'format' = 'json');
+             INSERT INTO out SELECT id, name FROM src;",
+            broker.servers,
+            out.display()
+        );
+        let (ok, stderr) = run(dir.path(), &script, 1, Duration::from_secs(60));
+        assert_eq!(ok, want_ok, "{stderr}");
+        if want_ok {
+            let rows = crate::common::committed_rows(&out, |_| {});
+            assert_eq!(rows.len(), 2, "{rows:?}");
+            assert!(stderr.contains("records skipped             1"), "{stderr}");
+        } else {
+            assert!(
+                stderr.contains("topic 'csv_bad' partition 0 offset 1"),
+                "{stderr}"
+            );
+        }
+    }
+}
+
 /// A record that is not JSON fails the job naming its topic, partition and offset; with
 /// `json.ignore-parse-errors` it is skipped and counted.
 #[test]

@@ -16,10 +16,14 @@ mod join_state;
 mod kafka;
 #[cfg(feature = "kafka")]
 mod kafka_changelog;
+#[cfg(feature = "mqtt")]
+mod mqtt;
 #[cfg(feature = "nats")]
 mod nats;
 mod nexmark_correctness;
 mod nexmark_queries;
+#[cfg(feature = "rabbitmq")]
+mod rabbitmq;
 mod randomized_queries;
 mod recovery;
 #[cfg(feature = "redis")]
