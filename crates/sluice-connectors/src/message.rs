@@ -13,6 +13,23 @@ use sluice_common::{ChangeBatch, Error, Op, Result};
 use crate::format::{Changelog, JsonLines};
 use crate::options::{Kind, OptionDef, Options, Side};
 
+/// A runtime of one thread for a message client's connection and its reading task (a reader or
+/// writer each has its own).
+#[cfg(any(feature = "nats", feature = "rabbitmq", feature = "mqtt"))]
+pub fn client_runtime(table: &str, client: &str) -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(client)
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            Error::connector(
+                table,
+                format!("starting the {client} client's runtime: {e}"),
+            )
+        })
+}
+
 /// The `format` choices of a message connector.
 pub const FORMATS: &[&str] = &["json", "csv", "raw", "debezium-json", "canal-json"];
 

@@ -125,16 +125,6 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     ],
 };
 
-/// A runtime of one thread for the client's event loop.
-fn runtime(table: &str) -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("mqtt")
-        .enable_all()
-        .build()
-        .map_err(|e| Error::connector(table, format!("starting the MQTT client's runtime: {e}")))
-}
-
 /// The connection settings shared by sources and sinks.
 struct Broker {
     host: String,
@@ -304,7 +294,7 @@ impl MqttSource {
             .expect("declared default");
         let format = MessageFormat::from_options(opts)?;
         let decoder = MessageDecoder::open(spec, opts, &format)?;
-        let rt = runtime(&spec.table)?;
+        let rt = crate::message::client_runtime(&spec.table, "mqtt")?;
         let mut source = MqttSource {
             table: spec.table.clone(),
             address: broker.address(),
@@ -556,7 +546,7 @@ impl MqttSink {
         let prefix = opts
             .get("client-id")?
             .unwrap_or_else(|| format!("sluice-{}-out", spec.table));
-        let rt = runtime(&spec.table)?;
+        let rt = crate::message::client_runtime(&spec.table, "mqtt")?;
         let mut options = broker.options(&format!("{prefix}-{}-{worker}", spec.sink_instance));
         options.set_clean_start(true);
         let (client, mut events) = AsyncClient::new(options, 65_536);

@@ -130,16 +130,6 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     ],
 };
 
-/// A runtime of one thread for the client's connection and reading task.
-fn runtime(table: &str) -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("nats")
-        .enable_all()
-        .build()
-        .map_err(|e| Error::connector(table, format!("starting the NATS client's runtime: {e}")))
-}
-
 fn connect_timeout(opts: &mut Options) -> Result<Duration> {
     let ms = opts
         .duration_ms("sluice.connect-timeout")?
@@ -288,7 +278,7 @@ impl NatsSource {
         };
         let bounded = opts.value::<String>("scan.bounded.mode")?;
         let before = opts.optional::<u64>("scan.bounded.sequence")?;
-        let rt = runtime(&spec.table)?;
+        let rt = crate::message::client_runtime(&spec.table, "nats")?;
         let client = connect(&rt, opts, &servers, timeout)?;
         let js = {
             let _in_runtime = rt.enter();
@@ -596,7 +586,7 @@ impl NatsSink {
             _ => None,
         };
         let timeout = connect_timeout(opts)?;
-        let rt = runtime(&spec.table)?;
+        let rt = crate::message::client_runtime(&spec.table, "nats")?;
         let client = connect(&rt, opts, &servers, timeout)?;
         let js = {
             let _in_runtime = rt.enter();

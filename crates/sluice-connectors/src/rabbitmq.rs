@@ -172,21 +172,6 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     ],
 };
 
-/// A runtime of one thread for the client's connection and reading task.
-fn runtime(table: &str) -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("rabbitmq")
-        .enable_all()
-        .build()
-        .map_err(|e| {
-            Error::connector(
-                table,
-                format!("starting the RabbitMQ client's runtime: {e}"),
-            )
-        })
-}
-
 /// Where the broker is, for connecting and for messages.
 struct Broker {
     uri: String,
@@ -473,7 +458,7 @@ impl RabbitSource {
             _ => AMQPValue::LongString("first".into()),
         };
         let bounded = opts.value::<String>("scan.bounded.mode")? == "latest";
-        let rt = runtime(&spec.table)?;
+        let rt = crate::message::client_runtime(&spec.table, "rabbitmq")?;
         let connection = broker.connect(&rt, opts)?;
         // The queue must exist: a passive declaration fails on a missing one.
         rt.block_on(async {
@@ -912,7 +897,7 @@ impl RabbitSink {
             }
         };
         let confirms = opts.value::<String>("sink.delivery-guarantee")? == "at-least-once";
-        let rt = runtime(&spec.table)?;
+        let rt = crate::message::client_runtime(&spec.table, "rabbitmq")?;
         let connection = broker.connect(&rt, opts)?;
         let channel = rt
             .block_on(async {
