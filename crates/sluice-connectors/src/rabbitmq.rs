@@ -13,6 +13,9 @@
 //! read by worker 0 from the offset in Sluice's checkpoints (`x-stream-offset`), so a restore
 //! replays exactly what was not covered: exactly-once into state and transactional sinks.
 //!
+//! A lost connection is made again within `sluice.connect-timeout` (the broker redelivers what
+//! was not acknowledged; a stream resumes at its next offset); after that the job fails.
+//!
 //! **Sink.** Publisher confirms: `at-least-once` waits for the broker to confirm every message
 //! at each checkpoint and at the end (messages are persistent and mandatory: one that no queue
 //! takes fails the job). A rerun after a crash publishes again what the last committed
@@ -390,9 +393,13 @@ pub struct RabbitSource {
     table: String,
     queue: String,
     address: String,
+    uri: String,
     rt: tokio::runtime::Runtime,
     connection: Connection,
     channel: Option<Channel>,
+    /// The connection failed (when, and why): reconnecting until `timeout` has passed.
+    lost: Option<(Instant, String)>,
+    last_attempt: Instant,
     prefetch: u16,
     /// Stream queues: read by worker 0 only; the next offset to read (from a checkpoint or the
     /// rows returned), the startup position, and the bound.
@@ -487,9 +494,12 @@ impl RabbitSource {
             table: spec.table.clone(),
             queue,
             address: broker.address,
+            uri: broker.uri,
             rt,
             connection,
             channel: None,
+            lost: None,
+            last_attempt: Instant::now(),
             prefetch: prefetch as u16,
             stream,
             next_offset: None,
@@ -571,6 +581,49 @@ impl RabbitSource {
             })?;
         self.acked_tag = tag;
         Ok(())
+    }
+
+    /// After a lost connection: connects again (at most every 200 ms) and consumes on, or fails
+    /// the job once the broker has been unreachable for `sluice.connect-timeout`.
+    fn reconnect(&mut self) -> Result<Poll> {
+        let (since, error) = self.lost.clone().expect("lost");
+        if since.elapsed() >= self.timeout {
+            return Err(self.error(format!(
+                "consuming queue '{}' on RabbitMQ at '{}': {error}; unreachable for {:?} (option 'sluice.connect-timeout')",
+                self.queue,
+                self.address,
+                since.elapsed()
+            )));
+        }
+        if self.last_attempt.elapsed() < Duration::from_millis(200) {
+            return Ok(Poll::Idle);
+        }
+        self.last_attempt = Instant::now();
+        let connecting = Connection::connect(&self.uri, ConnectionProperties::default());
+        let wait = self.timeout.min(Duration::from_secs(1));
+        match self
+            .rt
+            .block_on(async { tokio::time::timeout(wait, connecting).await })
+        {
+            Ok(Ok(connection)) => {
+                self.connection = connection;
+                match self.start_reading() {
+                    Ok(()) => {
+                        tracing::warn!(
+                            "table '{}': reconnected to RabbitMQ at '{}' after {:?} ({error})",
+                            self.table,
+                            self.address,
+                            since.elapsed()
+                        );
+                        self.lost = None;
+                    }
+                    Err(e) => self.lost = Some((since, e.to_string())),
+                }
+            }
+            Ok(Err(e)) => self.lost = Some((since, e.to_string())),
+            Err(_) => {}
+        }
+        Ok(Poll::Idle)
     }
 
     /// Stops the broker from sending more (a bounded queue's end); the reading task ends once
@@ -690,6 +743,9 @@ impl SourceReader for RabbitSource {
             self.closed = true;
             return Ok(Poll::SplitDone { split: 0 });
         }
+        if self.lost.is_some() {
+            return self.reconnect();
+        }
         if self.stream && self.bounded && self.stream_end.is_none() {
             // Found at the first poll, not at planning (an empty stream takes a while to tell).
             let patience = self.timeout.min(Duration::from_secs(5));
@@ -748,10 +804,21 @@ impl SourceReader for RabbitSource {
             }
         }
         if let Some(e) = failed {
-            return Err(self.error(format!(
-                "consuming queue '{}' on RabbitMQ at '{}': {e}",
-                self.queue, self.address
-            )));
+            if self.cancelled {
+                return Err(self.error(format!(
+                    "consuming queue '{}' on RabbitMQ at '{}': {e}",
+                    self.queue, self.address
+                )));
+            }
+            // Deliveries of the lost channel cannot be acknowledged on another: the broker
+            // redelivers them (and a stream resumes at the next offset).
+            self.lost = Some((Instant::now(), e));
+            self.rx = None;
+            self.channel = None;
+            self.returned_tag = 0;
+            self.acked_tag = 0;
+            self.recorded.clear();
+            return self.reconnect();
         }
         if messages.is_empty() {
             if self.done {

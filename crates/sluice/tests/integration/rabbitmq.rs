@@ -601,10 +601,11 @@ fn unreachable_brokers_missing_queues_and_bad_messages_are_named() {
 }
 
 /// A TCP proxy on a free loopback port to the broker, so that a test can cut the connection:
-/// `cut` closes every connection through it.
+/// `cut` closes every connection through it, and with `refuse` set it takes no new ones.
 struct Proxy {
     port: u16,
     streams: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    refuse: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Proxy {
@@ -614,9 +615,14 @@ impl Proxy {
         let streams: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>> =
             Default::default();
         let kept = streams.clone();
+        let refuse: std::sync::Arc<std::sync::atomic::AtomicBool> = Default::default();
+        let refusing = refuse.clone();
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { return };
+                if refusing.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
                 let Ok(upstream) = std::net::TcpStream::connect("127.0.0.1:5672") else {
                     return;
                 };
@@ -634,7 +640,11 @@ impl Proxy {
                 }
             }
         });
-        Proxy { port, streams }
+        Proxy {
+            port,
+            streams,
+            refuse,
+        }
     }
 
     fn cut(&self) {
@@ -644,8 +654,64 @@ impl Proxy {
     }
 }
 
-/// A connection lost while the job runs fails it promptly with the client's message, naming
-/// the queue and the broker.
+/// A connection lost while the job runs is made again: a job with checkpoints whose
+/// connections are cut twice mid-way still copies every message (at-least-once: the broker
+/// redelivers what was not acknowledged).
+#[test]
+fn a_lost_connection_is_made_again_and_no_message_is_lost() {
+    const ROWS: i64 = 60_000;
+    let queue = Queue::create("rmq_reconnect", false);
+    let bodies: Vec<String> = (0..ROWS).map(|i| format!(r#"{{"id":{i}}}"#)).collect();
+    queue.publish(&bodies);
+    let proxy = Proxy::start();
+    let dir = tempfile::tempdir().unwrap();
+    let script = format!(
+        "SET 'execution.checkpointing.interval' = '100 ms';
+         SET 'execution.checkpointing.dir' = '{ckpt}';
+         CREATE TABLE t (id BIGINT)
+         WITH ('connector' = 'rabbitmq', 'host' = '127.0.0.1', 'port' = '{port}',
+           'queue' = '{queue}', 'format' = 'json', 'scan.bounded.mode' = 'latest',
+           'scan.prefetch-count' = '2000');
+         CREATE TABLE out (id BIGINT)
+           WITH ('connector' = 'filesystem', 'path' = '{out}', 'format' = 'json');
+         INSERT INTO out SELECT id FROM t;",
+        ckpt = dir.path().join("checkpoints").display(),
+        port = proxy.port,
+        queue = queue.name,
+        out = dir.path().join("out").display()
+    );
+    let job_dir = dir.path().to_path_buf();
+    let running =
+        std::thread::spawn(move || common::run_cli(&job_dir, &script, 2, Duration::from_secs(120)));
+    for _ in 0..2 {
+        let started = Instant::now();
+        while proxy.streams.lock().unwrap().len() < 4 && started.elapsed() < Duration::from_secs(30)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(400));
+        proxy.cut();
+        proxy.streams.lock().unwrap().clear();
+    }
+    let (ok, stderr) = running.join().unwrap();
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("reconnected to RabbitMQ"), "{stderr}");
+    let mut ids: BTreeMap<i64, i64> = BTreeMap::new();
+    for (row, n) in common::committed_rows(&dir.path().join("out"), |_| {}) {
+        let v: serde_json::Value = serde_json::from_str(&row).unwrap();
+        *ids.entry(v["id"].as_i64().unwrap()).or_default() += n;
+    }
+    let missing: Vec<i64> = (0..ROWS)
+        .filter(|i| !ids.contains_key(i))
+        .take(10)
+        .collect();
+    assert!(missing.is_empty(), "lost messages, for example {missing:?}");
+    assert_eq!(ids.len(), ROWS as usize);
+    assert_eq!(queue.ready(), 0, "every message acknowledged");
+}
+
+/// A connection lost for longer than `sluice.connect-timeout` fails the job promptly with the
+/// client's message, naming the queue and the broker.
 #[test]
 fn a_connection_lost_while_running_fails_the_job_promptly() {
     let queue = Queue::create("rmq_lost", false);
@@ -658,7 +724,7 @@ fn a_connection_lost_while_running_fails_the_job_promptly() {
         format!(
             "CREATE TABLE t (id BIGINT)
              WITH ('connector' = 'rabbitmq', 'host' = '127.0.0.1', 'port' = '{}',
-               'queue' = '{}', 'format' = 'json');
+               'queue' = '{}', 'format' = 'json', 'sluice.connect-timeout' = '2 s');
              CREATE TABLE out (id BIGINT) WITH ('connector' = 'blackhole');
              INSERT INTO out SELECT id FROM t;",
             proxy.port, queue.name
@@ -675,6 +741,9 @@ fn a_connection_lost_while_running_fails_the_job_promptly() {
     }
     std::thread::sleep(Duration::from_millis(500));
     let cut = Instant::now();
+    proxy
+        .refuse
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     proxy.cut();
     let output = running.join().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -688,6 +757,7 @@ fn a_connection_lost_while_running_fails_the_job_promptly() {
         stderr.contains(&queue.name) && stderr.contains(&format!("127.0.0.1:{}", proxy.port)),
         "{stderr}"
     );
+    assert!(stderr.contains("unreachable for"), "{stderr}");
     // The client's own log lines (the stream probe's refusal among them) stay out of the log.
     assert!(!stderr.contains("PRECONDITION_FAILED"), "{stderr}");
 }
