@@ -571,16 +571,28 @@ impl RabbitSource {
         let Some(channel) = &self.channel else {
             return Ok(());
         };
-        self.rt
+        match self
+            .rt
             .block_on(channel.basic_ack(tag, BasicAckOptions { multiple: true }))
-            .map_err(|e| {
-                self.error(format!(
-                    "acknowledging messages of queue '{}' on RabbitMQ at '{}': {e}",
-                    self.queue, self.address
-                ))
-            })?;
-        self.acked_tag = tag;
+        {
+            Ok(()) => self.acked_tag = tag,
+            // Not acknowledged: redelivered after the reconnect (at-least-once).
+            Err(e) => self.mark_lost(format!("acknowledging messages: {e}")),
+        }
         Ok(())
+    }
+
+    /// The connection (or its channel) failed. Deliveries of the lost channel cannot be
+    /// acknowledged on another: the broker redelivers them (a stream resumes at the next offset).
+    fn mark_lost(&mut self, error: String) {
+        if self.lost.is_none() {
+            self.lost = Some((Instant::now(), error));
+        }
+        self.rx = None;
+        self.channel = None;
+        self.returned_tag = 0;
+        self.acked_tag = 0;
+        self.recorded.clear();
     }
 
     /// After a lost connection: connects again (at most every 200 ms) and consumes on, or fails
@@ -633,14 +645,15 @@ impl RabbitSource {
         let Some(channel) = &self.channel else {
             return Ok(());
         };
-        self.rt
+        if let Err(e) = self
+            .rt
             .block_on(channel.basic_cancel(CONSUMER_TAG.into(), Default::default()))
-            .map_err(|e| {
-                self.error(format!(
-                    "cancelling the consumer of queue '{}' on RabbitMQ at '{}': {e}",
-                    self.queue, self.address
-                ))
-            })
+        {
+            // Consumed again after the reconnect, then cancelled again.
+            self.cancelled = false;
+            self.mark_lost(format!("cancelling the consumer: {e}"));
+        }
+        Ok(())
     }
 
     /// Whether the queue has no message ready (a classic queue's bound).
@@ -658,10 +671,10 @@ impl RabbitSource {
         ));
         match declared {
             Ok(q) => Ok(q.message_count() == 0),
-            Err(e) => Err(self.error(format!(
-                "queue '{}' on RabbitMQ at '{}': {e}",
-                self.queue, self.address
-            ))),
+            Err(e) => {
+                self.mark_lost(format!("asking for the queue's length: {e}"));
+                Ok(false)
+            }
         }
     }
 
@@ -810,14 +823,7 @@ impl SourceReader for RabbitSource {
                     self.queue, self.address
                 )));
             }
-            // Deliveries of the lost channel cannot be acknowledged on another: the broker
-            // redelivers them (and a stream resumes at the next offset).
-            self.lost = Some((Instant::now(), e));
-            self.rx = None;
-            self.channel = None;
-            self.returned_tag = 0;
-            self.acked_tag = 0;
-            self.recorded.clear();
+            self.mark_lost(e);
             return self.reconnect();
         }
         if messages.is_empty() {
