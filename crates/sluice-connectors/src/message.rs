@@ -131,6 +131,9 @@ pub struct MessageDecoder {
     json: JsonLines,
     value_schema: SchemaRef,
     csv: Option<CsvMessages>,
+    /// The table's physical columns, and its metadata columns with their keys.
+    schema: SchemaRef,
+    metadata: Vec<(usize, String)>,
 }
 
 impl MessageDecoder {
@@ -170,7 +173,38 @@ impl MessageDecoder {
             json,
             value_schema,
             csv,
+            schema: spec.schema.clone(),
+            metadata: spec.metadata.clone(),
         })
+    }
+
+    /// A table's rows from messages: each message's `body` decoded, then the metadata columns
+    /// in their places, each made by `column(key, messages)` from the messages that gave rows
+    /// (in row order). `location(i)` names message `i` in errors.
+    pub fn rows<M>(
+        &mut self,
+        messages: &[M],
+        body: impl Fn(&M) -> &[u8],
+        location: &dyn Fn(usize) -> String,
+        column: impl Fn(&str, &[&M]) -> ArrayRef,
+    ) -> Result<Option<RecordBatch>> {
+        let bodies: Vec<String> = messages
+            .iter()
+            .map(|m| String::from_utf8_lossy(body(m)).into_owned())
+            .collect();
+        let with_metadata = !self.metadata.is_empty();
+        let (batch, kept) = self.decode(bodies, location, with_metadata)?;
+        let Some(values) = batch else {
+            return Ok(None);
+        };
+        if !with_metadata {
+            return Ok(Some(values));
+        }
+        let kept: Vec<&M> = kept.iter().map(|k| &messages[*k]).collect();
+        crate::format::place_metadata(values, &self.schema, &self.metadata, |key| {
+            column(key, &kept)
+        })
+        .map(Some)
     }
 
     /// Messages skipped as malformed so far.

@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, BooleanArray, StringArray};
-use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
 use rumqttc::v5::mqttbytes::QoS;
@@ -267,8 +266,6 @@ pub struct MqttSource {
     /// Messages acknowledged from the front of `unacked` since the checkpoints were recorded.
     acked_front: usize,
     decoder: MessageDecoder,
-    schema: SchemaRef,
-    metadata: Vec<(usize, String)>,
     workers: usize,
 }
 
@@ -306,8 +303,6 @@ impl MqttSource {
             recorded: Default::default(),
             acked_front: 0,
             decoder,
-            schema: spec.schema.clone(),
-            metadata: spec.metadata.clone(),
             workers,
         };
         if worker != 0 {
@@ -371,35 +366,21 @@ impl MqttSource {
     }
 
     fn decode(&mut self, messages: &[Publish]) -> Result<Option<RecordBatch>> {
-        let topics: Vec<String> = messages
-            .iter()
-            .map(|m| String::from_utf8_lossy(&m.topic).into_owned())
-            .collect();
-        let location = |i: usize| format!("a message on topic '{}'", topics[i]);
-        let bodies: Vec<String> = messages
-            .iter()
-            .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
-            .collect();
-        let (batch, kept) = self
-            .decoder
-            .decode(bodies, &location, !self.metadata.is_empty())?;
-        let Some(values) = batch else {
-            return Ok(None);
-        };
-        if self.metadata.is_empty() {
-            return Ok(Some(values));
-        }
-        crate::format::place_metadata(values, &self.schema, &self.metadata, |key| -> ArrayRef {
-            match key {
-                "topic" => Arc::new(StringArray::from_iter_values(
-                    kept.iter().map(|k| topics[*k].as_str()),
-                )),
-                _ => Arc::new(BooleanArray::from_iter(
-                    kept.iter().map(|k| Some(messages[*k].retain)),
-                )),
-            }
-        })
-        .map(Some)
+        let topic = |m: &Publish| String::from_utf8_lossy(&m.topic).into_owned();
+        let location = |i: usize| format!("a message on topic '{}'", topic(&messages[i]));
+        self.decoder.rows(
+            messages,
+            |m| &m.payload,
+            &location,
+            |key, kept| -> ArrayRef {
+                match key {
+                    "topic" => {
+                        Arc::new(StringArray::from_iter_values(kept.iter().map(|m| topic(m))))
+                    }
+                    _ => Arc::new(BooleanArray::from_iter(kept.iter().map(|m| Some(m.retain)))),
+                }
+            },
+        )
     }
 }
 

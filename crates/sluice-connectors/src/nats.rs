@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, StringArray, TimestampMillisecondArray, UInt64Array};
-use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use async_nats::jetstream;
 use futures_util::StreamExt;
@@ -238,8 +237,6 @@ pub struct NatsSource {
     done: bool,
     closed: bool,
     decoder: MessageDecoder,
-    schema: SchemaRef,
-    metadata: Vec<(usize, String)>,
     workers: usize,
 }
 
@@ -321,8 +318,6 @@ impl NatsSource {
             done: false,
             closed: false,
             decoder,
-            schema: spec.schema.clone(),
-            metadata: spec.metadata.clone(),
             workers,
         })
     }
@@ -407,36 +402,24 @@ impl NatsSource {
         &mut self,
         messages: Vec<(u64, String, i64, Vec<u8>)>,
     ) -> Result<Option<RecordBatch>> {
-        let stream = self.stream.clone();
-        let sequences: Vec<u64> = messages.iter().map(|m| m.0).collect();
-        let location = |i: usize| format!("stream '{stream}' sequence {}", sequences[i]);
-        let values: Vec<String> = messages
-            .iter()
-            .map(|m| String::from_utf8_lossy(&m.3).into_owned())
-            .collect();
-        let (batch, kept) = self
-            .decoder
-            .decode(values, &location, !self.metadata.is_empty())?;
-        let Some(values) = batch else {
-            return Ok(None);
-        };
-        if self.metadata.is_empty() {
-            return Ok(Some(values));
-        }
-        crate::format::place_metadata(values, &self.schema, &self.metadata, |key| -> ArrayRef {
-            match key {
-                "subject" => Arc::new(StringArray::from_iter_values(
-                    kept.iter().map(|k| messages[*k].1.as_str()),
-                )),
-                "sequence" => Arc::new(UInt64Array::from_iter_values(
-                    kept.iter().map(|k| messages[*k].0),
-                )),
-                _ => Arc::new(TimestampMillisecondArray::from_iter_values(
-                    kept.iter().map(|k| messages[*k].2),
-                )),
-            }
-        })
-        .map(Some)
+        let stream = &self.stream;
+        let location = |i: usize| format!("stream '{stream}' sequence {}", messages[i].0);
+        self.decoder.rows(
+            &messages,
+            |m| &m.3,
+            &location,
+            |key, kept| -> ArrayRef {
+                match key {
+                    "subject" => Arc::new(StringArray::from_iter_values(
+                        kept.iter().map(|m| m.1.as_str()),
+                    )),
+                    "sequence" => Arc::new(UInt64Array::from_iter_values(kept.iter().map(|m| m.0))),
+                    _ => Arc::new(TimestampMillisecondArray::from_iter_values(
+                        kept.iter().map(|m| m.2),
+                    )),
+                }
+            },
+        )
     }
 }
 

@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, BooleanArray, Int64Array, StringArray, TimestampMillisecondArray};
-use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use futures_util::StreamExt;
 use lapin::options::{
@@ -427,8 +426,6 @@ pub struct RabbitSource {
     done: bool,
     closed: bool,
     decoder: MessageDecoder,
-    schema: SchemaRef,
-    metadata: Vec<(usize, String)>,
     workers: usize,
 }
 
@@ -520,8 +517,6 @@ impl RabbitSource {
             done: false,
             closed: false,
             decoder,
-            schema: spec.schema.clone(),
-            metadata: spec.metadata.clone(),
             workers,
         })
     }
@@ -680,48 +675,37 @@ impl RabbitSource {
 
     /// The rows of messages: the decoded values, then the metadata columns in their places.
     fn decode(&mut self, messages: Vec<Received>) -> Result<Option<RecordBatch>> {
-        let queue = self.queue.clone();
-        let positions: Vec<String> = messages
-            .iter()
-            .map(|m| match m.offset {
-                Some(o) => format!("offset {o}"),
-                None => format!("delivery {}", m.tag),
-            })
-            .collect();
-        let location = |i: usize| format!("queue '{queue}' {}", positions[i]);
-        let bodies: Vec<String> = messages
-            .iter()
-            .map(|m| String::from_utf8_lossy(&m.body).into_owned())
-            .collect();
-        let (batch, kept) = self
-            .decoder
-            .decode(bodies, &location, !self.metadata.is_empty())?;
-        let Some(values) = batch else {
-            return Ok(None);
+        let queue = &self.queue;
+        let location = |i: usize| match messages[i].offset {
+            Some(o) => format!("queue '{queue}' offset {o}"),
+            None => format!("queue '{queue}' delivery {}", messages[i].tag),
         };
-        if self.metadata.is_empty() {
-            return Ok(Some(values));
-        }
-        let rows = || kept.iter().map(|k| &messages[*k]);
-        crate::format::place_metadata(values, &self.schema, &self.metadata, |key| -> ArrayRef {
-            match key {
-                "exchange" => Arc::new(StringArray::from_iter_values(rows().map(|m| &m.exchange))),
-                "routing-key" => Arc::new(StringArray::from_iter_values(
-                    rows().map(|m| &m.routing_key),
-                )),
-                "redelivered" => {
-                    Arc::new(BooleanArray::from_iter(rows().map(|m| Some(m.redelivered))))
+        self.decoder.rows(
+            &messages,
+            |m| &m.body,
+            &location,
+            |key, kept| -> ArrayRef {
+                let rows = || kept.iter();
+                match key {
+                    "exchange" => {
+                        Arc::new(StringArray::from_iter_values(rows().map(|m| &m.exchange)))
+                    }
+                    "routing-key" => Arc::new(StringArray::from_iter_values(
+                        rows().map(|m| &m.routing_key),
+                    )),
+                    "redelivered" => {
+                        Arc::new(BooleanArray::from_iter(rows().map(|m| Some(m.redelivered))))
+                    }
+                    "offset" => Arc::new(Int64Array::from_iter(rows().map(|m| m.offset))),
+                    "message-id" => Arc::new(StringArray::from_iter(
+                        rows().map(|m| m.message_id.as_deref()),
+                    )),
+                    _ => Arc::new(TimestampMillisecondArray::from_iter(
+                        rows().map(|m| m.timestamp),
+                    )),
                 }
-                "offset" => Arc::new(Int64Array::from_iter(rows().map(|m| m.offset))),
-                "message-id" => Arc::new(StringArray::from_iter(
-                    rows().map(|m| m.message_id.as_deref()),
-                )),
-                _ => Arc::new(TimestampMillisecondArray::from_iter(
-                    rows().map(|m| m.timestamp),
-                )),
-            }
-        })
-        .map(Some)
+            },
+        )
     }
 
     /// Whether a stream has been read to its bound.
