@@ -1,14 +1,16 @@
-//! The `filesystem` connector: JSON lines or CSV files in, part files out.
+//! The `filesystem` connector: JSON lines, CSV or Avro files in, part files out.
 //!
 //! Source: `path` is a file or a directory; a directory's files are sorted, cut into pieces of
 //! `source.split-size` bytes (8 MB unless set) on record boundaries, and the pieces dealt out to
-//! workers round-robin, so one large file is parsed by every worker.
+//! workers round-robin, so one large file is parsed by every worker. Avro object container
+//! files are read whole, each by one worker (their blocks are compressed).
 //!
 //! Sink: `path` is a directory; each worker writes `.part-<worker>-<n>.<ext>.inprogress` and
 //! renames it to `part-<worker>-<n>.<ext>` when the file is published: when the job ends, or,
 //! with checkpoints, when the checkpoint that sealed it commits. A failed job publishes nothing.
 
 use std::fs::File;
+use std::hash::BuildHasher;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
@@ -23,6 +25,8 @@ use crate::{ConnectorSpec, Poll, SinkWriter, SourceReader};
 enum Format {
     Json,
     Csv,
+    /// Avro object container files.
+    Avro,
     /// `debezium-json` or `canal-json`: an updating table, read and written as changes.
     Changelog(crate::format::Changelog),
 }
@@ -45,12 +49,14 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
         },
         OptionDef {
             key: "format",
-            kind: Kind::Choice(&["json", "csv", "debezium-json", "canal-json"]),
+            kind: Kind::Choice(&["json", "csv", "avro", "debezium-json", "canal-json"]),
             default: None,
             side: Side::Both,
             identity: true,
-            doc: "JSON lines or CSV (no header); `debezium-json` and `canal-json` are changes, read as an updating table and written from an updating result",
+            doc: "JSON lines, CSV (no header), or Avro object container files (read with the file's schema resolved to the columns, written with the schema Flink derives from them); `debezium-json` and `canal-json` are changes, read as an updating table and written from an updating result",
         },
+        crate::avro::LEGACY_TIMESTAMPS_OPTION,
+        crate::avro::CODEC_OPTION,
         OptionDef {
             key: "json.ignore-parse-errors",
             kind: Kind::Bool,
@@ -118,6 +124,7 @@ fn format(opts: &mut Options) -> Result<Format> {
     match name.as_str() {
         "json" => Ok(Format::Json),
         "csv" => Ok(Format::Csv),
+        "avro" => Ok(Format::Avro),
         other => unreachable!("format '{other}' is declared but not read"),
     }
 }
@@ -235,6 +242,8 @@ pub struct FileSource {
     json_ignore_errors: bool,
     /// The records are changes in this format.
     changelog: Option<crate::format::Changelog>,
+    /// The decoder of Avro files' records.
+    avro: Option<crate::avro::Avro>,
 }
 
 /// The decoder of a file's JSON lines: rows, or changes of rows.
@@ -282,6 +291,11 @@ struct OpenFile {
     position: u64,
     /// Decoded ahead on another thread: its reads arrive here (`lines` and `csv` are there).
     ahead: Option<std::sync::mpsc::Receiver<Ahead>>,
+    /// An Avro container file's records (`position` counts them).
+    avro: Option<(
+        apache_avro::Reader<'static, BufReader<File>>,
+        crate::avro::Resolver,
+    )>,
 }
 
 /// What reading a file once gave.
@@ -344,6 +358,8 @@ impl FileSource {
         let (ignore, csv_ignore_errors) = match &format {
             Format::Csv => (false, opts.flag("csv.ignore-parse-errors")?),
             Format::Json => (opts.flag("json.ignore-parse-errors")?, false),
+            // A container file's records all read, or the file is corrupt: nothing to skip.
+            Format::Avro => (false, false),
             Format::Changelog(c) => (
                 opts.flag(&format!("{}.ignore-parse-errors", c.name()))?,
                 false,
@@ -358,7 +374,7 @@ impl FileSource {
                 "a 'debezium-json' or 'canal-json' table cannot be PARTITIONED BY (its rows come from change records, not folders)",
             ));
         }
-        let split_size = opts.memory_size("source.split-size")?;
+        let mut split_size = opts.memory_size("source.split-size")?;
         if split_size < MIN_SPLIT_SIZE {
             return Err(opts.error(format!(
                 "option 'source.split-size' = {split_size} bytes is below the minimum of 64kb \
@@ -401,6 +417,18 @@ impl FileSource {
         let decoded_schema = match &read {
             None => data_schema.clone(),
             Some(cols) => std::sync::Arc::new(data_schema.project(cols)?),
+        };
+        let avro = match format {
+            Format::Avro => {
+                // Avro files are read whole: their blocks are compressed.
+                split_size = u64::MAX;
+                Some(crate::avro::Avro::from_options(
+                    opts,
+                    &decoded_schema,
+                    &spec.primary_key_names(),
+                )?)
+            }
+            _ => None,
         };
         let mut all_keys = std::collections::HashSet::new();
         let mut silent = vec![];
@@ -477,7 +505,8 @@ impl FileSource {
             root: path.clone(),
             quotes: Default::default(),
             file_splits: Default::default(),
-            decode_ahead: spec.decode_ahead,
+            decode_ahead: spec.decode_ahead && avro.is_none(),
+            avro,
             ahead: Default::default(),
             ahead_due: false,
             decoded_schema,
@@ -673,7 +702,7 @@ impl FileSource {
         };
         // JSON lines resume at a byte position; CSV at a record count within the split.
         let (seek_to, position) = match &self.format {
-            Format::Csv => (start, resume_at),
+            Format::Csv | Format::Avro => (start, resume_at),
             _ => {
                 let at = resume_at.max(start);
                 (at, at)
@@ -695,7 +724,36 @@ impl FileSource {
                 self.next_split - 1
             }
         };
+        let mut avro = None;
         let (lines, csv) = match &self.format {
+            Format::Avro => {
+                let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
+                let mut reader = apache_avro::Reader::new(BufReader::with_capacity(1 << 20, f))
+                    .map_err(|e| Error::BadRecord {
+                        location: path.display().to_string(),
+                        message: format!("not an Avro object container file ({e})"),
+                    })?;
+                // A checkpoint that had read part of the file resumes after the records it read.
+                for n in 0..position {
+                    if let Some(Err(e)) = reader.next() {
+                        return Err(Error::BadRecord {
+                            location: format!("{}: record {}", path.display(), n + 1),
+                            message: format!("not a readable Avro record ({e})"),
+                        });
+                    }
+                }
+                let resolver = self
+                    .avro
+                    .as_ref()
+                    .expect("an avro table has a decoder")
+                    .resolver(reader.writer_schema())
+                    .map_err(|e| Error::BadRecord {
+                        location: path.display().to_string(),
+                        message: format!("the file's schema does not fit the table: {e}"),
+                    })?;
+                avro = Some((reader, resolver));
+                (None, None)
+            }
             Format::Csv => {
                 let r = crate::csv_records::CsvRecords::new(
                     buffered,
@@ -721,6 +779,7 @@ impl FileSource {
             lines_before: (start == 0).then_some(0),
             position,
             ahead: None,
+            avro,
         })
     }
 
@@ -761,6 +820,7 @@ impl FileSource {
                 lines_before: f.lines_before,
                 position: f.position,
                 ahead: Some(rx),
+                avro: None,
             };
             std::thread::Builder::new()
                 .name("decode-ahead".into())
@@ -788,6 +848,9 @@ impl FileSource {
 
     fn read_chunk(&mut self, at: usize, max_rows: usize) -> Result<Chunk> {
         let f = &mut self.open[at];
+        if let (Some((reader, resolver)), Some(avro)) = (f.avro.as_mut(), self.avro.as_mut()) {
+            return read_avro(&f.path, reader, resolver, &mut f.position, avro, max_rows);
+        }
         let Some(rx) = &f.ahead else {
             return read_chunk(f, &mut self.json, &mut self.skipped, max_rows);
         };
@@ -838,6 +901,40 @@ fn local_path(opts: &mut Options) -> Result<PathBuf> {
         }
     }
     Ok(PathBuf::from(text))
+}
+
+/// Reads the next records of an Avro container file (`position` counts those read before).
+fn read_avro(
+    path: &Path,
+    reader: &mut apache_avro::Reader<'static, BufReader<File>>,
+    resolver: &crate::avro::Resolver,
+    position: &mut u64,
+    avro: &mut crate::avro::Avro,
+    max_rows: usize,
+) -> Result<Chunk> {
+    let first = *position;
+    let mut values = Vec::with_capacity(max_rows.min(8192));
+    while values.len() < max_rows {
+        match reader.next() {
+            None => break,
+            Some(Ok(v)) => values.push(v),
+            Some(Err(e)) => {
+                return Err(Error::BadRecord {
+                    location: format!("{}: record {}", path.display(), *position + 1),
+                    message: format!("not a readable Avro record ({e})"),
+                })
+            }
+        }
+        *position += 1;
+    }
+    if values.is_empty() {
+        return Ok(Chunk::Eof);
+    }
+    let location = |i: usize| format!("{}: record {}", path.display(), first + i as u64 + 1);
+    match avro.resolved_rows(resolver, values, &location)? {
+        Some(batch) => Ok(Chunk::Rows(batch)),
+        None => Ok(Chunk::Nothing),
+    }
 }
 
 /// Reads the next chunk of an open split: a CSV batch, or up to `max_rows` JSON lines decoded.
@@ -988,7 +1085,7 @@ impl SourceReader for FileSource {
     }
 
     fn skipped(&self) -> u64 {
-        self.json.skipped() + self.skipped
+        self.json.skipped() + self.skipped + self.avro.as_ref().map_or(0, |a| a.skipped())
     }
 
     fn silent_workers(&self) -> Vec<usize> {
@@ -1084,6 +1181,11 @@ pub struct FileSink {
     instance: usize,
     /// Finished, stopped or aborted: nothing is left to clean up when dropped.
     closed: bool,
+    /// `avro`: the columns' format and the blocks' codec, the sync marker of the file being
+    /// written, and whether its header is still to write.
+    avro: Option<(std::sync::Arc<crate::avro::Avro>, apache_avro::Codec)>,
+    marker: [u8; 16],
+    header_due: bool,
 }
 
 /// Publishes a hidden part file under its visible name.
@@ -1127,13 +1229,26 @@ impl FileSink {
         };
         let publish_on_stop = opts.flag("sink.publish-on-stop")?;
         let instance = spec.sink_instance;
+        let layout =
+            crate::partitions::Layout::new(&spec.schema, &spec.partitioned_by, &spec.table)?;
+        let avro = match format {
+            Format::Avro => {
+                let columns = layout
+                    .as_ref()
+                    .map_or(spec.schema.clone(), |l| l.data.clone());
+                let avro =
+                    crate::avro::Avro::from_options(opts, &columns, &spec.primary_key_names())?;
+                Some((std::sync::Arc::new(avro), crate::avro::codec(opts)?))
+            }
+            _ => None,
+        };
         std::fs::create_dir_all(&dir)
             .map_err(|e| opts.error(format!("option 'path' = '{}': {e}", dir.display())))?;
-        match crate::partitions::Layout::new(&spec.schema, &spec.partitioned_by, &spec.table)? {
+        match layout {
             None => Ok(Box::new(FileSink::in_dir(
                 dir,
                 worker,
-                format,
+                (format, avro),
                 roll,
                 (publish_on_stop, instance),
             ))),
@@ -1144,7 +1259,7 @@ impl FileSink {
                     Ok(Box::new(FileSink::in_dir(
                         folder.to_path_buf(),
                         worker,
-                        format.clone(),
+                        (format.clone(), avro.clone()),
                         roll,
                         (publish_on_stop, instance),
                     )))
@@ -1156,7 +1271,10 @@ impl FileSink {
     fn in_dir(
         dir: PathBuf,
         worker: usize,
-        format: Format,
+        (format, avro): (
+            Format,
+            Option<(std::sync::Arc<crate::avro::Avro>, apache_avro::Codec)>,
+        ),
         roll: Rolling,
         (publish_on_stop, instance): (bool, usize),
     ) -> Self {
@@ -1176,6 +1294,9 @@ impl FileSink {
             publish_on_stop,
             instance,
             closed: false,
+            avro,
+            marker: [0; 16],
+            header_due: false,
         }
     }
 
@@ -1209,6 +1330,7 @@ impl FileSink {
     fn extension(&self) -> &'static str {
         match &self.format {
             Format::Csv => "csv",
+            Format::Avro => "avro",
             _ => "json",
         }
     }
@@ -1233,6 +1355,8 @@ impl SinkWriter for FileSink {
             Format::Json => encode_json(batch, &mut self.buffer)?,
             Format::Csv => encode_csv(batch, &mut self.buffer)?,
             Format::Changelog(c) => encode_changelog(batch, c, &mut self.buffer)?,
+            // Encoded below, once the file (and whether it needs its header) is known.
+            Format::Avro => {}
         }
         if self.file.is_none() {
             // Never reuse a name a previous run published.
@@ -1253,9 +1377,21 @@ impl SinkWriter for FileSink {
                     let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
                     self.file = Some((path, f));
                     self.opened = std::time::Instant::now();
+                    // A sync marker unlike any other file's (it only has to differ from the
+                    // file's data).
+                    let seed = std::collections::hash_map::RandomState::new();
+                    let (a, b) = (seed.hash_one(&name), seed.hash_one((&name, self.worker)));
+                    self.marker[..8].copy_from_slice(&a.to_le_bytes());
+                    self.marker[8..].copy_from_slice(&b.to_le_bytes());
+                    self.header_due = true;
                     break;
                 }
             }
+        }
+        if let Some((avro, codec)) = &self.avro {
+            self.buffer =
+                avro.container_block(&batch.data, *codec, self.marker, self.header_due)?;
+            self.header_due = false;
         }
         let (path, file) = self.file.as_mut().expect("opened above");
         file.write_all(&self.buffer)

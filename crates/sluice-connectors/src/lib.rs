@@ -11,6 +11,7 @@
 //! `nats`, `rabbitmq`, `mqtt`, `redis`, `print`, `blackhole`, `memory` (an in-process
 //! materialized table, used by the demo's live view).
 
+pub mod avro;
 mod csv_records;
 pub mod datagen;
 pub mod ecommerce;
@@ -73,6 +74,14 @@ pub struct ConnectorSpec {
 }
 
 impl ConnectorSpec {
+    /// The names of the PRIMARY KEY's columns.
+    pub fn primary_key_names(&self) -> Vec<String> {
+        self.primary_key
+            .iter()
+            .map(|i| self.schema.field(*i).name().clone())
+            .collect()
+    }
+
     /// The columns a record's value holds: the physical ones that are not metadata columns.
     pub fn value_schema(&self) -> SchemaRef {
         std::sync::Arc::new(arrow::datatypes::Schema::new(

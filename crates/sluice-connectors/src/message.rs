@@ -1,7 +1,8 @@
 //! Rows as messages, for the connectors whose records are single messages with no key (NATS,
 //! RabbitMQ, MQTT): the `format` option, decoding a poll's messages into a batch whose rows keep
 //! their message's metadata, and encoding a changelog batch into message bodies. A message
-//! holds one row: a JSON object, one CSV record (no header), the raw body, or a change.
+//! holds one row: a JSON object, one CSV record (no header), an Avro record, the raw body, or a
+//! change.
 
 use std::sync::Arc;
 
@@ -10,6 +11,7 @@ use arrow::datatypes::{DataType, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use sluice_common::{ChangeBatch, Error, Op, Result};
 
+use crate::avro::Avro;
 use crate::format::{Changelog, JsonLines};
 use crate::options::{Kind, OptionDef, Options, Side};
 
@@ -31,7 +33,7 @@ pub fn client_runtime(table: &str, client: &str) -> Result<tokio::runtime::Runti
 }
 
 /// The `format` choices of a message connector.
-pub const FORMATS: &[&str] = &["json", "csv", "raw", "debezium-json", "canal-json"];
+pub const FORMATS: &[&str] = &["json", "csv", "avro", "raw", "debezium-json", "canal-json"];
 
 /// The `format` option of a message connector.
 pub const FORMAT_OPTION: OptionDef = OptionDef {
@@ -40,7 +42,7 @@ pub const FORMAT_OPTION: OptionDef = OptionDef {
     default: None,
     side: Side::Both,
     identity: true,
-    doc: "how a message holds a row: a JSON object, a CSV record, `raw` bytes as the one STRING column, or a change of rows (an updating table)",
+    doc: "how a message holds a row: a JSON object, a CSV record, an Avro record (binary, no header, schema from the columns as Flink derives it), `raw` bytes as the one STRING column, or a change of rows (an updating table)",
 };
 
 /// `json.ignore-parse-errors` of a message connector.
@@ -72,13 +74,15 @@ pub enum MessageFormat {
     Csv,
     /// The body as the table's one column.
     Raw,
+    /// One Avro record of the columns, binary encoded.
+    Avro(Arc<Avro>),
     /// A change of rows (an updating table).
     Changes(Changelog),
 }
 
 impl MessageFormat {
-    /// The table's `format` option.
-    pub fn from_options(opts: &mut Options) -> Result<MessageFormat> {
+    /// The `format` option of the table `spec`.
+    pub fn from_options(opts: &mut Options, spec: &crate::ConnectorSpec) -> Result<MessageFormat> {
         let name = opts.required("format")?;
         if let Some(c) = Changelog::from_options(&name, opts)? {
             return Ok(MessageFormat::Changes(c));
@@ -86,8 +90,23 @@ impl MessageFormat {
         Ok(match name.as_str() {
             "raw" => MessageFormat::Raw,
             "csv" => MessageFormat::Csv,
+            "avro" => MessageFormat::Avro(Arc::new(Avro::from_options(
+                opts,
+                &spec.value_schema(),
+                &spec.primary_key_names(),
+            )?)),
             _ => MessageFormat::Json,
         })
+    }
+
+    /// The MIME type of its messages.
+    pub fn content_type(&self) -> &'static str {
+        match self {
+            MessageFormat::Json | MessageFormat::Changes(_) => "application/json",
+            MessageFormat::Csv => "text/csv",
+            MessageFormat::Avro(_) => "application/avro",
+            MessageFormat::Raw => "application/octet-stream",
+        }
     }
 
     /// Whether a writer of this format takes updates and deletes.
@@ -97,9 +116,18 @@ impl MessageFormat {
 
     /// The message bodies of a batch (a changelog format gives one per change, the others one
     /// per row; those take inserts only).
-    pub fn encode(&self, table: &str, connector: &str, batch: &ChangeBatch) -> Result<Vec<String>> {
+    pub fn encode(
+        &self,
+        table: &str,
+        connector: &str,
+        batch: &ChangeBatch,
+    ) -> Result<Vec<Vec<u8>>> {
         if let MessageFormat::Changes(c) = self {
-            return Ok(c.encode(batch)?.into_iter().map(|(_, m)| m).collect());
+            return Ok(c
+                .encode(batch)?
+                .into_iter()
+                .map(|(_, m)| m.into_bytes())
+                .collect());
         }
         if (0..batch.num_rows()).any(|i| batch.op(i) != Op::Insert) {
             return Err(Error::connector(
@@ -117,10 +145,20 @@ impl MessageFormat {
                     .as_any()
                     .downcast_ref::<StringArray>()
                     .expect("cast to Utf8");
-                Ok(text.iter().map(|v| v.unwrap_or("").to_string()).collect())
+                Ok(text
+                    .iter()
+                    .map(|v| v.unwrap_or("").as_bytes().to_vec())
+                    .collect())
             }
-            MessageFormat::Csv => csv_rows(&batch.data),
-            _ => crate::format::json_rows(&batch.data),
+            MessageFormat::Avro(avro) => avro.encode(&batch.data),
+            MessageFormat::Csv => Ok(csv_rows(&batch.data)?
+                .into_iter()
+                .map(String::into_bytes)
+                .collect()),
+            _ => Ok(crate::format::json_rows(&batch.data)?
+                .into_iter()
+                .map(String::into_bytes)
+                .collect()),
         }
     }
 }
@@ -131,6 +169,7 @@ pub struct MessageDecoder {
     json: JsonLines,
     value_schema: SchemaRef,
     csv: Option<CsvMessages>,
+    avro: Option<Avro>,
     /// The table's physical columns, and its metadata columns with their keys.
     schema: SchemaRef,
     metadata: Vec<(usize, String)>,
@@ -145,6 +184,7 @@ impl MessageDecoder {
     ) -> Result<MessageDecoder> {
         let value_schema = spec.value_schema();
         let mut csv = None;
+        let mut avro = None;
         let json = match format {
             MessageFormat::Changes(c) => {
                 let ignore = opts.flag(&format!("{}.ignore-parse-errors", c.name()))?;
@@ -162,6 +202,11 @@ impl MessageDecoder {
                 let ignore = opts.flag("json.ignore-parse-errors")?;
                 JsonLines::new(value_schema.clone(), ignore)?
             }
+            MessageFormat::Avro(a) => {
+                let ignore = opts.flag("avro.ignore-parse-errors")?;
+                avro = Some(a.as_ref().clone().ignoring_errors(ignore));
+                JsonLines::new(value_schema.clone(), false)?
+            }
             MessageFormat::Csv => {
                 let ignore = opts.flag("csv.ignore-parse-errors")?;
                 csv = Some(CsvMessages::new(&spec.table, value_schema.clone(), ignore));
@@ -173,6 +218,7 @@ impl MessageDecoder {
             json,
             value_schema,
             csv,
+            avro,
             schema: spec.schema.clone(),
             metadata: spec.metadata.clone(),
         })
@@ -188,12 +234,17 @@ impl MessageDecoder {
         location: &dyn Fn(usize) -> String,
         column: impl Fn(&str, &[&M]) -> ArrayRef,
     ) -> Result<Option<RecordBatch>> {
-        let bodies: Vec<String> = messages
-            .iter()
-            .map(|m| String::from_utf8_lossy(body(m)).into_owned())
-            .collect();
         let with_metadata = !self.metadata.is_empty();
-        let (batch, kept) = self.decode(bodies, location, with_metadata)?;
+        let (batch, kept) = match self.avro.as_mut() {
+            Some(avro) => avro.decode(messages.iter().map(&body), location)?,
+            None => {
+                let bodies: Vec<String> = messages
+                    .iter()
+                    .map(|m| String::from_utf8_lossy(body(m)).into_owned())
+                    .collect();
+                self.decode(bodies, location, with_metadata)?
+            }
+        };
         let Some(values) = batch else {
             return Ok(None);
         };
@@ -209,7 +260,9 @@ impl MessageDecoder {
 
     /// Messages skipped as malformed so far.
     pub fn skipped(&self) -> u64 {
-        self.json.skipped() + self.csv.as_ref().map_or(0, |c| c.skipped)
+        self.json.skipped()
+            + self.csv.as_ref().map_or(0, |c| c.skipped)
+            + self.avro.as_ref().map_or(0, Avro::skipped)
     }
 
     /// The rows of `bodies` (value columns, with the changelog's op column last), and the
@@ -238,6 +291,10 @@ impl MessageDecoder {
             MessageFormat::Csv => {
                 let csv = self.csv.as_mut().expect("a CSV decoder");
                 csv.decode(&bodies, location)
+            }
+            MessageFormat::Avro(_) => {
+                let avro = self.avro.as_mut().expect("an Avro decoder");
+                avro.decode(bodies.iter().map(|b| b.as_bytes()), location)
             }
             MessageFormat::Json if keep_origins => self.json.decode_kept(bodies, location),
             MessageFormat::Json => {
@@ -393,7 +450,7 @@ mod tests {
             primary_key: vec![],
         };
         let mut opts = Options::new(&spec, false).unwrap();
-        let format = MessageFormat::from_options(&mut opts).unwrap();
+        let format = MessageFormat::from_options(&mut opts, &spec).unwrap();
         let decoder = MessageDecoder::open(&spec, &mut opts, &format).unwrap();
         (format, decoder)
     }
@@ -425,7 +482,11 @@ mod tests {
             .encode("t", "nats", &ChangeBatch::inserts(batch.clone()))
             .unwrap();
         assert_eq!(messages.len(), 5);
-        assert_eq!(messages[1], r#"1,"with, comma",2023-11-14 22:13:21.001"#);
+        assert_eq!(messages[1], br#"1,"with, comma",2023-11-14 22:13:21.001"#);
+        let messages = messages
+            .into_iter()
+            .map(|m| String::from_utf8(m).unwrap())
+            .collect();
         let (got, kept) = decoder
             .decode(messages, &|i| format!("message {i}"), true)
             .unwrap();
@@ -477,5 +538,37 @@ mod tests {
             .values()
             .to_vec();
         assert_eq!(ids, vec![1, 6]);
+    }
+
+    #[test]
+    fn avro_messages_round_trip_through_rows() {
+        let (format, mut decoder) = decoder("avro", false);
+        let batch = RecordBatch::try_new(
+            decoder.value_schema.clone(),
+            vec![
+                Arc::new(Int64Array::from(vec![Some(1), None, Some(-3)])),
+                Arc::new(StringArray::from(vec![Some("a"), Some(""), None])),
+                Arc::new(arrow::array::TimestampMillisecondArray::from(vec![
+                    Some(1_700_000_000_001),
+                    None,
+                    Some(-5),
+                ])),
+            ],
+        )
+        .unwrap();
+        let messages = format
+            .encode("t", "nats", &ChangeBatch::inserts(batch.clone()))
+            .unwrap();
+        assert_eq!(format.content_type(), "application/avro");
+        let got = decoder
+            .rows(
+                &messages,
+                |m| m.as_slice(),
+                &|i| format!("message {i}"),
+                |_, _| unreachable!("no metadata columns"),
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, batch);
     }
 }

@@ -89,6 +89,8 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
         crate::message::FORMAT_OPTION,
         crate::message::JSON_IGNORE_OPTION,
         crate::message::CSV_IGNORE_OPTION,
+        crate::avro::IGNORE_OPTION,
+        crate::avro::LEGACY_TIMESTAMPS_OPTION,
         OptionDef {
             key: "scan.session-expiry",
             kind: Kind::Duration,
@@ -289,7 +291,7 @@ impl MqttSource {
         let expiry = opts
             .duration_ms("scan.session-expiry")?
             .expect("declared default");
-        let format = MessageFormat::from_options(opts)?;
+        let format = MessageFormat::from_options(opts, spec)?;
         let decoder = MessageDecoder::open(spec, opts, &format)?;
         let rt = crate::message::client_runtime(&spec.table, "mqtt")?;
         let mut source = MqttSource {
@@ -514,7 +516,7 @@ impl MqttSink {
                 "option 'topic' = '{topic}': a sink publishes to one topic (no wildcards)"
             )));
         }
-        let format = MessageFormat::from_options(opts)?;
+        let format = MessageFormat::from_options(opts, spec)?;
         if matches!(format, MessageFormat::Raw) && spec.schema.fields().len() != 1 {
             return Err(opts.error("format 'raw' writes a table of one column"));
         }

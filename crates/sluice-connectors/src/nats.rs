@@ -15,6 +15,8 @@
 
 use std::future::IntoFuture;
 use std::sync::Arc;
+
+use crate::staged::Payload;
 use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, StringArray, TimestampMillisecondArray, UInt64Array};
@@ -62,6 +64,8 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
         crate::message::FORMAT_OPTION,
         crate::message::JSON_IGNORE_OPTION,
         crate::message::CSV_IGNORE_OPTION,
+        crate::avro::IGNORE_OPTION,
+        crate::avro::LEGACY_TIMESTAMPS_OPTION,
         OptionDef {
             key: "scan.startup.mode",
             kind: Kind::Choice(&["earliest", "latest", "timestamp", "sequence"]),
@@ -250,7 +254,7 @@ impl NatsSource {
         let servers = opts.required("servers")?;
         let stream = opts.required("stream")?;
         let filter = opts.get("subject")?.unwrap_or_default();
-        let format = MessageFormat::from_options(opts)?;
+        let format = MessageFormat::from_options(opts, spec)?;
         let decoder = MessageDecoder::open(spec, opts, &format)?;
         let timeout = connect_timeout(opts)?;
         use jetstream::consumer::DeliverPolicy;
@@ -543,7 +547,7 @@ pub struct NatsSink {
     worker: usize,
     transactional: bool,
     /// `exactly-once`: each checkpoint's messages, staged until it commits.
-    staged: crate::staged::Staged<String>,
+    staged: crate::staged::Staged<Payload>,
     /// Acknowledgements not yet received (at-least-once).
     acks: Vec<jetstream::context::PublishAckFuture>,
 }
@@ -552,7 +556,7 @@ impl NatsSink {
     pub fn open(spec: &ConnectorSpec, opts: &mut Options, worker: usize) -> Result<Self> {
         let servers = opts.required("servers")?;
         let subject = opts.required("subject")?;
-        let format = MessageFormat::from_options(opts)?;
+        let format = MessageFormat::from_options(opts, spec)?;
         if matches!(format, MessageFormat::Raw) && spec.schema.fields().len() != 1 {
             return Err(opts.error("format 'raw' writes a table of one column"));
         }
@@ -608,15 +612,15 @@ impl NatsSink {
     }
 
     /// The staged messages, out of `self` while `self` writes them.
-    fn take_staged(&mut self) -> crate::staged::Staged<String> {
+    fn take_staged(&mut self) -> crate::staged::Staged<Payload> {
         let empty = crate::staged::Staged::new("nats", &self.table, self.instance);
         std::mem::replace(&mut self.staged, empty)
     }
 
     /// Publishes messages (with ids, for exactly-once) and waits for their acknowledgements.
-    fn publish_all(&mut self, messages: &[String], ids: Option<(usize, u64)>) -> Result<()> {
+    fn publish_all(&mut self, messages: &[Payload], ids: Option<(usize, u64)>) -> Result<()> {
         for (i, m) in messages.iter().enumerate() {
-            let payload = bytes::Bytes::from(m.clone().into_bytes());
+            let payload = bytes::Bytes::from(m.0.clone());
             let subject = self.subject.clone();
             let ack = match (&self.exactly_once, ids) {
                 (Some(prefix), Some((worker, epoch))) => {
@@ -672,11 +676,11 @@ impl SinkWriter for NatsSink {
         }
         let messages = self.format.encode(&self.table, "nats", batch)?;
         if self.transactional && self.exactly_once.is_some() {
-            self.staged.push(messages);
+            self.staged.push(messages.into_iter().map(Payload));
             return Ok(());
         }
         for m in messages {
-            let payload = bytes::Bytes::from(m.into_bytes());
+            let payload = bytes::Bytes::from(m);
             let ack = self
                 .rt
                 .block_on(self.js.publish(self.subject.clone(), payload))

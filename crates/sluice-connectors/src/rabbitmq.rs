@@ -115,6 +115,8 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
         crate::message::FORMAT_OPTION,
         crate::message::JSON_IGNORE_OPTION,
         crate::message::CSV_IGNORE_OPTION,
+        crate::avro::IGNORE_OPTION,
+        crate::avro::LEGACY_TIMESTAMPS_OPTION,
         OptionDef {
             key: "scan.prefetch-count",
             kind: Kind::Count,
@@ -438,7 +440,7 @@ impl RabbitSource {
     ) -> Result<Self> {
         let broker = Broker::from_options(opts)?;
         let queue = opts.required("queue")?;
-        let format = MessageFormat::from_options(opts)?;
+        let format = MessageFormat::from_options(opts, spec)?;
         let decoder = MessageDecoder::open(spec, opts, &format)?;
         let prefetch: u64 = opts.value("scan.prefetch-count")?;
         if !(1..=65535).contains(&prefetch) {
@@ -938,7 +940,7 @@ pub struct RabbitSink {
 impl RabbitSink {
     pub fn open(spec: &ConnectorSpec, opts: &mut Options) -> Result<Self> {
         let broker = Broker::from_options(opts)?;
-        let format = MessageFormat::from_options(opts)?;
+        let format = MessageFormat::from_options(opts, spec)?;
         if matches!(format, MessageFormat::Raw) && spec.schema.fields().len() != 1 {
             return Err(opts.error("format 'raw' writes a table of one column"));
         }
@@ -1077,7 +1079,7 @@ impl SinkWriter for RabbitSink {
         let messages = self.format.encode(&self.table, "rabbitmq", batch)?;
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
-            .with_content_type("application/json".into());
+            .with_content_type(self.format.content_type().into());
         for m in messages {
             let confirm = self
                 .rt
@@ -1088,7 +1090,7 @@ impl SinkWriter for RabbitSink {
                         mandatory: true,
                         ..Default::default()
                     },
-                    m.as_bytes(),
+                    &m,
                     properties.clone(),
                 ))
                 .map_err(|e| {

@@ -116,7 +116,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             default: Some("json"),
             side: Side::Source,
             identity: true,
-            doc: "reading: how an entry's field holds a row: a JSON object (as `xadd` writes it), the one STRING column, or a change of rows",
+            doc: "reading: how an entry's field holds a row: a JSON object (as `xadd` writes it), a CSV record, an Avro record, the one STRING column, or a change of rows",
         },
         OptionDef {
             key: "stream.field",
@@ -134,6 +134,9 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             identity: false,
             doc: "skip and count an entry whose row is not a JSON object of the columns, instead of failing the job",
         },
+        crate::message::CSV_IGNORE_OPTION,
+        crate::avro::IGNORE_OPTION,
+        crate::avro::LEGACY_TIMESTAMPS_OPTION,
         OptionDef {
             key: "scan.startup.mode",
             kind: Kind::Choice(&["earliest", "latest", "id"]),

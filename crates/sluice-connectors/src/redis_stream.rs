@@ -8,16 +8,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, StringArray, TimestampMillisecondArray};
-use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use sluice_common::{Error, Result};
 
-use crate::format::{Changelog, JsonLines};
 use crate::options::Options;
 use crate::{ConnectorSpec, Poll, SourceOffsets, SourceReader, SPLIT_DONE};
 
 /// A stream entry: its id and its fields.
-type Entry = (String, Vec<(String, String)>);
+type Entry = (String, Vec<(String, Vec<u8>)>);
 
 /// An entry id, `<milliseconds>-<sequence>`.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -32,12 +30,6 @@ impl EntryId {
     fn text(self) -> String {
         format!("{}-{}", self.0, self.1)
     }
-}
-
-enum Format {
-    Json,
-    Raw,
-    Changes,
 }
 
 /// Worker 0's reader of a stream (the other workers read nothing).
@@ -60,11 +52,7 @@ pub struct RedisStreamSource {
     end: Option<Option<EntryId>>,
     done: bool,
     closed: bool,
-    format: Format,
-    json: JsonLines,
-    schema: SchemaRef,
-    value_schema: SchemaRef,
-    metadata: Vec<(usize, String)>,
+    decoder: crate::message::MessageDecoder,
     workers: usize,
 }
 
@@ -78,29 +66,12 @@ impl RedisStreamSource {
         let url = opts.required("url")?;
         let key = opts.required("key")?;
         let field = opts.value::<String>("stream.field")?;
-        let name = opts.value::<String>("format")?;
-        let changelog = Changelog::from_options(&name, opts)?;
-        let ignore_errors = match &changelog {
-            Some(c) => opts.flag(&format!("{}.ignore-parse-errors", c.name()))?,
-            None => opts.flag("json.ignore-parse-errors")?,
-        };
+        let format = crate::message::MessageFormat::from_options(opts, spec)?;
+        let decoder = crate::message::MessageDecoder::open(spec, opts, &format)?;
         let timeout_ms = opts
             .duration_ms("sluice.connect-timeout")?
             .expect("declared default");
         let timeout = Duration::from_millis(timeout_ms.max(1) as u64);
-        let value_schema = spec.value_schema();
-        let format = match (&changelog, name.as_str()) {
-            (Some(_), _) => Format::Changes,
-            (None, "raw") => {
-                if value_schema.fields().len() != 1 {
-                    return Err(opts.error(
-                        "format 'raw' reads a table of one column (besides metadata columns)",
-                    ));
-                }
-                Format::Raw
-            }
-            _ => Format::Json,
-        };
         let client = redis::Client::open(url.as_str())
             .map_err(|e| opts.error(format!("option 'url' = '{url}': {e}")))?;
         let mut connection = connect(&client, timeout).map_err(|e| {
@@ -144,10 +115,6 @@ impl RedisStreamSource {
             "latest" => Some(newest),
             _ => None,
         };
-        let json = match &changelog {
-            Some(c) => JsonLines::changelog(value_schema.clone(), ignore_errors, c.clone())?,
-            None => JsonLines::new(value_schema.clone(), ignore_errors)?,
-        };
         Ok(RedisStreamSource {
             table: spec.table.clone(),
             url,
@@ -163,11 +130,7 @@ impl RedisStreamSource {
             end,
             done: false,
             closed: false,
-            format,
-            json,
-            schema: spec.schema.clone(),
-            value_schema,
-            metadata: spec.metadata.clone(),
+            decoder,
             workers,
         })
     }
@@ -219,20 +182,15 @@ impl RedisStreamSource {
     }
 
     /// The rows of entries: each entry's field decoded, then the metadata columns.
-    fn decode(
-        &mut self,
-        entries: &[(String, Vec<(String, String)>)],
-    ) -> Result<Option<RecordBatch>> {
+    fn decode(&mut self, entries: &[Entry]) -> Result<Option<RecordBatch>> {
         let key = self.key.clone();
-        let ids: Vec<String> = entries.iter().map(|e| e.0.clone()).collect();
-        let location = |i: usize| format!("stream '{key}' entry {}", ids[i]);
-        let mut values = Vec::with_capacity(entries.len());
-        for (i, (_, fields)) in entries.iter().enumerate() {
+        let mut bodies = Vec::with_capacity(entries.len());
+        for (id, fields) in entries {
             match fields.iter().find(|(f, _)| *f == self.field) {
-                Some((_, v)) => values.push(v.clone()),
+                Some((_, v)) => bodies.push((id.as_str(), v.as_slice())),
                 None => {
                     return Err(Error::BadRecord {
-                        location: location(i),
+                        location: format!("stream '{key}' entry {id}"),
                         message: format!(
                             "the entry has no field '{}' (option 'stream.field')",
                             self.field
@@ -241,37 +199,23 @@ impl RedisStreamSource {
                 }
             }
         }
-        let (batch, kept): (Option<RecordBatch>, Vec<usize>) = match self.format {
-            Format::Raw => {
-                let column: ArrayRef = Arc::new(StringArray::from(values));
-                let column = arrow::compute::cast(&column, self.value_schema.field(0).data_type())?;
-                let batch = RecordBatch::try_new(self.value_schema.clone(), vec![column])?;
-                (Some(batch), (0..entries.len()).collect())
-            }
-            Format::Changes => {
-                let batch = self.json.decode_at(&values, &location)?;
-                (batch, self.json.origins().to_vec())
-            }
-            Format::Json => self.json.decode_kept(values, &location)?,
-        };
-        let Some(values) = batch else {
-            return Ok(None);
-        };
-        if self.metadata.is_empty() {
-            return Ok(Some(values));
-        }
-        crate::format::place_metadata(values, &self.schema, &self.metadata, |key| -> ArrayRef {
-            match key {
-                "id" => Arc::new(StringArray::from_iter_values(
-                    kept.iter().map(|k| entries[*k].0.as_str()),
-                )),
-                _ => Arc::new(TimestampMillisecondArray::from_iter_values(
-                    kept.iter()
-                        .map(|k| EntryId::parse(&entries[*k].0).map_or(0, |id| id.0 as i64)),
-                )),
-            }
-        })
-        .map(Some)
+        let location = |i: usize| format!("stream '{key}' entry {}", bodies[i].0);
+        self.decoder.rows(
+            &bodies,
+            |(_, body)| body,
+            &location,
+            |key, kept| -> ArrayRef {
+                match key {
+                    "id" => Arc::new(StringArray::from_iter_values(
+                        kept.iter().map(|(id, _)| *id),
+                    )),
+                    _ => Arc::new(TimestampMillisecondArray::from_iter_values(
+                        kept.iter()
+                            .map(|(id, _)| EntryId::parse(id).map_or(0, |id| id.0 as i64)),
+                    )),
+                }
+            },
+        )
     }
 }
 
@@ -328,7 +272,7 @@ impl SourceReader for RedisStreamSource {
     }
 
     fn skipped(&self) -> u64 {
-        self.json.skipped()
+        self.decoder.skipped()
     }
 
     fn offsets(&self) -> SourceOffsets {

@@ -130,3 +130,73 @@ impl<T: Serialize + DeserializeOwned> Staged<T> {
         Ok(())
     }
 }
+
+/// A message body as staged: UTF-8 text is kept as a JSON string (as readable, and as small,
+/// as the text), other bytes (an Avro record) as an array of numbers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Payload(pub Vec<u8>);
+
+impl std::ops::Deref for Payload {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Serialize for Payload {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match std::str::from_utf8(&self.0) {
+            Ok(text) => s.serialize_str(text),
+            Err(_) => s.serialize_bytes(&self.0),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Payload {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Payload;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or an array of bytes")
+            }
+            fn visit_str<E>(self, v: &str) -> std::result::Result<Payload, E> {
+                Ok(Payload(v.as_bytes().to_vec()))
+            }
+            fn visit_string<E>(self, v: String) -> std::result::Result<Payload, E> {
+                Ok(Payload(v.into_bytes()))
+            }
+            fn visit_bytes<E>(self, v: &[u8]) -> std::result::Result<Payload, E> {
+                Ok(Payload(v.to_vec()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<Payload, A::Error> {
+                let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+                while let Some(b) = seq.next_element::<u8>()? {
+                    bytes.push(b);
+                }
+                Ok(Payload(bytes))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Payload;
+
+    #[test]
+    fn payloads_stage_as_text_or_bytes() {
+        let items = vec![
+            (Some(Payload(b"{\"a\":1}".to_vec())), None),
+            (None, Some(Payload(vec![0, 0xFF, 7]))),
+        ];
+        let json = serde_json::to_string(&items).unwrap();
+        assert_eq!(json, r#"[["{\"a\":1}",null],[null,[0,255,7]]]"#);
+        let back: Vec<(Option<Payload>, Option<Payload>)> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, items);
+    }
+}

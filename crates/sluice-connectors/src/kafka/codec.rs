@@ -3,14 +3,18 @@
 //! For `upsert-kafka`, a record is an upsert of its key's row and a record without a value (a
 //! tombstone) deletes it.
 
+use std::sync::Arc;
+
 use arrow::datatypes::{DataType, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use serde_json::{Map, Value};
 use sluice_common::changelog::all_nullable;
 use sluice_common::{ChangeBatch, Error, Op, Result};
 
+use crate::avro::Avro;
 use crate::format::{Changelog, JsonLines};
 use crate::options::Options;
+use crate::staged::Payload;
 
 /// How a record's value (or key) holds a row.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -21,6 +25,8 @@ pub(super) enum Format {
     Raw,
     /// A CSV record of the columns, without a header (values only).
     Csv,
+    /// An Avro record of the columns (binary, no header).
+    Avro,
 }
 
 impl Format {
@@ -28,6 +34,7 @@ impl Format {
         match name {
             "raw" => Format::Raw,
             "csv" => Format::Csv,
+            "avro" => Format::Avro,
             _ => Format::Json,
         }
     }
@@ -44,6 +51,9 @@ pub(super) struct Codec {
     pub except_key: bool,
     /// `upsert-kafka`.
     pub upsert: bool,
+    /// The Avro formats of the value's and the key's columns, when they are Avro.
+    pub value_avro: Option<Avro>,
+    key_avro: Option<Avro>,
     /// The columns the key and value hold between them (the table's physical columns that are
     /// not metadata).
     schema: SchemaRef,
@@ -145,10 +155,34 @@ impl Codec {
                 "'csv' values are read and written whole: not with 'upsert-kafka' or 'value.fields-include' = 'EXCEPT_KEY' (yet); use 'json' there",
             ));
         }
-        let value_columns = match (&key, except_key) {
-            (Some((_, k)), true) => schema.fields().len() - k.len(),
-            _ => schema.fields().len(),
+        let value_columns: Vec<usize> = match (&key, except_key) {
+            (Some((_, k)), true) => (0..schema.fields().len())
+                .filter(|c| !k.contains(c))
+                .collect(),
+            _ => (0..schema.fields().len()).collect(),
         };
+        // Primary key columns are NOT NULL, as in Flink: Avro holds them without a null branch.
+        let not_null: Vec<String> = primary_key
+            .iter()
+            .map(|c| schema.field(*c).name().clone())
+            .collect();
+        let value_avro = match value {
+            Format::Avro if changes.is_none() => Some(Avro::from_options(
+                opts,
+                &Arc::new(schema.project(&value_columns)?),
+                &not_null,
+            )?),
+            _ => None,
+        };
+        let key_avro = match &key {
+            Some((Format::Avro, columns)) => Some(Avro::from_options(
+                opts,
+                &Arc::new(schema.project(columns)?),
+                &not_null,
+            )?),
+            _ => None,
+        };
+        let value_columns = value_columns.len();
         if value == Format::Raw && value_columns != 1 {
             return Err(opts.error(
                 "format 'raw' holds one column in a record's value (besides metadata columns and, with 'EXCEPT_KEY', the key's)",
@@ -160,9 +194,21 @@ impl Codec {
             key,
             except_key,
             upsert,
+            value_avro,
+            key_avro,
             schema: schema.clone(),
             table: opts.table().to_string(),
         })
+    }
+
+    /// The option that skips malformed records.
+    pub fn ignore_option(&self) -> String {
+        match (&self.changes, self.value) {
+            (Some(c), _) => format!("{}.ignore-parse-errors", c.name()),
+            (None, Format::Csv) => "csv.ignore-parse-errors".into(),
+            (None, Format::Avro) => "avro.ignore-parse-errors".into(),
+            (None, _) => "json.ignore-parse-errors".into(),
+        }
     }
 
     /// Whether records are decoded one by one (the key holds columns, or it is an upsert).
@@ -189,7 +235,7 @@ impl Codec {
         &self,
         json: &mut JsonLines,
         keys: &[Option<Vec<u8>>],
-        values: &[Option<String>],
+        values: &[Option<Vec<u8>>],
         location: &dyn Fn(usize) -> String,
         ignore_errors: bool,
     ) -> Result<(Option<RecordBatch>, Vec<usize>)> {
@@ -210,8 +256,9 @@ impl Codec {
                     return Err(Error::BadRecord {
                         location: location(i),
                         message: format!(
-                        "{message}; set 'json.ignore-parse-errors' = 'true' to skip such records"
-                    ),
+                            "{message}; set '{}' = 'true' to skip such records",
+                            self.ignore_option()
+                        ),
                     })
                 }
             }
@@ -226,24 +273,29 @@ impl Codec {
     fn record_row(
         &self,
         key: Option<&[u8]>,
-        value: Option<&str>,
+        value: Option<&[u8]>,
     ) -> std::result::Result<Option<(Op, String)>, String> {
         let (key_format, key_columns) = self.key.as_ref().expect("a keyed decode has a key");
         let key_object = || -> std::result::Result<Map<String, Value>, String> {
             let Some(key) = key else {
                 return Err("the record has no key".into());
             };
+            if let Some(avro) = &self.key_avro {
+                return avro.json_object(key).map_err(|e| format!("the key: {e}"));
+            }
             let text = std::str::from_utf8(key).map_err(|_| "the key is not UTF-8".to_string())?;
             match key_format {
                 Format::Raw => {
                     let name = self.schema.field(key_columns[0]).name().clone();
                     Ok(Map::from_iter([(name, Value::String(text.to_string()))]))
                 }
-                Format::Json | Format::Csv => match serde_json::from_str::<Value>(text) {
-                    Ok(Value::Object(m)) => Ok(m),
-                    Ok(_) => Err("the key is not a JSON object".into()),
-                    Err(e) => Err(format!("the key is not JSON ({e})")),
-                },
+                Format::Json | Format::Csv | Format::Avro => {
+                    match serde_json::from_str::<Value>(text) {
+                        Ok(Value::Object(m)) => Ok(m),
+                        Ok(_) => Err("the key is not a JSON object".into()),
+                        Err(e) => Err(format!("the key is not JSON ({e})")),
+                    }
+                }
             }
         };
         let Some(value) = value else {
@@ -257,22 +309,32 @@ impl Codec {
         } else {
             Op::Insert
         };
+        if let Some(avro) = &self.value_avro {
+            let mut row = avro.json_object(value)?;
+            if self.except_key {
+                row.extend(key_object()?);
+            }
+            return Ok(Some((op, Value::Object(row).to_string())));
+        }
+        let value = String::from_utf8_lossy(value);
         if !self.except_key {
-            return Ok(Some((op, value.to_string())));
+            return Ok(Some((op, value.into_owned())));
         }
         let mut row = match self.value {
-            Format::Json | Format::Csv => match serde_json::from_str::<Value>(value) {
-                Ok(Value::Object(m)) => m,
-                Ok(_) => return Err("the value is not a JSON object".into()),
-                Err(e) => return Err(format!("the value is not JSON ({e})")),
-            },
+            Format::Json | Format::Csv | Format::Avro => {
+                match serde_json::from_str::<Value>(&value) {
+                    Ok(Value::Object(m)) => m,
+                    Ok(_) => return Err("the value is not a JSON object".into()),
+                    Err(e) => return Err(format!("the value is not JSON ({e})")),
+                }
+            }
             Format::Raw => {
                 let column = (0..self.schema.fields().len())
                     .find(|c| !key_columns.contains(c))
                     .expect("raw values hold one column");
                 Map::from_iter([(
                     self.schema.field(column).name().clone(),
-                    Value::String(value.to_string()),
+                    Value::String(value.into_owned()),
                 )])
             }
         };
@@ -285,17 +347,21 @@ impl Codec {
     /// upserts and `-D` as tombstones, and drops a `-U` followed by the `+U` of its key (which
     /// overwrites it). A `-U` without its `+U` is a tombstone, as in Flink: a filter above an
     /// aggregation passes only the old row of a group that stopped matching.
-    pub fn encode(&self, batch: &ChangeBatch) -> Result<Vec<(Option<String>, Option<String>)>> {
+    pub fn encode(&self, batch: &ChangeBatch) -> Result<Vec<super::Record>> {
         let keys = match &self.key {
             None => None,
-            Some((format, columns)) => Some(encode(&batch.data.project(columns)?, *format)?),
+            Some((format, columns)) => Some(encode(
+                &batch.data.project(columns)?,
+                *format,
+                self.key_avro.as_ref(),
+            )?),
         };
         let key = |row: usize| keys.as_ref().and_then(|k| k[row].clone());
         if let Some(c) = &self.changes {
             return Ok(c
                 .encode(batch)?
                 .into_iter()
-                .map(|(row, text)| (key(row), Some(text)))
+                .map(|(row, text)| (key(row), Some(Payload(text.into_bytes()))))
                 .collect());
         }
         let data = match (&self.key, self.except_key) {
@@ -307,7 +373,7 @@ impl Codec {
             }
             _ => batch.data.clone(),
         };
-        let values = encode(&data, self.value)?;
+        let values = encode(&data, self.value, self.value_avro.as_ref())?;
         let mut out = Vec::with_capacity(values.len());
         let n = values.len();
         for (i, value) in values.into_iter().enumerate() {
@@ -331,16 +397,26 @@ impl Codec {
     }
 }
 
-/// Each row's text in `format`: a JSON object, or the one column as text.
-pub(super) fn encode(data: &RecordBatch, format: Format) -> Result<Vec<Option<String>>> {
+/// Each row's record key or value in `format`: a JSON object, a CSV record, an Avro record
+/// (`avro`), or the one column as text.
+pub(super) fn encode(
+    data: &RecordBatch,
+    format: Format,
+    avro: Option<&Avro>,
+) -> Result<Vec<Option<Payload>>> {
+    let text = |rows: Vec<String>| {
+        rows.into_iter()
+            .map(|r| Some(Payload(r.into_bytes())))
+            .collect()
+    };
     match format {
-        Format::Json => Ok(crate::format::json_rows(data)?
+        Format::Json => Ok(text(crate::format::json_rows(data)?)),
+        Format::Csv => Ok(text(crate::message::csv_rows(data)?)),
+        Format::Avro => Ok(avro
+            .expect("an Avro format for avro records")
+            .encode(data)?
             .into_iter()
-            .map(Some)
-            .collect()),
-        Format::Csv => Ok(crate::message::csv_rows(data)?
-            .into_iter()
-            .map(Some)
+            .map(|r| Some(Payload(r)))
             .collect()),
         Format::Raw => {
             let column = arrow::compute::cast(data.column(0), &DataType::Utf8)?;
@@ -348,7 +424,10 @@ pub(super) fn encode(data: &RecordBatch, format: Format) -> Result<Vec<Option<St
                 .as_any()
                 .downcast_ref::<arrow::array::StringArray>()
                 .expect("cast to Utf8");
-            Ok(text.iter().map(|v| v.map(str::to_string)).collect())
+            Ok(text
+                .iter()
+                .map(|v| v.map(|v| Payload(v.as_bytes().to_vec())))
+                .collect())
         }
     }
 }

@@ -26,6 +26,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use sluice_common::{ChangeBatch, Error, Result};
 
 use crate::format::JsonLines;
+use crate::staged::Payload;
 use codec::{Codec, Format};
 
 mod codec;
@@ -82,15 +83,15 @@ const PROPERTIES_NAME: OptionDef = OptionDef {
 };
 const FORMAT: OptionDef = OptionDef {
         key: "format",
-        kind: Kind::Choice(&["json", "csv", "raw", "debezium-json", "canal-json"]),
+        kind: Kind::Choice(&["json", "csv", "avro", "raw", "debezium-json", "canal-json"]),
         default: None,
         side: Side::Both,
         identity: true,
-        doc: "how a record's value holds a row: a JSON object, a CSV record (no header), `raw` bytes as the one STRING or BYTES column, or a change of rows (`debezium-json`, `canal-json`: the table is an updating one)",
+        doc: "how a record's value holds a row: a JSON object, a CSV record (no header), an Avro record (binary, no header, schema from the columns as Flink derives it), `raw` bytes as the one STRING or BYTES column, or a change of rows (`debezium-json`, `canal-json`: the table is an updating one)",
 };
 const VALUE_FORMAT: OptionDef = OptionDef {
     key: "value.format",
-    kind: Kind::Choice(&["json", "csv", "raw", "debezium-json", "canal-json"]),
+    kind: Kind::Choice(&["json", "csv", "avro", "raw", "debezium-json", "canal-json"]),
     default: None,
     side: Side::Both,
     identity: true,
@@ -198,11 +199,11 @@ const SINK_PARTITIONER: OptionDef = OptionDef {
 };
 const KEY_FORMAT: OptionDef = OptionDef {
     key: "key.format",
-    kind: Kind::Choice(&["json", "raw"]),
+    kind: Kind::Choice(&["json", "avro", "raw"]),
     default: None,
     side: Side::Both,
     identity: true,
-    doc: "how the key columns are a record's key: a JSON object of them, or the one column as text",
+    doc: "how the key columns are a record's key: a JSON object of them, an Avro record of them, or the one column as text",
 };
 const KEY_FIELDS: OptionDef = OptionDef {
         key: "key.fields",
@@ -222,15 +223,15 @@ const VALUE_FIELDS_INCLUDE: OptionDef = OptionDef {
 };
 const UPSERT_VALUE_FORMAT: OptionDef = OptionDef {
         key: "value.format",
-        kind: Kind::Choice(&["json", "raw"]),
+        kind: Kind::Choice(&["json", "avro", "raw"]),
         default: None,
         side: Side::Both,
         identity: true,
-        doc: "how a record's value holds the row: a JSON object, or the one non-key column as text (with `EXCEPT_KEY`); a record without a value deletes its key's row",
+        doc: "how a record's value holds the row: a JSON object, an Avro record, or the one non-key column as text (with `EXCEPT_KEY`); a record without a value deletes its key's row",
 };
 const UPSERT_KEY_FORMAT: OptionDef = OptionDef {
     key: "key.format",
-    kind: Kind::Choice(&["json", "raw"]),
+    kind: Kind::Choice(&["json", "avro", "raw"]),
     default: None,
     side: Side::Both,
     identity: true,
@@ -269,6 +270,8 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
         VALUE_FORMAT,
         JSON_IGNORE_PARSE_ERRORS,
         crate::message::CSV_IGNORE_OPTION,
+        crate::avro::IGNORE_OPTION,
+        crate::avro::LEGACY_TIMESTAMPS_OPTION,
         SCAN_STARTUP_MODE,
         SCAN_STARTUP_TIMESTAMP_MILLIS,
         SCAN_STARTUP_SPECIFIC_OFFSETS,
@@ -308,6 +311,8 @@ pub const UPSERT: ConnectorDef = ConnectorDef {
         UPSERT_VALUE_FORMAT,
         VALUE_FIELDS_INCLUDE,
         JSON_IGNORE_PARSE_ERRORS,
+        crate::avro::IGNORE_OPTION,
+        crate::avro::LEGACY_TIMESTAMPS_OPTION,
         SCAN_BOUNDED_MODE,
         SCAN_BOUNDED_TIMESTAMP_MILLIS,
         SCAN_BOUNDED_SPECIFIC_OFFSETS,
@@ -594,6 +599,8 @@ pub struct KafkaSource {
     ignore_errors: bool,
     /// `csv` values.
     csv: Option<crate::message::CsvMessages>,
+    /// The decoder of Avro values (not keyed).
+    avro: Option<crate::avro::Avro>,
     /// The table's physical columns; those decoded from records (all but the metadata ones);
     /// and the metadata columns with their keys.
     schema: SchemaRef,
@@ -654,14 +661,14 @@ impl KafkaSource {
             })
             .collect::<Result<_>>()?;
         let codec = Codec::from_options(opts, &value_schema, &primary_key, upsert)?;
-        let ignore_errors = match (&codec.changes, codec.value) {
-            (Some(c), _) => opts.flag(&format!("{}.ignore-parse-errors", c.name()))?,
-            (None, Format::Csv) => opts.flag("csv.ignore-parse-errors")?,
-            (None, _) => opts.flag("json.ignore-parse-errors")?,
-        };
+        let ignore_errors = opts.flag(&codec.ignore_option())?;
         let csv = (codec.value == Format::Csv).then(|| {
             crate::message::CsvMessages::new(&spec.table, value_schema.clone(), ignore_errors)
         });
+        let avro = match (&codec.value_avro, codec.keyed_decode()) {
+            (Some(a), false) => Some(a.clone().ignoring_errors(ignore_errors)),
+            _ => None,
+        };
         let timeout = connect_timeout(opts)?;
         // An upsert topic is read from its start: its table is every key's last record.
         let startup = if upsert {
@@ -785,6 +792,7 @@ impl KafkaSource {
             json: codec.decoder(ignore_errors)?,
             ignore_errors,
             csv,
+            avro,
             // Upsert rows of deletes hold only their key until ChangelogNormalize.
             schema: if codec.upsert {
                 sluice_common::changelog::all_nullable(&spec.schema)
@@ -998,21 +1006,26 @@ impl KafkaSource {
                 other => other,
             };
             (batch, kept)
-        } else if self.codec.changes.is_some() {
-            let values: Vec<String> = records
-                .values
-                .iter()
-                .map(|v| v.clone().unwrap_or_default())
-                .collect();
-            let batch = self.json.decode_at(&values, &location)?;
-            (batch, self.json.origins().to_vec())
+        } else if let Some(avro) = self.avro.as_mut() {
+            avro.decode(
+                records
+                    .values
+                    .iter()
+                    .map(|v| v.as_deref().unwrap_or_default()),
+                &location,
+            )?
         } else {
+            // Text that is not UTF-8 is left to the decoder, which skips or reports it.
             let values: Vec<String> = records
                 .values
                 .iter()
-                .map(|v| v.clone().unwrap_or_default())
+                .map(|v| String::from_utf8_lossy(v.as_deref().unwrap_or_default()).into_owned())
                 .collect();
             match self.codec.value {
+                _ if self.codec.changes.is_some() => {
+                    let batch = self.json.decode_at(&values, &location)?;
+                    (batch, self.json.origins().to_vec())
+                }
                 Format::Raw => {
                     let column: arrow::array::ArrayRef =
                         Arc::new(arrow::array::StringArray::from(values.clone()));
@@ -1032,6 +1045,7 @@ impl KafkaSource {
                 }
                 // Each record's row, so that skipped ones do not shift the metadata.
                 Format::Json => self.json.decode_kept(values, &location)?,
+                Format::Avro => unreachable!("avro values have a decoder of their own"),
             }
         };
         let batch = match batch {
@@ -1087,7 +1101,7 @@ struct Gathered {
     split: usize,
     /// Values (`None`: a tombstone, gathered only for upsert tables), and keys when the key
     /// holds columns.
-    values: Vec<Option<String>>,
+    values: Vec<Option<Vec<u8>>>,
     keys: Vec<Option<Vec<u8>>>,
     offsets: Vec<i64>,
     timestamps: Vec<(Option<i64>, &'static str)>,
@@ -1211,10 +1225,7 @@ impl SourceReader for KafkaSource {
             // A record without a value (a tombstone) holds no row, but deletes one in an
             // upsert table.
             if message.payload().is_some() || self.codec.upsert {
-                // Text that is not UTF-8 is left to the decoder, which skips or reports it.
-                let value = message
-                    .payload()
-                    .map(|p| String::from_utf8_lossy(p).into_owned());
+                let value = message.payload().map(<[u8]>::to_vec);
                 let key = self
                     .codec
                     .keyed_decode()
@@ -1276,7 +1287,9 @@ impl SourceReader for KafkaSource {
     }
 
     fn skipped(&self) -> u64 {
-        self.json.skipped() + self.csv.as_ref().map_or(0, |c| c.skipped)
+        self.json.skipped()
+            + self.csv.as_ref().map_or(0, |c| c.skipped)
+            + self.avro.as_ref().map_or(0, crate::avro::Avro::skipped)
     }
 
     fn offsets(&self) -> SourceOffsets {
@@ -1362,7 +1375,7 @@ impl SourceReader for KafkaSource {
 }
 
 /// A record as the sink writes it: key and value.
-type Record = (Option<String>, Option<String>);
+pub(crate) type Record = (Option<Payload>, Option<Payload>);
 
 /// A worker's producer into a topic.
 ///
@@ -1620,12 +1633,12 @@ fn send(
     producer: &BaseProducer<Context>,
     topic: &str,
     partition: Option<i32>,
-    key: Option<&str>,
-    value: Option<&str>,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
     errors: &Errors,
     timeout: Duration,
 ) -> std::result::Result<(), String> {
-    let mut record: BaseRecord<'_, str, str> = BaseRecord::to(topic);
+    let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic);
     if let Some(p) = partition {
         record = record.partition(p);
     }

@@ -18,6 +18,9 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::common::{free_port, kill_runs, run_cli as run};
 
+/// A record as `(partition, key, value)`, of any bytes.
+pub type ByteRecord = (i32, Option<Vec<u8>>, Option<Vec<u8>>);
+
 /// The tansu binary: `SLUICE_TANSU`, or where `.ci/run` installs it (the venv
 /// `~/.cache/sluice-tools/kafka`, under its Python's `site-packages`).
 fn tansu() -> String {
@@ -103,6 +106,21 @@ impl Broker {
     /// Produces `(partition, key, value)` records and waits for them (in batches of at most
     /// 50 records, so that small fetches can take them a few at a time).
     pub fn produce(&self, topic: &str, records: &[(i32, Option<String>, Option<String>)]) {
+        let bytes: Vec<_> = records
+            .iter()
+            .map(|(p, k, v)| {
+                (
+                    *p,
+                    k.as_ref().map(|k| k.as_bytes().to_vec()),
+                    v.as_ref().map(|v| v.as_bytes().to_vec()),
+                )
+            })
+            .collect();
+        self.produce_bytes(topic, &bytes);
+    }
+
+    /// As [`Self::produce`], with keys and values of any bytes.
+    pub fn produce_bytes(&self, topic: &str, records: &[ByteRecord]) {
         let producer: BaseProducer = ClientConfig::new()
             .set("bootstrap.servers", &self.servers)
             .set("linger.ms", "5")
@@ -110,12 +128,12 @@ impl Broker {
             .create()
             .unwrap();
         for (partition, key, value) in records {
-            let mut r: BaseRecord<'_, str, str> = BaseRecord::to(topic).partition(*partition);
+            let mut r: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).partition(*partition);
             if let Some(k) = key {
-                r = r.key(k.as_str());
+                r = r.key(k.as_slice());
             }
             if let Some(v) = value {
-                r = r.payload(v.as_str());
+                r = r.payload(v.as_slice());
             }
             let mut r = r;
             loop {
@@ -140,6 +158,21 @@ impl Broker {
         expected: usize,
         read_committed: bool,
     ) -> Vec<(i32, Option<String>, Option<String>)> {
+        let text = |b: Option<Vec<u8>>| b.map(|b| String::from_utf8_lossy(&b).into_owned());
+        self.consume_bytes(topic, partitions, expected, read_committed)
+            .into_iter()
+            .map(|(p, k, v)| (p, text(k), text(v)))
+            .collect()
+    }
+
+    /// As [`Self::consume`], with keys and values as bytes.
+    pub fn consume_bytes(
+        &self,
+        topic: &str,
+        partitions: usize,
+        expected: usize,
+        read_committed: bool,
+    ) -> Vec<ByteRecord> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.servers)
             .set("group.id", "sluice-test-reader")
@@ -173,8 +206,8 @@ impl Broker {
                 last = Instant::now();
                 out.push((
                     m.partition(),
-                    m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                    m.payload().map(|v| String::from_utf8_lossy(v).into_owned()),
+                    m.key().map(<[u8]>::to_vec),
+                    m.payload().map(<[u8]>::to_vec),
                 ));
             }
         }

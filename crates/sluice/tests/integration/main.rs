@@ -4,6 +4,8 @@
 
 mod common;
 
+#[cfg(feature = "kafka")]
+mod avro;
 mod changelog_formats;
 mod cli_errors;
 mod cluster;
