@@ -89,6 +89,37 @@ fn bounds(partitions: &[i32], count: i32) -> String {
         .join(";")
 }
 
+/// The values and keys of Kafka records as fastavro reads them with the oracle's schemas
+/// `value_schema` and `key_schema` (a tombstone's value is null).
+fn fastavro_read(
+    dir: &Path,
+    records: &[ByteRecord],
+    value_schema: &str,
+    key_schema: &str,
+) -> (Vec<Value>, Vec<Value>) {
+    let mut out = vec![];
+    for (schema, part) in [(value_schema, 2), (key_schema, 1)] {
+        let (bin, lines) = (
+            dir.join(format!("{schema}.bin")),
+            dir.join(format!("{schema}.jsonl")),
+        );
+        let bodies: Vec<Option<Vec<u8>>> = records
+            .iter()
+            .map(|r| if part == 2 { r.2.clone() } else { r.1.clone() })
+            .collect();
+        write_records(&bin, &bodies);
+        oracle(&[
+            "decode",
+            schema,
+            bin.to_str().unwrap(),
+            lines.to_str().unwrap(),
+        ]);
+        out.push(json_lines(&lines));
+    }
+    let keys = out.pop().unwrap();
+    (out.pop().unwrap(), keys)
+}
+
 /// A decimal's cents, from JSON text or a JSON number.
 fn cents(v: &Value) -> Option<i64> {
     match v {
@@ -187,33 +218,9 @@ fn kafka_avro_records_agree_with_fastavro_both_ways() {
     // What Sluice wrote, as fastavro reads it.
     let copied = broker.consume_bytes("avro_out", 2, 3000, false);
     assert_eq!(copied.len(), 3000);
-    let (values, keys) = (dir.path().join("values.bin"), dir.path().join("keys.bin"));
-    write_records(
-        &values,
-        &copied.iter().map(|r| r.2.clone()).collect::<Vec<_>>(),
-    );
-    write_records(
-        &keys,
-        &copied.iter().map(|r| r.1.clone()).collect::<Vec<_>>(),
-    );
-    let (values_json, keys_json) = (
-        dir.path().join("values.jsonl"),
-        dir.path().join("keys.jsonl"),
-    );
-    oracle(&[
-        "decode",
-        "orders",
-        values.to_str().unwrap(),
-        values_json.to_str().unwrap(),
-    ]);
-    oracle(&[
-        "decode",
-        "orders-key",
-        keys.to_str().unwrap(),
-        keys_json.to_str().unwrap(),
-    ]);
-    let mut back = json_lines(&values_json);
-    for (value, key) in back.iter().zip(json_lines(&keys_json)) {
+    let (values, keys) = fastavro_read(dir.path(), &copied, "orders", "orders-key");
+    let mut back = values;
+    for (value, key) in back.iter().zip(keys) {
         assert_eq!(value["order_id"], key["order_id"]);
     }
     back.sort_by_key(|r| r["order_id"].as_i64());
@@ -311,33 +318,9 @@ fn upsert_kafka_avro_keys_and_values_agree_with_fastavro() {
     assert!(ok, "{stderr}");
     let written = broker.consume_bytes("avro_totals", 3, usize::MAX, false);
     assert!(written.len() >= expected.len());
-    let (values, keys) = (dir.path().join("values.bin"), dir.path().join("keys.bin"));
-    write_records(
-        &values,
-        &written.iter().map(|r| r.2.clone()).collect::<Vec<_>>(),
-    );
-    write_records(
-        &keys,
-        &written.iter().map(|r| r.1.clone()).collect::<Vec<_>>(),
-    );
-    let (values_json, keys_json) = (
-        dir.path().join("values.jsonl"),
-        dir.path().join("keys.jsonl"),
-    );
-    oracle(&[
-        "decode",
-        "totals-value",
-        values.to_str().unwrap(),
-        values_json.to_str().unwrap(),
-    ]);
-    oracle(&[
-        "decode",
-        "totals-key",
-        keys.to_str().unwrap(),
-        keys_json.to_str().unwrap(),
-    ]);
+    let (values, keys) = fastavro_read(dir.path(), &written, "totals-value", "totals-key");
     let mut table: BTreeMap<String, (i64, i64)> = BTreeMap::new();
-    for (value, key) in json_lines(&values_json).iter().zip(json_lines(&keys_json)) {
+    for (value, key) in values.iter().zip(keys) {
         let category = key["category"].as_str().unwrap().to_string();
         match value {
             Value::Null => {
