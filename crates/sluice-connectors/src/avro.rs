@@ -85,6 +85,9 @@ enum Column {
     },
 }
 
+/// A reader of single binary records.
+pub type DatumReader<'a> = apache_avro::reader::datum::GenericDatumReader<'a>;
+
 /// Where each column is among the fields of a container file's records.
 pub struct Resolver {
     fields: Vec<Option<usize>>,
@@ -219,18 +222,17 @@ impl Avro {
         bodies: impl ExactSizeIterator<Item = &'a [u8]>,
         location: &dyn Fn(usize) -> String,
     ) -> Result<(Option<RecordBatch>, Vec<usize>)> {
-        let reader = apache_avro::reader::datum::GenericDatumReader::builder(&self.schema)
-            .build()
-            .map_err(|e| Error::connector(&self.table, e.to_string()))?;
+        let reader = self.reader()?;
         let mut rows = Vec::with_capacity(bodies.len());
         let mut kept = Vec::with_capacity(bodies.len());
+        let mut skipped = 0;
         for (i, body) in bodies.enumerate() {
             match self.record(&reader, body) {
                 Ok(fields) => {
                     rows.push(fields);
                     kept.push(i);
                 }
-                Err(_) if self.ignore_errors => self.skipped += 1,
+                Err(_) if self.ignore_errors => skipped += 1,
                 Err(message) => {
                     return Err(Error::BadRecord {
                         location: location(i),
@@ -241,18 +243,24 @@ impl Avro {
                 }
             }
         }
+        drop(reader);
+        self.skipped += skipped;
         if rows.is_empty() {
             return Ok((None, kept));
         }
         Ok((Some(self.batch(rows)?), kept))
     }
 
+    /// A reader of single records of the columns (one per batch: making it resolves the
+    /// schema).
+    pub fn reader(&self) -> Result<DatumReader<'_>> {
+        DatumReader::builder(&self.schema)
+            .build()
+            .map_err(|e| Error::connector(&self.table, e.to_string()))
+    }
+
     /// One message's record: its fields' values (unions unwrapped).
-    fn record(
-        &self,
-        reader: &apache_avro::reader::datum::GenericDatumReader,
-        body: &[u8],
-    ) -> std::result::Result<Vec<Value>, String> {
+    fn record(&self, reader: &DatumReader, body: &[u8]) -> std::result::Result<Vec<Value>, String> {
         // The SDK reads a value cut off by the end of its input as NULL; a message's record
         // that ends early is an error.
         let mut rest = Strict(body);
@@ -391,13 +399,11 @@ impl Avro {
     /// bytes as hex): for rows put together from a record's key and value.
     pub fn json_object(
         &self,
+        reader: &DatumReader,
         body: &[u8],
     ) -> std::result::Result<serde_json::Map<String, serde_json::Value>, String> {
         use serde_json::Value as J;
-        let reader = apache_avro::reader::datum::GenericDatumReader::builder(&self.schema)
-            .build()
-            .map_err(|e| e.to_string())?;
-        let fields = self.record(&reader, body)?;
+        let fields = self.record(reader, body)?;
         let mut object = serde_json::Map::with_capacity(fields.len());
         for (c, value) in fields.into_iter().enumerate() {
             let field = self.columns.field(c);

@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use sluice_common::changelog::all_nullable;
 use sluice_common::{ChangeBatch, Error, Op, Result};
 
-use crate::avro::Avro;
+use crate::avro::{Avro, DatumReader};
 use crate::format::{Changelog, JsonLines};
 use crate::options::Options;
 use crate::staged::Payload;
@@ -243,8 +243,11 @@ impl Codec {
         let mut ops = Vec::with_capacity(values.len());
         let mut origins = Vec::with_capacity(values.len());
         let mut skipped = 0u64;
+        let key_reader = self.key_avro.as_ref().map(Avro::reader).transpose()?;
+        let value_reader = self.value_avro.as_ref().map(Avro::reader).transpose()?;
+        let readers = (key_reader.as_ref(), value_reader.as_ref());
         for (i, value) in values.iter().enumerate() {
-            match self.record_row(keys[i].as_deref(), value.as_deref()) {
+            match self.record_row(keys[i].as_deref(), value.as_deref(), readers) {
                 Ok(Some((op, row))) => {
                     rows.push(row);
                     ops.push(op);
@@ -269,11 +272,13 @@ impl Codec {
         Ok((batch, kept))
     }
 
-    /// One record's row as a JSON object, and its change kind.
+    /// One record's row as a JSON object, and its change kind. `readers` read Avro keys and
+    /// values.
     fn record_row(
         &self,
         key: Option<&[u8]>,
         value: Option<&[u8]>,
+        readers: (Option<&DatumReader>, Option<&DatumReader>),
     ) -> std::result::Result<Option<(Op, String)>, String> {
         let (key_format, key_columns) = self.key.as_ref().expect("a keyed decode has a key");
         let key_object = || -> std::result::Result<Map<String, Value>, String> {
@@ -281,7 +286,10 @@ impl Codec {
                 return Err("the record has no key".into());
             };
             if let Some(avro) = &self.key_avro {
-                return avro.json_object(key).map_err(|e| format!("the key: {e}"));
+                let reader = readers.0.expect("a reader for Avro keys");
+                return avro
+                    .json_object(reader, key)
+                    .map_err(|e| format!("the key: {e}"));
             }
             let text = std::str::from_utf8(key).map_err(|_| "the key is not UTF-8".to_string())?;
             match key_format {
@@ -310,7 +318,7 @@ impl Codec {
             Op::Insert
         };
         if let Some(avro) = &self.value_avro {
-            let mut row = avro.json_object(value)?;
+            let mut row = avro.json_object(readers.1.expect("a reader for Avro values"), value)?;
             if self.except_key {
                 row.extend(key_object()?);
             }

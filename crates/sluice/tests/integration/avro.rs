@@ -474,3 +474,106 @@ fn redis_stream_entries_of_avro_records_are_read() {
     assert!(ok, "{stderr}");
     assert_read(&files, &json_lines(&rows_path));
 }
+
+/// Avro container files read with checkpoints, killed with SIGKILL three times and rerun on
+/// another worker count: each file resumes at the record its checkpoint had reached, the copy
+/// holds every order once, and the per-category counts (checkpointed state) are the batch
+/// answer.
+#[test]
+fn killed_and_rerun_avro_files_resume_at_their_records() {
+    let data = tempfile::tempdir().unwrap();
+    let input = data.path().join("in");
+    std::fs::create_dir(&input).unwrap();
+    let mut ids = vec![];
+    let mut per_category: BTreeMap<String, i64> = BTreeMap::new();
+    for seed in ["41", "42", "43", "44"] {
+        let lines = data.path().join(format!("{seed}.jsonl"));
+        oracle(&[
+            "ocf-write",
+            "150000",
+            seed,
+            "deflate",
+            input.join(format!("{seed}.avro")).to_str().unwrap(),
+            lines.to_str().unwrap(),
+        ]);
+        for r in json_lines(&lines) {
+            ids.push(r["order_id"].as_i64().unwrap());
+            if let Some(c) = r["category"].as_str() {
+                *per_category.entry(c.to_string()).or_default() += 1;
+            }
+        }
+    }
+    ids.sort_unstable();
+    let expected: BTreeMap<String, i64> = per_category
+        .iter()
+        .map(|(c, n)| (serde_json::json!({"category": c, "n": n}).to_string(), 1))
+        .collect();
+    let script = |dir: &Path| {
+        format!(
+            "SET 'execution.checkpointing.interval' = '100 ms';
+             SET 'execution.checkpointing.dir' = '{}';
+             SET 'table.exec.mini-batch.size' = '256';
+             CREATE TABLE src ({ORDERS})
+               WITH ('connector' = 'filesystem', 'path' = '{}', 'format' = 'avro');
+             CREATE TABLE copy (order_id BIGINT)
+               WITH ('connector' = 'filesystem', 'path' = '{}', 'format' = 'json');
+             CREATE TABLE per_category (category STRING, n BIGINT)
+               WITH ('connector' = 'filesystem', 'path' = '{}', 'format' = 'debezium-json');
+             INSERT INTO copy SELECT order_id FROM src;
+             INSERT INTO per_category SELECT category, COUNT(*) FROM src
+               WHERE category IS NOT NULL GROUP BY category;",
+            dir.join("checkpoints").display(),
+            input.display(),
+            dir.join("out").display(),
+            dir.join("per_category").display()
+        )
+    };
+    let copied = |dir: &Path| -> Vec<i64> {
+        let rows = common::committed_rows(&dir.join("out"), |_| {});
+        let mut got = vec![];
+        for (text, n) in rows {
+            let row: Value = serde_json::from_str(&text).unwrap();
+            for _ in 0..n {
+                got.push(row["order_id"].as_i64().unwrap());
+            }
+        }
+        got.sort_unstable();
+        got
+    };
+    // One uninterrupted run says how long the job takes here.
+    let whole = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let (ok, stderr) = run(
+        whole.path(),
+        &script(whole.path()),
+        3,
+        Duration::from_secs(180),
+    );
+    assert!(ok, "{stderr}");
+    let took = started.elapsed().as_millis() as u64;
+    assert!(
+        took > 1500,
+        "the job must run long enough to be killed: {took} ms"
+    );
+    assert!(copied(whole.path()) == ids);
+    assert_eq!(
+        common::committed_rows(&whole.path().join("per_category"), |_| {}),
+        expected
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("job.sql");
+    std::fs::write(&file, script(dir.path())).unwrap();
+    let kills = common::kill_runs(dir.path(), &file, 3, took);
+    assert!(kills >= 2, "the job should have been killed mid-way");
+    let (ok, stderr) = run(dir.path(), &script(dir.path()), 2, Duration::from_secs(180));
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("resuming from checkpoint"), "{stderr}");
+    let got = copied(dir.path());
+    assert_eq!(got.len(), ids.len(), "every order once");
+    assert!(got == ids, "every order once");
+    assert_eq!(
+        common::committed_rows(&dir.path().join("per_category"), |_| {}),
+        expected
+    );
+}
