@@ -368,6 +368,15 @@ impl CsvMessages {
         Ok((Some(batch), kept))
     }
 
+    /// The row of a message that holds exactly one CSV record.
+    pub fn one(&self, body: &str) -> std::result::Result<RecordBatch, String> {
+        let batch = self.csv_records(&[body])?;
+        match batch.num_rows() {
+            1 => Ok(batch),
+            n => Err(format!("it holds {n} CSV records, not one")),
+        }
+    }
+
     /// The records of `bodies` (each ended by a line end), decoded by arrow's CSV decoder.
     fn csv_records(&self, bodies: &[&str]) -> std::result::Result<RecordBatch, String> {
         let mut text = Vec::with_capacity(bodies.iter().map(|b| b.len() + 1).sum());

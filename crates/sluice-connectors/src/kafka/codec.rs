@@ -13,6 +13,7 @@ use sluice_common::{ChangeBatch, Error, Op, Result};
 
 use crate::avro::{Avro, DatumReader};
 use crate::format::{Changelog, JsonLines};
+use crate::message::CsvMessages;
 use crate::options::Options;
 use crate::staged::Payload;
 
@@ -54,6 +55,14 @@ pub(super) struct Codec {
     /// The Avro formats of the value's and the key's columns, when they are Avro.
     pub value_avro: Option<Avro>,
     key_avro: Option<Avro>,
+    /// The decoders of CSV values and keys decoded one by one.
+    value_csv: Option<CsvMessages>,
+    key_csv: Option<CsvMessages>,
+    /// The key's columns as the key's format names them (without `key.fields-prefix`).
+    key_schema: Option<SchemaRef>,
+    prefix: String,
+    /// The columns a record's value holds (all, or all but the key's with `EXCEPT_KEY`).
+    value_schema: SchemaRef,
     /// The columns the key and value hold between them (the table's physical columns that are
     /// not metadata).
     schema: SchemaRef,
@@ -150,11 +159,38 @@ impl Codec {
             }
             _ => false,
         };
-        if value == Format::Csv && (upsert || except_key) {
-            return Err(opts.error(
-                "'csv' values are read and written whole: not with 'upsert-kafka' or 'value.fields-include' = 'EXCEPT_KEY' (yet); use 'json' there",
-            ));
+        // `key.fields-prefix`: the key's columns are named with it in the table, and without
+        // it in the key's format.
+        let prefix = opts.get("key.fields-prefix")?.unwrap_or_default();
+        if !prefix.is_empty() {
+            if !except_key {
+                return Err(opts.error(
+                    "'key.fields-prefix' needs 'value.fields-include' = 'EXCEPT_KEY' (as in Flink)",
+                ));
+            }
+            let (_, columns) = key.as_ref().expect("EXCEPT_KEY has a key");
+            if let Some(c) = columns
+                .iter()
+                .find(|c| !schema.field(**c).name().starts_with(&prefix))
+            {
+                return Err(opts.error(format!(
+                    "key column '{}' does not start with 'key.fields-prefix' = '{prefix}'",
+                    schema.field(*c).name()
+                )));
+            }
         }
+        let unprefixed = |name: &str| name[prefix.len()..].to_string();
+        let key_schema: Option<SchemaRef> = key.as_ref().map(|(_, columns)| {
+            Arc::new(arrow::datatypes::Schema::new(
+                columns
+                    .iter()
+                    .map(|c| {
+                        let f = schema.field(*c);
+                        f.clone().with_name(unprefixed(f.name()))
+                    })
+                    .collect::<Vec<_>>(),
+            ))
+        });
         let value_columns: Vec<usize> = match (&key, except_key) {
             (Some((_, k)), true) => (0..schema.fields().len())
                 .filter(|c| !k.contains(c))
@@ -166,20 +202,35 @@ impl Codec {
             .iter()
             .map(|c| schema.field(*c).name().clone())
             .collect();
+        let value_schema = Arc::new(schema.project(&value_columns)?);
         let value_avro = match value {
-            Format::Avro if changes.is_none() => Some(Avro::from_options(
+            Format::Avro if changes.is_none() => {
+                Some(Avro::from_options(opts, &value_schema, &not_null)?)
+            }
+            _ => None,
+        };
+        let key_avro = match (&key, &key_schema) {
+            (Some((Format::Avro, _)), Some(key_schema)) => Some(Avro::from_options(
                 opts,
-                &Arc::new(schema.project(&value_columns)?),
-                &not_null,
+                key_schema,
+                &not_null
+                    .iter()
+                    .filter(|n| n.starts_with(&prefix))
+                    .map(|n| unprefixed(n))
+                    .collect::<Vec<_>>(),
             )?),
             _ => None,
         };
-        let key_avro = match &key {
-            Some((Format::Avro, columns)) => Some(Avro::from_options(
-                opts,
-                &Arc::new(schema.project(columns)?),
-                &not_null,
-            )?),
+        // CSV records put together with a key, or read as upserts, are decoded one by one.
+        let table = opts.table().to_string();
+        let value_csv = match value == Format::Csv && (upsert || except_key) {
+            true => Some(CsvMessages::new(&table, all_nullable(&value_schema), false)),
+            false => None,
+        };
+        let key_csv = match (&key, &key_schema) {
+            (Some((Format::Csv, _)), Some(k)) => {
+                Some(CsvMessages::new(&table, all_nullable(k), false))
+            }
             _ => None,
         };
         let value_columns = value_columns.len();
@@ -196,6 +247,11 @@ impl Codec {
             upsert,
             value_avro,
             key_avro,
+            value_csv,
+            key_csv,
+            key_schema,
+            prefix,
+            value_schema,
             schema: schema.clone(),
             table: opts.table().to_string(),
         })
@@ -280,31 +336,30 @@ impl Codec {
         value: Option<&[u8]>,
         readers: (Option<&DatumReader>, Option<&DatumReader>),
     ) -> std::result::Result<Option<(Op, String)>, String> {
-        let (key_format, key_columns) = self.key.as_ref().expect("a keyed decode has a key");
+        let (key_format, _) = self.key.as_ref().expect("a keyed decode has a key");
         let key_object = || -> std::result::Result<Map<String, Value>, String> {
             let Some(key) = key else {
                 return Err("the record has no key".into());
             };
-            if let Some(avro) = &self.key_avro {
-                let reader = readers.0.expect("a reader for Avro keys");
-                return avro
-                    .json_object(reader, key)
-                    .map_err(|e| format!("the key: {e}"));
-            }
-            let text = std::str::from_utf8(key).map_err(|_| "the key is not UTF-8".to_string())?;
-            match key_format {
-                Format::Raw => {
-                    let name = self.schema.field(key_columns[0]).name().clone();
-                    Ok(Map::from_iter([(name, Value::String(text.to_string()))]))
+            let object = match &self.key_avro {
+                Some(avro) => avro
+                    .json_object(readers.0.expect("a reader for Avro keys"), key)
+                    .map_err(|e| format!("the key: {e}"))?,
+                None => {
+                    let text =
+                        std::str::from_utf8(key).map_err(|_| "the key is not UTF-8".to_string())?;
+                    let names = self.key_schema.as_ref().expect("a key has a schema");
+                    self.object(*key_format, text, self.key_csv.as_ref(), names)
+                        .map_err(|e| format!("the key is {e}"))?
                 }
-                Format::Json | Format::Csv | Format::Avro => {
-                    match serde_json::from_str::<Value>(text) {
-                        Ok(Value::Object(m)) => Ok(m),
-                        Ok(_) => Err("the key is not a JSON object".into()),
-                        Err(e) => Err(format!("the key is not JSON ({e})")),
-                    }
-                }
+            };
+            if self.prefix.is_empty() {
+                return Ok(object);
             }
+            Ok(object
+                .into_iter()
+                .map(|(k, v)| (format!("{}{k}", self.prefix), v))
+                .collect())
         };
         let Some(value) = value else {
             if !self.upsert {
@@ -317,37 +372,65 @@ impl Codec {
         } else {
             Op::Insert
         };
-        if let Some(avro) = &self.value_avro {
-            let mut row = avro.json_object(readers.1.expect("a reader for Avro values"), value)?;
-            if self.except_key {
-                row.extend(key_object()?);
-            }
-            return Ok(Some((op, Value::Object(row).to_string())));
-        }
-        let value = String::from_utf8_lossy(value);
-        if !self.except_key {
-            return Ok(Some((op, value.into_owned())));
-        }
-        let mut row = match self.value {
-            Format::Json | Format::Csv | Format::Avro => {
-                match serde_json::from_str::<Value>(&value) {
-                    Ok(Value::Object(m)) => m,
-                    Ok(_) => return Err("the value is not a JSON object".into()),
-                    Err(e) => return Err(format!("the value is not JSON ({e})")),
+        let mut row = match &self.value_avro {
+            Some(avro) => avro.json_object(readers.1.expect("a reader for Avro values"), value)?,
+            None => {
+                let text = String::from_utf8_lossy(value);
+                // A JSON value of the whole row is the row as it is.
+                if self.value == Format::Json && !self.except_key {
+                    return Ok(Some((op, text.into_owned())));
                 }
-            }
-            Format::Raw => {
-                let column = (0..self.schema.fields().len())
-                    .find(|c| !key_columns.contains(c))
-                    .expect("raw values hold one column");
-                Map::from_iter([(
-                    self.schema.field(column).name().clone(),
-                    Value::String(value.into_owned()),
-                )])
+                self.object(
+                    self.value,
+                    &text,
+                    self.value_csv.as_ref(),
+                    &self.value_schema,
+                )
+                .map_err(|e| format!("the value is {e}"))?
             }
         };
+        if !self.except_key {
+            return Ok(Some((op, Value::Object(row).to_string())));
+        }
         row.extend(key_object()?);
         Ok(Some((op, Value::Object(row).to_string())))
+    }
+
+    /// A key's or value's text in `format` as a JSON object of `columns`: a JSON object as it
+    /// is, a CSV record decoded by `csv` (as JSON the row decoder reads back exactly), or the
+    /// one column's text. Errors complete "the key is ...".
+    fn object(
+        &self,
+        format: Format,
+        text: &str,
+        csv: Option<&CsvMessages>,
+        columns: &SchemaRef,
+    ) -> std::result::Result<Map<String, Value>, String> {
+        match format {
+            Format::Raw => Ok(Map::from_iter([(
+                columns.field(0).name().clone(),
+                Value::String(text.to_string()),
+            )])),
+            Format::Csv => {
+                let batch = csv
+                    .expect("a CSV decoder")
+                    .one(text)
+                    .map_err(|e| format!("not one CSV record of the columns ({e})"))?;
+                let row = crate::format::json_rows(&batch)
+                    .map_err(|e| e.to_string())?
+                    .pop()
+                    .expect("one row");
+                match serde_json::from_str::<Value>(&row) {
+                    Ok(Value::Object(m)) => Ok(m),
+                    _ => unreachable!("a row's JSON is an object"),
+                }
+            }
+            Format::Json | Format::Avro => match serde_json::from_str::<Value>(text) {
+                Ok(Value::Object(m)) => Ok(m),
+                Ok(_) => Err("not a JSON object".into()),
+                Err(e) => Err(format!("not JSON ({e})")),
+            },
+        }
     }
 
     /// The records of a batch: key and value (`None`: a tombstone). A plain table takes only
@@ -358,11 +441,13 @@ impl Codec {
     pub fn encode(&self, batch: &ChangeBatch) -> Result<Vec<super::Record>> {
         let keys = match &self.key {
             None => None,
-            Some((format, columns)) => Some(encode(
-                &batch.data.project(columns)?,
-                *format,
-                self.key_avro.as_ref(),
-            )?),
+            Some((format, columns)) => {
+                // Named as the key's format names them (without `key.fields-prefix`).
+                let names = self.key_schema.clone().expect("a key has a schema");
+                let key =
+                    RecordBatch::try_new(names, batch.data.project(columns)?.columns().to_vec())?;
+                Some(encode(&key, *format, self.key_avro.as_ref())?)
+            }
         };
         let key = |row: usize| keys.as_ref().and_then(|k| k[row].clone());
         if let Some(c) = &self.changes {

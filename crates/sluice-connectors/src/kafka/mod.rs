@@ -199,11 +199,19 @@ const SINK_PARTITIONER: OptionDef = OptionDef {
 };
 const KEY_FORMAT: OptionDef = OptionDef {
     key: "key.format",
-    kind: Kind::Choice(&["json", "avro", "raw"]),
+    kind: Kind::Choice(&["json", "csv", "avro", "raw"]),
     default: None,
     side: Side::Both,
     identity: true,
-    doc: "how the key columns are a record's key: a JSON object of them, an Avro record of them, or the one column as text",
+    doc: "how the key columns are a record's key: a JSON object of them, a CSV record, an Avro record, or the one column as text",
+};
+const KEY_FIELDS_PREFIX: OptionDef = OptionDef {
+    key: "key.fields-prefix",
+    kind: Kind::Text,
+    default: None,
+    side: Side::Both,
+    identity: true,
+    doc: "the key columns' names start with this in the table, and the key's format names them without it (needs `EXCEPT_KEY`); keeps key and value fields of one name apart",
 };
 const KEY_FIELDS: OptionDef = OptionDef {
         key: "key.fields",
@@ -223,15 +231,15 @@ const VALUE_FIELDS_INCLUDE: OptionDef = OptionDef {
 };
 const UPSERT_VALUE_FORMAT: OptionDef = OptionDef {
         key: "value.format",
-        kind: Kind::Choice(&["json", "avro", "raw"]),
+        kind: Kind::Choice(&["json", "csv", "avro", "raw"]),
         default: None,
         side: Side::Both,
         identity: true,
-        doc: "how a record's value holds the row: a JSON object, an Avro record, or the one non-key column as text (with `EXCEPT_KEY`); a record without a value deletes its key's row",
+        doc: "how a record's value holds the row: a JSON object, a CSV record, an Avro record, or the one non-key column as text (with `EXCEPT_KEY`); a record without a value deletes its key's row",
 };
 const UPSERT_KEY_FORMAT: OptionDef = OptionDef {
     key: "key.format",
-    kind: Kind::Choice(&["json", "avro", "raw"]),
+    kind: Kind::Choice(&["json", "csv", "avro", "raw"]),
     default: None,
     side: Side::Both,
     identity: true,
@@ -284,6 +292,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
         SINK_PARTITIONER,
         KEY_FORMAT,
         KEY_FIELDS,
+        KEY_FIELDS_PREFIX,
         VALUE_FIELDS_INCLUDE,
     ],
 };
@@ -309,8 +318,10 @@ pub const UPSERT: ConnectorDef = ConnectorDef {
         PROPERTIES_NAME,
         UPSERT_KEY_FORMAT,
         UPSERT_VALUE_FORMAT,
+        KEY_FIELDS_PREFIX,
         VALUE_FIELDS_INCLUDE,
         JSON_IGNORE_PARSE_ERRORS,
+        crate::message::CSV_IGNORE_OPTION,
         crate::avro::IGNORE_OPTION,
         crate::avro::LEGACY_TIMESTAMPS_OPTION,
         SCAN_BOUNDED_MODE,

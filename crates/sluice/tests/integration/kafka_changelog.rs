@@ -467,3 +467,134 @@ fn the_kafka_double11_example_serves_the_batch_answer() {
         .collect();
     assert_eq!(last, want);
 }
+
+/// `key.fields-prefix` keeps a key column and a value column of one name apart: the key
+/// `{"user_id":..}` comes from `k_user_id`, the CSV value's `user_id` from the other column,
+/// and reading back gives each its own. An `upsert-kafka` topic with CSV keys and values holds
+/// the per-user totals and reads back as the batch answer.
+#[test]
+fn prefixed_keys_and_csv_keys_and_values_round_trip() {
+    let broker = Broker::start();
+    broker.create_topic("orders_p", 2);
+    broker.create_topic("totals_c", 3);
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("orders.json");
+    let orders = orders(&input, 5_000);
+    let prefixed = |extra: &str| {
+        format!(
+            "CREATE TABLE prefixed (k_user_id BIGINT, user_id BIGINT, amount BIGINT)
+               WITH ('connector' = 'kafka', 'topic' = 'orders_p',
+                 'properties.bootstrap.servers' = '{}', 'value.format' = 'csv',
+                 'key.format' = 'json', 'key.fields' = 'k_user_id',
+                 'key.fields-prefix' = 'k_', 'value.fields-include' = 'EXCEPT_KEY'{extra});",
+            broker.servers
+        )
+    };
+    let totals = |extra: &str| {
+        format!(
+            "CREATE TABLE totals (user_id BIGINT, n BIGINT, total BIGINT,
+               PRIMARY KEY (user_id) NOT ENFORCED)
+             WITH ('connector' = 'upsert-kafka', 'topic' = 'totals_c',
+               'properties.bootstrap.servers' = '{}',
+               'key.format' = 'csv', 'value.format' = 'csv'{extra});",
+            broker.servers
+        )
+    };
+    let script = format!(
+        "CREATE TABLE orders (id BIGINT, user_id BIGINT, amount BIGINT)
+           WITH ('connector' = 'filesystem', 'path' = '{}', 'format' = 'json');
+         {}
+         {}
+         INSERT INTO prefixed SELECT user_id, id, amount FROM orders;
+         INSERT INTO totals SELECT user_id, COUNT(*), SUM(amount) FROM orders GROUP BY user_id;",
+        input.display(),
+        prefixed(""),
+        totals("")
+    );
+    let (ok, stderr) = run(dir.path(), &script, 2, Duration::from_secs(120));
+    assert!(ok, "{stderr}");
+
+    let records = broker.consume("orders_p", 2, orders.len(), false);
+    assert_eq!(records.len(), orders.len());
+    for (_, key, value) in &records {
+        let k: serde_json::Value = serde_json::from_str(key.as_deref().unwrap()).unwrap();
+        assert!(k["user_id"].is_i64() && k.get("k_user_id").is_none(), "{k}");
+        // The value is `id,amount` (the key's column left out).
+        assert_eq!(value.as_deref().unwrap().split(',').count(), 2, "{value:?}");
+    }
+    let got = run_folded(
+        &format!(
+            "{}
+             SELECT k_user_id, user_id, amount FROM prefixed;",
+            prefixed(&format!(
+                ", 'scan.startup.mode' = 'earliest-offset', 'scan.bounded.mode' = 'specific-offsets',
+                 'scan.bounded.specific-offsets' = '{}'",
+                bounds(&records, 2)
+            ))
+        ),
+        2,
+    );
+    let want: BTreeMap<Vec<String>, i64> = orders
+        .iter()
+        .enumerate()
+        .map(|(i, (u, a))| (vec![u.to_string(), i.to_string(), a.to_string()], 1))
+        .collect();
+    assert_eq!(got, want);
+
+    let written = broker.consume("totals_c", 3, usize::MAX, false);
+    let mut last: BTreeMap<String, String> = BTreeMap::new();
+    for (_, key, value) in &written {
+        last.insert(key.clone().unwrap(), value.clone().unwrap());
+    }
+    let users = per_user(&orders);
+    let want_records: BTreeMap<String, String> = users
+        .iter()
+        .map(|(u, (n, t))| (u.to_string(), format!("{u},{n},{t}")))
+        .collect();
+    assert_eq!(last, want_records);
+    let got = run_folded(
+        &format!(
+            "{}
+             SELECT user_id, n, total FROM totals;",
+            totals(&format!(
+                ", 'scan.bounded.mode' = 'specific-offsets', 'scan.bounded.specific-offsets' = '{}'",
+                bounds(&written, 3)
+            ))
+        ),
+        2,
+    );
+    let want: BTreeMap<Vec<String>, i64> = users
+        .iter()
+        .map(|(u, (n, t))| (vec![u.to_string(), n.to_string(), t.to_string()], 1))
+        .collect();
+    assert_eq!(got, want);
+
+    // A prefix needs EXCEPT_KEY, and every key column must carry it.
+    for (options, error) in [
+        (
+            "'key.fields' = 'k_user_id', 'key.fields-prefix' = 'k_'",
+            "'key.fields-prefix' needs 'value.fields-include' = 'EXCEPT_KEY'",
+        ),
+        (
+            "'key.fields' = 'user_id', 'key.fields-prefix' = 'k_', 'value.fields-include' = 'EXCEPT_KEY'",
+            "key column 'user_id' does not start with 'key.fields-prefix' = 'k_'",
+        ),
+    ] {
+        let err = sluice_sql::plan_script(&format!(
+            "CREATE TABLE t (k_user_id BIGINT, user_id BIGINT)
+               WITH ('connector' = 'kafka', 'topic' = 'orders_p',
+                 'properties.bootstrap.servers' = '{}', 'format' = 'json',
+                 'scan.startup.mode' = 'earliest-offset', 'key.format' = 'json', {options});
+             SELECT * FROM t;",
+            broker.servers
+        ))
+        .and_then(|plan| {
+            common::run_folded(plan, 1, Duration::from_secs(30))
+                .map(|_| ())
+                .map_err(sluice_common::Error::Runtime)
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(error), "{err}");
+    }
+}
