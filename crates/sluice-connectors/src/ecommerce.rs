@@ -29,6 +29,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     reads: true,
     writes: false,
     metadata: &[],
+    writable_metadata: &[],
     formats: false,
     options: &[
         OptionDef {

@@ -37,6 +37,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     reads: true,
     writes: true,
     metadata: &[],
+    writable_metadata: &[],
     formats: true,
     options: &[
         OptionDef {

@@ -73,6 +73,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     reads: false,
     writes: true,
     metadata: &[],
+    writable_metadata: &[],
     formats: false,
     options: &[OptionDef {
         key: "memory.name",

@@ -36,6 +36,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     reads: true,
     writes: true,
     metadata: &["topic", "retain"],
+    writable_metadata: &[],
     formats: true,
     options: &[
         OptionDef {

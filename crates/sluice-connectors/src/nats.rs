@@ -35,6 +35,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     reads: true,
     writes: true,
     metadata: &["subject", "sequence", "timestamp"],
+    writable_metadata: &[],
     formats: true,
     options: &[
         OptionDef {

@@ -179,6 +179,8 @@ pub struct ConnectorDef {
     pub writes: bool,
     /// The metadata a source can put in `METADATA FROM 'key'` columns.
     pub metadata: &'static [&'static str],
+    /// The metadata a sink writes from a (not `VIRTUAL`) metadata column.
+    pub writable_metadata: &'static [&'static str],
     /// Whether it reads and writes the changelog formats, and so their options
     /// ([`crate::format::CHANGELOG_OPTIONS`]).
     pub formats: bool,
@@ -278,10 +280,17 @@ impl Options {
         };
         for (column, key) in &spec.metadata {
             let column = spec.schema.field(*column).name();
-            if sink {
+            if sink && !def.writable_metadata.contains(&key.as_str()) {
                 return Err(Error::connector(
                     &spec.table,
-                    format!("column '{column}' is a METADATA column: writing metadata is not supported yet"),
+                    format!(
+                        "column '{column}' (METADATA FROM '{key}') cannot be written{}: declare it \
+                         METADATA VIRTUAL, so that INSERT leaves it out",
+                        match def.writable_metadata {
+                            [] => format!(" (connector '{name}' writes no metadata)"),
+                            keys => format!(" (connector '{name}' writes: {})", keys.join(", ")),
+                        }
+                    ),
                 ));
             }
             if !def.metadata.contains(&key.as_str()) {

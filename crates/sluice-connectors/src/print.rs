@@ -13,6 +13,7 @@ pub const PRINT: ConnectorDef = ConnectorDef {
     reads: false,
     writes: true,
     metadata: &[],
+    writable_metadata: &[],
     formats: false,
     options: &[OptionDef {
         key: "print-identifier",
@@ -30,6 +31,7 @@ pub const BLACKHOLE: ConnectorDef = ConnectorDef {
     reads: false,
     writes: true,
     metadata: &[],
+    writable_metadata: &[],
     formats: false,
     options: &[],
 };

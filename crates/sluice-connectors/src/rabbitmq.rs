@@ -46,6 +46,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     reads: true,
     writes: true,
     metadata: &["exchange", "routing-key", "redelivered", "offset", "timestamp", "message-id"],
+    writable_metadata: &[],
     formats: true,
     options: &[
         OptionDef {

@@ -28,6 +28,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     reads: true,
     writes: true,
     metadata: &["id", "timestamp"],
+    writable_metadata: &[],
     formats: true,
     options: &[
         OptionDef {

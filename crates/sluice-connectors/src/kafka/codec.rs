@@ -438,7 +438,13 @@ impl Codec {
     /// upserts and `-D` as tombstones, and drops a `-U` followed by the `+U` of its key (which
     /// overwrites it). A `-U` without its `+U` is a tombstone, as in Flink: a filter above an
     /// aggregation passes only the old row of a group that stopped matching.
-    pub fn encode(&self, batch: &ChangeBatch) -> Result<Vec<super::Record>> {
+    /// `timestamps` are the records' timestamps by row (a `timestamp` metadata column).
+    pub fn encode(
+        &self,
+        batch: &ChangeBatch,
+        timestamps: Option<&[Option<i64>]>,
+    ) -> Result<Vec<super::Record>> {
+        let at = |row: usize| timestamps.and_then(|t| t[row]);
         let keys = match &self.key {
             None => None,
             Some((format, columns)) => {
@@ -454,7 +460,7 @@ impl Codec {
             return Ok(c
                 .encode(batch)?
                 .into_iter()
-                .map(|(row, text)| (key(row), Some(Payload(text.into_bytes()))))
+                .map(|(row, text)| (key(row), Some(Payload(text.into_bytes())), at(row)))
                 .collect());
         }
         let data = match (&self.key, self.except_key) {
@@ -471,12 +477,12 @@ impl Codec {
         let n = values.len();
         for (i, value) in values.into_iter().enumerate() {
             match (batch.op(i), self.upsert) {
-                (Op::Insert, _) | (Op::UpdateAfter, true) => out.push((key(i), value)),
+                (Op::Insert, _) | (Op::UpdateAfter, true) => out.push((key(i), value, at(i))),
                 // The `+U` right after overwrites the key. A `-U` without one (a filter above
                 // an aggregation let only the old row through) removes the key's row.
                 (Op::UpdateBefore, true)
                     if i + 1 < n && batch.op(i + 1) == Op::UpdateAfter && key(i) == key(i + 1) => {}
-                (Op::UpdateBefore | Op::Delete, true) => out.push((key(i), None)),
+                (Op::UpdateBefore | Op::Delete, true) => out.push((key(i), None, at(i))),
                 (_, false) => {
                     return Err(Error::connector(
                         &self.table,

@@ -266,6 +266,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
         "timestamp",
         "timestamp-type",
     ],
+    writable_metadata: &["timestamp"],
     formats: true,
     options: &[
         TOPIC,
@@ -311,6 +312,7 @@ pub const UPSERT: ConnectorDef = ConnectorDef {
         "timestamp",
         "timestamp-type",
     ],
+    writable_metadata: &["timestamp"],
     formats: false,
     options: &[
         TOPIC,
@@ -1385,8 +1387,9 @@ impl SourceReader for KafkaSource {
     }
 }
 
-/// A record as the sink writes it: key and value.
-pub(crate) type Record = (Option<Payload>, Option<Payload>);
+/// A record as the sink writes it: key, value, and timestamp (from a `timestamp` metadata
+/// column; otherwise the producer's clock).
+pub(crate) type Record = (Option<Payload>, Option<Payload>, Option<i64>);
 
 /// A worker's producer into a topic.
 ///
@@ -1418,6 +1421,10 @@ pub struct KafkaSink {
     partitioner: Partitioner,
     partitions: i32,
     turn: std::cell::Cell<i32>,
+    /// The metadata columns of the rows written (left out of keys and values), and the one
+    /// that holds each record's timestamp.
+    metadata: Vec<usize>,
+    timestamp_column: Option<usize>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -1436,7 +1443,21 @@ impl KafkaSink {
             )));
         }
         let upsert = opts.connector() == "upsert-kafka";
-        let codec = Codec::from_options(opts, &spec.schema, &spec.primary_key, upsert)?;
+        // A `timestamp` metadata column is each record's timestamp; the others are the key's
+        // and value's columns.
+        let value_schema = spec.value_schema();
+        let primary_key: Vec<usize> = spec
+            .primary_key
+            .iter()
+            .filter_map(|c| value_schema.index_of(spec.schema.field(*c).name()).ok())
+            .collect();
+        let codec = Codec::from_options(opts, &value_schema, &primary_key, upsert)?;
+        let metadata: Vec<usize> = spec.metadata.iter().map(|(c, _)| *c).collect();
+        let timestamp_column = spec
+            .metadata
+            .iter()
+            .find(|(_, k)| k == "timestamp")
+            .map(|(c, _)| *c);
         let guarantee = opts.value::<String>("sink.delivery-guarantee")?;
         let guarantee_wait = guarantee != "none";
         let exactly_once = match (
@@ -1485,6 +1506,8 @@ impl KafkaSink {
             worker,
             transactional: false,
             staged: crate::staged::Staged::new("kafka", &spec.table, spec.sink_instance),
+            metadata,
+            timestamp_column,
             partitioner,
             partitions,
             turn: std::cell::Cell::new(worker as i32),
@@ -1570,13 +1593,12 @@ impl KafkaSink {
             ))
         };
         producer.begin_transaction().map_err(|e| fail("begin", e))?;
-        for (key, value) in records {
+        for (key, value, timestamp) in records {
             send(
                 producer,
                 &self.topic,
                 self.partition(),
-                key.as_deref(),
-                value.as_deref(),
+                (key.as_deref(), value.as_deref(), *timestamp),
                 &self.errors,
                 self.timeout,
             )
@@ -1644,12 +1666,14 @@ fn send(
     producer: &BaseProducer<Context>,
     topic: &str,
     partition: Option<i32>,
-    key: Option<&[u8]>,
-    value: Option<&[u8]>,
+    (key, value, timestamp): (Option<&[u8]>, Option<&[u8]>, Option<i64>),
     errors: &Errors,
     timeout: Duration,
 ) -> std::result::Result<(), String> {
     let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic);
+    if let Some(t) = timestamp {
+        record = record.timestamp(t);
+    }
     if let Some(p) = partition {
         record = record.partition(p);
     }
@@ -1685,24 +1709,62 @@ fn send(
     }
 }
 
+impl KafkaSink {
+    /// The records of a batch: its metadata columns left out of keys and values, and the
+    /// `timestamp` one as each record's timestamp (in epoch milliseconds).
+    fn records(&self, batch: &ChangeBatch) -> Result<Vec<Record>> {
+        if self.metadata.is_empty() {
+            return self.codec.encode(batch, None);
+        }
+        let timestamps: Option<Vec<Option<i64>>> = match self.timestamp_column {
+            None => None,
+            Some(c) => {
+                let millis = arrow::compute::cast(
+                    batch.data.column(c),
+                    &arrow::datatypes::DataType::Timestamp(
+                        arrow::datatypes::TimeUnit::Millisecond,
+                        None,
+                    ),
+                )?;
+                let millis = arrow::compute::cast(&millis, &arrow::datatypes::DataType::Int64)?;
+                Some(
+                    millis
+                        .as_any()
+                        .downcast_ref::<arrow::array::Int64Array>()
+                        .expect("cast to Int64")
+                        .iter()
+                        .collect(),
+                )
+            }
+        };
+        let rest: Vec<usize> = (0..batch.data.num_columns())
+            .filter(|c| !self.metadata.contains(c))
+            .collect();
+        let values = ChangeBatch {
+            data: batch.data.project(&rest)?,
+            ops: batch.ops.clone(),
+        };
+        self.codec.encode(&values, timestamps.as_deref())
+    }
+}
+
 impl SinkWriter for KafkaSink {
     fn write(&mut self, batch: &ChangeBatch) -> Result<()> {
         if batch.num_rows() == 0 {
             return Ok(());
         }
         self.check()?;
-        let records = self.codec.encode(batch)?;
+        let records = self.records(batch)?;
         if self.transactional && self.exactly_once.is_some() {
             self.staged.push(records);
             return Ok(());
         }
-        for (key, value) in &records {
+        for (key, value, timestamp) in &records {
             send(
                 &self.producer,
                 &self.topic,
                 self.partition(),
-                key.as_deref(),
-                value.as_deref(),
+                (key.as_deref(), value.as_deref(), *timestamp),
                 &self.errors,
                 self.timeout,
             )

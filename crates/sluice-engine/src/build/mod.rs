@@ -46,6 +46,22 @@ pub(crate) fn spec(table: &TableDef) -> ConnectorSpec {
     }
 }
 
+/// The connector spec of `table` as a sink: the columns an INSERT writes (not `VIRTUAL`
+/// metadata ones) and the metadata columns among them.
+pub(crate) fn sink_spec(table: &TableDef) -> ConnectorSpec {
+    let schema = table.sink_schema();
+    ConnectorSpec {
+        primary_key: table
+            .primary_key
+            .iter()
+            .filter_map(|k| schema.index_of(k).ok())
+            .collect(),
+        metadata: table.sink_metadata(),
+        schema,
+        ..spec(table)
+    }
+}
+
 /// What every operator of one worker needs to know.
 #[derive(Clone)]
 pub(crate) struct BuildContext {

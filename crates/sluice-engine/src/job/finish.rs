@@ -167,7 +167,7 @@ impl Finish<'_> {
             for sink_instance in 0..*inserts {
                 let spec = ConnectorSpec {
                     sink_instance,
-                    ..spec(t)
+                    ..sink_spec(t)
                 };
                 for w in mine.clone() {
                     let mut sink = open_sink(&spec, w, workers)?;

@@ -146,10 +146,10 @@ pub fn validate(plan: &JobPlan) -> Result<()> {
         let mut late = vec![];
         collect_late_sinks(&p.query, &mut late);
         for t in late {
-            open_sink(&spec(&t), 0, 1)?;
+            open_sink(&sink_spec(&t), 0, 1)?;
         }
         if let SinkTarget::Table(t) = &p.sink {
-            let s = spec(t);
+            let s = sink_spec(t);
             // Opening checks the options; sinks create nothing until written to, except the
             // filesystem sink's directory.
             open_sink(&s, 0, 1)?;

@@ -13,7 +13,7 @@ use timely::dataflow::operators::generic::Operator;
 use crate::checkpoint::Alignment;
 use crate::runtime::{Event, EventBuilder, EventStream};
 
-use crate::build::{spec, BuildContext};
+use crate::build::{sink_spec, BuildContext};
 use crate::job::SelectOutput;
 
 pub(crate) fn table_sink<'scope>(
@@ -28,7 +28,7 @@ pub(crate) fn table_sink<'scope>(
     let (index, peers) = (ctx.index, ctx.peers);
     let spec = ConnectorSpec {
         sink_instance: instance,
-        ..spec(table)
+        ..sink_spec(table)
     };
     let writer = open_sink(&spec, index, peers).and_then(|mut w| {
         if let Some(c) = &checkpoint {
@@ -45,7 +45,7 @@ pub(crate) fn table_sink<'scope>(
             None
         }
     };
-    let schema = table.physical_schema.clone();
+    let schema = table.sink_schema();
     let table_name = table.name.clone();
     let scope = stream.scope();
     let write = move |writer: &mut Option<Box<dyn sluice_connectors::SinkWriter>>,

@@ -58,6 +58,8 @@ pub enum ColumnDdl {
         /// `METADATA [FROM 'key'] [VIRTUAL]`: read from the connector's record metadata (the
         /// key defaults to the column's name).
         metadata: Option<String>,
+        /// `VIRTUAL`: a metadata column that is only read (INSERT leaves it out).
+        is_virtual: bool,
     },
     Computed {
         name: String,
@@ -351,6 +353,7 @@ fn parse_create_table(p: &mut Parser) -> Result<TableDdl, ParserError> {
                     let _ = p.parse_keyword(Keyword::NULL);
                 }
                 let mut metadata = None;
+                let mut is_virtual = false;
                 if peek_word(p, "METADATA") {
                     p.next_token();
                     let key = if p.parse_keyword(Keyword::FROM) {
@@ -360,6 +363,7 @@ fn parse_create_table(p: &mut Parser) -> Result<TableDdl, ParserError> {
                     };
                     if peek_word(p, "VIRTUAL") {
                         p.next_token();
+                        is_virtual = true;
                     }
                     metadata = Some(key);
                 }
@@ -375,6 +379,7 @@ fn parse_create_table(p: &mut Parser) -> Result<TableDdl, ParserError> {
                     data_type,
                     nullable,
                     metadata,
+                    is_virtual,
                 });
             }
         }

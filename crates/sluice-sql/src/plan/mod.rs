@@ -30,6 +30,8 @@ pub struct TableDef {
     pub options: BTreeMap<String, String>,
     /// Metadata columns (`METADATA FROM 'key'`): their positions in `physical_schema` and keys.
     pub metadata: Vec<(usize, String)>,
+    /// `VIRTUAL` metadata columns (positions in `physical_schema`): read, never written.
+    pub virtual_columns: Vec<usize>,
 }
 
 /// Formats whose records are changes with full before and after images.
@@ -61,6 +63,35 @@ impl TableDef {
             Some(f) if CHANGELOG_FORMATS.contains(&f.as_str()) => ChangelogMode::Retract,
             _ => ChangelogMode::InsertOnly,
         }
+    }
+
+    /// The columns an INSERT writes: the physical ones but `VIRTUAL` metadata columns (Flink's
+    /// persisted columns).
+    pub fn sink_schema(&self) -> SchemaRef {
+        if self.virtual_columns.is_empty() {
+            return self.physical_schema.clone();
+        }
+        let kept: Vec<usize> = (0..self.physical_schema.fields().len())
+            .filter(|c| !self.virtual_columns.contains(c))
+            .collect();
+        std::sync::Arc::new(
+            self.physical_schema
+                .project(&kept)
+                .expect("columns of the schema"),
+        )
+    }
+
+    /// The metadata columns an INSERT writes (not `VIRTUAL`): positions in [`Self::sink_schema`]
+    /// and keys.
+    pub fn sink_metadata(&self) -> Vec<(usize, String)> {
+        self.metadata
+            .iter()
+            .filter(|(c, _)| !self.virtual_columns.contains(c))
+            .map(|(c, key)| {
+                let before = self.virtual_columns.iter().filter(|v| *v < c).count();
+                (c - before, key.clone())
+            })
+            .collect()
     }
 
     /// The primary key's positions among the physical columns.

@@ -364,6 +364,7 @@ impl Catalog {
         } = ddl;
         let mut physical = vec![];
         let mut metadata = vec![];
+        let mut virtual_columns = vec![];
         let mut computed_sql = vec![];
         for c in &columns {
             match c {
@@ -372,9 +373,13 @@ impl Catalog {
                     data_type,
                     nullable,
                     metadata: key,
+                    is_virtual,
                 } => {
                     if let Some(key) = key {
                         metadata.push((physical.len(), key.clone()));
+                    }
+                    if *is_virtual {
+                        virtual_columns.push(physical.len());
                     }
                     physical.push(Field::new(name, data_type.clone(), *nullable))
                 }
@@ -469,12 +474,13 @@ impl Catalog {
             partitioned_by,
             options,
             metadata,
+            virtual_columns,
         })
     }
 
     /// Adds implicit casts so that the query's columns match the sink table's, as Flink does.
     fn cast_to_sink(&self, plan: LogicalPlan, sink: &TableDef) -> Result<LogicalPlan> {
-        let target = &sink.physical_schema;
+        let target = &sink.sink_schema();
         let source = plan.schema().clone();
         if source.fields().len() != target.fields().len() {
             return Err(Error::plan(format!(
@@ -818,7 +824,7 @@ impl Catalog {
                 source.name
             ))
         })?;
-        let (from, to) = (&source.physical_schema, &sink.physical_schema);
+        let (from, to) = (&source.physical_schema, &sink.sink_schema());
         let same = from.fields().len() == to.fields().len()
             && from
                 .fields()

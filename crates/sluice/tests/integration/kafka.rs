@@ -891,6 +891,117 @@ fn metadata_columns_hold_each_records_topic_partition_offset_and_time() {
     }
 }
 
+/// Flink's table of a topic with metadata columns is written to as it is read: INSERT leaves
+/// the VIRTUAL ones (`partition`, `offset`) out, and the `timestamp` column is each record's
+/// timestamp, not part of its value. Read back through the same table, the rows and their
+/// timestamps are the ones written. A metadata column the sink cannot write that is not
+/// VIRTUAL is refused, naming it.
+#[test]
+fn a_table_with_metadata_columns_is_written_with_record_timestamps() {
+    let broker = Broker::start();
+    broker.create_topic("meta_w", 2);
+    let dir = tempfile::tempdir().unwrap();
+    // Each row's time, as text (UTC) and in epoch milliseconds.
+    let time = |i: i64| {
+        let ms = 1_700_000_000_000 + i * 1001;
+        let text = chrono::DateTime::from_timestamp_millis(ms)
+            .unwrap()
+            .format("%Y-%m-%d %H:%M:%S%.3f")
+            .to_string();
+        (text, ms)
+    };
+    let input = dir.path().join("in.json");
+    let lines: String = (1..=500)
+        .map(|i| format!("{{\"id\":{i},\"at\":\"{}\"}}\n", time(i).0))
+        .collect();
+    std::fs::write(&input, lines).unwrap();
+    let table = |extra: &str| {
+        format!(
+            "CREATE TABLE events (
+               id BIGINT,
+               name STRING,
+               ts TIMESTAMP_LTZ(3) METADATA FROM 'timestamp',
+               `partition` INT METADATA VIRTUAL,
+               `offset` BIGINT METADATA VIRTUAL)
+             WITH ('connector' = 'kafka', 'topic' = 'meta_w',
+               'properties.bootstrap.servers' = '{}', 'format' = 'json',
+               'key.format' = 'json', 'key.fields' = 'id'{extra});",
+            broker.servers
+        )
+    };
+    let script = format!(
+        "CREATE TABLE src (id BIGINT, at TIMESTAMP_LTZ(3))
+           WITH ('connector' = 'filesystem', 'path' = '{}', 'format' = 'json');
+         {}
+         INSERT INTO events SELECT id, CONCAT('n', CAST(id AS STRING)), at FROM src;",
+        input.display(),
+        table("")
+    );
+    let (ok, stderr) = run(dir.path(), &script, 2, Duration::from_secs(60));
+    assert!(ok, "{stderr}");
+    let records = broker.consume("meta_w", 2, 500, false);
+    assert_eq!(records.len(), 500);
+    for (_, _, value) in &records {
+        let v: serde_json::Value = serde_json::from_str(value.as_deref().unwrap()).unwrap();
+        assert!(v.get("ts").is_none() && v.get("partition").is_none(), "{v}");
+    }
+    let bounds: String = (0..2)
+        .map(|p| {
+            let n = records.iter().filter(|r| r.0 == p).count();
+            format!("partition:{p},offset:{n}")
+        })
+        .collect::<Vec<_>>()
+        .join(";");
+    let out = dir.path().join("out");
+    let script = format!(
+        "{}
+         CREATE TABLE out (id BIGINT, name STRING, at TIMESTAMP_LTZ(3), p INT)
+           WITH ('connector' = 'filesystem', 'path' = '{}', 'format' = 'json');
+         INSERT INTO out SELECT id, name, ts, `partition` FROM events;",
+        table(&format!(
+            ", 'scan.startup.mode' = 'earliest-offset', 'scan.bounded.mode' = 'specific-offsets',
+               'scan.bounded.specific-offsets' = '{bounds}'"
+        )),
+        out.display()
+    );
+    let (ok, stderr) = run(dir.path(), &script, 2, Duration::from_secs(60));
+    assert!(ok, "{stderr}");
+    let mut rows: Vec<(i64, String, String)> = crate::common::committed_rows(&out, |_| {})
+        .keys()
+        .map(|row| {
+            let v: serde_json::Value = serde_json::from_str(row).unwrap();
+            (
+                v["id"].as_i64().unwrap(),
+                v["name"].as_str().unwrap().to_string(),
+                v["at"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    rows.sort();
+    let want: Vec<(i64, String, String)> =
+        (1..=500).map(|i| (i, format!("n{i}"), time(i).0)).collect();
+    assert_eq!(rows.len(), want.len());
+    for (got, want) in rows.iter().zip(&want) {
+        assert_eq!(got, want);
+    }
+
+    let script = format!(
+        "CREATE TABLE src (id BIGINT) WITH ('connector' = 'datagen', 'number-of-rows' = '5');
+         CREATE TABLE events (id BIGINT, `offset` BIGINT METADATA)
+           WITH ('connector' = 'kafka', 'topic' = 'meta_w',
+             'properties.bootstrap.servers' = '{}', 'format' = 'json');
+         INSERT INTO events SELECT id, id * 2 FROM src;",
+        broker.servers
+    );
+    let (ok, stderr) = run(dir.path(), &script, 1, Duration::from_secs(30));
+    assert!(
+        !ok && stderr.contains(
+            "column 'offset' (METADATA FROM 'offset') cannot be written (connector 'kafka' writes: timestamp): declare it METADATA VIRTUAL"
+        ),
+        "{stderr}"
+    );
+}
+
 /// A broker lost while a job reads: the job fails within the connect timeout, naming the
 /// servers. A broker that is only slow to send (an idle topic) does not fail the job.
 #[test]

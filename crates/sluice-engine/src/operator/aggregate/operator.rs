@@ -12,7 +12,7 @@ use sluice_common::{ChangeBatch, Result};
 use sluice_connectors::open_sink;
 use sluice_sql::TableDef;
 
-use crate::build::{spec, BuildContext};
+use crate::build::{sink_spec, BuildContext};
 use crate::checkpoint::{CheckpointContext, SinkTransactions};
 use crate::operator::aggregate::snapshot::FrozenState;
 use crate::operator::aggregate::AggregateState;
@@ -70,7 +70,7 @@ impl AggregateOperator {
         let late_writer = match &late_table {
             None => None,
             Some(t) => {
-                let mut writer = open_sink(&spec(t), ctx.index, ctx.peers)?;
+                let mut writer = open_sink(&sink_spec(t), ctx.index, ctx.peers)?;
                 if let Some(c) = &ctx.checkpoint {
                     crate::checkpoint::transactions::begin(
                         writer.as_mut(),
@@ -83,7 +83,7 @@ impl AggregateOperator {
                 Some(LateWriter {
                     writer,
                     written: ctx.metrics.write_counter(&t.name),
-                    schema: t.physical_schema.clone(),
+                    schema: t.sink_schema(),
                 })
             }
         };
