@@ -265,6 +265,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
         "offset",
         "timestamp",
         "timestamp-type",
+        "leader-epoch",
     ],
     writable_metadata: &["timestamp"],
     formats: true,
@@ -311,6 +312,7 @@ pub const UPSERT: ConnectorDef = ConnectorDef {
         "offset",
         "timestamp",
         "timestamp-type",
+        "leader-epoch",
     ],
     writable_metadata: &["timestamp"],
     formats: false,
@@ -1093,6 +1095,9 @@ impl KafkaSource {
                 "offset" => Arc::new(Int64Array::from_iter_values(
                     kept.iter().map(|k| records.offsets[*k]),
                 )),
+                "leader-epoch" => Arc::new(Int32Array::from(
+                    kept.iter().map(|k| records.epochs[*k]).collect::<Vec<_>>(),
+                )),
                 "timestamp" => Arc::new(TimestampMillisecondArray::from(
                     kept.iter()
                         .map(|k| records.timestamps[*k].0)
@@ -1118,6 +1123,16 @@ struct Gathered {
     keys: Vec<Option<Vec<u8>>>,
     offsets: Vec<i64>,
     timestamps: Vec<(Option<i64>, &'static str)>,
+    /// Each record's leader epoch, when the broker gives one.
+    epochs: Vec<Option<i32>>,
+}
+
+/// The leader epoch of a fetched record (`None`: the broker gave none). rdkafka's safe API does
+/// not expose it; librdkafka's accessor reads the message.
+fn leader_epoch(message: &rdkafka::message::BorrowedMessage) -> Option<i32> {
+    // SAFETY: `ptr` is the message this borrow keeps alive; the accessor only reads a field.
+    let epoch = unsafe { rdkafka::bindings::rd_kafka_message_leader_epoch(message.ptr()) };
+    (epoch >= 0).then_some(epoch)
 }
 
 impl KafkaSource {
@@ -1251,6 +1266,7 @@ impl SourceReader for KafkaSource {
                 entry.values.push(value);
                 entry.keys.push(key);
                 entry.offsets.push(offset);
+                entry.epochs.push(leader_epoch(&message));
                 entry.timestamps.push(match message.timestamp() {
                     rdkafka::Timestamp::NotAvailable => (None, "NoTimestampType"),
                     rdkafka::Timestamp::CreateTime(t) => (Some(t), "CreateTime"),

@@ -165,6 +165,41 @@ impl Broker {
             .collect()
     }
 
+    /// The leader epoch of every record of `topic` (by partition and offset) as a librdkafka
+    /// consumer reads it (`None`: the broker gave none).
+    pub fn leader_epochs(
+        &self,
+        topic: &str,
+        partitions: usize,
+    ) -> BTreeMap<(i32, i64), Option<i32>> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.servers)
+            .set("group.id", "sluice-test-reader")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions as i32 {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        let mut out = BTreeMap::new();
+        let started = Instant::now();
+        let mut last = Instant::now();
+        while last.elapsed() < Duration::from_secs(2) && started.elapsed() < Duration::from_secs(30)
+        {
+            if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+                let m = m.unwrap();
+                last = Instant::now();
+                // SAFETY: the message is alive while borrowed; the accessor reads a field.
+                let epoch = unsafe { rdkafka::bindings::rd_kafka_message_leader_epoch(m.ptr()) };
+                out.insert((m.partition(), m.offset()), (epoch >= 0).then_some(epoch));
+            }
+        }
+        out
+    }
+
     /// As [`Self::consume`], with keys and values as bytes.
     pub fn consume_bytes(
         &self,
@@ -828,33 +863,41 @@ fn metadata_columns_hold_each_records_topic_partition_offset_and_time() {
            `partition` INT METADATA VIRTUAL,
            `offset` BIGINT METADATA VIRTUAL,
            t STRING METADATA FROM 'topic' VIRTUAL,
-           ts TIMESTAMP_LTZ(3) METADATA FROM 'timestamp')
+           ts TIMESTAMP_LTZ(3) METADATA FROM 'timestamp',
+           le INT METADATA FROM 'leader-epoch' VIRTUAL)
          WITH ('connector' = 'kafka', 'topic' = 'meta_t', 'properties.bootstrap.servers' = '{}',
            'format' = 'json', 'scan.startup.mode' = 'earliest-offset',
            'scan.bounded.mode' = 'specific-offsets',
            'scan.bounded.specific-offsets' = 'partition:0,offset:3;partition:1,offset:3');
-         CREATE TABLE out (id BIGINT, p INT, o BIGINT, t STRING, ms BIGINT)
+         CREATE TABLE out (id BIGINT, p INT, o BIGINT, t STRING, ms BIGINT, le INT)
            WITH ('connector' = 'filesystem', 'path' = '{}', 'format' = 'json');
-         INSERT INTO out SELECT id, `partition`, `offset`, t, UNIX_TIMESTAMP(CAST(ts AS STRING)) FROM src;",
+         INSERT INTO out SELECT id, `partition`, `offset`, t, UNIX_TIMESTAMP(CAST(ts AS STRING)), le FROM src;",
         broker.servers,
         out.display()
     );
     let (ok, stderr) = run(dir.path(), &script, 2, Duration::from_secs(60));
     assert!(ok, "{stderr}");
-    let mut rows: Vec<(i64, i64, i64, String, i64)> = crate::common::committed_rows(&out, |_| {})
-        .keys()
-        .map(|row| {
-            let v: serde_json::Value = serde_json::from_str(row).unwrap();
-            (
-                v["id"].as_i64().unwrap(),
-                v["p"].as_i64().unwrap(),
-                v["o"].as_i64().unwrap(),
-                v["t"].as_str().unwrap().to_string(),
-                v["ms"].as_i64().unwrap(),
-            )
-        })
-        .collect();
+    let mut rows: Vec<(i64, i64, i64, String, i64, Option<i64>)> =
+        crate::common::committed_rows(&out, |_| {})
+            .keys()
+            .map(|row| {
+                let v: serde_json::Value = serde_json::from_str(row).unwrap();
+                (
+                    v["id"].as_i64().unwrap(),
+                    v["p"].as_i64().unwrap(),
+                    v["o"].as_i64().unwrap(),
+                    v["t"].as_str().unwrap().to_string(),
+                    v["ms"].as_i64().unwrap(),
+                    v["le"].as_i64(),
+                )
+            })
+            .collect();
     rows.sort();
+    // The leader epoch a plain librdkafka consumer sees for each record.
+    let epochs = broker.leader_epochs("meta_t", 2);
+    for r in &rows {
+        assert_eq!(r.5, epochs[&(r.1 as i32, r.2)].map(i64::from), "{r:?}");
+    }
     let want: Vec<(i64, i64, i64, String)> = (0..6)
         .map(|i| (i, i % 2, i / 2, "meta_t".to_string()))
         .collect();
@@ -874,7 +917,7 @@ fn metadata_columns_hold_each_records_topic_partition_offset_and_time() {
     for (ddl, want) in [
         (
             format!("x STRING METADATA FROM 'leader' VIRTUAL) WITH ('connector' = 'kafka', 'topic' = 'meta_t', 'properties.bootstrap.servers' = '{}', 'format' = 'json')", broker.servers),
-            "column 'x': connector 'kafka' has no metadata 'leader' (it has: topic, partition, offset, timestamp, timestamp-type)",
+            "column 'x': connector 'kafka' has no metadata 'leader' (it has: topic, partition, offset, timestamp, timestamp-type, leader-epoch)",
         ),
         (
             "x STRING METADATA FROM 'file.path') WITH ('connector' = 'datagen')".to_string(),
