@@ -928,14 +928,21 @@ impl SourceReader for RabbitSource {
 pub struct RabbitSink {
     table: String,
     address: String,
+    /// The broker's URI (with credentials) and `sluice.connect-timeout`, to connect again.
+    uri: String,
+    timeout: Duration,
     exchange: String,
     routing_key: String,
     rt: tokio::runtime::Runtime,
-    _connection: Connection,
+    connection: Connection,
     channel: Channel,
     format: MessageFormat,
+    properties: BasicProperties,
     confirms: bool,
+    /// Confirmations not yet awaited, and the bodies of those messages: a connection lost
+    /// before they are confirmed is made again and they are published again (at-least-once).
     pending: Vec<PublisherConfirm>,
+    unconfirmed: Vec<Vec<u8>>,
 }
 
 impl RabbitSink {
@@ -1013,17 +1020,24 @@ impl RabbitSink {
                 )
             }));
         }
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type(format.content_type().into());
         Ok(RabbitSink {
             table: spec.table.clone(),
             address: broker.address,
+            uri: broker.uri,
+            timeout: broker.timeout,
             exchange,
             routing_key,
             rt,
-            _connection: connection,
+            connection,
             channel,
             format,
+            properties,
             confirms,
             pending: vec![],
+            unconfirmed: vec![],
         })
     }
 
@@ -1031,44 +1045,141 @@ impl RabbitSink {
         Error::connector(&self.table, message)
     }
 
-    /// Waits for the broker's confirmation of every message published so far.
+    /// Publishes one message (without waiting for its confirmation).
+    fn publish(&self, body: &[u8]) -> std::result::Result<PublisherConfirm, lapin::Error> {
+        self.rt.block_on(self.channel.basic_publish(
+            self.exchange.as_str().into(),
+            self.routing_key.as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            body,
+            self.properties.clone(),
+        ))
+    }
+
+    /// After a lost connection: connects again (every 200 ms at most) and publishes the
+    /// unconfirmed messages again, or fails the job once the broker has been unreachable for
+    /// `sluice.connect-timeout`.
+    fn recover(&mut self, mut error: String) -> Result<()> {
+        let since = Instant::now();
+        tracing::warn!(
+            "table '{}': lost RabbitMQ at '{}' while publishing ({error}); connecting again",
+            self.table,
+            self.address
+        );
+        loop {
+            if since.elapsed() >= self.timeout {
+                return Err(self.error(format!(
+                    "publishing to exchange '{}' routing key '{}' on RabbitMQ at '{}': {error}; unreachable for {:?} (option 'sluice.connect-timeout')",
+                    self.exchange,
+                    self.routing_key,
+                    self.address,
+                    since.elapsed()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            let wait = self.timeout.min(Duration::from_secs(1));
+            let confirms = self.confirms;
+            let uri = self.uri.clone();
+            let opened = self.rt.block_on(async move {
+                let connecting = Connection::connect(&uri, ConnectionProperties::default());
+                let connection = match tokio::time::timeout(wait, connecting).await {
+                    Ok(c) => c?,
+                    Err(_) => {
+                        return Err(lapin::Error::from(std::io::Error::other(
+                            "connecting timed out",
+                        )))
+                    }
+                };
+                let channel = connection.create_channel().await?;
+                if confirms {
+                    channel
+                        .confirm_select(ConfirmSelectOptions::default())
+                        .await?;
+                }
+                Ok((connection, channel))
+            });
+            let (connection, channel) = match opened {
+                Ok(opened) => opened,
+                Err(e) => {
+                    error = e.to_string();
+                    continue;
+                }
+            };
+            self.connection = connection;
+            self.channel = channel;
+            self.pending.clear();
+            let mut failed = None;
+            for body in &self.unconfirmed {
+                match self.publish(body) {
+                    Ok(confirm) => self.pending.push(confirm),
+                    Err(e) => {
+                        failed = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+            match failed {
+                None => {
+                    tracing::warn!(
+                        "table '{}': reconnected to RabbitMQ at '{}' after {:?}; published {} unconfirmed messages again",
+                        self.table,
+                        self.address,
+                        since.elapsed(),
+                        self.unconfirmed.len()
+                    );
+                    return Ok(());
+                }
+                Some(e) => error = e,
+            }
+        }
+    }
+
+    /// Waits for the broker's confirmation of every message published so far. A connection
+    /// lost meanwhile is made again and the unconfirmed messages published again; a message
+    /// the broker refuses, or that reaches no queue, fails the job.
     fn wait_confirms(&mut self) -> Result<()> {
-        let pending = std::mem::take(&mut self.pending);
-        let results = self.rt.block_on(futures_util::future::join_all(pending));
-        for r in results {
+        loop {
+            let pending = std::mem::take(&mut self.pending);
+            let results = self.rt.block_on(futures_util::future::join_all(pending));
             let what = || {
                 format!(
                     "exchange '{}' routing key '{}'",
                     self.exchange, self.routing_key
                 )
             };
-            match r {
-                Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => {}
-                Ok(Confirmation::Ack(Some(returned))) => {
-                    return Err(self.error(format!(
-                        "a message to {} reached no queue ({} {})",
-                        what(),
-                        returned.reply_code,
-                        returned.reply_text
-                    )))
-                }
-                Ok(Confirmation::Nack(_)) => {
-                    return Err(self.error(format!(
-                        "RabbitMQ at '{}' refused a message to {}",
-                        self.address,
-                        what()
-                    )))
-                }
-                Err(e) => {
-                    return Err(self.error(format!(
-                        "publishing to {} on RabbitMQ at '{}': {e}",
-                        what(),
-                        self.address
-                    )))
+            let mut lost = None;
+            for r in results {
+                match r {
+                    Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => {}
+                    Ok(Confirmation::Ack(Some(returned))) => {
+                        return Err(self.error(format!(
+                            "a message to {} reached no queue ({} {})",
+                            what(),
+                            returned.reply_code,
+                            returned.reply_text
+                        )))
+                    }
+                    Ok(Confirmation::Nack(_)) => {
+                        return Err(self.error(format!(
+                            "RabbitMQ at '{}' refused a message to {}",
+                            self.address,
+                            what()
+                        )))
+                    }
+                    Err(e) => lost = Some(e.to_string()),
                 }
             }
+            match lost {
+                None => {
+                    self.unconfirmed.clear();
+                    return Ok(());
+                }
+                Some(e) => self.recover(e)?,
+            }
         }
-        Ok(())
     }
 }
 
@@ -1078,33 +1189,25 @@ impl SinkWriter for RabbitSink {
             return Ok(());
         }
         let messages = self.format.encode(&self.table, "rabbitmq", batch)?;
-        let properties = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type(self.format.content_type().into());
         for m in messages {
-            let confirm = self
-                .rt
-                .block_on(self.channel.basic_publish(
-                    self.exchange.as_str().into(),
-                    self.routing_key.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    &m,
-                    properties.clone(),
-                ))
-                .map_err(|e| {
-                    self.error(format!(
-                        "publishing to exchange '{}' on RabbitMQ at '{}': {e}",
-                        self.exchange, self.address
-                    ))
-                })?;
-            if self.confirms {
-                self.pending.push(confirm);
-                if self.pending.len() >= 8192 {
-                    self.wait_confirms()?;
+            match self.publish(&m) {
+                Ok(confirm) if self.confirms => {
+                    self.pending.push(confirm);
+                    self.unconfirmed.push(m);
                 }
+                Ok(_) => {}
+                Err(e) => {
+                    // Published again with the unconfirmed ones once connected again.
+                    self.unconfirmed.push(m);
+                    self.recover(e.to_string())?;
+                    if !self.confirms {
+                        self.pending.clear();
+                        self.unconfirmed.clear();
+                    }
+                }
+            }
+            if self.confirms && self.pending.len() >= 8192 {
+                self.wait_confirms()?;
             }
         }
         Ok(())

@@ -761,3 +761,99 @@ fn a_connection_lost_while_running_fails_the_job_promptly() {
     // The client's own log lines (the stream probe's refusal among them) stay out of the log.
     assert!(!stderr.contains("PRECONDITION_FAILED"), "{stderr}");
 }
+
+/// The sink's connection cut twice while a job publishes: it connects again and publishes the
+/// unconfirmed messages again, so every row reaches the queue (at-least-once: some twice).
+#[test]
+fn the_sink_connects_again_and_loses_no_row() {
+    const ROWS: i64 = 60_000;
+    let queue = Queue::create("rmq_sink_reconnect", false);
+    let proxy = Proxy::start();
+    let dir = tempfile::tempdir().unwrap();
+    let script = format!(
+        "CREATE TABLE src (id BIGINT) WITH ('connector' = 'datagen',
+           'rows-per-second' = '20000', 'number-of-rows' = '{ROWS}',
+           'fields.id.kind' = 'sequence', 'fields.id.start' = '0',
+           'fields.id.end' = '{}');
+         CREATE TABLE out (id BIGINT)
+           WITH ('connector' = 'rabbitmq', 'host' = '127.0.0.1', 'port' = '{}',
+             'queue' = '{}', 'format' = 'json');
+         INSERT INTO out SELECT id FROM src;",
+        ROWS - 1,
+        proxy.port,
+        queue.name
+    );
+    let job_dir = dir.path().to_path_buf();
+    let running =
+        std::thread::spawn(move || common::run_cli(&job_dir, &script, 2, Duration::from_secs(120)));
+    for _ in 0..2 {
+        let started = Instant::now();
+        while proxy.streams.lock().unwrap().len() < 4 && started.elapsed() < Duration::from_secs(30)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(600));
+        proxy.cut();
+        proxy.streams.lock().unwrap().clear();
+    }
+    let (ok, stderr) = running.join().unwrap();
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("reconnected to RabbitMQ"), "{stderr}");
+    let mut ids = std::collections::BTreeSet::new();
+    for body in queue.drain() {
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        ids.insert(v["id"].as_i64().unwrap());
+    }
+    let missing: Vec<i64> = (0..ROWS).filter(|i| !ids.contains(i)).take(10).collect();
+    assert!(missing.is_empty(), "lost rows, for example {missing:?}");
+    assert_eq!(ids.len(), ROWS as usize);
+}
+
+/// The sink's broker gone for longer than `sluice.connect-timeout`: the job fails promptly,
+/// naming the target and the broker.
+#[test]
+fn a_sink_whose_broker_stays_away_fails_the_job_promptly() {
+    let queue = Queue::create("rmq_sink_lost", false);
+    let proxy = Proxy::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("job.sql");
+    std::fs::write(
+        &file,
+        format!(
+            "CREATE TABLE src (id BIGINT) WITH ('connector' = 'datagen', 'rows-per-second' = '1000');
+             CREATE TABLE out (id BIGINT)
+               WITH ('connector' = 'rabbitmq', 'host' = '127.0.0.1', 'port' = '{}',
+                 'queue' = '{}', 'format' = 'json', 'sluice.connect-timeout' = '2 s');
+             INSERT INTO out SELECT id FROM src;",
+            proxy.port, queue.name
+        ),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.args(["run", "--workers", "2"]).arg(&file);
+    let running = std::thread::spawn(move || common::output_within(cmd, Duration::from_secs(60)));
+    let started = Instant::now();
+    while proxy.streams.lock().unwrap().len() < 4 && started.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let cut = Instant::now();
+    proxy
+        .refuse
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    proxy.cut();
+    let output = running.join().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        cut.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        cut.elapsed()
+    );
+    assert!(
+        stderr.contains(&format!("routing key '{}'", queue.name))
+            && stderr.contains(&format!("127.0.0.1:{}", proxy.port))
+            && stderr.contains("unreachable for"),
+        "{stderr}"
+    );
+}
