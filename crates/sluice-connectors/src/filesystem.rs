@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use arrow::datatypes::SchemaRef;
 use sluice_common::{ChangeBatch, Error, Result};
 
-use crate::format::{encode_changelog, encode_csv, encode_json, JsonLines};
+use crate::format::{encode_changelog, encode_csv, encode_json, encode_raw, JsonLines};
 use crate::options::{ConnectorDef, Kind, OptionDef, Options, Side};
 use crate::{ConnectorSpec, Poll, SinkWriter, SourceReader};
 
@@ -27,6 +27,8 @@ enum Format {
     Csv,
     /// Avro object container files.
     Avro,
+    /// Each line is the value of the table's one STRING or BYTES column.
+    Raw,
     /// `debezium-json` or `canal-json`: an updating table, read and written as changes.
     Changelog(crate::format::Changelog),
 }
@@ -50,11 +52,11 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
         },
         OptionDef {
             key: "format",
-            kind: Kind::Choice(&["json", "csv", "avro", "debezium-json", "canal-json"]),
+            kind: Kind::Choice(&["json", "csv", "avro", "raw", "debezium-json", "canal-json"]),
             default: None,
             side: Side::Both,
             identity: true,
-            doc: "JSON lines, CSV (no header), or Avro object container files (read with the file's schema resolved to the columns, written with the schema Flink derives from them); `debezium-json` and `canal-json` are changes, read as an updating table and written from an updating result",
+            doc: "JSON lines, CSV (no header), `raw` lines (each the value of the one STRING or BYTES column), or Avro object container files (read with the file's schema resolved to the columns, written with the schema Flink derives from them); `debezium-json` and `canal-json` are changes, read as an updating table and written from an updating result",
         },
         crate::avro::LEGACY_TIMESTAMPS_OPTION,
         crate::avro::CODEC_OPTION,
@@ -126,7 +128,18 @@ fn format(opts: &mut Options) -> Result<Format> {
         "json" => Ok(Format::Json),
         "csv" => Ok(Format::Csv),
         "avro" => Ok(Format::Avro),
+        "raw" => Ok(Format::Raw),
         other => unreachable!("format '{other}' is declared but not read"),
+    }
+}
+
+/// `raw` files hold the values of one STRING or BYTES column (besides partition columns).
+fn raw_column(opts: &Options, columns: &SchemaRef) -> Result<()> {
+    match columns.fields().iter().map(|f| f.data_type()).collect::<Vec<_>>()[..] {
+        [arrow::datatypes::DataType::Utf8 | arrow::datatypes::DataType::Binary] => Ok(()),
+        _ => Err(opts.error(
+            "format 'raw' reads and writes a table of one STRING or BYTES column (besides partition columns): each line is its value",
+        )),
     }
 }
 
@@ -359,8 +372,9 @@ impl FileSource {
         let (ignore, csv_ignore_errors) = match &format {
             Format::Csv => (false, opts.flag("csv.ignore-parse-errors")?),
             Format::Json => (opts.flag("json.ignore-parse-errors")?, false),
-            // A container file's records all read, or the file is corrupt: nothing to skip.
-            Format::Avro => (false, false),
+            // A container file's records all read, or the file is corrupt; a raw line is
+            // always a value: nothing to skip.
+            Format::Avro | Format::Raw => (false, false),
             Format::Changelog(c) => (
                 opts.flag(&format!("{}.ignore-parse-errors", c.name()))?,
                 false,
@@ -408,7 +422,7 @@ impl FileSource {
         let read = spec
             .read_columns
             .as_ref()
-            .filter(|_| layout.is_none() && changelog.is_none())
+            .filter(|_| layout.is_none() && changelog.is_none() && !matches!(format, Format::Raw))
             .map(|cols| {
                 (0..data_schema.fields().len())
                     .filter(|c| cols.contains(c) || !data_schema.field(*c).is_nullable())
@@ -419,6 +433,10 @@ impl FileSource {
             None => data_schema.clone(),
             Some(cols) => std::sync::Arc::new(data_schema.project(cols)?),
         };
+        let raw = matches!(format, Format::Raw);
+        if raw {
+            raw_column(opts, &data_schema)?;
+        }
         let avro = match format {
             Format::Avro => {
                 // Avro files are read whole: their blocks are compressed.
@@ -491,7 +509,10 @@ impl FileSource {
             cursor: 0,
             format,
             schema: data_schema.clone(),
-            json: json_decoder(&decoded_schema, ignore, &changelog)?,
+            json: match raw {
+                true => JsonLines::raw(decoded_schema.clone())?,
+                false => json_decoder(&decoded_schema, ignore, &changelog)?,
+            },
             changelog,
             read,
             full_schema: data_schema,
@@ -506,7 +527,7 @@ impl FileSource {
             root: path.clone(),
             quotes: Default::default(),
             file_splits: Default::default(),
-            decode_ahead: spec.decode_ahead && avro.is_none(),
+            decode_ahead: spec.decode_ahead && avro.is_none() && !raw,
             avro,
             ahead: Default::default(),
             ahead_due: false,
@@ -1232,6 +1253,14 @@ impl FileSink {
         let instance = spec.sink_instance;
         let layout =
             crate::partitions::Layout::new(&spec.schema, &spec.partitioned_by, &spec.table)?;
+        if matches!(format, Format::Raw) {
+            raw_column(
+                opts,
+                &layout
+                    .as_ref()
+                    .map_or(spec.schema.clone(), |l| l.data.clone()),
+            )?;
+        }
         let avro = match format {
             Format::Avro => {
                 let columns = layout
@@ -1332,6 +1361,7 @@ impl FileSink {
         match &self.format {
             Format::Csv => "csv",
             Format::Avro => "avro",
+            Format::Raw => "txt",
             _ => "json",
         }
     }
@@ -1356,6 +1386,7 @@ impl SinkWriter for FileSink {
             Format::Json => encode_json(batch, &mut self.buffer)?,
             Format::Csv => encode_csv(batch, &mut self.buffer)?,
             Format::Changelog(c) => encode_changelog(batch, c, &mut self.buffer)?,
+            Format::Raw => encode_raw(batch, &mut self.buffer)?,
             // Encoded below, once the file (and whether it needs its header) is known.
             Format::Avro => {}
         }

@@ -271,6 +271,8 @@ pub struct JsonLines {
     kept: Option<Vec<usize>>,
     /// Changelog: the record of each row of the last decoded batch.
     origins: Vec<usize>,
+    /// `raw`: each line is the one column's value, not JSON.
+    raw: bool,
 }
 
 impl JsonLines {
@@ -286,7 +288,16 @@ impl JsonLines {
             changelog: None,
             kept: None,
             origins: vec![],
+            raw: false,
         })
+    }
+
+    /// A decoder of lines that are each the value of the one STRING or BYTES column of
+    /// `schema` (the `raw` format).
+    pub fn raw(schema: SchemaRef) -> Result<Self> {
+        let mut lines = JsonLines::new(schema, false)?;
+        lines.raw = true;
+        Ok(lines)
     }
 
     /// A decoder of records of `changelog`, each holding changes of rows of `schema`. Its
@@ -344,6 +355,16 @@ impl JsonLines {
         lines: &[String],
         location: &dyn Fn(usize) -> String,
     ) -> Result<Option<RecordBatch>> {
+        if self.raw {
+            self.kept = None;
+            let column: ArrayRef =
+                std::sync::Arc::new(arrow::array::StringArray::from_iter_values(lines));
+            let column = arrow::compute::cast(&column, self.schema.field(0).data_type())?;
+            return Ok(Some(RecordBatch::try_new(
+                self.schema.clone(),
+                vec![column],
+            )?));
+        }
         let Some(changelog) = self.changelog.clone() else {
             return self.decode_rows(lines, location);
         };
@@ -644,6 +665,20 @@ pub fn json_rows(batch: &RecordBatch) -> Result<Vec<String>> {
     }
     let text = String::from_utf8(buf).map_err(|e| Error::Runtime(e.to_string()))?;
     Ok(text.lines().map(str::to_string).collect())
+}
+
+/// Encodes an append-only batch of one column as lines of its text (the `raw` format).
+pub fn encode_raw(batch: &ChangeBatch, out: &mut Vec<u8>) -> Result<()> {
+    let text = arrow::compute::cast(batch.data.column(0), &DataType::Utf8)?;
+    let text = text
+        .as_any()
+        .downcast_ref::<arrow::array::StringArray>()
+        .expect("cast to Utf8");
+    for v in text.iter() {
+        out.extend_from_slice(v.unwrap_or_default().as_bytes());
+        out.push(b'\n');
+    }
+    Ok(())
 }
 
 /// Encodes an append-only batch as JSON lines.

@@ -27,6 +27,7 @@ mod nexmark_queries;
 #[cfg(feature = "rabbitmq")]
 mod rabbitmq;
 mod randomized_queries;
+mod raw_files;
 mod recovery;
 #[cfg(feature = "redis")]
 mod redis;
