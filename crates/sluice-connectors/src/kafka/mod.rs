@@ -992,7 +992,7 @@ impl KafkaSource {
 
     /// Decodes one partition's record values into a batch.
     /// Decodes one partition's records into a batch: the values, then the metadata columns.
-    fn decode(&mut self, split: usize, records: Gathered) -> Result<()> {
+    fn decode(&mut self, split: usize, mut records: Gathered) -> Result<()> {
         let next = records.offsets.last().expect("at least one record") + 1;
         let s = &self.splits[split];
         let (topic, partition) = (s.topic.clone(), s.partition);
@@ -1030,11 +1030,14 @@ impl KafkaSource {
                 &location,
             )?
         } else {
-            // Text that is not UTF-8 is left to the decoder, which skips or reports it.
-            let values: Vec<String> = records
-                .values
-                .iter()
-                .map(|v| String::from_utf8_lossy(v.as_deref().unwrap_or_default()).into_owned())
+            // Text that is not UTF-8 is left to the decoder, which skips or reports it. The
+            // payloads move into the strings (no copy when they are UTF-8).
+            let values: Vec<String> = std::mem::take(&mut records.values)
+                .into_iter()
+                .map(|v| {
+                    String::from_utf8(v.unwrap_or_default())
+                        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+                })
                 .collect();
             match self.codec.value {
                 _ if self.codec.changes.is_some() => {
