@@ -1,4 +1,4 @@
-//! The `filesystem` connector: JSON lines, CSV or Avro files in, part files out.
+//! The `filesystem` connector: JSON lines, CSV, raw lines or Avro files in, part files out.
 //!
 //! Source: `path` is a file or a directory; a directory's files are sorted, cut into pieces of
 //! `source.split-size` bytes (8 MB unless set) on record boundaries, and the pieces dealt out to
