@@ -37,6 +37,7 @@ pub mod redis_sink;
 #[cfg(feature = "redis")]
 pub mod redis_stream;
 pub mod staged;
+pub mod view;
 
 use std::collections::BTreeMap;
 
@@ -344,6 +345,7 @@ pub const CONNECTORS: &[options::ConnectorDef] = &[
     print::PRINT,
     print::BLACKHOLE,
     memory::CONNECTOR,
+    view::CONNECTOR,
     #[cfg(feature = "nats")]
     nats::CONNECTOR,
     #[cfg(feature = "redis")]
@@ -418,6 +420,7 @@ pub fn open_sink(
         "mqtt" => Box::new(mqtt::MqttSink::open(spec, &mut opts, worker)?),
         "blackhole" => Box::new(print::Blackhole),
         "memory" => Box::new(memory::MemorySink::open(spec, &mut opts)?),
+        "view" => Box::new(view::ViewSink::open(spec, &mut opts, worker)?),
         other => unreachable!("connector '{other}' is declared as a sink but not opened"),
     };
     opts.finish()?;
@@ -434,7 +437,7 @@ pub fn sink_accepts_updates(spec: &ConnectorSpec) -> bool {
                 .or_else(|| spec.options.get("value.format"));
             format.is_some_and(|f| ["debezium-json", "canal-json"].contains(&f.as_str()))
         }
-        Some("print" | "blackhole" | "memory" | "upsert-kafka") => true,
+        Some("print" | "blackhole" | "memory" | "view" | "upsert-kafka") => true,
         Some("redis") => !matches!(
             spec.options.get("command").map(String::as_str),
             Some("xadd" | "publish")

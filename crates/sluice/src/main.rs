@@ -6,6 +6,7 @@ mod latency;
 mod logging;
 mod progress;
 mod table_output;
+mod worker;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -106,6 +107,12 @@ enum Command {
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
     },
+    /// Run one pipeline of `sluice serve` (the server starts it; not meant to be run by hand).
+    #[command(hide = true)]
+    Worker(worker::WorkerArgs),
+    /// Start the platform server: tenants, pipelines and materialized views, over the
+    /// Postgres wire protocol and REST.
+    Serve(sluice_server::ServeArgs),
     /// Run the Double-11 sales dashboard on built-in generated orders.
     Demo {
         /// Stop after this many seconds (default: run until Ctrl-C).
@@ -130,6 +137,12 @@ fn main() -> ExitCode {
             Ok(None) => Ok(()),
             Err(e) => Err(e),
         },
+        Command::Worker(args) => match worker::run(args) {
+            Ok(Some(signal)) => return ExitCode::from(128 + signal as u8),
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        },
+        Command::Serve(args) => sluice_server::serve(args),
         Command::Demo { seconds, workers } => demo::run(seconds, workers),
         Command::Explain { file } => explain(file),
         Command::Bench { suite, workers, .. } if suite == "latency" => {

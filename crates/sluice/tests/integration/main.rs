@@ -32,6 +32,7 @@ mod recovery;
 #[cfg(feature = "redis")]
 mod redis;
 mod robustness;
+mod serve;
 mod shuffled_input;
 mod slt;
 mod stream_equals_batch;

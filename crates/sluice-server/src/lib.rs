@@ -1,0 +1,224 @@
+//! `sluice serve`: the multi-tenant platform server.
+//!
+//! - [`catalog`]: tenants, users, tokens, tables, views and pipelines in embedded SQLite.
+//! - [`auth`]: SCRAM-SHA-256 verifiers and hashed API tokens.
+//! - [`statements`]: the SQL the server runs for a session, scoped to its tenant.
+//! - [`supervisor`]: one `sluice worker` process per running pipeline, restarted from its
+//!   checkpoints with backoff.
+//! - [`views`]: materialized views folded from their pipelines' committed epochs.
+//! - [`pg`] and [`rest`]: the Postgres wire protocol and the REST API.
+
+pub mod auth;
+pub mod catalog;
+pub mod error;
+pub mod pg;
+pub mod rest;
+pub mod statements;
+pub mod supervisor;
+pub mod views;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::catalog::{Catalog, Role, User, ADMIN_TENANT};
+use crate::statements::Server;
+use crate::supervisor::{Layout, Supervisor};
+use crate::views::Views;
+
+/// `sluice serve`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Where the catalog, checkpoints, views and tenants' files live.
+    #[arg(long, default_value = "./sluice-data")]
+    pub data_dir: PathBuf,
+    /// The address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub listen: String,
+    /// The Postgres wire protocol port.
+    #[arg(long, default_value_t = 5433)]
+    pub pg_port: u16,
+    /// The HTTP port (REST API and console).
+    #[arg(long, default_value_t = 8080)]
+    pub http_port: u16,
+    /// Worker threads all pipelines of the server may use together (default: 4 per core).
+    #[arg(long)]
+    pub max_parallelism: Option<u64>,
+}
+
+fn bind(addr: &str, port: u16, what: &str, flag: &str) -> Result<std::net::TcpListener, String> {
+    let l = std::net::TcpListener::bind((addr, port)).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            format!("{addr}:{port} ({what}) is already in use: stop what listens there, or give {flag} another port")
+        } else {
+            format!("{addr}:{port} ({what}): {e}")
+        }
+    })?;
+    l.set_nonblocking(true)
+        .map_err(|e| format!("{addr}:{port}: {e}"))?;
+    Ok(l)
+}
+
+/// Creates the admin tenant and user on the first start; returns lines to print once.
+fn bootstrap(catalog: &Catalog) -> Result<Vec<String>, String> {
+    let mut shown = vec![];
+    let env_password = std::env::var("SLUICE_ADMIN_PASSWORD")
+        .ok()
+        .filter(|p| !p.is_empty());
+    let env_token = std::env::var("SLUICE_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    let first = !catalog.tenant_exists(ADMIN_TENANT).map_err(|e| e.message)?;
+    if first {
+        catalog.create_tenant(ADMIN_TENANT).map_err(|e| e.message)?;
+    }
+    match catalog.user("admin").map_err(|e| e.message)? {
+        None => {
+            let password = env_password.clone().unwrap_or_else(auth::new_password);
+            catalog
+                .create_user(&User {
+                    name: "admin".into(),
+                    tenant: ADMIN_TENANT.into(),
+                    role: Role::Owner,
+                    verifier: auth::verifier(&password),
+                })
+                .map_err(|e| e.message)?;
+            if env_password.is_none() {
+                shown.push(format!(
+                    "  admin password    {password}   (shown once; SLUICE_ADMIN_PASSWORD sets it)"
+                ));
+            }
+        }
+        Some(u) => {
+            if let Some(p) = &env_password {
+                if !auth::check_password(&u.verifier, p) {
+                    catalog
+                        .set_verifier("admin", &auth::verifier(p))
+                        .map_err(|e| e.message)?;
+                }
+            }
+        }
+    }
+    match env_token {
+        Some(t) => auth::ensure_token(catalog, "admin", &t).map_err(|e| e.message)?,
+        None if first => {
+            let (_, secret) = auth::create_token(catalog, "admin").map_err(|e| e.message)?;
+            shown.push(format!(
+                "  admin token       {secret}   (shown once; SLUICE_ADMIN_TOKEN sets it)"
+            ));
+        }
+        None => {}
+    }
+    Ok(shown)
+}
+
+/// Runs the server until SIGINT or SIGTERM.
+pub fn serve(args: ServeArgs) -> Result<(), String> {
+    std::fs::create_dir_all(&args.data_dir)
+        .map_err(|e| format!("{}: {e}", args.data_dir.display()))?;
+    let data = args
+        .data_dir
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", args.data_dir.display()))?;
+    let pg_listener = bind(&args.listen, args.pg_port, "Postgres wire", "--pg-port")?;
+    let http_listener = bind(&args.listen, args.http_port, "HTTP", "--http-port")?;
+    let catalog = Arc::new(Catalog::open(&data.join("catalog.db"))?);
+    let shown = bootstrap(&catalog)?;
+    let layout = Arc::new(Layout { data: data.clone() });
+    let views = Arc::new(Views::default());
+    let exe = std::env::current_exe().map_err(|e| format!("the server's own program: {e}"))?;
+    let supervisor = Arc::new(Supervisor::new(
+        layout.clone(),
+        exe,
+        catalog.clone(),
+        views.clone(),
+    ));
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let server = Arc::new(Server {
+        catalog: catalog.clone(),
+        supervisor: supervisor.clone(),
+        views: views.clone(),
+        layout: layout.clone(),
+        max_parallelism: args.max_parallelism.unwrap_or(4 * cores),
+    });
+    // Materialized views come back from their logs; pipelines that were running resume from
+    // their checkpoints.
+    for p in catalog.pipelines(None).map_err(|e| e.message)? {
+        if !p.views.is_empty() {
+            let plan = sluice_sql::plan_script(&p.script)
+                .map_err(|e| format!("pipeline {}/{}: {e}", p.tenant, p.name))?;
+            let selects = plan
+                .pipelines
+                .iter()
+                .filter(|pl| matches!(pl.sink, sluice_sql::SinkTarget::Select { .. }));
+            for (v, pl) in p.views.iter().zip(selects) {
+                views
+                    .register(&p.tenant, v, pl.query.schema(), layout.view(&p.tenant, v))
+                    .map_err(|e| e.message)?;
+            }
+        }
+        if p.desired == catalog::Desired::Running {
+            if let Err(e) = supervisor.start(&p, false) {
+                tracing::error!("pipeline {}/{}: {}", p.tenant, p.name, e.message);
+            }
+        }
+    }
+    views.start_tailing(Duration::from_millis(100));
+    let pg_addr = pg_listener.local_addr().map_err(|e| e.to_string())?;
+    let http_addr = http_listener.local_addr().map_err(|e| e.to_string())?;
+    println!("Sluice server");
+    println!("  console and REST  http://{http_addr}  (API under /v1)");
+    println!(
+        "  Postgres wire     {pg_addr}  (psql -h {} -p {} -U admin)",
+        pg_addr.ip(),
+        pg_addr.port()
+    );
+    println!("  data              {}", data.display());
+    for line in shown {
+        println!("{line}");
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    stop_on_signals(supervisor.clone())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("serve")
+        .build()
+        .map_err(|e| format!("could not start the server's runtime: {e}"))?;
+    runtime.block_on(async move {
+        let pg = tokio::net::TcpListener::from_std(pg_listener).map_err(|e| e.to_string())?;
+        let http = tokio::net::TcpListener::from_std(http_listener).map_err(|e| e.to_string())?;
+        tokio::spawn(pg::serve(pg, server.clone()));
+        axum::serve(http, rest::router(server))
+            .await
+            .map_err(|e| format!("HTTP: {e}"))
+    })
+}
+
+/// SIGINT or SIGTERM stops every pipeline with a final checkpoint, then the server; a second
+/// signal ends it at once.
+fn stop_on_signals(supervisor: Arc<Supervisor>) -> Result<(), String> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .map_err(|e| format!("could not install the signal handlers: {e}"))?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut seen = false;
+            for signal in signals.forever() {
+                if seen {
+                    std::process::exit(128 + signal);
+                }
+                seen = true;
+                eprintln!("stopping the pipelines (each takes a final checkpoint)...");
+                let supervisor = supervisor.clone();
+                std::thread::spawn(move || {
+                    supervisor.stop_all(Duration::from_secs(60));
+                    std::process::exit(0);
+                });
+            }
+        })
+        .map_err(|e| format!("could not start the signal thread: {e}"))?;
+    Ok(())
+}

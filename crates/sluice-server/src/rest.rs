@@ -1,0 +1,328 @@
+//! The REST API (`axum`), under `/v1`. Every call but `/v1/health` carries a token
+//! (`Authorization: Bearer <token>`) and acts within the token's tenant, exactly as a Postgres
+//! session of the token's user would: the handlers run the same statements.
+//!
+//! Errors are JSON: `{"code": "<SQLSTATE>", "message": "...", "position": n}` with an HTTP
+//! status that matches the code.
+
+use std::sync::Arc;
+
+use arrow::array::Array;
+use arrow::record_batch::RecordBatch;
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::auth::{principal_for_token, Principal};
+use crate::error::ApiError;
+use crate::statements::{split, Outcome, Server, Session, Stmt};
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
+        (status, Json(json!(self))).into_response()
+    }
+}
+
+type ApiResult = Result<Json<Value>, ApiError>;
+
+fn principal(server: &Server, headers: &HeaderMap) -> Result<Principal, ApiError> {
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| ApiError::auth("give a token: 'Authorization: Bearer <token>'"))?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .ok_or_else(|| ApiError::auth("give a token: 'Authorization: Bearer <token>'"))?;
+    principal_for_token(&server.catalog, token.trim())
+}
+
+/// A batch as JSON: column names and rows of values (numbers and booleans as such, other
+/// types as their text).
+pub fn batch_json(batch: &RecordBatch) -> Value {
+    let options = FormatOptions::default()
+        .with_timestamp_format(Some("%Y-%m-%d %H:%M:%S%.f"))
+        .with_timestamp_tz_format(Some("%Y-%m-%d %H:%M:%S%.f"));
+    let columns: Vec<String> = batch
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    let formatters: Vec<_> = batch
+        .columns()
+        .iter()
+        .map(|c| ArrayFormatter::try_new(c.as_ref(), &options).ok())
+        .collect();
+    let rows: Vec<Value> = (0..batch.num_rows())
+        .map(|r| {
+            Value::Array(
+                batch
+                    .columns()
+                    .iter()
+                    .zip(&formatters)
+                    .map(|(col, f)| {
+                        if col.is_null(r) {
+                            return Value::Null;
+                        }
+                        let text = f.as_ref().map_or(String::new(), |f| f.value(r).to_string());
+                        let t = col.data_type();
+                        if t.is_integer() || t.is_floating() {
+                            serde_json::from_str(&text).unwrap_or(Value::String(text))
+                        } else if *t == arrow::datatypes::DataType::Boolean {
+                            Value::Bool(text == "true")
+                        } else {
+                            Value::String(text)
+                        }
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+    json!({ "columns": columns, "rows": rows })
+}
+
+fn outcome_json(o: Outcome) -> Value {
+    match o {
+        Outcome::Command(tag) => json!({ "command": tag }),
+        Outcome::Rows(b) => batch_json(&b),
+    }
+}
+
+async fn run_one(
+    server: &Arc<Server>,
+    session: &mut Session,
+    sql: &str,
+) -> Result<Outcome, ApiError> {
+    let stmt = Stmt {
+        text: sql.to_string(),
+        offset: 0,
+    };
+    server.execute(session, &stmt).await
+}
+
+#[derive(Deserialize)]
+struct SqlBody {
+    sql: String,
+}
+
+/// `POST /v1/sql`: runs statements in one session; returns each one's result, up to the first
+/// error.
+async fn sql(
+    State(server): State<Arc<Server>>,
+    headers: HeaderMap,
+    Json(body): Json<SqlBody>,
+) -> ApiResult {
+    let mut session = Session::new(principal(&server, &headers)?);
+    let mut results = vec![];
+    for stmt in split(&body.sql) {
+        results.push(outcome_json(server.execute(&mut session, &stmt).await?));
+    }
+    Ok(Json(json!({ "results": results })))
+}
+
+fn pipeline_json(server: &Server, p: &crate::catalog::Pipeline) -> Value {
+    let uptime = server
+        .supervisor
+        .uptime(&p.tenant, &p.name)
+        .map(|d| d.as_secs_f64());
+    json!({
+        "name": p.name,
+        "tenant": p.tenant,
+        "status": p.status,
+        "desired": p.desired,
+        "parallelism": p.parallelism,
+        "restarts": p.restarts,
+        "last_error": p.last_error,
+        "uptime_seconds": uptime,
+        "pid": server.supervisor.pid(&p.tenant, &p.name),
+        "views": p.views,
+        "sql": p.statements,
+    })
+}
+
+async fn list_pipelines(State(server): State<Arc<Server>>, headers: HeaderMap) -> ApiResult {
+    let p = principal(&server, &headers)?;
+    let list = server.catalog.pipelines(Some(&p.tenant))?;
+    Ok(Json(json!({
+        "pipelines": list.iter().map(|pl| pipeline_json(&server, pl)).collect::<Vec<_>>()
+    })))
+}
+
+async fn get_pipeline(
+    State(server): State<Arc<Server>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult {
+    let p = principal(&server, &headers)?;
+    let pl = server
+        .catalog
+        .pipeline(&p.tenant, &name)?
+        .ok_or_else(|| ApiError::not_found(format!("pipeline '{name}' does not exist")))?;
+    Ok(Json(pipeline_json(&server, &pl)))
+}
+
+#[derive(Deserialize)]
+struct NewPipeline {
+    name: String,
+    /// Statements: `SET`s, then one `INSERT INTO` (or a `SELECT` with `"view": true`).
+    sql: String,
+    parallelism: Option<u64>,
+    /// Keep the SELECT's result as a materialized view of the pipeline's name.
+    #[serde(default)]
+    materialized_view: bool,
+}
+
+async fn create_pipeline(
+    State(server): State<Arc<Server>>,
+    headers: HeaderMap,
+    Json(body): Json<NewPipeline>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let mut session = Session::new(principal(&server, &headers)?);
+    if let Some(n) = body.parallelism {
+        run_one(
+            &server,
+            &mut session,
+            &format!("SET 'parallelism.default' = '{n}'"),
+        )
+        .await?;
+    }
+    let mut statements = String::new();
+    for s in split(&body.sql) {
+        if crate::statements::set_pair(&s.text).is_some() {
+            run_one(&server, &mut session, &s.text).await?;
+        } else {
+            statements.push_str(&s.text);
+            statements.push_str(";\n");
+        }
+    }
+    let kind = if body.materialized_view {
+        "MATERIALIZED VIEW"
+    } else {
+        "PIPELINE"
+    };
+    run_one(
+        &server,
+        &mut session,
+        &format!(
+            "CREATE {kind} {} AS {}",
+            body.name,
+            statements.trim_end().trim_end_matches(';')
+        ),
+    )
+    .await?;
+    let pl = server
+        .catalog
+        .pipeline(&session.principal.tenant, &body.name)?
+        .ok_or_else(|| ApiError::internal("the pipeline vanished"))?;
+    Ok((StatusCode::CREATED, Json(pipeline_json(&server, &pl))))
+}
+
+async fn pipeline_action(
+    State(server): State<Arc<Server>>,
+    headers: HeaderMap,
+    Path((name, action)): Path<(String, String)>,
+) -> ApiResult {
+    let mut session = Session::new(principal(&server, &headers)?);
+    let sql = match action.as_str() {
+        "start" => format!("START PIPELINE {name}"),
+        "start-fresh" => format!("START PIPELINE {name} FRESH"),
+        "stop" => format!("STOP PIPELINE {name}"),
+        other => {
+            return Err(ApiError::not_found(format!(
+                "no action '{other}': give start, start-fresh or stop"
+            )))
+        }
+    };
+    run_one(&server, &mut session, &sql).await?;
+    get_pipeline(State(server), headers, Path(name)).await
+}
+
+async fn delete_pipeline(
+    State(server): State<Arc<Server>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult {
+    let mut session = Session::new(principal(&server, &headers)?);
+    let pl = server
+        .catalog
+        .pipeline(&session.principal.tenant, &name)?
+        .ok_or_else(|| ApiError::not_found(format!("pipeline '{name}' does not exist")))?;
+    let sql = if pl.views.is_empty() {
+        format!("DROP PIPELINE {name}")
+    } else {
+        format!("DROP MATERIALIZED VIEW {name}")
+    };
+    Ok(Json(outcome_json(
+        run_one(&server, &mut session, &sql).await?,
+    )))
+}
+
+/// `GET /v1/views/{name}/rows`: the view as of one epoch.
+async fn view_rows(
+    State(server): State<Arc<Server>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult {
+    let p = principal(&server, &headers)?;
+    let view = server.views.get(&p.tenant, &name).ok_or_else(|| {
+        ApiError::undefined_table(format!("materialized view '{name}' does not exist"))
+    })?;
+    let snap = view.snapshot()?;
+    let mut out = batch_json(&snap.batch);
+    out["epoch"] = json!(snap.epoch);
+    Ok(Json(out))
+}
+
+async fn list_tables(State(server): State<Arc<Server>>, headers: HeaderMap) -> ApiResult {
+    let p = principal(&server, &headers)?;
+    let objects = server.catalog.objects(&p.tenant)?;
+    Ok(Json(json!({ "tables": objects })))
+}
+
+async fn list_tenants(State(server): State<Arc<Server>>, headers: HeaderMap) -> ApiResult {
+    let mut session = Session::new(principal(&server, &headers)?);
+    Ok(Json(outcome_json(
+        run_one(&server, &mut session, "SHOW TENANTS").await?,
+    )))
+}
+
+async fn quotas(State(server): State<Arc<Server>>, headers: HeaderMap) -> ApiResult {
+    let mut session = Session::new(principal(&server, &headers)?);
+    Ok(Json(outcome_json(
+        run_one(&server, &mut session, "SHOW QUOTAS").await?,
+    )))
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint (the API is under /v1)")
+}
+
+/// The REST routes.
+pub fn router(server: Arc<Server>) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/sql", post(sql))
+        .route("/v1/pipelines", get(list_pipelines).post(create_pipeline))
+        .route(
+            "/v1/pipelines/{name}",
+            get(get_pipeline).delete(delete_pipeline),
+        )
+        .route("/v1/pipelines/{name}/{action}", post(pipeline_action))
+        .route("/v1/views/{name}/rows", get(view_rows))
+        .route("/v1/tables", get(list_tables))
+        .route("/v1/tenants", get(list_tenants))
+        .route("/v1/quotas", get(quotas))
+        .fallback(not_found)
+        .with_state(server)
+}

@@ -1,0 +1,509 @@
+//! The pipeline supervisor: each running pipeline is a `sluice worker` process of its own,
+//! started and watched by a thread of the server. A pipeline that fails is started again from
+//! its last checkpoint after a backoff (Flink's `restart-strategy` options); after too many
+//! failures it stays failed with its last error. A stop asks the process to end with a final
+//! checkpoint (SIGTERM). If the server dies, its pipelines die with it (the kernel sends them
+//! SIGKILL) and resume from their checkpoints when it starts again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::catalog::{Catalog, Pipeline};
+use crate::error::ApiError;
+use crate::views::Views;
+
+/// Flink's `restart-strategy` options, as a pipeline sets them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RestartPolicy {
+    pub initial: Duration,
+    pub max: Duration,
+    pub multiplier: f64,
+    /// Failures tolerated before the pipeline stays failed (`None`: no limit).
+    pub attempts: Option<u64>,
+    /// Running this long without a failure forgets earlier failures.
+    pub reset_after: Duration,
+}
+
+impl Default for RestartPolicy {
+    /// Flink's `exponential-delay` defaults.
+    fn default() -> Self {
+        RestartPolicy {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+            multiplier: 1.5,
+            attempts: None,
+            reset_after: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// The `restart-strategy.*` keys a pipeline may set.
+pub const RESTART_KEYS: [&str; 9] = [
+    "restart-strategy.type",
+    "restart-strategy.exponential-delay.initial-backoff",
+    "restart-strategy.exponential-delay.max-backoff",
+    "restart-strategy.exponential-delay.backoff-multiplier",
+    "restart-strategy.exponential-delay.attempts-before-reset-backoff",
+    "restart-strategy.exponential-delay.reset-backoff-threshold",
+    "restart-strategy.fixed-delay.attempts",
+    "restart-strategy.fixed-delay.delay",
+    "restart-strategy.exponential-delay.jitter-factor",
+];
+
+impl RestartPolicy {
+    /// From `SET 'restart-strategy...'` values.
+    pub fn from_settings(settings: &BTreeMap<String, String>) -> Result<RestartPolicy, ApiError> {
+        let duration = |key: &str| -> Result<Option<Duration>, ApiError> {
+            settings
+                .get(key)
+                .map(|v| {
+                    sluice_common::time::parse_duration_ms(v)
+                        .filter(|ms| *ms >= 0)
+                        .map(|ms| Duration::from_millis(ms as u64))
+                        .ok_or_else(|| {
+                            ApiError::invalid(format!(
+                                "SET '{key}' = '{v}': give a duration such as '1 s'"
+                            ))
+                        })
+                })
+                .transpose()
+        };
+        let count = |key: &str| -> Result<Option<u64>, ApiError> {
+            settings
+                .get(key)
+                .map(|v| {
+                    v.trim().parse::<u64>().map_err(|_| {
+                        ApiError::invalid(format!("SET '{key}' = '{v}': give a whole number"))
+                    })
+                })
+                .transpose()
+        };
+        let kind = settings
+            .get("restart-strategy.type")
+            .map(|s| s.to_ascii_lowercase())
+            .unwrap_or_else(|| "exponential-delay".into());
+        let mut p = RestartPolicy::default();
+        match kind.as_str() {
+            "exponential-delay" | "exponentialdelay" => {
+                if let Some(d) = duration("restart-strategy.exponential-delay.initial-backoff")? {
+                    p.initial = d;
+                }
+                if let Some(d) = duration("restart-strategy.exponential-delay.max-backoff")? {
+                    p.max = d;
+                }
+                if let Some(d) =
+                    duration("restart-strategy.exponential-delay.reset-backoff-threshold")?
+                {
+                    p.reset_after = d;
+                }
+                if let Some(m) = settings.get("restart-strategy.exponential-delay.backoff-multiplier")
+                {
+                    p.multiplier = m.trim().parse::<f64>().ok().filter(|m| *m >= 1.0).ok_or_else(
+                        || {
+                            ApiError::invalid(format!(
+                                "SET 'restart-strategy.exponential-delay.backoff-multiplier' = '{m}': give a number of at least 1"
+                            ))
+                        },
+                    )?;
+                }
+                p.attempts = count("restart-strategy.exponential-delay.attempts-before-reset-backoff")?;
+            }
+            "fixed-delay" | "fixeddelay" => {
+                let delay = duration("restart-strategy.fixed-delay.delay")?
+                    .unwrap_or(Duration::from_secs(1));
+                p.initial = delay;
+                p.max = delay;
+                p.multiplier = 1.0;
+                p.attempts = Some(count("restart-strategy.fixed-delay.attempts")?.unwrap_or(1));
+            }
+            "none" | "off" | "disable" => p.attempts = Some(0),
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "SET 'restart-strategy.type' = '{other}': give exponential-delay, fixed-delay or none"
+                )))
+            }
+        }
+        Ok(p)
+    }
+
+    /// The wait before restart number `n` (1-based).
+    pub fn backoff(&self, n: u64) -> Duration {
+        let factor = self.multiplier.powi(n.saturating_sub(1).min(64) as i32);
+        self.initial.mul_f64(factor).min(self.max)
+    }
+}
+
+/// Where a tenant's things live under the data directory.
+pub struct Layout {
+    pub data: PathBuf,
+}
+
+impl Layout {
+    pub fn tenant(&self, tenant: &str) -> PathBuf {
+        self.data.join("tenants").join(tenant)
+    }
+    /// The root that a tenant's filesystem tables are confined to.
+    pub fn files(&self, tenant: &str) -> PathBuf {
+        self.tenant(tenant).join("files")
+    }
+    pub fn pipeline(&self, tenant: &str, name: &str) -> PathBuf {
+        self.tenant(tenant).join("pipelines").join(name)
+    }
+    pub fn checkpoints(&self, tenant: &str, name: &str) -> PathBuf {
+        self.pipeline(tenant, name).join("checkpoints")
+    }
+    pub fn view(&self, tenant: &str, name: &str) -> PathBuf {
+        self.tenant(tenant).join("views").join(name)
+    }
+}
+
+struct Run {
+    stop: Arc<AtomicBool>,
+    child: Arc<Mutex<Option<u32>>>,
+    started: Instant,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Starts, watches and stops pipeline processes.
+pub struct Supervisor {
+    pub layout: Arc<Layout>,
+    exe: PathBuf,
+    catalog: Arc<Catalog>,
+    views: Arc<Views>,
+    runs: Mutex<HashMap<(String, String), Run>>,
+}
+
+impl Supervisor {
+    pub fn new(
+        layout: Arc<Layout>,
+        exe: PathBuf,
+        catalog: Arc<Catalog>,
+        views: Arc<Views>,
+    ) -> Self {
+        Supervisor {
+            layout,
+            exe,
+            catalog,
+            views,
+            runs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn runs(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Run>> {
+        self.runs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the pipeline has a process (or is waiting to restart one).
+    pub fn is_active(&self, tenant: &str, name: &str) -> bool {
+        self.runs()
+            .get(&(tenant.to_string(), name.to_string()))
+            .is_some_and(|r| r.thread.as_ref().is_some_and(|t| !t.is_finished()))
+    }
+
+    /// The process id of the pipeline's current process, if it has one.
+    pub fn pid(&self, tenant: &str, name: &str) -> Option<u32> {
+        let runs = self.runs();
+        let run = runs.get(&(tenant.to_string(), name.to_string()))?;
+        let pid = *run.child.lock().unwrap_or_else(|p| p.into_inner());
+        pid
+    }
+
+    /// How long the pipeline has been supervised in this server.
+    pub fn uptime(&self, tenant: &str, name: &str) -> Option<Duration> {
+        self.runs()
+            .get(&(tenant.to_string(), name.to_string()))
+            .filter(|r| r.thread.as_ref().is_some_and(|t| !t.is_finished()))
+            .map(|r| r.started.elapsed())
+    }
+
+    /// Starts supervising `p` (`fresh`: without its checkpoints, which are deleted).
+    pub fn start(self: &Arc<Self>, p: &Pipeline, fresh: bool) -> Result<(), ApiError> {
+        let key = (p.tenant.clone(), p.name.clone());
+        if self.is_active(&p.tenant, &p.name) {
+            return Err(ApiError::invalid(format!(
+                "pipeline '{}' is already running",
+                p.name
+            )));
+        }
+        let dir = self.layout.pipeline(&p.tenant, &p.name);
+        if fresh {
+            let _ = std::fs::remove_dir_all(self.layout.checkpoints(&p.tenant, &p.name));
+            for v in &p.views {
+                self.views.reset(&p.tenant, v)?;
+            }
+        }
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| ApiError::internal(format!("{}: {e}", dir.display())))?;
+        let script = dir.join("pipeline.sql");
+        std::fs::write(&script, &p.script)
+            .map_err(|e| ApiError::internal(format!("{}: {e}", script.display())))?;
+        let settings = sluice_sql::plan_script(&p.script)
+            .map(|plan| plan.settings)
+            .unwrap_or_default();
+        let mut policy_settings = settings.clone();
+        policy_settings.extend(restart_settings(&p.statements));
+        let policy = RestartPolicy::from_settings(&policy_settings)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let child = Arc::new(Mutex::new(None));
+        let job = Job {
+            tenant: p.tenant.clone(),
+            name: p.name.clone(),
+            exe: self.exe.clone(),
+            script,
+            log: dir.join("log"),
+            cwd: self.layout.files(&p.tenant),
+            workers: p.parallelism.max(1),
+            views: p
+                .views
+                .iter()
+                .map(|v| format!("{v}={}", self.layout.view(&p.tenant, v).display()))
+                .collect(),
+            policy,
+            catalog: self.catalog.clone(),
+            stop: stop.clone(),
+            child: child.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("pipeline-{}-{}", p.tenant, p.name))
+            .spawn(move || job.supervise())
+            .map_err(|e| ApiError::internal(format!("could not start a thread: {e}")))?;
+        self.runs().insert(
+            key,
+            Run {
+                stop,
+                child,
+                started: Instant::now(),
+                thread: Some(thread),
+            },
+        );
+        Ok(())
+    }
+
+    /// Stops the pipeline: SIGTERM (a final checkpoint), SIGKILL if it has not ended in `grace`.
+    pub fn stop(&self, tenant: &str, name: &str, grace: Duration) {
+        let run = self.runs().remove(&(tenant.to_string(), name.to_string()));
+        let Some(mut run) = run else { return };
+        run.stop.store(true, Ordering::SeqCst);
+        let pid = *run.child.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pid) = pid {
+            signal(pid, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + grace;
+        while run.thread.as_ref().is_some_and(|t| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if run.thread.as_ref().is_some_and(|t| !t.is_finished()) {
+            if let Some(pid) = *run.child.lock().unwrap_or_else(|p| p.into_inner()) {
+                signal(pid, libc::SIGKILL);
+            }
+        }
+        if let Some(t) = run.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Stops every pipeline (the server is shutting down).
+    pub fn stop_all(&self, grace: Duration) {
+        let keys: Vec<_> = self.runs().keys().cloned().collect();
+        for (t, n) in keys {
+            self.stop(&t, &n, grace);
+        }
+    }
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) with a pid this server started; a stale pid only fails.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+/// The `SET 'restart-strategy...'` lines of a pipeline's statements (they are the server's, not
+/// the worker's).
+pub fn restart_settings(statements: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for s in crate::statements::split(statements) {
+        if let Some((k, v)) = crate::statements::set_pair(&s.text) {
+            if k.starts_with("restart-strategy.") {
+                out.insert(k, v);
+            }
+        }
+    }
+    out
+}
+
+/// One supervised pipeline.
+struct Job {
+    tenant: String,
+    name: String,
+    exe: PathBuf,
+    script: PathBuf,
+    log: PathBuf,
+    /// The tenant's storage root: relative paths of its tables start there.
+    cwd: PathBuf,
+    workers: u64,
+    views: Vec<String>,
+    policy: RestartPolicy,
+    catalog: Arc<Catalog>,
+    stop: Arc<AtomicBool>,
+    child: Arc<Mutex<Option<u32>>>,
+}
+
+impl Job {
+    fn status(&self, status: &str, restarts: Option<u64>, error: Option<&str>) {
+        if let Err(e) = self
+            .catalog
+            .set_status(&self.tenant, &self.name, status, restarts, error)
+        {
+            tracing::error!("pipeline {}/{}: {e}", self.tenant, self.name);
+        }
+    }
+
+    fn spawn(&self) -> std::io::Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("worker")
+            .arg(&self.script)
+            .arg("--workers")
+            .arg(self.workers.to_string());
+        for v in &self.views {
+            cmd.arg("--view").arg(v);
+        }
+        std::fs::create_dir_all(&self.cwd)?;
+        cmd.current_dir(&self.cwd)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .env_remove("SLUICE_ADMIN_TOKEN")
+            .env_remove("SLUICE_ADMIN_PASSWORD");
+        // SAFETY: prctl between fork and exec, async-signal-safe. The child gets SIGKILL when
+        // the thread that started it ends, which it does only when the child has ended or the
+        // server died.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The server may have died between fork and prctl.
+                if libc::getppid() == 1 {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+        cmd.spawn()
+    }
+
+    fn supervise(self) {
+        let mut failures = 0u64;
+        let mut restarts = self
+            .catalog
+            .pipeline(&self.tenant, &self.name)
+            .ok()
+            .flatten()
+            .map_or(0, |p| p.restarts);
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                self.status("stopped", None, None);
+                return;
+            }
+            let log_start = std::fs::metadata(&self.log).map_or(0, |m| m.len());
+            let mut child = match self.spawn() {
+                Ok(c) => c,
+                Err(e) => {
+                    self.status(
+                        "failed",
+                        None,
+                        Some(&format!("could not start the pipeline's process: {e}")),
+                    );
+                    return;
+                }
+            };
+            *self.child.lock().unwrap_or_else(|p| p.into_inner()) = Some(child.id());
+            self.status("running", None, None);
+            let started = Instant::now();
+            let exit = child.wait();
+            *self.child.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            let stopping = self.stop.load(Ordering::SeqCst);
+            match exit {
+                Ok(s) if s.success() => {
+                    self.status(if stopping { "stopped" } else { "finished" }, None, None);
+                    return;
+                }
+                _ if stopping => {
+                    self.status("stopped", None, None);
+                    return;
+                }
+                Ok(s) => {
+                    let error = last_error(&self.log, log_start).unwrap_or_else(|| {
+                        use std::os::unix::process::ExitStatusExt;
+                        match s.signal() {
+                            Some(sig) => {
+                                format!("the pipeline's process was killed by signal {sig}")
+                            }
+                            None => format!("the pipeline's process exited with {s}"),
+                        }
+                    });
+                    if started.elapsed() >= self.policy.reset_after {
+                        failures = 0;
+                    }
+                    failures += 1;
+                    if self.policy.attempts.is_some_and(|a| failures > a) {
+                        self.status(
+                            "failed",
+                            None,
+                            Some(&format!(
+                                "{error} (failed {failures} times; the restart strategy allows {})",
+                                self.policy.attempts.unwrap_or(0)
+                            )),
+                        );
+                        return;
+                    }
+                    restarts += 1;
+                    self.status("restarting", Some(restarts), Some(&error));
+                    tracing::warn!(
+                        "pipeline {}/{} failed ({error}); restart {restarts} from its last checkpoint",
+                        self.tenant,
+                        self.name
+                    );
+                    let wait = self.policy.backoff(failures);
+                    let until = Instant::now() + wait;
+                    while Instant::now() < until && !self.stop.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+                Err(e) => {
+                    self.status(
+                        "failed",
+                        None,
+                        Some(&format!("waiting for the process: {e}")),
+                    );
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The error a failed run left in its log (written from `from` on): the last error line.
+fn last_error(log: &Path, from: u64) -> Option<String> {
+    let text = std::fs::read(log).ok()?;
+    let text = String::from_utf8_lossy(&text[(from as usize).min(text.len())..]).to_string();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let pick = lines
+        .iter()
+        .rev()
+        .find(|l| l.contains("ERROR") || l.starts_with("error") || l.contains("panicked"))?;
+    let line = pick.trim();
+    let line = line
+        .split_once("ERROR")
+        .map_or(line, |(_, rest)| rest.trim_start_matches([' ', ':']).trim());
+    Some(line.chars().take(2000).collect())
+}

@@ -1,0 +1,679 @@
+//! `sluice serve`: the platform server, driven as its users drive it, over the Postgres wire
+//! protocol (`tokio-postgres`, `psql`) and REST. Every result is checked against an answer
+//! computed here from the same input; every isolation check is an attempt that must fail.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::free_port;
+
+const ADMIN_TOKEN: &str = "sluice_test_admin_token_0123456789abcdef0123456789abcdef";
+const ADMIN_PASSWORD: &str = "admin-secret";
+
+/// A running `sluice serve` on free ports; killed (SIGKILL, as a crash) when dropped.
+struct Serve {
+    child: Child,
+    data: PathBuf,
+    pg: u16,
+    http: u16,
+}
+
+impl Serve {
+    fn start(data: &Path) -> Serve {
+        Serve::start_on(data, free_port(), free_port())
+    }
+
+    fn start_on(data: &Path, pg: u16, http: u16) -> Serve {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["serve", "--data-dir"])
+            .arg(data)
+            .args([
+                "--pg-port",
+                &pg.to_string(),
+                "--http-port",
+                &http.to_string(),
+            ])
+            .env("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("SLUICE_ADMIN_PASSWORD", ADMIN_PASSWORD)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start sluice serve");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut printed = vec![];
+        loop {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(line) => {
+                    let done = line.contains("Postgres wire");
+                    printed.push(line);
+                    if done {
+                        break;
+                    }
+                }
+                Err(_) if Instant::now() > deadline => {
+                    let _ = child.kill();
+                    panic!("sluice serve did not start in 60 s; printed {printed:?}")
+                }
+                Err(_) => {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        panic!("sluice serve exited with {status}; printed {printed:?}");
+                    }
+                }
+            }
+        }
+        Serve {
+            child,
+            data: data.to_path_buf(),
+            pg,
+            http,
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn connect(&self, user: &str, password: &str) -> Result<Pg, tokio_postgres::Error> {
+        Pg::connect(self.pg, user, password)
+    }
+
+    fn admin(&self) -> Pg {
+        self.connect("admin", ADMIN_PASSWORD)
+            .expect("admin logs in")
+    }
+
+    fn files(&self, tenant: &str) -> PathBuf {
+        self.data.join("tenants").join(tenant).join("files")
+    }
+
+    /// A REST call: the status and the JSON body.
+    fn http(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::blocking::Client::new();
+        let url = format!("http://127.0.0.1:{}{path}", self.http);
+        let mut req = match method {
+            "GET" => client.get(&url),
+            "POST" => client.post(&url),
+            "DELETE" => client.delete(&url),
+            other => panic!("method {other}"),
+        };
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req
+            .timeout(Duration::from_secs(60))
+            .send()
+            .expect("HTTP request");
+        let status = resp.status().as_u16();
+        let body = resp.json().unwrap_or(serde_json::Value::Null);
+        (status, body)
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A blocking `tokio-postgres` session.
+struct Pg {
+    rt: tokio::runtime::Runtime,
+    client: tokio_postgres::Client,
+}
+
+impl Pg {
+    fn connect(port: u16, user: &str, password: &str) -> Result<Pg, tokio_postgres::Error> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let conf = format!(
+            "host=127.0.0.1 port={port} user={user} password={password} connect_timeout=30"
+        );
+        let (client, conn) = rt.block_on(tokio_postgres::connect(&conf, tokio_postgres::NoTls))?;
+        rt.spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Pg { rt, client })
+    }
+
+    /// Runs statements (simple protocol); panics with the server's message on an error.
+    fn exec(&self, sql: &str) {
+        if let Err(e) = self.try_exec(sql) {
+            panic!("{sql}: {e}");
+        }
+    }
+
+    fn try_exec(&self, sql: &str) -> Result<(), String> {
+        self.rt
+            .block_on(self.client.batch_execute(sql))
+            .map_err(|e| {
+                e.as_db_error().map_or(e.to_string(), |d| {
+                    format!("{}: {}", d.code().code(), d.message())
+                })
+            })
+    }
+
+    /// The rows of a query (extended protocol), every value as text.
+    fn rows(&self, sql: &str) -> Result<Vec<Vec<String>>, String> {
+        let rows = self.rt.block_on(self.client.query(sql, &[])).map_err(|e| {
+            e.as_db_error().map_or(e.to_string(), |d| {
+                format!("{}: {}", d.code().code(), d.message())
+            })
+        })?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (0..r.len())
+                    .map(|i| {
+                        let t = r.columns()[i].type_().clone();
+                        match t {
+                            tokio_postgres::types::Type::INT8 => r
+                                .get::<_, Option<i64>>(i)
+                                .map_or("NULL".into(), |v| v.to_string()),
+                            tokio_postgres::types::Type::INT4 => r
+                                .get::<_, Option<i32>>(i)
+                                .map_or("NULL".into(), |v| v.to_string()),
+                            tokio_postgres::types::Type::INT2 => r
+                                .get::<_, Option<i16>>(i)
+                                .map_or("NULL".into(), |v| v.to_string()),
+                            tokio_postgres::types::Type::FLOAT8 => r
+                                .get::<_, Option<f64>>(i)
+                                .map_or("NULL".into(), |v| v.to_string()),
+                            tokio_postgres::types::Type::BOOL => r
+                                .get::<_, Option<bool>>(i)
+                                .map_or("NULL".into(), |v| v.to_string()),
+                            _ => r
+                                .get::<_, Option<String>>(i)
+                                .unwrap_or_else(|| "NULL".into()),
+                        }
+                    })
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// The error code and message a statement fails with (it must fail).
+    fn fails(&self, sql: &str) -> String {
+        match self.try_exec(sql) {
+            Ok(()) => panic!("{sql}: succeeded, but must be refused"),
+            Err(e) => e,
+        }
+    }
+}
+
+/// Waits for `check` to hold, up to `secs`; panics with `what` and the last value otherwise.
+fn wait_for<T: std::fmt::Debug>(secs: u64, what: &str, mut check: impl FnMut() -> (bool, T)) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let (ok, value) = check();
+        if ok {
+            return value;
+        }
+        if Instant::now() > deadline {
+            panic!("{what}: not within {secs} s; last {value:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn pipeline_status(pg: &Pg, name: &str) -> Vec<String> {
+    pg.rows("SHOW PIPELINES")
+        .expect("SHOW PIPELINES")
+        .into_iter()
+        .find(|r| r[1] == name)
+        .unwrap_or_default()
+}
+
+/// Orders `id, category, amount` as CSV; returns the batch answer per category: (count, sum).
+fn write_orders(path: &Path, n: u64) -> BTreeMap<String, (i64, i64)> {
+    let mut text = String::new();
+    let mut answer: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    for id in 0..n {
+        let category = format!("c{}", (id * 7919) % 13);
+        let amount = ((id * 104729) % 1000) as i64;
+        text.push_str(&format!("{id},{category},{amount}\n"));
+        let e = answer.entry(category).or_default();
+        e.0 += 1;
+        e.1 += amount;
+    }
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
+    answer
+}
+
+fn as_rows(answer: &BTreeMap<String, (i64, i64)>) -> Vec<Vec<String>> {
+    answer
+        .iter()
+        .map(|(k, (n, s))| vec![k.clone(), n.to_string(), s.to_string()])
+        .collect()
+}
+
+#[test]
+fn tenants_build_a_materialized_view_that_only_they_can_reach() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path());
+    let admin = serve.admin();
+    admin.exec(
+        "CREATE TENANT team_a; CREATE TENANT team_b;
+         CREATE USER alice WITH PASSWORD 'alice-pw' IN TENANT team_a ROLE owner;
+         CREATE USER bob WITH PASSWORD 'bob-pw' IN TENANT team_b ROLE owner;
+         CREATE USER vera WITH PASSWORD 'vera-pw' IN TENANT team_a ROLE viewer",
+    );
+    assert_eq!(
+        admin.rows("SHOW TENANTS").unwrap(),
+        vec![
+            vec!["admin".to_string()],
+            vec!["team_a".into()],
+            vec!["team_b".into()]
+        ]
+    );
+    // 60 K orders across files read by a bounded pipeline.
+    let answer = write_orders(&serve.files("team_a").join("orders/part-0.csv"), 60_000);
+    let alice = serve.connect("alice", "alice-pw").expect("alice logs in");
+    alice.exec(
+        "CREATE TABLE orders (id BIGINT, category STRING, amount BIGINT)
+           WITH ('connector' = 'filesystem', 'path' = 'orders', 'format' = 'csv');
+         CREATE MATERIALIZED VIEW by_category AS
+           SELECT category, COUNT(*) AS orders, SUM(amount) AS total FROM orders GROUP BY category",
+    );
+    let rows = wait_for(120, "the view holds every order", || {
+        let status = pipeline_status(&alice, "by_category");
+        let rows = alice
+            .rows("SELECT category, orders, total FROM by_category ORDER BY category")
+            .unwrap_or_default();
+        (
+            status.get(2).map(String::as_str) == Some("finished") && rows == as_rows(&answer),
+            (status, rows.len()),
+        )
+    });
+    let _ = rows;
+    // A query over the view runs on one snapshot: the sum of the counts is every order.
+    assert_eq!(
+        alice.rows("SELECT SUM(orders) FROM by_category").unwrap(),
+        vec![vec!["60000".to_string()]]
+    );
+    // The viewer reads but cannot change anything.
+    let vera = serve.connect("vera", "vera-pw").unwrap();
+    assert_eq!(
+        vera.rows("SELECT COUNT(*) FROM by_category").unwrap(),
+        vec![vec![answer.len().to_string()]]
+    );
+    assert!(vera
+        .fails("DROP MATERIALIZED VIEW by_category")
+        .starts_with("42501"));
+
+    // Tenant B, logged in with its own valid password, finds nothing of A's.
+    let bob = serve.connect("bob", "bob-pw").expect("bob logs in");
+    assert!(bob
+        .rows("SELECT * FROM by_category")
+        .unwrap_err()
+        .starts_with("42P01"));
+    assert!(bob
+        .rows("SELECT * FROM team_a.by_category")
+        .unwrap_err()
+        .starts_with("42P01"));
+    assert!(bob.rows("SHOW TABLES").unwrap().is_empty());
+    assert!(bob.rows("SHOW PIPELINES").unwrap().is_empty());
+    assert!(bob
+        .rows("SHOW USERS")
+        .unwrap()
+        .iter()
+        .all(|r| r[1] == "team_b"));
+    assert!(bob.fails("STOP PIPELINE by_category").starts_with("42704"));
+    assert!(bob
+        .fails("DROP MATERIALIZED VIEW by_category")
+        .starts_with("42P01"));
+    assert!(bob.fails("DESCRIBE orders").starts_with("42P01"));
+    assert!(bob
+        .fails("CREATE TOKEN FOR USER alice")
+        .starts_with("42704"));
+    assert!(bob.fails("CREATE TENANT team_c").starts_with("42501"));
+    assert!(bob
+        .fails("CREATE USER mallory WITH PASSWORD 'x' IN TENANT team_a ROLE owner")
+        .starts_with("42501"));
+    // File paths into A's storage, or anywhere outside B's own, are refused at CREATE TABLE.
+    let a_files = serve.files("team_a").join("orders");
+    for path in [
+        "../../team_a/files/orders".to_string(),
+        a_files.display().to_string(),
+        "/etc".to_string(),
+        format!("file://{}", a_files.display()),
+    ] {
+        let e = bob.fails(&format!(
+            "CREATE TABLE stolen (id BIGINT, category STRING, amount BIGINT)
+               WITH ('connector' = 'filesystem', 'path' = '{path}', 'format' = 'csv')"
+        ));
+        assert!(
+            e.starts_with("42501") && e.contains("storage"),
+            "{path}: {e}"
+        );
+    }
+    // A link inside B's storage that leads into A's is refused too.
+    std::fs::create_dir_all(serve.files("team_b")).unwrap();
+    std::os::unix::fs::symlink(&a_files, serve.files("team_b").join("link")).unwrap();
+    let e = bob.fails(
+        "CREATE TABLE stolen (id BIGINT, category STRING, amount BIGINT)
+           WITH ('connector' = 'filesystem', 'path' = 'link', 'format' = 'csv')",
+    );
+    assert!(e.contains("link"), "{e}");
+    // Wrong or unknown credentials do not log in.
+    assert!(serve.connect("alice", "wrong").is_err());
+    assert!(serve.connect("nobody", "alice-pw").is_err());
+
+    // REST: the same view with A's token; B's token finds nothing; no token is refused.
+    let alice_token = alice.rows("CREATE TOKEN").unwrap()[0][1].clone();
+    let bob_token = bob.rows("CREATE TOKEN").unwrap()[0][1].clone();
+    let (status, body) = serve.http(
+        "GET",
+        "/v1/views/by_category/rows",
+        Some(&alice_token),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    let mut got: Vec<Vec<String>> = body["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_string().trim_matches('"').to_string())
+                .collect()
+        })
+        .collect();
+    got.sort();
+    assert_eq!(got, as_rows(&answer));
+    let (status, _) = serve.http("GET", "/v1/views/by_category/rows", Some(&bob_token), None);
+    assert_eq!(status, 404);
+    let (status, _) = serve.http("GET", "/v1/pipelines/by_category", Some(&bob_token), None);
+    assert_eq!(status, 404);
+    let (status, _) = serve.http(
+        "POST",
+        "/v1/pipelines/by_category/stop",
+        Some(&bob_token),
+        None,
+    );
+    assert_eq!(status, 404);
+    let (status, _) = serve.http("GET", "/v1/views/by_category/rows", None, None);
+    assert_eq!(status, 401);
+    let (status, _) = serve.http(
+        "GET",
+        "/v1/views/by_category/rows",
+        Some("sluice_0000"),
+        None,
+    );
+    assert_eq!(status, 401);
+    // A revoked token stops working at once.
+    let token_id = alice.rows("SHOW TOKENS").unwrap()[0][0].clone();
+    alice.exec(&format!("REVOKE TOKEN '{token_id}'"));
+    let (status, _) = serve.http(
+        "GET",
+        "/v1/views/by_category/rows",
+        Some(&alice_token),
+        None,
+    );
+    assert_eq!(status, 401);
+    // The admin token sees every tenant.
+    let (status, body) = serve.http("GET", "/v1/tenants", Some(ADMIN_TOKEN), None);
+    assert_eq!(status, 200);
+    assert_eq!(body["rows"].as_array().unwrap().len(), 3, "{body}");
+}
+
+#[test]
+fn pipelines_survive_a_killed_process_and_a_killed_server_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg_port = free_port();
+    let http_port = free_port();
+    let mut serve = Serve::start_on(dir.path(), pg_port, http_port);
+    let admin = serve.admin();
+    admin.exec(
+        "CREATE TENANT shop; CREATE USER dev WITH PASSWORD 'pw' IN TENANT shop ROLE developer",
+    );
+    let dev = serve.connect("dev", "pw").unwrap();
+    // 150 K ids at 15 K/s: about 10 s of input, so the kills land mid-stream.
+    let n: i64 = 150_000;
+    dev.exec(&format!(
+        "CREATE TABLE ids (id BIGINT) WITH ('connector' = 'datagen', 'rows-per-second' = '15000',
+           'fields.id.kind' = 'sequence', 'fields.id.start' = '1', 'fields.id.end' = '{n}');
+         SET 'parallelism.default' = '2';
+         SET 'restart-strategy.exponential-delay.initial-backoff' = '200 ms';
+         CREATE MATERIALIZED VIEW buckets AS
+           SELECT id % 7 AS bucket, COUNT(*) AS n, SUM(id) AS total FROM ids GROUP BY id % 7"
+    ));
+    let mut answer: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
+    for id in 1..=n {
+        let e = answer.entry(id % 7).or_default();
+        e.0 += 1;
+        e.1 += id;
+    }
+    let expected: Vec<Vec<String>> = answer
+        .iter()
+        .map(|(k, (c, s))| vec![k.to_string(), c.to_string(), s.to_string()])
+        .collect();
+    // Some rows are in, then the pipeline's process is killed.
+    wait_for(60, "the view shows some rows", || {
+        let r = dev.rows("SELECT SUM(n) FROM buckets").unwrap_or_default();
+        let seen: i64 = r.first().and_then(|r| r[0].parse().ok()).unwrap_or(0);
+        (seen > 20_000, seen)
+    });
+    let pid: i32 = pipeline_status(&dev, "buckets")[6].parse().expect("a pid");
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let status = wait_for(60, "the pipeline restarts", || {
+        let s = pipeline_status(&dev, "buckets");
+        (
+            s[4] == "1" && s[2] == "running" && !s[6].is_empty() && s[6] != pid.to_string(),
+            s,
+        )
+    });
+    assert!(status[7].contains("signal 9"), "{status:?}");
+    // While it runs again, every read is one epoch: a partial view never shows a bucket
+    // counted past the answer.
+    std::thread::sleep(Duration::from_secs(2));
+    for row in dev
+        .rows("SELECT bucket, n, total FROM buckets ORDER BY bucket")
+        .unwrap()
+    {
+        let full = &answer[&row[0].parse::<i64>().unwrap()];
+        assert!(row[1].parse::<i64>().unwrap() <= full.0, "{row:?}");
+    }
+    // Then the server itself dies (its pipelines die with it) and comes back.
+    drop(dev);
+    drop(admin);
+    serve.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    let orphan_alive = unsafe { libc::kill(pid, 0) } == 0;
+    assert!(!orphan_alive);
+    let serve = Serve::start_on(dir.path(), pg_port, http_port);
+    let dev = serve.connect("dev", "pw").unwrap();
+    let rows = wait_for(
+        120,
+        "the resumed pipeline finishes with the exact answer",
+        || {
+            let s = pipeline_status(&dev, "buckets");
+            let rows = dev
+                .rows("SELECT bucket, n, total FROM buckets ORDER BY bucket")
+                .unwrap_or_default();
+            (
+                s.get(2).map(String::as_str) == Some("finished") && rows == expected,
+                (s, rows),
+            )
+        },
+    );
+    assert_eq!(rows.1.len(), 7);
+}
+
+#[test]
+fn quotas_and_a_failing_pipeline_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path());
+    let admin = serve.admin();
+    admin.exec(
+        "CREATE TENANT small;
+         CREATE USER owner1 WITH PASSWORD 'pw' IN TENANT small ROLE owner;
+         ALTER TENANT small SET QUOTA (max_pipelines = 1, max_parallelism = 2, max_state_bytes = '64mb')",
+    );
+    let quotas = admin.rows("SHOW QUOTAS").unwrap();
+    let row = |q: &str| {
+        quotas
+            .iter()
+            .find(|r| r[0] == "small" && r[1] == q)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(row("max_pipelines")[2], "1");
+    assert_eq!(row("max_state_bytes")[2], (64u64 << 20).to_string());
+    assert!(admin
+        .fails("ALTER TENANT small SET QUOTA (max_widgets = 1)")
+        .contains("unknown quota"));
+    let owner = serve.connect("owner1", "pw").unwrap();
+    // The owner cannot raise its own quota.
+    assert!(owner
+        .fails("ALTER TENANT small SET QUOTA (max_pipelines = 9)")
+        .starts_with("42501"));
+    owner.exec(
+        "CREATE TABLE ticks (id BIGINT) WITH ('connector' = 'datagen', 'rows-per-second' = '10',
+           'fields.id.kind' = 'sequence', 'fields.id.start' = '1', 'fields.id.end' = '1000000')",
+    );
+    let e = owner.fails("SET 'parallelism.default' = '3'; CREATE MATERIALIZED VIEW big AS SELECT COUNT(*) AS n FROM ticks");
+    assert!(
+        e.starts_with("53400") && e.contains("max_parallelism") && e.contains("is 2"),
+        "{e}"
+    );
+    owner.exec("SET 'parallelism.default' = '1'; CREATE MATERIALIZED VIEW one AS SELECT COUNT(*) AS n FROM ticks");
+    let e = owner.fails("CREATE MATERIALIZED VIEW two AS SELECT MAX(id) AS m FROM ticks");
+    assert!(
+        e.starts_with("53400")
+            && e.contains("max_pipelines")
+            && e.contains("1 pipelines are running"),
+        "{e}"
+    );
+    assert_eq!(
+        owner
+            .rows("SHOW QUOTAS")
+            .unwrap()
+            .iter()
+            .find(|r| r[1] == "max_pipelines")
+            .unwrap()[3],
+        "1"
+    );
+    // Stopping the first frees the slot.
+    owner.exec("STOP PIPELINE one");
+    assert_eq!(pipeline_status(&owner, "one")[2], "stopped");
+    // A pipeline that fails every time ends failed with its error, after its restarts.
+    std::fs::write(serve.files("small").join("bad.csv"), "1\nnot-a-number\n").unwrap();
+    owner.exec(
+        "CREATE TABLE bad (id BIGINT) WITH ('connector' = 'filesystem', 'path' = 'bad.csv', 'format' = 'csv');
+         SET 'restart-strategy.type' = 'fixed-delay';
+         SET 'restart-strategy.fixed-delay.attempts' = '2';
+         SET 'restart-strategy.fixed-delay.delay' = '100 ms';
+         CREATE MATERIALIZED VIEW broken AS SELECT SUM(id) AS n FROM bad",
+    );
+    let status = wait_for(60, "the pipeline ends failed", || {
+        let s = pipeline_status(&owner, "broken");
+        (s.get(2).map(String::as_str) == Some("failed"), s)
+    });
+    assert_eq!(status[4], "2", "{status:?}");
+    assert!(
+        status[7].contains("bad.csv:2: malformed CSV record"),
+        "{status:?}"
+    );
+}
+
+#[test]
+fn a_port_in_use_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .args([
+            "--pg-port",
+            &port.to_string(),
+            "--http-port",
+            &free_port().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "127.0.0.1:{port} (Postgres wire) is already in use"
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn psql_works_against_the_server() {
+    if Command::new("psql").arg("--version").output().is_err() {
+        panic!("psql is not installed (.ci/run installs postgresql-client)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path());
+    let out = Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &serve.pg.to_string(),
+            "-U",
+            "admin",
+            "-d",
+            "admin",
+            "-At",
+            "-c",
+            "SHOW TENANTS",
+        ])
+        .env("PGPASSWORD", ADMIN_PASSWORD)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "admin");
+    let out = Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &serve.pg.to_string(),
+            "-U",
+            "admin",
+            "-At",
+            "-c",
+            "SHOW TENANTZ",
+        ])
+        .env("PGPASSWORD", ADMIN_PASSWORD)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SHOW TENANTZ"));
+    let _ = serve.http;
+}
