@@ -20,6 +20,8 @@ impl std::fmt::Display for ApiError {
     }
 }
 
+impl std::error::Error for ApiError {}
+
 impl ApiError {
     pub fn new(code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError {

@@ -13,22 +13,25 @@ use arrow::datatypes::{DataType, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use async_trait::async_trait;
-use futures_util::{stream, Sink};
+use futures_util::{stream, Sink, SinkExt};
 use pgwire::api::auth::sasl::scram::{ScramAuth, ScramSecret};
 use pgwire::api::auth::sasl::SASLAuthStartupHandler;
 use pgwire::api::auth::{
     AuthSource, DefaultServerParameterProvider, LoginInfo, Password, StartupHandler,
 };
+use pgwire::api::cancel::{CancelHandler, DefaultCancelHandler};
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use pgwire::api::results::{DataRowEncoder, FieldInfo, QueryResponse, Response, Tag};
 use pgwire::api::stmt::QueryParser;
 use pgwire::api::store::PortalStore;
+use pgwire::api::ConnectionManager;
 use pgwire::api::{
     ClientInfo, ClientPortalStore, ErrorHandler, PgWireConnectionState, PgWireServerHandlers, Type,
     METADATA_USER,
 };
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::data::RowDescription;
 use pgwire::messages::PgWireBackendMessage;
 
 use crate::auth::{parse_verifier, principal_for_user};
@@ -154,25 +157,31 @@ pub struct Connection {
     server: Arc<Server>,
     session: tokio::sync::Mutex<Option<Session>>,
     auth: Arc<SASLAuthStartupHandler<DefaultServerParameterProvider>>,
+    cancel: Arc<DefaultCancelHandler>,
 }
 
 impl Connection {
-    pub fn new(server: Arc<Server>) -> Arc<Connection> {
+    pub fn new(server: Arc<Server>, connections: Arc<ConnectionManager>) -> Arc<Connection> {
         let mut params = DefaultServerParameterProvider::default();
         params.server_version = "15.0 (Sluice)".into();
-        let auth = SASLAuthStartupHandler::new(Arc::new(params)).with_scram(ScramAuth::new(
-            Arc::new(Verifiers {
+        let auth = SASLAuthStartupHandler::new(Arc::new(params))
+            .with_scram(ScramAuth::new(Arc::new(Verifiers {
                 catalog: server.catalog.clone(),
-            }),
-        ));
+            })))
+            .with_connection_manager(connections.clone());
         Arc::new(Connection {
             server,
             session: tokio::sync::Mutex::new(None),
             auth: Arc::new(auth),
+            cancel: Arc::new(DefaultCancelHandler::new(connections)),
         })
     }
 
-    async fn run<C: ClientInfo>(&self, client: &C, stmt: &Stmt) -> Result<Outcome, ApiError> {
+    /// The principal of this connection (its session is made at the first statement).
+    async fn principal<C: ClientInfo>(
+        &self,
+        client: &C,
+    ) -> Result<crate::auth::Principal, ApiError> {
         let mut guard = self.session.lock().await;
         if guard.is_none() {
             let user = client
@@ -184,6 +193,88 @@ impl Connection {
                 .ok_or_else(|| ApiError::auth(format!("user '{user}' no longer exists")))?;
             *guard = Some(Session::new(principal));
         }
+        Ok(guard.as_ref().expect("session").principal.clone())
+    }
+
+    /// `SUBSCRIBE [TO] view [WITH (SNAPSHOT = false)]`: the view's rows as of now (unless the
+    /// snapshot is off), then every committed epoch's changes as it is applied, until the
+    /// client cancels or goes away. Rows: `sluice_epoch`, `sluice_op`, then the view's columns.
+    async fn subscribe<C>(&self, client: &mut C, stmt: &Stmt) -> PgWireResult<Response>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let principal = match self.principal(client).await {
+            Ok(p) => p,
+            Err(e) => return Ok(Response::Error(Box::new(error_info(&e)))),
+        };
+        let (name, snapshot) = match crate::statements::parse_subscribe(&stmt.text) {
+            Ok(x) => x,
+            Err(e) => {
+                return Ok(Response::Error(Box::new(error_info(
+                    &e.at(stmt.offset + 1),
+                ))))
+            }
+        };
+        let Some(view) = self.server.views.get(&principal.tenant, &name) else {
+            let e = ApiError::undefined_table(format!("materialized view '{name}' does not exist"));
+            return Ok(Response::Error(Box::new(error_info(&e))));
+        };
+        let (snap, mut rx) = match view.subscribe() {
+            Ok(x) => x,
+            Err(e) => return Ok(Response::Error(Box::new(error_info(&e)))),
+        };
+        let first = crate::views::feed_rows(snap.epoch, &snap.batch, true)
+            .map_err(|e| PgWireError::ApiError(Box::new(e)))?;
+        let f = Arc::new(fields(&first.schema(), &Format::UnifiedText));
+        let desc = RowDescription::new(f.iter().map(Into::into).collect());
+        client
+            .send(PgWireBackendMessage::RowDescription(desc))
+            .await?;
+        if snapshot {
+            for row in encode_rows(&first, f.clone())? {
+                client.feed(PgWireBackendMessage::DataRow(row?)).await?;
+            }
+            client.flush().await?;
+        }
+        loop {
+            let change = match rx.recv().await {
+                Ok(c) => c,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    let e = ApiError::new(
+                        "54000",
+                        format!("the subscriber fell {n} epochs behind the view '{name}': SUBSCRIBE again"),
+                    );
+                    return Ok(Response::Error(Box::new(error_info(&e))));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    return Ok(Response::Execution(Tag::new("SUBSCRIBE")))
+                }
+            };
+            match change.as_ref() {
+                crate::views::Change::Epoch { epoch, batch } => {
+                    let rows = crate::views::feed_rows(*epoch, batch, false)
+                        .map_err(|e| PgWireError::ApiError(Box::new(e)))?;
+                    for row in encode_rows(&rows, f.clone())? {
+                        client.feed(PgWireBackendMessage::DataRow(row?)).await?;
+                    }
+                    client.flush().await?;
+                }
+                crate::views::Change::Reset => {
+                    let e = ApiError::new(
+                        "57014",
+                        format!("the view '{name}' started over (or was dropped): SUBSCRIBE again"),
+                    );
+                    return Ok(Response::Error(Box::new(error_info(&e))));
+                }
+            }
+        }
+    }
+
+    async fn run<C: ClientInfo>(&self, client: &C, stmt: &Stmt) -> Result<Outcome, ApiError> {
+        self.principal(client).await?;
+        let mut guard = self.session.lock().await;
         let session = guard.as_mut().expect("session");
         // A user dropped or moved since the login loses its rights at once.
         let now = principal_for_user(&self.server.catalog, &session.principal.user)?;
@@ -304,6 +395,15 @@ impl SimpleQueryHandler for Connection {
     {
         let mut out = vec![];
         for stmt in split(query) {
+            if crate::statements::is_subscribe(&stmt.text) {
+                let r = self.subscribe(client, &stmt).await?;
+                let failed = matches!(r, Response::Error(_));
+                out.push(r);
+                if failed {
+                    break;
+                }
+                continue;
+            }
             let outcome = self.run(client, &stmt).await;
             let failed = outcome.is_err();
             out.push(respond(outcome, &Format::UnifiedText)?);
@@ -365,6 +465,11 @@ impl QueryParser for Parser {
         let Some(stmt) = parts.pop() else {
             return Ok(None);
         };
+        if crate::statements::is_subscribe(&stmt.text) {
+            return Err(PgWireError::UserError(Box::new(error_info(&ApiError::unsupported(
+                "SUBSCRIBE streams over the simple query protocol (psql, or simple_query in drivers)",
+            )))));
+        }
         let (schema, ran) = if reads_only(&stmt.text) {
             let outcome = self.conn.run(client, &stmt).await;
             let schema = match &outcome {
@@ -416,9 +521,9 @@ pub struct Handlers {
 }
 
 impl Handlers {
-    pub fn new(server: Arc<Server>) -> Handlers {
+    pub fn new(server: Arc<Server>, connections: Arc<ConnectionManager>) -> Handlers {
         Handlers {
-            conn: Connection::new(server),
+            conn: Connection::new(server, connections),
         }
     }
 }
@@ -483,15 +588,19 @@ impl PgWireServerHandlers for Handlers {
     fn error_handler(&self) -> Arc<impl ErrorHandler> {
         Arc::new(LoginErrors)
     }
+    fn cancel_handler(&self) -> Arc<impl CancelHandler> {
+        self.conn.cancel.clone()
+    }
 }
 
 /// Serves the wire protocol on `listener` until the process ends.
 pub async fn serve(listener: tokio::net::TcpListener, server: Arc<Server>) {
+    let connections = Arc::new(ConnectionManager::new());
     loop {
         let Ok((socket, _)) = listener.accept().await else {
             continue;
         };
-        let handlers = Handlers::new(server.clone());
+        let handlers = Handlers::new(server.clone(), connections.clone());
         tokio::spawn(async move {
             if let Err(e) = pgwire::tokio::process_socket(socket, None, handlers).await {
                 tracing::debug!("postgres connection: {e}");

@@ -280,6 +280,57 @@ async fn view_rows(
     Ok(Json(out))
 }
 
+/// `GET /v1/views/{name}/changes`: server-sent events, a `snapshot` event with the view's rows,
+/// then a `changes` event per committed epoch, each row led by its change kind (`+I`, `-U`,
+/// `+U`, `-D`). A `reset` event means the view started over: read the snapshot again.
+async fn view_changes(
+    State(server): State<Arc<Server>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let p = principal(&server, &headers)?;
+    let view = server.views.get(&p.tenant, &name).ok_or_else(|| {
+        ApiError::undefined_table(format!("materialized view '{name}' does not exist"))
+    })?;
+    let (snap, rx) = view.subscribe()?;
+    let first = crate::views::feed_rows(snap.epoch, &snap.batch, true)?;
+    let first = Event::default()
+        .event("snapshot")
+        .data(batch_json(&first).to_string());
+    let rest = futures_util::stream::unfold(Some(rx), |rx| async move {
+        let mut rx = rx?;
+        let event = match rx.recv().await {
+            Ok(change) => match change.as_ref() {
+                crate::views::Change::Epoch { epoch, batch } => {
+                    match crate::views::feed_rows(*epoch, batch, false) {
+                        Ok(rows) => Event::default()
+                            .event("changes")
+                            .data(batch_json(&rows).to_string()),
+                        Err(e) => Event::default().event("error").data(e.message),
+                    }
+                }
+                crate::views::Change::Reset => {
+                    return Some((Ok(Event::default().event("reset").data("{}")), None))
+                }
+            },
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                let e = Event::default()
+                    .event("error")
+                    .data(format!("fell {n} epochs behind: subscribe again"));
+                return Some((Ok(e), None));
+            }
+            Err(_) => return None,
+        };
+        Some((Ok::<_, std::convert::Infallible>(event), Some(rx)))
+    });
+    let stream =
+        futures_util::StreamExt::chain(futures_util::stream::once(async move { Ok(first) }), rest);
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
 async fn list_tables(State(server): State<Arc<Server>>, headers: HeaderMap) -> ApiResult {
     let p = principal(&server, &headers)?;
     let objects = server.catalog.objects(&p.tenant)?;
@@ -320,6 +371,7 @@ pub fn router(server: Arc<Server>) -> Router {
         )
         .route("/v1/pipelines/{name}/{action}", post(pipeline_action))
         .route("/v1/views/{name}/rows", get(view_rows))
+        .route("/v1/views/{name}/changes", get(view_changes))
         .route("/v1/tables", get(list_tables))
         .route("/v1/tenants", get(list_tenants))
         .route("/v1/quotas", get(quotas))

@@ -219,6 +219,42 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Whether a statement is `SUBSCRIBE`.
+pub fn is_subscribe(text: &str) -> bool {
+    words(text).is_ok_and(|t| Cursor { t: &t, i: 0 }.word("SUBSCRIBE"))
+}
+
+/// `SUBSCRIBE [TO] name [WITH (SNAPSHOT = true|false)]`: the view and whether to send its rows
+/// first.
+pub fn parse_subscribe(text: &str) -> Result<(String, bool), ApiError> {
+    let t = words(text)?;
+    let mut c = Cursor { t: &t, i: 0 };
+    c.word("SUBSCRIBE");
+    c.word("TO");
+    let name = c.expect_name("a materialized view's name")?;
+    let mut snapshot = true;
+    if c.word("WITH") {
+        if !c.eat(&Token::LParen) || !c.word("SNAPSHOT") {
+            return Err(ApiError::syntax("expected WITH (SNAPSHOT = true|false)"));
+        }
+        c.eat(&Token::Eq);
+        snapshot = match c.next() {
+            Some(Token::Word(w)) if w.value.eq_ignore_ascii_case("false") => false,
+            Some(Token::Word(w)) if w.value.eq_ignore_ascii_case("true") => true,
+            other => {
+                return Err(ApiError::syntax(format!(
+                    "SNAPSHOT: expected true or false, found {other:?}"
+                )))
+            }
+        };
+        if !c.eat(&Token::RParen) {
+            return Err(ApiError::syntax("expected ')'"));
+        }
+    }
+    c.end()?;
+    Ok((name, snapshot))
+}
+
 /// What a statement returns.
 #[derive(Debug, Clone)]
 pub enum Outcome {

@@ -39,8 +39,8 @@ pub enum Change {
 struct State {
     converter: RowConverter,
     rows: HashMap<OwnedRow, i64>,
-    /// The newest epoch applied (0: none).
-    epoch: u64,
+    /// The newest epoch applied (`None`: none; epochs start at 0).
+    epoch: Option<u64>,
     /// Log files applied since the last snapshot.
     since_snapshot: usize,
     /// A problem reading the log, shown in the view's status.
@@ -96,7 +96,7 @@ impl View {
                 .map_err(|e| ApiError::internal(format!("view '{}': {e}", self.name)))?
         };
         Ok(Snapshot {
-            epoch: s.epoch,
+            epoch: s.epoch.unwrap_or(0),
             batch,
         })
     }
@@ -112,7 +112,7 @@ impl View {
     /// The newest applied epoch, and a problem reading the log if there is one.
     pub fn status(&self) -> (u64, Option<String>) {
         let s = self.state();
-        (s.epoch, s.error.clone())
+        (s.epoch.unwrap_or(0), s.error.clone())
     }
 
     fn apply(&self, s: &mut State, batch: &RecordBatch) -> Result<(), ApiError> {
@@ -138,13 +138,13 @@ impl View {
             return Ok(());
         };
         let applied = self.state().epoch;
-        if committed <= applied {
+        if applied.is_some_and(|a| committed <= a) {
             return Ok(());
         }
         let files: Vec<_> = log_files(&self.dir)
             .map_err(|e| ApiError::internal(e.to_string()))?
             .into_iter()
-            .filter(|f| f.epoch > applied && f.epoch <= committed)
+            .filter(|f| applied.is_none_or(|a| f.epoch > a) && f.epoch <= committed)
             .collect();
         let mut i = 0;
         while i < files.len() {
@@ -162,7 +162,7 @@ impl View {
             for b in &batches {
                 self.apply(&mut s, b)?;
             }
-            s.epoch = epoch;
+            s.epoch = Some(epoch);
             s.since_snapshot += n;
             if let Some(first) = batches.first() {
                 let batch = concat_batches(&first.schema(), &batches)
@@ -171,7 +171,7 @@ impl View {
             }
         }
         let mut s = self.state_mut();
-        s.epoch = s.epoch.max(committed);
+        s.epoch = Some(s.epoch.map_or(committed, |e| e.max(committed)));
         if s.since_snapshot >= COMPACT_AFTER_FILES {
             self.compact(&mut s)?;
         }
@@ -182,16 +182,17 @@ impl View {
     fn compact(&self, s: &mut State) -> Result<(), ApiError> {
         let snap = self.materialize(s)?;
         let with_ops = with_insert_ops(&snap.batch)?;
-        let path = self.dir.join(format!("snapshot-e{:020}.arrow", s.epoch));
+        let upto = s.epoch.unwrap_or(0);
+        let path = self.dir.join(format!("snapshot-e{upto:020}.arrow"));
         write_durably(&path, &with_ops.schema(), &[with_ops])
             .map_err(|e| ApiError::internal(e.to_string()))?;
         for f in log_files(&self.dir).map_err(|e| ApiError::internal(e.to_string()))? {
-            if f.epoch <= s.epoch {
+            if f.epoch <= upto {
                 let _ = std::fs::remove_file(&f.path);
             }
         }
         for (epoch, old) in snapshots(&self.dir) {
-            if epoch < s.epoch {
+            if epoch < upto {
                 let _ = std::fs::remove_file(old);
             }
         }
@@ -205,7 +206,7 @@ impl View {
             for b in read_log_file(&path).map_err(|e| ApiError::internal(e.to_string()))? {
                 self.apply(&mut s, &b)?;
             }
-            s.epoch = epoch;
+            s.epoch = Some(epoch);
         }
         Ok(())
     }
@@ -271,7 +272,7 @@ impl Views {
             state: RwLock::new(State {
                 converter,
                 rows: HashMap::new(),
-                epoch: 0,
+                epoch: None,
                 since_snapshot: 0,
                 error: None,
             }),
@@ -313,7 +314,7 @@ impl Views {
         let mut s = v.state_mut();
         let _ = std::fs::remove_dir_all(&v.dir);
         s.rows.clear();
-        s.epoch = 0;
+        s.epoch = None;
         s.since_snapshot = 0;
         let _ = v.changes.send(Arc::new(Change::Reset));
         Ok(())
@@ -351,6 +352,42 @@ impl Views {
             })
             .expect("start the views thread");
     }
+}
+
+/// A change feed's rows: `sluice_epoch`, `sluice_op` (Flink's `+I`, `-U`, `+U`, `-D`), then the
+/// view's columns. `batch` holds the view's columns, then `__op` when `ops` is absent.
+pub fn feed_rows(epoch: u64, batch: &RecordBatch, inserts: bool) -> Result<RecordBatch, ApiError> {
+    let (data, ops) = if inserts {
+        let n = batch.num_rows();
+        (batch.clone(), Int8Array::from(vec![0i8; n]))
+    } else {
+        split_ops(batch).map_err(|e| ApiError::internal(e.to_string()))?
+    };
+    let mut fields = vec![
+        Arc::new(arrow::datatypes::Field::new(
+            "sluice_epoch",
+            arrow::datatypes::DataType::Int64,
+            false,
+        )),
+        Arc::new(arrow::datatypes::Field::new(
+            "sluice_op",
+            arrow::datatypes::DataType::Utf8,
+            false,
+        )),
+    ];
+    fields.extend(data.schema().fields().iter().cloned());
+    let mut columns: Vec<ArrayRef> = vec![
+        Arc::new(arrow::array::Int64Array::from(vec![
+            epoch as i64;
+            data.num_rows()
+        ])),
+        Arc::new(arrow::array::StringArray::from_iter_values(
+            (0..ops.len()).map(|i| Op::from_i8(ops.value(i)).short_name()),
+        )),
+    ];
+    columns.extend(data.columns().iter().cloned());
+    RecordBatch::try_new(Arc::new(arrow::datatypes::Schema::new(fields)), columns)
+        .map_err(|e| ApiError::internal(e.to_string()))
 }
 
 /// The number of rows of a batch with `__op`, signed (for tests and stats).

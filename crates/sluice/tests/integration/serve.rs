@@ -677,3 +677,115 @@ fn psql_works_against_the_server() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("SHOW TENANTZ"));
     let _ = serve.http;
 }
+
+/// Folds change-feed rows (`epoch, op, columns...`) into the multiset of current rows.
+fn fold_feed(state: &mut BTreeMap<Vec<String>, i64>, op: &str, row: Vec<String>) {
+    let sign = match op {
+        "+I" | "+U" => 1,
+        "-U" | "-D" => -1,
+        other => panic!("change kind {other}"),
+    };
+    let n = state.entry(row.clone()).or_insert(0);
+    *n += sign;
+    if *n == 0 {
+        state.remove(&row);
+    }
+}
+
+#[test]
+fn subscriptions_over_the_wire_and_sse_fold_to_the_final_view() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path());
+    let admin = serve.admin();
+    let n: i64 = 60_000;
+    admin.exec(&format!(
+        "CREATE TABLE ids (id BIGINT) WITH ('connector' = 'datagen', 'rows-per-second' = '15000',
+           'fields.id.kind' = 'sequence', 'fields.id.start' = '1', 'fields.id.end' = '{n}');
+         CREATE MATERIALIZED VIEW fives AS
+           SELECT id % 5 AS k, COUNT(*) AS n, SUM(id) AS total FROM ids GROUP BY id % 5"
+    ));
+    let mut expected: BTreeMap<Vec<String>, i64> = BTreeMap::new();
+    for k in 0..5i64 {
+        let ids: Vec<i64> = (1..=n).filter(|i| i % 5 == k).collect();
+        expected.insert(
+            vec![
+                k.to_string(),
+                ids.len().to_string(),
+                ids.iter().sum::<i64>().to_string(),
+            ],
+            1,
+        );
+    }
+    // Over SSE, on a thread of its own.
+    let http = serve.http;
+    let expected_sse = expected.clone();
+    let sse = std::thread::spawn(move || {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let resp = reqwest::blocking::Client::new()
+            .get(format!("http://127.0.0.1:{http}/v1/views/fives/changes"))
+            .bearer_auth(ADMIN_TOKEN)
+            .timeout(Duration::from_secs(120))
+            .send()
+            .expect("SSE");
+        assert_eq!(resp.status().as_u16(), 200);
+        let mut state = BTreeMap::new();
+        let mut events = 0;
+        for line in BufReader::new(resp).lines() {
+            let line = line.expect("SSE line");
+            let Some(data) = line.strip_prefix("data:") else {
+                continue;
+            };
+            let v: serde_json::Value = serde_json::from_str(data.trim()).expect("event JSON");
+            events += 1;
+            for row in v["rows"].as_array().unwrap() {
+                let row: Vec<String> = row
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_string().trim_matches('"').to_string())
+                    .collect();
+                fold_feed(&mut state, &row[1], row[2..].to_vec());
+            }
+            if state == expected_sse {
+                return events;
+            }
+        }
+        panic!("the SSE feed ended before it reached the final view: {state:?}");
+    });
+    // Over the wire: SUBSCRIBE streams rows until the folded state is the final view.
+    let pg = serve.connect("admin", ADMIN_PASSWORD).unwrap();
+    let state = pg.rt.block_on(async {
+        use futures_util::StreamExt;
+        let stream = pg
+            .client
+            .simple_query_raw("SUBSCRIBE TO fives")
+            .await
+            .expect("SUBSCRIBE");
+        futures_util::pin_mut!(stream);
+        let mut state = BTreeMap::new();
+        let mut first_epoch: Option<String> = None;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while state != expected {
+            let msg = tokio::time::timeout_at(deadline, stream.next())
+                .await
+                .unwrap_or_else(|_| panic!("SUBSCRIBE did not reach the final view: {state:?}"))
+                .expect("the feed ended")
+                .expect("a feed row");
+            if let tokio_postgres::SimpleQueryMessage::Row(r) = msg {
+                let row: Vec<String> = (0..r.len())
+                    .map(|i| r.get(i).unwrap_or("NULL").to_string())
+                    .collect();
+                first_epoch.get_or_insert(row[0].clone());
+                fold_feed(&mut state, &row[1], row[2..].to_vec());
+            }
+        }
+        state
+    });
+    assert_eq!(state.len(), 5);
+    assert!(sse.join().expect("the SSE reader") >= 2);
+    // A query on the same view agrees.
+    assert_eq!(
+        admin.rows("SELECT SUM(n) FROM fives").unwrap(),
+        vec![vec![n.to_string()]]
+    );
+}
