@@ -177,7 +177,7 @@ pub struct Pipeline {
     pub views: Vec<String>,
     pub parallelism: u64,
     pub desired: Desired,
-    /// `created`, `running`, `restarting`, `stopped`, `finished` or `failed`.
+    /// `created`, `starting`, `running`, `restarting`, `stopped`, `finished` or `failed`.
     pub status: String,
     pub restarts: u64,
     pub last_error: Option<String>,

@@ -11,6 +11,7 @@
 pub mod auth;
 pub mod catalog;
 pub mod error;
+pub mod metrics;
 pub mod pg;
 pub mod rest;
 pub mod statements;

@@ -351,6 +351,54 @@ async fn quotas(State(server): State<Arc<Server>>, headers: HeaderMap) -> ApiRes
     )))
 }
 
+/// `GET /v1/pipelines/{name}/stats`: the pipeline's status and its process's counters.
+async fn pipeline_stats(
+    State(server): State<Arc<Server>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult {
+    let p = principal(&server, &headers)?;
+    let pl = server
+        .catalog
+        .pipeline(&p.tenant, &name)?
+        .ok_or_else(|| ApiError::not_found(format!("pipeline '{name}' does not exist")))?;
+    let mut out = pipeline_json(&server, &pl);
+    out["stats"] = server
+        .supervisor
+        .stats(&p.tenant, &name)
+        .unwrap_or(Value::Null);
+    out["views"] = Value::Array(
+        pl.views
+            .iter()
+            .filter_map(|v| server.views.get(&p.tenant, v))
+            .map(|v| {
+                let (epoch, error) = v.status();
+                json!({ "name": v.name, "epoch": epoch, "error": error })
+            })
+            .collect(),
+    );
+    Ok(Json(out))
+}
+
+/// `GET /metrics`: Prometheus's text format, for the token's tenant only (every tenant for
+/// an administrator).
+async fn metrics(
+    State(server): State<Arc<Server>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let p = principal(&server, &headers)?;
+    let scope = (!p.is_admin()).then_some(p.tenant.clone());
+    let text = crate::metrics::render(&server, scope.as_deref())?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        text,
+    )
+        .into_response())
+}
+
 async fn health() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
@@ -370,6 +418,8 @@ pub fn router(server: Arc<Server>) -> Router {
             get(get_pipeline).delete(delete_pipeline),
         )
         .route("/v1/pipelines/{name}/{action}", post(pipeline_action))
+        .route("/v1/pipelines/{name}/stats", get(pipeline_stats))
+        .route("/metrics", get(metrics))
         .route("/v1/views/{name}/rows", get(view_rows))
         .route("/v1/views/{name}/changes", get(view_changes))
         .route("/v1/tables", get(list_tables))

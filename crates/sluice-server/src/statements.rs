@@ -1171,6 +1171,9 @@ impl Server {
             .catalog
             .pipeline(tenant, name)?
             .ok_or_else(|| no_pipeline(name))?;
+        if n != pl.parallelism {
+            self.check_rescalable(&pl)?;
+        }
         let was_running = self.supervisor.is_active(tenant, name);
         if was_running {
             self.admit(tenant, name, n)?;
@@ -1183,6 +1186,28 @@ impl Server {
                 .pipeline(tenant, name)?
                 .ok_or_else(|| no_pipeline(name))?;
             self.supervisor.start(&pl, false)?;
+        }
+        Ok(())
+    }
+
+    /// Refuses to move a pipeline that reads a generator to another worker count: generated
+    /// streams resume only on the count they were checkpointed with.
+    fn check_rescalable(&self, pl: &Pipeline) -> Result<(), ApiError> {
+        let plan = sluice_sql::plan_script(&pl.script)
+            .map_err(|e| ApiError::internal(format!("pipeline '{}': {e}", pl.name)))?;
+        let mut generated = vec![];
+        for p in &plan.pipelines {
+            scans(&p.query, &mut |t| {
+                if matches!(t.connector(), "datagen" | "ecommerce" | "nexmark") {
+                    generated.push(t.name.clone());
+                }
+            });
+        }
+        if let Some(t) = generated.first() {
+            return Err(ApiError::invalid(format!(
+                "pipeline '{}' reads the generated table '{t}', whose streams resume only on the worker count they were checkpointed with: change 'parallelism.default' and START PIPELINE {} FRESH to run it again from the start",
+                pl.name, pl.name
+            )));
         }
         Ok(())
     }
@@ -1439,6 +1464,16 @@ impl Server {
         let batch = arrow::compute::concat_batches(&schema, &batches)
             .map_err(|e| ApiError::internal(e.to_string()))?;
         Ok(Outcome::Rows(batch))
+    }
+}
+
+/// Calls `f` with every table a plan scans.
+fn scans(node: &sluice_sql::StreamNode, f: &mut dyn FnMut(&sluice_sql::TableDef)) {
+    if let sluice_sql::StreamNode::Scan { table, .. } = node {
+        f(table);
+    }
+    for child in node.inputs() {
+        scans(child, f);
     }
 }
 

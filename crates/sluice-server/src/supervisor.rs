@@ -212,6 +212,13 @@ impl Supervisor {
         pid
     }
 
+    /// The counters the pipeline's process last wrote (rows, state, checkpoints, watermark).
+    pub fn stats(&self, tenant: &str, name: &str) -> Option<serde_json::Value> {
+        let text =
+            std::fs::read_to_string(self.layout.pipeline(tenant, name).join("stats.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
     /// How long the pipeline has been supervised in this server.
     pub fn uptime(&self, tenant: &str, name: &str) -> Option<Duration> {
         self.runs()
@@ -247,9 +254,12 @@ impl Supervisor {
         let mut policy_settings = settings.clone();
         policy_settings.extend(restart_settings(&p.statements));
         let policy = RestartPolicy::from_settings(&policy_settings)?;
+        let quotas = self.catalog.quotas(&p.tenant)?;
         let stop = Arc::new(AtomicBool::new(false));
         let child = Arc::new(Mutex::new(None));
         let job = Job {
+            stats: dir.join("stats.json"),
+            max_state_bytes: quotas.max_state_bytes,
             tenant: p.tenant.clone(),
             name: p.name.clone(),
             exe: self.exe.clone(),
@@ -267,6 +277,8 @@ impl Supervisor {
             stop: stop.clone(),
             child: child.clone(),
         };
+        self.catalog
+            .set_status(&p.tenant, &p.name, "starting", None, None)?;
         let thread = std::thread::Builder::new()
             .name(format!("pipeline-{}-{}", p.tenant, p.name))
             .spawn(move || job.supervise())
@@ -315,6 +327,15 @@ impl Supervisor {
     }
 }
 
+/// The cap on a pipeline process's data segment (heap and private mappings, `RLIMIT_DATA`)
+/// under a state quota: room for the state four times over (rows in flight, checkpoint
+/// buffers, copies while state grows) and 1 GiB for the runtime. cgroups are not available on
+/// these machines, so an rlimit is the hard cap; the state quota itself is enforced by the
+/// process, which fails naming the quota before the cap is reached.
+pub fn memory_cap(max_state_bytes: u64) -> u64 {
+    max_state_bytes.saturating_mul(4).saturating_add(1 << 30)
+}
+
 fn signal(pid: u32, sig: i32) {
     // SAFETY: kill(2) with a pid this server started; a stale pid only fails.
     unsafe {
@@ -338,6 +359,11 @@ pub fn restart_settings(statements: &str) -> BTreeMap<String, String> {
 
 /// One supervised pipeline.
 struct Job {
+    /// Where the process writes its counters.
+    stats: PathBuf,
+    /// The tenant's state quota: the process enforces it, and its data segment is capped at
+    /// [`memory_cap`] of it.
+    max_state_bytes: Option<u64>,
     tenant: String,
     name: String,
     exe: PathBuf,
@@ -376,6 +402,14 @@ impl Job {
         for v in &self.views {
             cmd.arg("--view").arg(v);
         }
+        cmd.arg("--pipeline")
+            .arg(format!("{}/{}", self.tenant, self.name))
+            .arg("--stats")
+            .arg(&self.stats);
+        if let Some(max) = self.max_state_bytes {
+            cmd.arg("--max-state-bytes").arg(max.to_string());
+        }
+        let cap = self.max_state_bytes.map(memory_cap);
         std::fs::create_dir_all(&self.cwd)?;
         cmd.current_dir(&self.cwd)
             .stdin(Stdio::null())
@@ -387,13 +421,22 @@ impl Job {
         // the thread that started it ends, which it does only when the child has ended or the
         // server died.
         unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 // The server may have died between fork and prctl.
                 if libc::getppid() == 1 {
                     libc::_exit(1);
+                }
+                if let Some(cap) = cap {
+                    let limit = libc::rlimit {
+                        rlim_cur: cap,
+                        rlim_max: cap,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_DATA, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });

@@ -25,6 +25,98 @@ pub struct WorkerArgs {
     /// Ignore existing checkpoints.
     #[arg(long)]
     fresh: bool,
+    /// The pipeline's name in messages (`tenant/pipeline`).
+    #[arg(long, default_value = "pipeline")]
+    pipeline: String,
+    /// Write the job's counters as JSON to this file every second.
+    #[arg(long)]
+    stats: Option<PathBuf>,
+    /// The tenant's `max_state_bytes` quota: past it the job fails, naming the largest state;
+    /// past 80% of it a warning is logged.
+    #[arg(long)]
+    max_state_bytes: Option<u64>,
+}
+
+/// The job's counters as the server reads them.
+fn stats_json(metrics: &sluice_engine::JobMetrics) -> serde_json::Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (state_bytes, state_keys) = metrics.state_now();
+    let operators: serde_json::Map<String, serde_json::Value> = metrics
+        .states()
+        .iter()
+        .map(|(name, (bytes, keys))| {
+            (
+                name.clone(),
+                serde_json::json!({ "state_bytes": bytes, "state_keys": keys }),
+            )
+        })
+        .collect();
+    let watermark = metrics.source_watermark.load(Relaxed);
+    serde_json::json!({
+        "rows_read": metrics.rows_read(),
+        "rows_written": metrics.rows_written(),
+        "state_bytes": state_bytes,
+        "state_keys": state_keys,
+        "operators": operators,
+        "late_rows_dropped": metrics.late_rows_dropped.load(Relaxed),
+        "records_skipped": metrics.records_skipped.load(Relaxed),
+        "checkpoints": metrics.checkpoints.load(Relaxed),
+        "last_checkpoint_bytes": metrics.checkpoint_bytes.load(Relaxed),
+        "watermark_ms": (watermark != i64::MIN).then_some(watermark),
+        "written_at_ms": chrono::Utc::now().timestamp_millis(),
+    })
+}
+
+/// Writes the stats every second and enforces the state quota, until `done`.
+fn watch(
+    args: &WorkerArgs,
+    metrics: Arc<sluice_engine::JobMetrics>,
+    control: Arc<sluice_engine::JobControl>,
+    done: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let stats = args.stats.clone();
+    let max = args.max_state_bytes;
+    let pipeline = args.pipeline.clone();
+    let _ = std::thread::Builder::new()
+        .name("pipeline-watch".into())
+        .spawn(move || {
+            let mut warned = false;
+            let mut last_write = std::time::Instant::now() - std::time::Duration::from_secs(1);
+            loop {
+                let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+                if let Some(max) = max {
+                    let (bytes, _) = metrics.state_now();
+                    if bytes > max && !control.failed() {
+                        let largest = metrics
+                            .largest_state()
+                            .map(|(name, b, keys)| format!("; the largest is {name}'s, {b} bytes in {keys} keys"))
+                            .unwrap_or_default();
+                        control.fail(sluice_common::Error::Runtime(format!(
+                            "quota max_state_bytes is {max}: pipeline {pipeline} holds {bytes} bytes of state{largest}"
+                        )));
+                    } else if bytes > max / 10 * 8 && !warned {
+                        warned = true;
+                        tracing::warn!(
+                            "pipeline {pipeline} holds {bytes} bytes of state, past 80% of its quota max_state_bytes = {max}"
+                        );
+                    }
+                }
+                if let Some(path) = &stats {
+                    if finished || last_write.elapsed() >= std::time::Duration::from_secs(1) {
+                        last_write = std::time::Instant::now();
+                        let tmp = path.with_extension("tmp");
+                        let text = stats_json(&metrics).to_string();
+                        if std::fs::write(&tmp, text).is_ok() {
+                            let _ = std::fs::rename(&tmp, path);
+                        }
+                    }
+                }
+                if finished {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(250));
+            }
+        });
 }
 
 pub fn run(args: WorkerArgs) -> Result<Option<i32>, String> {
@@ -78,13 +170,21 @@ pub fn run(args: WorkerArgs) -> Result<Option<i32>, String> {
         .contains_key("execution.checkpointing.interval");
     let control = sluice_engine::JobControl::new();
     let stopped_by = crate::stop_on_signals(control.clone(), checkpointing)?;
+    let metrics = sluice_engine::JobMetrics::new();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    watch(&args, metrics.clone(), control.clone(), done.clone());
     let options = JobOptions {
         workers: args.workers,
         control,
+        metrics,
         fresh: args.fresh,
         ..Default::default()
     };
-    let summary = sluice_engine::run(plan, options).map_err(|e| e.to_string())?;
+    let summary = sluice_engine::run(plan, options);
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    // The watch writes the last stats.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let summary = summary.map_err(|e| e.to_string())?;
     crate::print_summary(&summary);
     let signal = stopped_by.load(std::sync::atomic::Ordering::SeqCst);
     Ok((signal != 0).then_some(signal))

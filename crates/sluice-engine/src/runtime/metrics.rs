@@ -241,6 +241,11 @@ impl JobMetrics {
             .sum()
     }
 
+    /// Each stateful operator's state as last reported (`operator on worker n`): bytes, keys.
+    pub fn states(&self) -> BTreeMap<String, (u64, u64)> {
+        self.states.lock().expect("metrics").clone()
+    }
+
     /// The operator holding the most state (as last reported): name, bytes, keys.
     pub fn largest_state(&self) -> Option<(String, u64, u64)> {
         self.states

@@ -789,3 +789,176 @@ fn subscriptions_over_the_wire_and_sse_fold_to_the_final_view() {
         vec![vec![n.to_string()]]
     );
 }
+
+/// `k, n, total` per `id % 7` over ids `1..=n`, as rows.
+fn buckets_answer(n: i64, m: i64) -> Vec<Vec<String>> {
+    let mut answer: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
+    for id in 1..=n {
+        let e = answer.entry(id % m).or_default();
+        e.0 += 1;
+        e.1 += id;
+    }
+    answer
+        .iter()
+        .map(|(k, (c, s))| vec![k.to_string(), c.to_string(), s.to_string()])
+        .collect()
+}
+
+#[test]
+fn a_pipeline_past_its_state_quota_fails_alone_and_metrics_stay_within_the_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path());
+    let admin = serve.admin();
+    admin.exec(
+        "CREATE TENANT greedy; CREATE TENANT steady;
+         CREATE USER g WITH PASSWORD 'pw' IN TENANT greedy ROLE owner;
+         CREATE USER s WITH PASSWORD 'pw' IN TENANT steady ROLE owner;
+         ALTER TENANT greedy SET QUOTA (max_state_bytes = '2mb')",
+    );
+    let g = serve.connect("g", "pw").unwrap();
+    let s = serve.connect("s", "pw").unwrap();
+    // One group per id: the state grows without bound.
+    g.exec(
+        "CREATE TABLE ids (id BIGINT) WITH ('connector' = 'datagen', 'rows-per-second' = '50000',
+           'fields.id.kind' = 'sequence', 'fields.id.start' = '1', 'fields.id.end' = '100000000');
+         SET 'restart-strategy.type' = 'none';
+         CREATE MATERIALIZED VIEW per_id AS SELECT id, COUNT(*) AS n FROM ids GROUP BY id",
+    );
+    let n: i64 = 80_000;
+    s.exec(&format!(
+        "CREATE TABLE ids (id BIGINT) WITH ('connector' = 'datagen', 'rows-per-second' = '10000',
+           'fields.id.kind' = 'sequence', 'fields.id.start' = '1', 'fields.id.end' = '{n}');
+         CREATE MATERIALIZED VIEW buckets AS
+           SELECT id % 7 AS k, COUNT(*) AS n, SUM(id) AS total FROM ids GROUP BY id % 7"
+    ));
+    let status = wait_for(90, "the greedy pipeline fails on its quota", || {
+        let st = pipeline_status(&g, "per_id");
+        (st.get(2).map(String::as_str) == Some("failed"), st)
+    });
+    let error = &status[7];
+    assert!(
+        error.contains("quota max_state_bytes is 2097152")
+            && error.contains("greedy/per_id")
+            && error.contains("the largest is"),
+        "{error}"
+    );
+    // The other tenant's pipeline runs on to the exact answer.
+    let expected = buckets_answer(n, 7);
+    wait_for(90, "the steady pipeline finishes exactly", || {
+        let st = pipeline_status(&s, "buckets");
+        let rows = s
+            .rows("SELECT k, n, total FROM buckets ORDER BY k")
+            .unwrap_or_default();
+        (
+            st.get(2).map(String::as_str) == Some("finished") && rows == expected,
+            (st, rows.len()),
+        )
+    });
+    // Metrics: each tenant's token sees its own series only; the admin's sees both.
+    let token_of = |pg: &Pg| pg.rows("CREATE TOKEN").unwrap()[0][1].clone();
+    let (st, _) = serve.http("GET", "/metrics", None, None);
+    assert_eq!(st, 401);
+    let metrics = |token: &str| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        reqwest::blocking::Client::new()
+            .get(format!("http://127.0.0.1:{}/metrics", serve.http))
+            .bearer_auth(token)
+            .send()
+            .unwrap()
+            .text()
+            .unwrap()
+    };
+    let steady = metrics(&token_of(&s));
+    assert!(
+        steady.contains(&format!(
+            "sluice_pipeline_rows_read_total{{pipeline=\"buckets\",table=\"ids\",tenant=\"steady\"}} {n}"
+        )),
+        "{steady}"
+    );
+    assert!(!steady.contains("greedy"), "{steady}");
+    let greedy = metrics(&token_of(&g));
+    assert!(
+        greedy.contains("tenant=\"greedy\"") && !greedy.contains("steady"),
+        "{greedy}"
+    );
+    let all = metrics(ADMIN_TOKEN);
+    assert!(all.contains("tenant=\"greedy\"") && all.contains("tenant=\"steady\""));
+    // The stats endpoint has the counters too.
+    let (st, body) = serve.http(
+        "GET",
+        "/v1/pipelines/buckets/stats",
+        Some(&token_of(&s)),
+        None,
+    );
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["stats"]["rows_read"]["ids"], serde_json::json!(n));
+}
+
+/// Writes ids `from..to` as a CSV file into `dir` (renamed into place whole).
+fn write_ids(dir: &Path, name: &str, ids: std::ops::Range<i64>) {
+    let text: String = ids.map(|i| format!("{i}\n")).collect();
+    let tmp = dir.parent().unwrap().join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+#[test]
+fn stop_resume_and_rescale_keep_a_view_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path());
+    let admin = serve.admin();
+    let input = serve.files("admin").join("incoming");
+    std::fs::create_dir_all(&input).unwrap();
+    write_ids(&input, "a.csv", 1..40_001);
+    admin.exec(
+        "CREATE TABLE ids (id BIGINT) WITH ('connector' = 'filesystem', 'path' = 'incoming',
+           'format' = 'csv', 'source.monitor-interval' = '200 ms');
+         CREATE MATERIALIZED VIEW buckets AS
+           SELECT id % 11 AS k, COUNT(*) AS n, SUM(id) AS total FROM ids GROUP BY id % 11",
+    );
+    let rows = |pg: &Pg| {
+        pg.rows("SELECT k, n, total FROM buckets ORDER BY k")
+            .unwrap_or_default()
+    };
+    wait_for(60, "the first file", || {
+        (
+            rows(&admin) == buckets_answer(40_000, 11),
+            rows(&admin).len(),
+        )
+    });
+    admin.exec("STOP PIPELINE buckets");
+    assert_eq!(pipeline_status(&admin, "buckets")[2], "stopped");
+    // Stopped: a new file waits, and the view holds still.
+    write_ids(&input, "b.csv", 40_001..80_001);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(rows(&admin), buckets_answer(40_000, 11));
+    admin.exec("START PIPELINE buckets");
+    wait_for(60, "the second file after resuming", || {
+        (
+            rows(&admin) == buckets_answer(80_000, 11),
+            rows(&admin).len(),
+        )
+    });
+    admin.exec("ALTER PIPELINE buckets SET PARALLELISM = 2");
+    wait_for(30, "running on 2 workers", || {
+        let st = pipeline_status(&admin, "buckets");
+        (st[2] == "running" && st[3] == "2", st)
+    });
+    write_ids(&input, "c.csv", 80_001..120_001);
+    wait_for(60, "the third file on 2 workers", || {
+        (
+            rows(&admin) == buckets_answer(120_000, 11),
+            rows(&admin).len(),
+        )
+    });
+    let st = pipeline_status(&admin, "buckets");
+    assert_eq!(st[4], "0", "no failure on the way: {st:?}");
+    // Generated streams cannot move to another worker count: refused up front.
+    admin.exec(
+        "CREATE TABLE gen (id BIGINT) WITH ('connector' = 'datagen', 'rows-per-second' = '10',
+           'fields.id.kind' = 'sequence', 'fields.id.start' = '1', 'fields.id.end' = '100000');
+         CREATE MATERIALIZED VIEW gen_count AS SELECT COUNT(*) AS n FROM gen",
+    );
+    let e = admin.fails("ALTER PIPELINE gen_count SET PARALLELISM = 2");
+    assert!(e.contains("'gen'") && e.contains("FRESH"), "{e}");
+}
