@@ -209,7 +209,7 @@ impl Connection {
             Ok(p) => p,
             Err(e) => return Ok(Response::Error(Box::new(error_info(&e)))),
         };
-        let (name, snapshot) = match crate::statements::parse_subscribe(&stmt.text) {
+        let sub = match crate::statements::parse_subscribe(&stmt.text) {
             Ok(x) => x,
             Err(e) => {
                 return Ok(Response::Error(Box::new(error_info(
@@ -217,6 +217,7 @@ impl Connection {
                 ))))
             }
         };
+        let name = sub.view.clone();
         let Some(view) = self.server.views.get(&principal.tenant, &name) else {
             let e = ApiError::undefined_table(format!("materialized view '{name}' does not exist"));
             return Ok(Response::Error(Box::new(error_info(&e))));
@@ -228,15 +229,20 @@ impl Connection {
         let first = crate::views::feed_rows(snap.epoch, &snap.batch, true)
             .map_err(|e| PgWireError::ApiError(Box::new(e)))?;
         let f = Arc::new(fields(&first.schema(), &Format::UnifiedText));
-        let desc = RowDescription::new(f.iter().map(Into::into).collect());
-        client
-            .send(PgWireBackendMessage::RowDescription(desc))
-            .await?;
-        if snapshot {
-            for row in encode_rows(&first, f.clone())? {
-                client.feed(PgWireBackendMessage::DataRow(row?)).await?;
-            }
-            client.flush().await?;
+        if sub.copy {
+            let n = first.num_columns();
+            let start = pgwire::messages::copy::CopyOutResponse::new(0, n as i16, vec![0; n]);
+            client
+                .send(PgWireBackendMessage::CopyOutResponse(start))
+                .await?;
+        } else {
+            let desc = RowDescription::new(f.iter().map(Into::into).collect());
+            client
+                .send(PgWireBackendMessage::RowDescription(desc))
+                .await?;
+        }
+        if sub.snapshot {
+            send_rows(client, &first, &f, sub.copy).await?;
         }
         loop {
             let change = match rx.recv().await {
@@ -256,10 +262,7 @@ impl Connection {
                 crate::views::Change::Epoch { epoch, batch } => {
                     let rows = crate::views::feed_rows(*epoch, batch, false)
                         .map_err(|e| PgWireError::ApiError(Box::new(e)))?;
-                    for row in encode_rows(&rows, f.clone())? {
-                        client.feed(PgWireBackendMessage::DataRow(row?)).await?;
-                    }
-                    client.flush().await?;
+                    send_rows(client, &rows, &f, sub.copy).await?;
                 }
                 crate::views::Change::Reset => {
                     let e = ApiError::new(
@@ -370,6 +373,68 @@ fn encode_rows(
         rows.push(Ok(enc.take_row()));
     }
     Ok(rows)
+}
+
+/// Sends a batch's rows at once: as data rows, or as COPY text lines.
+async fn send_rows<C>(
+    client: &mut C,
+    batch: &RecordBatch,
+    fields: &Arc<Vec<FieldInfo>>,
+    copy: bool,
+) -> PgWireResult<()>
+where
+    C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+    C::Error: Debug,
+    PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+{
+    if copy {
+        for line in copy_lines(batch)? {
+            let data = pgwire::messages::copy::CopyData::new(line.into());
+            client.feed(PgWireBackendMessage::CopyData(data)).await?;
+        }
+    } else {
+        for row in encode_rows(batch, fields.clone())? {
+            client.feed(PgWireBackendMessage::DataRow(row?)).await?;
+        }
+    }
+    client.flush().await?;
+    Ok(())
+}
+
+/// Rows in COPY's text format: tab-separated, `\N` for NULL, escaped.
+fn copy_lines(batch: &RecordBatch) -> PgWireResult<Vec<String>> {
+    let options = FormatOptions::default()
+        .with_timestamp_format(Some("%Y-%m-%d %H:%M:%S%.f"))
+        .with_timestamp_tz_format(Some("%Y-%m-%d %H:%M:%S%.f"));
+    let formatters: Vec<ArrayFormatter> = batch
+        .columns()
+        .iter()
+        .map(|c| ArrayFormatter::try_new(c.as_ref(), &options))
+        .collect::<Result<_, _>>()
+        .map_err(|e| PgWireError::ApiError(Box::new(e)))?;
+    Ok((0..batch.num_rows())
+        .map(|r| {
+            let mut line = batch
+                .columns()
+                .iter()
+                .zip(&formatters)
+                .map(|(c, f)| {
+                    if c.is_null(r) {
+                        return "\\N".to_string();
+                    }
+                    f.value(r)
+                        .to_string()
+                        .replace('\\', "\\\\")
+                        .replace('\t', "\\t")
+                        .replace('\n', "\\n")
+                        .replace('\r', "\\r")
+                })
+                .collect::<Vec<_>>()
+                .join("\t");
+            line.push('\n');
+            line
+        })
+        .collect())
 }
 
 fn respond(outcome: Result<Outcome, ApiError>, format: &Format) -> PgWireResult<Response> {

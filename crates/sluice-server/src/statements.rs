@@ -219,19 +219,35 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Whether a statement is `SUBSCRIBE`.
+/// Whether a statement is `SUBSCRIBE` (or `COPY (SUBSCRIBE ...) TO STDOUT`).
 pub fn is_subscribe(text: &str) -> bool {
-    words(text).is_ok_and(|t| Cursor { t: &t, i: 0 }.word("SUBSCRIBE"))
+    words(text).is_ok_and(|t| {
+        let mut c = Cursor { t: &t, i: 0 };
+        c.word("SUBSCRIBE") || (c.word("COPY") && c.eat(&Token::LParen) && c.word("SUBSCRIBE"))
+    })
 }
 
-/// `SUBSCRIBE [TO] name [WITH (SNAPSHOT = true|false)]`: the view and whether to send its rows
-/// first.
-pub fn parse_subscribe(text: &str) -> Result<(String, bool), ApiError> {
+/// A parsed `SUBSCRIBE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscribe {
+    pub view: String,
+    /// Send the view's rows first.
+    pub snapshot: bool,
+    /// `COPY (SUBSCRIBE ...) TO STDOUT`: rows as COPY text, which psql prints as they come.
+    pub copy: bool,
+}
+
+/// `[COPY (] SUBSCRIBE [TO] name [WITH (SNAPSHOT = true|false)] [) TO STDOUT]`.
+pub fn parse_subscribe(text: &str) -> Result<Subscribe, ApiError> {
     let t = words(text)?;
     let mut c = Cursor { t: &t, i: 0 };
+    let copy = c.word("COPY");
+    if copy && !c.eat(&Token::LParen) {
+        return Err(ApiError::syntax("expected COPY (SUBSCRIBE ...) TO STDOUT"));
+    }
     c.word("SUBSCRIBE");
     c.word("TO");
-    let name = c.expect_name("a materialized view's name")?;
+    let view = c.expect_name("a materialized view's name")?;
     let mut snapshot = true;
     if c.word("WITH") {
         if !c.eat(&Token::LParen) || !c.word("SNAPSHOT") {
@@ -251,8 +267,15 @@ pub fn parse_subscribe(text: &str) -> Result<(String, bool), ApiError> {
             return Err(ApiError::syntax("expected ')'"));
         }
     }
+    if copy && !(c.eat(&Token::RParen) && c.words(&["TO", "STDOUT"])) {
+        return Err(ApiError::syntax("expected COPY (SUBSCRIBE ...) TO STDOUT"));
+    }
     c.end()?;
-    Ok((name, snapshot))
+    Ok(Subscribe {
+        view,
+        snapshot,
+        copy,
+    })
 }
 
 /// What a statement returns.

@@ -675,7 +675,49 @@ fn psql_works_against_the_server() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("SHOW TENANTZ"));
-    let _ = serve.http;
+    // psql prints COPY (SUBSCRIBE ...) lines as they arrive.
+    serve.admin().exec(
+        "CREATE TABLE ids (id BIGINT) WITH ('connector' = 'datagen', 'rows-per-second' = '1000',
+           'fields.id.kind' = 'sequence', 'fields.id.start' = '1', 'fields.id.end' = '1000000');
+         CREATE MATERIALIZED VIEW total AS SELECT COUNT(*) AS n FROM ids",
+    );
+    let mut psql = Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &serve.pg.to_string(),
+            "-U",
+            "admin",
+            "-c",
+            "COPY (SUBSCRIBE TO total) TO STDOUT",
+        ])
+        .env("PGPASSWORD", ADMIN_PASSWORD)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = psql.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // Counts only grow: each epoch retracts the old count and adds a larger one.
+    let mut counts = vec![];
+    while counts.len() < 3 {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a COPY line within 30 s");
+        let cols: Vec<&str> = line.split('\t').collect();
+        assert_eq!(cols.len(), 3, "{line}");
+        if cols[1] == "+I" || cols[1] == "+U" {
+            counts.push(cols[2].parse::<i64>().unwrap());
+        }
+    }
+    let _ = psql.kill();
+    let _ = psql.wait();
+    assert!(counts.windows(2).all(|w| w[0] < w[1]), "{counts:?}");
 }
 
 /// Folds change-feed rows (`epoch, op, columns...`) into the multiset of current rows.
