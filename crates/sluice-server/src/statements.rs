@@ -556,6 +556,7 @@ impl Server {
             }
             c.end()?;
             self.catalog.set_quotas(&tenant, &quotas)?;
+            self.supervisor.share_ingest(&tenant);
             return Ok(Outcome::Command("ALTER TENANT".into()));
         }
         if c.word("SHOW") {

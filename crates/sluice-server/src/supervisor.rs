@@ -279,6 +279,16 @@ impl Supervisor {
         };
         self.catalog
             .set_status(&p.tenant, &p.name, "starting", None, None)?;
+        // Its share of the tenant's ingest rate is in place before its process reads it.
+        if let Some(rate) = quotas.max_ingest_rows_per_second {
+            let others = self.runs().keys().filter(|(t, _)| *t == p.tenant).count() as u64;
+            let _ = std::fs::write(
+                dir.join("ingest-rate"),
+                (rate / (others + 1)).max(1).to_string(),
+            );
+        } else {
+            let _ = std::fs::write(dir.join("ingest-rate"), "0");
+        }
         let thread = std::thread::Builder::new()
             .name(format!("pipeline-{}-{}", p.tenant, p.name))
             .spawn(move || job.supervise())
@@ -292,7 +302,35 @@ impl Supervisor {
                 thread: Some(thread),
             },
         );
+        self.share_ingest(&p.tenant);
         Ok(())
+    }
+
+    /// Splits the tenant's `max_ingest_rows_per_second` evenly among its supervised pipelines:
+    /// each one's process reads its share from its `ingest-rate` file (0: no limit).
+    pub fn share_ingest(&self, tenant: &str) {
+        let rate = self
+            .catalog
+            .quotas(tenant)
+            .ok()
+            .and_then(|q| q.max_ingest_rows_per_second);
+        let names: Vec<String> = self
+            .runs()
+            .keys()
+            .filter(|(t, _)| t == tenant)
+            .map(|(_, n)| n.clone())
+            .collect();
+        let share = match rate {
+            Some(r) => (r / names.len().max(1) as u64).max(1),
+            None => 0,
+        };
+        for name in names {
+            let dir = self.layout.pipeline(tenant, &name);
+            let tmp = dir.join("ingest-rate.tmp");
+            if std::fs::write(&tmp, share.to_string()).is_ok() {
+                let _ = std::fs::rename(&tmp, dir.join("ingest-rate"));
+            }
+        }
     }
 
     /// Stops the pipeline: SIGTERM (a final checkpoint), SIGKILL if it has not ended in `grace`.
@@ -316,6 +354,7 @@ impl Supervisor {
         if let Some(t) = run.thread.take() {
             let _ = t.join();
         }
+        self.share_ingest(tenant);
     }
 
     /// Stops every pipeline (the server is shutting down).
@@ -404,6 +443,8 @@ impl Job {
         }
         cmd.arg("--pipeline")
             .arg(format!("{}/{}", self.tenant, self.name))
+            .arg("--ingest-rate-file")
+            .arg(self.stats.with_file_name("ingest-rate"))
             .arg("--stats")
             .arg(&self.stats);
         if let Some(max) = self.max_state_bytes {

@@ -35,6 +35,14 @@ pub struct WorkerArgs {
     /// past 80% of it a warning is logged.
     #[arg(long)]
     max_state_bytes: Option<u64>,
+    /// A file holding the rows per second the job's sources may read together (0: no limit);
+    /// read again every 250 ms, so the server can change it.
+    #[arg(long)]
+    ingest_rate_file: Option<PathBuf>,
+}
+
+fn read_rate(path: &std::path::Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 /// The job's counters as the server reads them.
@@ -75,6 +83,7 @@ fn watch(
     done: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let stats = args.stats.clone();
+    let rate_file = args.ingest_rate_file.clone();
     let max = args.max_state_bytes;
     let pipeline = args.pipeline.clone();
     let _ = std::thread::Builder::new()
@@ -84,6 +93,9 @@ fn watch(
             let mut last_write = std::time::Instant::now() - std::time::Duration::from_secs(1);
             loop {
                 let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+                if let Some(rate) = rate_file.as_deref().and_then(read_rate) {
+                    control.ingest.set_rate(rate);
+                }
                 if let Some(max) = max {
                     let (bytes, _) = metrics.state_now();
                     if bytes > max && !control.failed() {
@@ -171,6 +183,9 @@ pub fn run(args: WorkerArgs) -> Result<Option<i32>, String> {
     let control = sluice_engine::JobControl::new();
     let stopped_by = crate::stop_on_signals(control.clone(), checkpointing)?;
     let metrics = sluice_engine::JobMetrics::new();
+    if let Some(rate) = args.ingest_rate_file.as_deref().and_then(read_rate) {
+        control.ingest.set_rate(rate);
+    }
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     watch(&args, metrics.clone(), control.clone(), done.clone());
     let options = JobOptions {

@@ -226,9 +226,15 @@ pub(crate) fn source_stream<'scope>(
             }
             let mut idle = false;
             let mut finished = false;
+            let mut throttled = None;
             for _ in 0..8 {
+                if let Some(wait) = control.ingest.wait() {
+                    throttled = Some(wait);
+                    break;
+                }
                 match r.poll(batch_rows) {
                     Ok(Poll::Batch { split, batch }) => {
+                        control.ingest.consume(batch.num_rows());
                         read_counter.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
                         #[cfg(feature = "fault-injection")]
                         {
@@ -340,7 +346,9 @@ pub(crate) fn source_stream<'scope>(
                 c.downgrade(&epoch);
                 epoch_started = Instant::now();
             }
-            if idle {
+            if let Some(wait) = throttled {
+                activator.activate_after(wait.min(Duration::from_millis(50)));
+            } else if idle {
                 activator.activate_after(Duration::from_millis(2));
             } else {
                 activator.activate();

@@ -17,6 +17,68 @@ pub struct JobControl {
     /// The checkpoint epoch after which the sources of this process stop (graceful stop).
     stop_epoch: AtomicU64,
     checkpoint_failures: Mutex<BTreeMap<u64, Error>>,
+    /// The process's sources together read at most this many rows per second.
+    pub ingest: IngestLimit,
+}
+
+/// A token bucket over the rows the process's sources read, shared by all of them: a source
+/// reads only while the bucket holds tokens, so rows are delayed, never dropped. The rate may
+/// change while the job runs (the platform splits a tenant's rate among its pipelines).
+#[derive(Debug)]
+pub struct IngestLimit {
+    /// Rows per second; 0: no limit.
+    rate: AtomicU64,
+    /// Tokens (may go below zero by one batch) and when they were last refilled.
+    bucket: Mutex<(f64, std::time::Instant)>,
+}
+
+impl Default for IngestLimit {
+    fn default() -> Self {
+        IngestLimit {
+            rate: AtomicU64::new(0),
+            bucket: Mutex::new((0.0, std::time::Instant::now())),
+        }
+    }
+}
+
+impl IngestLimit {
+    /// Sets the rate (rows per second; 0 lifts the limit).
+    pub fn set_rate(&self, rows_per_second: u64) {
+        self.rate.store(rows_per_second, Ordering::Relaxed);
+    }
+
+    pub fn rate(&self) -> u64 {
+        self.rate.load(Ordering::Relaxed)
+    }
+
+    /// `None` when a source may read now; otherwise how long until it may.
+    pub fn wait(&self) -> Option<std::time::Duration> {
+        let rate = self.rate();
+        if rate == 0 {
+            return None;
+        }
+        let mut b = self.bucket.lock().expect("ingest limit");
+        let now = std::time::Instant::now();
+        // At most a tenth of a second's worth saved up: bursts stay short.
+        let burst = (rate as f64 / 10.0).max(1.0);
+        b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * rate as f64).min(burst);
+        b.1 = now;
+        if b.0 > 0.0 {
+            return None;
+        }
+        Some(
+            std::time::Duration::from_secs_f64((-b.0 + 1.0) / rate as f64)
+                .max(std::time::Duration::from_millis(1)),
+        )
+    }
+
+    /// Takes `rows` tokens for rows just read.
+    pub fn consume(&self, rows: usize) {
+        if self.rate() == 0 {
+            return;
+        }
+        self.bucket.lock().expect("ingest limit").0 -= rows as f64;
+    }
 }
 
 impl Default for JobControl {
@@ -26,6 +88,7 @@ impl Default for JobControl {
             cancelled: AtomicBool::new(false),
             stop_epoch: AtomicU64::new(u64::MAX),
             checkpoint_failures: Mutex::new(BTreeMap::new()),
+            ingest: IngestLimit::default(),
         }
     }
 }

@@ -1004,3 +1004,43 @@ fn stop_resume_and_rescale_keep_a_view_exact() {
     let e = admin.fails("ALTER PIPELINE gen_count SET PARALLELISM = 2");
     assert!(e.contains("'gen'") && e.contains("FRESH"), "{e}");
 }
+
+#[test]
+fn the_ingest_quota_throttles_sources_without_dropping_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path());
+    let admin = serve.admin();
+    admin.exec(
+        "CREATE TENANT slow; CREATE USER sl WITH PASSWORD 'pw' IN TENANT slow ROLE owner;
+         ALTER TENANT slow SET QUOTA (max_ingest_rows_per_second = 4000)",
+    );
+    let sl = serve.connect("sl", "pw").unwrap();
+    // Two pipelines share the tenant's 4000 rows/s: 6000 rows each take 3 s or more, though
+    // their generators would make them in a tenth of that.
+    let started = Instant::now();
+    for name in ["a", "b"] {
+        sl.exec(&format!(
+            "CREATE TABLE ids_{name} (id BIGINT) WITH ('connector' = 'datagen', 'rows-per-second' = '100000',
+               'fields.id.kind' = 'sequence', 'fields.id.start' = '1', 'fields.id.end' = '6000');
+             CREATE MATERIALIZED VIEW count_{name} AS SELECT COUNT(*) AS n, SUM(id) AS s FROM ids_{name}"
+        ));
+    }
+    for name in ["a", "b"] {
+        wait_for(120, "every row, throttled", || {
+            let st = pipeline_status(&sl, &format!("count_{name}"));
+            let rows = sl
+                .rows(&format!("SELECT n, s FROM count_{name}"))
+                .unwrap_or_default();
+            (
+                st.get(2).map(String::as_str) == Some("finished")
+                    && rows == vec![vec!["6000".to_string(), (6000 * 6001 / 2).to_string()]],
+                (st, rows),
+            )
+        });
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(2500),
+        "12000 rows at 4000/s took only {took:?}"
+    );
+}
