@@ -13,6 +13,7 @@ pub mod catalog;
 pub mod error;
 pub mod metrics;
 pub mod pg;
+pub mod pg_catalog;
 pub mod rest;
 pub mod statements;
 pub mod supervisor;
@@ -45,6 +46,67 @@ pub struct ServeArgs {
     /// Worker threads all pipelines of the server may use together (default: 4 per core).
     #[arg(long)]
     pub max_parallelism: Option<u64>,
+    /// TLS for REST and the Postgres wire: the certificate chain (PEM). Needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS: the private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+/// The TLS configuration from a PEM certificate chain and key.
+fn tls_config(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "--tls-cert {}: no certificate in the file",
+            cert.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("--tls-key {}: {e}", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("TLS: {e}"))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| format!("TLS: the certificate and key do not fit: {e}"))?;
+    Ok(Arc::new(config))
+}
+
+/// Serves REST over TLS: each connection's handshake, then hyper with the router.
+async fn serve_https(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    app: axum::Router,
+) -> Result<(), String> {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+        });
+    }
 }
 
 fn bind(addr: &str, port: u16, what: &str, flag: &str) -> Result<std::net::TcpListener, String> {
@@ -121,6 +183,10 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
         .data_dir
         .canonicalize()
         .map_err(|e| format!("{}: {e}", args.data_dir.display()))?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some(tls_config(c, k)?),
+        _ => None,
+    };
     let pg_listener = bind(&args.listen, args.pg_port, "Postgres wire", "--pg-port")?;
     let http_listener = bind(&args.listen, args.http_port, "HTTP", "--http-port")?;
     let catalog = Arc::new(Catalog::open(&data.join("catalog.db"))?);
@@ -167,8 +233,9 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
     views.start_tailing(Duration::from_millis(100));
     let pg_addr = pg_listener.local_addr().map_err(|e| e.to_string())?;
     let http_addr = http_listener.local_addr().map_err(|e| e.to_string())?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     println!("Sluice server");
-    println!("  console and REST  http://{http_addr}  (API under /v1)");
+    println!("  console and REST  {scheme}://{http_addr}  (API under /v1)");
     println!(
         "  Postgres wire     {pg_addr}  (psql -h {} -p {} -U admin)",
         pg_addr.ip(),
@@ -190,10 +257,14 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
     runtime.block_on(async move {
         let pg = tokio::net::TcpListener::from_std(pg_listener).map_err(|e| e.to_string())?;
         let http = tokio::net::TcpListener::from_std(http_listener).map_err(|e| e.to_string())?;
-        tokio::spawn(pg::serve(pg, server.clone()));
-        axum::serve(http, rest::router(server))
-            .await
-            .map_err(|e| format!("HTTP: {e}"))
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+        tokio::spawn(pg::serve(pg, server.clone(), acceptor.clone()));
+        match acceptor {
+            Some(acceptor) => serve_https(http, acceptor, rest::router(server)).await,
+            None => axum::serve(http, rest::router(server))
+                .await
+                .map_err(|e| format!("HTTP: {e}")),
+        }
     })
 }
 

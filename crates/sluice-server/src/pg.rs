@@ -11,7 +11,6 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
-use arrow::util::display::{ArrayFormatter, FormatOptions};
 use async_trait::async_trait;
 use futures_util::{stream, Sink, SinkExt};
 use pgwire::api::auth::sasl::scram::{ScramAuth, ScramSecret};
@@ -327,14 +326,7 @@ fn encode_rows(
     batch: &RecordBatch,
     fields: Arc<Vec<FieldInfo>>,
 ) -> PgWireResult<Vec<PgWireResult<pgwire::messages::data::DataRow>>> {
-    let options = FormatOptions::default()
-        .with_timestamp_format(Some("%Y-%m-%d %H:%M:%S%.f"))
-        .with_timestamp_tz_format(Some("%Y-%m-%d %H:%M:%S%.f"));
-    let formatters: Vec<ArrayFormatter> = batch
-        .columns()
-        .iter()
-        .map(|c| ArrayFormatter::try_new(c.as_ref(), &options))
-        .collect::<Result<_, _>>()
+    let formatters = crate::statements::text_formatters(batch)
         .map_err(|e| PgWireError::ApiError(Box::new(e)))?;
     let mut rows = Vec::with_capacity(batch.num_rows());
     for r in 0..batch.num_rows() {
@@ -403,14 +395,7 @@ where
 
 /// Rows in COPY's text format: tab-separated, `\N` for NULL, escaped.
 fn copy_lines(batch: &RecordBatch) -> PgWireResult<Vec<String>> {
-    let options = FormatOptions::default()
-        .with_timestamp_format(Some("%Y-%m-%d %H:%M:%S%.f"))
-        .with_timestamp_tz_format(Some("%Y-%m-%d %H:%M:%S%.f"));
-    let formatters: Vec<ArrayFormatter> = batch
-        .columns()
-        .iter()
-        .map(|c| ArrayFormatter::try_new(c.as_ref(), &options))
-        .collect::<Result<_, _>>()
+    let formatters = crate::statements::text_formatters(batch)
         .map_err(|e| PgWireError::ApiError(Box::new(e)))?;
     Ok((0..batch.num_rows())
         .map(|r| {
@@ -659,15 +644,20 @@ impl PgWireServerHandlers for Handlers {
 }
 
 /// Serves the wire protocol on `listener` until the process ends.
-pub async fn serve(listener: tokio::net::TcpListener, server: Arc<Server>) {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    server: Arc<Server>,
+    tls: Option<pgwire::tokio::TlsAcceptor>,
+) {
     let connections = Arc::new(ConnectionManager::new());
     loop {
         let Ok((socket, _)) = listener.accept().await else {
             continue;
         };
         let handlers = Handlers::new(server.clone(), connections.clone());
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if let Err(e) = pgwire::tokio::process_socket(socket, None, handlers).await {
+            if let Err(e) = pgwire::tokio::process_socket(socket, tls, handlers).await {
                 tracing::debug!("postgres connection: {e}");
             }
         });

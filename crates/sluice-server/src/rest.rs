@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use arrow::array::Array;
 use arrow::record_batch::RecordBatch;
-use arrow::util::display::{ArrayFormatter, FormatOptions};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -46,20 +45,16 @@ fn principal(server: &Server, headers: &HeaderMap) -> Result<Principal, ApiError
 /// A batch as JSON: column names and rows of values (numbers and booleans as such, other
 /// types as their text).
 pub fn batch_json(batch: &RecordBatch) -> Value {
-    let options = FormatOptions::default()
-        .with_timestamp_format(Some("%Y-%m-%d %H:%M:%S%.f"))
-        .with_timestamp_tz_format(Some("%Y-%m-%d %H:%M:%S%.f"));
     let columns: Vec<String> = batch
         .schema()
         .fields()
         .iter()
         .map(|f| f.name().clone())
         .collect();
-    let formatters: Vec<_> = batch
-        .columns()
-        .iter()
-        .map(|c| ArrayFormatter::try_new(c.as_ref(), &options).ok())
-        .collect();
+    let formatters: Vec<_> = match crate::statements::text_formatters(batch) {
+        Ok(f) => f.into_iter().map(Some).collect(),
+        Err(_) => batch.columns().iter().map(|_| None).collect(),
+    };
     let rows: Vec<Value> = (0..batch.num_rows())
         .map(|r| {
             Value::Array(
@@ -147,6 +142,20 @@ fn pipeline_json(server: &Server, p: &crate::catalog::Pipeline) -> Value {
     })
 }
 
+/// The caller's tenant's pipeline `name` (another tenant's is "does not exist").
+fn own_pipeline(
+    server: &Server,
+    headers: &HeaderMap,
+    name: &str,
+) -> Result<(Principal, crate::catalog::Pipeline), ApiError> {
+    let p = principal(server, headers)?;
+    let pl = server
+        .catalog
+        .pipeline(&p.tenant, name)?
+        .ok_or_else(|| ApiError::not_found(format!("pipeline '{name}' does not exist")))?;
+    Ok((p, pl))
+}
+
 async fn list_pipelines(State(server): State<Arc<Server>>, headers: HeaderMap) -> ApiResult {
     let p = principal(&server, &headers)?;
     let list = server.catalog.pipelines(Some(&p.tenant))?;
@@ -160,11 +169,7 @@ async fn get_pipeline(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> ApiResult {
-    let p = principal(&server, &headers)?;
-    let pl = server
-        .catalog
-        .pipeline(&p.tenant, &name)?
-        .ok_or_else(|| ApiError::not_found(format!("pipeline '{name}' does not exist")))?;
+    let (_, pl) = own_pipeline(&server, &headers, &name)?;
     Ok(Json(pipeline_json(&server, &pl)))
 }
 
@@ -249,11 +254,8 @@ async fn delete_pipeline(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> ApiResult {
-    let mut session = Session::new(principal(&server, &headers)?);
-    let pl = server
-        .catalog
-        .pipeline(&session.principal.tenant, &name)?
-        .ok_or_else(|| ApiError::not_found(format!("pipeline '{name}' does not exist")))?;
+    let (p, pl) = own_pipeline(&server, &headers, &name)?;
+    let mut session = Session::new(p);
     let sql = if pl.views.is_empty() {
         format!("DROP PIPELINE {name}")
     } else {
@@ -357,11 +359,7 @@ async fn pipeline_stats(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> ApiResult {
-    let p = principal(&server, &headers)?;
-    let pl = server
-        .catalog
-        .pipeline(&p.tenant, &name)?
-        .ok_or_else(|| ApiError::not_found(format!("pipeline '{name}' does not exist")))?;
+    let (p, pl) = own_pipeline(&server, &headers, &name)?;
     let mut out = pipeline_json(&server, &pl);
     out["stats"] = server
         .supervisor
@@ -378,6 +376,34 @@ async fn pipeline_stats(
             .collect(),
     );
     Ok(Json(out))
+}
+
+/// `GET /v1/pipelines/{name}/logs`: the last lines its processes wrote (`?lines=n`, 200 by
+/// default, at most 10000).
+async fn pipeline_logs(
+    State(server): State<Arc<Server>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> ApiResult {
+    let (p, _) = own_pipeline(&server, &headers, &name)?;
+    let n: usize = q
+        .get("lines")
+        .map(|v| {
+            v.parse()
+                .map_err(|_| ApiError::invalid(format!("lines={v}: give a number")))
+        })
+        .transpose()?
+        .unwrap_or(200)
+        .min(10_000);
+    let path = server.layout.pipeline(&p.tenant, &name).join("log");
+    let text = std::fs::read(&path).unwrap_or_default();
+    // The tail only: a long-running pipeline's log can be large.
+    let tail = &text[text.len().saturating_sub(4 << 20)..];
+    let text = String::from_utf8_lossy(tail);
+    let lines: Vec<&str> = text.lines().collect();
+    let lines = &lines[lines.len().saturating_sub(n)..];
+    Ok(Json(json!({ "lines": lines })))
 }
 
 /// `GET /metrics`: Prometheus's text format, for the token's tenant only (every tenant for
@@ -419,6 +445,7 @@ pub fn router(server: Arc<Server>) -> Router {
         )
         .route("/v1/pipelines/{name}/{action}", post(pipeline_action))
         .route("/v1/pipelines/{name}/stats", get(pipeline_stats))
+        .route("/v1/pipelines/{name}/logs", get(pipeline_logs))
         .route("/metrics", get(metrics))
         .route("/v1/views/{name}/rows", get(view_rows))
         .route("/v1/views/{name}/changes", get(view_changes))

@@ -287,6 +287,20 @@ pub enum Outcome {
     Rows(RecordBatch),
 }
 
+/// Formatters of a batch's columns as text: timestamps as PostgreSQL prints them.
+pub fn text_formatters(
+    batch: &RecordBatch,
+) -> Result<Vec<arrow::util::display::ArrayFormatter<'_>>, arrow::error::ArrowError> {
+    let options = arrow::util::display::FormatOptions::default()
+        .with_timestamp_format(Some("%Y-%m-%d %H:%M:%S%.f"))
+        .with_timestamp_tz_format(Some("%Y-%m-%d %H:%M:%S%.f"));
+    batch
+        .columns()
+        .iter()
+        .map(|c| arrow::util::display::ArrayFormatter::try_new(c.as_ref(), &options))
+        .collect()
+}
+
 /// A batch of text columns.
 pub fn text_rows(columns: &[&str], rows: Vec<Vec<String>>) -> RecordBatch {
     let schema = Arc::new(Schema::new(
@@ -1424,7 +1438,7 @@ impl Server {
             .map(|f| {
                 vec![
                     f.name().clone(),
-                    f.data_type().to_string(),
+                    flink_type(f.data_type()),
                     if f.is_nullable() { "YES" } else { "NO" }.to_string(),
                 ]
             })
@@ -1446,8 +1460,24 @@ impl Server {
         let tables = state
             .resolve_table_references(&statement)
             .map_err(|e| ApiError::syntax(e.to_string()))?;
+        let mut catalog_registered = false;
         for t in tables {
             let name = t.table().to_string();
+            let in_catalog = t.schema() == Some("pg_catalog")
+                || (t.schema().is_none() && crate::pg_catalog::TABLES.contains(&name.as_str()));
+            if in_catalog {
+                if !catalog_registered {
+                    let objects = self.catalog.objects(&p.tenant)?;
+                    crate::pg_catalog::register(&ctx, &p.tenant, &objects)?;
+                    catalog_registered = true;
+                }
+                if t.schema().is_none() {
+                    return Err(ApiError::undefined_table(format!(
+                        "relation '{name}' does not exist (it is pg_catalog.{name})"
+                    )));
+                }
+                continue;
+            }
             if t.schema().is_some_and(|s| s != "public" && s != p.tenant) {
                 return Err(ApiError::undefined_table(format!(
                     "relation '{t}' does not exist"
@@ -1488,6 +1518,34 @@ impl Server {
         let batch = arrow::compute::concat_batches(&schema, &batches)
             .map_err(|e| ApiError::internal(e.to_string()))?;
         Ok(Outcome::Rows(batch))
+    }
+}
+
+/// A column type as Flink SQL spells it.
+pub fn flink_type(t: &DataType) -> String {
+    use arrow::datatypes::TimeUnit;
+    let precision = |u: &TimeUnit| match u {
+        TimeUnit::Second => 0,
+        TimeUnit::Millisecond => 3,
+        TimeUnit::Microsecond => 6,
+        TimeUnit::Nanosecond => 9,
+    };
+    match t {
+        DataType::Boolean => "BOOLEAN".into(),
+        DataType::Int8 => "TINYINT".into(),
+        DataType::Int16 => "SMALLINT".into(),
+        DataType::Int32 => "INT".into(),
+        DataType::Int64 => "BIGINT".into(),
+        DataType::Float32 => "FLOAT".into(),
+        DataType::Float64 => "DOUBLE".into(),
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => "STRING".into(),
+        DataType::Binary | DataType::LargeBinary | DataType::BinaryView => "BYTES".into(),
+        DataType::Decimal128(p, s) | DataType::Decimal256(p, s) => format!("DECIMAL({p}, {s})"),
+        DataType::Date32 | DataType::Date64 => "DATE".into(),
+        DataType::Timestamp(u, None) => format!("TIMESTAMP({})", precision(u)),
+        DataType::Timestamp(u, Some(_)) => format!("TIMESTAMP_LTZ({})", precision(u)),
+        DataType::Null => "NULL".into(),
+        other => other.to_string(),
     }
 }
 

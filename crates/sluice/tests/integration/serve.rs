@@ -19,6 +19,7 @@ struct Serve {
     data: PathBuf,
     pg: u16,
     http: u16,
+    banner: Vec<String>,
 }
 
 impl Serve {
@@ -27,6 +28,11 @@ impl Serve {
     }
 
     fn start_on(data: &Path, pg: u16, http: u16) -> Serve {
+        Serve::start_with(data, pg, http, &[])
+    }
+
+    /// Starts the server with more arguments; `banner` holds what it printed.
+    fn start_with(data: &Path, pg: u16, http: u16, extra: &[&std::ffi::OsStr]) -> Serve {
         let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args(["serve", "--data-dir"])
             .arg(data)
@@ -36,6 +42,7 @@ impl Serve {
                 "--http-port",
                 &http.to_string(),
             ])
+            .args(extra)
             .env("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("SLUICE_ADMIN_PASSWORD", ADMIN_PASSWORD)
             .stdout(Stdio::piped())
@@ -76,6 +83,7 @@ impl Serve {
             data: data.to_path_buf(),
             pg,
             http,
+            banner: printed,
         }
     }
 
@@ -313,6 +321,14 @@ fn tenants_build_a_materialized_view_that_only_they_can_reach() {
     assert_eq!(
         alice.rows("SELECT SUM(orders) FROM by_category").unwrap(),
         vec![vec!["60000".to_string()]]
+    );
+    assert_eq!(
+        alice.rows("DESCRIBE by_category").unwrap(),
+        vec![
+            vec!["category".to_string(), "STRING".into(), "YES".into()],
+            vec!["orders".to_string(), "BIGINT".into(), "NO".into()],
+            vec!["total".to_string(), "BIGINT".into(), "YES".into()],
+        ]
     );
     // The viewer reads but cannot change anything.
     let vera = serve.connect("vera", "vera-pw").unwrap();
@@ -600,6 +616,24 @@ fn quotas_and_a_failing_pipeline_are_reported() {
         status[7].contains("bad.csv:2: malformed CSV record"),
         "{status:?}"
     );
+    // The log has every run's error; another tenant cannot read it.
+    let token = owner.rows("CREATE TOKEN").unwrap()[0][1].clone();
+    let (st, body) = serve.http(
+        "GET",
+        "/v1/pipelines/broken/logs?lines=50",
+        Some(&token),
+        None,
+    );
+    assert_eq!(st, 200, "{body}");
+    let errors = body["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l.as_str().unwrap().contains("bad.csv:2"))
+        .count();
+    assert_eq!(errors, 3, "{body}");
+    let (st, _) = serve.http("GET", "/v1/pipelines/broken/logs", Some(ADMIN_TOKEN), None);
+    assert_eq!(st, 404);
 }
 
 #[test]
@@ -718,6 +752,45 @@ fn psql_works_against_the_server() {
     let _ = psql.kill();
     let _ = psql.wait();
     assert!(counts.windows(2).all(|w| w[0] < w[1]), "{counts:?}");
+    // psql's listings show the tenant's own objects, and only those.
+    serve
+        .admin()
+        .exec("CREATE TENANT other; CREATE USER o WITH PASSWORD 'pw' IN TENANT other ROLE owner");
+    serve.connect("o", "pw").unwrap().exec(
+        "CREATE TABLE secret (id BIGINT) WITH ('connector' = 'datagen', 'number-of-rows' = '1')",
+    );
+    let listing = |user: &str, password: &str, command: &str| {
+        let out = Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &serve.pg.to_string(),
+                "-U",
+                user,
+                "-At",
+                "-c",
+                command,
+            ])
+            .env("PGPASSWORD", password)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{command}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(
+        listing("admin", ADMIN_PASSWORD, "\\d"),
+        "public|ids|table|admin\npublic|total|materialized view|admin"
+    );
+    assert_eq!(
+        listing("admin", ADMIN_PASSWORD, "\\dm"),
+        "public|total|materialized view|admin"
+    );
+    assert_eq!(listing("o", "pw", "\\dt"), "public|secret|table|other");
 }
 
 /// Folds change-feed rows (`epoch, op, columns...`) into the multiset of current rows.
@@ -1043,4 +1116,80 @@ fn the_ingest_quota_throttles_sources_without_dropping_rows() {
         took >= Duration::from_millis(2500),
         "12000 rows at 4000/s took only {took:?}"
     );
+}
+
+#[test]
+fn tls_protects_rest_and_the_postgres_wire() {
+    let dir = tempfile::tempdir().unwrap();
+    // A test authority, and a server certificate for 127.0.0.1 signed by it.
+    let d = dir.path();
+    let (ca, cert, key) = (d.join("ca.pem"), d.join("cert.pem"), d.join("key.pem"));
+    std::fs::write(
+        d.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    for args in [
+        "req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=sluice-test-ca -keyout ca.key -out ca.pem",
+        "req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout key.pem -out server.csr",
+        "x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile ext.cnf -out cert.pem",
+    ] {
+        let made = Command::new("openssl")
+            .args(args.split(' '))
+            .current_dir(d)
+            .output()
+            .expect("openssl makes the test certificates");
+        assert!(made.status.success(), "openssl {args}: {}", String::from_utf8_lossy(&made.stderr));
+    }
+    let (pg, http) = (free_port(), free_port());
+    let serve = Serve::start_with(
+        &dir.path().join("data"),
+        pg,
+        http,
+        &[
+            "--tls-cert".as_ref(),
+            cert.as_os_str(),
+            "--tls-key".as_ref(),
+            key.as_os_str(),
+        ],
+    );
+    let banner = serve.banner.join("\n");
+    assert!(
+        banner.contains(&format!("https://127.0.0.1:{http}")),
+        "{banner}"
+    );
+    // psql checks the certificate against the test's own authority and the address.
+    let psql = Command::new("psql")
+        .arg(format!(
+            "host=127.0.0.1 port={pg} user=admin dbname=admin sslmode=verify-full sslrootcert={}",
+            ca.display()
+        ))
+        .args(["-At", "-c", "SHOW TENANTS"])
+        .env("PGPASSWORD", ADMIN_PASSWORD)
+        .output()
+        .unwrap();
+    assert!(
+        psql.status.success(),
+        "{}",
+        String::from_utf8_lossy(&psql.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&psql.stdout).trim(), "admin");
+    // REST over HTTPS with the same authority; plain HTTP gets no answer.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::blocking::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&ca).unwrap()).unwrap())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let resp = client
+        .get(format!("https://127.0.0.1:{http}/v1/tenants"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .expect("HTTPS");
+    assert_eq!(resp.status().as_u16(), 200);
+    let plain = reqwest::blocking::Client::new()
+        .get(format!("http://127.0.0.1:{http}/v1/health"))
+        .timeout(Duration::from_secs(10))
+        .send();
+    assert!(plain.is_err() || !plain.unwrap().status().is_success());
 }
