@@ -231,6 +231,7 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
         }
     }
     views.start_tailing(Duration::from_millis(100));
+    supervisor.watch_quotas(Duration::from_secs(1));
     let pg_addr = pg_listener.local_addr().map_err(|e| e.to_string())?;
     let http_addr = http_listener.local_addr().map_err(|e| e.to_string())?;
     let scheme = if tls.is_some() { "https" } else { "http" };

@@ -927,7 +927,12 @@ impl Server {
             .into_iter()
             .filter(|p| p.desired == Desired::Running)
             .collect();
+        let checkpoints: u64 = running
+            .iter()
+            .map(|p| crate::supervisor::dir_bytes(&self.layout.checkpoints(tenant, &p.name)))
+            .sum();
         Ok(BTreeMap::from([
+            ("max_checkpoint_bytes", checkpoints),
             ("max_pipelines", running.len() as u64),
             (
                 "max_parallelism",

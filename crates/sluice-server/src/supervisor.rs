@@ -357,6 +357,62 @@ impl Supervisor {
         self.share_ingest(tenant);
     }
 
+    /// Ends a pipeline that broke a rule of the server (a quota): its process is killed at
+    /// once, and it stays failed with `error` until it is started again.
+    pub fn fail(&self, tenant: &str, name: &str, error: &str) {
+        let run = self.runs().remove(&(tenant.to_string(), name.to_string()));
+        if let Some(mut run) = run {
+            run.stop.store(true, Ordering::SeqCst);
+            if let Some(pid) = *run.child.lock().unwrap_or_else(|p| p.into_inner()) {
+                signal(pid, libc::SIGKILL);
+            }
+            if let Some(t) = run.thread.take() {
+                let _ = t.join();
+            }
+        }
+        let _ = self
+            .catalog
+            .set_desired(tenant, name, crate::catalog::Desired::Stopped);
+        let _ = self
+            .catalog
+            .set_status(tenant, name, "failed", None, Some(error));
+        tracing::warn!("pipeline {tenant}/{name} failed: {error}");
+        self.share_ingest(tenant);
+    }
+
+    /// Watches the quotas the server enforces itself, every `period`: `max_checkpoint_bytes`
+    /// against what each running pipeline's checkpoints take on disk.
+    pub fn watch_quotas(self: &Arc<Self>, period: Duration) {
+        let sup = self.clone();
+        std::thread::Builder::new()
+            .name("quotas".into())
+            .spawn(move || loop {
+                std::thread::sleep(period);
+                let running: Vec<(String, String)> = sup.runs().keys().cloned().collect();
+                for (tenant, name) in running {
+                    let Some(max) = sup
+                        .catalog
+                        .quotas(&tenant)
+                        .ok()
+                        .and_then(|q| q.max_checkpoint_bytes)
+                    else {
+                        continue;
+                    };
+                    let used = dir_bytes(&sup.layout.checkpoints(&tenant, &name));
+                    if used > max {
+                        sup.fail(
+                            &tenant,
+                            &name,
+                            &format!(
+                                "quota max_checkpoint_bytes of tenant '{tenant}' is {max}: pipeline '{name}' holds {used} bytes of checkpoints"
+                            ),
+                        );
+                    }
+                }
+            })
+            .expect("start the quota thread");
+    }
+
     /// Stops every pipeline (the server is shutting down).
     pub fn stop_all(&self, grace: Duration) {
         let keys: Vec<_> = self.runs().keys().cloned().collect();
@@ -373,6 +429,21 @@ impl Supervisor {
 /// process, which fails naming the quota before the cap is reached.
 pub fn memory_cap(max_state_bytes: u64) -> u64 {
     max_state_bytes.saturating_mul(4).saturating_add(1 << 30)
+}
+
+/// The bytes of the files under `dir` (0 when it does not exist).
+pub fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(_) => e.metadata().map_or(0, |m| m.len()),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 fn signal(pid: u32, sig: i32) {

@@ -928,7 +928,16 @@ fn a_pipeline_past_its_state_quota_fails_alone_and_metrics_stay_within_the_tenan
         "CREATE TENANT greedy; CREATE TENANT steady;
          CREATE USER g WITH PASSWORD 'pw' IN TENANT greedy ROLE owner;
          CREATE USER s WITH PASSWORD 'pw' IN TENANT steady ROLE owner;
-         ALTER TENANT greedy SET QUOTA (max_state_bytes = '2mb')",
+         ALTER TENANT greedy SET QUOTA (max_state_bytes = '2mb');
+         CREATE TENANT hoarder; CREATE USER h WITH PASSWORD 'pw' IN TENANT hoarder ROLE owner;
+         ALTER TENANT hoarder SET QUOTA (max_checkpoint_bytes = '256kb')",
+    );
+    // Checkpoints past their quota end the pipeline, named.
+    let h = serve.connect("h", "pw").unwrap();
+    h.exec(
+        "CREATE TABLE ids (id BIGINT) WITH ('connector' = 'datagen', 'rows-per-second' = '50000',
+           'fields.id.kind' = 'sequence', 'fields.id.start' = '1', 'fields.id.end' = '100000000');
+         CREATE MATERIALIZED VIEW per_id AS SELECT id, COUNT(*) AS n FROM ids GROUP BY id",
     );
     let g = serve.connect("g", "pw").unwrap();
     let s = serve.connect("s", "pw").unwrap();
@@ -956,6 +965,15 @@ fn a_pipeline_past_its_state_quota_fails_alone_and_metrics_stay_within_the_tenan
             && error.contains("greedy/per_id")
             && error.contains("the largest is"),
         "{error}"
+    );
+    let status = wait_for(90, "the hoarding pipeline fails on its quota", || {
+        let st = pipeline_status(&h, "per_id");
+        (st.get(2).map(String::as_str) == Some("failed"), st)
+    });
+    assert!(
+        status[7].contains("quota max_checkpoint_bytes of tenant 'hoarder' is 262144")
+            && status[7].contains("pipeline 'per_id' holds"),
+        "{status:?}"
     );
     // The other tenant's pipeline runs on to the exact answer.
     let expected = buckets_answer(n, 7);
