@@ -5,9 +5,9 @@ use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 
 use arrow::array::{
-    Array, BinaryArray, BooleanArray, Float32Array, Float64Array, Int16Array, Int32Array,
-    Int64Array, Int8Array, LargeStringArray, StringArray, StringViewArray, UInt16Array,
-    UInt32Array, UInt64Array, UInt8Array,
+    Array, BinaryArray, BooleanArray, Date32Array, Decimal128Array, Float32Array, Float64Array,
+    Int16Array, Int32Array, Int64Array, Int8Array, LargeStringArray, StringArray, StringViewArray,
+    TimestampMicrosecondArray, UInt16Array, UInt32Array, UInt64Array, UInt8Array,
 };
 use arrow::datatypes::{DataType, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
@@ -21,7 +21,7 @@ use pgwire::api::auth::{
 use pgwire::api::cancel::{CancelHandler, DefaultCancelHandler};
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
-use pgwire::api::results::{DataRowEncoder, FieldInfo, QueryResponse, Response, Tag};
+use pgwire::api::results::{DataRowEncoder, FieldFormat, FieldInfo, QueryResponse, Response, Tag};
 use pgwire::api::stmt::QueryParser;
 use pgwire::api::store::PortalStore;
 use pgwire::api::ConnectionManager;
@@ -300,6 +300,11 @@ fn pg_type(t: &DataType) -> Type {
         DataType::Float32 => Type::FLOAT4,
         DataType::Float64 => Type::FLOAT8,
         DataType::Binary | DataType::LargeBinary => Type::BYTEA,
+        DataType::Timestamp(_, None) => Type::TIMESTAMP,
+        DataType::Timestamp(_, Some(_)) => Type::TIMESTAMPTZ,
+        DataType::Date32 => Type::DATE,
+        // NUMERIC whatever the declared precision (a value past 28 digits is an error).
+        DataType::Decimal128(_, _) => Type::NUMERIC,
         _ => Type::TEXT,
     }
 }
@@ -327,6 +332,25 @@ fn encode_rows(
     fields: Arc<Vec<FieldInfo>>,
 ) -> PgWireResult<Vec<PgWireResult<pgwire::messages::data::DataRow>>> {
     let formatters = crate::statements::text_formatters(batch)
+        .map_err(|e| PgWireError::ApiError(Box::new(e)))?;
+    // Timestamps of any unit, as microseconds (PostgreSQL's own precision).
+    let timestamps: Vec<TimestampMicrosecondArray> = batch
+        .columns()
+        .iter()
+        .map(|c| match c.data_type() {
+            DataType::Timestamp(_, _) => arrow::compute::cast(
+                c,
+                &DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, None),
+            )
+            .map(|a| {
+                a.as_any()
+                    .downcast_ref::<TimestampMicrosecondArray>()
+                    .expect("cast")
+                    .clone()
+            }),
+            _ => Ok(TimestampMicrosecondArray::from(Vec::<i64>::new())),
+        })
+        .collect::<Result<_, _>>()
         .map_err(|e| PgWireError::ApiError(Box::new(e)))?;
     let mut rows = Vec::with_capacity(batch.num_rows());
     for r in 0..batch.num_rows() {
@@ -356,6 +380,42 @@ fn encode_rows(
                 DataType::LargeUtf8 => put!(LargeStringArray, |v: &str| v.to_string()),
                 DataType::Utf8View => put!(StringViewArray, |v: &str| v.to_string()),
                 DataType::Binary => put!(BinaryArray, |v: &[u8]| v.to_vec()),
+                DataType::Date32 => {
+                    let a = col.as_any().downcast_ref::<Date32Array>().expect("dates");
+                    enc.encode_field(&a.value_as_date(r).filter(|_| !null))?
+                }
+                DataType::Timestamp(_, tz) => {
+                    let micros = &timestamps[c];
+                    let v = (!null).then(|| micros.value_as_datetime(r)).flatten();
+                    if fields[c].format() == FieldFormat::Text {
+                        // As PostgreSQL prints them: no trailing zero fractions.
+                        let suffix = if tz.is_some() { "+00" } else { "" };
+                        let text =
+                            v.map(|t| format!("{}{suffix}", t.format("%Y-%m-%d %H:%M:%S%.f")));
+                        enc.encode_field(&text)?
+                    } else {
+                        match tz {
+                            None => enc.encode_field(&v)?,
+                            Some(_) => enc.encode_field(&v.map(|t| t.and_utc()))?,
+                        }
+                    }
+                }
+                DataType::Decimal128(_, s) => {
+                    let a = col
+                        .as_any()
+                        .downcast_ref::<Decimal128Array>()
+                        .expect("decimals");
+                    let v = (!null)
+                        .then(|| {
+                            rust_decimal::Decimal::try_from_i128_with_scale(
+                                a.value(r),
+                                (*s).max(0) as u32,
+                            )
+                        })
+                        .transpose()
+                        .map_err(|e| PgWireError::ApiError(Box::new(e)))?;
+                    enc.encode_field(&v)?
+                }
                 _ => {
                     let v = (!null).then(|| formatters[c].value(r).to_string());
                     enc.encode_field(&v)?

@@ -1211,3 +1211,90 @@ fn tls_protects_rest_and_the_postgres_wire() {
         .send();
     assert!(plain.is_err() || !plain.unwrap().status().is_success());
 }
+
+#[test]
+fn dates_timestamps_and_decimals_reach_clients_as_their_postgres_types() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path());
+    let admin = serve.admin();
+    std::fs::create_dir_all(serve.files("admin")).unwrap();
+    std::fs::write(
+        serve.files("admin").join("sales.csv"),
+        "2026-11-11,2026-11-11 00:00:01.250,10.05\n\
+         2026-11-11,2026-11-11 23:59:59.999,0.95\n\
+         2026-11-12,2026-11-12 08:30:00.000,99.99\n",
+    )
+    .unwrap();
+    admin.exec(
+        "CREATE TABLE sales (d DATE, ts TIMESTAMP(3), amount DECIMAL(10, 2))
+           WITH ('connector' = 'filesystem', 'path' = 'sales.csv', 'format' = 'csv');
+         CREATE MATERIALIZED VIEW daily AS
+           SELECT d, MAX(ts) AS last_sale, SUM(amount) AS total FROM sales GROUP BY d",
+    );
+    let rows = wait_for(60, "the daily view", || {
+        let r = admin.rt.block_on(
+            admin
+                .client
+                .query("SELECT d, last_sale, total FROM daily ORDER BY d", &[]),
+        );
+        match r {
+            Ok(rows) if rows.len() == 2 => (true, Some(rows)),
+            _ => (false, None),
+        }
+    })
+    .unwrap();
+    use tokio_postgres::types::Type;
+    let types: Vec<Type> = rows[0]
+        .columns()
+        .iter()
+        .map(|c| c.type_().clone())
+        .collect();
+    assert_eq!(types, vec![Type::DATE, Type::TIMESTAMP, Type::NUMERIC]);
+    let day = |s: &str| chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap();
+    let at = |s: &str| chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.3f").unwrap();
+    // Binary values (the extended protocol asks for them).
+    assert_eq!(rows[0].get::<_, chrono::NaiveDate>(0), day("2026-11-11"));
+    assert_eq!(
+        rows[0].get::<_, chrono::NaiveDateTime>(1),
+        at("2026-11-11 23:59:59.999")
+    );
+    assert_eq!(
+        rows[1].get::<_, chrono::NaiveDateTime>(1),
+        at("2026-11-12 08:30:00.000")
+    );
+    // NUMERIC in text (the simple protocol), exactly as summed.
+    let text = admin
+        .rt
+        .block_on(
+            admin
+                .client
+                .simple_query("SELECT d, last_sale, total FROM daily ORDER BY d"),
+        )
+        .unwrap();
+    let rows: Vec<Vec<String>> = text
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap().to_string())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            vec![
+                "2026-11-11".to_string(),
+                "2026-11-11 23:59:59.999".into(),
+                "11.00".into()
+            ],
+            vec![
+                "2026-11-12".to_string(),
+                "2026-11-12 08:30:00".into(),
+                "99.99".into()
+            ],
+        ]
+    );
+}
