@@ -702,7 +702,7 @@ impl Server {
         }
         if c.word("EXPLAIN") {
             let plan = self
-                .plan_for(&p.tenant, &session.settings, &stmt.text, &[])
+                .plan_for(&p.tenant, &session.settings, &stmt.text)
                 .map_err(|e| shift(e, stmt.offset))?;
             let text = sluice_sql::plan::explain::explain_pipelines(&plan.explained);
             return Ok(Outcome::Rows(text_rows(
@@ -1037,7 +1037,6 @@ impl Server {
         tenant: &str,
         settings: &BTreeMap<String, String>,
         statements: &str,
-        _views: &[String],
     ) -> Result<sluice_sql::JobPlan, ApiError> {
         let mut planner = self.planner(tenant, &self.settings_sql(tenant, "_plan", settings))?;
         planner
@@ -1073,7 +1072,7 @@ impl Server {
             body.push_str(";\n");
         }
         self.check_reads(&p.tenant, statements)?;
-        let plan = self.plan_for(&p.tenant, &settings, statements, &[])?;
+        let plan = self.plan_for(&p.tenant, &settings, &body)?;
         let selects = plan
             .pipelines
             .iter()
@@ -1106,15 +1105,12 @@ impl Server {
                 script.push_str(";\n");
             }
         }
+        script.push_str(&body);
         if let Some(v) = view {
-            script.push_str(statements);
-            script.push_str(";\n");
             let schema = plan.pipelines[0].query.schema();
             self.views
                 .register(&p.tenant, v, schema, self.layout.view(&p.tenant, v))?;
             self.views.reset(&p.tenant, v)?;
-        } else {
-            script.push_str(&body);
         }
         let _ = std::fs::remove_dir_all(self.layout.pipeline(&p.tenant, name));
         // The restart strategy is the supervisor's: it stays with the statements.
@@ -1424,12 +1420,7 @@ impl Server {
                 Some(t) => t.schema.clone(),
                 None => {
                     let plan = self
-                        .plan_for(
-                            tenant,
-                            &BTreeMap::new(),
-                            &format!("SELECT * FROM {name}"),
-                            &[],
-                        )
+                        .plan_for(tenant, &BTreeMap::new(), &format!("SELECT * FROM {name}"))
                         .map_err(|_| {
                             ApiError::undefined_table(format!("'{name}' does not exist"))
                         })?;
