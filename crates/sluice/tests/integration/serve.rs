@@ -246,6 +246,20 @@ fn wait_for<T: std::fmt::Debug>(secs: u64, what: &str, mut check: impl FnMut() -
     }
 }
 
+/// Waits until `pipeline` has finished and `query` gives exactly `expected`.
+fn wait_finished(pg: &Pg, secs: u64, pipeline: &str, query: &str, expected: &[Vec<String>]) {
+    wait_for(
+        secs,
+        &format!("{pipeline} finishes with the exact answer"),
+        || {
+            let status = pipeline_status(pg, pipeline);
+            let rows = pg.rows(query).unwrap_or_default();
+            let done = status.get(2).map(String::as_str) == Some("finished") && rows == expected;
+            (done, (status, rows.len()))
+        },
+    );
+}
+
 fn pipeline_status(pg: &Pg, name: &str) -> Vec<String> {
     pg.rows("SHOW PIPELINES")
         .expect("SHOW PIPELINES")
@@ -306,17 +320,13 @@ fn tenants_build_a_materialized_view_that_only_they_can_reach() {
          CREATE MATERIALIZED VIEW by_category AS
            SELECT category, COUNT(*) AS orders, SUM(amount) AS total FROM orders GROUP BY category",
     );
-    let rows = wait_for(120, "the view holds every order", || {
-        let status = pipeline_status(&alice, "by_category");
-        let rows = alice
-            .rows("SELECT category, orders, total FROM by_category ORDER BY category")
-            .unwrap_or_default();
-        (
-            status.get(2).map(String::as_str) == Some("finished") && rows == as_rows(&answer),
-            (status, rows.len()),
-        )
-    });
-    let _ = rows;
+    wait_finished(
+        &alice,
+        120,
+        "by_category",
+        "SELECT category, orders, total FROM by_category ORDER BY category",
+        &as_rows(&answer),
+    );
     // A query over the view runs on one snapshot: the sum of the counts is every order.
     assert_eq!(
         alice.rows("SELECT SUM(orders) FROM by_category").unwrap(),
@@ -479,16 +489,7 @@ fn pipelines_survive_a_killed_process_and_a_killed_server_exactly() {
          CREATE MATERIALIZED VIEW buckets AS
            SELECT id % 7 AS bucket, COUNT(*) AS n, SUM(id) AS total FROM ids GROUP BY id % 7"
     ));
-    let mut answer: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
-    for id in 1..=n {
-        let e = answer.entry(id % 7).or_default();
-        e.0 += 1;
-        e.1 += id;
-    }
-    let expected: Vec<Vec<String>> = answer
-        .iter()
-        .map(|(k, (c, s))| vec![k.to_string(), c.to_string(), s.to_string()])
-        .collect();
+    let expected = buckets_answer(n, 7);
     // Some rows are in, then the pipeline's process is killed.
     wait_for(60, "the view shows some rows", || {
         let r = dev.rows("SELECT SUM(n) FROM buckets").unwrap_or_default();
@@ -512,8 +513,11 @@ fn pipelines_survive_a_killed_process_and_a_killed_server_exactly() {
         .rows("SELECT bucket, n, total FROM buckets ORDER BY bucket")
         .unwrap()
     {
-        let full = &answer[&row[0].parse::<i64>().unwrap()];
-        assert!(row[1].parse::<i64>().unwrap() <= full.0, "{row:?}");
+        let full = &expected[row[0].parse::<usize>().unwrap()];
+        assert!(
+            row[1].parse::<i64>().unwrap() <= full[1].parse::<i64>().unwrap(),
+            "{row:?}"
+        );
     }
     // Then the server itself dies (its pipelines die with it) and comes back.
     drop(dev);
@@ -524,21 +528,14 @@ fn pipelines_survive_a_killed_process_and_a_killed_server_exactly() {
     assert!(!orphan_alive);
     let serve = Serve::start_on(dir.path(), pg_port, http_port);
     let dev = serve.connect("dev", "pw").unwrap();
-    let rows = wait_for(
+    assert_eq!(expected.len(), 7);
+    wait_finished(
+        &dev,
         120,
-        "the resumed pipeline finishes with the exact answer",
-        || {
-            let s = pipeline_status(&dev, "buckets");
-            let rows = dev
-                .rows("SELECT bucket, n, total FROM buckets ORDER BY bucket")
-                .unwrap_or_default();
-            (
-                s.get(2).map(String::as_str) == Some("finished") && rows == expected,
-                (s, rows),
-            )
-        },
+        "buckets",
+        "SELECT bucket, n, total FROM buckets ORDER BY bucket",
+        &expected,
     );
-    assert_eq!(rows.1.len(), 7);
 }
 
 #[test]
@@ -976,17 +973,13 @@ fn a_pipeline_past_its_state_quota_fails_alone_and_metrics_stay_within_the_tenan
         "{status:?}"
     );
     // The other tenant's pipeline runs on to the exact answer.
-    let expected = buckets_answer(n, 7);
-    wait_for(90, "the steady pipeline finishes exactly", || {
-        let st = pipeline_status(&s, "buckets");
-        let rows = s
-            .rows("SELECT k, n, total FROM buckets ORDER BY k")
-            .unwrap_or_default();
-        (
-            st.get(2).map(String::as_str) == Some("finished") && rows == expected,
-            (st, rows.len()),
-        )
-    });
+    wait_finished(
+        &s,
+        90,
+        "buckets",
+        "SELECT k, n, total FROM buckets ORDER BY k",
+        &buckets_answer(n, 7),
+    );
     // Metrics: each tenant's token sees its own series only; the admin's sees both.
     let token_of = |pg: &Pg| pg.rows("CREATE TOKEN").unwrap()[0][1].clone();
     let (st, _) = serve.http("GET", "/metrics", None, None);
@@ -1117,17 +1110,13 @@ fn the_ingest_quota_throttles_sources_without_dropping_rows() {
         ));
     }
     for name in ["a", "b"] {
-        wait_for(120, "every row, throttled", || {
-            let st = pipeline_status(&sl, &format!("count_{name}"));
-            let rows = sl
-                .rows(&format!("SELECT n, s FROM count_{name}"))
-                .unwrap_or_default();
-            (
-                st.get(2).map(String::as_str) == Some("finished")
-                    && rows == vec![vec!["6000".to_string(), (6000 * 6001 / 2).to_string()]],
-                (st, rows),
-            )
-        });
+        wait_finished(
+            &sl,
+            120,
+            &format!("count_{name}"),
+            &format!("SELECT n, s FROM count_{name}"),
+            &[vec!["6000".to_string(), (6000 * 6001 / 2).to_string()]],
+        );
     }
     let took = started.elapsed();
     assert!(
