@@ -542,6 +542,14 @@ fn unknown_connector(table: &str, name: &str) -> Error {
 /// What identifies the input a source table reads: its connector and the options its
 /// connector declares as identity, with a path made absolute.
 pub fn source_identity(options: &BTreeMap<String, String>) -> String {
+    source_identity_at(options, None)
+}
+
+/// [`source_identity`] for a job that runs in folder `base` (a relative path starts there).
+pub fn source_identity_at(
+    options: &BTreeMap<String, String>,
+    base: Option<&std::path::Path>,
+) -> String {
     let declared: Vec<&OptionDef> = match options.get("connector").and_then(|c| connector_def(c)) {
         Some(c) => c.all_options().filter(|d| d.identity).collect(),
         None => TABLE_OPTIONS.iter().filter(|d| d.identity).collect(),
@@ -553,7 +561,11 @@ pub fn source_identity(options: &BTreeMap<String, String>) -> String {
         }
         let v = if k == "path" {
             let plain = v.trim().strip_prefix("file://").unwrap_or(v.trim());
-            std::fs::canonicalize(plain)
+            let full = match base {
+                Some(base) if std::path::Path::new(plain).is_relative() => base.join(plain),
+                _ => std::path::PathBuf::from(plain),
+            };
+            std::fs::canonicalize(full)
                 .map(|p| p.display().to_string())
                 .unwrap_or_else(|_| plain.to_string())
         } else {

@@ -554,6 +554,28 @@ impl Catalog {
         Ok(())
     }
 
+    /// Replaces a pipeline's statements and the script they make.
+    pub fn set_pipeline_statements(&self, p: &Pipeline) -> Result<(), ApiError> {
+        self.conn()
+            .execute(
+                "UPDATE pipelines SET script = ?3, statements = ?4 WHERE tenant = ?1 AND name = ?2",
+                params![p.tenant, p.name, p.script, p.statements],
+            )
+            .map_err(db)?;
+        Ok(())
+    }
+
+    /// Replaces the SQL an object is recorded with.
+    pub fn set_object_sql(&self, tenant: &str, name: &str, sql: &str) -> Result<(), ApiError> {
+        self.conn()
+            .execute(
+                "UPDATE objects SET sql = ?3 WHERE tenant = ?1 AND name = ?2",
+                params![tenant, name, sql],
+            )
+            .map_err(db)?;
+        Ok(())
+    }
+
     fn pipelines_where(&self, filter: &str, args: &[&str]) -> Result<Vec<Pipeline>, ApiError> {
         let conn = self.conn();
         let mut st = conn

@@ -77,6 +77,31 @@ pub fn render(server: &Server, tenant: Option<&str>) -> Result<String, ApiError>
         &labels,
     )
     .map_err(bad)?;
+    let op_labels = ["tenant", "pipeline", "operator"];
+    let op_watermark = GaugeVec::new(
+        Opts::new(
+            "sluice_operator_watermark_seconds",
+            "the watermark a stateful operator reached, per worker (Unix seconds)",
+        ),
+        &op_labels,
+    )
+    .map_err(bad)?;
+    let op_lag = GaugeVec::new(
+        Opts::new(
+            "sluice_operator_watermark_lag_seconds",
+            "how far a stateful operator's watermark is behind the wall clock, per worker",
+        ),
+        &op_labels,
+    )
+    .map_err(bad)?;
+    let op_busy = prometheus::CounterVec::new(
+        Opts::new(
+            "sluice_operator_busy_seconds_total",
+            "time the operator was scheduled, on all workers of the current process",
+        ),
+        &op_labels,
+    )
+    .map_err(bad)?;
     let view_epoch = IntGaugeVec::new(
         Opts::new(
             "sluice_view_epoch",
@@ -95,6 +120,9 @@ pub fn render(server: &Server, tenant: Option<&str>) -> Result<String, ApiError>
         Box::new(checkpoints.clone()),
         Box::new(late.clone()),
         Box::new(watermark.clone()),
+        Box::new(op_watermark.clone()),
+        Box::new(op_lag.clone()),
+        Box::new(op_busy.clone()),
         Box::new(view_epoch.clone()),
     ] {
         registry.register(c).map_err(bad)?;
@@ -137,6 +165,26 @@ pub fn render(server: &Server, tenant: Option<&str>) -> Result<String, ApiError>
             .inc_by(count(&stats["late_rows_dropped"]));
         if let Some(ms) = stats["watermark_ms"].as_i64() {
             watermark.with_label_values(&l).set(ms as f64 / 1000.0);
+        }
+        for (op, w) in stats["operator_watermarks"]
+            .as_object()
+            .into_iter()
+            .flatten()
+        {
+            let labels = [l[0], l[1], op.as_str()];
+            if let Some(ms) = w["watermark_ms"].as_i64() {
+                op_watermark
+                    .with_label_values(&labels)
+                    .set(ms as f64 / 1000.0);
+            }
+            if let Some(ms) = w["lag_ms"].as_i64() {
+                op_lag.with_label_values(&labels).set(ms as f64 / 1000.0);
+            }
+        }
+        for (op, ms) in stats["busy_ms"].as_object().into_iter().flatten() {
+            op_busy
+                .with_label_values(&[l[0], l[1], op.as_str()])
+                .inc_by(ms.as_f64().unwrap_or(0.0).max(0.0) / 1000.0);
         }
     }
     let mut out = vec![];

@@ -1,6 +1,9 @@
 //! The Postgres wire protocol endpoint (`pgwire`): SCRAM-SHA-256 logins against the catalog's
 //! verifiers, and the server's SQL over the simple and extended query protocols.
 
+/// The PostgreSQL version the server reports (the protocol and catalog it answers as).
+pub const SERVER_VERSION: &str = "15.0 (Sluice)";
+
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 
@@ -162,7 +165,7 @@ pub struct Connection {
 impl Connection {
     pub fn new(server: Arc<Server>, connections: Arc<ConnectionManager>) -> Arc<Connection> {
         let mut params = DefaultServerParameterProvider::default();
-        params.server_version = "15.0 (Sluice)".into();
+        params.server_version = SERVER_VERSION.into();
         let auth = SASLAuthStartupHandler::new(Arc::new(params))
             .with_scram(ScramAuth::new(Arc::new(Verifiers {
                 catalog: server.catalog.clone(),
@@ -520,6 +523,10 @@ impl SimpleQueryHandler for Connection {
             if failed {
                 break;
             }
+        }
+        if out.is_empty() {
+            // Only comments (pgx pings with `-- ping`): PostgreSQL answers an empty query.
+            out.push(Response::EmptyQuery);
         }
         Ok(out)
     }

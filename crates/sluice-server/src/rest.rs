@@ -102,13 +102,18 @@ async fn run_one(
     server.execute(session, &stmt).await
 }
 
-#[derive(Deserialize)]
-struct SqlBody {
+/// Statements separated by `;`, run in one session.
+#[derive(Deserialize, utoipa::ToSchema)]
+pub struct SqlBody {
     sql: String,
 }
 
 /// `POST /v1/sql`: runs statements in one session; returns each one's result, up to the first
 /// error.
+#[utoipa::path(post, path = "/v1/sql", tag = "sql", request_body = SqlBody,
+    responses((status = 200, description = "Each statement's result, in order", body = SqlResults),
+              (status = 400, description = "A syntax or planning error, with its position", body = ErrorBody)),
+    security(("token" = [])))]
 async fn sql(
     State(server): State<Arc<Server>>,
     headers: HeaderMap,
@@ -156,6 +161,8 @@ fn own_pipeline(
     Ok((p, pl))
 }
 
+#[utoipa::path(get, path = "/v1/pipelines", tag = "pipelines",
+    responses((status = 200, description = "The tenant's pipelines", body = PipelineList)), security(("token" = [])))]
 async fn list_pipelines(State(server): State<Arc<Server>>, headers: HeaderMap) -> ApiResult {
     let p = principal(&server, &headers)?;
     let list = server.catalog.pipelines(Some(&p.tenant))?;
@@ -164,6 +171,9 @@ async fn list_pipelines(State(server): State<Arc<Server>>, headers: HeaderMap) -
     })))
 }
 
+#[utoipa::path(get, path = "/v1/pipelines/{name}", tag = "pipelines",
+    params(("name" = String, Path, description = "The pipeline's name")),
+    responses((status = 200, body = PipelineDoc), (status = 404, body = ErrorBody)), security(("token" = [])))]
 async fn get_pipeline(
     State(server): State<Arc<Server>>,
     headers: HeaderMap,
@@ -173,8 +183,8 @@ async fn get_pipeline(
     Ok(Json(pipeline_json(&server, &pl)))
 }
 
-#[derive(Deserialize)]
-struct NewPipeline {
+#[derive(Deserialize, utoipa::ToSchema)]
+pub struct NewPipeline {
     name: String,
     /// Statements: `SET`s, then one `INSERT INTO` (or a `SELECT` with `"view": true`).
     sql: String,
@@ -184,6 +194,305 @@ struct NewPipeline {
     materialized_view: bool,
 }
 
+/// A pipeline's new statements.
+#[derive(Deserialize, utoipa::ToSchema)]
+pub struct PipelineEdit {
+    /// Statements: `SET`s, then the `INSERT INTO`s (a materialized view's: its SELECT).
+    sql: String,
+    /// Start over without state (needed when the new plan does not fit the checkpoint).
+    #[serde(default)]
+    fresh: bool,
+}
+
+#[utoipa::path(patch, path = "/v1/pipelines/{name}", tag = "pipelines", request_body = PipelineEdit,
+    params(("name" = String, Path)),
+    responses((status = 200, description = "Stopped with a final checkpoint and resumed from it with the new statements", body = PipelineDoc),
+              (status = 400, description = "Does not plan, or does not fit the pipeline's state (give fresh)", body = ErrorBody),
+              (status = 404, body = ErrorBody)), security(("token" = [])))]
+async fn edit_pipeline(
+    State(server): State<Arc<Server>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Json(body): Json<PipelineEdit>,
+) -> ApiResult {
+    crate::statements::check_name("pipeline", &name)?;
+    let fresh = if body.fresh { " FRESH" } else { "" };
+    let _ = run_sql(
+        &server,
+        &headers,
+        format!("ALTER PIPELINE {name}{fresh} AS {}", body.sql),
+    )
+    .await?;
+    get_pipeline(State(server), headers, Path(name)).await
+}
+
+/// Runs one statement made from a request's fields (names checked first, strings quoted).
+async fn run_sql(server: &Arc<Server>, headers: &HeaderMap, sql: String) -> ApiResult {
+    let mut session = Session::new(principal(server, headers)?);
+    Ok(Json(outcome_json(
+        run_one(server, &mut session, &sql).await?,
+    )))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+pub struct NewTenant {
+    name: String,
+}
+
+#[utoipa::path(post, path = "/v1/tenants", tag = "admin", request_body = NewTenant,
+    responses((status = 200, body = CommandDoc), (status = 403, description = "Not an administrator", body = ErrorBody),
+              (status = 409, body = ErrorBody)), security(("token" = [])))]
+async fn create_tenant(
+    State(server): State<Arc<Server>>,
+    headers: HeaderMap,
+    Json(body): Json<NewTenant>,
+) -> ApiResult {
+    crate::statements::check_name("tenant", &body.name)?;
+    run_sql(&server, &headers, format!("CREATE TENANT {}", body.name)).await
+}
+
+#[utoipa::path(delete, path = "/v1/tenants/{name}", tag = "admin", params(("name" = String, Path)),
+    responses((status = 200, body = CommandDoc), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("token" = [])))]
+async fn drop_tenant(
+    State(server): State<Arc<Server>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult {
+    crate::statements::check_name("tenant", &name)?;
+    run_sql(&server, &headers, format!("DROP TENANT {name}")).await
+}
+
+#[utoipa::path(get, path = "/v1/users", tag = "admin",
+    responses((status = 200, description = "The tenant's users (every user for an administrator)", body = RowsDoc)),
+    security(("token" = [])))]
+async fn list_users(State(server): State<Arc<Server>>, headers: HeaderMap) -> ApiResult {
+    run_sql(&server, &headers, "SHOW USERS".into()).await
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+pub struct NewUser {
+    name: String,
+    password: String,
+    /// The caller's tenant when absent (another one needs an administrator).
+    tenant: Option<String>,
+    /// owner, developer or viewer (developer when absent).
+    role: Option<String>,
+}
+
+#[utoipa::path(post, path = "/v1/users", tag = "admin", request_body = NewUser,
+    responses((status = 200, body = CommandDoc), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("token" = [])))]
+async fn create_user(
+    State(server): State<Arc<Server>>,
+    headers: HeaderMap,
+    Json(body): Json<NewUser>,
+) -> ApiResult {
+    crate::statements::check_name("user", &body.name)?;
+    let mut sql = format!(
+        "CREATE USER {} WITH PASSWORD {}",
+        body.name,
+        crate::statements::quote(&body.password)
+    );
+    if let Some(t) = &body.tenant {
+        crate::statements::check_name("tenant", t)?;
+        sql.push_str(&format!(" IN TENANT {t}"));
+    }
+    if let Some(r) = &body.role {
+        crate::statements::check_name("role", r)?;
+        sql.push_str(&format!(" ROLE {r}"));
+    }
+    run_sql(&server, &headers, sql).await
+}
+
+#[utoipa::path(delete, path = "/v1/users/{name}", tag = "admin", params(("name" = String, Path)),
+    responses((status = 200, body = CommandDoc), (status = 404, body = ErrorBody)), security(("token" = [])))]
+async fn drop_user(
+    State(server): State<Arc<Server>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult {
+    crate::statements::check_name("user", &name)?;
+    run_sql(&server, &headers, format!("DROP USER {name}")).await
+}
+
+#[utoipa::path(get, path = "/v1/tokens", tag = "admin",
+    responses((status = 200, description = "Token ids (never the secrets): the tenant's for an owner, one's own otherwise", body = RowsDoc)),
+    security(("token" = [])))]
+async fn list_tokens(State(server): State<Arc<Server>>, headers: HeaderMap) -> ApiResult {
+    run_sql(&server, &headers, "SHOW TOKENS".into()).await
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+pub struct NewToken {
+    /// The caller when absent (another user needs an owner).
+    user: Option<String>,
+}
+
+#[utoipa::path(post, path = "/v1/tokens", tag = "admin", request_body = NewToken,
+    responses((status = 200, description = "The token, shown this once", body = RowsDoc), (status = 403, body = ErrorBody)),
+    security(("token" = [])))]
+async fn create_token(
+    State(server): State<Arc<Server>>,
+    headers: HeaderMap,
+    Json(body): Json<NewToken>,
+) -> ApiResult {
+    let sql = match &body.user {
+        Some(u) => {
+            crate::statements::check_name("user", u)?;
+            format!("CREATE TOKEN FOR USER {u}")
+        }
+        None => "CREATE TOKEN".into(),
+    };
+    run_sql(&server, &headers, sql).await
+}
+
+#[utoipa::path(delete, path = "/v1/tokens/{id}", tag = "admin", params(("id" = String, Path)),
+    responses((status = 200, body = CommandDoc), (status = 404, body = ErrorBody)), security(("token" = [])))]
+async fn revoke_token(
+    State(server): State<Arc<Server>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    run_sql(
+        &server,
+        &headers,
+        format!("REVOKE TOKEN {}", crate::statements::quote(&id)),
+    )
+    .await
+}
+
+#[utoipa::path(put, path = "/v1/quotas/{tenant}", tag = "admin", params(("tenant" = String, Path)),
+    request_body(content = Object, description = "Quotas to set, e.g. {\"max_pipelines\": 2, \"max_state_bytes\": \"512mb\"}; null lifts one"),
+    responses((status = 200, body = CommandDoc), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("token" = [])))]
+async fn set_quotas(
+    State(server): State<Arc<Server>>,
+    headers: HeaderMap,
+    Path(tenant): Path<String>,
+    Json(body): Json<serde_json::Map<String, Value>>,
+) -> ApiResult {
+    crate::statements::check_name("tenant", &tenant)?;
+    if body.is_empty() {
+        return Err(ApiError::invalid("give at least one quota"));
+    }
+    let mut items = vec![];
+    for (k, v) in &body {
+        crate::statements::check_name("quota", k)?;
+        let value = match v {
+            Value::Null => "unlimited".to_string(),
+            Value::Number(n) => n.to_string(),
+            Value::String(s) => crate::statements::quote(s),
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "{k}: give a number, a string such as '512mb', or null, not {other}"
+                )))
+            }
+        };
+        items.push(format!("{k} = {value}"));
+    }
+    run_sql(
+        &server,
+        &headers,
+        format!("ALTER TENANT {tenant} SET QUOTA ({})", items.join(", ")),
+    )
+    .await
+}
+
+/// The shapes the OpenAPI document names (the handlers build the same JSON).
+#[allow(dead_code)]
+mod doc {
+    use serde::Serialize;
+    use utoipa::ToSchema;
+
+    /// An error: its SQLSTATE, message, and position in the SQL (1-based characters) if any.
+    #[derive(Serialize, ToSchema)]
+    pub struct ErrorBody {
+        pub code: String,
+        pub message: String,
+        pub position: Option<u64>,
+    }
+
+    /// Rows: column names, then each row's values (numbers and booleans as such, other types
+    /// as text).
+    #[derive(Serialize, ToSchema)]
+    pub struct RowsDoc {
+        pub columns: Vec<String>,
+        #[schema(value_type = Vec<Vec<Object>>)]
+        pub rows: Vec<Vec<serde_json::Value>>,
+        /// For a view: the committed epoch the rows are as of.
+        pub epoch: Option<u64>,
+    }
+
+    /// A statement that returns no rows: its command tag.
+    #[derive(Serialize, ToSchema)]
+    pub struct CommandDoc {
+        pub command: String,
+    }
+
+    /// Each statement's result: a `RowsDoc` or a `CommandDoc`.
+    #[derive(Serialize, ToSchema)]
+    pub struct SqlResults {
+        #[schema(value_type = Vec<Object>)]
+        pub results: Vec<serde_json::Value>,
+    }
+
+    #[derive(Serialize, ToSchema)]
+    pub struct PipelineDoc {
+        pub name: String,
+        pub tenant: String,
+        /// starting, running, restarting, stopped, failed or finished.
+        pub status: String,
+        /// running or stopped: what its owner asked for.
+        pub desired: String,
+        pub parallelism: u64,
+        pub restarts: u64,
+        pub last_error: Option<String>,
+        pub uptime_seconds: Option<f64>,
+        pub pid: Option<u32>,
+        /// The materialized views it keeps.
+        pub views: Vec<String>,
+        pub sql: String,
+    }
+
+    #[derive(Serialize, ToSchema)]
+    pub struct PipelineList {
+        pub pipelines: Vec<PipelineDoc>,
+    }
+}
+use doc::*;
+
+struct TokenAuth;
+
+impl utoipa::Modify for TokenAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The REST API's OpenAPI document, served at `/v1/openapi.json` and browsed at `/v1/docs`.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "Sluice", description = "The Sluice platform server's REST API. Every call but /v1/health takes a token: `Authorization: Bearer <token>`."),
+    paths(sql, list_pipelines, create_pipeline, get_pipeline, delete_pipeline, edit_pipeline, pipeline_action,
+          pipeline_stats, pipeline_logs, view_rows, view_changes, list_tables, list_tenants,
+          create_tenant, drop_tenant, list_users, create_user, drop_user, list_tokens,
+          create_token, revoke_token, quotas, set_quotas, metrics, health),
+    components(schemas(SqlBody, NewPipeline, PipelineEdit, NewTenant, NewUser, NewToken, ErrorBody, RowsDoc,
+                       CommandDoc, SqlResults, PipelineDoc, PipelineList)),
+    modifiers(&TokenAuth)
+)]
+pub struct ApiDoc;
+
+#[utoipa::path(post, path = "/v1/pipelines", tag = "pipelines", request_body = NewPipeline,
+    responses((status = 201, description = "Created and started", body = PipelineDoc),
+              (status = 400, description = "Syntax or planning error, with its position", body = ErrorBody),
+              (status = 403, description = "Over a quota, or the role may not", body = ErrorBody)), security(("token" = [])))]
 async fn create_pipeline(
     State(server): State<Arc<Server>>,
     headers: HeaderMap,
@@ -229,6 +538,9 @@ async fn create_pipeline(
     Ok((StatusCode::CREATED, Json(pipeline_json(&server, &pl))))
 }
 
+#[utoipa::path(post, path = "/v1/pipelines/{name}/{action}", tag = "pipelines",
+    params(("name" = String, Path), ("action" = String, Path, description = "start, start-fresh or stop")),
+    responses((status = 200, body = PipelineDoc), (status = 404, body = ErrorBody)), security(("token" = [])))]
 async fn pipeline_action(
     State(server): State<Arc<Server>>,
     headers: HeaderMap,
@@ -249,6 +561,9 @@ async fn pipeline_action(
     get_pipeline(State(server), headers, Path(name)).await
 }
 
+#[utoipa::path(delete, path = "/v1/pipelines/{name}", tag = "pipelines",
+    params(("name" = String, Path)),
+    responses((status = 200, body = CommandDoc), (status = 404, body = ErrorBody)), security(("token" = [])))]
 async fn delete_pipeline(
     State(server): State<Arc<Server>>,
     headers: HeaderMap,
@@ -267,6 +582,10 @@ async fn delete_pipeline(
 }
 
 /// `GET /v1/views/{name}/rows`: the view as of one epoch.
+#[utoipa::path(get, path = "/v1/views/{name}/rows", tag = "views",
+    params(("name" = String, Path, description = "A materialized view")),
+    responses((status = 200, description = "The view as of one committed epoch", body = RowsDoc),
+              (status = 404, body = ErrorBody)), security(("token" = [])))]
 async fn view_rows(
     State(server): State<Arc<Server>>,
     headers: HeaderMap,
@@ -285,6 +604,10 @@ async fn view_rows(
 /// `GET /v1/views/{name}/changes`: server-sent events, a `snapshot` event with the view's rows,
 /// then a `changes` event per committed epoch, each row led by its change kind (`+I`, `-U`,
 /// `+U`, `-D`). A `reset` event means the view started over: read the snapshot again.
+#[utoipa::path(get, path = "/v1/views/{name}/changes", tag = "views",
+    params(("name" = String, Path, description = "A materialized view")),
+    responses((status = 200, description = "Server-sent events: `snapshot` (the rows), then `changes` per committed epoch (each row led by `+I`, `-U`, `+U` or `-D`), `reset` when the view starts over", content_type = "text/event-stream", body = String),
+              (status = 404, body = ErrorBody)), security(("token" = [])))]
 async fn view_changes(
     State(server): State<Arc<Server>>,
     headers: HeaderMap,
@@ -333,12 +656,16 @@ async fn view_changes(
         .into_response())
 }
 
+#[utoipa::path(get, path = "/v1/tables", tag = "catalog",
+    responses((status = 200, description = "The tenant's tables, views and materialized views with their DDL", body = Object)), security(("token" = [])))]
 async fn list_tables(State(server): State<Arc<Server>>, headers: HeaderMap) -> ApiResult {
     let p = principal(&server, &headers)?;
     let objects = server.catalog.objects(&p.tenant)?;
     Ok(Json(json!({ "tables": objects })))
 }
 
+#[utoipa::path(get, path = "/v1/tenants", tag = "admin",
+    responses((status = 200, description = "Every tenant (an administrator), or the caller's own", body = RowsDoc)), security(("token" = [])))]
 async fn list_tenants(State(server): State<Arc<Server>>, headers: HeaderMap) -> ApiResult {
     let mut session = Session::new(principal(&server, &headers)?);
     Ok(Json(outcome_json(
@@ -346,6 +673,8 @@ async fn list_tenants(State(server): State<Arc<Server>>, headers: HeaderMap) -> 
     )))
 }
 
+#[utoipa::path(get, path = "/v1/quotas", tag = "admin",
+    responses((status = 200, description = "Each quota's limit and use, per tenant", body = RowsDoc)), security(("token" = [])))]
 async fn quotas(State(server): State<Arc<Server>>, headers: HeaderMap) -> ApiResult {
     let mut session = Session::new(principal(&server, &headers)?);
     Ok(Json(outcome_json(
@@ -354,6 +683,10 @@ async fn quotas(State(server): State<Arc<Server>>, headers: HeaderMap) -> ApiRes
 }
 
 /// `GET /v1/pipelines/{name}/stats`: the pipeline's status and its process's counters.
+#[utoipa::path(get, path = "/v1/pipelines/{name}/stats", tag = "pipelines",
+    params(("name" = String, Path)),
+    responses((status = 200, description = "Status and the process's counters (rows, state per operator, checkpoints, watermark)", body = Object),
+              (status = 404, body = ErrorBody)), security(("token" = [])))]
 async fn pipeline_stats(
     State(server): State<Arc<Server>>,
     headers: HeaderMap,
@@ -380,6 +713,9 @@ async fn pipeline_stats(
 
 /// `GET /v1/pipelines/{name}/logs`: the last lines its processes wrote (`?lines=n`, 200 by
 /// default, at most 10000).
+#[utoipa::path(get, path = "/v1/pipelines/{name}/logs", tag = "pipelines",
+    params(("name" = String, Path), ("lines" = Option<u64>, Query, description = "How many of the last lines (200; at most 10000)")),
+    responses((status = 200, body = Object), (status = 404, body = ErrorBody)), security(("token" = [])))]
 async fn pipeline_logs(
     State(server): State<Arc<Server>>,
     headers: HeaderMap,
@@ -408,6 +744,8 @@ async fn pipeline_logs(
 
 /// `GET /metrics`: Prometheus's text format, for the token's tenant only (every tenant for
 /// an administrator).
+#[utoipa::path(get, path = "/metrics", tag = "metrics",
+    responses((status = 200, description = "Prometheus text format, the token's tenant only (every tenant for an administrator)", content_type = "text/plain", body = String)), security(("token" = [])))]
 async fn metrics(
     State(server): State<Arc<Server>>,
     headers: HeaderMap,
@@ -425,6 +763,7 @@ async fn metrics(
         .into_response())
 }
 
+#[utoipa::path(get, path = "/v1/health", tag = "metrics", responses((status = 200, body = Object)))]
 async fn health() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
@@ -441,7 +780,9 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/v1/pipelines", get(list_pipelines).post(create_pipeline))
         .route(
             "/v1/pipelines/{name}",
-            get(get_pipeline).delete(delete_pipeline),
+            get(get_pipeline)
+                .delete(delete_pipeline)
+                .patch(edit_pipeline),
         )
         .route("/v1/pipelines/{name}/{action}", post(pipeline_action))
         .route("/v1/pipelines/{name}/stats", get(pipeline_stats))
@@ -450,8 +791,18 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/v1/views/{name}/rows", get(view_rows))
         .route("/v1/views/{name}/changes", get(view_changes))
         .route("/v1/tables", get(list_tables))
-        .route("/v1/tenants", get(list_tenants))
+        .route("/v1/tenants", get(list_tenants).post(create_tenant))
+        .route("/v1/tenants/{name}", axum::routing::delete(drop_tenant))
+        .route("/v1/users", get(list_users).post(create_user))
+        .route("/v1/users/{name}", axum::routing::delete(drop_user))
+        .route("/v1/tokens", get(list_tokens).post(create_token))
+        .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/v1/quotas", get(quotas))
+        .route("/v1/quotas/{tenant}", axum::routing::put(set_quotas))
+        .merge(
+            utoipa_swagger_ui::SwaggerUi::new("/v1/docs")
+                .url("/v1/openapi.json", <ApiDoc as utoipa::OpenApi>::openapi()),
+        )
         .fallback(not_found)
         .with_state(server)
 }

@@ -14,7 +14,7 @@
 //!
 //! Every statement acts within the caller's tenant; a name in another tenant never resolves.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -366,7 +366,7 @@ pub fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
     )))
 }
 
-fn quote(s: &str) -> String {
+pub fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
@@ -594,9 +594,17 @@ impl Server {
         if c.words(&["ALTER", "PIPELINE"]) {
             p.require_developer()?;
             let name = c.expect_name("a pipeline name")?;
-            if !c.words(&["SET", "PARALLELISM"]) {
+            let fresh = c.word("FRESH");
+            if c.word("AS") {
+                let (at, statements) = after_keyword_as(&stmt.text)
+                    .ok_or_else(|| ApiError::syntax("expected AS statements"))?;
+                self.alter_pipeline(session, &name, &statements, fresh)
+                    .map_err(|e| shift(e, stmt.offset + at))?;
+                return Ok(Outcome::Command("ALTER PIPELINE".into()));
+            }
+            if fresh || !c.words(&["SET", "PARALLELISM"]) {
                 return Err(ApiError::syntax(
-                    "expected ALTER PIPELINE name SET PARALLELISM = n",
+                    "expected ALTER PIPELINE name SET PARALLELISM = n, or ALTER PIPELINE name [FRESH] AS statements",
                 ));
             }
             c.eat(&Token::Eq);
@@ -1045,20 +1053,16 @@ impl Server {
         Ok(planner.into_job())
     }
 
-    fn create_pipeline(
+    /// Plans a pipeline's statements (its `SET`s first) as the caller's tenant and writes the
+    /// script its process runs; nothing is stored or started.
+    fn prepare_pipeline(
         &self,
         session: &Session,
         name: &str,
         statements: &str,
         view: Option<&str>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(Pipeline, sluice_sql::JobPlan), ApiError> {
         let p = &session.principal;
-        check_name("pipeline", name)?;
-        if self.catalog.pipeline(&p.tenant, name)?.is_some()
-            || self.catalog.object(&p.tenant, name)?.is_some()
-        {
-            return Err(ApiError::duplicate(format!("'{name}' already exists")));
-        }
         let mut settings = session.settings.clone();
         let mut body = String::new();
         for s in split(statements) {
@@ -1088,6 +1092,11 @@ impl Server {
                 "a SELECT streams into a materialized view here: CREATE MATERIALIZED VIEW name AS SELECT ...",
             ));
         }
+        if view.is_some() && (selects != 1 || plan.pipelines.len() != 1) {
+            return Err(ApiError::invalid(
+                "a materialized view is one SELECT".to_string(),
+            ));
+        }
         for pl in &plan.pipelines {
             if let sluice_sql::SinkTarget::Table(t) = &pl.sink {
                 self.check_paths(&p.tenant, t)?;
@@ -1097,7 +1106,6 @@ impl Server {
             .get("parallelism.default")
             .and_then(|v| v.trim().parse::<u64>().ok())
             .unwrap_or(1);
-        self.admit(&p.tenant, name, parallelism)?;
         let mut script = self.settings_sql(&p.tenant, name, &settings);
         for o in self.catalog.objects(&p.tenant)? {
             if o.kind != ObjectKind::MaterializedView {
@@ -1106,13 +1114,6 @@ impl Server {
             }
         }
         script.push_str(&body);
-        if let Some(v) = view {
-            let schema = plan.pipelines[0].query.schema();
-            self.views
-                .register(&p.tenant, v, schema, self.layout.view(&p.tenant, v))?;
-            self.views.reset(&p.tenant, v)?;
-        }
-        let _ = std::fs::remove_dir_all(self.layout.pipeline(&p.tenant, name));
         // The restart strategy is the supervisor's: it stays with the statements.
         let mut recorded: String = settings
             .iter()
@@ -1133,6 +1134,32 @@ impl Server {
             last_error: None,
             created_ms: now_ms(),
         };
+        Ok((pipeline, plan))
+    }
+
+    fn create_pipeline(
+        &self,
+        session: &Session,
+        name: &str,
+        statements: &str,
+        view: Option<&str>,
+    ) -> Result<(), ApiError> {
+        let p = &session.principal;
+        check_name("pipeline", name)?;
+        if self.catalog.pipeline(&p.tenant, name)?.is_some()
+            || self.catalog.object(&p.tenant, name)?.is_some()
+        {
+            return Err(ApiError::duplicate(format!("'{name}' already exists")));
+        }
+        let (pipeline, plan) = self.prepare_pipeline(session, name, statements, view)?;
+        self.admit(&p.tenant, name, pipeline.parallelism)?;
+        if let Some(v) = view {
+            let schema = plan.pipelines[0].query.schema();
+            self.views
+                .register(&p.tenant, v, schema, self.layout.view(&p.tenant, v))?;
+            self.views.reset(&p.tenant, v)?;
+        }
+        let _ = std::fs::remove_dir_all(self.layout.pipeline(&p.tenant, name));
         if let Some(v) = view {
             self.catalog.put_object(
                 &p.tenant,
@@ -1150,6 +1177,139 @@ impl Server {
             return Err(e);
         }
         self.supervisor.start(&pipeline, true)
+    }
+
+    /// `ALTER PIPELINE name [FRESH] AS statements`: the pipeline runs the new statements. It is
+    /// stopped with a final checkpoint and started again from it, if the new plan fits that
+    /// checkpoint's state and inputs; otherwise it is refused, unless FRESH starts it over
+    /// without state. A materialized view's pipeline keeps the view's columns.
+    fn alter_pipeline(
+        &self,
+        session: &Session,
+        name: &str,
+        statements: &str,
+        fresh: bool,
+    ) -> Result<(), ApiError> {
+        let p = &session.principal;
+        let old = self
+            .catalog
+            .pipeline(&p.tenant, name)?
+            .ok_or_else(|| no_pipeline(name))?;
+        let view = old.views.first().map(String::as_str);
+        let (mut new, plan) = self.prepare_pipeline(session, name, statements, view)?;
+        new.parallelism = old.parallelism;
+        new.desired = old.desired;
+        new.created_ms = old.created_ms;
+        if let Some(v) = view {
+            let was = self
+                .views
+                .get(&p.tenant, v)
+                .map(|v| v.schema.clone())
+                .ok_or_else(|| ApiError::internal(format!("view '{v}' is not loaded")))?;
+            let now = plan.pipelines[0].query.schema();
+            let columns = |s: &arrow::datatypes::SchemaRef| -> Vec<(String, DataType)> {
+                s.fields()
+                    .iter()
+                    .map(|f| (f.name().clone(), f.data_type().clone()))
+                    .collect()
+            };
+            if columns(&was) != columns(&now) {
+                return Err(ApiError::invalid(format!(
+                    "materialized view '{v}' has the columns ({}); the new query gives ({}): DROP MATERIALIZED VIEW {v} and create it again to change them",
+                    columns(&was).iter().map(|(n, t)| format!("{n} {}", flink_type(t))).collect::<Vec<_>>().join(", "),
+                    columns(&now).iter().map(|(n, t)| format!("{n} {}", flink_type(t))).collect::<Vec<_>>().join(", "),
+                )));
+            }
+        }
+        if !fresh {
+            if let Some(why) = self.state_misfit(&new)? {
+                return Err(ApiError::invalid(format!(
+                    "pipeline '{name}' cannot resume with the new statements: {why}. ALTER PIPELINE {name} FRESH AS ... runs them from the start, without its state"
+                )));
+            }
+        }
+        let was_running = self.supervisor.is_active(&p.tenant, name);
+        if was_running {
+            self.supervisor
+                .stop(&p.tenant, name, Duration::from_secs(60));
+            // The final checkpoint was taken by the old plan: it must still fit.
+            if !fresh {
+                if let Some(why) = self.state_misfit(&new)? {
+                    let _ = self.supervisor.start(&old, false);
+                    return Err(ApiError::invalid(format!(
+                        "pipeline '{name}' cannot resume with the new statements: {why}; it runs the old ones again"
+                    )));
+                }
+            }
+        }
+        self.catalog.set_pipeline_statements(&new)?;
+        if let Some(v) = view {
+            self.catalog.set_object_sql(&p.tenant, v, statements)?;
+        }
+        if was_running || old.desired == Desired::Running {
+            if fresh {
+                if let Some(v) = view {
+                    self.views.reset(&p.tenant, v)?;
+                }
+            }
+            self.supervisor.start(&new, fresh)?;
+        }
+        Ok(())
+    }
+
+    /// Why the pipeline's last checkpoint cannot restore into `pl`'s plan, if it cannot:
+    /// another plan structure (the engine's fingerprint) or another input for a source.
+    fn state_misfit(&self, pl: &Pipeline) -> Result<Option<String>, ApiError> {
+        let dir = self.layout.checkpoints(&pl.tenant, &pl.name);
+        if !dir.exists() {
+            return Ok(None);
+        }
+        let store = sluice_state::checkpoint::CheckpointStore::open(
+            &dir.display().to_string(),
+            &BTreeMap::new(),
+        )
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+        let Some(manifest) = store
+            .latest(|_, _| {})
+            .map_err(|e| ApiError::internal(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        let mut plan = sluice_sql::plan_script(&pl.script)
+            .map_err(|e| ApiError::internal(format!("pipeline '{}': {e}", pl.name)))?;
+        let views: Vec<(String, String)> = pl
+            .views
+            .iter()
+            .map(|v| {
+                (
+                    v.clone(),
+                    self.layout.view(&pl.tenant, v).display().to_string(),
+                )
+            })
+            .collect();
+        plan.selects_into_views(&views)
+            .map_err(|e| ApiError::internal(format!("pipeline '{}': {e}", pl.name)))?;
+        if sluice_engine::checkpoint::fingerprint(&plan) != manifest.plan_fingerprint {
+            return Ok(Some(format!(
+                "its operators or their state differ from those of its checkpoint (epoch {})",
+                manifest.epoch
+            )));
+        }
+        // Its process runs in the tenant's storage, where relative paths start.
+        let now = sluice_engine::checkpoint::source_identities_at(
+            &plan,
+            Some(&self.layout.files(&pl.tenant)),
+        );
+        for (table, was) in &manifest.sources {
+            if let Some(now) = now.get(table) {
+                if now != was {
+                    return Ok(Some(format!(
+                        "source table '{table}' reads another input (then {was}, now {now}), so its checkpointed offsets do not apply"
+                    )));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Refuses a pipeline that reads a materialized view (views are served, not streamed, yet).
@@ -1368,7 +1528,23 @@ impl Server {
     pub fn check_paths(&self, tenant: &str, t: &sluice_sql::TableDef) -> Result<(), ApiError> {
         let root = self.layout.files(tenant);
         for (key, value) in &t.options {
-            if key != "path" && !key.ends_with(".path") {
+            // Client options passed through to a connector's library (Kafka's `properties.*`):
+            // some run code or a command of the server's; those naming files are paths too.
+            if let Some(property) = key.strip_prefix("properties.") {
+                if matches!(
+                    property,
+                    "plugin.library.paths" | "sasl.kerberos.kinit.cmd" | "ssl_engine_location"
+                ) {
+                    return Err(ApiError::denied(format!(
+                        "table '{}': '{key}' would load or run a program on the server; it is not allowed here",
+                        t.name
+                    )));
+                }
+                let names_file = property.ends_with(".location") || property.ends_with(".keytab");
+                if !names_file || (property == "ssl.ca.location" && value == "probe") {
+                    continue;
+                }
+            } else if key != "path" && !key.ends_with(".path") {
                 continue;
             }
             if value.contains("://") && !value.starts_with("file://") {
@@ -1445,46 +1621,49 @@ impl Server {
         )))
     }
 
-    /// A SELECT over the tenant's materialized views, each read as one consistent snapshot.
+    /// A SELECT over the tenant's materialized views, each read as one consistent snapshot, or
+    /// over the catalog (`pg_catalog`, `information_schema`) of the tenant's objects.
     async fn select(&self, p: &Principal, sql: &str) -> Result<Outcome, ApiError> {
-        use datafusion::prelude::SessionContext;
-        let ctx = SessionContext::new();
-        let state = ctx.state();
-        let statement = state
-            .sql_to_statement(sql, &datafusion::config::Dialect::PostgreSQL)
+        let parser = crate::pg_catalog::parser();
+        let mut statements = parser
+            .parse(sql)
             .map_err(|e| ApiError::syntax(e.to_string()))?;
+        if statements.len() != 1 {
+            return Err(ApiError::syntax(format!(
+                "expected one statement, found {}",
+                statements.len()
+            )));
+        }
+        let statement = parser.rewrite(statements.remove(0));
+        let ctx = crate::pg_catalog::context(&p.tenant);
+        let state = ctx.state();
+        let statement = datafusion::sql::parser::Statement::Statement(Box::new(statement));
         let tables = state
             .resolve_table_references(&statement)
             .map_err(|e| ApiError::syntax(e.to_string()))?;
-        let mut catalog_registered = false;
-        for t in tables {
+        let mut read = BTreeMap::new();
+        let mut reads_catalog = false;
+        for t in &tables {
             let name = t.table().to_string();
-            let in_catalog = t.schema() == Some("pg_catalog")
-                || (t.schema().is_none() && crate::pg_catalog::TABLES.contains(&name.as_str()));
-            if in_catalog {
-                if !catalog_registered {
-                    let objects = self.catalog.objects(&p.tenant)?;
-                    crate::pg_catalog::register(&ctx, &p.tenant, &objects)?;
-                    catalog_registered = true;
-                }
-                if t.schema().is_none() {
-                    return Err(ApiError::undefined_table(format!(
-                        "relation '{name}' does not exist (it is pg_catalog.{name})"
-                    )));
-                }
+            if crate::pg_catalog::is_catalog_table(t.schema(), &name) {
+                reads_catalog = true;
                 continue;
             }
-            if t.schema().is_some_and(|s| s != "public" && s != p.tenant) {
+            if t.catalog().is_some_and(|c| c != p.tenant)
+                || t.schema().is_some_and(|s| s != crate::pg_catalog::SCHEMA)
+            {
                 return Err(ApiError::undefined_table(format!(
                     "relation '{t}' does not exist"
                 )));
             }
+            if read.contains_key(&name) {
+                continue;
+            }
             let Some(view) = self.views.get(&p.tenant, &name) else {
                 return Err(match self.catalog.object(&p.tenant, &name)? {
-                    Some(o) => ApiError::unsupported(format!(
-                        "'{name}' is a {}: SELECT here reads materialized views; CREATE MATERIALIZED VIEW v AS SELECT ... FROM {name} serves a query over it",
-                        o.kind.words()
-                    )),
+                    Some(o) => {
+                        ApiError::unsupported(crate::pg_catalog::unreadable_message(&name, o.kind))
+                    }
                     None => ApiError::undefined_table(format!("relation '{name}' does not exist")),
                 });
             };
@@ -1494,9 +1673,43 @@ impl Server {
                 vec![vec![snapshot.batch]],
             )
             .map_err(|e| ApiError::internal(e.to_string()))?;
-            ctx.register_table(t.clone(), Arc::new(table))
+            read.insert(
+                name,
+                Arc::new(table) as Arc<dyn datafusion::catalog::TableProvider>,
+            );
+        }
+        let mut kinds = HashMap::new();
+        if reads_catalog {
+            // Every object is listed with its columns; only those the query reads hold rows.
+            let planner = self.planner(&p.tenant, "")?;
+            for o in self.catalog.objects(&p.tenant)? {
+                kinds.insert(o.name.clone(), o.kind);
+                if read.contains_key(&o.name) {
+                    continue;
+                }
+                let schema = match o.kind {
+                    ObjectKind::Table => planner.table(&o.name).map(|t| t.schema.clone()),
+                    ObjectKind::View => planner.view_schema(&o.name),
+                    ObjectKind::MaterializedView => {
+                        self.views.get(&p.tenant, &o.name).map(|v| v.schema.clone())
+                    }
+                };
+                let Some(schema) = schema else { continue };
+                read.insert(
+                    o.name.clone(),
+                    Arc::new(crate::pg_catalog::Unreadable {
+                        name: o.name,
+                        kind: o.kind,
+                        schema,
+                    }),
+                );
+            }
+        }
+        for (name, table) in read {
+            ctx.register_table(name, table)
                 .map_err(|e| ApiError::internal(e.to_string()))?;
         }
+        crate::pg_catalog::register(&ctx, &p.tenant, kinds)?;
         let plan = ctx
             .state()
             .statement_to_plan(statement)

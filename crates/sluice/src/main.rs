@@ -284,6 +284,7 @@ fn run(
         control,
         fresh,
         sequential_sources: false,
+        operator_busy: false,
     };
     let status = progress::Progress::start(progress, options.metrics.clone());
     let analyzed: Vec<sluice_sql::Pipeline> = plan

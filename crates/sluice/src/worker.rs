@@ -4,12 +4,10 @@
 //! The script's SELECT statements are the pipeline's materialized views: the n-th SELECT's
 //! changelog goes to the n-th `--view NAME=DIR`, a `view` sink that the server folds.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use sluice_engine::JobOptions;
-use sluice_sql::{SinkTarget, TableDef};
 
 /// `sluice worker`.
 #[derive(clap::Args)]
@@ -60,6 +58,37 @@ fn stats_json(metrics: &sluice_engine::JobMetrics) -> serde_json::Value {
         })
         .collect();
     let watermark = metrics.source_watermark.load(Relaxed);
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let watermarks: serde_json::Map<String, serde_json::Value> = metrics
+        .watermarks()
+        .into_iter()
+        .filter(|(_, wm)| *wm > i64::MIN && *wm < i64::MAX)
+        .map(|(op, wm)| {
+            (
+                op,
+                serde_json::json!({ "watermark_ms": wm, "lag_ms": now_ms - wm }),
+            )
+        })
+        .collect();
+    let busy: serde_json::Map<String, serde_json::Value> = metrics
+        .busy()
+        .into_iter()
+        .map(|(op, t)| (op, serde_json::json!(t.as_secs_f64() * 1000.0)))
+        .collect();
+    let history: Vec<serde_json::Value> = metrics
+        .checkpoint_history()
+        .into_iter()
+        .map(|c| {
+            serde_json::json!({
+                "epoch": c.epoch,
+                "bytes": c.bytes,
+                "files": c.files,
+                "snapshot_ms": c.snapshot_ms,
+                "duration_ms": c.duration_ms,
+                "committed_at_ms": c.committed_at_ms,
+            })
+        })
+        .collect();
     serde_json::json!({
         "rows_read": metrics.rows_read(),
         "rows_written": metrics.rows_written(),
@@ -71,7 +100,10 @@ fn stats_json(metrics: &sluice_engine::JobMetrics) -> serde_json::Value {
         "checkpoints": metrics.checkpoints.load(Relaxed),
         "last_checkpoint_bytes": metrics.checkpoint_bytes.load(Relaxed),
         "watermark_ms": (watermark != i64::MIN).then_some(watermark),
-        "written_at_ms": chrono::Utc::now().timestamp_millis(),
+        "operator_watermarks": watermarks,
+        "busy_ms": busy,
+        "checkpoint_history": history,
+        "written_at_ms": now_ms,
     })
 }
 
@@ -147,33 +179,8 @@ pub fn run(args: WorkerArgs) -> Result<Option<i32>, String> {
                 .ok_or_else(|| format!("--view {v}: give NAME=DIR"))
         })
         .collect::<Result<_, _>>()?;
-    for p in &mut plan.pipelines {
-        let SinkTarget::Select { index } = p.sink else {
-            continue;
-        };
-        let (name, dir) = views.get(index).ok_or_else(|| {
-            format!(
-                "{file}: SELECT number {} has no --view to write to",
-                index + 1
-            )
-        })?;
-        let schema = p.query.schema();
-        p.sink = SinkTarget::Table(Arc::new(TableDef {
-            name: name.clone(),
-            physical_schema: schema.clone(),
-            schema,
-            computed: vec![],
-            watermark: None,
-            primary_key: vec![],
-            partitioned_by: vec![],
-            options: BTreeMap::from([
-                ("connector".to_string(), "view".to_string()),
-                ("path".to_string(), dir.clone()),
-            ]),
-            metadata: vec![],
-            virtual_columns: vec![],
-        }));
-    }
+    plan.selects_into_views(&views)
+        .map_err(|e| format!("{file}: {e} (give --view NAME=DIR)"))?;
     if plan.pipelines.is_empty() {
         return Err(format!("{file}: the pipeline has no INSERT INTO or SELECT"));
     }
@@ -193,6 +200,7 @@ pub fn run(args: WorkerArgs) -> Result<Option<i32>, String> {
         control,
         metrics,
         fresh: args.fresh,
+        operator_busy: true,
         ..Default::default()
     };
     let summary = sluice_engine::run(plan, options);

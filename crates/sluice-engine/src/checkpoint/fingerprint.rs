@@ -163,20 +163,28 @@ pub fn fingerprint(plan: &JobPlan) -> String {
 /// What identifies the input of each source table of a plan: its connector and the options
 /// its connector declares as identity (a path, made absolute; a generator's seed and fields).
 pub fn source_identities(plan: &JobPlan) -> BTreeMap<String, String> {
-    fn walk(n: &StreamNode, out: &mut BTreeMap<String, String>) {
+    source_identities_at(plan, None)
+}
+
+/// [`source_identities`] of a job that runs in folder `base` (relative paths start there).
+pub fn source_identities_at(
+    plan: &JobPlan,
+    base: Option<&std::path::Path>,
+) -> BTreeMap<String, String> {
+    fn walk(n: &StreamNode, base: Option<&std::path::Path>, out: &mut BTreeMap<String, String>) {
         if let StreamNode::Scan { table, .. } = n {
             out.insert(
                 table.name.clone(),
-                sluice_connectors::options::source_identity(&table.options),
+                sluice_connectors::options::source_identity_at(&table.options, base),
             );
         }
         for i in n.inputs() {
-            walk(i, out);
+            walk(i, base, out);
         }
     }
     let mut out = BTreeMap::new();
     for p in &plan.pipelines {
-        walk(&p.query, &mut out);
+        walk(&p.query, base, &mut out);
     }
     out
 }

@@ -18,7 +18,7 @@ pub(crate) mod transactions;
 mod writer;
 
 pub use alignment::{Alignment, Held};
-pub use fingerprint::{fingerprint, source_identities};
+pub use fingerprint::{fingerprint, source_identities, source_identities_at};
 pub use transactions::{SinkTransactions, STAGING};
 pub use writer::{ipc_bytes, write_ipc, CheckpointWriter, DeferredBatch};
 

@@ -62,6 +62,9 @@ pub struct JobOptions {
     /// Run the sources one after another, in plan order (for tests that show a changelog step
     /// by step; with one worker the order of a join's inputs is then deterministic).
     pub sequential_sources: bool,
+    /// Measure the time each operator is scheduled ([`JobMetrics::busy`]), from timely's
+    /// event log (which costs a little on every scheduling).
+    pub operator_busy: bool,
 }
 
 impl Default for JobOptions {
@@ -75,6 +78,7 @@ impl Default for JobOptions {
             control: JobControl::new(),
             fresh: false,
             sequential_sources: false,
+            operator_busy: false,
         }
     }
 }
@@ -325,11 +329,15 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
     if let Some(hosts) = &options.hosts {
         check_hosts(hosts, connected.clone())?;
     }
+    let operator_busy = options.operator_busy;
     let guards = timely::execute(config, move |worker| {
         // A panic fails the job with its message: the other workers stop at their next step
         // instead of waiting for this one forever.
         let index = worker.index();
         crate::runtime::panics::set_worker(index);
+        if operator_busy {
+            track_busy(worker, worker_metrics.clone());
+        }
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let peers = worker.peers();
         let probe = ProbeHandle::<Epoch>::new();
@@ -434,12 +442,22 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
                         worker_metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
                         worker_metrics.checkpoint_bytes.store(bytes, Ordering::Relaxed);
                         let took = worker_metrics.take_snapshot_time(epoch);
+                        let duration = since.get(&epoch).map_or(0, |t| t.elapsed().as_millis());
                         tracing::info!(
                             "checkpoint {epoch} committed: {files} files (source offsets and state of {peers} workers), {bytes} bytes; \
-                             snapshots took {:.1} ms of worker time, commit {} ms after the epoch",
+                             snapshots took {:.1} ms of worker time, commit {duration} ms after the epoch",
                             took.as_secs_f64() * 1000.0,
-                            since.get(&epoch).map_or(0, |t| t.elapsed().as_millis())
                         );
+                        worker_metrics.record_checkpoint(crate::runtime::metrics::CheckpointRecord {
+                            epoch,
+                            bytes,
+                            files: files as u64,
+                            snapshot_ms: took.as_secs_f64() * 1000.0,
+                            duration_ms: duration as u64,
+                            committed_at_ms: std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map_or(0, |d| d.as_millis() as i64),
+                        });
                         since.retain(|e, _| *e > epoch);
                         pending.retain(|e| *e > epoch);
                         break;
@@ -537,4 +555,44 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
         snapshot_ms: metrics.snapshot_micros.load(Ordering::Relaxed) / 1000,
         elapsed: started.elapsed(),
     })
+}
+
+/// Sums the time each operator of `worker` is scheduled into `metrics`, from timely's log.
+fn track_busy(worker: &mut timely::worker::Worker, metrics: Arc<JobMetrics>) {
+    use std::collections::HashMap;
+    use std::time::Duration;
+    use timely::logging::{StartStop, TimelyEvent, TimelyEventBuilder};
+    let Some(mut registry) = worker.log_register() else {
+        return;
+    };
+    let mut names: HashMap<usize, String> = HashMap::new();
+    let mut started: HashMap<usize, Duration> = HashMap::new();
+    registry.insert::<TimelyEventBuilder, _>("timely", move |_, events| {
+        let Some(events) = events else { return };
+        let mut busy: HashMap<usize, Duration> = HashMap::new();
+        for (at, event) in events.iter() {
+            match event {
+                TimelyEvent::Operates(op) => {
+                    names.insert(op.id, op.name.clone());
+                }
+                TimelyEvent::Schedule(s) => match s.start_stop {
+                    StartStop::Start => {
+                        started.insert(s.id, *at);
+                    }
+                    StartStop::Stop => {
+                        if let Some(from) = started.remove(&s.id) {
+                            *busy.entry(s.id).or_default() += at.saturating_sub(from);
+                        }
+                    }
+                },
+                _ => {}
+            }
+        }
+        if !busy.is_empty() {
+            metrics.add_busy(
+                busy.into_iter()
+                    .filter_map(|(id, t)| Some((names.get(&id)?.clone(), t))),
+            );
+        }
+    });
 }

@@ -485,6 +485,9 @@ impl<O: StatefulOperator> Shell<O> {
                 };
                 let delay = op.output_delay();
                 self.emit(cap, output);
+                if forward.is_some_and(|(_, idle)| !idle) {
+                    self.gauge.watermark(&self.metrics, self.combined.current());
+                }
                 if let Some((wm, idle)) = forward {
                     let wm = if wm == MAX_WATERMARK || wm == MIN_WATERMARK {
                         wm

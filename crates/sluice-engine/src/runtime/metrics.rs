@@ -39,6 +39,31 @@ pub struct JobMetrics {
     /// `EXPLAIN ANALYZE`: rows each plan node produced (by `sluice_sql::plan::node_id`), on all
     /// of this process's workers.
     node_rows: Mutex<std::collections::HashMap<u64, Arc<AtomicU64>>>,
+    /// The watermark each stateful operator has reached (by "operator on worker"), in ms.
+    watermarks: Mutex<BTreeMap<String, i64>>,
+    /// Time each operator spent scheduled, on all workers (by operator name), when the job
+    /// was started with [`crate::JobOptions::operator_busy`].
+    busy: Mutex<BTreeMap<String, std::time::Duration>>,
+    /// The last [`CHECKPOINT_HISTORY`] checkpoints this process committed.
+    checkpoint_history: Mutex<std::collections::VecDeque<CheckpointRecord>>,
+}
+
+/// How many committed checkpoints [`JobMetrics::checkpoint_history`] keeps.
+pub const CHECKPOINT_HISTORY: usize = 20;
+
+/// One committed checkpoint.
+#[derive(Debug, Clone)]
+pub struct CheckpointRecord {
+    pub epoch: u64,
+    /// Bytes and files it wrote.
+    pub bytes: u64,
+    pub files: u64,
+    /// Worker time spent taking its snapshots (held processing up), in ms.
+    pub snapshot_ms: f64,
+    /// From the epoch's start to its commit, in ms.
+    pub duration_ms: u64,
+    /// When it committed (Unix ms).
+    pub committed_at_ms: i64,
 }
 
 /// Bytes of rows in flight at one place: now, and the most there were at once.
@@ -90,6 +115,15 @@ impl StateGauge {
         }
     }
 
+    /// Reports the watermark the operator reached.
+    pub fn watermark(&self, metrics: &JobMetrics, watermark: i64) {
+        metrics
+            .watermarks
+            .lock()
+            .expect("metrics")
+            .insert(self.name.clone(), watermark);
+    }
+
     /// Reports the state's size when it is due; `size` (bytes, keys) is computed only then.
     pub fn report(&mut self, metrics: &JobMetrics, size: impl FnOnce() -> (u64, u64)) {
         let now = std::time::Instant::now();
@@ -111,6 +145,43 @@ impl JobMetrics {
         let m = JobMetrics::default();
         m.source_watermark.store(i64::MIN, Ordering::Relaxed);
         Arc::new(m)
+    }
+
+    /// Records a committed checkpoint.
+    pub fn record_checkpoint(&self, record: CheckpointRecord) {
+        let mut h = self.checkpoint_history.lock().expect("metrics");
+        if h.len() == CHECKPOINT_HISTORY {
+            h.pop_front();
+        }
+        h.push_back(record);
+    }
+
+    /// The last checkpoints committed, oldest first.
+    pub fn checkpoint_history(&self) -> Vec<CheckpointRecord> {
+        self.checkpoint_history
+            .lock()
+            .expect("metrics")
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// The watermark each stateful operator reached (by "operator on worker"), in ms.
+    pub fn watermarks(&self) -> BTreeMap<String, i64> {
+        self.watermarks.lock().expect("metrics").clone()
+    }
+
+    /// Adds scheduled time per operator name.
+    pub fn add_busy(&self, times: impl IntoIterator<Item = (String, std::time::Duration)>) {
+        let mut busy = self.busy.lock().expect("metrics");
+        for (name, t) in times {
+            *busy.entry(name).or_default() += t;
+        }
+    }
+
+    /// Time each operator spent scheduled, on all workers, by operator name.
+    pub fn busy(&self) -> BTreeMap<String, std::time::Duration> {
+        self.busy.lock().expect("metrics").clone()
     }
 
     /// The counter of rows read from a table.

@@ -676,3 +676,35 @@ pub struct JobPlan {
     /// Warnings for the user (Flink options Sluice accepts but does not act on).
     pub warnings: Vec<String>,
 }
+
+impl JobPlan {
+    /// Sends the n-th SELECT's changelog to the n-th `(name, folder)`: a `view` sink, which the
+    /// platform server folds into a materialized view.
+    pub fn selects_into_views(&mut self, views: &[(String, String)]) -> Result<(), String> {
+        for p in &mut self.pipelines {
+            let SinkTarget::Select { index } = p.sink else {
+                continue;
+            };
+            let (name, dir) = views
+                .get(index)
+                .ok_or_else(|| format!("SELECT number {} has no view to write to", index + 1))?;
+            let schema = p.query.schema();
+            p.sink = SinkTarget::Table(Arc::new(TableDef {
+                name: name.clone(),
+                physical_schema: schema.clone(),
+                schema,
+                computed: vec![],
+                watermark: None,
+                primary_key: vec![],
+                partitioned_by: vec![],
+                options: BTreeMap::from([
+                    ("connector".to_string(), "view".to_string()),
+                    ("path".to_string(), dir.clone()),
+                ]),
+                metadata: vec![],
+                virtual_columns: vec![],
+            }));
+        }
+        Ok(())
+    }
+}

@@ -140,6 +140,13 @@ impl Catalog {
         self.tables.get(name).cloned()
     }
 
+    /// The columns a view gives, by name.
+    pub fn view_schema(&self, name: &str) -> Option<SchemaRef> {
+        self.views
+            .get(name)
+            .map(|plan| Arc::new(plan.schema().as_arrow().clone()))
+    }
+
     fn execute_statement(&mut self, statement: Statement, line: u64) -> Result<()> {
         match statement {
             Statement::Explain { analyze, inner } => {

@@ -120,6 +120,8 @@ impl Serve {
             "GET" => client.get(&url),
             "POST" => client.post(&url),
             "DELETE" => client.delete(&url),
+            "PUT" => client.put(&url),
+            "PATCH" => client.patch(&url),
             other => panic!("method {other}"),
         };
         if let Some(t) = token {
@@ -395,6 +397,40 @@ fn tenants_build_a_materialized_view_that_only_they_can_reach() {
             e.starts_with("42501") && e.contains("storage"),
             "{path}: {e}"
         );
+    }
+    // Client library options that name the server's files, or load or run its programs.
+    for (key, value, why) in [
+        (
+            "properties.ssl.ca.location",
+            "/etc/ssl/private/server.pem",
+            "storage",
+        ),
+        (
+            "properties.ssl.key.location",
+            "../../team_a/files/key.pem",
+            "storage",
+        ),
+        (
+            "properties.sasl.kerberos.keytab",
+            "/etc/krb5.keytab",
+            "storage",
+        ),
+        (
+            "properties.plugin.library.paths",
+            "/usr/lib/libevil.so",
+            "program",
+        ),
+        (
+            "properties.sasl.kerberos.kinit.cmd",
+            "cat /etc/shadow",
+            "program",
+        ),
+    ] {
+        let e = bob.fails(&format!(
+            "CREATE TABLE k (id BIGINT) WITH ('connector' = 'kafka', 'topic' = 't',
+               'properties.bootstrap.servers' = '127.0.0.1:9', 'format' = 'json', '{key}' = '{value}')"
+        ));
+        assert!(e.starts_with("42501") && e.contains(why), "{key}: {e}");
     }
     // A link inside B's storage that leads into A's is refused too.
     std::fs::create_dir_all(serve.files("team_b")).unwrap();
@@ -1286,4 +1322,594 @@ fn dates_timestamps_and_decimals_reach_clients_as_their_postgres_types() {
             ],
         ]
     );
+}
+
+/// psql run once: whether it succeeded, and its output (`-At`: unaligned, tuples only).
+fn psql(serve: &Serve, user: &str, password: &str, command: &str) -> (bool, String, String) {
+    let out = Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &serve.pg.to_string(),
+            "-U",
+            user,
+            "-At",
+            "-c",
+            command,
+        ])
+        .env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "30")
+        .output()
+        .expect("psql runs (.ci/run installs postgresql-client)");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    )
+}
+
+/// A simple-protocol query (as Grafana and psql send them): the rows as text.
+fn simple_rows(pg: &Pg, sql: &str) -> Result<Vec<Vec<String>>, String> {
+    let messages = pg.rt.block_on(pg.client.simple_query(sql)).map_err(|e| {
+        e.as_db_error().map_or(e.to_string(), |d| {
+            format!("{}: {}", d.code().code(), d.message())
+        })
+    })?;
+    Ok(messages
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap_or("NULL").to_string())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect())
+}
+
+#[test]
+fn psql_describes_objects_and_grafana_charts_a_view() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path());
+    let admin = serve.admin();
+    // Orders from 23:00 the day before to 07:00, around Grafana's range of 00:00..06:00.
+    let start = chrono::NaiveDate::from_ymd_opt(2024, 4, 30)
+        .unwrap()
+        .and_hms_opt(23, 0, 0)
+        .unwrap();
+    let mut csv = String::new();
+    let mut rows = vec![];
+    let mut x: u64 = 7;
+    for i in 0..5_000u64 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let at = start + chrono::Duration::milliseconds(((x >> 20) % (8 * 3_600_000)) as i64);
+        let amount = (x >> 40) % 1000 + 1;
+        let province = ["Guangdong", "Zhejiang", "Beijing"][(i % 3) as usize];
+        csv.push_str(&format!(
+            "{},{province},{amount}\n",
+            at.format("%Y-%m-%d %H:%M:%S%.3f")
+        ));
+        rows.push((at, amount as i64));
+    }
+    std::fs::create_dir_all(serve.files("admin")).unwrap();
+    std::fs::write(serve.files("admin").join("orders.csv"), csv).unwrap();
+    admin.exec(
+        "CREATE TABLE orders (ts TIMESTAMP(3), province STRING, amount BIGINT)
+           WITH ('connector' = 'filesystem', 'path' = 'orders.csv', 'format' = 'csv');
+         CREATE VIEW big AS SELECT ts, amount FROM orders WHERE amount > 500;
+         CREATE MATERIALIZED VIEW gmv AS SELECT ts, province, amount FROM orders",
+    );
+    wait_finished(
+        &admin,
+        120,
+        "gmv",
+        "SELECT COUNT(*) FROM gmv",
+        &[vec!["5000".to_string()]],
+    );
+
+    // psql's \d family on each kind of object; columns and types as PostgreSQL names them.
+    let (ok, out, err) = psql(&serve, "admin", ADMIN_PASSWORD, "\\d gmv");
+    assert!(ok, "{err}");
+    let columns: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| l.split('|').take(2).collect())
+        .collect();
+    assert_eq!(
+        columns,
+        vec![
+            vec!["ts", "timestamp without time zone"],
+            vec!["province", "text"],
+            vec!["amount", "bigint"]
+        ],
+        "{out}"
+    );
+    let (ok, out, err) = psql(&serve, "admin", ADMIN_PASSWORD, "\\d orders");
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.lines()
+            .map(|l| l.split('|').next().unwrap())
+            .collect::<Vec<_>>(),
+        vec!["ts", "province", "amount"],
+        "{out}"
+    );
+    let (ok, out, err) = psql(&serve, "admin", ADMIN_PASSWORD, "\\d big");
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.lines()
+            .map(|l| l.split('|').next().unwrap())
+            .collect::<Vec<_>>(),
+        vec!["ts", "amount"],
+        "{out}"
+    );
+    let (ok, out, err) = psql(&serve, "admin", ADMIN_PASSWORD, "\\d");
+    assert!(ok, "{err}");
+    assert_eq!(
+        out,
+        "public|big|view|admin\npublic|gmv|materialized view|admin\npublic|orders|table|admin"
+    );
+    let (ok, _, err) = psql(&serve, "admin", ADMIN_PASSWORD, "\\d nosuch");
+    assert!(
+        !ok && err.contains("Did not find any relation named \"nosuch\""),
+        "{err}"
+    );
+    // Reading a table or plain view says why it cannot be read.
+    let e = admin.rows("SELECT * FROM orders").unwrap_err();
+    assert!(e.contains("materialized view"), "{e}");
+
+    // Another tenant's catalog holds nothing of this one's, however it asks.
+    admin.exec("CREATE TENANT other; CREATE USER o WITH PASSWORD 'pw' IN TENANT other ROLE owner");
+    let (ok, _, err) = psql(&serve, "o", "pw", "\\d gmv");
+    assert!(!ok && err.contains("Did not find"), "{err}");
+    let o = serve.connect("o", "pw").unwrap();
+    for q in [
+        "SELECT relname FROM pg_catalog.pg_class WHERE relname IN ('gmv', 'orders', 'big')",
+        "SELECT relname FROM pg_class WHERE relname = 'gmv'",
+        "SELECT table_name FROM information_schema.tables WHERE table_name = 'gmv'",
+        "SELECT column_name FROM information_schema.columns WHERE column_name = 'province'",
+        "SELECT attname FROM pg_catalog.pg_attribute WHERE attname = 'province'",
+        "SELECT datname FROM pg_catalog.pg_database WHERE datname = 'admin'",
+        "SELECT nspname FROM pg_catalog.pg_namespace WHERE nspname = 'admin'",
+    ] {
+        assert_eq!(simple_rows(&o, q), Ok(vec![]), "{q}");
+    }
+    assert!(o
+        .rows("SELECT * FROM admin.public.gmv")
+        .unwrap_err()
+        .starts_with("42P01"));
+
+    // Grafana's PostgreSQL data source: its ping, the queries its editor sends, and a panel.
+    let grafana = |name: &str| {
+        std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/integration/grafana")
+                .join(name),
+        )
+        .unwrap()
+    };
+    for ping in [";", "-- ping"] {
+        assert_eq!(simple_rows(&admin, ping), Ok(vec![]), "{ping}");
+    }
+    assert_eq!(
+        simple_rows(&admin, &grafana("version.sql")),
+        Ok(vec![vec!["1500".to_string()]])
+    );
+    assert_eq!(simple_rows(&admin, &grafana("timescaledb.sql")), Ok(vec![]));
+    let tables = simple_rows(&admin, &grafana("tables.sql")).unwrap();
+    assert_eq!(
+        tables,
+        vec![
+            vec!["public.big".to_string()],
+            vec!["public.gmv".into()],
+            vec!["public.orders".into()]
+        ]
+    );
+    // The editor asks for columns by the name the table list gave ('public.gmv').
+    let got = simple_rows(&admin, &grafana("columns_public.gmv.sql")).unwrap();
+    let names: Vec<&str> = got.iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(names, ["ts", "province", "amount"], "{got:?}");
+    // By the bare name it runs too. (The search-path test in it is stubbed out by
+    // datafusion-pg-catalog, so no row matches: that is why the list gives qualified names.)
+    simple_rows(&admin, &grafana("columns_gmv.sql")).unwrap();
+    // The panel: GMV per minute within the range, against the same sums computed here.
+    let from = chrono::NaiveDate::from_ymd_opt(2024, 5, 1)
+        .unwrap()
+        .and_hms_opt(0, 0, 0)
+        .unwrap();
+    let to = from + chrono::Duration::hours(6);
+    let mut per_minute: BTreeMap<i64, i64> = BTreeMap::new();
+    for (at, amount) in &rows {
+        if *at >= from && *at <= to {
+            let secs = at.and_utc().timestamp_millis().div_euclid(1000);
+            *per_minute.entry(secs.div_euclid(60) * 60).or_default() += amount;
+        }
+    }
+    let panel = simple_rows(&admin, &grafana("timeseries_example.sql")).unwrap();
+    let got: BTreeMap<i64, i64> = panel
+        .iter()
+        .map(|r| (r[0].parse::<f64>().unwrap() as i64, r[1].parse().unwrap()))
+        .collect();
+    assert_eq!(panel.len(), got.len());
+    assert_eq!(got, per_minute);
+}
+
+#[test]
+fn rest_administers_tenants_users_tokens_and_quotas_and_documents_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path());
+    let admin = Some(ADMIN_TOKEN);
+    let (status, body) = serve.http(
+        "POST",
+        "/v1/tenants",
+        admin,
+        Some(serde_json::json!({"name": "shop"})),
+    );
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = serve.http(
+        "POST",
+        "/v1/users",
+        admin,
+        Some(serde_json::json!({"name": "sam", "password": "it's-sam", "tenant": "shop", "role": "owner"})),
+    );
+    assert_eq!(status, 200, "{body}");
+    // The password with a quote in it works over the wire.
+    let sam = serve.connect("sam", "it's-sam").expect("sam logs in");
+    let (status, body) = serve.http(
+        "POST",
+        "/v1/tokens",
+        admin,
+        Some(serde_json::json!({"user": "sam"})),
+    );
+    assert_eq!(status, 200, "{body}");
+    let columns = body["columns"].as_array().unwrap().clone();
+    let row = body["rows"][0].as_array().unwrap().clone();
+    let field = |n: &str| {
+        row[columns.iter().position(|c| c == n).unwrap()]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (token_id, token) = (field("token_id"), field("token"));
+    assert_eq!(field("tenant"), "shop");
+    // sam's token sees sam's tenant only.
+    let (status, body) = serve.http("GET", "/v1/users", Some(&token), None);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["rows"], serde_json::json!([["sam", "shop", "owner"]]));
+    let (status, body) = serve.http("GET", "/v1/tokens", Some(&token), None);
+    assert_eq!(status, 200);
+    assert_eq!(body["rows"][0][0], serde_json::json!(token_id), "{body}");
+    // Only the administrator sets quotas or makes tenants; values are checked.
+    let (status, body) = serve.http(
+        "PUT",
+        "/v1/quotas/shop",
+        Some(&token),
+        Some(serde_json::json!({"max_pipelines": 1})),
+    );
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = serve.http(
+        "POST",
+        "/v1/tenants",
+        Some(&token),
+        Some(serde_json::json!({"name": "x"})),
+    );
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = serve.http(
+        "PUT",
+        "/v1/quotas/shop",
+        admin,
+        Some(serde_json::json!({"max_state_bytes": "lots"})),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_state_bytes"),
+        "{body}"
+    );
+    let (status, body) = serve.http(
+        "PUT",
+        "/v1/quotas/shop",
+        admin,
+        Some(serde_json::json!({"max_pipelines": 1, "max_state_bytes": "64mb"})),
+    );
+    assert_eq!(status, 200, "{body}");
+    let quotas = sam.rows("SHOW QUOTAS").unwrap();
+    let limit = |name: &str| {
+        quotas
+            .iter()
+            .find(|r| r[1] == name)
+            .map(|r| r[2].clone())
+            .unwrap()
+    };
+    assert_eq!(limit("max_pipelines"), "1");
+    assert_eq!(limit("max_state_bytes"), (64u64 << 20).to_string());
+    // A name that is not a name never reaches the SQL.
+    let (status, body) = serve.http(
+        "DELETE",
+        "/v1/users/sam%3B%20DROP%20TENANT%20shop",
+        admin,
+        None,
+    );
+    assert_eq!(status, 400, "{body}");
+    // Revoking the token over REST ends it.
+    let (status, body) = serve.http("DELETE", &format!("/v1/tokens/{token_id}"), admin, None);
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = serve.http("GET", "/v1/users", Some(&token), None);
+    assert_eq!(status, 401);
+    let (status, body) = serve.http("DELETE", "/v1/users/sam", admin, None);
+    assert_eq!(status, 200, "{body}");
+    assert!(serve.connect("sam", "it's-sam").is_err());
+    let (status, body) = serve.http("DELETE", "/v1/tenants/shop", admin, None);
+    assert_eq!(status, 200, "{body}");
+
+    // The OpenAPI document names every route the server answers, and Swagger UI is served
+    // from the binary.
+    let (status, doc) = serve.http("GET", "/v1/openapi.json", None, None);
+    assert_eq!(status, 200);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+    let paths = doc["paths"].as_object().unwrap();
+    for (path, method) in [
+        ("/v1/sql", "post"),
+        ("/v1/pipelines", "get"),
+        ("/v1/pipelines", "post"),
+        ("/v1/pipelines/{name}", "delete"),
+        ("/v1/pipelines/{name}/{action}", "post"),
+        ("/v1/pipelines/{name}/stats", "get"),
+        ("/v1/pipelines/{name}/logs", "get"),
+        ("/v1/views/{name}/rows", "get"),
+        ("/v1/views/{name}/changes", "get"),
+        ("/v1/tables", "get"),
+        ("/v1/tenants", "post"),
+        ("/v1/tenants/{name}", "delete"),
+        ("/v1/users", "post"),
+        ("/v1/tokens/{id}", "delete"),
+        ("/v1/quotas/{tenant}", "put"),
+        ("/metrics", "get"),
+    ] {
+        assert!(
+            paths.get(path).and_then(|p| p.get(method)).is_some(),
+            "{method} {path} is not documented"
+        );
+    }
+    assert!(
+        doc["components"]["securitySchemes"]["token"].is_object(),
+        "{doc}"
+    );
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let page = reqwest::blocking::get(format!("http://127.0.0.1:{}/v1/docs/", serve.http))
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(page.contains("swagger-ui"), "{page}");
+    let script = reqwest::blocking::get(format!(
+        "http://127.0.0.1:{}/v1/docs/swagger-ui-bundle.js",
+        serve.http
+    ))
+    .unwrap();
+    assert_eq!(script.status().as_u16(), 200);
+    assert!(script.text().unwrap().len() > 100_000);
+}
+
+/// `k, n, total` per `id % m` over `ids`, as rows.
+fn buckets_of(ids: impl Iterator<Item = i64>, m: i64) -> Vec<Vec<String>> {
+    let mut answer: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
+    for id in ids {
+        let e = answer.entry(id % m).or_default();
+        e.0 += 1;
+        e.1 += id;
+    }
+    answer
+        .iter()
+        .map(|(k, (c, s))| vec![k.to_string(), c.to_string(), s.to_string()])
+        .collect()
+}
+
+#[test]
+fn a_pipeline_edited_in_place_keeps_its_state_or_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path());
+    let admin = serve.admin();
+    let input = serve.files("admin").join("incoming");
+    std::fs::create_dir_all(&input).unwrap();
+    write_ids(&input, "a.csv", 1..30_001);
+    admin.exec(
+        "CREATE TABLE ids (id BIGINT) WITH ('connector' = 'filesystem', 'path' = 'incoming',
+           'format' = 'csv', 'source.monitor-interval' = '200 ms');
+         CREATE MATERIALIZED VIEW buckets AS
+           SELECT id % 11 AS k, COUNT(*) AS n, SUM(id) AS total FROM ids WHERE id > 0 GROUP BY id % 11",
+    );
+    let rows = |pg: &Pg| {
+        pg.rows("SELECT k, n, total FROM buckets ORDER BY k")
+            .unwrap_or_default()
+    };
+    let first = buckets_of(1..30_001, 11);
+    wait_for(60, "the first file", || {
+        (rows(&admin) == first, rows(&admin).len())
+    });
+    // A new filter fits the state: the counts so far stay, new rows pass the new filter.
+    admin.exec(
+        "ALTER PIPELINE buckets AS
+           SELECT id % 11 AS k, COUNT(*) AS n, SUM(id) AS total FROM ids WHERE id % 3 <> 0 GROUP BY id % 11",
+    );
+    write_ids(&input, "b.csv", 30_001..60_001);
+    let second = buckets_of(
+        (1..30_001).chain((30_001..60_001).filter(|i| i % 3 != 0)),
+        11,
+    );
+    wait_for(60, "the second file through the new filter", || {
+        (rows(&admin) == second, rows(&admin).len())
+    });
+    let st = pipeline_status(&admin, "buckets");
+    assert_eq!((st[2].as_str(), st[4].as_str()), ("running", "0"), "{st:?}");
+    let (_, shown) = serve.http("GET", "/v1/pipelines/buckets", Some(ADMIN_TOKEN), None);
+    assert!(
+        shown["sql"].as_str().unwrap().contains("id % 3 <> 0"),
+        "{shown}"
+    );
+    // Another aggregate does not fit the state: refused, and the pipeline runs on unchanged.
+    let e = admin.fails(
+        "ALTER PIPELINE buckets AS
+           SELECT id % 11 AS k, COUNT(DISTINCT id) AS n, SUM(id) AS total FROM ids GROUP BY id % 11",
+    );
+    assert!(e.contains("checkpoint") && e.contains("FRESH"), "{e}");
+    // Other columns do not fit the view.
+    let e = admin.fails(
+        "ALTER PIPELINE buckets AS SELECT id % 11 AS k, MAX(id) AS top FROM ids GROUP BY id % 11",
+    );
+    assert!(e.contains("columns") && e.contains("top BIGINT"), "{e}");
+    // A plan error points into the new statements.
+    let e = admin.fails("ALTER PIPELINE buckets AS SELECT id % 11 AS k, nosuch FROM ids");
+    assert!(e.contains("nosuch"), "{e}");
+    write_ids(&input, "c.csv", 60_001..70_001);
+    let third = buckets_of(
+        (1..30_001).chain((30_001..70_001).filter(|i| i % 3 != 0)),
+        11,
+    );
+    wait_for(
+        60,
+        "the third file, still through the edited filter",
+        || (rows(&admin) == third, rows(&admin).len()),
+    );
+    // FRESH (over REST) runs the new statements from the start, without the old state.
+    let (status, body) = serve.http(
+        "PATCH",
+        "/v1/pipelines/buckets",
+        Some(ADMIN_TOKEN),
+        Some(serde_json::json!({
+            "sql": "SELECT id % 11 AS k, COUNT(DISTINCT id) AS n, SUM(id) AS total FROM ids GROUP BY id % 11",
+            "fresh": true
+        })),
+    );
+    assert_eq!(status, 200, "{body}");
+    let all = buckets_of(1..70_001, 11);
+    wait_for(60, "every id again, counted by the new query", || {
+        (rows(&admin) == all, rows(&admin).len())
+    });
+    let (status, body) = serve.http(
+        "PATCH",
+        "/v1/pipelines/nosuch",
+        Some(ADMIN_TOKEN),
+        Some(serde_json::json!({"sql": "SELECT 1"})),
+    );
+    assert_eq!(status, 404, "{body}");
+}
+
+#[test]
+fn operator_watermarks_busy_time_and_checkpoints_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path());
+    let admin = serve.admin();
+    // Event time runs 60 times faster than the wall clock: a one-minute window closes each second.
+    admin.exec(
+        "CREATE TABLE orders (order_id BIGINT, amount DOUBLE, event_time TIMESTAMP(3),
+           WATERMARK FOR event_time AS event_time - INTERVAL '5' SECOND)
+           WITH ('connector' = 'ecommerce', 'rows-per-second' = '5000', 'speed-up' = '60',
+                 'start-time' = '2026-11-11 00:00:00');
+         CREATE MATERIALIZED VIEW per_minute AS
+           SELECT window_end, COUNT(*) AS n
+           FROM TABLE(TUMBLE(TABLE orders, DESCRIPTOR(event_time), INTERVAL '1' MINUTE))
+           GROUP BY window_start, window_end",
+    );
+    let start_ms = chrono::NaiveDate::from_ymd_opt(2026, 11, 11)
+        .unwrap()
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc()
+        .timestamp_millis();
+    let stats = |_: ()| {
+        let (st, body) = serve.http(
+            "GET",
+            "/v1/pipelines/per_minute/stats",
+            Some(ADMIN_TOKEN),
+            None,
+        );
+        assert_eq!(st, 200, "{body}");
+        body["stats"].clone()
+    };
+    let stats = wait_for(60, "three checkpoints and a watermark per operator", || {
+        let s = stats(());
+        let ready = s["checkpoint_history"]
+            .as_array()
+            .is_some_and(|h| h.len() >= 3)
+            && s["operator_watermarks"]
+                .as_object()
+                .is_some_and(|w| !w.is_empty());
+        (ready, s)
+    });
+    // The windows the view shows were closed by the aggregation's watermark: none ends after it.
+    let ends: Vec<String> = admin
+        .rows("SELECT CAST(window_end AS VARCHAR) AS e FROM per_minute ORDER BY window_end")
+        .unwrap()
+        .into_iter()
+        .map(|r| r[0].clone())
+        .collect();
+    let (op, wm) = stats["operator_watermarks"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(op, _)| op.contains("on worker 0"))
+        .map(|(op, w)| (op.clone(), w["watermark_ms"].as_i64().unwrap()))
+        .expect("a stateful operator on worker 0");
+    assert!(
+        wm >= start_ms,
+        "{op}: watermark {wm} before the first order {start_ms}"
+    );
+    for end in &ends {
+        let end_ms = chrono::NaiveDateTime::parse_from_str(end, "%Y-%m-%dT%H:%M:%S")
+            .or_else(|_| chrono::NaiveDateTime::parse_from_str(end, "%Y-%m-%d %H:%M:%S"))
+            .unwrap_or_else(|e| panic!("{end}: {e}"))
+            .and_utc()
+            .timestamp_millis();
+        assert!(
+            end_ms <= wm,
+            "window ending {end} shown, but {op}'s watermark is {wm}"
+        );
+    }
+    assert!(
+        stats["operator_watermarks"][&op]["lag_ms"]
+            .as_i64()
+            .unwrap()
+            > 0
+    );
+    // Busy time: every operator that ran has some; the aggregation is among them.
+    let busy = stats["busy_ms"].as_object().unwrap();
+    assert!(busy.values().any(|v| v.as_f64().unwrap() > 0.0), "{busy:?}");
+    // Checkpoint history: committed in order, each with its size and timing.
+    let history = stats["checkpoint_history"].as_array().unwrap();
+    let epochs: Vec<u64> = history
+        .iter()
+        .map(|c| c["epoch"].as_u64().unwrap())
+        .collect();
+    assert!(epochs.windows(2).all(|w| w[0] < w[1]), "{epochs:?}");
+    for c in history {
+        assert!(
+            c["bytes"].as_u64().unwrap() > 0 && c["files"].as_u64().unwrap() > 0,
+            "{c}"
+        );
+        assert!(c["committed_at_ms"].as_i64().unwrap() > start_ms, "{c}");
+    }
+    // The same in Prometheus's format, labelled by operator.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let text = reqwest::blocking::Client::new()
+        .get(format!("http://127.0.0.1:{}/metrics", serve.http))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    for series in [
+        "sluice_operator_watermark_seconds{",
+        "sluice_operator_watermark_lag_seconds{",
+        "sluice_operator_busy_seconds_total{",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(series) && l.contains("pipeline=\"per_minute\"")),
+            "{series} missing:\n{text}"
+        );
+    }
 }

@@ -1,0 +1,1 @@
+SELECT floor(extract(epoch from ts)/60)*60 AS "time", sum(amount) AS gmv FROM gmv WHERE ts BETWEEN '2024-05-01T00:00:00Z' AND '2024-05-01T06:00:00Z' GROUP BY 1 ORDER BY 1
