@@ -1,15 +1,15 @@
 //! The server's catalog: tenants, users, tokens, each tenant's tables and views, and pipelines,
-//! in embedded SQLite (`<data-dir>/catalog.db`).
+//! in embedded SQLite (`<data-dir>/catalog.db`) or in PostgreSQL (`--catalog postgres://...`),
+//! where several servers share it and hold leases on the pipelines each one runs.
 //!
 //! Every read and write names its tenant: there is no query here that crosses tenants except
 //! the admin's listings.
 
 use std::path::Path;
-use std::sync::Mutex;
 
-use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
+use crate::catalog_db::Val;
 use crate::error::ApiError;
 
 /// A user's role within a tenant.
@@ -184,13 +184,9 @@ pub struct Pipeline {
     pub created_ms: i64,
 }
 
-/// The catalog in SQLite.
+/// The catalog, in SQLite or a shared PostgreSQL database.
 pub struct Catalog {
-    conn: Mutex<Connection>,
-}
-
-fn db(e: rusqlite::Error) -> ApiError {
-    ApiError::internal(format!("catalog: {e}"))
+    db: crate::catalog_db::Db,
 }
 
 pub fn now_ms() -> i64 {
@@ -201,72 +197,48 @@ pub fn now_ms() -> i64 {
 
 impl std::fmt::Debug for Catalog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Catalog")
+        write!(f, "Catalog({:?})", self.db)
     }
 }
 
+fn text(v: &Val) -> String {
+    v.text()
+}
+
 impl Catalog {
-    /// Opens (or creates) the catalog at `path`.
+    /// Opens (or creates) the catalog in SQLite at `path`.
     pub fn open(path: &Path) -> Result<Catalog, String> {
-        let conn = Connection::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = FULL;
-             PRAGMA foreign_keys = ON;
-             CREATE TABLE IF NOT EXISTS tenants (
-                 name TEXT PRIMARY KEY,
-                 quotas TEXT NOT NULL DEFAULT '{}',
-                 created_ms INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS users (
-                 name TEXT PRIMARY KEY,
-                 tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
-                 role TEXT NOT NULL,
-                 verifier TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS tokens (
-                 id TEXT PRIMARY KEY,
-                 hash TEXT NOT NULL UNIQUE,
-                 user_name TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
-                 revoked INTEGER NOT NULL DEFAULT 0,
-                 created_ms INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS objects (
-                 seq INTEGER PRIMARY KEY AUTOINCREMENT,
-                 tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
-                 name TEXT NOT NULL,
-                 kind TEXT NOT NULL,
-                 sql TEXT NOT NULL,
-                 UNIQUE (tenant, name));
-             CREATE TABLE IF NOT EXISTS pipelines (
-                 tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
-                 name TEXT NOT NULL,
-                 script TEXT NOT NULL,
-                 statements TEXT NOT NULL,
-                 views TEXT NOT NULL,
-                 parallelism INTEGER NOT NULL,
-                 desired TEXT NOT NULL,
-                 status TEXT NOT NULL,
-                 restarts INTEGER NOT NULL DEFAULT 0,
-                 last_error TEXT,
-                 created_ms INTEGER NOT NULL,
-                 PRIMARY KEY (tenant, name));",
-        )
-        .map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(Catalog {
-            conn: Mutex::new(conn),
+            db: crate::catalog_db::Db::sqlite(path)?,
         })
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    /// Opens (or creates) the catalog in the PostgreSQL database at `url`, which other servers
+    /// may share.
+    pub fn open_postgres(url: &str) -> Result<Catalog, String> {
+        Ok(Catalog {
+            db: crate::catalog_db::Db::postgres(url)?,
+        })
+    }
+
+    /// Whether other servers may share this catalog (and so its pipelines).
+    pub fn shared(&self) -> bool {
+        self.db.shared()
+    }
+
+    fn exec(&self, sql: &str, args: &[Val]) -> Result<u64, ApiError> {
+        self.db.exec(sql, args)
+    }
+
+    fn query(&self, sql: &str, args: &[Val]) -> Result<Vec<Vec<Val>>, ApiError> {
+        self.db.query(sql, args)
     }
 
     pub fn create_tenant(&self, name: &str) -> Result<(), ApiError> {
-        let n = self
-            .conn()
-            .execute(
-                "INSERT INTO tenants (name, created_ms) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-                params![name, now_ms()],
-            )
-            .map_err(db)?;
+        let n = self.exec(
+            "INSERT INTO tenants (name, created_ms) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[name.into(), now_ms().into()],
+        )?;
         if n == 0 {
             return Err(ApiError::duplicate(format!(
                 "tenant '{name}' already exists"
@@ -276,28 +248,22 @@ impl Catalog {
     }
 
     pub fn tenant_exists(&self, name: &str) -> Result<bool, ApiError> {
-        self.conn()
-            .query_row("SELECT 1 FROM tenants WHERE name = ?1", [name], |_| Ok(()))
-            .optional()
-            .map(|r| r.is_some())
-            .map_err(db)
+        Ok(!self
+            .query("SELECT 1 FROM tenants WHERE name = $1", &[name.into()])?
+            .is_empty())
     }
 
     /// Every tenant's name, sorted.
     pub fn tenants(&self) -> Result<Vec<String>, ApiError> {
-        let conn = self.conn();
-        let mut st = conn
-            .prepare("SELECT name FROM tenants ORDER BY name")
-            .map_err(db)?;
-        let rows = st.query_map([], |r| r.get(0)).map_err(db)?;
-        rows.collect::<Result<_, _>>().map_err(db)
+        Ok(self
+            .query("SELECT name FROM tenants ORDER BY name", &[])?
+            .iter()
+            .map(|r| text(&r[0]))
+            .collect())
     }
 
     pub fn drop_tenant(&self, name: &str) -> Result<(), ApiError> {
-        let n = self
-            .conn()
-            .execute("DELETE FROM tenants WHERE name = ?1", [name])
-            .map_err(db)?;
+        let n = self.exec("DELETE FROM tenants WHERE name = $1", &[name.into()])?;
         if n == 0 {
             return Err(ApiError::not_found(format!(
                 "tenant '{name}' does not exist"
@@ -307,29 +273,23 @@ impl Catalog {
     }
 
     pub fn quotas(&self, tenant: &str) -> Result<Quotas, ApiError> {
-        let text: Option<String> = self
-            .conn()
-            .query_row(
-                "SELECT quotas FROM tenants WHERE name = ?1",
-                [tenant],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(db)?;
-        let text =
-            text.ok_or_else(|| ApiError::not_found(format!("tenant '{tenant}' does not exist")))?;
+        let rows = self.query(
+            "SELECT quotas FROM tenants WHERE name = $1",
+            &[tenant.into()],
+        )?;
+        let text = rows
+            .first()
+            .map(|r| text(&r[0]))
+            .ok_or_else(|| ApiError::not_found(format!("tenant '{tenant}' does not exist")))?;
         serde_json::from_str(&text).map_err(|e| ApiError::internal(format!("quotas: {e}")))
     }
 
     pub fn set_quotas(&self, tenant: &str, quotas: &Quotas) -> Result<(), ApiError> {
         let text = serde_json::to_string(quotas).expect("quotas serialize");
-        let n = self
-            .conn()
-            .execute(
-                "UPDATE tenants SET quotas = ?2 WHERE name = ?1",
-                params![tenant, text],
-            )
-            .map_err(db)?;
+        let n = self.exec(
+            "UPDATE tenants SET quotas = $2 WHERE name = $1",
+            &[tenant.into(), text.into()],
+        )?;
         if n == 0 {
             return Err(ApiError::not_found(format!(
                 "tenant '{tenant}' does not exist"
@@ -345,14 +305,16 @@ impl Catalog {
                 user.tenant
             )));
         }
-        let n = self
-            .conn()
-            .execute(
-                "INSERT INTO users (name, tenant, role, verifier) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT DO NOTHING",
-                params![user.name, user.tenant, user.role.name(), user.verifier],
-            )
-            .map_err(db)?;
+        let n = self.exec(
+            "INSERT INTO users (name, tenant, role, verifier) VALUES ($1, $2, $3, $4)
+             ON CONFLICT DO NOTHING",
+            &[
+                (&user.name).into(),
+                (&user.tenant).into(),
+                user.role.name().into(),
+                (&user.verifier).into(),
+            ],
+        )?;
         if n == 0 {
             return Err(ApiError::duplicate(format!(
                 "user '{}' already exists",
@@ -363,126 +325,108 @@ impl Catalog {
     }
 
     pub fn set_verifier(&self, user: &str, verifier: &str) -> Result<(), ApiError> {
-        self.conn()
-            .execute(
-                "UPDATE users SET verifier = ?2 WHERE name = ?1",
-                params![user, verifier],
-            )
-            .map_err(db)?;
+        self.exec(
+            "UPDATE users SET verifier = $2 WHERE name = $1",
+            &[user.into(), verifier.into()],
+        )?;
         Ok(())
     }
 
     pub fn user(&self, name: &str) -> Result<Option<User>, ApiError> {
-        self.conn()
-            .query_row(
-                "SELECT name, tenant, role, verifier FROM users WHERE name = ?1",
-                [name],
-                |r| {
-                    Ok(User {
-                        name: r.get(0)?,
-                        tenant: r.get(1)?,
-                        role: Role::parse(&r.get::<_, String>(2)?).unwrap_or(Role::Viewer),
-                        verifier: r.get(3)?,
-                    })
-                },
-            )
-            .optional()
-            .map_err(db)
+        Ok(self
+            .query(
+                "SELECT name, tenant, role, verifier FROM users WHERE name = $1",
+                &[name.into()],
+            )?
+            .first()
+            .map(|r| User {
+                name: text(&r[0]),
+                tenant: text(&r[1]),
+                role: Role::parse(&text(&r[2])).unwrap_or(Role::Viewer),
+                verifier: text(&r[3]),
+            }))
     }
 
     /// The users of `tenant` (every tenant's when `None`): name, tenant, role.
     pub fn users(&self, tenant: Option<&str>) -> Result<Vec<(String, String, Role)>, ApiError> {
-        let conn = self.conn();
-        let mut st = conn
-            .prepare(
-                "SELECT name, tenant, role FROM users WHERE ?1 IS NULL OR tenant = ?1
+        Ok(self
+            .query(
+                "SELECT name, tenant, role FROM users WHERE CAST($1 AS TEXT) IS NULL OR tenant = $1
                  ORDER BY tenant, name",
-            )
-            .map_err(db)?;
-        let rows = st
-            .query_map([tenant], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    Role::parse(&r.get::<_, String>(2)?).unwrap_or(Role::Viewer),
-                ))
+                &[tenant.into()],
+            )?
+            .iter()
+            .map(|r| {
+                (
+                    text(&r[0]),
+                    text(&r[1]),
+                    Role::parse(&text(&r[2])).unwrap_or(Role::Viewer),
+                )
             })
-            .map_err(db)?;
-        rows.collect::<Result<_, _>>().map_err(db)
+            .collect())
     }
 
     pub fn drop_user(&self, name: &str) -> Result<(), ApiError> {
-        self.conn()
-            .execute("DELETE FROM users WHERE name = ?1", [name])
-            .map_err(db)?;
+        self.exec("DELETE FROM users WHERE name = $1", &[name.into()])?;
         Ok(())
     }
 
     pub fn add_token(&self, id: &str, hash: &str, user: &str) -> Result<(), ApiError> {
-        self.conn()
-            .execute(
-                "INSERT INTO tokens (id, hash, user_name, created_ms) VALUES (?1, ?2, ?3, ?4)",
-                params![id, hash, user, now_ms()],
-            )
-            .map_err(db)?;
+        self.exec(
+            "INSERT INTO tokens (id, hash, user_name, created_ms) VALUES ($1, $2, $3, $4)",
+            &[id.into(), hash.into(), user.into(), now_ms().into()],
+        )?;
         Ok(())
     }
 
     /// The user a live (not revoked) token with this hash belongs to.
     pub fn token_user(&self, hash: &str) -> Result<Option<String>, ApiError> {
-        self.conn()
-            .query_row(
-                "SELECT user_name FROM tokens WHERE hash = ?1 AND revoked = 0",
-                [hash],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(db)
+        Ok(self
+            .query(
+                "SELECT user_name FROM tokens WHERE hash = $1 AND revoked = 0",
+                &[hash.into()],
+            )?
+            .first()
+            .map(|r| text(&r[0])))
     }
 
     /// The owner of token `id`, whether or not it is revoked.
     pub fn token_owner(&self, id: &str) -> Result<Option<String>, ApiError> {
-        self.conn()
-            .query_row("SELECT user_name FROM tokens WHERE id = ?1", [id], |r| {
-                r.get(0)
-            })
-            .optional()
-            .map_err(db)
+        Ok(self
+            .query("SELECT user_name FROM tokens WHERE id = $1", &[id.into()])?
+            .first()
+            .map(|r| text(&r[0])))
     }
 
     pub fn revoke_token(&self, id: &str) -> Result<(), ApiError> {
-        self.conn()
-            .execute("UPDATE tokens SET revoked = 1 WHERE id = ?1", [id])
-            .map_err(db)?;
+        self.exec("UPDATE tokens SET revoked = 1 WHERE id = $1", &[id.into()])?;
         Ok(())
     }
 
     /// Tokens of `tenant`'s users: id, user, revoked.
     pub fn tokens(&self, tenant: Option<&str>) -> Result<Vec<(String, String, bool)>, ApiError> {
-        let conn = self.conn();
-        let mut st = conn
-            .prepare(
+        Ok(self
+            .query(
                 "SELECT t.id, t.user_name, t.revoked FROM tokens t JOIN users u ON u.name = t.user_name
-                 WHERE ?1 IS NULL OR u.tenant = ?1 ORDER BY t.created_ms",
-            )
-            .map_err(db)?;
-        let rows = st
-            .query_map([tenant], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? != 0))
-            })
-            .map_err(db)?;
-        rows.collect::<Result<_, _>>().map_err(db)
+                 WHERE CAST($1 AS TEXT) IS NULL OR u.tenant = $1 ORDER BY t.created_ms, t.id",
+                &[tenant.into()],
+            )?
+            .iter()
+            .map(|r| (text(&r[0]), text(&r[1]), r[2].int() != 0))
+            .collect())
     }
 
     pub fn put_object(&self, tenant: &str, object: &Object) -> Result<(), ApiError> {
-        let n = self
-            .conn()
-            .execute(
-                "INSERT INTO objects (tenant, name, kind, sql) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT DO NOTHING",
-                params![tenant, object.name, object.kind.code(), object.sql],
-            )
-            .map_err(db)?;
+        let n = self.exec(
+            "INSERT INTO objects (tenant, name, kind, sql) VALUES ($1, $2, $3, $4)
+             ON CONFLICT DO NOTHING",
+            &[
+                tenant.into(),
+                (&object.name).into(),
+                object.kind.code().into(),
+                (&object.sql).into(),
+            ],
+        )?;
         if n == 0 {
             return Err(ApiError::duplicate(format!(
                 "'{}' already exists",
@@ -492,22 +436,19 @@ impl Catalog {
         Ok(())
     }
 
-    /// A tenant's tables and views, in the order they were made.
     pub fn objects(&self, tenant: &str) -> Result<Vec<Object>, ApiError> {
-        let conn = self.conn();
-        let mut st = conn
-            .prepare("SELECT name, kind, sql FROM objects WHERE tenant = ?1 ORDER BY seq")
-            .map_err(db)?;
-        let rows = st
-            .query_map([tenant], |r| {
-                Ok(Object {
-                    name: r.get(0)?,
-                    kind: ObjectKind::from_code(&r.get::<_, String>(1)?),
-                    sql: r.get(2)?,
-                })
+        Ok(self
+            .query(
+                "SELECT name, kind, sql FROM objects WHERE tenant = $1 ORDER BY seq",
+                &[tenant.into()],
+            )?
+            .iter()
+            .map(|r| Object {
+                name: text(&r[0]),
+                kind: ObjectKind::from_code(&text(&r[1])),
+                sql: text(&r[2]),
             })
-            .map_err(db)?;
-        rows.collect::<Result<_, _>>().map_err(db)
+            .collect())
     }
 
     pub fn object(&self, tenant: &str, name: &str) -> Result<Option<Object>, ApiError> {
@@ -515,36 +456,30 @@ impl Catalog {
     }
 
     pub fn drop_object(&self, tenant: &str, name: &str) -> Result<bool, ApiError> {
-        let n = self
-            .conn()
-            .execute(
-                "DELETE FROM objects WHERE tenant = ?1 AND name = ?2",
-                params![tenant, name],
-            )
-            .map_err(db)?;
+        let n = self.exec(
+            "DELETE FROM objects WHERE tenant = $1 AND name = $2",
+            &[tenant.into(), name.into()],
+        )?;
         Ok(n > 0)
     }
 
     pub fn put_pipeline(&self, p: &Pipeline) -> Result<(), ApiError> {
-        let n = self
-            .conn()
-            .execute(
-                "INSERT INTO pipelines (tenant, name, script, statements, views, parallelism,
-                   desired, status, restarts, last_error, created_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, NULL, ?9) ON CONFLICT DO NOTHING",
-                params![
-                    p.tenant,
-                    p.name,
-                    p.script,
-                    p.statements,
-                    serde_json::to_string(&p.views).expect("names"),
-                    p.parallelism as i64,
-                    desired_code(p.desired),
-                    p.status,
-                    p.created_ms
-                ],
-            )
-            .map_err(db)?;
+        let n = self.exec(
+            "INSERT INTO pipelines (tenant, name, script, statements, views, parallelism,
+               desired, status, restarts, last_error, created_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, NULL, $9) ON CONFLICT DO NOTHING",
+            &[
+                (&p.tenant).into(),
+                (&p.name).into(),
+                (&p.script).into(),
+                (&p.statements).into(),
+                serde_json::to_string(&p.views).expect("names").into(),
+                (p.parallelism as i64).into(),
+                desired_code(p.desired).into(),
+                (&p.status).into(),
+                p.created_ms.into(),
+            ],
+        )?;
         if n == 0 {
             return Err(ApiError::duplicate(format!(
                 "pipeline '{}' already exists",
@@ -556,89 +491,87 @@ impl Catalog {
 
     /// Replaces a pipeline's statements and the script they make.
     pub fn set_pipeline_statements(&self, p: &Pipeline) -> Result<(), ApiError> {
-        self.conn()
-            .execute(
-                "UPDATE pipelines SET script = ?3, statements = ?4 WHERE tenant = ?1 AND name = ?2",
-                params![p.tenant, p.name, p.script, p.statements],
-            )
-            .map_err(db)?;
+        self.exec(
+            "UPDATE pipelines SET script = $3, statements = $4 WHERE tenant = $1 AND name = $2",
+            &[
+                (&p.tenant).into(),
+                (&p.name).into(),
+                (&p.script).into(),
+                (&p.statements).into(),
+            ],
+        )?;
         Ok(())
     }
 
     /// Replaces the SQL an object is recorded with.
     pub fn set_object_sql(&self, tenant: &str, name: &str, sql: &str) -> Result<(), ApiError> {
-        self.conn()
-            .execute(
-                "UPDATE objects SET sql = ?3 WHERE tenant = ?1 AND name = ?2",
-                params![tenant, name, sql],
-            )
-            .map_err(db)?;
+        self.exec(
+            "UPDATE objects SET sql = $3 WHERE tenant = $1 AND name = $2",
+            &[tenant.into(), name.into(), sql.into()],
+        )?;
         Ok(())
     }
 
-    fn pipelines_where(&self, filter: &str, args: &[&str]) -> Result<Vec<Pipeline>, ApiError> {
-        let conn = self.conn();
-        let mut st = conn
-            .prepare(&format!(
-                "SELECT tenant, name, script, statements, views, parallelism, desired, status,
-                   restarts, last_error, created_ms FROM pipelines {filter} ORDER BY created_ms, name"
-            ))
-            .map_err(db)?;
-        let rows = st
-            .query_map(rusqlite::params_from_iter(args), |r| {
-                Ok(Pipeline {
-                    tenant: r.get(0)?,
-                    name: r.get(1)?,
-                    script: r.get(2)?,
-                    statements: r.get(3)?,
-                    views: serde_json::from_str(&r.get::<_, String>(4)?).unwrap_or_default(),
-                    parallelism: r.get::<_, i64>(5)? as u64,
-                    desired: if r.get::<_, String>(6)? == "running" {
-                        Desired::Running
-                    } else {
-                        Desired::Stopped
-                    },
-                    status: r.get(7)?,
-                    restarts: r.get::<_, i64>(8)? as u64,
-                    last_error: r.get(9)?,
-                    created_ms: r.get(10)?,
-                })
+    fn pipelines_where(&self, filter: &str, args: &[Val]) -> Result<Vec<Pipeline>, ApiError> {
+        Ok(self
+            .query(
+                &format!(
+                    "SELECT tenant, name, script, statements, views, parallelism, desired, status,
+                       restarts, last_error, created_ms FROM pipelines {filter} ORDER BY created_ms, name"
+                ),
+                args,
+            )?
+            .iter()
+            .map(|r| Pipeline {
+                tenant: text(&r[0]),
+                name: text(&r[1]),
+                script: text(&r[2]),
+                statements: text(&r[3]),
+                views: serde_json::from_str(&text(&r[4])).unwrap_or_default(),
+                parallelism: r[5].int() as u64,
+                desired: if text(&r[6]) == "running" {
+                    Desired::Running
+                } else {
+                    Desired::Stopped
+                },
+                status: text(&r[7]),
+                restarts: r[8].int() as u64,
+                last_error: r[9].opt_text(),
+                created_ms: r[10].int(),
             })
-            .map_err(db)?;
-        rows.collect::<Result<_, _>>().map_err(db)
+            .collect())
     }
 
     /// The pipelines of `tenant`, or of every tenant.
     pub fn pipelines(&self, tenant: Option<&str>) -> Result<Vec<Pipeline>, ApiError> {
         match tenant {
-            Some(t) => self.pipelines_where("WHERE tenant = ?1", &[t]),
+            Some(t) => self.pipelines_where("WHERE tenant = $1", &[t.into()]),
             None => self.pipelines_where("", &[]),
         }
     }
 
     pub fn pipeline(&self, tenant: &str, name: &str) -> Result<Option<Pipeline>, ApiError> {
         Ok(self
-            .pipelines_where("WHERE tenant = ?1 AND name = ?2", &[tenant, name])?
+            .pipelines_where(
+                "WHERE tenant = $1 AND name = $2",
+                &[tenant.into(), name.into()],
+            )?
             .pop())
     }
 
     pub fn set_desired(&self, tenant: &str, name: &str, desired: Desired) -> Result<(), ApiError> {
-        self.conn()
-            .execute(
-                "UPDATE pipelines SET desired = ?3 WHERE tenant = ?1 AND name = ?2",
-                params![tenant, name, desired_code(desired)],
-            )
-            .map_err(db)?;
+        self.exec(
+            "UPDATE pipelines SET desired = $3 WHERE tenant = $1 AND name = $2",
+            &[tenant.into(), name.into(), desired_code(desired).into()],
+        )?;
         Ok(())
     }
 
     pub fn set_parallelism(&self, tenant: &str, name: &str, n: u64) -> Result<(), ApiError> {
-        self.conn()
-            .execute(
-                "UPDATE pipelines SET parallelism = ?3 WHERE tenant = ?1 AND name = ?2",
-                params![tenant, name, n as i64],
-            )
-            .map_err(db)?;
+        self.exec(
+            "UPDATE pipelines SET parallelism = $3 WHERE tenant = $1 AND name = $2",
+            &[tenant.into(), name.into(), (n as i64).into()],
+        )?;
         Ok(())
     }
 
@@ -651,38 +584,80 @@ impl Catalog {
         restarts: Option<u64>,
         error: Option<&str>,
     ) -> Result<(), ApiError> {
-        let conn = self.conn();
-        conn.execute(
-            "UPDATE pipelines SET status = ?3 WHERE tenant = ?1 AND name = ?2",
-            params![tenant, name, status],
-        )
-        .map_err(db)?;
+        self.exec(
+            "UPDATE pipelines SET status = $3 WHERE tenant = $1 AND name = $2",
+            &[tenant.into(), name.into(), status.into()],
+        )?;
         if let Some(n) = restarts {
-            conn.execute(
-                "UPDATE pipelines SET restarts = ?3 WHERE tenant = ?1 AND name = ?2",
-                params![tenant, name, n as i64],
-            )
-            .map_err(db)?;
+            self.exec(
+                "UPDATE pipelines SET restarts = $3 WHERE tenant = $1 AND name = $2",
+                &[tenant.into(), name.into(), (n as i64).into()],
+            )?;
         }
         if let Some(e) = error {
-            conn.execute(
-                "UPDATE pipelines SET last_error = ?3 WHERE tenant = ?1 AND name = ?2",
-                params![tenant, name, e],
-            )
-            .map_err(db)?;
+            self.exec(
+                "UPDATE pipelines SET last_error = $3 WHERE tenant = $1 AND name = $2",
+                &[tenant.into(), name.into(), e.into()],
+            )?;
         }
         Ok(())
     }
 
     pub fn drop_pipeline(&self, tenant: &str, name: &str) -> Result<bool, ApiError> {
-        let n = self
-            .conn()
-            .execute(
-                "DELETE FROM pipelines WHERE tenant = ?1 AND name = ?2",
-                params![tenant, name],
-            )
-            .map_err(db)?;
+        let n = self.exec(
+            "DELETE FROM pipelines WHERE tenant = $1 AND name = $2",
+            &[tenant.into(), name.into()],
+        )?;
+        self.exec(
+            "DELETE FROM leases WHERE tenant = $1 AND name = $2",
+            &[tenant.into(), name.into()],
+        )?;
         Ok(n > 0)
+    }
+
+    /// Takes or renews the lease on running pipeline `tenant/name` for `holder` until
+    /// `now + ttl_ms`: granted when no other server holds a lease that has not expired.
+    pub fn lease(
+        &self,
+        tenant: &str,
+        name: &str,
+        holder: &str,
+        ttl_ms: i64,
+    ) -> Result<bool, ApiError> {
+        let now = now_ms();
+        let n = self.exec(
+            "INSERT INTO leases (tenant, name, holder, expires_ms) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (tenant, name) DO UPDATE SET holder = $3, expires_ms = $4
+             WHERE leases.holder = $3 OR leases.expires_ms < $5",
+            &[
+                tenant.into(),
+                name.into(),
+                holder.into(),
+                (now + ttl_ms).into(),
+                now.into(),
+            ],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// Gives up `holder`'s lease on `tenant/name`.
+    pub fn release(&self, tenant: &str, name: &str, holder: &str) -> Result<(), ApiError> {
+        self.exec(
+            "DELETE FROM leases WHERE tenant = $1 AND name = $2 AND holder = $3",
+            &[tenant.into(), name.into(), holder.into()],
+        )?;
+        Ok(())
+    }
+
+    /// Who holds a lease on `tenant/name` that has not expired.
+    pub fn lease_holder(&self, tenant: &str, name: &str) -> Result<Option<String>, ApiError> {
+        Ok(self
+            .query(
+                "SELECT holder FROM leases WHERE tenant = $1 AND name = $2 AND expires_ms >= $3",
+                &[tenant.into(), name.into(), now_ms().into()],
+            )?
+            .first()
+            .map(|r| text(&r[0])))
     }
 }
 

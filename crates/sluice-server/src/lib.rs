@@ -1,6 +1,7 @@
 //! `sluice serve`: the multi-tenant platform server.
 //!
-//! - [`catalog`]: tenants, users, tokens, tables, views and pipelines in embedded SQLite.
+//! - [`catalog`]: tenants, users, tokens, tables, views and pipelines in embedded SQLite, or in
+//!   PostgreSQL shared by several servers ([`catalog_db`]).
 //! - [`auth`]: SCRAM-SHA-256 verifiers and hashed API tokens.
 //! - [`statements`]: the SQL the server runs for a session, scoped to its tenant.
 //! - [`supervisor`]: one `sluice worker` process per running pipeline, restarted from its
@@ -10,6 +11,7 @@
 
 pub mod auth;
 pub mod catalog;
+pub mod catalog_db;
 pub mod error;
 pub mod metrics;
 pub mod pg;
@@ -52,6 +54,17 @@ pub struct ServeArgs {
     /// TLS: the private key (PEM).
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Keep the catalog in this PostgreSQL database (`postgres://user:password@host:port/db`)
+    /// instead of `<data-dir>/catalog.db`, so that several servers share it. Servers sharing a
+    /// catalog share `--data-dir` too (the same folder, or a shared file system): each
+    /// pipeline runs on one of them, which holds its lease, and another takes it over when
+    /// that server is gone.
+    #[arg(long, value_name = "URL")]
+    pub catalog: Option<String>,
+    /// With a shared catalog: how long a server's lease on a pipeline lasts unless renewed,
+    /// which is how long a pipeline waits to be taken over when its server is gone.
+    #[arg(long, default_value_t = 10)]
+    pub lease_seconds: u64,
 }
 
 /// The TLS configuration from a PEM certificate chain and key.
@@ -189,17 +202,24 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
     };
     let pg_listener = bind(&args.listen, args.pg_port, "Postgres wire", "--pg-port")?;
     let http_listener = bind(&args.listen, args.http_port, "HTTP", "--http-port")?;
-    let catalog = Arc::new(Catalog::open(&data.join("catalog.db"))?);
+    let catalog = Arc::new(match &args.catalog {
+        Some(url) => Catalog::open_postgres(url)?,
+        None => Catalog::open(&data.join("catalog.db"))?,
+    });
     let shown = bootstrap(&catalog)?;
     let layout = Arc::new(Layout { data: data.clone() });
     let views = Arc::new(Views::default());
     let exe = std::env::current_exe().map_err(|e| format!("the server's own program: {e}"))?;
-    let supervisor = Arc::new(Supervisor::new(
-        layout.clone(),
-        exe,
-        catalog.clone(),
-        views.clone(),
-    ));
+    let mut supervisor = Supervisor::new(layout.clone(), exe, catalog.clone(), views.clone());
+    supervisor.holder = format!(
+        "{}:{} (pid {}, started {})",
+        args.listen,
+        pg_listener.local_addr().map_or(0, |a| a.port()),
+        std::process::id(),
+        catalog::now_ms()
+    );
+    supervisor.lease_ttl = Duration::from_secs(args.lease_seconds.max(1));
+    let supervisor = Arc::new(supervisor);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
     let server = Arc::new(Server {
         catalog: catalog.clone(),
@@ -211,25 +231,20 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
     // Materialized views come back from their logs; pipelines that were running resume from
     // their checkpoints.
     for p in catalog.pipelines(None).map_err(|e| e.message)? {
-        if !p.views.is_empty() {
-            let plan = sluice_sql::plan_script(&p.script)
-                .map_err(|e| format!("pipeline {}/{}: {e}", p.tenant, p.name))?;
-            let selects = plan
-                .pipelines
-                .iter()
-                .filter(|pl| matches!(pl.sink, sluice_sql::SinkTarget::Select { .. }));
-            for (v, pl) in p.views.iter().zip(selects) {
-                views
-                    .register(&p.tenant, v, pl.query.schema(), layout.view(&p.tenant, v))
-                    .map_err(|e| e.message)?;
-            }
-        }
+        supervisor::register_views(&views, &layout, &p)
+            .map_err(|e| format!("pipeline {}/{}: {e}", p.tenant, p.name))?;
         if p.desired == catalog::Desired::Running {
-            if let Err(e) = supervisor.start(&p, false) {
-                tracing::error!("pipeline {}/{}: {}", p.tenant, p.name, e.message);
+            match supervisor.start(&p, false) {
+                Ok(()) => {}
+                // Another server sharing the catalog runs it.
+                Err(e) if catalog.shared() => {
+                    tracing::info!("pipeline {}/{}: {}", p.tenant, p.name, e.message)
+                }
+                Err(e) => tracing::error!("pipeline {}/{}: {}", p.tenant, p.name, e.message),
             }
         }
     }
+    supervisor.keep_leases();
     views.start_tailing(Duration::from_millis(100));
     supervisor.watch_quotas(Duration::from_secs(1));
     let pg_addr = pg_listener.local_addr().map_err(|e| e.to_string())?;

@@ -1195,6 +1195,7 @@ impl Server {
             .catalog
             .pipeline(&p.tenant, name)?
             .ok_or_else(|| no_pipeline(name))?;
+        self.check_local(&p.tenant, name)?;
         let view = old.views.first().map(String::as_str);
         let (mut new, plan) = self.prepare_pipeline(session, name, statements, view)?;
         new.parallelism = old.parallelism;
@@ -1231,7 +1232,7 @@ impl Server {
         let was_running = self.supervisor.is_active(&p.tenant, name);
         if was_running {
             self.supervisor
-                .stop(&p.tenant, name, Duration::from_secs(60));
+                .stop_keeping_lease(&p.tenant, name, Duration::from_secs(60));
             // The final checkpoint was taken by the old plan: it must still fit.
             if !fresh {
                 if let Some(why) = self.state_misfit(&new)? {
@@ -1358,6 +1359,7 @@ impl Server {
             .pipeline(tenant, name)?
             .ok_or_else(|| no_pipeline(name))?;
         self.catalog.set_desired(tenant, name, Desired::Stopped)?;
+        self.wait_remote_stop(tenant, name)?;
         self.supervisor.stop(tenant, name, Duration::from_secs(60));
         self.catalog
             .set_status(tenant, name, "stopped", None, None)?;
@@ -1370,13 +1372,15 @@ impl Server {
             .catalog
             .pipeline(tenant, name)?
             .ok_or_else(|| no_pipeline(name))?;
+        self.check_local(tenant, name)?;
         if n != pl.parallelism {
             self.check_rescalable(&pl)?;
         }
         let was_running = self.supervisor.is_active(tenant, name);
         if was_running {
             self.admit(tenant, name, n)?;
-            self.supervisor.stop(tenant, name, Duration::from_secs(60));
+            self.supervisor
+                .stop_keeping_lease(tenant, name, Duration::from_secs(60));
         }
         self.catalog.set_parallelism(tenant, name, n)?;
         if was_running || pl.desired == Desired::Running {
@@ -1411,7 +1415,38 @@ impl Server {
         Ok(())
     }
 
+    /// With a shared catalog: waits until the server running the pipeline has seen that it
+    /// is to stop, and stopped it (a final checkpoint, then its lease is given up).
+    fn wait_remote_stop(&self, tenant: &str, name: &str) -> Result<(), ApiError> {
+        let Some(holder) = self.supervisor.remote_holder(tenant, name)? else {
+            return Ok(());
+        };
+        let deadline =
+            std::time::Instant::now() + self.supervisor.lease_ttl + Duration::from_secs(90);
+        while self.catalog.lease_holder(tenant, name)?.is_some() {
+            if std::time::Instant::now() > deadline {
+                return Err(ApiError::internal(format!(
+                    "pipeline '{name}' runs on server {holder}, which has not stopped it: it is marked stopped and will stop when that server sees it"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// Refuses to change a pipeline that another server runs.
+    fn check_local(&self, tenant: &str, name: &str) -> Result<(), ApiError> {
+        match self.supervisor.remote_holder(tenant, name)? {
+            Some(holder) => Err(ApiError::invalid(format!(
+                "pipeline '{name}' runs on server {holder}: change it there, or STOP PIPELINE {name} first"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     fn drop_pipeline(&self, tenant: &str, name: &str) -> Result<(), ApiError> {
+        self.catalog.set_desired(tenant, name, Desired::Stopped)?;
+        self.wait_remote_stop(tenant, name)?;
         self.supervisor.stop(tenant, name, Duration::from_secs(10));
         self.catalog.drop_pipeline(tenant, name)?;
         let _ = std::fs::remove_dir_all(self.layout.pipeline(tenant, name));

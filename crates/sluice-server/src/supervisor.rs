@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::catalog::{Catalog, Pipeline};
+use crate::catalog::{now_ms, Catalog, Pipeline};
 use crate::error::ApiError;
 use crate::views::Views;
 
@@ -163,6 +163,9 @@ impl Layout {
 
 struct Run {
     stop: Arc<AtomicBool>,
+    /// Set when another server took the pipeline over: the run ends without a word to the
+    /// catalog, which is the other server's to write now.
+    abandoned: Arc<AtomicBool>,
     child: Arc<Mutex<Option<u32>>>,
     started: Instant,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -175,6 +178,11 @@ pub struct Supervisor {
     catalog: Arc<Catalog>,
     views: Arc<Views>,
     runs: Mutex<HashMap<(String, String), Run>>,
+    /// This server, as the holder of pipeline leases (a shared catalog): its addresses and a
+    /// random part.
+    pub holder: String,
+    /// How long a lease lasts unless renewed (renewed every quarter of it).
+    pub lease_ttl: Duration,
 }
 
 impl Supervisor {
@@ -190,7 +198,25 @@ impl Supervisor {
             catalog,
             views,
             runs: Mutex::new(HashMap::new()),
+            holder: format!("{}:{}", std::process::id(), now_ms()),
+            lease_ttl: Duration::from_secs(10),
         }
+    }
+
+    /// Whether pipelines are shared with other servers (and held by leases).
+    pub fn shared(&self) -> bool {
+        self.catalog.shared()
+    }
+
+    /// The other server that runs `tenant/name` now, if one does.
+    pub fn remote_holder(&self, tenant: &str, name: &str) -> Result<Option<String>, ApiError> {
+        if !self.shared() || self.is_active(tenant, name) {
+            return Ok(None);
+        }
+        Ok(self
+            .catalog
+            .lease_holder(tenant, name)?
+            .filter(|h| *h != self.holder))
     }
 
     fn runs(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Run>> {
@@ -236,6 +262,21 @@ impl Supervisor {
                 p.name
             )));
         }
+        if self.shared()
+            && !self.catalog.lease(
+                &p.tenant,
+                &p.name,
+                &self.holder,
+                self.lease_ttl.as_millis() as i64,
+            )?
+        {
+            let holder = self.catalog.lease_holder(&p.tenant, &p.name)?;
+            return Err(ApiError::invalid(format!(
+                "pipeline '{}' runs on another server ({})",
+                p.name,
+                holder.unwrap_or_else(|| "whose lease just ended: try again".into())
+            )));
+        }
         let dir = self.layout.pipeline(&p.tenant, &p.name);
         if fresh {
             let _ = std::fs::remove_dir_all(self.layout.checkpoints(&p.tenant, &p.name));
@@ -256,8 +297,10 @@ impl Supervisor {
         let policy = RestartPolicy::from_settings(&policy_settings)?;
         let quotas = self.catalog.quotas(&p.tenant)?;
         let stop = Arc::new(AtomicBool::new(false));
+        let abandoned = Arc::new(AtomicBool::new(false));
         let child = Arc::new(Mutex::new(None));
         let job = Job {
+            abandoned: abandoned.clone(),
             stats: dir.join("stats.json"),
             max_state_bytes: quotas.max_state_bytes,
             tenant: p.tenant.clone(),
@@ -297,6 +340,7 @@ impl Supervisor {
             key,
             Run {
                 stop,
+                abandoned,
                 child,
                 started: Instant::now(),
                 thread: Some(thread),
@@ -333,8 +377,15 @@ impl Supervisor {
         }
     }
 
-    /// Stops the pipeline: SIGTERM (a final checkpoint), SIGKILL if it has not ended in `grace`.
+    /// Stops the pipeline: SIGTERM (a final checkpoint), SIGKILL if it has not ended in `grace`;
+    /// then gives up its lease (a shared catalog).
     pub fn stop(&self, tenant: &str, name: &str, grace: Duration) {
+        self.stop_keeping_lease(tenant, name, grace);
+        self.release(tenant, name);
+    }
+
+    /// Stops the pipeline to start it again here at once (rescaled, edited): its lease stays.
+    pub fn stop_keeping_lease(&self, tenant: &str, name: &str, grace: Duration) {
         let run = self.runs().remove(&(tenant.to_string(), name.to_string()));
         let Some(mut run) = run else { return };
         run.stop.store(true, Ordering::SeqCst);
@@ -357,6 +408,131 @@ impl Supervisor {
         self.share_ingest(tenant);
     }
 
+    fn release(&self, tenant: &str, name: &str) {
+        if self.shared() {
+            if let Err(e) = self.catalog.release(tenant, name, &self.holder) {
+                tracing::warn!(
+                    "pipeline {tenant}/{name}: could not give up its lease: {}",
+                    e.message
+                );
+            }
+        }
+    }
+
+    /// Ends the local run of a pipeline another server has taken over: its process is killed
+    /// at once (two processes must never write the same checkpoints), and nothing is recorded.
+    fn abandon(&self, tenant: &str, name: &str) {
+        let run = self.runs().remove(&(tenant.to_string(), name.to_string()));
+        if let Some(mut run) = run {
+            run.abandoned.store(true, Ordering::SeqCst);
+            run.stop.store(true, Ordering::SeqCst);
+            if let Some(pid) = *run.child.lock().unwrap_or_else(|p| p.into_inner()) {
+                signal(pid, libc::SIGKILL);
+            }
+            if let Some(t) = run.thread.take() {
+                let _ = t.join();
+            }
+        }
+        self.share_ingest(tenant);
+    }
+
+    /// With a shared catalog, every quarter of the lease time: renews the leases of the
+    /// pipelines this server runs (a run whose lease is lost, or not renewed in time, is
+    /// killed); stops runs that were stopped or dropped through another server; takes over
+    /// pipelines that should run but whose server is gone (their leases expired), resuming them
+    /// from their checkpoints; and serves the materialized views other servers created.
+    pub fn keep_leases(self: &Arc<Self>) {
+        if !self.shared() {
+            return;
+        }
+        let sup = self.clone();
+        std::thread::Builder::new()
+            .name("leases".into())
+            .spawn(move || {
+                let ttl = sup.lease_ttl.as_millis() as i64;
+                let mut renewed: HashMap<(String, String), Instant> = HashMap::new();
+                loop {
+                    std::thread::sleep(sup.lease_ttl / 4);
+                    let local: Vec<(String, String)> = sup.runs().keys().cloned().collect();
+                    renewed.retain(|k, _| local.contains(k));
+                    for (tenant, name) in local {
+                        let key = (tenant.clone(), name.clone());
+                        let since = *renewed.entry(key.clone()).or_insert_with(Instant::now);
+                        match sup.catalog.pipeline(&tenant, &name) {
+                            Ok(Some(p)) if p.desired == crate::catalog::Desired::Stopped => {
+                                sup.stop(&tenant, &name, Duration::from_secs(60));
+                                let _ = sup.catalog.set_status(&tenant, &name, "stopped", None, None);
+                                continue;
+                            }
+                            Ok(None) => {
+                                sup.stop(&tenant, &name, Duration::from_secs(60));
+                                continue;
+                            }
+                            _ => {}
+                        }
+                        match sup.catalog.lease(&tenant, &name, &sup.holder, ttl) {
+                            Ok(true) => {
+                                renewed.insert(key, Instant::now());
+                            }
+                            Ok(false) => {
+                                tracing::error!("pipeline {tenant}/{name}: another server holds its lease now; its run here is killed");
+                                sup.abandon(&tenant, &name);
+                            }
+                            Err(e) if since.elapsed() >= sup.lease_ttl * 3 / 4 => {
+                                tracing::error!("pipeline {tenant}/{name}: its lease could not be renewed ({}); its run here is killed before the lease ends", e.message);
+                                sup.abandon(&tenant, &name);
+                            }
+                            Err(e) => tracing::warn!("pipeline {tenant}/{name}: renewing its lease: {}", e.message),
+                        }
+                    }
+                    sup.sync_views();
+                    let Ok(all) = sup.catalog.pipelines(None) else { continue };
+                    for p in all {
+                        // "created": its server is starting it now.
+                        let orphan = p.desired == crate::catalog::Desired::Running
+                            && !matches!(p.status.as_str(), "failed" | "finished" | "created")
+                            && !sup.is_active(&p.tenant, &p.name)
+                            && sup.catalog.lease_holder(&p.tenant, &p.name).ok() == Some(None);
+                        if orphan {
+                            match sup.start(&p, false) {
+                                Ok(()) => tracing::warn!("pipeline {}/{}: its server is gone; it resumes here from its checkpoint", p.tenant, p.name),
+                                Err(e) => tracing::info!("pipeline {}/{}: not taken over: {}", p.tenant, p.name, e.message),
+                            }
+                        }
+                    }
+                }
+            })
+            .expect("start the lease thread");
+    }
+
+    /// Registers the materialized views of the catalog that this server does not serve yet
+    /// (created through another server), and forgets those that were dropped.
+    pub fn sync_views(&self) {
+        let Ok(pipelines) = self.catalog.pipelines(None) else {
+            return;
+        };
+        let mut wanted = std::collections::HashSet::new();
+        for p in &pipelines {
+            for v in &p.views {
+                wanted.insert((p.tenant.clone(), v.clone()));
+            }
+            if p.views
+                .iter()
+                .all(|v| self.views.get(&p.tenant, v).is_some())
+            {
+                continue;
+            }
+            if let Err(e) = register_views(&self.views, &self.layout, p) {
+                tracing::warn!("pipeline {}/{}: {e}", p.tenant, p.name);
+            }
+        }
+        for (tenant, name) in self.views.names() {
+            if !wanted.contains(&(tenant.clone(), name.clone())) {
+                self.views.forget(&tenant, &name);
+            }
+        }
+    }
+
     /// Ends a pipeline that broke a rule of the server (a quota): its process is killed at
     /// once, and it stays failed with `error` until it is started again.
     pub fn fail(&self, tenant: &str, name: &str, error: &str) {
@@ -376,6 +552,7 @@ impl Supervisor {
         let _ = self
             .catalog
             .set_status(tenant, name, "failed", None, Some(error));
+        self.release(tenant, name);
         tracing::warn!("pipeline {tenant}/{name} failed: {error}");
         self.share_ingest(tenant);
     }
@@ -469,6 +646,7 @@ pub fn restart_settings(statements: &str) -> BTreeMap<String, String> {
 
 /// One supervised pipeline.
 struct Job {
+    abandoned: Arc<AtomicBool>,
     /// Where the process writes its counters.
     stats: PathBuf,
     /// The tenant's state quota: the process enforces it, and its data segment is capped at
@@ -491,6 +669,9 @@ struct Job {
 
 impl Job {
     fn status(&self, status: &str, restarts: Option<u64>, error: Option<&str>) {
+        if self.abandoned.load(Ordering::SeqCst) {
+            return;
+        }
         if let Err(e) = self
             .catalog
             .set_status(&self.tenant, &self.name, status, restarts, error)
@@ -661,4 +842,24 @@ fn last_error(log: &Path, from: u64) -> Option<String> {
         .split_once("ERROR")
         .map_or(line, |(_, rest)| rest.trim_start_matches([' ', ':']).trim());
     Some(line.chars().take(2000).collect())
+}
+
+/// Registers the materialized views pipeline `p` keeps, with the columns its script gives.
+pub fn register_views(views: &Views, layout: &Layout, p: &Pipeline) -> Result<(), String> {
+    if p.views.is_empty() {
+        return Ok(());
+    }
+    let plan = sluice_sql::plan_script(&p.script).map_err(|e| e.to_string())?;
+    let selects = plan
+        .pipelines
+        .iter()
+        .filter(|pl| matches!(pl.sink, sluice_sql::SinkTarget::Select { .. }));
+    for (v, pl) in p.views.iter().zip(selects) {
+        if views.get(&p.tenant, v).is_none() {
+            views
+                .register(&p.tenant, v, pl.query.schema(), layout.view(&p.tenant, v))
+                .map_err(|e| e.message)?;
+        }
+    }
+    Ok(())
 }

@@ -138,6 +138,28 @@ impl View {
             return Ok(());
         };
         let applied = self.state().epoch;
+        // Another server sharing the data (a shared catalog) may have changed the log under
+        // this one: started the view over (its epochs begin again), or compacted past what was
+        // applied here (a newer snapshot). Either way, read it again from what is there.
+        let newer_snapshot = snapshots(&self.dir)
+            .last()
+            .is_some_and(|(e, _)| applied.is_none_or(|a| *e > a));
+        if applied.is_some_and(|a| committed < a) || (applied.is_some() && newer_snapshot) {
+            {
+                let mut s = self.state_mut();
+                s.rows.clear();
+                s.epoch = None;
+                s.since_snapshot = 0;
+            }
+            let _ = self.changes.send(Arc::new(Change::Reset));
+            self.load()?;
+            return self.catch_up_from(committed);
+        }
+        self.catch_up_from(committed)
+    }
+
+    fn catch_up_from(&self, committed: u64) -> Result<(), ApiError> {
+        let applied = self.state().epoch;
         if applied.is_some_and(|a| committed <= a) {
             return Ok(());
         }
@@ -318,6 +340,28 @@ impl Views {
         s.since_snapshot = 0;
         let _ = v.changes.send(Arc::new(Change::Reset));
         Ok(())
+    }
+
+    /// The views served, as (tenant, name).
+    pub fn names(&self) -> Vec<(String, String)> {
+        self.views
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Stops serving a view (another server dropped it), leaving its files alone.
+    pub fn forget(&self, tenant: &str, name: &str) {
+        let v = self
+            .views
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(tenant.to_string(), name.to_string()));
+        if let Some(v) = v {
+            let _ = v.changes.send(Arc::new(Change::Reset));
+        }
     }
 
     fn all(&self) -> Vec<Arc<View>> {

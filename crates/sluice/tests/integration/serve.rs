@@ -1913,3 +1913,163 @@ fn operator_watermarks_busy_time_and_checkpoints_are_reported() {
         );
     }
 }
+
+/// A database of its own on the local PostgreSQL, dropped at the end.
+struct PgDatabase {
+    name: String,
+}
+
+impl PgDatabase {
+    fn admin() -> Pg {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (client, conn) = rt
+            .block_on(tokio_postgres::connect(
+                "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=30",
+                tokio_postgres::NoTls,
+            ))
+            .expect("the local PostgreSQL (127.0.0.1:5432, trust)");
+        rt.spawn(async move {
+            let _ = conn.await;
+        });
+        Pg { rt, client }
+    }
+
+    fn create(prefix: &str) -> PgDatabase {
+        let name = format!(
+            "{prefix}_{}_{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+                % 1_000_000_000
+        );
+        PgDatabase::admin().exec(&format!("CREATE DATABASE {name}"));
+        PgDatabase { name }
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:5432/{}", self.name)
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let _ = PgDatabase::admin().try_exec(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ));
+    }
+}
+
+#[test]
+fn two_servers_share_a_postgres_catalog_and_take_over_each_others_pipelines() {
+    let db = PgDatabase::create("sluice_catalog");
+    let dir = tempfile::tempdir().unwrap();
+    let url = db.url();
+    let extra: Vec<std::ffi::OsString> = vec![
+        "--catalog".into(),
+        url.clone().into(),
+        "--lease-seconds".into(),
+        "2".into(),
+    ];
+    let extra: Vec<&std::ffi::OsStr> = extra.iter().map(|s| s.as_os_str()).collect();
+    let a = Serve::start_with(dir.path(), free_port(), free_port(), &extra);
+    let mut b = Serve::start_with(dir.path(), free_port(), free_port(), &extra);
+    // The catalog is in PostgreSQL, not in the data folder.
+    assert!(!dir.path().join("catalog.db").exists());
+    a.admin()
+        .exec("CREATE TENANT shop; CREATE USER ann WITH PASSWORD 'pw' IN TENANT shop ROLE owner");
+    let on_a = a.connect("ann", "pw").expect("ann logs in on A");
+    let on_b = b
+        .connect("ann", "pw")
+        .expect("ann logs in on B: the catalog is shared");
+    let input = a.files("shop").join("incoming");
+    std::fs::create_dir_all(&input).unwrap();
+    write_ids(&input, "a.csv", 1..20_001);
+    on_a.exec(
+        "CREATE TABLE ids (id BIGINT) WITH ('connector' = 'filesystem', 'path' = 'incoming',
+           'format' = 'csv', 'source.monitor-interval' = '200 ms');
+         CREATE MATERIALIZED VIEW buckets AS
+           SELECT id % 7 AS k, COUNT(*) AS n, SUM(id) AS total FROM ids GROUP BY id % 7",
+    );
+    let rows = |pg: &Pg| {
+        pg.rows("SELECT k, n, total FROM buckets ORDER BY k")
+            .unwrap_or_default()
+    };
+    // Both servers serve the view, whichever runs its pipeline.
+    let first = buckets_answer(20_000, 7);
+    wait_for(60, "the view on A", || (rows(&on_a) == first, rows(&on_a)));
+    wait_for(30, "the view on B", || (rows(&on_b) == first, rows(&on_b)));
+    assert_eq!(
+        on_b.rows("SHOW TABLES").unwrap(),
+        on_a.rows("SHOW TABLES").unwrap()
+    );
+    let pid_on_a = pipeline_status(&on_a, "buckets")[6].clone();
+    assert_ne!(pid_on_a, "NULL");
+    // B cannot rescale what A runs; it can stop it: A takes the final checkpoint.
+    let e = on_b.fails("ALTER PIPELINE buckets SET PARALLELISM = 2");
+    assert!(e.contains("runs on server"), "{e}");
+    on_b.exec("STOP PIPELINE buckets");
+    assert_eq!(pipeline_status(&on_a, "buckets")[2], "stopped");
+    write_ids(&input, "b.csv", 20_001..40_001);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(rows(&on_a), first, "a stopped pipeline reads nothing");
+    // Started through B, it runs on B, from A's final checkpoint.
+    on_b.exec("START PIPELINE buckets");
+    let second = buckets_answer(40_000, 7);
+    wait_for(60, "the second file, read on B", || {
+        (rows(&on_b) == second, rows(&on_b))
+    });
+    wait_for(30, "the same on A", || (rows(&on_a) == second, rows(&on_a)));
+    // A token made on one server works on the other.
+    let token = on_a.rows("CREATE TOKEN").unwrap()[0][1].clone();
+    let (status, body) = b.http("GET", "/v1/views/buckets/rows", Some(&token), None);
+    assert_eq!(status, 200, "{body}");
+    // B dies: its pipeline's process dies with it, and A takes the pipeline over once B's
+    // lease has run out, resuming from the last checkpoint: nothing lost, nothing twice.
+    b.kill();
+    write_ids(&input, "c.csv", 40_001..60_001);
+    let third = buckets_answer(60_000, 7);
+    wait_for(90, "A takes over and reads the third file", || {
+        (rows(&on_a) == third, rows(&on_a))
+    });
+    let st = pipeline_status(&on_a, "buckets");
+    assert_eq!(st[2], "running", "{st:?}");
+    assert_ne!(st[6], "NULL", "{st:?}");
+    drop(b);
+    drop(a);
+}
+
+#[test]
+fn a_catalog_database_that_cannot_be_reached_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .args([
+            "--pg-port",
+            &free_port().to_string(),
+            "--http-port",
+            &free_port().to_string(),
+        ])
+        .args([
+            "--catalog",
+            "postgres://postgres:secret@127.0.0.1:1/nowhere",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--catalog postgres://postgres@127.0.0.1:1/nowhere"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("secret"),
+        "the password is never shown: {err}"
+    );
+}
