@@ -75,14 +75,12 @@ impl From<Option<&str>> for Val {
 
 pub type Row = Vec<Val>;
 
-/// The tables, in the SQL of each store.
-const SQLITE_SCHEMA: &str = "PRAGMA journal_mode = WAL;
-     PRAGMA synchronous = FULL;
-     PRAGMA foreign_keys = ON;
+/// The tables, in SQL both stores run once `{int}` and `{serial}` are spelled their way.
+const TABLES: &str = "
      CREATE TABLE IF NOT EXISTS tenants (
          name TEXT PRIMARY KEY,
          quotas TEXT NOT NULL DEFAULT '{}',
-         created_ms INTEGER NOT NULL);
+         created_ms {int} NOT NULL);
      CREATE TABLE IF NOT EXISTS users (
          name TEXT PRIMARY KEY,
          tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
@@ -92,10 +90,10 @@ const SQLITE_SCHEMA: &str = "PRAGMA journal_mode = WAL;
          id TEXT PRIMARY KEY,
          hash TEXT NOT NULL UNIQUE,
          user_name TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
-         revoked INTEGER NOT NULL DEFAULT 0,
-         created_ms INTEGER NOT NULL);
+         revoked {int} NOT NULL DEFAULT 0,
+         created_ms {int} NOT NULL);
      CREATE TABLE IF NOT EXISTS objects (
-         seq INTEGER PRIMARY KEY AUTOINCREMENT,
+         seq {serial},
          tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
          name TEXT NOT NULL,
          kind TEXT NOT NULL,
@@ -107,62 +105,34 @@ const SQLITE_SCHEMA: &str = "PRAGMA journal_mode = WAL;
          script TEXT NOT NULL,
          statements TEXT NOT NULL,
          views TEXT NOT NULL,
-         parallelism INTEGER NOT NULL,
+         parallelism {int} NOT NULL,
          desired TEXT NOT NULL,
          status TEXT NOT NULL,
-         restarts INTEGER NOT NULL DEFAULT 0,
+         restarts {int} NOT NULL DEFAULT 0,
          last_error TEXT,
-         created_ms INTEGER NOT NULL,
+         created_ms {int} NOT NULL,
          PRIMARY KEY (tenant, name));
      CREATE TABLE IF NOT EXISTS leases (
          tenant TEXT NOT NULL,
          name TEXT NOT NULL,
          holder TEXT NOT NULL,
-         expires_ms INTEGER NOT NULL,
+         expires_ms {int} NOT NULL,
          PRIMARY KEY (tenant, name));";
 
-const POSTGRES_SCHEMA: &str = "
-     CREATE TABLE IF NOT EXISTS tenants (
-         name TEXT PRIMARY KEY,
-         quotas TEXT NOT NULL DEFAULT '{}',
-         created_ms BIGINT NOT NULL);
-     CREATE TABLE IF NOT EXISTS users (
-         name TEXT PRIMARY KEY,
-         tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
-         role TEXT NOT NULL,
-         verifier TEXT NOT NULL);
-     CREATE TABLE IF NOT EXISTS tokens (
-         id TEXT PRIMARY KEY,
-         hash TEXT NOT NULL UNIQUE,
-         user_name TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
-         revoked BIGINT NOT NULL DEFAULT 0,
-         created_ms BIGINT NOT NULL);
-     CREATE TABLE IF NOT EXISTS objects (
-         seq BIGSERIAL PRIMARY KEY,
-         tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
-         name TEXT NOT NULL,
-         kind TEXT NOT NULL,
-         sql TEXT NOT NULL,
-         UNIQUE (tenant, name));
-     CREATE TABLE IF NOT EXISTS pipelines (
-         tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
-         name TEXT NOT NULL,
-         script TEXT NOT NULL,
-         statements TEXT NOT NULL,
-         views TEXT NOT NULL,
-         parallelism BIGINT NOT NULL,
-         desired TEXT NOT NULL,
-         status TEXT NOT NULL,
-         restarts BIGINT NOT NULL DEFAULT 0,
-         last_error TEXT,
-         created_ms BIGINT NOT NULL,
-         PRIMARY KEY (tenant, name));
-     CREATE TABLE IF NOT EXISTS leases (
-         tenant TEXT NOT NULL,
-         name TEXT NOT NULL,
-         holder TEXT NOT NULL,
-         expires_ms BIGINT NOT NULL,
-         PRIMARY KEY (tenant, name));";
+fn sqlite_schema() -> String {
+    format!(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; {}",
+        TABLES
+            .replace("{int}", "INTEGER")
+            .replace("{serial}", "INTEGER PRIMARY KEY AUTOINCREMENT")
+    )
+}
+
+fn postgres_schema() -> String {
+    TABLES
+        .replace("{int}", "BIGINT")
+        .replace("{serial}", "BIGSERIAL PRIMARY KEY")
+}
 
 /// A catalog store.
 pub enum Db {
@@ -201,7 +171,7 @@ impl Db {
     pub fn sqlite(path: &Path) -> Result<Db, String> {
         let conn =
             rusqlite::Connection::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        conn.execute_batch(SQLITE_SCHEMA)
+        conn.execute_batch(&sqlite_schema())
             .map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(Db::Sqlite(Mutex::new(conn)))
     }
@@ -212,7 +182,8 @@ impl Db {
         let store = PgStore::connect(url)?;
         store
             .batch(&format!(
-                "SELECT pg_advisory_lock(4242); {POSTGRES_SCHEMA} SELECT pg_advisory_unlock(4242);"
+                "SELECT pg_advisory_lock(4242); {} SELECT pg_advisory_unlock(4242);",
+                postgres_schema()
             ))
             .map_err(|e| format!("--catalog {}: {}", store.shown, e.message))?;
         Ok(Db::Postgres(store))

@@ -316,15 +316,10 @@ impl Views {
             .cloned()
     }
 
+    /// Stops serving a view and deletes its log (it was dropped).
     pub fn remove(&self, tenant: &str, name: &str) {
-        let v = self
-            .views
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&(tenant.to_string(), name.to_string()));
-        if let Some(v) = v {
+        if let Some(v) = self.take(tenant, name) {
             let _ = std::fs::remove_dir_all(&v.dir);
-            let _ = v.changes.send(Arc::new(Change::Reset));
         }
     }
 
@@ -354,14 +349,18 @@ impl Views {
 
     /// Stops serving a view (another server dropped it), leaving its files alone.
     pub fn forget(&self, tenant: &str, name: &str) {
+        self.take(tenant, name);
+    }
+
+    /// Takes a view out of those served; its subscribers are told it started over.
+    fn take(&self, tenant: &str, name: &str) -> Option<Arc<View>> {
         let v = self
             .views
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&(tenant.to_string(), name.to_string()));
-        if let Some(v) = v {
-            let _ = v.changes.send(Arc::new(Change::Reset));
-        }
+            .remove(&(tenant.to_string(), name.to_string()))?;
+        let _ = v.changes.send(Arc::new(Change::Reset));
+        Some(v)
     }
 
     fn all(&self) -> Vec<Arc<View>> {

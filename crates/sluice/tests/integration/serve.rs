@@ -105,6 +105,19 @@ impl Serve {
         self.data.join("tenants").join(tenant).join("files")
     }
 
+    /// `/metrics` as `token` sees it.
+    fn metrics(&self, token: &str) -> String {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        reqwest::blocking::Client::new()
+            .get(format!("http://127.0.0.1:{}/metrics", self.http))
+            .bearer_auth(token)
+            .timeout(Duration::from_secs(60))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap()
+    }
+
     /// A REST call: the status and the JSON body.
     fn http(
         &self,
@@ -938,18 +951,9 @@ fn subscriptions_over_the_wire_and_sse_fold_to_the_final_view() {
     );
 }
 
-/// `k, n, total` per `id % 7` over ids `1..=n`, as rows.
+/// `k, n, total` per `id % m` over ids `1..=n`, as rows.
 fn buckets_answer(n: i64, m: i64) -> Vec<Vec<String>> {
-    let mut answer: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
-    for id in 1..=n {
-        let e = answer.entry(id % m).or_default();
-        e.0 += 1;
-        e.1 += id;
-    }
-    answer
-        .iter()
-        .map(|(k, (c, s))| vec![k.to_string(), c.to_string(), s.to_string()])
-        .collect()
+    buckets_of(1..=n, m)
 }
 
 #[test]
@@ -1020,16 +1024,7 @@ fn a_pipeline_past_its_state_quota_fails_alone_and_metrics_stay_within_the_tenan
     let token_of = |pg: &Pg| pg.rows("CREATE TOKEN").unwrap()[0][1].clone();
     let (st, _) = serve.http("GET", "/metrics", None, None);
     assert_eq!(st, 401);
-    let metrics = |token: &str| {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        reqwest::blocking::Client::new()
-            .get(format!("http://127.0.0.1:{}/metrics", serve.http))
-            .bearer_auth(token)
-            .send()
-            .unwrap()
-            .text()
-            .unwrap()
-    };
+    let metrics = |token: &str| serve.metrics(token);
     let steady = metrics(&token_of(&s));
     assert!(
         steady.contains(&format!(
@@ -1893,14 +1888,7 @@ fn operator_watermarks_busy_time_and_checkpoints_are_reported() {
         assert!(c["committed_at_ms"].as_i64().unwrap() > start_ms, "{c}");
     }
     // The same in Prometheus's format, labelled by operator.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let text = reqwest::blocking::Client::new()
-        .get(format!("http://127.0.0.1:{}/metrics", serve.http))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let text = serve.metrics(ADMIN_TOKEN);
     for series in [
         "sluice_operator_watermark_seconds{",
         "sluice_operator_watermark_lag_seconds{",
