@@ -54,6 +54,10 @@ pub struct ServeArgs {
     /// TLS: the private key (PEM).
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Refuse Postgres-wire clients that do not ask for TLS (as `hostssl` rules do); REST is
+    /// HTTPS only whenever TLS is on.
+    #[arg(long, requires = "tls_cert")]
+    pub require_tls: bool,
     /// Keep the catalog in this PostgreSQL database (`postgres://user:password@host:port/db`)
     /// instead of `<data-dir>/catalog.db`, so that several servers share it. Servers sharing a
     /// catalog share `--data-dir` too (the same folder, or a shared file system): each
@@ -274,7 +278,12 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
         let pg = tokio::net::TcpListener::from_std(pg_listener).map_err(|e| e.to_string())?;
         let http = tokio::net::TcpListener::from_std(http_listener).map_err(|e| e.to_string())?;
         let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-        tokio::spawn(pg::serve(pg, server.clone(), acceptor.clone()));
+        tokio::spawn(pg::serve(
+            pg,
+            server.clone(),
+            acceptor.clone(),
+            args.require_tls,
+        ));
         match acceptor {
             Some(acceptor) => serve_https(http, acceptor, rest::router(server)).await,
             None => axum::serve(http, rest::router(server))

@@ -77,6 +77,14 @@ pub fn render(server: &Server, tenant: Option<&str>) -> Result<String, ApiError>
         &labels,
     )
     .map_err(bad)?;
+    let backpressured = IntGaugeVec::new(
+        Opts::new(
+            "sluice_pipeline_backpressured",
+            "1 while the pipeline's state is past 80% of its quota and its sources are slowed",
+        ),
+        &labels,
+    )
+    .map_err(bad)?;
     let op_labels = ["tenant", "pipeline", "operator"];
     let op_watermark = GaugeVec::new(
         Opts::new(
@@ -120,6 +128,7 @@ pub fn render(server: &Server, tenant: Option<&str>) -> Result<String, ApiError>
         Box::new(checkpoints.clone()),
         Box::new(late.clone()),
         Box::new(watermark.clone()),
+        Box::new(backpressured.clone()),
         Box::new(op_watermark.clone()),
         Box::new(op_lag.clone()),
         Box::new(op_busy.clone()),
@@ -166,6 +175,9 @@ pub fn render(server: &Server, tenant: Option<&str>) -> Result<String, ApiError>
         if let Some(ms) = stats["watermark_ms"].as_i64() {
             watermark.with_label_values(&l).set(ms as f64 / 1000.0);
         }
+        backpressured
+            .with_label_values(&l)
+            .set(stats["backpressured"].as_bool().unwrap_or(false) as i64);
         for (op, w) in stats["operator_watermarks"]
             .as_object()
             .into_iter()

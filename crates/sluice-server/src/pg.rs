@@ -715,18 +715,77 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     server: Arc<Server>,
     tls: Option<pgwire::tokio::TlsAcceptor>,
+    require_tls: bool,
 ) {
     let connections = Arc::new(ConnectionManager::new());
     loop {
-        let Ok((socket, _)) = listener.accept().await else {
+        let Ok((mut socket, _)) = listener.accept().await else {
             continue;
         };
         let handlers = Handlers::new(server.clone(), connections.clone());
         let tls = tls.clone();
         tokio::spawn(async move {
+            if require_tls && !asks_for_tls(&mut socket).await {
+                refuse_plain(socket).await;
+                return;
+            }
             if let Err(e) = pgwire::tokio::process_socket(socket, tls, handlers).await {
                 tracing::debug!("postgres connection: {e}");
             }
         });
     }
+}
+
+/// The codes of the requests a client sends before its startup message to ask for encryption.
+const SSL_REQUEST: u32 = 80877103;
+const GSSENC_REQUEST: u32 = 80877104;
+
+/// Whether the client's first request (looked at, not read) asks for TLS. A request for GSS
+/// encryption is answered "no" first, as PostgreSQL without GSSAPI does; the client then asks
+/// for TLS or gives up on encryption.
+async fn asks_for_tls(socket: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let mut head = [0u8; 8];
+        let got =
+            tokio::time::timeout(std::time::Duration::from_secs(30), socket.peek(&mut head)).await;
+        if !matches!(got, Ok(Ok(8))) {
+            // Fewer than 8 bytes: wait for the rest (a request is 8 bytes in all).
+            if matches!(got, Ok(Ok(n)) if n > 0 && n < 8) {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+            return false;
+        }
+        let length = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        let code = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+        match (length, code) {
+            (8, SSL_REQUEST) => return true,
+            (8, GSSENC_REQUEST) => {
+                let _ = socket.read_exact(&mut head).await;
+                if socket.write_all(b"N").await.is_err() {
+                    return false;
+                }
+            }
+            _ => return false,
+        }
+    }
+}
+
+/// Ends a connection that did not ask for TLS on a server that requires it, with PostgreSQL's
+/// error for a connection its `hostssl` rules refuse.
+async fn refuse_plain(mut socket: tokio::net::TcpStream) {
+    use pgwire::messages::Message;
+    use tokio::io::AsyncWriteExt;
+    let error: pgwire::messages::response::ErrorResponse = ErrorInfo::new(
+        "FATAL".into(),
+        "28000".into(),
+        "this server requires TLS: connect with sslmode=require (or verify-full)".into(),
+    )
+    .into();
+    let mut buf = bytes::BytesMut::new();
+    if error.encode(&mut buf).is_ok() {
+        let _ = socket.write_all(&buf).await;
+    }
+    let _ = socket.shutdown().await;
 }

@@ -107,7 +107,13 @@ fn stats_json(metrics: &sluice_engine::JobMetrics) -> serde_json::Value {
     })
 }
 
-/// Writes the stats every second and enforces the state quota, until `done`.
+/// The source rate a pipeline past the soft limit of its state quota (80%) is slowed to: a
+/// quarter of what it read just before, at least this.
+const BACKPRESSURE_FLOOR: u64 = 100;
+
+/// Writes the stats every second and enforces the state quota, until `done`: past 80% of it
+/// the sources are slowed (backpressure) and a warning is logged, until the state is back
+/// under 72%; past it the job fails.
 fn watch(
     args: &WorkerArgs,
     metrics: Arc<sluice_engine::JobMetrics>,
@@ -121,15 +127,18 @@ fn watch(
     let _ = std::thread::Builder::new()
         .name("pipeline-watch".into())
         .spawn(move || {
-            let mut warned = false;
+            let mut throttle: Option<u64> = None;
             let mut last_write = std::time::Instant::now() - std::time::Duration::from_secs(1);
+            let mut last_read = (std::time::Instant::now(), 0u64);
             loop {
                 let finished = done.load(std::sync::atomic::Ordering::SeqCst);
-                if let Some(rate) = rate_file.as_deref().and_then(read_rate) {
-                    control.ingest.set_rate(rate);
-                }
+                let read: u64 = metrics.rows_read().values().sum();
+                let per_second = (read.saturating_sub(last_read.1) as f64
+                    / last_read.0.elapsed().as_secs_f64().max(0.001)) as u64;
+                last_read = (std::time::Instant::now(), read);
                 if let Some(max) = max {
                     let (bytes, _) = metrics.state_now();
+                    let soft = max / 10 * 8;
                     if bytes > max && !control.failed() {
                         let largest = metrics
                             .largest_state()
@@ -138,19 +147,35 @@ fn watch(
                         control.fail(sluice_common::Error::Runtime(format!(
                             "quota max_state_bytes is {max}: pipeline {pipeline} holds {bytes} bytes of state{largest}"
                         )));
-                    } else if bytes > max / 10 * 8 && !warned {
-                        warned = true;
+                    } else if bytes > soft && throttle.is_none() {
+                        let slowed = (per_second / 4).max(BACKPRESSURE_FLOOR);
+                        throttle = Some(slowed);
                         tracing::warn!(
-                            "pipeline {pipeline} holds {bytes} bytes of state, past 80% of its quota max_state_bytes = {max}"
+                            "pipeline {pipeline} holds {bytes} bytes of state, past 80% of its quota max_state_bytes = {max}: its sources are slowed to {slowed} rows/s until it is under 72%"
+                        );
+                    } else if bytes < soft / 10 * 9 && throttle.is_some() {
+                        throttle = None;
+                        tracing::info!(
+                            "pipeline {pipeline} holds {bytes} bytes of state, back under 72% of its quota: its sources run at full speed"
                         );
                     }
                 }
+                // The tenant's share of its ingest quota (0: none), and the backpressure.
+                let share = rate_file.as_deref().and_then(read_rate).unwrap_or(0);
+                let rate = match (share, throttle) {
+                    (0, t) => t.unwrap_or(0),
+                    (s, Some(t)) => s.min(t),
+                    (s, None) => s,
+                };
+                control.ingest.set_rate(rate);
                 if let Some(path) = &stats {
                     if finished || last_write.elapsed() >= std::time::Duration::from_secs(1) {
                         last_write = std::time::Instant::now();
                         let tmp = path.with_extension("tmp");
-                        let text = stats_json(&metrics).to_string();
-                        if std::fs::write(&tmp, text).is_ok() {
+                        let mut value = stats_json(&metrics);
+                        value["backpressured"] = serde_json::json!(throttle.is_some());
+                        value["ingest_limit"] = serde_json::json!((rate > 0).then_some(rate));
+                        if std::fs::write(&tmp, value.to_string()).is_ok() {
                             let _ = std::fs::rename(&tmp, path);
                         }
                     }

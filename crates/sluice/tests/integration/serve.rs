@@ -978,9 +978,10 @@ fn a_pipeline_past_its_state_quota_fails_alone_and_metrics_stay_within_the_tenan
     );
     let g = serve.connect("g", "pw").unwrap();
     let s = serve.connect("s", "pw").unwrap();
-    // One group per id: the state grows without bound.
+    // One group per id: the state grows without bound, by about 0.7 MB/s, so that it passes
+    // the soft limit (80%) a few state reports before the quota.
     g.exec(
-        "CREATE TABLE ids (id BIGINT) WITH ('connector' = 'datagen', 'rows-per-second' = '50000',
+        "CREATE TABLE ids (id BIGINT) WITH ('connector' = 'datagen', 'rows-per-second' = '8000',
            'fields.id.kind' = 'sequence', 'fields.id.start' = '1', 'fields.id.end' = '100000000');
          SET 'restart-strategy.type' = 'none';
          CREATE MATERIALIZED VIEW per_id AS SELECT id, COUNT(*) AS n FROM ids GROUP BY id",
@@ -992,16 +993,36 @@ fn a_pipeline_past_its_state_quota_fails_alone_and_metrics_stay_within_the_tenan
          CREATE MATERIALIZED VIEW buckets AS
            SELECT id % 7 AS k, COUNT(*) AS n, SUM(id) AS total FROM ids GROUP BY id % 7"
     ));
+    // On the way, its stats show it slowed (backpressured) below its generator's rate.
+    let g_token = g.rows("CREATE TOKEN").unwrap()[0][1].clone();
+    let mut slowed_to = None;
     let status = wait_for(90, "the greedy pipeline fails on its quota", || {
+        let (_, body) = serve.http("GET", "/v1/pipelines/per_id/stats", Some(&g_token), None);
+        if body["stats"]["backpressured"] == serde_json::json!(true) {
+            slowed_to = body["stats"]["ingest_limit"].as_u64();
+        }
         let st = pipeline_status(&g, "per_id");
         (st.get(2).map(String::as_str) == Some("failed"), st)
     });
+    let slowed_to = slowed_to.expect("the stats showed the pipeline backpressured");
+    assert!(
+        (100..8000).contains(&slowed_to),
+        "slowed to {slowed_to} rows/s"
+    );
     let error = &status[7];
     assert!(
         error.contains("quota max_state_bytes is 2097152")
             && error.contains("greedy/per_id")
             && error.contains("the largest is"),
         "{error}"
+    );
+    // Past the soft limit (80%) it was slowed first, and its log says so.
+    let (st, body) = serve.http("GET", "/v1/pipelines/per_id/logs", Some(&g_token), None);
+    assert_eq!(st, 200, "{body}");
+    let log = body["lines"].to_string();
+    assert!(
+        log.contains("past 80% of its quota max_state_bytes = 2097152: its sources are slowed to"),
+        "{log}"
     );
     let status = wait_for(90, "the hoarding pipeline fails on its quota", || {
         let st = pipeline_status(&h, "per_id");
@@ -1230,6 +1251,57 @@ fn tls_protects_rest_and_the_postgres_wire() {
         .timeout(Duration::from_secs(10))
         .send();
     assert!(plain.is_err() || !plain.unwrap().status().is_success());
+    let psql_with = |pg: u16, sslmode: &str| {
+        Command::new("psql")
+            .arg(format!(
+                "host=127.0.0.1 port={pg} user=admin dbname=admin sslmode={sslmode} sslrootcert={} connect_timeout=30",
+                ca.display()
+            ))
+            .args(["-At", "-c", "SHOW TENANTS"])
+            .env("PGPASSWORD", ADMIN_PASSWORD)
+            .output()
+            .unwrap()
+    };
+    // TLS is offered, not required: a client that does not ask still connects.
+    assert!(psql_with(pg, "disable").status.success());
+    drop(serve);
+    // With --require-tls, it is refused with PostgreSQL's error for that, and TLS still works.
+    let (pg, http) = (free_port(), free_port());
+    let _serve = Serve::start_with(
+        &dir.path().join("data"),
+        pg,
+        http,
+        &[
+            "--tls-cert".as_ref(),
+            cert.as_os_str(),
+            "--tls-key".as_ref(),
+            key.as_os_str(),
+            "--require-tls".as_ref(),
+        ],
+    );
+    let refused = psql_with(pg, "disable");
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("this server requires TLS"), "{err}");
+    let plain = Pg::connect(pg, "admin", ADMIN_PASSWORD)
+        .err()
+        .expect("refused without TLS");
+    let code = plain.as_db_error().map(|d| d.code().code().to_string());
+    assert_eq!(code.as_deref(), Some("28000"), "{plain}");
+    let ok = psql_with(pg, "verify-full");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&ok.stdout).trim(), "admin");
+    // psql's default (sslmode=prefer) asks for TLS, and gets it.
+    let prefer = psql_with(pg, "prefer");
+    assert!(
+        prefer.status.success(),
+        "{}",
+        String::from_utf8_lossy(&prefer.stderr)
+    );
 }
 
 #[test]
