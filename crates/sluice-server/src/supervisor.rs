@@ -377,6 +377,49 @@ impl Supervisor {
         }
     }
 
+    /// Shares each tenant's `max_ingest_rows_per_second` among its running pipelines by
+    /// demand (max-min fairness): a pipeline that reads well below an even share keeps a
+    /// quarter more than it reads, and the rest is split evenly among the others. A pipeline
+    /// that speeds up reads up to its share, and so gets an even share again a second later.
+    fn rebalance_ingest(&self, seen: &mut HashMap<(String, String), (u64, i64)>) {
+        let runs: Vec<(String, String)> = self.runs().keys().cloned().collect();
+        seen.retain(|k, _| runs.contains(k));
+        let mut by_tenant: BTreeMap<String, Vec<(String, Option<f64>)>> = BTreeMap::new();
+        for (tenant, name) in runs {
+            let rate = self.stats(&tenant, &name).and_then(|st| {
+                let read: u64 = st["rows_read"]
+                    .as_object()?
+                    .values()
+                    .filter_map(|v| v.as_u64())
+                    .sum();
+                let at = st["written_at_ms"].as_i64()?;
+                let key = (tenant.clone(), name.clone());
+                let before = seen.insert(key, (read, at));
+                let (read0, at0) = before?;
+                (at > at0).then(|| read.saturating_sub(read0) as f64 * 1000.0 / (at - at0) as f64)
+            });
+            by_tenant.entry(tenant).or_default().push((name, rate));
+        }
+        for (tenant, pipelines) in by_tenant {
+            let Some(quota) = self
+                .catalog
+                .quotas(&tenant)
+                .ok()
+                .and_then(|q| q.max_ingest_rows_per_second)
+            else {
+                continue;
+            };
+            let rates: Vec<Option<f64>> = pipelines.iter().map(|(_, r)| *r).collect();
+            for ((name, _), share) in pipelines.iter().zip(fair_shares(quota, &rates)) {
+                let dir = self.layout.pipeline(&tenant, name);
+                let tmp = dir.join("ingest-rate.tmp");
+                if std::fs::write(&tmp, share.to_string()).is_ok() {
+                    let _ = std::fs::rename(&tmp, dir.join("ingest-rate"));
+                }
+            }
+        }
+    }
+
     /// Stops the pipeline: SIGTERM (a final checkpoint), SIGKILL if it has not ended in `grace`;
     /// then gives up its lease (a shared catalog).
     pub fn stop(&self, tenant: &str, name: &str, grace: Duration) {
@@ -557,14 +600,18 @@ impl Supervisor {
         self.share_ingest(tenant);
     }
 
-    /// Watches the quotas the server enforces itself, every `period`: `max_checkpoint_bytes`
-    /// against what each running pipeline's checkpoints take on disk.
+    /// Watches the quotas the server enforces itself, every `period`: shares each tenant's
+    /// ingest rate by demand, and checks `max_checkpoint_bytes` against what each running
+    /// pipeline's checkpoints take on disk.
     pub fn watch_quotas(self: &Arc<Self>, period: Duration) {
         let sup = self.clone();
         std::thread::Builder::new()
             .name("quotas".into())
-            .spawn(move || loop {
+            .spawn(move || {
+                let mut seen = HashMap::new();
+                loop {
                 std::thread::sleep(period);
+                sup.rebalance_ingest(&mut seen);
                 let running: Vec<(String, String)> = sup.runs().keys().cloned().collect();
                 for (tenant, name) in running {
                     let Some(max) = sup
@@ -585,6 +632,7 @@ impl Supervisor {
                             ),
                         );
                     }
+                }
                 }
             })
             .expect("start the quota thread");
@@ -862,4 +910,64 @@ pub fn register_views(views: &Views, layout: &Layout, p: &Pipeline) -> Result<()
         }
     }
     Ok(())
+}
+
+/// Max-min fair shares of `quota` rows/s among pipelines reading at `rates` (unknown: as much
+/// as they get). Every share is at least 1, and together they are at most `quota` (or one each).
+pub fn fair_shares(quota: u64, rates: &[Option<f64>]) -> Vec<u64> {
+    let mut shares: Vec<Option<u64>> = vec![None; rates.len()];
+    let mut remaining = quota as f64;
+    loop {
+        let open: Vec<usize> = (0..rates.len()).filter(|i| shares[*i].is_none()).collect();
+        if open.is_empty() {
+            break;
+        }
+        let even = remaining / open.len() as f64;
+        // Those that read well below an even share keep a quarter more than they read.
+        let modest: Vec<usize> = open
+            .iter()
+            .copied()
+            .filter(|i| rates[*i].is_some_and(|r| r * 1.25 < even * 0.8))
+            .collect();
+        // None is modest, or all are (nothing is left to want more): split what is left.
+        if modest.is_empty() || modest.len() == open.len() {
+            for i in open {
+                shares[i] = Some(even.floor() as u64);
+            }
+            break;
+        }
+        for i in modest {
+            let share = (rates[i].unwrap_or(0.0) * 1.25).ceil().max(1.0);
+            shares[i] = Some(share as u64);
+            remaining -= share;
+        }
+    }
+    shares.into_iter().map(|s| s.unwrap_or(0).max(1)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fair_shares;
+
+    #[test]
+    fn ingest_is_shared_by_demand() {
+        // Nobody is measured yet: even shares.
+        assert_eq!(fair_shares(4000, &[None, None]), vec![2000, 2000]);
+        // A slow reader keeps a quarter more than it reads; the rest goes to the busy one.
+        assert_eq!(
+            fair_shares(4000, &[Some(400.0), Some(2000.0)]),
+            vec![500, 3500]
+        );
+        // Two slow, two busy: the busy ones split what is left evenly.
+        assert_eq!(
+            fair_shares(10_000, &[Some(100.0), Some(4000.0), Some(200.0), None]),
+            vec![125, 4812, 250, 4812]
+        );
+        // Everyone busy: even shares; never more than the quota in all.
+        let s = fair_shares(1000, &[Some(900.0), Some(900.0), Some(900.0)]);
+        assert_eq!(s, vec![333, 333, 333]);
+        for rates in [vec![Some(1.0); 7], vec![Some(5000.0), Some(1.0), None]] {
+            assert!(fair_shares(3000, &rates).iter().sum::<u64>() <= 3000);
+        }
+    }
 }

@@ -285,6 +285,7 @@ fn run(
         fresh,
         sequential_sources: false,
         operator_busy: false,
+        count_rows: false,
     };
     let status = progress::Progress::start(progress, options.metrics.clone());
     let analyzed: Vec<sluice_sql::Pipeline> = plan

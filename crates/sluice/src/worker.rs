@@ -116,6 +116,7 @@ const BACKPRESSURE_FLOOR: u64 = 100;
 /// under 72%; past it the job fails.
 fn watch(
     args: &WorkerArgs,
+    pipelines: Vec<sluice_sql::Pipeline>,
     metrics: Arc<sluice_engine::JobMetrics>,
     control: Arc<sluice_engine::JobControl>,
     done: Arc<std::sync::atomic::AtomicBool>,
@@ -175,6 +176,10 @@ fn watch(
                         let mut value = stats_json(&metrics);
                         value["backpressured"] = serde_json::json!(throttle.is_some());
                         value["ingest_limit"] = serde_json::json!((rate > 0).then_some(rate));
+                        // EXPLAIN ANALYZE as the job runs: the rows each operator produced.
+                        value["plan"] = serde_json::json!(
+                            sluice_sql::plan::explain::explain_analyzed(&pipelines, &metrics.node_rows())
+                        );
                         if std::fs::write(&tmp, value.to_string()).is_ok() {
                             let _ = std::fs::rename(&tmp, path);
                         }
@@ -219,13 +224,20 @@ pub fn run(args: WorkerArgs) -> Result<Option<i32>, String> {
         control.ingest.set_rate(rate);
     }
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    watch(&args, metrics.clone(), control.clone(), done.clone());
+    watch(
+        &args,
+        plan.pipelines.clone(),
+        metrics.clone(),
+        control.clone(),
+        done.clone(),
+    );
     let options = JobOptions {
         workers: args.workers,
         control,
         metrics,
         fresh: args.fresh,
         operator_busy: true,
+        count_rows: true,
         ..Default::default()
     };
     let summary = sluice_engine::run(plan, options);

@@ -65,6 +65,9 @@ pub struct JobOptions {
     /// Measure the time each operator is scheduled ([`JobMetrics::busy`]), from timely's
     /// event log (which costs a little on every scheduling).
     pub operator_busy: bool,
+    /// Count the rows each plan node produces ([`JobMetrics::node_rows`]), as `EXPLAIN
+    /// ANALYZE` does, while the job runs.
+    pub count_rows: bool,
 }
 
 impl Default for JobOptions {
@@ -79,6 +82,7 @@ impl Default for JobOptions {
             fresh: false,
             sequential_sources: false,
             operator_busy: false,
+            count_rows: false,
         }
     }
 }
@@ -330,6 +334,7 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
         check_hosts(hosts, connected.clone())?;
     }
     let operator_busy = options.operator_busy;
+    let count_rows = options.count_rows;
     let guards = timely::execute(config, move |worker| {
         // A panic fails the job with its message: the other workers stop at their next step
         // instead of waiting for this one forever.
@@ -369,7 +374,7 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
                 let first = index / workers_per_process * workers_per_process;
                 first..first + workers_per_process
             },
-            count_rows: plan.pipelines.iter().any(|p| p.analyze),
+            count_rows: count_rows || plan.pipelines.iter().any(|p| p.analyze),
         };
         worker.dataflow::<Epoch, _, _>(|scope| {
             let reuse = Reuse::new(&plan);

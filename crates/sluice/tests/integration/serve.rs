@@ -1942,6 +1942,14 @@ fn operator_watermarks_busy_time_and_checkpoints_are_reported() {
             .unwrap()
             > 0
     );
+    // The plan with the rows each operator produced so far (EXPLAIN ANALYZE, live).
+    let plan = stats["plan"].as_str().unwrap();
+    let counts: Vec<u64> = plan
+        .split("rows=")
+        .skip(1)
+        .filter_map(|t| t.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert!(counts.iter().any(|n| *n > 0), "{plan}");
     // Busy time: every operator that ran has some; the aggregation is among them.
     let busy = stats["busy_ms"].as_object().unwrap();
     assert!(busy.values().any(|v| v.as_f64().unwrap() > 0.0), "{busy:?}");
@@ -2132,4 +2140,45 @@ fn a_catalog_database_that_cannot_be_reached_is_a_clear_error() {
         !err.contains("secret"),
         "the password is never shown: {err}"
     );
+}
+
+#[test]
+fn a_tenants_ingest_rate_goes_to_the_pipelines_that_want_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path());
+    serve.admin().exec(
+        "CREATE TENANT feed; CREATE USER f WITH PASSWORD 'pw' IN TENANT feed ROLE owner;
+         ALTER TENANT feed SET QUOTA (max_ingest_rows_per_second = 4000)",
+    );
+    let f = serve.connect("f", "pw").unwrap();
+    // One pipeline reads 300 rows/s of its own accord, the other as fast as it may.
+    for (name, rate) in [("slow", 300), ("busy", 100_000)] {
+        f.exec(&format!(
+            "CREATE TABLE ids_{name} (id BIGINT) WITH ('connector' = 'datagen', 'rows-per-second' = '{rate}',
+               'fields.id.kind' = 'sequence', 'fields.id.start' = '1', 'fields.id.end' = '1000000000');
+             CREATE MATERIALIZED VIEW count_{name} AS SELECT COUNT(*) AS n FROM ids_{name}"
+        ));
+    }
+    let token = f.rows("CREATE TOKEN").unwrap()[0][1].clone();
+    let limit = |name: &str| {
+        let (_, body) = serve.http(
+            "GET",
+            &format!("/v1/pipelines/count_{name}/stats"),
+            Some(&token),
+            None,
+        );
+        body["stats"]["ingest_limit"].as_u64()
+    };
+    // Even shares would be 2000 each; the busy one gets what the slow one leaves.
+    let (slow, busy) = wait_for(
+        30,
+        "the busy pipeline gets the slow one's unused share",
+        || {
+            let (slow, busy) = (limit("slow"), limit("busy"));
+            let ok =
+                matches!((slow, busy), (Some(s), Some(b)) if b > 3000 && s >= 300 && s + b <= 4000);
+            (ok, (slow, busy))
+        },
+    );
+    assert!(slow.unwrap() < 1000, "{slow:?} {busy:?}");
 }
