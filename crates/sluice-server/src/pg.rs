@@ -541,6 +541,21 @@ pub struct Prepared {
     ran: Arc<Mutex<Option<Result<Outcome, ApiError>>>>,
 }
 
+/// The columns of the statements that change something and answer with a row.
+fn row_columns(text: &str) -> Option<&'static [&'static str]> {
+    let upper: String = text
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_ascii_uppercase();
+    match upper.as_str() {
+        "CREATE TOKEN" => Some(&["token_id", "token", "user", "tenant", "role"]),
+        "CHECKPOINT PIPELINE" => Some(&["epoch", "bytes", "files"]),
+        _ => None,
+    }
+}
+
 /// Whether a statement only reads (it can run to be described).
 fn reads_only(text: &str) -> bool {
     let first = text
@@ -595,20 +610,10 @@ impl QueryParser for Parser {
                 _ => Arc::new(Schema::empty()),
             };
             (schema, Some(outcome))
-        } else if stmt
-            .text
-            .trim_start()
-            .to_ascii_uppercase()
-            .starts_with("CREATE TOKEN")
-        {
-            (
-                crate::statements::text_rows(
-                    &["token_id", "token", "user", "tenant", "role"],
-                    vec![],
-                )
-                .schema(),
-                None,
-            )
+        } else if let Some(columns) = row_columns(&stmt.text) {
+            // Statements that change something and answer with rows: described by their
+            // columns, run when executed.
+            (crate::statements::text_rows(columns, vec![]).schema(), None)
         } else {
             (Arc::new(Schema::empty()), None)
         };

@@ -539,21 +539,28 @@ async fn create_pipeline(
 }
 
 #[utoipa::path(post, path = "/v1/pipelines/{name}/{action}", tag = "pipelines",
-    params(("name" = String, Path), ("action" = String, Path, description = "start, start-fresh or stop")),
-    responses((status = 200, body = PipelineDoc), (status = 404, body = ErrorBody)), security(("token" = [])))]
+    params(("name" = String, Path), ("action" = String, Path, description = "start, start-fresh, stop, or checkpoint (a checkpoint now; answers with its epoch, bytes and files once it committed)")),
+    responses((status = 200, description = "The pipeline (start, stop); the checkpoint's epoch, bytes and files (checkpoint)", body = PipelineDoc), (status = 404, body = ErrorBody)), security(("token" = [])))]
 async fn pipeline_action(
     State(server): State<Arc<Server>>,
     headers: HeaderMap,
     Path((name, action)): Path<(String, String)>,
 ) -> ApiResult {
     let mut session = Session::new(principal(&server, &headers)?);
+    if action == "checkpoint" {
+        crate::statements::check_name("pipeline", &name)?;
+        let sql = format!("CHECKPOINT PIPELINE {name}");
+        return Ok(Json(outcome_json(
+            run_one(&server, &mut session, &sql).await?,
+        )));
+    }
     let sql = match action.as_str() {
         "start" => format!("START PIPELINE {name}"),
         "start-fresh" => format!("START PIPELINE {name} FRESH"),
         "stop" => format!("STOP PIPELINE {name}"),
         other => {
             return Err(ApiError::not_found(format!(
-                "no action '{other}': give start, start-fresh or stop"
+                "no action '{other}': give start, start-fresh, stop or checkpoint"
             )))
         }
     };

@@ -576,6 +576,12 @@ impl Server {
         if c.word("SHOW") {
             return self.show(&p, &mut c);
         }
+        if c.words(&["CHECKPOINT", "PIPELINE"]) {
+            p.require_developer()?;
+            let name = c.expect_name("a pipeline name")?;
+            c.end()?;
+            return self.checkpoint_pipeline(&p.tenant, &name);
+        }
         if c.words(&["STOP", "PIPELINE"]) || c.words(&["STOP", "JOB"]) {
             p.require_developer()?;
             let name = c.expect_name("a pipeline name")?;
@@ -1258,10 +1264,13 @@ impl Server {
         Ok(())
     }
 
-    /// Why the pipeline's last checkpoint cannot restore into `pl`'s plan, if it cannot:
-    /// another plan structure (the engine's fingerprint) or another input for a source.
-    fn state_misfit(&self, pl: &Pipeline) -> Result<Option<String>, ApiError> {
-        let dir = self.layout.checkpoints(&pl.tenant, &pl.name);
+    /// The pipeline's newest complete checkpoint.
+    fn latest_checkpoint(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Option<sluice_state::checkpoint::Manifest>, ApiError> {
+        let dir = self.layout.checkpoints(tenant, name);
         if !dir.exists() {
             return Ok(None);
         }
@@ -1270,10 +1279,58 @@ impl Server {
             &BTreeMap::new(),
         )
         .map_err(|e| ApiError::internal(e.to_string()))?;
-        let Some(manifest) = store
+        store
             .latest(|_, _| {})
-            .map_err(|e| ApiError::internal(e.to_string()))?
-        else {
+            .map_err(|e| ApiError::internal(e.to_string()))
+    }
+
+    /// `CHECKPOINT PIPELINE name`: a checkpoint now rather than at the next interval; returns
+    /// once it has committed, with its epoch, bytes and files.
+    fn checkpoint_pipeline(&self, tenant: &str, name: &str) -> Result<Outcome, ApiError> {
+        self.catalog
+            .pipeline(tenant, name)?
+            .ok_or_else(|| no_pipeline(name))?;
+        self.check_local(tenant, name)?;
+        let before = self.latest_checkpoint(tenant, name)?.map(|m| m.epoch);
+        if !self.supervisor.request_checkpoint(tenant, name) {
+            return Err(ApiError::invalid(format!(
+                "pipeline '{name}' has no running process to checkpoint: START PIPELINE {name} first"
+            )));
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(m) = self.latest_checkpoint(tenant, name)? {
+                if before.is_none_or(|b| m.epoch > b) {
+                    let bytes: u64 =
+                        m.files.values().sum::<u64>() + m.inherited.values().sum::<u64>();
+                    return Ok(Outcome::Rows(text_rows(
+                        &["epoch", "bytes", "files"],
+                        vec![vec![
+                            m.epoch.to_string(),
+                            bytes.to_string(),
+                            (m.files.len() + m.inherited.len()).to_string(),
+                        ]],
+                    )));
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(ApiError::internal(format!(
+                    "pipeline '{name}': no checkpoint committed within 120 s of asking; its log may say why"
+                )));
+            }
+            if !self.supervisor.is_active(tenant, name) {
+                return Err(ApiError::invalid(format!(
+                    "pipeline '{name}' stopped before its checkpoint committed"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Why the pipeline's last checkpoint cannot restore into `pl`'s plan, if it cannot:
+    /// another plan structure (the engine's fingerprint) or another input for a source.
+    fn state_misfit(&self, pl: &Pipeline) -> Result<Option<String>, ApiError> {
+        let Some(manifest) = self.latest_checkpoint(&pl.tenant, &pl.name)? else {
             return Ok(None);
         };
         let mut plan = sluice_sql::plan_script(&pl.script)

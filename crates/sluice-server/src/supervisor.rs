@@ -245,6 +245,17 @@ impl Supervisor {
         serde_json::from_str(&text).ok()
     }
 
+    /// Asks the pipeline's process for a checkpoint now (SIGUSR1); false when it has none.
+    pub fn request_checkpoint(&self, tenant: &str, name: &str) -> bool {
+        match self.pid(tenant, name) {
+            Some(pid) => {
+                signal(pid, libc::SIGUSR1);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// How long the pipeline has been supervised in this server.
     pub fn uptime(&self, tenant: &str, name: &str) -> Option<Duration> {
         self.runs()
@@ -766,6 +777,9 @@ impl Job {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                // Asking for a checkpoint (SIGUSR1) before the process listens must not end it:
+                // ignored until its handler is installed.
+                libc::signal(libc::SIGUSR1, libc::SIG_IGN);
                 // The server may have died between fork and prctl.
                 if libc::getppid() == 1 {
                     libc::_exit(1);

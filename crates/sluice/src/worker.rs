@@ -219,6 +219,21 @@ pub fn run(args: WorkerArgs) -> Result<Option<i32>, String> {
         .contains_key("execution.checkpointing.interval");
     let control = sluice_engine::JobControl::new();
     let stopped_by = crate::stop_on_signals(control.clone(), checkpointing)?;
+    // SIGUSR1: a checkpoint now (the server's `POST /v1/pipelines/{name}/checkpoint`).
+    {
+        let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGUSR1])
+            .map_err(|e| format!("could not install the signal handlers: {e}"))?;
+        let control = control.clone();
+        std::thread::Builder::new()
+            .name("checkpoint-signal".into())
+            .spawn(move || {
+                for _ in signals.forever() {
+                    tracing::info!("a checkpoint was asked for");
+                    control.request_checkpoint();
+                }
+            })
+            .map_err(|e| format!("could not start the signal thread: {e}"))?;
+    }
     let metrics = sluice_engine::JobMetrics::new();
     if let Some(rate) = args.ingest_rate_file.as_deref().and_then(read_rate) {
         control.ingest.set_rate(rate);

@@ -123,6 +123,7 @@ pub(crate) fn source_stream<'scope>(
         let activator = scope.activator_for(info.address.clone());
         let mut cap = Some(cap);
         let mut epoch: Epoch = checkpoint.as_ref().map_or(0, |c| c.base);
+        let mut checkpoints_asked = control.checkpoint_requests();
         if let Some(c) = cap.as_mut() {
             c.downgrade(&epoch);
         }
@@ -343,6 +344,14 @@ pub(crate) fn source_stream<'scope>(
                     }
                 }
                 epoch += 1;
+                // A checkpoint asked for: the epochs up to the next checkpoint epoch stay empty.
+                let asked = control.checkpoint_requests();
+                if asked != checkpoints_asked {
+                    checkpoints_asked = asked;
+                    if let Some(ck) = &checkpoint {
+                        epoch = ck.next_checkpoint(epoch);
+                    }
+                }
                 c.downgrade(&epoch);
                 epoch_started = Instant::now();
             }

@@ -19,6 +19,8 @@ pub struct JobControl {
     checkpoint_failures: Mutex<BTreeMap<u64, Error>>,
     /// The process's sources together read at most this many rows per second.
     pub ingest: IngestLimit,
+    /// Checkpoints asked for so far ([`JobControl::request_checkpoint`]).
+    checkpoint_requests: AtomicU64,
 }
 
 /// A token bucket over the rows the process's sources read, shared by all of them: a source
@@ -89,6 +91,7 @@ impl Default for JobControl {
             stop_epoch: AtomicU64::new(u64::MAX),
             checkpoint_failures: Mutex::new(BTreeMap::new()),
             ingest: IngestLimit::default(),
+            checkpoint_requests: AtomicU64::new(0),
         }
     }
 }
@@ -96,6 +99,19 @@ impl Default for JobControl {
 impl JobControl {
     pub fn new() -> Arc<Self> {
         Arc::new(JobControl::default())
+    }
+
+    /// Asks for a checkpoint now rather than at the next interval: each source of the process,
+    /// at the end of its current epoch, skips the empty epochs up to the next checkpoint epoch.
+    /// The checkpoint epochs stay those of the interval, so operators, other processes and
+    /// restores see nothing new; the next one only comes sooner.
+    pub fn request_checkpoint(&self) {
+        self.checkpoint_requests.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// How many checkpoints were asked for.
+    pub fn checkpoint_requests(&self) -> u64 {
+        self.checkpoint_requests.load(Ordering::SeqCst)
     }
 
     /// Records the first failure: the job stops with it.

@@ -2182,3 +2182,95 @@ fn a_tenants_ingest_rate_goes_to_the_pipelines_that_want_it() {
     );
     assert!(slow.unwrap() < 1000, "{slow:?} {busy:?}");
 }
+
+#[test]
+fn a_checkpoint_on_demand_commits_at_once_and_a_restart_resumes_from_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path());
+    let admin = serve.admin();
+    let input = serve.files("admin").join("incoming");
+    std::fs::create_dir_all(&input).unwrap();
+    // Checkpoints an hour apart: the view shows only what a checkpoint committed.
+    admin.exec(
+        "SET 'execution.checkpointing.interval' = '1 h';
+         CREATE TABLE ids (id BIGINT) WITH ('connector' = 'filesystem', 'path' = 'incoming',
+           'format' = 'csv', 'source.monitor-interval' = '200 ms');
+         CREATE MATERIALIZED VIEW buckets AS
+           SELECT id % 7 AS k, COUNT(*) AS n, SUM(id) AS total FROM ids GROUP BY id % 7",
+    );
+    let rows = |pg: &Pg| {
+        pg.rows("SELECT k, n, total FROM buckets ORDER BY k")
+            .unwrap_or_default()
+    };
+    let read = || {
+        let (_, body) = serve.http(
+            "GET",
+            "/v1/pipelines/buckets/stats",
+            Some(ADMIN_TOKEN),
+            None,
+        );
+        body["stats"]["rows_read"]["ids"].as_u64().unwrap_or(0)
+    };
+    // The first checkpoint comes at the start; the file arrives after it.
+    wait_for(60, "running", || {
+        let st = pipeline_status(&admin, "buckets");
+        (st[2] == "running", st)
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    write_ids(&input, "a.csv", 1..10_001);
+    wait_for(60, "the first file read", || (read() == 10_000, read()));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_ne!(
+        rows(&admin),
+        buckets_answer(10_000, 7),
+        "no checkpoint yet, so the view is behind"
+    );
+    // Over the wire: it returns once the checkpoint committed, and the view shows it.
+    let first = admin.rows("CHECKPOINT PIPELINE buckets").unwrap();
+    let epoch1: u64 = first[0][0].parse().unwrap();
+    assert!(first[0][1].parse::<u64>().unwrap() > 0, "{first:?}");
+    wait_for(10, "the view as of the asked-for checkpoint", || {
+        (rows(&admin) == buckets_answer(10_000, 7), rows(&admin))
+    });
+    // Over REST, after more input.
+    write_ids(&input, "b.csv", 10_001..20_001);
+    wait_for(60, "the second file read", || (read() == 20_000, read()));
+    let (status, body) = serve.http(
+        "POST",
+        "/v1/pipelines/buckets/checkpoint",
+        Some(ADMIN_TOKEN),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    let epoch2: u64 = body["rows"][0][0].as_str().unwrap().parse().unwrap();
+    assert!(epoch2 > epoch1, "{epoch1} then {epoch2}");
+    wait_for(10, "the view with the second file", || {
+        (rows(&admin) == buckets_answer(20_000, 7), rows(&admin))
+    });
+    // A killed process resumes from the asked-for checkpoint, not from the start.
+    let pid: i32 = pipeline_status(&admin, "buckets")[6].parse().unwrap();
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_for(60, "restarted", || {
+        let st = pipeline_status(&admin, "buckets");
+        (
+            st[2] == "running" && st[6] != pid.to_string() && st[6] != "NULL",
+            st,
+        )
+    });
+    let (_, logs) = serve.http("GET", "/v1/pipelines/buckets/logs", Some(ADMIN_TOKEN), None);
+    let logs = logs["lines"].to_string();
+    assert!(
+        logs.contains(&format!("resuming from checkpoint {epoch2} ")),
+        "{logs}"
+    );
+    write_ids(&input, "c.csv", 20_001..30_001);
+    wait_for(60, "the third file read", || (read() >= 10_000, read()));
+    admin.exec("CHECKPOINT PIPELINE buckets");
+    wait_for(10, "exact after the restart", || {
+        (rows(&admin) == buckets_answer(30_000, 7), rows(&admin))
+    });
+    // A pipeline that is not running has nothing to checkpoint.
+    admin.exec("STOP PIPELINE buckets");
+    let e = admin.fails("CHECKPOINT PIPELINE buckets");
+    assert!(e.contains("START PIPELINE buckets"), "{e}");
+}
