@@ -9,6 +9,7 @@
 pub mod changelog;
 pub mod error;
 pub mod java_format;
+pub mod secrets;
 pub mod text;
 pub mod time;
 

@@ -143,7 +143,7 @@ fn pipeline_json(server: &Server, p: &crate::catalog::Pipeline) -> Value {
         "uptime_seconds": uptime,
         "pid": server.supervisor.pid(&p.tenant, &p.name),
         "views": p.views,
-        "sql": p.statements,
+        "sql": sluice_common::secrets::mask_sql(&p.statements),
     })
 }
 
@@ -667,7 +667,10 @@ async fn view_changes(
     responses((status = 200, description = "The tenant's tables, views and materialized views with their DDL", body = Object)), security(("token" = [])))]
 async fn list_tables(State(server): State<Arc<Server>>, headers: HeaderMap) -> ApiResult {
     let p = principal(&server, &headers)?;
-    let objects = server.catalog.objects(&p.tenant)?;
+    let mut objects = server.catalog.objects(&p.tenant)?;
+    for o in &mut objects {
+        o.sql = sluice_common::secrets::mask_sql(&o.sql);
+    }
     Ok(Json(json!({ "tables": objects })))
 }
 
@@ -729,7 +732,7 @@ async fn pipeline_logs(
     Path(name): Path<String>,
     axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
 ) -> ApiResult {
-    let (p, _) = own_pipeline(&server, &headers, &name)?;
+    let (p, pl) = own_pipeline(&server, &headers, &name)?;
     let n: usize = q
         .get("lines")
         .map(|v| {
@@ -745,7 +748,12 @@ async fn pipeline_logs(
     let tail = &text[text.len().saturating_sub(4 << 20)..];
     let text = String::from_utf8_lossy(tail);
     let lines: Vec<&str> = text.lines().collect();
-    let lines = &lines[lines.len().saturating_sub(n)..];
+    // The process hides its secrets itself; this is a second guard.
+    let secrets = sluice_common::secrets::secret_values(&pl.script);
+    let lines: Vec<String> = lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|l| sluice_common::secrets::redact(l, &secrets))
+        .collect();
     Ok(Json(json!({ "lines": lines })))
 }
 

@@ -377,6 +377,44 @@ impl Server {
         session: &mut Session,
         stmt: &Stmt,
     ) -> Result<Outcome, ApiError> {
+        let explain = stmt
+            .text
+            .trim_start()
+            .to_ascii_uppercase()
+            .starts_with("EXPLAIN");
+        match self.execute_unmasked(session, stmt).await {
+            Err(e) => Err(self.without_secrets(&session.principal.tenant, &stmt.text, e)),
+            Ok(Outcome::Rows(batch)) if explain => {
+                let secrets = self.secrets_of(&session.principal.tenant, &stmt.text);
+                Ok(Outcome::Rows(redact_batch(&batch, &secrets)))
+            }
+            ok => ok,
+        }
+    }
+
+    /// The secret option values of a statement and of the tenant's objects.
+    fn secrets_of(&self, tenant: &str, text: &str) -> Vec<String> {
+        let mut secrets = sluice_common::secrets::secret_values(text);
+        for o in self.catalog.objects(tenant).unwrap_or_default() {
+            secrets.extend(sluice_common::secrets::secret_values(&o.sql));
+        }
+        secrets
+    }
+
+    /// An error whose message cannot show a secret of the statement or of the tenant.
+    fn without_secrets(&self, tenant: &str, text: &str, e: ApiError) -> ApiError {
+        let secrets = self.secrets_of(tenant, text);
+        ApiError {
+            message: sluice_common::secrets::redact(&e.message, &secrets),
+            ..e
+        }
+    }
+
+    async fn execute_unmasked(
+        self: &Arc<Self>,
+        session: &mut Session,
+        stmt: &Stmt,
+    ) -> Result<Outcome, ApiError> {
         let t = words(&stmt.text).map_err(|e| e.at(stmt.offset + 1))?;
         let mut c = Cursor { t: &t, i: 0 };
         if c.word("SELECT") || c.word("WITH") || c.word("VALUES") {
@@ -1820,6 +1858,23 @@ impl Server {
             .map_err(|e| ApiError::internal(e.to_string()))?;
         Ok(Outcome::Rows(batch))
     }
+}
+
+/// A batch of text columns with every secret replaced.
+fn redact_batch(batch: &RecordBatch, secrets: &[String]) -> RecordBatch {
+    let columns: Vec<ArrayRef> = batch
+        .columns()
+        .iter()
+        .map(|c| match c.as_any().downcast_ref::<StringArray>() {
+            Some(text) => Arc::new(
+                text.iter()
+                    .map(|v| v.map(|v| sluice_common::secrets::redact(v, secrets)))
+                    .collect::<StringArray>(),
+            ) as ArrayRef,
+            None => c.clone(),
+        })
+        .collect();
+    RecordBatch::try_new(batch.schema(), columns).unwrap_or_else(|_| batch.clone())
 }
 
 /// A column type as Flink SQL spells it.

@@ -44,11 +44,11 @@ pub fn init(format: LogFormat) -> Result<(), String> {
         .map_err(|e| format!("SLUICE_LOG='{levels}': {e}"))?;
     let layer = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
+            .with_writer(|| Redacting(std::io::stderr()))
             .event_format(Plain)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
+            .with_writer(|| Redacting(std::io::stderr()))
             .json()
             .flatten_event(true)
             .boxed(),
@@ -58,6 +58,23 @@ pub fn init(format: LogFormat) -> Result<(), String> {
         .with(layer)
         .try_init();
     installed.map_err(|e| format!("cannot install the logger: {e}"))
+}
+
+/// Stderr with the secrets the process hides ([`sluice_common::secrets::hide`]) replaced: the
+/// logger writes each line whole, so a secret is never split between writes.
+struct Redacting(std::io::Stderr);
+
+impl std::io::Write for Redacting {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        let shown = sluice_common::secrets::redacted(&text);
+        self.0.write_all(shown.as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
 }
 
 /// Plain lines: the message and its fields, after `error: ` or `warning: ` for those levels.

@@ -221,6 +221,7 @@ fn run(
         );
     }
     let sql = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+    sluice_common::secrets::hide(sluice_common::secrets::secret_values(&sql));
     let mut plan = sluice_sql::plan_script(&sql).map_err(|e| format!("{}: {e}", file.display()))?;
     for warning in &plan.warnings {
         tracing::warn!("{}: {warning}", file.display());

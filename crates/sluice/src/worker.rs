@@ -196,6 +196,8 @@ fn watch(
 pub fn run(args: WorkerArgs) -> Result<Option<i32>, String> {
     let file = args.script.display().to_string();
     let sql = std::fs::read_to_string(&args.script).map_err(|e| format!("{file}: {e}"))?;
+    // The options' secrets never reach the log (the server serves it to the tenant).
+    sluice_common::secrets::hide(sluice_common::secrets::secret_values(&sql));
     let mut plan = sluice_sql::plan_script(&sql).map_err(|e| format!("{file}: {e}"))?;
     for warning in &plan.warnings {
         tracing::warn!("{file}: {warning}");

@@ -2257,11 +2257,18 @@ fn a_checkpoint_on_demand_commits_at_once_and_a_restart_resumes_from_it() {
             st,
         )
     });
-    let (_, logs) = serve.http("GET", "/v1/pipelines/buckets/logs", Some(ADMIN_TOKEN), None);
-    let logs = logs["lines"].to_string();
-    assert!(
-        logs.contains(&format!("resuming from checkpoint {epoch2} ")),
-        "{logs}"
+    wait_for(
+        30,
+        "the restart resumes from the asked-for checkpoint",
+        || {
+            let (_, logs) =
+                serve.http("GET", "/v1/pipelines/buckets/logs", Some(ADMIN_TOKEN), None);
+            let logs = logs["lines"].to_string();
+            (
+                logs.contains(&format!("resuming from checkpoint {epoch2} ")),
+                logs,
+            )
+        },
     );
     write_ids(&input, "c.csv", 20_001..30_001);
     wait_for(60, "the third file read", || (read() >= 10_000, read()));
@@ -2273,4 +2280,62 @@ fn a_checkpoint_on_demand_commits_at_once_and_a_restart_resumes_from_it() {
     admin.exec("STOP PIPELINE buckets");
     let e = admin.fails("CHECKPOINT PIPELINE buckets");
     assert!(e.contains("START PIPELINE buckets"), "{e}");
+}
+
+#[test]
+fn secrets_never_come_back_in_answers_errors_or_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path());
+    let admin = serve.admin();
+    let secret = "Sup3r-Secret-pw";
+    let queue = format!("sluice_secret_{}", std::process::id());
+    // A statement whose error would quote the secret (before any table holds it).
+    let e = admin.fails(&format!(
+        "CREATE TABLE rq2 (id BIGINT) WITH ('connector' = 'rabbitmq', 'password' '{secret}')"
+    ));
+    assert!(e.contains("******"), "{e}");
+    // The broker refuses the password: the pipeline fails, and its errors name the login.
+    admin.exec(&format!(
+        "SET 'restart-strategy.type' = 'none';
+         CREATE TABLE rq (id BIGINT) WITH ('connector' = 'rabbitmq', 'host' = '127.0.0.1',
+           'username' = 'guest', 'password' = '{secret}', 'queue' = '{queue}', 'format' = 'json');
+         CREATE MATERIALIZED VIEW rq_count AS SELECT COUNT(*) AS n FROM rq"
+    ));
+    let status = wait_for(60, "the pipeline fails to log in", || {
+        let st = pipeline_status(&admin, "rq_count");
+        (st[2] == "failed", st)
+    });
+    assert!(!status[7].is_empty(), "{status:?}");
+    let mut seen = vec![format!("SHOW PIPELINES: {status:?}")];
+    for path in [
+        "/v1/tables",
+        "/v1/pipelines",
+        "/v1/pipelines/rq_count",
+        "/v1/pipelines/rq_count/logs",
+    ] {
+        let (st, body) = serve.http("GET", path, Some(ADMIN_TOKEN), None);
+        assert_eq!(st, 200, "{path}: {body}");
+        seen.push(format!("{path}: {body}"));
+    }
+    let (_, tables) = serve.http("GET", "/v1/tables", Some(ADMIN_TOKEN), None);
+    assert!(
+        tables.to_string().contains("'password' = '******'"),
+        "{tables}"
+    );
+    seen.push(format!("error: {e}"));
+    let (_, body) = serve.http(
+        "POST",
+        "/v1/sql",
+        Some(ADMIN_TOKEN),
+        Some(serde_json::json!({ "sql": format!("EXPLAIN SELECT * FROM rq WHERE id > 0") })),
+    );
+    seen.push(format!("EXPLAIN: {body}"));
+    // The pipeline's log file on disk, as its process wrote it.
+    let log = std::fs::read_to_string(dir.path().join("tenants/admin/pipelines/rq_count/log"))
+        .unwrap_or_default();
+    assert!(!log.is_empty(), "the process wrote a log");
+    seen.push(format!("log file: {log}"));
+    for text in seen {
+        assert!(!text.contains(secret), "the secret shows in {text}");
+    }
 }
