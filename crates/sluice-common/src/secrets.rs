@@ -28,9 +28,21 @@ pub fn is_secret_key(key: &str) -> bool {
     .any(|w| k.contains(w))
 }
 
-/// The `'key' = 'value'` pairs (or `'key' 'value'`) of a text (quotes doubled inside), with the byte range of each
-/// value's text between its quotes.
-fn pairs(text: &str) -> Vec<(String, std::ops::Range<usize>)> {
+/// One `'key' = 'value'` option written in a text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptionPair {
+    pub key: String,
+    /// The value as meant (quotes undoubled).
+    pub value: String,
+    /// Where the value's text lies, between its quotes.
+    pub value_at: std::ops::Range<usize>,
+    /// Where the whole pair lies, from the key's opening quote to the value's closing one.
+    pub at: std::ops::Range<usize>,
+}
+
+/// The `'key' = 'value'` pairs (or `'key' 'value'`, in a statement that does not parse) of a
+/// text, quotes doubled inside.
+pub fn option_pairs(text: &str) -> Vec<OptionPair> {
     let bytes = text.as_bytes();
     // Quoted strings: (content range, unescaped content).
     let mut strings: Vec<(std::ops::Range<usize>, String)> = vec![];
@@ -67,11 +79,15 @@ fn pairs(text: &str) -> Vec<(String, std::ops::Range<usize>)> {
     strings
         .windows(2)
         .filter(|w| {
-            // `'key' = 'value'`, or `'key' 'value'` in a statement that does not parse.
             let between = &text[w[0].0.end + 1..w[1].0.start - 1];
             matches!(between.trim(), "=" | "")
         })
-        .map(|w| (w[0].1.clone(), w[1].0.clone()))
+        .map(|w| OptionPair {
+            key: w[0].1.clone(),
+            value: w[1].1.clone(),
+            value_at: w[1].0.clone(),
+            at: w[0].0.start - 1..(w[1].0.end + 1).min(text.len()),
+        })
         .collect()
 }
 
@@ -79,11 +95,11 @@ fn pairs(text: &str) -> Vec<(String, std::ops::Range<usize>)> {
 pub fn mask_sql(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut at = 0;
-    for (key, value) in pairs(text) {
-        if is_secret_key(&key) && value.start >= at {
-            out.push_str(&text[at..value.start]);
+    for pair in option_pairs(text) {
+        if is_secret_key(&pair.key) && pair.value_at.start >= at {
+            out.push_str(&text[at..pair.value_at.start]);
             out.push_str(MASK);
-            at = value.end;
+            at = pair.value_at.end;
         }
     }
     out.push_str(&text[at..]);
@@ -94,9 +110,9 @@ pub fn mask_sql(text: &str) -> String {
 /// meant (quotes undoubled).
 pub fn secret_values(text: &str) -> Vec<String> {
     let mut out = vec![];
-    for (key, value) in pairs(text) {
-        if is_secret_key(&key) {
-            let raw = &text[value];
+    for pair in option_pairs(text) {
+        if is_secret_key(&pair.key) {
+            let raw = &text[pair.value_at];
             // Very short values would mask unrelated text; they are no protection anyway.
             if raw.len() >= 4 {
                 out.push(raw.replace("''", "'"));

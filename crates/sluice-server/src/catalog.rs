@@ -120,6 +120,8 @@ pub enum ObjectKind {
     Table,
     View,
     MaterializedView,
+    /// Options (and their secrets) that tables take with `'connection' = 'name'`.
+    Connection,
 }
 
 impl ObjectKind {
@@ -128,6 +130,7 @@ impl ObjectKind {
             ObjectKind::Table => "table",
             ObjectKind::View => "view",
             ObjectKind::MaterializedView => "materialized_view",
+            ObjectKind::Connection => "connection",
         }
     }
 
@@ -135,6 +138,7 @@ impl ObjectKind {
         match s {
             "view" => ObjectKind::View,
             "materialized_view" => ObjectKind::MaterializedView,
+            "connection" => ObjectKind::Connection,
             _ => ObjectKind::Table,
         }
     }
@@ -144,6 +148,7 @@ impl ObjectKind {
             ObjectKind::Table => "table",
             ObjectKind::View => "view",
             ObjectKind::MaterializedView => "materialized view",
+            ObjectKind::Connection => "connection",
         }
     }
 }

@@ -102,6 +102,14 @@ pub fn render(server: &Server, tenant: Option<&str>) -> Result<String, ApiError>
         &op_labels,
     )
     .map_err(bad)?;
+    let op_late = IntCounterVec::new(
+        Opts::new(
+            "sluice_operator_late_rows_dropped_total",
+            "rows behind the watermark a stateful operator dropped, per worker",
+        ),
+        &op_labels,
+    )
+    .map_err(bad)?;
     let op_busy = prometheus::CounterVec::new(
         Opts::new(
             "sluice_operator_busy_seconds_total",
@@ -132,6 +140,7 @@ pub fn render(server: &Server, tenant: Option<&str>) -> Result<String, ApiError>
         Box::new(op_watermark.clone()),
         Box::new(op_lag.clone()),
         Box::new(op_busy.clone()),
+        Box::new(op_late.clone()),
         Box::new(view_epoch.clone()),
     ] {
         registry.register(c).map_err(bad)?;
@@ -192,6 +201,15 @@ pub fn render(server: &Server, tenant: Option<&str>) -> Result<String, ApiError>
             if let Some(ms) = w["lag_ms"].as_i64() {
                 op_lag.with_label_values(&labels).set(ms as f64 / 1000.0);
             }
+        }
+        for (op, n) in stats["late_rows_by_operator"]
+            .as_object()
+            .into_iter()
+            .flatten()
+        {
+            op_late
+                .with_label_values(&[l[0], l[1], op.as_str()])
+                .inc_by(count(n));
         }
         for (op, ms) in stats["busy_ms"].as_object().into_iter().flatten() {
             op_busy

@@ -432,6 +432,7 @@ impl TenantPgCatalog {
                     ObjectKind::Table => "r",
                     ObjectKind::View => "v",
                     ObjectKind::MaterializedView => "m",
+                    ObjectKind::Connection => "r",
                 });
                 Some(kind.unwrap_or(kinds.value(i)).to_string())
             })

@@ -684,13 +684,15 @@ impl Server {
             p.require_developer()?;
             let kind = if c.words(&["MATERIALIZED", "VIEW"]) {
                 ObjectKind::MaterializedView
+            } else if c.word("CONNECTION") {
+                ObjectKind::Connection
             } else if c.word("VIEW") {
                 ObjectKind::View
             } else if c.word("TABLE") {
                 ObjectKind::Table
             } else {
                 return Err(ApiError::syntax(format!(
-                    "expected TABLE, VIEW, MATERIALIZED VIEW, PIPELINE, USER or TENANT after DROP, found {}",
+                    "expected TABLE, VIEW, MATERIALIZED VIEW, CONNECTION, PIPELINE, USER or TENANT after DROP, found {}",
                     c.found()
                 )));
             };
@@ -740,6 +742,18 @@ impl Server {
             self.create_pipeline(session, &name, &stmt.text, None)
                 .map_err(|e| shift(e, stmt.offset))?;
             return Ok(Outcome::Command("INSERT 0 0".into()));
+        }
+        if c.words(&["CREATE", "CONNECTION"]) {
+            p.require_developer()?;
+            let if_not_exists = c.words(&["IF", "NOT", "EXISTS"]);
+            let name = c.expect_name("a connection name")?;
+            if !c.word("WITH") {
+                return Err(ApiError::syntax(format!(
+                    "expected CREATE CONNECTION name WITH ('key' = 'value', ...), found {}",
+                    c.found()
+                )));
+            }
+            return self.create_connection(&p.tenant, &name, &stmt.text, if_not_exists);
         }
         if c.word("CREATE") {
             p.require_developer()?;
@@ -910,6 +924,25 @@ impl Server {
                     rows,
                 )))
             }
+            "CONNECTIONS" => {
+                let tenant = scope.unwrap_or(p.tenant.as_str());
+                let rows = self
+                    .catalog
+                    .objects(tenant)?
+                    .into_iter()
+                    .filter(|o| o.kind == ObjectKind::Connection)
+                    .map(|o| {
+                        let options: Vec<String> = sluice_common::secrets::option_pairs(
+                            &sluice_common::secrets::mask_sql(&o.sql),
+                        )
+                        .into_iter()
+                        .map(|p| format!("'{}' = '{}'", p.key, p.value))
+                        .collect();
+                        vec![o.name, options.join(", ")]
+                    })
+                    .collect();
+                Ok(Outcome::Rows(text_rows(&["connection", "options"], rows)))
+            }
             "TABLES" | "VIEWS" | "MATERIALIZED VIEWS" => {
                 let kind = match what.as_str() {
                     "TABLES" => ObjectKind::Table,
@@ -966,7 +999,7 @@ impl Server {
                 )))
             }
             other => Err(ApiError::syntax(format!(
-                "SHOW {other}: give TENANTS, USERS, TOKENS, QUOTAS, TABLES, VIEWS, MATERIALIZED VIEWS or PIPELINES"
+                "SHOW {other}: give TENANTS, USERS, TOKENS, QUOTAS, TABLES, VIEWS, MATERIALIZED VIEWS, CONNECTIONS or PIPELINES"
             ))),
         }
     }
@@ -1043,15 +1076,20 @@ impl Server {
             .execute(settings)
             .map_err(|e| ApiError::internal(format!("pipeline settings: {e}")))?;
         for o in self.catalog.objects(tenant)? {
-            if o.kind == ObjectKind::MaterializedView {
+            if matches!(
+                o.kind,
+                ObjectKind::MaterializedView | ObjectKind::Connection
+            ) {
                 continue;
             }
-            catalog.execute(&o.sql).map_err(|e| {
-                ApiError::plan(format!(
-                    "the stored definition of '{}' no longer plans: {e}",
-                    o.name
-                ))
-            })?;
+            catalog
+                .execute(&self.expand_connections(tenant, &o.sql)?)
+                .map_err(|e| {
+                    ApiError::plan(format!(
+                        "the stored definition of '{}' no longer plans: {e}",
+                        o.name
+                    ))
+                })?;
         }
         Ok(catalog)
     }
@@ -1152,8 +1190,11 @@ impl Server {
             .unwrap_or(1);
         let mut script = self.settings_sql(&p.tenant, name, &settings);
         for o in self.catalog.objects(&p.tenant)? {
-            if o.kind != ObjectKind::MaterializedView {
-                script.push_str(&o.sql);
+            if !matches!(
+                o.kind,
+                ObjectKind::MaterializedView | ObjectKind::Connection
+            ) {
+                script.push_str(&self.expand_connections(&p.tenant, &o.sql)?);
                 script.push_str(";\n");
             }
         }
@@ -1572,6 +1613,25 @@ impl Server {
                 kind.words()
             )));
         }
+        if kind == ObjectKind::Connection {
+            let users: Vec<String> = self
+                .catalog
+                .objects(tenant)?
+                .into_iter()
+                .filter(|o| {
+                    sluice_common::secrets::option_pairs(&o.sql)
+                        .iter()
+                        .any(|p| p.key == "connection" && p.value == name)
+                })
+                .map(|o| o.name)
+                .collect();
+            if !users.is_empty() {
+                return Err(ApiError::invalid(format!(
+                    "connection '{name}' is used by {}: drop them first",
+                    users.join(", ")
+                )));
+            }
+        }
         if kind == ObjectKind::MaterializedView {
             self.drop_pipeline(tenant, name)?;
             self.views.remove(tenant, name);
@@ -1599,6 +1659,88 @@ impl Server {
         }
         self.catalog.drop_object(tenant, name)?;
         Ok(Outcome::Command(tag))
+    }
+
+    /// `CREATE CONNECTION name WITH (...)`: options (often with secrets) kept once, that tables
+    /// take with `'connection' = 'name'`.
+    fn create_connection(
+        &self,
+        tenant: &str,
+        name: &str,
+        text: &str,
+        if_not_exists: bool,
+    ) -> Result<Outcome, ApiError> {
+        check_name("connection", name)?;
+        let options = sluice_common::secrets::option_pairs(text);
+        if options.is_empty() {
+            return Err(ApiError::syntax(
+                "expected CREATE CONNECTION name WITH ('key' = 'value', ...)",
+            ));
+        }
+        if let Some(o) = options.iter().find(|o| o.key == "connection") {
+            return Err(ApiError::invalid(format!(
+                "connection '{name}' may not take another connection ('{}')",
+                o.value
+            )));
+        }
+        if self.catalog.object(tenant, name)?.is_some() {
+            if if_not_exists {
+                return Ok(Outcome::Command("CREATE CONNECTION".into()));
+            }
+            return Err(ApiError::duplicate(format!("'{name}' already exists")));
+        }
+        self.catalog.put_object(
+            tenant,
+            &Object {
+                name: name.to_string(),
+                kind: ObjectKind::Connection,
+                sql: text.trim().to_string(),
+            },
+        )?;
+        Ok(Outcome::Command("CREATE CONNECTION".into()))
+    }
+
+    /// A table's DDL with `'connection' = 'name'` replaced by the connection's options (those
+    /// the table does not set itself).
+    fn expand_connections(&self, tenant: &str, sql: &str) -> Result<String, ApiError> {
+        let pairs = sluice_common::secrets::option_pairs(sql);
+        let Some(uses) = pairs.iter().find(|p| p.key == "connection") else {
+            return Ok(sql.to_string());
+        };
+        let connection = self
+            .catalog
+            .object(tenant, &uses.value)?
+            .filter(|o| o.kind == ObjectKind::Connection)
+            .ok_or_else(|| {
+                ApiError::not_found(format!(
+                    "connection '{}' does not exist (CREATE CONNECTION {} WITH (...) first)",
+                    uses.value, uses.value
+                ))
+            })?;
+        let own: std::collections::HashSet<&str> = pairs.iter().map(|p| p.key.as_str()).collect();
+        let taken: Vec<String> = sluice_common::secrets::option_pairs(&connection.sql)
+            .into_iter()
+            .filter(|o| !own.contains(o.key.as_str()))
+            .map(|o| format!("{} = {}", quote(&o.key), quote(&o.value)))
+            .collect();
+        let mut out = String::with_capacity(sql.len() + 64);
+        out.push_str(&sql[..uses.at.start]);
+        if taken.is_empty() {
+            // Nothing to add: the pair goes, with one comma beside it.
+            let rest = sql[uses.at.end..].trim_start();
+            match rest.strip_prefix(',') {
+                Some(after) => out.push_str(after),
+                None => {
+                    let kept = out.trim_end().trim_end_matches(',').len();
+                    out.truncate(kept);
+                    out.push_str(&sql[uses.at.end..]);
+                }
+            }
+        } else {
+            out.push_str(&taken.join(", "));
+            out.push_str(&sql[uses.at.end..]);
+        }
+        Ok(out)
     }
 
     fn create_object(&self, tenant: &str, text: &str) -> Result<Outcome, ApiError> {
@@ -1633,9 +1775,10 @@ impl Server {
             return Err(ApiError::duplicate(format!("'{name}' already exists")));
         }
         let mut planner = self.planner(tenant, "")?;
+        let expanded = self.expand_connections(tenant, text)?;
         planner
-            .execute(text)
-            .map_err(|e| ApiError::from_sql(&e, text))?;
+            .execute(&expanded)
+            .map_err(|e| ApiError::from_sql(&e, &expanded))?;
         if let Some(t) = planner.table(&name) {
             self.check_paths(tenant, &t)?;
         }
@@ -1813,11 +1956,15 @@ impl Server {
             // Every object is listed with its columns; only those the query reads hold rows.
             let planner = self.planner(&p.tenant, "")?;
             for o in self.catalog.objects(&p.tenant)? {
+                if o.kind == ObjectKind::Connection {
+                    continue;
+                }
                 kinds.insert(o.name.clone(), o.kind);
                 if read.contains_key(&o.name) {
                     continue;
                 }
                 let schema = match o.kind {
+                    ObjectKind::Connection => None,
                     ObjectKind::Table => planner.table(&o.name).map(|t| t.schema.clone()),
                     ObjectKind::View => planner.view_schema(&o.name),
                     ObjectKind::MaterializedView => {

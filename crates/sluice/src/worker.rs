@@ -101,10 +101,43 @@ fn stats_json(metrics: &sluice_engine::JobMetrics) -> serde_json::Value {
         "last_checkpoint_bytes": metrics.checkpoint_bytes.load(Relaxed),
         "watermark_ms": (watermark != i64::MIN).then_some(watermark),
         "operator_watermarks": watermarks,
+        "late_rows_by_operator": metrics.late_by_operator(),
         "busy_ms": busy,
         "checkpoint_history": history,
         "written_at_ms": now_ms,
     })
+}
+
+/// The live plan's `rows=N` per line, with the rows per second since `last` (the same plan's
+/// counts then) after each; and the counts now.
+fn with_rates(
+    plan: &str,
+    last: Option<&(std::time::Instant, Vec<Option<u64>>)>,
+) -> (String, Vec<Option<u64>>) {
+    let count = |line: &str| -> Option<u64> {
+        line.split("rows=")
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    let counts: Vec<Option<u64>> = plan.lines().map(count).collect();
+    let mut out = String::with_capacity(plan.len() + 16 * counts.len());
+    for (i, line) in plan.lines().enumerate() {
+        out.push_str(line);
+        if let (Some(now), Some((at, before))) = (counts[i], last) {
+            if let Some(Some(then)) = before.get(i) {
+                let secs = at.elapsed().as_secs_f64().max(0.001);
+                out.push_str(&format!(
+                    " ({:.0} rows/s)",
+                    now.saturating_sub(*then) as f64 / secs
+                ));
+            }
+        }
+        out.push('\n');
+    }
+    (out, counts)
 }
 
 /// The source rate a pipeline past the soft limit of its state quota (80%) is slowed to: a
@@ -131,12 +164,17 @@ fn watch(
             let mut throttle: Option<u64> = None;
             let mut last_write = std::time::Instant::now() - std::time::Duration::from_secs(1);
             let mut last_read = (std::time::Instant::now(), 0u64);
+            let mut per_second = 0u64;
+            let mut last_plan: Option<(std::time::Instant, Vec<Option<u64>>)> = None;
             loop {
                 let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+                // The sources' rate over the last second or so.
                 let read: u64 = metrics.rows_read().values().sum();
-                let per_second = (read.saturating_sub(last_read.1) as f64
-                    / last_read.0.elapsed().as_secs_f64().max(0.001)) as u64;
-                last_read = (std::time::Instant::now(), read);
+                let window = last_read.0.elapsed().as_secs_f64();
+                if window >= 1.0 {
+                    per_second = (read.saturating_sub(last_read.1) as f64 / window) as u64;
+                    last_read = (std::time::Instant::now(), read);
+                }
                 if let Some(max) = max {
                     let (bytes, _) = metrics.state_now();
                     let soft = max / 10 * 8;
@@ -149,8 +187,16 @@ fn watch(
                             "quota max_state_bytes is {max}: pipeline {pipeline} holds {bytes} bytes of state{largest}"
                         )));
                     } else if bytes > soft && throttle.is_none() {
-                        let slowed = (per_second / 4).max(BACKPRESSURE_FLOOR);
+                        // Before a whole second was measured: what was read so far.
+                        let rate = if per_second > 0 {
+                            per_second
+                        } else {
+                            (read.saturating_sub(last_read.1) as f64 / window.max(0.001)) as u64
+                        };
+                        let slowed = (rate / 4).max(BACKPRESSURE_FLOOR);
                         throttle = Some(slowed);
+                        // Shown in the stats at once.
+                        last_write -= std::time::Duration::from_secs(1);
                         tracing::warn!(
                             "pipeline {pipeline} holds {bytes} bytes of state, past 80% of its quota max_state_bytes = {max}: its sources are slowed to {slowed} rows/s until it is under 72%"
                         );
@@ -176,10 +222,15 @@ fn watch(
                         let mut value = stats_json(&metrics);
                         value["backpressured"] = serde_json::json!(throttle.is_some());
                         value["ingest_limit"] = serde_json::json!((rate > 0).then_some(rate));
-                        // EXPLAIN ANALYZE as the job runs: the rows each operator produced.
-                        value["plan"] = serde_json::json!(
-                            sluice_sql::plan::explain::explain_analyzed(&pipelines, &metrics.node_rows())
+                        // EXPLAIN ANALYZE as the job runs: the rows each operator produced,
+                        // and per second since the last stats.
+                        let plan = sluice_sql::plan::explain::explain_analyzed(
+                            &pipelines,
+                            &metrics.node_rows(),
                         );
+                        let (plan, counts) = with_rates(&plan, last_plan.as_ref());
+                        last_plan = Some((std::time::Instant::now(), counts));
+                        value["plan"] = serde_json::json!(plan);
                         if std::fs::write(&tmp, value.to_string()).is_ok() {
                             let _ = std::fs::rename(&tmp, path);
                         }

@@ -504,6 +504,9 @@ impl<O: StatefulOperator> Shell<O> {
     }
 
     fn count(&self, a: &Applied) {
+        if a.late > 0 {
+            self.gauge.late(&self.metrics, a.late);
+        }
         for (n, counter) in [
             (a.late, &self.metrics.late_rows_dropped),
             (a.null_time, &self.metrics.null_time_rows_dropped),

@@ -41,6 +41,8 @@ pub struct JobMetrics {
     node_rows: Mutex<std::collections::HashMap<u64, Arc<AtomicU64>>>,
     /// The watermark each stateful operator has reached (by "operator on worker"), in ms.
     watermarks: Mutex<BTreeMap<String, i64>>,
+    /// Rows each stateful operator dropped as late (by "operator on worker").
+    late: Mutex<BTreeMap<String, u64>>,
     /// Time each operator spent scheduled, on all workers (by operator name), when the job
     /// was started with [`crate::JobOptions::operator_busy`].
     busy: Mutex<BTreeMap<String, std::time::Duration>>,
@@ -115,6 +117,16 @@ impl StateGauge {
         }
     }
 
+    /// Counts rows the operator dropped as late.
+    pub fn late(&self, metrics: &JobMetrics, rows: u64) {
+        *metrics
+            .late
+            .lock()
+            .expect("metrics")
+            .entry(self.name.clone())
+            .or_default() += rows;
+    }
+
     /// Reports the watermark the operator reached.
     pub fn watermark(&self, metrics: &JobMetrics, watermark: i64) {
         metrics
@@ -164,6 +176,11 @@ impl JobMetrics {
             .iter()
             .cloned()
             .collect()
+    }
+
+    /// Rows each stateful operator dropped as late (by "operator on worker").
+    pub fn late_by_operator(&self) -> BTreeMap<String, u64> {
+        self.late.lock().expect("metrics").clone()
     }
 
     /// The watermark each stateful operator reached (by "operator on worker"), in ms.

@@ -1871,9 +1871,10 @@ fn operator_watermarks_busy_time_and_checkpoints_are_reported() {
     let serve = Serve::start(dir.path());
     let admin = serve.admin();
     // Event time runs 60 times faster than the wall clock: a one-minute window closes each second.
+    // The watermark allows no delay, so the orders the generator delays (about 10%) are late.
     admin.exec(
         "CREATE TABLE orders (order_id BIGINT, amount DOUBLE, event_time TIMESTAMP(3),
-           WATERMARK FOR event_time AS event_time - INTERVAL '5' SECOND)
+           WATERMARK FOR event_time AS event_time)
            WITH ('connector' = 'ecommerce', 'rows-per-second' = '5000', 'speed-up' = '60',
                  'start-time' = '2026-11-11 00:00:00');
          CREATE MATERIALIZED VIEW per_minute AS
@@ -1950,6 +1951,16 @@ fn operator_watermarks_busy_time_and_checkpoints_are_reported() {
         .filter_map(|t| t.split_whitespace().next()?.parse().ok())
         .collect();
     assert!(counts.iter().any(|n| *n > 0), "{plan}");
+    // ... and per second, since the stats before.
+    assert!(plan.contains(" rows/s)"), "{plan}");
+    // Late rows, counted where they were dropped.
+    let late: u64 = stats["late_rows_by_operator"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert!(late > 0, "{stats}");
     // Busy time: every operator that ran has some; the aggregation is among them.
     let busy = stats["busy_ms"].as_object().unwrap();
     assert!(busy.values().any(|v| v.as_f64().unwrap() > 0.0), "{busy:?}");
@@ -1973,6 +1984,7 @@ fn operator_watermarks_busy_time_and_checkpoints_are_reported() {
         "sluice_operator_watermark_seconds{",
         "sluice_operator_watermark_lag_seconds{",
         "sluice_operator_busy_seconds_total{",
+        "sluice_operator_late_rows_dropped_total{",
     ] {
         assert!(
             text.lines()
@@ -2338,4 +2350,67 @@ fn secrets_never_come_back_in_answers_errors_or_logs() {
     for text in seen {
         assert!(!text.contains(secret), "the secret shows in {text}");
     }
+}
+
+#[test]
+fn connections_hold_shared_options_and_secrets_for_one_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path());
+    let admin = serve.admin();
+    admin.exec(
+        "CREATE TENANT shop; CREATE USER ann WITH PASSWORD 'pw' IN TENANT shop ROLE owner;
+         CREATE TENANT other; CREATE USER oz WITH PASSWORD 'pw' IN TENANT other ROLE owner",
+    );
+    let ann = serve.connect("ann", "pw").unwrap();
+    let input = serve.files("shop").join("incoming");
+    std::fs::create_dir_all(&input).unwrap();
+    write_ids(&input, "a.csv", 1..5_001);
+    // The table takes the connection's options; its own come first.
+    ann.exec(
+        "CREATE CONNECTION files WITH ('connector' = 'filesystem', 'format' = 'json', 'path' = 'elsewhere');
+         CREATE CONNECTION rabbit WITH ('connector' = 'rabbitmq', 'host' = '127.0.0.1',
+           'username' = 'guest', 'password' = 'Rabbit-Secret-9');
+         CREATE TABLE ids (id BIGINT) WITH ('connection' = 'files', 'path' = 'incoming', 'format' = 'csv');
+         CREATE MATERIALIZED VIEW buckets AS
+           SELECT id % 7 AS k, COUNT(*) AS n, SUM(id) AS total FROM ids GROUP BY id % 7",
+    );
+    wait_finished(
+        &ann,
+        60,
+        "buckets",
+        "SELECT k, n, total FROM buckets ORDER BY k",
+        &buckets_answer(5_000, 7),
+    );
+    // Listed with their secrets masked, and not as relations.
+    let shown = ann.rows("SHOW CONNECTIONS").unwrap();
+    assert_eq!(shown.len(), 2, "{shown:?}");
+    let rabbit = shown.iter().find(|r| r[0] == "rabbit").unwrap();
+    assert!(
+        rabbit[1].contains("'password' = '******'") && !rabbit[1].contains("Rabbit-Secret-9"),
+        "{rabbit:?}"
+    );
+    assert!(ann
+        .rows("SHOW TABLES")
+        .unwrap()
+        .iter()
+        .all(|r| r[0] != "files"));
+    // Another tenant cannot use them, nor see them.
+    let oz = serve.connect("oz", "pw").unwrap();
+    let e = oz.fails(
+        "CREATE TABLE stolen (id BIGINT) WITH ('connection' = 'rabbit', 'queue' = 'q', 'format' = 'json')",
+    );
+    assert!(
+        e.starts_with("42704") && e.contains("connection 'rabbit' does not exist"),
+        "{e}"
+    );
+    assert!(oz.rows("SHOW CONNECTIONS").unwrap().is_empty());
+    // A connection in use is not dropped; an unused one is.
+    let e = ann.fails("DROP CONNECTION files");
+    assert!(e.contains("used by ids"), "{e}");
+    ann.exec("DROP CONNECTION rabbit");
+    assert_eq!(ann.rows("SHOW CONNECTIONS").unwrap().len(), 1);
+    // A connection may not name another, and needs options.
+    assert!(ann
+        .fails("CREATE CONNECTION c2 WITH ('connection' = 'files')")
+        .contains("another connection"));
 }
