@@ -62,6 +62,29 @@ pub fn parser() -> &'static PostgresCompatibilityParser {
     PARSER.get_or_init(PostgresCompatibilityParser::new)
 }
 
+/// Parts of client catalog queries DataFusion cannot plan, with what they come to on Sluice
+/// (whitespace does not matter). psql's `\d+` lists storage options (`reloptions`) with an
+/// `array(SELECT ...)` constructor; Sluice's relations have none.
+const CLIENT_FRAGMENTS: [(&str, &str); 1] = [(
+    "pg_catalog.array_to_string(c.reloptions || array(select 'toast.' || x from pg_catalog.unnest(tc.reloptions) x), ', ')",
+    "''",
+)];
+
+/// `sql` with the client fragments of [`CLIENT_FRAGMENTS`] replaced (as is when it has none).
+pub fn replace_client_fragments(sql: &str) -> std::borrow::Cow<'_, str> {
+    let squeeze = |t: &str| t.split_whitespace().collect::<Vec<_>>().join(" ");
+    let squeezed = squeeze(sql);
+    let mut out = squeezed.clone();
+    for (fragment, replacement) in CLIENT_FRAGMENTS {
+        out = out.replace(&squeeze(fragment), replacement);
+    }
+    if out == squeezed {
+        std::borrow::Cow::Borrowed(sql)
+    } else {
+        std::borrow::Cow::Owned(out)
+    }
+}
+
 /// A session context whose one database is the tenant's, with `public` as its schema.
 pub fn context(tenant: &str) -> SessionContext {
     let config = SessionConfig::new()
@@ -157,6 +180,18 @@ pub fn register(
     ctx.register_udf(constant_udf("pg_get_userbyid", DataType::Int32, move |n| {
         Arc::new(StringArray::from(vec![owner.as_str(); n]))
     }));
+    // Comments and view definitions, which psql's `\d+` prints when there are any: Sluice keeps
+    // no comments, and a view's definition is its DDL (`SHOW TABLES`, `/v1/tables`).
+    for name in [
+        "col_description",
+        "obj_description",
+        "pg_get_viewdef",
+        "shobj_description",
+    ] {
+        ctx.register_udf(datafusion::logical_expr::ScalarUDF::new_from_impl(
+            NullText::new(name),
+        ));
+    }
     for name in ["pg_function_is_visible", "pg_type_is_visible"] {
         ctx.register_udf(constant_udf(name, DataType::Int32, |n| {
             Arc::new(BooleanArray::from(vec![true; n]))
@@ -484,4 +519,45 @@ pub fn unreadable_message(name: &str, kind: ObjectKind) -> String {
         "'{name}' is a {}: SELECT here reads materialized views; CREATE MATERIALIZED VIEW v AS SELECT ... FROM {name} serves a query over it",
         kind.words()
     )
+}
+
+/// A function of any arguments whose answer is always a NULL text.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct NullText {
+    name: String,
+    signature: datafusion::logical_expr::Signature,
+}
+
+impl NullText {
+    fn new(name: &str) -> Self {
+        NullText {
+            name: name.to_string(),
+            signature: datafusion::logical_expr::Signature::variadic_any(
+                datafusion::logical_expr::Volatility::Stable,
+            ),
+        }
+    }
+}
+
+impl datafusion::logical_expr::ScalarUDFImpl for NullText {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn signature(&self) -> &datafusion::logical_expr::Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _: &[DataType]) -> DfResult<DataType> {
+        Ok(DataType::Utf8)
+    }
+
+    fn invoke_with_args(
+        &self,
+        args: datafusion::logical_expr::ScalarFunctionArgs,
+    ) -> DfResult<datafusion::logical_expr::ColumnarValue> {
+        Ok(datafusion::logical_expr::ColumnarValue::Array(
+            arrow::array::new_null_array(&DataType::Utf8, args.number_rows),
+        ))
+    }
 }

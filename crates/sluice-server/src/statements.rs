@@ -1898,8 +1898,9 @@ impl Server {
     /// over the catalog (`pg_catalog`, `information_schema`) of the tenant's objects.
     async fn select(&self, p: &Principal, sql: &str) -> Result<Outcome, ApiError> {
         let parser = crate::pg_catalog::parser();
+        let sql = crate::pg_catalog::replace_client_fragments(sql);
         let mut statements = parser
-            .parse(sql)
+            .parse(&sql)
             .map_err(|e| ApiError::syntax(e.to_string()))?;
         if statements.len() != 1 {
             return Err(ApiError::syntax(format!(

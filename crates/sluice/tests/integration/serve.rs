@@ -965,7 +965,7 @@ fn a_pipeline_past_its_state_quota_fails_alone_and_metrics_stay_within_the_tenan
         "CREATE TENANT greedy; CREATE TENANT steady;
          CREATE USER g WITH PASSWORD 'pw' IN TENANT greedy ROLE owner;
          CREATE USER s WITH PASSWORD 'pw' IN TENANT steady ROLE owner;
-         ALTER TENANT greedy SET QUOTA (max_state_bytes = '2mb');
+         ALTER TENANT greedy SET QUOTA (max_state_bytes = '4mb');
          CREATE TENANT hoarder; CREATE USER h WITH PASSWORD 'pw' IN TENANT hoarder ROLE owner;
          ALTER TENANT hoarder SET QUOTA (max_checkpoint_bytes = '256kb')",
     );
@@ -979,7 +979,7 @@ fn a_pipeline_past_its_state_quota_fails_alone_and_metrics_stay_within_the_tenan
     let g = serve.connect("g", "pw").unwrap();
     let s = serve.connect("s", "pw").unwrap();
     // One group per id: the state grows without bound, by about 0.7 MB/s, so that it passes
-    // the soft limit (80%) a few state reports before the quota.
+    // the soft limit (80%) more than a second before the quota, even unslowed.
     g.exec(
         "CREATE TABLE ids (id BIGINT) WITH ('connector' = 'datagen', 'rows-per-second' = '8000',
            'fields.id.kind' = 'sequence', 'fields.id.start' = '1', 'fields.id.end' = '100000000');
@@ -993,25 +993,28 @@ fn a_pipeline_past_its_state_quota_fails_alone_and_metrics_stay_within_the_tenan
          CREATE MATERIALIZED VIEW buckets AS
            SELECT id % 7 AS k, COUNT(*) AS n, SUM(id) AS total FROM ids GROUP BY id % 7"
     ));
-    // On the way, its stats show it slowed (backpressured) below its generator's rate.
-    let g_token = g.rows("CREATE TOKEN").unwrap()[0][1].clone();
-    let mut slowed_to = None;
     let status = wait_for(90, "the greedy pipeline fails on its quota", || {
-        let (_, body) = serve.http("GET", "/v1/pipelines/per_id/stats", Some(&g_token), None);
-        if body["stats"]["backpressured"] == serde_json::json!(true) {
-            slowed_to = body["stats"]["ingest_limit"].as_u64();
-        }
         let st = pipeline_status(&g, "per_id");
         (st.get(2).map(String::as_str) == Some("failed"), st)
     });
-    let slowed_to = slowed_to.expect("the stats showed the pipeline backpressured");
+    // Its last stats show it slowed (backpressured) below its generator's rate.
+    let g_token = g.rows("CREATE TOKEN").unwrap()[0][1].clone();
+    let (_, body) = serve.http("GET", "/v1/pipelines/per_id/stats", Some(&g_token), None);
+    assert_eq!(
+        body["stats"]["backpressured"],
+        serde_json::json!(true),
+        "{body}"
+    );
+    let slowed_to = body["stats"]["ingest_limit"]
+        .as_u64()
+        .expect("an ingest limit");
     assert!(
         (100..8000).contains(&slowed_to),
         "slowed to {slowed_to} rows/s"
     );
     let error = &status[7];
     assert!(
-        error.contains("quota max_state_bytes is 2097152")
+        error.contains("quota max_state_bytes is 4194304")
             && error.contains("greedy/per_id")
             && error.contains("the largest is"),
         "{error}"
@@ -1021,7 +1024,7 @@ fn a_pipeline_past_its_state_quota_fails_alone_and_metrics_stay_within_the_tenan
     assert_eq!(st, 200, "{body}");
     let log = body["lines"].to_string();
     assert!(
-        log.contains("past 80% of its quota max_state_bytes = 2097152: its sources are slowed to"),
+        log.contains("past 80% of its quota max_state_bytes = 4194304: its sources are slowed to"),
         "{log}"
     );
     let status = wait_for(90, "the hoarding pipeline fails on its quota", || {
@@ -1492,6 +1495,17 @@ fn psql_describes_objects_and_grafana_charts_a_view() {
             vec!["province", "text"],
             vec!["amount", "bigint"]
         ],
+        "{out}"
+    );
+    // \d+ too (psql asks for storage options with an array constructor).
+    let (ok, out, err) = psql(&serve, "admin", ADMIN_PASSWORD, "\\d+ gmv");
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.lines()
+            .map(|l| l.split('|').next().unwrap())
+            .filter(|c| ["ts", "province", "amount"].contains(c))
+            .count(),
+        3,
         "{out}"
     );
     let (ok, out, err) = psql(&serve, "admin", ADMIN_PASSWORD, "\\d orders");
