@@ -806,27 +806,9 @@ fn psql_works_against_the_server() {
         "CREATE TABLE secret (id BIGINT) WITH ('connector' = 'datagen', 'number-of-rows' = '1')",
     );
     let listing = |user: &str, password: &str, command: &str| {
-        let out = Command::new("psql")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &serve.pg.to_string(),
-                "-U",
-                user,
-                "-At",
-                "-c",
-                command,
-            ])
-            .env("PGPASSWORD", password)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{command}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        let (ok, out, err) = self::psql(&serve, user, password, command);
+        assert!(ok, "{command}: {err}");
+        out
     };
     assert_eq!(
         listing("admin", ADMIN_PASSWORD, "\\d"),
