@@ -960,10 +960,11 @@ fn a_pipeline_past_its_state_quota_fails_alone_and_metrics_stay_within_the_tenan
     );
     let g = serve.connect("g", "pw").unwrap();
     let s = serve.connect("s", "pw").unwrap();
-    // One group per id: the state grows without bound, by about 0.7 MB/s, so that it passes
-    // the soft limit (80%) more than a second before the quota, even unslowed.
+    // One group per id: the state grows without bound, by about 0.35 MB/s, so that it passes
+    // the soft limit (80%) two seconds before the quota even unslowed: more than the state
+    // reports take apart (they space out as the state grows) on a busy machine.
     g.exec(
-        "CREATE TABLE ids (id BIGINT) WITH ('connector' = 'datagen', 'rows-per-second' = '8000',
+        "CREATE TABLE ids (id BIGINT) WITH ('connector' = 'datagen', 'rows-per-second' = '3000',
            'fields.id.kind' = 'sequence', 'fields.id.start' = '1', 'fields.id.end' = '100000000');
          SET 'restart-strategy.type' = 'none';
          CREATE MATERIALIZED VIEW per_id AS SELECT id, COUNT(*) AS n FROM ids GROUP BY id",
@@ -991,7 +992,7 @@ fn a_pipeline_past_its_state_quota_fails_alone_and_metrics_stay_within_the_tenan
         .as_u64()
         .expect("an ingest limit");
     assert!(
-        (100..8000).contains(&slowed_to),
+        (100..3000).contains(&slowed_to),
         "slowed to {slowed_to} rows/s"
     );
     let error = &status[7];
