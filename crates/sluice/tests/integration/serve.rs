@@ -1058,6 +1058,14 @@ fn a_pipeline_past_its_state_quota_fails_alone_and_metrics_stay_within_the_tenan
     assert_eq!(body["stats"]["rows_read"]["ids"], serde_json::json!(n));
 }
 
+/// `ids`: a table over the CSV files of the tenant's `incoming` folder, watched for new ones.
+macro_rules! INCOMING_IDS {
+    () => {
+        "CREATE TABLE ids (id BIGINT) WITH ('connector' = 'filesystem', 'path' = 'incoming',
+           'format' = 'csv', 'source.monitor-interval' = '200 ms');"
+    };
+}
+
 /// Writes ids `from..to` as a CSV file into `dir` (renamed into place whole).
 fn write_ids(dir: &Path, name: &str, ids: std::ops::Range<i64>) {
     let text: String = ids.map(|i| format!("{i}\n")).collect();
@@ -1074,12 +1082,12 @@ fn stop_resume_and_rescale_keep_a_view_exact() {
     let input = serve.files("admin").join("incoming");
     std::fs::create_dir_all(&input).unwrap();
     write_ids(&input, "a.csv", 1..40_001);
-    admin.exec(
-        "CREATE TABLE ids (id BIGINT) WITH ('connector' = 'filesystem', 'path' = 'incoming',
-           'format' = 'csv', 'source.monitor-interval' = '200 ms');
+    admin.exec(concat!(
+        INCOMING_IDS!(),
+        "
          CREATE MATERIALIZED VIEW buckets AS
-           SELECT id % 11 AS k, COUNT(*) AS n, SUM(id) AS total FROM ids GROUP BY id % 11",
-    );
+           SELECT id % 11 AS k, COUNT(*) AS n, SUM(id) AS total FROM ids GROUP BY id % 11"
+    ));
     let rows = |pg: &Pg| {
         pg.rows("SELECT k, n, total FROM buckets ORDER BY k")
             .unwrap_or_default()
@@ -1781,10 +1789,12 @@ fn a_pipeline_edited_in_place_keeps_its_state_or_is_refused() {
     std::fs::create_dir_all(&input).unwrap();
     write_ids(&input, "a.csv", 1..30_001);
     admin.exec(
-        "CREATE TABLE ids (id BIGINT) WITH ('connector' = 'filesystem', 'path' = 'incoming',
-           'format' = 'csv', 'source.monitor-interval' = '200 ms');
+        concat!(
+        INCOMING_IDS!(),
+        "
          CREATE MATERIALIZED VIEW buckets AS
-           SELECT id % 11 AS k, COUNT(*) AS n, SUM(id) AS total FROM ids WHERE id > 0 GROUP BY id % 11",
+           SELECT id % 11 AS k, COUNT(*) AS n, SUM(id) AS total FROM ids WHERE id > 0 GROUP BY id % 11"
+    ),
     );
     let rows = |pg: &Pg| {
         pg.rows("SELECT k, n, total FROM buckets ORDER BY k")
@@ -2067,12 +2077,12 @@ fn two_servers_share_a_postgres_catalog_and_take_over_each_others_pipelines() {
     let input = a.files("shop").join("incoming");
     std::fs::create_dir_all(&input).unwrap();
     write_ids(&input, "a.csv", 1..20_001);
-    on_a.exec(
-        "CREATE TABLE ids (id BIGINT) WITH ('connector' = 'filesystem', 'path' = 'incoming',
-           'format' = 'csv', 'source.monitor-interval' = '200 ms');
+    on_a.exec(concat!(
+        INCOMING_IDS!(),
+        "
          CREATE MATERIALIZED VIEW buckets AS
-           SELECT id % 7 AS k, COUNT(*) AS n, SUM(id) AS total FROM ids GROUP BY id % 7",
-    );
+           SELECT id % 7 AS k, COUNT(*) AS n, SUM(id) AS total FROM ids GROUP BY id % 7"
+    ));
     let rows = |pg: &Pg| {
         pg.rows("SELECT k, n, total FROM buckets ORDER BY k")
             .unwrap_or_default()
