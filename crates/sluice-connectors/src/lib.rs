@@ -8,7 +8,7 @@
 //!
 //! Sources built in: `filesystem`, `kafka`, `upsert-kafka`, `nats`, `rabbitmq`, `mqtt`, `redis`
 //! (streams), `datagen`, `ecommerce`, `nexmark`. Sinks: `filesystem`, `kafka`, `upsert-kafka`,
-//! `nats`, `rabbitmq`, `mqtt`, `redis`, `print`, `blackhole`, `memory` (an in-process
+//! `nats`, `rabbitmq`, `mqtt`, `redis`, `jdbc` (PostgreSQL, MySQL/MariaDB), `print`, `blackhole`, `memory` (an in-process
 //! materialized table, used by the demo's live view).
 
 pub mod avro;
@@ -17,6 +17,8 @@ pub mod datagen;
 pub mod ecommerce;
 pub mod filesystem;
 pub mod format;
+#[cfg(feature = "jdbc")]
+pub mod jdbc;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod memory;
@@ -262,6 +264,11 @@ pub trait Staging: Send + Sync {
     /// Names starting with `prefix`.
     fn list(&self, prefix: &str) -> Result<Vec<String>>;
     fn remove(&self, name: &str) -> Result<()>;
+    /// A name of the job that no other job shares (its checkpoint directory), under which a
+    /// sink records its progress in an external system.
+    fn job_id(&self) -> String {
+        "sluice".to_string()
+    }
 }
 
 /// Staged checkpoints of a sink (names `<prefix><worker>-e<epoch>`) that worker `worker` of
@@ -354,6 +361,8 @@ pub const CONNECTORS: &[options::ConnectorDef] = &[
     rabbitmq::CONNECTOR,
     #[cfg(feature = "mqtt")]
     mqtt::CONNECTOR,
+    #[cfg(feature = "jdbc")]
+    jdbc::CONNECTOR,
 ];
 
 /// Opens worker `worker`'s (of `workers`) share of a source.
@@ -418,6 +427,8 @@ pub fn open_sink(
         "rabbitmq" => Box::new(rabbitmq::RabbitSink::open(spec, &mut opts)?),
         #[cfg(feature = "mqtt")]
         "mqtt" => Box::new(mqtt::MqttSink::open(spec, &mut opts, worker)?),
+        #[cfg(feature = "jdbc")]
+        "jdbc" => Box::new(jdbc::JdbcSink::open(spec, &mut opts)?),
         "blackhole" => Box::new(print::Blackhole),
         "memory" => Box::new(memory::MemorySink::open(spec, &mut opts)?),
         "view" => Box::new(view::ViewSink::open(spec, &mut opts, worker)?),
@@ -438,6 +449,8 @@ pub fn sink_accepts_updates(spec: &ConnectorSpec) -> bool {
             format.is_some_and(|f| ["debezium-json", "canal-json"].contains(&f.as_str()))
         }
         Some("print" | "blackhole" | "memory" | "view" | "upsert-kafka") => true,
+        // Upserts by the table's PRIMARY KEY.
+        Some("jdbc") => !spec.primary_key.is_empty(),
         Some("redis") => !matches!(
             spec.options.get("command").map(String::as_str),
             Some("xadd" | "publish")

@@ -184,9 +184,85 @@ impl<'de> serde::Deserialize<'de> for Payload {
     }
 }
 
+/// A change batch as staged: Arrow IPC (with the change kinds as a column), in base64.
+#[derive(Clone, Debug)]
+pub struct IpcBatch(pub sluice_common::ChangeBatch);
+
+impl Serialize for IpcBatch {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use base64::Engine;
+        use serde::ser::Error as _;
+        let b = &self.0;
+        let ops =
+            arrow::array::Int8Array::from_iter_values((0..b.num_rows()).map(|i| b.op(i) as i8));
+        let mut fields: Vec<_> = b.data.schema().fields().iter().cloned().collect();
+        fields.push(std::sync::Arc::new(sluice_common::changelog::op_field()));
+        let mut columns = b.data.columns().to_vec();
+        columns.push(std::sync::Arc::new(ops));
+        let data = arrow::record_batch::RecordBatch::try_new(
+            std::sync::Arc::new(arrow::datatypes::Schema::new(fields)),
+            columns,
+        )
+        .map_err(S::Error::custom)?;
+        let mut bytes = vec![];
+        {
+            let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut bytes, &data.schema())
+                .map_err(S::Error::custom)?;
+            w.write(&data).map_err(S::Error::custom)?;
+            w.finish().map_err(S::Error::custom)?;
+        }
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for IpcBatch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use base64::Engine;
+        use serde::de::Error as _;
+        let text = String::deserialize(d)?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(D::Error::custom)?;
+        let mut reader =
+            arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
+                .map_err(D::Error::custom)?;
+        let batch = reader
+            .next()
+            .ok_or_else(|| D::Error::custom("a staged batch without rows"))?
+            .map_err(D::Error::custom)?;
+        sluice_common::ChangeBatch::from_op_column(batch)
+            .map(IpcBatch)
+            .map_err(D::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::Payload;
+
+    #[test]
+    fn change_batches_stage_as_ipc() {
+        use arrow::array::Int64Array;
+        use arrow::datatypes::{DataType, Field, Schema};
+        use sluice_common::{ChangeBatch, Op};
+        let schema = std::sync::Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, true)]));
+        let data = arrow::record_batch::RecordBatch::try_new(
+            schema,
+            vec![std::sync::Arc::new(Int64Array::from(vec![
+                Some(1),
+                None,
+                Some(3),
+            ]))],
+        )
+        .unwrap();
+        let batch =
+            ChangeBatch::with_ops(data.clone(), vec![Op::Insert, Op::Delete, Op::UpdateAfter]);
+        let json = serde_json::to_string(&vec![super::IpcBatch(batch)]).unwrap();
+        let back: Vec<super::IpcBatch> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back[0].0.data, data);
+        let ops: Vec<Op> = (0..3).map(|i| back[0].0.op(i)).collect();
+        assert_eq!(ops, vec![Op::Insert, Op::Delete, Op::UpdateAfter]);
+    }
 
     #[test]
     fn payloads_stage_as_text_or_bytes() {

@@ -315,6 +315,17 @@ impl CheckpointStore {
         })
     }
 
+    /// Where the checkpoints are: an absolute local path, or the URL as given.
+    pub fn location(&self) -> String {
+        match &self.local_root {
+            Some(root) => std::fs::canonicalize(root)
+                .unwrap_or_else(|_| root.clone())
+                .display()
+                .to_string(),
+            None => self.location.clone(),
+        }
+    }
+
     /// Writes one file of checkpoint `epoch` with `write`; returns its size. In a local
     /// directory the bytes go straight to a staging file that is renamed into place when whole
     /// (as `object_store`'s own local uploads do, with a `#<digits>` suffix its listings skip),

@@ -96,6 +96,10 @@ impl sluice_connectors::Staging for StoreStaging {
     fn remove(&self, name: &str) -> Result<()> {
         self.0.remove(STAGING, name)
     }
+
+    fn job_id(&self) -> String {
+        self.0.location()
+    }
 }
 
 /// Opens a transactional sink's staging over `store` and settles what earlier runs left.

@@ -161,6 +161,15 @@ pub fn validate(plan: &JobPlan) -> Result<()> {
             // Opening checks the options; sinks create nothing until written to, except the
             // filesystem sink's directory.
             open_sink(&s, 0, 1)?;
+            if !p.query.is_append_only() && !sink_accepts_updates(&s) && t.connector() == "jdbc" {
+                return Err(Error::plan(format!(
+                    "statement at line {}: INSERT INTO {}: the query produces an updating result (it retracts rows), and \
+                     connector 'jdbc' writes one only by key: declare the table's PRIMARY KEY (...) NOT ENFORCED, \
+                     the columns of a primary key or unique constraint of the database table (each key's latest \
+                     row is upserted, and a retracted key deleted)",
+                    p.line, t.name
+                )));
+            }
             if !p.query.is_append_only() && !sink_accepts_updates(&s) {
                 return Err(Error::plan(format!(
                     "statement at line {}: INSERT INTO {}: the query produces an updating result (it retracts rows, e.g. a GROUP BY \

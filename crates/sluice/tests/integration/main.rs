@@ -13,6 +13,8 @@ mod correctness_regressions;
 mod emit_policies;
 mod fuzz;
 mod idle_sources;
+#[cfg(feature = "jdbc")]
+mod jdbc;
 mod join_state;
 #[cfg(feature = "kafka")]
 mod kafka;
