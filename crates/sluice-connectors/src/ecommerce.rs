@@ -31,6 +31,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     metadata: &[],
     writable_metadata: &[],
     formats: false,
+    lookup: false,
     options: &[
         OptionDef {
             key: "rows-per-second",

@@ -41,6 +41,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     metadata: &[],
     writable_metadata: &[],
     formats: true,
+    lookup: false,
     options: &[
         OptionDef {
             key: "path",

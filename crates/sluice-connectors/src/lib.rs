@@ -21,6 +21,7 @@ pub mod format;
 pub mod jdbc;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+pub mod lookup;
 pub mod memory;
 pub mod message;
 #[cfg(feature = "mqtt")]
@@ -392,6 +393,8 @@ pub fn open_source(
         )?),
         #[cfg(feature = "mqtt")]
         "mqtt" => Box::new(mqtt::MqttSource::open(spec, &mut opts, worker, workers)?),
+        #[cfg(feature = "jdbc")]
+        "jdbc" => Box::new(jdbc::JdbcScan::open(spec, &mut opts, worker, workers)?),
         "datagen" => Box::new(datagen::DatagenSource::open(
             spec, &mut opts, worker, workers,
         )?),

@@ -75,6 +75,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     metadata: &[],
     writable_metadata: &[],
     formats: false,
+    lookup: false,
     options: &[OptionDef {
         key: "memory.name",
         kind: Kind::Text,

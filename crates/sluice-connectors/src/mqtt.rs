@@ -38,6 +38,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     metadata: &["topic", "retain"],
     writable_metadata: &[],
     formats: true,
+    lookup: false,
     options: &[
         OptionDef {
             key: "host",

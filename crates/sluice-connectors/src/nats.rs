@@ -37,6 +37,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     metadata: &["subject", "sequence", "timestamp"],
     writable_metadata: &[],
     formats: true,
+    lookup: false,
     options: &[
         OptionDef {
             key: "servers",

@@ -39,6 +39,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     metadata: &[],
     writable_metadata: &[],
     formats: false,
+    lookup: false,
     options: &[
         OptionDef {
             key: "nexmark.table",

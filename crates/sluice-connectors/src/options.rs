@@ -184,6 +184,9 @@ pub struct ConnectorDef {
     /// Whether it reads and writes the changelog formats, and so their options
     /// ([`crate::format::CHANGELOG_OPTIONS`]).
     pub formats: bool,
+    /// Whether lookup joins query it by key, and so it takes Flink's lookup cache options
+    /// ([`crate::lookup::OPTIONS`]).
+    pub lookup: bool,
     pub options: &'static [OptionDef],
 }
 
@@ -195,7 +198,16 @@ impl ConnectorDef {
         } else {
             &[]
         };
-        self.options.iter().chain(formats).chain(TABLE_OPTIONS)
+        let lookup: &'static [OptionDef] = if self.lookup {
+            crate::lookup::OPTIONS
+        } else {
+            &[]
+        };
+        self.options
+            .iter()
+            .chain(formats)
+            .chain(lookup)
+            .chain(TABLE_OPTIONS)
     }
 }
 

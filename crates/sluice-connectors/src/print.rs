@@ -15,6 +15,7 @@ pub const PRINT: ConnectorDef = ConnectorDef {
     metadata: &[],
     writable_metadata: &[],
     formats: false,
+    lookup: false,
     options: &[OptionDef {
         key: "print-identifier",
         kind: Kind::Text,
@@ -33,6 +34,7 @@ pub const BLACKHOLE: ConnectorDef = ConnectorDef {
     metadata: &[],
     writable_metadata: &[],
     formats: false,
+    lookup: false,
     options: &[],
 };
 

@@ -48,6 +48,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     metadata: &["exchange", "routing-key", "redelivered", "offset", "timestamp", "message-id"],
     writable_metadata: &[],
     formats: true,
+    lookup: false,
     options: &[
         OptionDef {
             key: "host",

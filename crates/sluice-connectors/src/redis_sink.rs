@@ -30,6 +30,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     metadata: &["id", "timestamp"],
     writable_metadata: &[],
     formats: true,
+    lookup: false,
     options: &[
         OptionDef {
             key: "url",

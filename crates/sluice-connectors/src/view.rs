@@ -32,6 +32,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     metadata: &[],
     writable_metadata: &[],
     formats: false,
+    lookup: false,
     options: &[OptionDef {
         key: "path",
         kind: Kind::Text,

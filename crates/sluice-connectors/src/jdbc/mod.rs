@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use arrow::array::UInt32Array;
 use arrow::datatypes::{DataType, SchemaRef};
+use arrow::record_batch::RecordBatch;
 use sluice_common::{ChangeBatch, Error, Op, Result};
 
 use crate::options::{ConnectorDef, Kind, OptionDef, Options, Side};
@@ -34,11 +35,12 @@ use crate::{ConnectorSpec, SinkWriter};
 /// The `jdbc` connector's options.
 pub const CONNECTOR: ConnectorDef = ConnectorDef {
     name: "jdbc",
-    reads: false,
+    reads: true,
     writes: true,
     metadata: &[],
     writable_metadata: &[],
     formats: false,
+    lookup: true,
     options: &[
         OptionDef {
             key: "url",
@@ -216,6 +218,8 @@ pub(crate) struct Layout {
     pub connect_timeout: Duration,
     /// `sink.max-retries`: connecting is retried as often as writing.
     pub retries: u64,
+    /// Whether it writes (and so needs its staging tables), or only reads.
+    pub sink: bool,
 }
 
 /// How long to wait before retry `attempt` (1, 2, ...).
@@ -274,6 +278,11 @@ pub(crate) trait Database: Send {
     fn recorded(&mut self, worker: usize) -> Attempt<Option<u64>>;
     /// The job's name in the progress table.
     fn set_job(&mut self, job: &str);
+    /// Rows of the table in the table's columns: those whose `key_columns` equal a row of
+    /// `keys` (one query), or with no keys all of them, ordered by the key columns (all
+    /// columns without a key).
+    fn select(&mut self, keys: Option<&RecordBatch>, key_columns: &[usize])
+        -> Attempt<RecordBatch>;
 }
 
 /// Runs `f` on `db`, reconnecting and retrying with backoff while it fails to reach the
@@ -456,7 +465,10 @@ impl Flusher {
     }
 
     fn send(&mut self, table: &str, message: Flush) -> Result<()> {
-        let sent = self.sender.as_ref().is_some_and(|s| s.send(message).is_ok());
+        let sent = self
+            .sender
+            .as_ref()
+            .is_some_and(|s| s.send(message).is_ok());
         match sent {
             true => Ok(()),
             false => Err(self.failure(table)),
@@ -479,6 +491,155 @@ impl Flusher {
             Some(Err(_)) => Err(Error::connector(table, "the jdbc flusher thread panicked")),
             None => Ok(()),
         }
+    }
+}
+
+/// Connects to the table of `spec` and checks its columns: for a sink (with `progress`, the
+/// progress table's name) upserting by `key`, or for reading.
+fn connect(
+    spec: &ConnectorSpec,
+    opts: &mut Options,
+    key: Vec<usize>,
+    retries: u64,
+    progress: Option<String>,
+    sink: String,
+) -> Result<Box<dyn Database>> {
+    let url = opts.required("url")?;
+    let mut target =
+        parse_url(&url).map_err(|why| opts.error(format!("option 'url' = '{url}' {why}")))?;
+    if let Some(user) = opts.get("username")? {
+        target.user = Some(user);
+    }
+    if let Some(password) = opts.get("password")? {
+        target.password = Some(password);
+    }
+    let _ = opts.get("driver")?;
+    let target_table = opts.required("table-name")?;
+    let connect_timeout = Duration::from_millis(
+        opts.duration_ms("sluice.connect-timeout")?
+            .expect("declared default")
+            .max(1) as u64,
+    );
+    let layout = Layout {
+        table: spec.table.clone(),
+        target_table,
+        schema: spec.schema.clone(),
+        key,
+        connect_timeout,
+        retries,
+        sink: progress.is_some(),
+    };
+    let progress = progress.unwrap_or_default();
+    Ok(if target.mysql {
+        Box::new(mysql::MySql::connect(target, layout, progress, sink)?)
+    } else {
+        Box::new(postgres::Postgres::connect(target, layout, progress, sink)?)
+    })
+}
+
+/// Opens a table for lookups by `key_columns` (positions in `spec.schema`).
+pub(crate) fn open_lookup(
+    spec: &ConnectorSpec,
+    opts: &mut Options,
+    key_columns: &[usize],
+) -> Result<Box<dyn crate::lookup::LookupTable>> {
+    let retries = opts.value::<u64>("lookup.max-retries")?;
+    let db = connect(spec, opts, vec![], retries, None, String::new())?;
+    Ok(Box::new(JdbcLookup {
+        table: spec.table.clone(),
+        db,
+        retries,
+        key_columns: key_columns.to_vec(),
+    }))
+}
+
+struct JdbcLookup {
+    table: String,
+    db: Box<dyn Database>,
+    retries: u64,
+    key_columns: Vec<usize>,
+}
+
+impl crate::lookup::LookupTable for JdbcLookup {
+    fn lookup(&mut self, keys: &RecordBatch) -> Result<RecordBatch> {
+        let columns = self.key_columns.clone();
+        retrying(self.db.as_mut(), &self.table, self.retries, |db, _| {
+            db.select(Some(keys), &columns)
+        })
+    }
+}
+
+/// A table read whole, once (a bounded source): worker 0 reads it, ordered by its PRIMARY KEY
+/// (or every column), and a restore skips the rows already read.
+pub struct JdbcScan {
+    table: String,
+    db: Option<Box<dyn Database>>,
+    key: Vec<usize>,
+    retries: u64,
+    rows: Option<RecordBatch>,
+    /// Rows returned so far.
+    at: u64,
+}
+
+impl JdbcScan {
+    pub fn open(
+        spec: &ConnectorSpec,
+        opts: &mut Options,
+        worker: usize,
+        _workers: usize,
+    ) -> Result<Self> {
+        let retries = opts.value::<u64>("lookup.max-retries")?;
+        // Every worker checks the table; worker 0 reads it.
+        let db = connect(spec, opts, vec![], retries, None, String::new())?;
+        // The lookup options are read (and checked) on a scanned table too.
+        crate::lookup::CacheOptions::read(opts)?;
+        Ok(JdbcScan {
+            table: spec.table.clone(),
+            db: (worker == 0).then_some(db),
+            key: spec.primary_key.clone(),
+            retries,
+            rows: None,
+            at: 0,
+        })
+    }
+}
+
+impl crate::SourceReader for JdbcScan {
+    fn poll(&mut self, max_rows: usize) -> Result<crate::Poll> {
+        let Some(db) = self.db.as_mut() else {
+            return Ok(crate::Poll::Finished);
+        };
+        if self.rows.is_none() {
+            let key = self.key.clone();
+            let all = retrying(db.as_mut(), &self.table, self.retries, |db, _| {
+                db.select(None, &key)
+            })?;
+            self.rows = Some(all);
+        }
+        let rows = self.rows.as_ref().expect("read above");
+        let at = self.at as usize;
+        if at >= rows.num_rows() {
+            return Ok(crate::Poll::Finished);
+        }
+        let n = max_rows.max(1).min(rows.num_rows() - at);
+        self.at += n as u64;
+        Ok(crate::Poll::Batch {
+            split: 0,
+            batch: rows.slice(at, n),
+        })
+    }
+
+    fn offsets(&self) -> crate::SourceOffsets {
+        [("rows".to_string(), self.at)].into_iter().collect()
+    }
+
+    fn seek(&mut self, offsets: &crate::SourceOffsets) -> Result<()> {
+        self.at = offsets.get("rows").copied().unwrap_or(0);
+        Ok(())
+    }
+
+    fn silent_workers(&self) -> Vec<usize> {
+        vec![]
     }
 }
 
@@ -507,44 +668,23 @@ const FOLD_AT: usize = 1 << 17;
 
 impl JdbcSink {
     pub fn open(spec: &ConnectorSpec, opts: &mut Options) -> Result<Self> {
-        let url = opts.required("url")?;
-        let mut target =
-            parse_url(&url).map_err(|why| opts.error(format!("option 'url' = '{url}' {why}")))?;
-        if let Some(user) = opts.get("username")? {
-            target.user = Some(user);
-        }
-        if let Some(password) = opts.get("password")? {
-            target.password = Some(password);
-        }
-        let _ = opts.get("driver")?;
-        let target_table = opts.required("table-name")?;
         let max_rows = opts.value::<u64>("sink.buffer-flush.max-rows")?;
         let interval = opts
             .duration_ms("sink.buffer-flush.interval")?
             .filter(|ms| *ms > 0)
             .map(|ms| Duration::from_millis(ms as u64));
         let retries = opts.value::<u64>("sink.max-retries")?;
-        let connect_timeout = Duration::from_millis(
-            opts.duration_ms("sluice.connect-timeout")?
-                .expect("declared default")
-                .max(1) as u64,
-        );
         let progress = opts.value::<String>("sluice.progress-table")?;
         let job = opts.get("sluice.job-id")?;
-        let layout = Layout {
-            table: spec.table.clone(),
-            target_table,
-            schema: spec.schema.clone(),
-            key: spec.primary_key.clone(),
-            connect_timeout,
-            retries,
-        };
         let sink = format!("{}#{}", spec.table, spec.sink_instance);
-        let db: Box<dyn Database> = if target.mysql {
-            Box::new(mysql::MySql::connect(target, layout, progress, sink)?)
-        } else {
-            Box::new(postgres::Postgres::connect(target, layout, progress, sink)?)
-        };
+        let db = connect(
+            spec,
+            opts,
+            spec.primary_key.clone(),
+            retries,
+            Some(progress),
+            sink,
+        )?;
         Ok(JdbcSink {
             table: spec.table.clone(),
             schema: spec.schema.clone(),

@@ -538,6 +538,195 @@ impl Database for MySql {
     fn set_job(&mut self, job: &str) {
         self.job = job.to_string();
     }
+
+    fn select(
+        &mut self,
+        keys: Option<&RecordBatch>,
+        key_columns: &[usize],
+    ) -> Attempt<RecordBatch> {
+        let list = self
+            .columns
+            .iter()
+            .map(|c| c.quoted.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let quoted = |i: &usize| self.columns[*i].quoted.clone();
+        let key_list = key_columns
+            .iter()
+            .map(quoted)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut queries: Vec<(String, Vec<Value>)> = vec![];
+        match keys {
+            None => {
+                let order = match key_columns.is_empty() {
+                    true => list.clone(),
+                    false => key_list.clone(),
+                };
+                queries.push((
+                    format!("SELECT {list} FROM {} ORDER BY {order}", self.relation),
+                    vec![],
+                ));
+            }
+            Some(keys) => {
+                let rows = self.values(keys, key_columns).map_err(Failure::Fatal)?;
+                let group = format!("({})", vec!["?"; key_columns.len()].join(", "));
+                let per = (MAX_PARAMS / key_columns.len().max(1)).clamp(1, 2_000);
+                for chunk in rows.chunks(per) {
+                    queries.push((
+                        format!(
+                            "SELECT {list} FROM {} WHERE ({key_list}) IN ({})",
+                            self.relation,
+                            vec![group.as_str(); chunk.len()].join(", ")
+                        ),
+                        chunk.iter().flatten().cloned().collect(),
+                    ));
+                }
+            }
+        }
+        let rt = self.rt.clone();
+        let mut got: Vec<mysql_async::Row> = vec![];
+        for (sql, params) in queries {
+            let conn = self.conn.as_mut().expect("connected");
+            let rows: Vec<mysql_async::Row> = rt
+                .block_on(conn.exec(sql, mysql_async::Params::Positional(params)))
+                .map_err(|e| self.failure("looking up rows", e))?;
+            got.extend(rows);
+        }
+        let columns = self
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let field = self.layout.schema.field(i);
+                let natural = decode(&got, i, &c.cast).map_err(|e| {
+                    self.error(format!(
+                        "column '{}' of table {}: {e}",
+                        field.name(),
+                        self.relation
+                    ))
+                })?;
+                cast_column(
+                    &self.layout.table,
+                    field.name(),
+                    &natural,
+                    field.data_type(),
+                )
+            })
+            .collect::<Result<Vec<_>>>()
+            .map_err(Failure::Fatal)?;
+        RecordBatch::try_new_with_options(
+            self.layout.schema.clone(),
+            columns,
+            &arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(got.len())),
+        )
+        .map_err(|e| Failure::Fatal(e.into()))
+    }
+}
+
+/// Column `i` of `rows` as `ty` (the column's encoding type).
+fn decode(
+    rows: &[mysql_async::Row],
+    i: usize,
+    ty: &DataType,
+) -> std::result::Result<ArrayRef, String> {
+    use std::sync::Arc;
+    let values = rows
+        .iter()
+        .map(|r| r.as_ref(i).cloned().unwrap_or(Value::NULL));
+    let text = |v: &Value| -> Option<String> {
+        match v {
+            Value::NULL => None,
+            Value::Bytes(b) => Some(String::from_utf8_lossy(b).into_owned()),
+            Value::Int(v) => Some(v.to_string()),
+            Value::UInt(v) => Some(v.to_string()),
+            Value::Float(v) => Some(v.to_string()),
+            Value::Double(v) => Some(v.to_string()),
+            other => Some(other.as_sql(true)),
+        }
+    };
+    let micros = |v: &Value| -> Option<i64> {
+        match v {
+            Value::Date(y, mo, d, h, mi, s, us) => {
+                chrono::NaiveDate::from_ymd_opt(*y as i32, *mo as u32, *d as u32)
+                    .and_then(|d| d.and_hms_micro_opt(*h as u32, *mi as u32, *s as u32, *us))
+                    .map(|t| t.and_utc().timestamp_micros())
+            }
+            _ => None,
+        }
+    };
+    Ok(match ty {
+        DataType::Null => arrow::array::new_null_array(&DataType::Null, rows.len()),
+        DataType::Boolean | DataType::Int64 => {
+            let ints: Vec<Option<i64>> = values
+                .map(|v| match v {
+                    Value::NULL => Ok(None),
+                    Value::Int(v) => Ok(Some(v)),
+                    Value::UInt(v) => Ok(Some(v as i64)),
+                    other => text(&other)
+                        .unwrap_or_default()
+                        .parse::<i64>()
+                        .map(Some)
+                        .map_err(|e| format!("{other:?}: {e}")),
+                })
+                .collect::<std::result::Result<_, String>>()?;
+            if *ty == DataType::Boolean {
+                Arc::new(BooleanArray::from(
+                    ints.into_iter()
+                        .map(|v| v.map(|v| v != 0))
+                        .collect::<Vec<_>>(),
+                ))
+            } else {
+                Arc::new(Int64Array::from(ints))
+            }
+        }
+        DataType::Float64 => Arc::new(Float64Array::from(
+            values
+                .map(|v| match v {
+                    Value::NULL => Ok(None),
+                    Value::Double(v) => Ok(Some(v)),
+                    Value::Float(v) => Ok(Some(v as f64)),
+                    Value::Int(v) => Ok(Some(v as f64)),
+                    Value::UInt(v) => Ok(Some(v as f64)),
+                    other => text(&other)
+                        .unwrap_or_default()
+                        .parse::<f64>()
+                        .map(Some)
+                        .map_err(|e| format!("{other:?}: {e}")),
+                })
+                .collect::<std::result::Result<Vec<_>, String>>()?,
+        )),
+        DataType::Utf8 => Arc::new(StringArray::from(
+            values.map(|v| text(&v)).collect::<Vec<_>>(),
+        )),
+        DataType::Binary => Arc::new(BinaryArray::from(
+            values
+                .map(|v| match v {
+                    Value::NULL => None,
+                    Value::Bytes(b) => Some(b),
+                    other => text(&other).map(String::into_bytes),
+                })
+                .collect::<Vec<_>>()
+                .iter()
+                .map(|b| b.as_deref())
+                .collect::<Vec<_>>(),
+        )),
+        DataType::Date32 => Arc::new(Date32Array::from(
+            values
+                .map(|v| micros(&v).map(|us| us.div_euclid(86_400_000_000) as i32))
+                .collect::<Vec<_>>(),
+        )),
+        DataType::Timestamp(TimeUnit::Microsecond, tz) => {
+            let a = arrow::array::TimestampMicrosecondArray::from(
+                values.map(|v| micros(&v)).collect::<Vec<_>>(),
+            );
+            match tz {
+                Some(tz) => Arc::new(a.with_timezone(tz.clone())),
+                None => Arc::new(a),
+            }
+        }
+        other => return Err(format!("type {other} cannot be read")),
+    })
 }
 
 /// Row `r` of a column already cast to its encoding type.

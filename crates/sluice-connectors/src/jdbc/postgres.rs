@@ -14,6 +14,7 @@ use arrow::array::{
 use arrow::datatypes::{DataType, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use bytes::BytesMut;
+use chrono::Datelike;
 use sluice_common::{ChangeBatch, Error, Result};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
@@ -27,6 +28,8 @@ struct Column {
     /// The database's name, quoted.
     quoted: String,
     ty: Type,
+    /// The type as PostgreSQL writes it (`numeric(12,2)`).
+    type_name: String,
     /// What the sink's values are cast to before encoding.
     cast: DataType,
 }
@@ -233,8 +236,10 @@ impl Postgres {
         if self.columns.is_empty() {
             self.describe_table()?;
         }
-        let stage = self.stage_sql();
-        self.exec(&stage)?;
+        if self.layout.sink {
+            let stage = self.stage_sql();
+            self.exec(&stage)?;
+        }
         Ok(())
     }
 
@@ -340,6 +345,7 @@ impl Postgres {
             columns.push(Column {
                 quoted: quote(db_name),
                 ty,
+                type_name: type_name.clone(),
                 cast,
             });
         }
@@ -641,6 +647,161 @@ impl Database for Postgres {
     fn set_job(&mut self, job: &str) {
         self.job = job.to_string();
     }
+
+    fn select(
+        &mut self,
+        keys: Option<&RecordBatch>,
+        key_columns: &[usize],
+    ) -> Attempt<RecordBatch> {
+        let list = self
+            .columns
+            .iter()
+            .map(|c| c.quoted.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let quoted = |i: &usize| self.columns[*i].quoted.clone();
+        let (sql, arrays) = match keys {
+            None => {
+                let order: Vec<String> = match key_columns.is_empty() {
+                    true => (0..self.columns.len()).map(|i| quoted(&i)).collect(),
+                    false => key_columns.iter().map(quoted).collect(),
+                };
+                (
+                    format!(
+                        "SELECT {list} FROM {} ORDER BY {}",
+                        self.relation,
+                        order.join(", ")
+                    ),
+                    vec![],
+                )
+            }
+            Some(keys) => {
+                let arrays = self.cast(keys, key_columns).map_err(Failure::Fatal)?;
+                let sql = match key_columns {
+                    [k] => format!(
+                        "SELECT {list} FROM {} WHERE {} = ANY($1)",
+                        self.relation,
+                        quoted(k)
+                    ),
+                    _ => format!(
+                        "SELECT {list} FROM {} WHERE ({}) IN (SELECT * FROM unnest({}))",
+                        self.relation,
+                        key_columns
+                            .iter()
+                            .map(quoted)
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        key_columns
+                            .iter()
+                            .enumerate()
+                            .map(|(n, k)| format!("${}::{}[]", n + 1, self.columns[*k].type_name))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                };
+                (sql, arrays)
+            }
+        };
+        let mut params: Vec<Vec<Cell<'_>>> = vec![];
+        for a in &arrays {
+            let cells = (0..a.len())
+                .map(|r| cell(a, r))
+                .collect::<std::result::Result<Vec<_>, String>>()
+                .map_err(|e| Failure::Fatal(self.error(e)))?;
+            params.push(cells);
+        }
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        let rows = self
+            .rt
+            .block_on(self.client().query(&sql, &refs))
+            .map_err(|e| self.failure("looking up rows", e))?;
+        let columns = self
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let field = self.layout.schema.field(i);
+                let natural = decode(&rows, i, &c.ty).map_err(|e| {
+                    self.error(format!(
+                        "column '{}' of table {}: {e}",
+                        field.name(),
+                        self.relation
+                    ))
+                })?;
+                cast_column(
+                    &self.layout.table,
+                    field.name(),
+                    &natural,
+                    field.data_type(),
+                )
+            })
+            .collect::<Result<Vec<_>>>()
+            .map_err(Failure::Fatal)?;
+        RecordBatch::try_new_with_options(
+            self.layout.schema.clone(),
+            columns,
+            &arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(rows.len())),
+        )
+        .map_err(|e| Failure::Fatal(e.into()))
+    }
+}
+
+/// Column `i` of `rows`, of PostgreSQL type `ty`, as the Arrow type nearest it.
+fn decode(
+    rows: &[tokio_postgres::Row],
+    i: usize,
+    ty: &Type,
+) -> std::result::Result<ArrayRef, String> {
+    use std::sync::Arc;
+    fn get<'a, T: tokio_postgres::types::FromSql<'a>>(
+        rows: &'a [tokio_postgres::Row],
+        i: usize,
+    ) -> std::result::Result<Vec<Option<T>>, String> {
+        rows.iter()
+            .map(|r| r.try_get::<_, Option<T>>(i).map_err(|e| e.to_string()))
+            .collect()
+    }
+    Ok(match *ty {
+        Type::INT2 => Arc::new(Int16Array::from(get::<i16>(rows, i)?)),
+        Type::INT4 => Arc::new(Int32Array::from(get::<i32>(rows, i)?)),
+        Type::INT8 => Arc::new(Int64Array::from(get::<i64>(rows, i)?)),
+        Type::FLOAT4 => Arc::new(Float32Array::from(get::<f32>(rows, i)?)),
+        Type::FLOAT8 => Arc::new(Float64Array::from(get::<f64>(rows, i)?)),
+        Type::BOOL => Arc::new(BooleanArray::from(get::<bool>(rows, i)?)),
+        Type::NUMERIC => Arc::new(StringArray::from(
+            get::<rust_decimal::Decimal>(rows, i)?
+                .into_iter()
+                .map(|d| d.map(|d| d.to_string()))
+                .collect::<Vec<_>>(),
+        )),
+        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME => {
+            Arc::new(StringArray::from(get::<&str>(rows, i)?))
+        }
+        Type::BYTEA => Arc::new(BinaryArray::from(get::<&[u8]>(rows, i)?)),
+        Type::DATE => Arc::new(Date32Array::from(
+            get::<chrono::NaiveDate>(rows, i)?
+                .into_iter()
+                .map(|d| d.map(|d| d.num_days_from_ce() - 719_163))
+                .collect::<Vec<_>>(),
+        )),
+        Type::TIMESTAMP => Arc::new(arrow::array::TimestampMicrosecondArray::from(
+            get::<chrono::NaiveDateTime>(rows, i)?
+                .into_iter()
+                .map(|t| t.map(|t| t.and_utc().timestamp_micros()))
+                .collect::<Vec<_>>(),
+        )),
+        Type::TIMESTAMPTZ => Arc::new(
+            arrow::array::TimestampMicrosecondArray::from(
+                get::<chrono::DateTime<chrono::Utc>>(rows, i)?
+                    .into_iter()
+                    .map(|t| t.map(|t| t.timestamp_micros()))
+                    .collect::<Vec<_>>(),
+            )
+            .with_timezone("UTC"),
+        ),
+        ref other => return Err(format!("type {other} cannot be read")),
+    })
 }
 
 /// One value of a row, encoded as the database column's type.

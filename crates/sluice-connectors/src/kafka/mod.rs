@@ -269,6 +269,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
     ],
     writable_metadata: &["timestamp"],
     formats: true,
+    lookup: false,
     options: &[
         TOPIC,
         TOPIC_PATTERN,
@@ -316,6 +317,7 @@ pub const UPSERT: ConnectorDef = ConnectorDef {
     ],
     writable_metadata: &["timestamp"],
     formats: false,
+    lookup: false,
     options: &[
         TOPIC,
         PROPERTIES_BOOTSTRAP_SERVERS,

@@ -517,6 +517,61 @@ pub(crate) fn build_node<'scope>(
             schema,
         } => {
             let (kind, dim, input_schema) = (*kind, (**dim).clone(), input.schema());
+            let dim_node = dim.clone();
+            // A table its connector can query by key: each batch asks for its keys (behind
+            // the table's cache) instead of the whole table being loaded.
+            let keyed = keyed_lookup(&dim_node, right_keys).unwrap_or_else(|e| {
+                ctx.control.fail(e);
+                None
+            });
+            if let Some(mut lookup) = keyed {
+                let StreamNode::Scan {
+                    table,
+                    projection,
+                    schema: scan_schema,
+                    ..
+                } = &dim_node
+                else {
+                    unreachable!("keyed_lookup takes scans only")
+                };
+                let mut prepare = table_prepare(
+                    table.clone(),
+                    projection.clone(),
+                    scan_schema.clone(),
+                    false,
+                );
+                let key_schema = lookup.key_schema();
+                let (lk, rk, filter, schema) = (
+                    left_keys.clone(),
+                    right_keys.clone(),
+                    filter.clone(),
+                    schema.clone(),
+                );
+                let (dim_schema, input_schema) = (dim_node.schema(), input.schema());
+                return map_batches(
+                    build(scope, input, ctx, reuse),
+                    "LookupJoin",
+                    ctx.control.clone(),
+                    move |b| {
+                        let keys = lookup_keys(&lk, &b.data, &key_schema)?;
+                        let rows = lookup.lookup(&keys)?;
+                        let (dim_rows, _) = prepare(rows)?;
+                        let mut state = crate::operator::join::JoinState::try_new(
+                            kind,
+                            lk.clone(),
+                            rk.clone(),
+                            filter.clone(),
+                            None,
+                            [input_schema.clone(), dim_schema.clone()],
+                            schema.clone(),
+                            None,
+                        )?
+                        .for_lookup();
+                        state.apply(1, &dim_rows)?;
+                        Ok(state.apply(0, b)?.changes)
+                    },
+                );
+            }
             let (lk, rk, filter, schema) = (
                 left_keys.clone(),
                 right_keys.clone(),
@@ -594,6 +649,70 @@ pub(crate) fn build_node<'scope>(
 }
 
 /// Reads a lookup join's table whole, as it is now.
+/// A lookup join's table opened for lookups by key, when its connector can (`jdbc`) and every
+/// right key is one of its columns.
+fn keyed_lookup(
+    dim: &StreamNode,
+    right_keys: &[sluice_sql::PhysExpr],
+) -> Result<Option<sluice_connectors::lookup::CachedLookup>> {
+    let StreamNode::Scan { table, schema, .. } = dim else {
+        return Ok(None);
+    };
+    let spec = spec(table);
+    let mut columns = vec![];
+    for k in right_keys {
+        // A key the planner cast to the other side's type (`o.user_id = c.id` with INT and
+        // BIGINT) is still the column: the left values are cast to the column's type.
+        let mut expr: &dyn datafusion_physical_expr::PhysicalExpr = k.as_ref();
+        if let Some(cast) = expr.downcast_ref::<datafusion_physical_expr::expressions::CastExpr>() {
+            expr = cast.expr().as_ref();
+        }
+        let column = expr
+            .downcast_ref::<datafusion_physical_expr::expressions::Column>()
+            .and_then(|c| spec.schema.index_of(schema.field(c.index()).name()).ok());
+        match column {
+            Some(c) => columns.push(c),
+            None if table.connector() == "jdbc" => {
+                return Err(Error::plan(format!(
+                    "a lookup join on table '{}' (connector 'jdbc') needs equality conditions on its columns, \
+                     not on expressions over them",
+                    table.name
+                )))
+            }
+            None => return Ok(None),
+        }
+    }
+    sluice_connectors::lookup::open_lookup(&spec, columns)
+}
+
+/// A batch's lookup keys: the left key expressions, cast to the looked-up columns' types.
+fn lookup_keys(
+    left_keys: &[sluice_sql::PhysExpr],
+    batch: &arrow::record_batch::RecordBatch,
+    key_schema: &arrow::datatypes::SchemaRef,
+) -> Result<arrow::record_batch::RecordBatch> {
+    let columns = left_keys
+        .iter()
+        .zip(key_schema.fields())
+        .map(|(k, f)| {
+            let v = k
+                .evaluate(batch)
+                .and_then(|v| v.into_array(batch.num_rows()))
+                .map_err(|e| Error::Runtime(e.to_string()))?;
+            Ok(arrow::compute::cast(&v, f.data_type())?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let nullable: Vec<arrow::datatypes::Field> = key_schema
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone().with_nullable(true))
+        .collect();
+    Ok(arrow::record_batch::RecordBatch::try_new(
+        std::sync::Arc::new(arrow::datatypes::Schema::new(nullable)),
+        columns,
+    )?)
+}
+
 pub(crate) fn load_table(node: &StreamNode) -> Result<Vec<ChangeBatch>> {
     let StreamNode::Scan {
         table,

@@ -806,3 +806,178 @@ fn a_lost_connection_is_retried() {
     assert!(stderr.contains("retrying"), "{stderr}");
     assert_rows(pg.rows(TOTALS), &want, "pg TOTALS");
 }
+
+/// The JSON rows of a filesystem sink's published files, as (id, value of `column`).
+fn published(dir: &Path, column: &str) -> Vec<(i64, Option<String>)> {
+    let mut out = vec![];
+    for f in std::fs::read_dir(dir).unwrap() {
+        let path = f.unwrap().path();
+        if path.file_name().unwrap().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        for line in std::fs::read_to_string(&path).unwrap().lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            out.push((
+                v["id"].as_i64().unwrap(),
+                v[column].as_str().map(str::to_string),
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Checks the rows of a lookup join with the customers of
+/// [`lookup_joins_see_the_table_as_it_is_unless_the_cache_says_otherwise`] without a cache: one
+/// order is the first to see the change, every order before it saw `A` (or no customer, for 48
+/// and 49), every one from it on `B` (none for 49). An INNER join has no rows where a LEFT one
+/// has NULLs. Returns the first order that saw the change.
+fn check_as_of(rows: &[(i64, Option<String>)], inner: bool) -> i64 {
+    let switch = rows
+        .iter()
+        .find(|(_, p)| p.as_deref() == Some("B"))
+        .expect("rows after the change see it")
+        .0;
+    let want: Vec<(i64, Option<String>)> = (0..2000)
+        .map(|id| {
+            let p = match (id % 50, id >= switch) {
+                (49, _) | (48, false) => None,
+                (_, false) => Some("A".to_string()),
+                (_, true) => Some("B".to_string()),
+            };
+            (id, p)
+        })
+        .filter(|(_, p)| !inner || p.is_some())
+        .collect();
+    if rows != want {
+        let wrong: Vec<_> = want
+            .iter()
+            .zip(rows)
+            .filter(|(w, g)| w != g)
+            .take(5)
+            .collect();
+        panic!(
+            "{} rows, want {} (first to see the change: order {switch}); first differences (want, got): {wrong:?}",
+            rows.len(),
+            want.len()
+        );
+    }
+    switch
+}
+
+/// A lookup join against a PostgreSQL table that changes while the job runs: customers 0..48
+/// are in province `A`, then all move to `B` and customer 48 arrives; customer 49 never exists.
+/// - Without a cache every row joins the customer as it is when the row is processed: `A`, then
+///   from one row on `B` (rows arrive in id order on one worker), and a LEFT join gives NULL for
+///   a missing customer where an INNER one gives no row.
+/// - With a partial cache that keeps keys an hour, the rows keep joining the cached `A`, and a
+///   customer cached as missing stays missing; without caching missing keys, customer 48 is
+///   found once it exists.
+#[test]
+fn lookup_joins_see_the_table_as_it_is_unless_the_cache_says_otherwise() {
+    let pg = PgDb::create("sluice_jdbc_lookup");
+    pg.exec(
+        "CREATE TABLE customers (id integer PRIMARY KEY, province text NOT NULL);
+         INSERT INTO customers SELECT g, 'A' FROM generate_series(0, 47) g;",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = |name: &str| dir.path().join(name);
+    let customers = |name: &str, cache: &str| {
+        format!(
+            "CREATE TABLE {name} (id INT, province STRING, PRIMARY KEY (id) NOT ENFORCED)
+               WITH ('connector' = 'jdbc', 'url' = '{}', 'table-name' = 'customers'{cache});",
+            pg.url()
+        )
+    };
+    let sink = |name: &str| {
+        format!(
+            "CREATE TABLE {name} (id BIGINT, province STRING)
+               WITH ('connector' = 'filesystem', 'path' = '{}', 'format' = 'json');",
+            out(name).display()
+        )
+    };
+    let join = |sink: &str, kind: &str, dim: &str| {
+        format!(
+            "INSERT INTO {sink} SELECT o.id, c.province FROM orders o
+               {kind} JOIN {dim} FOR SYSTEM_TIME AS OF o.proc_time AS c ON o.id % 50 = c.id;"
+        )
+    };
+    let script = [
+        "CREATE TABLE orders (id BIGINT, proc_time AS PROCTIME()) WITH ('connector' = 'datagen',
+           'number-of-rows' = '2000', 'rows-per-second' = '200', 'fields.id.kind' = 'sequence');"
+            .to_string(),
+        customers("c_none", ""),
+        customers(
+            "c_cached",
+            ", 'lookup.cache' = 'PARTIAL', 'lookup.partial-cache.expire-after-write' = '1 h'",
+        ),
+        customers(
+            "c_cached_found",
+            ", 'lookup.cache' = 'PARTIAL', 'lookup.partial-cache.max-rows' = '1000', \
+             'lookup.partial-cache.cache-missing-key' = 'false'",
+        ),
+        sink("left_none"),
+        sink("inner_none"),
+        sink("left_cached"),
+        sink("left_cached_found"),
+        join("left_none", "LEFT", "c_none"),
+        join("inner_none", "", "c_none"),
+        join("left_cached", "LEFT", "c_cached"),
+        join("left_cached_found", "LEFT", "c_cached_found"),
+    ]
+    .join("\n");
+    let file = dir.path().join("job.sql");
+    std::fs::write(&file, &script).unwrap();
+    let log = dir.path().join("log");
+    let child = spawn(&file, 1, &log);
+    // The job runs 10 s; the table changes 4 s in.
+    std::thread::sleep(Duration::from_secs(4));
+    pg.exec(
+        "BEGIN; UPDATE customers SET province = 'B'; INSERT INTO customers VALUES (48, 'B'); COMMIT;",
+    );
+    let (ok, stderr) = finish(child, Duration::from_secs(120), &log);
+    assert!(ok, "{stderr}");
+    let a = || Some("A".to_string());
+    let b = || Some("B".to_string());
+
+    // Each INSERT looks up at its own moments: each has its own first row that saw `B`.
+    let none = published(&out("left_none"), "province");
+    let switch = check_as_of(&none, false);
+    assert!(
+        switch > 50,
+        "rows before the change see it as it was: {switch}"
+    );
+    // INNER: no row where LEFT has NULLs.
+    let inner = published(&out("inner_none"), "province");
+    let switch = check_as_of(&inner, true);
+    assert!(switch > 50, "{switch}");
+    // Cached an hour: everything as first looked up.
+    let cached = published(&out("left_cached"), "province");
+    assert_eq!(cached.len(), 2000);
+    let wrong: Vec<_> = cached
+        .iter()
+        .filter(|(id, p)| *p != if id % 50 >= 48 { None } else { a() })
+        .take(5)
+        .collect();
+    assert!(wrong.is_empty(), "{wrong:?}");
+    // Missing keys not cached: 48 is found once it exists; the rest stay cached as `A`.
+    let found = published(&out("left_cached_found"), "province");
+    let first_48 = found
+        .iter()
+        .find(|(id, p)| id % 50 == 48 && p.is_some())
+        .expect("customer 48 is found once it exists");
+    assert!(first_48.0 > 50, "{first_48:?}");
+    let wrong: Vec<_> = found
+        .iter()
+        .filter(|(id, p)| {
+            *p != match (id % 50, *id >= first_48.0) {
+                (49, _) | (48, false) => None,
+                (48, true) => b(),
+                _ => a(),
+            }
+        })
+        .take(5)
+        .collect();
+    assert_eq!(found.len(), 2000);
+    assert!(wrong.is_empty(), "{wrong:?}");
+}
