@@ -27,6 +27,8 @@ enum Format {
     Csv,
     /// Avro object container files.
     Avro,
+    /// Parquet files (read whole; written with Snappy and statistics).
+    Parquet,
     /// Each line is the value of the table's one STRING or BYTES column.
     Raw,
     /// `debezium-json` or `canal-json`: an updating table, read and written as changes.
@@ -53,14 +55,38 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
         },
         OptionDef {
             key: "format",
-            kind: Kind::Choice(&["json", "csv", "avro", "raw", "debezium-json", "canal-json"]),
+            kind: Kind::Choice(&[
+                "json",
+                "csv",
+                "avro",
+                "parquet",
+                "raw",
+                "debezium-json",
+                "canal-json",
+            ]),
             default: None,
             side: Side::Both,
             identity: true,
-            doc: "JSON lines, CSV (no header), `raw` lines (each the value of the one STRING or BYTES column), or Avro object container files (read with the file's schema resolved to the columns, written with the schema Flink derives from them); `debezium-json` and `canal-json` are changes, read as an updating table and written from an updating result",
+            doc: "JSON lines, CSV (no header), `raw` lines (each the value of the one STRING or BYTES column), Avro object container files (read with the file's schema resolved to the columns, written with the schema Flink derives from them), or Parquet files (columns matched by name); `debezium-json` and `canal-json` are changes, read as an updating table and written from an updating result",
         },
         crate::avro::LEGACY_TIMESTAMPS_OPTION,
         crate::avro::CODEC_OPTION,
+        OptionDef {
+            key: "parquet.compression",
+            kind: Kind::Choice(&["SNAPPY", "UNCOMPRESSED"]),
+            default: Some("SNAPPY"),
+            side: Side::Sink,
+            identity: false,
+            doc: "`parquet`: how pages are compressed (Flink's default, Snappy, or none)",
+        },
+        OptionDef {
+            key: "parquet.row-group.max-rows",
+            kind: Kind::Count,
+            default: Some("1048576"),
+            side: Side::Sink,
+            identity: false,
+            doc: "`parquet`: rows per row group (readers skip row groups by their statistics)",
+        },
         OptionDef {
             key: "json.ignore-parse-errors",
             kind: Kind::Bool,
@@ -128,6 +154,7 @@ fn format(opts: &mut Options) -> Result<Format> {
     match name.as_str() {
         "json" => Ok(Format::Json),
         "csv" => Ok(Format::Csv),
+        "parquet" => Ok(Format::Parquet),
         "avro" => Ok(Format::Avro),
         "raw" => Ok(Format::Raw),
         other => unreachable!("format '{other}' is declared but not read"),
@@ -311,6 +338,8 @@ struct OpenFile {
         apache_avro::Reader<'static, BufReader<File>>,
         crate::avro::Resolver,
     )>,
+    /// A Parquet file's rows (`position` counts them).
+    parquet: Option<parquet::arrow::arrow_reader::ParquetRecordBatchReader>,
 }
 
 /// What reading a file once gave.
@@ -375,7 +404,7 @@ impl FileSource {
             Format::Json => (opts.flag("json.ignore-parse-errors")?, false),
             // A container file's records all read, or the file is corrupt; a raw line is
             // always a value: nothing to skip.
-            Format::Avro | Format::Raw => (false, false),
+            Format::Avro | Format::Parquet | Format::Raw => (false, false),
             Format::Changelog(c) => (
                 opts.flag(&format!("{}.ignore-parse-errors", c.name()))?,
                 false,
@@ -447,6 +476,11 @@ impl FileSource {
                     &decoded_schema,
                     &spec.primary_key_names(),
                 )?)
+            }
+            // Parquet files are read whole (their footer says where everything is).
+            Format::Parquet => {
+                split_size = u64::MAX;
+                None
             }
             _ => None,
         };
@@ -748,7 +782,17 @@ impl FileSource {
             }
         };
         let mut avro = None;
+        let mut parquet = None;
         let (lines, csv) = match &self.format {
+            Format::Parquet => {
+                parquet = Some(open_parquet(
+                    &path,
+                    &self.decoded_schema,
+                    position,
+                    max_rows,
+                )?);
+                (None, None)
+            }
             Format::Avro => {
                 let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
                 let mut reader = apache_avro::Reader::new(BufReader::with_capacity(1 << 20, f))
@@ -803,6 +847,7 @@ impl FileSource {
             position,
             ahead: None,
             avro,
+            parquet,
         })
     }
 
@@ -844,6 +889,7 @@ impl FileSource {
                 position: f.position,
                 ahead: Some(rx),
                 avro: None,
+                parquet: None,
             };
             std::thread::Builder::new()
                 .name("decode-ahead".into())
@@ -871,6 +917,9 @@ impl FileSource {
 
     fn read_chunk(&mut self, at: usize, max_rows: usize) -> Result<Chunk> {
         let f = &mut self.open[at];
+        if let Some(reader) = f.parquet.as_mut() {
+            return read_parquet(&f.path, reader, &mut f.position, &self.decoded_schema);
+        }
         if let (Some((reader, resolver)), Some(avro)) = (f.avro.as_mut(), self.avro.as_mut()) {
             return read_avro(&f.path, reader, resolver, &mut f.position, avro, max_rows);
         }
@@ -924,6 +973,100 @@ fn local_path(opts: &mut Options) -> Result<PathBuf> {
         }
     }
     Ok(PathBuf::from(text))
+}
+
+/// Opens a Parquet file for reading the table's columns (`schema`, matched by name) from row
+/// `position` on.
+fn open_parquet(
+    path: &Path,
+    schema: &SchemaRef,
+    position: u64,
+    max_rows: usize,
+) -> Result<parquet::arrow::arrow_reader::ParquetRecordBatchReader> {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let bad = |message: String| Error::BadRecord {
+        location: path.display().to_string(),
+        message,
+    };
+    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(f)
+        .map_err(|e| bad(format!("not a readable Parquet file ({e})")))?;
+    let file_schema = builder.schema().clone();
+    let mut roots = vec![];
+    for field in schema.fields() {
+        match file_schema.index_of(field.name()) {
+            Ok(i) => {
+                let found = file_schema.field(i).data_type();
+                if !arrow::compute::can_cast_types(found, field.data_type()) {
+                    return Err(bad(format!(
+                        "column '{}' is {found} in the file, which does not read as {}",
+                        field.name(),
+                        field.data_type()
+                    )));
+                }
+                roots.push(i);
+            }
+            // A nullable column the file lacks reads as NULL (files written before it was added).
+            Err(_) if field.is_nullable() => {}
+            Err(_) => {
+                return Err(bad(format!(
+                    "the file has no column '{}' (its columns: {})",
+                    field.name(),
+                    file_schema
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )))
+            }
+        }
+    }
+    let mask = parquet::arrow::ProjectionMask::roots(builder.parquet_schema(), roots);
+    builder
+        .with_projection(mask)
+        .with_batch_size(max_rows.max(1))
+        .with_offset(position as usize)
+        .build()
+        .map_err(|e| bad(format!("not a readable Parquet file ({e})")))
+}
+
+/// Reads the next rows of a Parquet file as the table's columns.
+fn read_parquet(
+    path: &Path,
+    reader: &mut parquet::arrow::arrow_reader::ParquetRecordBatchReader,
+    position: &mut u64,
+    schema: &SchemaRef,
+) -> Result<Chunk> {
+    let batch = match reader.next() {
+        None => return Ok(Chunk::Eof),
+        Some(Err(e)) => {
+            return Err(Error::BadRecord {
+                location: format!("{}: after row {}", path.display(), *position),
+                message: format!("not a readable Parquet file ({e})"),
+            })
+        }
+        Some(Ok(b)) => b,
+    };
+    *position += batch.num_rows() as u64;
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|field| match batch.column_by_name(field.name()) {
+            Some(c) => Ok(arrow::compute::cast(c, field.data_type())?),
+            None => Ok(arrow::array::new_null_array(
+                field.data_type(),
+                batch.num_rows(),
+            )),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Chunk::Rows(
+        arrow::record_batch::RecordBatch::try_new_with_options(
+            schema.clone(),
+            columns,
+            &arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
+        )?,
+    ))
 }
 
 /// Reads the next records of an Avro container file (`position` counts those read before).
@@ -1209,7 +1352,18 @@ pub struct FileSink {
     avro: Option<(std::sync::Arc<crate::avro::Avro>, apache_avro::Codec)>,
     marker: [u8; 16],
     header_due: bool,
+    /// `parquet`: the writer of the file being written (over a second handle of it), and the
+    /// files' properties.
+    parquet: Option<parquet::arrow::ArrowWriter<File>>,
+    parquet_props: Option<parquet::file::properties::WriterProperties>,
 }
+
+/// How a sink encodes its files: the format, Avro's columns and codec, Parquet's properties.
+type Encoding = (
+    Format,
+    Option<(std::sync::Arc<crate::avro::Avro>, apache_avro::Codec)>,
+    Option<parquet::file::properties::WriterProperties>,
+);
 
 /// Publishes a hidden part file under its visible name.
 fn make_visible(dir: &Path, hidden: &Path) -> Result<()> {
@@ -1262,6 +1416,24 @@ impl FileSink {
                     .map_or(spec.schema.clone(), |l| l.data.clone()),
             )?;
         }
+        let parquet_props = match format {
+            Format::Parquet => {
+                let compression = match opts.value::<String>("parquet.compression")?.as_str() {
+                    "UNCOMPRESSED" => parquet::basic::Compression::UNCOMPRESSED,
+                    _ => parquet::basic::Compression::SNAPPY,
+                };
+                let rows = opts.value::<u64>("parquet.row-group.max-rows")?.max(1) as usize;
+                Some(
+                    parquet::file::properties::WriterProperties::builder()
+                        .set_compression(compression)
+                        .set_max_row_group_row_count(Some(rows))
+                        .set_statistics_enabled(parquet::file::properties::EnabledStatistics::Page)
+                        .set_created_by("sluice".to_string())
+                        .build(),
+                )
+            }
+            _ => None,
+        };
         let avro = match format {
             Format::Avro => {
                 let columns = layout
@@ -1279,7 +1451,7 @@ impl FileSink {
             None => Ok(Box::new(FileSink::in_dir(
                 dir,
                 worker,
-                (format, avro),
+                (format, avro, parquet_props),
                 roll,
                 (publish_on_stop, instance),
             ))),
@@ -1290,7 +1462,7 @@ impl FileSink {
                     Ok(Box::new(FileSink::in_dir(
                         folder.to_path_buf(),
                         worker,
-                        (format.clone(), avro.clone()),
+                        (format.clone(), avro.clone(), parquet_props.clone()),
                         roll,
                         (publish_on_stop, instance),
                     )))
@@ -1302,10 +1474,7 @@ impl FileSink {
     fn in_dir(
         dir: PathBuf,
         worker: usize,
-        (format, avro): (
-            Format,
-            Option<(std::sync::Arc<crate::avro::Avro>, apache_avro::Codec)>,
-        ),
+        (format, avro, parquet_props): Encoding,
         roll: Rolling,
         (publish_on_stop, instance): (bool, usize),
     ) -> Self {
@@ -1328,11 +1497,28 @@ impl FileSink {
             avro,
             marker: [0; 16],
             header_due: false,
+            parquet: None,
+            parquet_props,
         }
+    }
+
+    /// Writes a Parquet file's footer: the file is whole.
+    fn close_parquet(&mut self) -> Result<()> {
+        if let Some(w) = self.parquet.take() {
+            let path = self
+                .file
+                .as_ref()
+                .map(|(p, _)| p.clone())
+                .unwrap_or_default();
+            w.close()
+                .map_err(|e| Error::Runtime(format!("{}: {e}", path.display())))?;
+        }
+        Ok(())
     }
 
     /// Closes the file being written; it stays hidden until the job ends.
     fn roll(&mut self) -> Result<()> {
+        self.close_parquet()?;
         if let Some((path, mut file)) = self.file.take() {
             file.flush().map_err(|e| Error::io(&path, e))?;
             file.sync_all().map_err(|e| Error::io(&path, e))?;
@@ -1346,6 +1532,7 @@ impl FileSink {
     /// hidden files that no checkpoint refers to).
     fn discard(&mut self) -> Result<()> {
         self.closed = true;
+        self.parquet = None;
         let current = self.file.take().map(|(path, _)| path);
         for path in current.into_iter().chain(std::mem::take(&mut self.rolled)) {
             match std::fs::remove_file(&path) {
@@ -1362,6 +1549,7 @@ impl FileSink {
         match &self.format {
             Format::Csv => "csv",
             Format::Avro => "avro",
+            Format::Parquet => "parquet",
             Format::Raw => "txt",
             _ => "json",
         }
@@ -1389,7 +1577,7 @@ impl SinkWriter for FileSink {
             Format::Changelog(c) => encode_changelog(batch, c, &mut self.buffer)?,
             Format::Raw => encode_raw(batch, &mut self.buffer)?,
             // Encoded below, once the file (and whether it needs its header) is known.
-            Format::Avro => {}
+            Format::Avro | Format::Parquet => {}
         }
         if self.file.is_none() {
             // Never reuse a name a previous run published.
@@ -1420,6 +1608,28 @@ impl SinkWriter for FileSink {
                     break;
                 }
             }
+        }
+        if let Some(props) = &self.parquet_props {
+            let (path, file) = self.file.as_ref().expect("opened above");
+            if self.parquet.is_none() {
+                let handle = file.try_clone().map_err(|e| Error::io(path, e))?;
+                let w = parquet::arrow::ArrowWriter::try_new(
+                    handle,
+                    batch.data.schema(),
+                    Some(props.clone()),
+                )
+                .map_err(|e| Error::Runtime(format!("{}: {e}", path.display())))?;
+                self.parquet = Some(w);
+            }
+            let w = self.parquet.as_mut().expect("made above");
+            w.write(&batch.data)
+                .map_err(|e| Error::Runtime(format!("{}: {e}", path.display())))?;
+            self.written = (w.bytes_written() + w.in_progress_size()) as u64;
+            let full = self.written >= self.roll.bytes || self.opened.elapsed() >= self.roll.age;
+            if full && !self.transactional {
+                self.roll()?;
+            }
+            return Ok(());
         }
         if let Some((avro, codec)) = &self.avro {
             self.buffer =
@@ -1490,6 +1700,7 @@ impl SinkWriter for FileSink {
     }
 
     fn pre_commit(&mut self, epoch: u64) -> Result<()> {
+        self.close_parquet()?;
         if let Some((path, mut file)) = self.file.take() {
             file.flush().map_err(|e| Error::io(&path, e))?;
             file.sync_all().map_err(|e| Error::io(&path, e))?;

@@ -954,6 +954,22 @@ pub(crate) fn cast_column(
     })
 }
 
+/// Casts a column read from the database to the table's column type. Decimal text (PostgreSQL
+/// NUMERIC, MySQL DECIMAL) goes through a decimal first, so that `123.0000` reads into a BIGINT.
+pub(crate) fn read_column(
+    table: &str,
+    name: &str,
+    column: &arrow::array::ArrayRef,
+    to: &DataType,
+) -> Result<arrow::array::ArrayRef> {
+    let numeric = matches!(family(to), Family::Int | Family::Float);
+    if column.data_type() == &DataType::Utf8 && numeric {
+        let decimal = cast_column(table, name, column, &DataType::Decimal128(38, 10))?;
+        return cast_column(table, name, &decimal, to);
+    }
+    cast_column(table, name, column, to)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

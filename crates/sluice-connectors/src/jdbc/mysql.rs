@@ -606,7 +606,7 @@ impl Database for MySql {
                         self.relation
                     ))
                 })?;
-                cast_column(
+                super::read_column(
                     &self.layout.table,
                     field.name(),
                     &natural,

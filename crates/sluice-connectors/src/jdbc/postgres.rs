@@ -729,7 +729,7 @@ impl Database for Postgres {
                         self.relation
                     ))
                 })?;
-                cast_column(
+                super::read_column(
                     &self.layout.table,
                     field.name(),
                     &natural,

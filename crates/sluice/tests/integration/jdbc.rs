@@ -614,6 +614,59 @@ fn every_type_is_written_as_the_database_column_type() {
             [vec![s("2")], vec![None; 14]].concat(),
         ]
     );
+
+    // Read back by lookup joins (every type decoded from each database), and whole (a bounded
+    // scan): the same JSON lines as the source file's rows written straight out.
+    let back = |name: &str| dir.path().join(name);
+    let script = format!(
+        "CREATE TABLE src ({columns}) WITH ('connector' = 'filesystem', 'path' = '{input}', 'format' = 'json');
+         CREATE TABLE pg_t ({columns}, PRIMARY KEY (id) NOT ENFORCED) WITH ('connector' = 'jdbc', 'url' = '{pg}', 'table-name' = 't');
+         CREATE TABLE my_t ({columns}, PRIMARY KEY (id) NOT ENFORCED) WITH ('connector' = 'jdbc', 'url' = '{my}', 'table-name' = 't',
+           'lookup.cache' = 'PARTIAL', 'lookup.partial-cache.max-rows' = '10');
+         CREATE TABLE direct ({columns}) WITH ('connector' = 'filesystem', 'path' = '{direct}', 'format' = 'json');
+         CREATE TABLE from_pg ({columns}) WITH ('connector' = 'filesystem', 'path' = '{from_pg}', 'format' = 'json');
+         CREATE TABLE from_my ({columns}) WITH ('connector' = 'filesystem', 'path' = '{from_my}', 'format' = 'json');
+         CREATE TABLE scanned ({columns}) WITH ('connector' = 'filesystem', 'path' = '{scanned}', 'format' = 'json');
+         CREATE VIEW ids AS SELECT id, PROCTIME() AS pt FROM src;
+         INSERT INTO direct SELECT * FROM src;
+         INSERT INTO from_pg SELECT d.* FROM ids LEFT JOIN pg_t FOR SYSTEM_TIME AS OF ids.pt AS d ON ids.id = d.id;
+         INSERT INTO from_my SELECT d.* FROM ids LEFT JOIN my_t FOR SYSTEM_TIME AS OF ids.pt AS d ON ids.id = d.id;
+         INSERT INTO scanned SELECT * FROM my_t;",
+        input = input.display(),
+        pg = pg.url(),
+        my = my.url(),
+        direct = back("direct").display(),
+        from_pg = back("from_pg").display(),
+        from_my = back("from_my").display(),
+        scanned = back("scanned").display(),
+    );
+    let (ok, stderr) = run(dir.path(), &script, 1);
+    assert!(ok, "{stderr}");
+    let lines = |name: &str| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(back(name))
+            .unwrap()
+            .map(|f| f.unwrap().path())
+            .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+            .flat_map(|p| {
+                std::fs::read_to_string(p)
+                    .unwrap()
+                    .lines()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let direct = lines("direct");
+    assert_eq!(direct.len(), 2);
+    assert!(
+        direct[0].contains(r#""ltz":"2026-11-11 08:00:00"#),
+        "{direct:?}"
+    );
+    assert_eq!(lines("from_pg"), direct, "PostgreSQL");
+    assert_eq!(lines("from_my"), direct, "MariaDB");
+    assert_eq!(lines("scanned"), direct, "MariaDB, scanned");
 }
 
 /// Each bad target fails the job before it runs, with a message naming what is wrong and what

@@ -26,6 +26,7 @@ mod mqtt;
 mod nats;
 mod nexmark_correctness;
 mod nexmark_queries;
+mod parquet_files;
 #[cfg(feature = "rabbitmq")]
 mod rabbitmq;
 mod randomized_queries;
