@@ -37,6 +37,7 @@ pub struct Alignment<T = Event> {
     held: Option<Capability<Epoch>>,
     stash: Vec<(Capability<Epoch>, T, usize)>,
     meter: Option<Arc<InFlight>>,
+    control: Arc<crate::runtime::control::JobControl>,
 }
 
 impl<T: Held> Alignment<T> {
@@ -49,6 +50,7 @@ impl<T: Held> Alignment<T> {
             held: Some(initial),
             stash: vec![],
             meter: None,
+            control: ctx.control.clone(),
         }
     }
 
@@ -91,12 +93,17 @@ impl<T: Held> Alignment<T> {
         true
     }
 
-    /// The pending checkpoint epoch, once every input frontier has passed it.
+    /// The pending checkpoint epoch, once every input frontier has passed it. At the end of
+    /// input there are no more checkpoints, except a graceful stop's: the sources stop after it,
+    /// and an operator that was not scheduled between their last two steps (a busy machine, or
+    /// another worker's sources) sees its input frontier jump from that epoch straight to empty.
     pub fn due(&self, frontiers: &[&MutableAntichain<Epoch>]) -> Option<Epoch> {
+        let open = frontiers.iter().any(|f| !f.frontier().is_empty());
+        let stopping_here = self.control.stop_epoch() == Some(self.next);
         (self.held.is_some()
             && frontiers.iter().all(|f| !f.less_equal(&self.next))
-            && frontiers.iter().any(|f| !f.frontier().is_empty()))
-        .then_some(self.next)
+            && (open || stopping_here))
+            .then_some(self.next)
     }
 
     /// After the operator did its part for the pending checkpoint: moves to the next one and

@@ -92,6 +92,8 @@ pub struct CheckpointContext {
     pub finished: RefCell<BTreeMap<String, sluice_state::checkpoint::ChainFile>>,
     /// The process's readers that ended, kept until what they read is committed.
     pub ended: EndedReaders,
+    /// The job's control: a graceful stop's checkpoint epoch is there.
+    pub control: std::sync::Arc<crate::runtime::control::JobControl>,
 }
 
 /// Source readers of a process that ended, with the checkpoint covering what they returned:

@@ -365,6 +365,7 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
                 contributors: Default::default(),
                 finished: Default::default(),
                 ended: c.ended.clone(),
+                control: worker_control.clone(),
             })
         });
         let ctx = BuildContext {

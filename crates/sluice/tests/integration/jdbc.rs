@@ -818,20 +818,19 @@ fn a_lost_connection_is_retried() {
     let pg = PgDb::create("sluice_jdbc_lost");
     pg.exec("CREATE TABLE totals (category text PRIMARY KEY, n bigint NOT NULL, total bigint)");
     let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("orders.json");
-    let rows = orders(&input, 300_000, 2_000);
+    // A paced stream (4 s), so that the sink writes at every checkpoint while its sessions end.
+    let rows = order_rows(20_000, 2_000);
     let want = per_category(&rows, i64::MAX);
     let script = format!(
         "SET 'execution.checkpointing.interval' = '200 ms';
          SET 'execution.checkpointing.dir' = '{ckpt}';
          SET 'table.exec.mini-batch.size' = '256';
-         CREATE TABLE orders (id BIGINT, category STRING, amount BIGINT)
-           WITH ('connector' = 'filesystem', 'path' = '{input}', 'format' = 'json');
+         {source}
          CREATE TABLE totals (category STRING, n BIGINT, total BIGINT, PRIMARY KEY (category) NOT ENFORCED)
            WITH ('connector' = 'jdbc', 'url' = '{url}', 'table-name' = 'totals', 'sink.max-retries' = '10');
          INSERT INTO totals SELECT category, COUNT(*), SUM(amount) FROM orders GROUP BY category;",
         ckpt = dir.path().join("checkpoints").display(),
-        input = input.display(),
+        source = generated_source(20_000, 2_000, 5_000),
         url = pg.url()
     );
     let file = dir.path().join("job.sql");
@@ -848,7 +847,7 @@ fn a_lost_connection_is_retried() {
             pg.name
         ));
         ended += n[0][0].as_ref().unwrap().parse::<i64>().unwrap();
-        std::thread::sleep(Duration::from_millis(400));
+        std::thread::sleep(Duration::from_millis(300));
     }
     let (ok, stderr) = finish(child, Duration::from_secs(60), &log);
     assert!(ok, "{stderr}");
