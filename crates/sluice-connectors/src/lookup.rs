@@ -516,6 +516,78 @@ mod tests {
         assert_eq!(c.stats.hits, 2);
     }
 
+    /// A table holding a row for every id, counting the keys it was asked.
+    struct Every {
+        asked: Arc<Mutex<u64>>,
+        schema: SchemaRef,
+    }
+
+    impl LookupTable for Every {
+        fn lookup(&mut self, keys: &RecordBatch) -> Result<RecordBatch> {
+            let ids = keys
+                .column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap();
+            *self.asked.lock().unwrap() += ids.len() as u64;
+            let names: Vec<String> = ids.values().iter().map(|i| format!("n{i}")).collect();
+            Ok(RecordBatch::try_new(
+                self.schema.clone(),
+                vec![
+                    Arc::new(Int64Array::from(ids.values().to_vec())),
+                    Arc::new(StringArray::from(names)),
+                ],
+            )?)
+        }
+    }
+
+    /// At scale: 120 K keys through a cache of 50 K. The cache never holds more than its bound,
+    /// keys come back from it without a query while held, the oldest go first, and every answer
+    /// is the table's row for its key.
+    #[test]
+    fn a_bounded_cache_at_scale_evicts_the_oldest_keys() {
+        let (mut c, _, _) = setup(CacheOptions {
+            enabled: true,
+            max_keys: Some(50_000),
+            expire_after_write: None,
+            expire_after_access: None,
+            cache_missing: true,
+        });
+        let asked = Arc::new(Mutex::new(0u64));
+        c.inner = Box::new(Every {
+            asked: asked.clone(),
+            schema: c.schema.clone(),
+        });
+        let range = |from: i64, to: i64| keys(&(from..to).map(Some).collect::<Vec<_>>());
+        let check = |out: &RecordBatch, from: i64, to: i64| {
+            let mut got = names(out);
+            let mut want: Vec<String> = (from..to).map(|i| format!("n{i}")).collect();
+            got.sort();
+            want.sort();
+            assert_eq!(got, want);
+        };
+        let out = c.lookup(&range(0, 50_000)).unwrap();
+        check(&out, 0, 50_000);
+        assert_eq!((*asked.lock().unwrap(), c.cached_keys()), (50_000, 50_000));
+        // All held: no query.
+        let out = c.lookup(&range(0, 50_000)).unwrap();
+        check(&out, 0, 50_000);
+        assert_eq!(*asked.lock().unwrap(), 50_000);
+        assert_eq!(c.stats.hits, 50_000);
+        // 70 K new keys push out the oldest; the cache stays at its bound.
+        for from in (50_000..120_000).step_by(10_000) {
+            let out = c.lookup(&range(from, from + 10_000)).unwrap();
+            check(&out, from, from + 10_000);
+            assert!(c.cached_keys() <= 50_000, "{}", c.cached_keys());
+        }
+        assert_eq!(*asked.lock().unwrap(), 120_000);
+        // The newest 50 K are held, the rest asked again.
+        let out = c.lookup(&range(60_000, 120_000)).unwrap();
+        check(&out, 60_000, 120_000);
+        assert_eq!(*asked.lock().unwrap(), 120_000 + 10_000);
+        assert!(c.cached_keys() <= 50_000);
+    }
+
     #[test]
     fn missing_keys_are_cached_when_asked() {
         let (mut c, asked, _) = setup(CacheOptions {
