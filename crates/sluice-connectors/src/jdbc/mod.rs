@@ -294,31 +294,35 @@ fn retrying<T>(
     mut f: impl FnMut(&mut dyn Database, u64) -> Attempt<T>,
 ) -> Result<T> {
     let mut attempt = 0;
+    // Whether the last reconnect failed: then `f` is not called (there is no connection), and
+    // the next attempt connects again.
+    let mut down: Option<String> = None;
     loop {
-        let failure = match f(db, attempt) {
-            Ok(v) => return Ok(v),
-            Err(Failure::Fatal(e)) => return Err(e),
-            Err(Failure::Retry(why)) => why,
+        let failure = match down.take() {
+            Some(why) => why,
+            None => match f(db, attempt) {
+                Ok(v) => return Ok(v),
+                Err(Failure::Fatal(e)) => return Err(e),
+                Err(Failure::Retry(why)) => why,
+            },
         };
         if attempt >= retries {
             return Err(Error::connector(
                 table,
                 format!(
-                    "writing to {} failed after {} retries (option 'sink.max-retries'): {failure}",
-                    db.describe(),
-                    retries
+                    "{} failed after {retries} retries (options 'sink.max-retries', 'lookup.max-retries'): {failure}",
+                    db.describe()
                 ),
             ));
         }
         attempt += 1;
-        tracing::warn!(table, attempt, "jdbc sink: {failure}; retrying");
+        tracing::warn!(table, attempt, "jdbc: {failure}; retrying");
         std::thread::sleep(backoff(attempt));
         // A failed reconnect counts as a failed attempt.
-        if let Err(e) = db.reconnect() {
-            match e {
-                Failure::Fatal(e) => return Err(e),
-                Failure::Retry(_) => continue,
-            }
+        match db.reconnect() {
+            Ok(()) => {}
+            Err(Failure::Fatal(e)) => return Err(e),
+            Err(Failure::Retry(why)) => down = Some(why),
         }
     }
 }
@@ -579,6 +583,8 @@ pub struct JdbcScan {
     rows: Option<RecordBatch>,
     /// Rows returned so far.
     at: u64,
+    /// Worker 0 reads the table: the others have nothing to read.
+    silent: Vec<usize>,
 }
 
 impl JdbcScan {
@@ -586,7 +592,7 @@ impl JdbcScan {
         spec: &ConnectorSpec,
         opts: &mut Options,
         worker: usize,
-        _workers: usize,
+        workers: usize,
     ) -> Result<Self> {
         let retries = opts.value::<u64>("lookup.max-retries")?;
         // Every worker checks the table; worker 0 reads it.
@@ -600,6 +606,10 @@ impl JdbcScan {
             retries,
             rows: None,
             at: 0,
+            silent: match worker {
+                0 => (1..workers).collect(),
+                _ => vec![],
+            },
         })
     }
 }
@@ -639,7 +649,7 @@ impl crate::SourceReader for JdbcScan {
     }
 
     fn silent_workers(&self) -> Vec<usize> {
-        vec![]
+        self.silent.clone()
     }
 }
 
@@ -976,6 +986,72 @@ mod tests {
     use arrow::array::{Int64Array, StringArray};
     use arrow::datatypes::{Field, Schema};
     use arrow::record_batch::RecordBatch;
+
+    /// A database that loses its connection, and cannot be reached for `down` reconnects.
+    struct Flaky {
+        connected: bool,
+        down: u32,
+        writes: u32,
+    }
+
+    impl Database for Flaky {
+        fn describe(&self) -> String {
+            "flaky".into()
+        }
+        fn reconnect(&mut self) -> Attempt<()> {
+            if self.down > 0 {
+                self.down -= 1;
+                return Err(Failure::Retry("refused".into()));
+            }
+            self.connected = true;
+            Ok(())
+        }
+        fn ensure_progress(&mut self) -> Attempt<()> {
+            Ok(())
+        }
+        fn write(&mut self, _: &[ChangeBatch], _: Option<(usize, u64)>) -> Attempt<()> {
+            // Like the real clients, writing without a connection would panic.
+            assert!(self.connected, "written without a connection");
+            self.writes += 1;
+            if self.writes == 1 {
+                self.connected = false;
+                return Err(Failure::Retry("connection lost".into()));
+            }
+            Ok(())
+        }
+        fn recorded(&mut self, _: usize) -> Attempt<Option<u64>> {
+            assert!(self.connected, "asked without a connection");
+            Ok(None)
+        }
+        fn set_job(&mut self, _: &str) {}
+        fn select(&mut self, _: Option<&RecordBatch>, _: &[usize]) -> Attempt<RecordBatch> {
+            unreachable!()
+        }
+    }
+
+    #[test]
+    fn a_database_down_for_a_while_is_reconnected_to_before_writing_again() {
+        let mut db = Flaky {
+            connected: true,
+            down: 2,
+            writes: 0,
+        };
+        write_once(&mut db, "t", 5, &[], Some((0, 7))).unwrap();
+        assert_eq!(db.writes, 2);
+        // Down for longer than the retries allow: an error naming the options, not a panic.
+        let mut db = Flaky {
+            connected: true,
+            down: 10,
+            writes: 0,
+        };
+        let e = write_once(&mut db, "t", 2, &[], None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("failed after 2 retries") && e.contains("refused"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn urls_name_the_database() {
