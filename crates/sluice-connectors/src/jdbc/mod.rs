@@ -964,6 +964,35 @@ pub(crate) fn cast_column(
     })
 }
 
+/// Rows read from the database as a batch of the table's columns: `decode(i)` gives column
+/// `i` as the Arrow type nearest the database's, which is then cast to the table's type.
+pub(crate) fn read_rows(
+    layout: &Layout,
+    relation: &str,
+    rows: usize,
+    mut decode: impl FnMut(usize) -> std::result::Result<arrow::array::ArrayRef, String>,
+) -> Attempt<RecordBatch> {
+    let columns = (0..layout.schema.fields().len())
+        .map(|i| {
+            let field = layout.schema.field(i);
+            let natural = decode(i).map_err(|e| {
+                Error::connector(
+                    &layout.table,
+                    format!("column '{}' of table {relation}: {e}", field.name()),
+                )
+            })?;
+            read_column(&layout.table, field.name(), &natural, field.data_type())
+        })
+        .collect::<Result<Vec<_>>>()
+        .map_err(Failure::Fatal)?;
+    RecordBatch::try_new_with_options(
+        layout.schema.clone(),
+        columns,
+        &arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(rows)),
+    )
+    .map_err(|e| Failure::Fatal(e.into()))
+}
+
 /// Casts a column read from the database to the table's column type. Decimal text (PostgreSQL
 /// NUMERIC, MySQL DECIMAL) goes through a decimal first, so that `123.0000` reads into a BIGINT.
 pub(crate) fn read_column(

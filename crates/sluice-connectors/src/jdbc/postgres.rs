@@ -716,34 +716,9 @@ impl Database for Postgres {
             .rt
             .block_on(self.client().query(&sql, &refs))
             .map_err(|e| self.failure("looking up rows", e))?;
-        let columns = self
-            .columns
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let field = self.layout.schema.field(i);
-                let natural = decode(&rows, i, &c.ty).map_err(|e| {
-                    self.error(format!(
-                        "column '{}' of table {}: {e}",
-                        field.name(),
-                        self.relation
-                    ))
-                })?;
-                super::read_column(
-                    &self.layout.table,
-                    field.name(),
-                    &natural,
-                    field.data_type(),
-                )
-            })
-            .collect::<Result<Vec<_>>>()
-            .map_err(Failure::Fatal)?;
-        RecordBatch::try_new_with_options(
-            self.layout.schema.clone(),
-            columns,
-            &arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(rows.len())),
-        )
-        .map_err(|e| Failure::Fatal(e.into()))
+        super::read_rows(&self.layout, &self.relation, rows.len(), |i| {
+            decode(&rows, i, &self.columns[i].ty)
+        })
     }
 }
 
