@@ -16,7 +16,10 @@
 //! - A lost connection is retried `sink.max-retries` times with backoff, then fails the job.
 
 mod mysql;
+mod pg_cdc;
 mod postgres;
+
+pub use pg_cdc::{PgCdcSource, CONNECTOR as POSTGRES_CDC};
 
 use std::collections::HashMap;
 use std::sync::mpsc;

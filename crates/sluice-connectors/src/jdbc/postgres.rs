@@ -25,6 +25,8 @@ use super::{
 
 /// A sink column and the database column it is written to.
 struct Column {
+    /// The database's name.
+    name: String,
     /// The database's name, quoted.
     quoted: String,
     ty: Type,
@@ -324,7 +326,7 @@ impl Postgres {
             });
             let Some((db_name, type_oid, type_name)) = found else {
                 return Err(Failure::Fatal(self.error(format!(
-                    "column '{name}' of the sink is not in table {} of {} (its columns: {})",
+                    "column '{name}' is not in table {} of {} (its columns: {})",
                     self.relation,
                     self.target.describe(),
                     db.iter().map(|c| c.0.as_str()).collect::<Vec<_>>().join(", ")
@@ -334,7 +336,7 @@ impl Postgres {
             let cast = ty.as_ref().and_then(|t| encoding(field.data_type(), t));
             let (Some(ty), Some(cast)) = (ty, cast) else {
                 return Err(Failure::Fatal(self.error(format!(
-                    "column '{name}' is {} in the sink but {type_name} in table {}: Sluice writes {} to PostgreSQL columns of type {}",
+                    "column '{name}' is {} in the DDL but {type_name} in table {}: Sluice writes {} to PostgreSQL columns of type {}",
                     sql_type(field.data_type()),
                     self.relation,
                     sql_type(field.data_type()),
@@ -343,6 +345,7 @@ impl Postgres {
             };
             names.push(db_name.clone());
             columns.push(Column {
+                name: db_name.clone(),
                 quoted: quote(db_name),
                 ty,
                 type_name: type_name.clone(),
@@ -364,8 +367,12 @@ impl Postgres {
             let mut want: Vec<String> = self.layout.key.iter().map(|i| names[*i].clone()).collect();
             want.sort();
             if !unique.contains(&want) {
+                let what = match self.layout.sink {
+                    true => "the sink upserts by its PRIMARY KEY",
+                    false => "the source matches rows by its PRIMARY KEY",
+                };
                 return Err(Failure::Fatal(self.error(format!(
-                    "the sink upserts by its PRIMARY KEY ({}), but table {} has no primary key or unique constraint on those columns{}; add one (ALTER TABLE {} ADD PRIMARY KEY ({})), or change the DDL's PRIMARY KEY",
+                    "{what} ({}), but table {} has no primary key or unique constraint on those columns{}; add one (ALTER TABLE {} ADD PRIMARY KEY ({})), or change the DDL's PRIMARY KEY",
                     self.key_names().join(", "),
                     self.relation,
                     match unique.is_empty() {
@@ -717,58 +724,105 @@ impl Database for Postgres {
             .block_on(self.client().query(&sql, &refs))
             .map_err(|e| self.failure("looking up rows", e))?;
         super::read_rows(&self.layout, &self.relation, rows.len(), |i| {
-            decode(&rows, i, &self.columns[i].ty)
+            decode(rows.as_slice(), i, &self.columns[i].ty)
         })
     }
 }
 
+/// A row as pgoutput's binary mode sends it: each column's value in PostgreSQL's binary
+/// format (`None`: NULL), in the table's columns' order.
+pub(crate) type RawRow = Vec<Option<bytes::Bytes>>;
+
+/// Rows whose columns decode with `tokio-postgres`'s `FromSql`: query results, and rows of
+/// binary values from logical replication.
+trait Values {
+    /// Column `i` of every row, read with `T`'s `FromSql`.
+    fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
+        &'a self,
+        i: usize,
+    ) -> std::result::Result<Vec<Option<T>>, String>;
+}
+
+impl Values for [tokio_postgres::Row] {
+    fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
+        &'a self,
+        i: usize,
+    ) -> std::result::Result<Vec<Option<T>>, String> {
+        self.iter()
+            .map(|r| r.try_get::<_, Option<T>>(i).map_err(|e| e.to_string()))
+            .collect()
+    }
+}
+
+/// Raw rows with the type of each column.
+struct Raw<'r> {
+    rows: &'r [RawRow],
+    types: &'r [Type],
+}
+
+impl Values for Raw<'_> {
+    fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
+        &'a self,
+        i: usize,
+    ) -> std::result::Result<Vec<Option<T>>, String> {
+        self.rows
+            .iter()
+            .map(|r| {
+                <Option<T> as tokio_postgres::types::FromSql>::from_sql_nullable(
+                    &self.types[i],
+                    r[i].as_deref(),
+                )
+                .map_err(|e| e.to_string())
+            })
+            .collect()
+    }
+}
+
 /// Column `i` of `rows`, of PostgreSQL type `ty`, as the Arrow type nearest it.
-fn decode(
-    rows: &[tokio_postgres::Row],
+fn decode<V: Values + ?Sized>(
+    rows: &V,
     i: usize,
     ty: &Type,
 ) -> std::result::Result<ArrayRef, String> {
     use std::sync::Arc;
-    fn get<'a, T: tokio_postgres::types::FromSql<'a>>(
-        rows: &'a [tokio_postgres::Row],
+    fn get<'a, T: tokio_postgres::types::FromSql<'a>, V: Values + ?Sized>(
+        rows: &'a V,
         i: usize,
     ) -> std::result::Result<Vec<Option<T>>, String> {
-        rows.iter()
-            .map(|r| r.try_get::<_, Option<T>>(i).map_err(|e| e.to_string()))
-            .collect()
+        rows.column(i)
     }
     Ok(match *ty {
-        Type::INT2 => Arc::new(Int16Array::from(get::<i16>(rows, i)?)),
-        Type::INT4 => Arc::new(Int32Array::from(get::<i32>(rows, i)?)),
-        Type::INT8 => Arc::new(Int64Array::from(get::<i64>(rows, i)?)),
-        Type::FLOAT4 => Arc::new(Float32Array::from(get::<f32>(rows, i)?)),
-        Type::FLOAT8 => Arc::new(Float64Array::from(get::<f64>(rows, i)?)),
-        Type::BOOL => Arc::new(BooleanArray::from(get::<bool>(rows, i)?)),
+        Type::INT2 => Arc::new(Int16Array::from(get::<i16, V>(rows, i)?)),
+        Type::INT4 => Arc::new(Int32Array::from(get::<i32, V>(rows, i)?)),
+        Type::INT8 => Arc::new(Int64Array::from(get::<i64, V>(rows, i)?)),
+        Type::FLOAT4 => Arc::new(Float32Array::from(get::<f32, V>(rows, i)?)),
+        Type::FLOAT8 => Arc::new(Float64Array::from(get::<f64, V>(rows, i)?)),
+        Type::BOOL => Arc::new(BooleanArray::from(get::<bool, V>(rows, i)?)),
         Type::NUMERIC => Arc::new(StringArray::from(
-            get::<rust_decimal::Decimal>(rows, i)?
+            get::<rust_decimal::Decimal, V>(rows, i)?
                 .into_iter()
                 .map(|d| d.map(|d| d.to_string()))
                 .collect::<Vec<_>>(),
         )),
         Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME => {
-            Arc::new(StringArray::from(get::<&str>(rows, i)?))
+            Arc::new(StringArray::from(get::<&str, V>(rows, i)?))
         }
-        Type::BYTEA => Arc::new(BinaryArray::from(get::<&[u8]>(rows, i)?)),
+        Type::BYTEA => Arc::new(BinaryArray::from(get::<&[u8], V>(rows, i)?)),
         Type::DATE => Arc::new(Date32Array::from(
-            get::<chrono::NaiveDate>(rows, i)?
+            get::<chrono::NaiveDate, V>(rows, i)?
                 .into_iter()
                 .map(|d| d.map(|d| d.num_days_from_ce() - 719_163))
                 .collect::<Vec<_>>(),
         )),
         Type::TIMESTAMP => Arc::new(arrow::array::TimestampMicrosecondArray::from(
-            get::<chrono::NaiveDateTime>(rows, i)?
+            get::<chrono::NaiveDateTime, V>(rows, i)?
                 .into_iter()
                 .map(|t| t.map(|t| t.and_utc().timestamp_micros()))
                 .collect::<Vec<_>>(),
         )),
         Type::TIMESTAMPTZ => Arc::new(
             arrow::array::TimestampMicrosecondArray::from(
-                get::<chrono::DateTime<chrono::Utc>>(rows, i)?
+                get::<chrono::DateTime<chrono::Utc>, V>(rows, i)?
                     .into_iter()
                     .map(|t| t.map(|t| t.timestamp_micros()))
                     .collect::<Vec<_>>(),
@@ -918,4 +972,125 @@ fn cell(c: &ArrayRef, r: usize) -> std::result::Result<Cell<'_>, String> {
         }
         other => return Err(format!("no PostgreSQL encoding for {other}")),
     })
+}
+
+/// For `postgres-cdc`: the table read through a replication slot's exported snapshot, and rows
+/// of logical replication decoded as the table's columns.
+impl Postgres {
+    pub(super) fn relation(&self) -> &str {
+        &self.relation
+    }
+
+    /// The database's names of the table's columns, in the DDL's order.
+    pub(super) fn column_names(&self) -> Vec<String> {
+        self.columns.iter().map(|c| c.name.clone()).collect()
+    }
+
+    pub(super) fn column_types(&self) -> Vec<Type> {
+        self.columns.iter().map(|c| c.ty.clone()).collect()
+    }
+
+    /// A query's rows, each cell as text (`None` for NULL).
+    pub(super) fn text_rows(&self, sql: &str) -> Attempt<Vec<Vec<Option<String>>>> {
+        let messages = self
+            .rt
+            .block_on(self.client().simple_query(sql))
+            .map_err(|e| self.failure(sql, e))?;
+        Ok(messages
+            .into_iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => {
+                    Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
+    pub(super) fn execute(&self, sql: &str) -> Attempt<()> {
+        self.exec(sql)
+    }
+
+    /// Opens a read-only transaction on exported snapshot `snapshot` and a cursor over the table
+    /// ordered by `key` (text in byte order), after the key of `after`'s last row when given.
+    pub(super) fn begin_snapshot(
+        &mut self,
+        snapshot: &str,
+        after: Option<&RecordBatch>,
+        key: &[usize],
+    ) -> Attempt<()> {
+        let list = self
+            .columns
+            .iter()
+            .map(|c| c.quoted.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        // Text keys compare as bytes, as the source's resume point does.
+        let ordered: Vec<String> = key
+            .iter()
+            .map(|k| {
+                let c = &self.columns[*k];
+                match family(self.layout.schema.field(*k).data_type()) {
+                    Family::Text => format!("{} COLLATE \"C\"", c.quoted),
+                    _ => c.quoted.clone(),
+                }
+            })
+            .collect();
+        let mut filter = String::new();
+        if let Some(after) = after {
+            let mut literals = vec![];
+            for (j, k) in key.iter().enumerate() {
+                let column = after.column(j);
+                let text = arrow::compute::cast(column, &DataType::Utf8)
+                    .map_err(|e| Failure::Fatal(e.into()))?;
+                let text = text.as_string::<i32>();
+                let value = text.value(text.len() - 1).replace('\'', "''");
+                literals.push(format!("'{value}'::{}", self.columns[*k].type_name));
+            }
+            filter = format!(
+                " WHERE ({}) > ({})",
+                ordered.join(", "),
+                literals.join(", ")
+            );
+        }
+        let sql = format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
+             SET TRANSACTION SNAPSHOT '{}'; \
+             DECLARE sluice_snapshot NO SCROLL CURSOR FOR SELECT {list} FROM {}{filter} ORDER BY {}",
+            snapshot.replace('\'', "''"),
+            self.relation,
+            ordered.join(", ")
+        );
+        self.exec(&sql)
+    }
+
+    /// The next `n` rows of the snapshot's cursor; `None` (and the transaction ended) after the
+    /// last.
+    pub(super) fn fetch(&mut self, n: usize) -> Attempt<Option<RecordBatch>> {
+        let sql = format!("FETCH {} FROM sluice_snapshot", n.max(1));
+        let rows = self
+            .rt
+            .block_on(self.client().query(&sql, &[]))
+            .map_err(|e| self.failure("reading the snapshot", e))?;
+        if rows.is_empty() {
+            self.exec("COMMIT")?;
+            return Ok(None);
+        }
+        super::read_rows(&self.layout, &self.relation, rows.len(), |i| {
+            decode(rows.as_slice(), i, &self.columns[i].ty)
+        })
+        .map(Some)
+    }
+
+    /// Rows of binary values (in the table's columns' order) as a batch of the table's columns.
+    pub(super) fn decode_raw(&self, rows: &[RawRow]) -> Attempt<RecordBatch> {
+        let types = self.column_types();
+        let raw = Raw {
+            rows,
+            types: &types,
+        };
+        super::read_rows(&self.layout, &self.relation, rows.len(), |i| {
+            decode(&raw, i, &types[i])
+        })
+    }
 }

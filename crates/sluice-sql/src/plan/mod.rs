@@ -34,6 +34,9 @@ pub struct TableDef {
     pub virtual_columns: Vec<usize>,
 }
 
+/// Connectors that read a database's changes (`+I`, `-U`/`+U`, `-D`).
+pub const CDC_CONNECTORS: [&str; 2] = ["postgres-cdc", "mysql-cdc"];
+
 /// Formats whose records are changes with full before and after images.
 pub const CHANGELOG_FORMATS: [&str; 2] = ["debezium-json", "canal-json"];
 
@@ -54,6 +57,13 @@ impl TableDef {
     pub fn changelog_mode(&self) -> ChangelogMode {
         if self.connector() == "upsert-kafka" {
             return ChangelogMode::Upsert;
+        }
+        // Database changes: whole old rows, or (`'changelog-mode' = 'upsert'`) keys.
+        if CDC_CONNECTORS.contains(&self.connector()) {
+            return match self.options.get("changelog-mode").map(String::as_str) {
+                Some("upsert") => ChangelogMode::Upsert,
+                _ => ChangelogMode::Retract,
+            };
         }
         let format = self
             .options

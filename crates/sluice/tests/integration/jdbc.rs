@@ -11,7 +11,7 @@ use mysql_async::prelude::Queryable;
 use crate::common::output_within;
 
 /// A name no other test or run uses.
-fn unique(prefix: &str) -> String {
+pub(crate) fn unique(prefix: &str) -> String {
     format!(
         "{prefix}_{}_{}",
         std::process::id(),
@@ -31,13 +31,13 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// A database of its own on the local PostgreSQL, dropped at the end.
-struct PgDb {
-    name: String,
-    rt: tokio::runtime::Runtime,
-    client: tokio_postgres::Client,
+pub(crate) struct PgDb {
+    pub(crate) name: String,
+    pub(crate) rt: tokio::runtime::Runtime,
+    pub(crate) client: tokio_postgres::Client,
 }
 
-fn pg_connect(rt: &tokio::runtime::Runtime, db: &str) -> tokio_postgres::Client {
+pub(crate) fn pg_connect(rt: &tokio::runtime::Runtime, db: &str) -> tokio_postgres::Client {
     let (client, conn) = rt
         .block_on(tokio_postgres::connect(
             &format!("host=127.0.0.1 port=5432 user=postgres dbname={db} connect_timeout=30"),
@@ -51,7 +51,7 @@ fn pg_connect(rt: &tokio::runtime::Runtime, db: &str) -> tokio_postgres::Client 
 }
 
 impl PgDb {
-    fn create(prefix: &str) -> PgDb {
+    pub(crate) fn create(prefix: &str) -> PgDb {
         let name = unique(prefix);
         let rt = runtime();
         let admin = pg_connect(&rt, "postgres");
@@ -61,18 +61,18 @@ impl PgDb {
         PgDb { name, rt, client }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("jdbc:postgresql://127.0.0.1:5432/{}", self.name)
     }
 
-    fn exec(&self, sql: &str) {
+    pub(crate) fn exec(&self, sql: &str) {
         self.rt
             .block_on(self.client.batch_execute(sql))
             .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
     }
 
     /// Every row of a query, each cell as text (`None` for NULL).
-    fn rows(&self, sql: &str) -> Vec<Vec<Option<String>>> {
+    pub(crate) fn rows(&self, sql: &str) -> Vec<Vec<Option<String>>> {
         let rows = self
             .rt
             .block_on(self.client.simple_query(sql))
@@ -196,7 +196,7 @@ fn run(dir: &Path, script: &str, workers: usize) -> (bool, String) {
 }
 
 /// Starts `sluice run` on `file` in the background, its log into `log`.
-fn spawn(file: &Path, workers: usize, log: &Path) -> std::process::Child {
+pub(crate) fn spawn(file: &Path, workers: usize, log: &Path) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["run", "--workers", &workers.to_string()])
         .arg(file)
@@ -207,7 +207,11 @@ fn spawn(file: &Path, workers: usize, log: &Path) -> std::process::Child {
 }
 
 /// Waits for a job to end, killing it and failing the test after `limit`; its log.
-fn finish(mut child: std::process::Child, limit: Duration, log: &Path) -> (bool, String) {
+pub(crate) fn finish(
+    mut child: std::process::Child,
+    limit: Duration,
+    log: &Path,
+) -> (bool, String) {
     let started = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -334,7 +338,7 @@ fn ids_over(rows: &[(i64, String, i64)]) -> Vec<Vec<Option<String>>> {
 
 /// Fails with the first few differences only (tables run to thousands of rows).
 #[track_caller]
-fn assert_rows(got: Vec<Vec<Option<String>>>, want: &[Vec<Option<String>>], what: &str) {
+pub(crate) fn assert_rows(got: Vec<Vec<Option<String>>>, want: &[Vec<Option<String>>], what: &str) {
     if got == want {
         return;
     }

@@ -27,6 +27,8 @@ mod nats;
 mod nexmark_correctness;
 mod nexmark_queries;
 mod parquet_files;
+#[cfg(feature = "jdbc")]
+mod postgres_cdc;
 #[cfg(feature = "rabbitmq")]
 mod rabbitmq;
 mod randomized_queries;
