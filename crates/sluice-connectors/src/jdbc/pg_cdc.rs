@@ -235,7 +235,8 @@ impl PgCdcSource {
             table: spec.table.clone(),
             target_table: format!("{}.{}", quote(&schema_name), quote(&table_name)),
             schema: schema.clone(),
-            key: spec.primary_key.clone(),
+            // The key is checked against the table's own by the reader.
+            key: vec![],
             connect_timeout,
             retries: 0,
             sink: false,
@@ -380,6 +381,54 @@ impl Reader {
                     _ => "unknown",
                 }
             )));
+        }
+        // The changelog's key is the table's: a delete's old row holds the primary key.
+        let names = db.column_names();
+        let mut want: Vec<String> = spec.primary_key.iter().map(|k| names[*k].clone()).collect();
+        want.sort();
+        let unique = db
+            .text_rows(&format!(
+                "SELECT i.indisprimary, array_to_string(array_agg(a.attname::text ORDER BY a.attname), ',') \
+                 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+                 WHERE i.indrelid = {oid} AND i.indisunique AND i.indpred IS NULL \
+                 GROUP BY i.indexrelid, i.indisprimary ORDER BY 1 DESC"
+            ))
+            .map_err(fatal)?;
+        let keys: Vec<(bool, String)> = unique
+            .into_iter()
+            .map(|r| {
+                (
+                    r[0].as_deref() == Some("t"),
+                    r[1].clone().unwrap_or_default(),
+                )
+            })
+            .collect();
+        let want = want.join(",");
+        match keys.first() {
+            Some((true, p)) if *p != want => {
+                return Err(err(format!(
+                    "the DDL's PRIMARY KEY ({want}) is not table {relation}'s primary key ({p}): declare PRIMARY KEY ({p}) NOT ENFORCED"
+                )))
+            }
+            None => {
+                return Err(err(format!(
+                    "table {relation} has no primary key or unique key, by which a changelog matches rows: add one \
+                     (ALTER TABLE {relation} ADD PRIMARY KEY ({want}))"
+                )))
+            }
+            Some((false, _)) if !keys.iter().any(|(_, k)| *k == want) => {
+                return Err(err(format!(
+                    "the DDL's PRIMARY KEY ({want}) is not a unique key of table {relation} (its unique keys: {})",
+                    keys.iter().map(|(_, k)| format!("({k})")).collect::<Vec<_>>().join(", ")
+                )))
+            }
+            Some((false, _)) if upsert && identity.as_deref() != Some("f") => {
+                return Err(err(format!(
+                    "table {relation} has no primary key, so its deletes would not carry the DDL's PRIMARY KEY: \
+                     run ALTER TABLE {relation} REPLICA IDENTITY FULL"
+                )))
+            }
+            _ => {}
         }
         if upsert && identity.as_deref() == Some("n") {
             return Err(err(format!(

@@ -793,8 +793,7 @@ fn bad_targets_fail_with_a_clear_error() {
         ids,
     );
     assert!(
-        e.contains("column 'id' of the sink is not in table totals")
-            && e.contains("its columns: category, n"),
+        e.contains("column 'id' is not in table totals") && e.contains("its columns: category, n"),
         "{e}"
     );
     let e = case(
@@ -802,7 +801,7 @@ fn bad_targets_fail_with_a_clear_error() {
         "SELECT category, id FROM orders",
     );
     assert!(
-        e.contains("column 'n' is BIGINT in the sink but text in table typed"),
+        e.contains("column 'n' is BIGINT in the DDL but text in table typed"),
         "{e}"
     );
     let e = case(

@@ -303,16 +303,15 @@ fn bad_setups_fail_with_a_clear_error() {
     let role = unique("sluice_norepl");
     db.exec(&format!("CREATE ROLE {role} LOGIN"));
     let dir = tempfile::tempdir().unwrap();
-    let run = |extra: &str, key: bool| -> String {
+    let run = |extra: &str, key: &str| -> String {
         let script = format!(
             "CREATE TABLE orders (id BIGINT, category STRING, amount BIGINT{})
                WITH ('connector' = 'postgres-cdc', 'hostname' = '127.0.0.1', 'database-name' = '{}',
                      'table-name' = 'orders', 'slot.name' = 'never_made' {extra});
              SELECT * FROM orders;",
-            if key {
-                ", PRIMARY KEY (id) NOT ENFORCED"
-            } else {
-                ""
+            match key {
+                "" => String::new(),
+                k => format!(", PRIMARY KEY ({k}) NOT ENFORCED"),
             },
             db.name
         );
@@ -324,21 +323,26 @@ fn bad_setups_fail_with_a_clear_error() {
         assert!(!o.status.success());
         String::from_utf8_lossy(&o.stderr).into_owned()
     };
-    let e = run("", true);
+    let e = run("", "id");
     assert!(
         e.contains("REPLICA IDENTITY FULL") && e.contains("'changelog-mode' = 'upsert'"),
         "{e}"
     );
-    let e = run(", 'changelog-mode' = 'upsert'", false);
+    let e = run(", 'changelog-mode' = 'upsert'", "");
     assert!(e.contains("needs a PRIMARY KEY"), "{e}");
+    let e = run(", 'changelog-mode' = 'upsert'", "category");
+    assert!(
+        e.contains("is not table") && e.contains("PRIMARY KEY (id) NOT ENFORCED"),
+        "{e}"
+    );
     let e = run(
         &format!(", 'changelog-mode' = 'upsert', 'username' = '{role}'"),
-        true,
+        "id",
     );
     assert!(e.contains("REPLICATION") && e.contains(&role), "{e}");
-    let e = run(", 'schema-name' = 'nowhere'", true);
+    let e = run(", 'schema-name' = 'nowhere'", "id");
     assert!(e.contains("does not exist"), "{e}");
-    let e = run(", 'decoding.plugin.name' = 'decoderbufs'", true);
+    let e = run(", 'decoding.plugin.name' = 'decoderbufs'", "id");
     assert!(e.contains("pgoutput"), "{e}");
     // Nothing was left behind: no slot was made at planning or by the failed starts.
     let slots =
