@@ -263,6 +263,8 @@ struct Reader {
     /// server while the job is busy elsewhere.
     rt: tokio::runtime::Runtime,
     oid: u32,
+    /// The database's names of the DDL's columns.
+    names: Vec<String>,
     key: Vec<usize>,
     upsert: bool,
     /// The batches' schema: the table's columns and the change kinds.
@@ -456,6 +458,7 @@ impl Reader {
             db,
             rt,
             oid,
+            names,
             key: spec.primary_key.clone(),
             upsert,
             schema: Arc::new(Schema::new(fields)),
@@ -928,7 +931,7 @@ impl Reader {
                 columns,
                 ..
             } if relation_id == self.oid => {
-                let names = self.db.column_names();
+                let names = &self.names;
                 let map: Vec<Option<usize>> = columns
                     .iter()
                     .map(|c| names.iter().position(|n| *n == *c.name))
@@ -1027,7 +1030,7 @@ impl Reader {
                 self.error("a change arrived before its table's description (pgoutput Relation)")
             );
         };
-        let names = self.db.column_names();
+        let names = &self.names;
         let mut row: RawRow = vec![None; names.len()];
         for (j, p) in map.iter().enumerate() {
             let (Some(p), Some(c)) = (p, tuple.get_column(j)) else {
