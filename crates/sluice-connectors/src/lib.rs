@@ -7,7 +7,7 @@
 //! transports that carry them.
 //!
 //! Sources built in: `filesystem`, `kafka`, `upsert-kafka`, `nats`, `rabbitmq`, `mqtt`, `redis`
-//! (streams), `jdbc` (a table read once), `postgres-cdc` (a table and its changes), `datagen`, `ecommerce`, `nexmark`. Sinks: `filesystem`, `kafka`, `upsert-kafka`,
+//! (streams), `jdbc` (a table read once), `postgres-cdc` and `mysql-cdc` (a table and its changes), `datagen`, `ecommerce`, `nexmark`. Sinks: `filesystem`, `kafka`, `upsert-kafka`,
 //! `nats`, `rabbitmq`, `mqtt`, `redis`, `jdbc` (PostgreSQL, MySQL/MariaDB), `print`, `blackhole`, `memory` (an in-process
 //! materialized table, used by the demo's live view).
 
@@ -366,6 +366,8 @@ pub const CONNECTORS: &[options::ConnectorDef] = &[
     jdbc::CONNECTOR,
     #[cfg(feature = "jdbc")]
     jdbc::POSTGRES_CDC,
+    #[cfg(feature = "jdbc")]
+    jdbc::MYSQL_CDC,
 ];
 
 /// Opens worker `worker`'s (of `workers`) share of a source.
@@ -399,6 +401,10 @@ pub fn open_source(
         "jdbc" => Box::new(jdbc::JdbcScan::open(spec, &mut opts, worker, workers)?),
         #[cfg(feature = "jdbc")]
         "postgres-cdc" => Box::new(jdbc::PgCdcSource::open(spec, &mut opts, worker, workers)?),
+        #[cfg(feature = "jdbc")]
+        "mysql-cdc" => Box::new(jdbc::MySqlCdcSource::open(
+            spec, &mut opts, worker, workers,
+        )?),
         "datagen" => Box::new(datagen::DatagenSource::open(
             spec, &mut opts, worker, workers,
         )?),

@@ -16,9 +16,11 @@
 //! - A lost connection is retried `sink.max-retries` times with backoff, then fails the job.
 
 mod mysql;
+mod mysql_cdc;
 mod pg_cdc;
 mod postgres;
 
+pub use mysql_cdc::{MySqlCdcSource, CONNECTOR as MYSQL_CDC};
 pub use pg_cdc::{PgCdcSource, CONNECTOR as POSTGRES_CDC};
 
 use std::collections::HashMap;

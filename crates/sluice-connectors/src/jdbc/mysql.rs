@@ -24,6 +24,8 @@ use super::{
 const MAX_PARAMS: usize = 16_000;
 
 struct Column {
+    /// The database's name.
+    name: String,
     quoted: String,
     cast: DataType,
 }
@@ -35,6 +37,8 @@ pub(crate) struct MySql {
     conn: Option<mysql_async::Conn>,
     relation: String,
     columns: Vec<Column>,
+    /// Every column of the table, in the table's order (as the binlog's rows hold them).
+    table_columns: Vec<String>,
     progress: String,
     progress_quoted: String,
     job: String,
@@ -137,6 +141,7 @@ impl MySql {
             conn: None,
             relation: String::new(),
             columns: vec![],
+            table_columns: vec![],
             progress_quoted: quote(&progress),
             progress,
             job: "sluice".into(),
@@ -159,16 +164,21 @@ impl MySql {
         }
     }
 
-    fn open(&mut self) -> Attempt<()> {
+    fn opts(&self) -> mysql_async::OptsBuilder {
         let user = self.target.user.clone().unwrap_or_else(|| "root".into());
-        let opts = mysql_async::OptsBuilder::default()
+        mysql_async::OptsBuilder::default()
             .ip_or_hostname(self.target.host.clone())
             .tcp_port(self.target.port)
-            .user(Some(user.clone()))
+            .user(Some(user))
             .pass(self.target.password.clone())
             .db_name(Some(self.target.database.clone()))
             .prefer_socket(false)
-            .init(vec!["SET time_zone = '+00:00'"]);
+            .init(vec!["SET time_zone = '+00:00'"])
+    }
+
+    fn open(&mut self) -> Attempt<()> {
+        let user = self.target.user.clone().unwrap_or_else(|| "root".into());
+        let opts = self.opts();
         let timeout = self.layout.connect_timeout;
         let connected = self
             .rt
@@ -284,11 +294,13 @@ impl MySql {
             };
             names.push(db_name.to_lowercase());
             out.push(Column {
+                name: db_name.clone(),
                 quoted: quote(db_name),
                 cast,
             });
         }
         self.columns = out;
+        self.table_columns = columns.iter().map(|c| c.0.clone()).collect();
         if !self.layout.key.is_empty() {
             let conn = self.conn.as_mut().expect("connected");
             let unique: Vec<(String, String)> = rt
@@ -593,6 +605,7 @@ impl Database for MySql {
                 .map_err(|e| self.failure("looking up rows", e))?;
             got.extend(rows);
         }
+        let got: Vec<Vec<Value>> = got.into_iter().map(mysql_async::Row::unwrap).collect();
         super::read_rows(&self.layout, &self.relation, got.len(), |i| {
             decode(&got, i, &self.columns[i].cast)
         })
@@ -600,15 +613,9 @@ impl Database for MySql {
 }
 
 /// Column `i` of `rows` as `ty` (the column's encoding type).
-fn decode(
-    rows: &[mysql_async::Row],
-    i: usize,
-    ty: &DataType,
-) -> std::result::Result<ArrayRef, String> {
+fn decode(rows: &[Vec<Value>], i: usize, ty: &DataType) -> std::result::Result<ArrayRef, String> {
     use std::sync::Arc;
-    let values = rows
-        .iter()
-        .map(|r| r.as_ref(i).cloned().unwrap_or(Value::NULL));
+    let values = rows.iter().map(|r| r[i].clone());
     let text = |v: &Value| -> Option<String> {
         match v {
             Value::NULL => None,
@@ -773,4 +780,162 @@ fn value(c: &ArrayRef, r: usize) -> std::result::Result<Value, String> {
         }
         other => return Err(format!("no MySQL encoding for {other}")),
     })
+}
+
+/// For `mysql-cdc`: the table read in a consistent snapshot whose binlog position MariaDB
+/// reports, and binlog rows decoded as the table's columns.
+impl MySql {
+    pub(super) fn relation(&self) -> &str {
+        &self.relation
+    }
+
+    /// The database's names of the DDL's columns, in the DDL's order.
+    pub(super) fn column_names(&self) -> Vec<String> {
+        self.columns.iter().map(|c| c.name.clone()).collect()
+    }
+
+    /// Every column of the table, in its order.
+    pub(super) fn table_columns(&self) -> &[String] {
+        &self.table_columns
+    }
+
+    /// A new connection of the same user and database (a binlog stream takes one whole).
+    pub(super) fn new_conn(&self) -> Attempt<mysql_async::Conn> {
+        let opts = self.opts();
+        self.rt
+            .block_on(mysql_async::Conn::new(opts))
+            .map_err(|e| self.failure("connecting", e))
+    }
+
+    pub(super) fn runtime(&self) -> std::sync::Arc<tokio::runtime::Runtime> {
+        self.rt.clone()
+    }
+
+    /// A query's rows, each cell as text (`None` for NULL).
+    pub(super) fn text_rows(&mut self, sql: &str) -> Attempt<Vec<Vec<Option<String>>>> {
+        let rt = self.rt.clone();
+        let rows: Vec<mysql_async::Row> = rt
+            .block_on(self.conn().query(sql))
+            .map_err(|e| self.failure(sql, e))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                r.unwrap()
+                    .into_iter()
+                    .map(|v| match v {
+                        Value::NULL => None,
+                        Value::Bytes(b) => Some(String::from_utf8_lossy(&b).into_owned()),
+                        other => Some(other.as_sql(true)),
+                    })
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// Starts a consistent-snapshot transaction; the binlog position it sees up to (MariaDB's
+    /// `binlog_snapshot_file` and `_position`).
+    pub(super) fn begin_snapshot(&mut self) -> Attempt<(String, u64)> {
+        let rt = self.rt.clone();
+        rt.block_on(
+            self.conn()
+                .query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ"),
+        )
+        .map_err(|e| self.failure("SET TRANSACTION", e))?;
+        rt.block_on(
+            self.conn()
+                .query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT"),
+        )
+        .map_err(|e| self.failure("START TRANSACTION WITH CONSISTENT SNAPSHOT", e))?;
+        let status = self.text_rows("SHOW STATUS LIKE 'binlog_snapshot_%'")?;
+        let get = |name: &str| {
+            status
+                .iter()
+                .find(|r| {
+                    r[0].as_deref()
+                        .is_some_and(|n| n.eq_ignore_ascii_case(name))
+                })
+                .and_then(|r| r[1].clone())
+        };
+        match (get("binlog_snapshot_file"), get("binlog_snapshot_position")) {
+            (Some(file), Some(pos)) if !file.is_empty() => Ok((file, pos.parse().unwrap_or(0))),
+            _ => Err(Failure::Fatal(self.error(format!(
+                "{} reports no binlog_snapshot_file: the snapshot's binlog position needs MariaDB (or Percona Server)",
+                self.target.describe()
+            )))),
+        }
+    }
+
+    /// The next `n` rows of the snapshot in `key` order (text as bytes), after the key of
+    /// `after`'s last row when given; the transaction ends after the last.
+    pub(super) fn fetch_after(
+        &mut self,
+        after: Option<&RecordBatch>,
+        key: &[usize],
+        n: usize,
+    ) -> Attempt<Option<RecordBatch>> {
+        let list = self
+            .columns
+            .iter()
+            .map(|c| c.quoted.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let ordered: Vec<String> = key
+            .iter()
+            .map(|k| match family(self.layout.schema.field(*k).data_type()) {
+                Family::Text => format!("BINARY {}", self.columns[*k].quoted),
+                _ => self.columns[*k].quoted.clone(),
+            })
+            .collect();
+        let mut params = vec![];
+        let mut filter = String::new();
+        if let Some(after) = after {
+            let last = after.slice(after.num_rows() - 1, 1);
+            let casts: Vec<DataType> = key.iter().map(|k| self.columns[*k].cast.clone()).collect();
+            params = last
+                .columns()
+                .iter()
+                .zip(&casts)
+                .map(|(c, to)| {
+                    let c = cast_column(&self.layout.table, "key", c, to)?;
+                    value(&c, 0).map_err(|e| self.error(e))
+                })
+                .collect::<Result<Vec<_>>>()
+                .map_err(Failure::Fatal)?;
+            let marks: Vec<String> = key
+                .iter()
+                .map(|k| match family(self.layout.schema.field(*k).data_type()) {
+                    Family::Text => "BINARY ?".to_string(),
+                    _ => "?".to_string(),
+                })
+                .collect();
+            filter = format!(" WHERE ({}) > ({})", ordered.join(", "), marks.join(", "));
+        }
+        let sql = format!(
+            "SELECT {list} FROM {}{filter} ORDER BY {} LIMIT {}",
+            self.relation,
+            ordered.join(", "),
+            n.max(1)
+        );
+        let rt = self.rt.clone();
+        let rows: Vec<mysql_async::Row> = rt
+            .block_on(
+                self.conn()
+                    .exec(sql, mysql_async::Params::Positional(params)),
+            )
+            .map_err(|e| self.failure("reading the snapshot", e))?;
+        if rows.is_empty() {
+            rt.block_on(self.conn().query_drop("COMMIT"))
+                .map_err(|e| self.failure("COMMIT", e))?;
+            return Ok(None);
+        }
+        let rows: Vec<Vec<Value>> = rows.into_iter().map(mysql_async::Row::unwrap).collect();
+        self.decode_values(&rows).map(Some)
+    }
+
+    /// Rows of values (in the DDL's columns' order) as a batch of the table's columns.
+    pub(super) fn decode_values(&self, rows: &[Vec<Value>]) -> Attempt<RecordBatch> {
+        super::read_rows(&self.layout, &self.relation, rows.len(), |i| {
+            decode(rows, i, &self.columns[i].cast)
+        })
+    }
 }

@@ -296,20 +296,22 @@ struct Reader {
     restored: Option<Restored>,
 }
 
+/// Changes that committed before position `lsn` keep only rows with keys at or before `key`
+/// (`None`: no rows): a snapshot resumed after `key` at `lsn` holds the others.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Window {
-    lsn: u64,
-    key: Option<Vec<u8>>,
+pub(super) struct Window {
+    pub lsn: u64,
+    pub key: Option<Vec<u8>>,
 }
 
 /// What a checkpoint recorded.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct Restored {
-    lsn: u64,
-    txn_rows: u64,
-    windows: Vec<Window>,
+pub(super) struct Restored {
+    pub lsn: u64,
+    pub txn_rows: u64,
+    pub windows: Vec<Window>,
     /// In the snapshot: the key of the last row returned (`Some(None)`: none yet).
-    snapshot: Option<(u64, Option<Vec<u8>>)>,
+    pub snapshot: Option<(u64, Option<Vec<u8>>)>,
 }
 
 enum Phase {
@@ -1118,7 +1120,7 @@ fn unhex(text: &str) -> Option<Option<Vec<u8>>> {
 /// A checkpoint's record of the reader: `lsn`, `lsn.rows`, a `window.<lsn>.<key>` per resumed
 /// snapshot, and in a snapshot `snapshot.<key>` (rows read). Keys are hex row encodings (`-`:
 /// none).
-fn encode_offsets(r: &Restored) -> SourceOffsets {
+pub(super) fn encode_offsets(r: &Restored) -> SourceOffsets {
     let mut m = SourceOffsets::new();
     m.insert("lsn".into(), r.lsn);
     m.insert("lsn.rows".into(), r.txn_rows);
@@ -1131,7 +1133,7 @@ fn encode_offsets(r: &Restored) -> SourceOffsets {
     m
 }
 
-fn decode_offsets(m: &SourceOffsets) -> Option<Restored> {
+pub(super) fn decode_offsets(m: &SourceOffsets) -> Option<Restored> {
     let mut r = Restored {
         lsn: *m.get("lsn")?,
         txn_rows: m.get("lsn.rows").copied().unwrap_or(0),

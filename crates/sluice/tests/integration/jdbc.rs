@@ -99,8 +99,8 @@ impl Drop for PgDb {
 }
 
 /// A database of its own on the local MariaDB, dropped at the end.
-struct MyDb {
-    name: String,
+pub(crate) struct MyDb {
+    pub(crate) name: String,
     rt: tokio::runtime::Runtime,
     conn: Option<mysql_async::Conn>,
 }
@@ -116,7 +116,7 @@ fn my_opts(db: Option<&str>) -> mysql_async::OptsBuilder {
 }
 
 impl MyDb {
-    fn create(prefix: &str) -> MyDb {
+    pub(crate) fn create(prefix: &str) -> MyDb {
         let name = unique(prefix);
         let rt = runtime();
         let mut admin = rt
@@ -135,11 +135,11 @@ impl MyDb {
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("jdbc:mysql://127.0.0.1:3306/{}", self.name)
     }
 
-    fn exec(&mut self, sql: &str) {
+    pub(crate) fn exec(&mut self, sql: &str) {
         let conn = self.conn.as_mut().unwrap();
         self.rt
             .block_on(conn.query_drop(sql))
@@ -147,7 +147,7 @@ impl MyDb {
     }
 
     /// Every row of a query, each cell as text (`None` for NULL).
-    fn rows(&mut self, sql: &str) -> Vec<Vec<Option<String>>> {
+    pub(crate) fn rows(&mut self, sql: &str) -> Vec<Vec<Option<String>>> {
         let conn = self.conn.as_mut().unwrap();
         let rows: Vec<mysql_async::Row> = self
             .rt

@@ -22,6 +22,8 @@ mod kafka;
 mod kafka_changelog;
 #[cfg(feature = "mqtt")]
 mod mqtt;
+#[cfg(feature = "jdbc")]
+mod mysql_cdc;
 #[cfg(feature = "nats")]
 mod nats;
 mod nexmark_correctness;
