@@ -350,3 +350,114 @@ fn bad_setups_fail_with_a_clear_error() {
     assert!(slots.is_empty(), "{slots:?}");
     db.exec(&format!("DROP ROLE {role}"));
 }
+
+/// `examples/cdc_orders.sql`, pointed at this test's database, slot and checkpoint folder:
+/// while orders are paid, refunded, changed and deleted, the GMV per province (through the
+/// customers lookup table) ends equal to the database's own join and GROUP BY.
+#[test]
+fn the_cdc_orders_example_keeps_gmv_by_province_equal_to_the_database() {
+    logical_wal();
+    let db = PgDb::create("sluice_cdc_example");
+    let slot = Slot {
+        db: &db,
+        name: unique("sluice_cdc_example"),
+    };
+    db.exec(
+        "CREATE TABLE orders (id bigint PRIMARY KEY, user_id bigint NOT NULL,
+                              amount numeric(12, 2) NOT NULL, status text NOT NULL);
+         ALTER TABLE orders REPLICA IDENTITY FULL;
+         CREATE TABLE customers (id bigint PRIMARY KEY, province text NOT NULL);
+         CREATE TABLE gmv_by_province (province text PRIMARY KEY, orders bigint, gmv numeric(18, 2));
+         INSERT INTO customers SELECT i, 'p' || (i % 31) FROM generate_series(1, 1800) i;
+         INSERT INTO orders SELECT i, 1 + (i * 13) % 2000, ((i * 7919) % 100000) / 100.0,
+           (ARRAY['paid', 'paid', 'refunded', 'pending'])[1 + i % 4] FROM generate_series(1, 50000) i;",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/cdc_orders.sql"
+    ))
+    .unwrap();
+    let script = example
+        .replace(
+            "'database-name' = 'shop'",
+            &format!("'database-name' = '{}'", db.name),
+        )
+        .replace(":5432/shop'", &format!(":5432/{}'", db.name))
+        .replace("sluice_cdc_orders", &slot.name)
+        .replace(
+            "file:///tmp/sluice-cdc-orders",
+            &format!("file://{}", dir.path().join("checkpoints").display()),
+        )
+        .replace(
+            "'execution.checkpointing.interval' = '5 s'",
+            "'execution.checkpointing.interval' = '300 ms'",
+        );
+    assert!(script.contains(&slot.name) && script.matches(&db.name).count() == 3);
+    let file = dir.path().join("job.sql");
+    std::fs::write(&file, script).unwrap();
+    let log = dir.path().join("job.log");
+    let child = spawn(&file, 2, &log);
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
+    let mut next_id = 50_001;
+    for _ in 0..200 {
+        let mut sql = String::from("BEGIN;");
+        for _ in 0..rng.random_range(1..20) {
+            let id = rng.random_range(1..next_id);
+            sql += &match rng.random_range(0..6) {
+                0 => {
+                    next_id += 1;
+                    format!(
+                        "INSERT INTO orders VALUES ({}, {}, {}.{:02}, 'paid');",
+                        next_id - 1,
+                        rng.random_range(1..2000),
+                        rng.random_range(0..1000),
+                        rng.random_range(0..100)
+                    )
+                }
+                1 => format!("UPDATE orders SET status = 'refunded' WHERE id = {id};"),
+                2 => format!("UPDATE orders SET status = 'paid' WHERE id = {id};"),
+                3 => format!(
+                    "UPDATE orders SET amount = amount + {}.5 WHERE id = {id};",
+                    rng.random_range(0..50)
+                ),
+                4 => format!("DELETE FROM orders WHERE id = {id};"),
+                _ => format!(
+                    "UPDATE orders SET user_id = {} WHERE id = {id};",
+                    rng.random_range(1..2000)
+                ),
+            };
+        }
+        sql += "COMMIT;";
+        db.exec(&sql);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    const WANT: &str =
+        "SELECT COALESCE(c.province, 'unknown'), count(*)::text, sum(o.amount)::text \
+        FROM orders o LEFT JOIN customers c ON o.user_id = c.id WHERE o.status = 'paid' \
+        GROUP BY 1 ORDER BY 1";
+    const GOT: &str =
+        "SELECT province, orders::text, gmv::text FROM gmv_by_province ORDER BY province";
+    let want = db.rows(WANT);
+    assert!(want.len() == 32, "{want:?}");
+    let started = Instant::now();
+    let mut child = child;
+    while db.rows(GOT) != want && started.elapsed() < Duration::from_secs(90) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the job ended: {}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    finish(child, Duration::from_secs(60), &log);
+    assert_rows(
+        db.rows(GOT),
+        &want,
+        "gmv_by_province against the database's join",
+    );
+}
