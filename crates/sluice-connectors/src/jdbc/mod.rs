@@ -15,6 +15,7 @@
 //!   `sink.buffer-flush.max-rows` rows or `sink.buffer-flush.interval` (at-least-once).
 //! - A lost connection is retried `sink.max-retries` times with backoff, then fails the job.
 
+mod cdc;
 mod mysql;
 mod mysql_cdc;
 mod pg_cdc;
@@ -111,14 +112,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             identity: false,
             doc: "how many times a write that lost its connection (or a deadlock) is retried, with backoff, before the job fails",
         },
-        OptionDef {
-            key: "sluice.connect-timeout",
-            kind: Kind::Duration,
-            default: Some("10 s"),
-            side: Side::Both,
-            identity: false,
-            doc: "how long connecting may take before the job fails",
-        },
+        connect_timeout(Side::Both),
         OptionDef {
             key: "sluice.progress-table",
             kind: Kind::Text,
@@ -137,6 +131,18 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
         },
     ],
 };
+
+/// `sluice.connect-timeout`, of every database connector.
+pub(crate) const fn connect_timeout(side: Side) -> OptionDef {
+    OptionDef {
+        key: "sluice.connect-timeout",
+        kind: Kind::Duration,
+        default: Some("10 s"),
+        side,
+        identity: false,
+        doc: "how long connecting may take before the job fails",
+    }
+}
 
 /// Which database a `url` names, and where.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -15,21 +15,15 @@
 //!
 //! Worker 0 reads: the binlog is one ordered stream.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arrow::array::{ArrayRef, Int8Array};
-use arrow::datatypes::{Schema, SchemaRef};
-use arrow::record_batch::RecordBatch;
-use arrow::row::{RowConverter, SortField};
 use futures_util::StreamExt;
 use mysql_async::binlog::events::{EventData, RowsEventData};
 use mysql_async::{BinlogStream, BinlogStreamRequest, Value};
-use sluice_common::changelog::op_field;
 use sluice_common::{Error, Op, Result};
 
+use super::cdc::{decode_offsets, encode_offsets, Keyed, Restored, Window};
 use super::mysql::MySql;
-use super::pg_cdc::{decode_offsets, encode_offsets, Restored, Window};
 use super::{Failure, Layout, Target};
 use crate::options::{ConnectorDef, Kind, OptionDef, Options, Side};
 use crate::{ConnectorSpec, Poll, SourceOffsets, SourceReader};
@@ -108,14 +102,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             identity: false,
             doc: "`initial`: the table's rows, then its changes; `latest-offset`: only changes from the start on",
         },
-        OptionDef {
-            key: "sluice.connect-timeout",
-            kind: Kind::Duration,
-            default: Some("10 s"),
-            side: Side::Source,
-            identity: false,
-            doc: "how long connecting may take before the job fails",
-        },
+        super::connect_timeout(Side::Source),
     ],
 };
 
@@ -225,9 +212,7 @@ struct Reader {
     initial: bool,
     /// For each column of the table (in its order), its column in the DDL.
     map: Vec<Option<usize>>,
-    key: Vec<usize>,
-    schema: SchemaRef,
-    keys: RowConverter,
+    keyed: Keyed,
     phase: Phase,
     /// The binlog files' name before their number (`mysql-bin`), and the file being read.
     base: String,
@@ -322,14 +307,7 @@ impl Reader {
             .iter()
             .map(|c| names.iter().position(|n| n == c))
             .collect();
-        let key_fields = spec
-            .primary_key
-            .iter()
-            .map(|k| SortField::new(spec.schema.field(*k).data_type().clone()))
-            .collect();
-        let keys = RowConverter::new(key_fields)?;
-        let mut fields: Vec<_> = spec.schema.fields().iter().cloned().collect();
-        fields.push(Arc::new(op_field()));
+        let keyed = Keyed::new(&spec.schema, spec.primary_key.clone())?;
         Ok(Reader {
             table: spec.table.clone(),
             target,
@@ -339,9 +317,7 @@ impl Reader {
             server_id,
             initial,
             map,
-            key: spec.primary_key.clone(),
-            schema: Arc::new(Schema::new(fields)),
-            keys,
+            keyed,
             phase: Phase::Start,
             base: String::new(),
             file: 0,
@@ -467,50 +443,19 @@ impl Reader {
         Ok(())
     }
 
-    /// The key columns of one row, from their row encoding.
-    fn key_batch(&self, key: &[u8]) -> Result<RecordBatch> {
-        let parser = self.keys.parser();
-        let columns = self.keys.convert_rows([parser.parse(key)])?;
-        let fields: Vec<_> = self
-            .key
-            .iter()
-            .map(|k| self.schema.field(*k).clone())
-            .collect();
-        Ok(RecordBatch::try_new(
-            Arc::new(Schema::new(fields)),
-            columns,
-        )?)
-    }
-
-    fn encode_keys(&self, batch: &RecordBatch) -> Result<arrow::row::Rows> {
-        let columns: Vec<ArrayRef> = self.key.iter().map(|k| batch.column(*k).clone()).collect();
-        Ok(self.keys.convert_columns(&columns)?)
-    }
-
-    fn with_ops(&self, batch: RecordBatch, ops: Vec<i8>) -> Result<RecordBatch> {
-        let mut columns = batch.columns().to_vec();
-        columns.push(Arc::new(Int8Array::from(ops)));
-        Ok(RecordBatch::try_new_with_options(
-            self.schema.clone(),
-            columns,
-            &arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
-        )?)
-    }
-
     fn poll_snapshot(&mut self, max_rows: usize) -> Result<Poll> {
         let after = match &self.snapshot_after {
-            Some(k) => Some(self.key_batch(k)?),
+            Some(k) => Some(self.keyed.key_batch(k)?),
             None => None,
         };
-        let key = self.key.clone();
+        let key = self.keyed.key.clone();
         let got = self.db.fetch_after(after.as_ref(), &key, max_rows);
         match got.map_err(|f| self.fatal(f))? {
             Some(batch) => {
-                let keys = self.encode_keys(&batch)?;
-                self.snapshot_after = Some(keys.row(keys.num_rows() - 1).as_ref().to_vec());
+                self.snapshot_after = Some(self.keyed.last_key(&batch)?);
                 self.snapshot_rows += batch.num_rows() as u64;
                 let n = batch.num_rows();
-                let batch = self.with_ops(batch, vec![Op::Insert as i8; n])?;
+                let batch = self.keyed.with_ops(batch, vec![Op::Insert as i8; n])?;
                 Ok(Poll::Batch { split: 0, batch })
             }
             None => {
@@ -684,23 +629,8 @@ impl Reader {
             return Ok(Poll::Idle);
         }
         let batch = self.db.decode_values(&rows).map_err(|f| self.fatal(f))?;
-        let mut batch = self.with_ops(batch, ops)?;
-        if !windowed.is_empty() {
-            let keys = self.encode_keys(&batch)?;
-            let mut keep = vec![true; batch.num_rows()];
-            for (i, at) in windowed {
-                let k = keys.row(i);
-                keep[i] = self
-                    .windows
-                    .iter()
-                    .filter(|w| at < w.lsn)
-                    .all(|w| w.key.as_deref().is_some_and(|bound| k.as_ref() <= bound));
-            }
-            batch = arrow::compute::filter_record_batch(
-                &batch,
-                &arrow::array::BooleanArray::from(keep),
-            )?;
-        }
+        let batch = self.keyed.with_ops(batch, ops)?;
+        let batch = self.keyed.filter_windows(batch, windowed, &self.windows)?;
         let lsn = self.lsn;
         self.windows.retain(|w| w.lsn > lsn);
         if batch.num_rows() == 0 {

@@ -20,18 +20,14 @@
 //! Worker 0 reads: a slot is one ordered stream.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arrow::array::{ArrayRef, Int8Array};
-use arrow::datatypes::{Schema, SchemaRef};
-use arrow::record_batch::RecordBatch;
-use arrow::row::{RowConverter, SortField};
+use arrow::datatypes::SchemaRef;
 use pg_walstream::protocol::{LogicalReplicationMessage, LogicalReplicationParser, TupleData};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
-use sluice_common::changelog::op_field;
 use sluice_common::{Error, Op, Result};
 
+use super::cdc::{decode_offsets, encode_offsets, Keyed, Restored, Window};
 use super::postgres::{Postgres, RawRow};
 use super::{Failure, Layout, Target};
 use crate::options::{ConnectorDef, Kind, OptionDef, Options, Side};
@@ -143,14 +139,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             identity: false,
             doc: "the publication the slot streams (created for the table if missing, or the table added to it)",
         },
-        OptionDef {
-            key: "sluice.connect-timeout",
-            kind: Kind::Duration,
-            default: Some("10 s"),
-            side: Side::Source,
-            identity: false,
-            doc: "how long connecting may take before the job fails",
-        },
+        super::connect_timeout(Side::Source),
     ],
 };
 
@@ -265,11 +254,8 @@ struct Reader {
     oid: u32,
     /// The database's names of the DDL's columns.
     names: Vec<String>,
-    key: Vec<usize>,
     upsert: bool,
-    /// The batches' schema: the table's columns and the change kinds.
-    schema: SchemaRef,
-    keys: RowConverter,
+    keyed: Keyed,
     phase: Phase,
     parser: LogicalReplicationParser,
     /// For each column of the table's relation as the stream describes it, its column in the
@@ -294,24 +280,6 @@ struct Reader {
     /// The position each checkpoint recorded, acknowledged when it commits.
     acks: BTreeMap<u64, u64>,
     restored: Option<Restored>,
-}
-
-/// Changes that committed before position `lsn` keep only rows with keys at or before `key`
-/// (`None`: no rows): a snapshot resumed after `key` at `lsn` holds the others.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) struct Window {
-    pub lsn: u64,
-    pub key: Option<Vec<u8>>,
-}
-
-/// What a checkpoint recorded.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(super) struct Restored {
-    pub lsn: u64,
-    pub txn_rows: u64,
-    pub windows: Vec<Window>,
-    /// In the snapshot: the key of the last row returned (`Some(None)`: none yet).
-    pub snapshot: Option<(u64, Option<Vec<u8>>)>,
 }
 
 enum Phase {
@@ -440,14 +408,7 @@ impl Reader {
                  run ALTER TABLE {relation} REPLICA IDENTITY DEFAULT (or FULL)"
             )));
         }
-        let key_fields = spec
-            .primary_key
-            .iter()
-            .map(|k| SortField::new(schema.field(*k).data_type().clone()))
-            .collect();
-        let keys = RowConverter::new(key_fields)?;
-        let mut fields: Vec<_> = schema.fields().iter().cloned().collect();
-        fields.push(Arc::new(op_field()));
+        let keyed = Keyed::new(&schema, spec.primary_key.clone())?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("postgres-cdc")
@@ -461,10 +422,8 @@ impl Reader {
             rt,
             oid,
             names,
-            key: spec.primary_key.clone(),
             upsert,
-            schema: Arc::new(Schema::new(fields)),
-            keys,
+            keyed,
             phase: Phase::Start,
             parser: LogicalReplicationParser::with_protocol_version(1),
             columns: None,
@@ -640,7 +599,7 @@ impl Reader {
                 self.lsn = self.parse_lsn(row.get(1))?;
                 if self.params.initial {
                     let snapshot = row.get(2).cloned().flatten().unwrap_or_default();
-                    let key = self.key.clone();
+                    let key = self.keyed.key.clone();
                     self.db
                         .begin_snapshot(&snapshot, None, &key)
                         .map_err(|f| self.fatal(f))?;
@@ -700,9 +659,9 @@ impl Reader {
                         let snapshot = row.get(2).cloned().flatten().unwrap_or_default();
                         let from = match &after {
                             None => None,
-                            Some(k) => Some(self.key_batch(k)?),
+                            Some(k) => Some(self.keyed.key_batch(k)?),
                         };
-                        let key = self.key.clone();
+                        let key = self.keyed.key.clone();
                         self.db
                             .begin_snapshot(&snapshot, from.as_ref(), &key)
                             .map_err(|f| self.fatal(f))?;
@@ -730,22 +689,6 @@ impl Reader {
             .ok_or_else(|| self.error("CREATE_REPLICATION_SLOT returned no position"))
     }
 
-    /// The key columns of one row, from their row encoding.
-    fn key_batch(&self, key: &[u8]) -> Result<RecordBatch> {
-        let parser = self.keys.parser();
-        let row = parser.parse(key);
-        let columns = self.keys.convert_rows([row])?;
-        let fields: Vec<_> = self
-            .key
-            .iter()
-            .map(|k| self.schema.field(*k).clone())
-            .collect();
-        Ok(RecordBatch::try_new(
-            Arc::new(Schema::new(fields)),
-            columns,
-        )?)
-    }
-
     fn start_stream(&mut self, mut session: ReplicationClient) -> Result<()> {
         self.rt
             .block_on(async {
@@ -757,30 +700,13 @@ impl Reader {
         Ok(())
     }
 
-    /// The encoded keys of `batch`'s rows.
-    fn encode_keys(&self, batch: &RecordBatch) -> Result<arrow::row::Rows> {
-        let columns: Vec<ArrayRef> = self.key.iter().map(|k| batch.column(*k).clone()).collect();
-        Ok(self.keys.convert_columns(&columns)?)
-    }
-
-    fn with_ops(&self, batch: RecordBatch, ops: Vec<i8>) -> Result<RecordBatch> {
-        let mut columns = batch.columns().to_vec();
-        columns.push(Arc::new(Int8Array::from(ops)));
-        Ok(RecordBatch::try_new_with_options(
-            self.schema.clone(),
-            columns,
-            &arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
-        )?)
-    }
-
     fn poll_snapshot(&mut self, max_rows: usize) -> Result<Poll> {
         match self.db.fetch(max_rows).map_err(|f| self.fatal(f))? {
             Some(batch) => {
-                let keys = self.encode_keys(&batch)?;
-                self.snapshot_after = Some(keys.row(keys.num_rows() - 1).as_ref().to_vec());
+                self.snapshot_after = Some(self.keyed.last_key(&batch)?);
                 self.snapshot_rows += batch.num_rows() as u64;
                 let n = batch.num_rows();
-                let batch = self.with_ops(batch, vec![Op::Insert as i8; n])?;
+                let batch = self.keyed.with_ops(batch, vec![Op::Insert as i8; n])?;
                 Ok(Poll::Batch { split: 0, batch })
             }
             None => {
@@ -892,23 +818,8 @@ impl Reader {
         }
         let db = &self.db;
         let batch = db.decode_raw(&rows).map_err(|f| self.fatal(f))?;
-        let mut batch = self.with_ops(batch, ops)?;
-        if !windowed.is_empty() {
-            let keys = self.encode_keys(&batch)?;
-            let mut keep = vec![true; batch.num_rows()];
-            for (i, lsn) in windowed {
-                let k = keys.row(i);
-                keep[i] = self
-                    .windows
-                    .iter()
-                    .filter(|w| lsn < w.lsn)
-                    .all(|w| w.key.as_deref().is_some_and(|bound| k.as_ref() <= bound));
-            }
-            batch = arrow::compute::filter_record_batch(
-                &batch,
-                &arrow::array::BooleanArray::from(keep),
-            )?;
-        }
+        let batch = self.keyed.with_ops(batch, ops)?;
+        let batch = self.keyed.filter_windows(batch, windowed, &self.windows)?;
         let lsn = self.lsn;
         self.windows.retain(|w| w.lsn > lsn);
         if batch.num_rows() == 0 {
@@ -967,7 +878,7 @@ impl Reader {
                     (true, old) => {
                         // The key changed: the old key's row goes.
                         if let Some(old) = old {
-                            if self.key.iter().any(|k| old[*k] != new[*k]) {
+                            if self.keyed.key.iter().any(|k| old[*k] != new[*k]) {
                                 self.image(skip, old, Op::Delete, rows, ops);
                             }
                         }
@@ -1096,64 +1007,6 @@ impl Reader {
     }
 }
 
-fn hex(key: &Option<Vec<u8>>) -> String {
-    match key {
-        None => "-".into(),
-        Some(k) => k.iter().map(|b| format!("{b:02x}")).collect(),
-    }
-}
-
-fn unhex(text: &str) -> Option<Option<Vec<u8>>> {
-    if text == "-" {
-        return Some(None);
-    }
-    if text.len() % 2 != 0 {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
-        .collect::<Option<Vec<u8>>>()
-        .map(Some)
-}
-
-/// A checkpoint's record of the reader: `lsn`, `lsn.rows`, a `window.<lsn>.<key>` per resumed
-/// snapshot, and in a snapshot `snapshot.<key>` (rows read). Keys are hex row encodings (`-`:
-/// none).
-pub(super) fn encode_offsets(r: &Restored) -> SourceOffsets {
-    let mut m = SourceOffsets::new();
-    m.insert("lsn".into(), r.lsn);
-    m.insert("lsn.rows".into(), r.txn_rows);
-    for w in &r.windows {
-        m.insert(format!("window.{}.{}", w.lsn, hex(&w.key)), w.lsn);
-    }
-    if let Some((rows, after)) = &r.snapshot {
-        m.insert(format!("snapshot.{}", hex(after)), *rows);
-    }
-    m
-}
-
-pub(super) fn decode_offsets(m: &SourceOffsets) -> Option<Restored> {
-    let mut r = Restored {
-        lsn: *m.get("lsn")?,
-        txn_rows: m.get("lsn.rows").copied().unwrap_or(0),
-        ..Default::default()
-    };
-    for (name, value) in m {
-        if let Some(rest) = name.strip_prefix("window.") {
-            let (_, key) = rest.split_once('.')?;
-            r.windows.push(Window {
-                lsn: *value,
-                key: unhex(key)?,
-            });
-        } else if let Some(key) = name.strip_prefix("snapshot.") {
-            r.snapshot = Some((*value, unhex(key)?));
-        }
-    }
-    r.windows.sort_by_key(|w| w.lsn);
-    Some(r)
-}
-
 impl SourceReader for PgCdcSource {
     fn poll(&mut self, max_rows: usize) -> Result<Poll> {
         match self.reader.as_mut() {
@@ -1213,34 +1066,5 @@ impl SourceReader for PgCdcSource {
 
     fn silent_workers(&self) -> Vec<usize> {
         self.silent.clone()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn offsets_round_trip() {
-        let r = Restored {
-            lsn: 0x1_6B37_4D48,
-            txn_rows: 7,
-            windows: vec![
-                Window { lsn: 10, key: None },
-                Window {
-                    lsn: 20,
-                    key: Some(vec![0, 1, 0xfe]),
-                },
-            ],
-            snapshot: Some((1234, Some(vec![9, 8]))),
-        };
-        assert_eq!(decode_offsets(&encode_offsets(&r)), Some(r.clone()));
-        let r = Restored {
-            snapshot: Some((0, None)),
-            windows: vec![],
-            ..r
-        };
-        assert_eq!(decode_offsets(&encode_offsets(&r)), Some(r));
-        assert_eq!(decode_offsets(&SourceOffsets::new()), None);
     }
 }
