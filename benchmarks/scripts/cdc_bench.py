@@ -55,7 +55,7 @@ class Pg:
         psql("CREATE TABLE orders (id bigint PRIMARY KEY, category text NOT NULL, amount bigint NOT NULL);"
              "ALTER TABLE orders REPLICA IDENTITY FULL;"
              "CREATE TABLE totals (category text PRIMARY KEY, n bigint, total bigint);"
-             f"INSERT INTO orders SELECT i, 'c' || (i % 37), (i * 7919) % 1000 FROM generate_series(1, {rows}) i")
+             f"INSERT INTO orders SELECT i, 'c' || (i % 37), (i::bigint * 7919) % 1000 FROM generate_series(1, {rows}) i")
 
     def source(self):
         return ("'connector' = 'postgres-cdc', 'hostname' = '127.0.0.1', 'username' = 'postgres', "
@@ -69,7 +69,7 @@ class Pg:
         return psql(sql)
 
     def insert(self, start, rows):
-        psql(f"INSERT INTO orders SELECT i, 'c' || (i % 37), (i * 7919) % 1000 "
+        psql(f"INSERT INTO orders SELECT i, 'c' || (i % 37), (i::bigint * 7919) % 1000 "
              f"FROM generate_series({start}, {start + rows - 1}) i")
 
     def update(self):

@@ -439,6 +439,7 @@ impl Reader {
                     self.server_id
                 ))
             })?;
+        tracing::info!(table = %self.table, file = %file, offset, "mysql-cdc: streaming changes from the binlog");
         self.phase = Phase::Stream(Box::new(stream));
         Ok(())
     }

@@ -696,6 +696,7 @@ impl Reader {
                 session.wait_started().await
             })
             .map_err(|e| self.replication_error("START_REPLICATION", e))?;
+        tracing::info!(table = %self.table, lsn = %Lsn(self.lsn).to_pg_string(), "postgres-cdc: streaming changes from the slot");
         self.phase = Phase::Stream { client: session };
         Ok(())
     }

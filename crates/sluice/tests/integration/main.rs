@@ -6,6 +6,8 @@ mod common;
 
 #[cfg(feature = "kafka")]
 mod avro;
+#[cfg(feature = "jdbc")]
+mod cdc_types;
 mod changelog_formats;
 mod cli_errors;
 mod cluster;

@@ -12,7 +12,7 @@ use crate::jdbc::{assert_rows, finish, spawn, MyDb};
 
 /// Makes sure MariaDB writes a ROW binlog, restarting it if not (as `.ci/run` does before any
 /// test), once across test processes.
-fn binlog_on() {
+pub(crate) fn binlog_on() {
     let on = || {
         let o = Command::new("mariadb")
             .args(["-uroot", "-Nse", "SELECT @@log_bin"])

@@ -13,7 +13,7 @@ use crate::jdbc::{assert_rows, finish, spawn, unique, PgDb};
 
 /// Makes sure the server runs with `wal_level = logical`, restarting it if not (as `.ci/run`
 /// does before any test), once across test processes.
-fn logical_wal() {
+pub(crate) fn logical_wal() {
     let show = || {
         let o = Command::new("psql")
             .args([
@@ -47,9 +47,9 @@ fn logical_wal() {
 
 /// Drops the test's replication slot (a database with a slot cannot be dropped); declared
 /// after its [`PgDb`], so dropped before it.
-struct Slot<'a> {
-    db: &'a PgDb,
-    name: String,
+pub(crate) struct Slot<'a> {
+    pub(crate) db: &'a PgDb,
+    pub(crate) name: String,
 }
 
 impl Drop for Slot<'_> {
