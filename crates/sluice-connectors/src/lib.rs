@@ -400,11 +400,9 @@ pub fn open_source(
         #[cfg(feature = "jdbc")]
         "jdbc" => Box::new(jdbc::JdbcScan::open(spec, &mut opts, worker, workers)?),
         #[cfg(feature = "jdbc")]
-        "postgres-cdc" => Box::new(jdbc::PgCdcSource::open(spec, &mut opts, worker, workers)?),
+        "postgres-cdc" => jdbc::open_postgres_cdc(spec, &mut opts, worker, workers)?,
         #[cfg(feature = "jdbc")]
-        "mysql-cdc" => Box::new(jdbc::MySqlCdcSource::open(
-            spec, &mut opts, worker, workers,
-        )?),
+        "mysql-cdc" => jdbc::open_mysql_cdc(spec, &mut opts, worker, workers)?,
         "datagen" => Box::new(datagen::DatagenSource::open(
             spec, &mut opts, worker, workers,
         )?),

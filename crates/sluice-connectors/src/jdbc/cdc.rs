@@ -9,9 +9,101 @@ use arrow::datatypes::{Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use arrow::row::{RowConverter, SortField};
 use sluice_common::changelog::op_field;
-use sluice_common::Result;
+use sluice_common::{Error, Result};
 
-use crate::SourceOffsets;
+use crate::{Poll, SourceOffsets, SourceReader};
+
+/// A CDC source's reader of its one ordered stream (a slot, a binlog).
+pub(super) trait CdcReader: Send {
+    fn poll(&mut self, max_rows: usize) -> Result<Poll>;
+    /// Where the reader stands, for a checkpoint.
+    fn offsets(&self) -> SourceOffsets;
+    /// Resumes from a checkpoint's record; called before the first poll.
+    fn restore(&mut self, restored: Restored);
+    fn error(&self, message: String) -> Error;
+    /// Checkpoint `epoch` records the reader's position now.
+    fn checkpoint(&mut self, _epoch: u64) {}
+    /// Checkpoint `epoch` committed: what it covers may be acknowledged.
+    fn committed(&mut self, _epoch: u64) {}
+    fn set_checkpointing(&mut self, _on: bool) {}
+}
+
+/// A CDC source: worker 0 reads the stream, the others nothing.
+pub(super) struct CdcSource<R> {
+    connector: &'static str,
+    reader: Option<Box<R>>,
+    silent: Vec<usize>,
+}
+
+impl<R: CdcReader> CdcSource<R> {
+    /// Worker `worker` of `workers`: it keeps `reader` if it is worker 0.
+    pub fn new(connector: &'static str, reader: R, worker: usize, workers: usize) -> Self {
+        CdcSource {
+            connector,
+            reader: (worker == 0).then(|| Box::new(reader)),
+            silent: match worker {
+                0 => (1..workers).collect(),
+                _ => vec![],
+            },
+        }
+    }
+}
+
+impl<R: CdcReader> SourceReader for CdcSource<R> {
+    fn poll(&mut self, max_rows: usize) -> Result<Poll> {
+        match self.reader.as_mut() {
+            None => Ok(Poll::Finished),
+            Some(r) => r.poll(max_rows),
+        }
+    }
+
+    fn offsets(&self) -> SourceOffsets {
+        self.reader
+            .as_ref()
+            .map(|r| r.offsets())
+            .unwrap_or_default()
+    }
+
+    fn seek(&mut self, offsets: &SourceOffsets) -> Result<()> {
+        let Some(r) = self.reader.as_mut() else {
+            return Ok(());
+        };
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        let restored = decode_offsets(offsets).ok_or_else(|| {
+            r.error(format!(
+                "the checkpoint's positions are not a {} source's: {offsets:?}",
+                self.connector
+            ))
+        })?;
+        r.restore(restored);
+        Ok(())
+    }
+
+    fn checkpoint(&mut self, epoch: u64) {
+        if let Some(r) = self.reader.as_mut() {
+            r.checkpoint(epoch);
+        }
+    }
+
+    fn committed(&mut self, epoch: u64) -> Result<()> {
+        if let Some(r) = self.reader.as_mut() {
+            r.committed(epoch);
+        }
+        Ok(())
+    }
+
+    fn set_checkpointing(&mut self, on: bool) {
+        if let Some(r) = self.reader.as_mut() {
+            r.set_checkpointing(on);
+        }
+    }
+
+    fn silent_workers(&self) -> Vec<usize> {
+        self.silent.clone()
+    }
+}
 
 /// A CDC table's key and the batches its reader returns (its columns, then the change kinds).
 pub(super) struct Keyed {

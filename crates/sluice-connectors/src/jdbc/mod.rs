@@ -21,8 +21,8 @@ mod mysql_cdc;
 mod pg_cdc;
 mod postgres;
 
-pub use mysql_cdc::{MySqlCdcSource, CONNECTOR as MYSQL_CDC};
-pub use pg_cdc::{PgCdcSource, CONNECTOR as POSTGRES_CDC};
+pub use mysql_cdc::{open as open_mysql_cdc, CONNECTOR as MYSQL_CDC};
+pub use pg_cdc::{open as open_postgres_cdc, CONNECTOR as POSTGRES_CDC};
 
 use std::collections::HashMap;
 use std::sync::mpsc;

@@ -22,7 +22,7 @@ use mysql_async::binlog::events::{EventData, RowsEventData};
 use mysql_async::{BinlogStream, BinlogStreamRequest, Value};
 use sluice_common::{Error, Op, Result};
 
-use super::cdc::{decode_offsets, encode_offsets, Keyed, Restored, Window};
+use super::cdc::{encode_offsets, CdcReader, CdcSource, Keyed, Restored, Window};
 use super::mysql::MySql;
 use super::{Failure, Layout, Target};
 use crate::options::{ConnectorDef, Kind, OptionDef, Options, Side};
@@ -120,19 +120,15 @@ fn file_number(base: &str, name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-/// A worker's reader: worker 0 reads the binlog, the others nothing.
-pub struct MySqlCdcSource {
-    reader: Option<Box<Reader>>,
-    silent: Vec<usize>,
-}
-
-impl MySqlCdcSource {
-    pub fn open(
-        spec: &ConnectorSpec,
-        opts: &mut Options,
-        worker: usize,
-        workers: usize,
-    ) -> Result<Self> {
+/// Opens worker `worker`'s (of `workers`) share of a `mysql-cdc` table: worker 0 reads the
+/// binlog, the others nothing.
+pub fn open(
+    spec: &ConnectorSpec,
+    opts: &mut Options,
+    worker: usize,
+    workers: usize,
+) -> Result<Box<dyn SourceReader>> {
+    {
         let host = opts.required("hostname")?;
         let port = opts.value::<u16>("port")?;
         let user = opts.get("username")?.unwrap_or_else(|| "root".into());
@@ -186,13 +182,12 @@ impl MySqlCdcSource {
         };
         let db = MySql::connect(target.clone(), layout, String::new(), String::new())?;
         let reader = Reader::new(spec, target, db, database, table_name, server_id, initial)?;
-        Ok(MySqlCdcSource {
-            reader: (worker == 0).then(|| Box::new(reader)),
-            silent: match worker {
-                0 => (1..workers).collect(),
-                _ => vec![],
-            },
-        })
+        Ok(Box::new(CdcSource::new(
+            "mysql-cdc",
+            reader,
+            worker,
+            workers,
+        )))
     }
 }
 
@@ -640,7 +635,7 @@ impl Reader {
         Ok(Poll::Batch { split: 0, batch })
     }
 
-    fn poll(&mut self, max_rows: usize) -> Result<Poll> {
+    fn read(&mut self, max_rows: usize) -> Result<Poll> {
         if matches!(self.phase, Phase::Start) {
             self.start()?;
         }
@@ -651,7 +646,7 @@ impl Reader {
         }
     }
 
-    fn offsets(&self) -> SourceOffsets {
+    fn position(&self) -> SourceOffsets {
         match (&self.phase, &self.restored) {
             (Phase::Start, Some(r)) => encode_offsets(r),
             (Phase::Start, None) => SourceOffsets::new(),
@@ -668,39 +663,21 @@ impl Reader {
     }
 }
 
-impl SourceReader for MySqlCdcSource {
+impl CdcReader for Reader {
     fn poll(&mut self, max_rows: usize) -> Result<Poll> {
-        match self.reader.as_mut() {
-            None => Ok(Poll::Finished),
-            Some(r) => r.poll(max_rows),
-        }
+        self.read(max_rows)
     }
 
     fn offsets(&self) -> SourceOffsets {
-        self.reader
-            .as_ref()
-            .map(|r| r.offsets())
-            .unwrap_or_default()
+        self.position()
     }
 
-    fn seek(&mut self, offsets: &SourceOffsets) -> Result<()> {
-        let Some(r) = self.reader.as_mut() else {
-            return Ok(());
-        };
-        if offsets.is_empty() {
-            return Ok(());
-        }
-        let restored = decode_offsets(offsets).ok_or_else(|| {
-            r.error(format!(
-                "the checkpoint's positions are not a mysql-cdc source's: {offsets:?}"
-            ))
-        })?;
-        r.restored = Some(restored);
-        Ok(())
+    fn restore(&mut self, restored: Restored) {
+        self.restored = Some(restored);
     }
 
-    fn silent_workers(&self) -> Vec<usize> {
-        self.silent.clone()
+    fn error(&self, message: String) -> Error {
+        Error::connector(&self.table, message)
     }
 }
 

@@ -27,7 +27,7 @@ use pg_walstream::protocol::{LogicalReplicationMessage, LogicalReplicationParser
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
 use sluice_common::{Error, Op, Result};
 
-use super::cdc::{decode_offsets, encode_offsets, Keyed, Restored, Window};
+use super::cdc::{encode_offsets, CdcReader, CdcSource, Keyed, Restored, Window};
 use super::postgres::{Postgres, RawRow};
 use super::{Failure, Layout, Target};
 use crate::options::{ConnectorDef, Kind, OptionDef, Options, Side};
@@ -161,19 +161,15 @@ fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-/// A worker's reader: worker 0 reads the slot, the others nothing.
-pub struct PgCdcSource {
-    reader: Option<Box<Reader>>,
-    silent: Vec<usize>,
-}
-
-impl PgCdcSource {
-    pub fn open(
-        spec: &ConnectorSpec,
-        opts: &mut Options,
-        worker: usize,
-        workers: usize,
-    ) -> Result<Self> {
+/// Opens worker `worker`'s (of `workers`) share of a `postgres-cdc` table: worker 0 reads the
+/// slot, the others nothing.
+pub fn open(
+    spec: &ConnectorSpec,
+    opts: &mut Options,
+    worker: usize,
+    workers: usize,
+) -> Result<Box<dyn SourceReader>> {
+    {
         let host = opts.required("hostname")?;
         let port = opts.value::<u16>("port")?;
         let user = opts.get("username")?.unwrap_or_else(|| "postgres".into());
@@ -233,13 +229,12 @@ impl PgCdcSource {
         // Every worker checks the server and the table (planning opens worker 0 only).
         let db = Postgres::connect(target, layout, String::new(), String::new())?;
         let reader = Reader::new(spec, params, db, schema, upsert)?;
-        Ok(PgCdcSource {
-            reader: (worker == 0).then(|| Box::new(reader)),
-            silent: match worker {
-                0 => (1..workers).collect(),
-                _ => vec![],
-            },
-        })
+        Ok(Box::new(CdcSource::new(
+            "postgres-cdc",
+            reader,
+            worker,
+            workers,
+        )))
     }
 }
 
@@ -975,7 +970,7 @@ impl Reader {
         Ok(row)
     }
 
-    fn poll(&mut self, max_rows: usize) -> Result<Poll> {
+    fn read(&mut self, max_rows: usize) -> Result<Poll> {
         if matches!(self.phase, Phase::Start) {
             self.start()?;
         }
@@ -986,7 +981,7 @@ impl Reader {
         }
     }
 
-    fn offsets(&self) -> SourceOffsets {
+    fn position(&self) -> SourceOffsets {
         let mut m = SourceOffsets::new();
         if let (Phase::Start, Some(r)) = (&self.phase, &self.restored) {
             return encode_offsets(r);
@@ -1008,64 +1003,38 @@ impl Reader {
     }
 }
 
-impl SourceReader for PgCdcSource {
+impl CdcReader for Reader {
     fn poll(&mut self, max_rows: usize) -> Result<Poll> {
-        match self.reader.as_mut() {
-            None => Ok(Poll::Finished),
-            Some(r) => r.poll(max_rows),
-        }
+        self.read(max_rows)
     }
 
     fn offsets(&self) -> SourceOffsets {
-        self.reader
-            .as_ref()
-            .map(|r| r.offsets())
-            .unwrap_or_default()
+        self.position()
     }
 
-    fn seek(&mut self, offsets: &SourceOffsets) -> Result<()> {
-        let Some(r) = self.reader.as_mut() else {
-            return Ok(());
-        };
-        if offsets.is_empty() {
-            return Ok(());
-        }
-        let restored = decode_offsets(offsets).ok_or_else(|| {
-            r.error(format!(
-                "the checkpoint's positions are not a postgres-cdc source's: {offsets:?}"
-            ))
-        })?;
-        r.restored = Some(restored);
-        Ok(())
+    fn restore(&mut self, restored: Restored) {
+        self.restored = Some(restored);
+    }
+
+    fn error(&self, message: String) -> Error {
+        Error::connector(&self.table, message)
     }
 
     fn checkpoint(&mut self, epoch: u64) {
-        if let Some(r) = self.reader.as_mut() {
-            if !matches!(r.phase, Phase::Start) {
-                let lsn = r.lsn;
-                r.acks.insert(epoch, lsn);
-            }
+        if !matches!(self.phase, Phase::Start) {
+            self.acks.insert(epoch, self.lsn);
         }
     }
 
-    fn committed(&mut self, epoch: u64) -> Result<()> {
-        if let Some(r) = self.reader.as_mut() {
-            let later = r.acks.split_off(&(epoch + 1));
-            let done = std::mem::replace(&mut r.acks, later);
-            if let Some(lsn) = done.values().max() {
-                r.ack(*lsn);
-            }
+    fn committed(&mut self, epoch: u64) {
+        let later = self.acks.split_off(&(epoch + 1));
+        let done = std::mem::replace(&mut self.acks, later);
+        if let Some(lsn) = done.values().max() {
+            self.ack(*lsn);
         }
-        Ok(())
     }
 
     fn set_checkpointing(&mut self, on: bool) {
-        if let Some(r) = self.reader.as_mut() {
-            r.checkpointing = on;
-        }
-    }
-
-    fn silent_workers(&self) -> Vec<usize> {
-        self.silent.clone()
+        self.checkpointing = on;
     }
 }

@@ -59,44 +59,10 @@ fn job(db: &MyDb, dir: &Path, server_id: u32) -> String {
     )
 }
 
-/// Random transactions over the table: inserts, amount and category updates, deletes, and now
-/// and then a large one.
 fn writes(db: &mut MyDb, rng: &mut rand::rngs::SmallRng, next_id: &mut i64, large: bool) {
-    let n = if large {
-        3_000
-    } else {
-        rng.random_range(1..40)
-    };
-    let mut sql = String::from("START TRANSACTION;");
-    for _ in 0..n {
-        let id = rng.random_range(1..*next_id);
-        match rng.random_range(0..5) {
-            0 => {
-                sql += &format!(
-                    "INSERT INTO orders VALUES ({}, 'c{}', {});",
-                    *next_id,
-                    rng.random_range(0..40),
-                    rng.random_range(0..1000)
-                );
-                *next_id += 1;
-            }
-            1 | 2 => {
-                sql += &format!(
-                    "UPDATE orders SET amount = {} WHERE id = {id};",
-                    rng.random_range(0..2000)
-                )
-            }
-            3 => {
-                sql += &format!(
-                    "UPDATE orders SET category = 'c{}' WHERE id = {id};",
-                    rng.random_range(0..40)
-                )
-            }
-            _ => sql += &format!("DELETE FROM orders WHERE id = {id};"),
-        }
-    }
-    sql += "COMMIT;";
-    db.exec(&sql);
+    db.exec(&crate::postgres_cdc::random_transaction(
+        rng, next_id, large,
+    ));
 }
 
 /// The table's rows, then its changes while the job is killed three times (once in the

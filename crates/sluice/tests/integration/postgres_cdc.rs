@@ -111,15 +111,19 @@ fn create_tables(db: &PgDb, rows: i64, full: bool) {
     ));
 }
 
-/// Random transactions over the table: inserts, amount and category updates, deletes, and now
-/// and then a large one; `next_id` is the next unused id.
-fn writes(db: &PgDb, rng: &mut rand::rngs::SmallRng, next_id: &mut i64, large: bool) {
+/// A random transaction over `orders`: inserts, amount and category updates, deletes, or with
+/// `large` 3 000 of them; `next_id` is the next unused id. Both databases take its SQL.
+pub(crate) fn random_transaction(
+    rng: &mut rand::rngs::SmallRng,
+    next_id: &mut i64,
+    large: bool,
+) -> String {
     let n = if large {
         3_000
     } else {
         rng.random_range(1..40)
     };
-    let mut sql = String::from("BEGIN;");
+    let mut sql = String::from("START TRANSACTION;");
     for _ in 0..n {
         let id = rng.random_range(1..*next_id);
         match rng.random_range(0..5) {
@@ -147,8 +151,11 @@ fn writes(db: &PgDb, rng: &mut rand::rngs::SmallRng, next_id: &mut i64, large: b
             _ => sql += &format!("DELETE FROM orders WHERE id = {id};"),
         }
     }
-    sql += "COMMIT;";
-    db.exec(&sql);
+    sql + "COMMIT;"
+}
+
+fn writes(db: &PgDb, rng: &mut rand::rngs::SmallRng, next_id: &mut i64, large: bool) {
+    db.exec(&random_transaction(rng, next_id, large));
 }
 
 /// SIGTERM once the sink table equals the answer (or `limit` passed); the job's log.
