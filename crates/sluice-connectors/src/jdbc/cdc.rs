@@ -13,6 +13,24 @@ use sluice_common::{Error, Result};
 
 use crate::{Poll, SourceOffsets, SourceReader};
 
+/// What every CDC table needs in its DDL: a PRIMARY KEY, and (for now) no metadata columns.
+pub(super) fn check_table(
+    spec: &crate::ConnectorSpec,
+    opts: &crate::Options,
+    connector: &str,
+) -> Result<()> {
+    if spec.primary_key.is_empty() {
+        return Err(opts.error(format!(
+            "a '{connector}' table needs a PRIMARY KEY (... NOT ENFORCED) naming the table's primary key: \
+             the snapshot is read in its order and changes are matched by it"
+        )));
+    }
+    if !spec.metadata.is_empty() {
+        return Err(opts.error(format!("'{connector}' has no metadata columns yet")));
+    }
+    Ok(())
+}
+
 /// A CDC source's reader of its one ordered stream (a slot, a binlog).
 pub(super) trait CdcReader: Send {
     fn poll(&mut self, max_rows: usize) -> Result<Poll>;
@@ -224,7 +242,7 @@ fn unhex(text: &str) -> Option<Option<Vec<u8>>> {
     if text == "-" {
         return Some(None);
     }
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     (0..text.len())

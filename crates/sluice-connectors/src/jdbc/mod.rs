@@ -144,6 +144,15 @@ pub(crate) const fn connect_timeout(side: Side) -> OptionDef {
     }
 }
 
+/// The `sluice.connect-timeout` option's value.
+pub(crate) fn connect_timeout_of(opts: &mut Options) -> Result<Duration> {
+    Ok(Duration::from_millis(
+        opts.duration_ms("sluice.connect-timeout")?
+            .expect("declared default")
+            .max(1) as u64,
+    ))
+}
+
 /// Which database a `url` names, and where.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Target {
@@ -530,11 +539,7 @@ fn connect(
     }
     let _ = opts.get("driver")?;
     let target_table = opts.required("table-name")?;
-    let connect_timeout = Duration::from_millis(
-        opts.duration_ms("sluice.connect-timeout")?
-            .expect("declared default")
-            .max(1) as u64,
-    );
+    let connect_timeout = connect_timeout_of(opts)?;
     let layout = Layout {
         table: spec.table.clone(),
         target_table,

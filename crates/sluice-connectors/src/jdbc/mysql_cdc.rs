@@ -148,20 +148,8 @@ pub fn open(
                 })?,
         };
         let initial = opts.value::<String>("scan.startup.mode")? == "initial";
-        let connect_timeout = Duration::from_millis(
-            opts.duration_ms("sluice.connect-timeout")?
-                .expect("declared default")
-                .max(1) as u64,
-        );
-        if spec.primary_key.is_empty() {
-            return Err(opts.error(
-                "a 'mysql-cdc' table needs a PRIMARY KEY (... NOT ENFORCED) naming the table's primary key: \
-                 the snapshot is read in its order and changes are matched by it",
-            ));
-        }
-        if !spec.metadata.is_empty() {
-            return Err(opts.error("'mysql-cdc' has no metadata columns yet"));
-        }
+        let connect_timeout = super::connect_timeout_of(opts)?;
+        super::cdc::check_table(spec, opts, "mysql-cdc")?;
         let target = Target {
             mysql: true,
             host,

@@ -182,20 +182,8 @@ pub fn open(
         let initial = opts.value::<String>("scan.startup.mode")? == "initial";
         let upsert = opts.value::<String>("changelog-mode")? == "upsert";
         let publication = opts.value::<String>("debezium.publication.name")?;
-        let connect_timeout = Duration::from_millis(
-            opts.duration_ms("sluice.connect-timeout")?
-                .expect("declared default")
-                .max(1) as u64,
-        );
-        if spec.primary_key.is_empty() {
-            return Err(opts.error(
-                "a 'postgres-cdc' table needs a PRIMARY KEY (... NOT ENFORCED) naming the table's primary key: \
-                 the snapshot is read in its order and changes are matched by it",
-            ));
-        }
-        if !spec.metadata.is_empty() {
-            return Err(opts.error("'postgres-cdc' has no metadata columns yet"));
-        }
+        let connect_timeout = super::connect_timeout_of(opts)?;
+        super::cdc::check_table(spec, opts, "postgres-cdc")?;
         let target = Target {
             mysql: false,
             host,
@@ -781,17 +769,18 @@ impl Reader {
                     self.txn_seen = 0;
                 }
                 ReplicationEvent::Commit { end_lsn, .. } => {
-                    if self.in_txn.take() == Some(false) {
+                    let returned_before = self.in_txn.take();
+                    if returned_before == Some(false) {
                         self.txn_rows = 0;
                         self.skip_rows = 0;
                         self.advance(end_lsn.0);
                     }
                 }
-                ReplicationEvent::KeepAlive { wal_end, .. } => {
-                    // Outside a transaction, everything before the server's position was sent.
-                    if self.in_txn.is_none() && wal_end.0 > self.lsn {
-                        self.advance(wal_end.0);
-                    }
+                // Outside a transaction, everything before the server's position was sent.
+                ReplicationEvent::KeepAlive { wal_end, .. }
+                    if self.in_txn.is_none() && wal_end.0 > self.lsn =>
+                {
+                    self.advance(wal_end.0);
                 }
                 ReplicationEvent::XLogData { data, .. } => {
                     let message = self

@@ -73,9 +73,9 @@ fn killed_in_the_snapshot_and_while_streaming_the_aggregate_equals_group_by() {
     binlog_on();
     let mut db = MyDb::create("sluice_mycdc_kill");
     const ROWS: i64 = 400_000;
-    db.exec(&format!(
-        "CREATE TABLE orders (id BIGINT PRIMARY KEY, category VARCHAR(20) NOT NULL, amount BIGINT NOT NULL)"
-    ));
+    db.exec(
+        "CREATE TABLE orders (id BIGINT PRIMARY KEY, category VARCHAR(20) NOT NULL, amount BIGINT NOT NULL)",
+    );
     db.exec(&format!(
         "INSERT INTO orders SELECT seq, CONCAT('c', seq % 37), (seq * 7919) % 1000 FROM seq_1_to_{ROWS}"
     ));
