@@ -19,6 +19,7 @@ use sluice_common::{ChangeBatch, Error, Result};
 
 use crate::format::{encode_changelog, encode_csv, encode_json, encode_raw, JsonLines};
 use crate::options::{ConnectorDef, Kind, OptionDef, Options, Side};
+use crate::storage::Storage;
 use crate::{ConnectorSpec, Poll, SinkWriter, SourceReader};
 
 #[derive(Clone)]
@@ -51,7 +52,7 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             default: None,
             side: Side::Both,
             identity: true,
-            doc: "a file or directory to read, or the directory to write part files into: a plain path or a `file://` URI",
+            doc: "a file or directory to read, or the directory to write part files into: a plain path, a `file://` URI, or an `s3://bucket/prefix` on S3-compatible storage",
         },
         OptionDef {
             key: "format",
@@ -135,6 +136,12 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
             identity: false,
             doc: "without checkpoints, a worker starts a new part file when its file has been open this long",
         },
+        S3_ENDPOINT,
+        S3_ACCESS_KEY,
+        S3_SECRET_KEY,
+        S3_REGION,
+        S3_PATH_STYLE,
+        S3_ALLOW_HTTP,
         OptionDef {
             key: "sink.publish-on-stop",
             kind: Kind::Bool,
@@ -145,6 +152,59 @@ pub const CONNECTOR: ConnectorDef = ConnectorDef {
         },
     ],
 };
+
+/// An `s3.*` option: S3 storage is configured as checkpoint storage is, by the table's options
+/// or else the job's `SET` statements, or else the `AWS_*` environment variables.
+const fn s3_option(key: &'static str, kind: Kind, doc: &'static str) -> OptionDef {
+    OptionDef {
+        key,
+        kind,
+        default: None,
+        side: Side::Both,
+        identity: false,
+        doc,
+    }
+}
+
+const S3_ENDPOINT: OptionDef = s3_option(
+    "s3.endpoint",
+    Kind::Text,
+    "`s3://` paths: the S3-compatible endpoint (`http://` ones allow plain HTTP); unset `s3.*` options come from the job's `SET 's3.*'` statements, as for checkpoints, then from `AWS_*` variables",
+);
+const S3_ACCESS_KEY: OptionDef = s3_option(
+    "s3.access-key",
+    Kind::Text,
+    "`s3://` paths: the access key id",
+);
+const S3_SECRET_KEY: OptionDef = s3_option(
+    "s3.secret-key",
+    Kind::Text,
+    "`s3://` paths: the secret access key",
+);
+const S3_REGION: OptionDef = s3_option(
+    "s3.region",
+    Kind::Text,
+    "`s3://` paths: the bucket's region",
+);
+const S3_PATH_STYLE: OptionDef = s3_option(
+    "s3.path.style.access",
+    Kind::Bool,
+    "`s3://` paths: address the bucket in the path (`endpoint/bucket/key`), as MinIO and most S3-compatible servers want",
+);
+const S3_ALLOW_HTTP: OptionDef = s3_option(
+    "s3.allow-http",
+    Kind::Bool,
+    "`s3://` paths: allow a plain-HTTP endpoint",
+);
+
+/// The table's storage: local, or S3 for an `s3://` path (its `s3.*` options read).
+fn storage(opts: &mut Options, path: &Path) -> Result<Storage> {
+    let s3 = opts.with_prefix("s3.").into_iter().collect();
+    Storage::of(&path.to_string_lossy(), &s3).map_err(|e| match e {
+        Error::Plan(m) | Error::Runtime(m) => opts.error(m),
+        other => other,
+    })
+}
 
 fn format(opts: &mut Options) -> Result<Format> {
     let name = opts.required("format")?;
@@ -286,6 +346,8 @@ pub struct FileSource {
     changelog: Option<crate::format::Changelog>,
     /// The decoder of Avro files' records.
     avro: Option<crate::avro::Avro>,
+    /// Where the files are.
+    storage: Storage,
 }
 
 /// The decoder of a file's JSON lines: rows, or changes of rows.
@@ -335,7 +397,7 @@ struct OpenFile {
     ahead: Option<std::sync::mpsc::Receiver<Ahead>>,
     /// An Avro container file's records (`position` counts them).
     avro: Option<(
-        apache_avro::Reader<'static, BufReader<File>>,
+        apache_avro::Reader<'static, Box<dyn BufRead + Send>>,
         crate::avro::Resolver,
     )>,
     /// A Parquet file's rows (`position` counts them).
@@ -353,6 +415,7 @@ enum Chunk {
 /// Continuous reading: new files in the directory are picked up as they appear.
 struct Monitor {
     dir: PathBuf,
+    storage: Storage,
     interval: std::time::Duration,
     last_scan: std::time::Instant,
     seen: std::collections::HashSet<PathBuf>,
@@ -366,7 +429,7 @@ impl Monitor {
     fn new_files(&mut self) -> std::io::Result<Vec<PathBuf>> {
         self.last_scan = std::time::Instant::now();
         let mut found = vec![];
-        for f in list_files(&self.dir)? {
+        for (f, _) in self.storage.list(&self.dir, false)? {
             if !self.seen.contains(&f) && owner(&f, self.workers) == self.worker {
                 self.seen.insert(f.clone());
                 found.push(f);
@@ -396,7 +459,8 @@ impl FileSource {
         worker: usize,
         workers: usize,
     ) -> Result<Self> {
-        let path = local_path(opts)?;
+        let path = table_path(opts)?;
+        let storage = storage(opts, &path)?;
         let format = format(opts)?;
         // Each format reads its own options: `csv.*` on a JSON table is unknown (an error).
         let (ignore, csv_ignore_errors) = match &format {
@@ -439,11 +503,13 @@ impl FileSource {
         let path_error = |opts: &Options, e: std::io::Error| {
             opts.error(format!("option 'path' = '{}': {e}", path.display()))
         };
-        let all = match &layout {
-            None => list_files(&path),
-            Some(_) => crate::partitions::list_files_recursive(&path),
+        let all = storage
+            .list(&path, layout.is_some())
+            .map_err(|e| path_error(opts, e))?;
+        if let Storage::S3(_) = storage {
+            // Objects are read whole (one request each).
+            split_size = u64::MAX;
         }
-        .map_err(|e| path_error(opts, e))?;
         let data_schema = layout
             .as_ref()
             .map_or(spec.schema.clone(), |l| l.data.clone());
@@ -491,10 +557,7 @@ impl FileSource {
             // (`whole_files`) the files with all their pieces.
             None => {
                 let mut splits = vec![];
-                for (n, f) in all.into_iter().enumerate() {
-                    let len = std::fs::metadata(&f)
-                        .map_err(|e| path_error(opts, e))?
-                        .len();
+                for (n, (f, len)) in all.into_iter().enumerate() {
                     splits.extend(
                         file_splits(&path, f, len, split_size)
                             .into_iter()
@@ -518,13 +581,14 @@ impl FileSource {
             }
             // Continuous: whole files, each owned by one worker.
             Some(interval) => {
-                if !path.is_dir() {
+                if !storage.is_dir(&path) {
                     return Err(
                         opts.error("'source.monitor-interval' needs 'path' to be a directory")
                     );
                 }
                 let mut m = Monitor {
                     dir: path.clone(),
+                    storage: storage.clone(),
                     interval,
                     last_scan: std::time::Instant::now(),
                     seen: Default::default(),
@@ -568,6 +632,7 @@ impl FileSource {
             ahead_due: false,
             decoded_schema,
             json_ignore_errors: ignore,
+            storage,
         })
     }
 }
@@ -605,30 +670,6 @@ fn empty_strings(
         batch.schema(),
         columns,
     )?)
-}
-
-fn list_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let meta = std::fs::metadata(path)?;
-    if meta.is_file() {
-        return Ok(vec![path.to_path_buf()]);
-    }
-    if !meta.is_dir() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "neither a file nor a directory (a device, FIFO or socket); name a file or a folder of files",
-        ));
-    }
-    let mut files = vec![];
-    for entry in std::fs::read_dir(path)? {
-        let p = entry?.path();
-        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        // Hidden files are in-progress output of a writer, not input.
-        if p.is_file() && !name.starts_with('.') && !name.starts_with('_') {
-            files.push(p);
-        }
-    }
-    files.sort();
-    Ok(files)
 }
 
 /// The rows of `batch` (columns `read` of `schema`) with NULL in the other columns.
@@ -746,11 +787,18 @@ impl FileSource {
         let key = split.key();
         let path = split.path;
         let (resume_at, line) = self.resume.remove(&key).unwrap_or((0, 0));
-        let mut f = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        // An object on S3 is fetched whole (and never read in pieces); a local file is read as
+        // it goes.
+        let object = match &self.storage {
+            Storage::S3(bucket) => Some(bucket.read(&path)?),
+            Storage::Local => None,
+        };
         let (start, end) = match split.range {
             None => (0, u64::MAX),
             Some((from, to)) => {
-                let len = f.metadata().map_err(|e| Error::io(&path, e))?.len();
+                let len = std::fs::metadata(&path)
+                    .map_err(|e| Error::io(&path, e))?
+                    .len();
                 (
                     self.record_start(&path, from, len)?,
                     self.record_start(&path, to, len)?,
@@ -765,14 +813,24 @@ impl FileSource {
                 (at, at)
             }
         };
-        if seek_to > 0 {
-            f.seek(SeekFrom::Start(seek_to))
-                .map_err(|e| Error::io(&path, e))?;
-        }
-        let buffered: Box<dyn BufRead + Send> = Box::new(BufReader::with_capacity(
-            1 << 20,
-            f.take(end.saturating_sub(seek_to)),
-        ));
+        let buffered: Box<dyn BufRead + Send> = match &object {
+            Some(bytes) => {
+                let mut cursor = std::io::Cursor::new(bytes.clone());
+                cursor.set_position(seek_to);
+                Box::new(cursor)
+            }
+            None => {
+                let mut f = File::open(&path).map_err(|e| Error::io(&path, e))?;
+                if seek_to > 0 {
+                    f.seek(SeekFrom::Start(seek_to))
+                        .map_err(|e| Error::io(&path, e))?;
+                }
+                Box::new(BufReader::with_capacity(
+                    1 << 20,
+                    f.take(end.saturating_sub(seek_to)),
+                ))
+            }
+        };
         let split = match self.file_splits.get(&path) {
             Some(id) => *id,
             None => {
@@ -785,21 +843,29 @@ impl FileSource {
         let mut parquet = None;
         let (lines, csv) = match &self.format {
             Format::Parquet => {
-                parquet = Some(open_parquet(
-                    &path,
-                    &self.decoded_schema,
-                    position,
-                    max_rows,
-                )?);
+                parquet = Some(match object {
+                    Some(bytes) => {
+                        open_parquet(&path, bytes, &self.decoded_schema, position, max_rows)?
+                    }
+                    None => {
+                        let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
+                        open_parquet(&path, f, &self.decoded_schema, position, max_rows)?
+                    }
+                });
                 (None, None)
             }
             Format::Avro => {
-                let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
-                let mut reader = apache_avro::Reader::new(BufReader::with_capacity(1 << 20, f))
-                    .map_err(|e| Error::BadRecord {
-                        location: path.display().to_string(),
-                        message: format!("not an Avro object container file ({e})"),
-                    })?;
+                let input: Box<dyn BufRead + Send> = match object {
+                    Some(bytes) => Box::new(std::io::Cursor::new(bytes)),
+                    None => {
+                        let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
+                        Box::new(BufReader::with_capacity(1 << 20, f))
+                    }
+                };
+                let mut reader = apache_avro::Reader::new(input).map_err(|e| Error::BadRecord {
+                    location: path.display().to_string(),
+                    message: format!("not an Avro object container file ({e})"),
+                })?;
                 // A checkpoint that had read part of the file resumes after the records it read.
                 for n in 0..position {
                     if let Some(Err(e)) = reader.next() {
@@ -939,13 +1005,17 @@ impl FileSource {
     }
 }
 
-/// The `'path'` option as a local path: a plain path or a `file://` URI, as Flink users write
-/// them. An empty path, or a URI of another scheme, is an error.
-fn local_path(opts: &mut Options) -> Result<PathBuf> {
+/// The `'path'` option: a plain path or a `file://` URI, as Flink users write them, or an
+/// `s3://bucket/prefix` URL (kept as it is: see [`crate::storage`]). An empty path, or a URI of
+/// another scheme, is an error.
+fn table_path(opts: &mut Options) -> Result<PathBuf> {
     let raw = opts.required("path")?;
     let text = raw.trim();
     if text.is_empty() {
         return Err(opts.error("option 'path' is empty: name a file or directory".to_string()));
+    }
+    if text.starts_with("s3://") {
+        return Ok(PathBuf::from(text.trim_end_matches('/')));
     }
     if let Some(rest) = text.strip_prefix("file://") {
         // file:///data/x, or file://localhost/data/x.
@@ -967,18 +1037,19 @@ fn local_path(opts: &mut Options) -> Result<PathBuf> {
                 .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
         {
             return Err(opts.error(format!(
-                "option 'path' = '{raw}': the filesystem connector reads local paths and file:// URIs; \
-                 '{scheme}://' is not supported"
+                "option 'path' = '{raw}': the filesystem connector reads local paths, file:// URIs and s3:// URLs; \
+                 '{scheme}://' is not supported (use s3:// for S3-compatible storage)"
             )));
         }
     }
     Ok(PathBuf::from(text))
 }
 
-/// Opens a Parquet file for reading the table's columns (`schema`, matched by name) from row
-/// `position` on.
-fn open_parquet(
+/// Opens a Parquet file (`input`: the file, or an object's bytes) for reading the table's
+/// columns (`schema`, matched by name) from row `position` on.
+fn open_parquet<T: parquet::file::reader::ChunkReader + 'static>(
     path: &Path,
+    input: T,
     schema: &SchemaRef,
     position: u64,
     max_rows: usize,
@@ -988,8 +1059,7 @@ fn open_parquet(
         location: path.display().to_string(),
         message,
     };
-    let f = File::open(path).map_err(|e| Error::io(path, e))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(f)
+    let builder = ParquetRecordBatchReaderBuilder::try_new(input)
         .map_err(|e| bad(format!("not a readable Parquet file ({e})")))?;
     let file_schema = builder.schema().clone();
     let mut roots = vec![];
@@ -1072,7 +1142,7 @@ fn read_parquet(
 /// Reads the next records of an Avro container file (`position` counts those read before).
 fn read_avro(
     path: &Path,
-    reader: &mut apache_avro::Reader<'static, BufReader<File>>,
+    reader: &mut apache_avro::Reader<'static, Box<dyn BufRead + Send>>,
     resolver: &crate::avro::Resolver,
     position: &mut u64,
     avro: &mut crate::avro::Avro,
@@ -1324,6 +1394,10 @@ struct Rolling {
 /// Writes this worker's part files.
 pub struct FileSink {
     dir: PathBuf,
+    /// Where `dir` is. On S3, the file being written is a local spool file (`spool`), uploaded
+    /// under its hidden name when rolled or sealed.
+    storage: Storage,
+    spool: Option<tempfile::TempPath>,
     worker: usize,
     format: Format,
     sequence: u64,
@@ -1366,13 +1440,27 @@ type Encoding = (
 );
 
 /// Publishes a hidden part file under its visible name.
-fn make_visible(dir: &Path, hidden: &Path) -> Result<()> {
+fn make_visible(storage: &Storage, dir: &Path, hidden: &Path) -> Result<()> {
     let name = hidden
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or_default();
     let target = dir.join(visible_name(name));
-    std::fs::rename(hidden, &target).map_err(|e| Error::io(&target, e))
+    match storage {
+        Storage::Local => std::fs::rename(hidden, &target).map_err(|e| Error::io(&target, e)),
+        Storage::S3(bucket) => bucket.rename(hidden, &target),
+    }
+}
+
+/// Deletes a file (one already gone is no error).
+fn remove(storage: &Storage, path: &Path) -> Result<()> {
+    match storage {
+        Storage::Local => match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(path, e)),
+            _ => Ok(()),
+        },
+        Storage::S3(bucket) => bucket.remove(path),
+    }
 }
 
 /// The visible name of a hidden part file (`.part-0-3.json.inprogress` → `part-0-3.json`).
@@ -1394,7 +1482,8 @@ impl FileSink {
         worker: usize,
         _workers: usize,
     ) -> Result<Box<dyn SinkWriter>> {
-        let dir = local_path(opts)?;
+        let dir = table_path(opts)?;
+        let storage = storage(opts, &dir)?;
         let format = format(opts)?;
         let roll = Rolling {
             bytes: opts.memory_size("sink.rolling-policy.file-size")?,
@@ -1445,11 +1534,13 @@ impl FileSink {
             }
             _ => None,
         };
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| opts.error(format!("option 'path' = '{}': {e}", dir.display())))?;
+        if let Storage::Local = storage {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| opts.error(format!("option 'path' = '{}': {e}", dir.display())))?;
+        }
         match layout {
             None => Ok(Box::new(FileSink::in_dir(
-                dir,
+                (dir, storage),
                 worker,
                 (format, avro, parquet_props),
                 roll,
@@ -1457,10 +1548,10 @@ impl FileSink {
             ))),
             Some(layout) => Ok(Box::new(crate::partitions::PartitionedSink::new(
                 layout,
-                dir,
+                (dir, storage.clone()),
                 move |folder: &Path| -> Result<Box<dyn SinkWriter>> {
                     Ok(Box::new(FileSink::in_dir(
-                        folder.to_path_buf(),
+                        (folder.to_path_buf(), storage.clone()),
                         worker,
                         (format.clone(), avro.clone(), parquet_props.clone()),
                         roll,
@@ -1472,7 +1563,7 @@ impl FileSink {
     }
 
     fn in_dir(
-        dir: PathBuf,
+        (dir, storage): (PathBuf, Storage),
         worker: usize,
         (format, avro, parquet_props): Encoding,
         roll: Rolling,
@@ -1480,6 +1571,8 @@ impl FileSink {
     ) -> Self {
         FileSink {
             dir,
+            storage,
+            spool: None,
             worker,
             format,
             sequence: 0,
@@ -1516,14 +1609,35 @@ impl FileSink {
         Ok(())
     }
 
+    /// Closes the file being written and puts it, still hidden, at the path `to` gives for its
+    /// hidden path (on S3: uploads it there). Returns where it went.
+    fn close_file(&mut self, to: impl FnOnce(&Path) -> PathBuf) -> Result<Option<PathBuf>> {
+        self.close_parquet()?;
+        let Some((path, mut file)) = self.file.take() else {
+            return Ok(None);
+        };
+        self.written = 0;
+        file.flush().map_err(|e| Error::io(&path, e))?;
+        let target = to(&path);
+        match &self.storage {
+            Storage::Local => {
+                file.sync_all().map_err(|e| Error::io(&path, e))?;
+                if target != path {
+                    std::fs::rename(&path, &target).map_err(|e| Error::io(&target, e))?;
+                }
+            }
+            Storage::S3(bucket) => {
+                let spool = self.spool.take().expect("an S3 file is spooled");
+                bucket.upload(&spool, &target)?;
+            }
+        }
+        Ok(Some(target))
+    }
+
     /// Closes the file being written; it stays hidden until the job ends.
     fn roll(&mut self) -> Result<()> {
-        self.close_parquet()?;
-        if let Some((path, mut file)) = self.file.take() {
-            file.flush().map_err(|e| Error::io(&path, e))?;
-            file.sync_all().map_err(|e| Error::io(&path, e))?;
+        if let Some(path) = self.close_file(Path::to_path_buf)? {
             self.rolled.push(path);
-            self.written = 0;
         }
         Ok(())
     }
@@ -1533,14 +1647,15 @@ impl FileSink {
     fn discard(&mut self) -> Result<()> {
         self.closed = true;
         self.parquet = None;
-        let current = self.file.take().map(|(path, _)| path);
+        // On S3 the file being written is only the local spool (deleted when dropped).
+        self.spool = None;
+        let current = self
+            .file
+            .take()
+            .map(|(path, _)| path)
+            .filter(|_| matches!(self.storage, Storage::Local));
         for path in current.into_iter().chain(std::mem::take(&mut self.rolled)) {
-            match std::fs::remove_file(&path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(Error::io(&path, e))
-                }
-                _ => {}
-            }
+            remove(&self.storage, &path)?;
         }
         Ok(())
     }
@@ -1559,7 +1674,7 @@ impl FileSink {
     fn publish(&mut self) -> Result<()> {
         self.roll()?;
         for path in std::mem::take(&mut self.rolled) {
-            make_visible(&self.dir, &path)?;
+            make_visible(&self.storage, &self.dir, &path)?;
         }
         Ok(())
     }
@@ -1593,9 +1708,24 @@ impl SinkWriter for FileSink {
                     self.extension()
                 );
                 self.sequence += 1;
-                if !self.dir.join(&name).exists() {
+                let taken = match &self.storage {
+                    Storage::Local => self.dir.join(&name).exists(),
+                    Storage::S3(bucket) => bucket.exists(&self.dir.join(&name))?,
+                };
+                if !taken {
                     let path = self.dir.join(format!(".{name}.inprogress"));
-                    let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
+                    let f = match &self.storage {
+                        Storage::Local => File::create(&path).map_err(|e| Error::io(&path, e))?,
+                        Storage::S3(_) => {
+                            let spool = tempfile::Builder::new()
+                                .prefix(".sluice-spool-")
+                                .tempfile()
+                                .map_err(|e| Error::io(&path, e))?;
+                            let (f, spool) = spool.into_parts();
+                            self.spool = Some(spool);
+                            f
+                        }
+                    };
                     self.file = Some((path, f));
                     self.opened = std::time::Instant::now();
                     // A sync marker unlike any other file's (it only has to differ from the
@@ -1660,9 +1790,13 @@ impl SinkWriter for FileSink {
         workers: usize,
     ) -> Result<()> {
         self.transactional = true;
-        let entries = std::fs::read_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
-        for entry in entries {
-            let path = entry.map_err(|e| Error::io(&self.dir, e))?.path();
+        let entries = match &self.storage {
+            Storage::Local => std::fs::read_dir(&self.dir)
+                .and_then(|d| d.map(|e| e.map(|e| e.path())).collect())
+                .map_err(|e| Error::io(&self.dir, e))?,
+            Storage::S3(bucket) => bucket.entries(&self.dir, false)?,
+        };
+        for path in entries {
             let name = path
                 .file_name()
                 .and_then(|n| n.to_str())
@@ -1691,29 +1825,25 @@ impl SinkWriter for FileSink {
                 .and_then(|(_, e)| e.parse::<u64>().ok());
             match sealed_for {
                 Some(epoch) if committed.is_some_and(|c| epoch <= c) => {
-                    make_visible(&self.dir, &path)?
+                    make_visible(&self.storage, &self.dir, &path)?
                 }
-                _ => std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?,
+                _ => remove(&self.storage, &path)?,
             }
         }
         Ok(())
     }
 
     fn pre_commit(&mut self, epoch: u64) -> Result<()> {
-        self.close_parquet()?;
-        if let Some((path, mut file)) = self.file.take() {
-            file.flush().map_err(|e| Error::io(&path, e))?;
-            file.sync_all().map_err(|e| Error::io(&path, e))?;
+        let dir = self.dir.clone();
+        let sealed = self.close_file(|path| {
             let name = path
                 .file_name()
                 .and_then(|n| n.to_str())
                 .unwrap_or_default();
-            let sealed = self
-                .dir
-                .join(format!(".{}.pending-{epoch}", visible_name(name)));
-            std::fs::rename(&path, &sealed).map_err(|e| Error::io(&sealed, e))?;
+            dir.join(format!(".{}.pending-{epoch}", visible_name(name)))
+        })?;
+        if let Some(sealed) = sealed {
             self.pending.push((epoch, sealed));
-            self.written = 0;
         }
         Ok(())
     }
@@ -1724,7 +1854,7 @@ impl SinkWriter for FileSink {
             .partition(|(e, _)| *e <= epoch);
         self.pending = later;
         for (_, path) in due {
-            make_visible(&self.dir, &path)?;
+            make_visible(&self.storage, &self.dir, &path)?;
         }
         Ok(())
     }

@@ -40,6 +40,7 @@ pub mod redis_sink;
 #[cfg(feature = "redis")]
 pub mod redis_stream;
 pub mod staged;
+mod storage;
 pub mod view;
 
 use std::collections::BTreeMap;

@@ -153,6 +153,7 @@ pub fn list_files_recursive(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 pub struct PartitionedSink<F> {
     layout: Layout,
     dir: PathBuf,
+    storage: crate::storage::Storage,
     open: F,
     writers: HashMap<PathBuf, Box<dyn SinkWriter>>,
     /// Set by `begin_transactions`: writers opened later join the transaction too.
@@ -160,10 +161,15 @@ pub struct PartitionedSink<F> {
 }
 
 impl<F: FnMut(&Path) -> Result<Box<dyn SinkWriter>>> PartitionedSink<F> {
-    pub fn new(layout: Layout, dir: PathBuf, open: F) -> Self {
+    pub(crate) fn new(
+        layout: Layout,
+        (dir, storage): (PathBuf, crate::storage::Storage),
+        open: F,
+    ) -> Self {
         PartitionedSink {
             layout,
             dir,
+            storage,
             open,
             writers: HashMap::new(),
             transactions: None,
@@ -172,7 +178,9 @@ impl<F: FnMut(&Path) -> Result<Box<dyn SinkWriter>>> PartitionedSink<F> {
 
     fn writer(&mut self, folder: PathBuf) -> Result<&mut Box<dyn SinkWriter>> {
         if !self.writers.contains_key(&folder) {
-            std::fs::create_dir_all(&folder).map_err(|e| Error::io(&folder, e))?;
+            if let crate::storage::Storage::Local = self.storage {
+                std::fs::create_dir_all(&folder).map_err(|e| Error::io(&folder, e))?;
+            }
             let mut w = (self.open)(&folder)?;
             if let Some((committed, worker, workers)) = self.transactions {
                 w.begin_transactions(committed, worker, workers)?;
@@ -255,7 +263,14 @@ impl<F: FnMut(&Path) -> Result<Box<dyn SinkWriter>> + Send> SinkWriter for Parti
         self.transactions = Some((committed, worker, workers));
         // Settle what earlier runs left in every partition folder there is.
         let mut folders = std::collections::BTreeSet::new();
-        if self.dir.exists() {
+        if let crate::storage::Storage::S3(bucket) = &self.storage {
+            // Folders on S3 are the prefixes of the objects under it.
+            for object in bucket.entries(&self.dir, true)? {
+                if let Some(folder) = object.parent().filter(|f| *f != self.dir) {
+                    folders.insert(folder.to_path_buf());
+                }
+            }
+        } else if self.dir.exists() {
             let mut stack = vec![self.dir.clone()];
             while let Some(d) = stack.pop() {
                 for entry in std::fs::read_dir(&d).map_err(|e| Error::io(&d, e))? {

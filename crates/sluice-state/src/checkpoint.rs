@@ -177,16 +177,38 @@ pub fn parse_checkpoint_path(path: &str) -> Option<(String, u64)> {
 }
 
 /// S3-compatible storage under `s3://bucket/prefix`.
+fn s3_store(location: &str, options: &BTreeMap<String, String>) -> Result<Arc<dyn ObjectStore>> {
+    let (store, prefix) = s3_bucket(location, "'execution.checkpointing.dir'", options)?;
+    Ok(if prefix.is_empty() {
+        store
+    } else {
+        Arc::new(object_store::prefix::PrefixStore::new(store, prefix))
+    })
+}
+
+/// The bucket of `s3://bucket/prefix`, configured by `options` ([`S3_OPTIONS`]; unset ones
+/// come from the usual `AWS_*` environment variables), and the prefix (no slashes around it).
+/// `setting` names where the location was given, for messages.
 #[cfg(not(feature = "s3"))]
-fn s3_store(location: &str, _: &BTreeMap<String, String>) -> Result<Arc<dyn ObjectStore>> {
+pub fn s3_bucket(
+    location: &str,
+    setting: &str,
+    _: &BTreeMap<String, String>,
+) -> Result<(Arc<dyn ObjectStore>, String)> {
     Err(Error::Plan(format!(
-        "'execution.checkpointing.dir' = '{location}': this build of Sluice has no S3 support (build it with the default `s3` feature)"
+        "{setting} = '{location}': this build of Sluice has no S3 support (build it with the default `s3` feature)"
     )))
 }
 
-/// S3-compatible storage under `s3://bucket/prefix`.
+/// The bucket of `s3://bucket/prefix`, configured by `options` ([`S3_OPTIONS`]; unset ones
+/// come from the usual `AWS_*` environment variables), and the prefix (no slashes around it).
+/// `setting` names where the location was given, for messages.
 #[cfg(feature = "s3")]
-fn s3_store(location: &str, options: &BTreeMap<String, String>) -> Result<Arc<dyn ObjectStore>> {
+pub fn s3_bucket(
+    location: &str,
+    setting: &str,
+    options: &BTreeMap<String, String>,
+) -> Result<(Arc<dyn ObjectStore>, String)> {
     use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
     // HTTPS goes through rustls with ring (installed once per process; an earlier install,
     // by this or by the embedding program, stands).
@@ -195,7 +217,7 @@ fn s3_store(location: &str, options: &BTreeMap<String, String>) -> Result<Arc<dy
     let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
     if bucket.is_empty() {
         return Err(Error::Plan(format!(
-            "'execution.checkpointing.dir' = '{location}' names no bucket (s3://bucket/prefix)"
+            "{setting} = '{location}' names no bucket (s3://bucket/prefix)"
         )));
     }
     let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
@@ -227,13 +249,10 @@ fn s3_store(location: &str, options: &BTreeMap<String, String>) -> Result<Arc<dy
             }
         };
     }
-    let store = builder.build().map_err(|e| store_error(location, e))?;
-    let prefix = prefix.trim_matches('/');
-    Ok(if prefix.is_empty() {
-        Arc::new(store)
-    } else {
-        Arc::new(object_store::prefix::PrefixStore::new(store, prefix))
-    })
+    let store = builder
+        .build()
+        .map_err(|e| Error::Plan(format!("{setting} = '{location}': {e}")))?;
+    Ok((Arc::new(store), prefix.trim_matches('/').to_string()))
 }
 
 /// A checkpoint directory (local path, `file://` URL, or `s3://bucket/prefix`).

@@ -471,6 +471,19 @@ impl Catalog {
                 )));
             }
         }
+        let mut options = options;
+        // A filesystem table on S3 that sets no `s3.*` option of its own takes the job's
+        // (`SET 's3.endpoint' = ...`), as checkpoint storage does.
+        if options.get("connector").map(String::as_str) == Some("filesystem")
+            && options
+                .get("path")
+                .is_some_and(|p| p.trim().starts_with("s3://"))
+            && !options.keys().any(|k| k.starts_with("s3."))
+        {
+            for (k, v) in self.settings.iter().filter(|(k, _)| k.starts_with("s3.")) {
+                options.insert(k.clone(), v.clone());
+            }
+        }
         Ok(TableDef {
             name,
             physical_schema,

@@ -41,6 +41,7 @@ mod recovery;
 #[cfg(feature = "redis")]
 mod redis;
 mod robustness;
+mod s3_files;
 mod serve;
 mod shuffled_input;
 mod slt;

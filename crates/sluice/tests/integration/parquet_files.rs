@@ -36,7 +36,7 @@ for line in sorted(rows):
 print(json.dumps({'statistics': stats, 'row_groups': groups}))
 "#;
 
-fn python() -> String {
+pub(crate) fn python() -> String {
     let python = std::env::var("SLUICE_TEST_PYTHON").unwrap_or_else(|_| {
         format!(
             "{}/.cache/sluice-tools/venv/bin/python",
@@ -50,18 +50,12 @@ fn python() -> String {
     python
 }
 
-/// 40,000 orders over 3 days into a table PARTITIONED BY day, with checkpoints (files sealed
-/// and published per checkpoint) on 2 workers. pyarrow reads every row back, with statistics in
-/// every column chunk; Sluice reads the table back (2 workers) into the same rows as a JSON copy
-/// written by the first job.
-#[test]
-fn parquet_round_trips_and_reads_in_pyarrow() {
-    let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("orders.json");
-    const ROWS: i64 = 40_000;
+/// `rows` orders over 3 days as JSON lines, and each row as the [`PYARROW`] script prints it,
+/// sorted; and the table's columns.
+pub(crate) fn orders(rows: i64) -> (String, Vec<String>, &'static str) {
     let mut want: Vec<String> = vec![];
     let mut text = String::new();
-    for i in 0..ROWS {
+    for i in 0..rows {
         let category = format!("c{}", i % 7);
         let amount = format!("{}.{:02}", i % 1000, i % 100);
         let ts = format!(
@@ -83,9 +77,57 @@ fn parquet_round_trips_and_reads_in_pyarrow() {
                 .to_string(),
         );
     }
-    std::fs::write(&input, text).unwrap();
     want.sort();
     let columns = "id BIGINT, category STRING, amount DECIMAL(10, 2), ts TIMESTAMP(3), day STRING";
+    (text, want, columns)
+}
+
+/// pyarrow's reading of the partitioned Parquet table under `root` ([`PYARROW`]) checked
+/// against `want`: every row, statistics in every column chunk, and at least `min_groups` row
+/// groups.
+pub(crate) fn check_in_pyarrow(root: &Path, want: &[String], min_groups: u64) {
+    let out = crate::common::output_within(
+        {
+            let mut c = Command::new(python());
+            c.args(["-c", PYARROW]).arg(root);
+            c
+        },
+        Duration::from_secs(120),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let summary: serde_json::Value = serde_json::from_str(&lines.pop().unwrap()).unwrap();
+    assert_eq!(lines.len(), want.len());
+    let wrong: Vec<_> = lines
+        .iter()
+        .zip(want)
+        .filter(|(g, w)| g != w)
+        .take(3)
+        .collect();
+    assert!(wrong.is_empty(), "pyarrow read (got, want): {wrong:?}");
+    assert_eq!(summary["statistics"], true, "{summary}");
+    assert!(
+        summary["row_groups"].as_u64().unwrap() >= min_groups,
+        "{summary}"
+    );
+}
+
+/// 40,000 orders over 3 days into a table PARTITIONED BY day, with checkpoints (files sealed
+/// and published per checkpoint) on 2 workers. pyarrow reads every row back, with statistics in
+/// every column chunk; Sluice reads the table back (2 workers) into the same rows as a JSON copy
+/// written by the first job.
+#[test]
+fn parquet_round_trips_and_reads_in_pyarrow() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("orders.json");
+    const ROWS: i64 = 40_000;
+    let (text, want, columns) = orders(ROWS);
+    std::fs::write(&input, text).unwrap();
     let pq_dir = dir.path().join("pq");
     let script = format!(
         "SET 'execution.checkpointing.interval' = '200 ms';
@@ -105,35 +147,7 @@ fn parquet_round_trips_and_reads_in_pyarrow() {
     let (ok, stderr) = run_cli(dir.path(), &script, 2, Duration::from_secs(120));
     assert!(ok, "{stderr}");
 
-    let out = crate::common::output_within(
-        {
-            let mut c = Command::new(python());
-            c.args(["-c", PYARROW]).arg(&pq_dir);
-            c
-        },
-        Duration::from_secs(120),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
-    let summary: serde_json::Value = serde_json::from_str(&lines.pop().unwrap()).unwrap();
-    assert_eq!(lines.len(), want.len());
-    let wrong: Vec<_> = lines
-        .iter()
-        .zip(&want)
-        .filter(|(g, w)| g != w)
-        .take(3)
-        .collect();
-    assert!(wrong.is_empty(), "pyarrow read (got, want): {wrong:?}");
-    assert_eq!(summary["statistics"], true, "{summary}");
-    assert!(
-        summary["row_groups"].as_u64().unwrap() >= ROWS as u64 / 4096,
-        "{summary}"
-    );
+    check_in_pyarrow(&pq_dir, &want, ROWS as u64 / 4096);
 
     let back = dir.path().join("back");
     let script = format!(

@@ -167,6 +167,77 @@ impl S3Server {
         )
     }
 
+    /// One plain HTTP/1.0 request to the server (moto takes unsigned ones): the status line and
+    /// the body of the reply.
+    fn request(&self, method: &str, path: &str, body: &[u8]) -> (String, Vec<u8>) {
+        use std::io::{Read, Write};
+        let host = self.endpoint.trim_start_matches("http://");
+        let mut c = std::net::TcpStream::connect(host).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(
+            c,
+            "{method} {path} HTTP/1.0\r\nHost: {host}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        c.write_all(body).unwrap();
+        let mut reply = vec![];
+        c.read_to_end(&mut reply).unwrap();
+        let split = reply
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("an HTTP reply");
+        let head = String::from_utf8_lossy(&reply[..split]).into_owned();
+        let status = head.lines().next().unwrap_or_default().to_string();
+        (status, reply[split + 4..].to_vec())
+    }
+
+    /// Puts an object.
+    pub fn put(&self, bucket: &str, key: &str, body: &[u8]) {
+        let (status, reply) = self.request("PUT", &format!("/{bucket}/{key}"), body);
+        assert!(
+            status.contains(" 200"),
+            "PUT {key}: {status} {}",
+            String::from_utf8_lossy(&reply)
+        );
+    }
+
+    /// Every key in a bucket under `prefix`, sorted.
+    pub fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let mut keys = vec![];
+        let mut token = String::new();
+        loop {
+            let (status, body) = self.request(
+                "GET",
+                &format!("/{bucket}?list-type=2&prefix={prefix}{token}"),
+                b"",
+            );
+            assert!(status.contains(" 200"), "listing {bucket}: {status}");
+            let text = String::from_utf8(body).unwrap();
+            let tag = |name: &str| -> Vec<String> {
+                let (open, close) = (format!("<{name}>"), format!("</{name}>"));
+                text.split(&open)
+                    .skip(1)
+                    .filter_map(|rest| rest.split(&close).next())
+                    .map(str::to_string)
+                    .collect()
+            };
+            keys.extend(tag("Key"));
+            match tag("NextContinuationToken").first() {
+                Some(next) => {
+                    let next = next
+                        .replace('+', "%2B")
+                        .replace('/', "%2F")
+                        .replace('=', "%3D");
+                    token = format!("&continuation-token={next}")
+                }
+                None => break,
+            }
+        }
+        keys.sort();
+        keys
+    }
+
     /// The same settings as options of a checkpoint store.
     pub fn options(&self) -> BTreeMap<String, String> {
         [
