@@ -20,6 +20,7 @@ pub mod rest;
 pub mod statements;
 pub mod supervisor;
 pub mod views;
+pub mod web;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -69,6 +70,10 @@ pub struct ServeArgs {
     /// which is how long a pipeline waits to be taken over when its server is gone.
     #[arg(long, default_value_t = 10)]
     pub lease_seconds: u64,
+    /// Also run the Double-11 demo: generated orders, the big screen's materialized views
+    /// (tenant `double11`) and its screen, whose address (with a token) is printed.
+    #[arg(long)]
+    pub demo: bool,
 }
 
 /// The TLS configuration from a PEM certificate chain and key.
@@ -275,6 +280,11 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
         .build()
         .map_err(|e| format!("could not start the server's runtime: {e}"))?;
     runtime.block_on(async move {
+        if args.demo {
+            let token = web::start_demo(&server).await?;
+            println!("  big screen        {scheme}://{http_addr}/screen/double11?token={token}");
+            let _ = std::io::stdout().flush();
+        }
         let pg = tokio::net::TcpListener::from_std(pg_listener).map_err(|e| e.to_string())?;
         let http = tokio::net::TcpListener::from_std(http_listener).map_err(|e| e.to_string())?;
         let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);

@@ -30,7 +30,7 @@ impl IntoResponse for ApiError {
 
 type ApiResult = Result<Json<Value>, ApiError>;
 
-fn principal(server: &Server, headers: &HeaderMap) -> Result<Principal, ApiError> {
+pub(crate) fn principal(server: &Server, headers: &HeaderMap) -> Result<Principal, ApiError> {
     let value = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -814,6 +814,7 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/v1/quotas", get(quotas))
         .route("/v1/quotas/{tenant}", axum::routing::put(set_quotas))
+        .merge(crate::web::routes())
         .merge(
             utoipa_swagger_ui::SwaggerUi::new("/v1/docs")
                 .url("/v1/openapi.json", <ApiDoc as utoipa::OpenApi>::openapi()),

@@ -2093,6 +2093,32 @@ fn after_keyword_as(text: &str) -> Option<(usize, String)> {
     let chars: Vec<char> = text.chars().collect();
     let mut i = 0;
     while i + 1 < chars.len() {
+        // Comments and quoted text hold no keyword (`-- counts as of today` before the statement).
+        match chars[i] {
+            '-' if chars[i + 1] == '-' => {
+                while i < chars.len() && chars[i] != '\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            '/' if chars[i + 1] == '*' => {
+                i += 2;
+                while i + 1 < chars.len() && !(chars[i] == '*' && chars[i + 1] == '/') {
+                    i += 1;
+                }
+                i += 2;
+                continue;
+            }
+            q @ ('\'' | '"' | '`') => {
+                i += 1;
+                while i < chars.len() && chars[i] != q {
+                    i += 1;
+                }
+                i += 1;
+                continue;
+            }
+            _ => {}
+        }
         let boundary_before = i == 0 || chars[i - 1].is_whitespace();
         let boundary_after = chars.get(i + 2).is_none_or(|c| c.is_whitespace());
         if boundary_before
@@ -2167,5 +2193,10 @@ mod tests {
             after_keyword_as("CREATE MATERIALIZED VIEW v AS\n SELECT a AS b FROM t"),
             Some((31, "SELECT a AS b FROM t".to_string()))
         );
+        // The word in a comment or a quoted name before the keyword is not the keyword.
+        let text = "-- updated as orders arrive; /* as */\nCREATE PIPELINE \"as\" AS INSERT INTO t SELECT 1";
+        let (at, query) = after_keyword_as(text).unwrap();
+        assert_eq!(query, "INSERT INTO t SELECT 1");
+        assert_eq!(&text[at..], query);
     }
 }

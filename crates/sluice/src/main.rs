@@ -121,6 +121,19 @@ enum Command {
         /// Worker threads.
         #[arg(long, default_value_t = 2)]
         workers: usize,
+        /// Show the live big screen in the browser instead: starts the platform server with the
+        /// demo (as `sluice serve --demo`) and prints the screen's address.
+        #[arg(long)]
+        web: bool,
+        /// With --web: the HTTP port.
+        #[arg(long, default_value_t = 8080)]
+        http_port: u16,
+        /// With --web: the Postgres wire port.
+        #[arg(long, default_value_t = 5433)]
+        pg_port: u16,
+        /// With --web: where the server keeps its data.
+        #[arg(long, default_value = "./sluice-demo-data")]
+        data_dir: std::path::PathBuf,
     },
 }
 
@@ -143,7 +156,28 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Serve(args) => sluice_server::serve(args),
-        Command::Demo { seconds, workers } => demo::run(seconds, workers),
+        Command::Demo {
+            web: true,
+            http_port,
+            pg_port,
+            data_dir,
+            ..
+        } => sluice_server::serve(sluice_server::ServeArgs {
+            data_dir,
+            listen: "127.0.0.1".into(),
+            pg_port,
+            http_port,
+            max_parallelism: None,
+            tls_cert: None,
+            tls_key: None,
+            require_tls: false,
+            catalog: None,
+            lease_seconds: 10,
+            demo: true,
+        }),
+        Command::Demo {
+            seconds, workers, ..
+        } => demo::run(seconds, workers),
         Command::Explain { file } => explain(file),
         Command::Bench { suite, workers, .. } if suite == "latency" => {
             latency::run(&workers, 0.5, 10.0, &[1024, 8192])

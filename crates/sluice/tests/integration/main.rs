@@ -6,6 +6,7 @@ mod common;
 
 #[cfg(feature = "kafka")]
 mod avro;
+mod big_screen;
 #[cfg(feature = "jdbc")]
 mod cdc_types;
 mod changelog_formats;

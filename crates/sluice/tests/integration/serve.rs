@@ -10,24 +10,24 @@ use std::time::{Duration, Instant};
 
 use crate::common::free_port;
 
-const ADMIN_TOKEN: &str = "sluice_test_admin_token_0123456789abcdef0123456789abcdef";
+pub(crate) const ADMIN_TOKEN: &str = "sluice_test_admin_token_0123456789abcdef0123456789abcdef";
 const ADMIN_PASSWORD: &str = "admin-secret";
 
 /// A running `sluice serve` on free ports; killed (SIGKILL, as a crash) when dropped.
-struct Serve {
+pub(crate) struct Serve {
     child: Child,
     data: PathBuf,
-    pg: u16,
-    http: u16,
+    pub(crate) pg: u16,
+    pub(crate) http: u16,
     banner: Vec<String>,
 }
 
 impl Serve {
-    fn start(data: &Path) -> Serve {
+    pub(crate) fn start(data: &Path) -> Serve {
         Serve::start_on(data, free_port(), free_port())
     }
 
-    fn start_on(data: &Path, pg: u16, http: u16) -> Serve {
+    pub(crate) fn start_on(data: &Path, pg: u16, http: u16) -> Serve {
         Serve::start_with(data, pg, http, &[])
     }
 
@@ -87,21 +87,21 @@ impl Serve {
         }
     }
 
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
-    fn connect(&self, user: &str, password: &str) -> Result<Pg, tokio_postgres::Error> {
+    pub(crate) fn connect(&self, user: &str, password: &str) -> Result<Pg, tokio_postgres::Error> {
         Pg::connect(self.pg, user, password)
     }
 
-    fn admin(&self) -> Pg {
+    pub(crate) fn admin(&self) -> Pg {
         self.connect("admin", ADMIN_PASSWORD)
             .expect("admin logs in")
     }
 
-    fn files(&self, tenant: &str) -> PathBuf {
+    pub(crate) fn files(&self, tenant: &str) -> PathBuf {
         self.data.join("tenants").join(tenant).join("files")
     }
 
@@ -119,7 +119,7 @@ impl Serve {
     }
 
     /// A REST call: the status and the JSON body.
-    fn http(
+    pub(crate) fn http(
         &self,
         method: &str,
         path: &str,
@@ -160,7 +160,7 @@ impl Drop for Serve {
 }
 
 /// A blocking `tokio-postgres` session.
-struct Pg {
+pub(crate) struct Pg {
     rt: tokio::runtime::Runtime,
     client: tokio_postgres::Client,
 }
@@ -182,7 +182,7 @@ impl Pg {
     }
 
     /// Runs statements (simple protocol); panics with the server's message on an error.
-    fn exec(&self, sql: &str) {
+    pub(crate) fn exec(&self, sql: &str) {
         if let Err(e) = self.try_exec(sql) {
             panic!("{sql}: {e}");
         }
@@ -199,7 +199,7 @@ impl Pg {
     }
 
     /// The rows of a query (extended protocol), every value as text.
-    fn rows(&self, sql: &str) -> Result<Vec<Vec<String>>, String> {
+    pub(crate) fn rows(&self, sql: &str) -> Result<Vec<Vec<String>>, String> {
         let rows = self.rt.block_on(self.client.query(sql, &[])).map_err(|e| {
             e.as_db_error().map_or(e.to_string(), |d| {
                 format!("{}: {}", d.code().code(), d.message())
