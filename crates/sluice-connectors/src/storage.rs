@@ -149,7 +149,6 @@ impl Bucket {
     }
 
     fn list(&self, path: &Path, recursive: bool) -> std::io::Result<Vec<(PathBuf, u64)>> {
-        use futures_util::TryStreamExt;
         use object_store::ObjectStoreExt;
         let key = self.key(path).map_err(|e| Self::io(path, e))?;
         // A path naming one object is that file.
@@ -160,19 +159,10 @@ impl Bucket {
                 Err(e) => return Err(Self::io(path, e)),
             }
         }
-        let prefix = (!key.as_ref().is_empty()).then_some(&key);
-        let objects = match recursive {
-            true => self
-                .runtime
-                .block_on(self.store.list(prefix).try_collect::<Vec<_>>()),
-            false => self
-                .runtime
-                .block_on(self.store.list_with_delimiter(prefix))
-                .map(|l| l.objects),
-        }
-        .map_err(|e| Self::io(path, e))?;
         let depth = key.parts().count();
-        let mut files: Vec<(PathBuf, u64)> = objects
+        let mut files: Vec<(PathBuf, u64)> = self
+            .objects(&key, recursive)
+            .map_err(|e| Self::io(path, e))?
             .into_iter()
             // Hidden files and folders under the path are not data.
             .filter(|o| !o.location.parts().skip(depth).any(|p| hidden(p.as_ref())))
@@ -182,13 +172,15 @@ impl Bucket {
         Ok(files)
     }
 
-    /// The objects under `dir` (directly in it, or at any depth with `recursive`), hidden ones
-    /// too.
-    pub(crate) fn entries(&self, dir: &Path, recursive: bool) -> Result<Vec<PathBuf>> {
+    /// The objects under a key: directly under it, or at any depth with `recursive`.
+    fn objects(
+        &self,
+        key: &object_store::path::Path,
+        recursive: bool,
+    ) -> object_store::Result<Vec<object_store::ObjectMeta>> {
         use futures_util::TryStreamExt;
-        let key = self.key(dir)?;
-        let prefix = (!key.as_ref().is_empty()).then_some(&key);
-        let objects = match recursive {
+        let prefix = (!key.as_ref().is_empty()).then_some(key);
+        match recursive {
             true => self
                 .runtime
                 .block_on(self.store.list(prefix).try_collect::<Vec<_>>()),
@@ -197,7 +189,14 @@ impl Bucket {
                 .block_on(self.store.list_with_delimiter(prefix))
                 .map(|l| l.objects),
         }
-        .map_err(|e| failed(dir, e))?;
+    }
+
+    /// The objects under `dir` (directly in it, or at any depth with `recursive`), hidden ones
+    /// too.
+    pub(crate) fn entries(&self, dir: &Path, recursive: bool) -> Result<Vec<PathBuf>> {
+        let objects = self
+            .objects(&self.key(dir)?, recursive)
+            .map_err(|e| failed(dir, e))?;
         Ok(objects.iter().map(|o| self.path(&o.location)).collect())
     }
 

@@ -111,13 +111,24 @@ fn pack(file: u64, offset: u64) -> u64 {
     (file << 32) | (offset & 0xffff_ffff)
 }
 
-/// The number of binlog file `name` of base name `base` (`mysql-bin.000012`: 12). A rotate
-/// event read before the stream's format is known carries its checksum after the name, which is
-/// ignored.
+/// The number of binlog file `name` of base name `base` (`mysql-bin.000012`: 12).
 fn file_number(base: &str, name: &str) -> Option<u64> {
     let tail = name.strip_prefix(base)?.strip_prefix('.')?;
     let digits: String = tail.chars().take_while(char::is_ascii_digit).collect();
     digits.parse().ok()
+}
+
+/// The file a rotate event names (its raw name), given the file being read, `current`. The
+/// rotate event the server sends first, before the stream's format is known, names the file
+/// asked for and carries its 4-byte checksum after the name; those bytes may well be digits
+/// (`mysql-bin.000001` then `0\x9f..` must not read as file 10), so a name that is the current
+/// file's followed by 4 bytes is the current file.
+fn rotated_to(base: &str, current: &str, raw: &[u8]) -> Option<u64> {
+    let name = match raw.strip_prefix(current.as_bytes()) {
+        Some(rest) if rest.is_empty() || rest.len() == 4 => current.as_bytes(),
+        _ => raw,
+    };
+    file_number(base, std::str::from_utf8(name).ok()?)
 }
 
 /// Opens worker `worker`'s (of `workers`) share of a `mysql-cdc` table: worker 0 reads the
@@ -530,9 +541,11 @@ impl Reader {
                 .map_err(|e| self.error(format!("a binlog event: {e}")))?;
             match data {
                 Some(EventData::RotateEvent(r)) => {
-                    let name = r.name().to_string();
-                    self.file = file_number(&self.base, &name)
-                        .ok_or_else(|| self.error(format!("binlog file '{name}' has no number")))?;
+                    let current = self.file_name(self.file);
+                    self.file =
+                        rotated_to(&self.base, &current, r.name_raw()).ok_or_else(|| {
+                            self.error(format!("binlog file '{}' has no number", r.name()))
+                        })?;
                     if self.txn_start.is_none() {
                         self.lsn = pack(self.file, r.position());
                     }
@@ -680,9 +693,19 @@ mod tests {
         assert_eq!(pack(3, 328) & 0xffff_ffff, 328);
         assert_eq!(file_number("mysql-bin", "mysql-bin.000012"), Some(12));
         assert_eq!(file_number("mysql-bin", "binlog"), None);
+        // The first rotate event carries a checksum after the name, which may be digits.
+        let current = "mysql-bin.000001";
+        for checksum in [*b"\x07.9u", *b"0\x9f\x12a", *b"0123"] {
+            let raw = [current.as_bytes(), &checksum].concat();
+            assert_eq!(rotated_to("mysql-bin", current, &raw), Some(1));
+        }
         assert_eq!(
-            file_number("mysql-bin", "mysql-bin.000001\u{7}.9u"),
-            Some(1)
+            rotated_to("mysql-bin", current, b"mysql-bin.000002"),
+            Some(2)
+        );
+        assert_eq!(
+            rotated_to("mysql-bin", "mysql-bin.999999", b"mysql-bin.1000000"),
+            Some(1_000_000)
         );
         assert_eq!(file_number("a.b-bin", "a.b-bin.000003"), Some(3));
     }

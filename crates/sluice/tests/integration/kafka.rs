@@ -779,8 +779,24 @@ fn killed_and_rerun_the_committed_output_is_exact() {
             .query(&mut redis)
             .unwrap();
         assert_eq!(hash, categories, "{topic}");
+        // Rows of transactions a killed run left open are aborted, but this broker still shows
+        // them, so a count of records says nothing: the topic is read whole (until it is quiet),
+        // again with a fresh reader when a window is missing (a stalled fetch under load).
+        let window_of = |value: &Option<String>| {
+            let v: serde_json::Value = serde_json::from_str(value.as_ref().unwrap()).unwrap();
+            ms(v["ws"].as_str().unwrap())
+        };
+        let mut records = vec![];
+        for _ in 0..3 {
+            records = broker.consume(topic, 2, usize::MAX, true);
+            let seen: std::collections::BTreeSet<i64> =
+                records.iter().map(|(_, _, v)| window_of(v)).collect();
+            if windows.keys().all(|w| seen.contains(w)) {
+                break;
+            }
+        }
         let mut copies: BTreeMap<i64, (i64, usize)> = BTreeMap::new();
-        for (_, _, value) in broker.consume(topic, 2, windows.len(), true) {
+        for (_, _, value) in records {
             let v: serde_json::Value = serde_json::from_str(&value.unwrap()).unwrap();
             let e = copies
                 .entry(ms(v["ws"].as_str().unwrap()))
