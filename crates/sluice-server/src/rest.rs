@@ -598,8 +598,8 @@ async fn view_rows(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> ApiResult {
-    let p = principal(&server, &headers)?;
-    let view = server.views.get(&p.tenant, &name).ok_or_else(|| {
+    let tenant = crate::web::view_reader(&server, &headers, &name)?;
+    let view = server.views.get(&tenant, &name).ok_or_else(|| {
         ApiError::undefined_table(format!("materialized view '{name}' does not exist"))
     })?;
     let snap = view.snapshot()?;
@@ -621,8 +621,8 @@ async fn view_changes(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     use axum::response::sse::{Event, KeepAlive, Sse};
-    let p = principal(&server, &headers)?;
-    let view = server.views.get(&p.tenant, &name).ok_or_else(|| {
+    let tenant = crate::web::view_reader(&server, &headers, &name)?;
+    let view = server.views.get(&tenant, &name).ok_or_else(|| {
         ApiError::undefined_table(format!("materialized view '{name}' does not exist"))
     })?;
     let (snap, rx) = view.subscribe()?;

@@ -165,6 +165,124 @@ fn load_screen(server: &Server, tenant: &str, name: &str) -> Result<ScreenDoc, A
     serde_json::from_str(&text).map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))
 }
 
+/// Share tokens open one screen, read-only, for a wall display that cannot log in:
+/// `sluice_share.<tenant>.<screen>.<secret>`. Their hashes are kept beside the screen.
+const SHARE_PREFIX: &str = "sluice_share.";
+
+fn shares_path(server: &Server, tenant: &str, name: &str) -> std::path::PathBuf {
+    screens_dir(server, tenant).join(format!("{name}.shares"))
+}
+
+fn load_shares(server: &Server, tenant: &str, name: &str) -> Result<Vec<String>, ApiError> {
+    let path = shares_path(server, tenant, name);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map_err(|e| ApiError::internal(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![]),
+        Err(e) => Err(io_error(&path, e)),
+    }
+}
+
+/// Who asks for a screen or its views: a user of a tenant, or a share token of one screen.
+enum Viewer {
+    User(crate::auth::Principal),
+    Share { tenant: String, screen: String },
+}
+
+fn viewer(server: &Server, headers: &HeaderMap) -> Result<Viewer, ApiError> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(share) = token.filter(|t| t.starts_with(SHARE_PREFIX)) else {
+        return principal(server, headers).map(Viewer::User);
+    };
+    let refused = || ApiError::auth("the share token is not valid (unknown or revoked)");
+    let mut parts = share[SHARE_PREFIX.len()..].splitn(3, '.');
+    let (Some(tenant), Some(screen), Some(_)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(refused());
+    };
+    if check_name("tenant", tenant).is_err() || check_name("screen", screen).is_err() {
+        return Err(refused());
+    }
+    let hash = crate::auth::token_hash(share);
+    if !load_shares(server, tenant, screen)?.contains(&hash) {
+        return Err(refused());
+    }
+    Ok(Viewer::Share {
+        tenant: tenant.to_string(),
+        screen: screen.to_string(),
+    })
+}
+
+/// The tenant whose materialized view `view` the caller may read: its own tenant's, or, with a
+/// share token, the shared screen's tenant's when that screen shows the view.
+pub(crate) fn view_reader(
+    server: &Server,
+    headers: &HeaderMap,
+    view: &str,
+) -> Result<String, ApiError> {
+    match viewer(server, headers)? {
+        Viewer::User(p) => Ok(p.tenant),
+        Viewer::Share { tenant, screen } => {
+            let doc = load_screen(server, &tenant, &screen)?;
+            if doc.widgets.iter().any(|w| w.view == view) {
+                Ok(tenant)
+            } else {
+                Err(ApiError::denied(format!(
+                    "a share token of screen '{screen}' reads only the views that screen shows"
+                )))
+            }
+        }
+    }
+}
+
+async fn share_screen(
+    State(server): State<Arc<Server>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let p = principal(&server, &headers)?;
+    p.require_developer()?;
+    load_screen(&server, &p.tenant, &name)?;
+    let token = format!(
+        "{SHARE_PREFIX}{}.{name}.{}{}",
+        p.tenant,
+        crate::auth::new_password(),
+        crate::auth::new_password()
+    );
+    let mut shares = load_shares(&server, &p.tenant, &name)?;
+    shares.push(crate::auth::token_hash(&token));
+    let path = shares_path(&server, &p.tenant, &name);
+    std::fs::write(
+        &path,
+        serde_json::to_string(&shares).expect("hashes serialize"),
+    )
+    .map_err(|e| io_error(&path, e))?;
+    Ok(Json(json!({
+        "token": token,
+        "url": format!("/screen/{name}?token={token}"),
+    })))
+}
+
+async fn unshare_screen(
+    State(server): State<Arc<Server>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let p = principal(&server, &headers)?;
+    p.require_developer()?;
+    load_screen(&server, &p.tenant, &name)?;
+    let revoked = load_shares(&server, &p.tenant, &name)?.len();
+    let path = shares_path(&server, &p.tenant, &name);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_error(&path, e)),
+        _ => {}
+    }
+    Ok(Json(json!({ "revoked": revoked })))
+}
+
 async fn list_screens(
     State(server): State<Arc<Server>>,
     headers: HeaderMap,
@@ -189,8 +307,16 @@ async fn get_screen(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let p = principal(&server, &headers)?;
-    let doc = load_screen(&server, &p.tenant, &name)?;
+    let tenant = match viewer(&server, &headers)? {
+        Viewer::User(p) => p.tenant,
+        Viewer::Share { tenant, screen } if screen == name => tenant,
+        Viewer::Share { screen, .. } => {
+            return Err(ApiError::denied(format!(
+                "a share token opens screen '{screen}' only"
+            )))
+        }
+    };
+    let doc = load_screen(&server, &tenant, &name)?;
     Ok(Json(json!({ "name": name, "screen": doc })))
 }
 
@@ -218,6 +344,8 @@ async fn delete_screen(
     load_screen(&server, &p.tenant, &name)?;
     let path = screens_dir(&server, &p.tenant).join(format!("{name}.json"));
     std::fs::remove_file(&path).map_err(|e| io_error(&path, e))?;
+    // Its share tokens go with it.
+    let _ = std::fs::remove_file(shares_path(&server, &p.tenant, &name));
     Ok(Json(json!({ "dropped": name })))
 }
 
@@ -265,6 +393,10 @@ pub fn routes() -> Router<Arc<Server>> {
         .route(
             "/v1/screens/{name}",
             get(get_screen).put(put_screen).delete(delete_screen),
+        )
+        .route(
+            "/v1/screens/{name}/share",
+            axum::routing::post(share_screen).delete(unshare_screen),
         )
 }
 

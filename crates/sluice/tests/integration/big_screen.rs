@@ -242,6 +242,49 @@ fn the_big_screen_follows_orders_exactly_in_a_browser_and_survives_a_restart() {
     );
     assert_eq!(st, 404);
 
+    // A read-only share token (for a wall display that cannot log in): its screen and the views
+    // that screen shows, nothing else.
+    let (st, body) = serve.http("POST", "/v1/screens/sales/share", Some(&shop_token), None);
+    assert_eq!(st, 200, "{body}");
+    let share = body["token"].as_str().unwrap().to_string();
+    let mut totals_only = screen.clone();
+    totals_only["widgets"] = json!([screen["widgets"][0].clone()]);
+    let (st, body) = serve.http(
+        "PUT",
+        "/v1/screens/totals",
+        Some(&shop_token),
+        Some(totals_only),
+    );
+    assert_eq!(st, 200, "{body}");
+    let (st, body) = serve.http("POST", "/v1/screens/totals/share", Some(&shop_token), None);
+    assert_eq!(st, 200, "{body}");
+    let totals_share = body["token"].as_str().unwrap().to_string();
+    for (method, path, token, want) in [
+        ("GET", "/v1/screens/sales", &share, 200),
+        ("GET", "/v1/views/total/rows", &share, 200),
+        ("GET", "/v1/views/by_province/rows", &share, 200),
+        ("GET", "/v1/screens/totals", &share, 403),
+        ("GET", "/v1/views/by_province/rows", &totals_share, 403),
+        ("GET", "/v1/screens", &share, 401),
+        ("GET", "/v1/pipelines", &share, 401),
+        ("DELETE", "/v1/screens/sales", &share, 401),
+        ("POST", "/v1/screens/sales/share", &share, 401),
+    ] {
+        let (st, body) = serve.http(method, path, Some(token), None);
+        assert_eq!(st, want, "{method} {path}: {body}");
+    }
+    let (st, _) = serve.http(
+        "PUT",
+        "/v1/screens/sales",
+        Some(&share),
+        Some(screen.clone()),
+    );
+    assert_eq!(st, 401);
+    // A token for another screen made from this one's secret opens nothing.
+    let forged = share.replace(".sales.", ".totals.");
+    let (st, _) = serve.http("GET", "/v1/screens/totals", Some(&forged), None);
+    assert_eq!(st, 401);
+
     let mut browser = Browser::start();
     let url = format!("http://127.0.0.1:{http_port}/screen/sales?token={shop_token}");
     let answer = browser.call(json!({ "open": url }), Duration::from_secs(60));
@@ -280,6 +323,15 @@ fn the_big_screen_follows_orders_exactly_in_a_browser_and_survives_a_restart() {
         .filter(|e| !e.contains("/changes") && !e.contains("/v1/screens/"))
         .collect();
     assert!(unexpected.is_empty(), "{errors:?}");
+
+    // The share token shows the same screen; once revoked, it opens nothing.
+    let url = format!("http://127.0.0.1:{http_port}/screen/sales?token={share}");
+    browser.call(json!({ "open": url }), Duration::from_secs(60));
+    browser.wait(expected(&totals, 7_500), 30_000);
+    let (st, body) = serve.http("DELETE", "/v1/screens/sales/share", Some(&shop_token), None);
+    assert_eq!((st, body["revoked"].clone()), (200, json!(1)), "{body}");
+    let (st, _) = serve.http("GET", "/v1/screens/sales", Some(&share), None);
+    assert_eq!(st, 401);
 
     // The rival's token opens nothing of the shop's.
     let url = format!("http://127.0.0.1:{http_port}/screen/sales?token={rival_token}");
