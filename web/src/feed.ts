@@ -24,9 +24,12 @@ export class ViewFeed {
   updatedAt = 0;
   status: "connecting" | "live" | "retrying" = "connecting";
   error = "";
+  /** The last event: a snapshot, or one epoch's changes (`sluice_epoch, sluice_op, <columns>`). */
+  last: { kind: "snapshot" | "changes"; rows: Row[] } = { kind: "snapshot", rows: [] };
   /** Subscriptions made (1 + reconnects). */
   subscriptions = 0;
   private listeners: ((feed: ViewFeed) => void)[] = [];
+  private stopped = new AbortController();
 
   constructor(
     readonly view: string,
@@ -39,6 +42,12 @@ export class ViewFeed {
 
   start() {
     void this.run();
+  }
+
+  /** Ends the subscription (a page that showed the view was left). */
+  stop() {
+    this.stopped.abort();
+    this.listeners = [];
   }
 
   /** The view's rows as objects by column name. */
@@ -57,11 +66,12 @@ export class ViewFeed {
   }
 
   private async run() {
-    for (;;) {
+    while (!this.stopped.signal.aborted) {
       try {
         this.subscriptions++;
         const res = await fetch(`/v1/views/${encodeURIComponent(this.view)}/changes`, {
           headers: { Authorization: `Bearer ${this.token}` },
+          signal: this.stopped.signal,
         });
         if (!res.ok || !res.body) {
           throw new Error(`${res.status} ${await res.text()}`);
@@ -80,6 +90,7 @@ export class ViewFeed {
           }
         }
       } catch (e) {
+        if (this.stopped.signal.aborted) return;
         this.error = e instanceof Error ? e.message : String(e);
         this.status = "retrying";
         this.notify();
@@ -101,17 +112,23 @@ export class ViewFeed {
     }
     const text = data.join("\n");
     switch (name) {
-      case "snapshot":
+      case "snapshot": {
         this.rows.clear();
-        this.apply(JSON.parse(text) as FeedDoc);
+        const doc = JSON.parse(text) as FeedDoc;
+        this.apply(doc);
+        this.last = { kind: "snapshot", rows: doc.rows };
         this.status = "live";
         this.error = "";
         this.notify();
         break;
-      case "changes":
-        this.apply(JSON.parse(text) as FeedDoc);
+      }
+      case "changes": {
+        const doc = JSON.parse(text) as FeedDoc;
+        this.apply(doc);
+        this.last = { kind: "changes", rows: doc.rows };
         this.notify();
         break;
+      }
       case "reset":
       case "error":
         // Subscribe again: the next snapshot replaces everything.

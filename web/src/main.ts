@@ -1,23 +1,10 @@
 // The Sluice web pages: `/screen/<name>` shows a big screen of the caller's tenant (or the one
-// screen a share token opens).
+// screen a share token opens); `/console` is the console. Each loads its own code.
 
 import "./style.css";
-import { showScreen, type ScreenDoc } from "./screen";
+import { savedToken, saveToken, tokenFromAddress } from "./api";
 
 const root = document.getElementById("app")!;
-
-/** The token: `?token=` (then kept for the tab and taken out of the address), or the tab's. */
-function token(): string | null {
-  const url = new URL(location.href);
-  const given = url.searchParams.get("token");
-  if (given) {
-    sessionStorage.setItem("sluice-token", given);
-    url.searchParams.delete("token");
-    history.replaceState(null, "", url.pathname + url.search + url.hash);
-    return given;
-  }
-  return sessionStorage.getItem("sluice-token");
-}
 
 function fail(message: string) {
   root.innerHTML = "";
@@ -35,30 +22,34 @@ function askForToken(then: () => void) {
     e.preventDefault();
     const t = (root.querySelector("input[name=token]") as HTMLInputElement).value.trim();
     if (t) {
-      sessionStorage.setItem("sluice-token", t);
+      saveToken(t);
       then();
     }
   });
 }
 
 async function screen(name: string) {
-  const t = token();
+  const t = tokenFromAddress() ?? savedToken();
   if (!t) return askForToken(() => void screen(name));
   const res = await fetch(`/v1/screens/${encodeURIComponent(name)}`, {
     headers: { Authorization: `Bearer ${t}` },
   });
   if (res.status === 401) {
-    sessionStorage.removeItem("sluice-token");
+    saveToken(null);
     return askForToken(() => void screen(name));
   }
   if (!res.ok) return fail(`screen '${name}': ${res.status} ${await res.text()}`);
-  const body = (await res.json()) as { name: string; screen: ScreenDoc };
+  const body = (await res.json()) as { name: string; screen: import("./screen").ScreenDoc };
+  const { showScreen } = await import("./screen");
   showScreen(root, body.screen, t);
 }
 
 const match = location.pathname.match(/^\/screen\/([^/]+)\/?$/);
 if (match) {
   void screen(decodeURIComponent(match[1]));
+} else if (/^\/console\/?$/.test(location.pathname)) {
+  tokenFromAddress();
+  void import("./console/shell").then((c) => c.startConsole(root));
 } else {
-  fail(`nothing at ${location.pathname}: open /screen/<name>`);
+  fail(`nothing at ${location.pathname}: open /console or /screen/<name>`);
 }

@@ -4,8 +4,16 @@
 //   {"wait": {selector: expected, ...}, "ms": n}  wait until every selector's element matches:
 //        a string is its exact text; an object is matched against its data-state (JSON): each
 //        key's value equal (numbers to 1e-9 relative), nested objects likewise; a string
-//        starting with "~" is text the element's text contains
+//        starting with "~" is text the element's text contains; in a data-state, a string
+//        ">n" matches a number greater than n
 //   {"attr": selector, "name": a}                  an attribute's value now
+//   {"click": selector}                            click the element (waits for it, up to 10 s)
+//   {"fill": selector, "text": t}                  replace an input's (or the SQL editor's) text
+//   {"select": selector, "value": v}               choose an option of a <select>
+//   {"goto": "#/hash"}                             go to another page of the console (same tab)
+//   {"visit": url}                                 load a page in the same tab (keeps its token)
+//   {"dialogs": answer}                            what later prompt() dialogs answer (confirm()
+//                                                  is accepted)
 //   {"shot": path}                                 a screenshot of the page
 //   {"errors": true}                               page errors and failed requests so far
 // Answers {"ok": true, "ms": elapsed, ...} or {"ok": false, "error": "..."}.
@@ -19,8 +27,13 @@ const browser = await chromium.launch({
 let context;
 let page;
 const errors = [];
+// What prompt() answers (confirm() is accepted).
+let dialogAnswer = "";
 
 function matches(got, want) {
+  if (typeof want === "string" && /^>-?[0-9.]+$/.test(want)) {
+    return typeof got === "number" && got > Number(want.slice(1));
+  }
   if (typeof want === "number") {
     return typeof got === "number" && Math.abs(got - want) <= 1e-9 * Math.max(1, Math.abs(want));
   }
@@ -73,6 +86,7 @@ for await (const line of rl) {
       page.on("response", (r) => {
         if (r.status() >= 400) errors.push(`HTTP ${r.status()}: ${r.url()}`);
       });
+      page.on("dialog", (d) => void d.accept(d.type() === "prompt" ? dialogAnswer : undefined));
       await page.goto(cmd.open);
       answer = { ok: true, url: page.url() };
     } else if (cmd.wait) {
@@ -88,8 +102,35 @@ for await (const line of rl) {
         : { ok: false, error: `not within ${cmd.ms} ms`, seen: last.seen };
     } else if (cmd.attr) {
       answer = { ok: true, value: await page.locator(cmd.attr).first().getAttribute(cmd.name) };
+    } else if (cmd.click) {
+      await page.locator(cmd.click).first().click({ timeout: 10000 });
+      answer = { ok: true };
+    } else if (cmd.fill) {
+      const el = page.locator(cmd.fill).first();
+      // CodeMirror: its content is an editable element; select all, then type over it.
+      if ((await el.getAttribute("contenteditable")) === "true") {
+        await el.click();
+        await page.keyboard.press("Control+A");
+        await page.keyboard.press("Delete");
+        await page.keyboard.insertText(cmd.text);
+      } else {
+        await el.fill(cmd.text, { timeout: 10000 });
+      }
+      answer = { ok: true };
+    } else if (cmd.select) {
+      await page.locator(cmd.select).first().selectOption(cmd.value, { timeout: 10000 });
+      answer = { ok: true };
+    } else if (cmd.visit) {
+      await page.goto(cmd.visit);
+      answer = { ok: true, url: page.url() };
+    } else if (cmd.goto) {
+      await page.evaluate((h) => (location.hash = h), cmd.goto);
+      answer = { ok: true };
+    } else if (cmd.dialogs !== undefined) {
+      dialogAnswer = String(cmd.dialogs);
+      answer = { ok: true };
     } else if (cmd.shot) {
-      await page.screenshot({ path: cmd.shot });
+      await page.screenshot({ path: cmd.shot, fullPage: !!cmd.full });
       answer = { ok: true };
     } else if (cmd.errors) {
       answer = { ok: true, errors };

@@ -408,6 +408,15 @@ impl Catalog {
         Ok(())
     }
 
+    /// Revokes the token with this hash (a console session logging out).
+    pub fn revoke_token_hash(&self, hash: &str) -> Result<(), ApiError> {
+        self.exec(
+            "UPDATE tokens SET revoked = 1 WHERE hash = $1",
+            &[hash.into()],
+        )?;
+        Ok(())
+    }
+
     /// Tokens of `tenant`'s users: id, user, revoked.
     pub fn tokens(&self, tenant: Option<&str>) -> Result<Vec<(String, String, bool)>, ApiError> {
         Ok(self

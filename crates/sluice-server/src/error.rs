@@ -101,7 +101,92 @@ impl ApiError {
                 }
                 ApiError::syntax(e.to_string()).at(pos.max(1))
             }
+            sluice_common::Error::Plan(message) => {
+                let err = ApiError::plan(e.to_string());
+                match plan_error_position(message, sql) {
+                    Some(pos) => err.at(pos),
+                    None => err,
+                }
+            }
             _ => ApiError::plan(e.to_string()),
         }
+    }
+}
+
+/// Where a planning error's unknown name is: the planner says which statement failed
+/// (`statement at line N: ...`), and names the column or table it did not find (`No field
+/// named x.`, `table or view 'x' not found`); its first whole-word use from that line on is the
+/// 1-based character position in `sql`.
+fn plan_error_position(message: &str, sql: &str) -> Option<usize> {
+    let rest = message.strip_prefix("statement at line ")?;
+    let (line, rest) = rest.split_once(':')?;
+    let line: usize = line.trim().parse().ok()?;
+    let name = if let Some(after) = rest.split_once("No field named ").map(|(_, a)| a) {
+        after
+            .split(|c: char| c.is_whitespace())
+            .next()?
+            .trim_end_matches('.')
+    } else if rest.contains(" not found") {
+        // `table or view 'x' not found`: the first quoted name.
+        rest.split_once('\'')?.1.split_once('\'')?.0
+    } else {
+        return None;
+    };
+    // A qualified name as written, else its last part (`orders.x` written as `x`).
+    let name = name.trim_matches('"');
+    let start: usize = sql
+        .split_inclusive('\n')
+        .take(line.saturating_sub(1))
+        .map(|l| l.chars().count())
+        .sum();
+    let chars: Vec<char> = sql.chars().collect();
+    let word = |c: char| c.is_alphanumeric() || c == '_';
+    let find = |needle: &str| -> Option<usize> {
+        let n: Vec<char> = needle.chars().collect();
+        if n.is_empty() {
+            return None;
+        }
+        (start..chars.len().saturating_sub(n.len() - 1)).find(|&i| {
+            chars[i..i + n.len()]
+                .iter()
+                .zip(&n)
+                .all(|(a, b)| a.eq_ignore_ascii_case(b))
+                && (i == 0 || !word(chars[i - 1]))
+                && chars.get(i + n.len()).is_none_or(|c| !word(*c))
+        })
+    };
+    find(name)
+        .or_else(|| find(name.rsplit('.').next()?))
+        .map(|i| i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_name_is_found_in_the_statement_that_failed() {
+        let sql = "SELECT provnce FROM t0;\nSELECT a,\n  provnce FROM orders";
+        let e = sluice_common::Error::Plan(
+            "statement at line 2: No field named provnce. Did you mean 'orders.province'?".into(),
+        );
+        let err = ApiError::from_sql(&e, sql);
+        let at = err.position.unwrap();
+        // The second statement's use (line 3), not the first statement's.
+        assert_eq!(
+            sql.chars().skip(at - 1).take(7).collect::<String>(),
+            "provnce"
+        );
+        assert!(at > 24, "{at}");
+        let e = sluice_common::Error::Plan(
+            "statement at line 1: table or view 'ordrs' not found (defined: none defined)".into(),
+        );
+        let err = ApiError::from_sql(&e, "SELECT * FROM ordrs");
+        assert_eq!(err.position, Some(15));
+        // A message naming nothing it can find has no position.
+        let e = sluice_common::Error::Plan("statement at line 1: something else".into());
+        assert_eq!(ApiError::from_sql(&e, "SELECT 1").position, None);
+        let e = sluice_common::Error::Plan("No field named x.".into());
+        assert_eq!(ApiError::from_sql(&e, "SELECT x").position, None);
     }
 }

@@ -13,9 +13,11 @@ pub mod auth;
 pub mod catalog;
 pub mod catalog_db;
 pub mod error;
+pub mod history;
 pub mod metrics;
 pub mod pg;
 pub mod pg_catalog;
+pub mod preview;
 pub mod rest;
 pub mod statements;
 pub mod supervisor;
@@ -260,7 +262,8 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
     let http_addr = http_listener.local_addr().map_err(|e| e.to_string())?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     println!("Sluice server");
-    println!("  console and REST  {scheme}://{http_addr}  (API under /v1)");
+    println!("  console           {scheme}://{http_addr}/console");
+    println!("  REST              {scheme}://{http_addr}/v1  (OpenAPI at /v1/docs/)");
     println!(
         "  Postgres wire     {pg_addr}  (psql -h {} -p {} -U admin)",
         pg_addr.ip(),
@@ -283,6 +286,7 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
         if args.demo {
             let token = web::start_demo(&server).await?;
             println!("  big screen        {scheme}://{http_addr}/screen/double11?token={token}");
+            println!("  demo's console    {scheme}://{http_addr}/console?token={token}");
             let _ = std::io::stdout().flush();
         }
         let pg = tokio::net::TcpListener::from_std(pg_listener).map_err(|e| e.to_string())?;

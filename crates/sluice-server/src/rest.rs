@@ -128,6 +128,8 @@ async fn sql(
 }
 
 fn pipeline_json(server: &Server, p: &crate::catalog::Pipeline) -> Value {
+    // The rates of the last second or so (none unless it runs here).
+    let latest = server.supervisor.history.latest(&p.tenant, &p.name);
     let uptime = server
         .supervisor
         .uptime(&p.tenant, &p.name)
@@ -144,6 +146,9 @@ fn pipeline_json(server: &Server, p: &crate::catalog::Pipeline) -> Value {
         "pid": server.supervisor.pid(&p.tenant, &p.name),
         "views": p.views,
         "sql": sluice_common::secrets::mask_sql(&p.statements),
+        "rows_in_per_second": latest.map(|s| s.rows_in_per_second),
+        "rows_out_per_second": latest.map(|s| s.rows_out_per_second),
+        "lag_ms": latest.and_then(|s| s.lag_ms),
     })
 }
 
@@ -453,6 +458,12 @@ mod doc {
         /// The materialized views it keeps.
         pub views: Vec<String>,
         pub sql: String,
+        /// Rows its sources read, and its sinks wrote, per second, over the last second or
+        /// so (none unless it runs on this server).
+        pub rows_in_per_second: Option<f64>,
+        pub rows_out_per_second: Option<f64>,
+        /// How far its sources' watermark is behind the clock.
+        pub lag_ms: Option<i64>,
     }
 
     #[derive(Serialize, ToSchema)]
@@ -482,9 +493,11 @@ impl utoipa::Modify for TokenAuth {
     paths(sql, list_pipelines, create_pipeline, get_pipeline, delete_pipeline, edit_pipeline, pipeline_action,
           pipeline_stats, pipeline_logs, view_rows, view_changes, list_tables, list_tenants,
           create_tenant, drop_tenant, list_users, create_user, drop_user, list_tokens,
-          create_token, revoke_token, quotas, set_quotas, metrics, health),
+          create_token, revoke_token, quotas, set_quotas, metrics, health, login, logout, me,
+          validate, preview, pipeline_history),
     components(schemas(SqlBody, NewPipeline, PipelineEdit, NewTenant, NewUser, NewToken, ErrorBody, RowsDoc,
-                       CommandDoc, SqlResults, PipelineDoc, PipelineList)),
+                       CommandDoc, SqlResults, PipelineDoc, PipelineList, Login,
+                       crate::preview::PreviewRequest)),
     modifiers(&TokenAuth)
 )]
 pub struct ApiDoc;
@@ -721,6 +734,140 @@ async fn pipeline_stats(
     Ok(Json(out))
 }
 
+/// A user's name and password.
+#[derive(Deserialize, utoipa::ToSchema)]
+pub struct Login {
+    user: String,
+    password: String,
+}
+
+/// `POST /v1/login`: a user's password for a new token of that user (the console's session;
+/// `POST /v1/logout` revokes it).
+#[utoipa::path(post, path = "/v1/login", tag = "session", request_body = Login,
+    responses((status = 200, description = "The token (shown once), its id, and who it stands for", body = Object),
+              (status = 401, description = "The user name or the password is wrong", body = ErrorBody)))]
+async fn login(State(server): State<Arc<Server>>, Json(body): Json<Login>) -> ApiResult {
+    let catalog = server.catalog.clone();
+    let answer = tokio::task::spawn_blocking(move || {
+        crate::auth::login(&catalog, &body.user, &body.password)
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?;
+    match answer {
+        Ok((p, id, token)) => Ok(Json(json!({
+            "token": token, "id": id, "user": p.user, "tenant": p.tenant,
+            "role": p.role.name(), "admin": p.is_admin(),
+        }))),
+        Err(e) => {
+            // Guessing passwords is slow.
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            Err(e)
+        }
+    }
+}
+
+/// `POST /v1/logout`: revokes the token the call carries.
+#[utoipa::path(post, path = "/v1/logout", tag = "session",
+    responses((status = 200, body = CommandDoc), (status = 401, body = ErrorBody)), security(("token" = [])))]
+async fn logout(State(server): State<Arc<Server>>, headers: HeaderMap) -> ApiResult {
+    principal(&server, &headers)?;
+    let token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.get(7..))
+        .unwrap_or_default()
+        .trim();
+    server
+        .catalog
+        .revoke_token_hash(&crate::auth::token_hash(token))?;
+    Ok(Json(json!({ "command": "LOGOUT" })))
+}
+
+/// `GET /v1/me`: who the token stands for.
+#[utoipa::path(get, path = "/v1/me", tag = "session",
+    responses((status = 200, description = "user, tenant, role, admin", body = Object), (status = 401, body = ErrorBody)),
+    security(("token" = [])))]
+async fn me(State(server): State<Arc<Server>>, headers: HeaderMap) -> ApiResult {
+    let p = principal(&server, &headers)?;
+    Ok(Json(json!({
+        "user": p.user, "tenant": p.tenant, "role": p.role.name(), "admin": p.is_admin(),
+    })))
+}
+
+/// `POST /v1/validate`: checks statements without running them: each one's kind, and the
+/// plan (`EXPLAIN`) of those that would run, planned over the tenant's catalog. Errors carry
+/// their position in `sql`.
+#[utoipa::path(post, path = "/v1/validate", tag = "sql", request_body = SqlBody,
+    responses((status = 200, description = "statements (kind, text), plan (text), warnings", body = Object),
+              (status = 400, description = "A syntax or planning error, with its position", body = ErrorBody)),
+    security(("token" = [])))]
+async fn validate(
+    State(server): State<Arc<Server>>,
+    headers: HeaderMap,
+    Json(body): Json<SqlBody>,
+) -> ApiResult {
+    let session = Session::new(principal(&server, &headers)?);
+    let tenant = session.principal.tenant.clone();
+    let sql = body.sql.clone();
+    let server2 = server.clone();
+    let v = tokio::task::spawn_blocking(move || server2.validate(&session, &sql))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| server.without_secrets(&tenant, &body.sql, e))?;
+    let plan = v
+        .plan
+        .as_ref()
+        .map(|p| sluice_sql::plan::explain::explain_pipelines(&p.pipelines))
+        .unwrap_or_default();
+    let secrets = server.secrets_of(&tenant, &body.sql);
+    Ok(Json(json!({
+        "statements": v.statements.iter().map(|(kind, text)| json!({
+            "kind": kind, "text": sluice_common::secrets::mask_sql(text),
+        })).collect::<Vec<_>>(),
+        "plan": sluice_common::secrets::redact(&plan, &secrets),
+        "warnings": v.plan.map(|p| p.warnings).unwrap_or_default(),
+    })))
+}
+
+/// `POST /v1/preview`: runs one `SELECT` over the tenant's live streams for a few seconds, in
+/// a process of its own, and answers the rows its result holds then (a bounded sample).
+#[utoipa::path(post, path = "/v1/preview", tag = "sql", request_body = crate::preview::PreviewRequest,
+    responses((status = 200, description = "columns, rows (at most limit), rows_total, epoch, seconds", body = RowsDoc),
+              (status = 400, description = "Not one SELECT, or it does not plan, or its run failed", body = ErrorBody),
+              (status = 429, description = "The tenant has a preview running", body = ErrorBody)),
+    security(("token" = [])))]
+async fn preview(
+    State(server): State<Arc<Server>>,
+    headers: HeaderMap,
+    Json(body): Json<crate::preview::PreviewRequest>,
+) -> ApiResult {
+    let session = Session::new(principal(&server, &headers)?);
+    let tenant = session.principal.tenant.clone();
+    let sql = body.sql.clone();
+    let server2 = server.clone();
+    tokio::task::spawn_blocking(move || crate::preview::run(&server2, &session, &body))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map(Json)
+        .map_err(|e| server.without_secrets(&tenant, &sql, e))
+}
+
+/// `GET /v1/pipelines/{name}/history`: throughput, lag and state over the last hour.
+#[utoipa::path(get, path = "/v1/pipelines/{name}/history", tag = "pipelines",
+    params(("name" = String, Path)),
+    responses((status = 200, description = "samples, oldest first: at_ms, rows_in_per_second, rows_out_per_second, lag_ms, state_bytes", body = Object),
+              (status = 404, body = ErrorBody)), security(("token" = [])))]
+async fn pipeline_history(
+    State(server): State<Arc<Server>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult {
+    let (p, _) = own_pipeline(&server, &headers, &name)?;
+    Ok(Json(json!({
+        "samples": server.supervisor.history.samples(&p.tenant, &name),
+    })))
+}
+
 /// `GET /v1/pipelines/{name}/logs`: the last lines its processes wrote (`?lines=n`, 200 by
 /// default, at most 10000).
 #[utoipa::path(get, path = "/v1/pipelines/{name}/logs", tag = "pipelines",
@@ -802,6 +949,12 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/v1/pipelines/{name}/{action}", post(pipeline_action))
         .route("/v1/pipelines/{name}/stats", get(pipeline_stats))
         .route("/v1/pipelines/{name}/logs", get(pipeline_logs))
+        .route("/v1/pipelines/{name}/history", get(pipeline_history))
+        .route("/v1/login", post(login))
+        .route("/v1/logout", post(logout))
+        .route("/v1/me", get(me))
+        .route("/v1/validate", post(validate))
+        .route("/v1/preview", post(preview))
         .route("/metrics", get(metrics))
         .route("/v1/views/{name}/rows", get(view_rows))
         .route("/v1/views/{name}/changes", get(view_changes))

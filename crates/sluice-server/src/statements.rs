@@ -109,6 +109,18 @@ fn words(text: &str) -> Result<Vec<Token>, ApiError> {
         .collect())
 }
 
+/// A script checked by [`Server::validate`].
+pub struct Validated {
+    /// Each statement's kind (`SET`, `CREATE TABLE`, `SELECT`, `SHOW TABLES`, ...) and text.
+    pub statements: Vec<(String, String)>,
+    /// The plan of the statements that would run, when there are any.
+    pub plan: Option<sluice_sql::JobPlan>,
+    /// What was planned: the script with the other statements blanked.
+    pub body: String,
+    /// The session's settings with the script's `SET`s.
+    pub settings: BTreeMap<String, String>,
+}
+
 /// `SET 'key' = 'value'` (or `SET key = value`, `SET key TO value`): the pair.
 pub fn set_pair(text: &str) -> Option<(String, String)> {
     let t = words(text).ok()?;
@@ -393,7 +405,7 @@ impl Server {
     }
 
     /// The secret option values of a statement and of the tenant's objects.
-    fn secrets_of(&self, tenant: &str, text: &str) -> Vec<String> {
+    pub fn secrets_of(&self, tenant: &str, text: &str) -> Vec<String> {
         let mut secrets = sluice_common::secrets::secret_values(text);
         for o in self.catalog.objects(tenant).unwrap_or_default() {
             secrets.extend(sluice_common::secrets::secret_values(&o.sql));
@@ -402,7 +414,7 @@ impl Server {
     }
 
     /// An error whose message cannot show a secret of the statement or of the tenant.
-    fn without_secrets(&self, tenant: &str, text: &str, e: ApiError) -> ApiError {
+    pub fn without_secrets(&self, tenant: &str, text: &str, e: ApiError) -> ApiError {
         let secrets = self.secrets_of(tenant, text);
         ApiError {
             message: sluice_common::secrets::redact(&e.message, &secrets),
@@ -1135,6 +1147,145 @@ impl Server {
         Ok(planner.into_job())
     }
 
+    /// Checks a script as the console's editor holds it, without running it: each statement's
+    /// kind, and the statements that would run (tables, views, `INSERT`s, materialized views'
+    /// and pipelines' queries, `SELECT`s) planned together over the tenant's catalog with the
+    /// script's `SET`s. The planner sees them where they stand in `sql`, the rest blanked, so
+    /// every error's position and line are the editor's. Statements that manage the platform
+    /// (`SHOW`, `STOP PIPELINE`, `CREATE USER`, ...) are only named: they are checked when run.
+    pub fn validate(&self, session: &Session, sql: &str) -> Result<Validated, ApiError> {
+        let p = &session.principal;
+        let chars: Vec<char> = sql.chars().collect();
+        let mut layout: Vec<char> = chars
+            .iter()
+            .map(|c| if *c == '\n' { '\n' } else { ' ' })
+            .collect();
+        let mut settings = session.settings.clone();
+        let mut statements = vec![];
+        for stmt in split(sql) {
+            let t = words(&stmt.text).map_err(|e| e.at(stmt.offset + 1))?;
+            let mut c = Cursor { t: &t, i: 0 };
+            let after_as = || {
+                after_keyword_as(&stmt.text)
+                    .map(|(at, _)| at)
+                    .ok_or_else(|| ApiError::syntax("expected AS and a query").at(stmt.offset + 1))
+            };
+            let (kind, from) = if let Some((k, v)) = set_pair(&stmt.text) {
+                let mut tmp = Session::new(p.clone());
+                self.set(&mut tmp, k.clone(), v.clone())
+                    .map_err(|e| e.at(stmt.offset + 1))?;
+                settings.insert(k, v);
+                ("SET".to_string(), None)
+            } else if c.words(&["CREATE", "MATERIALIZED", "VIEW"]) {
+                ("CREATE MATERIALIZED VIEW".into(), Some(after_as()?))
+            } else if c.words(&["CREATE", "PIPELINE"]) {
+                ("CREATE PIPELINE".into(), Some(after_as()?))
+            } else if c.word("INSERT") {
+                ("INSERT".into(), Some(0))
+            } else if c.word("SELECT") || c.word("WITH") || c.word("VALUES") {
+                ("SELECT".into(), Some(0))
+            } else if c.words(&["CREATE", "TABLE"])
+                || c.words(&["CREATE", "TEMPORARY", "TABLE"])
+                || c.words(&["CREATE", "VIEW"])
+                || c.words(&["CREATE", "TEMPORARY", "VIEW"])
+            {
+                let kind =
+                    if t.iter().take(3).any(
+                        |w| matches!(w, Token::Word(w) if w.value.eq_ignore_ascii_case("VIEW")),
+                    ) {
+                        "CREATE VIEW"
+                    } else {
+                        "CREATE TABLE"
+                    };
+                (kind.into(), Some(0))
+            } else {
+                let head: Vec<String> = t
+                    .iter()
+                    .take(2)
+                    .map(|w| w.to_string().to_ascii_uppercase())
+                    .collect();
+                (head.join(" "), None)
+            };
+            if let Some(from) = from {
+                let start = stmt.offset + from;
+                let end = stmt.offset + stmt.text.chars().count();
+                layout[start..end].copy_from_slice(&chars[start..end]);
+                // Its `;`, so that the planner sees the statements apart.
+                if let Some(semi) = layout.get_mut(end) {
+                    *semi = ';';
+                }
+            }
+            statements.push((kind, stmt.text.trim().to_string()));
+        }
+        let body: String = layout.into_iter().collect();
+        let plan = if statements.iter().any(|(k, _)| k != "SET") && !is_blank(&body) {
+            self.check_reads(&p.tenant, &body)?;
+            let plan = self.plan_for(&p.tenant, &settings, &body)?;
+            for pl in &plan.pipelines {
+                if let sluice_sql::SinkTarget::Table(t) = &pl.sink {
+                    self.check_paths(&p.tenant, t)?;
+                }
+            }
+            Some(plan)
+        } else {
+            None
+        };
+        Ok(Validated {
+            statements,
+            plan,
+            body,
+            settings,
+        })
+    }
+
+    /// A preview's script (as a pipeline's, with its own checkpoint folder and `interval`), and
+    /// the schema of its one `SELECT`. The script may create tables for itself; it may not write
+    /// anywhere (`INSERT`, materialized views and pipelines are created with Run).
+    pub fn preview_script(
+        &self,
+        session: &Session,
+        sql: &str,
+        name: &str,
+        interval: &str,
+    ) -> Result<(String, arrow::datatypes::SchemaRef), ApiError> {
+        let v = self.validate(session, sql)?;
+        if let Some((kind, _)) = v.statements.iter().find(|(k, _)| {
+            !matches!(
+                k.as_str(),
+                "SET" | "SELECT" | "CREATE TABLE" | "CREATE VIEW"
+            )
+        }) {
+            return Err(ApiError::invalid(format!(
+                "a preview runs one SELECT (after SETs and CREATE TABLE or VIEW); {kind} changes the platform: run it instead"
+            )));
+        }
+        let plan = v
+            .plan
+            .as_ref()
+            .filter(|pl| pl.pipelines.len() == 1)
+            .ok_or_else(|| {
+                ApiError::invalid("a preview runs one SELECT over the tenant's tables: write one")
+            })?;
+        let schema = plan.pipelines[0].query.schema();
+        let mut settings = v.settings.clone();
+        settings.insert(
+            "execution.checkpointing.interval".into(),
+            interval.to_string(),
+        );
+        let mut script = self.settings_sql(&session.principal.tenant, name, &settings);
+        for o in self.catalog.objects(&session.principal.tenant)? {
+            if !matches!(
+                o.kind,
+                ObjectKind::MaterializedView | ObjectKind::Connection
+            ) {
+                script.push_str(&self.expand_connections(&session.principal.tenant, &o.sql)?);
+                script.push_str(";\n");
+            }
+        }
+        script.push_str(&v.body);
+        Ok((script, schema))
+    }
+
     /// Plans a pipeline's statements (its `SET`s first) as the caller's tenant and writes the
     /// script its process runs; nothing is stored or started.
     fn prepare_pipeline(
@@ -1585,6 +1736,7 @@ impl Server {
         self.wait_remote_stop(tenant, name)?;
         self.supervisor.stop(tenant, name, Duration::from_secs(10));
         self.catalog.drop_pipeline(tenant, name)?;
+        self.supervisor.history.forget(tenant, name);
         let _ = std::fs::remove_dir_all(self.layout.pipeline(tenant, name));
         Ok(())
     }

@@ -183,6 +183,8 @@ pub struct Supervisor {
     pub holder: String,
     /// How long a lease lasts unless renewed (renewed every quarter of it).
     pub lease_ttl: Duration,
+    /// Each pipeline's throughput and lag over the last hour.
+    pub history: crate::history::History,
 }
 
 impl Supervisor {
@@ -200,7 +202,13 @@ impl Supervisor {
             runs: Mutex::new(HashMap::new()),
             holder: format!("{}:{}", std::process::id(), now_ms()),
             lease_ttl: Duration::from_secs(10),
+            history: Default::default(),
         }
+    }
+
+    /// The `sluice` executable that runs pipelines (`sluice worker`).
+    pub fn exe(&self) -> &Path {
+        &self.exe
     }
 
     /// Whether pipelines are shared with other servers (and held by leases).
@@ -624,6 +632,12 @@ impl Supervisor {
                 std::thread::sleep(period);
                 sup.rebalance_ingest(&mut seen);
                 let running: Vec<(String, String)> = sup.runs().keys().cloned().collect();
+                for (tenant, name) in &running {
+                    if let Some(st) = sup.stats(tenant, name) {
+                        sup.history.observe(tenant, name, &st);
+                    }
+                }
+                sup.history.idle_except(&running);
                 for (tenant, name) in running {
                     let Some(max) = sup
                         .catalog
@@ -656,6 +670,46 @@ impl Supervisor {
             self.stop(&t, &n, grace);
         }
     }
+}
+
+/// `sluice worker` in `cwd`, as the server starts its processes: no input, none of the
+/// server's secrets in its environment, SIGKILL when the thread that started it ends (or the
+/// server dies), and its memory capped at `cap` bytes (`RLIMIT_DATA`).
+pub fn worker_command(exe: &Path, cwd: &Path, cap: Option<u64>) -> Command {
+    let mut cmd = Command::new(exe);
+    cmd.arg("worker")
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .env_remove("SLUICE_ADMIN_TOKEN")
+        .env_remove("SLUICE_ADMIN_PASSWORD");
+    // SAFETY: prctl between fork and exec, async-signal-safe. The child gets SIGKILL when
+    // the thread that started it ends, which it does only when the child has ended or the
+    // server died.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Asking for a checkpoint (SIGUSR1) before the process listens must not end it:
+            // ignored until its handler is installed.
+            libc::signal(libc::SIGUSR1, libc::SIG_IGN);
+            // The server may have died between fork and prctl.
+            if libc::getppid() == 1 {
+                libc::_exit(1);
+            }
+            if let Some(cap) = cap {
+                let limit = libc::rlimit {
+                    rlim_cur: cap,
+                    rlim_max: cap,
+                };
+                if libc::setrlimit(libc::RLIMIT_DATA, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd
 }
 
 /// The cap on a pipeline process's data segment (heap and private mappings, `RLIMIT_DATA`)
@@ -744,9 +798,10 @@ impl Job {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let mut cmd = Command::new(&self.exe);
-        cmd.arg("worker")
-            .arg(&self.script)
+        let cap = self.max_state_bytes.map(memory_cap);
+        std::fs::create_dir_all(&self.cwd)?;
+        let mut cmd = worker_command(&self.exe, &self.cwd, cap);
+        cmd.arg(&self.script)
             .arg("--workers")
             .arg(self.workers.to_string());
         for v in &self.views {
@@ -761,41 +816,7 @@ impl Job {
         if let Some(max) = self.max_state_bytes {
             cmd.arg("--max-state-bytes").arg(max.to_string());
         }
-        let cap = self.max_state_bytes.map(memory_cap);
-        std::fs::create_dir_all(&self.cwd)?;
-        cmd.current_dir(&self.cwd)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .env_remove("SLUICE_ADMIN_TOKEN")
-            .env_remove("SLUICE_ADMIN_PASSWORD");
-        // SAFETY: prctl between fork and exec, async-signal-safe. The child gets SIGKILL when
-        // the thread that started it ends, which it does only when the child has ended or the
-        // server died.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // Asking for a checkpoint (SIGUSR1) before the process listens must not end it:
-                // ignored until its handler is installed.
-                libc::signal(libc::SIGUSR1, libc::SIG_IGN);
-                // The server may have died between fork and prctl.
-                if libc::getppid() == 1 {
-                    libc::_exit(1);
-                }
-                if let Some(cap) = cap {
-                    let limit = libc::rlimit {
-                        rlim_cur: cap,
-                        rlim_max: cap,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_DATA, &limit) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
+        cmd.stdout(log.try_clone()?).stderr(log);
         cmd.spawn()
     }
 

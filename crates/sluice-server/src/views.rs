@@ -64,6 +64,40 @@ pub struct Snapshot {
 }
 
 impl View {
+    /// A view whose log is in `dir`, loaded from its last snapshot, served by nobody (a
+    /// console's preview reads one so).
+    pub fn open(
+        tenant: &str,
+        name: &str,
+        schema: SchemaRef,
+        dir: PathBuf,
+    ) -> Result<Arc<View>, ApiError> {
+        let fields = schema
+            .fields()
+            .iter()
+            .map(|f| SortField::new(f.data_type().clone()))
+            .collect();
+        let converter = RowConverter::new(fields)
+            .map_err(|e| ApiError::unsupported(format!("view '{name}': {e}")))?;
+        let (changes, _) = broadcast::channel(1024);
+        let view = Arc::new(View {
+            tenant: tenant.to_string(),
+            name: name.to_string(),
+            schema,
+            dir,
+            state: RwLock::new(State {
+                converter,
+                rows: HashMap::new(),
+                epoch: None,
+                since_snapshot: 0,
+                error: None,
+            }),
+            changes,
+        });
+        view.load()?;
+        Ok(view)
+    }
+
     fn state(&self) -> std::sync::RwLockReadGuard<'_, State> {
         self.state.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -133,7 +167,7 @@ impl View {
     }
 
     /// Applies the committed epochs not applied yet; compacts when the log has grown.
-    fn catch_up(&self) -> Result<(), ApiError> {
+    pub(crate) fn catch_up(&self) -> Result<(), ApiError> {
         let Some(committed) = committed_epoch(&self.dir) else {
             return Ok(());
         };
@@ -278,29 +312,7 @@ impl Views {
         schema: SchemaRef,
         dir: PathBuf,
     ) -> Result<Arc<View>, ApiError> {
-        let fields = schema
-            .fields()
-            .iter()
-            .map(|f| SortField::new(f.data_type().clone()))
-            .collect();
-        let converter = RowConverter::new(fields)
-            .map_err(|e| ApiError::unsupported(format!("view '{name}': {e}")))?;
-        let (changes, _) = broadcast::channel(1024);
-        let view = Arc::new(View {
-            tenant: tenant.to_string(),
-            name: name.to_string(),
-            schema,
-            dir,
-            state: RwLock::new(State {
-                converter,
-                rows: HashMap::new(),
-                epoch: None,
-                since_snapshot: 0,
-                error: None,
-            }),
-            changes,
-        });
-        view.load()?;
+        let view = View::open(tenant, name, schema, dir)?;
         self.views
             .write()
             .unwrap_or_else(|p| p.into_inner())

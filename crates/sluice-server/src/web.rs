@@ -375,7 +375,7 @@ fn bundled(path: &str) -> Response {
         .into_response()
 }
 
-/// The page: it asks for the token and the screen itself.
+/// The page (a screen or the console): it asks for the token, then for what it shows.
 async fn page() -> Response {
     bundled("index.html")
 }
@@ -388,6 +388,12 @@ async fn asset(Path(file): Path<String>) -> Response {
 pub fn routes() -> Router<Arc<Server>> {
     Router::new()
         .route("/screen/{name}", get(page))
+        .route("/console", get(page))
+        .route("/console/", get(page))
+        .route(
+            "/",
+            get(|| async { axum::response::Redirect::to("/console") }),
+        )
         .route("/assets/{file}", get(asset))
         .route("/v1/screens", get(list_screens))
         .route(

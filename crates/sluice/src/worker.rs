@@ -140,6 +140,99 @@ fn with_rates(
     (out, counts)
 }
 
+/// The counts a graph's rates are taken against: when, rows per node, busy ms per node.
+type GraphCounts = (
+    std::time::Instant,
+    std::collections::HashMap<u64, u64>,
+    std::collections::HashMap<u64, f64>,
+);
+
+/// The dataflow graph as the console draws it: each plan node with its rows and rows per
+/// second, and its stateful operator's figures (state, watermark, late rows, busy share of the
+/// last second over all workers), which the operators record under their names.
+fn graph_json(
+    pipelines: &[sluice_sql::Pipeline],
+    metrics: &sluice_engine::JobMetrics,
+    workers: usize,
+    last: &mut Option<GraphCounts>,
+) -> serde_json::Value {
+    use std::collections::HashMap;
+    let rows = metrics.node_rows();
+    let (nodes, sinks) = sluice_sql::plan::explain::graph(pipelines, &rows);
+    let names = metrics.node_names();
+    // "GroupAggregate #2 on worker 1" -> the node of "GroupAggregate #2".
+    let node_of = |key: &str| -> Option<u64> {
+        let name = key.rsplit_once(" on worker ").map_or(key, |(n, _)| n);
+        names.get(name).copied()
+    };
+    let mut state: HashMap<u64, (u64, u64)> = HashMap::new();
+    for (key, (bytes, keys)) in metrics.states() {
+        if let Some(n) = node_of(&key) {
+            let e = state.entry(n).or_default();
+            e.0 += bytes;
+            e.1 += keys;
+        }
+    }
+    let mut watermark: HashMap<u64, i64> = HashMap::new();
+    for (key, wm) in metrics.watermarks() {
+        if let (Some(n), true) = (node_of(&key), wm > i64::MIN && wm < i64::MAX) {
+            let e = watermark.entry(n).or_insert(wm);
+            *e = (*e).min(wm);
+        }
+    }
+    let mut late: HashMap<u64, u64> = HashMap::new();
+    for (key, n) in metrics.late_by_operator() {
+        if let Some(node) = node_of(&key) {
+            *late.entry(node).or_default() += n;
+        }
+    }
+    let mut busy: HashMap<u64, f64> = HashMap::new();
+    for (key, t) in metrics.busy() {
+        if let Some(n) = node_of(&key) {
+            *busy.entry(n).or_default() += t.as_secs_f64() * 1000.0;
+        }
+    }
+    let now = std::time::Instant::now();
+    let since = last
+        .as_ref()
+        .map(|(at, r, b)| (at.elapsed().as_secs_f64().max(0.001), r, b));
+    let json_nodes: Vec<serde_json::Value> = nodes
+        .iter()
+        .map(|n| {
+            let per_second = since.and_then(|(secs, before, _)| {
+                Some(n.rows?.saturating_sub(*before.get(&n.id)?) as f64 / secs)
+            });
+            let busy_share = since.and_then(|(secs, _, before)| {
+                let now = busy.get(&n.id)?;
+                Some((now - before.get(&n.id).copied().unwrap_or(0.0)).max(0.0) / 1000.0 / secs)
+            });
+            serde_json::json!({
+                "id": n.id.to_string(),
+                "label": n.label,
+                "details": n.details,
+                "inputs": n.inputs.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
+                "exchange": n.partitioning,
+                "rows": n.rows,
+                "rows_per_second": per_second,
+                "state_bytes": state.get(&n.id).map(|s| s.0),
+                "state_keys": state.get(&n.id).map(|s| s.1),
+                "watermark_ms": watermark.get(&n.id),
+                "late_rows": late.get(&n.id),
+                "busy": busy_share,
+            })
+        })
+        .collect();
+    *last = Some((now, rows, busy));
+    serde_json::json!({
+        "nodes": json_nodes,
+        "sinks": sinks.iter().map(|s| serde_json::json!({
+            "node": s.node.to_string(),
+            "label": s.label,
+        })).collect::<Vec<_>>(),
+        "workers": workers,
+    })
+}
+
 /// The source rate a pipeline past the soft limit of its state quota (80%) is slowed to: a
 /// quarter of what it read just before, at least this.
 const BACKPRESSURE_FLOOR: u64 = 100;
@@ -158,6 +251,7 @@ fn watch(
     let rate_file = args.ingest_rate_file.clone();
     let max = args.max_state_bytes;
     let pipeline = args.pipeline.clone();
+    let args_workers = args.workers;
     let _ = std::thread::Builder::new()
         .name("pipeline-watch".into())
         .spawn(move || {
@@ -166,6 +260,8 @@ fn watch(
             let mut last_read = (std::time::Instant::now(), 0u64);
             let mut per_second = 0u64;
             let mut last_plan: Option<(std::time::Instant, Vec<Option<u64>>)> = None;
+            let mut last_graph: Option<GraphCounts> = None;
+            let workers = args_workers;
             loop {
                 let finished = done.load(std::sync::atomic::Ordering::SeqCst);
                 // The sources' rate over the last second or so.
@@ -231,6 +327,8 @@ fn watch(
                         let (plan, counts) = with_rates(&plan, last_plan.as_ref());
                         last_plan = Some((std::time::Instant::now(), counts));
                         value["plan"] = serde_json::json!(plan);
+                        value["graph"] =
+                            graph_json(&pipelines, &metrics, workers, &mut last_graph);
                         if std::fs::write(&tmp, value.to_string()).is_ok() {
                             let _ = std::fs::rename(&tmp, path);
                         }

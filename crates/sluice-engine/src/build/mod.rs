@@ -88,9 +88,33 @@ pub(crate) struct BuildContext {
     pub local_workers: std::ops::Range<usize>,
     /// `EXPLAIN ANALYZE`: count the rows every node produces.
     pub count_rows: bool,
+    /// The plan nodes being built, innermost last (with `count_rows`): a stateful operator
+    /// made now belongs to the last one.
+    pub building: std::cell::RefCell<Vec<u64>>,
+    /// Stateful operators made so far, by kind ([`BuildContext::operator_name`]).
+    pub named: std::cell::RefCell<std::collections::HashMap<&'static str, usize>>,
 }
 
 impl BuildContext {
+    /// The name of a new stateful operator of `kind`: the kind itself for the first one, then
+    /// `Kind #2`, `Kind #3` in build order (the same on every worker), so that two operators'
+    /// state, watermarks, late rows and busy time are never counted as one. The name is
+    /// recorded with the plan node being built, for the console's dataflow graph.
+    pub fn operator_name(&self, kind: &'static str) -> String {
+        let mut named = self.named.borrow_mut();
+        let n = named.entry(kind).or_default();
+        *n += 1;
+        let name = if *n == 1 {
+            kind.to_string()
+        } else {
+            format!("{kind} #{n}")
+        };
+        if let Some(node) = self.building.borrow().last() {
+            self.metrics.name_node(&name, *node);
+        }
+        name
+    }
+
     /// Routes rows by key to the workers owning them ([`crate::runtime::exchange_by_key`]),
     /// counting the bytes between this process's workers in flight into operator `into`.
     pub fn exchange<'scope>(
@@ -146,8 +170,14 @@ pub(crate) fn build<'scope>(
             return s;
         }
     }
+    if ctx.count_rows {
+        ctx.building
+            .borrow_mut()
+            .push(sluice_sql::plan::node_id(node));
+    }
     let mut stream = build_node(scope, node, ctx, reuse);
     if ctx.count_rows {
+        ctx.building.borrow_mut().pop();
         let counter = ctx.metrics.node_counter(sluice_sql::plan::node_id(node));
         stream = stream.inspect_core(move |event| {
             if let Ok((_, Event::Data(d))) = event {

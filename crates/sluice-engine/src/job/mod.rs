@@ -385,6 +385,8 @@ pub fn run(plan: JobPlan, options: JobOptions) -> Result<JobSummary> {
                 first..first + workers_per_process
             },
             count_rows: count_rows || plan.pipelines.iter().any(|p| p.analyze),
+            building: Default::default(),
+            named: Default::default(),
         };
         worker.dataflow::<Epoch, _, _>(|scope| {
             let reuse = Reuse::new(&plan);

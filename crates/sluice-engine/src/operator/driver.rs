@@ -234,14 +234,15 @@ pub(crate) fn stateful<'scope, O: StatefulOperator>(
     op: Result<O>,
     ctx: &BuildContext,
 ) -> EventStream<'scope> {
-    let mut shell = Shell::new(op, inputs.len(), ctx);
-    let name = O::NAME;
+    // Its own name (the second of a kind is `Kind #2`), so that two operators' figures never mix.
+    let name = ctx.operator_name(O::NAME);
+    let mut shell = Shell::new(op, inputs.len(), ctx, &name);
     let mut inputs = inputs.into_iter();
     let first = inputs.next().expect("an input");
     let scope = first.scope();
     match inputs.next() {
         None => {
-            first.unary_frontier::<EventBuilder, _, _, _>(Pipeline, name, move |initial, info| {
+            first.unary_frontier::<EventBuilder, _, _, _>(Pipeline, &name, move |initial, info| {
                 shell.started(initial, scope.activator_for(info.address.clone()));
                 move |(input, frontier), output| {
                     let _running = crate::runtime::panics::in_operator(&shell.operator);
@@ -260,7 +261,7 @@ pub(crate) fn stateful<'scope, O: StatefulOperator>(
             second,
             Pipeline,
             Pipeline,
-            name,
+            &name,
             move |initial, info| {
                 shell.started(initial, scope.activator_for(info.address.clone()));
                 move |(in1, f1), (in2, f2), output| {
@@ -313,7 +314,7 @@ struct Shell<O> {
 }
 
 impl<O: StatefulOperator> Shell<O> {
-    fn new(op: Result<O>, inputs: usize, ctx: &BuildContext) -> Self {
+    fn new(op: Result<O>, inputs: usize, ctx: &BuildContext, name: &str) -> Self {
         let (index, peers, metrics) = (ctx.index, ctx.peers, ctx.metrics.clone());
         let checkpoint = ctx.checkpoint.clone();
         let id = checkpoint.as_ref().map(|c| c.register(Contribution::State));
@@ -340,7 +341,7 @@ impl<O: StatefulOperator> Shell<O> {
         let op = op.map_err(|e| ctx.control.fail(e)).ok();
         Shell {
             op,
-            operator: O::NAME.into(),
+            operator: name.into(),
             per_input: if inputs > 1 {
                 (0..inputs).map(|_| WatermarkTracker::new(peers)).collect()
             } else {
@@ -356,8 +357,8 @@ impl<O: StatefulOperator> Shell<O> {
             timer_cap: None,
             next_timer: Instant::now(),
             activator: None,
-            held: metrics.in_flight_meter(&format!("{} on worker {index}", O::NAME)),
-            gauge: StateGauge::new(O::NAME, index),
+            held: metrics.in_flight_meter(&format!("{name} on worker {index}")),
+            gauge: StateGauge::new(name, index),
             out: vec![],
             reported: false,
             metrics,

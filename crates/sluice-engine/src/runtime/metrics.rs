@@ -46,6 +46,9 @@ pub struct JobMetrics {
     /// Time each operator spent scheduled, on all workers (by operator name), when the job
     /// was started with [`crate::JobOptions::operator_busy`].
     busy: Mutex<BTreeMap<String, std::time::Duration>>,
+    /// The plan node (`sluice_sql::plan::node_id`) each stateful operator computes, by the
+    /// operator's name, when rows are counted.
+    node_names: Mutex<BTreeMap<String, u64>>,
     /// The last [`CHECKPOINT_HISTORY`] checkpoints this process committed.
     checkpoint_history: Mutex<std::collections::VecDeque<CheckpointRecord>>,
 }
@@ -209,6 +212,20 @@ impl JobMetrics {
             .entry(table.to_string())
             .or_default()
             .clone()
+    }
+
+    /// Records that the stateful operator `name` computes plan node `node`.
+    pub fn name_node(&self, name: &str, node: u64) {
+        self.node_names
+            .lock()
+            .expect("metrics")
+            .insert(name.to_string(), node);
+    }
+
+    /// The plan node each stateful operator computes, by the operator's name (when rows are
+    /// counted, as for `EXPLAIN ANALYZE` and the server's processes).
+    pub fn node_names(&self) -> BTreeMap<String, u64> {
+        self.node_names.lock().expect("metrics").clone()
     }
 
     /// The counter of rows plan node `node` (a `sluice_sql::plan::node_id`) produces.

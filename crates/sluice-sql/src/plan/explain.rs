@@ -75,7 +75,94 @@ fn explain_with_rows(pipelines: &[Pipeline], rows: Option<&HashMap<u64, u64>>) -
     e.out
 }
 
-/// Counts how often each sub-plan occurs (by its `Debug` text, as the builder shares them).
+/// A node of a job's dataflow graph, as the console draws it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GraphNode {
+    /// The plan node's [`node_id`] (operators' figures are recorded by it).
+    pub id: u64,
+    /// What it is: the start of its `EXPLAIN` line (`GroupAggregate`, `Scan orders (...)`).
+    pub label: String,
+    /// The rest of that line and its detail lines.
+    pub details: Vec<String>,
+    /// Its inputs' ids.
+    pub inputs: Vec<u64>,
+    /// How its input is partitioned between workers, where it says (`hash[category@1]`).
+    pub partitioning: Option<String>,
+    /// Rows it produced (after a run), on all workers.
+    pub rows: Option<u64>,
+}
+
+/// Where a pipeline of the graph writes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GraphSink {
+    /// The node whose rows it writes.
+    pub node: u64,
+    pub label: String,
+}
+
+/// The dataflow graph of `pipelines`: each distinct node once (a sub-plan that several read
+/// is one node with several readers), inputs first; and each pipeline's sink.
+pub fn graph(pipelines: &[Pipeline], rows: &HashMap<u64, u64>) -> (Vec<GraphNode>, Vec<GraphSink>) {
+    let mut e = Explainer {
+        out: String::new(),
+        uses: crate::optimize::shared::reads(pipelines.iter().map(|p| &p.query)),
+        scans: crate::optimize::shared::scan_columns(pipelines.iter().map(|p| &p.query)),
+        written: Default::default(),
+        fired: Default::default(),
+        rows: Some(rows),
+    };
+    fn walk(
+        e: &mut Explainer<'_>,
+        node: &StreamNode,
+        rows: &HashMap<u64, u64>,
+        out: &mut Vec<GraphNode>,
+    ) {
+        let id = node_id(node);
+        if out.iter().any(|n| n.id == id) {
+            return;
+        }
+        let inputs = node.inputs();
+        for i in &inputs {
+            walk(e, i, rows, out);
+        }
+        let (head, mut details) = e.describe(node);
+        let mut parts = head.splitn(2, "  ");
+        let label = parts.next().unwrap_or_default().trim().to_string();
+        if let Some(rest) = parts.next().map(str::trim).filter(|r| !r.is_empty()) {
+            details.insert(0, rest.to_string());
+        }
+        let partitioning = details
+            .iter()
+            .find_map(|d| d.strip_prefix("partitioning: "))
+            .map(str::to_string);
+        out.push(GraphNode {
+            id,
+            label,
+            details,
+            inputs: inputs.iter().map(|i| node_id(i)).collect(),
+            partitioning,
+            rows: rows.get(&id).copied(),
+        });
+    }
+    let mut nodes = vec![];
+    let mut sinks = vec![];
+    for p in pipelines {
+        walk(&mut e, &p.query, rows, &mut nodes);
+        let label = match &p.sink {
+            SinkTarget::Table(t) => {
+                format!("INSERT INTO {} ('connector' = '{}')", t.name, t.connector())
+            }
+            SinkTarget::Select { index } => format!("SELECT #{}", index + 1),
+        };
+        sinks.push(GraphSink {
+            node: node_id(&p.query),
+            label,
+        });
+    }
+    (nodes, sinks)
+}
+
+/// The changes a node emits: `[I]` (append-only) or `[I,UB,UA,D]` (updating).
 fn changelog(node: &StreamNode) -> &'static str {
     if node.is_append_only() {
         "[I]"

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use crate::serve::Serve;
 
 /// A headless Chromium behind `web/tests/driver.mjs` (one JSON command per line).
-struct Browser {
+pub(crate) struct Browser {
     child: Child,
     stdin: ChildStdin,
     answers: Receiver<String>,
@@ -26,7 +26,7 @@ fn web_dir() -> PathBuf {
 }
 
 impl Browser {
-    fn start() -> Browser {
+    pub(crate) fn start() -> Browser {
         let web = web_dir();
         assert!(
             web.join("node_modules/playwright-core").exists(),
@@ -64,7 +64,7 @@ impl Browser {
     }
 
     /// Sends a command; its answer, which must come within `limit`.
-    fn call(&mut self, command: Value, limit: Duration) -> Value {
+    pub(crate) fn call(&mut self, command: Value, limit: Duration) -> Value {
         writeln!(self.stdin, "{command}").unwrap();
         let line = self.answers.recv_timeout(limit).unwrap_or_else(|e| {
             panic!("the browser did not answer {command} within {limit:?}: {e}")
@@ -73,7 +73,7 @@ impl Browser {
     }
 
     /// Waits until the page shows `expect` (see driver.mjs); how long it took, in ms.
-    fn wait(&mut self, expect: Value, ms: u64) -> u64 {
+    pub(crate) fn wait(&mut self, expect: Value, ms: u64) -> u64 {
         let answer = self.call(
             json!({ "wait": expect, "ms": ms }),
             Duration::from_millis(ms + 30_000),
@@ -116,7 +116,12 @@ const PROVINCES: [(&str, &str); 5] = [
 /// Orders `from..to` as JSON lines in `dir/name` (renamed into place whole); adds each one's
 /// amount to `totals` (by province) and returns nothing else. Amounts are quarters, so every
 /// sum is exact in binary floating point and the page's numbers can be compared exactly.
-fn write_orders(dir: &Path, name: &str, ids: std::ops::Range<i64>, totals: &mut [f64; 5]) {
+pub(crate) fn write_orders(
+    dir: &Path,
+    name: &str,
+    ids: std::ops::Range<i64>,
+    totals: &mut [f64; 5],
+) {
     std::fs::create_dir_all(dir).unwrap();
     let mut text = String::new();
     for i in ids {
@@ -134,7 +139,7 @@ fn write_orders(dir: &Path, name: &str, ids: std::ops::Range<i64>, totals: &mut 
 }
 
 /// What the screen must show for `totals` after `orders` orders.
-fn expected(totals: &[f64; 5], orders: i64) -> Value {
+pub(crate) fn expected(totals: &[f64; 5], orders: i64) -> Value {
     let gmv: f64 = totals.iter().sum();
     let map: serde_json::Map<String, Value> = PROVINCES
         .iter()
@@ -150,7 +155,7 @@ fn expected(totals: &[f64; 5], orders: i64) -> Value {
     })
 }
 
-fn screenshots() -> PathBuf {
+pub(crate) fn screenshots() -> PathBuf {
     let dir = std::env::var_os("SLUICE_SCREENSHOTS")
         .map(PathBuf::from)
         .unwrap_or_else(|| std::env::temp_dir().join("sluice-screenshots"));

@@ -12,6 +12,7 @@ mod cdc_types;
 mod changelog_formats;
 mod cli_errors;
 mod cluster;
+mod console;
 mod correctness_regressions;
 mod emit_policies;
 mod fuzz;
