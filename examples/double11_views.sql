@@ -14,6 +14,8 @@ CREATE TABLE orders (
   amount DOUBLE,
   quantity INT,
   event_time TIMESTAMP(3),
+  -- When the source read the order: the end-to-end delay is measured from it.
+  ingest AS PROCTIME(),
   WATERMARK FOR event_time AS event_time - INTERVAL '5' SECOND
 ) WITH (
   'connector' = 'ecommerce',
@@ -46,3 +48,13 @@ SELECT item, gmv FROM (
   FROM (SELECT CONCAT('item ', CAST(item_id AS STRING)) AS item, SUM(amount) AS gmv
         FROM orders GROUP BY item_id)
 ) WHERE rn <= 10;
+
+-- The end-to-end delay probe: the ingestion stamps of every 100th order, the latest 50 kept
+-- (Top-N, so the view stays small). The screen's delay widget compares each new one with the
+-- time it shows it. Each source batch brings far fewer than 50 samples here, so every sampled
+-- order is inserted into the view, and so measured, before it is pushed out.
+CREATE MATERIALIZED VIEW delay_probe AS
+SELECT order_id, ingest_ms FROM (
+  SELECT order_id, ingest_ms, ROW_NUMBER() OVER (ORDER BY ingest_ms DESC, order_id DESC) AS rn
+  FROM (SELECT order_id, CAST(ingest AS BIGINT) AS ingest_ms FROM orders WHERE MOD(order_id, 100) = 0)
+) WHERE rn <= 50;

@@ -29,7 +29,7 @@ echarts.registerMap("china", china as any);
 
 /** A widget of a screen document, bound to a view's columns. */
 export interface Widget {
-  type: "ticker" | "number" | "rate" | "pie" | "line" | "map" | "bars" | "freshness";
+  type: "ticker" | "number" | "rate" | "pie" | "line" | "map" | "bars" | "freshness" | "delay";
   title: string;
   view: string;
   /** ticker, number, rate: the value's column (of a one-row view). */
@@ -44,7 +44,8 @@ export interface Widget {
   limit?: number;
   /** Text before a number (a currency sign). */
   prefix?: string;
-  /** freshness: the column holding the latest event time (the watermark's side). */
+  /** freshness: the column holding the latest event time (the watermark's side); delay: the
+   * column holding each row's ingestion stamp in Unix milliseconds (`CAST(PROCTIME() AS BIGINT)`). */
   time?: string;
 }
 
@@ -195,8 +196,18 @@ function pie(w: Widget, el: HTMLElement): Drawn {
           {
             type: "pie",
             roseType: "radius",
-            radius: ["15%", "62%"],
-            label: { color: THEME.text, formatter: "{b} {d}%", overflow: "none" },
+            // Inside a one-column card: a smaller rose, with labels on two short lines that
+            // wrap rather than run out of the card.
+            radius: ["12%", "52%"],
+            avoidLabelOverlap: true,
+            label: {
+              color: THEME.text,
+              formatter: "{b}\n{d}%",
+              fontSize: 11,
+              width: 72,
+              overflow: "break",
+            },
+            labelLine: { length: 6, length2: 6 },
             data,
           },
         ],
@@ -351,6 +362,62 @@ function freshness(w: Widget, el: HTMLElement): Drawn {
   };
 }
 
+/** How long the delay widget keeps measurements. */
+const DELAY_WINDOW_MS = 60_000;
+
+/** The q-quantile of sorted values (nearest rank). */
+function quantile(sorted: number[], q: number): number {
+  return sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(q * sorted.length) - 1))];
+}
+
+/**
+ * End-to-end delay: for each row a change inserts, the time from its ingestion stamp (taken by
+ * the source) to this card's redraw showing it; p50 and p99 over the last minute. Bound to a
+ * probe view of sampled orders, it measures the path every view takes: source, checkpoint
+ * commit, the view, the change feed, the page. The browser's clock is compared with the
+ * server's, so both must agree (the same machine, or NTP).
+ */
+function delay(w: Widget, el: HTMLElement): Drawn {
+  const value = document.createElement("div");
+  value.className = "value";
+  const note = document.createElement("div");
+  note.className = "note";
+  el.append(value, note);
+  const seen: { at: number; ms: number }[] = [];
+  let all = 0;
+  // Every measurement since the page opened, for benchmarks (web/tests/screen-latency.mjs).
+  const measured: number[] = [];
+  (el as HTMLElement & { measured?: number[] }).measured = measured;
+  return {
+    card: el,
+    draw(feed) {
+      if (feed.last.kind !== "changes") return;
+      const col = feed.columns.indexOf(w.time ?? "") + 2;
+      const stamps = feed.last.rows
+        .filter((r) => (r[1] === "+I" || r[1] === "+U") && typeof r[col] === "number")
+        .map((r) => r[col] as number);
+      if (stamps.length === 0) return;
+      value.textContent = "…";
+      // Measured once the browser has laid out this update, as a viewer would see it.
+      requestAnimationFrame(() => {
+        const now = Date.now();
+        for (const s of stamps) {
+          seen.push({ at: now, ms: now - s });
+          measured.push(now - s);
+        }
+        all += stamps.length;
+        while (seen.length && now - seen[0].at > DELAY_WINDOW_MS) seen.shift();
+        const sorted = seen.map((x) => x.ms).sort((a, b) => a - b);
+        const p50 = quantile(sorted, 0.5);
+        const p99 = quantile(sorted, 0.99);
+        value.textContent = `${Math.round(p50)} ms`;
+        note.textContent = `p50 · p99 ${Math.round(p99)} ms · ${sorted.length} orders in the last minute`;
+        expose(el, { count: sorted.length, total: all, p50, p99, max: sorted[sorted.length - 1] });
+      });
+    },
+  };
+}
+
 const KINDS: Record<Widget["type"], (w: Widget, el: HTMLElement) => Drawn> = {
   ticker,
   number,
@@ -360,6 +427,7 @@ const KINDS: Record<Widget["type"], (w: Widget, el: HTMLElement) => Drawn> = {
   map,
   bars,
   freshness,
+  delay,
 };
 
 /** Draws a screen into `root`, one feed per view, and keeps it live. */

@@ -26,7 +26,7 @@ use crate::statements::{check_name, Server};
 struct Bundle;
 
 /// The kinds of widget a screen may hold, and the columns each binds.
-const WIDGETS: [(&str, &[&str]); 8] = [
+const WIDGETS: [(&str, &[&str]); 9] = [
     ("ticker", &["column"]),
     ("number", &["column"]),
     ("rate", &["column"]),
@@ -35,6 +35,7 @@ const WIDGETS: [(&str, &[&str]); 8] = [
     ("map", &["name", "value"]),
     ("bars", &["name", "value"]),
     ("freshness", &["time"]),
+    ("delay", &["time"]),
 ];
 
 /// A screen: a title and widgets, each bound to a materialized view and its columns (the page's

@@ -274,34 +274,28 @@ export const pipelinePage: Page = async (main, me, name) => {
     const xs = hist.samples;
     // The hour so far: from the first sample (at most an hour ago) to now.
     const span = { min: xs.length ? xs[0].at_ms : Date.now() - 60_000, max: Date.now() };
-    tChart.setOption({
+    // Lines over time: each series' name and its value per sample (null: none then).
+    const lines = (unit: string, series: [string, (x: Sample) => number | null][]) => ({
       animation: false,
       tooltip: { trigger: "axis" },
       legend: { top: 4, right: 12, textStyle: { color: "#e6f1ff" } },
       grid: { left: 60, right: 20, top: 30, bottom: 30 },
       xAxis: { type: "time", ...span, ...axis },
-      yAxis: { type: "value", name: "rows/s", ...axis },
-      series: [
-        { name: "in", type: "line", showSymbol: xs.length < 30, data: xs.map((x) => [x.at_ms, x.rows_in_per_second]) },
-        { name: "out", type: "line", showSymbol: xs.length < 30, data: xs.map((x) => [x.at_ms, x.rows_out_per_second]) },
-      ],
+      yAxis: { type: "value", name: unit, ...axis },
+      series: series.map(([name, value]) => ({
+        name,
+        type: "line",
+        showSymbol: xs.length < 30,
+        data: xs.map((x) => [x.at_ms, value(x)]),
+      })),
     });
-    lChart.setOption({
-      animation: false,
-      tooltip: { trigger: "axis" },
-      legend: { top: 4, right: 12, textStyle: { color: "#e6f1ff" } },
-      grid: { left: 60, right: 20, top: 30, bottom: 30 },
-      xAxis: { type: "time", ...span, ...axis },
-      yAxis: { type: "value", name: "s", ...axis },
-      series: [
-        {
-          name: "watermark lag",
-          type: "line",
-          showSymbol: xs.length < 30,
-          data: xs.map((x) => [x.at_ms, x.lag_ms === null ? null : x.lag_ms / 1000]),
-        },
-      ],
-    });
+    tChart.setOption(
+      lines("rows/s", [
+        ["in", (x) => x.rows_in_per_second],
+        ["out", (x) => x.rows_out_per_second],
+      ]),
+    );
+    lChart.setOption(lines("s", [["watermark lag", (x) => (x.lag_ms === null ? null : x.lag_ms / 1000)]]));
     throughput.dataset.state = JSON.stringify({ samples: xs.length });
   };
   const drawLogs = async () => {

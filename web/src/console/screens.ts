@@ -53,6 +53,7 @@ const FIELDS: Record<string, string[]> = {
   bars: ["name", "value", "limit"],
   line: ["x", "y", "limit"],
   freshness: ["time"],
+  delay: ["time"],
 };
 
 export const screenEditPage: Page = async (main, _me, name) => {

@@ -182,9 +182,11 @@ fn the_big_screen_follows_orders_exactly_in_a_browser_and_survives_a_restart() {
     write_orders(&orders_dir, "a.json", 0..5_000, &mut totals);
     shop.exec(
         "SET 'execution.checkpointing.interval' = '200 ms';
-         CREATE TABLE orders (order_id BIGINT, province STRING, amount DOUBLE)
+         CREATE TABLE orders (order_id BIGINT, province STRING, amount DOUBLE, ingest AS PROCTIME())
            WITH ('connector' = 'filesystem', 'path' = 'orders', 'format' = 'json',
                  'source.monitor-interval' = '100 ms');
+         CREATE MATERIALIZED VIEW probe AS
+           SELECT order_id, CAST(ingest AS BIGINT) AS ingest_ms FROM orders WHERE MOD(order_id, 100) = 0;
          CREATE MATERIALIZED VIEW total AS SELECT SUM(amount) AS gmv, COUNT(*) AS orders FROM orders;
          CREATE MATERIALIZED VIEW by_province AS
            SELECT province, SUM(amount) AS gmv FROM orders GROUP BY province",
@@ -196,7 +198,8 @@ fn the_big_screen_follows_orders_exactly_in_a_browser_and_survives_a_restart() {
             { "type": "number", "title": "Orders", "view": "total", "column": "orders" },
             { "type": "map", "title": "By province", "view": "by_province", "name": "province", "value": "gmv" },
             { "type": "rate", "title": "Orders / s", "view": "total", "column": "orders" },
-            { "type": "freshness", "title": "Delay", "view": "total", "time": "orders" }
+            { "type": "freshness", "title": "Delay", "view": "total", "time": "orders" },
+            { "type": "delay", "title": "End-to-end delay", "view": "probe", "time": "ingest_ms" }
         ]
     });
 
@@ -301,10 +304,42 @@ fn the_big_screen_follows_orders_exactly_in_a_browser_and_survives_a_restart() {
     );
     browser.wait(expected(&totals, 5_000), 60_000);
 
+    // The delay widget measures each sampled order once, when a change brings it (not the
+    // snapshot's): settle on what the first file brought, then the second file's 10 samples.
+    let probe_rows = |serve: &Serve| {
+        let (_, body) = serve.http("GET", "/v1/views/probe/rows", Some(&shop_token), None);
+        body["rows"].as_array().map_or(0, |r| r.len())
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while probe_rows(&serve) < 50 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the probe view has not caught up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let delay_state = |browser: &mut Browser| -> Value {
+        let answer = browser.call(
+            json!({ "attr": "#w5", "name": "data-state" }),
+            Duration::from_secs(30),
+        );
+        answer["value"]
+            .as_str()
+            .map_or(json!({ "total": 0 }), |s| serde_json::from_str(s).unwrap())
+    };
+    let measured_before = delay_state(&mut browser)["total"].as_u64().unwrap();
+
     // New orders reach the screen's text and map, exactly, within 2 s.
     write_orders(&orders_dir, "b.json", 5_000..6_000, &mut totals);
     let took = browser.wait(expected(&totals, 6_000), 2_000);
     eprintln!("orders to screen: {took} ms");
+    browser.wait(json!({ "#w5": { "total": measured_before + 10 } }), 10_000);
+    let d = delay_state(&mut browser);
+    let (p50, p99) = (d["p50"].as_f64().unwrap(), d["p99"].as_f64().unwrap());
+    // Milliseconds from the source's stamp to the page: positive, ordered, and not off by a
+    // unit (seconds or microseconds would be far outside a minute).
+    assert!(0.0 <= p50 && p50 <= p99 && p99 < 60_000.0, "{d}");
     let shot = screenshots().join("big-screen-test.png");
     let answer = browser.call(json!({ "shot": shot }), Duration::from_secs(30));
     assert_eq!(answer["ok"], true, "{answer}");
