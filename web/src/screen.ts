@@ -10,7 +10,7 @@ import {
 } from "echarts/components";
 import { CanvasRenderer } from "echarts/renderers";
 import china from "echarts-china-map/map/json/china.json";
-import { ViewFeed, type Value } from "./feed";
+import { Feeds, ViewFeed, type Value } from "./feed";
 import { mapName } from "./provinces";
 
 echarts.use([
@@ -371,7 +371,7 @@ function quantile(sorted: number[], q: number): number {
 }
 
 /**
- * End-to-end delay: for each row a change inserts, the time from its ingestion stamp (taken by
+ * End-to-end delay: for each row a change adds to the view, the time from its ingestion stamp (taken by
  * the source) to this card's redraw showing it; p50 and p99 over the last minute. Bound to a
  * probe view of sampled orders, it measures the path every view takes: source, checkpoint
  * commit, the view, the change feed, the page. The browser's clock is compared with the
@@ -393,9 +393,18 @@ function delay(w: Widget, el: HTMLElement): Drawn {
     draw(feed) {
       if (feed.last.kind !== "changes") return;
       const col = feed.columns.indexOf(w.time ?? "") + 2;
-      const stamps = feed.last.rows
-        .filter((r) => (r[1] === "+I" || r[1] === "+U") && typeof r[col] === "number")
-        .map((r) => r[col] as number);
+      // Rows this change adds to the view: a row retracted and inserted again in one change
+      // (a Top-N's rows moving rank, say) is not new, and is not measured again.
+      const net = new Map<string, { stamp: unknown; n: number }>();
+      for (const r of feed.last.rows) {
+        const key = JSON.stringify(r.slice(2));
+        const e = net.get(key) ?? { stamp: r[col], n: 0 };
+        e.n += r[1] === "+I" || r[1] === "+U" ? 1 : -1;
+        net.set(key, e);
+      }
+      const stamps = [...net.values()]
+        .filter((e) => e.n > 0 && typeof e.stamp === "number")
+        .map((e) => e.stamp as number);
       if (stamps.length === 0) return;
       value.textContent = "…";
       // Measured once the browser has laid out this update, as a viewer would see it.
@@ -444,21 +453,16 @@ export function showScreen(root: HTMLElement, doc: ScreenDoc, token: string) {
   const grid = document.createElement("main");
   grid.className = "grid";
   root.append(header, grid);
-  const feeds = new Map<string, ViewFeed>();
+  const feeds = new Feeds(token);
   doc.widgets.forEach((w, i) => {
     const make = KINDS[w.type];
     if (!make) throw new Error(`widget ${i + 1}: unknown type '${w.type}'`);
     const drawn = make(w, card(w, i));
     grid.append(drawn.card);
-    let feed = feeds.get(w.view);
-    if (!feed) {
-      feed = new ViewFeed(w.view, token);
-      feeds.set(w.view, feed);
-    }
-    feed.onChange((f) => {
+    feeds.feed(w.view).onChange((f) => {
       drawn.card.classList.toggle("offline", f.status !== "live");
       if (f.status === "live") drawn.draw(f);
     });
   });
-  for (const f of feeds.values()) f.start();
+  feeds.start();
 }

@@ -494,7 +494,7 @@ impl utoipa::Modify for TokenAuth {
           pipeline_stats, pipeline_logs, view_rows, view_changes, list_tables, list_tenants,
           create_tenant, drop_tenant, list_users, create_user, drop_user, list_tokens,
           create_token, revoke_token, quotas, set_quotas, metrics, health, login, logout, me,
-          validate, preview, pipeline_history),
+          validate, preview, pipeline_history, feeds),
     components(schemas(SqlBody, NewPipeline, PipelineEdit, NewTenant, NewUser, NewToken, ErrorBody, RowsDoc,
                        CommandDoc, SqlResults, PipelineDoc, PipelineList, Login,
                        crate::preview::PreviewRequest)),
@@ -634,43 +634,109 @@ async fn view_changes(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     use axum::response::sse::{Event, KeepAlive, Sse};
-    let tenant = crate::web::view_reader(&server, &headers, &name)?;
-    let view = server.views.get(&tenant, &name).ok_or_else(|| {
+    let stream = view_events(&server, &headers, &name)?;
+    let stream = futures_util::StreamExt::map(stream, |(kind, data)| {
+        Ok::<_, std::convert::Infallible>(Event::default().event(kind).data(data))
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// One view's change feed as (event, data) pairs: `snapshot`, then `changes` per epoch; it
+/// ends after `reset` (the view started over) or `error` (the reader fell behind), after which
+/// the client subscribes again.
+fn view_events(
+    server: &Arc<Server>,
+    headers: &HeaderMap,
+    name: &str,
+) -> Result<impl futures_util::Stream<Item = (&'static str, String)> + Send + 'static, ApiError> {
+    let tenant = crate::web::view_reader(server, headers, name)?;
+    let view = server.views.get(&tenant, name).ok_or_else(|| {
         ApiError::undefined_table(format!("materialized view '{name}' does not exist"))
     })?;
     let (snap, rx) = view.subscribe()?;
     let first = crate::views::feed_rows(snap.epoch, &snap.batch, true)?;
-    let first = Event::default()
-        .event("snapshot")
-        .data(batch_json(&first).to_string());
+    let first = ("snapshot", batch_json(&first).to_string());
     let rest = futures_util::stream::unfold(Some(rx), |rx| async move {
         let mut rx = rx?;
         let event = match rx.recv().await {
             Ok(change) => match change.as_ref() {
                 crate::views::Change::Epoch { epoch, batch } => {
                     match crate::views::feed_rows(*epoch, batch, false) {
-                        Ok(rows) => Event::default()
-                            .event("changes")
-                            .data(batch_json(&rows).to_string()),
-                        Err(e) => Event::default().event("error").data(e.message),
+                        Ok(rows) => ("changes", batch_json(&rows).to_string()),
+                        Err(e) => return Some((("error", e.message), None)),
                     }
                 }
-                crate::views::Change::Reset => {
-                    return Some((Ok(Event::default().event("reset").data("{}")), None))
-                }
+                crate::views::Change::Reset => return Some((("reset", "{}".to_string()), None)),
             },
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                let e = Event::default()
-                    .event("error")
-                    .data(format!("fell {n} epochs behind: subscribe again"));
-                return Some((Ok(e), None));
+                let e = format!("fell {n} epochs behind: subscribe again");
+                return Some((("error", e), None));
             }
             Err(_) => return None,
         };
-        Some((Ok::<_, std::convert::Infallible>(event), Some(rx)))
+        Some((event, Some(rx)))
     });
-    let stream =
-        futures_util::StreamExt::chain(futures_util::stream::once(async move { Ok(first) }), rest);
+    Ok(futures_util::StreamExt::chain(
+        futures_util::stream::once(async move { first }),
+        rest,
+    ))
+}
+
+/// `views=a,b,c`.
+#[derive(Deserialize)]
+pub struct FeedsQuery {
+    views: String,
+}
+
+/// `GET /v1/feeds?views=a,b,c`: the change feeds of several views in one stream of server-sent
+/// events (a browser holds only six HTTP/1.1 connections to a server, so a screen of many views
+/// shares one). Each event's data is the view's event with `"view": name` added; a `reset` or
+/// `error` of any view ends the stream, and the client subscribes again (fresh snapshots).
+#[utoipa::path(get, path = "/v1/feeds", tag = "views",
+    params(("views" = String, Query, description = "The views' names, separated by commas")),
+    responses((status = 200, description = "text/event-stream: snapshot and changes events, each with its view"),
+              (status = 404, body = ErrorBody)), security(("token" = [])))]
+async fn feeds(
+    State(server): State<Arc<Server>>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<FeedsQuery>,
+) -> Result<Response, ApiError> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let mut names: Vec<&str> = q
+        .views
+        .split(',')
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    if names.is_empty() || names.len() > 64 {
+        return Err(ApiError::invalid("give views=a,b,c: from 1 to 64 views"));
+    }
+    let mut all = futures_util::stream::SelectAll::new();
+    for name in names {
+        let view = name.to_string();
+        let events = view_events(&server, &headers, name)?;
+        all.push(Box::pin(futures_util::StreamExt::map(
+            events,
+            move |(kind, data)| {
+                let mut doc: Value =
+                    serde_json::from_str(&data).unwrap_or_else(|_| json!({ "message": data }));
+                doc["view"] = json!(view);
+                (kind, doc.to_string())
+            },
+        )));
+    }
+    // Up to and including the first reset or error.
+    let stream = futures_util::stream::unfold(Some(all), |all| async move {
+        let mut all = all?;
+        let (kind, data) = futures_util::StreamExt::next(&mut all).await?;
+        let event = Event::default().event(kind).data(data);
+        let next = (kind != "reset" && kind != "error").then_some(all);
+        Some((Ok::<_, std::convert::Infallible>(event), next))
+    });
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response())
@@ -958,6 +1024,7 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/views/{name}/rows", get(view_rows))
         .route("/v1/views/{name}/changes", get(view_changes))
+        .route("/v1/feeds", get(feeds))
         .route("/v1/tables", get(list_tables))
         .route("/v1/tenants", get(list_tenants).post(create_tenant))
         .route("/v1/tenants/{name}", axum::routing::delete(drop_tenant))

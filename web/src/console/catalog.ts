@@ -2,7 +2,7 @@
 // shows its rows live (folded from its change feed) and the feed itself, epoch by epoch.
 
 import { api, objects, savedToken, type Rows } from "../api";
-import { ViewFeed } from "../feed";
+import { Feeds } from "../feed";
 import { h, table } from "./dom";
 import type { Page } from "./shell";
 
@@ -70,7 +70,8 @@ export const viewPage: Page = async (main, _me, name) => {
       changes,
     ),
   );
-  const feed = new ViewFeed(name, savedToken() ?? "");
+  const feeds = new Feeds(savedToken() ?? "");
+  const feed = feeds.feed(name);
   feed.onChange((f) => {
     const rows = f.objects();
     status.textContent = `${rows.length} row${rows.length === 1 ? "" : "s"} · epoch ${f.epoch} · ${f.status}${f.error ? ` (${f.error})` : ""}`;
@@ -91,6 +92,6 @@ export const viewPage: Page = async (main, _me, name) => {
       while (changes.children.length > KEPT_CHANGES) changes.lastElementChild!.remove();
     }
   });
-  feed.start();
-  return () => feed.stop();
+  feeds.start();
+  return () => feeds.stop();
 };

@@ -186,7 +186,11 @@ fn the_big_screen_follows_orders_exactly_in_a_browser_and_survives_a_restart() {
            WITH ('connector' = 'filesystem', 'path' = 'orders', 'format' = 'json',
                  'source.monitor-interval' = '100 ms');
          CREATE MATERIALIZED VIEW probe AS
-           SELECT order_id, CAST(ingest AS BIGINT) AS ingest_ms FROM orders WHERE MOD(order_id, 100) = 0;
+           SELECT order_id, ingest_ms FROM (
+             SELECT order_id, ingest_ms, ROW_NUMBER() OVER (ORDER BY order_id DESC) AS rn
+             FROM (SELECT order_id, CAST(ingest AS BIGINT) AS ingest_ms FROM orders
+                   WHERE MOD(order_id, 100) = 0))
+           WHERE rn <= 100;
          CREATE MATERIALIZED VIEW total AS SELECT SUM(amount) AS gmv, COUNT(*) AS orders FROM orders;
          CREATE MATERIALIZED VIEW by_province AS
            SELECT province, SUM(amount) AS gmv FROM orders GROUP BY province",
@@ -293,6 +297,33 @@ fn the_big_screen_follows_orders_exactly_in_a_browser_and_survives_a_restart() {
     let (st, _) = serve.http("GET", "/v1/screens/totals", Some(&forged), None);
     assert_eq!(st, 401);
 
+    // All the views of a page share one stream (a browser holds only six connections to a
+    // server): each event names its view; a share token reads only its screen's views.
+    let events = feed_events(serve.http, &shop_token, "total,by_province", 2);
+    let mut views: Vec<&str> = events
+        .iter()
+        .map(|(kind, doc)| {
+            assert_eq!(kind, "snapshot", "{doc}");
+            doc["view"].as_str().unwrap()
+        })
+        .collect();
+    views.sort();
+    assert_eq!(views, ["by_province", "total"]);
+    let (st, _) = serve.http(
+        "GET",
+        "/v1/feeds?views=total,nowhere",
+        Some(&shop_token),
+        None,
+    );
+    assert_eq!(st, 404);
+    let (st, _) = serve.http(
+        "GET",
+        "/v1/feeds?views=by_province",
+        Some(&totals_share),
+        None,
+    );
+    assert_eq!(st, 403);
+
     let mut browser = Browser::start();
     let url = format!("http://127.0.0.1:{http_port}/screen/sales?token={shop_token}");
     let answer = browser.call(json!({ "open": url }), Duration::from_secs(60));
@@ -304,8 +335,9 @@ fn the_big_screen_follows_orders_exactly_in_a_browser_and_survives_a_restart() {
     );
     browser.wait(expected(&totals, 5_000), 60_000);
 
-    // The delay widget measures each sampled order once, when a change brings it (not the
-    // snapshot's): settle on what the first file brought, then the second file's 10 samples.
+    // The delay widget measures each sampled order once, when a change adds it (not the
+    // snapshot's, nor a Top-N's rows moving rank): settle on what the first file brought, then
+    // the second file's 10 samples.
     let probe_rows = |serve: &Serve| {
         let (_, body) = serve.http("GET", "/v1/views/probe/rows", Some(&shop_token), None);
         body["rows"].as_array().map_or(0, |r| r.len())
@@ -360,7 +392,7 @@ fn the_big_screen_follows_orders_exactly_in_a_browser_and_survives_a_restart() {
     // While the server was down the page's requests failed; nothing else may have.
     let unexpected: Vec<&String> = errors
         .iter()
-        .filter(|e| !e.contains("/changes") && !e.contains("/v1/screens/"))
+        .filter(|e| !e.contains("/v1/feeds") && !e.contains("/v1/screens/"))
         .collect();
     assert!(unexpected.is_empty(), "{errors:?}");
 
@@ -381,4 +413,41 @@ fn the_big_screen_follows_orders_exactly_in_a_browser_and_survives_a_restart() {
         10_000,
     );
     drop(serve);
+}
+
+/// The first `n` events of `GET /v1/feeds?views=...`: each one's name and data.
+fn feed_events(port: u16, token: &str, views: &str, n: usize) -> Vec<(String, Value)> {
+    use std::io::Read;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut resp = reqwest::blocking::Client::new()
+        .get(format!("http://127.0.0.1:{port}/v1/feeds?views={views}"))
+        .bearer_auth(token)
+        .timeout(Duration::from_secs(30))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut text = String::new();
+    let mut buf = [0u8; 4096];
+    let mut events = vec![];
+    while events.len() < n {
+        let got = resp.read(&mut buf).unwrap();
+        assert!(got > 0, "the feed ended after {events:?}");
+        text.push_str(std::str::from_utf8(&buf[..got]).unwrap());
+        while let Some(end) = text.find("\n\n") {
+            let block: String = text.drain(..end + 2).collect();
+            let mut kind = String::new();
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(k) = line.strip_prefix("event:") {
+                    kind = k.trim().to_string();
+                } else if let Some(d) = line.strip_prefix("data:") {
+                    data.push_str(d.trim_start());
+                }
+            }
+            if !kind.is_empty() {
+                events.push((kind, serde_json::from_str(&data).unwrap()));
+            }
+        }
+    }
+    events
 }
