@@ -21,11 +21,15 @@ export interface PipelineDoc {
 }
 
 /** Runs an action on a pipeline; shows what happened in `box`. */
-export async function act(box: HTMLElement, name: string, action: string): Promise<void> {
+export async function act(box: HTMLElement, p: PipelineDoc, action: string): Promise<void> {
+  const name = p.name;
   const path = `/v1/pipelines/${encodeURIComponent(name)}`;
   try {
     if (action === "drop") {
-      if (!confirm(`Drop pipeline ${name}? Its state and checkpoints are deleted.`)) return;
+      const what = p.views.length
+        ? `Drop materialized view ${name} and its pipeline? Its rows, state and checkpoints are deleted.`
+        : `Drop pipeline ${name}? Its state and checkpoints are deleted.`;
+      if (!confirm(what)) return;
       await api("DELETE", path);
     } else if (action === "rescale") {
       const n = prompt(`Worker threads for ${name}:`);
@@ -49,7 +53,7 @@ export function actions(box: HTMLElement, p: PipelineDoc, me: Me, after: () => v
       {
         "data-action": action,
         onclick: async () => {
-          await act(box, p.name, action);
+          await act(box, p, action);
           after();
         },
       },
@@ -78,6 +82,7 @@ export const pipelinesPage: Page = async (main, me) => {
   );
   const refresh = async () => {
     const list = await api<{ pipelines: PipelineDoc[] }>("GET", "/v1/pipelines");
+    body.dataset.state = JSON.stringify({ names: list.pipelines.map((p) => p.name) });
     if (list.pipelines.length === 0) {
       body.replaceChildren(h("p", { class: "note" }, "No pipelines yet: write one in the SQL editor."));
       return;
@@ -109,6 +114,7 @@ export const pipelinesPage: Page = async (main, me) => {
                   status: p.status,
                   rows_in_per_second: p.rows_in_per_second,
                   restarts: p.restarts,
+                  parallelism: p.parallelism,
                 }),
               },
               h("td", {}, h("a", { href: `#/pipelines/${encodeURIComponent(p.name)}` }, p.name)),
