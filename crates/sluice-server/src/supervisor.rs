@@ -632,12 +632,18 @@ impl Supervisor {
                 std::thread::sleep(period);
                 sup.rebalance_ingest(&mut seen);
                 let running: Vec<(String, String)> = sup.runs().keys().cloned().collect();
-                for (tenant, name) in &running {
+                // Rates only for processes that run (a finished run's stats file stays).
+                let active: Vec<(String, String)> = running
+                    .iter()
+                    .filter(|(t, n)| sup.is_active(t, n))
+                    .cloned()
+                    .collect();
+                for (tenant, name) in &active {
                     if let Some(st) = sup.stats(tenant, name) {
                         sup.history.observe(tenant, name, &st);
                     }
                 }
-                sup.history.idle_except(&running);
+                sup.history.idle_except(&active);
                 for (tenant, name) in running {
                     let Some(max) = sup
                         .catalog
